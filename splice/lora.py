@@ -1,0 +1,360 @@
+"""LoRA as a rewrite rule: ``y = base(x) + scale * B(A(dropout(x)))``.
+
+Each LoRA module here is an *around* rewriter ``f(x, y)``: the rewriter keeps the original module
+as ``base`` and calls ``f`` with its input and output. Supported bases: ``nn.Linear`` (and
+quantized linears that declare ``splice_kind = "linear"``), Hugging Face GPT-2 ``Conv1D``,
+``nn.Embedding`` and ``nn.Conv2d``. Parameter layout and initialisation follow PEFT so adapters
+move between the two: ``lora_A`` is Kaiming-uniform (a=sqrt(5)), ``lora_B`` zeros; embeddings use
+``lora_embedding_A`` (zeros) and ``lora_embedding_B`` (normal).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .rewrite import Around, Node, kind_of, rewrite, rewritten_nodes, unrewrite
+
+__all__ = [
+    "LoraConfig",
+    "LoraConv2d",
+    "LoraEmbedding",
+    "LoraLayer",
+    "LoraLinear",
+    "add_lora",
+    "lora_modules",
+    "merge",
+    "target_matcher",
+    "unmerge",
+]
+
+Targets = str | Sequence[str] | Callable[[Node], bool]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+    """What to adapt and how.
+
+    ``targets``: a list of module names (exact path or dotted suffix, e.g. ``"q_proj"``), a regex
+    string (matched in full against the path, as PEFT does), ``"all-linear"`` (every linear but
+    the output head), or a predicate on the :class:`~splice.rewrite.Node`.
+    ``scale = alpha / rank``, or ``alpha / sqrt(rank)`` with ``rslora``.
+    ``dtype``: the adapter weights' dtype (PEFT keeps them in float32 whatever the base).
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: Targets = ("q_proj", "v_proj")
+    rslora: bool = False
+    dtype: torch.dtype | None = torch.float32
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"LoraConfig.rank must be >= 1, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout}")
+
+    def rank_for(self, name: str) -> int:
+        return _pattern_value(self.rank_pattern, name, self.rank)
+
+    def alpha_for(self, name: str) -> float:
+        return _pattern_value(self.alpha_pattern, name, self.alpha)
+
+
+def _pattern_value(pattern: dict, name: str, default):  # type: ignore[no-untyped-def]
+    # PEFT semantics: a key matches a module whose path ends with it (or equals it).
+    for key, value in pattern.items():
+        if name == key or name.endswith("." + key) or re.fullmatch(key, name):
+            return value
+    return default
+
+
+class LoraLayer(nn.Module):
+    """Base of every LoRA rewriter: its hyper-parameters and whether it is merged into ``base``."""
+
+    def __init__(self, *, rank: int, alpha: float, rslora: bool, dropout: float) -> None:
+        super().__init__()
+        self.rank = rank
+        self.alpha = alpha
+        self.rslora = rslora
+        self.dropout_p = dropout
+        self.scale = alpha / math.sqrt(rank) if rslora else alpha / rank
+        self.merged = False
+
+    def delta_weight(self) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _fold(self, base: nn.Module, sign: float) -> None:
+        weight = base.weight
+        if not isinstance(weight, Tensor) or not weight.is_floating_point():
+            raise TypeError(
+                f"cannot merge LoRA into a {type(base).__name__} (its weight is not a float "
+                "tensor, e.g. quantized): merge into a float copy of the base model instead"
+            )
+        with torch.no_grad():
+            weight.add_(self.delta_weight().to(weight.dtype), alpha=sign)
+
+    def merge_into(self, base: nn.Module) -> bool:
+        """Fold ``scale * B @ A`` into ``base.weight``; False (a no-op) if already merged."""
+        if self.merged:
+            return False
+        self._fold(base, 1.0)
+        self.merged = True
+        return True
+
+    def unmerge_from(self, base: nn.Module) -> bool:
+        if not self.merged:
+            return False
+        self._fold(base, -1.0)
+        self.merged = False
+        return True
+
+    def restore(self, base: nn.Module) -> None:
+        """Called by ``unrewrite``: leave the base exactly as it was before LoRA."""
+        self.unmerge_from(base)
+
+
+class LoraLinear(LoraLayer):
+    """LoRA for ``nn.Linear`` and GPT-2 ``Conv1D`` (``fan_in_fan_out``: weight stored (in, out))."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        rank: int,
+        alpha: float,
+        rslora: bool = False,
+        dropout: float = 0.0,
+        fan_in_fan_out: bool = False,
+        dtype: torch.dtype | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__(rank=rank, alpha=alpha, rslora=rslora, dropout=dropout)
+        self.fan_in_fan_out = fan_in_fan_out
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
+        self.lora_B = nn.Linear(rank, out_features, bias=False, dtype=dtype, device=device)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        if self.merged:
+            return y
+        x = x.to(self.lora_A.weight.dtype)
+        delta = self.lora_B(self.lora_A(self.dropout(x)))
+        return y + (self.scale * delta).to(y.dtype)
+
+    def delta_weight(self) -> Tensor:
+        delta = self.scale * (self.lora_B.weight @ self.lora_A.weight)  # (out, in)
+        return delta.T if self.fan_in_fan_out else delta
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA for ``nn.Embedding``: ``y + scale * onehot(x) @ A^T @ B^T`` (PEFT's layout)."""
+
+    def __init__(
+        self,
+        base: nn.Embedding,
+        *,
+        rank: int,
+        alpha: float,
+        rslora: bool = False,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        # PEFT applies no dropout to embedding adapters.
+        super().__init__(rank=rank, alpha=alpha, rslora=rslora, dropout=0.0)
+        self.padding_idx = base.padding_idx
+        self.max_norm = base.max_norm
+        device = base.weight.device
+        # (rank, num_embeddings) and (embedding_dim, rank), as PEFT stores them.
+        self.lora_embedding_A = nn.Parameter(
+            torch.zeros(rank, base.num_embeddings, dtype=dtype, device=device)
+        )
+        self.lora_embedding_B = nn.Parameter(
+            torch.randn(base.embedding_dim, rank, dtype=dtype, device=device)
+        )
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        if self.merged:
+            return y
+        after_a = F.embedding(x, self.lora_embedding_A.T, padding_idx=self.padding_idx)
+        return y + (self.scale * (after_a @ self.lora_embedding_B.T)).to(y.dtype)
+
+    def delta_weight(self) -> Tensor:
+        return self.scale * (self.lora_embedding_B @ self.lora_embedding_A).T  # (num, dim)
+
+
+class LoraConv2d(LoraLayer):
+    """LoRA for ``nn.Conv2d``: A is a conv with the base's kernel, B a 1x1 conv (PEFT's layout)."""
+
+    def __init__(
+        self,
+        base: nn.Conv2d,
+        *,
+        rank: int,
+        alpha: float,
+        rslora: bool = False,
+        dropout: float = 0.0,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if base.groups != 1:
+            raise ValueError("LoRA on a grouped Conv2d is not supported (groups must be 1)")
+        super().__init__(rank=rank, alpha=alpha, rslora=rslora, dropout=dropout)
+        device = base.weight.device
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Conv2d(
+            base.in_channels, rank, base.kernel_size, base.stride, base.padding,
+            dilation=base.dilation, bias=False, dtype=dtype, device=device,
+        )
+        self.lora_B = nn.Conv2d(rank, base.out_channels, 1, bias=False, dtype=dtype, device=device)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        if self.merged:
+            return y
+        x = x.to(self.lora_A.weight.dtype)
+        return y + (self.scale * self.lora_B(self.lora_A(self.dropout(x)))).to(y.dtype)
+
+    def delta_weight(self) -> Tensor:
+        # (out, r, 1, 1) o (r, in, kh, kw) -> (out, in, kh, kw)
+        b = self.lora_B.weight.flatten(1)
+        return self.scale * torch.einsum("or,rikl->oikl", b, self.lora_A.weight)
+
+
+def _is_output_head(model: nn.Module, node: Node) -> bool:
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    if head is not None and (node.original is head or node.module is head):
+        return True
+    return node.name.split(".")[-1] in ("lm_head", "output_layer")
+
+
+def _linear_like(node: Node) -> bool:
+    return node.kind == "linear" or type(node.original).__name__ == "Conv1D"
+
+
+def target_matcher(model: nn.Module, targets: Targets) -> Callable[[Node], bool]:
+    """The predicate that ``targets`` (see :class:`LoraConfig`) means for ``model``."""
+    if callable(targets):
+        return targets
+    if isinstance(targets, str):
+        if targets == "all-linear":
+            return lambda n: _linear_like(n) and not _is_output_head(model, n)
+        pattern = re.compile(targets)
+        return lambda n: pattern.fullmatch(n.name) is not None
+    names = tuple(targets)
+    if not names or not all(isinstance(t, str) for t in names):
+        raise TypeError("LoraConfig.targets must be names, a regex, 'all-linear' or a predicate")
+    return lambda n: any(n.name == t or n.name.endswith("." + t) for t in names)
+
+
+def _build(node: Node, config: LoraConfig) -> LoraLayer:
+    base = node.original
+    weight = getattr(base, "weight", None)
+    device = weight.device if isinstance(weight, Tensor) else None
+    dtype = config.dtype or (weight.dtype if isinstance(weight, Tensor) else None)
+    hyper = dict(rank=config.rank_for(node.name), alpha=config.alpha_for(node.name),
+                 rslora=config.rslora, dtype=dtype)
+    if type(base).__name__ == "Conv1D":  # GPT-2: weight is (in, out)
+        n_in, n_out = base.weight.shape
+        return LoraLinear(n_in, n_out, dropout=config.dropout, fan_in_fan_out=True,
+                          device=device, **hyper)
+    if node.kind == "linear":
+        return LoraLinear(base.in_features, base.out_features, dropout=config.dropout,
+                          device=device, **hyper)
+    if node.kind == "embedding":
+        return LoraEmbedding(base, **hyper)
+    if node.kind == "conv2d":
+        return LoraConv2d(base, dropout=config.dropout, **hyper)
+    raise TypeError(
+        f"LoRA cannot adapt {node.name!r} of kind {node.kind!r} ({type(base).__name__}): "
+        "supported are linear, GPT-2 Conv1D, embedding and conv2d; narrow LoraConfig.targets"
+    )
+
+
+def add_lora(model: nn.Module, config: LoraConfig | None = None) -> list[str]:
+    """Wrap every targeted module of ``model`` with LoRA; returns the adapted module names.
+
+    Raises when ``config.targets`` matches nothing, naming the kinds and modules the model has.
+    """
+    config = config or LoraConfig()
+    matches = target_matcher(model, config.targets)
+    return rewrite(model, lambda node: _build(node, config) if matches(node) else None)
+
+
+def _innermost(module: nn.Module) -> nn.Module:
+    while isinstance(module, Around):
+        module = module.base
+    return module
+
+
+def lora_modules(model: nn.Module) -> list[tuple[str, Around, LoraLayer]]:
+    """(path, wrapper, LoRA layer) for every LoRA rewrite in ``model``, found by type.
+
+    Stacked adapters on one module give one entry each, outermost first.
+    """
+    found = []
+    for node in rewritten_nodes(model):
+        module = node.module
+        while isinstance(module, Around):
+            if isinstance(module.rewriter, LoraLayer):
+                found.append((node.name, module, module.rewriter))
+            module = module.base
+    return found
+
+
+def _require_lora(model: nn.Module) -> list[tuple[str, Around, LoraLayer]]:
+    found = lora_modules(model)
+    if not found:
+        raise ValueError("the model has no LoRA modules: call splice.add_lora or load_adapter first")
+    return found
+
+
+def merge(model: nn.Module, *, unload: bool = False) -> list[str]:
+    """Fold every LoRA delta into its base weight (merging twice changes nothing).
+
+    With ``unload`` the LoRA wrappers are then removed, leaving plain modules holding the merged
+    weights (ready for ``save_pretrained``). Returns the merged module names.
+    """
+    found = _require_lora(model)
+    uses: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        uses[id(param)] = uses.get(id(param), 0) + 1
+    tied = [name for name, wrapper, layer in found
+            if not layer.merged and uses.get(id(getattr(_innermost(wrapper), "weight", None)), 0) > 1]
+    if tied:
+        raise ValueError(
+            f"cannot merge LoRA into {', '.join(tied)}: the weight is tied to another module "
+            "(e.g. the output head shares the input embedding), which would change too. Keep "
+            "that adapter unmerged, or untie the weights first"
+        )
+    for _, wrapper, layer in found:
+        layer.merge_into(_innermost(wrapper))
+    if unload:
+        for _, _, layer in found:
+            layer.merged = False  # the fold is now the base's own weight: nothing to undo
+        unrewrite(model, layer=is_lora_wrapper)
+    return list(dict.fromkeys(name for name, _, _ in found))
+
+
+def is_lora_wrapper(module: nn.Module) -> bool:
+    return isinstance(module, Around) and isinstance(module.rewriter, LoraLayer)
+
+
+def unmerge(model: nn.Module) -> list[str]:
+    """Subtract every merged LoRA delta from its base weight again."""
+    found = _require_lora(model)
+    for _, wrapper, layer in found:
+        layer.unmerge_from(wrapper.base)
+    return [name for name, _, _ in found]
