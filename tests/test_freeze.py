@@ -12,7 +12,7 @@ from . import tiny
 
 
 def _step(model, ids) -> None:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
     model.train()
     loss = model(ids, labels=ids).loss
     loss.backward()
