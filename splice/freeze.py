@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .lora import LoraLayer
+from .rewrite import Around
 
 __all__ = ["TrainableSummary", "adapter_parameter_names", "freeze", "trainable_summary"]
 
@@ -84,7 +85,12 @@ class TrainableSummary:
 
 
 def trainable_summary(model: nn.Module) -> TrainableSummary:
-    """Trainable and total parameter counts (tied parameters once) and the training modules."""
+    """Trainable and total parameter counts (tied parameters once) and the training modules.
+
+    A parameter inside a rewrite (e.g. a LoRA adapter) is reported under the rewritten module's
+    path (``model.layers.0.self_attn.q_proj``), found by module type.
+    """
+    wrappers = [name for name, module in model.named_modules() if isinstance(module, Around)]
     trainable = total = 0
     modules: dict[str, int] = {}
     for path, param in model.named_parameters():
@@ -92,6 +98,7 @@ def trainable_summary(model: nn.Module) -> TrainableSummary:
         total += n
         if param.requires_grad:
             trainable += n
-            owner = path.rpartition(".")[0]
+            inside = [w for w in wrappers if path.startswith(w + ".")]
+            owner = max(inside, key=len) if inside else path.rpartition(".")[0]
             modules[owner] = modules.get(owner, 0) + n
     return TrainableSummary(trainable=trainable, total=total, modules=modules)

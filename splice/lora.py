@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +28,7 @@ __all__ = [
     "LoraEmbedding",
     "LoraLayer",
     "LoraLinear",
+    "adapters_disabled",
     "add_lora",
     "lora_modules",
     "merge",
@@ -89,6 +91,7 @@ class LoraLayer(nn.Module):
         self.dropout_p = dropout
         self.scale = alpha / math.sqrt(rank) if rslora else alpha / rank
         self.merged = False
+        self.enabled = True  # False: the adapter is skipped (see adapters_disabled)
 
     def delta_weight(self) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -148,7 +151,7 @@ class LoraLinear(LoraLayer):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        if self.merged:
+        if self.merged or not self.enabled:
             return y
         x = x.to(self.lora_A.weight.dtype)
         delta = self.lora_B(self.lora_A(self.dropout(x)))
@@ -185,7 +188,7 @@ class LoraEmbedding(LoraLayer):
         )
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        if self.merged:
+        if self.merged or not self.enabled:
             return y
         after_a = F.embedding(x, self.lora_embedding_A.T, padding_idx=self.padding_idx)
         return y + (self.scale * (after_a @ self.lora_embedding_B.T)).to(y.dtype)
@@ -221,7 +224,7 @@ class LoraConv2d(LoraLayer):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        if self.merged:
+        if self.merged or not self.enabled:
             return y
         x = x.to(self.lora_A.weight.dtype)
         return y + (self.scale * self.lora_B(self.lora_A(self.dropout(x)))).to(y.dtype)
@@ -346,6 +349,22 @@ def merge(model: nn.Module, *, unload: bool = False) -> list[str]:
             layer.merged = False  # the fold is now the base's own weight: nothing to undo
         unrewrite(model, layer=is_lora_wrapper)
     return list(dict.fromkeys(name for name, _, _ in found))
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` as its base model inside the block (e.g. to compare base vs adapter)."""
+    found = _require_lora(model)
+    if any(layer.merged for _, _, layer in found):
+        raise ValueError("adapters are merged into the weights: unmerge before disabling them")
+    previous = [layer.enabled for _, _, layer in found]
+    for _, _, layer in found:
+        layer.enabled = False
+    try:
+        yield
+    finally:
+        for (_, _, layer), flag in zip(found, previous):
+            layer.enabled = flag
 
 
 def is_lora_wrapper(module: nn.Module) -> bool:
