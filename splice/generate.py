@@ -116,7 +116,9 @@ def _new_cache(model: nn.Module) -> Any:
     return DynamicCache(config=config) if config is not None else DynamicCache()
 
 
-def _left_pad(prompt_ids: Sequence[Sequence[int]], pad_token_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
+def _left_pad(
+    prompt_ids: Sequence[Sequence[int]], pad_token_id: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
     """(B, L) input ids and attention mask, each prompt right-aligned (padding on the left)."""
     width = max(len(ids) for ids in prompt_ids)
     input_ids = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long)
@@ -182,8 +184,9 @@ def generate_ids(
                 use_cache=use_cache,
                 **extra,
             )
-            next_tokens = sample_next(
-                out.logits[:, -1, :], temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+            next_tokens = sample_next(  # (B,)
+                out.logits[:, -1, :],
+                temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
             )
             for row, token in enumerate(next_tokens.tolist()):  # host sync: stop checks need ids
                 if done[row]:

@@ -78,8 +78,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=rows.device)
         grad_rows = torch.empty_like(rows) if need_rows else None
         # Weight and bias gradients accumulate over chunks in fp32 whatever the parameter dtype.
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
-        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None
+        fp32 = {"dtype": torch.float32, "device": weight.device}
+        grad_w = torch.zeros(weight.shape, **fp32) if need_weight else None  # (V, H)
+        grad_b = torch.zeros(weight.shape[0], **fp32) if need_bias else None  # (V,)
         need_any = need_rows or need_weight or need_bias
         for start in range(0, n_rows, chunk_size):
             end = min(start + chunk_size, n_rows)
@@ -152,7 +153,9 @@ def causal_lm_loss(
     logits computed in the inputs' dtype and upcast to fp32 for the softmax. Gradients are made in
     the forward pass: wrt ``hidden`` in its dtype, wrt the weight (only when it requires grad, so a
     frozen LoRA head costs no extra matmul) and bias accumulated in fp32 and cast to their dtype.
-    Returns a float32 scalar.
+    Autocast is off inside: the matmuls run in ``promote_types(hidden.dtype, weight.dtype)`` (cast
+    the head yourself to run a bf16 hidden state against fp32 master weights in bf16). Returns a
+    float32 scalar.
     """
     _check_reduction(reduction)
     if chunk_size < 1:
@@ -273,7 +276,9 @@ def model_hidden_states(
     """
     decoder = _decoder(model)
     kwargs.setdefault("use_cache", False)
-    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+    out = decoder(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
+    )
     hidden = getattr(out, "last_hidden_state", None)
     if hidden is None:
         hidden = out[0]

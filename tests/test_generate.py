@@ -137,7 +137,8 @@ def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
     assert kept(top_k=3, top_p=0.6) == [0, 2]  # top-p on the top-k set: 0.5 < 0.6 <= 0.8
     filtered = top_k_top_p_filter(logits, top_p=0.79)
     assert torch.equal(filtered[0, [2, 0]], logits[0, [2, 0]])  # kept logits are untouched
-    draws = sample_next(logits.expand(4000, 4), temperature=1.0, top_p=0.79, generator=torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(2)
+    draws = sample_next(logits.expand(4000, 4), temperature=1.0, top_p=0.79, generator=g)
     counts = torch.bincount(draws, minlength=4).float() / 4000
     assert counts[1] == 0 and counts[3] == 0
     assert abs(counts[2].item() - 0.5 / 0.8) < 0.03
@@ -146,9 +147,10 @@ def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
 def test_temperature_scales_the_logits() -> None:
     logits = torch.randn(1, 6, generator=torch.Generator().manual_seed(3))
     for temperature in (0.5, 2.0):
-        got = sample_next(logits.expand(20000, 6), temperature=temperature, generator=torch.Generator().manual_seed(4))
+        g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+        got = sample_next(logits.expand(20000, 6), temperature=temperature, generator=g1)
         probs = (logits / temperature).softmax(-1)[0]
-        want = torch.multinomial(probs.expand(20000, 6), 1, generator=torch.Generator().manual_seed(4)).squeeze(-1)
+        want = torch.multinomial(probs.expand(20000, 6), 1, generator=g2).squeeze(-1)
         assert torch.equal(got, want)  # exactly torch.multinomial(softmax(logits / T))
         freq = torch.bincount(got, minlength=6).float() / 20000
         torch.testing.assert_close(freq, probs, rtol=0, atol=0.015)
@@ -216,16 +218,23 @@ def test_lora_model_generates_like_the_merged_model(targets: Any) -> None:
 
 @pytest.mark.parametrize(
     ("make_tokenizer", "prompts"),
-    [(_tokenizer, PROMPTS), (_metaspace_tokenizer, ["hello world", "the cat sat"]), (_byte_tokenizer, ["héllo €", "wörld"])],
+    [
+        (_tokenizer, PROMPTS),
+        (_metaspace_tokenizer, ["hello world", "the cat sat"]),
+        (_byte_tokenizer, ["héllo €", "wörld"]),
+    ],
     ids=["chars", "metaspace", "bytes"],
 )
-def test_continuation_text_joins_the_prompt_exactly(make_tokenizer: Callable[[], Any], prompts: list[str]) -> None:
+def test_continuation_text_joins_the_prompt_exactly(
+    make_tokenizer: Callable[[], Any], prompts: list[str]
+) -> None:
     tokenizer = make_tokenizer()
     model = _llama(len(tokenizer))
     model.generation_config.eos_token_id = None  # run all 12 steps: the ids below are those of generate()
     texts = generate(model, tokenizer, prompts, max_new_tokens=12)
     prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
-    for prompt, ids, new, text in zip(prompts, prompt_ids, generate_ids(model, prompt_ids, max_new_tokens=12), texts):
+    new_ids = generate_ids(model, prompt_ids, max_new_tokens=12)
+    for prompt, ids, new, text in zip(prompts, prompt_ids, new_ids, texts, strict=True):
         assert tokenizer.decode(ids) == prompt and len(new) == 12
         assert prompt + text == tokenizer.decode(ids + new, skip_special_tokens=True)
     if make_tokenizer is _metaspace_tokenizer:  # decoding the new ids alone would lose this space
@@ -262,11 +271,11 @@ def test_eos_from_generation_config_list_ends_rows_early() -> None:
 
 def test_seeded_sampling_is_reproducible() -> None:
     model = _gpt2()
-    kw: dict[str, Any] = {"max_new_tokens": 16, "temperature": 1.0, "top_k": 50, "top_p": 0.95}
+    kw: dict[str, Any] = {"max_new_tokens": 10, "temperature": 1.0, "top_k": 50, "top_p": 0.95}
     first = generate(model, TOKENIZER, PROMPTS, seed=123, **kw)
     assert generate(model, TOKENIZER, PROMPTS, seed=123, **kw) == first
     assert generate(model, TOKENIZER, PROMPTS, seed=124, **kw) != first
-    assert first != generate(model, TOKENIZER, PROMPTS, max_new_tokens=16)  # not greedy
+    assert first != generate(model, TOKENIZER, PROMPTS, max_new_tokens=10)  # not greedy
 
 
 def test_runs_in_eval_and_inference_mode_and_restores_training() -> None:

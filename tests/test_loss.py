@@ -39,7 +39,8 @@ class OpRecorder(TorchDispatchMode):
 
 
 def _problem(
-    b: int, t: int, h: int, v: int, *, seed: int = 0, dtype: torch.dtype = torch.float32, p_ignore: float = 0.25
+    b: int, t: int, h: int, v: int, *,
+    seed: int = 0, dtype: torch.dtype = torch.float32, p_ignore: float = 0.25,
 ) -> tuple[Tensor, Tensor, Tensor]:
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(b, t, h, generator=g).to(dtype).requires_grad_()
@@ -117,7 +118,9 @@ def test_all_ignored_gives_zero_loss_and_zero_grads(reduction: str) -> None:
 def test_sum_reduction_matches_naive_sum_and_scales_the_mean() -> None:
     hidden, weight, labels = _problem(3, 10, 8, 19, seed=7)
     n = int((labels[:, 1:] != -100).sum())
-    total, (gh, gw) = _grads(lambda: causal_lm_loss(hidden, weight, labels, reduction="sum", chunk_size=4), hidden, weight)
+    total, (gh, gw) = _grads(
+        lambda: causal_lm_loss(hidden, weight, labels, reduction="sum", chunk_size=4), hidden, weight
+    )
     ref, (rh, rw) = _grads(lambda: _naive(hidden, weight, labels, reduction="sum"), hidden, weight)
     torch.testing.assert_close(total, ref, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(gh, rh, rtol=1e-5, atol=1e-6)
@@ -136,9 +139,9 @@ def test_upstream_gradient_scales_the_stored_gradients() -> None:
 
 
 def test_bf16_inputs_accumulate_in_fp32() -> None:
-    # 512 target rows in chunks of 1: a bf16 running sum of the weight gradient would be off by
-    # ~1e-2 relative; the fp32 accumulator leaves only the final rounding to bf16 (2^-8).
-    hidden, weight, labels = _problem(4, 129, 16, 32, seed=9, dtype=torch.bfloat16, p_ignore=0.0)
+    # 128 target rows in chunks of 1: a bf16 running sum of the weight gradient would be off by
+    # ~1.4e-2 relative; the fp32 accumulator leaves only the final rounding to bf16 (2^-8).
+    hidden, weight, labels = _problem(2, 65, 16, 32, seed=9, dtype=torch.bfloat16, p_ignore=0.0)
     loss, (gh, gw) = _grads(lambda: causal_lm_loss(hidden, weight, labels, chunk_size=1), hidden, weight)
     assert gh.dtype == torch.bfloat16 and gw.dtype == torch.bfloat16 and loss.dtype == torch.float32
     h64 = hidden.detach().double().requires_grad_()
@@ -146,10 +149,11 @@ def test_bf16_inputs_accumulate_in_fp32() -> None:
     ref, (rh, rw) = _grads(lambda: _naive(h64, w64, labels), h64, w64)
     # Logits from a bf16 matmul (accumulated in fp32, rounded to bf16): ~2^-9 relative per logit.
     torch.testing.assert_close(loss.double(), ref, rtol=2e-4, atol=0)
-    torch.testing.assert_close(gh.double(), rh, rtol=2e-2, atol=2e-5)
-    torch.testing.assert_close(gw.double(), rw, rtol=2e-2, atol=2e-5)
+    # Elementwise: bf16 rounding (2^-8 relative) plus cancellation, judged against the largest entry.
+    torch.testing.assert_close(gh.double(), rh, rtol=1e-2, atol=6e-3 * rh.abs().max().item())
+    torch.testing.assert_close(gw.double(), rw, rtol=1e-2, atol=6e-3 * rw.abs().max().item())
     rel_err = ((gw.double() - rw).norm() / rw.norm()).item()
-    assert rel_err < 5e-3, rel_err  # a bf16 running sum gives ~3e-2 here
+    assert rel_err < 5e-3, rel_err  # a bf16 running sum gives 1.4e-2 here
 
 
 def test_frozen_weight_skips_its_matmul() -> None:
