@@ -67,27 +67,27 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         targets: Tensor,  # (N,) int64
         row_weight: float,
         chunk_size: int,
+        compute: torch.dtype,
         need_rows: bool,
         need_weight: bool,
         need_bias: bool,
     ) -> Tensor:
         n_rows = rows.shape[0]
-        compute = torch.promote_types(rows.dtype, weight.dtype)
+        acc = torch.promote_types(compute, torch.float32)  # softmax, loss and gradient sums
         w = weight.to(compute)
-        b = bias.to(torch.float32) if bias is not None else None
-        total = torch.zeros((), dtype=torch.float32, device=rows.device)
+        b = bias.to(acc) if bias is not None else None
+        total = torch.zeros((), dtype=acc, device=rows.device)
         grad_rows = torch.empty_like(rows) if need_rows else None
         # Weight and bias gradients accumulate over chunks in fp32 whatever the parameter dtype.
-        fp32 = {"dtype": torch.float32, "device": weight.device}
-        grad_w = torch.zeros(weight.shape, **fp32) if need_weight else None  # (V, H)
-        grad_b = torch.zeros(weight.shape[0], **fp32) if need_bias else None  # (V,)
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
+        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_bias else None
         need_any = need_rows or need_weight or need_bias
         for start in range(0, n_rows, chunk_size):
             end = min(start + chunk_size, n_rows)
             x = rows[start:end].to(compute)  # (c, H)
             y = targets[start:end]  # (c,)
-            # The matmul runs in the input dtype; the softmax in fp32. (c, V)
-            logits = (x @ w.T).float()
+            # The matmul runs in the compute dtype (bf16: fp32 products, bf16 out); softmax in fp32.
+            logits = (x @ w.T).to(acc)  # (c, V)
             if b is not None:
                 logits += b
             lse = torch.logsumexp(logits, dim=-1)  # (c,)
@@ -101,8 +101,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             grad.mul_(row_weight)
             if grad_rows is not None:
                 grad_rows[start:end] = (grad.to(compute) @ w).to(rows.dtype)
-            if grad_w is not None:
-                grad_w.addmm_(grad.T, x.float())
+            if grad_w is not None:  # (V, c) @ (c, H), in the compute dtype, summed in fp32
+                if compute == acc:
+                    grad_w.addmm_(grad.T, x)
+                else:
+                    grad_w += grad.to(compute).T @ x
             if grad_b is not None:
                 grad_b += grad.sum(0)
             del grad, logits
@@ -125,7 +128,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 return grad
             return grad * scale.to(grad.dtype)
 
-        return scaled(grad_rows), scaled(grad_w), scaled(grad_b), None, None, None, None, None, None
+        return scaled(grad_rows), scaled(grad_w), scaled(grad_b), *([None] * 7)
 
 
 def causal_lm_loss(
@@ -153,9 +156,9 @@ def causal_lm_loss(
     logits computed in the inputs' dtype and upcast to fp32 for the softmax. Gradients are made in
     the forward pass: wrt ``hidden`` in its dtype, wrt the weight (only when it requires grad, so a
     frozen LoRA head costs no extra matmul) and bias accumulated in fp32 and cast to their dtype.
-    Autocast is off inside: the matmuls run in ``promote_types(hidden.dtype, weight.dtype)`` (cast
-    the head yourself to run a bf16 hidden state against fp32 master weights in bf16). Returns a
-    float32 scalar.
+    The matmuls run in ``promote_types(hidden.dtype, weight.dtype)``, or in the autocast dtype when
+    that is float32 and autocast is on (as ``lm_head`` would under autocast). Returns a float32
+    scalar (float64 for float64 inputs).
     """
     _check_reduction(reduction)
     if chunk_size < 1:
@@ -197,8 +200,12 @@ def causal_lm_loss(
     rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_index)
     n_targets = targets.numel()
     row_weight = 1.0 / n_targets if reduction == "mean" and n_targets > 0 else 1.0
+    compute = torch.promote_types(hidden.dtype, lm_head_weight.dtype)
+    device_type = hidden.device.type
+    if compute == torch.float32 and torch.is_autocast_enabled(device_type):
+        compute = torch.get_autocast_dtype(device_type)  # what autocast would run lm_head in
     grad_on = torch.is_grad_enabled()
-    with torch.autocast(device_type=hidden.device.type, enabled=False):
+    with torch.autocast(device_type=device_type, enabled=False):  # dtypes are chosen above
         loss = _FusedLinearCrossEntropy.apply(
             rows,
             lm_head_weight,
@@ -206,6 +213,7 @@ def causal_lm_loss(
             targets,
             row_weight,
             chunk_size,
+            compute,
             grad_on and rows.requires_grad,
             grad_on and lm_head_weight.requires_grad,
             grad_on and lm_head_bias is not None and lm_head_bias.requires_grad,

@@ -76,6 +76,16 @@ def test_matches_naive_loss_and_grads_fp32(b: int, t: int, chunk: int) -> None:
     torch.testing.assert_close(gw, rw, rtol=1e-5, atol=1e-6)
 
 
+def test_float64_stays_float64() -> None:
+    hidden, weight, labels = _problem(2, 9, 8, 15, seed=16, dtype=torch.float64)
+    fused, (gh, gw) = _grads(lambda: causal_lm_loss(hidden, weight, labels, chunk_size=4), hidden, weight)
+    ref, (rh, rw) = _grads(lambda: _naive(hidden, weight, labels), hidden, weight)
+    assert fused.dtype == torch.float64
+    torch.testing.assert_close(fused, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gh, rh, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gw, rw, rtol=1e-10, atol=1e-12)
+
+
 def test_bias_is_included_with_its_gradient() -> None:
     hidden, weight, labels = _problem(2, 9, 8, 21, seed=3)
     bias = torch.randn(21, generator=torch.Generator().manual_seed(4)).requires_grad_()
@@ -154,6 +164,20 @@ def test_bf16_inputs_accumulate_in_fp32() -> None:
     torch.testing.assert_close(gw.double(), rw, rtol=1e-2, atol=6e-3 * rw.abs().max().item())
     rel_err = ((gw.double() - rw).norm() / rw.norm()).item()
     assert rel_err < 5e-3, rel_err  # a bf16 running sum gives 1.4e-2 here
+
+
+def test_autocast_runs_the_matmuls_in_bf16_and_keeps_input_dtypes() -> None:
+    hidden, weight, labels = _problem(2, 9, 16, 24, seed=15)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, (gh, gw) = _grads(lambda: causal_lm_loss(hidden, weight, labels, chunk_size=4), hidden, weight)
+    assert gh.dtype == torch.float32 and gw.dtype == torch.float32
+    # The same as casting the inputs to bf16 ourselves (autocast's lm_head): bit for bit.
+    h16 = hidden.detach().bfloat16().requires_grad_()
+    w16 = weight.detach().bfloat16().requires_grad_()
+    ref, (rh, rw) = _grads(lambda: causal_lm_loss(h16, w16, labels, chunk_size=4), h16, w16)
+    assert torch.equal(loss, ref) and torch.equal(gh, rh.float())
+    torch.testing.assert_close(gw, rw.float(), rtol=2**-8, atol=0)  # only the final bf16 rounding
+    assert not torch.equal(loss, causal_lm_loss(hidden, weight, labels, chunk_size=4))
 
 
 def test_frozen_weight_skips_its_matmul() -> None:
