@@ -19,7 +19,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .lora import LoraConfig, LoraEmbedding, LoraLayer, add_lora, is_lora_wrapper, lora_modules
+from .lora import (
+    LoraConfig,
+    LoraEmbedding,
+    LoraLayer,
+    adapter_names,
+    add_lora,
+    is_lora_wrapper,
+    lora_modules,
+)
 from .rewrite import unrewrite
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "AdapterError", "load_adapter", "save_adapter"]
@@ -80,18 +88,23 @@ def save_adapter(
     *,
     base_model: str | None = None,
     task_type: str = "CAUSAL_LM",
+    name: str | None = None,
 ) -> Path:
     """Write the model's LoRA adapter (only) to ``directory`` in PEFT's format; returns the path.
 
     Each file is written to a temporary name and renamed, so a crash never leaves a torn file.
-    Several stacked adapters on one module cannot be expressed in one PEFT file: merge them first.
+    A model with several adapters saves the one called ``name``.
     """
-    found = lora_modules(model)
+    names = adapter_names(model)
+    if name is None and len(names) > 1:
+        raise ValueError(f"the model has adapters {names}: pass name= to choose the one to save")
+    found = lora_modules(model, name=name)
     if not found:
-        raise ValueError("the model has no LoRA modules to save: call splice.add_lora first")
+        raise ValueError(f"the model has no LoRA modules{f' named {name!r}' if name else ''} to "
+                         "save: call splice.add_lora first")
     paths = [p for p, _, _ in found]
     if len(set(paths)) != len(paths):
-        raise ValueError("a module carries several stacked LoRA adapters; save them one at a time")
+        raise ValueError("a module carries several LoRA adapters of one name; save them one at a time")
     layers = [layer for _, _, layer in found]
     ranks = Counter(layer.rank for layer in layers)
     alphas = Counter(layer.alpha for layer in layers)
@@ -154,7 +167,7 @@ def _read(directory: Path) -> tuple[dict, dict[str, Tensor]]:
     return config, load_file(str(weights_file))
 
 
-def _plan(model: nn.Module, tensors: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+def _plan(model: nn.Module, tensors: dict[str, Tensor], name: str) -> dict[str, dict[str, Tensor]]:
     """Group tensors by module path; raise AdapterError listing every problem found."""
     by_path: dict[str, dict[str, Tensor]] = {}
     problems: list[str] = []
@@ -172,8 +185,9 @@ def _plan(model: nn.Module, tensors: dict[str, Tensor]) -> dict[str, dict[str, T
         if module is None:
             problems.append(f"module {path!r} is not in the model")
             continue
-        if path in {p for p, _, _ in lora_modules(model)}:
-            problems.append(f"module {path!r} already has a LoRA adapter")
+        if path in {p for p, _, _ in lora_modules(model, name=name)}:
+            problems.append(f"module {path!r} already has a LoRA adapter named {name!r} (load "
+                            "this one under another name=)")
             continue
         problems.extend(_shape_problems(path, module, parts))
     if problems:
@@ -222,14 +236,17 @@ def _shape_problems(path: str, module: nn.Module, parts: dict[str, Tensor]) -> l
     return []
 
 
-def load_adapter(model: nn.Module, directory: str | Path, *, dtype: torch.dtype | None = None) -> list[str]:
-    """Attach the adapter in ``directory`` (written by splice or PEFT) to ``model``.
+def load_adapter(
+    model: nn.Module, directory: str | Path, *, name: str = "default", dtype: torch.dtype | None = None
+) -> list[str]:
+    """Attach the adapter in ``directory`` (written by splice or PEFT) to ``model`` as ``name``.
 
+    Adapters of other names already on the model stay (they stack; see ``splice.lora.use_adapters``).
     Every tensor is checked against the model before anything changes; a wrong adapter raises
     :class:`AdapterError` and leaves the model as it was. Returns the adapted module names.
     """
     config, tensors = _read(Path(directory))
-    by_path = _plan(model, tensors)
+    by_path = _plan(model, tensors, name)
     if not by_path:
         raise AdapterError(f"{directory}: the adapter holds no LoRA tensors")
     ranks = {p: (t.get("lora_A", t.get("lora_embedding_A"))).shape[0] for p, t in by_path.items()}
@@ -243,10 +260,11 @@ def load_adapter(model: nn.Module, directory: str | Path, *, dtype: torch.dtype 
         rank_pattern=ranks,
         alpha_pattern={k: float(v) for k, v in alpha_pattern.items()},
         dtype=dtype or torch.float32,
+        name=name,
     )
     names = add_lora(model, lora_config)
     try:
-        for path, _, layer in lora_modules(model):
+        for path, _, layer in lora_modules(model, name=name):
             if path not in by_path:
                 continue
             parts = by_path[path]
@@ -257,6 +275,7 @@ def load_adapter(model: nn.Module, directory: str | Path, *, dtype: torch.dtype 
                     param.copy_(value.to(param.dtype))
     except Exception:
         loaded = set(names)
-        unrewrite(model, select=lambda n: n.name in loaded, layer=is_lora_wrapper)
+        unrewrite(model, select=lambda n: n.name in loaded,
+                  layer=lambda m: is_lora_wrapper(m) and m.rewriter.name == name)
         raise
     return names

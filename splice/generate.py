@@ -10,6 +10,7 @@ rows are done. splice rewrites (LoRA wrappers, quantized layers) are ordinary mo
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
@@ -17,6 +18,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from .lora import use_adapters
 
 __all__ = ["generate", "generate_ids", "sample_next", "top_k_top_p_filter"]
 
@@ -265,8 +268,13 @@ def generate(
     seed: int | None = None,
     stop: Sequence[str] = (),
     batch_size: int = 8,
+    adapters: Sequence[str | None] | None = None,
 ) -> list[str]:
     """The generated continuation of each prompt (prompt excluded), one string per prompt.
+
+    ``adapters`` names the LoRA adapter each prompt runs with (``None``: the base model), so one
+    call serves several adapters at once (see :func:`splice.lora.use_adapters`); by default every
+    adapter on the model applies.
 
     Greedy (``argmax``) when ``temperature == 0``; otherwise sampling from
     ``softmax(logits / temperature)`` restricted to the top-k tokens and the top-p nucleus (see
@@ -292,6 +300,8 @@ def generate(
     if pad is None:  # padded positions are masked out, so any id will do
         pad = min(eos) if eos else 0
     encoded = _encode(tokenizer, texts)
+    if adapters is not None and len(adapters) != len(texts):
+        raise ValueError(f"{len(adapters)} adapter names for {len(texts)} prompts: give one per prompt")
     generator = None
     if seed is not None and temperature > 0:
         generator = torch.Generator(device=_device(model)).manual_seed(seed)
@@ -303,18 +313,21 @@ def generate(
         def hits_stop(row: int, ids: list[int], batch: list[list[int]] = batch) -> bool:
             return _cut_at_stop(_continuation(tokenizer, batch[row], ids), stops)[1]
 
-        new_ids = generate_ids(
-            model,
-            batch,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            generator=generator,
-            eos_token_ids=eos,
-            pad_token_id=pad,
-            should_stop=hits_stop if stops else None,
-        )
+        routing = (use_adapters(model, adapters[start : start + batch_size]) if adapters is not None
+                   else contextlib.nullcontext())
+        with routing:
+            new_ids = generate_ids(
+                model,
+                batch,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                generator=generator,
+                eos_token_ids=eos,
+                pad_token_id=pad,
+                should_stop=hits_stop if stops else None,
+            )
         for prompt_ids, ids in zip(batch, new_ids, strict=True):
             results.append(_cut_at_stop(_continuation(tokenizer, prompt_ids, ids), stops)[0])
     return results

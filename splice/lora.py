@@ -28,12 +28,14 @@ __all__ = [
     "LoraEmbedding",
     "LoraLayer",
     "LoraLinear",
+    "adapter_names",
     "adapters_disabled",
     "add_lora",
     "lora_modules",
     "merge",
     "target_matcher",
     "unmerge",
+    "use_adapters",
 ]
 
 Targets = str | Sequence[str] | Callable[[Node], bool]
@@ -48,8 +50,11 @@ class LoraConfig:
     the output head), or a predicate on the :class:`~splice.rewrite.Node`.
     ``scale = alpha / rank``, or ``alpha / sqrt(rank)`` with ``rslora``.
     ``dtype``: the adapter weights' dtype (PEFT keeps them in float32 whatever the base).
+    ``name``: several adapters may sit on one model (stacked on the same modules); each has a
+    name, used to save, load and route rows to adapters (:func:`use_adapters`).
     """
 
+    name: str = "default"
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
@@ -83,8 +88,11 @@ def _pattern_value(pattern: dict, name: str, default):  # type: ignore[no-untype
 class LoraLayer(nn.Module):
     """Base of every LoRA rewriter: its hyper-parameters and whether it is merged into ``base``."""
 
-    def __init__(self, *, rank: int, alpha: float, rslora: bool, dropout: float) -> None:
+    def __init__(self, *, rank: int, alpha: float, rslora: bool, dropout: float,
+                 name: str = "default") -> None:
         super().__init__()
+        self.name = name
+        self.row_mask: Tensor | None = None  # (B,) 0/1: which batch rows use this adapter
         self.rank = rank
         self.alpha = alpha
         self.rslora = rslora
@@ -92,6 +100,12 @@ class LoraLayer(nn.Module):
         self.scale = alpha / math.sqrt(rank) if rslora else alpha / rank
         self.merged = False
         self.enabled = True  # False: the adapter is skipped (see adapters_disabled)
+
+    def _routed(self, delta: Tensor) -> Tensor:
+        """Zero the delta on batch rows routed to other adapters (see :func:`use_adapters`)."""
+        if self.row_mask is None:
+            return delta
+        return delta * self.row_mask.view(-1, *([1] * (delta.dim() - 1))).to(delta.dtype)
 
     def delta_weight(self) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -141,8 +155,9 @@ class LoraLinear(LoraLayer):
         fan_in_fan_out: bool = False,
         dtype: torch.dtype | None = None,
         device: torch.device | None = None,
+        name: str = "default",
     ) -> None:
-        super().__init__(rank=rank, alpha=alpha, rslora=rslora, dropout=dropout)
+        super().__init__(rank=rank, alpha=alpha, rslora=rslora, dropout=dropout, name=name)
         self.fan_in_fan_out = fan_in_fan_out
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
@@ -155,7 +170,7 @@ class LoraLinear(LoraLayer):
             return y
         x = x.to(self.lora_A.weight.dtype)
         delta = self.lora_B(self.lora_A(self.dropout(x)))
-        return y + (self.scale * delta).to(y.dtype)
+        return y + self._routed(self.scale * delta).to(y.dtype)
 
     def delta_weight(self) -> Tensor:
         delta = self.scale * (self.lora_B.weight @ self.lora_A.weight)  # (out, in)
@@ -173,9 +188,10 @@ class LoraEmbedding(LoraLayer):
         alpha: float,
         rslora: bool = False,
         dtype: torch.dtype | None = None,
+        name: str = "default",
     ) -> None:
         # PEFT applies no dropout to embedding adapters.
-        super().__init__(rank=rank, alpha=alpha, rslora=rslora, dropout=0.0)
+        super().__init__(rank=rank, alpha=alpha, rslora=rslora, dropout=0.0, name=name)
         self.padding_idx = base.padding_idx
         self.max_norm = base.max_norm
         device = base.weight.device
@@ -191,7 +207,7 @@ class LoraEmbedding(LoraLayer):
         if self.merged or not self.enabled:
             return y
         after_a = F.embedding(x, self.lora_embedding_A.T, padding_idx=self.padding_idx)
-        return y + (self.scale * (after_a @ self.lora_embedding_B.T)).to(y.dtype)
+        return y + self._routed(self.scale * (after_a @ self.lora_embedding_B.T)).to(y.dtype)
 
     def delta_weight(self) -> Tensor:
         return self.scale * (self.lora_embedding_B @ self.lora_embedding_A).T  # (num, dim)
@@ -209,10 +225,11 @@ class LoraConv2d(LoraLayer):
         rslora: bool = False,
         dropout: float = 0.0,
         dtype: torch.dtype | None = None,
+        name: str = "default",
     ) -> None:
         if base.groups != 1:
             raise ValueError("LoRA on a grouped Conv2d is not supported (groups must be 1)")
-        super().__init__(rank=rank, alpha=alpha, rslora=rslora, dropout=dropout)
+        super().__init__(rank=rank, alpha=alpha, rslora=rslora, dropout=dropout, name=name)
         device = base.weight.device
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Conv2d(
@@ -227,7 +244,7 @@ class LoraConv2d(LoraLayer):
         if self.merged or not self.enabled:
             return y
         x = x.to(self.lora_A.weight.dtype)
-        return y + (self.scale * self.lora_B(self.lora_A(self.dropout(x)))).to(y.dtype)
+        return y + self._routed(self.scale * self.lora_B(self.lora_A(self.dropout(x)))).to(y.dtype)
 
     def delta_weight(self) -> Tensor:
         # (out, r, 1, 1) o (r, in, kh, kw) -> (out, in, kh, kw)
@@ -267,8 +284,16 @@ def _build(node: Node, config: LoraConfig) -> LoraLayer:
     weight = getattr(base, "weight", None)
     device = weight.device if isinstance(weight, Tensor) else None
     dtype = config.dtype or (weight.dtype if isinstance(weight, Tensor) else None)
+    module = node.module
+    while isinstance(module, Around):
+        if isinstance(module.rewriter, LoraLayer) and module.rewriter.name == config.name:
+            raise ValueError(
+                f"{node.name!r} already has a LoRA adapter named {config.name!r}: give the new "
+                "adapter another LoraConfig.name, or remove the old one (splice.unrewrite)"
+            )
+        module = module.base
     hyper = dict(rank=config.rank_for(node.name), alpha=config.alpha_for(node.name),
-                 rslora=config.rslora, dtype=dtype)
+                 rslora=config.rslora, dtype=dtype, name=config.name)
     if type(base).__name__ == "Conv1D":  # GPT-2: weight is (in, out)
         n_in, n_out = base.weight.shape
         return LoraLinear(n_in, n_out, dropout=config.dropout, fan_in_fan_out=True,
@@ -302,17 +327,17 @@ def _innermost(module: nn.Module) -> nn.Module:
     return module
 
 
-def lora_modules(model: nn.Module) -> list[tuple[str, Around, LoraLayer]]:
-    """(path, wrapper, LoRA layer) for every LoRA rewrite in ``model``, found by type.
-
-    Stacked adapters on one module give one entry each, outermost first.
+def lora_modules(model: nn.Module, *, name: str | None = None) -> list[tuple[str, Around, LoraLayer]]:
+    """(path, wrapper, LoRA layer) for every LoRA rewrite in ``model`` (of adapter ``name``, if
+    given), found by type. Stacked adapters on one module give one entry each, outermost first.
     """
     found = []
     for node in rewritten_nodes(model):
         module = node.module
         while isinstance(module, Around):
-            if isinstance(module.rewriter, LoraLayer):
-                found.append((node.name, module, module.rewriter))
+            layer = module.rewriter
+            if isinstance(layer, LoraLayer) and (name is None or layer.name == name):
+                found.append((node.name, module, layer))
             module = module.base
     return found
 
@@ -365,6 +390,32 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
     finally:
         for (_, _, layer), flag in zip(found, previous):
             layer.enabled = flag
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Names of the adapters on ``model``, in the order first found."""
+    return list(dict.fromkeys(layer.name for _, _, layer in lora_modules(model)))
+
+
+@contextmanager
+def use_adapters(model: nn.Module, rows: Sequence[str | None]) -> Iterator[None]:
+    """Inside the block, batch row ``i`` runs with adapter ``rows[i]`` only (``None``: the base
+    model), so one batch can mix several adapters (e.g. in :func:`splice.generate.generate`)."""
+    found = _require_lora(model)
+    known = {layer.name for _, _, layer in found}
+    unknown = sorted({r for r in rows if r is not None} - known)
+    if unknown:
+        raise ValueError(f"unknown adapter(s) {unknown}: the model has {sorted(known)}")
+    if any(layer.merged for _, _, layer in found):
+        raise ValueError("adapters are merged into the weights: unmerge before routing rows")
+    for _, wrapper, layer in found:
+        device = next((p.device for p in layer.parameters()), None)
+        layer.row_mask = torch.tensor([r == layer.name for r in rows], device=device)
+    try:
+        yield
+    finally:
+        for _, _, layer in found:
+            layer.row_mask = None
 
 
 def is_lora_wrapper(module: nn.Module) -> bool:

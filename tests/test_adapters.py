@@ -116,3 +116,28 @@ def test_missing_files_and_double_load(tmp_path) -> None:
 def test_save_without_lora_is_an_error(tmp_path) -> None:
     with pytest.raises(ValueError, match="no LoRA modules"):
         splice.save_adapter(tiny.llama(), tmp_path)
+
+
+def test_two_named_adapters_stack_and_save_separately(tmp_path) -> None:
+    first = _adapted(targets=("q_proj",), name="first")
+    second = tiny.llama()
+    splice.add_lora(second, splice.LoraConfig(targets=("v_proj",), name="second"))
+    tiny.randomize_lora(second, seed=9)
+    splice.save_adapter(first, tmp_path / "first")
+    splice.save_adapter(second, tmp_path / "second")
+    model = tiny.llama()
+    splice.load_adapter(model, tmp_path / "first", name="first")
+    splice.load_adapter(model, tmp_path / "second", name="second")
+    ids = tiny.tokens()
+    from splice.lora import use_adapters
+
+    with use_adapters(model, ["first", "second"]):
+        routed = model(ids).logits
+    torch.testing.assert_close(routed[0], first(ids).logits[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(routed[1], second(ids).logits[1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="pass name="):
+        splice.save_adapter(model, tmp_path / "both")
+    splice.save_adapter(model, tmp_path / "again", name="second")
+    again = tiny.llama()
+    splice.load_adapter(again, tmp_path / "again")
+    torch.testing.assert_close(again(ids).logits, second(ids).logits, rtol=0, atol=0)

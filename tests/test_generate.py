@@ -301,3 +301,33 @@ def test_zero_new_tokens_and_bad_inputs() -> None:
         generate(model, TOKENIZER, "a", batch_size=0)
     with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
         generate(model, TOKENIZER, "a", max_new_tokens=-1)
+
+
+def _with_adapter(model: nn.Module, name: str, seed: int) -> None:
+    add_lora(model, LoraConfig(rank=4, targets="all-linear", name=name))
+    g = torch.Generator().manual_seed(seed)
+    for _, _, layer in lora_modules(model, name=name):
+        with torch.no_grad():
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.5)
+
+
+def test_one_batch_serves_several_adapters() -> None:
+    prompts = PROMPTS[:3]
+    solo_a, solo_b = _llama(), _llama()
+    _with_adapter(solo_a, "a", seed=1)
+    _with_adapter(solo_b, "b", seed=2)
+    both = _llama()
+    _with_adapter(both, "a", seed=1)
+    _with_adapter(both, "b", seed=2)
+    expected = [
+        generate(solo_a, TOKENIZER, prompts[:1], max_new_tokens=12)[0],
+        generate(solo_b, TOKENIZER, prompts[1:2], max_new_tokens=12)[0],
+        generate(_llama(), TOKENIZER, prompts[2:], max_new_tokens=12)[0],
+    ]
+    mixed = generate(both, TOKENIZER, prompts, max_new_tokens=12, adapters=["a", "b", None])
+    assert mixed == expected
+    assert len(set(expected)) == 3  # the three rows really differ
+    with pytest.raises(ValueError, match="unknown adapter"):
+        generate(both, TOKENIZER, prompts[:1], adapters=["c"])
+    with pytest.raises(ValueError, match="one per prompt"):
+        generate(both, TOKENIZER, prompts, adapters=["a"])
