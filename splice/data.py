@@ -51,7 +51,8 @@ def _read_jsonl(path: Path) -> list[Row]:
         except json.JSONDecodeError as error:
             raise ValueError(f"{path} is not valid JSON ({error}); fix the file or write JSON lines") from error
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # split("\n"), not splitlines(): U+2028 and friends may sit unescaped inside JSON strings.
+    for number, line in enumerate(text.split("\n"), start=1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
@@ -91,7 +92,7 @@ def read_rows(source: str | Path | Any) -> list[dict[str, Any]]:
         path = Path(source).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"data file {path} does not exist; pass an existing {_ACCEPTED} file")
-        rows, where = _read_file(path), str(path)
+        rows, where = (_read_file(path) if path.stat().st_size else []), str(path)
     elif callable(getattr(source, "to_list", None)):
         rows, where = list(source.to_list()), type(source).__name__
     elif callable(getattr(source, "to_pylist", None)):
@@ -282,6 +283,11 @@ def tokenize_rows(
         raise ValueError("the tokenizer has no eos token; set tokenizer.eos_token so answers can end")
     if not rows:
         raise ValueError("no rows to tokenize; pass at least one row")
+    if isinstance(template, ChatTemplate) and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "ChatTemplate needs a tokenizer with a chat template, and this one has none; use a "
+            "PromptTemplate, or set tokenizer.chat_template to a Jinja template"
+        )
     examples: list[Example] = []
     truncated = dropped = 0
     longest_prompt = 0

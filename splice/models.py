@@ -120,6 +120,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
+        tmp.chmod(0o755)  # mkdtemp makes it private (0700); the cache folder is an ordinary one
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         source = {"gguf": str(gguf), "size": gguf.stat().st_size}

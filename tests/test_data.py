@@ -22,16 +22,17 @@ from splice.data import (
     tokenize_rows,
 )
 
-ROWS = [{"q": "007", "a": "seven"}, {"q": "x y", "a": "z"}]
+ROWS = [{"q": "007", "a": "seven"}, {"q": "x y", "a": "z\u2028z"}]
 
 
 # ----------------------------------------------------------------------------- read_rows
 
 
 def test_read_rows_every_format_gives_the_same_rows(tmp_path: Path) -> None:
-    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS) + "\n\n")
+    lines = "\n".join(json.dumps(r, ensure_ascii=False) for r in ROWS) + "\n\n"  # raw U+2028 inside a string
+    (tmp_path / "d.jsonl").write_text(lines, encoding="utf-8")
     (tmp_path / "d.json").write_text(json.dumps(ROWS))
-    (tmp_path / "d.csv").write_text("q,a\n007,seven\nx y,z\n")
+    (tmp_path / "d.csv").write_text("q,a\n007,seven\nx y,z\u2028z\n", encoding="utf-8")
     pq.write_table(pa.Table.from_pylist(ROWS), tmp_path / "d.parquet")
     for name in ["d.jsonl", "d.json", "d.csv", "d.parquet"]:
         assert read_rows(tmp_path / name) == ROWS, name  # CSV keeps "007" as text
@@ -56,8 +57,11 @@ def test_read_rows_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"unknown extension '\.txt'.*parquet.*\.jsonl.*\.csv"):
         read_rows(tmp_path / "d.txt")
     (tmp_path / "empty.jsonl").write_text("\n")
-    with pytest.raises(ValueError, match="no rows"):
-        read_rows(tmp_path / "empty.jsonl")
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "header.csv").write_text("q,a\n")
+    for name in ["empty.jsonl", "empty.csv", "header.csv"]:
+        with pytest.raises(ValueError, match="no rows"):
+            read_rows(tmp_path / name)
     with pytest.raises(FileNotFoundError, match="missing.jsonl does not exist"):
         read_rows(tmp_path / "missing.jsonl")
     (tmp_path / "bad.jsonl").write_text('{"a": 1}\n{"a": \n')
@@ -155,6 +159,9 @@ def test_chat_template_boundary_and_eos(tiny_tokenizer) -> None:
 
     with pytest.raises(ValueError, match="must be the 'assistant'"):
         tokenize_rows(ROWS, tok, template=ChatTemplate(lambda r: conversation(r)[:2]), max_length=64)
+    tok.chat_template = None
+    with pytest.raises(ValueError, match="has none; use a PromptTemplate"):
+        tokenize_rows(ROWS, tok, template=ChatTemplate(conversation), max_length=64)
 
 
 def test_chat_template_that_rewrites_the_prompt_is_rejected(tiny_tokenizer) -> None:
