@@ -1,0 +1,231 @@
+"""Activation checkpointing of decoder layers as a rewrite, with optional CPU offload.
+
+``checkpoint_layers(model)`` replaces each decoder layer with a :class:`CheckpointedLayer` that
+shares the layer's parameters and children (same paths, same ``state_dict``) and, when training,
+runs it under ``torch.utils.checkpoint`` (non-reentrant): only the layer's input is kept and
+everything inside is recomputed during backward. With ``offload=True`` that input too goes to
+pinned CPU memory (copied on a side stream while the GPU computes) and comes back for the
+recompute, so the GPU holds no per-layer activations at all: the longest sequences fit.
+
+``layers="auto"`` checkpoints only as many layers as memory requires: in each training forward,
+the first layer runs un-checkpointed while the memory it keeps is measured; from that, the free
+GPU memory and a reserve for the backward pass, the first ``k`` layers run without recompute and
+the rest are checkpointed (all of them on CPU, where nothing is measured). Short sequences then
+pay no recompute at all, long ones checkpoint everything.
+
+Like :mod:`splice.fast`'s containers, the wrapper is transparent to later rewrites (LoRA inside
+stays visible to ``lora_modules``/``save_adapter``); :func:`uncheckpoint_layers` undoes it.
+Dropout masks are replayed in the recompute: torch's CPU and CUDA generator states are restored
+(splice's fused LoRA dropout draws its seed from the CPU generator).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .fast import install_transparent, restore_originals, share_state
+from .rewrite import Node, Replace, nodes
+
+__all__ = ["CheckpointedLayer", "checkpoint_layers", "uncheckpoint_layers"]
+
+LayerSelect = Literal["auto", "all"] | int | Callable[[str], bool]
+_LAYER_PATH = re.compile(r"(^|\.)(layers|h|blocks|layer)\.\d+$")
+_GIB = 1 << 30
+
+
+@dataclass
+class _AutoPlan:
+    """Shared by the layers of one model: how many leading layers skip checkpointing this step."""
+
+    n_layers: int
+    reserve_gib: float
+    keep: int = 0
+
+    def decide(self, kept_bytes: int, input_bytes: int, device: torch.device) -> None:
+        """After layer 0 kept ``kept_bytes``: choose how many layers in all run un-checkpointed."""
+        free, _ = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        # Backward needs one layer's recompute + its gradients on top of what is kept.
+        budget = free - 3 * kept_bytes - self.reserve_gib * _GIB
+        rest = self.n_layers - 1
+        extra = int((budget - rest * input_bytes) // max(kept_bytes - input_bytes, 1))
+        self.keep = 1 + max(0, min(rest, extra))
+
+
+class _HostStash:
+    """A pinned CPU copy of one tensor, written on a side stream, read back on demand."""
+
+    _streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def __init__(self) -> None:
+        self.buffer: Tensor | None = None
+        self.event: torch.cuda.Event | None = None
+
+    def store(self, t: Tensor) -> None:
+        if not t.is_cuda:  # CPU tensors (tests): a plain copy
+            self.buffer = t.detach().clone()
+            return
+        if self.buffer is None or self.buffer.shape != t.shape or self.buffer.dtype != t.dtype:
+            self.buffer = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        stream = self._streams.setdefault(t.device, torch.cuda.Stream(t.device))
+        stream.wait_stream(torch.cuda.current_stream(t.device))
+        with torch.cuda.stream(stream):
+            self.buffer.copy_(t.detach(), non_blocking=True)
+        t.record_stream(stream)  # the allocator must not reuse t before the copy ends
+        self.event = torch.cuda.Event()
+        self.event.record(stream)
+
+    def load(self, device: torch.device) -> Tensor:
+        assert self.buffer is not None
+        if self.event is None:
+            return self.buffer.clone()
+        torch.cuda.current_stream(device).wait_event(self.event)
+        return self.buffer.to(device, non_blocking=True)
+
+
+class _OffloadedCheckpoint(torch.autograd.Function):
+    """Reentrant-style checkpoint whose saved input lives on the CPU.
+
+    Parameter gradients accumulate through the inner ``torch.autograd.backward`` (so use
+    ``loss.backward()``, not ``torch.autograd.grad`` on parameters); ``anchor`` is a dummy that
+    requires grad, so backward runs even when the layer input (e.g. frozen embeddings) does not.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, anchor: Tensor, hidden: Tensor, run: Callable[[Tensor], Any], stash: _HostStash) -> Any:  # type: ignore[override]
+        ctx.run, ctx.stash, ctx.device = run, stash, hidden.device
+        ctx.needs_hidden = hidden.requires_grad
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
+        stash.store(hidden)
+        return run(hidden)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        hidden = ctx.stash.load(ctx.device).detach().requires_grad_(ctx.needs_hidden)
+        devices = [ctx.device] if ctx.cuda_rng is not None else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(ctx.cpu_rng)
+            if ctx.cuda_rng is not None:
+                torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
+            with torch.enable_grad():
+                out = ctx.run(hidden)
+        torch.autograd.backward(out, grad_out)
+        return None, hidden.grad if ctx.needs_hidden else None, None, None
+
+
+class CheckpointedLayer(nn.Module):
+    """A decoder layer run under activation checkpointing while training (see module doc)."""
+
+    splice_transparent = True
+
+    def __init__(self, layer: nn.Module, *, index: int, plan: _AutoPlan | None, select: bool,
+                 offload: bool) -> None:
+        super().__init__()
+        share_state(self, layer)
+        self.__dict__["_layer"] = layer  # the original, unregistered (its children are ours)
+        self.__dict__["_stash"] = _HostStash()
+        self.index, self.select, self.offload = index, select, offload
+        self.__dict__["_plan"] = plan
+
+    def _run_plain(self, *args: Any, **kwargs: Any) -> Any:
+        layer = self.__dict__["_layer"]
+        layer.training = self.training
+        return layer(*args, **kwargs)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if not (self.training and torch.is_grad_enabled() and isinstance(hidden, Tensor)):
+            return self._run_plain(*args, **kwargs)
+        plan: _AutoPlan | None = self.__dict__["_plan"]
+        if plan is not None and hidden.is_cuda:
+            if self.index == 0:  # measure what one un-checkpointed layer keeps
+                before = torch.cuda.memory_allocated(hidden.device)
+                out = self._run_plain(*args, **kwargs)
+                kept = torch.cuda.memory_allocated(hidden.device) - before
+                plan.decide(kept, hidden.numel() * hidden.element_size(), hidden.device)
+                return out
+            if self.index < plan.keep:
+                return self._run_plain(*args, **kwargs)
+        elif plan is None and not self.select:
+            return self._run_plain(*args, **kwargs)
+        # A KV cache would be appended to twice (forward, then recompute): drop it, as Hugging
+        # Face's own gradient checkpointing does; training never reads it.
+        for key in ("cache", "past_key_values", "past_key_value"):
+            if kwargs.get(key) is not None:
+                kwargs[key] = None
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
+        if self.offload:
+            if args:
+                rest, first = args[1:], None
+            else:
+                rest, first = (), kwargs.pop("hidden_states")
+            del first
+            run = lambda h: self._run_plain(h, *rest, **kwargs)  # noqa: E731
+            anchor = torch.empty(0, device=hidden.device, requires_grad=True)
+            return _OffloadedCheckpoint.apply(anchor, hidden, run, self.__dict__["_stash"])
+        return checkpoint(self._run_plain, *args, use_reentrant=False, **kwargs)
+
+
+def _decoder_layer_nodes(model: nn.Module) -> list[Node]:
+    return [
+        n for n in nodes(model)
+        if _LAYER_PATH.search(n.name)
+        and not isinstance(n.module, CheckpointedLayer)
+        and n.kind.endswith(("decoderlayer", "block", "layer"))
+    ]
+
+
+def checkpoint_layers(
+    model: nn.Module,
+    *,
+    layers: LayerSelect = "auto",
+    offload: bool = False,
+    reserve_gib: float = 2.0,
+) -> list[str]:
+    """Wrap the decoder layers of ``model`` for activation checkpointing; returns their names.
+
+    ``layers``: ``"auto"`` (checkpoint only what GPU memory requires, decided each step),
+    ``"all"``, an int ``n`` (the last ``n`` layers), or a predicate on the layer's path.
+    ``offload``: keep the checkpointed inputs in pinned CPU memory. ``reserve_gib``: GPU memory
+    "auto" leaves free for the loss and optimizer. Raises if the model has no decoder layers.
+    """
+    found = _decoder_layer_nodes(model)
+    if not found:
+        raise ValueError(
+            "checkpoint_layers found no decoder layers (modules at '...layers.<i>' whose class "
+            "ends in DecoderLayer/Block/Layer); is the model already checkpointed?"
+        )
+    total = len(found)
+    plan = _AutoPlan(n_layers=total, reserve_gib=reserve_gib) if layers == "auto" else None
+    index = {n.name: i for i, n in enumerate(found)}
+
+    def selected(name: str) -> bool:
+        if layers in ("auto", "all"):
+            return True
+        if isinstance(layers, int) and not isinstance(layers, bool):
+            return index[name] >= total - layers
+        if callable(layers):
+            return bool(layers(name))
+        raise TypeError(f"layers must be 'auto', 'all', an int or a predicate, got {layers!r}")
+
+    def rule(node: Node) -> Replace | None:
+        if node.name not in index:
+            return None
+        return Replace(CheckpointedLayer(node.module, index=index[node.name], plan=plan,
+                                         select=selected(node.name), offload=offload))
+
+    return install_transparent(model, rule)
+
+
+def uncheckpoint_layers(model: nn.Module) -> list[str]:
+    """Undo :func:`checkpoint_layers` (the layers' contents, rewritten or not, are kept)."""
+    return restore_originals(model, lambda m: isinstance(m, CheckpointedLayer))

@@ -1,0 +1,301 @@
+"""Fused kernels swapped into a model as rewrites: ``accelerate(model)`` after ``add_lora``.
+
+Nothing is patched globally and no model class is forked: each swap is a rewrite rule
+(:func:`splice.rewrite.rewrite`) installing a module that *shares* the original's parameters,
+buffers and submodules (same dicts, so ``state_dict`` keys, ``named_parameters`` paths and any
+LoRA wrappers inside are unchanged), with a ``forward`` that calls a kernel from
+:mod:`splice.kernels`:
+
+* LoRA linears: :class:`FusedLoraLinear`, a subclass of :class:`~splice.rewrite.Around` over the
+  same ``base`` and the same :class:`~splice.lora.LoraLinear` (so ``lora_modules``, ``merge``
+  and adapter save/load still find it), computing base + adapter in one autograd node in the
+  activations' dtype (bf16), with a fused, seeded dropout (:mod:`splice.kernels.lora_linear`);
+* Llama-family RMSNorm -> :class:`FusedRMSNorm` (Triton, one pass each way);
+* Llama-family MLP -> :class:`FusedSwiGLUMLP`: the gate/up/down projections (LoRA-wrapped or
+  not) are still called; only ``silu(g) * u`` is fused;
+* Llama attention -> :class:`FusedRopeAttention`: q/k/v/o are still called, RoPE is one Triton
+  launch for q and k, attention goes through the model's configured backend (sdpa, flash, ...).
+
+On CPU the same modules run the PyTorch reference paths. ``decelerate(model)`` puts the original
+modules back.
+
+Containers (MLP, attention, and :mod:`splice.checkpoint`'s layers) are *transparent*: the rewrite
+walker never looks inside a rewritten node, which would hide the LoRA wrappers they hold from
+``lora_modules``/``merge``/``save_adapter``. So after installing them through ``rewrite`` we move
+the walker's "replaced" mark to ``_splice_fast_original`` (:func:`install_transparent`): walks
+enter them, ``unrewrite`` leaves them (they share all state, so a model with them computes the
+same function) and ``decelerate``/``uncheckpoint_layers`` restore the originals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .kernels.dropout import new_seed
+from .kernels.lora_linear import lora_linear
+from .kernels.rmsnorm import rms_norm
+from .kernels.rope import rope
+from .kernels.swiglu import swiglu
+from .lora import LoraLinear
+from .rewrite import Around, Node, Replace, rewrite
+
+__all__ = [
+    "ATTENTION_CLASSES",
+    "MLP_CLASSES",
+    "RMSNORM_CLASSES",
+    "FusedLoraLinear",
+    "FusedRMSNorm",
+    "FusedRopeAttention",
+    "FusedSwiGLUMLP",
+    "accelerate",
+    "decelerate",
+    "install_transparent",
+    "restore_originals",
+    "share_state",
+]
+
+# Classes whose forward is exactly Hugging Face Llama's (checked by name and structure).
+RMSNORM_CLASSES = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
+MLP_CLASSES = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
+ATTENTION_CLASSES = frozenset({"LlamaAttention"})
+_FUSED_ATTENTION_BACKENDS = ("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+_ORIGINAL = "_splice_replaced"  # where splice.rewrite keeps a replaced module
+_TRANSPARENT_ORIGINAL = "_splice_fast_original"  # where a transparent container keeps it
+
+
+def share_state(new: nn.Module, original: nn.Module) -> None:
+    """Make ``new`` hold ``original``'s parameters, buffers and children (the same dicts).
+
+    Paths and ``state_dict`` keys stay identical, a rewrite of a child made through either module
+    is seen by both, and ``.to()``/``.train()`` on ``new`` update what ``original`` holds.
+    """
+    new._parameters = original._parameters
+    new._buffers = original._buffers
+    new._non_persistent_buffers_set = original._non_persistent_buffers_set
+    new._modules = original._modules
+    new.training = original.training
+
+
+def install_transparent(model: nn.Module, rule: Callable[[Node], Replace | None]) -> list[str]:
+    """``rewrite(model, rule)`` for container replacements, then make them transparent to walks.
+
+    Each replacement class sets ``splice_transparent = True`` and shares its children with the
+    original (:func:`share_state`), so LoRA wrappers inside keep their paths and stay findable.
+    """
+    names = rewrite(model, rule, allow_empty=True)
+    for module in model.modules():
+        if getattr(type(module), "splice_transparent", False) and _ORIGINAL in module.__dict__:
+            module.__dict__[_TRANSPARENT_ORIGINAL] = module.__dict__.pop(_ORIGINAL)
+    return names
+
+
+def restore_originals(model: nn.Module, which: Callable[[nn.Module], bool]) -> list[str]:
+    """Put back the original of every replacement ``m`` with ``which(m)``; returns the paths."""
+    sites = [
+        (parent, attr, f"{prefix}.{attr}" if prefix else attr, child)
+        for prefix, parent in model.named_modules(remove_duplicate=False)
+        for attr, child in parent._modules.items()
+        if child is not None and which(child)
+        and (_ORIGINAL in child.__dict__ or _TRANSPARENT_ORIGINAL in child.__dict__)
+    ]
+    for parent, attr, _, child in sites:
+        original = child.__dict__.get(_TRANSPARENT_ORIGINAL) or child.__dict__[_ORIGINAL]
+        parent._modules[attr] = original
+    return list(dict.fromkeys(path for _, _, path, _ in sites))
+
+
+class FusedLoraLinear(Around):
+    """A LoRA linear run as one fused autograd node (see :mod:`splice.kernels.lora_linear`).
+
+    Same ``base`` and ``fn`` (the :class:`LoraLinear`) as the wrapper it replaces. Falls back to
+    the plain ``base(x) + fn(x, y)`` when fusing does not apply: merged adapter, GPT-2 ``Conv1D``,
+    a base that is not a float ``nn.Linear`` (quantized), dtype mismatch or autocast.
+    """
+
+    splice_fast = True
+
+    def __init__(self, wrapper: Around) -> None:
+        if not isinstance(wrapper.rewriter, LoraLinear):
+            raise TypeError(f"FusedLoraLinear wraps a LoraLinear, got {type(wrapper.rewriter).__name__}")
+        super().__init__(wrapper.base, wrapper.rewriter)
+
+    def _fusable(self, x: Tensor) -> bool:
+        lora, base = self.fn, self.base
+        weight = getattr(base, "weight", None)
+        return (
+            isinstance(base, nn.Linear)
+            and type(base).forward is nn.Linear.forward
+            and isinstance(weight, Tensor)
+            and weight.dtype == x.dtype
+            and x.dtype.is_floating_point
+            and not lora.merged
+            and not lora.fan_in_fan_out
+            and not torch.is_autocast_enabled(x.device.type)
+        )
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if len(args) != 1 or kwargs or not isinstance(args[0], Tensor) or not self._fusable(args[0]):
+            return super().forward(*args, **kwargs)
+        lora: LoraLinear = self.fn  # type: ignore[assignment]
+        drop = lora.dropout
+        p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
+        return lora_linear(
+            args[0], self.base.weight, self.base.bias, lora.lora_A.weight, lora.lora_B.weight,
+            scale=lora.scale, dropout_p=p, seed=new_seed() if p > 0 else 0,
+        )
+
+
+class FusedRMSNorm(nn.Module):
+    """Llama's RMSNorm through :func:`splice.kernels.rmsnorm.rms_norm` (shares the weight)."""
+
+    splice_fast = True
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        share_state(self, norm)
+        self.eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class FusedSwiGLUMLP(nn.Module):
+    """``down(silu(gate(x)) * up(x))`` with the product fused; the projections are shared."""
+
+    splice_fast = True
+    splice_transparent = True
+
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        share_state(self, mlp)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), inplace_backward=True))
+
+
+class FusedRopeAttention(nn.Module):
+    """Llama attention with RoPE fused into one Triton launch; q/k/v/o are the shared modules.
+
+    Runs the original forward when a KV cache is passed or the backend is not one of
+    :data:`_FUSED_ATTENTION_BACKENDS` (eager attention returns weights we do not reproduce).
+    """
+
+    splice_fast = True
+    splice_transparent = True
+
+    def __init__(self, attn: nn.Module) -> None:
+        super().__init__()
+        share_state(self, attn)
+        for key, value in vars(attn).items():  # config, head_dim, scaling, is_causal, ...
+            if not key.startswith("_") and key != "training":
+                self.__dict__[key] = value
+        self.__dict__["_attn"] = attn  # the original, unregistered (its children are ours)
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        position_embeddings: tuple[Tensor, Tensor] | None = None,
+        attention_mask: Tensor | None = None,
+        **kwargs: Any,
+    ) -> tuple[Tensor, Tensor | None]:
+        backend = getattr(self.config, "_attn_implementation", "eager")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None or position_embeddings is None or backend not in _FUSED_ATTENTION_BACKENDS:
+            original = self.__dict__["_attn"]
+            original.training = self.training
+            return original(hidden_states, position_embeddings=position_embeddings,
+                            attention_mask=attention_mask, **kwargs)
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        kwargs.pop("cache", None)
+        kwargs.pop("past_key_values", None)
+        input_shape = hidden_states.shape[:-1]
+        shape = (*input_shape, -1, self.head_dim)  # (B, S, heads, D)
+        q = self.q_proj(hidden_states).view(shape)
+        k = self.k_proj(hidden_states).view(shape)
+        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = rope(q, k, cos, sin)
+        attn_output, attn_weights = ALL_ATTENTION_FUNCTIONS[backend](
+            self, q.transpose(1, 2), k.transpose(1, 2), v, attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+def _class_name(node: Node) -> str:
+    return type(node.module).__name__
+
+
+def _is_lora_linear_wrapper(node: Node) -> bool:
+    module = node.module
+    return (
+        isinstance(module, Around)
+        and not isinstance(module, FusedLoraLinear)
+        and isinstance(module.rewriter, LoraLinear)
+    )
+
+
+def _is_swiglu_mlp(module: nn.Module) -> bool:
+    act = getattr(module, "act_fn", None)
+    act_name = type(act).__name__
+    hidden_act = getattr(getattr(module, "config", None), "hidden_act", None)
+    return (
+        type(module).__name__ in MLP_CLASSES
+        and all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj"))
+        and (act_name in ("SiLU", "SiLUActivation") or hidden_act in ("silu", "swish"))
+    )
+
+
+def _is_rope_attention(module: nn.Module) -> bool:
+    return (
+        type(module).__name__ in ATTENTION_CLASSES
+        and all(hasattr(module, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim"))
+        and hasattr(module, "config")
+    )
+
+
+def accelerate(
+    model: nn.Module,
+    *,
+    lora: bool = True,
+    rmsnorm: bool = True,
+    swiglu: bool = True,
+    rope: bool = True,
+) -> list[str]:
+    """Swap the fused kernels into ``model`` (call after ``add_lora``); returns rewritten names.
+
+    Each option enables one rewrite; whatever a model does not have is skipped (no error).
+    Leaves (LoRA linears, norms) are rewritten before the containers (MLP, attention) that hold
+    them. Applying it twice changes nothing.
+    """
+    names: list[str] = []
+
+    def leaf_rule(node: Node) -> Replace | None:
+        if lora and _is_lora_linear_wrapper(node):
+            return Replace(FusedLoraLinear(node.module))  # type: ignore[arg-type]
+        if rmsnorm and _class_name(node) in RMSNORM_CLASSES and hasattr(node.module, "weight"):
+            return Replace(FusedRMSNorm(node.module))
+        return None
+
+    def container_rule(node: Node) -> Replace | None:
+        if swiglu and _is_swiglu_mlp(node.module):
+            return Replace(FusedSwiGLUMLP(node.module))
+        if rope and _is_rope_attention(node.module):
+            return Replace(FusedRopeAttention(node.module))
+        return None
+
+    names += rewrite(model, leaf_rule, allow_empty=True)
+    names += install_transparent(model, container_rule)
+    return names
+
+
+def decelerate(model: nn.Module) -> list[str]:
+    """Put back every module :func:`accelerate` replaced (LoRA wrappers stay); returns the paths."""
+    return restore_originals(model, lambda m: getattr(type(m), "splice_fast", False))

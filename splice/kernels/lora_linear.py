@@ -1,0 +1,146 @@
+"""Fused LoRA linear: one autograd node for ``y = x W^T + b + s * (D(x) A^T) B^T``.
+
+Shapes: ``x`` (..., in), ``W`` (out, in), ``b`` (out,), ``A`` = ``lora_A.weight`` (r, in),
+``B`` = ``lora_B.weight`` (out, r), ``s`` the LoRA scale, ``D`` dropout with probability ``p``
+and keep-mask ``M`` (``D(x) = x * M / (1 - p)``, see :mod:`splice.kernels.dropout`).
+
+Precision: the matmuls run in the activations' dtype (bf16 on GPU) with fp32 accumulation;
+``A`` and ``B`` are cast to that dtype per call (r x in and out x r: tiny), so fp32 adapter
+weights stay the optimizer's master copy. Weight gradients are accumulated in fp32 over all
+tokens (``torch.mm(..., out_dtype=float32)`` where available) and returned in the adapter's own
+dtype. PEFT instead upcasts ``x`` to fp32 for the adapter branch; the difference is bf16 rounding
+of the (N, r) intermediate and of the delta, i.e. bf16 noise.
+
+Backward, with ``G = dY`` (N, out) and ``U = D(x) A^T`` (N, r, saved)::
+
+    T   = s * G B              (N, r)
+    dx  = G W + D(T A)         (the same mask M: D is linear)
+    dA  = T^T D(x)             (r, in)
+    dB  = s * G^T U            (out, r)
+
+Saved for backward: ``x`` (which the base linear needs anyway, and which q/k/v share), ``U``
+and the dropout seed; neither the dropped-out copy of ``x`` nor its mask is stored: ``D(x)`` is
+regenerated from the seed. With ``p == 0`` the dropout passes vanish and ``dx`` is one GEMM plus
+an accumulating GEMM (``addmm_``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .dropout import dropout, dropout_add_
+
+__all__ = ["lora_linear", "lora_linear_reference"]
+
+_OUT_DTYPE_MM: list[bool] = [True]  # flips to False once torch.mm(out_dtype=) proves unavailable
+
+
+def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` accumulated and returned in fp32 (no bf16 rounding of a long token reduction)."""
+    if a.dtype in (torch.bfloat16, torch.float16) and a.is_cuda and _OUT_DTYPE_MM[0]:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):
+            _OUT_DTYPE_MM[0] = False
+    return torch.mm(a, b).float()
+
+
+class _LoraLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        lora_a: Tensor,
+        lora_b: Tensor,
+        scale: float,
+        p: float,
+        seed: int,
+    ) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in); a view for contiguous x
+        a = lora_a.to(x.dtype)
+        b = lora_b.to(x.dtype)
+        xd = dropout(x2, p, seed) if p > 0 else x2
+        u = xd @ a.T  # (N, r)
+        del xd
+        y = F.linear(x2, weight, bias)  # (N, out)
+        y.addmm_(u, b.T, alpha=scale)  # one GEMM with beta=1: y += s * U B^T
+        ctx.save_for_backward(x2, weight, lora_a, lora_b, u)
+        ctx.scale, ctx.p, ctx.seed = scale, p, seed
+        ctx.has_bias = bias is not None
+        ctx.x_shape = x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x2, weight, lora_a, lora_b, u = ctx.saved_tensors
+        scale, p, seed = ctx.scale, ctx.p, ctx.seed
+        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        g = grad_y.reshape(-1, grad_y.shape[-1])  # (N, out)
+        if g.dtype != x2.dtype:
+            g = g.to(x2.dtype)
+        a = lora_a.to(x2.dtype)
+        b = lora_b.to(x2.dtype)
+        t = (g @ b).mul_(scale) if (need_x or need_a) else None  # (N, r)
+        dx = dw = dbias = da = db = None
+        if need_x:
+            dx = g @ weight.to(x2.dtype)  # (N, in)
+            if p > 0:
+                dropout_add_(dx, t @ a, p, seed)  # type: ignore[operator]
+            else:
+                dx.addmm_(t, a)  # type: ignore[arg-type]
+            dx = dx.view(ctx.x_shape)
+        if need_a:
+            xd = dropout(x2, p, seed) if p > 0 else x2
+            da = _mm_f32(t.T, xd).to(lora_a.dtype)  # type: ignore[union-attr]
+            del xd
+        if need_b:
+            db = _mm_f32(g.T, u).mul_(scale).to(lora_b.dtype)
+        if need_w:
+            dw = _mm_f32(g.T, x2).to(weight.dtype)
+        if need_bias and ctx.has_bias:
+            dbias = g.float().sum(0).to(weight.dtype)
+        return dx, dw, dbias, da, db, None, None, None
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    *,
+    scale: float,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> Tensor:
+    """``x W^T + b + scale * (dropout(x) A^T) B^T`` as one autograd node (see the module doc).
+
+    ``x`` and ``weight`` share a dtype (the compute dtype); ``lora_a``/``lora_b`` may be fp32
+    master weights. ``seed`` picks the dropout mask (ignored when ``dropout_p == 0``).
+    """
+    if x.dtype != weight.dtype:
+        raise TypeError(f"lora_linear: x ({x.dtype}) and weight ({weight.dtype}) must share a dtype")
+    return _LoraLinearFn.apply(x, weight, bias, lora_a, lora_b, float(scale), float(dropout_p), int(seed))
+
+
+def lora_linear_reference(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    *,
+    scale: float,
+    keep: Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """Plain autograd: ``F.linear(x, W, b) + scale * B(A(x * keep / (1 - p)))``, all in x's dtype."""
+    xd = x if keep is None else x * keep.to(x.dtype) / (1.0 - dropout_p)
+    delta = F.linear(F.linear(xd, lora_a.to(x.dtype)), lora_b.to(x.dtype))
+    return F.linear(x, weight, bias) + scale * delta

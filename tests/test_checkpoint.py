@@ -1,0 +1,146 @@
+"""splice.checkpoint: checkpointed (and CPU-offloaded) decoder layers compute the same loss and
+gradients, replay dropout masks, keep LoRA visible, and undo cleanly."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from splice.checkpoint import CheckpointedLayer, checkpoint_layers, uncheckpoint_layers
+from splice.fast import accelerate
+from splice.freeze import freeze
+from splice.lora import LoraConfig, add_lora, lora_modules
+
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert torch.isfinite(a).all()
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def lora_llama(*, dropout: float = 0.1, device: str = "cpu", dtype: torch.dtype = torch.float32,
+               layers: int = 3, hidden: int = 64) -> nn.Module:
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 3 // 2, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=101,
+                         max_position_embeddings=4096, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    add_lora(model, LoraConfig(rank=4, alpha=8, targets="all-linear", dropout=dropout))
+    for _, _, layer in lora_modules(model):
+        nn.init.normal_(layer.lora_B.weight, std=0.2)
+    freeze(model)
+    return model
+
+
+def loss_and_grads(model: nn.Module, ids: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    torch.manual_seed(seed)
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def assert_same(a: tuple[torch.Tensor, dict[str, torch.Tensor]], b: tuple[torch.Tensor, dict[str, torch.Tensor]],
+                tol: float = 1e-6) -> None:
+    assert rel_err(b[0], a[0]) < tol
+    assert a[1].keys() == b[1].keys() and len(a[1]) > 0
+    for name in a[1]:
+        assert rel_err(b[1][name], a[1][name]) < tol, name
+
+
+@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("offload", [False, True])
+@pytest.mark.parametrize("layers", ["all", "auto"])
+def test_same_loss_and_grads_with_dropout_replayed(fast: bool, offload: bool, layers: str) -> None:
+    plain = lora_llama(dropout=0.2)
+    if fast:
+        accelerate(plain)
+    ckpt = copy.deepcopy(plain)
+    names = checkpoint_layers(ckpt, layers=layers, offload=offload)  # type: ignore[arg-type]
+    assert names == ["model.layers.0", "model.layers.1", "model.layers.2"]
+    ids = torch.randint(0, 101, (2, 12))
+    # same torch seed: the same dropout masks in forward, replayed in the recompute
+    assert_same(loss_and_grads(plain, ids, seed=3), loss_and_grads(ckpt, ids, seed=3))
+
+
+def test_selection_by_count_and_predicate() -> None:
+    model = lora_llama()
+    checkpoint_layers(model, layers=1)
+    flags = [m.select for m in model.modules() if isinstance(m, CheckpointedLayer)]
+    assert flags == [False, False, True]
+    model = lora_llama()
+    checkpoint_layers(model, layers=lambda name: name.endswith(".0"))
+    flags = [m.select for m in model.modules() if isinstance(m, CheckpointedLayer)]
+    assert flags == [True, False, False]
+    ids = torch.randint(0, 101, (1, 7))
+    loss_and_grads(model, ids)
+
+
+def test_structure_lora_visibility_and_undo() -> None:
+    model = lora_llama()
+    keys = list(model.state_dict())
+    paths = [p for p, _, _ in lora_modules(model)]
+    checkpoint_layers(model)
+    assert isinstance(model.model.layers[1], CheckpointedLayer)
+    assert list(model.state_dict()) == keys
+    assert [p for p, _, _ in lora_modules(model)] == paths
+    with pytest.raises(ValueError, match="no decoder layers"):
+        checkpoint_layers(model)
+    model.eval()
+    ids = torch.randint(0, 101, (1, 6))
+    with torch.no_grad():
+        out = model(input_ids=ids).logits  # eval / no grad: the plain path
+    assert uncheckpoint_layers(model) == ["model.layers.0", "model.layers.1", "model.layers.2"]
+    assert not any(isinstance(m, CheckpointedLayer) for m in model.modules())
+    assert list(model.state_dict()) == keys
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, out)
+
+
+@GPU
+@pytest.mark.parametrize("offload", [False, True])
+def test_gpu_checkpoint_saves_memory_and_matches(offload: bool) -> None:
+    plain = lora_llama(device="cuda", dtype=torch.bfloat16, layers=4, hidden=256, dropout=0.1)
+    accelerate(plain)
+    ckpt = copy.deepcopy(plain)
+    checkpoint_layers(ckpt, layers="all", offload=offload)
+    ids = torch.randint(0, 101, (2, 1024), device="cuda")
+    peaks = []
+    results = []
+    for model in (plain, ckpt):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        results.append(loss_and_grads(model, ids, seed=1))
+        peaks.append(torch.cuda.max_memory_allocated() - base)
+    assert peaks[1] < 0.7 * peaks[0]
+    assert_same(results[0], results[1], tol=1e-6)  # same kernels, same masks: bitwise-close
+
+
+@GPU
+def test_gpu_auto_keeps_short_sequences_uncheckpointed() -> None:
+    model = lora_llama(device="cuda", dtype=torch.bfloat16)
+    accelerate(model)
+    checkpoint_layers(model, layers="auto")
+    loss_and_grads(model, torch.randint(0, 101, (1, 64), device="cuda"))
+    plan = model.model.layers[0].__dict__["_plan"]
+    assert plan.keep == 3  # plenty of memory: nothing recomputed
+
+
+def test_kv_cache_is_dropped_when_checkpointing() -> None:
+    plain = lora_llama(dropout=0.0)
+    ckpt = copy.deepcopy(plain)
+    checkpoint_layers(ckpt, layers="all", offload=True)
+    ids = torch.randint(0, 101, (1, 9))
+    results = []
+    for model in (plain, ckpt):
+        model(input_ids=ids, labels=ids, use_cache=True).loss.backward()  # HF builds a cache
+        results.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    for name in results[0]:
+        assert rel_err(results[1][name], results[0][name]) < 1e-6, name
