@@ -28,6 +28,7 @@ __all__ = [
     "TokenizedData",
     "batches",
     "read_rows",
+    "render_chat",
     "split_rows",
     "tokenize_rows",
 ]
@@ -88,6 +89,7 @@ def read_rows(source: str | Path | Any) -> list[dict[str, Any]]:
     ``source``: a parquet, JSON-lines or CSV path; an object with ``to_list()`` (a Hugging Face
     ``datasets.Dataset``) or ``to_pylist()`` (a ``pyarrow.Table``); or an iterable of dicts.
     """
+    rows: list[Any]
     if isinstance(source, (str, Path)):
         path = Path(source).expanduser()
         if not path.is_file():
@@ -238,10 +240,18 @@ def _ids(tokenizer: PreTrainedTokenizerBase, text: str, *, special: bool) -> lis
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
+def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], *, generation_prompt: bool) -> str:
+    """``messages`` rendered as text by the tokenizer's chat template."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    if not isinstance(text, str):
+        raise TypeError(f"apply_chat_template returned a {type(text).__name__}, not text; check the tokenizer")
+    return text
+
+
 def _chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
     """(prompt ids ending with the generation prompt, answer ids) for one conversation."""
-    prompt_text = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-    full_text = tokenizer.apply_chat_template(messages, tokenize=False)
+    prompt_text = render_chat(tokenizer, messages[:-1], generation_prompt=True)
+    full_text = render_chat(tokenizer, messages, generation_prompt=False)
     if not full_text.startswith(prompt_text):
         raise ValueError(
             "the tokenizer's chat template renders the prompt (with generation prompt) so that it is "
@@ -404,12 +414,12 @@ def batches(
     result: list[Batch] = []
     if pack:
         assert max_length is not None
-        rows = _pack(ordered, max_length)
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            result.append(_pad_rows([r[0] for r in chunk], [r[1] for r in chunk], [r[2] for r in chunk], pad_id))
+        packed = _pack(ordered, max_length)
+        for start in range(0, len(packed), batch_size):
+            rows = packed[start : start + batch_size]
+            result.append(_pad_rows([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], pad_id))
         return result
     for start in range(0, len(ordered), batch_size):
-        chunk = ordered[start : start + batch_size]
-        result.append(_pad_rows([e.input_ids for e in chunk], [e.labels for e in chunk], None, pad_id))
+        group = ordered[start : start + batch_size]
+        result.append(_pad_rows([e.input_ids for e in group], [e.labels for e in group], None, pad_id))
     return result

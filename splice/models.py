@@ -227,7 +227,7 @@ def load_model(
             f"({error}). Check the spelling and network access, or pass a local model folder or "
             ".gguf file."
         ) from error
-    model.to(device)
+    model.to(torch.device(device))  # type: ignore[arg-type]  # transformers types `to` too narrowly
     model.config.use_cache = False
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.use_cache = True

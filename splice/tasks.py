@@ -20,13 +20,13 @@ import sysconfig
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from .data import ChatTemplate
+from .data import ChatTemplate, render_chat
 from .models import cache_root
 
 __all__ = [
@@ -121,7 +121,8 @@ def _local_names(node: ast.FunctionDef | ast.AsyncFunctionDef) -> set[str]:
     args = node.args
     params = args.posonlyargs + args.args + args.kwonlyargs + [a for a in (args.vararg, args.kwarg) if a]
     stored = {
-        n.id for stmt in node.body for n in ast.walk(stmt) if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load)
+        n.id for stmt in node.body for n in ast.walk(stmt)
+        if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load)
     }
     return {a.arg for a in params} | stored
 
@@ -160,16 +161,16 @@ def _function_code(node: ast.FunctionDef | ast.AsyncFunctionDef) -> str | None:
     return None if too_long or len(_PIECES.findall(code)) > MAX_PIECES else code
 
 
-def _functions(body: list[ast.stmt]) -> Iterator[ast.FunctionDef | ast.AsyncFunctionDef]:
+def _functions(body: Sequence[ast.AST]) -> Iterator[ast.FunctionDef | ast.AsyncFunctionDef]:
     """Every function defined in ``body``, depth first in source order (methods and nested
     functions included); expressions are not searched (they hold no ``def``)."""
     for stmt in body:
         if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)):
             yield stmt
-        for field in ("body", "orelse", "finalbody", "handlers", "cases"):
+        for field in ("body", "orelse", "finalbody", "handlers", "cases"):  # handlers/cases: not stmts
             inner = getattr(stmt, field, None)
             if isinstance(inner, list):
-                yield from _functions([s for s in inner if isinstance(s, ast.AST)])
+                yield from _functions(inner)
 
 
 def _module_name(path: Path, root: Path) -> str:
@@ -180,7 +181,7 @@ def _module_name(path: Path, root: Path) -> str:
 
 
 def _stdlib_files(root: Path) -> list[Path]:
-    files = []
+    files: list[Path] = []
     for folder, dirs, names in os.walk(root):
         dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith("config-"))
         files.extend(Path(folder) / n for n in names if n.endswith(".py") and not n.startswith("_sysconfigdata"))
@@ -289,8 +290,7 @@ def function_name_template() -> ChatTemplate:
 
 def function_name_prompt(row: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> str:
     """The chat-rendered prompt, ending with the generation prompt, to generate a name from."""
-    messages = function_name_messages(row)[:-1]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return render_chat(tokenizer, function_name_messages(row)[:-1], generation_prompt=True)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -336,7 +336,7 @@ def name_metrics(predictions: list[str], targets: list[str]) -> dict[str, float]
     if not targets:
         raise ValueError("no predictions to score; pass at least one")
     valid = exact = f1 = 0.0
-    for output, target in zip(predictions, targets):
+    for output, target in zip(predictions, targets, strict=True):
         name = parse_name(output)
         if name is None:
             continue

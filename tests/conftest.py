@@ -104,7 +104,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 def make_tiny_llama(tiny_tokenizer: PreTrainedTokenizerFast) -> Callable[..., LlamaForCausalLM]:
     """Factory: ``make_tiny_llama(attn_implementation="eager", seed=1)``; vocab = the tokenizer's."""
 
-    def make(*, attn_implementation: str = "sdpa", seed: int = 0, tie_word_embeddings: bool = False) -> LlamaForCausalLM:
+    def make(
+        *, attn_implementation: str = "sdpa", seed: int = 0, tie_word_embeddings: bool = False
+    ) -> LlamaForCausalLM:
         return build_tiny_llama(
             len(tiny_tokenizer), attn_implementation=attn_implementation, seed=seed,
             tie_word_embeddings=tie_word_embeddings,

@@ -240,7 +240,9 @@ def test_packing_layout() -> None:
     assert got[1]["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 5]
 
 
-def _per_example_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], segments: list[list[int]]) -> list[float]:
+def _per_example_losses(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], segments: list[list[int]]
+) -> list[float]:
     """Sum of next-token losses of each segment (``segments[b]`` = segment lengths of row b),
     then the batch's total loss (which also counts any prediction across segment boundaries)."""
     with torch.no_grad():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -113,7 +112,9 @@ def test_extraction_rules(fake_stdlib: Path, tmp_path: Path) -> None:
     code = [r["code"] for r in splits["test"]]
     assert code[0] == "def fcn_0(path):\n    with open(path) as f:\n        return f.read()"
     assert code[1] == "def fcn_0(n):\n    if n < 2:\n        return 1\n    return n * fcn_0(n - 1)"
-    assert code[2] == "def fcn_0(value):\n    if value > 3:\n        raise ValueError('fcn_0: too big')\n    return value"
+    assert code[2] == (
+        "def fcn_0(value):\n    if value > 3:\n        raise ValueError('fcn_0: too big')\n    return value"
+    )
     assert code[3] == "@property\ndef fcn_0(self):\n    return len(self._items)"
     # The decorator names the property (hidden); the parameter is a local variable (kept).
     assert code[4] == "@fcn_0.setter\ndef fcn_0(self, size):\n    del self._items[size:]"
@@ -126,7 +127,8 @@ def test_build_is_cached_and_atomic(fake_stdlib: Path, tmp_path: Path, monkeypat
     first = build_function_names(cache_dir=cache)
     (folder,) = list(cache.iterdir())  # one keyed folder, no temp folder left behind
     assert re.fullmatch(r"v\d+-py\d+\.\d+\.\d+", folder.name)
-    assert sorted(p.name for p in folder.iterdir()) == ["info.json", "test.parquet", "train.parquet", "validation.parquet"]
+    files = sorted(p.name for p in folder.iterdir())
+    assert files == ["info.json", "test.parquet", "train.parquet", "validation.parquet"]
 
     def no_rebuild(root: Path) -> None:
         raise AssertionError("rebuilt instead of reading the cache")
@@ -144,7 +146,8 @@ def test_template_trains_on_the_json_answer_only(tiny_tokenizer) -> None:
     prompt = function_name_prompt(row, tiny_tokenizer)
     assert tiny_tokenizer.decode(example.input_ids[: len(example.input_ids) - len(answer)]) == prompt
     assert "Code:\ndef fcn_0(path):" in prompt and "snake_case" in prompt and '{"name": "function_name"}' in prompt
-    assert prompt.startswith("<|im_start|>system\nGiven the following code") and prompt.endswith("<|im_start|>assistant\n")
+    assert prompt.startswith("<|im_start|>system\nGiven the following code")
+    assert prompt.endswith("<|im_start|>assistant\n")
 
 
 @pytest.mark.parametrize(
