@@ -12,8 +12,9 @@ it or a rewriter:
 
 Only :func:`rewrite` and :func:`unrewrite` mutate the model; rules and the rewriters they build are
 pure. A module reachable at several paths (tied/shared modules) is matched and rewritten once, and
-the same new module is installed at every path. Rewritten nodes are leaves of later walks, seen
-with the kind of the module they wrap, so rewrites compose (LoRA around an int8 linear).
+the same new module is installed at every path. A wrapped node is a leaf of later walks, seen with
+the kind of the module it wraps, so rewrites compose (LoRA around an int8 linear); a replacement's
+own children are walked like any module's.
 """
 
 from __future__ import annotations
@@ -145,7 +146,10 @@ def _is_rewritten(module: nn.Module) -> bool:
 def _walk(model: nn.Module) -> dict[int, list[_Site]]:
     """Every (parent, attribute) site of every module below ``model``, grouped by module id.
 
-    Rewritten nodes are leaves: the walk does not enter them. Order is depth-first, like
+    An :class:`Around` is a leaf: its ``base`` is the node itself and its ``fn`` (e.g. a LoRA
+    layer's own linears) is the rewrite's inside, neither a node of the model. A replacement is an
+    ordinary module: the walk enters its children (a fused MLP that shares the original's
+    projections keeps them visible at the same paths). Order is depth-first, like
     ``named_modules``.
     """
     sites: dict[int, list[_Site]] = {}
@@ -160,7 +164,7 @@ def _walk(model: nn.Module) -> dict[int, list[_Site]]:
                 continue
             path = f"{prefix}.{attr}" if prefix else attr
             sites.setdefault(id(child), []).append(_Site(parent, attr, path))
-            if not _is_rewritten(child):
+            if not isinstance(child, Around):
                 visit(child, path)
 
     visit(model, "")

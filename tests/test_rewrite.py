@@ -141,3 +141,19 @@ def test_works_on_gpt2_conv1d_and_hf_models() -> None:
     assert {"conv1d", "embedding", "linear"} <= kinds
     names = splice.rewrite(model, lambda n: (lambda x, y: y) if n.kind == "conv1d" else None)
     assert names[0] == "transformer.h.0.attn.c_attn" and len(names) == 8
+
+
+def test_replacement_children_are_walked_but_around_internals_are_not() -> None:
+    class Doubled(nn.Module):  # a replacement holding the original's child at the same path
+        def __init__(self, inner: nn.Sequential) -> None:
+            super().__init__()
+            self.first = inner[0]
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * self.first(x)
+
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 4)))
+    splice.rewrite(model, lambda n: Replace(Doubled(n.module)) if n.name == "0" else None)
+    # The inner linear is still a node (at "0.first"); LoRA's own linears inside an Around are not.
+    splice.add_lora(model, splice.LoraConfig(targets="all-linear"))
+    assert [n.name for n in nodes(model) if n.kind == "linear"] == ["0.first"]
