@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Run on the GPU machine from the repository root:  bash benchmarks/device_run.sh check|full
+#   check: GPU tests + per-kernel timings + throughput of every framework (with profiles of C)
+#          + splice's 131,072-token probe
+#   full:  the benchmark in one invocation: throughput, loss parity, longest sequence search
+# Results go to $OUT (default ./bench_out). Liger-Kernel comes from wheels in .whl/ if present.
+set -uo pipefail
+MODE=${1:-full}
+OUT=${OUT:-bench_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=.
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=.:/tmp/site
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/log.txt"
+if [ "$MODE" = check ]; then
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_*.py tests/test_fast.py tests/test_checkpoint.py 2>&1 \
+    | tee "$OUT/pytest.log" | tail -15
+  timeout 90 python3 benchmarks/kernel_timings.py 2>&1 | tee "$OUT/kernels.txt"
+  timeout 280 python3 benchmarks/train_throughput.py --out "$OUT" --profile C --worker-timeout 150 2>&1 | tee -a "$OUT/log.txt" | grep -v "^ *\(maxseq\)"
+  timeout 130 python3 benchmarks/train_throughput.py --out "$OUT/maxseq" --frameworks splice --configs "" --maxseq \
+    --maxseq-budget 100 --worker-timeout 140 2>&1 | tee -a "$OUT/log.txt" | tail -8
+else
+  timeout 590 python3 benchmarks/train_throughput.py --out "$OUT" --maxseq --worker-timeout 280 2>&1 | tee -a "$OUT/log.txt"
+fi

@@ -1,0 +1,287 @@
+"""LoRA training throughput and memory: PEFT vs PEFT + Liger-Kernel vs splice, in one invocation.
+
+    PYTHONPATH=. python benchmarks/train_throughput.py --out results/ [--maxseq]
+
+Each framework runs in its own subprocess (a ``--worker``) on the same random Llama-3-8B-shaped
+bf16 model, data, LoRA init and optimizer (see ``_workload.py``), through the issue's configs
+A (r8 q/v, seq 1024), C (r16 all-linear, 2 x 2048, checkpointing) and E (r16 all-linear, 8192,
+checkpointing), plus P (a loss-parity run: no dropout, one batch repeated). splice runs C and E
+twice: ``layers="auto"`` (checkpoint only what memory needs: the fast setting) and ``"all"``
+(every layer checkpointed: the low-memory setting). ``--maxseq`` then finds each framework's
+longest trainable batch-1 sequence with C's settings (splice: all layers checkpointed, inputs
+offloaded to CPU) by doubling from a start length, then bisecting, within a time budget.
+Writes ``results.json`` and ``table.md`` under ``--out`` and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+SCRATCH = Path(os.environ.get("SPLICE_BENCH_TMP", "/tmp/splice_bench"))
+
+
+def _versions() -> dict[str, Any]:
+    import importlib.metadata as md
+
+    import torch
+
+    out: dict[str, Any] = {"python": sys.version.split()[0], "torch": torch.__version__}
+    for name in ("transformers", "peft", "liger-kernel", "triton"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name()
+        out["gpu_mem_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
+        a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        for _ in range(3):
+            a @ b
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            a @ b
+        end.record()
+        torch.cuda.synchronize()
+        out["matmul_tflops"] = 20 * 2 * 8192**3 / (start.elapsed_time(end) / 1000) / 1e12
+    try:
+        out["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                       capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        out["driver"] = None
+    return out
+
+
+def _maxseq(setup: Any, cfg: Any, *, start: int, cap: int, gran: int, budget_s: float) -> dict[str, Any]:
+    """Doubling from ``start`` (up to ``cap``), then bisecting to ``gran``, within ``budget_s``."""
+    from _workload import try_one_step
+
+    t0 = time.perf_counter()
+    probes: list[dict[str, Any]] = []
+
+    def probe(seq: int) -> bool:
+        r = try_one_step(setup, cfg, seq)
+        probes.append(r)
+        print(f"  maxseq probe {seq}: {'ok' if r['ok'] else 'OOM'} {r}", flush=True)
+        return bool(r["ok"])
+
+    ok, bad, seq = None, None, start
+    while seq <= cap and time.perf_counter() - t0 < budget_s:
+        if probe(seq):
+            ok, seq = seq, seq * 2
+        else:
+            bad = seq
+            break
+    while ok is None and bad is not None and bad > gran and time.perf_counter() - t0 < budget_s:
+        seq = max(gran, bad // 2)
+        if probe(seq):
+            ok = seq
+        else:
+            bad = seq
+    while ok is not None and bad is not None and bad - ok > gran and time.perf_counter() - t0 < budget_s:
+        mid = (ok + bad) // 2 // gran * gran
+        if probe(mid):
+            ok = mid
+        else:
+            bad = mid
+    return {"longest_ok": ok, "shortest_oom": bad, "cap": cap, "probes": probes,
+            "budget_hit": time.perf_counter() - t0 >= budget_s}
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+    from torch import nn
+
+    import _workload
+    from _workload import CONFIGS, GIB, batches, flops_per_token, free_cuda, init_lora, make_setup, train
+
+    _workload.configure(tiny=args.tiny, device="cpu" if args.tiny else "cuda")
+    fw = args.worker
+    if fw == "liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama()  # its Llama patches, before the model is built
+    result: dict[str, Any] = {"framework": fw, "runs": [], "maxseq": None}
+    out_file = SCRATCH / f"{fw}.json"
+
+    def save() -> None:
+        out_file.write_text(json.dumps(result, indent=1))
+
+    def record(setup: Any, cfg: Any, variant: str, r: dict[str, Any], weights_gib: float) -> None:
+        n_lora = sum(a.numel() + b.numel() for _, a, b in setup.lora)
+        fpt = flops_per_token(cfg, cfg.seq, args.layers, n_lora)
+        r.update(config=cfg.name, framework=fw, variant=variant, weights_gib=weights_gib,
+                 act_gib=r["peak_gib"] - weights_gib, flops_per_token=fpt,
+                 mfu=fpt * r["tok_s"] / (args.peak_tflops * 1e12), lora_params=n_lora)
+        result["runs"].append(r)
+        print(f"[{fw}] {cfg.name} {variant}: {r['tok_s']:.0f} tok/s, {r['step_ms']:.1f} ms, "
+              f"peak {r['peak_gib']:.2f} GiB, loss {r['losses'][-1]:.4f}", flush=True)
+        save()
+
+    configs = [c for c in args.configs.split(",") if c]
+    shared = None  # the C-settings model, reused by C, E, P and the max-seq search
+    for name in configs + (["maxseq"] if args.maxseq else []):
+        cfg = CONFIGS["C" if name in ("E", "P", "maxseq") else name]
+        if name == "A":
+            setup = make_setup(fw, CONFIGS["A"], args.layers)
+            weights = sum(p.numel() * p.element_size() for n, p in setup.model.named_parameters()
+                          if not p.requires_grad) / GIB
+            setup.set_ckpt("off")
+            record(setup, CONFIGS["A"], "", train(setup, batches(CONFIGS["A"]), warmup=args.warmup,
+                                                   steps=args.steps), weights)
+            del setup
+            free_cuda()
+            continue
+        if shared is None:
+            shared = make_setup(fw, CONFIGS["C"], args.layers)
+            weights = sum(p.numel() * p.element_size() for p in shared.model.parameters()
+                          if not p.requires_grad) / GIB
+        run_cfg = CONFIGS[name] if name != "maxseq" else cfg
+        if name in ("C", "E"):
+            for mode in ["on"] + (["all"] if fw == "splice" else []):
+                shared.set_ckpt(mode)
+                variant = {"on": "auto" if fw == "splice" else "", "all": "ckpt all"}[mode]
+                free_cuda()
+                record(shared, run_cfg, variant, train(shared, batches(run_cfg), warmup=args.warmup,
+                                                       steps=args.steps), weights)
+                if name in args.profile.split(",") and not args.tiny:
+                    from _workload import profile_steps
+
+                    try:
+                        text = profile_steps(shared, run_cfg)
+                    except Exception as exc:  # a profiler problem must not lose the timings
+                        text = f"profiler failed: {exc!r}"
+                    print(f"[{fw}] profile {name} {variant}:\n{text}", flush=True)
+                    result.setdefault("profiles", {})[f"{name} {variant}".strip()] = text
+                    free_cuda()
+        elif name == "P":
+            drops = [m for m in shared.model.modules() if isinstance(m, nn.Dropout)]
+            saved = [m.p for m in drops]
+            for m in drops:
+                m.p = 0.0
+            init_lora(shared.lora)
+            shared.set_ckpt("off")
+            free_cuda()
+            record(shared, run_cfg, "", train(shared, batches(run_cfg, same=True), warmup=0,
+                                              steps=args.parity_steps, lr=1e-3), weights)
+            for m, p in zip(drops, saved):
+                m.p = p
+        else:
+            shared.set_ckpt("offload" if fw == "splice" else "on")
+            starts = dict(kv.split("=") for kv in args.maxseq_start.split(","))
+            result["maxseq"] = _maxseq(shared, cfg, start=int(starts.get(fw, 16384)), cap=args.maxseq_cap,
+                                       gran=args.maxseq_gran, budget_s=args.maxseq_budget)
+            result["maxseq"]["weights_gib"] = weights
+            save()
+    save()
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def tables(results: list[dict[str, Any]], env: dict[str, Any]) -> str:
+    runs = [r for res in results for r in res.get("runs", [])]
+    lines = ["| config | framework | tok/s | step ms | peak GiB | activation GiB | MFU | loss (last step) "
+             "| tok/s vs PEFT | activation vs PEFT |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for cname in ("A", "C", "E"):
+        rows = [r for r in runs if r["config"] == cname]
+        peft = next((r for r in rows if r["framework"] == "peft"), None)
+        for r in rows:
+            label = {"peft": "PEFT", "liger": "PEFT + Liger", "splice": "splice"}[r["framework"]]
+            label += f" ({r['variant']})" if r["variant"] else ""
+            speed = r["tok_s"] / peft["tok_s"] if peft else None
+            act = r["act_gib"] / peft["act_gib"] if peft and peft["act_gib"] > 0 else None
+            lines.append(f"| {cname} | {label} | {r['tok_s']:,.0f} | {r['step_ms']:.1f} | {r['peak_gib']:.2f} | "
+                         f"{r['act_gib']:.2f} | {100 * r['mfu']:.1f}% | {r['losses'][-1]:.4f} | "
+                         f"{_fmt(speed, '.2f')}x | {_fmt(act, '.2f')}x |")
+    parity = [r for r in runs if r["config"] == "P"]
+    if parity:
+        lines += ["", "Loss parity (P: r16 all-linear, seq 1024, dropout 0, one batch repeated, AdamW lr 1e-3):", "",
+                  "| step | " + " | ".join(r["framework"] for r in parity) + " |",
+                  "|---|" + "---|" * len(parity)]
+        for i in range(len(parity[0]["losses"])):
+            lines.append(f"| {i + 1} | " + " | ".join(f"{r['losses'][i]:.5f}" for r in parity) + " |")
+    ms = [(res["framework"], res["maxseq"]) for res in results if res.get("maxseq")]
+    if ms:
+        lines += ["", "Longest batch-1 sequence with C's settings (one optimizer step each probe):", "",
+                  "| framework | longest that trained | shortest OOM | peak GiB at longest | tok/s at longest "
+                  "| probes (seq: result, s) |", "|---|---|---|---|---|---|"]
+        for fw, m in ms:
+            best = next((p for p in m["probes"] if p["ok"] and p["seq"] == m["longest_ok"]), None)
+            probes = ", ".join(f"{p['seq']}: {'ok' if p['ok'] else 'OOM'}"
+                               + (f" {p['seconds']:.1f}" if p["ok"] else "") for p in m["probes"])
+            oom = m["shortest_oom"] or f"none up to the {m['cap']:,} cap"
+            lines.append(f"| {fw} | {_fmt(m['longest_ok'], ',')} | {oom} | "
+                         f"{_fmt(best and best['peak_gib'], '.2f')} | {_fmt(best and best['tok_s'], ',.0f')} | {probes} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--frameworks", default="peft,liger,splice")
+    ap.add_argument("--configs", default="A,C,E,P")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--parity-steps", type=int, default=8)
+    ap.add_argument("--peak-tflops", type=float, default=775.0, help="bf16 matmul peak for MFU")
+    ap.add_argument("--profile", default="", help="configs to profile after timing, e.g. C")
+    ap.add_argument("--maxseq", action="store_true")
+    ap.add_argument("--maxseq-start", default="peft=16384,liger=32768,splice=131072")
+    ap.add_argument("--maxseq-cap", type=int, default=131072)
+    ap.add_argument("--maxseq-gran", type=int, default=8192)
+    ap.add_argument("--maxseq-budget", type=float, default=150.0)
+    ap.add_argument("--worker-timeout", type=float, default=500.0)
+    ap.add_argument("--out", default="bench_out")
+    ap.add_argument("--tiny", action="store_true", help="a tiny model on the CPU: checks this harness")
+    args = ap.parse_args()
+    SCRATCH.mkdir(parents=True, exist_ok=True)
+    if args.worker:
+        worker(args)
+        return
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = _versions() if not args.tiny else {"tiny": True}
+    env["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    env["command"] = " ".join(sys.argv)
+    print(json.dumps(env), flush=True)
+    results = []
+    passthrough = sys.argv[1:]
+    for fw in args.frameworks.split(","):
+        (SCRATCH / f"{fw}.json").unlink(missing_ok=True)
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run([sys.executable, __file__, "--worker", fw, *passthrough],
+                                  timeout=args.worker_timeout)
+            rc: int | str = proc.returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+        path = SCRATCH / f"{fw}.json"
+        res = json.loads(path.read_text()) if path.exists() else {"framework": fw, "runs": []}
+        res.update(returncode=rc, wall_s=time.perf_counter() - t0)
+        results.append(res)
+        (out / "results.json").write_text(json.dumps({"env": env, "results": results}, indent=1))
+    table = tables(results, env)
+    (out / "table.md").write_text(table + "\n")
+    profiles = [f"## {res['framework']} {key}\n{text}" for res in results
+                for key, text in res.get("profiles", {}).items()]
+    if profiles:
+        (out / "profile.txt").write_text("\n\n".join(profiles) + "\n")
+    print(table, flush=True)
+
+
+if __name__ == "__main__":
+    main()
