@@ -148,15 +148,17 @@ def setup_splice(base: nn.Module, cfg: Config) -> Setup:
     freeze(base)
     accelerate(base)
     weight, bias = lm_head_params(base)
+    chunk = {"rows": 1024}  # the loss's (rows, vocab) fp32 block: smaller in low-memory modes
 
     def set_ckpt(mode: str) -> None:
         uncheckpoint_layers(base)
+        chunk["rows"] = 1024 if mode in ("off", "on") else 256
         if mode != "off":
             checkpoint_layers(base, layers="auto" if mode == "on" else "all", offload=mode == "offload")
 
     def loss(ids: Tensor) -> Tensor:
         hidden = model_hidden_states(base, input_ids=ids)
-        return causal_lm_loss(hidden, weight, ids, lm_head_bias=bias)
+        return causal_lm_loss(hidden, weight, ids, lm_head_bias=bias, chunk_size=chunk["rows"])
 
     pairs = [(p, layer.lora_A.weight, layer.lora_B.weight) for p, _, layer in lora_modules(base)]
     return Setup(base, loss, pairs, set_ckpt)

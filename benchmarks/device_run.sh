@@ -18,7 +18,7 @@ if [ "$MODE" = check ]; then
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_*.py tests/test_fast.py tests/test_checkpoint.py 2>&1 \
     | tee "$OUT/pytest.log" | tail -15
   timeout 90 python3 benchmarks/kernel_timings.py 2>&1 | tee "$OUT/kernels.txt"
-  timeout 280 python3 benchmarks/train_throughput.py --out "$OUT" --profile C --worker-timeout 150 2>&1 | tee -a "$OUT/log.txt" | grep -v "^ *\(maxseq\)"
+  timeout 280 python3 benchmarks/train_throughput.py --out "$OUT" --frameworks "${FRAMEWORKS:-peft,liger,splice}" --profile C,A --worker-timeout 150 2>&1 | tee -a "$OUT/log.txt" | grep -v "^ *\(maxseq\)"
   timeout 130 python3 benchmarks/train_throughput.py --out "$OUT/maxseq" --frameworks splice --configs "" --maxseq \
     --maxseq-budget 100 --worker-timeout 140 2>&1 | tee -a "$OUT/log.txt" | tail -8
 else

@@ -129,6 +129,18 @@ def worker(args: argparse.Namespace) -> None:
               f"peak {r['peak_gib']:.2f} GiB, loss {r['losses'][-1]:.4f}", flush=True)
         save()
 
+    def maybe_profile(setup: Any, cfg: Any, key: str) -> None:
+        from _workload import profile_steps
+
+        try:
+            text = profile_steps(setup, cfg)
+        except Exception as exc:  # a profiler problem must not lose the timings
+            text = f"profiler failed: {exc!r}"
+        print(f"[{fw}] profile {key}:\n{text}", flush=True)
+        result.setdefault("profiles", {})[key] = text
+        save()
+        free_cuda()
+
     configs = [c for c in args.configs.split(",") if c]
     shared = None  # the C-settings model, reused by C, E, P and the max-seq search
     for name in configs + (["maxseq"] if args.maxseq else []):
@@ -140,6 +152,8 @@ def worker(args: argparse.Namespace) -> None:
             setup.set_ckpt("off")
             record(setup, CONFIGS["A"], "", train(setup, batches(CONFIGS["A"]), warmup=args.warmup,
                                                    steps=args.steps), weights)
+            if "A" in args.profile.split(",") and not args.tiny:
+                maybe_profile(setup, CONFIGS["A"], "A")
             del setup
             free_cuda()
             continue
@@ -156,15 +170,7 @@ def worker(args: argparse.Namespace) -> None:
                 record(shared, run_cfg, variant, train(shared, batches(run_cfg), warmup=args.warmup,
                                                        steps=args.steps), weights)
                 if name in args.profile.split(",") and not args.tiny:
-                    from _workload import profile_steps
-
-                    try:
-                        text = profile_steps(shared, run_cfg)
-                    except Exception as exc:  # a profiler problem must not lose the timings
-                        text = f"profiler failed: {exc!r}"
-                    print(f"[{fw}] profile {name} {variant}:\n{text}", flush=True)
-                    result.setdefault("profiles", {})[f"{name} {variant}".strip()] = text
-                    free_cuda()
+                    maybe_profile(shared, run_cfg, f"{name} {variant}".strip())
         elif name == "P":
             drops = [m for m in shared.model.modules() if isinstance(m, nn.Dropout)]
             saved = [m.p for m in drops]

@@ -2,10 +2,14 @@
 
 ``checkpoint_layers(model)`` replaces each decoder layer with a :class:`CheckpointedLayer` that
 shares the layer's parameters and children (same paths, same ``state_dict``) and, when training,
-runs it under ``torch.utils.checkpoint`` (non-reentrant): only the layer's input is kept and
-everything inside is recomputed during backward. With ``offload=True`` that input too goes to
-pinned CPU memory (copied on a side stream while the GPU computes) and comes back for the
-recompute, so the GPU holds no per-layer activations at all: the longest sequences fit.
+runs it without building a graph, keeping only the layer's input; backward recomputes the layer
+with gradients on and backpropagates through it (reentrant-style: parameter gradients accumulate
+in ``.grad``, so train with ``loss.backward()``, not ``torch.autograd.grad`` on parameters).
+Compared with ``torch.utils.checkpoint``'s non-reentrant mode this skips the per-saved-tensor
+Python hooks and the forward graph, which matters when the step is short and CPU-bound. With
+``offload=True`` the kept input goes to pinned CPU memory (copied on a side stream while the GPU
+computes) and comes back for the recompute, so the GPU holds no per-layer activations at all:
+the longest sequences fit.
 
 ``layers="auto"`` checkpoints only as many layers as memory requires: in each training forward,
 the first layer runs un-checkpointed while the memory it keeps is measured; from that, the free
@@ -28,12 +32,11 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from .fast import install_transparent, restore_originals, share_state
 from .rewrite import Node, Replace, nodes
 
-__all__ = ["CheckpointedLayer", "checkpoint_layers", "uncheckpoint_layers"]
+__all__ = ["CheckpointedLayer", "checkpoint_layers", "release_pinned_memory", "uncheckpoint_layers"]
 
 LayerSelect = Literal["auto", "all"] | int | Callable[[str], bool]
 _LAYER_PATH = re.compile(r"(^|\.)(layers|h|blocks|layer)\.\d+$")
@@ -59,39 +62,71 @@ class _AutoPlan:
         self.keep = 1 + max(0, min(rest, extra))
 
 
-class _HostStash:
-    """A pinned CPU copy of one tensor, written on a side stream, read back on demand."""
-
-    _streams: dict[torch.device, torch.cuda.Stream] = {}
+class _PinnedPool:
+    """Reusable pinned host buffers (pinning is slow: allocate once, reuse every step)."""
 
     def __init__(self) -> None:
-        self.buffer: Tensor | None = None
-        self.event: torch.cuda.Event | None = None
+        self.free: dict[tuple[tuple[int, ...], torch.dtype], list[tuple[Tensor, torch.cuda.Event]]] = {}
 
-    def store(self, t: Tensor) -> None:
-        if not t.is_cuda:  # CPU tensors (tests): a plain copy
-            self.buffer = t.detach().clone()
+    def take(self, shape: torch.Size, dtype: torch.dtype) -> Tensor:
+        items = self.free.get((tuple(shape), dtype))
+        if items:
+            buffer, done = items.pop()
+            done.synchronize()  # its last upload to the GPU has finished
+            return buffer
+        return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+    def give(self, buffer: Tensor, done: torch.cuda.Event) -> None:
+        self.free.setdefault((tuple(buffer.shape), buffer.dtype), []).append((buffer, done))
+
+    def clear(self) -> None:
+        self.free.clear()
+
+
+_POOL = _PinnedPool()
+_COPY_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def release_pinned_memory() -> None:
+    """Free the pinned host buffers kept for ``offload=True`` checkpoints."""
+    _POOL.clear()
+
+
+class _Saved:
+    """One checkpointed layer input: the tensor itself, or (``offload``) a pinned CPU copy
+    written on a side stream while the GPU computes, uploaded again on demand."""
+
+    def __init__(self, t: Tensor, offload: bool) -> None:
+        self.event: torch.cuda.Event | None = None
+        if not offload:
+            self.tensor = t.detach()  # no copy: the input simply stays alive
             return
-        if self.buffer is None or self.buffer.shape != t.shape or self.buffer.dtype != t.dtype:
-            self.buffer = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        stream = self._streams.setdefault(t.device, torch.cuda.Stream(t.device))
+        if not t.is_cuda:  # CPU tensors (tests): a plain copy
+            self.tensor = t.detach().clone()
+            return
+        self.tensor = _POOL.take(t.shape, t.dtype)
+        stream = _COPY_STREAMS.setdefault(t.device, torch.cuda.Stream(t.device))
         stream.wait_stream(torch.cuda.current_stream(t.device))
         with torch.cuda.stream(stream):
-            self.buffer.copy_(t.detach(), non_blocking=True)
+            self.tensor.copy_(t.detach(), non_blocking=True)
         t.record_stream(stream)  # the allocator must not reuse t before the copy ends
         self.event = torch.cuda.Event()
         self.event.record(stream)
 
     def load(self, device: torch.device) -> Tensor:
-        assert self.buffer is not None
         if self.event is None:
-            return self.buffer.clone()
-        torch.cuda.current_stream(device).wait_event(self.event)
-        return self.buffer.to(device, non_blocking=True)
+            return self.tensor if self.tensor.device == device else self.tensor.to(device)
+        current = torch.cuda.current_stream(device)
+        current.wait_event(self.event)
+        out = self.tensor.to(device, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(current)
+        _POOL.give(self.tensor, done)
+        return out
 
 
-class _OffloadedCheckpoint(torch.autograd.Function):
-    """Reentrant-style checkpoint whose saved input lives on the CPU.
+class _Checkpoint(torch.autograd.Function):
+    """Reentrant-style checkpoint of ``run(hidden)`` keeping only ``hidden`` (see :class:`_Saved`).
 
     Parameter gradients accumulate through the inner ``torch.autograd.backward`` (so use
     ``loss.backward()``, not ``torch.autograd.grad`` on parameters); ``anchor`` is a dummy that
@@ -99,17 +134,18 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, anchor: Tensor, hidden: Tensor, run: Callable[[Tensor], Any], stash: _HostStash) -> Any:  # type: ignore[override]
-        ctx.run, ctx.stash, ctx.device = run, stash, hidden.device
+    def forward(ctx: Any, anchor: Tensor, hidden: Tensor, run: Callable[[Tensor], Any], offload: bool) -> Any:  # type: ignore[override]
+        ctx.run, ctx.device = run, hidden.device
         ctx.needs_hidden = hidden.requires_grad
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
-        stash.store(hidden)
+        ctx.saved = _Saved(hidden, offload)
         return run(hidden)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        hidden = ctx.stash.load(ctx.device).detach().requires_grad_(ctx.needs_hidden)
+        hidden = ctx.saved.load(ctx.device).detach().requires_grad_(ctx.needs_hidden)
+        del ctx.saved
         devices = [ctx.device] if ctx.cuda_rng is not None else []
         with torch.random.fork_rng(devices=devices):
             torch.set_rng_state(ctx.cpu_rng)
@@ -131,7 +167,6 @@ class CheckpointedLayer(nn.Module):
         super().__init__()
         share_state(self, layer)
         self.__dict__["_layer"] = layer  # the original, unregistered (its children are ours)
-        self.__dict__["_stash"] = _HostStash()
         self.index, self.select, self.offload = index, select, offload
         self.__dict__["_plan"] = plan
 
@@ -163,16 +198,11 @@ class CheckpointedLayer(nn.Module):
                 kwargs[key] = None
         if "use_cache" in kwargs:
             kwargs["use_cache"] = False
-        if self.offload:
-            if args:
-                rest, first = args[1:], None
-            else:
-                rest, first = (), kwargs.pop("hidden_states")
-            del first
-            run = lambda h: self._run_plain(h, *rest, **kwargs)  # noqa: E731
-            anchor = torch.empty(0, device=hidden.device, requires_grad=True)
-            return _OffloadedCheckpoint.apply(anchor, hidden, run, self.__dict__["_stash"])
-        return checkpoint(self._run_plain, *args, use_reentrant=False, **kwargs)
+        rest = args[1:]
+        kwargs.pop("hidden_states", None)
+        run = lambda h: self._run_plain(h, *rest, **kwargs)  # noqa: E731
+        anchor = torch.empty(0, device=hidden.device, requires_grad=True)
+        return _Checkpoint.apply(anchor, hidden, run, self.offload)
 
 
 def _decoder_layer_nodes(model: nn.Module) -> list[Node]:

@@ -145,3 +145,18 @@ def test_kv_cache_is_dropped_when_checkpointing() -> None:
         results.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     for name in results[0]:
         assert rel_err(results[1][name], results[0][name]) < 1e-6, name
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_two_forwards_before_one_backward(offload: bool) -> None:
+    plain = lora_llama(dropout=0.0)
+    ckpt = copy.deepcopy(plain)
+    checkpoint_layers(ckpt, layers="all", offload=offload)
+    a, b = torch.randint(0, 101, (1, 8)), torch.randint(0, 101, (1, 8))
+    grads = []
+    for model in (plain, ckpt):
+        loss = model(input_ids=a, labels=a, use_cache=False).loss + model(input_ids=b, labels=b, use_cache=False).loss
+        loss.backward()  # each layer's saved input is per call, not per layer
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    for name in grads[0]:
+        assert rel_err(grads[1][name], grads[0][name]) < 1e-6, name

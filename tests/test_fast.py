@@ -176,10 +176,13 @@ def test_gpu_bf16_matches_plain(dropout: float) -> None:
     ids = torch.randint(0, 101, (2, 64), device="cuda")
     if dropout == 0.0:
         compare_bf16(plain, fast, ids)
-    else:  # different masks: only the loss at init-like scale is comparable
-        plain.eval()
-        fast.eval()
-        assert rel_err(fast(input_ids=ids).logits, plain(input_ids=ids).logits) < 1e-2
+    else:  # different masks in training: compare the eval outputs with a float64 copy
+        exact = copy.deepcopy(plain).double()
+        for model in (plain, fast, exact):
+            model.eval()
+        ref = exact(input_ids=ids).logits
+        e_plain = rel_err(plain(input_ids=ids).logits, ref)
+        assert rel_err(fast(input_ids=ids).logits, ref) < 2 * e_plain + 2e-3
 
 
 def test_rope_is_fused_without_cache_and_falls_back_with_one(monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from splice.kernels import use_triton
 from splice.kernels.dropout import dropout
 from splice.kernels.lora_linear import lora_linear, lora_linear_reference
 
@@ -19,11 +20,11 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _tol(dtype: torch.dtype) -> float:
-    return 1e-2 if dtype == torch.bfloat16 else 1e-5
+    return {torch.bfloat16: 1e-2, torch.float16: 2e-3}.get(dtype, 1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape,out_features,rank", SHAPES)
 @pytest.mark.parametrize("p", [0.0, 0.25])
 @pytest.mark.parametrize("bias", [False, True])
@@ -52,8 +53,12 @@ def test_forward_and_grads(device: str, dtype: torch.dtype, shape: tuple[int, ..
     tol = _tol(dtype)
     assert rel_err(y, ref) < tol
     assert rel_err(x.grad, x64.grad) < tol
-    assert rel_err(a.grad, a64.grad) < tol
-    assert rel_err(bb.grad, b64.grad) < tol
+    # The Triton path keeps the adapter math fp32-accurate (hi/lo split operands): its weight
+    # gradients must be far better than 16-bit rounding, like PEFT's fp32 adapter branch.
+    fused = dtype != torch.float32 and use_triton(x)
+    tol_ab = 2e-4 if fused else tol
+    assert rel_err(a.grad, a64.grad) < tol_ab
+    assert rel_err(bb.grad, b64.grad) < tol_ab
     assert a.grad.dtype == torch.float32 and bb.grad.dtype == torch.float32
 
 

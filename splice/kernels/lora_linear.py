@@ -4,12 +4,13 @@ Shapes: ``x`` (..., in), ``W`` (out, in), ``b`` (out,), ``A`` = ``lora_A.weight`
 ``B`` = ``lora_B.weight`` (out, r), ``s`` the LoRA scale, ``D`` dropout with probability ``p``
 and keep-mask ``M`` (``D(x) = x * M / (1 - p)``, see :mod:`splice.kernels.dropout`).
 
-Precision: the matmuls run in the activations' dtype (bf16 on GPU) with fp32 accumulation;
-``A`` and ``B`` are cast to that dtype per call (r x in and out x r: tiny), so fp32 adapter
-weights stay the optimizer's master copy. Weight gradients are accumulated in fp32 over all
-tokens (``torch.mm(..., out_dtype=float32)`` where available) and returned in the adapter's own
-dtype. PEFT instead upcasts ``x`` to fp32 for the adapter branch; the difference is bf16 rounding
-of the (N, r) intermediate and of the delta, i.e. bf16 noise.
+Precision (GPU, 16-bit activations): the base GEMMs are cuBLAS in the activations' dtype with
+fp32 accumulation. The adapter branch runs through :mod:`splice.kernels.lora_kernels`: the fp32
+adapter weights (the optimizer's master copy) and the fp32 (N, r) intermediates enter bf16
+tensor-core dots split into hi + lo halves, so ``U``, ``T``, ``dA`` and ``dB`` are fp32-accurate
+(as in PEFT, which upcasts ``x`` to fp32 in memory instead) while ``x`` and ``dY`` are read once
+in bf16; only the final ``s * U B^T`` added into the bf16 output and the bf16 ``dx`` are rounded.
+Reference path (CPU or no Triton): plain PyTorch matmuls in the activations' dtype.
 
 Backward, with ``G = dY`` (N, out) and ``U = D(x) A^T`` (N, r, saved)::
 
@@ -32,7 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import use_triton
 from .dropout import dropout, dropout_add_
+from .lora_kernels import lora_down, lora_dx_add_, tn_reduce
 
 __all__ = ["lora_linear", "lora_linear_reference"]
 
@@ -63,13 +66,17 @@ class _LoraLinearFn(torch.autograd.Function):
         seed: int,
     ) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # (N, in); a view for contiguous x
-        a = lora_a.to(x.dtype)
-        b = lora_b.to(x.dtype)
-        xd = dropout(x2, p, seed) if p > 0 else x2
-        u = xd @ a.T  # (N, r)
-        del xd
+        ctx.triton = use_triton(x) and x.dtype in (torch.bfloat16, torch.float16)
+        if ctx.triton:
+            x2 = x2.contiguous()
+            u = lora_down(x2, lora_a.float().contiguous(), p, seed)  # (N, r) fp32, dropout fused
+            u_c = u.to(x.dtype)
+        else:
+            xd = dropout(x2, p, seed) if p > 0 else x2
+            u = u_c = xd @ lora_a.to(x.dtype).T  # (N, r)
+            del xd
         y = F.linear(x2, weight, bias)  # (N, out)
-        y.addmm_(u, b.T, alpha=scale)  # one GEMM with beta=1: y += s * U B^T
+        y.addmm_(u_c, lora_b.to(x.dtype).T, alpha=scale)  # one GEMM with beta=1: y += s * U B^T
         ctx.save_for_backward(x2, weight, lora_a, lora_b, u)
         ctx.scale, ctx.p, ctx.seed = scale, p, seed
         ctx.has_bias = bias is not None
@@ -84,6 +91,8 @@ class _LoraLinearFn(torch.autograd.Function):
         g = grad_y.reshape(-1, grad_y.shape[-1])  # (N, out)
         if g.dtype != x2.dtype:
             g = g.to(x2.dtype)
+        if ctx.triton:
+            return _backward_triton(ctx, g.contiguous(), x2, weight, lora_a, lora_b, u)
         a = lora_a.to(x2.dtype)
         b = lora_b.to(x2.dtype)
         t = (g @ b).mul_(scale) if (need_x or need_a) else None  # (N, r)
@@ -106,6 +115,29 @@ class _LoraLinearFn(torch.autograd.Function):
         if need_bias and ctx.has_bias:
             dbias = g.float().sum(0).to(weight.dtype)
         return dx, dw, dbias, da, db, None, None, None
+
+
+def _backward_triton(ctx: Any, g: Tensor, x2: Tensor, weight: Tensor, lora_a: Tensor,
+                     lora_b: Tensor, u: Tensor) -> tuple[Tensor | None, ...]:
+    """The GPU backward (see the module doc): 1 cuBLAS GEMM for dx plus four Triton launches."""
+    scale, p, seed = ctx.scale, ctx.p, ctx.seed
+    need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+    a32 = lora_a.float().contiguous()
+    t = lora_down(g, lora_b.float().t().contiguous(), alpha=scale)  # T = s * G B, (N, r) fp32
+    dx = dw = dbias = da = db = None
+    if need_x:
+        dx = g @ weight  # (N, in)
+        lora_dx_add_(dx, t, a32, p, seed)
+        dx = dx.view(ctx.x_shape)
+    if need_a:
+        da = tn_reduce(t, x2, p, seed).to(lora_a.dtype)  # (r, in)
+    if need_b:
+        db = tn_reduce(u, g, alpha=scale).t().to(lora_b.dtype)  # (out, r)
+    if need_w:
+        dw = _mm_f32(g.T, x2).to(weight.dtype)
+    if need_bias and ctx.has_bias:
+        dbias = g.float().sum(0).to(weight.dtype)
+    return dx, dw, dbias, da, db, None, None, None
 
 
 def lora_linear(

@@ -1,0 +1,166 @@
+"""Triton kernels for the LoRA branch, with the dropout mask regenerated in registers.
+
+Shapes: ``x`` (N, K) bf16/fp16 row-major (N tokens, K = in_features), ``A`` (R, K) fp32,
+``T`` (N, R) fp32, ``D`` the seeded dropout of :mod:`splice.kernels.dropout` with element
+index ``n * K + k`` (the same mask :func:`~splice.kernels.dropout.dropout` draws for ``x``).
+
+* :func:`lora_down`: ``U = D(x) A^T`` (N, R) fp32 -- the adapter's first matmul;
+* :func:`tn_reduce`: ``T^T D(x)`` (R, K) fp32 -- ``dA`` (and, without dropout, ``dB^T`` from
+  ``U`` and the output gradient);
+* :func:`lora_dx_add_`: ``dx += D(T A)`` in place -- the adapter's input gradient.
+
+fp32 operands (``A``, ``T``) enter the bf16 tensor-core dots split in two, ``hi = bf16(v)``,
+``lo = bf16(v - hi)``, so products carry ~16 mantissa bits while the 16-bit activations are read
+once and never upcast in memory: the adapter math is as exact as PEFT's fp32 path at the cost of
+a memory-bound read of ``x``. Dropout costs no extra pass: the mask is a hash of the index.
+Reductions over tokens are split across programs and combined with fp32 atomics.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import HAS_TRITON
+from .dropout import hash_keys
+
+__all__ = ["lora_down", "lora_dx_add_", "tn_reduce"]
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from .dropout import keep_mask
+
+    @triton.jit
+    def _lora_down(x_ptr, a_ptr, u_ptr, N, K, R, k_per_split, k1, k2, threshold, scale,
+                   BN: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, DROPOUT: tl.constexpr,
+                   ATOMIC: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
+        rr = tl.arange(0, RP)
+        k_start = tl.program_id(1) * k_per_split
+        k_stop = tl.minimum(k_start + k_per_split, K)
+        acc = tl.zeros((BN, RP), dtype=tl.float32)
+        for k0 in range(0, k_per_split, BK):
+            cols = k_start + k0 + tl.arange(0, BK)
+            offs = rows[:, None] * K + cols[None, :]
+            x = tl.load(x_ptr + offs, mask=(rows[:, None] < N) & (cols[None, :] < k_stop), other=0.0)
+            if DROPOUT:
+                x = tl.where(keep_mask(offs, k1, k2, threshold), x, tl.zeros_like(x))
+            a = tl.load(a_ptr + rr[:, None] * K + cols[None, :],
+                        mask=(rr[:, None] < R) & (cols[None, :] < k_stop), other=0.0)
+            a_hi = a.to(x.dtype)
+            a_lo = (a - a_hi.to(tl.float32)).to(x.dtype)
+            acc += tl.dot(x, tl.trans(a_hi))
+            acc += tl.dot(x, tl.trans(a_lo))
+        acc *= scale
+        out = u_ptr + rows[:, None] * R + rr[None, :]
+        inside = (rows[:, None] < N) & (rr[None, :] < R)
+        if ATOMIC:
+            tl.atomic_add(out, acc, mask=inside)
+        else:
+            tl.store(out, acc, mask=inside)
+
+    @triton.jit
+    def _tn_reduce(t_ptr, x_ptr, out_ptr, N, K, R, n_per_split, k1, k2, threshold, scale,
+                   BN: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, DROPOUT: tl.constexpr):
+        cols = tl.program_id(0).to(tl.int64) * BK + tl.arange(0, BK)
+        rr = tl.arange(0, RP)
+        n_start = tl.program_id(1) * n_per_split
+        n_stop = tl.minimum(n_start + n_per_split, N)
+        acc = tl.zeros((RP, BK), dtype=tl.float32)
+        for n0 in range(0, n_per_split, BN):
+            rows = (n_start + n0 + tl.arange(0, BN)).to(tl.int64)
+            offs = rows[:, None] * K + cols[None, :]
+            x = tl.load(x_ptr + offs, mask=(rows[:, None] < n_stop) & (cols[None, :] < K), other=0.0)
+            if DROPOUT:
+                x = tl.where(keep_mask(offs, k1, k2, threshold), x, tl.zeros_like(x))
+            t = tl.load(t_ptr + rows[:, None] * R + rr[None, :],
+                        mask=(rows[:, None] < n_stop) & (rr[None, :] < R), other=0.0)
+            t_hi = t.to(x.dtype)
+            t_lo = (t - t_hi.to(tl.float32)).to(x.dtype)
+            acc += tl.dot(tl.trans(t_hi), x)
+            acc += tl.dot(tl.trans(t_lo), x)
+        acc *= scale
+        tl.atomic_add(out_ptr + rr[:, None] * K + cols[None, :], acc,
+                      mask=(rr[:, None] < R) & (cols[None, :] < K))
+
+    @triton.jit
+    def _lora_dx(dx_ptr, t_ptr, a_ptr, N, K, R, k1, k2, threshold, scale,
+                 BN: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, DROPOUT: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
+        cols = tl.program_id(1).to(tl.int64) * BK + tl.arange(0, BK)
+        rr = tl.arange(0, RP)
+        t = tl.load(t_ptr + rows[:, None] * R + rr[None, :], mask=(rows[:, None] < N) & (rr[None, :] < R),
+                    other=0.0)
+        a = tl.load(a_ptr + rr[:, None] * K + cols[None, :], mask=(rr[:, None] < R) & (cols[None, :] < K),
+                    other=0.0)
+        dt = dx_ptr.dtype.element_ty
+        prod = tl.dot(t.to(dt), a.to(dt))  # (BN, BK): bf16 operands suffice for a bf16 gradient
+        offs = rows[:, None] * K + cols[None, :]
+        inside = (rows[:, None] < N) & (cols[None, :] < K)
+        if DROPOUT:
+            prod = tl.where(keep_mask(offs, k1, k2, threshold), prod * scale, 0.0)
+        dx = tl.load(dx_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + offs, (dx + prod).to(dt), mask=inside)
+
+
+_SMS: dict[int, int] = {}
+
+
+def _sms(device: torch.device) -> int:
+    if device.type != "cuda":  # Triton's interpreter (tests on a CPU)
+        return 8
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SMS[idx]
+
+
+def _rp(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+def _dropout_args(p: float, seed: int, alpha: float) -> tuple[int, int, int, float]:
+    k1, k2, threshold = hash_keys(seed, p)
+    return k1, k2, threshold, alpha / (1.0 - p)
+
+
+def lora_down(x: Tensor, a: Tensor, p: float = 0.0, seed: int = 0, *, alpha: float = 1.0) -> Tensor:
+    """``alpha * D(x) @ a^T`` in fp32: x (N, K) contiguous 16-bit, a (R, K) fp32 contiguous."""
+    n, k = x.shape
+    r = a.shape[0]
+    bn, bk = 64, 64
+    blocks = triton.cdiv(n, bn)
+    split = max(1, min(triton.cdiv(k, 4 * bk), (2 * _sms(x.device)) // blocks))
+    k_per_split = triton.cdiv(triton.cdiv(k, split), bk) * bk
+    split = triton.cdiv(k, k_per_split)
+    u = (torch.zeros if split > 1 else torch.empty)((n, r), dtype=torch.float32, device=x.device)
+    _lora_down[(blocks, split)](x, a, u, n, k, r, k_per_split, *_dropout_args(p, seed, alpha),
+                                BN=bn, BK=bk, RP=_rp(r), DROPOUT=p > 0, ATOMIC=split > 1, num_warps=4)
+    return u
+
+
+def tn_reduce(t: Tensor, x: Tensor, p: float = 0.0, seed: int = 0, *, alpha: float = 1.0) -> Tensor:
+    """``alpha * t^T @ D(x)`` in fp32: t (N, R) fp32, x (N, K) 16-bit, contiguous; result (R, K)."""
+    n, k = x.shape
+    r = t.shape[1]
+    bn, bk = 64, 128
+    blocks = triton.cdiv(k, bk)
+    split = max(1, min(triton.cdiv(n, 2 * bn), (4 * _sms(x.device)) // blocks))
+    n_per_split = triton.cdiv(triton.cdiv(n, split), bn) * bn
+    split = triton.cdiv(n, n_per_split)
+    out = torch.zeros((r, k), dtype=torch.float32, device=x.device)
+    _tn_reduce[(blocks, split)](t, x, out, n, k, r, n_per_split, *_dropout_args(p, seed, alpha),
+                                BN=bn, BK=bk, RP=_rp(r), DROPOUT=p > 0, num_warps=4)
+    return out
+
+
+def lora_dx_add_(dx: Tensor, t: Tensor, a: Tensor, p: float, seed: int) -> Tensor:
+    """``dx += D(t @ a)`` in place: dx (N, K) 16-bit, t (N, R) fp32, a (R, K) fp32, contiguous."""
+    n, k = dx.shape
+    r = t.shape[1]
+    bn, bk = 64, 128
+    _lora_dx[(triton.cdiv(n, bn), triton.cdiv(k, bk))](dx, t, a, n, k, r, *_dropout_args(p, seed, 1.0),
+                                                       BN=bn, BK=bk, RP=_rp(r), DROPOUT=p > 0, num_warps=4)
+    return dx
