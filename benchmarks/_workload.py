@@ -255,12 +255,13 @@ def flops_per_token(cfg: Config, seq: int, n_layers: int, lora_params: int) -> f
 
 
 _CATEGORIES = (
+    ("triton LoRA", ("_lora_down", "_lora_dx", "_tn_reduce")),
     ("attention", ("flash", "fmha", "attention")),
     ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "splitk")),
     ("dropout", ("dropout", "bernoulli")),
     ("copy / cast", ("copy", "cast")),
     ("optimizer", ("adam",)),
-    ("triton (fused)", ("triton", "_rms", "_swiglu", "_rope", "liger", "_kernel_")),
+    ("triton (fused)", ("triton", "_rms", "_swiglu", "_rope", "liger", "_kernel_", "_lora", "_tn_reduce")),
     ("reduction", ("reduce",)),
     ("elementwise", ("elementwise", "vectorized")),
 )

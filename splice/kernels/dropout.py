@@ -37,8 +37,12 @@ def _fmix32(h: int) -> int:
 
 
 def hash_keys(seed: int, p: float) -> tuple[int, int, int]:
-    """(k1, k2, threshold) for the Triton mask: keep element ``i`` iff ``hash(i) >= threshold``."""
-    return _fmix32(seed), _fmix32(seed ^ 0x5BD1E995), min(int(p * 2**32), _M32)
+    """(k1, k2, threshold) for the Triton mask: keep ``i`` iff ``hash(i) >> 1 >= threshold``.
+
+    All three fit in 31 bits, so Triton always types them int32 (a key that sometimes needed
+    int64 would compile a new kernel variant); kernels also skip specializing on their values.
+    """
+    return _fmix32(seed) >> 1, _fmix32(seed ^ 0x5BD1E995) >> 1, min(int(p * 2**31), 2**31 - 1)
 
 
 if HAS_TRITON:
@@ -55,9 +59,9 @@ if HAS_TRITON:
         h ^= h >> 13
         h *= 0xC2B2AE35
         h ^= h >> 16
-        return h.to(tl.int64) >= threshold
+        return (h >> 1).to(tl.int32) >= threshold
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["k1", "k2", "threshold"])
     def _dropout_kernel(x_ptr, out_ptr, n, k1, k2, threshold, scale, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         inside = offs < n
@@ -65,7 +69,7 @@ if HAS_TRITON:
         y = tl.where(keep_mask(offs, k1, k2, threshold), x * scale, 0.0)
         tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=inside)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["k1", "k2", "threshold"])
     def _dropout_add_kernel(acc_ptr, x_ptr, n, k1, k2, threshold, scale, BLOCK: tl.constexpr):
         # acc += dropout(x): the LoRA branch's input gradient added into the base one.
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)

@@ -32,7 +32,7 @@ if HAS_TRITON:
 
     from .dropout import keep_mask
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["k1", "k2", "threshold"])
     def _lora_down(x_ptr, a_ptr, u_ptr, N, K, R, k_per_split, k1, k2, threshold, scale,
                    BN: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, DROPOUT: tl.constexpr,
                    ATOMIC: tl.constexpr):
@@ -61,7 +61,7 @@ if HAS_TRITON:
         else:
             tl.store(out, acc, mask=inside)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["k1", "k2", "threshold"])
     def _tn_reduce(t_ptr, x_ptr, out_ptr, N, K, R, n_per_split, k1, k2, threshold, scale,
                    BN: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, DROPOUT: tl.constexpr):
         cols = tl.program_id(0).to(tl.int64) * BK + tl.arange(0, BK)
@@ -85,7 +85,7 @@ if HAS_TRITON:
         tl.atomic_add(out_ptr + rr[:, None] * K + cols[None, :], acc,
                       mask=(rr[:, None] < R) & (cols[None, :] < K))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["k1", "k2", "threshold"])
     def _lora_dx(dx_ptr, t_ptr, a_ptr, N, K, R, k1, k2, threshold, scale,
                  BN: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, DROPOUT: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
