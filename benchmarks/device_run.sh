@@ -22,5 +22,7 @@ if [ "$MODE" = check ]; then
   timeout 130 python3 benchmarks/train_throughput.py --out "$OUT/maxseq" --frameworks splice --configs "" --maxseq \
     --maxseq-budget 100 --worker-timeout 140 2>&1 | tee -a "$OUT/log.txt" | tail -8
 else
-  timeout 590 python3 benchmarks/train_throughput.py --out "$OUT" --maxseq --profile C,A --worker-timeout 280 2>&1 | tee -a "$OUT/log.txt"
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_*.py tests/test_fast.py tests/test_checkpoint.py 2>&1 \
+    | tee "$OUT/pytest.log" | tail -4
+  timeout 470 python3 benchmarks/train_throughput.py --out "$OUT" --maxseq --profile C,A --worker-timeout 230 2>&1 | tee -a "$OUT/log.txt"
 fi

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from splice.kernels import use_triton
+import splice.kernels.lora_linear as lora_module
 from splice.kernels.dropout import dropout
-from splice.kernels.lora_linear import lora_linear, lora_linear_reference
+from splice.kernels.lora_linear import lora_linear, lora_linear_reference, uses_lora_kernels
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
 # (x shape, out features, rank)
@@ -28,8 +28,11 @@ def _tol(dtype: torch.dtype) -> float:
 @pytest.mark.parametrize("shape,out_features,rank", SHAPES)
 @pytest.mark.parametrize("p", [0.0, 0.25])
 @pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("kernels", [False, True])
 def test_forward_and_grads(device: str, dtype: torch.dtype, shape: tuple[int, ...], out_features: int,
-                           rank: int, p: float, bias: bool) -> None:
+                           rank: int, p: float, bias: bool, kernels: bool, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # kernels=True: the Triton LoRA kernels take every size (where Triton applies at all)
+    monkeypatch.setattr(lora_module, "LORA_KERNEL_MIN_TOKENS", 0 if kernels else 1 << 62)
     in_features = shape[-1]
     x = torch.randn(shape, device=device).to(dtype).requires_grad_()
     w = (torch.randn(out_features, in_features, device=device) / in_features**0.5).to(dtype)
@@ -55,7 +58,7 @@ def test_forward_and_grads(device: str, dtype: torch.dtype, shape: tuple[int, ..
     assert rel_err(x.grad, x64.grad) < tol
     # The Triton path keeps the adapter math fp32-accurate (hi/lo split operands): its weight
     # gradients must be far better than 16-bit rounding, like PEFT's fp32 adapter branch.
-    fused = dtype != torch.float32 and use_triton(x)
+    fused = uses_lora_kernels(x.reshape(-1, in_features))
     tol_ab = 2e-4 if fused else tol
     assert rel_err(a.grad, a64.grad) < tol_ab
     assert rel_err(bb.grad, b64.grad) < tol_ab
