@@ -48,8 +48,6 @@ SYSTEM_PROMPT = (
     f"Given the following code, provide a descriptive function name for {PLACEHOLDER}. Use snake_case. "
     'Only output the name as valid JSON, e.g. {"name": "function_name"}'
 )
-# Bump when the extraction rules change: the cache folder is keyed by it and the Python version.
-_BUILD_VERSION = 1
 MAX_LINES = 40
 MAX_CHARS = 1200
 # A tokenizer-free token estimate: words, single digits and punctuation, whitespace runs. It
@@ -223,7 +221,7 @@ def build_function_names(*, cache_dir: Path | None = None) -> dict[str, list[dic
 
     Built from the running interpreter's standard library (``sysconfig`` "stdlib"; test suites,
     idlelib, lib2to3, site-packages and the like skipped) and cached as parquet files under
-    ``<cache_dir or cache_root()/"datasets"/"function_names">/v<rules>-py<X.Y.Z>/``. Skipped
+    ``<cache_dir or cache_root()/"datasets"/"function_names">/<rules hash>-py<X.Y.Z>/``. Skipped
     functions: dunder and private names, names that are not snake_case words, trivial bodies,
     more than 40 lines, 1200 characters or ~270 estimated tokens (prompts stay
     within ~320 SmolLM2 tokens), and exact duplicates of an earlier function's code.
@@ -234,7 +232,10 @@ def build_function_names(*, cache_dir: Path | None = None) -> dict[str, list[dic
 
     base = Path(cache_dir) if cache_dir is not None else cache_root() / "datasets" / "function_names"
     version = ".".join(str(v) for v in sys.version_info[:3])
-    folder = base / f"v{_BUILD_VERSION}-py{version}"
+    # Keyed by this file's own source (the extraction rules) and the Python version, so a changed
+    # rule never reads a stale cache.
+    rules = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+    folder = base / f"{rules}-py{version}"
     if all((folder / f"{s}.parquet").is_file() for s in SPLITS):
         return {s: pq.read_table(folder / f"{s}.parquet").to_pylist() for s in SPLITS}
     root = _stdlib_root()

@@ -126,7 +126,7 @@ def test_build_is_cached_and_atomic(fake_stdlib: Path, tmp_path: Path, monkeypat
     cache = tmp_path / "cache"
     first = build_function_names(cache_dir=cache)
     (folder,) = list(cache.iterdir())  # one keyed folder, no temp folder left behind
-    assert re.fullmatch(r"v\d+-py\d+\.\d+\.\d+", folder.name)
+    assert re.fullmatch(r"[0-9a-f]{12}-py\d+\.\d+\.\d+", folder.name)
     files = sorted(p.name for p in folder.iterdir())
     assert files == ["info.json", "test.parquet", "train.parquet", "validation.parquet"]
 
