@@ -174,9 +174,8 @@ def train(config: TrainConfig, *, log: Progress | None = None) -> TrainResult:
         metrics.truncate_after(state.step)
         say(f"resumed from {latest} at step {state.step}")
     result = TrainResult(output_dir=out, steps=state.step, losses=[])
-    base_metrics: dict[str, Any] = {}
-    if config.compare_base and state.step == 0 and data.eval_rows:
-        base_metrics = _generation_eval(model, tokenizer, data, config, base=True, say=say)
+    evaluate = _Evaluator(model, tokenizer, data, config, device, precision, metrics, say)
+    base_metrics = evaluate.generation(base=True) if config.compare_base and state.step == 0 else {}
 
     def checkpoint() -> None:
         save_checkpoint(ckpt_dir, model=model, optimizer=optimizer, scheduler=scheduler,
@@ -224,7 +223,7 @@ def train(config: TrainConfig, *, log: Progress | None = None) -> TrainResult:
                            "tokens_per_s": tokens / seconds, "epoch": state.epoch})
             progress.update(state.step, loss=loss, lr=lr, tokens=tokens)
             if config.eval_every and state.step % config.eval_every == 0 and state.step < total:
-                _record_val(model, tokenizer, data, config, device, precision, state, metrics, say)
+                evaluate(state.step)
             if "signal" in stop:
                 checkpoint()
                 progress.close()
@@ -239,9 +238,7 @@ def train(config: TrainConfig, *, log: Progress | None = None) -> TrainResult:
     checkpoint()
     result.steps = state.step
     save_adapter(model, out / "adapter", base_model=config.model_name())
-    final = _record_val(model, tokenizer, data, config, device, precision, state, metrics, say)
-    if data.eval_rows:
-        final.update(_generation_eval(model, tokenizer, data, config, base=False, say=say))
+    final = evaluate(state.step)
     result.metrics = {"final": final, "base": base_metrics}
     metrics.write({"kind": "summary", "step": state.step, **{f"base_{k}": v for k, v in
                    base_metrics.items()}, **final})
@@ -251,28 +248,47 @@ def train(config: TrainConfig, *, log: Progress | None = None) -> TrainResult:
     return result
 
 
-def _record_val(model, tokenizer, data, config, device, precision, state, metrics, say) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-    if not data.validation:
-        return {}
-    with _autocast(device, precision):
-        val = validation_loss(model, data.validation, batch_size=config.batch_size,
-                              pad_id=tokenizer.pad_token_id, device=device,
-                              max_batches=config.eval_batches)
-    metrics.write({"kind": "eval", "step": state.step, "val_loss": val})
-    say(f"step {state.step}: validation loss {val:.4f}")
-    model.train()
-    return {"val_loss": val}
+@dataclass
+class _Evaluator:
+    """Validation loss and generation scores of one run, written to its metrics log."""
 
+    model: nn.Module
+    tokenizer: Any
+    data: RunData
+    config: TrainConfig
+    device: torch.device
+    precision: str
+    metrics: MetricsLog
+    say: Any
 
-def _generation_eval(model, tokenizer, data, config, *, base: bool, say) -> dict[str, float]:  # type: ignore[no-untyped-def]
-    label = "base model" if base else "fine-tuned"
-    t0 = time.perf_counter()
-    scores = evaluate_generation(model, tokenizer, data.eval_rows, task=data.task, base=base,
-                                 max_new_tokens=config.max_new_tokens, batch_size=config.eval_batch_size)
-    say(f"{label} on {len(data.eval_rows)} held-out examples ({time.perf_counter() - t0:.0f}s): "
-        + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
-    model.train()
-    return scores
+    def generation(self, *, base: bool) -> dict[str, float]:
+        if not self.data.eval_rows:
+            return {}
+        t0 = time.perf_counter()
+        scores = evaluate_generation(self.model, self.tokenizer, self.data.eval_rows,
+                                     task=self.data.task, base=base,
+                                     max_new_tokens=self.config.max_new_tokens,
+                                     batch_size=self.config.eval_batch_size)
+        self.say(f"{'base model' if base else 'fine-tuned'} on {len(self.data.eval_rows)} held-out "
+                 f"examples ({time.perf_counter() - t0:.0f}s): "
+                 + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+        self.model.train()
+        return scores
+
+    def __call__(self, step: int) -> dict[str, Any]:
+        """Validation loss and generation scores at ``step``, logged as one "eval" record."""
+        result: dict[str, Any] = {}
+        if self.data.validation:
+            with _autocast(self.device, self.precision):
+                result["val_loss"] = validation_loss(
+                    self.model, self.data.validation, batch_size=self.config.batch_size,
+                    pad_id=self.tokenizer.pad_token_id, device=self.device,
+                    max_batches=self.config.eval_batches)
+            self.say(f"step {step}: validation loss {result['val_loss']:.4f}")
+        result.update(self.generation(base=False))
+        self.metrics.write({"kind": "eval", "step": step, **result})
+        self.model.train()
+        return result
 
 
 def _comparison(base: dict[str, Any], final: dict[str, Any]) -> str:

@@ -42,7 +42,7 @@ def _config(inputs: tuple[Path, Path], out: Path, **overrides) -> TrainConfig:
         model=str(model), data=str(data), prompt_template="Q: {question}\nA: ",
         response_template="{answer}", output_dir=str(out), steps=12, lr=1e-2, rank=8, alpha=16,
         dropout=0.1, batch_size=4, max_length=64, eval_samples=0, compare_base=False,
-        save_every=4, warmup_steps=2,
+        save_every=4, warmup_steps=2, pack=False,
     )
     options.update(overrides)
     return TrainConfig(**options)
@@ -143,3 +143,16 @@ def test_bad_options_are_clear() -> None:
         TrainConfig(batch_size=0)
     with pytest.raises(ValueError, match="both prompt_template and response_template"):
         TrainConfig(prompt_template="{x}")
+
+
+def test_packed_training_and_periodic_generation_eval(tiny_run_inputs, tmp_path) -> None:
+    out = tmp_path / "run"
+    result = train(_config(tiny_run_inputs, out, pack=True, batch_size=2, steps=8, eval_every=4,
+                           eval_samples=2, compare_base=True))
+    assert result.losses[-1] < result.losses[0] - 2.0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [4, 8]
+    assert all({"val_loss", "exact_match", "word_f1"} <= set(r) for r in evals)
+    summary = records[-1]
+    assert summary["kind"] == "summary" and "base_word_f1" in summary and "word_f1" in summary
