@@ -101,6 +101,19 @@ class LoraLayer(nn.Module):
         self.merged = False
         self.enabled = True  # False: the adapter is skipped (see adapters_disabled)
 
+    def _init_ab(self) -> None:
+        """PEFT's init: A Kaiming-uniform (a=sqrt(5)), B zeros, so the adapter starts as a no-op."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def _ab_forward(self, x: Tensor, y: Tensor) -> Tensor:
+        """``y + scale * B(A(dropout(x)))`` for the layers whose A and B are modules."""
+        if self.merged or not self.enabled:
+            return y
+        x = x.to(self.lora_A.weight.dtype)
+        delta = self.lora_B(self.lora_A(self.dropout(x)))
+        return y + self._routed(self.scale * delta).to(y.dtype)
+
     def _routed(self, delta: Tensor) -> Tensor:
         """Zero the delta on batch rows routed to other adapters (see :func:`use_adapters`)."""
         if self.row_mask is None:
@@ -162,15 +175,11 @@ class LoraLinear(LoraLayer):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
         self.lora_B = nn.Linear(rank, out_features, bias=False, dtype=dtype, device=device)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
+        self._init_ab()
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        if self.merged or not self.enabled:
-            return y
-        x = x.to(self.lora_A.weight.dtype)
-        delta = self.lora_B(self.lora_A(self.dropout(x)))
-        return y + self._routed(self.scale * delta).to(y.dtype)
+        # base(x) + scale * B(A(dropout(x))), with y = base(x) computed by the Around wrapper
+        return self._ab_forward(x, y)
 
     def delta_weight(self) -> Tensor:
         delta = self.scale * (self.lora_B.weight @ self.lora_A.weight)  # (out, in)
@@ -237,14 +246,10 @@ class LoraConv2d(LoraLayer):
             dilation=base.dilation, bias=False, dtype=dtype, device=device,
         )
         self.lora_B = nn.Conv2d(rank, base.out_channels, 1, bias=False, dtype=dtype, device=device)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
+        self._init_ab()
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        if self.merged or not self.enabled:
-            return y
-        x = x.to(self.lora_A.weight.dtype)
-        return y + self._routed(self.scale * self.lora_B(self.lora_A(self.dropout(x)))).to(y.dtype)
+        return self._ab_forward(x, y)
 
     def delta_weight(self) -> Tensor:
         # (out, r, 1, 1) o (r, in, kh, kw) -> (out, in, kh, kw)
