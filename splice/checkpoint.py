@@ -17,7 +17,7 @@ GPU memory and a reserve for the backward pass, the first ``k`` layers run witho
 the rest are checkpointed (all of them on CPU, where nothing is measured). Short sequences then
 pay no recompute at all, long ones checkpoint everything.
 
-Like :mod:`splice.fast`'s containers, the wrapper is transparent to later rewrites (LoRA inside
+Like :mod:`splice.fast`'s containers, the wrapper shares its children, which later walks enter (LoRA inside
 stays visible to ``lora_modules``/``save_adapter``); :func:`uncheckpoint_layers` undoes it.
 Dropout masks are replayed in the recompute: torch's CPU and CUDA generator states are restored
 (splice's fused LoRA dropout draws its seed from the CPU generator).
@@ -33,8 +33,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .fast import install_transparent, restore_originals, share_state
-from .rewrite import Node, Replace, nodes
+from .fast import share_state
+from .rewrite import Node, Replace, nodes, rewrite, unrewrite
 
 __all__ = ["CheckpointedLayer", "checkpoint_layers", "release_pinned_memory", "uncheckpoint_layers"]
 
@@ -160,7 +160,6 @@ class _Checkpoint(torch.autograd.Function):
 class CheckpointedLayer(nn.Module):
     """A decoder layer run under activation checkpointing while training (see module doc)."""
 
-    splice_transparent = True
 
     def __init__(self, layer: nn.Module, *, index: int, plan: _AutoPlan | None, select: bool,
                  offload: bool) -> None:
@@ -253,9 +252,9 @@ def checkpoint_layers(
         return Replace(CheckpointedLayer(node.module, index=index[node.name], plan=plan,
                                          select=selected(node.name), offload=offload))
 
-    return install_transparent(model, rule)
+    return rewrite(model, rule)
 
 
 def uncheckpoint_layers(model: nn.Module) -> list[str]:
     """Undo :func:`checkpoint_layers` (the layers' contents, rewritten or not, are kept)."""
-    return restore_originals(model, lambda m: isinstance(m, CheckpointedLayer))
+    return unrewrite(model, layer=lambda m: isinstance(m, CheckpointedLayer))

@@ -19,12 +19,10 @@ LoRA wrappers inside are unchanged), with a ``forward`` that calls a kernel from
 On CPU the same modules run the PyTorch reference paths. ``decelerate(model)`` puts the original
 modules back.
 
-Containers (MLP, attention, and :mod:`splice.checkpoint`'s layers) are *transparent*: the rewrite
-walker never looks inside a rewritten node, which would hide the LoRA wrappers they hold from
-``lora_modules``/``merge``/``save_adapter``. So after installing them through ``rewrite`` we move
-the walker's "replaced" mark to ``_splice_fast_original`` (:func:`install_transparent`): walks
-enter them, ``unrewrite`` leaves them (they share all state, so a model with them computes the
-same function) and ``decelerate``/``uncheckpoint_layers`` restore the originals.
+Containers (MLP, attention, and :mod:`splice.checkpoint`'s layers) share their children with the
+original, and the rewrite walker enters a replacement's children, so LoRA wrappers inside stay
+visible to ``lora_modules``/``merge``/``save_adapter`` at their usual paths; ``unrewrite`` and
+``decelerate`` put the originals back.
 """
 
 from __future__ import annotations
@@ -41,7 +39,7 @@ from .kernels.rmsnorm import rms_norm
 from .kernels.rope import rope
 from .kernels.swiglu import swiglu
 from .lora import LoraLinear
-from .rewrite import Around, Node, Replace, rewrite
+from .rewrite import Around, Node, Replace, rewrite, unrewrite
 
 __all__ = [
     "ATTENTION_CLASSES",
@@ -53,8 +51,7 @@ __all__ = [
     "FusedSwiGLUMLP",
     "accelerate",
     "decelerate",
-    "install_transparent",
-    "restore_originals",
+    "is_fast",
     "share_state",
 ]
 
@@ -63,8 +60,6 @@ RMSNORM_CLASSES = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "
 MLP_CLASSES = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
 ATTENTION_CLASSES = frozenset({"LlamaAttention"})
 _FUSED_ATTENTION_BACKENDS = ("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
-_ORIGINAL = "_splice_replaced"  # where splice.rewrite keeps a replaced module
-_TRANSPARENT_ORIGINAL = "_splice_fast_original"  # where a transparent container keeps it
 
 
 def share_state(new: nn.Module, original: nn.Module) -> None:
@@ -80,32 +75,9 @@ def share_state(new: nn.Module, original: nn.Module) -> None:
     new.training = original.training
 
 
-def install_transparent(model: nn.Module, rule: Callable[[Node], Replace | None]) -> list[str]:
-    """``rewrite(model, rule)`` for container replacements, then make them transparent to walks.
-
-    Each replacement class sets ``splice_transparent = True`` and shares its children with the
-    original (:func:`share_state`), so LoRA wrappers inside keep their paths and stay findable.
-    """
-    names = rewrite(model, rule, allow_empty=True)
-    for module in model.modules():
-        if getattr(type(module), "splice_transparent", False) and _ORIGINAL in module.__dict__:
-            module.__dict__[_TRANSPARENT_ORIGINAL] = module.__dict__.pop(_ORIGINAL)
-    return names
-
-
-def restore_originals(model: nn.Module, which: Callable[[nn.Module], bool]) -> list[str]:
-    """Put back the original of every replacement ``m`` with ``which(m)``; returns the paths."""
-    sites = [
-        (parent, attr, f"{prefix}.{attr}" if prefix else attr, child)
-        for prefix, parent in model.named_modules(remove_duplicate=False)
-        for attr, child in parent._modules.items()
-        if child is not None and which(child)
-        and (_ORIGINAL in child.__dict__ or _TRANSPARENT_ORIGINAL in child.__dict__)
-    ]
-    for parent, attr, _, child in sites:
-        original = child.__dict__.get(_TRANSPARENT_ORIGINAL) or child.__dict__[_ORIGINAL]
-        parent._modules[attr] = original
-    return list(dict.fromkeys(path for _, _, path, _ in sites))
+def is_fast(module: nn.Module) -> bool:
+    """Whether ``module`` is one of the replacements :func:`accelerate` installs."""
+    return getattr(type(module), "splice_fast", False)
 
 
 class FusedLoraLinear(Around):
@@ -133,6 +105,8 @@ class FusedLoraLinear(Around):
             and weight.dtype == x.dtype
             and x.dtype.is_floating_point
             and not lora.merged
+            and lora.enabled
+            and lora.row_mask is None  # rows routed to several adapters: the plain path
             and not lora.fan_in_fan_out
             and not torch.is_autocast_enabled(x.device.type)
         )
@@ -167,7 +141,6 @@ class FusedSwiGLUMLP(nn.Module):
     """``down(silu(gate(x)) * up(x))`` with the product fused; the projections are shared."""
 
     splice_fast = True
-    splice_transparent = True
 
     def __init__(self, mlp: nn.Module) -> None:
         super().__init__()
@@ -185,7 +158,6 @@ class FusedRopeAttention(nn.Module):
     """
 
     splice_fast = True
-    splice_transparent = True
 
     def __init__(self, attn: nn.Module) -> None:
         super().__init__()
@@ -292,10 +264,10 @@ def accelerate(
         return None
 
     names += rewrite(model, leaf_rule, allow_empty=True)
-    names += install_transparent(model, container_rule)
+    names += rewrite(model, container_rule, allow_empty=True)
     return names
 
 
 def decelerate(model: nn.Module) -> list[str]:
     """Put back every module :func:`accelerate` replaced (LoRA wrappers stay); returns the paths."""
-    return restore_originals(model, lambda m: getattr(type(m), "splice_fast", False))
+    return unrewrite(model, layer=is_fast)

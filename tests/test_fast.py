@@ -201,3 +201,32 @@ def test_rope_is_fused_without_cache_and_falls_back_with_one(monkeypatch) -> Non
     assert len(calls) == 2  # one per layer
     model(input_ids=ids, use_cache=True)  # a KV cache: the original attention forward
     assert len(calls) == 2
+
+
+def test_fused_lora_respects_disabled_and_routed_adapters() -> None:
+    from splice.lora import adapters_disabled, use_adapters
+
+    plain = lora_llama()
+    fast = copy.deepcopy(plain)
+    accelerate(fast)
+    ids = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with adapters_disabled(plain):
+            base = plain(ids).logits
+        with adapters_disabled(fast):
+            torch.testing.assert_close(fast(ids).logits, base, rtol=1e-5, atol=1e-5)
+        adapted = plain(ids).logits
+        with use_adapters(fast, ["default", None]):
+            routed = fast(ids).logits
+    torch.testing.assert_close(routed[0], adapted[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(routed[1], base[1], rtol=1e-4, atol=1e-4)
+
+
+def test_unrewrite_removes_fast_modules_and_lora() -> None:
+    model = lora_llama()
+    originals = {n: type(m) for n, m in model.named_modules()}
+    accelerate(model)
+    assert any(isinstance(m, FusedSwiGLUMLP) for m in model.modules())
+    assert len(lora_modules(model)) == 14  # the adapters inside fused containers stay visible
+    decelerate(model)
+    assert {n: type(m) for n, m in model.named_modules()} == originals
