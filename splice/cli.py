@@ -36,7 +36,8 @@ _HELP = {
     "pack": "pack short examples into max-length rows", "train_on_prompt": "loss on prompt tokens too",
     "precision": "auto, bf16 or fp32", "device": "auto, cpu, cuda, cuda:1 ...",
     "gradient_checkpointing": "recompute activations in backward (less memory)",
-    "fast": "fused GPU kernels (splice.fast) on CUDA", "seed": "random seed",
+    "fast": "fused kernels and memory-aware checkpointing (default: on with a CUDA GPU)",
+    "offload_checkpoints": "keep checkpointed activations in CPU memory", "seed": "random seed",
     "eval_every": "validation loss every N steps (0: at the end)",
     "eval_batches": "validation batches per evaluation",
     "eval_samples": "held-out examples scored by generation (0: none)",
@@ -52,7 +53,9 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else None
-        help_text = f"{_HELP.get(f.name, '')} (default: {default})"
+        help_text = _HELP.get(f.name, "")
+        if "default" not in help_text:
+            help_text += f" (default: {default})"
         base = str(f.type).split("|")[0].strip()  # "int | None" -> "int" (string annotations)
         if base == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)

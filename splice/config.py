@@ -13,7 +13,8 @@ __all__ = ["TrainConfig", "check_output_dir", "load_config_file", "save_run_conf
 RUN_CONFIG = "run_config.json"
 # Options that may differ when resuming (they don't change the trajectory's meaning).
 _RESUME_FREE = {"resume", "steps", "epochs", "save_every", "keep_checkpoints", "eval_every",
-                "eval_samples", "compare_base", "eval_batch_size", "max_new_tokens"}
+                "eval_samples", "compare_base", "eval_batch_size", "max_new_tokens",
+                "fast", "gradient_checkpointing", "offload_checkpoints", "device"}
 
 
 @dataclass(kw_only=True)
@@ -51,8 +52,9 @@ class TrainConfig:
     train_on_prompt: bool = False
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     device: str = "auto"
-    gradient_checkpointing: bool = False
-    fast: bool = False  # fused GPU kernels (splice.fast) where available
+    gradient_checkpointing: bool = False  # recompute every decoder layer in backward
+    offload_checkpoints: bool = False  # keep checkpointed layer inputs in CPU memory (longest sequences)
+    fast: bool | None = None  # fused kernels + memory-aware checkpointing; None: on with a CUDA GPU
     seed: int = 0
     eval_every: int = 0  # validation loss every N steps (0: at the end only)
     eval_batches: int = 8

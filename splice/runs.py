@@ -13,7 +13,7 @@ from .data import ChatTemplate, Example, PromptTemplate, read_rows, split_rows, 
 from .evaluate import Task, text_task
 from .models import load_model
 
-__all__ = ["RunData", "function_names_task", "prepare_data", "prepare_model", "resolve_device"]
+__all__ = ["RunData", "function_names_task", "prepare_data", "prepare_model", "resolve_device", "speed_up"]
 
 Row = dict[str, Any]
 
@@ -36,10 +36,23 @@ def prepare_model(config: TrainConfig) -> tuple[nn.Module, Any, torch.device, st
     # Frozen base weights in bf16 on GPU (half the memory); adapters stay fp32 (PEFT's default).
     dtype = torch.bfloat16 if precision == "bf16" and device.type == "cuda" else torch.float32
     model, tokenizer = load_model(config.model, dtype=dtype, device=device)
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False  # training: no KV cache (generation turns it on itself)
     return model, tokenizer, device, precision
+
+
+def speed_up(model: nn.Module, config: TrainConfig, device: torch.device) -> list[str]:
+    """Opt-in rewrites after LoRA is attached: fused kernels (``fast``, on by default on a GPU)
+    and activation checkpointing of the decoder layers. Returns what was rewritten."""
+    from .checkpoint import checkpoint_layers  # noqa: PLC0415
+    from .fast import accelerate  # noqa: PLC0415
+
+    fast = device.type == "cuda" if config.fast is None else config.fast
+    names = accelerate(model) if fast else []
+    if config.gradient_checkpointing or config.offload_checkpoints:
+        names += checkpoint_layers(model, layers="all", offload=config.offload_checkpoints)
+    elif fast and device.type == "cuda":
+        names += checkpoint_layers(model, layers="auto")  # recompute only what memory needs
+    return names
 
 
 def function_names_task() -> Task:

@@ -30,7 +30,7 @@ from .freeze import freeze
 from .loss import causal_lm_loss, lm_head_params, model_hidden_states
 from .lora import LoraConfig, add_lora
 from .report import MetricsLog, Progress, plot_losses
-from .runs import RunData, prepare_data, prepare_model
+from .runs import RunData, prepare_data, prepare_model, speed_up
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "lr_at", "train", "train_step_loss"]
 
@@ -155,6 +155,9 @@ def train(config: TrainConfig, *, log: Progress | None = None) -> TrainResult:
     summary = freeze(model)
     say = (log.message if log else print)
     say(str(summary))
+    sped = speed_up(model, config, device)
+    if sped:
+        say(f"fused kernels / checkpointing on {len(sped)} modules")
     say(data.describe())
     save_run_config(out, config)
 

@@ -156,3 +156,17 @@ def test_packed_training_and_periodic_generation_eval(tiny_run_inputs, tmp_path)
     assert all({"val_loss", "exact_match", "word_f1"} <= set(r) for r in evals)
     summary = records[-1]
     assert summary["kind"] == "summary" and "base_word_f1" in summary and "word_f1" in summary
+
+
+def test_checkpointing_and_fast_kernels_keep_the_trajectory(tiny_run_inputs, tmp_path) -> None:
+    plain = train(_config(tiny_run_inputs, tmp_path / "plain", steps=4, dropout=0.0, fast=False))
+    sped = train(_config(tiny_run_inputs, tmp_path / "sped", steps=4, dropout=0.0, fast=True,
+                         gradient_checkpointing=True))
+    torch.testing.assert_close(torch.tensor(sped.losses), torch.tensor(plain.losses), rtol=1e-5, atol=1e-5)
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "plain" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "sped" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
