@@ -339,13 +339,17 @@ def _order(n: int, *, shuffle: bool, seed: int, epoch: int) -> list[int]:
 
 
 def _pad_rows(
-    ids: list[list[int]], labels: list[list[int]], positions: list[list[int]] | None, pad_id: int
+    ids: list[list[int]], labels: list[list[int]], positions: list[list[int]] | None, pad_id: int,
+    width: int | None = None,
 ) -> Batch:
-    """Right-pad rows to the longest; pads get label -100 and (if given) continue the positions."""
-    width = max(len(r) for r in ids)
+    """Right-pad rows to ``width`` (default: the longest); pads get label -100 and (if given)
+    continue the positions."""
+    width = width or max(len(r) for r in ids)
     batch: Batch = {
         "input_ids": torch.tensor([r + [pad_id] * (width - len(r)) for r in ids], dtype=torch.long),
         "labels": torch.tensor([r + [IGNORE_INDEX] * (width - len(r)) for r in labels], dtype=torch.long),
+        # Real (non-pad) tokens: packed rows have no attention mask to count them from.
+        "num_tokens": torch.tensor(sum(len(r) for r in ids)),
     }
     if positions is None:
         batch["attention_mask"] = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ids], dtype=torch.long)
@@ -417,7 +421,9 @@ def batches(
         packed = _pack(ordered, max_length)
         for start in range(0, len(packed), batch_size):
             rows = packed[start : start + batch_size]
-            result.append(_pad_rows([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], pad_id))
+            # Always max_length wide: fixed shapes, so shape-specialised GPU kernels compile once.
+            result.append(_pad_rows([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
+                                    pad_id, width=max_length))
         return result
     for start in range(0, len(ordered), batch_size):
         group = ordered[start : start + batch_size]

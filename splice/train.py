@@ -113,9 +113,8 @@ class _Batches:
 
 
 def _n_tokens(batch: Batch) -> int:
-    """Tokens the model processed (packed rows carry no attention mask: count them whole)."""
-    mask = batch.get("attention_mask")
-    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+    """Real tokens the model processed (not padding)."""
+    return int(batch["num_tokens"])
 
 
 def _total_steps(config: TrainConfig, n_batches: int) -> int:

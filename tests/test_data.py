@@ -192,7 +192,8 @@ def test_batches_pad_right_and_mask_labels() -> None:
     examples = _examples([3, 5, 4])
     examples[0] = Example(input_ids=[7, 8, 2], labels=[IGNORE_INDEX, 8, 2])  # ends with eos = pad id 2
     got = batches(examples, batch_size=2, pad_id=2, shuffle=False)
-    assert len(got) == 2 and set(got[0]) == {"input_ids", "attention_mask", "labels"}
+    assert len(got) == 2 and set(got[0]) == {"input_ids", "attention_mask", "labels", "num_tokens"}
+    assert [int(b["num_tokens"]) for b in got] == [int(b["attention_mask"].sum()) for b in got]
     first = got[0]
     assert first["input_ids"].shape == (2, 5) and first["input_ids"].dtype == torch.long
     assert first["input_ids"][0].tolist() == [7, 8, 2, 2, 2]
@@ -226,18 +227,20 @@ def test_batches_errors() -> None:
 def test_packing_layout() -> None:
     examples = _examples([4, 3, 5, 1, 6])
     got = batches(examples, batch_size=2, pad_id=0, shuffle=False, pack=True, max_length=8)
-    # Greedy in order: [4+3], [5+1], [6]
-    assert [b["input_ids"].shape for b in got] == [(2, 7), (1, 6)]
+    # Greedy in order: [4+3], [5+1], [6]; every packed batch is max_length wide (fixed shapes)
+    assert [b["input_ids"].shape for b in got] == [(2, 8), (1, 8)]
+    assert [int(b["num_tokens"]) for b in got] == [13, 6]  # real tokens, padding excluded
     first = got[0]
     assert "attention_mask" not in first
-    assert first["position_ids"][0].tolist() == [0, 1, 2, 3, 0, 1, 2]
-    assert first["position_ids"][1].tolist() == [0, 1, 2, 3, 4, 0, 1]
-    assert first["input_ids"][0].tolist() == examples[0].input_ids + examples[1].input_ids
+    assert first["position_ids"][0].tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert first["position_ids"][1].tolist() == [0, 1, 2, 3, 4, 0, 1, 2]
+    assert first["input_ids"][0].tolist()[:7] == examples[0].input_ids + examples[1].input_ids
     assert first["labels"][0, 4].item() == IGNORE_INDEX  # no prediction across the boundary
-    # Row 2 (6 tokens) is padded by one: input pad, label -100, position continuing its last segment
-    assert first["input_ids"][1].tolist()[-1] == 0 and first["labels"][1].tolist()[-1] == IGNORE_INDEX
+    # Row 2 (6 tokens) is padded by two: input pad, label -100, position continuing its last segment
+    assert first["input_ids"][1].tolist()[-2:] == [0, 0]
+    assert first["labels"][1].tolist()[-2:] == [IGNORE_INDEX, IGNORE_INDEX]
     assert first["labels"][1, 5].item() == IGNORE_INDEX  # the 1-token segment has nothing to learn
-    assert got[1]["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 5]
+    assert got[1]["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
 
 
 def _per_example_losses(
