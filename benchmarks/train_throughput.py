@@ -100,7 +100,6 @@ def _maxseq(setup: Any, cfg: Any, *, start: int, cap: int, gran: int, budget_s: 
 
 
 def worker(args: argparse.Namespace) -> None:
-    import torch
     from torch import nn
 
     import _workload

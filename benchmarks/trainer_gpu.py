@@ -67,7 +67,7 @@ def run_peft(model_dir: Path, *, steps: int) -> dict[str, object]:
     the same warmup + cosine schedule, Hugging Face's loss (``model(labels=...)``)."""
     import peft
 
-    from splice.data import batches
+    from splice.batching import batches
     from splice.models import load_model
     from splice.runs import prepare_data
     from splice.train import lr_at

@@ -31,7 +31,7 @@ _LAZY = {
     "read_rows": "data",
     "split_rows": "data",
     "tokenize_rows": "data",
-    "batches": "data",
+    "batches": "batching",
     "PromptTemplate": "data",
     "ChatTemplate": "data",
     "build_function_names": "tasks",

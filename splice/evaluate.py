@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import ChatTemplate, Example, PromptTemplate, batches
+from .batching import batches
+from .data import ChatTemplate, Example, PromptTemplate
 from .generate import generate
 from .lora import adapters_disabled, lora_modules
 

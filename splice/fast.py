@@ -27,7 +27,6 @@ visible to ``lora_modules``/``merge``/``save_adapter`` at their usual paths; ``u
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .rewrite import Around, Node, kind_of, rewrite, rewritten_nodes, unrewrite
+from .rewrite import Around, Node, rewrite, rewritten_nodes, unrewrite
+from .targets import Targets, target_matcher
 
 __all__ = [
     "LoraConfig",
@@ -33,12 +34,9 @@ __all__ = [
     "add_lora",
     "lora_modules",
     "merge",
-    "target_matcher",
     "unmerge",
     "use_adapters",
 ]
-
-Targets = str | Sequence[str] | Callable[[Node], bool]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -255,33 +253,6 @@ class LoraConv2d(LoraLayer):
         # (out, r, 1, 1) o (r, in, kh, kw) -> (out, in, kh, kw)
         b = self.lora_B.weight.flatten(1)
         return self.scale * torch.einsum("or,rikl->oikl", b, self.lora_A.weight)
-
-
-def _is_output_head(model: nn.Module, node: Node) -> bool:
-    get_out = getattr(model, "get_output_embeddings", None)
-    head = get_out() if callable(get_out) else None
-    if head is not None and (node.original is head or node.module is head):
-        return True
-    return node.name.split(".")[-1] in ("lm_head", "output_layer")
-
-
-def _linear_like(node: Node) -> bool:
-    return node.kind == "linear" or type(node.original).__name__ == "Conv1D"
-
-
-def target_matcher(model: nn.Module, targets: Targets) -> Callable[[Node], bool]:
-    """The predicate that ``targets`` (see :class:`LoraConfig`) means for ``model``."""
-    if callable(targets):
-        return targets
-    if isinstance(targets, str):
-        if targets == "all-linear":
-            return lambda n: _linear_like(n) and not _is_output_head(model, n)
-        pattern = re.compile(targets)
-        return lambda n: pattern.fullmatch(n.name) is not None
-    names = tuple(targets)
-    if not names or not all(isinstance(t, str) for t in names):
-        raise TypeError("LoraConfig.targets must be names, a regex, 'all-linear' or a predicate")
-    return lambda n: any(n.name == t or n.name.endswith("." + t) for t in names)
 
 
 def _build(node: Node, config: LoraConfig) -> LoraLayer:

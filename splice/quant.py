@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .lora import Targets, target_matcher
+from .targets import Targets, target_matcher
 from .rewrite import Node, Replace, rewrite
 
 __all__ = ["Int8Linear", "NF4Linear", "quantize_int8", "quantize_nf4"]

@@ -24,7 +24,7 @@ from torch import nn
 from .adapters import save_adapter
 from .checkpoints import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, check_output_dir, save_run_config
-from .data import Batch, batches
+from .batching import Batch, batches
 from .evaluate import evaluate_generation, validation_loss
 from .freeze import freeze
 from .loss import causal_lm_loss, lm_head_params, model_hidden_states

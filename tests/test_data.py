@@ -1,4 +1,5 @@
-"""splice.data: reading rows, templates, tokenization boundaries, batching and packing."""
+"""splice.data and splice.batching: reading rows, templates, tokenization boundaries, batching
+and packing."""
 
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from splice.batching import batches
 from splice.data import (
     IGNORE_INDEX,
     ChatTemplate,
     Example,
     PromptTemplate,
-    batches,
     read_rows,
     split_rows,
     tokenize_rows,

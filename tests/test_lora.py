@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 import splice
-from splice.lora import LoraEmbedding, LoraLinear, lora_modules, target_matcher
+from splice.lora import LoraEmbedding, LoraLinear, lora_modules
+from splice.targets import target_matcher
 from splice.rewrite import nodes
 
 from . import tiny
