@@ -15,12 +15,9 @@ from splice.fast import accelerate
 from splice.freeze import freeze
 from splice.lora import LoraConfig, add_lora, lora_modules
 
+from .test_fast import loss_and_grads, rel_err
+
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert torch.isfinite(a).all()
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def lora_llama(*, dropout: float = 0.1, device: str = "cpu", dtype: torch.dtype = torch.float32,
@@ -35,15 +32,6 @@ def lora_llama(*, dropout: float = 0.1, device: str = "cpu", dtype: torch.dtype 
         nn.init.normal_(layer.lora_B.weight, std=0.2)
     freeze(model)
     return model
-
-
-def loss_and_grads(model: nn.Module, ids: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    torch.manual_seed(seed)
-    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    return loss.detach(), grads
 
 
 def assert_same(a: tuple[torch.Tensor, dict[str, torch.Tensor]], b: tuple[torch.Tensor, dict[str, torch.Tensor]],
