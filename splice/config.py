@@ -58,7 +58,7 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 0  # validation loss every N steps (0: at the end only)
     eval_batches: int = 8
-    eval_samples: int = 48  # held-out examples scored by generation (0: none)
+    eval_samples: int = 96  # held-out examples scored by generation (0: none)
     eval_batch_size: int = 16
     max_new_tokens: int = 20
     compare_base: bool = True  # score the base model first, for a before/after table
