@@ -15,9 +15,9 @@ from splice.fast import accelerate
 from splice.freeze import freeze
 from splice.lora import LoraConfig, add_lora, lora_modules
 
-from .test_fast import loss_and_grads, rel_err
+from .numerics import GPU, rel_err
+from .test_fast import loss_and_grads
 
-GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
 
 
 def lora_llama(*, dropout: float = 0.1, device: str = "cpu", dtype: torch.dtype = torch.float32,

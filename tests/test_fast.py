@@ -15,12 +15,7 @@ from splice.freeze import freeze
 from splice.lora import LoraConfig, add_lora, lora_modules, merge
 from splice.loss import causal_lm_loss, lm_head_params, model_hidden_states
 
-GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert torch.isfinite(a).all()
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+from .numerics import GPU, rel_err
 
 
 def lora_llama(*, dropout: float = 0.0, targets: str | tuple[str, ...] = "all-linear",

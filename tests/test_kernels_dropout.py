@@ -7,7 +7,7 @@ import torch
 
 from splice.kernels.dropout import dropout, dropout_add_, new_seed
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+from .numerics import DEVICES
 
 
 @pytest.mark.parametrize("device", DEVICES)

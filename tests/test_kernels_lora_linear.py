@@ -9,14 +9,10 @@ import splice.kernels.lora_linear as lora_module
 from splice.kernels.dropout import dropout
 from splice.kernels.lora_linear import lora_linear, lora_linear_reference, uses_lora_kernels
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+from .numerics import DEVICES, rel_err
+
 # (x shape, out features, rank)
 SHAPES = [((3, 5, 33), 17, 3), ((64, 128), 96, 8), ((2, 7, 96), 257, 16)]
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert torch.isfinite(a).all()
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def _tol(dtype: torch.dtype) -> float:

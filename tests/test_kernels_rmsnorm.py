@@ -7,12 +7,7 @@ import torch
 
 from splice.kernels.rmsnorm import rms_norm, rms_norm_reference
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert torch.isfinite(a).all()
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+from .numerics import DEVICES, rel_err
 
 
 @pytest.mark.parametrize("device", DEVICES)
