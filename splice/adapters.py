@@ -180,12 +180,13 @@ def _plan(model: nn.Module, tensors: dict[str, Tensor], name: str) -> dict[str, 
             continue
         by_path.setdefault(match["path"], {})[match["part"]] = value
     modules = dict(model.named_modules())
+    adapted = {p for p, _, _ in lora_modules(model, name=name)}
     for path, parts in by_path.items():
         module = modules.get(path)
         if module is None:
             problems.append(f"module {path!r} is not in the model")
             continue
-        if path in {p for p, _, _ in lora_modules(model, name=name)}:
+        if path in adapted:
             problems.append(f"module {path!r} already has a LoRA adapter named {name!r} (load "
                             "this one under another name=)")
             continue

@@ -158,10 +158,13 @@ def test_packed_training_and_periodic_generation_eval(tiny_run_inputs, tmp_path)
     assert summary["kind"] == "summary" and "base_word_f1" in summary and "word_f1" in summary
 
 
-def test_checkpointing_and_fast_kernels_keep_the_trajectory(tiny_run_inputs, tmp_path) -> None:
+def test_checkpointing_and_fast_kernels_keep_the_trajectory(tiny_run_inputs, tmp_path, capsys) -> None:
     plain = train(_config(tiny_run_inputs, tmp_path / "plain", steps=4, dropout=0.0, fast=False))
+    assert "fused kernels / checkpointing" not in capsys.readouterr().out
     sped = train(_config(tiny_run_inputs, tmp_path / "sped", steps=4, dropout=0.0, fast=True,
                          gradient_checkpointing=True))
+    # 14 LoRA linears + 5 norms + 2 MLPs + 2 attentions fused, 2 decoder layers checkpointed
+    assert "fused kernels / checkpointing on 25 modules" in capsys.readouterr().out
     torch.testing.assert_close(torch.tensor(sped.losses), torch.tensor(plain.losses), rtol=1e-5, atol=1e-5)
     from safetensors.torch import load_file
 
