@@ -158,7 +158,9 @@ def setup_splice(base: nn.Module, cfg: Config) -> Setup:
 
     def loss(ids: Tensor) -> Tensor:
         hidden = model_hidden_states(base, input_ids=ids)
-        return causal_lm_loss(hidden, weight, ids, lm_head_bias=bias, chunk_size=chunk["rows"])
+        # static_shapes: no host sync (CUDA graphs need it); every label is a target here anyway
+        return causal_lm_loss(hidden, weight, ids, lm_head_bias=bias, chunk_size=chunk["rows"],
+                              static_shapes=True)
 
     pairs = [(p, layer.lora_A.weight, layer.lora_B.weight) for p, _, layer in lora_modules(base)]
     return Setup(base, loss, pairs, set_ckpt)
@@ -180,10 +182,24 @@ def batches(cfg: Config, *, seq: int | None = None, batch: int | None = None,
         step += 1
 
 
-def train(setup: Setup, data: Iterator[Tensor], *, warmup: int, steps: int, lr: float = LR) -> dict[str, Any]:
-    """warmup + steps optimizer steps; returns timing, memory and per-step losses."""
+def train(setup: Setup, data: Iterator[Tensor], *, warmup: int, steps: int, lr: float = LR,
+          graphs: bool = False) -> dict[str, Any]:
+    """warmup + steps optimizer steps; returns timing, memory and per-step losses.
+    ``graphs``: forward + loss + backward replayed from a CUDA graph (splice.graphs.GraphedStep;
+    its capture happens in the first warm-up step, so ``warmup`` must be >= 1)."""
     params = [p for p in setup.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, fused=True)
+
+    def eager(batch: dict[str, Tensor]) -> Tensor:
+        loss = setup.loss(batch["ids"])
+        loss.backward()
+        return loss.detach()
+
+    step: Callable[[dict[str, Tensor]], Tensor] = eager
+    if graphs:
+        from splice.graphs import GraphedStep
+
+        step = GraphedStep(eager, params, warn=lambda m: print("  " + m, flush=True))
     cuda = DEVICE == "cuda"
     _sync()
     if cuda:
@@ -196,11 +212,10 @@ def train(setup: Setup, data: Iterator[Tensor], *, warmup: int, steps: int, lr: 
             _sync()
             t0 = time.perf_counter()
         ids = next(data)
-        loss = setup.loss(ids)
-        loss.backward()
+        loss = step({"ids": ids})
         opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.detach().float())
+        opt.zero_grad(set_to_none=not graphs)  # a graph adds into the same .grad tensors
+        losses.append(loss.float().clone())
     _sync()
     elapsed = time.perf_counter() - t0
     tokens = ids.numel() * steps
@@ -211,8 +226,9 @@ def train(setup: Setup, data: Iterator[Tensor], *, warmup: int, steps: int, lr: 
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB if cuda else 0.0,
         "start_gib": start_alloc / GIB,
         "losses": [float(x) for x in torch.stack(losses).cpu()],
+        "graphs": getattr(step, "captured", 0),
     }
-    del opt
+    del opt, step
     return out
 
 

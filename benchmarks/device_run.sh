@@ -2,6 +2,8 @@
 # Run on the GPU machine from the repository root:  bash benchmarks/device_run.sh check|full
 #   check: GPU tests + per-kernel timings + throughput of every framework (with profiles of C)
 #          + splice's 131,072-token probe
+#   quick: GPU tests (kernels, fast, checkpoint, graphs, loss, trainer) + throughput of PEFT and
+#          splice on A and C (no profiles)
 #   full:  the benchmark in one invocation: throughput, loss parity, longest sequence search
 # Results go to $OUT (default ./bench_out). Liger-Kernel comes from wheels in .whl/ if present.
 set -uo pipefail
@@ -14,15 +16,20 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=.:/tmp/site
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/log.txt"
-if [ "$MODE" = check ]; then
-  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_*.py tests/test_fast.py tests/test_checkpoint.py 2>&1 \
+GPU_TESTS="tests/test_kernels_*.py tests/test_fast.py tests/test_checkpoint.py tests/test_graphs.py tests/test_loss.py tests/test_train.py"
+if [ "$MODE" = quick ]; then
+  timeout 240 python3 -m pytest -q -p no:cacheprovider $GPU_TESTS 2>&1 | tee "$OUT/pytest.log" | tail -25
+  timeout 300 python3 benchmarks/train_throughput.py --out "$OUT" --frameworks "${FRAMEWORKS:-peft,splice}" \
+    --configs "${CONFIGS:-A,C}" --worker-timeout 200 2>&1 | tee -a "$OUT/log.txt" | grep -v "^ *maxseq"
+elif [ "$MODE" = check ]; then
+  timeout 150 python3 -m pytest -q -p no:cacheprovider $GPU_TESTS 2>&1 \
     | tee "$OUT/pytest.log" | tail -15
   timeout 90 python3 benchmarks/kernel_timings.py 2>&1 | tee "$OUT/kernels.txt"
   timeout 280 python3 benchmarks/train_throughput.py --out "$OUT" --frameworks "${FRAMEWORKS:-peft,liger,splice}" --profile C,A --worker-timeout 150 2>&1 | tee -a "$OUT/log.txt" | grep -v "^ *\(maxseq\)"
   timeout 130 python3 benchmarks/train_throughput.py --out "$OUT/maxseq" --frameworks splice --configs "" --maxseq \
     --maxseq-budget 100 --worker-timeout 140 2>&1 | tee -a "$OUT/log.txt" | tail -8
 else
-  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_*.py tests/test_fast.py tests/test_checkpoint.py 2>&1 \
+  timeout 120 python3 -m pytest -q -p no:cacheprovider $GPU_TESTS 2>&1 \
     | tee "$OUT/pytest.log" | tail -4
   timeout 470 python3 benchmarks/train_throughput.py --out "$OUT" --maxseq --profile C,A --worker-timeout 230 2>&1 | tee -a "$OUT/log.txt"
 fi

@@ -94,7 +94,7 @@ def main() -> None:
         base = bench(fwd_bwd(lambda: F.linear(xl, w), (gy,), [xl]))
         for p in (0.0, 0.05):
             ref = bench(fwd_bwd(lambda: peft_lora(xl, w, a, b, p, 2.0), (gy,), [xl, a, b]))
-            fused = bench(fwd_bwd(lambda: lora_linear(xl, w, None, a, b, scale=2.0, dropout_p=p, seed=1),
+            fused = bench(fwd_bwd(lambda: lora_linear(xl, w, None, a, b, scale=2.0, dropout_p=p, keys=1),
                                   (gy,), [xl, a, b]))
             rows.append((f"LoRA linear {name} r{R} p={p} (base alone {base:.3f} ms)", ref, fused, 0))
 

@@ -149,8 +149,11 @@ def worker(args: argparse.Namespace) -> None:
             weights = sum(p.numel() * p.element_size() for n, p in setup.model.named_parameters()
                           if not p.requires_grad) / GIB
             setup.set_ckpt("off")
-            record(setup, CONFIGS["A"], "", train(setup, batches(CONFIGS["A"]), warmup=args.warmup,
-                                                   steps=args.steps), weights)
+            for graphs in [False] + ([True] if fw == "splice" else []):
+                free_cuda()
+                record(setup, CONFIGS["A"], "graphs" if graphs else "",
+                       train(setup, batches(CONFIGS["A"]), warmup=args.warmup, steps=args.steps,
+                             graphs=graphs), weights)
             if "A" in args.profile.split(",") and not args.tiny:
                 maybe_profile(setup, CONFIGS["A"], "A")
             del setup
@@ -162,13 +165,15 @@ def worker(args: argparse.Namespace) -> None:
                           if not p.requires_grad) / GIB
         run_cfg = CONFIGS[name] if name != "maxseq" else cfg
         if name in ("C", "E"):
-            for mode in ["on"] + (["all"] if fw == "splice" else []):
+            modes = [("on", False)] + ([("on", True), ("all", False), ("all", True)] if fw == "splice" else [])
+            for mode, graphs in modes:
                 shared.set_ckpt(mode)
                 variant = {"on": "auto" if fw == "splice" else "", "all": "ckpt all"}[mode]
+                variant += " + graphs" if graphs else ""
                 free_cuda()
                 record(shared, run_cfg, variant, train(shared, batches(run_cfg), warmup=args.warmup,
-                                                       steps=args.steps), weights)
-                if name in args.profile.split(",") and not args.tiny:
+                                                       steps=args.steps, graphs=graphs), weights)
+                if name in args.profile.split(",") and not args.tiny and not graphs:
                     maybe_profile(shared, run_cfg, f"{name} {variant}".strip())
         elif name == "P":
             drops = [m for m in shared.model.modules() if isinstance(m, nn.Dropout)]

@@ -19,8 +19,11 @@ pay no recompute at all, long ones checkpoint everything.
 
 Like :mod:`splice.fast`'s containers, the wrapper shares its children, which later walks enter (LoRA inside
 stays visible to ``lora_modules``/``save_adapter``); :func:`uncheckpoint_layers` undoes it.
-Dropout masks are replayed in the recompute: torch's CPU and CUDA generator states are restored
-(splice's fused LoRA dropout draws its seed from the CPU generator).
+Dropout masks are replayed in the recompute: the keys splice's fused LoRA dropout drew in the
+forward are recorded and handed back in order (:func:`~splice.kernels.dropout.recording_keys`),
+and torch's CPU and CUDA generator states are restored for any other random op. Inside a CUDA
+graph capture (:mod:`splice.graphs`) the CUDA generator cannot be saved and restored, so there a
+layer holding any other active dropout (``nn.Dropout``, attention dropout) refuses to be captured.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .fast import share_state
+from .fast import FusedLoraLinear, share_state
+from .kernels.dropout import KeyTape, recording_keys, replaying_keys
 from .rewrite import Node, Replace, nodes, rewrite, unrewrite
 
 __all__ = ["CheckpointedLayer", "checkpoint_layers", "release_pinned_memory", "uncheckpoint_layers"]
@@ -138,16 +142,19 @@ class _Checkpoint(torch.autograd.Function):
         ctx.run, ctx.device = run, hidden.device
         ctx.needs_hidden = hidden.requires_grad
         ctx.cpu_rng = torch.get_rng_state()
-        ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
+        capturing = hidden.is_cuda and torch.cuda.is_current_stream_capturing()
+        ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda and not capturing else None
         ctx.saved = _Saved(hidden, offload)
-        return run(hidden)
+        ctx.tape = KeyTape()
+        with recording_keys(ctx.tape):
+            return run(hidden)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         hidden = ctx.saved.load(ctx.device).detach().requires_grad_(ctx.needs_hidden)
         del ctx.saved
         devices = [ctx.device] if ctx.cuda_rng is not None else []
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), replaying_keys(ctx.tape):
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
@@ -155,6 +162,18 @@ class _Checkpoint(torch.autograd.Function):
                 out = ctx.run(hidden)
         torch.autograd.backward(out, grad_out)
         return None, hidden.grad if ctx.needs_hidden else None, None, None
+
+
+def _unreplayable_dropout(layer: nn.Module) -> str | None:
+    """Path of an active dropout in ``layer`` that draws from torch's generator (not splice's
+    keys), which a recompute inside a CUDA graph could not replay; None if there is none."""
+    fused = {id(m) for f in layer.modules() if isinstance(f, FusedLoraLinear) for m in f.fn.modules()}
+    for name, m in layer.named_modules():
+        if id(m) in fused or not m.training:
+            continue
+        if (isinstance(m, nn.Dropout) and m.p > 0) or float(getattr(m, "attention_dropout", 0.0) or 0.0) > 0:
+            return name or type(m).__name__
+    return None
 
 
 class CheckpointedLayer(nn.Module):
@@ -180,6 +199,8 @@ class CheckpointedLayer(nn.Module):
             return self._run_plain(*args, **kwargs)
         plan: _AutoPlan | None = self.__dict__["_plan"]
         if plan is not None and hidden.is_cuda:
+            if self.index == 0 and torch.cuda.is_current_stream_capturing():
+                return self._run_plain(*args, **kwargs)  # a graph keeps the warm-up's decision
             if self.index == 0:  # measure what one un-checkpointed layer keeps
                 before = torch.cuda.memory_allocated(hidden.device)
                 out = self._run_plain(*args, **kwargs)
@@ -197,6 +218,14 @@ class CheckpointedLayer(nn.Module):
                 kwargs[key] = None
         if "use_cache" in kwargs:
             kwargs["use_cache"] = False
+        if hidden.is_cuda and torch.cuda.is_current_stream_capturing():
+            bad = _unreplayable_dropout(self.__dict__["_layer"])
+            if bad is not None:
+                raise RuntimeError(
+                    f"cannot capture a CUDA graph through checkpointed layer {self.index}: its "
+                    f"dropout {bad!r} draws from torch's generator, which the recompute could not "
+                    "replay inside a graph; use splice.fast.accelerate (its LoRA dropout replays), "
+                    "dropout 0, or train without CUDA graphs")
         rest = args[1:]
         kwargs.pop("hidden_states", None)
         run = lambda h: self._run_plain(h, *rest, **kwargs)  # noqa: E731

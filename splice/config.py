@@ -14,7 +14,7 @@ RUN_CONFIG = "run_config.json"
 # Options that may differ when resuming (they don't change the trajectory's meaning).
 _RESUME_FREE = {"resume", "steps", "epochs", "save_every", "keep_checkpoints", "eval_every",
                 "eval_samples", "compare_base", "eval_batch_size", "max_new_tokens",
-                "fast", "gradient_checkpointing", "offload_checkpoints", "device"}
+                "fast", "gradient_checkpointing", "offload_checkpoints", "cuda_graphs", "device"}
 
 
 @dataclass(kw_only=True)
@@ -55,6 +55,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute every decoder layer in backward
     offload_checkpoints: bool = False  # keep checkpointed layer inputs in CPU memory (longest sequences)
     fast: bool | None = None  # fused kernels + memory-aware checkpointing; None: on with a CUDA GPU
+    cuda_graphs: bool | None = None  # replay each step from a CUDA graph; None: on with --fast on a GPU
     seed: int = 0
     eval_every: int = 0  # validation loss every N steps (0: at the end only)
     eval_batches: int = 8
@@ -80,6 +81,9 @@ class TrainConfig:
             (self.optimizer in ("adamw", "sgd"), "optimizer must be adamw or sgd"),
             (self.precision in ("auto", "bf16", "fp32"), "precision must be auto, bf16 or fp32"),
             (0.0 <= self.val_fraction < 1.0, "val_fraction must be in [0, 1)"),
+            (not (self.cuda_graphs and self.offload_checkpoints),
+             "cuda_graphs cannot be combined with offload_checkpoints (offloaded copies wait on "
+             "the host): drop one of them"),
         ]
         problems = [msg for ok, msg in checks if not ok]
         if problems:

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .kernels.dropout import new_seed
+from .kernels.dropout import new_keys
 from .kernels.lora_linear import lora_linear
 from .kernels.rmsnorm import rms_norm
 from .kernels.rope import rope
@@ -84,7 +84,8 @@ class FusedLoraLinear(Around):
 
     Same ``base`` and ``fn`` (the :class:`LoraLinear`) as the wrapper it replaces. Falls back to
     the plain ``base(x) + fn(x, y)`` when fusing does not apply: merged adapter, GPT-2 ``Conv1D``,
-    a base that is not a float ``nn.Linear`` (quantized), dtype mismatch or autocast.
+    a base that is not a float ``nn.Linear`` (quantized), dtype mismatch, or fp32 activations
+    under autocast.
     """
 
     splice_fast = True
@@ -107,7 +108,8 @@ class FusedLoraLinear(Around):
             and lora.enabled
             and lora.row_mask is None  # rows routed to several adapters: the plain path
             and not lora.fan_in_fan_out
-            and not torch.is_autocast_enabled(x.device.type)
+            # under autocast only 16-bit activations: fp32 ones would be cast by autocast
+            and (x.dtype in (torch.bfloat16, torch.float16) or not torch.is_autocast_enabled(x.device.type))
         )
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -116,10 +118,14 @@ class FusedLoraLinear(Around):
         lora: LoraLinear = self.fn  # type: ignore[assignment]
         drop = lora.dropout
         p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
-        return lora_linear(
-            args[0], self.base.weight, self.base.bias, lora.lora_A.weight, lora.lora_B.weight,
-            scale=lora.scale, dropout_p=p, seed=new_seed() if p > 0 else 0,
-        )
+        x = args[0]
+        # Autocast off inside: x and W already share the 16-bit dtype, and the fused function
+        # keeps the fp32 adapter weights exact (autocast would round them to bf16).
+        with torch.autocast(x.device.type, enabled=False):
+            return lora_linear(
+                x, self.base.weight, self.base.bias, lora.lora_A.weight, lora.lora_B.weight,
+                scale=lora.scale, dropout_p=p, keys=new_keys(x.device) if p > 0 else 0,
+            )
 
 
 class FusedRMSNorm(nn.Module):

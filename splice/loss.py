@@ -23,6 +23,7 @@ from .rewrite import Around
 
 __all__ = [
     "causal_lm_loss",
+    "check_labels",
     "lm_head_params",
     "model_hidden_states",
     "naive_causal_lm_loss",
@@ -65,7 +66,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         weight: Tensor,  # (V, H)
         bias: Tensor | None,  # (V,)
         targets: Tensor,  # (N,) int64
-        row_weight: float,
+        row_weight: float | Tensor,  # a float, or a 0-dim fp32 tensor (static_shapes)
+        valid: Tensor | None,  # (N,) 0/1 per row (static_shapes: ignored rows weigh 0), or None
         chunk_size: int,
         compute: torch.dtype,
         need_rows: bool,
@@ -92,13 +94,14 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 logits += b
             lse = torch.logsumexp(logits, dim=-1)  # (c,)
             target_logit = logits.gather(1, y[:, None]).squeeze(1)
-            total += (lse - target_logit).sum()
+            keep = valid[start:end].to(acc) if valid is not None else None  # (c,)
+            total += ((lse - target_logit) * keep).sum() if keep is not None else (lse - target_logit).sum()
             if not need_any:
                 continue
             # In place: logits become g = w * (softmax - onehot), the (c, V) gradient of the loss.
             grad = logits.sub_(lse[:, None]).exp_()
             grad[torch.arange(end - start, device=grad.device), y] -= 1.0
-            grad.mul_(row_weight)
+            grad.mul_(row_weight if keep is None else keep[:, None] * row_weight)
             if grad_rows is not None:
                 grad_rows[start:end] = (grad.to(compute) @ w).to(rows.dtype)
             if grad_w is not None:  # (V, c) @ (c, H), in the compute dtype, summed in fp32
@@ -119,16 +122,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         grad_rows, grad_w, grad_b = ctx.saved_tensors
+        # Always one multiply (no "is it 1?" test: that would be a host sync, fatal in a graph).
         scale = grad_output.float()
 
         def scaled(grad: Tensor | None) -> Tensor | None:
-            if grad is None:
-                return None
-            if torch.equal(scale, torch.ones_like(scale)):  # the usual loss.backward(): no copy
-                return grad
-            return grad * scale.to(grad.dtype)
+            return None if grad is None else grad * scale.to(grad.dtype)
 
-        return scaled(grad_rows), scaled(grad_w), scaled(grad_b), *([None] * 7)
+        return scaled(grad_rows), scaled(grad_w), scaled(grad_b), *([None] * 8)
 
 
 def causal_lm_loss(
@@ -140,6 +140,7 @@ def causal_lm_loss(
     chunk_size: int = 1024,
     reduction: str = "mean",
     lm_head_bias: Tensor | None = None,
+    static_shapes: bool = False,
 ) -> Tensor:
     """Next-token cross-entropy of ``hidden @ lm_head_weight.T (+ bias)`` against shifted ``labels``.
 
@@ -159,6 +160,12 @@ def causal_lm_loss(
     The matmuls run in ``promote_types(hidden.dtype, weight.dtype)``, or in the autocast dtype when
     that is float32 and autocast is on (as ``lm_head`` would under autocast). Returns a float32
     scalar (float64 for float64 inputs).
+
+    ``static_shapes=True`` makes the call free of host syncs (as capture in a CUDA graph needs,
+    see :mod:`splice.graphs`): every position goes through the head, ignored ones weighted 0,
+    instead of selecting the target rows first (which needs their count on the host); label ids
+    are range-checked only when ``labels`` are on the CPU. Same result, more head FLOPs when many
+    positions are ignored.
     """
     _check_reduction(reduction)
     if chunk_size < 1:
@@ -190,16 +197,23 @@ def causal_lm_loss(
             "point; a quantized head cannot be used here: compute logits with the model instead"
         )
 
-    flat_index, targets = _shifted_targets(labels.to(hidden.device), ignore_index)
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
-        raise ValueError(
-            f"labels contain ids outside [0, {vocab}) (min {int(targets.min())}, max "
-            f"{int(targets.max())}); mask ignored positions with ignore_index={ignore_index}"
-        )
-    # (B*T, H) is a view when hidden is contiguous; index_select copies only the target rows.
-    rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_index)
-    n_targets = targets.numel()
-    row_weight = 1.0 / n_targets if reduction == "mean" and n_targets > 0 else 1.0
+    if not static_shapes or labels.device.type == "cpu":
+        check_labels(labels, vocab=vocab, ignore_index=ignore_index)
+    valid: Tensor | None = None
+    row_weight: float | Tensor
+    if static_shapes:
+        targets = labels[:, 1:].to(hidden.device)  # (B, T-1)
+        valid_b = targets != ignore_index
+        targets = torch.where(valid_b, targets, torch.zeros_like(targets)).reshape(-1)
+        valid = valid_b.reshape(-1)
+        rows = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(T-1), H)
+        row_weight = (1.0 / valid.sum().clamp(min=1).float()) if reduction == "mean" else 1.0
+    else:
+        flat_index, targets = _shifted_targets(labels.to(hidden.device), ignore_index)
+        # (B*T, H) is a view when hidden is contiguous; index_select copies only the target rows.
+        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_index)
+        n_targets = targets.numel()
+        row_weight = 1.0 / n_targets if reduction == "mean" and n_targets > 0 else 1.0
     compute = torch.promote_types(hidden.dtype, lm_head_weight.dtype)
     device_type = hidden.device.type
     if compute == torch.float32 and torch.is_autocast_enabled(device_type):
@@ -212,6 +226,7 @@ def causal_lm_loss(
             lm_head_bias,
             targets,
             row_weight,
+            valid,
             chunk_size,
             compute,
             grad_on and rows.requires_grad,
@@ -219,6 +234,18 @@ def causal_lm_loss(
             grad_on and lm_head_bias is not None and lm_head_bias.requires_grad,
         )
     return loss
+
+
+def check_labels(labels: Tensor, *, vocab: int, ignore_index: int = -100) -> None:
+    """Raise unless every target id in ``labels`` (B, T) (past position 0, not ignored) is a
+    token id below ``vocab`` (a host sync when ``labels`` are on a GPU)."""
+    targets = labels[:, 1:]
+    targets = targets[targets != ignore_index]
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
+        raise ValueError(
+            f"labels contain ids outside [0, {vocab}) (min {int(targets.min())}, max "
+            f"{int(targets.max())}); mask ignored positions with ignore_index={ignore_index}"
+        )
 
 
 def naive_causal_lm_loss(

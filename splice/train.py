@@ -27,7 +27,8 @@ from .config import TrainConfig, check_output_dir, save_run_config
 from .batching import Batch, batches
 from .evaluate import evaluate_generation, validation_loss
 from .freeze import freeze
-from .loss import causal_lm_loss, lm_head_params, model_hidden_states
+from .graphs import GraphedStep
+from .loss import causal_lm_loss, check_labels, lm_head_params, model_hidden_states
 from .lora import LoraConfig, add_lora
 from .report import MetricsLog, Progress, plot_losses
 from .runs import RunData, prepare_data, prepare_model, speed_up
@@ -46,6 +47,7 @@ class TrainResult:
     losses: list[float]
     interrupted: bool = False
     metrics: dict[str, Any] = field(default_factory=dict)
+    cuda_graphs: int = 0  # training-step graphs captured (0: eager steps)
 
 
 def lr_at(step: int, *, total: int, warmup: int, schedule: str) -> float:
@@ -68,14 +70,17 @@ def _optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.O
     raise ValueError(f"unknown optimizer {config.optimizer!r}: use 'adamw' or 'sgd'")
 
 
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+def _autocast(device: torch.device, precision: str, *, cache: bool = True) -> contextlib.AbstractContextManager:
     if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        # No weight-cast cache inside CUDA graphs: cached casts would outlive the capture.
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
 
 
-def train_step_loss(model: nn.Module, batch: Batch, *, device: torch.device) -> torch.Tensor:
-    """Summed cross-entropy of one micro-batch's target tokens (the loss lives outside forward)."""
+def train_step_loss(model: nn.Module, batch: Batch, *, device: torch.device,
+                    static_shapes: bool = False) -> torch.Tensor:
+    """Summed cross-entropy of one micro-batch's target tokens (the loss lives outside forward).
+    ``static_shapes``: no host syncs (for CUDA graphs; see :func:`causal_lm_loss`)."""
     hidden = model_hidden_states(
         model,
         input_ids=batch["input_ids"].to(device),
@@ -84,7 +89,24 @@ def train_step_loss(model: nn.Module, batch: Batch, *, device: torch.device) -> 
     )
     weight, bias = lm_head_params(model)
     return causal_lm_loss(hidden, weight, batch["labels"].to(device), reduction="sum",
-                          lm_head_bias=bias)
+                          lm_head_bias=bias, static_shapes=static_shapes)
+
+
+_MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids")
+
+
+def _micro_step(model: nn.Module, device: torch.device, precision: str,
+                graphed: bool) -> Any:
+    """One micro-batch's forward, loss and backward (``loss_scale`` = 1 / the step's targets);
+    returns the summed loss. The function :class:`GraphedStep` captures."""
+
+    def step(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with _autocast(device, precision, cache=not graphed):
+            part = train_step_loss(model, batch, device=device, static_shapes=graphed)
+        (part * batch["loss_scale"]).backward()
+        return part.detach()
+
+    return step
 
 
 class _Batches:
@@ -164,6 +186,14 @@ def train(config: TrainConfig, *, log: Progress | None = None) -> TrainResult:
     total = _total_steps(config, len(stream.epoch_batches(0)))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(params, config)
+    fast = device.type == "cuda" if config.fast is None else config.fast
+    # Default: graphs with the fused kernels on packed batches (unpacked ones carry an attention
+    # mask that Hugging Face inspects on the host, which capture forbids).
+    auto_graphs = fast and config.pack and not config.offload_checkpoints
+    graphed = device.type == "cuda" and (auto_graphs if config.cuda_graphs is None else config.cuda_graphs)
+    micro_step = GraphedStep(_micro_step(model, device, precision, graphed), params,
+                             enabled=graphed, warn=say)
+    vocab = lm_head_params(model)[0].shape[0]
     warmup = config.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_at(s, total=total, warmup=warmup, schedule=config.schedule))
@@ -192,13 +222,14 @@ def train(config: TrainConfig, *, log: Progress | None = None) -> TrainResult:
             n_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
             loss_sum = 0.0
             for batch in micro:
-                with _autocast(device, precision):
-                    part = train_step_loss(model, batch, device=device)
-                (part / max(n_targets, 1)).backward()
-                loss_sum += float(part.detach())
+                inputs = {k: batch[k].to(device) for k in _MODEL_INPUTS if k in batch}
+                if graphed:  # the graph's loss skips its host-side label check: do it here
+                    check_labels(batch["labels"], vocab=vocab)
+                inputs["loss_scale"] = torch.tensor(1.0 / max(n_targets, 1), device=device)
+                loss_sum += float(micro_step(inputs))
             loss = loss_sum / max(n_targets, 1)
             if not math.isfinite(loss):
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=not graphed)
                 state.bad_steps += 1
                 say(f"warning: non-finite loss at step {state.step + 1}; step skipped "
                     f"({state.bad_steps}/{config.max_bad_steps} in a row)")
@@ -214,7 +245,7 @@ def train(config: TrainConfig, *, log: Progress | None = None) -> TrainResult:
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=not graphed)  # a graph adds into the same tensors
             state.step += 1
             tokens = sum(_n_tokens(b) for b in micro)
             state.tokens_seen += tokens
@@ -233,12 +264,15 @@ def train(config: TrainConfig, *, log: Progress | None = None) -> TrainResult:
                     f"written. Continue with --resume")
                 result.interrupted = True
                 result.steps = state.step
+                result.cuda_graphs = micro_step.captured
                 return result
             if config.save_every and state.step % config.save_every == 0:
                 checkpoint()
     progress.close()
     checkpoint()
     result.steps = state.step
+    result.cuda_graphs = micro_step.captured
+    del micro_step  # its graph's memory pool
     save_adapter(model, out / "adapter", base_model=config.model_name())
     final = evaluate(state.step)
     result.metrics = {"final": final, "base": base_metrics}

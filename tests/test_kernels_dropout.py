@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from splice.kernels.dropout import dropout, dropout_add_, new_seed
+from splice.kernels.dropout import KeyTape, dropout, dropout_add_, new_keys, recording_keys, replaying_keys
 
 from .numerics import DEVICES
 
@@ -44,8 +44,33 @@ def test_dropout_add_uses_the_same_mask(device: str, dtype: torch.dtype) -> None
     torch.testing.assert_close(out, expected, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=1e-2)
 
 
-def test_new_seed_follows_torch_seed() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_new_keys_follow_torch_seed(device: str) -> None:
     torch.manual_seed(3)
-    a = [new_seed() for _ in range(3)]
+    a = [new_keys(device) for _ in range(3)]
+    assert all(k.dtype == torch.int32 and k.shape == (2,) and k.device.type == device for k in a)
+    assert len({tuple(k.tolist()) for k in a}) == 3
     torch.manual_seed(3)
-    assert a == [new_seed() for _ in range(3)]
+    assert all(torch.equal(k, new_keys(device)) for k in a)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_int_seed_and_its_keys_give_one_mask(device: str) -> None:
+    from splice.kernels.dropout import as_keys
+
+    x = torch.randn(9, 70, device=device)
+    assert torch.equal(dropout(x, 0.4, 11), dropout(x, 0.4, as_keys(11, torch.device(device))))
+    with pytest.raises(ValueError, match="int32 tensor of shape"):
+        dropout(x, 0.4, torch.zeros(3, dtype=torch.int32, device=device))
+
+
+def test_key_tape_replays_in_order() -> None:
+    tape = KeyTape()
+    with recording_keys(tape):
+        drawn = [new_keys("cpu") for _ in range(3)]
+    fresh = new_keys("cpu")  # outside the tape: a new draw
+    assert not any(torch.equal(fresh, k) for k in drawn)
+    with replaying_keys(tape):
+        assert all(new_keys("cpu") is k for k in drawn)
+        with pytest.raises(RuntimeError, match="more dropout keys"):
+            new_keys("cpu")

@@ -37,7 +37,7 @@ def test_forward_and_grads(device: str, dtype: torch.dtype, shape: tuple[int, ..
     a = (torch.randn(rank, in_features, device=device) / in_features**0.5).requires_grad_()
     bb = torch.randn(out_features, rank, device=device).requires_grad_()
     scale, seed = 1.7, 1234
-    y = lora_linear(x, w, b, a, bb, scale=scale, dropout_p=p, seed=seed)
+    y = lora_linear(x, w, b, a, bb, scale=scale, dropout_p=p, keys=seed)
     assert y.dtype == dtype and y.shape == (*shape[:-1], out_features)
     dy = torch.randn_like(y)
     y.backward(dy)
@@ -83,7 +83,7 @@ def test_frozen_adapter_and_no_input_grad(device: str) -> None:
     w = torch.randn(8, 16, device=device)
     a = torch.randn(2, 16, device=device, requires_grad=True)
     bb = torch.zeros(8, 2, device=device)  # frozen B (PEFT's init)
-    y = lora_linear(x, w, None, a, bb, scale=2.0, dropout_p=0.1, seed=5)
+    y = lora_linear(x, w, None, a, bb, scale=2.0, dropout_p=0.1, keys=5)
     torch.testing.assert_close(y, x @ w.T)  # B = 0: exactly the base output
     y.sum().backward()
     assert a.grad is not None and torch.count_nonzero(a.grad) == 0

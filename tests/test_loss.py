@@ -76,6 +76,47 @@ def test_matches_naive_loss_and_grads_fp32(b: int, t: int, chunk: int) -> None:
     torch.testing.assert_close(gw, rw, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("p_ignore", [0.0, 0.6, 1.0])
+def test_static_shapes_gives_the_same_loss_and_grads(reduction: str, p_ignore: float) -> None:
+    hidden, weight, labels = _problem(3, 11, 16, 29, seed=21, p_ignore=p_ignore)
+    bias = torch.randn(29, generator=torch.Generator().manual_seed(5)).requires_grad_()
+
+    def run(static: bool) -> tuple[Tensor, list[Tensor]]:
+        return _grads(lambda: causal_lm_loss(hidden, weight, labels, lm_head_bias=bias, chunk_size=4,
+                                             reduction=reduction, static_shapes=static), hidden, weight, bias)
+
+    (ref, want), (got_loss, got) = run(False), run(True)
+    torch.testing.assert_close(got_loss, ref, rtol=1e-6, atol=1e-6)
+    for g, r in zip(got, want, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+
+
+def test_static_shapes_runs_without_host_syncs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """static_shapes reads no tensor value on the host (no .item()/nonzero), forward or backward,
+    apart from the label range check, which only CPU labels get (GPU labels skip it)."""
+    import splice.loss as loss_module
+
+    hidden, weight, labels = _problem(2, 9, 8, 13, seed=22)
+    synced: list[str] = []
+
+    class NoSync(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            if func in (aten._local_scalar_dense.default, aten.nonzero.default, aten.is_nonzero.default):
+                synced.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with NoSync():
+        causal_lm_loss(hidden, weight, labels, chunk_size=4)
+    assert any("nonzero" in s for s in synced)  # the default path selects rows on the host
+    synced.clear()
+    monkeypatch.setattr(loss_module, "check_labels", lambda *a, **k: None)  # as for GPU labels
+    with NoSync():
+        loss = causal_lm_loss(hidden, weight, labels, static_shapes=True, chunk_size=4)
+        loss.backward()
+    assert synced == []
+
+
 def test_float64_stays_float64() -> None:
     hidden, weight, labels = _problem(2, 9, 8, 15, seed=16, dtype=torch.float64)
     fused, (gh, gw) = _grads(lambda: causal_lm_loss(hidden, weight, labels, chunk_size=4), hidden, weight)

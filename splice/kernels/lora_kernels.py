@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from . import HAS_TRITON
-from .dropout import hash_keys
+from .dropout import as_keys, threshold
 
 __all__ = ["lora_down", "lora_dx_add_", "tn_reduce"]
 
@@ -30,12 +30,13 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .dropout import keep_mask
+    from .dropout import keep_mask, load_keys
 
-    @triton.jit(do_not_specialize=["k1", "k2", "threshold"])
-    def _lora_down(x_ptr, a_ptr, u_ptr, N, K, R, k_per_split, k1, k2, threshold, scale,
+    @triton.jit(do_not_specialize=["threshold"])
+    def _lora_down(x_ptr, a_ptr, u_ptr, N, K, R, k_per_split, keys_ptr, threshold, scale,
                    BN: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, DROPOUT: tl.constexpr,
                    ATOMIC: tl.constexpr):
+        k1, k2 = load_keys(keys_ptr)  # unused (and never loaded) without DROPOUT
         rows = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
         rr = tl.arange(0, RP)
         k_start = tl.program_id(1) * k_per_split
@@ -61,9 +62,10 @@ if HAS_TRITON:
         else:
             tl.store(out, acc, mask=inside)
 
-    @triton.jit(do_not_specialize=["k1", "k2", "threshold"])
-    def _tn_reduce(t_ptr, x_ptr, out_ptr, N, K, R, n_per_split, k1, k2, threshold, scale,
+    @triton.jit(do_not_specialize=["threshold"])
+    def _tn_reduce(t_ptr, x_ptr, out_ptr, N, K, R, n_per_split, keys_ptr, threshold, scale,
                    BN: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, DROPOUT: tl.constexpr):
+        k1, k2 = load_keys(keys_ptr)
         cols = tl.program_id(0).to(tl.int64) * BK + tl.arange(0, BK)
         rr = tl.arange(0, RP)
         n_start = tl.program_id(1) * n_per_split
@@ -85,9 +87,10 @@ if HAS_TRITON:
         tl.atomic_add(out_ptr + rr[:, None] * K + cols[None, :], acc,
                       mask=(rr[:, None] < R) & (cols[None, :] < K))
 
-    @triton.jit(do_not_specialize=["k1", "k2", "threshold"])
-    def _lora_dx(dx_ptr, t_ptr, a_ptr, N, K, R, k1, k2, threshold, scale,
+    @triton.jit(do_not_specialize=["threshold"])
+    def _lora_dx(dx_ptr, t_ptr, a_ptr, N, K, R, keys_ptr, threshold, scale,
                  BN: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, DROPOUT: tl.constexpr):
+        k1, k2 = load_keys(keys_ptr)
         rows = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
         cols = tl.program_id(1).to(tl.int64) * BK + tl.arange(0, BK)
         rr = tl.arange(0, RP)
@@ -121,12 +124,12 @@ def _rp(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-def _dropout_args(p: float, seed: int, alpha: float) -> tuple[int, int, int, float]:
-    k1, k2, threshold = hash_keys(seed, p)
-    return k1, k2, threshold, alpha / (1.0 - p)
+def _dropout_args(p: float, keys: int | Tensor, alpha: float, like: Tensor) -> tuple[Tensor, int, float]:
+    """(keys pointer, threshold, scale); without dropout the pointer is never read."""
+    return (as_keys(keys, like.device) if p > 0 else like), threshold(p), alpha / (1.0 - p)
 
 
-def lora_down(x: Tensor, a: Tensor, p: float = 0.0, seed: int = 0, *, alpha: float = 1.0) -> Tensor:
+def lora_down(x: Tensor, a: Tensor, p: float = 0.0, keys: int | Tensor = 0, *, alpha: float = 1.0) -> Tensor:
     """``alpha * D(x) @ a^T`` in fp32: x (N, K) contiguous 16-bit, a (R, K) fp32 contiguous."""
     n, k = x.shape
     r = a.shape[0]
@@ -136,12 +139,12 @@ def lora_down(x: Tensor, a: Tensor, p: float = 0.0, seed: int = 0, *, alpha: flo
     k_per_split = triton.cdiv(triton.cdiv(k, split), bk) * bk
     split = triton.cdiv(k, k_per_split)
     u = (torch.zeros if split > 1 else torch.empty)((n, r), dtype=torch.float32, device=x.device)
-    _lora_down[(blocks, split)](x, a, u, n, k, r, k_per_split, *_dropout_args(p, seed, alpha),
+    _lora_down[(blocks, split)](x, a, u, n, k, r, k_per_split, *_dropout_args(p, keys, alpha, x),
                                 BN=bn, BK=bk, RP=_rp(r), DROPOUT=p > 0, ATOMIC=split > 1, num_warps=4)
     return u
 
 
-def tn_reduce(t: Tensor, x: Tensor, p: float = 0.0, seed: int = 0, *, alpha: float = 1.0) -> Tensor:
+def tn_reduce(t: Tensor, x: Tensor, p: float = 0.0, keys: int | Tensor = 0, *, alpha: float = 1.0) -> Tensor:
     """``alpha * t^T @ D(x)`` in fp32: t (N, R) fp32, x (N, K) 16-bit, contiguous; result (R, K)."""
     n, k = x.shape
     r = t.shape[1]
@@ -151,16 +154,16 @@ def tn_reduce(t: Tensor, x: Tensor, p: float = 0.0, seed: int = 0, *, alpha: flo
     n_per_split = triton.cdiv(triton.cdiv(n, split), bn) * bn
     split = triton.cdiv(n, n_per_split)
     out = torch.zeros((r, k), dtype=torch.float32, device=x.device)
-    _tn_reduce[(blocks, split)](t, x, out, n, k, r, n_per_split, *_dropout_args(p, seed, alpha),
+    _tn_reduce[(blocks, split)](t, x, out, n, k, r, n_per_split, *_dropout_args(p, keys, alpha, x),
                                 BN=bn, BK=bk, RP=_rp(r), DROPOUT=p > 0, num_warps=4)
     return out
 
 
-def lora_dx_add_(dx: Tensor, t: Tensor, a: Tensor, p: float, seed: int) -> Tensor:
+def lora_dx_add_(dx: Tensor, t: Tensor, a: Tensor, p: float, keys: int | Tensor) -> Tensor:
     """``dx += D(t @ a)`` in place: dx (N, K) 16-bit, t (N, R) fp32, a (R, K) fp32, contiguous."""
     n, k = dx.shape
     r = t.shape[1]
     bn, bk = 64, 128
-    _lora_dx[(triton.cdiv(n, bn), triton.cdiv(k, bk))](dx, t, a, n, k, r, *_dropout_args(p, seed, 1.0),
+    _lora_dx[(triton.cdiv(n, bn), triton.cdiv(k, bk))](dx, t, a, n, k, r, *_dropout_args(p, keys, 1.0, dx),
                                                        BN=bn, BK=bk, RP=_rp(r), DROPOUT=p > 0, num_warps=4)
     return dx

@@ -20,8 +20,8 @@ Backward, with ``G = dY`` (N, out) and ``U = D(x) A^T`` (N, r, saved)::
     dB  = s * G^T U            (out, r)
 
 Saved for backward: ``x`` (which the base linear needs anyway, and which q/k/v share), ``U``
-and the dropout seed; neither the dropped-out copy of ``x`` nor its mask is stored: ``D(x)`` is
-regenerated from the seed. With ``p == 0`` the dropout passes vanish and ``dx`` is one GEMM plus
+and the dropout keys; neither the dropped-out copy of ``x`` nor its mask is stored: ``D(x)`` is
+regenerated from the keys. With ``p == 0`` the dropout passes vanish and ``dx`` is one GEMM plus
 an accumulating GEMM (``addmm_``).
 """
 
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import use_triton
-from .dropout import dropout, dropout_add_
+from .dropout import as_keys, dropout, dropout_add_
 from .lora_kernels import lora_down, lora_dx_add_, tn_reduce
 
 __all__ = ["LORA_KERNEL_MIN_TOKENS", "lora_linear", "lora_linear_reference", "uses_lora_kernels"]
@@ -74,22 +74,24 @@ class _LoraLinearFn(torch.autograd.Function):
         lora_b: Tensor,
         scale: float,
         p: float,
-        seed: int,
+        keys: Tensor | int,
     ) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # (N, in); a view for contiguous x
+        if p > 0:
+            keys = as_keys(keys, x.device)  # once: forward and backward use the same mask
         ctx.triton = uses_lora_kernels(x2)
         if ctx.triton:
             x2 = x2.contiguous()
-            u = lora_down(x2, lora_a.float().contiguous(), p, seed)  # (N, r) fp32, dropout fused
+            u = lora_down(x2, lora_a.float().contiguous(), p, keys)  # (N, r) fp32, dropout fused
             u_c = u.to(x.dtype)
         else:
-            xd = dropout(x2, p, seed) if p > 0 else x2
+            xd = dropout(x2, p, keys) if p > 0 else x2
             u = u_c = xd @ lora_a.to(x.dtype).T  # (N, r)
             del xd
         y = F.linear(x2, weight, bias)  # (N, out)
         y.addmm_(u_c, lora_b.to(x.dtype).T, alpha=scale)  # one GEMM with beta=1: y += s * U B^T
         ctx.save_for_backward(x2, weight, lora_a, lora_b, u)
-        ctx.scale, ctx.p, ctx.seed = scale, p, seed
+        ctx.scale, ctx.p, ctx.keys = scale, p, keys
         ctx.has_bias = bias is not None
         ctx.x_shape = x.shape
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -97,7 +99,7 @@ class _LoraLinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x2, weight, lora_a, lora_b, u = ctx.saved_tensors
-        scale, p, seed = ctx.scale, ctx.p, ctx.seed
+        scale, p, keys = ctx.scale, ctx.p, ctx.keys
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         g = grad_y.reshape(-1, grad_y.shape[-1])  # (N, out)
         if g.dtype != x2.dtype:
@@ -111,12 +113,12 @@ class _LoraLinearFn(torch.autograd.Function):
         if need_x:
             dx = g @ weight.to(x2.dtype)  # (N, in)
             if p > 0:
-                dropout_add_(dx, t @ a, p, seed)  # type: ignore[operator]
+                dropout_add_(dx, t @ a, p, keys)  # type: ignore[operator]
             else:
                 dx.addmm_(t, a)  # type: ignore[arg-type]
             dx = dx.view(ctx.x_shape)
         if need_a:
-            xd = dropout(x2, p, seed) if p > 0 else x2
+            xd = dropout(x2, p, keys) if p > 0 else x2
             da = _mm_f32(t.T, xd).to(lora_a.dtype)  # type: ignore[union-attr]
             del xd
         if need_b:
@@ -131,17 +133,17 @@ class _LoraLinearFn(torch.autograd.Function):
 def _backward_triton(ctx: Any, g: Tensor, x2: Tensor, weight: Tensor, lora_a: Tensor,
                      lora_b: Tensor, u: Tensor) -> tuple[Tensor | None, ...]:
     """The GPU backward (see the module doc): 1 cuBLAS GEMM for dx plus four Triton launches."""
-    scale, p, seed = ctx.scale, ctx.p, ctx.seed
+    scale, p, keys = ctx.scale, ctx.p, ctx.keys
     need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
     a32 = lora_a.float().contiguous()
     t = lora_down(g, lora_b.float().t().contiguous(), alpha=scale)  # T = s * G B, (N, r) fp32
     dx = dw = dbias = da = db = None
     if need_x:
         dx = g @ weight  # (N, in)
-        lora_dx_add_(dx, t, a32, p, seed)
+        lora_dx_add_(dx, t, a32, p, keys)
         dx = dx.view(ctx.x_shape)
     if need_a:
-        da = tn_reduce(t, x2, p, seed).to(lora_a.dtype)  # (r, in)
+        da = tn_reduce(t, x2, p, keys).to(lora_a.dtype)  # (r, in)
     if need_b:
         db = tn_reduce(u, g, alpha=scale).t().to(lora_b.dtype)  # (out, r)
     if need_w:
@@ -160,16 +162,17 @@ def lora_linear(
     *,
     scale: float,
     dropout_p: float = 0.0,
-    seed: int = 0,
+    keys: Tensor | int = 0,
 ) -> Tensor:
     """``x W^T + b + scale * (dropout(x) A^T) B^T`` as one autograd node (see the module doc).
 
     ``x`` and ``weight`` share a dtype (the compute dtype); ``lora_a``/``lora_b`` may be fp32
-    master weights. ``seed`` picks the dropout mask (ignored when ``dropout_p == 0``).
+    master weights. ``keys`` (see :func:`splice.kernels.dropout.new_keys`; an int seed also works)
+    pick the dropout mask (ignored when ``dropout_p == 0``).
     """
     if x.dtype != weight.dtype:
         raise TypeError(f"lora_linear: x ({x.dtype}) and weight ({weight.dtype}) must share a dtype")
-    return _LoraLinearFn.apply(x, weight, bias, lora_a, lora_b, float(scale), float(dropout_p), int(seed))
+    return _LoraLinearFn.apply(x, weight, bias, lora_a, lora_b, float(scale), float(dropout_p), keys)
 
 
 def lora_linear_reference(
