@@ -18,9 +18,12 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/log.txt"
 GPU_TESTS="tests/test_kernels_*.py tests/test_fast.py tests/test_checkpoint.py tests/test_graphs.py tests/test_loss.py tests/test_train.py"
 if [ "$MODE" = quick ]; then
-  timeout 240 python3 -m pytest -q -p no:cacheprovider $GPU_TESTS 2>&1 | tee "$OUT/pytest.log" | tail -25
-  timeout 300 python3 benchmarks/train_throughput.py --out "$OUT" --frameworks "${FRAMEWORKS:-peft,splice}" \
-    --configs "${CONFIGS:-A,C}" --worker-timeout 200 2>&1 | tee -a "$OUT/log.txt" | grep -v "^ *maxseq"
+  timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_graphs.py tests/test_kernels_dropout.py \
+    tests/test_kernels_lora_linear.py tests/test_checkpoint.py tests/test_fast.py "tests/test_train.py::test_cuda_graphs_follow_the_eager_trajectory" \
+    2>&1 | tee "$OUT/pytest.log" | tail -25
+  timeout 130 python3 benchmarks/lora_kernel_tuning.py --out "$OUT/tuning.json" 2>&1 | tee "$OUT/tuning.txt" | tail -12
+  timeout 250 python3 benchmarks/train_throughput.py --out "$OUT" --frameworks "${FRAMEWORKS:-peft,splice}" \
+    --configs "${CONFIGS:-A,C}" --worker-timeout 170 2>&1 | tee -a "$OUT/log.txt" | grep -v "^ *maxseq"
 elif [ "$MODE" = check ]; then
   timeout 150 python3 -m pytest -q -p no:cacheprovider $GPU_TESTS 2>&1 \
     | tee "$OUT/pytest.log" | tail -15

@@ -18,13 +18,31 @@ Reductions over tokens are split across programs and combined with fp32 atomics.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from . import HAS_TRITON
 from .dropout import as_keys, threshold
 
-__all__ = ["lora_down", "lora_dx_add_", "tn_reduce"]
+__all__ = ["TILES", "Tiles", "lora_down", "lora_dx_add_", "tn_reduce"]
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Launch shape of one kernel: a (bn, bk) tile per program, ``warps``, software-pipeline
+    ``stages``, and reductions split until about ``waves`` programs per SM are in flight."""
+
+    bn: int
+    bk: int
+    warps: int = 4
+    stages: int = 3
+    waves: int = 2
+
+
+# Defaults per kernel (benchmarks/lora_kernel_tuning.py times the alternatives on a GPU).
+TILES = {"down": Tiles(64, 64, 4, 3, 2), "reduce": Tiles(64, 128, 4, 3, 4), "dx": Tiles(64, 128, 4, 3)}
 
 if HAS_TRITON:
     import triton
@@ -129,41 +147,47 @@ def _dropout_args(p: float, keys: int | Tensor, alpha: float, like: Tensor) -> t
     return (as_keys(keys, like.device) if p > 0 else like), threshold(p), alpha / (1.0 - p)
 
 
-def lora_down(x: Tensor, a: Tensor, p: float = 0.0, keys: int | Tensor = 0, *, alpha: float = 1.0) -> Tensor:
+def lora_down(x: Tensor, a: Tensor, p: float = 0.0, keys: int | Tensor = 0, *, alpha: float = 1.0,
+              tiles: Tiles | None = None) -> Tensor:
     """``alpha * D(x) @ a^T`` in fp32: x (N, K) contiguous 16-bit, a (R, K) fp32 contiguous."""
     n, k = x.shape
     r = a.shape[0]
-    bn, bk = 64, 64
-    blocks = triton.cdiv(n, bn)
-    split = max(1, min(triton.cdiv(k, 4 * bk), (2 * _sms(x.device)) // blocks))
-    k_per_split = triton.cdiv(triton.cdiv(k, split), bk) * bk
+    t = tiles or TILES["down"]
+    blocks = triton.cdiv(n, t.bn)
+    split = max(1, min(triton.cdiv(k, 4 * t.bk), (t.waves * _sms(x.device)) // blocks))
+    k_per_split = triton.cdiv(triton.cdiv(k, split), t.bk) * t.bk
     split = triton.cdiv(k, k_per_split)
     u = (torch.zeros if split > 1 else torch.empty)((n, r), dtype=torch.float32, device=x.device)
     _lora_down[(blocks, split)](x, a, u, n, k, r, k_per_split, *_dropout_args(p, keys, alpha, x),
-                                BN=bn, BK=bk, RP=_rp(r), DROPOUT=p > 0, ATOMIC=split > 1, num_warps=4)
+                                BN=t.bn, BK=t.bk, RP=_rp(r), DROPOUT=p > 0, ATOMIC=split > 1,
+                                num_warps=t.warps, num_stages=t.stages)
     return u
 
 
-def tn_reduce(t: Tensor, x: Tensor, p: float = 0.0, keys: int | Tensor = 0, *, alpha: float = 1.0) -> Tensor:
+def tn_reduce(t: Tensor, x: Tensor, p: float = 0.0, keys: int | Tensor = 0, *, alpha: float = 1.0,
+              tiles: Tiles | None = None) -> Tensor:
     """``alpha * t^T @ D(x)`` in fp32: t (N, R) fp32, x (N, K) 16-bit, contiguous; result (R, K)."""
     n, k = x.shape
     r = t.shape[1]
-    bn, bk = 64, 128
-    blocks = triton.cdiv(k, bk)
-    split = max(1, min(triton.cdiv(n, 2 * bn), (4 * _sms(x.device)) // blocks))
-    n_per_split = triton.cdiv(triton.cdiv(n, split), bn) * bn
+    ts = tiles or TILES["reduce"]
+    blocks = triton.cdiv(k, ts.bk)
+    split = max(1, min(triton.cdiv(n, 2 * ts.bn), (ts.waves * _sms(x.device)) // blocks))
+    n_per_split = triton.cdiv(triton.cdiv(n, split), ts.bn) * ts.bn
     split = triton.cdiv(n, n_per_split)
     out = torch.zeros((r, k), dtype=torch.float32, device=x.device)
     _tn_reduce[(blocks, split)](t, x, out, n, k, r, n_per_split, *_dropout_args(p, keys, alpha, x),
-                                BN=bn, BK=bk, RP=_rp(r), DROPOUT=p > 0, num_warps=4)
+                                BN=ts.bn, BK=ts.bk, RP=_rp(r), DROPOUT=p > 0,
+                                num_warps=ts.warps, num_stages=ts.stages)
     return out
 
 
-def lora_dx_add_(dx: Tensor, t: Tensor, a: Tensor, p: float, keys: int | Tensor) -> Tensor:
+def lora_dx_add_(dx: Tensor, t: Tensor, a: Tensor, p: float, keys: int | Tensor, *,
+                 tiles: Tiles | None = None) -> Tensor:
     """``dx += D(t @ a)`` in place: dx (N, K) 16-bit, t (N, R) fp32, a (R, K) fp32, contiguous."""
     n, k = dx.shape
     r = t.shape[1]
-    bn, bk = 64, 128
-    _lora_dx[(triton.cdiv(n, bn), triton.cdiv(k, bk))](dx, t, a, n, k, r, *_dropout_args(p, keys, 1.0, dx),
-                                                       BN=bn, BK=bk, RP=_rp(r), DROPOUT=p > 0, num_warps=4)
+    ts = tiles or TILES["dx"]
+    _lora_dx[(triton.cdiv(n, ts.bn), triton.cdiv(k, ts.bk))](
+        dx, t, a, n, k, r, *_dropout_args(p, keys, 1.0, dx), BN=ts.bn, BK=ts.bk, RP=_rp(r),
+        DROPOUT=p > 0, num_warps=ts.warps, num_stages=ts.stages)
     return dx

@@ -1,0 +1,120 @@
+"""Launch shapes of the Triton LoRA kernels, timed on the GPU at config C's sizes.
+
+    PYTHONPATH=. python benchmarks/lora_kernel_tuning.py [--out tuning.json]
+
+The three kernels of :mod:`splice.kernels.lora_kernels` are memory-bound (rank 16: a few FLOPs
+per byte), so each is judged by the bandwidth it reaches: bytes it must move (every input read
+once, every output written once) over its median time, against a device-to-device copy measured
+in the same run. For every kernel and Llama-3-8B shape (4,096 tokens) it times the current
+default (``TILES``) and the candidate launch shapes below, checks each candidate's result against
+the default's (fp32 atomics: equal to ~1e-6), and prints a table with the best one per row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from splice.kernels.lora_kernels import TILES, Tiles, lora_down, lora_dx_add_, tn_reduce
+
+N, R = 4096, 16
+BF16 = torch.bfloat16
+
+
+def bench(fn: Callable[[], object]) -> float:
+    import triton
+
+    return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
+
+
+def copy_bandwidth() -> float:
+    """GB/s of a 1 GiB device-to-device copy (bytes read + written)."""
+    src = torch.randn(1 << 28, device="cuda")
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    return 2 * src.numel() * 4 / ms / 1e6
+
+
+def candidates(kind: str) -> list[Tiles]:
+    if kind == "dx":
+        shapes = [(64, 128), (128, 128), (64, 256), (128, 256), (32, 256), (256, 128)]
+        return [Tiles(bn, bk, w, 1) for (bn, bk), w in itertools.product(shapes, (4, 8))]
+    shapes = ([(64, 64), (64, 128), (128, 64), (128, 128), (64, 256), (32, 256)] if kind == "down"
+              else [(64, 128), (128, 128), (64, 256), (128, 64), (32, 256), (128, 256)])
+    return [Tiles(bn, bk, w, st, wv) for (bn, bk), w, st, wv
+            in itertools.product(shapes, (4, 8), (3, 4), (2, 6))]
+
+
+def rel(a: Tensor, b: Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+Run = Callable[[Tiles], Tensor]
+
+
+def problems() -> list[tuple[str, str, int, Run, Run]]:
+    """(kernel, shape label, bytes moved, check(tiles) -> result, timed(tiles))."""
+    out = []
+    for k in (4096, 14336):  # LoRA down-projection and dA: the input width of q/k/v/o/gate/up, down
+        x = torch.randn(N, k, device="cuda").to(BF16)
+        a = torch.randn(R, k, device="cuda") / k**0.5
+        t = torch.randn(N, R, device="cuda")
+        down = lambda tl, x=x, a=a: lora_down(x, a, 0.05, 7, tiles=tl)  # noqa: E731
+        out.append(("down", f"x {N}x{k}", x.numel() * 2 + a.numel() * 4 + N * R * 4, down, down))
+        da = lambda tl, x=x, t=t: tn_reduce(t, x, 0.05, 7, tiles=tl)  # noqa: E731
+        out.append(("reduce", f"dA {R}x{k}", x.numel() * 2 + t.numel() * 4 + R * k * 4, da, da))
+        dx = torch.randn(N, k, device="cuda").to(BF16)
+        scratch = dx.clone()
+        # the check adds into a fresh copy; the timed call adds into one scratch buffer
+        out.append(("dx", f"dx {N}x{k}", 2 * dx.numel() * 2 + t.numel() * 4 + a.numel() * 4,
+                    lambda tl, dx=dx, t=t, a=a: lora_dx_add_(dx.clone(), t, a, 0.05, 7, tiles=tl),
+                    lambda tl, s=scratch, t=t, a=a: lora_dx_add_(s, t, a, 0.05, 7, tiles=tl)))
+    for o in (1024, 14336):  # dB = G^T U: the output gradient of k/v, gate/up
+        g = torch.randn(N, o, device="cuda").to(BF16)
+        u = torch.randn(N, R, device="cuda")
+        db = lambda tl, g=g, u=u: tn_reduce(u, g, alpha=2.0, tiles=tl)  # noqa: E731
+        out.append(("reduce", f"dB {R}x{o}", g.numel() * 2 + u.numel() * 4 + R * o * 4, db, db))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    peak = copy_bandwidth()
+    rows, results = [], []
+    for kind, label, nbytes, check, timed_run in problems():
+        ref = check(TILES[kind]).clone()
+        timed = []
+        for tiles in [TILES[kind]] + candidates(kind):
+            try:
+                err = rel(check(tiles), ref)
+                ms = bench(lambda tiles=tiles: timed_run(tiles))
+            except Exception as exc:  # noqa: BLE001 - a launch shape the compiler rejects
+                timed.append({"tiles": tiles.__dict__, "error": repr(exc)[:120]})
+                continue
+            timed.append({"tiles": tiles.__dict__, "ms": ms, "rel_err": err})
+        ok = [t for t in timed if "ms" in t and t["rel_err"] < 1e-5]
+        best = min(ok, key=lambda t: t["ms"])
+        default = timed[0]
+        results.append({"kernel": kind, "shape": label, "bytes": nbytes, "default": default,
+                        "best": best, "all": timed})
+        rows.append(f"| {kind} | {label} | {default['ms'] * 1e3:.1f} | {nbytes / default['ms'] / 1e6:.0f} | "
+                    f"{best['ms'] * 1e3:.1f} | {nbytes / best['ms'] / 1e6:.0f} | {best['tiles']} |")
+    print(f"device-to-device copy: {peak:.0f} GB/s")
+    print("| kernel | shape | default us | default GB/s | best us | best GB/s | best tiles |")
+    print("|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"copy_gbps": peak, "device": torch.cuda.get_device_name(), "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
