@@ -291,18 +291,30 @@ def _category(name: str) -> str:
     return "other"
 
 
-def profile_steps(setup: Setup, cfg: Config, steps: int = 2) -> str:
-    """Profile ``steps`` training steps: GPU time by kernel category, busy fraction, top kernels."""
+def profile_steps(setup: Setup, cfg: Config, steps: int = 2, *, graphs: bool = False) -> str:
+    """Profile ``steps`` training steps: GPU time by kernel category, busy fraction, top kernels.
+    ``graphs``: the steps replay a captured CUDA graph (captured before profiling starts)."""
     from torch.profiler import ProfilerActivity, profile
 
     params = [p for p in setup.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR, fused=True)
     data = batches(cfg)
 
+    def eager(batch: dict[str, Tensor]) -> Tensor:
+        loss = setup.loss(batch["ids"])
+        loss.backward()
+        return loss.detach()
+
+    run: Callable[[dict[str, Tensor]], Tensor] = eager
+    if graphs:
+        from splice.graphs import GraphedStep
+
+        run = GraphedStep(eager, params)
+
     def step() -> None:
-        setup.loss(next(data)).backward()
+        run({"ids": next(data)})
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=not graphs)
 
     step()
     _sync()
@@ -330,5 +342,5 @@ def profile_steps(setup: Setup, cfg: Config, steps: int = 2) -> str:
     lines.append("  top kernels:")
     for name, (us, count) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:18]:
         lines.append(f"  {us / 1e3:9.1f} ms {count:6d}x  {name[:110]}")
-    del opt
+    del opt, run
     return "\n".join(lines)

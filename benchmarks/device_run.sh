@@ -2,8 +2,8 @@
 # Run on the GPU machine from the repository root:  bash benchmarks/device_run.sh check|full
 #   check: GPU tests + per-kernel timings + throughput of every framework (with profiles of C)
 #          + splice's 131,072-token probe
-#   quick: GPU tests (kernels, fast, checkpoint, graphs, loss, trainer) + throughput of PEFT and
-#          splice on A and C (no profiles)
+#   quick: GPU tests (kernels, fast, checkpoint, graphs, trainer) + throughput of PEFT and splice
+#          on A and C; TUNE=1 adds the LoRA kernel tuning table, PROFILE=C,A profiles
 #   full:  the benchmark in one invocation: throughput, loss parity, longest sequence search
 # Results go to $OUT (default ./bench_out). Liger-Kernel comes from wheels in .whl/ if present.
 set -uo pipefail
@@ -21,9 +21,12 @@ if [ "$MODE" = quick ]; then
   timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_graphs.py tests/test_kernels_dropout.py \
     tests/test_kernels_lora_linear.py tests/test_checkpoint.py tests/test_fast.py "tests/test_train.py::test_cuda_graphs_follow_the_eager_trajectory" \
     2>&1 | tee "$OUT/pytest.log" | tail -25
-  timeout 130 python3 benchmarks/lora_kernel_tuning.py --out "$OUT/tuning.json" 2>&1 | tee "$OUT/tuning.txt" | tail -12
-  timeout 250 python3 benchmarks/train_throughput.py --out "$OUT" --frameworks "${FRAMEWORKS:-peft,splice}" \
-    --configs "${CONFIGS:-A,C}" --worker-timeout 170 2>&1 | tee -a "$OUT/log.txt" | grep -v "^ *maxseq"
+  if [ "${TUNE:-0}" = 1 ]; then
+    timeout 130 python3 benchmarks/lora_kernel_tuning.py --out "$OUT/tuning.json" 2>&1 | tee "$OUT/tuning.txt" | tail -12
+  fi
+  timeout 300 python3 benchmarks/train_throughput.py --out "$OUT" --frameworks "${FRAMEWORKS:-peft,splice}" \
+    --configs "${CONFIGS:-A,C}" --profile "${PROFILE:-}" --worker-timeout 220 2>&1 | tee -a "$OUT/log.txt" \
+    | grep -v "^ *maxseq\|^  "
 elif [ "$MODE" = check ]; then
   timeout 150 python3 -m pytest -q -p no:cacheprovider $GPU_TESTS 2>&1 \
     | tee "$OUT/pytest.log" | tail -15

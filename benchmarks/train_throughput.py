@@ -128,11 +128,11 @@ def worker(args: argparse.Namespace) -> None:
               f"peak {r['peak_gib']:.2f} GiB, loss {r['losses'][-1]:.4f}", flush=True)
         save()
 
-    def maybe_profile(setup: Any, cfg: Any, key: str) -> None:
+    def maybe_profile(setup: Any, cfg: Any, key: str, graphs: bool = False) -> None:
         from _workload import profile_steps
 
         try:
-            text = profile_steps(setup, cfg)
+            text = profile_steps(setup, cfg, graphs=graphs)
         except Exception as exc:  # a profiler problem must not lose the timings
             text = f"profiler failed: {exc!r}"
         print(f"[{fw}] profile {key}:\n{text}", flush=True)
@@ -155,7 +155,8 @@ def worker(args: argparse.Namespace) -> None:
                        train(setup, batches(CONFIGS["A"]), warmup=args.warmup, steps=args.steps,
                              graphs=graphs), weights)
             if "A" in args.profile.split(",") and not args.tiny:
-                maybe_profile(setup, CONFIGS["A"], "A")
+                for graphs in [False] + ([True] if fw == "splice" else []):
+                    maybe_profile(setup, CONFIGS["A"], "A graphs" if graphs else "A", graphs)
             del setup
             free_cuda()
             continue
@@ -173,8 +174,8 @@ def worker(args: argparse.Namespace) -> None:
                 free_cuda()
                 record(shared, run_cfg, variant, train(shared, batches(run_cfg), warmup=args.warmup,
                                                        steps=args.steps, graphs=graphs), weights)
-                if name in args.profile.split(",") and not args.tiny and not graphs:
-                    maybe_profile(shared, run_cfg, f"{name} {variant}".strip())
+                if name in args.profile.split(",") and not args.tiny:
+                    maybe_profile(shared, run_cfg, f"{name} {variant}".strip(), graphs)
         elif name == "P":
             drops = [m for m in shared.model.modules() if isinstance(m, nn.Dropout)]
             saved = [m.p for m in drops]

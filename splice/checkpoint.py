@@ -36,7 +36,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .fast import FusedLoraLinear, share_state
+from .fast import FusedLoraLinear, mlp_output_unread, share_state
 from .kernels.dropout import KeyTape, recording_keys, replaying_keys
 from .rewrite import Node, Replace, nodes, rewrite, unrewrite
 
@@ -44,6 +44,10 @@ __all__ = ["CheckpointedLayer", "checkpoint_layers", "release_pinned_memory", "u
 
 LayerSelect = Literal["auto", "all"] | int | Callable[[str], bool]
 _LAYER_PATH = re.compile(r"(^|\.)(layers|h|blocks|layer)\.\d+$")
+# Decoder layers whose MLP output only enters ``residual + mlp(...)``, the layer's return value:
+# their recompute need not compute the MLP's last projection (see splice.fast.mlp_output_unread).
+RESIDUAL_MLP_LAYERS = frozenset({"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer",
+                                 "Qwen3DecoderLayer"})
 _GIB = 1 << 30
 
 
@@ -138,8 +142,9 @@ class _Checkpoint(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, anchor: Tensor, hidden: Tensor, run: Callable[[Tensor], Any], offload: bool) -> Any:  # type: ignore[override]
-        ctx.run, ctx.device = run, hidden.device
+    def forward(ctx: Any, anchor: Tensor, hidden: Tensor, run: Callable[[Tensor], Any], offload: bool,  # type: ignore[override]
+                unread_mlp: bool) -> Any:
+        ctx.run, ctx.device, ctx.unread_mlp = run, hidden.device, unread_mlp
         ctx.needs_hidden = hidden.requires_grad
         ctx.cpu_rng = torch.get_rng_state()
         capturing = hidden.is_cuda and torch.cuda.is_current_stream_capturing()
@@ -154,14 +159,15 @@ class _Checkpoint(torch.autograd.Function):
         hidden = ctx.saved.load(ctx.device).detach().requires_grad_(ctx.needs_hidden)
         del ctx.saved
         devices = [ctx.device] if ctx.cuda_rng is not None else []
-        with torch.random.fork_rng(devices=devices), replaying_keys(ctx.tape):
+        with torch.random.fork_rng(devices=devices), replaying_keys(ctx.tape), \
+                mlp_output_unread(ctx.unread_mlp):
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
             with torch.enable_grad():
                 out = ctx.run(hidden)
         torch.autograd.backward(out, grad_out)
-        return None, hidden.grad if ctx.needs_hidden else None, None, None
+        return None, hidden.grad if ctx.needs_hidden else None, None, None, None
 
 
 def _unreplayable_dropout(layer: nn.Module) -> str | None:
@@ -181,11 +187,12 @@ class CheckpointedLayer(nn.Module):
 
 
     def __init__(self, layer: nn.Module, *, index: int, plan: _AutoPlan | None, select: bool,
-                 offload: bool) -> None:
+                 offload: bool, skip_unread: bool = True) -> None:
         super().__init__()
         share_state(self, layer)
         self.__dict__["_layer"] = layer  # the original, unregistered (its children are ours)
         self.index, self.select, self.offload = index, select, offload
+        self.skip_unread = skip_unread
         self.__dict__["_plan"] = plan
 
     def _run_plain(self, *args: Any, **kwargs: Any) -> Any:
@@ -230,7 +237,9 @@ class CheckpointedLayer(nn.Module):
         kwargs.pop("hidden_states", None)
         run = lambda h: self._run_plain(h, *rest, **kwargs)  # noqa: E731
         anchor = torch.empty(0, device=hidden.device, requires_grad=True)
-        return _Checkpoint.apply(anchor, hidden, run, self.offload)
+        layer = self.__dict__["_layer"]
+        unread = self.skip_unread and type(layer).__name__ in RESIDUAL_MLP_LAYERS
+        return _Checkpoint.apply(anchor, hidden, run, self.offload, unread)
 
 
 def _decoder_layer_nodes(model: nn.Module) -> list[Node]:
@@ -248,13 +257,17 @@ def checkpoint_layers(
     layers: LayerSelect = "auto",
     offload: bool = False,
     reserve_gib: float = 2.0,
+    skip_unread: bool = True,
 ) -> list[str]:
     """Wrap the decoder layers of ``model`` for activation checkpointing; returns their names.
 
     ``layers``: ``"auto"`` (checkpoint only what GPU memory requires, decided each step),
     ``"all"``, an int ``n`` (the last ``n`` layers), or a predicate on the layer's path.
     ``offload``: keep the checkpointed inputs in pinned CPU memory. ``reserve_gib``: GPU memory
-    "auto" leaves free for the loss and optimizer. Raises if the model has no decoder layers.
+    "auto" leaves free for the loss and optimizer. ``skip_unread``: in the recompute of a
+    Llama-family layer (:data:`RESIDUAL_MLP_LAYERS`) with :mod:`splice.fast`'s MLP, skip the
+    ``down_proj`` GEMM whose value nobody reads (about a quarter of the recompute's FLOPs).
+    Raises if the model has no decoder layers.
     """
     found = _decoder_layer_nodes(model)
     if not found:
@@ -279,7 +292,8 @@ def checkpoint_layers(
         if node.name not in index:
             return None
         return Replace(CheckpointedLayer(node.module, index=index[node.name], plan=plan,
-                                         select=selected(node.name), offload=offload))
+                                         select=selected(node.name), offload=offload,
+                                         skip_unread=skip_unread))
 
     return rewrite(model, rule)
 

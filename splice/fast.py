@@ -27,6 +27,8 @@ visible to ``lora_modules``/``merge``/``save_adapter`` at their usual paths; ``u
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -51,6 +53,7 @@ __all__ = [
     "accelerate",
     "decelerate",
     "is_fast",
+    "mlp_output_unread",
     "share_state",
 ]
 
@@ -59,6 +62,48 @@ RMSNORM_CLASSES = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "
 MLP_CLASSES = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
 ATTENTION_CLASSES = frozenset({"LlamaAttention"})
 _FUSED_ATTENTION_BACKENDS = ("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+# Set while splice.checkpoint recomputes a decoder layer whose MLP output only enters the
+# residual sum: that sum's value is never read in the recompute (only its graph is), so the
+# MLP's last projection builds its backward without computing its output.
+_MLP_OUTPUT_UNREAD = [False]
+
+
+@contextlib.contextmanager
+def mlp_output_unread(enabled: bool = True) -> Iterator[None]:
+    """Within this, :class:`FusedSwiGLUMLP` skips computing ``down_proj``'s output (see above)."""
+    previous = _MLP_OUTPUT_UNREAD[0]
+    _MLP_OUTPUT_UNREAD[0] = enabled
+    try:
+        yield
+    finally:
+        _MLP_OUTPUT_UNREAD[0] = previous
+
+
+class _UnreadLinear(torch.autograd.Function):
+    """``x W^T`` for a frozen ``W`` whose value nobody reads: no GEMM forward, ``dx = g W``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(weight)
+        return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (weight,) = ctx.saved_tensors
+        return grad.to(weight.dtype) @ weight, None
+
+
+def _unread_projection(module: nn.Module, x: Tensor) -> Tensor:
+    """``module(x)``'s backward without its forward value, where that is possible."""
+    if isinstance(module, FusedLoraLinear) and module._fusable(x):
+        return module(x, output=False)
+    weight = getattr(module, "weight", None)
+    if (type(module) is nn.Linear and module.bias is None and isinstance(weight, Tensor)
+            and not weight.requires_grad and weight.dtype == x.dtype):
+        return _UnreadLinear.apply(x, weight)
+    return module(x)
 
 
 def share_state(new: nn.Module, original: nn.Module) -> None:
@@ -112,7 +157,8 @@ class FusedLoraLinear(Around):
             and (x.dtype in (torch.bfloat16, torch.float16) or not torch.is_autocast_enabled(x.device.type))
         )
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, output: bool = True, **kwargs: Any) -> Any:
+        """``output=False``: the value is not computed (see :func:`lora_linear`)."""
         if len(args) != 1 or kwargs or not isinstance(args[0], Tensor) or not self._fusable(args[0]):
             return super().forward(*args, **kwargs)
         lora: LoraLinear = self.fn  # type: ignore[assignment]
@@ -125,6 +171,7 @@ class FusedLoraLinear(Around):
             return lora_linear(
                 x, self.base.weight, self.base.bias, lora.lora_A.weight, lora.lora_B.weight,
                 scale=lora.scale, dropout_p=p, keys=new_keys(x.device) if p > 0 else 0,
+                output=output,
             )
 
 
@@ -152,7 +199,10 @@ class FusedSwiGLUMLP(nn.Module):
         share_state(self, mlp)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), inplace_backward=True))
+        h = swiglu(self.gate_proj(x), self.up_proj(x), inplace_backward=True)
+        if _MLP_OUTPUT_UNREAD[0]:
+            return _unread_projection(self.down_proj, h)
+        return self.down_proj(h)
 
 
 class FusedRopeAttention(nn.Module):

@@ -118,8 +118,18 @@ class GraphedStep:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                for _ in range(self.warmup):
-                    self.fn(inputs)
+                for i in range(self.warmup):
+                    if i < self.warmup - 1:
+                        self.fn(inputs)
+                        continue
+                    # The last warm-up raises on any host sync, which capture would forbid: a
+                    # capture failing inside CUDA leaves torch's CUDA generator unusable.
+                    mode = torch.cuda.get_sync_debug_mode()
+                    torch.cuda.set_sync_debug_mode("error")
+                    try:
+                        self.fn(inputs)
+                    finally:
+                        torch.cuda.set_sync_debug_mode(mode)
             torch.cuda.current_stream().wait_stream(side)
             self.pool = self.pool or torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
@@ -127,7 +137,9 @@ class GraphedStep:
                 output = self.fn(inputs)
         except Exception as exc:  # noqa: BLE001 - any capture problem: run eagerly instead
             self.failure = f"{type(exc).__name__}: {exc}"
-            self.warn(f"CUDA graph capture failed, training continues without graphs ({self.failure})")
+            self.warn(f"CUDA graph capture failed, training continues without graphs ({self.failure}); "
+                      "a step that synchronizes with the host (.item(), a data-dependent shape, an "
+                      "attention mask Hugging Face inspects) cannot be captured")
             output = None
         finally:
             for g, s in zip(self.grads, saved):  # undo the warm-up's gradients

@@ -148,3 +148,40 @@ def test_two_forwards_before_one_backward(offload: bool) -> None:
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     for name in grads[0]:
         assert rel_err(grads[1][name], grads[0][name]) < 1e-6, name
+
+
+@pytest.mark.parametrize("lora_on_down", [True, False])
+def test_recompute_skips_the_unread_down_projection(lora_on_down: bool) -> None:
+    """The recompute builds down_proj's backward without its GEMM: the same gradients for exactly
+    one (tokens x intermediate x hidden) matmul fewer per layer."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from splice.lora import LoraConfig as Cfg
+
+    def build(skip: bool) -> nn.Module:
+        config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, vocab_size=101,
+                             attn_implementation="sdpa")
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+        targets = "all-linear" if lora_on_down else ("q_proj", "v_proj", "gate_proj", "up_proj")
+        add_lora(model, Cfg(rank=4, alpha=8, targets=targets))
+        for _, _, layer in lora_modules(model):
+            nn.init.normal_(layer.lora_B.weight, std=0.2)
+        freeze(model)
+        accelerate(model)
+        checkpoint_layers(model, layers="all", skip_unread=skip)
+        return model
+
+    ids = torch.randint(0, 101, (2, 12))
+    results, flops = [], []
+    for skip in (False, True):
+        model = build(skip)
+        loss = model(input_ids=ids, labels=ids).loss
+        with FlopCounterMode(display=False) as counter:
+            loss.backward()
+        flops.append(counter.get_total_flops())
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                        if p.grad is not None}))
+    assert_same(results[0], results[1])
+    assert flops[0] - flops[1] == 2 * (2 * 24 * 96 * 64)  # 2 layers x one (24 x 96) @ (96 x 64)

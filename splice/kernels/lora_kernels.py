@@ -41,8 +41,9 @@ class Tiles:
     waves: int = 2
 
 
-# Defaults per kernel (benchmarks/lora_kernel_tuning.py times the alternatives on a GPU).
-TILES = {"down": Tiles(64, 64, 4, 3, 2), "reduce": Tiles(64, 128, 4, 3, 4), "dx": Tiles(64, 128, 4, 3)}
+# Defaults per kernel: the fastest over Llama-8B's widths at 4,096 tokens among the launch shapes
+# benchmarks/lora_kernel_tuning.py timed on an H200 (2026-11-26; results in docs/benchmarks.md).
+TILES = {"down": Tiles(64, 64, 4, 3, 6), "reduce": Tiles(64, 128, 4, 3, 4), "dx": Tiles(32, 256, 4, 1)}
 
 if HAS_TRITON:
     import triton

@@ -75,6 +75,7 @@ class _LoraLinearFn(torch.autograd.Function):
         scale: float,
         p: float,
         keys: Tensor | int,
+        output: bool,
     ) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # (N, in); a view for contiguous x
         if p > 0:
@@ -88,8 +89,11 @@ class _LoraLinearFn(torch.autograd.Function):
             xd = dropout(x2, p, keys) if p > 0 else x2
             u = u_c = xd @ lora_a.to(x.dtype).T  # (N, r)
             del xd
-        y = F.linear(x2, weight, bias)  # (N, out)
-        y.addmm_(u_c, lora_b.to(x.dtype).T, alpha=scale)  # one GEMM with beta=1: y += s * U B^T
+        if output:
+            y = F.linear(x2, weight, bias)  # (N, out)
+            y.addmm_(u_c, lora_b.to(x.dtype).T, alpha=scale)  # one GEMM with beta=1: y += s * U B^T
+        else:  # the caller never reads y (see ``output`` in lora_linear): only the graph is built
+            y = x2.new_empty(x2.shape[0], weight.shape[0])
         ctx.save_for_backward(x2, weight, lora_a, lora_b, u)
         ctx.scale, ctx.p, ctx.keys = scale, p, keys
         ctx.has_bias = bias is not None
@@ -127,7 +131,7 @@ class _LoraLinearFn(torch.autograd.Function):
             dw = _mm_f32(g.T, x2).to(weight.dtype)
         if need_bias and ctx.has_bias:
             dbias = g.float().sum(0).to(weight.dtype)
-        return dx, dw, dbias, da, db, None, None, None
+        return dx, dw, dbias, da, db, None, None, None, None
 
 
 def _backward_triton(ctx: Any, g: Tensor, x2: Tensor, weight: Tensor, lora_a: Tensor,
@@ -150,7 +154,7 @@ def _backward_triton(ctx: Any, g: Tensor, x2: Tensor, weight: Tensor, lora_a: Te
         dw = _mm_f32(g.T, x2).to(weight.dtype)
     if need_bias and ctx.has_bias:
         dbias = g.float().sum(0).to(weight.dtype)
-    return dx, dw, dbias, da, db, None, None, None
+    return dx, dw, dbias, da, db, None, None, None, None
 
 
 def lora_linear(
@@ -163,16 +167,20 @@ def lora_linear(
     scale: float,
     dropout_p: float = 0.0,
     keys: Tensor | int = 0,
+    output: bool = True,
 ) -> Tensor:
     """``x W^T + b + scale * (dropout(x) A^T) B^T`` as one autograd node (see the module doc).
 
     ``x`` and ``weight`` share a dtype (the compute dtype); ``lora_a``/``lora_b`` may be fp32
     master weights. ``keys`` (see :func:`splice.kernels.dropout.new_keys`; an int seed also works)
-    pick the dropout mask (ignored when ``dropout_p == 0``).
+    pick the dropout mask (ignored when ``dropout_p == 0``). ``output=False`` skips computing
+    the result (an uninitialised tensor of its shape comes back) but builds the same backward:
+    for an activation-checkpoint recompute, where a layer's last projection only feeds the
+    residual sum whose value nobody reads (its gradient is all that matters).
     """
     if x.dtype != weight.dtype:
         raise TypeError(f"lora_linear: x ({x.dtype}) and weight ({weight.dtype}) must share a dtype")
-    return _LoraLinearFn.apply(x, weight, bias, lora_a, lora_b, float(scale), float(dropout_p), keys)
+    return _LoraLinearFn.apply(x, weight, bias, lora_a, lora_b, float(scale), float(dropout_p), keys, bool(output))
 
 
 def lora_linear_reference(
