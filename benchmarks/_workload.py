@@ -199,7 +199,7 @@ def train(setup: Setup, data: Iterator[Tensor], *, warmup: int, steps: int, lr: 
     if graphs:
         from splice.graphs import GraphedStep
 
-        step = GraphedStep(eager, params, warn=lambda m: print("  " + m, flush=True))
+        step = GraphedStep(eager, params, warn=lambda m: print("[graphs] " + m, flush=True))
     cuda = DEVICE == "cuda"
     _sync()
     if cuda:

@@ -6,8 +6,9 @@ Each framework runs in its own subprocess (a ``--worker``) on the same random Ll
 bf16 model, data, LoRA init and optimizer (see ``_workload.py``), through the issue's configs
 A (r8 q/v, seq 1024), C (r16 all-linear, 2 x 2048, checkpointing) and E (r16 all-linear, 8192,
 checkpointing), plus P (a loss-parity run: no dropout, one batch repeated). splice runs C and E
-twice: ``layers="auto"`` (checkpoint only what memory needs: the fast setting) and ``"all"``
-(every layer checkpointed: the low-memory setting). ``--maxseq`` then finds each framework's
+as ``layers="auto"`` (checkpoint only what memory needs: the fast setting), ``"all"`` (every layer
+checkpointed: the low-memory setting), each eager and replayed from a CUDA graph
+(splice.graphs), and ``"all"`` with the kept inputs offloaded to CPU; A eager and with graphs. ``--maxseq`` then finds each framework's
 longest trainable batch-1 sequence with C's settings (splice: all layers checkpointed, inputs
 offloaded to CPU) by doubling from a start length, then bisecting, within a time budget.
 Writes ``results.json`` and ``table.md`` under ``--out`` and prints the table.
@@ -166,10 +167,12 @@ def worker(args: argparse.Namespace) -> None:
                           if not p.requires_grad) / GIB
         run_cfg = CONFIGS[name] if name != "maxseq" else cfg
         if name in ("C", "E"):
-            modes = [("on", False)] + ([("on", True), ("all", False), ("all", True)] if fw == "splice" else [])
+            modes = [("on", False)] + ([("on", True), ("all", False), ("all", True), ("offload", False)]
+                                       if fw == "splice" else [])
             for mode, graphs in modes:
                 shared.set_ckpt(mode)
-                variant = {"on": "auto" if fw == "splice" else "", "all": "ckpt all"}[mode]
+                variant = {"on": "auto" if fw == "splice" else "", "all": "ckpt all",
+                           "offload": "ckpt all + offload"}[mode]
                 variant += " + graphs" if graphs else ""
                 free_cuda()
                 record(shared, run_cfg, variant, train(shared, batches(run_cfg), warmup=args.warmup,

@@ -22,9 +22,11 @@ the graph's static copy of ``batch`` (a dict of tensors) and returns what the ca
 Gradients: parameters' ``.grad`` tensors are created (zeros) before capture and the graph adds
 into them, so accumulation over micro-batches works as in eager mode. Zero them in place
 (``optimizer.zero_grad(set_to_none=False)``); if they are set to None anyway, the next call puts
-the graph's tensors back, zeroed. When capture fails the error is reported once through ``warn``
-and every later call runs eagerly: same results, only slower. On CPU, or with
-``enabled=False``, a call is simply ``fn(batch)``.
+the graph's tensors back, zeroed. When ``fn`` raises during capture, the error is reported once
+through ``warn`` and every later call runs eagerly: same results, only slower. When CUDA itself
+aborts the capture (a host sync inside ``fn``), torch's CUDA generator is left unusable, so the
+call raises with the fix (run without graphs) instead. On CPU, or with ``enabled=False``, a call
+is simply ``fn(batch)``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,21 @@ from torch import Tensor, nn
 __all__ = ["GraphedStep"]
 
 Signature = tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
+
+
+def _check_generator_after_failed_capture(inputs: Mapping[str, Tensor], failure: str) -> None:
+    """A capture that CUDA itself aborted (a host sync inside it) leaves torch's CUDA generator
+    in capture mode, so no random op would work again in this process: then stop with the fix."""
+    device = next(iter(inputs.values())).device
+    try:
+        torch.randint(0, 2, (1,), device=device)
+    except RuntimeError as exc:
+        raise RuntimeError(
+            f"CUDA graph capture failed ({failure}) and left torch's CUDA generator unusable: the "
+            "step synchronizes with the host (.item(), a data-dependent shape, a value tested in "
+            "Python), which a graph cannot hold. Rerun without CUDA graphs (splice train "
+            "--no-cuda-graphs, or GraphedStep(enabled=False)); --resume continues a run"
+        ) from exc
 
 
 class _Captured:
@@ -114,36 +131,28 @@ class GraphedStep:
         else:
             self._install_grads()
         saved = [g.clone() for g in self.grads]  # the caller's partial accumulation, kept
+        side = torch.cuda.Stream()
+        output: Tensor | None = None
         try:
-            side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for i in range(self.warmup):
-                    if i < self.warmup - 1:
+            try:
+                with torch.cuda.stream(side):
+                    for _ in range(self.warmup):
                         self.fn(inputs)
-                        continue
-                    # The last warm-up raises on any host sync, which capture would forbid: a
-                    # capture failing inside CUDA leaves torch's CUDA generator unusable.
-                    mode = torch.cuda.get_sync_debug_mode()
-                    torch.cuda.set_sync_debug_mode("error")
-                    try:
-                        self.fn(inputs)
-                    finally:
-                        torch.cuda.set_sync_debug_mode(mode)
-            torch.cuda.current_stream().wait_stream(side)
+            finally:  # even after an error: nothing may run on while the grads are restored
+                torch.cuda.current_stream().wait_stream(side)
             self.pool = self.pool or torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
                 output = self.fn(inputs)
         except Exception as exc:  # noqa: BLE001 - any capture problem: run eagerly instead
             self.failure = f"{type(exc).__name__}: {exc}"
-            self.warn(f"CUDA graph capture failed, training continues without graphs ({self.failure}); "
-                      "a step that synchronizes with the host (.item(), a data-dependent shape, an "
-                      "attention mask Hugging Face inspects) cannot be captured")
-            output = None
         finally:
             for g, s in zip(self.grads, saved):  # undo the warm-up's gradients
                 g.copy_(s)
+        if self.failure is not None:
+            _check_generator_after_failed_capture(inputs, self.failure)
+            self.warn(f"CUDA graph capture failed, training continues without graphs ({self.failure})")
         if output is None:
             return None
         captured = _Captured(graph, inputs, output)
