@@ -28,6 +28,7 @@ visible to ``lora_modules``/``merge``/``save_adapter`` at their usual paths; ``u
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -247,13 +248,35 @@ class FusedRopeAttention(nn.Module):
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         cos, sin = position_embeddings
         q, k = rope(q, k, cos, sin)
-        attn_output, attn_weights = ALL_ATTENTION_FUNCTIONS[backend](
-            self, q.transpose(1, 2), k.transpose(1, 2), v, attention_mask,
-            dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling,
-            **kwargs,
-        )
+        with _graph_sdpa_backend(backend, q):
+            attn_output, attn_weights = ALL_ATTENTION_FUNCTIONS[backend](
+                self, q.transpose(1, 2), k.transpose(1, 2), v, attention_mask,
+                dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling,
+                **kwargs,
+            )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         return self.o_proj(attn_output), attn_weights
+
+
+# Inside a CUDA-graph capture torch's sdpa picks cuDNN's kernels as in eager mode, but on an
+# H200 (torch 2.11, 2026-11-26) they ran ~3x slower in the replayed graph (plus extra copies),
+# while eager cuDNN is the fastest choice; see docs/benchmarks.md. So captures pin this backend
+# ("default" keeps torch's choice; SPLICE_GRAPH_SDPA overrides, for the benchmark).
+GRAPH_SDPA_BACKEND = os.environ.get("SPLICE_GRAPH_SDPA", "flash")
+
+
+def _graph_sdpa_backend(backend: str, q: Tensor) -> contextlib.AbstractContextManager:
+    if backend != "sdpa" or not q.is_cuda or GRAPH_SDPA_BACKEND == "default" \
+            or not torch.cuda.is_current_stream_capturing():
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: PLC0415
+
+    chosen = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+              "cudnn": SDPBackend.CUDNN_ATTENTION}[GRAPH_SDPA_BACKEND]
+    # the chosen one first, the others as fallbacks (e.g. a head size flash does not support)
+    order = [chosen] + [b for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                                    SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH) if b != chosen]
+    return sdpa_kernel(order, set_priority=True)
 
 
 def _class_name(node: Node) -> str:
