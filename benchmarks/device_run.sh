@@ -24,11 +24,9 @@ if [ "$MODE" = quick ]; then
   if [ "${TUNE:-0}" = 1 ]; then
     timeout 130 python3 benchmarks/lora_kernel_tuning.py --out "$OUT/tuning.json" 2>&1 | tee "$OUT/tuning.txt" | tail -12
   fi
-  for sdpa in ${GRAPH_SDPA:-flash}; do
-    SPLICE_GRAPH_SDPA=$sdpa timeout 300 python3 benchmarks/train_throughput.py --out "$OUT/$sdpa" \
-      --frameworks "${FRAMEWORKS:-peft,splice}" --configs "${CONFIGS:-A,C}" --profile "${PROFILE:-}" \
-      --worker-timeout 220 2>&1 | tee -a "$OUT/log.txt" | grep -v "^ *maxseq\|^  "
-  done
+  timeout 300 python3 benchmarks/train_throughput.py --out "$OUT" --frameworks "${FRAMEWORKS:-peft,splice}" \
+    --configs "${CONFIGS:-A,C}" --profile "${PROFILE:-}" --worker-timeout 220 2>&1 | tee -a "$OUT/log.txt" \
+    | grep -v "^ *maxseq\|^  "
 elif [ "$MODE" = check ]; then
   timeout 150 python3 -m pytest -q -p no:cacheprovider $GPU_TESTS 2>&1 \
     | tee "$OUT/pytest.log" | tail -15

@@ -28,7 +28,6 @@ visible to ``lora_modules``/``merge``/``save_adapter`` at their usual paths; ``u
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -52,6 +51,7 @@ __all__ = [
     "FusedRopeAttention",
     "FusedSwiGLUMLP",
     "accelerate",
+    "causal_only",
     "decelerate",
     "is_fast",
     "mlp_output_unread",
@@ -80,6 +80,25 @@ def mlp_output_unread(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         _MLP_OUTPUT_UNREAD[0] = previous
+
+
+# Set by splice.loss.model_hidden_states when a call has no attention mask and no position ids:
+# the attention is then plain causal. Hugging Face cannot tell inside a CUDA-graph capture (it
+# may not inspect tensors there) and builds an explicit (T, T) mask, which costs sdpa its causal
+# kernels (measured ~3x slower attention in the graph); FusedRopeAttention drops that mask.
+_CAUSAL_ONLY = [False]
+
+
+@contextlib.contextmanager
+def causal_only(enabled: bool = True) -> Iterator[None]:
+    """Within this, :class:`FusedRopeAttention` treats every (non-cached) call as plain causal
+    self-attention: only for inputs without padding or packing (see above)."""
+    previous = _CAUSAL_ONLY[0]
+    _CAUSAL_ONLY[0] = enabled
+    try:
+        yield
+    finally:
+        _CAUSAL_ONLY[0] = previous
 
 
 class _UnreadLinear(torch.autograd.Function):
@@ -248,35 +267,15 @@ class FusedRopeAttention(nn.Module):
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         cos, sin = position_embeddings
         q, k = rope(q, k, cos, sin)
-        with _graph_sdpa_backend(backend, q):
-            attn_output, attn_weights = ALL_ATTENTION_FUNCTIONS[backend](
-                self, q.transpose(1, 2), k.transpose(1, 2), v, attention_mask,
-                dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling,
-                **kwargs,
-            )
+        if _CAUSAL_ONLY[0] and getattr(self, "is_causal", True):
+            attention_mask = None  # the caller vouches: plain causal, so sdpa's is_causal path
+        attn_output, attn_weights = ALL_ATTENTION_FUNCTIONS[backend](
+            self, q.transpose(1, 2), k.transpose(1, 2), v, attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling,
+            **kwargs,
+        )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         return self.o_proj(attn_output), attn_weights
-
-
-# Inside a CUDA-graph capture torch's sdpa picks cuDNN's kernels as in eager mode, but on an
-# H200 (torch 2.11, 2026-11-26) they ran ~3x slower in the replayed graph (plus extra copies),
-# while eager cuDNN is the fastest choice; see docs/benchmarks.md. So captures pin this backend
-# ("default" keeps torch's choice; SPLICE_GRAPH_SDPA overrides, for the benchmark).
-GRAPH_SDPA_BACKEND = os.environ.get("SPLICE_GRAPH_SDPA", "flash")
-
-
-def _graph_sdpa_backend(backend: str, q: Tensor) -> contextlib.AbstractContextManager:
-    if backend != "sdpa" or not q.is_cuda or GRAPH_SDPA_BACKEND == "default" \
-            or not torch.cuda.is_current_stream_capturing():
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: PLC0415
-
-    chosen = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-              "cudnn": SDPBackend.CUDNN_ATTENTION}[GRAPH_SDPA_BACKEND]
-    # the chosen one first, the others as fallbacks (e.g. a head size flash does not support)
-    order = [chosen] + [b for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
-                                    SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH) if b != chosen]
-    return sdpa_kernel(order, set_priority=True)
 
 
 def _class_name(node: Node) -> str:

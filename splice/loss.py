@@ -309,11 +309,17 @@ def model_hidden_states(
     (+ bias). Works through splice rewrites (``Around`` wrappers inside the decoder are ordinary
     modules). Extra ``kwargs`` go to the decoder; no KV cache is built.
     """
+    from .fast import causal_only  # noqa: PLC0415 - fast imports the kernels
+
     decoder = _decoder(model)
     kwargs.setdefault("use_cache", False)
-    out = decoder(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
-    )
+    # No mask and no position ids: plain causal attention (lets splice.fast skip the explicit
+    # mask Hugging Face builds inside a CUDA-graph capture).
+    plain = attention_mask is None and position_ids is None and kwargs.get("past_key_values") is None
+    with causal_only(plain):
+        out = decoder(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
+        )
     hidden = getattr(out, "last_hidden_state", None)
     if hidden is None:
         hidden = out[0]

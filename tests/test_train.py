@@ -187,7 +187,8 @@ def test_cuda_graphs_follow_the_eager_trajectory(tiny_run_inputs, tmp_path, drop
     eager = train(_config(tiny_run_inputs, tmp_path / "eager", cuda_graphs=False, **options))
     graphed = train(_config(tiny_run_inputs, tmp_path / "graphed", **options))  # default: on
     assert eager.cuda_graphs == 0 and graphed.cuda_graphs >= 1
-    # bf16 on the GPU; dropout masks are drawn in another order once graphs replay, so looser there
-    tol = 0.02 if dropout == 0 else 0.15
-    assert max(abs(a - b) for a, b in zip(eager.losses, graphed.losses, strict=True)) < tol
+    if dropout == 0:  # the same trajectory up to bf16 rounding
+        assert max(abs(a - b) for a, b in zip(eager.losses, graphed.losses, strict=True)) < 0.02
+    else:  # the graph's warm-ups draw random numbers first: other masks, a similar run
+        assert abs(eager.losses[-1] - graphed.losses[-1]) < 0.3
     assert graphed.losses[-1] < graphed.losses[0] - 1.0
