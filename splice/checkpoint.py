@@ -36,7 +36,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .fast import FusedLoraLinear, mlp_output_unread, share_state
+from . import fast
+from .fast import FusedLoraLinear, causal_only, mlp_output_unread, share_state
 from .kernels.dropout import KeyTape, recording_keys, replaying_keys
 from .rewrite import Node, Replace, nodes, rewrite, unrewrite
 
@@ -145,6 +146,7 @@ class _Checkpoint(torch.autograd.Function):
     def forward(ctx: Any, anchor: Tensor, hidden: Tensor, run: Callable[[Tensor], Any], offload: bool,  # type: ignore[override]
                 unread_mlp: bool) -> Any:
         ctx.run, ctx.device, ctx.unread_mlp = run, hidden.device, unread_mlp
+        ctx.causal_only = fast._CAUSAL_ONLY[0]  # the recompute runs under the forward's setting
         ctx.needs_hidden = hidden.requires_grad
         ctx.cpu_rng = torch.get_rng_state()
         capturing = hidden.is_cuda and torch.cuda.is_current_stream_capturing()
@@ -160,7 +162,7 @@ class _Checkpoint(torch.autograd.Function):
         del ctx.saved
         devices = [ctx.device] if ctx.cuda_rng is not None else []
         with torch.random.fork_rng(devices=devices), replaying_keys(ctx.tape), \
-                mlp_output_unread(ctx.unread_mlp):
+                mlp_output_unread(ctx.unread_mlp), causal_only(ctx.causal_only):
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)

@@ -185,3 +185,28 @@ def test_recompute_skips_the_unread_down_projection(lora_on_down: bool) -> None:
                                         if p.grad is not None}))
     assert_same(results[0], results[1])
     assert flops[0] - flops[1] == 2 * (2 * 24 * 96 * 64)  # 2 layers x one (24 x 96) @ (96 x 64)
+
+
+def test_recompute_runs_under_the_forwards_causal_only_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """model_hidden_states vouches for plain causal attention during the forward; the recompute
+    in backward (outside that call) must see the same setting, or a graph recomputes with the
+    explicit mask Hugging Face built while capturing."""
+    import splice.fast as fast_module
+    from splice.fast import FusedRopeAttention
+    from splice.loss import causal_lm_loss, lm_head_params, model_hidden_states
+
+    model = lora_llama(dropout=0.0)
+    accelerate(model)
+    checkpoint_layers(model, layers="all")
+    seen: list[bool] = []
+    real = FusedRopeAttention.forward
+
+    def spy(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(fast_module._CAUSAL_ONLY[0])
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(FusedRopeAttention, "forward", spy)
+    ids = torch.randint(0, 101, (2, 12))
+    weight, _ = lm_head_params(model)
+    causal_lm_loss(model_hidden_states(model, input_ids=ids), weight, ids).backward()
+    assert seen == [True] * 6  # 3 layers forward, 3 recomputed in backward
