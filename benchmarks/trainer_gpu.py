@@ -36,11 +36,11 @@ def build_model(assets: Path, target: Path) -> None:
     AutoTokenizer.from_pretrained(assets).save_pretrained(target)
 
 
-def run(model_dir: Path, out: Path, *, fast: bool, steps: int) -> dict[str, object]:
+def run(model_dir: Path, out: Path, *, fast: bool, steps: int, graphs: bool | None = None) -> dict[str, object]:
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     result = train(TrainConfig(model=str(model_dir), output_dir=str(out), steps=steps, fast=fast,
-                               eval_samples=32, save_every=steps // 2))
+                               cuda_graphs=graphs, eval_samples=32, save_every=steps // 2))
     seconds = time.perf_counter() - t0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in records if r["kind"] == "train"][3:]  # after warm-up
@@ -49,6 +49,7 @@ def run(model_dir: Path, out: Path, *, fast: bool, steps: int) -> dict[str, obje
     return {
         "framework": "splice",
         "fast": fast,
+        "cuda_graphs": result.cuda_graphs,
         "steps": result.steps,
         "wall_s": round(seconds, 1),
         "tok_per_s": round(tokens / step_s),
@@ -122,16 +123,17 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     model_dir = args.out / "model"
     build_model(args.assets, model_dir)
-    rows = [run(model_dir, args.out / f"run-{name}", fast=fast, steps=args.steps)
-            for name, fast in (("fast", True), ("plain", False))]
+    rows = [run(model_dir, args.out / f"run-{name}", fast=fast, steps=args.steps, graphs=graphs)
+            for name, fast, graphs in (("fast", True, None), ("fast-eager", True, False),
+                                       ("plain", False, None))]
     rows.append(run_peft(model_dir, steps=args.steps))
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": rows}
     (args.out / "trainer_gpu.json").write_text(json.dumps(info, indent=1))
     print(f"\n{info['device']}, torch {torch.__version__}, {args.steps} steps of the default job")
-    print("| framework | --fast | tok/s | step ms | peak GiB | wall s | loss first -> last | val loss |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| framework | --fast | CUDA graphs | tok/s | step ms | peak GiB | wall s | loss first -> last | val loss |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['framework']} | {r['fast']} | {r['tok_per_s']:,} | {r['step_ms']} | {r['peak_gib']} | {r['wall_s'] or '-'} | "
+        print(f"| {r['framework']} | {r['fast']} | {r.get('cuda_graphs', '-')} | {r['tok_per_s']:,} | {r['step_ms']} | {r['peak_gib']} | {r['wall_s'] or '-'} | "
               f"{r['first_loss']} -> {r['last_loss']} | {r['final'].get('val_loss', float('nan')):.4f} |".replace("nan", "-"))
 
 
