@@ -167,8 +167,8 @@ def worker(args: argparse.Namespace) -> None:
                           if not p.requires_grad) / GIB
         run_cfg = CONFIGS[name] if name != "maxseq" else cfg
         if name in ("C", "E"):
-            modes = [("on", False)] + ([("on", True), ("all", False), ("all", True), ("offload", False)]
-                                       if fw == "splice" else [])
+            modes = [("on", False)] + ([("on", True), ("all", False), ("all", True), ("offload", False),
+                                        ("offload", True)] if fw == "splice" else [])
             if name == "E":  # 8,192-token steps are not launch-bound: no graph variants (time)
                 modes = [m for m in modes if not m[1]]
             for mode, graphs in modes:

@@ -77,12 +77,17 @@ class _PinnedPool:
     def __init__(self) -> None:
         self.free: dict[tuple[tuple[int, ...], torch.dtype], list[tuple[Tensor, torch.cuda.Event]]] = {}
 
-    def take(self, shape: torch.Size, dtype: torch.dtype) -> Tensor:
+    def take(self, shape: torch.Size, dtype: torch.dtype, *, capturing: bool = False) -> Tensor:
         items = self.free.get((tuple(shape), dtype))
         if items:
             buffer, done = items.pop()
-            done.synchronize()  # its last upload to the GPU has finished
+            if not capturing:  # (a capture starts with the device synchronized: all done)
+                done.synchronize()  # its last upload to the GPU has finished
             return buffer
+        if capturing:
+            raise RuntimeError(
+                "offloaded checkpoints inside a CUDA graph need their pinned buffers from an eager "
+                "warm-up step of the same shape (splice.graphs.GraphedStep runs one)")
         return torch.empty(shape, dtype=dtype, pin_memory=True)
 
     def give(self, buffer: Tensor, done: torch.cuda.Event) -> None:
@@ -94,11 +99,16 @@ class _PinnedPool:
 
 _POOL = _PinnedPool()
 _COPY_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+# Buffers a captured CUDA graph copies through: its replays reuse their addresses, so they never
+# go back to the pool (nor to torch's pinned allocator) while the process may replay the graph.
+_GRAPH_BUFFERS: list[Tensor] = []
 
 
 def release_pinned_memory() -> None:
-    """Free the pinned host buffers kept for ``offload=True`` checkpoints."""
+    """Free the pinned host buffers kept for ``offload=True`` checkpoints (only once no CUDA
+    graph captured through offloaded checkpoints will be replayed again)."""
     _POOL.clear()
+    _GRAPH_BUFFERS.clear()
 
 
 class _Saved:
@@ -113,7 +123,8 @@ class _Saved:
         if not t.is_cuda:  # CPU tensors (tests): a plain copy
             self.tensor = t.detach().clone()
             return
-        self.tensor = _POOL.take(t.shape, t.dtype)
+        self.capturing = torch.cuda.is_current_stream_capturing()
+        self.tensor = _POOL.take(t.shape, t.dtype, capturing=self.capturing)
         stream = _COPY_STREAMS.setdefault(t.device, torch.cuda.Stream(t.device))
         stream.wait_stream(torch.cuda.current_stream(t.device))
         with torch.cuda.stream(stream):
@@ -128,6 +139,9 @@ class _Saved:
         current = torch.cuda.current_stream(device)
         current.wait_event(self.event)
         out = self.tensor.to(device, non_blocking=True)
+        if self.capturing:
+            _GRAPH_BUFFERS.append(self.tensor)
+            return out
         done = torch.cuda.Event()
         done.record(current)
         _POOL.give(self.tensor, done)

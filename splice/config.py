@@ -81,9 +81,6 @@ class TrainConfig:
             (self.optimizer in ("adamw", "sgd"), "optimizer must be adamw or sgd"),
             (self.precision in ("auto", "bf16", "fp32"), "precision must be auto, bf16 or fp32"),
             (0.0 <= self.val_fraction < 1.0, "val_fraction must be in [0, 1)"),
-            (not (self.cuda_graphs and self.offload_checkpoints),
-             "cuda_graphs cannot be combined with offload_checkpoints (offloaded copies wait on "
-             "the host): drop one of them"),
         ]
         problems = [msg for ok, msg in checks if not ok]
         if problems:

@@ -189,7 +189,7 @@ def train(config: TrainConfig, *, log: Progress | None = None) -> TrainResult:
     fast = device.type == "cuda" if config.fast is None else config.fast
     # Default: graphs with the fused kernels on packed batches (unpacked ones carry an attention
     # mask that Hugging Face inspects on the host, which capture forbids).
-    auto_graphs = fast and config.pack and not config.offload_checkpoints
+    auto_graphs = fast and config.pack
     graphed = device.type == "cuda" and (auto_graphs if config.cuda_graphs is None else config.cuda_graphs)
     micro_step = GraphedStep(_micro_step(model, device, precision, graphed), params,
                              enabled=graphed, warn=say)

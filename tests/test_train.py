@@ -175,11 +175,6 @@ def test_checkpointing_and_fast_kernels_keep_the_trajectory(tiny_run_inputs, tmp
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
 
 
-def test_cuda_graphs_cannot_combine_with_offload() -> None:
-    with pytest.raises(ValueError, match="cuda_graphs cannot be combined with offload_checkpoints"):
-        TrainConfig(cuda_graphs=True, offload_checkpoints=True)
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_cuda_graphs_follow_the_eager_trajectory(tiny_run_inputs, tmp_path, dropout: float) -> None:
