@@ -113,10 +113,12 @@ def release_pinned_memory() -> None:
 
 class _Saved:
     """One checkpointed layer input: the tensor itself, or (``offload``) a pinned CPU copy
-    written on a side stream while the GPU computes, uploaded again on demand."""
+    written on a side stream while the GPU computes, uploaded again on demand or ahead of time
+    (:meth:`prefetch`: the layer below starts coming back while this one recomputes)."""
 
     def __init__(self, t: Tensor, offload: bool) -> None:
         self.event: torch.cuda.Event | None = None
+        self.uploaded: tuple[Tensor, torch.cuda.Event] | None = None
         if not offload:
             self.tensor = t.detach()  # no copy: the input simply stays alive
             return
@@ -125,7 +127,7 @@ class _Saved:
             return
         self.capturing = torch.cuda.is_current_stream_capturing()
         self.tensor = _POOL.take(t.shape, t.dtype, capturing=self.capturing)
-        stream = _COPY_STREAMS.setdefault(t.device, torch.cuda.Stream(t.device))
+        stream = _copy_stream(t.device)
         stream.wait_stream(torch.cuda.current_stream(t.device))
         with torch.cuda.stream(stream):
             self.tensor.copy_(t.detach(), non_blocking=True)
@@ -133,19 +135,43 @@ class _Saved:
         self.event = torch.cuda.Event()
         self.event.record(stream)
 
+    def prefetch(self, device: torch.device) -> None:
+        """Start the upload on the copy stream (after the download; it overlaps compute)."""
+        if self.event is None or self.uploaded is not None:
+            return
+        stream = _copy_stream(device)
+        with torch.cuda.stream(stream):  # the download ran on this stream: already ordered
+            out = self.tensor.to(device, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(stream)
+        self.uploaded = (out, done)
+
     def load(self, device: torch.device) -> Tensor:
         if self.event is None:
             return self.tensor if self.tensor.device == device else self.tensor.to(device)
         current = torch.cuda.current_stream(device)
-        current.wait_event(self.event)
-        out = self.tensor.to(device, non_blocking=True)
+        self.prefetch(device)
+        assert self.uploaded is not None
+        out, done = self.uploaded
+        current.wait_event(done)
+        out.record_stream(current)  # made on the copy stream, used (and freed) on this one
+        self.uploaded = None
         if self.capturing:
             _GRAPH_BUFFERS.append(self.tensor)
-            return out
-        done = torch.cuda.Event()
-        done.record(current)
-        _POOL.give(self.tensor, done)
+        else:
+            _POOL.give(self.tensor, done)  # reusable once the upload finished
         return out
+
+
+def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+    if device not in _COPY_STREAMS:
+        _COPY_STREAMS[device] = torch.cuda.Stream(device)
+    return _COPY_STREAMS[device]
+
+
+# The previous checkpointed layer's saved input in this forward (index, saved), so that its
+# upload can start while the layer above it recomputes in backward.
+_LAST_SAVED: list[tuple[int, _Saved] | None] = [None]
 
 
 class _Checkpoint(torch.autograd.Function):
@@ -158,7 +184,7 @@ class _Checkpoint(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, anchor: Tensor, hidden: Tensor, run: Callable[[Tensor], Any], offload: bool,  # type: ignore[override]
-                unread_mlp: bool) -> Any:
+                unread_mlp: bool, index: int) -> Any:
         ctx.run, ctx.device, ctx.unread_mlp = run, hidden.device, unread_mlp
         ctx.causal_only = fast._CAUSAL_ONLY[0]  # the recompute runs under the forward's setting
         ctx.needs_hidden = hidden.requires_grad
@@ -166,6 +192,9 @@ class _Checkpoint(torch.autograd.Function):
         capturing = hidden.is_cuda and torch.cuda.is_current_stream_capturing()
         ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda and not capturing else None
         ctx.saved = _Saved(hidden, offload)
+        last = _LAST_SAVED[0]
+        ctx.below = last[1] if last is not None and last[0] == index - 1 else None
+        _LAST_SAVED[0] = (index, ctx.saved)
         ctx.tape = KeyTape()
         with recording_keys(ctx.tape):
             return run(hidden)
@@ -174,6 +203,9 @@ class _Checkpoint(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         hidden = ctx.saved.load(ctx.device).detach().requires_grad_(ctx.needs_hidden)
         del ctx.saved
+        if ctx.below is not None:  # the next layer down: its upload overlaps this recompute
+            ctx.below.prefetch(ctx.device)
+            ctx.below = None
         devices = [ctx.device] if ctx.cuda_rng is not None else []
         with torch.random.fork_rng(devices=devices), replaying_keys(ctx.tape), \
                 mlp_output_unread(ctx.unread_mlp), causal_only(ctx.causal_only):
@@ -183,7 +215,7 @@ class _Checkpoint(torch.autograd.Function):
             with torch.enable_grad():
                 out = ctx.run(hidden)
         torch.autograd.backward(out, grad_out)
-        return None, hidden.grad if ctx.needs_hidden else None, None, None, None
+        return None, hidden.grad if ctx.needs_hidden else None, None, None, None, None
 
 
 def _unreplayable_dropout(layer: nn.Module) -> str | None:
@@ -255,7 +287,7 @@ class CheckpointedLayer(nn.Module):
         anchor = torch.empty(0, device=hidden.device, requires_grad=True)
         layer = self.__dict__["_layer"]
         unread = self.skip_unread and type(layer).__name__ in RESIDUAL_MLP_LAYERS
-        return _Checkpoint.apply(anchor, hidden, run, self.offload, unread)
+        return _Checkpoint.apply(anchor, hidden, run, self.offload, unread, self.index)
 
 
 def _decoder_layer_nodes(model: nn.Module) -> list[Node]:
