@@ -2,8 +2,8 @@
 
 A short step (a small model, or a big one on 1k tokens) is launch-bound: the GPU idles while
 Python issues thousands of kernels (Hugging Face module calls, autograd, Triton's launcher).
-:class:`GraphedStep` runs a step function once eagerly to warm up (Triton compiles, cuBLAS picks
-its kernels), then captures one call into a CUDA graph and afterwards replays it: every kernel of
+:class:`GraphedStep` runs a step function eagerly to warm up (Triton compiles, cuBLAS picks its
+kernels, pinned buffers for offloaded checkpoints exist), then captures one call into a CUDA graph and afterwards replays it: every kernel of
 the forward, the loss and the backward goes to the GPU in one launch.
 
 The step function ``fn(batch) -> Tensor`` computes the loss *and calls backward itself*; it gets
@@ -13,8 +13,10 @@ the graph's static copy of ``batch`` (a dict of tensors) and returns what the ca
 * the same shapes every call: one graph is captured per distinct set of input shapes and dtypes
   (they share one memory pool), up to ``max_graphs``, then calls run eagerly;
 * no host syncs (``.item()``, Python ``if`` on a GPU value, data-dependent shapes): e.g.
-  :func:`splice.loss.causal_lm_loss` with ``static_shapes=True``. Hugging Face models given an
-  ``attention_mask`` test it on the host: pass none (packed batches) or capture fails;
+  :func:`splice.loss.causal_lm_loss` with ``static_shapes=True``. Hugging Face models notice the
+  capture and skip their host-side mask checks, building an explicit attention mask instead;
+  for calls without mask or positions :func:`splice.loss.model_hidden_states` tells
+  :mod:`splice.fast`'s attention that it is plain causal, so sdpa keeps its causal kernels;
 * randomness from torch's CUDA generator (``torch.rand``, ``nn.Dropout``, splice's dropout keys)
   is fresh on every replay; a recompute under :mod:`splice.checkpoint` replays splice's LoRA
   dropout keys, but not torch's generator (those layers refuse capture).
