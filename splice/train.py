@@ -187,8 +187,8 @@ def train(config: TrainConfig, *, log: Progress | None = None) -> TrainResult:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(params, config)
     fast = device.type == "cuda" if config.fast is None else config.fast
-    # Default: graphs with the fused kernels on packed batches (unpacked ones carry an attention
-    # mask that Hugging Face inspects on the host, which capture forbids).
+    # Default: graphs with the fused kernels on packed batches, whose shape never changes
+    # (unpacked batches are as long as their longest row: a new graph for every new length).
     auto_graphs = fast and config.pack
     graphed = device.type == "cuda" and (auto_graphs if config.cuda_graphs is None else config.cuda_graphs)
     micro_step = GraphedStep(_micro_step(model, device, precision, graphed), params,
