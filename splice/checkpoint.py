@@ -201,6 +201,9 @@ class _Checkpoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        last = _LAST_SAVED[0]
+        if last is not None and last[1] is ctx.saved:  # the top layer: drop the forward's chain
+            _LAST_SAVED[0] = None
         hidden = ctx.saved.load(ctx.device).detach().requires_grad_(ctx.needs_hidden)
         del ctx.saved
         if ctx.below is not None:  # the next layer down: its upload overlaps this recompute
