@@ -182,6 +182,22 @@ def batches(cfg: Config, *, seq: int | None = None, batch: int | None = None,
         step += 1
 
 
+def step_fn(setup: Setup, params: list[nn.Parameter], *, graphs: bool) -> Callable[[dict[str, Tensor]], Tensor]:
+    """Forward + loss + backward of a batch ``{"ids": ...}``, returning the detached loss; with
+    ``graphs`` replayed from a CUDA graph (splice.graphs.GraphedStep)."""
+
+    def eager(batch: dict[str, Tensor]) -> Tensor:
+        loss = setup.loss(batch["ids"])
+        loss.backward()
+        return loss.detach()
+
+    if not graphs:
+        return eager
+    from splice.graphs import GraphedStep
+
+    return GraphedStep(eager, params, warn=lambda m: print("[graphs] " + m, flush=True))
+
+
 def train(setup: Setup, data: Iterator[Tensor], *, warmup: int, steps: int, lr: float = LR,
           graphs: bool = False) -> dict[str, Any]:
     """warmup + steps optimizer steps; returns timing, memory and per-step losses.
@@ -189,17 +205,7 @@ def train(setup: Setup, data: Iterator[Tensor], *, warmup: int, steps: int, lr: 
     its capture happens in the first warm-up step, so ``warmup`` must be >= 1)."""
     params = [p for p in setup.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, fused=True)
-
-    def eager(batch: dict[str, Tensor]) -> Tensor:
-        loss = setup.loss(batch["ids"])
-        loss.backward()
-        return loss.detach()
-
-    step: Callable[[dict[str, Tensor]], Tensor] = eager
-    if graphs:
-        from splice.graphs import GraphedStep
-
-        step = GraphedStep(eager, params, warn=lambda m: print("[graphs] " + m, flush=True))
+    step = step_fn(setup, params, graphs=graphs)
     cuda = DEVICE == "cuda"
     _sync()
     if cuda:
@@ -299,17 +305,7 @@ def profile_steps(setup: Setup, cfg: Config, steps: int = 2, *, graphs: bool = F
     params = [p for p in setup.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR, fused=True)
     data = batches(cfg)
-
-    def eager(batch: dict[str, Tensor]) -> Tensor:
-        loss = setup.loss(batch["ids"])
-        loss.backward()
-        return loss.detach()
-
-    run: Callable[[dict[str, Tensor]], Tensor] = eager
-    if graphs:
-        from splice.graphs import GraphedStep
-
-        run = GraphedStep(eager, params)
+    run = step_fn(setup, params, graphs=graphs)
 
     def step() -> None:
         run({"ids": next(data)})
