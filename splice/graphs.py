@@ -112,7 +112,7 @@ class GraphedStep:
         """Point every ``.grad`` at the graph's tensor (zeroed where it had been set to None)."""
         assert self.grads is not None
         stale = []
-        for p, g in zip(self.params, self.grads):
+        for p, g in zip(self.params, self.grads, strict=True):
             if p.grad is g:
                 continue
             if p.grad is None:
@@ -150,7 +150,7 @@ class GraphedStep:
         except Exception as exc:  # noqa: BLE001 - any capture problem: run eagerly instead
             self.failure = f"{type(exc).__name__}: {exc}"
         finally:
-            for g, s in zip(self.grads, saved):  # undo the warm-up's gradients
+            for g, s in zip(self.grads, saved, strict=True):  # undo the warm-up's gradients
                 g.copy_(s)
         if self.failure is not None:
             _check_generator_after_failed_capture(inputs, self.failure)
