@@ -191,21 +191,14 @@ def test_recompute_runs_under_the_forwards_causal_only_setting(monkeypatch: pyte
     """model_hidden_states vouches for plain causal attention during the forward; the recompute
     in backward (outside that call) must see the same setting, or a graph recomputes with the
     explicit mask Hugging Face built while capturing."""
-    import splice.fast as fast_module
-    from splice.fast import FusedRopeAttention
     from splice.loss import causal_lm_loss, lm_head_params, model_hidden_states
+
+    from .test_fast import spy_causal_only
 
     model = lora_llama(dropout=0.0)
     accelerate(model)
     checkpoint_layers(model, layers="all")
-    seen: list[bool] = []
-    real = FusedRopeAttention.forward
-
-    def spy(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        seen.append(fast_module._CAUSAL_ONLY[0])
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(FusedRopeAttention, "forward", spy)
+    seen = spy_causal_only(monkeypatch)
     ids = torch.randint(0, 101, (2, 12))
     weight, _ = lm_head_params(model)
     causal_lm_loss(model_hidden_states(model, input_ids=ids), weight, ids).backward()

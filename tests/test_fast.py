@@ -227,10 +227,24 @@ def test_unrewrite_removes_fast_modules_and_lora() -> None:
     assert {n: type(m) for n, m in model.named_modules()} == originals
 
 
+def spy_causal_only(monkeypatch) -> list[bool]:  # type: ignore[no-untyped-def]
+    """The causal_only setting each FusedRopeAttention call sees, in call order."""
+    import splice.fast as fast_module
+
+    seen: list[bool] = []
+    real_forward = FusedRopeAttention.forward
+
+    def spy(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(fast_module._CAUSAL_ONLY[0])
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(FusedRopeAttention, "forward", spy)
+    return seen
+
+
 def test_causal_only_drops_the_mask_and_is_only_used_without_one(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Under causal_only the fused attention ignores the (causal) mask Hugging Face built, with
     identical results; model_hidden_states turns it on only for calls without mask and positions."""
-    import splice.fast as fast_module
     from splice.fast import causal_only
 
     model = lora_llama()
@@ -241,14 +255,7 @@ def test_causal_only_drops_the_mask_and_is_only_used_without_one(monkeypatch) ->
         with causal_only():
             got = model.model(input_ids=ids).last_hidden_state
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
-    seen: list[bool] = []
-    real_forward = FusedRopeAttention.forward
-
-    def spy(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        seen.append(fast_module._CAUSAL_ONLY[0])
-        return real_forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(FusedRopeAttention, "forward", spy)
+    seen = spy_causal_only(monkeypatch)
     with torch.no_grad():
         model_hidden_states(model, input_ids=ids)
         model_hidden_states(model, input_ids=ids, attention_mask=torch.ones_like(ids))
