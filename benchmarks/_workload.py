@@ -154,7 +154,9 @@ def setup_splice(base: nn.Module, cfg: Config) -> Setup:
         uncheckpoint_layers(base)
         chunk["rows"] = 1024 if mode in ("off", "on") else 256
         if mode != "off":
-            checkpoint_layers(base, layers="auto" if mode == "on" else "all", offload=mode == "offload")
+            # "offload" keeps the attention internals too (offloaded); "offload-recompute" does not
+            checkpoint_layers(base, layers="auto" if mode == "on" else "all", offload=mode.startswith("offload"),
+                              keep_attention=mode == "offload")
 
     def loss(ids: Tensor) -> Tensor:
         hidden = model_hidden_states(base, input_ids=ids)

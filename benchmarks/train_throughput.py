@@ -168,13 +168,15 @@ def worker(args: argparse.Namespace) -> None:
         run_cfg = CONFIGS[name] if name != "maxseq" else cfg
         if name in ("C", "E"):
             modes = [("on", False)] + ([("on", True), ("all", False), ("all", True), ("offload", False),
-                                        ("offload", True)] if fw == "splice" else [])
+                                        ("offload", True), ("offload-recompute", True)]
+                                       if fw == "splice" else [])
             if name == "E":  # 8,192-token steps are not launch-bound: no graph variants (time)
                 modes = [m for m in modes if not m[1]]
             for mode, graphs in modes:
                 shared.set_ckpt(mode)
                 variant = {"on": "auto" if fw == "splice" else "", "all": "ckpt all",
-                           "offload": "ckpt all + offload"}[mode]
+                           "offload": "ckpt all + offload",
+                           "offload-recompute": "ckpt all + offload, attention recomputed"}[mode]
                 variant += " + graphs" if graphs else ""
                 free_cuda()
                 record(shared, run_cfg, variant, train(shared, batches(run_cfg), warmup=args.warmup,
@@ -194,7 +196,7 @@ def worker(args: argparse.Namespace) -> None:
             for m, p in zip(drops, saved):
                 m.p = p
         else:
-            shared.set_ckpt("offload" if fw == "splice" else "on")
+            shared.set_ckpt("offload-recompute" if fw == "splice" else "on")  # host RAM: inputs only
             starts = dict(kv.split("=") for kv in args.maxseq_start.split(","))
             result["maxseq"] = _maxseq(shared, cfg, start=int(starts.get(fw, 16384)), cap=args.maxseq_cap,
                                        gran=args.maxseq_gran, budget_s=args.maxseq_budget)

@@ -39,6 +39,8 @@ from torch import Tensor, nn
 from . import fast
 from .fast import FusedLoraLinear, causal_only, mlp_output_unread, share_state
 from .kernels.dropout import KeyTape, recording_keys, replaying_keys
+from .offload import Kept, release_pinned_memory
+from .stash import Stash, recording, replaying
 from .rewrite import Node, Replace, nodes, rewrite, unrewrite
 
 __all__ = ["CheckpointedLayer", "checkpoint_layers", "release_pinned_memory", "uncheckpoint_layers"]
@@ -71,111 +73,13 @@ class _AutoPlan:
         self.keep = 1 + max(0, min(rest, extra))
 
 
-class _PinnedPool:
-    """Reusable pinned host buffers (pinning is slow: allocate once, reuse every step)."""
-
-    def __init__(self) -> None:
-        self.free: dict[tuple[tuple[int, ...], torch.dtype], list[tuple[Tensor, torch.cuda.Event]]] = {}
-
-    def take(self, shape: torch.Size, dtype: torch.dtype, *, capturing: bool = False) -> Tensor:
-        items = self.free.get((tuple(shape), dtype))
-        if items:
-            buffer, done = items.pop()
-            if not capturing:  # (a capture starts with the device synchronized: all done)
-                done.synchronize()  # its last upload to the GPU has finished
-            return buffer
-        if capturing:
-            raise RuntimeError(
-                "offloaded checkpoints inside a CUDA graph need their pinned buffers from an eager "
-                "warm-up step of the same shape (splice.graphs.GraphedStep runs one)")
-        return torch.empty(shape, dtype=dtype, pin_memory=True)
-
-    def give(self, buffer: Tensor, done: torch.cuda.Event) -> None:
-        self.free.setdefault((tuple(buffer.shape), buffer.dtype), []).append((buffer, done))
-
-    def clear(self) -> None:
-        self.free.clear()
-
-
-_POOL = _PinnedPool()
-_COPY_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-# Buffers a captured CUDA graph copies through: its replays reuse their addresses, so they never
-# go back to the pool (nor to torch's pinned allocator) while the process may replay the graph.
-_GRAPH_BUFFERS: list[Tensor] = []
-
-
-def release_pinned_memory() -> None:
-    """Free the pinned host buffers kept for ``offload=True`` checkpoints (only once no CUDA
-    graph captured through offloaded checkpoints will be replayed again)."""
-    _POOL.clear()
-    _GRAPH_BUFFERS.clear()
-
-
-class _Saved:
-    """One checkpointed layer input: the tensor itself, or (``offload``) a pinned CPU copy
-    written on a side stream while the GPU computes, uploaded again on demand or ahead of time
-    (:meth:`prefetch`: the layer below starts coming back while this one recomputes)."""
-
-    def __init__(self, t: Tensor, offload: bool) -> None:
-        self.event: torch.cuda.Event | None = None
-        self.uploaded: tuple[Tensor, torch.cuda.Event] | None = None
-        if not offload:
-            self.tensor = t.detach()  # no copy: the input simply stays alive
-            return
-        if not t.is_cuda:  # CPU tensors (tests): a plain copy
-            self.tensor = t.detach().clone()
-            return
-        self.capturing = torch.cuda.is_current_stream_capturing()
-        self.tensor = _POOL.take(t.shape, t.dtype, capturing=self.capturing)
-        stream = _copy_stream(t.device)
-        stream.wait_stream(torch.cuda.current_stream(t.device))
-        with torch.cuda.stream(stream):
-            self.tensor.copy_(t.detach(), non_blocking=True)
-        t.record_stream(stream)  # the allocator must not reuse t before the copy ends
-        self.event = torch.cuda.Event()
-        self.event.record(stream)
-
-    def prefetch(self, device: torch.device) -> None:
-        """Start the upload on the copy stream (after the download; it overlaps compute)."""
-        if self.event is None or self.uploaded is not None:
-            return
-        stream = _copy_stream(device)
-        with torch.cuda.stream(stream):  # the download ran on this stream: already ordered
-            out = self.tensor.to(device, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record(stream)
-        self.uploaded = (out, done)
-
-    def load(self, device: torch.device) -> Tensor:
-        if self.event is None:
-            return self.tensor if self.tensor.device == device else self.tensor.to(device)
-        current = torch.cuda.current_stream(device)
-        self.prefetch(device)
-        assert self.uploaded is not None
-        out, done = self.uploaded
-        current.wait_event(done)
-        out.record_stream(current)  # made on the copy stream, used (and freed) on this one
-        self.uploaded = None
-        if self.capturing:
-            _GRAPH_BUFFERS.append(self.tensor)
-        else:
-            _POOL.give(self.tensor, done)  # reusable once the upload finished
-        return out
-
-
-def _copy_stream(device: torch.device) -> torch.cuda.Stream:
-    if device not in _COPY_STREAMS:
-        _COPY_STREAMS[device] = torch.cuda.Stream(device)
-    return _COPY_STREAMS[device]
-
-
 # The previous checkpointed layer's saved input in this forward (index, saved), so that its
 # upload can start while the layer above it recomputes in backward.
-_LAST_SAVED: list[tuple[int, _Saved] | None] = [None]
+_LAST_SAVED: list[tuple[int, Kept] | None] = [None]
 
 
 class _Checkpoint(torch.autograd.Function):
-    """Reentrant-style checkpoint of ``run(hidden)`` keeping only ``hidden`` (see :class:`_Saved`).
+    """Reentrant-style checkpoint of ``run(hidden)`` keeping only ``hidden`` (see :class:`Kept`).
 
     Parameter gradients accumulate through the inner ``torch.autograd.backward`` (so use
     ``loss.backward()``, not ``torch.autograd.grad`` on parameters); ``anchor`` is a dummy that
@@ -184,19 +88,20 @@ class _Checkpoint(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, anchor: Tensor, hidden: Tensor, run: Callable[[Tensor], Any], offload: bool,  # type: ignore[override]
-                unread_mlp: bool, index: int) -> Any:
+                unread_mlp: bool, index: int, keep_attention: bool) -> Any:
         ctx.run, ctx.device, ctx.unread_mlp = run, hidden.device, unread_mlp
         ctx.causal_only = fast._CAUSAL_ONLY[0]  # the recompute runs under the forward's setting
         ctx.needs_hidden = hidden.requires_grad
         ctx.cpu_rng = torch.get_rng_state()
         capturing = hidden.is_cuda and torch.cuda.is_current_stream_capturing()
         ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda and not capturing else None
-        ctx.saved = _Saved(hidden, offload)
+        ctx.saved = Kept(hidden, offload)
         last = _LAST_SAVED[0]
         ctx.below = last[1] if last is not None and last[0] == index - 1 else None
         _LAST_SAVED[0] = (index, ctx.saved)
         ctx.tape = KeyTape()
-        with recording_keys(ctx.tape):
+        ctx.stash = Stash(offload=offload, attention=keep_attention)
+        with recording_keys(ctx.tape), recording(ctx.stash):
             return run(hidden)
 
     @staticmethod
@@ -206,11 +111,12 @@ class _Checkpoint(torch.autograd.Function):
             _LAST_SAVED[0] = None
         hidden = ctx.saved.load(ctx.device).detach().requires_grad_(ctx.needs_hidden)
         del ctx.saved
+        ctx.stash.prefetch()  # what the recompute reuses comes back while the MLP recomputes
         if ctx.below is not None:  # the next layer down: its upload overlaps this recompute
             ctx.below.prefetch(ctx.device)
             ctx.below = None
         devices = [ctx.device] if ctx.cuda_rng is not None else []
-        with torch.random.fork_rng(devices=devices), replaying_keys(ctx.tape), \
+        with torch.random.fork_rng(devices=devices), replaying_keys(ctx.tape), replaying(ctx.stash), \
                 mlp_output_unread(ctx.unread_mlp), causal_only(ctx.causal_only):
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.cuda_rng is not None:
@@ -218,7 +124,8 @@ class _Checkpoint(torch.autograd.Function):
             with torch.enable_grad():
                 out = ctx.run(hidden)
         torch.autograd.backward(out, grad_out)
-        return None, hidden.grad if ctx.needs_hidden else None, None, None, None, None
+        del ctx.stash  # frees whatever came back for the recompute
+        return None, hidden.grad if ctx.needs_hidden else None, None, None, None, None, None
 
 
 def _unreplayable_dropout(layer: nn.Module) -> str | None:
@@ -238,12 +145,12 @@ class CheckpointedLayer(nn.Module):
 
 
     def __init__(self, layer: nn.Module, *, index: int, plan: _AutoPlan | None, select: bool,
-                 offload: bool, skip_unread: bool = True) -> None:
+                 offload: bool, skip_unread: bool = True, keep_attention: bool = False) -> None:
         super().__init__()
         share_state(self, layer)
         self.__dict__["_layer"] = layer  # the original, unregistered (its children are ours)
         self.index, self.select, self.offload = index, select, offload
-        self.skip_unread = skip_unread
+        self.skip_unread, self.keep_attention = skip_unread, keep_attention
         self.__dict__["_plan"] = plan
 
     def _run_plain(self, *args: Any, **kwargs: Any) -> Any:
@@ -290,7 +197,7 @@ class CheckpointedLayer(nn.Module):
         anchor = torch.empty(0, device=hidden.device, requires_grad=True)
         layer = self.__dict__["_layer"]
         unread = self.skip_unread and type(layer).__name__ in RESIDUAL_MLP_LAYERS
-        return _Checkpoint.apply(anchor, hidden, run, self.offload, unread, self.index)
+        return _Checkpoint.apply(anchor, hidden, run, self.offload, unread, self.index, self.keep_attention)
 
 
 def _decoder_layer_nodes(model: nn.Module) -> list[Node]:
@@ -309,6 +216,7 @@ def checkpoint_layers(
     offload: bool = False,
     reserve_gib: float = 2.0,
     skip_unread: bool = True,
+    keep_attention: bool = False,
 ) -> list[str]:
     """Wrap the decoder layers of ``model`` for activation checkpointing; returns their names.
 
@@ -318,7 +226,12 @@ def checkpoint_layers(
     "auto" leaves free for the loss and optimizer. ``skip_unread``: in the recompute of a
     Llama-family layer (:data:`RESIDUAL_MLP_LAYERS`) with :mod:`splice.fast`'s MLP, skip the
     ``down_proj`` GEMM whose value nobody reads (about a quarter of the recompute's FLOPs).
-    Raises if the model has no decoder layers.
+    ``keep_attention``: the forward also keeps :mod:`splice.fast`'s attention internals (q, k,
+    v, attention output and log-sum-exp, output projection: ~3.5x the layer input for
+    Llama-3-8B, in pinned host memory with ``offload``) so that the recompute runs no q/k/v/o
+    GEMM and no attention forward (see :mod:`splice.stash`): with ``offload``, speed for host
+    memory. The LoRA down-projections are always kept (r/in of their inputs). Raises if the
+    model has no decoder layers.
     """
     found = _decoder_layer_nodes(model)
     if not found:
@@ -344,7 +257,8 @@ def checkpoint_layers(
             return None
         return Replace(CheckpointedLayer(node.module, index=index[node.name], plan=plan,
                                          select=selected(node.name), offload=offload,
-                                         skip_unread=skip_unread))
+                                         skip_unread=skip_unread,
+                                         keep_attention=keep_attention))
 
     return rewrite(model, rule)
 

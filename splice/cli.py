@@ -38,6 +38,8 @@ _HELP = {
     "gradient_checkpointing": "recompute activations in backward (less memory)",
     "fast": "fused kernels and memory-aware checkpointing (default: on with a CUDA GPU)",
     "offload_checkpoints": "keep checkpointed activations in CPU memory", "seed": "random seed",
+    "keep_attention": "with checkpointing, keep each layer's attention internals too (in CPU memory "
+                      "with --offload-checkpoints): no q/k/v/o or attention recompute, more memory",
     "cuda_graphs": "replay each training step from a CUDA graph (default: on with --fast on a GPU)",
     "eval_every": "validation loss every N steps (0: at the end)",
     "eval_batches": "validation batches per evaluation",

@@ -14,7 +14,8 @@ RUN_CONFIG = "run_config.json"
 # Options that may differ when resuming (they don't change the trajectory's meaning).
 _RESUME_FREE = {"resume", "steps", "epochs", "save_every", "keep_checkpoints", "eval_every",
                 "eval_samples", "compare_base", "eval_batch_size", "max_new_tokens",
-                "fast", "gradient_checkpointing", "offload_checkpoints", "cuda_graphs", "device"}
+                "fast", "gradient_checkpointing", "offload_checkpoints", "keep_attention", "cuda_graphs",
+                "device"}
 
 
 @dataclass(kw_only=True)
@@ -54,6 +55,7 @@ class TrainConfig:
     device: str = "auto"
     gradient_checkpointing: bool = False  # recompute every decoder layer in backward
     offload_checkpoints: bool = False  # keep checkpointed layer inputs in CPU memory (longest sequences)
+    keep_attention: bool = False  # checkpointing also keeps q/k/v/attention (offloaded too): less recompute
     fast: bool | None = None  # fused kernels + memory-aware checkpointing; None: on with a CUDA GPU
     cuda_graphs: bool | None = None  # replay each step from a CUDA graph; None: on with --fast on a GPU
     seed: int = 0

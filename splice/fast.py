@@ -35,7 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from .kernels.dropout import new_keys
-from .kernels.lora_linear import lora_linear
+from . import stash
+from .kernels.lora_linear import lora_linear, lora_u
 from .kernels.rmsnorm import rms_norm
 from .kernels.rope import rope
 from .kernels.swiglu import swiglu
@@ -185,13 +186,19 @@ class FusedLoraLinear(Around):
         drop = lora.dropout
         p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
         x = args[0]
+        keys = new_keys(x.device) if p > 0 else 0
         # Autocast off inside: x and W already share the 16-bit dtype, and the fused function
         # keeps the fp32 adapter weights exact (autocast would round them to bf16).
         with torch.autocast(x.device.type, enabled=False):
+            u = None  # inside a checkpointed layer: the forward keeps U, its recompute reuses it
+            if (replay := stash.active(replay=True)) is not None:
+                u = replay.take()
+            elif (record := stash.active(replay=False)) is not None:
+                u = lora_u(x, lora.lora_A.weight, dropout_p=p, keys=keys)
+                record.put(u)
             return lora_linear(
                 x, self.base.weight, self.base.bias, lora.lora_A.weight, lora.lora_B.weight,
-                scale=lora.scale, dropout_p=p, keys=new_keys(x.device) if p > 0 else 0,
-                output=output,
+                scale=lora.scale, dropout_p=p, keys=keys, output=output, u=u,
             )
 
 
@@ -262,6 +269,10 @@ class FusedRopeAttention(nn.Module):
         kwargs.pop("past_key_values", None)
         input_shape = hidden_states.shape[:-1]
         shape = (*input_shape, -1, self.head_dim)  # (B, S, heads, D)
+        replay = stash.active(replay=True)
+        if replay is not None and replay.attention:  # a recompute reusing the forward's attention
+            return self._replay(replay, hidden_states, position_embeddings), None
+        record = stash.active(replay=False)
         q = self.q_proj(hidden_states).view(shape)
         k = self.k_proj(hidden_states).view(shape)
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
@@ -269,13 +280,35 @@ class FusedRopeAttention(nn.Module):
         q, k = rope(q, k, cos, sin)
         if _CAUSAL_ONLY[0] and getattr(self, "is_causal", True):
             attention_mask = None  # the caller vouches: plain causal, so sdpa's is_causal path
-        attn_output, attn_weights = ALL_ATTENTION_FUNCTIONS[backend](
-            self, q.transpose(1, 2), k.transpose(1, 2), v, attention_mask,
-            dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling,
-            **kwargs,
-        )
-        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-        return self.o_proj(attn_output), attn_weights
+
+        def attend(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor | None]:
+            return ALL_ATTENTION_FUNCTIONS[backend](  # type: ignore[no-any-return]
+                self, q.transpose(1, 2), k.transpose(1, 2), v, attention_mask,
+                dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling,
+                **kwargs,
+            )
+
+        if record is not None and record.attention:
+            attn_output, attn_weights = stash.record_attention(record, attend, q, k, v)
+        else:
+            attn_output, attn_weights = attend(q, k, v)
+        out = self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
+        if record is not None and record.attention:
+            record.put(out)
+        return out, attn_weights
+
+    def _replay(self, replay: stash.Stash, hidden: Tensor, position_embeddings: tuple[Tensor, Tensor]) -> Tensor:
+        """The recompute's attention from what the forward kept: q/k/v/o build their backward
+        without their GEMMs, the kept attention graph and output projection result are reused."""
+        input_shape = hidden.shape[:-1]
+        shape = (*input_shape, -1, self.head_dim)
+        q = _unread_projection(self.q_proj, hidden).view(shape)
+        k = _unread_projection(self.k_proj, hidden).view(shape)
+        v = _unread_projection(self.v_proj, hidden).view(shape).transpose(1, 2)
+        q, k = rope(q, k, *position_embeddings)  # values unread: only the backward matters
+        attn_output = stash.replay_attention(replay, q, k, v)
+        o = _unread_projection(self.o_proj, attn_output.reshape(*input_shape, -1).contiguous())
+        return stash.substitute(o, replay.take())
 
 
 def _class_name(node: Node) -> str:

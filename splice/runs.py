@@ -49,7 +49,8 @@ def speed_up(model: nn.Module, config: TrainConfig, device: torch.device) -> lis
     fast = device.type == "cuda" if config.fast is None else config.fast
     names = accelerate(model) if fast else []
     if config.gradient_checkpointing or config.offload_checkpoints:
-        names += checkpoint_layers(model, layers="all", offload=config.offload_checkpoints)
+        names += checkpoint_layers(model, layers="all", offload=config.offload_checkpoints,
+                                   keep_attention=config.keep_attention)
     elif fast and device.type == "cuda":
         names += checkpoint_layers(model, layers="auto")  # recompute only what memory needs
     return names

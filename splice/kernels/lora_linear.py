@@ -37,7 +37,7 @@ from . import use_triton
 from .dropout import as_keys, dropout, dropout_add_
 from .lora_kernels import lora_down, lora_dx_add_, tn_reduce
 
-__all__ = ["LORA_KERNEL_MIN_TOKENS", "lora_linear", "lora_linear_reference", "uses_lora_kernels"]
+__all__ = ["LORA_KERNEL_MIN_TOKENS", "lora_linear", "lora_linear_reference", "lora_u", "uses_lora_kernels"]
 
 # Below this many tokens a step is launch-bound and Triton's per-launch Python cost outweighs
 # the fused kernels' savings (measured on an H100: config A, 1,024 tokens, ran 25% slower through
@@ -76,6 +76,7 @@ class _LoraLinearFn(torch.autograd.Function):
         p: float,
         keys: Tensor | int,
         output: bool,
+        given_u: Tensor | None,
     ) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # (N, in); a view for contiguous x
         if p > 0:
@@ -83,12 +84,8 @@ class _LoraLinearFn(torch.autograd.Function):
         ctx.triton = uses_lora_kernels(x2)
         if ctx.triton:
             x2 = x2.contiguous()
-            u = lora_down(x2, lora_a.float().contiguous(), p, keys)  # (N, r) fp32, dropout fused
-            u_c = u.to(x.dtype)
-        else:
-            xd = dropout(x2, p, keys) if p > 0 else x2
-            u = u_c = xd @ lora_a.to(x.dtype).T  # (N, r)
-            del xd
+        u = given_u if given_u is not None else _down(x2, lora_a, p, keys, ctx.triton)
+        u_c = u.to(x.dtype)
         if output:
             y = F.linear(x2, weight, bias)  # (N, out)
             y.addmm_(u_c, lora_b.to(x.dtype).T, alpha=scale)  # one GEMM with beta=1: y += s * U B^T
@@ -131,7 +128,23 @@ class _LoraLinearFn(torch.autograd.Function):
             dw = _mm_f32(g.T, x2).to(weight.dtype)
         if need_bias and ctx.has_bias:
             dbias = g.float().sum(0).to(weight.dtype)
-        return dx, dw, dbias, da, db, None, None, None, None
+        return dx, dw, dbias, da, db, None, None, None, None, None
+
+
+def _down(x2: Tensor, lora_a: Tensor, p: float, keys: Tensor | int, triton: bool) -> Tensor:
+    """``U = D(x) A^T`` (N, r): fp32 from the Triton kernel, else in x's dtype."""
+    if triton:
+        return lora_down(x2.contiguous(), lora_a.float().contiguous(), p, keys)  # dropout fused
+    xd = dropout(x2, p, keys) if p > 0 else x2
+    return xd @ lora_a.to(x2.dtype).T
+
+
+def lora_u(x: Tensor, lora_a: Tensor, *, dropout_p: float = 0.0, keys: Tensor | int = 0) -> Tensor:
+    """``U = dropout(x) A^T`` (N, r) exactly as :func:`lora_linear` computes it for the same
+    ``keys`` (fp32 on the Triton path, x's dtype otherwise): for passing back as its ``u``."""
+    x2 = x.reshape(-1, x.shape[-1])
+    keys = as_keys(keys, x.device) if dropout_p > 0 else keys
+    return _down(x2, lora_a, float(dropout_p), keys, uses_lora_kernels(x2))
 
 
 def _backward_triton(ctx: Any, g: Tensor, x2: Tensor, weight: Tensor, lora_a: Tensor,
@@ -154,7 +167,7 @@ def _backward_triton(ctx: Any, g: Tensor, x2: Tensor, weight: Tensor, lora_a: Te
         dw = _mm_f32(g.T, x2).to(weight.dtype)
     if need_bias and ctx.has_bias:
         dbias = g.float().sum(0).to(weight.dtype)
-    return dx, dw, dbias, da, db, None, None, None, None
+    return dx, dw, dbias, da, db, None, None, None, None, None
 
 
 def lora_linear(
@@ -168,6 +181,7 @@ def lora_linear(
     dropout_p: float = 0.0,
     keys: Tensor | int = 0,
     output: bool = True,
+    u: Tensor | None = None,
 ) -> Tensor:
     """``x W^T + b + scale * (dropout(x) A^T) B^T`` as one autograd node (see the module doc).
 
@@ -176,11 +190,13 @@ def lora_linear(
     pick the dropout mask (ignored when ``dropout_p == 0``). ``output=False`` skips computing
     the result (an uninitialised tensor of its shape comes back) but builds the same backward:
     for an activation-checkpoint recompute, where a layer's last projection only feeds the
-    residual sum whose value nobody reads (its gradient is all that matters).
+    residual sum whose value nobody reads (its gradient is all that matters). ``u``: the
+    down-projection ``dropout(x) A^T`` from :func:`lora_u` with the same keys (a checkpoint
+    recompute reuses the forward's), so it is not computed again.
     """
     if x.dtype != weight.dtype:
         raise TypeError(f"lora_linear: x ({x.dtype}) and weight ({weight.dtype}) must share a dtype")
-    return _LoraLinearFn.apply(x, weight, bias, lora_a, lora_b, float(scale), float(dropout_p), keys, bool(output))
+    return _LoraLinearFn.apply(x, weight, bias, lora_a, lora_b, float(scale), float(dropout_p), keys, bool(output), u)
 
 
 def lora_linear_reference(
