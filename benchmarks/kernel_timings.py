@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from splice.kernels.cross_entropy import cross_entropy_grad_
 from splice.kernels.lora_linear import lora_linear
 from splice.kernels.rmsnorm import rms_norm, rms_norm_reference
 from splice.kernels.rope import rope
@@ -46,6 +47,17 @@ def peft_lora(x: Tensor, w: Tensor, a: Tensor, b: Tensor, p: float, scale: float
     y = F.linear(x, w)
     xf = F.dropout(x.to(a.dtype), p, training=True)
     return y + (F.linear(F.linear(xf, a), b) * scale).to(y.dtype)
+
+
+def ce_grad_torch(logits: Tensor, y: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """What splice.loss did per chunk before the kernel: fp32 copy, loss, in-place gradient, bf16."""
+    z = logits.float()
+    lse = torch.logsumexp(z, dim=-1)
+    loss = lse - z.gather(1, y[:, None]).squeeze(1)
+    grad = z.sub_(lse[:, None]).exp_()
+    grad[torch.arange(z.shape[0], device=z.device), y] -= 1.0
+    grad.mul_(scale[:, None])
+    return grad.to(logits.dtype), loss
 
 
 def rope_hf(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
@@ -84,6 +96,17 @@ def main() -> None:
     fused = bench(fwd_bwd(lambda: tuple(t.transpose(1, 2) for t in rope(q, k, cos, sin)),
                           (dq, dk), [q, k]))
     rows.append(("RoPE q+k (4096 tok, 32/8 heads)", ref, fused, 4 * N * 40 * 128 * 2))
+
+    # One chunk of the fused linear + cross-entropy (splice.loss), without its GEMMs. The kernel
+    # runs in place on the same buffer every time: after the first call it holds a gradient, which
+    # is as good an input as logits for timing. It reads the bf16 block twice and writes it once.
+    c, v = 256, 128256
+    z = torch.randn(c, v, device=dev, dtype=BF16)
+    yt = torch.randint(0, v, (c,), device=dev)
+    st = torch.full((c,), 1.0 / 4096, device=dev)
+    ref = bench(lambda: ce_grad_torch(z, yt, st))
+    fused = bench(lambda: cross_entropy_grad_(z, yt, st))
+    rows.append((f"cross-entropy grad, in place ({c} x {v}, no GEMMs)", ref, fused, 3 * c * v * 2))
 
     for out_f, name in ((H, "q/o"), (I, "gate/up")):
         xl = torch.randn(N, H, device=dev, dtype=BF16, requires_grad=True)
