@@ -305,7 +305,7 @@ class FusedRopeAttention(nn.Module):
         q = _unread_projection(self.q_proj, hidden).view(shape)
         k = _unread_projection(self.k_proj, hidden).view(shape)
         v = _unread_projection(self.v_proj, hidden).view(shape).transpose(1, 2)
-        q, k = rope(q, k, *position_embeddings)  # values unread: only the backward matters
+        q, k = rope(q, k, *position_embeddings, output=False)  # only the backward matters
         attn_output = stash.replay_attention(replay, q, k, v)
         o = _unread_projection(self.o_proj, attn_output.reshape(*input_shape, -1).contiguous())
         return stash.substitute(o, replay.take())

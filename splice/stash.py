@@ -168,15 +168,29 @@ class _AttentionGraph:
     shape: torch.Size
 
 
+class _Roots(torch.autograd.Function):
+    """Graph roots carrying given values, holding no reference to them: unlike leaves made with
+    ``detach().requires_grad_()``, whose AccumulateGrad node would keep q/k/v on the GPU."""
+
+    @staticmethod
+    def forward(ctx: Any, anchor: Tensor, values: list[Tensor]) -> tuple[Tensor, ...]:  # type: ignore[override]
+        return tuple(v.detach() for v in values)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[None, None]:  # type: ignore[override]
+        return None, None  # never run: autograd.grad stops at these roots
+
+
 def record_attention(stash: Stash, attend: Callable[..., tuple[Tensor, Any]],
                      *qkv: Tensor) -> tuple[Tensor, Any]:
     """``attend(*qkv) -> (out, extra)`` with its graph built on detached copies of ``qkv`` and
     kept (its saved tensors through :meth:`Stash.keep`) along with ``out``; returns the result,
     detached. :func:`replay_attention` takes both back."""
-    leaves = [t.detach().requires_grad_() for t in qkv]
+    anchor = torch.empty(0, device=qkv[0].device, requires_grad=True)
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(stash.keep, _unpack):
-        out, extra = attend(*leaves)
-    stash.put(_AttentionGraph(get_gradient_edge(out), tuple(get_gradient_edge(t) for t in leaves),
+        roots = _Roots.apply(anchor, list(qkv))
+        out, extra = attend(*roots)
+    stash.put(_AttentionGraph(get_gradient_edge(out), tuple(get_gradient_edge(t) for t in roots),
                               out.shape))
     stash.put(out)  # its storage is what the graph saved as the output: kept once
     return out.detach(), extra

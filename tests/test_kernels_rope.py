@@ -51,3 +51,19 @@ def test_matches_hugging_face(device: str) -> None:
     hq, hk = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # (B, H, S, D)
     oq, ok = rope(q, k, cos, sin)
     assert rel_err(oq.transpose(1, 2), hq) < 1e-5 and rel_err(ok.transpose(1, 2), hk) < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unread_output_has_the_same_backward(device: str) -> None:
+    """``output=False`` (a recompute that never reads the values): identical input gradients."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 5, 4, 16, device=device, requires_grad=True)
+    k = torch.randn(2, 5, 2, 16, device=device, requires_grad=True)
+    cos, sin = torch.randn(1, 5, 16, device=device), torch.randn(1, 5, 16, device=device)
+    dq, dk = torch.randn(2, 5, 4, 16, device=device), torch.randn(2, 5, 2, 16, device=device)
+    grads = []
+    for output in (True, False):
+        oq, ok = rope(q, k, cos, sin, output=output)
+        assert oq.shape == q.shape and ok.shape == k.shape
+        grads.append(torch.autograd.grad((oq, ok), (q, k), (dq, dk)))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])

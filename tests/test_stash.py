@@ -108,11 +108,11 @@ def test_substitute_passes_the_gradient_to_the_graph() -> None:
 @GPU
 def test_gpu_offloaded_views_of_one_storage_are_kept_once() -> None:
     kept = stash.Stash(offload=True, attention=True)
-    out = torch.randn(2, 8, 64, 128, device="cuda", dtype=torch.bfloat16)  # (B, S, H, D): 2 MiB
+    out = torch.randn(2, 64, 64, 128, device="cuda", dtype=torch.bfloat16)  # (B, S, H, D): 2 MiB
     view = out.transpose(1, 2)  # (B, H, S, D) view of the same storage
     kept.put(out)
     kept.put(view)
-    kept.put(torch.randn(2, 8, 64, 128, device="cuda", dtype=torch.bfloat16))
+    kept.put(torch.randn(2, 64, 64, 128, device="cuda", dtype=torch.bfloat16))
     assert len(kept._stored) == 2
     kept.prefetch()
     a, b, c = kept.take(), kept.take(), kept.take()
@@ -129,3 +129,24 @@ def test_gpu_kept_attention_same_grads_bf16(offload: bool) -> None:
     checkpoint_layers(kept, layers="all", offload=offload, keep_attention=True)
     ids = torch.randint(0, 101, (2, 1100), device="cuda")  # >= 2048 tokens: the Triton LoRA path
     assert_same(loss_and_grads(plain, ids, seed=3), loss_and_grads(kept, ids, seed=3), tol=1e-2)
+
+
+@GPU
+def test_gpu_kept_attention_holds_no_gpu_copies_when_offloading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With offload, what the attention keeps lives in host memory: after the forward the GPU
+    holds what the attention-recomputing setting holds (q/k/v would be 2 MiB a layer)."""
+    monkeypatch.setattr(stash, "_MIN_OFFLOAD_BYTES", 0)  # offload even these small tensors
+    held = []
+    for keep in (False, True):
+        model = lora_llama(dropout=0.0, device="cuda", dtype=torch.bfloat16, hidden=256, layers=4)
+        accelerate(model)
+        checkpoint_layers(model, layers="all", offload=True, keep_attention=keep)
+        ids = torch.randint(0, 101, (2, 1024), device="cuda")
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        loss = model(input_ids=ids, labels=ids).loss
+        torch.cuda.synchronize()
+        held.append(torch.cuda.memory_allocated() - before)
+        loss.backward()
+        del model, loss
+    assert held[1] - held[0] < 1 << 20, held

@@ -85,10 +85,9 @@ class _LoraLinearFn(torch.autograd.Function):
         if ctx.triton:
             x2 = x2.contiguous()
         u = given_u if given_u is not None else _down(x2, lora_a, p, keys, ctx.triton)
-        u_c = u.to(x.dtype)
         if output:
             y = F.linear(x2, weight, bias)  # (N, out)
-            y.addmm_(u_c, lora_b.to(x.dtype).T, alpha=scale)  # one GEMM with beta=1: y += s * U B^T
+            y.addmm_(u.to(x.dtype), lora_b.to(x.dtype).T, alpha=scale)  # one GEMM, beta=1: y += s U B^T
         else:  # the caller never reads y (see ``output`` in lora_linear): only the graph is built
             y = x2.new_empty(x2.shape[0], weight.shape[0])
         ctx.save_for_backward(x2, weight, lora_a, lora_b, u)

@@ -76,9 +76,12 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor, backward: bool) -> Tensor:
 
 class _RopeFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def forward(ctx: Any, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, output: bool) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         cos, sin = cos.contiguous(), sin.contiguous()
         ctx.save_for_backward(cos, sin)
+        if not output:  # values unread (see rope): the backward needs only cos and sin
+            return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(
+                k, memory_format=torch.contiguous_format)
         return _rotate(q.contiguous(), cos, sin, False), _rotate(k.contiguous(), cos, sin, False)
 
     @staticmethod
@@ -86,7 +89,7 @@ class _RopeFn(torch.autograd.Function):
         cos, sin = ctx.saved_tensors
         gq = _rotate(dq.contiguous(), cos, sin, True) if ctx.needs_input_grad[0] else None
         gk = _rotate(dk.contiguous(), cos, sin, True) if ctx.needs_input_grad[1] else None
-        return gq, gk, None, None
+        return gq, gk, None, None, None
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -100,8 +103,12 @@ def rope_reference(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tens
     return q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s
 
 
-def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    """Rotate q (B, S, Hq, D) and k (B, S, Hk, D) by cos/sin (B|1, S, D); new tensors, same layout."""
+def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, output: bool = True) -> tuple[Tensor, Tensor]:
+    """Rotate q (B, S, Hq, D) and k (B, S, Hk, D) by cos/sin (B|1, S, D); new tensors, same layout.
+
+    ``output=False``: the fused path returns uninitialised tensors with the same backward (for
+    a checkpoint recompute that reuses the forward's attention and never reads them).
+    """
     dim = q.shape[-1]
     fused = (
         use_triton(q, k, cos, sin)
@@ -121,4 +128,4 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor
     )
     if not fused:
         return rope_reference(q, k, cos, sin)
-    return _RopeFn.apply(q, k, cos, sin)
+    return _RopeFn.apply(q, k, cos, sin, output)
