@@ -76,14 +76,19 @@ def _graph_vs_eager(model: nn.Module, ids: Tensor, seed: int) -> tuple[tuple[Ten
 
 
 @GPU
-@pytest.mark.parametrize("ckpt", ["none", "all", "offload"])
+@pytest.mark.parametrize("ckpt", ["none", "all", "offload", "kept attention", "kept attention offload"])
 @pytest.mark.parametrize(("dtype", "length", "tol"), [(torch.float32, 12, 1e-5), (torch.bfloat16, 12, 1e-2),
                                                       (torch.bfloat16, 1100, 1e-2)])  # 2,200 tokens: Triton LoRA
-def test_replay_equals_eager_with_dropout(ckpt: str, dtype: torch.dtype, length: int, tol: float) -> None:
+def test_replay_equals_eager_with_dropout(ckpt: str, dtype: torch.dtype, length: int, tol: float,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from splice import stash
+
+    monkeypatch.setattr(stash, "_MIN_OFFLOAD_BYTES", 0)  # these small tensors offload too
     model = lora_llama(dropout=0.1, device="cuda", dtype=dtype)
     accelerate(model)
-    if ckpt != "none":  # offload: the kept inputs go through pinned host memory inside the graph
-        checkpoint_layers(model, layers="all", offload=ckpt == "offload")
+    if ckpt != "none":  # offload: what is kept goes through pinned host memory inside the graph
+        checkpoint_layers(model, layers="all", offload=ckpt.endswith("offload"),
+                          keep_attention=ckpt.startswith("kept"))
     ids = torch.randint(0, 101, (2, length), device="cuda")
     (loss_g, grads_g), (loss_e, grads_e) = _graph_vs_eager(model, ids, seed=5)
     assert rel_err(loss_g, loss_e) < tol
