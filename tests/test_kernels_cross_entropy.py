@@ -19,7 +19,7 @@ from splice.kernels import use_triton
 from splice.kernels.cross_entropy import cross_entropy_grad_, cross_entropy_grad_reference
 from splice.loss import causal_lm_loss
 
-from .numerics import DEVICES, GPU, rel_err
+from .numerics import DEVICES, GPU, HostSyncs, rel_err
 
 _MANTISSA = {torch.float16: 10, torch.bfloat16: 7}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -260,22 +260,12 @@ def test_causal_lm_loss_keeps_the_fp32_path_for_a_bias_and_fp32(device: str, mon
 @pytest.mark.parametrize("device", DEVICES)
 def test_static_shapes_triton_path_runs_without_host_syncs(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """What the graph capture of a training step needs (see test_loss's fp32 version)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     _skip_without_triton(device)
-    aten = torch.ops.aten
-    synced: list[str] = []
-
-    class NoSync(TorchDispatchMode):
-        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-            if func in (aten._local_scalar_dense.default, aten.nonzero.default, aten.is_nonzero.default):
-                synced.append(str(func))
-            return func(*args, **(kwargs or {}))
 
     hidden, weight, labels = _loss_problem(device)
     spy = _Spy()
     monkeypatch.setattr(loss_module, "cross_entropy_grad_", spy)
     monkeypatch.setattr(loss_module, "check_labels", lambda *a, **k: None)  # as for GPU labels
-    with NoSync():
+    with HostSyncs() as mode:
         causal_lm_loss(hidden, weight, labels, static_shapes=True, chunk_size=8).backward()
-    assert synced == [] and spy.calls == 3
+    assert mode.synced == [] and spy.calls == 3

@@ -16,6 +16,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from splice.lora import LoraConfig, add_lora, lora_modules
 from splice.loss import causal_lm_loss, lm_head_params, model_hidden_states, naive_causal_lm_loss
 
+from .numerics import HostSyncs
+
 aten = torch.ops.aten
 _MATMULS = {aten.mm.default, aten.addmm.default, aten.addmm_.default}
 
@@ -98,23 +100,14 @@ def test_static_shapes_runs_without_host_syncs(monkeypatch: pytest.MonkeyPatch) 
     import splice.loss as loss_module
 
     hidden, weight, labels = _problem(2, 9, 8, 13, seed=22)
-    synced: list[str] = []
-
-    class NoSync(TorchDispatchMode):
-        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-            if func in (aten._local_scalar_dense.default, aten.nonzero.default, aten.is_nonzero.default):
-                synced.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    with NoSync():
+    with HostSyncs() as default:
         causal_lm_loss(hidden, weight, labels, chunk_size=4)
-    assert any("nonzero" in s for s in synced)  # the default path selects rows on the host
-    synced.clear()
+    assert any("nonzero" in s for s in default.synced)  # the default path selects rows on the host
     monkeypatch.setattr(loss_module, "check_labels", lambda *a, **k: None)  # as for GPU labels
-    with NoSync():
+    with HostSyncs() as static:
         loss = causal_lm_loss(hidden, weight, labels, static_shapes=True, chunk_size=4)
         loss.backward()
-    assert synced == []
+    assert static.synced == []
 
 
 def test_float64_stays_float64() -> None:
