@@ -8,9 +8,8 @@ states and the head's weight (:func:`lm_head_params`) to a fused linear + cross-
 on chunks of rows: for each chunk it computes the logits, the per-row loss and, right away, the
 gradients wrt the chunk's hidden rows and the (accumulated) weight gradient, then drops the
 logits. Backward only scales the stored gradients. This is the Liger-Kernel "fused linear cross
-entropy" idea; peak extra memory is one (chunk, V) fp32 block. On a GPU with 16-bit matmuls and no
-bias, the softmax gradient is one Triton kernel over the 16-bit logits, in place
-(:mod:`splice.kernels.cross_entropy`), and the fp32 block is never made.
+entropy" idea; peak extra memory is one (chunk, V) logits block, which becomes its own gradient in
+place (:mod:`splice.kernels.cross_entropy`: one Triton kernel over the 16-bit logits on a GPU).
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .kernels import use_triton
 from .kernels.cross_entropy import cross_entropy_grad_
 from .rewrite import Around
 
@@ -87,50 +85,32 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         # Weight and bias gradients accumulate over chunks in fp32 whatever the parameter dtype.
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
         grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_bias else None
-        need_any = need_rows or need_weight or need_bias
-        # GPU, 16-bit, no bias: the Triton kernel turns the 16-bit logits into the gradient in place
-        # (two reads, one write) instead of ~8 passes over an fp32 copy. A bias keeps the fp32 path.
-        scales = keep_all = None
-        if b is None and compute in (torch.float16, torch.bfloat16) and use_triton(rows, w):
-            keep_all = valid.to(acc) if valid is not None else torch.ones(n_rows, dtype=acc, device=rows.device)
-            scales = keep_all * row_weight  # (N,) fp32: 1/n or 1, 0 for an ignored row
+        # (N,) row weights: 1/n or 1, and 0 for an ignored row (static_shapes)
+        keep_all = valid.to(acc) if valid is not None else torch.ones(n_rows, dtype=acc, device=rows.device)
+        scales = keep_all * row_weight
         for start in range(0, n_rows, chunk_size):
             end = min(start + chunk_size, n_rows)
             x = rows[start:end].to(compute)  # (c, H)
-            y = targets[start:end]  # (c,)
-            if scales is not None and keep_all is not None:
-                g16 = x @ w.T  # (c, V) logits, then (in place) their gradient, in the compute dtype
-                total += cross_entropy_grad_(g16, y, scales[start:end]).dot(keep_all[start:end])
-                if grad_rows is not None:
-                    grad_rows[start:end] = (g16 @ w).to(rows.dtype)
-                if grad_w is not None:  # as below: 16-bit product, summed in fp32
-                    grad_w += g16.T @ x
-                del g16  # before the next chunk's logits: one (c, V) block at a time
-                continue
-            # The matmul runs in the compute dtype (bf16: fp32 products, bf16 out); softmax in fp32.
-            logits = (x @ w.T).to(acc)  # (c, V)
+            # The matmul runs in the compute dtype (bf16: fp32 products, bf16 out); a bias is
+            # added in fp32.
+            logits = x @ w.T  # (c, V)
             if b is not None:
-                logits += b
-            lse = torch.logsumexp(logits, dim=-1)  # (c,)
-            target_logit = logits.gather(1, y[:, None]).squeeze(1)
-            keep = valid[start:end].to(acc) if valid is not None else None  # (c,)
-            total += ((lse - target_logit) * keep).sum() if keep is not None else (lse - target_logit).sum()
-            if not need_any:
-                continue
-            # In place: logits become g = w * (softmax - onehot), the (c, V) gradient of the loss.
-            grad = logits.sub_(lse[:, None]).exp_()
-            grad[torch.arange(end - start, device=grad.device), y] -= 1.0
-            grad.mul_(row_weight if keep is None else keep[:, None] * row_weight)
+                logits = logits.to(acc) + b
+            # In place: the logits become g = w * (softmax - onehot), the (c, V) gradient of the
+            # loss, in their dtype; softmax and the per-row losses in fp32 (a Triton kernel on a
+            # GPU: two reads and one write of the 16-bit block, no fp32 copy).
+            total += cross_entropy_grad_(logits, targets[start:end], scales[start:end]).dot(keep_all[start:end])
+            grad = logits
             if grad_rows is not None:
                 grad_rows[start:end] = (grad.to(compute) @ w).to(rows.dtype)
             if grad_w is not None:  # (V, c) @ (c, H), in the compute dtype, summed in fp32
-                if compute == acc:
+                if grad.dtype == compute == acc:
                     grad_w.addmm_(grad.T, x)
                 else:
                     grad_w += grad.to(compute).T @ x
             if grad_b is not None:
-                grad_b += grad.sum(0)
-            del grad, logits
+                grad_b += grad.to(acc).sum(0)
+            del grad, logits  # before the next chunk's: one (c, V) block at a time
         ctx.save_for_backward(
             grad_rows,
             grad_w.to(weight.dtype) if grad_w is not None else None,

@@ -15,8 +15,9 @@ scale, downcast) makes about eight full passes over an fp32 copy of the block; w
 the block is 131 MB for 256 rows. The Triton kernel reads the 16-bit logits twice (an online
 max / sum-exp pass, then the gradient pass) and writes them once, with no fp32 copy.
 
-Shapes: ``logits`` (c, V) contiguous, fp16/bf16/fp32; ``targets`` (c,) int64 in [0, V);
-``row_scale`` (c,) fp32 (a stride-0 expanded scalar is fine). Nothing reads a tensor value on the
+Shapes: ``logits`` (c, V) contiguous, fp16/bf16/fp32 (fp64: the reference, in fp64); ``targets``
+(c,) int64 in [0, V); ``row_scale`` (c,) fp32 (fp64 for fp64 logits; a stride-0 expanded scalar
+is fine). Nothing reads a tensor value on the
 host, so a call can be captured in a CUDA graph. The Triton path runs one program per row and
 walks V in blocks of up to ``_BLOCK`` columns, any V and any c (V is a compile-time constant: one
 compile per vocabulary size); offsets are int64 (c * V may pass 2**31).
@@ -80,18 +81,19 @@ def _warps(block: int) -> int:
 def _check(logits: Tensor, targets: Tensor, row_scale: Tensor) -> None:
     if logits.dim() != 2 or not logits.is_contiguous() or logits.shape[1] < 1:
         raise ValueError(f"logits must be a contiguous (rows, vocab) matrix, got {tuple(logits.shape)}")
-    if logits.dtype not in _FUSED_DTYPES:
-        raise TypeError(f"logits must be float16, bfloat16 or float32, got {logits.dtype}")
+    if logits.dtype not in (*_FUSED_DTYPES, torch.float64):
+        raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
     rows = logits.shape[0]
     if targets.shape != (rows,) or targets.dtype != torch.int64:
         raise ValueError(f"targets must be int64 ({rows},), got {targets.dtype} {tuple(targets.shape)}")
-    if row_scale.shape != (rows,) or row_scale.dtype != torch.float32:
-        raise ValueError(f"row_scale must be float32 ({rows},), got {row_scale.dtype} {tuple(row_scale.shape)}")
+    acc = "float64" if logits.dtype == torch.float64 else "float32"
+    if row_scale.shape != (rows,) or row_scale.dtype != getattr(torch, acc):
+        raise ValueError(f"row_scale must be {acc} ({rows},), got {row_scale.dtype} {tuple(row_scale.shape)}")
 
 
 def cross_entropy_grad_reference(logits: Tensor, targets: Tensor, row_scale: Tensor) -> Tensor:
     """PyTorch version of :func:`cross_entropy_grad_`: same math in fp32, same in-place result."""
-    z = logits.float()  # a copy for 16-bit logits; fp32 logits are worked on in place
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))  # 16-bit: a copy; else in place
     lse = torch.logsumexp(z, dim=-1)
     loss = lse - z.gather(1, targets[:, None]).squeeze(1)
     g = z.sub_(lse[:, None]).exp_()
@@ -109,7 +111,7 @@ def cross_entropy_grad_(logits: Tensor, targets: Tensor, row_scale: Tensor) -> T
     Targets must lie in [0, V) (not checked: that would read them on the host). No host syncs.
     """
     _check(logits, targets, row_scale)
-    if not use_triton(logits, targets, row_scale):
+    if logits.dtype == torch.float64 or not use_triton(logits, targets, row_scale):
         return cross_entropy_grad_reference(logits, targets, row_scale)
     rows, vocab = logits.shape
     loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
