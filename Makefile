@@ -21,8 +21,9 @@ install: $(STAMP)
 train: $(STAMP)
 	$(BIN)/splice train $(ARGS)
 
+# The whole suite, slow tests (the real SmolLM2 load) included; PYTEST_ARGS adds options.
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --runslow $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs
