@@ -7,7 +7,7 @@ memory:
 * every fused LoRA linear's down-projection ``U = dropout(x) A^T`` (N, r): r/in of its input,
   so the recompute runs no LoRA down-projection at all;
 * with ``attention=True``, the attention core: the forward builds the graph of the attention
-  function alone, on detached q/k/v, and keeps what its backward saves (q, k, v, output,
+  function alone, on graph roots cut from q/k/v (:class:`_Roots`), and keeps what its backward saves (q, k, v, output,
   log-sum-exp: ~2.5x the layer input for Llama-3-8B's grouped heads), plus the output
   projection's result. The recompute then builds the backward of q/k/v/o without their GEMMs
   (``output=False``, see :func:`splice.kernels.lora_linear.lora_linear`) and splices the kept
@@ -183,7 +183,7 @@ class _Roots(torch.autograd.Function):
 
 def record_attention(stash: Stash, attend: Callable[..., tuple[Tensor, Any]],
                      *qkv: Tensor) -> tuple[Tensor, Any]:
-    """``attend(*qkv) -> (out, extra)`` with its graph built on detached copies of ``qkv`` and
+    """``attend(*qkv) -> (out, extra)`` with its graph built on roots cut from ``qkv`` and
     kept (its saved tensors through :meth:`Stash.keep`) along with ``out``; returns the result,
     detached. :func:`replay_attention` takes both back."""
     anchor = torch.empty(0, device=qkv[0].device, requires_grad=True)
