@@ -2,7 +2,7 @@
 
 Frameworks: ``peft`` (PEFT as installed), ``liger`` (PEFT + Liger-Kernel's Llama patches:
 fused linear cross-entropy, RMSNorm, SwiGLU, RoPE) and ``splice`` (add_lora + freeze +
-splice.fast.accelerate + splice.checkpoint.checkpoint_layers, loss by splice.loss). All three see
+splice.fused.modules.accelerate + splice.memory.checkpointing.checkpoint_layers, loss by splice.training.loss). All three see
 the same bf16 base weights (seeded per parameter name, built on the GPU), the same LoRA init
 (lora_A seeded per module path, lora_B zero), the same token batches and the same AdamW.
 """
@@ -138,11 +138,11 @@ def setup_peft(base: nn.Module, cfg: Config) -> Setup:
 
 
 def setup_splice(base: nn.Module, cfg: Config) -> Setup:
-    from splice.checkpoint import checkpoint_layers, uncheckpoint_layers
-    from splice.fast import accelerate
-    from splice.freeze import freeze
-    from splice.lora import LoraConfig, add_lora, lora_modules
-    from splice.loss import causal_lm_loss, lm_head_params, model_hidden_states
+    from splice.memory.checkpointing import checkpoint_layers, uncheckpoint_layers
+    from splice.fused.modules import accelerate
+    from splice.lora.freeze import freeze
+    from splice.lora.layers import LoraConfig, add_lora, lora_modules
+    from splice.training.loss import causal_lm_loss, lm_head_params, model_hidden_states
 
     add_lora(base, LoraConfig(rank=cfg.rank, alpha=16, dropout=cfg.dropout, targets=cfg.targets))
     freeze(base)
@@ -186,7 +186,7 @@ def batches(cfg: Config, *, seq: int | None = None, batch: int | None = None,
 
 def step_fn(setup: Setup, params: list[nn.Parameter], *, graphs: bool) -> Callable[[dict[str, Tensor]], Tensor]:
     """Forward + loss + backward of a batch ``{"ids": ...}``, returning the detached loss; with
-    ``graphs`` replayed from a CUDA graph (splice.graphs.GraphedStep)."""
+    ``graphs`` replayed from a CUDA graph (splice.training.graphs.GraphedStep)."""
 
     def eager(batch: dict[str, Tensor]) -> Tensor:
         loss = setup.loss(batch["ids"])
@@ -195,7 +195,7 @@ def step_fn(setup: Setup, params: list[nn.Parameter], *, graphs: bool) -> Callab
 
     if not graphs:
         return eager
-    from splice.graphs import GraphedStep
+    from splice.training.graphs import GraphedStep
 
     return GraphedStep(eager, params, warn=lambda m: print("[graphs] " + m, flush=True))
 
@@ -203,7 +203,7 @@ def step_fn(setup: Setup, params: list[nn.Parameter], *, graphs: bool) -> Callab
 def train(setup: Setup, data: Iterator[Tensor], *, warmup: int, steps: int, lr: float = LR,
           graphs: bool = False) -> dict[str, Any]:
     """warmup + steps optimizer steps; returns timing, memory and per-step losses.
-    ``graphs``: forward + loss + backward replayed from a CUDA graph (splice.graphs.GraphedStep;
+    ``graphs``: forward + loss + backward replayed from a CUDA graph (splice.training.graphs.GraphedStep;
     its capture happens in the first warm-up step, so ``warmup`` must be >= 1)."""
     params = [p for p in setup.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, fused=True)

@@ -50,7 +50,7 @@ def peft_lora(x: Tensor, w: Tensor, a: Tensor, b: Tensor, p: float, scale: float
 
 
 def ce_grad_torch(logits: Tensor, y: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
-    """What splice.loss did per chunk before the kernel: fp32 copy, loss, in-place gradient, bf16."""
+    """What splice.training.loss did per chunk before the kernel: fp32 copy, loss, in-place gradient, bf16."""
     z = logits.float()
     lse = torch.logsumexp(z, dim=-1)
     loss = lse - z.gather(1, y[:, None]).squeeze(1)
@@ -97,7 +97,7 @@ def main() -> None:
                           (dq, dk), [q, k]))
     rows.append(("RoPE q+k (4096 tok, 32/8 heads)", ref, fused, 4 * N * 40 * 128 * 2))
 
-    # One chunk of the fused linear + cross-entropy (splice.loss), without its GEMMs. The kernel
+    # One chunk of the fused linear + cross-entropy (splice.training.loss), without its GEMMs. The kernel
     # runs in place on the same buffer every time: after the first call it holds a gradient, which
     # is as good an input as logits for timing. It reads the bf16 block twice and writes it once.
     c, v = 256, 128256

@@ -8,7 +8,7 @@ A (r8 q/v, seq 1024), C (r16 all-linear, 2 x 2048, checkpointing) and E (r16 all
 checkpointing), plus P (a loss-parity run: no dropout, one batch repeated). splice runs C and E
 as ``layers="auto"`` (checkpoint only what memory needs: the fast setting), ``"all"`` (every layer
 checkpointed: the low-memory setting), each eager and replayed from a CUDA graph
-(splice.graphs), and ``"all"`` with the kept inputs offloaded to CPU; A eager and with graphs. ``--maxseq`` then finds each framework's
+(splice.training.graphs), and ``"all"`` with the kept inputs offloaded to CPU; A eager and with graphs. ``--maxseq`` then finds each framework's
 longest trainable batch-1 sequence with C's settings (splice: all layers checkpointed, inputs
 offloaded to CPU) by doubling from a start length, then bisecting, within a time budget.
 Writes ``results.json`` and ``table.md`` under ``--out`` and prints the table.

@@ -9,9 +9,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .adapters import load_adapter, save_adapter
-from .freeze import TrainableSummary, freeze, trainable_summary
-from .lora import (
+from splice.lora.peft_io import load_adapter, save_adapter
+from splice.lora.freeze import TrainableSummary, freeze, trainable_summary
+from splice.lora.layers import (
     LoraConfig,
     adapter_names,
     adapters_disabled,
@@ -21,29 +21,29 @@ from .lora import (
     unmerge,
     use_adapters,
 )
-from .quant import quantize_int8, quantize_nf4
-from .rewrite import Around, Node, NothingMatchedError, Replace, kind_of, nodes, rewrite, unrewrite
+from splice.quant.linear import quantize_int8, quantize_nf4
+from splice.core.rewrite import Around, Node, NothingMatchedError, Replace, kind_of, nodes, rewrite, unrewrite
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load_model": "models",
-    "read_rows": "data",
-    "split_rows": "data",
-    "tokenize_rows": "data",
-    "batches": "batching",
-    "PromptTemplate": "data",
-    "ChatTemplate": "data",
-    "build_function_names": "tasks",
-    "name_metrics": "tasks",
-    "causal_lm_loss": "loss",
-    "model_hidden_states": "loss",
-    "lm_head_params": "loss",
-    "generate": "generate",
-    "train": "train",
-    "TrainConfig": "config",
-    "accelerate": "fast",
-    "checkpoint_layers": "checkpoint",
+    "load_model": "models.loading",
+    "read_rows": "data.rows",
+    "split_rows": "data.rows",
+    "tokenize_rows": "data.rows",
+    "batches": "data.batching",
+    "PromptTemplate": "data.rows",
+    "ChatTemplate": "data.rows",
+    "build_function_names": "evaluation.tasks",
+    "name_metrics": "evaluation.tasks",
+    "causal_lm_loss": "training.loss",
+    "model_hidden_states": "training.loss",
+    "lm_head_params": "training.loss",
+    "generate": "generation.generate",
+    "train": "training.loop",
+    "TrainConfig": "training.config",
+    "accelerate": "fused.modules",
+    "checkpoint_layers": "memory.checkpointing",
 }
 
 

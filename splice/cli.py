@@ -13,7 +13,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig, load_config_file
+from splice.training.config import TrainConfig, load_config_file
 
 _HELP = {
     "model": "HF model folder, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)",
@@ -79,16 +79,16 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .train import train  # noqa: PLC0415 - keep `splice --help` fast
+    from splice.training.loop import train  # noqa: PLC0415 - keep `splice --help` fast
 
     result = train(_train_config(args))
     return 130 if result.interrupted else 0
 
 
 def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from .adapters import load_adapter  # noqa: PLC0415
-    from .models import load_model  # noqa: PLC0415
-    from .runs import resolve_device  # noqa: PLC0415
+    from splice.lora.peft_io import load_adapter  # noqa: PLC0415
+    from splice.models.loading import load_model  # noqa: PLC0415
+    from splice.training.setup import resolve_device  # noqa: PLC0415
 
     model, tokenizer = load_model(args.model, device=resolve_device(args.device))
     if args.adapter:
@@ -97,7 +97,7 @@ def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import generate  # noqa: PLC0415
+    from splice.generation.generate import generate  # noqa: PLC0415
 
     model, tokenizer = _load(args)
     prompts = list(args.prompt) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
@@ -115,9 +115,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_generation  # noqa: PLC0415
-    from .runs import function_names_task  # noqa: PLC0415
-    from .tasks import build_function_names  # noqa: PLC0415
+    from splice.evaluation.scoring import evaluate_generation  # noqa: PLC0415
+    from splice.training.setup import function_names_task  # noqa: PLC0415
+    from splice.evaluation.tasks import build_function_names  # noqa: PLC0415
 
     model, tokenizer = _load(args)
     rows = build_function_names()[args.split][: args.samples]
@@ -137,7 +137,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from .lora import merge  # noqa: PLC0415
+    from splice.lora.layers import merge  # noqa: PLC0415
 
     out = Path(args.output)
     if out.exists() and any(out.iterdir()):

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from splice.cli import main
 
-from .test_train import tiny_run_inputs  # noqa: F401 - the shared tiny model + data fixture
+from tests.training.test_loop import tiny_run_inputs  # noqa: F401 - the shared tiny model + data fixture
 
 FLAGS = ["--prompt-template", "Q: {question}\nA: ", "--response-template", "{answer}",
          "--max-length", "64", "--lr", "1e-2", "--eval-samples", "4", "--warmup-steps", "2"]
@@ -43,7 +43,7 @@ def test_train_generate_merge(tiny_run_inputs, tmp_path, capsys) -> None:  # noq
     assert main(["merge", "--model", model_dir, "--adapter", str(out / "adapter"),
                  "--output", str(merged)]) == 0
     from splice import load_adapter
-    from splice.models import load_model
+    from splice.models.loading import load_model
 
     adapted, _ = load_model(model_dir)
     load_adapter(adapted, out / "adapter")

@@ -42,7 +42,7 @@ def tokens(seed: int = 1, batch: int = 2, length: int = 12) -> torch.Tensor:
 
 def randomize_lora(model: nn.Module, seed: int = 3) -> None:
     """Give every LoRA B (and embedding A) non-zero values so adapters change the output."""
-    from splice.lora import lora_modules
+    from splice.lora.layers import lora_modules
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

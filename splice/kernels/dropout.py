@@ -7,7 +7,7 @@ from the two 31-bit ``keys`` instead of saving a mask or the dropped-out copy of
 
 The keys live in a small int32 tensor on the activations' device, drawn by :func:`new_keys` from
 torch's generator for that device: no GPU sync, and inside a captured CUDA graph
-(:mod:`splice.graphs`) each replay draws fresh keys (a Python int seed would be frozen into the
+(:mod:`splice.training.graphs`) each replay draws fresh keys (a Python int seed would be frozen into the
 graph). Kernels read them through a pointer. An int seed is still accepted for convenience
 (:func:`as_keys` hashes it). A checkpointed layer records the keys its forward drew and hands
 them back, in order, to its recompute (:func:`recording_keys`, :func:`replaying_keys`).

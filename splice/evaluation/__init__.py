@@ -1,0 +1,1 @@
+"""Metrics, the embedded function-naming task, generation scored against references."""

@@ -1,0 +1,1 @@
+"""KV-cached generation with per-row adapters."""

@@ -1,0 +1,406 @@
+"""LoRA as a rewrite rule: ``y = base(x) + scale * B(A(dropout(x)))``.
+
+Each LoRA module here is an *around* rewriter ``f(x, y)``: the rewriter keeps the original module
+as ``base`` and calls ``f`` with its input and output. Supported bases: ``nn.Linear`` (and
+quantized linears that declare ``splice_kind = "linear"``), Hugging Face GPT-2 ``Conv1D``,
+``nn.Embedding`` and ``nn.Conv2d``. Parameter layout and initialisation follow PEFT so adapters
+move between the two: ``lora_A`` is Kaiming-uniform (a=sqrt(5)), ``lora_B`` zeros; embeddings use
+``lora_embedding_A`` (zeros) and ``lora_embedding_B`` (normal).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from splice.core.rewrite import Around, Node, rewrite, rewritten_nodes, unrewrite
+from splice.core.targets import Targets, target_matcher
+
+__all__ = [
+    "LoraConfig",
+    "LoraConv2d",
+    "LoraEmbedding",
+    "LoraLayer",
+    "LoraLinear",
+    "adapter_names",
+    "adapters_disabled",
+    "add_lora",
+    "lora_modules",
+    "merge",
+    "unmerge",
+    "use_adapters",
+]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+    """What to adapt and how.
+
+    ``targets``: a list of module names (exact path or dotted suffix, e.g. ``"q_proj"``), a regex
+    string (matched in full against the path, as PEFT does), ``"all-linear"`` (every linear but
+    the output head), or a predicate on the :class:`~splice.core.rewrite.Node`.
+    ``scale = alpha / rank``, or ``alpha / sqrt(rank)`` with ``rslora``.
+    ``dtype``: the adapter weights' dtype (PEFT keeps them in float32 whatever the base).
+    ``name``: several adapters may sit on one model (stacked on the same modules); each has a
+    name, used to save, load and route rows to adapters (:func:`use_adapters`).
+    """
+
+    name: str = "default"
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: Targets = ("q_proj", "v_proj")
+    rslora: bool = False
+    dtype: torch.dtype | None = torch.float32
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"LoraConfig.rank must be >= 1, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout}")
+
+    def rank_for(self, name: str) -> int:
+        return _pattern_value(self.rank_pattern, name, self.rank)
+
+    def alpha_for(self, name: str) -> float:
+        return _pattern_value(self.alpha_pattern, name, self.alpha)
+
+
+def _pattern_value(pattern: dict, name: str, default):  # type: ignore[no-untyped-def]
+    # PEFT semantics: a key matches a module whose path ends with it (or equals it).
+    for key, value in pattern.items():
+        if name == key or name.endswith("." + key) or re.fullmatch(key, name):
+            return value
+    return default
+
+
+class LoraLayer(nn.Module):
+    """Base of every LoRA rewriter: its hyper-parameters and whether it is merged into ``base``."""
+
+    def __init__(self, *, rank: int, alpha: float, rslora: bool, dropout: float,
+                 name: str = "default") -> None:
+        super().__init__()
+        self.name = name
+        self.row_mask: Tensor | None = None  # (B,) 0/1: which batch rows use this adapter
+        self.rank = rank
+        self.alpha = alpha
+        self.rslora = rslora
+        self.dropout_p = dropout
+        self.scale = alpha / math.sqrt(rank) if rslora else alpha / rank
+        self.merged = False
+        self.enabled = True  # False: the adapter is skipped (see adapters_disabled)
+
+    def _init_ab(self) -> None:
+        """PEFT's init: A Kaiming-uniform (a=sqrt(5)), B zeros, so the adapter starts as a no-op."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def _ab_forward(self, x: Tensor, y: Tensor) -> Tensor:
+        """``y + scale * B(A(dropout(x)))`` for the layers whose A and B are modules."""
+        if self.merged or not self.enabled:
+            return y
+        x = x.to(self.lora_A.weight.dtype)
+        delta = self.lora_B(self.lora_A(self.dropout(x)))
+        return y + self._routed(self.scale * delta).to(y.dtype)
+
+    def _routed(self, delta: Tensor) -> Tensor:
+        """Zero the delta on batch rows routed to other adapters (see :func:`use_adapters`)."""
+        if self.row_mask is None:
+            return delta
+        return delta * self.row_mask.view(-1, *([1] * (delta.dim() - 1))).to(delta.dtype)
+
+    def delta_weight(self) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _fold(self, base: nn.Module, sign: float) -> None:
+        weight = base.weight
+        if not isinstance(weight, Tensor) or not weight.is_floating_point():
+            raise TypeError(
+                f"cannot merge LoRA into a {type(base).__name__} (its weight is not a float "
+                "tensor, e.g. quantized): merge into a float copy of the base model instead"
+            )
+        with torch.no_grad():
+            weight.add_(self.delta_weight().to(weight.dtype), alpha=sign)
+
+    def merge_into(self, base: nn.Module) -> bool:
+        """Fold ``scale * B @ A`` into ``base.weight``; False (a no-op) if already merged."""
+        if self.merged:
+            return False
+        self._fold(base, 1.0)
+        self.merged = True
+        return True
+
+    def unmerge_from(self, base: nn.Module) -> bool:
+        if not self.merged:
+            return False
+        self._fold(base, -1.0)
+        self.merged = False
+        return True
+
+    def restore(self, base: nn.Module) -> None:
+        """Called by ``unrewrite``: leave the base exactly as it was before LoRA."""
+        self.unmerge_from(base)
+
+
+class LoraLinear(LoraLayer):
+    """LoRA for ``nn.Linear`` and GPT-2 ``Conv1D`` (``fan_in_fan_out``: weight stored (in, out))."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        rank: int,
+        alpha: float,
+        rslora: bool = False,
+        dropout: float = 0.0,
+        fan_in_fan_out: bool = False,
+        dtype: torch.dtype | None = None,
+        device: torch.device | None = None,
+        name: str = "default",
+    ) -> None:
+        super().__init__(rank=rank, alpha=alpha, rslora=rslora, dropout=dropout, name=name)
+        self.fan_in_fan_out = fan_in_fan_out
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
+        self.lora_B = nn.Linear(rank, out_features, bias=False, dtype=dtype, device=device)
+        self._init_ab()
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        # base(x) + scale * B(A(dropout(x))), with y = base(x) computed by the Around wrapper
+        return self._ab_forward(x, y)
+
+    def delta_weight(self) -> Tensor:
+        delta = self.scale * (self.lora_B.weight @ self.lora_A.weight)  # (out, in)
+        return delta.T if self.fan_in_fan_out else delta
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA for ``nn.Embedding``: ``y + scale * onehot(x) @ A^T @ B^T`` (PEFT's layout)."""
+
+    def __init__(
+        self,
+        base: nn.Embedding,
+        *,
+        rank: int,
+        alpha: float,
+        rslora: bool = False,
+        dtype: torch.dtype | None = None,
+        name: str = "default",
+    ) -> None:
+        # PEFT applies no dropout to embedding adapters.
+        super().__init__(rank=rank, alpha=alpha, rslora=rslora, dropout=0.0, name=name)
+        self.padding_idx = base.padding_idx
+        self.max_norm = base.max_norm
+        device = base.weight.device
+        # (rank, num_embeddings) and (embedding_dim, rank), as PEFT stores them.
+        self.lora_embedding_A = nn.Parameter(
+            torch.zeros(rank, base.num_embeddings, dtype=dtype, device=device)
+        )
+        self.lora_embedding_B = nn.Parameter(
+            torch.randn(base.embedding_dim, rank, dtype=dtype, device=device)
+        )
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        if self.merged or not self.enabled:
+            return y
+        after_a = F.embedding(x, self.lora_embedding_A.T, padding_idx=self.padding_idx)
+        return y + self._routed(self.scale * (after_a @ self.lora_embedding_B.T)).to(y.dtype)
+
+    def delta_weight(self) -> Tensor:
+        return self.scale * (self.lora_embedding_B @ self.lora_embedding_A).T  # (num, dim)
+
+
+class LoraConv2d(LoraLayer):
+    """LoRA for ``nn.Conv2d``: A is a conv with the base's kernel, B a 1x1 conv (PEFT's layout)."""
+
+    def __init__(
+        self,
+        base: nn.Conv2d,
+        *,
+        rank: int,
+        alpha: float,
+        rslora: bool = False,
+        dropout: float = 0.0,
+        dtype: torch.dtype | None = None,
+        name: str = "default",
+    ) -> None:
+        if base.groups != 1:
+            raise ValueError("LoRA on a grouped Conv2d is not supported (groups must be 1)")
+        super().__init__(rank=rank, alpha=alpha, rslora=rslora, dropout=dropout, name=name)
+        device = base.weight.device
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Conv2d(
+            base.in_channels, rank, base.kernel_size, base.stride, base.padding,
+            dilation=base.dilation, bias=False, dtype=dtype, device=device,
+        )
+        self.lora_B = nn.Conv2d(rank, base.out_channels, 1, bias=False, dtype=dtype, device=device)
+        self._init_ab()
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        return self._ab_forward(x, y)
+
+    def delta_weight(self) -> Tensor:
+        # (out, r, 1, 1) o (r, in, kh, kw) -> (out, in, kh, kw)
+        b = self.lora_B.weight.flatten(1)
+        return self.scale * torch.einsum("or,rikl->oikl", b, self.lora_A.weight)
+
+
+def _build(node: Node, config: LoraConfig) -> LoraLayer:
+    base = node.original
+    weight = getattr(base, "weight", None)
+    device = weight.device if isinstance(weight, Tensor) else None
+    dtype = config.dtype or (weight.dtype if isinstance(weight, Tensor) else None)
+    module = node.module
+    while isinstance(module, Around):
+        if isinstance(module.rewriter, LoraLayer) and module.rewriter.name == config.name:
+            raise ValueError(
+                f"{node.name!r} already has a LoRA adapter named {config.name!r}: give the new "
+                "adapter another LoraConfig.name, or remove the old one (splice.unrewrite)"
+            )
+        module = module.base
+    hyper = dict(rank=config.rank_for(node.name), alpha=config.alpha_for(node.name),
+                 rslora=config.rslora, dtype=dtype, name=config.name)
+    if type(base).__name__ == "Conv1D":  # GPT-2: weight is (in, out)
+        n_in, n_out = base.weight.shape
+        return LoraLinear(n_in, n_out, dropout=config.dropout, fan_in_fan_out=True,
+                          device=device, **hyper)
+    if node.kind == "linear":
+        return LoraLinear(base.in_features, base.out_features, dropout=config.dropout,
+                          device=device, **hyper)
+    if node.kind == "embedding":
+        return LoraEmbedding(base, **hyper)
+    if node.kind == "conv2d":
+        return LoraConv2d(base, dropout=config.dropout, **hyper)
+    raise TypeError(
+        f"LoRA cannot adapt {node.name!r} of kind {node.kind!r} ({type(base).__name__}): "
+        "supported are linear, GPT-2 Conv1D, embedding and conv2d; narrow LoraConfig.targets"
+    )
+
+
+def add_lora(model: nn.Module, config: LoraConfig | None = None) -> list[str]:
+    """Wrap every targeted module of ``model`` with LoRA; returns the adapted module names.
+
+    Raises when ``config.targets`` matches nothing, naming the kinds and modules the model has.
+    """
+    config = config or LoraConfig()
+    matches = target_matcher(model, config.targets)
+    return rewrite(model, lambda node: _build(node, config) if matches(node) else None)
+
+
+def _innermost(module: nn.Module) -> nn.Module:
+    while isinstance(module, Around):
+        module = module.base
+    return module
+
+
+def lora_modules(model: nn.Module, *, name: str | None = None) -> list[tuple[str, Around, LoraLayer]]:
+    """(path, wrapper, LoRA layer) for every LoRA rewrite in ``model`` (of adapter ``name``, if
+    given), found by type. Stacked adapters on one module give one entry each, outermost first.
+    """
+    found = []
+    for node in rewritten_nodes(model):
+        module = node.module
+        while isinstance(module, Around):
+            layer = module.rewriter
+            if isinstance(layer, LoraLayer) and (name is None or layer.name == name):
+                found.append((node.name, module, layer))
+            module = module.base
+    return found
+
+
+def _require_lora(model: nn.Module) -> list[tuple[str, Around, LoraLayer]]:
+    found = lora_modules(model)
+    if not found:
+        raise ValueError("the model has no LoRA modules: call splice.add_lora or load_adapter first")
+    return found
+
+
+def merge(model: nn.Module, *, unload: bool = False) -> list[str]:
+    """Fold every LoRA delta into its base weight (merging twice changes nothing).
+
+    With ``unload`` the LoRA wrappers are then removed, leaving plain modules holding the merged
+    weights (ready for ``save_pretrained``). Returns the merged module names.
+    """
+    found = _require_lora(model)
+    uses: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        uses[id(param)] = uses.get(id(param), 0) + 1
+    tied = [name for name, wrapper, layer in found
+            if not layer.merged and uses.get(id(getattr(_innermost(wrapper), "weight", None)), 0) > 1]
+    if tied:
+        raise ValueError(
+            f"cannot merge LoRA into {', '.join(tied)}: the weight is tied to another module "
+            "(e.g. the output head shares the input embedding), which would change too. Keep "
+            "that adapter unmerged, or untie the weights first"
+        )
+    for _, wrapper, layer in found:
+        layer.merge_into(_innermost(wrapper))
+    if unload:
+        for _, _, layer in found:
+            layer.merged = False  # the fold is now the base's own weight: nothing to undo
+        unrewrite(model, layer=is_lora_wrapper)
+    return list(dict.fromkeys(name for name, _, _ in found))
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` as its base model inside the block (e.g. to compare base vs adapter)."""
+    found = _require_lora(model)
+    if any(layer.merged for _, _, layer in found):
+        raise ValueError("adapters are merged into the weights: unmerge before disabling them")
+    previous = [layer.enabled for _, _, layer in found]
+    for _, _, layer in found:
+        layer.enabled = False
+    try:
+        yield
+    finally:
+        for (_, _, layer), flag in zip(found, previous):
+            layer.enabled = flag
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Names of the adapters on ``model``, in the order first found."""
+    return list(dict.fromkeys(layer.name for _, _, layer in lora_modules(model)))
+
+
+@contextmanager
+def use_adapters(model: nn.Module, rows: Sequence[str | None]) -> Iterator[None]:
+    """Inside the block, batch row ``i`` runs with adapter ``rows[i]`` only (``None``: the base
+    model), so one batch can mix several adapters (e.g. in :func:`splice.generation.generate.generate`)."""
+    found = _require_lora(model)
+    known = {layer.name for _, _, layer in found}
+    unknown = sorted({r for r in rows if r is not None} - known)
+    if unknown:
+        raise ValueError(f"unknown adapter(s) {unknown}: the model has {sorted(known)}")
+    if any(layer.merged for _, _, layer in found):
+        raise ValueError("adapters are merged into the weights: unmerge before routing rows")
+    for _, wrapper, layer in found:
+        device = next((p.device for p in layer.parameters()), None)
+        layer.row_mask = torch.tensor([r == layer.name for r in rows], device=device)
+    try:
+        yield
+    finally:
+        for _, _, layer in found:
+            layer.row_mask = None
+
+
+def is_lora_wrapper(module: nn.Module) -> bool:
+    return isinstance(module, Around) and isinstance(module.rewriter, LoraLayer)
+
+
+def unmerge(model: nn.Module) -> list[str]:
+    """Subtract every merged LoRA delta from its base weight again."""
+    found = _require_lora(model)
+    for _, wrapper, layer in found:
+        layer.unmerge_from(wrapper.base)
+    return [name for name, _, _ in found]

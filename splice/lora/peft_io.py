@@ -1,0 +1,282 @@
+"""Adapter-only save/load in PEFT's file format.
+
+A directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` whose keys are
+``base_model.model.<module path>.lora_A.weight`` / ``.lora_B.weight`` (embeddings:
+``.lora_embedding_A`` / ``.lora_embedding_B``), so adapters move both ways between splice, PEFT
+and vLLM. Nothing here unpickles: JSON and safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from splice.lora.layers import (
+    LoraConfig,
+    LoraEmbedding,
+    LoraLayer,
+    adapter_names,
+    add_lora,
+    is_lora_wrapper,
+    lora_modules,
+)
+from splice.core.rewrite import unrewrite
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "AdapterError", "load_adapter", "save_adapter"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+# PEFT keys, with or without an adapter name (".default") as some versions wrote.
+_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<path>.+?)\."
+    r"(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.default)?(?:\.weight)?$"
+)
+
+
+class AdapterError(ValueError):
+    """An adapter that does not fit the model (the model is left unchanged)."""
+
+
+def _tensors(path: str, layer: LoraLayer) -> dict[str, Tensor]:
+    if isinstance(layer, LoraEmbedding):
+        return {
+            f"{_PREFIX}{path}.lora_embedding_A": layer.lora_embedding_A,
+            f"{_PREFIX}{path}.lora_embedding_B": layer.lora_embedding_B,
+        }
+    return {
+        f"{_PREFIX}{path}.lora_A.weight": layer.lora_A.weight,
+        f"{_PREFIX}{path}.lora_B.weight": layer.lora_B.weight,
+    }
+
+
+def _target_modules(model: nn.Module, paths: list[str]) -> list[str]:
+    """Short names (``q_proj``) when they pick out exactly ``paths`` in PEFT's suffix matching;
+    otherwise the full module paths (which PEFT and vLLM match too)."""
+    suffixes = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    chosen = set(paths)
+    for name, _ in model.named_modules():
+        if name.rsplit(".", 1)[-1] in suffixes and name not in chosen:
+            # e.g. only some layers were adapted, or a wrapper's inner ".base"
+            if not any(name.startswith(p + ".") for p in chosen):
+                return sorted(chosen)
+    return suffixes
+
+
+def _atomic_write(directory: Path, name: str, write) -> None:  # type: ignore[no-untyped-def]
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, directory / name)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_adapter(
+    model: nn.Module,
+    directory: str | Path,
+    *,
+    base_model: str | None = None,
+    task_type: str = "CAUSAL_LM",
+    name: str | None = None,
+) -> Path:
+    """Write the model's LoRA adapter (only) to ``directory`` in PEFT's format; returns the path.
+
+    Each file is written to a temporary name and renamed, so a crash never leaves a torn file.
+    A model with several adapters saves the one called ``name``.
+    """
+    names = adapter_names(model)
+    if name is None and len(names) > 1:
+        raise ValueError(f"the model has adapters {names}: pass name= to choose the one to save")
+    found = lora_modules(model, name=name)
+    if not found:
+        raise ValueError(f"the model has no LoRA modules{f' named {name!r}' if name else ''} to "
+                         "save: call splice.add_lora first")
+    paths = [p for p, _, _ in found]
+    if len(set(paths)) != len(paths):
+        raise ValueError("a module carries several LoRA adapters of one name; save them one at a time")
+    layers = [layer for _, _, layer in found]
+    ranks = Counter(layer.rank for layer in layers)
+    alphas = Counter(layer.alpha for layer in layers)
+    rank = ranks.most_common(1)[0][0]
+    alpha = alphas.most_common(1)[0][0]
+    rslora = {layer.rslora for layer in layers}
+    if len(rslora) > 1:
+        raise ValueError("adapters mixing rsLoRA and plain scaling cannot be saved in one file")
+    tensors: dict[str, Tensor] = {}
+    for path, _, layer in found:
+        tensors.update(_tensors(path, layer))
+    dropouts = Counter(layer.dropout_p for layer in layers)
+    config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model,
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": dropouts.most_common(1)[0][0],
+        "target_modules": _target_modules(model, paths),
+        "use_rslora": rslora.pop(),
+        "rank_pattern": {p: l.rank for p, _, l in found if l.rank != rank},
+        "alpha_pattern": {p: l.alpha for p, _, l in found if l.alpha != alpha},
+        "bias": "none",
+        "fan_in_fan_out": any(getattr(layer, "fan_in_fan_out", False) for layer in layers),
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "use_dora": False,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "revision": None,
+    }
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    _atomic_write(directory, WEIGHTS_NAME,
+                  lambda tmp: save_file(contiguous, tmp, metadata={"format": "pt"}))
+    _atomic_write(directory, CONFIG_NAME,
+                  lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    return directory
+
+
+def _read(directory: Path) -> tuple[dict, dict[str, Tensor]]:
+    config_file, weights_file = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    missing = [f.name for f in (config_file, weights_file) if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{directory} is not an adapter directory: missing {', '.join(missing)} "
+            f"(expected {CONFIG_NAME} and {WEIGHTS_NAME}, as splice.save_adapter or PEFT write)"
+        )
+    config = json.loads(config_file.read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{directory}: peft_type {config['peft_type']!r} is not LORA")
+    # fan_in_fan_out needs no handling: splice knows GPT-2's Conv1D layout from the module type.
+    if config.get("use_dora"):
+        raise AdapterError(f"{directory}: DoRA adapters are not supported by splice")
+    if config.get("bias", "none") != "none" or config.get("modules_to_save"):
+        raise AdapterError(f"{directory}: bias training / modules_to_save are not supported")
+    return config, load_file(str(weights_file))
+
+
+def _plan(model: nn.Module, tensors: dict[str, Tensor], name: str) -> dict[str, dict[str, Tensor]]:
+    """Group tensors by module path; raise AdapterError listing every problem found."""
+    by_path: dict[str, dict[str, Tensor]] = {}
+    problems: list[str] = []
+    for key, value in tensors.items():
+        if key.endswith(".base_layer.weight"):
+            continue  # PEFT also stores full embedding weights; they are the base model's own
+        match = _KEY.match(key)
+        if match is None:
+            problems.append(f"unsupported tensor {key!r}")
+            continue
+        by_path.setdefault(match["path"], {})[match["part"]] = value
+    modules = dict(model.named_modules())
+    adapted = {p for p, _, _ in lora_modules(model, name=name)}
+    for path, parts in by_path.items():
+        module = modules.get(path)
+        if module is None:
+            problems.append(f"module {path!r} is not in the model")
+            continue
+        if path in adapted:
+            problems.append(f"module {path!r} already has a LoRA adapter named {name!r} (load "
+                            "this one under another name=)")
+            continue
+        problems.extend(_shape_problems(path, module, parts))
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; ... {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise AdapterError(
+            f"the adapter does not fit this model ({shown}). Load it into the base model it was "
+            "trained on (see base_model_name_or_path in adapter_config.json); the model is unchanged"
+        )
+    return by_path
+
+
+def _base_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(in, out) of a linear-like base, or None."""
+    while hasattr(module, "base") and isinstance(getattr(module, "base"), nn.Module):
+        module = module.base  # through rewrite wrappers
+    if type(module).__name__ == "Conv1D":
+        return tuple(module.weight.shape)  # type: ignore[return-value]
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return module.in_features, module.out_features
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    if isinstance(module, nn.Conv2d):
+        return module.in_channels, module.out_channels
+    return None
+
+
+def _shape_problems(path: str, module: nn.Module, parts: dict[str, Tensor]) -> list[str]:
+    shape = _base_shape(module)
+    if shape is None:
+        return [f"module {path!r} ({type(module).__name__}) cannot carry LoRA"]
+    n_in, n_out = shape
+    if "lora_A" in parts:
+        a, b = parts["lora_A"], parts.get("lora_B")
+        if b is None:
+            return [f"{path}: lora_B is missing"]
+        if a.shape[1] != n_in or b.shape[0] != n_out or a.shape[0] != b.shape[1]:
+            return [f"{path}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit "
+                    f"in={n_in} out={n_out}"]
+        return []
+    a, b = parts.get("lora_embedding_A"), parts.get("lora_embedding_B")
+    if a is None or b is None:
+        return [f"{path}: lora_embedding_A/B incomplete"]
+    if a.shape[1] != n_in or b.shape[0] != n_out or a.shape[0] != b.shape[1]:
+        return [f"{path}: embedding A {tuple(a.shape)} / B {tuple(b.shape)} do not fit "
+                f"num={n_in} dim={n_out}"]
+    return []
+
+
+def load_adapter(
+    model: nn.Module, directory: str | Path, *, name: str = "default", dtype: torch.dtype | None = None
+) -> list[str]:
+    """Attach the adapter in ``directory`` (written by splice or PEFT) to ``model`` as ``name``.
+
+    Adapters of other names already on the model stay (they stack; see ``splice.lora.layers.use_adapters``).
+    Every tensor is checked against the model before anything changes; a wrong adapter raises
+    :class:`AdapterError` and leaves the model as it was. Returns the adapted module names.
+    """
+    config, tensors = _read(Path(directory))
+    by_path = _plan(model, tensors, name)
+    if not by_path:
+        raise AdapterError(f"{directory}: the adapter holds no LoRA tensors")
+    ranks = {p: (t.get("lora_A", t.get("lora_embedding_A"))).shape[0] for p, t in by_path.items()}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    lora_config = LoraConfig(
+        rank=int(config.get("r", 8)),
+        alpha=float(config.get("lora_alpha", 8)),
+        dropout=float(config.get("lora_dropout", 0.0)),
+        rslora=bool(config.get("use_rslora", False)),
+        targets=lambda node: node.name in by_path,
+        rank_pattern=ranks,
+        alpha_pattern={k: float(v) for k, v in alpha_pattern.items()},
+        dtype=dtype or torch.float32,
+        name=name,
+    )
+    names = add_lora(model, lora_config)
+    try:
+        for path, _, layer in lora_modules(model, name=name):
+            if path not in by_path:
+                continue
+            parts = by_path[path]
+            with torch.no_grad():
+                for part, value in parts.items():
+                    param = getattr(layer, part)
+                    param = param.weight if isinstance(param, nn.Module) else param
+                    param.copy_(value.to(param.dtype))
+    except Exception:
+        loaded = set(names)
+        unrewrite(model, select=lambda n: n.name in loaded,
+                  layer=lambda m: is_lora_wrapper(m) and m.rewriter.name == name)
+        raise
+    return names

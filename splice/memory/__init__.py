@@ -1,0 +1,1 @@
+"""Activation checkpointing, what a checkpointed layer keeps for its recompute, CPU offload."""

@@ -1,0 +1,1 @@
+"""Loading Hugging Face folders and GGUF files (the embedded default model)."""

@@ -1,0 +1,1 @@
+"""Weight-only quantization (int8, NF4) as replace rewrites."""

@@ -1,0 +1,1 @@
+"""Serving one base model with many adapters behind an OpenAI-compatible endpoint."""

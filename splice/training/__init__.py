@@ -1,0 +1,1 @@
+"""The training loop, its loss, config, run directory, state checkpoints, CUDA graphs and logs."""

@@ -1,0 +1,337 @@
+"""The training loop, in plain sight: LoRA on a causal LM with a loss outside ``model.forward``.
+
+One optimizer step = ``grad_accum`` micro-batches; the loss of a step is the sum of the target
+tokens' cross-entropies divided by their count over the whole step (so accumulation equals one
+big batch). Checkpoints (adapter, optimizer, scheduler, RNG, data position) are written
+atomically; ``resume`` continues on the same loss trajectory. SIGINT/SIGTERM finish the current
+step, write a checkpoint and return. Non-finite losses skip the step and stop the run after
+``max_bad_steps`` in a row, leaving the last good checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from splice.lora.peft_io import save_adapter
+from splice.training.state import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
+from splice.training.config import TrainConfig, check_output_dir, save_run_config
+from splice.data.batching import Batch, batches
+from splice.evaluation.scoring import evaluate_generation, validation_loss
+from splice.lora.freeze import freeze
+from splice.training.graphs import GraphedStep
+from splice.training.loss import causal_lm_loss, check_labels, lm_head_params, model_hidden_states
+from splice.lora.layers import LoraConfig, add_lora
+from splice.training.report import MetricsLog, Progress, plot_losses
+from splice.training.setup import RunData, prepare_data, prepare_model, speed_up
+
+__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "lr_at", "train", "train_step_loss"]
+
+
+class TrainingDiverged(RuntimeError):
+    """Raised after ``max_bad_steps`` non-finite losses in a row."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    losses: list[float]
+    interrupted: bool = False
+    metrics: dict[str, Any] = field(default_factory=dict)
+    cuda_graphs: int = 0  # training-step graphs captured (0: eager steps)
+
+
+def lr_at(step: int, *, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate before optimizer step ``step`` (0-based)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))  # cosine
+
+
+def _optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+    raise ValueError(f"unknown optimizer {config.optimizer!r}: use 'adamw' or 'sgd'")
+
+
+def _autocast(device: torch.device, precision: str, *, cache: bool = True) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        # No weight-cast cache inside CUDA graphs: cached casts would outlive the capture.
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
+    return contextlib.nullcontext()
+
+
+def train_step_loss(model: nn.Module, batch: Batch, *, device: torch.device,
+                    static_shapes: bool = False) -> torch.Tensor:
+    """Summed cross-entropy of one micro-batch's target tokens (the loss lives outside forward).
+    ``static_shapes``: no host syncs (for CUDA graphs; see :func:`causal_lm_loss`)."""
+    hidden = model_hidden_states(
+        model,
+        input_ids=batch["input_ids"].to(device),
+        attention_mask=batch["attention_mask"].to(device) if "attention_mask" in batch else None,
+        position_ids=batch["position_ids"].to(device) if "position_ids" in batch else None,
+    )
+    weight, bias = lm_head_params(model)
+    return causal_lm_loss(hidden, weight, batch["labels"].to(device), reduction="sum",
+                          lm_head_bias=bias, static_shapes=static_shapes)
+
+
+_MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids")
+
+
+def _micro_step(model: nn.Module, device: torch.device, precision: str,
+                graphed: bool) -> Any:
+    """One micro-batch's forward, loss and backward (``loss_scale`` = 1 / the step's targets);
+    returns the summed loss. The function :class:`GraphedStep` captures."""
+
+    def step(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with _autocast(device, precision, cache=not graphed):
+            part = train_step_loss(model, batch, device=device, static_shapes=graphed)
+        (part * batch["loss_scale"]).backward()
+        return part.detach()
+
+    return step
+
+
+class _Batches:
+    """Micro-batches in a fixed order for (seed, epoch); resumable at (epoch, index)."""
+
+    def __init__(self, data: RunData, config: TrainConfig, pad_id: int) -> None:
+        self.data, self.config, self.pad_id = data, config, pad_id
+        self._epoch: int | None = None
+        self._list: list[Batch] = []
+
+    def epoch_batches(self, epoch: int) -> list[Batch]:
+        if self._epoch != epoch:
+            self._list = batches(self.data.train, batch_size=self.config.batch_size,
+                                 pad_id=self.pad_id, shuffle=True, seed=self.config.seed,
+                                 epoch=epoch, pack=self.config.pack,
+                                 max_length=self.config.max_length)
+            self._epoch = epoch
+        return self._list
+
+    def take(self, state: TrainerState) -> Batch:
+        if state.batch_index >= len(self.epoch_batches(state.epoch)):
+            state.epoch, state.batch_index = state.epoch + 1, 0
+        batch = self.epoch_batches(state.epoch)[state.batch_index]
+        state.batch_index += 1
+        return batch
+
+
+def _n_tokens(batch: Batch) -> int:
+    """Real tokens the model processed (not padding)."""
+    return int(batch["num_tokens"])
+
+
+def _total_steps(config: TrainConfig, n_batches: int) -> int:
+    if config.steps:
+        return config.steps
+    return max(1, math.ceil(config.epochs * n_batches / config.grad_accum))
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[dict[str, int]]:
+    """Record SIGINT/SIGTERM instead of dying mid-step; the loop checks after each step."""
+    flag: dict[str, int] = {}
+    previous = {}
+
+    def handler(signum: int, _frame: Any) -> None:
+        flag["signal"] = signum
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def train(config: TrainConfig, *, log: Progress | None = None) -> TrainResult:
+    """Fine-tune ``config.model`` with LoRA on ``config.data``; see :class:`TrainConfig`."""
+    out = Path(config.output_dir)
+    check_output_dir(out, config)
+    torch.manual_seed(config.seed)
+    model, tokenizer, device, precision = prepare_model(config)
+    data = prepare_data(config, tokenizer)
+    add_lora(model, LoraConfig(rank=config.rank, alpha=config.alpha, dropout=config.dropout,
+                               targets=config.target_spec(), rslora=config.rslora))
+    summary = freeze(model)
+    say = (log.message if log else print)
+    say(str(summary))
+    sped = speed_up(model, config, device)
+    if sped:
+        say(f"fused kernels / checkpointing on {len(sped)} modules")
+    say(data.describe())
+    save_run_config(out, config)
+
+    stream = _Batches(data, config, tokenizer.pad_token_id)
+    total = _total_steps(config, len(stream.epoch_batches(0)))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = _optimizer(params, config)
+    fast = device.type == "cuda" if config.fast is None else config.fast
+    # Default: graphs with the fused kernels on packed batches, whose shape never changes
+    # (unpacked batches are as long as their longest row: a new graph for every new length).
+    auto_graphs = fast and config.pack
+    graphed = device.type == "cuda" and (auto_graphs if config.cuda_graphs is None else config.cuda_graphs)
+    micro_step = GraphedStep(_micro_step(model, device, precision, graphed), params,
+                             enabled=graphed, warn=say)
+    vocab = lm_head_params(model)[0].shape[0]
+    warmup = config.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_at(s, total=total, warmup=warmup, schedule=config.schedule))
+    state = TrainerState()
+    metrics = MetricsLog(out / "metrics.jsonl")
+    ckpt_dir = out / "checkpoints"
+    latest = latest_checkpoint(ckpt_dir) if config.resume else None
+    if latest is not None:
+        state = load_checkpoint(latest, model=model, optimizer=optimizer, scheduler=scheduler)
+        metrics.truncate_after(state.step)
+        say(f"resumed from {latest} at step {state.step}")
+    result = TrainResult(output_dir=out, steps=state.step, losses=[])
+    evaluate = _Evaluator(model, tokenizer, data, config, device, precision, metrics, say)
+    base_metrics = evaluate.generation(base=True) if config.compare_base and state.step == 0 else {}
+
+    def checkpoint() -> None:
+        save_checkpoint(ckpt_dir, model=model, optimizer=optimizer, scheduler=scheduler,
+                        state=state, base_model=config.model_name(), keep=config.keep_checkpoints)
+
+    progress = log or Progress(total, start=state.step)
+    model.train()
+    with _stop_on_signals() as stop:
+        while state.step < total:
+            t0 = time.perf_counter()
+            micro = [stream.take(state) for _ in range(config.grad_accum)]
+            n_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+            loss_sum = 0.0
+            for batch in micro:
+                inputs = {k: batch[k].to(device) for k in _MODEL_INPUTS if k in batch}
+                if graphed:  # the graph's loss skips its host-side label check: do it here
+                    check_labels(batch["labels"], vocab=vocab)
+                inputs["loss_scale"] = torch.tensor(1.0 / max(n_targets, 1), device=device)
+                loss_sum += float(micro_step(inputs))
+            loss = loss_sum / max(n_targets, 1)
+            if not math.isfinite(loss):
+                optimizer.zero_grad(set_to_none=not graphed)
+                state.bad_steps += 1
+                say(f"warning: non-finite loss at step {state.step + 1}; step skipped "
+                    f"({state.bad_steps}/{config.max_bad_steps} in a row)")
+                if state.bad_steps >= config.max_bad_steps:
+                    raise TrainingDiverged(
+                        f"{state.bad_steps} non-finite losses in a row: stopping. The last good "
+                        f"checkpoint is in {ckpt_dir}; lower --lr or check the data"
+                    )
+                continue
+            state.bad_steps = 0
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)) \
+                if config.max_grad_norm else float("nan")
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=not graphed)  # a graph adds into the same tensors
+            state.step += 1
+            tokens = sum(_n_tokens(b) for b in micro)
+            state.tokens_seen += tokens
+            result.losses.append(loss)
+            seconds = time.perf_counter() - t0
+            metrics.write({"kind": "train", "step": state.step, "loss": loss, "lr": lr,
+                           "grad_norm": grad_norm, "tokens": tokens,
+                           "tokens_per_s": tokens / seconds, "epoch": state.epoch})
+            progress.update(state.step, loss=loss, lr=lr, tokens=tokens)
+            if config.eval_every and state.step % config.eval_every == 0 and state.step < total:
+                evaluate(state.step)
+            if "signal" in stop:
+                checkpoint()
+                progress.close()
+                say(f"stopped by signal {stop['signal']} after step {state.step}; checkpoint "
+                    f"written. Continue with --resume")
+                result.interrupted = True
+                result.steps = state.step
+                result.cuda_graphs = micro_step.captured
+                return result
+            if config.save_every and state.step % config.save_every == 0:
+                checkpoint()
+    progress.close()
+    checkpoint()
+    result.steps = state.step
+    result.cuda_graphs = micro_step.captured
+    del micro_step  # its graph's memory pool
+    save_adapter(model, out / "adapter", base_model=config.model_name())
+    final = evaluate(state.step)
+    result.metrics = {"final": final, "base": base_metrics}
+    metrics.write({"kind": "summary", "step": state.step, **{f"base_{k}": v for k, v in
+                   base_metrics.items()}, **final})
+    plot_losses(metrics.read(), out / "loss.png")
+    say(_comparison(base_metrics, final))
+    say(f"adapter saved to {out / 'adapter'}; metrics in {metrics.path}; plot in {out / 'loss.png'}")
+    return result
+
+
+@dataclass
+class _Evaluator:
+    """Validation loss and generation scores of one run, written to its metrics log."""
+
+    model: nn.Module
+    tokenizer: Any
+    data: RunData
+    config: TrainConfig
+    device: torch.device
+    precision: str
+    metrics: MetricsLog
+    say: Any
+
+    def generation(self, *, base: bool) -> dict[str, float]:
+        if not self.data.eval_rows:
+            return {}
+        t0 = time.perf_counter()
+        scores = evaluate_generation(self.model, self.tokenizer, self.data.eval_rows,
+                                     task=self.data.task, base=base,
+                                     max_new_tokens=self.config.max_new_tokens,
+                                     batch_size=self.config.eval_batch_size)
+        self.say(f"{'base model' if base else 'fine-tuned'} on {len(self.data.eval_rows)} held-out "
+                 f"examples ({time.perf_counter() - t0:.0f}s): "
+                 + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+        self.model.train()
+        return scores
+
+    def __call__(self, step: int) -> dict[str, Any]:
+        """Validation loss and generation scores at ``step``, logged as one "eval" record."""
+        result: dict[str, Any] = {}
+        if self.data.validation:
+            with _autocast(self.device, self.precision):
+                result["val_loss"] = validation_loss(
+                    self.model, self.data.validation, batch_size=self.config.batch_size,
+                    pad_id=self.tokenizer.pad_token_id, device=self.device,
+                    max_batches=self.config.eval_batches)
+            self.say(f"step {step}: validation loss {result['val_loss']:.4f}")
+        result.update(self.generation(base=False))
+        self.metrics.write({"kind": "eval", "step": step, **result})
+        self.model.train()
+        return result
+
+
+def _comparison(base: dict[str, Any], final: dict[str, Any]) -> str:
+    keys = [k for k in final if k in base]
+    if not keys:
+        return "final: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items())
+    rows = [f"{'metric':<14}{'base':>10}{'fine-tuned':>12}{'change':>10}"]
+    for k in keys:
+        rows.append(f"{k:<14}{base[k]:>10.3f}{final[k]:>12.3f}{final[k] - base[k]:>+10.3f}")
+    return "\n".join(rows)

@@ -1,0 +1,370 @@
+"""Causal language-model loss computed outside ``model.forward``, without the full logits.
+
+A causal LM's loss is ``mean_i CE(h_i W^T + b, y_i)`` over the target tokens ``i``. Computing it
+through ``model(...).logits`` materialises an (N, V) logits tensor (N tokens, V vocab) plus its
+fp32 upcast and its gradient: for 8k tokens and a 128k vocab that is 4 GiB each. Here the decoder
+runs without its head (:func:`model_hidden_states`) and :func:`causal_lm_loss` feeds the hidden
+states and the head's weight (:func:`lm_head_params`) to a fused linear + cross-entropy that works
+on chunks of rows: for each chunk it computes the logits, the per-row loss and, right away, the
+gradients wrt the chunk's hidden rows and the (accumulated) weight gradient, then drops the
+logits. Backward only scales the stored gradients. This is the Liger-Kernel "fused linear cross
+entropy" idea; peak extra memory is one (chunk, V) logits block, which becomes its own gradient in
+place (:mod:`splice.kernels.cross_entropy`: one Triton kernel over the 16-bit logits on a GPU).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from splice.kernels.cross_entropy import cross_entropy_grad_
+from splice.core.rewrite import Around
+
+__all__ = [
+    "causal_lm_loss",
+    "check_labels",
+    "lm_head_params",
+    "model_hidden_states",
+    "naive_causal_lm_loss",
+]
+
+_REDUCTIONS = ("mean", "sum")
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+
+
+def _shifted_targets(labels: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """Flat row indices into the (B*T, H) hidden states and the target ids they predict.
+
+    Position ``t`` of row ``b`` predicts ``labels[b, t + 1]``; the last position predicts nothing.
+    Only rows whose target is not ``ignore_index`` are returned, so ignored tokens (prompts,
+    padding) cost no matmul at all.
+    """
+    batch, time = labels.shape
+    targets = labels[:, 1:]  # (B, T-1)
+    keep = targets != ignore_index
+    b_idx, t_idx = keep.nonzero(as_tuple=True)  # one host sync: the loop needs the row count
+    return b_idx * time + t_idx, targets[b_idx, t_idx]
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """``sum_i w * (logsumexp(x_i W^T + b) - (x_i W^T + b)[y_i])`` with gradients made in forward.
+
+    With ``p_i = softmax(z_i)``, ``z_i = x_i W^T + b`` and ``g_i = w * (p_i - onehot(y_i))`` (V,):
+    ``dL/dx_i = g_i W``, ``dL/dW = sum_i g_i^T x_i``, ``dL/db = sum_i g_i``. ``w`` is 1/n for the
+    mean, 1 for the sum.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        rows: Tensor,  # (N, H) hidden rows that have a target
+        weight: Tensor,  # (V, H)
+        bias: Tensor | None,  # (V,)
+        targets: Tensor,  # (N,) int64
+        row_weight: float | Tensor,  # a float, or a 0-dim fp32 tensor (static_shapes)
+        valid: Tensor | None,  # (N,) 0/1 per row (static_shapes: ignored rows weigh 0), or None
+        chunk_size: int,
+        compute: torch.dtype,
+        need_rows: bool,
+        need_weight: bool,
+        need_bias: bool,
+    ) -> Tensor:
+        n_rows = rows.shape[0]
+        acc = torch.promote_types(compute, torch.float32)  # softmax, loss and gradient sums
+        w = weight.to(compute)
+        b = bias.to(acc) if bias is not None else None
+        total = torch.zeros((), dtype=acc, device=rows.device)
+        grad_rows = torch.empty_like(rows) if need_rows else None
+        # Weight and bias gradients accumulate over chunks in fp32 whatever the parameter dtype.
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
+        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_bias else None
+        # (N,) row weights: 1/n or 1, and 0 for an ignored row (static_shapes)
+        keep_all = valid.to(acc) if valid is not None else torch.ones(n_rows, dtype=acc, device=rows.device)
+        scales = keep_all * row_weight
+        for start in range(0, n_rows, chunk_size):
+            end = min(start + chunk_size, n_rows)
+            x = rows[start:end].to(compute)  # (c, H)
+            # The matmul runs in the compute dtype (bf16: fp32 products, bf16 out); a bias is
+            # added in fp32.
+            logits = x @ w.T  # (c, V)
+            if b is not None:
+                logits = logits.to(acc) + b
+            # In place: the logits become g = w * (softmax - onehot), the (c, V) gradient of the
+            # loss, in their dtype; softmax and the per-row losses in fp32 (a Triton kernel on a
+            # GPU: two reads and one write of the 16-bit block, no fp32 copy).
+            total += cross_entropy_grad_(logits, targets[start:end], scales[start:end]).dot(keep_all[start:end])
+            grad = logits
+            if grad_rows is not None:
+                grad_rows[start:end] = (grad.to(compute) @ w).to(rows.dtype)
+            if grad_w is not None:  # (V, c) @ (c, H), in the compute dtype, summed in fp32
+                if grad.dtype == compute == acc:
+                    grad_w.addmm_(grad.T, x)
+                else:
+                    grad_w += grad.to(compute).T @ x
+            if grad_b is not None:
+                grad_b += grad.to(acc).sum(0)
+            del grad, logits  # before the next chunk's: one (c, V) block at a time
+        ctx.save_for_backward(
+            grad_rows,
+            grad_w.to(weight.dtype) if grad_w is not None else None,
+            grad_b.to(bias.dtype) if grad_b is not None and bias is not None else None,
+        )
+        return total * row_weight
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        grad_rows, grad_w, grad_b = ctx.saved_tensors
+        # Always one multiply (no "is it 1?" test: that would be a host sync, fatal in a graph).
+        scale = grad_output.float()
+
+        def scaled(grad: Tensor | None) -> Tensor | None:
+            return None if grad is None else grad * scale.to(grad.dtype)
+
+        return scaled(grad_rows), scaled(grad_w), scaled(grad_b), *([None] * 8)
+
+
+def causal_lm_loss(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    labels: Tensor,
+    *,
+    ignore_index: int = -100,
+    chunk_size: int = 1024,
+    reduction: str = "mean",
+    lm_head_bias: Tensor | None = None,
+    static_shapes: bool = False,
+) -> Tensor:
+    """Next-token cross-entropy of ``hidden @ lm_head_weight.T (+ bias)`` against shifted ``labels``.
+
+    ``hidden`` (B, T, H) is the decoder's last hidden state (after the final norm); ``labels``
+    (B, T) are *not* shifted: position ``t`` predicts ``labels[:, t + 1]``, and targets equal to
+    ``ignore_index`` are skipped. With ``S`` the non-ignored (b, t) pairs and
+    ``z = hidden[b, t] W^T + bias``::
+
+        loss_sum  = sum_{(b,t) in S} logsumexp(z) - z[labels[b, t + 1]]
+        "mean": loss_sum / |S|  (0 with a zero gradient when S is empty)   "sum": loss_sum
+
+    (with gradient accumulation, use "sum" and divide by the total target count yourself).
+    Never builds the (|S|, V) logits: rows go through in chunks of ``chunk_size``, each chunk's
+    logits computed in the inputs' dtype and upcast to fp32 for the softmax. Gradients are made in
+    the forward pass: wrt ``hidden`` in its dtype, wrt the weight (only when it requires grad, so a
+    frozen LoRA head costs no extra matmul) and bias accumulated in fp32 and cast to their dtype.
+    The matmuls run in ``promote_types(hidden.dtype, weight.dtype)``, or in the autocast dtype when
+    that is float32 and autocast is on (as ``lm_head`` would under autocast). Returns a float32
+    scalar (float64 for float64 inputs).
+
+    ``static_shapes=True`` makes the call free of host syncs (as capture in a CUDA graph needs,
+    see :mod:`splice.training.graphs`): every position goes through the head, ignored ones weighted 0,
+    instead of selecting the target rows first (which needs their count on the host); label ids
+    are range-checked only when ``labels`` are on the CPU. Same result, more head FLOPs when many
+    positions are ignored.
+    """
+    _check_reduction(reduction)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if hidden.dim() != 3:
+        raise ValueError(
+            f"hidden must be (batch, seq, hidden), got shape {tuple(hidden.shape)}; "
+            "pass the decoder's last hidden state, e.g. from splice.training.loss.model_hidden_states"
+        )
+    if labels.shape != hidden.shape[:2]:
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} must equal hidden's (batch, seq) "
+            f"{tuple(hidden.shape[:2])}; labels are unshifted (usually labels = input_ids with "
+            "ignored positions set to ignore_index)"
+        )
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor of token ids, got {labels.dtype}")
+    if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"lm_head_weight must be (vocab, hidden={hidden.shape[-1]}), got "
+            f"{tuple(lm_head_weight.shape)}; pass the output head's weight (lm_head_params)"
+        )
+    vocab = lm_head_weight.shape[0]
+    if lm_head_bias is not None and lm_head_bias.shape != (vocab,):
+        raise ValueError(f"lm_head_bias must be ({vocab},), got {tuple(lm_head_bias.shape)}")
+    if not hidden.is_floating_point() or not lm_head_weight.is_floating_point():
+        raise TypeError(
+            f"hidden ({hidden.dtype}) and lm_head_weight ({lm_head_weight.dtype}) must be floating "
+            "point; a quantized head cannot be used here: compute logits with the model instead"
+        )
+
+    if not static_shapes or labels.device.type == "cpu":
+        check_labels(labels, vocab=vocab, ignore_index=ignore_index)
+    valid: Tensor | None = None
+    row_weight: float | Tensor
+    if static_shapes:
+        targets = labels[:, 1:].to(hidden.device)  # (B, T-1)
+        valid_b = targets != ignore_index
+        targets = torch.where(valid_b, targets, torch.zeros_like(targets)).reshape(-1)
+        valid = valid_b.reshape(-1)
+        rows = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(T-1), H)
+        row_weight = (1.0 / valid.sum().clamp(min=1).float()) if reduction == "mean" else 1.0
+    else:
+        flat_index, targets = _shifted_targets(labels.to(hidden.device), ignore_index)
+        # (B*T, H) is a view when hidden is contiguous; index_select copies only the target rows.
+        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_index)
+        n_targets = targets.numel()
+        row_weight = 1.0 / n_targets if reduction == "mean" and n_targets > 0 else 1.0
+    compute = torch.promote_types(hidden.dtype, lm_head_weight.dtype)
+    device_type = hidden.device.type
+    if compute == torch.float32 and torch.is_autocast_enabled(device_type):
+        compute = torch.get_autocast_dtype(device_type)  # what autocast would run lm_head in
+    grad_on = torch.is_grad_enabled()
+    with torch.autocast(device_type=device_type, enabled=False):  # dtypes are chosen above
+        loss = _FusedLinearCrossEntropy.apply(
+            rows,
+            lm_head_weight,
+            lm_head_bias,
+            targets,
+            row_weight,
+            valid,
+            chunk_size,
+            compute,
+            grad_on and rows.requires_grad,
+            grad_on and lm_head_weight.requires_grad,
+            grad_on and lm_head_bias is not None and lm_head_bias.requires_grad,
+        )
+    return loss
+
+
+def check_labels(labels: Tensor, *, vocab: int, ignore_index: int = -100) -> None:
+    """Raise unless every target id in ``labels`` (B, T) (past position 0, not ignored) is a
+    token id below ``vocab`` (a host sync when ``labels`` are on a GPU)."""
+    targets = labels[:, 1:]
+    targets = targets[targets != ignore_index]
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
+        raise ValueError(
+            f"labels contain ids outside [0, {vocab}) (min {int(targets.min())}, max "
+            f"{int(targets.max())}); mask ignored positions with ignore_index={ignore_index}"
+        )
+
+
+def naive_causal_lm_loss(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> Tensor:
+    """The reference: shift, upcast the (B, T, V) ``logits`` to fp32 and call ``F.cross_entropy``.
+
+    Same definition as :func:`causal_lm_loss` (``logits[:, t]`` predicts ``labels[:, t + 1]``;
+    "mean" over non-ignored targets, 0 when there are none; "sum"), but it holds the full logits.
+    Inputs in float64 stay float64 (for reference computations).
+    """
+    _check_reduction(reduction)
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(
+            f"logits must be (batch, seq, vocab) and labels (batch, seq); got "
+            f"{tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    shifted = logits[:, :-1].reshape(-1, logits.shape[-1]).to(dtype)
+    targets = labels[:, 1:].reshape(-1).to(logits.device)
+    total = F.cross_entropy(shifted, targets, ignore_index=ignore_index, reduction="sum")
+    if reduction == "sum":
+        return total
+    return total / (targets != ignore_index).sum().clamp(min=1)
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    """The model's decoder stack (embeddings, blocks, final norm), without the output head."""
+    get_decoder = getattr(model, "get_decoder", None)
+    if callable(get_decoder):
+        decoder = get_decoder()
+        if isinstance(decoder, nn.Module) and decoder is not model:
+            return decoder
+    prefix = getattr(model, "base_model_prefix", "")
+    for name in (prefix, "model", "transformer"):  # HF's own prefix, Llama-likes, GPT-2-likes
+        child = getattr(model, name, None) if name else None
+        if isinstance(child, nn.Module):
+            return child
+    raise TypeError(
+        f"cannot find the decoder of {type(model).__name__}: expected a Hugging Face causal LM "
+        "with get_decoder() or a .model / .transformer / base_model_prefix submodule; compute "
+        "model(...).logits and use naive_causal_lm_loss instead"
+    )
+
+
+def model_hidden_states(
+    model: nn.Module,
+    *,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    position_ids: Tensor | None = None,
+    **kwargs: Any,
+) -> Tensor:
+    """Run a Hugging Face causal LM's decoder without its head; returns the last hidden state.
+
+    The result (B, T, H) is what the head would multiply: ``model(...).logits == hidden @ W^T``
+    (+ bias). Works through splice rewrites (``Around`` wrappers inside the decoder are ordinary
+    modules). Extra ``kwargs`` go to the decoder; no KV cache is built.
+    """
+    from splice.fused.modules import causal_only  # noqa: PLC0415 - fast imports the kernels
+
+    decoder = _decoder(model)
+    kwargs.setdefault("use_cache", False)
+    # No mask and no position ids: plain causal attention (lets splice.fused.modules skip the explicit
+    # mask Hugging Face builds inside a CUDA-graph capture).
+    plain = attention_mask is None and position_ids is None and kwargs.get("past_key_values") is None
+    with causal_only(plain):
+        out = decoder(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
+        )
+    hidden = getattr(out, "last_hidden_state", None)
+    if hidden is None:
+        hidden = out[0]
+    if not isinstance(hidden, Tensor) or hidden.dim() != 3:
+        raise TypeError(
+            f"the decoder of {type(model).__name__} returned no (batch, seq, hidden) last hidden "
+            "state; compute model(...).logits and use naive_causal_lm_loss instead"
+        )
+    return hidden
+
+
+def lm_head_params(model: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """The output head's ``(weight (V, H), bias (V,) or None)``: logits = ``h @ weight.T + bias``.
+
+    Raises (does not fall back) when the head cannot be expressed that way: it is wrapped by a
+    splice rewrite (e.g. LoRA on ``lm_head``), replaced by a non-float (quantized) module, or the
+    model post-processes its logits (Gemma-2 final softcapping, Cohere logit scale). In those
+    cases compute ``model(...).logits`` and use :func:`naive_causal_lm_loss`.
+    """
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is None:
+        raise TypeError(
+            f"{type(model).__name__} has no output head (get_output_embeddings() is None); "
+            "pass a causal LM such as LlamaForCausalLM, not the bare decoder"
+        )
+    if isinstance(head, Around):
+        raise ValueError(
+            "the output head is wrapped by a splice rewrite (e.g. LoRA targets lm_head), so its "
+            "output is not hidden @ weight.T: leave lm_head out of the LoRA targets to use the "
+            "fused loss, or compute model(...).logits and use naive_causal_lm_loss"
+        )
+    config = getattr(model, "config", None)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    logit_scale = getattr(config, "logit_scale", None)
+    if softcap is not None or (logit_scale is not None and logit_scale != 1.0):
+        raise ValueError(
+            f"{type(model).__name__} post-processes its logits (final_logit_softcapping="
+            f"{softcap}, logit_scale={logit_scale}), which the fused loss does not model: compute "
+            "model(...).logits and use naive_causal_lm_loss"
+        )
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, Tensor) or not weight.is_floating_point() or weight.dim() != 2:
+        raise TypeError(
+            f"the output head {type(head).__name__} has no float (vocab, hidden) weight (quantized "
+            "or replaced?): compute model(...).logits and use naive_causal_lm_loss"
+        )
+    bias = getattr(head, "bias", None)
+    return weight, bias if isinstance(bias, Tensor) else None

@@ -1,0 +1,263 @@
+"""splice.fused.modules: fused kernels swapped in by rewrites give the same model (CPU reference paths;
+the Triton paths on a GPU when one is present)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from splice.fused.modules import FusedLoraLinear, FusedRMSNorm, FusedRopeAttention, FusedSwiGLUMLP, accelerate, decelerate
+from splice.lora.freeze import freeze
+from splice.lora.layers import LoraConfig, add_lora, lora_modules, merge
+from splice.training.loss import causal_lm_loss, lm_head_params, model_hidden_states
+
+from tests.numerics import GPU, rel_err
+
+
+def lora_llama(*, dropout: float = 0.0, targets: str | tuple[str, ...] = "all-linear",
+               dtype: torch.dtype = torch.float32, device: str = "cpu", layers: int = 2) -> nn.Module:
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=101,
+                         max_position_embeddings=64, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    add_lora(model, LoraConfig(rank=4, alpha=8, targets=targets, dropout=dropout))
+    for _, _, layer in lora_modules(model):  # non-zero B: the adapters change the output
+        nn.init.normal_(layer.lora_B.weight, std=0.2)
+    freeze(model)
+    return model
+
+
+def loss_and_grads(model: nn.Module, ids: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    torch.manual_seed(seed)
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def compare(plain: nn.Module, fast: nn.Module, ids: torch.Tensor, tol_loss: float, tol_grad: float) -> None:
+    loss0, grads0 = loss_and_grads(plain, ids)
+    loss1, grads1 = loss_and_grads(fast, ids)
+    assert grads0.keys() == grads1.keys() and len(grads0) > 0
+    assert rel_err(loss1, loss0) < tol_loss
+    for name in grads0:
+        assert rel_err(grads1[name], grads0[name]) < tol_grad, name
+
+
+def test_accelerate_matches_plain_fp32() -> None:
+    plain = lora_llama()
+    fast = copy.deepcopy(plain)
+    names = accelerate(fast)
+    assert "model.layers.0.self_attn.q_proj" in names and "model.norm" in names
+    assert "model.layers.1.mlp" in names and "model.layers.1.self_attn" in names
+    ids = torch.randint(0, 101, (2, 13))
+    compare(plain, fast, ids, 1e-6, 1e-5)
+
+
+def compare_bf16(plain: nn.Module, fast: nn.Module, ids: torch.Tensor) -> None:
+    """The fast bf16 model is no further from a float64 copy than the plain bf16 model is."""
+    exact = copy.deepcopy(plain).double()
+    (l0, g0), (l1, g1) = loss_and_grads(plain, ids), loss_and_grads(fast, ids)
+    l64, g64 = loss_and_grads(exact, ids)
+    assert rel_err(l1, l64) < 1e-3
+    for name in g64:
+        e_plain, e_fast = rel_err(g0[name], g64[name]), rel_err(g1[name], g64[name])
+        assert e_fast < 2 * e_plain + 5e-3 and e_fast < 0.1, (name, e_fast, e_plain)
+
+
+def test_accelerate_bf16_base_fp32_adapters() -> None:
+    plain = lora_llama(dtype=torch.bfloat16)
+    for _, _, layer in lora_modules(plain):
+        layer.float()  # PEFT's default: fp32 adapter weights over a bf16 model
+    fast = copy.deepcopy(plain)
+    accelerate(fast)
+    compare_bf16(plain, fast, torch.randint(0, 101, (2, 16)))
+
+
+def test_structure_is_preserved_and_undoable() -> None:
+    model = lora_llama()
+    keys = list(model.state_dict())
+    paths = [p for p, _, _ in lora_modules(model)]
+    ids = torch.randint(0, 101, (1, 9))
+    model.eval()
+    before = model(input_ids=ids).logits
+    accelerate(model)
+    assert list(model.state_dict()) == keys
+    assert [p for p, _, _ in lora_modules(model)] == paths  # found inside fused containers too
+    assert isinstance(model.model.layers[0].self_attn, FusedRopeAttention)
+    assert isinstance(model.model.layers[0].mlp, FusedSwiGLUMLP)
+    assert isinstance(model.model.layers[0].mlp.down_proj, FusedLoraLinear)
+    assert isinstance(model.model.norm, FusedRMSNorm)
+    assert accelerate(model) == []  # idempotent
+    torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-5, atol=1e-5)
+    restored = decelerate(model)
+    assert "model.layers.0.mlp" in restored and "model.layers.0.mlp.gate_proj" in restored
+    assert not any(getattr(type(m), "splice_fast", False) for m in model.modules())
+    assert list(model.state_dict()) == keys
+    torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-5, atol=1e-5)
+
+
+def test_options_select_rewrites_and_qv_targets() -> None:
+    model = lora_llama(targets=("q_proj", "v_proj"))
+    names = accelerate(model, rmsnorm=False, rope=False)
+    assert "model.layers.0.self_attn.q_proj" in names and "model.layers.0.mlp" in names
+    assert not any(isinstance(m, (FusedRMSNorm, FusedRopeAttention)) for m in model.modules())
+    assert not isinstance(model.model.layers[0].self_attn.k_proj, FusedLoraLinear)
+
+
+def test_merge_and_adapter_save_after_accelerate(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from safetensors.torch import load_file
+
+    from splice.lora.peft_io import save_adapter
+
+    plain = lora_llama()
+    fast = copy.deepcopy(plain)
+    accelerate(fast)
+    save_adapter(plain, tmp_path / "plain")
+    save_adapter(fast, tmp_path / "fast")
+    a = load_file(str(tmp_path / "plain" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "fast" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    fast.eval()
+    ids = torch.randint(0, 101, (1, 8))
+    before = fast(input_ids=ids).logits
+    merge(fast)
+    torch.testing.assert_close(fast(input_ids=ids).logits, before, rtol=1e-4, atol=1e-4)
+
+
+def test_dropout_is_seeded_and_off_in_eval() -> None:
+    plain = lora_llama(dropout=0.3)
+    fast = copy.deepcopy(plain)
+    accelerate(fast)
+    ids = torch.randint(0, 101, (2, 11))
+    l1, g1 = loss_and_grads(fast, ids, seed=5)
+    l2, g2 = loss_and_grads(fast, ids, seed=5)
+    assert torch.equal(l1, l2) and all(torch.equal(g1[k], g2[k]) for k in g1)
+    l3, _ = loss_and_grads(fast, ids, seed=6)
+    assert not torch.equal(l1, l3)
+    plain.eval()
+    fast.eval()
+    torch.testing.assert_close(fast(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_loss_and_generation_through_fast_model() -> None:
+    model = lora_llama()
+    accelerate(model)
+    ids = torch.randint(0, 101, (2, 10))
+    weight, bias = lm_head_params(model)
+    fused = causal_lm_loss(model_hidden_states(model, input_ids=ids), weight, ids, lm_head_bias=bias)
+    torch.testing.assert_close(fused, model(input_ids=ids, labels=ids).loss, rtol=1e-5, atol=1e-6)
+    model.eval()
+    plain = copy.deepcopy(model)
+    decelerate(plain)
+    out = model.generate(ids[:1, :4], max_new_tokens=4, do_sample=False)  # KV cache: fallback path
+    assert torch.equal(out, plain.generate(ids[:1, :4], max_new_tokens=4, do_sample=False))
+
+
+@GPU
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_gpu_bf16_matches_plain(dropout: float, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import splice.kernels.lora_linear as lora_module
+
+    monkeypatch.setattr(lora_module, "LORA_KERNEL_MIN_TOKENS", 0)  # the fp32-accurate kernels
+    plain = lora_llama(dtype=torch.bfloat16, device="cuda", layers=3, dropout=dropout)
+    for _, _, layer in lora_modules(plain):
+        layer.float()
+    fast = copy.deepcopy(plain)
+    accelerate(fast)
+    ids = torch.randint(0, 101, (2, 64), device="cuda")
+    if dropout == 0.0:
+        compare_bf16(plain, fast, ids)
+    else:  # different masks in training: compare the eval outputs with a float64 copy
+        exact = copy.deepcopy(plain).double()
+        for model in (plain, fast, exact):
+            model.eval()
+        ref = exact(input_ids=ids).logits
+        e_plain = rel_err(plain(input_ids=ids).logits, ref)
+        assert rel_err(fast(input_ids=ids).logits, ref) < 2 * e_plain + 2e-3
+
+
+def test_rope_is_fused_without_cache_and_falls_back_with_one(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import splice.fused.modules as fast_module
+
+    calls = []
+    real = fast_module.rope
+    monkeypatch.setattr(fast_module, "rope", lambda *a: calls.append(1) or real(*a))
+    model = lora_llama()
+    accelerate(model)
+    ids = torch.randint(0, 101, (1, 5))
+    model(input_ids=ids, use_cache=False)
+    assert len(calls) == 2  # one per layer
+    model(input_ids=ids, use_cache=True)  # a KV cache: the original attention forward
+    assert len(calls) == 2
+
+
+def test_fused_lora_respects_disabled_and_routed_adapters() -> None:
+    from splice.lora.layers import adapters_disabled, use_adapters
+
+    plain = lora_llama()
+    fast = copy.deepcopy(plain)
+    accelerate(fast)
+    ids = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with adapters_disabled(plain):
+            base = plain(ids).logits
+        with adapters_disabled(fast):
+            torch.testing.assert_close(fast(ids).logits, base, rtol=1e-5, atol=1e-5)
+        adapted = plain(ids).logits
+        with use_adapters(fast, ["default", None]):
+            routed = fast(ids).logits
+    torch.testing.assert_close(routed[0], adapted[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(routed[1], base[1], rtol=1e-4, atol=1e-4)
+
+
+def test_unrewrite_removes_fast_modules_and_lora() -> None:
+    model = lora_llama()
+    originals = {n: type(m) for n, m in model.named_modules()}
+    accelerate(model)
+    assert any(isinstance(m, FusedSwiGLUMLP) for m in model.modules())
+    assert len(lora_modules(model)) == 14  # the adapters inside fused containers stay visible
+    decelerate(model)
+    assert {n: type(m) for n, m in model.named_modules()} == originals
+
+
+def spy_causal_only(monkeypatch) -> list[bool]:  # type: ignore[no-untyped-def]
+    """The causal_only setting each FusedRopeAttention call sees, in call order."""
+    import splice.fused.modules as fast_module
+
+    seen: list[bool] = []
+    real_forward = FusedRopeAttention.forward
+
+    def spy(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(fast_module._CAUSAL_ONLY[0])
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(FusedRopeAttention, "forward", spy)
+    return seen
+
+
+def test_causal_only_drops_the_mask_and_is_only_used_without_one(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Under causal_only the fused attention ignores the (causal) mask Hugging Face built, with
+    identical results; model_hidden_states turns it on only for calls without mask and positions."""
+    from splice.fused.modules import causal_only
+
+    model = lora_llama()
+    accelerate(model)
+    ids = torch.randint(0, 101, (2, 9))
+    with torch.no_grad():
+        ref = model.model(input_ids=ids).last_hidden_state
+        with causal_only():
+            got = model.model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    seen = spy_causal_only(monkeypatch)
+    with torch.no_grad():
+        model_hidden_states(model, input_ids=ids)
+        model_hidden_states(model, input_ids=ids, attention_mask=torch.ones_like(ids))
+        model_hidden_states(model, input_ids=ids, position_ids=torch.arange(9).repeat(2, 1))
+    assert seen == [True, True, False, False, False, False]  # 2 layers per call

@@ -1,0 +1,93 @@
+"""Weight-only quantization as a rewrite: accuracy floors, LoRA on top, training through it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import splice
+from splice.quant.linear import Int8Linear, NF4Linear
+
+from tests import tiny
+
+
+def _sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    reference, approx = reference.detach(), approx.detach()
+    noise = (reference - approx).pow(2).mean()
+    return float(10 * torch.log10(reference.pow(2).mean() / noise))
+
+
+def test_int8_every_linear_keeps_the_signal() -> None:
+    model = tiny.llama()
+    ids = tiny.tokens()
+    reference = model(ids).logits
+    names = splice.quantize_int8(model)
+    assert len(names) == 14 and all(isinstance(model.get_submodule(n), Int8Linear) for n in names)
+    assert _sqnr_db(reference, model(ids).logits) > 35.0
+
+
+def test_int8_weight_error_bound() -> None:
+    linear = nn.Linear(64, 16)
+    q = Int8Linear.from_linear(linear)
+    err = (q.dequantize(torch.float32) - linear.weight).abs()
+    # Rounding to the nearest of 255 levels: at most half a step per row.
+    assert torch.all(err <= q.scale[:, None] / 2 + 1e-7)
+    assert q.qweight.dtype == torch.int8
+
+
+def test_nf4_keeps_the_signal_and_packs_two_per_byte() -> None:
+    model = tiny.llama()
+    ids = tiny.tokens()
+    reference = model(ids).logits
+    splice.quantize_nf4(model, block_size=32)
+    layer = model.model.layers[0].mlp.down_proj
+    assert isinstance(layer, NF4Linear) and layer.packed.numel() == 64 * 32 // 2
+    assert _sqnr_db(reference, model(ids).logits) > 15.0
+
+
+@pytest.mark.parametrize("quantize", [splice.quantize_int8, splice.quantize_nf4])
+def test_lora_trains_on_a_quantized_base(quantize) -> None:
+    model = tiny.llama()
+    quantize(model)
+    splice.add_lora(model, splice.LoraConfig(targets="all-linear", rank=4))
+    splice.freeze(model)
+    ids = tiny.tokens(batch=4, length=16)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    model.train()
+    for _ in range(8):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.2
+    assert all(not b.requires_grad for b in model.buffers())
+
+
+def test_quantized_grad_matches_dequantized_linear() -> None:
+    linear = nn.Linear(12, 7)
+    q = NF4Linear.from_linear(linear, block_size=4)
+    x = torch.randn(3, 12, requires_grad=True)
+    q(x).sum().backward()
+    x2 = x.detach().clone().requires_grad_()
+    nn.functional.linear(x2, q.dequantize(torch.float32), linear.bias).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+
+
+def test_unrewrite_of_quantized_and_lora_needs_order() -> None:
+    model = tiny.mlp()
+    first = model[0]
+    splice.quantize_int8(model, keep_original=True)
+    splice.add_lora(model, splice.LoraConfig(targets="all-linear"))
+    with pytest.raises(ValueError, match="quantize before adding LoRA"):
+        splice.quantize_nf4(model)
+    splice.unrewrite(model)
+    assert model[0] is first
+    # Without keep_original, unrewrite gives a dequantized float linear back.
+    model = tiny.mlp()
+    splice.quantize_int8(model)
+    splice.unrewrite(model)
+    assert type(model[0]) is nn.Linear
+    torch.testing.assert_close(model[0].weight, first.weight, atol=float(first.weight.abs().max()) / 127, rtol=0)

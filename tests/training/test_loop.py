@@ -1,0 +1,199 @@
+"""The training loop on a tiny model: loss goes down, pinned values, exact resume, signals, NaN."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from splice.training.state import latest_checkpoint
+from splice.training.report import Progress
+from splice.training.loop import TrainConfig, TrainingDiverged, lr_at, train
+
+from tests.conftest import build_tiny_llama, build_tiny_tokenizer
+
+WORDS = ["alpha", "beta", "gamma", "delta", "omega", "theta", "kappa", "sigma"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_llama(len(tokenizer))
+    with torch.no_grad():  # at init the logits are nearly uniform; a sharper head can learn fast
+        model.lm_head.weight.mul_(25)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    with (root / "data.jsonl").open("w") as f:
+        for i in range(48):
+            a, b = WORDS[i % 8], WORDS[(i * 3) % 8]
+            f.write(json.dumps({"question": f"{a} then {b}?", "answer": f"{b} {a}"}) + "\n")
+    return root / "model", root / "data.jsonl"
+
+
+def _config(inputs: tuple[Path, Path], out: Path, **overrides) -> TrainConfig:
+    model, data = inputs
+    options = dict(
+        model=str(model), data=str(data), prompt_template="Q: {question}\nA: ",
+        response_template="{answer}", output_dir=str(out), steps=12, lr=1e-2, rank=8, alpha=16,
+        dropout=0.1, batch_size=4, max_length=64, eval_samples=0, compare_base=False,
+        save_every=4, warmup_steps=2, pack=False,
+    )
+    options.update(overrides)
+    return TrainConfig(**options)
+
+
+def test_loss_goes_down_and_is_pinned(tiny_run_inputs, tmp_path) -> None:
+    result = train(_config(tiny_run_inputs, tmp_path / "run", device="cpu"))  # pinned on the CPU
+    assert len(result.losses) == 12
+    assert result.losses[-1] < result.losses[0] - 4.0
+    # Pinned for seed 0 (fp32, CPU): a change here means the training math changed.
+    assert result.losses[0] == pytest.approx(8.8448, abs=2e-3)
+    assert result.losses[-1] == pytest.approx(3.4396, abs=2e-3)
+    out = tmp_path / "run"
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+                 "metrics.jsonl", "loss.png", "run_config.json"):
+        assert (out / name).is_file(), name
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 13))
+    assert any(r["kind"] == "eval" and math.isfinite(r["val_loss"]) for r in records)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000008", "step-000012"]
+
+
+class _InterruptAt(Progress):
+    """A progress bar that sends this process SIGINT after a given step (a user's Ctrl-C)."""
+
+    def __init__(self, total: int, at: int) -> None:
+        super().__init__(total)
+        self.at = at
+
+    def update(self, step: int, **kwargs) -> None:  # type: ignore[override]
+        super().update(step, **kwargs)
+        if step == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_sigint_checkpoints_and_resume_equals_uninterrupted(tiny_run_inputs, tmp_path) -> None:
+    full = train(_config(tiny_run_inputs, tmp_path / "full"))
+    config = _config(tiny_run_inputs, tmp_path / "cut")
+    first = train(config, log=_InterruptAt(12, at=6))
+    assert first.interrupted and first.steps == 6
+    assert latest_checkpoint(tmp_path / "cut" / "checkpoints").name == "step-000006"
+    second = train(_config(tiny_run_inputs, tmp_path / "cut", resume=True))
+    assert second.steps == 12
+    # Dropout is on (0.1): equal losses need the restored RNG, optimizer, schedule and data position.
+    torch.testing.assert_close(torch.tensor(first.losses + second.losses),
+                               torch.tensor(full.losses), rtol=1e-5, atol=1e-5)
+    records = [json.loads(l) for l in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 13))
+
+
+def test_output_dir_of_another_run_is_refused(tiny_run_inputs, tmp_path) -> None:
+    out = tmp_path / "run"
+    train(_config(tiny_run_inputs, out, steps=2))
+    before = (out / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match="already holds a run.*--resume"):
+        train(_config(tiny_run_inputs, out, steps=2))
+    with pytest.raises(ValueError, match="options differ.*rank"):
+        train(_config(tiny_run_inputs, out, steps=4, rank=4, resume=True))
+    assert (out / "metrics.jsonl").read_text() == before
+
+
+def test_non_finite_losses_skip_then_stop(tiny_run_inputs, tmp_path, monkeypatch) -> None:
+    import splice.training.loop as train_module
+
+    real = train_module.train_step_loss
+    calls = {"n": 0}
+
+    def poisoned(model, batch, *, device, static_shapes=False):
+        calls["n"] += 1
+        loss = real(model, batch, device=device, static_shapes=static_shapes)
+        return loss * float("nan") if calls["n"] > 4 else loss
+
+    monkeypatch.setattr(train_module, "train_step_loss", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match="5 non-finite losses in a row"):
+        train(_config(tiny_run_inputs, out, save_every=2, max_bad_steps=5))
+    # The last good checkpoint (step 4) is intact and loadable.
+    assert latest_checkpoint(out / "checkpoints").name == "step-000004"
+
+
+def test_grad_accumulation_equals_big_batch(tiny_run_inputs, tmp_path) -> None:
+    big = train(_config(tiny_run_inputs, tmp_path / "big", steps=3, batch_size=4, dropout=0.0))
+    small = train(_config(tiny_run_inputs, tmp_path / "acc", steps=3, batch_size=2, grad_accum=2,
+                          dropout=0.0))
+    torch.testing.assert_close(torch.tensor(small.losses), torch.tensor(big.losses), rtol=1e-4, atol=1e-4)
+
+
+def test_schedule_shapes() -> None:
+    assert lr_at(0, total=10, warmup=2, schedule="cosine") == 0.5
+    assert lr_at(2, total=10, warmup=2, schedule="cosine") == 1.0
+    assert lr_at(10, total=10, warmup=2, schedule="cosine") == pytest.approx(0.0)
+    assert lr_at(6, total=10, warmup=2, schedule="linear") == pytest.approx(0.5)
+    assert lr_at(7, total=10, warmup=0, schedule="constant") == 1.0
+
+
+def test_bad_options_are_clear() -> None:
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="both prompt_template and response_template"):
+        TrainConfig(prompt_template="{x}")
+
+
+def test_packed_training_and_periodic_generation_eval(tiny_run_inputs, tmp_path) -> None:
+    out = tmp_path / "run"
+    result = train(_config(tiny_run_inputs, out, pack=True, batch_size=2, steps=8, eval_every=4,
+                           eval_samples=2, compare_base=True))
+    assert result.losses[-1] < result.losses[0] - 2.0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [4, 8]
+    assert all({"val_loss", "exact_match", "word_f1"} <= set(r) for r in evals)
+    summary = records[-1]
+    assert summary["kind"] == "summary" and "base_word_f1" in summary and "word_f1" in summary
+
+
+def test_checkpointing_and_fast_kernels_keep_the_trajectory(tiny_run_inputs, tmp_path, capsys) -> None:
+    # fp32 on the CPU, where the fused modules' reference paths must match to 1e-5 (on a GPU
+    # they run in bf16: see test_cuda_graphs_follow_the_eager_trajectory and tests/test_fast.py)
+    plain = train(_config(tiny_run_inputs, tmp_path / "plain", steps=4, dropout=0.0, fast=False, device="cpu"))
+    assert "fused kernels / checkpointing" not in capsys.readouterr().out
+    sped = train(_config(tiny_run_inputs, tmp_path / "sped", steps=4, dropout=0.0, fast=True,
+                         gradient_checkpointing=True, device="cpu"))
+    # 14 LoRA linears + 5 norms + 2 MLPs + 2 attentions fused, 2 decoder layers checkpointed
+    assert "fused kernels / checkpointing on 25 modules" in capsys.readouterr().out
+    torch.testing.assert_close(torch.tensor(sped.losses), torch.tensor(plain.losses), rtol=1e-5, atol=1e-5)
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "plain" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "sped" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+
+
+def test_kept_attention_and_offload_keep_the_trajectory(tiny_run_inputs, tmp_path) -> None:
+    options = dict(steps=4, dropout=0.1, fast=True, device="cpu", gradient_checkpointing=True)
+    recomputed = train(_config(tiny_run_inputs, tmp_path / "recomputed", **options))
+    kept = train(_config(tiny_run_inputs, tmp_path / "kept", keep_attention=True,
+                         offload_checkpoints=True, **options))
+    torch.testing.assert_close(torch.tensor(kept.losses), torch.tensor(recomputed.losses), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_cuda_graphs_follow_the_eager_trajectory(tiny_run_inputs, tmp_path, dropout: float) -> None:
+    options = dict(steps=8, pack=True, max_length=48, dropout=dropout, fast=True)
+    eager = train(_config(tiny_run_inputs, tmp_path / "eager", cuda_graphs=False, **options))
+    graphed = train(_config(tiny_run_inputs, tmp_path / "graphed", **options))  # default: on
+    assert eager.cuda_graphs == 0 and graphed.cuda_graphs >= 1
+    if dropout == 0:  # the same trajectory up to bf16 rounding
+        assert max(abs(a - b) for a, b in zip(eager.losses, graphed.losses, strict=True)) < 0.02
+    else:  # the graph's warm-ups draw random numbers first: other masks, a similar run
+        assert abs(eager.losses[-1] - graphed.losses[-1]) < 0.3
+    assert graphed.losses[-1] < graphed.losses[0] - 1.0
