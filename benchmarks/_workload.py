@@ -138,10 +138,10 @@ def setup_peft(base: nn.Module, cfg: Config) -> Setup:
 
 
 def setup_splice(base: nn.Module, cfg: Config) -> Setup:
-    from splice.memory.checkpointing import checkpoint_layers, uncheckpoint_layers
     from splice.fused.modules import accelerate
     from splice.lora.freeze import freeze
     from splice.lora.layers import LoraConfig, add_lora, lora_modules
+    from splice.memory.checkpointing import checkpoint_layers, uncheckpoint_layers
     from splice.training.loss import causal_lm_loss, lm_head_params, model_hidden_states
 
     add_lora(base, LoraConfig(rank=cfg.rank, alpha=16, dropout=cfg.dropout, targets=cfg.targets))

@@ -101,10 +101,9 @@ def _maxseq(setup: Any, cfg: Any, *, start: int, cap: int, gran: int, budget_s: 
 
 
 def worker(args: argparse.Namespace) -> None:
-    from torch import nn
-
     import _workload
     from _workload import CONFIGS, GIB, batches, flops_per_token, free_cuda, init_lora, make_setup, train
+    from torch import nn
 
     _workload.configure(tiny=args.tiny, device="cpu" if args.tiny else "cuda")
     fw = args.worker
@@ -273,7 +272,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = _versions() if not args.tiny else {"tiny": True}
-    env["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    env["date"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     env["command"] = " ".join(sys.argv)
     print(json.dumps(env), flush=True)
     results = []

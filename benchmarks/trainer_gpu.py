@@ -24,8 +24,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from splice.training.config import TrainConfig  # noqa: E402
-from splice.training.loop import train  # noqa: E402
+from splice.training.config import TrainConfig
+from splice.training.loop import train
 
 
 def build_model(assets: Path, target: Path) -> None:
@@ -70,8 +70,8 @@ def run_peft(model_dir: Path, *, steps: int) -> dict[str, object]:
 
     from splice.data.batching import batches
     from splice.models.loading import load_model
-    from splice.training.setup import prepare_data
     from splice.training.loop import lr_at
+    from splice.training.setup import prepare_data
 
     config = TrainConfig(model=str(model_dir), steps=steps)
     model, tokenizer = load_model(str(model_dir), dtype=torch.bfloat16, device="cuda")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from splice.lora.peft_io import load_adapter, save_adapter
+from splice.core.rewrite import Around, Node, NothingMatchedError, Replace, kind_of, nodes, rewrite, unrewrite
 from splice.lora.freeze import TrainableSummary, freeze, trainable_summary
 from splice.lora.layers import (
     LoraConfig,
@@ -21,8 +21,8 @@ from splice.lora.layers import (
     unmerge,
     use_adapters,
 )
+from splice.lora.peft_io import load_adapter, save_adapter
 from splice.quant.linear import quantize_int8, quantize_nf4
-from splice.core.rewrite import Around, Node, NothingMatchedError, Replace, kind_of, nodes, rewrite, unrewrite
 
 __version__ = "0.1.0"
 

@@ -79,16 +79,16 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from splice.training.loop import train  # noqa: PLC0415 - keep `splice --help` fast
+    from splice.training.loop import train
 
     result = train(_train_config(args))
     return 130 if result.interrupted else 0
 
 
 def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from splice.lora.peft_io import load_adapter  # noqa: PLC0415
-    from splice.models.loading import load_model  # noqa: PLC0415
-    from splice.training.setup import resolve_device  # noqa: PLC0415
+    from splice.lora.peft_io import load_adapter
+    from splice.models.loading import load_model
+    from splice.training.setup import resolve_device
 
     model, tokenizer = load_model(args.model, device=resolve_device(args.device))
     if args.adapter:
@@ -97,7 +97,7 @@ def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from splice.generation.generate import generate  # noqa: PLC0415
+    from splice.generation.generate import generate
 
     model, tokenizer = _load(args)
     prompts = list(args.prompt) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
@@ -115,9 +115,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from splice.evaluation.scoring import evaluate_generation  # noqa: PLC0415
-    from splice.training.setup import function_names_task  # noqa: PLC0415
-    from splice.evaluation.tasks import build_function_names  # noqa: PLC0415
+    from splice.evaluation.scoring import evaluate_generation
+    from splice.evaluation.tasks import build_function_names
+    from splice.training.setup import function_names_task
 
     model, tokenizer = _load(args)
     rows = build_function_names()[args.split][: args.samples]
@@ -137,7 +137,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from splice.lora.layers import merge  # noqa: PLC0415
+    from splice.lora.layers import merge
 
     out = Path(args.output)
     if out.exists() and any(out.iterdir()):

@@ -11,7 +11,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from splice.cli import main
-
 from tests.training.test_loop import tiny_run_inputs  # noqa: F401 - the shared tiny model + data fixture
 
 FLAGS = ["--prompt-template", "Q: {question}\nA: ", "--response-template", "{answer}",

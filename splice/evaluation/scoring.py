@@ -82,7 +82,7 @@ def validation_loss(
     max_batches: int | None = None,
 ) -> float:
     """Mean cross-entropy per target token over (the first ``max_batches`` of) ``examples``."""
-    from splice.training.loop import train_step_loss  # the same loss as training  # noqa: PLC0415
+    from splice.training.loop import train_step_loss  # the same loss as training
 
     was_training = model.training
     model.eval()

@@ -34,14 +34,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from splice.core.rewrite import Around, Node, Replace, rewrite, unrewrite
 from splice.kernels.dropout import new_keys
-from splice.memory import stash
 from splice.kernels.lora_linear import lora_linear, lora_u
 from splice.kernels.rmsnorm import rms_norm
 from splice.kernels.rope import rope
 from splice.kernels.swiglu import swiglu
 from splice.lora.layers import LoraLinear
-from splice.core.rewrite import Around, Node, Replace, rewrite, unrewrite
+from splice.memory import stash
 
 __all__ = [
     "ATTENTION_CLASSES",

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from splice.lora.layers import LoraLayer
 from splice.core.rewrite import Around
+from splice.lora.layers import LoraLayer
 
 __all__ = ["TrainableSummary", "adapter_parameter_names", "freeze", "trainable_summary"]
 
@@ -26,7 +26,7 @@ def adapter_parameter_names(model: nn.Module) -> set[str]:
     return names
 
 
-def freeze(model: nn.Module, *, trainable: ParamPredicate | str | None = None) -> "TrainableSummary":
+def freeze(model: nn.Module, *, trainable: ParamPredicate | str | None = None) -> TrainableSummary:
     """Set ``requires_grad`` on every parameter of ``model`` from its path.
 
     ``trainable`` is a predicate on the parameter path (``"model.layers.0.mlp.up_proj.weight"``) or

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from splice.core.rewrite import unrewrite
 from splice.lora.layers import (
     LoraConfig,
     LoraEmbedding,
@@ -28,7 +29,6 @@ from splice.lora.layers import (
     is_lora_wrapper,
     lora_modules,
 )
-from splice.core.rewrite import unrewrite
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "AdapterError", "load_adapter", "save_adapter"]
 
@@ -202,7 +202,7 @@ def _plan(model: nn.Module, tensors: dict[str, Tensor], name: str) -> dict[str, 
 
 def _base_shape(module: nn.Module) -> tuple[int, int] | None:
     """(in, out) of a linear-like base, or None."""
-    while hasattr(module, "base") and isinstance(getattr(module, "base"), nn.Module):
+    while hasattr(module, "base") and isinstance(module.base, nn.Module):
         module = module.base  # through rewrite wrappers
     if type(module).__name__ == "Conv1D":
         return tuple(module.weight.shape)  # type: ignore[return-value]

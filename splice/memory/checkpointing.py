@@ -36,12 +36,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from splice.core.rewrite import Node, Replace, nodes, rewrite, unrewrite
 from splice.fused import modules as fast
 from splice.fused.modules import FusedLoraLinear, causal_only, mlp_output_unread, share_state
 from splice.kernels.dropout import KeyTape, recording_keys, replaying_keys
 from splice.memory.offload import Kept, release_pinned_memory
 from splice.memory.stash import Stash, recording, replaying
-from splice.core.rewrite import Node, Replace, nodes, rewrite, unrewrite
 
 __all__ = ["CheckpointedLayer", "checkpoint_layers", "release_pinned_memory", "uncheckpoint_layers"]
 

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from splice.core.targets import Targets, target_matcher
 from splice.core.rewrite import Node, Replace, rewrite
+from splice.core.targets import Targets, target_matcher
 
 __all__ = ["Int8Linear", "NF4Linear", "quantize_int8", "quantize_nf4"]
 
@@ -30,7 +30,7 @@ class _DequantLinear(torch.autograd.Function):
     """y = x @ dequant(W)^T + b, saving only the quantized module (not the dequantized W)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, module: "_QuantLinear", bias: Tensor | None) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, module: _QuantLinear, bias: Tensor | None) -> Tensor:  # type: ignore[override]
         ctx.module = module
         return F.linear(x, module.dequantize(x.dtype), bias)
 
@@ -91,7 +91,7 @@ class Int8Linear(_QuantLinear):
         self.bias = bias
 
     @classmethod
-    def from_linear(cls, module: nn.Module) -> "Int8Linear":
+    def from_linear(cls, module: nn.Module) -> Int8Linear:
         return cls(_float_weight(module), _bias(module))
 
     def dequantize(self, dtype: torch.dtype) -> Tensor:
@@ -122,7 +122,7 @@ class NF4Linear(_QuantLinear):
         self.bias = bias
 
     @classmethod
-    def from_linear(cls, module: nn.Module, *, block_size: int = 64) -> "NF4Linear":
+    def from_linear(cls, module: nn.Module, *, block_size: int = 64) -> NF4Linear:
         return cls(_float_weight(module), _bias(module), block_size=block_size)
 
     def dequantize(self, dtype: torch.dtype) -> Tensor:

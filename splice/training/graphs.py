@@ -147,7 +147,7 @@ class GraphedStep:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
                 output = self.fn(inputs)
-        except Exception as exc:  # noqa: BLE001 - any capture problem: run eagerly instead
+        except Exception as exc:
             self.failure = f"{type(exc).__name__}: {exc}"
         finally:
             for g, s in zip(self.grads, saved, strict=True):  # undo the warm-up's gradients

@@ -14,24 +14,25 @@ import contextlib
 import math
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
-from splice.lora.peft_io import save_adapter
-from splice.training.state import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
-from splice.training.config import TrainConfig, check_output_dir, save_run_config
 from splice.data.batching import Batch, batches
 from splice.evaluation.scoring import evaluate_generation, validation_loss
 from splice.lora.freeze import freeze
+from splice.lora.layers import LoraConfig, add_lora
+from splice.lora.peft_io import save_adapter
+from splice.training.config import TrainConfig, check_output_dir, save_run_config
 from splice.training.graphs import GraphedStep
 from splice.training.loss import causal_lm_loss, check_labels, lm_head_params, model_hidden_states
-from splice.lora.layers import LoraConfig, add_lora
 from splice.training.report import MetricsLog, Progress, plot_losses
 from splice.training.setup import RunData, prepare_data, prepare_model, speed_up
+from splice.training.state import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "lr_at", "train", "train_step_loss"]
 

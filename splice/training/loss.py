@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from splice.kernels.cross_entropy import cross_entropy_grad_
 from splice.core.rewrite import Around
+from splice.kernels.cross_entropy import cross_entropy_grad_
 
 __all__ = [
     "causal_lm_loss",
@@ -308,7 +308,7 @@ def model_hidden_states(
     (+ bias). Works through splice rewrites (``Around`` wrappers inside the decoder are ordinary
     modules). Extra ``kwargs`` go to the decoder; no KV cache is built.
     """
-    from splice.fused.modules import causal_only  # noqa: PLC0415 - fast imports the kernels
+    from splice.fused.modules import causal_only
 
     decoder = _decoder(model)
     kwargs.setdefault("use_cache", False)

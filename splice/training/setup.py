@@ -8,10 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from splice.training.config import TrainConfig
 from splice.data.rows import ChatTemplate, Example, PromptTemplate, read_rows, split_rows, tokenize_rows
 from splice.evaluation.scoring import Task, text_task
 from splice.models.loading import load_model
+from splice.training.config import TrainConfig
 
 __all__ = ["RunData", "function_names_task", "prepare_data", "prepare_model", "resolve_device", "speed_up"]
 
@@ -43,8 +43,8 @@ def prepare_model(config: TrainConfig) -> tuple[nn.Module, Any, torch.device, st
 def speed_up(model: nn.Module, config: TrainConfig, device: torch.device) -> list[str]:
     """Opt-in rewrites after LoRA is attached: fused kernels (``fast``, on by default on a GPU)
     and activation checkpointing of the decoder layers. Returns what was rewritten."""
-    from splice.memory.checkpointing import checkpoint_layers  # noqa: PLC0415
-    from splice.fused.modules import accelerate  # noqa: PLC0415
+    from splice.fused.modules import accelerate
+    from splice.memory.checkpointing import checkpoint_layers
 
     fast = device.type == "cuda" if config.fast is None else config.fast
     names = accelerate(model) if fast else []
@@ -58,7 +58,7 @@ def speed_up(model: nn.Module, config: TrainConfig, device: torch.device) -> lis
 
 def function_names_task() -> Task:
     """The embedded default task: name a function from its code, answering JSON."""
-    from splice.evaluation.tasks import function_name_prompt, name_metrics  # noqa: PLC0415
+    from splice.evaluation.tasks import function_name_prompt, name_metrics
 
     return Task(name="function-names", prompt=function_name_prompt,
                 reference=lambda row: row["name"], score=name_metrics)
@@ -108,7 +108,7 @@ def _template(config: TrainConfig, columns: set[str]) -> PromptTemplate | ChatTe
 def prepare_data(config: TrainConfig, tokenizer: Any) -> RunData:
     """Rows -> template -> token ids with answer-only labels, plus held-out rows for scoring."""
     if config.data is None:
-        from splice.evaluation.tasks import build_function_names, function_name_template  # noqa: PLC0415
+        from splice.evaluation.tasks import build_function_names, function_name_template
 
         splits = build_function_names()
         train_rows, val_rows = splits["train"], splits["validation"]

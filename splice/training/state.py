@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from splice.lora.peft_io import save_adapter
 from splice.lora.layers import lora_modules
+from splice.lora.peft_io import save_adapter
 
 __all__ = ["TrainerState", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 

@@ -8,7 +8,6 @@ from torch import nn
 
 import splice
 from splice.core.rewrite import Around, Replace, kind_of, nodes
-
 from tests import tiny
 
 

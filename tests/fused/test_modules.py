@@ -10,11 +10,17 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from splice.fused.modules import FusedLoraLinear, FusedRMSNorm, FusedRopeAttention, FusedSwiGLUMLP, accelerate, decelerate
+from splice.fused.modules import (
+    FusedLoraLinear,
+    FusedRMSNorm,
+    FusedRopeAttention,
+    FusedSwiGLUMLP,
+    accelerate,
+    decelerate,
+)
 from splice.lora.freeze import freeze
 from splice.lora.layers import LoraConfig, add_lora, lora_modules, merge
 from splice.training.loss import causal_lm_loss, lm_head_params, model_hidden_states
-
 from tests.numerics import GPU, rel_err
 
 

@@ -18,7 +18,6 @@ import splice.training.loss as loss_module
 from splice.kernels import use_triton
 from splice.kernels.cross_entropy import cross_entropy_grad_, cross_entropy_grad_reference
 from splice.training.loss import causal_lm_loss
-
 from tests.numerics import DEVICES, GPU, HostSyncs, rel_err
 
 _MANTISSA = {torch.float16: 10, torch.bfloat16: 7}

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from splice.kernels.dropout import KeyTape, dropout, dropout_add_, new_keys, recording_keys, replaying_keys
-
 from tests.numerics import DEVICES
 
 

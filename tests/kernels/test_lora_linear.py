@@ -8,7 +8,6 @@ import torch
 import splice.kernels.lora_linear as lora_module
 from splice.kernels.dropout import dropout
 from splice.kernels.lora_linear import lora_linear, lora_linear_reference, uses_lora_kernels
-
 from tests.numerics import DEVICES, rel_err
 
 # (x shape, out features, rank)

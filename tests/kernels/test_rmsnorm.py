@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from splice.kernels.rmsnorm import rms_norm, rms_norm_reference
-
 from tests.numerics import DEVICES, rel_err
 
 

@@ -6,9 +6,7 @@ import pytest
 import torch
 
 from splice.kernels.rope import rope, rope_reference
-
 from tests.numerics import DEVICES, rel_err
-
 
 # (batch, seq, q heads, kv heads, head_dim, cos batch)
 CASES = [(2, 7, 3, 1, 64, 1), (1, 33, 32, 8, 128, 1), (3, 5, 4, 4, 16, 3), (2, 4, 2, 2, 80, 1)]

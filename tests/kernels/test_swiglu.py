@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from splice.kernels.swiglu import swiglu, swiglu_reference
-
 from tests.numerics import DEVICES, rel_err
 
 

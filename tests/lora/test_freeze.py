@@ -7,7 +7,6 @@ import torch
 
 import splice
 from splice.lora.freeze import adapter_parameter_names
-
 from tests import tiny
 
 

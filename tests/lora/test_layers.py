@@ -11,10 +11,9 @@ import torch
 from torch import nn
 
 import splice
-from splice.lora.layers import LoraEmbedding, LoraLinear, lora_modules
-from splice.core.targets import target_matcher
 from splice.core.rewrite import nodes
-
+from splice.core.targets import target_matcher
+from splice.lora.layers import LoraEmbedding, LoraLinear, lora_modules
 from tests import tiny
 
 

@@ -12,7 +12,6 @@ from safetensors.torch import load_file, save_file
 
 import splice
 from splice.lora.peft_io import AdapterError
-
 from tests import tiny
 
 

@@ -10,14 +10,12 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from splice.memory.checkpointing import CheckpointedLayer, checkpoint_layers, uncheckpoint_layers
 from splice.fused.modules import accelerate
 from splice.lora.freeze import freeze
 from splice.lora.layers import LoraConfig, add_lora, lora_modules
-
-from tests.numerics import GPU, rel_err
+from splice.memory.checkpointing import CheckpointedLayer, checkpoint_layers, uncheckpoint_layers
 from tests.fused.test_modules import loss_and_grads
-
+from tests.numerics import GPU, rel_err
 
 
 def lora_llama(*, dropout: float = 0.1, device: str = "cpu", dtype: torch.dtype = torch.float32,
@@ -192,7 +190,6 @@ def test_recompute_runs_under_the_forwards_causal_only_setting(monkeypatch: pyte
     in backward (outside that call) must see the same setting, or a graph recomputes with the
     explicit mask Hugging Face built while capturing."""
     from splice.training.loss import causal_lm_loss, lm_head_params, model_hidden_states
-
     from tests.fused.test_modules import spy_causal_only
 
     model = lora_llama(dropout=0.0)

@@ -7,17 +7,15 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from splice.memory import stash
-from splice.memory.checkpointing import checkpoint_layers
 from splice.fused.modules import accelerate
 from splice.kernels import lora_linear as lora_linear_module
-
-from tests.numerics import GPU
-from tests.memory.test_checkpointing import assert_same, lora_llama
+from splice.memory import stash
+from splice.memory.checkpointing import checkpoint_layers
 from tests.fused.test_modules import loss_and_grads
+from tests.memory.test_checkpointing import assert_same, lora_llama
+from tests.numerics import GPU
 
 HIDDEN, LAYERS, TOKENS = 64, 3, 2 * 12
 

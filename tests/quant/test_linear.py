@@ -8,7 +8,6 @@ from torch import nn
 
 import splice
 from splice.quant.linear import Int8Linear, NF4Linear
-
 from tests import tiny
 
 

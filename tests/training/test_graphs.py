@@ -10,13 +10,12 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from splice.memory.checkpointing import checkpoint_layers
 from splice.fused.modules import accelerate
+from splice.memory.checkpointing import checkpoint_layers
 from splice.training.graphs import GraphedStep
 from splice.training.loss import causal_lm_loss, lm_head_params, model_hidden_states
-
-from tests.numerics import GPU, rel_err
 from tests.memory.test_checkpointing import lora_llama
+from tests.numerics import GPU, rel_err
 
 Step = Callable[[dict[str, Tensor]], Tensor]
 

@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from splice.training.state import latest_checkpoint
-from splice.training.report import Progress
 from splice.training.loop import TrainConfig, TrainingDiverged, lr_at, train
-
+from splice.training.report import Progress
+from splice.training.state import latest_checkpoint
 from tests.conftest import build_tiny_llama, build_tiny_tokenizer
 
 WORDS = ["alpha", "beta", "gamma", "delta", "omega", "theta", "kappa", "sigma"]

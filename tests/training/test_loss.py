@@ -15,7 +15,6 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from splice.lora.layers import LoraConfig, add_lora, lora_modules
 from splice.training.loss import causal_lm_loss, lm_head_params, model_hidden_states, naive_causal_lm_loss
-
 from tests.numerics import HostSyncs
 
 aten = torch.ops.aten
