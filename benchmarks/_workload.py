@@ -2,7 +2,7 @@
 
 Frameworks: ``peft`` (PEFT as installed), ``liger`` (PEFT + Liger-Kernel's Llama patches:
 fused linear cross-entropy, RMSNorm, SwiGLU, RoPE) and ``splice`` (add_lora + freeze +
-splice.fused.modules.accelerate + splice.memory.checkpointing.checkpoint_layers, loss by splice.training.loss). All three see
+splice.fused.apply.fuse + splice.memory.checkpointing.checkpoint_layers, loss by splice.training.loss). All three see
 the same bf16 base weights (seeded per parameter name, built on the GPU), the same LoRA init
 (lora_A seeded per module path, lora_B zero), the same token batches and the same AdamW.
 """
@@ -138,7 +138,7 @@ def setup_peft(base: nn.Module, cfg: Config) -> Setup:
 
 
 def setup_splice(base: nn.Module, cfg: Config) -> Setup:
-    from splice.fused.modules import accelerate
+    from splice.fused.apply import fuse
     from splice.lora.freeze import freeze
     from splice.lora.layers import LoraConfig, add_lora, lora_modules
     from splice.memory.checkpointing import checkpoint_layers, uncheckpoint_layers
@@ -146,7 +146,7 @@ def setup_splice(base: nn.Module, cfg: Config) -> Setup:
 
     add_lora(base, LoraConfig(rank=cfg.rank, alpha=16, dropout=cfg.dropout, targets=cfg.targets))
     freeze(base)
-    accelerate(base)
+    fuse(base)
     weight, bias = lm_head_params(base)
     chunk = {"rows": 1024}  # the loss's (rows, vocab) fp32 block: smaller in low-memory modes
 

@@ -1,5 +1,5 @@
 """`splice train` on a GPU: the main job's whole pipeline (default dataset, packing, bf16 autocast,
-evaluation by generation, checkpoints) with and without ``--fast``.
+evaluation by generation, checkpoints) with and without ``--fuse``.
 
 The SmolLM2 weights (a 98 MB GGUF) cannot travel to the device, so the model is the
 SmolLM2-135M-Instruct *architecture* with random weights, built from its ``config.json`` and real
@@ -39,7 +39,7 @@ def build_model(assets: Path, target: Path) -> None:
 def run(model_dir: Path, out: Path, *, fast: bool, steps: int, graphs: bool | None = None) -> dict[str, object]:
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    result = train(TrainConfig(model=str(model_dir), output_dir=str(out), steps=steps, fast=fast,
+    result = train(TrainConfig(model=str(model_dir), output_dir=str(out), steps=steps, fuse=fast,
                                cuda_graphs=graphs, eval_samples=32, save_every=steps // 2))
     seconds = time.perf_counter() - t0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -123,7 +123,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     model_dir = args.out / "model"
     build_model(args.assets, model_dir)
-    rows = [run(model_dir, args.out / f"run-{name}", fast=fast, steps=args.steps, graphs=graphs)
+    rows = [run(model_dir, args.out / f"run-{name}", fuse=fast, steps=args.steps, graphs=graphs)
             for name, fast, graphs in (("fast", True, None), ("fast-eager", True, False),
                                        ("plain", False, None))]
     rows.append(run_peft(model_dir, steps=args.steps))

@@ -1,81 +1,104 @@
 """splice: LoRA fine-tuning built on a general PyTorch model rewriter.
 
-The core (rewriter, LoRA, adapters, freezing, quantization) is imported eagerly; the pieces that
-need ``transformers`` (model loading, data, training, generation) load on first use.
+This module is the flat public facade: ``splice.add_lora``, ``splice.train``, ... Every name is
+imported from its sub-package on first use, so ``import splice`` (and ``splice --help``) loads
+neither torch nor transformers. The sub-packages, lowest layer first, are listed in
+``LAYERS``; a module imports only from its own package or lower ones.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+import warnings
+from typing import TYPE_CHECKING, Any
 
-from splice.core.rewrite import Around, Node, NothingMatchedError, Replace, kind_of, nodes, rewrite, unrewrite
-from splice.lora.freeze import TrainableSummary, freeze, trainable_summary
-from splice.lora.layers import (
-    LoraConfig,
-    adapter_names,
-    adapters_disabled,
-    add_lora,
-    lora_modules,
-    merge,
-    unmerge,
-    use_adapters,
+__version__ = "0.2.0"
+
+# Sub-packages from the lowest layer to the highest (tests/test_layout.py enforces the order).
+LAYERS = (
+    "core", "kernels", "quant", "lora", "models", "memory", "fused", "data", "generation",
+    "evaluation", "export", "distributed", "training", "serve", "cli",
 )
-from splice.lora.peft_io import load_adapter, save_adapter
-from splice.quant.linear import quantize_int8, quantize_nf4
 
-__version__ = "0.1.0"
-
-_LAZY = {
+# public name -> module that defines it
+_EXPORTS = {
+    # the rewriter
+    "Around": "core.rewrite", "Node": "core.rewrite", "NothingMatchedError": "core.rewrite",
+    "Replace": "core.rewrite", "kind_of": "core.rewrite", "nodes": "core.rewrite",
+    "rewrite": "core.rewrite", "unrewrite": "core.rewrite",
+    # LoRA
+    "LoraConfig": "lora.layers", "add_lora": "lora.layers", "adapter_names": "lora.layers",
+    "lora_modules": "lora.layers", "merge": "lora.layers", "unmerge": "lora.layers",
+    "adapters_disabled": "lora.layers", "use_adapters": "lora.layers",
+    "freeze": "lora.freeze", "trainable_summary": "lora.freeze", "TrainableSummary": "lora.freeze",
+    "load_adapter": "lora.peft_io", "save_adapter": "lora.peft_io",
+    # quantization
+    "quantize_int8": "quant.linear", "quantize_nf4": "quant.linear",
+    # models, data
     "load_model": "models.loading",
-    "read_rows": "data.rows",
-    "split_rows": "data.rows",
-    "tokenize_rows": "data.rows",
-    "batches": "data.batching",
-    "PromptTemplate": "data.rows",
-    "ChatTemplate": "data.rows",
-    "build_function_names": "evaluation.tasks",
-    "name_metrics": "evaluation.tasks",
-    "causal_lm_loss": "training.loss",
-    "model_hidden_states": "training.loss",
+    "read_rows": "data.rows", "split_rows": "data.rows", "tokenize_rows": "data.rows",
+    "PromptTemplate": "data.rows", "ChatTemplate": "data.rows", "batches": "data.batching",
+    # speed and memory
+    "fuse": "fused.apply", "unfuse": "fused.apply", "checkpoint_layers": "memory.checkpointing",
+    # training, generation, evaluation
+    "train": "training.loop", "TrainConfig": "training.config",
+    "causal_lm_loss": "training.loss", "model_hidden_states": "training.loss",
     "lm_head_params": "training.loss",
     "generate": "generation.generate",
-    "train": "training.loop",
-    "TrainConfig": "training.config",
-    "accelerate": "fused.modules",
-    "checkpoint_layers": "memory.checkpointing",
+    "build_function_names": "evaluation.tasks", "name_metrics": "evaluation.tasks",
 }
+# Old names kept working (with a warning): name -> (new name, module)
+_RENAMED = {"accelerate": ("fuse", "fused.apply"), "decelerate": ("unfuse", "fused.apply")}
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module 'splice' has no attribute {name!r}")
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"splice.{_EXPORTS[name]}"), name)
+    elif name in _RENAMED:
+        new, module = _RENAMED[name]
+        warnings.warn(f"splice.{name} is now splice.{new}", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(f"splice.{module}"), new)
+    else:
+        raise AttributeError(f"module 'splice' has no attribute {name!r}")
+    # Cache on the package, so later lookups skip this hook. No sub-package shares a public
+    # name, so importing a sub-package can never shadow a function here.
+    globals()[name] = value
+    return value
 
 
-__all__ = [
-    "Around",
-    "LoraConfig",
-    "Node",
-    "NothingMatchedError",
-    "Replace",
-    "TrainableSummary",
-    "adapter_names",
-    "adapters_disabled",
-    "add_lora",
-    "freeze",
-    "kind_of",
-    "load_adapter",
-    "lora_modules",
-    "merge",
-    "nodes",
-    "quantize_int8",
-    "quantize_nf4",
-    "rewrite",
-    "save_adapter",
-    "trainable_summary",
-    "unmerge",
-    "unrewrite",
-    "use_adapters",
-    *_LAZY,
-]
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from splice.core.rewrite import (
+        Around,
+        Node,
+        NothingMatchedError,
+        Replace,
+        kind_of,
+        nodes,
+        rewrite,
+        unrewrite,
+    )
+    from splice.data.batching import batches
+    from splice.data.rows import ChatTemplate, PromptTemplate, read_rows, split_rows, tokenize_rows
+    from splice.evaluation.tasks import build_function_names, name_metrics
+    from splice.fused.apply import fuse, unfuse
+    from splice.generation.generate import generate
+    from splice.lora.freeze import TrainableSummary, freeze, trainable_summary
+    from splice.lora.layers import (
+        LoraConfig,
+        adapter_names,
+        adapters_disabled,
+        add_lora,
+        lora_modules,
+        merge,
+        unmerge,
+        use_adapters,
+    )
+    from splice.lora.peft_io import load_adapter, save_adapter
+    from splice.memory.checkpointing import checkpoint_layers
+    from splice.models.loading import load_model
+    from splice.quant.linear import quantize_int8, quantize_nf4
+    from splice.training.config import TrainConfig
+    from splice.training.loop import train
+    from splice.training.loss import causal_lm_loss, lm_head_params, model_hidden_states
+
+__all__ = sorted(_EXPORTS)

@@ -36,11 +36,11 @@ _HELP = {
     "pack": "pack short examples into max-length rows", "train_on_prompt": "loss on prompt tokens too",
     "precision": "auto, bf16 or fp32", "device": "auto, cpu, cuda, cuda:1 ...",
     "gradient_checkpointing": "recompute activations in backward (less memory)",
-    "fast": "fused kernels and memory-aware checkpointing (default: on with a CUDA GPU)",
+    "fuse": "fused kernels and memory-aware checkpointing (default: on with a CUDA GPU)",
     "offload_checkpoints": "keep checkpointed activations in CPU memory", "seed": "random seed",
     "keep_attention": "with checkpointing, keep each layer's attention internals too (in CPU memory "
                       "with --offload-checkpoints): no q/k/v/o or attention recompute, more memory",
-    "cuda_graphs": "replay each training step from a CUDA graph (default: on with --fast on a GPU)",
+    "cuda_graphs": "replay each training step from a CUDA graph (default: on with --fuse on a GPU)",
     "eval_every": "validation loss every N steps (0: at the end)",
     "eval_batches": "validation batches per evaluation",
     "eval_samples": "held-out examples scored by generation (0: none)",
@@ -60,8 +60,10 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         if "default" not in help_text:
             help_text += f" (default: {default})"
         base = str(f.type).split("|")[0].strip()  # "int | None" -> "int" (string annotations)
+        aliases = ["--fast"] if f.name == "fuse" else []  # the flag's name before 0.2
         if base == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            parser.add_argument(flag, *aliases, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=None, help=help_text)
         else:
             kind = {"int": int, "float": float}.get(base, str)
             parser.add_argument(flag, type=kind, default=None, help=help_text)
@@ -116,8 +118,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from splice.evaluation.scoring import evaluate_generation
-    from splice.evaluation.tasks import build_function_names
-    from splice.training.setup import function_names_task
+    from splice.evaluation.tasks import build_function_names, function_names_task
 
     model, tokenizer = _load(args)
     rows = build_function_names()[args.split][: args.samples]

@@ -35,7 +35,9 @@ __all__ = [
     "kind_of",
     "nodes",
     "rewrite",
+    "innermost",
     "rewritten_nodes",
+    "share_state",
     "unrewrite",
 ]
 
@@ -74,10 +76,7 @@ class Node:
     @property
     def original(self) -> nn.Module:
         """The innermost module before any rewrite (through :class:`Around` wrappers)."""
-        module = self.module
-        while isinstance(module, Around):
-            module = module.base
-        return module
+        return innermost(self.module)
 
 
 @dataclass(frozen=True)
@@ -118,6 +117,27 @@ class Around(nn.Module):
 
     def extra_repr(self) -> str:
         return "" if "fn" in self._modules else f"fn={self._plain_fn!r}"
+
+
+def innermost(module: nn.Module) -> nn.Module:
+    """``module`` with every :class:`Around` wrapper peeled off."""
+    while isinstance(module, Around):
+        module = module.base
+    return module
+
+
+def share_state(new: nn.Module, original: nn.Module) -> None:
+    """Make ``new`` hold ``original``'s parameters, buffers and children (the same dicts).
+
+    Paths and ``state_dict`` keys stay identical, a rewrite of a child made through either module
+    is seen by both, and ``.to()``/``.train()`` on ``new`` update what ``original`` holds.
+    """
+    new._parameters = original._parameters
+    new._buffers = original._buffers
+    new._non_persistent_buffers_set = original._non_persistent_buffers_set
+    new._modules = original._modules
+    new.training = original.training
+
 
 
 Rewriter = Callable[[Any, Any], Any] | nn.Module | Replace

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
+from splice.core.family import is_conv1d, is_output_head
 from splice.core.rewrite import Node
 
 __all__ = ["Targets", "target_matcher"]
@@ -19,11 +20,11 @@ def _is_output_head(model: nn.Module, node: Node) -> bool:
     head = get_out() if callable(get_out) else None
     if head is not None and (node.original is head or node.module is head):
         return True
-    return node.name.split(".")[-1] in ("lm_head", "output_layer")
+    return is_output_head(node.name)
 
 
 def _linear_like(node: Node) -> bool:
-    return node.kind == "linear" or type(node.original).__name__ == "Conv1D"
+    return node.kind == "linear" or is_conv1d(node.original)
 
 
 def target_matcher(model: nn.Module, targets: Targets) -> Callable[[Node], bool]:

@@ -14,22 +14,23 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import sys
 import sysconfig
-import tempfile
 import time
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from splice.core.io import atomic_dir
 from splice.data.rows import ChatTemplate, render_chat
+from splice.evaluation.metrics import word_f1
+from splice.evaluation.scoring import Task
 from splice.models.loading import cache_root
 
 __all__ = [
+    "function_names_task",
     "PLACEHOLDER",
     "SPLITS",
     "SYSTEM_PROMPT",
@@ -252,23 +253,12 @@ def build_function_names(*, cache_dir: Path | None = None) -> dict[str, list[dic
             f"only {({s: len(r) for s, r in splits.items()})} functions found under {root}; the "
             "standard library looks incomplete; run with a full CPython install or pass your own data"
         )
-    base.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=base))
-    try:
-        tmp.chmod(0o755)
+    with atomic_dir(folder, replace=False) as tmp:  # another process may build the same folder
         for name, rows in splits.items():
             pq.write_table(pa.Table.from_pylist(rows), tmp / f"{name}.parquet")
         info = {"stdlib": str(root), "python": version, "rows": {s: len(r) for s, r in splits.items()},
                 "build_seconds": round(seconds, 1)}
         (tmp / "info.json").write_text(json.dumps(info, indent=2) + "\n")
-        try:
-            os.rename(tmp, folder)  # atomic; if another process won the race, keep its files
-        except OSError:
-            if not (folder / "test.parquet").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return splits
 
 
@@ -317,15 +307,6 @@ def name_words(name: str) -> list[str]:
     return [w for w in re.split(r"[^A-Za-z0-9]+", spaced.lower()) if w]
 
 
-def _word_f1(predicted: list[str], target: list[str]) -> float:
-    """F1 between word multisets (a repeated word counts as often as it occurs in both)."""
-    common = sum((Counter(predicted) & Counter(target)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(predicted), common / len(target)
-    return 2 * precision * recall / (precision + recall)
-
-
 def name_metrics(predictions: list[str], targets: list[str]) -> dict[str, float]:
     """``json_valid`` (fraction of raw outputs :func:`parse_name` accepts), ``exact_match`` and
     ``word_f1`` (mean multiset F1 of the name words), invalid outputs scoring 0.
@@ -343,6 +324,12 @@ def name_metrics(predictions: list[str], targets: list[str]) -> dict[str, float]
             continue
         valid += 1
         exact += float(name == target)
-        f1 += _word_f1(name_words(name), name_words(target))
+        f1 += word_f1(name_words(name), name_words(target))
     n = len(targets)
     return {"json_valid": valid / n, "exact_match": exact / n, "word_f1": f1 / n}
+
+
+def function_names_task() -> Task:
+    """The embedded default task: name a function from its code, answering JSON."""
+    return Task(name="function-names", prompt=function_name_prompt,
+                reference=lambda row: row["name"], score=name_metrics)

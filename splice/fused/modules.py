@@ -1,4 +1,4 @@
-"""Fused kernels swapped into a model as rewrites: ``accelerate(model)`` after ``add_lora``.
+"""Fused kernels swapped into a model as rewrites: ``fuse(model)`` after ``add_lora``.
 
 Nothing is patched globally and no model class is forked: each swap is a rewrite rule
 (:func:`splice.core.rewrite.rewrite`) installing a module that *shares* the original's parameters,
@@ -16,25 +16,24 @@ LoRA wrappers inside are unchanged), with a ``forward`` that calls a kernel from
 * Llama attention -> :class:`FusedRopeAttention`: q/k/v/o are still called, RoPE is one Triton
   launch for q and k, attention goes through the model's configured backend (sdpa, flash, ...).
 
-On CPU the same modules run the PyTorch reference paths. ``decelerate(model)`` puts the original
+On CPU the same modules run the PyTorch reference paths. ``unfuse(model)`` puts the original
 modules back.
 
 Containers (MLP, attention, and :mod:`splice.memory.checkpointing`'s layers) share their children with the
 original, and the rewrite walker enters a replacement's children, so LoRA wrappers inside stay
 visible to ``lora_modules``/``merge``/``save_adapter`` at their usual paths; ``unrewrite`` and
-``decelerate`` put the originals back.
+``unfuse`` put the originals back.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from splice.core.rewrite import Around, Node, Replace, rewrite, unrewrite
+from splice.core.context import is_causal_only
+from splice.core.rewrite import Around, share_state
 from splice.kernels.dropout import new_keys
 from splice.kernels.lora_linear import lora_linear, lora_u
 from splice.kernels.rmsnorm import rms_norm
@@ -44,62 +43,14 @@ from splice.lora.layers import LoraLinear
 from splice.memory import stash
 
 __all__ = [
-    "ATTENTION_CLASSES",
-    "MLP_CLASSES",
-    "RMSNORM_CLASSES",
     "FusedLoraLinear",
     "FusedRMSNorm",
     "FusedRopeAttention",
     "FusedSwiGLUMLP",
-    "accelerate",
-    "causal_only",
-    "decelerate",
     "is_fast",
-    "mlp_output_unread",
-    "share_state",
 ]
 
-# Classes whose forward is exactly Hugging Face Llama's (checked by name and structure).
-RMSNORM_CLASSES = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
-MLP_CLASSES = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
-ATTENTION_CLASSES = frozenset({"LlamaAttention"})
 _FUSED_ATTENTION_BACKENDS = ("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
-
-
-# Set while splice.memory.checkpointing recomputes a decoder layer whose MLP output only enters the
-# residual sum: that sum's value is never read in the recompute (only its graph is), so the
-# MLP's last projection builds its backward without computing its output.
-_MLP_OUTPUT_UNREAD = [False]
-
-
-@contextlib.contextmanager
-def mlp_output_unread(enabled: bool = True) -> Iterator[None]:
-    """Within this, :class:`FusedSwiGLUMLP` skips computing ``down_proj``'s output (see above)."""
-    previous = _MLP_OUTPUT_UNREAD[0]
-    _MLP_OUTPUT_UNREAD[0] = enabled
-    try:
-        yield
-    finally:
-        _MLP_OUTPUT_UNREAD[0] = previous
-
-
-# Set by splice.training.loss.model_hidden_states when a call has no attention mask and no position ids:
-# the attention is then plain causal. Hugging Face cannot tell inside a CUDA-graph capture (it
-# may not inspect tensors there) and builds an explicit (T, T) mask, which costs sdpa its causal
-# kernels (measured ~3x slower attention in the graph); FusedRopeAttention drops that mask.
-_CAUSAL_ONLY = [False]
-
-
-@contextlib.contextmanager
-def causal_only(enabled: bool = True) -> Iterator[None]:
-    """Within this, :class:`FusedRopeAttention` treats every (non-cached) call as plain causal
-    self-attention: only for inputs without padding or packing (see above)."""
-    previous = _CAUSAL_ONLY[0]
-    _CAUSAL_ONLY[0] = enabled
-    try:
-        yield
-    finally:
-        _CAUSAL_ONLY[0] = previous
 
 
 class _UnreadLinear(torch.autograd.Function):
@@ -127,21 +78,8 @@ def _unread_projection(module: nn.Module, x: Tensor) -> Tensor:
     return module(x)
 
 
-def share_state(new: nn.Module, original: nn.Module) -> None:
-    """Make ``new`` hold ``original``'s parameters, buffers and children (the same dicts).
-
-    Paths and ``state_dict`` keys stay identical, a rewrite of a child made through either module
-    is seen by both, and ``.to()``/``.train()`` on ``new`` update what ``original`` holds.
-    """
-    new._parameters = original._parameters
-    new._buffers = original._buffers
-    new._non_persistent_buffers_set = original._non_persistent_buffers_set
-    new._modules = original._modules
-    new.training = original.training
-
-
 def is_fast(module: nn.Module) -> bool:
-    """Whether ``module`` is one of the replacements :func:`accelerate` installs."""
+    """Whether ``module`` is one of the replacements :func:`~splice.fused.apply.fuse` installs."""
     return getattr(type(module), "splice_fast", False)
 
 
@@ -227,7 +165,7 @@ class FusedSwiGLUMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = swiglu(self.gate_proj(x), self.up_proj(x), inplace_backward=True)
-        if _MLP_OUTPUT_UNREAD[0]:
+        if stash.is_mlp_output_unread():
             return _unread_projection(self.down_proj, h)
         return self.down_proj(h)
 
@@ -278,7 +216,7 @@ class FusedRopeAttention(nn.Module):
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         cos, sin = position_embeddings
         q, k = rope(q, k, cos, sin)
-        if _CAUSAL_ONLY[0] and getattr(self, "is_causal", True):
+        if is_causal_only() and getattr(self, "is_causal", True):
             attention_mask = None  # the caller vouches: plain causal, so sdpa's is_causal path
 
         def attend(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -309,75 +247,3 @@ class FusedRopeAttention(nn.Module):
         attn_output = stash.replay_attention(replay, q, k, v)
         o = _unread_projection(self.o_proj, attn_output.reshape(*input_shape, -1).contiguous())
         return stash.substitute(o, replay.take())
-
-
-def _class_name(node: Node) -> str:
-    return type(node.module).__name__
-
-
-def _is_lora_linear_wrapper(node: Node) -> bool:
-    module = node.module
-    return (
-        isinstance(module, Around)
-        and not isinstance(module, FusedLoraLinear)
-        and isinstance(module.rewriter, LoraLinear)
-    )
-
-
-def _is_swiglu_mlp(module: nn.Module) -> bool:
-    act = getattr(module, "act_fn", None)
-    act_name = type(act).__name__
-    hidden_act = getattr(getattr(module, "config", None), "hidden_act", None)
-    return (
-        type(module).__name__ in MLP_CLASSES
-        and all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj"))
-        and (act_name in ("SiLU", "SiLUActivation") or hidden_act in ("silu", "swish"))
-    )
-
-
-def _is_rope_attention(module: nn.Module) -> bool:
-    return (
-        type(module).__name__ in ATTENTION_CLASSES
-        and all(hasattr(module, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim"))
-        and hasattr(module, "config")
-    )
-
-
-def accelerate(
-    model: nn.Module,
-    *,
-    lora: bool = True,
-    rmsnorm: bool = True,
-    swiglu: bool = True,
-    rope: bool = True,
-) -> list[str]:
-    """Swap the fused kernels into ``model`` (call after ``add_lora``); returns rewritten names.
-
-    Each option enables one rewrite; whatever a model does not have is skipped (no error).
-    Leaves (LoRA linears, norms) are rewritten before the containers (MLP, attention) that hold
-    them. Applying it twice changes nothing.
-    """
-    names: list[str] = []
-
-    def leaf_rule(node: Node) -> Replace | None:
-        if lora and _is_lora_linear_wrapper(node):
-            return Replace(FusedLoraLinear(node.module))  # type: ignore[arg-type]
-        if rmsnorm and _class_name(node) in RMSNORM_CLASSES and hasattr(node.module, "weight"):
-            return Replace(FusedRMSNorm(node.module))
-        return None
-
-    def container_rule(node: Node) -> Replace | None:
-        if swiglu and _is_swiglu_mlp(node.module):
-            return Replace(FusedSwiGLUMLP(node.module))
-        if rope and _is_rope_attention(node.module):
-            return Replace(FusedRopeAttention(node.module))
-        return None
-
-    names += rewrite(model, leaf_rule, allow_empty=True)
-    names += rewrite(model, container_rule, allow_empty=True)
-    return names
-
-
-def decelerate(model: nn.Module) -> list[str]:
-    """Put back every module :func:`accelerate` replaced (LoRA wrappers stay); returns the paths."""
-    return unrewrite(model, layer=is_fast)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from contextvars import ContextVar
 
 import torch
 from torch import Tensor
@@ -119,18 +120,19 @@ class KeyTape:
         return self.keys[self.position - 1]
 
 
-_TAPE: list[KeyTape | None] = [None]  # module-wide: backward runs on autograd's own thread
+# The tape being recorded or replayed. A checkpoint's recompute runs on autograd's thread and
+# sets the tape there itself (inside its backward), so a context variable reaches it.
+_TAPE: ContextVar[KeyTape | None] = ContextVar("splice_dropout_tape", default=None)
 
 
 @contextlib.contextmanager
 def _using(tape: KeyTape, position: int | None) -> Iterator[KeyTape]:
-    previous = _TAPE[0]
     tape.position = position
-    _TAPE[0] = tape
+    token = _TAPE.set(tape)
     try:
         yield tape
     finally:
-        _TAPE[0] = previous
+        _TAPE.reset(token)
 
 
 def recording_keys(tape: KeyTape) -> contextlib.AbstractContextManager[KeyTape]:
@@ -150,7 +152,7 @@ def _draw(device: torch.device) -> Tensor:
 def new_keys(device: torch.device | str) -> Tensor:
     """Fresh mask keys, an int32 (2,) tensor on ``device`` drawn from torch's generator there
     (follows ``torch.manual_seed``; no GPU sync; fresh on every CUDA-graph replay)."""
-    tape = _TAPE[0]
+    tape = _TAPE.get()
     device = torch.device(device)
     return tape.draw(device) if tape is not None else _draw(device)
 

@@ -27,6 +27,7 @@ an accumulating GEMM (``addmm_``).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -44,7 +45,17 @@ __all__ = ["LORA_KERNEL_MIN_TOKENS", "lora_linear", "lora_linear_reference", "lo
 # the kernels); such calls take the PyTorch path (bf16 matmuls, hashed-dropout kernel).
 LORA_KERNEL_MIN_TOKENS = 2048
 
-_OUT_DTYPE_MM: list[bool] = [True]  # flips to False once torch.mm(out_dtype=) proves unavailable
+
+@functools.cache
+def _mm_out_dtype_works(device: torch.device) -> bool:
+    """Whether this torch build's ``torch.mm(..., out_dtype=float32)`` runs on ``device``
+    (a fact of the installation, probed once per device)."""
+    a = torch.ones(1, 1, dtype=torch.bfloat16, device=device)
+    try:
+        torch.mm(a, a, out_dtype=torch.float32)
+    except (RuntimeError, TypeError):
+        return False
+    return True
 
 
 def uses_lora_kernels(x2: Tensor) -> bool:
@@ -55,11 +66,8 @@ def uses_lora_kernels(x2: Tensor) -> bool:
 
 def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b`` accumulated and returned in fp32 (no bf16 rounding of a long token reduction)."""
-    if a.dtype in (torch.bfloat16, torch.float16) and a.is_cuda and _OUT_DTYPE_MM[0]:
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (RuntimeError, TypeError):
-            _OUT_DTYPE_MM[0] = False
+    if a.dtype in (torch.bfloat16, torch.float16) and a.is_cuda and _mm_out_dtype_works(a.device):
+        return torch.mm(a, b, out_dtype=torch.float32)
     return torch.mm(a, b).float()
 
 

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from splice.core.rewrite import Around, Node, rewrite, rewritten_nodes, unrewrite
+from splice.core.family import is_conv1d
+from splice.core.rewrite import Around, Node, innermost, rewrite, rewritten_nodes, unrewrite
 from splice.core.targets import Targets, target_matcher
 
 __all__ = [
@@ -270,7 +271,7 @@ def _build(node: Node, config: LoraConfig) -> LoraLayer:
         module = module.base
     hyper = dict(rank=config.rank_for(node.name), alpha=config.alpha_for(node.name),
                  rslora=config.rslora, dtype=dtype, name=config.name)
-    if type(base).__name__ == "Conv1D":  # GPT-2: weight is (in, out)
+    if is_conv1d(base):  # GPT-2: weight is (in, out)
         n_in, n_out = base.weight.shape
         return LoraLinear(n_in, n_out, dropout=config.dropout, fan_in_fan_out=True,
                           device=device, **hyper)
@@ -295,12 +296,6 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None) -> list[str]:
     config = config or LoraConfig()
     matches = target_matcher(model, config.targets)
     return rewrite(model, lambda node: _build(node, config) if matches(node) else None)
-
-
-def _innermost(module: nn.Module) -> nn.Module:
-    while isinstance(module, Around):
-        module = module.base
-    return module
 
 
 def lora_modules(model: nn.Module, *, name: str | None = None) -> list[tuple[str, Around, LoraLayer]]:
@@ -336,7 +331,7 @@ def merge(model: nn.Module, *, unload: bool = False) -> list[str]:
     for _, param in model.named_parameters(remove_duplicate=False):
         uses[id(param)] = uses.get(id(param), 0) + 1
     tied = [name for name, wrapper, layer in found
-            if not layer.merged and uses.get(id(getattr(_innermost(wrapper), "weight", None)), 0) > 1]
+            if not layer.merged and uses.get(id(getattr(innermost(wrapper), "weight", None)), 0) > 1]
     if tied:
         raise ValueError(
             f"cannot merge LoRA into {', '.join(tied)}: the weight is tied to another module "
@@ -344,7 +339,7 @@ def merge(model: nn.Module, *, unload: bool = False) -> list[str]:
             "that adapter unmerged, or untie the weights first"
         )
     for _, wrapper, layer in found:
-        layer.merge_into(_innermost(wrapper))
+        layer.merge_into(innermost(wrapper))
     if unload:
         for _, _, layer in found:
             layer.merged = False  # the fold is now the base's own weight: nothing to undo

@@ -9,9 +9,7 @@ and vLLM. Nothing here unpickles: JSON and safetensors only.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -19,6 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from splice.core.family import is_conv1d
+from splice.core.io import atomic_file
 from splice.core.rewrite import unrewrite
 from splice.lora.layers import (
     LoraConfig,
@@ -69,17 +69,6 @@ def _target_modules(model: nn.Module, paths: list[str]) -> list[str]:
             if not any(name.startswith(p + ".") for p in chosen):
                 return sorted(chosen)
     return suffixes
-
-
-def _atomic_write(directory: Path, name: str, write) -> None:  # type: ignore[no-untyped-def]
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, directory / name)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save_adapter(
@@ -141,10 +130,10 @@ def save_adapter(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic_write(directory, WEIGHTS_NAME,
-                  lambda tmp: save_file(contiguous, tmp, metadata={"format": "pt"}))
-    _atomic_write(directory, CONFIG_NAME,
-                  lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    with atomic_file(directory / WEIGHTS_NAME) as tmp:
+        save_file(contiguous, str(tmp), metadata={"format": "pt"})
+    with atomic_file(directory / CONFIG_NAME) as tmp:
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
     return directory
 
 
@@ -204,7 +193,7 @@ def _base_shape(module: nn.Module) -> tuple[int, int] | None:
     """(in, out) of a linear-like base, or None."""
     while hasattr(module, "base") and isinstance(module.base, nn.Module):
         module = module.base  # through rewrite wrappers
-    if type(module).__name__ == "Conv1D":
+    if is_conv1d(module):
         return tuple(module.weight.shape)  # type: ignore[return-value]
     if hasattr(module, "in_features") and hasattr(module, "out_features"):
         return module.in_features, module.out_features

@@ -28,7 +28,6 @@ layer holding any other active dropout (``nn.Dropout``, attention dropout) refus
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -36,21 +35,16 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from splice.core.rewrite import Node, Replace, nodes, rewrite, unrewrite
-from splice.fused import modules as fast
-from splice.fused.modules import FusedLoraLinear, causal_only, mlp_output_unread, share_state
+from splice.core.context import causal_only, is_causal_only
+from splice.core.family import LAYER_PATH, RESIDUAL_MLP_LAYERS
+from splice.core.rewrite import Around, Node, Replace, nodes, rewrite, share_state, unrewrite
 from splice.kernels.dropout import KeyTape, recording_keys, replaying_keys
-from splice.memory.offload import Kept, release_pinned_memory
-from splice.memory.stash import Stash, recording, replaying
+from splice.memory.offload import Kept, OffloadPool
+from splice.memory.stash import Stash, mlp_output_unread, recording, replaying
 
 __all__ = ["CheckpointedLayer", "checkpoint_layers", "release_pinned_memory", "uncheckpoint_layers"]
 
 LayerSelect = Literal["auto", "all"] | int | Callable[[str], bool]
-_LAYER_PATH = re.compile(r"(^|\.)(layers|h|blocks|layer)\.\d+$")
-# Decoder layers whose MLP output only enters ``residual + mlp(...)``, the layer's return value:
-# their recompute need not compute the MLP's last projection (see splice.fused.modules.mlp_output_unread).
-RESIDUAL_MLP_LAYERS = frozenset({"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer",
-                                 "Qwen3DecoderLayer"})
 _GIB = 1 << 30
 
 
@@ -73,9 +67,16 @@ class _AutoPlan:
         self.keep = 1 + max(0, min(rest, extra))
 
 
-# The previous checkpointed layer's saved input in this forward (index, saved), so that its
-# upload can start while the layer above it recomputes in backward.
-_LAST_SAVED: list[tuple[int, Kept] | None] = [None]
+@dataclass
+class _Shared:
+    """What the checkpointed layers of one model share: the "auto" plan, the pinned buffers,
+    and the previous layer's saved input in this forward (index, saved), so that its upload
+    starts while the layer above recomputes in backward (a backward runs on autograd's thread,
+    so this chain is held here, not in a context variable)."""
+
+    plan: _AutoPlan | None
+    pool: OffloadPool
+    last_saved: tuple[int, Kept] | None = None
 
 
 class _Checkpoint(torch.autograd.Function):
@@ -88,27 +89,28 @@ class _Checkpoint(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, anchor: Tensor, hidden: Tensor, run: Callable[[Tensor], Any], offload: bool,  # type: ignore[override]
-                unread_mlp: bool, index: int, keep_attention: bool) -> Any:
-        ctx.run, ctx.device, ctx.unread_mlp = run, hidden.device, unread_mlp
-        ctx.causal_only = fast._CAUSAL_ONLY[0]  # the recompute runs under the forward's setting
+                unread_mlp: bool, index: int, keep_attention: bool, shared: _Shared) -> Any:
+        ctx.run, ctx.device, ctx.unread_mlp, ctx.shared = run, hidden.device, unread_mlp, shared
+        ctx.causal_only = is_causal_only()  # the recompute runs under the forward's setting
         ctx.needs_hidden = hidden.requires_grad
         ctx.cpu_rng = torch.get_rng_state()
         capturing = hidden.is_cuda and torch.cuda.is_current_stream_capturing()
         ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda and not capturing else None
-        ctx.saved = Kept(hidden, offload)
-        last = _LAST_SAVED[0]
+        ctx.saved = Kept(hidden, shared.pool if offload else None)
+        last = shared.last_saved
         ctx.below = last[1] if last is not None and last[0] == index - 1 else None
-        _LAST_SAVED[0] = (index, ctx.saved)
+        shared.last_saved = (index, ctx.saved)
         ctx.tape = KeyTape()
-        ctx.stash = Stash(offload=offload, attention=keep_attention)
+        ctx.stash = Stash(offload=offload, attention=keep_attention, pool=shared.pool)
         with recording_keys(ctx.tape), recording(ctx.stash):
             return run(hidden)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        last = _LAST_SAVED[0]
+        shared: _Shared = ctx.shared
+        last = shared.last_saved
         if last is not None and last[1] is ctx.saved:  # the top layer: drop the forward's chain
-            _LAST_SAVED[0] = None
+            shared.last_saved = None
         hidden = ctx.saved.load(ctx.device).detach().requires_grad_(ctx.needs_hidden)
         del ctx.saved
         ctx.stash.prefetch()  # what the recompute reuses comes back while the MLP recomputes
@@ -125,13 +127,15 @@ class _Checkpoint(torch.autograd.Function):
                 out = ctx.run(hidden)
         torch.autograd.backward(out, grad_out)
         del ctx.stash  # frees whatever came back for the recompute
-        return None, hidden.grad if ctx.needs_hidden else None, None, None, None, None, None
+        return None, hidden.grad if ctx.needs_hidden else None, None, None, None, None, None, None
 
 
 def _unreplayable_dropout(layer: nn.Module) -> str | None:
     """Path of an active dropout in ``layer`` that draws from torch's generator (not splice's
     keys), which a recompute inside a CUDA graph could not replay; None if there is none."""
-    fused = {id(m) for f in layer.modules() if isinstance(f, FusedLoraLinear) for m in f.fn.modules()}
+    # Modules inside splice's fused LoRA linears draw their dropout from replayable keys.
+    fused = {id(m) for f in layer.modules() if isinstance(f, Around) and getattr(type(f), "splice_fast", False)
+             for m in f.fn.modules()}
     for name, m in layer.named_modules():
         if id(m) in fused or not m.training:
             continue
@@ -144,14 +148,14 @@ class CheckpointedLayer(nn.Module):
     """A decoder layer run under activation checkpointing while training (see module doc)."""
 
 
-    def __init__(self, layer: nn.Module, *, index: int, plan: _AutoPlan | None, select: bool,
+    def __init__(self, layer: nn.Module, *, index: int, shared: _Shared, select: bool,
                  offload: bool, skip_unread: bool = True, keep_attention: bool = False) -> None:
         super().__init__()
         share_state(self, layer)
         self.__dict__["_layer"] = layer  # the original, unregistered (its children are ours)
         self.index, self.select, self.offload = index, select, offload
         self.skip_unread, self.keep_attention = skip_unread, keep_attention
-        self.__dict__["_plan"] = plan
+        self.__dict__["_shared"] = shared
 
     def _run_plain(self, *args: Any, **kwargs: Any) -> Any:
         layer = self.__dict__["_layer"]
@@ -162,7 +166,8 @@ class CheckpointedLayer(nn.Module):
         hidden = args[0] if args else kwargs.get("hidden_states")
         if not (self.training and torch.is_grad_enabled() and isinstance(hidden, Tensor)):
             return self._run_plain(*args, **kwargs)
-        plan: _AutoPlan | None = self.__dict__["_plan"]
+        shared: _Shared = self.__dict__["_shared"]
+        plan = shared.plan
         if plan is not None and hidden.is_cuda:
             if self.index == 0 and torch.cuda.is_current_stream_capturing():
                 return self._run_plain(*args, **kwargs)  # a graph keeps the warm-up's decision
@@ -189,7 +194,7 @@ class CheckpointedLayer(nn.Module):
                 raise RuntimeError(
                     f"cannot capture a CUDA graph through checkpointed layer {self.index}: its "
                     f"dropout {bad!r} draws from torch's generator, which the recompute could not "
-                    "replay inside a graph; use splice.fused.modules.accelerate (its LoRA dropout replays), "
+                    "replay inside a graph; use splice.fuse (its LoRA dropout replays), "
                     "dropout 0, or train without CUDA graphs")
         rest = args[1:]
         kwargs.pop("hidden_states", None)
@@ -197,13 +202,14 @@ class CheckpointedLayer(nn.Module):
         anchor = torch.empty(0, device=hidden.device, requires_grad=True)
         layer = self.__dict__["_layer"]
         unread = self.skip_unread and type(layer).__name__ in RESIDUAL_MLP_LAYERS
-        return _Checkpoint.apply(anchor, hidden, run, self.offload, unread, self.index, self.keep_attention)
+        return _Checkpoint.apply(anchor, hidden, run, self.offload, unread, self.index, self.keep_attention,
+                                 shared)
 
 
 def _decoder_layer_nodes(model: nn.Module) -> list[Node]:
     return [
         n for n in nodes(model)
-        if _LAYER_PATH.search(n.name)
+        if LAYER_PATH.search(n.name)
         and not isinstance(n.module, CheckpointedLayer)
         and n.kind.endswith(("decoderlayer", "block", "layer"))
     ]
@@ -241,6 +247,7 @@ def checkpoint_layers(
         )
     total = len(found)
     plan = _AutoPlan(n_layers=total, reserve_gib=reserve_gib) if layers == "auto" else None
+    shared = _Shared(plan=plan, pool=OffloadPool())
     index = {n.name: i for i, n in enumerate(found)}
 
     def selected(name: str) -> bool:
@@ -255,12 +262,20 @@ def checkpoint_layers(
     def rule(node: Node) -> Replace | None:
         if node.name not in index:
             return None
-        return Replace(CheckpointedLayer(node.module, index=index[node.name], plan=plan,
+        return Replace(CheckpointedLayer(node.module, index=index[node.name], shared=shared,
                                          select=selected(node.name), offload=offload,
                                          skip_unread=skip_unread,
                                          keep_attention=keep_attention))
 
     return rewrite(model, rule)
+
+
+def release_pinned_memory(model: nn.Module) -> None:
+    """Free the pinned host buffers ``model``'s offloaded checkpoints keep (only once no CUDA
+    graph captured through them will be replayed again)."""
+    for module in model.modules():
+        if isinstance(module, CheckpointedLayer):
+            module.__dict__["_shared"].pool.clear()
 
 
 def uncheckpoint_layers(model: nn.Module) -> list[str]:

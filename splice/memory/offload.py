@@ -13,14 +13,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["Kept", "release_pinned_memory"]
+__all__ = ["Kept", "OffloadPool"]
 
 
-class _PinnedPool:
-    """Reusable pinned host buffers (pinning is slow: allocate once, reuse every step)."""
+class OffloadPool:
+    """Reusable pinned host buffers and the copy streams that fill them, for one model.
+
+    Pinning is slow: buffers are allocated once and reused every step. Buffers a captured CUDA
+    graph copies through are kept apart: its replays reuse their addresses, so they never go
+    back to the pool (nor to torch's pinned allocator) while the graph may be replayed.
+    """
 
     def __init__(self) -> None:
         self.free: dict[tuple[tuple[int, ...], torch.dtype], list[tuple[Tensor, torch.cuda.Event]]] = {}
+        self.streams: dict[torch.device, torch.cuda.Stream] = {}
+        self.graph_buffers: list[Tensor] = []
 
     def take(self, shape: torch.Size, dtype: torch.dtype, *, capturing: bool = False) -> Tensor:
         items = self.free.get((tuple(shape), dtype))
@@ -38,22 +45,18 @@ class _PinnedPool:
     def give(self, buffer: Tensor, done: torch.cuda.Event) -> None:
         self.free.setdefault((tuple(buffer.shape), buffer.dtype), []).append((buffer, done))
 
+    def keep_for_graph(self, buffer: Tensor) -> None:
+        self.graph_buffers.append(buffer)
+
+    def stream(self, device: torch.device) -> torch.cuda.Stream:
+        if device not in self.streams:
+            self.streams[device] = torch.cuda.Stream(device)
+        return self.streams[device]
+
     def clear(self) -> None:
+        """Free every pinned buffer (only once no graph captured through them is replayed)."""
         self.free.clear()
-
-
-_POOL = _PinnedPool()
-_COPY_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-# Buffers a captured CUDA graph copies through: its replays reuse their addresses, so they never
-# go back to the pool (nor to torch's pinned allocator) while the process may replay the graph.
-_GRAPH_BUFFERS: list[Tensor] = []
-
-
-def release_pinned_memory() -> None:
-    """Free the pinned host buffers kept for ``offload=True`` checkpoints (only once no CUDA
-    graph captured through offloaded checkpoints will be replayed again)."""
-    _POOL.clear()
-    _GRAPH_BUFFERS.clear()
+        self.graph_buffers.clear()
 
 
 class Kept:
@@ -61,18 +64,20 @@ class Kept:
     side stream while the GPU computes, uploaded again on demand (:meth:`load`, once) or ahead
     of time (:meth:`prefetch`: it comes back while the GPU still computes something else)."""
 
-    def __init__(self, t: Tensor, offload: bool) -> None:
+    def __init__(self, t: Tensor, pool: OffloadPool | None) -> None:
+        """``pool``: where the pinned copy comes from; None keeps ``t`` itself (no offload)."""
         self.event: torch.cuda.Event | None = None
         self.uploaded: tuple[Tensor, torch.cuda.Event] | None = None
-        if not offload:
+        self.pool = pool
+        if pool is None:
             self.tensor = t.detach()  # no copy: the input simply stays alive
             return
         if not t.is_cuda:  # CPU tensors (tests): a plain copy
             self.tensor = t.detach().clone()
             return
         self.capturing = torch.cuda.is_current_stream_capturing()
-        self.tensor = _POOL.take(t.shape, t.dtype, capturing=self.capturing)
-        stream = _copy_stream(t.device)
+        self.tensor = pool.take(t.shape, t.dtype, capturing=self.capturing)
+        stream = pool.stream(t.device)
         stream.wait_stream(torch.cuda.current_stream(t.device))
         with torch.cuda.stream(stream):
             self.tensor.copy_(t.detach(), non_blocking=True)
@@ -82,9 +87,9 @@ class Kept:
 
     def prefetch(self, device: torch.device) -> None:
         """Start the upload on the copy stream (after the download; it overlaps compute)."""
-        if self.event is None or self.uploaded is not None:
+        if self.event is None or self.uploaded is not None or self.pool is None:
             return
-        stream = _copy_stream(device)
+        stream = self.pool.stream(device)
         with torch.cuda.stream(stream):  # the download ran on this stream: already ordered
             out = self.tensor.to(device, non_blocking=True)
         done = torch.cuda.Event()
@@ -101,14 +106,9 @@ class Kept:
         current.wait_event(done)
         out.record_stream(current)  # made on the copy stream, used (and freed) on this one
         self.uploaded = None
+        assert self.pool is not None
         if self.capturing:
-            _GRAPH_BUFFERS.append(self.tensor)
+            self.pool.keep_for_graph(self.tensor)
         else:
-            _POOL.give(self.tensor, done)  # reusable once the upload finished
+            self.pool.give(self.tensor, done)  # reusable once the upload finished
         return out
-
-
-def _copy_stream(device: torch.device) -> torch.cuda.Stream:
-    if device not in _COPY_STREAMS:
-        _COPY_STREAMS[device] = torch.cuda.Stream(device)
-    return _COPY_STREAMS[device]

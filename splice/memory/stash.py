@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,9 +35,11 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-from splice.memory.offload import Kept
+from splice.core.context import scoped
+from splice.memory.offload import Kept, OffloadPool
 
-__all__ = ["Stash", "record_attention", "recording", "replay_attention", "replaying", "substitute"]
+__all__ = ["Stash", "active", "is_mlp_output_unread", "mlp_output_unread", "record_attention", "recording",
+           "replay_attention", "replaying", "substitute"]
 
 # Smaller tensors stay where they are even when offloading: a copy's fixed cost outweighs them.
 _MIN_OFFLOAD_BYTES = 1 << 20
@@ -45,9 +48,9 @@ _MIN_OFFLOAD_BYTES = 1 << 20
 class _Stored:
     """One storage's contents, kept once (as a flat tensor) and uploaded at most once."""
 
-    def __init__(self, flat: Tensor) -> None:
+    def __init__(self, flat: Tensor, pool: OffloadPool) -> None:
         self.device = flat.device
-        self.kept = Kept(flat, True)
+        self.kept = Kept(flat, pool)
         self.value: Tensor | None = None
 
     def load(self) -> Tensor:
@@ -72,8 +75,10 @@ class _Ref:
 class Stash:
     """What one checkpointed layer call's forward keeps for its recompute (see module doc)."""
 
-    def __init__(self, *, offload: bool, attention: bool) -> None:
+    def __init__(self, *, offload: bool, attention: bool, pool: OffloadPool | None = None) -> None:
+        """``pool``: pinned buffers shared with the model's other layers (offload only)."""
         self.offload, self.attention = offload, attention
+        self.pool = (pool or OffloadPool()) if offload else None
         self.items: list[Any] = []
         self.taken = 0
         self._stored: list[_Stored] = []
@@ -85,7 +90,7 @@ class Stash:
         """A handle for ``t`` (offloaded when the stash offloads and ``t`` is a large CUDA
         tensor); :func:`_unpack` gives the tensor back. Also the saved-tensor pack hook."""
         nbytes = t.numel() * t.element_size()
-        if not (self.offload and t.is_cuda and nbytes >= _MIN_OFFLOAD_BYTES):
+        if not (self.pool is not None and t.is_cuda and nbytes >= _MIN_OFFLOAD_BYTES):
             return t
         storage = t.untyped_storage()
         address = storage.data_ptr()
@@ -93,13 +98,13 @@ class Stash:
         if known is not None and known[1]() is not None:
             return _Ref(known[0], t.shape, t.stride(), t.storage_offset())
         if storage.nbytes() <= nbytes + nbytes // 4:  # t covers (nearly) all its storage
-            stored = _Stored(t.as_strided((storage.nbytes() // t.element_size(),), (1,), 0))
+            stored = _Stored(t.as_strided((storage.nbytes() // t.element_size(),), (1,), 0), self.pool)
             root = t._base if t._base is not None else t
             self._by_address[address] = (stored, weakref.ref(root))
             ref = _Ref(stored, t.shape, t.stride(), t.storage_offset())
         else:  # a small view of a big buffer: keep a dense copy of just the view
             dense = t.contiguous()
-            stored = _Stored(dense.view(-1))
+            stored = _Stored(dense.view(-1), self.pool)
             ref = _Ref(stored, t.shape, dense.stride(), 0)
         self._stored.append(stored)
         return ref
@@ -130,33 +135,38 @@ def _unpack(item: Any) -> Any:
 
 
 # (stash, replaying) while a checkpointed layer's forward records or its recompute replays.
-_ACTIVE: list[tuple[Stash, bool] | None] = [None]
+_ACTIVE: ContextVar[tuple[Stash, bool] | None] = ContextVar("splice_stash", default=None)
 
 
-@contextlib.contextmanager
-def _active(stash: Stash | None, replay: bool) -> Iterator[None]:
-    previous = _ACTIVE[0]
-    _ACTIVE[0] = None if stash is None else (stash, replay)
-    try:
-        yield
-    finally:
-        _ACTIVE[0] = previous
-
-
-def recording(stash: Stash | None) -> contextlib.AbstractContextManager[None]:
+def recording(stash: Stash | None) -> contextlib.AbstractContextManager[object]:
     """Within this, :mod:`splice.fused.modules`'s modules put what their recompute may reuse."""
-    return _active(stash, False)
+    return scoped(_ACTIVE, None if stash is None else (stash, False))
 
 
-def replaying(stash: Stash | None) -> contextlib.AbstractContextManager[None]:
+def replaying(stash: Stash | None) -> contextlib.AbstractContextManager[object]:
     """Within this, :mod:`splice.fused.modules`'s modules take back what their forward put."""
-    return _active(stash, True)
+    return scoped(_ACTIVE, None if stash is None else (stash, True))
 
 
 def active(*, replay: bool) -> Stash | None:
     """The stash being recorded (``replay=False``) or replayed (``replay=True``), if any."""
-    current = _ACTIVE[0]
+    current = _ACTIVE.get()
     return current[0] if current is not None and current[1] == replay else None
+
+
+# Set while a checkpoint recomputes a decoder layer whose MLP output only enters the residual
+# sum: that sum's value is never read in the recompute (only its graph is), so the MLP's last
+# projection builds its backward without computing its output.
+_MLP_OUTPUT_UNREAD: ContextVar[bool] = ContextVar("splice_mlp_output_unread", default=False)
+
+
+def mlp_output_unread(enabled: bool = True) -> contextlib.AbstractContextManager[bool]:
+    """Within this, the fused SwiGLU MLP skips computing ``down_proj``'s output (see above)."""
+    return scoped(_MLP_OUTPUT_UNREAD, enabled)
+
+
+def is_mlp_output_unread() -> bool:
+    return _MLP_OUTPUT_UNREAD.get()
 
 
 @dataclass

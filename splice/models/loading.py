@@ -15,13 +15,13 @@ import importlib.util
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from splice.core.io import atomic_dir
 
 __all__ = [
     "DEFAULT_GGUF",
@@ -117,23 +117,12 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
             f"{gguf} loaded with packed (non-float) weights {bad}; splice needs a dense model. "
             "Convert it with llama.cpp's convert scripts to a Hugging Face folder and pass that folder."
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private (0700); the cache folder is an ordinary one
+    # Another process may finish the same conversion first: then its folder is kept.
+    with atomic_dir(target, replace=False) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         source = {"gguf": str(gguf), "size": gguf.stat().st_size}
         (tmp / _SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
-        try:
-            os.rename(tmp, target)  # atomic: readers see no folder or a complete one
-        except OSError:
-            if not (target / "config.json").is_file():
-                raise
-            # Another process finished the same conversion first; keep its folder.
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _resolve(source: str | Path | None, cache_dir: str | Path | None) -> str:

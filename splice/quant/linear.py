@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from splice.core.family import is_conv1d
 from splice.core.rewrite import Node, Replace, rewrite
 from splice.core.targets import Targets, target_matcher
 
@@ -70,7 +71,7 @@ class _QuantLinear(nn.Module):
 def _float_weight(module: nn.Module) -> Tensor:
     """(out, in) float weight of a linear or GPT-2 Conv1D (stored (in, out))."""
     weight = module.weight.detach()
-    return weight.T if type(module).__name__ == "Conv1D" else weight
+    return weight.T if is_conv1d(module) else weight
 
 
 def _bias(module: nn.Module) -> nn.Parameter | None:

@@ -14,7 +14,7 @@ RUN_CONFIG = "run_config.json"
 # Options that may differ when resuming (they don't change the trajectory's meaning).
 _RESUME_FREE = {"resume", "steps", "epochs", "save_every", "keep_checkpoints", "eval_every",
                 "eval_samples", "compare_base", "eval_batch_size", "max_new_tokens",
-                "fast", "gradient_checkpointing", "offload_checkpoints", "keep_attention", "cuda_graphs",
+                "fuse", "gradient_checkpointing", "offload_checkpoints", "keep_attention", "cuda_graphs",
                 "device"}
 
 
@@ -56,8 +56,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute every decoder layer in backward
     offload_checkpoints: bool = False  # keep checkpointed layer inputs in CPU memory (longest sequences)
     keep_attention: bool = False  # checkpointing also keeps q/k/v/attention (offloaded too): less recompute
-    fast: bool | None = None  # fused kernels + memory-aware checkpointing; None: on with a CUDA GPU
-    cuda_graphs: bool | None = None  # replay each step from a CUDA graph; None: on with --fast on a GPU
+    fuse: bool | None = None  # fused kernels + memory-aware checkpointing; None: on with a CUDA GPU
+    cuda_graphs: bool | None = None  # replay each step from a CUDA graph; None: on with --fuse on a GPU
     seed: int = 0
     eval_every: int = 0  # validation loss every N steps (0: at the end only)
     eval_batches: int = 8
@@ -96,6 +96,10 @@ class TrainConfig:
             return self.targets
         return tuple(t.strip() for t in self.targets.split(",") if t.strip())
 
+    def fuses(self, device_type: str) -> bool:
+        """Whether the run uses the fused kernels (``fuse``; by default: on a CUDA GPU)."""
+        return device_type == "cuda" if self.fuse is None else self.fuse
+
     def model_name(self) -> str:
         return self.model or "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -120,6 +124,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     else:
         raise ValueError(f"config file {path}: use a .toml or .yaml file")
     values = values.get("train", values)
+    if "fast" in values and "fuse" not in values:  # the option's name before 0.2
+        values["fuse"] = values.pop("fast")
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(values) - known)
     if unknown:

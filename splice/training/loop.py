@@ -23,16 +23,17 @@ import torch
 from torch import nn
 
 from splice.data.batching import Batch, batches
-from splice.evaluation.scoring import evaluate_generation, validation_loss
+from splice.evaluation.scoring import evaluate_generation
 from splice.lora.freeze import freeze
 from splice.lora.layers import LoraConfig, add_lora
 from splice.lora.peft_io import save_adapter
 from splice.training.config import TrainConfig, check_output_dir, save_run_config
 from splice.training.graphs import GraphedStep
-from splice.training.loss import causal_lm_loss, check_labels, lm_head_params, model_hidden_states
+from splice.training.loss import check_labels, lm_head_params, train_step_loss
 from splice.training.report import MetricsLog, Progress, plot_losses
-from splice.training.setup import RunData, prepare_data, prepare_model, speed_up
+from splice.training.setup import RunData, fuse_and_checkpoint, prepare_data, prepare_model
 from splice.training.state import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
+from splice.training.validate import validation_loss
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "lr_at", "train", "train_step_loss"]
 
@@ -76,21 +77,6 @@ def _autocast(device: torch.device, precision: str, *, cache: bool = True) -> co
         # No weight-cast cache inside CUDA graphs: cached casts would outlive the capture.
         return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
-
-
-def train_step_loss(model: nn.Module, batch: Batch, *, device: torch.device,
-                    static_shapes: bool = False) -> torch.Tensor:
-    """Summed cross-entropy of one micro-batch's target tokens (the loss lives outside forward).
-    ``static_shapes``: no host syncs (for CUDA graphs; see :func:`causal_lm_loss`)."""
-    hidden = model_hidden_states(
-        model,
-        input_ids=batch["input_ids"].to(device),
-        attention_mask=batch["attention_mask"].to(device) if "attention_mask" in batch else None,
-        position_ids=batch["position_ids"].to(device) if "position_ids" in batch else None,
-    )
-    weight, bias = lm_head_params(model)
-    return causal_lm_loss(hidden, weight, batch["labels"].to(device), reduction="sum",
-                          lm_head_bias=bias, static_shapes=static_shapes)
 
 
 _MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids")
@@ -177,7 +163,7 @@ def train(config: TrainConfig, *, log: Progress | None = None) -> TrainResult:
     summary = freeze(model)
     say = (log.message if log else print)
     say(str(summary))
-    sped = speed_up(model, config, device)
+    sped = fuse_and_checkpoint(model, config, device)
     if sped:
         say(f"fused kernels / checkpointing on {len(sped)} modules")
     say(data.describe())
@@ -187,7 +173,7 @@ def train(config: TrainConfig, *, log: Progress | None = None) -> TrainResult:
     total = _total_steps(config, len(stream.epoch_batches(0)))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(params, config)
-    fast = device.type == "cuda" if config.fast is None else config.fast
+    fast = config.fuses(device.type)
     # Default: graphs with the fused kernels on packed batches, whose shape never changes
     # (unpacked batches are as long as their longest row: a new graph for every new length).
     auto_graphs = fast and config.pack

@@ -20,13 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from splice.core.context import causal_only
 from splice.core.rewrite import Around
+from splice.data.batching import Batch
 from splice.kernels.cross_entropy import cross_entropy_grad_
 
 __all__ = [
     "causal_lm_loss",
     "check_labels",
     "lm_head_params",
+    "train_step_loss",
     "model_hidden_states",
     "naive_causal_lm_loss",
 ]
@@ -308,11 +311,9 @@ def model_hidden_states(
     (+ bias). Works through splice rewrites (``Around`` wrappers inside the decoder are ordinary
     modules). Extra ``kwargs`` go to the decoder; no KV cache is built.
     """
-    from splice.fused.modules import causal_only
-
     decoder = _decoder(model)
     kwargs.setdefault("use_cache", False)
-    # No mask and no position ids: plain causal attention (lets splice.fused.modules skip the explicit
+    # No mask and no position ids: plain causal attention (lets splice's fused attention skip the explicit
     # mask Hugging Face builds inside a CUDA-graph capture).
     plain = attention_mask is None and position_ids is None and kwargs.get("past_key_values") is None
     with causal_only(plain):
@@ -368,3 +369,18 @@ def lm_head_params(model: nn.Module) -> tuple[Tensor, Tensor | None]:
         )
     bias = getattr(head, "bias", None)
     return weight, bias if isinstance(bias, Tensor) else None
+
+
+def train_step_loss(model: nn.Module, batch: Batch, *, device: torch.device,
+                    static_shapes: bool = False) -> torch.Tensor:
+    """Summed cross-entropy of one micro-batch's target tokens (the loss lives outside forward).
+    ``static_shapes``: no host syncs (for CUDA graphs; see :func:`causal_lm_loss`)."""
+    hidden = model_hidden_states(
+        model,
+        input_ids=batch["input_ids"].to(device),
+        attention_mask=batch["attention_mask"].to(device) if "attention_mask" in batch else None,
+        position_ids=batch["position_ids"].to(device) if "position_ids" in batch else None,
+    )
+    weight, bias = lm_head_params(model)
+    return causal_lm_loss(hidden, weight, batch["labels"].to(device), reduction="sum",
+                          lm_head_bias=bias, static_shapes=static_shapes)

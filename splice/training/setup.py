@@ -8,14 +8,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from splice.data.rows import ChatTemplate, Example, PromptTemplate, read_rows, split_rows, tokenize_rows
+from splice.data.rows import ChatTemplate, Example, PromptTemplate, Row, read_rows, split_rows, tokenize_rows
 from splice.evaluation.scoring import Task, text_task
 from splice.models.loading import load_model
 from splice.training.config import TrainConfig
 
-__all__ = ["RunData", "function_names_task", "prepare_data", "prepare_model", "resolve_device", "speed_up"]
-
-Row = dict[str, Any]
+__all__ = ["RunData", "prepare_data", "prepare_model", "resolve_device", "fuse_and_checkpoint"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -40,28 +38,20 @@ def prepare_model(config: TrainConfig) -> tuple[nn.Module, Any, torch.device, st
     return model, tokenizer, device, precision
 
 
-def speed_up(model: nn.Module, config: TrainConfig, device: torch.device) -> list[str]:
-    """Opt-in rewrites after LoRA is attached: fused kernels (``fast``, on by default on a GPU)
+def fuse_and_checkpoint(model: nn.Module, config: TrainConfig, device: torch.device) -> list[str]:
+    """Opt-in rewrites after LoRA is attached: fused kernels (``fuse``, on by default on a GPU)
     and activation checkpointing of the decoder layers. Returns what was rewritten."""
-    from splice.fused.modules import accelerate
+    from splice.fused.apply import fuse
     from splice.memory.checkpointing import checkpoint_layers
 
-    fast = device.type == "cuda" if config.fast is None else config.fast
-    names = accelerate(model) if fast else []
+    fused = config.fuses(device.type)
+    names = fuse(model) if fused else []
     if config.gradient_checkpointing or config.offload_checkpoints:
         names += checkpoint_layers(model, layers="all", offload=config.offload_checkpoints,
                                    keep_attention=config.keep_attention)
-    elif fast and device.type == "cuda":
+    elif fused and device.type == "cuda":
         names += checkpoint_layers(model, layers="auto")  # recompute only what memory needs
     return names
-
-
-def function_names_task() -> Task:
-    """The embedded default task: name a function from its code, answering JSON."""
-    from splice.evaluation.tasks import function_name_prompt, name_metrics
-
-    return Task(name="function-names", prompt=function_name_prompt,
-                reference=lambda row: row["name"], score=name_metrics)
 
 
 @dataclass
@@ -108,7 +98,7 @@ def _template(config: TrainConfig, columns: set[str]) -> PromptTemplate | ChatTe
 def prepare_data(config: TrainConfig, tokenizer: Any) -> RunData:
     """Rows -> template -> token ids with answer-only labels, plus held-out rows for scoring."""
     if config.data is None:
-        from splice.evaluation.tasks import build_function_names, function_name_template
+        from splice.evaluation.tasks import build_function_names, function_name_template, function_names_task
 
         splits = build_function_names()
         train_rows, val_rows = splits["train"], splits["validation"]

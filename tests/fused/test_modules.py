@@ -10,13 +10,13 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from splice.core.context import causal_only, is_causal_only
+from splice.fused.apply import fuse, unfuse
 from splice.fused.modules import (
     FusedLoraLinear,
     FusedRMSNorm,
     FusedRopeAttention,
     FusedSwiGLUMLP,
-    accelerate,
-    decelerate,
 )
 from splice.lora.freeze import freeze
 from splice.lora.layers import LoraConfig, add_lora, lora_modules, merge
@@ -56,10 +56,10 @@ def compare(plain: nn.Module, fast: nn.Module, ids: torch.Tensor, tol_loss: floa
         assert rel_err(grads1[name], grads0[name]) < tol_grad, name
 
 
-def test_accelerate_matches_plain_fp32() -> None:
+def test_fuse_matches_plain_fp32() -> None:
     plain = lora_llama()
     fast = copy.deepcopy(plain)
-    names = accelerate(fast)
+    names = fuse(fast)
     assert "model.layers.0.self_attn.q_proj" in names and "model.norm" in names
     assert "model.layers.1.mlp" in names and "model.layers.1.self_attn" in names
     ids = torch.randint(0, 101, (2, 13))
@@ -77,12 +77,12 @@ def compare_bf16(plain: nn.Module, fast: nn.Module, ids: torch.Tensor) -> None:
         assert e_fast < 2 * e_plain + 5e-3 and e_fast < 0.1, (name, e_fast, e_plain)
 
 
-def test_accelerate_bf16_base_fp32_adapters() -> None:
+def test_fuse_bf16_base_fp32_adapters() -> None:
     plain = lora_llama(dtype=torch.bfloat16)
     for _, _, layer in lora_modules(plain):
         layer.float()  # PEFT's default: fp32 adapter weights over a bf16 model
     fast = copy.deepcopy(plain)
-    accelerate(fast)
+    fuse(fast)
     compare_bf16(plain, fast, torch.randint(0, 101, (2, 16)))
 
 
@@ -93,16 +93,16 @@ def test_structure_is_preserved_and_undoable() -> None:
     ids = torch.randint(0, 101, (1, 9))
     model.eval()
     before = model(input_ids=ids).logits
-    accelerate(model)
+    fuse(model)
     assert list(model.state_dict()) == keys
     assert [p for p, _, _ in lora_modules(model)] == paths  # found inside fused containers too
     assert isinstance(model.model.layers[0].self_attn, FusedRopeAttention)
     assert isinstance(model.model.layers[0].mlp, FusedSwiGLUMLP)
     assert isinstance(model.model.layers[0].mlp.down_proj, FusedLoraLinear)
     assert isinstance(model.model.norm, FusedRMSNorm)
-    assert accelerate(model) == []  # idempotent
+    assert fuse(model) == []  # idempotent
     torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-5, atol=1e-5)
-    restored = decelerate(model)
+    restored = unfuse(model)
     assert "model.layers.0.mlp" in restored and "model.layers.0.mlp.gate_proj" in restored
     assert not any(getattr(type(m), "splice_fast", False) for m in model.modules())
     assert list(model.state_dict()) == keys
@@ -111,20 +111,20 @@ def test_structure_is_preserved_and_undoable() -> None:
 
 def test_options_select_rewrites_and_qv_targets() -> None:
     model = lora_llama(targets=("q_proj", "v_proj"))
-    names = accelerate(model, rmsnorm=False, rope=False)
+    names = fuse(model, rmsnorm=False, rope=False)
     assert "model.layers.0.self_attn.q_proj" in names and "model.layers.0.mlp" in names
     assert not any(isinstance(m, (FusedRMSNorm, FusedRopeAttention)) for m in model.modules())
     assert not isinstance(model.model.layers[0].self_attn.k_proj, FusedLoraLinear)
 
 
-def test_merge_and_adapter_save_after_accelerate(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_merge_and_adapter_save_after_fuse(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from safetensors.torch import load_file
 
     from splice.lora.peft_io import save_adapter
 
     plain = lora_llama()
     fast = copy.deepcopy(plain)
-    accelerate(fast)
+    fuse(fast)
     save_adapter(plain, tmp_path / "plain")
     save_adapter(fast, tmp_path / "fast")
     a = load_file(str(tmp_path / "plain" / "adapter_model.safetensors"))
@@ -140,7 +140,7 @@ def test_merge_and_adapter_save_after_accelerate(tmp_path) -> None:  # type: ign
 def test_dropout_is_seeded_and_off_in_eval() -> None:
     plain = lora_llama(dropout=0.3)
     fast = copy.deepcopy(plain)
-    accelerate(fast)
+    fuse(fast)
     ids = torch.randint(0, 101, (2, 11))
     l1, g1 = loss_and_grads(fast, ids, seed=5)
     l2, g2 = loss_and_grads(fast, ids, seed=5)
@@ -154,14 +154,14 @@ def test_dropout_is_seeded_and_off_in_eval() -> None:
 
 def test_fused_loss_and_generation_through_fast_model() -> None:
     model = lora_llama()
-    accelerate(model)
+    fuse(model)
     ids = torch.randint(0, 101, (2, 10))
     weight, bias = lm_head_params(model)
     fused = causal_lm_loss(model_hidden_states(model, input_ids=ids), weight, ids, lm_head_bias=bias)
     torch.testing.assert_close(fused, model(input_ids=ids, labels=ids).loss, rtol=1e-5, atol=1e-6)
     model.eval()
     plain = copy.deepcopy(model)
-    decelerate(plain)
+    unfuse(plain)
     out = model.generate(ids[:1, :4], max_new_tokens=4, do_sample=False)  # KV cache: fallback path
     assert torch.equal(out, plain.generate(ids[:1, :4], max_new_tokens=4, do_sample=False))
 
@@ -176,7 +176,7 @@ def test_gpu_bf16_matches_plain(dropout: float, monkeypatch) -> None:  # type: i
     for _, _, layer in lora_modules(plain):
         layer.float()
     fast = copy.deepcopy(plain)
-    accelerate(fast)
+    fuse(fast)
     ids = torch.randint(0, 101, (2, 64), device="cuda")
     if dropout == 0.0:
         compare_bf16(plain, fast, ids)
@@ -196,7 +196,7 @@ def test_rope_is_fused_without_cache_and_falls_back_with_one(monkeypatch) -> Non
     real = fast_module.rope
     monkeypatch.setattr(fast_module, "rope", lambda *a: calls.append(1) or real(*a))
     model = lora_llama()
-    accelerate(model)
+    fuse(model)
     ids = torch.randint(0, 101, (1, 5))
     model(input_ids=ids, use_cache=False)
     assert len(calls) == 2  # one per layer
@@ -209,7 +209,7 @@ def test_fused_lora_respects_disabled_and_routed_adapters() -> None:
 
     plain = lora_llama()
     fast = copy.deepcopy(plain)
-    accelerate(fast)
+    fuse(fast)
     ids = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         with adapters_disabled(plain):
@@ -226,22 +226,20 @@ def test_fused_lora_respects_disabled_and_routed_adapters() -> None:
 def test_unrewrite_removes_fast_modules_and_lora() -> None:
     model = lora_llama()
     originals = {n: type(m) for n, m in model.named_modules()}
-    accelerate(model)
+    fuse(model)
     assert any(isinstance(m, FusedSwiGLUMLP) for m in model.modules())
     assert len(lora_modules(model)) == 14  # the adapters inside fused containers stay visible
-    decelerate(model)
+    unfuse(model)
     assert {n: type(m) for n, m in model.named_modules()} == originals
 
 
 def spy_causal_only(monkeypatch) -> list[bool]:  # type: ignore[no-untyped-def]
     """The causal_only setting each FusedRopeAttention call sees, in call order."""
-    import splice.fused.modules as fast_module
-
     seen: list[bool] = []
     real_forward = FusedRopeAttention.forward
 
     def spy(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        seen.append(fast_module._CAUSAL_ONLY[0])
+        seen.append(is_causal_only())
         return real_forward(self, *args, **kwargs)
 
     monkeypatch.setattr(FusedRopeAttention, "forward", spy)
@@ -251,10 +249,8 @@ def spy_causal_only(monkeypatch) -> list[bool]:  # type: ignore[no-untyped-def]
 def test_causal_only_drops_the_mask_and_is_only_used_without_one(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Under causal_only the fused attention ignores the (causal) mask Hugging Face built, with
     identical results; model_hidden_states turns it on only for calls without mask and positions."""
-    from splice.fused.modules import causal_only
-
     model = lora_llama()
-    accelerate(model)
+    fuse(model)
     ids = torch.randint(0, 101, (2, 9))
     with torch.no_grad():
         ref = model.model(input_ids=ids).last_hidden_state

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from splice.fused.modules import accelerate
+from splice.fused.apply import fuse
 from splice.lora.freeze import freeze
 from splice.lora.layers import LoraConfig, add_lora, lora_modules
 from splice.memory.checkpointing import CheckpointedLayer, checkpoint_layers, uncheckpoint_layers
@@ -46,7 +46,7 @@ def assert_same(a: tuple[torch.Tensor, dict[str, torch.Tensor]], b: tuple[torch.
 def test_same_loss_and_grads_with_dropout_replayed(fast: bool, offload: bool, layers: str) -> None:
     plain = lora_llama(dropout=0.2)
     if fast:
-        accelerate(plain)
+        fuse(plain)
     ckpt = copy.deepcopy(plain)
     names = checkpoint_layers(ckpt, layers=layers, offload=offload)  # type: ignore[arg-type]
     assert names == ["model.layers.0", "model.layers.1", "model.layers.2"]
@@ -93,7 +93,7 @@ def test_structure_lora_visibility_and_undo() -> None:
 @pytest.mark.parametrize("offload", [False, True])
 def test_gpu_checkpoint_saves_memory_and_matches(offload: bool) -> None:
     plain = lora_llama(device="cuda", dtype=torch.bfloat16, layers=4, hidden=256, dropout=0.1)
-    accelerate(plain)
+    fuse(plain)
     ckpt = copy.deepcopy(plain)
     checkpoint_layers(ckpt, layers="all", offload=offload)
     ids = torch.randint(0, 101, (2, 1024), device="cuda")
@@ -113,7 +113,7 @@ def test_gpu_checkpoint_saves_memory_and_matches(offload: bool) -> None:
 @GPU
 def test_gpu_auto_keeps_short_sequences_uncheckpointed() -> None:
     model = lora_llama(device="cuda", dtype=torch.bfloat16)
-    accelerate(model)
+    fuse(model)
     checkpoint_layers(model, layers="auto")
     loss_and_grads(model, torch.randint(0, 101, (1, 64), device="cuda"))
     plan = model.model.layers[0].__dict__["_plan"]
@@ -167,7 +167,7 @@ def test_recompute_skips_the_unread_down_projection(lora_on_down: bool) -> None:
         for _, _, layer in lora_modules(model):
             nn.init.normal_(layer.lora_B.weight, std=0.2)
         freeze(model)
-        accelerate(model)
+        fuse(model)
         checkpoint_layers(model, layers="all", skip_unread=skip)
         return model
 
@@ -193,7 +193,7 @@ def test_recompute_runs_under_the_forwards_causal_only_setting(monkeypatch: pyte
     from tests.fused.test_modules import spy_causal_only
 
     model = lora_llama(dropout=0.0)
-    accelerate(model)
+    fuse(model)
     checkpoint_layers(model, layers="all")
     seen = spy_causal_only(monkeypatch)
     ids = torch.randint(0, 101, (2, 12))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from splice.fused.modules import accelerate
+from splice.fused.apply import fuse
 from splice.kernels import lora_linear as lora_linear_module
 from splice.memory import stash
 from splice.memory.checkpointing import checkpoint_layers
@@ -24,7 +24,7 @@ HIDDEN, LAYERS, TOKENS = 64, 3, 2 * 12
 @pytest.mark.parametrize("offload", [False, True])
 def test_same_loss_and_grads_as_without_checkpointing(keep_attention: bool, offload: bool) -> None:
     plain = lora_llama(dropout=0.2)
-    accelerate(plain)
+    fuse(plain)
     ckpt = copy.deepcopy(plain)
     checkpoint_layers(ckpt, layers="all", offload=offload, keep_attention=keep_attention)
     ids = torch.randint(0, 101, (2, 12))
@@ -35,7 +35,7 @@ def _backward_work(keep_attention: bool, monkeypatch: pytest.MonkeyPatch
                    ) -> tuple[int, int, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
     """(matmul FLOPs, attention calls) of the backward, and the loss and gradients."""
     model = lora_llama(dropout=0.0, layers=LAYERS, hidden=HIDDEN)
-    accelerate(model)
+    fuse(model)
     checkpoint_layers(model, layers="all", keep_attention=keep_attention, skip_unread=True)
     ids = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(0))
     loss = model(input_ids=ids, labels=ids).loss
@@ -76,7 +76,7 @@ def test_recompute_reuses_every_lora_down_projection(monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(lora_linear_module, "_down", spy)
     model = lora_llama(dropout=0.2)
-    accelerate(model)
+    fuse(model)
     checkpoint_layers(model, layers="all")
     ids = torch.randint(0, 101, (2, 12))
     loss = model(input_ids=ids, labels=ids).loss
@@ -122,7 +122,7 @@ def test_gpu_offloaded_views_of_one_storage_are_kept_once() -> None:
 @pytest.mark.parametrize("offload", [False, True])
 def test_gpu_kept_attention_same_grads_bf16(offload: bool) -> None:
     plain = lora_llama(dropout=0.1, device="cuda", dtype=torch.bfloat16, hidden=256)
-    accelerate(plain)
+    fuse(plain)
     kept = copy.deepcopy(plain)
     checkpoint_layers(kept, layers="all", offload=offload, keep_attention=True)
     ids = torch.randint(0, 101, (2, 1100), device="cuda")  # >= 2048 tokens: the Triton LoRA path
@@ -137,7 +137,7 @@ def test_gpu_kept_attention_holds_no_gpu_copies_when_offloading(monkeypatch: pyt
     held = []
     for keep in (False, True):
         model = lora_llama(dropout=0.0, device="cuda", dtype=torch.bfloat16, hidden=256, layers=4)
-        accelerate(model)
+        fuse(model)
         checkpoint_layers(model, layers="all", offload=True, keep_attention=keep)
         ids = torch.randint(0, 101, (2, 1024), device="cuda")
         torch.cuda.synchronize()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from splice.fused.modules import accelerate
+from splice.fused.apply import fuse
 from splice.memory.checkpointing import checkpoint_layers
 from splice.training.graphs import GraphedStep
 from splice.training.loss import causal_lm_loss, lm_head_params, model_hidden_states
@@ -84,7 +84,7 @@ def test_replay_equals_eager_with_dropout(ckpt: str, dtype: torch.dtype, length:
 
     monkeypatch.setattr(stash, "_MIN_OFFLOAD_BYTES", 0)  # these small tensors offload too
     model = lora_llama(dropout=0.1, device="cuda", dtype=dtype)
-    accelerate(model)
+    fuse(model)
     if ckpt != "none":  # offload: what is kept goes through pinned host memory inside the graph
         checkpoint_layers(model, layers="all", offload=ckpt.endswith("offload"),
                           keep_attention=ckpt.startswith("kept"))
@@ -104,7 +104,7 @@ def test_replay_equals_eager_with_dropout(ckpt: str, dtype: torch.dtype, length:
 @GPU
 def test_accumulates_and_reinstalls_grads_set_to_none() -> None:
     model = lora_llama(dropout=0.0, device="cuda")
-    accelerate(model)
+    fuse(model)
     a, b = (torch.randint(0, 101, (2, 16), device="cuda") for _ in range(2))
     step = make_step(model)
     graphed = GraphedStep(step, trainable(model))
@@ -131,7 +131,7 @@ def test_accumulates_and_reinstalls_grads_set_to_none() -> None:
 @GPU
 def test_new_shape_gets_its_own_graph() -> None:
     model = lora_llama(dropout=0.0, device="cuda")
-    accelerate(model)
+    fuse(model)
     graphed = GraphedStep(make_step(model), trainable(model))
     for length in (16, 24, 16):
         ids = torch.randint(0, 101, (2, length), device="cuda")
@@ -145,7 +145,7 @@ def test_new_shape_gets_its_own_graph() -> None:
 @GPU
 def test_error_during_capture_falls_back_to_eager() -> None:
     model = lora_llama(dropout=0.0, device="cuda")  # warm-ups draw random numbers: no dropout here
-    accelerate(model)
+    fuse(model)
     step = make_step(model)
 
     def refuses(batch: dict[str, Tensor]) -> Tensor:

@@ -160,9 +160,9 @@ def test_packed_training_and_periodic_generation_eval(tiny_run_inputs, tmp_path)
 def test_checkpointing_and_fast_kernels_keep_the_trajectory(tiny_run_inputs, tmp_path, capsys) -> None:
     # fp32 on the CPU, where the fused modules' reference paths must match to 1e-5 (on a GPU
     # they run in bf16: see test_cuda_graphs_follow_the_eager_trajectory and tests/test_fast.py)
-    plain = train(_config(tiny_run_inputs, tmp_path / "plain", steps=4, dropout=0.0, fast=False, device="cpu"))
+    plain = train(_config(tiny_run_inputs, tmp_path / "plain", steps=4, dropout=0.0, fuse=False, device="cpu"))
     assert "fused kernels / checkpointing" not in capsys.readouterr().out
-    sped = train(_config(tiny_run_inputs, tmp_path / "sped", steps=4, dropout=0.0, fast=True,
+    sped = train(_config(tiny_run_inputs, tmp_path / "sped", steps=4, dropout=0.0, fuse=True,
                          gradient_checkpointing=True, device="cpu"))
     # 14 LoRA linears + 5 norms + 2 MLPs + 2 attentions fused, 2 decoder layers checkpointed
     assert "fused kernels / checkpointing on 25 modules" in capsys.readouterr().out
@@ -177,7 +177,7 @@ def test_checkpointing_and_fast_kernels_keep_the_trajectory(tiny_run_inputs, tmp
 
 
 def test_kept_attention_and_offload_keep_the_trajectory(tiny_run_inputs, tmp_path) -> None:
-    options = dict(steps=4, dropout=0.1, fast=True, device="cpu", gradient_checkpointing=True)
+    options = dict(steps=4, dropout=0.1, fuse=True, device="cpu", gradient_checkpointing=True)
     recomputed = train(_config(tiny_run_inputs, tmp_path / "recomputed", **options))
     kept = train(_config(tiny_run_inputs, tmp_path / "kept", keep_attention=True,
                          offload_checkpoints=True, **options))
@@ -187,7 +187,7 @@ def test_kept_attention_and_offload_keep_the_trajectory(tiny_run_inputs, tmp_pat
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_cuda_graphs_follow_the_eager_trajectory(tiny_run_inputs, tmp_path, dropout: float) -> None:
-    options = dict(steps=8, pack=True, max_length=48, dropout=dropout, fast=True)
+    options = dict(steps=8, pack=True, max_length=48, dropout=dropout, fuse=True)
     eager = train(_config(tiny_run_inputs, tmp_path / "eager", cuda_graphs=False, **options))
     graphed = train(_config(tiny_run_inputs, tmp_path / "graphed", **options))  # default: on
     assert eager.cuda_graphs == 0 and graphed.cuda_graphs >= 1
