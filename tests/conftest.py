@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny offline tokenizer and tiny random-init models (fp32, CPU, seed 0).
+"""Shared fixtures (the builders live in tests/tiny.py): a tiny offline tokenizer and tiny random-init models (fp32, CPU, seed 0).
 
 ``tiny_tokenizer`` is a real byte-level BPE (GPT-2 / SmolLM2 style) built in code: 3 special
 tokens (ids 0-2 as in SmolLM2), the 256 byte symbols and a few merges, with SmolLM2's ChatML chat
@@ -14,22 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM, PreTrainedTokenizerFast
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-# Merges in order; each result is also a vocab entry. "Ġ" is the byte-level symbol for a space.
-MERGES = [
-    ("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("r", "e"), ("d", "e"), ("de", "f"),
-    ("re", "t"), ("u", "r"), ("ret", "ur"), ("retur", "n"), ("Ġ", "return"),
-    ("a", "m"), ("n", "am"), ("nam", "e"), ("Ċ", "Ġ"), ("ĊĠ", "Ġ"),
-]
-CHAT_TEMPLATE = (  # SmolLM2-Instruct's template (ChatML with a default system message)
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
-    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+from tests.tiny import build_tiny_llama, build_tiny_tokenizer, write_run_inputs
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -47,51 +34,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
-
-
-def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """The byte-level BPE tokenizer described in the module docstring (deterministic)."""
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
-    for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[symbol] = len(vocab)
-    for left, right in MERGES:
-        vocab[left + right] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=MERGES))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        unk_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>"],
-        model_max_length=256,
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
-
-
-def build_tiny_llama(
-    vocab_size: int, *, attn_implementation: str = "sdpa", seed: int = 0, tie_word_embeddings: bool = False
-) -> LlamaForCausalLM:
-    """Random-init Llama: hidden 32, 2 layers, 4 heads, 2 KV heads, MLP 64, fp32, train mode off."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=tie_word_embeddings,
-        bos_token_id=None,
-        eos_token_id=2,
-        pad_token_id=0,
-        use_cache=False,
-    )
-    config._attn_implementation = attn_implementation
-    return LlamaForCausalLM(config).to(torch.float32).eval()
 
 
 @pytest.fixture
@@ -139,3 +81,9 @@ def tiny_model_dir(tmp_path: Path, tiny_llama: LlamaForCausalLM, tiny_tokenizer:
     tiny_llama.save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_run_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(model folder, data.jsonl): a tiny Llama with a sharpened head and 48 rows it learns fast."""
+    return write_run_inputs(tmp_path_factory.mktemp("tiny"))

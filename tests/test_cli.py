@@ -11,7 +11,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from splice.cli import main
-from tests.training.test_loop import tiny_run_inputs  # noqa: F401 - the shared tiny model + data fixture
 
 FLAGS = ["--prompt-template", "Q: {question}\nA: ", "--response-template", "{answer}",
          "--max-length", "64", "--lr", "1e-2", "--eval-samples", "4", "--warmup-steps", "2"]
@@ -23,7 +22,7 @@ def _train(inputs, out: Path, *extra: str) -> int:
                  *FLAGS, *extra])
 
 
-def test_train_generate_merge(tiny_run_inputs, tmp_path, capsys) -> None:  # noqa: F811
+def test_train_generate_merge(tiny_run_inputs, tmp_path, capsys) -> None:
     out = tmp_path / "run"
     assert _train(tiny_run_inputs, out, "--steps", "8") == 0
     printed = capsys.readouterr()
@@ -68,7 +67,7 @@ def _error(capsys) -> str:
     ],
     ids=["unknown-type", "empty", "missing-column"],
 )
-def test_bad_data_is_a_clear_error(tiny_run_inputs, tmp_path, capsys, write, expected) -> None:  # noqa: F811
+def test_bad_data_is_a_clear_error(tiny_run_inputs, tmp_path, capsys, write, expected) -> None:
     data = tmp_path / "data.jsonl"
     write(data)
     target = data.with_suffix(".txt") if data.with_suffix(".txt").exists() else data
@@ -78,7 +77,7 @@ def test_bad_data_is_a_clear_error(tiny_run_inputs, tmp_path, capsys, write, exp
     assert re.search(expected, _error(capsys), re.I)
 
 
-def test_missing_model_and_data_paths(tmp_path, capsys, tiny_run_inputs) -> None:  # noqa: F811
+def test_missing_model_and_data_paths(tmp_path, capsys, tiny_run_inputs) -> None:
     assert main(["train", "--model", str(tmp_path / "nope"), "--data", str(tiny_run_inputs[1]),
                  "--output-dir", str(tmp_path / "o1"), *FLAGS]) == 2
     assert "nope" in _error(capsys)
@@ -87,7 +86,7 @@ def test_missing_model_and_data_paths(tmp_path, capsys, tiny_run_inputs) -> None
     assert "x.jsonl" in _error(capsys)
 
 
-def test_prompts_longer_than_max_length(tiny_run_inputs, tmp_path, capsys) -> None:  # noqa: F811
+def test_prompts_longer_than_max_length(tiny_run_inputs, tmp_path, capsys) -> None:
     model, data = tiny_run_inputs
     code = main(["train", "--model", str(model), "--data", str(data), "--output-dir",
                  str(tmp_path / "o"), *FLAGS[:4], "--max-length", "8", "--steps", "1"])
@@ -95,7 +94,7 @@ def test_prompts_longer_than_max_length(tiny_run_inputs, tmp_path, capsys) -> No
     assert "max_length" in _error(capsys)
 
 
-def test_used_output_dir_is_not_overwritten(tiny_run_inputs, tmp_path, capsys) -> None:  # noqa: F811
+def test_used_output_dir_is_not_overwritten(tiny_run_inputs, tmp_path, capsys) -> None:
     out = tmp_path / "run"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
@@ -104,7 +103,7 @@ def test_used_output_dir_is_not_overwritten(tiny_run_inputs, tmp_path, capsys) -
     assert (out / "notes.txt").read_text() == "keep me" and len(list(out.iterdir())) == 1
 
 
-def test_config_file(tiny_run_inputs, tmp_path, capsys) -> None:  # noqa: F811
+def test_config_file(tiny_run_inputs, tmp_path, capsys) -> None:
     config = tmp_path / "run.toml"
     config.write_text('[train]\nsteps = 2\nrank = 4\nbogus = 1\n')
     model, data = tiny_run_inputs

@@ -1,28 +1,121 @@
-"""Tiny fixed-seed models for the core tests (random init, fp32, CPU)."""
+"""The tiny models, tokenizer and helpers every test shares (random init, fp32, CPU, fixed seeds).
+
+``conftest.py`` turns the builders into fixtures; tests import helpers from here, never from a
+sibling test file.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from tests.numerics import rel_err
 
 VOCAB = 97
 
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Merges in order; each result is also a vocab entry. "Ġ" is the byte-level symbol for a space.
+MERGES = [
+    ("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("r", "e"), ("d", "e"), ("de", "f"),
+    ("re", "t"), ("u", "r"), ("ret", "ur"), ("retur", "n"), ("Ġ", "return"),
+    ("a", "m"), ("n", "am"), ("nam", "e"), ("Ċ", "Ġ"), ("ĊĠ", "Ġ"),
+]
+CHAT_TEMPLATE = (  # SmolLM2-Instruct's template (ChatML with a default system message)
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
-def llama(seed: int = 0) -> LlamaForCausalLM:
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """The byte-level BPE tokenizer described in the module docstring (deterministic)."""
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[symbol] = len(vocab)
+    for left, right in MERGES:
+        vocab[left + right] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=MERGES))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+        model_max_length=256,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_llama(
+    vocab_size: int, *, attn_implementation: str = "sdpa", seed: int = 0, tie_word_embeddings: bool = False
+) -> LlamaForCausalLM:
+    """Random-init Llama: hidden 32, 2 layers, 4 heads, 2 KV heads, MLP 64, fp32, train mode off."""
     torch.manual_seed(seed)
     config = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128,
-        tie_word_embeddings=False,
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=None,
+        eos_token_id=2,
+        pad_token_id=0,
+        use_cache=False,
     )
-    return LlamaForCausalLM(config).eval()
+    config._attn_implementation = attn_implementation
+    return LlamaForCausalLM(config).to(torch.float32).eval()
 
 
-def gpt2(seed: int = 0) -> GPT2LMHeadModel:
+
+def llama(seed: int = 0, *, vocab: int = VOCAB, hidden: int = 32, intermediate: int = 64, layers: int = 2,
+          positions: int = 128, **config: Any) -> LlamaForCausalLM:
+    """A random-init Llama (4 heads, 2 KV heads), eval mode; ``config`` overrides LlamaConfig fields."""
     torch.manual_seed(seed)
-    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64)
-    return GPT2LMHeadModel(config).eval()
+    options: dict[str, Any] = dict(
+        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=positions, tie_word_embeddings=False,
+    )
+    options.update(config)
+    return LlamaForCausalLM(LlamaConfig(**options)).eval()
+
+
+def gpt2(seed: int = 0, *, vocab: int = VOCAB, positions: int = 64, **config: Any) -> GPT2LMHeadModel:
+    """A random-init GPT-2 (n_embd 32, 2 layers, 4 heads), eval mode."""
+    torch.manual_seed(seed)
+    options: dict[str, Any] = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=vocab, n_positions=positions)
+    options.update(config)
+    return GPT2LMHeadModel(GPT2Config(**options)).eval()
+
+
+def lora_llama(*, dropout: float = 0.0, targets: str | tuple[str, ...] = "all-linear",
+               dtype: torch.dtype = torch.float32, device: str = "cpu", layers: int = 2,
+               hidden: int = 64) -> nn.Module:
+    """A frozen Llama (vocab 101, sdpa) with r4 LoRA on ``targets`` whose B are non-zero."""
+    from splice.lora.freeze import freeze
+    from splice.lora.layers import LoraConfig, add_lora, lora_modules
+
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 3 // 2, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=101,
+                         max_position_embeddings=4096, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    add_lora(model, LoraConfig(rank=4, alpha=8, targets=targets, dropout=dropout))
+    for _, _, layer in lora_modules(model):  # non-zero B: the adapters change the output
+        nn.init.normal_(layer.lora_B.weight, std=0.2)
+    freeze(model)
+    return model
 
 
 def mlp(seed: int = 0) -> nn.Sequential:
@@ -49,3 +142,53 @@ def randomize_lora(model: nn.Module, seed: int = 3) -> None:
         for _, _, layer in lora_modules(model):
             for p in layer.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+def loss_and_grads(model: nn.Module, ids: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    torch.manual_seed(seed)
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def assert_same(a: tuple[torch.Tensor, dict[str, torch.Tensor]], b: tuple[torch.Tensor, dict[str, torch.Tensor]],
+                tol: float = 1e-6) -> None:
+    assert rel_err(b[0], a[0]) < tol
+    assert a[1].keys() == b[1].keys() and len(a[1]) > 0
+    for name in a[1]:
+        assert rel_err(b[1][name], a[1][name]) < tol, name
+
+
+def spy_causal_only(monkeypatch) -> list[bool]:  # type: ignore[no-untyped-def]
+    """The causal_only setting each FusedRopeAttention call sees, in call order."""
+    from splice.core.context import is_causal_only
+    from splice.fused.modules import FusedRopeAttention
+
+    seen: list[bool] = []
+    real_forward = FusedRopeAttention.forward
+
+    def spy(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(is_causal_only())
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(FusedRopeAttention, "forward", spy)
+    return seen
+
+
+def write_run_inputs(root: Path) -> tuple[Path, Path]:
+    """A tiny Llama + tokenizer folder and a 48-row question/answer JSONL it can learn quickly."""
+    import json
+
+    words = ["alpha", "beta", "gamma", "delta", "omega", "theta", "kappa", "sigma"]
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_llama(len(tokenizer))
+    with torch.no_grad():  # at init the logits are nearly uniform; a sharper head can learn fast
+        model.lm_head.weight.mul_(25)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    with (root / "data.jsonl").open("w") as f:
+        for i in range(48):
+            a, b = words[i % 8], words[(i * 3) % 8]
+            f.write(json.dumps({"question": f"{a} then {b}?", "answer": f"{b} {a}"}) + "\n")
+    return root / "model", root / "data.jsonl"

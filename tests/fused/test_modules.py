@@ -8,9 +8,8 @@ import copy
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from splice.core.context import causal_only, is_causal_only
+from splice.core.context import causal_only
 from splice.fused.apply import fuse, unfuse
 from splice.fused.modules import (
     FusedLoraLinear,
@@ -18,33 +17,10 @@ from splice.fused.modules import (
     FusedRopeAttention,
     FusedSwiGLUMLP,
 )
-from splice.lora.freeze import freeze
-from splice.lora.layers import LoraConfig, add_lora, lora_modules, merge
+from splice.lora.layers import lora_modules, merge
 from splice.training.loss import causal_lm_loss, lm_head_params, model_hidden_states
 from tests.numerics import GPU, rel_err
-
-
-def lora_llama(*, dropout: float = 0.0, targets: str | tuple[str, ...] = "all-linear",
-               dtype: torch.dtype = torch.float32, device: str = "cpu", layers: int = 2) -> nn.Module:
-    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=101,
-                         max_position_embeddings=64, attn_implementation="sdpa")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
-    add_lora(model, LoraConfig(rank=4, alpha=8, targets=targets, dropout=dropout))
-    for _, _, layer in lora_modules(model):  # non-zero B: the adapters change the output
-        nn.init.normal_(layer.lora_B.weight, std=0.2)
-    freeze(model)
-    return model
-
-
-def loss_and_grads(model: nn.Module, ids: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    torch.manual_seed(seed)
-    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    return loss.detach(), grads
+from tests.tiny import lora_llama, loss_and_grads, spy_causal_only
 
 
 def compare(plain: nn.Module, fast: nn.Module, ids: torch.Tensor, tol_loss: float, tol_grad: float) -> None:
@@ -231,19 +207,6 @@ def test_unrewrite_removes_fast_modules_and_lora() -> None:
     assert len(lora_modules(model)) == 14  # the adapters inside fused containers stay visible
     unfuse(model)
     assert {n: type(m) for n, m in model.named_modules()} == originals
-
-
-def spy_causal_only(monkeypatch) -> list[bool]:  # type: ignore[no-untyped-def]
-    """The causal_only setting each FusedRopeAttention call sees, in call order."""
-    seen: list[bool] = []
-    real_forward = FusedRopeAttention.forward
-
-    def spy(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        seen.append(is_causal_only())
-        return real_forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(FusedRopeAttention, "forward", spy)
-    return seen
 
 
 def test_causal_only_drops_the_mask_and_is_only_used_without_one(monkeypatch) -> None:  # type: ignore[no-untyped-def]

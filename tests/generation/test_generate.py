@@ -10,10 +10,11 @@ import pytest
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import GPT2LMHeadModel, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from splice.generation.generate import generate, generate_ids, sample_next, top_k_top_p_filter
 from splice.lora.layers import LoraConfig, add_lora, lora_modules, merge
+from tests import tiny
 
 VOCAB = 128
 PROMPTS = ["Hello there", "A", "The quick brown fox", "xyz 123"]
@@ -57,22 +58,13 @@ TOKENIZER = _tokenizer()
 
 
 def _llama(vocab_size: int = VOCAB) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        bos_token_id=None, eos_token_id=1, pad_token_id=0, initializer_range=0.2,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny.llama(vocab=vocab_size, bos_token_id=None, eos_token_id=1, pad_token_id=0,
+                      initializer_range=0.2)
 
 
 def _gpt2() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128,
-        bos_token_id=1, eos_token_id=1, pad_token_id=0, initializer_range=0.2,
-    )
-    return GPT2LMHeadModel(config).eval()
+    return tiny.gpt2(vocab=VOCAB, positions=128, bos_token_id=1, eos_token_id=1, pad_token_id=0,
+                     initializer_range=0.2)
 
 
 MODELS = pytest.mark.parametrize("make", [_llama, _gpt2], ids=["llama", "gpt2"])

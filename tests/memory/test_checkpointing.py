@@ -12,39 +12,17 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from splice.fused.apply import fuse
 from splice.lora.freeze import freeze
-from splice.lora.layers import LoraConfig, add_lora, lora_modules
+from splice.lora.layers import add_lora, lora_modules
 from splice.memory.checkpointing import CheckpointedLayer, checkpoint_layers, uncheckpoint_layers
-from tests.fused.test_modules import loss_and_grads
 from tests.numerics import GPU, rel_err
-
-
-def lora_llama(*, dropout: float = 0.1, device: str = "cpu", dtype: torch.dtype = torch.float32,
-               layers: int = 3, hidden: int = 64) -> nn.Module:
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 3 // 2, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=101,
-                         max_position_embeddings=4096, attn_implementation="sdpa")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
-    add_lora(model, LoraConfig(rank=4, alpha=8, targets="all-linear", dropout=dropout))
-    for _, _, layer in lora_modules(model):
-        nn.init.normal_(layer.lora_B.weight, std=0.2)
-    freeze(model)
-    return model
-
-
-def assert_same(a: tuple[torch.Tensor, dict[str, torch.Tensor]], b: tuple[torch.Tensor, dict[str, torch.Tensor]],
-                tol: float = 1e-6) -> None:
-    assert rel_err(b[0], a[0]) < tol
-    assert a[1].keys() == b[1].keys() and len(a[1]) > 0
-    for name in a[1]:
-        assert rel_err(b[1][name], a[1][name]) < tol, name
+from tests.tiny import assert_same, lora_llama, loss_and_grads, spy_causal_only
 
 
 @pytest.mark.parametrize("fast", [False, True])
 @pytest.mark.parametrize("offload", [False, True])
 @pytest.mark.parametrize("layers", ["all", "auto"])
 def test_same_loss_and_grads_with_dropout_replayed(fast: bool, offload: bool, layers: str) -> None:
-    plain = lora_llama(dropout=0.2)
+    plain = lora_llama(dropout=0.2, layers=3)
     if fast:
         fuse(plain)
     ckpt = copy.deepcopy(plain)
@@ -56,11 +34,11 @@ def test_same_loss_and_grads_with_dropout_replayed(fast: bool, offload: bool, la
 
 
 def test_selection_by_count_and_predicate() -> None:
-    model = lora_llama()
+    model = lora_llama(layers=3, dropout=0.1)
     checkpoint_layers(model, layers=1)
     flags = [m.select for m in model.modules() if isinstance(m, CheckpointedLayer)]
     assert flags == [False, False, True]
-    model = lora_llama()
+    model = lora_llama(layers=3, dropout=0.1)
     checkpoint_layers(model, layers=lambda name: name.endswith(".0"))
     flags = [m.select for m in model.modules() if isinstance(m, CheckpointedLayer)]
     assert flags == [True, False, False]
@@ -69,7 +47,7 @@ def test_selection_by_count_and_predicate() -> None:
 
 
 def test_structure_lora_visibility_and_undo() -> None:
-    model = lora_llama()
+    model = lora_llama(layers=3, dropout=0.1)
     keys = list(model.state_dict())
     paths = [p for p, _, _ in lora_modules(model)]
     checkpoint_layers(model)
@@ -112,7 +90,7 @@ def test_gpu_checkpoint_saves_memory_and_matches(offload: bool) -> None:
 
 @GPU
 def test_gpu_auto_keeps_short_sequences_uncheckpointed() -> None:
-    model = lora_llama(device="cuda", dtype=torch.bfloat16)
+    model = lora_llama(device="cuda", dtype=torch.bfloat16, layers=3, dropout=0.1)
     fuse(model)
     checkpoint_layers(model, layers="auto")
     loss_and_grads(model, torch.randint(0, 101, (1, 64), device="cuda"))
@@ -121,7 +99,7 @@ def test_gpu_auto_keeps_short_sequences_uncheckpointed() -> None:
 
 
 def test_kv_cache_is_dropped_when_checkpointing() -> None:
-    plain = lora_llama(dropout=0.0)
+    plain = lora_llama(dropout=0.0, layers=3)
     ckpt = copy.deepcopy(plain)
     checkpoint_layers(ckpt, layers="all", offload=True)
     ids = torch.randint(0, 101, (1, 9))
@@ -135,7 +113,7 @@ def test_kv_cache_is_dropped_when_checkpointing() -> None:
 
 @pytest.mark.parametrize("offload", [False, True])
 def test_two_forwards_before_one_backward(offload: bool) -> None:
-    plain = lora_llama(dropout=0.0)
+    plain = lora_llama(dropout=0.0, layers=3)
     ckpt = copy.deepcopy(plain)
     checkpoint_layers(ckpt, layers="all", offload=offload)
     a, b = torch.randint(0, 101, (1, 8)), torch.randint(0, 101, (1, 8))
@@ -190,9 +168,8 @@ def test_recompute_runs_under_the_forwards_causal_only_setting(monkeypatch: pyte
     in backward (outside that call) must see the same setting, or a graph recomputes with the
     explicit mask Hugging Face built while capturing."""
     from splice.training.loss import causal_lm_loss, lm_head_params, model_hidden_states
-    from tests.fused.test_modules import spy_causal_only
 
-    model = lora_llama(dropout=0.0)
+    model = lora_llama(dropout=0.0, layers=3)
     fuse(model)
     checkpoint_layers(model, layers="all")
     seen = spy_causal_only(monkeypatch)

@@ -13,9 +13,8 @@ from splice.fused.apply import fuse
 from splice.kernels import lora_linear as lora_linear_module
 from splice.memory import stash
 from splice.memory.checkpointing import checkpoint_layers
-from tests.fused.test_modules import loss_and_grads
-from tests.memory.test_checkpointing import assert_same, lora_llama
 from tests.numerics import GPU
+from tests.tiny import assert_same, lora_llama, loss_and_grads
 
 HIDDEN, LAYERS, TOKENS = 64, 3, 2 * 12
 
@@ -23,7 +22,7 @@ HIDDEN, LAYERS, TOKENS = 64, 3, 2 * 12
 @pytest.mark.parametrize("keep_attention", [False, True])
 @pytest.mark.parametrize("offload", [False, True])
 def test_same_loss_and_grads_as_without_checkpointing(keep_attention: bool, offload: bool) -> None:
-    plain = lora_llama(dropout=0.2)
+    plain = lora_llama(dropout=0.2, layers=3)
     fuse(plain)
     ckpt = copy.deepcopy(plain)
     checkpoint_layers(ckpt, layers="all", offload=offload, keep_attention=keep_attention)
@@ -75,7 +74,7 @@ def test_recompute_reuses_every_lora_down_projection(monkeypatch: pytest.MonkeyP
         return original(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(lora_linear_module, "_down", spy)
-    model = lora_llama(dropout=0.2)
+    model = lora_llama(dropout=0.2, layers=3)
     fuse(model)
     checkpoint_layers(model, layers="all")
     ids = torch.randint(0, 101, (2, 12))
@@ -121,7 +120,7 @@ def test_gpu_offloaded_views_of_one_storage_are_kept_once() -> None:
 @GPU
 @pytest.mark.parametrize("offload", [False, True])
 def test_gpu_kept_attention_same_grads_bf16(offload: bool) -> None:
-    plain = lora_llama(dropout=0.1, device="cuda", dtype=torch.bfloat16, hidden=256)
+    plain = lora_llama(dropout=0.1, device="cuda", dtype=torch.bfloat16, hidden=256, layers=3)
     fuse(plain)
     kept = copy.deepcopy(plain)
     checkpoint_layers(kept, layers="all", offload=offload, keep_attention=True)

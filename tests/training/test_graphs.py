@@ -14,8 +14,8 @@ from splice.fused.apply import fuse
 from splice.memory.checkpointing import checkpoint_layers
 from splice.training.graphs import GraphedStep
 from splice.training.loss import causal_lm_loss, lm_head_params, model_hidden_states
-from tests.memory.test_checkpointing import lora_llama
 from tests.numerics import GPU, rel_err
+from tests.tiny import lora_llama
 
 Step = Callable[[dict[str, Tensor]], Tensor]
 
@@ -47,7 +47,7 @@ def zero(model: nn.Module) -> None:
 
 
 def test_cpu_calls_are_plain_calls() -> None:
-    model = lora_llama(dropout=0.0)
+    model = lora_llama(dropout=0.0, layers=3)
     ids = torch.randint(0, 101, (2, 12))
     graphed = GraphedStep(make_step(model), trainable(model))
     loss = graphed({"ids": ids})
@@ -83,7 +83,7 @@ def test_replay_equals_eager_with_dropout(ckpt: str, dtype: torch.dtype, length:
     from splice.memory import stash
 
     monkeypatch.setattr(stash, "_MIN_OFFLOAD_BYTES", 0)  # these small tensors offload too
-    model = lora_llama(dropout=0.1, device="cuda", dtype=dtype)
+    model = lora_llama(dropout=0.1, device="cuda", dtype=dtype, layers=3)
     fuse(model)
     if ckpt != "none":  # offload: what is kept goes through pinned host memory inside the graph
         checkpoint_layers(model, layers="all", offload=ckpt.endswith("offload"),
@@ -103,7 +103,7 @@ def test_replay_equals_eager_with_dropout(ckpt: str, dtype: torch.dtype, length:
 
 @GPU
 def test_accumulates_and_reinstalls_grads_set_to_none() -> None:
-    model = lora_llama(dropout=0.0, device="cuda")
+    model = lora_llama(dropout=0.0, device="cuda", layers=3)
     fuse(model)
     a, b = (torch.randint(0, 101, (2, 16), device="cuda") for _ in range(2))
     step = make_step(model)
@@ -130,7 +130,7 @@ def test_accumulates_and_reinstalls_grads_set_to_none() -> None:
 
 @GPU
 def test_new_shape_gets_its_own_graph() -> None:
-    model = lora_llama(dropout=0.0, device="cuda")
+    model = lora_llama(dropout=0.0, device="cuda", layers=3)
     fuse(model)
     graphed = GraphedStep(make_step(model), trainable(model))
     for length in (16, 24, 16):
@@ -144,7 +144,7 @@ def test_new_shape_gets_its_own_graph() -> None:
 
 @GPU
 def test_error_during_capture_falls_back_to_eager() -> None:
-    model = lora_llama(dropout=0.0, device="cuda")  # warm-ups draw random numbers: no dropout here
+    model = lora_llama(dropout=0.0, device="cuda", layers=3)  # warm-ups draw random numbers: no dropout here
     fuse(model)
     step = make_step(model)
 
@@ -199,7 +199,7 @@ def test_host_sync_in_the_step_stops_with_the_fix() -> None:
 
 @GPU
 def test_checkpoint_refuses_capture_with_torch_dropout_inside() -> None:
-    model = lora_llama(dropout=0.1, device="cuda")  # not accelerated: nn.Dropout draws from torch
+    model = lora_llama(dropout=0.1, device="cuda", layers=3)  # not accelerated: nn.Dropout draws from torch
     checkpoint_layers(model, layers="all")
     messages: list[str] = []
     graphed = GraphedStep(make_step(model), trainable(model), warn=messages.append)

@@ -14,25 +14,6 @@ import torch
 from splice.training.loop import TrainConfig, TrainingDiverged, lr_at, train
 from splice.training.report import Progress
 from splice.training.state import latest_checkpoint
-from tests.conftest import build_tiny_llama, build_tiny_tokenizer
-
-WORDS = ["alpha", "beta", "gamma", "delta", "omega", "theta", "kappa", "sigma"]
-
-
-@pytest.fixture(scope="module")
-def tiny_run_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("tiny")
-    tokenizer = build_tiny_tokenizer()
-    model = build_tiny_llama(len(tokenizer))
-    with torch.no_grad():  # at init the logits are nearly uniform; a sharper head can learn fast
-        model.lm_head.weight.mul_(25)
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    with (root / "data.jsonl").open("w") as f:
-        for i in range(48):
-            a, b = WORDS[i % 8], WORDS[(i * 3) % 8]
-            f.write(json.dumps({"question": f"{a} then {b}?", "answer": f"{b} {a}"}) + "\n")
-    return root / "model", root / "data.jsonl"
 
 
 def _config(inputs: tuple[Path, Path], out: Path, **overrides) -> TrainConfig:

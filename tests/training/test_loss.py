@@ -11,10 +11,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
 from splice.lora.layers import LoraConfig, add_lora, lora_modules
 from splice.training.loss import causal_lm_loss, lm_head_params, model_hidden_states, naive_causal_lm_loss
+from tests import tiny
 from tests.numerics import HostSyncs
 
 aten = torch.ops.aten
@@ -267,18 +268,11 @@ def test_never_materialises_tokens_by_vocab(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def _llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny.llama(vocab=128, positions=64)
 
 
 def _gpt2() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64)
-    return GPT2LMHeadModel(config).eval()
+    return tiny.gpt2(vocab=128)
 
 
 @pytest.mark.parametrize("make", [_llama, _gpt2], ids=["llama", "gpt2"])
