@@ -340,5 +340,4 @@ def profile_steps(setup: Setup, cfg: Config, steps: int = 2, *, graphs: bool = F
     lines.append("  top kernels:")
     for name, (us, count) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:18]:
         lines.append(f"  {us / 1e3:9.1f} ms {count:6d}x  {name[:110]}")
-    del opt, run
     return "\n".join(lines)

@@ -20,7 +20,7 @@ from splice.kernels.rmsnorm import rms_norm, rms_norm_reference
 from splice.kernels.rope import rope
 from splice.kernels.swiglu import swiglu, swiglu_reference
 
-N, H, I, R = 4096, 4096, 14336, 16
+N, H, INTER, R = 4096, 4096, 14336, 16
 BF16 = torch.bfloat16
 
 
@@ -77,12 +77,12 @@ def main() -> None:
     fused = bench(fwd_bwd(lambda: rms_norm(x, wn, 1e-5), (dy,), [x]))
     rows.append(("RMSNorm (4096 x 4096)", ref, fused, 5 * N * H * 2))
 
-    g = torch.randn(N, I, device=dev, dtype=BF16, requires_grad=True)
-    u = torch.randn(N, I, device=dev, dtype=BF16, requires_grad=True)
-    dh = torch.randn(N, I, device=dev, dtype=BF16)
+    g = torch.randn(N, INTER, device=dev, dtype=BF16, requires_grad=True)
+    u = torch.randn(N, INTER, device=dev, dtype=BF16, requires_grad=True)
+    dh = torch.randn(N, INTER, device=dev, dtype=BF16)
     ref = bench(fwd_bwd(lambda: swiglu_reference(g, u), (dh,), [g, u]))
     fused = bench(fwd_bwd(lambda: swiglu(g, u), (dh,), [g, u]))
-    rows.append(("SwiGLU (4096 x 14336)", ref, fused, 8 * N * I * 2))
+    rows.append(("SwiGLU (4096 x 14336)", ref, fused, 8 * N * INTER * 2))
 
     q = torch.randn(1, N, 32, 128, device=dev, dtype=BF16, requires_grad=True)
     k = torch.randn(1, N, 8, 128, device=dev, dtype=BF16, requires_grad=True)
@@ -108,7 +108,7 @@ def main() -> None:
     fused = bench(lambda: cross_entropy_grad_(z, yt, st))
     rows.append((f"cross-entropy grad, in place ({c} x {v}, no GEMMs)", ref, fused, 3 * c * v * 2))
 
-    for out_f, name in ((H, "q/o"), (I, "gate/up")):
+    for out_f, name in ((H, "q/o"), (INTER, "gate/up")):
         xl = torch.randn(N, H, device=dev, dtype=BF16, requires_grad=True)
         w = (torch.randn(out_f, H, device=dev) / H**0.5).to(BF16)
         a = (torch.randn(R, H, device=dev) / H**0.5).requires_grad_()

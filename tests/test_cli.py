@@ -28,7 +28,7 @@ def test_train_generate_merge(tiny_run_inputs, tmp_path, capsys) -> None:
     printed = capsys.readouterr()
     assert "base model on 2 held-out examples" in printed.out
     assert "word_f1" in printed.out and (out / "adapter" / "adapter_model.safetensors").is_file()
-    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if r["kind"] == "train"]
     assert len(losses) == 8 and losses[-1] < losses[0]
 

@@ -98,6 +98,8 @@ class Around(nn.Module):
     ``x`` is the single positional input, or the tuple of positional inputs when there are several.
     """
 
+    base: nn.Module
+
     def __init__(self, base: nn.Module, fn: Callable[[Any, Any], Any]) -> None:
         super().__init__()
         self.base = base
@@ -267,6 +269,7 @@ def rewritten_nodes(model: nn.Module) -> Iterator[Node]:
 def _restore_one(module: nn.Module) -> nn.Module:
     """The module that ``module`` (a wrapper or a replacement) was installed over."""
     if _ORIGINAL not in module.__dict__:  # an Around installed by the walker
+        assert isinstance(module, Around)
         restore = getattr(module.rewriter, "restore", None)
         if callable(restore):  # e.g. a merged LoRA unmerges itself from base
             restore(module.base)

@@ -57,12 +57,12 @@ class _UnreadLinear(torch.autograd.Function):
     """``x W^T`` for a frozen ``W`` whose value nobody reads: no GEMM forward, ``dx = g W``."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor, weight: Tensor) -> Tensor:
         ctx.save_for_backward(weight)
         return x.new_empty(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         (weight,) = ctx.saved_tensors
         return grad.to(weight.dtype) @ weight, None
 
@@ -144,6 +144,7 @@ class FusedRMSNorm(nn.Module):
     """Llama's RMSNorm through :func:`splice.kernels.rmsnorm.rms_norm` (shares the weight)."""
 
     splice_fast = True
+    weight: Tensor  # shared with the original norm
 
     def __init__(self, norm: nn.Module) -> None:
         super().__init__()
@@ -158,6 +159,9 @@ class FusedSwiGLUMLP(nn.Module):
     """``down(silu(gate(x)) * up(x))`` with the product fused; the projections are shared."""
 
     splice_fast = True
+    gate_proj: nn.Module  # the original MLP's projections (shared children)
+    up_proj: nn.Module
+    down_proj: nn.Module
 
     def __init__(self, mlp: nn.Module) -> None:
         super().__init__()
@@ -178,6 +182,10 @@ class FusedRopeAttention(nn.Module):
     """
 
     splice_fast = True
+    q_proj: nn.Module  # the original attention's projections (shared children)
+    k_proj: nn.Module
+    v_proj: nn.Module
+    o_proj: nn.Module
 
     def __init__(self, attn: nn.Module) -> None:
         super().__init__()
@@ -220,7 +228,7 @@ class FusedRopeAttention(nn.Module):
             attention_mask = None  # the caller vouches: plain causal, so sdpa's is_causal path
 
         def attend(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor | None]:
-            return ALL_ATTENTION_FUNCTIONS[backend](  # type: ignore[no-any-return]
+            return ALL_ATTENTION_FUNCTIONS[backend](
                 self, q.transpose(1, 2), k.transpose(1, 2), v, attention_mask,
                 dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling,
                 **kwargs,

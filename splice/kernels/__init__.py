@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 
-import torch
 from torch import Tensor
 
 try:  # Triton is optional: CI machines without a GPU may not have it.

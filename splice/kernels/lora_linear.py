@@ -73,7 +73,7 @@ def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
 
 class _LoraLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x: Tensor,
         weight: Tensor,
@@ -105,7 +105,7 @@ class _LoraLinearFn(torch.autograd.Function):
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
-    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
         x2, weight, lora_a, lora_b, u = ctx.saved_tensors
         scale, p, keys = ctx.scale, ctx.p, ctx.keys
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
@@ -121,9 +121,9 @@ class _LoraLinearFn(torch.autograd.Function):
         if need_x:
             dx = g @ weight.to(x2.dtype)  # (N, in)
             if p > 0:
-                dropout_add_(dx, t @ a, p, keys)  # type: ignore[operator]
+                dropout_add_(dx, t @ a, p, keys)
             else:
-                dx.addmm_(t, a)  # type: ignore[arg-type]
+                dx.addmm_(t, a)
             dx = dx.view(ctx.x_shape)
         if need_a:
             xd = dropout(x2, p, keys) if p > 0 else x2

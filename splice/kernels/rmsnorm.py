@@ -68,7 +68,7 @@ def _warps(block: int) -> int:
 
 class _RMSNormFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, eps: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor, weight: Tensor, eps: float) -> Tensor:
         shape = x.shape
         x2 = as_rows(x)  # (N, H)
         rows, h = x2.shape
@@ -81,7 +81,7 @@ class _RMSNormFn(torch.autograd.Function):
         return y.view(*shape[:-1], h)
 
     @staticmethod
-    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         x2, weight, r = ctx.saved_tensors
         rows, h = x2.shape
         dy2 = as_rows(dy)

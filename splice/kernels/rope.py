@@ -76,7 +76,7 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor, backward: bool) -> Tensor:
 
 class _RopeFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, output: bool) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def forward(ctx: Any, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, output: bool) -> tuple[Tensor, Tensor]:
         cos, sin = cos.contiguous(), sin.contiguous()
         ctx.save_for_backward(cos, sin)
         if not output:  # values unread (see rope): the backward needs only cos and sin
@@ -85,7 +85,7 @@ class _RopeFn(torch.autograd.Function):
         return _rotate(q.contiguous(), cos, sin, False), _rotate(k.contiguous(), cos, sin, False)
 
     @staticmethod
-    def backward(ctx: Any, dq: Tensor, dk: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, dq: Tensor, dk: Tensor) -> tuple[Tensor | None, ...]:
         cos, sin = ctx.saved_tensors
         gq = _rotate(dq.contiguous(), cos, sin, True) if ctx.needs_input_grad[0] else None
         gk = _rotate(dk.contiguous(), cos, sin, True) if ctx.needs_input_grad[1] else None

@@ -57,7 +57,7 @@ if HAS_TRITON:
 
 class _SwiGLUFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, g: Tensor, u: Tensor, inplace_backward: bool) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, g: Tensor, u: Tensor, inplace_backward: bool) -> Tensor:
         g, u = g.contiguous(), u.contiguous()
         h = torch.empty_like(g)
         n = g.numel()
@@ -67,7 +67,7 @@ class _SwiGLUFn(torch.autograd.Function):
         return h
 
     @staticmethod
-    def backward(ctx: Any, dh: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, dh: Tensor) -> tuple[Tensor | None, ...]:
         g, u = ctx.saved_tensors
         dh = dh.contiguous()
         dg, du = (g, u) if ctx.inplace else (torch.empty_like(g), torch.empty_like(u))

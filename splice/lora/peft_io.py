@@ -115,8 +115,8 @@ def save_adapter(
         "lora_dropout": dropouts.most_common(1)[0][0],
         "target_modules": _target_modules(model, paths),
         "use_rslora": rslora.pop(),
-        "rank_pattern": {p: l.rank for p, _, l in found if l.rank != rank},
-        "alpha_pattern": {p: l.alpha for p, _, l in found if l.alpha != alpha},
+        "rank_pattern": {p: layer.rank for p, _, layer in found if layer.rank != rank},
+        "alpha_pattern": {p: layer.alpha for p, _, layer in found if layer.alpha != alpha},
         "bias": "none",
         "fan_in_fan_out": any(getattr(layer, "fan_in_fan_out", False) for layer in layers),
         "inference_mode": True,
@@ -194,7 +194,7 @@ def _base_shape(module: nn.Module) -> tuple[int, int] | None:
     while hasattr(module, "base") and isinstance(module.base, nn.Module):
         module = module.base  # through rewrite wrappers
     if is_conv1d(module):
-        return tuple(module.weight.shape)  # type: ignore[return-value]
+        return tuple(module.weight.shape)
     if hasattr(module, "in_features") and hasattr(module, "out_features"):
         return module.in_features, module.out_features
     if isinstance(module, nn.Embedding):

@@ -88,7 +88,7 @@ class _Checkpoint(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, anchor: Tensor, hidden: Tensor, run: Callable[[Tensor], Any], offload: bool,  # type: ignore[override]
+    def forward(ctx: Any, anchor: Tensor, hidden: Tensor, run: Callable[[Tensor], Any], offload: bool,
                 unread_mlp: bool, index: int, keep_attention: bool, shared: _Shared) -> Any:
         ctx.run, ctx.device, ctx.unread_mlp, ctx.shared = run, hidden.device, unread_mlp, shared
         ctx.causal_only = is_causal_only()  # the recompute runs under the forward's setting
@@ -106,7 +106,7 @@ class _Checkpoint(torch.autograd.Function):
             return run(hidden)
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         shared: _Shared = ctx.shared
         last = shared.last_saved
         if last is not None and last[1] is ctx.saved:  # the top layer: drop the forward's chain

@@ -96,12 +96,12 @@ class Stash:
         address = storage.data_ptr()
         known = self._by_address.get(address)
         if known is not None and known[1]() is not None:
-            return _Ref(known[0], t.shape, t.stride(), t.storage_offset())
+            return _Ref(known[0], t.shape, t.stride(), int(t.storage_offset()))
         if storage.nbytes() <= nbytes + nbytes // 4:  # t covers (nearly) all its storage
             stored = _Stored(t.as_strided((storage.nbytes() // t.element_size(),), (1,), 0), self.pool)
             root = t._base if t._base is not None else t
             self._by_address[address] = (stored, weakref.ref(root))
-            ref = _Ref(stored, t.shape, t.stride(), t.storage_offset())
+            ref = _Ref(stored, t.shape, t.stride(), int(t.storage_offset()))
         else:  # a small view of a big buffer: keep a dense copy of just the view
             dense = t.contiguous()
             stored = _Stored(dense.view(-1), self.pool)
@@ -183,11 +183,11 @@ class _Roots(torch.autograd.Function):
     ``detach().requires_grad_()``, whose AccumulateGrad node would keep q/k/v on the GPU."""
 
     @staticmethod
-    def forward(ctx: Any, anchor: Tensor, values: list[Tensor]) -> tuple[Tensor, ...]:  # type: ignore[override]
+    def forward(ctx: Any, anchor: Tensor, values: list[Tensor]) -> tuple[Tensor, ...]:
         return tuple(v.detach() for v in values)
 
     @staticmethod
-    def backward(ctx: Any, *grads: Tensor) -> tuple[None, None]:  # type: ignore[override]
+    def backward(ctx: Any, *grads: Tensor) -> tuple[None, None]:
         return None, None  # never run: autograd.grad stops at these roots
 
 
@@ -210,13 +210,13 @@ class _ReplayAttention(torch.autograd.Function):
     """Returns the kept attention output; backward runs the kept attention graph."""
 
     @staticmethod
-    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, graph: _AttentionGraph,  # type: ignore[override]
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, graph: _AttentionGraph,
                 value: list[Tensor]) -> Tensor:
         ctx.graph = graph
         return value[0].detach()
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         graph: _AttentionGraph = ctx.graph
         del ctx.graph
         dq, dk, dv = torch.autograd.grad([graph.output], list(graph.inputs),
@@ -234,11 +234,11 @@ def replay_attention(stash: Stash, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 class _Substitute(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, graph: Tensor, value: list[Tensor]) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, graph: Tensor, value: list[Tensor]) -> Tensor:
         return value[0].detach()
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         return grad, None
 
 

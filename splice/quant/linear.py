@@ -31,12 +31,12 @@ class _DequantLinear(torch.autograd.Function):
     """y = x @ dequant(W)^T + b, saving only the quantized module (not the dequantized W)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, module: _QuantLinear, bias: Tensor | None) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, module: _QuantLinear, bias: Tensor | None) -> Tensor:
         ctx.module = module
         return F.linear(x, module.dequantize(x.dtype), bias)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx, grad: Tensor):
         weight = ctx.module.dequantize(grad.dtype)  # (out, in)
         return grad @ weight, None, None
 

@@ -34,6 +34,7 @@ is simply ``fn(batch)``.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -82,7 +83,7 @@ class GraphedStep:
         self.enabled, self.warmup, self.max_graphs, self.warn = enabled, warmup, max_graphs, warn
         self.graphs: dict[Signature, _Captured] = {}
         self.grads: list[Tensor] | None = None  # the .grad tensors every graph accumulates into
-        self.pool: tuple[int, int] | None = None
+        self.pool: Any = None  # torch's graph memory-pool handle, shared by this step's graphs
         self.failure: str | None = None
 
     @property

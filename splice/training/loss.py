@@ -65,7 +65,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         rows: Tensor,  # (N, H) hidden rows that have a target
         weight: Tensor,  # (V, H)
@@ -122,7 +122,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return total * row_weight
 
     @staticmethod
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         grad_rows, grad_w, grad_b = ctx.saved_tensors
         # Always one multiply (no "is it 1?" test: that would be a host sync, fatal in a graph).
         scale = grad_output.float()

@@ -69,7 +69,7 @@ def test_sigint_checkpoints_and_resume_equals_uninterrupted(tiny_run_inputs, tmp
     # Dropout is on (0.1): equal losses need the restored RNG, optimizer, schedule and data position.
     torch.testing.assert_close(torch.tensor(first.losses + second.losses),
                                torch.tensor(full.losses), rtol=1e-5, atol=1e-5)
-    records = [json.loads(l) for l in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 13))
 
 
