@@ -43,7 +43,7 @@ class SlotKVCache:
     @classmethod
     def for_model(cls, model: torch.nn.Module, *, slots: int, max_len: int,
                   dtype: torch.dtype | None = None) -> SlotKVCache:
-        config: Any = getattr(model, "config")
+        config: Any = model.config
         heads = int(config.num_attention_heads)
         kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
         head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
