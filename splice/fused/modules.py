@@ -40,6 +40,7 @@ from splice.kernels.rmsnorm import rms_norm
 from splice.kernels.rope import rope
 from splice.kernels.swiglu import swiglu
 from splice.lora.layers import LoraLinear
+from splice.lora.routing import current_route
 from splice.memory import stash
 
 __all__ = [
@@ -109,8 +110,7 @@ class FusedLoraLinear(Around):
             and weight.dtype == x.dtype
             and x.dtype.is_floating_point
             and not lora.merged
-            and lora.enabled
-            and lora.row_mask is None  # rows routed to several adapters: the plain path
+            and current_route(lora) is None  # routed rows / disabled adapters: the plain path
             and not lora.fan_in_fan_out
             # under autocast only 16-bit activations: fp32 ones would be cast by autocast
             and (x.dtype in (torch.bfloat16, torch.float16) or not torch.is_autocast_enabled(x.device.type))

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from splice.lora.bank import use_adapter_bank
 from splice.lora.layers import use_adapters
 
 __all__ = ["generate", "generate_ids", "sample_next", "top_k_top_p_filter"]
@@ -313,7 +314,9 @@ def generate(
         def hits_stop(row: int, ids: list[int], batch: list[list[int]] = batch) -> bool:
             return _cut_at_stop(_continuation(tokenizer, batch[row], ids), stops)[1]
 
-        routing = (use_adapters(model, adapters[start : start + batch_size]) if adapters is not None
+        # On a GPU a mixed batch runs every row's adapter in one multi-LoRA launch per projection.
+        route = use_adapter_bank if _device(model).type == "cuda" else use_adapters
+        routing = (route(model, adapters[start : start + batch_size]) if adapters is not None
                    else contextlib.nullcontext())
         with routing:
             new_ids = generate_ids(

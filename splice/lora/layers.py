@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from splice.core.family import is_conv1d
 from splice.core.rewrite import Around, Node, innermost, rewrite, rewritten_nodes, unrewrite
 from splice.core.targets import Targets, target_matcher
+from splice.lora.routing import Route, check_rows, current_route, routed
 
 __all__ = [
     "LoraConfig",
@@ -91,14 +92,12 @@ class LoraLayer(nn.Module):
                  name: str = "default") -> None:
         super().__init__()
         self.name = name
-        self.row_mask: Tensor | None = None  # (B,) 0/1: which batch rows use this adapter
         self.rank = rank
         self.alpha = alpha
         self.rslora = rslora
         self.dropout_p = dropout
         self.scale = alpha / math.sqrt(rank) if rslora else alpha / rank
         self.merged = False
-        self.enabled = True  # False: the adapter is skipped (see adapters_disabled)
 
     def _init_ab(self) -> None:
         """PEFT's init: A Kaiming-uniform (a=sqrt(5)), B zeros, so the adapter starts as a no-op."""
@@ -107,17 +106,31 @@ class LoraLayer(nn.Module):
 
     def _ab_forward(self, x: Tensor, y: Tensor) -> Tensor:
         """``y + scale * B(A(dropout(x)))`` for the layers whose A and B are modules."""
-        if self.merged or not self.enabled:
-            return y
-        x = x.to(self.lora_A.weight.dtype)
-        delta = self.lora_B(self.lora_A(self.dropout(x)))
-        return y + self._routed(self.scale * delta).to(y.dtype)
+        return self._routed(x, y, self._ab_delta)
 
-    def _routed(self, delta: Tensor) -> Tensor:
-        """Zero the delta on batch rows routed to other adapters (see :func:`use_adapters`)."""
-        if self.row_mask is None:
-            return delta
-        return delta * self.row_mask.view(-1, *([1] * (delta.dim() - 1))).to(delta.dtype)
+    def _ab_delta(self, x: Tensor) -> Tensor:
+        x = x.to(self.lora_A.weight.dtype)
+        return self.scale * self.lora_B(self.lora_A(self.dropout(x)))
+
+    def _routed(self, x: Tensor, y: Tensor, delta: Callable[[Tensor], Tensor]) -> Tensor:
+        """``y + delta(x)`` on the batch rows this call routes to this adapter (all rows when the
+        call has no routing; see :mod:`splice.lora.routing`), ``y`` on the others."""
+        if self.merged:
+            return y
+        route = current_route(self)
+        if route is None:
+            return y + delta(x).to(y.dtype)
+        if route.disabled:
+            return y
+        if route.bank is not None and route.bank.covers(self):
+            return route.bank.apply(self, x, y, route.slots)
+        check_rows(route, x.shape[0], where=f"LoRA adapter {self.name!r}")
+        index = route.row_index(self.name, y.device)
+        if index is None:
+            return y + delta(x).to(y.dtype)
+        if index.numel() == 0:
+            return y
+        return y.index_add(0, index, delta(x.index_select(0, index)).to(y.dtype))
 
     def delta_weight(self) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -212,10 +225,11 @@ class LoraEmbedding(LoraLayer):
         )
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        if self.merged or not self.enabled:
-            return y
+        return self._routed(x, y, self._embedding_delta)
+
+    def _embedding_delta(self, x: Tensor) -> Tensor:
         after_a = F.embedding(x, self.lora_embedding_A.T, padding_idx=self.padding_idx)
-        return y + self._routed(self.scale * (after_a @ self.lora_embedding_B.T)).to(y.dtype)
+        return self.scale * (after_a @ self.lora_embedding_B.T)
 
     def delta_weight(self) -> Tensor:
         return self.scale * (self.lora_embedding_B @ self.lora_embedding_A).T  # (num, dim)
@@ -349,18 +363,15 @@ def merge(model: nn.Module, *, unload: bool = False) -> list[str]:
 
 @contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[None]:
-    """Run ``model`` as its base model inside the block (e.g. to compare base vs adapter)."""
+    """Run ``model`` as its base model inside the block (e.g. to compare base vs adapter).
+
+    Only this thread's (or asyncio task's) calls are affected: see :mod:`splice.lora.routing`.
+    """
     found = _require_lora(model)
     if any(layer.merged for _, _, layer in found):
         raise ValueError("adapters are merged into the weights: unmerge before disabling them")
-    previous = [layer.enabled for _, _, layer in found]
-    for _, _, layer in found:
-        layer.enabled = False
-    try:
+    with routed((layer for _, _, layer in found), Route(disabled=True)):
         yield
-    finally:
-        for (_, _, layer), flag in zip(found, previous):
-            layer.enabled = flag
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -371,7 +382,11 @@ def adapter_names(model: nn.Module) -> list[str]:
 @contextmanager
 def use_adapters(model: nn.Module, rows: Sequence[str | None]) -> Iterator[None]:
     """Inside the block, batch row ``i`` runs with adapter ``rows[i]`` only (``None``: the base
-    model), so one batch can mix several adapters (e.g. in :func:`splice.generation.generate.generate`)."""
+    model), so one batch can mix several adapters (e.g. in :func:`splice.generation.generate.generate`).
+
+    The routing is data of this call (a ContextVar, see :mod:`splice.lora.routing`): other threads
+    using the same model at the same time keep their own. Each adapter computes only its rows.
+    """
     found = _require_lora(model)
     known = {layer.name for _, _, layer in found}
     unknown = sorted({r for r in rows if r is not None} - known)
@@ -379,14 +394,8 @@ def use_adapters(model: nn.Module, rows: Sequence[str | None]) -> Iterator[None]
         raise ValueError(f"unknown adapter(s) {unknown}: the model has {sorted(known)}")
     if any(layer.merged for _, _, layer in found):
         raise ValueError("adapters are merged into the weights: unmerge before routing rows")
-    for _, wrapper, layer in found:
-        device = next((p.device for p in layer.parameters()), None)
-        layer.row_mask = torch.tensor([r == layer.name for r in rows], device=device)
-    try:
+    with routed((layer for _, _, layer in found), Route(rows=tuple(rows))):
         yield
-    finally:
-        for _, _, layer in found:
-            layer.row_mask = None
 
 
 def is_lora_wrapper(module: nn.Module) -> bool:

@@ -1,0 +1,253 @@
+"""An adapter bank: many LoRA adapters packed per module into device slots, applied per row.
+
+For each adapted linear module (``path``, input ``K``, output ``N``) the bank holds
+``A: (S, R, K)`` and ``B: (S, N, R)`` (ranks zero-padded to ``R``, ``scale`` folded into B), one
+slot per resident adapter. A call routed with ``Route(bank=bank, slots=...)`` (see
+:mod:`splice.lora.routing`) adds ``B[slot] A[slot] x`` per batch row through
+:func:`splice.kernels.multi_lora.multi_lora`: one launch per projection whatever the mix of
+adapters, ranks and targets (an adapter that does not target a module has zeros in its slot).
+
+Two ways in: :meth:`LoraBank.from_model` packs the LoRA layers already on a model (what
+``splice.generate`` uses for mixed batches on a GPU), and :func:`add_bank_sites` + :meth:`put`
+serve adapters kept in host memory (:class:`HostAdapter`), moved into a slot on demand with the
+least recently used resident adapter evicted (what ``splice serve`` uses).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import OrderedDict
+from collections.abc import Collection, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from splice.core.rewrite import rewrite
+from splice.kernels.multi_lora import multi_lora, pad_rank
+from splice.lora.layers import LoraLinear, lora_modules, use_adapters
+from splice.lora.routing import Route, current_route, routed
+
+__all__ = ["BankSite", "HostAdapter", "LoraBank", "add_bank_sites", "read_adapter", "use_adapter_bank"]
+
+_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True, kw_only=True)
+class HostAdapter:
+    """One adapter's weights in host memory: ``path -> (A (r, K), B (N, r) * scale)``."""
+
+    name: str
+    weights: dict[str, tuple[Tensor, Tensor]]
+    rank: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes + b.nbytes for a, b in self.weights.values())
+
+
+def read_adapter(directory: str | Path, *, name: str) -> HostAdapter:
+    """The linear LoRA weights of a PEFT-format adapter folder (JSON + safetensors, no pickle)."""
+    folder = Path(directory)
+    config_file, weights_file = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    if not config_file.is_file() or not weights_file.is_file():
+        raise FileNotFoundError(
+            f"{folder} is not an adapter folder: it needs adapter_config.json and "
+            "adapter_model.safetensors (as splice.save_adapter or PEFT write them)"
+        )
+    config = json.loads(config_file.read_text())
+    if config.get("use_dora"):
+        raise ValueError(f"{folder}: DoRA adapters cannot be served from a LoRA bank")
+    tensors = load_file(str(weights_file))
+    rank, alpha = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
+    alphas: dict[str, float] = config.get("alpha_pattern") or {}
+    weights: dict[str, tuple[Tensor, Tensor]] = {}
+    for key, a in tensors.items():
+        if not key.endswith(".lora_A.weight"):
+            if ".lora_embedding_" in key:
+                raise ValueError(f"{folder}: {key}: embedding adapters cannot be served from a LoRA bank")
+            continue
+        path = key[: -len(".lora_A.weight")].removeprefix(_PREFIX)
+        b = tensors[key.replace(".lora_A.", ".lora_B.")]
+        r = a.shape[0]
+        layer_alpha = next((float(v) for k, v in alphas.items() if path == k or path.endswith("." + k)), alpha)
+        scale = layer_alpha / math.sqrt(r) if config.get("use_rslora") else layer_alpha / r
+        weights[path] = (a.float(), b.float() * scale)
+    if not weights:
+        raise ValueError(f"{folder}: the adapter holds no linear LoRA tensors")
+    return HostAdapter(name=name, weights=weights, rank=max(a.shape[0] for a, _ in weights.values()) or rank)
+
+
+class BankSite(nn.Module):
+    """An around-rewriter ``y -> y + bank delta`` on a module the bank covers (see module doc)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        route = current_route(self)
+        if route is None or route.bank is None or not route.bank.covers(self):
+            return y
+        return route.bank.apply(self, x, y, route.slots)
+
+
+def add_bank_sites(model: nn.Module, paths: Collection[str]) -> dict[str, BankSite]:
+    """Wrap the linear modules at ``paths`` with :class:`BankSite`; returns them by path."""
+    wanted = set(paths)
+    missing = wanted - {name for name, _ in model.named_modules()}
+    if missing:
+        raise ValueError(f"the adapter names modules the model does not have: {sorted(missing)[:4]}")
+    sites: dict[str, BankSite] = {}
+
+    def rule(node):  # type: ignore[no-untyped-def]
+        if node.name in wanted and node.kind == "linear":
+            sites[node.name] = BankSite(node.name)
+            return sites[node.name]
+        return None
+
+    rewrite(model, rule)
+    return sites
+
+
+def _linear_shape(module: nn.Module) -> tuple[int, int]:
+    while hasattr(module, "base") and isinstance(module.base, nn.Module):
+        module = module.base
+    if type(module).__name__ == "Conv1D":
+        weight: Tensor = module.weight  # type: ignore[assignment]
+        return int(weight.shape[0]), int(weight.shape[1])
+    return int(module.in_features), int(module.out_features)  # type: ignore[arg-type]
+
+
+class LoraBank:
+    """Device slots for up to ``capacity`` adapters over the linear modules ``shapes`` (path ->
+    (K, N)), rank padded to ``pad_rank(rank)``. ``appliers``: module -> path, the one module per
+    path whose forward adds the delta; ``skippers``: other LoRA layers on those paths (their delta
+    is already in the bank)."""
+
+    def __init__(self, shapes: dict[str, tuple[int, int]], *, capacity: int, rank: int,
+                 device: torch.device, dtype: torch.dtype,
+                 appliers: dict[nn.Module, str], skippers: Iterable[nn.Module] = ()) -> None:
+        if capacity < 1:
+            raise ValueError(f"an adapter bank needs capacity >= 1, got {capacity}")
+        self.capacity, self.rank, self.device, self.dtype = capacity, pad_rank(rank), device, dtype
+        self.a = {p: torch.zeros(capacity, self.rank, k, device=device, dtype=dtype) for p, (k, _) in shapes.items()}
+        self.b = {p: torch.zeros(capacity, n, self.rank, device=device, dtype=dtype) for p, (_, n) in shapes.items()}
+        self._apply = {id(m): p for m, p in appliers.items()}
+        self._skip = {id(m) for m in skippers}
+        self.resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recent first
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (*self.a.values(), *self.b.values()))
+
+    def covers(self, module: nn.Module) -> bool:
+        return id(module) in self._apply or id(module) in self._skip
+
+    def put(self, adapter: HostAdapter, *, keep: Collection[str] = ()) -> int:
+        """Make ``adapter`` resident (a no-op if it is); evicts the least recently used adapter
+        not in ``keep``. Returns its slot. Raises when every slot is kept or the rank is too big."""
+        if adapter.name in self.resident:
+            self.resident.move_to_end(adapter.name)
+            return self.resident[adapter.name]
+        if adapter.rank > self.rank:
+            raise ValueError(f"adapter {adapter.name!r} has rank {adapter.rank} > the bank's {self.rank}")
+        unknown = sorted(set(adapter.weights) - set(self.a))
+        if unknown:
+            raise ValueError(f"adapter {adapter.name!r} targets modules the bank lacks: {unknown[:4]}")
+        if len(self.resident) < self.capacity:
+            slot = min(set(range(self.capacity)) - set(self.resident.values()))
+        else:
+            victim = next((n for n in self.resident if n not in keep), None)
+            if victim is None:
+                raise RuntimeError("every adapter slot is in use by the running batch")
+            slot = self.resident.pop(victim)
+        with torch.no_grad():
+            for path in self.a:
+                self.a[path][slot].zero_()
+                self.b[path][slot].zero_()
+            for path, (a, b) in adapter.weights.items():
+                k, n = self.a[path].shape[2], self.b[path].shape[1]
+                if a.shape[1] != k or b.shape[0] != n:
+                    raise ValueError(f"adapter {adapter.name!r}: {path} has in/out "
+                                     f"{a.shape[1]}/{b.shape[0]}, the model {k}/{n}")
+                self.a[path][slot, : a.shape[0]].copy_(a)
+                self.b[path][slot, :, : b.shape[1]].copy_(b)
+        self.resident[adapter.name] = slot
+        return slot
+
+    def drop(self, name: str) -> None:
+        self.resident.pop(name, None)
+
+    def slots(self, rows: Sequence[str | None]) -> Tensor:
+        """(B,) int32 slot per row (-1: base model) on the bank's device; rows must be resident."""
+        for name in dict.fromkeys(r for r in rows if r is not None):
+            self.resident.move_to_end(name)
+        ids = [-1 if r is None else self.resident[r] for r in rows]
+        return torch.tensor(ids, dtype=torch.int32).to(self.device, non_blocking=True)
+
+    def apply(self, module: nn.Module, x: Tensor, y: Tensor, slots: Tensor | None) -> Tensor:
+        """``y`` plus each row's adapter delta at ``module``'s path (x: (B, ..., K))."""
+        if id(module) not in self._apply or slots is None:
+            return y
+        path = self._apply[id(module)]
+        if x.shape[0] != slots.numel():
+            raise ValueError(f"{path}: a batch of {x.shape[0]} rows but {slots.numel()} routed slots")
+        k = x.shape[-1]
+        flat_x, flat_y = x.reshape(-1, k), y.reshape(-1, y.shape[-1])
+        out = multi_lora(flat_x, flat_y, self.a[path], self.b[path], slots,
+                         row_len=flat_x.shape[0] // slots.numel())
+        return out.view(y.shape)
+
+    @classmethod
+    def for_sites(cls, model: nn.Module, sites: dict[str, BankSite], *, capacity: int, rank: int,
+                  dtype: torch.dtype) -> LoraBank:
+        """An empty bank over the :func:`add_bank_sites` sites of ``model`` (on its device)."""
+        modules = dict(model.named_modules())
+        shapes = {path: _linear_shape(modules[path]) for path in sites}
+        device = next(model.parameters()).device
+        return cls(shapes, capacity=capacity, rank=rank, device=device, dtype=dtype,
+                   appliers={site: path for path, site in sites.items()})
+
+    @classmethod
+    def from_model(cls, model: nn.Module, names: Sequence[str], *, dtype: torch.dtype | None = None) -> LoraBank:
+        """A bank of the adapters ``names`` already on ``model`` (their linear LoRA layers)."""
+        found = [(p, w, layer) for p, w, layer in lora_modules(model) if isinstance(layer, LoraLinear)]
+        shapes: dict[str, tuple[int, int]] = {}
+        appliers: dict[nn.Module, str] = {}
+        skippers: list[nn.Module] = []
+        for path, wrapper, layer in found:
+            if path not in shapes:
+                shapes[path] = _linear_shape(wrapper)
+                appliers[layer] = path
+            else:
+                skippers.append(layer)
+        host: dict[str, dict[str, tuple[Tensor, Tensor]]] = {n: {} for n in names}
+        for path, _, layer in found:
+            if layer.name in host:
+                a, b = layer.lora_A.weight, layer.lora_B.weight * layer.scale
+                host[layer.name][path] = (a.detach(), b.detach())
+        first = found[0][2].lora_A.weight
+        bank = cls(shapes, capacity=max(1, len(names)),
+                   rank=max([layer.rank for _, _, layer in found if layer.name in host] or [1]),
+                   device=first.device, dtype=dtype or first.dtype, appliers=appliers, skippers=skippers)
+        for name, weights in host.items():
+            bank.put(HostAdapter(name=name, weights=weights, rank=max((a.shape[0] for a, _ in weights.values()), default=1)))
+        return bank
+
+
+@contextmanager
+def use_adapter_bank(model: nn.Module, rows: Sequence[str | None], *, dtype: torch.dtype | None = None
+                     ) -> Iterator[LoraBank]:
+    """Like :func:`splice.lora.layers.use_adapters`, but the linear adapters named in ``rows``
+    are packed into a :class:`LoraBank` for the call, so each projection is one multi-LoRA launch."""
+    names = list(dict.fromkeys(r for r in rows if r is not None))
+    with use_adapters(model, rows):  # validates the names and routes non-linear layers by row
+        bank = LoraBank.from_model(model, names, dtype=dtype)
+        layers = [layer for _, _, layer in lora_modules(model)]
+        with routed(layers, Route(rows=tuple(rows), bank=bank, slots=bank.slots(rows))):
+            yield bank
