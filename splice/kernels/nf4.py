@@ -131,11 +131,12 @@ def dequantize_nf4(
     offset: Tensor | None = None,
     code2: Tensor | None = None,
     out: Tensor | None = None,
+    program_bytes: int = _BYTES_PER_PROGRAM,
 ) -> Tensor:
     """``w`` (``shape``, ``dtype``) from NF4 codes and the ``(16,)`` fp32 ``code`` table (on the
     codes' device: nothing is copied from the host, so the call can sit in a CUDA graph). Give
     ``absmax`` (fp32), or the double-quantized ``qabsmax``/``scale2``/``offset``/``code2``.
-    ``out``: a buffer to write into."""
+    ``out``: a buffer to write into. ``program_bytes``: packed bytes per Triton program (tuning)."""
     double = absmax is None
     if double and (qabsmax is None or scale2 is None or offset is None or code2 is None):
         raise ValueError("dequantize_nf4: give absmax, or qabsmax, scale2, offset and code2")
@@ -151,10 +152,10 @@ def dequantize_nf4(
     if out is None:
         out = torch.empty(shape, dtype=dtype, device=packed.device)
     dummy = code  # unused pointer arguments of the branch not taken
-    _dequant_nf4_kernel[grid_1d(packed.numel(), _BYTES_PER_PROGRAM)](
+    _dequant_nf4_kernel[grid_1d(packed.numel(), program_bytes)](
         packed, dummy if double else absmax, qabsmax if double else packed,
         scale2 if double else dummy, offset if double else dummy, code,
         code2 if double else dummy, out, n, packed.numel(),
-        BLOCK_SIZE=block_size, DOUBLE=double, BLOCK=_BYTES_PER_PROGRAM,
+        BLOCK_SIZE=block_size, DOUBLE=double, BLOCK=program_bytes,
     )
     return out

@@ -40,16 +40,16 @@ def _nf4_bounds(device: torch.device) -> Tensor:
 
 def _blockwise(flat: Tensor, block: int) -> tuple[Tensor, Tensor]:
     """(values scaled into [-1, 1], fp32 absmax per block) as bitsandbytes computes them (the
-    last block may be short; an all-zero block divides by 1e-38, not 0)."""
+    last block may be short; an all-zero block stores absmax 0 and divides by 1e-38)."""
     n = flat.numel()
     full = n - n % block
     head = flat[:full].reshape(-1, block)
     absmax = head.abs().amax(dim=1)
     scaled = torch.clamp(head * (1.0 / absmax.clamp(min=1e-38)[:, None]), -1, 1).reshape(-1)
     if full < n:
-        tail_max = flat[full:].abs().amax().clamp(min=1e-38)
+        tail_max = flat[full:].abs().amax()
         absmax = torch.cat([absmax, tail_max[None]])
-        scaled = torch.cat([scaled, torch.clamp(flat[full:] / tail_max, -1, 1)])
+        scaled = torch.cat([scaled, torch.clamp(flat[full:] / tail_max.clamp(min=1e-38), -1, 1)])
     return scaled, absmax
 
 
@@ -217,10 +217,19 @@ class NF4Tensor(Tensor):
                          dtype=meta["dtype"], transposed=meta["transposed"])
 
     # ---- dispatch ---------------------------------------------------------------------------
+    # No __torch_function__ layer: ops reach __torch_dispatch__ directly (the hot path is t + mm).
+    __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
+
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         aten = torch.ops.aten
+        if func is aten.mm.default:  # the hot path first: F.linear is t + mm / addmm
+            a, b = args
+            return func(_plain(a, b), _plain(b, a))
+        if func is aten.addmm.default:
+            bias, a, b = args[:3]
+            return func(bias, _plain(a, b), _plain(b, a), **kwargs)
         if func in (aten.detach.default, aten.alias.default):
             return args[0]._rebuild()
         if func is aten.clone.default:
@@ -238,12 +247,6 @@ class NF4Tensor(Tensor):
                 raise TypeError(f"NF4Tensor: cannot convert to {dtype} (its values are floats)")
             move = (lambda t: t.to(device, non_blocking=kwargs.get("non_blocking", False))) if device else None
             return self._rebuild(fn=move, dtype=dtype)
-        if func is aten.mm.default:
-            a, b = args
-            return func(_plain(a, b), _plain(b, a))
-        if func is aten.addmm.default:
-            bias, a, b = args[:3]
-            return func(bias, _plain(a, b), _plain(b, a), **kwargs)
         if func is aten.copy_.default and isinstance(args[0], NF4Tensor) and isinstance(args[1], NF4Tensor):
             dst, src = args
             for name, t in dst.inner_tensors().items():
