@@ -48,6 +48,8 @@ _HELP = {
     "compare_base": "score the base model before training", "save_every": "checkpoint every N steps",
     "keep_checkpoints": "checkpoints kept", "max_bad_steps": "non-finite losses in a row before stopping",
     "resume": "continue the run in --output-dir from its last checkpoint",
+    "quantize": "quantize the frozen base: nf4 (QLoRA, 4-bit NormalFloat as bitsandbytes) or int8 "
+                "(default: none)",
 }
 
 

@@ -137,7 +137,8 @@ class LoraLayer(nn.Module):
 
     def _fold(self, base: nn.Module, sign: float) -> None:
         weight = base.weight
-        if not isinstance(weight, Tensor) or not weight.is_floating_point():
+        if (not isinstance(weight, Tensor) or not weight.is_floating_point()
+                or getattr(type(base), "splice_quantized", False)):
             raise TypeError(
                 f"cannot merge LoRA into a {type(base).__name__} (its weight is not a float "
                 "tensor, e.g. quantized): merge into a float copy of the base model instead"
@@ -275,6 +276,9 @@ def _build(node: Node, config: LoraConfig) -> LoraLayer:
     weight = getattr(base, "weight", None)
     device = weight.device if isinstance(weight, Tensor) else None
     dtype = config.dtype or (weight.dtype if isinstance(weight, Tensor) else None)
+    # Quantized bases (splice.quant) may hold no float weight: they name their device and dtype.
+    device = getattr(base, "device", None) if device is None else device
+    dtype = dtype or getattr(base, "compute_dtype", None)
     module = node.module
     while isinstance(module, Around):
         if isinstance(module.rewriter, LoraLayer) and module.rewriter.name == config.name:

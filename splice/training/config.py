@@ -59,6 +59,7 @@ class TrainConfig:
     fuse: bool | None = None  # fused kernels + memory-aware checkpointing; None: on with a CUDA GPU
     cuda_graphs: bool | None = None  # replay each step from a CUDA graph; None: on with --fuse on a GPU
     seed: int = 0
+    quantize: str | None = None  # None | "nf4" (QLoRA: 4-bit NormalFloat base) | "int8"
     eval_every: int = 0  # validation loss every N steps (0: at the end only)
     eval_batches: int = 8
     eval_samples: int = 96  # held-out examples scored by generation (0: none)
@@ -83,6 +84,7 @@ class TrainConfig:
             (self.optimizer in ("adamw", "sgd"), "optimizer must be adamw or sgd"),
             (self.precision in ("auto", "bf16", "fp32"), "precision must be auto, bf16 or fp32"),
             (0.0 <= self.val_fraction < 1.0, "val_fraction must be in [0, 1)"),
+            (self.quantize in (None, "nf4", "int8"), f"quantize must be nf4 or int8 (or unset), got {self.quantize!r}"),
         ]
         problems = [msg for ok, msg in checks if not ok]
         if problems:

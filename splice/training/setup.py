@@ -33,7 +33,7 @@ def prepare_model(config: TrainConfig) -> tuple[nn.Module, Any, torch.device, st
         precision = "bf16" if device.type == "cuda" else "fp32"
     # Frozen base weights in bf16 on GPU (half the memory); adapters stay fp32 (PEFT's default).
     dtype = torch.bfloat16 if precision == "bf16" and device.type == "cuda" else torch.float32
-    model, tokenizer = load_model(config.model, dtype=dtype, device=device)
+    model, tokenizer = load_model(config.model, dtype=dtype, device=device, quantize=config.quantize)
     model.config.use_cache = False  # training: no KV cache (generation turns it on itself)
     return model, tokenizer, device, precision
 

@@ -1,0 +1,108 @@
+"""NF4Tensor: bitsandbytes' numbers (cross-checked where bitsandbytes imports), tensor behaviour."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from splice.kernels.nf4 import NF4_CODE, dynamic_map
+from splice.quant.nf4 import NF4Tensor, quantize_absmax, quantize_nf4_codes, to_nf4
+from tests.numerics import DEVICES
+
+SHAPES = [(128, 96), (37, 29), (300, 768), (5, 3), (1024, 4096)]
+
+
+def _bnb():  # type: ignore[no-untyped-def]
+    try:
+        import bitsandbytes.functional as bnb_f
+    except Exception:
+        pytest.skip("bitsandbytes does not import here")
+    return bnb_f
+
+
+def test_codebook_and_dynamic_map_are_bitsandbytes() -> None:
+    bnb_f = _bnb()
+    assert torch.equal(dynamic_map(), bnb_f.create_dynamic_map(signed=True))
+    assert torch.equal(torch.tensor(NF4_CODE), bnb_f.get_4bit_type("nf4", device="cpu"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_codes_match_bitsandbytes(shape: tuple[int, int], device: str) -> None:
+    bnb_f = _bnb()
+    w = (torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 0.02).to(device)
+    packed, state = bnb_f.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    t = to_nf4(w)
+    assert torch.equal(packed.reshape(-1), t.packed)
+    assert torch.equal(state.state2.absmax, t.scale2) and torch.equal(state.offset, t.offset)
+    ours, theirs = t.qabsmax.long(), state.absmax.long()  # type: ignore[union-attr]
+    if device == "cuda":  # our encoder is CUDA's dQuantize: identical codes
+        assert torch.equal(ours, theirs)
+        assert torch.equal(t.dequantize(torch.float32), bnb_f.dequantize_4bit(packed, state))
+    else:  # bitsandbytes' CPU encoder rounds through a lookup table: a few near-ties differ by 1
+        theirs_absmax = bnb_f.dequantize_blockwise(state.absmax, state.state2) + state.offset
+        torch.testing.assert_close(t.fp32_absmax(), theirs_absmax, rtol=0.02, atol=1e-6)
+        assert (ours != theirs).sum() <= max(1, 0.01 * ours.numel())
+        plain = bnb_f.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="nf4")
+        t1 = to_nf4(w, double_quant=False)
+        assert torch.equal(plain[1].absmax, t1.absmax)
+        assert torch.equal(t1.dequantize(torch.float32), bnb_f.dequantize_4bit(*plain))
+
+
+def test_bnb_encoder_is_not_plain_nearest() -> None:
+    # The 8-bit search (bitsandbytes' dQuantize) brackets with the last pivots it saw: pin a
+    # value where that differs from the nearest level, so a bucketize "simplification" fails.
+    code = dynamic_map()
+    x = torch.linspace(-1, 1, 20001)
+    q, _, _ = quantize_absmax(x.abs() + 1, code)  # any input: exercise the encoder
+    assert q.dtype == torch.uint8
+    scaled = torch.tensor([-0.06062611937522888])
+    from splice.quant.nf4 import _search_code
+
+    assert int(_search_code(scaled, code)) == 77  # bitsandbytes' CUDA answer (its CPU one: 78)
+
+
+def test_padding_and_tail_block() -> None:
+    w = torch.randn(5, 3)  # 15 values: one short block, an odd count (half a byte of padding)
+    packed, absmax = quantize_nf4_codes(w, block_size=4)
+    assert packed.numel() == 8 and absmax.numel() == 4
+    assert torch.equal(absmax[-1], w.reshape(-1)[12:].abs().max())
+    t = to_nf4(w, block_size=4, double_quant=False)
+    assert (t.dequantize() - w).abs().max() <= absmax.max() * 0.1
+
+
+def test_all_zero_block_dequantizes_to_zero() -> None:
+    w = torch.zeros(4, 64)
+    w[0] = 1.0
+    assert torch.equal(to_nf4(w).dequantize(torch.float32)[1:], torch.zeros(3, 64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_tensor_behaves_as_its_compute_dtype(dtype: torch.dtype) -> None:
+    w = torch.randn(48, 64)
+    t = to_nf4(w, dtype=dtype)
+    assert isinstance(t, NF4Tensor) and t.dtype == dtype and t.shape == (48, 64)
+    assert t.t().shape == (64, 48) and torch.equal(t.t().dequantize(), t.dequantize().t())
+    x = torch.randn(3, 64, dtype=dtype)
+    torch.testing.assert_close(F.linear(x, t), x @ t.dequantize().t())
+    torch.testing.assert_close(x @ t.t(), x @ t.dequantize().t())
+    moved = t.to(torch.float32)
+    assert isinstance(moved, NF4Tensor) and moved.dtype == torch.float32 and moved.packed is t.packed
+    assert moved.nbytes_stored() < w.numel()  # about 4.13 bits a weight
+    assert torch.equal(t.sum(), t.dequantize().sum())  # other ops: dequantize first
+
+
+def test_in_place_writes_are_refused() -> None:
+    t = to_nf4(torch.randn(8, 64))
+    with pytest.raises(TypeError, match="in-place"):
+        t.add_(1.0)
+
+
+def test_parameter_state_and_flatten() -> None:
+    t = to_nf4(torch.randn(8, 64))
+    p = torch.nn.Parameter(t, requires_grad=False)
+    assert isinstance(p, NF4Tensor) and not p.requires_grad
+    names, meta = t.__tensor_flatten__()
+    rebuilt = NF4Tensor.__tensor_unflatten__({n: getattr(t, n) for n in names}, meta, t.shape, t.stride())
+    assert torch.equal(rebuilt.dequantize(), t.dequantize())
