@@ -308,8 +308,8 @@ def check_options(values: Mapping[str, Any], *, partial: bool = False) -> list[s
             continue
         names = " or ".join(sorted(k if k != "None" else "unset" for k in want))
         finite = " (finite)" if "float" in want and isinstance(value, float) else ""
-        problems.append(f"{name} ({flag(name)}) must be {names}{finite}, got {_show(value)} "
-                        f"({type(value).__name__})")
+        problems.append(f"{name} must be {names}{finite}, got {_show(value)} of type "
+                        f"{type(value).__name__} ({flag(name)})")
     for rule in RULES:
         if not all(n in typed for n in rule.names):
             continue
@@ -317,7 +317,7 @@ def check_options(values: Mapping[str, Any], *, partial: bool = False) -> list[s
         if len(args) == 1:
             if args[0] is not None and not rule.ok(args[0]):
                 name = rule.names[0]
-                problems.append(f"{name} ({flag(name)}) {rule.says}, got {_show(args[0])}")
+                problems.append(f"{name} {rule.says}, got {_show(args[0])} ({flag(name)})")
         elif not partial and not rule.ok(*args):
             problems.append(f"{rule.says} ({', '.join(flag(n) for n in rule.names)})")
     return problems

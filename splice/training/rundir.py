@@ -173,11 +173,13 @@ def clean_temporaries(out: str | Path) -> list[Path]:
 def run_directory(config: TrainConfig, *, say: Any = print) -> Iterator[Path]:
     """The run directory of ``config``, checked, locked and cleaned, for the length of the run.
 
-    Checked first without side effects, then again under the lock (a run that finished while we
-    waited may have filled it). Under torchrun only rank 0 locks: the ranks share one run.
+    An existing directory is locked first (a live run there is reported as such) and checked
+    under the lock; a new one is checked before it is created. Under torchrun only rank 0 locks:
+    the ranks share one run.
     """
     out = Path(config.output_dir)
-    check_output_dir(out, config)
+    if not out.is_dir() or os.environ.get("RANK", "0") != "0":
+        check_output_dir(out, config)  # no side effects before the checks pass
     if os.environ.get("RANK", "0") != "0":
         yield out
         return
