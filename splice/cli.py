@@ -2,17 +2,28 @@
 
 ``splice train`` with no flags fine-tunes the embedded SmolLM2-135M-Instruct on the embedded
 function-naming dataset and prints base vs fine-tuned scores on held-out functions.
+
+Errors: every failure ends as one line ``splice <cmd>: error: <what, where, the fix>`` on stderr,
+with exit code 2 for bad usage or input, 1 for a failure at run time, 130 / 143 when stopped by
+SIGINT / SIGTERM. ``--debug`` (anywhere on the line, or ``SPLICE_DEBUG=1``) shows tracebacks.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
+import os
+import signal
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+from splice.core.errors import SpliceError, UsageError, one_line
 from splice.training.config import TrainConfig, load_config_file
 
 _HELP = {
@@ -71,8 +82,34 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=kind, default=None, help=help_text)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (no usage block) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _number(kind: type, *, low: float | None = None, high: float | None = None,
+            above: bool = False, says: str = "") -> Callable[[str], Any]:
+    """An argparse ``type``: a finite ``kind`` in [low, high] (``above``: strictly above low)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        bad = not math.isfinite(value) or (low is not None and (value <= low if above else value < low)) \
+            or (high is not None and value > high)
+        if bad:
+            raise argparse.ArgumentTypeError(f"{text!r}: {says}")
+        return value
+
+    return parse
+
+
 def _train_config(args: argparse.Namespace) -> TrainConfig:
-    values: dict[str, Any] = load_config_file(args.config) if args.config else {}
+    values: dict[str, Any] = load_config_file(args.config) if args.config is not None else {}
     for f in fields(TrainConfig):
         value = getattr(args, f.name, None)
         if value is not None:
@@ -86,15 +123,60 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from splice.training.loop import train
 
     result = train(_train_config(args))
-    return 130 if result.interrupted else 0
+    return 128 + (result.stopped_by or signal.SIGINT) if result.interrupted else 0
+
+
+def _new_dir(path: Path, option: str) -> None:
+    """Create ``path`` (an output folder) now, before slow work, or say why it cannot be."""
+    if path.is_file():
+        raise UsageError(f"{option} {path} is a file; pass a new directory")
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UsageError(f"{option} {path}: {blocker} is a file, not a folder; choose another {option}")
+    if path.is_dir() and any(path.iterdir()):
+        raise UsageError(f"{option} {path} is not empty: choose a new directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create {option} {path} ({exc.strerror or exc}); choose a writable "
+                         "location") from exc
+
+
+def _new_file(path: Path, option: str) -> None:
+    """Check, before slow work, that a file can be written at ``path``."""
+    if path.is_dir():
+        raise UsageError(f"{option} {path} is a directory; pass a file name")
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UsageError(f"{option} {path}: {blocker} is a file, not a folder")
+    if not path.parent.is_dir():
+        raise UsageError(f"{option} {path}: folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise UsageError(f"{option} {path}: folder {path.parent} is not writable")
+
+
+def _check_prompts(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int) -> None:
+    """Refuse prompts that, with the tokens to generate, pass the model's context."""
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if not isinstance(context, int):
+        return
+    for number, prompt in enumerate(prompts, start=1):
+        length = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if length + max_new_tokens > context:
+            raise UsageError(
+                f"prompt {number} is {length} tokens; with --max-new-tokens {max_new_tokens} it "
+                f"passes the model's context of {context} tokens: shorten it or lower --max-new-tokens")
 
 
 def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from splice.lora.peft_io import load_adapter
+    from splice.lora.peft_io import load_adapter, read_adapter
     from splice.models.loading import load_model
-    from splice.training.setup import resolve_device
+    from splice.training.preflight import check_device
 
-    model, tokenizer = load_model(args.model, device=resolve_device(args.device))
+    device = check_device(args.device)
+    if args.adapter:
+        read_adapter(args.adapter)  # a broken adapter file is found before the model loads
+    model, tokenizer = load_model(args.model, device=device)
     if args.adapter:
         load_adapter(model, args.adapter)
     return model, tokenizer
@@ -106,10 +188,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     model, tokenizer = _load(args)
     prompts = list(args.prompt) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not prompts:
-        raise ValueError("no prompt: pass --prompt TEXT (repeatable) or lines on standard input")
+        raise UsageError("no prompt: pass --prompt TEXT (repeatable) or lines on standard input")
     if args.chat:
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                  add_generation_prompt=True) for p in prompts]
+    _check_prompts(model, tokenizer, prompts, args.max_new_tokens)
     outputs = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                        seed=args.seed, stop=args.stop or ())
@@ -122,6 +205,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from splice.evaluation.scoring import evaluate_generation
     from splice.evaluation.tasks import build_function_names, function_names_task
 
+    if args.json:
+        _new_file(Path(args.json), "--json")
     model, tokenizer = _load(args)
     rows = build_function_names()[args.split][: args.samples]
     task = function_names_task()
@@ -143,8 +228,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from splice.lora.layers import merge
 
     out = Path(args.output)
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out} is not empty: choose a new directory for the merged model")
+    _new_dir(out, "--output")
     model, tokenizer = _load(args)
     merge(model, unload=True)
     model.save_pretrained(out)
@@ -154,7 +238,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="splice", description="LoRA fine-tuning on a model rewriter.")
+    parser = _Parser(prog="splice", description="LoRA fine-tuning on a model rewriter.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (also after the command, or SPLICE_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="fine-tune with LoRA (defaults: SmolLM2-135M on the "
                              "function-naming task)")
@@ -170,10 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     model_flags(p_gen)
     p_gen.add_argument("--prompt", action="append", default=[], help="prompt (repeatable; or stdin)")
     p_gen.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
-    p_gen.add_argument("--max-new-tokens", type=int, default=64)
-    p_gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p_gen.add_argument("--top-k", type=int, default=0)
-    p_gen.add_argument("--top-p", type=float, default=1.0)
+    p_gen.add_argument("--max-new-tokens", type=_at_least_one, default=64)
+    p_gen.add_argument("--temperature", default=0.0, help="0: greedy",
+                       type=_number(float, low=0, says="the temperature must be a finite number >= 0 (0: greedy)"))
+    p_gen.add_argument("--top-k", default=0, type=_number(int, low=0, says="must be >= 0 (0: off)"))
+    p_gen.add_argument("--top-p", default=1.0,
+                       type=_number(float, low=0, above=True, high=1, says="must be in (0, 1] (1: off)"))
     p_gen.add_argument("--seed", type=int, default=None)
     p_gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     p_gen.set_defaults(run=_cmd_generate)
@@ -181,8 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval = sub.add_parser("eval", help="score base vs adapter on held-out functions")
     model_flags(p_eval)
     p_eval.add_argument("--split", default="test", choices=["train", "validation", "test"])
-    p_eval.add_argument("--samples", type=int, default=100)
-    p_eval.add_argument("--max-new-tokens", type=int, default=24)
+    p_eval.add_argument("--samples", type=_at_least_one, default=100)
+    p_eval.add_argument("--max-new-tokens", type=_at_least_one, default=24)
     p_eval.add_argument("--json", help="also write the scores to this JSON file")
     p_eval.set_defaults(run=_cmd_eval)
 
@@ -193,13 +281,82 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_at_least_one = _number(int, low=1, says="must be an integer >= 1")
+
+
+class _Terminated(BaseException):
+    """SIGTERM outside the training loop (which handles it itself: checkpoint, then return)."""
+
+
+@contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    def handler(_signum: int, _frame: Any) -> None:
+        raise _Terminated
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+_OS_HINTS = {
+    errno.ENOSPC: "the disk is full: free space or choose another --output-dir",
+    errno.EDQUOT: "the disk quota is used up: free space or choose another --output-dir",
+    errno.EFBIG: "the file is too large for this file system or limit",
+    errno.EROFS: "the file system is read-only: choose a writable location",
+    errno.EACCES: "permission denied: choose a location you can write to",
+    errno.EPERM: "not permitted: choose a location you can write to",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EISDIR: "it is a directory; a file was expected",
+}
+
+
+def _explain(exc: BaseException) -> tuple[int, str]:
+    """(exit code, one-line message) for an error that reached the command line."""
+    if isinstance(exc, SpliceError):
+        return exc.exit_code, one_line(str(exc))
+    if isinstance(exc, FileNotFoundError):
+        return 2, one_line(str(exc) if not exc.filename else f"{exc.filename} does not exist")
+    if isinstance(exc, OSError):
+        where = f" {exc.filename}" if exc.filename else ""
+        hint = _OS_HINTS.get(exc.errno or 0, "check the path and the disk")
+        return 1, one_line(f"cannot use{where}: {exc.strerror or exc}; {hint}")
+    if isinstance(exc, UnicodeDecodeError):
+        return 2, one_line(f"a file is not UTF-8 text ({exc}); save it as UTF-8")
+    if isinstance(exc, (ValueError, KeyError, TypeError)):  # lower layers' checks of the input
+        text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        return 2, one_line(str(text))
+    if isinstance(exc, MemoryError):
+        return 1, "out of memory: lower --batch-size or --max-length"
+    return 1, one_line(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the "
+                       "traceback, and please report it)")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("SPLICE_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     args = build_parser().parse_args(argv)
     try:
-        return int(args.run(args))
-    except (ValueError, FileNotFoundError, KeyError) as exc:
-        print(f"splice {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        with _sigterm_exits():
+            return int(args.run(args))
+    except KeyboardInterrupt:
+        print(f"splice {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except _Terminated:
+        print(f"splice {args.command}: terminated (SIGTERM)", file=sys.stderr)
+        return 143
+    except Exception as exc:
+        if debug:
+            raise
+        code, message = _explain(exc)
+        print(f"splice {args.command}: error: {message}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

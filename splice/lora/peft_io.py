@@ -14,11 +14,13 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from splice.core.family import is_conv1d
 from splice.core.io import atomic_file
+from splice.core.errors import UsageError, one_line
 from splice.core.rewrite import unrewrite
 from splice.lora.layers import (
     LoraConfig,
@@ -30,7 +32,7 @@ from splice.lora.layers import (
     lora_modules,
 )
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "AdapterError", "load_adapter", "save_adapter"]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "AdapterError", "load_adapter", "read_adapter", "save_adapter"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -42,7 +44,7 @@ _KEY = re.compile(
 )
 
 
-class AdapterError(ValueError):
+class AdapterError(UsageError):
     """An adapter that does not fit the model (the model is left unchanged)."""
 
 
@@ -137,7 +139,43 @@ def save_adapter(
     return directory
 
 
+# adapter_config.json keys splice reads, and the JSON types they must have
+_CONFIG_TYPES: dict[str, tuple[type, ...]] = {
+    "r": (int,), "lora_alpha": (int, float), "lora_dropout": (int, float), "use_rslora": (bool,),
+    "alpha_pattern": (dict,), "peft_type": (str,), "use_dora": (bool,), "bias": (str,),
+}
+
+
+def _read_config(config_file: Path) -> dict:
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"{config_file} is not valid JSON ({one_line(str(exc))}); re-save the "
+                           "adapter with splice.save_adapter or PEFT") from exc
+    if not isinstance(config, dict):
+        raise AdapterError(f"{config_file} holds a JSON {type(config).__name__}; it must be a JSON "
+                           "object (as splice.save_adapter or PEFT write)")
+    for key, kinds in _CONFIG_TYPES.items():
+        value = config.get(key)
+        if value is not None and (not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool))):
+            raise AdapterError(f"{config_file}: {key} is {value!r}; it must be a "
+                               f"{' or '.join(k.__name__ for k in kinds)}")
+    return config
+
+
+def read_adapter(directory: str | Path) -> tuple[dict, dict[str, Tensor]]:
+    """(adapter_config.json as a dict, the tensors) of an adapter directory, checked.
+
+    Raises :class:`AdapterError` (or FileNotFoundError for a missing file) naming the file and
+    what is wrong with it: truncated or empty safetensors, a config that is not a JSON object.
+    """
+    return _read(Path(directory))
+
+
 def _read(directory: Path) -> tuple[dict, dict[str, Tensor]]:
+    if directory.is_file():
+        raise AdapterError(f"adapter {directory} is a file; pass the adapter directory (holding "
+                           f"{CONFIG_NAME} and {WEIGHTS_NAME})")
     config_file, weights_file = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     missing = [f.name for f in (config_file, weights_file) if not f.is_file()]
     if missing:
@@ -145,7 +183,7 @@ def _read(directory: Path) -> tuple[dict, dict[str, Tensor]]:
             f"{directory} is not an adapter directory: missing {', '.join(missing)} "
             f"(expected {CONFIG_NAME} and {WEIGHTS_NAME}, as splice.save_adapter or PEFT write)"
         )
-    config = json.loads(config_file.read_text())
+    config = _read_config(config_file)
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{directory}: peft_type {config['peft_type']!r} is not LORA")
     # fan_in_fan_out needs no handling: splice knows GPT-2's Conv1D layout from the module type.
@@ -153,7 +191,14 @@ def _read(directory: Path) -> tuple[dict, dict[str, Tensor]]:
         raise AdapterError(f"{directory}: DoRA adapters are not supported by splice")
     if config.get("bias", "none") != "none" or config.get("modules_to_save"):
         raise AdapterError(f"{directory}: bias training / modules_to_save are not supported")
-    return config, load_file(str(weights_file))
+    try:
+        tensors = load_file(str(weights_file))
+    except (SafetensorError, OSError) as exc:
+        size = weights_file.stat().st_size
+        raise AdapterError(f"{weights_file} is not a readable safetensors file ({size} bytes: "
+                           f"{one_line(str(exc))}); it may be truncated or empty: re-save or "
+                           "re-download the adapter") from exc
+    return config, tensors
 
 
 def _plan(model: nn.Module, tensors: dict[str, Tensor], name: str) -> dict[str, dict[str, Tensor]]:

@@ -3,19 +3,28 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 import tomllib
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrainConfig", "check_output_dir", "load_config_file", "save_run_config"]
+from splice.core.errors import UsageError, one_line
+
+__all__ = ["RULES", "Rule", "TrainConfig", "check_options", "check_output_dir", "flag",
+           "load_config_file", "save_run_config"]
 
 RUN_CONFIG = "run_config.json"
 # Options that may differ when resuming (they don't change the trajectory's meaning).
+# output_dir: a run directory that was moved or copied resumes from its new place.
 _RESUME_FREE = {"resume", "steps", "epochs", "save_every", "keep_checkpoints", "eval_every",
                 "eval_samples", "compare_base", "eval_batch_size", "max_new_tokens",
                 "fuse", "gradient_checkpointing", "offload_checkpoints", "keep_attention", "cuda_graphs",
-                "device"}
+                "device", "output_dir"}
+# Files in a run directory that do not make it "used" (the run-directory lock, see rundir.py).
+_NOT_A_RUN = {".splice.lock"}
 
 
 @dataclass(kw_only=True)
@@ -72,31 +81,24 @@ class TrainConfig:
     resume: bool = False
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.rank >= 1, "rank must be >= 1"),
-            (self.batch_size >= 1, "batch_size must be >= 1"),
-            (self.grad_accum >= 1, "grad_accum must be >= 1"),
-            (self.max_length >= 8, "max_length must be >= 8"),
-            (self.lr > 0, "lr must be > 0"),
-            (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
-            (self.steps is None or self.steps >= 1, "steps must be >= 1 (or None to use epochs)"),
-            (self.schedule in ("cosine", "linear", "constant"), "schedule must be cosine, linear or constant"),
-            (self.optimizer in ("adamw", "sgd"), "optimizer must be adamw or sgd"),
-            (self.precision in ("auto", "bf16", "fp32"), "precision must be auto, bf16 or fp32"),
-            (0.0 <= self.val_fraction < 1.0, "val_fraction must be in [0, 1)"),
-            (self.quantize in (None, "nf4", "int8"), f"quantize must be nf4 or int8 (or unset), got {self.quantize!r}"),
-        ]
-        problems = [msg for ok, msg in checks if not ok]
+        for f in fields(self):  # TOML/YAML write 32 for 32.0: a whole number is a valid float
+            value = getattr(self, f.name)
+            if _kinds(f.type) and "float" in _kinds(f.type) and type(value) is int:
+                setattr(self, f.name, float(value))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`UsageError` naming every invalid option (types, ranges, combinations).
+
+        Runs on construction and again when training starts (a config may be changed in between).
+        """
+        problems = check_options({f.name: getattr(self, f.name) for f in fields(self)})
         if problems:
-            raise ValueError("invalid training options: " + "; ".join(problems))
-        if (self.prompt_template is None) != (self.response_template is None):
-            raise ValueError("give both prompt_template and response_template (or neither)")
+            raise UsageError("invalid training options: " + "; ".join(problems))
 
     def target_spec(self) -> str | tuple[str, ...]:
         """``targets`` as LoraConfig takes it: 'all-linear', a regex, or a tuple of names."""
-        if self.targets == "all-linear" or any(c in self.targets for c in "\\^$*+?[]()|"):
-            return self.targets
-        return tuple(t.strip() for t in self.targets.split(",") if t.strip())
+        return _target_spec(self.targets)
 
     def fuses(self, device_type: str) -> bool:
         """Whether the run uses the fused kernels (``fuse``; by default: on a CUDA GPU)."""
@@ -110,54 +112,80 @@ class TrainConfig:
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Options from a TOML or YAML file (keys as in :class:`TrainConfig`)."""
+    """Options from a TOML or YAML file (keys as in :class:`TrainConfig`, optionally under a
+    ``[train]`` table), each checked on its own (type and range) with the file named."""
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"config file {path} is a directory; pass a .toml or .yaml file")
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    text = path.read_text()
+        raise UsageError(f"config file {path} does not exist; pass an existing .toml or .yaml file")
+    if path.suffix not in (".toml", ".yaml", ".yml"):
+        raise UsageError(f"config file {path}: use a .toml or .yaml file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"config file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
+    values: Any
     if path.suffix == ".toml":
-        values = tomllib.loads(text)
-    elif path.suffix in (".yaml", ".yml"):
+        try:
+            values = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise UsageError(f"config file {path} is not valid TOML: {one_line(str(exc))}") from exc
+    else:
         try:
             import yaml
         except ImportError as exc:
-            raise ValueError("YAML config needs PyYAML (pip install pyyaml), or use TOML") from exc
-        values = yaml.safe_load(text) or {}
-    else:
-        raise ValueError(f"config file {path}: use a .toml or .yaml file")
-    values = values.get("train", values)
-    if "fast" in values and "fuse" not in values:  # the option's name before 0.2
-        values["fuse"] = values.pop("fast")
+            raise UsageError("YAML config needs PyYAML (pip install pyyaml), or use TOML") from exc
+        try:
+            values = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise UsageError(f"config file {path} is not valid YAML: {one_line(str(exc))}") from exc
+    if isinstance(values, Mapping) and isinstance(values.get("train"), Mapping):
+        values = values["train"]
+    if not isinstance(values, Mapping):
+        raise UsageError(f"config file {path} holds a {type(values).__name__}; it must map option "
+                         "names to values (e.g. rank = 8)")
+    if isinstance(values, Mapping) and "fast" in values and "fuse" not in values:
+        values = {("fuse" if k == "fast" else k): v for k, v in values.items()}  # the name before 0.2
     known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(str(k) for k in values if k not in known)
     if unknown:
-        raise ValueError(f"config file {path}: unknown options {', '.join(unknown)}; "
+        raise UsageError(f"config file {path}: unknown options {', '.join(unknown)}; "
                          f"known: {', '.join(sorted(known))}")
-    return values
+    problems = check_options(values, partial=True)
+    if problems:
+        raise UsageError(f"config file {path}: " + "; ".join(problems))
+    return dict(values)
 
 
 def check_output_dir(out: Path, config: TrainConfig) -> None:
     """Refuse to write over another run: a used directory needs ``resume`` with the same options."""
     saved = out / RUN_CONFIG
     if out.exists() and not out.is_dir():
-        raise ValueError(f"output dir {out} is a file: choose another --output-dir")
-    used = out.is_dir() and any(out.iterdir())
+        raise UsageError(f"output dir {out} is a file: choose another --output-dir")
+    used = out.is_dir() and any(p.name not in _NOT_A_RUN for p in out.iterdir())
     if not used:
         if config.resume:
-            raise ValueError(f"--resume: {out} holds no run to resume; drop --resume to start one")
+            raise UsageError(f"--resume: {out} holds no run to resume; drop --resume to start one")
         return
     if not config.resume:
-        raise ValueError(
+        raise UsageError(
             f"output dir {out} already holds a run (or other files): pass --resume to continue "
             "it, or choose another --output-dir. Nothing was overwritten"
         )
     if not saved.is_file():
-        raise ValueError(f"--resume: {out} has no {RUN_CONFIG}; it is not a splice run directory")
-    before = json.loads(saved.read_text())
+        raise UsageError(f"--resume: {out} has no {RUN_CONFIG}; it is not a splice run directory")
+    try:
+        before = json.loads(saved.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--resume: {saved} is unreadable ({one_line(str(exc))}); it is not a "
+                         "splice run directory any more") from exc
+    if not isinstance(before, dict):
+        raise UsageError(f"--resume: {saved} is not a JSON object; it is not a splice run directory")
     now = config.to_dict()
     changed = sorted(k for k in now if k not in _RESUME_FREE and before.get(k) != now[k])
     if changed:
-        raise ValueError(
+        raise UsageError(
             f"--resume: options differ from the run in {out}: {', '.join(changed)}. Resume with "
             "the run's options (see its run_config.json) or start a new --output-dir"
         )
@@ -166,3 +194,144 @@ def check_output_dir(out: Path, config: TrainConfig) -> None:
 def save_run_config(out: Path, config: TrainConfig) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / RUN_CONFIG).write_text(json.dumps(config.to_dict(), indent=1) + "\n")
+
+
+# ----------------------------------------------------------------------------- validation
+# One table for the Python API, config files and flags. A new option joins with one line:
+# its type is checked from its annotation; add a Rule for its range or its combinations.
+
+
+@dataclass(frozen=True)
+class Rule:
+    """``ok(*values)`` must hold for the options ``names``; ``says`` is what would be valid.
+
+    A rule on one option sees only a non-None value of the right type; a rule on several runs
+    once all of them have the right type (and not on a config file's partial options)."""
+
+    names: tuple[str, ...]
+    ok: Callable[..., bool]
+    says: str
+
+
+_DEVICE = re.compile(r"auto|cpu|mps|meta|(cuda|xpu)(:\d+)?")
+
+
+def _compiles(targets: str) -> bool:
+    spec = _target_spec(targets)
+    if isinstance(spec, tuple):
+        return bool(spec)
+    if spec == "all-linear":
+        return True
+    try:
+        re.compile(spec)
+    except Exception:  # re.error, and RecursionError / OverflowError on pathological patterns
+        return False
+    return True
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(("rank",), lambda v: v >= 1, "must be >= 1"),
+    Rule(("alpha",), lambda v: v > 0, "must be > 0 (the LoRA scale is alpha / rank)"),
+    Rule(("dropout",), lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
+    Rule(("targets",), _compiles, "must be 'all-linear', a valid regex, or comma-separated module "
+         "names such as q_proj,v_proj"),
+    Rule(("steps",), lambda v: v >= 1, "must be >= 1 (or none/0 on the command line: use epochs)"),
+    Rule(("epochs",), lambda v: v > 0, "must be > 0"),
+    Rule(("lr",), lambda v: v > 0, "must be > 0"),
+    Rule(("optimizer",), lambda v: v in ("adamw", "sgd"), "must be adamw or sgd"),
+    Rule(("weight_decay",), lambda v: v >= 0, "must be >= 0"),
+    Rule(("schedule",), lambda v: v in ("cosine", "linear", "constant"),
+         "must be cosine, linear or constant"),
+    Rule(("warmup_steps",), lambda v: v >= 0, "must be >= 0"),
+    Rule(("batch_size",), lambda v: v >= 1, "must be >= 1"),
+    Rule(("grad_accum",), lambda v: v >= 1, "must be >= 1"),
+    Rule(("max_grad_norm",), lambda v: v >= 0, "must be >= 0 (0 turns clipping off; a negative "
+         "norm would turn training into gradient ascent)"),
+    Rule(("max_length",), lambda v: v >= 8, "must be >= 8"),
+    Rule(("max_rows",), lambda v: v >= 1, "must be >= 1 (or unset for all rows)"),
+    Rule(("val_fraction",), lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
+    Rule(("precision",), lambda v: v in ("auto", "bf16", "fp32"), "must be auto, bf16 or fp32"),
+    Rule(("quantize",), lambda v: v in ("nf4", "int8"), "must be nf4 or int8 (or unset: no quantization)"),
+    Rule(("device",), lambda v: _DEVICE.fullmatch(v) is not None,
+         "must be auto, cpu, mps, cuda or cuda:N"),
+    Rule(("eval_every",), lambda v: v >= 0, "must be >= 0 (0: at the end only)"),
+    Rule(("eval_batches",), lambda v: v >= 1, "must be >= 1"),
+    Rule(("eval_samples",), lambda v: v >= 0, "must be >= 0 (0: no generation scoring)"),
+    Rule(("eval_batch_size",), lambda v: v >= 1, "must be >= 1"),
+    Rule(("max_new_tokens",), lambda v: v >= 1, "must be >= 1"),
+    Rule(("save_every",), lambda v: v >= 0, "must be >= 0 (0: only at the end)"),
+    Rule(("keep_checkpoints",), lambda v: v >= 1, "must be >= 1"),
+    Rule(("max_bad_steps",), lambda v: v >= 1, "must be >= 1"),
+    Rule(("prompt_template", "response_template"), lambda p, r: (p is None) == (r is None),
+         "give both prompt_template and response_template (or neither)"),
+    Rule(("system_prompt", "chat"), lambda s, chat: s is None or chat,
+         "system_prompt is only used with chat: add --chat or drop --system-prompt"),
+    Rule(("keep_attention", "gradient_checkpointing", "offload_checkpoints"),
+         lambda keep, ckpt, offload: not keep or ckpt or offload,
+         "keep_attention needs gradient_checkpointing or offload_checkpoints"),
+)
+
+
+def flag(name: str) -> str:
+    """The command-line flag of option ``name``: ``max_grad_norm`` -> ``--max-grad-norm``."""
+    return "--" + name.replace("_", "-")
+
+
+def _kinds(annotation: Any) -> set[str]:
+    """{"int", "None"} for ``"int | None"``; empty for annotations this check does not know."""
+    parts = {p.strip() for p in str(annotation).split("|")}
+    return parts if parts <= {"int", "float", "str", "bool", "None"} else set()
+
+
+def _type_ok(value: Any, kinds: set[str]) -> bool:
+    if value is None:
+        return "None" in kinds
+    if isinstance(value, bool):
+        return "bool" in kinds
+    if isinstance(value, int):
+        return bool(kinds & {"int", "float"}) and ("int" in kinds or math.isfinite(float(value)))
+    if isinstance(value, float):
+        return "float" in kinds and math.isfinite(value)
+    return isinstance(value, str) and "str" in kinds
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_options(values: Mapping[str, Any], *, partial: bool = False) -> list[str]:
+    """Every problem with ``values`` (option -> value), one clause each, naming the option and
+    its flag and what would be valid. ``partial``: only the options present (a config file)."""
+    kinds = {f.name: _kinds(f.type) for f in fields(TrainConfig)}
+    problems: list[str] = []
+    typed: dict[str, Any] = {}
+    for name, value in values.items():
+        want = kinds.get(name)
+        if want is None or not want:  # unknown options are the caller's to report
+            typed[name] = value
+            continue
+        if _type_ok(value, want):
+            typed[name] = value
+            continue
+        names = " or ".join(sorted(k if k != "None" else "unset" for k in want))
+        finite = " (finite)" if "float" in want and isinstance(value, float) else ""
+        problems.append(f"{name} must be {names}{finite}, got {_show(value)} of type "
+                        f"{type(value).__name__} ({flag(name)})")
+    for rule in RULES:
+        if not all(n in typed for n in rule.names):
+            continue
+        args = [typed[n] for n in rule.names]
+        if len(args) == 1:
+            if args[0] is not None and not rule.ok(args[0]):
+                name = rule.names[0]
+                problems.append(f"{name} {rule.says}, got {_show(args[0])} ({flag(name)})")
+        elif not partial and not rule.ok(*args):
+            problems.append(f"{rule.says} ({', '.join(flag(n) for n in rule.names)})")
+    return problems
+
+
+def _target_spec(targets: str) -> str | tuple[str, ...]:
+    if targets == "all-linear" or any(c in targets for c in "\\^$*+?[]()|"):
+        return targets
+    return tuple(t.strip() for t in targets.split(",") if t.strip())

@@ -22,15 +22,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from splice.core.errors import RunError
 from splice.data.batching import Batch, batches
 from splice.evaluation.scoring import evaluate_generation
 from splice.lora.freeze import freeze
 from splice.lora.layers import LoraConfig, add_lora
 from splice.lora.peft_io import save_adapter
-from splice.training.config import TrainConfig, check_output_dir, save_run_config
+from splice.training.config import TrainConfig, save_run_config
 from splice.training.graphs import GraphedStep
 from splice.training.loss import check_labels, lm_head_params, train_step_loss
+from splice.training.preflight import preflight
 from splice.training.report import MetricsLog, Progress, plot_losses
+from splice.training.rundir import run_directory
 from splice.training.setup import RunData, fuse_and_checkpoint, prepare_data, prepare_model
 from splice.training.state import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
 from splice.training.validate import validation_loss
@@ -38,7 +41,7 @@ from splice.training.validate import validation_loss
 __all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "lr_at", "train", "train_step_loss"]
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(RunError):
     """Raised after ``max_bad_steps`` non-finite losses in a row."""
 
 
@@ -48,6 +51,7 @@ class TrainResult:
     steps: int
     losses: list[float]
     interrupted: bool = False
+    stopped_by: int = 0  # the signal that interrupted the run (0: none)
     metrics: dict[str, Any] = field(default_factory=dict)
     cuda_graphs: int = 0  # training-step graphs captured (0: eager steps)
 
@@ -152,9 +156,18 @@ def _stop_on_signals() -> Iterator[dict[str, int]]:
 
 
 def train(config: TrainConfig, *, log: Progress | None = None) -> TrainResult:
-    """Fine-tune ``config.model`` with LoRA on ``config.data``; see :class:`TrainConfig`."""
+    """Fine-tune ``config.model`` with LoRA on ``config.data``; see :class:`TrainConfig`.
+
+    Every option is checked before the model loads (:func:`splice.training.preflight.preflight`),
+    and the run directory is locked for the whole run (:mod:`splice.training.rundir`).
+    """
+    preflight(config)
+    with run_directory(config, say=log.message if log else print):
+        return _train_locked(config, log=log)
+
+
+def _train_locked(config: TrainConfig, *, log: Progress | None = None) -> TrainResult:
     out = Path(config.output_dir)
-    check_output_dir(out, config)
     torch.manual_seed(config.seed)
     model, tokenizer, device, precision = prepare_model(config)
     data = prepare_data(config, tokenizer)
@@ -221,9 +234,12 @@ def train(config: TrainConfig, *, log: Progress | None = None) -> TrainResult:
                 say(f"warning: non-finite loss at step {state.step + 1}; step skipped "
                     f"({state.bad_steps}/{config.max_bad_steps} in a row)")
                 if state.bad_steps >= config.max_bad_steps:
+                    good = latest_checkpoint(ckpt_dir)
+                    where = (f"the last good checkpoint is {good} (continue from it with --resume)"
+                             if good else "no checkpoint was written yet")
                     raise TrainingDiverged(
-                        f"{state.bad_steps} non-finite losses in a row: stopping. The last good "
-                        f"checkpoint is in {ckpt_dir}; lower --lr or check the data"
+                        f"{state.bad_steps} non-finite losses in a row at step {state.step + 1}: "
+                        f"stopping; {where}. Lower --lr or check the data"
                     )
                 continue
             state.bad_steps = 0
@@ -250,6 +266,7 @@ def train(config: TrainConfig, *, log: Progress | None = None) -> TrainResult:
                 say(f"stopped by signal {stop['signal']} after step {state.step}; checkpoint "
                     f"written. Continue with --resume")
                 result.interrupted = True
+                result.stopped_by = stop["signal"]
                 result.steps = state.step
                 result.cuda_graphs = micro_step.captured
                 return result

@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from splice.core.errors import RunError, one_line
 from splice.lora.layers import lora_modules
 from splice.lora.peft_io import save_adapter
 
@@ -81,13 +83,34 @@ def save_checkpoint(
     base_model: str | None = None,
     keep: int = 2,
 ) -> Path:
-    """Write ``directory/step-XXXXXX`` atomically; prune all but the newest ``keep``."""
+    """Write ``directory/step-XXXXXX`` atomically; prune all but the newest ``keep``.
+
+    A failed write (disk full, read-only) removes its temporary folder and raises
+    :class:`RunError` naming the checkpoint; the previous checkpoints are untouched.
+    """
     root = Path(directory)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step:06d}"
     tmp = root / f".tmp-step-{state.step:06d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        _write(tmp, final, model=model, optimizer=optimizer, scheduler=scheduler, state=state,
+               base_model=base_model)
+    except (OSError, SafetensorError) as exc:  # safetensors reports I/O errors as its own
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(root)
+        kept = f"the last complete checkpoint is {previous}" if previous else "no checkpoint is complete"
+        raise RunError(f"could not write checkpoint {final} ({getattr(exc, 'strerror', None) or one_line(str(exc))}); "
+                       f"{kept}. Free disk space or choose a writable --output-dir") from exc
+    for old in sorted(root.glob("step-*"))[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write(tmp: Path, final: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+           scheduler: torch.optim.lr_scheduler.LRScheduler, state: TrainerState,
+           base_model: str | None) -> None:
     save_adapter(model, tmp, base_model=base_model)
     opt_tensors, opt_json = _optimizer_tensors(model, optimizer)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
@@ -99,9 +122,6 @@ def save_checkpoint(
     if final.exists():  # re-saving the same step (e.g. on a signal right after a save)
         shutil.rmtree(final)
     os.replace(tmp, final)
-    for old in sorted(root.glob("step-*"))[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def latest_checkpoint(directory: str | Path) -> Path | None:
@@ -121,8 +141,19 @@ def load_checkpoint(
     """Restore adapter weights, optimizer, scheduler and RNG states; returns the trainer state.
 
     The model must already carry the same LoRA modules (the trainer adds them from its config).
+    A checkpoint whose files are damaged raises :class:`RunError` naming it.
     """
-    path = Path(path)
+    try:
+        return _load(Path(path), model=model, optimizer=optimizer, scheduler=scheduler)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, SafetensorError) as exc:
+        if isinstance(exc, RunError) or "which this model has no LoRA on" in str(exc):
+            raise
+        raise RunError(f"checkpoint {path} is damaged ({one_line(str(exc))[:200]}); move it "
+                       "aside to resume from the one before it") from exc
+
+
+def _load(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+          scheduler: torch.optim.lr_scheduler.LRScheduler) -> TrainerState:
     payload = json.loads((path / STATE_NAME).read_text())
     adapter = load_file(str(path / "adapter_model.safetensors"))
     by_path = {name: layer for name, _, layer in lora_modules(model)}

@@ -1,0 +1,175 @@
+"""Checks of a run against its surroundings, before any model weights load.
+
+:meth:`TrainConfig.validate` checks the options alone (types, ranges, combinations); this module
+checks them against the world: the data files exist and are files, the device exists, and the
+model's own config (read without its weights) admits ``max_length`` and ``targets``. The model's
+config comes from ``config.json`` for a folder, and for a GGUF from its converted folder in the
+cache or else the GGUF header (read up to the context length, a few KB).
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+from splice.core.errors import UsageError, one_line
+from splice.training.config import TrainConfig, flag
+
+__all__ = ["check_device", "check_targets", "gguf_context_length", "model_config", "preflight"]
+
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+# GGUF value types -> struct format of a scalar (8: string, 9: array are read by hand)
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def _read(f: BinaryIO, fmt: str) -> Any:
+    size = struct.calcsize("<" + fmt)
+    data = f.read(size)
+    if len(data) != size:
+        raise EOFError
+    return struct.unpack("<" + fmt, data)[0]
+
+
+def _skip_value(f: BinaryIO, kind: int) -> None:
+    if kind == 8:
+        f.seek(_read(f, "Q"), 1)
+    elif kind == 9:
+        inner, count = _read(f, "I"), _read(f, "Q")
+        if inner in _GGUF_SCALARS:
+            f.seek(struct.calcsize("<" + _GGUF_SCALARS[inner]) * count, 1)
+        else:
+            for _ in range(count):
+                _skip_value(f, inner)
+    elif kind in _GGUF_SCALARS:
+        f.seek(struct.calcsize("<" + _GGUF_SCALARS[kind]), 1)
+    else:
+        raise ValueError(f"unknown GGUF value type {kind}")
+
+
+def gguf_context_length(path: str | Path) -> int | None:
+    """``<arch>.context_length`` from a GGUF file's header (None if absent or unreadable).
+
+    Layout (little-endian): magic ``GGUF``, version u32, tensor count u64, key count u64, then
+    per key: name (u64 length + bytes), value type u32, value.
+    """
+    try:
+        with Path(path).open("rb") as f:
+            if f.read(4) != b"GGUF":
+                return None
+            _version, _tensors, n_keys = _read(f, "I"), _read(f, "Q"), _read(f, "Q")
+            for _ in range(min(n_keys, 1 << 16)):
+                name = f.read(_read(f, "Q")).decode("utf-8", "replace")
+                kind = _read(f, "I")
+                if name.endswith(".context_length") and kind in _GGUF_SCALARS:
+                    value = _read(f, _GGUF_SCALARS[kind])
+                    return int(value) if isinstance(value, int) and value > 0 else None
+                _skip_value(f, kind)
+    except (OSError, EOFError, ValueError, struct.error, OverflowError, MemoryError):
+        return None
+    return None
+
+
+def model_config(source: str | None) -> tuple[Any | None, int | None, str]:
+    """(transformers config or None, context length or None, the model as named) for ``source``
+    (as :func:`splice.models.loading.load_model` takes it), reading no weights.
+
+    Raises UsageError for a path that is neither a model folder, a .gguf file nor a hub id.
+    """
+    from transformers import AutoConfig
+
+    from splice.models.loading import default_model_path, gguf_cache_path
+
+    path = default_model_path() if source is None else Path(source).expanduser()
+    shown = str(source) if source is not None else path.name
+    if path.is_dir() and not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            path = ggufs[0]
+    folder: Path | None = None
+    context: int | None = None
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        cached = gguf_cache_path(path)
+        folder = cached if (cached / "config.json").is_file() else None
+        context = gguf_context_length(path)
+    elif path.is_dir() and (path / "config.json").is_file():
+        folder = path
+    if folder is None:
+        return None, context, shown  # a hub id, or a path load_model will explain
+    try:
+        hf_config = AutoConfig.from_pretrained(str(folder))
+    except Exception as exc:  # a broken config.json: loading would fail the same way
+        raise UsageError(f"model {shown}: cannot read {folder / 'config.json'} "
+                         f"({one_line(str(exc))[:200]}); pass a Hugging Face model folder") from exc
+    for key in _CONTEXT_KEYS:
+        value = getattr(hf_config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return hf_config, value, shown
+    return hf_config, context, shown
+
+
+def check_device(name: str) -> torch.device:
+    """The device ``name`` means here, or a UsageError saying what this machine has."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and have == 0:
+        raise UsageError(f"device (--device) {name!r}: no CUDA GPU is available here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= have:
+        raise UsageError(f"device (--device) {name!r}: this machine has {have} GPU(s), "
+                         f"cuda:0 to cuda:{have - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"device (--device) {name!r}: MPS is not available here; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"device (--device) {name!r}: splice trains on cpu, cuda or mps")
+    return device
+
+
+def check_targets(model: torch.nn.Module, config: TrainConfig) -> int:
+    """Attach ``config``'s LoRA to ``model`` (a meta-device skeleton is enough); returns the
+    number of adapted modules, or raises UsageError naming --targets."""
+    from splice.lora.layers import LoraConfig, add_lora
+
+    try:
+        return len(add_lora(model, LoraConfig(rank=config.rank, alpha=config.alpha,
+                                              dropout=config.dropout, targets=config.target_spec(),
+                                              rslora=config.rslora)))
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"targets ({flag('targets')}) {config.targets!r}: "
+                         f"{one_line(str(exc))}") from exc
+
+
+def _data_file(name: str, value: str | None) -> None:
+    if value is None:
+        return
+    path = Path(value).expanduser()
+    if path.is_dir():
+        raise UsageError(f"{name} ({flag(name)}) {path} is a directory, not a data file; pass a "
+                         ".jsonl, .json, .csv or .parquet file")
+    if not path.exists():
+        raise UsageError(f"{name} ({flag(name)}) {path} does not exist; pass an existing .jsonl, "
+                         ".json, .csv or .parquet file")
+
+
+def preflight(config: TrainConfig) -> None:
+    """Every check of ``config`` that needs no model weights; raises :class:`UsageError`."""
+    config.validate()
+    _data_file("data", config.data)
+    _data_file("val_data", config.val_data)
+    check_device(config.device)
+    hf_config, context, shown = model_config(config.model)
+    if context is not None and config.max_length > context:
+        raise UsageError(f"max_length ({flag('max_length')}) {config.max_length} is past the context "
+                         f"of model {shown} ({context} tokens); use --max-length {context} or less")
+    if hf_config is not None:
+        from transformers import AutoModelForCausalLM
+
+        try:
+            with torch.device("meta"):
+                skeleton = AutoModelForCausalLM.from_config(hf_config)
+        except Exception:  # not a causal LM transformers builds: load_model will say so
+            return
+        check_targets(skeleton, config)
