@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import tomllib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ RUN_CONFIG = "run_config.json"
 _RESUME_FREE = {"resume", "steps", "epochs", "save_every", "keep_checkpoints", "eval_every",
                 "eval_samples", "compare_base", "eval_batch_size", "max_new_tokens",
                 "fast", "gradient_checkpointing", "offload_checkpoints", "keep_attention", "cuda_graphs",
-                "device"}
+                "device", "report_to"}
 
 
 @dataclass(kw_only=True)
@@ -69,6 +69,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_bad_steps: int = 5
     resume: bool = False
+    # A user's own data and tracking (issue 17).
+    last_turn_only: bool = False  # conversations: loss on the last assistant turn only (default: every one)
+    report_to: str = ""  # trackers besides metrics.jsonl, comma-separated: tensorboard, wandb, csv
 
     def __post_init__(self) -> None:
         checks = [
@@ -100,7 +103,12 @@ class TrainConfig:
         return self.model or "HuggingFaceTB/SmolLM2-135M-Instruct"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        from splice.data.rows import describe_source  # data given as objects: a summary, not the rows
+
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        for key in ("data", "val_data"):
+            values[key] = None if values[key] is None else describe_source(values[key])
+        return values
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

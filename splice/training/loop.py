@@ -31,7 +31,7 @@ from splice.training.config import TrainConfig, check_output_dir, save_run_confi
 from splice.training.graphs import GraphedStep
 from splice.training.loss import causal_lm_loss, check_labels, lm_head_params, model_hidden_states
 from splice.training.report import MetricsLog, Progress, plot_losses
-from splice.training.setup import RunData, prepare_data, prepare_model, speed_up
+from splice.training.setup import RunData, prepare_data, prepare_model, prepare_rows, speed_up
 from splice.training.state import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "lr_at", "train", "train_step_loss"]
@@ -170,8 +170,9 @@ def train(config: TrainConfig, *, log: Progress | None = None) -> TrainResult:
     out = Path(config.output_dir)
     check_output_dir(out, config)
     torch.manual_seed(config.seed)
+    rows = prepare_rows(config)  # bad data is named before the slow model load
     model, tokenizer, device, precision = prepare_model(config)
-    data = prepare_data(config, tokenizer)
+    data = prepare_data(config, tokenizer, rows)
     add_lora(model, LoraConfig(rank=config.rank, alpha=config.alpha, dropout=config.dropout,
                                targets=config.target_spec(), rslora=config.rslora))
     summary = freeze(model)
