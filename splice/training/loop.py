@@ -30,7 +30,7 @@ from splice.lora.peft_io import save_adapter
 from splice.training.config import TrainConfig, check_output_dir, save_run_config
 from splice.training.graphs import GraphedStep
 from splice.training.loss import causal_lm_loss, check_labels, lm_head_params, model_hidden_states
-from splice.training.report import MetricsLog, Progress, plot_losses
+from splice.training.report import MetricsLog, Progress, check_trackers, open_trackers, plot_losses
 from splice.training.setup import RunData, prepare_data, prepare_model, prepare_rows, speed_up
 from splice.training.state import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
 
@@ -170,6 +170,7 @@ def train(config: TrainConfig, *, log: Progress | None = None) -> TrainResult:
     out = Path(config.output_dir)
     check_output_dir(out, config)
     torch.manual_seed(config.seed)
+    check_trackers(config.report_to)
     rows = prepare_rows(config)  # bad data is named before the slow model load
     model, tokenizer, device, precision = prepare_model(config)
     data = prepare_data(config, tokenizer, rows)
@@ -200,7 +201,7 @@ def train(config: TrainConfig, *, log: Progress | None = None) -> TrainResult:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_at(s, total=total, warmup=warmup, schedule=config.schedule))
     state = TrainerState()
-    metrics = MetricsLog(out / "metrics.jsonl")
+    metrics = MetricsLog(out / "metrics.jsonl", trackers=open_trackers(config.report_to, out, config.to_dict()))
     ckpt_dir = out / "checkpoints"
     latest = latest_checkpoint(ckpt_dir) if config.resume else None
     if latest is not None:
@@ -236,6 +237,7 @@ def train(config: TrainConfig, *, log: Progress | None = None) -> TrainResult:
                 say(f"warning: non-finite loss at step {state.step + 1}; step skipped "
                     f"({state.bad_steps}/{config.max_bad_steps} in a row)")
                 if state.bad_steps >= config.max_bad_steps:
+                    metrics.close()
                     raise TrainingDiverged(
                         f"{state.bad_steps} non-finite losses in a row: stopping. The last good "
                         f"checkpoint is in {ckpt_dir}; lower --lr or check the data"
@@ -267,6 +269,7 @@ def train(config: TrainConfig, *, log: Progress | None = None) -> TrainResult:
                 result.interrupted = True
                 result.steps = state.step
                 result.cuda_graphs = micro_step.captured
+                metrics.close()
                 return result
             if config.save_every and state.step % config.save_every == 0:
                 checkpoint()
@@ -280,6 +283,7 @@ def train(config: TrainConfig, *, log: Progress | None = None) -> TrainResult:
     result.metrics = {"final": final, "base": base_metrics}
     metrics.write({"kind": "summary", "step": state.step, **{f"base_{k}": v for k, v in
                    base_metrics.items()}, **final})
+    metrics.close()
     plot_losses(metrics.read(), out / "loss.png")
     say(_comparison(base_metrics, final))
     say(f"adapter saved to {out / 'adapter'}; metrics in {metrics.path}; plot in {out / 'loss.png'}")
