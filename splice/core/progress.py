@@ -9,12 +9,15 @@ small data) stay quiet. ``TQDM_DISABLE=1`` in the environment silences every bar
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, TextIO, TypeVar
 
 from tqdm.auto import tqdm
 
-__all__ = ["LineStream", "progress"]
+__all__ = ["LineStream", "busy", "progress"]
 
 T = TypeVar("T")
 _PLAIN_FORMAT = "{desc}: {n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
@@ -62,3 +65,30 @@ def progress(
                     dynamic_ncols=True, **options)
     return tqdm(iterable, desc=desc, total=total, unit=unit, file=LineStream(out), delay=delay,
                 mininterval=interval, ascii=True, bar_format=_PLAIN_FORMAT, **options)
+
+
+@contextmanager
+def busy(desc: str, *, stream: TextIO | None = None, interval: float = 5.0, delay: float = 2.0) -> Iterator[None]:
+    """Elapsed time of one long call that reports no progress of its own (e.g. a GGUF conversion
+    inside transformers): redrawn every second on a terminal, a line every ``interval`` seconds
+    elsewhere, nothing if the call ends within ``delay`` seconds."""
+    out = stream or sys.stderr
+    tty = out.isatty()
+    bar = tqdm(desc=desc, total=None, file=out if tty else LineStream(out), delay=delay,
+               bar_format="{desc}: {elapsed} elapsed", mininterval=0 if tty else interval)
+    stop = threading.Event()
+    start = time.monotonic()
+
+    def tick() -> None:
+        while not stop.wait(1.0 if tty else interval):
+            if time.monotonic() - start >= delay:
+                bar.refresh()
+
+    thread = threading.Thread(target=tick, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        bar.close()

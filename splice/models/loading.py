@@ -23,6 +23,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from splice.core.progress import busy
+
 __all__ = [
     "DEFAULT_GGUF",
     "cache_root",
@@ -105,13 +107,14 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     """Dequantize ``gguf`` into a Hugging Face folder at ``target``, written atomically."""
     # dequantize=True makes transformers drop the GGUF quantization config once the weights are
     # plain tensors; without it save_pretrained refuses ("quantized with gguf, not serializable").
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent),
-        gguf_file=gguf.name,
-        dtype=torch.float32,
-        quantization_config=GgufConfig(dequantize=True),
-    )
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    with busy(f"converting {gguf.name} once into {target}"):
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent),
+            gguf_file=gguf.name,
+            dtype=torch.float32,
+            quantization_config=GgufConfig(dequantize=True),
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     bad = sorted({p.dtype for p in model.parameters() if not p.dtype.is_floating_point}, key=str)
     if bad or getattr(model, "hf_quantizer", None) is not None:
         raise RuntimeError(
