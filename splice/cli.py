@@ -61,6 +61,8 @@ _HELP = {
     "resume": "continue the run in --output-dir from its last checkpoint",
     "quantize": "quantize the frozen base: nf4 (QLoRA, 4-bit NormalFloat as bitsandbytes) or int8 "
                 "(default: none)",
+    "last_turn_only": "conversations: loss on the last assistant turn only (default: every assistant turn)",
+    "report_to": "also log to these trackers, comma-separated: tensorboard, wandb, csv (default: none)",
 }
 
 
@@ -108,12 +110,29 @@ def _number(kind: type, *, low: float | None = None, high: float | None = None,
     return parse
 
 
+def _steps_or_epochs(flags: argparse.Namespace, file: dict[str, Any]) -> dict[str, Any]:
+    """``--epochs`` works without ``--steps 0``: epochs given alone means train by epochs; steps
+    and epochs given together (at the same level: flags, or the config file) is an error."""
+    for steps, epochs, where in ((flags.steps, flags.epochs, "flags"),
+                                 (file.get("steps"), file.get("epochs"), "config file")):
+        if epochs is not None and steps not in (None, 0):
+            raise ValueError(f"both steps ({steps}) and epochs ({epochs}) given in the {where}: "
+                             "give --steps N or --epochs N, not both")
+        if epochs is not None or steps == 0:
+            return {"steps": None}
+        if steps is not None:
+            return {"steps": steps}
+    return {}
+
+
 def _train_config(args: argparse.Namespace) -> TrainConfig:
-    values: dict[str, Any] = load_config_file(args.config) if args.config is not None else {}
+    file_values: dict[str, Any] = load_config_file(args.config) if args.config is not None else {}
+    values = dict(file_values)
     for f in fields(TrainConfig):
         value = getattr(args, f.name, None)
         if value is not None:
             values[f.name] = value
+    values.update(_steps_or_epochs(args, file_values))
     if values.get("steps") == 0:
         values["steps"] = None
     return TrainConfig(**values)
@@ -201,27 +220,97 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_template(args: argparse.Namespace, rows: list[dict[str, Any]], where: str) -> Any:
+    """The template the data/eval commands render rows with (the train options), every row checked."""
+    from splice.data.formats import choose_template
+    from splice.data.rows import check_template
+
+    template = choose_template(set(rows[0]), prompt_template=args.prompt_template,
+                               response_template=args.response_template, chat=args.chat,
+                               system_prompt=args.system_prompt, last_turn_only=args.last_turn_only)
+    check_template(rows, template, where=where)
+    return template
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from splice.evaluation.scoring import evaluate_generation
-    from splice.evaluation.tasks import build_function_names, function_names_task
+    from splice.evaluation.compare import compare_table, evaluate_rows
+    from splice.evaluation.scoring import text_task
+    from splice.evaluation.tasks import function_names_task
+    from splice.training.validate import validation_loss
 
     if args.json:
         _new_file(Path(args.json), "--json")
+
+    if args.data:
+        from splice.data.rows import read_rows
+
+        rows = read_rows(args.data)
+        template = _data_template(args, rows, args.data)  # before the model loads
+        task, source = text_task(template), str(args.data)
+    else:
+        from splice.evaluation.tasks import build_function_names, function_name_template
+
+        rows = build_function_names()[args.split][: args.samples]
+        template, task, source = function_name_template(), function_names_task(), f"{args.split} functions"
     model, tokenizer = _load(args)
-    rows = build_function_names()[args.split][: args.samples]
-    task = function_names_task()
-    report: dict[str, dict[str, float]] = {}
-    if args.adapter:
-        report["base"] = evaluate_generation(model, tokenizer, rows, task=task, base=True,
-                                             max_new_tokens=args.max_new_tokens)
-    report["adapter" if args.adapter else "base"] = evaluate_generation(
-        model, tokenizer, rows, task=task, max_new_tokens=args.max_new_tokens)
-    print(f"{len(rows)} {args.split} functions")
-    for name, scores in report.items():
-        print(f"{name:>8}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+    device = next(model.parameters()).device
+
+    def loss(model: Any, examples: Any) -> float:
+        return validation_loss(model, examples, batch_size=args.batch_size, pad_id=tokenizer.pad_token_id,
+                               device=device)
+
+    report = evaluate_rows(model, tokenizer, rows, template=template, task=task, loss=loss,
+                           max_length=args.max_length, samples=args.samples,
+                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    print(f"{source}: {len(rows)} rows, {min(args.samples, len(rows))} scored by generation")
+    print(compare_table(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
+        Path(args.json).write_text(json.dumps({"data": source, "rows": len(rows), **report}, indent=1) + "\n")
     return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from splice.data.preview import preview_rows
+    from splice.data.rows import read_rows
+    from splice.models.loading import load_tokenizer
+
+    rows = read_rows(args.file)
+    template = _data_template(args, rows, args.file)
+    tokenizer = load_tokenizer(args.model)
+    color = sys.stdout.isatty() if args.color is None else args.color
+    print(preview_rows(rows, tokenizer, template=template, max_length=args.max_length,
+                       train_on_prompt=args.train_on_prompt, count=args.rows, color=color, tokens=args.tokens))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from splice.export.gguf import export_gguf, export_lora_gguf
+
+    out = Path(args.output)
+    if args.adapter_only:
+        if not args.adapter:
+            raise ValueError("--adapter-only needs --adapter DIR (the adapter to write as a GGUF LoRA)")
+        model, _ = _load(argparse.Namespace(model=args.model, adapter=None, device="cpu"))
+        written = export_lora_gguf(model, args.adapter, out, outtype=args.outtype)
+    else:
+        model, tokenizer = _load(argparse.Namespace(model=args.model, adapter=args.adapter, device="cpu"))
+        if args.adapter:
+            from splice.lora.layers import merge
+
+            merge(model, unload=True)
+        written = export_gguf(model, tokenizer, out, outtype=args.outtype)
+    print(f"{'GGUF LoRA adapter' if args.adapter_only else 'GGUF model'} written to {written}")
+    return 0
+
+
+def _data_flags(p: argparse.ArgumentParser) -> None:
+    """The train command's template options, for commands that render a data file."""
+    p.add_argument("--prompt-template", help=_HELP["prompt_template"])
+    p.add_argument("--response-template", help=_HELP["response_template"])
+    p.add_argument("--chat", action="store_true", help=_HELP["chat"])
+    p.add_argument("--system-prompt", help=_HELP["system_prompt"])
+    p.add_argument("--last-turn-only", action="store_true", help=_HELP["last_turn_only"])
+    p.add_argument("--max-length", type=int, default=352, help="max tokens per example (default: 352)")
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
@@ -237,10 +326,21 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    """The installed distribution's version, without importing the package (torch)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("splice")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="splice", description="LoRA fine-tuning on a model rewriter.")
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of an error (also after the command, or SPLICE_DEBUG=1)")
+    parser.add_argument("--version", action="version", version=f"splice {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="fine-tune with LoRA (defaults: SmolLM2-135M on the "
                              "function-naming task)")
@@ -266,13 +366,43 @@ def build_parser() -> argparse.ArgumentParser:
     p_gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     p_gen.set_defaults(run=_cmd_generate)
 
-    p_eval = sub.add_parser("eval", help="score base vs adapter on held-out functions")
+    p_eval = sub.add_parser("eval", help="score base vs adapter: validation loss, perplexity and "
+                            "generation metrics on --data (default: held-out functions)")
     model_flags(p_eval)
-    p_eval.add_argument("--split", default="test", choices=["train", "validation", "test"])
-    p_eval.add_argument("--samples", type=_at_least_one, default=100)
+    p_eval.add_argument("--data", help="held-out data file or save_to_disk folder, any shape train "
+                        "accepts (default: the embedded task's --split)")
+    _data_flags(p_eval)
+    p_eval.add_argument("--split", default="test", choices=["train", "validation", "test"],
+                        help="embedded task split (without --data)")
+    p_eval.add_argument("--samples", type=_number(int, low=0, says="must be an integer >= 0"), default=100, help="rows scored by generation (0: loss only)")
+    p_eval.add_argument("--batch-size", type=_at_least_one, default=16, help="rows per batch")
     p_eval.add_argument("--max-new-tokens", type=_at_least_one, default=24)
     p_eval.add_argument("--json", help="also write the scores to this JSON file")
     p_eval.set_defaults(run=_cmd_eval)
+
+    p_data = sub.add_parser("data", help="preview how the first rows of a data file render, trained "
+                            "tokens marked")
+    p_data.add_argument("file", help="data file (.jsonl/.json/.csv/.parquet) or save_to_disk folder")
+    p_data.add_argument("--model", default=None, help="model whose tokenizer renders the rows "
+                        "(default: embedded SmolLM2-135M)")
+    _data_flags(p_data)
+    p_data.add_argument("--train-on-prompt", action="store_true", help=_HELP["train_on_prompt"])
+    p_data.add_argument("--rows", type=int, default=3, help="rows shown (default: 3)")
+    p_data.add_argument("--tokens", action="store_true", help="also list every token as id/label piece")
+    p_data.add_argument("--color", action=argparse.BooleanOptionalAction, default=None,
+                        help="mark trained tokens in colour (default: on a terminal)")
+    p_data.set_defaults(run=_cmd_data)
+
+    p_export = sub.add_parser("export", help="write a model (merged with --adapter) or an adapter alone "
+                              "as GGUF for llama.cpp / Ollama")
+    model_flags(p_export)
+    p_export.add_argument("--format", default="gguf", choices=["gguf"], help="output format (default: gguf)")
+    p_export.add_argument("--output", required=True, help="the .gguf file to write")
+    p_export.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16"],
+                          help="tensor type of the weights (default: f16)")
+    p_export.add_argument("--adapter-only", action="store_true",
+                          help="write only the adapter, as a llama.cpp GGUF LoRA (use with the base GGUF)")
+    p_export.set_defaults(run=_cmd_export)
 
     p_merge = sub.add_parser("merge", help="fold an adapter into the base and save a HF checkpoint")
     model_flags(p_merge, adapter_required=True)

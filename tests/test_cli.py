@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -115,3 +116,160 @@ def test_config_file(tiny_run_inputs, tmp_path, capsys) -> None:
                  "--output-dir", str(tmp_path / "o"), *FLAGS]) == 0
     saved = json.loads((tmp_path / "o" / "run_config.json").read_text())
     assert saved["rank"] == 4 and saved["steps"] == 2
+
+
+# ----------------------------------------------------------------------------- issue 17: user data, eval, export
+
+
+def test_version_and_a_torch_free_command_line(capsys) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0 and re.fullmatch(r"splice \S+\n", capsys.readouterr().out)
+    # --help is fast when the command line imports no torch/transformers at module level
+    import ast
+
+    import splice.cli as cli
+
+    tree = ast.parse(Path(cli.__file__).read_text())
+    top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    names = [a.name for n in top if isinstance(n, ast.Import) for a in n.names]
+    names += [n.module or "" for n in top if isinstance(n, ast.ImportFrom)]
+    assert not [n for n in names if n.split(".")[0] in ("torch", "transformers")], names
+
+
+def _parsed(*argv: str):
+    from splice.cli import _train_config, build_parser
+
+    return _train_config(build_parser().parse_args(["train", *argv]))
+
+
+def test_epochs_without_steps_zero(tmp_path) -> None:
+    assert _parsed("--epochs", "3").steps is None and _parsed("--epochs", "3").epochs == 3
+    assert _parsed("--steps", "0", "--epochs", "2").steps is None
+    assert _parsed().steps == 40 and _parsed("--steps", "7").steps == 7
+    with pytest.raises(ValueError, match="both steps \\(5\\) and epochs \\(2.0\\) given in the flags"):
+        _parsed("--steps", "5", "--epochs", "2")
+    config = tmp_path / "c.toml"
+    config.write_text("epochs = 2\n")
+    assert _parsed("--config", str(config)).steps is None
+    config.write_text("epochs = 2\nsteps = 9\n")
+    with pytest.raises(ValueError, match="given in the config file"):
+        _parsed("--config", str(config))
+    assert _parsed("--config", str(config), "--epochs", "1").steps is None  # a flag beats the file
+
+
+def test_data_objects_are_logged_as_a_summary() -> None:
+    from splice.training.config import TrainConfig
+
+    rows = [{"prompt": str(i), "completion": "x"} for i in range(48)]
+    saved = TrainConfig(data=rows).to_dict()  # type: ignore[arg-type]
+    assert saved["data"] == "list of 48 rows" and json.dumps(saved)
+
+
+@pytest.fixture
+def adapter_dir(tiny_run_inputs, tmp_path) -> Path:  # noqa: F811
+    """A random non-zero LoRA adapter for the tiny model (no training needed to compare)."""
+    from splice.lora.layers import LoraConfig, add_lora
+    from splice.lora.peft_io import save_adapter
+    from splice.models.loading import load_model
+    from tests.tiny import randomize_lora
+
+    model, _ = load_model(tiny_run_inputs[0])
+    add_lora(model, LoraConfig(rank=4, alpha=8, targets="all-linear"))
+    randomize_lora(model)
+    return save_adapter(model, tmp_path / "adapter")
+
+
+def _pc_data(path: Path) -> Path:
+    with path.open("w") as f:
+        for a, b in [("alpha", "beta"), ("gamma", "delta"), ("omega", "theta")]:
+            f.write(json.dumps({"prompt": f"{a} then {b}?\n", "completion": f"{b} {a}"}) + "\n")
+    return path
+
+
+def test_eval_data_base_vs_adapter(tiny_run_inputs, adapter_dir, tmp_path, capsys) -> None:  # noqa: F811
+    data = _pc_data(tmp_path / "held.jsonl")
+    out = tmp_path / "scores.json"
+    assert main(["eval", "--model", str(tiny_run_inputs[0]), "--adapter", str(adapter_dir), "--data", str(data),
+                 "--samples", "2", "--max-new-tokens", "4", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "3 rows, 2 scored by generation" in printed and "perplexity" in printed and "change" in printed
+    report = json.loads(out.read_text())
+    assert report["rows"] == 3 and set(report) == {"data", "rows", "base", "adapter"}
+    for side in ("base", "adapter"):
+        scores = report[side]
+        assert set(scores) == {"val_loss", "perplexity", "exact_match", "word_f1"}
+        assert scores["perplexity"] == pytest.approx(math.exp(scores["val_loss"]), rel=1e-9)
+    assert report["base"]["val_loss"] != pytest.approx(report["adapter"]["val_loss"])
+    # the base column is the plain model's loss, computed independently
+    from splice.data.formats import choose_template
+    from splice.data.rows import read_rows, tokenize_rows
+    from splice.evaluation.scoring import validation_loss
+    from splice.models.loading import load_model
+
+    model, tokenizer = load_model(tiny_run_inputs[0])
+    rows = read_rows(data)
+    examples = tokenize_rows(rows, tokenizer, template=choose_template(set(rows[0])), max_length=352).examples
+    plain = validation_loss(model, examples, batch_size=16, pad_id=tokenizer.pad_token_id, device=torch.device("cpu"))
+    assert report["base"]["val_loss"] == pytest.approx(plain, rel=1e-5)
+
+
+def test_eval_data_errors_before_the_model_loads(tmp_path, capsys) -> None:
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"question": "a", "reply": "b"}) + "\n")
+    assert main(["eval", "--model", str(tmp_path / "absent"), "--data", str(data)]) == 2
+    error = capsys.readouterr().err
+    assert "cannot tell prompt from answer" in error and "sharegpt" in error and "absent" not in error
+
+
+def test_data_preview_marks_trained_tokens(tiny_run_inputs, tmp_path, capsys) -> None:  # noqa: F811
+    data = _pc_data(tmp_path / "d.jsonl")
+    assert main(["data", str(data), "--model", str(tiny_run_inputs[0]), "--rows", "2", "--no-color"]) == 0
+    printed = capsys.readouterr().out
+    assert "2 of 3 rows (PromptTemplate)" in printed
+    assert "alpha then beta?\n[[beta alpha<|im_end|>]]" in printed and "--- row 2:" in printed
+    assert main(["data", str(data), "--model", str(tiny_run_inputs[0]), "--chat", "--tokens", "--rows", "1",
+                 "--no-color"]) == 0
+    printed = capsys.readouterr().out
+    assert "<|im_start|>assistant\n[[beta alpha<|im_end|>]]" in printed and "/-100" in printed
+
+
+def test_export_gguf_merged_and_adapter(tiny_run_inputs, adapter_dir, tmp_path, capsys, monkeypatch) -> None:  # noqa: F811
+    import gguf
+
+    monkeypatch.setenv("SPLICE_CACHE", str(tmp_path / "cache"))
+    model = str(tiny_run_inputs[0])
+    assert main(["export", "--model", model, "--adapter", str(adapter_dir), "--output",
+                 str(tmp_path / "m.gguf"), "--outtype", "f32"]) == 0
+    assert main(["export", "--model", model, "--adapter", str(adapter_dir), "--adapter-only",
+                 "--output", str(tmp_path / "lora.gguf")]) == 0
+    assert "GGUF LoRA adapter written" in capsys.readouterr().out
+    lora = gguf.GGUFReader(str(tmp_path / "lora.gguf"))
+    assert any(t.name == "blk.0.attn_q.weight.lora_b" for t in lora.tensors)
+    # the GGUF loads back through splice as the merged model does
+    assert main(["generate", "--model", str(tmp_path / "m.gguf"), "--prompt", "alpha then", "--max-new-tokens", "5"]) == 0
+    from_gguf = capsys.readouterr().out
+    assert main(["generate", "--model", model, "--adapter", str(adapter_dir), "--prompt", "alpha then",
+                 "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out == from_gguf
+
+
+def test_model_folder_without_tokenizer_files(tiny_run_inputs, tmp_path, capsys) -> None:  # noqa: F811
+    import shutil
+
+    folder = tmp_path / "weights-only"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_run_inputs[0] / name, folder / name)
+    assert main(["generate", "--model", str(folder), "--prompt", "x"]) == 2
+    assert "has no tokenizer files" in _error(capsys)
+
+
+def test_report_to_csv_from_the_command_line(tiny_run_inputs, tmp_path) -> None:  # noqa: F811
+    out = tmp_path / "run"
+    assert _train(tiny_run_inputs, out, "--steps", "2", "--report-to", "csv", "--eval-samples", "0",
+                  "--no-compare-base") == 0
+    import csv
+
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [r["kind"] for r in rows[:2]] == ["train", "train"] and rows[-1]["kind"] == "summary"

@@ -17,6 +17,8 @@ from typing import Any
 
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from splice.core.progress import progress
+
 __all__ = [
     "IGNORE_INDEX",
     "ChatTemplate",
@@ -24,8 +26,13 @@ __all__ = [
     "PromptTemplate",
     "Template",
     "TokenizedData",
+    "chat_segments",
+    "check_template",
+    "describe_source",
+    "format_row",
     "read_rows",
     "render_chat",
+    "row_error",
     "split_rows",
     "tokenize_rows",
 ]
@@ -79,14 +86,53 @@ def _read_file(path: Path) -> list[Row]:
     return pa_csv.read_csv(path, convert_options=options).to_pylist()
 
 
+_SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+def _read_saved_dataset(path: Path) -> list[Row]:
+    """The rows of a folder written by ``datasets``' ``save_to_disk`` (a DatasetDict: its
+    "train" split)."""
+    if not any((path / marker).is_file() for marker in _SAVED_MARKERS):
+        raise ValueError(
+            f"{path} is a folder, not a data file, and not one written by datasets' save_to_disk "
+            f"(no {' or '.join(_SAVED_MARKERS)}); pass a {_ACCEPTED} file or a save_to_disk folder"
+        )
+    try:
+        import datasets
+    except ImportError as error:
+        raise ValueError(f"{path} was written by datasets' save_to_disk; reading it needs the datasets "
+                         "library: pip install 'splice[datasets]'") from error
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise ValueError(f"{path} holds splits {sorted(loaded)} and no 'train'; pass the split's "
+                             f"own folder, e.g. {path / sorted(loaded)[0]}")
+        loaded = loaded["train"]
+    return list(loaded.to_list())
+
+
+def describe_source(source: Any) -> str:
+    """A short name for a data source: its path, or e.g. ``"list of 48 rows"`` for objects (a
+    log or a run_config.json never holds a whole in-memory data set)."""
+    if source is None or isinstance(source, (str, Path)):
+        return str(source)
+    size = len(source) if hasattr(source, "__len__") else None
+    return f"{type(source).__name__} of {size} rows" if size is not None else type(source).__name__
+
+
 def read_rows(source: str | Path | Any) -> list[dict[str, Any]]:
     """Rows (dicts of column -> value) from a file or an in-memory dataset.
 
-    ``source``: a parquet, JSON-lines or CSV path; an object with ``to_list()`` (a Hugging Face
-    ``datasets.Dataset``) or ``to_pylist()`` (a ``pyarrow.Table``); or an iterable of dicts.
+    ``source``: a parquet, JSON-lines or CSV path; a folder written by ``datasets``'
+    ``Dataset.save_to_disk`` (needs the ``datasets`` extra); an object with ``to_list()`` (a
+    Hugging Face ``datasets.Dataset``) or ``to_pylist()`` (a ``pyarrow.Table``); or an iterable
+    of dicts.
     """
     rows: list[Any]
-    if isinstance(source, (str, Path)):
+    if isinstance(source, (str, Path)) and Path(source).expanduser().is_dir():
+        path = Path(source).expanduser()
+        rows, where = _read_saved_dataset(path), str(path)
+    elif isinstance(source, (str, Path)):
         path = Path(source).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"data file {path} does not exist; pass an existing {_ACCEPTED} file")
@@ -136,7 +182,9 @@ def split_rows(rows: Sequence[Row], *, val_fraction: float, seed: int) -> tuple[
 # ----------------------------------------------------------------------------- templates
 
 
-def _format(template: str | Callable[[Row], str], row: Row, what: str) -> str:
+def format_row(template: str | Callable[[Row], str], row: Row, what: str) -> str:
+    """``template`` (a ``str.format`` string over the columns, or a function) filled from ``row``;
+    ``what`` names it in errors ("prompt", "response")."""
     if callable(template):
         text = template(row)
         if not isinstance(text, str):
@@ -156,7 +204,20 @@ def _format(template: str | Callable[[Row], str], row: Row, what: str) -> str:
                 f"the {what} template uses column {column!r}, but the data has columns "
                 f"{sorted(row)}; rename the field in the template or the column in the data"
             )
+        _check_value(row[column], column)
     return template.format_map(row)
+
+
+def _check_value(value: Any, column: str) -> None:
+    """Template columns hold text; numbers are written as text on purpose (``str.format``).
+    Anything else (null, bool, list, dict) would be trained on as its Python repr."""
+    if isinstance(value, str) or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        return
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    raise TypeError(
+        f"column {column!r} holds {shown} ({type(value).__name__}); template columns must be "
+        "strings or numbers: fix the value, drop the row, or pass a template function"
+    )
 
 
 @dataclass(frozen=True)
@@ -172,7 +233,7 @@ class PromptTemplate:
 
     def render(self, row: Row) -> tuple[str, str]:
         """(prompt text, response text) for one row."""
-        return _format(self.prompt, row, "prompt"), _format(self.response, row, "response")
+        return format_row(self.prompt, row, "prompt"), format_row(self.response, row, "response")
 
 
 @dataclass(frozen=True)
@@ -180,10 +241,13 @@ class ChatTemplate:
     """A conversation per row, rendered with the tokenizer's chat template.
 
     ``messages(row)`` returns ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``;
-    the LAST message must be the assistant's answer, and only it is trained on.
+    the LAST message must be an assistant turn. Every assistant turn is trained on (its content
+    and end-of-turn token); with ``last_turn_only`` only the last one, the earlier turns being
+    context like the user's.
     """
 
     messages: Callable[[Row], list[dict[str, str]]]
+    last_turn_only: bool = False
 
     def render(self, row: Row) -> list[dict[str, str]]:
         """The row's validated conversation."""
@@ -244,28 +308,85 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str
     return text
 
 
-def _chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
-    """(prompt ids ending with the generation prompt, answer ids) for one conversation."""
-    prompt_text = render_chat(tokenizer, messages[:-1], generation_prompt=True)
-    full_text = render_chat(tokenizer, messages, generation_prompt=False)
-    if not full_text.startswith(prompt_text):
+def _assistant_turn(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], index: int,
+                    full_text: str) -> tuple[int, int]:
+    """(start, end) characters of assistant turn ``index`` in the rendered conversation: from the
+    end of the generation prompt that precedes it to the end of the turn."""
+    if index == 0:
+        raise ValueError("the conversation starts with an assistant turn; put a user turn before it")
+    prompt_text = render_chat(tokenizer, messages[:index], generation_prompt=True)
+    turn_text = render_chat(tokenizer, messages[: index + 1], generation_prompt=False)
+    if not (full_text.startswith(prompt_text) and turn_text.startswith(prompt_text)
+            and full_text.startswith(turn_text)):
         raise ValueError(
             "the tokenizer's chat template renders the prompt (with generation prompt) so that it is "
             "not a prefix of the full conversation, so the answer cannot be located; use a template "
-            f"without per-turn rewriting. Prompt ends {prompt_text[-60:]!r}, conversation has "
+            "without per-turn rewriting (or train the last turn only). Prompt ends "
+            f"{prompt_text[-60:]!r}, conversation has "
             f"{full_text[len(prompt_text) - 60:len(prompt_text)]!r} there."
         )
-    # The answer is tokenized apart from the prompt: generation sees exactly the prompt's tokens and
-    # continues from them, so tokens merged across the boundary would never be produced.
-    # The rendered text already holds any BOS the template wants: no special tokens added.
-    prompt = _ids(tokenizer, prompt_text, special=False)
-    answer = _ids(tokenizer, full_text[len(prompt_text):], special=False)
+    return len(prompt_text), len(turn_text)
+
+
+def chat_segments(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], *,
+                  last_turn_only: bool = False) -> list[tuple[list[int], bool]]:
+    """A conversation as token segments ``(ids, trained)``: context, then each trained assistant
+    turn (its content through the end-of-turn eos), in order. Concatenated they are the rendered
+    conversation (what follows the final eos, e.g. ChatML's newline, is dropped)."""
+    full_text = render_chat(tokenizer, messages, generation_prompt=False)
+    turns = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+    if last_turn_only:
+        turns = turns[-1:]
     eos = tokenizer.eos_token_id
-    if eos in answer:  # end at the turn's eos; drop what follows (ChatML's "\n")
-        answer = answer[: len(answer) - answer[::-1].index(eos)]
-    else:
-        answer.append(eos)
-    return prompt, answer
+    segments: list[tuple[list[int], bool]] = []
+    done = 0  # characters of full_text already in segments
+    for index in turns:
+        start, end = _assistant_turn(tokenizer, messages, index, full_text)
+        if start < done:
+            raise ValueError("the chat template renders an assistant turn inside an earlier one; "
+                             "train the last turn only")
+        # Each answer is tokenized apart from its prompt: generation sees exactly the prompt's
+        # tokens and continues from them, so tokens merged across the boundary would never be
+        # produced. The rendered text already holds any BOS the template wants.
+        context = _ids(tokenizer, full_text[done:start], special=False)
+        answer = _ids(tokenizer, full_text[start:end], special=False)
+        after: list[int] = []
+        if eos in answer:  # the turn ends at its eos; what follows (ChatML's "\n") is context
+            cut = len(answer) - answer[::-1].index(eos)
+            answer, after = answer[:cut], answer[cut:]
+        else:
+            answer.append(eos)
+        segments += [(context, False), (answer, True)]
+        if after:
+            segments.append((after, False))
+        done = end
+    if segments and not segments[-1][1]:
+        segments.pop()  # the last turn's trailing text: nothing is trained after the final eos
+    return segments
+
+
+def row_error(error: Exception, number: int, where: str) -> ValueError:
+    """``error`` from rendering row ``number`` (1-based) as one ValueError naming the row."""
+    text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    return ValueError(f"{where}, row {number}: {text}")
+
+
+def check_template(rows: Sequence[Row], template: Template, *, where: str = "data") -> None:
+    """Render every row (no tokenizer needed), so a bad row is named before any model loads."""
+    for number, row in enumerate(rows, start=1):
+        try:
+            template.render(row)
+        except (TypeError, ValueError, KeyError, IndexError) as error:
+            raise row_error(error, number, where) from error
+
+
+def _segments(tokenizer: PreTrainedTokenizerBase, template: Template, row: Row) -> list[tuple[list[int], bool]]:
+    """One row as ``(ids, trained)`` segments: prompt then answer, or a conversation's turns."""
+    if isinstance(template, ChatTemplate):
+        return chat_segments(tokenizer, template.render(row), last_turn_only=template.last_turn_only)
+    prompt_text, answer_text = template.render(row)
+    answer = _ids(tokenizer, answer_text, special=False) + [tokenizer.eos_token_id]
+    return [(_ids(tokenizer, prompt_text, special=True), False), (answer, True)]
 
 
 def tokenize_rows(
@@ -279,7 +400,8 @@ def tokenize_rows(
     """Tokenize rows into prompt + answer examples of at most ``max_length`` tokens.
 
     The answer ends with the eos token so the model learns to stop. Prompt tokens get label -100
-    unless ``train_on_prompt``. A row whose answer does not fit is cut at ``max_length``
+    unless ``train_on_prompt``; a conversation trains every assistant turn (see
+    :class:`ChatTemplate`). A row that cannot be rendered is a ValueError naming its (1-based) row. A row whose answer does not fit is cut at ``max_length``
     (``truncated``); a row whose prompt alone takes ``max_length`` tokens has no answer token left
     and is dropped (``dropped``).
     """
@@ -297,24 +419,23 @@ def tokenize_rows(
     examples: list[Example] = []
     truncated = dropped = 0
     longest_prompt = 0
-    for row in rows:
-        if isinstance(template, ChatTemplate):
-            prompt, answer = _chat_ids(tokenizer, template.render(row))
-        elif isinstance(template, PromptTemplate):
-            prompt_text, answer_text = template.render(row)
-            prompt = _ids(tokenizer, prompt_text, special=True)
-            answer = _ids(tokenizer, answer_text, special=False) + [tokenizer.eos_token_id]
-        else:
-            raise TypeError(f"template is a {type(template).__name__}; pass a PromptTemplate or ChatTemplate")
-        longest_prompt = max(longest_prompt, len(prompt))
-        if len(prompt) >= max_length:
+    if not isinstance(template, (ChatTemplate, PromptTemplate)):
+        raise TypeError(f"template is a {type(template).__name__}; pass a PromptTemplate or ChatTemplate")
+    for number, row in enumerate(progress(rows, desc="tokenizing", unit="row"), start=1):
+        try:
+            segments = _segments(tokenizer, template, row)
+        except (TypeError, ValueError, KeyError, IndexError) as error:
+            raise row_error(error, number, "data") from error
+        prompt_length = len(segments[0][0]) if not segments[0][1] else 0
+        longest_prompt = max(longest_prompt, prompt_length)
+        if prompt_length >= max_length:
             dropped += 1
             continue
-        ids = prompt + answer
+        ids = [t for part, _ in segments for t in part]
+        labels = [t if trained or train_on_prompt else IGNORE_INDEX for part, trained in segments for t in part]
         if len(ids) > max_length:
-            ids = ids[:max_length]
+            ids, labels = ids[:max_length], labels[:max_length]
             truncated += 1
-        labels = list(ids) if train_on_prompt else [IGNORE_INDEX] * len(prompt) + ids[len(prompt):]
         examples.append(Example(input_ids=ids, labels=labels))
     if not examples:
         raise ValueError(

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from splice.lora.bank import use_adapter_bank
+from splice.core.progress import progress
 from splice.lora.layers import use_adapters
 
 __all__ = ["generate", "generate_ids", "sample_next", "top_k_top_p_filter"]
@@ -308,7 +309,8 @@ def generate(
         generator = torch.Generator(device=_device(model)).manual_seed(seed)
 
     results: list[str] = []
-    for start in range(0, len(encoded), batch_size):
+    starts = range(0, len(encoded), batch_size)
+    for start in progress(starts, desc="generating", unit="batch", total=len(starts)):
         batch = encoded[start : start + batch_size]
 
         def hits_stop(row: int, ids: list[int], batch: list[list[int]] = batch) -> bool:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from splice.core.family import is_conv1d
+from splice.core.progress import progress
 from splice.core.rewrite import Around, Node, innermost, rewrite, rewritten_nodes, unrewrite
 from splice.core.targets import Targets, target_matcher
 from splice.lora.routing import Route, check_rows, current_route, routed
@@ -356,7 +357,7 @@ def merge(model: nn.Module, *, unload: bool = False) -> list[str]:
             "(e.g. the output head shares the input embedding), which would change too. Keep "
             "that adapter unmerged, or untie the weights first"
         )
-    for _, wrapper, layer in found:
+    for _, wrapper, layer in progress(found, desc="merging", unit="module"):
         layer.merge_into(innermost(wrapper))
     if unload:
         for _, _, layer in found:

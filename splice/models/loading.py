@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTra
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from splice.core.io import atomic_dir
+from splice.core.progress import busy
 
 __all__ = [
     "DEFAULT_GGUF",
@@ -29,6 +30,7 @@ __all__ = [
     "default_model_path",
     "gguf_cache_path",
     "load_model",
+    "load_tokenizer",
 ]
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -104,13 +106,14 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     """Dequantize ``gguf`` into a Hugging Face folder at ``target``, written atomically."""
     # dequantize=True makes transformers drop the GGUF quantization config once the weights are
     # plain tensors; without it save_pretrained refuses ("quantized with gguf, not serializable").
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent),
-        gguf_file=gguf.name,
-        dtype=torch.float32,
-        quantization_config=GgufConfig(dequantize=True),
-    )
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    with busy(f"converting {gguf.name} once into {target}"):
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent),
+            gguf_file=gguf.name,
+            dtype=torch.float32,
+            quantization_config=GgufConfig(dequantize=True),
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     bad = sorted({p.dtype for p in model.parameters() if not p.dtype.is_floating_point}, key=str)
     if bad or getattr(model, "hf_quantizer", None) is not None:
         raise RuntimeError(
@@ -185,6 +188,29 @@ def _fix_tokenizer(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -
             generation.eos_token_id = tokenizer.eos_token_id
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _check_tokenizer_files(folder: str) -> None:
+    """A local model folder must hold its tokenizer (a merged or copied model often lacks it)."""
+    path = Path(folder)
+    if path.is_dir() and not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"model folder {path} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); copy them "
+            "from the base model, e.g. AutoTokenizer.from_pretrained(base).save_pretrained(folder)"
+        )
+
+
+def load_tokenizer(source: str | Path | None = None, *, cache_dir: str | Path | None = None) -> PreTrainedTokenizerBase:
+    """Only the tokenizer of ``source`` (as :func:`load_model` resolves it), with a pad token."""
+    folder = _resolve(source, cache_dir)
+    _check_tokenizer_files(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_model(
     source: str | Path | None = None,
     *,
@@ -205,6 +231,7 @@ def load_model(
     ``model_max_length`` = the model's context length.
     """
     folder = _resolve(source, cache_dir)
+    _check_tokenizer_files(folder)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(folder)

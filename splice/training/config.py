@@ -22,7 +22,7 @@ RUN_CONFIG = "run_config.json"
 _RESUME_FREE = {"resume", "steps", "epochs", "save_every", "keep_checkpoints", "eval_every",
                 "eval_samples", "compare_base", "eval_batch_size", "max_new_tokens",
                 "fuse", "gradient_checkpointing", "offload_checkpoints", "keep_attention", "cuda_graphs",
-                "device", "output_dir"}
+                "device", "output_dir", "report_to"}
 # Files in a run directory that do not make it "used" (the run-directory lock, see rundir.py).
 _NOT_A_RUN = {".splice.lock"}
 
@@ -79,6 +79,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_bad_steps: int = 5
     resume: bool = False
+    # A user's own data and tracking (issue 17).
+    last_turn_only: bool = False  # conversations: loss on the last assistant turn only (default: every one)
+    report_to: str = ""  # trackers besides metrics.jsonl, comma-separated: tensorboard, wandb, csv
 
     def __post_init__(self) -> None:
         for f in fields(self):  # TOML/YAML write 32 for 32.0: a whole number is a valid float
@@ -108,7 +111,12 @@ class TrainConfig:
         return self.model or "HuggingFaceTB/SmolLM2-135M-Instruct"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        from splice.data.rows import describe_source  # data given as objects: a summary, not the rows
+
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        for key in ("data", "val_data"):
+            values[key] = None if values[key] is None else describe_source(values[key])
+        return values
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

@@ -32,9 +32,9 @@ from splice.training.config import TrainConfig, save_run_config
 from splice.training.graphs import GraphedStep
 from splice.training.loss import check_labels, lm_head_params, train_step_loss
 from splice.training.preflight import preflight
-from splice.training.report import MetricsLog, Progress, plot_losses
+from splice.training.report import MetricsLog, Progress, check_trackers, open_trackers, plot_losses
 from splice.training.rundir import run_directory
-from splice.training.setup import RunData, fuse_and_checkpoint, prepare_data, prepare_model
+from splice.training.setup import RunData, fuse_and_checkpoint, prepare_data, prepare_model, prepare_rows
 from splice.training.state import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
 from splice.training.validate import validation_loss
 
@@ -169,8 +169,10 @@ def train(config: TrainConfig, *, log: Progress | None = None) -> TrainResult:
 def _train_locked(config: TrainConfig, *, log: Progress | None = None) -> TrainResult:
     out = Path(config.output_dir)
     torch.manual_seed(config.seed)
+    check_trackers(config.report_to)
+    rows = prepare_rows(config)  # bad data is named before the slow model load
     model, tokenizer, device, precision = prepare_model(config)
-    data = prepare_data(config, tokenizer)
+    data = prepare_data(config, tokenizer, rows)
     add_lora(model, LoraConfig(rank=config.rank, alpha=config.alpha, dropout=config.dropout,
                                targets=config.target_spec(), rslora=config.rslora))
     summary = freeze(model)
@@ -198,7 +200,7 @@ def _train_locked(config: TrainConfig, *, log: Progress | None = None) -> TrainR
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_at(s, total=total, warmup=warmup, schedule=config.schedule))
     state = TrainerState()
-    metrics = MetricsLog(out / "metrics.jsonl")
+    metrics = MetricsLog(out / "metrics.jsonl", trackers=open_trackers(config.report_to, out, config.to_dict()))
     ckpt_dir = out / "checkpoints"
     latest = latest_checkpoint(ckpt_dir) if config.resume else None
     if latest is not None:
@@ -237,6 +239,7 @@ def _train_locked(config: TrainConfig, *, log: Progress | None = None) -> TrainR
                     good = latest_checkpoint(ckpt_dir)
                     where = (f"the last good checkpoint is {good} (continue from it with --resume)"
                              if good else "no checkpoint was written yet")
+                    metrics.close()
                     raise TrainingDiverged(
                         f"{state.bad_steps} non-finite losses in a row at step {state.step + 1}: "
                         f"stopping; {where}. Lower --lr or check the data"
@@ -269,6 +272,7 @@ def _train_locked(config: TrainConfig, *, log: Progress | None = None) -> TrainR
                 result.stopped_by = stop["signal"]
                 result.steps = state.step
                 result.cuda_graphs = micro_step.captured
+                metrics.close()
                 return result
             if config.save_every and state.step % config.save_every == 0:
                 checkpoint()
@@ -282,6 +286,7 @@ def _train_locked(config: TrainConfig, *, log: Progress | None = None) -> TrainR
     result.metrics = {"final": final, "base": base_metrics}
     metrics.write({"kind": "summary", "step": state.step, **{f"base_{k}": v for k, v in
                    base_metrics.items()}, **final})
+    metrics.close()
     plot_losses(metrics.read(), out / "loss.png")
     say(_comparison(base_metrics, final))
     say(f"adapter saved to {out / 'adapter'}; metrics in {metrics.path}; plot in {out / 'loss.png'}")

@@ -3,25 +3,156 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
-__all__ = ["MetricsLog", "Progress", "plot_losses"]
+from splice.core.progress import progress
+
+__all__ = ["TRACKERS", "CsvTracker", "MetricsLog", "Progress", "TensorBoardTracker", "Tracker", "WandbTracker",
+           "check_trackers", "open_trackers", "plot_losses"]
+
+
+# ----------------------------------------------------------------------------- trackers
+
+# tracker name -> (module imported to use it, the splice extra that installs it)
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"), "csv": ("csv", None)}
+
+
+class Tracker(Protocol):
+    """Somewhere metrics records go besides metrics.jsonl."""
+
+    def log(self, record: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The numeric values of a record as ``"<kind>/<key>"`` (``train/loss``, ``eval/val_loss``)."""
+    kind = record.get("kind", "train")
+    return {f"{kind}/{k}": float(v) for k, v in record.items()
+            if k not in ("kind", "step") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def check_trackers(report_to: str) -> list[str]:
+    """The tracker names in ``report_to`` ("tensorboard,wandb,csv"), each importable: an unknown
+    name or a missing optional dependency is one clear error, before any model loads."""
+    names = [n.strip().lower() for n in report_to.split(",") if n.strip()]
+    for name in names:
+        if name not in TRACKERS:
+            raise ValueError(f"--report-to {name!r}: unknown tracker; use any of {', '.join(TRACKERS)} "
+                             "(comma-separated)")
+        module, extra = TRACKERS[name]
+        try:
+            __import__(module)
+        except ImportError as error:
+            raise ValueError(f"--report-to {name} needs the {module} package, which is not installed: "
+                             f"pip install 'splice[{extra}]' (or pip install {module})") from error
+    return list(dict.fromkeys(names))
+
+
+class TensorBoardTracker:
+    """Scalars as TensorBoard event files in ``<run>/tensorboard`` (``tensorboard --logdir``)."""
+
+    def __init__(self, directory: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(directory))
+
+    def log(self, record: dict[str, Any]) -> None:
+        for key, value in _scalars(record).items():
+            self.writer.add_scalar(key, value, global_step=int(record.get("step", 0)))
+        self.writer.flush()  # a record per step: a crash keeps every one
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbTracker:
+    """A Weights & Biases run (project ``$WANDB_PROJECT`` or "splice"; files in ``<run>/wandb``;
+    ``WANDB_MODE=offline`` works without network, ``wandb sync`` uploads later)."""
+
+    def __init__(self, out: Path, config: dict[str, Any]) -> None:
+        import os
+
+        import wandb
+
+        out.mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "splice"), dir=str(out),
+                              name=out.name, config=config)
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.run.log(_scalars(record), step=int(record.get("step", 0)))
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class CsvTracker:
+    """``metrics.csv``: one row per record, a column per key seen (the file is rewritten when a
+    new key appears, so every row has every column)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: list[dict[str, Any]] = []
+        self.columns: list[str] = []
+
+    def log(self, record: dict[str, Any]) -> None:
+        import csv
+
+        self.rows.append(record)
+        new = [k for k in record if k not in self.columns]
+        self.columns += new
+        with self.path.open("w" if new else "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.columns)
+            if new:
+                writer.writeheader()
+                writer.writerows(self.rows)
+            else:
+                writer.writerow(record)
+
+    def close(self) -> None:
+        pass
+
+
+def open_trackers(report_to: str, out: Path, config: dict[str, Any]) -> list[Tracker]:
+    """The trackers ``report_to`` names, writing under the run directory ``out``."""
+    trackers: list[Tracker] = []
+    for name in check_trackers(report_to):
+        if name == "tensorboard":
+            trackers.append(TensorBoardTracker(out / "tensorboard"))
+        elif name == "wandb":
+            trackers.append(WandbTracker(out, config))
+        else:
+            trackers.append(CsvTracker(out / "metrics.csv"))
+    return trackers
+
+
+# ----------------------------------------------------------------------------- metrics.jsonl
 
 
 class MetricsLog:
-    """Appends one JSON object per line to ``metrics.jsonl`` (flushed, so a crash keeps it)."""
+    """Appends one JSON object per line to ``metrics.jsonl`` (flushed, so a crash keeps it), and
+    hands every record to the ``trackers`` (see :func:`open_trackers`)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, trackers: Sequence[Tracker] = ()) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.trackers = list(trackers)
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        for tracker in self.trackers:
+            tracker.log(record)
+
+    def close(self) -> None:
+        """Flush and close the trackers (metrics.jsonl needs nothing)."""
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
     def read(self) -> list[dict[str, Any]]:
         if not self.path.exists():
@@ -34,55 +165,41 @@ class MetricsLog:
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
-def _duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else (
-        f"{seconds // 60:02d}:{seconds % 60:02d}")
-
-
 class Progress:
-    """A one-line progress bar: step, loss, learning rate, tokens/s and ETA.
+    """The training progress bar (tqdm): step, loss, learning rate and tokens/s, with tqdm's
+    elapsed time and ETA.
 
-    Redraws in place on a terminal; elsewhere (logs, CI) prints a line every ``every`` steps.
+    Redraws in place on a terminal; elsewhere (logs, CI) prints a line every ``interval`` seconds
+    (and the last step), so a slow run shows it is alive without a line per step.
     """
 
-    def __init__(self, total: int, *, start: int = 0, stream: TextIO | None = None, every: int = 10) -> None:
+    def __init__(self, total: int, *, start: int = 0, stream: TextIO | None = None,
+                 interval: float = 5.0) -> None:
         self.total, self.step = total, start
-        self.start_step = start
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
-        self.every = every
         self.t0 = time.perf_counter()
         self.tokens = 0
+        self.bar = progress(desc="training", total=total, initial=start, unit="step", stream=self.stream,
+                            interval=interval, delay=0.0)
 
     def update(self, step: int, *, loss: float, lr: float, tokens: int) -> None:
-        self.step = step
         self.tokens += tokens
         elapsed = time.perf_counter() - self.t0
-        done = step - self.start_step
         rate = self.tokens / elapsed if elapsed > 0 else 0.0
-        eta = elapsed / done * (self.total - step) if done else float("inf")
-        width = 24
-        filled = int(width * step / max(self.total, 1))
-        line = (f"[{'#' * filled}{'.' * (width - filled)}] {step}/{self.total} loss {loss:.4f} "
-                f"lr {lr:.2e} {rate:,.0f} tok/s eta {_duration(eta)}")
-        if self.tty:
-            self.stream.write("\r" + line)
-            self.stream.flush()
-        elif step % self.every == 0 or step == self.total or step == self.start_step + 1:
-            self.stream.write(line + "\n")
-            self.stream.flush()
+        self.bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {rate:,.0f} tok/s", refresh=False)
+        self.bar.update(step - self.step)
+        self.step = step
 
     def message(self, text: str) -> None:
-        self.stream.write(("\n" if self.tty else "") + text + "\n")
-        self.stream.flush()
+        if self.tty:
+            self.bar.write(text, file=self.stream)
+        else:
+            self.stream.write(text + "\n")
+            self.stream.flush()
 
     def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
+        self.bar.close()
 
 
 def plot_losses(records: list[dict[str, Any]], path: str | Path) -> Path | None:

@@ -8,12 +8,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from splice.data.rows import ChatTemplate, Example, PromptTemplate, Row, read_rows, split_rows, tokenize_rows
+from splice.data.formats import choose_template
+from splice.data.rows import (
+    ChatTemplate,
+    Example,
+    PromptTemplate,
+    Row,
+    check_template,
+    describe_source,
+    read_rows,
+    split_rows,
+    tokenize_rows,
+)
 from splice.evaluation.scoring import Task, text_task
 from splice.models.loading import load_model
 from splice.training.config import TrainConfig
 
-__all__ = ["RunData", "prepare_data", "prepare_model", "resolve_device", "fuse_and_checkpoint"]
+__all__ = ["RunData", "RunRows", "fuse_and_checkpoint", "prepare_data", "prepare_model", "prepare_rows",
+           "resolve_device"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -71,56 +83,58 @@ class RunData:
 
 
 def _template(config: TrainConfig, columns: set[str]) -> PromptTemplate | ChatTemplate:
-    if config.prompt_template is not None and config.response_template is not None:
-        if not config.chat:
-            return PromptTemplate(config.prompt_template, config.response_template)
-        prompt, response, system = config.prompt_template, config.response_template, config.system_prompt
-
-        def messages(row: Row) -> list[dict[str, str]]:
-            head = [{"role": "system", "content": system}] if system else []
-            return head + [{"role": "user", "content": prompt.format_map(row)},
-                           {"role": "assistant", "content": response.format_map(row)}]
-
-        return ChatTemplate(messages)
-    if "messages" in columns:
-        return ChatTemplate(lambda row: list(row["messages"]))
-    for prompt_col, response_col in (("prompt", "completion"), ("prompt", "response"),
-                                     ("instruction", "output"), ("input", "output")):
-        if {prompt_col, response_col} <= columns:
-            return PromptTemplate("{" + prompt_col + "}", "{" + response_col + "}")
-    raise ValueError(
-        f"cannot tell prompt from answer in columns {sorted(columns)}: pass --prompt-template "
-        "and --response-template (e.g. 'Q: {question}\\nA: ' and '{answer}'), or use columns "
-        "prompt/completion or messages"
-    )
+    return choose_template(columns, prompt_template=config.prompt_template,
+                           response_template=config.response_template, chat=config.chat,
+                           system_prompt=config.system_prompt, last_turn_only=config.last_turn_only)
 
 
-def prepare_data(config: TrainConfig, tokenizer: Any) -> RunData:
-    """Rows -> template -> token ids with answer-only labels, plus held-out rows for scoring."""
+@dataclass
+class RunRows:
+    """A run's rows and template, read and checked before any model loads."""
+
+    train: list[Row]
+    validation: list[Row]
+    eval_rows: list[Row]
+    template: PromptTemplate | ChatTemplate
+    task: Task
+    source: str
+
+
+def prepare_rows(config: TrainConfig) -> RunRows:
+    """Read, split and render every row (no tokenizer needed): a bad file, shape, column or value
+    is an error naming it before the slow model load."""
     if config.data is None:
         from splice.evaluation.tasks import build_function_names, function_name_template, function_names_task
 
         splits = build_function_names()
-        train_rows, val_rows = splits["train"], splits["validation"]
-        eval_rows = splits["test"][: config.eval_samples]
-        template: PromptTemplate | ChatTemplate = function_name_template()
-        task = function_names_task()
-        source = "embedded function-naming task (Python standard library)"
+        return RunRows(train=splits["train"], validation=splits["validation"],
+                       eval_rows=splits["test"][: config.eval_samples], template=function_name_template(),
+                       task=function_names_task(),
+                       source="embedded function-naming task (Python standard library)")
+    rows = read_rows(config.data)
+    source = describe_source(config.data)
+    if config.val_data:
+        train_rows, val_rows = rows, read_rows(config.val_data)
     else:
-        rows = read_rows(config.data)
-        if config.val_data:
-            train_rows, val_rows = rows, read_rows(config.val_data)
-        else:
-            train_rows, val_rows = split_rows(rows, val_fraction=config.val_fraction, seed=config.seed)
-        template = _template(config, set(rows[0]))
-        task = text_task(template)
-        eval_rows = val_rows[: config.eval_samples]
-        source = str(config.data)
+        train_rows, val_rows = split_rows(rows, val_fraction=config.val_fraction, seed=config.seed)
+    template = _template(config, set(rows[0]))
+    check_template(rows, template, where=source)
+    if config.val_data:
+        check_template(val_rows, template, where=describe_source(config.val_data))
     if config.max_rows is not None:
         train_rows = train_rows[: config.max_rows]
-    train = tokenize_rows(train_rows, tokenizer, template=template, max_length=config.max_length,
+    return RunRows(train=train_rows, validation=val_rows, eval_rows=val_rows[: config.eval_samples],
+                   template=template, task=text_task(template), source=source)
+
+
+def prepare_data(config: TrainConfig, tokenizer: Any, rows: RunRows | None = None) -> RunData:
+    """Rows -> template -> token ids with answer-only labels, plus held-out rows for scoring
+    (``rows`` from :func:`prepare_rows`, read now if not given)."""
+    rows = rows or prepare_rows(config)
+    train = tokenize_rows(rows.train, tokenizer, template=rows.template, max_length=config.max_length,
                           train_on_prompt=config.train_on_prompt)
-    validation = (tokenize_rows(val_rows, tokenizer, template=template, max_length=config.max_length,
-                                train_on_prompt=config.train_on_prompt).examples if val_rows else [])
-    return RunData(train=train.examples, validation=validation, eval_rows=list(eval_rows), task=task,
-                   truncated=train.truncated, dropped=train.dropped, source=source)
+    validation = (tokenize_rows(rows.validation, tokenizer, template=rows.template,
+                                max_length=config.max_length,
+                                train_on_prompt=config.train_on_prompt).examples if rows.validation else [])
+    return RunData(train=train.examples, validation=validation, eval_rows=list(rows.eval_rows),
+                   task=rows.task, truncated=train.truncated, dropped=train.dropped, source=rows.source)
