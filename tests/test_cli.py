@@ -167,7 +167,7 @@ def test_data_objects_are_logged_as_a_summary() -> None:
 
 
 @pytest.fixture
-def adapter_dir(tiny_run_inputs, tmp_path) -> Path:  # noqa: F811
+def adapter_dir(tiny_run_inputs, tmp_path) -> Path:
     """A random non-zero LoRA adapter for the tiny model (no training needed to compare)."""
     from splice.lora.layers import LoraConfig, add_lora
     from splice.lora.peft_io import save_adapter
@@ -187,7 +187,7 @@ def _pc_data(path: Path) -> Path:
     return path
 
 
-def test_eval_data_base_vs_adapter(tiny_run_inputs, adapter_dir, tmp_path, capsys) -> None:  # noqa: F811
+def test_eval_data_base_vs_adapter(tiny_run_inputs, adapter_dir, tmp_path, capsys) -> None:
     data = _pc_data(tmp_path / "held.jsonl")
     out = tmp_path / "scores.json"
     assert main(["eval", "--model", str(tiny_run_inputs[0]), "--adapter", str(adapter_dir), "--data", str(data),
@@ -204,8 +204,8 @@ def test_eval_data_base_vs_adapter(tiny_run_inputs, adapter_dir, tmp_path, capsy
     # the base column is the plain model's loss, computed independently
     from splice.data.formats import choose_template
     from splice.data.rows import read_rows, tokenize_rows
-    from splice.evaluation.scoring import validation_loss
     from splice.models.loading import load_model
+    from splice.training.validate import validation_loss
 
     model, tokenizer = load_model(tiny_run_inputs[0])
     rows = read_rows(data)
@@ -222,7 +222,7 @@ def test_eval_data_errors_before_the_model_loads(tmp_path, capsys) -> None:
     assert "cannot tell prompt from answer" in error and "sharegpt" in error and "absent" not in error
 
 
-def test_data_preview_marks_trained_tokens(tiny_run_inputs, tmp_path, capsys) -> None:  # noqa: F811
+def test_data_preview_marks_trained_tokens(tiny_run_inputs, tmp_path, capsys) -> None:
     data = _pc_data(tmp_path / "d.jsonl")
     assert main(["data", str(data), "--model", str(tiny_run_inputs[0]), "--rows", "2", "--no-color"]) == 0
     printed = capsys.readouterr().out
@@ -234,7 +234,7 @@ def test_data_preview_marks_trained_tokens(tiny_run_inputs, tmp_path, capsys) ->
     assert "<|im_start|>assistant\n[[beta alpha<|im_end|>]]" in printed and "/-100" in printed
 
 
-def test_export_gguf_merged_and_adapter(tiny_run_inputs, adapter_dir, tmp_path, capsys, monkeypatch) -> None:  # noqa: F811
+def test_export_gguf_merged_and_adapter(tiny_run_inputs, adapter_dir, tmp_path, capsys, monkeypatch) -> None:
     import gguf
 
     monkeypatch.setenv("SPLICE_CACHE", str(tmp_path / "cache"))
@@ -254,7 +254,7 @@ def test_export_gguf_merged_and_adapter(tiny_run_inputs, adapter_dir, tmp_path, 
     assert capsys.readouterr().out == from_gguf
 
 
-def test_model_folder_without_tokenizer_files(tiny_run_inputs, tmp_path, capsys) -> None:  # noqa: F811
+def test_model_folder_without_tokenizer_files(tiny_run_inputs, tmp_path, capsys) -> None:
     import shutil
 
     folder = tmp_path / "weights-only"
@@ -265,7 +265,7 @@ def test_model_folder_without_tokenizer_files(tiny_run_inputs, tmp_path, capsys)
     assert "has no tokenizer files" in _error(capsys)
 
 
-def test_report_to_csv_from_the_command_line(tiny_run_inputs, tmp_path) -> None:  # noqa: F811
+def test_report_to_csv_from_the_command_line(tiny_run_inputs, tmp_path) -> None:
     out = tmp_path / "run"
     assert _train(tiny_run_inputs, out, "--steps", "2", "--report-to", "csv", "--eval-samples", "0",
                   "--no-compare-base") == 0

@@ -192,3 +192,18 @@ def write_run_inputs(root: Path) -> tuple[Path, Path]:
             a, b = words[i % 8], words[(i * 3) % 8]
             f.write(json.dumps({"question": f"{a} then {b}?", "answer": f"{b} {a}"}) + "\n")
     return root / "model", root / "data.jsonl"
+
+
+def run_config(inputs: tuple[Path, Path], out: Path, **overrides: Any) -> Any:
+    """A TrainConfig for :func:`write_run_inputs`' model and data: 12 quick steps, checkpoints every 4."""
+    from splice.training.config import TrainConfig
+
+    model, data = inputs
+    options = dict(
+        model=str(model), data=str(data), prompt_template="Q: {question}\nA: ",
+        response_template="{answer}", output_dir=str(out), steps=12, lr=1e-2, rank=8, alpha=16,
+        dropout=0.1, batch_size=4, max_length=64, eval_samples=0, compare_base=False,
+        save_every=4, warmup_steps=2, pack=False,
+    )
+    options.update(overrides)
+    return TrainConfig(**options)

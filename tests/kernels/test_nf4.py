@@ -66,7 +66,7 @@ def test_fused_lora_over_nf4_matches_dequantized_base() -> None:
 @pytest.mark.parametrize("order", ["quantize_first", "lora_first"])
 @pytest.mark.parametrize("quantize", ["nf4", "int8"])
 def test_qlora_trains_on_gpu_through_the_fast_path(order: str, quantize: str) -> None:
-    from splice.fused.modules import accelerate
+    from splice.fused.apply import fuse
     from splice.memory.checkpointing import checkpoint_layers
 
     model = tiny.llama().to("cuda", torch.bfloat16)
@@ -80,7 +80,7 @@ def test_qlora_trains_on_gpu_through_the_fast_path(order: str, quantize: str) ->
         quant(model)
     splice.freeze(model)
     assert all(p.device.type == "cuda" for p in model.parameters() if p.requires_grad)
-    accelerate(model)
+    fuse(model)
     checkpoint_layers(model, layers="all")
     ids = tiny.tokens(batch=4, length=16).cuda()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

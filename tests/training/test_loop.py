@@ -6,7 +6,6 @@ import json
 import math
 import os
 import signal
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,22 +13,11 @@ import torch
 from splice.training.loop import TrainConfig, TrainingDiverged, lr_at, train
 from splice.training.report import Progress
 from splice.training.state import latest_checkpoint
-
-
-def _config(inputs: tuple[Path, Path], out: Path, **overrides) -> TrainConfig:
-    model, data = inputs
-    options = dict(
-        model=str(model), data=str(data), prompt_template="Q: {question}\nA: ",
-        response_template="{answer}", output_dir=str(out), steps=12, lr=1e-2, rank=8, alpha=16,
-        dropout=0.1, batch_size=4, max_length=64, eval_samples=0, compare_base=False,
-        save_every=4, warmup_steps=2, pack=False,
-    )
-    options.update(overrides)
-    return TrainConfig(**options)
+from tests.tiny import run_config
 
 
 def test_loss_goes_down_and_is_pinned(tiny_run_inputs, tmp_path) -> None:
-    result = train(_config(tiny_run_inputs, tmp_path / "run", device="cpu"))  # pinned on the CPU
+    result = train(run_config(tiny_run_inputs, tmp_path / "run", device="cpu"))  # pinned on the CPU
     assert len(result.losses) == 12
     assert result.losses[-1] < result.losses[0] - 4.0
     # Pinned for seed 0 (fp32, CPU): a change here means the training math changed.
@@ -59,12 +47,12 @@ class _InterruptAt(Progress):
 
 
 def test_sigint_checkpoints_and_resume_equals_uninterrupted(tiny_run_inputs, tmp_path) -> None:
-    full = train(_config(tiny_run_inputs, tmp_path / "full"))
-    config = _config(tiny_run_inputs, tmp_path / "cut")
+    full = train(run_config(tiny_run_inputs, tmp_path / "full"))
+    config = run_config(tiny_run_inputs, tmp_path / "cut")
     first = train(config, log=_InterruptAt(12, at=6))
     assert first.interrupted and first.steps == 6
     assert latest_checkpoint(tmp_path / "cut" / "checkpoints").name == "step-000006"
-    second = train(_config(tiny_run_inputs, tmp_path / "cut", resume=True))
+    second = train(run_config(tiny_run_inputs, tmp_path / "cut", resume=True))
     assert second.steps == 12
     # Dropout is on (0.1): equal losses need the restored RNG, optimizer, schedule and data position.
     torch.testing.assert_close(torch.tensor(first.losses + second.losses),
@@ -75,12 +63,12 @@ def test_sigint_checkpoints_and_resume_equals_uninterrupted(tiny_run_inputs, tmp
 
 def test_output_dir_of_another_run_is_refused(tiny_run_inputs, tmp_path) -> None:
     out = tmp_path / "run"
-    train(_config(tiny_run_inputs, out, steps=2))
+    train(run_config(tiny_run_inputs, out, steps=2))
     before = (out / "metrics.jsonl").read_text()
     with pytest.raises(ValueError, match="already holds a run.*--resume"):
-        train(_config(tiny_run_inputs, out, steps=2))
+        train(run_config(tiny_run_inputs, out, steps=2))
     with pytest.raises(ValueError, match="options differ.*rank"):
-        train(_config(tiny_run_inputs, out, steps=4, rank=4, resume=True))
+        train(run_config(tiny_run_inputs, out, steps=4, rank=4, resume=True))
     assert (out / "metrics.jsonl").read_text() == before
 
 
@@ -98,14 +86,14 @@ def test_non_finite_losses_skip_then_stop(tiny_run_inputs, tmp_path, monkeypatch
     monkeypatch.setattr(train_module, "train_step_loss", poisoned)
     out = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match="5 non-finite losses in a row"):
-        train(_config(tiny_run_inputs, out, save_every=2, max_bad_steps=5))
+        train(run_config(tiny_run_inputs, out, save_every=2, max_bad_steps=5))
     # The last good checkpoint (step 4) is intact and loadable.
     assert latest_checkpoint(out / "checkpoints").name == "step-000004"
 
 
 def test_grad_accumulation_equals_big_batch(tiny_run_inputs, tmp_path) -> None:
-    big = train(_config(tiny_run_inputs, tmp_path / "big", steps=3, batch_size=4, dropout=0.0))
-    small = train(_config(tiny_run_inputs, tmp_path / "acc", steps=3, batch_size=2, grad_accum=2,
+    big = train(run_config(tiny_run_inputs, tmp_path / "big", steps=3, batch_size=4, dropout=0.0))
+    small = train(run_config(tiny_run_inputs, tmp_path / "acc", steps=3, batch_size=2, grad_accum=2,
                           dropout=0.0))
     torch.testing.assert_close(torch.tensor(small.losses), torch.tensor(big.losses), rtol=1e-4, atol=1e-4)
 
@@ -127,7 +115,7 @@ def test_bad_options_are_clear() -> None:
 
 def test_packed_training_and_periodic_generation_eval(tiny_run_inputs, tmp_path) -> None:
     out = tmp_path / "run"
-    result = train(_config(tiny_run_inputs, out, pack=True, batch_size=2, steps=8, eval_every=4,
+    result = train(run_config(tiny_run_inputs, out, pack=True, batch_size=2, steps=8, eval_every=4,
                            eval_samples=2, compare_base=True))
     assert result.losses[-1] < result.losses[0] - 2.0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -141,9 +129,9 @@ def test_packed_training_and_periodic_generation_eval(tiny_run_inputs, tmp_path)
 def test_checkpointing_and_fast_kernels_keep_the_trajectory(tiny_run_inputs, tmp_path, capsys) -> None:
     # fp32 on the CPU, where the fused modules' reference paths must match to 1e-5 (on a GPU
     # they run in bf16: see test_cuda_graphs_follow_the_eager_trajectory and tests/test_fast.py)
-    plain = train(_config(tiny_run_inputs, tmp_path / "plain", steps=4, dropout=0.0, fuse=False, device="cpu"))
+    plain = train(run_config(tiny_run_inputs, tmp_path / "plain", steps=4, dropout=0.0, fuse=False, device="cpu"))
     assert "fused kernels / checkpointing" not in capsys.readouterr().out
-    sped = train(_config(tiny_run_inputs, tmp_path / "sped", steps=4, dropout=0.0, fuse=True,
+    sped = train(run_config(tiny_run_inputs, tmp_path / "sped", steps=4, dropout=0.0, fuse=True,
                          gradient_checkpointing=True, device="cpu"))
     # 14 LoRA linears + 5 norms + 2 MLPs + 2 attentions fused, 2 decoder layers checkpointed
     assert "fused kernels / checkpointing on 25 modules" in capsys.readouterr().out
@@ -159,8 +147,8 @@ def test_checkpointing_and_fast_kernels_keep_the_trajectory(tiny_run_inputs, tmp
 
 def test_kept_attention_and_offload_keep_the_trajectory(tiny_run_inputs, tmp_path) -> None:
     options = dict(steps=4, dropout=0.1, fuse=True, device="cpu", gradient_checkpointing=True)
-    recomputed = train(_config(tiny_run_inputs, tmp_path / "recomputed", **options))
-    kept = train(_config(tiny_run_inputs, tmp_path / "kept", keep_attention=True,
+    recomputed = train(run_config(tiny_run_inputs, tmp_path / "recomputed", **options))
+    kept = train(run_config(tiny_run_inputs, tmp_path / "kept", keep_attention=True,
                          offload_checkpoints=True, **options))
     torch.testing.assert_close(torch.tensor(kept.losses), torch.tensor(recomputed.losses), rtol=1e-5, atol=1e-5)
 
@@ -169,8 +157,8 @@ def test_kept_attention_and_offload_keep_the_trajectory(tiny_run_inputs, tmp_pat
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_cuda_graphs_follow_the_eager_trajectory(tiny_run_inputs, tmp_path, dropout: float) -> None:
     options = dict(steps=8, pack=True, max_length=48, dropout=dropout, fuse=True)
-    eager = train(_config(tiny_run_inputs, tmp_path / "eager", cuda_graphs=False, **options))
-    graphed = train(_config(tiny_run_inputs, tmp_path / "graphed", **options))  # default: on
+    eager = train(run_config(tiny_run_inputs, tmp_path / "eager", cuda_graphs=False, **options))
+    graphed = train(run_config(tiny_run_inputs, tmp_path / "graphed", **options))  # default: on
     assert eager.cuda_graphs == 0 and graphed.cuda_graphs >= 1
     if dropout == 0:  # the same trajectory up to bf16 rounding
         assert max(abs(a - b) for a, b in zip(eager.losses, graphed.losses, strict=True)) < 0.02

@@ -17,7 +17,7 @@ from splice.core.errors import UsageError
 from splice.training.loop import train
 from splice.training.rundir import LOCK_NAME, lock_run_dir
 from splice.training.state import latest_checkpoint
-from tests.training.test_loop import _config, tiny_run_inputs  # noqa: F401 - shared tiny model + data
+from tests.tiny import run_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,7 +34,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, seconds: float = 120.0) -> Non
         time.sleep(0.1)
 
 
-def test_second_training_is_refused_while_the_first_runs(tiny_run_inputs, tmp_path) -> None:  # noqa: F811
+def test_second_training_is_refused_while_the_first_runs(tiny_run_inputs, tmp_path) -> None:
     model, data = tiny_run_inputs
     out = tmp_path / "run"
     first = subprocess.Popen(
@@ -48,9 +48,9 @@ def test_second_training_is_refused_while_the_first_runs(tiny_run_inputs, tmp_pa
         holder = json.loads((out / LOCK_NAME).read_text())
         assert holder["pid"] == first.pid
         with pytest.raises(UsageError, match=f"in use by another training \\(pid {first.pid} on host"):
-            train(_config(tiny_run_inputs, out, steps=2))
+            train(run_config(tiny_run_inputs, out, steps=2))
         with pytest.raises(UsageError, match="in use by another training"):
-            train(_config(tiny_run_inputs, out, steps=2, resume=True))
+            train(run_config(tiny_run_inputs, out, steps=2, resume=True))
         first.send_signal(signal.SIGTERM)  # the first saves a checkpoint and exits 128 + 15
         _, err = first.communicate(timeout=120)
         assert first.returncode == 143, err
@@ -89,22 +89,22 @@ def test_lock_of_a_killed_process_is_taken_over(tmp_path) -> None:
     assert not (out / LOCK_NAME).exists()
 
 
-def test_stale_lock_file_does_not_block_a_training(tiny_run_inputs, tmp_path, capsys) -> None:  # noqa: F811
+def test_stale_lock_file_does_not_block_a_training(tiny_run_inputs, tmp_path, capsys) -> None:
     out = tmp_path / "run"
     out.mkdir()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True)
     pid = int(dead.stdout)
     (out / LOCK_NAME).write_text(json.dumps({"pid": pid, "host": "elsewhere", "started": 0}))
-    result = train(_config(tiny_run_inputs, out, steps=2))  # an empty dir but for the stale lock
+    result = train(run_config(tiny_run_inputs, out, steps=2))  # an empty dir but for the stale lock
     assert result.steps == 2
     assert f"took over the lock of run dir {out} from pid {pid}" in capsys.readouterr().out
     assert not (out / LOCK_NAME).exists()
 
 
-def test_stale_temporary_checkpoints_are_removed_and_moved_run_resumes(tiny_run_inputs, tmp_path) -> None:  # noqa: F811
+def test_stale_temporary_checkpoints_are_removed_and_moved_run_resumes(tiny_run_inputs, tmp_path) -> None:
     first = tmp_path / "first"
-    train(_config(tiny_run_inputs, first, steps=4))
+    train(run_config(tiny_run_inputs, first, steps=4))
     debris = first / "checkpoints" / ".tmp-step-000006-99999"  # a write killed midway
     debris.mkdir()
     (debris / "adapter_model.safetensors").write_bytes(b"\0" * 10)
@@ -115,7 +115,7 @@ def test_stale_temporary_checkpoints_are_removed_and_moved_run_resumes(tiny_run_
     copied = tmp_path / "copied"
     shutil.copytree(moved, copied)
     for run in (moved, copied):
-        result = train(_config(tiny_run_inputs, run, steps=8, resume=True))
+        result = train(run_config(tiny_run_inputs, run, steps=8, resume=True))
         assert result.steps == 8 and len(result.losses) == 4  # steps 5..8, continued
         assert not list(run.glob("checkpoints/.tmp-step-*"))
         assert not list(run.glob("adapter/.*.tmp"))
