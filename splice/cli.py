@@ -192,10 +192,18 @@ def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from splice.models.loading import load_model
     from splice.training.preflight import check_device
 
+    import torch
+
+    quantize = getattr(args, "quantize", None)
     device = check_device(args.device)
     if args.adapter:
         read_adapter(args.adapter)  # a broken adapter file is found before the model loads
-    model, tokenizer = load_model(args.model, device=device)
+    dtype = torch.bfloat16 if quantize and device.type == "cuda" else torch.float32
+    model, tokenizer = load_model(args.model, device=device, quantize=quantize, dtype=dtype)
+    if quantize and getattr(args, "dequantize", False):
+        from splice.core.rewrite import unrewrite
+
+        unrewrite(model)  # float linears holding the dequantized weights the adapter trained on
     if args.adapter:
         load_adapter(model, args.adapter)
     return model, tokenizer
@@ -318,8 +326,13 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
     out = Path(args.output)
     _new_dir(out, "--output")
+    args.dequantize = True  # a QLoRA adapter merges into the dequantized (not the original) base
     model, tokenizer = _load(args)
     merge(model, unload=True)
+    if args.quantize:
+        import torch
+
+        model.to(torch.bfloat16)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     print(f"merged model written to {out} (a plain Hugging Face checkpoint)")
@@ -351,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", default=None, help="base model (default: embedded SmolLM2-135M)")
         p.add_argument("--adapter", required=adapter_required, help="adapter directory (PEFT format)")
         p.add_argument("--device", default="auto")
+        p.add_argument("--quantize", choices=["nf4", "int8"], default=None,
+                       help="quantize the base as it loads (the adapter was trained on a quantized "
+                            "base: merge then writes its dequantized weights + adapter in bf16)")
 
     p_gen = sub.add_parser("generate", help="generate text with a model and optional adapter")
     model_flags(p_gen)

@@ -217,6 +217,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     cache_dir: str | Path | None = None,
+    quantize: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer.
 
@@ -229,9 +230,22 @@ def load_model(
     ``generation_config.use_cache`` stays on, so ``generate`` still caches. The tokenizer has a
     pad token (eos if it had none), left padding for batched generation, and
     ``model_max_length`` = the model's context length.
+
+    ``quantize`` (``"nf4"`` or ``"int8"``): the linears but the output head are quantized as they
+    stream in (:func:`splice.models.streaming.load_quantized`: the skeleton is built on the meta
+    device, so the float model is never held; ``dtype`` is the compute dtype). A local folder of
+    safetensors files (or the converted GGUF), including bitsandbytes 4-bit checkpoints.
     """
     folder = _resolve(source, cache_dir)
     _check_tokenizer_files(folder)
+    if quantize is not None:
+        from splice.models.streaming import load_quantized
+
+        if not Path(folder).is_dir():
+            raise ValueError(f"quantize={quantize!r} needs a local model folder; {folder!r} is not one")
+        model = load_quantized(folder, quantize=quantize, device=device, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        return _finish_load(model, tokenizer)  # type: ignore[arg-type]
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -244,6 +258,11 @@ def load_model(
             ".gguf file."
         ) from error
     model.to(torch.device(device))  # type: ignore[arg-type]  # transformers types `to` too narrowly
+    return _finish_load(model, tokenizer)
+
+
+def _finish_load(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     model.config.use_cache = False
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.use_cache = True
