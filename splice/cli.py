@@ -487,7 +487,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("SPLICE_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # named with the subcommand, as every other error
+        _Parser(prog=f"splice {args.command}").error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         with _sigterm_exits():
             return int(args.run(args))

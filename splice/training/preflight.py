@@ -9,6 +9,7 @@ cache or else the GGUF header (read up to the context length, a few KB).
 
 from __future__ import annotations
 
+import codecs
 import struct
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -23,6 +24,7 @@ __all__ = ["check_device", "check_targets", "gguf_context_length", "model_config
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 # GGUF value types -> struct format of a scalar (8: string, 9: array are read by hand)
 _GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_TEXT_DATA = {".jsonl", ".json", ".csv", ".txt"}
 
 
 def _read(f: BinaryIO, fmt: str) -> Any:
@@ -114,7 +116,11 @@ def check_device(name: str) -> torch.device:
     """The device ``name`` means here, or a UsageError saying what this machine has."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise UsageError(f"device (--device) {name!r} is not a device: use auto, cpu, cuda, cuda:N "
+                         "or mps") from None
     have = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if device.type == "cuda" and have == 0:
         raise UsageError(f"device (--device) {name!r}: no CUDA GPU is available here; use --device cpu")
@@ -152,6 +158,32 @@ def _data_file(name: str, value: str | None) -> None:
     if not path.exists():
         raise UsageError(f"{name} ({flag(name)}) {path} does not exist; pass an existing .jsonl, "
                          ".json, .csv or .parquet file")
+    if path.suffix.lower() in _TEXT_DATA:
+        _check_utf8(name, path)
+
+
+def _check_utf8(name: str, path: Path) -> None:
+    """A text data file must be UTF-8: say which line is not (read in 1 MiB chunks)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line, offset = 1, 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                bad = chunk[: max(exc.start, 0)]
+                line += bad.count(b"\n")
+                byte = chunk[exc.start] if exc.start < len(chunk) else 0
+                raise UsageError(f"{name} ({flag(name)}) {path}, line {line}: not UTF-8 text (byte "
+                                 f"0x{byte:02x} at offset {offset + exc.start}); save the file as "
+                                 "UTF-8") from None
+            line += chunk.count(b"\n")
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise UsageError(f"{name} ({flag(name)}) {path}: ends inside a UTF-8 character (truncated?); "
+                         "save the file as UTF-8") from None
 
 
 def preflight(config: TrainConfig) -> None:
