@@ -124,9 +124,9 @@ def _alpaca_prompt(input_column: str | None) -> Callable[[Row], str]:
     """The Alpaca prompt of a row: with the input section when the row has a non-empty input."""
 
     def prompt(row: Row) -> str:
-        has_input = input_column is not None and row.get(input_column) not in (None, "")
-        if has_input:
-            view = {"instruction": _column(row, "instruction"), "input": row[input_column]}
+        value = row.get(input_column) if input_column is not None else None
+        if value not in (None, ""):
+            view = {"instruction": _column(row, "instruction"), "input": value}
             return format_row(ALPACA_PROMPT, view, "prompt")
         return format_row(ALPACA_PROMPT_NO_INPUT, {"instruction": _column(row, "instruction")}, "prompt")
 

@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 from splice.data.formats import FORMATS, choose_template, detect_format
-from splice.data.rows import IGNORE_INDEX, ChatTemplate, PromptTemplate, check_template, read_rows, tokenize_rows
+from splice.data.rows import (
+    IGNORE_INDEX,
+    ChatTemplate,
+    PromptTemplate,
+    check_template,
+    read_rows,
+    tokenize_rows,
+)
 
 
 def _trained_texts(tokenizer, example) -> list[str]:
