@@ -22,13 +22,14 @@ when the row has a non-empty input; with ``chat`` the instruction and input beco
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from splice.data.rows import ChatTemplate, PromptTemplate, Template, format_row
 
-__all__ = ["ALPACA_PROMPT", "ALPACA_PROMPT_NO_INPUT", "FORMATS", "DataFormat", "choose_template", "detect_format"]
+__all__ = ["ALPACA_PROMPT", "ALPACA_PROMPT_NO_INPUT", "FORMATS", "DataFormat", "accepted_shapes", "choose_template",
+           "columns_of", "detect_format"]
 
 Row = dict[str, Any]
 
@@ -77,6 +78,11 @@ def accepted_shapes() -> str:
     return (f"accepted shapes: {shapes} (alpaca may add 'input', instruction/response 'context'); "
             "or any columns with --prompt-template and --response-template, e.g. 'Q: {question}\\nA: ' "
             "and '{answer}'")
+
+
+def columns_of(rows: Iterable[Mapping[str, Any]]) -> set[str]:
+    """Every column any row has (optional ones like Alpaca's ``input`` may start late)."""
+    return set().union(*(row.keys() for row in rows))
 
 
 def detect_format(columns: Collection[str]) -> DataFormat:

@@ -26,6 +26,7 @@ from typing import Any
 
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from splice.core.progress import busy
 from splice.data.rows import ChatTemplate, render_chat
 from splice.models.loading import cache_root
 
@@ -245,7 +246,8 @@ def build_function_names(*, cache_dir: Path | None = None) -> dict[str, list[dic
             "data set cannot be built; run with a full CPython install or pass your own data"
         )
     start = time.perf_counter()
-    splits = _extract(root)
+    with busy("building the function-naming data set once (~20 s)"):
+        splits = _extract(root)
     seconds = time.perf_counter() - start
     if not all(splits.values()):
         raise RuntimeError(
