@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: train test lint install clean
+.PHONY: train test lint docs install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,14 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check splice tests benchmarks
 	$(BIN)/mypy
+
+# The API reference (from the docstrings) and the guides, built offline into build/docs.
+$(VENV)/.docs: $(STAMP)
+	$(BIN)/pip install -q -e ".[docs]"
+	touch $@
+
+docs: $(VENV)/.docs
+	$(BIN)/mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) runs

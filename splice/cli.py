@@ -230,10 +230,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _data_template(args: argparse.Namespace, rows: list[dict[str, Any]], where: str) -> Any:
     """The template the data/eval commands render rows with (the train options), every row checked."""
-    from splice.data.formats import choose_template
+    from splice.data.formats import choose_template, columns_of
     from splice.data.rows import check_template
 
-    template = choose_template(set(rows[0]), prompt_template=args.prompt_template,
+    template = choose_template(columns_of(rows), prompt_template=args.prompt_template,
                                response_template=args.response_template, chat=args.chat,
                                system_prompt=args.system_prompt, last_turn_only=args.last_turn_only)
     check_template(rows, template, where=where)

@@ -22,13 +22,14 @@ when the row has a non-empty input; with ``chat`` the instruction and input beco
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from splice.data.rows import ChatTemplate, PromptTemplate, Template, format_row
 
-__all__ = ["ALPACA_PROMPT", "ALPACA_PROMPT_NO_INPUT", "FORMATS", "DataFormat", "choose_template", "detect_format"]
+__all__ = ["ALPACA_PROMPT", "ALPACA_PROMPT_NO_INPUT", "FORMATS", "DataFormat", "accepted_shapes", "choose_template",
+           "columns_of", "detect_format"]
 
 Row = dict[str, Any]
 
@@ -79,6 +80,11 @@ def accepted_shapes() -> str:
             "and '{answer}'")
 
 
+def columns_of(rows: Iterable[Mapping[str, Any]]) -> set[str]:
+    """Every column any row has (optional ones like Alpaca's ``input`` may start late)."""
+    return set().union(*(row.keys() for row in rows))
+
+
 def detect_format(columns: Collection[str]) -> DataFormat:
     """The first format of :data:`FORMATS` whose columns are all in ``columns``."""
     for shape in FORMATS:
@@ -124,9 +130,9 @@ def _alpaca_prompt(input_column: str | None) -> Callable[[Row], str]:
     """The Alpaca prompt of a row: with the input section when the row has a non-empty input."""
 
     def prompt(row: Row) -> str:
-        has_input = input_column is not None and row.get(input_column) not in (None, "")
-        if has_input:
-            view = {"instruction": _column(row, "instruction"), "input": row[input_column]}
+        value = row.get(input_column) if input_column is not None else None
+        if value not in (None, ""):
+            view = {"instruction": _column(row, "instruction"), "input": value}
             return format_row(ALPACA_PROMPT, view, "prompt")
         return format_row(ALPACA_PROMPT_NO_INPUT, {"instruction": _column(row, "instruction")}, "prompt")
 

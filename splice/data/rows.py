@@ -315,7 +315,8 @@ def _assistant_turn(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str,
     if index == 0:
         raise ValueError("the conversation starts with an assistant turn; put a user turn before it")
     prompt_text = render_chat(tokenizer, messages[:index], generation_prompt=True)
-    turn_text = render_chat(tokenizer, messages[: index + 1], generation_prompt=False)
+    last = index == len(messages) - 1  # the whole conversation: no second render
+    turn_text = full_text if last else render_chat(tokenizer, messages[: index + 1], generation_prompt=False)
     if not (full_text.startswith(prompt_text) and turn_text.startswith(prompt_text)
             and full_text.startswith(turn_text)):
         raise ValueError(

@@ -24,6 +24,7 @@ from typing import Any
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from splice.core.io import atomic_dir
+from splice.core.progress import busy
 from splice.data.rows import ChatTemplate, render_chat
 from splice.evaluation.metrics import word_f1
 from splice.evaluation.scoring import Task
@@ -246,7 +247,8 @@ def build_function_names(*, cache_dir: Path | None = None) -> dict[str, list[dic
             "data set cannot be built; run with a full CPython install or pass your own data"
         )
     start = time.perf_counter()
-    splits = _extract(root)
+    with busy("building the function-naming data set once (~20 s)"):
+        splits = _extract(root)
     seconds = time.perf_counter() - start
     if not all(splits.values()):
         raise RuntimeError(

@@ -176,7 +176,7 @@ def export_gguf(model: nn.Module, tokenizer: Any, path: str | Path, *, outtype: 
     if lora_modules(model):
         raise ValueError("the model still carries LoRA wrappers: merge(model, unload=True) first, or "
                          "export the adapter alone with export_lora_gguf")
-    config = model.config  # type: ignore[union-attr]
+    config: Any = getattr(model, "config")  # noqa: B009 - a transformers config, typed loosely
     arch = _architecture(config)
     path = Path(path)
     names = gguf.get_tensor_name_map(arch, int(config.num_hidden_layers))
@@ -220,7 +220,7 @@ def export_lora_gguf(model: nn.Module, adapter: str | Path, path: str | Path, *,
         raise ValueError(f"{folder} is a DoRA adapter; llama.cpp's GGUF LoRA cannot hold DoRA: export the "
                          "merged model instead (splice export --adapter ... without --adapter-only)")
     tensors = load_file(str(folder / "adapter_model.safetensors"))
-    config = model.config  # type: ignore[union-attr]
+    config: Any = getattr(model, "config")  # noqa: B009 - a transformers config, typed loosely
     arch = _architecture(config)
     names = gguf.get_tensor_name_map(arch, int(config.num_hidden_layers))
     alpha, rank = float(settings["lora_alpha"]), int(settings["r"])

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from splice.data.formats import choose_template
+from splice.data.formats import choose_template, columns_of
 from splice.data.rows import (
     ChatTemplate,
     Example,
@@ -117,7 +117,7 @@ def prepare_rows(config: TrainConfig) -> RunRows:
         train_rows, val_rows = rows, read_rows(config.val_data)
     else:
         train_rows, val_rows = split_rows(rows, val_fraction=config.val_fraction, seed=config.seed)
-    template = _template(config, set(rows[0]))
+    template = _template(config, columns_of(rows))
     check_template(rows, template, where=source)
     if config.val_data:
         check_template(val_rows, template, where=describe_source(config.val_data))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from splice.data.formats import FORMATS, choose_template, detect_format
+from splice.data.formats import FORMATS, choose_template, columns_of, detect_format
 from splice.data.rows import (
     IGNORE_INDEX,
     ChatTemplate,
@@ -156,3 +156,19 @@ def test_bad_data_is_refused_before_the_model_loads(tmp_path: Path) -> None:
                          val_fraction=0.0)
     with pytest.raises(ValueError, match=r"d.jsonl, row 2: column 'completion' holds None"):
         train(config)  # the model path does not exist: the data error came first
+
+
+def test_the_readme_examples_are_accepted(tiny_tokenizer) -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    blocks = readme.split("## Your own data")[1].split("```jsonl\n")[1:]
+    names = []
+    for block in blocks:
+        rows = [json.loads(line) for line in block.split("```")[0].splitlines() if line.strip()]
+        assert len(rows) == 3
+        names.append(detect_format(set(rows[0])).name)
+        template = choose_template(columns_of(rows))
+        tokenize_rows(rows, tiny_tokenizer, template=template, max_length=256)
+    assert names == ["prompt/completion", "alpaca", "instruction/response", "chat", "sharegpt"]
+    dolly = [{"instruction": "a", "response": "b"}, {"instruction": "c", "response": "d", "context": "e"}]
+    prompt = choose_template(columns_of(dolly)).render(dolly[1])[0]
+    assert "### Input:\ne\n" in prompt  # an optional column that only later rows have is still used
