@@ -1,4 +1,4 @@
-"""The ``splice`` command: train, generate, eval, merge.
+"""The ``splice`` command: train, generate, eval, merge, serve.
 
 ``splice train`` with no flags fine-tunes the embedded SmolLM2-135M-Instruct on the embedded
 function-naming dataset and prints base vs fine-tuned scores on held-out functions.
@@ -347,6 +347,32 @@ def _version() -> str:
         return version("splice")
     except PackageNotFoundError:
         return "unknown (not installed)"
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from splice.serve.server import parse_adapters, serve
+
+    adapters = parse_adapters(list(args.adapter or []))  # bad specs fail before the model loads
+    serve(args.model, adapters=adapters, host=args.host, port=args.port, device=args.device,
+          dtype=args.dtype, model_name=args.name, max_batch=args.max_batch, max_len=args.max_len,
+          gpu_adapters=args.gpu_adapters, max_lora_rank=args.max_lora_rank)
+    return 0
+
+
+def _add_serve_parser(sub: Any) -> None:
+    p = sub.add_parser("serve", help="serve a base model and adapters on an OpenAI-compatible API")
+    p.add_argument("--model", default=None, help="base model (default: embedded SmolLM2-135M)")
+    p.add_argument("--adapter", action="append", help="NAME=PATH of a PEFT adapter folder (repeatable); "
+                   "requests pick it with model=NAME")
+    p.add_argument("--name", default=None, help="the base model's name in /v1/models (default: folder name)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
+    p.add_argument("--max-batch", type=int, default=32, help="requests decoded together")
+    p.add_argument("--max-len", type=int, default=1024, help="context per request (prompt + completion)")
+    p.add_argument("--gpu-adapters", type=int, default=8,
+                   help="adapters resident on the device at once (more are kept in host memory)")
+    p.add_argument("--max-lora-rank", type=int, default=64)
+    p.set_defaults(run=_cmd_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -424,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_flags(p_merge, adapter_required=True)
     p_merge.add_argument("--output", required=True, help="new directory for the merged model")
     p_merge.set_defaults(run=_cmd_merge)
+    _add_serve_parser(sub)
     return parser
 
 

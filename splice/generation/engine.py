@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,6 +102,7 @@ class Engine:
         self._host = torch.empty(max_batch, dtype=torch.long, pin_memory=self.device.type == "cuda")
         self._held: Request | None = None  # admitted next, before the queue (kept order)
         self.mask_dtype = next(model.parameters()).dtype
+        self.finished: Counter[str] = Counter()  # finish reasons so far (for monitoring)
 
     # ---- thread-safe API -------------------------------------------------------------------
     def submit(self, request: Request) -> None:
@@ -262,6 +264,7 @@ class Engine:
 
     def _finish(self, slot: int, request: Request, reason: str) -> None:
         request.finished = True
+        self.finished[reason] += 1
         request.on_event("", reason)
         if self.rows[slot] is request:
             self.rows[slot] = None

@@ -140,6 +140,8 @@ class LoraBank:
         self._apply = {id(m): p for m, p in appliers.items()}
         self._skip = {id(m) for m in skippers}
         self.resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recent first
+        self._targets: dict[str, frozenset[str]] = {}  # resident name -> the paths it adapts
+        self._live: set[str] = set()  # paths some resident adapter adapts (others are skipped)
 
     @property
     def nbytes(self) -> int:
@@ -166,6 +168,7 @@ class LoraBank:
             if victim is None:
                 raise RuntimeError("every adapter slot is in use by the running batch")
             slot = self.resident.pop(victim)
+            self._set_targets(victim, None)
         with torch.no_grad():
             for path in self.a:
                 self.a[path][slot].zero_()
@@ -178,10 +181,20 @@ class LoraBank:
                 self.a[path][slot, : a.shape[0]].copy_(a)
                 self.b[path][slot, :, : b.shape[1]].copy_(b)
         self.resident[adapter.name] = slot
+        self._set_targets(adapter.name, frozenset(adapter.weights))
         return slot
 
+    def _set_targets(self, name: str, paths: frozenset[str] | None) -> None:
+        if paths is None:
+            self._targets.pop(name, None)
+        else:
+            self._targets[name] = paths
+        self._live = set().union(*self._targets.values()) if self._targets else set()
+
     def drop(self, name: str) -> None:
+        """Forget a resident adapter (its slot is free for the next :meth:`put`)."""
         self.resident.pop(name, None)
+        self._set_targets(name, None)
 
     def slots(self, rows: Sequence[str | None]) -> Tensor:
         """(B,) int32 slot per row (-1: base model) on the bank's device; rows must be resident."""
@@ -195,6 +208,8 @@ class LoraBank:
         if id(module) not in self._apply or slots is None:
             return y
         path = self._apply[id(module)]
+        if path not in self._live:
+            return y
         if x.shape[0] != slots.numel():
             raise ValueError(f"{path}: a batch of {x.shape[0]} rows but {slots.numel()} routed slots")
         k = x.shape[-1]

@@ -1,0 +1,181 @@
+"""The serving core: one base model, many adapters, an engine thread, an asyncio bridge.
+
+Adapters are registered by name from PEFT-format folders and kept in host memory
+(:class:`~splice.lora.bank.HostAdapter`); ``gpu_adapters`` of them are resident in the device
+:class:`~splice.lora.bank.LoraBank` at a time, moved in when a request needs one (least recently
+used out). Every linear module but the output head carries a bank site, so an adapter loaded at
+run time may target any of them. The :class:`~splice.generation.engine.Engine` runs on its own
+thread; :meth:`Service.stream` turns its callbacks into an async iterator for the HTTP layer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from splice.generation.engine import Engine, EngineFull, Request, SamplingParams
+from splice.lora.bank import HostAdapter, LoraBank, add_bank_sites, read_adapter
+
+__all__ = ["ServeError", "Service"]
+
+
+class ServeError(Exception):
+    """A request the server refuses: ``status`` (HTTP), OpenAI error ``kind`` and ``param``."""
+
+    def __init__(self, status: int, message: str, *, kind: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+
+
+@dataclass(frozen=True)
+class Event:
+    text: str
+    finish_reason: str | None
+
+
+def _linear_paths(model: nn.Module) -> list[str]:
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and module is not head]
+
+
+class Service:
+    """See module docstring. ``start()`` the engine thread, ``close()`` to stop it."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, *, model_name: str,
+                 adapters: dict[str, str | Path] | None = None, max_batch: int = 32, max_len: int = 1024,
+                 max_waiting: int = 256, gpu_adapters: int = 8, max_lora_rank: int = 64) -> None:
+        self.model_name, self.tokenizer, self.max_len = model_name, tokenizer, max_len
+        self.host: dict[str, HostAdapter] = {}
+        for name, path in (adapters or {}).items():
+            self._check_name(name)
+            self.host[name] = read_adapter(path, name=name)
+        rank = max([max_lora_rank, *(a.rank for a in self.host.values())])
+        self.sites = add_bank_sites(model, _linear_paths(model))
+        dtype = next(model.parameters()).dtype
+        self.bank = LoraBank.for_sites(model, self.sites, capacity=gpu_adapters, rank=rank, dtype=dtype)
+        self.engine = Engine(model, tokenizer, max_batch=max_batch, max_len=max_len, max_waiting=max_waiting,
+                             bank=self.bank, sites=list(self.sites.values()), adapters=dict(self.host))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="splice-engine", daemon=True)
+        self.failure: BaseException | None = None
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        try:
+            self.engine.run(self._stop)
+        except BaseException as error:  # reported as 503 to every later request
+            self.failure = error
+            raise
+
+    # ---- adapters -----------------------------------------------------------------------
+    def models(self) -> list[str]:
+        return [self.model_name, *self.host]
+
+    def _check_name(self, name: str) -> None:
+        if not name or name == getattr(self, "model_name", None):
+            raise ServeError(400, f"adapter name {name!r} is empty or the base model's name", param="lora_name")
+
+    def load_adapter(self, name: str, path: str | Path) -> None:
+        self._check_name(name)
+        if name in self.host:
+            raise ServeError(400, f"adapter {name!r} is already loaded: unload it first", param="lora_name")
+        try:
+            adapter = read_adapter(path, name=name)
+        except (FileNotFoundError, ValueError, KeyError) as error:
+            raise ServeError(400, str(error), param="lora_path") from error
+        if adapter.rank > self.bank.rank:
+            raise ServeError(400, f"adapter rank {adapter.rank} > the server's max rank {self.bank.rank} "
+                                  "(restart with a larger --max-lora-rank)", param="lora_path")
+        unknown = sorted(set(adapter.weights) - set(self.sites))
+        if unknown:
+            raise ServeError(400, f"the adapter targets modules this model lacks: {unknown[:3]}", param="lora_path")
+        self.host[name] = adapter
+        self.engine.call(lambda: self.engine.adapters.__setitem__(name, adapter))
+
+    def unload_adapter(self, name: str) -> None:
+        if name not in self.host:
+            raise ServeError(404, f"adapter {name!r} is not loaded", param="lora_name", code="model_not_found")
+        del self.host[name]
+
+        def forget() -> None:
+            self.engine.adapters.pop(name, None)
+            if not any(r is not None and r.adapter == name for r in self.engine.rows):
+                self.bank.drop(name)
+
+        self.engine.call(forget)
+
+    # ---- requests -----------------------------------------------------------------------
+    def adapter_for(self, model: str | None) -> str | None:
+        if model is None or model == self.model_name:
+            return None
+        if model not in self.host:
+            raise ServeError(404, f"The model `{model}` does not exist: /v1/models lists "
+                                  f"{', '.join(self.models())}", param="model", code="model_not_found")
+        return model
+
+    def encode(self, text: str, *, special: bool = True) -> list[int]:
+        ids = list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+        if not ids:
+            raise ServeError(400, "the prompt encodes to no tokens", param="prompt")
+        return ids
+
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise ServeError(400, "this model's tokenizer has no chat template: use /v1/completions", param="messages")
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as error:
+            raise ServeError(400, f"the messages do not fit the chat template: {error}", param="messages") from error
+        return self.encode(text, special=False)
+
+    def check_length(self, prompt_ids: list[int], max_tokens: int) -> None:
+        if len(prompt_ids) + max_tokens > self.max_len:
+            raise ServeError(400, f"This model's maximum context length is {self.max_len} tokens; the prompt "
+                                  f"has {len(prompt_ids)} and max_tokens is {max_tokens}: shorten the prompt "
+                                  "or lower max_tokens", param="max_tokens", code="context_length_exceeded")
+
+    async def stream(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None
+                     ) -> AsyncIterator[Event]:
+        """The request's text as it is generated; cancelled (its slot freed) if the consumer stops."""
+        if self.failure is not None or not self._thread.is_alive():
+            raise ServeError(503, "the generation engine is not running", kind="server_error")
+        self.check_length(prompt_ids, params.max_tokens)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+
+        def on_event(text: str, reason: str | None) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, Event(text, reason))
+
+        request = Request(prompt_ids=prompt_ids, params=params, on_event=on_event, adapter=adapter)
+        try:
+            self.engine.submit(request)
+        except EngineFull as error:
+            raise ServeError(429, f"the server is busy ({error}): retry later", kind="rate_limit_error") from error
+        try:
+            while True:
+                event = await events.get()
+                if event.finish_reason is not None and event.finish_reason.startswith("error"):
+                    raise ServeError(404, f"adapter {adapter!r} was unloaded", param="model")
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:
+            request.cancelled.set()  # a no-op once finished; otherwise the engine frees the slot
+

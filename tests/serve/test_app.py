@@ -1,0 +1,220 @@
+"""splice.serve: a real uvicorn server on 127.0.0.1 (CPU, tiny Llama, two adapters) driven by the
+real ``openai`` client: answers equal ``splice.generate`` with the adapter alone, streaming and
+not, concurrent adapters, 32 clients, load/unload at run time, errors, disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from splice.generation.generate import generate
+from splice.lora.layers import LoraConfig, add_lora
+from splice.lora.peft_io import load_adapter, save_adapter
+from splice.serve.app import build_app
+from splice.serve.service import Service
+from tests import tiny
+from tests.conftest import build_tiny_llama, build_tiny_tokenizer
+
+ADAPTERS = {"alpha": (("q_proj", "v_proj"), 4, 11), "beta": ("all-linear", 8, 12), "gamma": (("o_proj",), 4, 13)}
+PROMPT = "the cat sat on"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _base() -> Any:
+    return build_tiny_llama(len(build_tiny_tokenizer()))
+
+
+class Server:
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.tokenizer = folder, build_tiny_tokenizer()
+        self.service = Service(_base(), self.tokenizer, model_name="tiny",
+                               adapters={n: folder / n for n in ("alpha", "beta")},
+                               max_batch=8, max_len=256, gpu_adapters=2, max_waiting=64)
+        self.port = _free_port()
+        config = uvicorn.Config(build_app(self.service), host="127.0.0.1", port=self.port, log_level="warning")
+        self.uvicorn = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+
+    def __enter__(self) -> Server:
+        self.thread.start()
+        for _ in range(400):
+            if self.uvicorn.started:
+                return self
+            time.sleep(0.025)
+        raise RuntimeError("the server did not start")
+
+    def __exit__(self, *exc: object) -> None:
+        self.uvicorn.should_exit = True
+        self.thread.join(timeout=30)
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url, api_key="unused", max_retries=0)
+
+    def expected(self, adapter: str | None, prompt: str, max_tokens: int) -> str:
+        model = _base()
+        if adapter is not None:
+            load_adapter(model, self.folder / adapter, name=adapter)
+        return generate(model, self.tokenizer, prompt, max_new_tokens=max_tokens)[0]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    folder = tmp_path_factory.mktemp("serve")
+    for name, (targets, rank, seed) in ADAPTERS.items():
+        model = _base()
+        add_lora(model, LoraConfig(name=name, targets=targets, rank=rank))
+        tiny.randomize_lora(model, seed=seed)
+        save_adapter(model, folder / name, name=name)
+    with Server(folder) as running:
+        yield running
+
+
+def test_models_lists_the_base_and_the_adapters(server: Server) -> None:
+    assert [m.id for m in server.client().models.list().data] == ["tiny", "alpha", "beta"]
+
+
+@pytest.mark.parametrize("model", ["tiny", "alpha", "beta"])
+def test_greedy_completion_equals_generate_with_that_adapter_alone(server: Server, model: str) -> None:
+    client = server.client()
+    want = server.expected(None if model == "tiny" else model, PROMPT, 12)
+    got = client.completions.create(model=model, prompt=PROMPT, max_tokens=12, temperature=0)
+    assert got.choices[0].text == want and got.model == model
+    assert got.usage is not None and got.usage.prompt_tokens == len(server.tokenizer(PROMPT)["input_ids"])
+    chunks = client.completions.create(model=model, prompt=PROMPT, max_tokens=12, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in chunks) == want
+    assert set(server.expected(n, PROMPT, 12) for n in (None, "alpha", "beta")).__len__() == 3
+
+
+def test_chat_streaming_and_not_follow_the_chat_template(server: Server) -> None:
+    client = server.client()
+    messages: Any = [{"role": "user", "content": "hello there"}]
+    text = server.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    model = _base()
+    load_adapter(model, server.folder / "beta", name="beta")
+    ids = server.tokenizer(text, add_special_tokens=False)["input_ids"]
+    want = generate(model, server.tokenizer, server.tokenizer.decode(ids), max_new_tokens=10)[0]
+    got = client.chat.completions.create(model="beta", messages=messages, max_tokens=10, temperature=0)
+    assert got.choices[0].message.role == "assistant" and got.choices[0].message.content == want
+    stream = client.chat.completions.create(model="beta", messages=messages, max_tokens=10, temperature=0,
+                                            stream=True)
+    pieces = list(stream)
+    assert pieces[0].choices[0].delta.role == "assistant"
+    assert "".join(p.choices[0].delta.content or "" for p in pieces) == want
+    assert pieces[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_concurrent_requests_for_different_adapters_each_get_their_own(server: Server) -> None:
+    names = ["alpha", "beta", "tiny", "beta", "alpha", "tiny"]
+    prompts = [f"{PROMPT} {i}" for i in range(len(names))]
+    want = [server.expected(None if n == "tiny" else n, p, 10) for n, p in zip(names, prompts)]
+    got: list[str | None] = [None] * len(names)
+    barrier = threading.Barrier(len(names))
+
+    def ask(i: int) -> None:
+        barrier.wait()
+        reply = server.client().completions.create(model=names[i], prompt=prompts[i], max_tokens=10, temperature=0)
+        got[i] = reply.choices[0].text
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(names))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert got == want
+
+
+def test_32_concurrent_clients_are_all_answered(server: Server) -> None:
+    async def main() -> list[str]:
+        client = openai.AsyncOpenAI(base_url=server.url, api_key="unused", max_retries=0)
+        names = ["tiny", "alpha", "beta", "alpha"]
+
+        async def one(i: int) -> str:
+            reply = await client.completions.create(model=names[i % 4], prompt=f"client {i}", max_tokens=6,
+                                                    temperature=0.8, seed=i)
+            return reply.choices[0].text
+
+        return await asyncio.gather(*(one(i) for i in range(32)))
+
+    answers = asyncio.run(main())
+    assert len(answers) == 32 and all(isinstance(a, str) for a in answers)
+    assert server.service.engine.rows == [None] * 8
+
+
+def test_seeded_sampling_repeats(server: Server) -> None:
+    client = server.client()
+    kwargs: Any = dict(model="alpha", prompt=PROMPT, max_tokens=12, temperature=1.0, top_p=0.9, seed=5)
+    assert client.completions.create(**kwargs).choices[0].text == client.completions.create(**kwargs).choices[0].text
+
+
+def test_load_and_unload_an_adapter_at_run_time(server: Server) -> None:
+    client = server.client()
+    with httpx.Client(base_url=server.url) as http:
+        reply = http.post("/load_lora_adapter", json={"lora_name": "gamma", "lora_path": str(server.folder / "gamma")})
+        assert reply.status_code == 200, reply.text
+        again = http.post("/load_lora_adapter", json={"lora_name": "gamma", "lora_path": str(server.folder / "gamma")})
+        assert again.status_code == 400
+        missing = http.post("/load_lora_adapter", json={"lora_name": "delta", "lora_path": str(server.folder / "nope")})
+        assert missing.status_code == 400 and "adapter_config.json" in missing.json()["error"]["message"]
+        # three adapters through two device slots: each answer is still its own adapter's
+        for name in ("gamma", "alpha", "beta", "gamma"):
+            got = client.completions.create(model=name, prompt=PROMPT, max_tokens=8, temperature=0)
+            assert got.choices[0].text == server.expected(name, PROMPT, 8), name
+        assert http.post("/unload_lora_adapter", json={"lora_name": "gamma"}).status_code == 200
+        assert http.post("/unload_lora_adapter", json={"lora_name": "gamma"}).status_code == 404
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gamma", prompt=PROMPT, max_tokens=4)
+
+
+def test_errors_use_the_openai_format(server: Server) -> None:
+    client = server.client()
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.completions.create(model="nope", prompt=PROMPT, max_tokens=4)
+    assert unknown.value.status_code == 404 and unknown.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as long:
+        client.completions.create(model="tiny", prompt="x " * 300, max_tokens=4)
+    assert long.value.code == "context_length_exceeded"
+    for bad in ({"temperature": -1}, {"top_p": 0}, {"max_tokens": 0}, {"n": 2}):
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model="tiny", prompt=PROMPT, **bad)  # type: ignore[call-overload]
+    with httpx.Client(base_url=server.url) as http:
+        body = http.post("/chat/completions", json={"model": "tiny", "messages": []}).json()
+        assert set(body["error"]) == {"message", "type", "param", "code"}
+    engine = server.service.engine
+    engine.max_waiting = 0  # a full queue: overload is 429, not a crash
+    try:
+        with pytest.raises(openai.RateLimitError):
+            client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4)
+    finally:
+        engine.max_waiting = 64
+    assert client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2).choices[0].text is not None
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(server: Server) -> None:
+    engine = server.service.engine
+    before = engine.finished["cancelled"]
+    body = {"model": "alpha", "prompt": PROMPT, "max_tokens": 240, "temperature": 1.0, "stream": True,
+            "stop": None}
+    with httpx.Client(base_url=server.url, timeout=60) as http, http.stream("POST", "/completions", json=body) as reply:
+        assert reply.status_code == 200
+        next(reply.iter_lines())  # one chunk, then hang up
+    for _ in range(400):
+        if engine.finished["cancelled"] > before and engine.rows == [None] * 8:
+            break
+        time.sleep(0.025)
+    assert engine.finished["cancelled"] > before and engine.rows == [None] * 8
