@@ -48,6 +48,10 @@ _HELP = {
     "compare_base": "score the base model before training", "save_every": "checkpoint every N steps",
     "keep_checkpoints": "checkpoints kept", "max_bad_steps": "non-finite losses in a row before stopping",
     "resume": "continue the run in --output-dir from its last checkpoint",
+    "shard": "under torchrun: FSDP2 (weights sharded over the ranks, per decoder layer) instead of "
+             "DDP; without torchrun: FSDP2 on one device (default: off; on when the model would "
+             "take over half of one GPU)",
+    "dist_timeout": "seconds a collective waits for the other ranks before failing (default: 600)",
 }
 
 
@@ -79,9 +83,14 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from splice.distributed.process import RankFailure
     from splice.training.loop import train
 
-    result = train(_train_config(args))
+    try:
+        result = train(_train_config(args))
+    except RankFailure as exc:  # another rank died or stalled: one line, not a backend traceback
+        print(f"splice train: error: {exc}", file=sys.stderr)
+        return 1
     return 130 if result.interrupted else 0
 
 

@@ -15,7 +15,7 @@ RUN_CONFIG = "run_config.json"
 _RESUME_FREE = {"resume", "steps", "epochs", "save_every", "keep_checkpoints", "eval_every",
                 "eval_samples", "compare_base", "eval_batch_size", "max_new_tokens",
                 "fast", "gradient_checkpointing", "offload_checkpoints", "keep_attention", "cuda_graphs",
-                "device"}
+                "device", "shard", "dist_timeout"}
 
 
 @dataclass(kw_only=True)
@@ -69,6 +69,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_bad_steps: int = 5
     resume: bool = False
+    # torch.distributed (under torchrun): DDP by default; FSDP2 with shard (or when the model
+    # does not fit one GPU). shard without torchrun: FSDP2 in a world of one process.
+    shard: bool = False
+    dist_timeout: float = 600.0  # seconds a collective waits for the other ranks before failing
 
     def __post_init__(self) -> None:
         checks = [
@@ -83,6 +87,7 @@ class TrainConfig:
             (self.optimizer in ("adamw", "sgd"), "optimizer must be adamw or sgd"),
             (self.precision in ("auto", "bf16", "fp32"), "precision must be auto, bf16 or fp32"),
             (0.0 <= self.val_fraction < 1.0, "val_fraction must be in [0, 1)"),
+            (self.dist_timeout > 0, "dist_timeout must be > 0 (seconds)"),
         ]
         problems = [msg for ok, msg in checks if not ok]
         if problems:
