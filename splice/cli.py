@@ -63,6 +63,10 @@ _HELP = {
                 "(default: none)",
     "last_turn_only": "conversations: loss on the last assistant turn only (default: every assistant turn)",
     "report_to": "also log to these trackers, comma-separated: tensorboard, wandb, csv (default: none)",
+    "shard": "under torchrun: FSDP2 (weights sharded over the ranks, per decoder layer) instead of "
+             "DDP; without torchrun: FSDP2 on one device (default: off; on when the model would "
+             "take over half of one GPU)",
+    "dist_timeout": "seconds a collective waits for the other ranks before failing (default: 600)",
 }
 
 
@@ -139,9 +143,14 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from splice.distributed.process import RankFailure
     from splice.training.loop import train
 
-    result = train(_train_config(args))
+    try:
+        result = train(_train_config(args))
+    except RankFailure as exc:  # another rank died or stalled: one line, not a backend traceback
+        print(f"splice train: error: {exc}", file=sys.stderr)
+        return 1
     return 128 + (result.stopped_by or signal.SIGINT) if result.interrupted else 0
 
 

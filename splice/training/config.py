@@ -22,7 +22,7 @@ RUN_CONFIG = "run_config.json"
 _RESUME_FREE = {"resume", "steps", "epochs", "save_every", "keep_checkpoints", "eval_every",
                 "eval_samples", "compare_base", "eval_batch_size", "max_new_tokens",
                 "fuse", "gradient_checkpointing", "offload_checkpoints", "keep_attention", "cuda_graphs",
-                "device", "output_dir", "report_to"}
+                "device", "output_dir", "report_to", "shard", "dist_timeout"}
 # Files in a run directory that do not make it "used" (the run-directory lock, see rundir.py).
 _NOT_A_RUN = {".splice.lock"}
 
@@ -82,6 +82,11 @@ class TrainConfig:
     # A user's own data and tracking (issue 17).
     last_turn_only: bool = False  # conversations: loss on the last assistant turn only (default: every one)
     report_to: str = ""  # trackers besides metrics.jsonl, comma-separated: tensorboard, wandb, csv
+
+    # torch.distributed (under torchrun): DDP by default; FSDP2 with shard (or when the model
+    # does not fit one GPU). shard without torchrun: FSDP2 in a world of one process.
+    shard: bool = False
+    dist_timeout: float = 600.0  # seconds a collective waits for the other ranks before failing
 
     def __post_init__(self) -> None:
         for f in fields(self):  # TOML/YAML write 32 for 32.0: a whole number is a valid float
@@ -259,6 +264,7 @@ RULES: tuple[Rule, ...] = (
     Rule(("max_rows",), lambda v: v >= 1, "must be >= 1 (or unset for all rows)"),
     Rule(("val_fraction",), lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
     Rule(("precision",), lambda v: v in ("auto", "bf16", "fp32"), "must be auto, bf16 or fp32"),
+    Rule(("dist_timeout",), lambda v: v > 0, "must be > 0 (seconds)"),
     Rule(("quantize",), lambda v: v in ("nf4", "int8"), "must be nf4 or int8 (or unset: no quantization)"),
     Rule(("device",), lambda v: _DEVICE.fullmatch(v) is not None,
          "must be auto, cpu, mps, cuda or cuda:N"),

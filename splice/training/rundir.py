@@ -178,11 +178,11 @@ def run_directory(config: TrainConfig, *, say: Any = print) -> Iterator[Path]:
     the ranks share one run.
     """
     out = Path(config.output_dir)
-    if not out.is_dir() or os.environ.get("RANK", "0") != "0":
-        check_output_dir(out, config)  # no side effects before the checks pass
-    if os.environ.get("RANK", "0") != "0":
+    if os.environ.get("RANK", "0") != "0":  # rank 0 checks and locks; the trainer waits for it
         yield out
         return
+    if not out.is_dir():
+        check_output_dir(out, config)  # no side effects before the checks pass
     lock = lock_run_dir(out)
     try:
         if lock.stale:

@@ -1,0 +1,111 @@
+"""DDP and FSDP2 on 2 real gloo ranks (CPU) match one process reading the same global batches.
+
+Each rank reads ``batch_size`` rows of every global micro-batch; one process with
+``batch_size * 2`` reads them all. Token-weighted losses and averaged gradients make the two the
+same run up to float summation order: per-step losses agree to 1e-5 (fp32), the trained adapters
+to 1e-4. The fast path (fused modules' reference paths and activation checkpointing on the CPU)
+runs under both wrappers on the same trajectory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from splice.training.loop import train
+from tests.distributed.ranks import check, run_ranks
+from tests.numerics import GPU
+from tests.training.test_loop import _config, tiny_run_inputs  # noqa: F401 - the tiny model + data
+
+COMMON = dict(steps=4, dropout=0.0, lr=1e-2, device="cpu", save_every=0, grad_accum=2)
+RUNS = {  # name: options of each rank's run (batch_size is per rank)
+    "ddp": dict(batch_size=2, fast=False),
+    "fsdp2": dict(batch_size=2, fast=False, shard=True),
+    "ddp_fast": dict(batch_size=2, fast=True, gradient_checkpointing=True),
+    "fsdp2_fast": dict(batch_size=2, fast=True, gradient_checkpointing=True, shard=True),
+}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny_run_inputs, tmp_path_factory) -> Path:  # noqa: F811
+    root = tmp_path_factory.mktemp("ranks")
+    job = {"inputs": [str(p) for p in tiny_run_inputs],
+           "runs": [{"out": str(root / name), "options": {**COMMON, **options}}
+                    for name, options in RUNS.items()]}
+    results = run_ranks(job, world=2, timeout=400)
+    check(results)
+    (root / "rank0.log").write_text(results[0].stdout + results[0].stderr)
+    (root / "rank1.log").write_text(results[1].stdout + results[1].stderr)
+    return root
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_run_inputs, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("single") / "run"
+    result = train(_config(tiny_run_inputs, out, **{**COMMON, "batch_size": 4, "fast": False}))
+    return result, out
+
+
+def _result(root: Path, name: str, rank: int) -> dict:
+    return json.loads((root / name / f"result-rank{rank}.json").read_text())
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_two_ranks_match_one_process(two_ranks: Path, one_process, name: str) -> None:
+    single, single_out = one_process
+    ranks = [_result(two_ranks, name, r) for r in (0, 1)]
+    assert ranks[0]["parallel"] == name.removesuffix("_fast") and ranks[0]["world_size"] == 2
+    assert ranks[0]["losses"] == ranks[1]["losses"]  # all-reduced: every rank reports the same
+    torch.testing.assert_close(torch.tensor(ranks[0]["losses"]), torch.tensor(single.losses),
+                               rtol=1e-5, atol=1e-5)
+    assert single.losses[-1] < single.losses[0] - 1.0  # it trained
+    # One adapter, written by rank 0 from the gathered parameters, in PEFT format.
+    ours = load_file(two_ranks / name / "adapter" / "adapter_model.safetensors")
+    ref = load_file(single_out / "adapter" / "adapter_model.safetensors")
+    assert ours.keys() == ref.keys() and all(k.startswith("base_model.model.") for k in ours)
+    for key in ref:
+        torch.testing.assert_close(ours[key], ref[key], rtol=1e-4, atol=1e-5)
+    config = json.loads((two_ranks / name / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 8
+
+
+def test_rank_zero_alone_prints_and_writes(two_ranks: Path) -> None:
+    rank0, rank1 = (two_ranks / "rank0.log").read_text(), (two_ranks / "rank1.log").read_text()
+    assert "FSDP2 (--shard): 2 decoder layers + root sharded over 2 rank(s), fp32" in rank0
+    assert "DDP over 2 rank(s)" in rank0
+    assert "trainable" in rank0.lower() and "adapter saved to" in rank0
+    assert "adapter saved to" not in rank1 and "DDP over" not in rank1
+    records = [json.loads(line) for line in (two_ranks / "fsdp2" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 5))  # once each
+    assert any(r["kind"] == "eval" and "val_loss" in r for r in records)
+
+
+# --- on a GPU: FSDP2 at world size 1 (no torchrun) against the same run without it ---------------
+
+@GPU
+@pytest.mark.parametrize("fast", [False, True])
+def test_fsdp2_world_of_one_matches_the_plain_step_on_gpu(tiny_run_inputs, tmp_path, fast: bool) -> None:  # noqa: F811
+    options = dict(steps=6, dropout=0.0, lr=1e-2, device="cuda", save_every=0, batch_size=4,
+                   fast=fast, cuda_graphs=False, pack=True, max_length=64)
+    plain = train(_config(tiny_run_inputs, tmp_path / "plain", **options))
+    sharded = train(_config(tiny_run_inputs, tmp_path / "sharded", shard=True, **options))
+    assert plain.parallel == "none" and sharded.parallel == "fsdp2" and sharded.world_size == 1
+    # bf16 compute both ways (autocast vs FSDP2's bf16 parameter policy): bf16-rounding agreement
+    diffs = [abs(a - b) for a, b in zip(plain.losses, sharded.losses, strict=True)]
+    assert max(diffs) < 0.03, diffs
+    ours = load_file(tmp_path / "sharded" / "adapter" / "adapter_model.safetensors")
+    ref = load_file(tmp_path / "plain" / "adapter" / "adapter_model.safetensors")
+    for key in ref:
+        assert (ours[key] - ref[key]).norm() <= 0.05 * ref[key].norm() + 1e-6, key
+
+
+@GPU
+def test_fsdp2_world_of_one_turns_cuda_graphs_off_and_says_why(tiny_run_inputs, tmp_path, capsys) -> None:  # noqa: F811
+    result = train(_config(tiny_run_inputs, tmp_path / "run", steps=2, device="cuda", shard=True,
+                           fast=True, cuda_graphs=True, pack=True, max_length=64, save_every=0))
+    assert result.cuda_graphs == 0
+    assert "CUDA graphs off under fsdp2" in capsys.readouterr().out
