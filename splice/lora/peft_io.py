@@ -2,8 +2,11 @@
 
 A directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` whose keys are
 ``base_model.model.<module path>.lora_A.weight`` / ``.lora_B.weight`` (embeddings:
-``.lora_embedding_A`` / ``.lora_embedding_B``), so adapters move both ways between splice, PEFT
-and vLLM. Nothing here unpickles: JSON and safetensors only.
+``.lora_embedding_A`` / ``.lora_embedding_B``; DoRA adds ``.lora_magnitude_vector`` and
+``"use_dora": true``), so adapters move both ways between splice, PEFT and vLLM. A PiSSA/OLoRA
+adapter is saved with its ``init_lora_weights`` (loading it re-derives the residual base, as
+PEFT does) or, with ``convert_to_lora``, as the plain rank-2r LoRA of the original base
+(:func:`splice.lora.init.to_plain_lora`). Nothing here unpickles: JSON and safetensors only.
 """
 
 from __future__ import annotations
@@ -22,7 +25,10 @@ from splice.core.family import is_conv1d
 from splice.core.io import atomic_file
 from splice.core.errors import UsageError, one_line
 from splice.core.rewrite import unrewrite
+from splice.lora.init import from_weight, to_plain_lora
 from splice.lora.layers import (
+    DoraConv2d,
+    DoraLinear,
     LoraConfig,
     LoraEmbedding,
     LoraLayer,
@@ -40,7 +46,8 @@ _PREFIX = "base_model.model."
 # PEFT keys, with or without an adapter name (".default") as some versions wrote.
 _KEY = re.compile(
     r"^(?:base_model\.model\.)?(?P<path>.+?)\."
-    r"(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.default)?(?:\.weight)?$"
+    r"(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
+    r"(?:\.default)?(?:\.weight)?$"
 )
 
 
@@ -48,16 +55,34 @@ class AdapterError(UsageError):
     """An adapter that does not fit the model (the model is left unchanged)."""
 
 
-def _tensors(path: str, layer: LoraLayer) -> dict[str, Tensor]:
+def _tensors(path: str, layer: LoraLayer, *, convert: bool = False) -> dict[str, Tensor]:
     if isinstance(layer, LoraEmbedding):
         return {
             f"{_PREFIX}{path}.lora_embedding_A": layer.lora_embedding_A,
             f"{_PREFIX}{path}.lora_embedding_B": layer.lora_embedding_B,
         }
-    return {
-        f"{_PREFIX}{path}.lora_A.weight": layer.lora_A.weight,
-        f"{_PREFIX}{path}.lora_B.weight": layer.lora_B.weight,
-    }
+    a, b = layer.lora_A.weight, layer.lora_B.weight
+    if convert:
+        a, b = to_plain_lora(a.detach(), b.detach(), layer.initial_A, layer.initial_B)
+    tensors = {f"{_PREFIX}{path}.lora_A.weight": a, f"{_PREFIX}{path}.lora_B.weight": b}
+    if isinstance(layer, (DoraLinear, DoraConv2d)):
+        tensors[f"{_PREFIX}{path}.lora_magnitude_vector"] = layer.lora_magnitude_vector
+    return tensors
+
+
+def _variant_fields(layers: list[LoraLayer], *, convert: bool) -> dict:
+    """``use_dora`` and ``init_lora_weights`` of the saved adapter (one value for all layers)."""
+    dora = {isinstance(layer, (DoraLinear, DoraConv2d)) for layer in layers}
+    inits = {getattr(layer, "init", "default") for layer in layers}
+    if len(dora) > 1 or len(inits) > 1:
+        raise ValueError("an adapter mixing DoRA and LoRA layers, or initialisations, cannot be saved in one file")
+    init = inits.pop()
+    if convert and not from_weight(init):
+        raise ValueError(f"convert_to_lora applies to PiSSA/OLoRA adapters; this one was initialised {init!r}")
+    if convert and True in dora:
+        raise ValueError("convert_to_lora: a DoRA adapter's magnitude depends on the base weight, so a "
+                         "PiSSA/OLoRA DoRA adapter has no exact plain-LoRA form; save it unconverted")
+    return {"use_dora": dora.pop(), "init_lora_weights": True if convert or init == "default" else init}
 
 
 def _target_modules(model: nn.Module, paths: list[str]) -> list[str]:
@@ -80,11 +105,14 @@ def save_adapter(
     base_model: str | None = None,
     task_type: str = "CAUSAL_LM",
     name: str | None = None,
+    convert_to_lora: bool = False,
 ) -> Path:
     """Write the model's LoRA adapter (only) to ``directory`` in PEFT's format; returns the path.
 
     Each file is written to a temporary name and renamed, so a crash never leaves a torn file.
-    A model with several adapters saves the one called ``name``.
+    A model with several adapters saves the one called ``name``. ``convert_to_lora``: a
+    PiSSA/OLoRA adapter is written as the plain LoRA (rank 2r) of the *original* base weight,
+    as PEFT's ``save_pretrained(path_initial_model_for_weight_conversion=...)`` does.
     """
     names = adapter_names(model)
     if name is None and len(names) > 1:
@@ -104,9 +132,10 @@ def save_adapter(
     rslora = {layer.rslora for layer in layers}
     if len(rslora) > 1:
         raise ValueError("adapters mixing rsLoRA and plain scaling cannot be saved in one file")
+    variant = _variant_fields(layers, convert=convert_to_lora)
     tensors: dict[str, Tensor] = {}
     for path, _, layer in found:
-        tensors.update(_tensors(path, layer))
+        tensors.update(_tensors(path, layer, convert=convert_to_lora))
     dropouts = Counter(layer.dropout_p for layer in layers)
     config = {
         "peft_type": "LORA",
@@ -124,11 +153,16 @@ def save_adapter(
         "inference_mode": True,
         "init_lora_weights": True,
         "modules_to_save": None,
-        "use_dora": False,
         "layers_to_transform": None,
         "layers_pattern": None,
         "revision": None,
     }
+    config.update(variant)
+    if convert_to_lora:  # PEFT's doubling: rank 2r at the same scale
+        config["r"] *= 2
+        config["lora_alpha"] *= 2 ** 0.5 if config["use_rslora"] else 2
+        config["rank_pattern"] = {k: 2 * v for k, v in config["rank_pattern"].items()}
+        config["alpha_pattern"] = {k: 2 * v for k, v in config["alpha_pattern"].items()}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
@@ -187,8 +221,10 @@ def _read(directory: Path) -> tuple[dict, dict[str, Tensor]]:
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{directory}: peft_type {config['peft_type']!r} is not LORA")
     # fan_in_fan_out needs no handling: splice knows GPT-2's Conv1D layout from the module type.
-    if config.get("use_dora"):
-        raise AdapterError(f"{directory}: DoRA adapters are not supported by splice")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower() in ("loftq", "corda", "lora_ga"):
+        raise AdapterError(f"{directory}: init_lora_weights {init!r} is not supported by splice (it needs "
+                           "data or a quantized base to rebuild); use a plain, PiSSA or OLoRA adapter")
     if config.get("bias", "none") != "none" or config.get("modules_to_save"):
         raise AdapterError(f"{directory}: bias training / modules_to_save are not supported")
     try:
@@ -254,6 +290,9 @@ def _shape_problems(path: str, module: nn.Module, parts: dict[str, Tensor]) -> l
     if shape is None:
         return [f"module {path!r} ({type(module).__name__}) cannot carry LoRA"]
     n_in, n_out = shape
+    magnitude = parts.get("lora_magnitude_vector")
+    if magnitude is not None and magnitude.numel() != n_out:
+        return [f"{path}: lora_magnitude_vector {tuple(magnitude.shape)} does not fit out={n_out}"]
     if "lora_A" in parts:
         a, b = parts["lora_A"], parts.get("lora_B")
         if b is None:
@@ -284,6 +323,12 @@ def load_adapter(
     by_path = _plan(model, tensors, name)
     if not by_path:
         raise AdapterError(f"{directory}: the adapter holds no LoRA tensors")
+    use_dora = bool(config.get("use_dora", False))
+    unfit = sorted(p for p, t in by_path.items() if ("lora_magnitude_vector" in t) != use_dora)
+    if unfit:
+        raise AdapterError(f"{directory}: use_dora is {use_dora} but {unfit[0]} "
+                           f"{'lacks' if use_dora else 'has'} a lora_magnitude_vector: a damaged adapter")
+    init = config.get("init_lora_weights", True)
     ranks = {p: (t.get("lora_A", t.get("lora_embedding_A"))).shape[0] for p, t in by_path.items()}
     alpha_pattern = config.get("alpha_pattern") or {}
     lora_config = LoraConfig(
@@ -296,6 +341,9 @@ def load_adapter(
         alpha_pattern={k: float(v) for k, v in alpha_pattern.items()},
         dtype=dtype or torch.float32,
         name=name,
+        use_dora=use_dora,
+        # PiSSA/OLoRA: the base becomes the residual again before the trained A, B are copied in
+        init=init if isinstance(init, str) and from_weight(init.lower()) else "default",
     )
     names = add_lora(model, lora_config)
     try:
@@ -307,7 +355,7 @@ def load_adapter(
                 for part, value in parts.items():
                     param = getattr(layer, part)
                     param = param.weight if isinstance(param, nn.Module) else param
-                    param.copy_(value.to(param.dtype))
+                    param.copy_(value.to(param.dtype).reshape(param.shape))
     except Exception:
         loaded = set(names)
         unrewrite(model, select=lambda n: n.name in loaded,
