@@ -17,10 +17,9 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=.:/tmp/site
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/log.txt"
-GPU_TESTS="tests/test_kernels_*.py tests/test_fast.py tests/test_checkpoint.py tests/test_stash.py tests/test_graphs.py tests/test_loss.py tests/test_train.py"
+GPU_TESTS="tests/kernels tests/fused tests/memory tests/quant tests/training/test_graphs.py tests/training/test_loss.py tests/training/test_loop.py tests/lora tests/generation tests/distributed"
 if [ "$MODE" = quick ]; then
-  timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_graphs.py tests/test_kernels_dropout.py \
-    tests/test_kernels_lora_linear.py tests/test_kernels_cross_entropy.py tests/test_kernels_rope.py tests/test_loss.py tests/test_checkpoint.py tests/test_stash.py tests/test_fast.py "tests/test_train.py::test_cuda_graphs_follow_the_eager_trajectory" \
+  timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider $GPU_TESTS \
     2>&1 | tee "$OUT/pytest.log" | tail -25
   if [ "${TUNE:-0}" = 1 ]; then
     timeout 130 python3 benchmarks/lora_kernel_tuning.py --out "$OUT/tuning.json" 2>&1 | tee "$OUT/tuning.txt" | tail -12
