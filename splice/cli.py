@@ -88,11 +88,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    import torch
+
     from splice.lora.peft_io import load_adapter
     from splice.models.loading import load_model
     from splice.training.setup import resolve_device
-
-    import torch
 
     quantize = getattr(args, "quantize", None)
     device = resolve_device(args.device)
