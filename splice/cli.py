@@ -197,11 +197,11 @@ def _check_prompts(model: Any, tokenizer: Any, prompts: list[str], max_new_token
 
 
 def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    import torch
+
     from splice.lora.peft_io import load_adapter, read_adapter
     from splice.models.loading import load_model
     from splice.training.preflight import check_device
-
-    import torch
 
     quantize = getattr(args, "quantize", None)
     device = check_device(args.device)

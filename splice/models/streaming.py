@@ -178,7 +178,7 @@ def _safetensors(folder: Path) -> Iterator[tuple[str, Tensor]]:
         raise FileNotFoundError(f"{folder} has no .safetensors files: quantize-on-load reads safetensors only")
     for file in files:
         with safe_open(str(folder / file), framework="pt", device="cpu") as handle:
-            for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+            for key in handle.keys():
                 yield key, handle.get_tensor(key)
 
 

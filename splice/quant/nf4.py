@@ -49,7 +49,8 @@ def _blockwise(flat: Tensor, block: int) -> tuple[Tensor, Tensor]:
     if full < n:
         tail_max = flat[full:].abs().amax()
         absmax = torch.cat([absmax, tail_max[None]])
-        scaled = torch.cat([scaled, torch.clamp(flat[full:] / tail_max.clamp(min=1e-38), -1, 1)])
+        # times the reciprocal, as bitsandbytes' CUDA kernel (a division can round differently)
+        scaled = torch.cat([scaled, torch.clamp(flat[full:] * (1.0 / tail_max.clamp(min=1e-38)), -1, 1)])
     return scaled, absmax
 
 
