@@ -144,7 +144,8 @@ def wrap_model(model: nn.Module, *, loss: LossFn, env: DistEnv, device: torch.de
                shard_why: str | None, mixed_precision: bool) -> Wrapped:
     """Wrap ``model``'s training step for data parallelism over the default process group: FSDP2
     when ``shard_why`` gives a reason, else DDP. Parameters are replaced in place under FSDP2
-    (build the optimizer afterwards, from ``model.parameters()``)."""
+    (build the optimizer afterwards, from ``model.parameters()``), and moved to ``device`` (FSDP2
+    moves each layer's shards as it wraps it: a model loaded on the CPU never sits whole on a GPU)."""
     root = LossModule(model, loss)
     notes: list[str] = []
     if shard_why is not None:
@@ -164,6 +165,7 @@ def wrap_model(model: nn.Module, *, loss: LossFn, env: DistEnv, device: torch.de
             return Wrapped(kind="fsdp2", step=root, root=root, notes=notes)
     if env.world_size == 1 and shard_why is None:
         notes.append("world size 1: DDP adds nothing but is kept so the path is the same")
+    root.to(device)  # a no-op unless the weights were loaded elsewhere for FSDP2 (a fallback)
     ddp = nn.parallel.DistributedDataParallel(
         root, device_ids=[device.index if device.index is not None else env.local_rank]
         if device.type == "cuda" else None,

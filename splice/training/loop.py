@@ -219,8 +219,11 @@ def _train(config: TrainConfig, *, log: Progress | None, env: DistEnv | None) ->
     torch.manual_seed(config.seed)  # the same LoRA init on every rank
     check_trackers(config.report_to)
     rows = prepare_rows(config)  # bad data is named before the slow model load
+    # FSDP2 over several GPUs: weights load on the CPU, each rank's shards then go to its GPU.
+    on_cpu = env is not None and env.world_size > 1 and config.shard
     with main_first(env):  # rank 0 fills the model/data caches; the others then read them
-        model, tokenizer, device, precision = prepare_model(config)
+        model, tokenizer, device, precision = prepare_model(
+            config, load_device=torch.device("cpu") if on_cpu else None)
         data = prepare_data(config, tokenizer, rows)
     add_lora(model, LoraConfig(rank=config.rank, alpha=config.alpha, dropout=config.dropout,
                                targets=config.target_spec(), rslora=config.rslora))
@@ -313,9 +316,10 @@ def _train(config: TrainConfig, *, log: Progress | None, env: DistEnv | None) ->
                 last = i == len(micro) - 1
                 with wrapped.sync(last) if wrapped else contextlib.nullcontext():
                     loss_sum += float(micro_step(inputs))
-            # One collective: the summed loss, and whether any rank got a stop signal (all
-            # ranks must stop after the same step, or the checkpoint's collectives would hang).
-            loss_sum, stopping = all_reduce_sum([loss_sum, float("signal" in stop)], env, device=device)
+            # One collective: the summed loss, and whether any rank has had a stop signal (all
+            # ranks must stop after the same step, or the checkpoint's collectives would hang; a
+            # signal that comes after this step's collective stops the run after the next step).
+            loss_sum, signalled = all_reduce_sum([loss_sum, float("signal" in stop)], env, device=device)
             loss = loss_sum / max(n_targets, 1)
             if not math.isfinite(loss):
                 optimizer.zero_grad(set_to_none=not graphed)
@@ -349,7 +353,7 @@ def _train(config: TrainConfig, *, log: Progress | None, env: DistEnv | None) ->
             progress.update(state.step, loss=loss, lr=lr, tokens=tokens)
             if config.eval_every and state.step % config.eval_every == 0 and state.step < total:
                 evaluate(state.step)
-            if stopping:
+            if (signalled > 0) if env is not None else "signal" in stop:
                 checkpoint()
                 progress.close()
                 say(f"stopped by signal {stop.get('signal', 'on another rank')} after step {state.step}; checkpoint "

@@ -37,15 +37,19 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def prepare_model(config: TrainConfig) -> tuple[nn.Module, Any, torch.device, str]:
-    """(model, tokenizer, device, precision): bf16 autocast on GPU by default, fp32 on CPU."""
+def prepare_model(config: TrainConfig, *, load_device: torch.device | None = None,
+                  ) -> tuple[nn.Module, Any, torch.device, str]:
+    """(model, tokenizer, device, precision): bf16 autocast on GPU by default, fp32 on CPU.
+    ``load_device``: where the weights are loaded, if not on ``device`` (FSDP2 loads on the CPU
+    and moves each rank's shard to the GPU itself, so no GPU ever holds the whole model)."""
     device = resolve_device(config.device)
     precision = config.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     # Frozen base weights in bf16 on GPU (half the memory); adapters stay fp32 (PEFT's default).
     dtype = torch.bfloat16 if precision == "bf16" and device.type == "cuda" else torch.float32
-    model, tokenizer = load_model(config.model, dtype=dtype, device=device, quantize=config.quantize)
+    model, tokenizer = load_model(config.model, dtype=dtype, device=load_device or device,
+                                  quantize=config.quantize)
     model.config.use_cache = False  # training: no KV cache (generation turns it on itself)
     return model, tokenizer, device, precision
 

@@ -109,3 +109,63 @@ def test_fsdp2_world_of_one_turns_cuda_graphs_off_and_says_why(tiny_run_inputs, 
                            fast=True, cuda_graphs=True, pack=True, max_length=64, save_every=0))
     assert result.cuda_graphs == 0
     assert "CUDA graphs off under fsdp2" in capsys.readouterr().out
+
+
+# --- what the wrap decides, without a process group ---------------------------------------------
+
+class _Packed(torch.Tensor):
+    """A weight stored in a tensor subclass without FSDP2's all-gather hooks."""
+
+
+class _PackedWithHooks(torch.Tensor):
+    def fsdp_pre_all_gather(self, *args, **kwargs):  # pragma: no cover - FSDP2 calls it, not us
+        raise NotImplementedError
+
+    def fsdp_post_all_gather(self, *args, **kwargs):  # pragma: no cover
+        raise NotImplementedError
+
+
+def test_decoder_layers_and_shardable_weights(make_tiny_llama) -> None:
+    from splice.distributed.wrap import decoder_layers, shard_reason, unshardable_params
+
+    model = make_tiny_llama()
+    assert decoder_layers(model) == list(model.model.layers)
+    assert unshardable_params(model) == []
+    proj = model.model.layers[0].mlp.down_proj
+    proj.weight = torch.nn.Parameter(proj.weight.detach().as_subclass(_Packed), requires_grad=False)
+    assert unshardable_params(model) == ["model.layers.0.mlp.down_proj.weight (_Packed)"]
+    proj.weight = torch.nn.Parameter(proj.weight.detach().as_subclass(_PackedWithHooks), requires_grad=False)
+    assert unshardable_params(model) == []  # an NF4-style subclass with the hooks can be sharded
+    assert shard_reason(model, shard=True, device=torch.device("cpu")) == "--shard"
+    assert shard_reason(model, shard=False, device=torch.device("cpu")) is None
+
+
+def test_fsdp2_world_of_one_on_cpu_matches_the_plain_run(tiny_run_inputs, tmp_path, capsys) -> None:  # noqa: F811
+    options = dict(steps=3, dropout=0.0, device="cpu", save_every=0, batch_size=4)
+    plain = train(_config(tiny_run_inputs, tmp_path / "plain", **options))
+    sharded = train(_config(tiny_run_inputs, tmp_path / "sharded", shard=True, **options))
+    assert (sharded.parallel, sharded.world_size) == ("fsdp2", 1)
+    assert "FSDP2 (--shard): 2 decoder layers + root sharded over 1 rank(s), fp32" in capsys.readouterr().out
+    torch.testing.assert_close(torch.tensor(sharded.losses), torch.tensor(plain.losses), rtol=1e-5, atol=1e-5)
+    assert not torch.distributed.is_initialized()  # the world of one is closed again
+
+
+def test_a_weight_fsdp2_cannot_shard_falls_back_to_ddp_and_says_why(make_tiny_llama, monkeypatch) -> None:
+    from splice.distributed.process import start, stop
+    from splice.distributed.wrap import wrap_model
+
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    model = make_tiny_llama()
+    proj = model.model.layers[1].self_attn.q_proj
+    proj.weight = torch.nn.Parameter(proj.weight.detach().as_subclass(_Packed), requires_grad=False)
+    env = start(device_type="cpu", single=True)
+    assert env is not None
+    try:
+        wrapped = wrap_model(model, loss=lambda m, b: m(**b).logits.sum(), env=env,
+                             device=torch.device("cpu"), shard_why="--shard", mixed_precision=False)
+    finally:
+        stop(env)
+    assert wrapped.kind == "ddp"
+    assert "cannot shard model.layers.1.self_attn.q_proj.weight (_Packed)" in wrapped.notes[0]
+    assert "falling back to DDP" in wrapped.notes[0]

@@ -1,9 +1,10 @@
 """One rank of a test job (see :mod:`tests.distributed.ranks`): runs splice's trainer, records losses.
 
 The job (JSON on the command line): ``{"inputs": [model_dir, data_file], "runs": [{"out": dir,
-"options": {...}, "die_at": step or null}]}``; each run is ``train(_config(inputs, out, **options))``
+"options": {...}, "die_at": step or null, "interrupt_at": step or null}]}``; each run is ``train(_config(inputs, out, **options))``
 from tests/training/test_loop.py, and writes ``out/result-rank<r>.json``. ``die_at``: rank 1 ends
-its process abruptly after that step (a crashed GPU, an OOM kill). A :class:`RankFailure` ends
+its process abruptly after that step (a crashed GPU, an OOM kill); ``interrupt_at``: rank 0 gets
+SIGINT after that step. A :class:`RankFailure` ends
 this rank with its message on stderr and exit code 1, as the CLI does. The runs share one
 process group, opened here (``train`` adopts an open group).
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import faulthandler
 import json
 import os
+import signal
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -23,15 +25,19 @@ from splice.training.report import Progress
 from tests.training.test_loop import _config
 
 
-class _DieAt(Progress):
-    def __init__(self, total: int, at: int) -> None:
+class _At(Progress):
+    """After step ``at``: end this process abruptly (``die``), or send it SIGINT (a Ctrl-C)."""
+
+    def __init__(self, total: int, at: int, *, die: bool) -> None:
         super().__init__(total)
-        self.at = at
+        self.at, self.die = at, die
 
     def update(self, step: int, **kwargs) -> None:  # type: ignore[override]
         super().update(step, **kwargs)
-        if step == self.at:
+        if step == self.at and self.die:
             os._exit(3)  # no clean-up, no goodbye to the other ranks
+        if step == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
 
 
 def main() -> int:
@@ -52,8 +58,12 @@ def main() -> int:
 def _runs(job: dict, inputs: tuple[Path, ...], rank: int) -> int:
     for run in job["runs"]:
         config = _config(inputs, Path(run["out"]), **run.get("options", {}))
-        die_at = run.get("die_at")
-        log = _DieAt(config.steps or 0, die_at) if die_at and rank == 1 else None
+        die_at, interrupt_at = run.get("die_at"), run.get("interrupt_at")
+        log = None
+        if die_at and rank == 1:
+            log = _At(config.steps or 0, die_at, die=True)
+        elif interrupt_at and rank == 0:  # only rank 0 is interrupted: all must stop together
+            log = _At(config.steps or 0, interrupt_at, die=False)
         try:
             result = train(config, log=log)
         except RankFailure as exc:
