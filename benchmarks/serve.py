@@ -144,23 +144,29 @@ def part_decode(args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any
     prompts = [[g.randrange(3, model.config.vocab_size) for _ in range(args.prompt_len)] for _ in range(args.batch)]
     sites = add_bank_sites(model, _linear_paths(model))
     max_len = args.prompt_len + args.new_tokens + 8
+    dtype = next(model.parameters()).dtype
+    plain = Engine(model, tokenizer, max_batch=args.batch, max_len=max_len)  # no bank: the base model
+    plain.eos = set()  # random weights: decode exactly new_tokens tokens
+    decode_tok_s(plain, prompts, [None] * args.batch, args.new_tokens)  # warm-up (graphs captured)
+    base = decode_tok_s(plain, prompts, [None] * args.batch, args.new_tokens)
+    print(f"splice no adapter: {base:.0f} tok/s (graphs {plain.cuda_graphs}, {plain.graph_failure})", flush=True)
+    del plain
     for targets, label in ((QKVO, "r16 q/k/v/o"), (ALL, "r16 all-linear")):
         host = {f"a{i}": random_adapter(model, f"a{i}", targets, 16, seed=i, device=device)
                 for i in range(args.adapters)}
-        bank = LoraBank.for_sites(model, sites, capacity=args.adapters, rank=16, dtype=next(model.parameters()).dtype)
+        bank = LoraBank.for_sites(model, sites, capacity=args.adapters, rank=16, dtype=dtype)
         engine = Engine(model, tokenizer, max_batch=args.batch, max_len=max_len, bank=bank,
                         sites=list(sites.values()), adapters=host)
-        engine.eos = set()  # random weights: decode exactly new_tokens tokens
+        engine.eos = set()
         names = [f"a{i % args.adapters}" for i in range(args.batch)]
-        decode_tok_s(engine, prompts, [None] * args.batch, 4)  # warm-up (kernels compile)
-        decode_tok_s(engine, prompts, names, 4)
-        base = decode_tok_s(engine, prompts, [None] * args.batch, args.new_tokens)
+        decode_tok_s(engine, prompts, names, args.new_tokens)  # warm-up: kernels compile, graphs captured
         mixed = decode_tok_s(engine, prompts, names, args.new_tokens)
         rows.append({"part": "decode", "adapters": label, "framework": "splice", "none_tok_s": base,
-                     "mixed_tok_s": mixed, "ratio": mixed / base, "distinct": args.adapters, "batch": args.batch})
+                     "mixed_tok_s": mixed, "ratio": mixed / base, "distinct": args.adapters, "batch": args.batch,
+                     "cuda_graphs": engine.cuda_graphs, "graph_failure": engine.graph_failure})
         print(f"splice {label}: none {base:.0f} tok/s, {args.adapters} mixed {mixed:.0f} tok/s ({mixed / base:.2f}x)",
               flush=True)
-        del engine, bank
+        del engine, bank, host
     return rows
 
 
@@ -270,9 +276,9 @@ def main() -> None:
     parser.add_argument("--peft-tokens", type=int, default=8)
     parser.add_argument("--parts", default="decode,peft,http")
     parser.add_argument("--http-adapters", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 64])
-    parser.add_argument("--http-requests", type=int, default=96)
+    parser.add_argument("--http-requests", type=int, default=128)
     parser.add_argument("--http-tokens", type=int, default=32)
-    parser.add_argument("--rate", type=float, default=8.0, help="Poisson arrivals per second")
+    parser.add_argument("--rate", type=float, default=32.0, help="Poisson arrivals per second")
     parser.add_argument("--gpu-adapters", type=int, default=32)
     parser.add_argument("--json", type=Path, default=Path("serve_results.json"))
     args = parser.parse_args()
