@@ -189,6 +189,7 @@ def part_peft(args: argparse.Namespace, model: torch.nn.Module) -> list[dict]:
     rows.append({"part": "decode", "adapters": "r16 q/k/v/o", "framework": "peft", "none_tok_s": base,
                  "mixed_tok_s": mixed, "ratio": mixed / base, "distinct": args.adapters, "batch": args.batch})
     print(f"peft r16 q/k/v/o: none {base:.0f} tok/s, mixed {mixed:.0f} tok/s", flush=True)
+    wrapped.unload()  # the plain base modules back, for the parts after this one
     return rows
 
 
@@ -287,17 +288,24 @@ def main() -> None:
     tokenizer = tokenizer_for(model.config.vocab_size)
     parts = args.parts.split(",")
     rows: list[dict] = []
-    if "decode" in parts:
-        rows += part_decode(args, model, tokenizer, device)
-        _remove_sites(model)
-    if "http" in parts:
-        rows += [http_run(args, model, tokenizer, count) for count in args.http_adapters]
-    if "peft" in parts:
-        rows += part_peft(args, model)  # last: PEFT rewrites the base model in place
     info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
-    args.json.write_text(json.dumps({"info": info, "results": rows}, indent=2))
+
+    def save() -> None:  # after every part: a later failure keeps what was measured
+        args.json.write_text(json.dumps({"info": info, "results": rows}, indent=2))
+
+    if "decode" in parts:
+        rows += part_decode(args, model, tokenizer, device)
+        _remove_sites(model)
+        save()
+    if "peft" in parts:
+        rows += part_peft(args, model)  # PEFT wraps the base in place; unloaded again after
+        save()
+    if "http" in parts:
+        for count in args.http_adapters:
+            rows.append(http_run(args, model, tokenizer, count))
+            save()
     print(f"\n{info['device']}, {info['date']}")
     print("| part | adapters | framework | none tok/s | mixed tok/s | mixed/none |")
     print("|---|---|---|---|---|---|")
