@@ -35,7 +35,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from splice.generation.engine import Engine, Request, SamplingParams
 from splice.lora.bank import HostAdapter, LoraBank, add_bank_sites
-from splice.serve.service import _linear_paths
+from splice.serve.service import linear_paths
 
 QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
 ALL = (*QKVO, "gate_proj", "up_proj", "down_proj")
@@ -86,7 +86,7 @@ def random_adapter(model: torch.nn.Module, name: str, targets: tuple[str, ...], 
     dtype = next(model.parameters()).dtype
     modules = dict(model.named_modules())
     weights = {}
-    for path in _linear_paths(model):
+    for path in linear_paths(model):
         if path.rsplit(".", 1)[-1] in targets:
             base = modules[path]
             while hasattr(base, "base"):
@@ -142,7 +142,7 @@ def part_decode(args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any
     rows: list[dict] = []
     g = random.Random(0)
     prompts = [[g.randrange(3, model.config.vocab_size) for _ in range(args.prompt_len)] for _ in range(args.batch)]
-    sites = add_bank_sites(model, _linear_paths(model))
+    sites = add_bank_sites(model, linear_paths(model))
     max_len = args.prompt_len + args.new_tokens + 8
     dtype = next(model.parameters()).dtype
     plain = Engine(model, tokenizer, max_batch=args.batch, max_len=max_len)  # no bank: the base model

@@ -19,6 +19,7 @@ whatever else is in the batch. Stop strings and EOS end a request; text is emitt
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections import Counter
@@ -150,8 +151,6 @@ class Engine:
         return admitted or launched
 
     def _route(self, slots: Tensor) -> Any:
-        import contextlib
-
         if self.bank is None or not self.sites:
             return contextlib.nullcontext()
         return routed(self.sites, Route(bank=self.bank, slots=slots))
@@ -181,6 +180,7 @@ class Engine:
             if request is None:
                 break
             if request.cancelled.is_set():
+                self.finished["cancelled"] += 1
                 request.on_event("", "cancelled")
                 continue
             slot_id = -1
