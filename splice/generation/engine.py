@@ -19,6 +19,7 @@ whatever else is in the batch. Stop strings and EOS end a request; text is emitt
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections import Counter
@@ -29,7 +30,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from splice.generation.generate import _check_sampling, _continuation, _cut_at_stop, _eos_ids, sample_next
+from splice.generation.generate import (
+    _check_sampling,
+    _continuation,
+    _cut_at_stop,
+    _eos_ids,
+    _forward_params,
+    sample_next,
+)
 from splice.generation.kv_cache import SlotKVCache, slot_mask
 from splice.lora.bank import BankSite, HostAdapter, LoraBank
 from splice.lora.routing import Route, routed
@@ -84,7 +92,8 @@ class Engine:
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, max_batch: int = 32, max_len: int = 512,
                  max_waiting: int = 256, bank: LoraBank | None = None,
-                 sites: Sequence[BankSite] = (), adapters: dict[str, HostAdapter] | None = None) -> None:
+                 sites: Sequence[BankSite] = (), adapters: dict[str, HostAdapter] | None = None,
+                 cuda_graphs: bool = True) -> None:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_len, self.max_waiting = max_batch, max_len, max_waiting
         self.cache = SlotKVCache.for_model(model, slots=max_batch, max_len=max_len)
@@ -102,7 +111,15 @@ class Engine:
         self._host = torch.empty(max_batch, dtype=torch.long, pin_memory=self.device.type == "cuda")
         self._held: Request | None = None  # admitted next, before the queue (kept order)
         self.mask_dtype = next(model.parameters()).dtype
+        params = _forward_params(model)  # transformers renamed past_key_values to cache in 5.2x
+        self._cache_arg = "past_key_values" if "past_key_values" in params and "cache" not in params else "cache"
         self.finished: Counter[str] = Counter()  # finish reasons so far (for monitoring)
+        # CUDA graphs of the decode step over all slots, one per attention width (and bank targets)
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self.graph_failure: str | None = None
+        self._graphs: dict[tuple[int, int], tuple[Any, Tensor]] = {}
+        self._graph_pool: Any = None
+        self._positions = torch.zeros((max_batch, 1), dtype=torch.long, device=self.device)
 
     # ---- thread-safe API -------------------------------------------------------------------
     def submit(self, request: Request) -> None:
@@ -134,8 +151,6 @@ class Engine:
         return admitted or launched
 
     def _route(self, slots: Tensor) -> Any:
-        import contextlib
-
         if self.bank is None or not self.sites:
             return contextlib.nullcontext()
         return routed(self.sites, Route(bank=self.bank, slots=slots))
@@ -145,7 +160,8 @@ class Engine:
         self.cache.bind(first=first, count=ids.shape[0], positions=positions, width=width)
         with self._route(slots):
             out = self.model(input_ids=ids, attention_mask=slot_mask(positions, width, self.mask_dtype),
-                             position_ids=positions, cache=self.cache, use_cache=True, logits_to_keep=1)
+                             position_ids=positions, use_cache=True, logits_to_keep=1,
+                             **{self._cache_arg: self.cache})
         return out.logits[:, -1, :]
 
     def _next_waiting(self) -> Request | None:
@@ -164,6 +180,7 @@ class Engine:
             if request is None:
                 break
             if request.cancelled.is_set():
+                self.finished["cancelled"] += 1
                 request.on_event("", "cancelled")
                 continue
             slot_id = -1
@@ -213,7 +230,7 @@ class Engine:
         live = [s for s, r in enumerate(self.rows) if r is not None]
         if not live:
             return False
-        hi = max(live) + 1
+        hi = self.max_batch if self.cuda_graphs else max(live) + 1  # graphs: fixed shape
         snapshot = self.rows[:hi]
         # The fed tokens (drawn by the last step or a prefill, still on the device) go to the host
         # before the forward is queued: waiting for the copy does not wait for the forward.
@@ -225,8 +242,8 @@ class Engine:
         positions = torch.tensor([[min(self.lengths[s], self.max_len - 1)] for s in range(hi)])
         longest = max(self.lengths[s] for s in live) + 1
         width = min(self.max_len, -(-longest // _WIDTH_STEP) * _WIDTH_STEP)
-        logits = self._forward(self.tokens[:hi, None], positions.to(self.device, non_blocking=True),
-                               first=0, width=width, slots=self.slot_ids[:hi])
+        self._positions[:hi].copy_(positions, non_blocking=True)
+        logits = self._decode_logits(hi, width)
         self.tokens[:hi] = self._sample(logits, snapshot)
         for s in live:
             self.lengths[s] += 1
@@ -236,6 +253,43 @@ class Engine:
             if request is not None:
                 self._accept(slot, request, int(host[slot]))
         return True
+
+    def _decode_logits(self, hi: int, width: int) -> Tensor:
+        """The decode forward over slots ``0..hi-1`` from the static token / position buffers:
+        replayed from a CUDA graph when enabled (captured on first use of a width)."""
+        def forward() -> Tensor:
+            return self._forward(self.tokens[:hi, None], self._positions[:hi], first=0, width=width,
+                                 slots=self.slot_ids[:hi])
+
+        if not self.cuda_graphs:
+            return forward()
+        key = (width, self.bank.version if self.bank is not None else 0)
+        if any(version != key[1] for _, version in self._graphs):
+            self._graphs.clear()  # the bank's adapted paths changed: recapture
+        if key not in self._graphs:
+            try:
+                self._graphs[key] = self._capture(forward)
+            except Exception as error:  # e.g. a model that syncs inside its forward: run eagerly
+                self.cuda_graphs, self.graph_failure = False, f"{type(error).__name__}: {error}"
+                return forward()
+        graph, logits = self._graphs[key]
+        graph.replay()
+        return logits
+
+    def _capture(self, forward: Callable[[], Tensor]) -> tuple[Any, Tensor]:
+        # Warm-up on a side stream (Triton compiles, cuBLAS picks kernels); it rewrites the same
+        # keys/values the replay will, so running it is harmless.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            forward()
+        torch.cuda.current_stream().wait_stream(stream)
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            logits = forward()
+        return graph, logits
 
     def _accept(self, slot: int, request: Request, token: int) -> None:
         if request.cancelled.is_set():

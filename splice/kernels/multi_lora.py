@@ -47,9 +47,9 @@ def multi_lora_reference(x: Tensor, y: Tensor, a: Tensor, b: Tensor, slots: Tens
     return out
 
 
-def _multi_lora_torch(x: Tensor, y: Tensor, a: Tensor, b: Tensor, slots: Tensor) -> Tensor:
+def _multi_lora_torch(x: Tensor, y: Tensor, a: Tensor, b: Tensor, slots: Tensor, *, inplace: bool) -> Tensor:
     """The same, one matmul pair per distinct slot (CPU / no Triton)."""
-    out = y.clone()
+    out = y if inplace else y.clone()
     for slot in torch.unique(slots).tolist():
         if slot < 0:
             continue
@@ -60,13 +60,15 @@ def _multi_lora_torch(x: Tensor, y: Tensor, a: Tensor, b: Tensor, slots: Tensor)
 
 
 def multi_lora(
-    x: Tensor, y: Tensor, a: Tensor, b: Tensor, slots: Tensor, *, row_len: int = 1, kernels: bool | None = None
+    x: Tensor, y: Tensor, a: Tensor, b: Tensor, slots: Tensor, *, row_len: int = 1, kernels: bool | None = None,
+    inplace: bool = False,
 ) -> Tensor:
     """``y + delta``: token ``t`` (of ``x`` (T, K)) adds ``B[s] A[s] x[t]`` with ``s = slots[t // row_len]``.
 
     ``slots`` (T // row_len,) int: one slot per row of ``row_len`` consecutive tokens (a prefill
     row), or per token with ``row_len = 1`` (decode). Returns a new tensor of ``y``'s dtype.
-    ``kernels``: force the Triton kernels on or off (default: on for CUDA tensors).
+    ``kernels``: force the Triton kernels on or off (default: on for CUDA tensors). ``inplace``:
+    add into ``y`` itself (contiguous, no autograd) instead of a copy.
     """
     if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
         raise ValueError(f"x (T, K) and y (T, N) expected, got {tuple(x.shape)} and {tuple(y.shape)}")
@@ -75,10 +77,10 @@ def multi_lora(
     if kernels is None:
         kernels = triton is not None and x.device.type == "cuda"
     if not kernels:
-        return _multi_lora_torch(x, y, a, b, slots.repeat_interleave(row_len))
+        return _multi_lora_torch(x, y, a, b, slots.repeat_interleave(row_len), inplace=inplace)
     x, a, b = x.contiguous(), a.contiguous(), b.contiguous()
     slots = slots.to(torch.int32).contiguous()
-    out = y.contiguous().clone()
+    out = y if inplace and y.is_contiguous() else y.contiguous().clone()
     tokens, k = x.shape
     n, r = b.shape[1], a.shape[1]
     u = torch.empty(tokens, r, device=x.device, dtype=torch.float32)

@@ -142,6 +142,7 @@ class LoraBank:
         self.resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recent first
         self._targets: dict[str, frozenset[str]] = {}  # resident name -> the paths it adapts
         self._live: set[str] = set()  # paths some resident adapter adapts (others are skipped)
+        self.version = 0  # bumped when _live changes: a captured CUDA graph knows which paths run
 
     @property
     def nbytes(self) -> int:
@@ -189,7 +190,9 @@ class LoraBank:
             self._targets.pop(name, None)
         else:
             self._targets[name] = paths
-        self._live = set().union(*self._targets.values()) if self._targets else set()
+        live = set().union(*self._targets.values()) if self._targets else set()
+        if live != self._live:
+            self._live, self.version = live, self.version + 1
 
     def drop(self, name: str) -> None:
         """Forget a resident adapter (its slot is free for the next :meth:`put`)."""
@@ -214,8 +217,10 @@ class LoraBank:
             raise ValueError(f"{path}: a batch of {x.shape[0]} rows but {slots.numel()} routed slots")
         k = x.shape[-1]
         flat_x, flat_y = x.reshape(-1, k), y.reshape(-1, y.shape[-1])
+        # Serving runs without autograd: the delta is added into the base output itself.
+        inplace = not torch.is_grad_enabled() and y.is_contiguous()
         out = multi_lora(flat_x, flat_y, self.a[path], self.b[path], slots,
-                         row_len=flat_x.shape[0] // slots.numel())
+                         row_len=flat_x.shape[0] // slots.numel(), inplace=inplace)
         return out.view(y.shape)
 
     @classmethod

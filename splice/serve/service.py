@@ -22,7 +22,7 @@ from torch import nn
 from splice.generation.engine import Engine, EngineFull, Request, SamplingParams
 from splice.lora.bank import HostAdapter, LoraBank, add_bank_sites, read_adapter
 
-__all__ = ["ServeError", "Service"]
+__all__ = ["ServeError", "Service", "linear_paths"]
 
 
 class ServeError(Exception):
@@ -40,7 +40,8 @@ class Event:
     finish_reason: str | None
 
 
-def _linear_paths(model: nn.Module) -> list[str]:
+def linear_paths(model: nn.Module) -> list[str]:
+    """Paths of every ``nn.Linear`` of ``model`` but the output head (where adapters may sit)."""
     getter = getattr(model, "get_output_embeddings", None)
     head = getter() if callable(getter) else None
     return [name for name, module in model.named_modules()
@@ -59,7 +60,7 @@ class Service:
             self._check_name(name)
             self.host[name] = read_adapter(path, name=name)
         rank = max([max_lora_rank, *(a.rank for a in self.host.values())])
-        self.sites = add_bank_sites(model, _linear_paths(model))
+        self.sites = add_bank_sites(model, linear_paths(model))
         dtype = next(model.parameters()).dtype
         self.bank = LoraBank.for_sites(model, self.sites, capacity=gpu_adapters, rank=rank, dtype=dtype)
         self.engine = Engine(model, tokenizer, max_batch=max_batch, max_len=max_len, max_waiting=max_waiting,

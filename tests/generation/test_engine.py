@@ -14,6 +14,7 @@ from splice.lora.bank import LoraBank, add_bank_sites, read_adapter
 from splice.lora.layers import LoraConfig, add_lora
 from splice.lora.peft_io import load_adapter, save_adapter
 from tests import tiny
+from tests.numerics import GPU
 
 PROMPTS = ["hello world", "the cat sat", "a", "xyz 123 abc", "once upon a time"]
 
@@ -118,3 +119,47 @@ def test_stop_strings_eos_cancel_and_limits(tiny_llama, tiny_tokenizer) -> None:
     assert engine.cache.nbytes == 2 * 2 * 2 * 2 * 64 * 8 * 4  # layers x (k, v) x slots x heads x len x dim x fp32
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0.0)
+
+
+@GPU
+def test_cuda_graph_decode_matches_eager_and_generate(make_tiny_llama, tiny_tokenizer) -> None:
+    model = make_tiny_llama().cuda()
+    texts = {}
+    for graphs in (True, False):
+        engine = Engine(model, tiny_tokenizer, max_batch=4, max_len=160, cuda_graphs=graphs)
+        outs = []
+        for prompt in PROMPTS[:3]:
+            request, out = _request(tiny_tokenizer, prompt, max_tokens=70)  # crosses a width bucket
+            engine.submit(request)
+            outs.append(out)
+        _drain(engine)
+        assert engine.graph_failure is None and engine.cuda_graphs == graphs
+        texts[graphs] = [o.text for o in outs]
+    assert texts[True] == texts[False]
+    assert texts[False] == generate(model, tiny_tokenizer, PROMPTS[:3], max_new_tokens=70)
+
+
+@GPU
+def test_cuda_graph_decode_with_bank_adapters_matches_eager(tmp_path: Path, make_tiny_llama, tiny_tokenizer) -> None:
+    for name, targets, seed in (("a", ("q_proj", "v_proj"), 1), ("b", "all-linear", 2)):
+        trained = make_tiny_llama()
+        add_lora(trained, LoraConfig(name=name, targets=targets, rank=4))
+        tiny.randomize_lora(trained, seed=seed)
+        save_adapter(trained, tmp_path / name, name=name)
+    host = {n: read_adapter(tmp_path / n, name=n) for n in "ab"}
+    model = make_tiny_llama().cuda()
+    sites = add_bank_sites(model, sorted({p for h in host.values() for p in h.weights}))
+    texts = {}
+    for graphs in (True, False):
+        bank = LoraBank.for_sites(model, sites, capacity=2, rank=4, dtype=torch.float32)
+        engine = Engine(model, tiny_tokenizer, max_batch=4, max_len=96, bank=bank, sites=list(sites.values()),
+                        adapters=host, cuda_graphs=graphs)
+        outs = []
+        for adapter, prompt in zip(["a", None, "b"], PROMPTS):
+            request, out = _request(tiny_tokenizer, prompt, adapter, max_tokens=20)
+            engine.submit(request)
+            outs.append(out)
+        _drain(engine)
+        assert engine.graph_failure is None and engine.cuda_graphs == graphs
+        texts[graphs] = [o.text for o in outs]
+    assert texts[True] == texts[False]

@@ -12,6 +12,7 @@ from splice.lora.layers import LoraConfig, add_lora, use_adapters
 from splice.lora.peft_io import save_adapter
 from splice.lora.routing import Route, routed
 from tests import tiny
+from tests.numerics import GPU
 
 
 def _model() -> torch.nn.Module:
@@ -64,3 +65,18 @@ def test_host_adapters_served_through_bank_sites_with_lru(tmp_path: Path) -> Non
             torch.testing.assert_close(got[row], want, rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match="in use"):
         bank.put(host["a"], keep=("b", "c"))
+
+
+@GPU
+def test_generate_on_gpu_routes_mixed_batches_through_the_bank(tiny_tokenizer, make_tiny_llama) -> None:
+    from splice.generation.generate import generate
+
+    model = make_tiny_llama()
+    add_lora(model, LoraConfig(name="first", targets=("q_proj", "v_proj"), rank=4))
+    add_lora(model, LoraConfig(name="second", targets="all-linear", rank=8))
+    tiny.randomize_lora(model, seed=4)
+    prompts = ["hello world", "the cat", "a b c", "xyz"]
+    rows = ["first", None, "second", "first"]
+    want = [generate(model, tiny_tokenizer, p, max_new_tokens=10, adapters=[r])[0] for p, r in zip(prompts, rows)]
+    model.cuda()
+    assert generate(model, tiny_tokenizer, prompts, max_new_tokens=10, adapters=rows) == want
