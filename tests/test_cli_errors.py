@@ -25,7 +25,6 @@ import torch
 
 from splice.cli import main
 from splice.core.errors import UsageError
-from tests.training.test_loop import tiny_run_inputs  # noqa: F401 - the shared tiny model + data fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = ["--prompt-template", "Q: {question}\nA: ", "--response-template", "{answer}"]
@@ -53,7 +52,7 @@ class Files:
 
 
 @pytest.fixture(scope="module")
-def files(tiny_run_inputs, tmp_path_factory) -> Files:  # noqa: F811
+def files(tiny_run_inputs, tmp_path_factory) -> Files:
     from splice.lora.layers import LoraConfig, add_lora
     from splice.lora.peft_io import save_adapter
     from splice.models.loading import load_model

@@ -207,3 +207,12 @@ def run_config(inputs: tuple[Path, Path], out: Path, **overrides: Any) -> Any:
     )
     options.update(overrides)
     return TrainConfig(**options)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for test servers and rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from splice.core.errors import SpliceError
 from splice.data.rows import PromptTemplate, read_rows, tokenize_rows
-from tests.conftest import build_tiny_tokenizer
+from tests.tiny import build_tiny_tokenizer
 
 CLEAR = (SpliceError, ValueError, TypeError, KeyError)
 JSON_VALUES = st.recursive(

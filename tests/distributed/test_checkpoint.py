@@ -18,14 +18,14 @@ from splice.lora.peft_io import save_adapter
 from splice.models.loading import load_model
 from splice.training.loop import train
 from tests.distributed.ranks import check, run_ranks
-from tests.training.test_loop import _config, tiny_run_inputs  # noqa: F401 - the tiny model + data
+from tests.tiny import run_config
 
 # Dropout on: an exact resume needs each rank's restored RNG, optimizer, schedule and data position.
 OPTIONS = dict(device="cpu", dropout=0.1, save_every=3, batch_size=2, shard=True)
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_run_inputs, tmp_path_factory) -> Path:  # noqa: F811
+def runs(tiny_run_inputs, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ckpt")
     job = {"inputs": [str(p) for p in tiny_run_inputs], "runs": [
         {"out": str(root / "whole"), "options": {**OPTIONS, "steps": 6}},
@@ -60,7 +60,7 @@ def test_same_world_size_resume_is_exact(runs: Path) -> None:
     assert json.loads((step / "trainer_state.json").read_text())["world_size"] == 2
 
 
-def test_two_rank_checkpoint_loads_into_one_process(runs: Path, tiny_run_inputs, tmp_path) -> None:  # noqa: F811
+def test_two_rank_checkpoint_loads_into_one_process(runs: Path, tiny_run_inputs, tmp_path) -> None:
     step = runs / "whole" / "checkpoints" / "step-000003"
     model, _ = load_model(str(tiny_run_inputs[0]))
     add_lora(model, LoraConfig(rank=8, alpha=16, dropout=0.1, targets="all-linear"))
@@ -85,20 +85,20 @@ def test_two_rank_checkpoint_loads_into_one_process(runs: Path, tiny_run_inputs,
     assert scheduler.last_epoch == 3
 
 
-def test_two_rank_run_resumes_in_one_process(runs: Path, tiny_run_inputs, tmp_path, capsys) -> None:  # noqa: F811
+def test_two_rank_run_resumes_in_one_process(runs: Path, tiny_run_inputs, tmp_path, capsys) -> None:
     out = tmp_path / "moved"
     shutil.copytree(runs / "whole", out)
     shutil.rmtree(out / "checkpoints" / "step-000006")
     saved = json.loads((out / "run_config.json").read_text())  # the run, moved to another directory
     (out / "run_config.json").write_text(json.dumps({**saved, "output_dir": str(out)}))
     config = dict(OPTIONS, shard=False, resume=True)
-    at_three = train(_config(tiny_run_inputs, out, **config, steps=3))  # nothing left to train
+    at_three = train(run_config(tiny_run_inputs, out, **config, steps=3))  # nothing left to train
     assert at_three.steps == 3 and at_three.losses == [] and at_three.parallel == "none"
     assert "written by 2 rank(s), resumed on 1" in capsys.readouterr().out
     # The final adapter of a resumed run that trains nothing is the checkpoint's, exactly.
     saved = load_file(out / "adapter" / "adapter_model.safetensors")
     for key, value in load_file(out / "checkpoints" / "step-000003" / "adapter_model.safetensors").items():
         assert torch.equal(saved[key], value), key
-    finished = train(_config(tiny_run_inputs, out, **config, steps=6))
+    finished = train(run_config(tiny_run_inputs, out, **config, steps=6))
     assert finished.steps == 6 and len(finished.losses) == 3
     assert finished.losses[-1] < _losses(runs / "whole")[0] - 1.0  # it kept learning

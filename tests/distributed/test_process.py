@@ -9,7 +9,6 @@ import torch
 
 from splice.distributed.process import RankFailure, all_reduce_sum, collective_errors, launched, start, stop
 from tests.distributed.ranks import run_ranks
-from tests.training.test_loop import tiny_run_inputs  # noqa: F401 - the tiny model + data
 
 
 def test_no_torchrun_no_group(monkeypatch) -> None:
@@ -52,7 +51,7 @@ def test_collective_errors_name_the_rank_and_leave_other_errors_alone() -> None:
             raise RuntimeError("shape mismatch")
 
 
-def test_a_rank_that_dies_ends_the_others_with_a_clear_error(tiny_run_inputs, tmp_path) -> None:  # noqa: F811
+def test_a_rank_that_dies_ends_the_others_with_a_clear_error(tiny_run_inputs, tmp_path) -> None:
     job = {"inputs": [str(p) for p in tiny_run_inputs],
            "runs": [{"out": str(tmp_path / "run"), "die_at": 2,
                      "options": dict(steps=50, device="cpu", save_every=0, dist_timeout=60)}]}

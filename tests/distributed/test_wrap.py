@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from splice.training.loop import train
 from tests.distributed.ranks import check, run_ranks
 from tests.numerics import GPU
-from tests.training.test_loop import _config, tiny_run_inputs  # noqa: F401 - the tiny model + data
+from tests.tiny import run_config
 
 COMMON = dict(steps=4, dropout=0.0, lr=1e-2, device="cpu", save_every=0, grad_accum=2)
 RUNS = {  # name: options of each rank's run (batch_size is per rank)
@@ -31,7 +31,7 @@ RUNS = {  # name: options of each rank's run (batch_size is per rank)
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tiny_run_inputs, tmp_path_factory) -> Path:  # noqa: F811
+def two_ranks(tiny_run_inputs, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ranks")
     job = {"inputs": [str(p) for p in tiny_run_inputs],
            "runs": [{"out": str(root / name), "options": {**COMMON, **options}}
@@ -44,9 +44,9 @@ def two_ranks(tiny_run_inputs, tmp_path_factory) -> Path:  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def one_process(tiny_run_inputs, tmp_path_factory):  # noqa: F811
+def one_process(tiny_run_inputs, tmp_path_factory):
     out = tmp_path_factory.mktemp("single") / "run"
-    result = train(_config(tiny_run_inputs, out, **{**COMMON, "batch_size": 4, "fast": False}))
+    result = train(run_config(tiny_run_inputs, out, **{**COMMON, "batch_size": 4, "fast": False}))
     return result, out
 
 
@@ -88,11 +88,11 @@ def test_rank_zero_alone_prints_and_writes(two_ranks: Path) -> None:
 
 @GPU
 @pytest.mark.parametrize("fast", [False, True])
-def test_fsdp2_world_of_one_matches_the_plain_step_on_gpu(tiny_run_inputs, tmp_path, fast: bool) -> None:  # noqa: F811
+def test_fsdp2_world_of_one_matches_the_plain_step_on_gpu(tiny_run_inputs, tmp_path, fast: bool) -> None:
     options = dict(steps=6, dropout=0.0, lr=1e-2, device="cuda", save_every=0, batch_size=4,
                    fast=fast, cuda_graphs=False, pack=True, max_length=64)
-    plain = train(_config(tiny_run_inputs, tmp_path / "plain", **options))
-    sharded = train(_config(tiny_run_inputs, tmp_path / "sharded", shard=True, **options))
+    plain = train(run_config(tiny_run_inputs, tmp_path / "plain", **options))
+    sharded = train(run_config(tiny_run_inputs, tmp_path / "sharded", shard=True, **options))
     assert plain.parallel == "none" and sharded.parallel == "fsdp2" and sharded.world_size == 1
     # bf16 compute both ways (autocast vs FSDP2's bf16 parameter policy): bf16-rounding agreement
     diffs = [abs(a - b) for a, b in zip(plain.losses, sharded.losses, strict=True)]
@@ -104,8 +104,8 @@ def test_fsdp2_world_of_one_matches_the_plain_step_on_gpu(tiny_run_inputs, tmp_p
 
 
 @GPU
-def test_fsdp2_world_of_one_turns_cuda_graphs_off_and_says_why(tiny_run_inputs, tmp_path, capsys) -> None:  # noqa: F811
-    result = train(_config(tiny_run_inputs, tmp_path / "run", steps=2, device="cuda", shard=True,
+def test_fsdp2_world_of_one_turns_cuda_graphs_off_and_says_why(tiny_run_inputs, tmp_path, capsys) -> None:
+    result = train(run_config(tiny_run_inputs, tmp_path / "run", steps=2, device="cuda", shard=True,
                            fast=True, cuda_graphs=True, pack=True, max_length=64, save_every=0))
     assert result.cuda_graphs == 0
     assert "CUDA graphs off under fsdp2" in capsys.readouterr().out
@@ -140,10 +140,10 @@ def test_decoder_layers_and_shardable_weights(make_tiny_llama) -> None:
     assert shard_reason(model, shard=False, device=torch.device("cpu")) is None
 
 
-def test_fsdp2_world_of_one_on_cpu_matches_the_plain_run(tiny_run_inputs, tmp_path, capsys) -> None:  # noqa: F811
+def test_fsdp2_world_of_one_on_cpu_matches_the_plain_run(tiny_run_inputs, tmp_path, capsys) -> None:
     options = dict(steps=3, dropout=0.0, device="cpu", save_every=0, batch_size=4)
-    plain = train(_config(tiny_run_inputs, tmp_path / "plain", **options))
-    sharded = train(_config(tiny_run_inputs, tmp_path / "sharded", shard=True, **options))
+    plain = train(run_config(tiny_run_inputs, tmp_path / "plain", **options))
+    sharded = train(run_config(tiny_run_inputs, tmp_path / "sharded", shard=True, **options))
     assert (sharded.parallel, sharded.world_size) == ("fsdp2", 1)
     assert "FSDP2 (--shard): 2 decoder layers + root sharded over 1 rank(s), fp32" in capsys.readouterr().out
     torch.testing.assert_close(torch.tensor(sharded.losses), torch.tensor(plain.losses), rtol=1e-5, atol=1e-5)

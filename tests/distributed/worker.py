@@ -1,7 +1,7 @@
 """One rank of a test job (see :mod:`tests.distributed.ranks`): runs splice's trainer, records losses.
 
 The job (JSON on the command line): ``{"inputs": [model_dir, data_file], "runs": [{"out": dir,
-"options": {...}, "die_at": step or null, "interrupt_at": step or null}]}``; each run is ``train(_config(inputs, out, **options))``
+"options": {...}, "die_at": step or null, "interrupt_at": step or null}]}``; each run is ``train(run_config(inputs, out, **options))``
 from tests/training/test_loop.py, and writes ``out/result-rank<r>.json``. ``die_at``: rank 1 ends
 its process abruptly after that step (a crashed GPU, an OOM kill); ``interrupt_at``: rank 0 gets
 SIGINT after that step. A :class:`RankFailure` ends
@@ -22,7 +22,7 @@ from pathlib import Path
 from splice.distributed.process import RankFailure, start, stop
 from splice.training.loop import train
 from splice.training.report import Progress
-from tests.training.test_loop import _config
+from tests.tiny import run_config
 
 
 class _At(Progress):
@@ -57,7 +57,7 @@ def main() -> int:
 
 def _runs(job: dict, inputs: tuple[Path, ...], rank: int) -> int:
     for run in job["runs"]:
-        config = _config(inputs, Path(run["out"]), **run.get("options", {}))
+        config = run_config(inputs, Path(run["out"]), **run.get("options", {}))
         die_at, interrupt_at = run.get("die_at"), run.get("interrupt_at")
         log = None
         if die_at and rank == 1:

@@ -8,13 +8,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from splice.cli import main
-from tests.training.test_loop import tiny_run_inputs  # noqa: F401 - the shared tiny model + data fixture
 
 FLAGS = ["--prompt-template", "Q: {question}\nA: ", "--response-template", "{answer}",
          "--max-length", "64", "--lr", "1e-2", "--eval-samples", "0", "--warmup-steps", "1"]
 
 
-def test_train_quantized_from_a_config_file_then_merge(tiny_run_inputs, tmp_path, capsys) -> None:  # noqa: F811
+def test_train_quantized_from_a_config_file_then_merge(tiny_run_inputs, tmp_path, capsys) -> None:
     model, data = tiny_run_inputs
     config = tmp_path / "run.toml"
     config.write_text('[train]\nsteps = 6\nrank = 4\nquantize = "nf4"\n')

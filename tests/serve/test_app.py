@@ -5,7 +5,6 @@ not, concurrent adapters, 32 clients, load/unload at run time, errors, disconnec
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -23,16 +22,10 @@ from splice.lora.peft_io import load_adapter, save_adapter
 from splice.serve.app import build_app
 from splice.serve.service import Service
 from tests import tiny
-from tests.conftest import build_tiny_llama, build_tiny_tokenizer
+from tests.tiny import build_tiny_llama, build_tiny_tokenizer, free_port
 
 ADAPTERS = {"alpha": (("q_proj", "v_proj"), 4, 11), "beta": ("all-linear", 8, 12), "gamma": (("o_proj",), 4, 13)}
 PROMPT = "the cat sat on"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _base() -> Any:
@@ -45,7 +38,7 @@ class Server:
         self.service = Service(_base(), self.tokenizer, model_name="tiny",
                                adapters={n: folder / n for n in ("alpha", "beta")},
                                max_batch=8, max_len=256, gpu_adapters=2, max_waiting=64)
-        self.port = _free_port()
+        self.port = free_port()
         config = uvicorn.Config(build_app(self.service), host="127.0.0.1", port=self.port, log_level="warning")
         self.uvicorn = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)

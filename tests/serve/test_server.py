@@ -17,7 +17,7 @@ from splice.lora.layers import LoraConfig, add_lora
 from splice.lora.peft_io import load_adapter, save_adapter
 from splice.serve.server import parse_adapters
 from tests import tiny
-from tests.serve.test_app import _free_port
+from tests.tiny import free_port
 
 
 def test_bad_adapter_specs_name_the_fix(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -33,7 +33,7 @@ def test_splice_serve_command_answers_like_generate(tmp_path: Path, tiny_model_d
     add_lora(trained, LoraConfig(name="sql", targets=("q_proj", "v_proj"), rank=4))
     tiny.randomize_lora(trained, seed=21)
     save_adapter(trained, tmp_path / "sql", name="sql")
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     process = subprocess.Popen(
         [sys.executable, "-m", "splice", "serve", "--model", str(tiny_model_dir), "--adapter",
