@@ -359,7 +359,7 @@ def _train(config: TrainConfig, *, log: Progress | None, env: DistEnv | None) ->
                 say(f"stopped by signal {stop.get('signal', 'on another rank')} after step {state.step}; checkpoint "
                     f"written. Continue with --resume")
                 result.interrupted = True
-                result.stopped_by = stop["signal"]
+                result.stopped_by = int(stop.get("signal", 0))  # 0: another rank was signalled
                 result.steps = state.step
                 result.cuda_graphs = micro_step.captured
                 metrics.close()
