@@ -413,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_gen.add_argument("--top-k", default=0, type=_number(int, low=0, says="must be >= 0 (0: off)"))
     p_gen.add_argument("--top-p", default=1.0,
                        type=_number(float, low=0, above=True, high=1, says="must be in (0, 1] (1: off)"))
-    p_gen.add_argument("--seed", type=int, default=None)
+    p_gen.add_argument("--seed", type=_number(int, low=0, high=2**63 - 1, says="must be in [0, 2**63)"),
+                       default=None)
     p_gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     p_gen.set_defaults(run=_cmd_generate)
 

@@ -268,6 +268,7 @@ RULES: tuple[Rule, ...] = (
     Rule(("quantize",), lambda v: v in ("nf4", "int8"), "must be nf4 or int8 (or unset: no quantization)"),
     Rule(("device",), lambda v: _DEVICE.fullmatch(v) is not None,
          "must be auto, cpu, mps, cuda or cuda:N"),
+    Rule(("seed",), lambda v: 0 <= v < 2**63, "must be in [0, 2**63)"),
     Rule(("eval_every",), lambda v: v >= 0, "must be >= 0 (0: at the end only)"),
     Rule(("eval_batches",), lambda v: v >= 1, "must be >= 1"),
     Rule(("eval_samples",), lambda v: v >= 0, "must be >= 0 (0: no generation scoring)"),

@@ -75,6 +75,7 @@ def test_one_bad_option_is_named_with_its_flag(values) -> None:
         (dict(system_prompt="be brief"), "only used with chat"),
         (dict(keep_attention=True), "keep_attention needs gradient_checkpointing"),
         (dict(prompt_template="{x}"), "both prompt_template and response_template"),
+        (dict(seed=2**70), "seed must be in [0, 2**63)"),
     ],
 )
 def test_bad_option_is_named(options, phrase) -> None:

@@ -133,3 +133,17 @@ def test_unwritable_or_blocked_output_dir(tmp_path) -> None:
     if Path("/sys").is_dir():  # sysfs: nobody, root included, makes folders there
         with pytest.raises(UsageError, match="cannot create output dir /sys/splice-test"):
             lock_run_dir("/sys/splice-test/run")
+
+
+def test_damaged_checkpoint_is_named_on_resume(tiny_run_inputs, tmp_path) -> None:  # noqa: F811
+    from splice.core.errors import RunError
+
+    out = tmp_path / "run"
+    train(_config(tiny_run_inputs, out, steps=2, save_every=1))
+    newest = latest_checkpoint(out / "checkpoints")
+    assert newest is not None
+    weights = newest / "optimizer.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])
+    with pytest.raises(RunError, match=f"checkpoint {newest} is damaged .*move it aside"):
+        train(_config(tiny_run_inputs, out, steps=4, save_every=1, resume=True))
+    assert not (out / LOCK_NAME).exists()  # released on the way out of the error
