@@ -87,6 +87,3 @@ def check_rows(route: Route, batch: int, *, where: str) -> None:
             "give use_adapters one adapter name per batch row"
         )
 
-
-def rows_route(rows: Sequence[str | None]) -> Route:
-    return Route(rows=tuple(rows))
