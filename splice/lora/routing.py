@@ -14,7 +14,7 @@ row's own adapter (:mod:`splice.kernels.multi_lora`) instead of one pass per ada
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
