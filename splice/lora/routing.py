@@ -14,7 +14,7 @@ row's own adapter (:mod:`splice.kernels.multi_lora`) instead of one pass per ada
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -87,6 +87,3 @@ def check_rows(route: Route, batch: int, *, where: str) -> None:
             "give use_adapters one adapter name per batch row"
         )
 
-
-def rows_route(rows: Sequence[str | None]) -> Route:
-    return Route(rows=tuple(rows))
