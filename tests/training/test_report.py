@@ -116,3 +116,12 @@ def test_several_trackers_and_clear_errors(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if it were not installed
     with pytest.raises(ValueError, match=r"--report-to wandb needs the wandb package.*splice\[wandb\]"):
         check_trackers("wandb")
+
+
+def test_unknown_tracker_is_refused_before_the_model_loads(tmp_path: Path) -> None:
+    from splice.training.config import TrainConfig
+    from splice.training.loop import train
+
+    config = TrainConfig(model=str(tmp_path / "no-model"), output_dir=str(tmp_path / "o"), report_to="csv,mlflow")
+    with pytest.raises(ValueError, match="unknown tracker"):
+        train(config)
