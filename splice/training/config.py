@@ -33,8 +33,8 @@ class TrainConfig:
     on the embedded function-naming dataset in a few minutes on 2 CPU cores."""
 
     model: str | None = None  # HF folder, .gguf file or hub id; None: embedded SmolLM2-135M
-    data: str | None = None  # parquet/JSONL/CSV; None: embedded function-naming task
-    val_data: str | None = None  # None: split val_fraction off the training rows
+    data: str | Any | None = None  # a file, a save_to_disk folder, or (Python) rows / a Dataset; None: embedded task
+    val_data: str | Any | None = None  # as data; None: split val_fraction off the training rows
     prompt_template: str | None = None  # "{column}" format string (custom data)
     response_template: str | None = None
     system_prompt: str | None = None  # with chat=True
