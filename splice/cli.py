@@ -48,6 +48,11 @@ _HELP = {
     "compare_base": "score the base model before training", "save_every": "checkpoint every N steps",
     "keep_checkpoints": "checkpoints kept", "max_bad_steps": "non-finite losses in a row before stopping",
     "resume": "continue the run in --output-dir from its last checkpoint",
+    # LoRA variants (issue 18)
+    "dora": "DoRA: learn a magnitude per output channel too (better at low rank, ~LoRA's speed fused)",
+    "init": "adapter init: default, gaussian, pissa, pissa_niter_N (fast SVD) or olora (PiSSA/OLoRA "
+            "start from the weight's principal part; the base keeps the residual)",
+    "loraplus_ratio": "LoRA+: lora_B's learning rate is lr * this (e.g. 16); default: off",
 }
 
 

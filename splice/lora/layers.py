@@ -415,7 +415,7 @@ def use_adapters(model: nn.Module, rows: Sequence[str | None]) -> Iterator[None]
         raise ValueError(f"unknown adapter(s) {unknown}: the model has {sorted(known)}")
     if any(layer.merged for _, _, layer in found):
         raise ValueError("adapters are merged into the weights: unmerge before routing rows")
-    for _, wrapper, layer in found:
+    for _, _, layer in found:
         device = next((p.device for p in layer.parameters()), None)
         layer.row_mask = torch.tensor([r == layer.name for r in rows], device=device)
     try:

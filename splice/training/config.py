@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from splice.lora.init import init_name
+
 __all__ = ["TrainConfig", "check_output_dir", "load_config_file", "save_run_config"]
 
 RUN_CONFIG = "run_config.json"
@@ -69,6 +71,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_bad_steps: int = 5
     resume: bool = False
+    # LoRA variants (issue 18): DoRA, the initialisation, LoRA+'s learning-rate ratio for B.
+    dora: bool = False
+    init: str = "default"  # default | gaussian | pissa | pissa_niter_N | olora
+    loraplus_ratio: float | None = None  # lr of lora_B = lr * ratio (LoRA+, e.g. 16); None: off
 
     def __post_init__(self) -> None:
         checks = [
@@ -89,6 +95,9 @@ class TrainConfig:
             raise ValueError("invalid training options: " + "; ".join(problems))
         if (self.prompt_template is None) != (self.response_template is None):
             raise ValueError("give both prompt_template and response_template (or neither)")
+        init_name(self.init)  # one line naming the valid initialisations
+        if self.loraplus_ratio is not None and self.loraplus_ratio <= 0:
+            raise ValueError(f"invalid training options: loraplus_ratio must be > 0 (e.g. 16), got {self.loraplus_ratio}")
 
     def target_spec(self) -> str | tuple[str, ...]:
         """``targets`` as LoraConfig takes it: 'all-linear', a regex, or a tuple of names."""

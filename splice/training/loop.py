@@ -30,6 +30,7 @@ from splice.lora.peft_io import save_adapter
 from splice.training.config import TrainConfig, check_output_dir, save_run_config
 from splice.training.graphs import GraphedStep
 from splice.training.loss import causal_lm_loss, check_labels, lm_head_params, model_hidden_states
+from splice.training.optim import param_groups
 from splice.training.report import MetricsLog, Progress, plot_losses
 from splice.training.setup import RunData, prepare_data, prepare_model, speed_up
 from splice.training.state import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -173,7 +174,8 @@ def train(config: TrainConfig, *, log: Progress | None = None) -> TrainResult:
     model, tokenizer, device, precision = prepare_model(config)
     data = prepare_data(config, tokenizer)
     add_lora(model, LoraConfig(rank=config.rank, alpha=config.alpha, dropout=config.dropout,
-                               targets=config.target_spec(), rslora=config.rslora))
+                               targets=config.target_spec(), rslora=config.rslora,
+                               use_dora=config.dora, init=config.init))
     summary = freeze(model)
     say = (log.message if log else print)
     say(str(summary))
@@ -186,7 +188,8 @@ def train(config: TrainConfig, *, log: Progress | None = None) -> TrainResult:
     stream = _Batches(data, config, tokenizer.pad_token_id)
     total = _total_steps(config, len(stream.epoch_batches(0)))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _optimizer(params, config)
+    optimizer = _optimizer(params if config.loraplus_ratio is None else param_groups(  # type: ignore[arg-type]
+        model, lr=config.lr, ratio=config.loraplus_ratio, weight_decay=config.weight_decay), config)
     fast = device.type == "cuda" if config.fast is None else config.fast
     # Default: graphs with the fused kernels on packed batches, whose shape never changes
     # (unpacked batches are as long as their longest row: a new graph for every new length).

@@ -8,7 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from splice.kernels.dora import dora_linear, dora_linear_reference, dora_weight_norm, dora_weight_norm_reference
+from splice.kernels.dora import (
+    dora_linear,
+    dora_linear_reference,
+    dora_weight_norm,
+    dora_weight_norm_reference,
+)
 from tests.numerics import DEVICES, rel_err
 
 # TRITON_INTERPRET=1 runs the Triton path on CPU tensors (slowly): the kernels tested without a GPU
