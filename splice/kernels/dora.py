@@ -241,7 +241,7 @@ def dora_linear(
     """
     if x.dtype != weight.dtype or y.dtype != weight.dtype:
         raise TypeError(f"dora_linear: x ({x.dtype}), y ({y.dtype}) and weight ({weight.dtype}) must share a dtype")
-    if weight.requires_grad or (bias is not None and bias.requires_grad):
+    if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
         raise ValueError("dora_linear needs a frozen base layer (its weight and bias get no gradient)")
     return _DoraLinearFn.apply(x, y, weight, bias, lora_a, lora_b, magnitude, float(scale), int(min_tokens))
 

@@ -539,7 +539,8 @@ class DoraLinear(_DoraLayer):
             isinstance(base, nn.Linear) and type(base).forward is nn.Linear.forward
             and isinstance(x, Tensor) and isinstance(y, Tensor)
             and x.dtype == y.dtype == weight.dtype and weight.dtype.is_floating_point
-            and not weight.requires_grad and (bias is None or not bias.requires_grad)
+            # the fused node gives the base no gradient: a frozen base, or no autograd at all
+            and (not torch.is_grad_enabled() or not (weight.requires_grad or (bias is not None and bias.requires_grad)))
             and self.row_mask is None and not self._dropping()
         )
 
