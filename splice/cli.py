@@ -67,6 +67,11 @@ _HELP = {
              "DDP; without torchrun: FSDP2 on one device (default: off; on when the model would "
              "take over half of one GPU)",
     "dist_timeout": "seconds a collective waits for the other ranks before failing (default: 600)",
+    # LoRA variants (issue 18)
+    "dora": "DoRA: learn a magnitude per output channel too (better at low rank, ~LoRA's speed fused)",
+    "init": "adapter init: default, gaussian, pissa, pissa_niter_N (fast SVD) or olora (PiSSA/OLoRA "
+            "start from the weight's principal part; the base keeps the residual)",
+    "loraplus_ratio": "LoRA+: lora_B's learning rate is lr * this (e.g. 16); default: off",
 }
 
 

@@ -39,3 +39,20 @@ def test_throughput_harness_runs_tiny(tmp_path: Path) -> None:
     assert abs(parity["peft"][0] - parity["splice"][0]) < 1e-4  # same model, data and init
     table = (out / "table.md").read_text()
     assert "| C | splice (ckpt all + offload + graphs) |" in table
+
+
+@pytest.mark.slow
+def test_dora_benchmark_runs_tiny(tmp_path: Path) -> None:
+    """benchmarks/dora.py: splice/PEFT x LoRA/DoRA on a tiny CPU model; DoRA starts where LoRA does."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "dora.py"), "--tiny", "--layers", "2", "--seq", "32",
+         "--batch", "1", "--steps", "1", "--warmup", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=900, env=env, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = {r["run"]: r for r in json.loads((tmp_path / "dora.json").read_text())["runs"]}
+    assert set(runs) == {"splice LoRA", "splice DoRA", "peft DoRA", "peft LoRA"}
+    first = [r["losses"][0] for r in runs.values()]
+    assert max(first) - min(first) < 1e-2  # same model, data and init: a no-op adapter at step 0
+    assert "| splice DoRA |" in (tmp_path / "dora.md").read_text()

@@ -46,26 +46,26 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _row_norm(w_ptr, a_ptr, b_ptr, n_ptr, O, K, R, scale,
+    def _row_norm(w_ptr, a_ptr, b_ptr, n_ptr, M, K, R, scale,
                   BO: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr):
         """n[o] = ||W[o, :] + s * B[o, :] A||, one block of rows per program, ``B A`` in registers."""
         rows = tl.program_id(0).to(tl.int64) * BO + tl.arange(0, BO)
         rr = tl.arange(0, RP)
-        b = tl.load(b_ptr + rows[:, None] * R + rr[None, :], mask=(rows[:, None] < O) & (rr[None, :] < R),
+        b = tl.load(b_ptr + rows[:, None] * R + rr[None, :], mask=(rows[:, None] < M) & (rr[None, :] < R),
                     other=0.0)
         acc = tl.zeros((BO,), dtype=tl.float32)
         for k0 in range(0, K, BK):
             cols = k0 + tl.arange(0, BK)
             w = tl.load(w_ptr + rows[:, None] * K + cols[None, :],
-                        mask=(rows[:, None] < O) & (cols[None, :] < K), other=0.0).to(tl.float32)
+                        mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0).to(tl.float32)
             a = tl.load(a_ptr + rr[:, None] * K + cols[None, :], mask=(rr[:, None] < R) & (cols[None, :] < K),
                         other=0.0)
             v = w + scale * tl.dot(b, a, input_precision="ieee")
             acc += tl.sum(v * v, axis=1)
-        tl.store(n_ptr + rows, tl.sqrt(acc), mask=rows < O)
+        tl.store(n_ptr + rows, tl.sqrt(acc), mask=rows < M)
 
     @triton.jit
-    def _dora_out(y_ptr, u_ptr, b_ptr, g_ptr, bias_ptr, out_ptr, N, O, R, scale,
+    def _dora_out(y_ptr, u_ptr, b_ptr, g_ptr, bias_ptr, out_ptr, N, M, R, scale,
                   BN: tl.constexpr, BO: tl.constexpr, RP: tl.constexpr, HAS_BIAS: tl.constexpr):
         """out = (y - bias + s * U B^T) * g + bias for one (BN, BO) tile."""
         rows = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
@@ -73,42 +73,42 @@ if HAS_TRITON:
         rr = tl.arange(0, RP)
         u = tl.load(u_ptr + rows[:, None] * R + rr[None, :], mask=(rows[:, None] < N) & (rr[None, :] < R),
                     other=0.0)
-        bt = tl.load(b_ptr + cols[None, :] * R + rr[:, None], mask=(cols[None, :] < O) & (rr[:, None] < R),
+        bt = tl.load(b_ptr + cols[None, :] * R + rr[:, None], mask=(cols[None, :] < M) & (rr[:, None] < R),
                      other=0.0)
-        inside = (rows[:, None] < N) & (cols[None, :] < O)
-        offs = rows[:, None] * O + cols[None, :]
+        inside = (rows[:, None] < N) & (cols[None, :] < M)
+        offs = rows[:, None] * M + cols[None, :]
         z = tl.load(y_ptr + offs, mask=inside, other=0.0).to(tl.float32)
         z += scale * tl.dot(u, bt, input_precision="ieee")
-        g = tl.load(g_ptr + cols, mask=cols < O, other=0.0)
+        g = tl.load(g_ptr + cols, mask=cols < M, other=0.0)
         if HAS_BIAS:
-            bias = tl.load(bias_ptr + cols, mask=cols < O, other=0.0).to(tl.float32)
+            bias = tl.load(bias_ptr + cols, mask=cols < M, other=0.0).to(tl.float32)
             out = (z - bias[None, :]) * g[None, :] + bias[None, :]
         else:
             out = z * g[None, :]
         tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=inside)
 
     @triton.jit
-    def _dora_grad(grad_ptr, out_ptr, g_ptr, bias_ptr, gp_ptr, colsum_ptr, N, O, n_per_split,
+    def _dora_grad(grad_ptr, out_ptr, g_ptr, bias_ptr, gp_ptr, colsum_ptr, N, M, n_per_split,
                    BN: tl.constexpr, BO: tl.constexpr, HAS_BIAS: tl.constexpr):
         """G' = G * g, and colsum += sum over this program's rows of G * (out - bias)."""
         cols = tl.program_id(0).to(tl.int64) * BO + tl.arange(0, BO)
         n_start = tl.program_id(1) * n_per_split
         n_stop = tl.minimum(n_start + n_per_split, N)
-        g = tl.load(g_ptr + cols, mask=cols < O, other=0.0)
+        g = tl.load(g_ptr + cols, mask=cols < M, other=0.0)
         if HAS_BIAS:
-            bias = tl.load(bias_ptr + cols, mask=cols < O, other=0.0).to(tl.float32)
+            bias = tl.load(bias_ptr + cols, mask=cols < M, other=0.0).to(tl.float32)
         acc = tl.zeros((BO,), dtype=tl.float32)
         for n0 in range(0, n_per_split, BN):
             rows = (n_start + n0 + tl.arange(0, BN)).to(tl.int64)
-            inside = (rows[:, None] < n_stop) & (cols[None, :] < O)
-            offs = rows[:, None] * O + cols[None, :]
+            inside = (rows[:, None] < n_stop) & (cols[None, :] < M)
+            offs = rows[:, None] * M + cols[None, :]
             grad = tl.load(grad_ptr + offs, mask=inside, other=0.0).to(tl.float32)
             out = tl.load(out_ptr + offs, mask=inside, other=0.0).to(tl.float32)
             if HAS_BIAS:
                 out = out - bias[None, :]
             acc += tl.sum(grad * out, axis=0)
             tl.store(gp_ptr + offs, (grad * g[None, :]).to(gp_ptr.dtype.element_ty), mask=inside)
-        tl.atomic_add(colsum_ptr + cols, acc, mask=cols < O)
+        tl.atomic_add(colsum_ptr + cols, acc, mask=cols < M)
 
 
 def _rp(r: int) -> int:
@@ -168,7 +168,7 @@ def _grad_prologue(grad: Tensor, out: Tensor, g: Tensor, bias: Tensor | None) ->
 
 class _DoraLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, x: Tensor, y: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor,
         lora_b: Tensor, magnitude: Tensor, scale: float, min_tokens: int,
     ) -> Tensor:
@@ -191,7 +191,7 @@ class _DoraLinearFn(torch.autograd.Function):
         return out.view(y.shape)
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         x2, weight, bias, lora_a, lora_b, magnitude, u, g, out = ctx.saved_tensors
         scale = ctx.scale
         need_x, _, _, _, need_a, need_b, need_m = ctx.needs_input_grad[:7]
@@ -241,7 +241,7 @@ def dora_linear(
     """
     if x.dtype != weight.dtype or y.dtype != weight.dtype:
         raise TypeError(f"dora_linear: x ({x.dtype}), y ({y.dtype}) and weight ({weight.dtype}) must share a dtype")
-    if weight.requires_grad or (bias is not None and bias.requires_grad):
+    if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
         raise ValueError("dora_linear needs a frozen base layer (its weight and bias get no gradient)")
     return _DoraLinearFn.apply(x, y, weight, bias, lora_a, lora_b, magnitude, float(scale), int(min_tokens))
 

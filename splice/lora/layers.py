@@ -122,18 +122,18 @@ class LoraLayer(nn.Module):
         """``y + scale * B(A(dropout(x)))`` for the layers whose A and B are modules."""
         return self._routed(x, y, self._ab_delta)
 
-    def _ab_delta(self, x: Tensor) -> Tensor:
+    def _ab_delta(self, x: Tensor, y: Tensor) -> Tensor:
         x = x.to(self.lora_A.weight.dtype)
         return self.scale * self.lora_B(self.lora_A(self.dropout(x)))
 
-    def _routed(self, x: Tensor, y: Tensor, delta: Callable[[Tensor], Tensor]) -> Tensor:
-        """``y + delta(x)`` on the batch rows this call routes to this adapter (all rows when the
+    def _routed(self, x: Tensor, y: Tensor, delta: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+        """``y + delta(x, y)`` on the batch rows this call routes to this adapter (all rows when the
         call has no routing; see :mod:`splice.lora.routing`), ``y`` on the others."""
         if self.merged:
             return y
         route = current_route(self)
         if route is None:
-            return y + delta(x).to(y.dtype)
+            return y + delta(x, y).to(y.dtype)
         if route.disabled:
             return y
         if route.bank is not None and route.bank.covers(self):
@@ -141,10 +141,11 @@ class LoraLayer(nn.Module):
         check_rows(route, x.shape[0], where=f"LoRA adapter {self.name!r}")
         index = route.row_index(self.name, y.device)
         if index is None:
-            return y + delta(x).to(y.dtype)
+            return y + delta(x, y).to(y.dtype)
         if index.numel() == 0:
             return y
-        return y.index_add(0, index, delta(x.index_select(0, index)).to(y.dtype))
+        rows = delta(x.index_select(0, index), y.index_select(0, index))
+        return y.index_add(0, index, rows.to(y.dtype))
 
     def delta_weight(self) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -248,7 +249,7 @@ class LoraEmbedding(LoraLayer):
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         return self._routed(x, y, self._embedding_delta)
 
-    def _embedding_delta(self, x: Tensor) -> Tensor:
+    def _embedding_delta(self, x: Tensor, y: Tensor) -> Tensor:
         after_a = F.embedding(x, self.lora_embedding_A.T, padding_idx=self.padding_idx)
         return self.scale * (after_a @ self.lora_embedding_B.T)
 
@@ -548,17 +549,21 @@ class DoraLinear(_DoraLayer):
             isinstance(base, nn.Linear) and type(base).forward is nn.Linear.forward
             and isinstance(x, Tensor) and isinstance(y, Tensor)
             and x.dtype == y.dtype == weight.dtype and weight.dtype.is_floating_point
-            and not weight.requires_grad and (bias is None or not bias.requires_grad)
-            and self.row_mask is None and not self._dropping()
+            # the fused node gives the base no gradient: a frozen base, or no autograd at all
+            and (not torch.is_grad_enabled() or not (weight.requires_grad or (bias is not None and bias.requires_grad)))
+            and not self._dropping()
         )
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        if self.merged or not self.enabled:
-            return y
         base = self.__dict__["base_layer"]
-        if self._fusable(x, y):
+        if not self.merged and current_route(self) is None and self._fusable(x, y):
             return dora_linear(x, y, self.base_weight, base.bias, self.lora_A.weight, self.lora_B.weight,
                                self.lora_magnitude_vector, scale=self.scale)
+        return self._routed(x, y, self._dora_delta)
+
+    def _dora_delta(self, x: Tensor, y: Tensor) -> Tensor:
+        """What DoRA adds to the base output ``y`` of ``x`` (PEFT's formula, unfused)."""
+        base = self.__dict__["base_layer"]
         xa = x.to(self.lora_A.weight.dtype)
         factor = self.lora_magnitude_vector / self.weight_norm()
         if self._dropping():  # PEFT: the base part is taken on the dropped-out input too
@@ -567,8 +572,7 @@ class DoraLinear(_DoraLayer):
         else:
             bias = getattr(base, "bias", None)
             base_out = y.to(xa.dtype) if bias is None else y.to(xa.dtype) - bias.to(xa.dtype)
-        extra = dora_extra(base_out, self.lora_B(self.lora_A(xa)), factor, self.scale)
-        return y + self._routed(extra).to(y.dtype)
+        return dora_extra(base_out, self.lora_B(self.lora_A(xa)), factor, self.scale)
 
 
 class DoraConv2d(_DoraLayer):
@@ -598,8 +602,10 @@ class DoraConv2d(_DoraLayer):
         return (self.lora_magnitude_vector.detach().float() / norm).view(-1, 1, 1, 1)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        if self.merged or not self.enabled:
-            return y
+        return self._routed(x, y, self._dora_delta)
+
+    def _dora_delta(self, x: Tensor, y: Tensor) -> Tensor:
+        """What DoRA adds to the base output ``y`` of ``x`` (PEFT's formula)."""
         base: nn.Conv2d = self.__dict__["base_layer"]
         xa = x.to(self.lora_A.weight.dtype)
         factor = self.lora_magnitude_vector / self.weight_norm()  # (1, out, 1, 1)
@@ -610,8 +616,7 @@ class DoraConv2d(_DoraLayer):
             base_out = y.to(xa.dtype)
             if base.bias is not None:
                 base_out = base_out - base.bias.to(xa.dtype).view(1, -1, 1, 1)
-        extra = dora_extra(base_out, self.lora_B(self.lora_A(xa)), factor, self.scale)
-        return y + self._routed(extra).to(y.dtype)
+        return dora_extra(base_out, self.lora_B(self.lora_A(xa)), factor, self.scale)
 
 
 def _build_dora(node: Node, config: LoraConfig, hyper: dict, device: torch.device | None) -> LoraLayer:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from splice.core.errors import UsageError, one_line
+from splice.lora.init import init_name
 
 __all__ = ["RULES", "Rule", "TrainConfig", "check_options", "check_output_dir", "flag",
            "load_config_file", "save_run_config"]
@@ -87,6 +88,10 @@ class TrainConfig:
     # does not fit one GPU). shard without torchrun: FSDP2 in a world of one process.
     shard: bool = False
     dist_timeout: float = 600.0  # seconds a collective waits for the other ranks before failing
+    # LoRA variants (issue 18): DoRA, the initialisation, LoRA+'s learning-rate ratio for B.
+    dora: bool = False
+    init: str = "default"  # default | gaussian | pissa | pissa_niter_N | olora
+    loraplus_ratio: float | None = None  # lr of lora_B = lr * ratio (LoRA+, e.g. 16); None: off
 
     def __post_init__(self) -> None:
         for f in fields(self):  # TOML/YAML write 32 for 32.0: a whole number is a valid float
@@ -242,6 +247,14 @@ def _compiles(targets: str) -> bool:
     return True
 
 
+def _init_ok(name: str) -> bool:
+    try:
+        init_name(name)
+    except ValueError:
+        return False
+    return True
+
+
 RULES: tuple[Rule, ...] = (
     Rule(("rank",), lambda v: v >= 1, "must be >= 1"),
     Rule(("alpha",), lambda v: v > 0, "must be > 0 (the LoRA scale is alpha / rank)"),
@@ -264,6 +277,8 @@ RULES: tuple[Rule, ...] = (
     Rule(("max_rows",), lambda v: v >= 1, "must be >= 1 (or unset for all rows)"),
     Rule(("val_fraction",), lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
     Rule(("precision",), lambda v: v in ("auto", "bf16", "fp32"), "must be auto, bf16 or fp32"),
+    Rule(("init",), _init_ok, "must be default, gaussian, pissa, pissa_niter_N (N >= 1) or olora"),
+    Rule(("loraplus_ratio",), lambda v: v > 0, "must be > 0 (e.g. 16; unset: LoRA+ off)"),
     Rule(("dist_timeout",), lambda v: v > 0, "must be > 0 (seconds)"),
     Rule(("quantize",), lambda v: v in ("nf4", "int8"), "must be nf4 or int8 (or unset: no quantization)"),
     Rule(("device",), lambda v: _DEVICE.fullmatch(v) is not None,

@@ -36,6 +36,7 @@ from splice.lora.layers import LoraConfig, add_lora
 from splice.training.config import TrainConfig, save_run_config
 from splice.training.graphs import GraphedStep
 from splice.training.loss import check_labels, lm_head_params, train_step_loss
+from splice.training.optim import param_groups
 from splice.training.preflight import preflight
 from splice.training.report import MetricsLog, Progress, check_trackers, open_trackers, plot_losses
 from splice.training.rundir import run_directory
@@ -226,7 +227,8 @@ def _train(config: TrainConfig, *, log: Progress | None, env: DistEnv | None) ->
             config, load_device=torch.device("cpu") if on_cpu else None)
         data = prepare_data(config, tokenizer, rows)
     add_lora(model, LoraConfig(rank=config.rank, alpha=config.alpha, dropout=config.dropout,
-                               targets=config.target_spec(), rslora=config.rslora))
+                               targets=config.target_spec(), rslora=config.rslora,
+                               use_dora=config.dora, init=config.init))
     summary = freeze(model)
     say = (log.message if log else print) if main else (lambda _text: None)
     say(str(summary))
@@ -248,7 +250,8 @@ def _train(config: TrainConfig, *, log: Progress | None, env: DistEnv | None) ->
     stream = _Batches(data, config, tokenizer.pad_token_id, env)
     total = _total_steps(config, len(stream.epoch_batches(0)))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _optimizer(params, config)
+    optimizer = _optimizer(params if config.loraplus_ratio is None else param_groups(  # type: ignore[arg-type]
+        model, lr=config.lr, ratio=config.loraplus_ratio, weight_decay=config.weight_decay), config)
     fast = config.fuses(device.type)
     # Default: graphs with the fused kernels on packed batches, whose shape never changes
     # (unpacked batches are as long as their longest row: a new graph for every new length).

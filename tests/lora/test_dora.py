@@ -15,6 +15,7 @@ from splice.lora.freeze import freeze
 from splice.lora.layers import DoraConv2d, DoraLinear, LoraConfig, add_lora, lora_modules, merge, unmerge
 from splice.lora.peft_io import AdapterError, load_adapter, save_adapter
 from tests import tiny
+from tests.numerics import DEVICES, rel_err
 
 CASES = [  # (model, splice targets, PEFT target_modules, input)
     (tiny.llama, ("q_proj", "v_proj", "down_proj"), ["q_proj", "v_proj", "down_proj"], tiny.tokens),
@@ -189,3 +190,31 @@ def test_facade_add_lora_builds_dora() -> None:
     model = tiny.llama()
     splice.add_lora(model, splice.LoraConfig(targets=("q_proj",), use_dora=True))
     assert all(isinstance(layer, DoraLinear) for _, _, layer in splice.lora_modules(model))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_path_equals_peft_formula_path(device: str) -> None:
+    """A frozen bf16 linear takes splice.kernels.dora (Triton on a GPU, at >= 2048 tokens); the
+    same layer with a trainable base takes PEFT's formula: same output and adapter gradients."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(96, 80)).to(device=device, dtype=dtype)
+    add_lora(model, LoraConfig(targets=["0"], rank=8, alpha=16, use_dora=True))
+    _randomize([(n, p) for n, p in model.named_parameters() if "lora_" in n])
+    x = torch.randn(4, 600, 96, device=device, dtype=dtype)
+    layer = lora_modules(model)[0][2]
+    results = []
+    for frozen in (True, False):
+        for p in model[0].base.parameters():
+            p.requires_grad_(not frozen)
+        xi = x.clone().requires_grad_()
+        out = model(xi)
+        out.float().square().mean().backward()
+        grads = [p.grad.clone() for p in (layer.lora_A.weight, layer.lora_B.weight, layer.lora_magnitude_vector)]
+        results.append((out.detach().float(), xi.grad.float(), grads))
+        model.zero_grad()
+    (out_f, dx_f, g_f), (out_p, dx_p, g_p) = results
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    assert rel_err(out_f, out_p) < tol and rel_err(dx_f, dx_p) < tol
+    for got, want in zip(g_f, g_p, strict=True):
+        assert rel_err(got, want) < tol
