@@ -1,1 +1,2 @@
-"""Loading Hugging Face folders and GGUF files (the embedded default model)."""
+"""Loading Hugging Face folders and GGUF files (the embedded default model); ``streaming``:
+quantize-on-load from safetensors onto a meta-device skeleton (and random-weight models)."""

@@ -147,7 +147,7 @@ def _maybe_bnb(owner: str, parts: dict[str, dict[str, Tensor]], built: dict[str,
 def _finish(model: nn.Module, device: torch.device) -> None:
     """Tie weights the checkpoint stores once, rebuild non-persistent buffers (rotary tables)."""
     if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
-        model.tie_weights()
+        model.tie_weights()  # type: ignore[operator]
     for name, module in model.named_modules():
         if any(b.is_meta for b in module.buffers(recurse=False)):
             try:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,7 @@ def is_quantized(module: nn.Module) -> bool:
 
 def _float_weight(module: nn.Module) -> Tensor:
     """(out, in) float weight of a linear or GPT-2 Conv1D (stored (in, out))."""
-    weight = module.weight.detach()
+    weight: Tensor = module.weight.detach()  # type: ignore[operator]
     return weight.T if type(module).__name__ == "Conv1D" else weight
 
 
@@ -66,7 +67,7 @@ class NF4Linear(nn.Linear):
         out_features, in_features = weight.weight_shape
         super().__init__(in_features, out_features, bias=False, device="meta")  # no float weight
         self.weight = nn.Parameter(weight, requires_grad=False)
-        self.bias = bias
+        self.bias = bias  # type: ignore[assignment]
 
     @classmethod
     def from_linear(cls, module: nn.Module, *, block_size: int = 64, double_quant: bool = True,
@@ -105,12 +106,12 @@ class _Int8LinearFn(torch.autograd.Function):
     """y = x @ dequant(W)^T + b, saving only the int8 module (never the dequantized W)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, module: Int8Linear, bias: Tensor | None) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor, module: Int8Linear, bias: Tensor | None) -> Tensor:
         ctx.module = module
         return F.linear(x, module.dequantize(x.dtype), bias)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         weight = ctx.module.dequantize(grad.dtype)  # (out, in)
         return grad @ weight, None, None
 
@@ -134,6 +135,9 @@ class Int8Linear(nn.Module):
     @classmethod
     def from_linear(cls, module: nn.Module) -> Int8Linear:
         return cls(_float_weight(module), _bias(module))
+
+    qweight: Tensor
+    scale: Tensor
 
     @property
     def device(self) -> torch.device:
@@ -207,8 +211,10 @@ def _quantize(model: nn.Module, targets: Targets, build: Callable[[nn.Module], n
         wrapper = node.module
         while isinstance(wrapper.base, Around):  # stacked adapters: down to the innermost base
             wrapper = wrapper.base
-        replaced = rewrite(wrapper, lambda n, w=wrapper, path=node.name: (
-            leaf(n.module, path) if n.module is w.base else None), allow_empty=True)
+        def inner(n: Node, w: nn.Module = wrapper, path: str = node.name) -> Replace | None:
+            return leaf(n.module, path) if n.module is w.base else None
+
+        replaced = rewrite(wrapper, inner, allow_empty=True)
         if replaced:
             names.append(node.name)
     if skipped:

@@ -138,9 +138,10 @@ class NF4Tensor(Tensor):
     def __new__(cls, inner: dict[str, Tensor | None], *, shape: tuple[int, int], block_size: int,
                 dtype: torch.dtype, transposed: bool = False) -> NF4Tensor:
         view = (shape[1], shape[0]) if transposed else shape
-        self = Tensor._make_wrapper_subclass(cls, view, dtype=dtype, device=inner["packed"].device,  # type: ignore[arg-type]
+        packed = inner["packed"]
+        assert packed is not None
+        return Tensor._make_wrapper_subclass(cls, view, dtype=dtype, device=packed.device,
                                              requires_grad=False)
-        return self  # type: ignore[return-value]
 
     def __init__(self, inner: dict[str, Tensor | None], *, shape: tuple[int, int], block_size: int,
                  dtype: torch.dtype, transposed: bool = False) -> None:
@@ -222,7 +223,7 @@ class NF4Tensor(Tensor):
     __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
 
     @classmethod
-    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:  # type: ignore[override]
         kwargs = kwargs or {}
         aten = torch.ops.aten
         if func is aten.mm.default:  # the hot path first: F.linear is t + mm / addmm

@@ -41,3 +41,12 @@ def test_train_quantized_from_a_config_file_then_merge(tiny_run_inputs, tmp_path
     _, wrapper, layer = next(item for item in splice.lora_modules(adapted) if item[0].endswith("0.mlp.up_proj"))
     expected = (wrapper.base.dequantize(torch.float32) + layer.delta_weight()).to(torch.bfloat16)
     assert torch.equal(plain.model.layers[0].mlp.up_proj.weight, expected)
+
+
+def test_flag_and_bad_value(tiny_run_inputs, tmp_path, capsys) -> None:  # noqa: F811
+    model, data = tiny_run_inputs
+    assert main(["train", "--model", str(model), "--data", str(data), "--output-dir", str(tmp_path / "o"),
+                 "--quantize", "nf3", "--steps", "1", *FLAGS]) == 2
+    assert "quantize must be nf4 or int8" in capsys.readouterr().err
+    assert main(["train", "--model", str(model), "--data", str(data), "--output-dir", str(tmp_path / "i8"),
+                 "--quantize", "int8", "--steps", "2", *FLAGS]) == 0
