@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -147,8 +146,3 @@ def all_reduce_sum(values: Sequence[float], env: DistEnv | None, *,
     dist.all_reduce(tensor)
     return tensor.tolist()
 
-
-def print_main(env: DistEnv | None, text: str) -> None:
-    """Print on rank 0 only (every rank runs the same code; one copy of each line is enough)."""
-    if env is None or env.is_main:
-        print(text, file=sys.stdout, flush=True)

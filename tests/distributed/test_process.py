@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -55,11 +53,9 @@ def test_a_rank_that_dies_ends_the_others_with_a_clear_error(tiny_run_inputs, tm
     job = {"inputs": [str(p) for p in tiny_run_inputs],
            "runs": [{"out": str(tmp_path / "run"), "die_at": 2,
                      "options": dict(steps=50, device="cpu", save_every=0, dist_timeout=60)}]}
-    t0 = time.monotonic()
     rank0, rank1 = run_ranks(job, world=2, timeout=300)  # a hang fails here, with a message
     assert rank1.returncode == 3  # died after its step 2
     assert rank0.returncode == 1, rank0.stderr[-3000:]
     assert "splice train: error: rank 0 of 2 (gloo): a collective failed, so another rank died" in rank0.stderr
     assert "Traceback" not in rank0.stderr
-    assert time.monotonic() - t0 < 300
     assert not (tmp_path / "run" / "adapter").exists()  # no final adapter from a broken run
