@@ -656,7 +656,7 @@ def _initialize(model: nn.Module, name: str, method: str, paths: set[str]) -> No
                 nn.init.normal_(a_weight, std=1 / layer.rank)
                 nn.init.zeros_(b_weight)
             else:
-                base = _innermost(wrapper)
+                base = innermost(wrapper)
                 transposed = getattr(layer, "fan_in_fan_out", False)
                 weight = base.weight.T if transposed else base.weight
                 a, b, residual = init_factors(weight, rank=layer.rank, scale=layer.scale, method=method)

@@ -334,6 +334,7 @@ def _train(config: TrainConfig, *, log: Progress | None, env: DistEnv | None) ->
                     where = (f"the last good checkpoint is {good} (continue from it with --resume)"
                              if good else "no checkpoint was written yet")
                     metrics.close()
+                    progress.close()  # the bar's last line comes before the error, not after it
                     raise TrainingDiverged(
                         f"{state.bad_steps} non-finite losses in a row at step {state.step + 1}: "
                         f"stopping; {where}. Lower --lr or check the data"

@@ -139,11 +139,11 @@ def test_damaged_checkpoint_is_named_on_resume(tiny_run_inputs, tmp_path) -> Non
     from splice.core.errors import RunError
 
     out = tmp_path / "run"
-    train(_config(tiny_run_inputs, out, steps=2, save_every=1))
+    train(run_config(tiny_run_inputs, out, steps=2, save_every=1))
     newest = latest_checkpoint(out / "checkpoints")
     assert newest is not None
     weights = newest / "optimizer.safetensors"
     weights.write_bytes(weights.read_bytes()[:40])
     with pytest.raises(RunError, match=f"checkpoint {newest} is damaged .*move it aside"):
-        train(_config(tiny_run_inputs, out, steps=4, save_every=1, resume=True))
+        train(run_config(tiny_run_inputs, out, steps=4, save_every=1, resume=True))
     assert not (out / LOCK_NAME).exists()  # released on the way out of the error
