@@ -23,10 +23,10 @@ from tests.tiny import run_config
 
 COMMON = dict(steps=4, dropout=0.0, lr=1e-2, device="cpu", save_every=0, grad_accum=2)
 RUNS = {  # name: options of each rank's run (batch_size is per rank)
-    "ddp": dict(batch_size=2, fast=False),
-    "fsdp2": dict(batch_size=2, fast=False, shard=True),
-    "ddp_fast": dict(batch_size=2, fast=True, gradient_checkpointing=True),
-    "fsdp2_fast": dict(batch_size=2, fast=True, gradient_checkpointing=True, shard=True),
+    "ddp": dict(batch_size=2, fuse=False),
+    "fsdp2": dict(batch_size=2, fuse=False, shard=True),
+    "ddp_fast": dict(batch_size=2, fuse=True, gradient_checkpointing=True),
+    "fsdp2_fast": dict(batch_size=2, fuse=True, gradient_checkpointing=True, shard=True),
 }
 
 
@@ -46,7 +46,7 @@ def two_ranks(tiny_run_inputs, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def one_process(tiny_run_inputs, tmp_path_factory):
     out = tmp_path_factory.mktemp("single") / "run"
-    result = train(run_config(tiny_run_inputs, out, **{**COMMON, "batch_size": 4, "fast": False}))
+    result = train(run_config(tiny_run_inputs, out, **{**COMMON, "batch_size": 4, "fuse": False}))
     return result, out
 
 
@@ -90,7 +90,7 @@ def test_rank_zero_alone_prints_and_writes(two_ranks: Path) -> None:
 @pytest.mark.parametrize("fast", [False, True])
 def test_fsdp2_world_of_one_matches_the_plain_step_on_gpu(tiny_run_inputs, tmp_path, fast: bool) -> None:
     options = dict(steps=6, dropout=0.0, lr=1e-2, device="cuda", save_every=0, batch_size=4,
-                   fast=fast, cuda_graphs=False, pack=True, max_length=64)
+                   fuse=fast, cuda_graphs=False, pack=True, max_length=64)
     plain = train(run_config(tiny_run_inputs, tmp_path / "plain", **options))
     sharded = train(run_config(tiny_run_inputs, tmp_path / "sharded", shard=True, **options))
     assert plain.parallel == "none" and sharded.parallel == "fsdp2" and sharded.world_size == 1
@@ -106,7 +106,7 @@ def test_fsdp2_world_of_one_matches_the_plain_step_on_gpu(tiny_run_inputs, tmp_p
 @GPU
 def test_fsdp2_world_of_one_turns_cuda_graphs_off_and_says_why(tiny_run_inputs, tmp_path, capsys) -> None:
     result = train(run_config(tiny_run_inputs, tmp_path / "run", steps=2, device="cuda", shard=True,
-                           fast=True, cuda_graphs=True, pack=True, max_length=64, save_every=0))
+                           fuse=True, cuda_graphs=True, pack=True, max_length=64, save_every=0))
     assert result.cuda_graphs == 0
     assert "CUDA graphs off under fsdp2" in capsys.readouterr().out
 

@@ -110,5 +110,5 @@ def test_training_with_every_variant_learns_and_resumes(tiny_run, tmp_path) -> N
     rest = train(config("cut", resume=True))
     torch.testing.assert_close(torch.tensor(cut.losses + rest.losses), torch.tensor(full.losses),
                                rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="unknown LoRA initialisation 'svd'"):
+    with pytest.raises(ValueError, match="init must be default, gaussian, pissa"):
         config("bad", init="svd")
