@@ -139,8 +139,9 @@ def setup_peft(base: nn.Module, cfg: Config) -> Setup:
 
 def setup_splice(base: nn.Module, cfg: Config) -> Setup:
     from splice.fused.apply import fuse
+    from splice.lora.apply import add_lora, lora_modules
     from splice.lora.freeze import freeze
-    from splice.lora.layers import LoraConfig, add_lora, lora_modules
+    from splice.lora.layers import LoraConfig
     from splice.memory.checkpointing import checkpoint_layers, uncheckpoint_layers
     from splice.training.loss import causal_lm_loss, lm_head_params, model_hidden_states
 

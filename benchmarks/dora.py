@@ -41,9 +41,9 @@ def _setup(framework: str, dora: bool, *, rank: int, layers: int) -> Any:
             return model(input_ids=ids, labels=ids, use_cache=False).loss
     else:
         from splice.fused.apply import fuse
+        from splice.lora.apply import add_lora, lora_modules
         from splice.lora.freeze import freeze
         from splice.lora.layers import LoraConfig as SpliceConfig
-        from splice.lora.layers import add_lora, lora_modules
         from splice.training.loss import causal_lm_loss, lm_head_params, model_hidden_states
 
         add_lora(base, SpliceConfig(rank=rank, alpha=16, dropout=0.0, targets="all-linear", use_dora=dora))

@@ -8,7 +8,6 @@ dequant pass per program-size variant + cuBLAS), the plain-PyTorch dequant, bits
 
 from __future__ import annotations
 
-# ruff: noqa: B023  (the timed lambdas run inside the loop that defines them)
 import argparse
 import json
 import time

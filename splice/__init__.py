@@ -17,7 +17,7 @@ __version__ = "0.2.0"
 # Sub-packages from the lowest layer to the highest (tests/test_layout.py enforces the order).
 LAYERS = (
     "core", "kernels", "quant", "lora", "models", "memory", "fused", "data", "generation",
-    "evaluation", "export", "distributed", "training", "serve", "cli",
+    "evaluation", "export", "distributed", "training", "serve", "commands", "cli",
 )
 
 # public name -> module that defines it
@@ -27,9 +27,9 @@ _EXPORTS = {
     "Replace": "core.rewrite", "kind_of": "core.rewrite", "nodes": "core.rewrite",
     "rewrite": "core.rewrite", "unrewrite": "core.rewrite",
     # LoRA
-    "LoraConfig": "lora.layers", "add_lora": "lora.layers", "adapter_names": "lora.layers",
-    "lora_modules": "lora.layers", "merge": "lora.layers", "unmerge": "lora.layers",
-    "adapters_disabled": "lora.layers", "use_adapters": "lora.layers",
+    "LoraConfig": "lora.layers", "add_lora": "lora.apply", "adapter_names": "lora.apply",
+    "lora_modules": "lora.apply", "merge": "lora.apply", "unmerge": "lora.apply",
+    "adapters_disabled": "lora.apply", "use_adapters": "lora.apply",
     "freeze": "lora.freeze", "trainable_summary": "lora.freeze", "TrainableSummary": "lora.freeze",
     "load_adapter": "lora.peft_io", "save_adapter": "lora.peft_io",
     # quantization
@@ -82,9 +82,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from splice.evaluation.tasks import build_function_names, name_metrics
     from splice.fused.apply import fuse, unfuse
     from splice.generation.generate import generate
-    from splice.lora.freeze import TrainableSummary, freeze, trainable_summary
-    from splice.lora.layers import (
-        LoraConfig,
+    from splice.lora.apply import (
         adapter_names,
         adapters_disabled,
         add_lora,
@@ -93,6 +91,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         unmerge,
         use_adapters,
     )
+    from splice.lora.freeze import TrainableSummary, freeze, trainable_summary
+    from splice.lora.layers import LoraConfig
     from splice.lora.peft_io import load_adapter, save_adapter
     from splice.memory.checkpointing import checkpoint_layers
     from splice.models.loading import load_model

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import math
 import os
 import signal
@@ -20,10 +19,10 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import MISSING, fields
-from pathlib import Path
 from typing import Any, NoReturn
 
-from splice.core.errors import SpliceError, UsageError, one_line
+import splice.commands as commands
+from splice.core.errors import SpliceError, one_line
 from splice.training.config import TrainConfig, load_config_file
 
 _HELP = {
@@ -159,172 +158,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 128 + (result.stopped_by or signal.SIGINT) if result.interrupted else 0
 
 
-def _new_dir(path: Path, option: str) -> None:
-    """Create ``path`` (an output folder) now, before slow work, or say why it cannot be."""
-    if path.is_file():
-        raise UsageError(f"{option} {path} is a file; pass a new directory")
-    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        raise UsageError(f"{option} {path}: {blocker} is a file, not a folder; choose another {option}")
-    if path.is_dir() and any(path.iterdir()):
-        raise UsageError(f"{option} {path} is not empty: choose a new directory")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot create {option} {path} ({exc.strerror or exc}); choose a writable "
-                         "location") from exc
-
-
-def _new_file(path: Path, option: str) -> None:
-    """Check, before slow work, that a file can be written at ``path``."""
-    if path.is_dir():
-        raise UsageError(f"{option} {path} is a directory; pass a file name")
-    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        raise UsageError(f"{option} {path}: {blocker} is a file, not a folder")
-    if not path.parent.is_dir():
-        raise UsageError(f"{option} {path}: folder {path.parent} does not exist")
-    if not os.access(path.parent, os.W_OK):
-        raise UsageError(f"{option} {path}: folder {path.parent} is not writable")
-
-
-def _check_prompts(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int) -> None:
-    """Refuse prompts that, with the tokens to generate, pass the model's context."""
-    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    if not isinstance(context, int):
-        return
-    for number, prompt in enumerate(prompts, start=1):
-        length = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        if length + max_new_tokens > context:
-            raise UsageError(
-                f"prompt {number} is {length} tokens; with --max-new-tokens {max_new_tokens} it "
-                f"passes the model's context of {context} tokens: shorten it or lower --max-new-tokens")
-
-
-def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    import torch
-
-    from splice.lora.peft_io import load_adapter, read_adapter
-    from splice.models.loading import load_model
-    from splice.training.preflight import check_device
-
-    quantize = getattr(args, "quantize", None)
-    device = check_device(args.device)
-    if args.adapter:
-        read_adapter(args.adapter)  # a broken adapter file is found before the model loads
-    dtype = torch.bfloat16 if quantize and device.type == "cuda" else torch.float32
-    model, tokenizer = load_model(args.model, device=device, quantize=quantize, dtype=dtype)
-    if quantize and getattr(args, "dequantize", False):
-        from splice.core.rewrite import unrewrite
-
-        unrewrite(model)  # float linears holding the dequantized weights the adapter trained on
-    if args.adapter:
-        load_adapter(model, args.adapter)
-    return model, tokenizer
-
-
-def _cmd_generate(args: argparse.Namespace) -> int:
-    from splice.generation.generate import generate
-
-    model, tokenizer = _load(args)
-    prompts = list(args.prompt) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    if not prompts:
-        raise UsageError("no prompt: pass --prompt TEXT (repeatable) or lines on standard input")
-    if args.chat:
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                 add_generation_prompt=True) for p in prompts]
-    _check_prompts(model, tokenizer, prompts, args.max_new_tokens)
-    outputs = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
-                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                       seed=args.seed, stop=args.stop or ())
-    for text in outputs:
-        print(text)
-    return 0
-
-
-def _data_template(args: argparse.Namespace, rows: list[dict[str, Any]], where: str) -> Any:
-    """The template the data/eval commands render rows with (the train options), every row checked."""
-    from splice.data.formats import choose_template, columns_of
-    from splice.data.rows import check_template
-
-    template = choose_template(columns_of(rows), prompt_template=args.prompt_template,
-                               response_template=args.response_template, chat=args.chat,
-                               system_prompt=args.system_prompt, last_turn_only=args.last_turn_only)
-    check_template(rows, template, where=where)
-    return template
-
-
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from splice.evaluation.compare import compare_table, evaluate_rows
-    from splice.evaluation.scoring import text_task
-    from splice.evaluation.tasks import function_names_task
-    from splice.training.validate import validation_loss
-
-    if args.json:
-        _new_file(Path(args.json), "--json")
-
-    if args.data:
-        from splice.data.rows import read_rows
-
-        rows = read_rows(args.data)
-        template = _data_template(args, rows, args.data)  # before the model loads
-        task, source = text_task(template), str(args.data)
-    else:
-        from splice.evaluation.tasks import build_function_names, function_name_template
-
-        rows = build_function_names()[args.split][: args.samples]
-        template, task, source = function_name_template(), function_names_task(), f"{args.split} functions"
-    model, tokenizer = _load(args)
-    device = next(model.parameters()).device
-
-    def loss(model: Any, examples: Any) -> float:
-        return validation_loss(model, examples, batch_size=args.batch_size, pad_id=tokenizer.pad_token_id,
-                               device=device)
-
-    report = evaluate_rows(model, tokenizer, rows, template=template, task=task, loss=loss,
-                           max_length=args.max_length, samples=args.samples,
-                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    print(f"{source}: {len(rows)} rows, {min(args.samples, len(rows))} scored by generation")
-    print(compare_table(report))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"data": source, "rows": len(rows), **report}, indent=1) + "\n")
-    return 0
-
-
-def _cmd_data(args: argparse.Namespace) -> int:
-    from splice.data.preview import preview_rows
-    from splice.data.rows import read_rows
-    from splice.models.loading import load_tokenizer
-
-    rows = read_rows(args.file)
-    template = _data_template(args, rows, args.file)
-    tokenizer = load_tokenizer(args.model)
-    color = sys.stdout.isatty() if args.color is None else args.color
-    print(preview_rows(rows, tokenizer, template=template, max_length=args.max_length,
-                       train_on_prompt=args.train_on_prompt, count=args.rows, color=color, tokens=args.tokens))
-    return 0
-
-
-def _cmd_export(args: argparse.Namespace) -> int:
-    from splice.export.gguf import export_gguf, export_lora_gguf
-
-    out = Path(args.output)
-    if args.adapter_only:
-        if not args.adapter:
-            raise ValueError("--adapter-only needs --adapter DIR (the adapter to write as a GGUF LoRA)")
-        model, _ = _load(argparse.Namespace(model=args.model, adapter=None, device="cpu"))
-        written = export_lora_gguf(model, args.adapter, out, outtype=args.outtype)
-    else:
-        model, tokenizer = _load(argparse.Namespace(model=args.model, adapter=args.adapter, device="cpu"))
-        if args.adapter:
-            from splice.lora.layers import merge
-
-            merge(model, unload=True)
-        written = export_gguf(model, tokenizer, out, outtype=args.outtype)
-    print(f"{'GGUF LoRA adapter' if args.adapter_only else 'GGUF model'} written to {written}")
-    return 0
-
-
 def _data_flags(p: argparse.ArgumentParser) -> None:
     """The train command's template options, for commands that render a data file."""
     p.add_argument("--prompt-template", help=_HELP["prompt_template"])
@@ -335,24 +168,6 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=352, help="max tokens per example (default: 352)")
 
 
-def _cmd_merge(args: argparse.Namespace) -> int:
-    from splice.lora.layers import merge
-
-    out = Path(args.output)
-    _new_dir(out, "--output")
-    args.dequantize = True  # a QLoRA adapter merges into the dequantized (not the original) base
-    model, tokenizer = _load(args)
-    merge(model, unload=True)
-    if args.quantize:
-        import torch
-
-        model.to(torch.bfloat16)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    print(f"merged model written to {out} (a plain Hugging Face checkpoint)")
-    return 0
-
-
 def _version() -> str:
     """The installed distribution's version, without importing the package (torch)."""
     from importlib.metadata import PackageNotFoundError, version
@@ -361,16 +176,6 @@ def _version() -> str:
         return version("splice")
     except PackageNotFoundError:
         return "unknown (not installed)"
-def _cmd_serve(args: argparse.Namespace) -> int:
-    from splice.serve.server import parse_adapters, serve
-
-    adapters = parse_adapters(list(args.adapter or []))  # bad specs fail before the model loads
-    serve(args.model, adapters=adapters, host=args.host, port=args.port, device=args.device,
-          dtype=args.dtype, model_name=args.name, max_batch=args.max_batch, max_len=args.max_len,
-          gpu_adapters=args.gpu_adapters, max_lora_rank=args.max_lora_rank)
-    return 0
-
-
 def _add_serve_parser(sub: Any) -> None:
     p = sub.add_parser("serve", help="serve a base model and adapters on an OpenAI-compatible API")
     p.add_argument("--model", default=None, help="base model (default: embedded SmolLM2-135M)")
@@ -386,7 +191,7 @@ def _add_serve_parser(sub: Any) -> None:
     p.add_argument("--gpu-adapters", type=int, default=8,
                    help="adapters resident on the device at once (more are kept in host memory)")
     p.add_argument("--max-lora-rank", type=int, default=64)
-    p.set_defaults(run=_cmd_serve)
+    p.set_defaults(run=commands.cmd_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -421,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_gen.add_argument("--seed", type=_number(int, low=0, high=2**63 - 1, says="must be in [0, 2**63)"),
                        default=None)
     p_gen.add_argument("--stop", action="append", help="stop string (repeatable)")
-    p_gen.set_defaults(run=_cmd_generate)
+    p_gen.set_defaults(run=commands.cmd_generate)
 
     p_eval = sub.add_parser("eval", help="score base vs adapter: validation loss, perplexity and "
                             "generation metrics on --data (default: held-out functions)")
@@ -435,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--batch-size", type=_at_least_one, default=16, help="rows per batch")
     p_eval.add_argument("--max-new-tokens", type=_at_least_one, default=24)
     p_eval.add_argument("--json", help="also write the scores to this JSON file")
-    p_eval.set_defaults(run=_cmd_eval)
+    p_eval.set_defaults(run=commands.cmd_eval)
 
     p_data = sub.add_parser("data", help="preview how the first rows of a data file render, trained "
                             "tokens marked")
@@ -448,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_data.add_argument("--tokens", action="store_true", help="also list every token as id/label piece")
     p_data.add_argument("--color", action=argparse.BooleanOptionalAction, default=None,
                         help="mark trained tokens in colour (default: on a terminal)")
-    p_data.set_defaults(run=_cmd_data)
+    p_data.set_defaults(run=commands.cmd_data)
 
     p_export = sub.add_parser("export", help="write a model (merged with --adapter) or an adapter alone "
                               "as GGUF for llama.cpp / Ollama")
@@ -459,12 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
                           help="tensor type of the weights (default: f16)")
     p_export.add_argument("--adapter-only", action="store_true",
                           help="write only the adapter, as a llama.cpp GGUF LoRA (use with the base GGUF)")
-    p_export.set_defaults(run=_cmd_export)
+    p_export.set_defaults(run=commands.cmd_export)
 
     p_merge = sub.add_parser("merge", help="fold an adapter into the base and save a HF checkpoint")
     model_flags(p_merge, adapter_required=True)
     p_merge.add_argument("--output", required=True, help="new directory for the merged model")
-    p_merge.set_defaults(run=_cmd_merge)
+    p_merge.set_defaults(run=commands.cmd_merge)
     _add_serve_parser(sub)
     return parser
 

@@ -169,7 +169,8 @@ def test_data_objects_are_logged_as_a_summary() -> None:
 @pytest.fixture
 def adapter_dir(tiny_run_inputs, tmp_path) -> Path:
     """A random non-zero LoRA adapter for the tiny model (no training needed to compare)."""
-    from splice.lora.layers import LoraConfig, add_lora
+    from splice.lora.apply import add_lora
+    from splice.lora.layers import LoraConfig
     from splice.lora.peft_io import save_adapter
     from splice.models.loading import load_model
     from tests.tiny import randomize_lora

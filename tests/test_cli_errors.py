@@ -53,7 +53,8 @@ class Files:
 
 @pytest.fixture(scope="module")
 def files(tiny_run_inputs, tmp_path_factory) -> Files:
-    from splice.lora.layers import LoraConfig, add_lora
+    from splice.lora.apply import add_lora
+    from splice.lora.layers import LoraConfig
     from splice.lora.peft_io import save_adapter
     from splice.models.loading import load_model
 

@@ -103,8 +103,9 @@ def lora_llama(*, dropout: float = 0.0, targets: str | tuple[str, ...] = "all-li
                dtype: torch.dtype = torch.float32, device: str = "cpu", layers: int = 2,
                hidden: int = 64) -> nn.Module:
     """A frozen Llama (vocab 101, sdpa) with r4 LoRA on ``targets`` whose B are non-zero."""
+    from splice.lora.apply import add_lora, lora_modules
     from splice.lora.freeze import freeze
-    from splice.lora.layers import LoraConfig, add_lora, lora_modules
+    from splice.lora.layers import LoraConfig
 
     config = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 3 // 2, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, vocab_size=101,
@@ -135,7 +136,7 @@ def tokens(seed: int = 1, batch: int = 2, length: int = 12) -> torch.Tensor:
 
 def randomize_lora(model: nn.Module, seed: int = 3) -> None:
     """Give every LoRA B (and embedding A) non-zero values so adapters change the output."""
-    from splice.lora.layers import lora_modules
+    from splice.lora.apply import lora_modules
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -16,7 +16,7 @@ from torch import nn
 
 from splice.data.rows import Example, Template, tokenize_rows
 from splice.evaluation.scoring import Task, evaluate_generation, text_task
-from splice.lora.layers import adapters_disabled, lora_modules
+from splice.lora.apply import adapters_disabled, lora_modules
 
 __all__ = ["LossFn", "compare_table", "evaluate_rows", "perplexity"]
 

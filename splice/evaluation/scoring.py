@@ -12,7 +12,7 @@ from torch import nn
 from splice.data.rows import ChatTemplate, PromptTemplate, Row
 from splice.evaluation.metrics import text_metrics
 from splice.generation.generate import generate
-from splice.lora.layers import adapters_disabled, lora_modules
+from splice.lora.apply import adapters_disabled, lora_modules
 
 __all__ = ["Task", "evaluate_generation", "text_task"]
 

@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from splice.core.progress import progress
-from splice.lora.layers import lora_modules
+from splice.lora.apply import lora_modules
 
 __all__ = ["export_gguf", "export_lora_gguf"]
 

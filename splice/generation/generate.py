@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from splice.lora.bank import use_adapter_bank
 from splice.core.progress import progress
-from splice.lora.layers import use_adapters
+from splice.lora.apply import use_adapters
+from splice.lora.bank import use_adapter_bank
 
 __all__ = ["generate", "generate_ids", "sample_next", "top_k_top_p_filter"]
 
@@ -275,7 +275,7 @@ def generate(
     """The generated continuation of each prompt (prompt excluded), one string per prompt.
 
     ``adapters`` names the LoRA adapter each prompt runs with (``None``: the base model), so one
-    call serves several adapters at once (see :func:`splice.lora.layers.use_adapters`); by default every
+    call serves several adapters at once (see :func:`splice.lora.apply.use_adapters`); by default every
     adapter on the model applies.
 
     Greedy (``argmax``) when ``temperature == 0``; otherwise sampling from

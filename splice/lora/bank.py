@@ -29,7 +29,8 @@ from torch import Tensor, nn
 
 from splice.core.rewrite import rewrite
 from splice.kernels.multi_lora import multi_lora, pad_rank
-from splice.lora.layers import LoraLinear, lora_modules, use_adapters
+from splice.lora.apply import lora_modules, use_adapters
+from splice.lora.layers import LoraLinear
 from splice.lora.routing import Route, current_route, routed
 
 __all__ = ["BankSite", "HostAdapter", "LoraBank", "add_bank_sites", "read_adapter", "use_adapter_bank"]
@@ -263,7 +264,7 @@ class LoraBank:
 @contextmanager
 def use_adapter_bank(model: nn.Module, rows: Sequence[str | None], *, dtype: torch.dtype | None = None
                      ) -> Iterator[LoraBank]:
-    """Like :func:`splice.lora.layers.use_adapters`, but the linear adapters named in ``rows``
+    """Like :func:`splice.lora.apply.use_adapters`, but the linear adapters named in ``rows``
     are packed into a :class:`LoraBank` for the call, so each projection is one multi-LoRA launch."""
     names = list(dict.fromkeys(r for r in rows if r is not None))
     with use_adapters(model, rows):  # validates the names and routes non-linear layers by row

@@ -9,7 +9,7 @@ returns ``y + (g - 1) (y - b) + g s B(A(x))`` with ``g = m / ||W + s B A||`` (PE
 dropout in training the base part is recomputed on the dropped-out input, as PEFT does).
 
 The layers themselves (:class:`splice.lora.layers.DoraLinear`, :class:`~splice.lora.layers.DoraConv2d`)
-are LoRA rewriters built by :func:`splice.lora.layers.add_lora` with ``LoraConfig(use_dora=True)``;
+are LoRA rewriters built by :func:`splice.lora.apply.add_lora` with ``LoraConfig(use_dora=True)``;
 the fused GPU path is :func:`splice.kernels.dora.dora_linear`.
 """
 

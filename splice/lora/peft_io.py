@@ -21,22 +21,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from splice.core.errors import UsageError, one_line
 from splice.core.family import is_conv1d
 from splice.core.io import atomic_file
-from splice.core.errors import UsageError, one_line
 from splice.core.rewrite import unrewrite
+from splice.lora.apply import adapter_names, add_lora, lora_modules
+from splice.lora.dora_layers import DoraConv2d, DoraLinear
 from splice.lora.init import from_weight, to_plain_lora
-from splice.lora.layers import (
-    DoraConv2d,
-    DoraLinear,
-    LoraConfig,
-    LoraEmbedding,
-    LoraLayer,
-    adapter_names,
-    add_lora,
-    is_lora_wrapper,
-    lora_modules,
-)
+from splice.lora.layers import LoraConfig, LoraEmbedding, LoraLayer, is_lora_wrapper
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "AdapterError", "load_adapter", "read_adapter", "save_adapter"]
 
@@ -315,7 +307,7 @@ def load_adapter(
 ) -> list[str]:
     """Attach the adapter in ``directory`` (written by splice or PEFT) to ``model`` as ``name``.
 
-    Adapters of other names already on the model stay (they stack; see ``splice.lora.layers.use_adapters``).
+    Adapters of other names already on the model stay (they stack; see ``splice.lora.apply.use_adapters``).
     Every tensor is checked against the model before anything changes; a wrong adapter raises
     :class:`AdapterError` and leaves the model as it was. Returns the adapted module names.
     """

@@ -3,7 +3,7 @@
 A :class:`Route` says, for one call, how a model's LoRA layers behave: ``rows[i]`` names the
 adapter batch row ``i`` runs with (``None``: the base model), or ``disabled`` runs every row as
 the base model. Routes live in a :class:`~contextvars.ContextVar` keyed by the LoRA layer, set by
-:func:`routed` for the duration of a block (``splice.lora.layers.use_adapters`` and
+:func:`routed` for the duration of a block (``splice.lora.apply.use_adapters`` and
 ``adapters_disabled`` are built on it), so two threads (or two asyncio tasks) calling one model at
 once each see their own routing, and nothing is stored on the modules.
 

@@ -7,12 +7,11 @@ import math
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from splice.core.errors import UsageError, one_line
-from splice.lora.init import init_name
 
 __all__ = ["RULES", "Rule", "TrainConfig", "check_options", "check_output_dir", "flag",
            "load_config_file", "save_run_config"]
@@ -248,6 +247,8 @@ def _compiles(targets: str) -> bool:
 
 
 def _init_ok(name: str) -> bool:
+    from splice.lora.init import init_name  # here, not at the top: it needs torch (keeps --help fast)
+
     try:
         init_name(name)
     except ValueError:

@@ -31,8 +31,9 @@ from splice.distributed.process import stop as stop_distributed
 from splice.distributed.shards import rank_share
 from splice.distributed.wrap import Wrapped, clip_grad_norm, shard_reason, wrap_model
 from splice.evaluation.scoring import evaluate_generation
+from splice.lora.apply import add_lora
 from splice.lora.freeze import freeze
-from splice.lora.layers import LoraConfig, add_lora
+from splice.lora.layers import LoraConfig
 from splice.training.config import TrainConfig, save_run_config
 from splice.training.graphs import GraphedStep
 from splice.training.loss import check_labels, lm_head_params, train_step_loss

@@ -17,7 +17,8 @@ from typing import Any
 
 from torch import nn
 
-from splice.lora.layers import LoraEmbedding, lora_modules
+from splice.lora.apply import lora_modules
+from splice.lora.layers import LoraEmbedding
 
 __all__ = ["param_groups"]
 

@@ -137,7 +137,8 @@ def check_device(name: str) -> torch.device:
 def check_targets(model: torch.nn.Module, config: TrainConfig) -> int:
     """Attach ``config``'s LoRA to ``model`` (a meta-device skeleton is enough); returns the
     number of adapted modules, or raises UsageError naming --targets."""
-    from splice.lora.layers import LoraConfig, add_lora
+    from splice.lora.apply import add_lora
+    from splice.lora.layers import LoraConfig
 
     try:
         return len(add_lora(model, LoraConfig(rank=config.rank, alpha=config.alpha,

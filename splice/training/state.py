@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from splice.core.errors import RunError, one_line
-from splice.lora.layers import lora_modules
+from splice.lora.apply import lora_modules
 from splice.lora.peft_io import save_adapter
 
 __all__ = ["TrainerState", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]

@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from splice.distributed.checkpoint import is_sharded_checkpoint, load_sharded
+from splice.lora.apply import add_lora
 from splice.lora.freeze import freeze
-from splice.lora.layers import LoraConfig, add_lora
+from splice.lora.layers import LoraConfig
 from splice.lora.peft_io import save_adapter
 from splice.models.loading import load_model
 from splice.training.loop import train

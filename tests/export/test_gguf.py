@@ -10,7 +10,8 @@ import torch
 
 from splice.export.gguf import _permute, export_gguf, export_lora_gguf
 from splice.generation.generate import generate
-from splice.lora.layers import LoraConfig, add_lora, merge
+from splice.lora.apply import add_lora, merge
+from splice.lora.layers import LoraConfig
 from splice.lora.peft_io import save_adapter
 from splice.models.loading import load_model
 from tests.tiny import randomize_lora

@@ -17,7 +17,7 @@ from splice.fused.modules import (
     FusedRopeAttention,
     FusedSwiGLUMLP,
 )
-from splice.lora.layers import lora_modules, merge
+from splice.lora.apply import lora_modules, merge
 from splice.training.loss import causal_lm_loss, lm_head_params, model_hidden_states
 from tests.numerics import GPU, rel_err
 from tests.tiny import lora_llama, loss_and_grads, spy_causal_only
@@ -181,7 +181,7 @@ def test_rope_is_fused_without_cache_and_falls_back_with_one(monkeypatch) -> Non
 
 
 def test_fused_lora_respects_disabled_and_routed_adapters() -> None:
-    from splice.lora.layers import adapters_disabled, use_adapters
+    from splice.lora.apply import adapters_disabled, use_adapters
 
     plain = lora_llama()
     fast = copy.deepcopy(plain)

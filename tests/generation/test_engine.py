@@ -10,8 +10,9 @@ import torch
 
 from splice.generation.engine import Engine, EngineFull, Request, SamplingParams
 from splice.generation.generate import generate
+from splice.lora.apply import add_lora
 from splice.lora.bank import LoraBank, add_bank_sites, read_adapter
-from splice.lora.layers import LoraConfig, add_lora
+from splice.lora.layers import LoraConfig
 from splice.lora.peft_io import load_adapter, save_adapter
 from tests import tiny
 from tests.numerics import GPU

@@ -13,7 +13,8 @@ from torch import nn
 from transformers import GPT2LMHeadModel, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from splice.generation.generate import generate, generate_ids, sample_next, top_k_top_p_filter
-from splice.lora.layers import LoraConfig, add_lora, lora_modules, merge
+from splice.lora.apply import add_lora, lora_modules, merge
+from splice.lora.layers import LoraConfig
 from tests import tiny
 
 VOCAB = 128

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from splice.lora.apply import add_lora, use_adapters
 from splice.lora.bank import HostAdapter, LoraBank, add_bank_sites, read_adapter, use_adapter_bank
-from splice.lora.layers import LoraConfig, add_lora, use_adapters
+from splice.lora.layers import LoraConfig
 from splice.lora.peft_io import save_adapter
 from splice.lora.routing import Route, routed
 from tests import tiny

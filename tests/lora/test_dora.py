@@ -11,8 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 import splice
+from splice.lora.apply import add_lora, lora_modules, merge, unmerge
+from splice.lora.dora_layers import DoraConv2d, DoraLinear
 from splice.lora.freeze import freeze
-from splice.lora.layers import DoraConv2d, DoraLinear, LoraConfig, add_lora, lora_modules, merge, unmerge
+from splice.lora.layers import LoraConfig
 from splice.lora.peft_io import AdapterError, load_adapter, save_adapter
 from tests import tiny
 from tests.numerics import DEVICES, rel_err

@@ -13,8 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from splice.core.rewrite import unrewrite
+from splice.lora.apply import add_lora, lora_modules
 from splice.lora.init import init_name
-from splice.lora.layers import LoraConfig, add_lora, lora_modules
+from splice.lora.layers import LoraConfig
 from splice.lora.peft_io import load_adapter, save_adapter
 from tests import tiny
 

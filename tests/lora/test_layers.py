@@ -13,7 +13,8 @@ from torch import nn
 import splice
 from splice.core.rewrite import nodes
 from splice.core.targets import target_matcher
-from splice.lora.layers import LoraEmbedding, LoraLinear, lora_modules
+from splice.lora.apply import lora_modules
+from splice.lora.layers import LoraEmbedding, LoraLinear
 from tests import tiny
 
 

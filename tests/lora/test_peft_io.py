@@ -128,7 +128,7 @@ def test_two_named_adapters_stack_and_save_separately(tmp_path) -> None:
     splice.load_adapter(model, tmp_path / "first", name="first")
     splice.load_adapter(model, tmp_path / "second", name="second")
     ids = tiny.tokens()
-    from splice.lora.layers import use_adapters
+    from splice.lora.apply import use_adapters
 
     with use_adapters(model, ["first", "second"]):
         routed = model(ids).logits

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from splice.generation.generate import generate
-from splice.lora.layers import LoraConfig, adapters_disabled, add_lora, lora_modules, use_adapters
+from splice.lora.apply import adapters_disabled, add_lora, lora_modules, use_adapters
+from splice.lora.layers import LoraConfig
 from splice.lora.routing import Route, current_route, routed
 from tests import tiny
 

@@ -11,8 +11,8 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from splice.fused.apply import fuse
+from splice.lora.apply import add_lora, lora_modules
 from splice.lora.freeze import freeze
-from splice.lora.layers import add_lora, lora_modules
 from splice.memory.checkpointing import CheckpointedLayer, checkpoint_layers, uncheckpoint_layers
 from tests.numerics import GPU, rel_err
 from tests.tiny import assert_same, lora_llama, loss_and_grads, spy_causal_only

@@ -43,7 +43,7 @@ def test_train_quantized_from_a_config_file_then_merge(tiny_run_inputs, tmp_path
     assert torch.equal(plain.model.layers[0].mlp.up_proj.weight, expected)
 
 
-def test_flag_and_bad_value(tiny_run_inputs, tmp_path, capsys) -> None:  # noqa: F811
+def test_flag_and_bad_value(tiny_run_inputs, tmp_path, capsys) -> None:
     model, data = tiny_run_inputs
     assert main(["train", "--model", str(model), "--data", str(data), "--output-dir", str(tmp_path / "o"),
                  "--quantize", "nf3", "--steps", "1", *FLAGS]) == 2

@@ -17,7 +17,8 @@ import pytest
 import uvicorn
 
 from splice.generation.generate import generate
-from splice.lora.layers import LoraConfig, add_lora
+from splice.lora.apply import add_lora
+from splice.lora.layers import LoraConfig
 from splice.lora.peft_io import load_adapter, save_adapter
 from splice.serve.app import build_app
 from splice.serve.service import Service

@@ -13,7 +13,8 @@ import pytest
 
 from splice.cli import main
 from splice.generation.generate import generate
-from splice.lora.layers import LoraConfig, add_lora
+from splice.lora.apply import add_lora
+from splice.lora.layers import LoraConfig
 from splice.lora.peft_io import load_adapter, save_adapter
 from splice.serve.server import parse_adapters
 from tests import tiny

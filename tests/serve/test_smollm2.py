@@ -12,7 +12,8 @@ import torch
 import uvicorn
 
 from splice.generation.generate import generate
-from splice.lora.layers import LoraConfig, add_lora, lora_modules
+from splice.lora.apply import add_lora, lora_modules
+from splice.lora.layers import LoraConfig
 from splice.lora.peft_io import load_adapter, save_adapter
 from splice.models.loading import default_model_path, load_model
 from splice.serve.app import build_app

@@ -13,7 +13,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
-from splice.lora.layers import LoraConfig, add_lora, lora_modules
+from splice.lora.apply import add_lora, lora_modules
+from splice.lora.layers import LoraConfig
 from splice.training.loss import causal_lm_loss, lm_head_params, model_hidden_states, naive_causal_lm_loss
 from tests import tiny
 from tests.numerics import HostSyncs

@@ -9,8 +9,9 @@ import pytest
 import torch
 from peft.optimizers import create_loraplus_optimizer
 
+from splice.lora.apply import add_lora
 from splice.lora.freeze import freeze
-from splice.lora.layers import LoraConfig, add_lora
+from splice.lora.layers import LoraConfig
 from splice.training.optim import param_groups
 from tests import tiny
 

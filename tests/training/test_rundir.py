@@ -135,7 +135,7 @@ def test_unwritable_or_blocked_output_dir(tmp_path) -> None:
             lock_run_dir("/sys/splice-test/run")
 
 
-def test_damaged_checkpoint_is_named_on_resume(tiny_run_inputs, tmp_path) -> None:  # noqa: F811
+def test_damaged_checkpoint_is_named_on_resume(tiny_run_inputs, tmp_path) -> None:
     from splice.core.errors import RunError
 
     out = tmp_path / "run"

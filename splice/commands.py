@@ -1,0 +1,214 @@
+"""What each ``splice`` subcommand does (generate, eval, data, export, merge, serve), given the
+parsed arguments; :mod:`splice.cli` parses the command line and turns errors into one line.
+
+Every check of the arguments that needs no model (output paths, adapter files, data shapes) runs
+before the model loads. torch and transformers are imported inside the commands only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from splice.core.errors import UsageError
+
+__all__ = ["cmd_data", "cmd_eval", "cmd_export", "cmd_generate", "cmd_merge", "cmd_serve", "load", "new_dir",
+           "new_file"]
+
+
+def new_dir(path: Path, option: str) -> None:
+    """Create ``path`` (an output folder) now, before slow work, or say why it cannot be."""
+    if path.is_file():
+        raise UsageError(f"{option} {path} is a file; pass a new directory")
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UsageError(f"{option} {path}: {blocker} is a file, not a folder; choose another {option}")
+    if path.is_dir() and any(path.iterdir()):
+        raise UsageError(f"{option} {path} is not empty: choose a new directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create {option} {path} ({exc.strerror or exc}); choose a writable "
+                         "location") from exc
+
+
+def new_file(path: Path, option: str) -> None:
+    """Check, before slow work, that a file can be written at ``path``."""
+    if path.is_dir():
+        raise UsageError(f"{option} {path} is a directory; pass a file name")
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UsageError(f"{option} {path}: {blocker} is a file, not a folder")
+    if not path.parent.is_dir():
+        raise UsageError(f"{option} {path}: folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise UsageError(f"{option} {path}: folder {path.parent} is not writable")
+
+
+def check_prompts(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int) -> None:
+    """Refuse prompts that, with the tokens to generate, pass the model's context."""
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if not isinstance(context, int):
+        return
+    for number, prompt in enumerate(prompts, start=1):
+        length = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if length + max_new_tokens > context:
+            raise UsageError(
+                f"prompt {number} is {length} tokens; with --max-new-tokens {max_new_tokens} it "
+                f"passes the model's context of {context} tokens: shorten it or lower --max-new-tokens")
+
+
+def load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    import torch
+
+    from splice.lora.peft_io import load_adapter, read_adapter
+    from splice.models.loading import load_model
+    from splice.training.preflight import check_device
+
+    quantize = getattr(args, "quantize", None)
+    device = check_device(args.device)
+    if args.adapter:
+        read_adapter(args.adapter)  # a broken adapter file is found before the model loads
+    dtype = torch.bfloat16 if quantize and device.type == "cuda" else torch.float32
+    model, tokenizer = load_model(args.model, device=device, quantize=quantize, dtype=dtype)
+    if quantize and getattr(args, "dequantize", False):
+        from splice.core.rewrite import unrewrite
+
+        unrewrite(model)  # float linears holding the dequantized weights the adapter trained on
+    if args.adapter:
+        load_adapter(model, args.adapter)
+    return model, tokenizer
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from splice.generation.generate import generate
+
+    model, tokenizer = load(args)
+    prompts = list(args.prompt) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not prompts:
+        raise UsageError("no prompt: pass --prompt TEXT (repeatable) or lines on standard input")
+    if args.chat:
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                 add_generation_prompt=True) for p in prompts]
+    check_prompts(model, tokenizer, prompts, args.max_new_tokens)
+    outputs = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                       seed=args.seed, stop=args.stop or ())
+    for text in outputs:
+        print(text)
+    return 0
+
+
+def data_template(args: argparse.Namespace, rows: list[dict[str, Any]], where: str) -> Any:
+    """The template the data/eval commands render rows with (the train options), every row checked."""
+    from splice.data.formats import choose_template, columns_of
+    from splice.data.rows import check_template
+
+    template = choose_template(columns_of(rows), prompt_template=args.prompt_template,
+                               response_template=args.response_template, chat=args.chat,
+                               system_prompt=args.system_prompt, last_turn_only=args.last_turn_only)
+    check_template(rows, template, where=where)
+    return template
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from splice.evaluation.compare import compare_table, evaluate_rows
+    from splice.evaluation.scoring import text_task
+    from splice.evaluation.tasks import function_names_task
+    from splice.training.validate import validation_loss
+
+    if args.json:
+        new_file(Path(args.json), "--json")
+
+    if args.data:
+        from splice.data.rows import read_rows
+
+        rows = read_rows(args.data)
+        template = data_template(args, rows, args.data)  # before the model loads
+        task, source = text_task(template), str(args.data)
+    else:
+        from splice.evaluation.tasks import build_function_names, function_name_template
+
+        rows = build_function_names()[args.split][: args.samples]
+        template, task, source = function_name_template(), function_names_task(), f"{args.split} functions"
+    model, tokenizer = load(args)
+    device = next(model.parameters()).device
+
+    def loss(model: Any, examples: Any) -> float:
+        return validation_loss(model, examples, batch_size=args.batch_size, pad_id=tokenizer.pad_token_id,
+                               device=device)
+
+    report = evaluate_rows(model, tokenizer, rows, template=template, task=task, loss=loss,
+                           max_length=args.max_length, samples=args.samples,
+                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    print(f"{source}: {len(rows)} rows, {min(args.samples, len(rows))} scored by generation")
+    print(compare_table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"data": source, "rows": len(rows), **report}, indent=1) + "\n")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from splice.data.preview import preview_rows
+    from splice.data.rows import read_rows
+    from splice.models.loading import load_tokenizer
+
+    rows = read_rows(args.file)
+    template = data_template(args, rows, args.file)
+    tokenizer = load_tokenizer(args.model)
+    color = sys.stdout.isatty() if args.color is None else args.color
+    print(preview_rows(rows, tokenizer, template=template, max_length=args.max_length,
+                       train_on_prompt=args.train_on_prompt, count=args.rows, color=color, tokens=args.tokens))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from splice.export.gguf import export_gguf, export_lora_gguf
+
+    out = Path(args.output)
+    if args.adapter_only:
+        if not args.adapter:
+            raise ValueError("--adapter-only needs --adapter DIR (the adapter to write as a GGUF LoRA)")
+        model, _ = load(argparse.Namespace(model=args.model, adapter=None, device="cpu"))
+        written = export_lora_gguf(model, args.adapter, out, outtype=args.outtype)
+    else:
+        model, tokenizer = load(argparse.Namespace(model=args.model, adapter=args.adapter, device="cpu"))
+        if args.adapter:
+            from splice.lora.apply import merge
+
+            merge(model, unload=True)
+        written = export_gguf(model, tokenizer, out, outtype=args.outtype)
+    print(f"{'GGUF LoRA adapter' if args.adapter_only else 'GGUF model'} written to {written}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from splice.lora.apply import merge
+
+    out = Path(args.output)
+    new_dir(out, "--output")
+    args.dequantize = True  # a QLoRA adapter merges into the dequantized (not the original) base
+    model, tokenizer = load(args)
+    merge(model, unload=True)
+    if args.quantize:
+        import torch
+
+        model.to(torch.bfloat16)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    print(f"merged model written to {out} (a plain Hugging Face checkpoint)")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from splice.serve.server import parse_adapters, serve
+
+    adapters = parse_adapters(list(args.adapter or []))  # bad specs fail before the model loads
+    serve(args.model, adapters=adapters, host=args.host, port=args.port, device=args.device,
+          dtype=args.dtype, model_name=args.name, max_batch=args.max_batch, max_len=args.max_len,
+          gpu_adapters=args.gpu_adapters, max_lora_rank=args.max_lora_rank)
+    return 0
