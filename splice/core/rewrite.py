@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 __all__ = [
     "Around",
@@ -39,6 +39,7 @@ __all__ = [
     "rewritten_nodes",
     "share_state",
     "unrewrite",
+    "weight_of",
 ]
 
 def kind_of(module: nn.Module) -> str:
@@ -119,6 +120,14 @@ class Around(nn.Module):
 
     def extra_repr(self) -> str:
         return "" if "fn" in self._modules else f"fn={self._plain_fn!r}"
+
+
+def weight_of(module: nn.Module) -> Tensor:
+    """``module.weight`` as a tensor (typed: ``nn.Module.__getattr__`` could return a module)."""
+    weight = module.weight
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"{type(module).__name__}.weight is a {type(weight).__name__}, not a tensor")
+    return weight
 
 
 def innermost(module: nn.Module) -> nn.Module:

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from splice.core.context import is_causal_only
-from splice.core.rewrite import Around, share_state
+from splice.core.rewrite import Around, share_state, weight_of
 from splice.kernels.dropout import new_keys
 from splice.kernels.lora_linear import lora_linear, lora_u
 from splice.kernels.rmsnorm import rms_norm
@@ -134,8 +134,10 @@ class FusedLoraLinear(Around):
             elif (record := stash.active(replay=False)) is not None:
                 u = lora_u(x, lora.lora_A.weight, dropout_p=p, keys=keys)
                 record.put(u)
+            bias = self.base.bias
             return lora_linear(
-                x, self.base.weight, self.base.bias, lora.lora_A.weight, lora.lora_B.weight,
+                x, weight_of(self.base), bias if isinstance(bias, Tensor) else None,
+                lora.lora_A.weight, lora.lora_B.weight,
                 scale=lora.scale, dropout_p=p, keys=keys, output=output, u=u,
             )
 

@@ -102,7 +102,7 @@ def multi_lora(
 if triton is not None:
 
     @triton.jit
-    def _bgmv_shrink(x_ptr, a_ptr, u_ptr, slot_ptr, K, R: tl.constexpr, BLOCK_K: tl.constexpr):  # type: ignore[no-untyped-def]
+    def _bgmv_shrink(x_ptr, a_ptr, u_ptr, slot_ptr, K, R: tl.constexpr, BLOCK_K: tl.constexpr):
         # u[t, :] = A[slot] @ x[t]: (R, K) @ (K,), fp32 accumulation
         t = tl.program_id(0)
         slot = tl.load(slot_ptr + t)
@@ -118,7 +118,7 @@ if triton is not None:
             tl.store(u_ptr + t * R + rr, acc)
 
     @triton.jit
-    def _bgmv_expand(u_ptr, b_ptr, y_ptr, slot_ptr, N, R: tl.constexpr, BLOCK_N: tl.constexpr):  # type: ignore[no-untyped-def]
+    def _bgmv_expand(u_ptr, b_ptr, y_ptr, slot_ptr, N, R: tl.constexpr, BLOCK_N: tl.constexpr):
         # y[t, n-block] += B[slot][n-block] @ u[t]: (BLOCK_N, R) @ (R,)
         t = tl.program_id(0)
         slot = tl.load(slot_ptr + t)
@@ -134,7 +134,7 @@ if triton is not None:
             tl.store(y_at, (y.to(tl.float32) + delta).to(y.dtype), mask=nn < N)
 
     @triton.jit
-    def _sgmv_shrink(x_ptr, a_ptr, u_ptr, slot_ptr, K, L, R: tl.constexpr,  # type: ignore[no-untyped-def]
+    def _sgmv_shrink(x_ptr, a_ptr, u_ptr, slot_ptr, K, L, R: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
         # u[row tokens m-block, :] = x[m-block] @ A[slot]^T: (BLOCK_M, K) @ (K, R)
         row, mb = tl.program_id(0), tl.program_id(1)
@@ -157,7 +157,7 @@ if triton is not None:
             tl.store(u_ptr + tok[:, None] * R + rr[None, :], acc, mask=mm[:, None] < L)
 
     @triton.jit
-    def _sgmv_expand(u_ptr, b_ptr, y_ptr, slot_ptr, N, L, R: tl.constexpr,  # type: ignore[no-untyped-def]
+    def _sgmv_expand(u_ptr, b_ptr, y_ptr, slot_ptr, N, L, R: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
         # y[m-block, n-block] += u[m-block] @ B[slot][n-block]^T: (BLOCK_M, R) @ (R, BLOCK_N)
         row, mb, nb = tl.program_id(0), tl.program_id(1), tl.program_id(2)

@@ -93,7 +93,7 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _dequant_nf4_kernel(packed_ptr, absmax_ptr, qabsmax_ptr, scale2_ptr, offset_ptr, code_ptr,  # type: ignore[no-untyped-def]
+    def _dequant_nf4_kernel(packed_ptr, absmax_ptr, qabsmax_ptr, scale2_ptr, offset_ptr, code_ptr,
                             code2_ptr, out_ptr, n, n_bytes,
                             BLOCK_SIZE: tl.constexpr, DOUBLE: tl.constexpr, BLOCK: tl.constexpr):
         # One program: BLOCK packed bytes -> 2 * BLOCK output values, stored contiguously.

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from splice.core.family import is_conv1d
 from splice.core.progress import progress
-from splice.core.rewrite import Around, Node, innermost, rewrite, rewritten_nodes, unrewrite
+from splice.core.rewrite import Around, Node, innermost, rewrite, rewritten_nodes, unrewrite, weight_of
 from splice.core.targets import target_matcher
 from splice.lora.dora_layers import DoraConv2d, DoraLinear, _DoraLayer
 from splice.lora.init import from_weight, init_factors, init_name
@@ -39,7 +40,7 @@ def _build(node: Node, config: LoraConfig) -> LoraLayer:
                 "adapter another LoraConfig.name, or remove the old one (splice.unrewrite)"
             )
         module = module.base
-    hyper = dict(rank=config.rank_for(node.name), alpha=config.alpha_for(node.name),
+    hyper: dict[str, Any] = dict(rank=config.rank_for(node.name), alpha=config.alpha_for(node.name),
                  rslora=config.rslora, dtype=dtype, name=config.name)
     if from_weight(init_name(config.init)) and not (node.kind == "linear" or is_conv1d(base)):
         raise TypeError(
@@ -49,16 +50,16 @@ def _build(node: Node, config: LoraConfig) -> LoraLayer:
     if config.use_dora:
         return _build_dora(node, config, hyper, device)
     if is_conv1d(base):  # GPT-2: weight is (in, out)
-        n_in, n_out = base.weight.shape
+        n_in, n_out = weight_of(base).shape
         return LoraLinear(n_in, n_out, dropout=config.dropout, fan_in_fan_out=True,
                           device=device, **hyper)
     if node.kind == "linear":
-        return LoraLinear(base.in_features, base.out_features, dropout=config.dropout,
+        return LoraLinear(cast(nn.Linear, base).in_features, cast(nn.Linear, base).out_features, dropout=config.dropout,
                           device=device, **hyper)
     if node.kind == "embedding":
-        return LoraEmbedding(base, **hyper)
+        return LoraEmbedding(cast(nn.Embedding, base), **hyper)
     if node.kind == "conv2d":
-        return LoraConv2d(base, dropout=config.dropout, **hyper)
+        return LoraConv2d(cast(nn.Conv2d, base), dropout=config.dropout, **hyper)
     raise TypeError(
         f"LoRA cannot adapt {node.name!r} of kind {node.kind!r} ({type(base).__name__}): "
         "supported are linear, GPT-2 Conv1D, embedding and conv2d; narrow LoraConfig.targets"
@@ -174,7 +175,7 @@ def unmerge(model: nn.Module) -> list[str]:
     return [name for name, _, _ in found]
 
 
-def _build_dora(node: Node, config: LoraConfig, hyper: dict, device: torch.device | None) -> LoraLayer:
+def _build_dora(node: Node, config: LoraConfig, hyper: dict[str, Any], device: torch.device | None) -> LoraLayer:
     base = node.original
     weight = getattr(base, "weight", None)
     if not isinstance(weight, Tensor) or not weight.is_floating_point():
@@ -182,13 +183,13 @@ def _build_dora(node: Node, config: LoraConfig, hyper: dict, device: torch.devic
             f"DoRA needs a float base weight at {node.name!r} ({type(base).__name__}): add the adapter "
             "before quantizing, or use plain LoRA (use_dora=False) on a quantized model"
         )
-    if type(base).__name__ == "Conv1D":  # GPT-2: weight is (in, out)
+    if is_conv1d(base):  # GPT-2: weight is (in, out)
         n_in, n_out = weight.shape
         return DoraLinear(base, n_in, n_out, dropout=config.dropout, fan_in_fan_out=True, device=device, **hyper)
     if node.kind == "linear":
-        return DoraLinear(base, base.in_features, base.out_features, dropout=config.dropout, device=device, **hyper)
+        return DoraLinear(base, cast(nn.Linear, base).in_features, cast(nn.Linear, base).out_features, dropout=config.dropout, device=device, **hyper)
     if node.kind == "conv2d":
-        return DoraConv2d(base, dropout=config.dropout, **hyper)
+        return DoraConv2d(cast(nn.Conv2d, base), dropout=config.dropout, **hyper)
     raise TypeError(
         f"DoRA cannot adapt {node.name!r} of kind {node.kind!r} ({type(base).__name__}): supported are "
         "linear, GPT-2 Conv1D and conv2d; narrow LoraConfig.targets or set use_dora=False"
@@ -213,7 +214,7 @@ def _initialize(model: nn.Module, name: str, method: str, paths: set[str]) -> No
             else:
                 base = innermost(wrapper)
                 transposed = getattr(layer, "fan_in_fan_out", False)
-                weight = base.weight.T if transposed else base.weight
+                weight = weight_of(base).T if transposed else weight_of(base)
                 a, b, residual = init_factors(weight, rank=layer.rank, scale=layer.scale, method=method)
                 a_weight.copy_(a)
                 b_weight.copy_(b)

@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from splice.core.rewrite import weight_of
 from splice.kernels.dora import dora_linear
 from splice.lora.dora import conv_delta, dora_extra, merged_weight, unmerged_weight, weight_norm
-from splice.lora.layers import LoraLayer
+from splice.lora.layers import LoraLayer, conv_padding, conv_pair
 from splice.lora.routing import current_route
 
 __all__ = ["DoraConv2d", "DoraLinear"]
@@ -33,7 +34,7 @@ class _DoraLayer(LoraLayer):
 
     @property
     def base_weight(self) -> Tensor:
-        return self.__dict__["base_layer"].weight  # type: ignore[no-any-return]
+        return self.__dict__["base_layer"].weight
 
     def weight_norm(self) -> Tensor:  # pragma: no cover - per layer kind
         raise NotImplementedError
@@ -58,7 +59,7 @@ class _DoraLayer(LoraLayer):
         self._check_float(base)
         norm = self.weight_norm()
         with torch.no_grad():
-            base.weight.copy_(merged_weight(base.weight, self.delta_weight(), self.factor(norm)))
+            weight_of(base).copy_(merged_weight(weight_of(base), self.delta_weight(), self.factor(norm)))
         self.merged_norm = norm
         self.merged = True
         return True
@@ -67,7 +68,8 @@ class _DoraLayer(LoraLayer):
         if not self.merged or self.merged_norm is None:
             return False
         with torch.no_grad():
-            base.weight.copy_(unmerged_weight(base.weight, self.delta_weight(), self.factor(self.merged_norm)))
+            weight_of(base).copy_(unmerged_weight(weight_of(base), self.delta_weight(),
+                                                  self.factor(self.merged_norm)))
         self.merged_norm = None
         self.merged = False
         return True
@@ -154,8 +156,9 @@ class DoraConv2d(_DoraLayer):
         super().__init__(rank=rank, alpha=alpha, rslora=rslora, dropout=dropout, name=name)
         device = base.weight.device
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_A = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding,
-                                dilation=base.dilation, bias=False, dtype=dtype, device=device)
+        self.lora_A = nn.Conv2d(base.in_channels, rank, conv_pair(base.kernel_size), conv_pair(base.stride),
+                                conv_padding(base.padding), dilation=conv_pair(base.dilation), bias=False,
+                                dtype=dtype, device=device)
         self.lora_B = nn.Conv2d(rank, base.out_channels, 1, bias=False, dtype=dtype, device=device)
         self._init_ab()
         self._attach(base, (1, base.out_channels, 1, 1), dtype, device)

@@ -20,12 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from splice.core.rewrite import Around
+from splice.core.rewrite import Around, weight_of
 from splice.core.targets import Targets
 from splice.lora.init import init_name
 from splice.lora.routing import check_rows, current_route
 
-__all__ = ["LoraConfig", "LoraConv2d", "LoraEmbedding", "LoraLayer", "LoraLinear", "is_lora_wrapper"]
+__all__ = ["LoraConfig", "LoraConv2d", "LoraEmbedding", "LoraLayer", "LoraLinear", "conv_pair", "conv_padding",
+           "is_lora_wrapper"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,8 +81,23 @@ def _pattern_value(pattern: dict, name: str, default):  # type: ignore[no-untype
     return default
 
 
+def conv_pair(value: tuple[int, ...]) -> tuple[int, int]:
+    """A Conv2d's (h, w) parameter, typed as the constructor takes it."""
+    return (value[0], value[1])
+
+
+def conv_padding(value: str | tuple[int, ...]) -> str | tuple[int, int]:
+    return value if isinstance(value, str) else conv_pair(value)
+
+
 class LoraLayer(nn.Module):
     """Base of every LoRA rewriter: its hyper-parameters and whether it is merged into ``base``."""
+
+    # Set by the layer kinds that have them: linears (nn.Linear) and convolutions (nn.Conv2d).
+    lora_A: nn.Linear | nn.Conv2d
+    lora_B: nn.Linear | nn.Conv2d
+    dropout: nn.Module
+    init: str  # the initialisation the adapter started from (default, pissa, olora, ...)
 
     def __init__(self, *, rank: int, alpha: float, rslora: bool, dropout: float,
                  name: str = "default") -> None:
@@ -163,7 +179,7 @@ class LoraLayer(nn.Module):
         initial_a, initial_b = getattr(self, "initial_A", None), getattr(self, "initial_B", None)
         if isinstance(initial_a, Tensor) and isinstance(initial_b, Tensor):  # PiSSA/OLoRA: W = W_res + s B0 A0
             initial = self.scale * (initial_b.float() @ initial_a.float())
-            weight = base.weight.T if getattr(self, "fan_in_fan_out", False) else base.weight
+            weight = weight_of(base).T if getattr(self, "fan_in_fan_out", False) else weight_of(base)
             with torch.no_grad():
                 weight.copy_((weight.float() + initial).to(weight.dtype))
 
@@ -258,8 +274,8 @@ class LoraConv2d(LoraLayer):
         device = base.weight.device
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Conv2d(
-            base.in_channels, rank, base.kernel_size, base.stride, base.padding,
-            dilation=base.dilation, bias=False, dtype=dtype, device=device,
+            base.in_channels, rank, conv_pair(base.kernel_size), conv_pair(base.stride), conv_padding(base.padding),
+            dilation=conv_pair(base.dilation), bias=False, dtype=dtype, device=device,
         )
         self.lora_B = nn.Conv2d(rank, base.out_channels, 1, bias=False, dtype=dtype, device=device)
         self._init_ab()

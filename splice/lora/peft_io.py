@@ -15,6 +15,7 @@ import json
 import re
 from collections import Counter
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from safetensors import SafetensorError
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 from splice.core.errors import UsageError, one_line
 from splice.core.family import is_conv1d
 from splice.core.io import atomic_file
-from splice.core.rewrite import unrewrite
+from splice.core.rewrite import Around, unrewrite, weight_of
 from splice.lora.apply import adapter_names, add_lora, lora_modules
 from splice.lora.dora_layers import DoraConv2d, DoraLinear
 from splice.lora.init import from_weight, to_plain_lora
@@ -55,7 +56,9 @@ def _tensors(path: str, layer: LoraLayer, *, convert: bool = False) -> dict[str,
         }
     a, b = layer.lora_A.weight, layer.lora_B.weight
     if convert:
-        a, b = to_plain_lora(a.detach(), b.detach(), layer.initial_A, layer.initial_B)
+        initial_a, initial_b = layer.initial_A, layer.initial_B
+        assert isinstance(initial_a, Tensor) and isinstance(initial_b, Tensor)
+        a, b = to_plain_lora(a.detach(), b.detach(), initial_a, initial_b)
     tensors = {f"{_PREFIX}{path}.lora_A.weight": a, f"{_PREFIX}{path}.lora_B.weight": b}
     if isinstance(layer, (DoraLinear, DoraConv2d)):
         tensors[f"{_PREFIX}{path}.lora_magnitude_vector"] = layer.lora_magnitude_vector
@@ -129,7 +132,7 @@ def save_adapter(
     for path, _, layer in found:
         tensors.update(_tensors(path, layer, convert=convert_to_lora))
     dropouts = Counter(layer.dropout_p for layer in layers)
-    config = {
+    config: dict[str, Any] = {
         "peft_type": "LORA",
         "task_type": task_type,
         "base_model_name_or_path": base_model,
@@ -267,9 +270,10 @@ def _base_shape(module: nn.Module) -> tuple[int, int] | None:
     while hasattr(module, "base") and isinstance(module.base, nn.Module):
         module = module.base  # through rewrite wrappers
     if is_conv1d(module):
-        return tuple(module.weight.shape)
+        n_in, n_out = weight_of(module).shape
+        return int(n_in), int(n_out)
     if hasattr(module, "in_features") and hasattr(module, "out_features"):
-        return module.in_features, module.out_features
+        return int(cast(nn.Linear, module).in_features), int(cast(nn.Linear, module).out_features)
     if isinstance(module, nn.Embedding):
         return module.num_embeddings, module.embedding_dim
     if isinstance(module, nn.Conv2d):
@@ -293,11 +297,11 @@ def _shape_problems(path: str, module: nn.Module, parts: dict[str, Tensor]) -> l
             return [f"{path}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit "
                     f"in={n_in} out={n_out}"]
         return []
-    a, b = parts.get("lora_embedding_A"), parts.get("lora_embedding_B")
-    if a is None or b is None:
+    emb_a, emb_b = parts.get("lora_embedding_A"), parts.get("lora_embedding_B")
+    if emb_a is None or emb_b is None:
         return [f"{path}: lora_embedding_A/B incomplete"]
-    if a.shape[1] != n_in or b.shape[0] != n_out or a.shape[0] != b.shape[1]:
-        return [f"{path}: embedding A {tuple(a.shape)} / B {tuple(b.shape)} do not fit "
+    if emb_a.shape[1] != n_in or emb_b.shape[0] != n_out or emb_a.shape[0] != emb_b.shape[1]:
+        return [f"{path}: embedding A {tuple(emb_a.shape)} / B {tuple(emb_b.shape)} do not fit "
                 f"num={n_in} dim={n_out}"]
     return []
 
@@ -321,7 +325,7 @@ def load_adapter(
         raise AdapterError(f"{directory}: use_dora is {use_dora} but {unfit[0]} "
                            f"{'lacks' if use_dora else 'has'} a lora_magnitude_vector: a damaged adapter")
     init = config.get("init_lora_weights", True)
-    ranks = {p: (t.get("lora_A", t.get("lora_embedding_A"))).shape[0] for p, t in by_path.items()}
+    ranks = {p: (t["lora_A"] if "lora_A" in t else t["lora_embedding_A"]).shape[0] for p, t in by_path.items()}
     alpha_pattern = config.get("alpha_pattern") or {}
     lora_config = LoraConfig(
         rank=int(config.get("r", 8)),
@@ -346,11 +350,11 @@ def load_adapter(
             with torch.no_grad():
                 for part, value in parts.items():
                     param = getattr(layer, part)
-                    param = param.weight if isinstance(param, nn.Module) else param
+                    param = weight_of(param) if isinstance(param, nn.Module) else param
                     param.copy_(value.to(param.dtype).reshape(param.shape))
     except Exception:
         loaded = set(names)
         unrewrite(model, select=lambda n: n.name in loaded,
-                  layer=lambda m: is_lora_wrapper(m) and m.rewriter.name == name)
+                  layer=lambda m: is_lora_wrapper(m) and getattr(cast(Around, m).rewriter, "name", None) == name)
         raise
     return names

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from splice.core.errors import RunError, one_line
+from splice.core.rewrite import weight_of
 from splice.lora.apply import lora_modules
 from splice.lora.peft_io import save_adapter
 
@@ -168,7 +169,7 @@ def _load(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                     "no LoRA on: resume with the same model and LoRA settings as the run"
                 )
             target = getattr(layer, part)
-            target = target.weight if isinstance(target, nn.Module) else target
+            target = weight_of(target) if isinstance(target, nn.Module) else target
             target.copy_(value)
     names = {name: p for name, p in model.named_parameters() if p.requires_grad}
     tensors = load_file(str(path / "optimizer.safetensors"))
