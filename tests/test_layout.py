@@ -127,3 +127,16 @@ def test_facade_names_are_stable(name: str) -> None:
     module = __import__(f"splice.{splice._EXPORTS[name]}", fromlist=[name])
     assert getattr(splice, name) is first is getattr(module, name)
     assert not isinstance(first, type(splice)), f"splice.{name} is a module"
+
+
+def test_tests_share_helpers_through_tests_tiny_only() -> None:
+    """Tests import shared models and helpers from tests/tiny.py, never from a sibling test file
+    or from conftest.py (pytest loads those itself)."""
+    bad = []
+    for path in (ROOT.parent / "tests").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tests."):
+                leaf = node.module.rsplit(".", 1)[-1]
+                if leaf.startswith("test_") or leaf == "conftest":
+                    bad.append(f"{path.relative_to(ROOT.parent)}: from {node.module}")
+    assert not bad, bad

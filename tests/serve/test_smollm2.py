@@ -18,7 +18,7 @@ from splice.lora.peft_io import load_adapter, save_adapter
 from splice.models.loading import default_model_path, load_model
 from splice.serve.app import build_app
 from splice.serve.service import Service
-from tests.serve.test_app import _free_port
+from tests.tiny import free_port
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -40,7 +40,7 @@ def test_smollm2_served_with_two_adapters(tmp_path: Path) -> None:
     model, tokenizer = load_model()
     service = Service(model, tokenizer, model_name="smollm2", adapters={n: tmp_path / n for n in ("small", "wide")},
                       max_batch=4, max_len=256, gpu_adapters=1)
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(build_app(service), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
