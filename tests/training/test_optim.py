@@ -73,7 +73,7 @@ def test_bad_ratio() -> None:
 def tiny_run(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     import json
 
-    from tests.conftest import build_tiny_llama, build_tiny_tokenizer
+    from tests.tiny import build_tiny_llama, build_tiny_tokenizer
 
     root = tmp_path_factory.mktemp("variants")
     tokenizer = build_tiny_tokenizer()
