@@ -46,6 +46,16 @@ _EXPORTS = {
     "lm_head_params": "training.loss",
     "generate": "generation.generate",
     "build_function_names": "evaluation.tasks", "name_metrics": "evaluation.tasks",
+    # errors
+    "SpliceError": "core.errors", "UsageError": "core.errors", "RunError": "core.errors",
+    # QLoRA and big models
+    "NF4Tensor": "quant.nf4", "load_quantized": "models.streaming", "random_quantized": "models.streaming",
+    # LoRA variants
+    "DoraLinear": "lora.dora_layers", "DoraConv2d": "lora.dora_layers",
+    # serving: the decode engine and the OpenAI-compatible server
+    "Engine": "generation.engine", "SamplingParams": "generation.engine", "serve": "serve.server",
+    # export
+    "export_gguf": "export.gguf", "export_lora_gguf": "export.gguf",
 }
 # Old names kept working (with a warning): name -> (new name, module)
 _RENAMED = {"accelerate": ("fuse", "fused.apply"), "decelerate": ("unfuse", "fused.apply")}
@@ -80,7 +90,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from splice.data.batching import batches
     from splice.data.rows import ChatTemplate, PromptTemplate, read_rows, split_rows, tokenize_rows
     from splice.evaluation.tasks import build_function_names, name_metrics
+    from splice.export.gguf import export_gguf, export_lora_gguf
     from splice.fused.apply import fuse, unfuse
+    from splice.generation.engine import Engine, SamplingParams
     from splice.generation.generate import generate
     from splice.lora.apply import (
         adapter_names,
@@ -91,12 +103,16 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         unmerge,
         use_adapters,
     )
+    from splice.lora.dora_layers import DoraConv2d, DoraLinear
     from splice.lora.freeze import TrainableSummary, freeze, trainable_summary
     from splice.lora.layers import LoraConfig
     from splice.lora.peft_io import load_adapter, save_adapter
     from splice.memory.checkpointing import checkpoint_layers
     from splice.models.loading import load_model
+    from splice.models.streaming import load_quantized, random_quantized
     from splice.quant.linear import quantize_int8, quantize_nf4
+    from splice.quant.nf4 import NF4Tensor
+    from splice.serve.server import serve
     from splice.training.config import TrainConfig
     from splice.training.loop import train
     from splice.training.loss import causal_lm_loss, lm_head_params, model_hidden_states
