@@ -23,9 +23,7 @@ import json
 import math
 import platform
 import random
-import socket
 import statistics
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -193,11 +191,6 @@ def part_peft(args: argparse.Namespace, model: torch.nn.Module) -> list[dict]:
     return rows
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 async def _poisson_load(url: str, args: argparse.Namespace, count: int, prompt: str) -> tuple[list[float], float]:
     """Open-loop arrivals at ``args.rate``/s spread over ``count`` adapters; latencies and wall time."""
@@ -229,9 +222,7 @@ def _remove_sites(model: torch.nn.Module) -> None:
 
 
 def http_run(args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any, count: int) -> dict:
-    import uvicorn
-
-    from splice.serve.app import build_app
+    from splice.serve.server import running
     from splice.serve.service import Service
 
     service = Service(model, tokenizer, model_name="base", max_batch=args.batch, max_len=512,
@@ -242,18 +233,11 @@ def http_run(args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any, c
         service.host[adapter.name] = adapter
         service.engine.adapters[adapter.name] = adapter
     service.engine.eos = set()
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(service), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
     words = " ".join(f"t{random.Random(count).randrange(3, 1000)}" for _ in range(args.prompt_len))
     try:
-        latencies, wall = asyncio.run(_poisson_load(f"http://127.0.0.1:{port}/v1", args, count, words))
+        with running(service) as url:
+            latencies, wall = asyncio.run(_poisson_load(url, args, count, words))
     finally:
-        server.should_exit = True
-        thread.join(timeout=60)
         _remove_sites(model)
     latencies.sort()
     row = {"part": "http", "adapters": count, "requests": args.http_requests, "rate_per_s": args.rate,

@@ -52,8 +52,8 @@ _EXPORTS = {
     "NF4Tensor": "quant.nf4", "load_quantized": "models.streaming", "random_quantized": "models.streaming",
     # LoRA variants
     "DoraLinear": "lora.dora_layers", "DoraConv2d": "lora.dora_layers",
-    # serving: the decode engine and the OpenAI-compatible server
-    "Engine": "generation.engine", "SamplingParams": "generation.engine", "serve": "serve.server",
+    # serving: the decode engine (the server is `splice serve`; splice.serve is its package)
+    "Engine": "generation.engine", "SamplingParams": "generation.engine",
     # export
     "export_gguf": "export.gguf", "export_lora_gguf": "export.gguf",
 }
@@ -112,7 +112,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from splice.models.streaming import load_quantized, random_quantized
     from splice.quant.linear import quantize_int8, quantize_nf4
     from splice.quant.nf4 import NF4Tensor
-    from splice.serve.server import serve
     from splice.training.config import TrainConfig
     from splice.training.loop import train
     from splice.training.loss import causal_lm_loss, lm_head_params, model_hidden_states

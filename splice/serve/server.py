@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -9,8 +13,9 @@ import torch
 from splice.models.loading import load_model
 from splice.serve.app import build_app
 from splice.serve.service import Service
+from splice.training.setup import resolve_device
 
-__all__ = ["parse_adapters", "serve"]
+__all__ = ["parse_adapters", "running", "serve"]
 
 
 def parse_adapters(specs: list[str]) -> dict[str, Path]:
@@ -35,9 +40,9 @@ def serve(model: str | None, *, adapters: dict[str, Path], host: str = "127.0.0.
           max_len: int = 1024, gpu_adapters: int = 8, max_lora_rank: int = 64) -> None:
     import uvicorn
 
-    resolved = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    resolved = resolve_device(device)
     if dtype == "auto":
-        torch_dtype = torch.bfloat16 if resolved.startswith("cuda") else torch.float32
+        torch_dtype = torch.bfloat16 if resolved.type == "cuda" else torch.float32
     else:
         torch_dtype = getattr(torch, dtype)
     base, tokenizer = load_model(model, dtype=torch_dtype, device=resolved)
@@ -47,3 +52,27 @@ def serve(model: str | None, *, adapters: dict[str, Path], host: str = "127.0.0.
                       gpu_adapters=gpu_adapters, max_lora_rank=max_lora_rank)
     print(f"splice serve: {name} with adapters {sorted(adapters) or 'none'} on http://{host}:{port}/v1", flush=True)
     uvicorn.run(build_app(service), host=host, port=port, log_level="warning")
+
+
+@contextlib.contextmanager
+def running(service: Service, *, host: str = "127.0.0.1", port: int = 0, timeout_s: float = 30.0) -> Iterator[str]:
+    """``service``'s OpenAI-compatible app on uvicorn in a background thread for the length of the
+    block (tests, benchmarks, notebooks); yields the base URL ``http://host:port/v1``. ``port=0``
+    takes a free port."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(build_app(service), host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError(f"the server on {host}:{port} did not start within {timeout_s:.0f} s")
+        time.sleep(0.025)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{bound}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)

@@ -9,7 +9,8 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from tests.distributed.ranks import REPO, free_port, kill
+from tests.distributed.ranks import REPO, kill
+from tests.tiny import free_port
 
 
 @pytest.mark.slow

@@ -14,16 +14,15 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from splice.generation.generate import generate
 from splice.lora.apply import add_lora
 from splice.lora.layers import LoraConfig
 from splice.lora.peft_io import load_adapter, save_adapter
-from splice.serve.app import build_app
+from splice.serve.server import running
 from splice.serve.service import Service
 from tests import tiny
-from tests.tiny import build_tiny_llama, build_tiny_tokenizer, free_port
+from tests.tiny import build_tiny_llama, build_tiny_tokenizer
 
 ADAPTERS = {"alpha": (("q_proj", "v_proj"), 4, 11), "beta": ("all-linear", 8, 12), "gamma": (("o_proj",), 4, 13)}
 PROMPT = "the cat sat on"
@@ -34,28 +33,11 @@ def _base() -> Any:
 
 
 class Server:
-    def __init__(self, folder: Path) -> None:
-        self.folder, self.tokenizer = folder, build_tiny_tokenizer()
-        self.service = Service(_base(), self.tokenizer, model_name="tiny",
-                               adapters={n: folder / n for n in ("alpha", "beta")},
-                               max_batch=8, max_len=256, gpu_adapters=2, max_waiting=64)
-        self.port = free_port()
-        config = uvicorn.Config(build_app(self.service), host="127.0.0.1", port=self.port, log_level="warning")
-        self.uvicorn = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
-        self.url = f"http://127.0.0.1:{self.port}/v1"
+    """The tiny model with adapters alpha and beta, served at ``url`` (see :func:`running`)."""
 
-    def __enter__(self) -> Server:
-        self.thread.start()
-        for _ in range(400):
-            if self.uvicorn.started:
-                return self
-            time.sleep(0.025)
-        raise RuntimeError("the server did not start")
-
-    def __exit__(self, *exc: object) -> None:
-        self.uvicorn.should_exit = True
-        self.thread.join(timeout=30)
+    def __init__(self, folder: Path, url: str, service: Service) -> None:
+        self.folder, self.url, self.service = folder, url, service
+        self.tokenizer = service.tokenizer
 
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url, api_key="unused", max_retries=0)
@@ -75,8 +57,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         add_lora(model, LoraConfig(name=name, targets=targets, rank=rank))
         tiny.randomize_lora(model, seed=seed)
         save_adapter(model, folder / name, name=name)
-    with Server(folder) as running:
-        yield running
+    service = Service(_base(), build_tiny_tokenizer(), model_name="tiny",
+                      adapters={n: folder / n for n in ("alpha", "beta")},
+                      max_batch=8, max_len=256, gpu_adapters=2, max_waiting=64)
+    with running(service) as url:
+        yield Server(folder, url, service)
 
 
 def test_models_lists_the_base_and_the_adapters(server: Server) -> None:

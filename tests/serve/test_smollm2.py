@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 
 import openai
 import pytest
 import torch
-import uvicorn
 
 from splice.generation.generate import generate
 from splice.lora.apply import add_lora, lora_modules
 from splice.lora.layers import LoraConfig
 from splice.lora.peft_io import load_adapter, save_adapter
 from splice.models.loading import default_model_path, load_model
-from splice.serve.app import build_app
+from splice.serve.server import running
 from splice.serve.service import Service
-from tests.tiny import free_port
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -40,14 +36,8 @@ def test_smollm2_served_with_two_adapters(tmp_path: Path) -> None:
     model, tokenizer = load_model()
     service = Service(model, tokenizer, model_name="smollm2", adapters={n: tmp_path / n for n in ("small", "wide")},
                       max_batch=4, max_len=256, gpu_adapters=1)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(service), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+    with running(service) as url:
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
         base = client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=12, temperature=0)
         assert "Paris" in (base.choices[0].message.content or "")
         prompt = tokenizer.apply_chat_template(QUESTION, tokenize=False, add_generation_prompt=True)
@@ -57,6 +47,3 @@ def test_smollm2_served_with_two_adapters(tmp_path: Path) -> None:
             want = generate(alone, tokenizer, prompt, max_new_tokens=12)[0]
             got = client.completions.create(model=name, prompt=prompt, max_tokens=12, temperature=0)
             assert got.choices[0].text == want, name
-    finally:
-        server.should_exit = True
-        thread.join(timeout=60)
