@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from splice.core.rewrite import weight_of
 from splice.kernels.dora import dora_linear
 from splice.lora.dora import conv_delta, dora_extra, merged_weight, unmerged_weight, weight_norm
-from splice.lora.layers import LoraLayer, conv_padding, conv_pair
+from splice.lora.layers import LoraLayer
 from splice.lora.routing import current_route
 
 __all__ = ["DoraConv2d", "DoraLinear"]
@@ -91,10 +91,7 @@ class DoraLinear(_DoraLayer):
                  name: str = "default") -> None:
         super().__init__(rank=rank, alpha=alpha, rslora=rslora, dropout=dropout, name=name)
         self.fan_in_fan_out = fan_in_fan_out
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_A = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
-        self.lora_B = nn.Linear(rank, out_features, bias=False, dtype=dtype, device=device)
-        self._init_ab()
+        self._linear_factors(in_features, out_features, dtype=dtype, device=device)
         self._attach(base, (out_features,), dtype, device)
 
     def _weight(self) -> Tensor:
@@ -155,12 +152,7 @@ class DoraConv2d(_DoraLayer):
             raise ValueError("DoRA on a grouped Conv2d is not supported (groups must be 1)")
         super().__init__(rank=rank, alpha=alpha, rslora=rslora, dropout=dropout, name=name)
         device = base.weight.device
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_A = nn.Conv2d(base.in_channels, rank, conv_pair(base.kernel_size), conv_pair(base.stride),
-                                conv_padding(base.padding), dilation=conv_pair(base.dilation), bias=False,
-                                dtype=dtype, device=device)
-        self.lora_B = nn.Conv2d(rank, base.out_channels, 1, bias=False, dtype=dtype, device=device)
-        self._init_ab()
+        self._conv_factors(base, dtype=dtype)
         self._attach(base, (1, base.out_channels, 1, 1), dtype, device)
 
     def delta_weight(self) -> Tensor:

@@ -25,8 +25,7 @@ from splice.core.targets import Targets
 from splice.lora.init import init_name
 from splice.lora.routing import check_rows, current_route
 
-__all__ = ["LoraConfig", "LoraConv2d", "LoraEmbedding", "LoraLayer", "LoraLinear", "conv_pair", "conv_padding",
-           "is_lora_wrapper"]
+__all__ = ["LoraConfig", "LoraConv2d", "LoraEmbedding", "LoraLayer", "LoraLinear", "is_lora_wrapper"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,13 +80,13 @@ def _pattern_value(pattern: dict, name: str, default):  # type: ignore[no-untype
     return default
 
 
-def conv_pair(value: tuple[int, ...]) -> tuple[int, int]:
+def _pair(value: tuple[int, ...]) -> tuple[int, int]:
     """A Conv2d's (h, w) parameter, typed as the constructor takes it."""
     return (value[0], value[1])
 
 
-def conv_padding(value: str | tuple[int, ...]) -> str | tuple[int, int]:
-    return value if isinstance(value, str) else conv_pair(value)
+def _padding(value: str | tuple[int, ...]) -> str | tuple[int, int]:
+    return value if isinstance(value, str) else _pair(value)
 
 
 class LoraLayer(nn.Module):
@@ -109,6 +108,24 @@ class LoraLayer(nn.Module):
         self.dropout_p = dropout
         self.scale = alpha / math.sqrt(rank) if rslora else alpha / rank
         self.merged = False
+
+    def _linear_factors(self, in_features: int, out_features: int, *, dtype: torch.dtype | None,
+                        device: torch.device | None) -> None:
+        """``lora_A`` (r, in), ``lora_B`` (out, r) and the dropout of a linear adapter, PEFT-initialised."""
+        self.dropout = nn.Dropout(self.dropout_p) if self.dropout_p > 0 else nn.Identity()
+        self.lora_A = nn.Linear(in_features, self.rank, bias=False, dtype=dtype, device=device)
+        self.lora_B = nn.Linear(self.rank, out_features, bias=False, dtype=dtype, device=device)
+        self._init_ab()
+
+    def _conv_factors(self, base: nn.Conv2d, *, dtype: torch.dtype | None) -> None:
+        """A conv ``lora_A`` with the base's kernel, a 1x1 ``lora_B`` (PEFT's layout), the dropout."""
+        device = base.weight.device
+        self.dropout = nn.Dropout(self.dropout_p) if self.dropout_p > 0 else nn.Identity()
+        self.lora_A = nn.Conv2d(base.in_channels, self.rank, _pair(base.kernel_size), _pair(base.stride),
+                                _padding(base.padding), dilation=_pair(base.dilation), bias=False,
+                                dtype=dtype, device=device)
+        self.lora_B = nn.Conv2d(self.rank, base.out_channels, 1, bias=False, dtype=dtype, device=device)
+        self._init_ab()
 
     def _init_ab(self) -> None:
         """PEFT's init: A Kaiming-uniform (a=sqrt(5)), B zeros, so the adapter starts as a no-op."""
@@ -203,10 +220,7 @@ class LoraLinear(LoraLayer):
     ) -> None:
         super().__init__(rank=rank, alpha=alpha, rslora=rslora, dropout=dropout, name=name)
         self.fan_in_fan_out = fan_in_fan_out
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_A = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
-        self.lora_B = nn.Linear(rank, out_features, bias=False, dtype=dtype, device=device)
-        self._init_ab()
+        self._linear_factors(in_features, out_features, dtype=dtype, device=device)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         # base(x) + scale * B(A(dropout(x))), with y = base(x) computed by the Around wrapper
@@ -271,14 +285,7 @@ class LoraConv2d(LoraLayer):
         if base.groups != 1:
             raise ValueError("LoRA on a grouped Conv2d is not supported (groups must be 1)")
         super().__init__(rank=rank, alpha=alpha, rslora=rslora, dropout=dropout, name=name)
-        device = base.weight.device
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_A = nn.Conv2d(
-            base.in_channels, rank, conv_pair(base.kernel_size), conv_pair(base.stride), conv_padding(base.padding),
-            dilation=conv_pair(base.dilation), bias=False, dtype=dtype, device=device,
-        )
-        self.lora_B = nn.Conv2d(rank, base.out_channels, 1, bias=False, dtype=dtype, device=device)
-        self._init_ab()
+        self._conv_factors(base, dtype=dtype)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         return self._ab_forward(x, y)
