@@ -217,3 +217,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def train_losses(model: nn.Module, ids: torch.Tensor, *, steps: int = 8, lr: float = 1e-2,
+                 autocast: torch.dtype | None = None) -> list[float]:
+    """Train ``model``'s trainable parameters on ``ids`` (labels = inputs) for ``steps`` AdamW steps;
+    the loss of each step (``autocast``: run the forward under autocast in that dtype)."""
+    import contextlib
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        cast = torch.autocast(ids.device.type, dtype=autocast) if autocast else contextlib.nullcontext()
+        with cast:
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses

@@ -83,14 +83,5 @@ def test_qlora_trains_on_gpu_through_the_fast_path(order: str, quantize: str) ->
     fuse(model)
     checkpoint_layers(model, layers="all")
     ids = tiny.tokens(batch=4, length=16).cuda()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    losses = []
-    for _ in range(8):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = tiny.train_losses(model, ids, autocast=torch.bfloat16)
     assert losses[-1] < losses[0] - 0.2

@@ -54,15 +54,7 @@ def test_lora_trains_on_a_quantized_base(quantize) -> None:
     splice.add_lora(model, splice.LoraConfig(targets="all-linear", rank=4))
     splice.freeze(model)
     ids = tiny.tokens(batch=4, length=16)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    model.train()
-    for _ in range(8):
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = tiny.train_losses(model, ids)
     assert losses[-1] < losses[0] - 0.2
     assert all(not b.requires_grad for b in model.buffers())
 
