@@ -14,7 +14,21 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_dir", "atomic_file"]
+__all__ = ["atomic_dir", "atomic_file", "read_utf8"]
+
+
+def read_utf8(path: str | Path) -> tuple[bytes, str]:
+    """``path``'s bytes and their UTF-8 text, read once; text that is not UTF-8 is one line naming
+    the file, the line and the byte (a ``UsageError``)."""
+    from splice.core.errors import UsageError
+
+    data = Path(path).read_bytes()
+    try:
+        return data, data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise UsageError(f"{path}, line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
+                         f"{exc.start}); save the file as UTF-8") from None
 
 
 @contextlib.contextmanager

@@ -17,9 +17,11 @@ from typing import Any
 
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from splice.core.io import read_utf8
 from splice.core.progress import progress
 
 __all__ = [
+    "is_saved_dataset",
     "IGNORE_INDEX",
     "ChatTemplate",
     "Example",
@@ -48,7 +50,7 @@ _ACCEPTED = "parquet (.parquet/.pq), JSON lines (.jsonl/.json), CSV (.csv)"
 
 
 def _read_jsonl(path: Path) -> list[Row]:
-    text = path.read_text(encoding="utf-8")
+    _, text = read_utf8(path)
     if text.lstrip().startswith("["):  # a .json file holding one list of objects
         try:
             return list(json.loads(text))
@@ -80,19 +82,25 @@ def _read_file(path: Path) -> list[Row]:
     import pyarrow as pa
     import pyarrow.csv as pa_csv
 
+    data, _ = read_utf8(path)  # checked here: pyarrow's own decoding error names no line
     # Every CSV column stays text: type inference would turn "007" into 7 and lose data.
-    names = pa_csv.open_csv(path).schema.names
+    names = pa_csv.open_csv(pa.BufferReader(data)).schema.names
     options = pa_csv.ConvertOptions(column_types={n: pa.string() for n in names}, strings_can_be_null=False)
-    return pa_csv.read_csv(path, convert_options=options).to_pylist()
+    return pa_csv.read_csv(pa.BufferReader(data), convert_options=options).to_pylist()
 
 
 _SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 
+def is_saved_dataset(path: Path) -> bool:
+    """Whether ``path`` is a folder written by ``datasets``' ``save_to_disk``."""
+    return any((path / marker).is_file() for marker in _SAVED_MARKERS)
+
+
 def _read_saved_dataset(path: Path) -> list[Row]:
     """The rows of a folder written by ``datasets``' ``save_to_disk`` (a DatasetDict: its
     "train" split)."""
-    if not any((path / marker).is_file() for marker in _SAVED_MARKERS):
+    if not is_saved_dataset(path):
         raise ValueError(
             f"{path} is a folder, not a data file, and not one written by datasets' save_to_disk "
             f"(no {' or '.join(_SAVED_MARKERS)}); pass a {_ACCEPTED} file or a save_to_disk folder"

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from splice.core.errors import UsageError, one_line
+from splice.core.io import read_utf8
 
 __all__ = ["RULES", "Rule", "TrainConfig", "check_options", "check_output_dir", "flag",
            "load_config_file", "save_run_config"]
@@ -138,10 +139,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise UsageError(f"config file {path} does not exist; pass an existing .toml or .yaml file")
     if path.suffix not in (".toml", ".yaml", ".yml"):
         raise UsageError(f"config file {path}: use a .toml or .yaml file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"config file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
+    _, text = read_utf8(path)
     values: Any
     if path.suffix == ".toml":
         try:

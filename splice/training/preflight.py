@@ -9,7 +9,6 @@ cache or else the GGUF header (read up to the context length, a few KB).
 
 from __future__ import annotations
 
-import codecs
 import struct
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -24,7 +23,6 @@ __all__ = ["check_device", "check_targets", "gguf_context_length", "model_config
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 # GGUF value types -> struct format of a scalar (8: string, 9: array are read by hand)
 _GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_TEXT_DATA = {".jsonl", ".json", ".csv", ".txt"}
 
 
 def _read(f: BinaryIO, fmt: str) -> Any:
@@ -149,42 +147,20 @@ def check_targets(model: torch.nn.Module, config: TrainConfig) -> int:
                          f"{one_line(str(exc))}") from exc
 
 
-def _data_file(name: str, value: str | None) -> None:
-    if value is None:
+def _data_file(name: str, value: Any) -> None:
+    """A data path exists and is a file or a save_to_disk folder (rows from Python pass as they
+    are; the reader names a line that is not UTF-8 when it reads the file)."""
+    from splice.data.rows import is_saved_dataset
+
+    if not isinstance(value, str | Path):
         return
     path = Path(value).expanduser()
-    if path.is_dir():
+    if path.is_dir() and not is_saved_dataset(path):
         raise UsageError(f"{name} ({flag(name)}) {path} is a directory, not a data file; pass a "
                          ".jsonl, .json, .csv or .parquet file")
     if not path.exists():
         raise UsageError(f"{name} ({flag(name)}) {path} does not exist; pass an existing .jsonl, "
                          ".json, .csv or .parquet file")
-    if path.suffix.lower() in _TEXT_DATA:
-        _check_utf8(name, path)
-
-
-def _check_utf8(name: str, path: Path) -> None:
-    """A text data file must be UTF-8: say which line is not (read in 1 MiB chunks)."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    line, offset = 1, 0
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            try:
-                decoder.decode(chunk)
-            except UnicodeDecodeError as exc:
-                bad = chunk[: max(exc.start, 0)]
-                line += bad.count(b"\n")
-                byte = chunk[exc.start] if exc.start < len(chunk) else 0
-                raise UsageError(f"{name} ({flag(name)}) {path}, line {line}: not UTF-8 text (byte "
-                                 f"0x{byte:02x} at offset {offset + exc.start}); save the file as "
-                                 "UTF-8") from None
-            line += chunk.count(b"\n")
-            offset += len(chunk)
-    try:
-        decoder.decode(b"", final=True)
-    except UnicodeDecodeError:
-        raise UsageError(f"{name} ({flag(name)}) {path}: ends inside a UTF-8 character (truncated?); "
-                         "save the file as UTF-8") from None
 
 
 def preflight(config: TrainConfig) -> None:

@@ -289,3 +289,34 @@ def test_packed_losses_equal_unpacked(make_tiny_llama, attn: str) -> None:
     crossed = _per_example_losses(model, leaky, segments)
     assert crossed[0] == pytest.approx(alone[0], abs=1e-5)  # a row's first segment sees nothing before it
     assert not torch.allclose(torch.tensor(crossed[1:5]), torch.tensor(alone[1:5]), atol=1e-3)
+
+
+def test_a_save_to_disk_folder_passes_preflight_and_a_plain_folder_does_not(tmp_path) -> None:
+    """--data takes a save_to_disk folder; any other folder is refused before the model loads."""
+    import pytest
+
+    from splice.core.errors import UsageError
+    from splice.training.config import TrainConfig
+    from splice.training.preflight import _data_file
+
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / "dataset_info.json").write_text("{}")
+    _data_file("data", str(saved))
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    with pytest.raises(UsageError, match="is a directory, not a data file"):
+        _data_file("data", str(plain))
+    _data_file("data", [{"prompt": "a", "completion": "b"}])  # rows from Python: nothing to check
+    assert TrainConfig(data=[{"prompt": "a", "completion": "b"}]).data is not None
+
+
+def test_a_csv_that_is_not_utf8_names_its_line(tmp_path) -> None:
+    import pytest
+
+    from splice.core.errors import UsageError
+
+    path = tmp_path / "rows.csv"
+    path.write_bytes(b"prompt,completion\nok,fine\ncaf\xe9,x\n")
+    with pytest.raises(UsageError, match=r"rows.csv, line 3: not UTF-8 text \(byte 0xe9"):
+        read_rows(path)
