@@ -147,14 +147,9 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from splice.distributed.process import RankFailure
     from splice.training.loop import train
 
-    try:
-        result = train(_train_config(args))
-    except RankFailure as exc:  # another rank died or stalled: one line, not a backend traceback
-        print(f"splice train: error: {exc}", file=sys.stderr)
-        return 1
+    result = train(_train_config(args))
     return 128 + (result.stopped_by or signal.SIGINT) if result.interrupted else 0
 
 

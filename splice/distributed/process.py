@@ -24,6 +24,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from splice.core.errors import RunError
+
 __all__ = ["DistEnv", "RankFailure", "all_reduce_sum", "barrier", "collective_errors", "launched",
            "main_first", "start", "stop"]
 
@@ -31,8 +33,9 @@ __all__ = ["DistEnv", "RankFailure", "all_reduce_sum", "barrier", "collective_er
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-class RankFailure(RuntimeError):
-    """A collective failed: another rank died, stalled past the timeout, or lost its network."""
+class RankFailure(RunError):
+    """A collective failed: another rank died, stalled past the timeout, or lost its network
+    (a run-time error: the command line reports it as one line, exit code 1)."""
 
 
 @dataclass(frozen=True)
