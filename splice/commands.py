@@ -65,12 +65,12 @@ def check_prompts(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens
 def load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     import torch
 
+    from splice.core.device import resolve_device
     from splice.lora.peft_io import load_adapter, read_adapter
     from splice.models.loading import load_model
-    from splice.training.preflight import check_device
 
     quantize = getattr(args, "quantize", None)
-    device = check_device(args.device)
+    device = resolve_device(args.device)
     if args.adapter:
         read_adapter(args.adapter)  # a broken adapter file is found before the model loads
     dtype = torch.bfloat16 if quantize and device.type == "cuda" else torch.float32

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
+from splice.core.device import resolve_device
 from splice.models.loading import load_model
 from splice.serve.app import build_app
 from splice.serve.service import Service
-from splice.training.setup import resolve_device
 
 __all__ = ["parse_adapters", "running", "serve"]
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from splice.core.device import resolve_device
 from splice.core.errors import RunError
 from splice.data.batching import Batch, batches
 from splice.distributed.checkpoint import is_sharded_checkpoint, load_sharded, save_adapter_once, save_sharded
@@ -47,7 +48,6 @@ from splice.training.setup import (
     prepare_data,
     prepare_model,
     prepare_rows,
-    resolve_device,
 )
 from splice.training.state import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
 from splice.training.validate import validation_loss

@@ -15,10 +15,11 @@ from typing import Any, BinaryIO
 
 import torch
 
+from splice.core.device import resolve_device
 from splice.core.errors import UsageError, one_line
 from splice.training.config import TrainConfig, flag
 
-__all__ = ["check_device", "check_targets", "gguf_context_length", "model_config", "preflight"]
+__all__ = ["check_targets", "gguf_context_length", "model_config", "preflight"]
 
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 # GGUF value types -> struct format of a scalar (8: string, 9: array are read by hand)
@@ -110,28 +111,6 @@ def model_config(source: str | None) -> tuple[Any | None, int | None, str]:
     return hf_config, context, shown
 
 
-def check_device(name: str) -> torch.device:
-    """The device ``name`` means here, or a UsageError saying what this machine has."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError, TypeError):
-        raise UsageError(f"device (--device) {name!r} is not a device: use auto, cpu, cuda, cuda:N "
-                         "or mps") from None
-    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if device.type == "cuda" and have == 0:
-        raise UsageError(f"device (--device) {name!r}: no CUDA GPU is available here; use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= have:
-        raise UsageError(f"device (--device) {name!r}: this machine has {have} GPU(s), "
-                         f"cuda:0 to cuda:{have - 1}")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"device (--device) {name!r}: MPS is not available here; use --device cpu")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise UsageError(f"device (--device) {name!r}: splice trains on cpu, cuda or mps")
-    return device
-
-
 def check_targets(model: torch.nn.Module, config: TrainConfig) -> int:
     """Attach ``config``'s LoRA to ``model`` (a meta-device skeleton is enough); returns the
     number of adapted modules, or raises UsageError naming --targets."""
@@ -168,7 +147,7 @@ def preflight(config: TrainConfig) -> None:
     config.validate()
     _data_file("data", config.data)
     _data_file("val_data", config.val_data)
-    check_device(config.device)
+    resolve_device(config.device)
     hf_config, context, shown = model_config(config.model)
     if context is not None and config.max_length > context:
         raise UsageError(f"max_length ({flag('max_length')}) {config.max_length} is past the context "

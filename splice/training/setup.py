@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from splice.core.device import resolve_device
 from splice.data.formats import choose_template, columns_of
 from splice.data.rows import (
     ChatTemplate,
@@ -24,17 +25,7 @@ from splice.evaluation.scoring import Task, text_task
 from splice.models.loading import load_model
 from splice.training.config import TrainConfig
 
-__all__ = ["RunData", "RunRows", "fuse_and_checkpoint", "prepare_data", "prepare_model", "prepare_rows",
-           "resolve_device"]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but no CUDA GPU is available; use --device cpu")
-    return device
+__all__ = ["RunData", "RunRows", "fuse_and_checkpoint", "prepare_data", "prepare_model", "prepare_rows"]
 
 
 def prepare_model(config: TrainConfig, *, load_device: torch.device | None = None,
