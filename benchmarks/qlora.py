@@ -16,7 +16,8 @@ stop at ``--budget-s``):
 * ``parity``: QLoRA vs bf16 LoRA losses over 50 steps, same data and seed (``--parity-layers``).
 * ``70b``: 70B NF4, 4096 x 1: tokens/s and peak.
 * ``longest``: the longest batch-1 sequence under an 80 GiB cap (per-process memory fraction),
-  for 8B and 70B NF4, doubling then bisecting within the remaining budget.
+  for 8B and 70B NF4, doubling then bisecting within the remaining budget, or trying the
+  lengths ``--probes-8b`` / ``--probes-70b`` give (``longest8`` / ``longest70``: one shape).
 """
 
 from __future__ import annotations
@@ -137,6 +138,20 @@ def run_low(result: dict[str, Any], save: Any, args: argparse.Namespace) -> None
         result["low"].append(r)
         save()
         free_cuda()
+    from splice.memory.host_embedding import embeddings_to_host
+
+    embeddings_to_host(setup.model)  # the 0.98 GiB input table to pinned host memory (last: it stays)
+    for mode in ("all", "offload-recompute"):
+        setup.set_ckpt(mode)
+        try:
+            r = train(setup, batches(cfg, batch=1), warmup=1, steps=2)
+            r.update(mode=f"{mode} + embeddings on host", seq=cfg.seq, batch=1)
+        except Exception as error:
+            r = {"mode": f"{mode} + embeddings on host", "error": f"{type(error).__name__}: {error}"}
+        print(json.dumps(r), flush=True)
+        result["low"].append(r)
+        save()
+        free_cuda()
 
 
 def run_parity(result: dict[str, Any], save: Any, args: argparse.Namespace) -> None:
@@ -165,18 +180,24 @@ def run_70b(result: dict[str, Any], save: Any, args: argparse.Namespace, t0: flo
     setup = setup_splice(splice_model(llama_config("70b", layers=args.layers_70b, tiny=args.tiny), "nf4"), cfg)
     build_s = time.perf_counter() - t
     init_lora(setup.lora)
-    setup.set_ckpt("all")
-    weights = torch.cuda.memory_allocated() / GIB if _workload.DEVICE == "cuda" else 0.0
-    r = train(setup, batches(cfg, seq=4096, batch=1), warmup=1, steps=2)
-    r.update(seq=4096, batch=1, build_s=build_s, weights_gib=weights, layers=args.layers_70b or 80)
-    result["70b"] = r
-    print(json.dumps(r), flush=True)
-    save()
-    run_longest(result, save, args, t0, setup, "70b", start=16384)
+    if "70b" in args.parts.split(","):
+        setup.set_ckpt("all")
+        weights = torch.cuda.memory_allocated() / GIB if _workload.DEVICE == "cuda" else 0.0
+        r = train(setup, batches(cfg, seq=4096, batch=1), warmup=1, steps=2)
+        r.update(seq=4096, batch=1, build_s=build_s, weights_gib=weights, layers=args.layers_70b or 80)
+        result["70b"] = r
+        print(json.dumps(r), flush=True)
+        save()
+    if "longest70" in args.parts.split(",") or "longest" in args.parts.split(","):
+        run_longest(result, save, args, t0, setup, "70b", start=16384, probes=args.probes_70b)
 
 
 def run_longest(result: dict[str, Any], save: Any, args: argparse.Namespace, t0: float, setup: Any,
-                shape: str, *, start: int) -> None:
+                shape: str, *, start: int, probes: list[int] | None = None) -> None:
+    """The doubling-then-bisecting search from ``start``, or (``probes``) one step at each given
+    length in order, up to the first OOM: at these lengths one probe is minutes, so a run aims
+    at the target instead of walking up to it."""
+    from _workload import try_one_step
     from train_throughput import _maxseq
 
     budget = args.budget_s - (time.perf_counter() - t0)
@@ -187,8 +208,24 @@ def run_longest(result: dict[str, Any], save: Any, args: argparse.Namespace, t0:
     if _workload.DEVICE == "cuda":
         total = torch.cuda.get_device_properties(0).total_memory / GIB
         torch.cuda.set_per_process_memory_fraction(min(1.0, CAP_GIB / total))
-    setup.set_ckpt("offload")
-    r = _maxseq(setup, CONFIGS["C"], start=start, cap=1 << 21, gran=8192, budget_s=budget / 2)
+    # inputs offloaded, attention recomputed: host memory is one layer input per layer (keeping
+    # the attention internals too would need ~4.5x that in pinned host memory)
+    setup.set_ckpt("offload-recompute")
+    if probes:
+        tried: list[dict[str, Any]] = []
+        for seq in probes:
+            tried.append(try_one_step(setup, CONFIGS["C"], seq))
+            print(f"  probe {shape} {seq}: {tried[-1]}", flush=True)
+            result["longest"][shape] = {"probes": tried}
+            save()
+            if not tried[-1]["ok"]:
+                break
+        ok = [p["seq"] for p in tried if p["ok"]]
+        bad = [p["seq"] for p in tried if not p["ok"]]
+        r = {"longest_ok": max(ok) if ok else None, "shortest_oom": min(bad) if bad else None,
+             "probes": tried, "searched": False}
+    else:
+        r = _maxseq(setup, CONFIGS["C"], start=start, cap=1 << 21, gran=8192, budget_s=budget / 2)
     r["cap_gib"] = CAP_GIB
     result["longest"][shape] = r
     print(json.dumps({k: v for k, v in r.items() if k != "probes"}), flush=True)
@@ -205,7 +242,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None, help="8B decoder layers (default: all 32)")
     parser.add_argument("--layers-70b", type=int, default=None, help="70B decoder layers (default: all 80)")
     parser.add_argument("--parity-layers", type=int, default=4)
-    parser.add_argument("--parts", default="Q,low,parity,70b,longest")
+    parser.add_argument("--parts", default="Q,low,parity,70b,longest",
+                        help="longest8 / longest70: the longest-sequence part for one shape only")
+    seqs = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
+    parser.add_argument("--probes-8b", type=seqs, default=None, help="lengths to try instead of searching")
+    parser.add_argument("--probes-70b", type=seqs, default=None, help="lengths to try instead of searching")
     parser.add_argument("--tiny", action="store_true", help="small shapes (a CPU smoke test of this script)")
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
@@ -240,19 +281,19 @@ def main() -> None:
                 traceback.print_exc()
                 save()
             free_cuda()
-    if "70b" in parts:
+    if "70b" in parts or "longest70" in parts:
         try:
             run_70b(result, save, args, t0)
         except Exception as error:
             result.setdefault("errors", []).append(f"70b: {type(error).__name__}: {error}")
             traceback.print_exc()
             save()
-    if "longest" in parts:
+    if "longest" in parts or "longest8" in parts:
         try:
             setup = setup_splice(splice_model(llama_config("8b", layers=args.layers, tiny=args.tiny), "nf4"),
                                  CONFIGS["C"])
             init_lora(setup.lora)
-            run_longest(result, save, args, t0, setup, "8b", start=65536)
+            run_longest(result, save, args, t0, setup, "8b", start=65536, probes=args.probes_8b)
             setup = None
         except Exception as error:
             result.setdefault("errors", []).append(f"longest 8b: {type(error).__name__}: {error}")

@@ -40,6 +40,7 @@ _EXPORTS = {
     "PromptTemplate": "data.rows", "ChatTemplate": "data.rows", "batches": "data.batching",
     # speed and memory
     "fuse": "fused.apply", "unfuse": "fused.apply", "checkpoint_layers": "memory.checkpointing",
+    "embeddings_to_host": "memory.host_embedding",
     # training, generation, evaluation
     "train": "training.loop", "TrainConfig": "training.config",
     "causal_lm_loss": "training.loss", "model_hidden_states": "training.loss",
@@ -108,6 +109,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from splice.lora.layers import LoraConfig
     from splice.lora.peft_io import load_adapter, save_adapter
     from splice.memory.checkpointing import checkpoint_layers
+    from splice.memory.host_embedding import embeddings_to_host
     from splice.models.loading import load_model
     from splice.models.streaming import load_quantized, random_quantized
     from splice.quant.linear import quantize_int8, quantize_nf4

@@ -50,6 +50,8 @@ _HELP = {
     "offload_checkpoints": "keep checkpointed activations in CPU memory", "seed": "random seed",
     "keep_attention": "with checkpointing, keep each layer's attention internals too (in CPU memory "
                       "with --offload-checkpoints): no q/k/v/o or attention recompute, more memory",
+    "embeddings_on_host": "keep the frozen input embedding in CPU memory (frees its GPU copy: the "
+                          "lowest peak; steps run without CUDA graphs)",
     "cuda_graphs": "replay each training step from a CUDA graph (default: on with --fuse on a GPU)",
     "eval_every": "validation loss every N steps (0: at the end)",
     "eval_batches": "validation batches per evaluation",

@@ -26,6 +26,7 @@ Both kinds average gradients over ranks, so the loop scales each rank's summed l
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -169,10 +170,18 @@ def wrap_model(model: nn.Module, *, loss: LossFn, env: DistEnv, device: torch.de
     ddp = nn.parallel.DistributedDataParallel(
         root, device_ids=[device.index if device.index is not None else env.local_rank]
         if device.type == "cuda" else None,
-        forward_sync_buffers=False,  # buffers (RoPE tables) are equal on every rank, never trained
+        **_no_buffer_sync(),
     )
     notes.append(f"DDP over {env.world_size} rank(s): LoRA gradients averaged in backward")
     return Wrapped(kind="ddp", step=ddp, root=root, notes=notes)
+
+
+def _no_buffer_sync() -> dict[str, Any]:  # Any: splatted into DDP, whose options differ in type
+    """DDP's option not to broadcast buffers before each forward: the buffers (RoPE tables) are
+    equal on every rank and never trained. torch 2.13 names it ``forward_sync_buffers`` (and
+    deprecates ``broadcast_buffers``); earlier releases (2.11 on the GPU image) know only the old name."""
+    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers": False}
 
 
 def _fully_shard(root: LossModule, layers: list[nn.Module], *, env: DistEnv, device: torch.device,

@@ -147,7 +147,6 @@ def _unreplayable_dropout(layer: nn.Module) -> str | None:
 class CheckpointedLayer(nn.Module):
     """A decoder layer run under activation checkpointing while training (see module doc)."""
 
-
     def __init__(self, layer: nn.Module, *, index: int, shared: _Shared, select: bool,
                  offload: bool, skip_unread: bool = True, keep_attention: bool = False) -> None:
         super().__init__()

@@ -23,6 +23,7 @@ RUN_CONFIG = "run_config.json"
 _RESUME_FREE = {"resume", "steps", "epochs", "save_every", "keep_checkpoints", "eval_every",
                 "eval_samples", "compare_base", "eval_batch_size", "max_new_tokens",
                 "fuse", "gradient_checkpointing", "offload_checkpoints", "keep_attention", "cuda_graphs",
+                "embeddings_on_host",
                 "device", "output_dir", "report_to", "shard", "dist_timeout"}
 # Files in a run directory that do not make it "used" (the run-directory lock, see rundir.py).
 _NOT_A_RUN = {".splice.lock"}
@@ -68,6 +69,7 @@ class TrainConfig:
     keep_attention: bool = False  # checkpointing also keeps q/k/v/attention (offloaded too): less recompute
     fuse: bool | None = None  # fused kernels + memory-aware checkpointing; None: on with a CUDA GPU
     cuda_graphs: bool | None = None  # replay each step from a CUDA graph; None: on with --fuse on a GPU
+    embeddings_on_host: bool = False  # frozen input embedding in CPU memory (lowest GPU peak; no graphs)
     seed: int = 0
     quantize: str | None = None  # None | "nf4" (QLoRA: 4-bit NormalFloat base) | "int8"
     eval_every: int = 0  # validation loss every N steps (0: at the end only)
@@ -298,6 +300,9 @@ RULES: tuple[Rule, ...] = (
     Rule(("keep_attention", "gradient_checkpointing", "offload_checkpoints"),
          lambda keep, ckpt, offload: not keep or ckpt or offload,
          "keep_attention needs gradient_checkpointing or offload_checkpoints"),
+    Rule(("embeddings_on_host", "cuda_graphs"), lambda host, graphs: not host or graphs is not True,
+         "embeddings_on_host gathers rows on the CPU, which a CUDA graph cannot capture: drop "
+         "cuda_graphs (it is off by default with embeddings_on_host)"),
 )
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from splice.core.device import resolve_device
-from splice.core.errors import RunError
+from splice.core.errors import RunError, UsageError
 from splice.data.batching import Batch, batches
 from splice.distributed.checkpoint import is_sharded_checkpoint, load_sharded, save_adapter_once, save_sharded
 from splice.distributed.process import DistEnv, all_reduce_sum, barrier, collective_errors, main_first
@@ -220,6 +220,9 @@ def _train(config: TrainConfig, *, log: Progress | None, env: DistEnv | None) ->
     main = env is None or env.is_main
     torch.manual_seed(config.seed)  # the same LoRA init on every rank
     check_trackers(config.report_to)
+    if env is not None and config.embeddings_on_host:
+        raise UsageError("--embeddings-on-host runs in one process only (DDP and FSDP2 keep every "
+                         "weight and buffer on the GPU): drop it under torchrun")
     rows = prepare_rows(config)  # bad data is named before the slow model load
     # FSDP2 over several GPUs: weights load on the CPU, each rank's shards then go to its GPU.
     on_cpu = env is not None and env.world_size > 1 and config.shard
@@ -256,7 +259,7 @@ def _train(config: TrainConfig, *, log: Progress | None, env: DistEnv | None) ->
     fast = config.fuses(device.type)
     # Default: graphs with the fused kernels on packed batches, whose shape never changes
     # (unpacked batches are as long as their longest row: a new graph for every new length).
-    auto_graphs = fast and config.pack
+    auto_graphs = fast and config.pack and not config.embeddings_on_host  # (a host gather: no capture)
     graphed = device.type == "cuda" and (auto_graphs if config.cuda_graphs is None else config.cuda_graphs)
     if graphed and wrapped is not None:
         say(f"CUDA graphs off under {wrapped.kind}: its gradient communication runs in autograd "

@@ -58,6 +58,10 @@ def fuse_and_checkpoint(model: nn.Module, config: TrainConfig, device: torch.dev
                                    keep_attention=config.keep_attention)
     elif fused and device.type == "cuda":
         names += checkpoint_layers(model, layers="auto")  # recompute only what memory needs
+    if config.embeddings_on_host:
+        from splice.memory.host_embedding import embeddings_to_host
+
+        names += embeddings_to_host(model)
     return names
 
 

@@ -36,7 +36,7 @@ def _randomize(params: list[tuple[str, torch.nn.Parameter]], seed: int = 3) -> N
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in params:
-            noise = torch.randn(p.shape, generator=g)
+            noise = torch.randn(p.shape, generator=g).to(p.device)
             if "magnitude" in name:
                 p.mul_(1 + 0.2 * noise)
             else:

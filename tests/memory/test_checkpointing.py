@@ -94,7 +94,7 @@ def test_gpu_auto_keeps_short_sequences_uncheckpointed() -> None:
     fuse(model)
     checkpoint_layers(model, layers="auto")
     loss_and_grads(model, torch.randint(0, 101, (1, 64), device="cuda"))
-    plan = model.model.layers[0].__dict__["_plan"]
+    plan = model.model.layers[0].__dict__["_shared"].plan
     assert plan.keep == 3  # plenty of memory: nothing recomputed
 
 

@@ -38,7 +38,11 @@ def test_codes_match_bitsandbytes(shape: tuple[int, int], device: str) -> None:
     assert torch.equal(state.state2.absmax, t.scale2) and torch.equal(state.offset, t.offset)
     ours, theirs = t.qabsmax.long(), state.absmax.long()  # type: ignore[union-attr]
     if device == "cuda":  # our encoder is CUDA's dQuantize: identical codes
-        assert torch.equal(ours, theirs)
+        # except where a group of 256 absmax values is all equal (one block: absmax - mean = 0):
+        # bitsandbytes' CUDA kernel then encodes 0 * (1/0) = NaN as code 0, we encode 0 as the
+        # level nearest 0; the scale is 0, so both decode to the offset exactly
+        live = (t.scale2 != 0).repeat_interleave(256)[: ours.numel()]  # type: ignore[union-attr]
+        assert torch.equal(ours[live], theirs[live])
         # fp32: the Triton kernel may fuse the absmax's multiply-add (1 ulp); bf16: identical
         theirs_w = bnb_f.dequantize_4bit(packed, state)
         torch.testing.assert_close(t.dequantize(torch.float32), theirs_w, rtol=1e-6, atol=0)

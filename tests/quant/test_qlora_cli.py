@@ -34,13 +34,21 @@ def test_train_quantized_from_a_config_file_then_merge(tiny_run_inputs, tmp_path
     # the merged weights are the dequantized NF4 base plus the adapter (what training saw)
     import splice
     from splice import load_adapter
+    from splice.core.device import resolve_device
     from splice.models.loading import load_model
 
-    adapted, _ = load_model(model, quantize="nf4")
+    # merge ran where the command runs by default (bf16 on a GPU, fp32 on the CPU): mirror it
+    device = resolve_device("auto")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    adapted, _ = load_model(model, quantize="nf4", device=device, dtype=dtype)
     load_adapter(adapted, out / "adapter")
     _, wrapper, layer = next(item for item in splice.lora_modules(adapted) if item[0].endswith("0.mlp.up_proj"))
-    expected = (wrapper.base.dequantize(torch.float32) + layer.delta_weight()).to(torch.bfloat16)
-    assert torch.equal(plain.model.layers[0].mlp.up_proj.weight, expected)
+    base = wrapper.base.dequantize()
+    assert base.dtype == dtype
+    expected = (base + layer.delta_weight().to(dtype)).to(torch.bfloat16).cpu()
+    merged_weight = plain.model.layers[0].mlp.up_proj.weight
+    assert torch.equal(merged_weight, expected)
+    assert not torch.equal(merged_weight, base.to(torch.bfloat16).cpu())  # the adapter is in
 
 
 def test_flag_and_bad_value(tiny_run_inputs, tmp_path, capsys) -> None:

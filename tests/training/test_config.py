@@ -74,6 +74,7 @@ def test_one_bad_option_is_named_with_its_flag(values) -> None:
         (dict(chat="yes"), "chat must be bool"),
         (dict(system_prompt="be brief"), "only used with chat"),
         (dict(keep_attention=True), "keep_attention needs gradient_checkpointing"),
+        (dict(embeddings_on_host=True, cuda_graphs=True), "a CUDA graph cannot capture: drop cuda_graphs"),
         (dict(prompt_template="{x}"), "both prompt_template and response_template"),
         (dict(seed=2**70), "seed must be in [0, 2**63)"),
     ],

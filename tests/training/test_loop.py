@@ -13,6 +13,7 @@ import torch
 from splice.training.loop import TrainConfig, TrainingDiverged, lr_at, train
 from splice.training.report import Progress
 from splice.training.state import latest_checkpoint
+from tests.numerics import DEVICES
 from tests.tiny import run_config
 
 
@@ -151,6 +152,15 @@ def test_kept_attention_and_offload_keep_the_trajectory(tiny_run_inputs, tmp_pat
     kept = train(run_config(tiny_run_inputs, tmp_path / "kept", keep_attention=True,
                          offload_checkpoints=True, **options))
     torch.testing.assert_close(torch.tensor(kept.losses), torch.tensor(recomputed.losses), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_embeddings_on_host_keep_the_trajectory(tiny_run_inputs, tmp_path, device: str) -> None:
+    options = dict(steps=4, dropout=0.1, pack=True, max_length=48, device=device)
+    plain = train(run_config(tiny_run_inputs, tmp_path / "plain", cuda_graphs=False, **options))
+    host = train(run_config(tiny_run_inputs, tmp_path / "host", embeddings_on_host=True, **options))
+    assert host.cuda_graphs == 0  # off by default with the table on the host
+    assert host.losses == plain.losses  # the same rows reach the same kernels
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
