@@ -37,7 +37,7 @@ _HELP = {
     "rank": "LoRA rank r", "alpha": "LoRA alpha (scale = alpha / r)", "dropout": "LoRA dropout",
     "targets": "'all-linear', a regex, or comma-separated module names (q_proj,v_proj)",
     "rslora": "scale by alpha / sqrt(r)",
-    "steps": "optimizer steps (0: use --epochs)", "epochs": "epochs when --steps is 0",
+    "steps": "optimizer steps (default 40 unless --epochs)", "epochs": "passes over the data, instead of --steps",
     "lr": "peak learning rate", "optimizer": "adamw or sgd", "weight_decay": "weight decay",
     "schedule": "cosine, linear or constant (after warmup)", "warmup_steps": "linear warmup steps",
     "batch_size": "examples per micro-batch", "grad_accum": "micro-batches per optimizer step",
@@ -128,10 +128,10 @@ def _steps_or_epochs(flags: argparse.Namespace, file: dict[str, Any]) -> dict[st
         if epochs is not None and steps not in (None, 0):
             raise ValueError(f"both steps ({steps}) and epochs ({epochs}) given in the {where}: "
                              "give --steps N or --epochs N, not both")
-        if epochs is not None or steps == 0:
-            return {"steps": None}
+        if epochs is not None or steps == 0:  # (--steps 0 alone: one epoch)
+            return {"steps": None, "epochs": 1.0 if epochs is None else epochs}
         if steps is not None:
-            return {"steps": steps}
+            return {"steps": steps, "epochs": None}
     return {}
 
 
@@ -143,8 +143,6 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         if value is not None:
             values[f.name] = value
     values.update(_steps_or_epochs(args, file_values))
-    if values.get("steps") == 0:
-        values["steps"] = None
     return TrainConfig(**values)
 
 

@@ -146,7 +146,9 @@ def _parsed(*argv: str):
 def test_epochs_without_steps_zero(tmp_path) -> None:
     assert _parsed("--epochs", "3").steps is None and _parsed("--epochs", "3").epochs == 3
     assert _parsed("--steps", "0", "--epochs", "2").steps is None
-    assert _parsed().steps == 40 and _parsed("--steps", "7").steps == 7
+    assert _parsed("--steps", "0").epochs == 1.0  # --steps 0 alone: one epoch
+    assert _parsed().steps is None and _parsed().epochs is None  # the loop's DEFAULT_STEPS
+    assert _parsed("--steps", "7").steps == 7
     with pytest.raises(ValueError, match="both steps \\(5\\) and epochs \\(2.0\\) given in the flags"):
         _parsed("--steps", "5", "--epochs", "2")
     config = tmp_path / "c.toml"
@@ -156,6 +158,8 @@ def test_epochs_without_steps_zero(tmp_path) -> None:
     with pytest.raises(ValueError, match="given in the config file"):
         _parsed("--config", str(config))
     assert _parsed("--config", str(config), "--epochs", "1").steps is None  # a flag beats the file
+    config.write_text("epochs = 2\n")
+    assert _parsed("--config", str(config), "--steps", "3").epochs is None  # so does --steps
 
 
 def test_data_objects_are_logged_as_a_summary() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -31,8 +32,8 @@ _DECODE_CONTEXT = 8
 
 
 def _check_sampling(temperature: float, top_k: int, top_p: float) -> None:
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    if not (math.isfinite(temperature) and temperature >= 0):  # nan would compare False below
+        raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature}")
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
     if not 0.0 < top_p <= 1.0:

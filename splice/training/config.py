@@ -14,10 +14,11 @@ from typing import Any
 from splice.core.errors import UsageError, one_line
 from splice.core.io import read_utf8
 
-__all__ = ["RULES", "Rule", "TrainConfig", "check_options", "check_output_dir", "flag",
+__all__ = ["DEFAULT_STEPS", "RULES", "Rule", "TrainConfig", "check_options", "check_output_dir", "flag",
            "load_config_file", "save_run_config"]
 
 RUN_CONFIG = "run_config.json"
+DEFAULT_STEPS = 40  # a run given neither steps nor epochs (the embedded task's few-minute run)
 # Options that may differ when resuming (they don't change the trajectory's meaning).
 # output_dir: a run directory that was moved or copied resumes from its new place.
 _RESUME_FREE = {"resume", "steps", "epochs", "save_every", "keep_checkpoints", "eval_every",
@@ -47,8 +48,8 @@ class TrainConfig:
     dropout: float = 0.0  # PEFT's default; on CPU each dropout mask costs ~a third of a step
     targets: str = "all-linear"  # "all-linear", a regex, or comma-separated module names
     rslora: bool = False
-    steps: int | None = 40  # optimizer steps; None: use epochs
-    epochs: float = 1.0
+    steps: int | None = None  # optimizer steps (neither steps nor epochs: DEFAULT_STEPS)
+    epochs: float | None = None  # passes over the training rows, instead of steps
     lr: float = 1e-3
     optimizer: str = "adamw"
     weight_decay: float = 0.0
@@ -264,6 +265,8 @@ RULES: tuple[Rule, ...] = (
          "names such as q_proj,v_proj"),
     Rule(("steps",), lambda v: v >= 1, "must be >= 1 (or none/0 on the command line: use epochs)"),
     Rule(("epochs",), lambda v: v > 0, "must be > 0"),
+    Rule(("steps", "epochs"), lambda steps, epochs: steps is None or epochs is None,
+         "give steps or epochs, not both"),
     Rule(("lr",), lambda v: v > 0, "must be > 0"),
     Rule(("optimizer",), lambda v: v in ("adamw", "sgd"), "must be adamw or sgd"),
     Rule(("weight_decay",), lambda v: v >= 0, "must be >= 0"),

@@ -35,7 +35,7 @@ from splice.evaluation.scoring import evaluate_generation
 from splice.lora.apply import add_lora
 from splice.lora.freeze import freeze
 from splice.lora.layers import LoraConfig
-from splice.training.config import TrainConfig, save_run_config
+from splice.training.config import DEFAULT_STEPS, TrainConfig, save_run_config
 from splice.training.graphs import GraphedStep
 from splice.training.loss import check_labels, lm_head_params, train_step_loss
 from splice.training.optim import param_groups
@@ -154,8 +154,8 @@ def _n_tokens(batch: Batch) -> int:
 
 
 def _total_steps(config: TrainConfig, n_batches: int) -> int:
-    if config.steps:
-        return config.steps
+    if config.epochs is None:
+        return config.steps or DEFAULT_STEPS
     return max(1, math.ceil(config.epochs * n_batches / config.grad_accum))
 
 

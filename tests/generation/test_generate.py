@@ -151,8 +151,9 @@ def test_temperature_scales_the_logits() -> None:
 
 def test_bad_sampling_options_are_named() -> None:
     logits = torch.zeros(1, 4)
-    with pytest.raises(ValueError, match="temperature must be >= 0"):
-        sample_next(logits, temperature=-1.0)
+    for temperature in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+            sample_next(logits, temperature=temperature)
     with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
         sample_next(logits, temperature=1.0, top_p=0.0)
     with pytest.raises(ValueError, match="top_k must be >= 0"):

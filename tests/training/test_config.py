@@ -60,6 +60,7 @@ def test_one_bad_option_is_named_with_its_flag(values) -> None:
         (dict(alpha=-8.0), "alpha must be > 0"),
         (dict(epochs=0, steps=None), "epochs must be > 0"),
         (dict(epochs=-1.0), "epochs must be > 0"),
+        (dict(epochs=3, steps=40), "give steps or epochs, not both"),
         (dict(eval_batches=0), "eval_batches must be >= 1"),
         (dict(max_rows=-5), "max_rows must be >= 1"),
         (dict(eval_samples=-1), "eval_samples must be >= 0"),
@@ -170,3 +171,13 @@ def _encodable(text: str) -> bool:
 
 def test_floats_in_messages_are_finite_checks() -> None:
     assert check_options({"alpha": math.inf})[0].startswith("alpha must be float (finite)")
+
+
+def test_steps_epochs_or_the_default() -> None:
+    from splice.training.loop import _total_steps
+
+    assert _total_steps(TrainConfig(), 7) == 40  # neither: DEFAULT_STEPS
+    assert _total_steps(TrainConfig(steps=5), 7) == 5
+    assert _total_steps(TrainConfig(epochs=3), 7) == 21  # epochs alone are not ignored
+    assert _total_steps(TrainConfig(epochs=3, grad_accum=2), 7) == 11
+    assert _total_steps(TrainConfig(epochs=0.1), 7) == 1
