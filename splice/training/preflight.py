@@ -4,7 +4,7 @@
 checks them against the world: the data files exist and are files, the device exists, and the
 model's own config (read without its weights) admits ``max_length`` and ``targets``. The model's
 config comes from ``config.json`` for a folder, and for a GGUF from its converted folder in the
-cache or else the GGUF header (read up to the context length, a few KB).
+cache or else (first use) from the GGUF's metadata through transformers, which reads no weights.
 """
 
 from __future__ import annotations
@@ -91,17 +91,24 @@ def model_config(source: str | None) -> tuple[Any | None, int | None, str]:
             path = ggufs[0]
     folder: Path | None = None
     context: int | None = None
+    gguf: dict[str, str] = {}
     if path.is_file() and path.suffix.lower() == ".gguf":
         cached = gguf_cache_path(path)
-        folder = cached if (cached / "config.json").is_file() else None
         context = gguf_context_length(path)
+        if (cached / "config.json").is_file():
+            folder = cached
+        else:  # first use, not converted yet: the config from the GGUF's header (seconds, no weights)
+            folder, gguf = path.parent, {"gguf_file": path.name}
     elif path.is_dir() and (path / "config.json").is_file():
         folder = path
     if folder is None:
         return None, context, shown  # a hub id, or a path load_model will explain
     try:
-        hf_config = AutoConfig.from_pretrained(str(folder))
-    except Exception as exc:  # a broken config.json: loading would fail the same way
+        hf_config = AutoConfig.from_pretrained(str(folder), **gguf)
+    except Exception as exc:
+        if gguf:  # a GGUF transformers cannot read: load_model gives the error
+            return None, context, shown
+        # a broken config.json: loading would fail the same way
         raise UsageError(f"model {shown}: cannot read {folder / 'config.json'} "
                          f"({one_line(str(exc))[:200]}); pass a Hugging Face model folder") from exc
     for key in _CONTEXT_KEYS:

