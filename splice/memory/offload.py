@@ -10,10 +10,32 @@ for layer inputs and by :mod:`splice.memory.stash` for the tensors a recompute r
 
 from __future__ import annotations
 
+import math
+import weakref
+
 import torch
 from torch import Tensor
 
-__all__ = ["Kept", "OffloadPool"]
+__all__ = ["Kept", "OffloadPool", "pinned_empty"]
+
+# torch's pinned allocator rounds every block up to a power of two: a 2.75 GiB layer input
+# (352k tokens x 4,096 bf16) takes 4 GiB, and 32 of them exhaust a 128 GiB host. Buffers from
+# this size up are allocated pageable and registered with CUDA at their exact size instead.
+_EXACT_PIN_BYTES = 64 << 20
+
+
+def pinned_empty(shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """An uninitialized page-locked host tensor of exactly ``shape`` (see ``_EXACT_PIN_BYTES``)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < _EXACT_PIN_BYTES:
+        return torch.empty(shape, dtype=dtype, pin_memory=True)
+    buffer = torch.empty(shape, dtype=dtype)
+    cudart = torch.cuda.cudart()
+    if int(cudart.cudaHostRegister(buffer.data_ptr(), nbytes, 0)) != 0:  # e.g. a locked-memory limit
+        return torch.empty(shape, dtype=dtype, pin_memory=True)
+    # unregistered when the tensor goes (the pool holds its buffers until clear() or the model goes)
+    weakref.finalize(buffer, cudart.cudaHostUnregister, buffer.data_ptr())
+    return buffer
 
 
 class OffloadPool:
@@ -40,7 +62,7 @@ class OffloadPool:
             raise RuntimeError(
                 "offloaded checkpoints inside a CUDA graph need their pinned buffers from an eager "
                 "warm-up step of the same shape (splice.training.graphs.GraphedStep runs one)")
-        return torch.empty(shape, dtype=dtype, pin_memory=True)
+        return pinned_empty(shape, dtype)
 
     def give(self, buffer: Tensor, done: torch.cuda.Event) -> None:
         self.free.setdefault((tuple(buffer.shape), buffer.dtype), []).append((buffer, done))
@@ -55,6 +77,8 @@ class OffloadPool:
 
     def clear(self) -> None:
         """Free every pinned buffer (only once no graph captured through them is replayed)."""
+        if self.free and torch.cuda.is_available():
+            torch.cuda.synchronize()  # no copy into a buffer is still in flight when it is unpinned
         self.free.clear()
         self.graph_buffers.clear()
 
