@@ -184,8 +184,18 @@ def test_errors_use_the_openai_format(server: Server) -> None:
     assert client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2).choices[0].text is not None
 
 
-def test_a_client_that_disconnects_mid_stream_frees_its_slot(server: Server) -> None:
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
     engine = server.service.engine
+    # The request must outlive the hang-up, or it ends as "stop"/"length" and proves nothing: no
+    # EOS, and each token a little slower, so a loaded machine's late disconnect is still early.
+    accept = engine._accept
+
+    def slow_accept(slot: int, request: Any, token: int) -> None:
+        time.sleep(0.02)
+        accept(slot, request, token)
+
+    monkeypatch.setattr(engine, "eos", set())
+    monkeypatch.setattr(engine, "_accept", slow_accept)
     before = engine.finished["cancelled"]
     body = {"model": "alpha", "prompt": PROMPT, "max_tokens": 240, "temperature": 1.0, "stream": True,
             "stop": None}
