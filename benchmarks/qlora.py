@@ -124,34 +124,28 @@ def run_q(result: dict[str, Any], save: Any, args: argparse.Namespace) -> None:
 
 
 def run_low(result: dict[str, Any], save: Any, args: argparse.Namespace) -> None:
+    from splice.memory.host_embedding import embeddings_to_host
+
     cfg = CONFIGS["C"]
     setup = setup_splice(splice_model(llama_config("8b", layers=args.layers, tiny=args.tiny), "nf4"), cfg)
     init_lora(setup.lora)
-    for mode in ("all", "offload-recompute", "offload"):
-        setup.set_ckpt(mode)
-        try:
-            r = train(setup, batches(cfg, batch=1), warmup=1, steps=2)
-            r.update(mode=mode, seq=cfg.seq, batch=1)
-        except Exception as error:
-            r = {"mode": mode, "error": f"{type(error).__name__}: {error}"}
-        print(json.dumps(r), flush=True)
-        result["low"].append(r)
-        save()
-        free_cuda()
-    from splice.memory.host_embedding import embeddings_to_host
 
+    def rows(modes: tuple[str, ...], suffix: str = "") -> None:
+        for mode in modes:
+            setup.set_ckpt(mode)
+            try:
+                r = train(setup, batches(cfg, batch=1), warmup=1, steps=2)
+                r.update(mode=mode + suffix, seq=cfg.seq, batch=1)
+            except Exception as error:
+                r = {"mode": mode + suffix, "error": f"{type(error).__name__}: {error}"}
+            print(json.dumps(r), flush=True)
+            result["low"].append(r)
+            save()
+            free_cuda()
+
+    rows(("all", "offload-recompute", "offload"))
     embeddings_to_host(setup.model)  # the 0.98 GiB input table to pinned host memory (last: it stays)
-    for mode in ("all", "offload-recompute"):
-        setup.set_ckpt(mode)
-        try:
-            r = train(setup, batches(cfg, batch=1), warmup=1, steps=2)
-            r.update(mode=f"{mode} + embeddings on host", seq=cfg.seq, batch=1)
-        except Exception as error:
-            r = {"mode": f"{mode} + embeddings on host", "error": f"{type(error).__name__}: {error}"}
-        print(json.dumps(r), flush=True)
-        result["low"].append(r)
-        save()
-        free_cuda()
+    rows(("all", "offload-recompute"), " + embeddings on host")
 
 
 def run_parity(result: dict[str, Any], save: Any, args: argparse.Namespace) -> None:
@@ -174,13 +168,13 @@ def run_parity(result: dict[str, Any], save: Any, args: argparse.Namespace) -> N
     save()
 
 
-def run_70b(result: dict[str, Any], save: Any, args: argparse.Namespace, t0: float) -> None:
+def run_70b(result: dict[str, Any], save: Any, args: argparse.Namespace, t0: float, parts: list[str]) -> None:
     cfg = CONFIGS["C"]
     t = time.perf_counter()
     setup = setup_splice(splice_model(llama_config("70b", layers=args.layers_70b, tiny=args.tiny), "nf4"), cfg)
     build_s = time.perf_counter() - t
     init_lora(setup.lora)
-    if "70b" in args.parts.split(","):
+    if "70b" in parts:
         setup.set_ckpt("all")
         weights = torch.cuda.memory_allocated() / GIB if _workload.DEVICE == "cuda" else 0.0
         r = train(setup, batches(cfg, seq=4096, batch=1), warmup=1, steps=2)
@@ -188,7 +182,7 @@ def run_70b(result: dict[str, Any], save: Any, args: argparse.Namespace, t0: flo
         result["70b"] = r
         print(json.dumps(r), flush=True)
         save()
-    if "longest70" in args.parts.split(",") or "longest" in args.parts.split(","):
+    if "longest70" in parts or "longest" in parts:
         run_longest(result, save, args, t0, setup, "70b", start=16384, probes=args.probes_70b)
 
 
@@ -283,7 +277,7 @@ def main() -> None:
             free_cuda()
     if "70b" in parts or "longest70" in parts:
         try:
-            run_70b(result, save, args, t0)
+            run_70b(result, save, args, t0, parts)
         except Exception as error:
             result.setdefault("errors", []).append(f"70b: {type(error).__name__}: {error}")
             traceback.print_exc()

@@ -34,6 +34,7 @@ __all__ = [
     "Rule",
     "kind_of",
     "nodes",
+    "param_uses",
     "rewrite",
     "innermost",
     "rewritten_nodes",
@@ -128,6 +129,15 @@ def weight_of(module: nn.Module) -> Tensor:
     if not isinstance(weight, Tensor):
         raise TypeError(f"{type(module).__name__}.weight is a {type(weight).__name__}, not a tensor")
     return weight
+
+
+def param_uses(model: nn.Module) -> dict[int, int]:
+    """``id(parameter) -> how many module attributes hold it``: above 1, the weight is tied
+    (e.g. an output head sharing the input embedding)."""
+    uses: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        uses[id(param)] = uses.get(id(param), 0) + 1
+    return uses
 
 
 def innermost(module: nn.Module) -> nn.Module:

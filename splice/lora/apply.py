@@ -14,7 +14,16 @@ from torch import Tensor, nn
 
 from splice.core.family import is_conv1d
 from splice.core.progress import progress
-from splice.core.rewrite import Around, Node, innermost, rewrite, rewritten_nodes, unrewrite, weight_of
+from splice.core.rewrite import (
+    Around,
+    Node,
+    innermost,
+    param_uses,
+    rewrite,
+    rewritten_nodes,
+    unrewrite,
+    weight_of,
+)
 from splice.core.targets import target_matcher
 from splice.lora.dora_layers import DoraConv2d, DoraLinear, _DoraLayer
 from splice.lora.init import from_weight, init_factors, init_name
@@ -110,9 +119,7 @@ def merge(model: nn.Module, *, unload: bool = False) -> list[str]:
     weights (ready for ``save_pretrained``). Returns the merged module names.
     """
     found = _require_lora(model)
-    uses: dict[int, int] = {}
-    for _, param in model.named_parameters(remove_duplicate=False):
-        uses[id(param)] = uses.get(id(param), 0) + 1
+    uses = param_uses(model)
     tied = [name for name, wrapper, layer in found
             if not layer.merged and uses.get(id(getattr(innermost(wrapper), "weight", None)), 0) > 1]
     if tied:

@@ -17,10 +17,9 @@ table came from.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from splice.core.rewrite import Node, Replace, rewrite
+from splice.core.rewrite import Node, Replace, param_uses, rewrite
 
 __all__ = ["HostEmbedding", "embeddings_to_host"]
 
@@ -41,7 +40,7 @@ class HostEmbedding(nn.Module):
             table = table.pin_memory()  # the gathered rows come from pinned pages: async copy
         self.register_buffer("weight", table)
         self.home = embedding.weight.device  # where unrewrite puts the table back
-        self.padding_idx, self.max_norm = embedding.padding_idx, embedding.max_norm
+        self.padding_idx = embedding.padding_idx  # (only the gradient reads it: kept for restore)
         self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]  # torch's own signature
@@ -52,12 +51,12 @@ class HostEmbedding(nn.Module):
             raise RuntimeError(
                 "an input embedding in host memory (splice.embeddings_to_host) cannot run inside "
                 "a CUDA graph: train without graphs, or keep the embedding on the GPU")
-        rows = F.embedding(ids.cpu(), self.weight, self.padding_idx)  # (b, s, d) on the host
-        if ids.device.type == "cpu":
-            return rows
-        if torch.cuda.is_available():
-            rows = rows.pin_memory()
-        return rows.to(ids.device, non_blocking=True)
+        flat = ids.reshape(-1).cpu()
+        # gathered straight into pinned pages (one host copy), which then upload asynchronously
+        rows = torch.empty((flat.numel(), self.embedding_dim), dtype=self.weight.dtype,
+                           pin_memory=ids.device.type == "cuda")
+        torch.index_select(self.weight, 0, flat, out=rows)
+        return rows.view(*ids.shape, self.embedding_dim).to(ids.device, non_blocking=True)
 
     def restore(self) -> nn.Embedding:
         """A plain ``nn.Embedding`` holding the table on its original device (for ``unrewrite``)."""
@@ -73,12 +72,10 @@ class HostEmbedding(nn.Module):
 def embeddings_to_host(model: nn.Module) -> list[str]:
     """Move ``model``'s frozen input embedding(s) to host memory; returns the rewritten names.
 
-    Raises ``ValueError`` (before changing anything) when the input embedding is trainable or
-    tied to another module's weight, such as an output head that shares it.
+    Raises ``ValueError`` (before changing anything) when the input embedding is trainable,
+    renormalized (``max_norm``), or tied to another module's weight, such as an output head.
     """
-    uses: dict[int, int] = {}
-    for _, param in model.named_parameters(remove_duplicate=False):
-        uses[id(param)] = uses.get(id(param), 0) + 1
+    uses = param_uses(model)
     get = getattr(model, "get_input_embeddings", None)
     inputs = get() if callable(get) else None
     if inputs is not None and type(inputs) is not nn.Embedding:
@@ -92,6 +89,9 @@ def embeddings_to_host(model: nn.Module) -> list[str]:
         if weight.requires_grad:
             raise ValueError("the input embedding is trainable: freeze it (splice.freeze, or "
                              "add_lora, which freezes the base) before moving it to host memory")
+        if embedding.max_norm is not None:  # nn.Embedding would renormalize rows in its forward
+            raise ValueError("the input embedding has max_norm set, which rewrites its table on "
+                             "every lookup: it must stay an nn.Embedding")
         if uses.get(id(weight), 0) > 1:
             raise ValueError("the input embedding's weight is tied to another module (e.g. the "
                              "output head): it must stay on the GPU; untie the weights first")

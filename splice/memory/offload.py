@@ -32,6 +32,7 @@ def pinned_empty(shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> Ten
     buffer = torch.empty(shape, dtype=dtype)
     cudart = torch.cuda.cudart()
     if int(cudart.cudaHostRegister(buffer.data_ptr(), nbytes, 0)) != 0:  # e.g. a locked-memory limit
+        cudart.cudaGetLastError()  # or the next kernel launch check reports this failure as its own
         return torch.empty(shape, dtype=dtype, pin_memory=True)
     # unregistered when the tensor goes (the pool holds its buffers until clear() or the model goes)
     weakref.finalize(buffer, cudart.cudaHostUnregister, buffer.data_ptr())

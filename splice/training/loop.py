@@ -44,10 +44,10 @@ from splice.training.report import MetricsLog, Progress, check_trackers, open_tr
 from splice.training.rundir import run_directory
 from splice.training.setup import (
     RunData,
-    fuse_and_checkpoint,
     prepare_data,
     prepare_model,
     prepare_rows,
+    run_rewrites,
 )
 from splice.training.state import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
 from splice.training.validate import validation_loss
@@ -236,9 +236,9 @@ def _train(config: TrainConfig, *, log: Progress | None, env: DistEnv | None) ->
     summary = freeze(model)
     say = (log.message if log else print) if main else (lambda _text: None)
     say(str(summary))
-    sped = fuse_and_checkpoint(model, config, device)
+    sped = run_rewrites(model, config, device)
     if sped:
-        say(f"fused kernels / checkpointing on {len(sped)} modules")
+        say(f"fused kernels / checkpointing / host embedding on {len(sped)} modules")
     say(data.describe())
     wrapped = None
     if env is not None:

@@ -25,7 +25,7 @@ from splice.evaluation.scoring import Task, text_task
 from splice.models.loading import load_model
 from splice.training.config import TrainConfig
 
-__all__ = ["RunData", "RunRows", "fuse_and_checkpoint", "prepare_data", "prepare_model", "prepare_rows"]
+__all__ = ["RunData", "RunRows", "prepare_data", "prepare_model", "prepare_rows", "run_rewrites"]
 
 
 def prepare_model(config: TrainConfig, *, load_device: torch.device | None = None,
@@ -45,9 +45,10 @@ def prepare_model(config: TrainConfig, *, load_device: torch.device | None = Non
     return model, tokenizer, device, precision
 
 
-def fuse_and_checkpoint(model: nn.Module, config: TrainConfig, device: torch.device) -> list[str]:
-    """Opt-in rewrites after LoRA is attached: fused kernels (``fuse``, on by default on a GPU)
-    and activation checkpointing of the decoder layers. Returns what was rewritten."""
+def run_rewrites(model: nn.Module, config: TrainConfig, device: torch.device) -> list[str]:
+    """Opt-in rewrites after LoRA is attached: fused kernels (``fuse``, on by default on a GPU),
+    activation checkpointing of the decoder layers, and the input embedding in host memory
+    (``embeddings_on_host``). Returns what was rewritten."""
     from splice.fused.apply import fuse
     from splice.memory.checkpointing import checkpoint_layers
 

@@ -55,6 +55,11 @@ def test_tied_or_trainable_tables_are_refused_and_nothing_changes() -> None:
     with pytest.raises(ValueError, match="input embedding is trainable: freeze it"):
         embeddings_to_host(trainable)
     assert type(trainable.model.embed_tokens) is torch.nn.Embedding
+    renormed = lora_llama(layers=1)
+    renormed.model.embed_tokens.max_norm = 1.0
+    with pytest.raises(ValueError, match="max_norm set"):
+        embeddings_to_host(renormed)
+    assert type(renormed.model.embed_tokens) is torch.nn.Embedding
 
 
 @GPU

@@ -135,7 +135,7 @@ def test_checkpointing_and_fast_kernels_keep_the_trajectory(tiny_run_inputs, tmp
     sped = train(run_config(tiny_run_inputs, tmp_path / "sped", steps=4, dropout=0.0, fuse=True,
                          gradient_checkpointing=True, device="cpu"))
     # 14 LoRA linears + 5 norms + 2 MLPs + 2 attentions fused, 2 decoder layers checkpointed
-    assert "fused kernels / checkpointing on 25 modules" in capsys.readouterr().out
+    assert "fused kernels / checkpointing / host embedding on 25 modules" in capsys.readouterr().out
     torch.testing.assert_close(torch.tensor(sped.losses), torch.tensor(plain.losses), rtol=1e-5, atol=1e-5)
     from safetensors.torch import load_file
 
@@ -161,6 +161,19 @@ def test_embeddings_on_host_keep_the_trajectory(tiny_run_inputs, tmp_path, devic
     host = train(run_config(tiny_run_inputs, tmp_path / "host", embeddings_on_host=True, **options))
     assert host.cuda_graphs == 0  # off by default with the table on the host
     assert host.losses == plain.losses  # the same rows reach the same kernels
+
+
+def test_embeddings_on_host_installs_the_host_table(make_tiny_llama) -> None:
+    from splice.memory.host_embedding import HostEmbedding
+    from splice.training.setup import run_rewrites
+
+    model = make_tiny_llama()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    config = TrainConfig(embeddings_on_host=True, fuse=False)
+    assert run_rewrites(model, config, torch.device("cpu")) == ["model.embed_tokens"]
+    assert isinstance(model.model.embed_tokens, HostEmbedding)
+    assert run_rewrites(make_tiny_llama(), TrainConfig(fuse=False), torch.device("cpu")) == []
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
