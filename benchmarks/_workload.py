@@ -153,10 +153,12 @@ def setup_splice(base: nn.Module, cfg: Config) -> Setup:
 
     def set_ckpt(mode: str) -> None:
         uncheckpoint_layers(base)
+        mode, _, host_layers = mode.partition(":")  # "offload-recompute:76": only 76 layers to the host
         chunk["rows"] = 1024 if mode in ("off", "on") else 256
         if mode != "off":
             # "offload" keeps the attention internals too (offloaded); "offload-recompute" does not
-            checkpoint_layers(base, layers="auto" if mode == "on" else "all", offload=mode.startswith("offload"),
+            offload: bool | int = int(host_layers) if host_layers else mode.startswith("offload")
+            checkpoint_layers(base, layers="auto" if mode == "on" else "all", offload=offload,
                               keep_attention=mode == "offload")
 
     def loss(ids: Tensor) -> Tensor:
@@ -255,6 +257,9 @@ def try_one_step(setup: Setup, cfg: Config, seq: int) -> dict[str, Any]:
         r = train(setup, batches(cfg, seq=seq, batch=1), warmup=0, steps=1)
         result.update(ok=True, seconds=r["step_ms"] / 1000, peak_gib=r["peak_gib"], tok_s=r["tok_s"],
                       loss=r["losses"][0])
+        import resource  # the process's peak resident host memory so far (pinned buffers included)
+
+        result["host_peak_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     except torch.OutOfMemoryError:
         result.update(ok=False)
     for p in setup.model.parameters():

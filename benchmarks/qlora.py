@@ -204,7 +204,8 @@ def run_longest(result: dict[str, Any], save: Any, args: argparse.Namespace, t0:
         torch.cuda.set_per_process_memory_fraction(min(1.0, CAP_GIB / total))
     # inputs offloaded, attention recomputed: host memory is one layer input per layer (keeping
     # the attention internals too would need ~4.5x that in pinned host memory)
-    setup.set_ckpt("offload-recompute")
+    host_layers = args.host_layers_70b if shape == "70b" else None
+    setup.set_ckpt("offload-recompute" + (f":{host_layers}" if host_layers else ""))
     if probes:
         tried: list[dict[str, Any]] = []
         for seq in probes:
@@ -217,7 +218,7 @@ def run_longest(result: dict[str, Any], save: Any, args: argparse.Namespace, t0:
         ok = [p["seq"] for p in tried if p["ok"]]
         bad = [p["seq"] for p in tried if not p["ok"]]
         r = {"longest_ok": max(ok) if ok else None, "shortest_oom": min(bad) if bad else None,
-             "probes": tried, "searched": False}
+             "probes": tried, "searched": False, "host_layers": host_layers}
     else:
         r = _maxseq(setup, CONFIGS["C"], start=start, cap=1 << 21, gran=8192, budget_s=budget / 2)
     r["cap_gib"] = CAP_GIB
@@ -241,6 +242,8 @@ def main() -> None:
     seqs = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
     parser.add_argument("--probes-8b", type=seqs, default=None, help="lengths to try instead of searching")
     parser.add_argument("--probes-70b", type=seqs, default=None, help="lengths to try instead of searching")
+    parser.add_argument("--host-layers-70b", type=int, default=None,
+                        help="longest 70b: offload only the last N layer inputs (host memory bound)")
     parser.add_argument("--tiny", action="store_true", help="small shapes (a CPU smoke test of this script)")
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args()

@@ -14,10 +14,12 @@ forward/backward hooks see the whole step:
   (``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``).
 
 Sharding works on any parameter FSDP2 can split on dim 0, tensor subclasses included: a quantized
-weight class (e.g. NF4) that implements FSDP2's extension hooks ``fsdp_pre_all_gather`` /
-``fsdp_post_all_gather`` (as torchao's ``NF4Tensor`` does) is sharded in its packed form and
-all-gathered packed; :func:`unshardable_params` names any that do not, and the wrap then falls
-back to DDP with that reason.
+weight class that implements FSDP2's extension hooks ``fsdp_pre_all_gather`` /
+``fsdp_post_all_gather`` (splice's :class:`~splice.quant.nf4.NF4Tensor`, as torchao's) is sharded
+in its packed form and all-gathered packed (:mod:`splice.quant.nf4_shard`), so a QLoRA model
+spreads over the ranks in 4 bits. :func:`unshardable_params` names any weight that cannot be
+(a subclass without the hooks, or one whose ``shard_problem(world_size)`` gives a reason: NF4
+rows that do not split into whole blocks), and the wrap then falls back to DDP with that reason.
 
 Both kinds average gradients over ranks, so the loop scales each rank's summed loss by
 ``world_size / global target count`` (see :mod:`splice.distributed.shards`).
@@ -116,14 +118,25 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return best
 
 
-def unshardable_params(model: nn.Module) -> list[str]:
-    """Parameters FSDP2 cannot shard: tensor subclasses without its all-gather hooks."""
+def unshardable_params(model: nn.Module, *, world_size: int) -> list[str]:
+    """Parameters FSDP2 cannot shard over ``world_size`` ranks: tensor subclasses without its
+    all-gather hooks, or whose ``shard_problem(world_size)`` names a reason."""
     bad = []
     for name, param in model.named_parameters():
         data = param.data if isinstance(param, nn.Parameter) else param
-        if type(data) is not Tensor and not hasattr(data, "fsdp_pre_all_gather"):
-            bad.append(f"{name} ({type(data).__name__})")
+        if type(data) is Tensor:
+            continue
+        if not hasattr(data, "fsdp_pre_all_gather"):
+            bad.append(f"{name} ({type(data).__name__}: no fsdp_pre_all_gather hooks)")
+        elif callable(problem := getattr(data, "shard_problem", None)) and (why := problem(world_size)):
+            bad.append(f"{name} ({type(data).__name__}: {why})")
     return bad
+
+
+def _stored_bytes(param: Tensor) -> int:
+    """Bytes a weight takes on its device (a packed subclass reports its own)."""
+    stored = getattr(param, "nbytes_stored", None)
+    return int(stored()) if callable(stored) else param.numel() * param.element_size()
 
 
 def shard_reason(model: nn.Module, *, shard: bool, device: torch.device) -> str | None:
@@ -133,7 +146,7 @@ def shard_reason(model: nn.Module, *, shard: bool, device: torch.device) -> str 
         return "--shard"
     if device.type != "cuda":
         return None
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = sum(_stored_bytes(p) for p in model.parameters())
     total = torch.cuda.get_device_properties(device).total_memory
     if weights > _FITS_SHARE * total:
         return (f"the weights ({weights / 2**30:.1f} GiB) take over {_FITS_SHARE:.0%} of one GPU "
@@ -150,11 +163,12 @@ def wrap_model(model: nn.Module, *, loss: LossFn, env: DistEnv, device: torch.de
     root = LossModule(model, loss)
     notes: list[str] = []
     if shard_why is not None:
-        bad = unshardable_params(model)
+        bad = unshardable_params(model, world_size=env.world_size)
         layers = decoder_layers(model)
         if bad:
-            notes.append(f"FSDP2 asked for ({shard_why}) but cannot shard {', '.join(bad[:3])}: "
-                         "these lack FSDP2's fsdp_pre_all_gather hooks; falling back to DDP")
+            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+            notes.append(f"FSDP2 asked for ({shard_why}) but cannot shard {'; '.join(bad[:3])}{more}; "
+                         "falling back to DDP")
         elif not layers:
             notes.append(f"FSDP2 asked for ({shard_why}) but the model has no list of decoder "
                          "layers to shard one by one; falling back to DDP")

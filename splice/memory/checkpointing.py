@@ -218,7 +218,7 @@ def checkpoint_layers(
     model: nn.Module,
     *,
     layers: LayerSelect = "auto",
-    offload: bool = False,
+    offload: bool | int = False,
     reserve_gib: float = 2.0,
     skip_unread: bool = True,
     keep_attention: bool = False,
@@ -227,7 +227,9 @@ def checkpoint_layers(
 
     ``layers``: ``"auto"`` (checkpoint only what GPU memory requires, decided each step),
     ``"all"``, an int ``n`` (the last ``n`` layers), or a predicate on the layer's path.
-    ``offload``: keep the checkpointed inputs in pinned CPU memory. ``reserve_gib``: GPU memory
+    ``offload``: keep the checkpointed inputs in pinned CPU memory; an int ``n``: only the last
+    ``n`` layers' (the first keep theirs on the GPU: when host memory, not the GPU, is what
+    bounds the sequence length). ``reserve_gib``: GPU memory
     "auto" leaves free for the loss and optimizer. ``skip_unread``: in the recompute of a
     Llama-family layer (:data:`RESIDUAL_MLP_LAYERS`) with :mod:`splice.fused.modules`'s MLP, skip the
     ``down_proj`` GEMM whose value nobody reads (about a quarter of the recompute's FLOPs).
@@ -248,6 +250,8 @@ def checkpoint_layers(
     plan = _AutoPlan(n_layers=total, reserve_gib=reserve_gib) if layers == "auto" else None
     shared = _Shared(plan=plan, pool=OffloadPool())
     index = {n.name: i for i, n in enumerate(found)}
+    if not isinstance(offload, bool) and not 0 <= offload <= total:
+        raise ValueError(f"checkpoint_layers: offload={offload} layers, but the model has {total}")
 
     def selected(name: str) -> bool:
         if layers in ("auto", "all"):
@@ -262,7 +266,9 @@ def checkpoint_layers(
         if node.name not in index:
             return None
         return Replace(CheckpointedLayer(node.module, index=index[node.name], shared=shared,
-                                         select=selected(node.name), offload=offload,
+                                         select=selected(node.name),
+                                         offload=offload if isinstance(offload, bool)
+                                         else index[node.name] >= total - offload,
                                          skip_unread=skip_unread,
                                          keep_attention=keep_attention))
 

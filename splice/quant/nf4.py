@@ -13,8 +13,12 @@ changing the float dtype changes only the compute dtype; ``t()`` and ``mm``/``ad
 ``nn.Linear`` whose weight is an NF4Tensor trains (gradients flow to the input, none to the
 frozen weight) and autograd saves the 4-bit weight, never a dequantized copy. Any other op
 dequantizes first (correct, not fast); in-place writes are refused.
-``__tensor_flatten__``/``__tensor_unflatten__`` describe the inner tensors for tracing and, later,
-FSDP2 sharding (not done yet: sharding ops such as ``split``/``view`` are not implemented).
+``__tensor_flatten__``/``__tensor_unflatten__`` describe the inner tensors for tracing.
+
+FSDP2 shards it on dim 0 in its packed form (:mod:`splice.quant.nf4_shard` has the layout): the
+ops FSDP2 applies while sharding (``split``, ``new_zeros``, ``narrow``, ``copy_``, ``view(-1)``,
+``as_strided``) keep it 4-bit, and ``fsdp_pre_all_gather``/``fsdp_post_all_gather`` all-gather
+the packed codes and statistics, never a dequantized weight.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_map
 
 from splice.kernels.nf4 import NF4_CODE, dequantize_absmax_reference, dequantize_nf4, dynamic_map
+from splice.quant import nf4_shard
 
 __all__ = ["ABSMAX_BLOCK", "NF4Tensor", "quantize_absmax", "quantize_nf4_codes", "to_nf4"]
 
@@ -133,23 +138,27 @@ class NF4Tensor(Tensor):
     code2: Tensor | None
     block_size: int
     transposed: bool
+    flat: bool
 
     @staticmethod
     def __new__(cls, inner: dict[str, Tensor | None], *, shape: tuple[int, int], block_size: int,
-                dtype: torch.dtype, transposed: bool = False) -> NF4Tensor:
-        view = (shape[1], shape[0]) if transposed else shape
+                dtype: torch.dtype, transposed: bool = False, flat: bool = False) -> NF4Tensor:
+        view: tuple[int, ...] = (shape[1], shape[0]) if transposed else shape
+        if flat:  # FSDP2's view(-1) of a shard
+            view = (shape[0] * shape[1],)
         packed = inner["packed"]
         assert packed is not None
         return Tensor._make_wrapper_subclass(cls, view, dtype=dtype, device=packed.device,
                                              requires_grad=False)
 
     def __init__(self, inner: dict[str, Tensor | None], *, shape: tuple[int, int], block_size: int,
-                 dtype: torch.dtype, transposed: bool = False) -> None:
+                 dtype: torch.dtype, transposed: bool = False, flat: bool = False) -> None:
         for name in _INNER:
             setattr(self, name, inner.get(name))
-        self.weight_shape = tuple(shape)  # (out, in) of the stored (untransposed) weight
+        self.weight_shape = (int(shape[0]), int(shape[1]))  # (out, in) of the stored weight
         self.block_size = block_size
         self.transposed = transposed
+        self.flat = flat
 
     # ---- construction and conversion --------------------------------------------------------
     @classmethod
@@ -185,19 +194,20 @@ class NF4Tensor(Tensor):
         return dequantize_absmax_reference(self.qabsmax, self.scale2, self.offset, self.code2)  # type: ignore[arg-type]
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
-        """The float weight, ``(out, in)`` (or ``(in, out)`` for a transposed view)."""
+        """The float weight, ``(out, in)`` (``(in, out)`` for a transposed view, flat for a flat one)."""
         w = dequantize_nf4(self.packed, self.code, shape=self.weight_shape, block_size=self.block_size,
                            dtype=dtype or self.dtype, absmax=self.absmax, qabsmax=self.qabsmax,
                            scale2=self.scale2, offset=self.offset, code2=self.code2)
-        return w.t() if self.transposed else w
+        return w.t() if self.transposed else w.reshape(-1) if self.flat else w
 
     def _rebuild(self, *, fn: Any = None, dtype: torch.dtype | None = None,
-                 transposed: bool | None = None) -> NF4Tensor:
+                 transposed: bool | None = None, flat: bool | None = None) -> NF4Tensor:
         inner = {name: (None if t is None else (fn(t) if fn else t))
                  for name in _INNER for t in [getattr(self, name)]}
-        return NF4Tensor(inner, shape=self.weight_shape, block_size=self.block_size,  # type: ignore[arg-type]
+        return NF4Tensor(inner, shape=self.weight_shape, block_size=self.block_size,
                          dtype=dtype or self.dtype,
-                         transposed=self.transposed if transposed is None else transposed)
+                         transposed=self.transposed if transposed is None else transposed,
+                         flat=self.flat if flat is None else flat)
 
     def nbytes_stored(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.inner_tensors().values())
@@ -210,13 +220,34 @@ class NF4Tensor(Tensor):
     def __tensor_flatten__(self) -> tuple[list[str], dict[str, Any]]:
         names = [name for name in _INNER if getattr(self, name) is not None]
         return names, {"shape": self.weight_shape, "block_size": self.block_size, "dtype": self.dtype,
-                       "transposed": self.transposed}
+                       "transposed": self.transposed, "flat": self.flat}
 
     @staticmethod
     def __tensor_unflatten__(inner: dict[str, Tensor], meta: dict[str, Any], outer_size: Any,
                              outer_stride: Any) -> NF4Tensor:
         return NF4Tensor(dict(inner), shape=meta["shape"], block_size=meta["block_size"],
-                         dtype=meta["dtype"], transposed=meta["transposed"])
+                         dtype=meta["dtype"], transposed=meta["transposed"], flat=meta["flat"])
+
+    # ---- FSDP2 extension hooks (layout: splice.quant.nf4_shard) --------------------------------
+    def shard_problem(self, world_size: int) -> str | None:
+        """Why FSDP2 cannot shard this weight over ``world_size`` ranks in 4 bits (None: it can)."""
+        return nf4_shard.shard_problem(self, world_size)
+
+    def fsdp_pre_all_gather(self, mesh: Any, outer_size: Any, outer_stride: Any, module: Any,
+                            mp_policy: Any) -> tuple[tuple[Tensor, ...], Any]:
+        """This shard's packed codes and statistics (all-gathered by FSDP2 as they are)."""
+        return nf4_shard.pre_all_gather(self, (int(outer_size[0]), int(outer_size[1])),
+                                        world_size=mesh.size())
+
+    def fsdp_post_all_gather(self, outputs: tuple[Tensor, ...], metadata: Any, param_dtype: torch.dtype,
+                             *, out: Tensor | None = None) -> tuple[NF4Tensor, tuple[Tensor, ...]] | None:
+        """The whole weight over the gathered tensors (``out``: FSDP2 refilled them in place)."""
+        if out is not None:
+            assert isinstance(out, NF4Tensor), type(out)
+            return None
+        names, layout, shape, block_size, replicated = metadata
+        inner = {**nf4_shard.unpack_gathered(names, layout, outputs), **replicated}
+        return NF4Tensor(inner, shape=shape, block_size=block_size, dtype=param_dtype), tuple(outputs)
 
     # ---- dispatch ---------------------------------------------------------------------------
     # No __torch_function__ layer: ops reach __torch_dispatch__ directly (the hot path is t + mm).
@@ -250,12 +281,13 @@ class NF4Tensor(Tensor):
             move = (lambda t: t.to(device, non_blocking=kwargs.get("non_blocking", False))) if device else None
             return self._rebuild(fn=move, dtype=dtype)
         if func is aten.copy_.default and isinstance(args[0], NF4Tensor) and isinstance(args[1], NF4Tensor):
-            dst, src = args
-            for name, t in dst.inner_tensors().items():
-                t.copy_(getattr(src, name))
-            return dst
+            return nf4_shard.copy_into(args[0], args[1])
         if func in (aten.is_same_size.default,):
             return args[0].shape == args[1].shape
+        if func in nf4_shard.SHARDING_OPS:  # FSDP2's sharding ops; NotImplemented: dequantize
+            result = nf4_shard.SHARDING_OPS[func](*args, **kwargs)
+            if result is not NotImplemented:
+                return result
         if func._schema.is_mutable or func.__name__.endswith("_"):
             raise TypeError(
                 f"NF4Tensor does not support in-place {func.__name__}: the weight is stored in 4 "

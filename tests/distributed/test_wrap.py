@@ -22,20 +22,43 @@ from tests.numerics import GPU
 from tests.tiny import run_config
 
 COMMON = dict(steps=4, dropout=0.0, lr=1e-2, device="cpu", save_every=0, grad_accum=2)
+NF4 = dict(quantize="nf4")
 RUNS = {  # name: options of each rank's run (batch_size is per rank)
     "ddp": dict(batch_size=2, fuse=False),
     "fsdp2": dict(batch_size=2, fuse=False, shard=True),
     "ddp_fast": dict(batch_size=2, fuse=True, gradient_checkpointing=True),
     "fsdp2_fast": dict(batch_size=2, fuse=True, gradient_checkpointing=True, shard=True),
+    # QLoRA sharded in 4 bits. The tiny model's shards cut its 256-block absmax groups, so they
+    # hold fp32 absmax; the wide one's shards keep the double-quantized statistics.
+    "fsdp2_nf4": dict(batch_size=2, fuse=False, shard=True, **NF4),
+    "fsdp2_nf4_wide": dict(batch_size=2, fuse=False, shard=True, **NF4),
 }
+REFERENCE = {"fsdp2_nf4": "nf4", "fsdp2_nf4_wide": "nf4_wide"}  # the one-process run each matches
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tiny_run_inputs, tmp_path_factory) -> Path:
+def wide_model(tmp_path_factory) -> Path:
+    """The tiny tokenizer with a Llama of hidden 256, MLP 512: each projection split over 2 ranks
+    is a whole number of 256-block absmax groups."""
+    from tests.tiny import build_tiny_tokenizer, llama
+
+    root = tmp_path_factory.mktemp("wide") / "model"
+    tokenizer = build_tiny_tokenizer()
+    llama(vocab=len(tokenizer), hidden=256, intermediate=512, eos_token_id=2, pad_token_id=0,
+          bos_token_id=None).save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    return root
+
+
+def _options(name: str, wide_model: Path) -> dict:
+    return {**COMMON, **RUNS[name], **({"model": str(wide_model)} if name.endswith("_wide") else {})}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny_run_inputs, wide_model, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ranks")
     job = {"inputs": [str(p) for p in tiny_run_inputs],
-           "runs": [{"out": str(root / name), "options": {**COMMON, **options}}
-                    for name, options in RUNS.items()]}
+           "runs": [{"out": str(root / name), "options": _options(name, wide_model)} for name in RUNS]}
     results = run_ranks(job, world=2, timeout=400)
     check(results)
     (root / "rank0.log").write_text(results[0].stdout + results[0].stderr)
@@ -44,10 +67,13 @@ def two_ranks(tiny_run_inputs, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def one_process(tiny_run_inputs, tmp_path_factory):
-    out = tmp_path_factory.mktemp("single") / "run"
-    result = train(run_config(tiny_run_inputs, out, **{**COMMON, "batch_size": 4, "fuse": False}))
-    return result, out
+def one_process(tiny_run_inputs, wide_model, tmp_path_factory):
+    """One plain process per reference (batch 4: both ranks' rows): {name: (result, out dir)}."""
+    root = tmp_path_factory.mktemp("single")
+    runs = {"plain": {}, "nf4": NF4, "nf4_wide": {**NF4, "model": str(wide_model)}}
+    return {name: (train(run_config(tiny_run_inputs, root / name,
+                                    **{**COMMON, "batch_size": 4, "fuse": False, **extra})), root / name)
+            for name, extra in runs.items()}
 
 
 def _result(root: Path, name: str, rank: int) -> dict:
@@ -56,13 +82,13 @@ def _result(root: Path, name: str, rank: int) -> dict:
 
 @pytest.mark.parametrize("name", list(RUNS))
 def test_two_ranks_match_one_process(two_ranks: Path, one_process, name: str) -> None:
-    single, single_out = one_process
+    single, single_out = one_process[REFERENCE.get(name, "plain")]
     ranks = [_result(two_ranks, name, r) for r in (0, 1)]
-    assert ranks[0]["parallel"] == name.removesuffix("_fast") and ranks[0]["world_size"] == 2
+    assert ranks[0]["parallel"] == name.split("_")[0] and ranks[0]["world_size"] == 2
     assert ranks[0]["losses"] == ranks[1]["losses"]  # all-reduced: every rank reports the same
     torch.testing.assert_close(torch.tensor(ranks[0]["losses"]), torch.tensor(single.losses),
                                rtol=1e-5, atol=1e-5)
-    assert single.losses[-1] < single.losses[0] - 1.0  # it trained
+    assert single.losses[-1] < single.losses[0] - (1.0 if name in ("ddp", "fsdp2") else 0.0)  # it trained
     # One adapter, written by rank 0 from the gathered parameters, in PEFT format.
     ours = load_file(two_ranks / name / "adapter" / "adapter_model.safetensors")
     ref = load_file(single_out / "adapter" / "adapter_model.safetensors")
@@ -77,6 +103,7 @@ def test_rank_zero_alone_prints_and_writes(two_ranks: Path) -> None:
     rank0, rank1 = (two_ranks / "rank0.log").read_text(), (two_ranks / "rank1.log").read_text()
     assert "FSDP2 (--shard): 2 decoder layers + root sharded over 2 rank(s), fp32" in rank0
     assert "DDP over 2 rank(s)" in rank0
+    assert "falling back" not in rank0  # the NF4 runs were sharded, in 4 bits
     assert "trainable" in rank0.lower() and "adapter saved to" in rank0
     assert "adapter saved to" not in rank1 and "DDP over" not in rank1
     records = [json.loads(line) for line in (two_ranks / "fsdp2" / "metrics.jsonl").read_text().splitlines()]
@@ -87,13 +114,17 @@ def test_rank_zero_alone_prints_and_writes(two_ranks: Path) -> None:
 # --- on a GPU: FSDP2 at world size 1 (no torchrun) against the same run without it ---------------
 
 @GPU
+@pytest.mark.parametrize("quantize", [None, "nf4"])
 @pytest.mark.parametrize("fast", [False, True])
-def test_fsdp2_world_of_one_matches_the_plain_step_on_gpu(tiny_run_inputs, tmp_path, fast: bool) -> None:
+def test_fsdp2_world_of_one_matches_the_plain_step_on_gpu(tiny_run_inputs, tmp_path, capsys, fast: bool,
+                                                          quantize: str | None) -> None:
+    # nf4: the 4-bit weights are FSDP2 parameters, all-gathered through NF4Tensor's hooks
     options = dict(steps=6, dropout=0.0, lr=1e-2, device="cuda", save_every=0, batch_size=4,
-                   fuse=fast, cuda_graphs=False, pack=True, max_length=64)
+                   fuse=fast, cuda_graphs=False, pack=True, max_length=64, quantize=quantize)
     plain = train(run_config(tiny_run_inputs, tmp_path / "plain", **options))
     sharded = train(run_config(tiny_run_inputs, tmp_path / "sharded", shard=True, **options))
     assert plain.parallel == "none" and sharded.parallel == "fsdp2" and sharded.world_size == 1
+    assert "falling back" not in capsys.readouterr().out
     # bf16 compute both ways (autocast vs FSDP2's bf16 parameter policy): bf16-rounding agreement
     diffs = [abs(a - b) for a, b in zip(plain.losses, sharded.losses, strict=True)]
     assert max(diffs) < 0.03, diffs
@@ -130,12 +161,13 @@ def test_decoder_layers_and_shardable_weights(make_tiny_llama) -> None:
 
     model = make_tiny_llama()
     assert decoder_layers(model) == list(model.model.layers)
-    assert unshardable_params(model) == []
+    assert unshardable_params(model, world_size=2) == []
     proj = model.model.layers[0].mlp.down_proj
     proj.weight = torch.nn.Parameter(proj.weight.detach().as_subclass(_Packed), requires_grad=False)
-    assert unshardable_params(model) == ["model.layers.0.mlp.down_proj.weight (_Packed)"]
+    assert unshardable_params(model, world_size=2) == [
+        "model.layers.0.mlp.down_proj.weight (_Packed: no fsdp_pre_all_gather hooks)"]
     proj.weight = torch.nn.Parameter(proj.weight.detach().as_subclass(_PackedWithHooks), requires_grad=False)
-    assert unshardable_params(model) == []  # an NF4-style subclass with the hooks can be sharded
+    assert unshardable_params(model, world_size=2) == []  # a subclass with the hooks can be sharded
     assert shard_reason(model, shard=True, device=torch.device("cpu")) == "--shard"
     assert shard_reason(model, shard=False, device=torch.device("cpu")) is None
 
@@ -167,5 +199,16 @@ def test_a_weight_fsdp2_cannot_shard_falls_back_to_ddp_and_says_why(make_tiny_ll
     finally:
         stop(env)
     assert wrapped.kind == "ddp"
-    assert "cannot shard model.layers.1.self_attn.q_proj.weight (_Packed)" in wrapped.notes[0]
+    assert "cannot shard model.layers.1.self_attn.q_proj.weight (_Packed: no fsdp_pre_all_gather hooks)" in wrapped.notes[0]
     assert "falling back to DDP" in wrapped.notes[0]
+
+
+def test_nf4_weights_shard_unless_their_rows_do_not_split(make_tiny_llama) -> None:
+    from splice.distributed.wrap import unshardable_params
+    from splice.quant.linear import quantize_nf4
+
+    model = make_tiny_llama()
+    quantize_nf4(model)
+    assert unshardable_params(model, world_size=2) == []  # 4-bit shards (tests/quant/test_nf4_shard.py)
+    assert unshardable_params(model, world_size=3)[0] == (
+        "model.layers.0.self_attn.q_proj.weight (NF4Tensor: its 32 rows do not split evenly over 3 ranks)")

@@ -19,9 +19,9 @@ from tests.tiny import assert_same, lora_llama, loss_and_grads, spy_causal_only
 
 
 @pytest.mark.parametrize("fast", [False, True])
-@pytest.mark.parametrize("offload", [False, True])
+@pytest.mark.parametrize("offload", [False, True, 2])
 @pytest.mark.parametrize("layers", ["all", "auto"])
-def test_same_loss_and_grads_with_dropout_replayed(fast: bool, offload: bool, layers: str) -> None:
+def test_same_loss_and_grads_with_dropout_replayed(fast: bool, offload: bool | int, layers: str) -> None:
     plain = lora_llama(dropout=0.2, layers=3)
     if fast:
         fuse(plain)
@@ -46,6 +46,14 @@ def test_selection_by_count_and_predicate() -> None:
     loss_and_grads(model, ids)
 
 
+def test_offload_of_the_last_n_layers_only() -> None:
+    model = lora_llama(layers=3)
+    checkpoint_layers(model, layers="all", offload=2)  # layer 0's input stays on the device
+    assert [m.offload for m in model.modules() if isinstance(m, CheckpointedLayer)] == [False, True, True]
+    with pytest.raises(ValueError, match="offload=4 layers, but the model has 3"):
+        checkpoint_layers(lora_llama(layers=3), layers="all", offload=4)
+
+
 def test_structure_lora_visibility_and_undo() -> None:
     model = lora_llama(layers=3, dropout=0.1)
     keys = list(model.state_dict())
@@ -68,8 +76,8 @@ def test_structure_lora_visibility_and_undo() -> None:
 
 
 @GPU
-@pytest.mark.parametrize("offload", [False, True])
-def test_gpu_checkpoint_saves_memory_and_matches(offload: bool) -> None:
+@pytest.mark.parametrize("offload", [False, True, 2])
+def test_gpu_checkpoint_saves_memory_and_matches(offload: bool | int) -> None:
     plain = lora_llama(device="cuda", dtype=torch.bfloat16, layers=4, hidden=256, dropout=0.1)
     fuse(plain)
     ckpt = copy.deepcopy(plain)
