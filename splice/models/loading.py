@@ -218,6 +218,7 @@ def load_model(
     device: str | torch.device = "cpu",
     cache_dir: str | Path | None = None,
     quantize: str | None = None,
+    quantize_device: str | torch.device | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer.
 
@@ -235,6 +236,8 @@ def load_model(
     stream in (:func:`splice.models.streaming.load_quantized`: the skeleton is built on the meta
     device, so the float model is never held; ``dtype`` is the compute dtype). A local folder of
     safetensors files (or the converted GGUF), including bitsandbytes 4-bit checkpoints.
+    ``quantize_device``: where the quantization runs when not on ``device`` (a GPU, for a model
+    kept on the CPU).
     """
     folder = _resolve(source, cache_dir)
     _check_tokenizer_files(folder)
@@ -243,7 +246,8 @@ def load_model(
 
         if not Path(folder).is_dir():
             raise ValueError(f"quantize={quantize!r} needs a local model folder; {folder!r} is not one")
-        model = load_quantized(folder, quantize=quantize, device=device, dtype=dtype)
+        model = load_quantized(folder, quantize=quantize, device=device, dtype=dtype,
+                               quantize_device=quantize_device)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         return _finish_load(model, tokenizer)  # type: ignore[arg-type]
     try:

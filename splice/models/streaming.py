@@ -3,7 +3,10 @@
 :func:`load_quantized` never holds the float model: the skeleton costs no memory, each
 safetensors tensor is read (memory-mapped: host memory about one tensor), moved to ``device``
 and, for a targeted linear's weight, quantized there at once (NF4 or int8) before the next one
-is read. Peak device memory is about the quantized model plus one float weight. The quantized
+is read. Peak device memory is about the quantized model plus one float weight. With
+``quantize_device`` the arithmetic runs there (a GPU: seconds for a 70B) and each quantized
+weight then moves to ``device`` (the CPU, for FSDP2 to shard from): the GPU holds one float
+weight at a time, never the model. The quantized
 linears are installed by one rewrite at the end (:mod:`splice.core.rewrite`), the same
 ``NF4Linear``/``Int8Linear`` that :func:`splice.quant.linear.quantize_nf4` makes, so both paths
 give identical codes.
@@ -65,11 +68,13 @@ def _targets(model: nn.Module, targets: Targets) -> dict[str, nn.Module]:
             if matches(node) and isinstance(node.module, nn.Linear)}
 
 
-def _quantized(weight: Tensor, bias: Tensor | None, quantize: str, block_size: int) -> nn.Module:
+def _quantized(weight: Tensor, bias: Tensor | None, quantize: str, block_size: int,
+               device: torch.device) -> nn.Module:
+    """The quantized linear of ``weight`` (quantized where it is), its tensors on ``device``."""
     bias_p = None if bias is None else nn.Parameter(bias, requires_grad=False)
     if quantize == "nf4":
-        return NF4Linear(NF4Tensor.from_float(weight, block_size=block_size), bias_p)
-    return Int8Linear(weight, bias_p)
+        return NF4Linear(NF4Tensor.from_float(weight, block_size=block_size).to(device), bias_p)  # type: ignore[arg-type]
+    return Int8Linear(weight, bias_p).to(device)
 
 
 def _set_tensor(model: nn.Module, name: str, value: Tensor) -> None:
@@ -85,8 +90,10 @@ def _set_tensor(model: nn.Module, name: str, value: Tensor) -> None:
 
 
 def _materialize(model: nn.Module, tensors: Iterator[tuple[str, Tensor]], *, quantize: str, device: torch.device,
-                 dtype: torch.dtype, targets: Targets, block_size: int) -> list[str]:
-    """Stream ``tensors`` into the skeleton, quantizing targeted linear weights on arrival."""
+                 dtype: torch.dtype, targets: Targets, block_size: int,
+                 quantize_device: torch.device | None = None) -> list[str]:
+    """Stream ``tensors`` into the skeleton, quantizing targeted linear weights on arrival (on
+    ``quantize_device``, default ``device``)."""
     linears = _targets(model, targets)
     built: dict[str, nn.Module] = {}
     pending_bias: dict[str, Tensor] = {}
@@ -104,8 +111,8 @@ def _materialize(model: nn.Module, tensors: Iterator[tuple[str, Tensor]], *, qua
                 bnb_parts.setdefault(path, {})["weight"] = tensor.to(device)
                 _maybe_bnb(path, bnb_parts, built, pending_bias, dtype)
                 continue
-            weight = tensor.to(device=device, dtype=dtype)
-            built[path] = _quantized(weight, pending_bias.pop(path, None), quantize, block_size)
+            weight = tensor.to(device=quantize_device or device, dtype=dtype)
+            built[path] = _quantized(weight, pending_bias.pop(path, None), quantize, block_size, device)
             del weight
             continue
         value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
@@ -184,9 +191,10 @@ def _safetensors(folder: Path) -> Iterator[tuple[str, Tensor]]:
 
 def load_quantized(folder: str | Path, *, quantize: str = "nf4", device: str | torch.device = "cuda",
                    dtype: torch.dtype = torch.bfloat16, targets: Targets = "all-linear",
-                   block_size: int = 64) -> nn.Module:
+                   block_size: int = 64, quantize_device: str | torch.device | None = None) -> nn.Module:
     """The causal LM in ``folder`` with its targeted linears quantized while they stream in
-    (module doc). ``dtype``: the compute dtype and that of every unquantized tensor."""
+    (module doc). ``dtype``: the compute dtype and that of every unquantized tensor.
+    ``quantize_device``: where the quantization runs, if not on ``device``."""
     from transformers import AutoConfig
 
     _check_quantize(quantize)
@@ -196,7 +204,8 @@ def load_quantized(folder: str | Path, *, quantize: str = "nf4", device: str | t
         del config.quantization_config  # a bitsandbytes checkpoint: its parts are read directly
     model = skeleton(config, dtype=dtype)
     _materialize(model, _safetensors(folder), quantize=quantize, device=torch.device(device), dtype=dtype,
-                 targets=targets, block_size=block_size)
+                 targets=targets, block_size=block_size,
+                 quantize_device=None if quantize_device is None else torch.device(quantize_device))
     return model.eval()
 
 

@@ -1,4 +1,4 @@
-"""NF4 weights (QLoRA) as a tensor type: :class:`NF4Tensor`, and the quantizer that makes them.
+"""NF4 weights (QLoRA) as a tensor type: :class:`NF4Tensor` (the encoder is :mod:`splice.quant.nf4_encode`).
 
 The numbers follow bitsandbytes ``quantize_4bit(w, blocksize=64, quant_type="nf4",
 compress_statistics=True)`` exactly (layout and formulas in :mod:`splice.kernels.nf4`): the same
@@ -15,10 +15,31 @@ frozen weight) and autograd saves the 4-bit weight, never a dequantized copy. An
 dequantizes first (correct, not fast); in-place writes are refused.
 ``__tensor_flatten__``/``__tensor_unflatten__`` describe the inner tensors for tracing.
 
-FSDP2 shards it on dim 0 in its packed form (:mod:`splice.quant.nf4_shard` has the layout): the
-ops FSDP2 applies while sharding (``split``, ``new_zeros``, ``narrow``, ``copy_``, ``view(-1)``,
-``as_strided``) keep it 4-bit, and ``fsdp_pre_all_gather``/``fsdp_post_all_gather`` all-gather
-the packed codes and statistics, never a dequantized weight.
+**FSDP2.** The tensor shards on dim 0 in its packed form; the sharding code is the last section
+of this module.
+
+FSDP2 (``fully_shard``) splits every parameter on dim 0 into ``world_size`` equal row ranges and
+all-gathers them per layer. For an ``(out, in)`` NF4 weight, rows ``[r0, r1)`` are the flat
+weights ``[r0 * in, r1 * in)``, so a shard is a slice of each inner tensor:
+
+* ``packed`` (two 4-bit codes a byte): bytes ``[r0 * in / 2, r1 * in / 2)``;
+* per-block statistics (``block_size`` weights a block): blocks ``[b0, b1) = [r0 * in, r1 * in) /
+  block_size``. Double-quantized statistics (``qabsmax`` in groups of 256 blocks, one fp32
+  ``scale2`` a group) stay compressed when a shard holds whole groups (``b0``, ``b1`` multiples
+  of 256: every Llama projection over 2..8 ranks); otherwise the shard holds the fp32 ``absmax``
+  of its blocks, decompressed (the same values: ``code2[q] * scale2 + offset``), since a group
+  cut by a shard boundary has no owner for its ``scale2``;
+* ``code``, ``offset``, ``code2`` (16 levels, one scalar, 256 levels) are copied to every shard.
+
+So a shard needs ``out % world_size == 0`` and a whole number of blocks (:meth:`NF4Tensor.shard_problem`).
+The all-gather moves ``(packed, qabsmax, scale2)`` or ``(packed, absmax)`` of each shard; FSDP2
+concatenates them rank by rank, which is exactly the whole weight's inner tensors, and
+:meth:`NF4Tensor.fsdp_post_all_gather` wraps them again (4.13 bits a weight on the wire, not 16).
+
+The sharding ops are those FSDP2 applies while sharding (``chunk`` -> ``split``, ``new_zeros``,
+``narrow`` -> ``slice``, ``copy_``, ``view(-1)``, ``as_strided``, pinning); each returns an
+NF4Tensor aliasing the inner tensors where the op is a view, or ``NotImplemented`` for shapes
+outside that layout (the caller then dequantizes: correct values, a float result).
 """
 
 from __future__ import annotations
@@ -30,93 +51,9 @@ from torch import Tensor
 from torch.utils._pytree import tree_map
 
 from splice.kernels.nf4 import NF4_CODE, dequantize_absmax_reference, dequantize_nf4, dynamic_map
-from splice.quant import nf4_shard
+from splice.quant.nf4_encode import ABSMAX_BLOCK, quantize_absmax, quantize_nf4_codes
 
 __all__ = ["ABSMAX_BLOCK", "NF4Tensor", "quantize_absmax", "quantize_nf4_codes", "to_nf4"]
-
-ABSMAX_BLOCK = 256  # double quantization: absmax values per fp32 scale (bitsandbytes' choice)
-_CHUNK = 1 << 24  # values quantized at once (bounds the fp32 temporaries of a 70B layer)
-
-
-def _nf4_bounds(device: torch.device) -> Tensor:
-    code = torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
-    return (code[:-1] + code[1:]) / 2  # decision thresholds: nearest level, ties to the lower
-
-
-def _blockwise(flat: Tensor, block: int) -> tuple[Tensor, Tensor]:
-    """(values scaled into [-1, 1], fp32 absmax per block) as bitsandbytes computes them (the
-    last block may be short; an all-zero block stores absmax 0 and divides by 1e-38)."""
-    n = flat.numel()
-    full = n - n % block
-    head = flat[:full].reshape(-1, block)
-    absmax = head.abs().amax(dim=1)
-    scaled = torch.clamp(head * (1.0 / absmax.clamp(min=1e-38)[:, None]), -1, 1).reshape(-1)
-    if full < n:
-        tail_max = flat[full:].abs().amax()
-        absmax = torch.cat([absmax, tail_max[None]])
-        # times the reciprocal, as bitsandbytes' CUDA kernel (a division can round differently)
-        scaled = torch.cat([scaled, torch.clamp(flat[full:] * (1.0 / tail_max.clamp(min=1e-38)), -1, 1)])
-    return scaled, absmax
-
-
-def quantize_nf4_codes(weight: Tensor, *, block_size: int = 64) -> tuple[Tensor, Tensor]:
-    """``(packed (ceil(n/2),) uint8, absmax (n_blocks,) fp32)`` of ``weight`` flattened row-major.
-
-    Runs where ``weight`` is, ``_CHUNK`` values at a time (a whole number of blocks), so the
-    fp32 temporaries stay small whatever the layer.
-    """
-    if block_size < 2 or block_size % 2:
-        raise ValueError(f"NF4 block_size must be a positive even number, got {block_size}")
-    flat = weight.reshape(-1)
-    bounds = _nf4_bounds(weight.device)
-    step = max(block_size, _CHUNK - _CHUNK % block_size)
-    packed, absmax = [], []
-    for start in range(0, flat.numel(), step):
-        scaled, amax = _blockwise(flat[start:start + step].float(), block_size)
-        if scaled.numel() % 2:
-            scaled = torch.nn.functional.pad(scaled, (0, 1))
-        codes = torch.bucketize(scaled, bounds, out_int32=True).to(torch.uint8)
-        packed.append((codes[0::2] << 4) | codes[1::2])
-        absmax.append(amax)
-    return torch.cat(packed), torch.cat(absmax)
-
-
-def quantize_absmax(absmax: Tensor, code2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Double quantization: ``(q (n_blocks,) uint8, scale2 (ceil(n_blocks/256),) fp32, offset ())``
-    with ``absmax ~ code2[q] * scale2[b // 256] + offset`` (bitsandbytes' nested statistics)."""
-    offset = absmax.mean()
-    scaled, scale2 = _blockwise(absmax - offset, ABSMAX_BLOCK)
-    return _search_code(scaled, code2), scale2, offset
-
-
-def _search_code(x: Tensor, code: Tensor) -> Tensor:
-    """bitsandbytes' 8-bit encoder (``dQuantize<0>``, CUDA and CPU), vectorized: a 7-step binary
-    search over the 256 sorted levels, then the nearer of the last pivot and the bracketing value
-    the search saw. Not always the nearest level (the bracket can be a far earlier pivot), which
-    is why this is not a ``bucketize``: the codes must equal bitsandbytes' own."""
-    pivot = torch.full_like(x, 127, dtype=torch.long)
-    upper_pivot = torch.full_like(pivot, 255)
-    lower_pivot = torch.zeros_like(pivot)
-    lower = torch.full_like(x, -1.0)
-    upper = torch.full_like(x, 1.0)
-    val = code[pivot]
-    step = 64
-    while step > 0:
-        right = x > val
-        lower_pivot = torch.where(right, pivot, lower_pivot)
-        lower = torch.where(right, val, lower)
-        upper_pivot = torch.where(right, upper_pivot, pivot)
-        upper = torch.where(right, upper, val)
-        pivot = torch.where(right, pivot + step, pivot - step)
-        val = code[pivot]
-        step //= 2
-    upper = torch.where(upper_pivot == 255, code[255], upper)
-    lower = torch.where(lower_pivot == 0, code[0], lower)
-    right = x > val
-    up = torch.where(x > (upper + val) * 0.5, upper_pivot, pivot)
-    down = torch.where(x < (lower + val) * 0.5, lower_pivot, pivot)
-    return torch.where(right, up, down).to(torch.uint8)
-
 
 _INNER = ("packed", "code", "absmax", "qabsmax", "scale2", "offset", "code2")
 
@@ -228,15 +165,15 @@ class NF4Tensor(Tensor):
         return NF4Tensor(dict(inner), shape=meta["shape"], block_size=meta["block_size"],
                          dtype=meta["dtype"], transposed=meta["transposed"], flat=meta["flat"])
 
-    # ---- FSDP2 extension hooks (layout: splice.quant.nf4_shard) --------------------------------
+    # ---- FSDP2 extension hooks (the sharding section below) -----------------------------------
     def shard_problem(self, world_size: int) -> str | None:
         """Why FSDP2 cannot shard this weight over ``world_size`` ranks in 4 bits (None: it can)."""
-        return nf4_shard.shard_problem(self, world_size)
+        return _shard_problem(self, world_size)
 
     def fsdp_pre_all_gather(self, mesh: Any, outer_size: Any, outer_stride: Any, module: Any,
                             mp_policy: Any) -> tuple[tuple[Tensor, ...], Any]:
         """This shard's packed codes and statistics (all-gathered by FSDP2 as they are)."""
-        return nf4_shard.pre_all_gather(self, (int(outer_size[0]), int(outer_size[1])),
+        return _pre_all_gather(self, (int(outer_size[0]), int(outer_size[1])),
                                         world_size=mesh.size())
 
     def fsdp_post_all_gather(self, outputs: tuple[Tensor, ...], metadata: Any, param_dtype: torch.dtype,
@@ -246,7 +183,7 @@ class NF4Tensor(Tensor):
             assert isinstance(out, NF4Tensor), type(out)
             return None
         names, layout, shape, block_size, replicated = metadata
-        inner = {**nf4_shard.unpack_gathered(names, layout, outputs), **replicated}
+        inner = {**_unpack_gathered(names, layout, outputs), **replicated}
         return NF4Tensor(inner, shape=shape, block_size=block_size, dtype=param_dtype), tuple(outputs)
 
     # ---- dispatch ---------------------------------------------------------------------------
@@ -281,11 +218,11 @@ class NF4Tensor(Tensor):
             move = (lambda t: t.to(device, non_blocking=kwargs.get("non_blocking", False))) if device else None
             return self._rebuild(fn=move, dtype=dtype)
         if func is aten.copy_.default and isinstance(args[0], NF4Tensor) and isinstance(args[1], NF4Tensor):
-            return nf4_shard.copy_into(args[0], args[1])
+            return _copy_into(args[0], args[1])
         if func in (aten.is_same_size.default,):
             return args[0].shape == args[1].shape
-        if func in nf4_shard.SHARDING_OPS:  # FSDP2's sharding ops; NotImplemented: dequantize
-            result = nf4_shard.SHARDING_OPS[func](*args, **kwargs)
+        if func in _SHARDING_OPS:  # FSDP2's sharding ops; NotImplemented: dequantize
+            result = _SHARDING_OPS[func](*args, **kwargs)
             if result is not NotImplemented:
                 return result
         if func._schema.is_mutable or func.__name__.endswith("_"):
@@ -308,3 +245,202 @@ def to_nf4(weight: Tensor, *, block_size: int = 64, double_quant: bool = True,
            dtype: torch.dtype | None = None) -> NF4Tensor:
     """``weight`` (out, in) as an :class:`NF4Tensor` (bitsandbytes' NF4, double-quantized by default)."""
     return NF4Tensor.from_float(weight, block_size=block_size, double_quant=double_quant, dtype=dtype)
+
+
+# ---- FSDP2 sharding (see the module doc) -----------------------------------------------------
+
+_REPLICATED = ("code", "offset", "code2")
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _plain_2d(t: NF4Tensor) -> bool:
+    return not t.transposed and not t.flat
+
+
+def _keeps_double(t: NF4Tensor, rows: int) -> bool:
+    """Whether a shard of ``rows`` rows keeps ``t``'s compressed statistics (module doc)."""
+    if not t.double_quant:
+        return False
+    full, cols = t.weight_shape
+    return rows == full or (rows * cols % t.block_size == 0 and rows * cols // t.block_size % ABSMAX_BLOCK == 0)
+
+
+def _shard_problem(t: NF4Tensor, world_size: int) -> str | None:
+    """Why FSDP2 cannot shard ``t`` over ``world_size`` ranks in its packed form (None: it can)."""
+    if not _plain_2d(t):
+        return "a transposed or flattened view of a weight"
+    if world_size == 1:
+        return None
+    rows, cols = t.weight_shape
+    if rows % world_size:
+        return f"its {rows} rows do not split evenly over {world_size} ranks"
+    if rows // world_size * cols % t.block_size:
+        return (f"a shard of {rows // world_size} x {cols} weights is not a whole number of "
+                f"{t.block_size}-weight NF4 blocks")
+    return None
+
+
+def _rows_of(t: NF4Tensor, r0: int, r1: int) -> NF4Tensor | Any:
+    """Rows ``[r0, r1)`` of ``t`` as an NF4Tensor (views of its inner tensors unless the
+    statistics had to be decompressed), or ``NotImplemented`` off the block grid."""
+    rows, cols = t.weight_shape
+    block = t.block_size
+    e0, e1 = r0 * cols, r1 * cols
+    if not _plain_2d(t) or not 0 <= r0 <= r1 <= rows or e0 % block or (e1 % block and r1 != rows):
+        return NotImplemented
+    b0, b1 = e0 // block, _ceil(e1, block)
+    inner: dict[str, Tensor | None] = {"packed": t.packed[e0 // 2:_ceil(e1, 2)], "code": t.code}
+    if not t.double_quant:
+        inner["absmax"] = t.absmax[b0:b1]  # type: ignore[index]
+    elif _keeps_double(t, r1 - r0) and b0 % ABSMAX_BLOCK == 0:
+        inner.update(qabsmax=t.qabsmax[b0:b1], scale2=t.scale2[b0 // ABSMAX_BLOCK:_ceil(b1, ABSMAX_BLOCK)],  # type: ignore[index]
+                     offset=t.offset, code2=t.code2)
+    else:
+        inner["absmax"] = t.fp32_absmax()[b0:b1]
+    return NF4Tensor(inner, shape=(r1 - r0, cols), block_size=block, dtype=t.dtype)
+
+
+def _is_view(t: NF4Tensor, rows: int) -> bool:
+    """Whether :func:`_rows_of` gives views (not decompressed statistics) for ``rows`` rows."""
+    return not t.double_quant or _keeps_double(t, rows)
+
+
+def _split(t: NF4Tensor, split_size: int, dim: int = 0) -> list[NF4Tensor] | Any:
+    return _split_sizes(t, [split_size] * _ceil(t.weight_shape[0], split_size), dim, clip=True)
+
+
+def _split_sizes(t: NF4Tensor, sizes: list[int], dim: int = 0, *, clip: bool = False) -> list[NF4Tensor] | Any:
+    if dim != 0 or not _plain_2d(t):
+        return NotImplemented
+    rows = t.weight_shape[0]
+    chunks, start = [], 0
+    for size in sizes:
+        end = min(start + size, rows) if clip else start + size
+        chunk = _rows_of(t, start, end)
+        if chunk is NotImplemented:
+            return NotImplemented
+        chunks.append(chunk)
+        start = end
+    return chunks if start == rows else NotImplemented
+
+
+def _new_zeros(t: NF4Tensor, size: list[int], *, dtype: torch.dtype | None = None, layout: Any = None,
+               device: torch.device | None = None, pin_memory: bool | None = None) -> NF4Tensor | Any:
+    """An NF4Tensor of zeros (zero levels, zero scales) laid out as a shard of ``size[0]`` rows:
+    what FSDP2 allocates to copy a shard into."""
+    rows, cols = (list(size) + [0, 0])[:2]
+    if len(size) != 2 or cols != t.weight_shape[1] or not _plain_2d(t) or dtype not in (None, t.dtype):
+        return NotImplemented
+    n = rows * cols
+    if n % t.block_size and rows != t.weight_shape[0]:
+        return NotImplemented
+    where = device or t.device
+    blocks = _ceil(n, t.block_size)
+
+    def zeros(*size: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        return torch.zeros(size, dtype=dtype, device=where)
+
+    inner: dict[str, Tensor | None] = {"packed": zeros(_ceil(n, 2), dtype=torch.uint8), "code": zeros(16)}
+    if _keeps_double(t, rows):
+        inner.update(qabsmax=zeros(blocks, dtype=torch.uint8), scale2=zeros(_ceil(blocks, ABSMAX_BLOCK)),
+                     offset=zeros(), code2=zeros(256))
+    else:
+        inner["absmax"] = zeros(blocks)
+    return NF4Tensor(inner, shape=(rows, cols), block_size=t.block_size, dtype=t.dtype)
+
+
+def _slice(t: NF4Tensor, dim: int = 0, start: int | None = None, end: int | None = None,
+           step: int = 1) -> NF4Tensor | Any:
+    """``narrow``/``t[a:b]`` on rows, as a view (FSDP2 narrows a shard to its unpadded rows)."""
+    rows = t.weight_shape[0]
+    r0, r1 = max(0, start or 0), min(rows, rows if end is None else end)
+    if dim != 0 or step != 1 or not _plain_2d(t) or not _is_view(t, r1 - r0):
+        return NotImplemented
+    return _rows_of(t, r0, r1)
+
+
+def _view(t: NF4Tensor, size: list[int]) -> NF4Tensor | Any:
+    """``view(-1)`` (FSDP2 keeps each shard flat) and views that keep the shape."""
+    size = list(size)
+    if not t.transposed and size in ([-1], [t.numel()]):
+        return t._rebuild(flat=True)
+    if t.flat and tuple(size) == t.weight_shape:
+        return t._rebuild(flat=False)
+    if tuple(size) == tuple(t.shape):
+        return t._rebuild()
+    return NotImplemented
+
+
+def _as_strided(t: NF4Tensor, size: list[int], stride: list[int], storage_offset: int | None = None) -> NF4Tensor | Any:
+    """The identity ``as_strided`` FSDP2 applies to an all-gathered weight (same shape, dense)."""
+    if tuple(size) == tuple(t.shape) and tuple(stride) == tuple(t.stride()) and not storage_offset:
+        return t._rebuild()
+    return NotImplemented
+
+
+def _is_pinned(t: NF4Tensor, device: Any = None) -> bool:
+    return all(x.is_pinned() for x in t.inner_tensors().values())
+
+
+def _pin_memory(t: NF4Tensor, device: Any = None) -> NF4Tensor:
+    return t._rebuild(fn=lambda x: x.pin_memory())
+
+
+def _copy_into(dst: NF4Tensor, src: NF4Tensor) -> NF4Tensor:
+    """``dst.copy_(src)`` for two NF4 tensors of one layout (FSDP2 copies a shard into its buffer)."""
+    ours, theirs = dst.inner_tensors(), src.inner_tensors()
+    if (dst.weight_shape, dst.block_size, ours.keys()) != (src.weight_shape, src.block_size, theirs.keys()):
+        raise TypeError(
+            f"NF4Tensor.copy_: the source ({src.weight_shape}, block {src.block_size}, {sorted(theirs)}) "
+            f"is not laid out as the destination ({dst.weight_shape}, block {dst.block_size}, "
+            f"{sorted(ours)}); dequantize both to copy values")
+    for name, t in ours.items():
+        t.copy_(theirs[name])
+    return dst
+
+
+def _pre_all_gather(t: NF4Tensor, outer_shape: tuple[int, int], *,
+                   world_size: int) -> tuple[tuple[Tensor, ...], Any]:
+    """(this shard's tensors to all-gather, what :meth:`NF4Tensor.fsdp_post_all_gather` needs).
+
+    Over one rank the tensors go as one uint8 buffer (fp32 ones first, so their views stay
+    4-byte aligned): torch's world-size-1 shortcut copies a single all-gather input only."""
+    names = ("packed", "qabsmax", "scale2") if t.double_quant else ("packed", "absmax")
+    replicated = {name: x for name in _REPLICATED if (x := getattr(t, name)) is not None}
+    tensors = [getattr(t, name) for name in names]
+    if world_size > 1:
+        return tuple(tensors), (names, None, outer_shape, t.block_size, replicated)
+    order = sorted(range(len(names)), key=lambda i: -tensors[i].element_size())
+    layout = tuple((names[i], tensors[i].numel(), tensors[i].dtype) for i in order)
+    one = torch.cat([tensors[i].reshape(-1).view(torch.uint8) for i in order])
+    return (one,), (names, layout, outer_shape, t.block_size, replicated)
+
+
+def _unpack_gathered(names: tuple[str, ...], layout: tuple[tuple[str, int, torch.dtype], ...] | None,
+                    outputs: tuple[Tensor, ...]) -> dict[str, Tensor]:
+    """The whole weight's inner tensors from FSDP2's all-gather outputs (views, no copies).
+    ``layout``: (name, numel, dtype) of each piece of a one-rank buffer; None: one output a name."""
+    if layout is None:
+        return dict(zip(names, outputs, strict=True))
+    (one,), inner, start = outputs, {}, 0
+    for name, numel, dtype in layout:
+        size = numel * dtype.itemsize
+        inner[name] = one[start:start + size].view(dtype)
+        start += size
+    return inner
+
+
+_aten = torch.ops.aten
+_SHARDING_OPS: dict[Any, Any] = {
+    _aten.split.Tensor: _split,
+    _aten.split_with_sizes.default: _split_sizes,
+    _aten.new_zeros.default: _new_zeros,
+    _aten.slice.Tensor: _slice,
+    _aten.view.default: _view,
+    _aten.as_strided.default: _as_strided,
+    _aten.is_pinned.default: _is_pinned,
+    _aten._pin_memory.default: _pin_memory,
+}

@@ -39,8 +39,12 @@ def prepare_model(config: TrainConfig, *, load_device: torch.device | None = Non
         precision = "bf16" if device.type == "cuda" else "fp32"
     # Frozen base weights in bf16 on GPU (half the memory); adapters stay fp32 (PEFT's default).
     dtype = torch.bfloat16 if precision == "bf16" and device.type == "cuda" else torch.float32
+    # Loaded on the CPU for FSDP2: a quantized model still quantizes on this rank's GPU (fast),
+    # one weight at a time, each going to the CPU once packed.
+    elsewhere = load_device is not None and load_device != device and device.type == "cuda"
     model, tokenizer = load_model(config.model, dtype=dtype, device=load_device or device,
-                                  quantize=config.quantize)
+                                  quantize=config.quantize,
+                                  quantize_device=device if elsewhere and config.quantize else None)
     model.config.use_cache = False  # training: no KV cache (generation turns it on itself)
     return model, tokenizer, device, precision
 

@@ -13,6 +13,7 @@ from splice.lora.peft_io import load_adapter, save_adapter
 from splice.models.streaming import bnb_state_dict, load_quantized, random_quantized
 from splice.quant.linear import Int8Linear, NF4Linear
 from tests import tiny
+from tests.numerics import GPU
 
 
 def _saved(tmp_path: Path) -> Path:
@@ -45,6 +46,26 @@ def test_streamed_model_equals_quantizing_the_loaded_one(tmp_path: Path, quantiz
     ids = tiny.tokens()
     assert torch.equal(streamed(ids).logits, reference(ids).logits)
     assert not any(p.is_meta for p in streamed.parameters())
+
+
+@GPU
+@pytest.mark.parametrize("quantize", ["nf4", "int8"])
+def test_quantized_on_the_gpu_kept_on_the_cpu(tmp_path: Path, quantize: str) -> None:
+    # FSDP2's multi-GPU load: each weight quantized on the GPU, then held on the CPU. The codes
+    # are the GPU's (its float rounding differs from the CPU's in the last bit of a scale).
+    folder = _saved(tmp_path)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    moved = load_quantized(folder, quantize=quantize, device="cpu", dtype=torch.float32, quantize_device="cuda")
+    peak, after = torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
+    assert peak > before, (before, peak)  # it ran there
+    assert after == before, (before, after)  # and left nothing there
+    assert all(p.device.type == "cpu" for p in moved.parameters())
+    assert all(t.device.type == "cpu" for m in moved.modules() if isinstance(m, NF4Linear)
+               for t in m.nf4.inner_tensors().values())
+    on_gpu = load_quantized(folder, quantize=quantize, device="cuda", dtype=torch.float32).to("cpu")
+    assert _same_codes(moved, on_gpu) == 14
 
 
 def test_load_model_quantize_option(tmp_path: Path, tiny_tokenizer, make_tiny_llama) -> None:  # type: ignore[no-untyped-def]

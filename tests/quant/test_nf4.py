@@ -66,7 +66,7 @@ def test_bnb_encoder_is_not_plain_nearest() -> None:
     q, _, _ = quantize_absmax(x.abs() + 1, code)  # any input: exercise the encoder
     assert q.dtype == torch.uint8
     scaled = torch.tensor([-0.06062611937522888])
-    from splice.quant.nf4 import _search_code
+    from splice.quant.nf4_encode import _search_code
 
     assert int(_search_code(scaled, code)) == 77  # bitsandbytes' CUDA answer (its CPU one: 78)
 
