@@ -98,9 +98,10 @@ def peft_bnb_setup(config: Any, cfg: Any) -> Any:
 def run_q(result: dict[str, Any], save: Any, args: argparse.Namespace) -> None:
     cfg = CONFIGS["C"]  # r16 all-linear, 2 x 2048
     config = llama_config("8b", layers=args.layers, tiny=args.tiny)
-    variants = [("splice bf16 LoRA", None, False), ("splice NF4", "nf4", False),
-                ("splice NF4 + CUDA graphs", "nf4", True), ("PEFT + bitsandbytes", "peer", False)]
-    for label, quantize, graphs in variants:
+    variants = {"bf16": ("splice bf16 LoRA", None, False), "nf4": ("splice NF4", "nf4", False),
+                "nf4-graphs": ("splice NF4 + CUDA graphs", "nf4", True),
+                "peer": ("PEFT + bitsandbytes", "peer", False)}
+    for label, quantize, graphs in (variants[key] for key in args.q_rows.split(",")):
         if graphs and _workload.DEVICE != "cuda":
             continue
         try:
@@ -242,6 +243,8 @@ def main() -> None:
     seqs = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
     parser.add_argument("--probes-8b", type=seqs, default=None, help="lengths to try instead of searching")
     parser.add_argument("--probes-70b", type=seqs, default=None, help="lengths to try instead of searching")
+    parser.add_argument("--q-rows", default="bf16,nf4,nf4-graphs,peer",
+                        help="Q rows to run: bf16, nf4, nf4-graphs, peer")
     parser.add_argument("--host-layers-70b", type=int, default=None,
                         help="longest 70b: offload only the last N layer inputs (host memory bound)")
     parser.add_argument("--tiny", action="store_true", help="small shapes (a CPU smoke test of this script)")

@@ -71,6 +71,16 @@ def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
     return torch.mm(a, b).float()
 
 
+def _dense(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """``weight`` as a plain tensor: a packed (quantized) weight class, flagged
+    ``splice_quantized``, is dequantized once here, without the two subclass dispatches
+    (``t``, ``mm``) that ``F.linear`` over it would make on every call."""
+    if getattr(type(weight), "splice_quantized", False):
+        dense: Tensor = weight.dequantize(dtype)  # type: ignore[call-arg]  # the subclass's signature
+        return dense
+    return weight
+
+
 class _LoraLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -94,7 +104,7 @@ class _LoraLinearFn(torch.autograd.Function):
             x2 = x2.contiguous()
         u = given_u if given_u is not None else _down(x2, lora_a, p, keys, ctx.triton)
         if output:
-            y = F.linear(x2, weight, bias)  # (N, out)
+            y = F.linear(x2, _dense(weight, x2.dtype), bias)  # (N, out); a dequantized W dies here
             y.addmm_(u.to(x.dtype), lora_b.to(x.dtype).T, alpha=scale)  # one GEMM, beta=1: y += s U B^T
         else:  # the caller never reads y (see ``output`` in lora_linear): only the graph is built
             y = x2.new_empty(x2.shape[0], weight.shape[0])
@@ -119,7 +129,8 @@ class _LoraLinearFn(torch.autograd.Function):
         t = (g @ b).mul_(scale) if (need_x or need_a) else None  # (N, r)
         dx = dw = dbias = da = db = None
         if need_x:
-            dx = g @ weight.to(x2.dtype)  # (N, in)
+            assert t is not None
+            dx = g @ _dense(weight, x2.dtype).to(x2.dtype)  # (N, in)
             if p > 0:
                 dropout_add_(dx, t @ a, p, keys)
             else:
@@ -163,7 +174,7 @@ def _backward_triton(ctx: Any, g: Tensor, x2: Tensor, weight: Tensor, lora_a: Te
     t = lora_down(g, lora_b.float().t().contiguous(), alpha=scale)  # T = s * G B, (N, r) fp32
     dx = dw = dbias = da = db = None
     if need_x:
-        dx = g @ weight  # (N, in)
+        dx = g @ _dense(weight, g.dtype)  # (N, in)
         lora_dx_add_(dx, t, a32, p, keys)
         dx = dx.view(ctx.x_shape)
     if need_a:

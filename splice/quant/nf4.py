@@ -76,6 +76,7 @@ class NF4Tensor(Tensor):
     block_size: int
     transposed: bool
     flat: bool
+    splice_quantized = True  # the fused LoRA linear dequantizes it directly (kernels.lora_linear)
 
     @staticmethod
     def __new__(cls, inner: dict[str, Tensor | None], *, shape: tuple[int, int], block_size: int,
