@@ -135,6 +135,41 @@ def test_fsdp2_world_of_one_matches_the_plain_step_on_gpu(tiny_run_inputs, tmp_p
 
 
 @GPU
+def test_fsdp2_moves_cpu_held_nf4_shards_to_the_gpu(make_tiny_llama, monkeypatch) -> None:
+    # The multi-GPU QLoRA load: the 4-bit model is held on the CPU and FSDP2 moves each rank's
+    # packed shards to its GPU (its _move_states_to_device swaps the NF4 parameters).
+    from torch.distributed.tensor import DTensor
+
+    from splice.distributed.process import start, stop
+    from splice.distributed.wrap import wrap_model
+    from splice.quant.linear import quantize_nf4
+    from splice.quant.nf4 import NF4Tensor
+    from tests.tiny import tokens
+
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    model, reference = make_tiny_llama(), make_tiny_llama()
+    quantize_nf4(model)
+    quantize_nf4(reference)
+    reference.to("cuda")
+    env = start(device_type="cuda", single=True)
+    assert env is not None
+    try:
+        wrapped = wrap_model(model, loss=lambda m, b: m(**b).logits.float().sum(), env=env,
+                             device=torch.device("cuda"), shard_why="--shard", mixed_precision=False)
+        assert wrapped.kind == "fsdp2", wrapped.notes
+        ids = tokens().cuda()
+        with torch.no_grad():
+            torch.testing.assert_close(wrapped({"input_ids": ids}),
+                                       reference(input_ids=ids).logits.float().sum())
+        weight = model.model.layers[0].self_attn.q_proj.weight
+        assert isinstance(weight, DTensor) and isinstance(weight.to_local(), NF4Tensor)
+        assert weight.to_local().packed.is_cuda
+    finally:
+        stop(env)
+
+
+@GPU
 def test_fsdp2_world_of_one_turns_cuda_graphs_off_and_says_why(tiny_run_inputs, tmp_path, capsys) -> None:
     result = train(run_config(tiny_run_inputs, tmp_path / "run", steps=2, device="cuda", shard=True,
                            fuse=True, cuda_graphs=True, pack=True, max_length=64, save_every=0))
