@@ -26,9 +26,9 @@ weights ``[r0 * in, r1 * in)``, so a shard is a slice of each inner tensor:
 * per-block statistics (``block_size`` weights a block): blocks ``[b0, b1) = [r0 * in, r1 * in) /
   block_size``. Double-quantized statistics (``qabsmax`` in groups of 256 blocks, one fp32
   ``scale2`` a group) stay compressed when a shard holds whole groups (``b0``, ``b1`` multiples
-  of 256: every Llama projection over 2..8 ranks); otherwise the shard holds the fp32 ``absmax``
-  of its blocks, decompressed (the same values: ``code2[q] * scale2 + offset``), since a group
-  cut by a shard boundary has no owner for its ``scale2``;
+  of 256: every Llama-3 8B and 70B projection over 2 to 8 ranks); otherwise the shard holds
+  the fp32 ``absmax`` of its blocks, decompressed (the same values: ``code2[q] * scale2 +
+  offset``), since a group cut by a shard boundary has no owner for its ``scale2``;
 * ``code``, ``offset``, ``code2`` (16 levels, one scalar, 256 levels) are copied to every shard.
 
 So a shard needs ``out % world_size == 0`` and a whole number of blocks (:meth:`NF4Tensor.shard_problem`).
