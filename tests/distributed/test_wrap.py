@@ -247,3 +247,9 @@ def test_nf4_weights_shard_unless_their_rows_do_not_split(make_tiny_llama) -> No
     assert unshardable_params(model, world_size=2) == []  # 4-bit shards (tests/quant/test_nf4_shard.py)
     assert unshardable_params(model, world_size=3)[0] == (
         "model.layers.0.self_attn.q_proj.weight (NF4Tensor: its 32 rows do not split evenly over 3 ranks)")
+    # "does it fit on one GPU" counts a 4-bit weight's stored bytes, not its bf16 size
+    from splice.distributed.wrap import _stored_bytes
+
+    weight = model.model.layers[0].mlp.up_proj.weight
+    assert _stored_bytes(weight) == weight.nbytes_stored() < weight.numel() * weight.element_size()
+    assert _stored_bytes(model.lm_head.weight) == model.lm_head.weight.numel() * 4
