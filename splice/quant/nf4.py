@@ -310,22 +310,21 @@ def _is_view(t: NF4Tensor, rows: int) -> bool:
 
 
 def _split(t: NF4Tensor, split_size: int, dim: int = 0) -> list[NF4Tensor] | Any:
-    return _split_sizes(t, [split_size] * _ceil(t.weight_shape[0], split_size), dim, clip=True)
+    rows = t.weight_shape[0]  # torch.chunk's split: equal pieces, the last one shorter
+    return _split_sizes(t, [min(split_size, rows - r) for r in range(0, rows, split_size)], dim)
 
 
-def _split_sizes(t: NF4Tensor, sizes: list[int], dim: int = 0, *, clip: bool = False) -> list[NF4Tensor] | Any:
-    if dim != 0 or not _plain_2d(t):
+def _split_sizes(t: NF4Tensor, sizes: list[int], dim: int = 0) -> list[NF4Tensor] | Any:
+    if dim != 0 or not _plain_2d(t) or sum(sizes) != t.weight_shape[0]:
         return NotImplemented
-    rows = t.weight_shape[0]
     chunks, start = [], 0
     for size in sizes:
-        end = min(start + size, rows) if clip else start + size
-        chunk = _rows_of(t, start, end)
+        chunk = _rows_of(t, start, start + size)
         if chunk is NotImplemented:
             return NotImplemented
         chunks.append(chunk)
-        start = end
-    return chunks if start == rows else NotImplemented
+        start += size
+    return chunks
 
 
 def _new_zeros(t: NF4Tensor, size: list[int], *, dtype: torch.dtype | None = None, layout: Any = None,
