@@ -2,8 +2,9 @@
 
 Run on the GPU machine: ``python3 benchmarks/nf4_kernels.py --out DIR`` (writes nf4_kernels.json).
 Variants, Llama-3-8B projection shapes: bf16 ``F.linear`` (the ceiling), splice NF4 (one Triton
-dequant pass per program-size variant + cuBLAS), the plain-PyTorch dequant, bitsandbytes'
-``matmul_4bit`` (where it imports); forward, and forward + input gradient.
+dequant pass per kernel / program-size / warps variant, + cuBLAS), the plain-PyTorch dequant,
+bitsandbytes' ``dequantize_4bit`` and ``matmul_4bit`` (where it imports); forward, and forward +
+input gradient.
 """
 
 from __future__ import annotations
@@ -23,19 +24,25 @@ SHAPES = {"q/o 4096x4096": (4096, 4096), "gate/up 14336x4096": (14336, 4096),
           "down 4096x14336": (4096, 14336), "k/v 1024x4096": (1024, 4096)}
 
 
-def bench(fn, reps: int = 20) -> float:  # type: ignore[no-untyped-def]
-    """Median milliseconds of ``fn`` (CUDA events, after warm-up)."""
+def bench(fn, reps: int = 20, inner: int = 1) -> float:  # type: ignore[no-untyped-def]
+    """Median milliseconds of one call of ``fn`` (CUDA events around ``inner`` back-to-back
+    calls, so a short kernel is timed by its GPU time rather than by the event's resolution)."""
     for _ in range(3):
         fn()
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(inner):
+            fn()
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / inner)
     return sorted(times)[len(times) // 2]
+
+
+# Dequant variants: (kernel, packed bytes per program, warps).
+DEQUANT_VARIANTS = [("flat", 1024, 4)] + [("blocks", pb, w) for pb in (512, 1024, 2048, 4096) for w in (4, 8)]
 
 
 def main() -> None:
@@ -65,13 +72,20 @@ def main() -> None:
             row["bnb_qabsmax_equal"] = bool(torch.equal(state.absmax, t.qabsmax))
             row["bnb_dequant_max_abs"] = float((bnb_f.dequantize_4bit(packed, state) - t.dequantize()).abs().max())
         moved = 2.0 * w.numel() + t.nbytes_stored()
-        for pb in (256, 1024, 4096):
+        buf = torch.empty(d_out, d_in, device="cuda", dtype=torch.bfloat16)
+        for kernel, pb, warps in DEQUANT_VARIANTS:
             kw = dict(shape=(d_out, d_in), block_size=64, dtype=torch.bfloat16, qabsmax=t.qabsmax,
-                      scale2=t.scale2, offset=t.offset, code2=t.code2, program_bytes=pb)
-            buf = torch.empty(d_out, d_in, device="cuda", dtype=torch.bfloat16)
-            ms = bench(lambda kw=kw, buf=buf: dequantize_nf4(t.packed, t.code, out=buf, **kw))
-            row[f"dequant_ms_pb{pb}"] = ms
-            row[f"dequant_TBps_pb{pb}"] = moved / ms / 1e9
+                      scale2=t.scale2, offset=t.offset, code2=t.code2, program_bytes=pb, kernel=kernel,
+                      num_warps=warps)
+            got = dequantize_nf4(t.packed, t.code, out=buf, **kw)
+            name = f"{kernel}_pb{pb}_w{warps}"
+            row[f"dequant_equal_default_{name}"] = bool(torch.equal(got, t.dequantize()))
+            ms = bench(lambda kw=kw, buf=buf: dequantize_nf4(t.packed, t.code, out=buf, **kw), inner=10)
+            row[f"dequant_ms_{name}"] = ms
+            row[f"dequant_TBps_{name}"] = moved / ms / 1e9
+        if bnb_f is not None:
+            row["dequant_ms_bnb"] = bench(lambda: bnb_f.dequantize_4bit(packed, state), inner=10)
+            row["dequant_TBps_bnb"] = moved / row["dequant_ms_bnb"] / 1e9
         row["dequant_ms_torch_reference"] = bench(lambda: dequantize_nf4_reference(
             t.packed, t.fp32_absmax(), t.code, shape=(d_out, d_in), block_size=64, dtype=torch.bfloat16), reps=5)
         for n in (512, 4096, 8192):
@@ -89,9 +103,15 @@ def main() -> None:
         print(json.dumps(row))
         result["rows"].append(row)
     (out / "nf4_kernels.json").write_text(json.dumps(result, indent=1))
-    print(f"{'shape':<20} {'dequant TB/s':>12} {'fwd+dx ms n4096: bf16':>22} {'nf4':>7} {'bnb':>7}")
+    names = [f"{k}_pb{pb}_w{w}" for k, pb, w in DEQUANT_VARIANTS] + ["bnb"]
+    print("dequant TB/s (2 bytes written + the stored bytes read, per weight)")
+    print(f"{'variant':<22}" + "".join(f"{row['shape']:>20}" for row in result["rows"]))
+    for name in names:
+        print(f"{name:<22}" + "".join(f"{row.get('dequant_TBps_' + name, float('nan')):>20.2f}"
+                                      for row in result["rows"]))
+    print(f"{'shape':<20} {'fwd+dx ms n4096: bf16':>22} {'nf4':>7} {'bnb':>7}")
     for row in result["rows"]:
-        print(f"{row['shape']:<20} {row['dequant_TBps_pb1024']:>12.2f} {row['fwdbwd_ms_bf16_n4096']:>22.3f} "
+        print(f"{row['shape']:<20} {row['fwdbwd_ms_bf16_n4096']:>22.3f} "
               f"{row['fwdbwd_ms_splice_nf4_n4096']:>7.3f} {row.get('fwdbwd_ms_bnb_n4096', float('nan')):>7.3f}")
 
 

@@ -93,6 +93,17 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
+    def _absmax(block, live, absmax_ptr, qabsmax_ptr, scale2_ptr, offset_ptr, code2_ptr, DOUBLE: tl.constexpr):
+        # fp32 absmax of the blocks ``block`` (any shape): stored, or through its 8-bit code.
+        if DOUBLE:
+            q = tl.load(qabsmax_ptr + block, mask=live, other=0).to(tl.int32)
+            scale = tl.load(code2_ptr + q) * tl.load(scale2_ptr + block // 256, mask=live, other=0.0)
+            absmax = scale + tl.load(offset_ptr)
+        else:
+            absmax = tl.load(absmax_ptr + block, mask=live, other=0.0)
+        return absmax
+
+    @triton.jit
     def _dequant_nf4_kernel(packed_ptr, absmax_ptr, qabsmax_ptr, scale2_ptr, offset_ptr, code_ptr,
                             code2_ptr, out_ptr, n, n_bytes,
                             BLOCK_SIZE: tl.constexpr, DOUBLE: tl.constexpr, BLOCK: tl.constexpr):
@@ -104,15 +115,28 @@ if HAS_TRITON:
         hi = tl.load(code_ptr + (bits >> 4))  # 16-entry table: stays in L1
         lo = tl.load(code_ptr + (bits & 0xF))
         block = (byte * 2) // BLOCK_SIZE  # both values of a byte share a block (even block size)
-        if DOUBLE:
-            q = tl.load(qabsmax_ptr + block, mask=live, other=0).to(tl.int32)
-            scale = tl.load(code2_ptr + q) * tl.load(scale2_ptr + block // 256, mask=live, other=0.0)
-            absmax = scale + tl.load(offset_ptr)
-        else:
-            absmax = tl.load(absmax_ptr + block, mask=live, other=0.0)
+        absmax = _absmax(block, live, absmax_ptr, qabsmax_ptr, scale2_ptr, offset_ptr, code2_ptr, DOUBLE)
         pair = tl.interleave(hi * absmax, lo * absmax)  # (2 * BLOCK,): c[2i], c[2i + 1]
         index = start * 2 + tl.arange(0, 2 * BLOCK)
         tl.store(out_ptr + index, pair.to(out_ptr.dtype.element_ty), mask=index < n)
+
+    @triton.jit
+    def _dequant_nf4_blocks_kernel(packed_ptr, absmax_ptr, qabsmax_ptr, scale2_ptr, offset_ptr, code_ptr,
+                                   code2_ptr, out_ptr, n_blocks,
+                                   HALF: tl.constexpr, GROUPS: tl.constexpr, DOUBLE: tl.constexpr):
+        # One program: GROUPS whole blocks of HALF packed bytes -> (GROUPS, 2 * HALF) values. Each
+        # block's absmax is looked up once (a (GROUPS,) load), not once per byte as in the flat
+        # kernel; the values are the same fp32 products, so the output is bit for bit the same.
+        block = tl.program_id(0).to(tl.int64) * GROUPS + tl.arange(0, GROUPS)  # (GROUPS,)
+        live = block < n_blocks
+        byte = block[:, None] * HALF + tl.arange(0, HALF)[None, :]  # (GROUPS, HALF)
+        bits = tl.load(packed_ptr + byte, mask=live[:, None], other=0).to(tl.int32)
+        absmax = _absmax(block, live, absmax_ptr, qabsmax_ptr, scale2_ptr, offset_ptr, code2_ptr, DOUBLE)
+        hi = tl.load(code_ptr + (bits >> 4)) * absmax[:, None]
+        lo = tl.load(code_ptr + (bits & 0xF)) * absmax[:, None]
+        pair = tl.interleave(hi, lo)  # (GROUPS, 2 * HALF): c[2i], c[2i + 1] along each block
+        index = block[:, None] * (2 * HALF) + tl.arange(0, 2 * HALF)[None, :]
+        tl.store(out_ptr + index, pair.to(out_ptr.dtype.element_ty), mask=live[:, None])
 
 
 _BYTES_PER_PROGRAM = 1024
@@ -132,11 +156,19 @@ def dequantize_nf4(
     code2: Tensor | None = None,
     out: Tensor | None = None,
     program_bytes: int = _BYTES_PER_PROGRAM,
+    kernel: str = "blocks",
+    num_warps: int = 4,
 ) -> Tensor:
     """``w`` (``shape``, ``dtype``) from NF4 codes and the ``(16,)`` fp32 ``code`` table (on the
     codes' device: nothing is copied from the host, so the call can sit in a CUDA graph). Give
     ``absmax`` (fp32), or the double-quantized ``qabsmax``/``scale2``/``offset``/``code2``.
-    ``out``: a buffer to write into. ``program_bytes``: packed bytes per Triton program (tuning)."""
+    ``out``: a buffer to write into. ``program_bytes``: packed bytes per Triton program (tuning).
+    ``kernel``: ``"blocks"`` (whole blocks per program, one absmax lookup per block; needs a
+    power-of-two block size dividing the weight) or ``"flat"`` (any layout, one lookup per byte);
+    a weight the blocks kernel cannot cut runs the flat one. ``num_warps``: the blocks kernel's
+    (tuning)."""
+    if kernel not in ("blocks", "flat"):
+        raise ValueError(f"dequantize_nf4: kernel={kernel!r}; use 'blocks' or 'flat'")
     double = absmax is None
     if double and (qabsmax is None or scale2 is None or offset is None or code2 is None):
         raise ValueError("dequantize_nf4: give absmax, or qabsmax, scale2, offset and code2")
@@ -152,6 +184,16 @@ def dequantize_nf4(
     if out is None:
         out = torch.empty(shape, dtype=dtype, device=packed.device)
     dummy = code  # unused pointer arguments of the branch not taken
+    half = block_size // 2
+    if kernel == "blocks" and n % block_size == 0 and half & (half - 1) == 0 and program_bytes >= half:
+        n_blocks, groups = n // block_size, program_bytes // half
+        _dequant_nf4_blocks_kernel[grid_1d(n_blocks, groups)](
+            packed, dummy if double else absmax, qabsmax if double else packed,
+            scale2 if double else dummy, offset if double else dummy, code,
+            code2 if double else dummy, out, n_blocks,
+            HALF=half, GROUPS=groups, DOUBLE=double, num_warps=num_warps,
+        )
+        return out
     _dequant_nf4_kernel[grid_1d(packed.numel(), program_bytes)](
         packed, dummy if double else absmax, qabsmax if double else packed,
         scale2 if double else dummy, offset if double else dummy, code,

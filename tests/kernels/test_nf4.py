@@ -85,3 +85,28 @@ def test_qlora_trains_on_gpu_through_the_fast_path(order: str, quantize: str) ->
     ids = tiny.tokens(batch=4, length=16).cuda()
     losses = tiny.train_losses(model, ids, autocast=torch.bfloat16)
     assert losses[-1] < losses[0] - 0.2
+
+
+@GPU
+@pytest.mark.parametrize("shape", [(4096, 4096), (1000, 1024), (3, 64), (257, 512)])
+@pytest.mark.parametrize("block_size", [64, 128, 256])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_blocks_kernel_equals_flat_kernel(shape: tuple[int, int], block_size: int, double_quant: bool) -> None:
+    # The whole-block kernel (one absmax lookup per block) computes the same fp32 products as the
+    # flat one: bit for bit the same output, over program sizes that end inside and at the edge.
+    torch.manual_seed(1)
+    t = to_nf4(torch.randn(*shape, device="cuda") * 0.02, block_size=block_size, double_quant=double_quant)
+    kw = dict(shape=shape, block_size=block_size, dtype=torch.bfloat16, absmax=None if double_quant else t.absmax,
+              qabsmax=t.qabsmax, scale2=t.scale2, offset=t.offset, code2=t.code2)
+    flat = dequantize_nf4(t.packed, t.code, kernel="flat", **kw)  # type: ignore[arg-type]
+    for program_bytes, warps in [(128, 4), (1024, 4), (4096, 8)]:
+        blocks = dequantize_nf4(t.packed, t.code, kernel="blocks", program_bytes=program_bytes,  # type: ignore[arg-type]
+                                num_warps=warps, **kw)
+        assert torch.equal(blocks, flat)
+
+
+def test_unknown_dequant_kernel_is_refused() -> None:
+    t = to_nf4(torch.randn(4, 64))
+    with pytest.raises(ValueError, match="kernel='fast'"):
+        dequantize_nf4(t.packed, t.code, shape=(4, 64), block_size=64, dtype=torch.float32, absmax=t.fp32_absmax(),
+                       kernel="fast")
