@@ -19,9 +19,10 @@ Double quantization (bitsandbytes ``compress_statistics=True``, QLoRA's "DQ"): t
 scalar (the mean absmax), ``DYNAMIC`` bitsandbytes' signed 8-bit dynamic map (256 levels).
 
 :func:`dequantize_nf4` writes ``w`` as an ``(out, in)`` matrix of the compute dtype in one pass
-(Triton on CUDA: each program decodes ``BLOCK`` bytes, looks its absmax up through the 8-bit
-code, and stores the two nibbles' values interleaved), or runs :func:`dequantize_nf4_reference`
-(plain PyTorch, int64 gathers) elsewhere. The matmul then goes to cuBLAS: at training token
+(Triton on CUDA: each program decodes whole blocks, looks each block's absmax up once through
+its 8-bit code, and stores the two nibbles' values interleaved; a weight that does not divide into
+power-of-two blocks goes through a flat kernel that looks the absmax up per byte), or runs
+:func:`dequantize_nf4_reference` (plain PyTorch, int64 gathers) elsewhere. The matmul then goes to cuBLAS: at training token
 counts one dequant pass (~2.5 bytes moved per weight) costs a few percent of the GEMM, and the
 dequantized matrix lives only until that GEMM returns (the caching allocator hands the same
 block to the next layer), so no dequantized copy stays alive across layers.
@@ -139,7 +140,7 @@ if HAS_TRITON:
         tl.store(out_ptr + index, pair.to(out_ptr.dtype.element_ty), mask=live[:, None])
 
 
-_BYTES_PER_PROGRAM = 1024
+_BYTES_PER_PROGRAM = 4096  # measured best of 512-4096 for the blocks kernel (docs/benchmarks.md)
 
 
 def dequantize_nf4(
