@@ -38,6 +38,7 @@ from splice.lora.layers import LoraConfig
 from splice.training.config import DEFAULT_STEPS, TrainConfig, save_run_config
 from splice.training.graphs import GraphedStep
 from splice.training.loss import check_labels, lm_head_params, train_step_loss
+from splice.training.oom import card_memory, out_of_memory
 from splice.training.optim import param_groups
 from splice.training.preflight import preflight
 from splice.training.report import MetricsLog, Progress, check_trackers, open_trackers, plot_losses
@@ -322,7 +323,14 @@ def _train(config: TrainConfig, *, log: Progress | None, env: DistEnv | None) ->
                 inputs["loss_scale"] = torch.tensor(world / max(n_targets, 1), device=device)
                 last = i == len(micro) - 1
                 with wrapped.sync(last) if wrapped else contextlib.nullcontext():
-                    loss_sum += float(micro_step(inputs))
+                    try:
+                        loss_sum += float(micro_step(inputs))
+                    except torch.OutOfMemoryError as error:
+                        metrics.close()
+                        progress.close()
+                        shape = inputs["input_ids"].shape
+                        raise out_of_memory(error, step=state.step + 1, rows=shape[0], tokens=shape[1],
+                                            device=str(device), memory=card_memory(device), config=config) from None
             # One collective: the summed loss, and whether any rank has had a stop signal (all
             # ranks must stop after the same step, or the checkpoint's collectives would hang; a
             # signal that comes after this step's collective stops the run after the next step).
