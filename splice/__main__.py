@@ -1,5 +1,5 @@
 """``python -m splice``: the same command line as ``splice`` (and what ``torchrun -m splice`` runs)."""
 
-from splice.cli import main
+from splice.cli import entry
 
-raise SystemExit(main())
+raise SystemExit(entry())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -135,6 +136,20 @@ def test_version_and_a_torch_free_command_line(capsys) -> None:
     names = [a.name for n in top if isinstance(n, ast.Import) for a in n.names]
     names += [n.module or "" for n in top if isinstance(n, ast.ImportFrom)]
     assert not [n for n in names if n.split(".")[0] in ("torch", "transformers")], names
+
+
+def test_the_program_sets_expandable_segments_unless_the_user_chose(monkeypatch) -> None:
+    from splice.cli import ALLOC_CONF, entry
+
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "")  # recorded, so the test's change is undone after it
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    with pytest.raises(SystemExit):
+        entry(["--version"])
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == ALLOC_CONF == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False")
+    with pytest.raises(SystemExit):
+        entry(["--version"])
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:False"
 
 
 def _parsed(*argv: str):

@@ -9,6 +9,7 @@ cause is fragmentation, and ``expandable_segments`` is the fix (measured: an 8B 
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -65,7 +66,8 @@ def out_of_memory(error: BaseException, *, step: int, rows: int, tokens: int, de
     state = (f"{memory.allocated / _GIB:.1f} GiB in use, {memory.reserved / _GIB:.1f} GiB reserved of "
              f"{memory.total / _GIB:.1f} GiB")
     fixes = _remedies(config)
-    if memory.total and unused > _FRAGMENTED * memory.total:
+    expandable = "expandable_segments:true" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").replace(" ", "").lower()
+    if memory.total and unused > _FRAGMENTED * memory.total and not expandable:
         fixes.insert(0, f"start with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "
                         f"({unused / _GIB:.1f} GiB was reserved but unused: fragmentation)")
     return RunError(f"out of GPU memory on {device} in step {step}{wanted} (micro-batch {rows} x {tokens} "

@@ -33,15 +33,21 @@ def test_message_names_step_batch_card_and_only_the_options_not_on() -> None:
     assert "--gradient-checkpointing" not in text and "--quantize" not in text and "expandable" not in text
 
 
-def test_fragmentation_puts_expandable_segments_first() -> None:
+def test_fragmentation_puts_expandable_segments_first(monkeypatch) -> None:
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    fragmented = CardMemory(allocated=60 * GIB, reserved=79 * GIB, total=80 * GIB)
     error = out_of_memory(torch.OutOfMemoryError("CUDA out of memory."), step=1, rows=1, tokens=372736,
-                          device="cuda:0", memory=CardMemory(allocated=60 * GIB, reserved=79 * GIB, total=80 * GIB),
-                          config=TrainConfig())
+                          device="cuda:0", memory=fragmented, config=TrainConfig())
     fixes = str(error).split("Lower the peak with: ")[1].split("; ")
     assert fixes[0] == ("start with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "
                         "(19.0 GiB was reserved but unused: fragmentation)")
     assert fixes[1:4] == ["--gradient-checkpointing", "--offload-checkpoints", "--quantize nf4"]
     assert " allocating" not in str(error)  # torch's message gave no size
+    # already on (as the splice program sets it): the other fixes only
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    again = str(out_of_memory(torch.OutOfMemoryError("CUDA out of memory."), step=1, rows=1, tokens=372736,
+                              device="cuda:0", memory=fragmented, config=TrainConfig()))
+    assert "expandable" not in again and again.split("Lower the peak with: ")[1].startswith("--gradient-checkpointing")
 
 
 @pytest.mark.parametrize("device", DEVICES)
