@@ -22,6 +22,7 @@ from dataclasses import MISSING, fields
 from typing import Any, NoReturn
 
 import splice.commands as commands
+from splice.core.allocator import default_to_expandable
 from splice.core.errors import SpliceError, one_line
 from splice.training.config import TrainConfig, load_config_file
 
@@ -350,16 +351,11 @@ def main(argv: list[str] | None = None) -> int:
         return code
 
 
-# The CUDA allocator's setting when the user has chosen none: without expandable segments an 8B NF4
-# step of 372,736 tokens runs out of an 80 GiB cap that it fits at a 73 GiB peak with them
-# (docs/benchmarks.md). torch reads it when CUDA starts, so the process sets it before any command.
-ALLOC_CONF = "expandable_segments:True"
-
-
 def entry(argv: list[str] | None = None) -> int:
-    """The ``splice`` program: :func:`main` in a process whose CUDA allocator is set for training
-    (``PYTORCH_CUDA_ALLOC_CONF``, unless the user set it). Library callers keep their own setting."""
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOC_CONF)
+    """The ``splice`` program: :func:`main` in a process whose CUDA allocator uses expandable
+    segments unless the user set it (torch reads it when CUDA starts, so before any command).
+    Library callers keep their own setting."""
+    default_to_expandable()
     return main(argv)
 
 

@@ -139,13 +139,20 @@ def test_version_and_a_torch_free_command_line(capsys) -> None:
 
 
 def test_the_program_sets_expandable_segments_unless_the_user_chose(monkeypatch) -> None:
-    from splice.cli import ALLOC_CONF, entry
+    import tomllib
 
-    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "")  # recorded, so the test's change is undone after it
-    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    from splice.cli import entry
+
+    # the program is entry (console script and python -m splice), not main
+    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"splice": "splice.cli:entry"}
+    assert "entry()" in (Path(__file__).parents[1] / "splice" / "__main__.py").read_text()
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.setenv(name, "")  # recorded, so the test's changes are undone after it
+        monkeypatch.delenv(name)
     with pytest.raises(SystemExit):
         entry(["--version"])
-    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == ALLOC_CONF == "expandable_segments:True"
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False")
     with pytest.raises(SystemExit):
         entry(["--version"])

@@ -3,18 +3,18 @@
 torch's own message is several lines about the allocator; a user needs the step and batch that
 failed, how full the card was, and the options of this run that would lower the peak, most
 effective first (only those not already on). When much of the reserved memory is unused, the
-cause is fragmentation, and ``expandable_segments`` is the fix (measured: an 8B NF4 step of
-372,736 tokens fails under an 80 GiB cap without it and peaks at 73 GiB with it).
+cause is fragmentation, and expandable segments are the fix (:mod:`splice.core.allocator`),
+named first unless they are already on.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 
 import torch
 
+from splice.core.allocator import EXPANDABLE, expandable_segments_on
 from splice.core.errors import RunError
 from splice.training.config import TrainConfig
 
@@ -66,9 +66,8 @@ def out_of_memory(error: BaseException, *, step: int, rows: int, tokens: int, de
     state = (f"{memory.allocated / _GIB:.1f} GiB in use, {memory.reserved / _GIB:.1f} GiB reserved of "
              f"{memory.total / _GIB:.1f} GiB")
     fixes = _remedies(config)
-    expandable = "expandable_segments:true" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").replace(" ", "").lower()
-    if memory.total and unused > _FRAGMENTED * memory.total and not expandable:
-        fixes.insert(0, f"start with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "
+    if memory.total and unused > _FRAGMENTED * memory.total and not expandable_segments_on():
+        fixes.insert(0, f"start with PYTORCH_CUDA_ALLOC_CONF={EXPANDABLE} "
                         f"({unused / _GIB:.1f} GiB was reserved but unused: fragmentation)")
     return RunError(f"out of GPU memory on {device} in step {step}{wanted} (micro-batch {rows} x {tokens} "
                     f"tokens; {state}). Lower the peak with: {'; '.join(fixes)}")
