@@ -16,7 +16,7 @@ __version__ = "0.2.0"
 
 # Sub-packages from the lowest layer to the highest (tests/test_layout.py enforces the order).
 LAYERS = (
-    "core", "kernels", "quant", "lora", "models", "memory", "fused", "data", "generation",
+    "core", "kernels", "quant", "lora", "models", "memory", "fused", "data", "engine", "generation",
     "evaluation", "export", "distributed", "training", "serve", "commands", "cli",
 )
 
