@@ -174,6 +174,7 @@ def test_errors_use_the_openai_format(server: Server) -> None:
     with httpx.Client(base_url=server.url) as http:
         body = http.post("/chat/completions", json={"model": "tiny", "messages": []}).json()
         assert set(body["error"]) == {"message", "type", "param", "code"}
+    before = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2, temperature=0)
     engine = server.service.engine
     engine.max_waiting = 0  # a full queue: overload is 429, not a crash
     try:
@@ -181,7 +182,10 @@ def test_errors_use_the_openai_format(server: Server) -> None:
             client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4)
     finally:
         engine.max_waiting = 64
-    assert client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2).choices[0].text is not None
+    # The server still serves, and serves the same greedy answer as before the overload.
+    after = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2, temperature=0)
+    assert after.choices[0].text == before.choices[0].text
+    assert after.choices[0].finish_reason == before.choices[0].finish_reason
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
