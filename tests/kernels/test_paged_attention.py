@@ -1,0 +1,209 @@
+"""splice.kernels.paged_attention: paged K/V attention against dense causal attention over the
+un-paged sequences (torch SDPA in float64, an independent computation), for mixed batches.
+
+The Triton tests need a GPU, or ``TRITON_INTERPRET=1`` set before pytest starts (then the kernels
+run on CPU tensors in Triton's interpreter).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from splice.kernels import use_triton
+from splice.kernels.paged_attention import paged_attention, paged_attention_reference, write_kv
+from tests.numerics import DEVICES, GPU, HostSyncs
+
+BS = 16  # block size
+TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 1e-2), torch.float16: (2e-3, 2e-3)}  # atol, rtol
+
+# (seq_len, query rows) per sequence: decodes, chunked prefills, a full prefill; odd lengths
+MIXED = [(1, 1), (BS - 1, 1), (BS + 1, 1), (1000, 1), (BS + 1, BS + 1), (40, 7), (1000, 37), (BS, BS - 1)]
+DECODES = [(n, 1) for n in (1, 5, BS, 33, 300, 1000)]
+PREFILL = [(130, 130), (70, 23)]
+
+
+@dataclass
+class Case:
+    q: Tensor  # (T, Hq, D)
+    keys: list[Tensor]  # per sequence (n, Hkv, D), un-paged
+    values: list[Tensor]
+    key_cache: Tensor
+    value_cache: Tensor
+    block_tables: Tensor
+    seq_lens: Tensor
+    query_start_loc: Tensor
+    lens: list[tuple[int, int]]
+
+
+def make_case(lens: list[tuple[int, int]], *, hq: int = 8, hkv: int = 2, d: int = 64, dtype: torch.dtype,
+              device: str, seed: int = 0) -> Case:
+    """Random sequences written into a cache through ``write_kv`` at shuffled, non-contiguous blocks;
+    unused cache rows hold NaN, so a read outside a sequence shows."""
+    g = torch.Generator().manual_seed(seed)
+    need = [(n + BS - 1) // BS for n, _ in lens]
+    num_blocks = sum(need) + 5
+    order = (torch.randperm(num_blocks - 1, generator=g) + 1).tolist()  # block 0: scratch, never handed out
+    tables = torch.zeros(len(lens), max(need) + 2, dtype=torch.int32)
+    keys, values, slots = [], [], []
+    for b, (n, _) in enumerate(lens):
+        ids = [order.pop() for _ in range(need[b])]
+        tables[b, : need[b]] = torch.tensor(ids, dtype=torch.int32)
+        keys.append(torch.randn(n, hkv, d, generator=g).to(dtype))
+        values.append(torch.randn(n, hkv, d, generator=g).to(dtype))
+        slots.append(torch.tensor([ids[p // BS] * BS + p % BS for p in range(n)]))
+    cache = [torch.full((num_blocks, BS, hkv, d), float("nan"), dtype=dtype, device=device) for _ in range(2)]
+    write_kv(torch.cat(keys).to(device), torch.cat(values).to(device), *cache, torch.cat(slots).to(device))
+    q = torch.randn(sum(length for _, length in lens), hq, d, generator=g).to(dtype)
+    starts = torch.tensor([0] + [length for _, length in lens]).cumsum(0).to(torch.int32)
+    return Case(q.to(device), keys, values, *cache, tables.to(device),
+                torch.tensor([n for n, _ in lens], dtype=torch.int32, device=device), starts.to(device), lens)
+
+
+def dense(case: Case, *, scale: float, window: int = 0, softcap: float = 0.0) -> Tensor:
+    """Each sequence's queries over its un-paged keys, float64: SDPA with a boolean causal/window mask
+    (softcap: the same attention written out, since SDPA has no softcap)."""
+    outs, start = [], 0
+    for (n, length), k, v in zip(case.lens, case.keys, case.values, strict=True):
+        q = case.q[start : start + length].double().cpu().transpose(0, 1)  # (Hq, L, D)
+        start += length
+        group = q.shape[0] // k.shape[1]
+        k = k.double().repeat_interleave(group, dim=1).transpose(0, 1)  # (Hq, n, D)
+        v = v.double().repeat_interleave(group, dim=1).transpose(0, 1)
+        q_pos = torch.arange(n - length, n)[:, None]
+        k_pos = torch.arange(n)[None, :]
+        allowed = (k_pos <= q_pos) & ((k_pos > q_pos - window) if window > 0 else True)
+        if softcap > 0:
+            s = torch.tanh(q @ k.transpose(1, 2) * scale / softcap) * softcap
+            o = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1) @ v
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+        outs.append(o.transpose(0, 1))
+    return torch.cat(outs)
+
+
+def run(fn, case: Case, **kw) -> Tensor:  # type: ignore[no-untyped-def]
+    n_max = max(n for n, _ in case.lens)
+    l_max = max(length for _, length in case.lens)
+    return fn(case.q, case.key_cache, case.value_cache, block_tables=case.block_tables, seq_lens=case.seq_lens,
+              query_start_loc=case.query_start_loc, max_query_len=l_max, max_seq_len=n_max, **kw)
+
+
+def check(got: Tensor, case: Case, dtype: torch.dtype, **kw) -> None:  # type: ignore[no-untyped-def]
+    assert got.dtype == dtype and got.shape == case.q.shape
+    want = dense(case, **kw)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(got.double().cpu(), want, atol=atol, rtol=rtol)
+
+
+# (lens, Hq, Hkv, D, window, softcap): GQA 1 / 4 / 8, window, softcap, head dims
+CASES = [
+    (MIXED, 8, 2, 64, 0, 0.0),
+    (MIXED, 4, 4, 32, 0, 0.0),
+    (MIXED, 16, 2, 64, 0, 0.0),
+    (MIXED, 8, 2, 64, 24, 0.0),
+    (MIXED, 8, 2, 64, 0, 30.0),
+    (DECODES, 8, 1, 128, 100, 5.0),
+    (PREFILL, 4, 1, 16, 0, 0.0),
+    (PREFILL + DECODES[:2], 8, 2, 80, 0, 0.0),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("spec", CASES)
+def test_reference_matches_dense_attention(spec, dtype: torch.dtype, device: str) -> None:
+    lens, hq, hkv, d, window, softcap = spec
+    case = make_case(lens, hq=hq, hkv=hkv, d=d, dtype=dtype, device=device)
+    scale = d**-0.5
+    got = run(paged_attention_reference, case, scale=scale, window=window, softcap=softcap)
+    check(got, case, dtype, scale=scale, window=window, softcap=softcap)
+
+
+def _kernel_or_skip(device: str, dtype: torch.dtype) -> None:
+    if not use_triton(torch.empty(0, device=device)):
+        pytest.skip("the Triton path needs a GPU, or TRITON_INTERPRET=1 set before pytest starts")
+    if device == "cpu" and dtype != torch.float32:
+        pytest.skip("Triton's interpreter computes half-precision dots in its own way; fp32 there, all on GPU")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("spec", CASES)
+def test_kernel_matches_dense_attention(spec, dtype: torch.dtype, device: str) -> None:
+    _kernel_or_skip(device, dtype)
+    lens, hq, hkv, d, window, softcap = spec
+    case = make_case(lens, hq=hq, hkv=hkv, d=d, dtype=dtype, device=device, seed=1)
+    scale = d**-0.5
+    got = run(paged_attention, case, scale=scale, window=window, softcap=softcap)
+    check(got, case, dtype, scale=scale, window=window, softcap=softcap)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernel_with_loose_bounds_and_an_out_buffer(device: str) -> None:
+    """Grid bounds far above the real lengths (a CUDA graph's) give the same result, into ``out``."""
+    _kernel_or_skip(device, torch.float32)
+    case = make_case(MIXED[:4] + [(40, 7)], hq=8, hkv=2, d=32, dtype=torch.float32, device=device, seed=2)
+    want = run(paged_attention_reference, case, scale=0.2)
+    out = torch.empty_like(case.q)
+    got = paged_attention(case.q, case.key_cache, case.value_cache, block_tables=case.block_tables,
+                          seq_lens=case.seq_lens, query_start_loc=case.query_start_loc, scale=0.2,
+                          max_query_len=64, max_seq_len=4096, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_write_kv_round_trip(device: str) -> None:
+    case = make_case([(5, 5), (BS + 3, 1)], dtype=torch.bfloat16, device=device)
+    for b, (n, _) in enumerate(case.lens):
+        ids = case.block_tables[b, : (n + BS - 1) // BS].long()
+        assert torch.equal(case.key_cache[ids].flatten(0, 1)[:n].cpu(), case.keys[b])
+        assert torch.equal(case.value_cache[ids].flatten(0, 1)[:n].cpu(), case.values[b])
+    assert int((~case.key_cache.isnan()).sum()) == sum(k.numel() for k in case.keys)  # nothing else written
+    fp32 = torch.zeros(3, BS, 2, 64, device=device)
+    write_kv(case.keys[0][:2].to(device), case.values[0][:2].to(device), fp32, fp32.clone(),
+             torch.tensor([BS, 2 * BS + 1], device=device))
+    assert torch.equal(fp32[1, 0].cpu(), case.keys[0][0].float()) and torch.equal(fp32[2, 1].cpu(),
+                                                                                 case.keys[0][1].float())
+
+
+def test_bad_inputs_name_the_problem() -> None:
+    case = make_case([(3, 1)], dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        run(paged_attention, Case(**{**case.__dict__, "q": torch.zeros(1, 3, 64)}), scale=1.0)
+    with pytest.raises(ValueError, match="query_start_loc"):
+        run(paged_attention, Case(**{**case.__dict__, "query_start_loc": torch.zeros(1, dtype=torch.int32)}),
+            scale=1.0)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        write_kv(case.keys[0], case.values[0], case.key_cache, case.value_cache, torch.zeros(2, dtype=torch.long))
+
+
+@GPU
+def test_no_host_sync_and_cuda_graph_replay() -> None:
+    """The CUDA path reads no tensor value on the host, so a graph captured once with upper bounds
+    replays for other lengths written into the same buffers."""
+    case = make_case(MIXED, dtype=torch.bfloat16, device="cuda", seed=3)
+    kw = dict(block_tables=case.block_tables, seq_lens=case.seq_lens, query_start_loc=case.query_start_loc,
+              scale=0.125, max_query_len=64, max_seq_len=1024)
+    with HostSyncs() as syncs:
+        paged_attention(case.q, case.key_cache, case.value_cache, **kw)
+    assert syncs.synced == []
+    out = torch.empty_like(case.q)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        paged_attention(case.q, case.key_cache, case.value_cache, out=out, **kw)  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        paged_attention(case.q, case.key_cache, case.value_cache, out=out, **kw)
+    other = make_case(MIXED[::-1], dtype=torch.bfloat16, device="cuda", seed=4)
+    for name in ("q", "key_cache", "value_cache", "block_tables", "seq_lens", "query_start_loc"):
+        getattr(case, name).copy_(getattr(other, name))
+    graph.replay()
+    torch.cuda.synchronize()
+    check(out, other, torch.bfloat16, scale=0.125)
