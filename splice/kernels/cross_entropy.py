@@ -7,8 +7,8 @@ Math, per row ``i`` of the logits ``z`` (c, V) with target ``y_i`` and scale ``s
     g_ij   = s_i * (exp(z_ij - lse_i) - [j == y_i])      (fp32, stored over z in z's dtype)
 
 so ``g`` is the gradient of ``sum_i s_i * loss_i`` wrt ``z``. The chunked linear + cross-entropy
-(:mod:`splice.training.loss`) feeds ``g`` straight into its two GEMMs (``g W`` and ``g^T x``); ``s_i``
-carries the row's mean weight (1/n) and its ignore mask (0 for ignored rows).
+(:mod:`splice.kernels.linear_cross_entropy`) feeds ``g`` straight into its two GEMMs (``g W`` and
+``g^T x``); ``s_i`` carries the row's mean weight (1/n) and its ignore mask (0 for ignored rows).
 
 Why a kernel: the PyTorch sequence (upcast to fp32, logsumexp, gather, subtract, exp, scatter,
 scale, downcast) makes about eight full passes over an fp32 copy of the block; with V = 128,256

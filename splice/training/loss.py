@@ -3,13 +3,10 @@
 A causal LM's loss is ``mean_i CE(h_i W^T + b, y_i)`` over the target tokens ``i``. Computing it
 through ``model(...).logits`` materialises an (N, V) logits tensor (N tokens, V vocab) plus its
 fp32 upcast and its gradient: for 8k tokens and a 128k vocab that is 4 GiB each. Here the decoder
-runs without its head (:func:`model_hidden_states`) and :func:`causal_lm_loss` feeds the hidden
-states and the head's weight (:func:`lm_head_params`) to a fused linear + cross-entropy that works
-on chunks of rows: for each chunk it computes the logits, the per-row loss and, right away, the
-gradients wrt the chunk's hidden rows and the (accumulated) weight gradient, then drops the
-logits. Backward only scales the stored gradients. This is the Liger-Kernel "fused linear cross
-entropy" idea; peak extra memory is one (chunk, V) logits block, which becomes its own gradient in
-place (:mod:`splice.kernels.cross_entropy`: one Triton kernel over the 16-bit logits on a GPU).
+runs without its head (:func:`model_hidden_states`) and :func:`causal_lm_loss` picks the hidden
+rows that have a target and feeds them, with the head's weight (:func:`lm_head_params`), to the
+chunked fused linear + cross-entropy of :mod:`splice.kernels.linear_cross_entropy`, whose peak
+extra memory is one (chunk, V) logits block.
 """
 
 from __future__ import annotations
@@ -23,7 +20,7 @@ from torch import Tensor, nn
 from splice.core.context import causal_only
 from splice.core.rewrite import Around
 from splice.data.batching import Batch
-from splice.kernels.cross_entropy import cross_entropy_grad_
+from splice.kernels.linear_cross_entropy import linear_cross_entropy
 
 __all__ = [
     "causal_lm_loss",
@@ -56,81 +53,37 @@ def _shifted_targets(labels: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]
     return b_idx * time + t_idx, targets[b_idx, t_idx]
 
 
-class _FusedLinearCrossEntropy(torch.autograd.Function):
-    """``sum_i w * (logsumexp(x_i W^T + b) - (x_i W^T + b)[y_i])`` with gradients made in forward.
-
-    With ``p_i = softmax(z_i)``, ``z_i = x_i W^T + b`` and ``g_i = w * (p_i - onehot(y_i))`` (V,):
-    ``dL/dx_i = g_i W``, ``dL/dW = sum_i g_i^T x_i``, ``dL/db = sum_i g_i``. ``w`` is 1/n for the
-    mean, 1 for the sum.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        rows: Tensor,  # (N, H) hidden rows that have a target
-        weight: Tensor,  # (V, H)
-        bias: Tensor | None,  # (V,)
-        targets: Tensor,  # (N,) int64
-        row_weight: float | Tensor,  # a float, or a 0-dim fp32 tensor (static_shapes)
-        valid: Tensor | None,  # (N,) 0/1 per row (static_shapes: ignored rows weigh 0), or None
-        chunk_size: int,
-        compute: torch.dtype,
-        need_rows: bool,
-        need_weight: bool,
-        need_bias: bool,
-    ) -> Tensor:
-        n_rows = rows.shape[0]
-        acc = torch.promote_types(compute, torch.float32)  # softmax, loss and gradient sums
-        w = weight.to(compute)
-        b = bias.to(acc) if bias is not None else None
-        total = torch.zeros((), dtype=acc, device=rows.device)
-        grad_rows = torch.empty_like(rows) if need_rows else None
-        # Weight and bias gradients accumulate over chunks in fp32 whatever the parameter dtype.
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
-        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_bias else None
-        # (N,) row weights: 1/n or 1, and 0 for an ignored row (static_shapes)
-        keep_all = valid.to(acc) if valid is not None else torch.ones(n_rows, dtype=acc, device=rows.device)
-        scales = keep_all * row_weight
-        for start in range(0, n_rows, chunk_size):
-            end = min(start + chunk_size, n_rows)
-            x = rows[start:end].to(compute)  # (c, H)
-            # The matmul runs in the compute dtype (bf16: fp32 products, bf16 out); a bias is
-            # added in fp32.
-            logits = x @ w.T  # (c, V)
-            if b is not None:
-                logits = logits.to(acc) + b
-            # In place: the logits become g = w * (softmax - onehot), the (c, V) gradient of the
-            # loss, in their dtype; softmax and the per-row losses in fp32 (a Triton kernel on a
-            # GPU: two reads and one write of the 16-bit block, no fp32 copy).
-            total += cross_entropy_grad_(logits, targets[start:end], scales[start:end]).dot(keep_all[start:end])
-            grad = logits
-            if grad_rows is not None:
-                grad_rows[start:end] = (grad.to(compute) @ w).to(rows.dtype)
-            if grad_w is not None:  # (V, c) @ (c, H), in the compute dtype, summed in fp32
-                if grad.dtype == compute == acc:
-                    grad_w.addmm_(grad.T, x)
-                else:
-                    grad_w += grad.to(compute).T @ x
-            if grad_b is not None:
-                grad_b += grad.to(acc).sum(0)
-            del grad, logits  # before the next chunk's: one (c, V) block at a time
-        ctx.save_for_backward(
-            grad_rows,
-            grad_w.to(weight.dtype) if grad_w is not None else None,
-            grad_b.to(bias.dtype) if grad_b is not None and bias is not None else None,
+def _check_inputs(hidden: Tensor, lm_head_weight: Tensor, labels: Tensor, lm_head_bias: Tensor | None, *,
+                  reduction: str) -> int:
+    """Raise on inputs :func:`causal_lm_loss` cannot take (naming the fix); returns the vocab size."""
+    _check_reduction(reduction)
+    if hidden.dim() != 3:
+        raise ValueError(
+            f"hidden must be (batch, seq, hidden), got shape {tuple(hidden.shape)}; "
+            "pass the decoder's last hidden state, e.g. from splice.training.loss.model_hidden_states"
         )
-        return total * row_weight
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        grad_rows, grad_w, grad_b = ctx.saved_tensors
-        # Always one multiply (no "is it 1?" test: that would be a host sync, fatal in a graph).
-        scale = grad_output.float()
-
-        def scaled(grad: Tensor | None) -> Tensor | None:
-            return None if grad is None else grad * scale.to(grad.dtype)
-
-        return scaled(grad_rows), scaled(grad_w), scaled(grad_b), *([None] * 8)
+    if labels.shape != hidden.shape[:2]:
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} must equal hidden's (batch, seq) "
+            f"{tuple(hidden.shape[:2])}; labels are unshifted (usually labels = input_ids with "
+            "ignored positions set to ignore_index)"
+        )
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor of token ids, got {labels.dtype}")
+    if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"lm_head_weight must be (vocab, hidden={hidden.shape[-1]}), got "
+            f"{tuple(lm_head_weight.shape)}; pass the output head's weight (lm_head_params)"
+        )
+    vocab = int(lm_head_weight.shape[0])
+    if lm_head_bias is not None and lm_head_bias.shape != (vocab,):
+        raise ValueError(f"lm_head_bias must be ({vocab},), got {tuple(lm_head_bias.shape)}")
+    if not hidden.is_floating_point() or not lm_head_weight.is_floating_point():
+        raise TypeError(
+            f"hidden ({hidden.dtype}) and lm_head_weight ({lm_head_weight.dtype}) must be floating "
+            "point; a quantized head cannot be used here: compute logits with the model instead"
+        )
+    return vocab
 
 
 def causal_lm_loss(
@@ -169,36 +122,7 @@ def causal_lm_loss(
     are range-checked only when ``labels`` are on the CPU. Same result, more head FLOPs when many
     positions are ignored.
     """
-    _check_reduction(reduction)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if hidden.dim() != 3:
-        raise ValueError(
-            f"hidden must be (batch, seq, hidden), got shape {tuple(hidden.shape)}; "
-            "pass the decoder's last hidden state, e.g. from splice.training.loss.model_hidden_states"
-        )
-    if labels.shape != hidden.shape[:2]:
-        raise ValueError(
-            f"labels shape {tuple(labels.shape)} must equal hidden's (batch, seq) "
-            f"{tuple(hidden.shape[:2])}; labels are unshifted (usually labels = input_ids with "
-            "ignored positions set to ignore_index)"
-        )
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor of token ids, got {labels.dtype}")
-    if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(
-            f"lm_head_weight must be (vocab, hidden={hidden.shape[-1]}), got "
-            f"{tuple(lm_head_weight.shape)}; pass the output head's weight (lm_head_params)"
-        )
-    vocab = lm_head_weight.shape[0]
-    if lm_head_bias is not None and lm_head_bias.shape != (vocab,):
-        raise ValueError(f"lm_head_bias must be ({vocab},), got {tuple(lm_head_bias.shape)}")
-    if not hidden.is_floating_point() or not lm_head_weight.is_floating_point():
-        raise TypeError(
-            f"hidden ({hidden.dtype}) and lm_head_weight ({lm_head_weight.dtype}) must be floating "
-            "point; a quantized head cannot be used here: compute logits with the model instead"
-        )
-
+    vocab = _check_inputs(hidden, lm_head_weight, labels, lm_head_bias, reduction=reduction)
     if not static_shapes or labels.device.type == "cpu":
         check_labels(labels, vocab=vocab, ignore_index=ignore_index)
     valid: Tensor | None = None
@@ -216,26 +140,8 @@ def causal_lm_loss(
         rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_index)
         n_targets = targets.numel()
         row_weight = 1.0 / n_targets if reduction == "mean" and n_targets > 0 else 1.0
-    compute = torch.promote_types(hidden.dtype, lm_head_weight.dtype)
-    device_type = hidden.device.type
-    if compute == torch.float32 and torch.is_autocast_enabled(device_type):
-        compute = torch.get_autocast_dtype(device_type)  # what autocast would run lm_head in
-    grad_on = torch.is_grad_enabled()
-    with torch.autocast(device_type=device_type, enabled=False):  # dtypes are chosen above
-        loss = _FusedLinearCrossEntropy.apply(
-            rows,
-            lm_head_weight,
-            lm_head_bias,
-            targets,
-            row_weight,
-            valid,
-            chunk_size,
-            compute,
-            grad_on and rows.requires_grad,
-            grad_on and lm_head_weight.requires_grad,
-            grad_on and lm_head_bias is not None and lm_head_bias.requires_grad,
-        )
-    return loss
+    return linear_cross_entropy(rows, lm_head_weight, targets, bias=lm_head_bias, row_weight=row_weight,
+                                valid=valid, chunk_size=chunk_size)
 
 
 def check_labels(labels: Tensor, *, vocab: int, ignore_index: int = -100) -> None:

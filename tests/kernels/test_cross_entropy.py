@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-import splice.training.loss as loss_module
+import splice.kernels.linear_cross_entropy as loss_module
 from splice.kernels import use_triton
 from splice.kernels.cross_entropy import cross_entropy_grad_, cross_entropy_grad_reference
 from splice.training.loss import causal_lm_loss
