@@ -4,73 +4,25 @@
 checks them against the world: the data files exist and are files, the device exists, and the
 model's own config (read without its weights) admits ``max_length`` and ``targets``. The model's
 config comes from ``config.json`` for a folder, and for a GGUF from its converted folder in the
-cache or else (first use) from the GGUF's metadata through transformers, which reads no weights.
+cache or else (first use) from the GGUF's metadata through transformers, which reads no weights;
+its context length from the header (:mod:`splice.models.gguf_header`).
 """
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 
 from splice.core.device import resolve_device
 from splice.core.errors import UsageError, one_line
+from splice.models.gguf_header import gguf_context_length
 from splice.training.config import TrainConfig, flag
 
-__all__ = ["check_targets", "gguf_context_length", "model_config", "preflight"]
+__all__ = ["check_targets", "model_config", "preflight"]
 
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
-# GGUF value types -> struct format of a scalar (8: string, 9: array are read by hand)
-_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-
-
-def _read(f: BinaryIO, fmt: str) -> Any:
-    size = struct.calcsize("<" + fmt)
-    data = f.read(size)
-    if len(data) != size:
-        raise EOFError
-    return struct.unpack("<" + fmt, data)[0]
-
-
-def _skip_value(f: BinaryIO, kind: int) -> None:
-    if kind == 8:
-        f.seek(_read(f, "Q"), 1)
-    elif kind == 9:
-        inner, count = _read(f, "I"), _read(f, "Q")
-        if inner in _GGUF_SCALARS:
-            f.seek(struct.calcsize("<" + _GGUF_SCALARS[inner]) * count, 1)
-        else:
-            for _ in range(count):
-                _skip_value(f, inner)
-    elif kind in _GGUF_SCALARS:
-        f.seek(struct.calcsize("<" + _GGUF_SCALARS[kind]), 1)
-    else:
-        raise ValueError(f"unknown GGUF value type {kind}")
-
-
-def gguf_context_length(path: str | Path) -> int | None:
-    """``<arch>.context_length`` from a GGUF file's header (None if absent or unreadable).
-
-    Layout (little-endian): magic ``GGUF``, version u32, tensor count u64, key count u64, then
-    per key: name (u64 length + bytes), value type u32, value.
-    """
-    try:
-        with Path(path).open("rb") as f:
-            if f.read(4) != b"GGUF":
-                return None
-            _version, _tensors, n_keys = _read(f, "I"), _read(f, "Q"), _read(f, "Q")
-            for _ in range(min(n_keys, 1 << 16)):
-                name = f.read(_read(f, "Q")).decode("utf-8", "replace")
-                kind = _read(f, "I")
-                if name.endswith(".context_length") and kind in _GGUF_SCALARS:
-                    value = _read(f, _GGUF_SCALARS[kind])
-                    return int(value) if isinstance(value, int) and value > 0 else None
-                _skip_value(f, kind)
-    except (OSError, EOFError, ValueError, struct.error, OverflowError, MemoryError):
-        return None
-    return None
 
 
 def model_config(source: str | None) -> tuple[Any | None, int | None, str]:
