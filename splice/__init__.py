@@ -46,7 +46,7 @@ _EXPORTS = {
     "causal_lm_loss": "training.loss", "model_hidden_states": "training.loss",
     "lm_head_params": "training.loss",
     "generate": "generation.generate",
-    "build_function_names": "evaluation.tasks", "name_metrics": "evaluation.tasks",
+    "build_function_names": "data.function_names", "name_metrics": "evaluation.tasks",
     # errors
     "SpliceError": "core.errors", "UsageError": "core.errors", "RunError": "core.errors",
     # QLoRA and big models
@@ -89,8 +89,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         unrewrite,
     )
     from splice.data.batching import batches
+    from splice.data.function_names import build_function_names
     from splice.data.rows import ChatTemplate, PromptTemplate, read_rows, split_rows, tokenize_rows
-    from splice.evaluation.tasks import build_function_names, name_metrics
+    from splice.evaluation.tasks import name_metrics
     from splice.export.gguf import export_gguf, export_lora_gguf
     from splice.fused.apply import fuse, unfuse
     from splice.generation.engine import Engine, SamplingParams
