@@ -17,6 +17,7 @@ __all__ = [
     "HEAD_NAMES",
     "LAYER_PATH",
     "MLP_CLASSES",
+    "PAGED_ATTENTION_CLASSES",
     "RESIDUAL_MLP_LAYERS",
     "RMSNORM_CLASSES",
     "is_conv1d",
@@ -29,6 +30,10 @@ RMSNORM_CLASSES = frozenset(f"{f}RMSNorm" for f in _LLAMA_LIKE)
 MLP_CLASSES = frozenset(f"{f}MLP" for f in _LLAMA_LIKE)
 # Attention with Llama's q/k/v/o + RoPE forward (checked further by the fused attention rule).
 ATTENTION_CLASSES = frozenset({"LlamaAttention"})
+# Attention the engine's paged rule replaces: q/k/v/o projections, optional per-head q_norm/k_norm
+# (Qwen3, Gemma3), RoPE from the decoder layer's position_embeddings, ``scaling``, and a sliding
+# window / logit softcap from the module or its config (see splice.engine.attention).
+PAGED_ATTENTION_CLASSES = frozenset(f"{f}Attention" for f in (*_LLAMA_LIKE, "Gemma", "Gemma2", "Gemma3"))
 # Decoder layers whose MLP output only enters ``residual + mlp(...)``, the layer's return value.
 RESIDUAL_MLP_LAYERS = frozenset(f"{f}DecoderLayer" for f in _LLAMA_LIKE)
 # Where decoder layers sit: "...layers.<i>" (Llama), "...h.<i>" (GPT-2), "...blocks.<i>", ...

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import math
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -21,6 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from splice.core.progress import progress
+from splice.engine.output import eos_ids as _eos_ids
+from splice.engine.sampling import check_sampling as _check_sampling
+from splice.engine.sampling import sample_next, top_k_top_p_filter
 from splice.lora.apply import use_adapters
 from splice.lora.bank import use_adapter_bank
 
@@ -29,62 +31,6 @@ __all__ = ["generate", "generate_ids", "sample_next", "top_k_top_p_filter"]
 # Decoding a continuation together with this many preceding prompt tokens gives it the right
 # leading space (SentencePiece) and completes characters split across the boundary (byte BPE).
 _DECODE_CONTEXT = 8
-
-
-def _check_sampling(temperature: float, top_k: int, top_p: float) -> None:
-    if not (math.isfinite(temperature) and temperature >= 0):  # nan would compare False below
-        raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {top_p}")
-
-
-def top_k_top_p_filter(logits: Tensor, *, top_k: int = 0, top_p: float = 1.0) -> Tensor:
-    """``logits`` (B, V) with every token outside the top-k / nucleus set set to ``-inf``.
-
-    Top-k keeps tokens whose logit is ``>=`` the k-th largest (ties at the boundary are kept).
-    Top-p then keeps, in order of decreasing probability ``p = softmax(logits)``, the smallest
-    prefix whose cumulative probability is ``>= top_p``: token ``j`` stays iff the mass of the
-    tokens ranked before it is ``< top_p`` (so the most likely token always stays). Kept logits are
-    unchanged; ``top_k = 0`` and ``top_p = 1`` disable the filters.
-    """
-    _check_sampling(0.0, top_k, top_p)
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs  # (B, V) mass of better-ranked tokens
-        drop_sorted = mass_before >= top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
-def sample_next(
-    logits: Tensor,
-    *,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """The next token per row, (B,) int64, from next-token ``logits`` (B, V).
-
-    ``temperature == 0``: greedy, ``argmax(logits)`` (top-k / top-p are irrelevant). Otherwise a
-    draw from ``softmax(top_k_top_p_filter(logits / temperature))`` in fp32, using ``generator``
-    (the global RNG when None) so a seeded generator reproduces the same tokens.
-    """
-    _check_sampling(temperature, top_k, top_p)
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be (batch, vocab), got shape {tuple(logits.shape)}")
-    if temperature == 0.0:
-        return logits.argmax(dim=-1)
-    scaled = logits.float() / temperature
-    probs = top_k_top_p_filter(scaled, top_k=top_k, top_p=top_p).softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 @contextmanager
@@ -213,18 +159,6 @@ def generate_ids(
             position_ids = torch.cat([position_ids, new_positions], dim=-1)
             step_ids, step_positions = (fed, new_positions) if use_cache else (input_ids, position_ids)
     return generated
-
-
-def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
-    """EOS ids from the model's generation config (an int or a list) and the tokenizer."""
-    ids: set[int] = set()
-    config = getattr(model, "generation_config", None)
-    for source in (getattr(config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
-        if isinstance(source, int):
-            ids.add(source)
-        elif isinstance(source, Sequence):
-            ids.update(int(i) for i in source)
-    return ids
 
 
 def _continuation(tokenizer: Any, prompt_ids: Sequence[int], new_ids: list[int]) -> str:

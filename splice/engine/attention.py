@@ -1,0 +1,151 @@
+"""Paged attention inside the model: a rewrite rule for the family's attention module.
+
+:class:`PagedAttention` replaces a Llama / Mistral / Qwen2 / Qwen3 / Gemma-style attention module
+(``splice.core.family.PAGED_ATTENTION_CLASSES``, or splice's ``FusedRopeAttention`` standing in for
+Llama's). It keeps the module's own q/k/v/o projections (LoRA, bank or quantized wrappers
+included), its per-head ``q_norm`` / ``k_norm`` (Qwen3, Gemma3), ``scaling``, sliding window and
+attention logit softcap, and applies RoPE from the ``position_embeddings`` the decoder layer passes.
+
+The engine's runner calls the decoder layers on a flat batch of ``T`` tokens shaped ``(T, 1, H)``
+(each token a batch row) inside :func:`paged_step`, which binds the step's :class:`StepAttention`
+(caches and block tables) in a ContextVar. The module then computes, per token,
+``q, k, v = rope(q_proj(x)), rope(k_proj(x)), v_proj(x)``, writes ``k, v`` into the paged cache
+(:func:`~splice.kernels.paged_attention.write_kv`) and attends over the sequence's cached keys
+(:func:`~splice.kernels.paged_attention.paged_attention`). With no step bound it runs the module it
+replaced, unchanged, so the rewrite is harmless to training and to ordinary forwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from splice.core.family import PAGED_ATTENTION_CLASSES
+from splice.core.rewrite import Node, Replace, innermost, rewrite, share_state
+from splice.fused.modules import FusedRopeAttention
+from splice.kernels.paged_attention import paged_attention, write_kv
+from splice.kernels.rope import rope
+
+__all__ = ["PagedAttention", "StepAttention", "install_paged_attention", "paged_step"]
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class StepAttention:
+    """What every attention layer of one forward needs (layout: splice.kernels.paged_attention).
+
+    ``key_caches[i]`` / ``value_caches[i]``: layer ``i``'s (NB, BS, Hkv, D) cache; ``slot_mapping``
+    (T,) int64 flat cache slot of each token; ``block_tables`` (B, max_blocks) int32;
+    ``seq_lens`` (B,) int32 tokens in cache incl. this step's; ``query_start_loc`` (B+1,) int32;
+    ``max_query_len`` / ``max_seq_len``: host upper bounds.
+    """
+
+    key_caches: Sequence[Tensor]
+    value_caches: Sequence[Tensor]
+    slot_mapping: Tensor
+    block_tables: Tensor
+    seq_lens: Tensor
+    query_start_loc: Tensor
+    max_query_len: int
+    max_seq_len: int
+
+
+_STEP: ContextVar[StepAttention | None] = ContextVar("splice_paged_step", default=None)
+
+
+@contextmanager
+def paged_step(step: StepAttention) -> Iterator[StepAttention]:
+    """Inside the block, every :class:`PagedAttention` of this thread / task attends through ``step``."""
+    token = _STEP.set(step)
+    try:
+        yield step
+    finally:
+        _STEP.reset(token)
+
+
+def _window_and_softcap(attn: nn.Module) -> tuple[int, float]:
+    """The module's sliding window (0: none) and attention logit softcap (0: none). Mistral keeps
+    its window on the config only; Qwen2/3 and Gemma set the module's (None on full layers)."""
+    config = getattr(attn, "config", None)
+    if "sliding_window" in vars(attn):
+        window = vars(attn)["sliding_window"]
+    else:
+        window = getattr(config, "sliding_window", None)
+    softcap = getattr(attn, "attn_logit_softcapping", None) or getattr(config, "attn_logit_softcapping", None)
+    return int(window or 0), float(softcap or 0.0)
+
+
+class PagedAttention(nn.Module):
+    """The paged replacement of one attention module (see module docstring)."""
+
+    q_proj: nn.Module  # the replaced module's projections (shared children, same paths)
+    k_proj: nn.Module
+    v_proj: nn.Module
+    o_proj: nn.Module
+
+    def __init__(self, attn: nn.Module) -> None:
+        super().__init__()
+        share_state(self, attn)
+        original = innermost(attn)
+        original = original.__dict__.get("_attn", original)  # FusedRopeAttention keeps the HF module
+        self.__dict__["_replaced"] = attn  # unregistered: its children are ours
+        self.layer_idx = int(original.layer_idx)
+        self.head_dim = int(original.head_dim)
+        self.scaling = float(original.scaling)
+        self.window, self.softcap = _window_and_softcap(original)
+
+    def forward(self, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor] | None = None,
+                attention_mask: Tensor | None = None, **kwargs: Any) -> tuple[Tensor, None]:
+        step = _STEP.get()
+        if step is None:
+            replaced = self.__dict__["_replaced"]
+            replaced.training = self.training
+            return replaced(hidden_states, position_embeddings=position_embeddings,
+                            attention_mask=attention_mask, **kwargs)
+        if position_embeddings is None:
+            raise ValueError("PagedAttention needs the position_embeddings (cos, sin) of the decoder layer")
+        tokens = hidden_states.shape[0]  # hidden (T, 1, H): one token per row
+        shape = (tokens, 1, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(shape)
+        k = self.k_proj(hidden_states).view(shape)
+        v = self.v_proj(hidden_states).view(shape)
+        norms = self._modules
+        if norms.get("q_norm") is not None:  # Qwen3, Gemma3: RMSNorm over each head's vector
+            q, k = norms["q_norm"](q), norms["k_norm"](k)  # type: ignore[misc]
+        q, k = rope(q, k, *position_embeddings)
+        key_cache, value_cache = step.key_caches[self.layer_idx], step.value_caches[self.layer_idx]
+        write_kv(k[:, 0], v[:, 0], key_cache, value_cache, step.slot_mapping)
+        out = paged_attention(
+            q[:, 0], key_cache, value_cache, block_tables=step.block_tables, seq_lens=step.seq_lens,
+            query_start_loc=step.query_start_loc, scale=self.scaling, max_query_len=step.max_query_len,
+            max_seq_len=step.max_seq_len, window=self.window, softcap=self.softcap,
+        )  # (T, Hq, D)
+        return self.o_proj(out.reshape(tokens, 1, -1)), None
+
+
+def _is_paged_candidate(module: nn.Module) -> bool:
+    known = type(module).__name__ in PAGED_ATTENTION_CLASSES or isinstance(module, FusedRopeAttention)
+    return known and all(hasattr(module, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "layer_idx",
+                                                      "head_dim", "scaling"))
+
+
+def _rule(node: Node) -> Replace | None:
+    if _is_paged_candidate(node.module):
+        return Replace(PagedAttention(node.module))
+    return None
+
+
+def install_paged_attention(model: nn.Module) -> list[str]:
+    """Replace every attention module the engine knows by :class:`PagedAttention` (a no-op where it
+    is installed already); returns the paths rewritten now. Raises when the model has none at all."""
+    names = rewrite(model, _rule, allow_empty=True)
+    if not names and not any(isinstance(m, PagedAttention) for m in model.modules()):
+        raise ValueError(
+            f"the generation engine runs Llama, Mistral, Qwen2/3 and Gemma-style models: {type(model).__name__} "
+            f"has none of their attention modules ({', '.join(sorted(PAGED_ATTENTION_CLASSES))})"
+        )
+    return names

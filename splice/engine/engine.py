@@ -1,0 +1,323 @@
+"""The engine: requests in, streamed text out, one scheduler step at a time.
+
+One :meth:`Engine.step` (vLLM v1's loop, gpt-fast's plainness):
+
+1. new requests join the scheduler (a bad one ends at once with an error event);
+2. ``scheduler.schedule()`` picks the step's chunks under the token budget: running decodes, then
+   prefill chunks, then waiting requests admitted through the adapter gate (a request whose adapter
+   cannot get a bank slot now waits without holding up the others);
+3. ``runner.execute(plan)`` runs one forward over the flat token batch;
+4. :func:`~splice.engine.sampling.sample_step` draws every sampled row's next token on the device
+   (one host copy of the step's tokens);
+5. output processing: EOS, ``max_tokens``, the context limit and stop strings end a request;
+   incremental text deltas go to ``on_event(text_delta, finish_reason)``.
+
+:meth:`submit`, :meth:`cancel` and :meth:`call` are thread-safe; :meth:`step` / :meth:`run` run on one
+engine thread. A failure of one request (unknown adapter, an adapter that does not fit, a callback
+that raises) ends that request only. :meth:`generate` is the offline entry point: it runs steps in
+the calling thread until its prompts are done.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from splice.engine.blocks import BlockPool
+from splice.engine.output import TextOutput, eos_ids
+from splice.engine.runner import ModelRunner
+from splice.engine.sampling import SamplingParams, row_generator, sample_step
+from splice.engine.scheduler import Scheduler
+from splice.engine.scheduler import Sequence as Seq
+from splice.lora.apply import adapter_names
+from splice.lora.bank import BankSite, HostAdapter, LoraBank
+
+__all__ = ["Engine", "EngineFull", "OnEvent", "Request", "SamplingParams"]
+
+
+class EngineFull(RuntimeError):
+    """The waiting queue is full: the caller should retry later (HTTP 429)."""
+
+
+# on_event(text_delta, finish_reason): finish_reason None while running, then "stop" / "length" /
+# "cancelled" / "error: <why>"
+OnEvent = Callable[[str, str | None], None]
+
+
+def _ignore(text: str, reason: str | None) -> None:
+    return None
+
+
+@dataclass(eq=False, kw_only=True)
+class Request:
+    """One generation request. After it finishes, ``generated`` holds its token ids (EOS excluded),
+    ``text`` the text streamed and ``finish_reason`` why it ended."""
+
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    on_event: OnEvent = _ignore
+    adapter: str | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    # engine-side state
+    generated: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    finished: bool = False
+    started: bool = False  # scheduled once (or ended before): no longer counts as waiting
+    output: TextOutput | None = field(default=None, repr=False)
+    generator: torch.Generator | None = field(default=None, repr=False)
+
+
+class Engine:
+    """Serves :class:`Request` s on ``model`` (see module docstring).
+
+    ``max_seqs`` sequences run at once, each at most ``max_len`` tokens (prompt + output); a step computes
+    at most ``token_budget`` tokens. The KV cache holds ``kv_blocks`` blocks of ``block_size`` tokens
+    (default: ``kv_memory`` of the free GPU memory, or ``max_seqs x max_len`` tokens on the CPU).
+    ``bank`` / ``sites`` / ``adapters``: serve's adapter bank, its sites and the adapters it may load.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, *, max_seqs: int = 32, max_len: int = 1024,
+                 token_budget: int = 2048, block_size: int = 16, kv_blocks: int | None = None,
+                 kv_memory: float = 0.8, prefix_caching: bool = True, max_waiting: int = 256,
+                 bank: LoraBank | None = None, sites: Sequence[BankSite] = (),
+                 adapters: dict[str, HostAdapter] | None = None, cuda_graphs: bool = True) -> None:
+        for name, value in (("max_seqs", max_seqs), ("max_len", max_len), ("token_budget", token_budget),
+                            ("block_size", block_size), ("max_waiting", max_waiting)):
+            if value < 1:
+                raise ValueError(f"Engine: {name}={value}; it must be at least 1")
+        if not 0.0 < kv_memory <= 1.0:
+            raise ValueError(f"Engine: kv_memory={kv_memory}; give the fraction of free GPU memory, in (0, 1]")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_len, self.max_waiting = max_len, max_waiting
+        self.bank, self.adapters = bank, adapters if adapters is not None else {}
+        self.runner = ModelRunner(model, block_size=block_size, max_seqs=max_seqs, max_len=max_len,
+                                  num_blocks=kv_blocks, kv_memory=kv_memory, bank=bank, sites=sites,
+                                  cuda_graphs=cuda_graphs)
+        self.pool = BlockPool(self.runner.num_blocks, block_size)
+        self.scheduler = Scheduler(self.pool, max_seqs=max_seqs, token_budget=token_budget, max_len=max_len,
+                                   admit=self._admit)
+        self.prefix_caching = prefix_caching
+        self.eos = eos_ids(model, tokenizer)
+        self.finished: Counter[str] = Counter()  # finish reasons so far (for monitoring)
+        self.computed_tokens = 0  # tokens run through the model so far (prefix-cache hits are not)
+        self._inbox: queue.Queue[Request] = queue.Queue()
+        self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
+        self._queued = 0  # submitted, not yet running or finished (bounded by max_waiting)
+        self._lock = threading.Lock()
+        self._next_id = 0
+        self._rejected: list[tuple[Seq, str]] = []  # refused by the adapter gate with an error
+        self._route_rows = False  # route the model's own LoRA layers by request adapter (generate)
+
+    # ---- thread-safe API -------------------------------------------------------------------
+    def submit(self, request: Request) -> None:
+        with self._lock:
+            if self._queued >= self.max_waiting:
+                raise EngineFull(f"{self._queued} requests are waiting (max_waiting={self.max_waiting})")
+            self._queued += 1
+        self._inbox.put(request)
+
+    def _started(self, request: Request) -> None:
+        """``request`` no longer waits (first scheduled, or ended before): it leaves the waiting count."""
+        if not request.started:
+            request.started = True
+            with self._lock:
+                self._queued -= 1
+
+    def cancel(self, request: Request) -> None:
+        """End ``request`` (its blocks are freed at the next step); a no-op once it finished."""
+        request.cancelled.set()
+
+    def call(self, command: Callable[[], None]) -> None:
+        """Run ``command`` on the engine thread between two steps (e.g. register an adapter)."""
+        self._commands.put(command)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.scheduler.running or self.scheduler.waiting or not self._inbox.empty())
+
+    @property
+    def graph_failure(self) -> str | None:
+        return self.runner.graph_failure
+
+    def adapter_in_use(self, name: str) -> bool:
+        """Whether a running sequence uses adapter ``name`` (engine thread only)."""
+        return any(seq.adapter == name for seq in self.scheduler.running)
+
+    def run(self, stop: threading.Event, *, idle_wait: float = 0.005) -> None:
+        while not stop.is_set():
+            if not self.step():
+                stop.wait(idle_wait)
+
+    # ---- the loop --------------------------------------------------------------------------
+    def step(self) -> bool:
+        """One scheduling step; False when there was nothing to do."""
+        while not self._commands.empty():
+            self._commands.get_nowait()()
+        with torch.inference_mode():
+            changed = self._take_new() | self._drop_cancelled()
+            plan = self.scheduler.schedule()
+            changed |= self._fail_rejected()
+            if not plan.chunks:
+                return changed
+            for chunk in plan.chunks:
+                self._started(chunk.seq.payload)
+            try:
+                logits = self.runner.execute(plan, route_rows=self._route_rows)
+            except Exception as error:  # e.g. an adapter that fails in the forward: end this step's requests
+                for chunk in plan.chunks:
+                    self._end(chunk.seq, f"error: {type(error).__name__}: {error}")
+                return True
+            self.computed_tokens += plan.num_tokens
+            self.scheduler.advance(plan)
+            sampled = [chunk.seq for chunk in plan.chunks if chunk.sample]
+            requests: list[Request] = [seq.payload for seq in sampled]
+            tokens = sample_step(logits, [r.params for r in requests], [r.generator for r in requests])
+            for seq, token in zip(sampled, tokens.tolist(), strict=True):  # the step's one host sync
+                self._accept(seq, int(token))
+        return True
+
+    def _take_new(self) -> bool:
+        taken = False
+        while True:
+            try:
+                request = self._inbox.get_nowait()
+            except queue.Empty:
+                return taken
+            taken = True
+            seq = Seq(seq_id=self._next_id, tokens=list(request.prompt_ids), prompt_len=len(request.prompt_ids),
+                      adapter=request.adapter, max_tokens=request.params.max_tokens, payload=request,
+                      arrival=self._next_id)
+            self._next_id += 1
+            problem = self._check(request)
+            if problem is not None:
+                self._end(seq, f"error: {problem}")
+                continue
+            request.output = TextOutput(self.tokenizer, request.prompt_ids, request.params.stop)
+            if not request.params.greedy:
+                request.generator = row_generator(request.params.seed, self.runner.device)
+            self.scheduler.add(seq)
+
+    def _check(self, request: Request) -> str | None:
+        """Why ``request`` cannot run (one line), or None."""
+        if not request.prompt_ids:
+            return "the prompt has no tokens"
+        if len(request.prompt_ids) >= self.max_len:
+            return (f"the prompt has {len(request.prompt_ids)} tokens; the context holds {self.max_len} "
+                    "(prompt + output): shorten it")
+        name = request.adapter
+        if name is None:
+            return None
+        if self.bank is not None:
+            return None if name in self.adapters else f"unknown adapter {name!r}"
+        if not self._route_rows:
+            return f"adapter {name!r}: this engine has no adapter bank (give bank=, sites=, adapters=)"
+        known = adapter_names(self.model)
+        return None if name in known else f"unknown adapter {name!r}: the model has {known}"
+
+    def _admit(self, seq: Seq) -> bool:
+        """The scheduler's adapter gate: make the adapter resident in the bank, keeping the running ones."""
+        if seq.adapter is None or self.bank is None:
+            return True
+        keep = {s.adapter for s in self.scheduler.running if s.adapter is not None}
+        adapter = self.adapters.get(seq.adapter)
+        try:
+            if adapter is None:
+                raise ValueError(f"adapter {seq.adapter!r} was unloaded")
+            self.bank.put(adapter, keep=keep)
+        except RuntimeError:  # every bank slot serves a running sequence: wait, others go ahead
+            return False
+        except ValueError as error:
+            self._rejected.append((seq, str(error)))
+            return False
+        return True
+
+    def _fail_rejected(self) -> bool:
+        rejected, self._rejected = self._rejected, []
+        for seq, why in rejected:
+            self._end(seq, f"error: {why}")
+        return bool(rejected)
+
+    def _drop_cancelled(self) -> bool:
+        gone = [s for s in (*self.scheduler.running, *self.scheduler.waiting) if s.payload.cancelled.is_set()]
+        for seq in gone:
+            self._end(seq, "cancelled")
+        return bool(gone)
+
+    # ---- output processing -------------------------------------------------------------------
+    def _accept(self, seq: Seq, token: int) -> None:
+        request: Request = seq.payload
+        if request.cancelled.is_set():
+            return self._end(seq, "cancelled")
+        if token in self.eos:
+            return self._end(seq, "stop")
+        self.scheduler.append(seq, token)
+        request.generated.append(token)
+        assert request.output is not None
+        delta, hit = request.output.push(token)
+        if hit:
+            return self._end(seq, "stop", delta, flush=False)
+        if len(request.generated) >= request.params.max_tokens or len(seq.tokens) >= self.max_len:
+            return self._end(seq, "length", delta)
+        if delta:
+            self._emit(seq, delta, None)
+
+    def _end(self, seq: Seq, reason: str, delta: str = "", *, flush: bool = True) -> None:
+        """Finish ``seq``: free its blocks, stream ``delta`` and the text held back (with ``flush``; not
+        after a stop string, which cut the text already), then the final event."""
+        request: Request = seq.payload
+        self.scheduler.finish(seq)
+        self._started(request)
+        if flush and request.output is not None and reason in ("stop", "length"):
+            rest, _ = request.output.finish()
+            delta += rest
+        request.finished, request.finish_reason = True, reason
+        self.finished[reason.split(":")[0]] += 1
+        if delta:
+            self._emit(seq, delta, None)
+        self._emit(seq, "", reason)
+
+    def _emit(self, seq: Seq, delta: str, reason: str | None) -> None:
+        """Send one event; a callback that raises cancels its own request only."""
+        request: Request = seq.payload
+        request.text += delta
+        try:
+            request.on_event(delta, reason)
+        except Exception:
+            request.cancelled.set()
+
+    # ---- offline -------------------------------------------------------------------------------
+    def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
+                 *, adapters: Sequence[str | None] | None = None) -> list[Request]:
+        """Run ``prompt_ids`` to completion in this thread (so context like ``adapters_disabled`` applies);
+        the finished requests in order. ``adapters``: the model's own LoRA adapter per prompt (None: the base
+        model); without it every adapter on the model applies. Raises ValueError for a request that failed."""
+        if self.busy:
+            raise RuntimeError("Engine.generate needs an idle engine: it is serving other requests")
+        many = params if isinstance(params, Sequence) else [params] * len(prompt_ids)
+        if len(many) != len(prompt_ids) or (adapters is not None and len(adapters) != len(prompt_ids)):
+            raise ValueError(f"{len(prompt_ids)} prompts need as many sampling params and adapters, got "
+                             f"{len(many)} and {len(adapters) if adapters is not None else 'none'}")
+        requests = [Request(prompt_ids=list(ids), params=p, adapter=None if adapters is None else adapters[i])
+                    for i, (ids, p) in enumerate(zip(prompt_ids, many, strict=True))]
+        self._route_rows = adapters is not None and self.bank is None
+        try:
+            for request in requests:  # past max_waiting: the caller waits for these anyway
+                with self._lock:
+                    self._queued += 1
+                self._inbox.put(request)
+            while self.busy:
+                self.step()
+        finally:
+            self._route_rows = False
+        failed = [(i, r.finish_reason) for i, r in enumerate(requests) if (r.finish_reason or "").startswith("error")]
+        if failed:
+            raise ValueError(f"prompt {failed[0][0]}: {failed[0][1]}")
+        return requests

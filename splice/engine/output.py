@@ -1,0 +1,116 @@
+"""Output processing: token ids to streamed text, with stop strings, per request.
+
+:class:`Detokenizer` decodes incrementally, as vLLM and Hugging Face's streamers do: it keeps two
+offsets into the token list, ``prefix_offset`` (the start of a short window decoded again for
+context: a SentencePiece leading space, a character split over several byte tokens) and
+``read_offset`` (where the text already handed out ends). Each new token decodes the window
+``ids[prefix_offset:read_offset]`` and ``ids[prefix_offset:]`` and hands out the difference, so a
+step costs two short decodes however long the output grows. The window starts inside the prompt,
+so the first generated token gets its leading space right. Text ending in ``\\ufffd`` (an
+incomplete UTF-8 character) waits for the next token.
+
+:class:`TextOutput` adds stop strings: the text is cut before the earliest stop string, and the
+tail that could still grow into one (a suffix equal to a stop string's proper prefix) is held back
+until it no longer can, so no streamed delta ever has to be taken back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+__all__ = ["Detokenizer", "TextOutput", "eos_ids", "stop_hold"]
+
+# Prompt tokens decoded with the first output tokens (vLLM's initial incremental offset).
+_CONTEXT = 5
+
+
+def eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
+    """EOS ids from the model's generation config (an int or a list) and the tokenizer."""
+    ids: set[int] = set()
+    config = getattr(model, "generation_config", None)
+    for source in (getattr(config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, Sequence):
+            ids.update(int(i) for i in source)
+    return ids
+
+
+class Detokenizer:
+    """Incremental decoding of one request's output (see module docstring)."""
+
+    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int]) -> None:
+        self.tokenizer = tokenizer
+        self.ids = list(prompt_ids[-_CONTEXT:])
+        self.prefix_offset, self.read_offset = 0, len(self.ids)
+
+    def _decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def push(self, token: int) -> str:
+        """The complete text ``token`` adds (may be empty: a partial character waits)."""
+        self.ids.append(token)
+        return self._advance(final=False)
+
+    def flush(self) -> str:
+        """At the end: whatever text is still held (an incomplete character included)."""
+        return self._advance(final=True)
+
+    def _advance(self, *, final: bool) -> str:
+        if self.read_offset == len(self.ids):
+            return ""
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset :])
+        if len(full) <= len(prefix) or (full.endswith("\ufffd") and not final):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return full[len(prefix) :]
+
+
+def stop_hold(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of some stop string."""
+    longest = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:size]):
+                longest = size
+                break
+    return longest
+
+
+class TextOutput:
+    """One request's text: :meth:`push` a token, get the delta safe to stream and whether a stop
+    string ended it; :meth:`finish` at the end for the held-back rest. ``text`` is the output so far
+    (cut before a stop string)."""
+
+    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], stop: Sequence[str] = ()) -> None:
+        self.detokenizer = Detokenizer(tokenizer, prompt_ids)
+        self.stop = tuple(stop)
+        self.longest_stop = max((len(s) for s in self.stop), default=0)
+        self.text, self.emitted = "", 0
+
+    def push(self, token: int) -> tuple[str, bool]:
+        return self._add(self.detokenizer.push(token), final=False)
+
+    def finish(self) -> tuple[str, bool]:
+        """The text not yet streamed (a stop string in it still cuts it), and whether one did."""
+        return self._add(self.detokenizer.flush(), final=True)
+
+    def _add(self, new: str, *, final: bool) -> tuple[str, bool]:
+        start = max(0, len(self.text) - self.longest_stop + 1)  # a stop may begin in older text
+        self.text += new
+        if self.stop and new:
+            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+            if hits:
+                self.text = self.text[: min(hits)]
+                return self._take(len(self.text)), True
+        safe = len(self.text) if final else len(self.text) - stop_hold(self.text, self.stop)
+        return self._take(safe), False
+
+    def _take(self, upto: int) -> str:
+        delta = self.text[self.emitted : upto]
+        self.emitted = max(self.emitted, upto)
+        return delta

@@ -1,0 +1,314 @@
+"""The model runner: one forward of a scheduler step over a flat batch of tokens.
+
+A :class:`~splice.engine.scheduler.StepPlan` (decode chunks of one token, prefill chunks of many) is
+flattened into ``T`` tokens: ids, positions, the flat cache slot of each token (``slot_mapping``),
+one block-table row, ``seq_len`` and query offset per chunk, and the indices of the tokens whose
+logits are sampled (the last token of each chunk with ``sample``). The runner then calls the model's
+own parts: the input embedding (Gemma's scale lives inside it), every decoder layer on hidden states
+shaped ``(T, 1, H)`` (each token is a batch row, so splice's per-row adapter routing is per token:
+LoRA ``use_adapters`` rows, or :class:`~splice.lora.bank.LoraBank` slots with one token a row),
+the final norm and the output head on the sampled tokens only. Attention is the
+:class:`~splice.engine.attention.PagedAttention` rewrite, fed through a ContextVar.
+
+The runner owns the KV cache: per layer ``(num_blocks, block_size, kv_heads, head_dim)`` keys and
+values; block 0 is scratch (padded tokens write there). Copy-on-write block copies of the plan run
+before the forward. Decode-only steps on CUDA replay a CUDA graph captured per batch-size bucket
+(1, 2, 4, ... up to ``max_seqs``) and bank version, padded to the bucket with scratch rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from splice.engine.attention import PagedAttention, StepAttention, install_paged_attention, paged_step
+from splice.engine.scheduler import StepPlan
+from splice.lora.apply import lora_modules
+from splice.lora.bank import BankSite, LoraBank
+from splice.lora.routing import Route, routed
+
+__all__ = ["ModelRunner"]
+
+
+@dataclass(frozen=True)
+class _Parts:
+    """The pieces of a decoder-only causal LM the runner calls in order."""
+
+    embed: nn.Module
+    rotary: Callable[[Tensor, Tensor, str], tuple[Tensor, Tensor]]  # (hidden, positions, layer type)
+    layers: Sequence[nn.Module]
+    layer_types: Sequence[str]  # RoPE may differ by layer type (Gemma3: local and global)
+    norm: nn.Module
+    head: nn.Module
+    final_softcap: float
+
+
+def _parts(causal_lm: nn.Module) -> _Parts:
+    model: Any = causal_lm
+    base: Any = getattr(model, "model", None)
+    config = getattr(model, "config", None)
+    names = ("embed_tokens", "rotary_emb", "layers", "norm")
+    if base is None or not all(hasattr(base, n) for n in names) or config is None:
+        raise ValueError(f"the generation engine runs decoder-only causal LMs shaped like Llama (model.embed_tokens, "
+                         f"layers, norm, rotary_emb): {type(model).__name__} is not one")
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Module):
+        raise ValueError(f"{type(model).__name__} has no output head (get_output_embeddings)")
+    rotary: Any = base.rotary_emb
+    local: Any = getattr(base, "rotary_emb_local", None)  # Gemma3 before transformers 5.2x
+    typed = "layer_type" in inspect.signature(rotary.forward).parameters
+
+    def rope(hidden: Tensor, positions: Tensor, kind: str) -> tuple[Tensor, Tensor]:
+        if typed:
+            return rotary(hidden, positions, kind)
+        module = local if local is not None and kind == "sliding_attention" else rotary
+        return module(hidden, positions)
+
+    layers = list(base.layers)
+    kinds = list(getattr(config, "layer_types", None) or ["full_attention"] * len(layers))
+    return _Parts(embed=model.get_input_embeddings(), rotary=rope, layers=layers, layer_types=kinds,
+                  norm=base.norm, head=head,
+                  final_softcap=float(getattr(config, "final_logit_softcapping", None) or 0.0))
+
+
+def _kv_shape(model: nn.Module) -> tuple[int, int, int]:
+    """(cache layers, kv heads, head dim) of ``model`` (after :func:`install_paged_attention`)."""
+    paged = [m for m in model.modules() if isinstance(m, PagedAttention)]
+    config: Any = model.config
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    return max(m.layer_idx for m in paged) + 1, kv_heads, paged[0].head_dim
+
+
+def _dtype(model: nn.Module) -> torch.dtype:
+    """The compute dtype: the first floating-point parameter's (quantized weights are not)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _kv_blocks(model: nn.Module, *, block_size: int, max_seqs: int, max_len: int, kv_memory: float,
+               device: torch.device) -> int:
+    """How many KV blocks to allocate: on CUDA ``kv_memory`` (a fraction) of the free memory, elsewhere
+    enough for ``max_seqs`` sequences of ``max_len`` tokens; +1 scratch block either way."""
+    if device.type != "cuda":
+        return max_seqs * -(-max_len // block_size) + 1
+    layers, kv_heads, head_dim = _kv_shape(model)
+    per_block = 2 * layers * block_size * kv_heads * head_dim * torch.empty((), dtype=_dtype(model)).element_size()
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free * kv_memory) // per_block
+
+
+def _buckets(max_seqs: int) -> list[int]:
+    sizes = [1 << i for i in range(max(1, max_seqs).bit_length()) if 1 << i < max_seqs]
+    return [*sizes, max_seqs]
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """A step's flat inputs on the host (see module docstring); ``adapters`` names each token's adapter."""
+
+    ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    tables: list[list[int]]
+    seq_lens: list[int]
+    starts: list[int]  # query_start_loc, B + 1 entries
+    sample_at: list[int]
+    adapters: list[str | None]
+
+    @classmethod
+    def empty(cls) -> _Batch:
+        return cls([], [], [], [], [], [0], [], [])
+
+
+class ModelRunner:
+    """Runs scheduler steps on ``model`` (see module docstring). The cache holds ``num_blocks`` blocks (default:
+    ``kv_memory`` of the free GPU memory, or ``max_seqs x max_len`` tokens on the CPU). ``bank`` / ``sites``:
+    serve's adapter bank, routed per token by slot; without one, a step may route the model's own LoRA
+    layers by name."""
+
+    def __init__(self, model: nn.Module, *, block_size: int, max_seqs: int, max_len: int,
+                 num_blocks: int | None = None, kv_memory: float = 0.8, bank: LoraBank | None = None,
+                 sites: Sequence[BankSite] = (), cuda_graphs: bool = True) -> None:
+        install_paged_attention(model)
+        self.model, self.parts = model, _parts(model)
+        self.block_size, self.max_seqs, self.max_len = block_size, max_seqs, max_len
+        self.blocks_per_seq = -(-max_len // block_size)
+        self.bank, self.sites = bank, list(sites)
+        self.device = next(self.parts.layers[0].parameters()).device  # embeddings may sit on the host
+        if num_blocks is None:
+            num_blocks = _kv_blocks(model, block_size=block_size, max_seqs=max_seqs, max_len=max_len,
+                                    kv_memory=kv_memory, device=self.device)
+        self.num_blocks = num_blocks
+        layers, kv_heads, head_dim = _kv_shape(model)
+        shape, dtype = (num_blocks, block_size, kv_heads, head_dim), _dtype(model)
+        self.key_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(layers)]
+        self.value_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(layers)]
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self.graph_failure: str | None = None
+        self._graphs: dict[tuple[int, int], tuple[Any, Tensor]] = {}
+        self._graph_pool: Any = None
+        self._static: dict[str, Tensor] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (*self.key_caches, *self.value_caches))
+
+    # ---- the batch ------------------------------------------------------------------------
+    def _flatten(self, plan: StepPlan) -> _Batch:
+        bs = self.block_size
+        batch = _Batch.empty()
+        for chunk in plan.chunks:
+            seq, end = chunk.seq, chunk.start + chunk.count
+            table = seq.block_ids
+            batch.ids.extend(seq.tokens[chunk.start : end])
+            batch.positions.extend(range(chunk.start, end))
+            batch.slots.extend(table[p // bs] * bs + p % bs for p in range(chunk.start, end))
+            batch.tables.append(table)
+            batch.seq_lens.append(end)
+            batch.starts.append(batch.starts[-1] + chunk.count)
+            batch.adapters.extend([seq.adapter] * chunk.count)
+            if chunk.sample:
+                batch.sample_at.append(batch.starts[-1] - 1)
+        return batch
+
+    def _pad(self, batch: _Batch, size: int) -> _Batch:
+        """``batch`` (decodes only) padded to ``size`` sequences of one scratch token each."""
+        pad = size - len(batch.seq_lens)
+        last = batch.starts[-1]
+        return _Batch(batch.ids + [0] * pad, batch.positions + [0] * pad,
+                      batch.slots + [i % self.block_size for i in range(pad)], batch.tables + [[]] * pad,
+                      batch.seq_lens + [1] * pad, batch.starts + list(range(last + 1, last + pad + 1)),
+                      list(range(size)), batch.adapters + [None] * pad)
+
+    def _tensors(self, batch: _Batch, width: int) -> dict[str, Tensor]:
+        tables = torch.zeros((len(batch.tables), width), dtype=torch.int32)
+        for row, table in enumerate(batch.tables):
+            tables[row, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        host = {
+            "ids": torch.tensor(batch.ids, dtype=torch.long),
+            "positions": torch.tensor(batch.positions, dtype=torch.long),
+            "slots": torch.tensor(batch.slots, dtype=torch.long),
+            "tables": tables,
+            "seq_lens": torch.tensor(batch.seq_lens, dtype=torch.int32),
+            "starts": torch.tensor(batch.starts, dtype=torch.int32),
+            "sample_at": torch.tensor(batch.sample_at, dtype=torch.long),
+            "bank_slots": torch.tensor(self._bank_slots(batch.adapters), dtype=torch.int32),
+        }
+        if self.device.type == "cuda":
+            return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in host.items()}
+        return host
+
+    def _bank_slots(self, adapters: list[str | None]) -> list[int]:
+        if self.bank is None:
+            return [-1] * len(adapters)
+        resident = self.bank.resident
+        for name in dict.fromkeys(a for a in adapters if a is not None):
+            resident.move_to_end(name)  # recently used: evicted last
+        return [-1 if a is None else resident[a] for a in adapters]
+
+    # ---- the forward ----------------------------------------------------------------------
+    def _route(self, adapters: Sequence[str | None] | None, slots: Tensor) -> contextlib.AbstractContextManager[Any]:
+        """Per-token adapters: the bank's slots, the model's LoRA layers by name, or none (every
+        adapter on the model applies, or adapters_disabled of the caller)."""
+        if self.bank is not None and self.sites:
+            return routed(self.sites, Route(bank=self.bank, slots=slots))
+        if adapters is not None:
+            return routed([layer for _, _, layer in lora_modules(self.model)], Route(rows=tuple(adapters)))
+        return contextlib.nullcontext()
+
+    def _forward(self, t: dict[str, Tensor], *, max_query_len: int, max_seq_len: int,
+                 adapters: list[str | None] | None, head_adapters: list[str | None] | None) -> Tensor:
+        """Logits (S, V) fp32 of the sampled tokens ``t["sample_at"]`` (see module docstring);
+        ``adapters`` / ``head_adapters``: LoRA adapter names of every token / of the sampled ones."""
+        parts = self.parts
+        step = StepAttention(key_caches=self.key_caches, value_caches=self.value_caches, slot_mapping=t["slots"],
+                             block_tables=t["tables"], seq_lens=t["seq_lens"], query_start_loc=t["starts"],
+                             max_query_len=max_query_len, max_seq_len=max_seq_len)
+        positions = t["positions"][:, None]  # (T, 1): one token a row
+        with paged_step(step), self._route(adapters, t["bank_slots"]):
+            hidden = parts.embed(t["ids"][:, None])  # (T, 1, H)
+            kinds = {kind: parts.rotary(hidden, positions, kind) for kind in set(parts.layer_types)}
+            for layer, kind in zip(parts.layers, parts.layer_types, strict=True):
+                position_embeddings = kinds[kind]
+                out = layer(hidden, attention_mask=None, position_ids=positions,
+                            position_embeddings=position_embeddings)
+                hidden = out[0] if isinstance(out, tuple) else out
+        last = parts.norm(hidden.index_select(0, t["sample_at"]))  # (S, 1, H)
+        with self._route(head_adapters, t["bank_slots"].index_select(0, t["sample_at"])):
+            logits = parts.head(last)[:, 0].float()
+        if parts.final_softcap > 0:
+            logits = torch.tanh(logits / parts.final_softcap) * parts.final_softcap
+        return logits
+
+    def copy_blocks(self, copies: Sequence[tuple[int, int]]) -> None:
+        """Copy-on-write: block ``dst`` of every layer gets block ``src``'s K/V."""
+        if not copies:
+            return
+        src = torch.tensor([s for s, _ in copies], device=self.device)
+        dst = torch.tensor([d for _, d in copies], device=self.device)
+        for cache in (*self.key_caches, *self.value_caches):
+            cache.index_copy_(0, dst, cache.index_select(0, src))
+
+    def execute(self, plan: StepPlan, *, route_rows: bool = False) -> Tensor:
+        """Run ``plan``'s forward; logits (S, V) fp32 of its sampling chunks, in chunk order.
+        ``route_rows``: route the model's LoRA layers by each sequence's adapter name (None: base)."""
+        self.copy_blocks(plan.copies)
+        batch = self._flatten(plan)
+        decode = all(c.count == 1 and c.sample for c in plan.chunks)
+        if self.cuda_graphs and decode and not route_rows and len(plan.chunks) <= self.max_seqs:
+            logits = self._replay(batch)
+            if logits is not None:
+                return logits
+        width = max(len(table) for table in batch.tables)
+        tensors = self._tensors(batch, width)
+        head = [batch.adapters[i] for i in batch.sample_at]
+        return self._forward(tensors, max_query_len=max(c.count for c in plan.chunks),
+                             max_seq_len=max(batch.seq_lens), adapters=batch.adapters if route_rows else None,
+                             head_adapters=head if route_rows else None)
+
+    # ---- CUDA graphs ----------------------------------------------------------------------
+    def _replay(self, batch: _Batch) -> Tensor | None:
+        """Decode logits through the CUDA graph of the batch's bucket (captured on first use); None when
+        graphs failed (the step then runs eagerly, and so do later ones)."""
+        size = next(b for b in _buckets(self.max_seqs) if b >= len(batch.seq_lens))
+        tensors = self._tensors(self._pad(batch, size), self.blocks_per_seq)
+        if not self._static:  # buffers for the largest bucket; every graph reads a leading view
+            self._static = self._tensors(self._pad(_Batch.empty(), self.max_seqs),
+                                         self.blocks_per_seq)
+        for name, value in tensors.items():
+            self._static[name][: value.shape[0]].copy_(value, non_blocking=True)
+        key = (size, self.bank.version if self.bank is not None else 0)
+        if any(version != key[1] for _, version in self._graphs):
+            self._graphs.clear()  # the bank's adapted paths changed: recapture
+        if key not in self._graphs:
+            views = {k: v[: tensors[k].shape[0]] for k, v in self._static.items()}
+            try:
+                self._graphs[key] = self._capture(lambda: self._forward(
+                    views, max_query_len=1, max_seq_len=self.max_len, adapters=None, head_adapters=None))
+            except Exception as error:  # e.g. a model that syncs inside its forward: run eagerly
+                self.cuda_graphs, self.graph_failure = False, f"{type(error).__name__}: {error}"
+                return None
+        graph, logits = self._graphs[key]
+        graph.replay()
+        return logits[: len(batch.sample_at)]
+
+    def _capture(self, forward: Callable[[], Tensor]) -> tuple[Any, Tensor]:
+        # Warm-up on a side stream (Triton compiles, cuBLAS picks kernels); it writes the same K/V the
+        # replay will, so running it is harmless.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            forward()
+        torch.cuda.current_stream().wait_stream(stream)
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            logits = forward()
+        return graph, logits

@@ -1,0 +1,192 @@
+"""Sampling: the options of a request, their checks, and the samplers (one row, or a whole step).
+
+A request samples ``x ~ softmax(top_k_top_p_filter(logits / temperature))`` in fp32, or takes
+``argmax(logits)`` when greedy. Temperatures below :data:`GREEDY_BELOW` count as greedy: dividing
+by 1e-40 overflows fp32 to inf and the softmax to nan, while any temperature that small already
+puts all the mass on the argmax. Seeds of any size are folded into 63 bits (:func:`bounded_seed`)
+so ``torch.Generator.manual_seed`` never overflows.
+
+:func:`sample_step` draws the next token of every row of an engine step on the device without a
+host sync: one ``argmax`` for the greedy rows, and for the sampled rows per-row temperature /
+top-k / top-p tensors, then an exponential race, ``argmax(p / E)`` with ``E ~ Exp(1)`` drawn from
+the row's own ``torch.Generator`` (``P(argmax = j) = p_j``). A row's draws come from its own
+generator only, so a seed gives the same tokens whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "GREEDY_BELOW",
+    "SamplingParams",
+    "bounded_seed",
+    "check_sampling",
+    "filter_rows",
+    "row_generator",
+    "sample_next",
+    "sample_step",
+    "top_k_top_p_filter",
+]
+
+GREEDY_BELOW = 1e-5  # temperatures below this are greedy (see module docstring)
+_SEED_LIMIT = 1 << 63  # torch.Generator.manual_seed takes a signed or unsigned 64-bit value
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    """One clear line for a temperature, top-k or top-p outside its range."""
+    if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature}")
+    if not isinstance(top_k, numbers.Integral) or top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+    if not (isinstance(top_p, numbers.Real) and 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {top_p}")
+
+
+def is_greedy(temperature: float) -> bool:
+    return temperature < GREEDY_BELOW
+
+
+def bounded_seed(seed: int) -> int:
+    """``seed`` itself when in ``[0, 2**63)``, else a stable 63-bit hash of it (any int works)."""
+    if 0 <= seed < _SEED_LIMIT:
+        return seed
+    digest = hashlib.blake2b(str(seed).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % _SEED_LIMIT
+
+
+def row_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    """A generator on ``device`` seeded with ``bounded_seed(seed)``, or from fresh entropy."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(bounded_seed(seed))
+    return generator
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """How one request samples and when it ends (``stop``: strings that end it, cut from the text)."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_sampling(self.temperature, self.top_k, self.top_p)
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop must be a tuple of non-empty strings, got {self.stop!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return is_greedy(self.temperature)
+
+
+def filter_rows(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+    """``logits`` (B, V) with each row's tokens outside its top-k / nucleus set at ``-inf``.
+
+    ``top_k`` (B,) int (0: off), ``top_p`` (B,) float (1: off), on ``logits``' device. Top-k keeps
+    logits ``>=`` the row's k-th largest (ties at the boundary stay). Top-p then keeps, in order of
+    decreasing ``softmax`` of the top-k-filtered row, token ``j`` iff the mass ranked before it is
+    ``< top_p`` (the most likely token always stays). Kept logits are unchanged. No host sync.
+    """
+    vocab = logits.shape[-1]
+    ranked, order = logits.sort(dim=-1, descending=True, stable=True)  # (B, V)
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab).long()
+    kth = ranked.gather(-1, (k - 1)[:, None])  # (B, 1): the k-th largest logit
+    ranked = ranked.masked_fill(ranked < kth, float("-inf"))  # the top-k set, still sorted
+    probs = ranked.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # (B, V) mass of better-ranked tokens
+    drop_ranked = (mass_before >= top_p[:, None]) & (top_p < 1.0)[:, None]
+    drop_ranked |= ranked == float("-inf")
+    drop = drop_ranked.scatter(-1, order, drop_ranked)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def top_k_top_p_filter(logits: Tensor, *, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """``logits`` (B, V) with every token outside the top-k / nucleus set set to ``-inf``: one
+    ``top_k`` / ``top_p`` for all rows (see :func:`filter_rows`); ``top_k = 0`` and ``top_p = 1``
+    disable the filters."""
+    check_sampling(0.0, top_k, top_p)
+    if top_k == 0 and top_p == 1.0:
+        return logits
+    rows = logits.shape[0]
+    ks = torch.full((rows,), top_k, dtype=torch.long, device=logits.device)
+    ps = torch.full((rows,), float(top_p), dtype=torch.float32, device=logits.device)
+    return filter_rows(logits, ks, ps)
+
+
+def sample_next(
+    logits: Tensor,
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The next token per row, (B,) int64, from next-token ``logits`` (B, V).
+
+    Greedy (``argmax(logits)``) when ``temperature < GREEDY_BELOW``. Otherwise
+    ``torch.multinomial(softmax(top_k_top_p_filter(logits / temperature)))`` in fp32, using
+    ``generator`` (the global RNG when None) so a seeded generator reproduces the same tokens.
+    """
+    check_sampling(temperature, top_k, top_p)
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be (batch, vocab), got shape {tuple(logits.shape)}")
+    if is_greedy(temperature):
+        return logits.argmax(dim=-1)
+    scaled = logits.float() / temperature
+    probs = top_k_top_p_filter(scaled, top_k=top_k, top_p=top_p).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _on(values: list[float] | list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small host list as a device tensor, copied without waiting for the device."""
+    host = torch.tensor(values, dtype=dtype)
+    return host.to(device, non_blocking=True) if device.type == "cuda" else host
+
+
+def sample_step(logits: Tensor, params: Sequence[SamplingParams],
+                generators: Sequence[torch.Generator | None]) -> Tensor:
+    """(S,) int64 next tokens of a step's ``logits`` (S, V): row ``i`` samples with ``params[i]``
+    and draws from ``generators[i]`` (needed for the non-greedy rows). See module docstring."""
+    if len(params) != logits.shape[0] or len(generators) != logits.shape[0]:
+        raise ValueError(f"{logits.shape[0]} rows of logits for {len(params)} sampling params "
+                         f"and {len(generators)} generators")
+    tokens = logits.argmax(dim=-1)
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if not sampled:
+        return tokens
+    device = logits.device
+    index = _on(sampled, torch.long, device)
+    chosen = [params[i] for i in sampled]
+    rows = logits.index_select(0, index).float() / _on([p.temperature for p in chosen], torch.float32,
+                                                       device)[:, None]
+    if any(p.top_k > 0 or p.top_p < 1.0 for p in chosen):
+        rows = filter_rows(rows, _on([p.top_k for p in chosen], torch.long, device),
+                           _on([float(p.top_p) for p in chosen], torch.float32, device))
+    probs = rows.softmax(dim=-1)
+    noise = torch.empty_like(probs)
+    for row, i in enumerate(sampled):
+        generator = generators[i]
+        if generator is None:
+            raise ValueError(f"row {i} samples (temperature {params[i].temperature}) but has no generator")
+        noise[row].exponential_(generator=generator)
+    # Exp(1) draws can underflow to 0: floor them so a filtered token (p = 0) never gives 0/0.
+    choice = (probs / noise.clamp_min_(torch.finfo(torch.float32).tiny)).argmax(dim=-1)
+    return tokens.index_copy(0, index, choice)
