@@ -14,7 +14,8 @@ prompt/response                 ``prompt``, ``response``
 input/output                    ``input``, ``output``
 ==============================  ==================================================================
 
-Any other columns need ``prompt_template`` and ``response_template``. Conversations train on every
+Any other columns need ``prompt_template`` and ``response_template`` (plain ``{column}`` fields
+only: no attribute access, indexing, conversions or format specs). Conversations train on every
 assistant turn (``last_turn_only`` for the last one only). Alpaca-style rows render through the
 Alpaca prompt (``### Instruction:`` / ``### Input:`` / ``### Response:``), the input section only
 when the row has a non-empty input; with ``chat`` the instruction and input become the user turn.
@@ -26,7 +27,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from splice.data.rows import ChatTemplate, PromptTemplate, Template, format_row
+from splice.data.rows import ChatTemplate, PromptTemplate, Template, format_row, template_fields
 
 __all__ = ["ALPACA_PROMPT", "ALPACA_PROMPT_NO_INPUT", "FORMATS", "DataFormat", "accepted_shapes", "choose_template",
            "columns_of", "detect_format"]
@@ -181,6 +182,8 @@ def choose_template(
     if (prompt_template is None) != (response_template is None):
         raise ValueError("give both --prompt-template and --response-template (or neither)")
     if prompt_template is not None and response_template is not None:
+        template_fields(prompt_template, "prompt")  # plain {column} fields only, refused before any row
+        template_fields(response_template, "response")
         return _plain(prompt_template, response_template, chat=chat, system=system_prompt,
                       last_turn_only=last_turn_only)
     shape = detect_format(columns)

@@ -17,7 +17,7 @@ from typing import Any
 
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from splice.core.io import read_utf8
+from splice.core.io import MAX_LINE_BYTES, check_line_lengths, read_utf8
 from splice.core.progress import progress
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "render_chat",
     "row_error",
     "split_rows",
+    "template_fields",
     "tokenize_rows",
 ]
 
@@ -49,7 +50,10 @@ _ACCEPTED = "parquet (.parquet/.pq), JSON lines (.jsonl/.json), CSV (.csv)"
 # ----------------------------------------------------------------------------- reading
 
 
-def _read_jsonl(path: Path) -> list[Row]:
+def _read_jsonl(path: Path, max_line_bytes: int) -> list[Row]:
+    with path.open("rb") as f:  # a .json list is one document: its lines may be any length
+        if not f.read(4096).lstrip().startswith(b"["):
+            check_line_lengths(path, max_line_bytes=max_line_bytes)
     _, text = read_utf8(path)
     if text.lstrip().startswith("["):  # a .json file holding one list of objects
         try:
@@ -69,12 +73,12 @@ def _read_jsonl(path: Path) -> list[Row]:
     return rows
 
 
-def _read_file(path: Path) -> list[Row]:
+def _read_file(path: Path, max_line_bytes: int) -> list[Row]:
     kind = _READERS.get(path.suffix.lower())
     if kind is None:
         raise ValueError(f"cannot read {path}: unknown extension {path.suffix!r}. Accepted: {_ACCEPTED}.")
     if kind == "jsonl":
-        return _read_jsonl(path)
+        return _read_jsonl(path, max_line_bytes)
     if kind == "parquet":
         import pyarrow.parquet as pq
 
@@ -82,11 +86,15 @@ def _read_file(path: Path) -> list[Row]:
     import pyarrow as pa
     import pyarrow.csv as pa_csv
 
+    check_line_lengths(path, max_line_bytes=max_line_bytes)
     data, _ = read_utf8(path)  # checked here: pyarrow's own decoding error names no line
     # Every CSV column stays text: type inference would turn "007" into 7 and lose data.
-    names = pa_csv.open_csv(pa.BufferReader(data)).schema.names
+    # One block for the whole (already read) file: a row longer than a block (1 MB by default)
+    # would fail as "straddling object straddles two block boundaries".
+    blocks = pa_csv.ReadOptions(block_size=min(len(data) + 1, 2**31 - 1))
+    names = pa_csv.open_csv(pa.BufferReader(data), read_options=blocks).schema.names
     options = pa_csv.ConvertOptions(column_types={n: pa.string() for n in names}, strings_can_be_null=False)
-    return pa_csv.read_csv(pa.BufferReader(data), convert_options=options).to_pylist()
+    return pa_csv.read_csv(pa.BufferReader(data), read_options=blocks, convert_options=options).to_pylist()
 
 
 _SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
@@ -128,13 +136,14 @@ def describe_source(source: Any) -> str:
     return f"{type(source).__name__} of {size} rows" if size is not None else type(source).__name__
 
 
-def read_rows(source: str | Path | Any) -> list[dict[str, Any]]:
+def read_rows(source: str | Path | Any, *, max_line_bytes: int = MAX_LINE_BYTES) -> list[dict[str, Any]]:
     """Rows (dicts of column -> value) from a file or an in-memory dataset.
 
     ``source``: a parquet, JSON-lines or CSV path; a folder written by ``datasets``'
     ``Dataset.save_to_disk`` (needs the ``datasets`` extra); an object with ``to_list()`` (a
     Hugging Face ``datasets.Dataset``) or ``to_pylist()`` (a ``pyarrow.Table``); or an iterable
-    of dicts.
+    of dicts. A JSON-lines or CSV line over ``max_line_bytes`` is refused (file and line named)
+    before the file is read whole.
     """
     rows: list[Any]
     if isinstance(source, (str, Path)) and Path(source).expanduser().is_dir():
@@ -144,7 +153,7 @@ def read_rows(source: str | Path | Any) -> list[dict[str, Any]]:
         path = Path(source).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"data file {path} does not exist; pass an existing {_ACCEPTED} file")
-        rows, where = (_read_file(path) if path.stat().st_size else []), str(path)
+        rows, where = (_read_file(path, max_line_bytes) if path.stat().st_size else []), str(path)
     elif callable(getattr(source, "to_list", None)):
         rows, where = list(source.to_list()), type(source).__name__
     elif callable(getattr(source, "to_pylist", None)):
@@ -198,15 +207,7 @@ def format_row(template: str | Callable[[Row], str], row: Row, what: str) -> str
         if not isinstance(text, str):
             raise TypeError(f"the {what} function returned a {type(text).__name__}; it must return a str")
         return text
-    for _, field, _, _ in string.Formatter().parse(template):
-        if field is None:
-            continue
-        column = field.split(".")[0].split("[")[0]
-        if column == "" or column.isdigit():
-            raise ValueError(
-                f"the {what} template {template!r} has a positional field {{{field}}}; name a column "
-                "instead, e.g. {question} (write literal braces as {{ and }})"
-            )
+    for column in template_fields(template, what):
         if column not in row:
             raise KeyError(
                 f"the {what} template uses column {column!r}, but the data has columns "
@@ -214,6 +215,31 @@ def format_row(template: str | Callable[[Row], str], row: Row, what: str) -> str
             )
         _check_value(row[column], column)
     return template.format_map(row)
+
+
+def template_fields(template: str, what: str) -> list[str]:
+    """The columns ``template`` names. Only plain ``{column}`` fields are allowed: attribute access,
+    indexing, conversions and format specs (``{q.__class__}``, ``{q[0]}``, ``{q!r}``, ``{q:>9}``)
+    would let a template reach into Python objects, so each is one ValueError naming the field."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as error:
+        raise ValueError(f"the {what} template {template!r} is not a format string ({error}); write "
+                         "literal braces as {{ and }}") from None
+    columns = []
+    for _, field, spec, conversion in parsed:
+        if field is None:
+            continue
+        if field == "" or field.isdigit():
+            raise ValueError(f"the {what} template {template!r} has a positional field {{{field}}}; name a "
+                             "column instead, e.g. {question} (write literal braces as {{ and }})")
+        if spec or conversion or any(c in field for c in ".["):
+            shown = field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+            raise ValueError(f"the {what} template {template!r} has the field {{{shown}}}; only plain "
+                             "{column} fields are allowed (no attributes, indexing, conversions or format "
+                             "specs): format the column in the data, or pass a template function")
+        columns.append(field)
+    return columns
 
 
 def _check_value(value: Any, column: str) -> None:

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from splice.core.errors import RunError, one_line
+from splice.core.io import follow_umask
 from splice.core.rewrite import weight_of
 from splice.lora.apply import lora_modules
 from splice.lora.peft_io import save_adapter
@@ -122,6 +123,7 @@ def _write(tmp: Path, final: Path, *, model: nn.Module, optimizer: torch.optim.O
     (tmp / STATE_NAME).write_text(json.dumps(payload, indent=1))
     if final.exists():  # re-saving the same step (e.g. on a signal right after a save)
         shutil.rmtree(final)
+    follow_umask(tmp)  # safetensors writes private (0600) files
     os.replace(tmp, final)
 
 

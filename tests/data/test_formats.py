@@ -172,3 +172,16 @@ def test_the_readme_examples_are_accepted(tiny_tokenizer) -> None:
     dolly = [{"instruction": "a", "response": "b"}, {"instruction": "c", "response": "d", "context": "e"}]
     prompt = choose_template(columns_of(dolly)).render(dolly[1])[0]
     assert "### Input:\ne\n" in prompt  # an optional column that only later rows have is still used
+
+
+def test_templates_that_reach_past_a_column_are_refused_before_any_row() -> None:
+    with pytest.raises(ValueError) as refused:
+        choose_template({"question", "answer"}, prompt_template="Q: {question.__class__.__mro__}",
+                        response_template="{answer}")
+    message = str(refused.value)
+    assert "\n" not in message and "'Q: {question.__class__.__mro__}'" in message
+    assert "{question.__class__.__mro__}" in message and "only plain {column} fields" in message
+    with pytest.raises(ValueError, match=r"response template '\{answer!s\}' has the field \{answer!s\}"):
+        choose_template({"question", "answer"}, prompt_template="Q: {question}", response_template="{answer!s}")
+    plain = choose_template({"question", "answer"}, prompt_template="Q: {question}", response_template="{answer}")
+    assert plain.render({"question": "2+2", "answer": 4}) == ("Q: 2+2", "4")

@@ -106,6 +106,13 @@ def test_prompt_template_missing_column_names_it_and_the_columns() -> None:
     assert braces.render(ROWS[0]) == ("{q} 007", "SEVEN")
 
 
+@pytest.mark.parametrize("field", ["q.__class__.__mro__", "q[0]", "q!r", "q:>9", "q:{a.__class__}"])
+def test_prompt_templates_allow_plain_column_fields_only(field: str) -> None:
+    template = PromptTemplate(prompt="Q: {" + field + "}", response="{a}")
+    with pytest.raises(ValueError, match=r"the prompt template 'Q: \{.*' has the field \{.*only plain"):
+        template.render(ROWS[0])
+
+
 def test_tokenize_prompt_template_labels_eos_and_train_on_prompt(tiny_tokenizer) -> None:
     tok = tiny_tokenizer
     template = PromptTemplate(prompt="Q: {q}\nA:", response=" {a}")
@@ -320,3 +327,22 @@ def test_a_csv_that_is_not_utf8_names_its_line(tmp_path) -> None:
     path.write_bytes(b"prompt,completion\nok,fine\ncaf\xe9,x\n")
     with pytest.raises(UsageError, match=r"rows.csv, line 3: not UTF-8 text \(byte 0xe9"):
         read_rows(path)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_an_over_long_line_is_refused_with_its_file_and_line(tmp_path: Path, suffix: str) -> None:
+    from splice.core.errors import UsageError
+
+    path = tmp_path / f"rows{suffix}"
+    long = "x" * (3 << 20)  # 3 MB in one line: over the 1 MB limit given, within the default
+    if suffix == ".jsonl":
+        path.write_text('{"q": "a", "a": "b"}\n' + json.dumps({"q": long, "a": "b"}) + "\n")
+    else:
+        path.write_text(f"q,a\na,b\n{long},b\n")
+    line = 2 if suffix == ".jsonl" else 3
+    with pytest.raises(UsageError, match=rf"rows{suffix}, line {line}: longer than 1048576 bytes"):
+        read_rows(path, max_line_bytes=1 << 20)
+    assert [len(r["q"]) for r in read_rows(path)] == [1, 3 << 20]
+    array = tmp_path / "rows.json"  # a .json list is one document: its one line is not a "row line"
+    array.write_text(json.dumps([{"q": long, "a": "b"}]))
+    assert len(read_rows(array, max_line_bytes=1 << 20)) == 1
