@@ -91,6 +91,35 @@ def llama(seed: int = 0, *, vocab: int = VOCAB, hidden: int = 32, intermediate: 
     return LlamaForCausalLM(LlamaConfig(**options)).eval()
 
 
+# Families the generation engine runs besides Llama, each with what sets it apart switched on.
+FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
+    "Mistral": dict(sliding_window=5),  # the window on the config only
+    "Qwen2": dict(use_sliding_window=True, sliding_window=5, max_window_layers=1),  # layer 1 slides
+    "Qwen3": dict(),  # q_norm / k_norm per head
+    "Gemma": dict(),  # embeddings scaled by sqrt(hidden)
+    "Gemma2": dict(sliding_window=5, attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+                   query_pre_attn_scalar=12),
+    "Gemma3": dict(sliding_window=5, query_pre_attn_scalar=12, layer_types=["sliding_attention", "full_attention"]),
+}
+
+
+def family_lm(family: str, seed: int = 0, *, vocab: int = VOCAB, **config: Any) -> nn.Module:
+    """A random-init ``<family>ForCausalLM`` (hidden 32, 2 layers, 4 heads of 8, 2 KV heads, eager
+    attention), eval mode, with :data:`FAMILY_CONFIGS`' features; ``config`` overrides fields."""
+    import transformers
+
+    options: dict[str, Any] = dict(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=128, tie_word_embeddings=False,
+    )
+    options.update(FAMILY_CONFIGS[family], **config)
+    config_class = getattr(transformers, "Gemma3TextConfig" if family == "Gemma3" else f"{family}Config")
+    built = config_class(**options)
+    built._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return getattr(transformers, f"{family}ForCausalLM")(built).eval()  # type: ignore[no-any-return]
+
+
 def gpt2(seed: int = 0, *, vocab: int = VOCAB, positions: int = 64, **config: Any) -> GPT2LMHeadModel:
     """A random-init GPT-2 (n_embd 32, 2 layers, 4 heads), eval mode."""
     torch.manual_seed(seed)
