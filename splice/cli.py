@@ -24,11 +24,13 @@ from typing import Any, NoReturn
 import splice.commands as commands
 from splice.core.allocator import default_to_expandable
 from splice.core.errors import SpliceError, one_line
-from splice.training.config import TrainConfig, load_config_file
+from splice.training.config import DEFAULT_EPOCHS, DEFAULT_STEPS, MIN_HELD_OUT, TrainConfig
 
 _HELP = {
     "model": "HF model folder, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)",
-    "data": "training data: .parquet, .jsonl or .csv (default: embedded function-naming task)",
+    "data": "training data: a .jsonl, .json, .csv or .parquet file or a save_to_disk folder; the shape "
+            "(prompt/completion, Alpaca, chat, ShareGPT ...) is detected from the columns (default: "
+            "embedded function-naming task)",
     "val_data": "validation data file (default: split --val-fraction off the training rows)",
     "prompt_template": "prompt format string over the columns, e.g. 'Q: {question}\\nA: '",
     "response_template": "answer format string, e.g. '{answer}' (trained on; the prompt is not)",
@@ -38,12 +40,15 @@ _HELP = {
     "rank": "LoRA rank r", "alpha": "LoRA alpha (scale = alpha / r)", "dropout": "LoRA dropout",
     "targets": "'all-linear', a regex, or comma-separated module names (q_proj,v_proj)",
     "rslora": "scale by alpha / sqrt(r)",
-    "steps": "optimizer steps (default 40 unless --epochs)", "epochs": "passes over the data, instead of --steps",
+    "steps": f"optimizer steps (default: {DEFAULT_EPOCHS:g} epochs of --data, as TRL; {DEFAULT_STEPS} steps on "
+             "the embedded task)",
+    "epochs": "passes over the training rows, instead of --steps (a run over more than 3 says so)",
     "lr": "peak learning rate", "optimizer": "adamw or sgd", "weight_decay": "weight decay",
     "schedule": "cosine, linear or constant (after warmup)", "warmup_steps": "linear warmup steps",
     "batch_size": "examples per micro-batch", "grad_accum": "micro-batches per optimizer step",
     "max_grad_norm": "gradient clipping norm (0: off)", "max_length": "max tokens per example",
-    "max_rows": "use at most this many training rows", "val_fraction": "validation share",
+    "max_rows": "use at most this many training rows", "val_fraction": f"share of --data held out for validation and scoring (default: 5%, at least "
+                    f"{MIN_HELD_OUT} rows while 80% is left to train)",
     "pack": "pack short examples into max-length rows", "train_on_prompt": "loss on prompt tokens too",
     "precision": "auto, bf16 or fp32", "device": "auto, cpu, cuda, cuda:1 ...",
     "gradient_checkpointing": "recompute activations in backward (less memory)",
@@ -121,39 +126,6 @@ def _number(kind: type, *, low: float | None = None, high: float | None = None,
     return parse
 
 
-def _steps_or_epochs(flags: argparse.Namespace, file: dict[str, Any]) -> dict[str, Any]:
-    """``--epochs`` works without ``--steps 0``: epochs given alone means train by epochs; steps
-    and epochs given together (at the same level: flags, or the config file) is an error."""
-    for steps, epochs, where in ((flags.steps, flags.epochs, "flags"),
-                                 (file.get("steps"), file.get("epochs"), "config file")):
-        if epochs is not None and steps not in (None, 0):
-            raise ValueError(f"both steps ({steps}) and epochs ({epochs}) given in the {where}: "
-                             "give --steps N or --epochs N, not both")
-        if epochs is not None or steps == 0:  # (--steps 0 alone: one epoch)
-            return {"steps": None, "epochs": 1.0 if epochs is None else epochs}
-        if steps is not None:
-            return {"steps": steps, "epochs": None}
-    return {}
-
-
-def _train_config(args: argparse.Namespace) -> TrainConfig:
-    file_values: dict[str, Any] = load_config_file(args.config) if args.config is not None else {}
-    values = dict(file_values)
-    for f in fields(TrainConfig):
-        value = getattr(args, f.name, None)
-        if value is not None:
-            values[f.name] = value
-    values.update(_steps_or_epochs(args, file_values))
-    return TrainConfig(**values)
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    from splice.training.loop import train
-
-    result = train(_train_config(args))
-    return 128 + (result.stopped_by or signal.SIGINT) if result.interrupted else 0
-
-
 def _data_flags(p: argparse.ArgumentParser) -> None:
     """The train command's template options, for commands that render a data file."""
     p.add_argument("--prompt-template", help=_HELP["prompt_template"])
@@ -162,6 +134,59 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system-prompt", help=_HELP["system_prompt"])
     p.add_argument("--last-turn-only", action="store_true", help=_HELP["last_turn_only"])
     p.add_argument("--max-length", type=int, default=352, help="max tokens per example (default: 352)")
+
+
+# Options of other trainers (transformers' TrainingArguments and TRL, axolotl, PEFT's LoraConfig),
+# spelled with "-" and lower case, -> the splice flag that does the same.
+_FOREIGN_FLAGS = {
+    "lora-r": "--rank", "r": "--rank", "lora-rank": "--rank", "lora-alpha": "--alpha",
+    "lora-dropout": "--dropout", "target-modules": "--targets", "lora-target-modules": "--targets",
+    "lora-target-linear": "--targets all-linear", "use-rslora": "--rslora", "use-dora": "--dora",
+    "init-lora-weights": "--init", "num-train-epochs": "--epochs", "num-epochs": "--epochs",
+    "max-steps": "--steps", "learning-rate": "--lr", "per-device-train-batch-size": "--batch-size",
+    "micro-batch-size": "--batch-size", "train-batch-size": "--batch-size",
+    "per-device-eval-batch-size": "--eval-batch-size", "gradient-accumulation-steps": "--grad-accum",
+    "max-seq-length": "--max-length", "max-seq-len": "--max-length", "sequence-len": "--max-length",
+    "cutoff-len": "--max-length", "lr-scheduler-type": "--schedule", "lr-scheduler": "--schedule",
+    "optim": "--optimizer", "warmup-ratio": "--warmup-steps", "save-steps": "--save-every",
+    "eval-steps": "--eval-every", "save-total-limit": "--keep-checkpoints",
+    "resume-from-checkpoint": "--resume", "model-name-or-path": "--model", "base-model": "--model",
+    "dataset": "--data", "dataset-name": "--data", "datasets": "--data", "train-file": "--data",
+    "data-path": "--data", "validation-file": "--val-data", "val-set-size": "--val-fraction",
+    "load-in-4bit": "--quantize nf4", "load-in-8bit": "--quantize int8", "bf16": "--precision bf16",
+    "packing": "--pack", "sample-packing": "--pack", "train-on-inputs": "--train-on-prompt",
+}
+
+
+def _suggestion(token: str, options: list[str]) -> str | None:
+    """The splice flag for an unknown ``token`` of the command line: another trainer's name for it,
+    the same name with "_" (``--output_dir``), or a close spelling; None when nothing is close."""
+    import difflib
+
+    key = token.lstrip("-").split("=")[0].lower().replace("_", "-")
+    known = _FOREIGN_FLAGS.get(key)
+    if known is not None and known.split()[0] in options:
+        return known
+    if f"--{key}" in options:
+        return f"--{key}"
+    close = difflib.get_close_matches(f"--{key}", options, n=1, cutoff=0.8)
+    return close[0] if close else None
+
+
+def _unknown_arguments(parser: argparse.ArgumentParser, command: str, extra: list[str]) -> NoReturn:
+    """Exit 2 with one line: the unknown arguments, and the flag each flag probably meant."""
+    options: list[str] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            options = [o for a in action.choices[command]._actions for o in a.option_strings]
+    pairs = [(t, _suggestion(t, options)) for t in extra if t.startswith("-")]
+    hints = [(t.split("=")[0], s) for t, s in pairs if s is not None]
+    message = f"unrecognized arguments: {' '.join(extra)}"
+    if len(hints) == 1:
+        message += f"; did you mean {hints[0][1]}?"
+    elif hints:
+        message += "; did you mean " + ", ".join(f"{s} (for {t})" for t, s in hints) + "?"
+    _Parser(prog=f"splice {command}").error(message)
 
 
 def _version() -> str:
@@ -187,6 +212,10 @@ def _add_serve_parser(sub: Any) -> None:
     p.add_argument("--gpu-adapters", type=int, default=8,
                    help="adapters resident on the device at once (more are kept in host memory)")
     p.add_argument("--max-lora-rank", type=int, default=64)
+    p.add_argument("--max-request-bytes", type=_at_least_one, default=1 << 20,
+                   help="largest request body; larger ones get 413 (default 1 MiB)")
+    p.add_argument("--drain-timeout", default=30.0, type=_number(float, low=0, says="must be >= 0 seconds"),
+                   help="seconds running requests get to finish after SIGTERM; then they are cancelled")
     p.set_defaults(run=commands.cmd_serve)
 
 
@@ -199,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_train = sub.add_parser("train", help="fine-tune with LoRA (defaults: SmolLM2-135M on the "
                              "function-naming task)")
     _add_train_flags(p_train)
-    p_train.set_defaults(run=_cmd_train)
+    p_train.set_defaults(run=commands.cmd_train)
 
     def model_flags(p: argparse.ArgumentParser, *, adapter_required: bool = False) -> None:
         p.add_argument("--model", default=None, help="base model (default: embedded SmolLM2-135M)")
@@ -236,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--batch-size", type=_at_least_one, default=16, help="rows per batch")
     p_eval.add_argument("--max-new-tokens", type=_at_least_one, default=24)
     p_eval.add_argument("--json", help="also write the scores to this JSON file")
+    p_eval.add_argument("--predictions", help="also write each scored row's prompt, reference and answers "
+                        "(base, adapter) to this JSONL file")
     p_eval.set_defaults(run=commands.cmd_eval)
 
     p_data = sub.add_parser("data", help="preview how the first rows of a data file render, trained "
@@ -333,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # named with the subcommand, as every other error
-        _Parser(prog=f"splice {args.command}").error(f"unrecognized arguments: {' '.join(extra)}")
+        _unknown_arguments(parser, args.command, extra)
     try:
         with _sigterm_exits():
             return int(args.run(args))
@@ -356,6 +387,10 @@ def entry(argv: list[str] | None = None) -> int:
     segments unless the user set it (torch reads it when CUDA starts, so before any command).
     Library callers keep their own setting."""
     default_to_expandable()
+    if not sys.stderr.isatty():
+        # Hugging Face's own bars (loading weights, downloads, saving shards) redraw with carriage
+        # returns, which a log file keeps; splice's bars print plain lines there (core.progress).
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     return main(argv)
 
 

@@ -1,4 +1,4 @@
-"""What each ``splice`` subcommand does (generate, eval, data, export, merge, serve), given the
+"""What each ``splice`` subcommand does (train, generate, eval, data, export, merge, serve), given the
 parsed arguments; :mod:`splice.cli` parses the command line and turns errors into one line.
 
 Every check of the arguments that needs no model (output paths, adapter files, data shapes) runs
@@ -10,14 +10,30 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from splice.core.errors import UsageError
+from splice.training.config import TrainConfig
 
-__all__ = ["cmd_data", "cmd_eval", "cmd_export", "cmd_generate", "cmd_merge", "cmd_serve", "load", "new_dir",
-           "new_file"]
+__all__ = ["cmd_data", "cmd_eval", "cmd_export", "cmd_generate", "cmd_merge", "cmd_serve", "cmd_train", "load",
+           "new_dir", "new_file", "train_config"]
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The train command's options: its flags over its ``--config`` file (:meth:`TrainConfig.from_sources`)."""
+    flags = {f.name: getattr(args, f.name, None) for f in fields(TrainConfig)}
+    return TrainConfig.from_sources(flags, config_file=args.config)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from splice.training.loop import train
+
+    result = train(train_config(args))
+    return 128 + (result.stopped_by or signal.SIGINT) if result.interrupted else 0
 
 
 def new_dir(path: Path, option: str) -> None:
@@ -116,13 +132,14 @@ def data_template(args: argparse.Namespace, rows: list[dict[str, Any]], where: s
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from splice.evaluation.compare import compare_table, evaluate_rows
+    from splice.evaluation.compare import compare_rows, compare_table
     from splice.evaluation.scoring import text_task
     from splice.evaluation.tasks import function_names_task
     from splice.training.validate import validation_loss
 
-    if args.json:
-        new_file(Path(args.json), "--json")
+    for option, path in (("--json", args.json), ("--predictions", args.predictions)):
+        if path:
+            new_file(Path(path), option)
 
     if args.data:
         from splice.data.rows import read_rows
@@ -131,7 +148,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         template = data_template(args, rows, args.data)  # before the model loads
         task, source = text_task(template), str(args.data)
     else:
-        from splice.evaluation.tasks import build_function_names, function_name_template
+        from splice.data.function_names import build_function_names, function_name_template
 
         rows = build_function_names()[args.split][: args.samples]
         template, task, source = function_name_template(), function_names_task(), f"{args.split} functions"
@@ -142,27 +159,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return validation_loss(model, examples, batch_size=args.batch_size, pad_id=tokenizer.pad_token_id,
                                device=device)
 
-    report = evaluate_rows(model, tokenizer, rows, template=template, task=task, loss=loss,
-                           max_length=args.max_length, samples=args.samples,
-                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    result = compare_rows(model, tokenizer, rows, template=template, task=task, loss=loss,
+                          max_length=args.max_length, samples=args.samples,
+                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     print(f"{source}: {len(rows)} rows, {min(args.samples, len(rows))} scored by generation")
-    print(compare_table(report))
+    print(compare_table(result.scores))
     if args.json:
-        Path(args.json).write_text(json.dumps({"data": source, "rows": len(rows), **report}, indent=1) + "\n")
+        Path(args.json).write_text(json.dumps({"data": source, "rows": len(rows), **result.scores}, indent=1) + "\n")
+    if args.predictions:
+        with Path(args.predictions).open("w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in result.predictions)
+        print(f"{len(result.predictions)} answers (prompt, reference, {', '.join(result.scores)}) "
+              f"written to {args.predictions}")
     return 0
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from splice.data.preview import preview_rows
+    from splice.data.formats import columns_of
+    from splice.data.preview import preview_rows, shape_name
     from splice.data.rows import read_rows
     from splice.models.loading import load_tokenizer
 
     rows = read_rows(args.file)
     template = data_template(args, rows, args.file)
+    shape = shape_name(columns_of(rows), templated=args.prompt_template is not None, chat=args.chat)
     tokenizer = load_tokenizer(args.model)
     color = sys.stdout.isatty() if args.color is None else args.color
     print(preview_rows(rows, tokenizer, template=template, max_length=args.max_length,
-                       train_on_prompt=args.train_on_prompt, count=args.rows, color=color, tokens=args.tokens))
+                       train_on_prompt=args.train_on_prompt, count=args.rows, color=color, tokens=args.tokens,
+                       shape=shape))
     return 0
 
 
@@ -210,5 +235,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     adapters = parse_adapters(list(args.adapter or []))  # bad specs fail before the model loads
     serve(args.model, adapters=adapters, host=args.host, port=args.port, device=args.device,
           dtype=args.dtype, model_name=args.name, max_batch=args.max_batch, max_len=args.max_len,
-          gpu_adapters=args.gpu_adapters, max_lora_rank=args.max_lora_rank)
+          gpu_adapters=args.gpu_adapters, max_lora_rank=args.max_lora_rank,
+          max_request_bytes=args.max_request_bytes, drain_timeout=args.drain_timeout)
     return 0

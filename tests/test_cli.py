@@ -28,7 +28,7 @@ def test_train_generate_merge(tiny_run_inputs, tmp_path, capsys) -> None:
     out = tmp_path / "run"
     assert _train(tiny_run_inputs, out, "--steps", "8") == 0
     printed = capsys.readouterr()
-    assert "base model on 2 held-out examples" in printed.out
+    assert "base model on 4 held-out examples" in printed.out  # 9 held out, --eval-samples 4
     assert "word_f1" in printed.out and (out / "adapter" / "adapter_model.safetensors").is_file()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if r["kind"] == "train"]
@@ -160,9 +160,10 @@ def test_the_program_sets_expandable_segments_unless_the_user_chose(monkeypatch)
 
 
 def _parsed(*argv: str):
-    from splice.cli import _train_config, build_parser
+    from splice.cli import build_parser
+    from splice.commands import train_config
 
-    return _train_config(build_parser().parse_args(["train", *argv]))
+    return train_config(build_parser().parse_args(["train", *argv]))
 
 
 def test_epochs_without_steps_zero(tmp_path) -> None:
@@ -253,7 +254,7 @@ def test_data_preview_marks_trained_tokens(tiny_run_inputs, tmp_path, capsys) ->
     data = _pc_data(tmp_path / "d.jsonl")
     assert main(["data", str(data), "--model", str(tiny_run_inputs[0]), "--rows", "2", "--no-color"]) == 0
     printed = capsys.readouterr().out
-    assert "2 of 3 rows (PromptTemplate)" in printed
+    assert "2 of 3 rows (prompt/completion)" in printed
     assert "alpha then beta?\n[[beta alpha<|im_end|>]]" in printed and "--- row 2:" in printed
     assert main(["data", str(data), "--model", str(tiny_run_inputs[0]), "--chat", "--tokens", "--rows", "1",
                  "--no-color"]) == 0

@@ -14,7 +14,7 @@ from splice.evaluation.metrics import text_metrics
 from splice.generation.generate import generate
 from splice.lora.apply import adapters_disabled, lora_modules
 
-__all__ = ["Task", "evaluate_generation", "text_task"]
+__all__ = ["Task", "answer", "evaluate_generation", "text_task"]
 
 
 @dataclass(frozen=True)
@@ -56,9 +56,14 @@ def evaluate_generation(
 ) -> dict[str, float]:
     """Greedy-generate an answer for each row and score it; ``base`` disables the adapters."""
     prompts = [task.prompt(row, tokenizer) for row in rows]
-    references = [task.reference(row) for row in rows]
+    outputs = answer(model, tokenizer, prompts, base=base, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return task.score(outputs, [task.reference(row) for row in rows])
+
+
+def answer(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *, base: bool = False,
+           max_new_tokens: int = 32, batch_size: int = 16) -> list[str]:
+    """The greedy answer to each prompt (``base``: with the adapters disabled)."""
     disabled = adapters_disabled(model) if base and lora_modules(model) else contextlib.nullcontext()
     with disabled:
-        outputs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                           temperature=0.0, batch_size=batch_size)
-    return task.score(outputs, references)
+        return generate(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens,
+                        temperature=0.0, batch_size=batch_size)

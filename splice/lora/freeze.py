@@ -76,12 +76,34 @@ class TrainableSummary:
             f"trainable params: {self.trainable:,} || all params: {self.total:,} "
             f"|| trainable%: {self.percent:.4f}",
         ]
-        shown = list(self.modules.items())
-        for path, count in shown[:12]:
-            lines.append(f"  {count:>12,}  {path}")
-        if len(shown) > 12:
-            lines.append(f"  ... and {len(shown) - 12} more modules")
+        for count, text in _by_pattern(self.modules):
+            lines.append(f"  {count:>12,}  {text}")
         return "\n".join(lines)
+
+
+def _by_pattern(modules: dict[str, int]) -> list[tuple[int, str]]:
+    """Module paths grouped by their numbered container: ``model.layers.{0..29}.self_attn.q_proj``
+    and the rest become one "q_proj, k_proj, ... in 30 layers of model.layers (210 modules)";
+    (trainable parameters, text) per group, then each path that has no number."""
+    groups: dict[str, tuple[dict[str, int], set[str], list[str]]] = {}  # container -> ({rest: params}, indices, paths)
+    single: list[tuple[int, str]] = []
+    for path, count in modules.items():
+        match = re.fullmatch(r"(?:(.*?)\.)?(\d+)\.(.+)", path)
+        if match is None:
+            single.append((count, path))
+            continue
+        container, index, rest = match.groups()
+        names, indices, paths = groups.setdefault(container or "", ({}, set(), []))
+        names[rest] = names.get(rest, 0) + count
+        indices.add(index)
+        paths.append(path)
+    rows = []
+    for container, (names, indices, paths) in groups.items():
+        leaves = [rest.rsplit(".", 1)[-1] for rest in names]
+        shown = leaves if len(set(leaves)) == len(leaves) else list(names)  # a leaf name twice: the full rest
+        where = f"{len(indices)} layers" + (f" of {container}" if container else "")
+        rows.append((sum(names.values()), f"{', '.join(shown)} in {where} ({len(paths)} modules)"))
+    return rows + single
 
 
 def trainable_summary(model: nn.Module) -> TrainableSummary:

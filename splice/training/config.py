@@ -14,11 +14,15 @@ from typing import Any
 from splice.core.errors import UsageError, one_line
 from splice.core.io import read_utf8
 
-__all__ = ["DEFAULT_STEPS", "RULES", "Rule", "TrainConfig", "check_options", "check_output_dir", "flag",
-           "load_config_file", "save_run_config"]
+__all__ = ["DEFAULT_EPOCHS", "DEFAULT_STEPS", "MANY_EPOCHS", "MIN_HELD_OUT", "RULES", "Rule", "TrainConfig",
+           "check_options", "check_output_dir", "flag", "load_config_file", "save_run_config"]
 
 RUN_CONFIG = "run_config.json"
-DEFAULT_STEPS = 40  # a run given neither steps nor epochs (the embedded task's few-minute run)
+DEFAULT_STEPS = 40  # the embedded task given neither steps nor epochs (a few-minute run)
+DEFAULT_EPOCHS = 3.0  # a user's data given neither steps nor epochs (TRL's num_train_epochs)
+MANY_EPOCHS = 3.0  # a run over more passes than this says so before it trains (small data overfits)
+MIN_HELD_OUT = 20  # held-out rows below which a generation score is noise
+_DEFAULT_VAL_FRACTION = 0.05
 # Options that may differ when resuming (they don't change the trajectory's meaning).
 # output_dir: a run directory that was moved or copied resumes from its new place.
 _RESUME_FREE = {"resume", "steps", "epochs", "save_every", "keep_checkpoints", "eval_every",
@@ -48,7 +52,7 @@ class TrainConfig:
     dropout: float = 0.0  # PEFT's default; on CPU each dropout mask costs ~a third of a step
     targets: str = "all-linear"  # "all-linear", a regex, or comma-separated module names
     rslora: bool = False
-    steps: int | None = None  # optimizer steps (neither steps nor epochs: DEFAULT_STEPS)
+    steps: int | None = None  # optimizer steps (neither: DEFAULT_EPOCHS over data, DEFAULT_STEPS embedded)
     epochs: float | None = None  # passes over the training rows, instead of steps
     lr: float = 1e-3
     optimizer: str = "adamw"
@@ -60,7 +64,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     max_length: int = 352
     max_rows: int | None = None  # cap training rows (quick experiments)
-    val_fraction: float = 0.05
+    val_fraction: float | None = None  # None: 5%, at least MIN_HELD_OUT rows while 80% is left to train
     pack: bool = True  # several examples per max_length row: no compute wasted on padding
     train_on_prompt: bool = False
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
@@ -122,6 +126,53 @@ class TrainConfig:
 
     def model_name(self) -> str:
         return self.model or "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+    def epochs_planned(self) -> float | None:
+        """Passes over the data the run trains for, or None when it counts steps: ``epochs``; else
+        ``steps``; else DEFAULT_EPOCHS for the user's data (as TRL) and DEFAULT_STEPS for the
+        embedded task (whose one epoch is ~620 steps)."""
+        if self.epochs is not None or self.steps is not None:
+            return self.epochs
+        return DEFAULT_EPOCHS if self.data is not None else None
+
+    def total_steps(self, batches_per_epoch: int) -> int:
+        """Optimizer steps of the run, given the micro-batches in one epoch."""
+        epochs = self.epochs_planned()
+        if epochs is None:
+            return self.steps or DEFAULT_STEPS
+        return max(1, math.ceil(epochs * batches_per_epoch / self.grad_accum))
+
+    def held_out_rows(self, n_rows: int) -> int:
+        """Rows split off ``n_rows`` for validation and generation scoring (without ``val_data``).
+
+        ``val_fraction`` given: that share (at least one row when positive). By default 5%, but at
+        least MIN_HELD_OUT rows while that leaves 80% to train: a 46-row file holds out 9 rows,
+        not 2 (a score on 2 rows is noise), a 1,000-row file 50."""
+        if self.val_fraction is not None:
+            return 0 if self.val_fraction == 0 else max(1, round(n_rows * self.val_fraction))
+        return max(round(n_rows * _DEFAULT_VAL_FRACTION), min(MIN_HELD_OUT, n_rows // 5))
+
+    @classmethod
+    def from_sources(cls, flags: Mapping[str, Any], *, config_file: str | Path | None = None) -> TrainConfig:
+        """A config from command-line ``flags`` (option -> value, None: not given) over the options
+        of a TOML/YAML ``config_file``: a flag beats the file. ``epochs`` works without ``steps 0``:
+        epochs alone trains by epochs, ``steps 0`` alone is one epoch; steps and epochs together
+        at one level (the flags, or the file) is an error naming it."""
+        file = load_config_file(config_file) if config_file is not None else {}
+        values = dict(file)
+        values.update({name: value for name, value in flags.items() if value is not None})
+        for level, where in ((flags, "flags"), (file, "config file")):
+            steps, epochs = level.get("steps"), level.get("epochs")
+            if epochs is not None and steps not in (None, 0):
+                raise UsageError(f"both steps ({steps}) and epochs ({epochs}) given in the {where}: "
+                                 "give --steps N or --epochs N, not both")
+            if epochs is not None or steps == 0:  # (--steps 0 alone: one epoch)
+                values.update(steps=None, epochs=1.0 if epochs is None else epochs)
+                break
+            if steps is not None:
+                values.update(steps=steps, epochs=None)
+                break
+        return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
         from splice.data.rows import describe_source  # data given as objects: a summary, not the rows

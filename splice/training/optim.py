@@ -1,7 +1,9 @@
-"""LoRA+ (Hayou et al. 2024): ``lora_B`` learns ``ratio`` times faster than ``lora_A``.
+"""A run's optimizer and learning-rate schedule, and LoRA+'s parameter groups.
 
-:func:`param_groups` sorts the trainable parameters into the four groups PEFT's
-``create_loraplus_optimizer`` builds, in its order, for any ``torch.optim`` optimizer:
+:func:`make_optimizer` builds AdamW or SGD (over LoRA+ groups with a ratio); :func:`lr_at` is the
+schedule (linear warmup, then cosine, linear or constant). LoRA+ (Hayou et al. 2024): ``lora_B``
+learns ``ratio`` times faster than ``lora_A``; :func:`param_groups` sorts the trainable
+parameters into the four groups PEFT's ``create_loraplus_optimizer`` builds, in its order, for any ``torch.optim`` optimizer:
 
 1. A: every other trainable parameter (``lora_A``, conv magnitudes), at ``lr``;
 2. embedding: the parameters of LoRA embedding layers, at ``lr_embedding`` (PEFT: 1e-6);
@@ -13,14 +15,41 @@ Groups 1-3 take ``weight_decay`` (PEFT's ``loraplus_weight_decay``), group 4 non
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import torch
 from torch import nn
 
 from splice.lora.apply import lora_modules
 from splice.lora.layers import LoraEmbedding
 
-__all__ = ["param_groups"]
+__all__ = ["lr_at", "make_optimizer", "param_groups"]
+
+
+def lr_at(step: int, *, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate before optimizer step ``step`` (0-based)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))  # cosine
+
+
+def make_optimizer(model: nn.Module, *, name: str, lr: float, weight_decay: float,
+                   loraplus_ratio: float | None) -> torch.optim.Optimizer:
+    """AdamW or SGD (momentum 0.9) over ``model``'s trainable parameters (LoRA+'s groups with a
+    ``loraplus_ratio``)."""
+    params: Any = ([p for p in model.parameters() if p.requires_grad] if loraplus_ratio is None
+                   else param_groups(model, lr=lr, ratio=loraplus_ratio, weight_decay=weight_decay))
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}: use 'adamw' or 'sgd'")
 
 
 def _no_decay_names(model: nn.Module) -> set[str]:

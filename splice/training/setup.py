@@ -1,15 +1,24 @@
-"""Setting up a run from its config: the model on its device, and the tokenized data."""
+"""Setting up a run from its config, in the order that fails fastest: options and data before the
+model; then LoRA, the rewrites, the data-parallel wrapper, the optimizer and schedule, and the
+state of a resumed run. :func:`build_run` returns it all as a :class:`Run`; the loop
+(:mod:`splice.training.loop`) only steps it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from splice.core.device import resolve_device
+from splice.core.errors import UsageError
+from splice.data.batching import Batch, batches
 from splice.data.formats import choose_template, columns_of
+from splice.data.preview import shape_name
 from splice.data.rows import (
     ChatTemplate,
     Example,
@@ -21,11 +30,25 @@ from splice.data.rows import (
     split_rows,
     tokenize_rows,
 )
+from splice.distributed.checkpoint import is_sharded_checkpoint, load_sharded, save_sharded
+from splice.distributed.process import DistEnv, main_first
+from splice.distributed.shards import rank_share
+from splice.distributed.wrap import Wrapped, shard_reason, wrap_model
 from splice.evaluation.scoring import Task, text_task
+from splice.lora.apply import add_lora
+from splice.lora.freeze import freeze
+from splice.lora.layers import LoraConfig
 from splice.models.loading import load_model
-from splice.training.config import TrainConfig
+from splice.training.config import DEFAULT_EPOCHS, MANY_EPOCHS, TrainConfig, save_run_config
+from splice.training.graphs import GraphedStep
+from splice.training.loss import lm_head_params, train_step_loss
+from splice.training.optim import lr_at, make_optimizer
+from splice.training.report import MetricsLog, Progress, check_trackers, open_trackers
+from splice.training.state import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
+from splice.training.validate import Evaluator, autocast
 
-__all__ = ["RunData", "RunRows", "prepare_data", "prepare_model", "prepare_rows", "run_rewrites"]
+__all__ = ["Batches", "Run", "RunData", "RunRows", "build_run", "plan_line", "prepare_data", "prepare_model",
+           "prepare_rows", "run_rewrites"]
 
 
 def prepare_model(config: TrainConfig, *, load_device: torch.device | None = None,
@@ -108,7 +131,8 @@ def prepare_rows(config: TrainConfig) -> RunRows:
     """Read, split and render every row (no tokenizer needed): a bad file, shape, column or value
     is an error naming it before the slow model load."""
     if config.data is None:
-        from splice.evaluation.tasks import build_function_names, function_name_template, function_names_task
+        from splice.data.function_names import build_function_names, function_name_template
+        from splice.evaluation.tasks import function_names_task
 
         splits = build_function_names()
         return RunRows(train=splits["train"], validation=splits["validation"],
@@ -119,16 +143,21 @@ def prepare_rows(config: TrainConfig) -> RunRows:
     source = describe_source(config.data)
     if config.val_data:
         train_rows, val_rows = rows, read_rows(config.val_data)
-    else:
+    elif config.val_fraction is not None:
         train_rows, val_rows = split_rows(rows, val_fraction=config.val_fraction, seed=config.seed)
+    else:  # the default rule (TrainConfig.held_out_rows), as the fraction that holds out that many
+        held_out = config.held_out_rows(len(rows))
+        train_rows, val_rows = split_rows(rows, val_fraction=held_out / len(rows) if rows else 0.0,
+                                          seed=config.seed)
     template = _template(config, columns_of(rows))
     check_template(rows, template, where=source)
     if config.val_data:
         check_template(val_rows, template, where=describe_source(config.val_data))
     if config.max_rows is not None:
         train_rows = train_rows[: config.max_rows]
+    shape = shape_name(columns_of(rows), templated=config.prompt_template is not None, chat=config.chat)
     return RunRows(train=train_rows, validation=val_rows, eval_rows=val_rows[: config.eval_samples],
-                   template=template, task=text_task(template), source=source)
+                   template=template, task=text_task(template), source=f"{source}, {shape}")
 
 
 def prepare_data(config: TrainConfig, tokenizer: Any, rows: RunRows | None = None) -> RunData:
@@ -142,3 +171,221 @@ def prepare_data(config: TrainConfig, tokenizer: Any, rows: RunRows | None = Non
                                 train_on_prompt=config.train_on_prompt).examples if rows.validation else [])
     return RunData(train=train.examples, validation=validation, eval_rows=list(rows.eval_rows),
                    task=rows.task, truncated=train.truncated, dropped=train.dropped, source=rows.source)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+class Batches:
+    """Micro-batches in a fixed order for (seed, epoch); resumable at (epoch, index). Under
+    torch.distributed each global micro-batch has ``batch_size * world_size`` rows and this rank
+    takes its share (:mod:`splice.distributed.shards`)."""
+
+    def __init__(self, data: RunData, config: TrainConfig, pad_id: int, env: DistEnv | None = None) -> None:
+        self.data, self.config, self.pad_id = data, config, pad_id
+        self.rank, self.world = (env.rank, env.world_size) if env else (0, 1)
+        self._epoch: int | None = None
+        self._list: list[Batch] = []
+
+    def epoch_batches(self, epoch: int) -> list[Batch]:
+        if self._epoch != epoch:
+            self._list = batches(self.data.train, batch_size=self.config.batch_size * self.world,
+                                 pad_id=self.pad_id, shuffle=True, seed=self.config.seed,
+                                 epoch=epoch, pack=self.config.pack,
+                                 max_length=self.config.max_length)
+            self._epoch = epoch
+        return self._list
+
+    def take(self, state: TrainerState) -> Batch:
+        if state.batch_index >= len(self.epoch_batches(state.epoch)):
+            state.epoch, state.batch_index = state.epoch + 1, 0
+        batch = self.epoch_batches(state.epoch)[state.batch_index]
+        state.batch_index += 1
+        return rank_share(batch, rank=self.rank, world_size=self.world, pad_id=self.pad_id)
+
+
+def micro_step(model: nn.Module, device: torch.device, precision: str,
+               graphed: bool, wrapped: Wrapped | None = None) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    """One micro-batch's forward, loss and backward (``loss_scale`` = 1 / the step's targets,
+    times the world size under DDP/FSDP2, which average gradients over ranks); returns the summed
+    loss. The function :class:`GraphedStep` captures. ``wrapped``: the DDP/FSDP2 step."""
+
+    def step(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with autocast(device, precision, cache=not graphed):
+            if wrapped is not None:
+                part = wrapped(batch)
+            else:
+                part = train_step_loss(model, batch, device=device, static_shapes=graphed)
+        (part * batch["loss_scale"]).backward()
+        return part.detach()
+
+    return step
+
+
+class _NoMetrics(MetricsLog):
+    """Ranks other than 0 write no metrics (rank 0 writes the all-reduced ones)."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def truncate_after(self, step: int) -> None:
+        pass
+
+
+@dataclass
+class Run:
+    """Everything a run trains with, built by :func:`build_run` before its first step."""
+
+    config: TrainConfig
+    env: DistEnv | None  # torch.distributed (None: one process)
+    say: Callable[[str], None]  # a line for the person (rank 0 only)
+    model: nn.Module
+    tokenizer: Any
+    device: torch.device
+    precision: str  # "bf16" | "fp32"
+    data: RunData
+    rewritten: list[str]  # modules fused, checkpointed or moved to the host
+    wrapped: Wrapped | None  # the DDP/FSDP2 step
+    batches: Batches
+    total: int  # optimizer steps of the whole run
+    params: list[nn.Parameter]  # the trainable ones
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    graphed: bool  # steps replayed from CUDA graphs
+    micro_step: GraphedStep | None  # None once finished (its graphs' memory is freed)
+    vocab: int
+    state: TrainerState
+    metrics: MetricsLog
+    evaluate: Evaluator
+
+    @property
+    def out(self) -> Path:
+        return Path(self.config.output_dir)
+
+    @property
+    def world(self) -> int:
+        return self.env.world_size if self.env else 1
+
+    def checkpoint(self) -> None:
+        """Adapter, optimizer, scheduler, RNG and data position, written atomically."""
+        directory, config = self.out / "checkpoints", self.config
+        if self.env is not None:
+            save_sharded(directory, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                         trainer=asdict(self.state), env=self.env, base_model=config.model_name(),
+                         keep=config.keep_checkpoints)
+            return
+        save_checkpoint(directory, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                        state=self.state, base_model=config.model_name(), keep=config.keep_checkpoints)
+
+
+def plan_line(config: TrainConfig, *, total: int, batches_per_epoch: int, examples: int) -> str | None:
+    """The line a run prints before training when its length needs a word: the default number of
+    epochs for the user's data, or a run over more than MANY_EPOCHS passes (small data overfits)."""
+    epochs = total * config.grad_accum / max(1, batches_per_epoch)
+    if config.steps is None and config.epochs is None and config.epochs_planned() == DEFAULT_EPOCHS:
+        return (f"training {DEFAULT_EPOCHS:g} epochs of {examples} examples: {total} steps (the default "
+                "for --data; set --epochs N or --steps N)")
+    if epochs > MANY_EPOCHS:
+        return (f"note: {total} steps are {epochs:.1f} epochs of {examples} examples, each seen about "
+                f"{round(epochs)} times: small data overfits; train by passes with --epochs N "
+                f"(1-{MANY_EPOCHS:g} is typical, see docs/guide.md)")
+    return None
+
+
+def _graphs_on(config: TrainConfig, device: torch.device, wrapped: Wrapped | None,
+               say: Callable[[str], None]) -> bool:
+    """Whether steps replay from CUDA graphs. Default: with the fused kernels on packed batches,
+    whose shape never changes (unpacked batches are as long as their longest row: a new graph for
+    every new length); not with the embedding on the host (a host gather: no capture)."""
+    auto = config.fuses(device.type) and config.pack and not config.embeddings_on_host
+    graphed = device.type == "cuda" and (auto if config.cuda_graphs is None else config.cuda_graphs)
+    if graphed and wrapped is not None:
+        say(f"CUDA graphs off under {wrapped.kind}: its gradient communication runs in autograd "
+            "hooks on other streams, which a graph capture cannot hold; steps run eagerly")
+        return False
+    return graphed
+
+
+def _resume(run: Run) -> None:
+    """Load the last checkpoint of ``run``'s directory into it (``config.resume``)."""
+    latest = latest_checkpoint(run.out / "checkpoints") if run.config.resume else None
+    if latest is None:
+        return
+    if is_sharded_checkpoint(latest):
+        trainer, notes = load_sharded(latest, model=run.model, optimizer=run.optimizer,
+                                      scheduler=run.scheduler, env=run.env)
+        run.state = TrainerState(**trainer)
+        for note in notes:
+            run.say(note)
+        return
+    if run.wrapped is not None and run.wrapped.kind == "fsdp2":
+        raise ValueError(f"--resume: {latest} was written by one process; resume it without "
+                         "--shard (DDP or one process), or start a new --output-dir")
+    run.state = load_checkpoint(latest, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler)
+    run.metrics.truncate_after(run.state.step)
+    run.say(f"resumed from {latest} at step {run.state.step}")
+
+
+def build_run(config: TrainConfig, *, log: Progress | None = None, env: DistEnv | None = None) -> Run:
+    """Everything a run needs before its first step (module doc). ``log``: where lines go (default:
+    print); ``env``: this rank of a torch.distributed run. Writes ``run_config.json``."""
+    main = env is None or env.is_main
+    say: Callable[[str], None] = (log.message if log else print) if main else (lambda _text: None)
+    torch.manual_seed(config.seed)  # the same LoRA init on every rank
+    check_trackers(config.report_to)
+    if env is not None and config.embeddings_on_host:
+        raise UsageError("--embeddings-on-host runs in one process only (DDP and FSDP2 keep every "
+                         "weight and buffer on the GPU): drop it under torchrun")
+    rows = prepare_rows(config)  # bad data is named before the slow model load
+    # FSDP2 over several GPUs: weights load on the CPU, each rank's shards then go to its GPU.
+    on_cpu = env is not None and env.world_size > 1 and config.shard
+    with main_first(env):  # rank 0 fills the model/data caches; the others then read them
+        model, tokenizer, device, precision = prepare_model(
+            config, load_device=torch.device("cpu") if on_cpu else None)
+        data = prepare_data(config, tokenizer, rows)
+    add_lora(model, LoraConfig(rank=config.rank, alpha=config.alpha, dropout=config.dropout,
+                               targets=config.target_spec(), rslora=config.rslora,
+                               use_dora=config.dora, init=config.init))
+    say(str(freeze(model)))
+    rewritten = run_rewrites(model, config, device)
+    if rewritten:
+        say(f"fused kernels / checkpointing / host embedding on {len(rewritten)} modules")
+    say(data.describe())
+    wrapped = None
+    if env is not None:
+        wrapped = wrap_model(
+            model, loss=lambda m, b: train_step_loss(m, b, device=device), env=env, device=device,
+            shard_why=shard_reason(model, shard=config.shard, device=device),
+            mixed_precision=precision == "bf16" and device.type == "cuda")
+        for note in wrapped.notes:
+            say(note)
+    out = Path(config.output_dir)
+    if main:
+        save_run_config(out, config)
+
+    stream = Batches(data, config, tokenizer.pad_token_id, env)
+    per_epoch = len(stream.epoch_batches(0))
+    total = config.total_steps(per_epoch)
+    plan = plan_line(config, total=total, batches_per_epoch=per_epoch, examples=len(data.train))
+    if plan:
+        say(plan)
+    optimizer = make_optimizer(model, name=config.optimizer, lr=config.lr, weight_decay=config.weight_decay,
+                               loraplus_ratio=config.loraplus_ratio)
+    params = [p for p in model.parameters() if p.requires_grad]
+    graphed = _graphs_on(config, device, wrapped, say)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(
+        s, total=total, warmup=config.warmup_steps, schedule=config.schedule))
+    metrics = (MetricsLog(out / "metrics.jsonl", trackers=open_trackers(config.report_to, out, config.to_dict()))
+               if main else _NoMetrics(out / "metrics.jsonl"))
+    evaluate = Evaluator(model, tokenizer, data.validation, data.eval_rows, data.task, device, precision,
+                         metrics, say, batch_size=config.batch_size, eval_batches=config.eval_batches,
+                         eval_batch_size=config.eval_batch_size, max_new_tokens=config.max_new_tokens,
+                         context=wrapped.evaluation if wrapped else contextlib.nullcontext)
+    run = Run(config=config, env=env, say=say, model=model, tokenizer=tokenizer, device=device,
+              precision=precision, data=data, rewritten=rewritten, wrapped=wrapped, batches=stream, total=total,
+              params=params, optimizer=optimizer, scheduler=scheduler, graphed=graphed,
+              micro_step=GraphedStep(micro_step(model, device, precision, graphed, wrapped), params,
+                                     enabled=graphed, warn=say),
+              vocab=lm_head_params(model)[0].shape[0], state=TrainerState(), metrics=metrics, evaluate=evaluate)
+    _resume(run)
+    return run

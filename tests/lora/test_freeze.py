@@ -67,3 +67,16 @@ def test_tied_parameter_counted_once() -> None:
     summary = splice.freeze(model, trainable=r"lm_head")  # lm_head.weight is wte.weight
     assert summary.trainable == 97 * 32 and model.transformer.wte.weight.requires_grad
     assert summary.total == sum(p.numel() for p in model.parameters())
+
+
+def test_summary_groups_modules_by_name_pattern() -> None:
+    model = tiny.llama()  # 2 decoder layers
+    splice.add_lora(model, splice.LoraConfig(rank=4, targets="all-linear"))
+    lines = str(splice.freeze(model)).splitlines()
+    # one line for the 14 LoRA linears of the decoder layers (not one line each, cut at 12)
+    assert len(lines) == 2 and "more" not in lines[1]
+    assert lines[1].split(None, 1)[1] == ("q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj in 2 "
+                                          "layers of model.layers (14 modules)")
+    summary = splice.freeze(model, trainable=lambda path: path.endswith("norm.weight"))
+    assert str(summary).splitlines()[1:] == [f"  {128:>12,}  input_layernorm, post_attention_layernorm in 2 layers "
+                                             "of model.layers (4 modules)", f"  {32:>12,}  model.norm"]

@@ -174,10 +174,8 @@ def test_floats_in_messages_are_finite_checks() -> None:
 
 
 def test_steps_epochs_or_the_default() -> None:
-    from splice.training.loop import _total_steps
-
-    assert _total_steps(TrainConfig(), 7) == 40  # neither: DEFAULT_STEPS
-    assert _total_steps(TrainConfig(steps=5), 7) == 5
-    assert _total_steps(TrainConfig(epochs=3), 7) == 21  # epochs alone are not ignored
-    assert _total_steps(TrainConfig(epochs=3, grad_accum=2), 7) == 11
-    assert _total_steps(TrainConfig(epochs=0.1), 7) == 1
+    assert TrainConfig().total_steps(7) == 40  # neither, on the embedded task: DEFAULT_STEPS
+    assert TrainConfig(steps=5).total_steps(7) == 5
+    assert TrainConfig(epochs=3).total_steps(7) == 21  # epochs alone are not ignored
+    assert TrainConfig(epochs=3, grad_accum=2).total_steps(7) == 11
+    assert TrainConfig(epochs=0.1).total_steps(7) == 1

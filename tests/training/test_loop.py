@@ -21,9 +21,10 @@ def test_loss_goes_down_and_is_pinned(tiny_run_inputs, tmp_path) -> None:
     result = train(run_config(tiny_run_inputs, tmp_path / "run", device="cpu"))  # pinned on the CPU
     assert len(result.losses) == 12
     assert result.losses[-1] < result.losses[0] - 4.0
-    # Pinned for seed 0 (fp32, CPU): a change here means the training math changed.
-    assert result.losses[0] == pytest.approx(8.8448, abs=2e-3)
-    assert result.losses[-1] == pytest.approx(3.4396, abs=2e-3)
+    # Pinned for seed 0 (fp32, CPU; 39 training rows, 9 held out): a change here means the
+    # training math or the data split changed.
+    assert result.losses[0] == pytest.approx(9.0138, abs=2e-3)
+    assert result.losses[-1] == pytest.approx(3.7081, abs=2e-3)
     out = tmp_path / "run"
     for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors",
                  "metrics.jsonl", "loss.png", "run_config.json"):
@@ -74,7 +75,7 @@ def test_output_dir_of_another_run_is_refused(tiny_run_inputs, tmp_path) -> None
 
 
 def test_non_finite_losses_skip_then_stop(tiny_run_inputs, tmp_path, monkeypatch) -> None:
-    import splice.training.loop as train_module
+    import splice.training.setup as train_module
 
     real = train_module.train_step_loss
     calls = {"n": 0}
@@ -127,15 +128,32 @@ def test_packed_training_and_periodic_generation_eval(tiny_run_inputs, tmp_path)
     assert summary["kind"] == "summary" and "base_word_f1" in summary and "word_f1" in summary
 
 
-def test_checkpointing_and_fast_kernels_keep_the_trajectory(tiny_run_inputs, tmp_path, capsys) -> None:
+def test_fuse_and_checkpointing_rewrite_the_run_model(tiny_run_inputs, tmp_path) -> None:
+    from collections import Counter
+
+    from splice.fused.modules import FusedLoraLinear, FusedRMSNorm, FusedRopeAttention, FusedSwiGLUMLP
+    from splice.memory.checkpointing import CheckpointedLayer
+    from splice.training.setup import build_run
+
+    plain = build_run(run_config(tiny_run_inputs, tmp_path / "plain", fuse=False, device="cpu"))
+    assert plain.rewritten == []
+    assert not any(isinstance(m, (FusedLoraLinear, CheckpointedLayer)) for m in plain.model.modules())
+    sped = build_run(run_config(tiny_run_inputs, tmp_path / "sped", fuse=True, gradient_checkpointing=True,
+                                device="cpu"))
+    modules = dict(sped.model.named_modules())
+    kinds = Counter(type(modules[name]) for name in sped.rewritten)
+    # 14 LoRA linears + 5 norms + 2 MLPs + 2 attentions fused, 2 decoder layers checkpointed
+    assert kinds == {FusedLoraLinear: 14, FusedRMSNorm: 5, FusedSwiGLUMLP: 2, FusedRopeAttention: 2,
+                     CheckpointedLayer: 2}
+    assert isinstance(modules["model.layers.1"], CheckpointedLayer)
+
+
+def test_checkpointing_and_fast_kernels_keep_the_trajectory(tiny_run_inputs, tmp_path) -> None:
     # fp32 on the CPU, where the fused modules' reference paths must match to 1e-5 (on a GPU
     # they run in bf16: see test_cuda_graphs_follow_the_eager_trajectory and tests/test_fast.py)
     plain = train(run_config(tiny_run_inputs, tmp_path / "plain", steps=4, dropout=0.0, fuse=False, device="cpu"))
-    assert "fused kernels / checkpointing" not in capsys.readouterr().out
     sped = train(run_config(tiny_run_inputs, tmp_path / "sped", steps=4, dropout=0.0, fuse=True,
                          gradient_checkpointing=True, device="cpu"))
-    # 14 LoRA linears + 5 norms + 2 MLPs + 2 attentions fused, 2 decoder layers checkpointed
-    assert "fused kernels / checkpointing / host embedding on 25 modules" in capsys.readouterr().out
     torch.testing.assert_close(torch.tensor(sped.losses), torch.tensor(plain.losses), rtol=1e-5, atol=1e-5)
     from safetensors.torch import load_file
 
@@ -188,3 +206,75 @@ def test_cuda_graphs_follow_the_eager_trajectory(tiny_run_inputs, tmp_path, drop
     else:  # the graph's warm-ups draw random numbers first: other masks, a similar run
         assert abs(eager.losses[-1] - graphed.losses[-1]) < 0.3
     assert graphed.losses[-1] < graphed.losses[0] - 1.0
+
+
+# ----------------------------------------------------------------------------- issue 25: a newcomer's first hour
+
+
+def test_a_run_over_many_epochs_says_so_before_training(tiny_run_inputs, tmp_path) -> None:
+    lines: list[str] = []
+    log = _Lines(lines)
+    # 39 rows, unpacked, batch 4: 10 micro-batches an epoch; 45 steps are 4.5 epochs
+    train(run_config(tiny_run_inputs, tmp_path / "many", steps=45, save_every=0), log=log)
+    note = [line for line in lines if "epochs of 39 examples" in line]
+    assert len(note) == 1 and "4.5 epochs" in note[0] and "--epochs" in note[0]
+    assert lines.index(note[0]) < lines.index(log.first_update)  # before the first step
+    lines.clear()
+    train(run_config(tiny_run_inputs, tmp_path / "few", steps=30, save_every=0), log=_Lines(lines))
+    assert not [line for line in lines if "epochs of" in line]  # 3.0 epochs: no note
+
+
+def test_user_data_trains_default_epochs(tiny_run_inputs, tmp_path) -> None:
+    from splice.training.config import DEFAULT_EPOCHS
+
+    lines: list[str] = []
+    result = train(run_config(tiny_run_inputs, tmp_path / "run", steps=None, save_every=0, batch_size=8),
+                   log=_Lines(lines))
+    assert DEFAULT_EPOCHS == 3
+    assert result.steps == 15  # 39 rows in 5 batches of 8, three times
+    assert any(line.startswith("training 3 epochs of 39 examples: 15 steps") for line in lines)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["epoch"] for r in records if r["kind"] == "train") == 2  # epochs 0, 1, 2
+
+
+def test_held_out_rows_hold_enough_to_score(tiny_run_inputs, tmp_path) -> None:
+    from splice.training.setup import prepare_rows
+
+    config = run_config(tiny_run_inputs, tmp_path / "x")
+    rows = prepare_rows(config)  # 48 rows: 5% would be 2; the rule holds out 9 (a fifth)
+    assert (len(rows.train), len(rows.validation)) == (39, 9)
+    assert [config.held_out_rows(n) for n in (1, 4, 46, 100, 400, 1000)] == [0, 0, 9, 20, 20, 50]
+    explicit = run_config(tiny_run_inputs, tmp_path / "y", val_fraction=0.05)
+    assert len(prepare_rows(explicit).validation) == 2  # a given fraction is that fraction
+
+
+def test_few_held_out_rows_are_flagged_beside_the_score(tiny_run_inputs, tmp_path) -> None:
+    lines: list[str] = []
+    train(run_config(tiny_run_inputs, tmp_path / "run", steps=2, eval_samples=3, max_new_tokens=2,
+                     save_every=0), log=_Lines(lines))
+    note = [line for line in lines if "held-out rows, too few" in line]
+    assert len(note) == 1 and "on 3 held-out rows" in note[0]
+    assert f"splice eval --adapter {tmp_path / 'run' / 'adapter'} --data" in note[0]
+    assert lines.index(note[0]) == len(lines) - 2  # right after the scores, before "adapter saved"
+    lines.clear()
+    train(run_config(tiny_run_inputs, tmp_path / "quiet", steps=2, save_every=0), log=_Lines(lines))
+    assert not [line for line in lines if "too few" in line]  # no generation scores, no note
+
+
+class _Lines(Progress):
+    """A progress log that keeps every message (and marks where the first step was reported)."""
+
+    def __init__(self, lines: list[str]) -> None:
+        import io
+
+        super().__init__(1, stream=io.StringIO())
+        self.lines = lines
+        self.first_update = ""
+
+    def message(self, text: str) -> None:
+        self.lines.extend(text.splitlines())
+
+    def update(self, step: int, **kwargs) -> None:  # type: ignore[override]
+        if not self.first_update:
+            self.first_update = f"<step {step}>"
+            self.lines.append(self.first_update)
