@@ -30,8 +30,18 @@ gathered once, one masked fp32 attention per sequence); it is also the CPU path.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
+
+from splice.kernels import use_triton
+
+try:  # Triton only ships with CUDA builds of torch; the CPU path needs none.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
 
 __all__ = ["paged_attention", "paged_attention_reference", "write_kv"]
 
@@ -132,6 +142,240 @@ def paged_attention(
     ``max_query_len`` / ``max_seq_len`` are host upper bounds on ``L_b`` / ``n_b`` that size the
     grid (any upper bound is correct). Returns ``(T, Hq, D)`` in q's dtype (``out`` when given).
     """
-    kw = dict(block_tables=block_tables, seq_lens=seq_lens, query_start_loc=query_start_loc, scale=scale,
-              max_query_len=max_query_len, max_seq_len=max_seq_len, window=window, softcap=softcap, out=out)
-    return paged_attention_reference(q, key_cache, value_cache, **kw)  # type: ignore[arg-type]
+    fn = paged_attention_triton if triton is not None and use_triton(q, key_cache) else paged_attention_reference
+    return fn(q, key_cache, value_cache, block_tables=block_tables, seq_lens=seq_lens,
+              query_start_loc=query_start_loc, scale=scale, max_query_len=max_query_len,
+              max_seq_len=max_seq_len, window=window, softcap=softcap, out=out)
+
+
+@dataclass(frozen=True, kw_only=True)
+class KernelConfig:
+    """Tile sizes of the Triton path. A tile is ``block_q`` query tokens x the group's heads
+    (padded to >= 16 rows); ``block_n`` keys per inner step; the context is split into partitions
+    of >= ``min_partition`` keys only while that brings the programs up to ``programs_per_sm`` per SM."""
+
+    block_q: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    min_partition: int = 128
+    programs_per_sm: int = 2
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def default_config(*, decode: bool, group: int, head_dim: int) -> KernelConfig:
+    """Decode: 16-row tiles (memory-bound, one query token per sequence); prefill: 128-row tiles
+    (64 at head_dim 256) for tensor-core throughput."""
+    g_pad, wide = _pow2(group), _pow2(head_dim) > 128
+    if decode:
+        return KernelConfig(block_q=max(1, 16 // g_pad), block_n=32 if wide else 64, num_warps=4, num_stages=3)
+    rows = 64 if wide else 128
+    return KernelConfig(block_q=max(1, rows // g_pad), block_n=32 if wide else 64, num_warps=rows // 16,
+                        num_stages=2)
+
+
+def _partition_len(cfg: KernelConfig, *, tiles: int, max_seq_len: int, device: torch.device) -> int:
+    """Keys per partition: the whole context (one pass) unless the tiles are too few to fill the GPU."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    parts = min(-(-cfg.programs_per_sm * sms // tiles), -(-max_seq_len // cfg.min_partition))
+    if parts <= 1:
+        return 0
+    per_part = -(-max_seq_len // parts)
+    return -(-per_part // cfg.block_n) * cfg.block_n
+
+
+def paged_attention_triton(
+    q: Tensor, key_cache: Tensor, value_cache: Tensor, *, block_tables: Tensor, seq_lens: Tensor,
+    query_start_loc: Tensor, scale: float, max_query_len: int, max_seq_len: int, window: int = 0,
+    softcap: float = 0.0, out: Tensor | None = None, config: KernelConfig | None = None,
+) -> Tensor:
+    """The Triton path of :func:`paged_attention` (``config``: tile sizes, default :func:`default_config`)."""
+    _check(q, key_cache, value_cache, block_tables, seq_lens, query_start_loc)
+    tokens, hq, d = q.shape
+    hkv, block_size = key_cache.shape[2], key_cache.shape[1]
+    group, seqs = hq // hkv, seq_lens.shape[0]
+    cfg = config or default_config(decode=max_query_len <= 1, group=group, head_dim=d)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    key_cache, value_cache = (c if c.stride(-1) == 1 else c.contiguous() for c in (key_cache, value_cache))
+    fits = out is not None and out.stride(-1) == 1
+    result = out if out is not None and fits else torch.empty_like(q, memory_format=torch.contiguous_format)
+    # the grid's tile count bounds sum_b ceil(L_b / block_q) (module doc: binary search on the device)
+    tiles = tokens // cfg.block_q + seqs
+    busy = max(seqs, -(-tokens // cfg.block_q)) * hkv  # tiles with work, estimated from host ints
+    part_len = _partition_len(cfg, tiles=busy, max_seq_len=max_seq_len, device=q.device)
+    parts = -(-max_seq_len // part_len) if part_len else 1
+    g_pad, d_pad = _pow2(group), max(16, _pow2(d))
+    # split-KV partials: unnormalized outputs (T, Hq, P, D_PAD) and (max, sum) as (2, T, Hq, P), fp32
+    partial = (torch.empty(tokens, hq, parts, d_pad, device=q.device, dtype=torch.float32),
+               torch.empty(2, tokens, hq, parts, device=q.device, dtype=torch.float32)) if parts > 1 else None
+    # scores in base 2 (exp2): scale * log2(e) folded in, or applied after the softcap's tanh
+    qk_scale, cap = (scale, softcap * _LOG2E) if softcap > 0 else (scale * _LOG2E, 1.0)
+    _attention_kernel[(tiles, hkv, parts)](
+        q, key_cache, value_cache, result, *(partial or (result, result)), block_tables, seq_lens,
+        query_start_loc, seqs, tokens * hq * parts, qk_scale, cap, window, part_len or (1 << 30), parts,
+        q.stride(0), q.stride(1), result.stride(0), result.stride(1), *key_cache.stride()[:3],
+        *value_cache.stride()[:3], block_tables.stride(0), GROUP=group, G_PAD=g_pad, BLOCK_Q=cfg.block_q,
+        ROWS=max(16, cfg.block_q * g_pad), BLOCK_N=cfg.block_n, BS=block_size, D=d, D_PAD=d_pad,
+        SPLIT=partial is not None, SOFTCAP=softcap > 0, WINDOW=window > 0, IEEE=key_cache.dtype == torch.float32,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if partial is not None:
+        _reduce_kernel[(tokens, hq)](
+            result, *partial, seq_lens, query_start_loc, seqs, tokens * hq * parts, window, part_len, parts,
+            result.stride(0), result.stride(1), P_PAD=_pow2(parts), D=d, D_PAD=d_pad, WINDOW=window > 0,
+            num_warps=4)
+    if out is not None and result is not out:
+        out.copy_(result)
+        return out
+    return result
+
+
+_LOG2E = 1.4426950408889634
+
+if triton is not None:
+
+    @triton.jit
+    def _find_sequence(qsl_ptr, target, num_seqs, BLOCK_Q: tl.constexpr, TILES: tl.constexpr):
+        # the b with start_b <= target < start_{b+1}; TILES: start_b = qsl[b] // BLOCK_Q + b (tile index)
+        lo = 0
+        hi = num_seqs
+        while lo < hi:
+            mid = (lo + hi) // 2
+            start = tl.load(qsl_ptr + mid)
+            if TILES:
+                start = start // BLOCK_Q + mid
+            if start <= target:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo - 1
+
+    @triton.jit
+    def _dot(a, b, IEEE: tl.constexpr):
+        if IEEE:  # fp32 caches: no TF32 rounding
+            return tl.dot(a, b, out_dtype=tl.float32, input_precision="ieee")
+        return tl.dot(a, b, out_dtype=tl.float32)
+
+    @triton.jit
+    def _keys_step(acc, m_i, l_i, q, start, key_end, pos, table, k_at, v_at, dd, d_ok, window, qk_scale, cap,
+                   stride_kb, stride_kt, stride_vb, stride_vt, BLOCK_N: tl.constexpr, BS: tl.constexpr,
+                   SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, IEEE: tl.constexpr, MASK: tl.constexpr):
+        # one BLOCK_N-key step of the online softmax (base 2); MASK: apply causal / window / length masks
+        kpos = start + tl.arange(0, BLOCK_N)
+        k_ok = kpos < key_end
+        block = tl.load(table + kpos // BS, mask=k_ok, other=0).to(tl.int64)
+        k = tl.load(k_at + block[None, :] * stride_kb + (kpos % BS)[None, :] * stride_kt + dd[:, None],
+                    mask=k_ok[None, :] & d_ok[:, None], other=0.0)  # (D_PAD, BLOCK_N)
+        v = tl.load(v_at + block[:, None] * stride_vb + (kpos % BS)[:, None] * stride_vt + dd[None, :],
+                    mask=k_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, D_PAD)
+        s = _dot(q, k, IEEE) * qk_scale
+        if SOFTCAP:  # s natural here, cap = softcap log2(e): cap tanh(s / softcap), tanh(x) = 1 - 2 / (e^2x + 1)
+            two_x_log2e = s * (2.0 * 1.4426950408889634 * 1.4426950408889634 / cap)  # 2 x log2(e)
+            s = cap * (1.0 - 2.0 / (tl.exp2(two_x_log2e) + 1.0))  # saturates cleanly at +-cap
+        if MASK:
+            allowed = k_ok[None, :] & (kpos[None, :] <= pos[:, None])
+            if WINDOW:
+                allowed = allowed & (kpos[None, :] > pos[:, None] - window)
+            s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        if MASK:  # rows with no visible key yet keep all weights 0
+            m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new_safe = m_new
+        p = tl.exp2(s - m_new_safe[:, None])
+        alpha = tl.exp2(m_i - m_new_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        return acc, m_new, l_i
+
+    @triton.jit
+    def _attention_kernel(
+        q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_ml_ptr, tables_ptr, seq_lens_ptr, qsl_ptr,
+        num_seqs, ml_half, qk_scale, cap, window, part_len, parts,
+        stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+        stride_vh, stride_bt, GROUP: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
+        ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+        SPLIT: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        # program (tile, kv head h, partition): rows r = (query m = r // G_PAD, head h * GROUP + r % G_PAD)
+        tile, h, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        b = _find_sequence(qsl_ptr, tile, num_seqs, BLOCK_Q, True)
+        q_start = tl.load(qsl_ptr + b)
+        q_len = tl.load(qsl_ptr + b + 1) - q_start
+        first_q = (tile - q_start // BLOCK_Q - b) * BLOCK_Q  # the tile's first query within the sequence
+        if first_q >= q_len:
+            return
+        first_pos = tl.load(seq_lens_ptr + b) - q_len  # position of the sequence's first query
+        r = tl.arange(0, ROWS)
+        m = first_q + r // G_PAD
+        head = h * GROUP + r % G_PAD
+        row_ok = (r // G_PAD < BLOCK_Q) & (r % G_PAD < GROUP) & (m < q_len)
+        pos = first_pos + m
+        key_end = tl.minimum(first_pos + tl.minimum(first_q + BLOCK_Q, q_len), (part + 1) * part_len)
+        key_begin = part * part_len
+        if WINDOW:
+            key_begin = tl.maximum(key_begin, (first_pos + first_q - window + 1) // BLOCK_N * BLOCK_N)
+        if key_begin >= key_end:
+            return  # no row of this tile sees this partition (the reduce skips it too)
+        # keys below full_end are visible to every row: no mask there (a window masks every step)
+        full_end = key_begin
+        if not WINDOW:
+            visible = tl.minimum(key_end, first_pos + first_q + 1) - key_begin
+            full_end = key_begin + tl.maximum(visible, 0) // BLOCK_N * BLOCK_N
+        dd = tl.arange(0, D_PAD)
+        d_ok = dd < D
+        q = tl.load(q_ptr + (q_start + m)[:, None] * stride_qt + head[:, None] * stride_qh + dd[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(k_ptr.dtype.element_ty)
+        acc = tl.zeros((ROWS, D_PAD), dtype=tl.float32)
+        m_i = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((ROWS,), dtype=tl.float32)
+        table = tables_ptr + b.to(tl.int64) * stride_bt
+        k_at, v_at = k_ptr + h * stride_kh, v_ptr + h * stride_vh
+        for start in range(key_begin, full_end, BLOCK_N):
+            acc, m_i, l_i = _keys_step(acc, m_i, l_i, q, start, key_end, pos, table, k_at, v_at, dd, d_ok, window,
+                                       qk_scale, cap, stride_kb, stride_kt, stride_vb, stride_vt, BLOCK_N, BS,
+                                       SOFTCAP, WINDOW, IEEE, False)
+        for start in range(full_end, key_end, BLOCK_N):
+            acc, m_i, l_i = _keys_step(acc, m_i, l_i, q, start, key_end, pos, table, k_at, v_at, dd, d_ok, window,
+                                       qk_scale, cap, stride_kb, stride_kt, stride_vb, stride_vt, BLOCK_N, BS,
+                                       SOFTCAP, WINDOW, IEEE, True)
+        rows = (q_start + m).to(tl.int64)
+        if SPLIT:  # unnormalized partial output + (max, sum) for the reduce; [t, head, part] of (T, Hq, P)
+            at = (rows * (tl.num_programs(1) * GROUP) + head) * parts + part
+            tl.store(part_out_ptr + at[:, None] * D_PAD + dd[None, :], acc, mask=row_ok[:, None])
+            tl.store(part_ml_ptr + at, m_i, mask=row_ok)
+            tl.store(part_ml_ptr + ml_half + at, l_i, mask=row_ok)
+        else:
+            o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            tl.store(out_ptr + rows[:, None] * stride_ot + head[:, None] * stride_oh + dd[None, :],
+                     o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+    @triton.jit
+    def _reduce_kernel(
+        out_ptr, part_out_ptr, part_ml_ptr, seq_lens_ptr, qsl_ptr, num_seqs, ml_half, window, part_len, parts,
+        stride_ot, stride_oh, P_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, WINDOW: tl.constexpr,
+    ):
+        # program (token t, query head): merge the partitions that hold at least one of its keys
+        t, head = tl.program_id(0), tl.program_id(1)
+        b = _find_sequence(qsl_ptr, t, num_seqs, 1, False)
+        q_start = tl.load(qsl_ptr + b)
+        q_len = tl.load(qsl_ptr + b + 1) - q_start
+        if t - q_start >= q_len:
+            return
+        pos = tl.load(seq_lens_ptr + b) - q_len + t - q_start
+        lo = 0
+        if WINDOW:
+            lo = pos - window + 1
+        p = tl.arange(0, P_PAD)
+        valid = (p < parts) & (p * part_len <= pos) & ((p + 1) * part_len > lo)
+        at = (t.to(tl.int64) * tl.num_programs(1) + head) * parts + p
+        m = tl.load(part_ml_ptr + at, mask=valid, other=float("-inf"))
+        w = tl.where(valid, tl.exp2(m - tl.max(m, axis=0)), 0.0)
+        total = tl.sum(tl.load(part_ml_ptr + ml_half + at, mask=valid, other=0.0) * w, axis=0)
+        dd = tl.arange(0, D_PAD)
+        acc = tl.load(part_out_ptr + at[:, None] * D_PAD + dd[None, :], mask=valid[:, None], other=0.0)
+        o = tl.sum(acc * w[:, None], axis=0) / total
+        tl.store(out_ptr + t.to(tl.int64) * stride_ot + head * stride_oh + dd, o.to(out_ptr.dtype.element_ty),
+                 mask=dd < D)

@@ -15,7 +15,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from splice.kernels import use_triton
-from splice.kernels.paged_attention import paged_attention, paged_attention_reference, write_kv
+from splice.kernels.paged_attention import (
+    KernelConfig,
+    paged_attention,
+    paged_attention_reference,
+    paged_attention_triton,
+    write_kv,
+)
 from tests.numerics import DEVICES, GPU, HostSyncs
 
 BS = 16  # block size
@@ -141,6 +147,22 @@ def test_kernel_matches_dense_attention(spec, dtype: torch.dtype, device: str) -
     scale = d**-0.5
     got = run(paged_attention, case, scale=scale, window=window, softcap=softcap)
     check(got, case, dtype, scale=scale, window=window, softcap=softcap)
+
+
+# split-KV into many partitions (the reduce kernel), tiles of one query token, 128-key steps
+CONFIGS = [KernelConfig(block_q=2, block_n=32, num_warps=4, num_stages=2, min_partition=32, programs_per_sm=64),
+           KernelConfig(block_q=1, block_n=128, num_warps=4, num_stages=1, min_partition=128, programs_per_sm=64),
+           KernelConfig(block_q=16, block_n=16, num_warps=4, num_stages=1)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("window", [0, 40])
+@pytest.mark.parametrize("config", CONFIGS)
+def test_kernel_tilings_and_partitions(config: KernelConfig, window: int, device: str) -> None:
+    _kernel_or_skip(device, torch.float32)
+    case = make_case(MIXED, hq=8, hkv=2, d=32, dtype=torch.float32, device=device, seed=5)
+    got = run(paged_attention_triton, case, scale=0.2, window=window, config=config)
+    check(got, case, torch.float32, scale=0.2, window=window)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,0 +1,176 @@
+"""Paged attention on the GPU: time and achieved bandwidth against the measured copy bandwidth.
+
+    PYTHONPATH=. python benchmarks/paged_attention.py --out DIR/paged_attention.json
+
+Llama-3-8B attention (Hq 32, Hkv 8, head_dim 128, bf16), block size 16, blocks shuffled. Decode at
+batch 1 / 32 / 128 x context 128 / 1,024 / 4,096, and a 2,048-token prefill chunk (a full prefill
+and a chunk after 2,048 cached tokens). Each call is timed inside a CUDA graph of ``REPS`` calls
+(how the engine runs it: no launch overhead), median of several replays. Bandwidth = bytes of K/V
+read + q read + out written, over the time; the ceiling is the measured read bandwidth (a sum over
+2 GiB; a device-to-device copy, read + write, is reported beside it).
+The peer is torch SDPA over dense (un-paged) tensors, timed the same way. ``--sweep`` also times
+tile-size variants of the kernel. Each kernel result is checked against the plain reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from splice.kernels.paged_attention import (
+    KernelConfig,
+    default_config,
+    paged_attention_reference,
+    paged_attention_triton,
+)
+
+HQ, HKV, D, BS, DTYPE = 32, 8, 128, 16, torch.bfloat16
+REPS = 20
+
+
+def graph_ms(fn: Callable[[], object], *, replays: int = 7) -> float:
+    """Median milliseconds per call of ``fn``, ``REPS`` calls captured in one CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(REPS):
+            fn()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / REPS)
+    return sorted(times)[len(times) // 2]
+
+
+def memory_bandwidth() -> tuple[float, float]:
+    """Bytes/s of a 2 GiB device-to-device copy (read + write counted) and of a 2 GiB sum (read only)."""
+    src = torch.empty(1 << 30, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    acc = torch.empty((), dtype=torch.float32, device="cuda")
+    copy = 4 * src.numel() / (graph_ms(lambda: dst.copy_(src), replays=5) * 1e-3)
+    read = 2 * src.numel() / (graph_ms(lambda: torch.sum(src, dtype=torch.float32, out=acc), replays=5) * 1e-3)
+    return copy, read
+
+
+def make_batch(batch: int, context: int, q_len: int) -> dict:
+    """``batch`` sequences of ``context`` tokens, the last ``q_len`` of each queried; shuffled blocks."""
+    per = -(-context // BS)
+    num_blocks = batch * per + 1
+    ids = (torch.randperm(num_blocks - 1, device="cuda") + 1).to(torch.int32).view(batch, per)
+    caches = [torch.randn(num_blocks, BS, HKV, D, device="cuda", dtype=DTYPE) for _ in range(2)]
+    return dict(q=torch.randn(batch * q_len, HQ, D, device="cuda", dtype=DTYPE), key_cache=caches[0],
+                value_cache=caches[1], block_tables=ids, seq_lens=torch.full((batch,), context, device="cuda",
+                                                                            dtype=torch.int32),
+                query_start_loc=torch.arange(0, batch * q_len + 1, q_len, device="cuda", dtype=torch.int32),
+                max_query_len=q_len, max_seq_len=context)
+
+
+def dense_peer(args: dict, batch: int, context: int, q_len: int) -> Callable[[], Tensor]:
+    """SDPA over the same K/V laid out densely (B, Hkv, ctx, D); GQA by enable_gqa."""
+    flat = args["block_tables"].long()
+    k = args["key_cache"][flat].flatten(1, 2)[:, :context].transpose(1, 2).contiguous()
+    v = args["value_cache"][flat].flatten(1, 2)[:, :context].transpose(1, 2).contiguous()
+    q = args["q"].view(batch, q_len, HQ, D).transpose(1, 2).contiguous()
+    if q_len == context:
+        return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    if q_len == 1:
+        return lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    mask = torch.ones(q_len, context, dtype=torch.bool, device="cuda").tril(context - q_len)
+    return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+def measure(label: str, batch: int, context: int, q_len: int, ceiling: float,
+            configs: list[KernelConfig | None]) -> list[dict]:
+    args = make_batch(batch, context, q_len)
+    moved = (2 * batch * context * HKV * D + 2 * args["q"].numel()) * args["q"].element_size()
+    attended = batch * sum(context - q_len + i + 1 for i in range(q_len))  # (query, key) pairs
+    flops = 4 * attended * HQ * D
+    want = paged_attention_reference(**args, scale=D**-0.5)
+    rows = []
+    for config in configs:
+        out = torch.empty_like(args["q"])
+        def run(config: KernelConfig | None = config, out: Tensor = out) -> Tensor:
+            return paged_attention_triton(**args, scale=D**-0.5, out=out, config=config)
+        try:
+            ms = graph_ms(run)
+        except Exception as error:  # a variant past the card's shared memory: note it, keep going
+            print(f"{label}: {config} failed: {str(error).splitlines()[0][:200]}")
+            continue
+        err = float((out.float() - want.float()).abs().max())
+        cfg = config or default_config(decode=q_len == 1, group=HQ // HKV, head_dim=D)
+        rows.append(dict(case=label, impl="splice" if config is None else "variant", config=asdict(cfg), ms=ms,
+                         bandwidth_tb_s=moved / ms * 1e-9, of_read=moved / ms * 1e3 / ceiling,
+                         tflops=flops / ms * 1e-9, max_abs_err=err))
+    peer = dense_peer(args, batch, context, q_len)
+    ms = graph_ms(peer)
+    got = peer().transpose(1, 2).reshape(-1, HQ, D)
+    rows.append(dict(case=label, impl="torch sdpa (dense)", ms=ms, bandwidth_tb_s=moved / ms * 1e-9,
+                     of_read=moved / ms * 1e3 / ceiling, tflops=flops / ms * 1e-9,
+                     max_abs_err=float((got.float() - want.float()).abs().max())))
+    return rows
+
+
+def variants(decode: bool) -> list[KernelConfig | None]:
+    if decode:
+        return [None] + [KernelConfig(block_q=4, block_n=n, num_warps=w, num_stages=st, min_partition=mp)
+                         for n, w, st, mp in [(128, 4, 3, 128), (128, 4, 2, 128), (64, 4, 4, 128), (64, 4, 3, 64),
+                                              (32, 2, 4, 128)]]
+    return [None] + [KernelConfig(block_q=rows // 4, block_n=n, num_warps=w, num_stages=st)
+                     for rows, n, w, st in [(128, 32, 8, 2), (128, 32, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3),
+                                            (64, 32, 4, 2)]]
+
+
+def row_line(r: dict) -> str:
+    cfg = r.get("config")
+    brief = (f"q{cfg['block_q']} n{cfg['block_n']} w{cfg['num_warps']} s{cfg['num_stages']} "
+             f"p{cfg['min_partition']}x{cfg['programs_per_sm']}") if cfg else ""
+    return (f"{r['case']:30} {r['impl']:18} {r['ms'] * 1e3:8.1f} {r['bandwidth_tb_s']:5.2f} {r['of_read']:7.1%} "
+            f"{r['tflops']:7.1f} {r['max_abs_err']:7.4f}  {brief}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="paged_attention.json")
+    parser.add_argument("--sweep", action="store_true", help="also time tile-size variants")
+    cli = parser.parse_args()
+    torch.manual_seed(0)
+    copy, ceiling = memory_bandwidth()
+    print(f"{torch.cuda.get_device_name()}: copy {copy / 1e12:.2f} TB/s (read + write), read {ceiling / 1e12:.2f} TB/s")
+    rows: list[dict] = []
+    cases = [(f"decode B={b} ctx={c}", b, c, 1) for b in (1, 32, 128) for c in (128, 1024, 4096)]
+    cases += [("prefill 2048 (full)", 1, 2048, 2048), ("prefill chunk 2048 @ ctx 4096", 1, 4096, 2048)]
+    sweep_cases = {"decode B=1 ctx=4096", "decode B=32 ctx=1024", "decode B=128 ctx=4096", "prefill 2048 (full)"}
+    out = Path(cli.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"{'case':30} {'impl':18} {'us':>8} {'TB/s':>5} {'of read':>7} {'TFLOP/s':>7} {'max err':>7}  config")
+    for label, b, c, q_len in cases:
+        configs = variants(q_len == 1) if cli.sweep and label in sweep_cases else [None]
+        for r in measure(label, b, c, q_len, ceiling, configs):
+            rows.append(r)
+            print(row_line(r), flush=True)
+            out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                                           date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                           copy_bandwidth_tb_s=copy / 1e12,
+                                           read_bandwidth_tb_s=ceiling / 1e12, rows=rows), indent=1))
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()
