@@ -108,6 +108,7 @@ class Engine:
         self.eos = eos_ids(model, tokenizer)
         self.finished: Counter[str] = Counter()  # finish reasons so far (for monitoring)
         self.computed_tokens = 0  # tokens run through the model so far (prefix-cache hits are not)
+        self.preemptions = 0  # sequences sent back to waiting for want of KV blocks (recomputed later)
         self._inbox: queue.Queue[Request] = queue.Queue()
         self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
         self._queued = 0  # submitted, not yet running or finished (bounded by max_waiting)
@@ -164,6 +165,7 @@ class Engine:
         with torch.inference_mode():
             changed = self._take_new() | self._drop_cancelled()
             plan = self.scheduler.schedule()
+            self.preemptions += len(plan.preempted)
             changed |= self._fail_rejected()
             if not plan.chunks:
                 return changed

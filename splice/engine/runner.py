@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from splice.engine.attention import PagedAttention, StepAttention, install_paged_attention, paged_step
-from splice.engine.scheduler import StepPlan
+from splice.engine.scheduler import StepPlan, iter_positions
 from splice.lora.apply import lora_modules
 from splice.lora.bank import BankSite, LoraBank
 from splice.lora.routing import Route, routed
@@ -165,11 +165,11 @@ class ModelRunner:
         batch = _Batch.empty()
         for chunk in plan.chunks:
             seq, end = chunk.seq, chunk.start + chunk.count
-            table = seq.block_ids
             batch.ids.extend(seq.tokens[chunk.start : end])
-            batch.positions.extend(range(chunk.start, end))
-            batch.slots.extend(table[p // bs] * bs + p % bs for p in range(chunk.start, end))
-            batch.tables.append(table)
+            for position, slot in iter_positions(chunk, bs):
+                batch.positions.append(position)
+                batch.slots.append(slot)
+            batch.tables.append(seq.block_ids)
             batch.seq_lens.append(end)
             batch.starts.append(batch.starts[-1] + chunk.count)
             batch.adapters.extend([seq.adapter] * chunk.count)

@@ -1,0 +1,262 @@
+"""splice.engine.engine: whole requests through scheduler, runner, sampler and output processing,
+against a plain greedy loop that recomputes the whole sequence every token."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from splice.engine.engine import Engine, EngineFull, Request
+from splice.engine.sampling import SamplingParams
+from splice.lora.apply import add_lora, use_adapters
+from splice.lora.bank import LoraBank, add_bank_sites, read_adapter
+from splice.lora.layers import LoraConfig
+from splice.lora.peft_io import load_adapter, save_adapter
+from tests import tiny
+from tests.numerics import GPU
+
+PROMPTS = ["hello world", "the cat sat on the mat", "a", "xyz 123 abc", "once upon a time there was"]
+
+
+def sharp_llama(seed: int = 0) -> nn.Module:
+    """The tiny Llama with a sharper head (clear argmax margins, as after training)."""
+    model = tiny.build_tiny_llama(len(tiny.build_tiny_tokenizer()), seed=seed)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(25)
+    return model
+
+
+def greedy_loop(model: nn.Module, prompt: list[int], max_tokens: int, eos: set[int] = frozenset({2})) -> list[int]:
+    """The reference: argmax of ``model(whole sequence)`` each token, no cache."""
+    ids, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+            if token in eos:
+                break
+            out.append(token)
+            ids.append(token)
+    return out
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.text, self.reason = "", None
+
+    def __call__(self, delta: str, reason: str | None) -> None:
+        assert self.reason is None, "no event after the finish"
+        self.text += delta
+        self.reason = reason
+
+
+def _encode(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
+    return [list(tokenizer(p)["input_ids"]) for p in prompts]
+
+
+def _request(tokenizer: Any, prompt: str, adapter: str | None = None, **params: Any) -> tuple[Request, Collector]:
+    out = Collector()
+    ids = list(tokenizer(prompt)["input_ids"])
+    return Request(prompt_ids=ids, params=SamplingParams(**params), on_event=out, adapter=adapter), out
+
+
+def _drain(engine: Engine, limit: int = 1000) -> None:
+    for _ in range(limit):
+        if not engine.busy:
+            return
+        engine.step()
+    raise AssertionError("the engine did not finish")
+
+
+@pytest.mark.parametrize("budget", [64, 3])
+def test_greedy_equals_the_recompute_loop_for_mixed_prompts(tiny_tokenizer, budget: int) -> None:
+    model = sharp_llama()
+    prompts = _encode(tiny_tokenizer, PROMPTS)
+    engine = Engine(model, tiny_tokenizer, max_seqs=3, max_len=64, token_budget=budget)
+    done = engine.generate(prompts, SamplingParams(max_tokens=10))
+    for prompt, request in zip(prompts, done):
+        assert request.generated == greedy_loop(model, prompt, 10)
+        assert request.text == tiny_tokenizer.decode(request.generated)
+        assert request.finish_reason == "length"
+    assert engine.computed_tokens == sum(len(p) + 9 for p in prompts)  # the last token is never fed
+    assert engine.pool.num_free == engine.pool.num_usable  # every block back
+    assert engine.finished == {"length": 5}
+
+
+def test_prefix_cache_hits_skip_the_shared_prompt(tiny_tokenizer) -> None:
+    model = sharp_llama()
+    system = "you are a helpful assistant; answer in one word. " * 2
+    engine = Engine(model, tiny_tokenizer, max_seqs=2, max_len=128, block_size=4)
+    first, _ = _request(tiny_tokenizer, system + "hello", max_tokens=4)
+    engine.submit(first)
+    _drain(engine)
+    before = engine.computed_tokens
+    second, _ = _request(tiny_tokenizer, system + "goodbye", max_tokens=4)
+    engine.submit(second)
+    _drain(engine)
+    shared = len(tiny_tokenizer(system)["input_ids"]) // 4 * 4
+    assert engine.computed_tokens - before <= len(second.prompt_ids) - shared + 3
+    assert second.generated == greedy_loop(model, second.prompt_ids, 4)
+
+
+def test_preemption_under_a_tiny_kv_pool_gives_the_same_output(tiny_tokenizer) -> None:
+    model = sharp_llama()
+    prompts = _encode(tiny_tokenizer, PROMPTS[1:])
+    engine = Engine(model, tiny_tokenizer, max_seqs=4, max_len=48, block_size=4, kv_blocks=14)
+    done = engine.generate(prompts, SamplingParams(max_tokens=16))
+    assert engine.preemptions > 0
+    for prompt, request in zip(prompts, done):
+        assert request.generated == greedy_loop(model, prompt, 16)
+
+
+def test_each_row_runs_its_own_lora_adapter(tiny_tokenizer) -> None:
+    model = sharp_llama()
+    for name in ("a", "b"):
+        add_lora(model, LoraConfig(name=name, rank=4, targets="all-linear"))
+    tiny.randomize_lora(model, seed=3)
+    prompts = _encode(tiny_tokenizer, PROMPTS[:4])
+    rows = ["a", None, "b", "a"]
+    engine = Engine(model, tiny_tokenizer, max_seqs=4, max_len=64)
+    done = engine.generate(prompts, SamplingParams(max_tokens=8), adapters=rows)
+    outputs = set()
+    for prompt, name, request in zip(prompts, rows, done):
+        with use_adapters(model, [name]):
+            assert request.generated == greedy_loop(model, prompt, 8), name
+        outputs.add(tuple(request.generated))
+    with pytest.raises(ValueError, match="unknown adapter 'c'"):
+        engine.generate(prompts[:1], SamplingParams(max_tokens=2), adapters=["c"])
+
+
+def test_bank_adapters_wait_for_a_slot_without_blocking_others(tmp_path: Path, tiny_tokenizer) -> None:
+    for name, seed in (("a", 1), ("b", 2)):
+        trained = sharp_llama()
+        add_lora(trained, LoraConfig(name=name, targets=("q_proj", "v_proj", "down_proj"), rank=4))
+        tiny.randomize_lora(trained, seed=seed)
+        save_adapter(trained, tmp_path / name, name=name)
+    host = {n: read_adapter(tmp_path / n, name=n) for n in "ab"}
+    model = sharp_llama()
+    sites = add_bank_sites(model, sorted({p for h in host.values() for p in h.weights}))
+    bank = LoraBank.for_sites(model, sites, capacity=1, rank=4, dtype=torch.float32)
+    engine = Engine(model, tiny_tokenizer, max_seqs=4, max_len=64, bank=bank, sites=list(sites.values()),
+                    adapters=host)
+    plan = [("a", PROMPTS[0]), ("b", PROMPTS[1]), (None, PROMPTS[2])]
+    outs = []
+    for adapter, prompt in plan:
+        request, out = _request(tiny_tokenizer, prompt, adapter, max_tokens=6)
+        engine.submit(request)
+        outs.append((request, out))
+    engine.step()
+    running = {seq.payload.adapter for seq in engine.scheduler.running}
+    assert running == {"a", None}  # b waits for the one slot; the base request behind it runs
+    _drain(engine)
+    for (adapter, _), (request, out) in zip(plan, outs):
+        alone = sharp_llama()
+        if adapter is not None:
+            load_adapter(alone, tmp_path / adapter, name=adapter)
+        assert request.generated == greedy_loop(alone, request.prompt_ids, 6), adapter
+        assert out.reason == "length" and out.text == request.text
+
+
+def test_seeded_sampling_does_not_depend_on_batch_companions(tiny_tokenizer) -> None:
+    model = sharp_llama()
+
+    def run(companions: int) -> list[int]:
+        engine = Engine(model, tiny_tokenizer, max_seqs=4, max_len=64, token_budget=8)
+        request, _ = _request(tiny_tokenizer, "hello", max_tokens=10, temperature=1.0, top_k=20, top_p=0.9,
+                              seed=2**70)
+        for i in range(companions):
+            engine.submit(_request(tiny_tokenizer, PROMPTS[i], max_tokens=10, temperature=1.5)[0])
+        engine.submit(request)
+        _drain(engine)
+        return request.generated
+
+    alone = run(0)
+    assert run(3) == alone and len(alone) == 10
+    assert alone != greedy_loop(model, list(tiny_tokenizer("hello")["input_ids"]), 10)
+
+
+def test_tiny_temperature_is_greedy(tiny_tokenizer) -> None:
+    model = sharp_llama()
+    prompts = _encode(tiny_tokenizer, PROMPTS[:2])
+    engine = Engine(model, tiny_tokenizer, max_seqs=2, max_len=64)
+    done = engine.generate(prompts, SamplingParams(max_tokens=6, temperature=1e-40, seed=2**70))
+    assert [r.generated for r in done] == [greedy_loop(model, p, 6) for p in prompts]
+
+
+def test_stop_strings_eos_and_limits(tiny_tokenizer) -> None:
+    model = sharp_llama()
+    prompt = list(tiny_tokenizer("hello world")["input_ids"])
+    free = greedy_loop(model, prompt, 12)
+    text = tiny_tokenizer.decode(free)
+    engine = Engine(model, tiny_tokenizer, max_seqs=2, max_len=64)
+    stop = text[4:6]
+    [stopped] = engine.generate([prompt], SamplingParams(max_tokens=12, stop=(stop,)))
+    assert (stopped.text, stopped.finish_reason) == (text[: text.find(stop)], "stop")
+    # An EOS id from the generation config ends the request without its text.
+    eos = free[5]
+    model.generation_config.eos_token_id = [2, eos]
+    engine = Engine(model, tiny_tokenizer, max_seqs=2, max_len=64)
+    [ended] = engine.generate([prompt], SamplingParams(max_tokens=12))
+    assert ended.generated == free[: free.index(eos)] and ended.finish_reason == "stop"
+    model.generation_config.eos_token_id = 2
+    # The context: prompt + output never pass max_len.
+    engine = Engine(model, tiny_tokenizer, max_seqs=2, max_len=len(prompt) + 3)
+    [full] = engine.generate([prompt], SamplingParams(max_tokens=12))
+    assert full.generated == free[:3] and full.finish_reason == "length"
+
+
+def test_cancel_frees_the_blocks_and_a_full_queue_refuses(tiny_tokenizer) -> None:
+    model = sharp_llama()
+    engine = Engine(model, tiny_tokenizer, max_seqs=2, max_len=64, max_waiting=2)
+    kept, kept_out = _request(tiny_tokenizer, "hello world", max_tokens=8)
+    gone, gone_out = _request(tiny_tokenizer, "the cat", max_tokens=50)
+    engine.submit(kept)
+    engine.submit(gone)
+    with pytest.raises(EngineFull, match="max_waiting=2"):
+        engine.submit(_request(tiny_tokenizer, "a", max_tokens=2)[0])
+    engine.step()
+    engine.cancel(gone)
+    engine.step()
+    assert gone_out.reason == "cancelled" and len(engine.scheduler.running) == 1
+    _drain(engine)
+    assert kept_out.reason == "length" and kept.generated == greedy_loop(model, kept.prompt_ids, 8)
+    assert engine.pool.num_free == engine.pool.num_usable
+    assert engine.finished == {"cancelled": 1, "length": 1}
+
+
+def test_a_failing_request_does_not_stop_the_others(tiny_tokenizer) -> None:
+    model = sharp_llama()
+    engine = Engine(model, tiny_tokenizer, max_seqs=4, max_len=32)
+    good, good_out = _request(tiny_tokenizer, "hello world", max_tokens=6)
+    unknown, unknown_out = _request(tiny_tokenizer, "hi", adapter="nope", max_tokens=4)
+    long, long_out = _request(tiny_tokenizer, "word " * 40, max_tokens=4)
+    raising, _ = _request(tiny_tokenizer, "the cat", max_tokens=6)
+
+    def broken(delta: str, reason: str | None) -> None:
+        raise RuntimeError("the client went away")
+
+    raising.on_event = broken
+    for request in (unknown, raising, long, good):
+        engine.submit(request)
+    _drain(engine)
+    assert unknown_out.reason is not None and unknown_out.reason.startswith("error: adapter 'nope'")
+    assert long_out.reason is not None and "the context holds 32" in long_out.reason
+    assert raising.finish_reason == "cancelled"  # its own callback failed: only it ends
+    assert good_out.reason == "length" and good.generated == greedy_loop(model, good.prompt_ids, 6)
+    assert engine.pool.num_free == engine.pool.num_usable
+
+
+@GPU
+def test_cuda_graph_decode_matches_eager(tiny_tokenizer) -> None:
+    model = sharp_llama().cuda()
+    prompts = _encode(tiny_tokenizer, PROMPTS)
+    outputs = {}
+    for graphs in (True, False):
+        engine = Engine(model, tiny_tokenizer, max_seqs=4, max_len=96, cuda_graphs=graphs, kv_blocks=64)
+        outputs[graphs] = [r.generated for r in engine.generate(prompts, SamplingParams(max_tokens=40))]
+        assert engine.graph_failure is None and engine.runner.cuda_graphs == graphs
+    assert outputs[True] == outputs[False]
+    assert outputs[False][0] == greedy_loop(model, prompts[0], 40)

@@ -1,0 +1,129 @@
+"""splice.engine.runner: flat batches of mixed chunks, copy-on-write, per-token adapters, CUDA graphs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from splice.engine.runner import ModelRunner, _buckets
+from splice.engine.scheduler import Chunk, Sequence, StepPlan
+from splice.lora.apply import add_lora, use_adapters
+from splice.lora.layers import LoraConfig
+from tests import tiny
+from tests.numerics import GPU, rel_err
+
+
+def _seq(tokens: list[int], blocks: list[int], seq_id: int = 0, adapter: str | None = None) -> Sequence:
+    return Sequence(seq_id=seq_id, tokens=tokens, prompt_len=len(tokens), max_tokens=1, arrival=seq_id,
+                    block_ids=blocks, adapter=adapter)
+
+
+def _last_logits(model: nn.Module, tokens: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0, -1].float()
+
+
+def _runner(model: nn.Module, **options: object) -> ModelRunner:
+    defaults: dict[str, object] = dict(block_size=4, max_seqs=4, max_len=64, num_blocks=24, cuda_graphs=False)
+    defaults.update(options)
+    return ModelRunner(model, **defaults)  # type: ignore[arg-type]
+
+
+def test_one_step_mixes_decodes_and_prefill_chunks_of_several_sequences() -> None:
+    model = tiny.llama()
+    runner = _runner(model)
+    a, b, c = (tiny.tokens(seed=s, batch=1, length=n)[0].tolist() for s, n in ((1, 11), (2, 9), (3, 14)))
+    sa, sb, sc = _seq(a, [1, 2, 3], 0), _seq(b, [4, 5, 6], 1), _seq(c, [7, 8, 9, 10], 2)
+    runner.execute(StepPlan(chunks=[Chunk(seq=sa, start=0, count=10, sample=False),
+                                    Chunk(seq=sc, start=0, count=5, sample=False)]))
+    heads: list[int] = []
+    hook = model.lm_head.register_forward_hook(lambda m, args, out: heads.append(args[0].shape[0]))
+    logits = runner.execute(StepPlan(chunks=[
+        Chunk(seq=sa, start=10, count=1, sample=True),  # a decode
+        Chunk(seq=sb, start=0, count=9, sample=True),  # a whole prompt
+        Chunk(seq=sc, start=5, count=6, sample=False),  # a middle chunk: no logits
+    ]))
+    hook.remove()
+    assert heads == [2]  # the head runs on the sampled tokens only
+    assert logits.shape == (2, tiny.VOCAB) and logits.dtype == torch.float32
+    assert rel_err(logits[0], _last_logits(model, a)) < 1e-5
+    assert rel_err(logits[1], _last_logits(model, b)) < 1e-5
+    last = runner.execute(StepPlan(chunks=[Chunk(seq=sc, start=11, count=3, sample=True)]))
+    assert rel_err(last[0], _last_logits(model, c)) < 1e-5
+
+
+def test_copy_on_write_blocks_are_copied_before_the_forward() -> None:
+    model = tiny.llama()
+    runner = _runner(model)
+    shared = tiny.tokens(seed=4, batch=1, length=10)[0].tolist()
+    parent = _seq(shared, [1, 2, 3])
+    runner.execute(StepPlan(chunks=[Chunk(seq=parent, start=0, count=10, sample=True)]))
+    child_tokens = [*shared, 5, 6, 7]  # positions 8, 9 sit in the shared partial block 3
+    child = _seq(child_tokens, [1, 2, 4, 5], seq_id=1)
+    logits = runner.execute(StepPlan(chunks=[Chunk(seq=child, start=10, count=3, sample=True)], copies=[(3, 4)]))
+    assert rel_err(logits[0], _last_logits(model, child_tokens)) < 1e-5
+    for cache in (*runner.key_caches, *runner.value_caches):
+        assert torch.equal(cache[4, :2], cache[3, :2])
+    # Without the copy the child reads zeros at positions 8, 9: the test sees the difference.
+    orphan = _seq(child_tokens, [1, 2, 6, 7], seq_id=2)
+    wrong = runner.execute(StepPlan(chunks=[Chunk(seq=orphan, start=10, count=3, sample=True)]))
+    assert rel_err(wrong[0], _last_logits(model, child_tokens)) > 1e-3
+
+
+def test_tokens_route_to_their_sequences_lora_adapter() -> None:
+    model = tiny.llama()
+    for name in ("a", "b"):
+        add_lora(model, LoraConfig(name=name, rank=4, targets="all-linear"))
+    tiny.randomize_lora(model, seed=5)
+    runner = _runner(model)
+    prompts = [tiny.tokens(seed=s, batch=1, length=7 + s)[0].tolist() for s in range(3)]
+    names = ["a", None, "b"]
+    seqs = [_seq(p, [1 + 3 * i, 2 + 3 * i, 3 + 3 * i], i, adapter=n) for i, (p, n) in enumerate(zip(prompts, names))]
+    plan = StepPlan(chunks=[Chunk(seq=s, start=0, count=len(s.tokens), sample=True) for s in seqs])
+    logits = runner.execute(plan, route_rows=True)
+    for row, (prompt, name) in enumerate(zip(prompts, names)):
+        with use_adapters(model, [name]):
+            want = _last_logits(model, prompt)
+        assert rel_err(logits[row], want) < 1e-5, name
+    with use_adapters(model, ["a"]):
+        assert rel_err(logits[1], _last_logits(model, prompts[1])) > 1e-3  # adapters do change the output
+
+
+def test_cache_size_and_buckets() -> None:
+    runner = ModelRunner(tiny.llama(), block_size=16, max_seqs=3, max_len=40, cuda_graphs=False)
+    assert runner.num_blocks == 3 * 3 + 1  # max_seqs x ceil(max_len / block_size) + the scratch block
+    assert runner.key_caches[0].shape == (10, 16, 2, 8)
+    assert runner.nbytes == 2 * 2 * 10 * 16 * 2 * 8 * 4  # layers x (k, v) x blocks x bs x heads x dim x fp32
+    assert _buckets(1) == [1] and _buckets(8) == [1, 2, 4, 8] and _buckets(20) == [1, 2, 4, 8, 16, 20]
+
+
+@GPU
+def test_cuda_graph_decode_matches_eager() -> None:
+    model = tiny.llama().cuda()
+    prompts = [tiny.tokens(seed=s, batch=1, length=5 + 3 * s)[0].tolist() for s in range(3)]
+    results = {}
+    for graphs in (True, False):
+        runner = _runner(model, cuda_graphs=graphs, max_seqs=4, num_blocks=40)
+        seqs = [_seq(p, list(range(1 + 8 * i, 9 + 8 * i)), i) for i, p in enumerate(prompts)]
+        runner.execute(StepPlan(chunks=[Chunk(seq=s, start=0, count=len(s.tokens) - 1, sample=False) for s in seqs]))
+        steps = []
+        for _ in range(6):  # decode: 3 sequences padded to the bucket of 4
+            chunks = [Chunk(seq=s, start=len(s.tokens) - 1, count=1, sample=True) for s in seqs]
+            logits = runner.execute(StepPlan(chunks=chunks))
+            steps.append(logits.clone())
+            for s, token in zip(seqs, logits.argmax(-1).tolist()):
+                s.tokens.append(token)
+        assert runner.graph_failure is None
+        results[graphs] = torch.stack(steps)
+        if graphs:
+            assert len(runner._graphs) == 1
+    assert rel_err(results[True], results[False]) < 1e-5
+    for row, s in enumerate(seqs):  # the last step's logits are those of the sequence without its new token
+        assert rel_err(_last_logits(model, s.tokens[:-1]).cuda(), results[False][-1][row]) < 1e-4
+
+
+@pytest.mark.parametrize("bad", ["gpt2"])
+def test_models_the_runner_cannot_run_are_refused(bad: str) -> None:
+    with pytest.raises(ValueError, match="GPT2LMHeadModel"):
+        _runner(tiny.gpt2())
