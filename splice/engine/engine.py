@@ -23,7 +23,8 @@ from __future__ import annotations
 import queue
 import threading
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +40,19 @@ from splice.engine.scheduler import Sequence as Seq
 from splice.lora.apply import adapter_names
 from splice.lora.bank import BankSite, HostAdapter, LoraBank
 
-__all__ = ["Engine", "EngineFull", "OnEvent", "Request", "SamplingParams"]
+__all__ = ["Engine", "EngineFull", "OnEvent", "Request", "SamplingParams", "eval_mode"]
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout) inside; every submodule's own training flag restored afterwards."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
 
 
 class EngineFull(RuntimeError):
@@ -95,15 +108,14 @@ class Engine:
                 raise ValueError(f"Engine: {name}={value}; it must be at least 1")
         if not 0.0 < kv_memory <= 1.0:
             raise ValueError(f"Engine: kv_memory={kv_memory}; give the fraction of free GPU memory, in (0, 1]")
-        self.model, self.tokenizer = model.eval(), tokenizer
+        self.model, self.tokenizer = model, tokenizer
         self.max_len, self.max_waiting = max_len, max_waiting
         self.bank, self.adapters = bank, adapters if adapters is not None else {}
         self.runner = ModelRunner(model, block_size=block_size, max_seqs=max_seqs, max_len=max_len,
                                   num_blocks=kv_blocks, kv_memory=kv_memory, bank=bank, sites=sites,
                                   cuda_graphs=cuda_graphs)
-        self.pool = BlockPool(self.runner.num_blocks, block_size)
-        self.scheduler = Scheduler(self.pool, max_seqs=max_seqs, token_budget=token_budget, max_len=max_len,
-                                   admit=self._admit)
+        self._limits = dict(max_seqs=max_seqs, token_budget=token_budget, max_len=max_len)
+        self.pool, self.scheduler = self._new_scheduler()
         self.prefix_caching = prefix_caching
         self.eos = eos_ids(model, tokenizer)
         self.finished: Counter[str] = Counter()  # finish reasons so far (for monitoring)
@@ -116,6 +128,16 @@ class Engine:
         self._next_id = 0
         self._rejected: list[tuple[Seq, str]] = []  # refused by the adapter gate with an error
         self._route_rows = False  # route the model's own LoRA layers by request adapter (generate)
+
+    def _new_scheduler(self) -> tuple[BlockPool, Scheduler]:
+        pool = BlockPool(self.runner.num_blocks, self.runner.block_size)
+        return pool, Scheduler(pool, admit=self._admit, **self._limits)
+
+    def forget_prefixes(self) -> None:
+        """Drop the prefix cache (engine thread, idle engine): the weights changed, so cached K/V are stale."""
+        if self.busy:
+            raise RuntimeError("the prefix cache can only be dropped while no request runs or waits")
+        self.pool, self.scheduler = self._new_scheduler()
 
     # ---- thread-safe API -------------------------------------------------------------------
     def submit(self, request: Request) -> None:
@@ -153,13 +175,16 @@ class Engine:
         return any(seq.adapter == name for seq in self.scheduler.running)
 
     def run(self, stop: threading.Event, *, idle_wait: float = 0.005) -> None:
-        while not stop.is_set():
-            if not self.step():
-                stop.wait(idle_wait)
+        """Step until ``stop`` is set (the serving thread), the model in eval mode meanwhile."""
+        with eval_mode(self.model):
+            while not stop.is_set():
+                if not self.step():
+                    stop.wait(idle_wait)
 
     # ---- the loop --------------------------------------------------------------------------
     def step(self) -> bool:
-        """One scheduling step; False when there was nothing to do."""
+        """One scheduling step; False when there was nothing to do. The model runs in the mode it is in
+        (:meth:`run` and :meth:`generate` put it in eval mode)."""
         while not self._commands.empty():
             self._commands.get_nowait()()
         with torch.inference_mode():
@@ -309,14 +334,17 @@ class Engine:
                              f"{len(many)} and {len(adapters) if adapters is not None else 'none'}")
         requests = [Request(prompt_ids=list(ids), params=p, adapter=None if adapters is None else adapters[i])
                     for i, (ids, p) in enumerate(zip(prompt_ids, many, strict=True))]
+        self.forget_prefixes()  # since the last call, training may have moved the weights, or the caller
+        # disabled the adapters: K/V cached then would be stale
         self._route_rows = adapters is not None and self.bank is None
         try:
             for request in requests:  # past max_waiting: the caller waits for these anyway
                 with self._lock:
                     self._queued += 1
                 self._inbox.put(request)
-            while self.busy:
-                self.step()
+            with eval_mode(self.model):
+                while self.busy:
+                    self.step()
         finally:
             self._route_rows = False
         failed = [(i, r.finish_reason) for i, r in enumerate(requests) if (r.finish_reason or "").startswith("error")]

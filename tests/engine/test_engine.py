@@ -12,7 +12,7 @@ from torch import nn
 
 from splice.engine.engine import Engine, EngineFull, Request
 from splice.engine.sampling import SamplingParams
-from splice.lora.apply import add_lora, use_adapters
+from splice.lora.apply import adapters_disabled, add_lora, use_adapters
 from splice.lora.bank import LoraBank, add_bank_sites, read_adapter
 from splice.lora.layers import LoraConfig
 from splice.lora.peft_io import load_adapter, save_adapter
@@ -128,6 +128,24 @@ def test_each_row_runs_its_own_lora_adapter(tiny_tokenizer) -> None:
         outputs.add(tuple(request.generated))
     with pytest.raises(ValueError, match="unknown adapter 'c'"):
         engine.generate(prompts[:1], SamplingParams(max_tokens=2), adapters=["c"])
+
+
+def test_generate_runs_in_eval_mode_and_in_the_callers_context(tiny_tokenizer) -> None:
+    model = sharp_llama()
+    add_lora(model, LoraConfig(name="a", rank=4, targets="all-linear", dropout=0.5))
+    tiny.randomize_lora(model, seed=4)
+    prompts = _encode(tiny_tokenizer, PROMPTS[:2])
+    engine = Engine(model, tiny_tokenizer, max_seqs=2, max_len=64)
+    model.train()  # LoRA dropout on: a forward in this mode would differ
+    done = engine.generate(prompts, SamplingParams(max_tokens=6))
+    with adapters_disabled(model):
+        base = engine.generate(prompts, SamplingParams(max_tokens=6))
+    assert model.training and all(m.training for m in model.modules())
+    model.eval()
+    assert [r.generated for r in done] == [greedy_loop(model, p, 6) for p in prompts]
+    with adapters_disabled(model):
+        assert [r.generated for r in base] == [greedy_loop(model, p, 6) for p in prompts]
+    assert base[0].generated != done[0].generated
 
 
 def test_bank_adapters_wait_for_a_slot_without_blocking_others(tmp_path: Path, tiny_tokenizer) -> None:
