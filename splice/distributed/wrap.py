@@ -16,7 +16,7 @@ forward/backward hooks see the whole step:
 Sharding works on any parameter FSDP2 can split on dim 0, tensor subclasses included: a quantized
 weight class that implements FSDP2's extension hooks ``fsdp_pre_all_gather`` /
 ``fsdp_post_all_gather`` (splice's :class:`~splice.quant.nf4.NF4Tensor`, as torchao's) is sharded
-in its packed form and all-gathered packed (see :mod:`splice.quant.nf4`), so a QLoRA model
+in its packed form and all-gathered packed (see :mod:`splice.quant.nf4_fsdp`), so a QLoRA model
 spreads over the ranks in 4 bits. :func:`unshardable_params` names any weight that cannot be
 (a subclass without the hooks, or one whose ``shard_problem(world_size)`` gives a reason: NF4
 rows that do not split into whole blocks), and the wrap then falls back to DDP with that reason.

@@ -1,5 +1,5 @@
-"""NF4Tensor under FSDP2's sharding ops and all-gather hooks (no process group: the ops FSDP2
-applies are replayed here; tests/distributed runs the real thing on 2 gloo ranks)."""
+"""splice.quant.nf4_fsdp: NF4Tensor under FSDP2's sharding ops and all-gather hooks (no process group:
+the ops FSDP2 applies are replayed here; tests/distributed runs the real thing on 2 gloo ranks)."""
 
 from __future__ import annotations
 
