@@ -173,6 +173,20 @@ def randomize_lora(model: nn.Module, seed: int = 3) -> None:
             for p in layer.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
+
+def peft_lora(base: nn.Module, *, seed: int = 5, **config: Any) -> Any:
+    """``peft.get_peft_model(base, peft.LoraConfig(**config))`` with random non-zero LoRA weights, eval mode
+    (the reference a splice reader or bank is compared with)."""
+    import peft
+
+    model = peft.get_peft_model(base, peft.LoraConfig(**config))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=g) * 0.1)
+    return model.eval()
+
 def loss_and_grads(model: nn.Module, ids: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     torch.manual_seed(seed)
     loss = model(input_ids=ids, labels=ids, use_cache=False).loss

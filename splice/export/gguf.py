@@ -15,23 +15,24 @@ models) with a byte-level BPE tokenizer:
 A GGUF LoRA (``general.type = "adapter"``, ``adapter.type = "lora"``) holds ``<name>.lora_a``
 (r, in) and ``<name>.lora_b`` (out, r) for each adapted weight, B permuted like its weight for q/k.
 llama.cpp applies ``W + (alpha / r) * B @ A``; any other scale (rsLoRA, per-module rank or alpha)
-is folded into B so that product is exact.
+is folded into B so that product is exact. The adapter is read by
+:func:`splice.lora.adapter_file.read_adapter` (PEFT's scale rules; PiSSA/OLoRA converted to a plain
+LoRA of the original base).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 import gguf
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from splice.core.progress import progress
+from splice.lora.adapter_file import on_original_base, read_adapter, require_linear
 from splice.lora.apply import lora_modules
 
 __all__ = ["export_gguf", "export_lora_gguf"]
@@ -198,51 +199,32 @@ def export_gguf(model: nn.Module, tokenizer: Any, path: str | Path, *, outtype: 
     return path
 
 
-def _module_of(key: str) -> tuple[str, str]:
-    """``base_model.model.<module>.lora_A.weight`` -> (``<module>``, ``"A"``)."""
-    stem = key.removeprefix("base_model.model.")
-    for part in ("A", "B"):
-        marker = f".lora_{part}.weight"
-        if stem.endswith(marker):
-            return stem[: -len(marker)], part
-    raise ValueError(f"adapter tensor {key!r} is not a LoRA A/B weight; GGUF LoRA holds only those "
-                     "(embedding LoRA, DoRA magnitudes and saved modules are not supported by llama.cpp)")
-
-
 def export_lora_gguf(model: nn.Module, adapter: str | Path, path: str | Path, *, outtype: str = "f16") -> Path:
     """Write the PEFT-format adapter folder ``adapter`` (trained on ``model``'s architecture) as a
-    llama.cpp GGUF LoRA (``llama-cli -m base.gguf --lora adapter.gguf``); returns the path."""
+    llama.cpp GGUF LoRA (``llama-cli -m base.gguf --lora adapter.gguf``); returns the path.
+
+    ``model`` is the original base: a PiSSA/OLoRA adapter (whose A and B apply to the residual base)
+    is written as the plain LoRA of its weights (:func:`splice.lora.adapter_file.on_original_base`).
+    """
     if outtype not in _OUTTYPES:
         raise ValueError(f"outtype {outtype!r}; use one of {', '.join(_OUTTYPES)}")
-    folder = Path(adapter)
-    settings = json.loads((folder / "adapter_config.json").read_text())
-    if settings.get("use_dora"):
-        raise ValueError(f"{folder} is a DoRA adapter; llama.cpp's GGUF LoRA cannot hold DoRA: export the "
-                         "merged model instead (splice export --adapter ... without --adapter-only)")
-    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    read = read_adapter(adapter)
+    require_linear(read, holder="llama.cpp's GGUF LoRA", instead="export the merged model instead "
+                   "(splice export --adapter ... without --adapter-only)")
+    read = on_original_base(read, model)
     config: Any = getattr(model, "config")  # noqa: B009 - a transformers config, typed loosely
     arch = _architecture(config)
     names = gguf.get_tensor_name_map(arch, int(config.num_hidden_layers))
-    alpha, rank = float(settings["lora_alpha"]), int(settings["r"])
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        module, part = _module_of(key)
-        pairs.setdefault(module, {})[part] = tensor
+    alpha = read.config.alpha
     path = Path(path)
     writer = _new_writer(path, arch)
     writer.add_string(gguf.Keys.General.TYPE, gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
     writer.add_file_type(_OUTTYPES[outtype][1])
-    for module, parts in sorted(pairs.items()):
-        if set(parts) != {"A", "B"}:
-            raise ValueError(f"adapter module {module} has {sorted(parts)} but needs both lora_A and lora_B")
-        a, b = parts["A"].to(torch.float32).numpy(), parts["B"].to(torch.float32).numpy()
-        r = a.shape[0]
-        module_alpha = float(settings.get("alpha_pattern", {}).get(module, alpha))
-        module_rank = int(settings.get("rank_pattern", {}).get(module, rank))
-        scale = module_alpha / (math.sqrt(module_rank) if settings.get("use_rslora") else module_rank)
-        b = b * (scale * r / alpha)  # llama.cpp scales by alpha / r: fold in the rest
+    for module, lora in sorted(read.modules.items()):
+        a, b = lora.a.to(torch.float32).numpy(), lora.b.to(torch.float32).numpy()
+        b = b * (lora.scale * lora.rank / alpha)  # llama.cpp scales by alpha / r: fold in the rest
         gguf_name = _gguf_name(names, module + ".weight")
         heads = _heads_of(gguf_name, config)
         _add(writer, gguf_name + ".lora_a", a, outtype)

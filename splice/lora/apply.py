@@ -133,6 +133,8 @@ def merge(model: nn.Module, *, unload: bool = False) -> list[str]:
     if unload:
         for _, _, layer in found:
             layer.merged = False  # the fold is now the base's own weight: nothing to undo
+            for initial in ("initial_A", "initial_B"):  # PiSSA/OLoRA: W_res + s B A is the merged weight
+                layer._buffers.pop(initial, None)  # (restore would add s B0 A0 back)
         unrewrite(model, layer=is_lora_wrapper)
     return list(dict.fromkeys(name for name, _, _ in found))
 

@@ -15,8 +15,6 @@ least recently used resident adapter evicted (what ``splice serve`` uses).
 
 from __future__ import annotations
 
-import json
-import math
 from collections import OrderedDict
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -24,18 +22,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from splice.core.rewrite import rewrite
 from splice.kernels.multi_lora import multi_lora, pad_rank
+from splice.lora import adapter_file
+from splice.lora.adapter_file import AdapterError, base_shape, on_original_base, require_linear
 from splice.lora.apply import lora_modules, use_adapters
 from splice.lora.layers import LoraLinear
 from splice.lora.routing import Route, current_route, routed
 
 __all__ = ["BankSite", "HostAdapter", "LoraBank", "add_bank_sites", "read_adapter", "use_adapter_bank"]
-
-_PREFIX = "base_model.model."
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,36 +48,28 @@ class HostAdapter:
         return sum(a.nbytes + b.nbytes for a, b in self.weights.values())
 
 
-def read_adapter(directory: str | Path, *, name: str) -> HostAdapter:
-    """The linear LoRA weights of a PEFT-format adapter folder (JSON + safetensors, no pickle)."""
-    folder = Path(directory)
-    config_file, weights_file = folder / "adapter_config.json", folder / "adapter_model.safetensors"
-    if not config_file.is_file() or not weights_file.is_file():
-        raise FileNotFoundError(
-            f"{folder} is not an adapter folder: it needs adapter_config.json and "
-            "adapter_model.safetensors (as splice.save_adapter or PEFT write them)"
-        )
-    config = json.loads(config_file.read_text())
-    if config.get("use_dora"):
-        raise ValueError(f"{folder}: DoRA adapters cannot be served from a LoRA bank")
-    tensors = load_file(str(weights_file))
-    rank, alpha = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
-    alphas: dict[str, float] = config.get("alpha_pattern") or {}
-    weights: dict[str, tuple[Tensor, Tensor]] = {}
-    for key, a in tensors.items():
-        if not key.endswith(".lora_A.weight"):
-            if ".lora_embedding_" in key:
-                raise ValueError(f"{folder}: {key}: embedding adapters cannot be served from a LoRA bank")
-            continue
-        path = key[: -len(".lora_A.weight")].removeprefix(_PREFIX)
-        b = tensors[key.replace(".lora_A.", ".lora_B.")]
-        r = a.shape[0]
-        layer_alpha = next((float(v) for k, v in alphas.items() if path == k or path.endswith("." + k)), alpha)
-        scale = layer_alpha / math.sqrt(r) if config.get("use_rslora") else layer_alpha / r
-        weights[path] = (a.float(), b.float() * scale)
-    if not weights:
-        raise ValueError(f"{folder}: the adapter holds no linear LoRA tensors")
-    return HostAdapter(name=name, weights=weights, rank=max(a.shape[0] for a, _ in weights.values()) or rank)
+def read_adapter(directory: str | Path, *, name: str, base: nn.Module | None = None) -> HostAdapter:
+    """The linear LoRA weights of a PEFT-format adapter folder (read by
+    :func:`splice.lora.adapter_file.read_adapter`: JSON + safetensors, no pickle), scale folded in.
+
+    A PiSSA/OLoRA adapter (``init_lora_weights`` "pissa"/"olora") trained its A and B on the
+    residual base ``W - s B0 A0``; the bank adds deltas to the served model's own weights ``W``, so
+    with ``base`` (the served model, its original weights) it is converted as PEFT does: ``A0``,
+    ``B0`` re-derived from ``W`` and the rank-2r plain LoRA ``[A; A0]``, ``[B, -B0]`` served
+    (:func:`splice.lora.adapter_file.on_original_base`). Without ``base`` it is refused.
+    DoRA and embedding adapters are refused (the bank holds linear A/B only).
+    """
+    adapter = adapter_file.read_adapter(directory)
+    require_linear(adapter, holder="a LoRA bank", instead="merge it into the model to serve it (splice merge)")
+    if adapter.needs_residual_base:
+        if base is None:
+            raise AdapterError(
+                f"{adapter.directory}: init_lora_weights {adapter.init!r}: its A and B apply to the residual base "
+                "W - s B0 A0, not to the served weights; pass base=model to convert it (A0, B0 re-derived "
+                "from W, as PEFT does) or save it converted: splice.save_adapter(model, dir, convert_to_lora=True)")
+        adapter = on_original_base(adapter, base)
+    weights = {path: (m.a.float(), m.b.float() * m.scale) for path, m in adapter.modules.items()}
+    return HostAdapter(name=name, weights=weights, rank=adapter.rank)
 
 
 class BankSite(nn.Module):
@@ -116,12 +105,11 @@ def add_bank_sites(model: nn.Module, paths: Collection[str]) -> dict[str, BankSi
 
 
 def _linear_shape(module: nn.Module) -> tuple[int, int]:
-    while hasattr(module, "base") and isinstance(module.base, nn.Module):
-        module = module.base
-    if type(module).__name__ == "Conv1D":
-        weight: Tensor = module.weight  # type: ignore[assignment]
-        return int(weight.shape[0]), int(weight.shape[1])
-    return int(module.in_features), int(module.out_features)  # type: ignore[arg-type]
+    """(K, N) of the linear under ``module``'s wrappers."""
+    shape = base_shape(module)
+    if shape is None:
+        raise TypeError(f"{type(module).__name__} is not a linear module: an adapter bank holds linear LoRA only")
+    return shape
 
 
 class LoraBank:
@@ -208,20 +196,29 @@ class LoraBank:
         return torch.tensor(ids, dtype=torch.int32).to(self.device, non_blocking=True)
 
     def apply(self, module: nn.Module, x: Tensor, y: Tensor, slots: Tensor | None) -> Tensor:
-        """``y`` plus each row's adapter delta at ``module``'s path (x: (B, ..., K))."""
+        """``y`` plus each row's or token's adapter delta at ``module``'s path.
+
+        ``x``: (B, ..., K); ``slots``: one per token (``x.reshape(-1, K).shape[0]`` of them, e.g. a
+        flat batch of T tokens as (T, 1, K) or (1, T, K)), else one per row (B of them).
+        """
         if id(module) not in self._apply or slots is None:
             return y
         path = self._apply[id(module)]
         if path not in self._live:
             return y
-        if x.shape[0] != slots.numel():
-            raise ValueError(f"{path}: a batch of {x.shape[0]} rows but {slots.numel()} routed slots")
         k = x.shape[-1]
         flat_x, flat_y = x.reshape(-1, k), y.reshape(-1, y.shape[-1])
+        tokens = flat_x.shape[0]
+        if slots.numel() == tokens:
+            row_len = 1
+        elif slots.numel() == x.shape[0]:
+            row_len = tokens // slots.numel()
+        else:
+            raise ValueError(f"{path}: {slots.numel()} routed slots fit neither the batch's {x.shape[0]} "
+                             f"rows nor its {tokens} tokens")
         # Serving runs without autograd: the delta is added into the base output itself.
         inplace = not torch.is_grad_enabled() and y.is_contiguous()
-        out = multi_lora(flat_x, flat_y, self.a[path], self.b[path], slots,
-                         row_len=flat_x.shape[0] // slots.numel(), inplace=inplace)
+        out = multi_lora(flat_x, flat_y, self.a[path], self.b[path], slots, row_len=row_len, inplace=inplace)
         return out.view(y.shape)
 
     @classmethod

@@ -73,9 +73,10 @@ class LoraConfig:
 
 
 def _pattern_value(pattern: dict, name: str, default):  # type: ignore[no-untyped-def]
-    # PEFT semantics: a key matches a module whose path ends with it (or equals it).
+    # PEFT's rule (peft.utils.other.get_pattern_key): the first key that, as a regex, matches the
+    # whole path or a dotted suffix of it ("q_proj", r"layers\.0\..*_proj", a full path).
     for key, value in pattern.items():
-        if name == key or name.endswith("." + key) or re.fullmatch(key, name):
+        if re.match(rf"(.*\.)?({key})$", name):
             return value
     return default
 

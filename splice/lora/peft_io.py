@@ -6,46 +6,41 @@ A directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` whos
 ``"use_dora": true``), so adapters move both ways between splice, PEFT and vLLM. A PiSSA/OLoRA
 adapter is saved with its ``init_lora_weights`` (loading it re-derives the residual base, as
 PEFT does) or, with ``convert_to_lora``, as the plain rank-2r LoRA of the original base
-(:func:`splice.lora.init.to_plain_lora`). Nothing here unpickles: JSON and safetensors only.
+(:func:`splice.lora.init.to_plain_lora`). Reading is :func:`splice.lora.adapter_file.read_adapter`
+(re-exported here); nothing unpickles: JSON and safetensors only.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from splice.core.errors import UsageError, one_line
-from splice.core.family import is_conv1d
 from splice.core.io import atomic_file
-from splice.core.rewrite import Around, unrewrite, weight_of
+from splice.core.rewrite import Around, innermost, unrewrite, weight_of
+from splice.lora.adapter_file import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    AdapterError,
+    AdapterFile,
+    AdapterModule,
+    base_shape,
+    read_adapter,
+)
 from splice.lora.apply import adapter_names, add_lora, lora_modules
 from splice.lora.dora_layers import DoraConv2d, DoraLinear
 from splice.lora.init import from_weight, to_plain_lora
-from splice.lora.layers import LoraConfig, LoraEmbedding, LoraLayer, is_lora_wrapper
+from splice.lora.layers import LoraEmbedding, LoraLayer, is_lora_wrapper
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "AdapterError", "load_adapter", "read_adapter", "save_adapter"]
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
-# PEFT keys, with or without an adapter name (".default") as some versions wrote.
-_KEY = re.compile(
-    r"^(?:base_model\.model\.)?(?P<path>.+?)\."
-    r"(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
-    r"(?:\.default)?(?:\.weight)?$"
-)
-
-
-class AdapterError(UsageError):
-    """An adapter that does not fit the model (the model is left unchanged)."""
 
 
 def _tensors(path: str, layer: LoraLayer, *, convert: bool = False) -> dict[str, Tensor]:
@@ -168,141 +163,42 @@ def save_adapter(
     return directory
 
 
-# adapter_config.json keys splice reads, and the JSON types they must have
-_CONFIG_TYPES: dict[str, tuple[type, ...]] = {
-    "r": (int,), "lora_alpha": (int, float), "lora_dropout": (int, float), "use_rslora": (bool,),
-    "alpha_pattern": (dict,), "peft_type": (str,), "use_dora": (bool,), "bias": (str,),
-}
-
-
-def _read_config(config_file: Path) -> dict:
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterError(f"{config_file} is not valid JSON ({one_line(str(exc))}); re-save the "
-                           "adapter with splice.save_adapter or PEFT") from exc
-    if not isinstance(config, dict):
-        raise AdapterError(f"{config_file} holds a JSON {type(config).__name__}; it must be a JSON "
-                           "object (as splice.save_adapter or PEFT write)")
-    for key, kinds in _CONFIG_TYPES.items():
-        value = config.get(key)
-        if value is not None and (not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool))):
-            raise AdapterError(f"{config_file}: {key} is {value!r}; it must be a "
-                               f"{' or '.join(k.__name__ for k in kinds)}")
-    return config
-
-
-def read_adapter(directory: str | Path) -> tuple[dict, dict[str, Tensor]]:
-    """(adapter_config.json as a dict, the tensors) of an adapter directory, checked.
-
-    Raises :class:`AdapterError` (or FileNotFoundError for a missing file) naming the file and
-    what is wrong with it: truncated or empty safetensors, a config that is not a JSON object.
-    """
-    return _read(Path(directory))
-
-
-def _read(directory: Path) -> tuple[dict, dict[str, Tensor]]:
-    if directory.is_file():
-        raise AdapterError(f"adapter {directory} is a file; pass the adapter directory (holding "
-                           f"{CONFIG_NAME} and {WEIGHTS_NAME})")
-    config_file, weights_file = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    missing = [f.name for f in (config_file, weights_file) if not f.is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"{directory} is not an adapter directory: missing {', '.join(missing)} "
-            f"(expected {CONFIG_NAME} and {WEIGHTS_NAME}, as splice.save_adapter or PEFT write)"
-        )
-    config = _read_config(config_file)
-    if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"{directory}: peft_type {config['peft_type']!r} is not LORA")
-    # fan_in_fan_out needs no handling: splice knows GPT-2's Conv1D layout from the module type.
-    init = config.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower() in ("loftq", "corda", "lora_ga"):
-        raise AdapterError(f"{directory}: init_lora_weights {init!r} is not supported by splice (it needs "
-                           "data or a quantized base to rebuild); use a plain, PiSSA or OLoRA adapter")
-    if config.get("bias", "none") != "none" or config.get("modules_to_save"):
-        raise AdapterError(f"{directory}: bias training / modules_to_save are not supported")
-    try:
-        tensors = load_file(str(weights_file))
-    except (SafetensorError, OSError) as exc:
-        size = weights_file.stat().st_size
-        raise AdapterError(f"{weights_file} is not a readable safetensors file ({size} bytes: "
-                           f"{one_line(str(exc))}); it may be truncated or empty: re-save or "
-                           "re-download the adapter") from exc
-    return config, tensors
-
-
-def _plan(model: nn.Module, tensors: dict[str, Tensor], name: str) -> dict[str, dict[str, Tensor]]:
-    """Group tensors by module path; raise AdapterError listing every problem found."""
-    by_path: dict[str, dict[str, Tensor]] = {}
-    problems: list[str] = []
-    for key, value in tensors.items():
-        if key.endswith(".base_layer.weight"):
-            continue  # PEFT also stores full embedding weights; they are the base model's own
-        match = _KEY.match(key)
-        if match is None:
-            problems.append(f"unsupported tensor {key!r}")
-            continue
-        by_path.setdefault(match["path"], {})[match["part"]] = value
+def _check_fits(model: nn.Module, adapter: AdapterFile, name: str) -> None:
+    """Raise AdapterError listing every module of ``adapter`` that does not fit ``model``."""
     modules = dict(model.named_modules())
     adapted = {p for p, _, _ in lora_modules(model, name=name)}
-    for path, parts in by_path.items():
+    problems: list[str] = []
+    for path, parts in adapter.modules.items():
         module = modules.get(path)
         if module is None:
             problems.append(f"module {path!r} is not in the model")
-            continue
-        if path in adapted:
+        elif path in adapted:
             problems.append(f"module {path!r} already has a LoRA adapter named {name!r} (load "
                             "this one under another name=)")
-            continue
-        problems.extend(_shape_problems(path, module, parts))
+        else:
+            problems.extend(_shape_problems(path, module, parts))
     if problems:
         shown = "; ".join(problems[:8]) + (f"; ... {len(problems) - 8} more" if len(problems) > 8 else "")
+        trained_on = f" ({adapter.base_model})" if adapter.base_model else ""
         raise AdapterError(
-            f"the adapter does not fit this model ({shown}). Load it into the base model it was "
-            "trained on (see base_model_name_or_path in adapter_config.json); the model is unchanged"
+            f"{adapter.directory}: the adapter does not fit this model ({shown}). Load it into the base "
+            f"model it was trained on{trained_on}, as base_model_name_or_path in {CONFIG_NAME} says; "
+            "the model is unchanged"
         )
-    return by_path
 
 
-def _base_shape(module: nn.Module) -> tuple[int, int] | None:
-    """(in, out) of a linear-like base, or None."""
-    while hasattr(module, "base") and isinstance(module.base, nn.Module):
-        module = module.base  # through rewrite wrappers
-    if is_conv1d(module):
-        n_in, n_out = weight_of(module).shape
-        return int(n_in), int(n_out)
-    if hasattr(module, "in_features") and hasattr(module, "out_features"):
-        return int(cast(nn.Linear, module).in_features), int(cast(nn.Linear, module).out_features)
-    if isinstance(module, nn.Embedding):
-        return module.num_embeddings, module.embedding_dim
-    if isinstance(module, nn.Conv2d):
-        return module.in_channels, module.out_channels
-    return None
-
-
-def _shape_problems(path: str, module: nn.Module, parts: dict[str, Tensor]) -> list[str]:
-    shape = _base_shape(module)
+def _shape_problems(path: str, module: nn.Module, parts: AdapterModule) -> list[str]:
+    shape = base_shape(module)
     if shape is None:
-        return [f"module {path!r} ({type(module).__name__}) cannot carry LoRA"]
+        return [f"module {path!r} ({type(innermost(module)).__name__}) cannot carry LoRA"]
     n_in, n_out = shape
-    magnitude = parts.get("lora_magnitude_vector")
-    if magnitude is not None and magnitude.numel() != n_out:
-        return [f"{path}: lora_magnitude_vector {tuple(magnitude.shape)} does not fit out={n_out}"]
-    if "lora_A" in parts:
-        a, b = parts["lora_A"], parts.get("lora_B")
-        if b is None:
-            return [f"{path}: lora_B is missing"]
-        if a.shape[1] != n_in or b.shape[0] != n_out or a.shape[0] != b.shape[1]:
-            return [f"{path}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit "
-                    f"in={n_in} out={n_out}"]
-        return []
-    emb_a, emb_b = parts.get("lora_embedding_A"), parts.get("lora_embedding_B")
-    if emb_a is None or emb_b is None:
-        return [f"{path}: lora_embedding_A/B incomplete"]
-    if emb_a.shape[1] != n_in or emb_b.shape[0] != n_out or emb_a.shape[0] != emb_b.shape[1]:
-        return [f"{path}: embedding A {tuple(emb_a.shape)} / B {tuple(emb_b.shape)} do not fit "
-                f"num={n_in} dim={n_out}"]
+    if parts.magnitude is not None and parts.magnitude.numel() != n_out:
+        return [f"{path}: lora_magnitude_vector {tuple(parts.magnitude.shape)} does not fit out={n_out}"]
+    a, b = parts.a, parts.b
+    if a.shape[1] != n_in or b.shape[0] != n_out:
+        what = ("embedding A", "B", "num", "dim") if parts.embedding else ("lora_A", "lora_B", "in", "out")
+        return [f"{path}: {what[0]} {tuple(a.shape)} / {what[1]} {tuple(b.shape)} do not fit "
+                f"{what[2]}={n_in} {what[3]}={n_out}"]
     return []
 
 
@@ -315,40 +211,23 @@ def load_adapter(
     Every tensor is checked against the model before anything changes; a wrong adapter raises
     :class:`AdapterError` and leaves the model as it was. Returns the adapted module names.
     """
-    config, tensors = _read(Path(directory))
-    by_path = _plan(model, tensors, name)
-    if not by_path:
-        raise AdapterError(f"{directory}: the adapter holds no LoRA tensors")
-    use_dora = bool(config.get("use_dora", False))
-    unfit = sorted(p for p, t in by_path.items() if ("lora_magnitude_vector" in t) != use_dora)
-    if unfit:
-        raise AdapterError(f"{directory}: use_dora is {use_dora} but {unfit[0]} "
-                           f"{'lacks' if use_dora else 'has'} a lora_magnitude_vector: a damaged adapter")
-    init = config.get("init_lora_weights", True)
-    ranks = {p: (t["lora_A"] if "lora_A" in t else t["lora_embedding_A"]).shape[0] for p, t in by_path.items()}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    lora_config = LoraConfig(
-        rank=int(config.get("r", 8)),
-        alpha=float(config.get("lora_alpha", 8)),
-        dropout=float(config.get("lora_dropout", 0.0)),
-        rslora=bool(config.get("use_rslora", False)),
-        targets=lambda node: node.name in by_path,
-        rank_pattern=ranks,
-        alpha_pattern={k: float(v) for k, v in alpha_pattern.items()},
+    adapter = read_adapter(directory)
+    _check_fits(model, adapter, name)
+    lora_config = replace(
+        adapter.config,
+        targets=lambda node: node.name in adapter.modules,
         dtype=dtype or torch.float32,
         name=name,
-        use_dora=use_dora,
         # PiSSA/OLoRA: the base becomes the residual again before the trained A, B are copied in
-        init=init if isinstance(init, str) and from_weight(init.lower()) else "default",
+        init=adapter.init if adapter.needs_residual_base else "default",
     )
     names = add_lora(model, lora_config)
     try:
         for path, _, layer in lora_modules(model, name=name):
-            if path not in by_path:
+            if path not in adapter.modules:
                 continue
-            parts = by_path[path]
             with torch.no_grad():
-                for part, value in parts.items():
+                for part, value in adapter.modules[path].parts().items():
                     param = getattr(layer, part)
                     param = weight_of(param) if isinstance(param, nn.Module) else param
                     param.copy_(value.to(param.dtype).reshape(param.shape))

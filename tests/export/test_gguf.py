@@ -1,7 +1,10 @@
 """splice.export.gguf: a merged tiny Llama written as GGUF and read back by splice's GGUF loader
-(transformers) gives the same greedy text; a GGUF LoRA holds exactly llama.cpp's W + alpha/r B A."""
+(transformers) gives the same greedy text; a GGUF LoRA holds exactly llama.cpp's W + alpha/r B A, for
+splice and PEFT adapters (rsLoRA, rank/alpha patterns) and PiSSA (as the delta on the original weights)."""
 
 from __future__ import annotations
+
+import copy
 
 import gguf
 import numpy as np
@@ -14,7 +17,7 @@ from splice.lora.apply import add_lora, merge
 from splice.lora.layers import LoraConfig
 from splice.lora.peft_io import save_adapter
 from splice.models.loading import load_model
-from tests.tiny import randomize_lora
+from tests.tiny import peft_lora, randomize_lora
 
 PROMPTS = ["the return name", "def f():\n  return"]
 
@@ -48,31 +51,81 @@ def test_merged_model_round_trips_through_gguf(adapted, tiny_tokenizer, tmp_path
     assert generate(loaded, tokenizer, PROMPTS, max_new_tokens=12) == expected
 
 
-def test_lora_gguf_is_llama_cpp_delta(adapted, tiny_tokenizer, tmp_path) -> None:
-    save_adapter(adapted, tmp_path / "adapter")
-    path = export_lora_gguf(adapted, tmp_path / "adapter", tmp_path / "lora.gguf", outtype="f32")
+def _gguf_deltas(path) -> dict[str, np.ndarray]:  # type: ignore[no-untyped-def]
+    """``gguf name -> (alpha / r) * B @ A``: what llama.cpp adds to each (permuted) weight."""
     reader = gguf.GGUFReader(str(path))
     fields = {name: field for name, field in reader.fields.items()}
     assert bytes(fields["general.type"].parts[-1]).decode() == "adapter"
     alpha = float(fields["adapter.lora.alpha"].parts[-1][0])
     tensors = {t.name: np.array(t.data).reshape(list(reversed(t.shape))) for t in reader.tensors}
-    base = adapted.base_state
-    merge(adapted, unload=True)
-    merged = adapted.state_dict()
+    return {name.removesuffix(".lora_a"): (alpha / a.shape[0]) * (tensors[name.replace(".lora_a", ".lora_b")] @ a)
+            for name, a in tensors.items() if name.endswith(".lora_a")}
+
+
+def _check_deltas(path, merged: dict, base: dict, modules: list[tuple[str, str]]) -> None:  # type: ignore[no-untyped-def]
+    deltas = _gguf_deltas(path)
     heads = {"q_proj": 4, "k_proj": 2}
-    checked = 0
-    for hf_name, gguf_name in [("model.layers.0.self_attn.q_proj", "blk.0.attn_q.weight"),
-                               ("model.layers.1.self_attn.k_proj", "blk.1.attn_k.weight"),
-                               ("model.layers.1.mlp.down_proj", "blk.1.ffn_down.weight")]:
-        a, b = tensors[gguf_name + ".lora_a"], tensors[gguf_name + ".lora_b"]
-        delta = (alpha / a.shape[0]) * (b @ a)  # what llama.cpp adds to the (permuted) weight
+    for hf_name, gguf_name in modules:
         want = (merged[hf_name + ".weight"] - base[hf_name + ".weight"]).numpy()
         kind = hf_name.rsplit(".", 1)[-1]
         if kind in heads:
             want = _permute(want, heads[kind])
-        np.testing.assert_allclose(delta, want, rtol=1e-4, atol=1e-5)
-        checked += 1
-    assert checked == 3
+        np.testing.assert_allclose(deltas[gguf_name], want, rtol=1e-4, atol=1e-5, err_msg=hf_name)
+        assert np.abs(want).max() > 1e-3
+
+
+def test_lora_gguf_is_llama_cpp_delta(adapted, tiny_tokenizer, tmp_path) -> None:
+    save_adapter(adapted, tmp_path / "adapter")
+    path = export_lora_gguf(adapted, tmp_path / "adapter", tmp_path / "lora.gguf", outtype="f32")
+    base = adapted.base_state
+    merge(adapted, unload=True)
+    _check_deltas(path, adapted.state_dict(), base, [
+        ("model.layers.0.self_attn.q_proj", "blk.0.attn_q.weight"),
+        ("model.layers.1.self_attn.k_proj", "blk.1.attn_k.weight"),
+        ("model.layers.1.mlp.down_proj", "blk.1.ffn_down.weight")])
+
+
+MODULES = [("model.layers.0.self_attn.q_proj", "blk.0.attn_q.weight"),
+           ("model.layers.1.self_attn.k_proj", "blk.1.attn_k.weight"),
+           ("model.layers.1.self_attn.v_proj", "blk.1.attn_v.weight"),
+           ("model.layers.0.mlp.up_proj", "blk.0.ffn_up.weight")]
+
+
+def test_peft_rslora_and_patterns_export_as_peft_merges(tiny_llama, tmp_path) -> None:
+    base = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
+    model = peft_lora(
+        copy.deepcopy(tiny_llama), r=4, lora_alpha=8, use_rslora=True,
+        target_modules=["q_proj", "k_proj", "v_proj", "up_proj"],
+        rank_pattern={r"layers\.1\.self_attn\.(k|v)_proj": 2}, alpha_pattern={r"self_attn\.(q|v)_proj": 3.0})
+    model.save_pretrained(tmp_path / "adapter")
+    path = export_lora_gguf(tiny_llama, tmp_path / "adapter", tmp_path / "lora.gguf", outtype="f32")
+    _check_deltas(path, model.merge_and_unload().state_dict(), base, MODULES)
+
+
+def test_pissa_adapter_exports_as_the_delta_on_the_original_weights(tiny_llama, tmp_path) -> None:
+    """The GGUF LoRA of a PiSSA adapter applies to the original base.gguf: W + delta = W_res + s B A."""
+    base = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
+    trained = copy.deepcopy(tiny_llama)
+    add_lora(trained, LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "k_proj", "v_proj", "up_proj"), init="pissa"))
+    randomize_lora(trained)
+    save_adapter(trained, tmp_path / "adapter")
+    path = export_lora_gguf(tiny_llama, tmp_path / "adapter", tmp_path / "lora.gguf", outtype="f32")
+    merge(trained, unload=True)
+    _check_deltas(path, trained.state_dict(), base, MODULES)
+    assert {k: torch.equal(v, base[k]) for k, v in tiny_llama.state_dict().items()} == dict.fromkeys(base, True)
+
+
+def test_lora_gguf_refusals(tiny_llama, tmp_path) -> None:
+    for folder, config in (("dora", LoraConfig(targets=("q_proj",), rank=4, use_dora=True)),
+                           ("niter", LoraConfig(targets=("q_proj",), rank=4, init="pissa_niter_2"))):
+        model = copy.deepcopy(tiny_llama)
+        add_lora(model, config)
+        save_adapter(model, tmp_path / folder)
+    with pytest.raises(ValueError, match="DoRA adapter: llama.cpp's GGUF LoRA cannot hold one.*merged model"):
+        export_lora_gguf(tiny_llama, tmp_path / "dora", tmp_path / "d.gguf")
+    with pytest.raises(ValueError, match="pissa_niter_2.*randomised SVD.*convert_to_lora=True"):
+        export_lora_gguf(tiny_llama, tmp_path / "niter", tmp_path / "n.gguf")
+    assert not list(tmp_path.glob("*.gguf"))
 
 
 def test_refusals(adapted, tiny_tokenizer, tmp_path, tiny_gpt2) -> None:

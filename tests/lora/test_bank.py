@@ -1,13 +1,16 @@
-"""splice.lora.bank: adapters packed per module into slots match the per-adapter path."""
+"""splice.lora.bank: adapters packed per module into slots match the per-adapter path; adapters read
+from folders (rsLoRA, rank/alpha patterns, PiSSA/OLoRA) serve what PEFT computes."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import peft
 import pytest
 import torch
 
-from splice.lora.apply import add_lora, use_adapters
+from splice.lora.adapter_file import AdapterError
+from splice.lora.apply import add_lora, lora_modules, use_adapters
 from splice.lora.bank import HostAdapter, LoraBank, add_bank_sites, read_adapter, use_adapter_bank
 from splice.lora.layers import LoraConfig
 from splice.lora.peft_io import save_adapter
@@ -81,3 +84,101 @@ def test_generate_on_gpu_routes_mixed_batches_through_the_bank(tiny_tokenizer, m
     want = [generate(model, tiny_tokenizer, p, max_new_tokens=10, adapters=[r])[0] for p, r in zip(prompts, rows)]
     model.cuda()
     assert generate(model, tiny_tokenizer, prompts, max_new_tokens=10, adapters=rows) == want
+
+
+def _serve(folder: Path, name: str, ids: torch.Tensor, *, base: bool = False) -> tuple[torch.Tensor, torch.nn.Module]:
+    """Logits of a fresh tiny Llama serving ``folder`` through bank sites: row 0 the adapter, row 1 none."""
+    served = tiny.llama()
+    host = read_adapter(folder, name=name, base=served if base else None)
+    sites = add_bank_sites(served, host.weights)
+    bank = LoraBank.for_sites(served, sites, capacity=1, rank=host.rank, dtype=torch.float32)
+    bank.put(host)
+    rows = (name, None)
+    with torch.no_grad(), routed(sites.values(), Route(rows=rows, bank=bank, slots=bank.slots(rows))):
+        return served(ids).logits, served
+
+
+@pytest.mark.parametrize("peft_kwargs", [
+    dict(r=8, lora_alpha=4, target_modules="all-linear", use_rslora=True),
+    dict(r=4, lora_alpha=8, target_modules="all-linear",
+         rank_pattern={r"layers\.1\.self_attn\.(q|k)_proj": 2, "down_proj": 6},
+         alpha_pattern={r"self_attn\.(k|v)_proj": 3.0, "model.layers.0.mlp.up_proj": 32.0}),
+])
+def test_peft_adapters_served_through_the_bank_match_peft(tmp_path: Path, peft_kwargs: dict) -> None:
+    """rsLoRA's alpha/sqrt(r), and rank/alpha patterns matched as PEFT matches them (regex keys)."""
+    reference = tiny.peft_lora(tiny.llama(), **peft_kwargs)
+    reference.save_pretrained(tmp_path)
+    ids = tiny.tokens()
+    got, _ = _serve(tmp_path, "x", ids)
+    with torch.no_grad():
+        want = reference(ids).logits
+        base = tiny.llama()(ids).logits
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], base[1], rtol=1e-5, atol=1e-5)
+    assert (want[0] - base[0]).abs().max() > 1e-2  # the adapter (and its scales) matter
+
+
+@pytest.mark.parametrize("method", ["pissa", "olora"])
+def test_pissa_and_olora_are_served_on_the_original_weights(tmp_path: Path, method: str) -> None:
+    """``splice train --init pissa`` saves A, B of the residual base; the bank converts them as
+    PEFT does ([A; A0], [B, -B0] with A0, B0 from the served weights) or refuses without them."""
+    trained = tiny.llama()
+    add_lora(trained, LoraConfig(targets=("q_proj", "v_proj", "up_proj"), rank=4, alpha=8, init=method))
+    tiny.randomize_lora(trained, seed=6)  # training's stand-in: A, B far from A0, B0
+    ids = tiny.tokens()
+    with torch.no_grad():
+        want = trained(ids).logits
+    save_adapter(trained, tmp_path / "saved", name="default")
+    with pytest.raises(AdapterError, match=f"init_lora_weights '{method}'.*residual base.*base=model.*"
+                                           "convert_to_lora=True"):
+        read_adapter(tmp_path / "saved", name="p")
+    got, served = _serve(tmp_path / "saved", "p", ids, base=True)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        base = tiny.llama()(ids).logits
+        # the base rows see the original weights (the bank changed none), and PEFT agrees
+        in_peft = peft.PeftModel.from_pretrained(tiny.llama(), tmp_path / "saved").eval()(ids).logits
+    torch.testing.assert_close(got[1], base[1], rtol=0, atol=0)
+    torch.testing.assert_close(got[0], in_peft[0], rtol=1e-4, atol=1e-4)
+    assert (want[0] - base[0]).abs().max() > 1e-2
+    # saved converted, the same adapter is a plain rank-2r LoRA: no base needed
+    save_adapter(trained, tmp_path / "converted", convert_to_lora=True)
+    plain, _ = _serve(tmp_path / "converted", "p", ids)
+    torch.testing.assert_close(plain, got, rtol=1e-5, atol=1e-5)
+
+
+def test_refusals_name_the_reason(tmp_path: Path) -> None:
+    for folder, config in (("niter", LoraConfig(targets=("q_proj",), rank=4, init="pissa_niter_2")),
+                           ("dora", LoraConfig(targets=("q_proj",), rank=4, use_dora=True)),
+                           ("emb", LoraConfig(targets=("embed_tokens",), rank=4))):
+        model = tiny.llama()
+        add_lora(model, config)
+        save_adapter(model, tmp_path / folder)
+    with pytest.raises(AdapterError, match="randomised SVD.*convert_to_lora=True"):
+        read_adapter(tmp_path / "niter", name="n", base=tiny.llama())
+    with pytest.raises(AdapterError, match="is a DoRA adapter: a LoRA bank cannot hold one.*splice merge"):
+        read_adapter(tmp_path / "dora", name="d")
+    with pytest.raises(AdapterError, match="embed_tokens is an embedding or conv adapter: a LoRA bank holds linear LoRA only"):
+        read_adapter(tmp_path / "emb", name="e")
+
+
+def test_apply_takes_one_slot_per_row_or_per_token() -> None:
+    model = _model()
+    bank = LoraBank.from_model(model, ["first", "second"])
+    path, _, layer = next(f for f in lora_modules(model) if f[0] == "model.layers.0.self_attn.q_proj")
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(3, 4, 32, generator=g), torch.randn(3, 4, 32, generator=g)
+    per_token = torch.tensor([0, 1, -1, 1, 1, 0, 0, -1, -1, -1, 1, 0], dtype=torch.int32)
+    want = y.clone()
+    for t, slot in enumerate(per_token.tolist()):
+        if slot >= 0:
+            want.view(12, 32)[t] += bank.b[path][slot] @ (bank.a[path][slot] @ x.view(12, 32)[t])
+    with torch.no_grad():
+        torch.testing.assert_close(bank.apply(layer, x, y.clone(), per_token), want, rtol=1e-5, atol=1e-5)
+        flat = bank.apply(layer, x.view(12, 1, 32), y.clone().view(12, 1, 32), per_token)  # the engine's (T, 1, H)
+        torch.testing.assert_close(flat.view(3, 4, 32), want, rtol=1e-5, atol=1e-5)
+        per_row = torch.tensor([1, -1, 0], dtype=torch.int32)
+        torch.testing.assert_close(bank.apply(layer, x, y.clone(), per_row),
+                                   bank.apply(layer, x, y.clone(), per_row.repeat_interleave(4)), rtol=0, atol=0)
+        with pytest.raises(ValueError, match="5 routed slots fit neither the batch's 3 rows nor its 12 tokens"):
+            bank.apply(layer, x, y.clone(), torch.zeros(5, dtype=torch.int32))
