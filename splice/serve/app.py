@@ -3,53 +3,98 @@
 Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream``:
 server-sent events ending in ``data: [DONE]``), ``POST /v1/load_lora_adapter`` and
 ``/v1/unload_lora_adapter`` (vLLM's names and bodies). ``model`` picks the base model or an
-adapter by name. Errors use OpenAI's body ``{"error": {"message", "type", "param", "code"}}``:
-404 unknown model, 400 bad parameters or a prompt longer than the context, 429 when the queue is
-full, 503 when the engine is down. A streaming client that disconnects cancels its request, which
-frees its batch slot.
+adapter by name. Every error, unknown routes and wrong methods included, uses OpenAI's body
+``{"error": {"message", "type", "param", "code"}}``: 404 unknown model or route, 405 wrong method,
+400 bad parameters, a broken adapter folder or a prompt longer than the context, 413 a body over
+``max_request_bytes``, 429 when the queue is full, 503 when the engine is down or the server is
+draining (``app.state.draining`` set). A streaming client that disconnects cancels its request,
+which frees its batch slot; a stream the engine fails ends with an ``error`` event.
+
+Limits, checked before any work: the body size (read in pieces, refused at the first byte over
+the limit), then the prompt's characters (more than the context can hold as tokens is refused
+before tokenizing), then its tokens. Tokenizing and adapter reads run on a worker thread, so the
+event loop keeps answering while a long prompt is encoded. Sampling values the API accepts are
+made safe for the engine: temperatures below :data:`GREEDY_BELOW` are greedy (dividing logits by
+1e-40 overflows), seeds are reduced modulo 2**63 (a torch generator takes 64 bits), a ``top_k``
+larger than any vocabulary is off (torch takes it as an int64).
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from safetensors import SafetensorError
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from splice.core.errors import one_line
 from splice.generation.engine import SamplingParams
 from splice.serve.service import ServeError, Service
 
-__all__ = ["build_app"]
+__all__ = ["GREEDY_BELOW", "MAX_REQUEST_BYTES", "build_app"]
+
+MAX_REQUEST_BYTES = 1 << 20  # 1 MiB: a 128k-token prompt of ordinary text fits, a 50 MB one does not
+GREEDY_BELOW = 1e-5  # temperatures below this sample greedily (logits / 1e-40 overflow to inf)
+_SEED_RANGE = 1 << 63  # seeds are taken modulo this (torch generators take 64 bits)
+_TOP_K_OFF = 1 << 31  # top_k from here on keeps every token (torch takes it as an int64)
+_T = TypeVar("_T")
 
 
 class _Sampling(BaseModel):
+    # null is accepted wherever OpenAI accepts it, and means the default
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=-1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=-1)
     seed: int | None = None
     stop: str | list[str] | None = None
-    stream: bool = False
-    n: int = 1
+    stream: bool | None = False
+    n: int | None = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _greedy_floor(cls, value: float | None) -> float | None:
+        return 0.0 if value is not None and value < GREEDY_BELOW else value
+
+    @field_validator("seed")
+    @classmethod
+    def _bounded_seed(cls, value: int | None) -> int | None:
+        return None if value is None else value % _SEED_RANGE
+
+    @field_validator("top_k")
+    @classmethod
+    def _bounded_top_k(cls, value: int | None) -> int | None:
+        return 0 if value is not None and value >= _TOP_K_OFF else value  # more than any vocabulary: off
 
     def params(self, default_max: int) -> SamplingParams:
-        if self.n != 1:
+        if (self.n or 1) != 1:
             raise ServeError(400, "only n=1 is supported", param="n")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if any(not s for s in stop):
             raise ServeError(400, "stop strings must be non-empty", param="stop")
         max_tokens = self.max_completion_tokens or self.max_tokens or default_max
-        return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_k=max(self.top_k, 0),
-                              top_p=self.top_p, seed=self.seed, stop=tuple(stop))
+        temperature = 1.0 if self.temperature is None else self.temperature
+        try:
+            return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=max(self.top_k or 0, 0),
+                                  top_p=1.0 if self.top_p is None else self.top_p, seed=self.seed,
+                                  stop=tuple(stop))
+        except ValueError as error:  # the engine's own checks: still this request's fault
+            raise ServeError(400, one_line(str(error))) from error
 
 
 class CompletionBody(_Sampling):
@@ -88,20 +133,73 @@ def _text(content: str | list[dict[str, Any]] | None) -> str:
     return content or ""
 
 
-def build_app(service: Service, *, default_max_tokens: int = 16) -> FastAPI:
-    """The FastAPI app; it starts ``service``'s engine on startup and stops it on shutdown."""
-    from contextlib import asynccontextmanager
+class _Guard:
+    """ASGI middleware in front of every route: 503 while draining, 413 for a body over
+    ``max_bytes`` (by its Content-Length, else counted as it arrives, so an oversized body is never
+    held whole), then the body replayed to the app."""
 
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        service.start()
-        try:
-            yield
-        finally:
-            service.close()
+    def __init__(self, app: ASGIApp, *, max_bytes: int, draining: threading.Event) -> None:
+        self.app, self.max_bytes, self.draining = app, max_bytes, draining
 
-    app = FastAPI(title="splice serve", lifespan=lifespan)
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.draining.is_set():
+            refusal = ServeError(503, "the server is shutting down: retry on another replica or after "
+                                      "its restart", kind="server_error", code="shutting_down")
+            return await _error(refusal)(scope, receive, send)
+        too_big = ServeError(413, f"the request body is larger than this server's limit of {self.max_bytes} "
+                                  "bytes (splice serve --max-request-bytes): send a shorter prompt",
+                             code="request_too_large")
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await _error(too_big)(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await _error(too_big)(scope, receive, send)
+            more = message.get("more_body", False)
+        body: list[Message] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
+        async def replay() -> Message:  # the body once, then the client's own messages (disconnects)
+            return body.pop() if body else await receive()
+
+        return await self.app(scope, replay, send)
+
+
+def _char_limit(service: Service) -> int:
+    """Characters beyond which a prompt cannot fit the context: ``max_len`` tokens of the longest
+    vocabulary entry each (a token's text is at most that long for byte-level BPE and
+    SentencePiece vocabularies), doubled for normalizers that drop characters."""
+    vocab = getattr(service.tokenizer, "get_vocab", None)
+    longest = max((len(token) for token in vocab()), default=1) if callable(vocab) else 64
+    return service.max_len * max(longest, 1) * 2
+
+
+def _check_chars(chars: int, limit: int, service: Service, param: str) -> None:
+    if chars > limit:
+        raise ServeError(400, f"This model's maximum context length is {service.max_len} tokens; the prompt "
+                              f"has {chars} characters, more than that many tokens can hold: shorten the prompt",
+                         param=param, code="context_length_exceeded")
+
+
+def _load(service: Service, name: str, path: str) -> None:
+    """Register the adapter at ``path``; any way its files are broken is a 400 naming them."""
+    try:
+        service.load_adapter(name, path)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as error:
+        text = one_line(str(error.args[0] if isinstance(error, KeyError) and error.args else error))
+        where = getattr(error, "filename", None) or path
+        message = text if str(where) in text else f"{where}: {text}"
+        raise ServeError(400, f"cannot load adapter {name!r}: {message}", param="lora_path") from None
+
+
+def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServeError)
     async def serve_error(_: Request, error: ServeError) -> JSONResponse:
         return _error(error)
@@ -110,7 +208,50 @@ def build_app(service: Service, *, default_max_tokens: int = 16) -> FastAPI:
     async def bad_request(_: Request, error: RequestValidationError) -> JSONResponse:
         first = error.errors()[0] if error.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        return _error(ServeError(400, f"{where}: {first.get('msg', 'invalid request')}", param=where))
+        return _error(ServeError(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", param=where))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        if error.status_code == 404:
+            message = (f"no route {request.url.path}: this server serves /v1/models, /v1/completions, "
+                       "/v1/chat/completions, /v1/load_lora_adapter and /v1/unload_lora_adapter")
+            return _error(ServeError(404, message, code="not_found"))
+        if error.status_code == 405:
+            allowed = error.headers.get("Allow", "another method") if error.headers else "another method"
+            return _error(ServeError(405, f"{request.method} is not allowed on {request.url.path}: use {allowed}",
+                                     code="method_not_allowed"))
+        return _error(ServeError(error.status_code, str(error.detail)))
+
+
+def build_app(service: Service, *, default_max_tokens: int = 16,
+              max_request_bytes: int = MAX_REQUEST_BYTES) -> FastAPI:
+    """The FastAPI app; it starts ``service``'s engine on startup and stops it on shutdown.
+    ``app.state.draining`` (a ``threading.Event``): once set, every new request gets 503."""
+    from contextlib import asynccontextmanager
+
+    if max_request_bytes < 1:
+        raise ValueError(f"max_request_bytes={max_request_bytes}: it must be >= 1 (default {MAX_REQUEST_BYTES})")
+    # One worker: tokenizing and adapter reads leave the event loop, one at a time (a fast
+    # tokenizer shared between threads may refuse a concurrent call).
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splice-serve-io")
+
+    def off_loop(function: Callable[..., _T], *args: Any) -> Awaitable[_T]:
+        return asyncio.get_running_loop().run_in_executor(worker, functools.partial(function, *args))
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        service.start()
+        try:
+            yield
+        finally:
+            service.close()
+            worker.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="splice serve", lifespan=lifespan)
+    app.state.draining = threading.Event()
+    app.add_middleware(_Guard, max_bytes=max_request_bytes, draining=app.state.draining)
+    _install_error_handlers(app)
+    limit = _char_limit(service)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -122,7 +263,7 @@ def build_app(service: Service, *, default_max_tokens: int = 16) -> FastAPI:
 
     @app.post("/v1/load_lora_adapter")
     async def load(body: LoadBody) -> dict[str, str]:
-        service.load_adapter(body.lora_name, body.lora_path)
+        await off_loop(_load, service, body.lora_name, body.lora_path)
         return {"status": "ok", "message": f"adapter {body.lora_name!r} loaded"}
 
     @app.post("/v1/unload_lora_adapter")
@@ -145,7 +286,7 @@ def build_app(service: Service, *, default_max_tokens: int = 16) -> FastAPI:
         async for event in events:
             text += event.text
             reason = event.finish_reason
-        count = len(service.encode(text, special=False)) if text else 0
+        count = len(await off_loop(functools.partial(service.encode, special=False), text)) if text else 0
         usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": count,
                  "total_tokens": len(prompt_ids) + count}
         if chat:
@@ -161,19 +302,23 @@ def build_app(service: Service, *, default_max_tokens: int = 16) -> FastAPI:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
             raise ServeError(400, "give one prompt per request", param="prompt")
-        return await run(body, service.encode(prompts[0]), chat=False)
+        _check_chars(len(prompts[0]), limit, service, "prompt")
+        return await run(body, await off_loop(service.encode, prompts[0]), chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody) -> Any:
         messages = [{"role": m.role, "content": _text(m.content)} for m in body.messages]
-        return await run(body, service.chat_prompt(messages), chat=True)
+        _check_chars(sum(len(m["content"]) for m in messages), limit, service, "messages")
+        return await run(body, await off_loop(service.chat_prompt, messages), chat=True)
 
     return app
 
 
 async def _sse(first: Any, events: AsyncIterator[Any], rid: str, created: int, model: str, *,
                chat: bool) -> AsyncIterator[str]:
-    """Server-sent events in OpenAI's chunk format; closing the generator cancels the request."""
+    """Server-sent events in OpenAI's chunk format; closing the generator cancels the request. A
+    failure after the first chunk (the engine stopped) is sent as an ``error`` event, without
+    ``[DONE]``, so the client sees an error rather than a complete answer."""
     kind = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(text: str, reason: str | None, *, role: bool = False) -> str:
@@ -192,5 +337,7 @@ async def _sse(first: Any, events: AsyncIterator[Any], rid: str, created: int, m
             async for event in events:
                 yield chunk(event.text, event.finish_reason)
         yield "data: [DONE]\n\n"
+    except ServeError as error:
+        yield f"data: {bytes(_error(error).body).decode()}\n\n"
     finally:
         await events.aclose()  # type: ignore[attr-defined]

@@ -1,21 +1,39 @@
-"""``splice serve``: load a base model and adapters, then run the OpenAI-compatible API on uvicorn."""
+"""``splice serve``: load a base model and adapters, then run the OpenAI-compatible API on uvicorn.
+
+Shutdown: SIGTERM (or Ctrl+C) starts a drain: the listening socket closes, new requests get 503,
+running requests may finish until ``drain_timeout``, when uvicorn cancels the rest; the process
+then exits 0 (not by the signal: a supervisor sees a clean stop). A watchdog ends the process
+:data:`_EXIT_GRACE_S` after the drain timeout whatever is still running. If the generation engine
+dies, its waiting requests get 503, the server drains the same way and :func:`serve_service`
+raises a :class:`~splice.core.errors.RunError`, so ``splice serve`` exits 1 with one line and a
+supervisor restarts it, instead of lingering and answering 503.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 
 import torch
+import uvicorn
 
 from splice.core.device import resolve_device
+from splice.core.errors import RunError, one_line
 from splice.models.loading import load_model
-from splice.serve.app import build_app
+from splice.serve.app import MAX_REQUEST_BYTES, build_app
 from splice.serve.service import Service
 
-__all__ = ["parse_adapters", "running", "serve"]
+__all__ = ["DRAIN_TIMEOUT_S", "parse_adapters", "running", "serve", "serve_service"]
+
+DRAIN_TIMEOUT_S = 30.0  # seconds running requests get to finish after SIGTERM
+_EXIT_GRACE_S = 3.0  # after the drain timeout, for the engine thread and lifespan to stop
 
 
 def parse_adapters(specs: list[str]) -> dict[str, Path]:
@@ -35,11 +53,18 @@ def parse_adapters(specs: list[str]) -> dict[str, Path]:
     return adapters
 
 
+def _check_limits(*, max_request_bytes: int, drain_timeout: float) -> None:
+    if max_request_bytes < 1:
+        raise ValueError(f"--max-request-bytes {max_request_bytes}: it must be >= 1 (default {MAX_REQUEST_BYTES})")
+    if not drain_timeout >= 0:  # also refuses nan
+        raise ValueError(f"--drain-timeout {drain_timeout}: it must be >= 0 seconds (default {DRAIN_TIMEOUT_S:g})")
+
+
 def serve(model: str | None, *, adapters: dict[str, Path], host: str = "127.0.0.1", port: int = 8000,
           device: str = "auto", dtype: str = "auto", model_name: str | None = None, max_batch: int = 32,
-          max_len: int = 1024, gpu_adapters: int = 8, max_lora_rank: int = 64) -> None:
-    import uvicorn
-
+          max_len: int = 1024, gpu_adapters: int = 8, max_lora_rank: int = 64,
+          max_request_bytes: int = MAX_REQUEST_BYTES, drain_timeout: float = DRAIN_TIMEOUT_S) -> None:
+    _check_limits(max_request_bytes=max_request_bytes, drain_timeout=drain_timeout)  # before the model loads
     resolved = resolve_device(device)
     if dtype == "auto":
         torch_dtype = torch.bfloat16 if resolved.type == "cuda" else torch.float32
@@ -51,17 +76,77 @@ def serve(model: str | None, *, adapters: dict[str, Path], host: str = "127.0.0.
                       max_len=min(max_len, int(getattr(tokenizer, "model_max_length", max_len) or max_len)),
                       gpu_adapters=gpu_adapters, max_lora_rank=max_lora_rank)
     print(f"splice serve: {name} with adapters {sorted(adapters) or 'none'} on http://{host}:{port}/v1", flush=True)
-    uvicorn.run(build_app(service), host=host, port=port, log_level="warning")
+    serve_service(service, host=host, port=port, max_request_bytes=max_request_bytes, drain_timeout=drain_timeout)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn with splice's shutdown: a signal drains (see module docstring) and is not raised
+    again afterwards (uvicorn re-raises it, which would end the process by the signal)."""
+
+    def __init__(self, config: uvicorn.Config, *, draining: threading.Event, drain_timeout: float) -> None:
+        super().__init__(config)
+        self.draining, self.drain_timeout = draining, drain_timeout
+        self.exit_deadline: float | None = None  # time.monotonic() by which the process must be gone
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True  # a second Ctrl+C: stop waiting for requests
+        self.drain()
+
+    def drain(self) -> None:
+        """Stop admitting (503) and shut down; running requests get ``drain_timeout`` seconds."""
+        self.draining.set()
+        if self.exit_deadline is None:
+            self.exit_deadline = time.monotonic() + self.drain_timeout + _EXIT_GRACE_S
+        self.should_exit = True
+
+
+def _server(service: Service, *, host: str, port: int, max_request_bytes: int, drain_timeout: float) -> _Server:
+    app = build_app(service, max_request_bytes=max_request_bytes)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning",  # (typed int; used as a float)
+                            timeout_graceful_shutdown=drain_timeout)  # type: ignore[arg-type]
+    return _Server(config, draining=app.state.draining, drain_timeout=drain_timeout)
+
+
+def _watch(server: _Server, service: Service, done: threading.Event) -> None:
+    """Drain once the engine has died; end the process if shutdown outlives its deadline."""
+    while not done.wait(0.2):
+        if service.failure is not None and not server.should_exit:
+            server.drain()
+        if server.exit_deadline is not None and time.monotonic() > server.exit_deadline:
+            print(f"splice serve: requests still running {server.drain_timeout:g} s after shutdown began "
+                  "(--drain-timeout); exiting", file=sys.stderr, flush=True)
+            os._exit(1 if service.failure is not None else 0)
+
+
+def serve_service(service: Service, *, host: str = "127.0.0.1", port: int = 8000,
+                  max_request_bytes: int = MAX_REQUEST_BYTES, drain_timeout: float = DRAIN_TIMEOUT_S) -> None:
+    """Serve ``service`` until SIGTERM/SIGINT (drained, then returns) or until its engine dies
+    (drained, then a :class:`RunError`)."""
+    _check_limits(max_request_bytes=max_request_bytes, drain_timeout=drain_timeout)
+    server = _server(service, host=host, port=port, max_request_bytes=max_request_bytes,
+                     drain_timeout=drain_timeout)
+    done = threading.Event()
+    watchdog = threading.Thread(target=_watch, args=(server, service, done), name="splice-watchdog", daemon=True)
+    watchdog.start()
+    try:
+        server.run()
+    finally:
+        done.set()
+    if service.failure is not None:
+        failure = service.failure
+        raise RunError(f"the generation engine stopped ({type(failure).__name__}: {one_line(str(failure))}); "
+                       "the server exits so that a supervisor can restart it")
 
 
 @contextlib.contextmanager
-def running(service: Service, *, host: str = "127.0.0.1", port: int = 0, timeout_s: float = 30.0) -> Iterator[str]:
+def running(service: Service, *, host: str = "127.0.0.1", port: int = 0, timeout_s: float = 30.0,
+            max_request_bytes: int = MAX_REQUEST_BYTES, drain_timeout: float = DRAIN_TIMEOUT_S) -> Iterator[str]:
     """``service``'s OpenAI-compatible app on uvicorn in a background thread for the length of the
     block (tests, benchmarks, notebooks); yields the base URL ``http://host:port/v1``. ``port=0``
-    takes a free port."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(build_app(service), host=host, port=port, log_level="warning"))
+    takes a free port. Leaving the block drains as SIGTERM does."""
+    server = _server(service, host=host, port=port, max_request_bytes=max_request_bytes,
+                     drain_timeout=drain_timeout)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout_s
@@ -74,5 +159,5 @@ def running(service: Service, *, host: str = "127.0.0.1", port: int = 0, timeout
     try:
         yield f"http://{host}:{bound}/v1"
     finally:
-        server.should_exit = True
-        thread.join(timeout=60)
+        server.drain()
+        thread.join(timeout=drain_timeout + _EXIT_GRACE_S)

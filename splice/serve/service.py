@@ -81,9 +81,8 @@ class Service:
     def _run(self) -> None:
         try:
             self.engine.run(self._stop)
-        except BaseException as error:  # reported as 503 to every later request
+        except BaseException as error:  # 503 to every waiting and later request; splice serve exits
             self.failure = error
-            raise
 
     # ---- adapters -----------------------------------------------------------------------
     def models(self) -> list[str]:
@@ -171,7 +170,12 @@ class Service:
             raise ServeError(429, f"the server is busy ({error}): retry later", kind="rate_limit_error") from error
         try:
             while True:
-                event = await events.get()
+                try:  # woken now and then: if the engine died, no event will ever come
+                    event = await asyncio.wait_for(events.get(), timeout=0.25)
+                except TimeoutError:
+                    if self.failure is not None or not self._thread.is_alive():
+                        raise ServeError(503, "the generation engine stopped", kind="server_error") from None
+                    continue
                 if event.finish_reason is not None and event.finish_reason.startswith("error"):
                     raise ServeError(404, f"adapter {adapter!r} was unloaded", param="model")
                 yield event
