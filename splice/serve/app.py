@@ -14,9 +14,10 @@ Limits, checked before any work: the body size (read in pieces, refused at the f
 the limit), then the prompt's characters (more than the context can hold as tokens is refused
 before tokenizing), then its tokens. Tokenizing and adapter reads run on a worker thread, so the
 event loop keeps answering while a long prompt is encoded. Sampling values the API accepts are
-made safe for the engine: temperatures below :data:`GREEDY_BELOW` are greedy (dividing logits by
-1e-40 overflows), seeds are reduced modulo 2**63 (a torch generator takes 64 bits), a ``top_k``
-larger than any vocabulary is off (torch takes it as an int64).
+made safe for the engine, by the engine's own rules (:mod:`splice.engine.sampling`): temperatures
+below ``GREEDY_BELOW`` are greedy (dividing logits by 1e-40 overflows), seeds outside 63 bits are
+hashed into them (:func:`~splice.engine.sampling.bounded_seed`: a torch generator takes 64 bits),
+a ``top_k`` larger than any vocabulary is off (torch takes it as an int64).
 """
 
 from __future__ import annotations
@@ -40,14 +41,13 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from splice.core.errors import one_line
+from splice.engine.sampling import GREEDY_BELOW, bounded_seed
 from splice.generation.engine import SamplingParams
 from splice.serve.service import ServeError, Service
 
-__all__ = ["GREEDY_BELOW", "MAX_REQUEST_BYTES", "build_app"]
+__all__ = ["MAX_REQUEST_BYTES", "build_app"]
 
 MAX_REQUEST_BYTES = 1 << 20  # 1 MiB: a 128k-token prompt of ordinary text fits, a 50 MB one does not
-GREEDY_BELOW = 1e-5  # temperatures below this sample greedily (logits / 1e-40 overflow to inf)
-_SEED_RANGE = 1 << 63  # seeds are taken modulo this (torch generators take 64 bits)
 _TOP_K_OFF = 1 << 31  # top_k from here on keeps every token (torch takes it as an int64)
 _T = TypeVar("_T")
 
@@ -74,7 +74,7 @@ class _Sampling(BaseModel):
     @field_validator("seed")
     @classmethod
     def _bounded_seed(cls, value: int | None) -> int | None:
-        return None if value is None else value % _SEED_RANGE
+        return None if value is None else bounded_seed(value)
 
     @field_validator("top_k")
     @classmethod
