@@ -88,13 +88,16 @@ def _admit_all(seq: Sequence) -> bool:
 
 class Scheduler:
     """Decides each step's chunks over ``pool``; at most ``max_seqs`` running sequences and
-    ``token_budget`` tokens a step."""
+    ``token_budget`` tokens a step. Not thread-safe: the engine's loop is its only caller."""
 
     def __init__(self, pool: BlockPool, *, max_seqs: int, token_budget: int, max_len: int,
                  admit: Callable[[Sequence], bool] = _admit_all) -> None:
         for name, value in (("max_seqs", max_seqs), ("token_budget", token_budget), ("max_len", max_len)):
             if value < 1:
                 raise ValueError(f"Scheduler: {name}={value}; it must be at least 1")
+        if token_budget < max_seqs:
+            raise ValueError(f"Scheduler: token_budget={token_budget} is below max_seqs={max_seqs}; every running "
+                             f"sequence decodes one token a step, so raise token_budget or lower max_seqs")
         if pool.blocks_for(max_len) > pool.num_usable:
             raise ValueError(
                 f"Scheduler: max_len={max_len} needs {pool.blocks_for(max_len)} blocks of {pool.block_size} "

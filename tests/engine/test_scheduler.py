@@ -125,7 +125,7 @@ def test_chunked_prefill_keeps_the_budget_and_decodes_go_first() -> None:
 
 
 def test_admissions_chunk_long_prompts_in_arrival_order() -> None:
-    sim = Sim(num_blocks=16, block_size=4, token_budget=6)
+    sim = Sim(num_blocks=16, block_size=4, max_seqs=4, token_budget=6)
     for seq_id in (1, 2, 3):
         sim.add([seq_id] * 5, seq_id=seq_id)
     assert _chunks(sim.step()) == [(1, 0, 5, True), (2, 0, 1, False)]
@@ -205,6 +205,19 @@ def test_fork_shares_blocks_and_copies_on_the_first_write() -> None:
     assert sim.done[1][:6] == sim.done[2][:6] and sim.done[1] != sim.done[2]
 
 
+def test_a_copy_on_write_with_no_free_block_preempts() -> None:
+    sim = Sim(num_blocks=3, block_size=4)  # 2 blocks, both held by parent and child after the fork
+    parent = sim.add([1, 2, 3, 4, 5, 6], seq_id=1, max_tokens=2)
+    sim.step(fork=lambda seq: 2)
+    assert sim.pool.num_free == 0
+    plan = sim.step()
+    # the copy needs a block: the child (newest) goes, and the parent then writes in place
+    assert [s.seq_id for s in plan.preempted] == [2] and plan.copies == [] and _chunks(plan) == [(1, 6, 1, True)]
+    assert 1 in sim.done and parent.tokens == sim.done[1]
+    sim.drain()
+    assert sim.done[2][:6] == sim.done[1][:6] and len(sim.done[2]) == 8  # resumed by recompute
+
+
 def test_fork_beyond_max_seqs_waits_and_recomputes() -> None:
     sim = Sim(num_blocks=16, block_size=2, max_seqs=1)
     sim.add([1, 2, 3, 4, 5], seq_id=1, max_tokens=2)
@@ -236,6 +249,31 @@ def test_preemption_frees_the_newest_and_resumes_it_by_recompute() -> None:
     assert tight.done == roomy.done  # resumed sequences continue exactly where they were
 
 
+def test_the_newest_running_sequence_is_preempted_for_an_older_one() -> None:
+    sim = Sim(num_blocks=4, block_size=4)  # 3 blocks: one each after the prefills
+    for seq_id, prompt in ((1, [1, 2, 3, 4]), (2, [5, 6]), (3, [7, 8])):
+        sim.add(prompt, seq_id=seq_id, max_tokens=3)
+    sim.step()
+    plan = sim.step()  # sequence 1's next token starts a block and none is free
+    assert [s.seq_id for s in plan.preempted] == [3] and _chunks(plan) == [(1, 4, 1, True), (2, 2, 1, True)]
+    assert [s.seq_id for s in sim.sched.waiting] == [3]
+    sim.drain()
+    assert sorted(sim.done) == [1, 2, 3]
+
+
+def test_a_freed_prefix_is_evicted_from_its_tail() -> None:
+    sim = Sim(num_blocks=5, block_size=2)
+    sim.add([1, 2, 3, 4, 5, 6, 7], seq_id=1, max_tokens=1)  # 3 full blocks committed, then freed
+    sim.step()
+    assert sim.pool.num_cached == 3
+    sim.add([9], seq_id=2, max_tokens=1)  # takes the never-cached free block
+    sim.add([8], seq_id=3, max_tokens=1)  # evicts one cached block: the prefix's last
+    sim.step()
+    assert sim.pool.num_cached == 2
+    head = sim.add([1, 2, 3, 4, 0], seq_id=4)
+    assert _chunks(sim.step()) == [(4, 4, 1, True)] and head.num_computed == 5
+
+
 def test_requests_that_can_never_run_are_refused_up_front() -> None:
     sched = Scheduler(BlockPool(5, 4), max_seqs=4, token_budget=16, max_len=16)
     with pytest.raises(ValueError, match="17 tokens, more than max_len=16"):
@@ -246,6 +284,8 @@ def test_requests_that_can_never_run_are_refused_up_front() -> None:
         Scheduler(BlockPool(5, 4), max_seqs=4, token_budget=16, max_len=17)
     with pytest.raises(ValueError, match="token_budget=0"):
         Scheduler(BlockPool(5, 4), max_seqs=4, token_budget=0, max_len=16)
+    with pytest.raises(ValueError, match="token_budget=3 is below max_seqs=4"):
+        Scheduler(BlockPool(5, 4), max_seqs=4, token_budget=3, max_len=16)
     assert not sched.waiting
 
 
@@ -271,15 +311,15 @@ def test_cancelling_frees_blocks_and_advance_skips_it() -> None:
     assert not sim.sched.waiting and not sim.sched.running
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.data())
 def test_random_workloads_keep_the_cache_consistent(data: st.DataObject) -> None:
     block_size = data.draw(st.sampled_from([1, 2, 4]), label="block_size")
     max_len = data.draw(st.integers(4, 20), label="max_len")
     extra = data.draw(st.integers(0, 8), label="extra blocks")
-    sim = Sim(num_blocks=-(-max_len // block_size) + 1 + extra, block_size=block_size,
-              max_seqs=data.draw(st.integers(1, 4), label="max_seqs"),
-              token_budget=data.draw(st.integers(1, 12), label="token_budget"), max_len=max_len)
+    max_seqs = data.draw(st.integers(1, 4), label="max_seqs")
+    sim = Sim(num_blocks=-(-max_len // block_size) + 1 + extra, block_size=block_size, max_seqs=max_seqs,
+              token_budget=data.draw(st.integers(max_seqs, 12), label="token_budget"), max_len=max_len)
     ids = iter(range(1, 10_000))
     prompts = st.lists(st.integers(0, 2), min_size=1, max_size=max_len)  # a tiny vocabulary: shared prefixes
     for _ in range(data.draw(st.integers(1, 30), label="ops")):
