@@ -31,7 +31,8 @@ _HELP = {
     "data": "training data: a .jsonl, .json, .csv or .parquet file or a save_to_disk folder; the shape "
             "(prompt/completion, Alpaca, chat, ShareGPT ...) is detected from the columns (default: "
             "embedded function-naming task)",
-    "val_data": "validation data file (default: split --val-fraction off the training rows)",
+    "val_data": "validation data, a file or folder as --data (default: split --val-fraction off the "
+                "training rows)",
     "prompt_template": "prompt format string over the columns, e.g. 'Q: {question}\\nA: '",
     "response_template": "answer format string, e.g. '{answer}' (trained on; the prompt is not)",
     "system_prompt": "system message (with --chat)",
@@ -384,8 +385,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry(argv: list[str] | None = None) -> int:
     """The ``splice`` program: :func:`main` in a process whose CUDA allocator uses expandable
-    segments unless the user set it (torch reads it when CUDA starts, so before any command).
-    Library callers keep their own setting."""
+    segments unless the user set it (torch reads it when CUDA starts, so before any command), and
+    whose Hugging Face progress bars are off when stderr is not a terminal (a log keeps no carriage
+    returns). Library callers keep their own settings."""
     default_to_expandable()
     if not sys.stderr.isatty():
         # Hugging Face's own bars (loading weights, downloads, saving shards) redraw with carriage

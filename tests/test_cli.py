@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -242,6 +243,24 @@ def test_eval_data_base_vs_adapter(tiny_run_inputs, adapter_dir, tmp_path, capsy
     assert report["base"]["val_loss"] == pytest.approx(plain, rel=1e-5)
 
 
+def test_eval_writes_each_rows_answers(tiny_run_inputs, adapter_dir, tmp_path, capsys) -> None:
+    data = _pc_data(tmp_path / "held.jsonl")
+    out = tmp_path / "answers.jsonl"
+    model = str(tiny_run_inputs[0])
+    assert main(["eval", "--model", model, "--adapter", str(adapter_dir), "--data", str(data),
+                 "--samples", "2", "--max-new-tokens", "4", "--predictions", str(out)]) == 0
+    assert f"2 answers (prompt, reference, base, adapter) written to {out}" in capsys.readouterr().out
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["prompt"], r["reference"]) for r in rows] == [("alpha then beta?\n", "beta alpha"),
+                                                            ("gamma then delta?\n", "delta gamma")]
+    for row in rows:  # each answer is what `splice generate` says to the prompt, with and without the adapter
+        for side, adapter in (("base", []), ("adapter", ["--adapter", str(adapter_dir)])):
+            assert main(["generate", "--model", model, *adapter, "--prompt", row["prompt"],
+                         "--max-new-tokens", "4"]) == 0
+            assert capsys.readouterr().out == row[side] + "\n"
+    assert rows[0]["base"] != rows[0]["adapter"]
+
+
 def test_eval_data_errors_before_the_model_loads(tmp_path, capsys) -> None:
     data = tmp_path / "bad.jsonl"
     data.write_text(json.dumps({"question": "a", "reply": "b"}) + "\n")
@@ -254,12 +273,24 @@ def test_data_preview_marks_trained_tokens(tiny_run_inputs, tmp_path, capsys) ->
     data = _pc_data(tmp_path / "d.jsonl")
     assert main(["data", str(data), "--model", str(tiny_run_inputs[0]), "--rows", "2", "--no-color"]) == 0
     printed = capsys.readouterr().out
-    assert "2 of 3 rows (prompt/completion)" in printed
+    assert "2 of 3 rows, prompt/completion; trained tokens in [[ ]]" in printed
     assert "alpha then beta?\n[[beta alpha<|im_end|>]]" in printed and "--- row 2:" in printed
     assert main(["data", str(data), "--model", str(tiny_run_inputs[0]), "--chat", "--tokens", "--rows", "1",
                  "--no-color"]) == 0
     printed = capsys.readouterr().out
     assert "<|im_start|>assistant\n[[beta alpha<|im_end|>]]" in printed and "/-100" in printed
+
+
+def test_data_preview_names_the_shape(tiny_run_inputs, tmp_path, capsys) -> None:
+    data = tmp_path / "alpaca.json"
+    data.write_text(json.dumps([{"instruction": "Capital of France?", "input": "", "output": "Paris"},
+                                {"instruction": "Translate", "input": "cat", "output": "chat"}]))
+    assert main(["data", str(data), "--model", str(tiny_run_inputs[0]), "--no-color"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("2 of 2 rows, Alpaca (instruction/input/output); trained tokens")
+    assert "### Input:\ncat" in printed  # rendered as the Alpaca prompt it names
+    assert main(["data", str(data), "--model", str(tiny_run_inputs[0]), "--no-color", "--chat"]) == 0
+    assert "rows, Alpaca (instruction/input/output), through the chat template;" in capsys.readouterr().out
 
 
 def test_export_gguf_merged_and_adapter(tiny_run_inputs, adapter_dir, tmp_path, capsys, monkeypatch) -> None:
@@ -301,3 +332,12 @@ def test_report_to_csv_from_the_command_line(tiny_run_inputs, tmp_path) -> None:
 
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert [r["kind"] for r in rows[:2]] == ["train", "train"] and rows[-1]["kind"] == "summary"
+
+
+def test_help_names_every_data_file_type() -> None:
+    from splice.cli import build_parser
+
+    parser = build_parser()
+    train = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    data_help = next(a.help for a in train._actions if "--data" in a.option_strings)
+    assert all(kind in data_help for kind in (".jsonl", ".json,", ".csv", ".parquet", "save_to_disk"))

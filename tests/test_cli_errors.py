@@ -163,7 +163,17 @@ ROWS: list = [
     ("resume-nothing", lambda f: _train(f, "--resume"), 2, "holds no run to resume"),
     # usage
     ("flag-not-a-number", lambda f: _train(f, "--rank", "eight"), 2, "argument --rank: invalid int value"),
-    ("flag-unknown", lambda f: _train(f, "--bogus"), 2, "unrecognized arguments: --bogus"),
+    ("flag-unknown", lambda f: _train(f, "--bogus"), 2, "unrecognized arguments: --bogus (see"),
+    # other trainers' names for splice's options (PEFT, TRL/transformers, axolotl)
+    ("flag-from-peft", lambda f: _train(f, "--lora-r", "8"), 2,
+     "unrecognized arguments: --lora-r 8; did you mean --rank?"),
+    ("flag-from-trl", lambda f: _train(f, "--num-train-epochs", "1"), 2, "did you mean --epochs?"),
+    ("flag-learning-rate", lambda f: _train(f, "--learning-rate", "1e-4"), 2, "did you mean --lr?"),
+    ("flag-with-underscores", lambda f: _train(f, "--output_dir=runs/x"), 2, "did you mean --output-dir?"),
+    ("flag-misspelt", lambda f: _train(f, "--ouput-dir", "x"), 2, "did you mean --output-dir?"),
+    ("flags-from-two-trainers", lambda f: _train(f, "--lora-alpha", "16", "--per-device-train-batch-size", "2"),
+     2, "did you mean --alpha (for --lora-alpha), --batch-size (for --per-device-train-batch-size)?"),
+    ("flag-of-another-command", lambda f: _gen(f, "--lora-r", "8"), 2, "unrecognized arguments: --lora-r 8 (see"),
 ]
 
 
@@ -241,3 +251,6 @@ def test_full_disk_is_a_runtime_error_and_leaves_no_temporary_checkpoint(files: 
     assert re.search(r"could not write checkpoint|File too large", lines[0]), lines[0]
     assert "Traceback" not in proc.stderr
     assert not list(out.glob("checkpoints/.tmp-step-*"))
+    # stderr is a pipe: every progress bar (splice's, and Hugging Face's "Loading weights") printed
+    # plain lines, no carriage returns
+    assert "\r" not in proc.stderr and "Loading weights" not in proc.stderr

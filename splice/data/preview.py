@@ -82,7 +82,7 @@ def preview_rows(
     data = tokenize_rows(shown, tokenizer, template=template, max_length=max_length,
                          train_on_prompt=train_on_prompt)
     marks = "green" if color else "[[ ]]"
-    blocks = [f"{len(shown)} of {len(rows)} rows ({shape or type(template).__name__}); trained tokens in {marks}"
+    blocks = [f"{len(shown)} of {len(rows)} rows, {shape or type(template).__name__}; trained tokens in {marks}"
               + (f"; {data.dropped} dropped (prompt >= max_length {max_length})" if data.dropped else "")]
     for number, example in enumerate(data.examples, start=1):
         trained = sum(label != IGNORE_INDEX for label in example.labels)

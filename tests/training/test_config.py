@@ -179,3 +179,20 @@ def test_steps_epochs_or_the_default() -> None:
     assert TrainConfig(epochs=3).total_steps(7) == 21  # epochs alone are not ignored
     assert TrainConfig(epochs=3, grad_accum=2).total_steps(7) == 11
     assert TrainConfig(epochs=0.1).total_steps(7) == 1
+
+
+def test_from_sources_flags_over_the_file(tmp_path) -> None:
+    config_file = tmp_path / "run.toml"
+    config_file.write_text("[train]\nrank = 4\nalpha = 8\nepochs = 2\n")
+    config = TrainConfig.from_sources({"rank": 8, "alpha": None, "steps": 5}, config_file=config_file)
+    assert (config.rank, config.alpha, config.steps, config.epochs) == (8, 8.0, 5, None)
+    assert TrainConfig.from_sources({"steps": 0}).epochs == 1.0
+    with pytest.raises(UsageError, match="both steps \\(3\\) and epochs \\(1\\) given in the flags"):
+        TrainConfig.from_sources({"steps": 3, "epochs": 1})
+
+
+def test_user_data_defaults_to_epochs() -> None:
+    assert TrainConfig(data="rows.jsonl").epochs_planned() == 3.0
+    assert TrainConfig(data="rows.jsonl").total_steps(7) == 21
+    assert TrainConfig(data="rows.jsonl", steps=4).total_steps(7) == 4
+    assert TrainConfig().epochs_planned() is None  # the embedded task counts steps

@@ -53,7 +53,7 @@ def test_fragmentation_puts_expandable_segments_first(monkeypatch) -> None:
 @pytest.mark.parametrize("device", DEVICES)
 def test_out_of_memory_in_a_step_stops_with_the_line_and_keeps_the_checkpoint(
         tiny_run_inputs, tmp_path, monkeypatch, device: str) -> None:
-    import splice.training.loop as loop_module
+    import splice.training.setup as loop_module
 
     real = loop_module.train_step_loss
     calls = {"n": 0}
