@@ -48,8 +48,11 @@ _HELP = {
     "schedule": "cosine, linear or constant (after warmup)", "warmup_steps": "linear warmup steps",
     "batch_size": "examples per micro-batch", "grad_accum": "micro-batches per optimizer step",
     "max_grad_norm": "gradient clipping norm (0: off)", "max_length": "max tokens per example",
-    "max_rows": "use at most this many training rows", "val_fraction": f"share of --data held out for validation and scoring (default: 5%, at least "
-                    f"{MIN_HELD_OUT} rows while 80% is left to train)",
+    "max_rows": "use at most this many training rows",
+    "max_line_bytes": "longest line of a JSONL/CSV data file, in bytes (default: 16 MiB); a longer one is "
+                      "refused, file and line named",
+    "val_fraction": f"share of --data held out for validation and scoring (default: 5%%, at least "
+                    f"{MIN_HELD_OUT} rows while 80%% is left to train)",
     "pack": "pack short examples into max-length rows", "train_on_prompt": "loss on prompt tokens too",
     "precision": "auto, bf16 or fp32", "device": "auto, cpu, cuda, cuda:1 ...",
     "gradient_checkpointing": "recompute activations in backward (less memory)",
@@ -135,6 +138,8 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system-prompt", help=_HELP["system_prompt"])
     p.add_argument("--last-turn-only", action="store_true", help=_HELP["last_turn_only"])
     p.add_argument("--max-length", type=int, default=352, help="max tokens per example (default: 352)")
+    p.add_argument("--max-line-bytes", type=_at_least_one, default=TrainConfig.max_line_bytes,
+                   help=_HELP["max_line_bytes"])
 
 
 # Options of other trainers (transformers' TrainingArguments and TRL, axolotl, PEFT's LoraConfig),
@@ -231,13 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(p_train)
     p_train.set_defaults(run=commands.cmd_train)
 
-    def model_flags(p: argparse.ArgumentParser, *, adapter_required: bool = False) -> None:
+    def model_flags(p: argparse.ArgumentParser, *, adapter_required: bool = False, quantize: bool = True) -> None:
         p.add_argument("--model", default=None, help="base model (default: embedded SmolLM2-135M)")
         p.add_argument("--adapter", required=adapter_required, help="adapter directory (PEFT format)")
         p.add_argument("--device", default="auto")
-        p.add_argument("--quantize", choices=["nf4", "int8"], default=None,
-                       help="quantize the base as it loads (the adapter was trained on a quantized "
-                            "base: merge then writes its dequantized weights + adapter in bf16)")
+        if quantize:  # export's --quantize is the GGUF's block type instead
+            p.add_argument("--quantize", choices=["nf4", "int8"], default=None,
+                           help="quantize the base as it loads (the adapter was trained on a quantized "
+                                "base: merge then writes its dequantized weights + adapter in bf16)")
 
     p_gen = sub.add_parser("generate", help="generate text with a model and optional adapter")
     model_flags(p_gen)
@@ -285,11 +291,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_export = sub.add_parser("export", help="write a model (merged with --adapter) or an adapter alone "
                               "as GGUF for llama.cpp / Ollama")
-    model_flags(p_export)
+    model_flags(p_export, quantize=False)
     p_export.add_argument("--format", default="gguf", choices=["gguf"], help="output format (default: gguf)")
     p_export.add_argument("--output", required=True, help="the .gguf file to write")
+    p_export.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     p_export.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16"],
                           help="tensor type of the weights (default: f16)")
+    p_export.add_argument("--quantize", choices=["q8_0", "q4_k"], default=None,
+                          help="store the 2-D weights in llama.cpp's Q8_0 or Q4_K blocks (a weight whose rows "
+                               "are not a multiple of 32 / 256 values stays in --outtype)")
     p_export.add_argument("--adapter-only", action="store_true",
                           help="write only the adapter, as a llama.cpp GGUF LoRA (use with the base GGUF)")
     p_export.set_defaults(run=commands.cmd_export)

@@ -341,3 +341,12 @@ def test_help_names_every_data_file_type() -> None:
     train = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
     data_help = next(a.help for a in train._actions if "--data" in a.option_strings)
     assert all(kind in data_help for kind in (".jsonl", ".json,", ".csv", ".parquet", "save_to_disk"))
+
+
+def test_every_help_renders(capsys) -> None:
+    for command in ("train", "generate", "eval", "data", "export", "merge", "serve"):
+        with pytest.raises(SystemExit) as exited:
+            main([command, "--help"])
+        assert exited.value.code == 0
+    printed = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(default: 5%, at least 20 rows" in printed and "--predictions" in printed

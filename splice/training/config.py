@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from splice.core.errors import UsageError, one_line
-from splice.core.io import read_utf8
+from splice.core.io import MAX_LINE_BYTES, read_utf8
 
 __all__ = ["DEFAULT_EPOCHS", "DEFAULT_STEPS", "MANY_EPOCHS", "MIN_HELD_OUT", "RULES", "Rule", "TrainConfig",
            "check_options", "check_output_dir", "flag", "load_config_file", "save_run_config"]
@@ -64,6 +64,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     max_length: int = 352
     max_rows: int | None = None  # cap training rows (quick experiments)
+    max_line_bytes: int = MAX_LINE_BYTES  # a JSONL/CSV line longer than this is refused (file and line named)
     val_fraction: float | None = None  # None: 5%, at least MIN_HELD_OUT rows while 80% is left to train
     pack: bool = True  # several examples per max_length row: no compute wasted on padding
     train_on_prompt: bool = False
@@ -142,14 +143,11 @@ class TrainConfig:
             return self.steps or DEFAULT_STEPS
         return max(1, math.ceil(epochs * batches_per_epoch / self.grad_accum))
 
-    def held_out_rows(self, n_rows: int) -> int:
-        """Rows split off ``n_rows`` for validation and generation scoring (without ``val_data``).
-
-        ``val_fraction`` given: that share (at least one row when positive). By default 5%, but at
-        least MIN_HELD_OUT rows while that leaves 80% to train: a 46-row file holds out 9 rows,
-        not 2 (a score on 2 rows is noise), a 1,000-row file 50."""
-        if self.val_fraction is not None:
-            return 0 if self.val_fraction == 0 else max(1, round(n_rows * self.val_fraction))
+    @staticmethod
+    def held_out_rows(n_rows: int) -> int:
+        """Rows the default split (no ``val_data``, no ``val_fraction``) holds out of ``n_rows`` for
+        validation and generation scoring: 5%, but at least MIN_HELD_OUT rows while that leaves 80%
+        to train. A 46-row file holds out 9 rows, not 2 (a score on 2 rows is noise); 1,000 rows, 50."""
         return max(round(n_rows * _DEFAULT_VAL_FRACTION), min(MIN_HELD_OUT, n_rows // 5))
 
     @classmethod
@@ -330,6 +328,7 @@ RULES: tuple[Rule, ...] = (
          "norm would turn training into gradient ascent)"),
     Rule(("max_length",), lambda v: v >= 8, "must be >= 8"),
     Rule(("max_rows",), lambda v: v >= 1, "must be >= 1 (or unset for all rows)"),
+    Rule(("max_line_bytes",), lambda v: v >= 1, "must be >= 1"),
     Rule(("val_fraction",), lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
     Rule(("precision",), lambda v: v in ("auto", "bf16", "fp32"), "must be auto, bf16 or fp32"),
     Rule(("init",), _init_ok, "must be default, gaussian, pissa, pissa_niter_N (N >= 1) or olora"),
