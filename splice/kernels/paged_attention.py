@@ -22,7 +22,13 @@ decode at long context) the context is split into partitions whose partial resul
 sum, unnormalized output) a second small kernel merges. Programs find their sequence by a binary
 search over ``qsl`` on the device; the grid depends only on host ints (``T``, ``B``,
 ``max_query_len``, ``max_seq_len``), and programs past a sequence's length exit at once, so the call
-never syncs with the host and a CUDA graph can capture it with upper bounds.
+never syncs with the host and a CUDA graph can capture it with upper bounds. Any head_dim works
+(padded to a power of two >= 16 under masks: 80 and 96 too); fp16 / bf16 / fp32 (fp32: IEEE dots).
+
+H200, Llama-3-8B heads (32 q / 8 kv x 128, bf16, block 16; benchmarks/paged_attention.py, CUDA
+graphs): decode batch 128 x 4,096 context 503 us = 4.27 TB/s (torch SDPA over dense un-paged
+tensors: 468 us), batch 32 x 1,024 43 us (SDPA 35), batch 1 x 4,096 13 us (SDPA 9.5); a full
+2,048-token prefill 190 TFLOP/s (SDPA/FlashAttention 417).
 
 :func:`paged_attention_reference` is plain PyTorch, one sequence at a time (each sequence's K/V
 gathered once, one masked fp32 attention per sequence); it is also the CPU path.
@@ -43,7 +49,8 @@ try:  # Triton only ships with CUDA builds of torch; the CPU path needs none.
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-__all__ = ["paged_attention", "paged_attention_reference", "write_kv"]
+__all__ = ["KernelConfig", "default_config", "paged_attention", "paged_attention_reference", "paged_attention_triton",
+           "write_kv"]
 
 
 def write_kv(key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor, slot_mapping: Tensor) -> None:
@@ -142,7 +149,8 @@ def paged_attention(
     ``max_query_len`` / ``max_seq_len`` are host upper bounds on ``L_b`` / ``n_b`` that size the
     grid (any upper bound is correct). Returns ``(T, Hq, D)`` in q's dtype (``out`` when given).
     """
-    fn = paged_attention_triton if triton is not None and use_triton(q, key_cache) else paged_attention_reference
+    kernels = triton is not None and use_triton(q, key_cache)
+    fn = paged_attention_triton if kernels else paged_attention_reference
     return fn(q, key_cache, value_cache, block_tables=block_tables, seq_lens=seq_lens,
               query_start_loc=query_start_loc, scale=scale, max_query_len=max_query_len,
               max_seq_len=max_seq_len, window=window, softcap=softcap, out=out)
@@ -152,7 +160,9 @@ def paged_attention(
 class KernelConfig:
     """Tile sizes of the Triton path. A tile is ``block_q`` query tokens x the group's heads
     (padded to >= 16 rows); ``block_n`` keys per inner step; the context is split into partitions
-    of >= ``min_partition`` keys only while that brings the programs up to ``programs_per_sm`` per SM."""
+    of >= ``min_partition`` keys only while that brings the programs up to ``programs_per_sm`` per SM.
+    ``unmasked_steps``: the steps below the causal edge run in a second loop without masks (prefill
+    tiles: +30% on the H200; decode: the second loop's buffers cost occupancy, -10% at batch 128)."""
 
     block_q: int
     block_n: int
@@ -160,6 +170,7 @@ class KernelConfig:
     num_stages: int
     min_partition: int = 128
     programs_per_sm: int = 2
+    unmasked_steps: bool = False
 
 
 def _pow2(n: int) -> int:
@@ -174,7 +185,7 @@ def default_config(*, decode: bool, group: int, head_dim: int) -> KernelConfig:
         return KernelConfig(block_q=max(1, 16 // g_pad), block_n=32 if wide else 64, num_warps=4, num_stages=3)
     rows = 64 if wide else 128
     return KernelConfig(block_q=max(1, rows // g_pad), block_n=32 if wide else 64, num_warps=rows // 16,
-                        num_stages=2)
+                        num_stages=2, unmasked_steps=True)
 
 
 def _partition_len(cfg: KernelConfig, *, tiles: int, max_seq_len: int, device: torch.device) -> int:
@@ -219,8 +230,8 @@ def paged_attention_triton(
         q.stride(0), q.stride(1), result.stride(0), result.stride(1), *key_cache.stride()[:3],
         *value_cache.stride()[:3], block_tables.stride(0), GROUP=group, G_PAD=g_pad, BLOCK_Q=cfg.block_q,
         ROWS=max(16, cfg.block_q * g_pad), BLOCK_N=cfg.block_n, BS=block_size, D=d, D_PAD=d_pad,
-        SPLIT=partial is not None, SOFTCAP=softcap > 0, WINDOW=window > 0, IEEE=key_cache.dtype == torch.float32,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        SPLIT=partial is not None, SOFTCAP=softcap > 0, WINDOW=window > 0,
+        IEEE=key_cache.dtype == torch.float32, UNMASKED=cfg.unmasked_steps and window == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if partial is not None:
         _reduce_kernel[(tokens, hq)](
             result, *partial, seq_lens, query_start_loc, seqs, tokens * hq * parts, window, part_len, parts,
@@ -271,7 +282,7 @@ if triton is not None:
         v = tl.load(v_at + block[:, None] * stride_vb + (kpos % BS)[:, None] * stride_vt + dd[None, :],
                     mask=k_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, D_PAD)
         s = _dot(q, k, IEEE) * qk_scale
-        if SOFTCAP:  # s natural here, cap = softcap log2(e): cap tanh(s / softcap), tanh(x) = 1 - 2 / (e^2x + 1)
+        if SOFTCAP:  # s natural here, cap = softcap log2(e): cap tanh(s / softcap), tanh x = 1 - 2 / (e^2x + 1)
             two_x_log2e = s * (2.0 * 1.4426950408889634 * 1.4426950408889634 / cap)  # 2 x log2(e)
             s = cap * (1.0 - 2.0 / (tl.exp2(two_x_log2e) + 1.0))  # saturates cleanly at +-cap
         if MASK:
@@ -298,6 +309,7 @@ if triton is not None:
         stride_vh, stride_bt, GROUP: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
         ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
         SPLIT: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, IEEE: tl.constexpr,
+        UNMASKED: tl.constexpr,
     ):
         # program (tile, kv head h, partition): rows r = (query m = r // G_PAD, head h * GROUP + r % G_PAD)
         tile, h, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -319,9 +331,9 @@ if triton is not None:
             key_begin = tl.maximum(key_begin, (first_pos + first_q - window + 1) // BLOCK_N * BLOCK_N)
         if key_begin >= key_end:
             return  # no row of this tile sees this partition (the reduce skips it too)
-        # keys below full_end are visible to every row: no mask there (a window masks every step)
+        # UNMASKED: keys below full_end are visible to every row, stepped without masks (no window)
         full_end = key_begin
-        if not WINDOW:
+        if UNMASKED:
             visible = tl.minimum(key_end, first_pos + first_q + 1) - key_begin
             full_end = key_begin + tl.maximum(visible, 0) // BLOCK_N * BLOCK_N
         dd = tl.arange(0, D_PAD)
@@ -333,14 +345,15 @@ if triton is not None:
         l_i = tl.zeros((ROWS,), dtype=tl.float32)
         table = tables_ptr + b.to(tl.int64) * stride_bt
         k_at, v_at = k_ptr + h * stride_kh, v_ptr + h * stride_vh
-        for start in range(key_begin, full_end, BLOCK_N):
-            acc, m_i, l_i = _keys_step(acc, m_i, l_i, q, start, key_end, pos, table, k_at, v_at, dd, d_ok, window,
-                                       qk_scale, cap, stride_kb, stride_kt, stride_vb, stride_vt, BLOCK_N, BS,
-                                       SOFTCAP, WINDOW, IEEE, False)
+        if UNMASKED:  # (a constexpr branch: without it the kernel has one loop)
+            for start in range(key_begin, full_end, BLOCK_N):
+                acc, m_i, l_i = _keys_step(acc, m_i, l_i, q, start, key_end, pos, table, k_at, v_at, dd, d_ok,
+                                           window, qk_scale, cap, stride_kb, stride_kt, stride_vb, stride_vt,
+                                           BLOCK_N, BS, SOFTCAP, WINDOW, IEEE, False)
         for start in range(full_end, key_end, BLOCK_N):
-            acc, m_i, l_i = _keys_step(acc, m_i, l_i, q, start, key_end, pos, table, k_at, v_at, dd, d_ok, window,
-                                       qk_scale, cap, stride_kb, stride_kt, stride_vb, stride_vt, BLOCK_N, BS,
-                                       SOFTCAP, WINDOW, IEEE, True)
+            acc, m_i, l_i = _keys_step(acc, m_i, l_i, q, start, key_end, pos, table, k_at, v_at, dd, d_ok,
+                                       window, qk_scale, cap, stride_kb, stride_kt, stride_vb, stride_vt,
+                                       BLOCK_N, BS, SOFTCAP, WINDOW, IEEE, True)
         rows = (q_start + m).to(tl.int64)
         if SPLIT:  # unnormalized partial output + (max, sum) for the reduce; [t, head, part] of (T, Hq, P)
             at = (rows * (tl.num_programs(1) * GROUP) + head) * parts + part

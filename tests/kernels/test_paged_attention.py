@@ -28,9 +28,10 @@ BS = 16  # block size
 TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 1e-2), torch.float16: (2e-3, 2e-3)}  # atol, rtol
 
 # (seq_len, query rows) per sequence: decodes, chunked prefills, a full prefill; odd lengths
-MIXED = [(1, 1), (BS - 1, 1), (BS + 1, 1), (1000, 1), (BS + 1, BS + 1), (40, 7), (1000, 37), (BS, BS - 1)]
+MIXED = [(1, 1), (BS - 1, 1), (BS + 1, 1), (1000, 1), (BS + 1, BS + 1), (40, 7), (1000, 37), (BS, BS - 1),
+         (129, 3)]
 DECODES = [(n, 1) for n in (1, 5, BS, 33, 300, 1000)]
-PREFILL = [(130, 130), (70, 23)]
+PREFILL = [(130, 130), (70, 23), (200, 74)]  # chunks at positions 126 + 32 i: tiles ending just below a 64-key edge
 
 
 @dataclass
@@ -149,10 +150,13 @@ def test_kernel_matches_dense_attention(spec, dtype: torch.dtype, device: str) -
     check(got, case, dtype, scale=scale, window=window, softcap=softcap)
 
 
-# split-KV into many partitions (the reduce kernel), tiles of one query token, 128-key steps
+# split-KV into many partitions (the reduce kernel), tiles of one query token, 128-key steps, unmasked
+# steps below the causal edge (alone and with partitions)
 CONFIGS = [KernelConfig(block_q=2, block_n=32, num_warps=4, num_stages=2, min_partition=32, programs_per_sm=64),
            KernelConfig(block_q=1, block_n=128, num_warps=4, num_stages=1, min_partition=128, programs_per_sm=64),
-           KernelConfig(block_q=16, block_n=16, num_warps=4, num_stages=1)]
+           KernelConfig(block_q=16, block_n=16, num_warps=4, num_stages=1, unmasked_steps=True),
+           KernelConfig(block_q=4, block_n=32, num_warps=4, num_stages=1, unmasked_steps=True, min_partition=64,
+                        programs_per_sm=64)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
