@@ -1,57 +1,133 @@
-"""Multi-adapter serving benchmark: decode speed with many adapters, and the HTTP server under load.
+"""Generation benchmark of :mod:`splice.engine` on one card (issue 26, item 7): one run, a table, JSON.
 
-Part 1 (decode): a Llama-3-8B-shaped model with random bf16 weights, ``--batch`` requests decoded
-together by :class:`splice.generation.engine.Engine`: no adapter, then ``--adapters`` distinct r16
-adapters (one per request; q/k/v/o and all-linear) through the multi-LoRA bank; then PEFT on the
-same base with the same number of adapters in one mixed batch (``adapter_names=``, HF generate)
-and PEFT with its adapters disabled. Decode tok/s counts generated tokens over the decode steps
-only (prefill excluded; CUDA synchronised around the timed region).
+A Llama-3-8B-shaped model with random bf16 weights is built on the GPU once and reused by every
+part; its EOS ids are emptied (the tokenizer has none, ``generation_config.eos_token_id`` is None),
+so every request generates exactly ``max_tokens``. Parts (``--parts``), in this order, each under
+its own time limit (``--limit-PART`` seconds: a part that runs out keeps the rows it measured):
 
-Part 2 (HTTP): the same model behind ``splice.serve`` (uvicorn, in this process) and an open-loop
-Poisson load of completion requests spread over 1, 8 and 64 adapters (64 > ``--gpu-adapters``:
-adapters move in from host memory on demand). Reports p50/p99 latency and output tok/s.
+- ``bandwidth``: the card's device-to-device copy bandwidth, bytes read + written / time: the roofline.
+- ``hf``: Hugging Face ``generate`` (greedy, ``cache_implementation="static"`` where it works) at the
+  decode batches and contexts of ``--hf-*``; decode time per step = (time of 1 + n tokens - time of
+  1 token) / n.
+- ``peft``: PEFT with ``--peft-adapters`` r16 all-linear adapters in one mixed batch
+  (``adapter_names=``) vs the same PEFT model with its adapters disabled.
+- ``decode``: the engine (CUDA graphs on) at every ``--decode-batches`` x ``--decode-contexts``,
+  plus the first batch-32-like row with ``--decode-adapters`` adapters through the LoRA bank. Only
+  decode steps are timed (every request prefilled first, CUDA synchronised around the timed steps):
+  tok/s, ms per step, bytes read per step (weights + KV of the live contexts + the LoRA slots in use)
+  and the fraction of the roofline (bytes / bandwidth over the measured step time). One engine per
+  context with its KV pool sized explicitly (``kv_blocks``); a batch whose KV cannot fit is skipped
+  with a note.
+- ``offline``: a ShareGPT-like synthetic workload (fixed seed; prompt and output lengths uniform in
+  ``--offline-prompt`` / ``--offline-output``) submitted at once, with 0 and each of
+  ``--offline-adapters`` distinct r16 all-linear adapters (requests round-robin over them, all
+  resident in a :class:`~splice.lora.bank.LoraBank`): output tok/s and the ratio to 0 adapters. A run
+  that reaches its share of the time limit stops there (``truncated``) and counts what it generated.
+- ``http``: ``splice.serve`` (Service + uvicorn, in this process) under open-loop Poisson load at
+  rising ``--http-rates``, streamed over SSE by httpx in a separate client process (so the client
+  does not share the server's GIL); offered vs delivered tok/s, TTFT and inter-token latency
+  (gaps between streamed chunks) p50 / p99. It stops after the first rate the server does not hold
+  (not every request complete, or delivered < 85% of offered): the saturation rate.
+- ``nf4``: the engine at ``--nf4-batches`` (short context) in bf16, then the same after
+  :func:`splice.quant.linear.quantize_nf4` (in place: this part runs last).
 
-Prints a table and writes JSON (``--json``). ``--tiny`` runs a 2-layer toy on the CPU (a smoke
-test of the harness; its figures mean nothing).
+``--tiny`` runs a 2-layer toy on the CPU with small sizes (a smoke test of the harness; its
+figures mean nothing). ``benchmarks/serve_device.sh`` is the device run.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import math
 import platform
 import random
 import statistics
+import subprocess
+import sys
 import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from splice.generation.engine import Engine, Request, SamplingParams
-from splice.lora.bank import HostAdapter, LoraBank, add_bank_sites
-from splice.serve.service import linear_paths
+PARTS = ("bandwidth", "hf", "peft", "decode", "offline", "http", "nf4")  # run order (nf4 quantizes in place)
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+BLOCK = 16  # KV block size (the engine's default)
+GIB = 1 << 30
 
-QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
-ALL = (*QKVO, "gate_proj", "up_proj", "down_proj")
+# Sizes of a full run (H200, ~8 minutes in all) and of --tiny (CPU smoke test); options override.
+FULL: dict[str, Any] = dict(
+    layers=32, bandwidth_gb=4.0, token_budget=8192,
+    decode_batches="1,32,128", decode_contexts="16,1024,4096", decode_steps=32, decode_adapters="8",
+    offline_requests=1000, offline_prompt="50,1000", offline_output="50,500", offline_adapters="8,64",
+    offline_max_seqs=256,
+    http_rates="8,16,32,64,128", http_seconds=8.0, http_prompt="50,500", http_output="32,128", http_max_seqs=128,
+    hf_batches="1,32", hf_contexts="16,1024", hf_steps=16, hf_cache="static",
+    peft_adapters=8, peft_batch=32, peft_context=16, peft_steps=8,
+    nf4_batches="1,32", nf4_context=16,
+    limit_bandwidth=10, limit_hf=45, limit_peft=35, limit_decode=110, limit_offline=120, limit_http=90,
+    limit_nf4=45,
+)
+TINY: dict[str, Any] = dict(
+    FULL, layers=2, bandwidth_gb=0.064, token_budget=64,
+    decode_batches="1,4,8", decode_contexts="16,48,96", decode_steps=3, decode_adapters="2",
+    offline_requests=12, offline_prompt="10,60", offline_output="4,12", offline_adapters="2,4", offline_max_seqs=8,
+    http_rates="20,40", http_seconds=0.5, http_prompt="8,24", http_output="4,8", http_max_seqs=8,
+    hf_batches="1,4", hf_contexts="16,48", hf_steps=2, peft_adapters=2, peft_batch=4, peft_steps=2,
+    nf4_batches="1,4", **{f"limit_{p}": 300 for p in PARTS},
+)
 
 
-def _sync(device: torch.device) -> None:
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
-def build_model(tiny: bool, layers: int, device: torch.device) -> LlamaForCausalLM:
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class OutOfTime(Exception):
+    """A part reached its time limit (the rows measured so far stay)."""
+
+
+class Deadline:
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+    def check(self, where: str) -> None:
+        if self.left() <= 0:
+            raise OutOfTime(where)
+
+
+# ---- the model and what a step reads --------------------------------------------------------------
+def build_model(*, tiny: bool, layers: int, device: torch.device) -> LlamaForCausalLM:
+    """Random N(0, 0.02) weights, bf16 on the GPU (fp32 for --tiny); no EOS ever fires."""
     if tiny:
-        config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024)
+        config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=512, max_position_embeddings=4096)
     else:  # Llama-3-8B shape
         config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
                              num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                              max_position_embeddings=8192, rope_theta=500000.0)
+    config.bos_token_id = config.eos_token_id = config.pad_token_id = None
     config._attn_implementation = "sdpa"
     dtype = torch.float32 if tiny else torch.bfloat16
     torch.manual_seed(0)
@@ -65,244 +141,723 @@ def build_model(tiny: bool, layers: int, device: torch.device) -> LlamaForCausal
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.02)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
     return model.eval()
 
 
 def tokenizer_for(vocab: int) -> PreTrainedTokenizerFast:
+    """Word ``tN`` is token N; no special tokens (nothing is skipped when decoding, no EOS)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    vocab_map = {f"t{i}": i for i in range(vocab)}
-    tok = Tokenizer(models.WordLevel(vocab_map, unk_token="t1"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", eos_token="t2", unk_token="t1")
+    backend = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t1"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend)
 
 
-def random_adapter(model: torch.nn.Module, name: str, targets: tuple[str, ...], rank: int, seed: int, *,
-                   device: torch.device, host: bool = False) -> HostAdapter:
-    """Random r-``rank`` weights on ``targets`` (made on ``device``; moved to host memory if ``host``)."""
+def tensor_bytes(t: Tensor) -> int:
+    """Bytes a tensor holds; a tensor subclass (NF4) counts its inner tensors."""
+    if hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, name)) for name in names)
+    return t.numel() * t.element_size()
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of weights a decode step reads: every parameter but the input embedding table (a step
+    gathers only its rows), unless the output head shares it."""
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) in seen or (p is embed and p is not head):
+            continue
+        seen.add(id(p))
+        total += tensor_bytes(p)
+    return total
+
+
+def kv_bytes_per_token(model: nn.Module) -> int:
+    config: Any = model.config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    element = model.get_input_embeddings().weight.element_size()
+    return 2 * config.num_hidden_layers * (config.num_key_value_heads or heads) * head_dim * element
+
+
+def random_ids(count: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (count, length), generator=g).tolist()
+
+
+def adapter_paths(model: nn.Module) -> list[str]:
+    """The all-linear targets: every q/k/v/o/gate/up/down projection (under any wrapper)."""
+    from splice.lora.adapter_file import base_shape
+
+    return [path for path, module in model.named_modules()
+            if path.rsplit(".", 1)[-1] in ALL_LINEAR and base_shape(module) is not None]
+
+
+def random_adapter(model: nn.Module, name: str, *, rank: int, seed: int, device: torch.device) -> Any:
+    """A random r-``rank`` all-linear adapter (A ~ N(0, 1/K), B small), its weights on ``device``."""
+    from splice.lora.adapter_file import base_shape
+    from splice.lora.bank import HostAdapter
+
     g = torch.Generator(device=device).manual_seed(seed)
-    dtype = next(model.parameters()).dtype
+    dtype = model.get_input_embeddings().weight.dtype
     modules = dict(model.named_modules())
     weights = {}
-    for path in linear_paths(model):
-        if path.rsplit(".", 1)[-1] in targets:
-            base = modules[path]
-            while hasattr(base, "base"):
-                base = base.base
-            k, n = base.in_features, base.out_features
-            a = torch.randn(rank, k, generator=g, device=device, dtype=dtype) / math.sqrt(k)
-            b = torch.randn(n, rank, generator=g, device=device, dtype=dtype) * (0.02 / rank)
-            weights[path] = (a.cpu().pin_memory() if host and device.type == "cuda" else a,
-                             b.cpu().pin_memory() if host and device.type == "cuda" else b)
+    for path in adapter_paths(model):
+        k, n = base_shape(modules[path]) or (0, 0)
+        a = torch.randn(rank, k, generator=g, device=device, dtype=dtype) / math.sqrt(k)
+        b = torch.randn(n, rank, generator=g, device=device, dtype=dtype) * (0.02 / rank)
+        weights[path] = (a, b)
     return HostAdapter(name=name, weights=weights, rank=rank)
 
 
-def decode_tok_s(engine: Engine, prompts: list[list[int]], adapters: list[str | None], new_tokens: int) -> float:
-    """Generated tokens per second over the decode steps (all requests admitted first)."""
-    done = []
-    for ids, adapter in zip(prompts, adapters):
-        engine.submit(Request(prompt_ids=ids, adapter=adapter, on_event=lambda t, r: done.append(r) if r else None,
-                              params=SamplingParams(max_tokens=new_tokens)))
-    with torch.inference_mode():
-        engine._admit()  # prefill every request (not timed)
-    _sync(engine.device)
-    start, steps = time.perf_counter(), 0
-    while engine.busy:
-        engine.step()
-        steps += 1
-    _sync(engine.device)
-    elapsed = time.perf_counter() - start
-    assert len(done) == len(prompts), "every request finishes"
-    return len(prompts) * new_tokens / elapsed
-
-
-def peft_tok_s(model: torch.nn.Module, prompts: torch.Tensor, names: list[str] | None, new_tokens: int) -> float:
-    """Decode tok/s of HF generate: (time of 1 + n tokens - time of 1 token) / n steps."""
-    kwargs: dict[str, Any] = {"attention_mask": torch.ones_like(prompts), "pad_token_id": 0, "do_sample": False}
-    if names is not None:
-        kwargs["adapter_names"] = names
-
-    def timed(tokens: int) -> float:
-        _sync(prompts.device)
-        start = time.perf_counter()
-        model.generate(prompts, max_new_tokens=tokens, min_new_tokens=tokens, **kwargs)
-        _sync(prompts.device)
-        return time.perf_counter() - start
-
-    with torch.inference_mode():
-        timed(2)  # warm-up
-        prefill = min(timed(1) for _ in range(2))
-        total = timed(new_tokens + 1)
-    return prompts.shape[0] * new_tokens / max(total - prefill, 1e-9)
-
-
-def part_decode(args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any, device: torch.device) -> list[dict]:
-    rows: list[dict] = []
-    g = random.Random(0)
-    prompts = [[g.randrange(3, model.config.vocab_size) for _ in range(args.prompt_len)] for _ in range(args.batch)]
-    sites = add_bank_sites(model, linear_paths(model))
-    max_len = args.prompt_len + args.new_tokens + 8
-    dtype = next(model.parameters()).dtype
-    plain = Engine(model, tokenizer, max_batch=args.batch, max_len=max_len)  # no bank: the base model
-    plain.eos = set()  # random weights: decode exactly new_tokens tokens
-    decode_tok_s(plain, prompts, [None] * args.batch, args.new_tokens)  # warm-up (graphs captured)
-    base = decode_tok_s(plain, prompts, [None] * args.batch, args.new_tokens)
-    print(f"splice no adapter: {base:.0f} tok/s (graphs {plain.cuda_graphs}, {plain.graph_failure})", flush=True)
-    del plain
-    for targets, label in ((QKVO, "r16 q/k/v/o"), (ALL, "r16 all-linear")):
-        host = {f"a{i}": random_adapter(model, f"a{i}", targets, 16, seed=i, device=device)
-                for i in range(args.adapters)}
-        bank = LoraBank.for_sites(model, sites, capacity=args.adapters, rank=16, dtype=dtype)
-        engine = Engine(model, tokenizer, max_batch=args.batch, max_len=max_len, bank=bank,
-                        sites=list(sites.values()), adapters=host)
-        engine.eos = set()
-        names = [f"a{i % args.adapters}" for i in range(args.batch)]
-        decode_tok_s(engine, prompts, names, args.new_tokens)  # warm-up: kernels compile, graphs captured
-        mixed = decode_tok_s(engine, prompts, names, args.new_tokens)
-        rows.append({"part": "decode", "adapters": label, "framework": "splice", "none_tok_s": base,
-                     "mixed_tok_s": mixed, "ratio": mixed / base, "distinct": args.adapters, "batch": args.batch,
-                     "cuda_graphs": engine.cuda_graphs, "graph_failure": engine.graph_failure})
-        print(f"splice {label}: none {base:.0f} tok/s, {args.adapters} mixed {mixed:.0f} tok/s ({mixed / base:.2f}x)",
-              flush=True)
-        del engine, bank, host
-    return rows
-
-
-def part_peft(args: argparse.Namespace, model: torch.nn.Module) -> list[dict]:
-    """PEFT on the (un-rewritten) base: mixed adapters via adapter_names, and disabled adapters."""
-    import peft
-
-    rows: list[dict] = []
-    g = torch.Generator().manual_seed(1)
-    prompts = torch.randint(3, model.config.vocab_size, (args.batch, args.prompt_len), generator=g).to(model.device)
-    config = peft.LoraConfig(r=16, lora_alpha=32, target_modules=list(QKVO), init_lora_weights=False)
-    wrapped = peft.get_peft_model(model, config, adapter_name="a0")
-    for i in range(1, args.adapters):
-        wrapped.add_adapter(f"a{i}", config)
-    wrapped.eval()
-    names = [f"a{i % args.adapters}" for i in range(args.batch)]
-    mixed = peft_tok_s(wrapped, prompts, names, args.peft_tokens)
-    with wrapped.disable_adapter():
-        base = peft_tok_s(wrapped, prompts, None, args.peft_tokens)
-    rows.append({"part": "decode", "adapters": "r16 q/k/v/o", "framework": "peft", "none_tok_s": base,
-                 "mixed_tok_s": mixed, "ratio": mixed / base, "distinct": args.adapters, "batch": args.batch})
-    print(f"peft r16 q/k/v/o: none {base:.0f} tok/s, mixed {mixed:.0f} tok/s", flush=True)
-    wrapped.unload()  # the plain base modules back, for the parts after this one
-    return rows
-
-
-
-async def _poisson_load(url: str, args: argparse.Namespace, count: int, prompt: str) -> tuple[list[float], float]:
-    """Open-loop arrivals at ``args.rate``/s spread over ``count`` adapters; latencies and wall time."""
-    import httpx
-
-    rng = random.Random(count)
-    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
-        async def one(i: int) -> float:
-            start = time.perf_counter()
-            reply = await client.post("/completions", json={
-                "model": f"h{i % count}", "prompt": prompt, "max_tokens": args.http_tokens, "temperature": 0})
-            reply.raise_for_status()
-            return time.perf_counter() - start
-
-        await one(0)  # warm-up
-        tasks, start = [], time.perf_counter()
-        for i in range(args.http_requests):
-            tasks.append(asyncio.create_task(one(i)))
-            await asyncio.sleep(rng.expovariate(args.rate))
-        latencies = await asyncio.gather(*tasks)
-        return list(latencies), time.perf_counter() - start
-
-
-def _remove_sites(model: torch.nn.Module) -> None:
+def remove_sites(model: nn.Module) -> None:
+    """Take the bank sites off the model again (the other parts run the plain base)."""
     from splice.core.rewrite import unrewrite
     from splice.lora.bank import BankSite
 
     unrewrite(model, layer=lambda m: isinstance(getattr(m, "rewriter", None), BankSite))
 
 
-def http_run(args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any, count: int) -> dict:
-    from splice.serve.server import running
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    model: nn.Module
+    tokenizer: Any
+    device: torch.device
+    bandwidth: float | None = None  # bytes / s, once measured
+    report: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def vocab(self) -> int:
+        return int(self.model.config.vocab_size)
+
+    def kv_fits(self, nbytes: int) -> bool:
+        """Whether a KV pool of ``nbytes`` fits next to what is allocated (a margin kept for activations)."""
+        if self.device.type != "cuda":
+            return True
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return nbytes + 8 * GIB < free
+
+
+# ---- bandwidth -----------------------------------------------------------------------------------
+def part_bandwidth(bench: Bench, deadline: Deadline, record: dict[str, Any]) -> None:
+    nbytes = int(bench.args.bandwidth_gb * 1e9)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=bench.device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(10):
+        sync(bench.device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        sync(bench.device)
+        times.append(time.perf_counter() - start)
+        deadline.check("copies")
+    best, median = 2 * nbytes / min(times), 2 * nbytes / statistics.median(times)
+    bench.bandwidth = best
+    record["rows"].append({"bytes_copied": nbytes, "best_gb_s": best / 1e9, "median_gb_s": median / 1e9})
+    print(f"copy bandwidth: {best / 1e9:.0f} GB/s best, {median / 1e9:.0f} GB/s median ({nbytes / 1e9:.1f} GB)",
+          flush=True)
+
+
+def roofline(bench: Bench, row: dict[str, Any], *, weights: int, kv_tokens: float, lora: int = 0) -> None:
+    """Adds bytes per step and the fraction of the copy roofline to ``row`` (with ``step_ms``)."""
+    kv = int(kv_tokens * kv_bytes_per_token(bench.model))
+    row.update(weights_bytes=weights, kv_bytes=kv, lora_bytes=lora, bytes_per_step=weights + kv + lora)
+    if bench.bandwidth:
+        row["roofline_ms"] = row["bytes_per_step"] / bench.bandwidth * 1e3
+        row["roofline_fraction"] = row["roofline_ms"] / row["step_ms"]
+
+
+# ---- engine decode --------------------------------------------------------------------------------
+def make_engine(bench: Bench, *, max_seqs: int, max_len: int, bank: Any = None, sites: Any = (),
+                adapters: Any = None, max_waiting: int = 256) -> Any:
+    from splice.engine.engine import Engine
+
+    kv_blocks = max_seqs * -(-max_len // BLOCK) + 1
+    return Engine(bench.model, bench.tokenizer, max_seqs=max_seqs, max_len=max_len,
+                  token_budget=max(bench.args.token_budget, max_seqs), block_size=BLOCK, kv_blocks=kv_blocks,
+                  cuda_graphs=True, max_waiting=max(max_waiting, max_seqs), bank=bank, sites=sites,
+                  adapters=adapters)
+
+
+def drain(engine: Any, requests: Sequence[Any]) -> None:
+    for request in requests:
+        engine.cancel(request)
+    while engine.busy:
+        engine.step()
+
+
+def time_decode(engine: Any, prompts: list[list[int]], adapters: Sequence[str | None], *, steps: int,
+                deadline: Deadline) -> dict[str, Any]:
+    """Prefill ``prompts`` (not timed), 2 warm-up decode steps, then ``steps`` timed decode steps."""
+    from splice.engine.engine import Request
+    from splice.engine.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=engine.max_len)
+    requests = [Request(prompt_ids=p, params=params, adapter=a) for p, a in zip(prompts, adapters, strict=True)]
+    for request in requests:
+        engine.submit(request)
+    try:
+        while not all(r.generated or r.finished for r in requests):
+            engine.step()
+            deadline.check("prefill")
+        for _ in range(2):  # the batch's CUDA graph is captured here
+            engine.step()
+        ended = [r.finish_reason for r in requests if r.finished]
+        if ended:
+            raise RuntimeError(f"a request ended before the timed steps: {ended[0]}")
+        context = sum(len(s.tokens) for s in engine.scheduler.running)
+        sync(engine.runner.device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        sync(engine.runner.device)
+        elapsed = time.perf_counter() - start
+        if any(r.finished for r in requests):
+            raise RuntimeError("a request ended inside the timed steps: raise max_len")
+    finally:
+        drain(engine, requests)
+    return {"step_ms": elapsed / steps * 1e3, "tok_s": len(prompts) * steps / elapsed,
+            "kv_tokens": context + len(prompts) * (steps - 1) / 2,  # mean over the timed steps
+            "cuda_graphs": engine.runner.cuda_graphs, "graph_failure": engine.graph_failure}
+
+
+def decode_rows(bench: Bench, deadline: Deadline, record: dict[str, Any], *, context: int,
+                batches: Sequence[int], label: str) -> None:
+    """Rows for ``batches`` at ``context`` from one engine whose KV pool fits the largest batch that fits."""
+    args = bench.args
+    slack = -(-max(batches) * context // max(args.token_budget, 1)) + args.decode_steps + 16
+    max_len = context + slack  # prefill steps also decode the sequences admitted first
+    fitting = [b for b in batches if bench.kv_fits(b * -(-max_len // BLOCK) * BLOCK * kv_bytes_per_token(bench.model))]
+    for b in sorted(set(batches) - set(fitting)):
+        record["rows"].append({"label": label, "batch": b, "context": context,
+                               "skipped": "its KV pool does not fit the free memory"})
+        print(f"decode {label} b{b} ctx {context}: skipped (KV does not fit)", flush=True)
+    if not fitting:
+        return
+    engine = make_engine(bench, max_seqs=max(fitting), max_len=max_len)
+    weights = weight_bytes(bench.model)
+    prompts = random_ids(max(fitting), context, bench.vocab, seed=context)
+    try:
+        for batch in fitting:
+            deadline.check(f"{label} b{batch} ctx {context}")
+            timing = time_decode(engine, prompts[:batch], [None] * batch, steps=args.decode_steps, deadline=deadline)
+            row = {"label": label, "batch": batch, "context": context, **timing}
+            roofline(bench, row, weights=weights, kv_tokens=timing.pop("kv_tokens"))
+            record["rows"].append(row)
+            print(f"decode {label} b{batch} ctx {context}: {row['tok_s']:.0f} tok/s, {row['step_ms']:.2f} ms/step, "
+                  f"roofline {row.get('roofline_fraction', 0):.2f}", flush=True)
+    finally:
+        del engine
+        free_memory()
+
+
+def adapter_decode_row(bench: Bench, deadline: Deadline, record: dict[str, Any], *, count: int, batch: int,
+                       context: int) -> None:
+    """Decode at ``batch`` with ``count`` distinct r16 all-linear adapters (round-robin) through the bank."""
+    from splice.lora.bank import LoraBank, add_bank_sites
+
+    model, args = bench.model, bench.args
+    sites = add_bank_sites(model, adapter_paths(model))
+    try:
+        dtype = model.get_input_embeddings().weight.dtype
+        bank = LoraBank.for_sites(model, sites, capacity=count, rank=16, dtype=dtype)
+        host = {f"a{i}": random_adapter(model, f"a{i}", rank=16, seed=i, device=bench.device) for i in range(count)}
+        max_len = context + args.decode_steps + 32
+        engine = make_engine(bench, max_seqs=batch, max_len=max_len, bank=bank, sites=list(sites.values()),
+                             adapters=host)
+        names = [f"a{i % count}" for i in range(batch)]
+        timing = time_decode(engine, random_ids(batch, context, bench.vocab, seed=7), names,
+                             steps=args.decode_steps, deadline=deadline)
+        used = min(count, batch)
+        row = {"label": f"bf16 + {count} adapters", "batch": batch, "context": context, "adapters": count, **timing}
+        roofline(bench, row, weights=weight_bytes(model), kv_tokens=timing.pop("kv_tokens"),
+                 lora=bank.nbytes * used // count)
+        record["rows"].append(row)
+        print(f"decode {count} adapters b{batch}: {row['tok_s']:.0f} tok/s, {row['step_ms']:.2f} ms/step", flush=True)
+    finally:
+        remove_sites(model)
+        free_memory()
+
+
+def part_decode(bench: Bench, deadline: Deadline, record: dict[str, Any]) -> None:
+    args = bench.args
+    contexts, batches = ints(args.decode_contexts), ints(args.decode_batches)
+    middle = batches[len(batches) // 2]  # batch 32 of 1 / 32 / 128
+    for i, context in enumerate(contexts):  # the longest (slowest to prefill) last
+        decode_rows(bench, deadline, record, context=context, batches=batches, label="bf16")
+        for count in ints(args.decode_adapters) if i == 0 else []:
+            deadline.check(f"{count} adapters")
+            adapter_decode_row(bench, deadline, record, count=count, batch=middle, context=context)
+    short = {r["batch"]: r["tok_s"] for r in record["rows"]
+             if r["label"] == "bf16" and r["context"] == contexts[0] and "tok_s" in r}
+    for row in record["rows"]:
+        if "tok_s" in row and row["batch"] in short:
+            key = "vs_no_adapters" if "adapters" in row else "vs_short_context"
+            row[key] = row["tok_s"] / short[row["batch"]]
+
+
+# ---- offline throughput ---------------------------------------------------------------------------
+def warm(engine: Any, vocab: int, names: Sequence[str | None]) -> None:
+    """Runs decode batches of every CUDA-graph bucket (request i stops after about 12 - log2(i) tokens)
+    and compiles the kernels, before anything is timed."""
+    from splice.engine.sampling import SamplingParams
+
+    count = engine.runner.max_seqs
+    params = [SamplingParams(max_tokens=max(2, 3 + count.bit_length() - (i + 1).bit_length())) for i in range(count)]
+    rows = [names[i % len(names)] for i in range(count)] if any(names) else None  # None: graphs (no row routing)
+    engine.generate(random_ids(count, 8, vocab, seed=99), params, adapters=rows)
+
+
+def sharegpt_like(bench: Bench) -> tuple[list[list[int]], list[int]]:
+    """``--offline-requests`` prompts and output lengths, uniform in the ranges, fixed seed."""
+    args = bench.args
+    (p_lo, p_hi), (o_lo, o_hi) = ints(args.offline_prompt), ints(args.offline_output)
+    rng = random.Random(2024)
+    lengths = [rng.randint(p_lo, p_hi) for _ in range(args.offline_requests)]
+    outputs = [rng.randint(o_lo, o_hi) for _ in range(args.offline_requests)]
+    g = torch.Generator().manual_seed(2024)
+    prompts = [torch.randint(3, bench.vocab, (n,), generator=g).tolist() for n in lengths]
+    return prompts, outputs
+
+
+def offline_run(bench: Bench, deadline: Deadline, *, count: int, seconds: float) -> dict[str, Any]:
+    """The workload through one engine with ``count`` adapters (0: no bank); stops after ``seconds``."""
+    from splice.engine.engine import Request
+    from splice.engine.sampling import SamplingParams
+    from splice.lora.bank import LoraBank, add_bank_sites
+
+    model, args = bench.model, bench.args
+    prompts, outputs = sharegpt_like(bench)
+    max_len = max(map(len, prompts)) + max(outputs) + 1
+    names: list[str | None] = [f"a{i}" for i in range(count)] or [None]
+    extra: dict[str, Any] = {}
+    if count:
+        sites = add_bank_sites(model, adapter_paths(model))
+        dtype = model.get_input_embeddings().weight.dtype
+        extra = {"bank": LoraBank.for_sites(model, sites, capacity=count, rank=16, dtype=dtype),
+                 "sites": list(sites.values()),
+                 "adapters": {n: random_adapter(model, n, rank=16, seed=i, device=bench.device)
+                              for i, n in enumerate(names) if n is not None}}
+    engine = make_engine(bench, max_seqs=args.offline_max_seqs, max_len=max_len, max_waiting=len(prompts), **extra)
+    try:
+        warm(engine, bench.vocab, names)
+        requests = [Request(prompt_ids=p, params=SamplingParams(max_tokens=o), adapter=names[i % len(names)])
+                    for i, (p, o) in enumerate(zip(prompts, outputs, strict=True))]
+        stop = Deadline(seconds)
+        sync(bench.device)
+        start = time.perf_counter()
+        for request in requests:
+            engine.submit(request)
+        while engine.busy and stop.left() > 0:
+            engine.step()
+        sync(bench.device)
+        elapsed = time.perf_counter() - start
+        truncated = engine.busy
+        drain(engine, requests)
+        generated = sum(len(r.generated) for r in requests)
+        return {"adapters": count, "requests": len(requests), "finished": sum(r.finish_reason == "length" for r in requests),
+                "output_tokens": generated, "seconds": elapsed, "output_tok_s": generated / elapsed,
+                "total_tok_s": (generated + sum(map(len, prompts))) / elapsed if not truncated else None,
+                "truncated": truncated, "preemptions": engine.preemptions, "max_seqs": args.offline_max_seqs}
+    finally:
+        del engine
+        if count:
+            remove_sites(model)
+        free_memory()
+
+
+def part_offline(bench: Bench, deadline: Deadline, record: dict[str, Any]) -> None:
+    counts = [0, *ints(bench.args.offline_adapters)]
+    for i, count in enumerate(counts):
+        deadline.check(f"{count} adapters")
+        row = offline_run(bench, deadline, count=count, seconds=max(1.0, deadline.left() / (len(counts) - i) - 8))
+        base = record["rows"][0]["output_tok_s"] if record["rows"] else row["output_tok_s"]
+        row["ratio_to_0"] = row["output_tok_s"] / base
+        record["rows"].append(row)
+        print(f"offline {count} adapters: {row['output_tok_s']:.0f} output tok/s ({row['ratio_to_0']:.2f}x), "
+              f"{row['finished']}/{row['requests']} finished in {row['seconds']:.1f} s", flush=True)
+
+
+# ---- HTTP ---------------------------------------------------------------------------------------
+def make_service(bench: Bench, *, max_seqs: int, max_len: int) -> Any:
+    """serve's Service on the model, sized by whichever option names its constructor takes."""
+    import inspect
+
     from splice.serve.service import Service
 
-    service = Service(model, tokenizer, model_name="base", max_batch=args.batch, max_len=512,
-                      gpu_adapters=args.gpu_adapters, max_lora_rank=16)
-    device = next(model.parameters()).device
-    for i in range(count):  # kept in host memory; moved to the device bank on demand
-        adapter = random_adapter(model, f"h{i}", QKVO, 16, seed=100 + i, device=device, host=True)
-        service.host[adapter.name] = adapter
-        service.engine.adapters[adapter.name] = adapter
-    service.engine.eos = set()
-    words = " ".join(f"t{random.Random(count).randrange(3, 1000)}" for _ in range(args.prompt_len))
+    options = inspect.signature(Service).parameters
+    wanted = {"max_seqs": max_seqs, "max_batch": max_seqs, "max_len": max_len, "max_waiting": 8192,
+              "gpu_adapters": 1, "max_lora_rank": 16, "token_budget": max(bench.args.token_budget, max_seqs),
+              "kv_blocks": max_seqs * -(-max_len // BLOCK) + 1}
+    return Service(bench.model, bench.tokenizer, model_name="base",
+                   **{k: v for k, v in wanted.items() if k in options})
+
+
+def part_http(bench: Bench, deadline: Deadline, record: dict[str, Any]) -> None:
+    from splice.serve.server import running
+
+    args = bench.args
+    prompt, output = ints(args.http_prompt), ints(args.http_output)
+    service = make_service(bench, max_seqs=args.http_max_seqs, max_len=prompt[1] + output[1] + 1)
     try:
+        warm(service.engine, bench.vocab, [None])  # before the engine thread starts
         with running(service) as url:
-            latencies, wall = asyncio.run(_poisson_load(url, args, count, words))
+            spec = {"url": url, "rates": [float(r) for r in args.http_rates.split(",")], "seconds": args.http_seconds,
+                    "prompt": prompt, "output": output, "vocab": bench.vocab, "all": args.http_all,
+                    "budget": deadline.left() - 15}
+            proc = subprocess.run([sys.executable, __file__, "--client", json.dumps(spec)], capture_output=True,
+                                  text=True, timeout=max(deadline.left() - 5, 10), check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the load client failed: {proc.stderr[-2000:]}")
+        rows = json.loads(proc.stdout.strip().splitlines()[-1])
     finally:
-        _remove_sites(model)
-    latencies.sort()
-    row = {"part": "http", "adapters": count, "requests": args.http_requests, "rate_per_s": args.rate,
-           "max_tokens": args.http_tokens, "p50_s": statistics.median(latencies),
-           "p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
-           "out_tok_s": args.http_requests * args.http_tokens / wall,
-           "cuda_graphs": service.engine.cuda_graphs, "graph_failure": service.engine.graph_failure}
-    print(f"http {count} adapters: p50 {row['p50_s']:.3f}s p99 {row['p99_s']:.3f}s {row['out_tok_s']:.0f} tok/s",
-          flush=True)
-    return row
+        del service
+        remove_sites(bench.model)
+        free_memory()
+    record["rows"].extend(rows)
+    held = [r["rate_per_s"] for r in rows if r["held"]]
+    record["max_held_rate_per_s"] = max(held) if held else None
+    record["saturation_rate_per_s"] = next((r["rate_per_s"] for r in rows if not r["held"]), None)
+    for r in rows:
+        print(f"http {r['rate_per_s']:g} req/s: offered {r['offered_tok_s']:.0f} delivered {r['delivered_tok_s']:.0f} "
+              f"tok/s, TTFT p50 {r['ttft_p50_ms']:.0f} p99 {r['ttft_p99_ms']:.0f} ms, ITL p50 {r['itl_p50_ms']:.1f} "
+              f"p99 {r['itl_p99_ms']:.1f} ms, {r['completed']}/{r['requests']} complete", flush=True)
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def _one_stream(client: Any, words: str, max_tokens: int) -> dict[str, Any]:
+    """One streamed completion: its send time, (time, tokens) of every chunk with text, its error."""
+    start, chunks, error = time.perf_counter(), [], None
+    body = {"model": "base", "prompt": words, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    try:
+        async with client.stream("POST", "/completions", json=body) as reply:
+            if reply.status_code != 200:
+                error = f"HTTP {reply.status_code}: {(await reply.aread())[:200]!r}"
+            else:
+                async for line in reply.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        error = str(chunk["error"])[:200]
+                        break
+                    text = chunk["choices"][0]["text"]
+                    if text:
+                        chunks.append((time.perf_counter(), len(text.split())))  # word tN is one token
+    except Exception as failure:  # a failed request is counted, the load goes on
+        error = f"{type(failure).__name__}: {failure}"
+    return {"start": start, "chunks": chunks, "max_tokens": max_tokens, "error": error}
+
+
+async def load_at_rate(spec: dict[str, Any], rate: float, budget: float) -> dict[str, Any]:
+    """Open-loop Poisson arrivals at ``rate``/s for ``spec["seconds"]``; waits up to ``budget`` s in all."""
+    import httpx
+
+    rng = random.Random(int(rate * 1000))
+    count = max(2, round(rate * spec["seconds"]))
+    jobs = [(" ".join(f"t{rng.randrange(3, spec['vocab'])}" for _ in range(rng.randint(*spec["prompt"]))),
+             rng.randint(*spec["output"])) for _ in range(count)]
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(base_url=spec["url"], timeout=httpx.Timeout(None), limits=limits) as client:
+        await _one_stream(client, jobs[0][0], 4)  # a connection and the path warmed
+        tasks, start, at = [], time.perf_counter(), 0.0
+        for words, max_tokens in jobs:
+            await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+            tasks.append(asyncio.create_task(_one_stream(client, words, max_tokens)))
+            at += rng.expovariate(rate)
+        span = time.perf_counter() - start
+        done, pending = await asyncio.wait(tasks, timeout=max(1.0, budget - span))
+        for task in pending:
+            task.cancel()
+        results = [t.result() for t in done]
+    return load_stats(results, rate=rate, count=count, span=span, start=start,
+                      requested=sum(m for _, m in jobs))
+
+
+def load_stats(results: list[dict[str, Any]], *, rate: float, count: int, span: float, start: float,
+               requested: int) -> dict[str, Any]:
+    """One rate's row. ``delivered_tok_s``: tokens streamed in the last 3/4 of the arrival window per
+    second (the first quarter is ramp-up), against ``offered_tok_s`` = tokens asked for per second of
+    arrivals; the rate is held when every request completed and delivered >= 85% of offered.
+    ``throughput_tok_s``: every token over the whole run (first send to last token)."""
+    times = [[t for t, _ in r["chunks"]] for r in results]
+    ttft = [(ts[0] - r["start"]) * 1e3 for r, ts in zip(results, times) if ts]
+    itl = [(b - a) * 1e3 for ts in times for a, b in zip(ts, ts[1:])]
+    last = max((ts[-1] for ts in times if ts), default=start + span)
+    steady = start + span / 4
+    in_window = sum(n for r in results for t, n in r["chunks"] if steady <= t <= start + span)
+    tokens = sum(n for r in results for _, n in r["chunks"])
+    complete = sum(r["error"] is None and sum(n for _, n in r["chunks"]) == r["max_tokens"] for r in results)
+    offered, delivered = requested / max(span, 1e-9), in_window / max(span * 3 / 4, 1e-9)
+    errors = [r["error"] for r in results if r["error"] is not None]
+    return {"rate_per_s": rate, "requests": count, "completed": complete, "errors": len(errors) + count - len(results),
+            "first_error": errors[0] if errors else None, "arrival_span_s": span, "offered_tok_s": offered,
+            "delivered_tok_s": delivered, "throughput_tok_s": tokens / max(last - start, 1e-9),
+            "held": complete == count and delivered >= 0.85 * offered,
+            "ttft_p50_ms": quantile(ttft, 0.5), "ttft_p99_ms": quantile(ttft, 0.99),
+            "itl_p50_ms": quantile(itl, 0.5), "itl_p99_ms": quantile(itl, 0.99)}
+
+
+def client_main(spec: dict[str, Any]) -> None:
+    """The load client process: every rate in turn until one is not held; one JSON line of rows."""
+    rows: list[dict[str, Any]] = []
+    stop = Deadline(spec["budget"])
+    for rate in spec["rates"]:
+        if stop.left() <= 2:
+            break
+        row = asyncio.run(load_at_rate(spec, rate, stop.left()))
+        rows.append(row)
+        print(f"rate {rate}: {row}", file=sys.stderr, flush=True)
+        if not row["held"] and not spec["all"]:
+            break
+    print(json.dumps(rows))
+
+
+# ---- peers: Hugging Face generate, PEFT -----------------------------------------------------------
+def hf_step_s(model: nn.Module, ids: Tensor, *, steps: int, cache: str, **extra: Any) -> float:
+    """Seconds per decode step of ``generate`` (greedy): (time of 1 + steps tokens - time of 1) / steps."""
+    kwargs: dict[str, Any] = {"attention_mask": torch.ones_like(ids), "do_sample": False, "pad_token_id": 0, **extra}
+    if cache == "static":
+        kwargs.update(cache_implementation="static", disable_compile=True)
+
+    def timed(tokens: int) -> float:
+        sync(ids.device)
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, **kwargs)
+        sync(ids.device)
+        return time.perf_counter() - start
+
+    with torch.inference_mode():
+        timed(2)  # warm-up
+        first = min(timed(1) for _ in range(2))
+        total = timed(steps + 1)
+    return max(total - first, 1e-9) / steps
+
+
+def hf_timing(model: nn.Module, ids: Tensor, *, steps: int, cache: str, notes: list[str],
+              **extra: Any) -> tuple[float, str]:
+    """:func:`hf_step_s` with ``cache``, falling back to the dynamic cache where static fails."""
+    if cache == "static":
+        try:
+            return hf_step_s(model, ids, steps=steps, cache="static", **extra), "static"
+        except Exception as error:  # e.g. a transformers version without it
+            notes.append(f"static cache failed ({type(error).__name__}: {str(error)[:200]}); dynamic used")
+    return hf_step_s(model, ids, steps=steps, cache="dynamic", **extra), "dynamic"
+
+
+def part_hf(bench: Bench, deadline: Deadline, record: dict[str, Any]) -> None:
+    args, model = bench.args, bench.model
+    weights = weight_bytes(model)
+    for context in ints(args.hf_contexts):
+        for batch in ints(args.hf_batches):
+            deadline.check(f"b{batch} ctx {context}")
+            ids = torch.tensor(random_ids(batch, context, bench.vocab, seed=context), device=bench.device)
+            step, cache = hf_timing(model, ids, steps=args.hf_steps, cache=args.hf_cache, notes=record["notes"])
+            row = {"framework": "hf generate", "cache": cache, "batch": batch, "context": context,
+                   "step_ms": step * 1e3, "tok_s": batch / step}
+            roofline(bench, row, weights=weights, kv_tokens=batch * (context + args.hf_steps / 2))
+            record["rows"].append(row)
+            print(f"hf generate ({cache}) b{batch} ctx {context}: {row['tok_s']:.0f} tok/s, "
+                  f"{row['step_ms']:.2f} ms/step", flush=True)
+            free_memory()
+
+
+def part_peft(bench: Bench, deadline: Deadline, record: dict[str, Any]) -> None:
+    """PEFT on the base: ``--peft-adapters`` adapters mixed in one batch, then the adapters disabled."""
+    import inspect
+
+    import peft
+
+    args, count = bench.args, bench.args.peft_adapters
+    config = peft.LoraConfig(r=16, lora_alpha=32, target_modules=list(ALL_LINEAR), init_lora_weights=False)
+    options = {"autocast_adapter_dtype": False} if "autocast_adapter_dtype" in inspect.signature(
+        peft.get_peft_model).parameters else {}  # bf16 adapters like the base (PEFT's default casts to fp32)
+    wrapped = peft.get_peft_model(bench.model, config, adapter_name="a0", **options)
+    try:
+        for i in range(1, count):
+            wrapped.add_adapter(f"a{i}", config)
+        wrapped.eval()
+        ids = torch.tensor(random_ids(args.peft_batch, args.peft_context, bench.vocab, seed=5), device=bench.device)
+        names = [f"a{i % count}" for i in range(args.peft_batch)]
+        mixed, cache = hf_timing(wrapped, ids, steps=args.peft_steps, cache=args.hf_cache, notes=record["notes"],
+                                 adapter_names=names)
+        deadline.check("mixed adapters")
+        with wrapped.disable_adapter():
+            base, _ = hf_timing(wrapped, ids, steps=args.peft_steps, cache=cache, notes=record["notes"])
+    finally:
+        wrapped.unload()  # the plain base modules back, for the parts after this one
+        free_memory()
+    row = {"framework": "peft", "cache": cache, "adapters": count, "batch": args.peft_batch,
+           "context": args.peft_context, "mixed_tok_s": args.peft_batch / mixed, "none_tok_s": args.peft_batch / base,
+           "ratio": base / mixed}
+    record["rows"].append(row)
+    print(f"peft {count} adapters mixed b{args.peft_batch}: {row['mixed_tok_s']:.0f} tok/s vs disabled "
+          f"{row['none_tok_s']:.0f} ({row['ratio']:.2f}x)", flush=True)
+
+
+# ---- NF4 ----------------------------------------------------------------------------------------
+def part_nf4(bench: Bench, deadline: Deadline, record: dict[str, Any]) -> None:
+    """bf16 rows, then the base quantized to NF4 in place (this part runs last) and the same rows."""
+    from splice.quant.linear import quantize_nf4
+
+    args = bench.args
+    batches = ints(args.nf4_batches)
+    decode_rows(bench, deadline, record, context=args.nf4_context, batches=batches, label="bf16")
+    deadline.check("quantize")
+    with torch.no_grad():
+        quantize_nf4(bench.model)
+    free_memory()
+    decode_rows(bench, deadline, record, context=args.nf4_context, batches=batches, label="nf4")
+    bf16 = {r["batch"]: r for r in record["rows"] if r["label"] == "bf16" and "tok_s" in r}
+    for row in record["rows"]:
+        if row["label"] == "nf4" and "tok_s" in row and row["batch"] in bf16:
+            row["vs_bf16"] = row["tok_s"] / bf16[row["batch"]]["tok_s"]
+
+
+# ---- the run ------------------------------------------------------------------------------------
+def run_part(bench: Bench, name: str, fn: Callable[[Bench, Deadline, dict[str, Any]], None],
+             save: Callable[[], None]) -> None:
+    limit = float(getattr(bench.args, f"limit_{name}"))
+    record: dict[str, Any] = {"status": "ok", "limit_s": limit, "rows": [], "notes": []}
+    bench.report["parts"][name] = record
+    start = time.perf_counter()
+    print(f"\n== {name} (limit {limit:.0f} s)", flush=True)
+    try:
+        fn(bench, Deadline(limit), record)
+    except OutOfTime as where:
+        record["status"] = "partial"
+        record["notes"].append(f"the time limit of {limit:.0f} s was reached at {where}")
+        print(f"{name}: time limit reached at {where}", flush=True)
+    except Exception as error:  # one part failing leaves the others to run
+        record["status"] = "error"
+        record["error"] = f"{type(error).__name__}: {error}"
+        traceback.print_exc()
+    finally:
+        record["seconds"] = time.perf_counter() - start
+        free_memory()
+        save()
+
+
+def _fmt(value: Any, spec: str = ".0f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+TABLES: dict[str, tuple[str, list[tuple[str, str, str]]]] = {  # part -> (title, [(header, key, format)])
+    "bandwidth": ("copy bandwidth", [("best GB/s", "best_gb_s", ".0f"), ("median GB/s", "median_gb_s", ".0f")]),
+    "decode": ("engine decode (CUDA graphs)", [
+        ("weights", "label", ""), ("batch", "batch", "d"), ("context", "context", "d"), ("tok/s", "tok_s", ".0f"),
+        ("ms/step", "step_ms", ".2f"), ("GB/step", "gb_per_step", ".2f"), ("roofline ms", "roofline_ms", ".2f"),
+        ("of roofline", "roofline_fraction", ".2f"), ("vs short ctx", "vs_short_context", ".2f"),
+        ("vs no adapters", "vs_no_adapters", ".2f"), ("note", "skipped", "")]),
+    "offline": ("offline, ShareGPT-like", [
+        ("adapters", "adapters", "d"), ("requests", "requests", "d"), ("finished", "finished", "d"),
+        ("output tok/s", "output_tok_s", ".0f"), ("vs 0 adapters", "ratio_to_0", ".2f"),
+        ("seconds", "seconds", ".1f"), ("truncated", "truncated", "")]),
+    "http": ("HTTP, Poisson arrivals (streamed)", [
+        ("req/s", "rate_per_s", "g"), ("offered tok/s", "offered_tok_s", ".0f"),
+        ("delivered tok/s", "delivered_tok_s", ".0f"), ("throughput tok/s", "throughput_tok_s", ".0f"),
+        ("complete", "completed", "d"), ("requests", "requests", "d"),
+        ("TTFT p50 ms", "ttft_p50_ms", ".0f"), ("TTFT p99 ms", "ttft_p99_ms", ".0f"),
+        ("ITL p50 ms", "itl_p50_ms", ".1f"), ("ITL p99 ms", "itl_p99_ms", ".1f"), ("held", "held", "")]),
+    "nf4": ("NF4 vs bf16 decode", [
+        ("weights", "label", ""), ("batch", "batch", "d"), ("tok/s", "tok_s", ".0f"), ("ms/step", "step_ms", ".2f"),
+        ("of roofline", "roofline_fraction", ".2f"), ("vs bf16", "vs_bf16", ".2f")]),
+    "hf": ("Hugging Face generate", [
+        ("cache", "cache", ""), ("batch", "batch", "d"), ("context", "context", "d"), ("tok/s", "tok_s", ".0f"),
+        ("ms/step", "step_ms", ".2f"), ("of roofline", "roofline_fraction", ".2f")]),
+    "peft": ("PEFT, mixed adapters in one batch", [
+        ("adapters", "adapters", "d"), ("batch", "batch", "d"), ("mixed tok/s", "mixed_tok_s", ".0f"),
+        ("disabled tok/s", "none_tok_s", ".0f"), ("mixed/disabled", "ratio", ".2f")]),
+}
+
+
+def print_tables(report: dict[str, Any]) -> None:
+    info = report["info"]
+    print(f"\n{info['device']}, {info['date']}, torch {info['torch']}")
+    for name in PARTS:
+        record = report["parts"].get(name)
+        if record is None:
+            continue
+        title, columns = TABLES[name]
+        print(f"\n{title} ({record['status']}, {record['seconds']:.0f} s)")
+        print("| " + " | ".join(h for h, _, _ in columns) + " |")
+        print("|" + "---|" * len(columns))
+        for row in record["rows"]:
+            row = {**row, "gb_per_step": row["bytes_per_step"] / 1e9 if "bytes_per_step" in row else None}
+            print("| " + " | ".join(_fmt(row.get(key), spec) for _, key, spec in columns) + " |")
+        for note in [*record["notes"], *([record["error"]] if "error" in record else [])]:
+            print(f"note: {note}")
+        if name == "http":
+            print(f"saturation: held up to {record.get('max_held_rate_per_s')} req/s, not held at "
+                  f"{record.get('saturation_rate_per_s')} req/s")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="2-layer toy on the CPU (harness smoke test)")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
+    parser.add_argument("--json", type=Path, default=Path("serve_results.json"))
+    parser.add_argument("--http-all", action="store_true", help="every rate, past saturation too")
+    parser.add_argument("--client", help=argparse.SUPPRESS)  # the HTTP load process
+    for key, value in FULL.items():  # sizes; --tiny changes the defaults
+        parser.add_argument("--" + key.replace("_", "-"), type=type(value), default=None)
+    args = parser.parse_args(argv)
+    for key, value in (TINY if args.tiny else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    unknown = set(args.parts.split(",")) - set(PARTS)
+    if unknown:
+        parser.error(f"--parts: unknown {sorted(unknown)}; choose from {', '.join(PARTS)}")
+    return args
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tiny", action="store_true", help="2-layer toy on the CPU (harness smoke test)")
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--adapters", type=int, default=32)
-    parser.add_argument("--prompt-len", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--peft-tokens", type=int, default=8)
-    parser.add_argument("--parts", default="decode,peft,http")
-    parser.add_argument("--http-adapters", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 64])
-    parser.add_argument("--http-requests", type=int, default=128)
-    parser.add_argument("--http-tokens", type=int, default=32)
-    parser.add_argument("--rate", type=float, default=32.0, help="Poisson arrivals per second")
-    parser.add_argument("--gpu-adapters", type=int, default=32)
-    parser.add_argument("--json", type=Path, default=Path("serve_results.json"))
-    args = parser.parse_args()
+    args = parse_args()
+    if args.client:
+        return client_main(json.loads(args.client))
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
-    model = build_model(args.tiny, args.layers, device)
-    tokenizer = tokenizer_for(model.config.vocab_size)
-    parts = args.parts.split(",")
-    rows: list[dict] = []
-    info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
-            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    wanted = set(args.parts.split(","))
+    if wanted & {"decode", "nf4", "hf"}:
+        wanted.add("bandwidth")  # the roofline
+    start = time.perf_counter()
+    model = build_model(tiny=args.tiny, layers=args.layers, device=device)
+    import transformers
+
+    report: dict[str, Any] = {"info": {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
+        "transformers": transformers.__version__, "model_build_s": time.perf_counter() - start,
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "client"}},
+        "parts": {}}
+    bench = Bench(args=args, model=model, tokenizer=tokenizer_for(model.config.vocab_size), device=device,
+                  report=report)
+    print(f"model built in {report['info']['model_build_s']:.1f} s on {device}", flush=True)
 
     def save() -> None:  # after every part: a later failure keeps what was measured
-        args.json.write_text(json.dumps({"info": info, "results": rows}, indent=2))
+        args.json.write_text(json.dumps(report, indent=2))
 
-    if "decode" in parts:
-        rows += part_decode(args, model, tokenizer, device)
-        _remove_sites(model)
-        save()
-    if "peft" in parts:
-        rows += part_peft(args, model)  # PEFT wraps the base in place; unloaded again after
-        save()
-    if "http" in parts:
-        for count in args.http_adapters:
-            rows.append(http_run(args, model, tokenizer, count))
-            save()
-    print(f"\n{info['device']}, {info['date']}")
-    print("| part | adapters | framework | none tok/s | mixed tok/s | mixed/none |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        if r["part"] == "decode":
-            print(f"| decode b{r['batch']} | {r['distinct']} x {r['adapters']} | {r['framework']} | "
-                  f"{r['none_tok_s']:.0f} | {r['mixed_tok_s']:.0f} | {r['ratio']:.2f} |")
-    print("\n| HTTP adapters | requests | rate/s | p50 s | p99 s | out tok/s |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        if r["part"] == "http":
-            print(f"| {r['adapters']} | {r['requests']} | {r['rate_per_s']} | {r['p50_s']:.3f} | {r['p99_s']:.3f} | "
-                  f"{r['out_tok_s']:.0f} |")
+    parts = {"bandwidth": part_bandwidth, "hf": part_hf, "peft": part_peft, "decode": part_decode,
+             "offline": part_offline, "http": part_http, "nf4": part_nf4}
+    for name in PARTS:
+        if name in wanted:
+            run_part(bench, name, parts[name], save)
+    report["info"]["total_s"] = time.perf_counter() - start
+    save()
+    print_tables(report)
 
 
 if __name__ == "__main__":

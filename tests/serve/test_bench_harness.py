@@ -1,7 +1,7 @@
-"""benchmarks/serve.py still runs: decode (splice + PEFT) and the HTTP load on a tiny CPU model.
+"""benchmarks/serve.py runs end to end: ``--tiny`` (a 2-layer toy on the CPU) through every part.
 
-The figures are meaningless on a CPU; this pins that every part and the JSON writing work, so a
-broken harness is found here rather than on the device.
+The figures are meaningless on a CPU; this pins that every part runs on the engine, writes its rows
+into the JSON and prints its table, so a broken harness is found here rather than on the device.
 """
 
 from __future__ import annotations
@@ -15,20 +15,33 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+PARTS = ("bandwidth", "hf", "peft", "decode", "offline", "http", "nf4")
 
 
 @pytest.mark.slow
-def test_serve_benchmark_runs_tiny(tmp_path: Path) -> None:
+def test_serve_benchmark_runs_every_part_tiny(tmp_path: Path) -> None:
     out = tmp_path / "serve.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "serve.py"), "--tiny", "--batch", "2", "--adapters", "2",
-         "--new-tokens", "3", "--peft-tokens", "2", "--http-adapters", "1,3", "--http-requests", "4",
-         "--gpu-adapters", "2", "--rate", "50", "--json", str(out)],
+        [sys.executable, str(ROOT / "benchmarks" / "serve.py"), "--tiny", "--json", str(out)],
         capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(out.read_text())["results"]
-    assert {(r["part"], r.get("framework"), r["adapters"]) for r in rows} == {
-        ("decode", "splice", "r16 q/k/v/o"), ("decode", "splice", "r16 all-linear"), ("decode", "peft", "r16 q/k/v/o"),
-        ("http", None, 1), ("http", None, 3)}
-    assert "| HTTP adapters |" in proc.stdout
+    parts = json.loads(out.read_text())["parts"]
+    assert set(parts) == set(PARTS)
+    failed = {name: part.get("error") or part["notes"] for name, part in parts.items() if part["status"] != "ok"}
+    assert not failed, failed
+    decode = parts["decode"]["rows"]
+    assert {(r["batch"], r["context"]) for r in decode if r["label"] == "bf16"} == {
+        (b, c) for b in (1, 4, 8) for c in (16, 48, 96)}
+    assert all(0 < r["roofline_fraction"] and r["bytes_per_step"] > r["weights_bytes"] for r in decode)
+    assert any(r.get("adapters") == 2 for r in decode)
+    assert [r["adapters"] for r in parts["offline"]["rows"]] == [0, 2, 4]
+    assert all(r["finished"] == r["requests"] == 12 for r in parts["offline"]["rows"])
+    http = parts["http"]["rows"]
+    assert http and all(r["requests"] >= 2 and r["ttft_p50_ms"] > 0 for r in http)
+    assert {r["label"] for r in parts["nf4"]["rows"]} == {"bf16", "nf4"}
+    assert {r["batch"] for r in parts["hf"]["rows"]} == {1, 4}
+    assert parts["peft"]["rows"][0]["adapters"] == 2
+    for title in ("engine decode", "offline, ShareGPT-like", "HTTP, Poisson", "NF4 vs bf16", "Hugging Face generate",
+                  "PEFT, mixed adapters"):
+        assert title in proc.stdout
