@@ -16,7 +16,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from splice.core.errors import UsageError
+from splice.core.errors import UsageError, one_line
 from splice.training.config import TrainConfig
 
 __all__ = ["cmd_data", "cmd_eval", "cmd_export", "cmd_generate", "cmd_merge", "cmd_serve", "cmd_train", "load",
@@ -78,8 +78,25 @@ def check_prompts(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens
                 f"passes the model's context of {context} tokens: shorten it or lower --max-new-tokens")
 
 
+def _unreadable_weights(model: str | None, exc: Exception) -> UsageError:
+    """One line naming the model's safetensors file that does not open (truncated, not safetensors)."""
+    from safetensors import safe_open
+
+    folder = Path(model) if model else None
+    for file in sorted(folder.glob("*.safetensors")) if folder is not None and folder.is_dir() else []:
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except Exception:  # any failure to open names this file
+            return UsageError(f"{file} ({file.stat().st_size} bytes) is not a readable safetensors file "
+                              f"({one_line(str(exc))}); it may be truncated: re-download or re-save the model")
+    return UsageError(f"the weights of model {model} are not readable ({one_line(str(exc))}); re-download "
+                      "or re-save the model")
+
+
 def load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     import torch
+    from safetensors import SafetensorError
 
     from splice.core.device import resolve_device
     from splice.lora.peft_io import load_adapter, read_adapter
@@ -90,7 +107,10 @@ def load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     if args.adapter:
         read_adapter(args.adapter)  # a broken adapter file is found before the model loads
     dtype = torch.bfloat16 if quantize and device.type == "cuda" else torch.float32
-    model, tokenizer = load_model(args.model, device=device, quantize=quantize, dtype=dtype)
+    try:
+        model, tokenizer = load_model(args.model, device=device, quantize=quantize, dtype=dtype)
+    except SafetensorError as exc:
+        raise _unreadable_weights(args.model, exc) from exc
     if quantize and getattr(args, "dequantize", False):
         from splice.core.rewrite import unrewrite
 
@@ -144,7 +164,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.data:
         from splice.data.rows import read_rows
 
-        rows = read_rows(args.data)
+        rows = read_rows(args.data, max_line_bytes=args.max_line_bytes)
         template = data_template(args, rows, args.data)  # before the model loads
         task, source = text_task(template), str(args.data)
     else:
@@ -180,7 +200,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     from splice.data.rows import read_rows
     from splice.models.loading import load_tokenizer
 
-    rows = read_rows(args.file)
+    rows = read_rows(args.file, max_line_bytes=args.max_line_bytes)
     template = data_template(args, rows, args.file)
     shape = shape_name(columns_of(rows), templated=args.prompt_template is not None, chat=args.chat)
     tokenizer = load_tokenizer(args.model)
@@ -192,26 +212,30 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from splice.export.gguf import export_gguf, export_lora_gguf
+    from splice.export.gguf import check_output, export_gguf, export_lora_gguf
+    from splice.lora.adapter_file import read_adapter
 
-    out = Path(args.output)
+    out = check_output(args.output, overwrite=args.overwrite)  # before the model loads
+    types = {"outtype": args.outtype, "quantize": args.quantize, "overwrite": args.overwrite}
     if args.adapter_only:
         if not args.adapter:
             raise ValueError("--adapter-only needs --adapter DIR (the adapter to write as a GGUF LoRA)")
+        read_adapter(args.adapter)  # a broken adapter file is found before the model loads
         model, _ = load(argparse.Namespace(model=args.model, adapter=None, device="cpu"))
-        written = export_lora_gguf(model, args.adapter, out, outtype=args.outtype)
+        written = export_lora_gguf(model, args.adapter, out, **types)
     else:
         model, tokenizer = load(argparse.Namespace(model=args.model, adapter=args.adapter, device="cpu"))
         if args.adapter:
             from splice.lora.apply import merge
 
             merge(model, unload=True)
-        written = export_gguf(model, tokenizer, out, outtype=args.outtype)
+        written = export_gguf(model, tokenizer, out, **types)
     print(f"{'GGUF LoRA adapter' if args.adapter_only else 'GGUF model'} written to {written}")
     return 0
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    from splice.core.io import follow_umask
     from splice.lora.apply import merge
 
     out = Path(args.output)
@@ -225,6 +249,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         model.to(torch.bfloat16)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    follow_umask(out)  # safetensors writes 0600 files; a merged model is for sharing
     print(f"merged model written to {out} (a plain Hugging Face checkpoint)")
     return 0
 

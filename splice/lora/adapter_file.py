@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import cast
@@ -42,7 +43,7 @@ from splice.lora.layers import LoraConfig
 
 __all__ = [
     "CONFIG_NAME", "WEIGHTS_NAME", "AdapterError", "AdapterFile", "AdapterModule", "base_shape",
-    "on_original_base", "read_adapter", "require_linear",
+    "check_adapter_fits", "on_original_base", "read_adapter", "require_linear",
 ]
 
 CONFIG_NAME = "adapter_config.json"
@@ -311,6 +312,56 @@ def base_shape(module: nn.Module) -> tuple[int, int] | None:
     if isinstance(module, nn.Conv2d):
         return module.in_channels, module.out_channels
     return None
+
+
+def check_adapter_fits(adapter: AdapterFile, model: nn.Module) -> None:
+    """Refuse ``adapter`` unless every module it adapts is in ``model`` with the shapes its tensors
+    were made for: an :class:`AdapterError`, one line naming the first module that does not fit
+    and the base the adapter was trained on. Nothing is changed.
+
+    Shapes decide. A different base *name* alone (``base_model_name_or_path`` against the model's
+    ``config._name_or_path``, compared by their last path component) is a warning, not a refusal:
+    names are not identities (a hub id and a local copy or GGUF of it, a renamed folder), and an
+    adapter trained on a base is routinely applied to its instruct or fine-tuned variants.
+    """
+    modules = dict(model.named_modules())
+    found: list[str] = []
+    for path, parts in adapter.modules.items():
+        module = modules.get(path)
+        found.extend([f"module {path!r} is not in the model"] if module is None else _shape_problems(path, module, parts))
+    if found:
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        trained_on = f" ({adapter.base_model})" if adapter.base_model else ""
+        raise AdapterError(
+            f"{adapter.directory}: the adapter does not fit this model: {found[0]}{more}. Load it into the base "
+            f"model it was trained on{trained_on}, as base_model_name_or_path in {CONFIG_NAME} says; "
+            "the model is unchanged")
+    model_name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+    if adapter.base_model and model_name and _name_key(adapter.base_model) != _name_key(model_name):
+        warnings.warn(f"{adapter.directory} was trained on {adapter.base_model}, not {model_name}; its shapes "
+                      "fit, so it is loaded", stacklevel=2)
+
+
+def _name_key(name: str) -> str:
+    """A model name as compared by :func:`check_adapter_fits`: the last path component, lower case,
+    without a ``.gguf`` suffix or a GGUF type tag (``SmolLM2-135M.Q4_1.gguf`` -> ``smollm2-135m``)."""
+    stem = name.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1].lower().removesuffix(".gguf")
+    return re.sub(r"[.-](?:i?q\d\w*|f16|f32|bf16)$", "", stem)
+
+
+def _shape_problems(path: str, module: nn.Module, parts: AdapterModule) -> list[str]:
+    shape = base_shape(module)
+    if shape is None:
+        return [f"module {path!r} ({type(innermost(module)).__name__}) cannot carry LoRA"]
+    n_in, n_out = shape
+    if parts.magnitude is not None and parts.magnitude.numel() != n_out:
+        return [f"{path}: lora_magnitude_vector {tuple(parts.magnitude.shape)} does not fit out={n_out}"]
+    a, b = parts.a, parts.b
+    if a.shape[1] != n_in or b.shape[0] != n_out:
+        what = ("embedding A", "B", "num", "dim") if parts.embedding else ("lora_A", "lora_B", "in", "out")
+        return [f"{path}: {what[0]} {tuple(a.shape)} / {what[1]} {tuple(b.shape)} do not fit "
+                f"{what[2]}={n_in} {what[3]}={n_out}"]
+    return []
 
 
 def _float_weight(module: nn.Module) -> Tensor:

@@ -23,14 +23,13 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from splice.core.io import atomic_file
-from splice.core.rewrite import Around, innermost, unrewrite, weight_of
+from splice.core.rewrite import Around, unrewrite, weight_of
 from splice.lora.adapter_file import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     AdapterError,
     AdapterFile,
-    AdapterModule,
-    base_shape,
+    check_adapter_fits,
     read_adapter,
 )
 from splice.lora.apply import adapter_names, add_lora, lora_modules
@@ -164,42 +163,14 @@ def save_adapter(
 
 
 def _check_fits(model: nn.Module, adapter: AdapterFile, name: str) -> None:
-    """Raise AdapterError listing every module of ``adapter`` that does not fit ``model``."""
-    modules = dict(model.named_modules())
+    """Raise AdapterError unless ``adapter`` fits ``model`` (:func:`check_adapter_fits`) and none of
+    its modules already carries an adapter called ``name``."""
     adapted = {p for p, _, _ in lora_modules(model, name=name)}
-    problems: list[str] = []
-    for path, parts in adapter.modules.items():
-        module = modules.get(path)
-        if module is None:
-            problems.append(f"module {path!r} is not in the model")
-        elif path in adapted:
-            problems.append(f"module {path!r} already has a LoRA adapter named {name!r} (load "
-                            "this one under another name=)")
-        else:
-            problems.extend(_shape_problems(path, module, parts))
-    if problems:
-        shown = "; ".join(problems[:8]) + (f"; ... {len(problems) - 8} more" if len(problems) > 8 else "")
-        trained_on = f" ({adapter.base_model})" if adapter.base_model else ""
-        raise AdapterError(
-            f"{adapter.directory}: the adapter does not fit this model ({shown}). Load it into the base "
-            f"model it was trained on{trained_on}, as base_model_name_or_path in {CONFIG_NAME} says; "
-            "the model is unchanged"
-        )
-
-
-def _shape_problems(path: str, module: nn.Module, parts: AdapterModule) -> list[str]:
-    shape = base_shape(module)
-    if shape is None:
-        return [f"module {path!r} ({type(innermost(module)).__name__}) cannot carry LoRA"]
-    n_in, n_out = shape
-    if parts.magnitude is not None and parts.magnitude.numel() != n_out:
-        return [f"{path}: lora_magnitude_vector {tuple(parts.magnitude.shape)} does not fit out={n_out}"]
-    a, b = parts.a, parts.b
-    if a.shape[1] != n_in or b.shape[0] != n_out:
-        what = ("embedding A", "B", "num", "dim") if parts.embedding else ("lora_A", "lora_B", "in", "out")
-        return [f"{path}: {what[0]} {tuple(a.shape)} / {what[1]} {tuple(b.shape)} do not fit "
-                f"{what[2]}={n_in} {what[3]}={n_out}"]
-    return []
+    taken = next((p for p in adapter.modules if p in adapted), None)
+    if taken is not None:
+        raise AdapterError(f"{adapter.directory}: module {taken!r} already has a LoRA adapter named {name!r}; "
+                           "load this one under another name=")
+    check_adapter_fits(adapter, model)
 
 
 def load_adapter(

@@ -139,10 +139,10 @@ def prepare_rows(config: TrainConfig) -> RunRows:
                        eval_rows=splits["test"][: config.eval_samples], template=function_name_template(),
                        task=function_names_task(),
                        source="embedded function-naming task (Python standard library)")
-    rows = read_rows(config.data)
+    rows = read_rows(config.data, max_line_bytes=config.max_line_bytes)
     source = describe_source(config.data)
     if config.val_data:
-        train_rows, val_rows = rows, read_rows(config.val_data)
+        train_rows, val_rows = rows, read_rows(config.val_data, max_line_bytes=config.max_line_bytes)
     elif config.val_fraction is not None:
         train_rows, val_rows = split_rows(rows, val_fraction=config.val_fraction, seed=config.seed)
     else:  # the default rule (TrainConfig.held_out_rows), as the fraction that holds out that many

@@ -5,18 +5,23 @@ splice and PEFT adapters (rsLoRA, rank/alpha patterns) and PiSSA (as the delta o
 from __future__ import annotations
 
 import copy
+import errno
+from typing import Any
 
 import gguf
 import numpy as np
 import pytest
 import torch
 
+from splice.core.errors import UsageError
 from splice.export.gguf import _permute, export_gguf, export_lora_gguf
 from splice.generation.generate import generate
+from splice.lora.adapter_file import AdapterError
 from splice.lora.apply import add_lora, merge
 from splice.lora.layers import LoraConfig
 from splice.lora.peft_io import save_adapter
 from splice.models.loading import load_model
+from tests import tiny
 from tests.tiny import peft_lora, randomize_lora
 
 PROMPTS = ["the return name", "def f():\n  return"]
@@ -149,3 +154,114 @@ def test_tied_head_is_not_written_and_reloads_tied(make_tiny_llama, tiny_tokeniz
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
     assert generate(loaded, tokenizer, PROMPTS, max_new_tokens=8) == generate(model, tiny_tokenizer, PROMPTS,
                                                                              max_new_tokens=8)
+
+
+def test_an_existing_file_is_kept_unless_overwrite(adapted, tiny_tokenizer, tmp_path) -> None:
+    merge(adapted, unload=True)
+    target = tmp_path / "data.jsonl"
+    target.write_text('{"a": 1}\n')
+    with pytest.raises(UsageError, match=f"--output {target} already exists; pass --overwrite"):
+        export_gguf(adapted, tiny_tokenizer, target)
+    assert target.read_text() == '{"a": 1}\n'
+    export_gguf(adapted, tiny_tokenizer, target, overwrite=True)
+    assert target.read_bytes()[:4] == b"GGUF"
+
+
+def test_a_failure_mid_write_leaves_no_partial_file(adapted, tiny_tokenizer, tmp_path, monkeypatch) -> None:
+    def disk_full(writer: gguf.GGUFWriter, **_: object) -> None:
+        for fout in writer.fout or []:  # part of the tensors reach the disk, then the disk is full
+            fout.write(b"\0" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    merge(adapted, unload=True)
+    save_adapter(tiny_llama_with_lora(), tmp_path / "adapter")
+    (tmp_path / "old.gguf").write_bytes(b"GGUF old")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", disk_full)
+    for write in (lambda out, **kw: export_gguf(adapted, tiny_tokenizer, out, **kw),
+                  lambda out, **kw: export_lora_gguf(adapted, tmp_path / "adapter", out, **kw)):
+        for out, overwrite in ((tmp_path / "new.gguf", False), (tmp_path / "old.gguf", True)):
+            with pytest.raises(OSError, match="No space left"):
+                write(out, overwrite=overwrite)
+            assert sorted(p.name for p in tmp_path.iterdir()) == before
+            assert (tmp_path / "old.gguf").read_bytes() == b"GGUF old"
+
+
+def tiny_llama_with_lora(**model: Any) -> torch.nn.Module:
+    """A tiny.llama(**model) with a random rank-4 LoRA on q/v and down_proj."""
+    llama = tiny.llama(**model)
+    add_lora(llama, LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj")))
+    randomize_lora(llama)
+    return llama
+
+
+def test_lora_gguf_of_an_adapter_for_another_base_is_refused(tmp_path) -> None:
+    save_adapter(tiny_llama_with_lora(), tmp_path / "adapter", base_model="tiny-llama")
+    with pytest.raises(AdapterError, match=r"does not fit this model: model.layers.0.mlp.down_proj: lora_A "
+                                           r"\(4, 64\) / lora_B \(32, 4\) do not fit in=96 out=32 \(and 1 more\)"):
+        export_lora_gguf(tiny.llama(intermediate=96), tmp_path / "adapter", tmp_path / "lora.gguf")
+    with pytest.raises(AdapterError, match="module 'model.layers.1.mlp.down_proj' is not in the model"):
+        export_lora_gguf(tiny.llama(layers=1), tmp_path / "adapter", tmp_path / "lora.gguf")
+    assert not list(tmp_path.glob("*.gguf"))
+
+
+def _written(path, want: dict[str, np.ndarray]) -> dict[str, tuple[gguf.GGMLQuantizationType, np.ndarray]]:  # type: ignore[no-untyped-def]
+    """``gguf name -> (type, dequantized (rows, cols))`` for the tensors of ``want``."""
+    tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    return {name: (tensors[name].tensor_type,
+                   gguf.quants.dequantize(tensors[name].data, tensors[name].tensor_type).reshape(want[name].shape))
+            for name in want}
+
+
+def _sub_blocks(array: np.ndarray, size: int) -> np.ndarray:
+    return array.reshape(-1, size)
+
+
+@pytest.mark.parametrize("quantize", ["q8_0", "q4_k"])
+def test_quantized_weights_read_back_within_the_format(tmp_path, tiny_tokenizer, quantize) -> None:
+    """Weights whose rows divide into blocks (Q8_0: 32, Q4_K: 256 values) are stored as them, within
+    half a step of the merged weights; the rest fall back to --outtype; norms stay f32."""
+    model = tiny_llama_with_lora(vocab=len(tiny_tokenizer), intermediate=256)
+    merge(model, unload=True)
+    path = export_gguf(model, tiny_tokenizer, tmp_path / "q.gguf", outtype="f32", quantize=quantize)
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    want = {"blk.0.ffn_down.weight": state["model.layers.0.mlp.down_proj.weight"],  # (32, 256): rows of 256
+            "blk.1.attn_q.weight": _permute(state["model.layers.1.self_attn.q_proj.weight"], 4),  # (32, 32)
+            "blk.0.ffn_up.weight": state["model.layers.0.mlp.up_proj.weight"],  # (256, 32)
+            "blk.0.attn_norm.weight": state["model.layers.0.input_layernorm.weight"]}
+    got = _written(path, want)
+    q8, q4, f32 = gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.F32
+    assert {name: kind for name, (kind, _) in got.items()} == {
+        "blk.0.ffn_down.weight": q8 if quantize == "q8_0" else q4,
+        "blk.1.attn_q.weight": q8 if quantize == "q8_0" else f32,
+        "blk.0.ffn_up.weight": q8 if quantize == "q8_0" else f32,
+        "blk.0.attn_norm.weight": f32}
+    for name, (kind, values) in got.items():
+        error = np.abs(values - want[name])
+        if kind == f32:
+            assert error.max() == 0, name
+        elif kind == q8:  # d = max|x| / 127 per 32 values, q = round(x / d): |error| <= d / 2, plus
+            # |q| <= 127 times d's rounding to f16 (2**-11 d)
+            bound = np.abs(_sub_blocks(want[name], 32)).max(axis=1, keepdims=True) / 127 * (0.5 + 127 / 2**11)
+            assert (_sub_blocks(error, 32) <= bound + 1e-7).all(), name
+        else:  # per 32 values a step (range + dmin) / 15 (up to d, the super-block's step / 63), error <= step / 2
+            sub = _sub_blocks(want[name], 32)
+            span = np.maximum(sub.max(axis=1), 0) - np.minimum(sub.min(axis=1), 0)
+            step = (span + np.repeat(span.reshape(-1, 8).max(axis=1), 8) / 63) / 15 * 1.002
+            bound = 0.5 * (step + np.repeat(step.reshape(-1, 8).max(axis=1), 8) / 63)
+            assert (_sub_blocks(error, 32) <= bound[:, None] + 1e-7).all(), name
+            assert error.mean() > 0 and np.abs(values - want[name]).mean() < 0.1 * np.abs(want[name]).mean()
+    assert gguf.GGUFReader(str(path)).fields["general.file_type"].parts[-1][0] == (
+        gguf.LlamaFileType.MOSTLY_Q8_0 if quantize == "q8_0" else gguf.LlamaFileType.MOSTLY_Q4_K_S)
+
+
+def test_quantized_lora_gguf(tmp_path) -> None:
+    """A GGUF LoRA in Q8_0: lora_a (r, in=32) rows are blocks; lora_b rows (r = 4) are not."""
+    model = tiny_llama_with_lora()
+    save_adapter(model, tmp_path / "adapter")
+    path = export_lora_gguf(tiny.llama(), tmp_path / "adapter", tmp_path / "lora.gguf", outtype="f16", quantize="q8_0")
+    kinds = {t.name: t.tensor_type for t in gguf.GGUFReader(str(path)).tensors}
+    assert kinds["blk.0.attn_q.weight.lora_a"] == gguf.GGMLQuantizationType.Q8_0
+    assert kinds["blk.0.attn_q.weight.lora_b"] == gguf.GGMLQuantizationType.F16
+    with pytest.raises(ValueError, match="quantize 'nf4': GGUF export quantizes to q8_0 or q4_k"):
+        export_lora_gguf(tiny.llama(), tmp_path / "adapter", tmp_path / "l2.gguf", quantize="nf4")

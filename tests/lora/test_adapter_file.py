@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -133,3 +134,38 @@ def test_a_file_is_not_a_folder(tmp_path: Path) -> None:
     assert torch.equal(read_adapter(folder).modules["model.layers.1.self_attn.q_proj"].b,
                        load_file(folder / "adapter_model.safetensors")[
                            "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"])
+
+
+def test_an_adapter_for_another_base_is_refused_naming_the_first_module(tmp_path: Path) -> None:
+    from splice.lora.adapter_file import check_adapter_fits
+
+    adapter = read_adapter(_saved(tmp_path / "adapter", targets=("q_proj", "v_proj"), rank=4))
+    check_adapter_fits(adapter, tiny.llama())  # its own base
+    # wider: every module's in differs; the first one (in the file) is named, the rest counted
+    with pytest.raises(AdapterError) as caught:
+        check_adapter_fits(adapter, tiny.llama(hidden=48))
+    text = str(caught.value)
+    assert "\n" not in text and str(tmp_path / "adapter") in text
+    assert ("the adapter does not fit this model: model.layers.0.self_attn.q_proj: lora_A (4, 32) / lora_B (32, 4) "
+            "do not fit in=48 out=48 (and 3 more). Load it into the base model it was trained on (tiny-llama)") in text
+    # fewer layers: the modules of layer 1 are not there; a GPT-2 has none of them
+    with pytest.raises(AdapterError, match=r"fit this model: module 'model.layers.1.self_attn.q_proj' is not in "
+                                           r"the model \(and 1 more\)"):
+        check_adapter_fits(adapter, tiny.llama(layers=1))
+    with pytest.raises(AdapterError, match=r"module 'model.layers.0.self_attn.q_proj' is not in the model \(and 3"):
+        check_adapter_fits(adapter, tiny.gpt2())
+
+
+def test_another_base_name_with_fitting_shapes_is_a_warning(tmp_path: Path) -> None:
+    from splice.lora.adapter_file import check_adapter_fits
+
+    adapter = read_adapter(_saved(tmp_path / "adapter", targets=("q_proj",), rank=4))  # base "tiny-llama"
+    model = tiny.llama()
+    for same in ("tiny-llama", "/models/tiny-llama/", "someone/Tiny-Llama", "/gguf/tiny-llama.Q8_0.gguf"):
+        model.config._name_or_path = same
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            check_adapter_fits(adapter, model)
+    model.config._name_or_path = "/models/tiny-llama-instruct"
+    with pytest.warns(UserWarning, match="was trained on tiny-llama, not /models/tiny-llama-instruct; its shapes fit"):
+        check_adapter_fits(adapter, model)
