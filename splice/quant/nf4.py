@@ -203,6 +203,12 @@ def _mm(func: OpOverload, args: _Args, kwargs: _Kwargs) -> Tensor:
     return func(_plain(a, b), _plain(b, a))
 
 
+@implements([aten.linear.default])  # F.linear reaches here whole under torch.inference_mode (the engine)
+def _linear(func: OpOverload, args: _Args, kwargs: _Kwargs) -> Tensor:
+    x, weight, *bias = args
+    return func(_plain(x, weight), _plain(weight, x), *bias, **kwargs)
+
+
 @implements([aten.addmm.default])
 def _addmm(func: OpOverload, args: _Args, kwargs: _Kwargs) -> Tensor:
     bias, a, b = args

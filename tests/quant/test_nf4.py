@@ -154,3 +154,17 @@ def test_a_quantized_model_state_dict_round_trips_weights_only(tmp_path) -> None
     target.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
     x = torch.randn(3, 64)
     assert torch.equal(target(x), source(x))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_under_inference_mode(bias: bool) -> None:
+    """Under ``torch.inference_mode`` (the generation engine) F.linear reaches the tensor as
+    ``aten.linear`` whole, not as t + mm: it must compute the dequantized product, not raise."""
+    torch.manual_seed(0)
+    w, x, b = torch.randn(64, 128), torch.randn(3, 128), torch.randn(64) if bias else None
+    q = NF4Tensor.from_float(w)
+    expected = F.linear(x, q.dequantize(torch.float32), b)
+    with torch.inference_mode():
+        got = F.linear(x, q, b)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert (got - F.linear(x, w, b)).abs().max() > 1e-3  # the 4-bit values, not the original weight
