@@ -132,6 +132,7 @@ class LoraBank:
         self._targets: dict[str, frozenset[str]] = {}  # resident name -> the paths it adapts
         self._live: set[str] = set()  # paths some resident adapter adapts (others are skipped)
         self.version = 0  # bumped when _live changes: a captured CUDA graph knows which paths run
+        self.loads = self.evictions = 0  # adapters copied in / pushed out so far (monitoring)
 
     @property
     def nbytes(self) -> int:
@@ -158,6 +159,7 @@ class LoraBank:
             if victim is None:
                 raise RuntimeError("every adapter slot is in use by the running batch")
             slot = self.resident.pop(victim)
+            self.evictions += 1
             self._set_targets(victim, None)
         with torch.no_grad():
             for path in self.a:
@@ -171,6 +173,7 @@ class LoraBank:
                 self.a[path][slot, : a.shape[0]].copy_(a)
                 self.b[path][slot, :, : b.shape[1]].copy_(b)
         self.resident[adapter.name] = slot
+        self.loads += 1
         self._set_targets(adapter.name, frozenset(adapter.weights))
         return slot
 
