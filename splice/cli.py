@@ -83,6 +83,23 @@ _HELP = {
     "init": "adapter init: default, gaussian, pissa, pissa_niter_N (fast SVD) or olora (PiSSA/OLoRA "
             "start from the weight's principal part; the base keeps the residual)",
     "loraplus_ratio": "LoRA+: lora_B's learning rate is lr * this (e.g. 16); default: off",
+    # preference and reward training (issue 27)
+    "method": "sft (next-token loss on the answers), dpo (preference pairs: prompt/chosen/rejected rows) "
+              "or grpo (rewards of sampled completions: prompt rows and --reward) (default: sft)",
+    "beta": "dpo: the strength of the pull to the reference (default 0.1); grpo: the weight of the KL "
+            "term to the reference (default: 0)",
+    "label_smoothing": "dpo sigmoid loss: the chance a pair's preference is wrong, cDPO (default: 0)",
+    "loss_type": "dpo: sigmoid or ipo (default: sigmoid); grpo: grpo, dr_grpo or dapo",
+    "precompute_ref": "dpo: compute the reference log-probs once before training (default: off: in "
+                      "every step, with the adapters disabled)",
+    "reward": "grpo: a reward function FILE.py:FUNCTION, f(prompts, completions, **columns) -> list of "
+              "floats (repeatable; default: none)",
+    "reward_weights": "grpo: one weight per --reward, comma-separated (default: all 1)",
+    "num_generations": "grpo: completions sampled per prompt (default: 8)",
+    "max_completion_length": "grpo: tokens per sampled completion (default: 256)",
+    "epsilon": "grpo: clip range of the surrogate objective (default: 0.2)",
+    "temperature": "grpo: sampling temperature of the rollouts (default: 1.0)",
+    "top_p": "grpo: nucleus of the rollouts (default: 1.0: off)",
 }
 
 
@@ -99,6 +116,8 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         if base == "bool":
             parser.add_argument(flag, *aliases, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=None, help=help_text)
+        elif f.name == "reward":  # repeatable; TrainConfig holds them comma-separated
+            parser.add_argument(flag, action="append", default=None, help=help_text)
         else:
             kind = {"int": int, "float": float}.get(base, str)
             parser.add_argument(flag, type=kind, default=None, help=help_text)
@@ -161,6 +180,8 @@ _FOREIGN_FLAGS = {
     "data-path": "--data", "validation-file": "--val-data", "val-set-size": "--val-fraction",
     "load-in-4bit": "--quantize nf4", "load-in-8bit": "--quantize int8", "bf16": "--precision bf16",
     "packing": "--pack", "sample-packing": "--pack", "train-on-inputs": "--train-on-prompt",
+    "precompute-ref-log-probs": "--precompute-ref", "reward-funcs": "--reward", "rl": "--method",
+    "trainer": "--method", "max-new-tokens-rollout": "--max-completion-length",
 }
 
 
@@ -222,6 +243,14 @@ def _add_serve_parser(sub: Any) -> None:
                    help="largest request body; larger ones get 413 (default 1 MiB)")
     p.add_argument("--drain-timeout", default=30.0, type=_number(float, low=0, says="must be >= 0 seconds"),
                    help="seconds running requests get to finish after SIGTERM; then they are cancelled")
+    p.add_argument("--api-key", action="append", default=None,
+                   help="a key clients send as 'Authorization: Bearer KEY' (repeatable; also $SPLICE_API_KEY, "
+                        "comma-separated); without keys the server is open; /health and /ready never need one")
+    p.add_argument("--allow-adapter-dir", default=None, metavar="DIR",
+                   help="the folder /v1/load_lora_adapter may load adapters from (and hub ids from the local "
+                        "hub cache); default: loading and unloading at run time answer 403")
+    p.add_argument("--quantize", choices=("nf4", "int8"), default=None,
+                   help="quantize the base model's linears as it loads (a local model folder)")
     p.set_defaults(run=commands.cmd_serve)
 
 

@@ -26,6 +26,8 @@ __all__ = ["cmd_data", "cmd_eval", "cmd_export", "cmd_generate", "cmd_merge", "c
 def train_config(args: argparse.Namespace) -> TrainConfig:
     """The train command's options: its flags over its ``--config`` file (:meth:`TrainConfig.from_sources`)."""
     flags = {f.name: getattr(args, f.name, None) for f in fields(TrainConfig)}
+    if isinstance(flags["reward"], list):  # --reward is repeatable
+        flags["reward"] = ",".join(flags["reward"])
     return TrainConfig.from_sources(flags, config_file=args.config)
 
 
@@ -255,11 +257,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from splice.serve.auth import api_keys
     from splice.serve.server import parse_adapters, serve
 
     adapters = parse_adapters(list(args.adapter or []))  # bad specs fail before the model loads
+    keys = api_keys(args.api_key or [], os.environ)
     serve(args.model, adapters=adapters, host=args.host, port=args.port, device=args.device,
           dtype=args.dtype, model_name=args.name, max_batch=args.max_batch, max_len=args.max_len,
           gpu_adapters=args.gpu_adapters, max_lora_rank=args.max_lora_rank,
-          max_request_bytes=args.max_request_bytes, drain_timeout=args.drain_timeout)
+          max_request_bytes=args.max_request_bytes, drain_timeout=args.drain_timeout,
+          api_keys=keys, allow_adapter_dir=args.allow_adapter_dir, quantize=args.quantize)
     return 0

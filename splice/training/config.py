@@ -14,7 +14,7 @@ from typing import Any
 from splice.core.errors import UsageError, one_line
 from splice.core.io import MAX_LINE_BYTES, read_utf8
 
-__all__ = ["DEFAULT_EPOCHS", "DEFAULT_STEPS", "MANY_EPOCHS", "MIN_HELD_OUT", "RULES", "Rule", "TrainConfig",
+__all__ = ["DEFAULT_EPOCHS", "DEFAULT_STEPS", "LOSS_TYPES", "MANY_EPOCHS", "MIN_HELD_OUT", "RULES", "Rule", "TrainConfig",
            "check_options", "check_output_dir", "flag", "load_config_file", "save_run_config"]
 
 RUN_CONFIG = "run_config.json"
@@ -23,13 +23,15 @@ DEFAULT_EPOCHS = 3.0  # a user's data given neither steps nor epochs (TRL's num_
 MANY_EPOCHS = 3.0  # a run over more passes than this says so before it trains (small data overfits)
 MIN_HELD_OUT = 20  # held-out rows below which a generation score is noise
 _DEFAULT_VAL_FRACTION = 0.05
+# Each method's loss types (the first is its default).
+LOSS_TYPES = {"sft": (), "dpo": ("sigmoid", "ipo"), "grpo": ("grpo", "dr_grpo", "dapo")}
 # Options that may differ when resuming (they don't change the trajectory's meaning).
 # output_dir: a run directory that was moved or copied resumes from its new place.
 _RESUME_FREE = {"resume", "steps", "epochs", "save_every", "keep_checkpoints", "eval_every",
                 "eval_samples", "compare_base", "eval_batch_size", "max_new_tokens",
                 "fuse", "gradient_checkpointing", "offload_checkpoints", "keep_attention", "cuda_graphs",
                 "embeddings_on_host",
-                "device", "output_dir", "report_to", "shard", "dist_timeout"}
+                "device", "output_dir", "report_to", "shard", "dist_timeout", "precompute_ref"}
 # Files in a run directory that do not make it "used" (the run-directory lock, see rundir.py).
 _NOT_A_RUN = {".splice.lock"}
 
@@ -100,6 +102,20 @@ class TrainConfig:
     dora: bool = False
     init: str = "default"  # default | gaussian | pissa | pissa_niter_N | olora
     loraplus_ratio: float | None = None  # lr of lora_B = lr * ratio (LoRA+, e.g. 16); None: off
+    # Preference and reward training (issue 27): the method (splice.training.method), DPO's and
+    # GRPO's options.
+    method: str = "sft"  # sft | dpo | grpo
+    beta: float | None = None  # DPO: the KL strength (None: 0.1); GRPO: the KL term's weight (None: 0)
+    label_smoothing: float = 0.0  # DPO sigmoid: the chance a pair's preference is flipped (cDPO)
+    loss_type: str | None = None  # dpo: sigmoid (default) | ipo; grpo: grpo | dr_grpo | dapo
+    precompute_ref: bool = False  # DPO: the reference log-probs once, before training
+    reward: str | None = None  # GRPO: FILE.py:FUNCTION, comma-separated (the flag is repeatable)
+    reward_weights: str | None = None  # GRPO: one weight per reward, comma-separated (default: all 1)
+    num_generations: int = 8  # GRPO: completions per prompt (one group)
+    max_completion_length: int = 256  # GRPO: tokens per completion
+    epsilon: float = 0.2  # GRPO: the clip range of the surrogate
+    temperature: float = 1.0  # GRPO: the rollouts' sampling temperature
+    top_p: float = 1.0  # GRPO: the rollouts' nucleus (1: off)
 
     def __post_init__(self) -> None:
         for f in fields(self):  # TOML/YAML write 32 for 32.0: a whole number is a valid float
@@ -346,6 +362,24 @@ RULES: tuple[Rule, ...] = (
     Rule(("save_every",), lambda v: v >= 0, "must be >= 0 (0: only at the end)"),
     Rule(("keep_checkpoints",), lambda v: v >= 1, "must be >= 1"),
     Rule(("max_bad_steps",), lambda v: v >= 1, "must be >= 1"),
+    Rule(("method",), lambda v: v in LOSS_TYPES, "must be sft, dpo or grpo"),
+    Rule(("beta",), lambda v: v >= 0, "must be >= 0"),
+    Rule(("label_smoothing",), lambda v: 0.0 <= v < 0.5, "must be in [0, 0.5)"),
+    Rule(("num_generations",), lambda v: v >= 2, "must be >= 2 (advantages compare completions of one prompt)"),
+    Rule(("max_completion_length",), lambda v: v >= 1, "must be >= 1"),
+    Rule(("epsilon",), lambda v: v > 0, "must be > 0"),
+    Rule(("temperature",), lambda v: v >= 0, "must be >= 0 (0: greedy)"),
+    Rule(("top_p",), lambda v: 0 < v <= 1, "must be in (0, 1] (1: off)"),
+    Rule(("method", "loss_type"), lambda m, t: t is None or t in LOSS_TYPES.get(m, ()),
+         "loss_type must be sigmoid or ipo with method dpo, grpo, dr_grpo or dapo with method grpo, "
+         "and unset with sft"),
+    Rule(("method", "beta"), lambda m, b: b is None or m != "sft" and (b > 0 or m != "dpo"),
+         "beta is an option of method dpo (> 0; default 0.1) or grpo (>= 0; default 0): add --method"),
+    Rule(("method", "label_smoothing", "loss_type"), lambda m, ls, t: ls == 0 or (m == "dpo" and t in (None, "sigmoid")),
+         "label_smoothing is an option of method dpo with the sigmoid loss"),
+    Rule(("method", "precompute_ref"), lambda m, p: not p or m == "dpo",
+         "precompute_ref is an option of method dpo"),
+    Rule(("method", "reward"), lambda m, r: r is None or m == "grpo", "reward is an option of method grpo"),
     Rule(("prompt_template", "response_template"), lambda p, r: (p is None) == (r is None),
          "give both prompt_template and response_template (or neither)"),
     Rule(("system_prompt", "chat"), lambda s, chat: s is None or chat,

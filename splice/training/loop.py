@@ -69,9 +69,7 @@ class StepStats:
     tokens: int  # real tokens of all ranks' micro-batches
     seconds: float
     signalled: bool  # a stop signal on some rank: every rank stops after this step
-
-
-_MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids")
+    metrics: dict[str, float] = field(default_factory=dict)  # the method's means (splice.training.method)
 
 
 def train(config: TrainConfig, *, log: Progress | None = None) -> TrainResult:
@@ -126,7 +124,7 @@ def _train(config: TrainConfig, *, log: Progress | None, env: DistEnv | None) ->
 def _report(run: Run, stats: StepStats, progress: Progress) -> None:
     """A finished step in the metrics log and the bar; the periodic evaluation (``eval_every``)."""
     state, every = run.state, run.config.eval_every
-    run.metrics.write({"kind": "train", "step": state.step, "loss": stats.loss, "lr": stats.lr,
+    run.metrics.write({"kind": "train", "step": state.step, "loss": stats.loss, **stats.metrics, "lr": stats.lr,
                        "grad_norm": stats.grad_norm, "tokens": stats.tokens,
                        "tokens_per_s": stats.tokens / stats.seconds, "epoch": state.epoch})
     progress.update(state.step, loss=float(stats.loss or 0.0), lr=stats.lr, tokens=stats.tokens)
@@ -135,37 +133,40 @@ def _report(run: Run, stats: StepStats, progress: Progress) -> None:
 
 
 def step(run: Run, *, stop: dict[str, int]) -> StepStats:
-    """One optimizer step: ``grad_accum`` micro-batches forward and backward, the token-weighted
-    loss over the global batch, then clip, optimizer and schedule. A non-finite loss skips the
-    update; ``max_bad_steps`` of them in a row raise :class:`TrainingDiverged`. ``stop``: the
-    signal a handler recorded (see :func:`_stop_on_signals`)."""
-    config, state, device, env = run.config, run.state, run.device, run.env
+    """One optimizer step: ``grad_accum`` micro-batches forward and backward, the loss averaged
+    over the global batch's units (SFT: target tokens; see :mod:`splice.training.method`), then
+    clip, optimizer and schedule. A non-finite loss skips the update; ``max_bad_steps`` of them in
+    a row raise :class:`TrainingDiverged`. ``stop``: the signal a handler recorded (see
+    :func:`_stop_on_signals`)."""
+    config, state, device, env, method = run.config, run.state, run.device, run.env, run.method
     assert run.micro_step is not None, "the run has finished"
     t0 = time.perf_counter()
-    micro = [run.batches.take(state) for _ in range(config.grad_accum)]
-    n_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-    # All ranks' targets and tokens: the loss is token-weighted over the global batch.
-    n_targets, tokens = (int(v) for v in all_reduce_sum(
-        [n_targets, sum(int(b["num_tokens"]) for b in micro)], env, device=device))
-    loss_sum = 0.0
+    micro, step_metrics = method.step_batches(run, [run.batches.take(state) for _ in range(config.grad_accum)])
+    # All ranks' units and tokens: the loss is a mean over the global batch's units.
+    units, tokens = (int(v) for v in all_reduce_sum(
+        [sum(method.units(b) for b in micro), sum(int(b["num_tokens"]) for b in micro)], env, device=device))
+    sums: list[float] = []  # the method's summed loss, then its summed metrics
     for i, batch in enumerate(micro):
-        inputs = {k: batch[k].to(device) for k in _MODEL_INPUTS if k in batch}
+        inputs = {k: v.to(device) for k, v in batch.items() if k != "num_tokens"}
         if run.graphed:  # the graph's loss skips its host-side label check: do it here
             check_labels(batch["labels"], vocab=run.vocab)
         # DDP/FSDP2 average gradients over ranks: scale by the world size to sum them.
-        inputs["loss_scale"] = torch.tensor(run.world / max(n_targets, 1), device=device)
+        inputs["loss_scale"] = torch.tensor(run.world / max(units, 1), device=device)
         with run.wrapped.sync(i == len(micro) - 1) if run.wrapped else contextlib.nullcontext():
             try:
-                loss_sum += float(run.micro_step(inputs))
+                part = run.micro_step(inputs).tolist()
             except torch.OutOfMemoryError as error:
                 rows, length = inputs["input_ids"].shape
                 raise out_of_memory(error, step=state.step + 1, rows=rows, tokens=length, device=str(device),
                                     memory=card_memory(device), config=config) from None
-    # One collective: the summed loss, and whether any rank has had a stop signal (all ranks must
-    # stop after the same step, or the checkpoint's collectives would hang; a signal that comes
-    # after this step's collective stops the run after the next step).
-    loss_sum, signalled = all_reduce_sum([loss_sum, float("signal" in stop)], env, device=device)
-    loss = loss_sum / max(n_targets, 1)
+        sums = [a + b for a, b in zip(sums, part, strict=True)] if sums else part
+    # One collective: the summed loss and metrics, and whether any rank has had a stop signal (all
+    # ranks must stop after the same step, or the checkpoint's collectives would hang; a signal
+    # that comes after this step's collective stops the run after the next step).
+    *sums, signalled = all_reduce_sum([*sums, float("signal" in stop)], env, device=device)
+    loss = sums[0] / max(units, 1)
+    metrics = {**{name: value / max(units, 1) for name, value in zip(method.metric_names, sums[1:], strict=True)},
+               **step_metrics}
     lr = run.optimizer.param_groups[0]["lr"]
     if not math.isfinite(loss):
         run.optimizer.zero_grad(set_to_none=not run.graphed)
@@ -178,7 +179,7 @@ def step(run: Run, *, stop: dict[str, int]) -> StepStats:
     run.optimizer.zero_grad(set_to_none=not run.graphed)  # a graph adds into the same tensors
     state.step += 1
     state.tokens_seen += tokens
-    return StepStats(loss, lr, grad_norm, tokens, time.perf_counter() - t0, signalled > 0)
+    return StepStats(loss, lr, grad_norm, tokens, time.perf_counter() - t0, signalled > 0, metrics)
 
 
 def _skip(run: Run) -> None:

@@ -16,25 +16,12 @@ from torch import nn
 
 from splice.core.device import resolve_device
 from splice.core.errors import UsageError
-from splice.data.batching import Batch, batches
-from splice.data.formats import choose_template, columns_of
-from splice.data.preview import shape_name
-from splice.data.rows import (
-    ChatTemplate,
-    Example,
-    PromptTemplate,
-    Row,
-    check_template,
-    describe_source,
-    read_rows,
-    split_rows,
-    tokenize_rows,
-)
+from splice.data.batching import Batch
+from splice.data.rows import describe_source, read_rows, split_rows
 from splice.distributed.checkpoint import is_sharded_checkpoint, load_sharded, save_sharded
 from splice.distributed.process import DistEnv, main_first
-from splice.distributed.shards import rank_share
 from splice.distributed.wrap import Wrapped, shard_reason, wrap_model
-from splice.evaluation.scoring import Task, text_task
+from splice.evaluation.scoring import text_task
 from splice.lora.apply import add_lora
 from splice.lora.freeze import freeze
 from splice.lora.layers import LoraConfig
@@ -42,13 +29,14 @@ from splice.models.loading import load_model
 from splice.training.config import DEFAULT_EPOCHS, MANY_EPOCHS, TrainConfig, save_run_config
 from splice.training.graphs import GraphedStep
 from splice.training.loss import lm_head_params, train_step_loss
+from splice.training.method import Method, RunData, RunRows
 from splice.training.optim import lr_at, make_optimizer
 from splice.training.report import MetricsLog, Progress, check_trackers, open_trackers
 from splice.training.state import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
 from splice.training.validate import Evaluator, autocast
 
-__all__ = ["Batches", "Run", "RunData", "RunRows", "build_run", "plan_line", "prepare_data", "prepare_model",
-           "prepare_rows", "run_rewrites"]
+__all__ = ["Batches", "Run", "RunData", "RunRows", "build_run", "method_for", "plan_line", "prepare_data",
+           "prepare_model", "prepare_rows", "run_rewrites"]
 
 
 def prepare_model(config: TrainConfig, *, load_device: torch.device | None = None,
@@ -93,52 +81,23 @@ def run_rewrites(model: nn.Module, config: TrainConfig, device: torch.device) ->
     return names
 
 
-@dataclass
-class RunData:
-    train: list[Example]
-    validation: list[Example]
-    eval_rows: list[Row]  # held-out rows scored by generation
-    task: Task
-    truncated: int
-    dropped: int
-    source: str
+def method_for(config: TrainConfig) -> Method:
+    """The training method ``config.method`` names (:mod:`splice.training.method`)."""
+    if config.method == "dpo":
+        from splice.training.dpo import DPO
 
-    def describe(self) -> str:
-        return (f"data: {self.source}: {len(self.train)} training examples ({self.truncated} "
-                f"truncated, {self.dropped} dropped as too long), {len(self.validation)} validation, "
-                f"{len(self.eval_rows)} held-out for generation")
+        return DPO(config)
+    if config.method == "grpo":
+        raise UsageError("--method grpo is not available yet; use --method sft or dpo")
+    return Method(config, lm_loss=train_step_loss)
 
 
-def _template(config: TrainConfig, columns: set[str]) -> PromptTemplate | ChatTemplate:
-    return choose_template(columns, prompt_template=config.prompt_template,
-                           response_template=config.response_template, chat=config.chat,
-                           system_prompt=config.system_prompt, last_turn_only=config.last_turn_only)
-
-
-@dataclass
-class RunRows:
-    """A run's rows and template, read and checked before any model loads."""
-
-    train: list[Row]
-    validation: list[Row]
-    eval_rows: list[Row]
-    template: PromptTemplate | ChatTemplate
-    task: Task
-    source: str
-
-
-def prepare_rows(config: TrainConfig) -> RunRows:
-    """Read, split and render every row (no tokenizer needed): a bad file, shape, column or value
-    is an error naming it before the slow model load."""
+def prepare_rows(config: TrainConfig, method: Method | None = None) -> RunRows:
+    """Read, split and check every row (no tokenizer needed): a bad file, shape, column or value,
+    or data that does not fit ``config.method``, is an error naming it before the slow model load."""
+    method = method or method_for(config)
     if config.data is None:
-        from splice.data.function_names import build_function_names, function_name_template
-        from splice.evaluation.tasks import function_names_task
-
-        splits = build_function_names()
-        return RunRows(train=splits["train"], validation=splits["validation"],
-                       eval_rows=splits["test"][: config.eval_samples], template=function_name_template(),
-                       task=function_names_task(),
-                       source="embedded function-naming task (Python standard library)")
+        return method.embedded()
     rows = read_rows(config.data, max_line_bytes=config.max_line_bytes)
     source = describe_source(config.data)
     if config.val_data:
@@ -149,28 +108,22 @@ def prepare_rows(config: TrainConfig) -> RunRows:
         held_out = config.held_out_rows(len(rows))
         train_rows, val_rows = split_rows(rows, val_fraction=held_out / len(rows) if rows else 0.0,
                                           seed=config.seed)
-    template = _template(config, columns_of(rows))
-    check_template(rows, template, where=source)
+    template, shape = method.template(rows, where=source)
+    method.check_rows(rows, template, where=source)
     if config.val_data:
-        check_template(val_rows, template, where=describe_source(config.val_data))
+        method.check_rows(val_rows, template, where=describe_source(config.val_data))
     if config.max_rows is not None:
         train_rows = train_rows[: config.max_rows]
-    shape = shape_name(columns_of(rows), templated=config.prompt_template is not None, chat=config.chat)
     return RunRows(train=train_rows, validation=val_rows, eval_rows=val_rows[: config.eval_samples],
                    template=template, task=text_task(template), source=f"{source}, {shape}")
 
 
-def prepare_data(config: TrainConfig, tokenizer: Any, rows: RunRows | None = None) -> RunData:
-    """Rows -> template -> token ids with answer-only labels, plus held-out rows for scoring
-    (``rows`` from :func:`prepare_rows`, read now if not given)."""
-    rows = rows or prepare_rows(config)
-    train = tokenize_rows(rows.train, tokenizer, template=rows.template, max_length=config.max_length,
-                          train_on_prompt=config.train_on_prompt)
-    validation = (tokenize_rows(rows.validation, tokenizer, template=rows.template,
-                                max_length=config.max_length,
-                                train_on_prompt=config.train_on_prompt).examples if rows.validation else [])
-    return RunData(train=train.examples, validation=validation, eval_rows=list(rows.eval_rows),
-                   task=rows.task, truncated=train.truncated, dropped=train.dropped, source=rows.source)
+def prepare_data(config: TrainConfig, tokenizer: Any, rows: RunRows | None = None,
+                 method: Method | None = None) -> RunData:
+    """Rows -> the method's training items (SFT: token ids with answer-only labels), plus held-out
+    rows for scoring (``rows`` from :func:`prepare_rows`, read now if not given)."""
+    method = method or method_for(config)
+    return method.tokenize(rows or prepare_rows(config, method), tokenizer)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -179,44 +132,49 @@ def prepare_data(config: TrainConfig, tokenizer: Any, rows: RunRows | None = Non
 class Batches:
     """Micro-batches in a fixed order for (seed, epoch); resumable at (epoch, index). Under
     torch.distributed each global micro-batch has ``batch_size * world_size`` rows and this rank
-    takes its share (:mod:`splice.distributed.shards`)."""
+    takes its share (:mod:`splice.distributed.shards`); the method builds them."""
 
-    def __init__(self, data: RunData, config: TrainConfig, pad_id: int, env: DistEnv | None = None) -> None:
-        self.data, self.config, self.pad_id = data, config, pad_id
+    def __init__(self, data: RunData, method: Method, pad_id: int, env: DistEnv | None = None) -> None:
+        self.data, self.method, self.pad_id = data, method, pad_id
         self.rank, self.world = (env.rank, env.world_size) if env else (0, 1)
         self._epoch: int | None = None
         self._list: list[Batch] = []
 
     def epoch_batches(self, epoch: int) -> list[Batch]:
         if self._epoch != epoch:
-            self._list = batches(self.data.train, batch_size=self.config.batch_size * self.world,
-                                 pad_id=self.pad_id, shuffle=True, seed=self.config.seed,
-                                 epoch=epoch, pack=self.config.pack,
-                                 max_length=self.config.max_length)
+            self._list = self.method.epoch_batches(self.data.train, pad_id=self.pad_id, epoch=epoch,
+                                                   rank=self.rank, world=self.world)
             self._epoch = epoch
         return self._list
+
+    def refresh(self) -> None:
+        """The items changed: build the epoch's batches again."""
+        self._epoch = None
 
     def take(self, state: TrainerState) -> Batch:
         if state.batch_index >= len(self.epoch_batches(state.epoch)):
             state.epoch, state.batch_index = state.epoch + 1, 0
         batch = self.epoch_batches(state.epoch)[state.batch_index]
         state.batch_index += 1
-        return rank_share(batch, rank=self.rank, world_size=self.world, pad_id=self.pad_id)
+        return batch
 
 
-def micro_step(model: nn.Module, device: torch.device, precision: str,
-               graphed: bool, wrapped: Wrapped | None = None) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
-    """One micro-batch's forward, loss and backward (``loss_scale`` = 1 / the step's targets,
-    times the world size under DDP/FSDP2, which average gradients over ranks); returns the summed
-    loss. The function :class:`GraphedStep` captures. ``wrapped``: the DDP/FSDP2 step."""
+def micro_step(model: nn.Module, device: torch.device, precision: str, graphed: bool,
+               wrapped: Wrapped | None = None, *, method: Method) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    """One micro-batch's forward, loss and backward (``loss_scale`` = 1 / the step's units,
+    times the world size under DDP/FSDP2, which average gradients over ranks); returns the
+    method's summed loss vector (loss, then metrics; see :mod:`splice.training.method`). The
+    function :class:`GraphedStep` captures. ``wrapped``: the DDP/FSDP2 step."""
+    loss = method.loss
 
     def step(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with autocast(device, precision, cache=not graphed):
             if wrapped is not None:
                 part = wrapped(batch)
             else:
-                part = train_step_loss(model, batch, device=device, static_shapes=graphed)
-        (part * batch["loss_scale"]).backward()
+                part = loss(model, batch, device=device, static_shapes=graphed)
+        part = part.reshape(-1)  # (1 + metrics,): a 0-dim loss is a vector of one
+        (part[0] * batch["loss_scale"]).backward()
         return part.detach()
 
     return step
@@ -237,6 +195,7 @@ class Run:
     """Everything a run trains with, built by :func:`build_run` before its first step."""
 
     config: TrainConfig
+    method: Method  # what the run trains with: SFT, DPO, GRPO (splice.training.method)
     env: DistEnv | None  # torch.distributed (None: one process)
     say: Callable[[str], None]  # a line for the person (rank 0 only)
     model: nn.Module
@@ -336,13 +295,14 @@ def build_run(config: TrainConfig, *, log: Progress | None = None, env: DistEnv 
     if env is not None and config.embeddings_on_host:
         raise UsageError("--embeddings-on-host runs in one process only (DDP and FSDP2 keep every "
                          "weight and buffer on the GPU): drop it under torchrun")
-    rows = prepare_rows(config)  # bad data is named before the slow model load
+    method = method_for(config)
+    rows = prepare_rows(config, method)  # bad data is named before the slow model load
     # FSDP2 over several GPUs: weights load on the CPU, each rank's shards then go to its GPU.
     on_cpu = env is not None and env.world_size > 1 and config.shard
     with main_first(env):  # rank 0 fills the model/data caches; the others then read them
         model, tokenizer, device, precision = prepare_model(
             config, load_device=torch.device("cpu") if on_cpu else None)
-        data = prepare_data(config, tokenizer, rows)
+        data = prepare_data(config, tokenizer, rows, method)
     add_lora(model, LoraConfig(rank=config.rank, alpha=config.alpha, dropout=config.dropout,
                                targets=config.target_spec(), rslora=config.rslora,
                                use_dora=config.dora, init=config.init))
@@ -354,7 +314,7 @@ def build_run(config: TrainConfig, *, log: Progress | None = None, env: DistEnv 
     wrapped = None
     if env is not None:
         wrapped = wrap_model(
-            model, loss=lambda m, b: train_step_loss(m, b, device=device), env=env, device=device,
+            model, loss=lambda m, b: method.loss(m, b, device=device), env=env, device=device,
             shard_why=shard_reason(model, shard=config.shard, device=device),
             mixed_precision=precision == "bf16" and device.type == "cuda")
         for note in wrapped.notes:
@@ -363,7 +323,7 @@ def build_run(config: TrainConfig, *, log: Progress | None = None, env: DistEnv 
     if main:
         save_run_config(out, config)
 
-    stream = Batches(data, config, tokenizer.pad_token_id, env)
+    stream = Batches(data, method, tokenizer.pad_token_id, env)
     per_epoch = len(stream.epoch_batches(0))
     total = config.total_steps(per_epoch)
     plan = plan_line(config, total=total, batches_per_epoch=per_epoch, examples=len(data.train))
@@ -372,7 +332,7 @@ def build_run(config: TrainConfig, *, log: Progress | None = None, env: DistEnv 
     optimizer = make_optimizer(model, name=config.optimizer, lr=config.lr, weight_decay=config.weight_decay,
                                loraplus_ratio=config.loraplus_ratio)
     params = [p for p in model.parameters() if p.requires_grad]
-    graphed = _graphs_on(config, device, wrapped, say)
+    graphed = _graphs_on(config, device, wrapped, say) and method.graphs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(
         s, total=total, warmup=config.warmup_steps, schedule=config.schedule))
     metrics = (MetricsLog(out / "metrics.jsonl", trackers=open_trackers(config.report_to, out, config.to_dict()))
@@ -381,11 +341,13 @@ def build_run(config: TrainConfig, *, log: Progress | None = None, env: DistEnv 
                          metrics, say, batch_size=config.batch_size, eval_batches=config.eval_batches,
                          eval_batch_size=config.eval_batch_size, max_new_tokens=config.max_new_tokens,
                          context=wrapped.evaluation if wrapped else contextlib.nullcontext)
-    run = Run(config=config, env=env, say=say, model=model, tokenizer=tokenizer, device=device,
+    run = Run(config=config, method=method, env=env, say=say, model=model, tokenizer=tokenizer, device=device,
               precision=precision, data=data, rewritten=rewritten, wrapped=wrapped, batches=stream, total=total,
               params=params, optimizer=optimizer, scheduler=scheduler, graphed=graphed,
-              micro_step=GraphedStep(micro_step(model, device, precision, graphed, wrapped), params,
+              micro_step=GraphedStep(micro_step(model, device, precision, graphed, wrapped, method=method), params,
                                      enabled=graphed, warn=say),
               vocab=lm_head_params(model)[0].shape[0], state=TrainerState(), metrics=metrics, evaluate=evaluate)
     _resume(run)
+    method.start(run)
+    stream.refresh()  # start may have changed the items (DPO: reference log-probs)
     return run
