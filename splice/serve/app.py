@@ -28,13 +28,14 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors import SafetensorError
 from starlette.exceptions import HTTPException
@@ -43,6 +44,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from splice.core.errors import one_line
 from splice.engine.sampling import GREEDY_BELOW, bounded_seed
 from splice.generation.engine import SamplingParams
+from splice.serve.adapter_source import check_adapter_name, check_runtime_loading, resolve_adapter_path
+from splice.serve.auth import refusal as key_refusal
+from splice.serve.metrics import CONTENT_TYPE, ServeMetrics
 from splice.serve.service import ServeError, Service
 
 __all__ = ["MAX_REQUEST_BYTES", "build_app"]
@@ -50,6 +54,11 @@ __all__ = ["MAX_REQUEST_BYTES", "build_app"]
 MAX_REQUEST_BYTES = 1 << 20  # 1 MiB: a 128k-token prompt of ordinary text fits, a 50 MB one does not
 _TOP_K_OFF = 1 << 31  # top_k from here on keeps every token (torch takes it as an int64)
 _T = TypeVar("_T")
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool | None = False
 
 
 class _Sampling(BaseModel):
@@ -64,6 +73,7 @@ class _Sampling(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool | None = False
+    stream_options: StreamOptions | None = None
     n: int | None = None
 
     @field_validator("temperature")
@@ -134,17 +144,23 @@ def _text(content: str | list[dict[str, Any]] | None) -> str:
 
 
 class _Guard:
-    """ASGI middleware in front of every route: 503 while draining, 413 for a body over
-    ``max_bytes`` (by its Content-Length, else counted as it arrives, so an oversized body is never
-    held whole), then the body replayed to the app."""
+    """ASGI middleware in front of every route: 401 without one of ``keys`` (when there are keys;
+    :mod:`splice.serve.auth`), 503 while draining (but ``/health``: the process is alive), 413 for
+    a body over ``max_bytes`` (by its Content-Length, else counted as it arrives, so an oversized
+    body is never held whole), then the body replayed to the app."""
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int, draining: threading.Event) -> None:
-        self.app, self.max_bytes, self.draining = app, max_bytes, draining
+    def __init__(self, app: ASGIApp, *, max_bytes: int, draining: threading.Event, keys: frozenset[str]) -> None:
+        self.app, self.max_bytes, self.draining, self.keys = app, max_bytes, draining, keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if self.draining.is_set():
+        unauthorized = key_refusal(scope["path"], scope["headers"], self.keys)
+        if unauthorized is not None:  # before the body is read: no key, no work
+            response = _error(unauthorized)
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return await response(scope, receive, send)
+        if self.draining.is_set() and scope["path"] != "/health":
             refusal = ServeError(503, "the server is shutting down: retry on another replica or after "
                                       "its restart", kind="server_error", code="shutting_down")
             return await _error(refusal)(scope, receive, send)
@@ -188,6 +204,28 @@ def _check_chars(chars: int, limit: int, service: Service, param: str) -> None:
                          param=param, code="context_length_exceeded")
 
 
+def _engine_running(service: Service) -> bool:
+    """Whether ``service``'s engine thread runs (started, not failed, not stopped)."""
+    alive = getattr(service, "alive", None)  # the service's own answer, when it has one
+    if alive is not None:
+        return bool(alive() if callable(alive) else alive)
+    thread = getattr(service, "_thread", None)
+    return service.failure is None and thread is not None and thread.is_alive()
+
+
+def _context_room(prompt: int, requested: int | None, max_len: int, *, param: str) -> int:
+    """Tokens a completion of a ``prompt``-token prompt may have: all that fit when ``requested`` is
+    None; OpenAI's 400 when the prompt plus ``requested`` (at least one token) exceed ``max_len``
+    (the engine ends a request once its prompt plus output reach ``max_len``)."""
+    wanted = 1 if requested is None else requested
+    if prompt + wanted > max_len:
+        raise ServeError(400, f"This model's maximum context length is {max_len} tokens. However, you requested "
+                              f"{prompt + wanted} tokens ({prompt} in the {param}, {wanted} in the completion). "
+                              f"Please reduce the length of the {param} or completion.",
+                         param=param if prompt >= max_len else "max_tokens", code="context_length_exceeded")
+    return max_len - prompt
+
+
 def _load(service: Service, name: str, path: str) -> None:
     """Register the adapter at ``path``; any way its files are broken is a 400 naming them."""
     try:
@@ -223,10 +261,13 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(ServeError(error.status_code, str(error.detail)))
 
 
-def build_app(service: Service, *, default_max_tokens: int = 16,
-              max_request_bytes: int = MAX_REQUEST_BYTES) -> FastAPI:
+def build_app(service: Service, *, default_max_tokens: int = 16, max_request_bytes: int = MAX_REQUEST_BYTES,
+              api_keys: Collection[str] = (), allow_adapter_dir: str | Path | None = None) -> FastAPI:
     """The FastAPI app; it starts ``service``'s engine on startup and stops it on shutdown.
-    ``app.state.draining`` (a ``threading.Event``): once set, every new request gets 503."""
+    ``app.state.draining`` (a ``threading.Event``): once set, every new request gets 503.
+    ``api_keys``: Bearer keys every route but ``/health`` and ``/ready`` needs (none: open).
+    ``allow_adapter_dir``: where runtime adapter loads may read (None: runtime load/unload is 403).
+    ``app.state.metrics``: its :class:`~splice.serve.metrics.ServeMetrics` (``GET /metrics``)."""
     from contextlib import asynccontextmanager
 
     if max_request_bytes < 1:
@@ -249,9 +290,26 @@ def build_app(service: Service, *, default_max_tokens: int = 16,
 
     app = FastAPI(title="splice serve", lifespan=lifespan)
     app.state.draining = threading.Event()
-    app.add_middleware(_Guard, max_bytes=max_request_bytes, draining=app.state.draining)
+    app.add_middleware(_Guard, max_bytes=max_request_bytes, draining=app.state.draining,
+                       keys=frozenset(api_keys))
     _install_error_handlers(app)
     limit = _char_limit(service)
+    allowed = None if allow_adapter_dir is None else Path(allow_adapter_dir)
+    metrics = app.state.metrics = ServeMetrics(service)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}  # the process answers; /ready says whether it serves
+
+    @app.get("/ready")
+    async def ready() -> dict[str, str]:
+        if not _engine_running(service):
+            raise ServeError(503, "the generation engine is not running", kind="server_error", code="not_ready")
+        return {"status": "ready", "model": service.model_name}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -263,63 +321,107 @@ def build_app(service: Service, *, default_max_tokens: int = 16,
 
     @app.post("/v1/load_lora_adapter")
     async def load(body: LoadBody) -> dict[str, str]:
-        await off_loop(_load, service, body.lora_name, body.lora_path)
+        folder = await off_loop(resolve_adapter_path, body.lora_path, allowed)  # 403 outside the allowed dir
+        check_adapter_name(body.lora_name, base=service.model_name)
+        await off_loop(_load, service, body.lora_name, str(folder))
+        metrics.registrations.labels(action="load").inc()
         return {"status": "ok", "message": f"adapter {body.lora_name!r} loaded"}
 
     @app.post("/v1/unload_lora_adapter")
     async def unload(body: UnloadBody) -> dict[str, str]:
+        check_runtime_loading(allowed)
         service.unload_adapter(body.lora_name)
+        metrics.registrations.labels(action="unload").inc()
         return {"status": "ok", "message": f"adapter {body.lora_name!r} unloaded"}
 
-    async def run(body: _Sampling, prompt_ids: list[int], *, chat: bool) -> Any:
+    async def generated_tokens(last: Any, text: str) -> int:
+        """Tokens the request generated: the engine's count when its events carry one, else its text
+        re-encoded (which can differ from what was sampled)."""
+        count = getattr(last, "completion_tokens", None)
+        if count is not None:
+            return int(count)
+        return len(await off_loop(functools.partial(service.encode, special=False), text)) if text else 0
+
+    async def run(body: _Sampling, prompt_ids: list[int], *, chat: bool, received: float) -> Any:
         adapter = service.adapter_for(body.model)
-        params = body.params(default_max_tokens)
+        room = _context_room(len(prompt_ids), body.max_completion_tokens or body.max_tokens, service.max_len,
+                             param="messages" if chat else "prompt")
+        params = body.params(min(default_max_tokens, room))
         name = body.model or service.model_name
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        created = int(time.time())
-        events = service.stream(prompt_ids, params, adapter)
+        head = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, "created": int(time.time()),
+                "model": name}
+        events = metrics.timed(service.stream(prompt_ids, params, adapter), received=received)
         first = await anext(events)  # errors (404/429/503/400) surface before any byte is sent
+
+        async def usage(last: Any, text: str) -> dict[str, int]:
+            count = await generated_tokens(last, text)
+            metrics.finished(metrics.model(name), prompt_tokens=len(prompt_ids), generated_tokens=count)
+            return {"prompt_tokens": len(prompt_ids), "completion_tokens": count,
+                    "total_tokens": len(prompt_ids) + count}
+
         if body.stream:
-            return StreamingResponse(_sse(first, events, rid, created, name, chat=chat),
+            include = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_sse(first, events, head, chat=chat, usage=usage, include_usage=include),
                                      media_type="text/event-stream")
-        text, reason, count = first.text, first.finish_reason, 0
+        text, last = first.text, first
         async for event in events:
-            text += event.text
-            reason = event.finish_reason
-        count = len(await off_loop(functools.partial(service.encode, special=False), text)) if text else 0
-        usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": count,
-                 "total_tokens": len(prompt_ids) + count}
+            text, last = text + event.text, event
         if chat:
             choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
-                                      "finish_reason": reason, "logprobs": None}
+                                      "finish_reason": last.finish_reason, "logprobs": None}
         else:
-            choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
-        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-                "model": name, "choices": [choice], "usage": usage}
+            choice = {"index": 0, "text": text, "finish_reason": last.finish_reason, "logprobs": None}
+        return {**head, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
+                "usage": await usage(last, text)}
+
+    async def counted(model: str | None, answer: Awaitable[Any]) -> Any:
+        """``answer``, its HTTP status counted in ``splice_requests_total`` under ``model``."""
+        label = metrics.model(model)
+        try:
+            result = await answer
+        except Exception as error:
+            status = error.status if isinstance(error, ServeError) else 500
+            metrics.requests.labels(model=label, status=str(status)).inc()
+            raise
+        metrics.requests.labels(model=label, status="200").inc()
+        return result
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody) -> Any:
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if len(prompts) != 1:
-            raise ServeError(400, "give one prompt per request", param="prompt")
-        _check_chars(len(prompts[0]), limit, service, "prompt")
-        return await run(body, await off_loop(service.encode, prompts[0]), chat=False)
+        received = time.perf_counter()
+
+        async def answer() -> Any:
+            prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+            if len(prompts) != 1:
+                raise ServeError(400, "give one prompt per request", param="prompt")
+            _check_chars(len(prompts[0]), limit, service, "prompt")
+            return await run(body, await off_loop(service.encode, prompts[0]), chat=False, received=received)
+
+        return await counted(body.model, answer())
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody) -> Any:
-        messages = [{"role": m.role, "content": _text(m.content)} for m in body.messages]
-        _check_chars(sum(len(m["content"]) for m in messages), limit, service, "messages")
-        return await run(body, await off_loop(service.chat_prompt, messages), chat=True)
+        received = time.perf_counter()
+
+        async def answer() -> Any:
+            messages = [{"role": m.role, "content": _text(m.content)} for m in body.messages]
+            _check_chars(sum(len(m["content"]) for m in messages), limit, service, "messages")
+            return await run(body, await off_loop(service.chat_prompt, messages), chat=True, received=received)
+
+        return await counted(body.model, answer())
 
     return app
 
 
-async def _sse(first: Any, events: AsyncIterator[Any], rid: str, created: int, model: str, *,
-               chat: bool) -> AsyncIterator[str]:
-    """Server-sent events in OpenAI's chunk format; closing the generator cancels the request. A
+async def _sse(first: Any, events: AsyncIterator[Any], head: dict[str, Any], *, chat: bool,
+               usage: Callable[[Any, str], Awaitable[dict[str, int]]], include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format (``head``: id, created, model); closing the
+    generator cancels the request. With ``include_usage`` (``stream_options``) every chunk has
+    ``"usage": null`` and a last chunk with no choices carries the usage, before ``[DONE]``. A
     failure after the first chunk (the engine stopped) is sent as an ``error`` event, without
     ``[DONE]``, so the client sees an error rather than a complete answer."""
     kind = "chat.completion.chunk" if chat else "text_completion"
+    extra: dict[str, Any] = {"usage": None} if include_usage else {}
 
     def chunk(text: str, reason: str | None, *, role: bool = False) -> str:
         if chat:
@@ -328,14 +430,18 @@ async def _sse(first: Any, events: AsyncIterator[Any], rid: str, created: int, m
             choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
         else:
             choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
-        body = {"id": rid, "object": kind, "created": created, "model": model, "choices": [choice]}
-        return f"data: {json.dumps(body)}\n\n"
+        return f"data: {json.dumps({**head, 'object': kind, 'choices': [choice], **extra})}\n\n"
 
     try:
         yield chunk(first.text, first.finish_reason, role=True)
+        text, last = first.text, first
         if first.finish_reason is None:
             async for event in events:
+                text, last = text + event.text, event
                 yield chunk(event.text, event.finish_reason)
+        counts = await usage(last, text)
+        if include_usage:
+            yield f"data: {json.dumps({**head, 'object': kind, 'choices': [], 'usage': counts})}\n\n"
         yield "data: [DONE]\n\n"
     except ServeError as error:
         yield f"data: {bytes(_error(error).body).decode()}\n\n"

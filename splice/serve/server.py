@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from types import FrameType
 
@@ -53,6 +53,14 @@ def parse_adapters(specs: list[str]) -> dict[str, Path]:
     return adapters
 
 
+def _check_access(*, allow_adapter_dir: str | Path | None, quantize: str | None) -> None:
+    if allow_adapter_dir is not None and not Path(allow_adapter_dir).is_dir():
+        raise FileNotFoundError(f"--allow-adapter-dir {allow_adapter_dir}: no such folder; create it or name "
+                                "the folder clients may load adapters from")
+    if quantize not in (None, "nf4", "int8"):
+        raise ValueError(f"--quantize {quantize}: choose nf4 or int8")
+
+
 def _check_limits(*, max_request_bytes: int, drain_timeout: float) -> None:
     if max_request_bytes < 1:
         raise ValueError(f"--max-request-bytes {max_request_bytes}: it must be >= 1 (default {MAX_REQUEST_BYTES})")
@@ -63,20 +71,29 @@ def _check_limits(*, max_request_bytes: int, drain_timeout: float) -> None:
 def serve(model: str | None, *, adapters: dict[str, Path], host: str = "127.0.0.1", port: int = 8000,
           device: str = "auto", dtype: str = "auto", model_name: str | None = None, max_batch: int = 32,
           max_len: int = 1024, gpu_adapters: int = 8, max_lora_rank: int = 64,
-          max_request_bytes: int = MAX_REQUEST_BYTES, drain_timeout: float = DRAIN_TIMEOUT_S) -> None:
+          max_request_bytes: int = MAX_REQUEST_BYTES, drain_timeout: float = DRAIN_TIMEOUT_S,
+          api_keys: Collection[str] = (), allow_adapter_dir: str | Path | None = None,
+          quantize: str | None = None) -> None:
+    """``splice serve``. ``quantize`` (``"nf4"`` / ``"int8"``): the base's linears quantized as they
+    load (:func:`~splice.models.loading.load_model`); ``api_keys`` / ``allow_adapter_dir``: see
+    :func:`~splice.serve.app.build_app`."""
     _check_limits(max_request_bytes=max_request_bytes, drain_timeout=drain_timeout)  # before the model loads
+    _check_access(allow_adapter_dir=allow_adapter_dir, quantize=quantize)
     resolved = resolve_device(device)
     if dtype == "auto":
         torch_dtype = torch.bfloat16 if resolved.type == "cuda" else torch.float32
     else:
         torch_dtype = getattr(torch, dtype)
-    base, tokenizer = load_model(model, dtype=torch_dtype, device=resolved)
+    base, tokenizer = load_model(model, dtype=torch_dtype, device=resolved, quantize=quantize)
     name = model_name or (Path(model).name if model else "smollm2-135m-instruct")
     service = Service(base, tokenizer, model_name=name, adapters=dict(adapters), max_batch=max_batch,
                       max_len=min(max_len, int(getattr(tokenizer, "model_max_length", max_len) or max_len)),
                       gpu_adapters=gpu_adapters, max_lora_rank=max_lora_rank)
-    print(f"splice serve: {name} with adapters {sorted(adapters) or 'none'} on http://{host}:{port}/v1", flush=True)
-    serve_service(service, host=host, port=port, max_request_bytes=max_request_bytes, drain_timeout=drain_timeout)
+    keys = "with API keys" if api_keys else "open (no --api-key)"
+    print(f"splice serve: {name}{f' ({quantize})' if quantize else ''} with adapters {sorted(adapters) or 'none'} "
+          f"on http://{host}:{port}/v1, {keys}", flush=True)
+    serve_service(service, host=host, port=port, max_request_bytes=max_request_bytes, drain_timeout=drain_timeout,
+                  api_keys=api_keys, allow_adapter_dir=allow_adapter_dir)
 
 
 class _Server(uvicorn.Server):
@@ -101,8 +118,10 @@ class _Server(uvicorn.Server):
         self.should_exit = True
 
 
-def _server(service: Service, *, host: str, port: int, max_request_bytes: int, drain_timeout: float) -> _Server:
-    app = build_app(service, max_request_bytes=max_request_bytes)
+def _server(service: Service, *, host: str, port: int, max_request_bytes: int, drain_timeout: float,
+            api_keys: Collection[str], allow_adapter_dir: str | Path | None) -> _Server:
+    app = build_app(service, max_request_bytes=max_request_bytes, api_keys=api_keys,
+                    allow_adapter_dir=allow_adapter_dir)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning",  # (typed int; used as a float)
                             timeout_graceful_shutdown=drain_timeout)  # type: ignore[arg-type]
     return _Server(config, draining=app.state.draining, drain_timeout=drain_timeout)
@@ -120,12 +139,13 @@ def _watch(server: _Server, service: Service, done: threading.Event) -> None:
 
 
 def serve_service(service: Service, *, host: str = "127.0.0.1", port: int = 8000,
-                  max_request_bytes: int = MAX_REQUEST_BYTES, drain_timeout: float = DRAIN_TIMEOUT_S) -> None:
+                  max_request_bytes: int = MAX_REQUEST_BYTES, drain_timeout: float = DRAIN_TIMEOUT_S,
+                  api_keys: Collection[str] = (), allow_adapter_dir: str | Path | None = None) -> None:
     """Serve ``service`` until SIGTERM/SIGINT (drained, then returns) or until its engine dies
     (drained, then a :class:`RunError`)."""
     _check_limits(max_request_bytes=max_request_bytes, drain_timeout=drain_timeout)
     server = _server(service, host=host, port=port, max_request_bytes=max_request_bytes,
-                     drain_timeout=drain_timeout)
+                     drain_timeout=drain_timeout, api_keys=api_keys, allow_adapter_dir=allow_adapter_dir)
     done = threading.Event()
     watchdog = threading.Thread(target=_watch, args=(server, service, done), name="splice-watchdog", daemon=True)
     watchdog.start()
@@ -141,12 +161,14 @@ def serve_service(service: Service, *, host: str = "127.0.0.1", port: int = 8000
 
 @contextlib.contextmanager
 def running(service: Service, *, host: str = "127.0.0.1", port: int = 0, timeout_s: float = 30.0,
-            max_request_bytes: int = MAX_REQUEST_BYTES, drain_timeout: float = DRAIN_TIMEOUT_S) -> Iterator[str]:
+            max_request_bytes: int = MAX_REQUEST_BYTES, drain_timeout: float = DRAIN_TIMEOUT_S,
+            api_keys: Collection[str] = (), allow_adapter_dir: str | Path | None = None) -> Iterator[str]:
     """``service``'s OpenAI-compatible app on uvicorn in a background thread for the length of the
     block (tests, benchmarks, notebooks); yields the base URL ``http://host:port/v1``. ``port=0``
-    takes a free port. Leaving the block drains as SIGTERM does."""
+    takes a free port. Leaving the block drains as SIGTERM does. ``api_keys`` /
+    ``allow_adapter_dir``: see :func:`~splice.serve.app.build_app`."""
     server = _server(service, host=host, port=port, max_request_bytes=max_request_bytes,
-                     drain_timeout=drain_timeout)
+                     drain_timeout=drain_timeout, api_keys=api_keys, allow_adapter_dir=allow_adapter_dir)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout_s

@@ -60,7 +60,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     service = Service(_base(), build_tiny_tokenizer(), model_name="tiny",
                       adapters={n: folder / n for n in ("alpha", "beta")},
                       max_batch=8, max_len=256, gpu_adapters=2, max_waiting=64)
-    with running(service) as url:
+    with running(service, allow_adapter_dir=folder) as url:  # run-time loads read from folder only
         yield Server(folder, url, service)
 
 

@@ -65,7 +65,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tiny.randomize_lora(model, seed=11)
     save_adapter(model, folder / "alpha", name="alpha")
     service = _service(adapters={"alpha": folder / "alpha"}, max_batch=4, gpu_adapters=2)
-    with running(service, max_request_bytes=MAX_BYTES) as url:
+    # run-time loads may read any of this session's temporary folders (tmp_path lies under them)
+    with running(service, max_request_bytes=MAX_BYTES,
+                 allow_adapter_dir=tmp_path_factory.getbasetemp()) as url:
         yield Server(url, service, folder)
 
 
