@@ -27,8 +27,9 @@ import uvicorn
 from splice.core.device import resolve_device
 from splice.core.errors import RunError, one_line
 from splice.models.loading import load_model
+from splice.serve.adapter_source import check_adapter_name
 from splice.serve.app import MAX_REQUEST_BYTES, build_app
-from splice.serve.service import Service
+from splice.serve.service import ServeError, Service
 
 __all__ = ["DRAIN_TIMEOUT_S", "parse_adapters", "running", "serve", "serve_service"]
 
@@ -45,6 +46,10 @@ def parse_adapters(specs: list[str]) -> dict[str, Path]:
             raise ValueError(f"--adapter {spec!r}: write NAME=PATH, e.g. --adapter sql=runs/sql/adapter")
         if name in adapters:
             raise ValueError(f"--adapter {name!r} is given twice: give each adapter its own name")
+        try:
+            check_adapter_name(name, base="", option="--adapter")  # the base's own name: Service checks it
+        except ServeError as error:
+            raise ValueError(error.message) from None
         folder = Path(path)
         if not (folder / "adapter_config.json").is_file():
             raise FileNotFoundError(f"--adapter {name}={path}: no adapter_config.json there (pass the "

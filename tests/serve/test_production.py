@@ -31,7 +31,7 @@ from splice.models.loading import load_model
 from splice.serve.app import build_app
 from splice.serve.auth import api_keys
 from splice.serve.metrics import engine_state
-from splice.serve.server import running
+from splice.serve.server import parse_adapters, running
 from splice.serve.service import Service
 from tests import tiny
 from tests.tiny import build_tiny_llama, build_tiny_tokenizer, free_port
@@ -428,3 +428,10 @@ def test_splice_serve_with_quantize_keys_from_flag_and_environment_and_an_adapte
     ids = list(tokenizer(PROMPT)["input_ids"])
     expected = tokenizer.decode(_greedy(quantized, ids, 8, int(tokenizer.eos_token_id)))
     assert answer.choices[0].text == expected
+
+
+def test_adapter_names_given_at_start_follow_the_same_rule(tmp_path: Path) -> None:
+    folder = _save_adapter(tmp_path, "alpha", 11)
+    assert parse_adapters([f"ft:a/b-1={folder}"]) == {"ft:a/b-1": folder}
+    with pytest.raises(ValueError, match=r"^--adapter 'has space' is not a valid adapter name"):
+        parse_adapters([f"has space={folder}"])
