@@ -33,6 +33,7 @@ from torch import Tensor
 from torch._ops import OpOverload
 
 from splice.kernels.nf4 import NF4_CODE, dequantize_absmax_reference, dequantize_nf4, dynamic_map
+from splice.kernels.nf4_gemv import gemv_applies, nf4_linear
 from splice.quant import nf4_fsdp
 from splice.quant.nf4_encode import ABSMAX_BLOCK, quantize_absmax, quantize_nf4_codes
 from splice.quant.nf4_ops import handler_for, implements
@@ -190,6 +191,37 @@ _Args = tuple[Any, ...]
 _Kwargs = dict[str, Any]
 
 
+# Rows of activations up to which a matmul with an NF4 weight runs the fused dequant-GEMV/GEMM
+# (splice.kernels.nf4_gemv): decode steps (the engine's flat batch of T tokens) are bound by the
+# weight's bytes, and the fused kernels read the 4-bit weight once (~0.53 bytes a weight) where
+# dequantize + cuBLAS moves ~4.5. 16 rows is one tl.dot tile; as rows grow the GEMM turns
+# compute-bound and cuBLAS's large tiles win over decoding the weight on CUDA cores in every
+# program (benchmarks/nf4_gemv.py times M = 1, 8 and 32 to place the crossover).
+FUSED_MAX_ROWS = 16
+
+
+def _fused(x: Any, weight: Any, bias: Any = None, *, view_t: bool = False) -> Tensor | None:
+    """``x @ W^T (+ bias)`` for the NF4 ``weight`` W (``view_t``: ``weight`` is the view ``W.t()``, as
+    mm/addmm get it) through the fused kernel, or None where it does not apply: only CUDA
+    activations of at most ``FUSED_MAX_ROWS`` rows that need no gradient (inference; training keeps
+    the dequantize + cuBLAS path), and a 1-D bias."""
+    if not isinstance(weight, NF4Tensor) or weight.flat or weight.transposed != view_t:
+        return None
+    if not isinstance(x, Tensor) or isinstance(x, NF4Tensor) or not x.is_cuda or x.dim() == 0:
+        return None
+    if x.numel() > FUSED_MAX_ROWS * x.shape[-1]:
+        return None
+    if bias is not None and (not isinstance(bias, Tensor) or bias.shape != (weight.weight_shape[0],)):
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return None
+    if not gemv_applies(x, shape=weight.weight_shape, block_size=weight.block_size):
+        return None
+    return nf4_linear(x, weight.packed, weight.code, shape=weight.weight_shape, block_size=weight.block_size,
+                      absmax=weight.absmax, qabsmax=weight.qabsmax, scale2=weight.scale2, offset=weight.offset,
+                      code2=weight.code2, bias=None if bias is None else bias.to(x.dtype))
+
+
 def _plain(t: Any, other: Any) -> Any:
     """``t`` dequantized in the other matmul operand's dtype (the activations' dtype)."""
     if not isinstance(t, NF4Tensor):
@@ -200,18 +232,28 @@ def _plain(t: Any, other: Any) -> Any:
 @implements([aten.mm.default])  # the hot path: F.linear is t + mm / addmm
 def _mm(func: OpOverload, args: _Args, kwargs: _Kwargs) -> Tensor:
     a, b = args
+    fused = _fused(a, b, view_t=True)  # x @ W.t(): F.linear's t + mm
+    if fused is not None:
+        return fused
     return func(_plain(a, b), _plain(b, a))
 
 
 @implements([aten.linear.default])  # F.linear reaches here whole under torch.inference_mode (the engine)
 def _linear(func: OpOverload, args: _Args, kwargs: _Kwargs) -> Tensor:
     x, weight, *bias = args
+    fused = _fused(x, weight, *bias)
+    if fused is not None:
+        return fused
     return func(_plain(x, weight), _plain(weight, x), *bias, **kwargs)
 
 
 @implements([aten.addmm.default])
 def _addmm(func: OpOverload, args: _Args, kwargs: _Kwargs) -> Tensor:
     bias, a, b = args
+    if kwargs.get("beta", 1) == 1 and kwargs.get("alpha", 1) == 1:
+        fused = _fused(a, b, bias, view_t=True)  # bias + x @ W.t(): F.linear's t + addmm
+        if fused is not None:
+            return fused
     return func(bias, _plain(a, b), _plain(b, a), **kwargs)
 
 

@@ -1,0 +1,209 @@
+"""splice.kernels.nf4_gemv: the fused NF4 GEMV / small-M GEMM against a float64 product of the
+dequantized weight (and the dequantize + matmul reference), and its wiring into NF4Tensor's matmuls.
+
+The kernel tests need a GPU, or ``TRITON_INTERPRET=1`` set before pytest starts (then they run on
+CPU tensors in Triton's interpreter; they skip where Triton is not installed).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from splice.kernels import use_triton
+from splice.kernels.nf4_gemv import GemvConfig, default_config, nf4_linear, nf4_linear_reference
+from splice.quant.linear import NF4Linear
+from splice.quant.nf4 import FUSED_MAX_ROWS, NF4Tensor, to_nf4
+from tests.numerics import DEVICES, GPU, HostSyncs, rel_err
+
+# norm-relative error allowed against the float64 truth: the output's rounding (and, in the dot
+# kernel, the weight rounded to x's dtype as the reference rounds it); a wrong nibble, block or row is ~0.1-1
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# (M, N, K): odd N, K a multiple of 64 but not always of 128, a K tail shorter than one step
+SHAPES = [(1, 37, 192), (2, 19, 64), (3, 33, 320), (7, 21, 128), (16, 35, 256)]
+
+
+def _weight(n: int, k: int, *, double_quant: bool, device: str, seed: int = 0) -> NF4Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return to_nf4((torch.randn(n, k, generator=g) * 0.05).to(device), double_quant=double_quant)
+
+
+def _stats(t: NF4Tensor) -> dict[str, object]:
+    return dict(shape=t.weight_shape, block_size=t.block_size, absmax=t.absmax, qabsmax=t.qabsmax,
+                scale2=t.scale2, offset=t.offset, code2=t.code2)
+
+
+def _truth(x: Tensor, t: NF4Tensor, bias: Tensor | None = None) -> Tensor:
+    y = x.double() @ t.dequantize(torch.float32).double().T
+    return y if bias is None else y + bias.double()
+
+
+def _kernel_or_skip(device: str, dtype: torch.dtype, kernel: str) -> None:
+    if not use_triton(torch.empty(0, device=device)):
+        pytest.skip("the Triton path needs a GPU, or TRITON_INTERPRET=1 set before pytest starts")
+    if device == "cpu" and dtype == torch.bfloat16 and kernel == "dot":
+        pytest.skip("Triton's interpreter multiplies bf16 dots as their uint16 bits; bf16 dots on the GPU")
+
+
+def test_reference_is_dequantize_then_matmul() -> None:
+    t = _weight(37, 192, double_quant=True, device="cpu")
+    x, bias = torch.randn(3, 192), torch.randn(37)
+    got = nf4_linear_reference(x, t.packed, t.code, bias=bias, **_stats(t))  # type: ignore[arg-type]
+    assert rel_err(got, _truth(x, t, bias)) < 1e-6
+    # the 4-bit values, not some other weight: far from the float weight it came from
+    assert rel_err(got, F.linear(x, _weight(37, 192, double_quant=False, device="cpu", seed=1).dequantize())) > 0.5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kernel", ["gemv", "dot"])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_kernel_matches_reference(shape: tuple[int, int, int], dtype: torch.dtype, double_quant: bool,
+                                  kernel: str, device: str) -> None:
+    _kernel_or_skip(device, dtype, kernel)
+    m, n, k = shape
+    t = _weight(n, k, double_quant=double_quant, device=device)
+    x = torch.randn(m, k, device=device).to(dtype)
+    config = GemvConfig(kernel=kernel, block_n=16, block_k=128)  # several K steps and a partial n tile
+    got = nf4_linear(x, t.packed, t.code, config=config, **_stats(t))  # type: ignore[arg-type]
+    assert got.shape == (m, n) and got.dtype == dtype
+    assert rel_err(got, _truth(x, t)) < TOL[dtype]
+    ref = nf4_linear_reference(x, t.packed, t.code, **_stats(t))  # type: ignore[arg-type]
+    assert rel_err(got, ref) < 2 * TOL[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kernel", ["gemv", "dot"])
+@pytest.mark.parametrize("split_k", [1, 2, 3])
+def test_bias_split_k_and_leading_dims(kernel: str, split_k: int, device: str) -> None:
+    _kernel_or_skip(device, torch.float32, kernel)
+    t = _weight(21, 320, double_quant=True, device=device)
+    x, bias = torch.randn(2, 1, 320, device=device), torch.randn(21, device=device)  # the engine's (T, 1, H)
+    config = GemvConfig(kernel=kernel, block_n=16, block_k=64, split_k=split_k)
+    got = nf4_linear(x, t.packed, t.code, bias=bias, config=config, **_stats(t))  # type: ignore[arg-type]
+    assert got.shape == (2, 1, 21)
+    assert rel_err(got, _truth(x, t, bias)) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m", [1, 5])
+def test_default_config(m: int, device: str) -> None:
+    _kernel_or_skip(device, torch.float32, "dot")
+    t = _weight(40, 256, double_quant=True, device=device)
+    x = torch.randn(m, 256, device=device)
+    got = nf4_linear(x, t.packed, t.code, **_stats(t))  # type: ignore[arg-type]
+    assert rel_err(got, _truth(x, t)) < TOL[torch.float32]
+
+
+def test_default_config_fills_the_gpu() -> None:
+    """Llama-3-8B shapes on 132 SMs: the gemv kernel for one row with up to 4 programs an SM (no
+    split-K: that costs a reduction kernel per linear), 4 KiB of packed bytes a K step."""
+    small = default_config(1, 1024, 4096, block_size=64, sms=132)
+    assert (small.kernel, small.block_n, small.block_k, small.split_k) == ("gemv", 4, 2048, 1)
+    wide = default_config(1, 14336, 4096, block_size=64, sms=132)
+    assert (wide.block_n, wide.block_k) == (16, 512)
+    assert default_config(8, 4096, 4096, block_size=64, sms=132).kernel == "dot"
+
+
+def test_bad_statistics_are_named() -> None:
+    t = _weight(8, 64, double_quant=True, device="cpu")
+    with pytest.raises(ValueError, match="give absmax, or qabsmax"):
+        nf4_linear(torch.randn(1, 64), t.packed, t.code, shape=(8, 64), block_size=64, qabsmax=t.qabsmax)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_cpu_and_grad_paths_keep_the_dequantized_product(bias: bool) -> None:
+    """On the CPU (even with the interpreter on) and wherever a gradient is needed, F.linear over an
+    NF4 weight is the dequantized weight's F.linear, bit for bit."""
+    torch.manual_seed(0)
+    layer = NF4Linear.from_linear(nn.Linear(128, 48, bias=bias))
+    x = torch.randn(2, 1, 128)
+    expected = F.linear(x, layer.dequantize(torch.float32), layer.bias)
+    with torch.inference_mode():
+        assert torch.equal(layer(x), expected)
+    with torch.no_grad():
+        assert torch.equal(layer(x), expected)
+    xg = x.clone().requires_grad_()
+    y = layer(xg)
+    torch.testing.assert_close(y, expected, rtol=0, atol=1e-6)
+    y.sum().backward()
+    torch.testing.assert_close(xg.grad, layer.dequantize(torch.float32).sum(0).expand(2, 1, 128), rtol=1e-5,
+                               atol=1e-5)
+
+
+# ---- GPU: real shapes, the wiring, CUDA graphs -------------------------------------------------------------
+
+
+@GPU
+@pytest.mark.parametrize("shape", [(1, 1024, 4096), (1, 4096, 14336), (3, 14336, 4096), (16, 1024, 4096),
+                                   (1, 4096, 4160)], ids=lambda s: "x".join(map(str, s)))
+def test_llama_shapes_on_the_gpu(shape: tuple[int, int, int]) -> None:
+    m, n, k = shape
+    t = _weight(n, k, double_quant=True, device="cuda")
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    got = nf4_linear(x, t.packed, t.code, **_stats(t))  # type: ignore[arg-type]
+    assert rel_err(got, _truth(x, t)) < TOL[torch.bfloat16]
+
+
+def _gpu_layer(bias: bool, dtype: torch.dtype = torch.float32) -> NF4Linear:
+    torch.manual_seed(0)
+    return NF4Linear.from_linear(nn.Linear(512, 96, bias=bias, device="cuda", dtype=dtype))
+
+
+def _direct(layer: NF4Linear, x: Tensor) -> Tensor:
+    bias = None if layer.bias is None else layer.bias.to(x.dtype)
+    return nf4_linear(x, layer.nf4.packed, layer.nf4.code, bias=bias, **_stats(layer.nf4))  # type: ignore[arg-type]
+
+
+@GPU
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [1, 4, FUSED_MAX_ROWS])
+def test_inference_takes_the_fused_path(rows: int, bias: bool, dtype: torch.dtype) -> None:
+    """Under inference_mode (aten.linear) and no_grad (t + mm / addmm) a small batch runs the fused
+    kernel (bit for bit its direct call), which agrees with the dequantize + matmul path."""
+    layer = _gpu_layer(bias, dtype)
+    x = torch.randn(rows, 1, 512, device="cuda", dtype=dtype)  # the engine's (T, 1, H)
+    fused = _direct(layer, x)
+    dequantized = F.linear(x, layer.dequantize(), layer.bias)
+    assert rel_err(fused, dequantized) < (1e-3 if dtype == torch.float32 else TOL[dtype])  # 1e-3: TF32 if on
+    if dtype == torch.float32:  # fp32 sums in another order: the equalities below tell the paths apart
+        assert not torch.equal(fused, dequantized)
+    with torch.inference_mode():
+        assert torch.equal(layer(x), fused)
+    with torch.no_grad():
+        assert torch.equal(layer(x), fused)
+
+
+@GPU
+def test_large_batches_and_gradients_keep_the_dequant_path() -> None:
+    layer = _gpu_layer(True)
+    x = torch.randn(FUSED_MAX_ROWS + 1, 512, device="cuda")
+    with torch.inference_mode():
+        assert torch.equal(layer(x), F.linear(x, layer.dequantize(), layer.bias))
+    xg = x[:1].clone().requires_grad_()
+    y = layer(xg)
+    assert rel_err(y, F.linear(x[:1], layer.dequantize(), layer.bias)) < 1e-6
+    y.sum().backward()
+    torch.testing.assert_close(xg.grad, layer.dequantize().sum(0, keepdim=True))
+
+
+@GPU
+def test_no_host_sync_and_cuda_graph_capture() -> None:
+    layer = _gpu_layer(True, torch.bfloat16)
+    x = torch.randn(4, 1, 512, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        with HostSyncs() as mode:
+            eager = layer(x)
+        assert mode.synced == []
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = layer(x)
+        new = torch.randn_like(x)
+        x.copy_(new)
+        graph.replay()
+        assert torch.equal(captured, layer(new))
+        assert not torch.equal(captured, eager)
