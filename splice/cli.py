@@ -89,7 +89,7 @@ _HELP = {
     "beta": "dpo: the strength of the pull to the reference (default 0.1); grpo: the weight of the KL "
             "term to the reference (default: 0)",
     "label_smoothing": "dpo sigmoid loss: the chance a pair's preference is wrong, cDPO (default: 0)",
-    "loss_type": "dpo: sigmoid or ipo (default: sigmoid); grpo: grpo, dr_grpo or dapo",
+    "loss_type": "dpo: sigmoid or ipo (default: sigmoid); grpo: dapo, grpo or dr_grpo (default: dapo, TRL's)",
     "precompute_ref": "dpo: compute the reference log-probs once before training (default: off: in "
                       "every step, with the adapters disabled)",
     "reward": "grpo: a reward function FILE.py:FUNCTION, f(prompts, completions, **columns) -> list of "

@@ -24,7 +24,7 @@ MANY_EPOCHS = 3.0  # a run over more passes than this says so before it trains (
 MIN_HELD_OUT = 20  # held-out rows below which a generation score is noise
 _DEFAULT_VAL_FRACTION = 0.05
 # Each method's loss types (the first is its default).
-LOSS_TYPES = {"sft": (), "dpo": ("sigmoid", "ipo"), "grpo": ("grpo", "dr_grpo", "dapo")}
+LOSS_TYPES = {"sft": (), "dpo": ("sigmoid", "ipo"), "grpo": ("dapo", "grpo", "dr_grpo")}
 # Options that may differ when resuming (they don't change the trajectory's meaning).
 # output_dir: a run directory that was moved or copied resumes from its new place.
 _RESUME_FREE = {"resume", "steps", "epochs", "save_every", "keep_checkpoints", "eval_every",

@@ -88,7 +88,9 @@ def method_for(config: TrainConfig) -> Method:
 
         return DPO(config)
     if config.method == "grpo":
-        raise UsageError("--method grpo is not available yet; use --method sft or dpo")
+        from splice.training.grpo import GRPO
+
+        return GRPO(config)
     return Method(config, lm_loss=train_step_loss)
 
 
