@@ -83,6 +83,8 @@ _HELP = {
     "init": "adapter init: default, gaussian, pissa, pissa_niter_N (fast SVD) or olora (PiSSA/OLoRA "
             "start from the weight's principal part; the base keeps the residual)",
     "loraplus_ratio": "LoRA+: lora_B's learning rate is lr * this (e.g. 16); default: off",
+    "adapter": "start from this adapter folder and train it further, with its rank, alpha and targets "
+               "(e.g. GRPO or DPO after SFT); default: a fresh LoRA",
     # preference and reward training (issue 27)
     "method": "sft (next-token loss on the answers), dpo (preference pairs: prompt/chosen/rejected rows) "
               "or grpo (rewards of sampled completions: prompt rows and --reward) (default: sft)",

@@ -102,6 +102,7 @@ class TrainConfig:
     dora: bool = False
     init: str = "default"  # default | gaussian | pissa | pissa_niter_N | olora
     loraplus_ratio: float | None = None  # lr of lora_B = lr * ratio (LoRA+, e.g. 16); None: off
+    adapter: str | None = None  # train this adapter folder further (its rank, alpha, targets), e.g. GRPO after SFT
     # Preference and reward training (issue 27): the method (splice.training.method), DPO's and
     # GRPO's options.
     method: str = "sft"  # sft | dpo | grpo
@@ -349,6 +350,8 @@ RULES: tuple[Rule, ...] = (
     Rule(("precision",), lambda v: v in ("auto", "bf16", "fp32"), "must be auto, bf16 or fp32"),
     Rule(("init",), _init_ok, "must be default, gaussian, pissa, pissa_niter_N (N >= 1) or olora"),
     Rule(("loraplus_ratio",), lambda v: v > 0, "must be > 0 (e.g. 16; unset: LoRA+ off)"),
+    Rule(("adapter",), lambda v: (Path(v) / "adapter_config.json").is_file(),
+         "must be an adapter folder (adapter_config.json + adapter_model.safetensors, e.g. runs/sft/adapter)"),
     Rule(("dist_timeout",), lambda v: v > 0, "must be > 0 (seconds)"),
     Rule(("quantize",), lambda v: v in ("nf4", "int8"), "must be nf4 or int8 (or unset: no quantization)"),
     Rule(("device",), lambda v: _DEVICE.fullmatch(v) is not None,

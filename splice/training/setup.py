@@ -25,6 +25,7 @@ from splice.evaluation.scoring import text_task
 from splice.lora.apply import add_lora
 from splice.lora.freeze import freeze
 from splice.lora.layers import LoraConfig
+from splice.lora.peft_io import load_adapter
 from splice.models.loading import load_model
 from splice.training.config import DEFAULT_EPOCHS, MANY_EPOCHS, TrainConfig, save_run_config
 from splice.training.graphs import GraphedStep
@@ -305,9 +306,12 @@ def build_run(config: TrainConfig, *, log: Progress | None = None, env: DistEnv 
         model, tokenizer, device, precision = prepare_model(
             config, load_device=torch.device("cpu") if on_cpu else None)
         data = prepare_data(config, tokenizer, rows, method)
-    add_lora(model, LoraConfig(rank=config.rank, alpha=config.alpha, dropout=config.dropout,
-                               targets=config.target_spec(), rslora=config.rslora,
-                               use_dora=config.dora, init=config.init))
+    if config.adapter:  # trained further, as it was saved (rank, alpha, targets)
+        load_adapter(model, config.adapter)
+    else:
+        add_lora(model, LoraConfig(rank=config.rank, alpha=config.alpha, dropout=config.dropout,
+                                   targets=config.target_spec(), rslora=config.rslora,
+                                   use_dora=config.dora, init=config.init))
     say(str(freeze(model)))
     rewritten = run_rewrites(model, config, device)
     if rewritten:

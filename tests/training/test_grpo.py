@@ -296,6 +296,20 @@ def test_nf4_checkpointing_kl_and_resume(grpo_inputs: tuple[Path, Path, Path], t
         assert [r[key] for r in resumed] == pytest.approx([r[key] for r in rows], rel=1e-4, abs=1e-6)
 
 
+def test_grpo_trains_an_sft_adapter_further(grpo_inputs: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    model, _, _ = grpo_inputs
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(8)))
+    train(TrainConfig(model=str(model), data=str(qa), output_dir=str(tmp_path / "sft"), steps=2, rank=4,
+                      max_length=48, eval_samples=0, compare_base=False, warmup_steps=0))
+    sft = tmp_path / "sft" / "adapter"
+    train(_config(grpo_inputs, tmp_path / "grpo", adapter=str(sft), steps=1, rank=8))
+    saved = json.loads((tmp_path / "grpo" / "adapter" / "adapter_config.json").read_text())
+    assert saved["r"] == 4  # the SFT adapter's rank, trained further (not a fresh rank-8 LoRA)
+    with pytest.raises(UsageError, match=r"adapter must be an adapter folder"):
+        _config(grpo_inputs, tmp_path / "x", adapter=str(tmp_path / "nowhere"))
+
+
 def test_a_failing_reward_names_it_and_keeps_the_checkpoint(grpo_inputs: tuple[Path, Path, Path],
                                                             tmp_path: Path) -> None:
     _, _, rewards = grpo_inputs
