@@ -1,0 +1,189 @@
+"""A step's flat inputs, written in place into one host buffer and sent with one copy.
+
+:class:`Staging` owns a host buffer (pinned on CUDA) and a device buffer of the same layout:
+fixed sections for up to ``tokens`` tokens and ``seqs`` sequences of ``width`` blocks each::
+
+    int64: ids (tokens) | positions (tokens) | slots (tokens) | sample_at (seqs)
+    int32: bank_slots (tokens) | seq_lens (seqs) | starts (seqs + 1) | tables (seqs x width)
+
+:meth:`Staging.fill` writes a plan's chunks into the host sections (numpy views, no per-step tensors)
+and copies the used part to the device in one ``copy_`` (on the CPU the device buffer *is* the host
+buffer). The returned :class:`StepInputs` are views of the device buffer at fixed offsets, so a CUDA
+graph captured on them reads every later step's inputs. Block-table rows are rewritten only where
+they may have changed: the scheduler replaces a sequence's ``block_ids`` list (admission,
+preemption, fork) or changes entries in place only at or after the block of the chunk it schedules
+(copy-on-write), so each row remembers the list it holds and how much of it was written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from splice.engine.scheduler import Chunk
+
+__all__ = ["StepInputs", "Staging", "TokensToHost"]
+
+_I64 = ("ids", "positions", "slots", "sample_at")
+_I32 = ("bank_slots", "seq_lens", "starts", "tables")
+
+
+@dataclass(frozen=True, eq=False)
+class StepInputs:
+    """A step's device inputs (see module docstring): ``T`` tokens of ``B`` chunks, ``S`` sampled."""
+
+    ids: Tensor  # (T,) int64
+    positions: Tensor  # (T,) int64
+    slots: Tensor  # (T,) int64 flat cache slot per token
+    sample_at: Tensor  # (S,) int64 rows whose logits are sampled
+    bank_slots: Tensor  # (T,) int32 adapter bank slot per token, -1: none
+    seq_lens: Tensor  # (B,) int32 tokens in cache incl. this step's
+    starts: Tensor  # (B + 1,) int32 query_start_loc
+    tables: Tensor  # (B, width) int32 block tables
+    max_query_len: int
+    max_seq_len: int
+
+
+def _sizes(tokens: int, seqs: int, width: int) -> dict[str, int]:
+    return {"ids": tokens, "positions": tokens, "slots": tokens, "sample_at": seqs, "bank_slots": tokens,
+            "seq_lens": seqs, "starts": seqs + 1, "tables": seqs * width}
+
+
+class Staging:
+    """Host and device buffers for steps of up to ``tokens`` tokens in ``seqs`` chunks (module docstring)."""
+
+    def __init__(self, *, tokens: int, seqs: int, width: int, block_size: int, device: torch.device) -> None:
+        self.tokens, self.seqs, self.width, self.block_size, self.device = tokens, seqs, width, block_size, device
+        sizes = _sizes(tokens, seqs, width)
+        self._offsets: dict[str, int] = {}  # byte offset of each section
+        offset = 0
+        for name in (*_I64, *_I32):
+            self._offsets[name] = offset
+            offset += sizes[name] * (8 if name in _I64 else 4)
+        self.nbytes = offset
+        cuda = device.type == "cuda"
+        self._host = torch.zeros(offset, dtype=torch.uint8, pin_memory=cuda)
+        self._device = torch.zeros(offset, dtype=torch.uint8, device=device) if cuda else self._host
+        self._copied = torch.cuda.Event() if cuda else None  # the last copy out of the host buffer
+        raw = self._host.numpy()
+        self._np = {name: raw[self._offsets[name]: self._offsets[name] + sizes[name] * (8 if name in _I64 else 4)]
+                    .view(np.int64 if name in _I64 else np.int32) for name in sizes}
+        self._tables = self._np["tables"].reshape(seqs, width)
+        self._rows: list[tuple[list[int] | None, int]] = [(None, 0)] * seqs  # (block_ids held, entries written)
+
+    def fits(self, tokens: int, seqs: int) -> bool:
+        return tokens <= self.tokens and seqs <= self.seqs
+
+    def _view(self, name: str, count: int) -> Tensor:
+        start = self._offsets[name]
+        size = 8 if name in _I64 else 4
+        return self._device[start: start + count * size].view(torch.int64 if name in _I64 else torch.int32)
+
+    def _table_rows(self, chunks: Sequence[Chunk], pad: int) -> None:
+        """Row ``b`` of the tables gets chunk ``b``'s block ids (only what may have changed); padded rows
+        read the scratch block 0."""
+        rows, table = self._rows, self._tables
+        for b, chunk in enumerate(chunks):
+            ids = chunk.seq.block_ids
+            held, written = rows[b]
+            first = min(written, chunk.start // self.block_size) if held is ids else 0
+            if first < len(ids):
+                table[b, first: len(ids)] = ids[first:]
+            rows[b] = (ids, len(ids))
+        for b in range(len(chunks), len(chunks) + pad):
+            table[b, 0] = 0
+            rows[b] = (None, 0)
+
+    def fill(self, chunks: Sequence[Chunk], *, pad_to: int = 0,
+             bank_slot: Callable[[str | None], int] | None = None) -> StepInputs:
+        """Stage ``chunks`` (padded to ``pad_to`` one-token scratch sequences, all sampled) and copy them to
+        the device; ``bank_slot(adapter)``: each chunk's adapter bank slot (None: -1 for every token)."""
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous step's copy has read the host buffer
+        n = len(chunks)
+        pad = max(0, pad_to - n)
+        counts = np.fromiter((c.count for c in chunks), dtype=np.int64, count=n)
+        firsts = np.fromiter((c.start for c in chunks), dtype=np.int64, count=n)
+        tokens = int(counts.sum()) + pad
+        seqs = n + pad
+        if not self.fits(tokens, seqs):
+            raise ValueError(f"a step of {tokens} tokens in {seqs} chunks exceeds the staging buffers "
+                             f"({self.tokens} tokens, {self.seqs} sequences)")
+        a = self._np
+        real = tokens - pad
+        starts = a["starts"]
+        starts[0] = 0
+        np.cumsum(counts, out=starts[1: n + 1])
+        starts[n + 1: seqs + 1] = np.arange(real + 1, real + pad + 1)
+        a["seq_lens"][:n] = firsts + counts
+        a["seq_lens"][n:seqs] = 1
+        self._table_rows(chunks, pad)
+        row = np.repeat(np.arange(n), counts)  # chunk of each real token
+        positions = a["positions"]
+        offset = np.arange(real) - starts[:n].astype(np.int64)[row]  # of each token in its chunk
+        positions[:real] = firsts[row] + offset
+        positions[real:tokens] = 0
+        ids = a["ids"]
+        if real == n:  # decodes only: one token a chunk
+            ids[:n] = [c.seq.tokens[c.start] for c in chunks]
+        else:
+            ids[:real] = [t for c in chunks for t in c.seq.tokens[c.start: c.start + c.count]]
+        ids[real:tokens] = 0
+        bs = self.block_size
+        pos = positions[:real]
+        a["slots"][:real] = self._tables[row, pos // bs].astype(np.int64) * bs + pos % bs
+        a["slots"][real:tokens] = np.arange(pad) % bs  # scratch block 0
+        sampled = [i for i, c in enumerate(chunks) if c.sample]
+        a["sample_at"][: len(sampled)] = starts[1:][sampled] - 1
+        a["sample_at"][len(sampled): len(sampled) + pad] = np.arange(real, real + pad)
+        if bank_slot is None:
+            a["bank_slots"][:tokens] = -1
+        else:
+            a["bank_slots"][:real] = np.repeat(np.fromiter((bank_slot(c.seq.adapter) for c in chunks),
+                                                           dtype=np.int32, count=n), counts)
+            a["bank_slots"][real:tokens] = -1
+        if self._copied is not None:
+            end = self._offsets["tables"] + seqs * self.width * 4
+            self._device[:end].copy_(self._host[:end], non_blocking=True)
+            self._copied.record()
+        return StepInputs(
+            ids=self._view("ids", tokens), positions=self._view("positions", tokens),
+            slots=self._view("slots", tokens), sample_at=self._view("sample_at", len(sampled) + pad),
+            bank_slots=self._view("bank_slots", tokens), seq_lens=self._view("seq_lens", seqs),
+            starts=self._view("starts", seqs + 1), tables=self._view("tables", seqs * self.width).view(seqs, self.width),
+            max_query_len=int(counts.max()) if n else 1, max_seq_len=int(a["seq_lens"][:seqs].max()),
+        )
+
+
+class TokensToHost:
+    """The sampled tokens of a step to the host: one non-blocking copy into pinned memory and an event
+    (a plain ``tolist`` on the CPU). :meth:`start` after the sampler, :meth:`wait` when they are needed."""
+
+    def __init__(self, *, rows: int, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._host = torch.zeros(rows, dtype=torch.int64, pin_memory=self.cuda)
+        self._event = torch.cuda.Event() if self.cuda else None
+        self._pending: Tensor | None = None
+        self._count = 0
+
+    def start(self, tokens: Tensor) -> None:
+        self._count = tokens.shape[0]
+        if self._event is None:
+            self._pending = tokens
+            return
+        if self._count > self._host.shape[0]:
+            self._host = torch.zeros(self._count, dtype=torch.int64, pin_memory=True)
+        self._host[: self._count].copy_(tokens, non_blocking=True)
+        self._event.record()
+
+    def wait(self) -> list[int]:
+        if self._event is None:
+            assert self._pending is not None
+            pending, self._pending = self._pending, None
+            return [int(t) for t in pending.tolist()]
+        self._event.synchronize()
+        return self._host[: self._count].tolist()
