@@ -155,21 +155,23 @@ def test_checkpointing_and_nf4(tiny_run_inputs, tmp_path) -> None:
     assert nf4.losses != plain.losses  # the quantized base is another reference
 
 
-def test_two_ddp_ranks_equal_one_process(tiny_run_inputs, tmp_path) -> None:
-    """2 gloo ranks with 2 pairs each = one process with 4 (the last global batch of 10 pairs has 2:
-    each rank takes one)."""
+@pytest.mark.parametrize("shard", [False, True])
+def test_two_ranks_equal_one_process(tiny_run_inputs, tmp_path, shard: bool) -> None:
+    """2 gloo ranks (DDP, or FSDP2 with the reference precomputed) with 2 pairs each = one process
+    with 4 (the last global batch of 10 pairs has 2: each rank takes one)."""
     from tests.distributed.ranks import run_ranks
 
     pairs = write_pairs(tmp_path / "pairs.jsonl", 12)
     options = dict(method="dpo", data=str(pairs), prompt_template=None, response_template=None, dropout=0.0,
                    steps=4, warmup_steps=0, lr=2e-3, save_every=0)
     job = {"inputs": [str(p) for p in tiny_run_inputs], "runs": [
-        {"out": str(tmp_path / "ddp"), "options": {**options, "batch_size": 2}}]}
+        {"out": str(tmp_path / "ddp"), "options": {**options, "batch_size": 2, "shard": shard,
+                                                   "precompute_ref": shard}}]}
     results = run_ranks(job, world=2, timeout=300)
     assert all(r.returncode == 0 for r in results), [r.stderr[-2000:] for r in results]
     ddp = json.loads((tmp_path / "ddp" / "result-rank0.json").read_text())
     one = train(dpo_config(tiny_run_inputs, tmp_path / "one", pairs, **{**options, "batch_size": 4}))
-    assert ddp["parallel"] == "ddp" and ddp["world_size"] == 2
+    assert ddp["parallel"] == ("fsdp2" if shard else "ddp") and ddp["world_size"] == 2
     torch.testing.assert_close(torch.tensor(ddp["losses"]), torch.tensor(one.losses), rtol=1e-4, atol=1e-5)
 
 
