@@ -182,8 +182,7 @@ _FOREIGN_FLAGS = {
     "data-path": "--data", "validation-file": "--val-data", "val-set-size": "--val-fraction",
     "load-in-4bit": "--quantize nf4", "load-in-8bit": "--quantize int8", "bf16": "--precision bf16",
     "packing": "--pack", "sample-packing": "--pack", "train-on-inputs": "--train-on-prompt",
-    "precompute-ref-log-probs": "--precompute-ref", "reward-funcs": "--reward", "rl": "--method",
-    "trainer": "--method", "max-new-tokens-rollout": "--max-completion-length",
+    "precompute-ref-log-probs": "--precompute-ref", "reward-funcs": "--reward",
 }
 
 
