@@ -54,7 +54,7 @@ _EXPORTS = {
     # LoRA variants
     "DoraLinear": "lora.dora_layers", "DoraConv2d": "lora.dora_layers",
     # serving: the decode engine (the server is `splice serve`; splice.serve is its package)
-    "Engine": "generation.engine", "SamplingParams": "generation.engine",
+    "Engine": "engine.engine", "SamplingParams": "engine.sampling",
     # export
     "export_gguf": "export.gguf", "export_lora_gguf": "export.gguf",
 }
@@ -91,10 +91,11 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from splice.data.batching import batches
     from splice.data.function_names import build_function_names
     from splice.data.rows import ChatTemplate, PromptTemplate, read_rows, split_rows, tokenize_rows
+    from splice.engine.engine import Engine
+    from splice.engine.sampling import SamplingParams
     from splice.evaluation.tasks import name_metrics
     from splice.export.gguf import export_gguf, export_lora_gguf
     from splice.fused.apply import fuse, unfuse
-    from splice.generation.engine import Engine, SamplingParams
     from splice.generation.generate import generate
     from splice.lora.apply import (
         adapter_names,

@@ -6,6 +6,7 @@ sibling test file.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -280,3 +281,17 @@ def train_losses(model: nn.Module, ids: torch.Tensor, *, steps: int = 8, lr: flo
         opt.zero_grad()
         losses.append(loss.item())
     return losses
+
+
+def greedy_loop(model: nn.Module, prompt: list[int], max_tokens: int, eos: Collection[int] = (2,)) -> list[int]:
+    """The slow generation reference: argmax of ``model(whole sequence)`` each token, no cache, EOS excluded."""
+    ids, out = list(prompt), []
+    device = next(model.parameters()).device  # the model may sit on the GPU
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            token = int(model(torch.tensor([ids], device=device)).logits[0, -1].argmax())
+            if token in eos:
+                break
+            out.append(token)
+            ids.append(token)
+    return out

@@ -33,11 +33,10 @@ from torch import nn
 
 from splice.engine.blocks import BlockPool
 from splice.engine.output import TextOutput, eos_ids
-from splice.engine.runner import ModelRunner
+from splice.engine.runner import ModelRunner, RowAdapters
 from splice.engine.sampling import SamplingParams, row_generator, sample_step
 from splice.engine.scheduler import Scheduler
 from splice.engine.scheduler import Sequence as Seq
-from splice.lora.apply import adapter_names
 from splice.lora.bank import BankSite, HostAdapter, LoraBank
 
 __all__ = ["Engine", "EngineFull", "OnEvent", "Request", "SamplingParams", "eval_mode"]
@@ -66,6 +65,16 @@ OnEvent = Callable[[str, str | None], None]
 
 def _ignore(text: str, reason: str | None) -> None:
     return None
+
+
+def _finisher(request: Request, on_finish: Callable[[Request], None]) -> OnEvent:
+    """An ``on_event`` that calls ``on_finish(request)`` at the request's final event."""
+
+    def on_event(text: str, reason: str | None) -> None:
+        if reason is not None:
+            on_finish(request)
+
+    return on_event
 
 
 @dataclass(eq=False, kw_only=True)
@@ -127,7 +136,8 @@ class Engine:
         self._lock = threading.Lock()
         self._next_id = 0
         self._rejected: list[tuple[Seq, str]] = []  # refused by the adapter gate with an error
-        self._route_rows = False  # route the model's own LoRA layers by request adapter (generate)
+        self._retired: set[str] = set()  # dropped adapters some request still holds (drop_adapter)
+        self._rows: RowAdapters | None = None  # the model's own LoRA layers, routed by request (generate)
 
     def _new_scheduler(self) -> tuple[BlockPool, Scheduler]:
         pool = BlockPool(self.runner.num_blocks, self.runner.block_size)
@@ -174,6 +184,25 @@ class Engine:
         """Whether a running sequence uses adapter ``name`` (engine thread only)."""
         return any(seq.adapter == name for seq in self.scheduler.running)
 
+    def add_adapter(self, adapter: HostAdapter) -> None:
+        """Serve ``adapter`` under its name from now on (engine thread: e.g. through :meth:`call`)."""
+        self._retired.discard(adapter.name)
+        self.adapters[adapter.name] = adapter
+
+    def drop_adapter(self, name: str) -> None:
+        """Stop serving adapter ``name`` (engine thread): requests that already hold it (running or waiting)
+        finish on its weights; then its host copy and bank slot are freed. Later requests for it fail."""
+        self._retired.add(name)
+        self._free_retired()
+
+    def _free_retired(self) -> None:
+        for name in list(self._retired):
+            if not self.adapter_in_use(name) and not any(s.adapter == name for s in self.scheduler.waiting):
+                self._retired.discard(name)
+                self.adapters.pop(name, None)
+                if self.bank is not None:
+                    self.bank.drop(name)
+
     def run(self, stop: threading.Event, *, idle_wait: float = 0.005) -> None:
         """Step until ``stop`` is set (the serving thread), the model in eval mode meanwhile."""
         with eval_mode(self.model):
@@ -197,7 +226,7 @@ class Engine:
             for chunk in plan.chunks:
                 self._started(chunk.seq.payload)
             try:
-                logits = self.runner.execute(plan, route_rows=self._route_rows)
+                logits = self.runner.execute(plan, rows=self._rows)
             except Exception as error:  # e.g. an adapter that fails in the forward: end this step's requests
                 for chunk in plan.chunks:
                     self._end(chunk.seq, f"error: {type(error).__name__}: {error}")
@@ -243,10 +272,10 @@ class Engine:
         if name is None:
             return None
         if self.bank is not None:
-            return None if name in self.adapters else f"unknown adapter {name!r}"
-        if not self._route_rows:
+            return None if name in self.adapters and name not in self._retired else f"unknown adapter {name!r}"
+        if self._rows is None:
             return f"adapter {name!r}: this engine has no adapter bank (give bank=, sites=, adapters=)"
-        known = adapter_names(self.model)
+        known = self._rows.known
         return None if name in known else f"unknown adapter {name!r}: the model has {known}"
 
     def _admit(self, seq: Seq) -> bool:
@@ -302,6 +331,8 @@ class Engine:
         request: Request = seq.payload
         self.scheduler.finish(seq)
         self._started(request)
+        if self._retired and seq.adapter in self._retired:
+            self._free_retired()
         if flush and request.output is not None and reason in ("stop", "length"):
             rest, _ = request.output.finish()
             delta += rest
@@ -322,10 +353,12 @@ class Engine:
 
     # ---- offline -------------------------------------------------------------------------------
     def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
-                 *, adapters: Sequence[str | None] | None = None) -> list[Request]:
+                 *, adapters: Sequence[str | None] | None = None,
+                 on_finish: Callable[[Request], None] | None = None) -> list[Request]:
         """Run ``prompt_ids`` to completion in this thread (so context like ``adapters_disabled`` applies);
         the finished requests in order. ``adapters``: the model's own LoRA adapter per prompt (None: the base
-        model); without it every adapter on the model applies. Raises ValueError for a request that failed."""
+        model); without it every adapter on the model applies. ``on_finish(request)`` is called as each one
+        ends (e.g. a progress bar). Raises ValueError for a request that failed."""
         if self.busy:
             raise RuntimeError("Engine.generate needs an idle engine: it is serving other requests")
         many = params if isinstance(params, Sequence) else [params] * len(prompt_ids)
@@ -334,9 +367,13 @@ class Engine:
                              f"{len(many)} and {len(adapters) if adapters is not None else 'none'}")
         requests = [Request(prompt_ids=list(ids), params=p, adapter=None if adapters is None else adapters[i])
                     for i, (ids, p) in enumerate(zip(prompt_ids, many, strict=True))]
+        if on_finish is not None:
+            for request in requests:
+                request.on_event = _finisher(request, on_finish)
         self.forget_prefixes()  # since the last call, training may have moved the weights, or the caller
         # disabled the adapters: K/V cached then would be stale
-        self._route_rows = adapters is not None and self.bank is None
+        if adapters is not None and self.bank is None:
+            self._rows = RowAdapters.of(self.model, [a for a in dict.fromkeys(adapters) if a is not None])
         try:
             for request in requests:  # past max_waiting: the caller waits for these anyway
                 with self._lock:
@@ -346,7 +383,7 @@ class Engine:
                 while self.busy:
                     self.step()
         finally:
-            self._route_rows = False
+            self._rows = None
         failed = [(i, r.finish_reason) for i, r in enumerate(requests) if (r.finish_reason or "").startswith("error")]
         if failed:
             raise ValueError(f"prompt {failed[0][0]}: {failed[0][1]}")

@@ -31,9 +31,10 @@ from splice.engine.attention import PagedAttention, StepAttention, install_paged
 from splice.engine.scheduler import StepPlan, iter_positions
 from splice.lora.apply import lora_modules
 from splice.lora.bank import BankSite, LoraBank
+from splice.lora.layers import LoraLinear
 from splice.lora.routing import Route, routed
 
-__all__ = ["ModelRunner"]
+__all__ = ["ModelRunner", "RowAdapters"]
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,29 @@ def _kv_blocks(model: nn.Module, *, block_size: int, max_seqs: int, max_len: int
     per_block = 2 * layers * block_size * kv_heads * head_dim * torch.empty((), dtype=_dtype(model)).element_size()
     free, _ = torch.cuda.mem_get_info(device)
     return int(free * kv_memory) // per_block
+
+
+@dataclass(frozen=True, eq=False)
+class RowAdapters:
+    """The model's own LoRA adapters routed per token for one offline call: every LoRA layer, and the
+    linear ones packed into a :class:`LoraBank` so a projection adds every token's adapter in one
+    multi-LoRA pass instead of one pass (and one copy of the output) per adapter. Layers the bank
+    does not hold (DoRA, embeddings) follow the per-token adapter names."""
+
+    layers: list[nn.Module]
+    bank: LoraBank | None
+    known: list[str]  # the adapters on the model
+
+    @classmethod
+    def of(cls, model: nn.Module, names: Sequence[str]) -> RowAdapters:
+        found = lora_modules(model)
+        packable = names and any(isinstance(layer, LoraLinear) for _, _, layer in found)
+        return cls([layer for _, _, layer in found], LoraBank.from_model(model, names) if packable else None,
+                   list(dict.fromkeys(layer.name for _, _, layer in found)))
+
+    def route(self, adapters: Sequence[str | None]) -> contextlib.AbstractContextManager[Any]:
+        slots = self.bank.slots(adapters) if self.bank is not None else None
+        return routed(self.layers, Route(rows=tuple(adapters), bank=self.bank, slots=slots))
 
 
 def _buckets(max_seqs: int) -> list[int]:
@@ -213,25 +237,28 @@ class ModelRunner:
         return [-1 if a is None else resident[a] for a in adapters]
 
     # ---- the forward ----------------------------------------------------------------------
-    def _route(self, adapters: Sequence[str | None] | None, slots: Tensor) -> contextlib.AbstractContextManager[Any]:
-        """Per-token adapters: the bank's slots, the model's LoRA layers by name, or none (every
-        adapter on the model applies, or adapters_disabled of the caller)."""
+    def _route(self, adapters: Sequence[str | None] | None, slots: Tensor,
+               rows: RowAdapters | None) -> contextlib.AbstractContextManager[Any]:
+        """Per-token adapters: the bank's slots, the model's LoRA layers by name (``rows``), or none
+        (every adapter on the model applies, or adapters_disabled of the caller)."""
         if self.bank is not None and self.sites:
             return routed(self.sites, Route(bank=self.bank, slots=slots))
-        if adapters is not None:
-            return routed([layer for _, _, layer in lora_modules(self.model)], Route(rows=tuple(adapters)))
+        if adapters is not None and rows is not None:
+            return rows.route(adapters)
         return contextlib.nullcontext()
 
     def _forward(self, t: dict[str, Tensor], *, max_query_len: int, max_seq_len: int,
-                 adapters: list[str | None] | None, head_adapters: list[str | None] | None) -> Tensor:
+                 adapters: list[str | None] | None = None, head_adapters: list[str | None] | None = None,
+                 rows: RowAdapters | None = None) -> Tensor:
         """Logits (S, V) fp32 of the sampled tokens ``t["sample_at"]`` (see module docstring);
-        ``adapters`` / ``head_adapters``: LoRA adapter names of every token / of the sampled ones."""
+        ``adapters`` / ``head_adapters``: LoRA adapter names of every token / of the sampled ones,
+        routed through ``rows``."""
         parts = self.parts
         step = StepAttention(key_caches=self.key_caches, value_caches=self.value_caches, slot_mapping=t["slots"],
                              block_tables=t["tables"], seq_lens=t["seq_lens"], query_start_loc=t["starts"],
                              max_query_len=max_query_len, max_seq_len=max_seq_len)
         positions = t["positions"][:, None]  # (T, 1): one token a row
-        with paged_step(step), self._route(adapters, t["bank_slots"]):
+        with paged_step(step), self._route(adapters, t["bank_slots"], rows):
             hidden = parts.embed(t["ids"][:, None])  # (T, 1, H)
             kinds = {kind: parts.rotary(hidden, positions, kind) for kind in set(parts.layer_types)}
             for layer, kind in zip(parts.layers, parts.layer_types, strict=True):
@@ -240,7 +267,7 @@ class ModelRunner:
                             position_embeddings=position_embeddings)
                 hidden = out[0] if isinstance(out, tuple) else out
         last = parts.norm(hidden.index_select(0, t["sample_at"]))  # (S, 1, H)
-        with self._route(head_adapters, t["bank_slots"].index_select(0, t["sample_at"])):
+        with self._route(head_adapters, t["bank_slots"].index_select(0, t["sample_at"]), rows):
             logits = parts.head(last)[:, 0].float()
         if parts.final_softcap > 0:
             logits = torch.tanh(logits / parts.final_softcap) * parts.final_softcap
@@ -255,22 +282,23 @@ class ModelRunner:
         for cache in (*self.key_caches, *self.value_caches):
             cache.index_copy_(0, dst, cache.index_select(0, src))
 
-    def execute(self, plan: StepPlan, *, route_rows: bool = False) -> Tensor:
+    def execute(self, plan: StepPlan, *, rows: RowAdapters | None = None) -> Tensor:
         """Run ``plan``'s forward; logits (S, V) fp32 of its sampling chunks, in chunk order.
-        ``route_rows``: route the model's LoRA layers by each sequence's adapter name (None: base)."""
+        ``rows``: route the model's LoRA layers by each sequence's adapter name (None: base)."""
         self.copy_blocks(plan.copies)
         batch = self._flatten(plan)
         decode = all(c.count == 1 and c.sample for c in plan.chunks)
-        if self.cuda_graphs and decode and not route_rows and len(plan.chunks) <= self.max_seqs:
+        if self.cuda_graphs and decode and rows is None and len(plan.chunks) <= self.max_seqs:
             logits = self._replay(batch)
             if logits is not None:
                 return logits
         width = max(len(table) for table in batch.tables)
         tensors = self._tensors(batch, width)
-        head = [batch.adapters[i] for i in batch.sample_at]
+        routed_rows = rows is not None
         return self._forward(tensors, max_query_len=max(c.count for c in plan.chunks),
-                             max_seq_len=max(batch.seq_lens), adapters=batch.adapters if route_rows else None,
-                             head_adapters=head if route_rows else None)
+                             max_seq_len=max(batch.seq_lens), adapters=batch.adapters if routed_rows else None,
+                             head_adapters=[batch.adapters[i] for i in batch.sample_at] if routed_rows else None,
+                             rows=rows)
 
     # ---- CUDA graphs ----------------------------------------------------------------------
     def _replay(self, batch: _Batch) -> Tensor | None:
@@ -290,7 +318,7 @@ class ModelRunner:
             views = {k: v[: tensors[k].shape[0]] for k, v in self._static.items()}
             try:
                 self._graphs[key] = self._capture(lambda: self._forward(
-                    views, max_query_len=1, max_seq_len=self.max_len, adapters=None, head_adapters=None))
+                    views, max_query_len=1, max_seq_len=self.max_len))
             except Exception as error:  # e.g. a model that syncs inside its forward: run eagerly
                 self.cuda_graphs, self.graph_failure = False, f"{type(error).__name__}: {error}"
                 return None

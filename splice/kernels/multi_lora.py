@@ -48,11 +48,20 @@ def multi_lora_reference(x: Tensor, y: Tensor, a: Tensor, b: Tensor, slots: Tens
 
 
 def _multi_lora_torch(x: Tensor, y: Tensor, a: Tensor, b: Tensor, slots: Tensor, *, inplace: bool) -> Tensor:
-    """The same, one matmul pair per distinct slot (CPU / no Triton)."""
+    """The same on the CPU / without Triton: with at most two tokens per adapter (decode) one batched
+    matmul pair over each token's gathered ``A[slot]`` (n, R, K) and ``B[slot]`` (n, N, R); otherwise
+    one matmul pair per distinct slot (a prefill segment's tokens share their slot's weights)."""
     out = y if inplace else y.clone()
-    for slot in torch.unique(slots).tolist():
-        if slot < 0:
-            continue
+    adapted = (slots >= 0).nonzero().squeeze(-1)
+    used = torch.unique(slots.index_select(0, adapted))
+    if adapted.numel() <= 2 * used.numel():
+        picked = slots.index_select(0, adapted).long()
+        # Row vectors on the left: bmm with a (n, K, 1) right operand takes a far slower CPU path.
+        rows = x.index_select(0, adapted).to(a.dtype)[:, None, :]  # (n, 1, K)
+        u = torch.bmm(rows, a.index_select(0, picked).transpose(1, 2))  # (n, 1, R)
+        out.index_add_(0, adapted, torch.bmm(u, b.index_select(0, picked).transpose(1, 2))[:, 0].to(y.dtype))
+        return out
+    for slot in used.tolist():
         rows = (slots == slot).nonzero().squeeze(-1)
         u = x.index_select(0, rows).to(a.dtype) @ a[slot].T  # (n, R)
         out.index_add_(0, rows, (u @ b[slot].T).to(y.dtype))

@@ -42,8 +42,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from splice.core.errors import one_line
-from splice.engine.sampling import GREEDY_BELOW, bounded_seed
-from splice.generation.engine import SamplingParams
+from splice.engine.sampling import GREEDY_BELOW, SamplingParams, bounded_seed
 from splice.serve.adapter_source import check_adapter_name, check_runtime_loading, resolve_adapter_path
 from splice.serve.auth import refusal as key_refusal
 from splice.serve.metrics import CONTENT_TYPE, ServeMetrics

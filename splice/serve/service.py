@@ -4,8 +4,15 @@ Adapters are registered by name from PEFT-format folders and kept in host memory
 (:class:`~splice.lora.bank.HostAdapter`); ``gpu_adapters`` of them are resident in the device
 :class:`~splice.lora.bank.LoraBank` at a time, moved in when a request needs one (least recently
 used out). Every linear module but the output head carries a bank site, so an adapter loaded at
-run time may target any of them. The :class:`~splice.generation.engine.Engine` runs on its own
-thread; :meth:`Service.stream` turns its callbacks into an async iterator for the HTTP layer.
+run time may target any of them. PiSSA/OLoRA adapters are read against the served model's own
+weights and served converted (:func:`~splice.lora.bank.read_adapter` with ``base``). The
+:class:`~splice.engine.engine.Engine` runs on its own thread; :meth:`Service.stream` turns its
+callbacks into an async iterator for the HTTP layer.
+
+Reloading: each load of a name gets its own engine key (``name``, then ``name#2``, ``name#3``, ...),
+so an unload + load under the same name is atomic for running streams: requests already submitted
+finish on the old weights (the engine frees them once unused), new requests get the new ones, and
+the prefix cache, keyed by the adapter, never mixes the two versions' K/V.
 """
 
 from __future__ import annotations
@@ -19,7 +26,8 @@ from typing import Any
 
 from torch import nn
 
-from splice.generation.engine import Engine, EngineFull, Request, SamplingParams
+from splice.engine.engine import Engine, EngineFull, Request
+from splice.engine.sampling import SamplingParams
 from splice.lora.bank import HostAdapter, LoraBank, add_bank_sites, read_adapter
 
 __all__ = ["ServeError", "Service", "linear_paths"]
@@ -38,6 +46,16 @@ class ServeError(Exception):
 class Event:
     text: str
     finish_reason: str | None
+    completion_tokens: int | None = None  # on the final event: the tokens the request generated
+
+
+def _failed(reason: str, adapter: str | None) -> ServeError:
+    """The error for a request the engine ended with ``reason`` ("error: ...")."""
+    why = reason.removeprefix("error: ")
+    if adapter is not None and ("unknown adapter" in why or "unloaded" in why):
+        return ServeError(404, f"adapter {adapter.split('#')[0]!r} was unloaded", param="model",
+                          code="model_not_found")
+    return ServeError(500, f"the request failed: {why}", kind="server_error")
 
 
 def linear_paths(model: nn.Module) -> list[str]:
@@ -55,16 +73,21 @@ class Service:
                  adapters: dict[str, str | Path] | None = None, max_batch: int = 32, max_len: int = 1024,
                  max_waiting: int = 256, gpu_adapters: int = 8, max_lora_rank: int = 64) -> None:
         self.model_name, self.tokenizer, self.max_len = model_name, tokenizer, max_len
-        self.host: dict[str, HostAdapter] = {}
+        self.host: dict[str, HostAdapter] = {}  # client name -> its adapter (named by its engine key)
+        self._loaded: set[str] = set()  # every name loaded so far: a reload's engine key is name#N
+        self._loads = 0
+        self._keys = threading.Lock()
         for name, path in (adapters or {}).items():
             self._check_name(name)
-            self.host[name] = read_adapter(path, name=name)
+            self.host[name] = read_adapter(path, name=self._engine_key(name), base=model)
         rank = max([max_lora_rank, *(a.rank for a in self.host.values())])
         self.sites = add_bank_sites(model, linear_paths(model))
         dtype = next(model.parameters()).dtype
         self.bank = LoraBank.for_sites(model, self.sites, capacity=gpu_adapters, rank=rank, dtype=dtype)
-        self.engine = Engine(model, tokenizer, max_batch=max_batch, max_len=max_len, max_waiting=max_waiting,
-                             bank=self.bank, sites=list(self.sites.values()), adapters=dict(self.host))
+        self.model = model
+        self.engine = Engine(model, tokenizer, max_seqs=max_batch, max_len=max_len, max_waiting=max_waiting,
+                             bank=self.bank, sites=list(self.sites.values()),
+                             adapters={a.name: a for a in self.host.values()})
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="splice-engine", daemon=True)
         self.failure: BaseException | None = None
@@ -92,12 +115,21 @@ class Service:
         if not name or name == getattr(self, "model_name", None):
             raise ServeError(400, f"adapter name {name!r} is empty or the base model's name", param="lora_name")
 
+    def _engine_key(self, name: str) -> str:
+        """A key no earlier load used: ``name`` the first time, then ``name#N`` (``#`` is never in a name)."""
+        with self._keys:
+            self._loads += 1
+            key = f"{name}#{self._loads}" if name in self._loaded else name
+            self._loaded.add(name)
+            return key
+
     def load_adapter(self, name: str, path: str | Path) -> None:
         self._check_name(name)
         if name in self.host:
             raise ServeError(400, f"adapter {name!r} is already loaded: unload it first", param="lora_name")
+        key = self._engine_key(name)
         try:
-            adapter = read_adapter(path, name=name)
+            adapter = read_adapter(path, name=key, base=self.model)
         except (FileNotFoundError, ValueError, KeyError) as error:
             raise ServeError(400, str(error), param="lora_path") from error
         if adapter.rank > self.bank.rank:
@@ -107,28 +139,24 @@ class Service:
         if unknown:
             raise ServeError(400, f"the adapter targets modules this model lacks: {unknown[:3]}", param="lora_path")
         self.host[name] = adapter
-        self.engine.call(lambda: self.engine.adapters.__setitem__(name, adapter))
+        self.engine.call(lambda: self.engine.add_adapter(adapter))
 
     def unload_adapter(self, name: str) -> None:
         if name not in self.host:
             raise ServeError(404, f"adapter {name!r} is not loaded", param="lora_name", code="model_not_found")
-        del self.host[name]
-
-        def forget() -> None:
-            self.engine.adapters.pop(name, None)
-            if not any(r is not None and r.adapter == name for r in self.engine.rows):
-                self.bank.drop(name)
-
-        self.engine.call(forget)
+        key = self.host.pop(name).name
+        self.engine.call(lambda: self.engine.drop_adapter(key))
 
     # ---- requests -----------------------------------------------------------------------
     def adapter_for(self, model: str | None) -> str | None:
+        """The engine key of the adapter the client names as ``model`` (None: the base model)."""
         if model is None or model == self.model_name:
             return None
-        if model not in self.host:
+        adapter = self.host.get(model)
+        if adapter is None:
             raise ServeError(404, f"The model `{model}` does not exist: /v1/models lists "
                                   f"{', '.join(self.models())}", param="model", code="model_not_found")
-        return model
+        return adapter.name
 
     def encode(self, text: str, *, special: bool = True) -> list[int]:
         ids = list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
@@ -160,8 +188,9 @@ class Service:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
 
-        def on_event(text: str, reason: str | None) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, Event(text, reason))
+        def on_event(text: str, reason: str | None) -> None:  # engine thread
+            count = None if reason is None else len(request.generated)
+            loop.call_soon_threadsafe(events.put_nowait, Event(text, reason, count))
 
         request = Request(prompt_ids=prompt_ids, params=params, on_event=on_event, adapter=adapter)
         try:
@@ -177,7 +206,7 @@ class Service:
                         raise ServeError(503, "the generation engine stopped", kind="server_error") from None
                     continue
                 if event.finish_reason is not None and event.finish_reason.startswith("error"):
-                    raise ServeError(404, f"adapter {adapter!r} was unloaded", param="model")
+                    raise _failed(event.finish_reason, adapter)
                 yield event
                 if event.finish_reason is not None:
                     return

@@ -30,19 +30,6 @@ def sharp_llama(seed: int = 0) -> nn.Module:
     return model
 
 
-def greedy_loop(model: nn.Module, prompt: list[int], max_tokens: int, eos: set[int] = frozenset({2})) -> list[int]:
-    """The reference: argmax of ``model(whole sequence)`` each token, no cache."""
-    ids, out = list(prompt), []
-    with torch.no_grad():
-        for _ in range(max_tokens):
-            token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
-            if token in eos:
-                break
-            out.append(token)
-            ids.append(token)
-    return out
-
-
 class Collector:
     def __init__(self) -> None:
         self.text, self.reason = "", None
@@ -78,12 +65,27 @@ def test_greedy_equals_the_recompute_loop_for_mixed_prompts(tiny_tokenizer, budg
     engine = Engine(model, tiny_tokenizer, max_seqs=3, max_len=64, token_budget=budget)
     done = engine.generate(prompts, SamplingParams(max_tokens=10))
     for prompt, request in zip(prompts, done):
-        assert request.generated == greedy_loop(model, prompt, 10)
+        assert request.generated == tiny.greedy_loop(model, prompt, 10)
         assert request.text == tiny_tokenizer.decode(request.generated)
         assert request.finish_reason == "length"
     assert engine.computed_tokens == sum(len(p) + 9 for p in prompts)  # the last token is never fed
     assert engine.pool.num_free == engine.pool.num_usable  # every block back
     assert engine.finished == {"length": 5}
+
+
+def test_requests_joining_at_different_steps_equal_the_recompute_loop(tiny_tokenizer) -> None:
+    model = sharp_llama()
+    engine = Engine(model, tiny_tokenizer, max_seqs=3, max_len=64)
+    requests = []
+    for i, prompt in enumerate(PROMPTS):  # 5 requests through 3 running places, joining over time
+        request, _ = _request(tiny_tokenizer, prompt, max_tokens=4 + 3 * i)
+        engine.submit(request)
+        requests.append(request)
+        engine.step()
+    _drain(engine)
+    for i, request in enumerate(requests):
+        assert request.generated == tiny.greedy_loop(model, request.prompt_ids, 4 + 3 * i)
+        assert request.finish_reason == "length"
 
 
 def test_prefix_cache_hits_skip_the_shared_prompt(tiny_tokenizer) -> None:
@@ -99,7 +101,7 @@ def test_prefix_cache_hits_skip_the_shared_prompt(tiny_tokenizer) -> None:
     _drain(engine)
     shared = len(tiny_tokenizer(system)["input_ids"]) // 4 * 4
     assert engine.computed_tokens - before <= len(second.prompt_ids) - shared + 3
-    assert second.generated == greedy_loop(model, second.prompt_ids, 4)
+    assert second.generated == tiny.greedy_loop(model, second.prompt_ids, 4)
 
 
 def test_preemption_under_a_tiny_kv_pool_gives_the_same_output(tiny_tokenizer) -> None:
@@ -109,7 +111,7 @@ def test_preemption_under_a_tiny_kv_pool_gives_the_same_output(tiny_tokenizer) -
     done = engine.generate(prompts, SamplingParams(max_tokens=16))
     assert engine.preemptions > 0
     for prompt, request in zip(prompts, done):
-        assert request.generated == greedy_loop(model, prompt, 16)
+        assert request.generated == tiny.greedy_loop(model, prompt, 16)
 
 
 def test_each_row_runs_its_own_lora_adapter(tiny_tokenizer) -> None:
@@ -124,7 +126,7 @@ def test_each_row_runs_its_own_lora_adapter(tiny_tokenizer) -> None:
     outputs = set()
     for prompt, name, request in zip(prompts, rows, done):
         with use_adapters(model, [name]):
-            assert request.generated == greedy_loop(model, prompt, 8), name
+            assert request.generated == tiny.greedy_loop(model, prompt, 8), name
         outputs.add(tuple(request.generated))
     with pytest.raises(ValueError, match="unknown adapter 'c'"):
         engine.generate(prompts[:1], SamplingParams(max_tokens=2), adapters=["c"])
@@ -142,9 +144,9 @@ def test_generate_runs_in_eval_mode_and_in_the_callers_context(tiny_tokenizer) -
         base = engine.generate(prompts, SamplingParams(max_tokens=6))
     assert model.training and all(m.training for m in model.modules())
     model.eval()
-    assert [r.generated for r in done] == [greedy_loop(model, p, 6) for p in prompts]
+    assert [r.generated for r in done] == [tiny.greedy_loop(model, p, 6) for p in prompts]
     with adapters_disabled(model):
-        assert [r.generated for r in base] == [greedy_loop(model, p, 6) for p in prompts]
+        assert [r.generated for r in base] == [tiny.greedy_loop(model, p, 6) for p in prompts]
     assert base[0].generated != done[0].generated
 
 
@@ -174,8 +176,42 @@ def test_bank_adapters_wait_for_a_slot_without_blocking_others(tmp_path: Path, t
         alone = sharp_llama()
         if adapter is not None:
             load_adapter(alone, tmp_path / adapter, name=adapter)
-        assert request.generated == greedy_loop(alone, request.prompt_ids, 6), adapter
+        assert request.generated == tiny.greedy_loop(alone, request.prompt_ids, 6), adapter
         assert out.reason == "length" and out.text == request.text
+
+
+def _bank_engine(tmp_path: Path, plan: list[tuple[str, Any, int]], *, capacity: int, cuda: bool = False,
+                 **options: Any) -> Engine:
+    """An engine serving the adapters ``plan`` (name, targets, rank) saved under ``tmp_path`` through a bank."""
+    for seed, (name, targets, rank) in enumerate(plan, start=1):
+        trained = sharp_llama()
+        add_lora(trained, LoraConfig(name=name, targets=targets, rank=rank))
+        tiny.randomize_lora(trained, seed=seed)
+        save_adapter(trained, tmp_path / name, name=name)
+    host = {name: read_adapter(tmp_path / name, name=name) for name, _, _ in plan}
+    model = sharp_llama().cuda() if cuda else sharp_llama()
+    sites = add_bank_sites(model, sorted({p for h in host.values() for p in h.weights}))
+    bank = LoraBank.for_sites(model, sites, capacity=capacity, rank=max(r for _, _, r in plan), dtype=torch.float32)
+    return Engine(model, tiny.build_tiny_tokenizer(), max_seqs=4, max_len=64, bank=bank, sites=list(sites.values()),
+                  adapters=host, **options)
+
+
+def test_bank_adapters_of_mixed_ranks_and_targets_equal_each_alone(tmp_path: Path, tiny_tokenizer) -> None:
+    plan = [("a", ("q_proj", "v_proj"), 4), ("b", "all-linear", 8), ("c", ("o_proj",), 4)]
+    engine = _bank_engine(tmp_path, plan, capacity=2)
+    order = ["a", "b", None, "c", "a"]
+    requests = []
+    for adapter, prompt in zip(order, PROMPTS):
+        request, _ = _request(tiny_tokenizer, prompt, adapter, max_tokens=8)
+        engine.submit(request)
+        requests.append(request)
+    _drain(engine)
+    for adapter, request in zip(order, requests):
+        alone = sharp_llama()
+        if adapter is not None:
+            load_adapter(alone, tmp_path / adapter, name=adapter)
+        assert request.generated == tiny.greedy_loop(alone, request.prompt_ids, 8), adapter
+    assert engine.bank is not None and len(engine.bank.resident) == 2
 
 
 def test_seeded_sampling_does_not_depend_on_batch_companions(tiny_tokenizer) -> None:
@@ -193,7 +229,7 @@ def test_seeded_sampling_does_not_depend_on_batch_companions(tiny_tokenizer) -> 
 
     alone = run(0)
     assert run(3) == alone and len(alone) == 10
-    assert alone != greedy_loop(model, list(tiny_tokenizer("hello")["input_ids"]), 10)
+    assert alone != tiny.greedy_loop(model, list(tiny_tokenizer("hello")["input_ids"]), 10)
 
 
 def test_tiny_temperature_is_greedy(tiny_tokenizer) -> None:
@@ -201,13 +237,13 @@ def test_tiny_temperature_is_greedy(tiny_tokenizer) -> None:
     prompts = _encode(tiny_tokenizer, PROMPTS[:2])
     engine = Engine(model, tiny_tokenizer, max_seqs=2, max_len=64)
     done = engine.generate(prompts, SamplingParams(max_tokens=6, temperature=1e-40, seed=2**70))
-    assert [r.generated for r in done] == [greedy_loop(model, p, 6) for p in prompts]
+    assert [r.generated for r in done] == [tiny.greedy_loop(model, p, 6) for p in prompts]
 
 
 def test_stop_strings_eos_and_limits(tiny_tokenizer) -> None:
     model = sharp_llama()
     prompt = list(tiny_tokenizer("hello world")["input_ids"])
-    free = greedy_loop(model, prompt, 12)
+    free = tiny.greedy_loop(model, prompt, 12)
     text = tiny_tokenizer.decode(free)
     engine = Engine(model, tiny_tokenizer, max_seqs=2, max_len=64)
     stop = text[4:6]
@@ -240,7 +276,7 @@ def test_cancel_frees_the_blocks_and_a_full_queue_refuses(tiny_tokenizer) -> Non
     engine.step()
     assert gone_out.reason == "cancelled" and len(engine.scheduler.running) == 1
     _drain(engine)
-    assert kept_out.reason == "length" and kept.generated == greedy_loop(model, kept.prompt_ids, 8)
+    assert kept_out.reason == "length" and kept.generated == tiny.greedy_loop(model, kept.prompt_ids, 8)
     assert engine.pool.num_free == engine.pool.num_usable
     assert engine.finished == {"cancelled": 1, "length": 1}
 
@@ -263,7 +299,7 @@ def test_a_failing_request_does_not_stop_the_others(tiny_tokenizer) -> None:
     assert unknown_out.reason is not None and unknown_out.reason.startswith("error: adapter 'nope'")
     assert long_out.reason is not None and "the context holds 32" in long_out.reason
     assert raising.finish_reason == "cancelled"  # its own callback failed: only it ends
-    assert good_out.reason == "length" and good.generated == greedy_loop(model, good.prompt_ids, 6)
+    assert good_out.reason == "length" and good.generated == tiny.greedy_loop(model, good.prompt_ids, 6)
     assert engine.pool.num_free == engine.pool.num_usable
 
 
@@ -277,4 +313,21 @@ def test_cuda_graph_decode_matches_eager(tiny_tokenizer) -> None:
         outputs[graphs] = [r.generated for r in engine.generate(prompts, SamplingParams(max_tokens=40))]
         assert engine.graph_failure is None and engine.runner.cuda_graphs == graphs
     assert outputs[True] == outputs[False]
-    assert outputs[False][0] == greedy_loop(model, prompts[0], 40)
+    assert outputs[False][0] == tiny.greedy_loop(model, prompts[0], 40)
+
+
+@GPU
+def test_cuda_graph_decode_with_bank_adapters_matches_eager(tmp_path: Path, tiny_tokenizer) -> None:
+    plan = [("a", ("q_proj", "v_proj"), 4), ("b", "all-linear", 4)]
+    outputs = {}
+    for graphs in (True, False):
+        engine = _bank_engine(tmp_path / str(graphs), plan, capacity=2, cuda=True, cuda_graphs=graphs, kv_blocks=64)
+        requests = []
+        for adapter, prompt in zip(["a", None, "b"], PROMPTS):
+            request, _ = _request(tiny_tokenizer, prompt, adapter, max_tokens=20)
+            engine.submit(request)
+            requests.append(request)
+        _drain(engine)
+        assert engine.graph_failure is None and engine.runner.cuda_graphs == graphs
+        outputs[graphs] = [r.generated for r in requests]
+    assert outputs[True] == outputs[False]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from splice.engine.runner import ModelRunner, _buckets
+from splice.engine.runner import ModelRunner, RowAdapters, _buckets
 from splice.engine.scheduler import Chunk, Sequence, StepPlan
 from splice.lora.apply import add_lora, use_adapters
 from splice.lora.layers import LoraConfig
@@ -81,7 +81,7 @@ def test_tokens_route_to_their_sequences_lora_adapter() -> None:
     names = ["a", None, "b"]
     seqs = [_seq(p, [1 + 3 * i, 2 + 3 * i, 3 + 3 * i], i, adapter=n) for i, (p, n) in enumerate(zip(prompts, names))]
     plan = StepPlan(chunks=[Chunk(seq=s, start=0, count=len(s.tokens), sample=True) for s in seqs])
-    logits = runner.execute(plan, route_rows=True)
+    logits = runner.execute(plan, rows=RowAdapters.of(model, ["a", "b"]))
     for row, (prompt, name) in enumerate(zip(prompts, names)):
         with use_adapters(model, [name]):
             want = _last_logits(model, prompt)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +132,39 @@ def test_32_concurrent_clients_are_all_answered(server: Server) -> None:
 
     answers = asyncio.run(main())
     assert len(answers) == 32 and all(isinstance(a, str) for a in answers)
-    assert server.service.engine.rows == [None] * 8
+    assert _idle(server.service.engine)
+
+
+def _eventually(condition: Callable[[], bool]) -> bool:
+    """Whether ``condition()`` holds within 10 s (the engine thread acts between its steps)."""
+    for _ in range(400):
+        if condition():
+            return True
+        time.sleep(0.025)
+    return False
+
+
+def _idle(engine: Any) -> bool:
+    """Whether ``engine`` soon runs and holds nothing (its scheduler empty, every KV block free or cached)."""
+    return _eventually(lambda: not engine.scheduler.running and not engine.scheduler.waiting
+                       and engine.pool.num_free == engine.pool.num_usable)
+
+
+def test_usage_counts_the_generated_tokens(server: Server) -> None:
+    got = server.client().completions.create(model="tiny", prompt=PROMPT, max_tokens=2, temperature=0)
+    assert got.choices[0].finish_reason == "length"
+    assert got.usage is not None and got.usage.completion_tokens == 2  # not the text re-encoded
+
+
+def _slow_tokens(engine: Any, monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """Each sampled token takes ``seconds`` longer, so a request outlives what the test does meanwhile."""
+    accept = engine._accept
+
+    def slow_accept(seq: Any, token: int) -> None:
+        time.sleep(seconds)
+        accept(seq, token)
+
+    monkeypatch.setattr(engine, "_accept", slow_accept)
 
 
 def test_seeded_sampling_repeats(server: Server) -> None:
@@ -192,22 +224,37 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server: Server, mon
     engine = server.service.engine
     # The request must outlive the hang-up, or it ends as "stop"/"length" and proves nothing: no
     # EOS, and each token a little slower, so a loaded machine's late disconnect is still early.
-    accept = engine._accept
-
-    def slow_accept(slot: int, request: Any, token: int) -> None:
-        time.sleep(0.02)
-        accept(slot, request, token)
-
     monkeypatch.setattr(engine, "eos", set())
-    monkeypatch.setattr(engine, "_accept", slow_accept)
+    _slow_tokens(engine, monkeypatch, 0.02)
     before = engine.finished["cancelled"]
     body = {"model": "alpha", "prompt": PROMPT, "max_tokens": 240, "temperature": 1.0, "stream": True,
             "stop": None}
     with httpx.Client(base_url=server.url, timeout=60) as http, http.stream("POST", "/completions", json=body) as reply:
         assert reply.status_code == 200
         next(reply.iter_lines())  # one chunk, then hang up
-    for _ in range(400):
-        if engine.finished["cancelled"] > before and engine.rows == [None] * 8:
-            break
-        time.sleep(0.025)
-    assert engine.finished["cancelled"] > before and engine.rows == [None] * 8
+    assert _eventually(lambda: engine.finished["cancelled"] > before) and _idle(engine)
+
+
+def test_reloading_a_name_keeps_running_streams_on_the_old_weights(
+        server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    _slow_tokens(server.service.engine, monkeypatch, 0.1)
+    client = server.client()
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        load = {"lora_name": "swap", "lora_path": str(server.folder / "gamma")}
+        assert http.post("/load_lora_adapter", json=load).status_code == 200
+        stream = client.completions.create(model="swap", prompt=PROMPT, max_tokens=12, temperature=0, stream=True)
+        chunks = iter(stream)
+        text = next(chunks).choices[0].text  # running on gamma's weights
+        assert http.post("/unload_lora_adapter", json={"lora_name": "swap"}).status_code == 200
+        reload = {"lora_name": "swap", "lora_path": str(server.folder / "beta")}
+        assert http.post("/load_lora_adapter", json=reload).status_code == 200
+        rest = [c.choices[0].text for c in chunks]
+        assert rest, "the stream ended before the reload: nothing was tested"
+        assert text + "".join(rest) == server.expected("gamma", PROMPT, 12)
+        # A new request gets the new weights (and no K/V the old version cached for this prompt).
+        got = client.completions.create(model="swap", prompt=PROMPT, max_tokens=12, temperature=0)
+        assert got.choices[0].text == server.expected("beta", PROMPT, 12)
+        assert http.post("/unload_lora_adapter", json={"lora_name": "swap"}).status_code == 200
+    engine = server.service.engine
+    assert _idle(engine) and _eventually(lambda: not any(k.startswith("swap") for k in engine.adapters))
+    assert not any(k.startswith("swap") for k in server.service.bank.resident)

@@ -267,21 +267,23 @@ def test_every_request_gets_an_openai_shaped_answer_and_the_server_keeps_serving
 
 # ----------------------------------------------------------------------------- the process
 
-# The model's forward, slowed and with a fault: a prompt holding "<|im_start|>" (id 1) raises in
-# the engine thread; no special token is ever drawn, so streams run to max_tokens.
+# The engine's forward slowed, no special token ever drawn (so streams run to max_tokens), and a
+# fault: scheduling a prompt holding "<|im_start|>" (id 1) raises in the engine thread.
 _SCRIPT = """
 import sys, time
-from transformers import LlamaForCausalLM
-original = LlamaForCausalLM.forward
-def forward(self, *args, **kwargs):
-    ids = kwargs.get("input_ids")
-    if ids is not None and bool((ids == 1).any()):
-        raise RuntimeError("injected fault")
+from splice.engine.runner import ModelRunner
+from splice.engine.scheduler import Scheduler
+forward, schedule = ModelRunner._forward, Scheduler.schedule
+def slow_forward(self, *args, **kwargs):
     time.sleep(float(sys.argv[1]))
-    out = original(self, *args, **kwargs)
-    out.logits[..., :3] = float("-inf")
-    return out
-LlamaForCausalLM.forward = forward
+    logits = forward(self, *args, **kwargs)
+    logits[..., :3] = float("-inf")
+    return logits
+def faulty_schedule(self):
+    if any(1 in seq.tokens for seq in self.waiting):
+        raise RuntimeError("injected fault")
+    return schedule(self)
+ModelRunner._forward, Scheduler.schedule = slow_forward, faulty_schedule
 from splice.cli import main
 sys.exit(main(["serve", *sys.argv[2:]]))
 """

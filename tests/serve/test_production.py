@@ -366,8 +366,6 @@ def test_prompt_plus_max_tokens_over_the_context_is_a_400_exactly_at_the_limit(s
     assert full.value.code == "context_length_exceeded" and full.value.param == "prompt"
 
 
-@pytest.mark.xfail(strict=True, reason="usage.completion_tokens re-encodes the text until the service's events "
-                                       "carry the engine's count (the serve rewiring onto splice.engine)")
 def test_usage_counts_the_tokens_the_engine_generated(server: Server) -> None:
     client = server.client()
     near = client.completions.create(model="tiny", prompt=_prompt_of(server.service, MAX_LEN - 3), temperature=0)
