@@ -29,9 +29,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from splice.engine.blocks import BlockPool
+from splice.engine.inputs import TokensToHost
 from splice.engine.output import TextOutput, eos_ids
 from splice.engine.runner import ModelRunner, RowAdapters
 from splice.engine.sampling import SamplingParams, row_generator, sample_step
@@ -122,10 +123,10 @@ class Engine:
         self.bank, self.adapters = bank, adapters if adapters is not None else {}
         self.runner = ModelRunner(model, block_size=block_size, max_seqs=max_seqs, max_len=max_len,
                                   num_blocks=kv_blocks, kv_memory=kv_memory, bank=bank, sites=sites,
-                                  cuda_graphs=cuda_graphs)
+                                  cuda_graphs=cuda_graphs, max_tokens=token_budget)
         self._limits = dict(max_seqs=max_seqs, token_budget=token_budget, max_len=max_len)
-        self.pool, self.scheduler = self._new_scheduler()
         self.prefix_caching = prefix_caching
+        self.pool, self.scheduler = self._new_scheduler()
         self.eos = eos_ids(model, tokenizer)
         self.finished: Counter[str] = Counter()  # finish reasons so far (for monitoring)
         self.computed_tokens = 0  # tokens run through the model so far (prefix-cache hits are not)
@@ -138,10 +139,11 @@ class Engine:
         self._rejected: list[tuple[Seq, str]] = []  # refused by the adapter gate with an error
         self._retired: set[str] = set()  # dropped adapters some request still holds (drop_adapter)
         self._rows: RowAdapters | None = None  # the model's own LoRA layers, routed by request (generate)
+        self._to_host = TokensToHost(rows=max_seqs, device=self.runner.device)
 
     def _new_scheduler(self) -> tuple[BlockPool, Scheduler]:
         pool = BlockPool(self.runner.num_blocks, self.runner.block_size)
-        return pool, Scheduler(pool, admit=self._admit, **self._limits)
+        return pool, Scheduler(pool, admit=self._admit, prefix_caching=self.prefix_caching, **self._limits)
 
     def forget_prefixes(self) -> None:
         """Drop the prefix cache (engine thread, idle engine): the weights changed, so cached K/V are stale."""
@@ -234,11 +236,15 @@ class Engine:
             self.computed_tokens += plan.num_tokens
             self.scheduler.advance(plan)
             sampled = [chunk.seq for chunk in plan.chunks if chunk.sample]
-            requests: list[Request] = [seq.payload for seq in sampled]
-            tokens = sample_step(logits, [r.params for r in requests], [r.generator for r in requests])
-            for seq, token in zip(sampled, tokens.tolist(), strict=True):  # the step's one host sync
-                self._accept(seq, int(token))
+            for seq, token in zip(sampled, self._sample(logits, [s.payload for s in sampled]), strict=True):
+                self._accept(seq, token)
         return True
+
+    def _sample(self, logits: Tensor, requests: list[Request]) -> list[int]:
+        """The next token of each sampled row: drawn on the device, then the step's one host sync."""
+        tokens = sample_step(logits, [r.params for r in requests], [r.generator for r in requests])
+        self._to_host.start(tokens)
+        return self._to_host.wait()
 
     def _take_new(self) -> bool:
         taken = False

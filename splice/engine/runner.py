@@ -14,6 +14,12 @@ The runner owns the KV cache: per layer ``(num_blocks, block_size, kv_heads, hea
 values; block 0 is scratch (padded tokens write there). Copy-on-write block copies of the plan run
 before the forward. Decode-only steps on CUDA replay a CUDA graph captured per batch-size bucket
 (1, 2, 4, ... up to ``max_seqs``) and bank version, padded to the bucket with scratch rows.
+
+A step's inputs are written in place into persistent host buffers and sent in one copy
+(:mod:`splice.engine.inputs`); the graphs read fixed device views of them. On CUDA the runner also
+installs :func:`splice.fused.apply.fuse`'s RMSNorm and SwiGLU rewrites (Triton, one launch each
+instead of Hugging Face's several; they run the same math with autograd too, so training the model
+afterwards is unaffected); RoPE is already one Triton launch a tensor inside ``PagedAttention``.
 """
 
 from __future__ import annotations
@@ -21,14 +27,16 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from splice.engine.attention import PagedAttention, StepAttention, install_paged_attention, paged_step
-from splice.engine.scheduler import StepPlan, iter_positions
+from splice.engine.inputs import Staging, StepInputs
+from splice.engine.scheduler import Chunk, StepPlan
+from splice.fused.apply import fuse
 from splice.lora.apply import lora_modules
 from splice.lora.bank import BankSite, LoraBank
 from splice.lora.layers import LoraLinear
@@ -132,39 +140,24 @@ def _buckets(max_seqs: int) -> list[int]:
     return [*sizes, max_seqs]
 
 
-@dataclass(frozen=True)
-class _Batch:
-    """A step's flat inputs on the host (see module docstring); ``adapters`` names each token's adapter."""
-
-    ids: list[int]
-    positions: list[int]
-    slots: list[int]
-    tables: list[list[int]]
-    seq_lens: list[int]
-    starts: list[int]  # query_start_loc, B + 1 entries
-    sample_at: list[int]
-    adapters: list[str | None]
-
-    @classmethod
-    def empty(cls) -> _Batch:
-        return cls([], [], [], [], [], [0], [], [])
-
-
 class ModelRunner:
     """Runs scheduler steps on ``model`` (see module docstring). The cache holds ``num_blocks`` blocks (default:
     ``kv_memory`` of the free GPU memory, or ``max_seqs x max_len`` tokens on the CPU). ``bank`` / ``sites``:
     serve's adapter bank, routed per token by slot; without one, a step may route the model's own LoRA
-    layers by name."""
+    layers by name. ``max_tokens``: the most tokens of a step (the scheduler's token budget; the input
+    buffers grow past it if needed)."""
 
     def __init__(self, model: nn.Module, *, block_size: int, max_seqs: int, max_len: int,
                  num_blocks: int | None = None, kv_memory: float = 0.8, bank: LoraBank | None = None,
-                 sites: Sequence[BankSite] = (), cuda_graphs: bool = True) -> None:
+                 sites: Sequence[BankSite] = (), cuda_graphs: bool = True, max_tokens: int = 2048) -> None:
         install_paged_attention(model)
         self.model, self.parts = model, _parts(model)
         self.block_size, self.max_seqs, self.max_len = block_size, max_seqs, max_len
         self.blocks_per_seq = -(-max_len // block_size)
         self.bank, self.sites = bank, list(sites)
         self.device = next(self.parts.layers[0].parameters()).device  # embeddings may sit on the host
+        if self.device.type == "cuda":  # Triton RMSNorm and SwiGLU (a few launches less per layer); the
+            fuse(model, lora=False, rope=False)  # CPU keeps Hugging Face's modules, the reference
         if num_blocks is None:
             num_blocks = _kv_blocks(model, block_size=block_size, max_seqs=max_seqs, max_len=max_len,
                                     kv_memory=kv_memory, device=self.device)
@@ -177,64 +170,32 @@ class ModelRunner:
         self.graph_failure: str | None = None
         self._graphs: dict[tuple[int, int], tuple[Any, Tensor]] = {}
         self._graph_pool: Any = None
-        self._static: dict[str, Tensor] = {}
+        self._eager = self._staging(tokens=max(max_tokens, max_seqs), seqs=max_seqs)
+        self._graph_inputs: Staging | None = None  # the inputs every CUDA graph reads (fixed addresses)
 
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in (*self.key_caches, *self.value_caches))
 
     # ---- the batch ------------------------------------------------------------------------
-    def _flatten(self, plan: StepPlan) -> _Batch:
-        bs = self.block_size
-        batch = _Batch.empty()
-        for chunk in plan.chunks:
-            seq, end = chunk.seq, chunk.start + chunk.count
-            batch.ids.extend(seq.tokens[chunk.start : end])
-            for position, slot in iter_positions(chunk, bs):
-                batch.positions.append(position)
-                batch.slots.append(slot)
-            batch.tables.append(seq.block_ids)
-            batch.seq_lens.append(end)
-            batch.starts.append(batch.starts[-1] + chunk.count)
-            batch.adapters.extend([seq.adapter] * chunk.count)
-            if chunk.sample:
-                batch.sample_at.append(batch.starts[-1] - 1)
-        return batch
+    def _staging(self, *, tokens: int, seqs: int) -> Staging:
+        return Staging(tokens=tokens, seqs=seqs, width=self.blocks_per_seq, block_size=self.block_size,
+                       device=self.device)
 
-    def _pad(self, batch: _Batch, size: int) -> _Batch:
-        """``batch`` (decodes only) padded to ``size`` sequences of one scratch token each."""
-        pad = size - len(batch.seq_lens)
-        last = batch.starts[-1]
-        return _Batch(batch.ids + [0] * pad, batch.positions + [0] * pad,
-                      batch.slots + [i % self.block_size for i in range(pad)], batch.tables + [[]] * pad,
-                      batch.seq_lens + [1] * pad, batch.starts + list(range(last + 1, last + pad + 1)),
-                      list(range(size)), batch.adapters + [None] * pad)
-
-    def _tensors(self, batch: _Batch, width: int) -> dict[str, Tensor]:
-        tables = torch.zeros((len(batch.tables), width), dtype=torch.int32)
-        for row, table in enumerate(batch.tables):
-            tables[row, : len(table)] = torch.tensor(table, dtype=torch.int32)
-        host = {
-            "ids": torch.tensor(batch.ids, dtype=torch.long),
-            "positions": torch.tensor(batch.positions, dtype=torch.long),
-            "slots": torch.tensor(batch.slots, dtype=torch.long),
-            "tables": tables,
-            "seq_lens": torch.tensor(batch.seq_lens, dtype=torch.int32),
-            "starts": torch.tensor(batch.starts, dtype=torch.int32),
-            "sample_at": torch.tensor(batch.sample_at, dtype=torch.long),
-            "bank_slots": torch.tensor(self._bank_slots(batch.adapters), dtype=torch.int32),
-        }
-        if self.device.type == "cuda":
-            return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in host.items()}
-        return host
-
-    def _bank_slots(self, adapters: list[str | None]) -> list[int]:
+    def _bank_slot(self, chunks: Sequence[Chunk]) -> Callable[[str | None], int] | None:
+        """Each chunk's adapter -> its bank slot (the step's adapters become the most recently used)."""
         if self.bank is None:
-            return [-1] * len(adapters)
+            return None
         resident = self.bank.resident
-        for name in dict.fromkeys(a for a in adapters if a is not None):
+        for name in dict.fromkeys(c.seq.adapter for c in chunks if c.seq.adapter is not None):
             resident.move_to_end(name)  # recently used: evicted last
-        return [-1 if a is None else resident[a] for a in adapters]
+        return lambda name: -1 if name is None else resident[name]
+
+    def _eager_inputs(self, chunks: Sequence[Chunk]) -> StepInputs:
+        tokens, seqs = sum(c.count for c in chunks), len(chunks)
+        if not self._eager.fits(tokens, seqs):
+            self._eager = self._staging(tokens=max(tokens, 2 * self._eager.tokens), seqs=max(seqs, self._eager.seqs))
+        return self._eager.fill(chunks, bank_slot=self._bank_slot(chunks))
 
     # ---- the forward ----------------------------------------------------------------------
     def _route(self, adapters: Sequence[str | None] | None, slots: Tensor,
@@ -247,27 +208,26 @@ class ModelRunner:
             return rows.route(adapters)
         return contextlib.nullcontext()
 
-    def _forward(self, t: dict[str, Tensor], *, max_query_len: int, max_seq_len: int,
-                 adapters: list[str | None] | None = None, head_adapters: list[str | None] | None = None,
-                 rows: RowAdapters | None = None) -> Tensor:
-        """Logits (S, V) fp32 of the sampled tokens ``t["sample_at"]`` (see module docstring);
+    def _forward(self, t: StepInputs, *, adapters: list[str | None] | None = None,
+                 head_adapters: list[str | None] | None = None, rows: RowAdapters | None = None) -> Tensor:
+        """Logits (S, V) fp32 of the sampled tokens ``t.sample_at`` (see module docstring);
         ``adapters`` / ``head_adapters``: LoRA adapter names of every token / of the sampled ones,
         routed through ``rows``."""
         parts = self.parts
-        step = StepAttention(key_caches=self.key_caches, value_caches=self.value_caches, slot_mapping=t["slots"],
-                             block_tables=t["tables"], seq_lens=t["seq_lens"], query_start_loc=t["starts"],
-                             max_query_len=max_query_len, max_seq_len=max_seq_len)
-        positions = t["positions"][:, None]  # (T, 1): one token a row
-        with paged_step(step), self._route(adapters, t["bank_slots"], rows):
-            hidden = parts.embed(t["ids"][:, None])  # (T, 1, H)
+        step = StepAttention(key_caches=self.key_caches, value_caches=self.value_caches, slot_mapping=t.slots,
+                             block_tables=t.tables, seq_lens=t.seq_lens, query_start_loc=t.starts,
+                             max_query_len=t.max_query_len, max_seq_len=t.max_seq_len)
+        positions = t.positions[:, None]  # (T, 1): one token a row
+        with paged_step(step), self._route(adapters, t.bank_slots, rows):
+            hidden = parts.embed(t.ids[:, None])  # (T, 1, H)
             kinds = {kind: parts.rotary(hidden, positions, kind) for kind in set(parts.layer_types)}
             for layer, kind in zip(parts.layers, parts.layer_types, strict=True):
                 position_embeddings = kinds[kind]
                 out = layer(hidden, attention_mask=None, position_ids=positions,
                             position_embeddings=position_embeddings)
                 hidden = out[0] if isinstance(out, tuple) else out
-        last = parts.norm(hidden.index_select(0, t["sample_at"]))  # (S, 1, H)
-        with self._route(head_adapters, t["bank_slots"].index_select(0, t["sample_at"]), rows):
+        last = parts.norm(hidden.index_select(0, t.sample_at))  # (S, 1, H)
+        with self._route(head_adapters, t.bank_slots.index_select(0, t.sample_at), rows):
             logits = parts.head(last)[:, 0].float()
         if parts.final_softcap > 0:
             logits = torch.tanh(logits / parts.final_softcap) * parts.final_softcap
@@ -286,45 +246,40 @@ class ModelRunner:
         """Run ``plan``'s forward; logits (S, V) fp32 of its sampling chunks, in chunk order.
         ``rows``: route the model's LoRA layers by each sequence's adapter name (None: base)."""
         self.copy_blocks(plan.copies)
-        batch = self._flatten(plan)
-        decode = all(c.count == 1 and c.sample for c in plan.chunks)
-        if self.cuda_graphs and decode and rows is None and len(plan.chunks) <= self.max_seqs:
-            logits = self._replay(batch)
+        chunks = plan.chunks
+        decode = all(c.count == 1 and c.sample for c in chunks)
+        if self.cuda_graphs and decode and rows is None and len(chunks) <= self.max_seqs:
+            logits = self._replay(chunks)
             if logits is not None:
                 return logits
-        width = max(len(table) for table in batch.tables)
-        tensors = self._tensors(batch, width)
-        routed_rows = rows is not None
-        return self._forward(tensors, max_query_len=max(c.count for c in plan.chunks),
-                             max_seq_len=max(batch.seq_lens), adapters=batch.adapters if routed_rows else None,
-                             head_adapters=[batch.adapters[i] for i in batch.sample_at] if routed_rows else None,
-                             rows=rows)
+        inputs = self._eager_inputs(chunks)
+        if rows is None:
+            return self._forward(inputs)
+        adapters = [c.seq.adapter for c in chunks for _ in range(c.count)]
+        return self._forward(inputs, adapters=adapters, rows=rows,
+                             head_adapters=[c.seq.adapter for c in chunks if c.sample])
 
     # ---- CUDA graphs ----------------------------------------------------------------------
-    def _replay(self, batch: _Batch) -> Tensor | None:
+    def _replay(self, chunks: Sequence[Chunk]) -> Tensor | None:
         """Decode logits through the CUDA graph of the batch's bucket (captured on first use); None when
         graphs failed (the step then runs eagerly, and so do later ones)."""
-        size = next(b for b in _buckets(self.max_seqs) if b >= len(batch.seq_lens))
-        tensors = self._tensors(self._pad(batch, size), self.blocks_per_seq)
-        if not self._static:  # buffers for the largest bucket; every graph reads a leading view
-            self._static = self._tensors(self._pad(_Batch.empty(), self.max_seqs),
-                                         self.blocks_per_seq)
-        for name, value in tensors.items():
-            self._static[name][: value.shape[0]].copy_(value, non_blocking=True)
+        size = next(b for b in _buckets(self.max_seqs) if b >= len(chunks))
+        if self._graph_inputs is None:  # buffers for the largest bucket; every graph reads leading views
+            self._graph_inputs = self._staging(tokens=self.max_seqs, seqs=self.max_seqs)
+        inputs = self._graph_inputs.fill(chunks, pad_to=size, bank_slot=self._bank_slot(chunks))
         key = (size, self.bank.version if self.bank is not None else 0)
         if any(version != key[1] for _, version in self._graphs):
             self._graphs.clear()  # the bank's adapted paths changed: recapture
         if key not in self._graphs:
-            views = {k: v[: tensors[k].shape[0]] for k, v in self._static.items()}
+            captured = replace(inputs, max_query_len=1, max_seq_len=self.max_len)  # bounds for any later step
             try:
-                self._graphs[key] = self._capture(lambda: self._forward(
-                    views, max_query_len=1, max_seq_len=self.max_len))
+                self._graphs[key] = self._capture(lambda: self._forward(captured))
             except Exception as error:  # e.g. a model that syncs inside its forward: run eagerly
                 self.cuda_graphs, self.graph_failure = False, f"{type(error).__name__}: {error}"
                 return None
         graph, logits = self._graphs[key]
         graph.replay()
-        return logits[: len(batch.sample_at)]
+        return logits[: len(chunks)]
 
     def _capture(self, forward: Callable[[], Tensor]) -> tuple[Any, Tensor]:
         # Warm-up on a side stream (Triton compiles, cuBLAS picks kernels); it writes the same K/V the
