@@ -88,10 +88,11 @@ def _admit_all(seq: Sequence) -> bool:
 
 class Scheduler:
     """Decides each step's chunks over ``pool``; at most ``max_seqs`` running sequences and
-    ``token_budget`` tokens a step. Not thread-safe: the engine's loop is its only caller."""
+    ``token_budget`` tokens a step. ``prefix_caching=False``: no prefix-cache lookups or commits (every
+    prompt is computed in full). Not thread-safe: the engine's loop is its only caller."""
 
     def __init__(self, pool: BlockPool, *, max_seqs: int, token_budget: int, max_len: int,
-                 admit: Callable[[Sequence], bool] = _admit_all) -> None:
+                 admit: Callable[[Sequence], bool] = _admit_all, prefix_caching: bool = True) -> None:
         for name, value in (("max_seqs", max_seqs), ("token_budget", token_budget), ("max_len", max_len)):
             if value < 1:
                 raise ValueError(f"Scheduler: {name}={value}; it must be at least 1")
@@ -107,6 +108,7 @@ class Scheduler:
         self.token_budget = token_budget
         self.max_len = max_len
         self._admit = admit
+        self.prefix_caching = prefix_caching
         self._waiting: deque[Sequence] = deque()
         self._running: dict[Sequence, None] = {}  # admission order (an ordered set)
 
@@ -163,6 +165,8 @@ class Scheduler:
                 raise ValueError(f"advance: sequence {seq.seq_id} is at {seq.num_computed} tokens, the chunk "
                                  f"starts at {chunk.start}; call advance once per plan, in order")
             seq.num_computed += chunk.count
+            if not self.prefix_caching:
+                continue
             for i in range(seq.num_cached_blocks, seq.num_computed // self.pool.block_size):
                 self.pool.commit(seq.block_ids[i], self._block_hash(seq, i))
             seq.num_cached_blocks = max(seq.num_cached_blocks, seq.num_computed // self.pool.block_size)
@@ -226,7 +230,8 @@ class Scheduler:
         while self._waiting and budget > 0 and len(self._running) < self.max_seqs:
             seq = self._waiting[0]
             self._check_len(seq)
-            hits = self.pool.lookup(self._block_hash(seq, i) for i in range((len(seq.tokens) - 1) // bs))
+            hits = (self.pool.lookup(self._block_hash(seq, i) for i in range((len(seq.tokens) - 1) // bs))
+                    if self.prefix_caching else [])
             revived = sum(1 for block in hits if self.pool.refcount(block) == 0)  # leave the evictable list
             start = len(hits) * bs
             count = min(len(seq.tokens) - start, budget, (self.pool.num_free - revived) * bs)

@@ -104,6 +104,23 @@ def test_prefix_cache_hits_skip_the_shared_prompt(tiny_tokenizer) -> None:
     assert second.generated == tiny.greedy_loop(model, second.prompt_ids, 4)
 
 
+def test_without_prefix_caching_every_prompt_is_computed_in_full(tiny_tokenizer) -> None:
+    model = sharp_llama()
+    system = "you are a helpful assistant; answer in one word. " * 2
+    engine = Engine(model, tiny_tokenizer, max_seqs=2, max_len=128, block_size=4, prefix_caching=False)
+    assert not engine.scheduler.prefix_caching
+    for ending in ("hello", "goodbye"):
+        request, _ = _request(tiny_tokenizer, system + ending, max_tokens=4)
+        before = engine.computed_tokens
+        engine.submit(request)
+        _drain(engine)
+        assert engine.computed_tokens - before == len(request.prompt_ids) + 3  # no block came from the cache
+        assert request.generated == tiny.greedy_loop(model, request.prompt_ids, 4)
+    assert engine.pool.num_cached == 0
+    engine.forget_prefixes()  # a rebuilt scheduler keeps the option
+    assert not engine.scheduler.prefix_caching
+
+
 def test_preemption_under_a_tiny_kv_pool_gives_the_same_output(tiny_tokenizer) -> None:
     model = sharp_llama()
     prompts = _encode(tiny_tokenizer, PROMPTS[1:])
