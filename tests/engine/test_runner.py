@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 from splice.engine.runner import ModelRunner, RowAdapters, _buckets
 from splice.engine.scheduler import Chunk, Sequence, StepPlan
+from splice.fused.modules import FusedRMSNorm, FusedSwiGLUMLP, is_fast
 from splice.lora.apply import add_lora, use_adapters
 from splice.lora.layers import LoraConfig
 from tests import tiny
@@ -127,3 +130,27 @@ def test_cuda_graph_decode_matches_eager() -> None:
 def test_models_the_runner_cannot_run_are_refused(bad: str) -> None:
     with pytest.raises(ValueError, match="GPT2LMHeadModel"):
         _runner(tiny.gpt2())
+
+
+def test_the_cpu_runner_keeps_hugging_faces_norms_and_mlp() -> None:
+    model = tiny.llama()
+    _runner(model)
+    assert not any(is_fast(m) for m in model.modules())  # the CPU path is the reference
+
+
+@GPU
+def test_fused_bf16_steps_match_the_unfused_model() -> None:
+    model = tiny.llama(dtype=torch.bfloat16, device="cuda")
+    reference = copy.deepcopy(model)
+    runner = _runner(model, cuda_graphs=True)
+    assert any(isinstance(m, FusedRMSNorm) for m in model.modules())
+    assert any(isinstance(m, FusedSwiGLUMLP) for m in model.modules())
+    seq = _seq(tiny.tokens(seed=3, batch=1, length=11)[0].tolist(), list(range(1, 17)))
+    prefill = runner.execute(StepPlan(chunks=[Chunk(seq=seq, start=0, count=11, sample=True)]))
+    seq.tokens.append(int(prefill.argmax()))
+    decode = runner.execute(StepPlan(chunks=[Chunk(seq=seq, start=11, count=1, sample=True)]))  # a graph
+    assert runner.graph_failure is None and len(runner._graphs) == 1
+    with torch.no_grad():
+        expected = reference(torch.tensor([seq.tokens], device="cuda")).logits[0, -2:].float()
+    assert rel_err(prefill[0], expected[0]) < 2e-2
+    assert rel_err(decode[0], expected[1]) < 2e-2
