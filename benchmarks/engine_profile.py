@@ -114,10 +114,10 @@ def replay_ms(engine: Engine, batch: int, repeats: int) -> float | None:
     """GPU ms of the batch's CUDA graph replayed alone (None: no graph, e.g. on the CPU)."""
     runner: Any = engine.runner
     graphs = getattr(runner, "_graphs", {})
-    entry = next((g for (size, _), g in graphs.items() if size >= batch), None)
-    if entry is None:
+    sizes = [key for key in graphs if key[0] >= batch]
+    if not sizes:
         return None
-    graph = entry[0]
+    graph = graphs[min(sizes)][0]  # the batch's bucket
     graph.replay()  # the replays rewrite the last step's K/V slots with the same values: harmless
     begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     begin.record()
