@@ -298,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     _data_flags(p_eval)
     p_eval.add_argument("--split", default="test", choices=["train", "validation", "test"],
                         help="embedded task split (without --data)")
-    p_eval.add_argument("--samples", type=_number(int, low=0, says="must be an integer >= 0"), default=100, help="rows scored by generation (0: loss only)")
+    p_eval.add_argument("--samples", type=_number(int, low=0, says="must be an integer >= 0"), default=100, help="rows scored by generation (0: loss only); without --data also the "
+                        "split's rows the loss covers (0: all of them)")
     p_eval.add_argument("--batch-size", type=_at_least_one, default=16, help="rows per batch")
     p_eval.add_argument("--max-new-tokens", type=_at_least_one, default=24)
     p_eval.add_argument("--json", help="also write the scores to this JSON file")

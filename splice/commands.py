@@ -172,7 +172,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         from splice.data.function_names import build_function_names, function_name_template
 
-        rows = build_function_names()[args.split][: args.samples]
+        split = build_function_names()[args.split]
+        rows = split[: args.samples] if args.samples else split  # --samples 0: the loss over the whole split
         template, task, source = function_name_template(), function_names_task(), f"{args.split} functions"
     model, tokenizer = load(args)
     device = next(model.parameters()).device

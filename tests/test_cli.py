@@ -243,6 +243,29 @@ def test_eval_data_base_vs_adapter(tiny_run_inputs, adapter_dir, tmp_path, capsy
     assert report["base"]["val_loss"] == pytest.approx(plain, rel=1e-5)
 
 
+def test_eval_samples_0_is_loss_only_with_or_without_data(tiny_run_inputs, adapter_dir, tmp_path, capsys) -> None:
+    model = str(tiny_run_inputs[0])
+    for name, data in (("data", ["--data", str(_pc_data(tmp_path / "held.jsonl"))]), ("split", ["--split", "validation"])):
+        out = tmp_path / f"{name}.json"
+        assert main(["eval", "--model", model, "--adapter", str(adapter_dir), *data, "--samples", "0",
+                     "--json", str(out)]) == 0, name
+        report = json.loads(out.read_text())
+        assert "scored by generation" in capsys.readouterr().out and report["rows"] > 0
+        for side in ("base", "adapter"):
+            assert set(report[side]) == {"val_loss", "perplexity"}, name  # no generation metrics
+    assert report["rows"] == 514  # without --data, the loss covers the whole split
+
+
+def test_generate_below_the_temperature_floor_is_greedy(tiny_run_inputs, capsys) -> None:
+    model = str(tiny_run_inputs[0])
+    outputs = []
+    for temperature in ("0", "1e-40", "1e-300"):
+        assert main(["generate", "--model", model, "--prompt", "alpha then", "--max-new-tokens", "6",
+                     "--temperature", temperature, "--seed", "3"]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] == outputs[2] and outputs[0].strip()
+
+
 def test_eval_writes_each_rows_answers(tiny_run_inputs, adapter_dir, tmp_path, capsys) -> None:
     data = _pc_data(tmp_path / "held.jsonl")
     out = tmp_path / "answers.jsonl"
