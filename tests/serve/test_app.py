@@ -14,7 +14,9 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import torch
 
+from splice.engine.sampling import SamplingParams
 from splice.generation.generate import generate
 from splice.lora.apply import add_lora
 from splice.lora.layers import LoraConfig
@@ -258,3 +260,30 @@ def test_reloading_a_name_keeps_running_streams_on_the_old_weights(
     engine = server.service.engine
     assert _idle(engine) and _eventually(lambda: not any(k.startswith("swap") for k in engine.adapters))
     assert not any(k.startswith("swap") for k in server.service.bank.resident)
+
+
+@pytest.mark.parametrize("method", ["pissa", "olora"])
+def test_pissa_and_olora_adapters_are_served_on_the_original_weights(tmp_path: Path, method: str) -> None:
+    """Such adapters trained A, B on the residual base W - s B0 A0: at start and at run time the service
+    reads them against the served weights (converted as PEFT does), so each answer is the trained model's."""
+
+    def sharp() -> Any:  # clear argmax margins, as after training
+        model = _base()
+        with torch.no_grad():
+            model.lm_head.weight.mul_(25)
+        return model
+
+    trained = sharp()
+    add_lora(trained, LoraConfig(targets=("q_proj", "v_proj", "up_proj"), rank=4, alpha=8, init=method))
+    tiny.randomize_lora(trained, seed=6)
+    save_adapter(trained, tmp_path / "saved", name="default")
+    tokenizer = build_tiny_tokenizer()
+    service = Service(sharp(), tokenizer, model_name="tiny", adapters={"at-start": tmp_path / "saved"},
+                      max_batch=2, max_len=64, gpu_adapters=2)
+    service.load_adapter("at-run-time", tmp_path / "saved")  # applied by the engine's next step
+    ids = list(tokenizer(PROMPT)["input_ids"])
+    want = tiny.greedy_loop(trained, ids, 10)
+    assert want != tiny.greedy_loop(sharp(), ids, 10)  # the adapter changes the answer
+    for name in ("at-start", "at-run-time"):
+        [done] = service.engine.generate([ids], SamplingParams(max_tokens=10), adapters=[service.adapter_for(name)])
+        assert done.generated == want, name
