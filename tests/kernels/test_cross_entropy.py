@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import splice.kernels.linear_cross_entropy as loss_module
+import splice.training.loss as training_loss
 from splice.kernels import use_triton
 from splice.kernels.cross_entropy import cross_entropy_grad_, cross_entropy_grad_reference
 from splice.training.loss import causal_lm_loss
@@ -271,7 +272,7 @@ def test_static_shapes_triton_path_runs_without_host_syncs(device: str, monkeypa
     hidden, weight, labels = _loss_problem(device)
     spy = _Spy()
     monkeypatch.setattr(loss_module, "cross_entropy_grad_", spy)
-    monkeypatch.setattr(loss_module, "check_labels", lambda *a, **k: None)  # as for GPU labels
+    monkeypatch.setattr(training_loss, "check_labels", lambda *a, **k: None)  # as for GPU labels
     with HostSyncs() as mode:
         causal_lm_loss(hidden, weight, labels, static_shapes=True, chunk_size=8).backward()
     assert mode.synced == [] and spy.kernel_calls == 3
