@@ -163,7 +163,7 @@ def test_two_ranks_equal_one_process(tiny_run_inputs, tmp_path, shard: bool) -> 
 
     pairs = write_pairs(tmp_path / "pairs.jsonl", 12)
     options = dict(method="dpo", data=str(pairs), prompt_template=None, response_template=None, dropout=0.0,
-                   steps=4, warmup_steps=0, lr=2e-3, save_every=0)
+                   steps=4, warmup_steps=0, lr=2e-3, save_every=0, device="cpu")  # gloo ranks: CPU on any machine
     job = {"inputs": [str(p) for p in tiny_run_inputs], "runs": [
         {"out": str(tmp_path / "ddp"), "options": {**options, "batch_size": 2, "shard": shard,
                                                    "precompute_ref": shard}}]}
