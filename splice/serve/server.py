@@ -20,6 +20,7 @@ import time
 from collections.abc import Collection, Iterator
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import torch
 import uvicorn
@@ -127,8 +128,9 @@ def _server(service: Service, *, host: str, port: int, max_request_bytes: int, d
             api_keys: Collection[str], allow_adapter_dir: str | Path | None) -> _Server:
     app = build_app(service, max_request_bytes=max_request_bytes, api_keys=api_keys,
                     allow_adapter_dir=allow_adapter_dir)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning",  # (typed int; used as a float)
-                            timeout_graceful_shutdown=drain_timeout)  # type: ignore[arg-type]
+    # uvicorn types this option int in some releases and float in others; it is used as a float.
+    graceful: dict[str, Any] = {"timeout_graceful_shutdown": drain_timeout}
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", **graceful)
     return _Server(config, draining=app.state.draining, drain_timeout=drain_timeout)
 
 
