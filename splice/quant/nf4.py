@@ -191,13 +191,12 @@ _Args = tuple[Any, ...]
 _Kwargs = dict[str, Any]
 
 
-# Rows of activations up to which a matmul with an NF4 weight runs the fused dequant-GEMV/GEMM
-# (splice.kernels.nf4_gemv): decode steps (the engine's flat batch of T tokens) are bound by the
-# weight's bytes, and the fused kernels read the 4-bit weight once (~0.53 bytes a weight) where
-# dequantize + cuBLAS moves ~4.5. 16 rows is one tl.dot tile; as rows grow the GEMM turns
-# compute-bound and cuBLAS's large tiles win over decoding the weight on CUDA cores in every
-# program (benchmarks/nf4_gemv.py times M = 1, 8 and 32 to place the crossover).
-FUSED_MAX_ROWS = 16
+# Activations of up to this many rows take the fused kernels (splice.kernels.nf4_gemv), more rows the
+# dequantize + cuBLAS path. Measured on the H200 (benchmarks/nf4_gemv.py, Llama-3-8B shapes, 2026-12-04):
+# the M = 1 GEMV reads the 4-bit weight once and ran at 0.9-1.4x the bf16 GEMV (dequantize + mm: ~0.45x);
+# the M = 8 / 32 tl.dot path ran at ~0.05x bf16 (11-22x slower than dequantize + mm), so only M = 1 is
+# fused until that path is tuned.
+FUSED_MAX_ROWS = 1
 
 
 def _fused(x: Any, weight: Any, bias: Any = None, *, view_t: bool = False) -> Tensor | None:

@@ -161,7 +161,7 @@ def _direct(layer: NF4Linear, x: Tensor) -> Tensor:
 @GPU
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("rows", [1, 4, FUSED_MAX_ROWS])
+@pytest.mark.parametrize("rows", sorted({1, FUSED_MAX_ROWS}))
 def test_inference_takes_the_fused_path(rows: int, bias: bool, dtype: torch.dtype) -> None:
     """Under inference_mode (aten.linear) and no_grad (t + mm / addmm) a small batch runs the fused
     kernel (bit for bit its direct call), which agrees with the dequantize + matmul path."""
@@ -194,7 +194,7 @@ def test_large_batches_and_gradients_keep_the_dequant_path() -> None:
 @GPU
 def test_no_host_sync_and_cuda_graph_capture() -> None:
     layer = _gpu_layer(True, torch.bfloat16)
-    x = torch.randn(4, 1, 512, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(FUSED_MAX_ROWS, 1, 512, device="cuda", dtype=torch.bfloat16)  # the fused path
     with torch.inference_mode():
         with HostSyncs() as mode:
             eager = layer(x)
