@@ -125,7 +125,7 @@ def _trl_loss(logps: torch.Tensor, old: torch.Tensor, ref: torch.Tensor, adv: to
               loss_type: str, epsilon: float, beta: float, max_completion_length: int) -> tuple[torch.Tensor, Any]:
     """TRL's own ``GRPOTrainer._compute_loss`` on fixed per-token log-probs: its ``self`` holds only the
     settings that code reads (one process, no accumulation), its model forward returns ``logps``."""
-    from trl.trainer.grpo_trainer import GRPOTrainer
+    GRPOTrainer = pytest.importorskip("trl.trainer.grpo_trainer").GRPOTrainer  # the reference, when installed
 
     one = types.SimpleNamespace(num_processes=1, gather=lambda x: x, gather_for_metrics=lambda x: x,
                                 reduce=lambda x, reduction="sum": x)
