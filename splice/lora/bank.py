@@ -57,10 +57,13 @@ def read_adapter(directory: str | Path, *, name: str, base: nn.Module | None = N
     with ``base`` (the served model, its original weights) it is converted as PEFT does: ``A0``,
     ``B0`` re-derived from ``W`` and the rank-2r plain LoRA ``[A; A0]``, ``[B, -B0]`` served
     (:func:`splice.lora.adapter_file.on_original_base`). Without ``base`` it is refused.
-    DoRA and embedding adapters are refused (the bank holds linear A/B only).
+    DoRA and embedding adapters are refused (the bank holds linear A/B only). With ``base``, an adapter
+    whose modules or shapes do not fit it is refused too (:func:`splice.lora.adapter_file.check_adapter_fits`).
     """
     adapter = adapter_file.read_adapter(directory)
     require_linear(adapter, holder="a LoRA bank", instead="merge it into the model to serve it (splice merge)")
+    if base is not None:  # refused now, naming the first module that does not fit, not on first use
+        adapter_file.check_adapter_fits(adapter, base)
     if adapter.needs_residual_base:
         if base is None:
             raise AdapterError(

@@ -287,3 +287,23 @@ def test_pissa_and_olora_adapters_are_served_on_the_original_weights(tmp_path: P
     for name in ("at-start", "at-run-time"):
         [done] = service.engine.generate([ids], SamplingParams(max_tokens=10), adapters=[service.adapter_for(name)])
         assert done.generated == want, name
+
+
+def test_an_adapter_made_for_another_base_is_refused_when_it_is_loaded(server: Server, tmp_path: Path) -> None:
+    """Its shapes are checked against the served model at load time, at start and at run time (it was
+    accepted, then failed on first use): one line naming the first module that does not fit."""
+    other = tiny.llama(vocab=len(build_tiny_tokenizer()), intermediate=40)  # MLP 40 wide, the served one 64
+    add_lora(other, LoraConfig(name="other", targets=("up_proj",), rank=4))
+    folder = server.folder / "other-base"  # inside the allowed adapter folder
+    save_adapter(other, folder, name="other")
+    with httpx.Client(base_url=server.url) as http:
+        reply = http.post("/load_lora_adapter", json={"lora_name": "other", "lora_path": str(folder)})
+    assert reply.status_code == 400, reply.text
+    message = reply.json()["error"]["message"]
+    assert "does not fit" in message and "up_proj" in message and "out=64" in message and "\n" not in message
+    assert "other" not in {m.id for m in server.client().models.list().data}
+    with pytest.raises(ValueError, match=r"does not fit this model: .*up_proj"):
+        Service(_base(), build_tiny_tokenizer(), model_name="tiny", adapters={"other": folder}, max_batch=2,
+                max_len=64)
+    got = server.client().completions.create(model="alpha", prompt=PROMPT, max_tokens=4, temperature=0)
+    assert got.choices[0].text == server.expected("alpha", PROMPT, 4)  # still serving
