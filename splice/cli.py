@@ -434,6 +434,9 @@ def entry(argv: list[str] | None = None) -> int:
         # Hugging Face's own bars (loading weights, downloads, saving shards) redraw with carriage
         # returns, which a log file keeps; splice's bars print plain lines there (core.progress).
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        # Plain tqdm bars of libraries (transformers' GGUF conversion) follow TQDM_DISABLE; splice's
+        # own bars pass disable=False and print plain lines instead.
+        os.environ.setdefault("TQDM_DISABLE", "1")
     return main(argv)
 
 

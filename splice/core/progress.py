@@ -60,6 +60,7 @@ def progress(
     """A tqdm bar over ``iterable`` (or a manual one, ``bar.update(n)``), written to ``stream``
     (default stderr): redrawn on a terminal, one line per ``interval`` seconds elsewhere."""
     out = stream or sys.stderr
+    options.setdefault("disable", False)  # shown even where TQDM_DISABLE hides third-party bars (cli.entry)
     if out.isatty():
         return tqdm(iterable, desc=desc, total=total, unit=unit, file=out, delay=delay,
                     dynamic_ncols=True, **options)
@@ -74,7 +75,7 @@ def busy(desc: str, *, stream: TextIO | None = None, interval: float = 5.0, dela
     elsewhere, nothing if the call ends within ``delay`` seconds."""
     out = stream or sys.stderr
     tty = out.isatty()
-    bar = tqdm(desc=desc, total=None, file=out if tty else LineStream(out), delay=delay,
+    bar = tqdm(desc=desc, total=None, file=out if tty else LineStream(out), delay=delay, disable=False,
                bar_format="{desc}: {elapsed} elapsed", mininterval=0 if tty else interval)
     stop = threading.Event()
     start = time.monotonic()
