@@ -42,6 +42,19 @@ def _encode(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
     return encoded
 
 
+def _check_context(model: nn.Module, encoded: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+    """Refuse, before any work, a prompt whose tokens and ``max_new_tokens`` exceed the model's context
+    (the server's limit, applied to the Python API too)."""
+    context = int(getattr(getattr(model, "config", None), "max_position_embeddings", 0) or 0)
+    if not context or not encoded:
+        return
+    row = max(range(len(encoded)), key=lambda i: len(encoded[i]))
+    if len(encoded[row]) + max_new_tokens > context:
+        raise ValueError(f"prompt {row} has {len(encoded[row])} tokens; with max_new_tokens={max_new_tokens} "
+                         f"that is over the model's context of {context} tokens: shorten the prompt or lower "
+                         "max_new_tokens")
+
+
 def _check_adapters(model: nn.Module, adapters: Sequence[str | None] | None, prompts: int) -> None:
     if adapters is None:
         return
@@ -99,6 +112,7 @@ def generate(
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     encoded = _encode(tokenizer, texts)
+    _check_context(model, encoded, max_new_tokens)
     _check_adapters(model, adapters, len(texts))
     if not texts or max_new_tokens == 0:
         return [""] * len(texts)

@@ -280,3 +280,13 @@ def test_one_batch_serves_several_adapters() -> None:
     assert mixed == expected
     assert len(set(expected)) == 3  # the three rows really differ
     assert generate(both, TOKENIZER, prompts, max_new_tokens=12, adapters=["a", "b", None], batch_size=1) == mixed
+
+
+def test_a_prompt_over_the_context_is_refused_before_any_work(tiny_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """The server's context limit holds in the Python API too: one line naming the prompt and the fix."""
+    model = tiny.llama(vocab=len(tiny_tokenizer), positions=64)
+    fits, long = "ab " * 5, "ab " * 80
+    with pytest.raises(ValueError, match=r"prompt 1 has \d+ tokens; with max_new_tokens=8 that is over the "
+                                         r"model's context of 64 tokens"):
+        generate(model, tiny_tokenizer, [fits, long], max_new_tokens=8)
+    assert len(generate(model, tiny_tokenizer, [fits], max_new_tokens=8)) == 1
