@@ -243,7 +243,8 @@ def test_full_disk_is_a_runtime_error_and_leaves_no_temporary_checkpoint(files: 
     argv[argv.index("--output-dir") + 1] = str(out)
     proc = subprocess.run(
         [sys.executable, "-m", "splice", *argv],
-        env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)},
+        capture_output=True, text=True,
         preexec_fn=_limit_file_size, timeout=300)
     lines = _error_lines(proc.stderr)
     assert proc.returncode == 1, proc.stderr

@@ -23,7 +23,7 @@ def test_serve_benchmark_runs_every_part_tiny(tmp_path: Path) -> None:
     out = tmp_path / "serve.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "serve.py"), "--tiny", "--json", str(out)],
-        capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False,
+        capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     parts = json.loads(out.read_text())["parts"]
