@@ -83,9 +83,9 @@ class Staging:
         size = 8 if name in _I64 else 4
         return self._device[start: start + count * size].view(torch.int64 if name in _I64 else torch.int32)
 
-    def _table_rows(self, chunks: Sequence[Chunk], pad: int) -> None:
+    def _table_rows(self, chunks: Sequence[Chunk], pad_counts: np.ndarray) -> None:
         """Row ``b`` of the tables gets chunk ``b``'s block ids (only what may have changed); padded rows
-        read the scratch block 0."""
+        read the scratch block 0 for each of their tokens."""
         rows, table = self._rows, self._tables
         for b, chunk in enumerate(chunks):
             ids = chunk.seq.block_ids
@@ -94,39 +94,54 @@ class Staging:
             if first < len(ids):
                 table[b, first: len(ids)] = ids[first:]
             rows[b] = (ids, len(ids))
-        for b in range(len(chunks), len(chunks) + pad):
-            table[b, 0] = 0
+        for j, count in enumerate(pad_counts.tolist()):
+            b = len(chunks) + j
+            table[b, : max(1, -(-count // self.block_size))] = 0
             rows[b] = (None, 0)
 
-    def fill(self, chunks: Sequence[Chunk], *, pad_to: int = 0,
+    def _pad_counts(self, pad_tokens: int, pad_seqs: int) -> np.ndarray:
+        """Tokens of each padding sequence: ``pad_tokens`` spread over ``pad_seqs`` sequences, one each
+        while they last (a decode bucket), else evenly; each fits in one block-table row."""
+        if pad_tokens <= pad_seqs:
+            return (np.arange(pad_seqs) < pad_tokens).astype(np.int64)
+        base, extra = divmod(pad_tokens, pad_seqs)
+        if base + (extra > 0) > self.width * self.block_size:
+            raise ValueError(f"{pad_tokens} padding tokens do not fit in {pad_seqs} padding sequences of "
+                             f"{self.width * self.block_size} tokens")
+        return base + (np.arange(pad_seqs) < extra).astype(np.int64)
+
+    def fill(self, chunks: Sequence[Chunk], *, tokens_to: int = 0, seqs_to: int = 0,
              bank_slot: Callable[[str | None], int] | None = None) -> StepInputs:
-        """Stage ``chunks`` (padded to ``pad_to`` one-token scratch sequences, all sampled) and copy them to
-        the device; ``bank_slot(adapter)``: each chunk's adapter bank slot (None: -1 for every token)."""
+        """Stage ``chunks`` and copy them to the device; ``bank_slot(adapter)``: each chunk's adapter bank
+        slot (None: -1 for every token).
+
+        Padding to a CUDA-graph bucket of ``tokens_to`` tokens in ``seqs_to`` sequences (0: none): the
+        extra tokens form padding sequences (positions from 0, every block-table entry the scratch block
+        0, so they write and read only scratch slots), and the rest of the ``seqs_to`` are empty (no
+        query tokens: attention skips them). ``sample_at`` then has ``seqs_to`` rows: the sampled
+        chunks' last tokens first, the rest any valid row (their logits are not used)."""
         if self._copied is not None:
             self._copied.synchronize()  # the previous step's copy has read the host buffer
         n = len(chunks)
-        pad = max(0, pad_to - n)
         counts = np.fromiter((c.count for c in chunks), dtype=np.int64, count=n)
-        firsts = np.fromiter((c.start for c in chunks), dtype=np.int64, count=n)
-        tokens = int(counts.sum()) + pad
-        seqs = n + pad
-        if not self.fits(tokens, seqs):
-            raise ValueError(f"a step of {tokens} tokens in {seqs} chunks exceeds the staging buffers "
+        real = int(counts.sum())
+        tokens, seqs = max(tokens_to, real), max(seqs_to, n)
+        if (tokens > real and seqs == n) or not self.fits(tokens, seqs):
+            raise ValueError(f"a step of {tokens} tokens in {seqs} chunks does not fit the staging buffers "
                              f"({self.tokens} tokens, {self.seqs} sequences)")
+        pad_counts = self._pad_counts(tokens - real, seqs - n) if seqs > n else np.zeros(0, dtype=np.int64)
+        counts = np.concatenate([counts, pad_counts])
+        firsts = np.concatenate([np.fromiter((c.start for c in chunks), dtype=np.int64, count=n),
+                                 np.zeros(seqs - n, dtype=np.int64)])
         a = self._np
-        real = tokens - pad
         starts = a["starts"]
         starts[0] = 0
-        np.cumsum(counts, out=starts[1: n + 1])
-        starts[n + 1: seqs + 1] = np.arange(real + 1, real + pad + 1)
-        a["seq_lens"][:n] = firsts + counts
-        a["seq_lens"][n:seqs] = 1
-        self._table_rows(chunks, pad)
-        row = np.repeat(np.arange(n), counts)  # chunk of each real token
+        np.cumsum(counts, out=starts[1: seqs + 1])
+        a["seq_lens"][:seqs] = firsts + counts
+        self._table_rows(chunks, pad_counts)
+        row = np.repeat(np.arange(seqs), counts)  # sequence of each token
         positions = a["positions"]
-        offset = np.arange(real) - starts[:n].astype(np.int64)[row]  # of each token in its chunk
-        positions[:real] = firsts[row] + offset
-        positions[real:tokens] = 0
+        positions[:tokens] = firsts[row] + np.arange(tokens) - starts[:seqs].astype(np.int64)[row]
         ids = a["ids"]
         if real == n:  # decodes only: one token a chunk
             ids[:n] = [c.seq.tokens[c.start] for c in chunks]
@@ -134,17 +149,18 @@ class Staging:
             ids[:real] = [t for c in chunks for t in c.seq.tokens[c.start: c.start + c.count]]
         ids[real:tokens] = 0
         bs = self.block_size
-        pos = positions[:real]
-        a["slots"][:real] = self._tables[row, pos // bs].astype(np.int64) * bs + pos % bs
-        a["slots"][real:tokens] = np.arange(pad) % bs  # scratch block 0
+        pos = positions[:tokens]
+        a["slots"][:tokens] = self._tables[row, pos // bs].astype(np.int64) * bs + pos % bs
         sampled = [i for i, c in enumerate(chunks) if c.sample]
+        rows_out = seqs if seqs_to else len(sampled)
         a["sample_at"][: len(sampled)] = starts[1:][sampled] - 1
-        a["sample_at"][len(sampled): len(sampled) + pad] = np.arange(real, real + pad)
+        a["sample_at"][len(sampled): rows_out] = np.minimum(np.arange(real, real + rows_out - len(sampled)),
+                                                            tokens - 1)
         if bank_slot is None:
             a["bank_slots"][:tokens] = -1
         else:
             a["bank_slots"][:real] = np.repeat(np.fromiter((bank_slot(c.seq.adapter) for c in chunks),
-                                                           dtype=np.int32, count=n), counts)
+                                                           dtype=np.int32, count=n), counts[:n])
             a["bank_slots"][real:tokens] = -1
         if self._copied is not None:
             end = self._offsets["tables"] + seqs * self.width * 4
@@ -152,10 +168,10 @@ class Staging:
             self._copied.record()
         return StepInputs(
             ids=self._view("ids", tokens), positions=self._view("positions", tokens),
-            slots=self._view("slots", tokens), sample_at=self._view("sample_at", len(sampled) + pad),
+            slots=self._view("slots", tokens), sample_at=self._view("sample_at", rows_out),
             bank_slots=self._view("bank_slots", tokens), seq_lens=self._view("seq_lens", seqs),
             starts=self._view("starts", seqs + 1), tables=self._view("tables", seqs * self.width).view(seqs, self.width),
-            max_query_len=int(counts.max()) if n else 1, max_seq_len=int(a["seq_lens"][:seqs].max()),
+            max_query_len=int(counts.max()) if seqs else 1, max_seq_len=int(a["seq_lens"][:seqs].max()) if seqs else 1,
         )
 
 

@@ -140,6 +140,14 @@ def _buckets(max_seqs: int) -> list[int]:
     return [*sizes, max_seqs]
 
 
+def _token_buckets(max_tokens: int) -> list[int]:
+    """Token counts of the graphs for steps with prefill chunks: powers of two from 16 to 512, then
+    multiples of 512 (at most 1/9 padding past 4,096), up to ``max_tokens``."""
+    small = [16 << i for i in range(6) if 16 << i < max_tokens]
+    large = list(range(1024, max_tokens, 512))
+    return [*small, *large, max_tokens]
+
+
 class ModelRunner:
     """Runs scheduler steps on ``model`` (see module docstring). The cache holds ``num_blocks`` blocks (default:
     ``kv_memory`` of the free GPU memory, or ``max_seqs x max_len`` tokens on the CPU). ``bank`` / ``sites``:
@@ -168,9 +176,10 @@ class ModelRunner:
         self.value_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(layers)]
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.graph_failure: str | None = None
-        self._graphs: dict[tuple[int, int], tuple[Any, Tensor]] = {}
+        self._graphs: dict[tuple[int, int, int], tuple[Any, Tensor]] = {}  # (tokens, seqs, bank version)
         self._graph_pool: Any = None
         self._eager = self._staging(tokens=max(max_tokens, max_seqs), seqs=max_seqs)
+        self.token_buckets = _token_buckets(max_tokens) if self.cuda_graphs else []
         self._graph_inputs: Staging | None = None  # the inputs every CUDA graph reads (fixed addresses)
 
     @property
@@ -247,8 +256,7 @@ class ModelRunner:
         ``rows``: route the model's LoRA layers by each sequence's adapter name (None: base)."""
         self.copy_blocks(plan.copies)
         chunks = plan.chunks
-        decode = all(c.count == 1 and c.sample for c in chunks)
-        if self.cuda_graphs and decode and rows is None and len(chunks) <= self.max_seqs:
+        if self.cuda_graphs and rows is None:
             logits = self._replay(chunks)
             if logits is not None:
                 return logits
@@ -260,26 +268,76 @@ class ModelRunner:
                              head_adapters=[c.seq.adapter for c in chunks if c.sample])
 
     # ---- CUDA graphs ----------------------------------------------------------------------
-    def _replay(self, chunks: Sequence[Chunk]) -> Tensor | None:
-        """Decode logits through the CUDA graph of the batch's bucket (captured on first use); None when
-        graphs failed (the step then runs eagerly, and so do later ones)."""
-        size = next(b for b in _buckets(self.max_seqs) if b >= len(chunks))
+    def _bucket(self, chunks: Sequence[Chunk]) -> tuple[int, int] | None:
+        """The (tokens, sequences) graph bucket of a step, or None (too large: it runs eagerly).
+
+        Decode-only steps pad to the batch-size bucket (one scratch token a padded sequence). Steps with
+        prefill chunks pad to the token bucket ``T``; their sequences to ``min(max_seqs, T)`` plus enough
+        padding sequences to hold the padding tokens (each at most one block-table row long)."""
+        tokens = sum(c.count for c in chunks)
+        if tokens == len(chunks) and all(c.sample for c in chunks) and len(chunks) <= self.max_seqs:
+            size = next(b for b in _buckets(self.max_seqs) if b >= len(chunks))
+            return size, size
+        if len(chunks) > self.max_seqs or tokens > self.token_buckets[-1]:
+            return None
+        size = next(b for b in self.token_buckets if b >= tokens)
+        return size, self._mixed_seqs(size)
+
+    def _mixed_seqs(self, tokens: int) -> int:
+        return min(self.max_seqs, tokens) + -(-tokens // (self.blocks_per_seq * self.block_size))
+
+    def _graph_staging(self) -> Staging:
         if self._graph_inputs is None:  # buffers for the largest bucket; every graph reads leading views
-            self._graph_inputs = self._staging(tokens=self.max_seqs, seqs=self.max_seqs)
-        inputs = self._graph_inputs.fill(chunks, pad_to=size, bank_slot=self._bank_slot(chunks))
-        key = (size, self.bank.version if self.bank is not None else 0)
-        if any(version != key[1] for _, version in self._graphs):
+            most = self.token_buckets[-1] if self.token_buckets else 0
+            self._graph_inputs = self._staging(tokens=max(self.max_seqs, most),
+                                               seqs=max(self.max_seqs, self._mixed_seqs(most)))
+        return self._graph_inputs
+
+    def _replay(self, chunks: Sequence[Chunk]) -> Tensor | None:
+        """Logits through the CUDA graph of the step's bucket (captured on first use); None when the step
+        has no bucket or graphs failed (the step then runs eagerly; after a failure, later ones too)."""
+        bucket = self._bucket(chunks)
+        if bucket is None:
+            return None
+        inputs = self._graph_staging().fill(chunks, tokens_to=bucket[0], seqs_to=bucket[1],
+                                            bank_slot=self._bank_slot(chunks))
+        entry = self._graph(bucket, inputs)
+        if entry is None:
+            return None
+        graph, logits = entry
+        graph.replay()
+        return logits[: sum(c.sample for c in chunks)]
+
+    def _graph(self, bucket: tuple[int, int], inputs: StepInputs) -> tuple[Any, Tensor] | None:
+        """The graph of ``bucket`` (staged ``inputs``), captured now if new; None if capture failed."""
+        version = self.bank.version if self.bank is not None else 0
+        if any(v != version for _, _, v in self._graphs):
             self._graphs.clear()  # the bank's adapted paths changed: recapture
+        key = (*bucket, version)
         if key not in self._graphs:
-            captured = replace(inputs, max_query_len=1, max_seq_len=self.max_len)  # bounds for any later step
+            tokens, seqs = bucket
+            # bounds for any later step of the bucket (they size the attention kernel's grid)
+            captured = replace(inputs, max_query_len=1 if tokens == seqs else min(tokens, self.max_len),
+                               max_seq_len=self.max_len)
             try:
                 self._graphs[key] = self._capture(lambda: self._forward(captured))
             except Exception as error:  # e.g. a model that syncs inside its forward: run eagerly
                 self.cuda_graphs, self.graph_failure = False, f"{type(error).__name__}: {error}"
                 return None
-        graph, logits = self._graphs[key]
-        graph.replay()
-        return logits[: len(chunks)]
+        return self._graphs[key]
+
+    def warmup(self) -> int:
+        """Capture every bucket's CUDA graph now (decode batch sizes, then prefill token counts), so no
+        request meets a capture or a Triton compile later; returns how many graphs exist."""
+        if not self.cuda_graphs:
+            return 0
+        sizes = [(b, b) for b in _buckets(self.max_seqs)]
+        sizes += [(t, self._mixed_seqs(t)) for t in self.token_buckets]
+        for bucket in sizes:
+            with torch.inference_mode():
+                if self._graph(bucket, self._graph_staging().fill([], tokens_to=bucket[0], seqs_to=bucket[1])) is None:
+                    break
+        return len(self._graphs)
 
     def _capture(self, forward: Callable[[], Tensor]) -> tuple[Any, Tensor]:
         # Warm-up on a side stream (Triton compiles, cuBLAS picks kernels); it writes the same K/V the

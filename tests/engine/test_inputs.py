@@ -16,8 +16,18 @@ from splice.engine.scheduler import Chunk, Scheduler, Sequence, iter_positions
 BS = 4
 
 
-def _expect(inputs: StepInputs, chunks: list[Chunk], pad: int, slot_of: dict[str | None, int]) -> None:
-    """``inputs`` against the chunks flattened token by token (the reference of the runner's layout)."""
+def _pad_counts(pad_tokens: int, pad_seqs: int) -> list[int]:
+    """The padding sequences' token counts: one each while they last, else spread evenly."""
+    if pad_tokens <= pad_seqs:
+        return [1] * pad_tokens + [0] * (pad_seqs - pad_tokens)
+    base, extra = divmod(pad_tokens, pad_seqs)
+    return [base + (j < extra) for j in range(pad_seqs)]
+
+
+def _expect(inputs: StepInputs, chunks: list[Chunk], pad_tokens: int, pad_seqs: int,
+            slot_of: dict[str | None, int]) -> None:
+    """``inputs`` against the chunks flattened token by token (the reference of the runner's layout),
+    padded with ``pad_tokens`` scratch tokens in ``pad_seqs`` padding sequences."""
     ids, positions, slots, lens, starts, sample_at, bank = [], [], [], [], [0], [], []
     for chunk in chunks:
         end = chunk.start + chunk.count
@@ -31,13 +41,16 @@ def _expect(inputs: StepInputs, chunks: list[Chunk], pad: int, slot_of: dict[str
         if chunk.sample:
             sample_at.append(starts[-1] - 1)
     real = starts[-1]
-    ids += [0] * pad
-    positions += [0] * pad
-    slots += [i % BS for i in range(pad)]
-    lens += [1] * pad
-    starts += list(range(real + 1, real + pad + 1))
-    sample_at += list(range(real, real + pad))
-    bank += [-1] * pad
+    for count in _pad_counts(pad_tokens, pad_seqs):  # positions from 0 in the scratch block 0
+        ids += [0] * count
+        positions += list(range(count))
+        slots += [p % BS for p in range(count)]
+        lens.append(count)
+        starts.append(starts[-1] + count)
+        bank += [-1] * count
+    total = real + pad_tokens
+    if pad_seqs:
+        sample_at += [min(real + i, total - 1) for i in range(len(chunks) + pad_seqs - len(sample_at))]
     assert inputs.ids.tolist() == ids
     assert inputs.positions.tolist() == positions
     assert inputs.slots.tolist() == slots
@@ -45,13 +58,13 @@ def _expect(inputs: StepInputs, chunks: list[Chunk], pad: int, slot_of: dict[str
     assert inputs.starts.tolist() == starts
     assert inputs.sample_at.tolist() == sample_at
     assert inputs.bank_slots.tolist() == bank
-    assert inputs.max_query_len == max(c.count for c in chunks)
+    assert inputs.max_query_len == max(b - a for a, b in zip(starts, starts[1:], strict=False))
     assert inputs.max_seq_len == max(lens)
     for row, chunk in enumerate(chunks):  # the blocks attention reads
         needed = -(-(chunk.start + chunk.count) // BS)
         assert inputs.tables[row, :needed].tolist() == chunk.seq.block_ids[:needed], row
-    for row in range(len(chunks), len(chunks) + pad):
-        assert inputs.tables[row, 0] == 0  # scratch
+    for row, count in enumerate(_pad_counts(pad_tokens, pad_seqs), start=len(chunks)):
+        assert inputs.tables[row, : max(1, -(-count // BS))].tolist() == [0] * max(1, -(-count // BS))  # scratch
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -60,7 +73,7 @@ def test_staged_steps_equal_the_flattened_chunks(seed: int) -> None:
     pool = BlockPool(40, BS)
     max_len = 48
     sched = Scheduler(pool, max_seqs=6, token_budget=24, max_len=max_len)
-    staging = Staging(tokens=24, seqs=8, width=-(-max_len // BS), block_size=BS, device=torch.device("cpu"))
+    staging = Staging(tokens=40, seqs=12, width=-(-max_len // BS), block_size=BS, device=torch.device("cpu"))
     slot_of = {None: -1, "a": 0, "b": 1}
     shared = [rng.randrange(3, 50) for _ in range(9)]  # a common prefix: prefix-cache hits, shared blocks
     next_id = 0
@@ -73,10 +86,12 @@ def test_staged_steps_equal_the_flattened_chunks(seed: int) -> None:
         plan = sched.schedule()
         if not plan.chunks:
             continue
-        decode = all(c.count == 1 for c in plan.chunks)
-        pad = rng.randrange(0, 8 - len(plan.chunks) + 1) if decode else 0
-        inputs = staging.fill(plan.chunks, pad_to=len(plan.chunks) + pad, bank_slot=slot_of.__getitem__)
-        _expect(inputs, plan.chunks, pad, slot_of)
+        tokens = sum(c.count for c in plan.chunks)
+        pad_tokens = rng.choice([0, 0, rng.randrange(0, 40 - tokens + 1)])  # none, or a graph bucket's
+        pad_seqs = rng.randrange(-(-pad_tokens // max_len) if pad_tokens else 0, 12 - len(plan.chunks) + 1)
+        inputs = staging.fill(plan.chunks, tokens_to=tokens + pad_tokens, seqs_to=len(plan.chunks) + pad_seqs,
+                              bank_slot=slot_of.__getitem__)
+        _expect(inputs, plan.chunks, pad_tokens, pad_seqs, slot_of)
         sched.advance(plan)
         for chunk in plan.chunks:
             if not chunk.sample:
@@ -93,8 +108,10 @@ def test_staged_steps_equal_the_flattened_chunks(seed: int) -> None:
 def test_a_step_too_large_for_the_buffers_is_refused() -> None:
     staging = Staging(tokens=4, seqs=2, width=2, block_size=BS, device=torch.device("cpu"))
     seq = Sequence(seq_id=0, tokens=list(range(3, 9)), prompt_len=6, max_tokens=2, arrival=0, block_ids=[1, 2])
-    with pytest.raises(ValueError, match="6 tokens in 1 chunks exceeds the staging buffers"):
+    with pytest.raises(ValueError, match="6 tokens in 1 chunks does not fit the staging buffers"):
         staging.fill([Chunk(seq, 0, 6, True)])
+    with pytest.raises(ValueError, match="3 tokens in 1 chunks does not fit"):  # padding tokens, no sequence
+        staging.fill([Chunk(seq, 0, 2, True)], tokens_to=3)
 
 
 def test_tokens_to_host_returns_the_step_tokens() -> None:

@@ -101,31 +101,66 @@ def test_cache_size_and_buckets() -> None:
     assert _buckets(1) == [1] and _buckets(8) == [1, 2, 4, 8] and _buckets(20) == [1, 2, 4, 8, 16, 20]
 
 
-@GPU
-def test_cuda_graph_decode_matches_eager() -> None:
-    model = tiny.llama().cuda()
-    prompts = [tiny.tokens(seed=s, batch=1, length=5 + 3 * s)[0].tolist() for s in range(3)]
-    results = {}
-    for graphs in (True, False):
-        runner = _runner(model, cuda_graphs=graphs, max_seqs=4, num_blocks=40)
-        seqs = [_seq(p, list(range(1 + 8 * i, 9 + 8 * i)), i) for i, p in enumerate(prompts)]
-        runner.execute(StepPlan(chunks=[Chunk(seq=s, start=0, count=len(s.tokens) - 1, sample=False) for s in seqs]))
-        steps = []
-        for step in range(6):  # decode: 3 sequences padded to the bucket of 4
-            chunks = [Chunk(seq=s, start=len(s.tokens) - 1, count=1, sample=True) for s in seqs]
-            logits = runner.execute(StepPlan(chunks=chunks))
-            steps.append(logits.clone())
-            # Fixed next tokens, not the argmax: the random tiny model's near-ties could flip between the
-            # graph's and the eager kernels' summation orders, and both runs must see the same sequences.
-            for row, s in enumerate(seqs):
-                s.tokens.append(7 + 5 * row + 3 * step)
-        assert runner.graph_failure is None
-        results[graphs] = torch.stack(steps)
-        if graphs:
-            assert len(runner._graphs) == 1
-    assert rel_err(results[True], results[False]) < 1e-5
+def test_padding_a_step_to_a_graph_bucket_leaves_its_logits_unchanged() -> None:
+    model = tiny.llama()
+    runner = _runner(model)
+    a, b = (tiny.tokens(seed=s, batch=1, length=n)[0].tolist() for s, n in ((5, 9), (6, 7)))
+    sa, sb = _seq(a, [1, 2, 3], 0), _seq(b, [4, 5], 1)
+    runner.execute(StepPlan(chunks=[Chunk(seq=sa, start=0, count=8, sample=False)]))
+    chunks = [Chunk(seq=sa, start=8, count=1, sample=True), Chunk(seq=sb, start=0, count=7, sample=True)]
+    eager = runner._forward(runner._eager_inputs(chunks))
+    staging = runner._staging(tokens=90, seqs=6)
+    for tokens, seqs in ((8, 2), (16, 6), (90, 4)):  # no padding; 8 padding tokens as 1-token sequences
+        # and 2 empty ones; 82 padding tokens over 2 sequences (41 each: 11 blocks of the scratch block)
+        padded = runner._forward(staging.fill(chunks, tokens_to=tokens, seqs_to=seqs))
+        assert padded.shape[0] == (seqs if seqs > 2 else 2)
+        assert rel_err(padded[:2], eager) < 1e-6, (tokens, seqs)  # (matmuls of another M may round apart)
+    assert rel_err(eager[1], _last_logits(model, b)) < 1e-5
+    assert all(not cache[10:].any() for cache in runner.key_caches)  # padding touched no other block
+
+
+def _graph_run(model: nn.Module, *, graphs: bool) -> torch.Tensor:
+    """Logits of every step of a fixed schedule: prefills in chunks mixed with decodes, then decodes
+    (3 sequences: a bucket of 4 padded by one), with fixed next tokens so both runs see the same
+    sequences whatever the near-ties of the random model."""
+    runner = _runner(model, cuda_graphs=graphs, max_seqs=4, num_blocks=40, max_tokens=32)
+    prompts = [tiny.tokens(seed=s, batch=1, length=5 + 7 * s)[0].tolist() for s in range(3)]
+    seqs = [_seq(p, list(range(1 + 8 * i, 9 + 8 * i)), i) for i, p in enumerate(prompts)]
+    steps = [runner.execute(StepPlan(chunks=[Chunk(seq=seqs[0], start=0, count=5, sample=True),
+                                             Chunk(seq=seqs[1], start=0, count=6, sample=False)]))]
+    seqs[0].tokens.append(3)
+    steps.append(runner.execute(StepPlan(chunks=[Chunk(seq=seqs[0], start=5, count=1, sample=True),
+                                                 Chunk(seq=seqs[1], start=6, count=6, sample=True),
+                                                 Chunk(seq=seqs[2], start=0, count=19, sample=True)])))
+    for step in range(6):
+        for row, s in enumerate(seqs):
+            s.tokens.append(7 + 5 * row + 3 * step)
+        chunks = [Chunk(seq=s, start=len(s.tokens) - 1, count=1, sample=True) for s in seqs]
+        steps.append(runner.execute(StepPlan(chunks=chunks)))
+    assert runner.graph_failure is None
+    if graphs:  # two token buckets (16 and 32 tokens) and the decode bucket of 4
+        assert sorted(key[:2] for key in runner._graphs) == [(4, 4), (16, 5), (32, 5)]
+    logits = torch.cat([s.clone() for s in steps])
     for row, s in enumerate(seqs):  # the last step's logits are those of the sequence without its new token
-        assert rel_err(_last_logits(model, s.tokens[:-1]).cuda(), results[False][-1][row]) < 1e-4
+        assert rel_err(_last_logits(model, s.tokens).cuda(), steps[-1][row]) < 1e-4
+    return logits
+
+
+@GPU
+def test_cuda_graphs_of_prefill_and_decode_steps_match_eager() -> None:
+    model = tiny.llama().cuda()
+    twin = copy.deepcopy(model)
+    with torch.inference_mode():
+        eager, graphed = _graph_run(model, graphs=False), _graph_run(twin, graphs=True)
+    assert rel_err(graphed, eager) < 1e-5
+
+
+@GPU
+def test_warmup_captures_every_bucket_before_any_request() -> None:
+    runner = _runner(tiny.llama().cuda(), cuda_graphs=True, max_seqs=5, num_blocks=40, max_tokens=40)
+    assert runner.token_buckets == [16, 32, 40]
+    assert runner.warmup() == len(_buckets(5)) + 3
+    assert all(not cache[1:].any() for cache in runner.key_caches)  # padding wrote the scratch block only
 
 
 @pytest.mark.parametrize("bad", ["gpt2"])
@@ -151,7 +186,7 @@ def test_fused_bf16_steps_match_the_unfused_model() -> None:
     prefill = runner.execute(StepPlan(chunks=[Chunk(seq=seq, start=0, count=11, sample=True)]))
     seq.tokens.append(int(prefill.argmax()))
     decode = runner.execute(StepPlan(chunks=[Chunk(seq=seq, start=11, count=1, sample=True)]))  # a graph
-    assert runner.graph_failure is None and len(runner._graphs) == 1
+    assert runner.graph_failure is None and len(runner._graphs) == 2  # a token bucket and a decode bucket
     with torch.no_grad():
         expected = reference(torch.tensor([seq.tokens], device="cuda")).logits[0, -2:].float()
     assert rel_err(prefill[0], expected[0]) < 2e-2
