@@ -8,9 +8,16 @@ One :meth:`Engine.step` (vLLM v1's loop, gpt-fast's plainness):
    cannot get a bank slot now waits without holding up the others);
 3. ``runner.execute(plan)`` runs one forward over the flat token batch;
 4. :func:`~splice.engine.sampling.sample_step` draws every sampled row's next token on the device
-   (one host copy of the step's tokens);
+   (penalties from :class:`~splice.engine.sampling.TokenCounts`, logprobs for the rows that ask);
+   one host copy brings the step's results back (:mod:`splice.engine.transfer`);
 5. output processing: EOS, ``max_tokens``, the context limit and stop strings end a request;
    incremental text deltas go to ``on_event(text_delta, finish_reason)``.
+
+``n > 1`` (``SamplingParams.n``): a request has ``n`` :attr:`Request.choices`, itself first. Only it is
+scheduled; when its prompt's last token is computed, the other choices are forked from its sequence
+(:meth:`~splice.engine.scheduler.Scheduler.fork`: the prompt's blocks shared, copy-on-write) and
+each samples its first token from the same logits row with its own generator, so the prompt is
+computed once. From then on every choice is a request of its own, with its own events.
 
 :meth:`submit`, :meth:`cancel` and :meth:`call` are thread-safe; :meth:`step` / :meth:`run` run on one
 engine thread. A failure of one request (unknown adapter, an adapter that does not fit, a callback
@@ -25,19 +32,26 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from splice.engine.blocks import BlockPool
-from splice.engine.inputs import TokensToHost
-from splice.engine.output import TextOutput, eos_ids
+from splice.engine.output import TextOutput, TokenLogprob, eos_ids
+from splice.engine.request import OnEvent, Request, finisher
 from splice.engine.runner import ModelRunner, RowAdapters
-from splice.engine.sampling import SamplingParams, row_generator, sample_step
+from splice.engine.sampling import (
+    SamplingParams,
+    TokenCounts,
+    on_device,
+    row_generator,
+    sample_step,
+    token_logprobs,
+)
 from splice.engine.scheduler import Scheduler
 from splice.engine.scheduler import Sequence as Seq
+from splice.engine.transfer import ToHost, pack, unpack
 from splice.lora.bank import BankSite, HostAdapter, LoraBank
 
 __all__ = ["Engine", "EngineFull", "OnEvent", "Request", "SamplingParams", "eval_mode"]
@@ -57,45 +71,6 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 class EngineFull(RuntimeError):
     """The waiting queue is full: the caller should retry later (HTTP 429)."""
-
-
-# on_event(text_delta, finish_reason): finish_reason None while running, then "stop" / "length" /
-# "cancelled" / "error: <why>"
-OnEvent = Callable[[str, str | None], None]
-
-
-def _ignore(text: str, reason: str | None) -> None:
-    return None
-
-
-def _finisher(request: Request, on_finish: Callable[[Request], None]) -> OnEvent:
-    """An ``on_event`` that calls ``on_finish(request)`` at the request's final event."""
-
-    def on_event(text: str, reason: str | None) -> None:
-        if reason is not None:
-            on_finish(request)
-
-    return on_event
-
-
-@dataclass(eq=False, kw_only=True)
-class Request:
-    """One generation request. After it finishes, ``generated`` holds its token ids (EOS excluded),
-    ``text`` the text streamed and ``finish_reason`` why it ended."""
-
-    prompt_ids: list[int]
-    params: SamplingParams = field(default_factory=SamplingParams)
-    on_event: OnEvent = _ignore
-    adapter: str | None = None
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    # engine-side state
-    generated: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None
-    finished: bool = False
-    started: bool = False  # scheduled once (or ended before): no longer counts as waiting
-    output: TextOutput | None = field(default=None, repr=False)
-    generator: torch.Generator | None = field(default=None, repr=False)
 
 
 class Engine:
@@ -139,7 +114,9 @@ class Engine:
         self._rejected: list[tuple[Seq, str]] = []  # refused by the adapter gate with an error
         self._retired: set[str] = set()  # dropped adapters some request still holds (drop_adapter)
         self._rows: RowAdapters | None = None  # the model's own LoRA layers, routed by request (generate)
-        self._to_host = TokensToHost(rows=max_seqs, device=self.runner.device)
+        self._to_host = ToHost(rows=max_seqs, device=self.runner.device)
+        self._counts = TokenCounts(self.runner.device)
+        self._unforked: dict[Request, list[Request]] = {}  # n > 1: choices waiting for their prompt
 
     def _new_scheduler(self) -> tuple[BlockPool, Scheduler]:
         pool = BlockPool(self.runner.num_blocks, self.runner.block_size)
@@ -236,15 +213,60 @@ class Engine:
             self.computed_tokens += plan.num_tokens
             self.scheduler.advance(plan)
             sampled = [chunk.seq for chunk in plan.chunks if chunk.sample]
-            for seq, token in zip(sampled, self._sample(logits, [s.payload for s in sampled]), strict=True):
-                self._accept(seq, token)
+            rows = self._fork(sampled)
+            if rows is not None:
+                logits = logits.index_select(0, on_device(rows, torch.long, logits.device))
+            tokens, logprobs = self._sample(logits, [s.payload for s in sampled])
+            for seq, token, logprob in zip(sampled, tokens, logprobs, strict=True):
+                self._accept(seq, token, logprob)
         return True
 
-    def _sample(self, logits: Tensor, requests: list[Request]) -> list[int]:
-        """The next token of each sampled row: drawn on the device, then the step's one host sync."""
-        tokens = sample_step(logits, [r.params for r in requests], [r.generator for r in requests])
-        self._to_host.start(tokens)
-        return self._to_host.wait()
+    def _fork(self, sampled: list[Seq]) -> list[int] | None:
+        """Fork the waiting choices of every request in ``sampled`` whose prompt was just computed; the
+        forks join ``sampled``. The logits row each sampled sequence reads (None: its own, in order)."""
+        rows = None
+        for row, seq in enumerate(list(sampled)):
+            choices = self._unforked.pop(seq.payload, None)
+            if not choices:
+                continue
+            rows = rows or list(range(len(sampled)))
+            for choice in choices:
+                child = self.scheduler.fork(seq, self._next_id)
+                self._next_id += 1
+                child.payload = choice
+                sampled.append(child)
+                rows.append(row)
+        return rows
+
+    def _sample(self, logits: Tensor, requests: list[Request]) -> tuple[list[int], list[TokenLogprob | None]]:
+        """The next token of each sampled row (and its logprobs, for the rows that ask): drawn on the device,
+        then the step's one host sync."""
+        params = [r.params for r in requests]
+        device = logits.device
+        penalized = [i for i, p in enumerate(params) if p.penalized]
+        slots = counts = None
+        if penalized:
+            slots = on_device([self._counts_slot(requests[i], logits.shape[-1]) for i in penalized], torch.long,
+                              device)
+            counts = self._counts.rows(slots)
+        tokens = sample_step(logits, params, [r.generator for r in requests], counts=counts)
+        if slots is not None:
+            self._counts.add(slots, tokens.index_select(0, on_device(penalized, torch.long, device)))
+        asked = [i for i, p in enumerate(params) if p.logprobs is not None]
+        tops = [params[i].logprobs or 0 for i in asked]
+        if asked:
+            at = on_device(asked, torch.long, device)
+            values = pack(tokens, *token_logprobs(logits.index_select(0, at), tokens.index_select(0, at), max(tops)))
+        else:
+            values = pack(tokens)
+        self._to_host.start(values)
+        return unpack(self._to_host.wait(), len(requests), asked, tops)
+
+    def _counts_slot(self, request: Request, vocab: int) -> int:
+        """``request``'s row of the token counts (penalties), taken at its first sampled token."""
+        if request.counts_slot is None:
+            request.counts_slot = self._counts.take(vocab)
+        return request.counts_slot
 
     def _take_new(self) -> bool:
         taken = False
@@ -258,14 +280,23 @@ class Engine:
                       adapter=request.adapter, max_tokens=request.params.max_tokens, payload=request,
                       arrival=self._next_id)
             self._next_id += 1
+            if len(request.choices) > 1:
+                self._unforked[request] = request.choices[1:]
             problem = self._check(request)
             if problem is not None:
                 self._end(seq, f"error: {problem}")
                 continue
-            request.output = TextOutput(self.tokenizer, request.prompt_ids, request.params.stop)
-            if not request.params.greedy:
-                request.generator = row_generator(request.params.seed, self.runner.device)
+            for choice in request.choices:
+                self._prepare(choice)
             self.scheduler.add(seq)
+
+    def _prepare(self, request: Request) -> None:
+        """A choice's output state, before its first token."""
+        request.output = TextOutput(self.tokenizer, request.prompt_ids, request.params.stop)
+        if not request.params.greedy:
+            request.generator = row_generator(request.params.seed, self.runner.device)
+        if request.params.logprobs is not None:
+            request.logprobs = []
 
     def _check(self, request: Request) -> str | None:
         """Why ``request`` cannot run (one line), or None."""
@@ -314,7 +345,7 @@ class Engine:
         return bool(gone)
 
     # ---- output processing -------------------------------------------------------------------
-    def _accept(self, seq: Seq, token: int) -> None:
+    def _accept(self, seq: Seq, token: int, logprob: TokenLogprob | None = None) -> None:
         request: Request = seq.payload
         if request.cancelled.is_set():
             return self._end(seq, "cancelled")
@@ -322,6 +353,8 @@ class Engine:
             return self._end(seq, "stop")
         self.scheduler.append(seq, token)
         request.generated.append(token)
+        if request.logprobs is not None and logprob is not None:
+            request.logprobs.append(logprob)
         assert request.output is not None
         delta, hit = request.output.push(token)
         if hit:
@@ -329,28 +362,35 @@ class Engine:
         if len(request.generated) >= request.params.max_tokens or len(seq.tokens) >= self.max_len:
             return self._end(seq, "length", delta)
         if delta:
-            self._emit(seq, delta, None)
+            self._emit(request, delta, None)
 
     def _end(self, seq: Seq, reason: str, delta: str = "", *, flush: bool = True) -> None:
-        """Finish ``seq``: free its blocks, stream ``delta`` and the text held back (with ``flush``; not
-        after a stop string, which cut the text already), then the final event."""
-        request: Request = seq.payload
+        """Finish ``seq``: free its blocks, then :meth:`_finish` its request."""
         self.scheduler.finish(seq)
-        self._started(request)
         if self._retired and seq.adapter in self._retired:
             self._free_retired()
+        self._finish(seq.payload, reason, delta, flush=flush)
+
+    def _finish(self, request: Request, reason: str, delta: str = "", *, flush: bool = True) -> None:
+        """Stream ``delta`` and the text held back (with ``flush``; not after a stop string, which cut the
+        text already), then the final event; choices never forked end the same way."""
+        self._started(request)
+        if request.counts_slot is not None:
+            self._counts.give(request.counts_slot)
+            request.counts_slot = None
         if flush and request.output is not None and reason in ("stop", "length"):
             rest, _ = request.output.finish()
             delta += rest
         request.finished, request.finish_reason = True, reason
         self.finished[reason.split(":")[0]] += 1
         if delta:
-            self._emit(seq, delta, None)
-        self._emit(seq, "", reason)
+            self._emit(request, delta, None)
+        self._emit(request, "", reason)
+        for choice in self._unforked.pop(request, []):
+            self._finish(choice, reason)
 
-    def _emit(self, seq: Seq, delta: str, reason: str | None) -> None:
-        """Send one event; a callback that raises cancels its own request only."""
-        request: Request = seq.payload
+    def _emit(self, request: Request, delta: str, reason: str | None) -> None:
+        """Send one event; a callback that raises cancels its own request (every choice of it) only."""
         request.text += delta
         try:
             request.on_event(delta, reason)
@@ -375,7 +415,8 @@ class Engine:
                     for i, (ids, p) in enumerate(zip(prompt_ids, many, strict=True))]
         if on_finish is not None:
             for request in requests:
-                request.on_event = _finisher(request, on_finish)
+                for choice in request.choices:
+                    choice.on_event = finisher(request, on_finish)
         self.forget_prefixes()  # since the last call, training may have moved the weights, or the caller
         # disabled the adapters: K/V cached then would be stale
         if adapters is not None and self.bank is None:

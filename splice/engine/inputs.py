@@ -26,7 +26,7 @@ from torch import Tensor
 
 from splice.engine.scheduler import Chunk
 
-__all__ = ["StepInputs", "Staging", "TokensToHost"]
+__all__ = ["StepInputs", "Staging"]
 
 _I64 = ("ids", "positions", "slots", "sample_at")
 _I32 = ("bank_slots", "seq_lens", "starts", "tables")
@@ -173,33 +173,3 @@ class Staging:
             starts=self._view("starts", seqs + 1), tables=self._view("tables", seqs * self.width).view(seqs, self.width),
             max_query_len=int(counts.max()) if seqs else 1, max_seq_len=int(a["seq_lens"][:seqs].max()) if seqs else 1,
         )
-
-
-class TokensToHost:
-    """The sampled tokens of a step to the host: one non-blocking copy into pinned memory and an event
-    (a plain ``tolist`` on the CPU). :meth:`start` after the sampler, :meth:`wait` when they are needed."""
-
-    def __init__(self, *, rows: int, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self._host = torch.zeros(rows, dtype=torch.int64, pin_memory=self.cuda)
-        self._event = torch.cuda.Event() if self.cuda else None
-        self._pending: Tensor | None = None
-        self._count = 0
-
-    def start(self, tokens: Tensor) -> None:
-        self._count = tokens.shape[0]
-        if self._event is None:
-            self._pending = tokens
-            return
-        if self._count > self._host.shape[0]:
-            self._host = torch.zeros(self._count, dtype=torch.int64, pin_memory=True)
-        self._host[: self._count].copy_(tokens, non_blocking=True)
-        self._event.record()
-
-    def wait(self) -> list[int]:
-        if self._event is None:
-            assert self._pending is not None
-            pending, self._pending = self._pending, None
-            return [int(t) for t in pending.tolist()]
-        self._event.synchronize()
-        return self._host[: self._count].tolist()

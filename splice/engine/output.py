@@ -12,16 +12,22 @@ incomplete UTF-8 character) waits for the next token.
 :class:`TextOutput` adds stop strings: the text is cut before the earliest stop string, and the
 tail that could still grow into one (a suffix equal to a stop string's proper prefix) is held back
 until it no longer can, so no streamed delta ever has to be taken back.
+
+:class:`TokenLogprob` is one generated token's log-probabilities; :class:`TokenTexts` gives a token
+id's text and bytes as OpenAI's logprobs report them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from torch import nn
 
-__all__ = ["Detokenizer", "TextOutput", "eos_ids", "stop_hold"]
+__all__ = ["Detokenizer", "TextOutput", "TokenLogprob", "TokenTexts", "eos_ids", "stop_hold"]
 
 # Prompt tokens decoded with the first output tokens (vLLM's initial incremental offset).
 _CONTEXT = 5
@@ -114,3 +120,64 @@ class TextOutput:
         delta = self.text[self.emitted : upto]
         self.emitted = max(self.emitted, upto)
         return delta
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's raw log-probability, and the ``top`` most likely tokens' (id, logprob), best first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def _byte_alphabet() -> Mapping[str, int]:
+    """GPT-2's byte-level alphabet reversed: the character standing for each byte -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return MappingProxyType({**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}})
+
+
+_BYTE_OF = _byte_alphabet()  # a constant (read-only)
+
+
+def _byte_level(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` (a fast one) decodes through the byte-level alphabet (GPT-2, Llama 3, Qwen)."""
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    state = getattr(decoder, "__getstate__", None)
+    return callable(state) and b'"type":"ByteLevel"' in bytes(state())
+
+
+class TokenTexts:
+    """Each token id's ``(text, bytes)`` as OpenAI's logprobs report them (cached). The bytes are those
+    the token stands for: a byte-level symbol mapped back through the byte alphabet, a SentencePiece
+    piece with ``▁`` as a space or its ``<0xHH>`` byte, else the token decoded alone. The text is
+    their UTF-8 decoding, or ``bytes:\\xHH...`` when they are part of a character (OpenAI's form)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self._byte_level = _byte_level(tokenizer)
+        self._cache: dict[int, tuple[str, bytes]] = {}
+
+    def __call__(self, token: int) -> tuple[str, bytes]:
+        found = self._cache.get(token)
+        if found is None:
+            data = self._bytes(token)
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError:
+                text = "bytes:" + "".join(f"\\x{b:02x}" for b in data)
+            found = self._cache[token] = (text, data)
+        return found
+
+    def _bytes(self, token: int) -> bytes:
+        piece = self.tokenizer.convert_ids_to_tokens(token)
+        if isinstance(piece, str):
+            if self._byte_level and all(c in _BYTE_OF for c in piece):
+                return bytes(_BYTE_OF[c] for c in piece)
+            fallback = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
+            if fallback is not None:
+                return bytes([int(fallback.group(1), 16)])
+            if not self._byte_level and "\u2581" in piece:
+                return piece.replace("\u2581", " ").encode()
+        return str(self.tokenizer.decode([token])).encode()

@@ -19,24 +19,34 @@ import hashlib
 import math
 import numbers
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "GREEDY_BELOW",
+    "MAX_LOGPROBS",
+    "MAX_N",
+    "PENALTY_LIMIT",
     "SamplingParams",
+    "TokenCounts",
+    "apply_penalties",
     "bounded_seed",
     "check_sampling",
     "filter_rows",
+    "on_device",
     "row_generator",
     "sample_next",
     "sample_step",
+    "token_logprobs",
     "top_k_top_p_filter",
 ]
 
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy (see module docstring)
+MAX_N = 16  # choices of one request (n)
+MAX_LOGPROBS = 20  # most likely tokens a request may ask the logprobs of (OpenAI's top_logprobs limit)
+PENALTY_LIMIT = 2.0  # presence / frequency penalties lie in [-2, 2] (OpenAI)
 _SEED_LIMIT = 1 << 63  # torch.Generator.manual_seed takes a signed or unsigned 64-bit value
 
 
@@ -72,9 +82,17 @@ def row_generator(seed: int | None, device: torch.device) -> torch.Generator:
     return generator
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True, kw_only=True)
 class SamplingParams:
-    """How one request samples and when it ends (``stop``: strings that end it, cut from the text)."""
+    """How one request samples and when it ends (``stop``: strings that end it, cut from the text).
+
+    ``n``: choices of the one prompt (computed once), choice ``i`` sampling as :meth:`choice` ``(i)``.
+    ``presence_penalty`` / ``frequency_penalty`` in [-2, 2]: see the module docstring. ``logprobs``:
+    None, or ``k`` in [0, 20]: each generated token's raw log-probability and the ``k`` most likely."""
 
     max_tokens: int = 16
     temperature: float = 0.0
@@ -82,19 +100,41 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         check_sampling(self.temperature, self.top_k, self.top_p)
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+        if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
         if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop must be a tuple of non-empty strings, got {self.stop!r}")
+        if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
+            raise ValueError(f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not abs(float(value)) <= PENALTY_LIMIT:
+                raise ValueError(f"{name} must be a number in [-{PENALTY_LIMIT:g}, {PENALTY_LIMIT:g}], got {value!r}")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}] (the most likely tokens "
+                             f"to report), got {self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:
         return is_greedy(self.temperature)
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    def choice(self, index: int) -> SamplingParams:
+        """How choice ``index`` of the ``n`` samples: on its own (``n = 1``), seeded ``seed + index``
+        when seeded (vLLM's rule), so each choice is reproducible and the choices differ."""
+        return replace(self, n=1, seed=None if self.seed is None else self.seed + index)
 
 
 def filter_rows(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
@@ -155,31 +195,96 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _on(values: list[float] | list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+def on_device(values: Sequence[float] | Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
     """A small host list as a device tensor, copied without waiting for the device."""
     host = torch.tensor(values, dtype=dtype)
     return host.to(device, non_blocking=True) if device.type == "cuda" else host
 
 
-def sample_step(logits: Tensor, params: Sequence[SamplingParams],
-                generators: Sequence[torch.Generator | None]) -> Tensor:
+def apply_penalties(logits: Tensor, counts: Tensor, presence: Tensor, frequency: Tensor) -> Tensor:
+    """``logits - frequency * counts - presence * (counts > 0)`` (the module docstring's rule): ``logits``
+    and ``counts`` (P, V) fp32, ``presence`` and ``frequency`` (P,)."""
+    return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0)
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor, top: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Raw log-probabilities of rows ``logits`` (P, V) whose chosen tokens are ``tokens`` (P,): theirs (P,)
+    fp32, and the ``top`` largest with their ids, (P, top) each, best first. No host sync."""
+    logp = logits.float().log_softmax(dim=-1)
+    values, ids = logp.topk(top, dim=-1)
+    return logp.gather(-1, tokens[:, None])[:, 0], values, ids
+
+
+class TokenCounts:
+    """How often each token is among a request's generated tokens, on ``device``: a (rows, V) fp32 table,
+    a row (slot) per penalized request, grown as needed. :meth:`take` a zeroed slot, :meth:`rows` the counts
+    of some slots, :meth:`add` their sampled tokens, :meth:`give` a slot back."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._table: Tensor | None = None
+        self._free: list[int] = []
+
+    def take(self, vocab: int) -> int:
+        if not self._free:
+            size = 0 if self._table is None else self._table.shape[0]
+            grown = torch.zeros(max(4, 2 * size), vocab, device=self.device)
+            if self._table is not None:
+                grown[:size] = self._table
+            self._table = grown
+            self._free.extend(range(grown.shape[0] - 1, size - 1, -1))
+        slot = self._free.pop()
+        assert self._table is not None
+        self._table[slot].zero_()
+        return slot
+
+    def give(self, slot: int) -> None:
+        self._free.append(slot)
+
+    def rows(self, slots: Tensor) -> Tensor:
+        """(P, V) counts of ``slots`` (P,) int64."""
+        assert self._table is not None, "take a slot first"
+        return self._table.index_select(0, slots)
+
+    def add(self, slots: Tensor, tokens: Tensor) -> None:
+        """Count ``tokens[i]`` once more in slot ``slots[i]`` (P,) each, on the device."""
+        assert self._table is not None, "take a slot first"
+        self._table.index_put_((slots, tokens), torch.ones_like(tokens, dtype=self._table.dtype), accumulate=True)
+
+
+def sample_step(logits: Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
+                *, counts: Tensor | None = None, masks: Tensor | None = None) -> Tensor:
     """(S,) int64 next tokens of a step's ``logits`` (S, V): row ``i`` samples with ``params[i]``
-    and draws from ``generators[i]`` (needed for the non-greedy rows). See module docstring."""
+    and draws from ``generators[i]`` (needed for the non-greedy rows). ``masks`` (S, V) bool, True =
+    allowed (structured output): every other token is ruled out before anything else. ``counts``
+    (P, V): the generated-token counts of the P rows with a penalty, in row order. See module docstring."""
     if len(params) != logits.shape[0] or len(generators) != logits.shape[0]:
         raise ValueError(f"{logits.shape[0]} rows of logits for {len(params)} sampling params "
                          f"and {len(generators)} generators")
+    if masks is not None:
+        logits = logits.masked_fill(~masks, float("-inf"))
+    device = logits.device
+    penalized = [i for i, p in enumerate(params) if p.penalized]
+    if penalized:
+        if counts is None or counts.shape[0] != len(penalized):
+            raise ValueError(f"{len(penalized)} rows have a penalty: give their token counts, "
+                             f"got {None if counts is None else tuple(counts.shape)}")
+        index = on_device(penalized, torch.long, device)
+        rows = apply_penalties(logits.index_select(0, index).float(), counts,
+                               on_device([params[i].presence_penalty for i in penalized], torch.float32, device),
+                               on_device([params[i].frequency_penalty for i in penalized], torch.float32, device))
+        logits = logits.index_copy(0, index, rows.to(logits.dtype))
     tokens = logits.argmax(dim=-1)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if not sampled:
         return tokens
-    device = logits.device
-    index = _on(sampled, torch.long, device)
+    index = on_device(sampled, torch.long, device)
     chosen = [params[i] for i in sampled]
-    rows = logits.index_select(0, index).float() / _on([p.temperature for p in chosen], torch.float32,
-                                                       device)[:, None]
+    rows = logits.index_select(0, index).float() / on_device([p.temperature for p in chosen], torch.float32,
+                                                             device)[:, None]
     if any(p.top_k > 0 or p.top_p < 1.0 for p in chosen):
-        rows = filter_rows(rows, _on([p.top_k for p in chosen], torch.long, device),
-                           _on([float(p.top_p) for p in chosen], torch.float32, device))
+        rows = filter_rows(rows, on_device([p.top_k for p in chosen], torch.long, device),
+                           on_device([float(p.top_p) for p in chosen], torch.float32, device))
     probs = rows.softmax(dim=-1)
     noise = torch.empty_like(probs)
     for row, i in enumerate(sampled):

@@ -348,3 +348,102 @@ def test_cuda_graph_decode_with_bank_adapters_matches_eager(tmp_path: Path, tiny
         assert engine.graph_failure is None and engine.runner.cuda_graphs == graphs
         outputs[graphs] = [r.generated for r in requests]
     assert outputs[True] == outputs[False]
+
+
+def _penalized_loop(model: nn.Module, prompt: list[int], max_tokens: int, *, presence: float,
+                    frequency: float) -> list[int]:
+    """The penalties' reference: the recompute loop with OpenAI's formula applied to each step's logits."""
+    ids, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            logits = model(torch.tensor([ids])).logits[0, -1].double()
+            for token in set(out):
+                logits[token] -= frequency * out.count(token) + presence
+            token = int(logits.argmax())
+            if token == 2:
+                break
+            out.append(token)
+            ids.append(token)
+    return out
+
+
+def test_n_choices_compute_the_prompt_once_and_each_samples_as_its_seed(tiny_llama, tiny_tokenizer) -> None:
+    prompt = _encode(tiny_tokenizer, ["once upon a time there was"])[0]
+    assert len(prompt) % 4  # the prompt's last block is partial: the choices copy it on their first write
+
+    def run(params: list[SamplingParams]) -> tuple[Engine, list[Request]]:
+        engine = Engine(tiny_llama, tiny_tokenizer, max_seqs=4, max_len=64, block_size=4)
+        engine.eos = set()  # every choice runs to max_tokens: the token count below is exact
+        return engine, engine.generate([prompt] * len(params), params)
+
+    engine, [request] = run([SamplingParams(n=3, max_tokens=8, temperature=1.0, seed=11)])
+    assert engine.computed_tokens == len(prompt) + 3 * 7  # the prompt once, then one token per choice a step
+    choices = request.choices
+    assert [c.index for c in choices] == [0, 1, 2] and choices[0] is request
+    assert all(c.finish_reason == "length" and c.text == tiny_tokenizer.decode(c.generated, skip_special_tokens=True)
+               for c in choices)
+    assert len({tuple(c.generated) for c in choices}) == 3
+    assert engine.pool.num_free == engine.pool.num_usable and engine.finished == {"length": 3}
+    # choice i samples exactly as a request of its own seeded seed + i, and again the same
+    _, alone = run([SamplingParams(max_tokens=8, temperature=1.0, seed=11 + i) for i in range(3)])
+    assert [c.generated for c in choices] == [r.generated for r in alone]
+    _, [again] = run([SamplingParams(n=3, max_tokens=8, temperature=1.0, seed=11)])
+    assert [c.generated for c in again.choices] == [c.generated for c in choices]
+
+
+def test_greedy_choices_with_penalties_follow_the_formula_past_max_seqs(make_tiny_llama, tiny_tokenizer) -> None:
+    model = make_tiny_llama(tie_word_embeddings=True)  # tied: it repeats its last token, until penalized
+    prompts = _encode(tiny_tokenizer, PROMPTS[:2])
+    engine = Engine(model, tiny_tokenizer, max_seqs=2, max_len=64, block_size=4)  # 3 choices, 2 places
+    params = SamplingParams(n=3, max_tokens=10, presence_penalty=0.5, frequency_penalty=1.5)
+    done = engine.generate(prompts, params)
+    for prompt, request in zip(prompts, done):
+        want = _penalized_loop(model, prompt, 10, presence=0.5, frequency=1.5)
+        assert [c.generated for c in request.choices] == [want] * 3
+        assert len(set(want)) > 1 and len(set(tiny.greedy_loop(model, prompt, 10))) == 1
+    assert engine.pool.num_free == engine.pool.num_usable
+    # Negative penalties make the untied model, which never repeats a token, repeat its first one.
+    untied = make_tiny_llama()
+    engine = Engine(untied, tiny_tokenizer, max_seqs=2, max_len=64)
+    [lifted] = engine.generate(prompts[:1], SamplingParams(max_tokens=10, presence_penalty=-2, frequency_penalty=-1))
+    assert lifted.generated == _penalized_loop(untied, prompts[0], 10, presence=-2, frequency=-1)
+    assert len(set(lifted.generated)) == 1 and len(set(tiny.greedy_loop(untied, prompts[0], 10))) == 10
+
+
+def test_every_choice_ends_with_a_request_that_fails_or_is_cancelled(tiny_tokenizer) -> None:
+    engine = Engine(sharp_llama(), tiny_tokenizer, max_seqs=4, max_len=64)
+    failed, _ = _request(tiny_tokenizer, "hi", adapter="nope", n=3, max_tokens=4)
+    cancelled, _ = _request(tiny_tokenizer, "hello", n=2, max_tokens=4)
+    outs = {}
+    for request in (failed, cancelled):
+        for choice in request.choices:
+            choice.on_event = outs[choice] = Collector()
+        engine.submit(request)
+    engine.cancel(cancelled)
+    _drain(engine)
+    assert all((outs[c].reason or "").startswith("error: adapter 'nope'") for c in failed.choices)
+    assert [outs[c].reason for c in cancelled.choices] == ["cancelled"] * 2
+    assert engine.finished == {"error": 3, "cancelled": 2} and not engine.busy
+    with pytest.raises(ValueError, match="unknown adapter 'c'"):
+        engine.generate([failed.prompt_ids], SamplingParams(n=2), adapters=["c"])
+
+
+def test_logprobs_are_the_models_own_log_softmax(tiny_llama, tiny_tokenizer) -> None:
+    prompts = _encode(tiny_tokenizer, PROMPTS[:3])
+    engine = Engine(tiny_llama, tiny_tokenizer, max_seqs=3, max_len=64)
+    params = [SamplingParams(max_tokens=6, logprobs=5), SamplingParams(max_tokens=6),
+              SamplingParams(max_tokens=6, temperature=1.0, seed=3, logprobs=20, frequency_penalty=2.0)]
+    done = engine.generate(prompts, params)
+    assert done[1].logprobs is None
+    for request in (done[0], done[2]):
+        assert request.logprobs is not None and len(request.logprobs) == len(request.generated) > 0
+        ids = request.prompt_ids + request.generated
+        with torch.no_grad():  # raw: before the penalty and the temperature
+            logp = tiny_llama(torch.tensor([ids])).logits[0].double().log_softmax(-1)
+        for i, (token, entry) in enumerate(zip(request.generated, request.logprobs)):
+            row = logp[len(request.prompt_ids) - 1 + i]
+            assert entry.token == token and entry.logprob == pytest.approx(row[token].item(), abs=1e-4)
+            assert [t for t, _ in entry.top] == row.topk(request.params.logprobs or 0).indices.tolist()
+            assert [v for _, v in entry.top] == pytest.approx(row.topk(len(entry.top)).values.tolist(), abs=1e-4)
+    greedy = done[0].logprobs
+    assert greedy is not None and all(e.top[0] == (e.token, e.logprob) for e in greedy)

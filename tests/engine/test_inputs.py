@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from splice.engine.blocks import BlockPool
-from splice.engine.inputs import Staging, StepInputs, TokensToHost
+from splice.engine.inputs import Staging, StepInputs
 from splice.engine.scheduler import Chunk, Scheduler, Sequence, iter_positions
 
 BS = 4
@@ -112,9 +112,3 @@ def test_a_step_too_large_for_the_buffers_is_refused() -> None:
         staging.fill([Chunk(seq, 0, 6, True)])
     with pytest.raises(ValueError, match="3 tokens in 1 chunks does not fit"):  # padding tokens, no sequence
         staging.fill([Chunk(seq, 0, 2, True)], tokens_to=3)
-
-
-def test_tokens_to_host_returns_the_step_tokens() -> None:
-    out = TokensToHost(rows=2, device=torch.device("cpu"))
-    out.start(torch.tensor([5, 7, 9]))
-    assert out.wait() == [5, 7, 9]

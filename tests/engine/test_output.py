@@ -9,7 +9,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from splice.engine.output import Detokenizer, TextOutput, eos_ids, stop_hold
+from splice.engine.output import Detokenizer, TextOutput, TokenTexts, eos_ids, stop_hold
 from tests.tiny import build_tiny_tokenizer
 
 TEXT = "héllo 世界 🙂 the end"
@@ -115,3 +115,22 @@ def test_eos_ids_from_generation_config_and_tokenizer() -> None:
     model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=9))
     assert eos_ids(model, SimpleNamespace(eos_token_id=None)) == {9}  # type: ignore[arg-type]
     assert eos_ids(SimpleNamespace(), SimpleNamespace()) == set()  # type: ignore[arg-type]
+
+
+def test_token_texts_give_each_tokens_bytes_and_openais_text() -> None:
+    tokenizer = build_tiny_tokenizer()
+    texts = TokenTexts(tokenizer)
+    ids = tokenizer(TEXT)["input_ids"]
+    pieces = [texts(i) for i in ids]
+    assert b"".join(data for _, data in pieces) == TEXT.encode()  # byte-level: every byte, once, in order
+    assert pieces[1] == ("bytes:\\xc3", b"\xc3") and pieces[2] == ("bytes:\\xa9", b"\xa9")  # half an "é"
+    the = tokenizer.convert_tokens_to_ids("Ġthe")
+    assert texts(the) == (" the", b" the") and texts(2) == ("<|im_end|>", b"<|im_end|>")
+    # SentencePiece: "▁" is a space, and byte fallbacks are their byte.
+    vocab = {"<unk>": 0, "▁hello": 1, "world": 2, "<0xE2>": 3}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.decoder = decoders.Metaspace()
+    pieces_tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    sentencepiece = TokenTexts(pieces_tokenizer)
+    assert [sentencepiece(i) for i in (1, 2, 3)] == [(" hello", b" hello"), ("world", b"world"),
+                                                      ("bytes:\\xe2", b"\xe2")]
