@@ -9,9 +9,10 @@ attention logit softcap, and applies RoPE from the ``position_embeddings`` the d
 The engine's runner calls the decoder layers on a flat batch of ``T`` tokens shaped ``(T, 1, H)``
 (each token a batch row) inside :func:`paged_step`, which binds the step's :class:`StepAttention`
 (caches and block tables) in a ContextVar. The module then computes, per token,
-``q, k, v = rope(q_proj(x)), rope(k_proj(x)), v_proj(x)``, writes ``k, v`` into the paged cache
-(:func:`~splice.kernels.paged_attention.write_kv`) and attends over the sequence's cached keys
-(:func:`~splice.kernels.paged_attention.paged_attention`). With no step bound it runs the module it
+``q, k, v = q_proj(x), k_proj(x), v_proj(x)`` (one GEMM when the three are packed plain linears,
+:mod:`splice.fused.projections`), rotates q and k and writes ``k, v`` into the paged cache in one
+launch (:func:`~splice.kernels.rope_cache.rope_write_kv`) and attends over the sequence's cached
+keys (:func:`~splice.kernels.paged_attention.paged_attention`). With no step bound it runs the module it
 replaced, unchanged, so the rewrite is harmless to training and to ordinary forwards.
 """
 
@@ -21,15 +22,18 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from splice.core.family import PAGED_ATTENTION_CLASSES
 from splice.core.rewrite import Node, Replace, innermost, rewrite, share_state
 from splice.fused.modules import FusedRopeAttention
-from splice.kernels.paged_attention import paged_attention, write_kv
-from splice.kernels.rope import rope
+from splice.fused.projections import packed
+from splice.kernels.paged_attention import paged_attention
+from splice.kernels.rope_cache import rope_write_kv
 
 __all__ = ["PagedAttention", "StepAttention", "install_paged_attention", "paged_step"]
 
@@ -109,22 +113,30 @@ class PagedAttention(nn.Module):
         if position_embeddings is None:
             raise ValueError("PagedAttention needs the position_embeddings (cos, sin) of the decoder layer")
         tokens = hidden_states.shape[0]  # hidden (T, 1, H): one token per row
-        shape = (tokens, 1, -1, self.head_dim)
-        q = self.q_proj(hidden_states).view(shape)
-        k = self.k_proj(hidden_states).view(shape)
-        v = self.v_proj(hidden_states).view(shape)
+        q, k, v = self._project(hidden_states)  # (T, H*, D) each
         norms = self._modules
         if norms.get("q_norm") is not None:  # Qwen3, Gemma3: RMSNorm over each head's vector
             q, k = norms["q_norm"](q), norms["k_norm"](k)  # type: ignore[misc]
-        q, k = rope(q, k, *position_embeddings)
         key_cache, value_cache = step.key_caches[self.layer_idx], step.value_caches[self.layer_idx]
-        write_kv(k[:, 0], v[:, 0], key_cache, value_cache, step.slot_mapping)
+        q = rope_write_kv(q, k, v, *position_embeddings, key_cache, value_cache, step.slot_mapping)
         out = paged_attention(
-            q[:, 0], key_cache, value_cache, block_tables=step.block_tables, seq_lens=step.seq_lens,
+            q, key_cache, value_cache, block_tables=step.block_tables, seq_lens=step.seq_lens,
             query_start_loc=step.query_start_loc, scale=self.scaling, max_query_len=step.max_query_len,
             max_seq_len=step.max_seq_len, window=self.window, softcap=self.softcap,
         )  # (T, Hq, D)
         return self.o_proj(out.reshape(tokens, 1, -1)), None
+
+    def _project(self, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v (T, heads, D) of ``hidden`` (T, 1, H): one GEMM when the three projections are packed
+        plain linears (:mod:`splice.fused.projections`, outside autograd), else one each."""
+        tokens, d = hidden.shape[0], self.head_dim
+        pair = None if torch.is_grad_enabled() else packed([self.q_proj, self.k_proj, self.v_proj])
+        if pair is None:
+            return tuple(p(hidden).view(tokens, -1, d) for p in (self.q_proj, self.k_proj, self.v_proj))
+        qkv = F.linear(hidden.view(tokens, -1), *pair)  # (T, Nq + Nk + Nv)
+        nq, nk = (cast(nn.Linear, m).out_features for m in (self.q_proj, self.k_proj))  # packed: plain linears
+        return (qkv[:, :nq].view(tokens, -1, d), qkv[:, nq: nq + nk].view(tokens, -1, d),
+                qkv[:, nq + nk:].view(tokens, -1, d))
 
 
 def _is_paged_candidate(module: nn.Module) -> bool:

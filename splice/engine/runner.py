@@ -19,7 +19,15 @@ A step's inputs are written in place into persistent host buffers and sent in on
 (:mod:`splice.engine.inputs`); the graphs read fixed device views of them. On CUDA the runner also
 installs :func:`splice.fused.apply.fuse`'s RMSNorm and SwiGLU rewrites (Triton, one launch each
 instead of Hugging Face's several; they run the same math with autograd too, so training the model
-afterwards is unaffected); RoPE is already one Triton launch a tensor inside ``PagedAttention``.
+afterwards is unaffected) and packs q/k/v and gate/up weights into one buffer each
+(:func:`splice.fused.projections.pack_projections`: one GEMM where there were three or two; only
+where the projections are plain linears). RoPE and the K/V cache write are one launch a layer
+inside ``PagedAttention``.
+
+Steps with prefill chunks replay CUDA graphs too, captured per token-count bucket (16 ... 512, then
+multiples of 512 up to the token budget): the padding tokens form padding sequences that read and
+write only the scratch block, and the remaining padded sequences are empty (attention skips them).
+:meth:`ModelRunner.warmup` captures every bucket up front.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from splice.engine.attention import PagedAttention, StepAttention, install_paged
 from splice.engine.inputs import Staging, StepInputs
 from splice.engine.scheduler import Chunk, StepPlan
 from splice.fused.apply import fuse
+from splice.fused.projections import pack_projections
 from splice.lora.apply import lora_modules
 from splice.lora.bank import BankSite, LoraBank
 from splice.lora.layers import LoraLinear
@@ -164,8 +173,9 @@ class ModelRunner:
         self.blocks_per_seq = -(-max_len // block_size)
         self.bank, self.sites = bank, list(sites)
         self.device = next(self.parts.layers[0].parameters()).device  # embeddings may sit on the host
-        if self.device.type == "cuda":  # Triton RMSNorm and SwiGLU (a few launches less per layer); the
-            fuse(model, lora=False, rope=False)  # CPU keeps Hugging Face's modules, the reference
+        if self.device.type == "cuda":  # Triton RMSNorm and SwiGLU (a few launches less per layer) and one
+            fuse(model, lora=False, rope=False)  # GEMM for q/k/v and for gate/up; the CPU keeps Hugging
+            pack_projections(model)  # Face's modules and separate weights, the reference
         if num_blocks is None:
             num_blocks = _kv_blocks(model, block_size=block_size, max_seqs=max_seqs, max_len=max_len,
                                     kv_memory=kv_memory, device=self.device)
@@ -253,7 +263,8 @@ class ModelRunner:
 
     def execute(self, plan: StepPlan, *, rows: RowAdapters | None = None) -> Tensor:
         """Run ``plan``'s forward; logits (S, V) fp32 of its sampling chunks, in chunk order.
-        ``rows``: route the model's LoRA layers by each sequence's adapter name (None: base)."""
+        ``rows``: route the model's LoRA layers by each sequence's adapter name (None: base).
+        The logits may be a CUDA graph's static output: valid until the next step (sample them first)."""
         self.copy_blocks(plan.copies)
         chunks = plan.chunks
         if self.cuda_graphs and rows is None:

@@ -30,15 +30,17 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from splice.core.context import is_causal_only
 from splice.core.rewrite import Around, share_state, weight_of
+from splice.fused.projections import packed
 from splice.kernels.dropout import new_keys
 from splice.kernels.lora_linear import lora_linear, lora_u
 from splice.kernels.rmsnorm import rms_norm
 from splice.kernels.rope import rope
-from splice.kernels.swiglu import swiglu
+from splice.kernels.swiglu import swiglu, swiglu_packed
 from splice.lora.layers import LoraLinear
 from splice.lora.routing import current_route
 from splice.memory import stash
@@ -170,6 +172,9 @@ class FusedSwiGLUMLP(nn.Module):
         share_state(self, mlp)
 
     def forward(self, x: Tensor) -> Tensor:
+        pair = None if torch.is_grad_enabled() else packed([self.gate_proj, self.up_proj])
+        if pair is not None:  # inference over packed plain linears: one GEMM for gate and up
+            return self.down_proj(swiglu_packed(F.linear(x, *pair)))
         h = swiglu(self.gate_proj(x), self.up_proj(x), inplace_backward=True)
         if stash.is_mlp_output_unread():
             return _unread_projection(self.down_proj, h)

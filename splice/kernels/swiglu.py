@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import HAS_TRITON, grid_1d, use_triton
 
-__all__ = ["swiglu", "swiglu_reference"]
+__all__ = ["swiglu", "swiglu_packed", "swiglu_reference"]
 
 _BLOCK = 2048
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -53,6 +53,17 @@ if HAS_TRITON:
         dg = dh * u * sig * (1.0 + g * (1.0 - sig))
         tl.store(dg_ptr + offs, dg.to(dg_ptr.dtype.element_ty), mask=inside)
         tl.store(du_ptr + offs, (dh * silu).to(du_ptr.dtype.element_ty), mask=inside)
+
+
+    @triton.jit
+    def _swiglu_packed_fwd(gu_ptr, h_ptr, width, stride_row, BLOCK: tl.constexpr):
+        # program (row, block of columns): g = gu[row, :width], u = gu[row, width:]
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        inside = cols < width
+        g = tl.load(gu_ptr + row * stride_row + cols, mask=inside, other=0.0).to(tl.float32)
+        u = tl.load(gu_ptr + row * stride_row + width + cols, mask=inside, other=0.0).to(tl.float32)
+        tl.store(h_ptr + row * width + cols, (g * tl.sigmoid(g) * u).to(h_ptr.dtype.element_ty), mask=inside)
 
 
 class _SwiGLUFn(torch.autograd.Function):
@@ -93,3 +104,20 @@ def swiglu(g: Tensor, u: Tensor, *, inplace_backward: bool = False) -> Tensor:
     if not fused:
         return swiglu_reference(g, u)
     return _SwiGLUFn.apply(g, u, bool(inplace_backward))
+
+
+def swiglu_packed(gu: Tensor) -> Tensor:
+    """``silu(g) * u`` of a packed gate/up output ``gu`` (..., 2I) = [g | u] -> (..., I): one Triton
+    launch reading both halves in place (no split copies) for CUDA tensors without autograd (the
+    generation engine's packed MLP); the reference, differentiable, otherwise."""
+    width = gu.shape[-1] // 2
+    g, u = gu[..., :width], gu[..., width:]
+    fused = (use_triton(gu) and gu.dtype in _FUSED_DTYPES and gu.shape[-1] % 2 == 0 and gu.numel() > 0
+             and gu.stride(-1) == 1 and not (torch.is_grad_enabled() and gu.requires_grad))
+    if not fused:
+        return swiglu_reference(g, u)
+    rows = gu.reshape(-1, gu.shape[-1])  # a view for the (T, 1, 2I) and (T, 2I) layouts of the engine
+    h = torch.empty(*gu.shape[:-1], width, device=gu.device, dtype=gu.dtype)
+    block = 1024
+    _swiglu_packed_fwd[(rows.shape[0], -(-width // block))](rows, h, width, rows.stride(0), BLOCK=block, num_warps=4)
+    return h

@@ -126,21 +126,22 @@ def _graph_run(model: nn.Module, *, graphs: bool) -> torch.Tensor:
     runner = _runner(model, cuda_graphs=graphs, max_seqs=4, num_blocks=40, max_tokens=32)
     prompts = [tiny.tokens(seed=s, batch=1, length=5 + 7 * s)[0].tolist() for s in range(3)]
     seqs = [_seq(p, list(range(1 + 8 * i, 9 + 8 * i)), i) for i, p in enumerate(prompts)]
+    # (a replayed graph's logits live in its static output until the next step: copy them at once)
     steps = [runner.execute(StepPlan(chunks=[Chunk(seq=seqs[0], start=0, count=5, sample=True),
-                                             Chunk(seq=seqs[1], start=0, count=6, sample=False)]))]
+                                             Chunk(seq=seqs[1], start=0, count=6, sample=False)])).clone()]
     seqs[0].tokens.append(3)
     steps.append(runner.execute(StepPlan(chunks=[Chunk(seq=seqs[0], start=5, count=1, sample=True),
                                                  Chunk(seq=seqs[1], start=6, count=6, sample=True),
-                                                 Chunk(seq=seqs[2], start=0, count=19, sample=True)])))
+                                                 Chunk(seq=seqs[2], start=0, count=19, sample=True)])).clone())
     for step in range(6):
         for row, s in enumerate(seqs):
             s.tokens.append(7 + 5 * row + 3 * step)
         chunks = [Chunk(seq=s, start=len(s.tokens) - 1, count=1, sample=True) for s in seqs]
-        steps.append(runner.execute(StepPlan(chunks=chunks)))
+        steps.append(runner.execute(StepPlan(chunks=chunks)).clone())
     assert runner.graph_failure is None
     if graphs:  # two token buckets (16 and 32 tokens) and the decode bucket of 4
         assert sorted(key[:2] for key in runner._graphs) == [(4, 4), (16, 5), (32, 5)]
-    logits = torch.cat([s.clone() for s in steps])
+    logits = torch.cat(steps)
     for row, s in enumerate(seqs):  # the last step's logits are those of the sequence without its new token
         assert rel_err(_last_logits(model, s.tokens).cuda(), steps[-1][row]) < 1e-4
     return logits

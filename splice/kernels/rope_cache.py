@@ -1,0 +1,127 @@
+"""RoPE on q and k and the K/V cache write of a generation step, in one launch.
+
+Math, per token ``t`` of a flat step (``D`` = head_dim, ``h = D/2``, ``x = [x1, x2]`` in halves,
+``c``/``s`` the token's cos/sin rows of length ``D``, as :mod:`splice.kernels.rope`)::
+
+    rope(x) = [x1 c1 - x2 s1,  x2 c2 + x1 s2]
+    q_out[t] = rope(q[t])                        every query head
+    key_cache.flat[slot[t]] = rope(k[t])         every kv head, at the token's flat cache slot
+    value_cache.flat[slot[t]] = v[t]
+
+Shapes: ``q`` (T, Hq, D), ``k``/``v`` (T, Hkv, D), any row and head strides (views of one packed
+q/k/v projection output are fine; the last dim must be contiguous); ``cos``/``sin`` (T, 1, D) or
+(T, D), as a Llama-style rotary embedding returns for positions shaped (T, 1); caches
+(NB, BS, Hkv, D) with contiguous (BS, Hkv, D) blocks; ``slot_mapping`` (T,) int64. Returns
+``q_out`` (T, Hq, D), contiguous, in q's dtype; the cache rows are written in place.
+
+The Triton path runs one program per token: it loads the token's cos/sin once and rotates every
+head of q and k (fp32 inside, one rounding), so a decode step's layer does one launch here instead
+of four (rotate q, rotate k, copy k, copy v). :func:`rope_write_kv_reference` is the plain
+PyTorch composition (Hugging Face's formula, then ``index_copy_``); it is also the CPU path.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import HAS_TRITON, use_triton
+
+__all__ = ["rope_write_kv", "rope_write_kv_reference"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _rotate_store(src, dst, heads, c1, c2, s1, s2, d, src_head_stride, dst_head_stride,
+                      HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+        h = tl.arange(0, BLOCK_H)[:, None]
+        inside = h < heads
+        x1 = tl.load(src + h * src_head_stride + d, mask=inside, other=0.0).to(tl.float32)
+        x2 = tl.load(src + h * src_head_stride + HALF + d, mask=inside, other=0.0).to(tl.float32)
+        tl.store(dst + h * dst_head_stride + d, (x1 * c1 - x2 * s1).to(dst.dtype.element_ty), mask=inside)
+        tl.store(dst + h * dst_head_stride + HALF + d, (x2 * c2 + x1 * s2).to(dst.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def _rope_cache_kernel(
+        q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, kc_ptr, vc_ptr, slot_ptr,
+        hq, hkv, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct,
+        stride_slot, stride_ch,
+        HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
+    ):
+        t = tl.program_id(0).to(tl.int64)
+        d = tl.arange(0, HALF)[None, :]
+        c1 = tl.load(cos_ptr + t * stride_ct + d).to(tl.float32)
+        c2 = tl.load(cos_ptr + t * stride_ct + HALF + d).to(tl.float32)
+        s1 = tl.load(sin_ptr + t * stride_ct + d).to(tl.float32)
+        s2 = tl.load(sin_ptr + t * stride_ct + HALF + d).to(tl.float32)
+        _rotate_store(q_ptr + t * stride_qt, q_out_ptr + t * hq * (2 * HALF), hq, c1, c2, s1, s2, d,
+                      stride_qh, 2 * HALF, HALF, BLOCK_HQ)
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        _rotate_store(k_ptr + t * stride_kt, kc_ptr + slot * stride_slot, hkv, c1, c2, s1, s2, d,
+                      stride_kh, stride_ch, HALF, BLOCK_HKV)
+        h = tl.arange(0, BLOCK_HKV)[:, None]
+        dd = tl.arange(0, 2 * HALF)[None, :]
+        inside = h < hkv
+        v = tl.load(v_ptr + t * stride_vt + h * stride_vh + dd, mask=inside, other=0.0)
+        tl.store(vc_ptr + slot * stride_slot + h * stride_ch + dd, v.to(vc_ptr.dtype.element_ty), mask=inside)
+
+
+def rope_write_kv_reference(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, key_cache: Tensor,
+                            value_cache: Tensor, slot_mapping: Tensor) -> Tensor:
+    """The module docstring's math in plain PyTorch (also the CPU path)."""
+    c, s = (t.reshape(q.shape[0], 1, -1).float() for t in (cos, sin))  # (T, 1, D), fp32 like the kernel
+
+    def rotate(x: Tensor) -> Tensor:
+        half = x.shape[-1] // 2
+        wide = x.float()
+        turned = torch.cat((-wide[..., half:], wide[..., :half]), dim=-1)
+        return (wide * c + turned * s).to(x.dtype)
+
+    slots = slot_mapping.to(torch.int64)
+    for new, cache in ((rotate(k), key_cache), (v, value_cache)):
+        cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, new.to(cache.dtype))
+    return rotate(q).contiguous()
+
+
+def _fits(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, key_cache: Tensor,
+          value_cache: Tensor, slot_mapping: Tensor) -> bool:
+    tokens, _, dim = q.shape
+    half = dim // 2
+    return (
+        use_triton(q, k, v, cos, sin, key_cache, value_cache, slot_mapping)
+        and q.dtype in _DTYPES and k.dtype == v.dtype == q.dtype and key_cache.dtype == value_cache.dtype == q.dtype
+        and dim % 2 == 0 and half & (half - 1) == 0
+        and all(x.stride(-1) == 1 for x in (q, k, v))
+        and cos.shape == sin.shape and cos.stride() == sin.stride() and cos.shape[-1] == dim and cos.stride(-1) == 1
+        and cos.numel() == tokens * dim
+        and key_cache.is_contiguous() and value_cache.is_contiguous()
+        and tokens > 0
+    )
+
+
+def rope_write_kv(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, key_cache: Tensor,
+                  value_cache: Tensor, slot_mapping: Tensor) -> Tensor:
+    """RoPE on ``q``/``k`` and the cache write of ``k``/``v`` (module docstring); returns rope(q).
+    One Triton launch for CUDA tensors that fit; the reference otherwise."""
+    if q.dim() != 3 or k.shape != v.shape or k.dim() != 3 or k.shape[1:] != key_cache.shape[2:] \
+            or slot_mapping.shape != (q.shape[0],) or k.shape[0] != q.shape[0]:
+        raise ValueError(f"rope_write_kv: q (T, Hq, D), k/v (T, Hkv, D) matching the cache's (NB, BS, Hkv, D) and "
+                         f"slot_mapping (T,) expected, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}, "
+                         f"cache {tuple(key_cache.shape)}, slots {tuple(slot_mapping.shape)}")
+    if not _fits(q, k, v, cos, sin, key_cache, value_cache, slot_mapping):
+        return rope_write_kv_reference(q, k, v, cos, sin, key_cache, value_cache, slot_mapping)
+    tokens, hq, dim = q.shape
+    hkv = k.shape[1]
+    q_out = torch.empty(tokens, hq, dim, device=q.device, dtype=q.dtype)
+    flat_c, flat_s = cos.reshape(tokens, dim), sin.reshape(tokens, dim)
+    _rope_cache_kernel[(tokens,)](
+        q, k, v, flat_c, flat_s, q_out, key_cache, value_cache, slot_mapping,
+        hq, hkv, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), flat_c.stride(0),
+        key_cache.stride(1), key_cache.stride(2),
+        HALF=dim // 2, BLOCK_HQ=triton.next_power_of_2(hq), BLOCK_HKV=triton.next_power_of_2(hkv), num_warps=4,
+    )
+    return q_out

@@ -1,0 +1,102 @@
+"""splice.fused.projections: packing q/k/v and gate/up weights into one buffer keeps every output, and
+packed() finds the concatenated weight only while the layout and the modules allow it."""
+
+from __future__ import annotations
+
+import copy
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from splice.engine.runner import ModelRunner
+from splice.engine.scheduler import Chunk, Sequence, StepPlan
+from splice.fused.projections import pack_projections, packed
+from splice.kernels.swiglu import swiglu_packed, swiglu_reference
+from splice.lora.apply import add_lora
+from splice.lora.layers import LoraConfig
+from tests import tiny
+from tests.numerics import GPU, rel_err
+
+
+def test_packing_keeps_the_models_outputs_and_parameters() -> None:
+    model = tiny.llama()
+    ids = tiny.tokens(seed=1, batch=2, length=9)
+    with torch.no_grad():
+        before = model(ids).logits
+    names = [n for n, _ in model.named_parameters()]
+    assert pack_projections(model) == 2 * len(model.model.layers)
+    with torch.no_grad():
+        after = model(ids).logits
+    assert torch.equal(before, after)
+    assert [n for n, _ in model.named_parameters()] == names
+    attn = model.model.layers[0].self_attn
+    pair = packed([attn.q_proj, attn.k_proj, attn.v_proj])
+    assert pair is not None and pair[1] is None
+    weight = pair[0]
+    assert weight.shape[0] == sum(m.out_features for m in (attn.q_proj, attn.k_proj, attn.v_proj))
+    assert torch.equal(weight[attn.q_proj.out_features:][: attn.k_proj.out_features], attn.k_proj.weight)
+    assert weight.data_ptr() == attn.q_proj.weight.data_ptr()  # a view, no copy
+    assert pack_projections(model) == 2 * len(model.model.layers)  # idempotent
+
+
+def test_packed_weights_save_and_train_like_separate_ones(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    model = tiny.llama()
+    pack_projections(model)
+    path = tmp_path / "model.safetensors"
+    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    twin = tiny.llama()
+    twin.load_state_dict(safetensors.torch.load_file(str(path)))
+    ids = tiny.tokens(seed=2, batch=1, length=7)
+    loss = model(ids, labels=ids).loss
+    loss.backward()  # full fine-tuning through the views
+    twin_loss = twin(ids, labels=ids).loss
+    twin_loss.backward()
+    assert torch.equal(loss, twin_loss)
+    mlp, twin_mlp = model.model.layers[1].mlp, twin.model.layers[1].mlp
+    assert torch.allclose(mlp.up_proj.weight.grad, twin_mlp.up_proj.weight.grad)
+
+
+def test_packed_is_none_unless_plain_linears_lie_back_to_back() -> None:
+    model = tiny.llama()
+    attn = model.model.layers[0].self_attn
+    assert packed([attn.q_proj, attn.k_proj, attn.v_proj]) is None  # separate tensors
+    pack_projections(model)
+    attn.k_proj.weight = nn.Parameter(attn.k_proj.weight.detach().clone())  # moved out of the buffer
+    assert packed([attn.q_proj, attn.k_proj, attn.v_proj]) is None
+    lora = tiny.llama()
+    pack_projections(lora)
+    add_lora(lora, LoraConfig(rank=2, targets=["q_proj"]))  # a wrapper: the projections run one by one
+    attn = lora.model.layers[0].self_attn
+    assert packed([attn.q_proj, attn.k_proj, attn.v_proj]) is None
+    assert packed([lora.model.layers[0].mlp.gate_proj, lora.model.layers[0].mlp.up_proj]) is not None
+
+
+def test_the_engine_step_over_packed_projections_equals_separate_ones() -> None:
+    model = tiny.llama()
+    twin = copy.deepcopy(model)
+    pack_projections(twin)
+    prompt = tiny.tokens(seed=3, batch=1, length=11)[0].tolist()
+    results = []
+    for m in (model, twin):
+        runner = ModelRunner(m, block_size=4, max_seqs=2, max_len=32, num_blocks=10, cuda_graphs=False)
+        seq = Sequence(seq_id=0, tokens=prompt, prompt_len=len(prompt), max_tokens=1, arrival=0, block_ids=[1, 2, 3])
+        with torch.inference_mode():  # the packed GEMM runs outside autograd only
+            results.append(runner.execute(StepPlan(chunks=[Chunk(seq=seq, start=0, count=11, sample=True)])))
+    assert rel_err(results[1], results[0]) < 1e-6
+
+
+def test_swiglu_packed_reference_is_silu_of_the_first_half_times_the_second() -> None:
+    gu = torch.randn(3, 1, 10)
+    assert torch.equal(swiglu_packed(gu), swiglu_reference(gu[..., :5], gu[..., 5:]))
+
+
+@GPU
+def test_swiglu_packed_kernel_matches_the_reference() -> None:
+    for dtype in (torch.float32, torch.bfloat16):
+        gu = torch.randn(37, 1, 2 * 1500, device="cuda", dtype=dtype)
+        with torch.inference_mode():
+            out = swiglu_packed(gu)
+        want = swiglu_reference(gu[..., :1500].float(), gu[..., 1500:].float())
+        assert out.shape == (37, 1, 1500)
+        assert rel_err(out.float(), want) < (1e-6 if dtype == torch.float32 else 4e-3)
