@@ -95,6 +95,10 @@ def serve(model: str | None, *, adapters: dict[str, Path], host: str = "127.0.0.
     service = Service(base, tokenizer, model_name=name, adapters=dict(adapters), max_batch=max_batch,
                       max_len=min(max_len, int(getattr(tokenizer, "model_max_length", max_len) or max_len)),
                       gpu_adapters=gpu_adapters, max_lora_rank=max_lora_rank)
+    started = time.monotonic()
+    graphs = service.engine.runner.warmup()  # every CUDA graph before the first request (no capture mid-load)
+    if graphs:
+        print(f"splice serve: {graphs} CUDA graphs captured in {time.monotonic() - started:.1f} s", flush=True)
     keys = "with API keys" if api_keys else "open (no --api-key)"
     print(f"splice serve: {name}{f' ({quantize})' if quantize else ''} with adapters {sorted(adapters) or 'none'} "
           f"on http://{host}:{port}/v1, {keys}", flush=True)

@@ -26,6 +26,7 @@ from typing import Any
 
 from torch import nn
 
+from splice.core.rewrite import Around, kind_of
 from splice.engine.engine import Engine, EngineFull, Request
 from splice.engine.sampling import SamplingParams
 from splice.lora.bank import HostAdapter, LoraBank, add_bank_sites, read_adapter
@@ -59,11 +60,12 @@ def _failed(reason: str, adapter: str | None) -> ServeError:
 
 
 def linear_paths(model: nn.Module) -> list[str]:
-    """Paths of every ``nn.Linear`` of ``model`` but the output head (where adapters may sit)."""
+    """Paths of every linear of ``model`` but the output head (where adapters may sit): ``nn.Linear``
+    and the quantized linears (``kind_of`` says "linear": int8, NF4)."""
     getter = getattr(model, "get_output_embeddings", None)
     head = getter() if callable(getter) else None
     return [name for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and module is not head]
+            if kind_of(module) == "linear" and not isinstance(module, Around) and module is not head]
 
 
 class Service:

@@ -433,3 +433,24 @@ def test_adapter_names_given_at_start_follow_the_same_rule(tmp_path: Path) -> No
     assert parse_adapters([f"ft:a/b-1={folder}"]) == {"ft:a/b-1": folder}
     with pytest.raises(ValueError, match=r"^--adapter 'has space' is not a valid adapter name"):
         parse_adapters([f"has space={folder}"])
+
+
+def test_an_int8_base_serves_adapters_through_its_bank(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from splice.lora.peft_io import load_adapter
+    from splice.serve.service import linear_paths
+
+    folder = _save_adapter(tmp_path, "alpha", 11)
+    model, tokenizer = load_model(tiny_model_dir, quantize="int8")
+    float_model, _ = load_model(tiny_model_dir)
+    assert linear_paths(model) == linear_paths(float_model)  # the int8 linears take adapters too
+    service = Service(model, tokenizer, model_name="tiny", max_len=MAX_LEN, adapters={"alpha": folder})
+    ids = list(tokenizer(PROMPT)["input_ids"])
+    with running(service) as url:
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+        texts = {name: client.completions.create(model=name, prompt=PROMPT, max_tokens=8, temperature=0).choices[0].text
+                 for name in ("tiny", "alpha")}
+    reference, _ = load_model(tiny_model_dir, quantize="int8")
+    eos = int(tokenizer.eos_token_id)
+    assert texts["tiny"] == tokenizer.decode(_greedy(reference, ids, 8, eos))
+    load_adapter(reference, folder, name="alpha")
+    assert texts["alpha"] == tokenizer.decode(_greedy(reference, ids, 8, eos)) != texts["tiny"]
