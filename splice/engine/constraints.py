@@ -31,7 +31,8 @@ regex-to-FSM index over the whole vocabulary, which can take seconds to minutes 
 
 JSON whitespace between tokens is limited to :data:`JSON_WHITESPACE` (at most 24 spaces, tabs or newlines
 at a time: pretty printing fits, while a model that keeps emitting whitespace, as small or untrained
-models do, cannot loop forever); a schema's own ``"x-guidance"`` options override it.
+models do, cannot loop forever) unless the schema's own ``"x-guidance"`` options set ``whitespace_flexible``
+(false: no whitespace at all) or ``whitespace_pattern``.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ class Constraint:
 
     kind: str
     spec: str
-    grammar: str = field(repr=False)
+    grammar: str = field(repr=False, compare=False)  # follows from spec
 
 
 def _checked(kind: str, value: Any, grammar: str) -> Constraint:
@@ -104,9 +105,12 @@ def json_object() -> Constraint:
 
 
 def _json(kind: str, schema: dict[str, Any]) -> Constraint:
+    own = schema.get("x-guidance")
+    whitespace = isinstance(own, Mapping) and bool({"whitespace_flexible", "whitespace_pattern"} & set(own))
     matcher = _llguidance().LLMatcher
     try:
-        grammar = matcher.grammar_from_json_schema(schema, defaults={"whitespace_pattern": JSON_WHITESPACE})
+        grammar = matcher.grammar_from_json_schema(
+            schema, defaults=None if whitespace else {"whitespace_pattern": JSON_WHITESPACE})
     except (ValueError, TypeError) as error:  # e.g. a value JSON cannot hold
         raise ValueError(f"{kind}: {one_line(str(error))}") from None
     return _checked(kind, schema, grammar)
@@ -142,14 +146,14 @@ class Matcher:
     def advance(self, token: int) -> str | None:
         """Take the accepted ``token``; None, or one line saying why the grammar refused it (the request
         then ends with an error: a masked sampler never picks such a token)."""
-        if self.inner.consume_token(token):
+        if not self.inner.is_error() and self.inner.consume_token(token):  # an error state is for good
             return None
         return f"{self.constraint.kind}: token {token} broke the grammar ({one_line(self.inner.get_error())})"
 
     @property
     def done(self) -> bool:
         """Nothing but EOS may follow: the output is complete."""
-        return bool(self.inner.is_stopped())
+        return bool(self.inner.is_stopped() and not self.inner.is_error())
 
 
 def unpack_bitmask(packed: Tensor, vocab: int) -> Tensor:
@@ -190,8 +194,12 @@ class Grammars:
                 lib = _llguidance()
                 from llguidance.hf import from_tokenizer
 
+                eos = self.eos or getattr(self.tokenizer, "eos_token_id", None)
+                if eos is None:  # llguidance would take token 0 for EOS and keep it out of the output
+                    raise ValueError("structured output needs an EOS token: the model and its tokenizer have "
+                                     "none (set tokenizer.eos_token)")
                 try:
-                    self._lltokenizer = from_tokenizer(self.tokenizer, eos_token=self.eos or None)
+                    self._lltokenizer = from_tokenizer(self.tokenizer, eos_token=eos)
                 except (ValueError, TypeError, AttributeError) as error:
                     raise ValueError(f"structured output needs a Hugging Face fast tokenizer; "
                                      f"{type(self.tokenizer).__name__} cannot be used ({one_line(str(error))})"

@@ -9,9 +9,10 @@ One :meth:`Engine.step` (vLLM v1's loop, gpt-fast's plainness):
 3. ``runner.execute(plan)`` runs one forward over the flat token batch;
 4. :func:`~splice.engine.sampling.sample_step` draws every sampled row's next token on the device
    (penalties from :class:`~splice.engine.sampling.TokenCounts`, logprobs for the rows that ask);
-   one host copy brings the step's results back (:mod:`splice.engine.transfer`);
-5. output processing: EOS, ``max_tokens``, the context limit and stop strings end a request;
-   incremental text deltas go to ``on_event(text_delta, finish_reason)``.
+   one host copy brings the step's results back (:mod:`splice.engine.transfer`); rows with a
+   grammar (``SamplingParams.constraint``) can only pick what it allows (:mod:`splice.engine.constraints`);
+5. output processing: EOS, ``max_tokens``, the context limit, stop strings and a completed grammar
+   end a request; incremental text deltas go to ``on_event(text_delta, finish_reason)``.
 
 ``n > 1`` (``SamplingParams.n``): a request has ``n`` :attr:`Request.choices`, itself first. Only it is
 scheduled; when its prompt's last token is computed, the other choices are forked from its sequence
@@ -38,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from splice.engine.blocks import BlockPool
+from splice.engine.constraints import Grammars
 from splice.engine.output import TextOutput, TokenLogprob, eos_ids
 from splice.engine.request import OnEvent, Request, finisher
 from splice.engine.runner import ModelRunner, RowAdapters
@@ -103,6 +105,7 @@ class Engine:
         self.prefix_caching = prefix_caching
         self.pool, self.scheduler = self._new_scheduler()
         self.eos = eos_ids(model, tokenizer)
+        self.grammars = Grammars(tokenizer, eos=self.eos)  # structured output; llguidance loads on first use
         self.finished: Counter[str] = Counter()  # finish reasons so far (for monitoring)
         self.computed_tokens = 0  # tokens run through the model so far (prefix-cache hits are not)
         self.preemptions = 0  # sequences sent back to waiting for want of KV blocks (recomputed later)
@@ -249,7 +252,9 @@ class Engine:
             slots = on_device([self._counts_slot(requests[i], logits.shape[-1]) for i in penalized], torch.long,
                               device)
             counts = self._counts.rows(slots)
-        tokens = sample_step(logits, params, [r.generator for r in requests], counts=counts)
+        # computed on the host while the device still runs the forward (see splice.engine.constraints)
+        masks = self.grammars.masks([r.matcher for r in requests], vocab=logits.shape[-1], device=device)
+        tokens = sample_step(logits, params, [r.generator for r in requests], counts=counts, masks=masks)
         if slots is not None:
             self._counts.add(slots, tokens.index_select(0, on_device(penalized, torch.long, device)))
         asked = [i for i, p in enumerate(params) if p.logprobs is not None]
@@ -297,6 +302,8 @@ class Engine:
             request.generator = row_generator(request.params.seed, self.runner.device)
         if request.params.logprobs is not None:
             request.logprobs = []
+        if request.params.constraint is not None:
+            request.matcher = self.grammars.matcher(request.params.constraint)
 
     def _check(self, request: Request) -> str | None:
         """Why ``request`` cannot run (one line), or None."""
@@ -305,6 +312,11 @@ class Engine:
         if len(request.prompt_ids) >= self.max_len:
             return (f"the prompt has {len(request.prompt_ids)} tokens; the context holds {self.max_len} "
                     "(prompt + output): shorten it")
+        if request.params.constraint is not None:
+            try:  # compiled once per spec; each choice copies it in _prepare
+                self.grammars.compile(request.params.constraint)
+            except (ValueError, ImportError) as error:
+                return str(error)
         name = request.adapter
         if name is None:
             return None
@@ -349,6 +361,8 @@ class Engine:
         request: Request = seq.payload
         if request.cancelled.is_set():
             return self._end(seq, "cancelled")
+        if request.matcher is not None and (broken := request.matcher.advance(token)) is not None:
+            return self._end(seq, f"error: {broken}")
         if token in self.eos:
             return self._end(seq, "stop")
         self.scheduler.append(seq, token)
@@ -359,6 +373,8 @@ class Engine:
         delta, hit = request.output.push(token)
         if hit:
             return self._end(seq, "stop", delta, flush=False)
+        if request.matcher is not None and request.matcher.done:  # the grammar is complete
+            return self._end(seq, "stop", delta)
         if len(request.generated) >= request.params.max_tokens or len(seq.tokens) >= self.max_len:
             return self._end(seq, "length", delta)
         if delta:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from splice.engine.constraints import Matcher
 from splice.engine.output import TextOutput, TokenLogprob
 from splice.engine.sampling import SamplingParams
 
@@ -63,6 +64,7 @@ class Request:
     generator: torch.Generator | None = field(default=None, repr=False)
     logprobs: list[TokenLogprob] | None = field(default=None, repr=False)
     counts_slot: int | None = None  # its row of the engine's TokenCounts (penalties)
+    matcher: Matcher | None = field(default=None, repr=False)  # its grammar state (params.constraint)
     index: int = 0  # which of the n choices
     choices: list[Request] = field(default_factory=list, repr=False)
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from splice.engine.constraints import Constraint
+
 __all__ = [
     "GREEDY_BELOW",
     "MAX_LOGPROBS",
@@ -104,6 +106,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None
+    constraint: Constraint | None = None  # structured output (splice.engine.constraints), enforced by the engine
 
     def __post_init__(self) -> None:
         check_sampling(self.temperature, self.top_k, self.top_p)
@@ -122,6 +125,9 @@ class SamplingParams:
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}] (the most likely tokens "
                              f"to report), got {self.logprobs!r}")
+        if self.constraint is not None and not isinstance(self.constraint, Constraint):
+            raise ValueError(f"constraint must be made by splice.engine.constraints (json_schema, json_object, "
+                             f"regex, choice), got {self.constraint!r}")
 
     @property
     def greedy(self) -> bool:
