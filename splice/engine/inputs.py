@@ -28,7 +28,7 @@ from splice.engine.scheduler import Chunk
 
 __all__ = ["StepInputs", "Staging"]
 
-_I64 = ("ids", "positions", "slots", "sample_at")
+_I64 = ("ids", "positions", "slots", "sample_at", "feed_to", "feed_from")
 _I32 = ("bank_slots", "seq_lens", "starts", "tables")
 
 
@@ -46,11 +46,20 @@ class StepInputs:
     tables: Tensor  # (B, width) int32 block tables
     max_query_len: int
     max_seq_len: int
+    feed_to: Tensor | None = None  # (F,) int64 rows of ``ids`` that take a token sampled on the device by
+    feed_from: Tensor | None = None  # the previous step: ids[feed_to] = previous[feed_from] (feed_ids)
+
+    def feed_ids(self, previous: Tensor | None) -> None:
+        """Write the previous step's sampled tokens (still on the device) into this step's ``ids``."""
+        if self.feed_to is not None and self.feed_from is not None and self.feed_to.numel():
+            if previous is None:
+                raise ValueError("this step's inputs take tokens of the previous step: pass them (previous=)")
+            self.ids.index_copy_(0, self.feed_to, previous.index_select(0, self.feed_from))
 
 
 def _sizes(tokens: int, seqs: int, width: int) -> dict[str, int]:
-    return {"ids": tokens, "positions": tokens, "slots": tokens, "sample_at": seqs, "bank_slots": tokens,
-            "seq_lens": seqs, "starts": seqs + 1, "tables": seqs * width}
+    return {"ids": tokens, "positions": tokens, "slots": tokens, "sample_at": seqs, "feed_to": seqs,
+            "feed_from": seqs, "bank_slots": tokens, "seq_lens": seqs, "starts": seqs + 1, "tables": seqs * width}
 
 
 class Staging:
@@ -111,9 +120,11 @@ class Staging:
         return base + (np.arange(pad_seqs) < extra).astype(np.int64)
 
     def fill(self, chunks: Sequence[Chunk], *, tokens_to: int = 0, seqs_to: int = 0,
-             bank_slot: Callable[[str | None], int] | None = None) -> StepInputs:
+             bank_slot: Callable[[str | None], int] | None = None, feed: Sequence[int] = ()) -> StepInputs:
         """Stage ``chunks`` and copy them to the device; ``bank_slot(adapter)``: each chunk's adapter bank
-        slot (None: -1 for every token).
+        slot (None: -1 for every token). ``feed[i]`` (one per chunk when given; -1: none): the row of the
+        previous step's sampled tokens that is chunk ``i``'s last input token, not yet on the host (its
+        place in ``seq.tokens`` holds anything); :meth:`StepInputs.feed_ids` writes them on the device.
 
         Padding to a CUDA-graph bucket of ``tokens_to`` tokens in ``seqs_to`` sequences (0: none): the
         extra tokens form padding sequences (positions from 0, every block-table entry the scratch block
@@ -156,6 +167,9 @@ class Staging:
         a["sample_at"][: len(sampled)] = starts[1:][sampled] - 1
         a["sample_at"][len(sampled): rows_out] = np.minimum(np.arange(real, real + rows_out - len(sampled)),
                                                             tokens - 1)
+        fed = [(int(starts[i + 1]) - 1, row) for i, row in enumerate(feed) if row >= 0]
+        a["feed_to"][: len(fed)] = [to for to, _ in fed]
+        a["feed_from"][: len(fed)] = [row for _, row in fed]
         if bank_slot is None:
             a["bank_slots"][:tokens] = -1
         else:
@@ -172,4 +186,6 @@ class Staging:
             bank_slots=self._view("bank_slots", tokens), seq_lens=self._view("seq_lens", seqs),
             starts=self._view("starts", seqs + 1), tables=self._view("tables", seqs * self.width).view(seqs, self.width),
             max_query_len=int(counts.max()) if seqs else 1, max_seq_len=int(a["seq_lens"][:seqs].max()) if seqs else 1,
+            feed_to=self._view("feed_to", len(fed)) if fed else None,
+            feed_from=self._view("feed_from", len(fed)) if fed else None,
         )

@@ -210,11 +210,11 @@ class ModelRunner:
             resident.move_to_end(name)  # recently used: evicted last
         return lambda name: -1 if name is None else resident[name]
 
-    def _eager_inputs(self, chunks: Sequence[Chunk]) -> StepInputs:
+    def _eager_inputs(self, chunks: Sequence[Chunk], feed: Sequence[int] = ()) -> StepInputs:
         tokens, seqs = sum(c.count for c in chunks), len(chunks)
         if not self._eager.fits(tokens, seqs):
             self._eager = self._staging(tokens=max(tokens, 2 * self._eager.tokens), seqs=max(seqs, self._eager.seqs))
-        return self._eager.fill(chunks, bank_slot=self._bank_slot(chunks))
+        return self._eager.fill(chunks, bank_slot=self._bank_slot(chunks), feed=feed)
 
     # ---- the forward ----------------------------------------------------------------------
     def _route(self, adapters: Sequence[str | None] | None, slots: Tensor,
@@ -261,17 +261,22 @@ class ModelRunner:
         for cache in (*self.key_caches, *self.value_caches):
             cache.index_copy_(0, dst, cache.index_select(0, src))
 
-    def execute(self, plan: StepPlan, *, rows: RowAdapters | None = None) -> Tensor:
+    def execute(self, plan: StepPlan, *, rows: RowAdapters | None = None, previous: Tensor | None = None,
+                feed: Sequence[int] = ()) -> Tensor:
         """Run ``plan``'s forward; logits (S, V) fp32 of its sampling chunks, in chunk order.
         ``rows``: route the model's LoRA layers by each sequence's adapter name (None: base).
+        ``previous`` / ``feed``: the previous step's sampled tokens, still on the device, and for each
+        chunk the row among them that is its last input token (-1: none; see :meth:`Staging.fill`), so
+        a step can be launched before the previous one's tokens reach the host.
         The logits may be a CUDA graph's static output: valid until the next step (sample them first)."""
         self.copy_blocks(plan.copies)
         chunks = plan.chunks
         if self.cuda_graphs and rows is None:
-            logits = self._replay(chunks)
+            logits = self._replay(chunks, previous=previous, feed=feed)
             if logits is not None:
                 return logits
-        inputs = self._eager_inputs(chunks)
+        inputs = self._eager_inputs(chunks, feed)
+        inputs.feed_ids(previous)
         if rows is None:
             return self._forward(inputs)
         adapters = [c.seq.adapter for c in chunks for _ in range(c.count)]
@@ -304,14 +309,15 @@ class ModelRunner:
                                                seqs=max(self.max_seqs, self._mixed_seqs(most)))
         return self._graph_inputs
 
-    def _replay(self, chunks: Sequence[Chunk]) -> Tensor | None:
+    def _replay(self, chunks: Sequence[Chunk], *, previous: Tensor | None, feed: Sequence[int]) -> Tensor | None:
         """Logits through the CUDA graph of the step's bucket (captured on first use); None when the step
         has no bucket or graphs failed (the step then runs eagerly; after a failure, later ones too)."""
         bucket = self._bucket(chunks)
         if bucket is None:
             return None
         inputs = self._graph_staging().fill(chunks, tokens_to=bucket[0], seqs_to=bucket[1],
-                                            bank_slot=self._bank_slot(chunks))
+                                            bank_slot=self._bank_slot(chunks), feed=feed)
+        inputs.feed_ids(previous)  # into the buffer the graph reads
         entry = self._graph(bucket, inputs)
         if entry is None:
             return None

@@ -112,3 +112,18 @@ def test_a_step_too_large_for_the_buffers_is_refused() -> None:
         staging.fill([Chunk(seq, 0, 6, True)])
     with pytest.raises(ValueError, match="3 tokens in 1 chunks does not fit"):  # padding tokens, no sequence
         staging.fill([Chunk(seq, 0, 2, True)], tokens_to=3)
+
+
+def test_tokens_sampled_on_the_device_feed_the_next_step() -> None:
+    staging = Staging(tokens=16, seqs=4, width=4, block_size=BS, device=torch.device("cpu"))
+    a = Sequence(seq_id=0, tokens=[3, 4, 5, -1], prompt_len=3, max_tokens=4, arrival=0, block_ids=[1])
+    b = Sequence(seq_id=1, tokens=[6, 7, -1], prompt_len=2, max_tokens=4, arrival=1, block_ids=[2])
+    c = Sequence(seq_id=2, tokens=[8, 9, 10], prompt_len=3, max_tokens=4, arrival=2, block_ids=[3])
+    chunks = [Chunk(a, 3, 1, True), Chunk(c, 0, 3, True), Chunk(b, 2, 1, True)]  # a and b wait for tokens
+    inputs = staging.fill(chunks, tokens_to=8, seqs_to=4, feed=[1, -1, 0])
+    previous = torch.tensor([41, 42])  # the previous step's sampled tokens: b's, then a's
+    inputs.feed_ids(previous)
+    assert inputs.ids.tolist()[:5] == [42, 8, 9, 10, 41]
+    with pytest.raises(ValueError, match="pass them"):
+        staging.fill(chunks, feed=[1, -1, 0]).feed_ids(None)
+    assert staging.fill(chunks).feed_to is None  # nothing to feed
