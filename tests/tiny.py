@@ -295,3 +295,21 @@ def greedy_loop(model: nn.Module, prompt: list[int], max_tokens: int, eos: Colle
             out.append(token)
             ids.append(token)
     return out
+
+
+def penalized_loop(model: nn.Module, prompt: list[int], max_tokens: int, *, presence: float, frequency: float,
+                   eos: Collection[int] = (2,)) -> list[int]:
+    """:func:`greedy_loop` with OpenAI's penalties on each step's logits: ``logit_j - frequency * count_j
+    - presence * (count_j > 0)``, counting the generated tokens."""
+    ids, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            logits = model(torch.tensor([ids])).logits[0, -1].double()
+            for token in set(out):
+                logits[token] -= frequency * out.count(token) + presence
+            token = int(logits.argmax())
+            if token in eos:
+                break
+            out.append(token)
+            ids.append(token)
+    return out

@@ -13,8 +13,9 @@ which frees its batch slot; a stream the engine fails ends with an ``error`` eve
 Limits, checked before any work: the body size (read in pieces, refused at the first byte over
 the limit), then the prompt's characters (more than the context can hold as tokens is refused
 before tokenizing), then its tokens. Tokenizing and adapter reads run on a worker thread, so the
-event loop keeps answering while a long prompt is encoded. Sampling values the API accepts are
-made safe for the engine, by the engine's own rules (:mod:`splice.engine.sampling`): temperatures
+event loop keeps answering while a long prompt is encoded. The bodies and the answers' shapes (``n``
+choices, logprobs, stream chunks) are :mod:`splice.serve.openai_types`'. Sampling values the API
+accepts are made safe for the engine, by the engine's own rules (:mod:`splice.engine.sampling`): temperatures
 below ``GREEDY_BELOW`` are greedy (dividing logits by 1e-40 overflows), seeds outside 63 bits are
 hashed into them (:func:`~splice.engine.sampling.bounded_seed`: a torch generator takes 64 bits),
 a ``top_k`` larger than any vocabulary is off (torch takes it as an int64).
@@ -24,122 +25,44 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors import SafetensorError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from splice.core.errors import one_line
-from splice.engine.sampling import GREEDY_BELOW, SamplingParams, bounded_seed
+from splice.engine.output import TokenTexts
 from splice.serve.adapter_source import check_adapter_name, check_runtime_loading, resolve_adapter_path
 from splice.serve.auth import refusal as key_refusal
 from splice.serve.metrics import CONTENT_TYPE, ServeMetrics
+from splice.serve.openai_types import (
+    ChatBody,
+    ChoiceState,
+    CompletionBody,
+    LoadBody,
+    SamplingFields,
+    Shapes,
+    UnloadBody,
+    error_response,
+    message_text,
+    sse,
+)
 from splice.serve.service import ServeError, Service
 
 __all__ = ["MAX_REQUEST_BYTES", "build_app"]
 
 MAX_REQUEST_BYTES = 1 << 20  # 1 MiB: a 128k-token prompt of ordinary text fits, a 50 MB one does not
-_TOP_K_OFF = 1 << 31  # top_k from here on keeps every token (torch takes it as an int64)
 _T = TypeVar("_T")
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    include_usage: bool | None = False
-
-
-class _Sampling(BaseModel):
-    # null is accepted wherever OpenAI accepts it, and means the default
-    model_config = ConfigDict(extra="ignore")
-    model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=-1)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    n: int | None = None
-
-    @field_validator("temperature")
-    @classmethod
-    def _greedy_floor(cls, value: float | None) -> float | None:
-        return 0.0 if value is not None and value < GREEDY_BELOW else value
-
-    @field_validator("seed")
-    @classmethod
-    def _bounded_seed(cls, value: int | None) -> int | None:
-        return None if value is None else bounded_seed(value)
-
-    @field_validator("top_k")
-    @classmethod
-    def _bounded_top_k(cls, value: int | None) -> int | None:
-        return 0 if value is not None and value >= _TOP_K_OFF else value  # more than any vocabulary: off
-
-    def params(self, default_max: int) -> SamplingParams:
-        if (self.n or 1) != 1:
-            raise ServeError(400, "only n=1 is supported", param="n")
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if any(not s for s in stop):
-            raise ServeError(400, "stop strings must be non-empty", param="stop")
-        max_tokens = self.max_completion_tokens or self.max_tokens or default_max
-        temperature = 1.0 if self.temperature is None else self.temperature
-        try:
-            return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=max(self.top_k or 0, 0),
-                                  top_p=1.0 if self.top_p is None else self.top_p, seed=self.seed,
-                                  stop=tuple(stop))
-        except ValueError as error:  # the engine's own checks: still this request's fault
-            raise ServeError(400, one_line(str(error))) from error
-
-
-class CompletionBody(_Sampling):
-    prompt: str | list[str]
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict[str, Any]] | None = None
-
-
-class ChatBody(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-
-
-class LoadBody(BaseModel):
-    lora_name: str
-    lora_path: str
-
-
-class UnloadBody(BaseModel):
-    lora_name: str
-
-
-def _error(error: ServeError) -> JSONResponse:
-    body = {"error": {"message": error.message, "type": error.kind, "param": error.param, "code": error.code}}
-    return JSONResponse(body, status_code=error.status)
-
-
-def _text(content: str | list[dict[str, Any]] | None) -> str:
-    if isinstance(content, list):  # OpenAI content parts: only text parts are supported
-        if any(part.get("type") != "text" for part in content):
-            raise ServeError(400, "only text content parts are supported", param="messages")
-        return "".join(str(part.get("text", "")) for part in content)
-    return content or ""
 
 
 class _Guard:
@@ -156,19 +79,19 @@ class _Guard:
             return await self.app(scope, receive, send)
         unauthorized = key_refusal(scope["path"], scope["headers"], self.keys)
         if unauthorized is not None:  # before the body is read: no key, no work
-            response = _error(unauthorized)
+            response = error_response(unauthorized)
             response.headers["WWW-Authenticate"] = "Bearer"
             return await response(scope, receive, send)
         if self.draining.is_set() and scope["path"] != "/health":
             refusal = ServeError(503, "the server is shutting down: retry on another replica or after "
                                       "its restart", kind="server_error", code="shutting_down")
-            return await _error(refusal)(scope, receive, send)
+            return await error_response(refusal)(scope, receive, send)
         too_big = ServeError(413, f"the request body is larger than this server's limit of {self.max_bytes} "
                                   "bytes (splice serve --max-request-bytes): send a shorter prompt",
                              code="request_too_large")
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
-            return await _error(too_big)(scope, receive, send)
+            return await error_response(too_big)(scope, receive, send)
         chunks, size, more = [], 0, True
         while more:
             message = await receive()
@@ -177,7 +100,7 @@ class _Guard:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_bytes:
-                return await _error(too_big)(scope, receive, send)
+                return await error_response(too_big)(scope, receive, send)
             more = message.get("more_body", False)
         body: list[Message] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
@@ -239,25 +162,25 @@ def _load(service: Service, name: str, path: str) -> None:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServeError)
     async def serve_error(_: Request, error: ServeError) -> JSONResponse:
-        return _error(error)
+        return error_response(error)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, error: RequestValidationError) -> JSONResponse:
         first = error.errors()[0] if error.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        return _error(ServeError(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", param=where))
+        return error_response(ServeError(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", param=where))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
         if error.status_code == 404:
             message = (f"no route {request.url.path}: this server serves /v1/models, /v1/completions, "
                        "/v1/chat/completions, /v1/load_lora_adapter and /v1/unload_lora_adapter")
-            return _error(ServeError(404, message, code="not_found"))
+            return error_response(ServeError(404, message, code="not_found"))
         if error.status_code == 405:
             allowed = error.headers.get("Allow", "another method") if error.headers else "another method"
-            return _error(ServeError(405, f"{request.method} is not allowed on {request.url.path}: use {allowed}",
+            return error_response(ServeError(405, f"{request.method} is not allowed on {request.url.path}: use {allowed}",
                                      code="method_not_allowed"))
-        return _error(ServeError(error.status_code, str(error.detail)))
+        return error_response(ServeError(error.status_code, str(error.detail)))
 
 
 def build_app(service: Service, *, default_max_tokens: int = 16, max_request_bytes: int = MAX_REQUEST_BYTES,
@@ -295,6 +218,7 @@ def build_app(service: Service, *, default_max_tokens: int = 16, max_request_byt
     limit = _char_limit(service)
     allowed = None if allow_adapter_dir is None else Path(allow_adapter_dir)
     metrics = app.state.metrics = ServeMetrics(service)
+    texts = TokenTexts(service.tokenizer)  # logprobs' token texts, cached for the server's life
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -333,15 +257,15 @@ def build_app(service: Service, *, default_max_tokens: int = 16, max_request_byt
         metrics.registrations.labels(action="unload").inc()
         return {"status": "ok", "message": f"adapter {body.lora_name!r} unloaded"}
 
-    async def generated_tokens(last: Any, text: str) -> int:
-        """Tokens the request generated: the engine's count when its events carry one, else its text
+    async def generated_tokens(choice: ChoiceState) -> int:
+        """Tokens a choice generated: the engine's count when its events carry one, else its text
         re-encoded (which can differ from what was sampled)."""
-        count = getattr(last, "completion_tokens", None)
-        if count is not None:
-            return int(count)
+        if choice.completion_tokens is not None:
+            return choice.completion_tokens
+        text = choice.text
         return len(await off_loop(functools.partial(service.encode, special=False), text)) if text else 0
 
-    async def run(body: _Sampling, prompt_ids: list[int], *, chat: bool, received: float) -> Any:
+    async def run(body: SamplingFields, prompt_ids: list[int], *, chat: bool, received: float) -> Any:
         adapter = service.adapter_for(body.model)
         room = _context_room(len(prompt_ids), body.max_completion_tokens or body.max_tokens, service.max_len,
                              param="messages" if chat else "prompt")
@@ -349,29 +273,25 @@ def build_app(service: Service, *, default_max_tokens: int = 16, max_request_byt
         name = body.model or service.model_name
         head = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, "created": int(time.time()),
                 "model": name}
+        shapes = Shapes(chat=chat, head=head, logprobs=params.logprobs is not None, texts=texts)
         events = metrics.timed(service.stream(prompt_ids, params, adapter), received=received)
         first = await anext(events)  # errors (404/429/503/400) surface before any byte is sent
+        choices = [ChoiceState(index=i) for i in range(params.n)]
 
-        async def usage(last: Any, text: str) -> dict[str, int]:
-            count = await generated_tokens(last, text)
+        async def usage(choices: Sequence[ChoiceState]) -> dict[str, int]:
+            count = sum([await generated_tokens(choice) for choice in choices])  # the prompt counts once
             metrics.finished(metrics.model(name), prompt_tokens=len(prompt_ids), generated_tokens=count)
             return {"prompt_tokens": len(prompt_ids), "completion_tokens": count,
                     "total_tokens": len(prompt_ids) + count}
 
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_sse(first, events, head, chat=chat, usage=usage, include_usage=include),
+            return StreamingResponse(sse(first, events, shapes, choices, usage=usage, include_usage=include),
                                      media_type="text/event-stream")
-        text, last = first.text, first
+        choices[first.index].add(first)
         async for event in events:
-            text, last = text + event.text, event
-        if chat:
-            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
-                                      "finish_reason": last.finish_reason, "logprobs": None}
-        else:
-            choice = {"index": 0, "text": text, "finish_reason": last.finish_reason, "logprobs": None}
-        return {**head, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
-                "usage": await usage(last, text)}
+            choices[event.index].add(event)
+        return shapes.response(choices, await usage(choices))
 
     async def counted(model: str | None, answer: Awaitable[Any]) -> Any:
         """``answer``, its HTTP status counted in ``splice_requests_total`` under ``model``."""
@@ -403,7 +323,7 @@ def build_app(service: Service, *, default_max_tokens: int = 16, max_request_byt
         received = time.perf_counter()
 
         async def answer() -> Any:
-            messages = [{"role": m.role, "content": _text(m.content)} for m in body.messages]
+            messages = [{"role": m.role, "content": message_text(m.content)} for m in body.messages]
             _check_chars(sum(len(m["content"]) for m in messages), limit, service, "messages")
             return await run(body, await off_loop(service.chat_prompt, messages), chat=True, received=received)
 
@@ -411,38 +331,3 @@ def build_app(service: Service, *, default_max_tokens: int = 16, max_request_byt
 
     return app
 
-
-async def _sse(first: Any, events: AsyncIterator[Any], head: dict[str, Any], *, chat: bool,
-               usage: Callable[[Any, str], Awaitable[dict[str, int]]], include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events in OpenAI's chunk format (``head``: id, created, model); closing the
-    generator cancels the request. With ``include_usage`` (``stream_options``) every chunk has
-    ``"usage": null`` and a last chunk with no choices carries the usage, before ``[DONE]``. A
-    failure after the first chunk (the engine stopped) is sent as an ``error`` event, without
-    ``[DONE]``, so the client sees an error rather than a complete answer."""
-    kind = "chat.completion.chunk" if chat else "text_completion"
-    extra: dict[str, Any] = {"usage": None} if include_usage else {}
-
-    def chunk(text: str, reason: str | None, *, role: bool = False) -> str:
-        if chat:
-            delta: dict[str, Any] = {"role": "assistant", "content": text} if role else (
-                {"content": text} if text else {})
-            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
-        else:
-            choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
-        return f"data: {json.dumps({**head, 'object': kind, 'choices': [choice], **extra})}\n\n"
-
-    try:
-        yield chunk(first.text, first.finish_reason, role=True)
-        text, last = first.text, first
-        if first.finish_reason is None:
-            async for event in events:
-                text, last = text + event.text, event
-                yield chunk(event.text, event.finish_reason)
-        counts = await usage(last, text)
-        if include_usage:
-            yield f"data: {json.dumps({**head, 'object': kind, 'choices': [], 'usage': counts})}\n\n"
-        yield "data: [DONE]\n\n"
-    except ServeError as error:
-        yield f"data: {bytes(_error(error).body).decode()}\n\n"
-    finally:
-        await events.aclose()  # type: ignore[attr-defined]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,8 @@ from typing import Any
 from torch import nn
 
 from splice.core.rewrite import Around, kind_of
-from splice.engine.engine import Engine, EngineFull, Request
+from splice.engine.engine import Engine, EngineFull, OnEvent, Request
+from splice.engine.output import TokenLogprob
 from splice.engine.sampling import SamplingParams
 from splice.lora.bank import HostAdapter, LoraBank, add_bank_sites, read_adapter
 
@@ -45,9 +46,27 @@ class ServeError(Exception):
 
 @dataclass(frozen=True)
 class Event:
+    """What one choice (``index``) of a request streamed: ``text``, and the ``logprobs`` of the tokens
+    generated since its last event (when asked); ``finish_reason`` once it ended."""
+
     text: str
     finish_reason: str | None
-    completion_tokens: int | None = None  # on the final event: the tokens the request generated
+    completion_tokens: int | None = None  # on the final event: the tokens the choice generated
+    index: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+def _relay(choice: Request, put: Callable[[Event], None]) -> OnEvent:
+    """``choice``'s engine events as :class:`Event` s to ``put`` (on the engine thread)."""
+    sent = 0
+
+    def on_event(text: str, reason: str | None) -> None:
+        nonlocal sent
+        logprobs = choice.logprobs or []
+        new, sent = tuple(logprobs[sent:]), len(logprobs)
+        put(Event(text, reason, None if reason is None else len(choice.generated), choice.index, new))
+
+    return on_event
 
 
 def _failed(reason: str, adapter: str | None) -> ServeError:
@@ -183,18 +202,21 @@ class Service:
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None
                      ) -> AsyncIterator[Event]:
-        """The request's text as it is generated; cancelled (its slot freed) if the consumer stops."""
+        """The request's text as it is generated, every choice's events as they come, until the last
+        choice ends; cancelled (every slot freed) if the consumer stops."""
         if self.failure is not None or not self._thread.is_alive():
             raise ServeError(503, "the generation engine is not running", kind="server_error")
         self.check_length(prompt_ids, params.max_tokens)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
 
-        def on_event(text: str, reason: str | None) -> None:  # engine thread
-            count = None if reason is None else len(request.generated)
-            loop.call_soon_threadsafe(events.put_nowait, Event(text, reason, count))
+        def put(event: Event) -> None:  # engine thread
+            loop.call_soon_threadsafe(events.put_nowait, event)
 
-        request = Request(prompt_ids=prompt_ids, params=params, on_event=on_event, adapter=adapter)
+        request = Request(prompt_ids=prompt_ids, params=params, adapter=adapter)
+        for choice in request.choices:
+            choice.on_event = _relay(choice, put)
+        running = len(request.choices)
         try:
             self.engine.submit(request)
         except EngineFull as error:
@@ -210,7 +232,8 @@ class Service:
                 if event.finish_reason is not None and event.finish_reason.startswith("error"):
                     raise _failed(event.finish_reason, adapter)
                 yield event
-                if event.finish_reason is not None:
+                running -= event.finish_reason is not None
+                if not running:
                     return
         finally:
             request.cancelled.set()  # a no-op once finished; otherwise the engine frees the slot

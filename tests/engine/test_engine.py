@@ -350,23 +350,6 @@ def test_cuda_graph_decode_with_bank_adapters_matches_eager(tmp_path: Path, tiny
     assert outputs[True] == outputs[False]
 
 
-def _penalized_loop(model: nn.Module, prompt: list[int], max_tokens: int, *, presence: float,
-                    frequency: float) -> list[int]:
-    """The penalties' reference: the recompute loop with OpenAI's formula applied to each step's logits."""
-    ids, out = list(prompt), []
-    with torch.no_grad():
-        for _ in range(max_tokens):
-            logits = model(torch.tensor([ids])).logits[0, -1].double()
-            for token in set(out):
-                logits[token] -= frequency * out.count(token) + presence
-            token = int(logits.argmax())
-            if token == 2:
-                break
-            out.append(token)
-            ids.append(token)
-    return out
-
-
 def test_n_choices_compute_the_prompt_once_and_each_samples_as_its_seed(tiny_llama, tiny_tokenizer) -> None:
     prompt = _encode(tiny_tokenizer, ["once upon a time there was"])[0]
     assert len(prompt) % 4  # the prompt's last block is partial: the choices copy it on their first write
@@ -398,7 +381,7 @@ def test_greedy_choices_with_penalties_follow_the_formula_past_max_seqs(make_tin
     params = SamplingParams(n=3, max_tokens=10, presence_penalty=0.5, frequency_penalty=1.5)
     done = engine.generate(prompts, params)
     for prompt, request in zip(prompts, done):
-        want = _penalized_loop(model, prompt, 10, presence=0.5, frequency=1.5)
+        want = tiny.penalized_loop(model, prompt, 10, presence=0.5, frequency=1.5)
         assert [c.generated for c in request.choices] == [want] * 3
         assert len(set(want)) > 1 and len(set(tiny.greedy_loop(model, prompt, 10))) == 1
     assert engine.pool.num_free == engine.pool.num_usable
@@ -406,7 +389,7 @@ def test_greedy_choices_with_penalties_follow_the_formula_past_max_seqs(make_tin
     untied = make_tiny_llama()
     engine = Engine(untied, tiny_tokenizer, max_seqs=2, max_len=64)
     [lifted] = engine.generate(prompts[:1], SamplingParams(max_tokens=10, presence_penalty=-2, frequency_penalty=-1))
-    assert lifted.generated == _penalized_loop(untied, prompts[0], 10, presence=-2, frequency=-1)
+    assert lifted.generated == tiny.penalized_loop(untied, prompts[0], 10, presence=-2, frequency=-1)
     assert len(set(lifted.generated)) == 1 and len(set(tiny.greedy_loop(untied, prompts[0], 10))) == 10
 
 

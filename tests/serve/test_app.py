@@ -162,9 +162,9 @@ def _slow_tokens(engine: Any, monkeypatch: pytest.MonkeyPatch, seconds: float) -
     """Each sampled token takes ``seconds`` longer, so a request outlives what the test does meanwhile."""
     accept = engine._accept
 
-    def slow_accept(seq: Any, token: int) -> None:
+    def slow_accept(*args: Any) -> None:
         time.sleep(seconds)
-        accept(seq, token)
+        accept(*args)
 
     monkeypatch.setattr(engine, "_accept", slow_accept)
 
@@ -202,7 +202,7 @@ def test_errors_use_the_openai_format(server: Server) -> None:
     with pytest.raises(openai.BadRequestError) as long:
         client.completions.create(model="tiny", prompt="x " * 300, max_tokens=4)
     assert long.value.code == "context_length_exceeded"
-    for bad in ({"temperature": -1}, {"top_p": 0}, {"max_tokens": 0}, {"n": 2}):
+    for bad in ({"temperature": -1}, {"top_p": 0}, {"max_tokens": 0}, {"n": 17}):
         with pytest.raises(openai.BadRequestError):
             client.completions.create(model="tiny", prompt=PROMPT, **bad)  # type: ignore[call-overload]
     with httpx.Client(base_url=server.url) as http:
