@@ -30,6 +30,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -58,6 +59,7 @@ from splice.serve.openai_types import (
     sse,
 )
 from splice.serve.service import ServeError, Service
+from splice.serve.structured import StructuredOutputError, constraint_for
 
 __all__ = ["MAX_REQUEST_BYTES", "build_app"]
 
@@ -270,6 +272,11 @@ def build_app(service: Service, *, default_max_tokens: int = 16, max_request_byt
         room = _context_room(len(prompt_ids), body.max_completion_tokens or body.max_tokens, service.max_len,
                              param="messages" if chat else "prompt")
         params = body.params(min(default_max_tokens, room))
+        try:  # compiling a grammar can take a while: off the event loop
+            constraint = await off_loop(constraint_for, body, service.engine.grammars)
+        except StructuredOutputError as error:
+            raise ServeError(400, str(error), param=error.param) from None
+        params = replace(params, constraint=constraint)
         name = body.model or service.model_name
         head = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, "created": int(time.time()),
                 "model": name}

@@ -40,6 +40,7 @@ from splice.engine.sampling import (
     bounded_seed,
 )
 from splice.serve.service import Event, ServeError
+from splice.serve.structured import StructuredFields
 
 __all__ = ["ChatBody", "ChatMessage", "ChoiceState", "CompletionBody", "LoadBody", "SamplingFields", "Shapes",
            "StreamOptions", "UnloadBody", "error_response", "message_text", "sse"]
@@ -53,7 +54,7 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = False
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(StructuredFields):  # + response_format, guided_* (structured.py)
     """The sampling fields both routes take (see module docstring)."""
 
     model_config = ConfigDict(extra="ignore")
