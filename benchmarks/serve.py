@@ -28,6 +28,12 @@ its own time limit (``--limit-PART`` seconds: a part that runs out keeps the row
   does not share the server's GIL); offered vs delivered tok/s, TTFT and inter-token latency
   (gaps between streamed chunks) p50 / p99. It stops after the first rate the server does not hold
   (not every request complete, or delivered < 85% of offered): the saturation rate.
+  ``--http-json-fraction F`` makes that share of the requests JSON-schema constrained
+  (``response_format``, :data:`BENCH_SCHEMA`; the tokenizer then also has the printable ASCII
+  characters as tokens, so JSON can be spelt, and an EOS id past the model's logits) and reports
+  their TTFT / ITL and the others' apart (a constrained request that completes its JSON early
+  counts as complete). ``--http-api-key KEY`` serves behind a key (the client sends it);
+  ``--http-scrape-s S`` has the client scrape ``/metrics`` every S seconds under load, as Prometheus would.
 - ``nf4``: the engine at ``--nf4-batches`` (short context) in bf16, then the same after
   :func:`splice.quant.linear.quantize_nf4` (in place: this part runs last).
 
@@ -70,6 +76,7 @@ FULL: dict[str, Any] = dict(
     offline_requests=1000, offline_prompt="50,1000", offline_output="50,500", offline_adapters="8,64",
     offline_max_seqs=256,
     http_rates="8,16,32,64,128", http_seconds=8.0, http_prompt="50,500", http_output="32,128", http_max_seqs=128,
+    http_json_fraction=0.0, http_api_key="", http_scrape_s=0.0,
     hf_batches="1,32", hf_contexts="16,1024", hf_steps=16, hf_cache="static",
     peft_adapters=8, peft_batch=32, peft_context=16, peft_steps=8,
     nf4_batches="1,32", nf4_context=16,
@@ -153,6 +160,31 @@ def tokenizer_for(vocab: int) -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t1"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=backend)
+
+
+# JSON the constrained HTTP requests must produce (random weights: mostly a long "name" string, then length)
+BENCH_SCHEMA = {"type": "object", "properties": {
+    "id": {"type": "integer"}, "name": {"type": "string"}, "tags": {"type": "array", "items": {"type": "string"}},
+    "score": {"type": "number"}, "ok": {"type": "boolean"}},
+    "required": ["id", "name", "tags", "score", "ok"], "additionalProperties": False}
+JSON_CHARS = 94  # tokens 0..93 of json_tokenizer_for: the printable ASCII characters but space
+
+
+def json_tokenizer_for(vocab: int) -> PreTrainedTokenizerFast:
+    """Tokens 0..93 are the characters ``!`` .. ``~`` (JSON can be spelt), token N >= 94 is the word `` tN``
+    (one token a word of the prompts, as in :func:`tokenizer_for`); EOS is an extra id ``vocab`` that the
+    model never samples (structured output needs one), so unconstrained requests still run to max_tokens."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    words = {chr(33 + i): i for i in range(JSON_CHARS)} | {f"Ġt{i}": i for i in range(JSON_CHARS, vocab)}
+    backend = Tokenizer(models.WordLevel(words, unk_token=f"Ġt{JSON_CHARS}"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([  # " t95" -> "Ġt95"; any other character alone
+        pre_tokenizers.Split(Regex(r" ?t[0-9]+|[\s\S]"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    tokenizer.add_special_tokens({"eos_token": "<|eos|>"})
+    return tokenizer
 
 
 def tensor_bytes(t: Tensor) -> int:
@@ -491,8 +523,9 @@ def part_offline(bench: Bench, deadline: Deadline, record: dict[str, Any]) -> No
 
 
 # ---- HTTP ---------------------------------------------------------------------------------------
-def make_service(bench: Bench, *, max_seqs: int, max_len: int) -> Any:
-    """serve's Service on the model, sized by whichever option names its constructor takes."""
+def make_service(bench: Bench, *, max_seqs: int, max_len: int, tokenizer: Any = None) -> Any:
+    """serve's Service on the model (and ``tokenizer``, default the bench's), sized by whichever option
+    names its constructor takes."""
     import inspect
 
     from splice.serve.service import Service
@@ -501,7 +534,7 @@ def make_service(bench: Bench, *, max_seqs: int, max_len: int) -> Any:
     wanted = {"max_seqs": max_seqs, "max_batch": max_seqs, "max_len": max_len, "max_waiting": 8192,
               "gpu_adapters": 1, "max_lora_rank": 16, "token_budget": max(bench.args.token_budget, max_seqs),
               "kv_blocks": max_seqs * -(-max_len // BLOCK) + 1}
-    return Service(bench.model, bench.tokenizer, model_name="base",
+    return Service(bench.model, tokenizer or bench.tokenizer, model_name="base",
                    **{k: v for k, v in wanted.items() if k in options})
 
 
@@ -510,13 +543,16 @@ def part_http(bench: Bench, deadline: Deadline, record: dict[str, Any]) -> None:
 
     args = bench.args
     prompt, output = ints(args.http_prompt), ints(args.http_output)
-    service = make_service(bench, max_seqs=args.http_max_seqs, max_len=prompt[1] + output[1] + 1)
+    share = args.http_json_fraction
+    service = make_service(bench, max_seqs=args.http_max_seqs, max_len=prompt[1] + output[1] + 1,
+                           tokenizer=json_tokenizer_for(bench.vocab) if share > 0 else None)
     try:
         warm(service.engine, bench.vocab, [None])  # before the engine thread starts
-        with running(service) as url:
+        with running(service, api_keys=[args.http_api_key] if args.http_api_key else ()) as url:
             spec = {"url": url, "rates": [float(r) for r in args.http_rates.split(",")], "seconds": args.http_seconds,
                     "prompt": prompt, "output": output, "vocab": bench.vocab, "all": args.http_all,
-                    "budget": deadline.left() - 15}
+                    "budget": deadline.left() - 15, "json_fraction": share, "api_key": args.http_api_key,
+                    "scrape_s": args.http_scrape_s, "first_word": JSON_CHARS if share > 0 else 3}
             proc = subprocess.run([sys.executable, __file__, "--client", json.dumps(spec)], capture_output=True,
                                   text=True, timeout=max(deadline.left() - 5, 10), check=False)
         if proc.returncode != 0:
@@ -534,6 +570,11 @@ def part_http(bench: Bench, deadline: Deadline, record: dict[str, Any]) -> None:
         print(f"http {r['rate_per_s']:g} req/s: offered {r['offered_tok_s']:.0f} delivered {r['delivered_tok_s']:.0f} "
               f"tok/s, TTFT p50 {r['ttft_p50_ms']:.0f} p99 {r['ttft_p99_ms']:.0f} ms, ITL p50 {r['itl_p50_ms']:.1f} "
               f"p99 {r['itl_p99_ms']:.1f} ms, {r['completed']}/{r['requests']} complete", flush=True)
+        if r.get("json_requests"):
+            print(f"  {r['json_requests']} JSON-schema requests: TTFT p50 {r['json_ttft_p50_ms']:.0f} ms, "
+                  f"ITL p50 {r['json_itl_p50_ms']:.1f} p99 {r['json_itl_p99_ms']:.1f} ms; the others: TTFT p50 "
+                  f"{r['plain_ttft_p50_ms']:.0f} ms, ITL p50 {r['plain_itl_p50_ms']:.1f} "
+                  f"p99 {r['plain_itl_p99_ms']:.1f} ms; /metrics scraped {r['scrapes']} times", flush=True)
 
 
 def quantile(values: Sequence[float], q: float) -> float:
@@ -543,10 +584,14 @@ def quantile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def _one_stream(client: Any, words: str, max_tokens: int) -> dict[str, Any]:
-    """One streamed completion: its send time, (time, tokens) of every chunk with text, its error."""
-    start, chunks, error = time.perf_counter(), [], None
-    body = {"model": "base", "prompt": words, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+async def _one_stream(client: Any, words: str, max_tokens: int, *, constrained: bool = False) -> dict[str, Any]:
+    """One streamed completion (``constrained``: JSON matching BENCH_SCHEMA): its send time, (time, tokens)
+    of every chunk with text, its finish reason and error."""
+    start, chunks, error, finish = time.perf_counter(), [], None, None
+    body: dict[str, Any] = {"model": "base", "prompt": words, "max_tokens": max_tokens, "temperature": 0,
+                            "stream": True}
+    if constrained:
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "bench", "schema": BENCH_SCHEMA}}
     try:
         async with client.stream("POST", "/completions", json=body) as reply:
             if reply.status_code != 200:
@@ -560,11 +605,24 @@ async def _one_stream(client: Any, words: str, max_tokens: int) -> dict[str, Any
                         error = str(chunk["error"])[:200]
                         break
                     text = chunk["choices"][0]["text"]
+                    finish = chunk["choices"][0].get("finish_reason") or finish
                     if text:
                         chunks.append((time.perf_counter(), len(text.split())))  # word tN is one token
     except Exception as failure:  # a failed request is counted, the load goes on
         error = f"{type(failure).__name__}: {failure}"
-    return {"start": start, "chunks": chunks, "max_tokens": max_tokens, "error": error}
+    return {"start": start, "chunks": chunks, "max_tokens": max_tokens, "error": error, "finish": finish,
+            "json": constrained}
+
+
+async def _scrape(client: Any, url: str, every: float, counts: dict[str, int]) -> None:
+    """GET ``url`` (/metrics) every ``every`` seconds until cancelled, counting answers by ok / failed."""
+    while True:
+        try:
+            ok = (await client.get(url)).status_code == 200
+        except Exception:  # counted; the load goes on
+            ok = False
+        counts["ok" if ok else "failed"] += 1
+        await asyncio.sleep(every)
 
 
 async def load_at_rate(spec: dict[str, Any], rate: float, budget: float) -> dict[str, Any]:
@@ -573,23 +631,31 @@ async def load_at_rate(spec: dict[str, Any], rate: float, budget: float) -> dict
 
     rng = random.Random(int(rate * 1000))
     count = max(2, round(rate * spec["seconds"]))
-    jobs = [(" ".join(f"t{rng.randrange(3, spec['vocab'])}" for _ in range(rng.randint(*spec["prompt"]))),
+    first = spec["first_word"]  # word tN is token N (json_tokenizer_for: from JSON_CHARS)
+    jobs = [(" ".join(f"t{rng.randrange(first, spec['vocab'])}" for _ in range(rng.randint(*spec["prompt"]))),
              rng.randint(*spec["output"])) for _ in range(count)]
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(base_url=spec["url"], timeout=httpx.Timeout(None), limits=limits) as client:
-        await _one_stream(client, jobs[0][0], 4)  # a connection and the path warmed
+    share = spec["json_fraction"]
+    constrained = [rng.random() < share for _ in jobs] if share > 0 else [False] * count
+    headers = {"Authorization": f"Bearer {spec['api_key']}"} if spec["api_key"] else None
+    scrapes = {"ok": 0, "failed": 0}
+    async with httpx.AsyncClient(base_url=spec["url"], timeout=httpx.Timeout(None), limits=limits,
+                                 headers=headers) as client:
+        await _one_stream(client, jobs[0][0], 4, constrained=share > 0)  # a connection and the path warmed
+        scraper = asyncio.create_task(_scrape(client, spec["url"].removesuffix("/v1") + "/metrics",
+                                              spec["scrape_s"], scrapes)) if spec["scrape_s"] > 0 else None
         tasks, start, at = [], time.perf_counter(), 0.0
-        for words, max_tokens in jobs:
+        for (words, max_tokens), json_body in zip(jobs, constrained):
             await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
-            tasks.append(asyncio.create_task(_one_stream(client, words, max_tokens)))
+            tasks.append(asyncio.create_task(_one_stream(client, words, max_tokens, constrained=json_body)))
             at += rng.expovariate(rate)
         span = time.perf_counter() - start
         done, pending = await asyncio.wait(tasks, timeout=max(1.0, budget - span))
-        for task in pending:
+        for task in [*pending, *([scraper] if scraper is not None else [])]:
             task.cancel()
         results = [t.result() for t in done]
-    return load_stats(results, rate=rate, count=count, span=span, start=start,
-                      requested=sum(m for _, m in jobs))
+    row = load_stats(results, rate=rate, count=count, span=span, start=start, requested=sum(m for _, m in jobs))
+    return {**row, "scrapes": scrapes["ok"], "scrapes_failed": scrapes["failed"]}
 
 
 def load_stats(results: list[dict[str, Any]], *, rate: float, count: int, span: float, start: float,
@@ -599,21 +665,41 @@ def load_stats(results: list[dict[str, Any]], *, rate: float, count: int, span: 
     arrivals; the rate is held when every request completed and delivered >= 85% of offered.
     ``throughput_tok_s``: every token over the whole run (first send to last token)."""
     times = [[t for t, _ in r["chunks"]] for r in results]
-    ttft = [(ts[0] - r["start"]) * 1e3 for r, ts in zip(results, times) if ts]
-    itl = [(b - a) * 1e3 for ts in times for a, b in zip(ts, ts[1:])]
     last = max((ts[-1] for ts in times if ts), default=start + span)
     steady = start + span / 4
     in_window = sum(n for r in results for t, n in r["chunks"] if steady <= t <= start + span)
     tokens = sum(n for r in results for _, n in r["chunks"])
-    complete = sum(r["error"] is None and sum(n for _, n in r["chunks"]) == r["max_tokens"] for r in results)
+    got = [sum(n for _, n in r["chunks"]) for r in results]
+    # a JSON request that completes its JSON early ("stop") is complete, and asked for no more than it got
+    requested -= sum(r["max_tokens"] - n for r, n in zip(results, got) if r["finish"] == "stop")
+    complete = sum(r["error"] is None and (n == r["max_tokens"] or r["finish"] == "stop")
+                   for r, n in zip(results, got))
     offered, delivered = requested / max(span, 1e-9), in_window / max(span * 3 / 4, 1e-9)
     errors = [r["error"] for r in results if r["error"] is not None]
     return {"rate_per_s": rate, "requests": count, "completed": complete, "errors": len(errors) + count - len(results),
             "first_error": errors[0] if errors else None, "arrival_span_s": span, "offered_tok_s": offered,
             "delivered_tok_s": delivered, "throughput_tok_s": tokens / max(last - start, 1e-9),
             "held": complete == count and delivered >= 0.85 * offered,
-            "ttft_p50_ms": quantile(ttft, 0.5), "ttft_p99_ms": quantile(ttft, 0.99),
-            "itl_p50_ms": quantile(itl, 0.5), "itl_p99_ms": quantile(itl, 0.99)}
+            **latency(results), **split_latency(results)}
+
+
+def latency(results: list[dict[str, Any]], prefix: str = "") -> dict[str, float]:
+    """TTFT (send to first text) and ITL (gaps between text chunks), p50 / p99 in ms, under keys that start
+    with ``prefix``."""
+    times = [[t for t, _ in r["chunks"]] for r in results]
+    ttft = [(ts[0] - r["start"]) * 1e3 for r, ts in zip(results, times) if ts]
+    itl = [(b - a) * 1e3 for ts in times for a, b in zip(ts, ts[1:])]
+    return {f"{prefix}ttft_p50_ms": quantile(ttft, 0.5), f"{prefix}ttft_p99_ms": quantile(ttft, 0.99),
+            f"{prefix}itl_p50_ms": quantile(itl, 0.5), f"{prefix}itl_p99_ms": quantile(itl, 0.99)}
+
+
+def split_latency(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """With JSON-schema requests in the load: their latency (``json_``) and the others' (``plain_``) apart."""
+    constrained = [r for r in results if r["json"]]
+    if not constrained:
+        return {}
+    return {"json_requests": len(constrained), "json_stopped": sum(r["finish"] == "stop" for r in constrained),
+            **latency(constrained, "json_"), **latency([r for r in results if not r["json"]], "plain_")}
 
 
 def client_main(spec: dict[str, Any]) -> None:
@@ -776,7 +862,10 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, str]]]] = {  # part -> (title,
         ("delivered tok/s", "delivered_tok_s", ".0f"), ("throughput tok/s", "throughput_tok_s", ".0f"),
         ("complete", "completed", "d"), ("requests", "requests", "d"),
         ("TTFT p50 ms", "ttft_p50_ms", ".0f"), ("TTFT p99 ms", "ttft_p99_ms", ".0f"),
-        ("ITL p50 ms", "itl_p50_ms", ".1f"), ("ITL p99 ms", "itl_p99_ms", ".1f"), ("held", "held", "")]),
+        ("ITL p50 ms", "itl_p50_ms", ".1f"), ("ITL p99 ms", "itl_p99_ms", ".1f"), ("held", "held", ""),
+        ("JSON reqs", "json_requests", "d"), ("JSON TTFT p50", "json_ttft_p50_ms", ".0f"),
+        ("JSON ITL p50", "json_itl_p50_ms", ".1f"), ("plain TTFT p50", "plain_ttft_p50_ms", ".0f"),
+        ("plain ITL p50", "plain_itl_p50_ms", ".1f")]),
     "nf4": ("NF4 vs bf16 decode", [
         ("weights", "label", ""), ("batch", "batch", "d"), ("tok/s", "tok_s", ".0f"), ("ms/step", "step_ms", ".2f"),
         ("of roofline", "roofline_fraction", ".2f"), ("vs bf16", "vs_bf16", ".2f")]),
@@ -823,6 +912,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for key, value in (TINY if args.tiny else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if not 0.0 <= args.http_json_fraction <= 1.0:
+        parser.error(f"--http-json-fraction {args.http_json_fraction}: give the share of JSON requests, in [0, 1]")
     unknown = set(args.parts.split(",")) - set(PARTS)
     if unknown:
         parser.error(f"--parts: unknown {sorted(unknown)}; choose from {', '.join(PARTS)}")
