@@ -155,6 +155,25 @@ def test_completion_logprobs_use_the_legacy_format(server: Server) -> None:
     assert plain.choices[0].logprobs is None
 
 
+def test_stop_strings_end_every_choice_and_streamed_logprobs_continue_their_offsets(server: Server) -> None:
+    client = server.client()
+    full = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=10, temperature=0).choices[0].text
+    stop = full[4:6]
+    kwargs: Any = dict(model="tiny", prompt=PROMPT, max_tokens=10, temperature=0, n=2, stop=[stop], logprobs=1)
+    got = client.completions.create(**kwargs)
+    assert [(c.text, c.finish_reason) for c in got.choices] == [(full[: full.index(stop)], "stop")] * 2
+    tokens: dict[int, list[str]] = defaultdict(list)
+    offsets: dict[int, list[int]] = defaultdict(list)
+    for chunk in client.completions.create(stream=True, **kwargs):
+        (choice,) = chunk.choices
+        if choice.logprobs is not None:
+            tokens[choice.index] += choice.logprobs.tokens or []
+            offsets[choice.index] += choice.logprobs.text_offset or []
+    for c in got.choices:
+        assert c.logprobs is not None
+        assert (tokens[c.index], offsets[c.index]) == (c.logprobs.tokens, c.logprobs.text_offset)
+
+
 def test_penalties_change_the_answer_as_the_engine_computes_them(server: Server) -> None:
     ids = server.ids(PROMPT)
     model = build_tiny_llama(len(build_tiny_tokenizer()))
