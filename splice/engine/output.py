@@ -144,8 +144,9 @@ _BYTE_OF = _byte_alphabet()  # a constant (read-only)
 def _byte_level(tokenizer: Any) -> bool:
     """Whether ``tokenizer`` (a fast one) decodes through the byte-level alphabet (GPT-2, Llama 3, Qwen)."""
     decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
-    state = getattr(decoder, "__getstate__", None)
-    return callable(state) and b'"type":"ByteLevel"' in bytes(state())
+    state = decoder.__getstate__() if decoder is not None else None  # the decoder's JSON
+    return isinstance(state, bytes | str) and '"type":"ByteLevel"' in (
+        state.decode() if isinstance(state, bytes) else state)
 
 
 class TokenTexts:

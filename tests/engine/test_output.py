@@ -134,3 +134,6 @@ def test_token_texts_give_each_tokens_bytes_and_openais_text() -> None:
     sentencepiece = TokenTexts(pieces_tokenizer)
     assert [sentencepiece(i) for i in (1, 2, 3)] == [(" hello", b" hello"), ("world", b"world"),
                                                       ("bytes:\\xe2", b"\xe2")]
+    backend.decoder = None  # no decoder at all (a bare word-level tokenizer): each token decoded alone
+    bare = TokenTexts(PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>"))
+    assert bare(2) == ("world", b"world")
