@@ -263,7 +263,7 @@ class Grammars:
         if self._copied is not None:
             self._copied.synchronize()  # its last copy to the device has finished reading it
         buffer = self._packed
-        if buffer is None or buffer.shape[0] < rows or buffer.shape[1] != words:
+        if buffer is None or buffer.shape[0] < rows or buffer.shape[1] != words or buffer.is_pinned() != pinned:
             buffer = torch.zeros(max(rows, 8), words, dtype=torch.int32, pin_memory=pinned)
             self._packed = buffer
         view = buffer[:rows]

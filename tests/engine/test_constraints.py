@@ -281,3 +281,26 @@ def test_generate_refuses_a_constraint_its_tokenizer_cannot_serve() -> None:
     with pytest.raises(ValueError, match="prompt 1: error: structured output needs an EOS token"):
         engine.generate([_ids(tokenizer, "a"), _ids(tokenizer, "b")],
                         [SamplingParams(max_tokens=2), SamplingParams(max_tokens=2, constraint=regex("a+"))])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_masks_sent_to_the_gpu_equal_the_host_ones() -> None:
+    grammars = Grammars(build_tiny_tokenizer(), eos={2})
+    matchers = [grammars.matcher(choice(ANSWERS)), None, grammars.matcher(json_schema(PERSON))]
+    for device in ("cpu", "cuda", "cuda", "cpu", "cuda"):  # the host buffer is reused, pinned for the GPU
+        masks = grammars.masks(matchers, vocab=300, device=torch.device(device))
+        assert masks is not None and masks.device.type == device
+        if device == "cpu":
+            expected = masks
+        assert torch.equal(masks.cpu(), expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_constrained_outputs_are_valid_on_the_gpu() -> None:
+    tokenizer = build_tiny_tokenizer()
+    engine = Engine(build_tiny_llama(len(tokenizer), seed=3).cuda(), tokenizer, max_len=256, max_seqs=8)
+    jobs = _mixed(greedy=False)
+    person, _, code, answer, _ = engine.generate([_ids(tokenizer, p) for p, _ in jobs], [p for _, p in jobs])
+    assert person.finish_reason == code.finish_reason == answer.finish_reason == "stop"
+    check_person(person.text)
+    assert re.fullmatch(CODE, code.text) and answer.text in ANSWERS
