@@ -53,7 +53,7 @@ from splice.engine.sampling import (
 )
 from splice.engine.scheduler import Scheduler
 from splice.engine.scheduler import Sequence as Seq
-from splice.engine.transfer import ToHost, pack, unpack
+from splice.engine.transfer import PENDING, Inflight, ToHost, pack, unpack
 from splice.lora.bank import BankSite, HostAdapter, LoraBank
 
 __all__ = ["Engine", "EngineFull", "OnEvent", "Request", "SamplingParams", "eval_mode"]
@@ -82,13 +82,16 @@ class Engine:
     at most ``token_budget`` tokens. The KV cache holds ``kv_blocks`` blocks of ``block_size`` tokens
     (default: ``kv_memory`` of the free GPU memory, or ``max_seqs x max_len`` tokens on the CPU).
     ``bank`` / ``sites`` / ``adapters``: serve's adapter bank, its sites and the adapters it may load.
+    ``overlap``: launch each step before the previous one's tokens reach the host (:meth:`step`;
+    default: on CUDA).
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, max_seqs: int = 32, max_len: int = 1024,
                  token_budget: int = 2048, block_size: int = 16, kv_blocks: int | None = None,
                  kv_memory: float = 0.8, prefix_caching: bool = True, max_waiting: int = 256,
                  bank: LoraBank | None = None, sites: Sequence[BankSite] = (),
-                 adapters: dict[str, HostAdapter] | None = None, cuda_graphs: bool = True) -> None:
+                 adapters: dict[str, HostAdapter] | None = None, cuda_graphs: bool = True,
+                 overlap: bool | None = None) -> None:
         for name, value in (("max_seqs", max_seqs), ("max_len", max_len), ("token_budget", token_budget),
                             ("block_size", block_size), ("max_waiting", max_waiting)):
             if value < 1:
@@ -120,6 +123,8 @@ class Engine:
         self._to_host = ToHost(rows=max_seqs, device=self.runner.device)
         self._counts = TokenCounts(self.runner.device)
         self._unforked: dict[Request, list[Request]] = {}  # n > 1: choices waiting for their prompt
+        self._inflight: Inflight | None = None  # the launched step's sampled tokens, not yet on the host
+        self.overlap = self.runner.device.type == "cuda" if overlap is None else overlap
 
     def _new_scheduler(self) -> tuple[BlockPool, Scheduler]:
         pool = BlockPool(self.runner.num_blocks, self.runner.block_size)
@@ -156,7 +161,8 @@ class Engine:
 
     @property
     def busy(self) -> bool:
-        return bool(self.scheduler.running or self.scheduler.waiting or not self._inbox.empty())
+        return bool(self.scheduler.running or self.scheduler.waiting or not self._inbox.empty()
+                    or self._inflight is not None)
 
     @property
     def graph_failure(self) -> str | None:
@@ -195,7 +201,13 @@ class Engine:
     # ---- the loop --------------------------------------------------------------------------
     def step(self) -> bool:
         """One scheduling step; False when there was nothing to do. The model runs in the mode it is in
-        (:meth:`run` and :meth:`generate` put it in eval mode)."""
+        (:meth:`run` and :meth:`generate` put it in eval mode).
+
+        The step's forward is launched before the previous step's sampled tokens reach the host: decodes
+        read those tokens on the device (the runner's ``feed``), and the previous step's output
+        processing (:meth:`_settle`) runs on the host while the GPU computes. A request that the settled
+        token ends (EOS, a stop string, a grammar) has its row of this step dropped unsampled. Without
+        ``overlap`` (the default on the CPU, where nothing runs meanwhile) each step settles at once."""
         while not self._commands.empty():
             self._commands.get_nowait()()
         with torch.inference_mode():
@@ -204,23 +216,55 @@ class Engine:
             self.preemptions += len(plan.preempted)
             changed |= self._fail_rejected()
             if not plan.chunks:
-                return changed
+                return self._settle() or changed
             for chunk in plan.chunks:
                 self._started(chunk.seq.payload)
+            pending = self._inflight
             try:
-                logits = self.runner.execute(plan, rows=self._rows)
+                logits = self.runner.execute(plan, rows=self._rows, previous=pending.tokens if pending else None,
+                                             feed=[pending.row_of(c) for c in plan.chunks] if pending else ())
             except Exception as error:  # e.g. an adapter that fails in the forward: end this step's requests
+                self._settle()
                 for chunk in plan.chunks:
                     self._end(chunk.seq, f"error: {type(error).__name__}: {error}")
                 return True
+            self._settle()
             self.computed_tokens += plan.num_tokens
-            self.scheduler.advance(plan)
-            sampled = [chunk.seq for chunk in plan.chunks if chunk.sample]
-            rows = self._fork(sampled)
-            if rows is not None:
-                logits = logits.index_select(0, on_device(rows, torch.long, logits.device))
-            tokens, logprobs = self._sample(logits, [s.payload for s in sampled])
-            for seq, token, logprob in zip(sampled, tokens, logprobs, strict=True):
+            self.scheduler.advance(plan)  # (after _settle: every input token of the step is known now)
+            self._launch(logits, [chunk.seq for chunk in plan.chunks if chunk.sample])
+            if not self.overlap:
+                self._settle()
+        return True
+
+    def _launch(self, logits: Tensor, sampled: list[Seq]) -> None:
+        """Sample the rows of ``sampled`` still running (forking waiting choices) on the device and start
+        their trip to the host; each sequence holds :data:`PENDING` for its token until :meth:`_settle`.
+        A sequence whose token is its last is finished in the scheduler now (never scheduled again)."""
+        index = [row for row, seq in enumerate(sampled) if not seq.payload.finished]
+        kept = [sampled[row] for row in index]
+        rows = self._fork(kept)
+        picks = [index[row] for row in rows] if rows is not None else index
+        if not kept:
+            return
+        if picks != list(range(len(sampled))):
+            logits = logits.index_select(0, on_device(picks, torch.long, logits.device))
+        tokens, values, asked, tops = self._sample(logits, [seq.payload for seq in kept])
+        self._to_host.start(values)
+        self._inflight = Inflight(seqs=kept, tokens=tokens, asked=asked, tops=tops,
+                                   rows={seq: row for row, seq in enumerate(kept)})
+        for seq in kept:
+            self.scheduler.append(seq, PENDING)
+            if len(seq.payload.generated) + 1 >= seq.payload.params.max_tokens or len(seq.tokens) >= self.max_len:
+                self.scheduler.finish(seq)
+
+    def _settle(self) -> bool:
+        """Wait for the launched step's tokens and process them (:meth:`_accept`); False if none was out."""
+        pending, self._inflight = self._inflight, None
+        if pending is None:
+            return False
+        tokens, logprobs = unpack(self._to_host.wait(), len(pending.seqs), pending.asked, pending.tops)
+        for seq, token, logprob in zip(pending.seqs, tokens, logprobs, strict=True):
+            if not seq.payload.finished:  # (cancelled meanwhile: already ended)
                 self._accept(seq, token, logprob)
         return True
 
@@ -241,9 +285,10 @@ class Engine:
                 rows.append(row)
         return rows
 
-    def _sample(self, logits: Tensor, requests: list[Request]) -> tuple[list[int], list[TokenLogprob | None]]:
-        """The next token of each sampled row (and its logprobs, for the rows that ask): drawn on the device,
-        then the step's one host sync."""
+    def _sample(self, logits: Tensor, requests: list[Request]) -> tuple[Tensor, Tensor, list[int], list[int]]:
+        """The next token of each sampled row on the device, and the values to bring to the host (the
+        tokens, and the logprobs of the rows that ask: :func:`~splice.engine.transfer.pack`, ``asked``
+        rows with ``tops`` alternatives each)."""
         params = [r.params for r in requests]
         device = logits.device
         penalized = [i for i, p in enumerate(params) if p.penalized]
@@ -259,13 +304,11 @@ class Engine:
             self._counts.add(slots, tokens.index_select(0, on_device(penalized, torch.long, device)))
         asked = [i for i, p in enumerate(params) if p.logprobs is not None]
         tops = [params[i].logprobs or 0 for i in asked]
-        if asked:
-            at = on_device(asked, torch.long, device)
-            values = pack(tokens, *token_logprobs(logits.index_select(0, at), tokens.index_select(0, at), max(tops)))
-        else:
-            values = pack(tokens)
-        self._to_host.start(values)
-        return unpack(self._to_host.wait(), len(requests), asked, tops)
+        if not asked:
+            return tokens, pack(tokens), asked, tops
+        at = on_device(asked, torch.long, device)
+        return tokens, pack(tokens, *token_logprobs(logits.index_select(0, at), tokens.index_select(0, at),
+                                                    max(tops))), asked, tops
 
     def _counts_slot(self, request: Request, vocab: int) -> int:
         """``request``'s row of the token counts (penalties), taken at its first sampled token."""
@@ -365,7 +408,7 @@ class Engine:
             return self._end(seq, f"error: {broken}")
         if token in self.eos:
             return self._end(seq, "stop")
-        self.scheduler.append(seq, token)
+        seq.tokens[-1] = token  # in place of PENDING
         request.generated.append(token)
         if request.logprobs is not None and logprob is not None:
             request.logprobs.append(logprob)

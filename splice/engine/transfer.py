@@ -13,13 +13,16 @@ has one host sync, in :meth:`ToHost.wait`; :func:`unpack` reads the values back 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from splice.engine.output import TokenLogprob
+from splice.engine.scheduler import Chunk
+from splice.engine.scheduler import Sequence as Seq
 
-__all__ = ["ToHost", "pack", "unpack"]
+__all__ = ["PENDING", "Inflight", "ToHost", "pack", "unpack"]
 
 
 def pack(tokens: Tensor, chosen: Tensor | None = None, top_values: Tensor | None = None,
@@ -78,3 +81,22 @@ class ToHost:
             self._event.synchronize()
         values: list[float] | list[int] = pending.tolist()
         return values
+
+
+PENDING = -1  # a sampled token still on its way to the host: its place in ``seq.tokens`` until settled
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class Inflight:
+    """A launched step's sampled tokens: ``tokens`` (S,) on the device, for ``seqs`` in row order;
+    ``asked`` / ``tops``: the rows that want logprobs (see :func:`~splice.engine.transfer.unpack`)."""
+
+    seqs: list[Seq]
+    tokens: Tensor
+    asked: list[int]
+    tops: list[int]
+    rows: dict[Seq, int]
+
+    def row_of(self, chunk: Chunk) -> int:
+        """The row of ``chunk``'s last input token when that token is one of these (-1: it is not)."""
+        return self.rows.get(chunk.seq, -1) if chunk.start + chunk.count == len(chunk.seq.tokens) else -1
