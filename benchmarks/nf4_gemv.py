@@ -1,19 +1,23 @@
-"""The fused NF4 GEMV / small-M GEMM (splice.kernels.nf4_gemv) against dequantize + cuBLAS and bf16 cuBLAS.
+"""The fused NF4 GEMV / small-M GEMM (splice.kernels.nf4_gemv) against bf16 cuBLAS and dequantize + cuBLAS.
 
-Run on a GPU: ``python benchmarks/nf4_gemv.py [--out FILE.json] [--no-sweep]`` (under a minute on an
-H200). Llama-3-8B projection shapes (N x K: q/o 4096x4096, k/v 1024x4096, gate/up 14336x4096, down
-4096x14336) at M = 1, 8, 32 activation rows (bf16, double-quantized NF4 as ``quantize_nf4`` makes it):
+Run on a GPU: ``python benchmarks/nf4_gemv.py [--json FILE.json] [--no-sweep] [--jobs 16]`` (about a
+minute on an H200, most of it compiling the sweep's kernels, which ``--jobs`` processes do in
+parallel first; ``--precompile-only`` stops there, to overlap it with something else). Llama-3-8B
+projection shapes (N x K: q/o 4096x4096, k/v 1024x4096, gate/up 14336x4096, down 4096x14336) at
+M = 1, 8, 32, 64 activation rows (bf16, double-quantized NF4 as ``quantize_nf4`` makes it):
 
-* ``fused``: :func:`nf4_linear` with its default tiles (what NF4Tensor's matmuls run for M <= 16);
-* ``dequant+mm``: ``F.linear(x, W.dequantize())``, the path above the threshold;
-* ``bf16``: ``F.linear`` over the bf16 weight (the ceiling a 4-bit weight should beat ~3.5x at M = 1).
+* ``bf16``: ``F.linear`` over the bf16 weight (cuBLAS; what a 4-bit weight should beat ~3.5x at M = 1);
+* ``dequant+mm``: ``F.linear(x, W.dequantize())``, what NF4Tensor runs above ``FUSED_MAX_ROWS``;
+* ``default``: :func:`nf4_linear` with :func:`default_config` (what NF4Tensor runs up to it);
+* the sweep: other tile configs (kernel, rows, columns, warps, stages, K splits, lookup), each also
+  checked against ``F.linear`` over the dequantized weight (a config that is fast and wrong is
+  reported as wrong, never as best).
 
 Timing as a decode step sees it: each variant runs over enough copies of the weight to overflow L2
 (as consecutive layers do), the calls captured in one CUDA graph (no launch gaps), time per call =
-replay time / copies. Bandwidth = the weight's stored bytes (NF4: packed codes + 8-bit absmax +
-fp32 second-level scales; bf16: 2 bytes a weight) / time, with the device's measured copy bandwidth
-as the roofline. ``--sweep`` (default on) also times a few other tile configs, to tune
-``default_config``. Prints a table, then the JSON.
+replay time / copies. Effective bandwidth = the weight's stored bytes (NF4: packed codes + 8-bit
+absmax + fp32 second-level scales; bf16: 2 bytes a weight) / time. Prints a table and writes the
+JSON (device, date, versions, per shape and M: microseconds, TB/s, ratio to bf16, every config).
 """
 
 from __future__ import annotations
@@ -21,19 +25,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from splice.kernels.nf4_gemv import GemvConfig, default_config, nf4_linear
+from splice.kernels.nf4_gemv import GemvConfig, default_config, k_splits, nf4_linear
 from splice.quant.nf4 import NF4Tensor, to_nf4
 
 SHAPES = {"q/o": (4096, 4096), "k/v": (1024, 4096), "gate/up": (14336, 4096), "down": (4096, 14336)}
-ROWS = (1, 8, 32)
+ROWS = (1, 8, 32, 64)
 GIB = 1 << 30
 
 
@@ -59,7 +65,7 @@ def graph_time(calls: list[Callable[[], Any]], *, replays: int = 10) -> float:
 
 
 def copy_bandwidth() -> float:
-    """Bytes/s of a 1 GiB device-to-device copy (read + write), the memory roofline."""
+    """Bytes/s of a 1 GiB device-to-device copy (read + write), a memory roofline."""
     a = torch.empty(GIB // 2, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
     seconds = graph_time([lambda: b.copy_(a)] * 4)
@@ -79,82 +85,160 @@ def fused_call(x: Tensor, w: NF4Tensor, config: GemvConfig | None) -> Callable[[
     return call
 
 
-def sweep_configs(m: int, n: int, k: int) -> list[GemvConfig]:
-    """Tile configs around the default for ``(m, n, k)``."""
+def candidates(m: int, n: int, k: int, *, sms: int) -> list[GemvConfig]:
+    """The sweep's tile configs for ``(M, N, K)``: the gemv kernel's row / column tiles and lookups
+    (M = 1), the dot kernel's row tiles, warps, stages, K splits and lookups (every M)."""
+    configs: list[GemvConfig] = []
     if m == 1:
-        configs = [GemvConfig(kernel="gemv", block_n=bn, block_k=min(k, 8192 // bn)) for bn in (2, 4, 8, 16, 32)]
-        configs += [GemvConfig(kernel="gemv", block_n=bn, block_k=min(k, 8192 // bn), num_warps=8) for bn in (4, 16)]
-        configs += [GemvConfig(kernel="gemv", block_n=4, block_k=min(k, 4096), num_warps=8)]  # 8 KiB steps
-        return configs + [GemvConfig(kernel="dot", block_n=16, block_k=256)]
-    configs = [GemvConfig(kernel="dot", block_n=bn, block_k=bk) for bn in (16, 32, 64) for bk in (128, 256)]
-    return configs + [GemvConfig(kernel="dot", block_n=32, block_k=256, num_warps=8)]
+        configs += [GemvConfig(kernel="gemv", block_n=bn, block_k=bk, num_warps=w)
+                    for bn, bk, w in ((8, 1024, 4), (16, 512, 4), (32, 256, 4), (16, 1024, 8))]
+        configs += [GemvConfig(kernel="gemv", block_n=16, block_k=512, lut=lut) for lut in ("ldg", "plain")]
+        configs.append(GemvConfig(kernel="gemv", block_n=4, block_k=512,
+                                  split_k=k_splits(-(-n // 4), k // 512, sms=sms)))
+    m_tiles = -(-m // 64)
+    for bn, w, stages in ((128, 4, 1), (64, 4, 1), (128, 8, 1), (128, 4, 2)):
+        split = k_splits(-(-n // bn) * m_tiles, k // 64, sms=sms)
+        configs += [GemvConfig(kernel="dot", block_n=bn, block_k=64, split_k=s, num_warps=w, num_stages=stages)
+                    for s in sorted({1, split})]
+    configs.append(GemvConfig(kernel="dot", block_n=128, block_k=64, lut="ldg",
+                              split_k=k_splits(-(-n // 128) * m_tiles, k // 64, sms=sms)))
+    configs.append(GemvConfig(kernel="dot", block_n=64, block_k=128,  # two blocks a step: absmax per weight
+                              split_k=k_splits(-(-n // 64) * m_tiles, k // 128, sms=sms)))
+    return configs
+
+
+def _warm(tasks: list[tuple[int, int, int, dict[str, Any] | None]]) -> list[str]:
+    """Pool worker: run each (N, K, M, config) once so its kernels compile into Triton's on-disk
+    cache (shared by the processes); the errors, as text."""
+    errors, weights = [], {}
+    for n, k, m, config in tasks:
+        try:
+            if (n, k) not in weights:
+                weights[(n, k)] = to_nf4(torch.randn(n, k, device="cuda") * 0.02, dtype=torch.bfloat16)
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            fused_call(x, weights[(n, k)], None if config is None else GemvConfig(**config))()
+            torch.cuda.synchronize()
+        except Exception as e:
+            errors.append(f"{n}x{k} M={m} {config}: {type(e).__name__}: {str(e)[:300]}")
+    return errors
+
+
+def precompile(*, sweep: bool, jobs: int) -> list[str]:
+    """Compile every kernel the timing run will launch, in ``jobs`` processes (spawned: CUDA)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    tasks: list[tuple[int, int, int, dict[str, Any] | None]] = []
+    for n, k in SHAPES.values():
+        for m in ROWS:
+            tasks.append((n, k, m, None))
+            if sweep:
+                tasks += [(n, k, m, asdict(c)) for c in candidates(m, n, k, sms=sms)]
+    chunks = [tasks[i::jobs] for i in range(jobs)]
+    with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+        return [e for errors in pool.map(_warm, chunks) for e in errors]
+
+
+def _time_config(x: Tensor, nf4s: list[NF4Tensor], config: GemvConfig | None, truth: Tensor) -> dict[str, Any]:
+    """One config: its time per call and its error against the dequantized weight's F.linear."""
+    try:
+        got = fused_call(x, nf4s[0], config)().float()
+        err = ((got - truth).norm() / truth.norm()).item()
+        seconds = graph_time([fused_call(x, w, config) for w in nf4s])
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    return {"us": round(seconds * 1e6, 2), "rel_err": err, "ok": err < 2e-2}
 
 
 def bench_shape(name: str, n: int, k: int, *, sweep: bool, deadline: float) -> list[dict[str, Any]]:
     torch.manual_seed(0)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     dense = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
     nf4 = to_nf4(dense, dtype=torch.bfloat16)
     nf4_bytes, bf16_bytes = nf4.nbytes_stored(), dense.numel() * 2
     nf4s = [nf4] + [nf4.rebuild(fn=torch.clone) for _ in range(copies_for(nf4_bytes) - 1)]
     denses = [dense] + [dense.clone() for _ in range(copies_for(bf16_bytes) - 1)]
+    w32 = nf4.dequantize(torch.float32)
     rows = []
     for m in ROWS:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        default = default_config(m, n, k, block_size=64, sms=torch.cuda.get_device_properties(0).multi_processor_count)
-        times = {
-            "fused": graph_time([fused_call(x, w, None) for w in nf4s]),
-            "dequant+mm": graph_time([lambda w=w: F.linear(x, w.dequantize(torch.bfloat16)) for w in nf4s[:4]]),
+        truth = F.linear(x.float(), w32)
+        base = {
             "bf16": graph_time([lambda w=w: F.linear(x, w) for w in denses]),
+            "dequant+mm": graph_time([lambda w=w: F.linear(x, w.dequantize(torch.bfloat16)) for w in nf4s[:4]]),
         }
-        tuned: list[dict[str, Any]] = []
-        if sweep and m <= 8:
-            for config in sweep_configs(m, n, k):
-                if time.monotonic() > deadline:  # each new tile config compiles (~1 s)
-                    break
-                seconds = graph_time([fused_call(x, w, config) for w in nf4s])
-                tuned.append({**config.__dict__, "us": round(seconds * 1e6, 2)})
-            tuned.sort(key=lambda row: row["us"])
-        rows.append({
-            "shape": f"{name} {n}x{k}", "m": m, "default_config": default.__dict__,
-            "us": {key: round(s * 1e6, 2) for key, s in times.items()},
-            "GB/s": {"fused": nf4_bytes / times["fused"] / 1e9, "dequant+mm": nf4_bytes / times["dequant+mm"] / 1e9,
-                     "bf16": bf16_bytes / times["bf16"] / 1e9},
-            "fused_vs_bf16": times["bf16"] / times["fused"],
-            "best_configs": tuned[:3],
-        })
+        default = default_config(m, n, k, block_size=64, sms=sms)
+        results = [{"config": asdict(default), "default": True, **_time_config(x, nf4s, None, truth)}]
+        for config in candidates(m, n, k, sms=sms) if sweep else []:
+            if time.monotonic() > deadline:
+                break
+            results.append({"config": asdict(config), **_time_config(x, nf4s, config, truth)})
+        timed = [r for r in results if r.get("ok")]
+        best = min(timed, key=lambda r: r["us"]) if timed else None
+        us = {key: round(s * 1e6, 2) for key, s in base.items()}
+        row = {"shape": f"{name} {n}x{k}", "m": m, "us": us, "default": results[0], "best": best,
+               "TB/s": {"bf16": bf16_bytes / base["bf16"] / 1e12,
+                        "dequant+mm": nf4_bytes / base["dequant+mm"] / 1e12,
+                        "default": nf4_bytes / results[0]["us"] / 1e6 if results[0].get("us") else None,
+                        "best": nf4_bytes / best["us"] / 1e6 if best else None},
+               "vs_bf16": {"default": us["bf16"] / results[0]["us"] if results[0].get("us") else None,
+                           "best": us["bf16"] / best["us"] if best else None},
+               "configs": results}
+        rows.append(row)
     return rows
+
+
+def _describe(result: dict[str, Any] | None) -> str:
+    if not result:
+        return "-"
+    c = result["config"]
+    return (f"{c['kernel']} n{c['block_n']} k{c['block_k']} s{c['split_k']} {c['lut']} w{c['num_warps']}"
+            f" st{c['num_stages']}: {result['us']} us")
+
+
+def print_table(rows: list[dict[str, Any]], roofline: float) -> None:
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {roofline / 1e9:.0f} GB/s")
+    print(f"{'shape':<22}{'M':>4} {'bf16':>7} {'deq+mm':>7} {'default':>8} {'TB/s':>5} {'x bf16':>6}"
+          f" {'best':>7} {'TB/s':>5} {'x bf16':>6}  best config")
+    for row in rows:
+        us, tbs, ratio, d, b = row["us"], row["TB/s"], row["vs_bf16"], row["default"], row["best"]
+        def num(v: float | None, fmt: str) -> str:
+            return format(v, fmt) if v is not None else "-"
+        print(f"{row['shape']:<22}{row['m']:>4} {us['bf16']:>7.2f} {us['dequant+mm']:>7.2f} "
+              f"{num(d.get('us'), '8.2f'):>8} {num(tbs['default'], '5.2f'):>5} {num(ratio['default'], '6.2f'):>6} "
+              f"{num(b and b['us'], '7.2f'):>7} {num(tbs['best'], '5.2f'):>5} {num(ratio['best'], '6.2f'):>6}"
+              f"  {_describe(b)}")
+    wrong = [(row["shape"], row["m"], r["config"], r.get("rel_err", r.get("error")))
+             for row in rows for r in row["configs"] if not r.get("ok")]
+    for item in wrong:
+        print("NOT OK:", *item)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default=None, help="also write the JSON here")
+    parser.add_argument("--json", "--out", dest="json", default=None, help="also write the JSON here")
     parser.add_argument("--no-sweep", dest="sweep", action="store_false", help="time only the default tiles")
-    parser.add_argument("--budget", type=float, default=45.0, help="seconds after which the sweep stops")
+    parser.add_argument("--budget", type=float, default=120.0, help="seconds after which the sweep stops")
+    parser.add_argument("--jobs", type=int, default=16, help="processes compiling kernels first (0: none)")
+    parser.add_argument("--precompile-only", action="store_true", help="compile the kernels, time nothing")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/nf4_gemv.py: needs a CUDA GPU")
     began = time.monotonic()
+    errors = precompile(sweep=args.sweep, jobs=args.jobs) if args.jobs > 0 else []
+    print(f"precompiled in {time.monotonic() - began:.0f} s; {len(errors)} errors", *errors[:5], sep="\n")
+    if args.precompile_only:
+        return
     roofline = copy_bandwidth()
-    rows = [row for name, (n, k) in SHAPES.items()
-            for row in bench_shape(name, n, k, sweep=args.sweep, deadline=began + args.budget)]
-    print(f"{torch.cuda.get_device_name()}: copy bandwidth {roofline / 1e9:.0f} GB/s (the roofline)")
-    print(f"{'shape':<22}{'M':>4} {'fused us':>9} {'deq+mm us':>10} {'bf16 us':>8} {'fused GB/s':>11} "
-          f"{'% roof':>7} {'bf16 GB/s':>10} {'fused/bf16':>11}  best sweep config")
-    for row in rows:
-        us, gbs = row["us"], row["GB/s"]
-        best = row["best_configs"][0] if row["best_configs"] else None
-        best_text = "" if best is None else (f"{best['kernel']} n{best['block_n']} k{best['block_k']} "
-                                             f"w{best['num_warps']}: {best['us']} us")
-        print(f"{row['shape']:<22}{row['m']:>4} {us['fused']:>9.2f} {us['dequant+mm']:>10.2f} {us['bf16']:>8.2f} "
-              f"{gbs['fused']:>11.0f} {100 * gbs['fused'] * 1e9 / roofline:>6.0f}% {gbs['bf16']:>10.0f} "
-              f"{row['fused_vs_bf16']:>10.2f}x  {best_text}")
-    result = {"device": torch.cuda.get_device_name(), "copy_GB/s": roofline / 1e9, "rows": rows,
-              "seconds": time.monotonic() - began}
-    text = json.dumps(result, indent=1, default=float)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    print(text)
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "torch": torch.__version__, "triton": __import__("triton").__version__, "copy_GB/s": roofline / 1e9,
+        "compile_errors": errors, "rows": []}
+    for name, (n, k) in SHAPES.items():
+        result["rows"] += bench_shape(name, n, k, sweep=args.sweep, deadline=began + args.budget)
+        result["seconds"] = time.monotonic() - began
+        if args.json:  # after every shape: a run cut short still leaves its rows
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1, default=float)
+    print_table(result["rows"], roofline)
 
 
 if __name__ == "__main__":

@@ -7,35 +7,45 @@ a byte with the even one in the high nibble, the absmax fp32 or double-quantized
 
     y[m, n] = sum_k x[m, k] * NF4[c[n * K + k]] * absmax[(n * K + k) // block_size]  (+ bias[n])
 
-``y`` is ``(..., N)`` in ``x``'s dtype. ``K`` must be a multiple of the (power-of-two) block size, so
-no block straddles two rows: the blocks of row ``n`` are ``n * K / block_size + (0, 1, ...)``.
+``y`` is ``(..., N)`` in ``x``'s dtype. ``K`` must be a multiple of the (power-of-two, >= 8) block
+size, so no block straddles two rows and a block is whole int32 words of 8 codes.
 
 Why: at decode a linear sees a handful of rows, the matmul is bound by the bytes of the weight, and
 dequantize-then-cuBLAS moves ~4.5 bytes a weight (0.5 read, 2 written, 2 read back) where the
-4-bit weight itself is ~0.53. These kernels read the packed codes and block statistics once and
-never write a float weight, so batch-1 decode reads a quarter of a bf16 model's bytes.
+4-bit weight itself is ~0.52. These kernels read the packed codes and block statistics once and
+never write a float weight, so a decode step reads a quarter of a bf16 model's bytes.
 
-Two Triton kernels share the tile decoding (``_decode_tile``: a ``(BLOCK_N, NB, HALF)`` tile of
-packed bytes, ``NB`` whole blocks of ``HALF = block_size / 2`` bytes per row, the 16 NF4 levels
-looked up from a 16-entry fp32 table that stays in L1, and the tile's ``(BLOCK_N, NB)`` absmax,
-decoded from its 8-bit code when double-quantized):
+Both Triton kernels stream a ``(BLOCK_N, NB, WPB)`` tile of int32 words a K step (``NB`` whole
+blocks of ``WPB = block_size / 8`` words per weight row, 16-byte loads; the next step's words,
+block statistics and activations are loaded before this step's arithmetic, so two steps' loads are
+in flight). Once the bytes stream, decoding is the cost: a 16-way lookup per weight. The compiler's
+lookup (extract, mask, 64-bit address, load) is ~5 instructions a weight; :func:`_lookup_asm` does it
+in ~2 (``lut="shfl"``: every lane holds one of the 16 levels and ``shfl.idx`` fetches the level a
+code names, the word only shifted; ``lut="ldg"``: one ``prmt`` writes the code into the table
+address's low byte, one L1 load), which is what lets the 4-bit weight beat the bf16 one.
 
-* ``gemv`` (``M == 1``): one program per ``BLOCK_N`` rows (and per row of ``x``); fp32 FMAs of the
-  high / low nibbles' levels against ``x``'s even / odd columns, summed per block and scaled by the
-  block's absmax once (one multiply per block, not per weight).
-* ``dot`` (``M > 1``): one program per ``BLOCK_N`` rows and ``BLOCK_M`` (16..64) rows of ``x``; the
-  tile is dequantized to ``x``'s dtype (the reference's values exactly) and fed to ``tl.dot``, the even
-  and odd columns as two dots of ``BLOCK_K / 2`` (no interleave); fp32 uses IEEE dots.
+* ``gemv`` (one row of ``x`` a program, for ``M == 1``): fp32 FMAs of the 8 levels of each word
+  against ``x``'s 8 columns, times the block's absmax once per word, accumulated elementwise in
+  registers (one cross-thread reduction, at the end); programs tile ``N`` by ``BLOCK_N`` rows.
+* ``dot`` (any ``M``, one program per ``BLOCK_M`` = 16..64 rows of ``x``): the levels of the tile in
+  ``x``'s dtype, the 8 columns of each word interleaved back by joins, and ``tl.dot`` against
+  ``x^T`` (``(BLOCK_K, BLOCK_M)``): the weight rows are the MMA's wide side, the few activation rows
+  its narrow one. With one block a step (``NB == 1``) the block's absmax scales the dot's
+  ``(BLOCK_N, BLOCK_M)`` result (one multiply per output, not per weight; the levels rounded to
+  ``x``'s dtype, the reference rounds level x absmax: both within half an ulp of ``x``'s dtype);
+  with several, the fp32 products level x absmax are rounded once, as the reference does. fp32
+  ``x`` uses IEEE dots.
 
-Enough programs come from small ``BLOCK_N`` (down to 4 rows) rather than split-K, whose partial sums
-would cost a second kernel per linear; ``split_k > 1`` (a fp32 partial sum per split, reduced by
-PyTorch) stays available for tuning. Nothing syncs with the host and every size is a host int, so
-a CUDA graph can capture the call. :func:`nf4_linear_reference` (dequantize, then ``F.linear``) is
-the plain PyTorch definition; :func:`nf4_linear` runs it where the kernels do not apply.
+``split_k > 1`` cuts K into that many ranges: each writes an fp32 partial sum and one small kernel
+adds them (and the bias) and casts: more programs for weights with few rows. Nothing syncs with
+the host and every size is a host int, so a CUDA graph can capture the call.
+:func:`nf4_linear_reference` (dequantize, then ``F.linear``) is the plain PyTorch definition;
+:func:`nf4_linear` runs it where the kernels do not apply.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -45,10 +55,8 @@ from torch import Tensor
 from splice.kernels import HAS_TRITON, as_rows, use_triton
 from splice.kernels.nf4 import dequantize_absmax_reference, dequantize_nf4, dequantize_nf4_reference
 
-__all__ = ["GemvConfig", "default_config", "gemv_applies", "nf4_linear", "nf4_linear_reference"]
+__all__ = ["GemvConfig", "default_config", "gemv_applies", "k_splits", "nf4_linear", "nf4_linear_reference"]
 
-_PROGRAMS_PER_SM = 4  # programs in flight per SM that keep enough loads outstanding to stream HBM
-_TILE_BYTES = 4096  # packed bytes a gemv program decodes per K step (32 per thread at 4 warps)
 _MAX_BLOCK_M = 64  # rows of x one dot program covers: beyond, the weight is decoded once per 64 rows
 
 
@@ -56,42 +64,49 @@ _MAX_BLOCK_M = 64  # rows of x one dot program covers: beyond, the weight is dec
 class GemvConfig:
     """Tiles of one call. ``kernel``: ``"gemv"`` or ``"dot"`` (module doc); ``block_n`` weight rows
     per program; ``block_k`` weight columns per K step (a multiple of the block size); ``split_k``
-    K ranges reduced afterwards (1: none); ``num_warps``: Triton's."""
+    K ranges summed afterwards (1: none); ``lut``: the level lookup, ``"shfl"``, ``"ldg"`` or
+    ``"plain"`` (module doc; Triton's interpreter always runs ``"plain"``); ``num_warps`` /
+    ``num_stages``: Triton's."""
 
     kernel: str
     block_n: int
     block_k: int
     split_k: int = 1
+    lut: str = "shfl"
     num_warps: int = 4
+    num_stages: int = 1
 
 
 def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def k_splits(programs: int, k_steps: int, *, sms: int) -> int:
+    """K splits (a power of two) that bring a grid of ``programs`` to ~2 programs an SM, keeping
+    >= 4 K steps (of ``k_steps``) a split: a weight with few rows still streams on every SM."""
+    split = 1
+    while programs * split < 2 * sms and k_steps // (split * 2) >= 4:
+        split *= 2
+    return split
+
+
 def default_config(m: int, n: int, k: int, *, block_size: int, sms: int) -> GemvConfig:
-    """The tiles for ``(M, N, K)`` on a device with ``sms`` SMs: ``gemv`` for one row, ``dot`` for
-    more; ``block_n`` halves (16 down to 4, or 32 down to 16) until the grid has ``_PROGRAMS_PER_SM`` programs
-    an SM, and ``block_k`` grows so a step still decodes about ``_TILE_BYTES`` packed bytes."""
-    gemv = m == 1
-    block_n = 16 if gemv else 32
-    # gemv: below 4 rows a program reads more of x (2 bytes a column, from L1/L2) than of W (0.5 a
-    # column a row); dot: tl.dot needs >= 16 rows a side
-    floor = 4 if gemv else 16
-    m_tiles = m if gemv else -(-m // _MAX_BLOCK_M)
-    while block_n > floor and -(-n // block_n) * m_tiles < _PROGRAMS_PER_SM * sms:
-        block_n //= 2
-    block_k = (2 * _TILE_BYTES // block_n) if gemv else 256
-    block_k = max(block_size, min(block_k, _pow2(k)))
-    return GemvConfig(kernel="gemv" if gemv else "dot", block_n=block_n, block_k=block_k)
+    """The tiles for ``(M, N, K)`` on a device with ``sms`` SMs (measured on an H200, 132 SMs,
+    Llama-3-8B shapes: benchmarks/nf4_gemv.py): the dot kernel, one block a K step, 128 weight
+    rows a program (64 below 2048 rows), K split to fill the GPU (:func:`k_splits`)."""
+    block_n = 128 if n >= 2048 else 64
+    programs = -(-n // block_n) * -(-m // _MAX_BLOCK_M)
+    return GemvConfig(kernel="dot", block_n=block_n, block_k=block_size,
+                      split_k=k_splits(programs, k // block_size, sms=sms))
 
 
 def gemv_applies(x: Tensor, *, shape: tuple[int, int], block_size: int) -> bool:
     """Whether :func:`nf4_linear` runs the Triton kernels for these activations and weight layout:
-    Triton for ``x``'s device, a float dtype, and power-of-two blocks that tile each row of ``W``."""
+    Triton for ``x``'s device, a float dtype, and power-of-two blocks of whole int32 words (>= 8
+    codes) that tile each row of ``W``."""
     k = shape[1]
     return (use_triton(x) and x.numel() > 0 and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
-            and x.shape[-1] == k and block_size >= 2 and block_size & (block_size - 1) == 0
+            and x.shape[-1] == k and block_size >= 8 and block_size & (block_size - 1) == 0
             and k % block_size == 0)
 
 
@@ -107,94 +122,210 @@ def nf4_linear_reference(x: Tensor, packed: Tensor, code: Tensor, *, shape: tupl
     return F.linear(x, w, bias)
 
 
+_SHIFTS = tuple(8 * (j // 2) + (4 if j % 2 == 0 else 0) for j in range(8))  # code j of a word: its bits
+
+
+def _lookup_asm(mode: int) -> str:
+    """PTX for :func:`_levels`: one int32 word of packed codes (``$8``: bytes 4t..4t+3 of the row,
+    byte 0 in bits 0-7) and the address of the 16-entry fp32 table (``$9``) -> the word's 8 levels
+    ``$0..$7`` in column order (byte b's high nibble, then its low one).
+
+    ``mode`` 1 (``ldg``; the table 256-byte aligned): the nibbles are scaled to byte offsets a word at
+    a time (4 ops for 8 codes), one ``prmt`` a code writes the offset into the low byte of the
+    table's address, one load from L1. ``mode`` 2 (``shfl``): lane ``l`` holds level ``l % 16`` (one
+    load, the same in every call: ptxas hoists it) and a code is one ``shfl.idx`` from the lane it
+    names (the shuffle reads the lane's low 5 bits, so the word only needs shifting, not masking)."""
+    if mode == 1:
+        head = [".reg .b32 lo4, hi4, o, bl, bh;", ".reg .b64 p;", "mov.b64 {bl, bh}, $9;",
+                "shr.b32 hi4, $8, 2;", "and.b32 hi4, hi4, 0x3C3C3C3C;",
+                "shl.b32 lo4, $8, 2;", "and.b32 lo4, lo4, 0x3C3C3C3C;"]
+        body = [f"prmt.b32 o, {'hi4' if j % 2 == 0 else 'lo4'}, bl, {0x7650 + j // 2:#x};"
+                f" mov.b64 p, {{o, bh}}; ld.global.nc.f32 ${j}, [p];" for j in range(8)]
+    else:
+        head = [".reg .b32 l, t, s;", ".reg .b64 p;", "mov.u32 l, %laneid;", "and.b32 l, l, 15;",
+                "mad.wide.u32 p, l, 4, $9;", "ld.global.nc.f32 t, [p];"]
+        body = [(f"shr.b32 s, $8, {sh}; shfl.sync.idx.b32 ${j}, t, s, 0x1f, -1;" if sh else
+                 f"shfl.sync.idx.b32 ${j}, t, $8, 0x1f, -1;") for j, sh in enumerate(_SHIFTS)]
+    return "{\n" + "\n".join(head + body) + "\n}"
+
+
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from splice.kernels.nf4 import _absmax
+
+    _LDG_ASM = tl.constexpr(_lookup_asm(1))
+    _SHFL_ASM = tl.constexpr(_lookup_asm(2))
 
     @triton.jit
-    def _decode_tile(rows, row_live, kb, k_blocks, k_blocks_end, packed_ptr, absmax_ptr, qabsmax_ptr,
-                     scale2_ptr, offset_ptr, code_ptr, code2_ptr, HALF: tl.constexpr, DOUBLE: tl.constexpr):
-        # rows (BLOCK_N,), kb (NB,) block indices within a row -> the high / low nibbles' NF4 levels
-        # (BLOCK_N, NB, HALF) fp32 (values 2i and 2i + 1 of each block) and the absmax (BLOCK_N, NB).
-        live = row_live[:, None] & (kb < k_blocks_end)[None, :]
-        block = rows.to(tl.int64)[:, None] * k_blocks + kb[None, :]  # global block index
-        byte = block[:, :, None] * HALF + tl.arange(0, HALF)[None, None, :]
-        # the weight streams through once; x (re-read by every program) should stay in L1 instead
-        bits = tl.load(packed_ptr + byte, mask=live[:, :, None], other=0, eviction_policy="evict_first").to(tl.int32)
-        hi = tl.load(code_ptr + (bits >> 4))  # 16 fp32 levels: one cache line, no bank conflicts
-        lo = tl.load(code_ptr + (bits & 0xF))
-        absmax = _absmax(block, live, absmax_ptr, qabsmax_ptr, scale2_ptr, offset_ptr, code2_ptr, DOUBLE)
-        return hi, lo, absmax
-
-    @triton.jit
-    def _x_pairs(x_ptr, offsets, mask, ROWS: tl.constexpr, HALF_COLS: tl.constexpr):
-        # x at ``offsets`` (ROWS, 2 HALF_COLS) -> its even and odd columns (ROWS, HALF_COLS), read
-        # contiguously (a stride-2 load would not vectorize)
-        pairs = tl.load(x_ptr + offsets, mask=mask, other=0.0, eviction_policy="evict_last")
-        return tl.split(tl.reshape(pairs, (ROWS, HALF_COLS, 2)))
-
-    @triton.jit
-    def _span(N, K, K_SPLIT, BLOCK_N: tl.constexpr, HALF: tl.constexpr):
+    def _span(N, K, K_SPLIT, BLOCK_N: tl.constexpr, WPB: tl.constexpr):
         # this program's weight rows (axis 0 of the grid) and K split (axis 2), in blocks of a row:
         # rows (BLOCK_N,), their mask, blocks a row, and the split's blocks [first, end)
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        k_blocks = K // (2 * HALF)
-        first = tl.program_id(2) * (K_SPLIT // (2 * HALF))
-        return rows, rows < N, k_blocks, first, tl.minimum(first + K_SPLIT // (2 * HALF), k_blocks)
+        k_blocks = K // (8 * WPB)
+        first = tl.program_id(2) * (K_SPLIT // (8 * WPB))
+        return rows, rows < N, k_blocks, first, tl.minimum(first + K_SPLIT // (8 * WPB), k_blocks)
 
     @triton.jit
-    def _nf4_gemv_kernel(x_ptr, packed_ptr, absmax_ptr, qabsmax_ptr, scale2_ptr, offset_ptr, code_ptr,
+    def _load_step(rows, row_live, kb, k_blocks, end, words_ptr, absmax_ptr, qabsmax_ptr, WPB: tl.constexpr,
+                   DOUBLE: tl.constexpr):
+        # the loads of blocks kb (NB,) of rows (BLOCK_N,), 0 past the split's end: the codes as int32
+        # words (8 codes each) (BLOCK_N, NB, WPB), and the blocks' stored statistic (BLOCK_N, NB): the
+        # fp32 absmax, or its 8-bit code (decoded by _absmax_of once it has arrived: a dependent
+        # load issued with it would stall the step)
+        live = row_live[:, None] & (kb < end)[None, :]
+        block = rows.to(tl.int64)[:, None] * k_blocks + kb[None, :]
+        word = block[:, :, None] * WPB + tl.arange(0, WPB)[None, None, :]
+        # the weight streams through once; x (re-read by every program) should stay in L1 / L2 instead
+        words = tl.load(words_ptr + word, mask=live[:, :, None], other=0, eviction_policy="evict_first")
+        if DOUBLE:
+            stat = tl.load(qabsmax_ptr + block, mask=live, other=0, eviction_policy="evict_first").to(tl.int32)
+        else:
+            stat = tl.load(absmax_ptr + block, mask=live, other=0.0, eviction_policy="evict_first")
+        return words, stat
+
+    @triton.jit
+    def _absmax_of(stat, rows, kb, k_blocks, scale2_ptr, offset_ptr, code2_ptr, DOUBLE: tl.constexpr):
+        # (BLOCK_N, NB) fp32 absmax from _load_step's statistic: code2[q] * scale2[block // 256] +
+        # offset when double-quantized (splice.kernels.nf4's formula), else the absmax itself
+        if DOUBLE:
+            block = rows.to(tl.int64)[:, None] * k_blocks + kb[None, :]
+            absmax = tl.load(code2_ptr + stat) * tl.load(scale2_ptr + block // 256) + tl.load(offset_ptr)
+        else:
+            absmax = stat
+        return absmax
+
+    @triton.jit
+    def _levels(words, code_ptr, LUT: tl.constexpr):
+        # int32 words -> the fp32 NF4 levels of their 8 codes, 8 tensors shaped as ``words``, in
+        # column order (byte 0's high nibble, its low nibble, byte 1's ...). LUT: 0 plain loads, 1 / 2
+        # the inline PTX of _lookup_asm
+        if LUT == 1:
+            return tl.inline_asm_elementwise(_LDG_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,l",
+                                             [words, code_ptr.to(tl.int64)], dtype=(tl.float32,) * 8,
+                                             is_pure=True, pack=1)
+        if LUT == 2:
+            return tl.inline_asm_elementwise(_SHFL_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,l",
+                                             [words, code_ptr.to(tl.int64)], dtype=(tl.float32,) * 8,
+                                             is_pure=True, pack=1)
+        return (tl.load(code_ptr + ((words >> 4) & 0xF)), tl.load(code_ptr + (words & 0xF)),
+                tl.load(code_ptr + ((words >> 12) & 0xF)), tl.load(code_ptr + ((words >> 8) & 0xF)),
+                tl.load(code_ptr + ((words >> 20) & 0xF)), tl.load(code_ptr + ((words >> 16) & 0xF)),
+                tl.load(code_ptr + ((words >> 28) & 0xF)), tl.load(code_ptr + ((words >> 24) & 0xF)))
+
+    @triton.jit
+    def _columns8(x, NB: tl.constexpr, WPB: tl.constexpr):
+        # (NB, WPB, 8) -> its 8 columns (NB, WPB), in order (splits of an in-register dimension: no data moves)
+        even, odd = tl.split(tl.reshape(x, (NB, WPB, 2, 2, 2)))  # (NB, WPB, a, b): column 4a + 2b (+ 1)
+        e0, e1 = tl.split(even)
+        o0, o1 = tl.split(odd)
+        x0, x4 = tl.split(e0)
+        x2, x6 = tl.split(e1)
+        x1, x5 = tl.split(o0)
+        x3, x7 = tl.split(o1)
+        return x0, x1, x2, x3, x4, x5, x6, x7
+
+    @triton.jit
+    def _interleave8(v0, v1, v2, v3, v4, v5, v6, v7, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # the inverse of _columns8: 8 (BLOCK_N, NB, WPB) tensors -> (BLOCK_N, BLOCK_K), column 8t + j from
+        # v_j's word t (tl.join adds the fastest dimension last, so the column's bits are joined from
+        # the slowest, 4, to the fastest, 1)
+        a0, a1, a2, a3 = tl.join(v0, v4), tl.join(v1, v5), tl.join(v2, v6), tl.join(v3, v7)
+        return tl.reshape(tl.join(tl.join(a0, a2), tl.join(a1, a3)), (BLOCK_N, BLOCK_K))
+
+    @triton.jit
+    def _x_step(x_row, kb, end, WPB: tl.constexpr):
+        # x's columns of blocks kb (NB,) (NB, WPB, 8): word t's 8 columns side by side, 0 past the end
+        cols = kb[:, None, None] * (8 * WPB) + 8 * tl.arange(0, WPB)[None, :, None] + tl.arange(0, 8)[None, None, :]
+        return tl.load(x_row + cols, mask=(kb < end)[:, None, None], other=0.0, eviction_policy="evict_last")
+
+    @triton.jit
+    def _nf4_gemv_kernel(x_ptr, words_ptr, absmax_ptr, qabsmax_ptr, scale2_ptr, offset_ptr, code_ptr,
                          code2_ptr, bias_ptr, out_ptr, N, K, K_SPLIT, stride_xm, stride_os,
-                         HALF: tl.constexpr, NB: tl.constexpr, BLOCK_N: tl.constexpr, DOUBLE: tl.constexpr,
-                         HAS_BIAS: tl.constexpr):
+                         WPB: tl.constexpr, NB: tl.constexpr, BLOCK_N: tl.constexpr, DOUBLE: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, LUT: tl.constexpr):
         # program (n tile, row m of x, K split): out[split, m, rows] = x[m] . W[rows] over the split
         m, split = tl.program_id(1).to(tl.int64), tl.program_id(2)
-        rows, row_live, k_blocks, first, end = _span(N, K, K_SPLIT, BLOCK_N, HALF)
-        acc = tl.zeros((BLOCK_N, NB), dtype=tl.float32)
+        rows, row_live, k_blocks, first, end = _span(N, K, K_SPLIT, BLOCK_N, WPB)
+        x_row = x_ptr + m * stride_xm
+        acc = tl.zeros((BLOCK_N, NB, WPB), dtype=tl.float32)
+        kb = first + tl.arange(0, NB)
+        words, stat = _load_step(rows, row_live, kb, k_blocks, end, words_ptr, absmax_ptr, qabsmax_ptr, WPB, DOUBLE)
+        xs = _x_step(x_row, kb, end, WPB)
         for kb0 in range(first, end, NB):
-            kb = kb0 + tl.arange(0, NB)
-            hi, lo, absmax = _decode_tile(rows, row_live, kb, k_blocks, end, packed_ptr, absmax_ptr, qabsmax_ptr,
-                                          scale2_ptr, offset_ptr, code_ptr, code2_ptr, HALF, DOUBLE)
-            col = kb[:, None] * (2 * HALF) + tl.arange(0, 2 * HALF)[None, :]  # (NB, 2 HALF)
-            xe, xo = _x_pairs(x_ptr + m * stride_xm, col, (kb < end)[:, None], NB, HALF)
-            part = tl.sum(hi * xe.to(tl.float32)[None, :, :] + lo * xo.to(tl.float32)[None, :, :], axis=2)
-            acc += part * absmax  # one multiply per block, not per weight
-        y = tl.sum(acc, axis=1)
+            kb = kb0 + tl.arange(0, NB)  # this step's blocks; the next step's loads go out first
+            words_next, stat_next = _load_step(rows, row_live, kb + NB, k_blocks, end, words_ptr, absmax_ptr,
+                                               qabsmax_ptr, WPB, DOUBLE)
+            xs_next = _x_step(x_row, kb + NB, end, WPB)
+            v0, v1, v2, v3, v4, v5, v6, v7 = _levels(words, code_ptr, LUT)
+            x0, x1, x2, x3, x4, x5, x6, x7 = _columns8(xs.to(tl.float32), NB, WPB)  # (NB, WPB) each
+            dot8 = (v0 * x0[None] + v1 * x1[None] + v2 * x2[None] + v3 * x3[None]
+                    + v4 * x4[None] + v5 * x5[None] + v6 * x6[None] + v7 * x7[None])
+            absmax = _absmax_of(stat, rows, kb, k_blocks, scale2_ptr, offset_ptr, code2_ptr, DOUBLE)
+            acc += dot8 * absmax[:, :, None]  # one multiply per word, not per weight
+            words, stat, xs = words_next, stat_next, xs_next
+        y = tl.sum(tl.sum(acc, axis=2), axis=1)
         if HAS_BIAS:
             y += tl.load(bias_ptr + rows, mask=row_live, other=0.0).to(tl.float32)
-        out = out_ptr + split * stride_os + m * N + rows
-        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=row_live)
+        tl.store(out_ptr + split * stride_os + m * N + rows, y.to(out_ptr.dtype.element_ty), mask=row_live)
 
     @triton.jit
-    def _nf4_dot_kernel(x_ptr, packed_ptr, absmax_ptr, qabsmax_ptr, scale2_ptr, offset_ptr, code_ptr,
+    def _xt_step(x_rows, m_live, kb0, end, BLOCK_K: tl.constexpr, COLS: tl.constexpr):
+        # x^T's rows (the weight's columns) from block kb0 on: (BLOCK_K, BLOCK_M), 0 past the end / M
+        col = kb0 * COLS + tl.arange(0, BLOCK_K)  # COLS: columns a block
+        return tl.load(x_rows + col[:, None], mask=m_live[None, :] & (col < end * COLS)[:, None], other=0.0)
+
+    @triton.jit
+    def _nf4_dot_kernel(x_ptr, words_ptr, absmax_ptr, qabsmax_ptr, scale2_ptr, offset_ptr, code_ptr,
                         code2_ptr, bias_ptr, out_ptr, M, N, K, K_SPLIT, stride_xm, stride_os,
-                        HALF: tl.constexpr, NB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                        DOUBLE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
-        # program (n tile, m tile, K split): out[split, ms, rows] = x[ms] @ W[rows]^T over the split
+                        WPB: tl.constexpr, NB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                        DOUBLE: tl.constexpr, HAS_BIAS: tl.constexpr, LUT: tl.constexpr,
+                        PRECISION: tl.constexpr):
+        # program (n tile, m tile, K split): out[split, ms, rows] = x[ms] @ W[rows]^T over the split,
+        # computed as acc (BLOCK_N, BLOCK_M) = W_tile (BLOCK_N, BLOCK_K) @ x_tile^T (BLOCK_K, BLOCK_M)
         split = tl.program_id(2)
-        rows, row_live, k_blocks, first, end = _span(N, K, K_SPLIT, BLOCK_N, HALF)
+        rows, row_live, k_blocks, first, end = _span(N, K, K_SPLIT, BLOCK_N, WPB)
         ms = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         m_live = ms < M
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        x_rows = x_ptr + ms.to(tl.int64)[None, :] * stride_xm  # (1, BLOCK_M)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        words, stat = _load_step(rows, row_live, first + tl.arange(0, NB), k_blocks, end, words_ptr, absmax_ptr,
+                                 qabsmax_ptr, WPB, DOUBLE)
+        xt = _xt_step(x_rows, m_live, first, end, NB * WPB * 8, 8 * WPB)
         for kb0 in range(first, end, NB):
-            kb = kb0 + tl.arange(0, NB)
-            hi, lo, absmax = _decode_tile(rows, row_live, kb, k_blocks, end, packed_ptr, absmax_ptr, qabsmax_ptr,
-                                          scale2_ptr, offset_ptr, code_ptr, code2_ptr, HALF, DOUBLE)
-            # W's even / odd columns of the step, (BLOCK_N, NB * HALF), in x's dtype as the reference
-            w_hi = tl.reshape(hi * absmax[:, :, None], (BLOCK_N, NB * HALF)).to(x_ptr.dtype.element_ty)
-            w_lo = tl.reshape(lo * absmax[:, :, None], (BLOCK_N, NB * HALF)).to(x_ptr.dtype.element_ty)
-            col = kb0 * (2 * HALF) + tl.arange(0, 2 * NB * HALF)  # (2 NB HALF,)
-            live = m_live[:, None] & (col < end * (2 * HALF))[None, :]
-            xe, xo = _x_pairs(x_ptr, ms.to(tl.int64)[:, None] * stride_xm + col[None, :], live, BLOCK_M,
-                              NB * HALF)
-            acc = tl.dot(xe, tl.trans(w_hi), acc, input_precision=PRECISION)
-            acc = tl.dot(xo, tl.trans(w_lo), acc, input_precision=PRECISION)
+            kb = kb0 + tl.arange(0, NB)  # this step's blocks; the next step's loads go out first
+            words_next, stat_next = _load_step(rows, row_live, kb + NB, k_blocks, end, words_ptr, absmax_ptr,
+                                               qabsmax_ptr, WPB, DOUBLE)
+            xt_next = _xt_step(x_rows, m_live, kb0 + NB, end, NB * WPB * 8, 8 * WPB)
+            v0, v1, v2, v3, v4, v5, v6, v7 = _levels(words, code_ptr, LUT)
+            absmax = _absmax_of(stat, rows, kb, k_blocks, scale2_ptr, offset_ptr, code2_ptr, DOUBLE)
+            if NB == 1:  # one block a step: the levels' dot, then its absmax (one multiply per output)
+                w = _interleave8(v0, v1, v2, v3, v4, v5, v6, v7, BLOCK_N, NB * WPB * 8)
+                part = tl.dot(w.to(x_ptr.dtype.element_ty), xt, input_precision=PRECISION)
+                acc += part * tl.reshape(absmax, (BLOCK_N, 1))
+            else:  # the weight as the reference rounds it: fp32 level x absmax, cast once
+                sc = absmax[:, :, None]
+                w = _interleave8(v0 * sc, v1 * sc, v2 * sc, v3 * sc, v4 * sc, v5 * sc, v6 * sc, v7 * sc, BLOCK_N,
+                                 NB * WPB * 8)
+                acc = tl.dot(w.to(x_ptr.dtype.element_ty), xt, acc, input_precision=PRECISION)
+            words, stat, xt = words_next, stat_next, xt_next
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + rows, mask=row_live, other=0.0).to(tl.float32)[None, :]
-        out = out_ptr + split * stride_os + ms.to(tl.int64)[:, None] * N + rows[None, :]
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_live[:, None] & row_live[None, :])
+            acc += tl.load(bias_ptr + rows, mask=row_live, other=0.0).to(tl.float32)[:, None]
+        out = out_ptr + split * stride_os + ms.to(tl.int64)[None, :] * N + rows[:, None]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_live[:, None] & m_live[None, :])
+
+    @triton.jit
+    def _sum_splits_kernel(partial_ptr, bias_ptr, out_ptr, total, N, SPLITS: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+        # out[i] = sum_s partial[s, i] (+ bias[i % N]), cast: the split-K epilogue, one pass
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        live = i < total
+        y = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in tl.static_range(SPLITS):
+            y += tl.load(partial_ptr + s * total + i, mask=live, other=0.0)
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + i % N, mask=live, other=0.0).to(tl.float32)
+        tl.store(out_ptr + i, y.to(out_ptr.dtype.element_ty), mask=live)
 
 
 def _sms(device: torch.device) -> int:
@@ -211,24 +342,43 @@ def _stats(absmax: Tensor | None, qabsmax: Tensor | None, scale2: Tensor | None,
     return dummy, qabsmax, scale2, offset, code2
 
 
-def _launch(x2: Tensor, packed: Tensor, code: Tensor, stats: tuple[Tensor, ...], bias: Tensor | None,
+def _lut(lut: str, code: Tensor) -> int:
+    """The kernels' LUT switch for ``lut``: inline PTX only where it compiles for real (not in the
+    interpreter), and ``"ldg"`` only for a 256-byte aligned table (a tensor of its own always is:
+    its lookups write into the address's low byte); otherwise ``"shfl"`` / plain loads."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or lut == "plain":
+        return 0
+    return 1 if lut == "ldg" and code.data_ptr() % 256 == 0 else 2
+
+
+def _launch(x2: Tensor, words: Tensor, code: Tensor, stats: tuple[Tensor, ...], bias: Tensor | None,
             out: Tensor, *, n: int, k: int, k_split: int, block_size: int, config: GemvConfig) -> None:
-    """One kernel launch writing ``out`` (split, M, N): module doc."""
-    m, half, nb = x2.shape[0], block_size // 2, config.block_k // block_size
-    common = dict(HALF=half, NB=nb, BLOCK_N=config.block_n, DOUBLE=stats[0] is code,  # absmax unused
-                  HAS_BIAS=bias is not None, num_warps=config.num_warps)
-    bias_arg = code if bias is None else bias
-    stride_os = out.stride(0)
+    """One kernel launch writing ``out`` (split, M, N): module doc. ``words``: the packed codes as int32."""
+    m, nb = x2.shape[0], config.block_k // block_size
+    common = dict(WPB=block_size // 8, NB=nb, BLOCK_N=config.block_n, DOUBLE=stats[0] is code,  # absmax unused
+                  HAS_BIAS=bias is not None, LUT=_lut(config.lut, code), num_warps=config.num_warps,
+                  num_stages=config.num_stages)
+    args = (x2, words, *stats[:4], code, stats[4], code if bias is None else bias, out)
     n_tiles = triton.cdiv(n, config.block_n)
     if config.kernel == "gemv":
-        _nf4_gemv_kernel[(n_tiles, m, config.split_k)](
-            x2, packed, *stats[:4], code, stats[4], bias_arg, out, n, k, k_split, x2.stride(0), stride_os,
-            **common)
+        _nf4_gemv_kernel[(n_tiles, m, config.split_k)](*args, n, k, k_split, x2.stride(0), out.stride(0),
+                                                       **common)
         return
     block_m = max(16, min(_pow2(m), _MAX_BLOCK_M))
     _nf4_dot_kernel[(n_tiles, triton.cdiv(m, block_m), config.split_k)](
-        x2, packed, *stats[:4], code, stats[4], bias_arg, out, m, n, k, k_split, x2.stride(0), stride_os,
+        *args, m, n, k, k_split, x2.stride(0), out.stride(0),
         BLOCK_M=block_m, PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", **common)
+
+
+def _checked(config: GemvConfig, *, block_size: int) -> GemvConfig:
+    """``config`` as the kernels can run it (tl.dot's smallest tile side is 16), or one clear error."""
+    if (config.block_k % block_size or config.kernel not in ("gemv", "dot") or config.split_k < 1
+            or config.lut not in ("shfl", "ldg", "plain")):
+        raise ValueError(f"nf4_linear: {config} needs kernel 'gemv' or 'dot', lut 'shfl', 'ldg' or 'plain', "
+                         f"split_k >= 1 and block_k a multiple of the block size {block_size}")
+    if config.kernel == "dot":
+        config = replace(config, block_n=max(16, config.block_n), block_k=max(16, config.block_k))
+    return config
 
 
 def nf4_linear(x: Tensor, packed: Tensor, code: Tensor, *, shape: tuple[int, int], block_size: int,
@@ -242,31 +392,29 @@ def nf4_linear(x: Tensor, packed: Tensor, code: Tensor, *, shape: tuple[int, int
     ``config``: tiles (default :func:`default_config`)."""
     n, k = shape
     stats = _stats(absmax, qabsmax, scale2, offset, code2, code)  # validates before any work
-    if not gemv_applies(x, shape=shape, block_size=block_size):
+    # the kernels read the codes as int32 words: a 4-byte aligned packed tensor (its own always is)
+    if not gemv_applies(x, shape=shape, block_size=block_size) or packed.data_ptr() % 4:
         w = dequantize_nf4(packed, code, shape=shape, block_size=block_size, dtype=x.dtype, absmax=absmax,
                            qabsmax=qabsmax, scale2=scale2, offset=offset, code2=code2)
         return F.linear(x, w, bias)
-    x2 = as_rows(x)
+    x2, words = as_rows(x), packed.view(torch.int32)
     m = x2.shape[0]
-    config = config or default_config(m, n, k, block_size=block_size, sms=_sms(x.device))
-    if config.block_k % block_size or config.kernel not in ("gemv", "dot"):
-        raise ValueError(f"nf4_linear: {config} needs kernel 'gemv' or 'dot' and block_k a multiple of "
-                         f"the block size {block_size}")
-    if config.kernel == "dot" and config.block_n < 16:
-        config = replace(config, block_n=16)  # tl.dot's smallest tile side
+    config = _checked(config or default_config(m, n, k, block_size=block_size, sms=_sms(x.device)),
+                      block_size=block_size)
     k_steps = -(-k // config.block_k)
     k_split = -(-k_steps // config.split_k) * config.block_k  # columns per split, whole steps
     splits = -(-k // k_split)
     config = replace(config, split_k=splits)
     if splits == 1:
         out = torch.empty((1, m, n), dtype=x.dtype, device=x.device)
-        _launch(x2, packed, code, stats, bias, out, n=n, k=k, k_split=k_split, block_size=block_size,
+        _launch(x2, words, code, stats, bias, out, n=n, k=k, k_split=k_split, block_size=block_size,
                 config=config)
         return out.view(*x.shape[:-1], n)
     partial = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
-    _launch(x2, packed, code, stats, None, partial, n=n, k=k, k_split=k_split, block_size=block_size,
+    _launch(x2, words, code, stats, None, partial, n=n, k=k, k_split=k_split, block_size=block_size,
             config=config)
-    y = partial.sum(0)
-    if bias is not None:
-        y += bias
-    return y.to(x.dtype).view(*x.shape[:-1], n)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    block = 1024
+    _sum_splits_kernel[(triton.cdiv(m * n, block),)](partial, code if bias is None else bias, y, m * n, n,
+                                                     SPLITS=splits, HAS_BIAS=bias is not None, BLOCK=block)
+    return y.view(*x.shape[:-1], n)

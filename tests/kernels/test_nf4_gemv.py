@@ -1,8 +1,9 @@
 """splice.kernels.nf4_gemv: the fused NF4 GEMV / small-M GEMM against a float64 product of the
-dequantized weight (and the dequantize + matmul reference), and its wiring into NF4Tensor's matmuls.
+dequantized weight (and the dequantize + matmul reference), exactly placed weights, its lookups and
+fallbacks, and its wiring into NF4Tensor's matmuls.
 
 The kernel tests need a GPU, or ``TRITON_INTERPRET=1`` set before pytest starts (then they run on
-CPU tensors in Triton's interpreter; they skip where Triton is not installed).
+CPU tensors in Triton's interpreter, with the plain lookups; they skip where Triton is not installed).
 """
 
 from __future__ import annotations
@@ -13,16 +14,29 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from splice.kernels import use_triton
-from splice.kernels.nf4_gemv import GemvConfig, default_config, nf4_linear, nf4_linear_reference
+from splice.kernels.nf4_gemv import GemvConfig, default_config, k_splits, nf4_linear, nf4_linear_reference
 from splice.quant.linear import NF4Linear
 from splice.quant.nf4 import FUSED_MAX_ROWS, NF4Tensor, to_nf4
 from tests.numerics import DEVICES, GPU, HostSyncs, rel_err
 
-# norm-relative error allowed against the float64 truth: the output's rounding (and, in the dot
-# kernel, the weight rounded to x's dtype as the reference rounds it); a wrong nibble, block or row is ~0.1-1
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-# (M, N, K): odd N, K a multiple of 64 but not always of 128, a K tail shorter than one step
-SHAPES = [(1, 37, 192), (2, 19, 64), (3, 33, 320), (7, 21, 128), (16, 35, 256)]
+# norm-relative error allowed against the float64 truth: the output's rounding and the weight's (the
+# reference rounds level x absmax to x's dtype, one-block dot steps round the level): ~2^-9 (bf16),
+# ~2^-11 (fp16) of each; a wrong nibble, word, block or row is ~0.1-1
+TOL = {torch.float32: 1e-5, torch.float16: 1.5e-3, torch.bfloat16: 6e-3}
+GEMV = GemvConfig(kernel="gemv", block_n=16, block_k=128)  # two blocks a step, a partial row tile
+DOT1 = GemvConfig(kernel="dot", block_n=16, block_k=64)  # one block a step: absmax after the dot
+DOT2 = GemvConfig(kernel="dot", block_n=32, block_k=128)  # two blocks a step: absmax per weight
+# (M, N, K, dtype, double-quantized, config): odd N; K a multiple of the 64-value block but not always
+# of block_k (a tail step); M from one row to a full 64-row dot tile; each kernel path in each dtype
+CASES = [
+    (1, 37, 192, torch.bfloat16, True, GEMV), (1, 37, 192, torch.float32, False, GEMV),
+    (2, 19, 64, torch.float16, True, GEMV), (7, 21, 320, torch.bfloat16, False, GEMV),
+    (1, 21, 128, torch.bfloat16, True, DOT1), (2, 33, 320, torch.float16, False, DOT1),
+    (7, 21, 128, torch.float32, True, DOT1), (32, 35, 256, torch.bfloat16, True, DOT1),
+    (64, 40, 192, torch.bfloat16, False, DOT1), (7, 33, 320, torch.bfloat16, True, DOT2),
+    (32, 19, 448, torch.float16, True, DOT2), (64, 37, 256, torch.float32, False, DOT2),
+    (2, 35, 192, torch.bfloat16, False, DOT2),
+]
 
 
 def _weight(n: int, k: int, *, double_quant: bool, device: str, seed: int = 0) -> NF4Tensor:
@@ -47,6 +61,12 @@ def _kernel_or_skip(device: str, dtype: torch.dtype, kernel: str) -> None:
         pytest.skip("Triton's interpreter multiplies bf16 dots as their uint16 bits; bf16 dots on the GPU")
 
 
+def _case_id(case: tuple[object, ...]) -> str:
+    m, n, k, dtype, dq, config = case
+    assert isinstance(config, GemvConfig)
+    return f"{m}x{n}x{k}-{str(dtype)[6:]}-{'dq' if dq else 'fp32absmax'}-{config.kernel}{config.block_k}"
+
+
 def test_reference_is_dequantize_then_matmul() -> None:
     t = _weight(37, 192, double_quant=True, device="cpu")
     x, bias = torch.randn(3, 192), torch.randn(37)
@@ -57,22 +77,30 @@ def test_reference_is_dequantize_then_matmul() -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kernel", ["gemv", "dot"])
-@pytest.mark.parametrize("double_quant", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_kernel_matches_reference(shape: tuple[int, int, int], dtype: torch.dtype, double_quant: bool,
-                                  kernel: str, device: str) -> None:
-    _kernel_or_skip(device, dtype, kernel)
-    m, n, k = shape
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_kernel_matches_reference(case: tuple[int, int, int, torch.dtype, bool, GemvConfig], device: str) -> None:
+    m, n, k, dtype, double_quant, config = case
+    _kernel_or_skip(device, dtype, config.kernel)
     t = _weight(n, k, double_quant=double_quant, device=device)
     x = torch.randn(m, k, device=device).to(dtype)
-    config = GemvConfig(kernel=kernel, block_n=16, block_k=128)  # several K steps and a partial n tile
     got = nf4_linear(x, t.packed, t.code, config=config, **_stats(t))  # type: ignore[arg-type]
     assert got.shape == (m, n) and got.dtype == dtype
     assert rel_err(got, _truth(x, t)) < TOL[dtype]
     ref = nf4_linear_reference(x, t.packed, t.code, **_stats(t))  # type: ignore[arg-type]
     assert rel_err(got, ref) < 2 * TOL[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("config", [GEMV, DOT1, DOT2], ids=lambda c: f"{c.kernel}{c.block_k}")
+def test_every_weight_lands_in_its_place(config: GemvConfig, device: str) -> None:
+    """x = the identity: row j of the output is column j of W, each a single product level x absmax
+    (exact in fp32): a swapped nibble, word, block or absmax shows as a wrong element, not as noise."""
+    _kernel_or_skip(device, torch.float32, config.kernel)
+    t = _weight(19, 128, double_quant=True, device=device)
+    eye = torch.eye(128, device=device)  # 128 rows: two 64-row dot tiles
+    got = nf4_linear(eye, t.packed, t.code, config=config, **_stats(t))  # type: ignore[arg-type]
+    # (rtol: the double-quantized absmax's multiply-add may be fused in one kernel and not the other)
+    torch.testing.assert_close(got, t.dequantize(torch.float32).T, rtol=2e-7, atol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -99,19 +127,24 @@ def test_default_config(m: int, device: str) -> None:
 
 
 def test_default_config_fills_the_gpu() -> None:
-    """Llama-3-8B shapes on 132 SMs: the gemv kernel for one row with up to 4 programs an SM (no
-    split-K: that costs a reduction kernel per linear), 4 KiB of packed bytes a K step."""
-    small = default_config(1, 1024, 4096, block_size=64, sms=132)
-    assert (small.kernel, small.block_n, small.block_k, small.split_k) == ("gemv", 4, 2048, 1)
-    wide = default_config(1, 14336, 4096, block_size=64, sms=132)
-    assert (wide.block_n, wide.block_k) == (16, 512)
-    assert default_config(8, 4096, 4096, block_size=64, sms=132).kernel == "dot"
+    """Llama-3-8B shapes on 132 SMs: the dot kernel, 128-row tiles (64 for k/v's 1024 rows), one
+    64-value block a step; K split only until the grid has ~2 programs an SM."""
+    gate = default_config(1, 14336, 4096, block_size=64, sms=132)
+    assert (gate.kernel, gate.block_n, gate.block_k, gate.split_k) == ("dot", 128, 64, 4)  # 112 tiles x 4
+    assert default_config(1, 4096, 4096, block_size=64, sms=132).split_k == 16  # 32 tiles x 16 = 512 programs
+    assert default_config(32, 1024, 4096, block_size=64, sms=132).block_n == 64
+    assert k_splits(300, 64, sms=132) == 1 and k_splits(8, 64, sms=132) == 16  # >= 4 steps a split
 
 
-def test_bad_statistics_are_named() -> None:
+def test_bad_statistics_and_configs_are_named() -> None:
     t = _weight(8, 64, double_quant=True, device="cpu")
     with pytest.raises(ValueError, match="give absmax, or qabsmax"):
         nf4_linear(torch.randn(1, 64), t.packed, t.code, shape=(8, 64), block_size=64, qabsmax=t.qabsmax)
+    if use_triton(torch.empty(0)):
+        with pytest.raises(ValueError, match="lut 'shfl', 'ldg' or 'plain'"):
+            nf4_linear(torch.randn(1, 64), t.packed, t.code, config=GemvConfig(kernel="dot", block_n=16,
+                                                                               block_k=64, lut="smem"),
+                       **_stats(t))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -134,12 +167,42 @@ def test_cpu_and_grad_paths_keep_the_dequantized_product(bias: bool) -> None:
                                atol=1e-5)
 
 
-# ---- GPU: real shapes, the wiring, CUDA graphs -------------------------------------------------------------
+# ---- GPU: the inline-PTX lookups, real shapes, the wiring, CUDA graphs ---------------------------------------
+
+
+def _offset_by_one(t: Tensor) -> Tensor:
+    """``t``'s values at a storage offset of one element (no longer 256- or 4-byte aligned)."""
+    return torch.cat([t.new_zeros(1), t])[1:]
 
 
 @GPU
-@pytest.mark.parametrize("shape", [(1, 1024, 4096), (1, 4096, 14336), (3, 14336, 4096), (16, 1024, 4096),
-                                   (1, 4096, 4160)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("lut", ["shfl", "ldg", "plain"])
+@pytest.mark.parametrize("kernel", ["gemv", "dot"])
+def test_lookups_agree(kernel: str, lut: str) -> None:
+    """The three level lookups give the same weights (exactly, in fp32 through the identity), also
+    with a table that is not 256-byte aligned (``ldg`` then runs ``shfl``)."""
+    t = _weight(37, 128, double_quant=True, device="cuda")
+    config = GemvConfig(kernel=kernel, block_n=16, block_k=64, lut=lut)
+    eye = torch.eye(128, device="cuda")
+    want = t.dequantize(torch.float32).T
+    for code in (t.code, _offset_by_one(t.code)):
+        stats = {**_stats(t), "shape": t.weight_shape}
+        got = nf4_linear(eye, t.packed, code, config=config, **stats)  # type: ignore[arg-type]
+        torch.testing.assert_close(got, want, rtol=2e-7, atol=0)
+
+
+@GPU
+def test_unaligned_codes_take_the_dequantize_path() -> None:
+    t = _weight(21, 128, double_quant=False, device="cuda")
+    x = torch.randn(3, 128, device="cuda")
+    packed = _offset_by_one(t.packed)  # not 4-byte aligned: the kernels read int32 words
+    got = nf4_linear(x, packed, t.code, **_stats(t))  # type: ignore[arg-type]
+    assert torch.equal(got, F.linear(x, t.dequantize(torch.float32)))
+
+
+@GPU
+@pytest.mark.parametrize("shape", [(1, 1024, 4096), (1, 4096, 14336), (3, 14336, 4096), (32, 1024, 4096),
+                                   (64, 4096, 4160)], ids=lambda s: "x".join(map(str, s)))
 def test_llama_shapes_on_the_gpu(shape: tuple[int, int, int]) -> None:
     m, n, k = shape
     t = _weight(n, k, double_quant=True, device="cuda")
@@ -192,18 +255,27 @@ def test_large_batches_and_gradients_keep_the_dequant_path() -> None:
 
 
 @GPU
-def test_no_host_sync_and_cuda_graph_capture() -> None:
+@pytest.mark.parametrize("config", [None, GemvConfig(kernel="dot", block_n=64, block_k=64, split_k=4)],
+                         ids=["default", "split-k"])
+def test_no_host_sync_and_cuda_graph_capture(config: GemvConfig | None) -> None:
     layer = _gpu_layer(True, torch.bfloat16)
     x = torch.randn(FUSED_MAX_ROWS, 1, 512, device="cuda", dtype=torch.bfloat16)  # the fused path
+    t, bias = layer.nf4, layer.bias
+
+    def run() -> Tensor:
+        if config is None:
+            return layer(x)
+        return nf4_linear(x, t.packed, t.code, bias=bias, config=config, **_stats(t))  # type: ignore[arg-type]
+
     with torch.inference_mode():
         with HostSyncs() as mode:
-            eager = layer(x)
+            eager = run()
         assert mode.synced == []
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            captured = layer(x)
+            captured = run()
         new = torch.randn_like(x)
         x.copy_(new)
         graph.replay()
-        assert torch.equal(captured, layer(new))
+        assert torch.equal(captured, run())
         assert not torch.equal(captured, eager)
