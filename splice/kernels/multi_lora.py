@@ -1,4 +1,4 @@
-"""Heterogeneous-batch LoRA: every token applies its own adapter, in one launch per projection.
+"""Heterogeneous-batch LoRA: every token applies its own adapter, two launches per projection.
 
 Math (Punica's SGMV/BGMV, S-LoRA): adapters live in a bank of ``S`` slots, ranks padded to ``R``
 with zeros (a zero row of A and zero column of B add nothing), the scale folded into B:
@@ -7,21 +7,39 @@ with zeros (a zero row of A and zero column of B add nothing), the scale folded 
     y[t] += B[slot[t]] @ (A[slot[t]] @ x[t])        x: (T, K)   y: (T, N)
 
 The base matmul ``y = x W^T`` is computed once for the whole batch by the caller; only this low-rank
-delta is per token. Two kernel pairs (shrink ``u = A x``, expand ``y += B u``):
+delta is per token. Two kernels, both over *tiles*: up to ``BM`` tokens that share a slot.
 
-* gathered (BGMV, decode): one program per token (x a vector), the slot read on the device;
-* segmented (SGMV, prefill): rows of ``L`` consecutive tokens share a slot; a program takes a
-  ``BLOCK_M`` tile of one row's tokens and uses tensor-core ``tl.dot``.
+* :func:`multi_lora_shrink` (``u = A x``): program ``(p, j, g)`` finds its tile ``p`` on the device
+  (below), reads the tile's rows of ``x`` and the ``j``-th slice of the input width of its slot's
+  ``A`` (member ``g`` of a group of projections reading the same input, e.g. q/k/v), and writes a
+  partial ``u``: (split, tiles * BM, G, R) fp32. Splitting the input width lets a decode batch of a
+  few tiles fill the GPU.
+* :func:`multi_lora_expand` (``y += B u``): program ``(p, n)`` sums the tile's partials and adds
+  ``u @ B[slot][n-block]^T`` into the tile's rows of ``y``, in place.
 
-No host sync: slots stay on the device. :func:`multi_lora_reference` is the plain per-token PyTorch
-reference; :func:`multi_lora` picks the kernels on CUDA (Triton present) and a per-slot PyTorch
-path elsewhere.
+Tiles, found without a host sync (the slots stay on the device; the grids depend on shapes only, so
+the launches can sit in a CUDA graph): every program counts the tokens of each slot, lays out each
+slot's tokens in ``ceil(count / BM)`` consecutive tiles (slot order), finds the slot and first rank
+of its own tile ``p`` and collects the tile's token indices in token order. At most
+``ceil(T / BM) + min(T, S)`` tiles exist; programs past the last one return at once, and tokens of
+slot -1 are in no tile (they cost a look at their slot). Each slot's ``A`` and ``B`` is read once per
+tile whatever the token order (a decode batch's tokens arrive in sequence order, a prefill chunk's
+tokens in one run). The shrink's first programs write the plan (slot, row count, token ids per tile)
+for the expand. ``per_token`` launches one tile per token instead (no counting; the A/B of a slot
+read once per token).
+
+:func:`multi_lora_reference` is the plain per-token PyTorch reference; :func:`multi_lora` runs the
+kernels on CUDA (or under ``TRITON_INTERPRET=1``) and a per-slot PyTorch path elsewhere.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
+
+from splice.kernels import use_triton
 
 try:  # Triton only ships with CUDA builds of torch; the CPU path needs none.
     import triton
@@ -29,7 +47,8 @@ try:  # Triton only ships with CUDA builds of torch; the CPU path needs none.
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-__all__ = ["multi_lora", "multi_lora_reference", "pad_rank"]
+__all__ = ["Shrunk", "Tiles", "multi_lora", "multi_lora_expand", "multi_lora_reference", "multi_lora_shrink",
+           "pad_rank", "tiles_for"]
 
 
 def pad_rank(rank: int) -> int:
@@ -68,122 +87,211 @@ def _multi_lora_torch(x: Tensor, y: Tensor, a: Tensor, b: Tensor, slots: Tensor,
     return out
 
 
+@dataclass(frozen=True, kw_only=True)
+class Tiles:
+    """A launch shape. ``block_m``: tokens per tile; ``k_split``: input columns per shrink program (a
+    multiple of ``block_k``, its loop step); ``block_n``: output columns per expand program;
+    ``per_token``: one tile per token, no counting."""
+
+    block_m: int = 16
+    k_split: int = 512
+    block_k: int = 64
+    block_n: int = 128
+    warps: int = 4
+    per_token: bool = False
+
+
+def tiles_for(tokens: int, k: int) -> Tiles:
+    """The launch shape for ``tokens`` tokens of width ``k`` (shapes only: a CUDA graph replays it).
+
+    A decode batch has few tiles: the width is split so that tiles x splits fill the GPU; a prefill
+    batch has enough tiles and keeps the width whole in fewer, larger programs."""
+    if tokens <= 512:
+        return Tiles(block_m=16, k_split=512, block_k=64, block_n=128)
+    return Tiles(block_m=64, k_split=_cdiv(max(1024, _cdiv(k, 4)), 64) * 64, block_k=64, block_n=128)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True, eq=False)
+class Shrunk:
+    """What :func:`multi_lora_shrink` leaves for :func:`multi_lora_expand`: ``u`` (split, tiles * BM,
+    G, R) fp32 partial sums, ``plan`` (tiles, 2 + BM) int32: each tile's slot, row count and token ids."""
+
+    u: Tensor
+    plan: Tensor
+    tiles: Tiles
+    ieee: bool  # fp32 bank: exact fp32 dots, no TF32 rounding
+
+
+def _plan_shape(tokens: int, capacity: int, tiles: Tiles) -> int:
+    """Tiles to launch: at most ceil(T / BM) full tiles plus one partly filled tile per slot in use."""
+    if tiles.per_token:
+        return tokens
+    return _cdiv(tokens, tiles.block_m) + min(tokens, capacity)
+
+
+def multi_lora_shrink(x: Tensor, a: Tensor, slots: Tensor, *, tiles: Tiles | None = None) -> Shrunk:
+    """``u = A[slot[t]] x[t]`` per token and group member, left as partial sums for the expand.
+
+    ``x`` (T, K) with unit column stride; ``a`` (S, R, K) or (S, G, R, K) (``G`` projections that read
+    the same input, e.g. a view of a bank's grouped storage), unit stride along K; ``slots`` (T,) int32
+    on ``x``'s device. CUDA (or the Triton interpreter) only."""
+    if a.dim() == 3:
+        a = a[:, None]
+    capacity, members, rank, k = a.shape
+    tokens = x.shape[0]
+    tiles = tiles or tiles_for(tokens, k)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if a.stride(3) != 1:
+        a = a.contiguous()
+    count = _plan_shape(tokens, capacity, tiles)
+    split = _cdiv(k, tiles.k_split)
+    u = torch.empty(split, count * tiles.block_m, members, rank, device=x.device, dtype=torch.float32)
+    plan = torch.empty(count, 2 + tiles.block_m, device=x.device, dtype=torch.int32)
+    bins = max(2, 1 << (capacity - 1).bit_length())
+    ieee = a.dtype == torch.float32
+    _shrink[(count, split, members)](
+        x, a, u, plan, slots.to(torch.int32), tokens, k, tiles.k_split, x.stride(0), a.stride(0), a.stride(1),
+        a.stride(2), R=rank, BM=tiles.block_m, BK=tiles.block_k, NB=bins, CHUNK=max(16, min(256, 4096 // bins)),
+        PER_TOKEN=tiles.per_token, IEEE=ieee, num_warps=tiles.warps,
+    )
+    return Shrunk(u, plan, tiles, ieee)
+
+
+def multi_lora_expand(shrunk: Shrunk, b: Tensor, y: Tensor, *, member: int = 0) -> None:
+    """``y[t] += B[slot[t]] u[t]`` in place for group member ``member`` of ``shrunk``.
+
+    ``b`` (S, N, R) contiguous; ``y`` (T, N) with unit column stride (rows may be strided)."""
+    split, rows, members, rank = shrunk.u.shape
+    count, tiles, n = shrunk.plan.shape[0], shrunk.tiles, b.shape[1]
+    if y.stride(1) != 1 or not b.is_contiguous():
+        raise ValueError("multi_lora_expand: y needs unit column stride and B (S, N, R) must be contiguous")
+    _expand[(count, _cdiv(n, tiles.block_n))](
+        shrunk.u, b, y, shrunk.plan, n, split, member, members, count, y.stride(0),
+        R=rank, BM=tiles.block_m, BN=tiles.block_n, IEEE=shrunk.ieee, num_warps=tiles.warps,
+    )
+
+
 def multi_lora(
     x: Tensor, y: Tensor, a: Tensor, b: Tensor, slots: Tensor, *, row_len: int = 1, kernels: bool | None = None,
-    inplace: bool = False,
+    inplace: bool = False, tiles: Tiles | None = None,
 ) -> Tensor:
     """``y + delta``: token ``t`` (of ``x`` (T, K)) adds ``B[s] A[s] x[t]`` with ``s = slots[t // row_len]``.
 
     ``slots`` (T // row_len,) int: one slot per row of ``row_len`` consecutive tokens (a prefill
-    row), or per token with ``row_len = 1`` (decode). Returns a new tensor of ``y``'s dtype.
+    row), or per token with ``row_len = 1`` (decode). Returns a tensor of ``y``'s dtype.
     ``kernels``: force the Triton kernels on or off (default: on for CUDA tensors). ``inplace``:
-    add into ``y`` itself (contiguous, no autograd) instead of a copy.
+    add into ``y`` itself (no autograd) instead of a copy. ``tiles``: the launch shape (default
+    :func:`tiles_for`).
     """
     if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
         raise ValueError(f"x (T, K) and y (T, N) expected, got {tuple(x.shape)} and {tuple(y.shape)}")
     if x.shape[0] != slots.numel() * row_len:
         raise ValueError(f"{x.shape[0]} tokens but {slots.numel()} slots of {row_len} tokens each")
+    per_token = slots if row_len == 1 else slots.repeat_interleave(row_len)
     if kernels is None:
-        kernels = triton is not None and x.device.type == "cuda"
+        kernels = triton is not None and use_triton(x)
     if not kernels:
-        return _multi_lora_torch(x, y, a, b, slots.repeat_interleave(row_len), inplace=inplace)
-    x, a, b = x.contiguous(), a.contiguous(), b.contiguous()
-    slots = slots.to(torch.int32).contiguous()
-    out = y if inplace and y.is_contiguous() else y.contiguous().clone()
-    tokens, k = x.shape
-    n, r = b.shape[1], a.shape[1]
-    u = torch.empty(tokens, r, device=x.device, dtype=torch.float32)
-    if row_len == 1:
-        _bgmv_shrink[(tokens,)](x, a, u, slots, k, R=r, BLOCK_K=256)
-        _bgmv_expand[(tokens, triton.cdiv(n, 128))](u, b, out, slots, n, R=r, BLOCK_N=128)
-    else:
-        rows, block_m = slots.numel(), 16 if row_len <= 16 else 32
-        m_blocks = triton.cdiv(row_len, block_m)
-        ieee = a.dtype == torch.float32  # fp32 banks: no TF32 rounding in tl.dot
-        _sgmv_shrink[(rows, m_blocks)](x, a, u, slots, k, row_len, R=r, BLOCK_M=block_m, BLOCK_K=64,
-                                       IEEE=ieee)
-        _sgmv_expand[(rows, m_blocks, triton.cdiv(n, 64))](
-            u, b, out, slots, n, row_len, R=r, BLOCK_M=block_m, BLOCK_N=64, IEEE=ieee
-        )
+        return _multi_lora_torch(x, y, a, b, per_token, inplace=inplace)
+    out = y if inplace and y.stride(1) == 1 else y.contiguous().clone()
+    multi_lora_expand(multi_lora_shrink(x, a, per_token, tiles=tiles), b.contiguous(), out)
     return out
 
 
 if triton is not None:
 
     @triton.jit
-    def _bgmv_shrink(x_ptr, a_ptr, u_ptr, slot_ptr, K, R: tl.constexpr, BLOCK_K: tl.constexpr):
-        # u[t, :] = A[slot] @ x[t]: (R, K) @ (K,), fp32 accumulation
-        t = tl.program_id(0)
-        slot = tl.load(slot_ptr + t)
-        if slot >= 0:
-            rr = tl.arange(0, R)
-            acc = tl.zeros((R,), dtype=tl.float32)
-            a_row = a_ptr + slot.to(tl.int64) * R * K
-            for k0 in range(0, K, BLOCK_K):
-                kk = k0 + tl.arange(0, BLOCK_K)
-                xk = tl.load(x_ptr + t.to(tl.int64) * K + kk, mask=kk < K, other=0.0).to(tl.float32)
-                ak = tl.load(a_row + rr[:, None] * K + kk[None, :], mask=kk[None, :] < K, other=0.0)
-                acc += tl.sum(ak.to(tl.float32) * xk[None, :], axis=1)
-            tl.store(u_ptr + t * R + rr, acc)
+    def _tile(slot_ptr, T, p, BM: tl.constexpr, NB: tl.constexpr, CHUNK: tl.constexpr, PER_TOKEN: tl.constexpr):
+        # Tile p of the slot-sorted layout: (its slot, its row count n <= BM, (BM,) token ids in token order).
+        ii = tl.arange(0, BM)
+        if PER_TOKEN:
+            slot = tl.load(slot_ptr + p)
+            n = (slot >= 0).to(tl.int32)
+            rows = tl.where(ii == 0, p, 0)
+        else:
+            bins = tl.arange(0, NB)
+            counts = tl.zeros((NB,), dtype=tl.int32)  # tokens per slot
+            for c0 in range(0, T, CHUNK):
+                tt = c0 + tl.arange(0, CHUNK)
+                sl = tl.load(slot_ptr + tt, mask=tt < T, other=-1)
+                counts += tl.sum((sl[None, :] == bins[:, None]).to(tl.int32), axis=1)
+            spans = (counts + BM - 1) // BM  # tiles per slot
+            ends = tl.cumsum(spans, axis=0)
+            slot = tl.sum((ends <= p).to(tl.int32))  # NB when p is past the last tile
+            first = (p - tl.sum(tl.where(bins == slot, ends - spans, 0))) * BM  # rank of the tile's first token
+            n = tl.minimum(tl.maximum(tl.sum(tl.where(bins == slot, counts, 0)) - first, 0), BM)
+            rows = tl.zeros((BM,), dtype=tl.int32)
+            if n > 0:
+                seen = tl.sum(tl.zeros((1,), dtype=tl.int32))
+                for c0 in range(0, T, CHUNK):
+                    tt = c0 + tl.arange(0, CHUNK)
+                    hit = tl.load(slot_ptr + tt, mask=tt < T, other=-1) == slot
+                    rank = seen + tl.cumsum(hit.to(tl.int32), axis=0) - 1 - first  # the row each token takes
+                    take = hit[None, :] & (rank[None, :] == ii[:, None])  # (BM, CHUNK)
+                    rows += tl.sum(tl.where(take, tt[None, :], 0), axis=1)
+                    seen += tl.sum(hit.to(tl.int32))
+        return slot, n, rows
 
     @triton.jit
-    def _bgmv_expand(u_ptr, b_ptr, y_ptr, slot_ptr, N, R: tl.constexpr, BLOCK_N: tl.constexpr):
-        # y[t, n-block] += B[slot][n-block] @ u[t]: (BLOCK_N, R) @ (R,)
-        t = tl.program_id(0)
-        slot = tl.load(slot_ptr + t)
-        if slot >= 0:
-            nn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    def _shrink(x_ptr, a_ptr, u_ptr, plan_ptr, slot_ptr, T, K, KS, stride_xt, stride_as, stride_ag, stride_ar,
+                R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, NB: tl.constexpr, CHUNK: tl.constexpr,
+                PER_TOKEN: tl.constexpr, IEEE: tl.constexpr):
+        # u[j, p*BM + i, g, :] = x[rows[i], j-th K slice] @ A[slot, g, :, j-th K slice]^T: (BM, KS) @ (KS, R)
+        p, j, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        tiles, members = tl.num_programs(0), tl.num_programs(2)
+        slot, n, rows = _tile(slot_ptr, T, p, BM, NB, CHUNK, PER_TOKEN)
+        ii = tl.arange(0, BM)
+        if (j == 0) & (g == 0):  # the plan the expand reads
+            head = plan_ptr + p * (BM + 2)
+            tl.store(head, slot)
+            tl.store(head + 1, n)
+            tl.store(head + 2 + ii, rows)
+        if n > 0:
             rr = tl.arange(0, R)
-            u = tl.load(u_ptr + t * R + rr)
-            bk = tl.load(b_ptr + slot.to(tl.int64) * N * R + nn[:, None] * R + rr[None, :],
-                         mask=nn[:, None] < N, other=0.0)
-            delta = tl.sum(bk.to(tl.float32) * u[None, :], axis=1)
-            y_at = y_ptr + t.to(tl.int64) * N + nn
-            y = tl.load(y_at, mask=nn < N, other=0.0)
-            tl.store(y_at, (y.to(tl.float32) + delta).to(y.dtype), mask=nn < N)
-
-    @triton.jit
-    def _sgmv_shrink(x_ptr, a_ptr, u_ptr, slot_ptr, K, L, R: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
-        # u[row tokens m-block, :] = x[m-block] @ A[slot]^T: (BLOCK_M, K) @ (K, R)
-        row, mb = tl.program_id(0), tl.program_id(1)
-        slot = tl.load(slot_ptr + row)
-        if slot >= 0:
-            mm = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-            tok = row.to(tl.int64) * L + mm
-            rr = tl.arange(0, R)
-            acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
-            a_row = a_ptr + slot.to(tl.int64) * R * K
-            for k0 in range(0, K, BLOCK_K):
-                kk = k0 + tl.arange(0, BLOCK_K)
-                xt = tl.load(x_ptr + tok[:, None] * K + kk[None, :],
-                             mask=(mm[:, None] < L) & (kk[None, :] < K), other=0.0)
-                at = tl.load(a_row + rr[None, :] * K + kk[:, None], mask=kk[:, None] < K, other=0.0)
+            live = ii[:, None] < n
+            acc = tl.zeros((BM, R), dtype=tl.float32)
+            a_at = a_ptr + slot.to(tl.int64) * stride_as + g * stride_ag
+            x_at = x_ptr + rows[:, None].to(tl.int64) * stride_xt
+            for k0 in range(j * KS, tl.minimum(j * KS + KS, K), BK):
+                kk = k0 + tl.arange(0, BK)
+                xt = tl.load(x_at + kk[None, :], mask=live & (kk[None, :] < K), other=0.0)
+                at = tl.load(a_at + rr[None, :] * stride_ar + kk[:, None], mask=kk[:, None] < K, other=0.0)
                 if IEEE:
                     acc += tl.dot(xt.to(at.dtype), at, out_dtype=tl.float32, input_precision="ieee")
                 else:
                     acc += tl.dot(xt.to(at.dtype), at, out_dtype=tl.float32)
-            tl.store(u_ptr + tok[:, None] * R + rr[None, :], acc, mask=mm[:, None] < L)
+            u_at = u_ptr + ((j * tiles * BM + p * BM + ii[:, None]) * members + g) * R + rr[None, :]
+            tl.store(u_at, acc, mask=live)
 
     @triton.jit
-    def _sgmv_expand(u_ptr, b_ptr, y_ptr, slot_ptr, N, L, R: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
-        # y[m-block, n-block] += u[m-block] @ B[slot][n-block]^T: (BLOCK_M, R) @ (R, BLOCK_N)
-        row, mb, nb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        slot = tl.load(slot_ptr + row)
-        if slot >= 0:
-            mm = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-            tok = row.to(tl.int64) * L + mm
-            nn = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    def _expand(u_ptr, b_ptr, y_ptr, plan_ptr, N, SPLIT, g, G, TILES, stride_yt,
+                R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
+        # y[rows, n-block] += (sum_j u[j, tile rows, g]) @ B[slot][n-block]^T: (BM, R) @ (R, BN)
+        p, nb = tl.program_id(0), tl.program_id(1)
+        head = plan_ptr + p * (BM + 2)
+        n = tl.load(head + 1)
+        if n > 0:
+            slot = tl.load(head)
+            ii = tl.arange(0, BM)
+            live = ii[:, None] < n
+            rows = tl.load(head + 2 + ii, mask=ii < n, other=0)
             rr = tl.arange(0, R)
-            u = tl.load(u_ptr + tok[:, None] * R + rr[None, :], mask=mm[:, None] < L, other=0.0)
+            u = tl.zeros((BM, R), dtype=tl.float32)
+            u_at = u_ptr + ((p * BM + ii[:, None]) * G + g) * R + rr[None, :]
+            for j in range(SPLIT):
+                u += tl.load(u_at + j * TILES * BM * G * R, mask=live, other=0.0)
+            nn = nb * BN + tl.arange(0, BN)
             bt = tl.load(b_ptr + slot.to(tl.int64) * N * R + nn[None, :] * R + rr[:, None],
                          mask=nn[None, :] < N, other=0.0)
             if IEEE:
                 delta = tl.dot(u, bt, out_dtype=tl.float32, input_precision="ieee")
             else:
                 delta = tl.dot(u.to(bt.dtype), bt, out_dtype=tl.float32)
-            inside = (mm[:, None] < L) & (nn[None, :] < N)
-            y_at = y_ptr + tok[:, None] * N + nn[None, :]
-            y = tl.load(y_at, mask=inside, other=0.0)
-            tl.store(y_at, (y.to(tl.float32) + delta).to(y.dtype), mask=inside)
+            inside = live & (nn[None, :] < N)
+            y_at = y_ptr + rows[:, None].to(tl.int64) * stride_yt + nn[None, :]
+            yv = tl.load(y_at, mask=inside, other=0.0)
+            tl.store(y_at, (yv.to(tl.float32) + delta).to(yv.dtype), mask=inside)

@@ -3,9 +3,12 @@
 For each adapted linear module (``path``, input ``K``, output ``N``) the bank holds
 ``A: (S, R, K)`` and ``B: (S, N, R)`` (ranks zero-padded to ``R``, ``scale`` folded into B), one
 slot per resident adapter. A call routed with ``Route(bank=bank, slots=...)`` (see
-:mod:`splice.lora.routing`) adds ``B[slot] A[slot] x`` per batch row through
-:func:`splice.kernels.multi_lora.multi_lora`: one launch per projection whatever the mix of
+:mod:`splice.lora.routing`) adds ``B[slot] A[slot] x`` per batch row or token through
+:mod:`splice.kernels.multi_lora`: a shrink and an expand launch per projection whatever the mix of
 adapters, ranks and targets (an adapter that does not target a module has zeros in its slot).
+Sibling projections that read one input (q/k/v, gate/up: :data:`SHARED_INPUT`) keep their A side by
+side, (S, G, R, K), and the first one called shrinks for all: its siblings, called next on the same
+input, only expand (a decode step's launches are most of its adapter cost).
 
 Two ways in: :meth:`LoraBank.from_model` packs the LoRA layers already on a model (what
 ``splice.generate`` uses for mixed batches on a GPU), and :func:`add_bank_sites` + :meth:`put`
@@ -15,9 +18,11 @@ least recently used resident adapter evicted (what ``splice serve`` uses).
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,14 +30,16 @@ import torch
 from torch import Tensor, nn
 
 from splice.core.rewrite import rewrite
-from splice.kernels.multi_lora import multi_lora, pad_rank
+from splice.kernels import use_triton
+from splice.kernels.multi_lora import Shrunk, multi_lora, multi_lora_expand, multi_lora_shrink, pad_rank
 from splice.lora import adapter_file
 from splice.lora.adapter_file import AdapterError, base_shape, on_original_base, require_linear
 from splice.lora.apply import lora_modules, use_adapters
 from splice.lora.layers import LoraLinear
 from splice.lora.routing import Route, current_route, routed
 
-__all__ = ["BankSite", "HostAdapter", "LoraBank", "add_bank_sites", "read_adapter", "use_adapter_bank"]
+__all__ = ["SHARED_INPUT", "BankSite", "HostAdapter", "LoraBank", "add_bank_sites", "read_adapter",
+           "shared_input_groups", "use_adapter_bank"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,6 +114,52 @@ def add_bank_sites(model: nn.Module, paths: Collection[str]) -> dict[str, BankSi
     return sites
 
 
+# Sibling projections that read one input: a bank stores their A side by side, and the first one called
+# shrinks for all (one launch instead of three for q/k/v, two for gate/up).
+SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def shared_input_groups(shapes: dict[str, tuple[int, int]]) -> list[tuple[str, ...]]:
+    """The groups of ``shapes``' paths (path -> (K, N)) that are siblings named in :data:`SHARED_INPUT`
+    with one input width, in call order (two or more members each)."""
+    groups = []
+    for parent in dict.fromkeys(path.rpartition(".")[0] for path in shapes):
+        for names in SHARED_INPUT:
+            members = [f"{parent}.{n}" if parent else n for n in names]
+            present = [m for m in members if m in shapes]
+            same = tuple(m for m in present if shapes[m][0] == shapes[present[0]][0]) if present else ()
+            if len(same) > 1:
+                groups.append(same)
+    return groups
+
+
+@dataclass(frozen=True, eq=False)
+class _LastShrink:
+    """The last group shrink of this context (thread / task), made by the group's first member (which
+    always shrinks anew). A later member reuses it when it sees the same input and slots objects,
+    unchanged (their version counters, outside inference mode)."""
+
+    stack: Tensor  # the group's A storage (S, G, R, K): one per group and bank
+    x: weakref.ReferenceType[Tensor]
+    slots: weakref.ReferenceType[Tensor]
+    versions: tuple[int, int, bool]
+    shrunk: Shrunk
+
+    def fits(self, stack: Tensor, x: Tensor, slots: Tensor) -> bool:
+        return (self.stack is stack and self.x() is x and self.slots() is slots
+                and self.versions == _versions(x, slots))
+
+
+def _versions(x: Tensor, slots: Tensor) -> tuple[int, int, bool]:
+    # Inference tensors keep no version counter: there the objects alone identify the input. A shrink
+    # made outside a CUDA graph capture is not reused inside one (the graph would miss its launch).
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    return (-1 if x.is_inference() else x._version, -1 if slots.is_inference() else slots._version, capturing)
+
+
+_LAST_SHRINK: ContextVar[_LastShrink | None] = ContextVar("splice_bank_last_shrink", default=None)
+
+
 def _linear_shape(module: nn.Module) -> tuple[int, int]:
     """(K, N) of the linear under ``module``'s wrappers."""
     shape = base_shape(module)
@@ -127,8 +180,17 @@ class LoraBank:
         if capacity < 1:
             raise ValueError(f"an adapter bank needs capacity >= 1, got {capacity}")
         self.capacity, self.rank, self.device, self.dtype = capacity, pad_rank(rank), device, dtype
-        self.a = {p: torch.zeros(capacity, self.rank, k, device=device, dtype=dtype) for p, (k, _) in shapes.items()}
+        # path -> (its group's A storage (S, G, R, K), its index there); A[path] is a view of that storage
+        self._stacks: dict[str, tuple[Tensor, int]] = {}
+        for group in shared_input_groups(shapes):
+            stack = torch.zeros(capacity, len(group), self.rank, shapes[group[0]][0], device=device, dtype=dtype)
+            self._stacks.update({path: (stack, i) for i, path in enumerate(group)})
+        for path, (k, _) in shapes.items():
+            if path not in self._stacks:
+                self._stacks[path] = (torch.zeros(capacity, 1, self.rank, k, device=device, dtype=dtype), 0)
+        self.a = {p: self._stacks[p][0][:, self._stacks[p][1]] for p in shapes}  # (S, R, K) views
         self.b = {p: torch.zeros(capacity, n, self.rank, device=device, dtype=dtype) for p, (_, n) in shapes.items()}
+        self.kernels: bool | None = None  # the Triton kernels: None = on for CUDA (or the Triton interpreter)
         self._apply = {id(m): p for m, p in appliers.items()}
         self._skip = {id(m) for m in skippers}
         self.resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recent first
@@ -139,7 +201,7 @@ class LoraBank:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in (*self.a.values(), *self.b.values()))
+        return sum(t.nbytes for t in (*self.a.values(), *self.b.values()))  # views: each A counted once
 
     def covers(self, module: nn.Module) -> bool:
         return id(module) in self._apply or id(module) in self._skip
@@ -224,8 +286,30 @@ class LoraBank:
                              f"rows nor its {tokens} tokens")
         # Serving runs without autograd: the delta is added into the base output itself.
         inplace = not torch.is_grad_enabled() and y.is_contiguous()
-        out = multi_lora(flat_x, flat_y, self.a[path], self.b[path], slots, row_len=row_len, inplace=inplace)
+        if not (use_triton(flat_x) if self.kernels is None else self.kernels):
+            out = multi_lora(flat_x, flat_y, self.a[path], self.b[path], slots, row_len=row_len, inplace=inplace,
+                             kernels=False)
+            return out.view(y.shape)
+        shrunk, member = self._shrink(path, x, slots, row_len)
+        out = flat_y if inplace else flat_y.clone(memory_format=torch.contiguous_format)
+        multi_lora_expand(shrunk, self.b[path], out, member=member)
         return out.view(y.shape)
+
+    def _shrink(self, path: str, x: Tensor, slots: Tensor, row_len: int) -> tuple[Shrunk, int]:
+        """``path``'s shrink and its member index there: the group's shrink of this ``x`` when an earlier
+        member made it, else a new one (for the whole group when ``path`` is its first member)."""
+        stack, member = self._stacks[path]
+        last = _LAST_SHRINK.get()
+        if member > 0 and last is not None and last.fits(stack, x, slots):
+            return last.shrunk, member
+        flat_x = x.reshape(-1, x.shape[-1])
+        per_token = slots if row_len == 1 else slots.repeat_interleave(row_len)
+        if member > 0:  # called out of order or on another input: this member alone
+            return multi_lora_shrink(flat_x, self.a[path], per_token), 0
+        shrunk = multi_lora_shrink(flat_x, stack, per_token)
+        if stack.shape[1] > 1:
+            _LAST_SHRINK.set(_LastShrink(stack, weakref.ref(x), weakref.ref(slots), _versions(x, slots), shrunk))
+        return shrunk, member
 
     @classmethod
     def for_sites(cls, model: nn.Module, sites: dict[str, BankSite], *, capacity: int, rank: int,

@@ -3,20 +3,36 @@ from folders (rsLoRA, rank/alpha patterns, PiSSA/OLoRA) serve what PEFT computes
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import peft
 import pytest
 import torch
 
+from splice.kernels import HAS_TRITON
+from splice.kernels.multi_lora import multi_lora_reference
+from splice.lora import bank as bank_module
 from splice.lora.adapter_file import AdapterError
 from splice.lora.apply import add_lora, lora_modules, use_adapters
-from splice.lora.bank import HostAdapter, LoraBank, add_bank_sites, read_adapter, use_adapter_bank
+from splice.lora.bank import (
+    HostAdapter,
+    LoraBank,
+    add_bank_sites,
+    read_adapter,
+    shared_input_groups,
+    use_adapter_bank,
+)
 from splice.lora.layers import LoraConfig
 from splice.lora.peft_io import save_adapter
 from splice.lora.routing import Route, routed
 from tests import tiny
 from tests.numerics import GPU
+
+INTERPRETED = HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
+KERNELS = pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRETED),
+                             reason="the kernels need a GPU or the Triton interpreter (TRITON_INTERPRET=1)")
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _model() -> torch.nn.Module:
@@ -182,3 +198,126 @@ def test_apply_takes_one_slot_per_row_or_per_token() -> None:
                                    bank.apply(layer, x, y.clone(), per_row.repeat_interleave(4)), rtol=0, atol=0)
         with pytest.raises(ValueError, match="5 routed slots fit neither the batch's 3 rows nor its 12 tokens"):
             bank.apply(layer, x, y.clone(), torch.zeros(5, dtype=torch.int32))
+
+
+def _host_bank(device: str, *, adapters: int = 3, capacity: int = 4) -> tuple[torch.nn.Module, dict, LoraBank]:
+    """A tiny Llama with bank sites on every linear of its layers and ``adapters`` random adapters of
+    ranks 2, 4, 8, ... resident (adapter 1 leaves k_proj and up_proj out)."""
+    served = tiny.llama().to(device)
+    modules = dict(served.named_modules())
+    paths = [p for p, m in modules.items() if isinstance(m, torch.nn.Linear) and ".layers." in p]
+    sites = add_bank_sites(served, paths)
+    bank = LoraBank.for_sites(served, sites, capacity=capacity, rank=8, dtype=torch.float32)
+    g = torch.Generator().manual_seed(5)
+    for i in range(adapters):
+        rank = 2 << (i % 3)
+        weights = {}
+        for path in paths:
+            if i == 1 and path.endswith(("k_proj", "up_proj")):
+                continue
+            linear = modules[path]
+            weights[path] = (torch.randn(rank, linear.in_features, generator=g) * 0.3,
+                             torch.randn(linear.out_features, rank, generator=g) * 0.3)
+        bank.put(HostAdapter(name=f"a{i}", weights=weights, rank=rank))
+    return served, sites, bank
+
+
+def test_shared_input_groups() -> None:
+    shapes = {"l.0.attn.q_proj": (32, 32), "l.0.attn.k_proj": (32, 16), "l.0.attn.v_proj": (32, 16),
+              "l.0.attn.o_proj": (32, 32), "l.0.mlp.up_proj": (32, 64), "l.0.mlp.down_proj": (64, 32),
+              "l.1.attn.k_proj": (32, 16), "l.1.attn.v_proj": (32, 16), "l.1.mlp.gate_proj": (32, 64),
+              "l.1.mlp.up_proj": (48, 64), "q_proj": (8, 8), "k_proj": (8, 8)}
+    assert shared_input_groups(shapes) == [("l.0.attn.q_proj", "l.0.attn.k_proj", "l.0.attn.v_proj"),
+                                           ("l.1.attn.k_proj", "l.1.attn.v_proj"), ("q_proj", "k_proj")]
+    bank = LoraBank(shapes, capacity=2, rank=4, device=torch.device("cpu"), dtype=torch.float32, appliers={})
+    a = bank.a["l.0.attn.k_proj"]
+    assert a.shape == (2, 16, 32) and a._base is bank.a["l.0.attn.q_proj"]._base  # one (S, 3, R, K) storage
+    assert bank.nbytes == sum(2 * 16 * (k + n) * 4 for k, n in shapes.values())
+
+
+@KERNELS
+@pytest.mark.parametrize("layout", ["tokens", "rows"])
+def test_kernels_match_the_torch_path_with_one_shrink_per_group(layout: str, monkeypatch) -> None:
+    """The engine's flat (T, 1, H) batch with a slot per token, or rows of tokens with a slot per row:
+    the kernels add what the PyTorch path adds, with one shrink per layer for q/k/v and one for gate/up."""
+    device = KERNEL_DEVICE
+    served, sites, bank = _host_bank(device)
+    if layout == "tokens":
+        ids = tiny.tokens(batch=20, length=1).to(device)
+        slots = torch.tensor([0, 1, -1, 2, 2, 0, 1, 1, -1, 0, 2, 2, 2, 1, 0, -1, 0, 0, 1, 2], dtype=torch.int32)
+    else:
+        ids = tiny.tokens(batch=4, length=9).to(device)
+        slots = torch.tensor([2, -1, 0, 1], dtype=torch.int32)
+    shrinks = []
+    real = bank_module.multi_lora_shrink
+
+    def counted(x, a, slots, **options):  # the real shrink, counted
+        shrinks.append(a.dim())
+        return real(x, a, slots, **options)
+
+    monkeypatch.setattr(bank_module, "multi_lora_shrink", counted)
+    route = Route(bank=bank, slots=slots.to(device))
+    with torch.no_grad(), routed(sites.values(), route):
+        bank.kernels = False
+        want = served(ids).logits
+        bank.kernels = True
+        got = served(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert shrinks == [4] * 8  # per layer: q/k/v, o, gate/up, down; every A passed as (S, G, R, K)
+
+
+@KERNELS
+def test_a_group_member_recomputes_when_its_input_changed() -> None:
+    device = KERNEL_DEVICE
+    served, sites, bank = _host_bank(device)
+    attn = served.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 1, 32, generator=g).to(device)
+    slots = torch.tensor([1, 0, -1, 2, 0, 1], dtype=torch.int32, device=device)
+
+    def check(name: str, x: torch.Tensor) -> None:
+        path = f"model.layers.0.self_attn.{name}"
+        base = getattr(attn, name).base(x)
+        want = multi_lora_reference(x.view(6, 32), base.view(6, -1), bank.a[path], bank.b[path], slots)
+        got = bank.apply(sites[path], x, base.clone(), slots)
+        torch.testing.assert_close(got.view(6, -1), want, rtol=1e-5, atol=1e-5)
+
+    bank.kernels = True
+    with torch.no_grad():
+        check("k_proj", x)  # out of order: k alone
+        check("q_proj", x)  # q shrinks for q, k and v
+        check("v_proj", x)  # reused
+        check("k_proj", x.clone())  # another input object: recomputed
+        x.mul_(2)  # changed in place: the version counter tells
+        check("v_proj", x)
+
+
+@GPU
+def test_group_reuse_inside_a_cuda_graph_replays_new_slots() -> None:
+    """q/k/v and gate/up sites captured in a CUDA graph (one shrink per group inside it) replay later
+    slots and inputs, as the engine's decode graphs do."""
+    served, sites, bank = _host_bank("cuda")
+    layer = served.model.layers[1]
+    x = torch.randn(24, 1, 32, device="cuda")
+    slots = torch.full((24,), -1, dtype=torch.int32, device="cuda")
+
+    def forward() -> list[torch.Tensor]:
+        attn, mlp = layer.self_attn, layer.mlp
+        with routed(sites.values(), Route(bank=bank, slots=slots)):
+            return [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x), mlp.gate_proj(x), mlp.up_proj(x)]
+
+    with torch.no_grad():
+        forward()  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = forward()
+        g = torch.Generator().manual_seed(8)
+        for _ in range(2):
+            x.copy_(torch.randn(24, 1, 32, generator=g))
+            slots.copy_(torch.randint(-1, 3, (24,), generator=g))
+            graph.replay()
+            bank.kernels = False
+            want = forward()
+            bank.kernels = None
+            for got, expected in zip(outs, want, strict=True):
+                torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
