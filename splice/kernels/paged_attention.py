@@ -31,7 +31,8 @@ tensors: 468 us), batch 32 x 1,024 43 us (SDPA 35), batch 1 x 4,096 13 us (SDPA 
 2,048-token prefill 190 TFLOP/s (SDPA/FlashAttention 417).
 
 :func:`paged_attention_reference` is plain PyTorch, one sequence at a time (each sequence's K/V
-gathered once, one masked fp32 attention per sequence); it is also the CPU path.
+gathered once, one masked fp32 attention per sequence); it is also the CPU path, except for decode
+steps (one query a sequence), which take one batched attention over the padded sequences.
 """
 
 from __future__ import annotations
@@ -139,6 +140,35 @@ def paged_attention_reference(
     return result
 
 
+def _decode_batched(q: Tensor, key_cache: Tensor, value_cache: Tensor, *, block_tables: Tensor, seq_lens: Tensor,
+                    scale: float, window: int, softcap: float, out: Tensor | None) -> Tensor:
+    """Every sequence's one query at once (a decode step off the GPU): each sequence's K/V gathered into
+    a padded (B, N, Hkv, D) batch, keys past its length (or outside its window) masked; fp32 math as
+    the reference, one batched attention instead of one per sequence."""
+    batch, hq, d = q.shape
+    block_size, hkv = key_cache.shape[1], key_cache.shape[2]
+    lens = seq_lens.long()
+    longest = int(lens.max())
+    ids = block_tables[:, : -(-longest // block_size)].long()  # (B, nb)
+    k = key_cache[ids].flatten(1, 2)[:, :longest].float()  # (B, N, Hkv, D)
+    v = value_cache[ids].flatten(1, 2)[:, :longest].float()
+    qg = q.float().view(batch, hkv, hq // hkv, d)
+    s = torch.einsum("bhgd,bnhd->bhgn", qg, k) * scale
+    if softcap > 0:
+        s = torch.tanh(s / softcap) * softcap
+    k_pos = torch.arange(longest, device=q.device)[None, :]
+    masked = k_pos >= lens[:, None]  # (B, N): past the sequence
+    if window > 0:
+        masked |= k_pos <= (lens[:, None] - 1) - window
+    s.masked_fill_(masked[:, None, None, :], float("-inf"))
+    v.masked_fill_(masked[:, :, None, None], 0.0)  # rows past a sequence may hold anything (NaN too)
+    o = torch.einsum("bhgn,bnhd->bhgd", torch.softmax(s, dim=-1), v).reshape(batch, hq, d)
+    if out is None:
+        return o.to(q.dtype)
+    out.copy_(o)
+    return out
+
+
 def paged_attention(
     q: Tensor, key_cache: Tensor, value_cache: Tensor, *, block_tables: Tensor, seq_lens: Tensor,
     query_start_loc: Tensor, scale: float, max_query_len: int, max_seq_len: int, window: int = 0,
@@ -150,6 +180,10 @@ def paged_attention(
     grid (any upper bound is correct). Returns ``(T, Hq, D)`` in q's dtype (``out`` when given).
     """
     kernels = triton is not None and use_triton(q, key_cache)
+    if not kernels and max_query_len <= 1 and q.shape[0] == seq_lens.shape[0] and q.shape[0] > 1:
+        _check(q, key_cache, value_cache, block_tables, seq_lens, query_start_loc)  # one query a sequence
+        return _decode_batched(q, key_cache, value_cache, block_tables=block_tables, seq_lens=seq_lens,
+                               scale=scale, window=window, softcap=softcap, out=out)
     fn = paged_attention_triton if kernels else paged_attention_reference
     return fn(q, key_cache, value_cache, block_tables=block_tables, seq_lens=seq_lens,
               query_start_loc=query_start_loc, scale=scale, max_query_len=max_query_len,

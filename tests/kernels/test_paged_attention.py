@@ -233,3 +233,14 @@ def test_no_host_sync_and_cuda_graph_replay() -> None:
     graph.replay()
     torch.cuda.synchronize()
     check(out, other, torch.bfloat16, scale=0.125)
+
+
+@pytest.mark.parametrize(("window", "softcap"), [(0, 0.0), (7, 0.0), (0, 30.0)])
+def test_cpu_decode_steps_take_one_batched_attention_equal_to_the_reference(window: int, softcap: float) -> None:
+    case = make_case(DECODES, dtype=torch.float32, device="cpu", seed=3)
+    want = run(paged_attention_reference, case, scale=0.125, window=window, softcap=softcap)
+    got = run(paged_attention, case, scale=0.125, window=window, softcap=softcap)  # the batched decode path
+    assert torch.isfinite(got).all()  # NaN rows of the cache past each sequence stay masked out
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, dense(case, scale=0.125, window=window, softcap=softcap).float(), atol=1e-5,
+                               rtol=1e-5)
