@@ -133,7 +133,7 @@ class PagedAttention(nn.Module):
         pair = None if torch.is_grad_enabled() else packed([self.q_proj, self.k_proj, self.v_proj])
         if pair is None:
             return tuple(p(hidden).view(tokens, -1, d) for p in (self.q_proj, self.k_proj, self.v_proj))
-        qkv = F.linear(hidden.view(tokens, -1), *pair)  # (T, Nq + Nk + Nv)
+        qkv = F.linear(hidden.reshape(tokens, -1), *pair)  # (T, Nq + Nk + Nv)
         nq, nk = (cast(nn.Linear, m).out_features for m in (self.q_proj, self.k_proj))  # packed: plain linears
         return (qkv[:, :nq].view(tokens, -1, d), qkv[:, nq: nq + nk].view(tokens, -1, d),
                 qkv[:, nq + nk:].view(tokens, -1, d))
