@@ -17,6 +17,9 @@ weights and adapters (more than L2 holds, as consecutive layers are) and replaye
   ``benchmarks/_legacy_multi_lora.py`` exists, ``legacy`` (a copy of the previous per-token BGMV
   kernels). ``step_ms_added`` = 32 layers x the added time; ``of_step`` divides it by the engine's
   measured decode step without adapters (batch 32: 6.45 ms, batch 128: 8.17 ms; H200, 2026-12-04).
+  ``idle`` runs the grouped launches over base rows only (every slot -1): the launch floor.
+* ``eager``: µs per call without a graph (decode-32x8's q), i.e. the host's cost of a launch, which
+  mixed prefill steps (run eagerly by the engine) pay per projection.
 * ``sweep`` (``--sweep``): other launch shapes (:class:`Tiles`) for a few projections.
 
 ``--tiny``: a CPU smoke run of the same tables at toy sizes (the PyTorch path; wall-clock timing).
@@ -209,14 +212,32 @@ def layer_row(clock: Clock, layers: list[Layer], scenario: tuple, shapes: dict, 
     base = bases(layers, inputs, outs)
     row: dict[str, Any] = {"scenario": name, "tokens": tokens, "adapters": adapters, "base_us": clock.us(base)}
     for way in ways:
-        both = [call for pair in zip(base, deltas(layers, inputs, outs, slots, way=way, legacy=legacy),
-                                     strict=True) for call in pair]
+        # "idle": the bank's launches over a batch of base rows only (slot -1): the launch floor
+        rows_slots = torch.full_like(slots, -1) if way == "idle" else slots
+        added = deltas(layers, inputs, outs, rows_slots, way="grouped" if way == "idle" else way, legacy=legacy)
+        both = [call for pair in zip(base, added, strict=True) for call in pair]
         total = clock.us(both) * 2  # per layer: a base call and a delta call
         added_ms = (total - row["base_us"]) * LAYERS / 1e3
         row[way] = {"layer_us": total, "vs_base": row["base_us"] / total, "step_ms_added": added_ms}
         if tokens in STEP_MS:
             row[way]["of_step"] = added_ms / STEP_MS[tokens]
     return row
+
+
+def eager_rows(layers: list[Layer], shapes: dict, *, ways: list[str], legacy: Any,
+               device: str) -> list[dict[str, Any]]:
+    """Eager (no graph) µs per call for decode-32x8's q: mostly the host's launch cost, which a mixed
+    prefill step (run eagerly) pays per projection."""
+    name, tokens, adapters, kind = SCENARIOS[0]
+    inputs, outs = scenario_io(tokens, shapes, device)
+    slots = slots_for(tokens, adapters, kind, device)
+    clock = Clock(device="cpu", deadline=float("inf"))  # wall clock: the host's time when it is the bottleneck
+    row: dict[str, Any] = {"scenario": name, "projection": "q",
+                           "base_us": clock.us(bases(layers, inputs, outs, only="q") * 25)}
+    for way in ways:
+        row[f"{way}_us"] = clock.us(deltas(layers, inputs, outs, slots, way=way, legacy=legacy, only="q") * 25)
+    torch.cuda.synchronize()
+    return [row]
 
 
 def sweep_rows(clock: Clock, layers_for: Callable[[int], list[Layer]], shapes: dict, *,
@@ -249,6 +270,8 @@ def print_tables(result: dict[str, Any]) -> None:
                           + (f", {v['of_step']:.0%})" if "of_step" in v else ")")
                           for w, v in row.items() if isinstance(v, dict))
         print(f"{row['scenario']:>14} base {row['base_us']:7.0f}  {cells}")
+    for row in result.get("eager", []):
+        print("eager µs per call (host launch cost):", {k: round(v, 1) for k, v in row.items() if k.endswith("_us")})
     for row in result.get("sweep", []):
         print(f"sweep {row['scenario']:>14} {row['projection']:>5} {row['us']:8.1f}  {row['tiles']}")
 
@@ -266,7 +289,7 @@ def main() -> None:
     clock = Clock(device=device, deadline=time.monotonic() + args.deadline_s)
     legacy = legacy_module() if device == "cuda" else None
     ways = ["torch"] if device == "cpu" else ["ungrouped", *(["legacy"] if legacy else [])]
-    layer_ways = ["torch"] if device == "cpu" else ["grouped", "ungrouped", *(["legacy"] if legacy else [])]
+    layer_ways = ["torch"] if device == "cpu" else ["grouped", "ungrouped", "idle", *(["legacy"] if legacy else [])]
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -282,12 +305,15 @@ def main() -> None:
             banks[adapters] = [Layer(w, adapters=adapters, seed=c) for c, w in enumerate(copies)]
         return banks[adapters]
 
-    for part in ("layers", "projections", "sweep"):
-        for scenario in scenarios if part != "sweep" else [None]:
-            if clock.expired() or (part == "sweep" and not (args.sweep and device == "cuda")):
+    for part in ("layers", "eager", "projections", "sweep"):
+        for scenario in scenarios if part not in ("sweep", "eager") else [None]:
+            if clock.expired() or (part in ("sweep", "eager") and device != "cuda") or (part == "sweep"
+                                                                                      and not args.sweep):
                 break
             if part == "sweep":
                 result["sweep"] = sweep_rows(clock, layers_for, shapes, device=device)
+            elif part == "eager":
+                result["eager"] = eager_rows(layers_for(8), shapes, ways=ways, legacy=legacy, device=device)
             elif part == "layers":
                 result["layers"].append(layer_row(clock, layers_for(scenario[2]), scenario, shapes,
                                                   ways=layer_ways, legacy=legacy, device=device))
