@@ -20,9 +20,9 @@ blocks of ``WPB = block_size / 8`` words per weight row, 16-byte loads; the next
 block statistics and activations are loaded before this step's arithmetic, so two steps' loads are
 in flight). Once the bytes stream, decoding is the cost: a 16-way lookup per weight. The compiler's
 lookup (extract, mask, 64-bit address, load) is ~5 instructions a weight; :func:`_lookup_asm` does it
-in ~2 (``lut="shfl"``: every lane holds one of the 16 levels and ``shfl.idx`` fetches the level a
+in 2-3 (``lut="shfl"``: every lane holds one of the 16 levels and ``shfl.idx`` fetches the level a
 code names, the word only shifted; ``lut="ldg"``: one ``prmt`` writes the code into the table
-address's low byte, one L1 load), which is what lets the 4-bit weight beat the bf16 one.
+address's low byte, one L1 load), so decoding can keep pace with reading 3.6x fewer bytes than bf16.
 
 * ``gemv`` (one row of ``x`` a program, for ``M == 1``): fp32 FMAs of the 8 levels of each word
   against ``x``'s 8 columns, times the block's absmax once per word, accumulated elementwise in
@@ -91,9 +91,11 @@ def k_splits(programs: int, k_steps: int, *, sms: int) -> int:
 
 
 def default_config(m: int, n: int, k: int, *, block_size: int, sms: int) -> GemvConfig:
-    """The tiles for ``(M, N, K)`` on a device with ``sms`` SMs (measured on an H200, 132 SMs,
-    Llama-3-8B shapes: benchmarks/nf4_gemv.py): the dot kernel, one block a K step, 128 weight
-    rows a program (64 below 2048 rows), K split to fill the GPU (:func:`k_splits`)."""
+    """The tiles for ``(M, N, K)`` on a device with ``sms`` SMs: the dot kernel for every M, one
+    block a K step, 128 weight rows a program (64 below 2048 rows), K split to fill the GPU
+    (:func:`k_splits`). Chosen from the kernels' SASS for sm_90 (Triton 3.6): ~4.4 instructions a
+    weight at M <= 16 and ~4.9 at 32 for 128-row dot tiles, against ~5.5-6 for the gemv kernel and
+    6.6 for 64-row dot tiles; not yet timed on a GPU (benchmarks/nf4_gemv.py sweeps the others)."""
     block_n = 128 if n >= 2048 else 64
     programs = -(-n // block_n) * -(-m // _MAX_BLOCK_M)
     return GemvConfig(kernel="dot", block_n=block_n, block_k=block_size,
@@ -132,9 +134,10 @@ def _lookup_asm(mode: int) -> str:
 
     ``mode`` 1 (``ldg``; the table 256-byte aligned): the nibbles are scaled to byte offsets a word at
     a time (4 ops for 8 codes), one ``prmt`` a code writes the offset into the low byte of the
-    table's address, one load from L1. ``mode`` 2 (``shfl``): lane ``l`` holds level ``l % 16`` (one
-    load, the same in every call: ptxas hoists it) and a code is one ``shfl.idx`` from the lane it
-    names (the shuffle reads the lane's low 5 bits, so the word only needs shifting, not masking)."""
+    table's address, one load from L1 (3 instructions a code, with the copy of the address's high
+    word). ``mode`` 2 (``shfl``): lane ``l`` holds level ``l % 16`` (one load, the same in every call:
+    ptxas merges them into one a loop step) and a code is one ``shfl.idx`` from the lane it names (the
+    shuffle reads the lane's low 5 bits, so the word only needs shifting, not masking: 2 a code)."""
     if mode == 1:
         head = [".reg .b32 lo4, hi4, o, bl, bh;", ".reg .b64 p;", "mov.b64 {bl, bh}, $9;",
                 "shr.b32 hi4, $8, 2;", "and.b32 hi4, hi4, 0x3C3C3C3C;",
@@ -152,7 +155,6 @@ def _lookup_asm(mode: int) -> str:
 if HAS_TRITON:
     import triton
     import triton.language as tl
-
 
     _LDG_ASM = tl.constexpr(_lookup_asm(1))
     _SHFL_ASM = tl.constexpr(_lookup_asm(2))
