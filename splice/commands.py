@@ -258,11 +258,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from splice.distributed.process import launched
     from splice.serve.auth import api_keys
     from splice.serve.server import parse_adapters, serve
 
     adapters = parse_adapters(list(args.adapter or []))  # bad specs fail before the model loads
     keys = api_keys(args.api_key or [], os.environ)
+    if launched():  # torchrun: the base split over the ranks (tensor parallelism), rank 0 serves HTTP
+        from splice.serve.tensor_parallel import serve_sharded as serve
     serve(args.model, adapters=adapters, host=args.host, port=args.port, device=args.device,
           dtype=args.dtype, model_name=args.name, max_batch=args.max_batch, max_len=args.max_len,
           gpu_adapters=args.gpu_adapters, max_lora_rank=args.max_lora_rank,

@@ -46,6 +46,7 @@ from splice.engine.inputs import Staging, StepInputs
 from splice.engine.scheduler import Chunk, StepPlan
 from splice.fused.apply import fuse
 from splice.fused.projections import pack_projections
+from splice.lora.adapter_file import base_shape
 from splice.lora.apply import lora_modules
 from splice.lora.bank import BankSite, LoraBank
 from splice.lora.layers import LoraLinear
@@ -96,11 +97,14 @@ def _parts(causal_lm: nn.Module) -> _Parts:
 
 
 def _kv_shape(model: nn.Module) -> tuple[int, int, int]:
-    """(cache layers, kv heads, head dim) of ``model`` (after :func:`install_paged_attention`)."""
+    """(cache layers, kv heads, head dim) of ``model`` (after :func:`install_paged_attention`). The kv
+    heads are those k_proj computes: a tensor-parallel rank's share (splice.distributed.tensor_parallel)."""
     paged = [m for m in model.modules() if isinstance(m, PagedAttention)]
+    shape = base_shape(paged[0].k_proj)
     config: Any = model.config
-    heads = int(config.num_attention_heads)
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    if shape is not None:
+        kv_heads = shape[1] // paged[0].head_dim
     return max(m.layer_idx for m in paged) + 1, kv_heads, paged[0].head_dim
 
 

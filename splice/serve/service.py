@@ -22,7 +22,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -88,7 +88,10 @@ def linear_paths(model: nn.Module) -> list[str]:
 
 
 class Service:
-    """See module docstring. ``start()`` the engine thread, ``close()`` to stop it."""
+    """See module docstring. ``start()`` the engine thread, ``close()`` to stop it. Subclasses may pick
+    the engine class and how an adapter folder is read (tensor parallelism: splice.serve.tensor_parallel)."""
+
+    engine_class: ClassVar[type[Engine]] = Engine
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, model_name: str,
                  adapters: dict[str, str | Path] | None = None, max_batch: int = 32, max_len: int = 1024,
@@ -98,17 +101,17 @@ class Service:
         self._loaded: set[str] = set()  # every name loaded so far: a reload's engine key is name#N
         self._loads = 0
         self._keys = threading.Lock()
+        self.model = model
         for name, path in (adapters or {}).items():
             self._check_name(name)
-            self.host[name] = read_adapter(path, name=self._engine_key(name), base=model)
+            self.host[name] = self.read(path, name=self._engine_key(name))
         rank = max([max_lora_rank, *(a.rank for a in self.host.values())])
         self.sites = add_bank_sites(model, linear_paths(model))
         dtype = next(model.parameters()).dtype
         self.bank = LoraBank.for_sites(model, self.sites, capacity=gpu_adapters, rank=rank, dtype=dtype)
-        self.model = model
-        self.engine = Engine(model, tokenizer, max_seqs=max_batch, max_len=max_len, max_waiting=max_waiting,
-                             bank=self.bank, sites=list(self.sites.values()),
-                             adapters={a.name: a for a in self.host.values()})
+        self.engine = self.engine_class(model, tokenizer, max_seqs=max_batch, max_len=max_len,
+                                        max_waiting=max_waiting, bank=self.bank, sites=list(self.sites.values()),
+                                        adapters={a.name: a for a in self.host.values()})
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="splice-engine", daemon=True)
         self.failure: BaseException | None = None
@@ -144,13 +147,17 @@ class Service:
             self._loaded.add(name)
             return key
 
+    def read(self, path: str | Path, *, name: str) -> HostAdapter:
+        """The adapter in folder ``path`` for the served model, under engine key ``name``."""
+        return read_adapter(path, name=name, base=self.model)
+
     def load_adapter(self, name: str, path: str | Path) -> None:
         self._check_name(name)
         if name in self.host:
             raise ServeError(400, f"adapter {name!r} is already loaded: unload it first", param="lora_name")
         key = self._engine_key(name)
         try:
-            adapter = read_adapter(path, name=key, base=self.model)
+            adapter = self.read(path, name=key)
         except (FileNotFoundError, ValueError, KeyError) as error:
             raise ServeError(400, str(error), param="lora_path") from error
         if adapter.rank > self.bank.rank:

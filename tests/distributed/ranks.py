@@ -34,7 +34,8 @@ class RankResult:
 def rank_env(rank: int, world: int, port: int) -> dict[str, str]:
     env = dict(os.environ)
     env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONPATH=str(REPO),
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+               PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
                OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # 2 CPU ranks on a small machine
     return env
 
@@ -47,11 +48,13 @@ def kill(procs: list[subprocess.Popen]) -> None:
         p.wait(timeout=30)
 
 
-def run_ranks(job: dict[str, Any], *, world: int = 2, timeout: float = 300.0) -> list[RankResult]:
-    """Run the worker ``job`` on ``world`` ranks; returns each rank's exit code and output."""
+def run_ranks(job: dict[str, Any], *, world: int = 2, timeout: float = 300.0,
+              worker: str = "tests.distributed.worker", env: dict[str, str] | None = None) -> list[RankResult]:
+    """Run the ``worker`` module's ``job`` on ``world`` ranks (``env``: added to each rank's
+    environment); returns each rank's exit code and output."""
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.distributed.worker", json.dumps(job)],
-                              cwd=REPO, env=rank_env(rank, world, port), stdout=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, "-m", worker, json.dumps(job)],
+                              cwd=REPO, env={**rank_env(rank, world, port), **(env or {})}, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for rank in range(world)]
     deadline = time.monotonic() + timeout
     results = []

@@ -1,0 +1,135 @@
+"""One rank of a tensor-parallel test job (started by :func:`tests.distributed.ranks.run_ranks`).
+
+The job (JSON on the command line): ``{"kind": ..., "out": dir, "device": "cpu" | "cuda", ...}``.
+Every rank builds the same tiny Llama (tests/tiny.py) and splits it over the group; each writes
+``out/rank<r>.json`` (and ``out/logits-rank<r>.safetensors`` for logits):
+
+* ``logits``: the sharded model's plain forward on ``ids`` (Hugging Face's attention);
+* ``load``: the same after :func:`load_sharded` of ``model_dir``;
+* ``generate``: :meth:`LockstepEngine.generate` of ``prompts`` with ``params`` on every rank;
+* ``serve``: a :class:`ShardedService` (adapter ``alpha`` from the start): rank 0 submits requests
+  from its own thread while the engine runs (:meth:`LockstepEngine.run`), loads adapter ``beta`` at
+  run time, cancels a long request, then stops; the other ranks follow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from splice.distributed.lockstep import LockstepEngine
+from splice.distributed.process import start, stop
+from splice.distributed.tensor_parallel import load_sharded, shard
+from splice.engine.engine import Request
+from splice.engine.sampling import SamplingParams
+from splice.serve.tensor_parallel import ShardedService
+from tests.tiny import build_tiny_llama, build_tiny_tokenizer
+
+
+def _model(device: torch.device) -> tuple[Any, Any]:
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_llama(len(tokenizer)).to(device)
+    shard(model)
+    return model, tokenizer
+
+
+def _logits(model: Any, ids: list[list[int]], device: torch.device, out: Path, rank: int) -> None:
+    with torch.no_grad():
+        logits = model(torch.tensor(ids, device=device)).logits.float().cpu()
+    save_file({"logits": logits.contiguous()}, str(out / f"logits-rank{rank}.safetensors"))
+
+
+def _generate(job: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    model, tokenizer = _model(device)
+    engine = LockstepEngine(model, tokenizer, max_seqs=4, max_len=96)
+    params = [SamplingParams(**p) for p in job["params"]]
+    done = engine.generate(job["prompts"], params)
+    return {"tokens": [[c.generated for c in r.choices] for r in done]}
+
+
+def _serve(job: dict[str, Any], device: torch.device, rank: int) -> dict[str, Any]:
+    model, tokenizer = _model(device)
+    service = ShardedService(model, tokenizer, model_name="tiny", adapters={"alpha": job["alpha"]}, max_batch=4,
+                             max_len=256, gpu_adapters=1)
+    engine = service.engine
+    assert isinstance(engine, LockstepEngine)
+    stop_engine = threading.Event()
+    if rank != 0:
+        engine.run(stop_engine)  # until rank 0 closes
+        return {"digest": engine._digest, "computed": engine.computed_tokens}
+    thread = threading.Thread(target=engine.run, args=(stop_engine,))
+    thread.start()
+    try:
+        tokens = _requests(service, job)
+    finally:
+        stop_engine.set()
+        thread.join()
+    return {"tokens": tokens, "digest": engine._digest, "computed": engine.computed_tokens}
+
+
+def _requests(service: ShardedService, job: dict[str, Any]) -> dict[str, Any]:
+    """Rank 0's side of ``serve``: every request waits for its last choice's final event."""
+    def run(prompt: list[int], params: SamplingParams, adapter: str | None = None) -> Request:
+        done = threading.Event()
+        request = Request(prompt_ids=prompt, params=params, adapter=adapter)
+        for choice in request.choices:
+            choice.on_event = lambda _text, reason: done.set() if reason and all(
+                c.finished for c in request.choices) else None
+        service.engine.submit(request)
+        assert done.wait(120), "a request never finished"
+        return request
+
+    params = [SamplingParams(**p) for p in job["params"]]
+    prompts = job["prompts"]
+    found: dict[str, Any] = {}
+    # a long request, cancelled once it has streamed a token; the others run beside it
+    long = Request(prompt_ids=prompts[0], params=SamplingParams(max_tokens=200, temperature=1.0))
+    first, ended = threading.Event(), threading.Event()
+    long.on_event = lambda _text, reason: (ended if reason else first).set()
+    service.engine.submit(long)
+    found["plain"] = [[c.generated for c in run(p, q).choices] for p, q in zip(prompts, params, strict=True)]
+    found["alpha"] = run(prompts[0], params[0], "alpha").generated
+    service.load_adapter("beta", job["beta"])
+    found["beta"] = run(prompts[0], params[0], service.adapter_for("beta")).generated
+    assert first.wait(60) and not ended.is_set(), long.finish_reason
+    service.engine.cancel(long)
+    assert ended.wait(60)
+    unseeded = run(prompts[1], SamplingParams(max_tokens=6, temperature=1.0, n=2))
+    found["unseeded"] = [c.generated for c in unseeded.choices]
+    found["cancelled"] = long.finish_reason
+    return found
+
+
+def main() -> int:
+    job = json.loads(sys.argv[1])
+    rank = int(os.environ["RANK"])
+    out = Path(job["out"])
+    env = start(device_type=job["device"], timeout_s=120)
+    assert env is not None
+    device = torch.device("cuda", env.local_rank) if job["device"] == "cuda" else torch.device("cpu")
+    try:
+        result: dict[str, Any] = {"world": env.world_size}
+        if job["kind"] == "logits":
+            _logits(_model(device)[0], job["ids"], device, out, rank)
+        elif job["kind"] == "load":
+            model, _ = load_sharded(job["model_dir"], dtype=torch.float32, device=device)
+            _logits(model, job["ids"], device, out, rank)
+        elif job["kind"] == "generate":
+            result.update(_generate(job, device))
+        else:
+            result.update(_serve(job, device, rank))
+        (out / f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        stop(env)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
