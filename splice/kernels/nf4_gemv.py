@@ -98,7 +98,9 @@ def default_config(m: int, n: int, k: int, *, block_size: int, sms: int) -> Gemv
     6.6 for 64-row dot tiles; not yet timed on a GPU (benchmarks/nf4_gemv.py sweeps the others)."""
     block_n = 128 if n >= 2048 else 64
     programs = -(-n // block_n) * -(-m // _MAX_BLOCK_M)
-    return GemvConfig(kernel="dot", block_n=block_n, block_k=block_size,
+    # lut "plain" (ordinary loads) until the inline-PTX lookups have run on a GPU: the plain path is the
+    # one the Triton interpreter checks; "shfl" / "ldg" stay in the benchmark's sweep
+    return GemvConfig(kernel="dot", block_n=block_n, block_k=block_size, lut="plain",
                       split_k=k_splits(programs, k // block_size, sms=sms))
 
 

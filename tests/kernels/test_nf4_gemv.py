@@ -131,6 +131,7 @@ def test_default_config_fills_the_gpu() -> None:
     64-value block a step; K split only until the grid has ~2 programs an SM."""
     gate = default_config(1, 14336, 4096, block_size=64, sms=132)
     assert (gate.kernel, gate.block_n, gate.block_k, gate.split_k) == ("dot", 128, 64, 4)  # 112 tiles x 4
+    assert gate.lut == "plain"  # the inline-PTX lookups wait for a GPU measurement
     assert default_config(1, 4096, 4096, block_size=64, sms=132).split_k == 16  # 32 tiles x 16 = 512 programs
     assert default_config(32, 1024, 4096, block_size=64, sms=132).block_n == 64
     assert k_splits(300, 64, sms=132) == 1 and k_splits(8, 64, sms=132) == 16  # >= 4 steps a split
