@@ -206,8 +206,8 @@ def shard(model: nn.Module, *, group: Any = None) -> Sharding:
             raise UsageError(f"tensor parallelism splits the projections {', '.join(COLUMN + ROW)}: {node.name} "
                              "is a linear it does not know how to split")
         if type(node.module) is not nn.Linear:
-            raise UsageError(f"tensor parallelism splits plain linears: {node.name} is a "
-                             f"{type(node.module).__name__} (quantize or add LoRA after sharding, not before)")
+            raise UsageError(f"tensor parallelism splits plain linears, not {node.name} ({type(node.module).__name__}): "
+                             "quantize or add LoRA after sharding, not before")
         weight, bias = node.module.weight.detach(), node.module.bias
         split = Split("column" if leaf in COLUMN else "row", weight.shape[1], weight.shape[0])
         splits.update(dict.fromkeys(node.paths, split))

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from splice.core.errors import RunError, UsageError
 from splice.distributed.lockstep import LockstepEngine
 from splice.distributed.process import DistEnv, collective_errors, start, stop
-from splice.distributed.tensor_parallel import ShardAdapter, load_sharded, sharding_of
+from splice.distributed.tensor_parallel import ShardAdapter, check_shardable, load_sharded, sharding_of
 from splice.serve.app import MAX_REQUEST_BYTES
 from splice.serve.server import DRAIN_TIMEOUT_S, _check_access, _check_limits, serve_service
 from splice.serve.service import Service
@@ -97,6 +97,10 @@ def serve_sharded(model: str | None, *, adapters: dict[str, Path], host: str = "
         raise UsageError(f"--quantize {quantize}: tensor-parallel serving (torchrun) splits float weights and "
                          "cannot split quantized ones yet; drop --quantize (each rank holds 1/N of the base)")
     kind = _device_type(device, int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("WORLD_SIZE") or 1))
+    if model is not None and (Path(model) / "config.json").is_file():  # before the ranks meet: one line each
+        from transformers import AutoConfig
+
+        check_shardable(AutoConfig.from_pretrained(model), int(os.environ.get("WORLD_SIZE") or 1))
     torch_dtype = (torch.bfloat16 if kind == "cuda" else torch.float32) if dtype == "auto" else getattr(torch, dtype)
     env = start(device_type=kind)
     assert env is not None  # torchrun's environment is set (commands.cmd_serve checked it)
