@@ -12,11 +12,13 @@ weights and adapters (more than L2 holds, as consecutive layers are) and replaye
 
 * ``projections``: per projection, the base GEMM (``F.linear``) and the delta alone (shrink + expand
   added into the GEMM's output); ratio = delta / base.
-* ``layers``: the 7 GEMMs of a layer with and without the deltas: ``grouped`` (what the bank runs: one
-  shrink for q/k/v and one for gate/up), ``ungrouped`` (a shrink per projection) and, where
-  ``benchmarks/_legacy_multi_lora.py`` exists, ``legacy`` (a copy of the previous per-token BGMV
-  kernels). ``step_ms_added`` = 32 layers x the added time; ``of_step`` divides it by the engine's
-  measured decode step without adapters (batch 32: 6.45 ms, batch 128: 8.17 ms; H200, 2026-12-04).
+* ``layers``: the 7 GEMMs of a layer with and without the deltas: ``grouped`` (what the bank runs under
+  bank sites: one shrink for q/k/v and one for gate/up, an expand per projection), ``packed`` (on the
+  engine's packed GEMMs, q/k/v and gate/up one each, with ``add_packed_delta``: a shrink and an expand
+  per group; compared with the packed GEMMs alone), ``ungrouped`` (a shrink per projection) and
+  ``legacy`` (``benchmarks/_legacy_multi_lora.py``: the previous per-token BGMV kernels).
+  ``step_ms_added`` = 32 layers x the added time; ``of_step`` divides it by the engine's measured
+  decode step without adapters (batch 32: 6.45 ms, batch 128: 8.17 ms; H200, 2026-12-04).
   ``idle`` runs the grouped launches over base rows only (every slot -1): the launch floor.
 * ``eager``: µs per call without a graph (decode-32x8's q), i.e. the host's cost of a launch, which
   mixed prefill steps (run eagerly by the engine) pay per projection.
@@ -109,29 +111,28 @@ def legacy_module() -> Any:
 
 
 class Layer:
-    """One layer's weights ``w`` and a bank of ``adapters`` slots: A stacked per group (S, G, R, K), B (S, N, R)."""
+    """One layer: weights packed per group (q/k/v, o, gate/up, down) as the engine packs them, ``w[p]``
+    each projection's rows; a bank of ``adapters`` slots stored as :class:`splice.lora.bank.LoraBank`
+    stores it: A (S, G, R, K) and B (S, N_1 + .. + N_G, R) per group, ``a[p]`` / ``b[p]`` views."""
 
-    def __init__(self, w: dict[str, Tensor], *, adapters: int, seed: int) -> None:
-        device = next(iter(w.values())).device
+    def __init__(self, shapes: dict[str, tuple[int, int]], *, adapters: int, device: str, seed: int) -> None:
         g = torch.Generator(device=device).manual_seed(seed)
 
-        def rand(*shape: int) -> Tensor:
-            return (torch.randn(*shape, generator=g, device=device) * 0.02).to(torch.bfloat16)
+        def rand(*shape: int, scale: float = 0.02) -> Tensor:
+            return (torch.randn(*shape, generator=g, device=device) * scale).to(torch.bfloat16)
 
-        self.w = w
-        self.stack: dict[str, tuple[Tensor, int]] = {}
+        self.packed: list[tuple[tuple[str, ...], Tensor, Tensor, Tensor, tuple[int, ...]]] = []
+        self.w, self.a, self.b, self.member = {}, {}, {}, {}
         for group in GROUPS:
-            stack = rand(adapters, len(group), RANK, w[group[0]].shape[1])
-            self.stack.update({p: (stack, i) for i, p in enumerate(group)})
-        self.a = {p: s[:, i] for p, (s, i) in self.stack.items()}
-        self.b = {p: rand(adapters, weight.shape[0], RANK) for p, weight in w.items()}
-        self.contiguous_a = {p: a.contiguous() for p, a in self.a.items()}
-
-
-def weights(shapes: dict[str, tuple[int, int]], *, device: str, seed: int) -> dict[str, Tensor]:
-    g = torch.Generator(device=device).manual_seed(seed)
-    return {p: (torch.randn(n, k, generator=g, device=device) * k**-0.5).to(torch.bfloat16)
-            for p, (k, n) in shapes.items()}
+            k, widths = shapes[group[0]][0], tuple(shapes[p][1] for p in group)
+            w, a, b = rand(sum(widths), k, scale=k**-0.5), rand(adapters, len(group), RANK, k), rand(
+                adapters, sum(widths), RANK)
+            self.packed.append((group, w, a, b, widths))
+            for i, p in enumerate(group):
+                start = sum(widths[:i])
+                self.w[p], self.a[p], self.b[p] = w[start: start + widths[i]], a[:, i], b[:, start: start + widths[i]]
+                self.member[p] = (a, i)
+        self.legacy_ab = {p: (self.a[p].contiguous(), self.b[p].contiguous()) for p in self.a}
 
 
 def slots_for(tokens: int, adapters: int, kind: str, device: str) -> Tensor:
@@ -145,35 +146,42 @@ def slots_for(tokens: int, adapters: int, kind: str, device: str) -> Tensor:
 
 def deltas(layers: list[Layer], inputs: dict[str, Tensor], outs: dict[str, Tensor], slots: Tensor, *,
            way: str, legacy: Any, tiles: Tiles | None = None, only: str | None = None) -> list[Callable[[], Any]]:
-    """Calls adding every projection's delta (or ``only``'s) into ``outs``, one list entry per layer copy."""
+    """Calls adding every projection's delta (or ``only``'s) into ``outs``, one list entry per layer copy;
+    ``packed``: each group's deltas into its packed output ``outs[group[0] + "+"]``."""
     def run(layer: Layer) -> None:
-        for group in GROUPS:
+        for group, _, stack, b_stack, widths in layer.packed:
             names = [p for p in group if only in (None, p)]
             if not names:
                 continue
             x = inputs[names[0]]
-            if way == "legacy":
-                for p in names:
-                    legacy.multi_lora(x, outs[p], layer.contiguous_a[p], layer.b[p], slots, inplace=True)
-            elif way == "torch":
-                for p in names:
-                    multi_lora(x, outs[p], layer.a[p], layer.b[p], slots, inplace=True, kernels=False)
+            if way == "packed":
+                shrunk = multi_lora_shrink(x, stack, slots, tiles=tiles)
+                multi_lora_expand(shrunk, b_stack, outs[group[0] + "+"], widths=widths)
             elif way == "grouped" and len(names) > 1:
-                shrunk = multi_lora_shrink(x, layer.stack[names[0]][0], slots, tiles=tiles)
+                shrunk = multi_lora_shrink(x, stack, slots, tiles=tiles)
                 for p in names:
-                    multi_lora_expand(shrunk, layer.b[p], outs[p], member=layer.stack[p][1])
-            else:
-                for p in names:
+                    multi_lora_expand(shrunk, layer.b[p], outs[p], member=layer.member[p][1])
+            for p in names if way in ("legacy", "torch", "ungrouped") or (way == "grouped" and len(names) == 1) else ():
+                if way == "legacy":
+                    legacy.multi_lora(x, outs[p], *layer.legacy_ab[p], slots, inplace=True)
+                elif way == "torch":
+                    multi_lora(x, outs[p], layer.a[p], layer.b[p], slots, inplace=True, kernels=False)
+                else:
                     multi_lora_expand(multi_lora_shrink(x, layer.a[p], slots, tiles=tiles), layer.b[p], outs[p])
     return [lambda layer=layer: run(layer) for layer in layers]
 
 
-def bases(layers: list[Layer], inputs: dict[str, Tensor], outs: dict[str, Tensor], *,
+def bases(layers: list[Layer], inputs: dict[str, Tensor], outs: dict[str, Tensor], *, packed: bool = False,
           only: str | None = None) -> list[Callable[[], Any]]:
+    """The GEMMs (F.linear's, into fixed outputs): one per projection, or with ``packed`` one per group."""
     def run(layer: Layer) -> None:
-        for p, w in layer.w.items():
-            if only in (None, p):
-                torch.mm(inputs[p], w.t(), out=outs[p])  # F.linear's GEMM, into a fixed output
+        for group, w, *_ in layer.packed:
+            if packed:
+                torch.mm(inputs[group[0]], w.t(), out=outs[group[0] + "+"])
+                continue
+            for p in group:
+                if only in (None, p):
+                    torch.mm(inputs[p], layer.w[p].t(), out=outs[p])
     return [lambda layer=layer: run(layer) for layer in layers]
 
 
@@ -183,6 +191,9 @@ def scenario_io(tokens: int, shapes: dict[str, tuple[int, int]], device: str) ->
     h = torch.randn(tokens, inter, device=device).to(torch.bfloat16)
     inputs = {p: (h if p == "down" else x) for p in shapes}
     outs = {p: torch.zeros(tokens, n, device=device, dtype=torch.bfloat16) for p, (_, n) in shapes.items()}
+    for group in GROUPS:  # the packed outputs
+        outs[group[0] + "+"] = torch.zeros(tokens, sum(shapes[p][1] for p in group), device=device,
+                                           dtype=torch.bfloat16)
     return inputs, outs
 
 
@@ -206,19 +217,23 @@ def projection_rows(clock: Clock, layers: list[Layer], scenario: tuple, shapes: 
 
 def layer_row(clock: Clock, layers: list[Layer], scenario: tuple, shapes: dict, *, ways: list[str],
               legacy: Any, device: str) -> dict[str, Any]:
+    """One layer's GEMMs with each way's deltas; ``packed`` rides on the packed GEMMs (q/k/v and gate/up
+    one GEMM each, as the engine runs them without adapters) and is compared with those."""
     name, tokens, adapters, kind = scenario
     inputs, outs = scenario_io(tokens, shapes, device)
     slots = slots_for(tokens, adapters, kind, device)
-    base = bases(layers, inputs, outs)
-    row: dict[str, Any] = {"scenario": name, "tokens": tokens, "adapters": adapters, "base_us": clock.us(base)}
+    base, base_packed = bases(layers, inputs, outs), bases(layers, inputs, outs, packed=True)
+    row: dict[str, Any] = {"scenario": name, "tokens": tokens, "adapters": adapters, "base_us": clock.us(base),
+                           "base_packed_us": clock.us(base_packed)}
     for way in ways:
         # "idle": the bank's launches over a batch of base rows only (slot -1): the launch floor
         rows_slots = torch.full_like(slots, -1) if way == "idle" else slots
         added = deltas(layers, inputs, outs, rows_slots, way="grouped" if way == "idle" else way, legacy=legacy)
-        both = [call for pair in zip(base, added, strict=True) for call in pair]
+        under, ref_us = (base_packed, row["base_packed_us"]) if way == "packed" else (base, row["base_us"])
+        both = [call for pair in zip(under, added, strict=True) for call in pair]
         total = clock.us(both) * 2  # per layer: a base call and a delta call
-        added_ms = (total - row["base_us"]) * LAYERS / 1e3
-        row[way] = {"layer_us": total, "vs_base": row["base_us"] / total, "step_ms_added": added_ms}
+        added_ms = (total - ref_us) * LAYERS / 1e3
+        row[way] = {"layer_us": total, "vs_base": ref_us / total, "step_ms_added": added_ms}
         if tokens in STEP_MS:
             row[way]["of_step"] = added_ms / STEP_MS[tokens]
     return row
@@ -269,7 +284,7 @@ def print_tables(result: dict[str, Any]) -> None:
         cells = "  ".join(f"{w}: {v['layer_us']:.0f} ({v['vs_base']:.2f}x, +{v['step_ms_added']:.2f} ms"
                           + (f", {v['of_step']:.0%})" if "of_step" in v else ")")
                           for w, v in row.items() if isinstance(v, dict))
-        print(f"{row['scenario']:>14} base {row['base_us']:7.0f}  {cells}")
+        print(f"{row['scenario']:>14} base {row['base_us']:7.0f} (packed {row['base_packed_us']:.0f})  {cells}")
     for row in result.get("eager", []):
         print("eager µs per call (host launch cost):", {k: round(v, 1) for k, v in row.items() if k.endswith("_us")})
     for row in result.get("sweep", []):
@@ -289,20 +304,20 @@ def main() -> None:
     clock = Clock(device=device, deadline=time.monotonic() + args.deadline_s)
     legacy = legacy_module() if device == "cuda" else None
     ways = ["torch"] if device == "cpu" else ["ungrouped", *(["legacy"] if legacy else [])]
-    layer_ways = ["torch"] if device == "cpu" else ["grouped", "ungrouped", "idle", *(["legacy"] if legacy else [])]
+    layer_ways = ["torch"] if device == "cpu" else ["packed", "grouped", "ungrouped", "idle",
+                                                    *(["legacy"] if legacy else [])]
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "torch": torch.__version__, "rank": RANK, "dtype": "bfloat16", "copies": COPIES,
         "projections": [], "layers": [], "complete": False,
     }
-    copies = [weights(shapes, device=device, seed=c) for c in range(COPIES)]
     banks: dict[int, list[Layer]] = {}
 
     def layers_for(adapters: int) -> list[Layer]:
         if adapters not in banks:
-            banks.clear()  # one bank size at a time: the 64-slot banks of 4 copies take ~0.7 GB
-            banks[adapters] = [Layer(w, adapters=adapters, seed=c) for c, w in enumerate(copies)]
+            banks.clear()  # one bank size at a time (4 copies: 1.7 GB of weights, 0.7 GB of 64-slot banks)
+            banks[adapters] = [Layer(shapes, adapters=adapters, device=device, seed=c) for c in range(COPIES)]
         return banks[adapters]
 
     for part in ("layers", "eager", "projections", "sweep"):

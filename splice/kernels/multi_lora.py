@@ -15,7 +15,9 @@ delta is per token. Two kernels, both over *tiles*: up to ``BM`` tokens that sha
   partial ``u``: (split, tiles * BM, G, R) fp32. Splitting the input width lets a decode batch of a
   few tiles fill the GPU.
 * :func:`multi_lora_expand` (``y += B u``): program ``(p, n)`` sums the tile's partials and adds
-  ``u @ B[slot][n-block]^T`` into the tile's rows of ``y``, in place.
+  ``u @ B[slot][n-block]^T`` into the tile's rows of ``y``, in place; for one member, or for all of a
+  group's members at once into their packed output ``[y_q | y_k | y_v]`` (one GEMM's), each column
+  taking its member's ``u``: ``(BM, G*R) @ (G*R, BN)`` with B's rows of the other members masked off.
 
 Tiles, found without a host sync (the slots stay on the device; the grids depend on shapes only, so
 the launches can sit in a CUDA graph): every program counts the tokens of each slot, lays out each
@@ -166,17 +168,32 @@ def multi_lora_shrink(x: Tensor, a: Tensor, slots: Tensor, *, tiles: Tiles | Non
     return Shrunk(u, plan, tiles, ieee)
 
 
-def multi_lora_expand(shrunk: Shrunk, b: Tensor, y: Tensor, *, member: int = 0) -> None:
-    """``y[t] += B[slot[t]] u[t]`` in place for group member ``member`` of ``shrunk``.
+def multi_lora_expand(shrunk: Shrunk, b: Tensor, y: Tensor, *, member: int = 0,
+                      widths: tuple[int, ...] | None = None) -> None:
+    """``y[t] += B[slot[t]] u[t]`` in place, for group member ``member`` of ``shrunk``, or with ``widths``
+    for every member at once into their packed output (a GEMM's ``[y_0 | y_1 | ...]``).
 
-    ``b`` (S, N, R) contiguous; ``y`` (T, N) with unit column stride (rows may be strided)."""
-    split, rows, members, rank = shrunk.u.shape
-    count, tiles, n = shrunk.plan.shape[0], shrunk.tiles, b.shape[1]
-    if y.stride(1) != 1 or not b.is_contiguous():
-        raise ValueError("multi_lora_expand: y needs unit column stride and B (S, N, R) must be contiguous")
-    _expand[(count, _cdiv(n, tiles.block_n))](
-        shrunk.u, b, y, shrunk.plan, n, split, member, members, count, y.stride(0),
-        R=rank, BM=tiles.block_m, BN=tiles.block_n, IEEE=shrunk.ieee, num_warps=tiles.warps,
+    ``b`` (S, N, R), unit stride along R and between its rows (a view of a bank's stacked B is fine);
+    ``y`` (T, N) with unit column stride (rows may be strided). ``widths``: each member's output
+    width, summing to N; member ``g`` owns columns ``sum(widths[:g]) ..`` of ``b`` and ``y`` (at most 3)."""
+    split, _, members, rank = shrunk.u.shape
+    tiles, n = shrunk.tiles, b.shape[1]
+    if y.stride(1) != 1 or b.stride(2) != 1 or b.stride(1) != rank:
+        raise ValueError("multi_lora_expand: y needs unit column stride and B (S, N, R) contiguous rows")
+    if widths is None:
+        widths, block_n = (n,), tiles.block_n
+    elif sum(widths) != n or len(widths) != members or not 1 <= len(widths) <= 3:
+        raise ValueError(f"multi_lora_expand: widths {widths} must be the {members} members' and sum to {n}")
+    else:  # every member's B rows sit in one (G_pad * R, BN) operand: narrower blocks keep it in registers
+        member, block_n = 0, max(32, tiles.block_n // 2)
+    if shrunk.ieee:  # exact fp32 dots run on the FMA units and take far more registers a tile
+        block_n = min(block_n, 64 if len(widths) == 1 else 32)
+    ends = [sum(widths[: i + 1]) for i in range(len(widths))] + [n] * 2
+    count = shrunk.plan.shape[0]
+    _expand[(count, _cdiv(n, block_n))](
+        shrunk.u, b, y, shrunk.plan, n, split, member, members, len(widths), count, b.stride(0), y.stride(0),
+        ends[0], ends[1], R=rank, BM=tiles.block_m, BN=block_n, GP=1 << (len(widths) - 1).bit_length(),
+        IEEE=shrunk.ieee, num_warps=tiles.warps,
     )
 
 
@@ -272,9 +289,10 @@ if triton is not None:
             tl.store(u_at, acc, mask=live)
 
     @triton.jit
-    def _expand(u_ptr, b_ptr, y_ptr, plan_ptr, N, SPLIT, g, G, TILES, stride_yt,
-                R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
-        # y[rows, n-block] += (sum_j u[j, tile rows, g]) @ B[slot][n-block]^T: (BM, R) @ (R, BN)
+    def _expand(u_ptr, b_ptr, y_ptr, plan_ptr, N, SPLIT, first, G, COUNT, TILES, stride_bs, stride_yt, END0, END1,
+                R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GP: tl.constexpr, IEEE: tl.constexpr):
+        # y[rows, n-block] += sum_g (sum_j u[j, tile rows, first + g]) @ B[slot][n-block of member g]^T:
+        # (BM, GP*R) @ (GP*R, BN), column c belonging to member g = (c >= END0) + (c >= END1) < COUNT
         p, nb = tl.program_id(0), tl.program_id(1)
         head = plan_ptr + p * (BM + 2)
         n = tl.load(head + 1)
@@ -283,14 +301,16 @@ if triton is not None:
             ii = tl.arange(0, BM)
             live = ii[:, None] < n
             rows = tl.load(head + 2 + ii, mask=ii < n, other=0)
-            rr = tl.arange(0, R)
-            u = tl.zeros((BM, R), dtype=tl.float32)
-            u_at = u_ptr + ((p * BM + ii[:, None]) * G + g) * R + rr[None, :]
+            qq = tl.arange(0, GP * R)
+            gq, rq = qq // R, qq % R  # member and rank of each column of u / row of the B operand
+            u = tl.zeros((BM, GP * R), dtype=tl.float32)
+            u_at = u_ptr + ((p * BM + ii[:, None]) * G + first + gq[None, :]) * R + rq[None, :]
             for j in range(SPLIT):
-                u += tl.load(u_at + j * TILES * BM * G * R, mask=live, other=0.0)
+                u += tl.load(u_at + j * TILES * BM * G * R, mask=live & (gq[None, :] < COUNT), other=0.0)
             nn = nb * BN + tl.arange(0, BN)
-            bt = tl.load(b_ptr + slot.to(tl.int64) * N * R + nn[None, :] * R + rr[:, None],
-                         mask=nn[None, :] < N, other=0.0)
+            owner = (nn >= END0).to(tl.int32) + (nn >= END1).to(tl.int32)
+            bt = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + nn[None, :] * R + rq[:, None],
+                         mask=(nn[None, :] < N) & (gq[:, None] == owner[None, :]), other=0.0)
             if IEEE:
                 delta = tl.dot(u, bt, out_dtype=tl.float32, input_precision="ieee")
             else:

@@ -8,7 +8,9 @@ slot per resident adapter. A call routed with ``Route(bank=bank, slots=...)`` (s
 adapters, ranks and targets (an adapter that does not target a module has zeros in its slot).
 Sibling projections that read one input (q/k/v, gate/up: :data:`SHARED_INPUT`) keep their A side by
 side, (S, G, R, K), and the first one called shrinks for all: its siblings, called next on the same
-input, only expand (a decode step's launches are most of its adapter cost).
+input, only expand (a decode step's launches are most of its adapter cost). A caller that runs such a
+group's base linears as one GEMM adds the group's deltas with :func:`add_packed_delta` (one shrink, one
+expand into the packed output; B is stored in the same order).
 
 Two ways in: :meth:`LoraBank.from_model` packs the LoRA layers already on a model (what
 ``splice.generate`` uses for mixed batches on a GPU), and :func:`add_bank_sites` + :meth:`put`
@@ -29,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from splice.core.rewrite import rewrite
+from splice.core.rewrite import Around, rewrite
 from splice.kernels import use_triton
 from splice.kernels.multi_lora import Shrunk, multi_lora, multi_lora_expand, multi_lora_shrink, pad_rank
 from splice.lora import adapter_file
@@ -38,8 +40,8 @@ from splice.lora.apply import lora_modules, use_adapters
 from splice.lora.layers import LoraLinear
 from splice.lora.routing import Route, current_route, routed
 
-__all__ = ["SHARED_INPUT", "BankSite", "HostAdapter", "LoraBank", "add_bank_sites", "read_adapter",
-           "shared_input_groups", "use_adapter_bank"]
+__all__ = ["SHARED_INPUT", "BankSite", "HostAdapter", "LoraBank", "add_bank_sites", "add_packed_delta", "bank_site",
+           "read_adapter", "shared_input_groups", "use_adapter_bank"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,6 +98,27 @@ class BankSite(nn.Module):
         return route.bank.apply(self, x, y, route.slots)
 
 
+def bank_site(module: nn.Module) -> BankSite | None:
+    """The :class:`BankSite` that :func:`add_bank_sites` put around ``module`` (``Around(linear, site)``)."""
+    rewriter = module.rewriter if isinstance(module, Around) else None
+    return rewriter if isinstance(rewriter, BankSite) else None
+
+
+def add_packed_delta(modules: Sequence[nn.Module], x: Tensor, y: Tensor) -> Tensor:
+    """For a caller that ran the linears under ``modules`` as one GEMM over ``x`` (``y``: their outputs
+    side by side, in this order): adds in place what each module's :class:`BankSite` would have added
+    under the current route (one shrink and one expand for a bank group; see
+    :meth:`LoraBank.apply_packed`). Modules without a site add nothing."""
+    sites = [bank_site(m) for m in modules]
+    first = next((site for site in sites if site is not None), None)
+    route = current_route(first) if first is not None else None
+    if route is None or route.bank is None:
+        return y
+    appliers = [m if site is None else site for m, site in zip(modules, sites, strict=True)]
+    return route.bank.apply_packed(appliers, x, y, route.slots,
+                                   widths=[_linear_shape(m)[1] for m in modules])
+
+
 def add_bank_sites(model: nn.Module, paths: Collection[str]) -> dict[str, BankSite]:
     """Wrap the linear modules at ``paths`` with :class:`BankSite`; returns them by path."""
     wanted = set(paths)
@@ -134,19 +157,44 @@ def shared_input_groups(shapes: dict[str, tuple[int, int]]) -> list[tuple[str, .
 
 
 @dataclass(frozen=True, eq=False)
+class _Group:
+    """The bank storage of projections that read one input (or of one projection): A (S, G, R, K) and
+    B (S, N_1 + .. + N_G, R), each member's B rows after the previous member's (a packed GEMM's order)."""
+
+    paths: tuple[str, ...]
+    a: Tensor
+    b: Tensor
+    widths: tuple[int, ...]
+
+    @classmethod
+    def zeros(cls, paths: tuple[str, ...], shapes: dict[str, tuple[int, int]], *, capacity: int, rank: int,
+              device: torch.device, dtype: torch.dtype) -> _Group:
+        widths = tuple(shapes[p][1] for p in paths)
+        a = torch.zeros(capacity, len(paths), rank, shapes[paths[0]][0], device=device, dtype=dtype)
+        return cls(paths, a, torch.zeros(capacity, sum(widths), rank, device=device, dtype=dtype), widths)
+
+    def a_of(self, member: int) -> Tensor:
+        return self.a[:, member]
+
+    def b_of(self, member: int) -> Tensor:
+        start = sum(self.widths[:member])
+        return self.b[:, start: start + self.widths[member]]
+
+
+@dataclass(frozen=True, eq=False)
 class _LastShrink:
     """The last group shrink of this context (thread / task), made by the group's first member (which
     always shrinks anew). A later member reuses it when it sees the same input and slots objects,
     unchanged (their version counters, outside inference mode)."""
 
-    stack: Tensor  # the group's A storage (S, G, R, K): one per group and bank
+    group: _Group
     x: weakref.ReferenceType[Tensor]
     slots: weakref.ReferenceType[Tensor]
     versions: tuple[int, int, bool]
     shrunk: Shrunk
 
-    def fits(self, stack: Tensor, x: Tensor, slots: Tensor) -> bool:
-        return (self.stack is stack and self.x() is x and self.slots() is slots
+    def fits(self, group: _Group, x: Tensor, slots: Tensor) -> bool:
+        return (self.group is group and self.x() is x and self.slots() is slots
                 and self.versions == _versions(x, slots))
 
 
@@ -180,16 +228,15 @@ class LoraBank:
         if capacity < 1:
             raise ValueError(f"an adapter bank needs capacity >= 1, got {capacity}")
         self.capacity, self.rank, self.device, self.dtype = capacity, pad_rank(rank), device, dtype
-        # path -> (its group's A storage (S, G, R, K), its index there); A[path] is a view of that storage
-        self._stacks: dict[str, tuple[Tensor, int]] = {}
-        for group in shared_input_groups(shapes):
-            stack = torch.zeros(capacity, len(group), self.rank, shapes[group[0]][0], device=device, dtype=dtype)
-            self._stacks.update({path: (stack, i) for i, path in enumerate(group)})
-        for path, (k, _) in shapes.items():
-            if path not in self._stacks:
-                self._stacks[path] = (torch.zeros(capacity, 1, self.rank, k, device=device, dtype=dtype), 0)
-        self.a = {p: self._stacks[p][0][:, self._stacks[p][1]] for p in shapes}  # (S, R, K) views
-        self.b = {p: torch.zeros(capacity, n, self.rank, device=device, dtype=dtype) for p, (_, n) in shapes.items()}
+        # path -> (its group's storage, its index there): every path is in a group, alone or with siblings
+        self._groups: dict[str, tuple[_Group, int]] = {}
+        grouped = shared_input_groups(shapes)
+        singles = [(p,) for p in shapes if not any(p in g for g in grouped)]
+        for paths in (*grouped, *singles):
+            group = _Group.zeros(paths, shapes, capacity=capacity, rank=self.rank, device=device, dtype=dtype)
+            self._groups.update({path: (group, i) for i, path in enumerate(paths)})
+        self.a = {p: self._groups[p][0].a_of(self._groups[p][1]) for p in shapes}  # (S, R, K) views
+        self.b = {p: self._groups[p][0].b_of(self._groups[p][1]) for p in shapes}  # (S, N, R) views
         self.kernels: bool | None = None  # the Triton kernels: None = on for CUDA (or the Triton interpreter)
         self._apply = {id(m): p for m, p in appliers.items()}
         self._skip = {id(m) for m in skippers}
@@ -201,7 +248,7 @@ class LoraBank:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in (*self.a.values(), *self.b.values()))  # views: each A counted once
+        return sum(t.nbytes for t in (*self.a.values(), *self.b.values()))  # views: each slice counted once
 
     def covers(self, module: nn.Module) -> bool:
         return id(module) in self._apply or id(module) in self._skip
@@ -298,18 +345,46 @@ class LoraBank:
     def _shrink(self, path: str, x: Tensor, slots: Tensor, row_len: int) -> tuple[Shrunk, int]:
         """``path``'s shrink and its member index there: the group's shrink of this ``x`` when an earlier
         member made it, else a new one (for the whole group when ``path`` is its first member)."""
-        stack, member = self._stacks[path]
+        group, member = self._groups[path]
         last = _LAST_SHRINK.get()
-        if member > 0 and last is not None and last.fits(stack, x, slots):
+        if member > 0 and last is not None and last.fits(group, x, slots):
             return last.shrunk, member
         flat_x = x.reshape(-1, x.shape[-1])
         per_token = slots if row_len == 1 else slots.repeat_interleave(row_len)
         if member > 0:  # called out of order or on another input: this member alone
             return multi_lora_shrink(flat_x, self.a[path], per_token), 0
-        shrunk = multi_lora_shrink(flat_x, stack, per_token)
-        if stack.shape[1] > 1:
-            _LAST_SHRINK.set(_LastShrink(stack, weakref.ref(x), weakref.ref(slots), _versions(x, slots), shrunk))
+        shrunk = multi_lora_shrink(flat_x, group.a, per_token)
+        if len(group.paths) > 1:
+            _LAST_SHRINK.set(_LastShrink(group, weakref.ref(x), weakref.ref(slots), _versions(x, slots), shrunk))
         return shrunk, member
+
+    def apply_packed(self, modules: Sequence[nn.Module], x: Tensor, y: Tensor, slots: Tensor | None, *,
+                     widths: Sequence[int]) -> Tensor:
+        """``y`` (..., sum(widths)), the packed output of ``modules``' one GEMM over ``x`` (their weights
+        concatenated in this order, module ``i`` ``widths[i]`` columns wide), plus each module's delta on
+        its own columns, added in place (no autograd; ``y`` viewable as rows). When ``modules`` are one
+        of the bank's groups, in order, and the kernels run: one shrink and one expand for all of them;
+        else one :meth:`apply` per module (modules the bank does not cover add nothing)."""
+        if slots is None or not any(self._apply.get(id(m)) in self._live for m in modules):
+            return y
+        flat_y = y.view(-1, y.shape[-1])
+        paths = [self._apply.get(id(m)) for m in modules]
+        group = self._groups[paths[0]][0] if paths[0] is not None else None
+        kernels = use_triton(flat_y) if self.kernels is None else self.kernels
+        if kernels and group is not None and tuple(paths) == group.paths and flat_y.stride(1) == 1:
+            row_len = 1 if slots.numel() == flat_y.shape[0] else flat_y.shape[0] // slots.numel()
+            per_token = slots if row_len == 1 else slots.repeat_interleave(row_len)
+            shrunk = multi_lora_shrink(x.reshape(-1, x.shape[-1]), group.a, per_token)
+            multi_lora_expand(shrunk, group.b, flat_y, widths=group.widths)
+            return y
+        start = 0
+        for module, width in zip(modules, widths, strict=True):
+            part = y[..., start: start + width]
+            done = self.apply(module, x, part, slots)
+            if done.data_ptr() != part.data_ptr():  # added into a copy (the slice is not contiguous)
+                part.copy_(done)
+            start += width
+        return y
 
     @classmethod
     def for_sites(cls, model: nn.Module, sites: dict[str, BankSite], *, capacity: int, rank: int,

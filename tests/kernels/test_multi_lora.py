@@ -111,6 +111,29 @@ def test_a_group_of_projections_shrinks_once() -> None:
 
 
 @KERNELS
+@pytest.mark.parametrize("widths", [(48, 16, 16), (40, 72), (33,)])
+def test_a_group_expands_into_its_packed_output(widths: tuple[int, ...]) -> None:
+    """One expand adds every member's delta on its own columns of ``[y_0 | y_1 | y_2]`` (members' B rows
+    stacked the same way); boundaries inside a column block, 1 to 3 members."""
+    device = KERNEL_DEVICE
+    x, _, _, _, slots = _case(30, 1, 64, 8, 16, 3, torch.float32, device)
+    g = torch.Generator().manual_seed(11)
+    stack = torch.randn(3, len(widths), 16, 64, generator=g).to(device) / 8
+    b = torch.randn(3, sum(widths), 16, generator=g).to(device)
+    y = torch.randn(30, sum(widths), generator=g).to(device)
+    got = y.clone()
+    multi_lora_expand(multi_lora_shrink(x, stack, slots), b, got, widths=widths)
+    start = 0
+    for member, width in enumerate(widths):
+        cols = slice(start, start + width)
+        _close(got[:, cols], multi_lora_reference(x, y[:, cols], stack[:, member], b[:, cols], slots), y[:, cols],
+               slots)
+        start += width
+    with pytest.raises(ValueError, match="must be the"):
+        multi_lora_expand(multi_lora_shrink(x, stack, slots), b, got, widths=(*widths, 0))
+
+
+@KERNELS
 def test_base_rows_only_and_strided_rows() -> None:
     device = KERNEL_DEVICE
     x, y, a, b, slots = _case(20, 1, 64, 40, 16, 3, torch.float32, device)

@@ -19,6 +19,8 @@ from splice.lora.bank import (
     HostAdapter,
     LoraBank,
     add_bank_sites,
+    add_packed_delta,
+    bank_site,
     read_adapter,
     shared_input_groups,
     use_adapter_bank,
@@ -290,6 +292,30 @@ def test_a_group_member_recomputes_when_its_input_changed() -> None:
         check("k_proj", x.clone())  # another input object: recomputed
         x.mul_(2)  # changed in place: the version counter tells
         check("v_proj", x)
+
+
+@pytest.mark.parametrize("kernels", [False, pytest.param(True, marks=KERNELS)])
+def test_a_packed_gemm_gets_each_sites_delta(kernels: bool, monkeypatch) -> None:
+    """A caller running q/k/v (or gate/up) as one GEMM adds the sites' deltas with add_packed_delta: one
+    shrink for a whole group; other module lists (q and v) take a pass per module, same sums."""
+    device = KERNEL_DEVICE if kernels else "cpu"
+    served, sites, bank = _host_bank(device)
+    bank.kernels = kernels
+    attn, mlp = served.model.layers[0].self_attn, served.model.layers[0].mlp
+    assert bank_site(attn.q_proj) is sites["model.layers.0.self_attn.q_proj"] and bank_site(attn) is None
+    shrinks = []
+    real = bank_module.multi_lora_shrink
+    monkeypatch.setattr(bank_module, "multi_lora_shrink", lambda *a, **k: shrinks.append(1) or real(*a, **k))
+    x = torch.randn(12, 1, 32, generator=torch.Generator().manual_seed(4)).to(device)
+    slots = torch.tensor([2, 0, -1, 1, 1, 0, 2, -1, 0, 0, 1, 2], dtype=torch.int32, device=device)
+    with torch.no_grad(), routed(sites.values(), Route(bank=bank, slots=slots)):
+        for modules in ([attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj], [attn.q_proj, attn.v_proj]):
+            want = torch.cat([m(x) for m in modules], dim=-1)  # each site on its own
+            shrinks.clear()
+            y = torch.nn.functional.linear(x, torch.cat([m.base.weight for m in modules]))
+            assert add_packed_delta(modules, x, y) is y
+            torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+            assert len(shrinks) == kernels  # the kernels: one shrink each time (q's, reused by v)
 
 
 @GPU
