@@ -11,6 +11,9 @@ checkpointed: the low-memory setting), each eager and replayed from a CUDA graph
 (splice.training.graphs), and ``"all"`` with the kept inputs offloaded to CPU; A eager and with graphs. ``--maxseq`` then finds each framework's
 longest trainable batch-1 sequence with C's settings (splice: all layers checkpointed, inputs
 offloaded to CPU) by doubling from a start length, then bisecting, within a time budget.
+``--quantize fp8`` gives splice FP8 base weights (splice.quant.fp8: e4m3 weights and FP8 GEMMs, a
+GPU of compute capability 8.9+) while PEFT and Liger stay bf16: ``--configs C,P --parity-steps 200
+--frameworks peft,splice --quantize fp8`` times C and compares 200 steps of loss against PEFT's.
 Writes ``results.json`` and ``table.md`` under ``--out`` and prints the table.
 """
 
@@ -100,9 +103,26 @@ def _maxseq(setup: Any, cfg: Any, *, start: int, cap: int, gran: int, budget_s: 
             "budget_hit": time.perf_counter() - t0 >= budget_s}
 
 
+def _quantized(setup: Any, fw: str, args: argparse.Namespace) -> Any:
+    """splice's setup with FP8 base weights under ``--quantize fp8`` (PEFT and Liger stay bf16)."""
+    if fw == "splice" and args.quantize == "fp8":
+        from splice.quant.fp8 import quantize_fp8
+
+        quantize_fp8(setup.model, allow_cpu=args.tiny)  # after LoRA and fuse: the bases inside the wrappers
+    return setup
+
+
+def _frozen_gib(model: Any) -> float:
+    """The frozen weights' GiB: parameters, and FP8 bases' codes and scales (buffers)."""
+    from splice.quant.fp8 import FP8Linear
+
+    frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    return (frozen + sum(m.nbytes_stored() for m in model.modules() if isinstance(m, FP8Linear))) / 2**30
+
+
 def worker(args: argparse.Namespace) -> None:
     import _workload
-    from _workload import CONFIGS, GIB, batches, flops_per_token, free_cuda, init_lora, make_setup, train
+    from _workload import CONFIGS, batches, flops_per_token, free_cuda, init_lora, make_setup, train
     from torch import nn
 
     _workload.configure(tiny=args.tiny, device="cpu" if args.tiny else "cuda")
@@ -120,6 +140,7 @@ def worker(args: argparse.Namespace) -> None:
     def record(setup: Any, cfg: Any, variant: str, r: dict[str, Any], weights_gib: float) -> None:
         n_lora = sum(a.numel() + b.numel() for _, a, b in setup.lora)
         fpt = flops_per_token(cfg, cfg.seq, args.layers, n_lora)
+        variant = f"fp8 {variant}".strip() if fw == "splice" and args.quantize else variant
         r.update(config=cfg.name, framework=fw, variant=variant, weights_gib=weights_gib,
                  act_gib=r["peak_gib"] - weights_gib, flops_per_token=fpt,
                  mfu=fpt * r["tok_s"] / (args.peak_tflops * 1e12), lora_params=n_lora)
@@ -145,9 +166,8 @@ def worker(args: argparse.Namespace) -> None:
     for name in configs + (["maxseq"] if args.maxseq else []):
         cfg = CONFIGS["C" if name in ("E", "P", "maxseq") else name]
         if name == "A":
-            setup = make_setup(fw, CONFIGS["A"], args.layers)
-            weights = sum(p.numel() * p.element_size() for n, p in setup.model.named_parameters()
-                          if not p.requires_grad) / GIB
+            setup = _quantized(make_setup(fw, CONFIGS["A"], args.layers), fw, args)
+            weights = _frozen_gib(setup.model)
             setup.set_ckpt("off")
             for graphs in [False] + ([True] if fw == "splice" else []):
                 free_cuda()
@@ -161,9 +181,8 @@ def worker(args: argparse.Namespace) -> None:
             free_cuda()
             continue
         if shared is None:
-            shared = make_setup(fw, CONFIGS["C"], args.layers)
-            weights = sum(p.numel() * p.element_size() for p in shared.model.parameters()
-                          if not p.requires_grad) / GIB
+            shared = _quantized(make_setup(fw, CONFIGS["C"], args.layers), fw, args)
+            weights = _frozen_gib(shared.model)
         run_cfg = CONFIGS[name] if name != "maxseq" else cfg
         if name in ("C", "E"):
             modes = [("on", False)] + ([("on", True), ("all", False), ("all", True), ("offload", False),
@@ -226,7 +245,7 @@ def tables(results: list[dict[str, Any]], env: dict[str, Any]) -> str:
     parity = [r for r in runs if r["config"] == "P"]
     if parity:
         lines += ["", "Loss parity (P: r16 all-linear, seq 1024, dropout 0, one batch repeated, AdamW lr 1e-3):", "",
-                  "| step | " + " | ".join(r["framework"] for r in parity) + " |",
+                  "| step | " + " | ".join(f"{r['framework']} {r['variant']}".strip() for r in parity) + " |",
                   "|---|" + "---|" * len(parity)]
         for i in range(len(parity[0]["losses"])):
             lines.append(f"| {i + 1} | " + " | ".join(f"{r['losses'][i]:.5f}" for r in parity) + " |")
@@ -264,6 +283,8 @@ def main() -> None:
     ap.add_argument("--worker-timeout", type=float, default=500.0)
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--tiny", action="store_true", help="a tiny model on the CPU: checks this harness")
+    ap.add_argument("--quantize", choices=("fp8",), default=None,
+                    help="splice's base weights in FP8 (compute capability 8.9+); PEFT and Liger stay bf16")
     args = ap.parse_args()
     SCRATCH.mkdir(parents=True, exist_ok=True)
     if args.worker:

@@ -33,7 +33,7 @@ _EXPORTS = {
     "freeze": "lora.freeze", "trainable_summary": "lora.freeze", "TrainableSummary": "lora.freeze",
     "load_adapter": "lora.peft_io", "save_adapter": "lora.peft_io",
     # quantization
-    "quantize_int8": "quant.linear", "quantize_nf4": "quant.linear",
+    "quantize_int8": "quant.linear", "quantize_nf4": "quant.linear", "quantize_fp8": "quant.fp8",
     # models, data
     "load_model": "models.loading",
     "read_rows": "data.rows", "split_rows": "data.rows", "tokenize_rows": "data.rows",

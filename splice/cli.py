@@ -70,8 +70,8 @@ _HELP = {
     "compare_base": "score the base model before training", "save_every": "checkpoint every N steps",
     "keep_checkpoints": "checkpoints kept", "max_bad_steps": "non-finite losses in a row before stopping",
     "resume": "continue the run in --output-dir from its last checkpoint",
-    "quantize": "quantize the frozen base: nf4 (QLoRA, 4-bit NormalFloat as bitsandbytes) or int8 "
-                "(default: none)",
+    "quantize": "quantize the frozen base: nf4 (QLoRA, 4-bit NormalFloat as bitsandbytes), int8, or fp8 "
+                "(e4m3 weights, FP8 GEMMs; a GPU of compute capability 8.9+) (default: none)",
     "last_turn_only": "conversations: loss on the last assistant turn only (default: every assistant turn)",
     "report_to": "also log to these trackers, comma-separated: tensorboard, wandb, csv (default: none)",
     "shard": "under torchrun: FSDP2 (weights sharded over the ranks, per decoder layer) instead of "
@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--adapter", required=adapter_required, help="adapter directory (PEFT format)")
         p.add_argument("--device", default="auto")
         if quantize:  # export's --quantize is the GGUF's block type instead
-            p.add_argument("--quantize", choices=["nf4", "int8"], default=None,
+            p.add_argument("--quantize", choices=["nf4", "int8", "fp8"], default=None,
                            help="quantize the base as it loads (the adapter was trained on a quantized "
                                 "base: merge then writes its dequantized weights + adapter in bf16)")
 

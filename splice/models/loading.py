@@ -232,10 +232,11 @@ def load_model(
     pad token (eos if it had none), left padding for batched generation, and
     ``model_max_length`` = the model's context length.
 
-    ``quantize`` (``"nf4"`` or ``"int8"``): the linears but the output head are quantized as they
-    stream in (:func:`splice.models.streaming.load_quantized`: the skeleton is built on the meta
+    ``quantize`` (``"nf4"``, ``"int8"`` or ``"fp8"``): the linears but the output head are quantized as
+    they stream in (:func:`splice.models.streaming.load_quantized`: the skeleton is built on the meta
     device, so the float model is never held; ``dtype`` is the compute dtype). A local folder of
-    safetensors files (or the converted GGUF), including bitsandbytes 4-bit checkpoints.
+    safetensors files (or the converted GGUF), including bitsandbytes 4-bit and FP8 checkpoints.
+    ``"fp8"``: e4m3 weights for FP8 tensor-core GEMMs, on a GPU of compute capability 8.9+ only.
     ``quantize_device``: where the quantization runs when not on ``device`` (a GPU, for a model
     kept on the CPU).
     """

@@ -11,6 +11,14 @@ linears are installed by one rewrite at the end (:mod:`splice.core.rewrite`), th
 ``NF4Linear``/``Int8Linear`` that :func:`splice.quant.linear.quantize_nf4` makes, so both paths
 give identical codes.
 
+``quantize="fp8"`` stores e4m3 weights with per-output-channel scales
+(:class:`~splice.quant.fp8.FP8Linear`; a GPU of compute capability 8.9+). FP8 checkpoints (an e4m3
+``weight`` beside its ``weight_scale`` or ``weight_scale_inv``: fbgemm_fp8, compressed-tensors,
+DeepSeek-V3 / Qwen3 FP8) keep their codes where the scale is per tensor or per channel; block
+scales are applied and the weight re-quantized per row (:func:`splice.quant.fp8.from_checkpoint`).
+With another ``quantize`` such a weight is dequantized first; static ``input_scale`` tensors are
+skipped (activations are scaled per row as they come).
+
 Pre-quantized bitsandbytes 4-bit checkpoints (``quantization_config.load_in_4bit``, a weight
 stored as packed uint8 beside ``.absmax``/``.quant_map``/``.nested_*`` and a JSON
 ``.quant_state.bitsandbytes__nf4``) are read into the same NF4Tensor without dequantizing, and
@@ -33,12 +41,14 @@ from torch import Tensor, nn
 
 from splice.core.rewrite import Replace, nodes, rewrite
 from splice.core.targets import Targets, target_matcher
+from splice.quant.fp8 import FP8Linear, dequantize_fp8, fp8_problem, from_checkpoint
 from splice.quant.linear import Int8Linear, NF4Linear
 from splice.quant.nf4 import NF4Tensor
 
 __all__ = ["QUANTIZE_KINDS", "bnb_state_dict", "load_quantized", "random_quantized", "skeleton"]
 
-QUANTIZE_KINDS = ("nf4", "int8")
+QUANTIZE_KINDS = ("nf4", "int8", "fp8")
+_FP8_SCALES = ("weight_scale", "weight_scale_inv")  # an FP8 checkpoint's dequantization scales
 _BNB_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4")
 
 
@@ -56,9 +66,12 @@ def skeleton(config: Any, *, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     return model
 
 
-def _check_quantize(quantize: str) -> None:
+def _check_quantize(quantize: str, device: torch.device, *, allow_cpu: bool = False) -> None:
     if quantize not in QUANTIZE_KINDS:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_KINDS)}, got {quantize!r}")
+    problem = fp8_problem(device, allow_cpu=allow_cpu) if quantize == "fp8" else None
+    if problem is not None:
+        raise ValueError(problem)
 
 
 def _targets(model: nn.Module, targets: Targets) -> dict[str, nn.Module]:
@@ -74,6 +87,8 @@ def _quantized(weight: Tensor, bias: Tensor | None, quantize: str, block_size: i
     bias_p = None if bias is None else nn.Parameter(bias, requires_grad=False)
     if quantize == "nf4":
         return NF4Linear(NF4Tensor.from_float(weight, block_size=block_size).to(device), bias_p)  # type: ignore[arg-type]
+    if quantize == "fp8":
+        return FP8Linear.from_float(weight, bias_p).to(device)
     return Int8Linear(weight, bias_p).to(device)
 
 
@@ -91,15 +106,25 @@ def _set_tensor(model: nn.Module, name: str, value: Tensor) -> None:
 
 def _materialize(model: nn.Module, tensors: Iterator[tuple[str, Tensor]], *, quantize: str, device: torch.device,
                  dtype: torch.dtype, targets: Targets, block_size: int,
-                 quantize_device: torch.device | None = None) -> list[str]:
+                 quantize_device: torch.device | None = None, fp8_block: tuple[int, int] | None = None) -> list[str]:
     """Stream ``tensors`` into the skeleton, quantizing targeted linear weights on arrival (on
-    ``quantize_device``, default ``device``)."""
+    ``quantize_device``, default ``device``). ``fp8_block``: an FP8 checkpoint's weight_block_size."""
     linears = _targets(model, targets)
     built: dict[str, nn.Module] = {}
     pending_bias: dict[str, Tensor] = {}
     bnb_parts: dict[str, dict[str, Tensor]] = {}
+    fp8_parts: dict[str, dict[str, Tensor]] = {}
     for name, tensor in tensors:
         path, _, attr = name.rpartition(".")
+        if attr == "input_scale":  # a static activation scale: FP8Linear scales each row as it comes
+            continue
+        if attr in _FP8_SCALES or (attr == "weight" and tensor.dtype in _FLOAT8):
+            fp8_parts.setdefault(path, {})["scale" if attr in _FP8_SCALES else "weight"] = tensor
+            if len(fp8_parts[path]) == 2:
+                _fp8_weight(model, path, fp8_parts.pop(path), quantize=quantize, dtype=dtype, device=device,
+                            at=quantize_device or device, block=fp8_block, block_size=block_size, linears=linears,
+                            built=built, pending_bias=pending_bias)
+            continue
         bnb_key = next((f"weight.{s}" for s in _BNB_SUFFIXES if name.endswith(f".weight.{s}")), None)
         if bnb_key is not None:  # a pre-quantized bitsandbytes part: collect until complete
             owner = name[: -len(bnb_key) - 1]
@@ -123,12 +148,36 @@ def _materialize(model: nn.Module, tensors: Iterator[tuple[str, Tensor]], *, qua
                 pending_bias[path] = value
             continue
         _set_tensor(model, name, value)
+    if fp8_parts:
+        raise ValueError(f"the checkpoint's FP8 weights {sorted(fp8_parts)[:3]} lack a weight or its scale "
+                         f"({' or '.join(_FP8_SCALES)})")
     missing = sorted(set(linears) - set(built))
     if missing:
         raise ValueError(f"the checkpoint has no weight for {len(missing)} linear(s), e.g. {missing[:3]}")
     rewrite(model, lambda node: Replace(built[node.name], keep_original=False) if node.name in built else None)
     _finish(model, device)
     return sorted(built)
+
+
+_FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _fp8_weight(model: nn.Module, path: str, parts: dict[str, Tensor], *, quantize: str, dtype: torch.dtype,
+                device: torch.device, at: torch.device, block: tuple[int, int] | None, block_size: int,
+                linears: dict[str, nn.Module], built: dict[str, nn.Module], pending_bias: dict[str, Tensor]) -> None:
+    """Install an FP8 checkpoint's weight at ``path`` (``parts``: its codes and scale, read at ``at``):
+    a targeted linear as an FP8Linear (``quantize="fp8"``) or dequantized and quantized by
+    ``quantize``; any other weight dequantized to ``dtype``."""
+    codes, rows = from_checkpoint(parts["weight"].to(at), parts["scale"].to(at), block=block)
+    if path not in linears:
+        _set_tensor(model, f"{path}.weight", dequantize_fp8(codes, rows, dtype).to(device))
+        return
+    bias = pending_bias.pop(path, None)
+    if quantize == "fp8":
+        bias_p = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        built[path] = FP8Linear(codes, rows, bias_p, compute_dtype=dtype).to(device)
+    else:
+        built[path] = _quantized(dequantize_fp8(codes, rows, dtype), bias, quantize, block_size, device)
 
 
 def _maybe_bnb(owner: str, parts: dict[str, dict[str, Tensor]], built: dict[str, nn.Module], pending_bias: dict[str, Tensor], dtype: torch.dtype) -> None:
@@ -191,21 +240,26 @@ def _safetensors(folder: Path) -> Iterator[tuple[str, Tensor]]:
 
 def load_quantized(folder: str | Path, *, quantize: str = "nf4", device: str | torch.device = "cuda",
                    dtype: torch.dtype = torch.bfloat16, targets: Targets = "all-linear",
-                   block_size: int = 64, quantize_device: str | torch.device | None = None) -> nn.Module:
+                   block_size: int = 64, quantize_device: str | torch.device | None = None,
+                   allow_cpu: bool = False) -> nn.Module:
     """The causal LM in ``folder`` with its targeted linears quantized while they stream in
     (module doc). ``dtype``: the compute dtype and that of every unquantized tensor.
-    ``quantize_device``: where the quantization runs, if not on ``device``."""
+    ``quantize_device``: where the quantization runs, if not on ``device``. ``allow_cpu``: fp8
+    on the CPU (torch's emulated FP8 GEMM; tests), which is refused otherwise."""
     from transformers import AutoConfig
 
-    _check_quantize(quantize)
+    _check_quantize(quantize, torch.device(quantize_device or device), allow_cpu=allow_cpu)
     folder = Path(folder)
     config = AutoConfig.from_pretrained(folder)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # a bitsandbytes checkpoint: its parts are read directly
+    scheme = getattr(config, "quantization_config", None)
+    block = scheme.get("weight_block_size") if isinstance(scheme, dict) else None
+    if scheme is not None:
+        del config.quantization_config  # bitsandbytes / FP8 checkpoints: their parts are read directly
     model = skeleton(config, dtype=dtype)
     _materialize(model, _safetensors(folder), quantize=quantize, device=torch.device(device), dtype=dtype,
                  targets=targets, block_size=block_size,
-                 quantize_device=None if quantize_device is None else torch.device(quantize_device))
+                 quantize_device=None if quantize_device is None else torch.device(quantize_device),
+                 fp8_block=None if block is None else (int(block[0]), int(block[1])))
     return model.eval()
 
 
@@ -233,7 +287,7 @@ def random_quantized(config: Any, *, quantize: str | None = "nf4", device: str |
             _set_tensor(model, name, value.to(dtype))
         _finish(model, device)
         return model
-    _check_quantize(quantize)
+    _check_quantize(quantize, device)
     _materialize(model, _random_tensors(model, device, std, seed), quantize=quantize, device=device,
                  dtype=dtype, targets=targets, block_size=block_size)
     return model

@@ -79,7 +79,7 @@ class TrainConfig:
     cuda_graphs: bool | None = None  # replay each step from a CUDA graph; None: on with --fuse on a GPU
     embeddings_on_host: bool = False  # frozen input embedding in CPU memory (lowest GPU peak; no graphs)
     seed: int = 0
-    quantize: str | None = None  # None | "nf4" (QLoRA: 4-bit NormalFloat base) | "int8"
+    quantize: str | None = None  # None | "nf4" (QLoRA: 4-bit NormalFloat base) | "int8" | "fp8" (GPU 8.9+)
     eval_every: int = 0  # validation loss every N steps (0: at the end only)
     eval_batches: int = 8
     eval_samples: int = 96  # held-out examples scored by generation (0: none)
@@ -353,7 +353,10 @@ RULES: tuple[Rule, ...] = (
     Rule(("adapter",), lambda v: (Path(v) / "adapter_config.json").is_file(),
          "must be an adapter folder (adapter_config.json + adapter_model.safetensors, e.g. runs/sft/adapter)"),
     Rule(("dist_timeout",), lambda v: v > 0, "must be > 0 (seconds)"),
-    Rule(("quantize",), lambda v: v in ("nf4", "int8"), "must be nf4 or int8 (or unset: no quantization)"),
+    Rule(("quantize",), lambda v: v in ("nf4", "int8", "fp8"), "must be nf4, int8 or fp8 (or unset: no quantization)"),
+    Rule(("quantize", "shard"), lambda q, shard: q != "fp8" or not shard,
+         "quantize fp8 does not shard: its FP8 weights are module buffers FSDP2 would not split; drop "
+         "--shard (DDP keeps one 1-byte copy a GPU) or use --quantize nf4 (4-bit weights FSDP2 shards)"),
     Rule(("device",), lambda v: _DEVICE.fullmatch(v) is not None,
          "must be auto, cpu, mps, cuda or cuda:N"),
     Rule(("seed",), lambda v: 0 <= v < 2**63, "must be in [0, 2**63)"),

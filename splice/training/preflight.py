@@ -106,7 +106,13 @@ def preflight(config: TrainConfig) -> None:
     config.validate()
     _data_file("data", config.data)
     _data_file("val_data", config.val_data)
-    resolve_device(config.device)
+    device = resolve_device(config.device)
+    if config.quantize == "fp8":
+        from splice.quant.fp8 import fp8_problem
+
+        problem = fp8_problem(device)
+        if problem is not None:
+            raise UsageError(f"quantize ({flag('quantize')}) fp8: {problem}")
     hf_config, context, shown = model_config(config.model)
     if context is not None and config.max_length > context:
         raise UsageError(f"max_length ({flag('max_length')}) {config.max_length} is past the context "

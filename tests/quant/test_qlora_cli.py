@@ -55,6 +55,6 @@ def test_flag_and_bad_value(tiny_run_inputs, tmp_path, capsys) -> None:
     model, data = tiny_run_inputs
     assert main(["train", "--model", str(model), "--data", str(data), "--output-dir", str(tmp_path / "o"),
                  "--quantize", "nf3", "--steps", "1", *FLAGS]) == 2
-    assert "quantize must be nf4 or int8" in capsys.readouterr().err
+    assert "quantize must be nf4, int8 or fp8" in capsys.readouterr().err
     assert main(["train", "--model", str(model), "--data", str(data), "--output-dir", str(tmp_path / "i8"),
                  "--quantize", "int8", "--steps", "2", *FLAGS]) == 0
