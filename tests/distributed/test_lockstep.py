@@ -62,6 +62,7 @@ def test_two_ranks_generate_what_one_process_generates(tmp_path: Path, device: s
     expected = _one_process(device, _ids(), [SamplingParams(**p) for p in PARAMS])
     assert [len(c) for c in expected] == [1, 1, 2] and all(len(t) > 3 for c in expected for t in c)
     assert ranks[0]["tokens"] == ranks[1]["tokens"] == expected
+    assert ranks[0]["kv_heads"] == ranks[1]["kv_heads"] == 1  # each rank caches its one of the 2 KV heads
 
 
 def _save_adapter(folder: Path, name: str, seed: int) -> str:

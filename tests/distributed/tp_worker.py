@@ -51,7 +51,7 @@ def _generate(job: dict[str, Any], device: torch.device) -> dict[str, Any]:
     engine = LockstepEngine(model, tokenizer, max_seqs=4, max_len=96)
     params = [SamplingParams(**p) for p in job["params"]]
     done = engine.generate(job["prompts"], params)
-    return {"tokens": [[c.generated for c in r.choices] for r in done]}
+    return {"tokens": [[c.generated for c in r.choices] for r in done], "kv_heads": engine.runner.key_caches[0].shape[2]}
 
 
 def _serve(job: dict[str, Any], device: torch.device, rank: int) -> dict[str, Any]:
