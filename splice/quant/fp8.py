@@ -23,7 +23,7 @@ contracted along its storage's contiguous dimension.
 
 The gradient is quantized to e4m3, not e5m2: with one scale per row the range e5m2 buys is not
 needed, and e4m3's extra mantissa bit halves the rounding error (tests/quant/test_fp8.py measures
-both); the row-wise kernel on compute capability 8.9 also takes e4m3 operands only.
+both, on normal and heavy-tailed gradients). Both GEMMs accumulate without ``use_fast_accum``.
 
 The autograd function saves no activation: only ``q`` and ``s`` (the module's own buffers). LoRA
 factors are not quantized: they keep LoraConfig's dtype, as over a bf16 base (the LoRA wrapper adds
@@ -89,13 +89,15 @@ def quantize_rows(t: Tensor, *, dtype: torch.dtype = FP8_DTYPE) -> tuple[Tensor,
     """``t`` (M, K) as FP8 codes (M, K) and fp32 row scales (M, 1): ``t ~ codes * scales``.
 
     The multiplier ``max / amax`` is rounded to ``t``'s dtype first and the scale is its exact
-    reciprocal, so the product stays in ``t``'s dtype (no fp32 copy of ``t``) and never passes
-    ``max`` by more than that dtype's rounding, which the FP8 cast rounds back to ``max``.
+    reciprocal, so the product stays in ``t``'s dtype (no fp32 copy of a bf16 ``t``) and never
+    passes ``max`` by more than that dtype's rounding, which the FP8 cast rounds back to ``max``.
+    fp16 multiplies in fp32: the multiplier of a row whose amax is under 448 / 65504 overflows fp16.
     """
     top = torch.finfo(dtype).max
     amax = torch.linalg.vector_norm(t, float("inf"), dim=-1, keepdim=True).float()  # one read of t
-    inv = (top / amax.clamp(min=_TINY)).to(t.dtype)
-    return (t * inv).to(dtype), inv.float().reciprocal()
+    work = torch.float32 if t.dtype == torch.float16 else t.dtype
+    inv = (top / amax.clamp(min=_TINY)).to(work)
+    return (t.to(work) * inv).to(dtype), inv.float().reciprocal()
 
 
 def dequantize_fp8(qweight: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:

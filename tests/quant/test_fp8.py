@@ -73,6 +73,18 @@ def test_weight_codes_and_error_bound() -> None:
     assert torch.all(err <= torch.maximum(w.abs() * 2.0**-4, q.scale[:, None] * 2.0**-10) * (1 + 1e-6))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_rows_quantize_in_any_float_dtype_small_and_zero_rows_included(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    t = torch.randn(4, 64) * torch.tensor([[1.0], [1e-5], [0.0], [300.0]])
+    codes, scales = quantize_rows(t.to(dtype))
+    back = codes.float() * scales
+    assert torch.isfinite(back).all() and torch.all(back[2] == 0)
+    assert torch.all(codes.float().abs().amax(1)[[0, 1, 3]] == 448.0)
+    for row in (0, 1, 3):  # e4m3 rounding (2^-4) on top of the input's own (fp16 / bf16)
+        assert rel_err(back[row], t[row].to(dtype).float()) < 0.04
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_forward_and_input_grad_against_the_references(bias: bool) -> None:
     linear, q = _layer(bias=bias)
