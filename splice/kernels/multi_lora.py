@@ -94,7 +94,7 @@ def _multi_lora_torch(x: Tensor, y: Tensor, a: Tensor, b: Tensor, slots: Tensor,
 class Tiles:
     """A launch shape. ``block_m``: tokens per tile; ``k_split``: input columns per shrink program (a
     multiple of ``block_k``, its loop step); ``block_n``: output columns per expand program;
-    ``per_token``: one tile per token, no counting."""
+    ``warps``: per program, both kernels; ``per_token``: one tile per token, no counting."""
 
     block_m: int = 16
     k_split: int = 512
