@@ -108,7 +108,9 @@ class Boundary:
 class LockstepEngine(Engine):
     """An :class:`Engine` whose steps run in lockstep on every rank of ``group`` (see module
     docstring); the other arguments are the engine's. ``group`` defaults to the default process
-    group's ranks (a new gloo group is made for the boundaries)."""
+    group's ranks (a new gloo group is made for the boundaries). It extends the engine where requests
+    enter (its inbox, filled only at a boundary), where a choice's generator is seeded (``_prepare``)
+    and where a token is accepted (``_accept``, for the checksum); the step itself is the engine's."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, group: Any = None, **options: Any) -> None:
         super().__init__(model, tokenizer, **options)
