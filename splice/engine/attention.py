@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,8 @@ from splice.fused.modules import FusedRopeAttention
 from splice.fused.projections import packed
 from splice.kernels.paged_attention import paged_attention
 from splice.kernels.rope_cache import rope_write_kv
+from splice.lora.adapter_file import base_shape
+from splice.lora.bank import add_packed_delta
 
 __all__ = ["PagedAttention", "StepAttention", "install_paged_attention", "paged_step"]
 
@@ -133,8 +135,9 @@ class PagedAttention(nn.Module):
         pair = None if torch.is_grad_enabled() else packed([self.q_proj, self.k_proj, self.v_proj])
         if pair is None:
             return tuple(p(hidden).view(tokens, -1, d) for p in (self.q_proj, self.k_proj, self.v_proj))
-        qkv = F.linear(hidden.reshape(tokens, -1), *pair)  # (T, Nq + Nk + Nv)
-        nq, nk = (cast(nn.Linear, m).out_features for m in (self.q_proj, self.k_proj))  # packed: plain linears
+        flat = hidden.reshape(tokens, -1)
+        qkv = add_packed_delta([self.q_proj, self.k_proj, self.v_proj], flat, F.linear(flat, *pair))  # (T, Nq+Nk+Nv)
+        nq, nk = (base_shape(m)[1] for m in (self.q_proj, self.k_proj))  # type: ignore[index]
         return (qkv[:, :nq].view(tokens, -1, d), qkv[:, nq: nq + nk].view(tokens, -1, d),
                 qkv[:, nq + nk:].view(tokens, -1, d))
 

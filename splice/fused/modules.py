@@ -41,6 +41,7 @@ from splice.kernels.lora_linear import lora_linear, lora_u
 from splice.kernels.rmsnorm import rms_norm
 from splice.kernels.rope import rope
 from splice.kernels.swiglu import swiglu, swiglu_packed
+from splice.lora.bank import add_packed_delta
 from splice.lora.layers import LoraLinear
 from splice.lora.routing import current_route
 from splice.memory import stash
@@ -174,7 +175,8 @@ class FusedSwiGLUMLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         pair = None if torch.is_grad_enabled() else packed([self.gate_proj, self.up_proj])
         if pair is not None:  # inference over packed plain linears: one GEMM for gate and up
-            return self.down_proj(swiglu_packed(F.linear(x, *pair)))
+            gate_up = add_packed_delta([self.gate_proj, self.up_proj], x, F.linear(x, *pair))
+            return self.down_proj(swiglu_packed(gate_up))
         h = swiglu(self.gate_proj(x), self.up_proj(x), inplace_backward=True)
         if stash.is_mlp_output_unread():
             return _unread_projection(self.down_proj, h)

@@ -12,9 +12,10 @@ weights are copied into one new buffer and every ``nn.Linear`` of the group gets
 rows (same values, same modules, same parameters' names; the old storage is freed). Nothing
 else changes, so every ordinary forward, training step or save is unaffected. :func:`packed`
 returns the group's concatenated weight (and bias) as a view when the group's modules are still
-plain linears whose weights sit back to back in one buffer, and None otherwise (a LoRA or
-quantized wrapper, weights moved or re-created since): callers then run the projections one by
-one, so a stale layout can never give wrong results.
+plain linears (or plain linears inside an adapter bank's sites: the caller then adds the bank's
+deltas to the packed output, :func:`~splice.lora.bank.add_packed_delta`) whose weights sit back to
+back in one buffer, and None otherwise (a LoRA or quantized wrapper, weights moved or re-created
+since): callers then run the projections one by one, so a stale layout can never give wrong results.
 """
 
 from __future__ import annotations
@@ -24,17 +25,21 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from splice.lora.bank import bank_site
+
 __all__ = ["GROUPS", "pack_projections", "packed"]
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def _plain(modules: Sequence[object]) -> list[nn.Linear] | None:
-    """``modules`` if every one is exactly an ``nn.Linear`` on one device and dtype, same input width,
-    all with bias or all without; else None."""
-    if not all(type(m) is nn.Linear for m in modules):
+    """The linears of ``modules`` if every one is exactly an ``nn.Linear`` (or one inside an adapter
+    bank's site, whose delta the caller adds: :func:`~splice.lora.bank.add_packed_delta`) on one device
+    and dtype, same input width, all with bias or all without; else None."""
+    bases = [m.base if isinstance(m, nn.Module) and bank_site(m) is not None else m for m in modules]
+    if not all(type(m) is nn.Linear for m in bases):
         return None
-    linears: list[nn.Linear] = list(modules)  # type: ignore[arg-type]
+    linears: list[nn.Linear] = list(bases)  # type: ignore[arg-type]
     first = linears[0].weight
     same = all(m.weight.dtype == first.dtype and m.weight.device == first.device
                and m.in_features == linears[0].in_features for m in linears)

@@ -100,3 +100,50 @@ def test_swiglu_packed_kernel_matches_the_reference() -> None:
         want = swiglu_reference(gu[..., :1500].float(), gu[..., 1500:].float())
         assert out.shape == (37, 1, 1500)
         assert rel_err(out.float(), want) < (1e-6 if dtype == torch.float32 else 4e-3)
+
+
+def test_packed_projections_inside_an_adapter_banks_sites_add_every_rows_adapter(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from splice.engine.engine import Engine
+    from splice.engine.sampling import SamplingParams
+    from splice.fused.apply import fuse
+    from splice.lora.bank import LoraBank, add_bank_sites, read_adapter
+    from splice.lora.peft_io import load_adapter, save_adapter
+    from splice.serve.service import linear_paths
+
+    tokenizer = tiny.build_tiny_tokenizer()
+    plan = [("a", ("q_proj", "v_proj")), ("b", "all-linear")]
+    for seed, (name, targets) in enumerate(plan, start=1):
+        trained = tiny.build_tiny_llama(len(tokenizer))
+        add_lora(trained, LoraConfig(name=name, targets=targets, rank=4))
+        tiny.randomize_lora(trained, seed=seed)
+        save_adapter(trained, tmp_path / name, name=name)
+    prompts = [list(tokenizer(p)["input_ids"]) for p in ("hello world", "the cat sat", "xyz 123", "a b c d")]
+    names = ["a", "b", None, "b"]
+    outputs = []
+    for pack in (False, True):
+        model = tiny.build_tiny_llama(len(tokenizer))
+        sites = add_bank_sites(model, linear_paths(model))  # as splice serve does: every linear
+        if pack:
+            fuse(model, lora=False, rope=False)  # the packed gate/up path lives in the fused MLP
+            assert pack_projections(model) == 2 * len(model.model.layers)
+        bank = LoraBank.for_sites(model, sites, capacity=2, rank=4, dtype=torch.float32)
+        host = {name: read_adapter(tmp_path / name, name=name) for name, _ in plan}
+        engine = Engine(model, tokenizer, max_seqs=4, max_len=48, bank=bank, sites=list(sites.values()),
+                        adapters=host)
+        attn = model.model.layers[0].self_attn
+        assert (packed([attn.q_proj, attn.k_proj, attn.v_proj]) is not None) == pack
+        done = []
+        for ids, name in zip(prompts, names, strict=True):
+            from splice.engine.engine import Request
+            request = Request(prompt_ids=ids, params=SamplingParams(max_tokens=6), adapter=name)
+            engine.submit(request)
+            done.append(request)
+        while engine.busy:
+            engine.step()
+        outputs.append([r.generated for r in done])
+    assert outputs[1] == outputs[0]
+    for ids, name, got in zip(prompts, names, outputs[1], strict=True):
+        alone = tiny.build_tiny_llama(len(tokenizer))
+        if name is not None:
+            load_adapter(alone, tmp_path / name, name=name)
+        assert got == tiny.greedy_loop(alone, ids, 6), name
