@@ -307,8 +307,9 @@ class Engine:
         if not asked:
             return tokens, pack(tokens), asked, tops
         at = on_device(asked, torch.long, device)
-        return tokens, pack(tokens, *token_logprobs(logits.index_select(0, at), tokens.index_select(0, at),
-                                                    max(tops))), asked, tops
+        rows = logits.index_select(0, at)  # raw, but a grammar's mask applies (as vLLM: it masks first)
+        rows = rows if masks is None else rows.masked_fill(~masks.index_select(0, at), float("-inf"))
+        return tokens, pack(tokens, *token_logprobs(rows, tokens.index_select(0, at), max(tops))), asked, tops
 
     def _counts_slot(self, request: Request, vocab: int) -> int:
         """``request``'s row of the token counts (penalties), taken at its first sampled token."""

@@ -45,8 +45,9 @@ def unpack(values: Sequence[float], rows: int, asked: Sequence[int], tops: Seque
     for j, (row, top) in enumerate(zip(asked, tops, strict=True)):
         ids = values[ids_at + j * width: ids_at + j * width + top]
         logprobs = values[values_at + j * width: values_at + j * width + top]
-        found[row] = TokenLogprob(token=tokens[row], logprob=float(values[rows + j]),
-                                  top=tuple((int(i), float(v)) for i, v in zip(ids, logprobs, strict=True)))
+        found[row] = TokenLogprob(token=tokens[row], logprob=float(values[rows + j]),  # (a grammar's masked
+                                  top=tuple((int(i), float(v)) for i, v in zip(ids, logprobs, strict=True)
+                                            if v > float("-inf")))  # tokens are no alternatives)
     return tokens, found
 
 

@@ -227,6 +227,23 @@ def test_grammars_cover_every_tokenizer_id_of_a_model_with_padded_embeddings() -
         check_person(request.text)
 
 
+def test_logprobs_of_a_constrained_row_are_over_the_tokens_its_grammar_allows() -> None:
+    engine = _random_engine()
+    tokenizer = engine.tokenizer
+    params = SamplingParams(max_tokens=8, temperature=1.0, seed=4, logprobs=5, constraint=regex("[0-9]{3}-[ab]{2}"))
+    request, = engine.generate([_ids(tokenizer, "code:")], params)
+    assert re.fullmatch(r"[0-9]{3}-[ab]{2}", request.text) and request.logprobs
+    for step in request.logprobs:
+        assert np.isfinite(step.logprob) and step.logprob <= 0.0
+        texts = [tokenizer.decode([token]) for token, _ in step.top]
+        assert step.top and all(re.fullmatch(r"[0-9ab-]*", text) or token in engine.eos  # allowed tokens only
+                                for text, (token, _) in zip(texts, step.top, strict=True))
+    # "-" is the only token the grammar allows after three digits: its probability is then 1
+    dash = [step for step, token in zip(request.logprobs, request.generated, strict=True)
+            if tokenizer.decode([token]) == "-"]
+    assert dash and abs(dash[0].logprob) < 1e-6
+
+
 def test_max_tokens_before_the_grammar_completes_ends_with_length_and_a_prefix() -> None:
     engine = _random_engine()
     tokenizer = engine.tokenizer
