@@ -103,10 +103,11 @@ class Staging:
             if first < len(ids):
                 table[b, first: len(ids)] = ids[first:]
             rows[b] = (ids, len(ids))
-        for j, count in enumerate(pad_counts.tolist()):
-            b = len(chunks) + j
-            table[b, : max(1, -(-count // self.block_size))] = 0
-            rows[b] = (None, 0)
+        n, pad = len(chunks), len(pad_counts)
+        table[n: n + pad, 0] = 0  # (one vectorized write: a mixed step pads up to ~max_seqs sequences)
+        rows[n: n + pad] = [(None, 0)] * pad
+        for j in np.flatnonzero(pad_counts > self.block_size).tolist():  # the few longer than one block
+            table[n + j, : -(-int(pad_counts[j]) // self.block_size)] = 0
 
     def _pad_counts(self, pad_tokens: int, pad_seqs: int) -> np.ndarray:
         """Tokens of each padding sequence: ``pad_tokens`` spread over ``pad_seqs`` sequences, one each
