@@ -105,6 +105,32 @@ class Wrapped:
         finally:
             self.root.reshard()
 
+    @contextlib.contextmanager
+    def whole_weights(self) -> Iterator[None]:
+        """The whole model on this rank for the block, with no collective inside it, so each rank
+        may run a number of forwards of its own (GRPO: the engine's rollouts of this rank's prompts).
+        Under FSDP2 the root and every decoder layer are all-gathered once on entry and stay gathered
+        through their forwards (no reshard after forward), then are resharded on exit. Memory: the
+        whole model on every rank for the block, as DDP holds it all the time (NF4 weights gathered
+        packed, in 4 bits; with the GPU's mixed precision, in bf16), freed on exit. DDP: nothing to
+        do. Every rank must enter it (the gathers are collectives)."""
+        if self.kind != "fsdp2":
+            yield
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        layers = [m for m in self.root.modules() if isinstance(m, FSDPModule) and m is not self.root]
+        with self.evaluation():  # the root: lazily initialized, gathered
+            for layer in layers:
+                layer.set_reshard_after_forward(False, recurse=False)
+                layer.unshard()
+            try:
+                yield
+            finally:
+                for layer in layers:  # as _fully_shard made them: non-root modules reshard after forward
+                    layer.set_reshard_after_forward(True, recurse=False)
+                    layer.reshard()
+
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The decoder's layers: the children of the longest ``nn.ModuleList`` of modules of one class

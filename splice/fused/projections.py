@@ -37,7 +37,8 @@ def _plain(modules: Sequence[object]) -> list[nn.Linear] | None:
     bank's site, whose delta the caller adds: :func:`~splice.lora.bank.add_packed_delta`) on one device
     and dtype, same input width, all with bias or all without; else None."""
     bases = [m.base if isinstance(m, nn.Module) and bank_site(m) is not None else m for m in modules]
-    if not all(type(m) is nn.Linear for m in bases):
+    # a sharded weight (FSDP2's DTensor) is FSDP2's to place: left as it is
+    if not all(type(m) is nn.Linear and type(m.weight.data) is Tensor for m in bases):
         return None
     linears: list[nn.Linear] = list(bases)  # type: ignore[arg-type]
     first = linears[0].weight

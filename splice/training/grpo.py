@@ -27,10 +27,17 @@ One step, TRL's ``GRPOTrainer`` conventions (``num_iterations = 1``):
 The loop (:mod:`splice.training.loop`) sums ``loss`` over micro-batches and ranks and divides by the
 step's ``units`` (completions, completions x max_completion_length, or tokens), so splitting a step
 into micro-batches or ranks gives the same update.
+
+Under torchrun each rank samples the completions of its own prompts (its share of the step's, from
+:meth:`GRPO.epoch_batches`); groups never span ranks, so advantages need no communication. Under
+FSDP2 (``--shard``) the engine runs inside :meth:`~splice.distributed.wrap.Wrapped.whole_weights`:
+every rank gathers the whole policy (base and live adapter) once for its rollouts, runs as many
+forwards as they take with no collective, and reshards after them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import time
@@ -274,9 +281,6 @@ class GRPO(Method):
         if config.temperature <= 0:
             raise UsageError(f"--temperature {config.temperature}: GRPO samples its rollouts, so it needs a "
                              "temperature > 0 (e.g. 1, TRL's default)")
-        if config.shard:
-            raise UsageError("--method grpo runs in one process or under DDP (torchrun without --shard): "
-                             "the engine's rollouts need whole weights; drop --shard")
         self.rewards = parse_rewards(config.reward, config.reward_weights)  # bad specs: before any model loads
         self.loss_type = config.loss_type or LOSS_TYPES[0]
         self.beta = config.beta or 0.0
@@ -354,8 +358,11 @@ class GRPO(Method):
         seqs = min(config.batch_size * config.grad_accum * config.num_generations, 256)
         max_len = max(len(item.ids) for item in run.data.train) + config.max_completion_length + 1
         block = 16
+        # FSDP2 gathers the weights anew for each step's rollouts, not always at the same addresses: a CUDA
+        # graph captured on one step's could read freed memory on the next, so those rollouts run eagerly
+        sharded = run.wrapped is not None and run.wrapped.kind == "fsdp2"
         self.engine = Engine(run.model, run.tokenizer, max_seqs=seqs, max_len=max_len, token_budget=max_len + seqs,
-                             block_size=block, kv_blocks=seqs * -(-max_len // block) + 1)
+                             block_size=block, kv_blocks=seqs * -(-max_len // block) + 1, cuda_graphs=not sharded)
 
     def step_batches(self, run: RunParts, micro: list[Batch]) -> StepBatches:
         """Rollouts for the step's prompts, their rewards and advantages, as ``len(micro)`` loss
@@ -370,7 +377,8 @@ class GRPO(Method):
             return SamplingParams(max_tokens=config.max_completion_length, temperature=config.temperature,
                                   top_p=config.top_p, seed=derived_seed(config.seed, epoch, item.row, g))
 
-        rolled = rollout(engine, items, generations=config.num_generations, params=params)
+        with run.wrapped.whole_weights() if run.wrapped else contextlib.nullcontext():
+            rolled = rollout(engine, items, generations=config.num_generations, params=params)
         rollout_s = time.perf_counter() - started
         keys = list(items[0].columns)
         try:

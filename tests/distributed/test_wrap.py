@@ -255,3 +255,33 @@ def test_nf4_weights_shard_unless_their_rows_do_not_split(make_tiny_llama) -> No
     weight = model.model.layers[0].mlp.up_proj.weight
     assert _stored_bytes(weight) == weight.nbytes_stored() < weight.numel() * weight.element_size()
     assert _stored_bytes(model.lm_head.weight) == model.lm_head.weight.numel() * 4
+
+
+def test_whole_weights_lets_each_rank_run_its_own_forwards(tmp_path) -> None:
+    """FSDP2 on 2 gloo ranks: inside ``whole_weights()`` every weight is whole and stays so through the
+    engine's forwards, 3 on one rank and 9 on the other (with a collective in any of them, the ranks
+    would wait on each other: a hang, then a timeout); the greedy tokens are one process's, and the
+    training step after the block (sharded again) gives that process's loss and gradient. The engine's
+    projection packing (on a GPU) leaves the sharded weights alone."""
+    from splice.engine.engine import Engine
+    from splice.engine.sampling import SamplingParams
+    from tests.distributed.gather_worker import logits_sum, lora_llama
+
+    prompt, ids, counts = [5, 17, 42, 99, 3], [[5, 17, 42, 99, 3, 250, 8, 61]], [3, 9]
+    check(run_ranks({"out": str(tmp_path), "prompt": prompt, "max_tokens": counts, "ids": ids}, world=2, timeout=200,
+                    worker="tests.distributed.gather_worker"))
+    model, tokenizer = lora_llama()
+    tokens = Engine(model, tokenizer, max_seqs=2, max_len=64).generate(
+        [prompt], SamplingParams(max_tokens=max(counts), temperature=0.0))[0].generated
+    loss = logits_sum(model, {"input_ids": torch.tensor(ids)})
+    loss.backward()
+    loss = loss.detach()
+    grad_norm = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.parameters()
+                                                    if p.grad is not None]))
+    for rank, count in enumerate(counts):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got["parallel"] == "fsdp2" and got["sharded"] and got["whole"] and got["resharded"]
+        assert got["packs"] == 0
+        assert got["tokens"] == list(tokens[:count])
+        assert got["loss"] == pytest.approx(float(loss), rel=1e-5)
+        assert got["grad_norm"] == pytest.approx(float(grad_norm), rel=1e-5)

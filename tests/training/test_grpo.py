@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from splice.core.errors import RunError, UsageError
 from splice.data.rows import IGNORE_INDEX
@@ -36,6 +37,7 @@ from splice.training.grpo import (
 )
 from splice.training.loop import train
 from tests import tiny
+from tests.numerics import GPU
 
 # ----------------------------------------------------------------------------- advantages
 
@@ -294,6 +296,58 @@ def test_nf4_checkpointing_kl_and_resume(grpo_inputs: tuple[Path, Path, Path], t
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     for key in ("loss", "reward_mean", "kl"):
         assert [r[key] for r in resumed] == pytest.approx([r[key] for r in rows], rel=1e-4, abs=1e-6)
+
+
+RANK_RUNS = {  # name: each rank's options (1 prompt a step); its one-process reference reads both ranks' prompts
+    "ddp": {},
+    "fsdp2": {"shard": True},
+    "fsdp2_fast": {"shard": True, "fuse": True, "gradient_checkpointing": True},  # the CPU's reference paths
+    "fsdp2_nf4": {"shard": True, "quantize": "nf4", "gradient_checkpointing": True},  # sharded in 4 bits
+}
+
+
+def test_two_ranks_equal_one_process(grpo_inputs: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """2 gloo ranks, DDP or FSDP2 (the rollouts on whole weights gathered for them), each sampling its own
+    prompt's completions = one process sampling both: the same losses, rewards and KL each step and the
+    same saved adapter (the KL term makes the loss more than the advantages' zero mean)."""
+    from tests.distributed.ranks import check, run_ranks
+
+    model, data, _ = grpo_inputs
+    common: dict[str, Any] = dict(steps=3, num_generations=4, beta=0.05, lr=1e-2, save_every=0, device="cpu",
+                                  dropout=0.0)
+
+    def options(name: str) -> dict[str, Any]:  # a rank's whole config, as the rank worker's overrides
+        config = _config(grpo_inputs, tmp_path / name, **common, **RANK_RUNS[name], batch_size=1)
+        return {k: v for k, v in config.to_dict().items() if k not in ("model", "data", "output_dir")}
+
+    check(run_ranks({"inputs": [str(model), str(data)], "runs": [
+        {"out": str(tmp_path / name), "options": options(name)} for name in RANK_RUNS]}, world=2, timeout=400))
+    for reference, extra in (("one", {}), ("one_nf4", {"quantize": "nf4"})):
+        train(_config(grpo_inputs, tmp_path / reference, **common, **extra, batch_size=2))
+    for name in RANK_RUNS:
+        ranks = [json.loads((tmp_path / name / f"result-rank{r}.json").read_text()) for r in (0, 1)]
+        one = tmp_path / ("one_nf4" if "nf4" in name else "one")
+        assert ranks[0]["parallel"] == name.split("_")[0] and ranks[0]["world_size"] == 2
+        assert ranks[0]["losses"] == ranks[1]["losses"]  # all-reduced: every rank reports the same
+        ours, theirs = _rows(tmp_path / name), _rows(one)
+        for key in ("loss", "reward_mean", "kl", "completion_length"):
+            torch.testing.assert_close(torch.tensor([r[key] for r in ours]), torch.tensor([r[key] for r in theirs]),
+                                       rtol=1e-4, atol=1e-5, msg=lambda m, key=key, name=name: f"{name} {key}: {m}")
+        assert theirs[-1]["kl"] > 0 and theirs[-1]["reward_mean"] != theirs[0]["reward_mean"]  # it trained
+        mine, ref = (load_file(out / "adapter" / "adapter_model.safetensors") for out in (tmp_path / name, one))
+        assert mine.keys() == ref.keys()
+        for key in ref:
+            torch.testing.assert_close(mine[key], ref[key], rtol=1e-4, atol=1e-5)
+
+
+@GPU
+def test_fsdp2_rollouts_on_the_gpu(grpo_inputs: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """FSDP2 in a world of one on a GPU (bf16 compute): the rollouts run eagerly on the gathered weights
+    (no CUDA graph holds the addresses of one step's gather) and the run trains."""
+    result = train(_config(grpo_inputs, tmp_path / "run", shard=True, beta=0.05, steps=3))
+    rows = _rows(tmp_path / "run")
+    assert result.parallel == "fsdp2" and result.steps == 3
+    assert all(math.isfinite(r["loss"]) for r in rows) and rows[-1]["kl"] > 0
 
 
 def test_grpo_trains_an_sft_adapter_further(grpo_inputs: tuple[Path, Path, Path], tmp_path: Path) -> None:

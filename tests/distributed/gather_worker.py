@@ -1,0 +1,92 @@
+"""One rank of a :meth:`Wrapped.whole_weights` test job (started by :func:`tests.distributed.ranks.run_ranks`).
+
+The job (JSON on the command line): ``{"out": dir, "prompt": [ids], "max_tokens": [per rank], "ids": [[ids]]}``.
+Every rank builds the same tiny Llama with a LoRA adapter whose ``lora_B`` is not zero (:func:`lora_llama`),
+shards it with FSDP2 over the group, builds an engine on it (and packs its projections as the engine does
+on a GPU), and inside ``whole_weights()`` greedily generates ``max_tokens[rank]``
+tokens of ``prompt`` on splice's engine: a different number of forwards on each rank. Then it takes one
+training step's forward and backward on ``ids`` (the sum of the logits, so nothing depends on the
+data). Each rank writes ``out/rank<r>.json``: whether every weight was whole (a plain tensor of
+the full shape) inside the block and sharded again after it, the projection groups packed, the tokens,
+the loss and the adapter's gradient norm.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from splice.distributed.process import start, stop
+from splice.distributed.wrap import wrap_model
+from splice.engine.engine import Engine
+from splice.engine.sampling import SamplingParams
+from splice.fused.projections import pack_projections
+from splice.lora.apply import add_lora, lora_modules
+from splice.lora.freeze import freeze
+from splice.lora.layers import LoraConfig
+from tests.tiny import build_tiny_llama, build_tiny_tokenizer
+
+
+def lora_llama() -> tuple[nn.Module, Any]:
+    """(the tiny Llama with a rank-4 adapter on q_proj and v_proj, lora_B drawn from seed 1; its tokenizer).
+    The other projections are plain linears, which the engine packs on a GPU."""
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_llama(len(tokenizer))
+    add_lora(model, LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj")))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for _, _, layer in lora_modules(model):
+            layer.lora_B.weight.normal_(std=0.2)
+    freeze(model)
+    return model, tokenizer
+
+
+def logits_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(input_ids=batch["input_ids"]).logits.sum()
+
+
+def whole(model: nn.Module, shapes: dict[str, torch.Size]) -> bool:
+    return all(not isinstance(p, DTensor) and p.shape == shapes[n] for n, p in model.named_parameters())
+
+
+def main() -> int:
+    job = json.loads(sys.argv[1])
+    rank = int(os.environ["RANK"])
+    env = start(device_type="cpu", timeout_s=60)
+    assert env is not None
+    try:
+        model, tokenizer = lora_llama()
+        shapes = {n: p.shape for n, p in model.named_parameters()}
+        wrapped = wrap_model(model, loss=logits_sum, env=env, device=torch.device("cpu"), shard_why="--shard",
+                             mixed_precision=False)
+        engine = Engine(model, tokenizer, max_seqs=2, max_len=64)  # on the sharded model, as GRPO's
+        packs = pack_projections(model)  # what the engine does on a GPU: sharded weights stay as they are
+        sharded = all(isinstance(p, DTensor) for p in model.parameters())
+        with wrapped.whole_weights():
+            inside = whole(model, shapes)
+            done = engine.generate([job["prompt"]], SamplingParams(max_tokens=job["max_tokens"][rank],
+                                                                   temperature=0.0))
+            still = whole(model, shapes)  # the forwards resharded nothing
+        after = all(isinstance(p, DTensor) for p in model.parameters())
+        loss = wrapped({"input_ids": torch.tensor(job["ids"])})
+        loss.backward()
+        grads = [p.grad.full_tensor() for p in model.parameters() if p.grad is not None]
+        result = {"parallel": wrapped.kind, "sharded": sharded, "packs": packs, "whole": inside and still,
+                  "resharded": after,
+                  "tokens": list(done[0].generated), "loss": float(loss),
+                  "grad_norm": float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])))}
+        (Path(job["out"]) / f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        stop(env)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
