@@ -48,8 +48,7 @@ from splice.fused.apply import fuse
 from splice.fused.projections import pack_projections
 from splice.lora.adapter_file import base_shape
 from splice.lora.apply import lora_modules
-from splice.lora.bank import BankSite, LoraBank
-from splice.lora.layers import LoraLinear
+from splice.lora.bank import BankSite, LoraBank, bank_holds
 from splice.lora.routing import Route, routed
 
 __all__ = ["ModelRunner", "RowAdapters"]
@@ -128,9 +127,9 @@ def _kv_blocks(model: nn.Module, *, block_size: int, max_seqs: int, max_len: int
 @dataclass(frozen=True, eq=False)
 class RowAdapters:
     """The model's own LoRA adapters routed per token for one offline call: every LoRA layer, and the
-    linear ones packed into a :class:`LoraBank` so a projection adds every token's adapter in one
-    multi-LoRA pass instead of one pass (and one copy of the output) per adapter. Layers the bank
-    does not hold (DoRA, embeddings) follow the per-token adapter names."""
+    linear ones (LoRA and DoRA) packed into a :class:`LoraBank` so a projection adds every token's adapter
+    in one multi-LoRA pass instead of one pass (and one copy of the output) per adapter. Layers the bank
+    does not hold (embeddings, convolutions) follow the per-token adapter names."""
 
     layers: list[nn.Module]
     bank: LoraBank | None
@@ -139,7 +138,7 @@ class RowAdapters:
     @classmethod
     def of(cls, model: nn.Module, names: Sequence[str]) -> RowAdapters:
         found = lora_modules(model)
-        packable = names and any(isinstance(layer, LoraLinear) for _, _, layer in found)
+        packable = names and any(bank_holds(layer) for _, _, layer in found)
         return cls([layer for _, _, layer in found], LoraBank.from_model(model, names) if packable else None,
                    list(dict.fromkeys(layer.name for _, _, layer in found)))
 

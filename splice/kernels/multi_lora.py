@@ -18,6 +18,9 @@ delta is per token. Two kernels, both over *tiles*: up to ``BM`` tokens that sha
   ``u @ B[slot][n-block]^T`` into the tile's rows of ``y``, in place; for one member, or for all of a
   group's members at once into their packed output ``[y_q | y_k | y_v]`` (one GEMM's), each column
   taking its member's ``u``: ``(BM, G*R) @ (G*R, BN)`` with B's rows of the other members masked off.
+  Optionally it also rescales the adapted rows per slot, ``y[t] = f[slot] * (y[t] + delta) + c[slot]``
+  (``factor`` / ``shift`` (S, N); DoRA served from a bank: ``f = g``, ``c = (1 - g) * bias``,
+  :mod:`splice.lora.bank`), in the same pass over ``y``.
 
 Tiles, found without a host sync (the slots stay on the device; the grids depend on shapes only, so
 the launches can sit in a CUDA graph): every program counts the tokens of each slot, lays out each
@@ -59,17 +62,33 @@ def pad_rank(rank: int) -> int:
     return max(16, 1 << (rank - 1).bit_length())
 
 
-def multi_lora_reference(x: Tensor, y: Tensor, a: Tensor, b: Tensor, slots: Tensor) -> Tensor:
-    """``y`` (T, N) plus each token's own delta, one token at a time in fp32 (the reference)."""
+def multi_lora_reference(x: Tensor, y: Tensor, a: Tensor, b: Tensor, slots: Tensor, *,
+                         factor: Tensor | None = None, shift: Tensor | None = None) -> Tensor:
+    """``y`` (T, N) plus each token's own delta, one token at a time in fp32 (the reference); with
+    ``factor`` / ``shift`` (S, N), an adapted token's row becomes ``factor[slot] * (y + delta) + shift[slot]``."""
     out = y.clone()
     for t, slot in enumerate(slots.tolist()):
         if slot >= 0:
-            delta = b[slot].float() @ (a[slot].float() @ x[t].float())
-            out[t] = (out[t].float() + delta).to(y.dtype)
+            row = out[t].float() + b[slot].float() @ (a[slot].float() @ x[t].float())
+            if factor is not None and shift is not None:
+                row = factor[slot].float() * row + shift[slot].float()
+            out[t] = row.to(y.dtype)
     return out
 
 
-def _multi_lora_torch(x: Tensor, y: Tensor, a: Tensor, b: Tensor, slots: Tensor, *, inplace: bool) -> Tensor:
+def _add(out: Tensor, rows: Tensor, delta: Tensor, picked: Tensor | int, factor: Tensor | None,
+         shift: Tensor | None) -> None:
+    """``out[rows] += delta`` (n, N) in place, or ``factor[picked] * (out[rows] + delta) + shift[picked]``
+    (``picked``: the rows' slots, or one slot for all)."""
+    if factor is None or shift is None:
+        out.index_add_(0, rows, delta.to(out.dtype))
+        return
+    new = (out.index_select(0, rows).float() + delta.float()) * factor[picked].float() + shift[picked].float()
+    out.index_copy_(0, rows, new.to(out.dtype))
+
+
+def _multi_lora_torch(x: Tensor, y: Tensor, a: Tensor, b: Tensor, slots: Tensor, *, inplace: bool,
+                      factor: Tensor | None = None, shift: Tensor | None = None) -> Tensor:
     """The same on the CPU / without Triton: with at most two tokens per adapter (decode) one batched
     matmul pair over each token's gathered ``A[slot]`` (n, R, K) and ``B[slot]`` (n, N, R); otherwise
     one matmul pair per distinct slot (a prefill segment's tokens share their slot's weights)."""
@@ -81,12 +100,12 @@ def _multi_lora_torch(x: Tensor, y: Tensor, a: Tensor, b: Tensor, slots: Tensor,
         # Row vectors on the left: bmm with a (n, K, 1) right operand takes a far slower CPU path.
         rows = x.index_select(0, adapted).to(a.dtype)[:, None, :]  # (n, 1, K)
         u = torch.bmm(rows, a.index_select(0, picked).transpose(1, 2))  # (n, 1, R)
-        out.index_add_(0, adapted, torch.bmm(u, b.index_select(0, picked).transpose(1, 2))[:, 0].to(y.dtype))
+        _add(out, adapted, torch.bmm(u, b.index_select(0, picked).transpose(1, 2))[:, 0], picked, factor, shift)
         return out
     for slot in used.tolist():
         rows = (slots == slot).nonzero().squeeze(-1)
         u = x.index_select(0, rows).to(a.dtype) @ a[slot].T  # (n, R)
-        out.index_add_(0, rows, (u @ b[slot].T).to(y.dtype))
+        _add(out, rows, u @ b[slot].T, slot, factor, shift)
     return out
 
 
@@ -169,17 +188,26 @@ def multi_lora_shrink(x: Tensor, a: Tensor, slots: Tensor, *, tiles: Tiles | Non
 
 
 def multi_lora_expand(shrunk: Shrunk, b: Tensor, y: Tensor, *, member: int = 0,
-                      widths: tuple[int, ...] | None = None) -> None:
+                      widths: tuple[int, ...] | None = None, factor: Tensor | None = None,
+                      shift: Tensor | None = None) -> None:
     """``y[t] += B[slot[t]] u[t]`` in place, for group member ``member`` of ``shrunk``, or with ``widths``
     for every member at once into their packed output (a GEMM's ``[y_0 | y_1 | ...]``).
 
     ``b`` (S, N, R), unit stride along R and between its rows (a view of a bank's stacked B is fine);
     ``y`` (T, N) with unit column stride (rows may be strided). ``widths``: each member's output
-    width, summing to N; member ``g`` owns columns ``sum(widths[:g]) ..`` of ``b`` and ``y`` (at most 3)."""
+    width, summing to N; member ``g`` owns columns ``sum(widths[:g]) ..`` of ``b`` and ``y`` (at most 3).
+    ``factor`` / ``shift`` (S, N) fp32, unit column stride: adapted rows become
+    ``factor[slot] * (y + B u) + shift[slot]`` (base rows, slot -1, stay as they are)."""
     split, _, members, rank = shrunk.u.shape
     tiles, n = shrunk.tiles, b.shape[1]
     if y.stride(1) != 1 or b.stride(2) != 1 or b.stride(1) != rank:
         raise ValueError("multi_lora_expand: y needs unit column stride and B (S, N, R) contiguous rows")
+    if factor is not None and shift is not None:
+        if factor.stride(1) != 1 or shift.stride() != factor.stride() or factor.shape[1] != n:
+            raise ValueError(f"multi_lora_expand: factor and shift must be (S, {n}) alike, unit column stride")
+        affine, f_stride = (factor, shift), factor.stride(0)
+    else:
+        affine, f_stride = (y, y), 0  # unread (AFFINE off)
     if widths is None:
         widths, block_n = (n,), tiles.block_n
     elif sum(widths) != n or len(widths) != members or not 1 <= len(widths) <= 3:
@@ -191,15 +219,16 @@ def multi_lora_expand(shrunk: Shrunk, b: Tensor, y: Tensor, *, member: int = 0,
     ends = [sum(widths[: i + 1]) for i in range(len(widths))] + [n] * 2
     count = shrunk.plan.shape[0]
     _expand[(count, _cdiv(n, block_n))](
-        shrunk.u, b, y, shrunk.plan, n, split, member, members, len(widths), count, b.stride(0), y.stride(0),
-        ends[0], ends[1], R=rank, BM=tiles.block_m, BN=block_n, GP=1 << (len(widths) - 1).bit_length(),
-        IEEE=shrunk.ieee, num_warps=tiles.warps,
+        shrunk.u, b, y, shrunk.plan, *affine, n, split, member, members, len(widths), count, b.stride(0),
+        y.stride(0), f_stride, ends[0], ends[1], R=rank, BM=tiles.block_m, BN=block_n,
+        GP=1 << (len(widths) - 1).bit_length(), IEEE=shrunk.ieee, AFFINE=factor is not None and shift is not None,
+        num_warps=tiles.warps,
     )
 
 
 def multi_lora(
     x: Tensor, y: Tensor, a: Tensor, b: Tensor, slots: Tensor, *, row_len: int = 1, kernels: bool | None = None,
-    inplace: bool = False, tiles: Tiles | None = None,
+    inplace: bool = False, tiles: Tiles | None = None, factor: Tensor | None = None, shift: Tensor | None = None,
 ) -> Tensor:
     """``y + delta``: token ``t`` (of ``x`` (T, K)) adds ``B[s] A[s] x[t]`` with ``s = slots[t // row_len]``.
 
@@ -207,7 +236,8 @@ def multi_lora(
     row), or per token with ``row_len = 1`` (decode). Returns a tensor of ``y``'s dtype.
     ``kernels``: force the Triton kernels on or off (default: on for CUDA tensors). ``inplace``:
     add into ``y`` itself (no autograd) instead of a copy. ``tiles``: the launch shape (default
-    :func:`tiles_for`).
+    :func:`tiles_for`). ``factor`` / ``shift`` (S, N): adapted tokens' rows become
+    ``factor[s] * (y + delta) + shift[s]`` (see :func:`multi_lora_expand`).
     """
     if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
         raise ValueError(f"x (T, K) and y (T, N) expected, got {tuple(x.shape)} and {tuple(y.shape)}")
@@ -217,9 +247,9 @@ def multi_lora(
     if kernels is None:
         kernels = triton is not None and use_triton(x)
     if not kernels:
-        return _multi_lora_torch(x, y, a, b, per_token, inplace=inplace)
+        return _multi_lora_torch(x, y, a, b, per_token, inplace=inplace, factor=factor, shift=shift)
     out = y if inplace and y.stride(1) == 1 else y.contiguous().clone()
-    multi_lora_expand(multi_lora_shrink(x, a, per_token, tiles=tiles), b.contiguous(), out)
+    multi_lora_expand(multi_lora_shrink(x, a, per_token, tiles=tiles), b.contiguous(), out, factor=factor, shift=shift)
     return out
 
 
@@ -289,10 +319,12 @@ if triton is not None:
             tl.store(u_at, acc, mask=live)
 
     @triton.jit
-    def _expand(u_ptr, b_ptr, y_ptr, plan_ptr, N, SPLIT, first, G, COUNT, TILES, stride_bs, stride_yt, END0, END1,
-                R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GP: tl.constexpr, IEEE: tl.constexpr):
+    def _expand(u_ptr, b_ptr, y_ptr, plan_ptr, f_ptr, c_ptr, N, SPLIT, first, G, COUNT, TILES, stride_bs, stride_yt,
+                stride_fs, END0, END1, R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GP: tl.constexpr,
+                IEEE: tl.constexpr, AFFINE: tl.constexpr):
         # y[rows, n-block] += sum_g (sum_j u[j, tile rows, first + g]) @ B[slot][n-block of member g]^T:
-        # (BM, GP*R) @ (GP*R, BN), column c belonging to member g = (c >= END0) + (c >= END1) < COUNT
+        # (BM, GP*R) @ (GP*R, BN), column c belonging to member g = (c >= END0) + (c >= END1) < COUNT;
+        # AFFINE: then y[rows, n-block] = f[slot, n-block] * y + c[slot, n-block]
         p, nb = tl.program_id(0), tl.program_id(1)
         head = plan_ptr + p * (BM + 2)
         n = tl.load(head + 1)
@@ -318,4 +350,9 @@ if triton is not None:
             inside = live & (nn[None, :] < N)
             y_at = y_ptr + rows[:, None].to(tl.int64) * stride_yt + nn[None, :]
             yv = tl.load(y_at, mask=inside, other=0.0)
-            tl.store(y_at, (yv.to(tl.float32) + delta).to(yv.dtype), mask=inside)
+            out = yv.to(tl.float32) + delta
+            if AFFINE:
+                f_at = slot.to(tl.int64) * stride_fs + nn
+                out = out * tl.load(f_ptr + f_at, mask=nn < N, other=1.0)[None, :] \
+                    + tl.load(c_ptr + f_at, mask=nn < N, other=0.0)[None, :]
+            tl.store(y_at, out.to(yv.dtype), mask=inside)

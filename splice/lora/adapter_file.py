@@ -38,12 +38,13 @@ from torch import Tensor, nn
 from splice.core.errors import UsageError, one_line
 from splice.core.family import is_conv1d
 from splice.core.rewrite import innermost, weight_of
+from splice.lora.dora import weight_norm
 from splice.lora.init import from_weight, init_factors, init_name
 from splice.lora.layers import LoraConfig
 
 __all__ = [
     "CONFIG_NAME", "WEIGHTS_NAME", "AdapterError", "AdapterFile", "AdapterModule", "base_shape",
-    "check_adapter_fits", "on_original_base", "read_adapter", "require_linear",
+    "check_adapter_fits", "dora_output", "dora_outputs", "on_original_base", "read_adapter", "require_linear",
 ]
 
 CONFIG_NAME = "adapter_config.json"
@@ -286,10 +287,10 @@ def _module(path: str, parts: dict[str, Tensor], config: LoraConfig) -> AdapterM
                          embedding=embedding, magnitude=magnitude)
 
 
-def require_linear(adapter: AdapterFile, *, holder: str, instead: str) -> None:
-    """Raise unless every module is a plain linear A/B (no DoRA, embedding or conv): what
-    ``holder`` (a serving bank, a GGUF LoRA) can hold; ``instead`` says what to do."""
-    if adapter.config.use_dora:
+def require_linear(adapter: AdapterFile, *, holder: str, instead: str, dora: bool = False) -> None:
+    """Raise unless every module is a plain linear A/B (no embedding or conv; no DoRA unless
+    ``dora``): what ``holder`` (a serving bank, a GGUF LoRA) can hold; ``instead`` says what to do."""
+    if adapter.config.use_dora and not dora:
         raise AdapterError(f"{adapter.directory} is a DoRA adapter: {holder} cannot hold one (the magnitude "
                            f"rescales the whole weight); {instead}")
     unfit = next((p for p, m in adapter.modules.items() if m.embedding or m.a.dim() != 2), None)
@@ -370,6 +371,33 @@ def _float_weight(module: nn.Module) -> Tensor:
     weight = dequantize(torch.float32) if callable(dequantize) else weight_of(module)
     weight = weight.T if is_conv1d(module) else weight
     return weight.detach().to(torch.float32)
+
+
+def dora_output(factor: Tensor, module: nn.Module) -> tuple[Tensor, Tensor]:
+    """A frozen DoRA module as an affine map of its base output ``y = W x + bias``: the module gives
+    ``g * (y + s B A x) + (1 - g) * bias``; returns ``g`` (``factor``) and ``(1 - g) * bias`` (zeros
+    without a bias; ``module``: the adapted linear, under any wrappers), (out,) fp32 on the host."""
+    factor = factor.detach().float().cpu()
+    bias = getattr(innermost(module), "bias", None)
+    shift = (1 - factor) * bias.detach().float().cpu() if isinstance(bias, Tensor) else torch.zeros_like(factor)
+    return factor, shift
+
+
+def dora_outputs(adapter: AdapterFile, model: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
+    """:func:`dora_output` of each module of a DoRA ``adapter`` (linear, fitting ``model``:
+    :func:`check_adapter_fits`) on ``model``'s weights: ``g = m / ||W + s B A||`` with ``W`` the module's
+    weight as (out, in) fp32 and the norm over ``in`` for each output row (PEFT's,
+    :func:`splice.lora.dora.weight_norm`), a constant once the weights are frozen. {} for plain LoRA."""
+    found = dict(model.named_modules())
+    outputs: dict[str, tuple[Tensor, Tensor]] = {}
+    for path, module in adapter.modules.items():
+        if module.magnitude is None:
+            continue
+        weight = _float_weight(innermost(found[path]))
+        a, b = (t.to(weight.device, torch.float32) for t in (module.a, module.b))
+        norm = weight_norm(weight, lora_a=a, lora_b=b, scale=module.scale)
+        outputs[path] = dora_output(module.magnitude.to(norm.device, torch.float32) / norm, found[path])
+    return outputs
 
 
 def on_original_base(adapter: AdapterFile, model: nn.Module) -> AdapterFile:

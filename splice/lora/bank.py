@@ -12,8 +12,16 @@ input, only expand (a decode step's launches are most of its adapter cost). A ca
 group's base linears as one GEMM adds the group's deltas with :func:`add_packed_delta` (one shrink, one
 expand into the packed output; B is stored in the same order).
 
-Two ways in: :meth:`LoraBank.from_model` packs the LoRA layers already on a model (what
-``splice.generate`` uses for mixed batches on a GPU), and :func:`add_bank_sites` + :meth:`put`
+DoRA too: with frozen weights DoRA's factor ``g = m / ||W + s B A||`` (N,) (PEFT's fp32 row norms) is a
+constant, computed once from the served weights, and the module gives ``g * (y + delta) + (1 - g) * bias``
+(``y = W x + bias``). A group some DoRA adapter adapted gets a factor and a shift (S, N_1 + .. + N_G) fp32
+(ones and zeros in other slots), which the expand applies to the adapted rows in its pass over ``y``
+(:func:`splice.kernels.multi_lora.multi_lora_expand`) on paths a resident DoRA adapter adapts only: a bank
+without one runs as before, and a mixed batch (DoRA, LoRA of any rank, base rows) is still one shrink and
+one expand per projection.
+
+Two ways in: :meth:`LoraBank.from_model` packs the linear LoRA and DoRA layers already on a model
+(what ``splice.generate`` uses for mixed batches), and :func:`add_bank_sites` + :meth:`put`
 serve adapters kept in host memory (:class:`HostAdapter`), moved into a slot on demand with the
 least recently used resident adapter evicted (what ``splice serve`` uses).
 """
@@ -25,7 +33,7 @@ from collections import OrderedDict
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,24 +45,28 @@ from splice.kernels.multi_lora import Shrunk, multi_lora, multi_lora_expand, mul
 from splice.lora import adapter_file
 from splice.lora.adapter_file import AdapterError, base_shape, on_original_base, require_linear
 from splice.lora.apply import lora_modules, use_adapters
+from splice.lora.dora_layers import DoraLinear
 from splice.lora.layers import LoraLinear
 from splice.lora.routing import Route, current_route, routed
 
-__all__ = ["SHARED_INPUT", "BankSite", "HostAdapter", "LoraBank", "add_bank_sites", "add_packed_delta", "bank_site",
-           "read_adapter", "shared_input_groups", "use_adapter_bank"]
+__all__ = ["SHARED_INPUT", "BankSite", "HostAdapter", "LoraBank", "add_bank_sites", "add_packed_delta", "bank_holds",
+           "bank_site", "read_adapter", "shared_input_groups", "use_adapter_bank"]
 
 
 @dataclass(frozen=True, kw_only=True)
 class HostAdapter:
-    """One adapter's weights in host memory: ``path -> (A (r, K), B (N, r) * scale)``."""
+    """One adapter's weights in host memory: ``path -> (A (r, K), B (N, r) * scale)``; a DoRA adapter's
+    modules also in ``dora``: ``path -> (g, (1 - g) * bias)``, (N,) fp32 each, with DoRA's factor
+    ``g = m / ||W + s B A||`` of the served weights (see module doc; :func:`~splice.lora.adapter_file.dora_output`)."""
 
     name: str
     weights: dict[str, tuple[Tensor, Tensor]]
     rank: int
+    dora: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b in self.weights.values())
+        return sum(a.nbytes + b.nbytes for a, b in (*self.weights.values(), *self.dora.values()))
 
 
 def read_adapter(directory: str | Path, *, name: str, base: nn.Module | None = None) -> HostAdapter:
@@ -66,11 +78,17 @@ def read_adapter(directory: str | Path, *, name: str, base: nn.Module | None = N
     with ``base`` (the served model, its original weights) it is converted as PEFT does: ``A0``,
     ``B0`` re-derived from ``W`` and the rank-2r plain LoRA ``[A; A0]``, ``[B, -B0]`` served
     (:func:`splice.lora.adapter_file.on_original_base`). Without ``base`` it is refused.
-    DoRA and embedding adapters are refused (the bank holds linear A/B only). With ``base``, an adapter
-    whose modules or shapes do not fit it is refused too (:func:`splice.lora.adapter_file.check_adapter_fits`).
+    A DoRA adapter needs ``base`` too: its factors ``g = m / ||W + s B A||`` are computed from the served
+    weights here (:func:`splice.lora.adapter_file.dora_outputs`). Embedding and conv adapters are refused.
+    With ``base``, an adapter whose modules or shapes do not fit it is refused too
+    (:func:`splice.lora.adapter_file.check_adapter_fits`).
     """
     adapter = adapter_file.read_adapter(directory)
-    require_linear(adapter, holder="a LoRA bank", instead="merge it into the model to serve it (splice merge)")
+    require_linear(adapter, holder="a LoRA bank", instead="merge it into the model to serve it (splice merge)",
+                   dora=True)
+    if adapter.config.use_dora and base is None:
+        raise AdapterError(f"{adapter.directory} is a DoRA adapter: its magnitudes divide by the row norms of the "
+                           "served weights W + s B A; pass base=model to read it against them (splice serve does)")
     if base is not None:  # refused now, naming the first module that does not fit, not on first use
         adapter_file.check_adapter_fits(adapter, base)
     if adapter.needs_residual_base:
@@ -81,7 +99,8 @@ def read_adapter(directory: str | Path, *, name: str, base: nn.Module | None = N
                 "from W, as PEFT does) or save it converted: splice.save_adapter(model, dir, convert_to_lora=True)")
         adapter = on_original_base(adapter, base)
     weights = {path: (m.a.float(), m.b.float() * m.scale) for path, m in adapter.modules.items()}
-    return HostAdapter(name=name, weights=weights, rank=adapter.rank)
+    dora = adapter_file.dora_outputs(adapter, base) if base is not None else {}
+    return HostAdapter(name=name, weights=weights, rank=adapter.rank, dora=dora)
 
 
 class BankSite(nn.Module):
@@ -176,9 +195,12 @@ class _Group:
     def a_of(self, member: int) -> Tensor:
         return self.a[:, member]
 
-    def b_of(self, member: int) -> Tensor:
+    def columns(self, member: int) -> slice:  # member's columns of the packed output (and rows of B)
         start = sum(self.widths[:member])
-        return self.b[:, start: start + self.widths[member]]
+        return slice(start, start + self.widths[member])
+
+    def b_of(self, member: int) -> Tensor:
+        return self.b[:, self.columns(member)]
 
 
 @dataclass(frozen=True, eq=False)
@@ -220,7 +242,7 @@ class LoraBank:
     """Device slots for up to ``capacity`` adapters over the linear modules ``shapes`` (path ->
     (K, N)), rank padded to ``pad_rank(rank)``. ``appliers``: module -> path, the one module per
     path whose forward adds the delta; ``skippers``: other LoRA layers on those paths (their delta
-    is already in the bank)."""
+    is already in the bank). DoRA factors and shifts: see the module doc."""
 
     def __init__(self, shapes: dict[str, tuple[int, int]], *, capacity: int, rank: int,
                  device: torch.device, dtype: torch.dtype,
@@ -240,15 +262,18 @@ class LoraBank:
         self.kernels: bool | None = None  # the Triton kernels: None = on for CUDA (or the Triton interpreter)
         self._apply = {id(m): p for m, p in appliers.items()}
         self._skip = {id(m) for m in skippers}
+        # DoRA: group -> (factor, shift) (S, N_1 + .. + N_G) fp32, made when a DoRA adapter first adapts the group
+        self._affine: dict[_Group, tuple[Tensor, Tensor]] = {}
         self.resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recent first
-        self._targets: dict[str, frozenset[str]] = {}  # resident name -> the paths it adapts
+        self._targets: dict[str, tuple[frozenset[str], frozenset[str]]] = {}  # resident -> its paths, DoRA ones
         self._live: set[str] = set()  # paths some resident adapter adapts (others are skipped)
-        self.version = 0  # bumped when _live changes: a captured CUDA graph knows which paths run
+        self._rescaled: set[str] = set()  # paths some resident adapter adapts with DoRA (others: no affine)
+        self.version = 0  # bumped when _live/_rescaled change: a captured CUDA graph knows what runs
         self.loads = self.evictions = 0  # adapters copied in / pushed out so far (monitoring)
 
     @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in (*self.a.values(), *self.b.values()))  # views: each slice counted once
+    def nbytes(self) -> int:  # views: each slice counted once
+        return sum(t.nbytes for t in (*self.a.values(), *self.b.values(), *(t for p in self._affine.values() for t in p)))
 
     def covers(self, module: nn.Module) -> bool:
         return id(module) in self._apply or id(module) in self._skip
@@ -259,11 +284,7 @@ class LoraBank:
         if adapter.name in self.resident:
             self.resident.move_to_end(adapter.name)
             return self.resident[adapter.name]
-        if adapter.rank > self.rank:
-            raise ValueError(f"adapter {adapter.name!r} has rank {adapter.rank} > the bank's {self.rank}")
-        unknown = sorted(set(adapter.weights) - set(self.a))
-        if unknown:
-            raise ValueError(f"adapter {adapter.name!r} targets modules the bank lacks: {unknown[:4]}")
+        self._check_fits(adapter)
         if len(self.resident) < self.capacity:
             slot = min(set(range(self.capacity)) - set(self.resident.values()))
         else:
@@ -277,26 +298,53 @@ class LoraBank:
             for path in self.a:
                 self.a[path][slot].zero_()
                 self.b[path][slot].zero_()
+            for factor, shift in self._affine.values():  # a DoRA adapter's factors leave with it
+                factor[slot].fill_(1)
+                shift[slot].zero_()
             for path, (a, b) in adapter.weights.items():
-                k, n = self.a[path].shape[2], self.b[path].shape[1]
-                if a.shape[1] != k or b.shape[0] != n:
-                    raise ValueError(f"adapter {adapter.name!r}: {path} has in/out "
-                                     f"{a.shape[1]}/{b.shape[0]}, the model {k}/{n}")
                 self.a[path][slot, : a.shape[0]].copy_(a)
                 self.b[path][slot, :, : b.shape[1]].copy_(b)
+            for path, values in adapter.dora.items():
+                for store, value in zip(self._affine_of(path, create=True), values, strict=True):
+                    store[slot].copy_(value)
         self.resident[adapter.name] = slot
         self.loads += 1
-        self._set_targets(adapter.name, frozenset(adapter.weights))
+        self._set_targets(adapter.name, adapter)
         return slot
 
-    def _set_targets(self, name: str, paths: frozenset[str] | None) -> None:
-        if paths is None:
-            self._targets.pop(name, None)
-        else:
-            self._targets[name] = paths
-        live = set().union(*self._targets.values()) if self._targets else set()
-        if live != self._live:
-            self._live, self.version = live, self.version + 1
+    def _check_fits(self, adapter: HostAdapter) -> None:
+        """Raise (before anything is evicted) unless ``adapter`` fits the bank's rank and modules."""
+        if adapter.rank > self.rank:
+            raise ValueError(f"adapter {adapter.name!r} has rank {adapter.rank} > the bank's {self.rank}")
+        unknown = sorted(set(adapter.weights) - set(self.a))
+        if unknown:
+            raise ValueError(f"adapter {adapter.name!r} targets modules the bank lacks: {unknown[:4]}")
+        for path, (a, b) in adapter.weights.items():
+            k, n = self.a[path].shape[2], self.b[path].shape[1]
+            if a.shape[1] != k or b.shape[0] != n:
+                raise ValueError(f"adapter {adapter.name!r}: {path} has in/out {a.shape[1]}/{b.shape[0]}, the model {k}/{n}")
+        for path, (g, c) in adapter.dora.items():
+            if path not in adapter.weights or g.shape != c.shape or g.shape != (self.b[path].shape[1],):
+                raise ValueError(f"adapter {adapter.name!r}: DoRA factor/shift of {path} {tuple(g.shape)}/"
+                                 f"{tuple(c.shape)} do not fit its A/B (out {self.b[path].shape[1]})")
+
+    def _affine_of(self, path: str, *, create: bool = False) -> tuple[Tensor, Tensor]:
+        """``path``'s (S, N) views of its group's DoRA factor and shift (made, ones and zeros, with ``create``)."""
+        group, member = self._groups[path]
+        if group not in self._affine and create:
+            factor = torch.ones(self.capacity, group.b.shape[1], device=self.device, dtype=torch.float32)
+            self._affine[group] = (factor, torch.zeros_like(factor))
+        factor, shift = self._affine[group]
+        return factor[:, group.columns(member)], shift[:, group.columns(member)]
+
+    def _set_targets(self, name: str, adapter: HostAdapter | None) -> None:
+        self._targets.pop(name, None)
+        if adapter is not None:
+            self._targets[name] = (frozenset(adapter.weights), frozenset(adapter.dora))
+        live = set().union(*(paths for paths, _ in self._targets.values()))
+        rescaled = set().union(*(paths for _, paths in self._targets.values()))
+        if (live, rescaled) != (self._live, self._rescaled):
+            self._live, self._rescaled, self.version = live, rescaled, self.version + 1
 
     def drop(self, name: str) -> None:
         """Forget a resident adapter (its slot is free for the next :meth:`put`)."""
@@ -333,13 +381,14 @@ class LoraBank:
                              f"rows nor its {tokens} tokens")
         # Serving runs without autograd: the delta is added into the base output itself.
         inplace = not torch.is_grad_enabled() and y.is_contiguous()
+        factor, shift = self._affine_of(path) if path in self._rescaled else (None, None)
         if not (use_triton(flat_x) if self.kernels is None else self.kernels):
             out = multi_lora(flat_x, flat_y, self.a[path], self.b[path], slots, row_len=row_len, inplace=inplace,
-                             kernels=False)
+                             kernels=False, factor=factor, shift=shift)
             return out.view(y.shape)
         shrunk, member = self._shrink(path, x, slots, row_len)
         out = flat_y if inplace else flat_y.clone(memory_format=torch.contiguous_format)
-        multi_lora_expand(shrunk, self.b[path], out, member=member)
+        multi_lora_expand(shrunk, self.b[path], out, member=member, factor=factor, shift=shift)
         return out.view(y.shape)
 
     def _shrink(self, path: str, x: Tensor, slots: Tensor, row_len: int) -> tuple[Shrunk, int]:
@@ -375,7 +424,8 @@ class LoraBank:
             row_len = 1 if slots.numel() == flat_y.shape[0] else flat_y.shape[0] // slots.numel()
             per_token = slots if row_len == 1 else slots.repeat_interleave(row_len)
             shrunk = multi_lora_shrink(x.reshape(-1, x.shape[-1]), group.a, per_token)
-            multi_lora_expand(shrunk, group.b, flat_y, widths=group.widths)
+            factor, shift = self._affine[group] if self._rescaled.intersection(group.paths) else (None, None)
+            multi_lora_expand(shrunk, group.b, flat_y, widths=group.widths, factor=factor, shift=shift)
             return y
         start = 0
         for module, width in zip(modules, widths, strict=True):
@@ -398,8 +448,9 @@ class LoraBank:
 
     @classmethod
     def from_model(cls, model: nn.Module, names: Sequence[str], *, dtype: torch.dtype | None = None) -> LoraBank:
-        """A bank of the adapters ``names`` already on ``model`` (their linear LoRA layers)."""
-        found = [(p, w, layer) for p, w, layer in lora_modules(model) if isinstance(layer, LoraLinear)]
+        """A bank of the adapters ``names`` already on ``model`` (their linear LoRA and DoRA layers:
+        :func:`bank_holds`; a DoRA layer's factor from the model's weights now)."""
+        found = [(p, w, layer) for p, w, layer in lora_modules(model) if bank_holds(layer)]
         shapes: dict[str, tuple[int, int]] = {}
         appliers: dict[nn.Module, str] = {}
         skippers: list[nn.Module] = []
@@ -409,25 +460,35 @@ class LoraBank:
                 appliers[layer] = path
             else:
                 skippers.append(layer)
-        host: dict[str, dict[str, tuple[Tensor, Tensor]]] = {n: {} for n in names}
-        for path, _, layer in found:
+        # name -> its (A, B * scale) and DoRA (factor, shift) by path
+        host: dict[str, tuple[dict[str, tuple[Tensor, Tensor]], dict[str, tuple[Tensor, Tensor]]]] = {
+            n: ({}, {}) for n in names}
+        for path, wrapper, layer in found:
             if layer.name in host:
-                a, b = layer.lora_A.weight, layer.lora_B.weight * layer.scale
-                host[layer.name][path] = (a.detach(), b.detach())
+                weights, dora = host[layer.name]
+                weights[path] = (layer.lora_A.weight.detach(), (layer.lora_B.weight * layer.scale).detach())
+                if isinstance(layer, DoraLinear):
+                    dora[path] = adapter_file.dora_output(layer.lora_magnitude_vector / layer.weight_norm(), wrapper)
         first = found[0][2].lora_A.weight
         bank = cls(shapes, capacity=max(1, len(names)),
                    rank=max([layer.rank for _, _, layer in found if layer.name in host] or [1]),
                    device=first.device, dtype=dtype or first.dtype, appliers=appliers, skippers=skippers)
-        for name, weights in host.items():
-            bank.put(HostAdapter(name=name, weights=weights, rank=max((a.shape[0] for a, _ in weights.values()), default=1)))
+        for name, (weights, dora) in host.items():
+            rank = max((a.shape[0] for a, _ in weights.values()), default=1)
+            bank.put(HostAdapter(name=name, weights=weights, rank=rank, dora=dora))
         return bank
+
+
+def bank_holds(layer: nn.Module) -> bool:
+    """Whether a bank can hold ``layer`` (a LoRA layer on a model): linear LoRA and DoRA, no embedding or conv."""
+    return isinstance(layer, (LoraLinear, DoraLinear))
 
 
 @contextmanager
 def use_adapter_bank(model: nn.Module, rows: Sequence[str | None], *, dtype: torch.dtype | None = None
                      ) -> Iterator[LoraBank]:
-    """Like :func:`splice.lora.apply.use_adapters`, but the linear adapters named in ``rows``
-    are packed into a :class:`LoraBank` for the call, so each projection is one multi-LoRA launch."""
+    """Like :func:`splice.lora.apply.use_adapters`, but the linear adapters (LoRA and DoRA) named in
+    ``rows`` are packed into a :class:`LoraBank` for the call, so each projection is one multi-LoRA launch."""
     names = list(dict.fromkeys(r for r in rows if r is not None))
     with use_adapters(model, rows):  # validates the names and routes non-linear layers by row
         bank = LoraBank.from_model(model, names, dtype=dtype)

@@ -430,3 +430,78 @@ def test_logprobs_are_the_models_own_log_softmax(tiny_llama, tiny_tokenizer) -> 
             assert [v for _, v in entry.top] == pytest.approx(row.topk(len(entry.top)).values.tolist(), abs=1e-4)
     greedy = done[0].logprobs
     assert greedy is not None and all(e.top[0] == (e.token, e.logprob) for e in greedy)
+
+
+def _dora_magnitudes(model: nn.Module, name: str) -> None:
+    """Give adapter ``name``'s DoRA magnitudes 0.6-1.4 x their row norms (a trained adapter's spread)."""
+    from splice.lora.apply import lora_modules
+
+    with torch.no_grad():
+        for _, _, layer in lora_modules(model, name=name):
+            norm = layer.weight_norm()
+            layer.lora_magnitude_vector.copy_(norm * torch.linspace(0.6, 1.4, norm.numel()))
+
+
+def test_generate_packs_dora_rows_with_lora_rows_of_other_ranks(tiny_tokenizer) -> None:
+    """splice.generate / Engine.generate rows on a DoRA adapter, LoRA r4 and r8 adapters and the base
+    model in one batch: the DoRA layers join the step's bank (one multi-LoRA pass a projection) and each
+    row's tokens and logprobs are its adapter's alone (a plain forward through the model's own layers)."""
+    from splice.engine.runner import RowAdapters
+    from splice.generation.generate import generate
+
+    model = sharp_llama()
+    add_lora(model, LoraConfig(name="d", rank=4, targets="all-linear", use_dora=True))
+    add_lora(model, LoraConfig(name="a", rank=4, targets=("q_proj", "v_proj")))
+    add_lora(model, LoraConfig(name="b", rank=8, targets="all-linear"))
+    tiny.randomize_lora(model, seed=5)
+    _dora_magnitudes(model, "d")
+    bank = RowAdapters.of(model, ["d", "a"]).bank
+    assert bank is not None and set(bank.resident) == {"d", "a"} and len(bank._rescaled) == 14
+    prompts = _encode(tiny_tokenizer, PROMPTS)
+    rows = ["d", "a", None, "b", "d"]
+    engine = Engine(model, tiny_tokenizer, max_seqs=5, max_len=64)
+    done = engine.generate(prompts, SamplingParams(max_tokens=8, logprobs=1), adapters=rows)
+    for prompt, name, request in zip(prompts, rows, done):
+        with use_adapters(model, [name]):
+            assert request.generated == tiny.greedy_loop(model, prompt, 8), name
+            with torch.no_grad():
+                logp = model(torch.tensor([prompt + request.generated])).logits[0].double().log_softmax(-1)
+        assert request.logprobs is not None
+        for i, entry in enumerate(request.logprobs):
+            assert entry.logprob == pytest.approx(logp[len(prompt) - 1 + i, entry.token].item(), abs=1e-4), name
+    with use_adapters(model, [None]):
+        assert done[0].generated != tiny.greedy_loop(model, prompts[0], 8)  # the DoRA adapter matters
+    texts = [PROMPTS[i] for i in range(5)]
+    assert generate(model, tiny_tokenizer, texts, max_new_tokens=8, adapters=rows) == [r.text for r in done]
+
+
+def test_bank_serves_a_dora_adapter_with_lora_ones(tmp_path: Path, tiny_tokenizer) -> None:
+    """splice serve's way: a DoRA adapter read against the served weights (read_adapter(base=)), LoRA
+    adapters of ranks 4 and 8, two bank slots for three adapters: each request equals its adapter alone."""
+    trained = sharp_llama()
+    add_lora(trained, LoraConfig(name="d", rank=4, targets=("q_proj", "k_proj", "v_proj", "down_proj"), use_dora=True))
+    tiny.randomize_lora(trained, seed=6)
+    _dora_magnitudes(trained, "d")
+    save_adapter(trained, tmp_path / "d", name="d")
+    for name, rank, seed in (("a", 4, 1), ("b", 8, 2)):
+        lora = sharp_llama()
+        add_lora(lora, LoraConfig(name=name, rank=rank, targets="all-linear"))
+        tiny.randomize_lora(lora, seed=seed)
+        save_adapter(lora, tmp_path / name, name=name)
+    model = sharp_llama()
+    host = {n: read_adapter(tmp_path / n, name=n, base=model) for n in "dab"}
+    sites = add_bank_sites(model, sorted({p for h in host.values() for p in h.weights}))
+    bank = LoraBank.for_sites(model, sites, capacity=2, rank=8, dtype=torch.float32)
+    engine = Engine(model, tiny_tokenizer, max_seqs=4, max_len=64, bank=bank, sites=list(sites.values()),
+                    adapters=host)
+    order = ["d", "a", None, "b", "d"]
+    requests = [_request(tiny_tokenizer, prompt, adapter, max_tokens=8)[0] for adapter, prompt in zip(order, PROMPTS)]
+    for request in requests:
+        engine.submit(request)
+    _drain(engine)
+    alone = {name: sharp_llama() for name in order}
+    for name in "dab":
+        load_adapter(alone[name], tmp_path / name, name=name)
+    want = [tiny.greedy_loop(alone[name], request.prompt_ids, 8) for name, request in zip(order, requests)]
+    assert [request.generated for request in requests] == want
+    assert bank.loads == 3 and bank.evictions == 1  # b waited for a slot

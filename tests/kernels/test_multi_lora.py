@@ -174,3 +174,34 @@ def test_pad_rank_tiles_and_bad_shapes() -> None:
     plan = Shrunk(torch.zeros(1, 16, 1, 16), torch.zeros(1, 18, dtype=torch.int32), Tiles(), True)
     with pytest.raises(ValueError, match="unit column stride"):
         multi_lora_expand(plan, b, y.t())
+
+
+@pytest.mark.parametrize("kernels", [False, pytest.param(True, marks=KERNELS)])
+def test_a_per_slot_affine_rescales_the_adapted_rows_only(kernels: bool) -> None:
+    """``factor`` / ``shift`` (S, N) (a bank's DoRA adapters): adapted rows become ``factor[s] * (y + delta)
+    + shift[s]``, base rows stay bit for bit; decode-like and prefill-like slots, and a packed group's
+    expand with its members' columns of one (S, N_1 + N_2) factor."""
+    device = KERNEL_DEVICE if kernels else "cpu"
+    for shape in ((20, 1, 40, 33, 16, 3), (3, 9, 40, 33, 16, 3)):
+        x, y, a, b, slots = _case(*shape, torch.float32, device)
+        g = torch.Generator().manual_seed(7)
+        factor = (0.5 + torch.rand(shape[5], shape[3], generator=g)).to(device)
+        shift = torch.randn(shape[5], shape[3], generator=g).to(device)
+        per_token = slots.repeat_interleave(shape[1])
+        want = multi_lora_reference(x, y, a, b, per_token, factor=factor, shift=shift)
+        assert (want - multi_lora_reference(x, y, a, b, per_token))[per_token >= 0].abs().max() > 0.1
+        got = multi_lora(x, y, a, b, slots, row_len=shape[1], kernels=kernels, factor=factor, shift=shift)
+        _close(got, want, y, per_token)
+    if not kernels:
+        return
+    widths = (20, 13)
+    stack = torch.randn(3, 2, 16, 40, generator=g).to(device) / 8
+    packed, member = y.clone(), y[:, 20:].clone()
+    shrunk = multi_lora_shrink(x, stack, per_token)
+    multi_lora_expand(shrunk, b, packed, widths=widths, factor=factor, shift=shift)
+    multi_lora_expand(shrunk, b[:, 20:], member, member=1, factor=factor[:, 20:], shift=shift[:, 20:])
+    for i, cols in enumerate((slice(0, 20), slice(20, 33))):
+        want = multi_lora_reference(x, y[:, cols], stack[:, i], b[:, cols], per_token, factor=factor[:, cols],
+                                    shift=shift[:, cols])
+        _close(packed[:, cols], want, y[:, cols], per_token)
+    _close(member, want, y[:, 20:], per_token)

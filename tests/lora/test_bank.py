@@ -1,5 +1,5 @@
 """splice.lora.bank: adapters packed per module into slots match the per-adapter path; adapters read
-from folders (rsLoRA, rank/alpha patterns, PiSSA/OLoRA) serve what PEFT computes."""
+from folders (rsLoRA, rank/alpha patterns, PiSSA/OLoRA, DoRA) serve what PEFT computes."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from splice.kernels import HAS_TRITON
 from splice.kernels.multi_lora import multi_lora_reference
@@ -26,7 +27,7 @@ from splice.lora.bank import (
     use_adapter_bank,
 )
 from splice.lora.layers import LoraConfig
-from splice.lora.peft_io import save_adapter
+from splice.lora.peft_io import load_adapter, save_adapter
 from splice.lora.routing import Route, routed
 from tests import tiny
 from tests.numerics import GPU
@@ -174,7 +175,8 @@ def test_refusals_name_the_reason(tmp_path: Path) -> None:
         save_adapter(model, tmp_path / folder)
     with pytest.raises(AdapterError, match="randomised SVD.*convert_to_lora=True"):
         read_adapter(tmp_path / "niter", name="n", base=tiny.llama())
-    with pytest.raises(AdapterError, match="is a DoRA adapter: a LoRA bank cannot hold one.*splice merge"):
+    with pytest.raises(AdapterError, match="is a DoRA adapter: its magnitudes divide by the row norms of the "
+                                           r"served weights W \+ s B A; pass base=model"):
         read_adapter(tmp_path / "dora", name="d")
     with pytest.raises(AdapterError, match="embed_tokens is an embedding or conv adapter: a LoRA bank holds linear LoRA only"):
         read_adapter(tmp_path / "emb", name="e")
@@ -347,3 +349,201 @@ def test_group_reuse_inside_a_cuda_graph_replays_new_slots() -> None:
             bank.kernels = None
             for got, expected in zip(outs, want, strict=True):
                 torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+# ---- DoRA ---------------------------------------------------------------------------------------------
+
+def _biased() -> torch.nn.Module:
+    """The tiny Llama with (non-zero) biases on every projection: DoRA's factor must not rescale them."""
+    model = tiny.llama(attention_bias=True, mlp_bias=True)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("proj.bias"):
+                param.copy_(torch.randn(param.shape, generator=g) * 0.5)
+    return model
+
+
+def _peft_dora(folder: Path, *, seed: int = 5, **config) -> torch.nn.Module:
+    """A PEFT DoRA adapter of :func:`_biased` saved to ``folder`` (the reference model returned): random
+    A and B, magnitudes 0.6-1.4 x the row norms of ``W + s B A`` (a trained adapter's spread)."""
+    options = dict(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True)
+    options.update(config)
+    reference = tiny.peft_lora(_biased(), seed=seed, **options)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in reference.modules():
+            if isinstance(module, peft.tuners.lora.Linear) and module.use_dora.get("default"):
+                delta = module.scaling["default"] * module.lora_B["default"].weight @ module.lora_A["default"].weight
+                norm = torch.linalg.norm(module.base_layer.weight + delta, dim=1)
+                module.lora_magnitude_vector["default"].weight.copy_(norm * (0.6 + 0.8 * torch.rand(norm.shape, generator=g)))
+    reference.save_pretrained(folder)
+    return reference
+
+
+def _bank_of(served: torch.nn.Module, host: list[HostAdapter], *, capacity: int, rank: int = 8):
+    """Bank sites on every projection of ``served`` and a bank holding ``host``."""
+    modules = dict(served.named_modules())
+    sites = add_bank_sites(served, [p for p, m in modules.items() if isinstance(m, torch.nn.Linear) and ".layers." in p])
+    bank = LoraBank.for_sites(served, sites, capacity=capacity, rank=rank, dtype=torch.float32)
+    for adapter in host:
+        bank.put(adapter)
+    return sites, bank
+
+
+def _routed_logits(served: torch.nn.Module, sites: dict, bank: LoraBank, rows: tuple, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad(), routed(sites.values(), Route(rows=rows, bank=bank, slots=bank.slots(rows))):
+        return served(ids).logits
+
+
+def test_dora_adapters_served_through_the_bank_match_peft_and_splice(tmp_path: Path) -> None:
+    """A PEFT DoRA adapter (biases on every projection, rsLoRA and a rank pattern) read with the served
+    model as base: the bank's rows equal PEFT's and splice's attached DoRA layers; a missing factor or one
+    rescaling the bias would be off by far more than the tolerance."""
+    reference = _peft_dora(tmp_path / "d", use_rslora=True, rank_pattern={"down_proj": 2})
+    ids = tiny.tokens(batch=3)
+    served = _biased()
+    host = read_adapter(tmp_path / "d", name="d", base=served)
+    assert set(host.dora) == set(host.weights) and len(host.dora) == 14
+    sites, bank = _bank_of(served, [host], capacity=2)
+    got = _routed_logits(served, sites, bank, ("d", None, "d"), ids)
+    attached = _biased()
+    load_adapter(attached, tmp_path / "d")
+    with torch.no_grad():
+        want, base, own = reference(ids).logits, _biased()(ids).logits, attached(ids).logits
+    torch.testing.assert_close(got[0::2], want[0::2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[0::2], own[0::2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], base[1], rtol=0, atol=0)
+    # the same A and B without the factor (plain LoRA), or with the bias rescaled too, are far off
+    plain = HostAdapter(name="plain", weights=host.weights, rank=host.rank)
+    unbiased = HostAdapter(name="unbiased", weights=host.weights, rank=host.rank,
+                           dora={p: (g, torch.zeros_like(c)) for p, (g, c) in host.dora.items()})
+    for wrong in (plain, unbiased):
+        bank.put(wrong)
+        assert (_routed_logits(served, sites, bank, (wrong.name,), ids[:1])[0] - want[0]).abs().max() > 1e-2
+
+
+def test_dora_factor_is_the_row_norm_of_the_served_weights(tmp_path: Path) -> None:
+    """g = m / ||W + s B A|| over each output row (dim 1 of (out, in)), fp32: pinned on one module."""
+    _peft_dora(tmp_path / "d", target_modules=["k_proj"])
+    served = _biased()
+    host = read_adapter(tmp_path / "d", name="d", base=served)
+    path = "model.layers.1.self_attn.k_proj"
+    a, b = host.weights[path]  # b has the scale folded in
+    linear = served.get_submodule(path)
+    magnitude = next(v for k, v in load_file(tmp_path / "d" / "adapter_model.safetensors").items()
+                     if path in k and "magnitude" in k)
+    factor, shift = host.dora[path]
+    want = magnitude / torch.linalg.norm(linear.weight.detach() + b @ a, dim=1)
+    torch.testing.assert_close(factor, want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(shift, (1 - want) * linear.bias.detach(), rtol=1e-6, atol=1e-7)
+    assert factor.shape == (16,) and (factor - 1).abs().max() > 0.1
+
+
+def _splice_lora(folder: Path, *, rank: int, seed: int, targets=("q_proj", "v_proj", "down_proj")) -> torch.nn.Module:
+    trained = _biased()
+    add_lora(trained, LoraConfig(name="default", targets=targets, rank=rank))
+    tiny.randomize_lora(trained, seed=seed)
+    save_adapter(trained, folder)
+    return trained
+
+
+@pytest.mark.parametrize("kernels", [False, pytest.param(True, marks=KERNELS)])
+def test_a_mixed_batch_of_dora_lora_ranks_and_base_rows(tmp_path: Path, kernels: bool) -> None:
+    """DoRA, LoRA r4, LoRA r8 and base rows in one batch (the DoRA adapter leaves o_proj out; the LoRA
+    ones adapt paths it also adapts), each row equal to its adapter alone; eviction keeps it so."""
+    references = {"d": _peft_dora(tmp_path / "d", target_modules=["q_proj", "k_proj", "v_proj", "gate_proj",
+                                                                  "up_proj", "down_proj"]),
+                  "r4": _splice_lora(tmp_path / "r4", rank=4, seed=1),
+                  "r8": _splice_lora(tmp_path / "r8", rank=8, seed=2, targets="all-linear")}
+    device = KERNEL_DEVICE if kernels else "cpu"
+    served = _biased().to(device)
+    host = [read_adapter(tmp_path / n, name=n, base=served) for n in references]
+    sites, bank = _bank_of(served, host, capacity=3)
+    bank.kernels = kernels
+    rows = ("d", "r4", None, "r8", "d")
+    ids = tiny.tokens(batch=5, length=6)
+    got = _routed_logits(served, sites, bank, rows, ids.to(device)).cpu()
+    with torch.no_grad():
+        want = {n: m(ids).logits for n, m in references.items()} | {None: _biased()(ids).logits}
+    for i, name in enumerate(rows):
+        torch.testing.assert_close(got[i], want[name][i], rtol=1e-5, atol=1e-5, msg=f"row {i} ({name})")
+
+
+def test_a_lora_adapter_in_a_slot_a_dora_adapter_left_gets_no_factor(tmp_path: Path) -> None:
+    """Eviction: a LoRA adapter loaded into the slot of an evicted DoRA adapter, while another DoRA
+    adapter keeps the factors in use, runs as plain LoRA (its factors reset to one, shifts to zero); the
+    DoRA adapter loaded back into a slot runs as DoRA again; with no DoRA adapter resident the bank
+    applies no factor at all."""
+    for name, seed in (("d1", 1), ("d2", 2)):
+        _peft_dora(tmp_path / name, seed=seed)
+    references = {"lora": _splice_lora(tmp_path / "lora", rank=4, seed=3),
+                  "d1": peft.PeftModel.from_pretrained(_biased(), tmp_path / "d1").eval(),
+                  "d2": peft.PeftModel.from_pretrained(_biased(), tmp_path / "d2").eval()}
+    served = _biased()
+    host = {n: read_adapter(tmp_path / n, name=n, base=served) for n in references}
+    sites, bank = _bank_of(served, [host["d1"], host["d2"]], capacity=2)
+    ids = tiny.tokens(batch=2, length=5)
+    with torch.no_grad():
+        want = {n: m(ids).logits for n, m in references.items()}
+
+    def check(rows: tuple) -> None:
+        got = _routed_logits(served, sites, bank, rows, ids)
+        for i, name in enumerate(rows):
+            torch.testing.assert_close(got[i], want[name][i], rtol=1e-5, atol=1e-5, msg=f"{rows}: {name}")
+
+    slot = bank.resident["d1"]
+    assert bank.put(host["lora"], keep=("d2",)) == slot  # d1 out, its slot reused
+    check(("lora", "d2"))
+    assert bank.put(host["d1"], keep=("lora",)) != slot  # d2 out: d1 back, in d2's old slot
+    check(("d1", "lora"))
+    version = bank.version
+    bank.drop("d1")
+    assert not bank._rescaled and bank.version == version + 1  # LoRA only: the expand applies no factor
+    check(("lora", "lora"))
+
+
+def test_packed_projections_add_dora_with_the_concatenated_factors(tmp_path: Path, monkeypatch) -> None:
+    """pack_projections' one GEMM over q/k/v (gate/up), with their biases: add_packed_delta gives each
+    projection's DoRA output, whether the kernels run the group at once or the PyTorch path per module."""
+    from splice.fused.projections import pack_projections, packed
+
+    _peft_dora(tmp_path / "d", target_modules=["q_proj", "v_proj", "gate_proj", "up_proj"])
+    _splice_lora(tmp_path / "l", rank=8, seed=4, targets=("k_proj", "v_proj", "up_proj"))
+    served = _biased()
+    assert pack_projections(served) == 4
+    sites, bank = _bank_of(served, [read_adapter(tmp_path / n, name=n, base=served) for n in "dl"], capacity=2)
+    attn, mlp = served.model.layers[1].self_attn, served.model.layers[1].mlp
+    x = torch.randn(7, 1, 32, generator=torch.Generator().manual_seed(4))
+    slots = torch.tensor([0, 1, -1, 0, 1, 1, 0], dtype=torch.int32)
+    for kernels in (False, True) if (torch.cuda.is_available() or INTERPRETED) else (False,):
+        bank.kernels = kernels
+        with torch.no_grad(), routed(sites.values(), Route(bank=bank, slots=slots)):
+            for modules in ([attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]):
+                want = torch.cat([m(x) for m in modules], dim=-1)  # each site on its own
+                weight, bias = packed(modules)
+                y = add_packed_delta(modules, x, torch.nn.functional.linear(x, weight, bias))
+                torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+                base = torch.cat([m.base(x) for m in modules], dim=-1)
+                assert (base - want)[slots == 0].abs().max() > 1e-2  # slot 0: the DoRA adapter
+
+
+def test_model_attached_dora_layers_join_the_bank() -> None:
+    """use_adapter_bank (what splice.generate's mixed batches use) packs splice's own DoRA layers with
+    the LoRA ones: the same logits per row as routing each adapter by name."""
+    model = _biased()
+    add_lora(model, LoraConfig(name="dora", targets="all-linear", rank=4, use_dora=True))
+    add_lora(model, LoraConfig(name="lora", targets=("q_proj", "up_proj"), rank=8))
+    tiny.randomize_lora(model, seed=7)
+    with torch.no_grad():  # magnitudes near the norms, not random ones
+        for _, _, layer in lora_modules(model, name="dora"):
+            layer.lora_magnitude_vector.copy_(layer.weight_norm() * torch.linspace(0.6, 1.4, layer.lora_magnitude_vector.numel()))
+    ids = tiny.tokens(batch=4, length=5)
+    rows = ["dora", None, "lora", "dora"]
+    with torch.no_grad():
+        with use_adapters(model, rows):
+            want = model(ids).logits
+        with use_adapter_bank(model, rows) as bank:
+            got = model(ids).logits
+    assert set(bank.resident) == {"dora", "lora"} and len(bank._rescaled) == 14
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
