@@ -96,7 +96,7 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, *, first_pos: int, key_start: int, 
     kt = k.float().permute(1, 2, 0)  # (Hkv, D, N)
     s = torch.bmm(qg, kt).mul_(scale).view(hkv, group, length, -1)  # (Hkv, G, L, N)
     if softcap > 0:
-        s = torch.tanh(s / softcap).mul_(softcap)
+        s = torch.tanh(s / softcap) * softcap  # out of place: the varlen reference differentiates through it
     q_pos = torch.arange(first_pos, first_pos + length, device=q.device)[:, None]
     k_pos = torch.arange(key_start, key_start + k.shape[0], device=q.device)[None, :]
     masked = k_pos > q_pos
@@ -316,14 +316,25 @@ if triton is not None:
         v = tl.load(v_at + block[:, None] * stride_vb + (kpos % BS)[:, None] * stride_vt + dd[None, :],
                     mask=k_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, D_PAD)
         s = _dot(q, k, IEEE) * qk_scale
-        if SOFTCAP:  # s natural here, cap = softcap log2(e): cap tanh(s / softcap), tanh x = 1 - 2 / (e^2x + 1)
-            two_x_log2e = s * (2.0 * 1.4426950408889634 * 1.4426950408889634 / cap)  # 2 x log2(e)
-            s = cap * (1.0 - 2.0 / (tl.exp2(two_x_log2e) + 1.0))  # saturates cleanly at +-cap
+        if SOFTCAP:
+            s = cap * _tanh_cap(s, cap)
         if MASK:
             allowed = k_ok[None, :] & (kpos[None, :] <= pos[:, None])
             if WINDOW:
                 allowed = allowed & (kpos[None, :] > pos[:, None] - window)
             s = tl.where(allowed, s, float("-inf"))
+        return _online_softmax(acc, m_i, l_i, s, v, IEEE, MASK)
+
+    @triton.jit
+    def _tanh_cap(s, cap):
+        # tanh(s / softcap) for natural scores s and cap = softcap log2(e) (cap * this: the capped base-2 score);
+        # tanh x = 1 - 2 / (e^2x + 1), which saturates cleanly at +-1
+        two_x_log2e = s * (2.0 * 1.4426950408889634 * 1.4426950408889634 / cap)  # 2 x log2(e)
+        return 1.0 - 2.0 / (tl.exp2(two_x_log2e) + 1.0)
+
+    @triton.jit
+    def _online_softmax(acc, m_i, l_i, s, v, IEEE: tl.constexpr, MASK: tl.constexpr):
+        # fold base-2 scores s (rows, keys) and values v (keys, D) into the running (acc, max, sum)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         if MASK:  # rows with no visible key yet keep all weights 0
             m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
