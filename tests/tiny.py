@@ -188,6 +188,28 @@ def peft_lora(base: nn.Module, *, seed: int = 5, **config: Any) -> Any:
                 param.copy_(torch.randn(param.shape, generator=g) * 0.1)
     return model.eval()
 
+
+def spread_dora_magnitudes(model: nn.Module, seed: int = 0) -> None:
+    """Set every DoRA magnitude on ``model`` (splice's layers or PEFT's) to 0.6-1.4 x its row norm of
+    ``W + s B A``, a trained adapter's spread (random ones, as :func:`randomize_lora` gives, swamp the model)."""
+    import peft
+
+    from splice.lora.apply import lora_modules
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, peft.tuners.lora.Linear) and module.use_dora.get("default"):
+                delta = module.scaling["default"] * module.lora_B["default"].weight @ module.lora_A["default"].weight
+                norm = torch.linalg.norm(module.base_layer.weight + delta, dim=1)
+                magnitude = module.lora_magnitude_vector["default"].weight
+                magnitude.copy_(norm * (0.6 + 0.8 * torch.rand(norm.shape, generator=g)))
+        for _, _, layer in lora_modules(model):
+            if hasattr(layer, "lora_magnitude_vector"):
+                norm = layer.weight_norm()
+                layer.lora_magnitude_vector.copy_(norm * (0.6 + 0.8 * torch.rand(norm.shape, generator=g)))
+
+
 def loss_and_grads(model: nn.Module, ids: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     torch.manual_seed(seed)
     loss = model(input_ids=ids, labels=ids, use_cache=False).loss

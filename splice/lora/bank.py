@@ -88,7 +88,8 @@ def read_adapter(directory: str | Path, *, name: str, base: nn.Module | None = N
                    dora=True)
     if adapter.config.use_dora and base is None:
         raise AdapterError(f"{adapter.directory} is a DoRA adapter: its magnitudes divide by the row norms of the "
-                           "served weights W + s B A; pass base=model to read it against them (splice serve does)")
+                           "served weights W + s B A; pass base=model to read it against them (splice serve on one "
+                           "device does; tensor-parallel serving cannot: merge it, splice merge)")
     if base is not None:  # refused now, naming the first module that does not fit, not on first use
         adapter_file.check_adapter_fits(adapter, base)
     if adapter.needs_residual_base:

@@ -432,16 +432,6 @@ def test_logprobs_are_the_models_own_log_softmax(tiny_llama, tiny_tokenizer) -> 
     assert greedy is not None and all(e.top[0] == (e.token, e.logprob) for e in greedy)
 
 
-def _dora_magnitudes(model: nn.Module, name: str) -> None:
-    """Give adapter ``name``'s DoRA magnitudes 0.6-1.4 x their row norms (a trained adapter's spread)."""
-    from splice.lora.apply import lora_modules
-
-    with torch.no_grad():
-        for _, _, layer in lora_modules(model, name=name):
-            norm = layer.weight_norm()
-            layer.lora_magnitude_vector.copy_(norm * torch.linspace(0.6, 1.4, norm.numel()))
-
-
 def test_generate_packs_dora_rows_with_lora_rows_of_other_ranks(tiny_tokenizer) -> None:
     """splice.generate / Engine.generate rows on a DoRA adapter, LoRA r4 and r8 adapters and the base
     model in one batch: the DoRA layers join the step's bank (one multi-LoRA pass a projection) and each
@@ -454,7 +444,7 @@ def test_generate_packs_dora_rows_with_lora_rows_of_other_ranks(tiny_tokenizer) 
     add_lora(model, LoraConfig(name="a", rank=4, targets=("q_proj", "v_proj")))
     add_lora(model, LoraConfig(name="b", rank=8, targets="all-linear"))
     tiny.randomize_lora(model, seed=5)
-    _dora_magnitudes(model, "d")
+    tiny.spread_dora_magnitudes(model)
     bank = RowAdapters.of(model, ["d", "a"]).bank
     assert bank is not None and set(bank.resident) == {"d", "a"} and len(bank._rescaled) == 14
     prompts = _encode(tiny_tokenizer, PROMPTS)
@@ -481,7 +471,7 @@ def test_bank_serves_a_dora_adapter_with_lora_ones(tmp_path: Path, tiny_tokenize
     trained = sharp_llama()
     add_lora(trained, LoraConfig(name="d", rank=4, targets=("q_proj", "k_proj", "v_proj", "down_proj"), use_dora=True))
     tiny.randomize_lora(trained, seed=6)
-    _dora_magnitudes(trained, "d")
+    tiny.spread_dora_magnitudes(trained)
     save_adapter(trained, tmp_path / "d", name="d")
     for name, rank, seed in (("a", 4, 1), ("b", 8, 2)):
         lora = sharp_llama()

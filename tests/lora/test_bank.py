@@ -370,13 +370,7 @@ def _peft_dora(folder: Path, *, seed: int = 5, **config) -> torch.nn.Module:
     options = dict(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True)
     options.update(config)
     reference = tiny.peft_lora(_biased(), seed=seed, **options)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in reference.modules():
-            if isinstance(module, peft.tuners.lora.Linear) and module.use_dora.get("default"):
-                delta = module.scaling["default"] * module.lora_B["default"].weight @ module.lora_A["default"].weight
-                norm = torch.linalg.norm(module.base_layer.weight + delta, dim=1)
-                module.lora_magnitude_vector["default"].weight.copy_(norm * (0.6 + 0.8 * torch.rand(norm.shape, generator=g)))
+    tiny.spread_dora_magnitudes(reference, seed=seed)
     reference.save_pretrained(folder)
     return reference
 
@@ -535,9 +529,7 @@ def test_model_attached_dora_layers_join_the_bank() -> None:
     add_lora(model, LoraConfig(name="dora", targets="all-linear", rank=4, use_dora=True))
     add_lora(model, LoraConfig(name="lora", targets=("q_proj", "up_proj"), rank=8))
     tiny.randomize_lora(model, seed=7)
-    with torch.no_grad():  # magnitudes near the norms, not random ones
-        for _, _, layer in lora_modules(model, name="dora"):
-            layer.lora_magnitude_vector.copy_(layer.weight_norm() * torch.linspace(0.6, 1.4, layer.lora_magnitude_vector.numel()))
+    tiny.spread_dora_magnitudes(model)
     ids = tiny.tokens(batch=4, length=5)
     rows = ["dora", None, "lora", "dora"]
     with torch.no_grad():
