@@ -495,3 +495,35 @@ def test_bank_serves_a_dora_adapter_with_lora_ones(tmp_path: Path, tiny_tokenize
     want = [tiny.greedy_loop(alone[name], request.prompt_ids, 8) for name, request in zip(order, requests)]
     assert [request.generated for request in requests] == want
     assert bank.loads == 3 and bank.evictions == 1  # b waited for a slot
+
+
+@GPU
+def test_cuda_graph_steps_serve_a_dora_adapter_as_eager_steps_and_alone(tmp_path: Path, tiny_tokenizer) -> None:
+    """On the GPU (packed q/k/v and gate/up, the expand applying DoRA's factors, CUDA graphs captured with
+    a DoRA adapter resident) each request equals the eager steps' and its adapter alone on the CPU."""
+    trained = sharp_llama()
+    add_lora(trained, LoraConfig(name="d", rank=4, targets="all-linear", use_dora=True))
+    add_lora(trained, LoraConfig(name="a", rank=8, targets=("q_proj", "v_proj", "up_proj")))
+    tiny.randomize_lora(trained, seed=7)
+    tiny.spread_dora_magnitudes(trained)
+    for name in "da":
+        save_adapter(trained, tmp_path / name, name=name)
+    order = ["d", None, "a", "d"]
+    outputs = {}
+    for graphs in (True, False):
+        model = sharp_llama().cuda()
+        host = {n: read_adapter(tmp_path / n, name=n, base=model) for n in "da"}
+        sites = add_bank_sites(model, sorted({p for h in host.values() for p in h.weights}))
+        bank = LoraBank.for_sites(model, sites, capacity=2, rank=8, dtype=torch.float32)
+        engine = Engine(model, tiny_tokenizer, max_seqs=4, max_len=64, bank=bank, sites=list(sites.values()),
+                        adapters=host, cuda_graphs=graphs, kv_blocks=64)
+        done = [_request(tiny_tokenizer, prompt, name, max_tokens=16)[0] for name, prompt in zip(order, PROMPTS)]
+        for request in done:
+            engine.submit(request)
+        _drain(engine)
+        assert engine.graph_failure is None and engine.runner.cuda_graphs == graphs
+        outputs[graphs] = [r.generated for r in done]
+    assert outputs[True] == outputs[False]
+    for name, request, generated in zip(order, done, outputs[True]):
+        with use_adapters(trained, [name]):
+            assert generated == tiny.greedy_loop(trained, request.prompt_ids, 16), name

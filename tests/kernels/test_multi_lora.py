@@ -176,14 +176,17 @@ def test_pad_rank_tiles_and_bad_shapes() -> None:
         multi_lora_expand(plan, b, y.t())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kernels", [False, pytest.param(True, marks=KERNELS)])
-def test_a_per_slot_affine_rescales_the_adapted_rows_only(kernels: bool) -> None:
-    """``factor`` / ``shift`` (S, N) (a bank's DoRA adapters): adapted rows become ``factor[s] * (y + delta)
-    + shift[s]``, base rows stay bit for bit; decode-like and prefill-like slots, and a packed group's
+def test_a_per_slot_affine_rescales_the_adapted_rows_only(kernels: bool, dtype: torch.dtype) -> None:
+    """``factor`` / ``shift`` (S, N) fp32 (a bank's DoRA adapters): adapted rows become ``factor[s] * (y +
+    delta) + shift[s]``, base rows stay bit for bit; decode-like and prefill-like slots, and a packed group's
     expand with its members' columns of one (S, N_1 + N_2) factor."""
     device = KERNEL_DEVICE if kernels else "cpu"
+    if device == "cpu" and dtype != torch.float32:
+        pytest.skip("half-precision matmuls on CPU are not what is served")
     for shape in ((20, 1, 40, 33, 16, 3), (3, 9, 40, 33, 16, 3)):
-        x, y, a, b, slots = _case(*shape, torch.float32, device)
+        x, y, a, b, slots = _case(*shape, dtype, device)
         g = torch.Generator().manual_seed(7)
         factor = (0.5 + torch.rand(shape[5], shape[3], generator=g)).to(device)
         shift = torch.randn(shape[5], shape[3], generator=g).to(device)
@@ -195,7 +198,7 @@ def test_a_per_slot_affine_rescales_the_adapted_rows_only(kernels: bool) -> None
     if not kernels:
         return
     widths = (20, 13)
-    stack = torch.randn(3, 2, 16, 40, generator=g).to(device) / 8
+    stack = (torch.randn(3, 2, 16, 40, generator=g) / 8).to(device, dtype)
     packed, member = y.clone(), y[:, 20:].clone()
     shrunk = multi_lora_shrink(x, stack, per_token)
     multi_lora_expand(shrunk, b, packed, widths=widths, factor=factor, shift=shift)

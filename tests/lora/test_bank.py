@@ -321,10 +321,14 @@ def test_a_packed_gemm_gets_each_sites_delta(kernels: bool, monkeypatch) -> None
 
 
 @GPU
-def test_group_reuse_inside_a_cuda_graph_replays_new_slots() -> None:
+@pytest.mark.parametrize("dora", [False, True])
+def test_group_reuse_inside_a_cuda_graph_replays_new_slots(dora: bool) -> None:
     """q/k/v and gate/up sites captured in a CUDA graph (one shrink per group inside it) replay later
-    slots and inputs, as the engine's decode graphs do."""
+    slots and inputs, as the engine's decode graphs do; with a DoRA adapter resident too, and another put
+    into a LoRA adapter's slot after the capture (factors written in place, the bank's version unchanged)."""
     served, sites, bank = _host_bank("cuda")
+    if dora:
+        bank.put(_random_dora(bank, "d1", rank=8, seed=1))
     layer = served.model.layers[1]
     x = torch.randn(24, 1, 32, device="cuda")
     slots = torch.full((24,), -1, dtype=torch.int32, device="cuda")
@@ -340,9 +344,14 @@ def test_group_reuse_inside_a_cuda_graph_replays_new_slots() -> None:
         with torch.cuda.graph(graph):
             outs = forward()
         g = torch.Generator().manual_seed(8)
-        for _ in range(2):
+        version = bank.version
+        for step in range(3):
+            if dora and step == 2:
+                bank.drop("a0")
+                bank.put(_random_dora(bank, "d2", rank=4, seed=2))
+                assert bank.version == version
             x.copy_(torch.randn(24, 1, 32, generator=g))
-            slots.copy_(torch.randint(-1, 3, (24,), generator=g))
+            slots.copy_(torch.randint(-1, 3 + dora, (24,), generator=g))
             graph.replay()
             bank.kernels = False
             want = forward()
@@ -539,3 +548,14 @@ def test_model_attached_dora_layers_join_the_bank() -> None:
             got = model(ids).logits
     assert set(bank.resident) == {"dora", "lora"} and len(bank._rescaled) == 14
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _random_dora(bank: LoraBank, name: str, *, rank: int, seed: int) -> HostAdapter:
+    """A DoRA adapter on every module of ``bank``: random A, B, factors 0.6-1.4 and shifts."""
+    g = torch.Generator().manual_seed(seed)
+    weights, dora = {}, {}
+    for path in bank.a:
+        k, n = bank.a[path].shape[2], bank.b[path].shape[1]
+        weights[path] = (torch.randn(rank, k, generator=g) * 0.3, torch.randn(n, rank, generator=g) * 0.3)
+        dora[path] = (0.6 + 0.8 * torch.rand(n, generator=g), torch.randn(n, generator=g))
+    return HostAdapter(name=name, weights=weights, rank=rank, dora=dora)
