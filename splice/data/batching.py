@@ -2,7 +2,8 @@
 
 Labels are not shifted (the loss shifts). Packed rows put several examples in one ``max_length``
 row with ``position_ids`` restarting per example, no attention mask (Hugging Face models then
-build a block-diagonal causal mask from the positions), and the first label of each example
+build a block-diagonal causal mask from the positions; splice's loss instead attends within each
+segment through the varlen kernel, :mod:`splice.fused.varlen`), and the first label of each example
 masked, so nothing is predicted across a boundary.
 """
 
@@ -32,7 +33,7 @@ def _pad_rows(
     width: int | None = None,
 ) -> Batch:
     """Right-pad rows to ``width`` (default: the longest); pads get label -100 and (if given)
-    continue the positions."""
+    positions from 0: a segment of their own."""
     width = width or max(len(r) for r in ids)
     batch: Batch = {
         "input_ids": torch.tensor([r + [pad_id] * (width - len(r)) for r in ids], dtype=torch.long),
@@ -43,11 +44,9 @@ def _pad_rows(
     if positions is None:
         batch["attention_mask"] = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ids], dtype=torch.long)
     else:
-        # Trailing pads extend the last segment: a causal model never lets real tokens attend to
-        # later positions, so pads need no mask and start no new segment.
-        batch["position_ids"] = torch.tensor(
-            [p + list(range(p[-1] + 1, p[-1] + 1 + width - len(p))) for p in positions], dtype=torch.long
-        )
+        # Trailing pads are a segment of their own (positions from 0): real tokens never attend to them
+        # (causal, later), and they attend to no real token, so they cost the varlen kernel only their own.
+        batch["position_ids"] = torch.tensor([p + list(range(width - len(p))) for p in positions], dtype=torch.long)
     return batch
 
 
@@ -85,10 +84,13 @@ def batches(
 
     ``pack=True`` concatenates (shuffled) examples greedily into rows of at most ``max_length``
     tokens; ``batch_size`` counts rows. Each segment restarts ``position_ids`` at 0 and its first
-    label is -100. Packed batches have NO ``attention_mask``: transformers (v5) then reads segment
-    boundaries from ``position_ids`` and builds a block-diagonal causal mask (eager, sdpa, flex,
-    flash); a 2-D mask would switch that off and let segments attend to each other. Call the
-    model with ``model(**batch)`` or pass ``batch.get("attention_mask")``.
+    label is -100; a row's trailing pads are one more segment (positions from 0, labels -100). Packed
+    batches have NO ``attention_mask``: transformers (v5) then reads segment boundaries from
+    ``position_ids`` and builds a block-diagonal causal mask (eager, sdpa, flex, flash); a 2-D mask
+    would switch that off and let segments attend to each other. Call the model with
+    ``model(**batch)`` or pass ``batch.get("attention_mask")``. The positions are the only record of the
+    segments: :class:`splice.fused.varlen.Packing` reads ``cu_seqlens`` from them on the device (no host
+    sync, a fixed shape per batch shape), so rank shares and CUDA graphs need nothing more.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}; it must be >= 1")

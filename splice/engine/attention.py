@@ -32,6 +32,7 @@ from splice.core.family import PAGED_ATTENTION_CLASSES
 from splice.core.rewrite import Node, Replace, innermost, rewrite, share_state
 from splice.fused.modules import FusedRopeAttention
 from splice.fused.projections import packed
+from splice.fused.varlen import window_and_softcap
 from splice.kernels.paged_attention import paged_attention
 from splice.kernels.rope_cache import rope_write_kv
 from splice.lora.adapter_file import base_shape
@@ -73,18 +74,6 @@ def paged_step(step: StepAttention) -> Iterator[StepAttention]:
         _STEP.reset(token)
 
 
-def _window_and_softcap(attn: nn.Module) -> tuple[int, float]:
-    """The module's sliding window (0: none) and attention logit softcap (0: none). Mistral keeps
-    its window on the config only; Qwen2/3 and Gemma set the module's (None on full layers)."""
-    config = getattr(attn, "config", None)
-    if "sliding_window" in vars(attn):
-        window = vars(attn)["sliding_window"]
-    else:
-        window = getattr(config, "sliding_window", None)
-    softcap = getattr(attn, "attn_logit_softcapping", None) or getattr(config, "attn_logit_softcapping", None)
-    return int(window or 0), float(softcap or 0.0)
-
-
 class PagedAttention(nn.Module):
     """The paged replacement of one attention module (see module docstring)."""
 
@@ -102,7 +91,7 @@ class PagedAttention(nn.Module):
         self.layer_idx = int(original.layer_idx)
         self.head_dim = int(original.head_dim)
         self.scaling = float(original.scaling)
-        self.window, self.softcap = _window_and_softcap(original)
+        self.window, self.softcap = window_and_softcap(original)
 
     def forward(self, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor] | None = None,
                 attention_mask: Tensor | None = None, **kwargs: Any) -> tuple[Tensor, None]:

@@ -27,6 +27,7 @@ visible to ``lora_modules``/``merge``/``save_adapter`` at their usual paths; ``u
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -36,6 +37,7 @@ from torch import Tensor, nn
 from splice.core.context import is_causal_only
 from splice.core.rewrite import Around, share_state, weight_of
 from splice.fused.projections import packed
+from splice.fused.varlen import PACKING_KWARG, Packing, attend_packed, check_no_dropout
 from splice.kernels.dropout import new_keys
 from splice.kernels.lora_linear import lora_linear, lora_u
 from splice.kernels.rmsnorm import rms_norm
@@ -187,14 +189,17 @@ class FusedRopeAttention(nn.Module):
     """Llama attention with RoPE fused into one Triton launch; q/k/v/o are the shared modules.
 
     Runs the original forward when a KV cache is passed or the backend is not one of
-    :data:`_FUSED_ATTENTION_BACKENDS` (eager attention returns weights we do not reproduce).
+    :data:`_FUSED_ATTENTION_BACKENDS` (eager attention returns weights we do not reproduce). Takes packed
+    rows (:mod:`splice.fused.varlen`), whatever the backend.
     """
 
     splice_fast = True
+    splice_varlen = True
     q_proj: nn.Module  # the original attention's projections (shared children)
     k_proj: nn.Module
     v_proj: nn.Module
     o_proj: nn.Module
+    scaling: float  # copied from the original with its other plain attributes
 
     def __init__(self, attn: nn.Module) -> None:
         super().__init__()
@@ -211,17 +216,23 @@ class FusedRopeAttention(nn.Module):
         attention_mask: Tensor | None = None,
         **kwargs: Any,
     ) -> tuple[Tensor, Tensor | None]:
+        """``splice_packing`` (a :class:`~splice.fused.varlen.Packing`): packed rows, attended per segment by
+        the varlen kernel (``attention_mask`` and the backend are then unused)."""
         backend = getattr(self.config, "_attn_implementation", "eager")
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if cache is not None or position_embeddings is None or backend not in _FUSED_ATTENTION_BACKENDS:
+        packing: Packing | None = kwargs.pop(PACKING_KWARG, None)
+        if cache is not None or position_embeddings is None or (
+                packing is None and backend not in _FUSED_ATTENTION_BACKENDS):
+            if packing is not None:
+                raise ValueError("packed rows need the decoder layer's position_embeddings and no KV cache")
             original = self.__dict__["_attn"]
             original.training = self.training
             return original(hidden_states, position_embeddings=position_embeddings,
                             attention_mask=attention_mask, **kwargs)
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
         kwargs.pop("cache", None)
         kwargs.pop("past_key_values", None)
+        if packing is not None:  # each token rotated by its position in its segment
+            position_embeddings = packing.rotary(*position_embeddings)
         input_shape = hidden_states.shape[:-1]
         shape = (*input_shape, -1, self.head_dim)  # (B, S, heads, D)
         replay = stash.active(replay=True)
@@ -230,19 +241,9 @@ class FusedRopeAttention(nn.Module):
         record = stash.active(replay=False)
         q = self.q_proj(hidden_states).view(shape)
         k = self.k_proj(hidden_states).view(shape)
-        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-        cos, sin = position_embeddings
-        q, k = rope(q, k, cos, sin)
-        if is_causal_only() and getattr(self, "is_causal", True):
-            attention_mask = None  # the caller vouches: plain causal, so sdpa's is_causal path
-
-        def attend(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor | None]:
-            return ALL_ATTENTION_FUNCTIONS[backend](
-                self, q.transpose(1, 2), k.transpose(1, 2), v, attention_mask,
-                dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling,
-                **kwargs,
-            )
-
+        v = self.v_proj(hidden_states).view(shape)
+        q, k = rope(q, k, *position_embeddings)
+        attend = self._attention(backend, attention_mask, kwargs) if packing is None else self._packed(packing)
         if record is not None and record.attention:
             attn_output, attn_weights = stash.record_attention(record, attend, q, k, v)
         else:
@@ -252,6 +253,32 @@ class FusedRopeAttention(nn.Module):
             record.put(out)
         return out, attn_weights
 
+    def _attention(self, backend: str, attention_mask: Tensor | None,
+                   kwargs: dict[str, Any]) -> Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor | None]]:
+        """Attention of rotated q, k and v (B, S, heads, D) through the model's backend: (out, weights)."""
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        if is_causal_only() and getattr(self, "is_causal", True):
+            attention_mask = None  # the caller vouches: plain causal, so sdpa's is_causal path
+
+        def attend(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor | None]:
+            return ALL_ATTENTION_FUNCTIONS[backend](
+                self, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention_mask,
+                dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling,
+                **kwargs,
+            )
+
+        return attend
+
+    def _packed(self, packing: Packing) -> Callable[[Tensor, Tensor, Tensor], tuple[Tensor, None]]:
+        """The same for packed rows: the varlen kernel within each segment (Llama: no window, no softcap)."""
+        check_no_dropout(self)
+
+        def attend(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, None]:
+            return attend_packed(q, k, v, packing, scale=self.scaling), None
+
+        return attend
+
     def _replay(self, replay: stash.Stash, hidden: Tensor, position_embeddings: tuple[Tensor, Tensor]) -> Tensor:
         """The recompute's attention from what the forward kept: q/k/v/o build their backward
         without their GEMMs, the kept attention graph and output projection result are reused."""
@@ -259,7 +286,7 @@ class FusedRopeAttention(nn.Module):
         shape = (*input_shape, -1, self.head_dim)
         q = _unread_projection(self.q_proj, hidden).view(shape)
         k = _unread_projection(self.k_proj, hidden).view(shape)
-        v = _unread_projection(self.v_proj, hidden).view(shape).transpose(1, 2)
+        v = _unread_projection(self.v_proj, hidden).view(shape)
         q, k = rope(q, k, *position_embeddings, output=False)  # only the backward matters
         attn_output = stash.replay_attention(replay, q, k, v)
         o = _unread_projection(self.o_proj, attn_output.reshape(*input_shape, -1).contiguous())

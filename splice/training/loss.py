@@ -20,6 +20,8 @@ from torch import Tensor, nn
 from splice.core.context import causal_only
 from splice.core.rewrite import Around
 from splice.data.batching import Batch
+from splice.fused.varlen import PACKING_KWARG, Packing, varlen_unsupported
+from splice.kernels import use_triton
 from splice.kernels.linear_cross_entropy import linear_cross_entropy
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
 ]
 
 _REDUCTIONS = ("mean", "sum")
+PACKED_ATTENTION = ("auto", "varlen", "mask")  # how packed rows attend (model_hidden_states)
 
 
 def _check_reduction(reduction: str) -> None:
@@ -203,12 +206,32 @@ def _decoder(model: nn.Module) -> nn.Module:
     )
 
 
+def _packing(decoder: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None,
+             kwargs: dict[str, Any], mode: str) -> Packing | None:
+    """The segments to attend through the varlen kernel, or None for Hugging Face's masked path (see
+    :func:`model_hidden_states`); raises when ``mode="varlen"`` cannot be honoured."""
+    if mode not in PACKED_ATTENTION:
+        raise ValueError(f"packed_attention must be one of {', '.join(PACKED_ATTENTION)}, got {mode!r}")
+    packed = (position_ids is not None and attention_mask is None and input_ids.dim() == 2
+              and kwargs.get("past_key_values", kwargs.get("cache")) is None)
+    if mode == "mask" or (mode == "auto" and not (packed and use_triton(input_ids))):
+        return None
+    reason = varlen_unsupported(decoder) if packed else "it takes packed rows: position_ids and no attention_mask"
+    if reason is not None:
+        if mode == "varlen":
+            raise ValueError(f"packed_attention='varlen' cannot run: {reason}")
+        return None
+    assert position_ids is not None
+    return Packing.from_position_ids(position_ids.expand_as(input_ids))
+
+
 def model_hidden_states(
     model: nn.Module,
     *,
     input_ids: Tensor,
     attention_mask: Tensor | None = None,
     position_ids: Tensor | None = None,
+    packed_attention: str = "auto",
     **kwargs: Any,
 ) -> Tensor:
     """Run a Hugging Face causal LM's decoder without its head; returns the last hidden state.
@@ -216,12 +239,21 @@ def model_hidden_states(
     The result (B, T, H) is what the head would multiply: ``model(...).logits == hidden @ W^T``
     (+ bias). Works through splice rewrites (``Around`` wrappers inside the decoder are ordinary
     modules). Extra ``kwargs`` go to the decoder; no KV cache is built.
+
+    Packed rows (``position_ids`` restarting per segment, no ``attention_mask``): ``packed_attention="varlen"``
+    attends within each segment through :mod:`splice.fused.varlen` (the varlen kernel, no mask built); it
+    needs every attention module to take packed rows (``splice.fuse`` on Llama, or
+    ``install_varlen_attention``) and raises otherwise. ``"mask"``: Hugging Face's block-diagonal mask.
+    ``"auto"`` (default): varlen when the model takes it and the Triton kernel runs (a GPU), else the mask.
     """
     decoder = _decoder(model)
     kwargs.setdefault("use_cache", False)
     # No mask and no position ids: plain causal attention (lets splice's fused attention skip the explicit
     # mask Hugging Face builds inside a CUDA-graph capture).
     plain = attention_mask is None and position_ids is None and kwargs.get("past_key_values") is None
+    packing = _packing(decoder, input_ids, attention_mask, position_ids, kwargs, packed_attention)
+    if packing is not None:  # the decoder runs plain causal (no mask built); the packing carries the segments
+        kwargs[PACKING_KWARG], position_ids = packing, None
     with causal_only(plain):
         out = decoder(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
@@ -278,14 +310,16 @@ def lm_head_params(model: nn.Module) -> tuple[Tensor, Tensor | None]:
 
 
 def train_step_loss(model: nn.Module, batch: Batch, *, device: torch.device,
-                    static_shapes: bool = False) -> torch.Tensor:
+                    static_shapes: bool = False, packed_attention: str = "auto") -> torch.Tensor:
     """Summed cross-entropy of one micro-batch's target tokens (the loss lives outside forward).
-    ``static_shapes``: no host syncs (for CUDA graphs; see :func:`causal_lm_loss`)."""
+    ``static_shapes``: no host syncs (for CUDA graphs; see :func:`causal_lm_loss`); ``packed_attention``:
+    how packed rows attend (see :func:`model_hidden_states`)."""
     hidden = model_hidden_states(
         model,
         input_ids=batch["input_ids"].to(device),
         attention_mask=batch["attention_mask"].to(device) if "attention_mask" in batch else None,
         position_ids=batch["position_ids"].to(device) if "position_ids" in batch else None,
+        packed_attention=packed_attention,
     )
     weight, bias = lm_head_params(model)
     return causal_lm_loss(hidden, weight, batch["labels"].to(device), reduction="sum",

@@ -240,15 +240,15 @@ def test_packing_layout() -> None:
     assert [int(b["num_tokens"]) for b in got] == [13, 6]  # real tokens, padding excluded
     first = got[0]
     assert "attention_mask" not in first
-    assert first["position_ids"][0].tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
-    assert first["position_ids"][1].tolist() == [0, 1, 2, 3, 4, 0, 1, 2]
+    assert first["position_ids"][0].tolist() == [0, 1, 2, 3, 0, 1, 2, 0]
+    assert first["position_ids"][1].tolist() == [0, 1, 2, 3, 4, 0, 0, 1]
     assert first["input_ids"][0].tolist()[:7] == examples[0].input_ids + examples[1].input_ids
     assert first["labels"][0, 4].item() == IGNORE_INDEX  # no prediction across the boundary
-    # Row 2 (6 tokens) is padded by two: input pad, label -100, position continuing its last segment
+    # Row 2 (6 tokens) is padded by two: input pad, label -100, positions from 0 (a segment of their own)
     assert first["input_ids"][1].tolist()[-2:] == [0, 0]
     assert first["labels"][1].tolist()[-2:] == [IGNORE_INDEX, IGNORE_INDEX]
     assert first["labels"][1, 5].item() == IGNORE_INDEX  # the 1-token segment has nothing to learn
-    assert got[1]["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert got[1]["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 5, 0, 1]
 
 
 def _per_example_losses(
