@@ -5,11 +5,18 @@ fused linear cross-entropy, RMSNorm, SwiGLU, RoPE) and ``splice`` (add_lora + fr
 splice.fused.apply.fuse + splice.memory.checkpointing.checkpoint_layers, loss by splice.training.loss). All three see
 the same bf16 base weights (seeded per parameter name, built on the GPU), the same LoRA init
 (lora_A seeded per module path, lora_B zero), the same token batches and the same AdamW.
+
+``packed=True`` batches are rows packed with ShareGPT-like segments (:func:`sharegpt_lengths`,
+``position_ids`` restarting per segment, each segment's first token not a target); splice attends
+them as ``pack`` says (``"mask"``: Hugging Face's block-diagonal mask, ``"varlen"``: the varlen
+kernel, no mask), PEFT and Liger through Hugging Face's mask.
 """
 
 from __future__ import annotations
 
 import gc
+import math
+import random
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -103,7 +110,7 @@ def init_lora(pairs: list[tuple[str, Tensor, Tensor]]) -> None:
 @dataclass
 class Setup:
     model: nn.Module
-    loss: Callable[[Tensor], Tensor]
+    loss: Callable[..., Tensor]  # loss(ids), or loss(ids, positions) for packed rows
     lora: list[tuple[str, Tensor, Tensor]]
     set_ckpt: Callable[[str], None]  # "off" | "on" (framework's default) | "all" | "offload"
 
@@ -131,13 +138,19 @@ def setup_peft(base: nn.Module, cfg: Config) -> Setup:
         else:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    def loss(ids: Tensor) -> Tensor:
-        return model(input_ids=ids, labels=ids, use_cache=False).loss
+    def loss(ids: Tensor, positions: Tensor | None = None) -> Tensor:
+        return model(input_ids=ids, position_ids=positions, labels=packed_labels(ids, positions),
+                     use_cache=False).loss
 
     return Setup(model, loss, _peft_pairs(model), set_ckpt)
 
 
-def setup_splice(base: nn.Module, cfg: Config) -> Setup:
+def packed_labels(ids: Tensor, positions: Tensor | None) -> Tensor:
+    """Labels of (packed) rows: the ids, with each segment's first token no target."""
+    return ids if positions is None else ids.masked_fill(positions == 0, -100)
+
+
+def setup_splice(base: nn.Module, cfg: Config, *, pack: str = "mask") -> Setup:
     from splice.fused.apply import fuse
     from splice.lora.apply import add_lora, lora_modules
     from splice.lora.freeze import freeze
@@ -161,29 +174,52 @@ def setup_splice(base: nn.Module, cfg: Config) -> Setup:
             checkpoint_layers(base, layers="auto" if mode == "on" else "all", offload=offload,
                               keep_attention=mode == "offload")
 
-    def loss(ids: Tensor) -> Tensor:
-        hidden = model_hidden_states(base, input_ids=ids)
-        # static_shapes: no host sync (CUDA graphs need it); every label is a target here anyway
-        return causal_lm_loss(hidden, weight, ids, lm_head_bias=bias, chunk_size=chunk["rows"],
-                              static_shapes=True)
+    def loss(ids: Tensor, positions: Tensor | None = None) -> Tensor:
+        hidden = model_hidden_states(base, input_ids=ids, position_ids=positions, packed_attention=pack)
+        # static_shapes: no host sync (CUDA graphs need it); (nearly) every label is a target here anyway
+        return causal_lm_loss(hidden, weight, packed_labels(ids, positions), lm_head_bias=bias,
+                              chunk_size=chunk["rows"], static_shapes=True)
 
     pairs = [(p, layer.lora_A.weight, layer.lora_B.weight) for p, _, layer in lora_modules(base)]
     return Setup(base, loss, pairs, set_ckpt)
 
 
-def make_setup(framework: str, cfg: Config, n_layers: int) -> Setup:
+def make_setup(framework: str, cfg: Config, n_layers: int, *, pack: str = "mask") -> Setup:
     base = build_model(n_layers)
-    setup = setup_splice(base, cfg) if framework == "splice" else setup_peft(base, cfg)
+    setup = setup_splice(base, cfg, pack=pack) if framework == "splice" else setup_peft(base, cfg)
     init_lora(setup.lora)
     return setup
 
 
-def batches(cfg: Config, *, seq: int | None = None, batch: int | None = None,
-            same: bool = False) -> Iterator[Tensor]:
+def sharegpt_lengths(total: int, *, seed: int, median: int = 350) -> list[int]:
+    """Segment lengths filling ``total`` tokens, ShareGPT-like: log-normal with median 350 tokens and
+    sigma 1 (conversations of a few hundred tokens, a long tail), each in [8, 4096]; the last one cut
+    to fit. Fixed by ``seed`` (Python's generator: the same on every platform)."""
+    rng, lengths = random.Random(seed), list[int]()
+    while sum(lengths) < total:
+        n = min(max(8, round(rng.lognormvariate(math.log(median), 1.0))), 4096)
+        lengths.append(min(n, total - sum(lengths)))
+    return lengths
+
+
+def packed_positions(rows: int, seq: int, *, seed: int) -> Tensor:
+    """(rows, seq) position ids of rows packed with :func:`sharegpt_lengths` (restarting per segment)."""
+    return torch.stack([torch.cat([torch.arange(n) for n in sharegpt_lengths(seq, seed=seed * 1000 + r)])
+                        for r in range(rows)]).to(DEVICE)
+
+
+def batches(cfg: Config, *, seq: int | None = None, batch: int | None = None, same: bool = False,
+            packed: bool = False) -> Iterator[dict[str, Tensor]]:
+    """``{"ids": (batch, seq)}`` of random tokens, and ``"positions"`` of packed rows (``packed``)."""
     step = 0
     while True:
-        gen = torch.Generator(device=DEVICE).manual_seed(1000 + (0 if same else step))
-        yield torch.randint(0, VOCAB, (batch or cfg.batch, seq or cfg.seq), generator=gen, device=DEVICE)
+        seed = 1000 + (0 if same else step)
+        gen = torch.Generator(device=DEVICE).manual_seed(seed)
+        rows, width = batch or cfg.batch, seq or cfg.seq
+        out = {"ids": torch.randint(0, VOCAB, (rows, width), generator=gen, device=DEVICE)}
+        if packed:
+            out["positions"] = packed_positions(rows, width, seed=seed)
+        yield out
         step += 1
 
 
@@ -192,7 +228,7 @@ def step_fn(setup: Setup, params: list[nn.Parameter], *, graphs: bool) -> Callab
     ``graphs`` replayed from a CUDA graph (splice.training.graphs.GraphedStep)."""
 
     def eager(batch: dict[str, Tensor]) -> Tensor:
-        loss = setup.loss(batch["ids"])
+        loss = setup.loss(batch["ids"]) if "positions" not in batch else setup.loss(batch["ids"], batch["positions"])
         loss.backward()
         return loss.detach()
 
@@ -203,7 +239,7 @@ def step_fn(setup: Setup, params: list[nn.Parameter], *, graphs: bool) -> Callab
     return GraphedStep(eager, params, warn=lambda m: print("[graphs] " + m, flush=True))
 
 
-def train(setup: Setup, data: Iterator[Tensor], *, warmup: int, steps: int, lr: float = LR,
+def train(setup: Setup, data: Iterator[dict[str, Tensor]], *, warmup: int, steps: int, lr: float = LR,
           graphs: bool = False) -> dict[str, Any]:
     """warmup + steps optimizer steps; returns timing, memory and per-step losses.
     ``graphs``: forward + loss + backward replayed from a CUDA graph (splice.training.graphs.GraphedStep;
@@ -222,14 +258,14 @@ def train(setup: Setup, data: Iterator[Tensor], *, warmup: int, steps: int, lr: 
         if i == warmup:
             _sync()
             t0 = time.perf_counter()
-        ids = next(data)
-        loss = step({"ids": ids})
+        batch = next(data)
+        loss = step(batch)
         opt.step()
         opt.zero_grad(set_to_none=not graphs)  # a graph adds into the same .grad tensors
         losses.append(loss.float().clone())
     _sync()
     elapsed = time.perf_counter() - t0
-    tokens = ids.numel() * steps
+    tokens = batch["ids"].numel() * steps
     out = {
         "step_ms": 1000 * elapsed / max(steps, 1),
         "tok_s": tokens / elapsed if steps else 0.0,
@@ -249,12 +285,12 @@ def free_cuda() -> None:
         torch.cuda.empty_cache()
 
 
-def try_one_step(setup: Setup, cfg: Config, seq: int) -> dict[str, Any]:
+def try_one_step(setup: Setup, cfg: Config, seq: int, *, packed: bool = False) -> dict[str, Any]:
     """One training step at batch 1 x ``seq``; OOM is caught and reported, memory freed."""
     result: dict[str, Any] = {"seq": seq}
     free_cuda()
     try:
-        r = train(setup, batches(cfg, seq=seq, batch=1), warmup=0, steps=1)
+        r = train(setup, batches(cfg, seq=seq, batch=1, packed=packed), warmup=0, steps=1)
         result.update(ok=True, seconds=r["step_ms"] / 1000, peak_gib=r["peak_gib"], tok_s=r["tok_s"],
                       loss=r["losses"][0])
         import resource  # the process's peak resident host memory so far (pinned buffers included)
@@ -316,7 +352,7 @@ def profile_steps(setup: Setup, cfg: Config, steps: int = 2, *, graphs: bool = F
     run = step_fn(setup, params, graphs=graphs)
 
     def step() -> None:
-        run({"ids": next(data)})
+        run(next(data))
         opt.step()
         opt.zero_grad(set_to_none=not graphs)
 

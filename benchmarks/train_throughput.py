@@ -14,6 +14,10 @@ offloaded to CPU) by doubling from a start length, then bisecting, within a time
 ``--quantize fp8`` gives splice FP8 base weights (splice.quant.fp8: e4m3 weights and FP8 GEMMs, a
 GPU of compute capability 8.9+) while PEFT and Liger stay bf16: ``--configs C,P --parity-steps 200
 --frameworks peft,splice --quantize fp8`` times C and compares 200 steps of loss against PEFT's.
+``--pack mask|varlen`` trains every config on packed rows instead (ShareGPT-like segments, see
+``_workload.sharegpt_lengths``): splice attends them through Hugging Face's block-diagonal mask or the
+varlen kernel (no mask), PEFT and Liger through the mask; run it once each way for splice's speed and
+peak memory both ways (MFU still counts attention as one full-length sequence per row).
 Writes ``results.json`` and ``table.md`` under ``--out`` and prints the table.
 """
 
@@ -67,7 +71,8 @@ def _versions() -> dict[str, Any]:
     return out
 
 
-def _maxseq(setup: Any, cfg: Any, *, start: int, cap: int, gran: int, budget_s: float) -> dict[str, Any]:
+def _maxseq(setup: Any, cfg: Any, *, start: int, cap: int, gran: int, budget_s: float,
+            packed: bool = False) -> dict[str, Any]:
     """Doubling from ``start`` (up to ``cap``), then bisecting to ``gran``, within ``budget_s``."""
     from _workload import try_one_step
 
@@ -75,7 +80,7 @@ def _maxseq(setup: Any, cfg: Any, *, start: int, cap: int, gran: int, budget_s: 
     probes: list[dict[str, Any]] = []
 
     def probe(seq: int) -> bool:
-        r = try_one_step(setup, cfg, seq)
+        r = try_one_step(setup, cfg, seq, packed=packed)
         probes.append(r)
         print(f"  maxseq probe {seq}: {'ok' if r['ok'] else 'OOM'} {r}", flush=True)
         return bool(r["ok"])
@@ -137,10 +142,14 @@ def worker(args: argparse.Namespace) -> None:
     def save() -> None:
         out_file.write_text(json.dumps(result, indent=1))
 
+    packed = args.pack is not None
+    pack = (args.pack if fw == "splice" else "mask") if packed else "mask"  # PEFT, Liger: Hugging Face's mask
+
     def record(setup: Any, cfg: Any, variant: str, r: dict[str, Any], weights_gib: float) -> None:
         n_lora = sum(a.numel() + b.numel() for _, a, b in setup.lora)
         fpt = flops_per_token(cfg, cfg.seq, args.layers, n_lora)
         variant = f"fp8 {variant}".strip() if fw == "splice" and args.quantize else variant
+        variant = " + ".join(v for v in (variant, f"packed {pack}" if packed else "") if v)
         r.update(config=cfg.name, framework=fw, variant=variant, weights_gib=weights_gib,
                  act_gib=r["peak_gib"] - weights_gib, flops_per_token=fpt,
                  mfu=fpt * r["tok_s"] / (args.peak_tflops * 1e12), lora_params=n_lora)
@@ -166,13 +175,13 @@ def worker(args: argparse.Namespace) -> None:
     for name in configs + (["maxseq"] if args.maxseq else []):
         cfg = CONFIGS["C" if name in ("E", "P", "maxseq") else name]
         if name == "A":
-            setup = _quantized(make_setup(fw, CONFIGS["A"], args.layers), fw, args)
+            setup = _quantized(make_setup(fw, CONFIGS["A"], args.layers, pack=pack), fw, args)
             weights = _frozen_gib(setup.model)
             setup.set_ckpt("off")
             for graphs in [False] + ([True] if fw == "splice" else []):
                 free_cuda()
                 record(setup, CONFIGS["A"], "graphs" if graphs else "",
-                       train(setup, batches(CONFIGS["A"]), warmup=args.warmup, steps=args.steps,
+                       train(setup, batches(CONFIGS["A"], packed=packed), warmup=args.warmup, steps=args.steps,
                              graphs=graphs), weights)
             if "A" in args.profile.split(",") and not args.tiny:
                 for graphs in [False] + ([True] if fw == "splice" else []):
@@ -181,7 +190,7 @@ def worker(args: argparse.Namespace) -> None:
             free_cuda()
             continue
         if shared is None:
-            shared = _quantized(make_setup(fw, CONFIGS["C"], args.layers), fw, args)
+            shared = _quantized(make_setup(fw, CONFIGS["C"], args.layers, pack=pack), fw, args)
             weights = _frozen_gib(shared.model)
         run_cfg = CONFIGS[name] if name != "maxseq" else cfg
         if name in ("C", "E"):
@@ -197,7 +206,7 @@ def worker(args: argparse.Namespace) -> None:
                            "offload-recompute": "ckpt all + offload, attention recomputed"}[mode]
                 variant += " + graphs" if graphs else ""
                 free_cuda()
-                record(shared, run_cfg, variant, train(shared, batches(run_cfg), warmup=args.warmup,
+                record(shared, run_cfg, variant, train(shared, batches(run_cfg, packed=packed), warmup=args.warmup,
                                                        steps=args.steps, graphs=graphs), weights)
                 if name in args.profile.split(",") and not args.tiny:
                     maybe_profile(shared, run_cfg, f"{name} {variant}".strip(), graphs)
@@ -209,7 +218,7 @@ def worker(args: argparse.Namespace) -> None:
             init_lora(shared.lora)
             shared.set_ckpt("off")
             free_cuda()
-            record(shared, run_cfg, "", train(shared, batches(run_cfg, same=True), warmup=0,
+            record(shared, run_cfg, "", train(shared, batches(run_cfg, same=True, packed=packed), warmup=0,
                                               steps=args.parity_steps, lr=1e-3), weights)
             for m, p in zip(drops, saved):
                 m.p = p
@@ -217,7 +226,7 @@ def worker(args: argparse.Namespace) -> None:
             shared.set_ckpt("offload-recompute" if fw == "splice" else "on")  # host RAM: inputs only
             starts = dict(kv.split("=") for kv in args.maxseq_start.split(","))
             result["maxseq"] = _maxseq(shared, cfg, start=int(starts.get(fw, 16384)), cap=args.maxseq_cap,
-                                       gran=args.maxseq_gran, budget_s=args.maxseq_budget)
+                                       gran=args.maxseq_gran, budget_s=args.maxseq_budget, packed=packed)
             result["maxseq"]["weights_gib"] = weights
             save()
     save()
@@ -283,6 +292,8 @@ def main() -> None:
     ap.add_argument("--worker-timeout", type=float, default=500.0)
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--tiny", action="store_true", help="a tiny model on the CPU: checks this harness")
+    ap.add_argument("--pack", choices=("mask", "varlen"), default=None,
+                    help="train on packed rows; splice attends them through the block mask or the varlen kernel")
     ap.add_argument("--quantize", choices=("fp8",), default=None,
                     help="splice's base weights in FP8 (compute capability 8.9+); PEFT and Liger stay bf16")
     args = ap.parse_args()
