@@ -32,7 +32,7 @@ from splice.core.family import PAGED_ATTENTION_CLASSES
 from splice.core.rewrite import Node, Replace, innermost, rewrite, share_state
 from splice.fused.modules import FusedRopeAttention
 from splice.fused.projections import packed
-from splice.fused.varlen import window_and_softcap
+from splice.fused.varlen import VarlenAttention, window_and_softcap
 from splice.kernels.paged_attention import paged_attention
 from splice.kernels.rope_cache import rope_write_kv
 from splice.lora.adapter_file import base_shape
@@ -132,9 +132,11 @@ class PagedAttention(nn.Module):
 
 
 def _is_paged_candidate(module: nn.Module) -> bool:
-    known = type(module).__name__ in PAGED_ATTENTION_CLASSES or isinstance(module, FusedRopeAttention)
-    return known and all(hasattr(module, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "layer_idx",
-                                                      "head_dim", "scaling"))
+    # splice's training replacements keep the Hugging Face module (``_attn``): its attributes decide
+    original = module.__dict__.get("_attn", module) if isinstance(module, FusedRopeAttention | VarlenAttention) \
+        else module
+    return type(original).__name__ in PAGED_ATTENTION_CLASSES and all(
+        hasattr(original, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "layer_idx", "head_dim", "scaling"))
 
 
 def _rule(node: Node) -> Replace | None:

@@ -13,6 +13,7 @@ from torch import nn
 from splice.core.family import ATTENTION_CLASSES, MLP_CLASSES, RMSNORM_CLASSES
 from splice.core.rewrite import Around, Node, Replace, rewrite, unrewrite
 from splice.fused.modules import FusedLoraLinear, FusedRMSNorm, FusedRopeAttention, FusedSwiGLUMLP, is_fast
+from splice.fused.varlen import VarlenAttention, varlen_candidate
 from splice.lora.layers import LoraLinear
 
 __all__ = ["fuse", "unfuse"]
@@ -57,10 +58,14 @@ def fuse(
     rmsnorm: bool = True,
     swiglu: bool = True,
     rope: bool = True,
+    varlen: bool = True,
 ) -> list[str]:
     """Swap the fused kernels into ``model`` (call after ``add_lora``); returns rewritten names.
 
-    Each option enables one rewrite; whatever a model does not have is skipped (no error).
+    Each option enables one rewrite; whatever a model does not have is skipped (no error). ``varlen``:
+    the attention of the other families the engine knows (Mistral, Qwen2/3, Gemma) becomes
+    :class:`~splice.fused.varlen.VarlenAttention`, so packed rows train without a mask there too
+    (Llama's :class:`FusedRopeAttention` takes them already); unpacked batches run the module unchanged.
     Leaves (LoRA linears, norms) are rewritten before the containers (MLP, attention) that hold
     them. Applying it twice changes nothing.
     """
@@ -78,6 +83,8 @@ def fuse(
             return Replace(FusedSwiGLUMLP(node.module))
         if rope and _is_rope_attention(node.module):
             return Replace(FusedRopeAttention(node.module))
+        if varlen and varlen_candidate(node.module):
+            return Replace(VarlenAttention(node.module))
         return None
 
     names += rewrite(model, leaf_rule, allow_empty=True)

@@ -35,7 +35,7 @@ from splice.core.rewrite import Node, Replace, rewrite, share_state
 from splice.kernels.rope import rope
 from splice.kernels.varlen_attention import varlen_attention
 
-__all__ = ["PACKING_KWARG", "Packing", "VarlenAttention", "attend_packed", "check_no_dropout",
+__all__ = ["PACKING_KWARG", "Packing", "VarlenAttention", "attend_packed", "check_no_dropout", "varlen_candidate",
            "install_varlen_attention", "varlen_unsupported", "window_and_softcap"]
 
 PACKING_KWARG = "splice_packing"  # the decoder keyword that carries a Packing to the attention modules
@@ -131,6 +131,7 @@ class VarlenAttention(nn.Module):
     Called without a packing it runs the module it replaced, unchanged."""
 
     splice_varlen = True
+    splice_fast = True  # one of fuse()'s replacements: unfuse() puts the original back
 
     def __init__(self, attn: nn.Module) -> None:
         super().__init__()
@@ -161,12 +162,14 @@ class VarlenAttention(nn.Module):
         return children["o_proj"](out.view(*hidden_states.shape[:-1], -1)), None
 
 
+def varlen_candidate(module: nn.Module) -> bool:
+    """Whether ``module`` is an attention module :class:`VarlenAttention` can replace."""
+    return type(module).__name__ in PAGED_ATTENTION_CLASSES and all(
+        hasattr(module, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling"))
+
+
 def _rule(node: Node) -> Replace | None:
-    module = node.module
-    if type(module).__name__ in PAGED_ATTENTION_CLASSES and all(
-            hasattr(module, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")):
-        return Replace(VarlenAttention(module))
-    return None
+    return Replace(VarlenAttention(node.module)) if varlen_candidate(node.module) else None
 
 
 def install_varlen_attention(model: nn.Module) -> list[str]:

@@ -11,6 +11,7 @@ from splice.engine.runner import ModelRunner
 from splice.engine.scheduler import Chunk, Sequence, StepPlan
 from splice.fused.apply import fuse
 from splice.fused.modules import FusedRopeAttention
+from splice.fused.varlen import VarlenAttention
 from tests import tiny
 from tests.numerics import rel_err
 
@@ -86,6 +87,23 @@ def test_fused_rope_attention_is_replaced_and_kept_for_unbound_calls() -> None:
     assert rel_err(got, want) < 1e-5
     with torch.no_grad():
         assert rel_err(model(torch.tensor([ids])).logits[0, 6:], want) < 1e-6
+
+
+@pytest.mark.parametrize("family", ["Qwen3", "Gemma2"])
+def test_fused_varlen_attention_of_other_families_is_replaced_too(family: str) -> None:
+    """splice.fuse gives Mistral/Qwen/Gemma VarlenAttention (packed training rows): the engine still runs them,
+    with the window, softcap and q/k norms read from the Hugging Face module it keeps."""
+    model = _model(family)
+    ids = _ids()
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0, 6:].float()
+    fuse(model)
+    assert isinstance(model.model.layers[0].self_attn, VarlenAttention)
+    got = stepwise_logits(model, ids)
+    paged = [m for m in model.modules() if isinstance(m, PagedAttention)]
+    assert len(paged) == 2 and all(isinstance(m.__dict__["_replaced"], VarlenAttention) for m in paged)
+    assert [(m.window, m.softcap) for m in paged] == {"Qwen3": [(0, 0.0), (0, 0.0)], "Gemma2": [(5, 5.0), (0, 5.0)]}[family]
+    assert rel_err(got, want) < 1e-5
 
 
 def test_a_model_without_known_attention_is_refused_in_one_line() -> None:

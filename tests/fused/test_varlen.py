@@ -19,7 +19,7 @@ import splice.fused.varlen as varlen_module
 from splice.core.rewrite import unrewrite
 from splice.data.batching import batches
 from splice.data.rows import IGNORE_INDEX, Example
-from splice.fused.apply import fuse
+from splice.fused.apply import fuse, unfuse
 from splice.fused.modules import FusedRopeAttention
 from splice.fused.varlen import Packing, VarlenAttention, install_varlen_attention, varlen_unsupported
 from splice.lora.apply import add_lora, lora_modules
@@ -187,6 +187,29 @@ def test_models_that_cannot_take_packed_rows_keep_the_mask() -> None:
     assert "drops attention weights" in str(varlen_unsupported(dropping))
     dropping.eval()
     assert varlen_unsupported(dropping) is None
+
+
+@pytest.mark.parametrize("family", ["Mistral", "Qwen2"])
+def test_fuse_gives_other_families_varlen_attention_and_unfuse_takes_it_back(family: str) -> None:
+    model = family_lm(family, vocab=101, max_position_embeddings=64)
+    add_lora(model, LoraConfig(rank=4, alpha=8, targets=("q_proj", "k_proj", "v_proj", "o_proj")))
+    randomize_lora(model)
+    freeze(model)
+    reference = copy.deepcopy(model)
+    fuse(model)
+    assert sum(isinstance(m, VarlenAttention) for m in model.modules()) == 2
+    assert fuse(copy.deepcopy(model)) == []  # applying it twice changes nothing
+    batch = packed_batch()
+    with torch.no_grad():
+        want = model_hidden_states(reference, input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+        got = model_hidden_states(model, input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                                  packed_attention="varlen")
+    assert rel_err(got, want) < 1e-5
+    assert_same_as_masked(model, batch)
+    unfuse(model)
+    assert not any(isinstance(m, VarlenAttention) for m in model.modules())
+    fuse(model, varlen=False)
+    assert not any(isinstance(m, VarlenAttention) for m in model.modules())
 
 
 def test_unrewrite_puts_the_original_attention_back() -> None:
