@@ -21,6 +21,10 @@ spreads over the ranks in 4 bits. :func:`unshardable_params` names any weight th
 (a subclass without the hooks, or one whose ``shard_problem(world_size)`` gives a reason: NF4
 rows that do not split into whole blocks), and the wrap then falls back to DDP with that reason.
 
+Outside the step, :meth:`Wrapped.evaluation` runs the bare model with every rank in step (each
+layer gathers itself in its forward), and :meth:`Wrapped.whole_weights` gathers the whole model
+once so each rank may run forwards of its own (GRPO's rollouts).
+
 Both kinds average gradients over ranks, so the loop scales each rank's summed loss by
 ``world_size / global target count`` (see :mod:`splice.distributed.shards`).
 """
@@ -113,7 +117,9 @@ class Wrapped:
         through their forwards (no reshard after forward), then are resharded on exit. Memory: the
         whole model on every rank for the block, as DDP holds it all the time (NF4 weights gathered
         packed, in 4 bits; with the GPU's mixed precision, in bf16), freed on exit. DDP: nothing to
-        do. Every rank must enter it (the gathers are collectives)."""
+        do. Every rank must enter it (the gathers are collectives). FSDP2 still records the block's
+        forwards in the order it prefetches backward gathers by, so the next backward gathers the
+        last decoder layer once for nothing (every rank alike, so none waits; as after evaluation())."""
         if self.kind != "fsdp2":
             yield
             return
@@ -121,10 +127,10 @@ class Wrapped:
 
         layers = [m for m in self.root.modules() if isinstance(m, FSDPModule) and m is not self.root]
         with self.evaluation():  # the root: lazily initialized, gathered
-            for layer in layers:
-                layer.set_reshard_after_forward(False, recurse=False)
-                layer.unshard()
             try:
+                for layer in layers:
+                    layer.set_reshard_after_forward(False, recurse=False)
+                    layer.unshard()
                 yield
             finally:
                 for layer in layers:  # as _fully_shard made them: non-root modules reshard after forward

@@ -13,8 +13,8 @@ the loss and the adapter's gradient norm.
 
 from __future__ import annotations
 
+import gc
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from splice.distributed.process import start, stop
+from splice.distributed.process import DistEnv, barrier, start, stop
 from splice.distributed.wrap import wrap_model
 from splice.engine.engine import Engine
 from splice.engine.sampling import SamplingParams
@@ -56,33 +56,38 @@ def whole(model: nn.Module, shapes: dict[str, torch.Size]) -> bool:
     return all(not isinstance(p, DTensor) and p.shape == shapes[n] for n, p in model.named_parameters())
 
 
+def run(job: dict[str, Any], env: DistEnv) -> dict[str, Any]:
+    """This rank's part of the job (module doc); its model and engine are gone when it returns."""
+    model, tokenizer = lora_llama()
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    wrapped = wrap_model(model, loss=logits_sum, env=env, device=torch.device("cpu"), shard_why="--shard",
+                         mixed_precision=False)
+    engine = Engine(model, tokenizer, max_seqs=2, max_len=64)  # on the sharded model, as GRPO's
+    packs = pack_projections(model)  # what the engine does on a GPU: sharded weights stay as they are
+    sharded = all(isinstance(p, DTensor) for p in model.parameters())
+    with wrapped.whole_weights():
+        inside = whole(model, shapes)
+        done = engine.generate([job["prompt"]], SamplingParams(max_tokens=job["max_tokens"][env.rank],
+                                                               temperature=0.0))
+        still = whole(model, shapes)  # the forwards resharded nothing
+    after = all(isinstance(p, DTensor) for p in model.parameters())
+    loss = wrapped({"input_ids": torch.tensor(job["ids"])})
+    loss.backward()
+    grads = [p.grad.full_tensor() for p in model.parameters() if p.grad is not None]
+    return {"parallel": wrapped.kind, "sharded": sharded, "packs": packs, "whole": inside and still,
+            "resharded": after, "tokens": list(done[0].generated), "loss": float(loss.detach()),
+            "grad_norm": float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])))}
+
+
 def main() -> int:
     job = json.loads(sys.argv[1])
-    rank = int(os.environ["RANK"])
     env = start(device_type="cpu", timeout_s=60)
     assert env is not None
     try:
-        model, tokenizer = lora_llama()
-        shapes = {n: p.shape for n, p in model.named_parameters()}
-        wrapped = wrap_model(model, loss=logits_sum, env=env, device=torch.device("cpu"), shard_why="--shard",
-                             mixed_precision=False)
-        engine = Engine(model, tokenizer, max_seqs=2, max_len=64)  # on the sharded model, as GRPO's
-        packs = pack_projections(model)  # what the engine does on a GPU: sharded weights stay as they are
-        sharded = all(isinstance(p, DTensor) for p in model.parameters())
-        with wrapped.whole_weights():
-            inside = whole(model, shapes)
-            done = engine.generate([job["prompt"]], SamplingParams(max_tokens=job["max_tokens"][rank],
-                                                                   temperature=0.0))
-            still = whole(model, shapes)  # the forwards resharded nothing
-        after = all(isinstance(p, DTensor) for p in model.parameters())
-        loss = wrapped({"input_ids": torch.tensor(job["ids"])})
-        loss.backward()
-        grads = [p.grad.full_tensor() for p in model.parameters() if p.grad is not None]
-        result = {"parallel": wrapped.kind, "sharded": sharded, "packs": packs, "whole": inside and still,
-                  "resharded": after,
-                  "tokens": list(done[0].generated), "loss": float(loss),
-                  "grad_norm": float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])))}
-        (Path(job["out"]) / f"rank{rank}.json").write_text(json.dumps(result))
+        result = run(job, env)
+        gc.collect()  # FSDP2's modules sit in reference cycles: freed now, not at exit after the group closed
+        (Path(job["out"]) / f"rank{env.rank}.json").write_text(json.dumps(result))
+        barrier(env)  # no rank closes the group while another still reads the last gather from it
     finally:
         stop(env)
     return 0
