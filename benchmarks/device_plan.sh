@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The open issues' device measurements in three calls of under 10 minutes each (one H200, ~30 minutes
+# a session). From the repository root on the device, with the wheels of .whl/ carried:
+#   CALL=1 bash benchmarks/device_plan.sh   # issues 26 + 29: engine, serve, bank and kernel GPU tests, then
+#                                           # benchmarks/serve.py (decode, offline with 0/8/64 adapters, HTTP
+#                                           # with a key, /metrics scraped and a quarter JSON-schema requests, NF4)
+#   CALL=2 bash benchmarks/device_plan.sh   # issue 27: DPO/GRPO GPU tests, then benchmarks/preference.py (vs TRL)
+#   CALL=3 bash benchmarks/device_plan.sh   # issue 30: training GPU tests, varlen attention, train_throughput
+#                                           # (C and E, packed rows via mask vs varlen, FP8), then kernel tuning
+# Each part runs under its own `timeout`; what a part measured stays in $OUT even if a later one runs out.
+# Every command prints its table; JSON goes to $OUT. Nothing here is timed by a test.
+set -uo pipefail
+OUT=${OUT:-bench_out}
+CALL=${CALL:-1}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  >/dev/null 2>&1 || echo "wheel install failed: the parts that need fastapi/openai/trl will say so"
+export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import torch, transformers, triton, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, 'peft', peft.__version__)"
+  git log -1 --format='commit %H %cd' 2>/dev/null || true
+  date -u; } | tee "$OUT/device.txt"
+
+gpu_tests() {  # gpu_tests NAME SECONDS PATHS...: pytest into $OUT/tests-NAME.txt, its summary printed
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" python3 -m pytest -q -p no:cacheprovider -p no:warnings -rfE --tb=short "$@" \
+    > "$OUT/tests-$name.txt" 2>&1
+  echo "tests $name (rc $?):"; grep -E "passed|failed|error|FAILED|ERROR" "$OUT/tests-$name.txt" | tail -12
+}
+
+case $CALL in
+1)
+  gpu_tests engine 150 tests/engine tests/kernels/test_paged_attention.py tests/kernels/test_rope_cache.py \
+    tests/kernels/test_multi_lora.py tests/kernels/test_nf4_gemv.py tests/lora/test_bank.py tests/fused/test_projections.py \
+    tests/serve/test_structured.py tests/serve/test_dora_serve.py tests/serve/test_production.py \
+    $(ls tests/*/test_gpu_paths_*.py 2>/dev/null | grep -v "training\|memory")
+  timeout 420 python3 benchmarks/serve.py --json "$OUT/serve.json" --http-json-fraction 0.25 --http-api-key bench-key \
+    --http-scrape-s 1 2>&1 | grep -v "attention mask" | tee "$OUT/serve.txt" | tail -60
+  ;;
+2)
+  gpu_tests preference 120 tests/training/test_dpo.py tests/training/test_grpo.py tests/distributed/test_wrap.py
+  timeout 440 python3 benchmarks/preference.py --out "$OUT/preference" --completion 256 --grpo-steps 1 --dpo-steps 4 \
+    --limit-dpo 110 --limit-grpo 190 --limit-nf4 80 2>&1 | tee "$OUT/preference.txt" | tail -40
+  ;;
+3)
+  gpu_tests training 120 tests/kernels/test_varlen_attention.py tests/fused tests/quant/test_fp8.py tests/memory \
+    tests/training/test_loop.py tests/training/test_graphs.py $(ls tests/*/test_gpu_paths_*.py 2>/dev/null | grep "training\|memory")
+  timeout 60 python3 benchmarks/varlen_attention.py --json "$OUT/varlen_attention.json" 2>&1 | tee "$OUT/varlen.txt" | tail -15
+  timeout 200 python3 benchmarks/train_throughput.py --out "$OUT/train" --frameworks peft,splice --configs C,E \
+    --pack varlen --profile C --worker-timeout 180 2>&1 | tee "$OUT/train.txt" | grep -v "^  " | tail -30
+  timeout 110 python3 benchmarks/train_throughput.py --out "$OUT/train_fp8" --frameworks splice --configs C \
+    --quantize fp8 --parity-steps 200 --worker-timeout 100 2>&1 | tee "$OUT/train_fp8.txt" | grep -v "^  " | tail -15
+  timeout 60 python3 benchmarks/multi_lora.py --sweep --deadline-s 45 --json "$OUT/multi_lora.json" 2>&1 | tail -20
+  ;;
+*) echo "CALL is 1, 2 or 3"; exit 2 ;;
+esac
