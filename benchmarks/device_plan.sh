@@ -35,7 +35,8 @@ case $CALL in
     tests/serve/test_structured.py tests/serve/test_dora_serve.py tests/serve/test_production.py \
     $(ls tests/*/test_gpu_paths_*.py 2>/dev/null | grep -v "training\|memory")
   timeout 420 python3 benchmarks/serve.py --json "$OUT/serve.json" --http-json-fraction 0.25 --http-api-key bench-key \
-    --http-scrape-s 1 2>&1 | grep -v "attention mask" | tee "$OUT/serve.txt" | tail -60
+    --http-scrape-s 1 --limit-hf 30 --limit-peft 25 --limit-decode 100 --limit-offline 100 --limit-http 90 \
+    --limit-nf4 35 2>&1 | grep -v "attention mask" | tee "$OUT/serve.txt" | tail -60
   ;;
 2)
   gpu_tests preference 120 tests/training/test_dpo.py tests/training/test_grpo.py tests/distributed/test_wrap.py
