@@ -9,6 +9,7 @@
    wrong (on-policy negatives), else the name of another function. Chat-message rows, as TRL takes them.
 3. DPO from the SFT model: the SFT adapter merged into the base, a new LoRA trained with
    ``method="dpo"`` on the pairs, the reference being the merged SFT model (adapters disabled).
+   ``--rpo-alpha A``: DPO+NLL (RPO), the chosen answers' NLL per token weighted A added to the loss.
 4. The same held-out functions scored with the DPO adapter.
 
 Prints base / SFT / DPO held-out scores (JSON-valid, exact match, word F1) and whether DPO beats
@@ -90,6 +91,8 @@ def main() -> int:
     parser.add_argument("--eval", type=int, default=96, help="held-out functions scored")
     parser.add_argument("--lr", type=float, default=2e-4, help="DPO learning rate")
     parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--rpo-alpha", type=float, default=None,
+                        help="DPO+NLL: weight of the chosen answers' NLL in the loss (default: off, plain DPO)")
     args = parser.parse_args()
     if args.quick:
         args.sft_steps, args.dpo_steps, args.pairs, args.eval = 2, 2, 8, 4
@@ -118,26 +121,29 @@ def main() -> int:
     t_pairs = time.perf_counter()
     dpo = train(TrainConfig(model=str(args.out / "sft_merged"), data=str(args.out / "pairs.jsonl"), method="dpo",
                             output_dir=str(args.out / "dpo"), steps=args.dpo_steps, lr=args.lr, beta=args.beta,
-                            val_fraction=0.0, eval_samples=0, compare_base=False, save_every=0, warmup_steps=2))
+                            rpo_alpha=args.rpo_alpha, val_fraction=0.0, eval_samples=0, compare_base=False,
+                            save_every=0, warmup_steps=2))
     t_dpo = time.perf_counter()
     dpo_scores = _scores(str(args.out / "sft_merged"), args.out / "dpo" / "adapter", held_out, max_new_tokens=max_new)
     t_end = time.perf_counter()
 
-    table = {"base": sft.metrics["base"], "SFT": sft.metrics["final"], "SFT + DPO": dpo_scores}
+    dpo_name = "SFT + DPO" if args.rpo_alpha is None else "SFT + DPO+NLL"
+    table = {"base": sft.metrics["base"], "SFT": sft.metrics["final"], dpo_name: dpo_scores}
     train_rows = [json.loads(line) for line in (args.out / "dpo" / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in train_rows if r["kind"] == "train"]
-    lines = [f"{'model':<12}{'json_valid':>12}{'exact_match':>13}{'word_f1':>10}"]
-    lines += [f"{name:<12}{s['json_valid']:>12.3f}{s['exact_match']:>13.3f}{s['word_f1']:>10.3f}"
+    lines = [f"{'model':<16}{'json_valid':>12}{'exact_match':>13}{'word_f1':>10}"]
+    lines += [f"{name:<16}{s['json_valid']:>12.3f}{s['exact_match']:>13.3f}{s['word_f1']:>10.3f}"
               for name, s in table.items()]
     beats = dpo_scores["word_f1"] > sft.metrics["final"]["word_f1"]
-    lines.append(f"DPO {'beats' if beats else 'does not beat'} SFT-only on held-out word F1 "
+    lines.append(f"{dpo_name.removeprefix('SFT + ')} {'beats' if beats else 'does not beat'} SFT-only on held-out "
+                 f"word F1 "
                  f"({dpo_scores['word_f1']:.3f} vs {sft.metrics['final']['word_f1']:.3f}, {len(held_out)} functions)")
     print("\n".join(lines))
     report = {
         "held_out_functions": len(held_out), "scores": table, "dpo_beats_sft_word_f1": beats,
         "pairs": len(pairs), "rejected_from_sft_model": own,
         "settings": {"sft_steps": args.sft_steps, "dpo_steps": args.dpo_steps, "dpo_lr": args.lr, "beta": args.beta,
-                     "quick": args.quick},
+                     "rpo_alpha": args.rpo_alpha, "quick": args.quick},
         "dpo_train": {"first": train_rows[0], "last": train_rows[-1]} if train_rows else {},
         "seconds": {"sft_with_base_and_sft_scores": round(t_sft - t0, 1), "pairs_and_merge": round(t_pairs - t_sft, 1),
                     "dpo": round(t_dpo - t_pairs, 1), "dpo_scores": round(t_end - t_dpo, 1),

@@ -94,6 +94,8 @@ _HELP = {
     "loss_type": "dpo: sigmoid or ipo (default: sigmoid); grpo: dapo, grpo or dr_grpo (default: dapo, TRL's)",
     "precompute_ref": "dpo: compute the reference log-probs once before training (default: off: in "
                       "every step, with the adapters disabled)",
+    "rpo_alpha": "dpo: add this weight times the chosen answers' NLL (mean per token) to the loss: RPO, "
+                 "DPO+NLL, TRL's loss_type [sigmoid, sft] (default: off)",
     "reward": "grpo: a reward function FILE.py:FUNCTION, f(prompts, completions, **columns) -> list of "
               "floats (repeatable; default: none)",
     "reward_weights": "grpo: one weight per --reward, comma-separated (default: all 1)",

@@ -110,6 +110,7 @@ class TrainConfig:
     label_smoothing: float = 0.0  # DPO sigmoid: the chance a pair's preference is flipped (cDPO)
     loss_type: str | None = None  # dpo: sigmoid (default) | ipo; grpo: grpo | dr_grpo | dapo
     precompute_ref: bool = False  # DPO: the reference log-probs once, before training
+    rpo_alpha: float | None = None  # DPO: + alpha * the chosen answers' NLL per token (RPO; None: off)
     reward: str | None = None  # GRPO: FILE.py:FUNCTION, comma-separated (the flag is repeatable)
     reward_weights: str | None = None  # GRPO: one weight per reward, comma-separated (default: all 1)
     num_generations: int = 8  # GRPO: completions per prompt (one group)
@@ -385,6 +386,8 @@ RULES: tuple[Rule, ...] = (
          "label_smoothing is an option of method dpo with the sigmoid loss"),
     Rule(("method", "precompute_ref"), lambda m, p: not p or m == "dpo",
          "precompute_ref is an option of method dpo"),
+    Rule(("method", "rpo_alpha"), lambda m, a: a is None or (m == "dpo" and a >= 0),
+         "rpo_alpha is an option of method dpo (>= 0, the weight of the chosen answers' NLL; default: off)"),
     Rule(("method", "reward"), lambda m, r: r is None or m == "grpo", "reward is an option of method grpo"),
     Rule(("prompt_template", "response_template"), lambda p, r: (p is None) == (r is None),
          "give both prompt_template and response_template (or neither)"),

@@ -13,7 +13,18 @@ rejected ``r``, each log-prob summed over the answer tokens, see :mod:`splice.tr
 (TRL's ``DPOTrainer``: its "sigmoid", the older sigmoid with ``label_smoothing``, its "ipo" with the
 per-token normalisation.) The step's loss is the mean over pairs; each ``train`` row of metrics.jsonl
 also carries ``reward_accuracy`` (share of pairs with rc > rr), ``reward_margin`` (rc - rr),
-``chosen_logp``/``rejected_logp`` (log pi, summed over the answer) and ``chosen_reward``/``rejected_reward``.
+``chosen_logp``/``rejected_logp`` (log pi, summed over the answer), ``chosen_reward``/``rejected_reward``
+and ``nll``, the chosen answers' negative log-likelihood per token (below).
+
+RPO / DPO+NLL (``rpo_alpha``): DPO can push the rejected answers down without lifting the chosen
+ones; the chosen answers' NLL under the policy (the same forward) is added to the loss::
+
+    nll = -(sum of log pi over every chosen answer token of the batch) / (those tokens)
+    loss = mean over pairs of the DPO loss + rpo_alpha * nll
+
+one mean per token over the (micro-)batch, not per answer: TRL 1.16's ``loss_type=["sigmoid", "sft"]``
+with ``loss_weights=[1, rpo_alpha]`` (and TRL 0.x's ``rpo_alpha``, a cross-entropy over the chosen
+half). Over several micro-batches or ranks the step's term is the pair-weighted mean of each batch's.
 
 The reference log-probs come from a no-grad forward with the adapters disabled in every step, or,
 with ``precompute_ref``, once for every pair before the first step.
@@ -40,7 +51,7 @@ from splice.training.logps import token_logps
 from splice.training.method import Method, RunData, RunParts, RunRows
 from splice.training.validate import autocast
 
-__all__ = ["DPO", "DEFAULT_BETA", "dpo_losses"]
+__all__ = ["DPO", "DEFAULT_BETA", "chosen_nll", "dpo_losses"]
 
 DEFAULT_BETA = 0.1  # TRL's
 
@@ -64,18 +75,27 @@ def dpo_losses(policy: Tensor, reference: Tensor, *, beta: float, label_smoothin
     return losses, beta * chosen.detach(), beta * rejected.detach()
 
 
+def chosen_nll(token_logps: Tensor, answer: Tensor, pair_weight: Tensor) -> Tensor:
+    """The module doc's ``nll`` (a scalar): from ``token_logps`` (2b, T) and the ``answer`` mask
+    (2b, T) of the chosen rows then the rejected ones; ``pair_weight`` (b,) 0 drops a placeholder pair."""
+    logps = token_logps.chunk(2)[0]
+    mask = answer.chunk(2)[0].to(logps.dtype) * pair_weight.to(logps.dtype)[:, None]
+    return -(logps * mask).sum() / mask.sum().clamp(min=1)
+
+
 class DPO(Method):
     """Direct preference optimisation (module doc); the hooks of :class:`~splice.training.method.Method`."""
 
     name = "dpo"
     metric_names = ("reward_accuracy", "reward_margin", "chosen_logp", "rejected_logp", "chosen_reward",
-                    "rejected_reward")
+                    "rejected_reward", "nll")
     graphs = False  # rows of every length, and a reference forward in the step
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
         self.beta = DEFAULT_BETA if config.beta is None else config.beta
         self.loss_type = config.loss_type or "sigmoid"
+        self.rpo_alpha = config.rpo_alpha or 0.0
 
     def embedded(self) -> RunRows:
         raise UsageError("--method dpo trains on preference pairs: pass --data FILE of prompt/chosen/rejected "
@@ -130,25 +150,29 @@ class DPO(Method):
     def reference_logps(model: nn.Module, batch: Batch) -> Tensor:
         """(2b,) summed answer log-probs with the adapters disabled, without gradients."""
         with torch.no_grad(), adapters_disabled(model):
-            return _summed_logps(model, batch)
+            return _token_logps(model, batch).sum(dim=1)
 
     def loss(self, model: nn.Module, batch: Batch, *, device: torch.device, static_shapes: bool = False) -> Tensor:
         """[summed loss, then the summed metrics of ``metric_names``] over the batch's (real) pairs."""
         batch = {k: v.to(device) for k, v in batch.items()}
         reference = batch["ref_logps"] if "ref_logps" in batch else self.reference_logps(model, batch)
-        policy = _summed_logps(model, batch)
-        tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1)
+        per_token = _token_logps(model, batch)  # (2b, T-1)
+        policy = per_token.sum(dim=1)
+        answer = batch["labels"][:, 1:] != IGNORE_INDEX
         losses, chosen_rewards, rejected_rewards = dpo_losses(
             policy, reference.to(policy.dtype), beta=self.beta, label_smoothing=self.config.label_smoothing,
-            loss_type=self.loss_type, tokens=tokens)
+            loss_type=self.loss_type, tokens=answer.sum(dim=1))
         weight = batch["pair_weight"].to(losses.dtype)
+        nll = chosen_nll(per_token, answer, weight)
+        pairs = weight.sum()  # the loop divides the sums by the step's pairs: a batch-level term counts per pair
+        loss = (losses * weight).sum() + (self.rpo_alpha * nll * pairs if self.rpo_alpha else 0.0)
         chosen_logp, rejected_logp = policy.detach().chunk(2)
         metrics = [(chosen_rewards > rejected_rewards).to(losses.dtype), chosen_rewards - rejected_rewards,
                    chosen_logp, rejected_logp, chosen_rewards, rejected_rewards]
-        return torch.stack([(losses * weight).sum(), *((m * weight).sum() for m in metrics)])
+        return torch.stack([loss, *((m * weight).sum() for m in metrics), nll.detach() * pairs])
 
 
-def _summed_logps(model: nn.Module, batch: Batch) -> Tensor:
-    """(2b,) log-probs of each row's answer tokens, summed."""
+def _token_logps(model: nn.Module, batch: Batch) -> Tensor:
+    """(2b, T-1) log-probs of each row's answer tokens (0 elsewhere)."""
     return token_logps(model, input_ids=batch["input_ids"], labels=batch["labels"],
-                       attention_mask=batch["attention_mask"]).sum(dim=1)
+                       attention_mask=batch["attention_mask"])

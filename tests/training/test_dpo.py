@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from splice.core.errors import UsageError
 from splice.training.config import TrainConfig
-from splice.training.dpo import dpo_losses
+from splice.training.dpo import chosen_nll, dpo_losses
 from splice.training.loop import step, train
 from splice.training.setup import build_run, prepare_rows
 from splice.training.state import latest_checkpoint
@@ -71,9 +72,29 @@ def test_losses_are_the_formulas() -> None:
         dpo_losses(policy, reference, beta=0.2, loss_type="ipo")
 
 
-def test_first_steps_match_trl_dpo_trainer(tiny_run_inputs, tmp_path) -> None:
+def test_chosen_nll_is_a_mean_per_token_over_the_chosen_answers() -> None:
+    token_logps = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, -0.25, -0.25],  # chosen (2), then rejected (2)
+                                [-9.0, -9.0, -9.0], [-7.0, -7.0, -7.0]], dtype=torch.float64)
+    answer = torch.tensor([[True, True, False], [False, True, True], [True, True, True], [True, False, False]])
+    both = chosen_nll(token_logps, answer, torch.ones(2))
+    torch.testing.assert_close(both, torch.tensor((1 + 2 + 0.25 + 0.25) / 4, dtype=torch.float64))  # not per answer
+    only_first = chosen_nll(token_logps, answer, torch.tensor([1.0, 0.0]))  # the second pair is a placeholder
+    torch.testing.assert_close(only_first, torch.tensor(1.5, dtype=torch.float64))
+    assert chosen_nll(token_logps, answer, torch.zeros(2)).item() == 0.0
+
+
+def test_rpo_alpha_is_a_dpo_option() -> None:
+    for bad in (dict(rpo_alpha=1.0), dict(method="grpo", rpo_alpha=1.0), dict(method="dpo", rpo_alpha=-0.5)):
+        with pytest.raises(UsageError, match=r"rpo_alpha is an option of method dpo \(>= 0"):
+            TrainConfig(**bad)  # type: ignore[arg-type]
+    assert TrainConfig(method="dpo", rpo_alpha=1).rpo_alpha == 1.0
+
+
+@pytest.mark.parametrize("rpo_alpha", [None, 0.5])
+def test_first_steps_match_trl_dpo_trainer(tiny_run_inputs, tmp_path, rpo_alpha: float | None) -> None:
     """The same pairs, beta, initial adapter and optimizer (SGD, momentum 0.9, constant lr): TRL's
-    DPOTrainer + PEFT logs the same loss, rewards and log-probs for three steps."""
+    DPOTrainer + PEFT logs the same loss, rewards and log-probs for three steps. With ``rpo_alpha``:
+    TRL 1.16's DPO+NLL, ``loss_type=["sigmoid", "sft"]`` weighted ``[1, rpo_alpha]``."""
     pytest.importorskip("trl")
     from datasets import Dataset
     from peft import PeftModel
@@ -86,7 +107,7 @@ def test_first_steps_match_trl_dpo_trainer(tiny_run_inputs, tmp_path) -> None:
     pairs = write_pairs(tmp_path / "pairs.jsonl", 4)
     config = dpo_config(tiny_run_inputs, tmp_path / "run", pairs, steps=3, lr=0.05, optimizer="sgd",
                         schedule="constant", batch_size=4, val_fraction=0.0, rank=4, alpha=8,
-                        targets="q_proj,v_proj")
+                        targets="q_proj,v_proj", rpo_alpha=rpo_alpha)
     run = build_run(config)
     save_adapter(run.model, tmp_path / "init", base_model=str(model_dir))
     ours = [step(run, stop={}) for _ in range(3)]
@@ -97,7 +118,8 @@ def test_first_steps_match_trl_dpo_trainer(tiny_run_inputs, tmp_path) -> None:
     optimizer = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
     args = DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, max_steps=3, logging_steps=1,
                      beta=0.1, learning_rate=0.05, report_to=[], max_length=64, save_strategy="no", use_cpu=True,
-                     bf16=False, fp16=False)
+                     bf16=False, fp16=False,
+                     **({} if rpo_alpha is None else {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, rpo_alpha]}))
     rows = [json.loads(line) for line in pairs.read_text().splitlines()]
     trainer = DPOTrainer(model=peft_model, args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=tokenizer,
@@ -113,7 +135,9 @@ def test_first_steps_match_trl_dpo_trainer(tiny_run_inputs, tmp_path) -> None:
         assert mine.grad_norm == pytest.approx(trl_row["grad_norm"], rel=1e-4)
         for name, trl_name in names.items():
             assert mine.metrics[name] == pytest.approx(trl_row[trl_name], rel=1e-4, abs=1e-5), name
-    assert ours[0].loss == pytest.approx(math.log(2))  # a fresh adapter is the reference
+    # a fresh adapter is the reference (and the chosen answers' NLL is the base model's, not trivial)
+    assert ours[0].loss == pytest.approx(math.log(2) + (rpo_alpha or 0.0) * ours[0].metrics["nll"])
+    assert ours[0].metrics["nll"] > 1.0
     assert ours[-1].metrics["reward_margin"] > 0.05  # and the steps moved it: not a trivial agreement
 
 
@@ -126,7 +150,7 @@ def test_run_learns_and_logs_the_metrics(tiny_run_inputs, tmp_path) -> None:
     rows = train_rows(tmp_path / "run")
     assert [r["step"] for r in rows] == list(range(1, 13))
     for key in ("loss", "reward_accuracy", "reward_margin", "chosen_logp", "rejected_logp", "chosen_reward",
-                "rejected_reward"):
+                "rejected_reward", "nll"):
         assert all(math.isfinite(r[key]) for r in rows), key
     assert rows[0]["loss"] == pytest.approx(math.log(2))
     assert rows[0]["reward_margin"] == 0.0
