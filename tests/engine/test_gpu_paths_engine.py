@@ -1,0 +1,88 @@
+"""GPU-only paths of the engine that the CPU tests cannot reach (skipped without a GPU).
+
+On CUDA the engine overlaps its steps (each one launched before the previous step's tokens reach the
+host: pinned buffers, events, tokens fed on the device) and replays CUDA graphs for decode and mixed
+(prefill) steps. Here every request must come out exactly as from the plain engine (no overlap, no
+graphs): a staging buffer reused before its copy finished, a token fed from the wrong row or a graph
+reading stale inputs changes tokens. The options mix sampling, logprobs, penalties, n > 1, stop
+strings, a grammar, late joins (prefill chunks beside fed decodes in one graph) and preemption.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from splice.engine.constraints import regex
+from splice.engine.engine import Engine, Request
+from splice.engine.runner import _buckets
+from splice.engine.sampling import SamplingParams
+from tests import tiny
+from tests.numerics import GPU
+
+PROMPTS = ["hello world", "the cat sat on the mat", "a", "xyz 123 abc", "once upon a time there was", "zz top",
+           "the the the the the the the the the the the the the the the the the the"]
+OPTIONS: list[dict[str, Any]] = [
+    dict(max_tokens=10, logprobs=2),
+    dict(max_tokens=11, temperature=0.9, seed=15, logprobs=4),
+    dict(max_tokens=13, temperature=1.1, top_k=12, seed=17, n=3),
+    dict(max_tokens=9, presence_penalty=-1.0, frequency_penalty=1.5, temperature=0.6, seed=2),
+    dict(max_tokens=15, temperature=0.8, seed=21, stop=("a",)),
+    dict(max_tokens=12, constraint=regex("[a-c]{2,7}")),
+    dict(max_tokens=20, temperature=0.7, top_p=0.9, seed=3),
+]
+
+
+def _run(tokenizer: Any, *, fast: bool, kv_blocks: int) -> tuple[list[tuple[Any, ...]], list[float], Engine]:
+    """Every choice's (tokens, text, finish reason, logprob tokens), every logprob; ``fast``: overlap and CUDA graphs (with a
+    token budget small enough that prefill chunks replay the 16/32/64-token graphs)."""
+    model = tiny.build_tiny_llama(len(tokenizer), seed=3).cuda()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(6)  # some EOS among the greedy rows
+    engine = Engine(model, tokenizer, max_seqs=4, max_len=64, block_size=4, kv_blocks=kv_blocks, token_budget=64,
+                    overlap=fast, cuda_graphs=fast)
+    requests = []
+    for number, (prompt, options) in enumerate(zip(PROMPTS, OPTIONS, strict=True)):
+        requests.append(Request(prompt_ids=list(tokenizer(prompt)["input_ids"]), params=SamplingParams(**options)))
+        engine.submit(requests[-1])
+        if number in (2, 4):  # the others join while the first ones decode
+            engine.step()
+            engine.step()
+    while engine.busy:
+        engine.step()
+    choices = [c for r in requests for c in r.choices]
+    outcomes = [(c.generated, c.text, c.finish_reason, [lp.token for lp in c.logprobs or []])
+                for c in choices]
+    return outcomes, [lp.logprob for c in choices for lp in c.logprobs or []], engine
+
+
+@GPU
+@pytest.mark.parametrize("kv_blocks", [80, 17])  # room for all; a pool small enough to preempt
+def test_overlapped_graph_steps_give_every_request_the_plain_engines_output(tiny_tokenizer, kv_blocks: int) -> None:  # type: ignore[no-untyped-def]
+    plain, plain_logprobs, _ = _run(tiny_tokenizer, fast=False, kv_blocks=kv_blocks)
+    fast, logprobs, engine = _run(tiny_tokenizer, fast=True, kv_blocks=kv_blocks)
+    assert engine.overlap and engine.graph_failure is None
+    mixed = [key for key in engine.runner._graphs if key[:2] not in {(b, b) for b in _buckets(4)}]
+    assert mixed, "no prefill chunk replayed a token-bucket graph"
+    assert (engine.preemptions > 0) == (kv_blocks < 80)
+    assert fast == plain
+    assert logprobs == pytest.approx(plain_logprobs, abs=1e-4)  # (matmuls of a padded M may round apart)
+    assert {outcome[2] for outcome in plain} >= {"stop", "length"}
+
+
+@GPU
+def test_warmed_up_graphs_serve_the_first_requests_without_a_capture(tiny_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """warmup() captures every bucket: the requests that follow (decodes fed on the device, prefill chunks)
+    replay them and capture none."""
+    model = tiny.build_tiny_llama(len(tiny_tokenizer), seed=3).cuda()
+    engine = Engine(model, tiny_tokenizer, max_seqs=4, max_len=64, block_size=4, kv_blocks=80, token_budget=64)
+    captured = engine.runner.warmup()
+    graphs = dict(engine.runner._graphs)
+    assert captured == len(graphs) == len(_buckets(4)) + len(engine.runner.token_buckets)
+    prompts = [list(tiny_tokenizer(p)["input_ids"]) for p in PROMPTS]
+    done = engine.generate(prompts, SamplingParams(max_tokens=8))
+    assert all(r.finish_reason in ("stop", "length") for r in done)
+    assert engine.graph_failure is None
+    assert all(engine.runner._graphs[key] is entry for key, entry in graphs.items())  # none captured again
