@@ -58,6 +58,9 @@ _HELP = {
     "gradient_checkpointing": "recompute activations in backward (less memory)",
     "fuse": "fused kernels and memory-aware checkpointing (default: on with a CUDA GPU)",
     "offload_checkpoints": "keep checkpointed activations in CPU memory", "seed": "random seed",
+    "offload_compression": "with --offload-checkpoints: store each offloaded layer input in 8 bits with a scale "
+                           "per token, half the host memory: fp8 (recommended) or int8; the loss is unchanged, "
+                           "the gradients move by the inputs' rounding (default: none)",
     "keep_attention": "with checkpointing, keep each layer's attention internals too (in CPU memory "
                       "with --offload-checkpoints): no q/k/v/o or attention recompute, more memory",
     "embeddings_on_host": "keep the frozen input embedding in CPU memory (frees its GPU copy: the "

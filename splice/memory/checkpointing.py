@@ -9,7 +9,11 @@ Compared with ``torch.utils.checkpoint``'s non-reentrant mode this skips the per
 Python hooks and the forward graph, which matters when the step is short and CPU-bound. With
 ``offload=True`` the kept input goes to pinned CPU memory (copied on a side stream while the GPU
 computes) and comes back for the recompute, so the GPU holds no per-layer activations at all:
-the longest sequences fit.
+the longest sequences fit. Host memory then bounds the length (one ``T x H`` input per layer:
+Llama-3-8B at 600k tokens, 157 GB in bf16): ``offload_compression="fp8"`` (or ``"int8"``)
+stores each offloaded input as 8-bit codes with a scale per token, half the host memory and
+half the PCIe traffic (:mod:`splice.memory.offload`); the forward is unchanged, the recompute
+runs on the dequantized input.
 
 ``layers="auto"`` checkpoints only as many layers as memory requires: in each training forward,
 the first layer runs un-checkpointed while the memory it keeps is measured; from that, the free
@@ -39,7 +43,7 @@ from splice.core.context import causal_only, is_causal_only
 from splice.core.family import LAYER_PATH, RESIDUAL_MLP_LAYERS
 from splice.core.rewrite import Around, Node, Replace, nodes, rewrite, share_state, unrewrite
 from splice.kernels.dropout import KeyTape, recording_keys, replaying_keys
-from splice.memory.offload import Kept, OffloadPool
+from splice.memory.offload import COMPRESSIONS, Compression, Kept, OffloadPool
 from splice.memory.stash import Stash, mlp_output_unread, recording, replaying
 
 __all__ = ["CheckpointedLayer", "checkpoint_layers", "release_pinned_memory", "uncheckpoint_layers"]
@@ -76,6 +80,7 @@ class _Shared:
 
     plan: _AutoPlan | None
     pool: OffloadPool
+    compression: Compression = "none"  # of the offloaded layer inputs (not of the stash)
     last_saved: tuple[int, Kept] | None = None
 
 
@@ -96,7 +101,7 @@ class _Checkpoint(torch.autograd.Function):
         ctx.cpu_rng = torch.get_rng_state()
         capturing = hidden.is_cuda and torch.cuda.is_current_stream_capturing()
         ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda and not capturing else None
-        ctx.saved = Kept(hidden, shared.pool if offload else None)
+        ctx.saved = Kept(hidden, shared.pool if offload else None, compression=shared.compression)
         last = shared.last_saved
         ctx.below = last[1] if last is not None and last[0] == index - 1 else None
         shared.last_saved = (index, ctx.saved)
@@ -222,6 +227,7 @@ def checkpoint_layers(
     reserve_gib: float = 2.0,
     skip_unread: bool = True,
     keep_attention: bool = False,
+    offload_compression: Compression = "none",
 ) -> list[str]:
     """Wrap the decoder layers of ``model`` for activation checkpointing; returns their names.
 
@@ -237,8 +243,12 @@ def checkpoint_layers(
     v, attention output and log-sum-exp, output projection: ~3.5x the layer input for
     Llama-3-8B, in pinned host memory with ``offload``) so that the recompute runs no q/k/v/o
     GEMM and no attention forward (see :mod:`splice.memory.stash`): with ``offload``, speed for host
-    memory. The LoRA down-projections are always kept (r/in of their inputs). Raises if the
-    model has no decoder layers.
+    memory. The LoRA down-projections are always kept (r/in of their inputs).
+    ``offload_compression``: ``"fp8"`` (recommended) or ``"int8"`` stores each offloaded layer
+    input as 8-bit codes plus a scale per token (half the host memory; the gradients move by
+    about the inputs' rounding, see :mod:`splice.memory.offload`); layers kept on the GPU and
+    the ``keep_attention`` internals are not compressed. Raises if the model has no decoder
+    layers, or for a compression without offload.
     """
     found = _decoder_layer_nodes(model)
     if not found:
@@ -248,10 +258,16 @@ def checkpoint_layers(
         )
     total = len(found)
     plan = _AutoPlan(n_layers=total, reserve_gib=reserve_gib) if layers == "auto" else None
-    shared = _Shared(plan=plan, pool=OffloadPool())
+    shared = _Shared(plan=plan, pool=OffloadPool(), compression=offload_compression)
     index = {n.name: i for i, n in enumerate(found)}
     if not isinstance(offload, bool) and not 0 <= offload <= total:
         raise ValueError(f"checkpoint_layers: offload={offload} layers, but the model has {total}")
+    if offload_compression not in COMPRESSIONS:
+        raise ValueError(f"checkpoint_layers: offload_compression must be one of {', '.join(COMPRESSIONS)}, "
+                         f"got {offload_compression!r}")
+    if offload_compression != "none" and not offload:
+        raise ValueError(f"checkpoint_layers: offload_compression={offload_compression!r} compresses the "
+                         "layer inputs kept in host memory: pass offload=True (or a layer count)")
 
     def selected(name: str) -> bool:
         if layers in ("auto", "all"):

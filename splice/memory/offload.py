@@ -6,22 +6,132 @@ time with :meth:`Kept.prefetch`, so the copy overlaps compute) when the backward
 Pinned buffers are pooled by shape (pinning is slow), and the buffers a captured CUDA graph
 copies through are kept for as long as it may be replayed. Used by :mod:`splice.memory.checkpointing`
 for layer inputs and by :mod:`splice.memory.stash` for the tensors a recompute reuses.
+
+Compression (``compression="fp8" | "int8"``, layer inputs only): the offloaded tensor ``x``
+(..., H) is stored as 1-byte codes ``q`` (..., H) and one fp32 scale per row (token) ``s`` (..., 1),
+``x ~ q * s``: fp8 e4m3 with ``s = amax(|x_row|) / 448`` (round to nearest even, by
+:func:`splice.quant.fp8.quantize_rows`), or int8 with ``s = amax(|x_row|) / 127``, ``q =
+round(x / s)`` (half to even) in [-127, 127]. An all-zero row gets a tiny scale and zero codes:
+it comes back exactly zero. Quantizing runs on the GPU, on the copy stream, before the
+device-to-host copy (so the PCIe copy halves too); dequantizing runs on the copy stream after the
+upload. Host memory per token and layer: ``H + 4`` bytes instead of ``2H`` (bf16).
+
+Which format: a residual stream's rows carry a few outlier channels far above the rest (the
+real SmolLM2-135M's layer inputs: amax up to 24x a row's RMS, 12x in the median token, and a
+few tokens far larger than the rest). int8's uniform step ``amax / 127`` then rounds the
+ordinary channels to a few levels, while e4m3 keeps ~2^-4 relative precision at every
+magnitude, so fp8 is the recommended value; on rows without outliers (Gaussian-like, the random
+tiny test models) int8 is the more accurate (0.6% against 2.5%). Measured on SmolLM2-135M
+(``benchmarks/offload_compression.py``: the default job's model and LoRA, fp32 on the CPU, 4 x
+160 tokens of its task), fp8 / int8: layer-input error 0.6% / 5.2% (median layer; the ordinary
+channels 2.7% / 29%); the first step's LoRA gradients 9.7% / 13.9% from the uncompressed ones,
+where the whole model in bf16 is 46% from fp32.
+The forward is unchanged (it runs on the exact input); only the backward's recompute sees the
+dequantized input, so the loss is bit-identical and the gradients move by a small multiple of
+the layer inputs' error (the recompute of each layer above adds its own).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import weakref
+from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-__all__ = ["Kept", "OffloadPool", "pinned_empty"]
+from splice.quant.fp8 import FP8_DTYPE, quantize_rows
+
+__all__ = ["COMPRESSIONS", "Compression", "Kept", "OffloadPool", "dequantize_rows", "kept_nbytes",
+           "host_memory", "offloaded_host_bytes", "pinned_empty", "quantize_rows_8bit"]
 
 # torch's pinned allocator rounds every block up to a power of two: a 2.75 GiB layer input
 # (352k tokens x 4,096 bf16) takes 4 GiB, and 32 of them exhaust a 128 GiB host. Buffers from
 # this size up are allocated pageable and registered with CUDA at their exact size instead.
 _EXACT_PIN_BYTES = 64 << 20
+
+Compression = Literal["none", "fp8", "int8"]
+COMPRESSIONS: tuple[Compression, ...] = ("none", "fp8", "int8")
+_CODES = {"fp8": FP8_DTYPE, "int8": torch.int8}
+_INT8_MAX = 127.0
+_TINY = 1e-12  # an all-zero row's amax floor (as splice.quant.fp8): its codes are 0, it comes back 0
+# Rows (de)quantized at a time: at most this many elements, so the fp32 temporaries of a
+# 600k-token layer input stay ~128 MiB instead of twice the input.
+_CHUNK_ELEMENTS = 1 << 25
+
+
+def _row_blocks(rows: int, width: int) -> list[slice]:
+    """Slices of at most ``_CHUNK_ELEMENTS`` elements covering ``rows`` rows of ``width``."""
+    step = max(1, _CHUNK_ELEMENTS // max(width, 1))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def _int8_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(codes int8 (M, H), scales fp32 (M, 1)) of ``x`` (M, H): ``round(x / s)``, ``s = amax / 127``."""
+    amax = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).float()
+    scale = amax.clamp(min=_TINY) / _INT8_MAX
+    # x / s <= 127 up to fp32 rounding; the clamp keeps a 127.00001 (and nothing else) in range
+    return torch.round(x.float() / scale).clamp_(-_INT8_MAX, _INT8_MAX).to(torch.int8), scale
+
+
+def quantize_rows_8bit(x: Tensor, compression: Compression) -> tuple[Tensor, Tensor]:
+    """``x`` (..., H) as 1-byte codes (..., H) and fp32 row scales (..., 1), ``x ~ codes * scales``
+    (module doc); ``compression`` "fp8" or "int8". Runs on ``x``'s device, a block of rows at a time."""
+    if compression not in _CODES:
+        raise ValueError(f"compression must be fp8 or int8, got {compression!r}")
+    flat = x.reshape(-1, x.shape[-1])
+    codes = torch.empty(flat.shape, dtype=_CODES[compression], device=x.device)
+    scales = torch.empty((flat.shape[0], 1), dtype=torch.float32, device=x.device)
+    for rows in _row_blocks(*flat.shape):
+        codes[rows], scales[rows] = quantize_rows(flat[rows]) if compression == "fp8" else _int8_rows(flat[rows])
+    return codes.view(x.shape), scales.view(*x.shape[:-1], 1)
+
+
+def dequantize_rows(codes: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
+    """``codes * scales`` (the inverse of :func:`quantize_rows_8bit`) in ``dtype``, computed in
+    fp32 (one rounding, to ``dtype``), a block of rows at a time."""
+    out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
+    flat, flat_out, flat_scales = codes.reshape(-1, codes.shape[-1]), out.view(-1, codes.shape[-1]), scales.reshape(-1, 1)
+    for rows in _row_blocks(*flat.shape):
+        flat_out[rows] = flat[rows].float() * flat_scales[rows]
+    return out
+
+
+def kept_nbytes(shape: torch.Size | tuple[int, ...], dtype: torch.dtype, compression: Compression = "none") -> int:
+    """Host bytes one offloaded tensor of ``shape`` and ``dtype`` takes: ``numel * itemsize``, or
+    compressed, 1 byte an element plus a 4-byte scale a row (``H + 4`` bytes a token)."""
+    if compression == "none":
+        return math.prod(shape) * dtype.itemsize
+    return math.prod(shape) + 4 * math.prod(shape[:-1])
+
+
+def offloaded_host_bytes(*, tokens: int, hidden: int, layers: int, dtype: torch.dtype,
+                         compression: Compression = "none", lora_ranks: int = 0) -> int:
+    """Pinned host memory the offloaded checkpoints of ``layers`` decoder layers hold for one
+    micro-batch of ``tokens`` tokens: each layer's input (tokens, hidden) as :func:`kept_nbytes`
+    stores it, plus the LoRA down-projections the stash keeps (``lora_ranks``: the sum of the
+    ranks of one layer's adapted linears, 7 x 16 for r16 all-linear Llama; tokens x rank in
+    ``dtype``, never compressed; an upper bound, as those under 1 MiB stay on the device). The
+    attention internals ``keep_attention`` adds are not counted. With r16 all-linear LoRA in
+    bf16: Llama-3-8B (hidden 4,096, 32 layers) at 600k tokens 150 GiB, 77 GiB with fp8;
+    Llama-3-70B (8,192, 80 layers) at 128k tokens 158 GiB, 80 GiB with fp8."""
+    per_layer = kept_nbytes((tokens, hidden), dtype, compression) + tokens * lora_ranks * dtype.itemsize
+    return layers * per_layer
+
+
+def host_memory(*, available: bool = False) -> int | None:
+    """This machine's physical memory in bytes (pinned buffers cannot exceed it), or with
+    ``available`` what new allocations can have now (Linux's MemAvailable); None where the OS
+    does not say."""
+    try:
+        if available:
+            text = Path("/proc/meminfo").read_text()
+            return int(text.split("MemAvailable:")[1].split()[0]) * 1024  # "MemAvailable:  123 kB"
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, IndexError, ValueError, OSError):
+        return None
 
 
 def pinned_empty(shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> Tensor:
@@ -84,46 +194,66 @@ class OffloadPool:
         self.graph_buffers.clear()
 
 
+def _pack(t: Tensor, compression: Compression) -> tuple[Tensor, ...]:
+    """What is stored of ``t``: ``(t,)``, or its (codes, row scales)."""
+    return (t,) if compression == "none" else quantize_rows_8bit(t, compression)
+
+
+def _unpack(parts: tuple[Tensor, ...] | list[Tensor], compression: Compression, dtype: torch.dtype) -> Tensor:
+    return parts[0] if compression == "none" else dequantize_rows(parts[0], parts[1], dtype)
+
+
 class Kept:
     """One kept activation: the tensor itself, or (``offload``) a pinned CPU copy written on a
     side stream while the GPU computes, uploaded again on demand (:meth:`load`, once) or ahead
-    of time (:meth:`prefetch`: it comes back while the GPU still computes something else)."""
+    of time (:meth:`prefetch`: it comes back while the GPU still computes something else).
+    An offloaded copy may be compressed to 8 bits a value (module doc)."""
 
-    def __init__(self, t: Tensor, pool: OffloadPool | None) -> None:
-        """``pool``: where the pinned copy comes from; None keeps ``t`` itself (no offload)."""
+    def __init__(self, t: Tensor, pool: OffloadPool | None, *, compression: Compression = "none") -> None:
+        """``pool``: where the pinned copy comes from; None keeps ``t`` itself (no offload, and
+        no compression). ``compression``: "none", or "fp8" / "int8" codes with row scales."""
         self.event: torch.cuda.Event | None = None
         self.uploaded: tuple[Tensor, torch.cuda.Event] | None = None
         self.pool = pool
+        self.dtype = t.dtype
+        self.compression: Compression = compression if pool is not None else "none"
         if pool is None:
-            self.tensor = t.detach()  # no copy: the input simply stays alive
+            self.parts: tuple[Tensor, ...] = (t.detach(),)  # no copy: the input simply stays alive
             return
-        if not t.is_cuda:  # CPU tensors (tests): a plain copy
-            self.tensor = t.detach().clone()
+        if not t.is_cuda:  # CPU tensors (tests): a plain copy, or compressed as on a GPU
+            plain = self.compression == "none"
+            self.parts = (t.detach().clone(),) if plain else _pack(t.detach(), self.compression)
             return
         self.capturing = torch.cuda.is_current_stream_capturing()
-        self.tensor = pool.take(t.shape, t.dtype, capturing=self.capturing)
         stream = pool.stream(t.device)
         stream.wait_stream(torch.cuda.current_stream(t.device))
         with torch.cuda.stream(stream):
-            self.tensor.copy_(t.detach(), non_blocking=True)
+            # Quantized on the copy stream (it overlaps compute; its outputs are made, copied
+            # and freed on this stream, so their memory is reused only after the copy).
+            packed = _pack(t.detach(), self.compression)
+            self.parts = tuple(pool.take(p.shape, p.dtype, capturing=self.capturing) for p in packed)
+            for host, part in zip(self.parts, packed, strict=True):
+                host.copy_(part, non_blocking=True)
         t.record_stream(stream)  # the allocator must not reuse t before the copy ends
         self.event = torch.cuda.Event()
         self.event.record(stream)
 
     def prefetch(self, device: torch.device) -> None:
-        """Start the upload on the copy stream (after the download; it overlaps compute)."""
+        """Start the upload on the copy stream (after the download; it overlaps compute), and
+        the dequantization after it."""
         if self.event is None or self.uploaded is not None or self.pool is None:
             return
         stream = self.pool.stream(device)
         with torch.cuda.stream(stream):  # the download ran on this stream: already ordered
-            out = self.tensor.to(device, non_blocking=True)
+            out = _unpack([p.to(device, non_blocking=True) for p in self.parts], self.compression, self.dtype)
         done = torch.cuda.Event()
         done.record(stream)
         self.uploaded = (out, done)
 
     def load(self, device: torch.device) -> Tensor:
         if self.event is None:
-            return self.tensor if self.tensor.device == device else self.tensor.to(device)
+            out = _unpack(self.parts, self.compression, self.dtype)
+            return out if out.device == device else out.to(device)
         current = torch.cuda.current_stream(device)
         self.prefetch(device)
         assert self.uploaded is not None
@@ -132,8 +262,9 @@ class Kept:
         out.record_stream(current)  # made on the copy stream, used (and freed) on this one
         self.uploaded = None
         assert self.pool is not None
-        if self.capturing:
-            self.pool.keep_for_graph(self.tensor)
-        else:
-            self.pool.give(self.tensor, done)  # reusable once the upload finished
+        for buffer in self.parts:
+            if self.capturing:
+                self.pool.keep_for_graph(buffer)
+            else:
+                self.pool.give(buffer, done)  # reusable once the upload finished
         return out

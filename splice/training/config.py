@@ -29,7 +29,8 @@ LOSS_TYPES = {"sft": (), "dpo": ("sigmoid", "ipo"), "grpo": ("dapo", "grpo", "dr
 # output_dir: a run directory that was moved or copied resumes from its new place.
 _RESUME_FREE = {"resume", "steps", "epochs", "save_every", "keep_checkpoints", "eval_every",
                 "eval_samples", "compare_base", "eval_batch_size", "max_new_tokens",
-                "fuse", "gradient_checkpointing", "offload_checkpoints", "keep_attention", "cuda_graphs",
+                "fuse", "gradient_checkpointing", "offload_checkpoints", "offload_compression", "keep_attention",
+                "cuda_graphs",
                 "embeddings_on_host",
                 "device", "output_dir", "report_to", "shard", "dist_timeout", "precompute_ref"}
 # Files in a run directory that do not make it "used" (the run-directory lock, see rundir.py).
@@ -74,6 +75,7 @@ class TrainConfig:
     device: str = "auto"
     gradient_checkpointing: bool = False  # recompute every decoder layer in backward
     offload_checkpoints: bool = False  # keep checkpointed layer inputs in CPU memory (longest sequences)
+    offload_compression: str = "none"  # none | fp8 | int8: offloaded layer inputs in 8 bits (half the host memory)
     keep_attention: bool = False  # checkpointing also keeps q/k/v/attention (offloaded too): less recompute
     fuse: bool | None = None  # fused kernels + memory-aware checkpointing; None: on with a CUDA GPU
     cuda_graphs: bool | None = None  # replay each step from a CUDA graph; None: on with --fuse on a GPU
@@ -396,6 +398,11 @@ RULES: tuple[Rule, ...] = (
     Rule(("keep_attention", "gradient_checkpointing", "offload_checkpoints"),
          lambda keep, ckpt, offload: not keep or ckpt or offload,
          "keep_attention needs gradient_checkpointing or offload_checkpoints"),
+    Rule(("offload_compression",), lambda v: v in ("none", "fp8", "int8"),
+         "must be none, fp8 (recommended) or int8"),
+    Rule(("offload_compression", "offload_checkpoints"), lambda c, offload: c == "none" or offload,
+         "offload_compression compresses the layer inputs offload_checkpoints keeps in host memory: add "
+         "--offload-checkpoints or drop --offload-compression"),
     Rule(("embeddings_on_host", "cuda_graphs"), lambda host, graphs: not host or graphs is not True,
          "embeddings_on_host gathers rows on the CPU, which a CUDA graph cannot capture: drop "
          "cuda_graphs (it is off by default with embeddings_on_host)"),

@@ -11,7 +11,7 @@ its context length from the header (:mod:`splice.models.gguf_header`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -101,6 +101,28 @@ def _data_file(name: str, value: Any) -> None:
                          ".json, .csv or .parquet file")
 
 
+def _check_host_memory(config: TrainConfig, hf_config: Any, device: torch.device) -> None:
+    """With offload_checkpoints, a full packed micro-batch's layer inputs (pinned: never swapped)
+    fit this machine's memory; a lower bound (LoRA down-projections and the rest not counted)."""
+    from splice.memory.offload import Compression, host_memory, offloaded_host_bytes
+
+    hidden, layers = getattr(hf_config, "hidden_size", None), getattr(hf_config, "num_hidden_layers", None)
+    have = host_memory()
+    if not (isinstance(hidden, int) and isinstance(layers, int)) or have is None:
+        return
+    dtype = torch.bfloat16 if device.type == "cuda" and config.precision != "fp32" else torch.float32
+    tokens = config.batch_size * config.max_length
+    need, fp8 = (offloaded_host_bytes(tokens=tokens, hidden=hidden, layers=layers, dtype=dtype,
+                                      compression=cast(Compression, c)) for c in (config.offload_compression, "fp8"))
+    if need <= have:
+        return
+    fix = f"add {flag('offload_compression')} fp8 ({fp8 / 2**30:.0f} GiB) or " if fp8 < need and fp8 <= have else ""
+    raise UsageError(f"offload_checkpoints ({flag('offload_checkpoints')}) keeps each of the model's {layers} layer "
+                     f"inputs in pinned host memory: {tokens:,} tokens ({config.batch_size} x {config.max_length}) x "
+                     f"{hidden} x {layers} layers = {need / 2**30:.0f} GiB, more than this machine's "
+                     f"{have / 2**30:.0f} GiB; {fix}lower {flag('max_length')} or {flag('batch_size')}")
+
+
 def preflight(config: TrainConfig) -> None:
     """Every check of ``config`` that needs no model weights; raises :class:`UsageError`."""
     config.validate()
@@ -117,6 +139,8 @@ def preflight(config: TrainConfig) -> None:
     if context is not None and config.max_length > context:
         raise UsageError(f"max_length ({flag('max_length')}) {config.max_length} is past the context "
                          f"of model {shown} ({context} tokens); use --max-length {context} or less")
+    if hf_config is not None and config.offload_checkpoints and config.pack and config.method == "sft":
+        _check_host_memory(config, hf_config, device)  # packed rows: every micro-batch is full
     if hf_config is not None:
         from transformers import AutoModelForCausalLM
 

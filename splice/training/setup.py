@@ -72,7 +72,8 @@ def run_rewrites(model: nn.Module, config: TrainConfig, device: torch.device) ->
     names = fuse(model) if fused else []
     if config.gradient_checkpointing or config.offload_checkpoints:
         names += checkpoint_layers(model, layers="all", offload=config.offload_checkpoints,
-                                   keep_attention=config.keep_attention)
+                                   keep_attention=config.keep_attention,
+                                   offload_compression=config.offload_compression)  # type: ignore[arg-type]
     elif fused and device.type == "cuda":
         names += checkpoint_layers(model, layers="auto")  # recompute only what memory needs
     if config.embeddings_on_host:
