@@ -166,13 +166,14 @@ def setup_splice(base: nn.Module, cfg: Config, *, pack: str = "mask") -> Setup:
 
     def set_ckpt(mode: str) -> None:
         uncheckpoint_layers(base)
+        mode, _, compression = mode.partition("+")  # "offload-recompute+fp8": 8-bit layer inputs on the host
         mode, _, host_layers = mode.partition(":")  # "offload-recompute:76": only 76 layers to the host
         chunk["rows"] = 1024 if mode in ("off", "on") else 256
         if mode != "off":
             # "offload" keeps the attention internals too (offloaded); "offload-recompute" does not
             offload: bool | int = int(host_layers) if host_layers else mode.startswith("offload")
             checkpoint_layers(base, layers="auto" if mode == "on" else "all", offload=offload,
-                              keep_attention=mode == "offload")
+                              keep_attention=mode == "offload", offload_compression=compression or "none")
 
     def loss(ids: Tensor, positions: Tensor | None = None) -> Tensor:
         hidden = model_hidden_states(base, input_ids=ids, position_ids=positions, packed_attention=pack)

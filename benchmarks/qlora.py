@@ -17,7 +17,10 @@ stop at ``--budget-s``):
 * ``70b``: 70B NF4, 4096 x 1: tokens/s and peak.
 * ``longest``: the longest batch-1 sequence under an 80 GiB cap (per-process memory fraction),
   for 8B and 70B NF4, doubling then bisecting within the remaining budget, or trying the
-  lengths ``--probes-8b`` / ``--probes-70b`` give (``longest8`` / ``longest70``: one shape).
+  lengths ``--probes-8b`` / ``--probes-70b`` give (``longest8`` / ``longest70``: one shape). Host
+  memory bounds these lengths (every layer's input is pinned there): ``--offload-compression fp8``
+  stores the inputs in 8 bits, half of it; a length whose pinned inputs would not fit the host's
+  available memory is reported host-bound, untried.
 """
 
 from __future__ import annotations
@@ -192,8 +195,7 @@ def run_longest(result: dict[str, Any], save: Any, args: argparse.Namespace, t0:
     """The doubling-then-bisecting search from ``start``, or (``probes``) one step at each given
     length in order, up to the first OOM: at these lengths one probe is minutes, so a run aims
     at the target instead of walking up to it."""
-    from _workload import try_one_step
-    from train_throughput import _maxseq
+    from train_throughput import _maxseq, offload_host_bytes, probe_step
 
     budget = args.budget_s - (time.perf_counter() - t0)
     if budget < 20:
@@ -206,11 +208,16 @@ def run_longest(result: dict[str, Any], save: Any, args: argparse.Namespace, t0:
     # inputs offloaded, attention recomputed: host memory is one layer input per layer (keeping
     # the attention internals too would need ~4.5x that in pinned host memory)
     host_layers = args.host_layers_70b if shape == "70b" else None
-    setup.set_ckpt("offload-recompute" + (f":{host_layers}" if host_layers else ""))
+    compression = args.offload_compression
+    setup.set_ckpt("offload-recompute" + (f":{host_layers}" if host_layers else "")
+                   + ("" if compression == "none" else f"+{compression}"))
+    dims = llama_config(shape, layers=args.layers_70b if shape == "70b" else args.layers, tiny=args.tiny)
+    host = lambda seq: offload_host_bytes(seq, layers=host_layers or dims.num_hidden_layers,  # noqa: E731
+                                          hidden=dims.hidden_size, cfg=CONFIGS["C"], compression=compression)
     if probes:
         tried: list[dict[str, Any]] = []
         for seq in probes:
-            tried.append(try_one_step(setup, CONFIGS["C"], seq))
+            tried.append(probe_step(setup, CONFIGS["C"], seq, host_bytes=host))
             print(f"  probe {shape} {seq}: {tried[-1]}", flush=True)
             result["longest"][shape] = {"probes": tried}
             save()
@@ -221,8 +228,8 @@ def run_longest(result: dict[str, Any], save: Any, args: argparse.Namespace, t0:
         r = {"longest_ok": max(ok) if ok else None, "shortest_oom": min(bad) if bad else None,
              "probes": tried, "searched": False, "host_layers": host_layers}
     else:
-        r = _maxseq(setup, CONFIGS["C"], start=start, cap=1 << 21, gran=8192, budget_s=budget / 2)
-    r["cap_gib"] = CAP_GIB
+        r = _maxseq(setup, CONFIGS["C"], start=start, cap=1 << 21, gran=8192, budget_s=budget / 2, host_bytes=host)
+    r["cap_gib"], r["offload_compression"] = CAP_GIB, compression
     result["longest"][shape] = r
     print(json.dumps({k: v for k, v in r.items() if k != "probes"}), flush=True)
     save()
@@ -247,6 +254,8 @@ def main() -> None:
                         help="Q rows to run: bf16, nf4, nf4-graphs, peer")
     parser.add_argument("--host-layers-70b", type=int, default=None,
                         help="longest 70b: offload only the last N layer inputs (host memory bound)")
+    parser.add_argument("--offload-compression", choices=("none", "fp8", "int8"), default="none",
+                        help="longest: the offloaded layer inputs in 8 bits (half the host memory)")
     parser.add_argument("--tiny", action="store_true", help="small shapes (a CPU smoke test of this script)")
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args()

@@ -10,7 +10,9 @@ as ``layers="auto"`` (checkpoint only what memory needs: the fast setting), ``"a
 checkpointed: the low-memory setting), each eager and replayed from a CUDA graph
 (splice.training.graphs), and ``"all"`` with the kept inputs offloaded to CPU; A eager and with graphs. ``--maxseq`` then finds each framework's
 longest trainable batch-1 sequence with C's settings (splice: all layers checkpointed, inputs
-offloaded to CPU) by doubling from a start length, then bisecting, within a time budget.
+offloaded to CPU) by doubling from a start length, then bisecting, within a time budget; a length
+whose offloaded inputs would not fit the host's available memory counts as too long, untried, and
+``--offload-compression fp8|int8`` stores them in 8 bits (half the host memory).
 ``--quantize fp8`` gives splice FP8 base weights (splice.quant.fp8: e4m3 weights and FP8 GEMMs, a
 GPU of compute capability 8.9+) while PEFT and Liger stay bf16: ``--configs C,P --parity-steps 200
 --frameworks peft,splice --quantize fp8`` times C and compares 200 steps of loss against PEFT's.
@@ -30,6 +32,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,16 +74,60 @@ def _versions() -> dict[str, Any]:
     return out
 
 
-def _maxseq(setup: Any, cfg: Any, *, start: int, cap: int, gran: int, budget_s: float,
-            packed: bool = False) -> dict[str, Any]:
-    """Doubling from ``start`` (up to ``cap``), then bisecting to ``gran``, within ``budget_s``."""
+def _host_shortfall(need: int) -> str | None:
+    """Why ``need`` more bytes of pinned host memory would not fit now (what is available, less
+    2 GiB for the rest of the step), or None (also where the OS does not say)."""
+    from splice.memory.offload import host_memory
+
+    available = host_memory(available=True)
+    if available is None or need + (2 << 30) <= available:
+        return None
+    return (f"the offloaded layer inputs need {need / 2**30:.1f} GiB of pinned host memory, "
+            f"{available / 2**30:.1f} GiB is available")
+
+
+def offload_host_bytes(seq: int, *, layers: int, hidden: int, cfg: Any, compression: str) -> int:
+    """Pinned host memory splice's offloaded checkpoints (inputs only, attention recomputed) take at
+    batch 1 x ``seq`` tokens: each layer's input (8-bit with ``compression``) and its LoRA
+    down-projections (``splice.memory.offload.offloaded_host_bytes``; bf16, Llama's 7 linears)."""
+    import torch
+
+    from splice.memory.offload import offloaded_host_bytes
+
+    linears = 7 if cfg.targets == "all-linear" else len(cfg.targets)
+    return offloaded_host_bytes(tokens=seq, hidden=hidden, layers=layers, dtype=torch.bfloat16,
+                                compression=compression, lora_ranks=linears * cfg.rank)  # type: ignore[arg-type]
+
+
+def probe_step(setup: Any, cfg: Any, seq: int, *, packed: bool = False,
+               host_bytes: Callable[[int], int] | None = None) -> dict[str, Any]:
+    """One batch-1 step at ``seq`` tokens (``try_one_step``), skipped as host-bound when the pinned
+    memory ``host_bytes(seq)`` says its offloaded checkpoints take is not available; the pinned
+    buffers are freed after it (the next length needs buffers of its own shape)."""
     from _workload import try_one_step
 
+    from splice.memory.checkpointing import release_pinned_memory
+
+    need = host_bytes(seq) if host_bytes is not None else 0
+    short = _host_shortfall(need) if need else None
+    if short is not None:
+        return {"seq": seq, "ok": False, "host_bound": short}
+    r = try_one_step(setup, cfg, seq, packed=packed)
+    if need:
+        r["host_offload_gib"] = round(need / 2**30, 2)
+    release_pinned_memory(setup.model)
+    return r
+
+
+def _maxseq(setup: Any, cfg: Any, *, start: int, cap: int, gran: int, budget_s: float,
+            packed: bool = False, host_bytes: Callable[[int], int] | None = None) -> dict[str, Any]:
+    """Doubling from ``start`` (up to ``cap``), then bisecting to ``gran``, within ``budget_s``
+    (a length whose offloaded inputs would not fit host memory counts as too long, untried)."""
     t0 = time.perf_counter()
     probes: list[dict[str, Any]] = []
 
     def probe(seq: int) -> bool:
-        r = try_one_step(setup, cfg, seq, packed=packed)
+        r = probe_step(setup, cfg, seq, packed=packed, host_bytes=host_bytes)
         probes.append(r)
         print(f"  maxseq probe {seq}: {'ok' if r['ok'] else 'OOM'} {r}", flush=True)
         return bool(r["ok"])
@@ -223,10 +270,17 @@ def worker(args: argparse.Namespace) -> None:
             for m, p in zip(drops, saved):
                 m.p = p
         else:
-            shared.set_ckpt("offload-recompute" if fw == "splice" else "on")  # host RAM: inputs only
+            compression = args.offload_compression
+            # host RAM: inputs only (8-bit with --offload-compression)
+            shared.set_ckpt(("offload-recompute" + ("" if compression == "none" else f"+{compression}"))
+                            if fw == "splice" else "on")
+            host = (lambda seq: offload_host_bytes(seq, layers=args.layers, hidden=_workload.HIDDEN, cfg=cfg,
+                                                   compression=compression)) if fw == "splice" else None
             starts = dict(kv.split("=") for kv in args.maxseq_start.split(","))
             result["maxseq"] = _maxseq(shared, cfg, start=int(starts.get(fw, 16384)), cap=args.maxseq_cap,
-                                       gran=args.maxseq_gran, budget_s=args.maxseq_budget, packed=packed)
+                                       gran=args.maxseq_gran, budget_s=args.maxseq_budget, packed=packed,
+                                       host_bytes=host)
+            result["maxseq"]["offload_compression"] = compression if fw == "splice" else None
             result["maxseq"]["weights_gib"] = weights
             save()
     save()
@@ -289,6 +343,8 @@ def main() -> None:
     ap.add_argument("--maxseq-cap", type=int, default=131072)
     ap.add_argument("--maxseq-gran", type=int, default=8192)
     ap.add_argument("--maxseq-budget", type=float, default=150.0)
+    ap.add_argument("--offload-compression", choices=("none", "fp8", "int8"), default="none",
+                    help="--maxseq: splice's offloaded layer inputs in 8 bits (half the host memory)")
     ap.add_argument("--worker-timeout", type=float, default=500.0)
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--tiny", action="store_true", help="a tiny model on the CPU: checks this harness")
