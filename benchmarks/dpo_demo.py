@@ -81,6 +81,35 @@ def _sft_answers_and_merge(adapter: Path, rows: list[dict[str, Any]], merged: Pa
     return outputs
 
 
+def _sft_stage(args: argparse.Namespace, splits: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Steps 1-2 of the module doc into ``--out``: the SFT scores, merged model, pairs and seconds."""
+    from splice.training.config import TrainConfig
+    from splice.training.loop import train
+
+    t0 = time.perf_counter()
+    sft = train(TrainConfig(output_dir=str(args.out / "sft"), steps=args.sft_steps, eval_samples=args.eval,
+                            save_every=0))
+    t_sft = time.perf_counter()
+    # Pairs from the end of the training split (the 40-step SFT run reads ~400 of its 6k+ rows).
+    rows = splits["train"][-args.pairs:]
+    answers = _sft_answers_and_merge(args.out / "sft" / "adapter", rows, args.out / "sft_merged",
+                                     max_new_tokens=TrainConfig().max_new_tokens)
+    pairs, own = _pairs(rows, answers, seed=0)
+    with (args.out / "pairs.jsonl").open("w") as f:
+        f.writelines(json.dumps(p) + "\n" for p in pairs)
+    return {"base": sft.metrics["base"], "SFT": sft.metrics["final"], "dir": args.out, "pairs": len(pairs),
+            "own": own, "losses": sft.losses, "seconds": {"sft_with_base_and_sft_scores": round(t_sft - t0, 1),
+                                                            "pairs_and_merge": round(time.perf_counter() - t_sft, 1)}}
+
+
+def _reused_sft(folder: Path) -> dict[str, Any]:
+    """Steps 1-2 from an earlier demo's ``--out`` (its dpo_demo.json, sft_merged/ and pairs.jsonl)."""
+    earlier = json.loads((folder / "dpo_demo.json").read_text())
+    return {"base": earlier["scores"]["base"], "SFT": earlier["scores"]["SFT"], "dir": folder,
+            "pairs": earlier["pairs"], "own": earlier["rejected_from_sft_model"], "losses": earlier["losses"]["sft"],
+            "seconds": {"sft_reused_from": str(folder)}}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("results/dpo_demo"))
@@ -93,11 +122,16 @@ def main() -> int:
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--rpo-alpha", type=float, default=None,
                         help="DPO+NLL: weight of the chosen answers' NLL in the loss (default: off, plain DPO)")
+    parser.add_argument("--sft-from", type=Path, default=None,
+                        help="an earlier demo's --out: reuse its SFT scores, merged SFT model and pairs "
+                             "(steps 1-2), e.g. to compare DPO losses on the same pairs")
     args = parser.parse_args()
     if args.quick:
         args.sft_steps, args.dpo_steps, args.pairs, args.eval = 2, 2, 8, 4
     if args.out.exists() and any(args.out.iterdir()):
         sys.exit(f"dpo_demo: --out {args.out} is not empty; choose a new folder")
+    if args.sft_from is not None and not (args.sft_from / "dpo_demo.json").is_file():
+        sys.exit(f"dpo_demo: --sft-from {args.sft_from} has no dpo_demo.json; pass an earlier demo's --out")
     args.out.mkdir(parents=True, exist_ok=True)
 
     from splice.data.function_names import build_function_names
@@ -107,48 +141,38 @@ def main() -> int:
     t0 = time.perf_counter()
     splits = build_function_names()
     held_out = splits["test"][: args.eval]
-    sft = train(TrainConfig(output_dir=str(args.out / "sft"), steps=args.sft_steps, eval_samples=args.eval,
-                            save_every=0))
-    t_sft = time.perf_counter()
-    # Pairs from the end of the training split (the 40-step SFT run reads ~400 of its 6k+ rows).
-    rows = splits["train"][-args.pairs:]
-    max_new = TrainConfig().max_new_tokens
-    answers = _sft_answers_and_merge(args.out / "sft" / "adapter", rows, args.out / "sft_merged",
-                                     max_new_tokens=max_new)
-    pairs, own = _pairs(rows, answers, seed=0)
-    with (args.out / "pairs.jsonl").open("w") as f:
-        f.writelines(json.dumps(p) + "\n" for p in pairs)
+    sft = _sft_stage(args, splits) if args.sft_from is None else _reused_sft(args.sft_from)
     t_pairs = time.perf_counter()
-    dpo = train(TrainConfig(model=str(args.out / "sft_merged"), data=str(args.out / "pairs.jsonl"), method="dpo",
-                            output_dir=str(args.out / "dpo"), steps=args.dpo_steps, lr=args.lr, beta=args.beta,
-                            rpo_alpha=args.rpo_alpha, val_fraction=0.0, eval_samples=0, compare_base=False,
-                            save_every=0, warmup_steps=2))
+    dpo = train(TrainConfig(model=str(sft["dir"] / "sft_merged"), data=str(sft["dir"] / "pairs.jsonl"),
+                            method="dpo", output_dir=str(args.out / "dpo"), steps=args.dpo_steps, lr=args.lr,
+                            beta=args.beta, rpo_alpha=args.rpo_alpha, val_fraction=0.0, eval_samples=0,
+                            compare_base=False, save_every=0, warmup_steps=2))
     t_dpo = time.perf_counter()
-    dpo_scores = _scores(str(args.out / "sft_merged"), args.out / "dpo" / "adapter", held_out, max_new_tokens=max_new)
+    dpo_scores = _scores(str(sft["dir"] / "sft_merged"), args.out / "dpo" / "adapter", held_out,
+                         max_new_tokens=TrainConfig().max_new_tokens)
     t_end = time.perf_counter()
 
     dpo_name = "SFT + DPO" if args.rpo_alpha is None else "SFT + DPO+NLL"
-    table = {"base": sft.metrics["base"], "SFT": sft.metrics["final"], dpo_name: dpo_scores}
+    table = {"base": sft["base"], "SFT": sft["SFT"], dpo_name: dpo_scores}
     train_rows = [json.loads(line) for line in (args.out / "dpo" / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in train_rows if r["kind"] == "train"]
     lines = [f"{'model':<16}{'json_valid':>12}{'exact_match':>13}{'word_f1':>10}"]
     lines += [f"{name:<16}{s['json_valid']:>12.3f}{s['exact_match']:>13.3f}{s['word_f1']:>10.3f}"
               for name, s in table.items()]
-    beats = dpo_scores["word_f1"] > sft.metrics["final"]["word_f1"]
+    beats = dpo_scores["word_f1"] > sft["SFT"]["word_f1"]
     lines.append(f"{dpo_name.removeprefix('SFT + ')} {'beats' if beats else 'does not beat'} SFT-only on held-out "
-                 f"word F1 "
-                 f"({dpo_scores['word_f1']:.3f} vs {sft.metrics['final']['word_f1']:.3f}, {len(held_out)} functions)")
+                 f"word F1 ({dpo_scores['word_f1']:.3f} vs {sft['SFT']['word_f1']:.3f}, {len(held_out)} functions)")
     print("\n".join(lines))
     report = {
         "held_out_functions": len(held_out), "scores": table, "dpo_beats_sft_word_f1": beats,
-        "pairs": len(pairs), "rejected_from_sft_model": own,
+        "pairs": sft["pairs"], "rejected_from_sft_model": sft["own"],
         "settings": {"sft_steps": args.sft_steps, "dpo_steps": args.dpo_steps, "dpo_lr": args.lr, "beta": args.beta,
-                     "rpo_alpha": args.rpo_alpha, "quick": args.quick},
+                     "rpo_alpha": args.rpo_alpha, "sft_from": args.sft_from and str(args.sft_from),
+                     "quick": args.quick},
         "dpo_train": {"first": train_rows[0], "last": train_rows[-1]} if train_rows else {},
-        "seconds": {"sft_with_base_and_sft_scores": round(t_sft - t0, 1), "pairs_and_merge": round(t_pairs - t_sft, 1),
-                    "dpo": round(t_dpo - t_pairs, 1), "dpo_scores": round(t_end - t_dpo, 1),
+        "seconds": {**sft["seconds"], "dpo": round(t_dpo - t_pairs, 1), "dpo_scores": round(t_end - t_dpo, 1),
                     "total": round(t_end - t0, 1)},
-        "losses": {"sft": sft.losses, "dpo": dpo.losses},
+        "losses": {"sft": sft["losses"], "dpo": dpo.losses},
     }
     (args.out / "dpo_demo.json").write_text(json.dumps(report, indent=1) + "\n")
     print(f"written {args.out / 'dpo_demo.json'}")
