@@ -109,6 +109,8 @@ class Service:
         self.sites = add_bank_sites(model, linear_paths(model))
         dtype = next(model.parameters()).dtype
         self.bank = LoraBank.for_sites(model, self.sites, capacity=gpu_adapters, rank=rank, dtype=dtype)
+        for adapter in list(self.host.values())[:gpu_adapters]:  # resident before warmup(): the adapted paths
+            self.bank.put(adapter)  # key the CUDA graphs (LoraBank.version), so a first request recaptures none
         self.engine = self.engine_class(model, tokenizer, max_seqs=max_batch, max_len=max_len,
                                         max_waiting=max_waiting, bank=self.bank, sites=list(self.sites.values()),
                                         adapters={a.name: a for a in self.host.values()})
