@@ -85,10 +85,9 @@ def _pack(linears: list[nn.Linear]) -> None:
             continue
         buffer = torch.cat([p.detach() for p in parts])
         start = 0
-        for module, part in zip(linears, parts, strict=True):
-            view = buffer[start: start + part.shape[0]]
+        for part in parts:  # the same Parameter objects, now views: an optimizer or DDP holding them goes on
+            part.data = buffer[start: start + part.shape[0]]
             start += part.shape[0]
-            setattr(module, name, nn.Parameter(view, requires_grad=part.requires_grad))
 
 
 def pack_projections(model: nn.Module) -> int:
