@@ -370,6 +370,8 @@ class ModelRunner:
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool):
+        # thread_local: a server's HTTP threads may touch the GPU meanwhile (reading a DoRA or PiSSA adapter
+        # computes on it); in the default global mode their allocations would invalidate this capture
+        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
             logits = forward()
         return graph, logits
