@@ -130,8 +130,8 @@ def _out_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _fp8_forward(x2: Tensor, qweight: Tensor, scale: Tensor) -> Tensor:
     """``x2`` (M, K) @ (q * s)^T -> (M, N) in the GEMM's output dtype (module doc)."""
-    codes, rows = quantize_rows(x2)
-    return torch._scaled_mm(codes, qweight.t(), scale_a=rows, scale_b=scale[None, :],
+    codes, rows = quantize_rows(x2)  # codes keep x2's strides; the GEMM wants its first operand row-major
+    return torch._scaled_mm(codes.contiguous(), qweight.t(), scale_a=rows, scale_b=scale[None, :],
                             out_dtype=_out_dtype(x2.dtype))
 
 
@@ -140,7 +140,7 @@ def _fp8_input_grad(g2: Tensor, qweight: Tensor, scale: Tensor, qweight_t: Tenso
     codes, rows = quantize_rows(g2 * scale.to(g2.dtype))
     q_t = qweight_t if qweight_t is not None else qweight.t().contiguous()  # (K, N) row-major
     ones = torch.ones((1, q_t.shape[0]), dtype=torch.float32, device=g2.device)
-    return torch._scaled_mm(codes, q_t.t(), scale_a=rows, scale_b=ones, out_dtype=_out_dtype(g2.dtype))
+    return torch._scaled_mm(codes.contiguous(), q_t.t(), scale_a=rows, scale_b=ones, out_dtype=_out_dtype(g2.dtype))
 
 
 class _FP8LinearFn(torch.autograd.Function):
