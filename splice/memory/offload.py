@@ -13,8 +13,10 @@ Compression (``compression="fp8" | "int8"``, layer inputs only): the offloaded t
 :func:`splice.quant.fp8.quantize_rows`), or int8 with ``s = amax(|x_row|) / 127``, ``q =
 round(x / s)`` (half to even) in [-127, 127]. An all-zero row gets a tiny scale and zero codes:
 it comes back exactly zero. Quantizing runs on the GPU, on the copy stream, before the
-device-to-host copy (so the PCIe copy halves too); dequantizing runs on the copy stream after the
-upload. Host memory per token and layer: ``H + 4`` bytes instead of ``2H`` (bf16).
+device-to-host copy (so the PCIe copy halves too), a block of rows (~32M values) at a time, each
+block's codes copied down as soon as they are made; in backward the codes go up block by block,
+dequantized on the copy stream into the layer input: beyond the input itself the GPU holds one
+block. Host memory per token and layer: ``H + 4`` bytes instead of ``2H`` (bf16).
 
 Which format: a residual stream's rows carry a few outlier channels far above the rest (the
 real SmolLM2-135M's layer inputs: amax up to 24x a row's RMS, 12x in the median token, and a
@@ -22,10 +24,12 @@ few tokens far larger than the rest). int8's uniform step ``amax / 127`` then ro
 ordinary channels to a few levels, while e4m3 keeps ~2^-4 relative precision at every
 magnitude, so fp8 is the recommended value; on rows without outliers (Gaussian-like, the random
 tiny test models) int8 is the more accurate (0.6% against 2.5%). Measured on SmolLM2-135M
-(``benchmarks/offload_compression.py``: the default job's model and LoRA, fp32 on the CPU, 4 x
-160 tokens of its task), fp8 / int8: layer-input error 0.6% / 5.2% (median layer; the ordinary
-channels 2.7% / 29%); the first step's LoRA gradients 9.7% / 13.9% from the uncompressed ones,
-where the whole model in bf16 is 46% from fp32.
+(``benchmarks/offload_compression.py``: the default job's model and r16 all-linear LoRA, fp32 on
+the CPU, 4 x 160 tokens of its task, three LoRA inits), fp8 / int8: layer-input error 0.6% /
+5.2% (median layer; per token 2.3% / 2.7%, the ordinary channels 2.7% / 28%); the first step's
+LoRA gradients 9.5-11.2% (mean 10.2%) / 10.4-14.6% (mean 12.8%) from the uncompressed ones,
+where the same model in bf16 is 58-152% from fp32; the loss after 4 AdamW steps moves by
+0.002-0.12 / 0.01-0.06, as much as bf16 moves it (0.08-0.11).
 The forward is unchanged (it runs on the exact input); only the backward's recompute sees the
 dequantized input, so the loss is bit-identical and the gradients move by a small multiple of
 the layer inputs' error (the recompute of each layer above adds its own).
@@ -76,35 +80,67 @@ def _int8_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     return torch.round(x.float() / scale).clamp_(-_INT8_MAX, _INT8_MAX).to(torch.int8), scale
 
 
-def quantize_rows_8bit(x: Tensor, compression: Compression) -> tuple[Tensor, Tensor]:
+def quantize_rows_8bit(x: Tensor, compression: Compression, *,
+                       out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """``x`` (..., H) as 1-byte codes (..., H) and fp32 row scales (..., 1), ``x ~ codes * scales``
-    (module doc); ``compression`` "fp8" or "int8". Runs on ``x``'s device, a block of rows at a time."""
+    (module doc); ``compression`` "fp8" or "int8". Runs on ``x``'s device a block of rows at a
+    time; ``out``: (codes, scales) to fill, e.g. pinned host buffers, each block copied there as
+    soon as it is quantized (non-blocking: the device holds one block of codes at a time)."""
     if compression not in _CODES:
         raise ValueError(f"compression must be fp8 or int8, got {compression!r}")
-    flat = x.reshape(-1, x.shape[-1])
-    codes = torch.empty(flat.shape, dtype=_CODES[compression], device=x.device)
-    scales = torch.empty((flat.shape[0], 1), dtype=torch.float32, device=x.device)
+    if out is None:
+        out = (torch.empty(x.shape, dtype=_CODES[compression], device=x.device),
+               torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device))
+    flat, codes, scales = x.reshape(-1, x.shape[-1]), out[0].view(-1, x.shape[-1]), out[1].view(-1, 1)
     for rows in _row_blocks(*flat.shape):
-        codes[rows], scales[rows] = quantize_rows(flat[rows]) if compression == "fp8" else _int8_rows(flat[rows])
-    return codes.view(x.shape), scales.view(*x.shape[:-1], 1)
+        q, s = quantize_rows(flat[rows]) if compression == "fp8" else _int8_rows(flat[rows])
+        codes[rows].copy_(q, non_blocking=True)
+        scales[rows].copy_(s, non_blocking=True)
+    return out
 
 
-def dequantize_rows(codes: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
-    """``codes * scales`` (the inverse of :func:`quantize_rows_8bit`) in ``dtype``, computed in
-    fp32 (one rounding, to ``dtype``), a block of rows at a time."""
-    out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
+def dequantize_rows(codes: Tensor, scales: Tensor, dtype: torch.dtype, *,
+                    device: torch.device | None = None) -> Tensor:
+    """``codes * scales`` (the inverse of :func:`quantize_rows_8bit`) in ``dtype`` on ``device``
+    (default: the codes'), computed in fp32 (one rounding, to ``dtype``) a block of rows at a
+    time: codes in (pinned) host memory go up a block at a time, so the device holds the output
+    and one block."""
+    device = codes.device if device is None else device
+    out = torch.empty(codes.shape, dtype=dtype, device=device)
     flat, flat_out, flat_scales = codes.reshape(-1, codes.shape[-1]), out.view(-1, codes.shape[-1]), scales.reshape(-1, 1)
     for rows in _row_blocks(*flat.shape):
-        flat_out[rows] = flat[rows].float() * flat_scales[rows]
+        up = flat[rows].to(device, non_blocking=True), flat_scales[rows].to(device, non_blocking=True)
+        flat_out[rows] = up[0].float() * up[1]
     return out
+
+
+def _layout(shape: torch.Size | tuple[int, ...], dtype: torch.dtype,
+            compression: Compression) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, dtype) of what a kept tensor is stored as: itself, or its codes and row scales."""
+    if compression == "none":
+        return [(tuple(shape), dtype)]
+    return [(tuple(shape), _CODES[compression]), ((*shape[:-1], 1), torch.float32)]
+
+
+def _store(t: Tensor, parts: tuple[Tensor, ...], compression: Compression) -> None:
+    """Write ``t`` into ``parts`` (laid out by :func:`_layout`), non-blocking."""
+    if compression == "none":
+        parts[0].copy_(t, non_blocking=True)
+    else:
+        quantize_rows_8bit(t, compression, out=(parts[0], parts[1]))
+
+
+def _load(parts: tuple[Tensor, ...], compression: Compression, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The kept tensor on ``device`` from its ``parts`` (non-blocking uploads)."""
+    if compression == "none":
+        return parts[0].to(device, non_blocking=True)
+    return dequantize_rows(parts[0], parts[1], dtype, device=device)
 
 
 def kept_nbytes(shape: torch.Size | tuple[int, ...], dtype: torch.dtype, compression: Compression = "none") -> int:
     """Host bytes one offloaded tensor of ``shape`` and ``dtype`` takes: ``numel * itemsize``, or
     compressed, 1 byte an element plus a 4-byte scale a row (``H + 4`` bytes a token)."""
-    if compression == "none":
-        return math.prod(shape) * dtype.itemsize
-    return math.prod(shape) + 4 * math.prod(shape[:-1])
+    return sum(math.prod(s) * d.itemsize for s, d in _layout(shape, dtype, compression))
 
 
 def offloaded_host_bytes(*, tokens: int, hidden: int, layers: int, dtype: torch.dtype,
@@ -194,15 +230,6 @@ class OffloadPool:
         self.graph_buffers.clear()
 
 
-def _pack(t: Tensor, compression: Compression) -> tuple[Tensor, ...]:
-    """What is stored of ``t``: ``(t,)``, or its (codes, row scales)."""
-    return (t,) if compression == "none" else quantize_rows_8bit(t, compression)
-
-
-def _unpack(parts: tuple[Tensor, ...] | list[Tensor], compression: Compression, dtype: torch.dtype) -> Tensor:
-    return parts[0] if compression == "none" else dequantize_rows(parts[0], parts[1], dtype)
-
-
 class Kept:
     """One kept activation: the tensor itself, or (``offload``) a pinned CPU copy written on a
     side stream while the GPU computes, uploaded again on demand (:meth:`load`, once) or ahead
@@ -220,20 +247,20 @@ class Kept:
         if pool is None:
             self.parts: tuple[Tensor, ...] = (t.detach(),)  # no copy: the input simply stays alive
             return
+        layout = _layout(t.shape, t.dtype, self.compression)
         if not t.is_cuda:  # CPU tensors (tests): a plain copy, or compressed as on a GPU
-            plain = self.compression == "none"
-            self.parts = (t.detach().clone(),) if plain else _pack(t.detach(), self.compression)
+            self.parts = tuple(torch.empty(shape, dtype=dtype) for shape, dtype in layout)
+            _store(t.detach(), self.parts, self.compression)
             return
         self.capturing = torch.cuda.is_current_stream_capturing()
+        self.parts = tuple(pool.take(torch.Size(shape), dtype, capturing=self.capturing) for shape, dtype in layout)
         stream = pool.stream(t.device)
         stream.wait_stream(torch.cuda.current_stream(t.device))
         with torch.cuda.stream(stream):
-            # Quantized on the copy stream (it overlaps compute; its outputs are made, copied
-            # and freed on this stream, so their memory is reused only after the copy).
-            packed = _pack(t.detach(), self.compression)
-            self.parts = tuple(pool.take(p.shape, p.dtype, capturing=self.capturing) for p in packed)
-            for host, part in zip(self.parts, packed, strict=True):
-                host.copy_(part, non_blocking=True)
+            # Quantized on the copy stream (it overlaps compute), a block of rows at a time, each
+            # block's codes copied down as soon as they are made (made, copied and freed on this
+            # stream: their memory is reused only after the copy).
+            _store(t.detach(), self.parts, self.compression)
         t.record_stream(stream)  # the allocator must not reuse t before the copy ends
         self.event = torch.cuda.Event()
         self.event.record(stream)
@@ -245,15 +272,14 @@ class Kept:
             return
         stream = self.pool.stream(device)
         with torch.cuda.stream(stream):  # the download ran on this stream: already ordered
-            out = _unpack([p.to(device, non_blocking=True) for p in self.parts], self.compression, self.dtype)
+            out = _load(self.parts, self.compression, self.dtype, device)  # dequantized as it comes up
         done = torch.cuda.Event()
         done.record(stream)
         self.uploaded = (out, done)
 
     def load(self, device: torch.device) -> Tensor:
         if self.event is None:
-            out = _unpack(self.parts, self.compression, self.dtype)
-            return out if out.device == device else out.to(device)
+            return _load(self.parts, self.compression, self.dtype, device)
         current = torch.cuda.current_stream(device)
         self.prefetch(device)
         assert self.uploaded is not None

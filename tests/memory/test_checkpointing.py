@@ -231,7 +231,7 @@ def test_compressed_offload_fails_without_the_row_scales(compression: str, monke
     """The tolerance above catches a broken dequantization: codes read back without their scales."""
     from splice.memory import offload
 
-    monkeypatch.setattr(offload, "dequantize_rows", lambda codes, scales, dtype: codes.to(dtype))
+    monkeypatch.setattr(offload, "dequantize_rows", lambda codes, scales, dtype, device: codes.to(device, dtype))
     exact, compressed = _compressed_step(compression, fast=True)
     assert torch.equal(compressed[0], exact[0])
     assert rel_err(_all_grads(compressed), _all_grads(exact)) > 10 * _GRAD_TOL[compression, True]
@@ -242,7 +242,7 @@ def test_compression_only_of_the_offloaded_layers(monkeypatch: pytest.MonkeyPatc
 
     shapes: list[torch.Size] = []
     real = offload.quantize_rows_8bit
-    monkeypatch.setattr(offload, "quantize_rows_8bit", lambda x, c: (shapes.append(x.shape), real(x, c))[1])
+    monkeypatch.setattr(offload, "quantize_rows_8bit", lambda x, c, out: (shapes.append(x.shape), real(x, c, out=out))[1])
     exact, compressed = _compressed_step("fp8", fast=True, offload=2)  # layer 0 keeps its input on the device
     assert shapes == [torch.Size([2, 24, 64])] * 2  # the stash's kept values are never compressed
     assert torch.equal(compressed[0], exact[0])
