@@ -61,6 +61,9 @@ _HELP = {
     "offload_compression": "with --offload-checkpoints: store each offloaded layer input in 8 bits with a scale "
                            "per token, half the host memory: fp8 (recommended) or int8; the loss is unchanged, "
                            "the gradients move by the inputs' rounding (default: none)",
+    "mlp_chunk_tokens": "run each SwiGLU MLP this many tokens at a time, forward and backward (e.g. 65536): "
+                        "its intermediates then scale with the chunk, not the sequence, for the longest "
+                        "sequences; exact, one more gate/up pass per chunk without checkpointing (default: off)",
     "keep_attention": "with checkpointing, keep each layer's attention internals too (in CPU memory "
                       "with --offload-checkpoints): no q/k/v/o or attention recompute, more memory",
     "embeddings_on_host": "keep the frozen input embedding in CPU memory (frees its GPU copy: the "

@@ -213,7 +213,11 @@ def tile_mlps(model: nn.Module, *, chunk_tokens: int) -> list[str]:
             return None
         return Replace(TiledMLP(node.module, chunk_tokens=chunk_tokens))
 
-    return rewrite(model, rule)
+    names = rewrite(model, rule, allow_empty=True)
+    if not names:
+        raise ValueError("tile_mlps (mlp_chunk_tokens): the model has no untiled SwiGLU MLP (Llama family: "
+                         "gate_proj, up_proj, down_proj) to run in token chunks; drop the option")
+    return names
 
 
 def untile_mlps(model: nn.Module) -> list[str]:

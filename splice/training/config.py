@@ -30,6 +30,7 @@ LOSS_TYPES = {"sft": (), "dpo": ("sigmoid", "ipo"), "grpo": ("dapo", "grpo", "dr
 _RESUME_FREE = {"resume", "steps", "epochs", "save_every", "keep_checkpoints", "eval_every",
                 "eval_samples", "compare_base", "eval_batch_size", "max_new_tokens",
                 "fuse", "gradient_checkpointing", "offload_checkpoints", "offload_compression", "keep_attention",
+                "mlp_chunk_tokens",
                 "cuda_graphs",
                 "embeddings_on_host",
                 "device", "output_dir", "report_to", "shard", "dist_timeout", "precompute_ref"}
@@ -77,6 +78,7 @@ class TrainConfig:
     offload_checkpoints: bool = False  # keep checkpointed layer inputs in CPU memory (longest sequences)
     offload_compression: str = "none"  # none | fp8 | int8: offloaded layer inputs in 8 bits (half the host memory)
     keep_attention: bool = False  # checkpointing also keeps q/k/v/attention (offloaded too): less recompute
+    mlp_chunk_tokens: int | None = None  # run each MLP this many tokens at a time (longest sequences); None: off
     fuse: bool | None = None  # fused kernels + memory-aware checkpointing; None: on with a CUDA GPU
     cuda_graphs: bool | None = None  # replay each step from a CUDA graph; None: on with --fuse on a GPU
     embeddings_on_host: bool = False  # frozen input embedding in CPU memory (lowest GPU peak; no graphs)
@@ -398,6 +400,8 @@ RULES: tuple[Rule, ...] = (
     Rule(("keep_attention", "gradient_checkpointing", "offload_checkpoints"),
          lambda keep, ckpt, offload: not keep or ckpt or offload,
          "keep_attention needs gradient_checkpointing or offload_checkpoints"),
+    Rule(("mlp_chunk_tokens",), lambda v: v is None or v >= 1,
+         "must be a number of tokens >= 1 (e.g. 65536 for the longest sequences), or unset (off)"),
     Rule(("offload_compression",), lambda v: v in ("none", "fp8", "int8"),
          "must be none, fp8 (recommended) or int8"),
     Rule(("offload_compression", "offload_checkpoints"), lambda c, offload: c == "none" or offload,

@@ -70,6 +70,10 @@ def run_rewrites(model: nn.Module, config: TrainConfig, device: torch.device) ->
 
     fused = config.fuses(device.type)
     names = fuse(model) if fused else []
+    if config.mlp_chunk_tokens is not None:  # inside the checkpointed layers, around the fused MLPs
+        from splice.memory.tiled_mlp import tile_mlps
+
+        names += tile_mlps(model, chunk_tokens=config.mlp_chunk_tokens)
     if config.gradient_checkpointing or config.offload_checkpoints:
         names += checkpoint_layers(model, layers="all", offload=config.offload_checkpoints,
                                    keep_attention=config.keep_attention,

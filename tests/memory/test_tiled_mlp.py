@@ -5,19 +5,26 @@ replays its dropout masks, keeps LoRA visible, and refuses bad chunk sizes."""
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from splice.core.errors import UsageError
 from splice.fused.apply import fuse
 from splice.fused.modules import FusedSwiGLUMLP
 from splice.lora.apply import lora_modules
 from splice.memory.checkpointing import checkpoint_layers
 from splice.memory.tiled_mlp import TiledMLP, tile_mlps, tiled_mlp, untile_mlps
+from splice.training.config import TrainConfig
+from splice.training.loop import train
+from tests.distributed.ranks import check, run_ranks
 from tests.numerics import rel_err
-from tests.tiny import assert_same, lora_llama, loss_and_grads
+from tests.tiny import assert_same, lora_llama, loss_and_grads, run_config
 
 TOKENS = 24  # ids of shape (2, 12)
 TOL = 1e-5  # fp32 GEMMs over other row blocks round differently (measured up to 1.2e-6); a wrong row: > 0.5
@@ -145,7 +152,7 @@ def test_structure_lora_visibility_undo_and_refusals() -> None:
     tile_mlps(model, chunk_tokens=4)
     assert list(model.state_dict()) == keys and [p for p, _, _ in lora_modules(model)] == paths
     assert "chunk_tokens=4" in repr(model.model.layers[0].mlp)
-    with pytest.raises(ValueError, match="matched nothing|no module"):
+    with pytest.raises(ValueError, match="no untiled SwiGLU MLP"):
         tile_mlps(model, chunk_tokens=4)  # already tiled
     assert untile_mlps(model) == ["model.layers.0.mlp", "model.layers.1.mlp"]
     assert not any(isinstance(m, TiledMLP) for m in model.modules())
@@ -154,3 +161,33 @@ def test_structure_lora_visibility_undo_and_refusals() -> None:
             tile_mlps(model, chunk_tokens=bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="chunk_tokens must be >= 1"):
         tiled_mlp(nn.Identity(), torch.randn(3, 4), chunk_tokens=0)
+
+
+def test_config_refuses_a_bad_chunk() -> None:
+    for bad in (0, -1):
+        with pytest.raises(UsageError, match="mlp_chunk_tokens.*must be a number of tokens >= 1"):
+            TrainConfig(mlp_chunk_tokens=bad).validate()
+    TrainConfig(mlp_chunk_tokens=65536).validate()
+
+
+def test_ddp_and_fsdp2_on_two_ranks_match_one_untiled_process(tiny_run_inputs: tuple[Path, Path],
+                                                               tmp_path: Path) -> None:
+    """The trainer's option under DDP and FSDP2 (2 gloo ranks, checkpointed fused layers): the
+    parameter gradients come back through the tiled node once per step, so both match one un-tiled
+    process reading the same global batches (tests/distributed/test_wrap.py's tolerances)."""
+    common = dict(steps=3, val_fraction=0.05, dropout=0.0, lr=1e-2, device="cpu", save_every=0, grad_accum=2)
+    tiled = dict(batch_size=2, fuse=True, gradient_checkpointing=True, mlp_chunk_tokens=7)
+    runs = {"ddp": tiled, "fsdp2": {**tiled, "shard": True}}
+    job = {"inputs": [str(p) for p in tiny_run_inputs],
+           "runs": [{"out": str(tmp_path / name), "options": {**common, **options}} for name, options in runs.items()]}
+    check(run_ranks(job, world=2, timeout=400))
+    single = train(run_config(tiny_run_inputs, tmp_path / "single", **common, batch_size=4, fuse=False))
+    ref = load_file(tmp_path / "single" / "adapter" / "adapter_model.safetensors")
+    for name in runs:
+        result = json.loads((tmp_path / name / "result-rank0.json").read_text())
+        assert result["parallel"] == name
+        torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(single.losses), rtol=1e-5, atol=1e-5)
+        ours = load_file(tmp_path / name / "adapter" / "adapter_model.safetensors")
+        assert ours.keys() == ref.keys() and any(".mlp." in k for k in ref)
+        for key in ref:
+            torch.testing.assert_close(ours[key], ref[key], rtol=1e-4, atol=1e-5)
