@@ -21,6 +21,8 @@ stop at ``--budget-s``):
   memory bounds these lengths (every layer's input is pinned there): ``--offload-compression fp8``
   stores the inputs in 8 bits, half of it; a length whose pinned inputs would not fit the host's
   available memory is reported host-bound, untried.
+  ``--mlp-chunk-tokens N`` runs each MLP N tokens at a time (splice.memory.tiled_mlp): the MLP's
+  intermediates, which dominate a layer's backward there, then scale with N, not the sequence.
 """
 
 from __future__ import annotations
@@ -211,6 +213,10 @@ def run_longest(result: dict[str, Any], save: Any, args: argparse.Namespace, t0:
     compression = args.offload_compression
     setup.set_ckpt("offload-recompute" + (f":{host_layers}" if host_layers else "")
                    + ("" if compression == "none" else f"+{compression}"))
+    if args.mlp_chunk_tokens:  # each MLP a chunk of tokens at a time (splice.memory.tiled_mlp)
+        from splice.memory.tiled_mlp import tile_mlps
+
+        tile_mlps(setup.model, chunk_tokens=args.mlp_chunk_tokens)
     dims = llama_config(shape, layers=args.layers_70b if shape == "70b" else args.layers, tiny=args.tiny)
     host = lambda seq: offload_host_bytes(seq, layers=host_layers or dims.num_hidden_layers,  # noqa: E731
                                           hidden=dims.hidden_size, cfg=CONFIGS["C"], compression=compression)
@@ -230,6 +236,7 @@ def run_longest(result: dict[str, Any], save: Any, args: argparse.Namespace, t0:
     else:
         r = _maxseq(setup, CONFIGS["C"], start=start, cap=1 << 21, gran=8192, budget_s=budget / 2, host_bytes=host)
     r["cap_gib"], r["offload_compression"] = CAP_GIB, compression
+    r["mlp_chunk_tokens"] = args.mlp_chunk_tokens
     result["longest"][shape] = r
     print(json.dumps({k: v for k, v in r.items() if k != "probes"}), flush=True)
     save()
@@ -256,6 +263,8 @@ def main() -> None:
                         help="longest 70b: offload only the last N layer inputs (host memory bound)")
     parser.add_argument("--offload-compression", choices=("none", "fp8", "int8"), default="none",
                         help="longest: the offloaded layer inputs in 8 bits (half the host memory)")
+    parser.add_argument("--mlp-chunk-tokens", type=int, default=None,
+                        help="longest: run each MLP this many tokens at a time (its intermediates scale with it)")
     parser.add_argument("--tiny", action="store_true", help="small shapes (a CPU smoke test of this script)")
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args()

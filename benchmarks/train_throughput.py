@@ -13,6 +13,8 @@ longest trainable batch-1 sequence with C's settings (splice: all layers checkpo
 offloaded to CPU) by doubling from a start length, then bisecting, within a time budget; a length
 whose offloaded inputs would not fit the host's available memory counts as too long, untried, and
 ``--offload-compression fp8|int8`` stores them in 8 bits (half the host memory).
+``--mlp-chunk-tokens N`` runs splice's MLPs N tokens at a time (memory.tiled_mlp: their intermediates
+then scale with N, not the sequence).
 ``--quantize fp8`` gives splice FP8 base weights (splice.quant.fp8: e4m3 weights and FP8 GEMMs, a
 GPU of compute capability 8.9+) while PEFT and Liger stay bf16: ``--configs C,P --parity-steps 200
 --frameworks peft,splice --quantize fp8`` times C and compares 200 steps of loss against PEFT's.
@@ -274,6 +276,10 @@ def worker(args: argparse.Namespace) -> None:
             # host RAM: inputs only (8-bit with --offload-compression)
             shared.set_ckpt(("offload-recompute" + ("" if compression == "none" else f"+{compression}"))
                             if fw == "splice" else "on")
+            if args.mlp_chunk_tokens and fw == "splice":  # each MLP a chunk of tokens at a time
+                from splice.memory.tiled_mlp import tile_mlps
+
+                tile_mlps(shared.model, chunk_tokens=args.mlp_chunk_tokens)
             host = (lambda seq: offload_host_bytes(seq, layers=args.layers, hidden=_workload.HIDDEN, cfg=cfg,
                                                    compression=compression)) if fw == "splice" else None
             starts = dict(kv.split("=") for kv in args.maxseq_start.split(","))
@@ -281,6 +287,7 @@ def worker(args: argparse.Namespace) -> None:
                                        gran=args.maxseq_gran, budget_s=args.maxseq_budget, packed=packed,
                                        host_bytes=host)
             result["maxseq"]["offload_compression"] = compression if fw == "splice" else None
+            result["maxseq"]["mlp_chunk_tokens"] = args.mlp_chunk_tokens if fw == "splice" else None
             result["maxseq"]["weights_gib"] = weights
             save()
     save()
@@ -345,6 +352,8 @@ def main() -> None:
     ap.add_argument("--maxseq-budget", type=float, default=150.0)
     ap.add_argument("--offload-compression", choices=("none", "fp8", "int8"), default="none",
                     help="--maxseq: splice's offloaded layer inputs in 8 bits (half the host memory)")
+    ap.add_argument("--mlp-chunk-tokens", type=int, default=None,
+                    help="--maxseq: splice runs each MLP this many tokens at a time (splice.memory.tiled_mlp)")
     ap.add_argument("--worker-timeout", type=float, default=500.0)
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--tiny", action="store_true", help="a tiny model on the CPU: checks this harness")

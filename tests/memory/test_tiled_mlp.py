@@ -103,16 +103,20 @@ def test_dropout_masks_are_replayed_in_the_backward(fused: bool) -> None:
 
 
 @pytest.mark.parametrize("fused", [False, True])
-@pytest.mark.parametrize("checkpoint", [None, "all", "offload"])
+@pytest.mark.parametrize("checkpoint", [None, "all", "offload", "before"])
 @pytest.mark.parametrize("chunk", [5, 8])
 def test_model_loss_and_lora_grads_match(fused: bool, checkpoint: str | None, chunk: int) -> None:
+    """``before``: the layers checkpointed first, the MLPs tiled inside them afterwards (the benchmarks' order)."""
     plain = lora_llama(layers=2)
     if fused:
         fuse(plain)
     tiled = copy.deepcopy(plain)
+    if checkpoint == "before":
+        checkpoint_layers(tiled, layers="all")
     assert tile_mlps(tiled, chunk_tokens=chunk) == ["model.layers.0.mlp", "model.layers.1.mlp"]
-    if checkpoint is not None:
+    if checkpoint in ("all", "offload"):
         checkpoint_layers(tiled, layers="all", offload=checkpoint == "offload")
+    assert all(isinstance(layer.mlp, TiledMLP) for layer in tiled.model.layers)
     ids = torch.randint(0, 101, (2, 12))
     assert_same(loss_and_grads(plain, ids), loss_and_grads(tiled, ids), tol=TOL)
 
