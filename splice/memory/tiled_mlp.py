@@ -47,6 +47,8 @@ from torch import Tensor, nn
 from splice.core.family import MLP_CLASSES
 from splice.core.rewrite import Node, Replace, rewrite, share_state, unrewrite
 from splice.kernels.dropout import KeyTape, new_keys, recording_keys, replaying_keys
+from splice.lora.layers import LoraLinear
+from splice.lora.routing import current_route
 from splice.memory.stash import is_mlp_output_unread, mlp_output_unread, recording
 
 __all__ = ["TiledMLP", "tile_mlps", "tiled_mlp", "untile_mlps"]
@@ -174,7 +176,8 @@ def tiled_mlp(fn: MlpForward, x: Tensor, *, chunk_tokens: int, params: Sequence[
 
 class TiledMLP(nn.Module):
     """An MLP run through :func:`tiled_mlp` when its input has more than ``chunk_tokens`` tokens
-    (shares the MLP's parameters and children: same paths, same ``state_dict``)."""
+    (shares the MLP's parameters and children: same paths, same ``state_dict``); un-tiled while its
+    LoRA layers route batch rows to different adapters (:mod:`splice.lora.routing`)."""
 
     def __init__(self, mlp: nn.Module, *, chunk_tokens: int) -> None:
         super().__init__()
@@ -185,7 +188,7 @@ class TiledMLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         mlp = self.__dict__["_mlp"]
         mlp.training = self.training
-        if x.numel() <= self.chunk_tokens * x.shape[-1]:
+        if x.numel() <= self.chunk_tokens * x.shape[-1] or _routed_per_row(self):
             out: Tensor = mlp(x)
             return out
         return tiled_mlp(mlp, x, chunk_tokens=self.chunk_tokens,
@@ -193,6 +196,13 @@ class TiledMLP(nn.Module):
 
     def extra_repr(self) -> str:
         return f"chunk_tokens={self.chunk_tokens}"
+
+
+def _routed_per_row(mlp: nn.Module) -> bool:
+    """Whether a LoRA layer of ``mlp`` runs its batch rows with different adapters in this call: the
+    route indexes the batch rows, which token chunks do not keep (the call then runs un-tiled)."""
+    routes = (current_route(m) for m in mlp.modules() if isinstance(m, LoraLinear))
+    return any(r is not None and (r.rows is not None or r.slots is not None) for r in routes)
 
 
 def _tileable(module: nn.Module) -> bool:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from splice.core.errors import UsageError
 from splice.fused.apply import fuse
 from splice.fused.modules import FusedSwiGLUMLP
-from splice.lora.apply import lora_modules
+from splice.lora.apply import adapters_disabled, lora_modules, use_adapters
 from splice.memory.checkpointing import checkpoint_layers
 from splice.memory.tiled_mlp import TiledMLP, tile_mlps, tiled_mlp, untile_mlps
 from splice.training.config import TrainConfig
@@ -195,3 +195,23 @@ def test_ddp_and_fsdp2_on_two_ranks_match_one_untiled_process(tiny_run_inputs: t
         assert ours.keys() == ref.keys() and any(".mlp." in k for k in ref)
         for key in ref:
             torch.testing.assert_close(ours[key], ref[key], rtol=1e-4, atol=1e-5)
+
+
+def test_rows_routed_to_different_adapters_run_untiled() -> None:
+    """A per-row route indexes the batch rows, which token chunks do not keep: those calls run un-tiled
+    (the same logits as the un-tiled model), other calls still tile."""
+    plain = lora_llama(layers=1)
+    name = lora_modules(plain)[0][2].name
+    tiled = copy.deepcopy(plain)
+    tile_mlps(tiled, chunk_tokens=5)
+    ids = torch.randint(0, 101, (2, 12))
+    routed, base = {}, {}
+    with torch.no_grad():
+        for key, model in (("plain", plain), ("tiled", tiled)):
+            with use_adapters(model, [name, None]):
+                routed[key] = model(input_ids=ids).logits
+            with adapters_disabled(model):
+                base[key] = model(input_ids=ids).logits
+    torch.testing.assert_close(routed["tiled"], routed["plain"], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(base["tiled"], base["plain"], rtol=1e-6, atol=1e-6)
+    assert rel_err(routed["plain"][1], base["plain"][1]) < 1e-6 < rel_err(routed["plain"][0], base["plain"][0])
