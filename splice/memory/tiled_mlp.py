@@ -150,9 +150,11 @@ class _TiledMLP(torch.autograd.Function):
                     piece_grad = grads.pop(0)
                     dx[start:end] = 0 if piece_grad is None else piece_grad  # type: ignore[index]
                 for i, g in zip(trainable, grads, strict=True):
-                    if g is not None:
+                    if g is not None:  # summed in fp32 (16-bit parameters under FSDP2's bf16 policy)
+                        g = g.float()
                         dparams[i] = g if dparams[i] is None else dparams[i] + g  # type: ignore[operator]
         del ctx.fn, ctx.tape
+        dparams = [g if g is None else g.to(p.dtype) for g, p in zip(dparams, params, strict=True)]
         return (None if dx is None else dx.view_as(x), None, None, *dparams)
 
 
