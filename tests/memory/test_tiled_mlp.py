@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from splice.cli import main
 from splice.core.errors import UsageError
 from splice.fused.apply import fuse
 from splice.fused.modules import FusedSwiGLUMLP
@@ -172,6 +173,21 @@ def test_config_refuses_a_bad_chunk() -> None:
         with pytest.raises(UsageError, match="mlp_chunk_tokens.*must be a number of tokens >= 1"):
             TrainConfig(mlp_chunk_tokens=bad).validate()
     TrainConfig(mlp_chunk_tokens=65536).validate()
+
+
+def test_the_cli_flag_refuses_a_bad_chunk_in_one_line(tiny_run_inputs: tuple[Path, Path], tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    model, data = tiny_run_inputs
+    argv = ["train", "--model", str(model), "--data", str(data), "--output-dir", str(tmp_path / "run"),
+            "--prompt-template", "Q: {question}\nA: ", "--response-template", "{answer}", "--mlp-chunk-tokens", "0"]
+    try:
+        code = main(argv)
+    except SystemExit as stop:
+        code = int(stop.code or 0)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "mlp_chunk_tokens" in err and "must be a number of tokens >= 1" in err
+    assert not (tmp_path / "run").exists()  # refused before anything ran
 
 
 def test_ddp_and_fsdp2_on_two_ranks_match_one_untiled_process(tiny_run_inputs: tuple[Path, Path],
