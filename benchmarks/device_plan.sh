@@ -7,6 +7,8 @@
 #   CALL=2 bash benchmarks/device_plan.sh   # issue 27: DPO/GRPO GPU tests, then benchmarks/preference.py (vs TRL)
 #   CALL=3 bash benchmarks/device_plan.sh   # issue 30: training GPU tests, varlen attention, train_throughput
 #                                           # (C and E, packed rows via mask vs varlen, FP8), then kernel tuning
+#   CALL=4 bash benchmarks/device_plan.sh   # issue 30 items 4-5, if time is left: the 70B QLoRA longest step at
+#                                           # 128k with fp8-compressed offload and the tiled MLP (one probe: ~10 min)
 # Each part runs under its own `timeout`; what a part measured stays in $OUT even if a later one runs out.
 # Every command prints its table; JSON goes to $OUT. Nothing here is timed by a test.
 set -uo pipefail
@@ -53,5 +55,10 @@ case $CALL in
     --quantize fp8 --parity-steps 200 --worker-timeout 100 2>&1 | tee "$OUT/train_fp8.txt" | grep -v "^  " | tail -15
   timeout 60 python3 benchmarks/multi_lora.py --sweep --deadline-s 45 --json "$OUT/multi_lora.json" 2>&1 | tail -20
   ;;
-*) echo "CALL is 1, 2 or 3"; exit 2 ;;
+4)
+  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 585 python3 benchmarks/qlora.py --out "$OUT/longest70" \
+    --parts longest70 --probes-70b 131072 --offload-compression fp8 --mlp-chunk-tokens 65536 --budget-s 570 2>&1 \
+    | tee "$OUT/longest70.txt" | tail -20
+  ;;
+*) echo "CALL is 1, 2, 3 or 4"; exit 2 ;;
 esac
