@@ -1,4 +1,8 @@
-"""DPO after SFT on the embedded function-naming task, on a CPU in about 10 minutes.
+"""DPO after SFT on the embedded function-naming task, on a CPU.
+
+Time on this project's 2-core machine: the SFT stage is ``make train``'s job (5 min 20 s idle,
+2026-12-05); the DPO stage with ``--sft-from`` took 615 s on the machine shared with other jobs
+(docs/benchmarks.md); ``--sft-from DIR`` reuses an earlier run's SFT stage and pairs.
 
     PYTHONPATH=. python benchmarks/dpo_demo.py --out results/dpo_demo [--quick]
 
