@@ -303,7 +303,10 @@ class ModelRunner:
         return size, self._mixed_seqs(size)
 
     def _mixed_seqs(self, tokens: int) -> int:
-        return min(self.max_seqs, tokens) + -(-tokens // (self.blocks_per_seq * self.block_size))
+        seqs = min(self.max_seqs, tokens) + -(-tokens // (self.blocks_per_seq * self.block_size))
+        # never as many as its tokens: tokens == seqs marks a decode bucket (its graph gets the decode
+        # attention tiles); one more empty padding sequence costs nothing (attention skips it)
+        return seqs + (seqs == tokens)
 
     def _graph_staging(self) -> Staging:
         if self._graph_inputs is None:  # buffers for the largest bucket; every graph reads leading views

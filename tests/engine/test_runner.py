@@ -101,6 +101,14 @@ def test_cache_size_and_buckets() -> None:
     assert _buckets(1) == [1] and _buckets(8) == [1, 2, 4, 8] and _buckets(20) == [1, 2, 4, 8, 16, 20]
 
 
+def test_only_decode_buckets_have_one_token_a_sequence() -> None:
+    """A mixed step's bucket never has tokens == sequences: that shape marks a decode graph (decode tiles)."""
+    runner = ModelRunner(tiny.llama(), block_size=4, max_seqs=15, max_len=64, cuda_graphs=False)
+    mixed = [(t, runner._mixed_seqs(t)) for t in (1, 2, 15, 16, 17, 32, 64, 512)]
+    assert (16, 15 + 1 + 1) in mixed  # 15 sequences + 1 padding sequence would equal its 16 tokens
+    assert all(seqs != tokens for tokens, seqs in mixed)
+
+
 def test_padding_a_step_to_a_graph_bucket_leaves_its_logits_unchanged() -> None:
     model = tiny.llama()
     runner = _runner(model)
