@@ -60,5 +60,12 @@ case $CALL in
     --parts longest70 --probes-70b 131072 --offload-compression fp8 --mlp-chunk-tokens 65536 --budget-s 570 2>&1 \
     | tee "$OUT/longest70.txt" | tail -20
   ;;
-*) echo "CALL is 1, 2, 3 or 4"; exit 2 ;;
+quick)  # one short call: the GPU tests of what is new since the last device run, then the HTTP table only
+  gpu_tests quick 300 tests/engine tests/kernels/test_varlen_attention.py tests/kernels/test_multi_lora.py tests/fused \
+    tests/lora/test_bank.py tests/serve/test_structured.py tests/serve/test_dora_serve.py tests/serve/test_production.py \
+    tests/quant/test_fp8.py $(ls tests/*/test_gpu_paths_*.py 2>/dev/null)
+  timeout 230 python3 benchmarks/serve.py --parts http --json "$OUT/serve-http.json" --http-json-fraction 0.25 \
+    --http-api-key bench-key --http-scrape-s 1 --limit-http 200 2>&1 | grep -v "attention mask" | tee "$OUT/serve-http.txt" | tail -30
+  ;;
+*) echo "CALL is 1, 2, 3, 4 or quick"; exit 2 ;;
 esac
