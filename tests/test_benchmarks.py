@@ -8,19 +8,20 @@ harness is found here rather than on the device.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.tiny import subprocess_env
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
 def test_throughput_harness_runs_tiny(tmp_path: Path) -> None:
-    env = {**os.environ, "SPLICE_BENCH_TMP": str(tmp_path / "scratch"), "PYTHONPATH": str(ROOT)}
+    env = subprocess_env(SPLICE_BENCH_TMP=str(tmp_path / "scratch"))
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--tiny", "--frameworks", "peft,splice",
@@ -44,7 +45,7 @@ def test_throughput_harness_runs_tiny(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_dora_benchmark_runs_tiny(tmp_path: Path) -> None:
     """benchmarks/dora.py: splice/PEFT x LoRA/DoRA on a tiny CPU model; DoRA starts where LoRA does."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = subprocess_env()
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "dora.py"), "--tiny", "--layers", "2", "--seq", "32",
          "--batch", "1", "--steps", "1", "--warmup", "1", "--out", str(tmp_path)],

@@ -6,18 +6,19 @@ nothing on a CPU; what this pins is that the harness works before a GPU run."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.tiny import subprocess_env
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(script: str, *args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "SPLICE_BENCH_TMP": str(tmp_path / "scratch"), "PYTHONPATH": str(ROOT)}
+    env = subprocess_env(SPLICE_BENCH_TMP=str(tmp_path / "scratch"))
     env.pop("TRITON_INTERPRET", None)
     return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
                           timeout=900, env=env, check=False)

@@ -6,6 +6,7 @@ sibling test file.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -274,6 +275,14 @@ def run_config(inputs: tuple[Path, Path], out: Path, **overrides: Any) -> Any:
     )
     options.update(overrides)
     return TrainConfig(**options)
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a child Python: the repository first on PYTHONPATH, the caller's
+    PYTHONPATH kept after it (on the device the carried wheels live there), plus ``extra``."""
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
 
 
 def free_port() -> int:

@@ -10,7 +10,7 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.distributed.ranks import REPO, kill
-from tests.tiny import free_port
+from tests.tiny import free_port, subprocess_env
 
 
 @pytest.mark.slow
@@ -28,7 +28,7 @@ def test_torchrun_two_ranks_train_the_embedded_model(tmp_path, shard: bool) -> N
                "--steps", "2", "--batch-size", "1", "--max-rows", "8", "--max-length", "256",
                "--eval-samples", "0", "--no-compare-base", "--save-every", "0", "--device", "cpu",
                "--eval-batches", "1", "--dist-timeout", "120", *(["--shard"] if shard else [])]
-    env = {**__import__("os").environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+    env = {**subprocess_env(), "OMP_NUM_THREADS": "1",
            "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)

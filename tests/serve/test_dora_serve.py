@@ -4,7 +4,6 @@ next to a LoRA adapter and the base model in the same batches."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from splice.lora.apply import add_lora
 from splice.lora.layers import LoraConfig
 from splice.lora.peft_io import load_adapter, save_adapter
 from tests import tiny
-from tests.tiny import free_port
+from tests.tiny import free_port, subprocess_env
 
 PROMPTS = ["hello world", "once upon a", "xyz 123 abc"]
 
@@ -79,7 +78,7 @@ def test_splice_serve_answers_a_peft_dora_adapter_as_the_merged_model(tmp_path: 
     assert want["dora"] != want["model"]  # the adapter changes the answers
 
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    env = subprocess_env()
     process = subprocess.Popen(
         [sys.executable, "-m", "splice", "serve", "--model", str(tmp_path / "model"), "--adapter",
          f"dora={adapters / 'dora'}", "--adapter", f"lora={adapters / 'lora'}", "--allow-adapter-dir", str(adapters),

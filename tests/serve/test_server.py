@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from splice.lora.layers import LoraConfig
 from splice.lora.peft_io import load_adapter, save_adapter
 from splice.serve.server import parse_adapters
 from tests import tiny
-from tests.tiny import free_port
+from tests.tiny import free_port, subprocess_env
 
 
 def test_bad_adapter_specs_name_the_fix(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -35,7 +34,7 @@ def test_splice_serve_command_answers_like_generate(tmp_path: Path, tiny_model_d
     tiny.randomize_lora(trained, seed=21)
     save_adapter(trained, tmp_path / "sql", name="sql")
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    env = subprocess_env()
     process = subprocess.Popen(
         [sys.executable, "-m", "splice", "serve", "--model", str(tiny_model_dir), "--adapter",
          f"sql={tmp_path / 'sql'}", "--port", str(port), "--max-len", "128"],

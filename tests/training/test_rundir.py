@@ -17,13 +17,13 @@ from splice.core.errors import UsageError
 from splice.training.loop import train
 from splice.training.rundir import LOCK_NAME, lock_run_dir
 from splice.training.state import latest_checkpoint
-from tests.tiny import run_config
+from tests.tiny import run_config, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess_env()
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, seconds: float = 120.0) -> None:
