@@ -7,6 +7,8 @@
 #   CALL=2 bash benchmarks/device_plan.sh   # issue 27: DPO/GRPO GPU tests, then benchmarks/preference.py (vs TRL)
 #   CALL=3 bash benchmarks/device_plan.sh   # issue 30: training GPU tests, varlen attention, train_throughput
 #                                           # (C and E, packed rows via mask vs varlen, FP8), then kernel tuning
+#   CALL=engine bash benchmarks/device_plan.sh  # issue 26 without tests or HTTP: engine_profile.py, then serve.py's
+#                                           # decode, offline (0/8/64 adapters), NF4 and the HF/PEFT peers
 #   CALL=4 bash benchmarks/device_plan.sh   # issue 30 items 4-5, if time is left: the 70B QLoRA longest step at
 #                                           # 128k with fp8-compressed offload and the tiled MLP (one probe: ~10 min)
 # Each part runs under its own `timeout`; what a part measured stays in $OUT even if a later one runs out.
@@ -67,5 +69,11 @@ quick)  # one short call: the GPU tests of what is new since the last device run
   timeout 230 python3 benchmarks/serve.py --parts http --json "$OUT/serve-http.json" --http-json-fraction 0.25 \
     --http-api-key bench-key --http-scrape-s 1 --limit-http 200 2>&1 | grep -v "attention mask" | tee "$OUT/serve-http.txt" | tail -30
   ;;
-*) echo "CALL is 1, 2, 3, 4 or quick"; exit 2 ;;
+engine)  # issue 26 after CALL=quick ran its tests: where a decode step goes, then the engine's table without HTTP
+  timeout 110 python3 benchmarks/engine_profile.py --json "$OUT/engine_profile.json" --adapters 8 2>&1 | tee "$OUT/engine_profile.txt" | tail -45
+  timeout 430 python3 benchmarks/serve.py --parts bandwidth,hf,peft,decode,offline,nf4 --json "$OUT/serve.json" \
+    --limit-hf 30 --limit-peft 25 --limit-decode 110 --limit-offline 150 --limit-nf4 40 2>&1 | grep -v "attention mask" \
+    | tee "$OUT/serve.txt" | tail -60
+  ;;
+*) echo "CALL is 1, 2, 3, 4, quick or engine"; exit 2 ;;
 esac

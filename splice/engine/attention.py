@@ -101,6 +101,14 @@ class PagedAttention(nn.Module):
             replaced.training = self.training
             return replaced(hidden_states, position_embeddings=position_embeddings,
                             attention_mask=attention_mask, **kwargs)
+        return self.o_proj(self.attend(hidden_states, position_embeddings)), None
+
+    def attend(self, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor] | None) -> Tensor:
+        """The attention output before ``o_proj``, (T, 1, Hq * D), for ``hidden_states`` (T, 1, H) inside
+        a step: q/k/v, their norms, RoPE and the cache write, then paged attention."""
+        step = _STEP.get()
+        if step is None:
+            raise RuntimeError("PagedAttention.attend runs inside paged_step(...)")
         if position_embeddings is None:
             raise ValueError("PagedAttention needs the position_embeddings (cos, sin) of the decoder layer")
         tokens = hidden_states.shape[0]  # hidden (T, 1, H): one token per row
@@ -115,7 +123,7 @@ class PagedAttention(nn.Module):
             query_start_loc=step.query_start_loc, scale=self.scaling, max_query_len=step.max_query_len,
             max_seq_len=step.max_seq_len, window=self.window, softcap=self.softcap,
         )  # (T, Hq, D)
-        return self.o_proj(out.reshape(tokens, 1, -1)), None
+        return out.reshape(tokens, 1, -1)
 
     def _project(self, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q, k, v (T, heads, D) of ``hidden`` (T, 1, H): one GEMM when the three projections are packed

@@ -22,7 +22,8 @@ instead of Hugging Face's several; they run the same math with autograd too, so 
 afterwards is unaffected) and packs q/k/v and gate/up weights into one buffer each
 (:func:`splice.fused.projections.pack_projections`: one GEMM where there were three or two; only
 where the projections are plain linears). RoPE and the K/V cache write are one launch a layer
-inside ``PagedAttention``.
+inside ``PagedAttention``, and each residual add runs in the epilogue of the GEMM before it
+(:func:`splice.engine.layer.run_layer`).
 
 Steps with prefill chunks replay CUDA graphs too, captured per token-count bucket (16 ... 512, then
 multiples of 512 up to the token budget): the padding tokens form padding sequences that read and
@@ -43,6 +44,7 @@ from torch import Tensor, nn
 
 from splice.engine.attention import PagedAttention, StepAttention, install_paged_attention, paged_step
 from splice.engine.inputs import Staging, StepInputs
+from splice.engine.layer import run_layer
 from splice.engine.scheduler import Chunk, StepPlan
 from splice.fused.apply import fuse
 from splice.fused.projections import pack_projections
@@ -244,10 +246,7 @@ class ModelRunner:
             hidden = parts.embed(t.ids[:, None])  # (T, 1, H)
             kinds = {kind: parts.rotary(hidden, positions, kind) for kind in set(parts.layer_types)}
             for layer, kind in zip(parts.layers, parts.layer_types, strict=True):
-                position_embeddings = kinds[kind]
-                out = layer(hidden, attention_mask=None, position_ids=positions,
-                            position_embeddings=position_embeddings)
-                hidden = out[0] if isinstance(out, tuple) else out
+                hidden = run_layer(layer, hidden, positions=positions, position_embeddings=kinds[kind])
         last = parts.norm(hidden.index_select(0, t.sample_at))  # (S, 1, H)
         with self._route(head_adapters, t.bank_slots.index_select(0, t.sample_at), rows):
             logits = parts.head(last)[:, 0].float()

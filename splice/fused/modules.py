@@ -174,12 +174,16 @@ class FusedSwiGLUMLP(nn.Module):
         super().__init__()
         share_state(self, mlp)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def activation(self, x: Tensor) -> Tensor:
+        """``silu(gate(x)) * up(x)``, the down projection's input (one GEMM over packed gate/up weights
+        in inference, :mod:`splice.fused.projections`)."""
         pair = None if torch.is_grad_enabled() else packed([self.gate_proj, self.up_proj])
-        if pair is not None:  # inference over packed plain linears: one GEMM for gate and up
-            gate_up = add_packed_delta([self.gate_proj, self.up_proj], x, F.linear(x, *pair))
-            return self.down_proj(swiglu_packed(gate_up))
-        h = swiglu(self.gate_proj(x), self.up_proj(x), inplace_backward=True)
+        if pair is not None:
+            return swiglu_packed(add_packed_delta([self.gate_proj, self.up_proj], x, F.linear(x, *pair)))
+        return swiglu(self.gate_proj(x), self.up_proj(x), inplace_backward=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.activation(x)
         if stash.is_mlp_output_unread():
             return _unread_projection(self.down_proj, h)
         return self.down_proj(h)

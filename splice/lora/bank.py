@@ -13,12 +13,10 @@ group's base linears as one GEMM adds the group's deltas with :func:`add_packed_
 expand into the packed output; B is stored in the same order).
 
 DoRA too: with frozen weights DoRA's factor ``g = m / ||W + s B A||`` (N,) (PEFT's fp32 row norms) is a
-constant, computed once from the served weights, and the module gives ``g * (y + delta) + (1 - g) * bias``
-(``y = W x + bias``). A group some DoRA adapter adapted gets a factor and a shift (S, N_1 + .. + N_G) fp32
-(ones and zeros in other slots), which the expand applies to the adapted rows in its pass over ``y``
-(:func:`splice.kernels.multi_lora.multi_lora_expand`) on paths a resident DoRA adapter adapts only: a bank
-without one runs as before, and a mixed batch (DoRA, LoRA of any rank, base rows) is still one shrink and
-one expand per projection.
+constant, computed once from the served weights; the module gives ``g (y + delta) + (1 - g) bias`` (``y =
+W x + bias``). A group a resident DoRA adapter adapts gets a factor and a shift (S, N_1 + .. + N_G) fp32
+(ones and zeros in other slots) that the expand applies in its pass over ``y``: a bank without DoRA runs
+as before, and a mixed batch (DoRA, LoRA of any rank, base rows) is one shrink and one expand a projection.
 
 Two ways in: :meth:`LoraBank.from_model` packs the linear LoRA and DoRA layers already on a model
 (what ``splice.generate`` uses for mixed batches), and :func:`add_bank_sites` + :meth:`put`
@@ -50,7 +48,7 @@ from splice.lora.layers import LoraLinear
 from splice.lora.routing import Route, current_route, routed
 
 __all__ = ["SHARED_INPUT", "BankSite", "HostAdapter", "LoraBank", "add_bank_sites", "add_packed_delta", "bank_holds",
-           "bank_site", "read_adapter", "shared_input_groups", "use_adapter_bank"]
+           "bank_site", "read_adapter", "rescales_output", "shared_input_groups", "use_adapter_bank"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,11 +76,8 @@ def read_adapter(directory: str | Path, *, name: str, base: nn.Module | None = N
     with ``base`` (the served model, its original weights) it is converted as PEFT does: ``A0``,
     ``B0`` re-derived from ``W`` and the rank-2r plain LoRA ``[A; A0]``, ``[B, -B0]`` served
     (:func:`splice.lora.adapter_file.on_original_base`). Without ``base`` it is refused.
-    A DoRA adapter needs ``base`` too: its factors ``g = m / ||W + s B A||`` are computed from the served
-    weights here (:func:`splice.lora.adapter_file.dora_outputs`). Embedding and conv adapters are refused.
-    With ``base``, an adapter whose modules or shapes do not fit it is refused too
-    (:func:`splice.lora.adapter_file.check_adapter_fits`).
-    """
+    A DoRA adapter needs ``base`` too (its factors: :func:`splice.lora.adapter_file.dora_outputs`). Embedding
+    and conv adapters are refused, and with ``base`` one that does not fit it (``check_adapter_fits``)."""
     adapter = adapter_file.read_adapter(directory)
     require_linear(adapter, holder="a LoRA bank", instead="merge it into the model to serve it (splice merge)",
                    dora=True)
@@ -137,6 +132,13 @@ def add_packed_delta(modules: Sequence[nn.Module], x: Tensor, y: Tensor) -> Tens
     appliers = [m if site is None else site for m, site in zip(modules, sites, strict=True)]
     return route.bank.apply_packed(appliers, x, y, route.slots,
                                    widths=[_linear_shape(m)[1] for m in modules])
+
+
+def rescales_output(module: nn.Module) -> bool:
+    """Whether the routed bank scales ``module``'s whole output by a DoRA factor (a caller then adds
+    nothing, a residual included, to that output before :func:`add_packed_delta`)."""
+    route = current_route(site) if (site := bank_site(module)) is not None else None
+    return route is not None and route.bank is not None and site.path in route.bank._rescaled  # type: ignore[union-attr]
 
 
 def add_bank_sites(model: nn.Module, paths: Collection[str]) -> dict[str, BankSite]:

@@ -91,13 +91,14 @@ def _hf_greedy(model: nn.Module, prompt_ids: list[list[int]], n: int, eos: int) 
 
 class StepCounter:
     """Counts model steps (calls of the input embedding: one per engine step or HF forward) and
-    records the first decoder layer's mode and the inference-mode state in each."""
+    records the first decoder layer's mode (its input norm's: the engine calls the layer's parts) and the
+    inference-mode state in each."""
 
     def __init__(self, model: nn.Module) -> None:
         self.calls = 0
         self.seen: list[tuple[bool, bool]] = []
         model.get_input_embeddings().register_forward_pre_hook(self._count)
-        model.model.layers[0].register_forward_pre_hook(self._record)
+        model.model.layers[0].input_layernorm.register_forward_pre_hook(self._record)
 
     def _count(self, module: nn.Module, args: Any) -> None:
         self.calls += 1
