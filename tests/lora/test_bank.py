@@ -513,12 +513,12 @@ def test_packed_projections_add_dora_with_the_concatenated_factors(tmp_path: Pat
 
     _peft_dora(tmp_path / "d", target_modules=["q_proj", "v_proj", "gate_proj", "up_proj"])
     _splice_lora(tmp_path / "l", rank=8, seed=4, targets=("k_proj", "v_proj", "up_proj"))
-    served = _biased()
+    served = _biased().to(KERNEL_DEVICE)  # the kernels' device: CUDA, or the CPU under the interpreter
     assert pack_projections(served) == 4
     sites, bank = _bank_of(served, [read_adapter(tmp_path / n, name=n, base=served) for n in "dl"], capacity=2)
     attn, mlp = served.model.layers[1].self_attn, served.model.layers[1].mlp
-    x = torch.randn(7, 1, 32, generator=torch.Generator().manual_seed(4))
-    slots = torch.tensor([0, 1, -1, 0, 1, 1, 0], dtype=torch.int32)
+    x = torch.randn(7, 1, 32, generator=torch.Generator().manual_seed(4)).to(KERNEL_DEVICE)
+    slots = torch.tensor([0, 1, -1, 0, 1, 1, 0], dtype=torch.int32, device=KERNEL_DEVICE)
     for kernels in (False, True) if (torch.cuda.is_available() or INTERPRETED) else (False,):
         bank.kernels = kernels
         with torch.no_grad(), routed(sites.values(), Route(bank=bank, slots=slots)):

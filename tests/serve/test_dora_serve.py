@@ -82,7 +82,7 @@ def test_splice_serve_answers_a_peft_dora_adapter_as_the_merged_model(tmp_path: 
     process = subprocess.Popen(
         [sys.executable, "-m", "splice", "serve", "--model", str(tmp_path / "model"), "--adapter",
          f"dora={adapters / 'dora'}", "--adapter", f"lora={adapters / 'lora'}", "--allow-adapter-dir", str(adapters),
-         "--port", str(port), "--max-len", "128", "--gpu-adapters", "2"],
+         "--port", str(port), "--max-len", "128", "--gpu-adapters", "2", "--dtype", "float32"],  # the references' dtype
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
