@@ -13,7 +13,8 @@ the final norm and the output head on the sampled tokens only. Attention is the
 The runner owns the KV cache: per layer ``(num_blocks, block_size, kv_heads, head_dim)`` keys and
 values; block 0 is scratch (padded tokens write there). Copy-on-write block copies of the plan run
 before the forward. Decode-only steps on CUDA replay a CUDA graph captured per batch-size bucket
-(1, 2, 4, ... up to ``max_seqs``) and bank version, padded to the bucket with scratch rows.
+(1, 2, 4, ... up to ``max_seqs``), context bucket (128, 1,024, ``max_len``: the attention grid of a short
+context needs no split and no merge) and bank version, padded to the bucket with scratch rows.
 
 A step's inputs are written in place into persistent host buffers and sent in one copy
 (:mod:`splice.engine.inputs`); the graphs read fixed device views of them. On CUDA the runner also
@@ -154,6 +155,12 @@ def _buckets(max_seqs: int) -> list[int]:
     return [*sizes, max_seqs]
 
 
+def _context_buckets(max_len: int) -> list[int]:
+    """Context bounds of the decode graphs: 128 keys (paged attention's shortest partition: one pass, no
+    merge kernel), 1,024, then ``max_len``. A graph's attention grid is sized for its bound."""
+    return [*(c for c in (128, 1024) if c < max_len), max_len]
+
+
 def _token_buckets(max_tokens: int) -> list[int]:
     """Token counts of the graphs for steps with prefill chunks: powers of two from 16 to 512, then
     multiples of 512 (at most 1/9 padding past 4,096), up to ``max_tokens``."""
@@ -191,7 +198,7 @@ class ModelRunner:
         self.value_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(layers)]
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.graph_failure: str | None = None
-        self._graphs: dict[tuple[int, int, int], tuple[Any, Tensor]] = {}  # (tokens, seqs, bank version)
+        self._graphs: dict[tuple[int, int, int, int], tuple[Any, Tensor]] = {}  # (*bucket, bank version)
         self._graph_pool: Any = None
         self._eager = self._staging(tokens=max(max_tokens, max_seqs), seqs=max_seqs)
         self.token_buckets = _token_buckets(max_tokens) if self.cuda_graphs else []
@@ -286,20 +293,22 @@ class ModelRunner:
                              head_adapters=[c.seq.adapter for c in chunks if c.sample])
 
     # ---- CUDA graphs ----------------------------------------------------------------------
-    def _bucket(self, chunks: Sequence[Chunk]) -> tuple[int, int] | None:
-        """The (tokens, sequences) graph bucket of a step, or None (too large: it runs eagerly).
+    def _bucket(self, chunks: Sequence[Chunk]) -> tuple[int, int, int] | None:
+        """The (tokens, sequences, context bound) graph bucket of a step, or None (too large: it runs eagerly).
 
-        Decode-only steps pad to the batch-size bucket (one scratch token a padded sequence). Steps with
-        prefill chunks pad to the token bucket ``T``; their sequences to ``min(max_seqs, T)`` plus enough
-        padding sequences to hold the padding tokens (each at most one block-table row long)."""
+        Decode-only steps pad to the batch-size bucket (one scratch token a padded sequence) and take the
+        smallest context bucket holding their longest sequence. Steps with prefill chunks pad to the token
+        bucket ``T``; their sequences to ``min(max_seqs, T)`` plus enough padding sequences to hold the
+        padding tokens (each at most one block-table row long); their bound is ``max_len``."""
         tokens = sum(c.count for c in chunks)
         if tokens == len(chunks) and all(c.sample for c in chunks) and len(chunks) <= self.max_seqs:
             size = next(b for b in _buckets(self.max_seqs) if b >= len(chunks))
-            return size, size
+            longest = max((c.start + c.count for c in chunks), default=1)
+            return size, size, next(c for c in _context_buckets(self.max_len) if c >= longest)
         if len(chunks) > self.max_seqs or tokens > self.token_buckets[-1]:
             return None
         size = next(b for b in self.token_buckets if b >= tokens)
-        return size, self._mixed_seqs(size)
+        return size, self._mixed_seqs(size), self.max_len
 
     def _mixed_seqs(self, tokens: int) -> int:
         seqs = min(self.max_seqs, tokens) + -(-tokens // (self.blocks_per_seq * self.block_size))
@@ -330,17 +339,17 @@ class ModelRunner:
         graph.replay()
         return logits[: sum(c.sample for c in chunks)]
 
-    def _graph(self, bucket: tuple[int, int], inputs: StepInputs) -> tuple[Any, Tensor] | None:
+    def _graph(self, bucket: tuple[int, int, int], inputs: StepInputs) -> tuple[Any, Tensor] | None:
         """The graph of ``bucket`` (staged ``inputs``), captured now if new; None if capture failed."""
         version = self.bank.version if self.bank is not None else 0
-        if any(v != version for _, _, v in self._graphs):
+        if any(key[-1] != version for key in self._graphs):
             self._graphs.clear()  # the bank's adapted paths changed: recapture
         key = (*bucket, version)
         if key not in self._graphs:
-            tokens, seqs = bucket
+            tokens, seqs, context = bucket
             # bounds for any later step of the bucket (they size the attention kernel's grid)
             captured = replace(inputs, max_query_len=1 if tokens == seqs else min(tokens, self.max_len),
-                               max_seq_len=self.max_len)
+                               max_seq_len=context)
             try:
                 self._graphs[key] = self._capture(lambda: self._forward(captured))
             except Exception as error:  # e.g. a model that syncs inside its forward: run eagerly
@@ -353,8 +362,8 @@ class ModelRunner:
         request meets a capture or a Triton compile later; returns how many graphs exist."""
         if not self.cuda_graphs:
             return 0
-        sizes = [(b, b) for b in _buckets(self.max_seqs)]
-        sizes += [(t, self._mixed_seqs(t)) for t in self.token_buckets]
+        sizes = [(b, b, c) for b in _buckets(self.max_seqs) for c in _context_buckets(self.max_len)]
+        sizes += [(t, self._mixed_seqs(t), self.max_len) for t in self.token_buckets]
         for bucket in sizes:
             with torch.inference_mode():
                 if self._graph(bucket, self._graph_staging().fill([], tokens_to=bucket[0], seqs_to=bucket[1])) is None:

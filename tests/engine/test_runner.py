@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from splice.engine.runner import ModelRunner, RowAdapters, _buckets
+from splice.engine.runner import ModelRunner, RowAdapters, _buckets, _context_buckets
 from splice.engine.scheduler import Chunk, Sequence, StepPlan
 from splice.fused.modules import FusedRMSNorm, FusedSwiGLUMLP, is_fast
 from splice.lora.apply import add_lora, use_adapters
@@ -101,6 +101,17 @@ def test_cache_size_and_buckets() -> None:
     assert _buckets(1) == [1] and _buckets(8) == [1, 2, 4, 8] and _buckets(20) == [1, 2, 4, 8, 16, 20]
 
 
+def test_decode_steps_take_the_smallest_context_bucket_of_their_longest_sequence() -> None:
+    runner = ModelRunner(tiny.llama(), block_size=16, max_seqs=4, max_len=2000, num_blocks=8, cuda_graphs=False)
+    assert _context_buckets(2000) == [128, 1024, 2000] and _context_buckets(64) == [64]
+
+    def decode(*lengths: int) -> tuple[int, int, int] | None:  # sequences with `lengths` tokens, this one included
+        return runner._bucket([Chunk(seq=_seq([1] * n, [1]), start=n - 1, count=1, sample=True) for n in lengths])
+
+    assert decode(5) == (1, 1, 128) and decode(128, 3) == (2, 2, 128) and decode(129) == (1, 1, 1024)
+    assert decode(7, 1024, 9) == (4, 4, 1024) and decode(1025) == (1, 1, 2000) and decode(2000) == (1, 1, 2000)
+
+
 def test_only_decode_buckets_have_one_token_a_sequence() -> None:
     """A mixed step's bucket never has tokens == sequences: that shape marks a decode graph (decode tiles)."""
     runner = ModelRunner(tiny.llama(), block_size=4, max_seqs=15, max_len=64, cuda_graphs=False)
@@ -162,6 +173,30 @@ def test_cuda_graphs_of_prefill_and_decode_steps_match_eager() -> None:
     with torch.inference_mode():
         eager, graphed = _graph_run(model, graphs=False), _graph_run(twin, graphs=True)
     assert rel_err(graphed, eager) < 1e-5
+
+
+@GPU
+def test_decode_graphs_of_each_context_bucket_match_eager() -> None:
+    """Two sequences decoding from 120 to 136 tokens cross the 128-key bucket: the graph captured for
+    128 keys (attention in one pass) and the one for max_len (split and merged) both match eager steps."""
+    model = tiny.llama(positions=256).cuda()
+    runs = []
+    for graphs in (False, True):
+        runner = _runner(model, cuda_graphs=graphs, max_len=256, num_blocks=80)
+        seqs = [_seq(tiny.tokens(seed=s, batch=1, length=120)[0].tolist(), list(range(1 + 38 * s, 39 + 38 * s)), s)
+                for s in range(2)]
+        with torch.inference_mode():
+            steps = [runner.execute(StepPlan(chunks=[Chunk(seq=s, start=0, count=120, sample=True) for s in seqs])).clone()]
+            for step in range(16):
+                for row, s in enumerate(seqs):
+                    s.tokens.append(3 + 5 * row + step)
+                chunks = [Chunk(seq=s, start=len(s.tokens) - 1, count=1, sample=True) for s in seqs]
+                steps.append(runner.execute(StepPlan(chunks=chunks)).clone())
+        if graphs:
+            assert runner.graph_failure is None
+            assert sorted(k[:3] for k in runner._graphs if k[0] == k[1]) == [(2, 2, 128), (2, 2, 256)]
+        runs.append(torch.cat(steps))
+    assert rel_err(runs[1], runs[0]) < 1e-5
 
 
 @GPU
