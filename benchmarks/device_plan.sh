@@ -9,6 +9,7 @@
 #                                           # (C and E, packed rows via mask vs varlen, FP8), then kernel tuning
 #   CALL=engine bash benchmarks/device_plan.sh  # issue 26 without tests or HTTP: engine_profile.py, then serve.py's
 #                                           # decode, offline (0/8/64 adapters), NF4 and the HF/PEFT peers
+#   CALL=close bash benchmarks/device_plan.sh   # issues 27 + 29: serve/bank/DPO/GRPO GPU tests (-v), preference.py
 #   CALL=4 bash benchmarks/device_plan.sh   # issue 30 items 4-5, if time is left: the 70B QLoRA longest step at
 #                                           # 128k with fp8-compressed offload and the tiled MLP (one probe: ~10 min)
 # Each part runs under its own `timeout`; what a part measured stays in $OUT even if a later one runs out.
@@ -75,5 +76,15 @@ engine)  # issue 26 after CALL=quick ran its tests: where a decode step goes, th
     --limit-hf 30 --limit-peft 25 --limit-decode 110 --limit-offline 150 --limit-nf4 40 2>&1 | grep -v "attention mask" \
     | tee "$OUT/serve.txt" | tail -60
   ;;
-*) echo "CALL is 1, 2, 3, 4, quick or engine"; exit 2 ;;
+close)  # issues 27 + 29 in one call: the serve and preference GPU tests (named as they run), then preference.py
+  T="python3 -m pytest -v -p no:cacheprovider -p no:warnings --tb=short"
+  timeout 110 $T tests/engine/test_runner.py tests/engine/test_layer.py tests/lora/test_bank.py tests/serve/test_dora_serve.py \
+    tests/serve/test_gpu_paths_serve.py tests/serve/test_production.py tests/serve/test_structured.py > "$OUT/tests-serve.txt" 2>&1
+  echo "serve tests (rc $?):"; grep -E "FAILED|ERROR| passed| failed" "$OUT/tests-serve.txt" | tail -8
+  timeout 80 $T tests/training/test_dpo.py tests/training/test_grpo.py tests/distributed/test_wrap.py > "$OUT/tests-pref.txt" 2>&1
+  echo "preference tests (rc $?):"; grep -E "FAILED|ERROR| passed| failed" "$OUT/tests-pref.txt" | tail -8
+  timeout 355 python3 benchmarks/preference.py --out "$OUT/preference" --grpo-steps 1 --dpo-steps 4 \
+    --limit-dpo 90 --limit-grpo 200 --limit-nf4 60 2>&1 | tee "$OUT/preference.txt" | tail -40
+  ;;
+*) echo "CALL is 1, 2, 3, 4, quick, engine or close"; exit 2 ;;
 esac
