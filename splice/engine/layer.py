@@ -10,10 +10,10 @@ At decode batch sizes every kernel of a layer costs a few microseconds whatever 
 two residual adds are two of the dozen a layer launches. :func:`run_layer` computes the same sums
 with the add in the GEMM's epilogue: ``torch.addmm(x, a, W^T)`` (cuBLAS's ``beta = 1``), where
 ``o_proj`` / ``down_proj`` are plain linears without bias (an adapter bank's site over one included:
-its delta is added after, :func:`~splice.lora.bank.add_packed_delta`, unless a DoRA adapter rescales
-that output). Any other layer (a LoRA,
-quantized or biased projection, another family, autograd on) runs its own forward, unchanged. (Hooks
-on a fused layer module itself do not run: the engine calls its parts.)
+its delta is added after, :func:`~splice.lora.bank.add_packed_delta`). Any other projection (LoRA,
+quantized, biased, or one a DoRA adapter in the bank rescales) runs its own forward, then the add; any
+other layer (another family, autograd on) runs its own forward, unchanged. (Hooks on such a layer
+module itself do not run when the engine calls its parts.)
 """
 
 from __future__ import annotations
