@@ -76,17 +76,17 @@ engine)  # issue 26 after CALL=quick ran its tests: where a decode step goes, th
     --limit-hf 30 --limit-peft 25 --limit-decode 110 --limit-offline 150 --limit-nf4 40 2>&1 | grep -v "attention mask" \
     | tee "$OUT/serve.txt" | tail -60
   ;;
-close)  # issues 27 + 29 in one call of ~400 s: the GPU tests not yet passed on a device (named as they run), then
+close)  # issues 27 + 29 in one call of ~340 s: the GPU tests not yet passed on a device (named as they run), then
   # preference.py (GRPO at 256-token completions: what fits; the issue's 512 with --completion 512 and more time)
   T="python3 -m pytest -v -p no:cacheprovider -p no:warnings --tb=short"
-  timeout 80 $T tests/engine/test_runner.py tests/engine/test_layer.py tests/serve/test_dora_serve.py \
+  timeout 70 $T tests/engine/test_runner.py tests/engine/test_layer.py tests/serve/test_dora_serve.py \
     tests/serve/test_gpu_paths_serve.py tests/serve/test_production.py "tests/lora/test_bank.py::test_packed_projections_add_dora_with_the_concatenated_factors" \
     > "$OUT/tests-serve.txt" 2>&1
   echo "serve tests (rc $?):"; grep -E "FAILED|ERROR| passed| failed" "$OUT/tests-serve.txt" | tail -8
-  timeout 60 $T tests/training/test_dpo.py tests/training/test_grpo.py tests/distributed/test_wrap.py > "$OUT/tests-pref.txt" 2>&1
+  timeout 50 $T tests/training/test_dpo.py tests/training/test_grpo.py tests/distributed/test_wrap.py > "$OUT/tests-pref.txt" 2>&1
   echo "preference tests (rc $?):"; grep -E "FAILED|ERROR| passed| failed" "$OUT/tests-pref.txt" | tail -8
-  timeout 260 python3 benchmarks/preference.py --out "$OUT/preference" --grpo-steps 1 --dpo-steps 4 --completion 256 \
-    --limit-dpo 60 --limit-grpo 150 --limit-nf4 40 2>&1 | tee "$OUT/preference.txt" | tail -40
+  timeout 215 python3 benchmarks/preference.py --out "$OUT/preference" --grpo-steps 1 --dpo-steps 4 --completion 256 \
+    --parts "${PARTS:-dpo,grpo}" --limit-dpo 60 --limit-grpo 140 --limit-nf4 40 2>&1 | tee "$OUT/preference.txt" | tail -40
   ;;
 *) echo "CALL is 1, 2, 3, 4, quick, engine or close"; exit 2 ;;
 esac
