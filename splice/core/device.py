@@ -1,12 +1,27 @@
-"""Which device a ``--device`` name means on this machine."""
+"""Which device a ``--device`` name means on this machine, and small host lists sent to it."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+from torch import Tensor
 
 from splice.core.errors import UsageError
 
-__all__ = ["resolve_device"]
+__all__ = ["resolve_device", "to_device"]
+
+
+def to_device(values: Sequence[float] | Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small host list as a tensor on ``device``, copied without waiting for the device.
+
+    On CUDA the list goes through pinned memory: a copy from pageable memory may make the host wait
+    for the stream's earlier kernels, which would stall a step launched ahead of the GPU (the engine's
+    overlap). torch's caching host allocator keeps the pinned block until the copy has read it.
+    """
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
 def resolve_device(name: str) -> torch.device:

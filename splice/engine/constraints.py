@@ -49,6 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from splice.core.device import to_device
 from splice.core.errors import one_line
 
 __all__ = ["JSON_WHITESPACE", "Constraint", "Grammars", "Matcher", "choice", "json_object", "json_schema",
@@ -256,7 +257,7 @@ class Grammars:
         allowed = unpack_bitmask(on_device, vocab)
         if len(rows) == len(matchers):
             return allowed
-        index = torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True)
+        index = to_device(rows, torch.long, device)
         full = torch.ones(len(matchers), vocab, dtype=torch.bool, device=device)
         return full.index_copy_(0, index, allowed)
 

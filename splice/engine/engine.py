@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from splice.core.device import to_device
 from splice.engine.blocks import BlockPool
 from splice.engine.constraints import Grammars
 from splice.engine.output import TextOutput, TokenLogprob, eos_ids
@@ -46,7 +47,6 @@ from splice.engine.runner import ModelRunner, RowAdapters
 from splice.engine.sampling import (
     SamplingParams,
     TokenCounts,
-    on_device,
     row_generator,
     sample_step,
     token_logprobs,
@@ -247,7 +247,7 @@ class Engine:
         if not kept:
             return
         if picks != list(range(len(sampled))):
-            logits = logits.index_select(0, on_device(picks, torch.long, logits.device))
+            logits = logits.index_select(0, to_device(picks, torch.long, logits.device))
         tokens, values, asked, tops = self._sample(logits, [seq.payload for seq in kept])
         self._to_host.start(values)
         self._inflight = Inflight(seqs=kept, tokens=tokens, asked=asked, tops=tops,
@@ -294,19 +294,19 @@ class Engine:
         penalized = [i for i, p in enumerate(params) if p.penalized]
         slots = counts = None
         if penalized:
-            slots = on_device([self._counts_slot(requests[i], logits.shape[-1]) for i in penalized], torch.long,
+            slots = to_device([self._counts_slot(requests[i], logits.shape[-1]) for i in penalized], torch.long,
                               device)
             counts = self._counts.rows(slots)
         # computed on the host while the device still runs the forward (see splice.engine.constraints)
         masks = self.grammars.masks([r.matcher for r in requests], vocab=logits.shape[-1], device=device)
         tokens = sample_step(logits, params, [r.generator for r in requests], counts=counts, masks=masks)
         if slots is not None:
-            self._counts.add(slots, tokens.index_select(0, on_device(penalized, torch.long, device)))
+            self._counts.add(slots, tokens.index_select(0, to_device(penalized, torch.long, device)))
         asked = [i for i, p in enumerate(params) if p.logprobs is not None]
         tops = [params[i].logprobs or 0 for i in asked]
         if not asked:
             return tokens, pack(tokens), asked, tops
-        at = on_device(asked, torch.long, device)
+        at = to_device(asked, torch.long, device)
         rows = logits.index_select(0, at)  # raw, but a grammar's mask applies (as vLLM: it masks first)
         rows = rows if masks is None else rows.masked_fill(~masks.index_select(0, at), float("-inf"))
         return tokens, pack(tokens, *token_logprobs(rows, tokens.index_select(0, at), max(tops))), asked, tops

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from splice.core.device import to_device
 from splice.engine.attention import PagedAttention, StepAttention, install_paged_attention, paged_step
 from splice.engine.inputs import Staging, StepInputs
 from splice.engine.layer import run_layer
@@ -265,8 +266,8 @@ class ModelRunner:
         """Copy-on-write: block ``dst`` of every layer gets block ``src``'s K/V."""
         if not copies:
             return
-        src = torch.tensor([s for s, _ in copies], device=self.device)
-        dst = torch.tensor([d for _, d in copies], device=self.device)
+        src = to_device([s for s, _ in copies], torch.long, self.device)
+        dst = to_device([d for _, d in copies], torch.long, self.device)
         for cache in (*self.key_caches, *self.value_caches):
             cache.index_copy_(0, dst, cache.index_select(0, src))
 

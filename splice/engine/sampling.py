@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from splice.core.device import to_device
 from splice.engine.constraints import Constraint
 
 __all__ = [
@@ -37,7 +38,6 @@ __all__ = [
     "bounded_seed",
     "check_sampling",
     "filter_rows",
-    "on_device",
     "row_generator",
     "sample_next",
     "sample_step",
@@ -201,12 +201,6 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def on_device(values: Sequence[float] | Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A small host list as a device tensor, copied without waiting for the device."""
-    host = torch.tensor(values, dtype=dtype)
-    return host.to(device, non_blocking=True) if device.type == "cuda" else host
-
-
 def apply_penalties(logits: Tensor, counts: Tensor, presence: Tensor, frequency: Tensor) -> Tensor:
     """``logits - frequency * counts - presence * (counts > 0)`` (the module docstring's rule): ``logits``
     and ``counts`` (P, V) fp32, ``presence`` and ``frequency`` (P,)."""
@@ -275,22 +269,22 @@ def sample_step(logits: Tensor, params: Sequence[SamplingParams], generators: Se
         if counts is None or counts.shape[0] != len(penalized):
             raise ValueError(f"{len(penalized)} rows have a penalty: give their token counts, "
                              f"got {None if counts is None else tuple(counts.shape)}")
-        index = on_device(penalized, torch.long, device)
+        index = to_device(penalized, torch.long, device)
         rows = apply_penalties(logits.index_select(0, index).float(), counts,
-                               on_device([params[i].presence_penalty for i in penalized], torch.float32, device),
-                               on_device([params[i].frequency_penalty for i in penalized], torch.float32, device))
+                               to_device([params[i].presence_penalty for i in penalized], torch.float32, device),
+                               to_device([params[i].frequency_penalty for i in penalized], torch.float32, device))
         logits = logits.index_copy(0, index, rows.to(logits.dtype))
     tokens = logits.argmax(dim=-1)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if not sampled:
         return tokens
-    index = on_device(sampled, torch.long, device)
+    index = to_device(sampled, torch.long, device)
     chosen = [params[i] for i in sampled]
-    rows = logits.index_select(0, index).float() / on_device([p.temperature for p in chosen], torch.float32,
+    rows = logits.index_select(0, index).float() / to_device([p.temperature for p in chosen], torch.float32,
                                                              device)[:, None]
     if any(p.top_k > 0 or p.top_p < 1.0 for p in chosen):
-        rows = filter_rows(rows, on_device([p.top_k for p in chosen], torch.long, device),
-                           on_device([float(p.top_p) for p in chosen], torch.float32, device))
+        rows = filter_rows(rows, to_device([p.top_k for p in chosen], torch.long, device),
+                           to_device([float(p.top_p) for p in chosen], torch.float32, device))
     probs = rows.softmax(dim=-1)
     noise = torch.empty_like(probs)
     for row, i in enumerate(sampled):

@@ -19,9 +19,9 @@ W x + bias``). A group a resident DoRA adapter adapts gets a factor and a shift 
 as before, and a mixed batch (DoRA, LoRA of any rank, base rows) is one shrink and one expand a projection.
 
 Two ways in: :meth:`LoraBank.from_model` packs the linear LoRA and DoRA layers already on a model
-(what ``splice.generate`` uses for mixed batches), and :func:`add_bank_sites` + :meth:`put`
-serve adapters kept in host memory (:class:`HostAdapter`), moved into a slot on demand with the
-least recently used resident adapter evicted (what ``splice serve`` uses).
+(what ``splice.generate`` uses for mixed batches), and :func:`add_bank_sites` + :meth:`put` serve
+adapters kept in host memory (:class:`HostAdapter`), moved into a slot on demand with the least
+recently used resident adapter evicted (what ``splice serve`` uses).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from splice.core.device import to_device
 from splice.core.rewrite import Around, rewrite
 from splice.kernels import use_triton
 from splice.kernels.multi_lora import Shrunk, multi_lora, multi_lora_expand, multi_lora_shrink, pad_rank
@@ -79,8 +80,7 @@ def read_adapter(directory: str | Path, *, name: str, base: nn.Module | None = N
     A DoRA adapter needs ``base`` too (its factors: :func:`splice.lora.adapter_file.dora_outputs`). Embedding
     and conv adapters are refused, and with ``base`` one that does not fit it (``check_adapter_fits``)."""
     adapter = adapter_file.read_adapter(directory)
-    require_linear(adapter, holder="a LoRA bank", instead="merge it into the model to serve it (splice merge)",
-                   dora=True)
+    require_linear(adapter, holder="a LoRA bank", instead="merge it into the model to serve it (splice merge)", dora=True)
     if adapter.config.use_dora and base is None:
         raise AdapterError(f"{adapter.directory} is a DoRA adapter: its magnitudes divide by the row norms of the "
                            "served weights W + s B A; pass base=model to read it against them (splice serve on one "
@@ -359,7 +359,7 @@ class LoraBank:
         for name in dict.fromkeys(r for r in rows if r is not None):
             self.resident.move_to_end(name)
         ids = [-1 if r is None else self.resident[r] for r in rows]
-        return torch.tensor(ids, dtype=torch.int32).to(self.device, non_blocking=True)
+        return to_device(ids, torch.int32, self.device)
 
     def apply(self, module: nn.Module, x: Tensor, y: Tensor, slots: Tensor | None) -> Tensor:
         """``y`` plus each row's or token's adapter delta at ``module``'s path.
