@@ -9,7 +9,6 @@ and ``--debug`` have their own tests below; SIGTERM (exit 143) is in tests/train
 from __future__ import annotations
 
 import json
-import os
 import re
 import resource
 import shutil
@@ -25,6 +24,7 @@ import torch
 
 from splice.cli import main
 from splice.core.errors import UsageError
+from tests.tiny import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = ["--prompt-template", "Q: {question}\nA: ", "--response-template", "{answer}"]
@@ -243,7 +243,7 @@ def test_full_disk_is_a_runtime_error_and_leaves_no_temporary_checkpoint(files: 
     argv[argv.index("--output-dir") + 1] = str(out)
     proc = subprocess.run(
         [sys.executable, "-m", "splice", *argv],
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)},
+        env=subprocess_env(),
         capture_output=True, text=True,
         preexec_fn=_limit_file_size, timeout=300)
     lines = _error_lines(proc.stderr)

@@ -6,12 +6,13 @@ positive figures, and that both frameworks trained on the same DPO tokens; it co
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.tiny import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,9 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_preference_benchmark_runs_tiny(tmp_path: Path) -> None:
     pytest.importorskip("trl")
-    # The caller's PYTHONPATH stays (on the device the carried wheels, trl among them, live there).
-    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
-    env = {**os.environ, "SPLICE_BENCH_TMP": str(tmp_path / "scratch"), "PYTHONPATH": path}
+    env = subprocess_env(SPLICE_BENCH_TMP=str(tmp_path / "scratch"))  # the carried wheels (trl) stay on the path
     out = tmp_path / "out"
     limits = [arg for part in ("dpo", "grpo", "nf4") for arg in (f"--limit-{part}", "1200")]  # never the limit
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "preference.py"), "--tiny", "--out", str(out),

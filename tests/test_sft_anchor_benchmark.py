@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.tiny import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,11 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_sft_anchor_runs_tiny(tmp_path: Path) -> None:
     pytest.importorskip("trl")
-    # The caller's PYTHONPATH stays (carried wheels, trl among them, may live there).
-    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sft_anchor.py"), "--tiny", "--out", str(out)],
-                          capture_output=True, text=True, timeout=1200, env={**os.environ, "PYTHONPATH": path},
+                          capture_output=True, text=True, timeout=1200, env=subprocess_env(),
                           check=False)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     result = json.loads((out / "sft_anchor.json").read_text())

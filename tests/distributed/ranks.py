@@ -10,7 +10,6 @@ hangs a CI job.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.tiny import free_port
+from tests.tiny import free_port, subprocess_env
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,12 +31,9 @@ class RankResult:
 
 
 def rank_env(rank: int, world: int, port: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-               PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
-               OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # 2 CPU ranks on a small machine
-    return env
+    return subprocess_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                          OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # 2 CPU ranks on a small machine
 
 
 def kill(procs: list[subprocess.Popen]) -> None:

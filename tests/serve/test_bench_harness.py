@@ -7,12 +7,13 @@ into the JSON and prints its table, so a broken harness is found here rather tha
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.tiny import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[2]
 PARTS = ("bandwidth", "hf", "peft", "decode", "offline", "http", "nf4")
@@ -23,7 +24,7 @@ def test_serve_benchmark_runs_every_part_tiny(tmp_path: Path) -> None:
     out = tmp_path / "serve.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "serve.py"), "--tiny", "--json", str(out)],
-        capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}, check=False,
+        capture_output=True, text=True, timeout=900, env=subprocess_env(), check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     parts = json.loads(out.read_text())["parts"]

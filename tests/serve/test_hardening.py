@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -293,8 +292,7 @@ def _splice_serve(tmp_path: Path, model_dir: Path, *flags: str, delay: float) ->
     script = tmp_path / "serve_with_fault.py"
     script.write_text(_SCRIPT)
     port = free_port()
-    root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    env = tiny.subprocess_env()
     process = subprocess.Popen([sys.executable, str(script), str(delay), "--model", str(model_dir), "--port",
                                 str(port), *flags], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}/v1"

@@ -5,7 +5,6 @@ hub cache), Prometheus metrics, ``stream_options.include_usage``, the exact cont
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -390,9 +389,7 @@ def test_splice_serve_with_quantize_keys_from_flag_and_environment_and_an_adapte
         tmp_path: Path, tiny_model_dir: Path) -> None:
     _save_adapter(tmp_path / "adapters", "alpha", 11)
     port = free_port()
-    root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ, SPLICE_API_KEY="env-key-1, env-key-2",
-               PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    env = tiny.subprocess_env(SPLICE_API_KEY="env-key-1, env-key-2")
     process = subprocess.Popen([sys.executable, "-m", "splice", "serve", "--model", str(tiny_model_dir), "--port",
                                 str(port), "--quantize", "nf4", "--api-key", "flag-key", "--allow-adapter-dir",
                                 str(tmp_path / "adapters"), "--max-len", str(MAX_LEN)],
