@@ -6,7 +6,8 @@
 #                                           # with a key, /metrics scraped and a quarter JSON-schema requests, NF4)
 #   CALL=2 bash benchmarks/device_plan.sh   # issue 27: DPO/GRPO GPU tests, then benchmarks/preference.py (vs TRL)
 #   CALL=3 bash benchmarks/device_plan.sh   # issue 30: training GPU tests, varlen attention, train_throughput
-#                                           # (C and E, packed rows via mask vs varlen, FP8), then kernel tuning
+#                                           # (C and E, packed rows via mask vs varlen, FP8), sibling LoRA
+#                                           # linears as one node (lora_group.py), then kernel tuning
 #   CALL=engine bash benchmarks/device_plan.sh  # issue 26 without tests or HTTP: engine_profile.py, then serve.py's
 #                                           # decode, offline (0/8/64 adapters), NF4 and the HF/PEFT peers
 #   CALL=close bash benchmarks/device_plan.sh   # issues 27 + 29: serve/bank/DPO/GRPO GPU tests (-v), preference.py
@@ -49,14 +50,15 @@ case $CALL in
     --limit-dpo 110 --limit-grpo 190 --limit-nf4 80 2>&1 | tee "$OUT/preference.txt" | tail -40
   ;;
 3)
-  gpu_tests training 120 tests/kernels/test_varlen_attention.py tests/fused tests/quant/test_fp8.py tests/memory \
-    tests/training/test_loop.py tests/training/test_graphs.py $(ls tests/*/test_gpu_paths_*.py 2>/dev/null | grep "training\|memory")
+  gpu_tests training 120 tests/kernels/test_varlen_attention.py tests/kernels/test_lora_group.py tests/fused \
+    tests/quant/test_fp8.py tests/memory tests/training/test_loop.py tests/training/test_graphs.py $(ls tests/*/test_gpu_paths_*.py 2>/dev/null | grep "training\|memory")
   timeout 60 python3 benchmarks/varlen_attention.py --json "$OUT/varlen_attention.json" 2>&1 | tee "$OUT/varlen.txt" | tail -15
+  timeout 30 python3 benchmarks/lora_group.py --out "$OUT/lora_group.json" 2>&1 | tee "$OUT/lora_group.txt" | tail -8
   timeout 200 python3 benchmarks/train_throughput.py --out "$OUT/train" --frameworks peft,splice --configs C,E \
     --pack varlen --profile C --worker-timeout 180 2>&1 | tee "$OUT/train.txt" | grep -v "^  " | tail -30
   timeout 110 python3 benchmarks/train_throughput.py --out "$OUT/train_fp8" --frameworks splice --configs C \
     --quantize fp8 --parity-steps 200 --worker-timeout 100 2>&1 | tee "$OUT/train_fp8.txt" | grep -v "^  " | tail -15
-  timeout 60 python3 benchmarks/multi_lora.py --sweep --deadline-s 45 --json "$OUT/multi_lora.json" 2>&1 | tail -20
+  timeout 40 python3 benchmarks/multi_lora.py --sweep --deadline-s 30 --json "$OUT/multi_lora.json" 2>&1 | tail -20
   ;;
 4)
   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 585 python3 benchmarks/qlora.py --out "$OUT/longest70" \

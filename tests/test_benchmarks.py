@@ -57,3 +57,17 @@ def test_dora_benchmark_runs_tiny(tmp_path: Path) -> None:
     first = [r["losses"][0] for r in runs.values()]
     assert max(first) - min(first) < 1e-2  # same model, data and init: a no-op adapter at step 0
     assert "| splice DoRA |" in (tmp_path / "dora.md").read_text()
+
+
+def test_lora_group_benchmark_runs_tiny(tmp_path: Path) -> None:
+    """benchmarks/lora_group.py on the CPU: both groups timed, the grouped node equal to the members."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "lora_group.py"), "--tiny", "--tokens", "64",
+         "--out", str(tmp_path / "lora_group.json")],
+        capture_output=True, text=True, timeout=300, env=subprocess_env(), check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "lora_group.json").read_text())["rows"]
+    assert [r["group"] for r in rows] == ["qkv", "gate_up"]
+    assert all(r["max rel diff outputs"] < 1e-6 and r["max rel diff grads"] < 1e-6 for r in rows)
+    assert "| 64 | qkv |" in proc.stdout

@@ -16,6 +16,10 @@ LoRA wrappers inside are unchanged), with a ``forward`` that calls a kernel from
 * Llama attention -> :class:`FusedRopeAttention`: q/k/v/o are still called, RoPE is one Triton
   launch for q and k, attention goes through the model's configured backend (sdpa, flash, ...).
 
+Sibling projections of one input (q/k/v, gate/up) whose adapters draw no dropout mask run as one
+autograd node (:func:`project`, :mod:`splice.kernels.lora_group`): the adapters' stacked
+down-projection reads the input once, and the input gradients sum in the GEMMs.
+
 On CPU the same modules run the PyTorch reference paths. ``unfuse(model)`` puts the original
 modules back.
 
@@ -27,7 +31,7 @@ visible to ``lora_modules``/``merge``/``save_adapter`` at their usual paths; ``u
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -39,6 +43,7 @@ from splice.core.rewrite import Around, share_state, weight_of
 from splice.fused.projections import packed
 from splice.fused.varlen import PACKING_KWARG, Packing, attend_packed, check_no_dropout
 from splice.kernels.dropout import new_keys
+from splice.kernels.lora_group import lora_group, lora_group_u
 from splice.kernels.lora_linear import lora_linear, lora_u
 from splice.kernels.rmsnorm import rms_norm
 from splice.kernels.rope import rope
@@ -54,6 +59,7 @@ __all__ = [
     "FusedRopeAttention",
     "FusedSwiGLUMLP",
     "is_fast",
+    "project",
 ]
 
 _FUSED_ATTENTION_BACKENDS = ("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
@@ -82,6 +88,30 @@ def _unread_projection(module: nn.Module, x: Tensor) -> Tensor:
             and not weight.requires_grad and weight.dtype == x.dtype):
         return _UnreadLinear.apply(x, weight)
     return module(x)
+
+
+def project(modules: Sequence[nn.Module], x: Tensor, *, output: bool = True) -> list[Tensor]:
+    """``[m(x) for m in modules]`` for sibling projections of one input (q/k/v, gate/up): one
+    :func:`~splice.kernels.lora_group.lora_group` node when every one is a fused LoRA linear without
+    dropout (``x`` read once by the adapters' down-projection), else one call each. ``output=False``:
+    only the backward is needed (:func:`_unread_projection`)."""
+    fused = [m for m in modules if isinstance(m, FusedLoraLinear) and m._fusable(x) and m._dropout_p() == 0]
+    if len(fused) < 2 or len(fused) != len(modules):
+        return [m(x) if output else _unread_projection(m, x) for m in modules]
+    loras: list[LoraLinear] = [m.fn for m in fused]  # type: ignore[misc]
+    lora_as = [lora.lora_A.weight for lora in loras]
+    with torch.autocast(x.device.type, enabled=False):  # as FusedLoraLinear.forward: fp32 adapters kept exact
+        u = None  # inside a checkpointed layer: the forward keeps the stacked U, its recompute reuses it
+        if (replay := stash.active(replay=True)) is not None:
+            u = replay.take()
+        elif (record := stash.active(replay=False)) is not None:
+            u = lora_group_u(x, lora_as)
+            record.put(u)
+        biases = [m.base.bias for m in fused]
+        return list(lora_group(
+            x, [weight_of(m.base) for m in fused], [b if isinstance(b, Tensor) else None for b in biases],
+            lora_as, [lora.lora_B.weight for lora in loras], scales=[lora.scale for lora in loras],
+            output=output, u=u))
 
 
 def is_fast(module: nn.Module) -> bool:
@@ -121,13 +151,17 @@ class FusedLoraLinear(Around):
             and (x.dtype in (torch.bfloat16, torch.float16) or not torch.is_autocast_enabled(x.device.type))
         )
 
+    def _dropout_p(self) -> float:
+        """The adapter's dropout probability now (0 in eval mode)."""
+        drop = self.fn.dropout
+        return float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
+
     def forward(self, *args: Any, output: bool = True, **kwargs: Any) -> Any:
         """``output=False``: the value is not computed (see :func:`lora_linear`)."""
         if len(args) != 1 or kwargs or not isinstance(args[0], Tensor) or not self._fusable(args[0]):
             return super().forward(*args, **kwargs)
         lora: LoraLinear = self.fn  # type: ignore[assignment]
-        drop = lora.dropout
-        p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
+        p = self._dropout_p()
         x = args[0]
         keys = new_keys(x.device) if p > 0 else 0
         # Autocast off inside: x and W already share the 16-bit dtype, and the fused function
@@ -180,7 +214,8 @@ class FusedSwiGLUMLP(nn.Module):
         pair = None if torch.is_grad_enabled() else packed([self.gate_proj, self.up_proj])
         if pair is not None:
             return swiglu_packed(add_packed_delta([self.gate_proj, self.up_proj], x, F.linear(x, *pair)))
-        return swiglu(self.gate_proj(x), self.up_proj(x), inplace_backward=True)
+        gate, up = project([self.gate_proj, self.up_proj], x)
+        return swiglu(gate, up, inplace_backward=True)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.activation(x)
@@ -243,9 +278,7 @@ class FusedRopeAttention(nn.Module):
         if replay is not None and replay.attention:  # a recompute reusing the forward's attention
             return self._replay(replay, hidden_states, position_embeddings), None
         record = stash.active(replay=False)
-        q = self.q_proj(hidden_states).view(shape)
-        k = self.k_proj(hidden_states).view(shape)
-        v = self.v_proj(hidden_states).view(shape)
+        q, k, v = (t.view(shape) for t in project([self.q_proj, self.k_proj, self.v_proj], hidden_states))
         q, k = rope(q, k, *position_embeddings)
         attend = self._attention(backend, attention_mask, kwargs) if packing is None else self._packed(packing)
         if record is not None and record.attention:
@@ -288,9 +321,7 @@ class FusedRopeAttention(nn.Module):
         without their GEMMs, the kept attention graph and output projection result are reused."""
         input_shape = hidden.shape[:-1]
         shape = (*input_shape, -1, self.head_dim)
-        q = _unread_projection(self.q_proj, hidden).view(shape)
-        k = _unread_projection(self.k_proj, hidden).view(shape)
-        v = _unread_projection(self.v_proj, hidden).view(shape)
+        q, k, v = (t.view(shape) for t in project([self.q_proj, self.k_proj, self.v_proj], hidden, output=False))
         q, k = rope(q, k, *position_embeddings, output=False)  # only the backward matters
         attn_output = stash.replay_attention(replay, q, k, v)
         o = _unread_projection(self.o_proj, attn_output.reshape(*input_shape, -1).contiguous())

@@ -16,6 +16,7 @@ from splice.fused.modules import (
     FusedRMSNorm,
     FusedRopeAttention,
     FusedSwiGLUMLP,
+    project,
 )
 from splice.lora.apply import lora_modules, merge
 from splice.training.loss import causal_lm_loss, lm_head_params, model_hidden_states
@@ -60,6 +61,27 @@ def test_fuse_bf16_base_fp32_adapters() -> None:
     fast = copy.deepcopy(plain)
     fuse(fast)
     compare_bf16(plain, fast, torch.randint(0, 101, (2, 16)))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_sibling_projections_run_as_one_node_without_dropout(dropout: float) -> None:
+    """q/k/v and gate/up: one lora_group node each when no dropout mask is drawn (training with dropout:
+    a node per projection, each with its own mask); o and down alone. Same values either way."""
+    model = lora_llama(dropout=dropout)
+    fuse(model)
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    model.train()
+    qkv = project([attn.q_proj, attn.k_proj, attn.v_proj], x)
+    gate_up = project([mlp.gate_proj, mlp.up_proj], x)
+    nodes = {type(t.grad_fn).__name__ for t in (*qkv, *gate_up)}
+    assert nodes == ({"_LoraGroupFnBackward"} if dropout == 0 else {"_LoraLinearFnBackward"})
+    model.eval()  # no mask in eval: grouped, and equal to each projection called alone
+    for group in ([attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]):
+        outs = project(group, x)
+        assert {type(t.grad_fn).__name__ for t in outs} == {"_LoraGroupFnBackward"}
+        for module, out in zip(group, outs):
+            torch.testing.assert_close(out, module(x), rtol=1e-6, atol=1e-6)
 
 
 def test_structure_is_preserved_and_undoable() -> None:

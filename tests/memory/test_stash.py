@@ -10,6 +10,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from splice.fused.apply import fuse
+from splice.kernels import lora_group as lora_group_module
 from splice.kernels import lora_linear as lora_linear_module
 from splice.memory import stash
 from splice.memory.checkpointing import checkpoint_layers
@@ -21,8 +22,9 @@ HIDDEN, LAYERS, TOKENS = 64, 3, 2 * 12
 
 @pytest.mark.parametrize("keep_attention", [False, True])
 @pytest.mark.parametrize("offload", [False, True])
-def test_same_loss_and_grads_as_without_checkpointing(keep_attention: bool, offload: bool) -> None:
-    plain = lora_llama(dropout=0.2, layers=3)
+@pytest.mark.parametrize("dropout", [0.0, 0.2])  # 0: q/k/v and gate/up as one node each (lora_group)
+def test_same_loss_and_grads_as_without_checkpointing(keep_attention: bool, offload: bool, dropout: float) -> None:
+    plain = lora_llama(dropout=dropout, layers=3)
     fuse(plain)
     ckpt = copy.deepcopy(plain)
     checkpoint_layers(ckpt, layers="all", offload=offload, keep_attention=keep_attention)
@@ -64,24 +66,45 @@ def test_kept_attention_skips_the_projections_and_the_attention_forward(
     assert (calls_recompute, calls_kept) == (LAYERS, 0)
 
 
-def test_recompute_reuses_every_lora_down_projection(monkeypatch: pytest.MonkeyPatch) -> None:
-    """U = dropout(x) A^T is computed once per LoRA linear in the forward, never in the recompute."""
+def _down_ranks(monkeypatch: pytest.MonkeyPatch, module: object) -> list[int]:
+    """The rank (rows of A) of every down-projection ``module._down`` computes from now on."""
     calls: list[int] = []
-    original = lora_linear_module._down
+    original = module._down  # type: ignore[attr-defined]
 
     def spy(*args: object, **kwargs: object) -> torch.Tensor:
-        calls.append(1)
-        return original(*args, **kwargs)  # type: ignore[arg-type]
+        calls.append(args[1].shape[0])  # type: ignore[attr-defined]
+        return original(*args, **kwargs)  # type: ignore[no-any-return]
 
-    monkeypatch.setattr(lora_linear_module, "_down", spy)
-    model = lora_llama(dropout=0.2, layers=3)
+    monkeypatch.setattr(module, "_down", spy)
+    return calls
+
+
+def _checkpointed_loss(dropout: float) -> torch.Tensor:
+    model = lora_llama(dropout=dropout, layers=3)
     fuse(model)
     checkpoint_layers(model, layers="all")
     ids = torch.randint(0, 101, (2, 12))
-    loss = model(input_ids=ids, labels=ids).loss
+    return model(input_ids=ids, labels=ids).loss
+
+
+def test_recompute_reuses_every_lora_down_projection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """U = dropout(x) A^T is computed once per LoRA linear in the forward, never in the recompute."""
+    calls = _down_ranks(monkeypatch, lora_linear_module)
+    loss = _checkpointed_loss(0.2)
     assert len(calls) == 7 * 3  # q, k, v, o, gate, up, down in 3 layers
     loss.backward()
     assert len(calls) == 7 * 3
+
+
+def test_recompute_reuses_the_stacked_down_projections_of_sibling_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without dropout q/k/v and gate/up each compute one stacked U = x [A_1; ..]^T in the forward (x read
+    once), o and down their own; the recompute computes none."""
+    single = _down_ranks(monkeypatch, lora_linear_module)
+    stacked = _down_ranks(monkeypatch, lora_group_module)
+    loss = _checkpointed_loss(0.0)
+    assert (single, stacked) == ([4] * 2 * 3, [3 * 4, 2 * 4] * 3)  # o and down; q/k/v and gate/up at rank 4
+    loss.backward()
+    assert (len(single), len(stacked)) == (2 * 3, 2 * 3)
 
 
 def test_take_past_the_end_names_the_problem() -> None:
