@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from splice.core.family import PAGED_ATTENTION_CLASSES
 from splice.core.rewrite import Node, Replace, innermost, rewrite, share_state
-from splice.fused.modules import FusedRopeAttention
+from splice.fused.modules import FusedRopeAttention, project
 from splice.fused.projections import packed
 from splice.fused.varlen import VarlenAttention, window_and_softcap
 from splice.kernels.paged_attention import paged_attention
@@ -127,11 +127,13 @@ class PagedAttention(nn.Module):
 
     def _project(self, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q, k, v (T, heads, D) of ``hidden`` (T, 1, H): one GEMM when the three projections are packed
-        plain linears (:mod:`splice.fused.projections`, outside autograd), else one each."""
+        plain linears (:mod:`splice.fused.projections`, outside autograd), one LoRA node when they are fused
+        LoRA linears (a training model's rollouts: :func:`~splice.fused.modules.project`), else one each."""
         tokens, d = hidden.shape[0], self.head_dim
         pair = None if torch.is_grad_enabled() else packed([self.q_proj, self.k_proj, self.v_proj])
         if pair is None:
-            return tuple(p(hidden).view(tokens, -1, d) for p in (self.q_proj, self.k_proj, self.v_proj))
+            q, k, v = project([self.q_proj, self.k_proj, self.v_proj], hidden)
+            return q.view(tokens, -1, d), k.view(tokens, -1, d), v.view(tokens, -1, d)
         flat = hidden.reshape(tokens, -1)
         qkv = add_packed_delta([self.q_proj, self.k_proj, self.v_proj], flat, F.linear(flat, *pair))  # (T, Nq+Nk+Nv)
         nq, nk = (base_shape(m)[1] for m in (self.q_proj, self.k_proj))  # type: ignore[index]

@@ -9,6 +9,7 @@ from torch import nn
 from splice.engine.attention import PagedAttention, install_paged_attention
 from splice.engine.runner import ModelRunner
 from splice.engine.scheduler import Chunk, Sequence, StepPlan
+from splice.fused import modules as fused_modules
 from splice.fused.apply import fuse
 from splice.fused.modules import FusedRopeAttention
 from splice.fused.varlen import VarlenAttention
@@ -87,6 +88,28 @@ def test_fused_rope_attention_is_replaced_and_kept_for_unbound_calls() -> None:
     assert rel_err(got, want) < 1e-5
     with torch.no_grad():
         assert rel_err(model(torch.tensor([ids])).logits[0, 6:], want) < 1e-6
+
+
+def test_a_fused_lora_training_model_runs_its_sibling_projections_as_one_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GRPO's rollouts run the engine on the model being trained (fused on a GPU): q/k/v and gate/up go through
+    one lora_group call each per layer and step, with the same logits as the model's own forward."""
+    model = tiny.lora_llama(hidden=64).eval()
+    ids = [int(i) % 101 for i in _ids()]
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0, 6:]
+    fuse(model)
+    groups: list[int] = []
+    real = fused_modules.lora_group
+
+    def counted(x: torch.Tensor, weights: list[torch.Tensor], *args: object, **kwargs: object) -> tuple[torch.Tensor, ...]:
+        groups.append(len(weights))
+        return real(x, weights, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fused_modules, "lora_group", counted)
+    got = stepwise_logits(model, ids)
+    steps, layers = len(ids) - 7 + 1, len(model.model.layers)
+    assert groups == [3, 2] * layers * steps  # q/k/v, then gate/up, in every layer of every step
+    assert rel_err(got, want) < 1e-5
 
 
 @pytest.mark.parametrize("family", ["Qwen3", "Gemma2"])
