@@ -213,6 +213,12 @@ def wrap_model(model: nn.Module, *, loss: LossFn, env: DistEnv, device: torch.de
     if env.world_size == 1 and shard_why is None:
         notes.append("world size 1: DDP adds nothing but is kept so the path is the same")
     root.to(device)  # a no-op unless the weights were loaded elsewhere for FSDP2 (a fallback)
+    # DDP broadcasts rank 0's parameters at start; frozen FP8 codes and scales are the same on every rank
+    # (loaded from one checkpoint), and gloo cannot send float8: leave them out of that broadcast
+    alone = [f"{path}.{name}" for path, m in root.named_modules() if getattr(type(m), "splice_shard_alone", False)
+             for name, p in m.named_parameters(recurse=False) if not p.requires_grad]
+    if alone:
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(root, alone)
     ddp = nn.parallel.DistributedDataParallel(
         root, device_ids=[device.index if device.index is not None else env.local_rank]
         if device.type == "cuda" else None,
@@ -238,6 +244,9 @@ def _fully_shard(root: LossModule, layers: list[nn.Module], *, env: DistEnv, dev
     mesh = init_device_mesh(device.type, (env.world_size,))
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if mixed_precision else MixedPrecisionPolicy())
+    for module in [m for m in root.modules() if getattr(type(m), "splice_shard_alone", False)]:
+        # its own unit, never cast: FP8 codes and scales all-gathered as they are (splice.quant.fp8)
+        fully_shard(module, mesh=mesh, mp_policy=MixedPrecisionPolicy())
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(root, mesh=mesh, mp_policy=policy)

@@ -60,7 +60,7 @@ FP8_MAX = 448.0  # e4m3's largest finite value
 MIN_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada (8.9), Hopper (9.0), Blackwell
 _ALIGN = 16  # torch._scaled_mm on CUDA: both dimensions of the weight multiples of 16
 _TINY = 1e-12  # an all-zero row gets this amax (its codes are all 0 whatever the scale)
-_PACKED = ("qweight", "scale", "qweight_t")  # buffers that keep their dtype through module.to(dtype)
+_PACKED = ("qweight", "scale", "qweight_t")  # frozen parameters that keep their dtype through module.to(dtype)
 
 
 def fp8_problem(device: torch.device | str, *, allow_cpu: bool = False) -> str | None:
@@ -179,14 +179,20 @@ class _FP8LinearFn(torch.autograd.Function):
 class FP8Linear(nn.Module):
     """A frozen linear over an e4m3 weight with per-output-channel scales (module doc).
 
-    Buffers: ``qweight`` (out, in) e4m3, ``scale`` (out,) fp32, and ``qweight_t`` (in, out) e4m3
-    with ``keep_transpose``. ``compute_dtype``: the float dtype :meth:`dequantize` gives and LoRA
-    reads where its config names none; ``module.to(dtype)`` changes it and leaves the buffers as
+    Frozen parameters: ``qweight`` (out, in) e4m3, ``scale`` (out,) fp32, and ``qweight_t`` (in, out)
+    e4m3 with ``keep_transpose``. ``compute_dtype``: the float dtype :meth:`dequantize` gives and LoRA
+    reads where its config names none; ``module.to(dtype)`` changes it and leaves the codes and scales as
     they are. The output has the activations' dtype.
+
+    Parameters, not buffers, so FSDP2 shards them (rows of ``qweight`` with their scales, dim 0) like
+    any weight; ``splice_shard_alone`` asks it to make this module its own unit with no mixed-precision
+    cast (:func:`splice.distributed.wrap.wrap_model`): a bf16 policy would round the e4m3 codes' all-gather
+    to bf16 values and the scales to 8 bits of mantissa.
     """
 
     splice_kind = "linear"
     splice_quantized = True
+    splice_shard_alone = True
 
     qweight: Tensor
     scale: Tensor
@@ -201,9 +207,10 @@ class FP8Linear(nn.Module):
                              f"{qweight.dtype} {tuple(qweight.shape)} and {tuple(scale.shape)}")
         self.out_features, self.in_features = qweight.shape
         self.compute_dtype = compute_dtype
-        self.register_buffer("qweight", qweight.contiguous())
-        self.register_buffer("scale", scale.float().contiguous())
-        self.register_buffer("qweight_t", qweight.t().contiguous() if keep_transpose else None)
+        self.qweight = nn.Parameter(qweight.contiguous(), requires_grad=False)
+        self.scale = nn.Parameter(scale.float().contiguous(), requires_grad=False)
+        self.register_parameter("qweight_t", nn.Parameter(qweight.t().contiguous(), requires_grad=False)
+                                if keep_transpose else None)
         self.bias = bias
 
     @classmethod
@@ -244,15 +251,17 @@ class FP8Linear(nn.Module):
         return _restore_linear(self, self.dequantize())
 
     def _apply(self, fn: Any, recurse: bool = True) -> FP8Linear:
-        """``module.to(device)`` moves the FP8 buffers; a float dtype change (``.to(bf16)``,
+        """``module.to(device)`` moves the codes and scales; a float dtype change (``.to(bf16)``,
         ``.half()``) changes only the compute dtype: cast, the codes and scales would be lost."""
         probe = fn(torch.empty(0, dtype=self.compute_dtype, device=self.qweight.device))
-        kept = {name: self._buffers.pop(name) for name in _PACKED}
+        kept = {name: self._parameters.pop(name) for name in _PACKED}
         try:
             super()._apply(fn, recurse)
         finally:
-            for name, t in kept.items():
-                self._buffers[name] = None if t is None else t.to(probe.device)
+            for name, param in kept.items():
+                if param is not None and param.device != probe.device:
+                    param.data = param.data.to(probe.device)
+                self._parameters[name] = param
         if probe.dtype.is_floating_point:
             self.compute_dtype = probe.dtype
         return self

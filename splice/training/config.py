@@ -359,9 +359,6 @@ RULES: tuple[Rule, ...] = (
          "must be an adapter folder (adapter_config.json + adapter_model.safetensors, e.g. runs/sft/adapter)"),
     Rule(("dist_timeout",), lambda v: v > 0, "must be > 0 (seconds)"),
     Rule(("quantize",), lambda v: v in ("nf4", "int8", "fp8"), "must be nf4, int8 or fp8 (or unset: no quantization)"),
-    Rule(("quantize", "shard"), lambda q, shard: q != "fp8" or not shard,
-         "quantize fp8 does not shard: its FP8 weights are module buffers FSDP2 would not split; drop "
-         "--shard (DDP keeps one 1-byte copy a GPU) or use --quantize nf4 (4-bit weights FSDP2 shards)"),
     Rule(("device",), lambda v: _DEVICE.fullmatch(v) is not None,
          "must be auto, cpu, mps, cuda or cuda:N"),
     Rule(("seed",), lambda v: 0 <= v < 2**63, "must be in [0, 2**63)"),

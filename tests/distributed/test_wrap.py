@@ -116,11 +116,12 @@ def test_rank_zero_alone_prints_and_writes(two_ranks: Path) -> None:
 # --- on a GPU: FSDP2 at world size 1 (no torchrun) against the same run without it ---------------
 
 @GPU
-@pytest.mark.parametrize("quantize", [None, "nf4"])
+@pytest.mark.parametrize("quantize", [None, "nf4", "fp8"])
 @pytest.mark.parametrize("fast", [False, True])
 def test_fsdp2_world_of_one_matches_the_plain_step_on_gpu(tiny_run_inputs, tmp_path, capsys, fast: bool,
                                                           quantize: str | None) -> None:
-    # nf4: the 4-bit weights are FSDP2 parameters, all-gathered through NF4Tensor's hooks
+    # nf4: the 4-bit weights are FSDP2 parameters, all-gathered through NF4Tensor's hooks; fp8: each FP8
+    # linear its own FSDP2 unit, gathered without the bf16 cast (the GPU needs FP8 tensor cores: 8.9+)
     options = dict(steps=6, dropout=0.0, lr=1e-2, device="cuda", save_every=0, batch_size=4,
                    fuse=fast, cuda_graphs=False, pack=True, max_length=64, quantize=quantize)
     plain = train(run_config(tiny_run_inputs, tmp_path / "plain", **options))
@@ -257,20 +258,22 @@ def test_nf4_weights_shard_unless_their_rows_do_not_split(make_tiny_llama) -> No
     assert _stored_bytes(model.lm_head.weight) == model.lm_head.weight.numel() * 4
 
 
-def test_whole_weights_lets_each_rank_run_its_own_forwards(tmp_path) -> None:
+@pytest.mark.parametrize(("quantize", "shard"), [(None, True), ("fp8", True), ("fp8", False)])
+def test_whole_weights_lets_each_rank_run_its_own_forwards(tmp_path, quantize: str | None, shard: bool) -> None:
     """FSDP2 on 2 gloo ranks: inside ``whole_weights()`` every weight is whole and stays so through the
     engine's forwards, 3 on one rank and 9 on the other (with a collective in any of them, the ranks
     would wait on each other: a hang, then a timeout); the greedy tokens are one process's, and the
     training step after the block (sharded again) gives that process's loss and gradient. The engine's
-    projection packing (on a GPU) leaves the sharded weights alone."""
+    projection packing (on a GPU) leaves the sharded weights alone. FP8 base weights: sharded too (their
+    codes and scales are parameters), and under DDP left out of its start-up broadcast (gloo has no float8)."""
     from splice.engine.engine import Engine
     from splice.engine.sampling import SamplingParams
     from tests.distributed.gather_worker import logits_sum, lora_llama
 
     prompt, ids, counts = [5, 17, 42, 99, 3], [[5, 17, 42, 99, 3, 250, 8, 61]], [3, 9]
-    check(run_ranks({"out": str(tmp_path), "prompt": prompt, "max_tokens": counts, "ids": ids}, world=2, timeout=200,
-                    worker="tests.distributed.gather_worker"))
-    model, tokenizer = lora_llama()
+    check(run_ranks({"out": str(tmp_path), "prompt": prompt, "max_tokens": counts, "ids": ids, "quantize": quantize,
+                     "shard": shard}, world=2, timeout=200, worker="tests.distributed.gather_worker"))
+    model, tokenizer = lora_llama(quantize=quantize)
     tokens = Engine(model, tokenizer, max_seqs=2, max_len=64).generate(
         [prompt], SamplingParams(max_tokens=max(counts), temperature=0.0))[0].generated
     loss = logits_sum(model, {"input_ids": torch.tensor(ids)})
@@ -280,8 +283,28 @@ def test_whole_weights_lets_each_rank_run_its_own_forwards(tmp_path) -> None:
                                                     if p.grad is not None]))
     for rank, count in enumerate(counts):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert got["parallel"] == "fsdp2" and got["sharded"] and got["whole"] and got["resharded"]
+        assert got["parallel"] == ("fsdp2" if shard else "ddp")
+        assert (got["sharded"], got["whole"], got["resharded"]) == (shard, True, shard)
         assert got["packs"] == 0
         assert got["tokens"] == list(tokens[:count])
         assert got["loss"] == pytest.approx(float(loss), rel=1e-5)
         assert got["grad_norm"] == pytest.approx(float(grad_norm), rel=1e-5)
+        # FP8: every code and scale whole inside the block, in its own dtype, equal to what was built
+        assert (got["fp8_modules"], got["fp8_kept"]) == ((14, True) if quantize else (0, True))
+
+
+def test_fp8_weights_under_fsdp2_bf16_policy_are_gathered_uncast(tmp_path) -> None:
+    """With the GPU's bf16 mixed-precision policy, each FP8 linear is its own FSDP2 unit without a cast: the
+    codes and scales arrive whole and bit-equal, not rounded through bf16; the step still computes."""
+    from tests.distributed.gather_worker import lora_llama
+
+    prompt, ids = [5, 17, 42, 99, 3], [[5, 17, 42, 99, 3, 250, 8, 61]]
+    check(run_ranks({"out": str(tmp_path), "prompt": prompt, "max_tokens": [2, 2], "ids": ids, "quantize": "fp8",
+                     "mixed_precision": True}, world=2, timeout=200, worker="tests.distributed.gather_worker"))
+    model, _ = lora_llama(quantize="fp8")
+    loss = float(model(input_ids=torch.tensor(ids)).logits.sum())
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got["parallel"] == "fsdp2" and got["sharded"] and got["whole"] and got["resharded"]
+        assert (got["fp8_modules"], got["fp8_kept"]) == (14, True)
+        assert got["loss"] == pytest.approx(loss, rel=2e-2, abs=2.0)  # bf16 compute vs this fp32 forward

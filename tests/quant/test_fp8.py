@@ -157,7 +157,7 @@ def test_autograd_saves_only_the_fp8_weight_and_scales(n: int, k: int) -> None:
     assert {t.dtype for t in saved} <= {torch.float8_e4m3fn, torch.float32}
     assert sum(t.numel() * t.element_size() for t in saved) == n * k + 4 * n  # q and s, nothing else
     y.sum().backward()
-    assert x.grad is not None and not any(b.requires_grad for b in q.buffers())
+    assert x.grad is not None and not any(p.requires_grad for p in q.parameters())
 
 
 def test_keep_transpose_same_numbers_twice_the_bytes() -> None:
