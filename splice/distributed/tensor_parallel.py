@@ -30,6 +30,15 @@ every decode step, and ``to_local`` at each kernel's boundary) to express what t
 Adapters (:meth:`Sharding.adapter`): a host adapter's ``B`` (N, r) keeps the column-parallel
 rows, its ``A`` (r, K) the row-parallel columns (moved to ``<path>.local``), so rank ``r`` adds
 ``B A_r x_r`` before the all-reduce and the sum over ranks is ``B A x``.
+
+Quantized (``load_sharded(quantize="nf4" | "int8")``): each rank quantizes its own slices as they
+stream in (:func:`splice.models.streaming.load_quantized`'s path, the same NF4Linear / Int8Linear
+and the same targets: every linear but the output head), so the column linears and each
+``<path>.local`` are quantized and a rank holds its quantized share plus one float slice at a time.
+A slice's codes are not the full weight's codes sliced: NF4's double quantization centres the
+absmax values on their mean over the (sliced) tensor, and int8's per-row scales of o/down are the
+absmax of the rank's columns only; int8 q/k/v/gate/up rows are exactly the full weight's.
+Pre-quantized checkpoints (bitsandbytes, FP8) do not split: refused with one line.
 """
 
 from __future__ import annotations
@@ -47,7 +56,14 @@ from splice.core.rewrite import Node, Replace, rewrite
 from splice.lora.adapter_file import AdapterError, base_shape
 from splice.lora.bank import HostAdapter, read_adapter
 from splice.models.loading import _check_tokenizer_files, _finish_load, _resolve
-from splice.models.streaming import _finish, _safetensors, _set_tensor, skeleton
+from splice.models.streaming import (
+    _check_quantize,
+    _finish,
+    _materialize,
+    _safetensors,
+    _set_tensor,
+    skeleton,
+)
 
 __all__ = ["COLUMN", "ROW", "RowParallelLinear", "ShardAdapter", "Sharding", "Split", "check_shardable", "load_sharded",
            "shard", "sharding_of"]
@@ -64,7 +80,8 @@ def _text_config(config: Any) -> Any:
 
 def check_shardable(config: Any, world: int) -> None:
     """One line (:class:`UsageError`) unless a model of ``config`` splits over ``world`` ranks: whole
-    query and KV heads and an equal share of the MLP's intermediate features on every rank."""
+    query and KV heads, an equal share of the MLP's intermediate features on every rank, and float
+    weights in the checkpoint (no ``quantization_config``)."""
     text = _text_config(config)
     heads = int(text.num_attention_heads)
     kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
@@ -73,6 +90,11 @@ def check_shardable(config: Any, world: int) -> None:
         raise UsageError(f"tensor parallelism over {world} ranks (torchrun --nproc-per-node) gives each rank whole "
                          f"attention heads: this model has {heads} query and {kv_heads} key/value heads, so "
                          f"--nproc-per-node must divide both: use one of {', '.join(map(str, fits))}")
+    scheme = getattr(config, "quantization_config", None)
+    if scheme is not None:
+        method = scheme.get("quant_method", "quantized") if isinstance(scheme, dict) else type(scheme).__name__
+        raise UsageError(f"tensor parallelism splits float checkpoints and this one is pre-quantized ({method}): "
+                         "pass its float (bf16) checkpoint, with --quantize nf4 or int8 to quantize each rank's share")
     intermediate = int(getattr(text, "intermediate_size", 0) or 0)
     if intermediate % world:
         raise UsageError(f"tensor parallelism over {world} ranks splits the MLP's {intermediate} intermediate "
@@ -230,15 +252,17 @@ def sharding_of(model: nn.Module) -> Sharding | None:
     return found if isinstance(found, Sharding) else None
 
 
-def load_sharded(source: str | Path | None, *, dtype: torch.dtype, device: torch.device, group: Any = None
-                 ) -> tuple[nn.Module, Any]:
+def load_sharded(source: str | Path | None, *, dtype: torch.dtype, device: torch.device, group: Any = None,
+                 quantize: str | None = None) -> tuple[nn.Module, Any]:
     """(model, tokenizer) of ``source`` (a local folder or GGUF as :func:`~splice.models.loading.load_model`
     takes it; None: the embedded SmolLM2) with this rank's share of its projections on ``device``.
 
     The model is built on the meta device and :func:`shard` ed there; then each checkpoint tensor is
     read (one at a time, on the host), sliced to this rank's share and moved to ``device``. A rank
     never holds more of the model than its share: a base too large for one card loads on N. Every
-    rank of ``group`` calls it; rank 0 converts a GGUF first, the others then read the result."""
+    rank of ``group`` calls it; rank 0 converts a GGUF first, the others then read the result.
+    ``quantize`` (``"nf4"`` / ``"int8"``): each slice is quantized on ``device`` as it arrives (module
+    docstring; ``dtype`` is then the compute dtype), so the ranks need room for the quantized model only."""
     from transformers import AutoConfig, AutoTokenizer
 
     rank = dist.get_rank(group)
@@ -255,11 +279,17 @@ def load_sharded(source: str | Path | None, *, dtype: torch.dtype, device: torch
     _check_tokenizer_files(folder)
     config = AutoConfig.from_pretrained(folder)
     check_shardable(config, dist.get_world_size(group))
+    if quantize is not None:
+        _check_quantize(quantize, device)
     model = skeleton(config, dtype=dtype)
     sharding = shard(model, group=group)
-    for name, tensor in _safetensors(Path(folder)):
-        local, value = sharding.param(name, tensor)
-        _set_tensor(model, local, value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype))
-    _finish(model, device)
+    shares = (sharding.param(name, tensor) for name, tensor in _safetensors(Path(folder)))
+    if quantize is not None:  # the targets load_model(quantize=...) takes: every linear but the output head
+        _materialize(model, shares, quantize=quantize, device=device, dtype=dtype, targets="all-linear",
+                     block_size=64)
+    else:
+        for local, value in shares:
+            _set_tensor(model, local, value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype))
+        _finish(model, device)
     model, tokenizer = _finish_load(model, AutoTokenizer.from_pretrained(folder))  # type: ignore[arg-type]
     return model.eval(), tokenizer

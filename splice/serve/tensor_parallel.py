@@ -15,9 +15,17 @@ Shutdown: SIGTERM or Ctrl+C on rank 0 drains as ``splice serve`` does; the other
 its requests; every rank then exits 0 (within torchrun's 30 s before it kills its workers: keep
 ``--drain-timeout`` below that). A rank that dies ends the others' next collective, so all exit 1.
 
-Limits (each refused with one line before the model loads): ``--quantize`` (the slices are float),
-``--device cuda:N`` (each rank takes ``cuda:LOCAL_RANK``), fewer GPUs than ranks on the node, and a
-model whose query or KV heads or MLP width do not divide by N. CUDA graphs with NCCL all-reduces
+``--quantize nf4|int8``: each rank quantizes its own slices as they stream in (every linear but the
+output head, as ``splice serve --quantize`` does on one card): each rank holds a quantized 1/N of the
+projections, the replicated float embeddings and head, and one float slice at a time while loading,
+so a base that fits N cards only in 4 or 8 bits serves from them. A slice's codes are not the full weight's sliced (NF4's double-quantized
+absmax, int8's per-row scales of o/down), so the tokens can differ from one card's ``--quantize``
+by what quantization differs by; adapters apply over the quantized slices as on one card.
+
+Limits (each refused with one line before the model loads): ``--device cuda:N`` (each rank takes
+``cuda:LOCAL_RANK``), fewer GPUs than ranks on the node, a model whose query or KV heads or MLP width
+do not divide by N, and a pre-quantized checkpoint (bitsandbytes, FP8: pass the float one, with
+``--quantize``). CUDA graphs with NCCL all-reduces
 inside are captured as on one card (every rank captures the same buckets; a rank whose capture fails
 makes all stop with one line).
 """
@@ -93,9 +101,6 @@ def serve_sharded(model: str | None, *, adapters: dict[str, Path], host: str = "
     see module docstring)."""
     _check_limits(max_request_bytes=max_request_bytes, drain_timeout=drain_timeout)
     _check_access(allow_adapter_dir=allow_adapter_dir, quantize=quantize)
-    if quantize is not None:
-        raise UsageError(f"--quantize {quantize}: tensor-parallel serving (torchrun) splits float weights and "
-                         "cannot split quantized ones yet; drop --quantize (each rank holds 1/N of the base)")
     kind = _device_type(device, int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("WORLD_SIZE") or 1))
     if model is not None and (Path(model) / "config.json").is_file():  # before the ranks meet: one line each
         from transformers import AutoConfig
@@ -107,7 +112,7 @@ def serve_sharded(model: str | None, *, adapters: dict[str, Path], host: str = "
     try:
         with collective_errors(env):
             where = torch.device("cuda", env.local_rank) if kind == "cuda" else torch.device("cpu")
-            base, tokenizer = load_sharded(model, dtype=torch_dtype, device=where)
+            base, tokenizer = load_sharded(model, dtype=torch_dtype, device=where, quantize=quantize)
             name = model_name or (Path(model).name if model else "smollm2-135m-instruct")
             service = ShardedService(base, tokenizer, model_name=name, adapters=dict(adapters),
                                      max_batch=max_batch, gpu_adapters=gpu_adapters, max_lora_rank=max_lora_rank,
@@ -122,7 +127,7 @@ def serve_sharded(model: str | None, *, adapters: dict[str, Path], host: str = "
                 print(f"splice serve: {graphs} CUDA graphs captured on each rank in {time.monotonic() - started:.1f} s",
                       flush=True)
             keys = "with API keys" if api_keys else "open (no --api-key)"
-            print(f"splice serve: {name} split over {env.world_size} ranks ({env.backend}) with adapters "
+            print(f"splice serve: {name}{f' ({quantize})' if quantize else ''} split over {env.world_size} ranks ({env.backend}) with adapters "
                   f"{sorted(adapters) or 'none'} on http://{host}:{port}/v1, {keys}", flush=True)
             serve_service(service, host=host, port=port, max_request_bytes=max_request_bytes,
                           drain_timeout=drain_timeout, api_keys=api_keys, allow_adapter_dir=allow_adapter_dir)

@@ -1,7 +1,8 @@
 """The tensor-parallel split: on a world of one it changes nothing; on two real ranks (gloo on the CPU;
 NCCL when two GPUs are present) the sharded model's logits are the full model's, whether split after
-loading or loaded as shares; adapters slice so that the ranks' deltas add up to the full one; models
-that do not split are refused with one line."""
+loading or loaded as shares; loaded quantized, each rank's slices are quantized alone and the logits
+and tokens (adapters too) are one process's over those slices; adapters slice so that the ranks'
+deltas add up to the full one; models that do not split are refused with one line."""
 
 from __future__ import annotations
 
@@ -28,10 +29,16 @@ from splice.distributed.tensor_parallel import (
 )
 from splice.engine.engine import Engine
 from splice.engine.sampling import SamplingParams
+from splice.lora.apply import add_lora
 from splice.lora.bank import HostAdapter
-from splice.quant.linear import quantize_int8
+from splice.lora.layers import LoraConfig
+from splice.lora.peft_io import save_adapter
+from splice.models.loading import load_model
+from splice.quant.linear import is_quantized, quantize_int8
+from splice.serve.service import Service
 from tests import tiny
 from tests.distributed.ranks import check, run_ranks
+from tests.distributed.tp_worker import _logprobs, sliced_quantized
 from tests.tiny import build_tiny_llama, build_tiny_tokenizer
 
 BACKENDS = [pytest.param("cpu", id="gloo"), pytest.param("cuda", id="nccl", marks=pytest.mark.skipif(
@@ -95,6 +102,66 @@ def test_two_ranks_give_the_full_models_logits(tmp_path: Path, tiny_model_dir: P
         torch.testing.assert_close(_logits(out, 0), expected, rtol=0, atol=tolerance)
 
 
+@pytest.mark.parametrize("quantize", ["nf4", "int8"])
+def test_two_quantized_ranks_compute_with_their_slices_quantized_alone(tmp_path: Path, tiny_model_dir: Path,
+                                                                       quantize: str) -> None:
+    """Two gloo ranks of ``load_sharded(quantize=...)``: the linears one process quantizes (the output
+    head not), each weight exactly its slice quantized alone (so the logits, greedy and seeded tokens,
+    adapter included, are one process's over those weights); int8's column-parallel rows are also
+    one process's ``--quantize int8`` rows, bit for bit."""
+    tokenizer = build_tiny_tokenizer()
+    alpha = _adapter(tmp_path)
+    prompts = [list(tokenizer(p)["input_ids"]) for p in ("the cat sat on", "hello world, how are")]
+    params = [dict(max_tokens=10, logprobs=0), dict(max_tokens=10, temperature=0.9, top_p=0.9, seed=7)]
+    out = tmp_path / "out"
+    out.mkdir()
+    _run({"kind": "quantized", "quantize": quantize, "ids": IDS, "model_dir": str(tiny_model_dir), "alpha": alpha,
+          "prompts": prompts, "params": params}, "cpu", out)
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    one, _ = load_model(tiny_model_dir, quantize=quantize)
+    single = {name: m for name, m in one.named_modules() if is_quantized(m)}
+    local = {name.removesuffix(".local") for name in ranks[0]["quantized"]}
+    assert local == set(single) and len(local) == 14 and "lm_head" not in local  # 7 linears a layer
+    assert ranks[0]["types"] == [type(next(iter(single.values()))).__name__]
+    reference = sliced_quantized(load_model(tiny_model_dir)[0], quantize=quantize)
+    weights = [load_file(out / f"weights-rank{r}.safetensors") for r in range(2)]
+    for name in ranks[0]["quantized"]:
+        path = name.removesuffix(".local")
+        dim = 1 if name.endswith(".local") else 0
+        full = torch.cat([w[name] for w in weights], dim=dim)
+        assert torch.equal(full, reference.get_submodule(path).weight), name
+        rows = single[path].dequantize(torch.float32)
+        assert torch.equal(full, rows) == (quantize == "int8" and dim == 0), name  # which codes are one card's
+    with torch.no_grad():
+        expected = reference(torch.tensor(IDS)).logits
+    assert torch.equal(_logits(out, 0), _logits(out, 1))
+    torch.testing.assert_close(_logits(out, 0), expected, rtol=0, atol=1e-5)
+    service = Service(reference, tokenizer, model_name="tiny", adapters={"alpha": Path(alpha)}, max_batch=4,
+                      max_len=96)
+    done = service.engine.generate([*prompts, prompts[0]], [SamplingParams(**p) for p in [*params, params[0]]],
+                                   adapters=[None, None, "alpha"])
+    assert ranks[0]["tokens"] == ranks[1]["tokens"] == [[c.generated for c in r.choices] for r in done]
+    assert ranks[0]["tokens"][2] != ranks[0]["tokens"][0]  # the adapter changes the greedy tokens
+    # the greedy tokens' logprobs (base and adapter) pin the weights the engine ran: the float model's differ (int8:
+    # by 2e-4 on this tiny model, nf4 more)
+    found, want = ranks[0]["logprobs"], _logprobs(done)
+    assert [len(f) for f in found] == [10, 0, 10] and ranks[1]["logprobs"] == found
+    torch.testing.assert_close(torch.tensor(found[0] + found[2]), torch.tensor(want[0] + want[2]), rtol=0, atol=1e-5)
+    float_service = Service(load_model(tiny_model_dir)[0], tokenizer, model_name="tiny", max_batch=4, max_len=96)
+    plain = _logprobs(float_service.engine.generate(prompts[:1], [SamplingParams(**params[0])]))
+    assert max(abs(a - b) for a, b in zip(found[0], plain[0], strict=True)) > 1e-4  # 10x the tolerance
+    assert ranks[0]["bank_bases"] == ranks[0]["types"]  # every bank site wraps a quantized linear (no head)
+    assert "model.layers.1.mlp.down_proj.local" in ranks[0]["sites"]
+
+
+def _adapter(folder: Path) -> str:
+    model = build_tiny_llama(len(build_tiny_tokenizer()))
+    add_lora(model, LoraConfig(name="alpha", targets=("q_proj", "v_proj", "o_proj", "down_proj"), rank=4))
+    tiny.randomize_lora(model, seed=11)
+    save_adapter(model, folder / "alpha", name="alpha")
+    return str(folder / "alpha")
+
+
 def test_adapter_slices_add_up_to_the_full_delta() -> None:
     generator = torch.Generator().manual_seed(0)
     a_col, b_col = torch.randn(4, 32, generator=generator), torch.randn(16, 4, generator=generator)
@@ -135,3 +202,7 @@ def test_models_that_do_not_split_are_refused_with_one_line(world_of_one: None) 
     lora = tiny.lora_llama()
     with pytest.raises(UsageError, match="splits plain linears"):
         shard(lora)
+    config.quantization_config = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    with pytest.raises(UsageError, match=r"this one is pre-quantized \(bitsandbytes\): pass its float \(bf16\) "
+                                         "checkpoint, with --quantize nf4 or int8"):
+        check_shardable(config, 2)

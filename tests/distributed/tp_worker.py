@@ -6,6 +6,9 @@ Every rank builds the same tiny Llama (tests/tiny.py) and splits it over the gro
 
 * ``logits``: the sharded model's plain forward on ``ids`` (Hugging Face's attention);
 * ``load``: the same after :func:`load_sharded` of ``model_dir``;
+* ``quantized``: the same after ``load_sharded(model_dir, quantize=...)``, plus each quantized linear's
+  dequantized weight (``out/weights-rank<r>.safetensors``) and a :class:`ShardedService` 's tokens
+  for ``prompts`` (and ``prompts[0]`` under adapter ``alpha``);
 * ``generate``: :meth:`LockstepEngine.generate` of ``prompts`` with ``params`` on every rank;
 * ``serve``: a :class:`ShardedService` (adapter ``alpha`` from the start): rank 0 submits requests
   from its own thread while the engine runs (:meth:`LockstepEngine.run`), loads adapter ``beta`` at
@@ -23,12 +26,16 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
+from splice.core.rewrite import innermost
 from splice.distributed.lockstep import LockstepEngine
 from splice.distributed.process import start, stop
-from splice.distributed.tensor_parallel import load_sharded, shard
+from splice.distributed.tensor_parallel import COLUMN, ROW, load_sharded, shard
 from splice.engine.engine import Request
 from splice.engine.sampling import SamplingParams
+from splice.quant.linear import Int8Linear, is_quantized
+from splice.quant.nf4 import NF4Tensor
 from splice.serve.tensor_parallel import ShardedService
 from tests.tiny import build_tiny_llama, build_tiny_tokenizer
 
@@ -38,6 +45,24 @@ def _model(device: torch.device) -> tuple[Any, Any]:
     model = build_tiny_llama(len(tokenizer)).to(device)
     shard(model)
     return model, tokenizer
+
+
+def sliced_quantized(model: nn.Module, *, quantize: str, world: int = 2) -> nn.Module:
+    """``model`` (float, changed in place) with each split projection's weight replaced by its
+    ``world`` slices (as :meth:`Sharding.part` cuts them) each quantized alone and dequantized, side by
+    side: the weights ``world`` ranks of ``load_sharded(quantize=...)`` compute with, in one process."""
+    for name, module in model.named_modules():
+        leaf = name.rpartition(".")[2]
+        if leaf not in COLUMN + ROW:
+            continue
+        assert isinstance(module, nn.Linear), name
+        weight = module.weight.detach()
+        dim = 0 if leaf in COLUMN else 1  # column-parallel: rows (output features); row-parallel: columns
+        slices = [s.contiguous() for s in weight.chunk(world, dim=dim)]
+        module.weight.data = torch.cat([
+            NF4Tensor.from_float(s, block_size=64).dequantize(s.dtype) if quantize == "nf4"
+            else Int8Linear(s, None).dequantize(s.dtype) for s in slices], dim=dim)
+    return model
 
 
 def _logits(model: Any, ids: list[list[int]], device: torch.device, out: Path, rank: int) -> None:
@@ -52,6 +77,29 @@ def _generate(job: dict[str, Any], device: torch.device) -> dict[str, Any]:
     params = [SamplingParams(**p) for p in job["params"]]
     done = engine.generate(job["prompts"], params)
     return {"tokens": [[c.generated for c in r.choices] for r in done], "kv_heads": engine.runner.key_caches[0].shape[2]}
+
+
+def _quantized(job: dict[str, Any], device: torch.device, out: Path, rank: int) -> dict[str, Any]:
+    model, tokenizer = load_sharded(job["model_dir"], dtype=torch.float32, device=device, quantize=job["quantize"])
+    _logits(model, job["ids"], device, out, rank)
+    quantized = {name: m for name, m in model.named_modules() if is_quantized(m)}
+    save_file({name: m.dequantize(torch.float32).cpu().contiguous() for name, m in quantized.items()},  # type: ignore[operator]
+              str(out / f"weights-rank{rank}.safetensors"))
+    service = ShardedService(model, tokenizer, model_name="tiny", adapters={"alpha": job["alpha"]}, max_batch=4,
+                             max_len=96)
+    prompts, params = job["prompts"], [SamplingParams(**p) for p in job["params"]]
+    done = service.engine.generate([*prompts, prompts[0]], [*params, params[0]],
+                                   adapters=[*[None] * len(prompts), "alpha"])
+    bases = {type(innermost(model.get_submodule(path))).__name__ for path in service.sites}
+    return {"tokens": [[c.generated for c in r.choices] for r in done], "logprobs": _logprobs(done),
+            "quantized": sorted(quantized),
+            "types": sorted({type(m).__name__ for m in quantized.values()}), "bank_bases": sorted(bases),
+            "sites": sorted(service.sites)}
+
+
+def _logprobs(done: list[Request]) -> list[list[float]]:
+    """Each choice's generated tokens' log-probabilities (empty where its params did not ask)."""
+    return [[t.logprob for t in c.logprobs or ()] for r in done for c in r.choices]
 
 
 def _serve(job: dict[str, Any], device: torch.device, rank: int) -> dict[str, Any]:
@@ -122,6 +170,8 @@ def main() -> int:
         elif job["kind"] == "load":
             model, _ = load_sharded(job["model_dir"], dtype=torch.float32, device=device)
             _logits(model, job["ids"], device, out, rank)
+        elif job["kind"] == "quantized":
+            result.update(_quantized(job, device, out, rank))
         elif job["kind"] == "generate":
             result.update(_generate(job, device))
         else:
