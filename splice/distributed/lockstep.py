@@ -120,6 +120,7 @@ class LockstepEngine(Engine):
         self._arrivals: queue.Queue[Request] = queue.Queue()  # rank 0: submitted, not yet broadcast
         self._calls: queue.Queue[Callable[[], None]] = queue.Queue()  # rank 0: adapter commands
         self._changes: list[AdapterChange] = []
+        self._read: dict[str, ShardAdapter] = {}  # rank 0: adapters of this boundary's changes, as read
         self._live: dict[int, Request] = {}  # requests that may still be cancelled, by number
         self._numbers = 0
         self._digest = 0
@@ -166,17 +167,21 @@ class LockstepEngine(Engine):
         self._calls.put(command)
 
     def add_adapter(self, adapter: HostAdapter) -> None:
+        """Rank 0 (a command at a boundary): serve ``adapter`` from this boundary on, on every rank. It takes
+        effect after the boundary's broadcast, on every rank at the same point (:meth:`_apply`): a DoRA
+        adapter's factors are summed over the ranks there (:meth:`Sharding.finish`)."""
         if not isinstance(adapter, ShardAdapter):
             raise TypeError(f"adapter {adapter.name!r}: under tensor parallelism adapters are read by "
                             "Sharding.read_adapter (each rank reads its share of the folder)")
-        if self.rank == 0:
-            self._changes.append(AdapterChange(adapter.name, adapter.source))
-        super().add_adapter(adapter)
+        if self.rank != 0:
+            raise RuntimeError(f"rank {self.rank}: under tensor parallelism only rank 0 changes adapters")
+        self._changes.append(AdapterChange(adapter.name, adapter.source))
+        self._read[adapter.name] = adapter  # read already (by the HTTP layer): not read again
 
     def drop_adapter(self, name: str) -> None:
-        if self.rank == 0:
-            self._changes.append(AdapterChange(name, None))
-        super().drop_adapter(name)
+        if self.rank != 0:
+            raise RuntimeError(f"rank {self.rank}: under tensor parallelism only rank 0 changes adapters")
+        self._changes.append(AdapterChange(name, None))
 
     # ---- the loop ----------------------------------------------------------------------------
     def step(self) -> bool:
@@ -198,12 +203,14 @@ class LockstepEngine(Engine):
         self._live = {n: r for n, r in self._live.items() if not all(c.finished for c in r.choices)}
         if self.rank == 0:
             boundary = self._broadcast(self._gather(closing))
-            taken = [self._live[a.number] for a in boundary.arrivals]
         else:
             boundary = self._broadcast(None)
             self._check_agrees(boundary)
-            for change in boundary.changes:
-                self._apply(change)
+        for change in boundary.changes:  # in order, on every rank (a DoRA adapter's factors are a collective)
+            self._apply(change)
+        if self.rank == 0:
+            taken = [self._live[a.number] for a in boundary.arrivals]
+        else:
             taken = [self._rebuild(arrival) for arrival in boundary.arrivals]
             with self._lock:
                 self._queued += len(taken)
@@ -244,13 +251,17 @@ class LockstepEngine(Engine):
         return request
 
     def _apply(self, change: AdapterChange) -> None:
-        """Another rank's side of rank 0's adapter change: read this rank's share of the folder."""
+        """Rank 0's adapter change on this rank: rank 0 has the adapter read, the others read their share of
+        the folder; then every rank sums the DoRA factors' norms (:meth:`Sharding.finish`) and serves it."""
         if change.source is None:
             return super().drop_adapter(change.key)
         sharding = sharding_of(self.model)
         if sharding is None:
             raise RuntimeError("an adapter change reached an engine whose model is not sharded")
-        super().add_adapter(sharding.read_adapter(change.source, name=change.key, model=self.model))
+        adapter = self._read.pop(change.key, None) if self.rank == 0 else None
+        if adapter is None:
+            adapter = sharding.read_adapter(change.source, name=change.key, model=self.model)
+        super().add_adapter(sharding.finish(adapter))
 
     # ---- what must agree across ranks ---------------------------------------------------------
     def _prepare(self, request: Request) -> None:

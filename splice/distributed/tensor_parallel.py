@@ -43,7 +43,7 @@ Pre-quantized checkpoints (bitsandbytes, FP8) do not split: refused with one lin
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +52,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from splice.core.errors import UsageError
-from splice.core.rewrite import Node, Replace, rewrite
-from splice.lora.adapter_file import AdapterError, base_shape
-from splice.lora.bank import HostAdapter, read_adapter
+from splice.core.rewrite import Node, Replace, innermost, rewrite
+from splice.kernels.dora import dora_weight_norm
+from splice.lora import adapter_file
+from splice.lora.adapter_file import AdapterError, _float_weight, base_shape, dora_output, require_linear
+from splice.lora.bank import HostAdapter
 from splice.models.loading import _check_tokenizer_files, _finish_load, _resolve
 from splice.models.streaming import (
     _check_quantize,
@@ -112,9 +114,12 @@ class Split:
 
 @dataclass(frozen=True, kw_only=True)
 class ShardAdapter(HostAdapter):
-    """A host adapter sliced for one rank, with the folder every rank reads it from."""
+    """A host adapter sliced for one rank, with the folder every rank reads it from. ``pending``: DoRA
+    modules of row-parallel projections, whose factor needs every rank's columns: ``<path>.local -> (m (N,),
+    this rank's ||W_r + s B A_r||^2 (N,))``, summed over the ranks by :meth:`Sharding.finish`."""
 
     source: str
+    pending: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, eq=False)
@@ -159,8 +164,22 @@ class Sharding:
 
     def read_adapter(self, directory: str | Path, *, name: str, model: nn.Module) -> ShardAdapter:
         """The PEFT adapter in ``directory`` for this rank of the sharded ``model``: read as the bank
-        reads it (:func:`splice.lora.bank.read_adapter`), checked against the full shapes, sliced."""
-        adapter = read_adapter(directory, name=name)
+        reads it (:func:`splice.lora.bank.read_adapter`), checked against the full shapes, sliced.
+
+        DoRA: the factor ``g = m / ||W + s B A||`` is a norm over each output row of the served weight. A
+        column-parallel projection holds whole rows, so this rank computes its rows' factors; a row-parallel
+        one holds some columns of every row, so this rank's part of the squared norms waits in ``pending``
+        for :meth:`finish` (a collective). The factor then scales this rank's partial output before the
+        all-reduce, which is the same as scaling the sum; the bias is added after it."""
+        file = adapter_file.read_adapter(directory)
+        require_linear(file, holder="a LoRA bank", instead="merge it into the model to serve it (splice merge)",
+                       dora=True)
+        if file.needs_residual_base:
+            raise AdapterError(f"{file.directory}: init_lora_weights {file.init!r}: its A and B apply to the residual "
+                               "base W - s B0 A0, which a rank cannot re-derive from its slice; save it converted, "
+                               "splice.save_adapter(model, dir, convert_to_lora=True)")
+        adapter = HostAdapter(name=name, rank=file.rank,
+                              weights={path: (m.a.float(), m.b.float() * m.scale) for path, m in file.modules.items()})
         modules = dict(model.named_modules())
         for path, (a, b) in adapter.weights.items():
             split = self.splits.get(path)
@@ -172,7 +191,48 @@ class Sharding:
             if (a.shape[1], b.shape[0]) != shape:
                 raise AdapterError(f"{directory}: the adapter does not fit this model: {path} has in/out "
                                    f"{a.shape[1]}/{b.shape[0]}, the model {shape[0]}/{shape[1]}")
-        return self.adapter(adapter, source=str(directory))
+        sliced = self.adapter(adapter, source=str(directory))
+        return replace(sliced, **self._dora(file, modules)) if file.config.use_dora else sliced
+
+    def _dora(self, file: adapter_file.AdapterFile, modules: dict[str, nn.Module]) -> dict[str, Any]:
+        """``dora`` (this rank's whole rows) and ``pending`` (row-parallel parts) of a DoRA ``file``."""
+        done: dict[str, tuple[Tensor, Tensor]] = {}
+        pending: dict[str, tuple[Tensor, Tensor]] = {}
+        for path, m in file.modules.items():
+            if m.magnitude is None:
+                continue
+            split = self.splits.get(path)
+            a, b, magnitude = m.a.float(), m.b.float(), m.magnitude.float()
+            if split is not None and split.kind == "row":
+                local, a = f"{path}.local", a[:, self.part(split.in_features)]
+            elif split is not None:
+                local, rows = path, self.part(split.out_features)
+                b, magnitude = b[rows], magnitude[rows]
+            else:
+                local = path
+            weight = _float_weight(innermost(modules[local]))  # (N or N / world, K or K / world) fp32
+            norm = dora_weight_norm(weight, a.to(weight.device), b.to(weight.device), m.scale)
+            if local == path:
+                done[path] = dora_output(magnitude.to(norm.device) / norm, modules[path])
+            else:
+                pending[local] = (magnitude.to(norm.device), norm.square())
+        return {"dora": done, "pending": pending}
+
+    def finish(self, adapter: ShardAdapter) -> ShardAdapter:
+        """``adapter`` with the factors of its ``pending`` DoRA modules: squared norms summed over the ranks,
+        one all-reduce a module in path order. A collective: every rank calls it for the same adapters in the
+        same order (at start, and at the engine's boundaries: :class:`~splice.distributed.lockstep.LockstepEngine`)."""
+        if not adapter.pending:
+            return adapter
+        dora = dict(adapter.dora)
+        for path in sorted(adapter.pending):
+            magnitude, squares = adapter.pending[path]
+            total = squares.clone()
+            if self.world > 1:
+                dist.all_reduce(total, group=self.group)
+            factor = (magnitude / total.sqrt()).float().cpu()
+            dora[path] = (factor, torch.zeros_like(factor))  # .local has no bias: RowParallelLinear adds it after the sum
+        return replace(adapter, dora=dora, pending={})
 
 
 class RowParallelLinear(nn.Module):

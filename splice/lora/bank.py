@@ -83,8 +83,8 @@ def read_adapter(directory: str | Path, *, name: str, base: nn.Module | None = N
     require_linear(adapter, holder="a LoRA bank", instead="merge it into the model to serve it (splice merge)", dora=True)
     if adapter.config.use_dora and base is None:
         raise AdapterError(f"{adapter.directory} is a DoRA adapter: its magnitudes divide by the row norms of the "
-                           "served weights W + s B A; pass base=model to read it against them (splice serve on one "
-                           "device does; tensor-parallel serving cannot: merge it, splice merge)")
+                           "served weights W + s B A; pass base=model to read it against them (splice serve does; split over "
+                           "ranks, Sharding.read_adapter reads it against each rank's slices)")
     if base is not None:  # refused now, naming the first module that does not fit, not on first use
         adapter_file.check_adapter_fits(adapter, base)
     if adapter.needs_residual_base:

@@ -20,7 +20,9 @@ output head, as ``splice serve --quantize`` does on one card): each rank holds a
 projections, the replicated float embeddings and head, and one float slice at a time while loading,
 so a base that fits N cards only in 4 or 8 bits serves from them. A slice's codes are not the full weight's sliced (NF4's double-quantized
 absmax, int8's per-row scales of o/down), so the tokens can differ from one card's ``--quantize``
-by what quantization differs by; adapters apply over the quantized slices as on one card.
+by what quantization differs by; adapters apply over the quantized slices as on one card. DoRA adapters
+serve too: their factors are norms over whole rows, so the ranks sum their o/down columns' squared norms
+(:meth:`~splice.distributed.tensor_parallel.Sharding.finish`).
 
 Limits (each refused with one line before the model loads): ``--device cuda:N`` (each rank takes
 ``cuda:LOCAL_RANK``), fewer GPUs than ranks on the node, a model whose query or KV heads or MLP width
@@ -60,10 +62,14 @@ class ShardedService(Service):
     engine_class = LockstepEngine
 
     def read(self, path: str | Path, *, name: str) -> ShardAdapter:
+        """This rank's share of the adapter in ``path``. Before the engine exists (the ``--adapter`` folders,
+        read by every rank in the same order) a DoRA adapter's factors are finished here; later (rank 0's
+        HTTP thread, alone) they are finished at the engine's next boundary, on every rank at once."""
         sharding = sharding_of(self.model)
         if sharding is None:
             raise RuntimeError("ShardedService serves a model split by splice.distributed.tensor_parallel.shard")
-        return sharding.read_adapter(path, name=name, model=self.model)
+        adapter = sharding.read_adapter(path, name=name, model=self.model)
+        return sharding.finish(adapter) if getattr(self, "engine", None) is None else adapter
 
 
 def _device_type(device: str, ranks: int) -> str:

@@ -65,18 +65,22 @@ def test_two_ranks_generate_what_one_process_generates(tmp_path: Path, device: s
     assert ranks[0]["kv_heads"] == ranks[1]["kv_heads"] == 1  # each rank caches its one of the 2 KV heads
 
 
-def _save_adapter(folder: Path, name: str, seed: int) -> str:
+def _save_adapter(folder: Path, name: str, seed: int, *, dora: bool = False) -> str:
     model = build_tiny_llama(len(build_tiny_tokenizer()))
-    add_lora(model, LoraConfig(name=name, targets=TARGETS, rank=4))
+    add_lora(model, LoraConfig(name=name, targets=TARGETS, rank=4, use_dora=dora))
     tiny.randomize_lora(model, seed=seed)
     save_adapter(model, folder / name, name=name)
     return str(folder / name)
 
 
 @pytest.mark.parametrize("device", BACKENDS)
-def test_rank_0_takes_requests_cancellations_and_adapters_and_the_other_rank_follows(tmp_path: Path,
-                                                                                     device: str) -> None:
-    alpha, beta = _save_adapter(tmp_path, "alpha", 11), _save_adapter(tmp_path, "beta", 12)
+@pytest.mark.parametrize("dora", [False, True])
+def test_rank_0_takes_requests_cancellations_and_adapters_and_the_other_rank_follows(tmp_path: Path, device: str,
+                                                                                     dora: bool) -> None:
+    """DoRA: alpha read at start (every rank finishes its factors in the constructor), beta loaded at run time
+    (read by rank 0's thread, its row-parallel factors summed over the ranks at the next boundary): both give
+    one device's tokens, whose DoRA factors come from the whole weights."""
+    alpha, beta = _save_adapter(tmp_path, "alpha", 11, dora=dora), _save_adapter(tmp_path, "beta", 12, dora=dora)
     ranks = _ranks({"kind": "serve", "prompts": _ids(), "params": PARAMS, "alpha": alpha, "beta": beta}, device,
                    tmp_path / "out")
     found = ranks[0]["tokens"]

@@ -102,15 +102,16 @@ def test_two_ranks_give_the_full_models_logits(tmp_path: Path, tiny_model_dir: P
         torch.testing.assert_close(_logits(out, 0), expected, rtol=0, atol=tolerance)
 
 
-@pytest.mark.parametrize("quantize", ["nf4", "int8"])
+@pytest.mark.parametrize(("quantize", "dora"), [("nf4", False), ("int8", False), ("nf4", True)])
 def test_two_quantized_ranks_compute_with_their_slices_quantized_alone(tmp_path: Path, tiny_model_dir: Path,
-                                                                       quantize: str) -> None:
+                                                                       quantize: str, dora: bool) -> None:
     """Two gloo ranks of ``load_sharded(quantize=...)``: the linears one process quantizes (the output
     head not), each weight exactly its slice quantized alone (so the logits, greedy and seeded tokens,
     adapter included, are one process's over those weights); int8's column-parallel rows are also
-    one process's ``--quantize int8`` rows, bit for bit."""
+    one process's ``--quantize int8`` rows, bit for bit. A DoRA adapter's factors over those weights are one
+    process's too (row-parallel norms summed over the ranks)."""
     tokenizer = build_tiny_tokenizer()
-    alpha = _adapter(tmp_path)
+    alpha = _adapter(tmp_path, dora=dora)
     prompts = [list(tokenizer(p)["input_ids"]) for p in ("the cat sat on", "hello world, how are")]
     params = [dict(max_tokens=10, logprobs=0), dict(max_tokens=10, temperature=0.9, top_p=0.9, seed=7)]
     out = tmp_path / "out"
@@ -154,9 +155,10 @@ def test_two_quantized_ranks_compute_with_their_slices_quantized_alone(tmp_path:
     assert "model.layers.1.mlp.down_proj.local" in ranks[0]["sites"]
 
 
-def _adapter(folder: Path) -> str:
+def _adapter(folder: Path, *, dora: bool = False) -> str:
     model = build_tiny_llama(len(build_tiny_tokenizer()))
-    add_lora(model, LoraConfig(name="alpha", targets=("q_proj", "v_proj", "o_proj", "down_proj"), rank=4))
+    add_lora(model, LoraConfig(name="alpha", targets=("q_proj", "v_proj", "o_proj", "down_proj"), rank=4,
+                               use_dora=dora))
     tiny.randomize_lora(model, seed=11)
     save_adapter(model, folder / "alpha", name="alpha")
     return str(folder / "alpha")
