@@ -85,7 +85,9 @@ close)  # issues 27 + 29 in one call of ~340 s: the GPU tests not yet passed on 
     tests/serve/test_gpu_paths_serve.py tests/serve/test_production.py "tests/lora/test_bank.py::test_packed_projections_add_dora_with_the_concatenated_factors" \
     > "$OUT/tests-serve.txt" 2>&1
   echo "serve tests (rc $?):"; grep -E "FAILED|ERROR| passed| failed" "$OUT/tests-serve.txt" | tail -8
-  timeout 50 $T tests/training/test_dpo.py tests/training/test_grpo.py tests/distributed/test_wrap.py > "$OUT/tests-pref.txt" 2>&1
+  timeout 70 $T tests/training/test_dpo.py tests/training/test_grpo.py tests/distributed/test_wrap.py \
+    tests/kernels/test_lora_group.py "tests/engine/test_gpu_paths_engine.py::test_rollouts_of_a_fused_lora_model_replay_graphs_over_the_live_adapter" \
+    > "$OUT/tests-pref.txt" 2>&1
   echo "preference tests (rc $?):"; grep -E "FAILED|ERROR| passed| failed" "$OUT/tests-pref.txt" | tail -8
   timeout 215 python3 benchmarks/preference.py --out "$OUT/preference" --grpo-steps 1 --dpo-steps 4 --completion 256 \
     --parts "${PARTS:-dpo,grpo}" --limit-dpo 60 --limit-grpo 140 --limit-nf4 40 2>&1 | tee "$OUT/preference.txt" | tail -40
