@@ -12,7 +12,14 @@ from torch import nn
 
 from splice.core.family import ATTENTION_CLASSES, MLP_CLASSES, RMSNORM_CLASSES
 from splice.core.rewrite import Around, Node, Replace, rewrite, unrewrite
-from splice.fused.modules import FusedLoraLinear, FusedRMSNorm, FusedRopeAttention, FusedSwiGLUMLP, is_fast
+from splice.fused.modules import (
+    FusedLoraLinear,
+    FusedRMSNorm,
+    FusedRopeAttention,
+    FusedSwiGLUMLP,
+    is_fast,
+    project,
+)
 from splice.fused.varlen import VarlenAttention, varlen_candidate
 from splice.lora.layers import LoraLinear
 
@@ -84,7 +91,7 @@ def fuse(
         if rope and _is_rope_attention(node.module):
             return Replace(FusedRopeAttention(node.module))
         if varlen and varlen_candidate(node.module):
-            return Replace(VarlenAttention(node.module))
+            return Replace(VarlenAttention(node.module, project=project))
         return None
 
     names += rewrite(model, leaf_rule, allow_empty=True)

@@ -24,6 +24,7 @@ engine's) never see a packing: :func:`varlen_unsupported` names them and the los
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,6 +126,13 @@ def varlen_unsupported(model: nn.Module) -> str | None:
     return None if found else f"{type(model).__name__} has no attention module that takes packed rows"
 
 
+Project = Callable[[Sequence[nn.Module], Tensor], list[Tensor]]  # (modules, x) -> [m(x) for m in modules]
+
+
+def _one_each(modules: Sequence[nn.Module], x: Tensor) -> list[Tensor]:
+    return [m(x) for m in modules]
+
+
 class VarlenAttention(nn.Module):
     """An attention module (Llama, Mistral, Qwen2/3, Gemma 1/2/3) taking packed rows (module doc): q/k/v/o,
     per-head ``q_norm`` / ``k_norm``, ``scaling``, sliding window and logit softcap are the replaced module's.
@@ -133,10 +141,13 @@ class VarlenAttention(nn.Module):
     splice_varlen = True
     splice_fast = True  # one of fuse()'s replacements: unfuse() puts the original back
 
-    def __init__(self, attn: nn.Module) -> None:
+    def __init__(self, attn: nn.Module, *, project: Project | None = None) -> None:
+        """``project``: how q/k/v are computed from one input (``fuse`` passes
+        :func:`splice.fused.modules.project`: fused LoRA linears as one node); default one call each."""
         super().__init__()
         share_state(self, attn)  # q/k/v/o_proj (and norms) are the replaced module's children, same paths
         self.__dict__["_attn"] = attn  # the original, unregistered (its children are ours)
+        self.__dict__["_project"] = project or _one_each
         self.head_dim, self.scaling = int(getattr(attn, "head_dim")), float(getattr(attn, "scaling"))  # noqa: B009
         self.attention_dropout = float(getattr(attn, "attention_dropout", 0.0) or 0.0)
         self.window, self.softcap = window_and_softcap(attn)
@@ -154,7 +165,8 @@ class VarlenAttention(nn.Module):
         check_no_dropout(self)
         shape = (*hidden_states.shape[:-1], -1, self.head_dim)  # (B, T, heads, D)
         children: dict[str, Any] = self._modules
-        q, k, v = (children[p](hidden_states).view(shape) for p in ("q_proj", "k_proj", "v_proj"))
+        qkv = self.__dict__["_project"]([children[p] for p in ("q_proj", "k_proj", "v_proj")], hidden_states)
+        q, k, v = (t.view(shape) for t in qkv)
         if children.get("q_norm") is not None:  # Qwen3, Gemma3: RMSNorm over each head's vector
             q, k = children["q_norm"](q), children["k_norm"](k)
         q, k = rope(q, k, *packing.rotary(*position_embeddings))

@@ -19,6 +19,7 @@ import splice.fused.varlen as varlen_module
 from splice.core.rewrite import unrewrite
 from splice.data.batching import batches
 from splice.data.rows import IGNORE_INDEX, Example
+from splice.fused import modules as fused_modules
 from splice.fused.apply import fuse, unfuse
 from splice.fused.modules import FusedRopeAttention
 from splice.fused.varlen import Packing, VarlenAttention, install_varlen_attention, varlen_unsupported
@@ -190,7 +191,17 @@ def test_models_that_cannot_take_packed_rows_keep_the_mask() -> None:
 
 
 @pytest.mark.parametrize("family", ["Mistral", "Qwen2"])
-def test_fuse_gives_other_families_varlen_attention_and_unfuse_takes_it_back(family: str) -> None:
+def test_fuse_gives_other_families_varlen_attention_and_unfuse_takes_it_back(family: str,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Packed rows of a fused model: q/k/v of every layer as one lora_group node (adapters without dropout)."""
+    groups: list[int] = []
+    real = fused_modules.lora_group
+
+    def counted(x: torch.Tensor, weights: list[torch.Tensor], *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
+        groups.append(len(weights))
+        return real(x, weights, *args, **kwargs)
+
+    monkeypatch.setattr(fused_modules, "lora_group", counted)
     model = family_lm(family, vocab=101, max_position_embeddings=64)
     add_lora(model, LoraConfig(rank=4, alpha=8, targets=("q_proj", "k_proj", "v_proj", "o_proj")))
     randomize_lora(model)
@@ -205,6 +216,7 @@ def test_fuse_gives_other_families_varlen_attention_and_unfuse_takes_it_back(fam
         got = model_hidden_states(model, input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                                   packed_attention="varlen")
     assert rel_err(got, want) < 1e-5
+    assert groups == [3, 3]  # each of the 2 layers' q/k/v in one node
     assert_same_as_masked(model, batch)
     unfuse(model)
     assert not any(isinstance(m, VarlenAttention) for m in model.modules())
