@@ -11,6 +11,7 @@
 #   CALL=engine bash benchmarks/device_plan.sh  # issue 26 without tests or HTTP: engine_profile.py, then serve.py's
 #                                           # decode, offline (0/8/64 adapters), NF4 and the HF/PEFT peers
 #   CALL=close bash benchmarks/device_plan.sh   # issues 27 + 29: serve/bank/DPO/GRPO GPU tests (-v), preference.py
+#   CALL=one bash benchmarks/device_plan.sh     # one call of ~590 s: close's tests + preference.py, then decode/offline/NF4
 #   CALL=4 bash benchmarks/device_plan.sh   # issue 30 items 4-5, if time is left: the 70B QLoRA longest step at
 #                                           # 128k with fp8-compressed offload and the tiled MLP (one probe: ~10 min)
 # Each part runs under its own `timeout`; what a part measured stays in $OUT even if a later one runs out.
@@ -92,5 +93,19 @@ close)  # issues 27 + 29 in one call of ~340 s: the GPU tests not yet passed on 
   timeout 215 python3 benchmarks/preference.py --out "$OUT/preference" --grpo-steps 1 --dpo-steps 4 --completion 256 \
     --parts "${PARTS:-dpo,grpo}" --limit-dpo 60 --limit-grpo 140 --limit-nf4 40 2>&1 | tee "$OUT/preference.txt" | tail -40
   ;;
-*) echo "CALL is 1, 2, 3, 4, quick, engine or close"; exit 2 ;;
+one)  # when one call is all the budget allows (~590 s): CALL=close's tests and preference.py, shorter, then
+  # the engine's decode / offline / NF4 rows (no HF/PEFT peers: they are in the session-2 table)
+  T="python3 -m pytest -v -p no:cacheprovider -p no:warnings --tb=short"
+  timeout 140 $T tests/engine/test_runner.py tests/engine/test_layer.py tests/serve/test_dora_serve.py \
+    tests/serve/test_gpu_paths_serve.py tests/serve/test_production.py "tests/lora/test_bank.py::test_packed_projections_add_dora_with_the_concatenated_factors" \
+    tests/training/test_dpo.py tests/training/test_grpo.py tests/distributed/test_wrap.py tests/kernels/test_lora_group.py \
+    "tests/engine/test_gpu_paths_engine.py::test_rollouts_of_a_fused_lora_model_replay_graphs_over_the_live_adapter" \
+    > "$OUT/tests-one.txt" 2>&1
+  echo "tests (rc $?):"; grep -E "FAILED|ERROR| passed| failed" "$OUT/tests-one.txt" | tail -10
+  timeout 215 python3 benchmarks/preference.py --out "$OUT/preference" --grpo-steps 1 --dpo-steps 4 --completion 256 \
+    --parts dpo,grpo --limit-dpo 70 --limit-grpo 130 2>&1 | tee "$OUT/preference.txt" | tail -30
+  timeout 200 python3 benchmarks/serve.py --parts bandwidth,decode,offline,nf4 --json "$OUT/serve.json" \
+    --limit-decode 70 --limit-offline 85 --limit-nf4 30 2>&1 | grep -v "attention mask" | tee "$OUT/serve.txt" | tail -40
+  ;;
+*) echo "CALL is 1, 2, 3, 4, quick, engine, close or one"; exit 2 ;;
 esac
