@@ -178,8 +178,7 @@ class Sharding:
             raise AdapterError(f"{file.directory}: init_lora_weights {file.init!r}: its A and B apply to the residual "
                                "base W - s B0 A0, which a rank cannot re-derive from its slice; save it converted, "
                                "splice.save_adapter(model, dir, convert_to_lora=True)")
-        adapter = HostAdapter(name=name, rank=file.rank,
-                              weights={path: (m.a.float(), m.b.float() * m.scale) for path, m in file.modules.items()})
+        adapter = HostAdapter(name=name, rank=file.rank, weights=file.scaled())
         modules = dict(model.named_modules())
         for path, (a, b) in adapter.weights.items():
             split = self.splits.get(path)

@@ -125,6 +125,10 @@ class AdapterFile:
         """The largest module rank."""
         return max(m.rank for m in self.modules.values())
 
+    def scaled(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """``path -> (A (r, K), B (N, r) * scale)`` fp32: each module's factors with its scale folded into B."""
+        return {path: (m.a.float(), m.b.float() * m.scale) for path, m in self.modules.items()}
+
 
 def scale_of(alpha: float, rank: int, *, rslora: bool) -> float:
     """LoRA's scale: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""

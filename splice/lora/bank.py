@@ -94,9 +94,8 @@ def read_adapter(directory: str | Path, *, name: str, base: nn.Module | None = N
                 "W - s B0 A0, not to the served weights; pass base=model to convert it (A0, B0 re-derived "
                 "from W, as PEFT does) or save it converted: splice.save_adapter(model, dir, convert_to_lora=True)")
         adapter = on_original_base(adapter, base)
-    weights = {path: (m.a.float(), m.b.float() * m.scale) for path, m in adapter.modules.items()}
     dora = adapter_file.dora_outputs(adapter, base) if base is not None else {}
-    return HostAdapter(name=name, weights=weights, rank=adapter.rank, dora=dora)
+    return HostAdapter(name=name, weights=adapter.scaled(), rank=adapter.rank, dora=dora)
 
 
 class BankSite(nn.Module):
