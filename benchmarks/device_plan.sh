@@ -12,6 +12,7 @@
 #                                           # decode, offline (0/8/64 adapters), NF4 and the HF/PEFT peers
 #   CALL=close bash benchmarks/device_plan.sh   # issues 27 + 29: serve/bank/DPO/GRPO GPU tests (-v), preference.py
 #   CALL=one bash benchmarks/device_plan.sh     # one call of ~590 s: close's tests + preference.py, then decode/offline/NF4
+#   CALL=verify bash benchmarks/device_plan.sh  # after CALL=one: its failed tests again, GRPO at 512 tokens + NF4
 #   CALL=4 bash benchmarks/device_plan.sh   # issue 30 items 4-5, if time is left: the 70B QLoRA longest step at
 #                                           # 128k with fp8-compressed offload and the tiled MLP (one probe: ~10 min)
 # Each part runs under its own `timeout`; what a part measured stays in $OUT even if a later one runs out.
@@ -107,5 +108,14 @@ one)  # when one call is all the budget allows (~590 s): CALL=close's tests and 
   timeout 200 python3 benchmarks/serve.py --parts bandwidth,decode,offline,nf4 --json "$OUT/serve.json" \
     --limit-decode 70 --limit-offline 85 --limit-nf4 30 2>&1 | grep -v "attention mask" | tee "$OUT/serve.txt" | tail -40
   ;;
-*) echo "CALL is 1, 2, 3, 4, quick, engine, close or one"; exit 2 ;;
+verify)  # after CALL=one: the tests it failed (fixed since), then GRPO at the issue's 512-token completions + NF4
+  # (killed, not terminated, at the limit: a training loop in the pytest process takes SIGTERM as "stop and save")
+  timeout -s KILL 150 python3 -m pytest -v -p no:cacheprovider -p no:warnings --tb=short tests/training/test_dpo.py \
+    "tests/serve/test_production.py::test_splice_serve_with_quantize_keys_from_flag_and_environment_and_an_adapter_dir" \
+    tests/distributed/test_wrap.py -k "test_dpo or fp8 or quantize_keys" > "$OUT/tests-verify.txt" 2>&1
+  echo "tests (rc $?):"; grep -E "FAILED|ERROR| passed| failed" "$OUT/tests-verify.txt" | tail -10
+  timeout 260 python3 benchmarks/preference.py --out "$OUT/preference512" --grpo-steps 1 --completion 512 \
+    --parts grpo,nf4 --limit-grpo 190 --limit-nf4 65 2>&1 | tee "$OUT/preference512.txt" | tail -30
+  ;;
+*) echo "CALL is 1, 2, 3, 4, quick, engine, close, one or verify"; exit 2 ;;
 esac

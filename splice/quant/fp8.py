@@ -36,7 +36,7 @@ a model's path is the same on every device.
 
 Devices: FP8 tensor cores need a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper,
 Blackwell); :func:`fp8_problem` says why another device cannot (the training preflight prints
-it before the model loads). The CPU's ``torch._scaled_mm`` (an emulation) runs the same math for
+it before the model loads). On the CPU the same math runs in fp32 for
 the tests (``allow_cpu=True``). Everything on the device stays there: no host syncs in forward or
 backward, so steps replay from CUDA graphs.
 """
@@ -65,7 +65,7 @@ _PACKED = ("qweight", "scale", "qweight_t")  # frozen parameters that keep their
 
 def fp8_problem(device: torch.device | str, *, allow_cpu: bool = False) -> str | None:
     """Why ``device`` cannot train on FP8 base weights (None: it can). ``allow_cpu``: the CPU's
-    ``torch._scaled_mm`` emulation is accepted (tests)."""
+    fp32 emulation of the same GEMMs is accepted (tests)."""
     device = torch.device(device)
     if device.type == "cpu" and allow_cpu:
         return None
@@ -128,11 +128,20 @@ def _out_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
 
 
+def _scaled_mm(a: Tensor, b: Tensor, *, scale_a: Tensor, scale_b: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """``(a * scale_a) @ (b * scale_b)`` for FP8 ``a`` (M, K) row-major and ``b`` (K, N) column-major,
+    ``scale_a`` (M, 1), ``scale_b`` (1, N): the tensor cores' GEMM on CUDA. On the CPU the same math
+    in fp32 (torch 2.11's own CPU ``_scaled_mm`` takes per-tensor scales only)."""
+    if a.device.type == "cuda":
+        return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
+    return ((a.float() * scale_a) @ (b.float() * scale_b)).to(out_dtype)
+
+
 def _fp8_forward(x2: Tensor, qweight: Tensor, scale: Tensor) -> Tensor:
     """``x2`` (M, K) @ (q * s)^T -> (M, N) in the GEMM's output dtype (module doc)."""
     codes, rows = quantize_rows(x2)  # codes keep x2's strides; the GEMM wants its first operand row-major
-    return torch._scaled_mm(codes.contiguous(), qweight.t(), scale_a=rows, scale_b=scale[None, :],
-                            out_dtype=_out_dtype(x2.dtype))
+    return _scaled_mm(codes.contiguous(), qweight.t(), scale_a=rows, scale_b=scale[None, :],
+                      out_dtype=_out_dtype(x2.dtype))
 
 
 def _fp8_input_grad(g2: Tensor, qweight: Tensor, scale: Tensor, qweight_t: Tensor | None) -> Tensor:
@@ -140,7 +149,7 @@ def _fp8_input_grad(g2: Tensor, qweight: Tensor, scale: Tensor, qweight_t: Tenso
     codes, rows = quantize_rows(g2 * scale.to(g2.dtype))
     q_t = qweight_t if qweight_t is not None else qweight.t().contiguous()  # (K, N) row-major
     ones = torch.ones((1, q_t.shape[0]), dtype=torch.float32, device=g2.device)
-    return torch._scaled_mm(codes.contiguous(), q_t.t(), scale_a=rows, scale_b=ones, out_dtype=_out_dtype(g2.dtype))
+    return _scaled_mm(codes.contiguous(), q_t.t(), scale_a=rows, scale_b=ones, out_dtype=_out_dtype(g2.dtype))
 
 
 class _FP8LinearFn(torch.autograd.Function):

@@ -392,7 +392,7 @@ def test_splice_serve_with_quantize_keys_from_flag_and_environment_and_an_adapte
     env = tiny.subprocess_env(SPLICE_API_KEY="env-key-1, env-key-2")
     process = subprocess.Popen([sys.executable, "-m", "splice", "serve", "--model", str(tiny_model_dir), "--port",
                                 str(port), "--quantize", "nf4", "--api-key", "flag-key", "--allow-adapter-dir",
-                                str(tmp_path / "adapters"), "--max-len", str(MAX_LEN)],
+                                str(tmp_path / "adapters"), "--max-len", str(MAX_LEN), "--device", "cpu"],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -418,7 +418,8 @@ def test_splice_serve_with_quantize_keys_from_flag_and_environment_and_an_adapte
     finally:
         process.kill()
         process.communicate()
-    # the answer is the NF4 model's own greedy one (the float model's differs for this tiny Llama)
+    # the answer is the NF4 model's own greedy one (the float model's differs for this tiny Llama). Both on
+    # the CPU: this random model's near-tied logits flip under the GPU's fused NF4 kernel (tested on its own)
     quantized, tokenizer = load_model(tiny_model_dir, quantize="nf4")
     ids = list(tokenizer(PROMPT)["input_ids"])
     expected = tokenizer.decode(_greedy(quantized, ids, 8, int(tokenizer.eos_token_id)))

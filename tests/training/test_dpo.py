@@ -107,7 +107,7 @@ def test_first_steps_match_trl_dpo_trainer(tiny_run_inputs, tmp_path, rpo_alpha:
     pairs = write_pairs(tmp_path / "pairs.jsonl", 4)
     config = dpo_config(tiny_run_inputs, tmp_path / "run", pairs, steps=3, lr=0.05, optimizer="sgd",
                         schedule="constant", batch_size=4, val_fraction=0.0, rank=4, alpha=8,
-                        targets="q_proj,v_proj", rpo_alpha=rpo_alpha)
+                        targets="q_proj,v_proj", rpo_alpha=rpo_alpha, device="cpu")  # TRL runs use_cpu=True below
     run = build_run(config)
     save_adapter(run.model, tmp_path / "init", base_model=str(model_dir))
     ours = [step(run, stop={}) for _ in range(3)]
