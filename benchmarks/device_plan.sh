@@ -110,12 +110,12 @@ one)  # when one call is all the budget allows (~590 s): CALL=close's tests and 
   ;;
 verify)  # after CALL=one: the tests it failed (fixed since), then GRPO at the 512-token completions + NF4
   # (killed, not terminated, at the limit: a training loop in the pytest process takes SIGTERM as "stop and save")
-  timeout -s KILL 130 python3 -m pytest -v -p no:cacheprovider -p no:warnings --tb=short tests/training/test_dpo.py \
+  timeout -s KILL 120 python3 -m pytest -v -p no:cacheprovider -p no:warnings --tb=short tests/training/test_dpo.py \
     "tests/serve/test_production.py::test_splice_serve_with_quantize_keys_from_flag_and_environment_and_an_adapter_dir" \
     tests/distributed/test_wrap.py -k "test_dpo or fp8 or quantize_keys" > "$OUT/tests-verify.txt" 2>&1
   echo "tests (rc $?):"; grep -E "FAILED|ERROR| passed| failed" "$OUT/tests-verify.txt" | tail -10
-  timeout 250 python3 benchmarks/preference.py --out "$OUT/preference512" --grpo-steps 1 --completion 512 \
-    --parts grpo,nf4 --limit-grpo 180 --limit-nf4 60 2>&1 | tee "$OUT/preference512.txt" | tail -30
+  timeout "${PREF_S:-250}" python3 benchmarks/preference.py --out "$OUT/preference512" --grpo-steps 1 --completion 512 \
+    --parts "${PARTS:-nf4,grpo}" --limit-grpo 180 --limit-nf4 70 2>&1 | tee "$OUT/preference512.txt" | tail -30
   ;;
 *) echo "CALL is 1, 2, 3, 4, quick, engine, close, one or verify"; exit 2 ;;
 esac
