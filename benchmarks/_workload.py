@@ -342,14 +342,15 @@ def _category(name: str) -> str:
     return "other"
 
 
-def profile_steps(setup: Setup, cfg: Config, steps: int = 2, *, graphs: bool = False) -> str:
+def profile_steps(setup: Setup, cfg: Config, steps: int = 2, *, graphs: bool = False, packed: bool = False) -> str:
     """Profile ``steps`` training steps: GPU time by kernel category, busy fraction, top kernels.
-    ``graphs``: the steps replay a captured CUDA graph (captured before profiling starts)."""
+    ``graphs``: the steps replay a captured CUDA graph (captured before profiling starts); ``packed``:
+    the batches of packed rows the timed steps trained on (a varlen setup takes no other)."""
     from torch.profiler import ProfilerActivity, profile
 
     params = [p for p in setup.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR, fused=True)
-    data = batches(cfg)
+    data = batches(cfg, packed=packed)
     run = step_fn(setup, params, graphs=graphs)
 
     def step() -> None:

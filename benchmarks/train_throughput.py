@@ -211,7 +211,7 @@ def worker(args: argparse.Namespace) -> None:
         from _workload import profile_steps
 
         try:
-            text = profile_steps(setup, cfg, graphs=graphs)
+            text = profile_steps(setup, cfg, graphs=graphs, packed=args.pack is not None)
         except Exception as exc:  # a profiler problem must not lose the timings
             text = f"profiler failed: {exc!r}"
         print(f"[{fw}] profile {key}:\n{text}", flush=True)

@@ -52,6 +52,7 @@ from splice.lora.bank import add_packed_delta
 from splice.lora.layers import LoraLinear
 from splice.lora.routing import current_route
 from splice.memory import stash
+from splice.quant.fp8 import FP8Linear
 
 __all__ = [
     "FusedLoraLinear",
@@ -93,9 +94,10 @@ def _unread_projection(module: nn.Module, x: Tensor) -> Tensor:
 def project(modules: Sequence[nn.Module], x: Tensor, *, output: bool = True) -> list[Tensor]:
     """``[m(x) for m in modules]`` for sibling projections of one input (q/k/v, gate/up): one
     :func:`~splice.kernels.lora_group.lora_group` node when every one is a fused LoRA linear without
-    dropout (``x`` read once by the adapters' down-projection), else one call each. ``output=False``:
+    dropout over a plain weight (``x`` read once by the adapters' down-projection), else one call each. ``output=False``:
     only the backward is needed (:func:`_unread_projection`)."""
-    fused = [m for m in modules if isinstance(m, FusedLoraLinear) and m._fusable(x) and m._dropout_p() == 0]
+    fused = [m for m in modules if isinstance(m, FusedLoraLinear) and m._fusable(x) and m._dropout_p() == 0
+             and not isinstance(m.base, FP8Linear)]  # the group's GEMMs read plain weights
     if len(fused) < 2 or len(fused) != len(modules):
         return [m(x) if output else _unread_projection(m, x) for m in modules]
     loras: list[LoraLinear] = [m.fn for m in fused]  # type: ignore[misc]
@@ -124,7 +126,8 @@ class FusedLoraLinear(Around):
 
     Same ``base`` and ``fn`` (the :class:`LoraLinear`) as the wrapper it replaces. Falls back to
     the plain ``base(x) + fn(x, y)`` when fusing does not apply: merged adapter, GPT-2 ``Conv1D``,
-    a base that is not a float ``nn.Linear`` (quantized), dtype mismatch, or fp32 activations
+    a base that is neither a float ``nn.Linear`` nor an :class:`~splice.quant.fp8.FP8Linear` (whose
+    scaled GEMMs run inside the node; int8 takes the plain path), dtype mismatch, or fp32 activations
     under autocast.
     """
 
@@ -138,11 +141,10 @@ class FusedLoraLinear(Around):
     def _fusable(self, x: Tensor) -> bool:
         lora, base = self.fn, self.base
         weight = getattr(base, "weight", None)
+        plain = (isinstance(base, nn.Linear) and type(base).forward is nn.Linear.forward
+                 and isinstance(weight, Tensor) and weight.dtype == x.dtype)
         return (
-            isinstance(base, nn.Linear)
-            and type(base).forward is nn.Linear.forward
-            and isinstance(weight, Tensor)
-            and weight.dtype == x.dtype
+            (plain or isinstance(base, FP8Linear))  # FP8: its own scaled GEMMs inside the node
             and x.dtype.is_floating_point
             and not lora.merged
             and current_route(lora) is None  # routed rows / disabled adapters: the plain path
@@ -174,10 +176,11 @@ class FusedLoraLinear(Around):
                 u = lora_u(x, lora.lora_A.weight, dropout_p=p, keys=keys)
                 record.put(u)
             bias = self.base.bias
+            frozen = self.base if isinstance(self.base, FP8Linear) else None
             return lora_linear(
-                x, weight_of(self.base), bias if isinstance(bias, Tensor) else None,
-                lora.lora_A.weight, lora.lora_B.weight,
-                scale=lora.scale, dropout_p=p, keys=keys, output=output, u=u,
+                x, frozen.qweight if frozen is not None else weight_of(self.base),
+                bias if isinstance(bias, Tensor) else None, lora.lora_A.weight, lora.lora_B.weight,
+                scale=lora.scale, dropout_p=p, keys=keys, output=output, u=u, base=frozen,
             )
 
 

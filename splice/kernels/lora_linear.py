@@ -28,7 +28,7 @@ an accumulating GEMM (``addmm_``).
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,7 @@ from . import use_triton
 from .dropout import as_keys, dropout, dropout_add_
 from .lora_kernels import lora_down, lora_dx_add_, tn_reduce
 
-__all__ = ["LORA_KERNEL_MIN_TOKENS", "lora_linear", "lora_linear_reference", "lora_u", "uses_lora_kernels"]
+__all__ = ["LORA_KERNEL_MIN_TOKENS", "FrozenBase", "lora_linear", "lora_linear_reference", "lora_u", "uses_lora_kernels"]
 
 # Below this many tokens a step is launch-bound and Triton's per-launch Python cost outweighs
 # the fused kernels' savings (measured on an H100: config A, 1,024 tokens, ran 25% slower through
@@ -81,6 +81,29 @@ def _dense(weight: Tensor, dtype: torch.dtype) -> Tensor:
     return weight
 
 
+class FrozenBase(Protocol):
+    """A frozen base layer that runs its own GEMMs (an FP8 weight's scaled GEMMs): ``matmul(x2)`` is
+    ``x2 W^T`` (N, out) for ``x2`` (N, in), ``matmul_t(g2)`` is ``g2 W`` (N, in), each in its argument's
+    dtype, neither recording autograd."""
+
+    def matmul(self, x2: Tensor) -> Tensor: ...
+
+    def matmul_t(self, g2: Tensor) -> Tensor: ...
+
+
+def _base_out(x2: Tensor, weight: Tensor, bias: Tensor | None, base: FrozenBase | None) -> Tensor:
+    """``x2 W^T + b`` (N, out): cuBLAS over the (dequantized) weight, or the frozen base's own GEMM."""
+    if base is None:
+        return F.linear(x2, _dense(weight, x2.dtype), bias)  # a dequantized W dies here
+    y = base.matmul(x2)
+    return y if bias is None else y.add_(bias.to(y.dtype))
+
+
+def _base_dx(g: Tensor, weight: Tensor, base: FrozenBase | None) -> Tensor:
+    """``G W`` (N, in), the base's share of ``dx``."""
+    return g @ _dense(weight, g.dtype).to(g.dtype) if base is None else base.matmul_t(g)
+
+
 class _LoraLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -95,6 +118,7 @@ class _LoraLinearFn(torch.autograd.Function):
         keys: Tensor | int,
         output: bool,
         given_u: Tensor | None,
+        base: FrozenBase | None,
     ) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # (N, in); a view for contiguous x
         if p > 0:
@@ -104,12 +128,12 @@ class _LoraLinearFn(torch.autograd.Function):
             x2 = x2.contiguous()
         u = given_u if given_u is not None else _down(x2, lora_a, p, keys, ctx.triton)
         if output:
-            y = F.linear(x2, _dense(weight, x2.dtype), bias)  # (N, out); a dequantized W dies here
+            y = _base_out(x2, weight, bias, base)  # (N, out)
             y.addmm_(u.to(x.dtype), lora_b.to(x.dtype).T, alpha=scale)  # one GEMM, beta=1: y += s U B^T
         else:  # the caller never reads y (see ``output`` in lora_linear): only the graph is built
             y = x2.new_empty(x2.shape[0], weight.shape[0])
         ctx.save_for_backward(x2, weight, lora_a, lora_b, u)
-        ctx.scale, ctx.p, ctx.keys = scale, p, keys
+        ctx.scale, ctx.p, ctx.keys, ctx.base = scale, p, keys, base
         ctx.has_bias = bias is not None
         ctx.x_shape = x.shape
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -130,7 +154,7 @@ class _LoraLinearFn(torch.autograd.Function):
         dx = dw = dbias = da = db = None
         if need_x:
             assert t is not None
-            dx = g @ _dense(weight, x2.dtype).to(x2.dtype)  # (N, in)
+            dx = _base_dx(g, weight, ctx.base)  # (N, in)
             if p > 0:
                 dropout_add_(dx, t @ a, p, keys)
             else:
@@ -146,7 +170,7 @@ class _LoraLinearFn(torch.autograd.Function):
             dw = _mm_f32(g.T, x2).to(weight.dtype)
         if need_bias and ctx.has_bias:
             dbias = g.float().sum(0).to(weight.dtype)
-        return dx, dw, dbias, da, db, None, None, None, None, None
+        return dx, dw, dbias, da, db, None, None, None, None, None, None
 
 
 def _down(x2: Tensor, lora_a: Tensor, p: float, keys: Tensor | int, triton: bool) -> Tensor:
@@ -174,7 +198,7 @@ def _backward_triton(ctx: Any, g: Tensor, x2: Tensor, weight: Tensor, lora_a: Te
     t = lora_down(g, lora_b.float().t().contiguous(), alpha=scale)  # T = s * G B, (N, r) fp32
     dx = dw = dbias = da = db = None
     if need_x:
-        dx = g @ _dense(weight, g.dtype)  # (N, in)
+        dx = _base_dx(g, weight, ctx.base)  # (N, in)
         lora_dx_add_(dx, t, a32, p, keys)
         dx = dx.view(ctx.x_shape)
     if need_a:
@@ -185,7 +209,7 @@ def _backward_triton(ctx: Any, g: Tensor, x2: Tensor, weight: Tensor, lora_a: Te
         dw = _mm_f32(g.T, x2).to(weight.dtype)
     if need_bias and ctx.has_bias:
         dbias = g.float().sum(0).to(weight.dtype)
-    return dx, dw, dbias, da, db, None, None, None, None, None
+    return dx, dw, dbias, da, db, None, None, None, None, None, None
 
 
 def lora_linear(
@@ -200,6 +224,7 @@ def lora_linear(
     keys: Tensor | int = 0,
     output: bool = True,
     u: Tensor | None = None,
+    base: FrozenBase | None = None,
 ) -> Tensor:
     """``x W^T + b + scale * (dropout(x) A^T) B^T`` as one autograd node (see the module doc).
 
@@ -210,11 +235,14 @@ def lora_linear(
     for an activation-checkpoint recompute, where a layer's last projection only feeds the
     residual sum whose value nobody reads (its gradient is all that matters). ``u``: the
     down-projection ``dropout(x) A^T`` from :func:`lora_u` with the same keys (a checkpoint
-    recompute reuses the forward's), so it is not computed again.
+    recompute reuses the forward's), so it is not computed again. ``base``: a frozen base that runs its
+    own GEMMs for ``x W^T`` and ``G W`` (:class:`FrozenBase`, e.g. an FP8 weight's scaled GEMMs);
+    ``weight`` is then its stored weight, which only gives the output width.
     """
-    if x.dtype != weight.dtype:
+    if base is None and x.dtype != weight.dtype:
         raise TypeError(f"lora_linear: x ({x.dtype}) and weight ({weight.dtype}) must share a dtype")
-    return _LoraLinearFn.apply(x, weight, bias, lora_a, lora_b, float(scale), float(dropout_p), keys, bool(output), u)
+    return _LoraLinearFn.apply(x, weight, bias, lora_a, lora_b, float(scale), float(dropout_p), keys, bool(output), u,
+                               base)
 
 
 def lora_linear_reference(

@@ -152,6 +152,22 @@ def _fp8_input_grad(g2: Tensor, qweight: Tensor, scale: Tensor, qweight_t: Tenso
     return _scaled_mm(codes.contiguous(), q_t.t(), scale_a=rows, scale_b=ones, out_dtype=_out_dtype(g2.dtype))
 
 
+def fp8_matmul(x2: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None = None, *, fast: bool) -> Tensor:
+    """``x2`` (M, K) @ (q * s)^T (+ ``bias`` (N,), in ``x2``'s dtype) -> (M, N) in ``x2``'s dtype: the
+    FP8 GEMM (``fast``), else dequantize + matmul (odd shapes; module doc)."""
+    if not fast:
+        return F.linear(x2, dequantize_fp8(qweight, scale, x2.dtype), bias)
+    y = _fp8_forward(x2, qweight, scale).to(x2.dtype)
+    return y if bias is None else y + bias
+
+
+def fp8_matmul_t(g2: Tensor, qweight: Tensor, scale: Tensor, qweight_t: Tensor | None, *, fast: bool) -> Tensor:
+    """``g2`` (M, N) @ (q * s) -> (M, K) in ``g2``'s dtype: the input gradient's GEMM (module doc)."""
+    if not fast:
+        return g2 @ dequantize_fp8(qweight, scale, g2.dtype)
+    return _fp8_input_grad(g2, qweight, scale, qweight_t).to(g2.dtype)
+
+
 class _FP8LinearFn(torch.autograd.Function):
     """``y = x @ (q * s)^T + b``; saves only ``q``, ``s`` (and ``q^T`` if kept): no activation,
     no dequantized weight. ``fast``: the FP8 GEMMs, else dequantize + matmul (odd shapes)."""
@@ -161,13 +177,8 @@ class _FP8LinearFn(torch.autograd.Function):
                 bias: Tensor | None, fast: bool) -> Tensor:
         ctx.save_for_backward(qweight, scale, qweight_t)
         ctx.fast, ctx.x_dtype = fast, x.dtype
-        x2 = x.reshape(-1, x.shape[-1])
         b = None if bias is None else bias.to(x.dtype)
-        if not fast:
-            y = F.linear(x2, dequantize_fp8(qweight, scale, x.dtype), b)
-        else:
-            y = _fp8_forward(x2, qweight, scale).to(x.dtype)
-            y = y if b is None else y + b
+        y = fp8_matmul(x.reshape(-1, x.shape[-1]), qweight, scale, b, fast=fast)
         return y.reshape(*x.shape[:-1], qweight.shape[0])
 
     @staticmethod
@@ -176,10 +187,7 @@ class _FP8LinearFn(torch.autograd.Function):
         g2 = grad.reshape(-1, grad.shape[-1])
         dx = None
         if ctx.needs_input_grad[0]:
-            if ctx.fast:
-                dx2 = _fp8_input_grad(g2, qweight, scale, qweight_t)
-            else:
-                dx2 = g2 @ dequantize_fp8(qweight, scale, g2.dtype)
+            dx2 = fp8_matmul_t(g2, qweight, scale, qweight_t, fast=ctx.fast)
             dx = dx2.to(ctx.x_dtype).reshape(*grad.shape[:-1], qweight.shape[1])
         dbias = g2.sum(0) if ctx.needs_input_grad[4] else None
         return dx, None, None, None, dbias, None
@@ -254,6 +262,15 @@ class FP8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         result: Tensor = _FP8LinearFn.apply(x, self.qweight, self.scale, self.qweight_t, self.bias, self.fast)
         return result
+
+    def matmul(self, x2: Tensor) -> Tensor:
+        """``x2 W^T`` (M, out) for ``x2`` (M, in), no bias and no autograd node: the base GEMM of a fused
+        LoRA linear over this layer (:func:`splice.kernels.lora_linear.lora_linear`'s ``base``)."""
+        return fp8_matmul(x2, self.qweight, self.scale, fast=self.fast)
+
+    def matmul_t(self, g2: Tensor) -> Tensor:
+        """``g2 W`` (M, in) for ``g2`` (M, out): the base's input gradient in that fused node."""
+        return fp8_matmul_t(g2, self.qweight, self.scale, self.qweight_t, fast=self.fast)
 
     def restore(self) -> nn.Linear:
         """A float ``nn.Linear`` with the dequantized weight (used by ``unrewrite``)."""

@@ -280,19 +280,107 @@ def test_activation_checkpointing_gives_the_same_gradients() -> None:
             assert torch.equal(p, grads[name]), name
 
 
-def test_fused_kernels_fall_back_around_an_fp8_base() -> None:
-    """fuse() after LoRA (training's default on a GPU; the CPU runs its references): the fused LoRA
-    linear takes the plain path over an FP8 base, so the model computes what it did before."""
-    from splice.fused.apply import fuse
+@pytest.mark.parametrize(("dropout", "bias", "dtype"), [(0.0, False, torch.bfloat16), (0.25, True, torch.bfloat16),
+                                                      (0.0, True, torch.float32)])
+def test_lora_linear_over_an_fp8_base_runs_its_scaled_gemms_in_one_node(dropout: float, bias: bool,
+                                                                         dtype: torch.dtype) -> None:
+    _check_lora_linear_over_fp8("cpu", 3 * 7, dropout=dropout, bias=bias, dtype=dtype)  # odd token count
 
-    model = tiny.llama().to(torch.bfloat16)
+
+@FP8_GPU
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_gpu_lora_linear_over_an_fp8_base_with_the_triton_lora_kernels(dropout: float) -> None:
+    from splice.kernels.lora_linear import LORA_KERNEL_MIN_TOKENS
+
+    _check_lora_linear_over_fp8("cuda", LORA_KERNEL_MIN_TOKENS + 37, dropout=dropout, bias=True, dtype=torch.bfloat16)
+
+
+def _check_lora_linear_over_fp8(device: str, tokens: int, *, dropout: float, bias: bool, dtype: torch.dtype) -> None:
+    """``lora_linear(..., base=fp8)``: y = (the FP8 GEMM's x W^T) + b + s * B(A(D(x))), dx = (the FP8
+    input-gradient GEMM's g W) + D(s * (g B) A), dA and dB as over a bf16 base. Against the emulated FP8
+    products plus the adapter's plain-PyTorch terms (same dropout keys): 1e-2 (bf16 rounding of the
+    sums); a missing LoRA term or a wrong scale gives ~30-100%."""
+    from splice.kernels.dropout import dropout as hashed_dropout
+    from splice.kernels.lora_linear import lora_linear
+
+    linear, q = _layer(n=48, k=64, bias=bias, seed=1)
+    q = q.to(device=device, dtype=dtype)
+    torch.manual_seed(2)
+    x = torch.randn(1, tokens, 64, dtype=dtype).to(device)
+    g = torch.randn(1, tokens, 48, dtype=dtype).to(device)
+    lora_a = (torch.randn(8, 64) * 0.2).to(device).requires_grad_()
+    lora_b = (torch.randn(48, 8) * 0.2).to(device).requires_grad_()
+    scale, keys = 0.5, 1234
+    b = None if q.bias is None else q.bias.detach().to(dtype)
+
+    xg = x.clone().requires_grad_()
+    y = lora_linear(xg, q.qweight, b, lora_a, lora_b, scale=scale, dropout_p=dropout, keys=keys, base=q)
+    y.backward(g)
+    assert y.dtype == dtype and y.grad_fn is not None and "LoraLinearFn" in type(y.grad_fn).__name__
+
+    x2, g2 = x.reshape(-1, 64).float(), g.reshape(-1, 48).float()
+    xd = hashed_dropout(x.reshape(-1, 64), dropout, keys).float() if dropout else x2
+    base_y = fp8_linear_reference(x, q.qweight, q.scale, b, quantize_input=True).reshape(-1, 48).float()
+    u = xd @ lora_a.detach().T
+    want_y = base_y + scale * u @ lora_b.detach().T
+    t = scale * g2 @ lora_b.detach()
+    lora_dx = t @ lora_a.detach()
+    if dropout:
+        lora_dx = hashed_dropout(lora_dx, dropout, keys)
+    want_dx = _emulated_input_grad(g, q).reshape(-1, 64).float() + lora_dx
+    assert rel_err(y.reshape(-1, 48), want_y) < 1e-2
+    assert rel_err(xg.grad.reshape(-1, 64), want_dx) < 1e-2  # type: ignore[union-attr]
+    assert rel_err(lora_a.grad, t.T @ xd) < 1e-2  # type: ignore[arg-type]
+    assert rel_err(lora_b.grad, scale * g2.T @ u) < 1e-2  # type: ignore[arg-type]
+    assert rel_err(y.reshape(-1, 48), base_y) > 0.1  # the adapter's term is there
+
+
+def _node_names(t: torch.Tensor) -> set[str]:
+    """The autograd node class names behind ``t``."""
+    seen, todo, names = set(), [t.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo += [nxt for nxt, _ in node.next_functions]
+    return names
+
+
+def test_fused_kernels_take_an_fp8_base_into_the_lora_node() -> None:
+    """fuse() after LoRA (training's default on a GPU; the CPU runs its references): each LoRA linear over
+    an FP8 base becomes one node running the base's scaled GEMMs (no dropped-out copy of ``x`` kept, as
+    over bf16), and the model computes what the plain path did. In fp32 activations, logits and every
+    adapter gradient agree to 1e-5 (the same FP8 products; bf16 activations differ by ~1-2% either way,
+    fused or not, over a bf16 base too, so they would hide a real difference)."""
+    from splice.fused.apply import fuse
+    from splice.fused.modules import FusedLoraLinear
+
+    model = tiny.llama()
     quantize_fp8(model, allow_cpu=True)
     splice.add_lora(model, splice.LoraConfig(targets="all-linear", rank=4))
     tiny.randomize_lora(model)
     ids = tiny.tokens()
-    before = model(ids).logits
+
+    def run() -> tuple[torch.Tensor, dict[str, torch.Tensor], set[str]]:
+        model.zero_grad(set_to_none=True)
+        logits = model(ids).logits
+        nodes = _node_names(logits)
+        logits.square().mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return logits.detach(), grads, nodes
+
+    before, grads, plain_nodes = run()
     assert fuse(model)
-    assert torch.equal(model(ids).logits, before)
+    assert sum(isinstance(m, FusedLoraLinear) and isinstance(m.base, FP8Linear) for m in model.modules()) == 14
+    after, fused_grads, fused_nodes = run()
+    assert "_LoraLinearFnBackward" in fused_nodes and "_LoraLinearFnBackward" not in plain_nodes
+    assert "_FP8LinearFnBackward" in plain_nodes and "_FP8LinearFnBackward" not in fused_nodes
+    assert rel_err(after, before) < 1e-5
+    assert fused_grads.keys() == grads.keys() and sum("lora_" in name for name in grads) == 28
+    for name, grad in grads.items():  # adapters, and the unfrozen norms, embedding and head
+        assert rel_err(fused_grads[name], grad) < 1e-5, name
 
 
 @FP8_GPU
