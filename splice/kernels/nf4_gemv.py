@@ -91,11 +91,19 @@ def k_splits(programs: int, k_steps: int, *, sms: int) -> int:
 
 
 def default_config(m: int, n: int, k: int, *, block_size: int, sms: int) -> GemvConfig:
-    """The tiles for ``(M, N, K)`` on a device with ``sms`` SMs: the dot kernel for every M, one
-    block a K step, 128 weight rows a program (64 below 2048 rows), K split to fill the GPU
-    (:func:`k_splits`). Chosen from the kernels' SASS for sm_90 (Triton 3.6): ~4.4 instructions a
-    weight at M <= 16 and ~4.9 at 32 for 128-row dot tiles, against ~5.5-6 for the gemv kernel and
-    6.6 for 64-row dot tiles; not yet timed on a GPU (benchmarks/nf4_gemv.py sweeps the others)."""
+    """The tiles for ``(M, N, K)`` on a device with ``sms`` SMs, K split to fill the GPU (:func:`k_splits`).
+
+    ``M == 1``: the gemv kernel, 16 weight rows a program, 512 columns (whole blocks) a K step. ``M > 1``:
+    the dot kernel, one block a step, 128 weight rows a program (64 below 2048 rows). Measured on the
+    H200 (2026-12-06, ``benchmarks/serve.py --parts nf4``): with the dot kernel for ``M == 1`` as well
+    (picked from the kernels' sm_90 SASS, ~4.4 instructions a weight against the gemv kernel's ~5.5-6),
+    NF4 batch-1 decode of the 8B model took 12.41 ms a step, 2.6x bf16's 4.79; the earlier
+    one-row gemv kernel (the same fp32 FMA scheme) had taken 5.69 (2026-12-04). The gemv kernel for one
+    row is not yet timed in this form; ``benchmarks/nf4_gemv.py`` sweeps both."""
+    if m == 1:
+        block_k = max(block_size, min(512, _pow2(k)))
+        return GemvConfig(kernel="gemv", block_n=16, block_k=block_k, lut="plain",
+                          split_k=k_splits(-(-n // 16), max(1, k // block_k), sms=sms))
     block_n = 128 if n >= 2048 else 64
     programs = -(-n // block_n) * -(-m // _MAX_BLOCK_M)
     # lut "plain" (ordinary loads) until the inline-PTX lookups have run on a GPU: the plain path is the

@@ -119,7 +119,7 @@ def test_bias_split_k_and_leading_dims(kernel: str, split_k: int, device: str) -
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("m", [1, 5])
 def test_default_config(m: int, device: str) -> None:
-    _kernel_or_skip(device, torch.float32, "dot")
+    _kernel_or_skip(device, torch.float32, "gemv" if m == 1 else "dot")
     t = _weight(40, 256, double_quant=True, device=device)
     x = torch.randn(m, 256, device=device)
     got = nf4_linear(x, t.packed, t.code, **_stats(t))  # type: ignore[arg-type]
@@ -127,12 +127,16 @@ def test_default_config(m: int, device: str) -> None:
 
 
 def test_default_config_fills_the_gpu() -> None:
-    """Llama-3-8B shapes on 132 SMs: the dot kernel, 128-row tiles (64 for k/v's 1024 rows), one
-    64-value block a step; K split only until the grid has ~2 programs an SM."""
+    """Llama-3-8B shapes on 132 SMs. One row: the gemv kernel, 16-row tiles, 512 columns a step, K split
+    only until the grid has ~2 programs an SM. More rows: the dot kernel, 128-row tiles (64 for k/v's
+    1024 rows), one 64-value block a step."""
     gate = default_config(1, 14336, 4096, block_size=64, sms=132)
-    assert (gate.kernel, gate.block_n, gate.block_k, gate.split_k) == ("dot", 128, 64, 4)  # 112 tiles x 4
+    assert (gate.kernel, gate.block_n, gate.block_k, gate.split_k) == ("gemv", 16, 512, 1)  # 896 tiles
     assert gate.lut == "plain"  # the inline-PTX lookups wait for a GPU measurement
-    assert default_config(1, 4096, 4096, block_size=64, sms=132).split_k == 16  # 32 tiles x 16 = 512 programs
+    assert default_config(1, 1024, 4096, block_size=64, sms=132).split_k == 2  # 64 tiles x 2: K steps stay >= 4
+    rows = default_config(32, 14336, 4096, block_size=64, sms=132)
+    assert (rows.kernel, rows.block_n, rows.block_k, rows.split_k) == ("dot", 128, 64, 4)  # 112 tiles x 4
+    assert default_config(32, 4096, 4096, block_size=64, sms=132).split_k == 16  # 32 tiles x 16 = 512 programs
     assert default_config(32, 1024, 4096, block_size=64, sms=132).block_n == 64
     assert k_splits(300, 64, sms=132) == 1 and k_splits(8, 64, sms=132) == 16  # >= 4 steps a split
 
