@@ -13,6 +13,9 @@
 #   CALL=close bash benchmarks/device_plan.sh   # issues 27 + 29: serve/bank/DPO/GRPO GPU tests (-v), preference.py
 #   CALL=one bash benchmarks/device_plan.sh     # one call of ~590 s: close's tests + preference.py, then decode/offline/NF4
 #   CALL=verify bash benchmarks/device_plan.sh  # after CALL=one: its failed tests again, GRPO at 512 tokens + NF4
+#   CALL=next bash benchmarks/device_plan.sh    # after session 7: FP8-in-the-fused-node and NF4 gemv tests, NF4
+#                                           # decode, C over FP8 vs PEFT with parity, GRPO at 512 tokens + NF4 (~575 s)
+#   CALL=nf4sweep bash benchmarks/device_plan.sh  # the NF4 kernels' tile sweep (~150 s)
 #   CALL=4 bash benchmarks/device_plan.sh   # issue 30 items 4-5, if time is left: the 70B QLoRA longest step at
 #                                           # 128k with fp8-compressed offload and the tiled MLP (one probe: ~10 min)
 # Each part runs under its own `timeout`; what a part measured stays in $OUT even if a later one runs out.
@@ -117,5 +120,24 @@ verify)  # after CALL=one: the tests it failed (fixed since), then GRPO at the i
   timeout "${PREF_S:-250}" python3 benchmarks/preference.py --out "$OUT/preference512" --grpo-steps 1 --completion 512 \
     --parts "${PARTS:-nf4,grpo}" --limit-grpo 180 --limit-nf4 70 2>&1 | tee "$OUT/preference512.txt" | tail -30
   ;;
-*) echo "CALL is 1, 2, 3, 4, quick, engine, close, one or verify"; exit 2 ;;
+next)  # after the seventh session (~575 s): what it changed without a device, then what it could not reach.
+  # 1) the GPU tests of the FP8 base inside the fused LoRA node and of the one-row NF4 gemv default;
+  # 2) NF4 vs bf16 decode with that default;
+  # 3) config C over FP8 base weights (fused now) against PEFT bf16, and 200 steps of loss parity (P);
+  # 4) GRPO at the issue's 512-token completions against TRL, and the same step over an NF4 base.
+  # CALL=nf4sweep then times the NF4 kernels' tiles (benchmarks/nf4_gemv.py) if a second call is possible.
+  timeout -s KILL 90 python3 -m pytest -q -p no:cacheprovider -p no:warnings -rfE --tb=short tests/quant/test_fp8.py \
+    tests/kernels/test_nf4_gemv.py tests/quant/test_nf4.py > "$OUT/tests-next.txt" 2>&1
+  echo "tests (rc $?):"; grep -E "FAILED|ERROR| passed| failed" "$OUT/tests-next.txt" | tail -10
+  timeout 45 python3 benchmarks/serve.py --parts bandwidth,nf4 --json "$OUT/serve-nf4.json" --limit-nf4 35 2>&1 \
+    | grep -v "attention mask" | tee "$OUT/serve-nf4.txt" | tail -12
+  timeout 200 python3 benchmarks/train_throughput.py --out "$OUT/train_fp8" --frameworks peft,splice --configs C,P \
+    --quantize fp8 --parity-steps 200 --worker-timeout 95 2>&1 | tee "$OUT/train_fp8.txt" | grep -v "^  " | tail -20
+  timeout 230 python3 benchmarks/preference.py --out "$OUT/preference512" --grpo-steps 1 --completion 512 \
+    --parts grpo,nf4 --limit-grpo 165 --limit-nf4 60 2>&1 | tee "$OUT/preference512.txt" | tail -25
+  ;;
+nf4sweep)  # the NF4 kernels' tiles at the 8B shapes, M = 1/8/32/64 (the defaults among them)
+  timeout 150 python3 benchmarks/nf4_gemv.py --json "$OUT/nf4_gemv.json" --budget 120 --jobs 16 2>&1 | tail -40
+  ;;
+*) echo "CALL is 1, 2, 3, 4, quick, engine, close, one, verify, next or nf4sweep"; exit 2 ;;
 esac
