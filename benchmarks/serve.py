@@ -492,14 +492,23 @@ def offline_run(bench: Bench, deadline: Deadline, *, count: int, seconds: float)
         start = time.perf_counter()
         for request in requests:
             engine.submit(request)
+        steps: list[tuple[int, float]] = []  # (tokens computed, wall s) a step: where the time goes
         while engine.busy and stop.left() > 0:
+            before, began = engine.computed_tokens, time.perf_counter()
             engine.step()
+            steps.append((engine.computed_tokens - before, time.perf_counter() - began))
         sync(bench.device)
         elapsed = time.perf_counter() - start
         truncated = engine.busy
         drain(engine, requests)
         generated = sum(len(r.generated) for r in requests)
-        return {"adapters": count, "requests": len(requests), "finished": sum(r.finish_reason == "length" for r in requests),
+        # linear-layer FLOPs of every computed token (2 a weight; attention's excluded): the compute bound
+        linear_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+        small = [s for t, s in steps if 0 < t <= args.offline_max_seqs]  # decode-only or nearly: bandwidth-bound
+        mix = {"steps": len(steps), "tokens_per_step": sum(t for t, _ in steps) / max(1, len(steps)),
+               "small_steps": len(small), "small_steps_s": sum(small),
+               "linear_tflop_s": 2 * linear_params * sum(t for t, _ in steps) / elapsed / 1e12}
+        return {**mix, "adapters": count, "requests": len(requests), "finished": sum(r.finish_reason == "length" for r in requests),
                 "output_tokens": generated, "seconds": elapsed, "output_tok_s": generated / elapsed,
                 "total_tok_s": (generated + sum(map(len, prompts))) / elapsed if not truncated else None,
                 "truncated": truncated, "preemptions": engine.preemptions, "max_seqs": args.offline_max_seqs}
@@ -856,7 +865,9 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, str]]]] = {  # part -> (title,
     "offline": ("offline, ShareGPT-like", [
         ("adapters", "adapters", "d"), ("requests", "requests", "d"), ("finished", "finished", "d"),
         ("output tok/s", "output_tok_s", ".0f"), ("vs 0 adapters", "ratio_to_0", ".2f"),
-        ("seconds", "seconds", ".1f"), ("truncated", "truncated", "")]),
+        ("seconds", "seconds", ".1f"), ("truncated", "truncated", ""), ("steps", "steps", "d"),
+        ("tokens/step", "tokens_per_step", ".0f"), ("steps <= max_seqs tokens", "small_steps", "d"),
+        ("their s", "small_steps_s", ".1f"), ("linear TFLOP/s", "linear_tflop_s", ".0f")]),
     "http": ("HTTP, Poisson arrivals (streamed)", [
         ("req/s", "rate_per_s", "g"), ("offered tok/s", "offered_tok_s", ".0f"),
         ("delivered tok/s", "delivered_tok_s", ".0f"), ("throughput tok/s", "throughput_tok_s", ".0f"),
