@@ -116,6 +116,16 @@ def project(modules: Sequence[nn.Module], x: Tensor, *, output: bool = True) -> 
             output=output, u=u))
 
 
+def _sharded_alone(module: nn.Module) -> bool:
+    """Whether FSDP2 shards ``module`` as its own unit (``fully_shard`` on it: an FP8 linear under
+    splice.distributed.wrap): its parameters are whole only inside its own forward, whose hooks gather them."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
 def is_fast(module: nn.Module) -> bool:
     """Whether ``module`` is one of the replacements :func:`~splice.fused.apply.fuse` installs."""
     return getattr(type(module), "splice_fast", False)
@@ -144,7 +154,8 @@ class FusedLoraLinear(Around):
         plain = (isinstance(base, nn.Linear) and type(base).forward is nn.Linear.forward
                  and isinstance(weight, Tensor) and weight.dtype == x.dtype)
         return (
-            (plain or isinstance(base, FP8Linear))  # FP8: its own scaled GEMMs inside the node
+            # FP8: its own scaled GEMMs inside the node, unless FSDP2 shards it alone (whole only in its forward)
+            (plain or (isinstance(base, FP8Linear) and not _sharded_alone(base)))
             and x.dtype.is_floating_point
             and not lora.merged
             and current_route(lora) is None  # routed rows / disabled adapters: the plain path

@@ -2,7 +2,7 @@
 
 The job (JSON on the command line): ``{"out": dir, "prompt": [ids], "max_tokens": [per rank], "ids": [[ids]]}``,
 and optionally ``"quantize": "fp8"`` (FP8 base weights, the CPU's emulation), ``"mixed_precision": true``
-(FSDP2's bf16 policy) and ``"shard": false`` (DDP instead of FSDP2).
+(FSDP2's bf16 policy), ``"shard": false`` (DDP instead of FSDP2) and ``"fuse": true`` (splice's fused modules).
 Every rank builds the same tiny Llama with a LoRA adapter whose ``lora_B`` is not zero (:func:`lora_llama`),
 shards it with FSDP2 over the group, builds an engine on it (and packs its projections as the engine does
 on a GPU), and inside ``whole_weights()`` greedily generates ``max_tokens[rank]``
@@ -30,6 +30,7 @@ from splice.distributed.process import DistEnv, barrier, start, stop
 from splice.distributed.wrap import wrap_model
 from splice.engine.engine import Engine
 from splice.engine.sampling import SamplingParams
+from splice.fused.apply import fuse
 from splice.fused.projections import pack_projections
 from splice.lora.apply import add_lora, lora_modules
 from splice.lora.freeze import freeze
@@ -38,10 +39,11 @@ from splice.quant.fp8 import FP8Linear, quantize_fp8
 from tests.tiny import build_tiny_llama, build_tiny_tokenizer
 
 
-def lora_llama(*, quantize: str | None = None) -> tuple[nn.Module, Any]:
+def lora_llama(*, quantize: str | None = None, fuse_kernels: bool = False) -> tuple[nn.Module, Any]:
     """(the tiny Llama with a rank-4 adapter on q_proj and v_proj, lora_B drawn from seed 1; its tokenizer).
     The other projections are plain linears, which the engine packs on a GPU. ``quantize="fp8"``: every
-    decoder linear's base weight in FP8 first (the CPU's emulation of the FP8 GEMMs)."""
+    decoder linear's base weight in FP8 first (the CPU's emulation of the FP8 GEMMs). ``fuse_kernels``:
+    splice's fused modules installed (training's default on a GPU; their reference paths here)."""
     tokenizer = build_tiny_tokenizer()
     model = build_tiny_llama(len(tokenizer))
     if quantize == "fp8":
@@ -52,6 +54,8 @@ def lora_llama(*, quantize: str | None = None) -> tuple[nn.Module, Any]:
         for _, _, layer in lora_modules(model):
             layer.lora_B.weight.normal_(std=0.2)
     freeze(model)
+    if fuse_kernels:
+        fuse(model)
     return model, tokenizer
 
 
@@ -71,7 +75,7 @@ def fp8_codes(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def run(job: dict[str, Any], env: DistEnv) -> dict[str, Any]:
     """This rank's part of the job (module doc); its model and engine are gone when it returns."""
-    model, tokenizer = lora_llama(quantize=job.get("quantize"))
+    model, tokenizer = lora_llama(quantize=job.get("quantize"), fuse_kernels=bool(job.get("fuse")))
     built = {n: t.detach().clone() for n, t in fp8_codes(model).items()}
     shapes = {n: p.shape for n, p in model.named_parameters()}
     wrapped = wrap_model(model, loss=logits_sum, env=env, device=torch.device("cpu"),

@@ -258,22 +258,26 @@ def test_nf4_weights_shard_unless_their_rows_do_not_split(make_tiny_llama) -> No
     assert _stored_bytes(model.lm_head.weight) == model.lm_head.weight.numel() * 4
 
 
-@pytest.mark.parametrize(("quantize", "shard"), [(None, True), ("fp8", True), ("fp8", False)])
-def test_whole_weights_lets_each_rank_run_its_own_forwards(tmp_path, quantize: str | None, shard: bool) -> None:
+@pytest.mark.parametrize(("quantize", "shard", "fused"), [(None, True, False), ("fp8", True, False),
+                                                         ("fp8", False, False), ("fp8", True, True)])
+def test_whole_weights_lets_each_rank_run_its_own_forwards(tmp_path, quantize: str | None, shard: bool,
+                                                           fused: bool) -> None:
     """FSDP2 on 2 gloo ranks: inside ``whole_weights()`` every weight is whole and stays so through the
     engine's forwards, 3 on one rank and 9 on the other (with a collective in any of them, the ranks
     would wait on each other: a hang, then a timeout); the greedy tokens are one process's, and the
     training step after the block (sharded again) gives that process's loss and gradient. The engine's
     projection packing (on a GPU) leaves the sharded weights alone. FP8 base weights: sharded too (their
-    codes and scales are parameters), and under DDP left out of its start-up broadcast (gloo has no float8)."""
+    codes and scales are parameters), and under DDP left out of its start-up broadcast (gloo has no float8).
+    ``fused``: the fused LoRA linears, which run an FP8 base's GEMMs in their own node, leave a base that
+    FSDP2 shards alone to its own forward (whose hooks gather it), as the reference's unsharded run does not."""
     from splice.engine.engine import Engine
     from splice.engine.sampling import SamplingParams
     from tests.distributed.gather_worker import logits_sum, lora_llama
 
     prompt, ids, counts = [5, 17, 42, 99, 3], [[5, 17, 42, 99, 3, 250, 8, 61]], [3, 9]
     check(run_ranks({"out": str(tmp_path), "prompt": prompt, "max_tokens": counts, "ids": ids, "quantize": quantize,
-                     "shard": shard}, world=2, timeout=200, worker="tests.distributed.gather_worker"))
-    model, tokenizer = lora_llama(quantize=quantize)
+                     "shard": shard, "fuse": fused}, world=2, timeout=200, worker="tests.distributed.gather_worker"))
+    model, tokenizer = lora_llama(quantize=quantize, fuse_kernels=fused)
     tokens = Engine(model, tokenizer, max_seqs=2, max_len=64).generate(
         [prompt], SamplingParams(max_tokens=max(counts), temperature=0.0))[0].generated
     loss = logits_sum(model, {"input_ids": torch.tensor(ids)})
