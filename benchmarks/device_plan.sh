@@ -15,7 +15,7 @@
 #   CALL=verify bash benchmarks/device_plan.sh  # after CALL=one: its failed tests again, GRPO at 512 tokens + NF4
 #   CALL=next bash benchmarks/device_plan.sh    # after session 7: FP8-in-the-fused-node and NF4 gemv tests, NF4
 #                                           # decode, C over FP8 vs PEFT with parity, GRPO at 512 tokens + NF4 (~575 s)
-#   CALL=nf4sweep bash benchmarks/device_plan.sh  # the NF4 kernels' tile sweep (~150 s)
+#   CALL=nf4sweep bash benchmarks/device_plan.sh  # the NF4 kernels' tile sweep, then the multi-LoRA layers (~200 s)
 #   CALL=4 bash benchmarks/device_plan.sh   # issue 30 items 4-5, if time is left: the 70B QLoRA longest step at
 #                                           # 128k with fp8-compressed offload and the tiled MLP (one probe: ~10 min)
 # Each part runs under its own `timeout`; what a part measured stays in $OUT even if a later one runs out.
@@ -129,7 +129,8 @@ next)  # after the seventh session (~575 s): what it changed without a device, t
   # 4) GRPO at the issue's 512-token completions against TRL, and the same step over an NF4 base.
   # CALL=nf4sweep then times the NF4 kernels' tiles (benchmarks/nf4_gemv.py) if a second call is possible.
   timeout -s KILL 90 python3 -m pytest -q -p no:cacheprovider -p no:warnings -rfE --tb=short tests/quant/test_fp8.py \
-    tests/kernels/test_nf4_gemv.py tests/quant/test_nf4.py > "$OUT/tests-next.txt" 2>&1
+    tests/kernels/test_nf4_gemv.py tests/quant/test_nf4.py tests/kernels/test_multi_lora.py \
+    tests/kernels/test_gpu_paths_kernels.py > "$OUT/tests-next.txt" 2>&1
   echo "tests (rc $?):"; grep -E "FAILED|ERROR| passed| failed" "$OUT/tests-next.txt" | tail -10
   timeout 45 python3 benchmarks/serve.py --parts bandwidth,nf4 --json "$OUT/serve-nf4.json" --limit-nf4 35 2>&1 \
     | grep -v "attention mask" | tee "$OUT/serve-nf4.txt" | tail -12
@@ -138,8 +139,10 @@ next)  # after the seventh session (~575 s): what it changed without a device, t
   timeout 230 python3 benchmarks/preference.py --out "$OUT/preference512" --grpo-steps 1 --completion 512 \
     --parts grpo,nf4 --limit-grpo 165 --limit-nf4 60 2>&1 | tee "$OUT/preference512.txt" | tail -25
   ;;
-nf4sweep)  # the NF4 kernels' tiles at the 8B shapes, M = 1/8/32/64 (the defaults among them)
+nf4sweep)  # the NF4 kernels' tiles at the 8B shapes, M = 1/8/32/64 (the defaults among them), then the multi-LoRA
+  # layers with the tiles the 2026-12-06 sweep chose (no sweep)
   timeout 150 python3 benchmarks/nf4_gemv.py --json "$OUT/nf4_gemv.json" --budget 120 --jobs 16 2>&1 | tail -40
+  timeout 45 python3 benchmarks/multi_lora.py --deadline-s 35 --json "$OUT/multi_lora.json" 2>&1 | tail -20
   ;;
 *) echo "CALL is 1, 2, 3, 4, quick, engine, close, one, verify, next or nf4sweep"; exit 2 ;;
 esac

@@ -127,13 +127,16 @@ class Tiles:
 def tiles_for(tokens: int, k: int) -> Tiles:
     """The launch shape for ``tokens`` tokens of width ``k`` (shapes only: a CUDA graph replays it).
 
-    A decode batch has few tiles (about one per adapter in use): the width is split in slices of 512
-    so that tiles x slices fill the GPU (Llama-3-8B, 32 tokens of 8 adapters: 8 x 8 programs per q/k/v
-    member, 8 x 28 for down). A prefill batch has tiles enough: 64 tokens a tile, the width in 4
-    slices (at least 1,024 wide); 8 warps keep the 64 x 128 expand tile's pointers in registers."""
+    From the H200 sweep of ``benchmarks/multi_lora.py --sweep`` (2026-12-06, Llama-3-8B shapes, r16, µs for
+    q / gate / down). A decode batch has few tiles (about one per adapter in use), so the width is cut in
+    slices that multiply the programs: 512 columns for a small batch (32 tokens of 8 adapters: 8.5 / 9.2 /
+    11.3, against 8.7 / 9.7 / 10.5 with 1,024), 1,024 from 128 tokens on (256 tokens of 64 adapters: 20.1 /
+    29.4 / 40.5, against 23.9 / 33.8 / 58.4 with 512: the tiles are enough). Batches between were not swept.
+    A prefill batch: 32 tokens a tile, 1,024-column slices, 4 warps (2,048 tokens of 8 adapters: 35.2 / 61.5 /
+    64.1, against 49.5 / 74.7 / 74.5 with 64-token tiles, the width in 4 slices and 8 warps)."""
     if tokens <= 512:
-        return Tiles(block_m=16, k_split=512, block_k=128, block_n=128)
-    return Tiles(block_m=64, k_split=_cdiv(max(1024, _cdiv(k, 4)), 64) * 64, block_k=64, block_n=128, warps=8)
+        return Tiles(block_m=16, k_split=512 if tokens < 128 else 1024, block_k=128, block_n=128)
+    return Tiles(block_m=32, k_split=1024, block_k=64, block_n=128, warps=4)
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -166,7 +166,8 @@ def test_no_host_sync_and_cuda_graph_replays_new_slots() -> None:
 
 def test_pad_rank_tiles_and_bad_shapes() -> None:
     assert [pad_rank(r) for r in (1, 8, 16, 17, 64)] == [16, 16, 16, 32, 64]
-    assert tiles_for(32, 4096).block_m == 16 and tiles_for(2048, 4096).block_m == 64
+    assert tiles_for(32, 4096).block_m == 16 and tiles_for(2048, 4096).block_m == 32
+    assert (tiles_for(32, 4096).k_split, tiles_for(256, 4096).k_split, tiles_for(2048, 14336).k_split) == (512, 1024, 1024)
     assert all(tiles_for(t, k).k_split % tiles_for(t, k).block_k == 0 for t in (1, 4096) for k in (70, 14336))
     x, y, a, b, slots = _case(2, 3, 8, 8, 16, 2, torch.float32, "cpu")
     with pytest.raises(ValueError, match="slots of 2 tokens"):
