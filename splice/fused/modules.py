@@ -97,7 +97,7 @@ def project(modules: Sequence[nn.Module], x: Tensor, *, output: bool = True) -> 
     dropout over a plain weight (``x`` read once by the adapters' down-projection), else one call each. ``output=False``:
     only the backward is needed (:func:`_unread_projection`)."""
     fused = [m for m in modules if isinstance(m, FusedLoraLinear) and m._fusable(x) and m._dropout_p() == 0
-             and not isinstance(m.base, FP8Linear)]  # the group's GEMMs read plain weights
+             and _frozen_base(m.base) is None]  # the group's GEMMs read plain weights
     if len(fused) < 2 or len(fused) != len(modules):
         return [m(x) if output else _unread_projection(m, x) for m in modules]
     loras: list[LoraLinear] = [m.fn for m in fused]  # type: ignore[misc]
@@ -116,14 +116,18 @@ def project(modules: Sequence[nn.Module], x: Tensor, *, output: bool = True) -> 
             output=output, u=u))
 
 
-def _sharded_alone(module: nn.Module) -> bool:
-    """Whether FSDP2 shards ``module`` as its own unit (``fully_shard`` on it: an FP8 linear under
-    splice.distributed.wrap): its parameters are whole only inside its own forward, whose hooks gather them."""
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.fsdp import FSDPModule
+def _frozen_base(module: nn.Module) -> FP8Linear | None:
+    """``module`` if the fused LoRA node runs its GEMMs itself (an FP8 linear's scaled GEMMs), else None.
+    Not when FSDP2 shards it as its own unit (an FP8 linear under splice.distributed.wrap): its parameters
+    are whole only inside its own forward, whose hooks gather them."""
+    if not isinstance(module, FP8Linear):
+        return None
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import FSDPModule
 
-    return isinstance(module, FSDPModule)
+        if isinstance(module, FSDPModule):
+            return None
+    return module
 
 
 def is_fast(module: nn.Module) -> bool:
@@ -154,8 +158,7 @@ class FusedLoraLinear(Around):
         plain = (isinstance(base, nn.Linear) and type(base).forward is nn.Linear.forward
                  and isinstance(weight, Tensor) and weight.dtype == x.dtype)
         return (
-            # FP8: its own scaled GEMMs inside the node, unless FSDP2 shards it alone (whole only in its forward)
-            (plain or (isinstance(base, FP8Linear) and not _sharded_alone(base)))
+            (plain or _frozen_base(base) is not None)
             and x.dtype.is_floating_point
             and not lora.merged
             and current_route(lora) is None  # routed rows / disabled adapters: the plain path
@@ -187,7 +190,7 @@ class FusedLoraLinear(Around):
                 u = lora_u(x, lora.lora_A.weight, dropout_p=p, keys=keys)
                 record.put(u)
             bias = self.base.bias
-            frozen = self.base if isinstance(self.base, FP8Linear) else None
+            frozen = _frozen_base(self.base)
             return lora_linear(
                 x, frozen.qweight if frozen is not None else weight_of(self.base),
                 bias if isinstance(bias, Tensor) else None, lora.lora_A.weight, lora.lora_B.weight,
