@@ -8,7 +8,9 @@ computes, on hidden states ``x`` (T, 1, H)::
 
 At decode batch sizes every kernel of a layer costs a few microseconds whatever its size, and the
 two residual adds are two of the dozen a layer launches. :func:`run_layer` computes the same sums
-with the add in the GEMM's epilogue: ``torch.addmm(x, a, W^T)`` (cuBLAS's ``beta = 1``), where
+with the add in the GEMM's epilogue, in place on the residual stream: ``x.addmm_(a, W^T)`` (cuBLAS's
+``beta = 1``; the out-of-place ``torch.addmm`` first copies ``x`` into its result, a copy kernel per
+call: 64 a step in the H200 profile of 2026-12-06), where
 ``o_proj`` / ``down_proj`` are plain linears without bias (an adapter bank's site over one included:
 its delta is added after, :func:`~splice.lora.bank.add_packed_delta`). Any other projection (LoRA,
 quantized, biased, or one a DoRA adapter in the bank rescales) runs its own forward, then the add; any
@@ -34,16 +36,17 @@ __all__ = ["linear_residual", "run_layer"]
 
 
 def linear_residual(module: nn.Module, x: Tensor, residual: Tensor) -> Tensor:
-    """``residual + module(x)`` for ``x`` (T, 1, K) and ``residual`` (T, 1, N): one ``addmm`` when
-    ``module`` is a plain bias-free linear in the residual's dtype (its bank delta added after), else
-    the module's own forward and an add."""
+    """``residual + module(x)`` for ``x`` (T, 1, K) and ``residual`` (T, 1, N): one ``addmm_`` into
+    ``residual`` itself (the layer's input stream, read by no one after) when ``module`` is a plain
+    bias-free linear in the residual's dtype (its bank delta added after), else the module's own forward
+    and an add (``residual`` left as it was)."""
     pair = packed([module])
     if (pair is None or pair[1] is not None or pair[0].dtype != residual.dtype or not residual.is_contiguous()
             or rescales_output(module)):  # a DoRA factor scales W x + delta, not the residual
         return residual + module(x)
     tokens = x.shape[0]
     flat = x.reshape(tokens, -1)
-    y = torch.addmm(residual.view(tokens, -1), flat, pair[0].t())  # (T, N) = residual + x W^T
+    y = residual.view(tokens, -1).addmm_(flat, pair[0].t())  # (T, N) = residual + x W^T, in place
     return add_packed_delta([module], flat, y).view_as(residual)
 
 

@@ -58,7 +58,8 @@ def test_residual_adds_run_inside_the_gemms_with_the_same_result(family: str) ->
     want, plain_ops = _layer_outputs(model, fused=False)
     got, fused_ops = _layer_outputs(model, fused=True)
     assert rel_err(got, want) < 1e-6
-    assert fused_ops.count("addmm") == 2 and plain_ops.count("addmm") == 0  # o_proj and down_proj
+    # o_proj and down_proj, in place on the residual stream (the out-of-place addmm copies it first)
+    assert fused_ops.count("addmm_") == 2 and "addmm" not in fused_ops and "addmm_" not in plain_ops
     assert fused_ops.count("add") == plain_ops.count("add") - 2  # the two residual adds are gone
 
 
@@ -69,14 +70,19 @@ def test_layers_whose_projections_are_not_plain_linears_run_their_own_forward() 
     install_paged_attention(model)
     want, _ = _layer_outputs(model, fused=False)
     got, ops = _layer_outputs(model, fused=True)
-    assert rel_err(got, want) < 1e-6 and "addmm" not in ops
+    assert rel_err(got, want) < 1e-6 and "addmm" not in ops and "addmm_" not in ops
 
 
 def test_linear_residual_keeps_the_bias_and_dtype_of_other_linears() -> None:
     torch.manual_seed(0)
     x, residual = torch.randn(5, 1, 8), torch.randn(5, 1, 6)
     for linear in (nn.Linear(8, 6, bias=False), nn.Linear(8, 6), nn.Linear(8, 6, bias=False).double()):
+        stream = residual.clone()
         with torch.no_grad():
-            got = linear_residual(linear, x.to(linear.weight.dtype), residual)
+            got = linear_residual(linear, x.to(linear.weight.dtype), stream)
             want = residual + linear(x.to(linear.weight.dtype)).to(residual.dtype)
         assert got.shape == residual.shape and rel_err(got, want) < 1e-6
+        # the plain bias-free linear of the stream's dtype adds into the stream itself; the others leave it
+        in_place = linear.bias is None and linear.weight.dtype == residual.dtype
+        assert (got.data_ptr() == stream.data_ptr()) == in_place
+        assert torch.equal(stream, got if in_place else residual)
