@@ -124,14 +124,16 @@ verify)  # after CALL=one: the tests it failed (fixed since), then GRPO at the i
     --parts "${PARTS:-nf4,grpo}" --limit-grpo 180 --limit-nf4 70 2>&1 | tee "$OUT/preference512.txt" | tail -30
   ;;
 next)  # after the seventh session (~575 s): what it changed without a device, then what it could not reach.
-  # 1) the GPU tests of the FP8 base inside the fused LoRA node and of the one-row NF4 gemv default;
+  # 1) the GPU tests of the FP8 base inside the fused LoRA node, the one-row NF4 gemv default, the multi-LoRA
+  #    tiles and the in-place residual epilogue of the engine's layers;
   # 2) NF4 vs bf16 decode with that default;
   # 3) config C over FP8 base weights (fused now) against PEFT bf16, and 200 steps of loss parity (P);
   # 4) GRPO at the issue's 512-token completions against TRL, and the same step over an NF4 base.
   # CALL=nf4sweep then times the NF4 kernels' tiles (benchmarks/nf4_gemv.py) if a second call is possible.
   timeout -s KILL 90 python3 -m pytest -q -p no:cacheprovider -p no:warnings -rfE --tb=short tests/quant/test_fp8.py \
     tests/kernels/test_nf4_gemv.py tests/quant/test_nf4.py tests/kernels/test_multi_lora.py \
-    tests/kernels/test_gpu_paths_kernels.py > "$OUT/tests-next.txt" 2>&1
+    tests/kernels/test_gpu_paths_kernels.py tests/engine/test_layer.py tests/engine/test_runner.py \
+    tests/engine/test_gpu_paths_engine.py > "$OUT/tests-next.txt" 2>&1
   echo "tests (rc $?):"; grep -E "FAILED|ERROR| passed| failed" "$OUT/tests-next.txt" | tail -10
   timeout 45 python3 benchmarks/serve.py --parts bandwidth,nf4 --json "$OUT/serve-nf4.json" --limit-nf4 35 2>&1 \
     | grep -v "attention mask" | tee "$OUT/serve-nf4.txt" | tail -12
