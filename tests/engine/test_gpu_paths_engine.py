@@ -122,3 +122,33 @@ def test_rollouts_of_a_fused_lora_model_replay_graphs_over_the_live_adapter(tiny
     fast = _lora_rollouts(tiny_tokenizer, fast=True)
     assert fast == plain
     assert plain[0] != plain[1]  # the update changes the greedy tokens
+
+
+@GPU
+def test_batch_one_decode_over_an_nf4_base_takes_the_fused_kernel_and_the_models_greedy_tokens(tiny_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """An NF4 base whose widths are whole 64-value blocks: a lone request decodes through the fused single-row
+    kernel (inside the decode graph) and each token it picks is the eager NF4 model's argmax up to rounding:
+    its eager log-prob within 2e-2 of the best one (the kernel sums in another order: a near-tie may flip; a
+    wrong level, absmax or row gives tokens several nats below). The tokens are not all one repeated id."""
+    from splice.engine.output import eos_ids
+    from splice.kernels.nf4_gemv import gemv_applies
+    from splice.quant.linear import NF4Linear, quantize_nf4
+
+    model = tiny.llama(seed=5, vocab=len(tiny_tokenizer), hidden=128, intermediate=256).cuda()
+    with torch.no_grad():  # EOS never the greedy pick: twelve tokens to check
+        model.lm_head.weight[sorted(eos_ids(model, tiny_tokenizer))] = 0.0
+    quantize_nf4(model)
+    linears = [m for m in model.model.modules() if isinstance(m, NF4Linear)]
+    assert len(linears) == 14
+    assert all(gemv_applies(torch.ones(1, m.in_features, device="cuda"), shape=m.weight.weight_shape,
+                            block_size=m.weight.block_size) for m in linears)
+    prompt = list(tiny_tokenizer("once upon a time there was")["input_ids"])
+    engine = Engine(model, tiny_tokenizer, max_seqs=4, max_len=64, block_size=4)
+    done = engine.generate([prompt], SamplingParams(max_tokens=12))[0]
+    assert engine.runner.cuda_graphs and len(done.generated) == 12 and len(set(done.generated)) > 1
+    ids = list(prompt)
+    with torch.no_grad():
+        for token in done.generated:
+            logp = torch.log_softmax(model(torch.tensor([ids], device="cuda")).logits[0, -1].float(), dim=-1)
+            assert float(logp.max() - logp[token]) < 2e-2, (ids, token)
+            ids.append(token)
