@@ -146,6 +146,9 @@ def test_batch_one_decode_over_an_nf4_base_takes_the_fused_kernel_and_the_models
     engine = Engine(model, tiny_tokenizer, max_seqs=4, max_len=64, block_size=4)
     done = engine.generate([prompt], SamplingParams(max_tokens=12))[0]
     assert engine.runner.cuda_graphs and len(done.generated) == 12 and len(set(done.generated)) > 1
+    with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        model(torch.tensor([prompt[-1:]], device="cuda"))  # one token: one activation row a linear, as the engine's
+    assert any("_nf4_gemv_kernel" in event.name for event in prof.events())
     ids = list(prompt)
     with torch.no_grad():
         for token in done.generated:
