@@ -10,7 +10,7 @@ At decode batch sizes every kernel of a layer costs a few microseconds whatever 
 two residual adds are two of the dozen a layer launches. :func:`run_layer` computes the same sums
 with the add in the GEMM's epilogue, in place on the residual stream: ``x.addmm_(a, W^T)`` (cuBLAS's
 ``beta = 1``; the out-of-place ``torch.addmm`` first copies ``x`` into its result, a copy kernel per
-call: 64 a step in the H200 profile of 2026-12-06), where
+call: two a layer, as the 64 copy kernels a step of the H200 decode profile of 2026-12-06), where
 ``o_proj`` / ``down_proj`` are plain linears without bias (an adapter bank's site over one included:
 its delta is added after, :func:`~splice.lora.bank.add_packed_delta`). Any other projection (LoRA,
 quantized, biased, or one a DoRA adapter in the bank rescales) runs its own forward, then the add; any
