@@ -15,6 +15,8 @@
 #   CALL=verify bash benchmarks/device_plan.sh  # after CALL=one: its failed tests again, GRPO at 512 tokens + NF4
 #   CALL=next bash benchmarks/device_plan.sh    # after session 7: FP8-in-the-fused-node and NF4 gemv tests, NF4
 #                                           # decode, C over FP8 vs PEFT with parity, GRPO at 512 tokens + NF4 (~575 s)
+#   CALL=rollout bash benchmarks/device_plan.sh   # session 8: rollouts through the adapters' 16-bit copies, NF4
+#                                                 # tiles from the sweep; their tests, NF4 decode, GRPO 512 + NF4
 #   CALL=nf4sweep bash benchmarks/device_plan.sh  # the NF4 kernels' tile sweep, then the multi-LoRA layers (~200 s)
 #   CALL=4 bash benchmarks/device_plan.sh   # issue 30 items 4-5, if time is left: the 70B QLoRA longest step at
 #                                           # 128k with fp8-compressed offload and the tiled MLP (one probe: ~10 min)
@@ -142,10 +144,22 @@ next)  # after the seventh session (~575 s): what it changed without a device, t
   timeout 230 python3 benchmarks/preference.py --out "$OUT/preference512" --grpo-steps 1 --completion 512 \
     --parts grpo,nf4 --limit-grpo 165 --limit-nf4 60 2>&1 | tee "$OUT/preference512.txt" | tail -25
   ;;
+rollout)  # session 8 (~420 s): rollouts over fp32 LoRA masters read 16-bit copies (splice.lora.casts) and add
+  # o/down into the residual in place; NF4 decode with the sweep's tiles (shfl lookups). Their GPU tests (-n 8:
+  # compile-bound), NF4 vs bf16 decode, then GRPO at 512-token completions against TRL and over an NF4 base.
+  timeout -s KILL 150 python3 -m pytest -q -n 8 -p no:cacheprovider -p no:warnings -rfE --tb=short \
+    tests/engine/test_gpu_paths_engine.py tests/engine/test_layer.py tests/engine/test_runner.py tests/lora/test_casts.py \
+    tests/kernels/test_nf4_gemv.py tests/quant/test_nf4.py tests/training/test_grpo.py > "$OUT/tests-rollout.txt" 2>&1
+  echo "tests (rc $?):"; grep -E "FAILED|ERROR| passed| failed" "$OUT/tests-rollout.txt" | tail -10
+  timeout 45 python3 benchmarks/serve.py --parts bandwidth,nf4 --json "$OUT/serve-nf4.json" --limit-nf4 35 2>&1 \
+    | grep -v "attention mask" | tee "$OUT/serve-nf4.txt" | tail -12
+  timeout 230 python3 benchmarks/preference.py --out "$OUT/preference512" --grpo-steps 1 --completion 512 \
+    --parts grpo,nf4 --limit-grpo 165 --limit-nf4 60 2>&1 | tee "$OUT/preference512.txt" | tail -25
+  ;;
 nf4sweep)  # the NF4 kernels' tiles at the 8B shapes, M = 1/8/32/64 (the defaults among them), then the multi-LoRA
   # layers with the tiles the 2026-12-06 sweep chose (no sweep)
   timeout 150 python3 benchmarks/nf4_gemv.py --json "$OUT/nf4_gemv.json" --budget 120 --jobs 16 2>&1 | tail -40
   timeout 45 python3 benchmarks/multi_lora.py --deadline-s 35 --json "$OUT/multi_lora.json" 2>&1 | tail -20
   ;;
-*) echo "CALL is 1, 2, 3, 4, quick, engine, close, one, verify, next or nf4sweep"; exit 2 ;;
+*) echo "CALL is 1, 2, 3, 4, quick, engine, close, one, verify, next, rollout or nf4sweep"; exit 2 ;;
 esac

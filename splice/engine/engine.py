@@ -55,6 +55,7 @@ from splice.engine.scheduler import Scheduler
 from splice.engine.scheduler import Sequence as Seq
 from splice.engine.transfer import PENDING, Inflight, ToHost, pack, unpack
 from splice.lora.bank import BankSite, HostAdapter, LoraBank
+from splice.lora.casts import AdapterCasts
 
 __all__ = ["Engine", "EngineFull", "OnEvent", "Request", "SamplingParams", "eval_mode"]
 
@@ -125,6 +126,7 @@ class Engine:
         self._unforked: dict[Request, list[Request]] = {}  # n > 1: choices waiting for their prompt
         self._inflight: Inflight | None = None  # the launched step's sampled tokens, not yet on the host
         self.overlap = self.runner.device.type == "cuda" if overlap is None else overlap
+        self._casts = AdapterCasts(model, dtype=self.runner.key_caches[0].dtype)  # generate's adapter factors
 
     def _new_scheduler(self) -> tuple[BlockPool, Scheduler]:
         pool = BlockPool(self.runner.num_blocks, self.runner.block_size)
@@ -193,6 +195,7 @@ class Engine:
 
     def run(self, stop: threading.Event, *, idle_wait: float = 0.005) -> None:
         """Step until ``stop`` is set (the serving thread), the model in eval mode meanwhile."""
+        self._casts.refresh()
         with eval_mode(self.model):
             while not stop.is_set():
                 if not self.step():
@@ -210,7 +213,7 @@ class Engine:
         ``overlap`` (the default on the CPU, where nothing runs meanwhile) each step settles at once."""
         while not self._commands.empty():
             self._commands.get_nowait()()
-        with torch.inference_mode():
+        with torch.inference_mode(), self._casts.active():
             changed = self._take_new() | self._drop_cancelled()
             plan = self.scheduler.schedule()
             self.preemptions += len(plan.preempted)
@@ -477,8 +480,7 @@ class Engine:
             for request in requests:
                 for choice in request.choices:
                     choice.on_event = finisher(request, on_finish)
-        self.forget_prefixes()  # since the last call, training may have moved the weights, or the caller
-        # disabled the adapters: K/V cached then would be stale
+        self.forget_prefixes()  # training may have moved the weights, or the caller disabled the adapters
         if adapters is not None and self.bank is None:
             self._rows = RowAdapters.of(self.model, [a for a in dict.fromkeys(adapters) if a is not None])
         try:
@@ -486,6 +488,7 @@ class Engine:
                 with self._lock:
                     self._queued += 1
                 self._inbox.put(request)
+            self._casts.refresh()
             with eval_mode(self.model):
                 while self.busy:
                     self.step()

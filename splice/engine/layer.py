@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from splice.core.family import RESIDUAL_MLP_LAYERS
 from splice.engine.attention import PagedAttention
-from splice.fused.modules import FusedSwiGLUMLP
+from splice.fused.modules import FusedLoraLinear, FusedSwiGLUMLP
 from splice.fused.projections import packed
 from splice.lora.bank import add_packed_delta, rescales_output
 
@@ -38,8 +38,11 @@ __all__ = ["linear_residual", "run_layer"]
 def linear_residual(module: nn.Module, x: Tensor, residual: Tensor) -> Tensor:
     """``residual + module(x)`` for ``x`` (T, 1, K) and ``residual`` (T, 1, N): one ``addmm_`` into
     ``residual`` itself (the layer's input stream, read by no one after) when ``module`` is a plain
-    bias-free linear in the residual's dtype (its bank delta added after), else the module's own forward
-    and an add (``residual`` left as it was)."""
+    bias-free linear in the residual's dtype (its bank delta added after), two for a fused LoRA linear
+    over one (:meth:`~splice.fused.modules.FusedLoraLinear.add_into`), else the module's own forward and
+    an add (``residual`` left as it was)."""
+    if isinstance(module, FusedLoraLinear) and module.add_into(x, residual):
+        return residual  # a training model's LoRA projection (GRPO's rollouts), accumulated in place
     pair = packed([module])
     if (pair is None or pair[1] is not None or pair[0].dtype != residual.dtype or not residual.is_contiguous()
             or rescales_output(module)):  # a DoRA factor scales W x + delta, not the residual

@@ -44,11 +44,12 @@ from splice.fused.projections import packed
 from splice.fused.varlen import PACKING_KWARG, Packing, attend_packed, check_no_dropout
 from splice.kernels.dropout import new_keys
 from splice.kernels.lora_group import lora_group, lora_group_u
-from splice.kernels.lora_linear import lora_linear, lora_u
+from splice.kernels.lora_linear import lora_linear, lora_u, uses_lora_kernels
 from splice.kernels.rmsnorm import rms_norm
 from splice.kernels.rope import rope
 from splice.kernels.swiglu import swiglu, swiglu_packed
 from splice.lora.bank import add_packed_delta
+from splice.lora.casts import adapter_cast
 from splice.lora.layers import LoraLinear
 from splice.lora.routing import current_route
 from splice.memory import stash
@@ -101,7 +102,7 @@ def project(modules: Sequence[nn.Module], x: Tensor, *, output: bool = True) -> 
     if len(fused) < 2 or len(fused) != len(modules):
         return [m(x) if output else _unread_projection(m, x) for m in modules]
     loras: list[LoraLinear] = [m.fn for m in fused]  # type: ignore[misc]
-    lora_as = [lora.lora_A.weight for lora in loras]
+    lora_as, lora_bs = (list(t) for t in zip(*(_factors(lora, x) for lora in loras), strict=True))
     with torch.autocast(x.device.type, enabled=False):  # as FusedLoraLinear.forward: fp32 adapters kept exact
         u = None  # inside a checkpointed layer: the forward keeps the stacked U, its recompute reuses it
         if (replay := stash.active(replay=True)) is not None:
@@ -112,8 +113,18 @@ def project(modules: Sequence[nn.Module], x: Tensor, *, output: bool = True) -> 
         biases = [m.base.bias for m in fused]
         return list(lora_group(
             x, [weight_of(m.base) for m in fused], [b if isinstance(b, Tensor) else None for b in biases],
-            lora_as, [lora.lora_B.weight for lora in loras], scales=[lora.scale for lora in loras],
+            lora_as, lora_bs, scales=[lora.scale for lora in loras],
             output=output, u=u))
+
+
+def _factors(lora: LoraLinear, x: Tensor) -> tuple[Tensor, Tensor]:
+    """``lora``'s (A, B) for a forward over ``x``: the masters, or in inference (no autograd, the
+    PyTorch path that rounds them to x's dtype anyway) an engine call's copies already in that dtype
+    (:mod:`splice.lora.casts`), so a decode step launches no cast kernels."""
+    cast = None if torch.is_grad_enabled() else adapter_cast(lora)
+    if cast is not None and cast[0].dtype == x.dtype and not uses_lora_kernels(x.reshape(-1, x.shape[-1])):
+        return cast
+    return lora.lora_A.weight, lora.lora_B.weight
 
 
 def _frozen_base(module: nn.Module) -> FP8Linear | None:
@@ -191,11 +202,30 @@ class FusedLoraLinear(Around):
                 record.put(u)
             bias = self.base.bias
             frozen = _frozen_base(self.base)
+            a, b = _factors(lora, x) if u is None else (lora.lora_A.weight, lora.lora_B.weight)
             return lora_linear(
                 x, frozen.qweight if frozen is not None else weight_of(self.base),
-                bias if isinstance(bias, Tensor) else None, lora.lora_A.weight, lora.lora_B.weight,
+                bias if isinstance(bias, Tensor) else None, a, b,
                 scale=lora.scale, dropout_p=p, keys=keys, output=output, u=u, base=frozen,
             )
+
+
+    def add_into(self, x: Tensor, residual: Tensor) -> bool:
+        """``residual += self(x)`` in place, for ``x`` (T, 1, K) and a contiguous ``residual`` (T, 1, N) of
+        x's dtype, in inference (no autograd, no dropout, a plain bias-free base, the PyTorch path): the
+        base GEMM and the adapter's up-projection both accumulate into ``residual`` (cuBLAS ``beta = 1``),
+        so no output buffer and no add kernel. False, with nothing done, where that does not apply."""
+        lora: LoraLinear = self.fn  # type: ignore[assignment]
+        x2 = x.reshape(-1, x.shape[-1])
+        if (torch.is_grad_enabled() or not self._fusable(x) or self._dropout_p() > 0 or self.base.bias is not None
+                or _frozen_base(self.base) is not None or residual.dtype != x.dtype
+                or not residual.is_contiguous() or uses_lora_kernels(x2)):
+            return False
+        a, b = (t.to(x.dtype) for t in _factors(lora, x))  # no-op casts for an engine call's copies
+        y = residual.view(x2.shape[0], -1)
+        y.addmm_(x2, weight_of(self.base).t())  # (T, N) += x W^T
+        y.addmm_(x2 @ a.t(), b.t(), alpha=lora.scale)  # += s (x A^T) B^T
+        return True
 
 
 class FusedRMSNorm(nn.Module):

@@ -91,25 +91,26 @@ def k_splits(programs: int, k_steps: int, *, sms: int) -> int:
 
 
 def default_config(m: int, n: int, k: int, *, block_size: int, sms: int) -> GemvConfig:
-    """The tiles for ``(M, N, K)`` on a device with ``sms`` SMs, K split to fill the GPU (:func:`k_splits`).
+    """The tiles for ``(M, N, K)`` on a device with ``sms`` SMs, K split to fill the GPU (:func:`k_splits`),
+    as ``benchmarks/nf4_gemv.py``'s sweep found best at the Llama-3-8B shapes (H200, 2026-12-06).
 
-    ``M == 1``: the gemv kernel, 16 weight rows a program, 512 columns (whole blocks) a K step. ``M > 1``:
-    the dot kernel, one block a step, 128 weight rows a program (64 below 2048 rows). Measured on the
-    H200 (2026-12-06, ``benchmarks/serve.py --parts nf4``): with the dot kernel for ``M == 1`` as well
-    (picked from the kernels' sm_90 SASS, ~4.4 instructions a weight against the gemv kernel's ~5.5-6),
-    NF4 batch-1 decode of the 8B model took 12.41 ms a step, 2.6x bf16's 4.79; the earlier
-    one-row gemv kernel (the same fp32 FMA scheme) had taken 5.69 (2026-12-04). The gemv kernel for one
-    row is not yet timed in this form; ``benchmarks/nf4_gemv.py`` sweeps both."""
+    The level lookup is ``shfl`` (module doc): with ordinary loads (``plain``) every shape took 1.4-2.7x as
+    long. ``M == 1``: the gemv kernel, 16 weight rows a program (4 for a weight of fewer than 2,048 rows),
+    1,024 columns a K step over 8 warps for weights of at most 4,096 rows (q/o 9.6 us, down 27.5), else 512
+    over 4 (gate/up 27.1; k/v 6.2): 0.9-1.1 of the sweep's copy bandwidth, 1.1-1.3x bf16's GEMV. ``M > 1``:
+    the dot kernel, one 64-value block a step, 128 weight rows a program for the MLP's large weights (two
+    pipeline stages from 8 rows), 64 for q/o and k/v: 0.7-0.9x bf16 at M = 8-32."""
     if m == 1:
-        block_k = max(block_size, min(512, _pow2(k)))
-        return GemvConfig(kernel="gemv", block_n=16, block_k=block_k, lut="plain",
-                          split_k=k_splits(-(-n // 16), max(1, k // block_k), sms=sms))
-    block_n = 128 if n >= 2048 else 64
+        block_n = 16 if n >= 2048 else 4
+        block_k, warps = (1024, 8) if 2048 <= n <= 4096 else (512, 4)
+        block_k = max(block_size, min(block_k, _pow2(k)))
+        return GemvConfig(kernel="gemv", block_n=block_n, block_k=block_k, lut="shfl", num_warps=warps,
+                          split_k=k_splits(-(-n // block_n), max(1, k // block_k), sms=sms))
+    large = n >= 8192 or k >= 8192
+    block_n = 128 if large else 64
     programs = -(-n // block_n) * -(-m // _MAX_BLOCK_M)
-    # lut "plain" (ordinary loads) until the inline-PTX lookups have run on a GPU: the plain path is the
-    # one the Triton interpreter checks; "shfl" / "ldg" stay in the benchmark's sweep
-    return GemvConfig(kernel="dot", block_n=block_n, block_k=block_size, lut="plain",
-                      split_k=k_splits(programs, k // block_size, sms=sms))
+    return GemvConfig(kernel="dot", block_n=block_n, block_k=block_size, lut="shfl",
+                      num_stages=2 if large and m >= 8 else 1, split_k=k_splits(programs, k // block_size, sms=sms))
 
 
 def gemv_applies(x: Tensor, *, shape: tuple[int, int], block_size: int) -> bool:

@@ -88,15 +88,17 @@ def test_warmed_up_graphs_serve_the_first_requests_without_a_capture(tiny_tokeni
     assert all(engine.runner._graphs[key] is entry for key, entry in graphs.items())  # none captured again
 
 
-def _lora_rollouts(tokenizer: Any, *, fast: bool, device: str = "cuda") -> tuple[list[list[int]], list[list[int]]]:
+def _lora_rollouts(tokenizer: Any, *, fast: bool, device: str = "cuda",
+                   dtype: torch.dtype = torch.float32) -> tuple[list[list[int]], list[list[int]]]:
     """Greedy rollouts of a fused LoRA training model (q/k/v and gate/up through lora_group, as GRPO's are)
-    before and after an in-place change of the live adapter (an optimizer step); ``fast``: overlap and graphs."""
+    before and after an in-place change of the live adapter (an optimizer step); ``fast``: overlap and graphs.
+    ``dtype``: the base's (the adapters keep fp32 masters: for bf16, the engine's 16-bit copies of them)."""
     from splice.fused.apply import fuse
     from splice.lora.apply import add_lora, lora_modules
     from splice.lora.freeze import freeze
     from splice.lora.layers import LoraConfig
 
-    model = tiny.build_tiny_llama(len(tokenizer), seed=3)
+    model = tiny.build_tiny_llama(len(tokenizer), seed=3).to(dtype)
     add_lora(model, LoraConfig(rank=4, alpha=8))
     tiny.randomize_lora(model, seed=5)
     freeze(model)
@@ -115,11 +117,13 @@ def _lora_rollouts(tokenizer: Any, *, fast: bool, device: str = "cuda") -> tuple
 
 
 @GPU
-def test_rollouts_of_a_fused_lora_model_replay_graphs_over_the_live_adapter(tiny_tokenizer) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rollouts_of_a_fused_lora_model_replay_graphs_over_the_live_adapter(tiny_tokenizer, dtype) -> None:  # type: ignore[no-untyped-def]
     """GRPO's rollouts under overlap and CUDA graphs: the grouped LoRA projections give the plain engine's tokens,
-    and an in-place adapter update shows in the next replays (no weight copies)."""
-    plain = _lora_rollouts(tiny_tokenizer, fast=False)
-    fast = _lora_rollouts(tiny_tokenizer, fast=True)
+    and an in-place adapter update shows in the next replays (no copy but the engine call's own 16-bit one,
+    refreshed in place each call, which the captured graphs read)."""
+    plain = _lora_rollouts(tiny_tokenizer, fast=False, dtype=dtype)
+    fast = _lora_rollouts(tiny_tokenizer, fast=True, dtype=dtype)
     assert fast == plain
     assert plain[0] != plain[1]  # the update changes the greedy tokens
 

@@ -86,3 +86,52 @@ def test_linear_residual_keeps_the_bias_and_dtype_of_other_linears() -> None:
         in_place = linear.bias is None and linear.weight.dtype == residual.dtype
         assert (got.data_ptr() == stream.data_ptr()) == in_place
         assert torch.equal(stream, got if in_place else residual)
+
+
+def test_linear_residual_accumulates_a_fused_lora_projection_in_place_only_in_inference() -> None:
+    """A training model's fused LoRA linear (GRPO's rollouts): ``residual + base(x) + s (x A^T) B^T`` added
+    into the stream itself, fp32 masters or an engine call's copies alike; with autograd on, with dropout
+    in training mode, or over a biased base, the module's own forward and an add (the stream untouched)."""
+    from splice.fused.apply import fuse
+    from splice.fused.modules import FusedLoraLinear
+    from splice.lora.casts import AdapterCasts
+
+    torch.manual_seed(0)
+    for bias, dropout in ((False, 0.0), (True, 0.0), (False, 0.5)):
+        model = nn.Sequential(nn.Linear(16, 12, bias=bias))
+        add_lora(model, LoraConfig(rank=4, alpha=8, dropout=dropout, targets=("0",)))
+        tiny.randomize_lora(model, seed=2)
+        fuse(model)
+        module = model[0]
+        assert isinstance(module, FusedLoraLinear)
+        x, residual = torch.randn(5, 1, 16), torch.randn(5, 1, 12)
+        model.eval()
+        with torch.no_grad():
+            want = residual + module(x)
+        for training in (False, True):
+            model.train(training)
+            applies = not bias and not (training and dropout > 0)
+            stream = residual.clone()
+            with torch.no_grad():
+                got = linear_residual(module, x, stream)
+            assert (got.data_ptr() == stream.data_ptr()) == applies
+            assert torch.equal(stream, got if applies else residual)
+            if not training or dropout == 0:
+                assert rel_err(got, want) < 1e-6
+        model.eval()
+        stream = residual.clone().requires_grad_(False)
+        got = linear_residual(module, x.requires_grad_(True), stream)  # autograd on: the module's own forward
+        assert got.data_ptr() != stream.data_ptr() and torch.equal(stream, residual)
+        x.requires_grad_(False)
+    half = nn.Sequential(nn.Linear(16, 12, bias=False)).to(torch.bfloat16)  # fp32 masters over a bf16 base
+    add_lora(half, LoraConfig(rank=4, alpha=8, targets=("0",)))
+    tiny.randomize_lora(half, seed=2)
+    fuse(half)
+    casts = AdapterCasts(half, dtype=torch.bfloat16)
+    casts.refresh()
+    x, residual = torch.randn(5, 1, 16).to(torch.bfloat16), torch.randn(5, 1, 12).to(torch.bfloat16)
+    with torch.no_grad():
+        plain = linear_residual(half[0], x, residual.clone())
+        with casts.active():
+            assert torch.equal(linear_residual(half[0], x, residual.clone()), plain)
+        assert rel_err(plain, residual + half[0](x)) < 1e-2  # bf16: one rounding order against another

@@ -127,17 +127,23 @@ def test_default_config(m: int, device: str) -> None:
 
 
 def test_default_config_fills_the_gpu() -> None:
-    """Llama-3-8B shapes on 132 SMs. One row: the gemv kernel, 16-row tiles, 512 columns a step, K split
-    only until the grid has ~2 programs an SM. More rows: the dot kernel, 128-row tiles (64 for k/v's
-    1024 rows), one 64-value block a step."""
+    """Llama-3-8B shapes on 132 SMs, the sweep's best tiles (H200, 2026-12-06). One row: the gemv kernel,
+    16-row tiles (4 for k/v's 1024 rows), 1,024 columns a step over 8 warps up to 4,096 rows, else 512 over 4,
+    K split only until the grid has ~2 programs an SM. More rows: the dot kernel, 128-row tiles for the MLP's
+    large weights, else 64, one 64-value block a step. Always the shuffle lookup."""
     gate = default_config(1, 14336, 4096, block_size=64, sms=132)
-    assert (gate.kernel, gate.block_n, gate.block_k, gate.split_k) == ("gemv", 16, 512, 1)  # 896 tiles
-    assert gate.lut == "plain"  # the inline-PTX lookups wait for a GPU measurement
-    assert default_config(1, 1024, 4096, block_size=64, sms=132).split_k == 2  # 64 tiles x 2: K steps stay >= 4
+    assert (gate.kernel, gate.block_n, gate.block_k, gate.split_k, gate.num_warps) == ("gemv", 16, 512, 1, 4)
+    q = default_config(1, 4096, 4096, block_size=64, sms=132)
+    assert (q.block_n, q.block_k, q.split_k, q.num_warps) == (16, 1024, 1, 8)  # 256 tiles, 4 K steps
+    kv = default_config(1, 1024, 4096, block_size=64, sms=132)
+    assert (kv.block_n, kv.block_k, kv.split_k) == (4, 512, 2)  # 256 tiles x 2: K steps stay >= 4
+    assert {c.lut for c in (gate, q, kv)} == {"shfl"}
     rows = default_config(32, 14336, 4096, block_size=64, sms=132)
-    assert (rows.kernel, rows.block_n, rows.block_k, rows.split_k) == ("dot", 128, 64, 4)  # 112 tiles x 4
-    assert default_config(32, 4096, 4096, block_size=64, sms=132).split_k == 16  # 32 tiles x 16 = 512 programs
-    assert default_config(32, 1024, 4096, block_size=64, sms=132).block_n == 64
+    assert (rows.kernel, rows.block_n, rows.block_k, rows.split_k, rows.num_stages) == ("dot", 128, 64, 4, 2)
+    o = default_config(32, 4096, 4096, block_size=64, sms=132)
+    assert (o.block_n, o.split_k, o.num_stages, o.lut) == (64, 8, 1, "shfl")  # 64 tiles x 8 = 512 programs
+    assert default_config(32, 1024, 4096, block_size=64, sms=132).split_k == 16
+    assert default_config(8, 4096, 14336, block_size=64, sms=132).split_k == 16  # down: 32 tiles x 16
     assert k_splits(300, 64, sms=132) == 1 and k_splits(8, 64, sms=132) == 16  # >= 4 steps a split
 
 
