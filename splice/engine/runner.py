@@ -53,7 +53,7 @@ from splice.fused.projections import pack_projections
 from splice.lora.adapter_file import base_shape
 from splice.lora.apply import lora_modules
 from splice.lora.bank import BankSite, LoraBank, bank_holds
-from splice.lora.routing import Route, routed
+from splice.lora.routing import Route, current_routes, routed
 
 __all__ = ["ModelRunner", "RowAdapters"]
 
@@ -200,6 +200,7 @@ class ModelRunner:
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.graph_failure: str | None = None
         self._graphs: dict[tuple[int, int, int, int], tuple[Any, Tensor]] = {}  # (*bucket, bank version)
+        self._graph_routes = current_routes()  # the caller's routing the graphs were captured under (held)
         self._graph_pool: Any = None
         self._eager = self._staging(tokens=max(max_tokens, max_seqs), seqs=max_seqs)
         self.token_buckets = _token_buckets(max_tokens) if self.cuda_graphs else []
@@ -345,6 +346,9 @@ class ModelRunner:
         version = self.bank.version if self.bank is not None else 0
         if any(key[-1] != version for key in self._graphs):
             self._graphs.clear()  # the bank's adapted paths changed: recapture
+        if (routes := current_routes()) is not self._graph_routes:  # e.g. inside adapters_disabled now, or no
+            self._graphs.clear()  # longer: the graphs would replay the other routing's kernels
+            self._graph_routes = routes  # (held, so its id is never another mapping's)
         key = (*bucket, version)
         if key not in self._graphs:
             tokens, seqs, context = bucket

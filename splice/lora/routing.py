@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Route", "current_route", "routed"]
+__all__ = ["Route", "current_route", "current_routes", "routed"]
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -64,6 +64,12 @@ _ROUTES: ContextVar[Mapping[int, Route]] = ContextVar("splice_lora_routes", defa
 def current_route(layer: nn.Module) -> Route | None:
     """The route of ``layer`` in the current call, or None (the layer applies to every row)."""
     return _ROUTES.get().get(id(layer))
+
+
+def current_routes() -> Mapping[int, Route]:
+    """Every route of the current call (one immutable mapping for the whole of a :func:`routed` block): a
+    CUDA graph captured under one such mapping computes what it did then, whatever the routes are later."""
+    return _ROUTES.get()
 
 
 @contextmanager

@@ -159,3 +159,37 @@ def test_batch_one_decode_over_an_nf4_base_takes_the_fused_kernel_and_the_models
             logp = torch.log_softmax(model(torch.tensor([ids], device="cuda")).logits[0, -1].float(), dim=-1)
             assert float(logp.max() - logp[token]) < 2e-2, (ids, token)
             ids.append(token)
+
+
+@GPU
+def test_graphs_captured_under_one_routing_never_replay_under_another(tiny_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """One engine (GRPO's, a server's) called inside ``adapters_disabled`` and out of it again: each call gives the
+    tokens of an engine without graphs under the same routing (the graphs of the other routing are not replayed)."""
+    from splice.fused.apply import fuse
+    from splice.lora.apply import adapters_disabled, add_lora
+    from splice.lora.freeze import freeze
+    from splice.lora.layers import LoraConfig
+
+    model = tiny.build_tiny_llama(len(tiny_tokenizer), seed=3)
+    add_lora(model, LoraConfig(rank=4, alpha=8))
+    tiny.randomize_lora(model, seed=5)
+    freeze(model)
+    model = model.cuda()
+    fuse(model)
+    prompts = [list(tiny_tokenizer(p)["input_ids"]) for p in PROMPTS[:4]]
+
+    def tokens(engine: Engine) -> list[list[int]]:
+        return [r.generated for r in engine.generate(prompts, SamplingParams(max_tokens=8))]
+
+    def engine(graphs: bool) -> Engine:
+        return Engine(model, tiny_tokenizer, max_seqs=4, max_len=64, block_size=4, kv_blocks=80, token_budget=64,
+                      cuda_graphs=graphs)
+
+    fast, plain = engine(True), engine(False)
+    adapted = tokens(fast)
+    with adapters_disabled(model):
+        base = tokens(fast)
+        assert base == tokens(plain)
+    assert base != adapted
+    assert tokens(fast) == adapted == tokens(plain)
+    assert fast.runner.cuda_graphs and fast.graph_failure is None
