@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from splice.core.family import PAGED_ATTENTION_CLASSES
 from splice.core.rewrite import Node, Replace, innermost, rewrite, share_state
-from splice.fused.modules import FusedRopeAttention, project
+from splice.fused.modules import FusedRopeAttention, packed_lora, project
 from splice.fused.projections import packed
 from splice.fused.varlen import VarlenAttention, window_and_softcap
 from splice.kernels.paged_attention import paged_attention
@@ -127,15 +127,19 @@ class PagedAttention(nn.Module):
 
     def _project(self, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q, k, v (T, heads, D) of ``hidden`` (T, 1, H): one GEMM when the three projections are packed
-        plain linears (:mod:`splice.fused.projections`, outside autograd), one LoRA node when they are fused
-        LoRA linears (a training model's rollouts: :func:`~splice.fused.modules.project`), else one each."""
+        plain linears (:mod:`splice.fused.projections`, outside autograd); for fused LoRA linears (a training
+        model's rollouts) three GEMMs over packed bases and an engine call's group copies
+        (:func:`~splice.fused.modules.packed_lora`), else one LoRA node
+        (:func:`~splice.fused.modules.project`); else one each."""
         tokens, d = hidden.shape[0], self.head_dim
-        pair = None if torch.is_grad_enabled() else packed([self.q_proj, self.k_proj, self.v_proj])
-        if pair is None:
-            q, k, v = project([self.q_proj, self.k_proj, self.v_proj], hidden)
-            return q.view(tokens, -1, d), k.view(tokens, -1, d), v.view(tokens, -1, d)
+        projections = [self.q_proj, self.k_proj, self.v_proj]
+        pair = None if torch.is_grad_enabled() else packed(projections)
         flat = hidden.reshape(tokens, -1)
-        qkv = add_packed_delta([self.q_proj, self.k_proj, self.v_proj], flat, F.linear(flat, *pair))  # (T, Nq+Nk+Nv)
+        if pair is not None:
+            qkv = add_packed_delta(projections, flat, F.linear(flat, *pair))  # (T, Nq+Nk+Nv)
+        elif (qkv := packed_lora(projections, flat)) is None:  # type: ignore[assignment]  # not a LoRA model's rollouts
+            q, k, v = project(projections, hidden)
+            return q.view(tokens, -1, d), k.view(tokens, -1, d), v.view(tokens, -1, d)
         nq, nk = (base_shape(m)[1] for m in (self.q_proj, self.k_proj))  # type: ignore[index]
         return (qkv[:, :nq].view(tokens, -1, d), qkv[:, nq: nq + nk].view(tokens, -1, d),
                 qkv[:, nq + nk:].view(tokens, -1, d))

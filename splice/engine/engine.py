@@ -22,8 +22,7 @@ computed once. From then on every choice is a request of its own, with its own e
 
 :meth:`submit`, :meth:`cancel` and :meth:`call` are thread-safe; :meth:`step` / :meth:`run` run on one
 engine thread. A failure of one request (unknown adapter, an adapter that does not fit, a callback
-that raises) ends that request only. :meth:`generate` is the offline entry point: it runs steps in
-the calling thread until its prompts are done.
+that raises) ends that request only. :meth:`generate` (the offline entry point) steps in the calling thread.
 """
 
 from __future__ import annotations
@@ -54,6 +53,7 @@ from splice.engine.sampling import (
 from splice.engine.scheduler import Scheduler
 from splice.engine.scheduler import Sequence as Seq
 from splice.engine.transfer import PENDING, Inflight, ToHost, pack, unpack
+from splice.fused.modules import packed_lora_groups
 from splice.lora.bank import BankSite, HostAdapter, LoraBank
 from splice.lora.casts import AdapterCasts
 
@@ -126,7 +126,7 @@ class Engine:
         self._unforked: dict[Request, list[Request]] = {}  # n > 1: choices waiting for their prompt
         self._inflight: Inflight | None = None  # the launched step's sampled tokens, not yet on the host
         self.overlap = self.runner.device.type == "cuda" if overlap is None else overlap
-        self._casts = AdapterCasts(model, dtype=self.runner.key_caches[0].dtype)  # generate's adapter factors
+        self._casts = AdapterCasts(model, dtype=self.runner.key_caches[0].dtype, groups=packed_lora_groups)
 
     def _new_scheduler(self) -> tuple[BlockPool, Scheduler]:
         pool = BlockPool(self.runner.num_blocks, self.runner.block_size)

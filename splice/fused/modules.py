@@ -32,7 +32,7 @@ visible to ``lora_modules``/``merge``/``save_adapter`` at their usual paths; ``u
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from splice.core.context import is_causal_only
 from splice.core.rewrite import Around, share_state, weight_of
-from splice.fused.projections import packed
+from splice.fused.projections import GROUPS, packed
 from splice.fused.varlen import PACKING_KWARG, Packing, attend_packed, check_no_dropout
 from splice.kernels.dropout import new_keys
 from splice.kernels.lora_group import lora_group, lora_group_u
@@ -49,7 +49,7 @@ from splice.kernels.rmsnorm import rms_norm
 from splice.kernels.rope import rope
 from splice.kernels.swiglu import swiglu, swiglu_packed
 from splice.lora.bank import add_packed_delta
-from splice.lora.casts import adapter_cast
+from splice.lora.casts import adapter_cast, group_cast
 from splice.lora.layers import LoraLinear
 from splice.lora.routing import current_route
 from splice.memory import stash
@@ -61,6 +61,8 @@ __all__ = [
     "FusedRopeAttention",
     "FusedSwiGLUMLP",
     "is_fast",
+    "packed_lora",
+    "packed_lora_groups",
     "project",
 ]
 
@@ -117,13 +119,45 @@ def project(modules: Sequence[nn.Module], x: Tensor, *, output: bool = True) -> 
             output=output, u=u))
 
 
+def packed_lora(modules: Sequence[nn.Module], x: Tensor) -> Tensor | None:
+    """Sibling fused LoRA linears of one input (q/k/v, gate/up) over packed bases, in inference, as their
+    outputs side by side (..., N_1 + .. + N_G): three GEMMs for the whole group, ``x W^T`` over the packed
+    base weight (:func:`~splice.fused.projections.packed` with ``lora``) and ``(x A^T) B^T`` added in place
+    over an engine call's stacked ``A`` and block-diagonal ``B`` (:func:`~splice.lora.casts.group_cast`).
+    None (nothing computed) where that does not apply: autograd on, dropout, routed or disabled adapters,
+    no group copy, bases not packed, or a step long enough for the Triton LoRA kernels."""
+    if torch.is_grad_enabled() or not all(isinstance(m, FusedLoraLinear) and m._fusable(x) and m._dropout_p() == 0
+                                          for m in modules):
+        return None
+    copies = group_cast([cast(nn.Module, m.rewriter) for m in modules if isinstance(m, FusedLoraLinear)])
+    pair = packed(modules, lora=True) if copies is not None and copies[0].dtype == x.dtype else None
+    x2 = x.reshape(-1, x.shape[-1])
+    if copies is None or pair is None or pair[0].dtype != x.dtype or uses_lora_kernels(x2):
+        return None
+    y = F.linear(x2, *pair)  # (T, N)
+    y.addmm_(x2 @ copies[0].t(), copies[1].t())  # += [s_j (x A_j^T) B_j^T]_j
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def packed_lora_groups(model: nn.Module) -> list[list[LoraLinear]]:
+    """The LoRA layers of every q/k/v and gate/up group of ``model`` that :func:`packed_lora` can run: fused
+    LoRA linears whose bases are packed (for :class:`~splice.lora.casts.AdapterCasts`'s ``groups``)."""
+    found: list[list[LoraLinear]] = []
+    for module in model.modules():
+        for names in GROUPS:
+            members = [getattr(module, name, None) for name in names]
+            if all(isinstance(m, FusedLoraLinear) for m in members) and packed(members, lora=True) is not None:
+                found.append([cast(LoraLinear, m.rewriter) for m in members if isinstance(m, FusedLoraLinear)])
+    return found
+
+
 def _factors(lora: LoraLinear, x: Tensor) -> tuple[Tensor, Tensor]:
     """``lora``'s (A, B) for a forward over ``x``: the masters, or in inference (no autograd, the
     PyTorch path that rounds them to x's dtype anyway) an engine call's copies already in that dtype
     (:mod:`splice.lora.casts`), so a decode step launches no cast kernels."""
-    cast = None if torch.is_grad_enabled() else adapter_cast(lora)
-    if cast is not None and cast[0].dtype == x.dtype and not uses_lora_kernels(x.reshape(-1, x.shape[-1])):
-        return cast
+    copies = None if torch.is_grad_enabled() else adapter_cast(lora)
+    if copies is not None and copies[0].dtype == x.dtype and not uses_lora_kernels(x.reshape(-1, x.shape[-1])):
+        return copies
     return lora.lora_A.weight, lora.lora_B.weight
 
 
@@ -261,6 +295,8 @@ class FusedSwiGLUMLP(nn.Module):
         pair = None if torch.is_grad_enabled() else packed([self.gate_proj, self.up_proj])
         if pair is not None:
             return swiglu_packed(add_packed_delta([self.gate_proj, self.up_proj], x, F.linear(x, *pair)))
+        if (both := packed_lora([self.gate_proj, self.up_proj], x)) is not None:  # a LoRA model's rollouts
+            return swiglu_packed(both)
         gate, up = project([self.gate_proj, self.up_proj], x)
         return swiglu(gate, up, inplace_backward=True)
 

@@ -16,6 +16,9 @@ plain linears (or plain linears inside an adapter bank's sites: the caller then 
 deltas to the packed output, :func:`~splice.lora.bank.add_packed_delta`) whose weights sit back to
 back in one buffer, and None otherwise (a LoRA or quantized wrapper, weights moved or re-created
 since): callers then run the projections one by one, so a stale layout can never give wrong results.
+The bases of LoRA linears (a training model's, for its rollouts) are packed too; ``packed(..., lora=True)``
+gives their weight, to which the caller adds the adapters
+(:func:`~splice.fused.modules.packed_lora`).
 """
 
 from __future__ import annotations
@@ -25,18 +28,27 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from splice.core.rewrite import Around
 from splice.lora.bank import bank_site
+from splice.lora.layers import LoraLinear
 
 __all__ = ["GROUPS", "pack_projections", "packed"]
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-def _plain(modules: Sequence[object]) -> list[nn.Linear] | None:
+def _lora_base(module: object) -> object:
+    """The base of a LoRA rewrite (``Around`` over a :class:`LoraLinear`), else ``module`` itself."""
+    return module.base if isinstance(module, Around) and isinstance(module.rewriter, LoraLinear) else module
+
+
+def _plain(modules: Sequence[object], *, lora: bool = False) -> list[nn.Linear] | None:
     """The linears of ``modules`` if every one is exactly an ``nn.Linear`` (or one inside an adapter
-    bank's site, whose delta the caller adds: :func:`~splice.lora.bank.add_packed_delta`) on one device
-    and dtype, same input width, all with bias or all without; else None."""
+    bank's site, whose delta the caller adds: :func:`~splice.lora.bank.add_packed_delta`; ``lora``: or
+    the base of a LoRA linear) on one device and dtype, same input width, all with bias or all without;
+    else None."""
     bases = [m.base if isinstance(m, nn.Module) and bank_site(m) is not None else m for m in modules]
+    bases = [_lora_base(m) for m in bases] if lora else bases
     # a sharded weight (FSDP2's DTensor) is FSDP2's to place: left as it is
     if not all(type(m) is nn.Linear and type(m.weight.data) is Tensor for m in bases):
         return None
@@ -64,9 +76,10 @@ def _adjacent(tensors: Sequence[Tensor]) -> Tensor | None:
     return first.as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
 
 
-def packed(modules: Sequence[object]) -> tuple[Tensor, Tensor | None] | None:
-    """The concatenated weight (and bias) of ``modules`` as views, if they are packed plain linears."""
-    linears = _plain(modules)
+def packed(modules: Sequence[object], *, lora: bool = False) -> tuple[Tensor, Tensor | None] | None:
+    """The concatenated weight (and bias) of ``modules`` as views, if they are packed plain linears
+    (``lora``: or LoRA linears over packed plain bases: the bases' weight, without the adapters)."""
+    linears = _plain(modules, lora=lora)
     if linears is None:
         return None
     weight = _adjacent([m.weight for m in linears])
@@ -91,13 +104,13 @@ def _pack(linears: list[nn.Linear]) -> None:
 
 
 def pack_projections(model: nn.Module) -> int:
-    """Pack every q/k/v and gate/up group of plain linears in ``model`` (module docstring); returns how
-    many groups are packed now (already packed ones included)."""
+    """Pack every q/k/v and gate/up group of plain linears, or of LoRA linears' plain bases, in ``model``
+    (module docstring); returns how many groups are packed now (already packed ones included)."""
     count = 0
     with torch.no_grad():
         for module in model.modules():
             for names in GROUPS:
-                linears = _plain([getattr(module, n, None) for n in names])
+                linears = _plain([getattr(module, n, None) for n in names], lora=True)
                 if linears is None:
                     continue
                 if packed(linears) is None:

@@ -12,12 +12,19 @@ masters), so greedy tokens do not change. Inside :meth:`~AdapterCasts.active` (t
 a ContextVar), :func:`adapter_cast` hands a layer's copies to its inference forward. The engine refreshes
 them when a :meth:`~splice.engine.engine.Engine.generate` call or a serving loop starts, and reads them in
 every step.
+
+Sibling projections of one input (q/k/v, gate/up) whose bases sit packed in one weight
+(:mod:`splice.fused.projections`) also get one copy for the group (``groups``), so the whole group runs as
+three GEMMs whatever its size (:func:`~splice.fused.modules.packed_lora`): ``A = [A_1; ..; A_G]`` (R, K)
+with ``R = r_1 + .. + r_G``, and ``B`` (N_1 + .. + N_G, R) block-diagonal with block ``j`` = ``s_j B_j``
+(the layer's scale folded in), so ``x A^T B^T`` is every layer's delta side by side. :func:`group_cast`
+hands it out.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from types import MappingProxyType
 
@@ -27,37 +34,49 @@ from torch import Tensor, nn
 from splice.lora.apply import lora_modules
 from splice.lora.layers import LoraLinear
 
-__all__ = ["AdapterCasts", "adapter_cast"]
+__all__ = ["AdapterCasts", "adapter_cast", "group_cast"]
 
-_CASTS: ContextVar[Mapping[int, tuple[Tensor, Tensor]]] = ContextVar("splice_adapter_casts",
-                                                                      default=MappingProxyType({}))
+Pair = tuple[Tensor, Tensor]
+_CASTS: ContextVar[Mapping[int, Pair]] = ContextVar("splice_adapter_casts", default=MappingProxyType({}))
+_GROUPS: ContextVar[Mapping[tuple[int, ...], Pair]] = ContextVar("splice_adapter_group_casts",
+                                                                default=MappingProxyType({}))
 
 
-def adapter_cast(layer: nn.Module) -> tuple[Tensor, Tensor] | None:
+def adapter_cast(layer: nn.Module) -> Pair | None:
     """``layer``'s (A, B) in the compute dtype while an :meth:`AdapterCasts.active` block holds them."""
     return _CASTS.get().get(id(layer))
 
 
+def group_cast(layers: Sequence[nn.Module]) -> Pair | None:
+    """The stacked ``A`` (R, K) and block-diagonal scaled ``B`` (N, R) of sibling ``layers`` (module doc)
+    while an :meth:`AdapterCasts.active` block holds them."""
+    return _GROUPS.get().get(tuple(id(layer) for layer in layers))
+
+
 class AdapterCasts:
     """Compute-dtype (``dtype``: 16-bit, the activations') copies of the factors of ``model``'s LoRA
-    linears whose masters are in another dtype; layers already in it need none and get none. Copies
-    are kept for the object's life (a CUDA graph may read them), keyed by layer."""
+    linears whose masters are in another dtype (layers already in it need none and get none), and of the
+    sibling groups ``groups(model)`` names (module doc). Copies are kept for the object's life (a CUDA
+    graph may read them), keyed by layer."""
 
-    def __init__(self, model: nn.Module, *, dtype: torch.dtype) -> None:
-        self.model, self.dtype = model, dtype
+    def __init__(self, model: nn.Module, *, dtype: torch.dtype,
+                 groups: Callable[[nn.Module], Sequence[Sequence[LoraLinear]]] | None = None) -> None:
+        self.model, self.dtype, self.groups = model, dtype, groups
         # keyed by the layer object, which outlives its parameters (an FSDP2 gather makes new ones)
-        self.copies: dict[int, tuple[Tensor, Tensor]] = {}
-        self._held: Mapping[int, tuple[Tensor, Tensor]] = MappingProxyType({})
+        self.copies: dict[int, Pair] = {}
+        self.group_copies: dict[tuple[int, ...], Pair] = {}
+        self._held: tuple[Mapping[int, Pair], Mapping[tuple[int, ...], Pair]] = (MappingProxyType({}),
+                                                                                 MappingProxyType({}))
 
     def _layers(self) -> list[LoraLinear]:
-        if self.dtype not in (torch.bfloat16, torch.float16):
-            return []
         return [layer for _, _, layer in lora_modules(self.model)
                 if isinstance(layer, LoraLinear) and layer.lora_A.weight.dtype != self.dtype]
 
     def refresh(self) -> None:
         """Copy the live masters into the copies, in place (the same storage every call); the model's
-        LoRA layers are listed anew (adapters may have been added since)."""
+        LoRA layers and groups are listed anew (adapters may have been added since)."""
+        if self.dtype not in (torch.bfloat16, torch.float16):
+            return
         with torch.no_grad():
             for layer in self._layers():
                 a, b = layer.lora_A.weight, layer.lora_B.weight
@@ -68,14 +87,34 @@ class AdapterCasts:
                     self.copies[id(layer)] = held
                 held[0].copy_(a)
                 held[1].copy_(b)
-        self._held = MappingProxyType(dict(self.copies))
+            for group in self.groups(self.model) if self.groups is not None else ():
+                self._refresh_group(group)
+        self._held = (MappingProxyType(dict(self.copies)), MappingProxyType(dict(self.group_copies)))
+
+    def _refresh_group(self, group: Sequence[LoraLinear]) -> None:
+        ranks = [layer.lora_A.weight.shape[0] for layer in group]
+        widths = [layer.lora_B.weight.shape[0] for layer in group]
+        first = group[0].lora_A.weight
+        shape_a, shape_b = (sum(ranks), first.shape[1]), (sum(widths), sum(ranks))
+        key = tuple(id(layer) for layer in group)
+        held = self.group_copies.get(key)
+        if held is None or held[0].shape != shape_a or held[1].shape != shape_b or held[0].device != first.device:
+            held = (torch.empty(shape_a, dtype=self.dtype, device=first.device),
+                    torch.zeros(shape_b, dtype=self.dtype, device=first.device))  # off-diagonal: 0 for good
+            self.group_copies[key] = held
+        row = col = 0
+        for layer, rank, width in zip(group, ranks, widths, strict=True):
+            held[0][col: col + rank].copy_(layer.lora_A.weight)
+            held[1][row: row + width, col: col + rank].copy_(layer.lora_B.weight * layer.scale)
+            row, col = row + width, col + rank
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
         """Inside the block the layers' inference forwards read the copies as of the last :meth:`refresh`
         (none before the first)."""
-        token = _CASTS.set(self._held)
+        tokens = _CASTS.set(self._held[0]), _GROUPS.set(self._held[1])
         try:
             yield
         finally:
-            _CASTS.reset(token)
+            _GROUPS.reset(tokens[1])
+            _CASTS.reset(tokens[0])

@@ -90,16 +90,17 @@ def test_warmed_up_graphs_serve_the_first_requests_without_a_capture(tiny_tokeni
 
 def _lora_rollouts(tokenizer: Any, *, fast: bool, device: str = "cuda",
                    dtype: torch.dtype = torch.float32) -> tuple[list[list[int]], list[list[int]]]:
-    """Greedy rollouts of a fused LoRA training model (q/k/v and gate/up through lora_group, as GRPO's are)
-    before and after an in-place change of the live adapter (an optimizer step); ``fast``: overlap and graphs.
-    ``dtype``: the base's (the adapters keep fp32 masters: for bf16, the engine's 16-bit copies of them)."""
+    """Greedy rollouts of a fused LoRA training model (r4 on every linear, as GRPO's) before and after an in-place
+    change of the live adapter (an optimizer step); ``fast``: overlap and graphs. ``dtype``: the base's (the
+    adapters keep fp32 masters). fp32: q/k/v and gate/up through lora_group over separate bases; bf16: through the
+    engine's 16-bit copies, each group as three GEMMs over its packed bases (splice.fused.modules.packed_lora)."""
     from splice.fused.apply import fuse
     from splice.lora.apply import add_lora, lora_modules
     from splice.lora.freeze import freeze
     from splice.lora.layers import LoraConfig
 
     model = tiny.build_tiny_llama(len(tokenizer), seed=3).to(dtype)
-    add_lora(model, LoraConfig(rank=4, alpha=8))
+    add_lora(model, LoraConfig(rank=4, alpha=8, targets="all-linear"))
     tiny.randomize_lora(model, seed=5)
     freeze(model)
     model = model.to(device)
@@ -113,6 +114,8 @@ def _lora_rollouts(tokenizer: Any, *, fast: bool, device: str = "cuda",
             layer.lora_B.weight.mul_(-3.0)  # the optimizer updates the adapter where it is
     after = [r.generated for r in engine.generate(prompts, SamplingParams(max_tokens=8))]
     assert engine.graph_failure is None
+    groups = 2 * len(model.model.layers) if dtype in (torch.bfloat16, torch.float16) else 0
+    assert len(engine._casts.group_copies) == groups  # the engine packed the bases: bf16 runs packed_lora
     return before, after
 
 

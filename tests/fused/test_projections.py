@@ -147,3 +147,49 @@ def test_packed_projections_inside_an_adapter_banks_sites_add_every_rows_adapter
         if name is not None:
             load_adapter(alone, tmp_path / name, name=name)
         assert got == tiny.greedy_loop(alone, ids, 6), name
+
+
+def test_lora_bases_pack_and_packed_lora_adds_each_projections_own_adapter() -> None:
+    """pack_projections packs the plain bases under LoRA linears (``packed`` still refuses the LoRA group; with
+    ``lora=True`` it gives the bases' weight). packed_lora then runs a fused q/k/v or gate/up group as three GEMMs
+    over the bases and an engine call's group copies (mixed ranks and scales): each projection's own output side
+    by side, to bf16 rounding. Only in inference, only inside the copies' block, never for disabled adapters."""
+    from splice.fused.apply import fuse
+    from splice.fused.modules import FusedSwiGLUMLP, packed_lora, packed_lora_groups
+    from splice.lora.apply import adapters_disabled
+    from splice.lora.casts import AdapterCasts
+    from splice.lora.freeze import freeze
+
+    model = tiny.llama(seed=2).to(torch.bfloat16)  # fp32 adapters over a bf16 base, as training keeps them
+    add_lora(model, LoraConfig(rank=4, alpha=8, targets="all-linear", rank_pattern={"k_proj": 2, "up_proj": 6},
+                               alpha_pattern={"v_proj": 3.0}))
+    tiny.randomize_lora(model, seed=4)
+    freeze(model)
+    fuse(model)
+    attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
+    qkv, gate_up = [attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]
+    casts = AdapterCasts(model, dtype=torch.bfloat16, groups=packed_lora_groups)
+    casts.refresh()
+    assert not casts.group_copies  # bases not packed yet: no group
+    assert pack_projections(model) == 2 * len(model.model.layers)
+    assert packed(qkv) is None and packed(qkv, lora=True) is not None
+    assert packed(qkv, lora=True)[0].data_ptr() == attn.q_proj.base.weight.data_ptr()  # type: ignore[index]
+    casts.refresh()
+    assert len(casts.group_copies) == 2 * len(model.model.layers)
+    x = torch.randn(5, 1, 32, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    with torch.no_grad():
+        assert packed_lora(qkv, x) is None  # outside the copies' block
+        want_qkv = torch.cat([m(x) for m in qkv], dim=-1)
+        want_mlp = mlp.activation(x)
+        with casts.active():
+            got = packed_lora(qkv, x)
+            assert got is not None and got.shape == want_qkv.shape
+            assert rel_err(got, want_qkv) < 1e-2
+            assert rel_err(packed_lora(gate_up, x), torch.cat([m(x) for m in gate_up], dim=-1)) < 1e-2  # type: ignore[arg-type]
+            assert isinstance(mlp, FusedSwiGLUMLP) and rel_err(mlp.activation(x), want_mlp) < 2e-2
+            with adapters_disabled(model):
+                assert packed_lora(qkv, x) is None
+    with casts.active():
+        assert packed_lora(qkv, x) is None  # autograd on: training's own path
+    base = torch.cat([m.base(x) for m in qkv], dim=-1)
+    assert rel_err(want_qkv, base) > 0.1  # the adapters add something the check above would miss

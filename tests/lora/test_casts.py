@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 
 from splice.engine.engine import Engine
 from splice.engine.sampling import SamplingParams
 from splice.fused.apply import fuse
 from splice.fused.modules import FusedLoraLinear
+from splice.fused.projections import pack_projections
 from splice.lora.apply import add_lora, lora_modules
 from splice.lora.casts import AdapterCasts, adapter_cast
 from splice.lora.freeze import freeze
@@ -21,9 +23,9 @@ PROMPTS = ["hello world", "the cat sat on the mat", "once upon a time there was"
 
 
 def _bf16_model_fp32_adapters(tokenizer: Any) -> torch.nn.Module:
-    """A fused bf16 Llama whose r4 adapters keep float32 masters (as training does)."""
+    """A fused bf16 Llama whose r4 adapters on every linear keep float32 masters (as training does)."""
     model = tiny.build_tiny_llama(len(tokenizer), seed=3).to(torch.bfloat16)
-    add_lora(model, LoraConfig(rank=4, alpha=8))
+    add_lora(model, LoraConfig(rank=4, alpha=8, targets="all-linear"))
     tiny.randomize_lora(model, seed=5)
     freeze(model)
     fuse(model)
@@ -66,11 +68,15 @@ def _tokens(engine: Engine, prompts: list[list[int]]) -> list[list[int]]:
     return [r.generated for r in engine.generate(prompts, SamplingParams(max_tokens=6))]
 
 
-def test_generate_refreshes_the_copies_from_the_live_adapter_each_call(tiny_tokenizer: Any) -> None:
+@pytest.mark.parametrize("packed", [False, True])
+def test_generate_refreshes_the_copies_from_the_live_adapter_each_call(tiny_tokenizer: Any, packed: bool) -> None:
     """Greedy tokens through the copies are those of the same engine casting the masters in every forward
     (no copies: an fp32 "compute dtype" makes none), and an in-place update of the masters (an optimizer
-    step) shows in the same engine's next call."""
+    step) shows in the same engine's next call. ``packed``: q/k/v and gate/up bases packed (as the engine
+    packs them on a GPU), so each group runs over its group copy (splice.fused.modules.packed_lora)."""
     model = _bf16_model_fp32_adapters(tiny_tokenizer)
+    if packed:
+        pack_projections(model)
     prompts = [list(tiny_tokenizer(p)["input_ids"]) for p in PROMPTS]
 
     def engine(*, copies: bool) -> Engine:
@@ -82,6 +88,7 @@ def test_generate_refreshes_the_copies_from_the_live_adapter_each_call(tiny_toke
     fast, plain = engine(copies=True), engine(copies=False)
     before = _tokens(fast, prompts)
     assert len(fast._casts.copies) == len(lora_modules(model)) and not plain._casts.copies
+    assert len(fast._casts.group_copies) == (2 * len(model.model.layers) if packed else 0)
     assert before == _tokens(plain, prompts)
     with torch.no_grad():
         for _, _, layer in lora_modules(model):
