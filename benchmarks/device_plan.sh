@@ -17,6 +17,7 @@
 #                                           # decode, C over FP8 vs PEFT with parity, GRPO at 512 tokens + NF4 (~575 s)
 #   CALL=rollout bash benchmarks/device_plan.sh   # session 8: rollouts through the adapters' 16-bit copies, NF4
 #                                                 # tiles from the sweep; their tests, NF4 decode, GRPO 512 + NF4
+#   CALL=next9 bash benchmarks/device_plan.sh     # session 9 first: session 8's GPU paths, rollout_profile, GRPO
 #   CALL=routes bash benchmarks/device_plan.sh    # session 8: graphs vs adapters_disabled, rollout_profile.py
 #   CALL=nf4sweep bash benchmarks/device_plan.sh  # the NF4 kernels' tile sweep, then the multi-LoRA layers (~200 s)
 #   CALL=4 bash benchmarks/device_plan.sh   # issue 30 items 4-5, if time is left: the 70B QLoRA longest step at
@@ -157,6 +158,17 @@ rollout)  # session 8 (~420 s): rollouts over fp32 LoRA masters read 16-bit copi
   timeout 230 python3 benchmarks/preference.py --out "$OUT/preference512" --grpo-steps 1 --completion 512 \
     --parts grpo,nf4 --limit-grpo 165 --limit-nf4 60 2>&1 | tee "$OUT/preference512.txt" | tail -25
   ;;
+next9)  # the ninth session's first call (~470 s, on an H200: GRPO's splice rows need ~100 GiB there): session 8's
+  # unverified GPU paths (graphs keyed by routing, packed LoRA groups over group copies), where a rollout step goes,
+  # then GRPO at 512-token completions against TRL and over an NF4 base
+  timeout -s KILL 150 python3 -m pytest -q -n 8 -p no:cacheprovider -p no:warnings -rfE --tb=short \
+    tests/engine/test_gpu_paths_engine.py tests/engine/test_layer.py tests/engine/test_runner.py tests/lora/test_casts.py \
+    tests/fused/test_projections.py tests/training/test_grpo.py > "$OUT/tests-next9.txt" 2>&1
+  echo "tests (rc $?):"; grep -E "FAILED|ERROR" "$OUT/tests-next9.txt" | tail -10; tail -3 "$OUT/tests-next9.txt"
+  timeout 100 python3 benchmarks/rollout_profile.py --json "$OUT/rollout_profile.json" 2>&1 | tail -10
+  timeout 230 python3 benchmarks/preference.py --out "$OUT/preference512" --grpo-steps 1 --completion 512 \
+    --parts grpo,nf4 --limit-grpo 165 --limit-nf4 60 2>&1 | tee "$OUT/preference512.txt" | tail -12
+  ;;
 routes)  # session 8, last ~150 s: graphs keyed by the caller's routing (adapters_disabled), then where a GRPO
   # rollout step goes (benchmarks/rollout_profile.py: sampling, the adapters' casts, the adapters themselves)
   timeout -s KILL 45 python3 -m pytest -q -p no:cacheprovider -p no:warnings -rfE --tb=short \
@@ -169,5 +181,5 @@ nf4sweep)  # the NF4 kernels' tiles at the 8B shapes, M = 1/8/32/64 (the default
   timeout 150 python3 benchmarks/nf4_gemv.py --json "$OUT/nf4_gemv.json" --budget 120 --jobs 16 2>&1 | tail -40
   timeout 45 python3 benchmarks/multi_lora.py --deadline-s 35 --json "$OUT/multi_lora.json" 2>&1 | tail -20
   ;;
-*) echo "CALL is 1, 2, 3, 4, quick, engine, close, one, verify, next, rollout, routes or nf4sweep"; exit 2 ;;
+*) echo "CALL is 1, 2, 3, 4, quick, engine, close, one, verify, next, next9, rollout, routes or nf4sweep"; exit 2 ;;
 esac
