@@ -77,8 +77,9 @@ class AdapterCasts:
         LoRA layers and groups are listed anew (adapters may have been added since)."""
         if self.dtype not in (torch.bfloat16, torch.float16):
             return
+        layers, groups = self._layers(), list(self.groups(self.model)) if self.groups is not None else []
         with torch.no_grad():
-            for layer in self._layers():
+            for layer in layers:
                 a, b = layer.lora_A.weight, layer.lora_B.weight
                 held = self.copies.get(id(layer))
                 if held is None or held[0].shape != a.shape or held[0].device != a.device:
@@ -87,11 +88,12 @@ class AdapterCasts:
                     self.copies[id(layer)] = held
                 held[0].copy_(a)
                 held[1].copy_(b)
-            for group in self.groups(self.model) if self.groups is not None else ():
-                self._refresh_group(group)
-        self._held = (MappingProxyType(dict(self.copies)), MappingProxyType(dict(self.group_copies)))
+            keys = [self._refresh_group(group) for group in groups]
+        # only what this refresh wrote is handed out: a layer gone (or now in the compute dtype) reads its own
+        self._held = (MappingProxyType({id(layer): self.copies[id(layer)] for layer in layers}),
+                      MappingProxyType({key: self.group_copies[key] for key in keys}))
 
-    def _refresh_group(self, group: Sequence[LoraLinear]) -> None:
+    def _refresh_group(self, group: Sequence[LoraLinear]) -> tuple[int, ...]:
         ranks = [layer.lora_A.weight.shape[0] for layer in group]
         widths = [layer.lora_B.weight.shape[0] for layer in group]
         first = group[0].lora_A.weight
@@ -107,6 +109,7 @@ class AdapterCasts:
             held[0][col: col + rank].copy_(layer.lora_A.weight)
             held[1][row: row + width, col: col + rank].copy_(layer.lora_B.weight * layer.scale)
             row, col = row + width, col + rank
+        return key
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:

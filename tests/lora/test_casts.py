@@ -96,3 +96,17 @@ def test_generate_refreshes_the_copies_from_the_live_adapter_each_call(tiny_toke
     after = _tokens(fast, prompts)
     assert after != before and sum(map(len, after)) > len(after)
     assert after == _tokens(plain, prompts)
+
+
+def test_a_layer_whose_masters_are_now_in_the_compute_dtype_reads_them_not_its_old_copy(tiny_tokenizer: Any) -> None:
+    model = _bf16_model_fp32_adapters(tiny_tokenizer)
+    module = next(m for m in model.modules() if isinstance(m, FusedLoraLinear))
+    casts = AdapterCasts(model, dtype=torch.bfloat16)
+    casts.refresh()
+    with casts.active():
+        assert adapter_cast(module.fn) is not None
+    module.fn.to(torch.bfloat16)  # this layer's adapter now in bf16: no copy needed, the stale one not used
+    casts.refresh()
+    with casts.active():
+        assert adapter_cast(module.fn) is None
+        assert adapter_cast(next(m for m in model.modules() if isinstance(m, FusedLoraLinear) and m is not module).fn)
