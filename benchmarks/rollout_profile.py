@@ -44,6 +44,25 @@ from splice.lora.freeze import freeze  # noqa: E402
 from splice.lora.layers import LoraConfig  # noqa: E402
 
 
+def kernels_per_step(model: Any, tokenizer: Any, prompts: list[list[int]], *, max_len: int) -> dict[str, float]:
+    """CUDA kernels a greedy decode step launches, eagerly (no graphs), with the adapters' copies (the engine's
+    path now) and with the adapters off: the difference is what the live adapter costs in launches."""
+    out: dict[str, float] = {}
+    for name, context in (("adapters", contextlib.nullcontext()), ("adapters off", adapters_disabled(model))):
+        engine = Engine(model, tokenizer, max_seqs=len(prompts), max_len=max_len, token_budget=max_len + len(prompts),
+                        block_size=16, kv_blocks=len(prompts) * -(-max_len // 16) + 1, cuda_graphs=False)
+        with context:
+            engine.generate(prompts, SamplingParams(max_tokens=4))  # warm-up
+            counts = []
+            for steps in (3, 7):  # the difference cancels the prefill
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    engine.generate(prompts, SamplingParams(max_tokens=steps))
+                    torch.cuda.synchronize()
+                counts.append(sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA))
+        out[name] = (counts[1] - counts[0]) / 4
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="serve.py's 2-layer toy on the CPU (a smoke test)")
@@ -100,9 +119,18 @@ def main() -> None:
     engine = make_engine()  # its own graphs, captured over the per-call casts
     engine._casts = AdapterCasts(model, dtype=torch.float32)  # makes no copies
     timed("greedy, casts per call", [SamplingParams(max_tokens=n) for _ in range(args.seqs)])
+    kernels: dict[str, Any] = {}
+    if device.type == "cuda":
+        try:
+            kernels = kernels_per_step(model, tokenizer, prompts, max_len=max_len)
+        except Exception as error:  # a profiler problem must not lose the timings
+            kernels = {"error": repr(error)}
+    for name, count in kernels.items():
+        print(f"kernels a decode step ({name}, eager, {args.seqs} sequences): {count}")
     record = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "seqs": args.seqs,
               "prompt": args.prompt, "tokens": args.tokens, "layers": layers,
-              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}
+              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows,
+              "kernels_per_decode_step": kernels}
     args.json.write_text(json.dumps(record, indent=1))
 
 
