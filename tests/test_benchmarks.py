@@ -71,3 +71,18 @@ def test_lora_group_benchmark_runs_tiny(tmp_path: Path) -> None:
     assert [r["group"] for r in rows] == ["qkv", "gate_up"]
     assert all(r["max rel diff outputs"] < 1e-6 and r["max rel diff grads"] < 1e-6 for r in rows)
     assert "| 64 | qkv |" in proc.stdout
+
+
+def test_rollout_profile_runs_tiny(tmp_path: Path) -> None:
+    """benchmarks/rollout_profile.py on the CPU: every row of a rollout's split timed and written."""
+    out = tmp_path / "rollout.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "rollout_profile.py"), "--tiny", "--seqs", "4", "--tokens", "6",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=300, env=subprocess_env(), check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["row"] for r in rows] == ["sampled, seeded", "sampled, unseeded", "greedy", "greedy, adapters off",
+                                        "greedy, casts per call"]
+    assert all(r["tok_per_s"] > 0 for r in rows)
