@@ -132,7 +132,7 @@ def packed_lora(modules: Sequence[nn.Module], x: Tensor) -> Tensor | None:
     copies = group_cast([cast(nn.Module, m.rewriter) for m in modules if isinstance(m, FusedLoraLinear)])
     pair = packed(modules, lora=True) if copies is not None and copies[0].dtype == x.dtype else None
     x2 = x.reshape(-1, x.shape[-1])
-    if copies is None or pair is None or pair[0].dtype != x.dtype or uses_lora_kernels(x2):
+    if copies is None or pair is None or uses_lora_kernels(x2):  # (_fusable: the bases share x's dtype)
         return None
     y = F.linear(x2, *pair)  # (T, N)
     y.addmm_(x2 @ copies[0].t(), copies[1].t())  # += [s_j (x A_j^T) B_j^T]_j
