@@ -18,6 +18,7 @@
 #   CALL=rollout bash benchmarks/device_plan.sh   # session 8: rollouts through the adapters' 16-bit copies, NF4
 #                                                 # tiles from the sweep; their tests, NF4 decode, GRPO 512 + NF4
 #   CALL=next9 bash benchmarks/device_plan.sh     # session 9 first: session 8's GPU paths, rollout_profile, GRPO
+#   CALL=next9b bash benchmarks/device_plan.sh    # session 9 second: routing graphs, rollout kernels' GPU time, fp8
 #   CALL=fp8 bash benchmarks/device_plan.sh       # issue 30: FP8's 200-step parity vs PEFT, a profile of C fp8
 #   CALL=routes bash benchmarks/device_plan.sh    # session 8: graphs vs adapters_disabled, rollout_profile.py
 #   CALL=nf4sweep bash benchmarks/device_plan.sh  # the NF4 kernels' tile sweep, then the multi-LoRA layers (~200 s)
@@ -170,6 +171,16 @@ next9)  # the ninth session's first call (~470 s, on an H200: GRPO's splice rows
   timeout 230 python3 benchmarks/preference.py --out "$OUT/preference512" --grpo-steps 1 --completion 512 \
     --parts grpo,nf4 --limit-grpo 165 --limit-nf4 60 2>&1 | tee "$OUT/preference512.txt" | tail -12
   ;;
+next9b)  # session 9, second call (~480 s): the routing-graphs test again (its failure now says where), the
+  # packed SwiGLU test the failed capture broke, where a rollout step goes (kernels and their GPU time, eager and
+  # in graphs), then CALL=fp8
+  timeout -s KILL 60 python3 -m pytest -q -p no:cacheprovider -p no:warnings -rfE --tb=short \
+    tests/engine/test_gpu_paths_engine.py tests/fused/test_projections.py -k "routing or swiglu" \
+    > "$OUT/tests-next9b.txt" 2>&1
+  echo "tests (rc $?):"; grep -E "FAILED|ERROR|Error|assert" "$OUT/tests-next9b.txt" | tail -12; tail -2 "$OUT/tests-next9b.txt"
+  timeout 120 python3 benchmarks/rollout_profile.py --json "$OUT/rollout_profile.json" 2>&1 | tail -80
+  CALL=fp8 bash "$0"
+  ;;
 fp8)  # issue 30 (~330 s): what the eighth session's FP8 call did not reach, the 200-step loss parity of FP8 base
   # weights against PEFT bf16 (P), then where an FP8 step of C goes (profile) next to splice bf16 in the same run
   timeout 170 python3 benchmarks/train_throughput.py --out "$OUT/fp8_parity" --frameworks peft,splice --configs P \
@@ -189,5 +200,5 @@ nf4sweep)  # the NF4 kernels' tiles at the 8B shapes, M = 1/8/32/64 (the default
   timeout 150 python3 benchmarks/nf4_gemv.py --json "$OUT/nf4_gemv.json" --budget 120 --jobs 16 2>&1 | tail -40
   timeout 45 python3 benchmarks/multi_lora.py --deadline-s 35 --json "$OUT/multi_lora.json" 2>&1 | tail -20
   ;;
-*) echo "CALL is 1, 2, 3, 4, quick, engine, close, one, verify, next, next9, fp8, rollout, routes or nf4sweep"; exit 2 ;;
+*) echo "CALL is 1, 2, 3, 4, quick, engine, close, one, verify, next, next9, next9b, fp8, rollout, routes or nf4sweep"; exit 2 ;;
 esac

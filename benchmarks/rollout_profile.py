@@ -44,22 +44,36 @@ from splice.lora.freeze import freeze  # noqa: E402
 from splice.lora.layers import LoraConfig  # noqa: E402
 
 
-def kernels_per_step(model: Any, tokenizer: Any, prompts: list[list[int]], *, max_len: int) -> dict[str, float]:
-    """CUDA kernels a greedy decode step launches, eagerly (no graphs), with the adapters' copies (the engine's
-    path now) and with the adapters off: the difference is what the live adapter costs in launches."""
-    out: dict[str, float] = {}
-    for name, context in (("adapters", contextlib.nullcontext()), ("adapters off", adapters_disabled(model))):
+def kernels_per_step(model: Any, tokenizer: Any, prompts: list[list[int]], *, max_len: int,
+                     top: int = 14) -> dict[str, Any]:
+    """CUDA kernels a greedy decode step launches and their GPU time, with the adapters' copies (the engine's
+    path now) and with the adapters off, eagerly and replaying CUDA graphs: the difference is what the live
+    adapter costs; the GPU time per kernel name (top ``top``) is where a step's time goes on the device."""
+    out: dict[str, Any] = {}
+    variants = [(f"{name}{', graphs' if graphs else ', eager'}", context, graphs)
+                for graphs in (False, True) for name, context in (("adapters", None), ("adapters off", "off"))]
+    for name, context, graphs in variants:
         engine = Engine(model, tokenizer, max_seqs=len(prompts), max_len=max_len, token_budget=max_len + len(prompts),
-                        block_size=16, kv_blocks=len(prompts) * -(-max_len // 16) + 1, cuda_graphs=False)
-        with context:
-            engine.generate(prompts, SamplingParams(max_tokens=4))  # warm-up
-            counts = []
+                        block_size=16, kv_blocks=len(prompts) * -(-max_len // 16) + 1, cuda_graphs=graphs)
+        with adapters_disabled(model) if context else contextlib.nullcontext():
+            engine.generate(prompts, SamplingParams(max_tokens=8))  # warm-up (and graph captures)
+            counts, times = [], []
             for steps in (3, 7):  # the difference cancels the prefill
                 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                     engine.generate(prompts, SamplingParams(max_tokens=steps))
                     torch.cuda.synchronize()
-                counts.append(sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA))
-        out[name] = (counts[1] - counts[0]) / 4
+                kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+                counts.append(len(kernels))
+                by_name: dict[str, float] = {}
+                for e in kernels:
+                    by_name[e.name] = by_name.get(e.name, 0.0) + float(e.time_range.elapsed_us())
+                times.append(by_name)
+        step = {k: (times[1].get(k, 0.0) - times[0].get(k, 0.0)) / 4 for k in times[1]}
+        ranked = sorted(step.items(), key=lambda kv: -kv[1])
+        out[name] = {"kernels": (counts[1] - counts[0]) / 4, "gpu_us": round(sum(step.values()), 1),
+                     "graph_failure": engine.graph_failure,
+                     "top_us": {k[:90]: round(v, 1) for k, v in ranked[:top]}}
+        del engine
     return out
 
 
@@ -104,8 +118,9 @@ def main() -> None:
         seconds = time.perf_counter() - started
         tokens = sum(len(r.generated) for r in done)
         rows.append({"row": label, "seconds": round(seconds, 4), "ms_per_step": round(1e3 * seconds / args.tokens, 3),
-                     "tok_per_s": round(tokens / seconds, 1)})
-        print(f"| {label} | {seconds:.3f} | {1e3 * seconds / args.tokens:.2f} | {tokens / seconds:,.0f} |", flush=True)
+                     "tok_per_s": round(tokens / seconds, 1), "graph_failure": engine.graph_failure})
+        print(f"| {label} | {seconds:.3f} | {1e3 * seconds / args.tokens:.2f} | {tokens / seconds:,.0f} |"
+              + (f" graphs failed: {engine.graph_failure}" if engine.graph_failure else ""), flush=True)
 
     print(f"{'cuda ' + torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}: {args.seqs} x "
           f"({args.prompt} prompt + {args.tokens} new) tokens, r16 all-linear, fp32 masters\n")
@@ -125,8 +140,14 @@ def main() -> None:
             kernels = kernels_per_step(model, tokenizer, prompts, max_len=max_len)
         except Exception as error:  # a profiler problem must not lose the timings
             kernels = {"error": repr(error)}
-    for name, count in kernels.items():
-        print(f"kernels a decode step ({name}, eager, {args.seqs} sequences): {count}")
+    for name, found in kernels.items():
+        if not isinstance(found, dict):
+            print(f"kernels: {found}")
+            continue
+        print(f"\ndecode step ({name}, {args.seqs} sequences): {found['kernels']} kernels, {found['gpu_us']} us of "
+              f"GPU time" + (f"; graphs failed: {found['graph_failure']}" if found["graph_failure"] else ""))
+        for kernel, us in found["top_us"].items():
+            print(f"  {us:8.1f} us  {kernel}")
     record = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "seqs": args.seqs,
               "prompt": args.prompt, "tokens": args.tokens, "layers": layers,
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows,

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -358,7 +359,7 @@ class ModelRunner:
             try:
                 self._graphs[key] = self._capture(lambda: self._forward(captured))
             except Exception as error:  # e.g. a model that syncs inside its forward: run eagerly
-                self.cuda_graphs, self.graph_failure = False, f"{type(error).__name__}: {error}"
+                self.cuda_graphs, self.graph_failure = False, _failure(error)
                 return None
         return self._graphs[key]
 
@@ -391,3 +392,12 @@ class ModelRunner:
         with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
             logits = forward()
         return graph, logits
+
+
+def _failure(error: BaseException) -> str:
+    """``error`` in one line with where it was raised: the innermost frame, then the three innermost in splice."""
+    frames = traceback.extract_tb(error.__traceback__)
+    ours = [f for f in frames if "/splice/" in f.filename.replace("\\", "/")][-3:]
+    where = dict.fromkeys(f"{f.filename.replace(chr(92), '/').rsplit('/', 1)[-1]}:{f.lineno} ({f.name})"
+                          for f in reversed(frames[-1:] + ours))
+    return f"{type(error).__name__}: {error}" + (f" at {' <- '.join(where)}" if where else "")
