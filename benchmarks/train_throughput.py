@@ -248,6 +248,9 @@ def worker(args: argparse.Namespace) -> None:
                                        if fw == "splice" else [])
             if name == "E":  # 8,192-token steps are not launch-bound: no graph variants (time)
                 modes = [m for m in modes if not m[1]]
+            if args.modes:  # e.g. "on+graphs": only those checkpointing modes (+ graphs) of splice
+                modes = [m for m in modes if fw != "splice" or f"{m[0]}{'+graphs' if m[1] else ''}" in
+                         args.modes.split(",")]
             for mode, graphs in modes:
                 shared.set_ckpt(mode)
                 variant = {"on": "auto" if fw == "splice" else "", "all": "ckpt all",
@@ -354,6 +357,8 @@ def main() -> None:
                     help="--maxseq: splice's offloaded layer inputs in 8 bits (half the host memory)")
     ap.add_argument("--mlp-chunk-tokens", type=int, default=None,
                     help="--maxseq: splice runs each MLP this many tokens at a time (splice.memory.tiled_mlp)")
+    ap.add_argument("--modes", default="", help="C/E: only these of splice's modes, e.g. on,on+graphs (on: auto "
+                    "checkpointing; all, offload, offload-recompute)")
     ap.add_argument("--worker-timeout", type=float, default=500.0)
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--tiny", action="store_true", help="a tiny model on the CPU: checks this harness")

@@ -346,9 +346,9 @@ class ModelRunner:
         """The graph of ``bucket`` (staged ``inputs``), captured now if new; None if capture failed."""
         version = self.bank.version if self.bank is not None else 0
         if any(key[-1] != version for key in self._graphs):
-            self._graphs.clear()  # the bank's adapted paths changed: recapture
+            self._drop_graphs()  # the bank's adapted paths changed: recapture
         if (routes := current_routes()) is not self._graph_routes:  # e.g. inside adapters_disabled now, or no
-            self._graphs.clear()  # longer: the graphs would replay the other routing's kernels
+            self._drop_graphs()  # longer: the graphs would replay the other routing's kernels
             self._graph_routes = routes  # (held, so its id is never another mapping's)
         key = (*bucket, version)
         if key not in self._graphs:
@@ -375,6 +375,12 @@ class ModelRunner:
                 if self._graph(bucket, self._graph_staging().fill([], tokens_to=bucket[0], seqs_to=bucket[1])) is None:
                     break
         return len(self._graphs)
+
+    def _drop_graphs(self) -> None:
+        # and their memory pool: once its last graph is gone the allocator frees the pool, and a capture into
+        # the stale handle fails an internal assert (torch 2.11, CUDACachingAllocator use_count > 0)
+        self._graphs.clear()
+        self._graph_pool = None
 
     def _capture(self, forward: Callable[[], Tensor]) -> tuple[Any, Tensor]:
         # Warm-up on a side stream (Triton compiles, cuBLAS picks kernels); it writes the same K/V the

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from splice.core.targets import Targets
+from splice.kernels import fp8_rows
 from splice.quant.linear import _bias, _float_weight, _quantize, _restore_linear
 
 __all__ = ["FP8Linear", "FP8_DTYPE", "FP8_MAX", "dequantize_fp8", "fp8_linear_reference", "fp8_problem", "from_checkpoint",
@@ -59,7 +60,6 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # e4m3's largest finite value
 MIN_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada (8.9), Hopper (9.0), Blackwell
 _ALIGN = 16  # torch._scaled_mm on CUDA: both dimensions of the weight multiples of 16
-_TINY = 1e-12  # an all-zero row gets this amax (its codes are all 0 whatever the scale)
 _PACKED = ("qweight", "scale", "qweight_t")  # frozen parameters that keep their dtype through module.to(dtype)
 
 
@@ -86,18 +86,9 @@ def scaled_mm_applies(out_features: int, in_features: int) -> bool:
 
 
 def quantize_rows(t: Tensor, *, dtype: torch.dtype = FP8_DTYPE) -> tuple[Tensor, Tensor]:
-    """``t`` (M, K) as FP8 codes (M, K) and fp32 row scales (M, 1): ``t ~ codes * scales``.
-
-    The multiplier ``max / amax`` is rounded to ``t``'s dtype first and the scale is its exact
-    reciprocal, so the product stays in ``t``'s dtype (no fp32 copy of a bf16 ``t``) and never
-    passes ``max`` by more than that dtype's rounding, which the FP8 cast rounds back to ``max``.
-    fp16 multiplies in fp32: the multiplier of a row whose amax is under 448 / 65504 overflows fp16.
-    """
-    top = torch.finfo(dtype).max
-    amax = torch.linalg.vector_norm(t, float("inf"), dim=-1, keepdim=True).float()  # one read of t
-    work = torch.float32 if t.dtype == torch.float16 else t.dtype
-    inv = (top / amax.clamp(min=_TINY)).to(work)
-    return (t.to(work) * inv).to(dtype), inv.float().reciprocal()
+    """``t`` (M, K) as FP8 codes (M, K) and fp32 row scales (M, 1): ``t ~ codes * scales``, one kernel on a
+    GPU (:func:`splice.kernels.fp8_rows.quantize_rows`, whose doc gives the rounding)."""
+    return fp8_rows.quantize_rows(t, dtype=dtype)
 
 
 def dequantize_fp8(qweight: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
@@ -139,15 +130,15 @@ def _scaled_mm(a: Tensor, b: Tensor, *, scale_a: Tensor, scale_b: Tensor, out_dt
 
 def _fp8_forward(x2: Tensor, qweight: Tensor, scale: Tensor) -> Tensor:
     """``x2`` (M, K) @ (q * s)^T -> (M, N) in the GEMM's output dtype (module doc)."""
-    codes, rows = quantize_rows(x2)  # codes keep x2's strides; the GEMM wants its first operand row-major
+    codes, rows = fp8_rows.quantize_rows(x2)  # contiguous codes: the GEMM wants its first operand row-major
     return _scaled_mm(codes.contiguous(), qweight.t(), scale_a=rows, scale_b=scale[None, :],
                       out_dtype=_out_dtype(x2.dtype))
 
 
 def _fp8_input_grad(g2: Tensor, qweight: Tensor, scale: Tensor, qweight_t: Tensor | None) -> Tensor:
     """``g2`` (M, N) @ (q * s) -> (M, K): ``(g2 * s) @ q`` with ``g2 * s`` quantized per row."""
-    codes, rows = quantize_rows(g2 * scale.to(g2.dtype))
-    q_t = qweight_t if qweight_t is not None else qweight.t().contiguous()  # (K, N) row-major
+    codes, rows = fp8_rows.quantize_rows(g2, column_scale=scale)  # of g2 * s, in one kernel on a GPU
+    q_t = qweight_t if qweight_t is not None else fp8_rows.transpose(qweight)  # (K, N) row-major
     ones = torch.ones((1, q_t.shape[0]), dtype=torch.float32, device=g2.device)
     return _scaled_mm(codes.contiguous(), q_t.t(), scale_a=rows, scale_b=ones, out_dtype=_out_dtype(g2.dtype))
 
