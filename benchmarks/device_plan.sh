@@ -20,6 +20,7 @@
 #   CALL=next9 bash benchmarks/device_plan.sh     # session 9 first: session 8's GPU paths, rollout_profile, GRPO
 #   CALL=next9b bash benchmarks/device_plan.sh    # session 9 second: routing graphs, rollout kernels' GPU time, fp8
 #   CALL=fp8b bash benchmarks/device_plan.sh      # session 9 third: graph pool, FP8 kernels, decode GEMMs, C fp8
+#   CALL=final9 bash benchmarks/device_plan.sh    # session 9 last: FP8 quantize bits, rollout profile, attention
 #   CALL=fp8 bash benchmarks/device_plan.sh       # issue 30: FP8's 200-step parity vs PEFT, a profile of C fp8
 #   CALL=routes bash benchmarks/device_plan.sh    # session 8: graphs vs adapters_disabled, rollout_profile.py
 #   CALL=nf4sweep bash benchmarks/device_plan.sh  # the NF4 kernels' tile sweep, then the multi-LoRA layers (~200 s)
@@ -197,6 +198,15 @@ fp8b)  # session 9, third call (~460 s): the graph-pool fix, the FP8 row-quantiz
   timeout 80 python3 benchmarks/train_throughput.py --out "$OUT/bf16c" --frameworks splice --configs C \
     --modes on+graphs --worker-timeout 75 2>&1 | tee "$OUT/bf16c.txt" | grep -v "^  " | tail -6
   ;;
+final9)  # session 9, last call (~260 s): the FP8 quantize kernel's bits after the 448 / amax fix, the routing
+  # graphs test, where a rollout step goes (adapters off now replays graphs too), paged attention decode
+  timeout -s KILL 75 python3 -m pytest -q -n 8 -p no:cacheprovider -p no:warnings -rfE --tb=short \
+    tests/kernels/test_fp8_rows.py tests/quant/test_fp8.py tests/engine/test_gpu_paths_engine.py \
+    > "$OUT/tests-final9.txt" 2>&1
+  echo "tests (rc $?):"; grep -E "FAILED|ERROR" "$OUT/tests-final9.txt" | tail -12; tail -2 "$OUT/tests-final9.txt"
+  timeout 110 python3 benchmarks/rollout_profile.py --json "$OUT/rollout_profile.json" 2>&1 | tail -80
+  timeout 60 python3 benchmarks/paged_attention.py --out "$OUT/paged_attention.json" 2>&1 | tail -16
+  ;;
 fp8)  # issue 30 (~330 s): what the eighth session's FP8 call did not reach, the 200-step loss parity of FP8 base
   # weights against PEFT bf16 (P), then where an FP8 step of C goes (profile) next to splice bf16 in the same run
   timeout 170 python3 benchmarks/train_throughput.py --out "$OUT/fp8_parity" --frameworks peft,splice --configs P \
@@ -216,5 +226,5 @@ nf4sweep)  # the NF4 kernels' tiles at the 8B shapes, M = 1/8/32/64 (the default
   timeout 150 python3 benchmarks/nf4_gemv.py --json "$OUT/nf4_gemv.json" --budget 120 --jobs 16 2>&1 | tail -40
   timeout 45 python3 benchmarks/multi_lora.py --deadline-s 35 --json "$OUT/multi_lora.json" 2>&1 | tail -20
   ;;
-*) echo "CALL is 1, 2, 3, 4, quick, engine, close, one, verify, next, next9, next9b, fp8b, fp8, rollout, routes or nf4sweep"; exit 2 ;;
+*) echo "CALL is 1, 2, 3, 4, quick, engine, close, one, verify, next, next9, next9b, fp8b, final9, fp8, rollout, routes or nf4sweep"; exit 2 ;;
 esac

@@ -5,9 +5,10 @@ codes ``q`` (M, K) (contiguous) and fp32 row scales ``a`` (M, 1) with ``t * c ~ 
 
     u     = round_t(t * round_t(c))           (the product in t's dtype, as ``t * c.to(t.dtype)``; u = t without c)
     amax  = max_k |u[m, k]|                   (fp32; an all-zero row takes 1e-12)
-    inv   = round_w(448 / amax)               (w: bf16 for a bf16 t, else fp32; 448 is e4m3's largest value)
+    inv   = round_w(round(1 / amax) * 448)    (w: bf16 for a bf16 t, else fp32; 448 is e4m3's largest value)
     q     = e4m3(round_w(u * inv)),  a = 1 / inv
 
+``1 / amax`` is rounded before the product, as PyTorch computes ``448 / amax`` (a reciprocal, then a multiply).
 Rounding ``inv`` to bf16 first keeps the product in bf16 (no fp32 copy of a bf16 ``t``) and makes ``a`` its
 exact reciprocal; the product never passes 448 by more than bf16's rounding, which the e4m3 cast rounds back.
 fp16 works in fp32: a multiplier of a row whose amax is under 448 / 65504 overflows fp16. The PyTorch
@@ -58,7 +59,7 @@ if HAS_TRITON:
             cols = start + tl.arange(0, BLOCK)
             inside = cols < K
             peak = tl.maximum(peak, tl.abs(_row_values(t_row, c_ptr, cols, inside, HAS_C)))
-        inv = tl.math.div_rn(TOP, tl.maximum(tl.max(peak, axis=0), TINY))
+        inv = tl.math.div_rn(1.0, tl.maximum(tl.max(peak, axis=0), TINY)) * TOP  # torch's 448 / amax
         if BF16:
             inv = inv.to(tl.bfloat16).to(tl.float32)
         for start in range(0, K, BLOCK):
