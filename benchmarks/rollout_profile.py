@@ -64,15 +64,20 @@ def kernels_per_step(model: Any, tokenizer: Any, prompts: list[list[int]], *, ma
                     torch.cuda.synchronize()
                 kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
                 counts.append(len(kernels))
-                by_name: dict[str, float] = {}
+                by_name: dict[str, list[float]] = {}
                 for e in kernels:
-                    by_name[e.name] = by_name.get(e.name, 0.0) + float(e.time_range.elapsed_us())
+                    entry = by_name.setdefault(e.name, [0.0, 0.0])
+                    entry[0] += 1
+                    entry[1] += float(e.time_range.elapsed_us())
                 times.append(by_name)
-        step = {k: (times[1].get(k, 0.0) - times[0].get(k, 0.0)) / 4 for k in times[1]}
-        ranked = sorted(step.items(), key=lambda kv: -kv[1])
-        out[name] = {"kernels": (counts[1] - counts[0]) / 4, "gpu_us": round(sum(step.values()), 1),
+        step = {k: [(v[i] - times[0].get(k, [0.0, 0.0])[i]) / 4 for i in (0, 1)] for k, v in times[1].items()}
+        ranked = sorted(step.items(), key=lambda kv: -kv[1][1])
+        out[name] = {"kernels": (counts[1] - counts[0]) / 4, "gpu_us": round(sum(v[1] for v in step.values()), 1),
                      "graph_failure": engine.graph_failure,
-                     "top_us": {k[:90]: round(v, 1) for k, v in ranked[:top]}}
+                     "top_us": {k[:90]: round(v[1], 1) for k, v in ranked[:top]},
+                     # every kernel of a step: (launches, us), most launched first (where the small ones hide)
+                     "all": {k[:120]: [v[0], round(v[1], 1)] for k, v in sorted(step.items(), key=lambda kv: -kv[1][0])
+                             if v[0] > 0}}
         del engine
     return out
 
@@ -85,6 +90,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128, help="new tokens a sequence")
     parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--json", type=Path, default=Path("rollout_profile.json"))
+    parser.add_argument("--profile-only", action="store_true", help="skip the timed rows: only the kernel profile")
+    parser.add_argument("--all-kernels", action="store_true", help="print every kernel of a step by launches")
     args = parser.parse_args()
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     layers = args.layers or (2 if args.tiny else 32)
@@ -105,10 +112,9 @@ def main() -> None:
         return Engine(model, tokenizer, max_seqs=args.seqs, max_len=max_len, token_budget=max_len + args.seqs,
                       block_size=16, kv_blocks=args.seqs * -(-max_len // 16) + 1)
 
-    engine = make_engine()
     rows: list[dict[str, Any]] = []
 
-    def timed(label: str, params: list[SamplingParams], context: Any = None) -> None:
+    def timed(engine: Engine, label: str, params: list[SamplingParams], context: Any = None) -> None:
         with context if context is not None else contextlib.nullcontext():
             engine.generate(prompts, params)  # warm-up: graphs, compiles
             sync(device)
@@ -126,14 +132,18 @@ def main() -> None:
           f"({args.prompt} prompt + {args.tokens} new) tokens, r16 all-linear, fp32 masters\n")
     print("| row | seconds | ms/step | tok/s |\n|---|---|---|---|")
     n = args.tokens
-    timed("sampled, seeded", [SamplingParams(max_tokens=n, temperature=1.0, seed=i) for i in range(args.seqs)])
-    timed("sampled, unseeded", [SamplingParams(max_tokens=n, temperature=1.0) for _ in range(args.seqs)])
-    timed("greedy", [SamplingParams(max_tokens=n) for _ in range(args.seqs)])
-    timed("greedy, adapters off", [SamplingParams(max_tokens=n) for _ in range(args.seqs)], adapters_disabled(model))
-    del engine
-    engine = make_engine()  # its own graphs, captured over the per-call casts
-    engine._casts = AdapterCasts(model, dtype=torch.float32)  # makes no copies
-    timed("greedy, casts per call", [SamplingParams(max_tokens=n) for _ in range(args.seqs)])
+    if not args.profile_only:
+        engine = make_engine()
+        timed(engine, "sampled, seeded", [SamplingParams(max_tokens=n, temperature=1.0, seed=i)
+                                          for i in range(args.seqs)])
+        timed(engine, "sampled, unseeded", [SamplingParams(max_tokens=n, temperature=1.0) for _ in range(args.seqs)])
+        timed(engine, "greedy", [SamplingParams(max_tokens=n) for _ in range(args.seqs)])
+        timed(engine, "greedy, adapters off", [SamplingParams(max_tokens=n) for _ in range(args.seqs)],
+              adapters_disabled(model))
+        engine = make_engine()  # its own graphs, captured over the per-call casts
+        engine._casts = AdapterCasts(model, dtype=torch.float32)  # makes no copies
+        timed(engine, "greedy, casts per call", [SamplingParams(max_tokens=n) for _ in range(args.seqs)])
+        del engine
     kernels: dict[str, Any] = {}
     if device.type == "cuda":
         try:
@@ -148,6 +158,10 @@ def main() -> None:
               f"GPU time" + (f"; graphs failed: {found['graph_failure']}" if found["graph_failure"] else ""))
         for kernel, us in found["top_us"].items():
             print(f"  {us:8.1f} us  {kernel}")
+        if args.all_kernels:
+            print("  by launches a step:")
+            for kernel, (count, us) in found["all"].items():
+                print(f"  {count:6.1f} x {us:8.1f} us  {kernel}")
     record = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "seqs": args.seqs,
               "prompt": args.prompt, "tokens": args.tokens, "layers": layers,
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows,
