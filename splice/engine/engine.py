@@ -189,9 +189,9 @@ class Engine:
         for name in list(self._retired):
             if not self.adapter_in_use(name) and not any(s.adapter == name for s in self.scheduler.waiting):
                 self._retired.discard(name)
+                if self.bank is not None:  # first: a thread that sees the name gone from adapters sees it
+                    self.bank.drop(name)  # gone from the bank too (the service's monitoring, its tests)
                 self.adapters.pop(name, None)
-                if self.bank is not None:
-                    self.bank.drop(name)
 
     def run(self, stop: threading.Event, *, idle_wait: float = 0.005) -> None:
         """Step until ``stop`` is set (the serving thread), the model in eval mode meanwhile."""
