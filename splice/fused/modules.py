@@ -97,12 +97,14 @@ def _unread_projection(module: nn.Module, x: Tensor) -> Tensor:
 def project(modules: Sequence[nn.Module], x: Tensor, *, output: bool = True) -> list[Tensor]:
     """``[m(x) for m in modules]`` for sibling projections of one input (q/k/v, gate/up): one
     :func:`~splice.kernels.lora_group.lora_group` node when every one is a fused LoRA linear without
-    dropout over a plain weight (``x`` read once by the adapters' down-projection), else one call each. ``output=False``:
+    dropout over a plain weight, or every one over an FP8 weight (``x`` read once by the adapters'
+    down-projection, and quantized once for the FP8 GEMMs), else one call each. ``output=False``:
     only the backward is needed (:func:`_unread_projection`)."""
-    fused = [m for m in modules if isinstance(m, FusedLoraLinear) and m._fusable(x) and m._dropout_p() == 0
-             and _frozen_base(m.base) is None]  # the group's GEMMs read plain weights
-    if len(fused) < 2 or len(fused) != len(modules):
+    fused = [m for m in modules if isinstance(m, FusedLoraLinear) and m._fusable(x) and m._dropout_p() == 0]
+    frozen = [_frozen_base(m.base) for m in fused]
+    if len(fused) < 2 or len(fused) != len(modules) or len({f is None for f in frozen}) > 1:
         return [m(x) if output else _unread_projection(m, x) for m in modules]
+    bases = None if frozen[0] is None else [cast(FP8Linear, f) for f in frozen]
     loras: list[LoraLinear] = [m.fn for m in fused]  # type: ignore[misc]
     lora_as, lora_bs = (list(t) for t in zip(*(_factors(lora, x) for lora in loras), strict=True))
     with torch.autocast(x.device.type, enabled=False):  # as FusedLoraLinear.forward: fp32 adapters kept exact
@@ -113,10 +115,11 @@ def project(modules: Sequence[nn.Module], x: Tensor, *, output: bool = True) -> 
             u = lora_group_u(x, lora_as)
             record.put(u)
         biases = [m.base.bias for m in fused]
+        weights = [weight_of(m.base) for m in fused] if bases is None else [f.qweight for f in bases]
         return list(lora_group(
-            x, [weight_of(m.base) for m in fused], [b if isinstance(b, Tensor) else None for b in biases],
+            x, weights, [b if isinstance(b, Tensor) else None for b in biases],
             lora_as, lora_bs, scales=[lora.scale for lora in loras],
-            output=output, u=u))
+            output=output, u=u, bases=bases))
 
 
 def packed_lora(modules: Sequence[nn.Module], x: Tensor) -> Tensor | None:

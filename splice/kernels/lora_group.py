@@ -17,6 +17,9 @@ the gradients of a tensor used G times).
 
 No dropout: each member's dropout draws its own mask of ``x``, so there is no shared ``D(x)``; a caller
 with dropout on runs the members one by one (:class:`~splice.fused.modules.FusedLoraLinear` does).
+Frozen bases that run their own GEMMs (``bases``: FP8 weights, :mod:`splice.quant.fp8`) compute ``x W_j^T``
+from one quantization of ``x`` shared by the members (``prepare``), and ``dx``'s base part as the sum of the
+members' own input-gradient GEMMs (an FP8 GEMM does not accumulate into an existing ``dx``).
 Precision and paths as :mod:`splice.kernels.lora_linear`: the Triton LoRA kernels (fp32-accurate adapter
 math) from :data:`~splice.kernels.lora_linear.LORA_KERNEL_MIN_TOKENS` tokens on a GPU, else plain
 PyTorch matmuls in the activations' dtype.
@@ -32,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .lora_kernels import lora_down, lora_dx_add_, tn_reduce
-from .lora_linear import _dense, _mm_f32, uses_lora_kernels
+from .lora_linear import FrozenBase, _dense, _mm_f32, uses_lora_kernels
 
 __all__ = ["lora_group", "lora_group_u"]
 
@@ -58,8 +61,8 @@ class _LoraGroupFn(torch.autograd.Function):
     """Tensors in: ``x``, then the G weights, G biases (or None), G ``A``s and G ``B``s."""
 
     @staticmethod
-    def forward(ctx: Any, scales: tuple[float, ...], output: bool, given_u: Tensor | None, x: Tensor,
-                *tensors: Tensor | None) -> tuple[Tensor, ...]:
+    def forward(ctx: Any, scales: tuple[float, ...], output: bool, given_u: Tensor | None,
+                bases: tuple[FrozenBase, ...] | None, x: Tensor, *tensors: Tensor | None) -> tuple[Tensor, ...]:
         g = len(scales)
         weights, biases = tensors[:g], tensors[g:2 * g]
         lora_as, lora_bs = tensors[2 * g:3 * g], tensors[3 * g:]
@@ -69,12 +72,20 @@ class _LoraGroupFn(torch.autograd.Function):
             x2 = x2.contiguous()
         a = _stacked(lora_as, x2.dtype, ctx.triton)  # type: ignore[arg-type]
         u = given_u if given_u is not None else _down(x2, a, ctx.triton)
+        # frozen bases (FP8) share what their GEMMs make of x (its quantization): the first that makes any
+        prepared = next((p for p in (base.prepare(x2) for base in bases) if p is not None), None) \
+            if bases is not None and output else None
         outs = []
         start = 0
-        for w, bias, b, scale in zip(weights, biases, lora_bs, scales, strict=True):
+        for j, (w, bias, b, scale) in enumerate(zip(weights, biases, lora_bs, scales, strict=True)):
             assert w is not None and b is not None
             rank = b.shape[1]
-            if output:
+            if output and bases is not None:
+                y = bases[j].matmul(x2, prepared)
+                if bias is not None:
+                    y.add_(bias.to(y.dtype))
+                y.addmm_(u[:, start:start + rank].to(x2.dtype), b.to(x2.dtype).T, alpha=scale)
+            elif output:
                 y = F.linear(x2, _dense(w, x2.dtype), bias)  # (N, out_j)
                 y.addmm_(u[:, start:start + rank].to(x2.dtype), b.to(x2.dtype).T, alpha=scale)
             else:  # nobody reads the values (a checkpoint recompute): only the backward is built
@@ -84,7 +95,7 @@ class _LoraGroupFn(torch.autograd.Function):
         # the A parameters, not their stacked copy: re-stacked in the backward (R x K, cheap), so a saved
         # layer holds no copy of its adapters (checkpointing keeps many layers' saved tensors)
         ctx.save_for_backward(x2, u, *weights, *lora_as, *lora_bs)
-        ctx.scales = scales
+        ctx.scales, ctx.bases = scales, bases
         ctx.biased = tuple(bias is not None for bias in biases)
         ctx.x_shape = x.shape
         return tuple(outs)
@@ -96,9 +107,9 @@ class _LoraGroupFn(torch.autograd.Function):
         x2, u, *rest = ctx.saved_tensors
         weights, lora_as, lora_bs = rest[:g], rest[g:2 * g], rest[2 * g:]
         need = ctx.needs_input_grad
-        need_x = need[3]
-        need_w, need_bias = need[4:4 + g], need[4 + g:4 + 2 * g]
-        need_a, need_b = any(need[4 + 2 * g:4 + 3 * g]), need[4 + 3 * g:]
+        need_x = need[4]  # (scales, output, given_u, bases, x, then the tensors)
+        need_w, need_bias = need[5:5 + g], need[5 + g:5 + 2 * g]
+        need_a, need_b = any(need[5 + 2 * g:5 + 3 * g]), need[5 + 3 * g:]
         gs = [gr.reshape(-1, gr.shape[-1]).to(x2.dtype) for gr in grads]  # (N, out_j) each
         if ctx.triton:
             gs = [gr.contiguous() for gr in gs]
@@ -110,10 +121,16 @@ class _LoraGroupFn(torch.autograd.Function):
         t = torch.cat(ts, dim=1) if g > 1 else ts[0]  # (N, R)
         a = _stacked(lora_as, x2.dtype, ctx.triton)
         dx = None
-        if need_x:
+        if need_x and ctx.bases is not None:  # frozen bases' input-gradient GEMMs (FP8: no accumulate), summed
+            dx = ctx.bases[0].matmul_t(gs[0])
+            for gr, base in zip(gs[1:], ctx.bases[1:]):
+                dx.add_(base.matmul_t(gr))
+        elif need_x:
             dx = gs[0] @ _dense(weights[0], x2.dtype)  # (N, K), then the others accumulated in the GEMMs
             for gr, w in zip(gs[1:], weights[1:]):
                 dx.addmm_(gr, _dense(w, x2.dtype))
+        if need_x:
+            assert dx is not None
             if ctx.triton:
                 lora_dx_add_(dx, t, a, 0.0, 0)
             else:
@@ -137,7 +154,7 @@ class _LoraGroupFn(torch.autograd.Function):
                 dws[j] = _mm_f32(gr.T, x2).to(w.dtype)
             if need_bias[j] and ctx.biased[j]:
                 dbiases[j] = gr.float().sum(0).to(w.dtype)
-        return None, None, None, dx, *dws, *dbiases, *das, *dbs
+        return None, None, None, None, dx, *dws, *dbiases, *das, *dbs
 
 
 def lora_group(
@@ -150,19 +167,25 @@ def lora_group(
     scales: Sequence[float],
     output: bool = True,
     u: Tensor | None = None,
+    bases: Sequence[FrozenBase] | None = None,
 ) -> tuple[Tensor, ...]:
     """``(y_1, .., y_G)``, ``y_j = x W_j^T + b_j + s_j (x A_j^T) B_j^T``, as one autograd node (module doc).
 
     ``x`` and the weights share a dtype; ``lora_as``/``lora_bs`` may be fp32 master weights. ``output=False``
     builds the same backward without computing the values (uninitialised tensors of their shapes come back:
     an activation-checkpoint recompute). ``u``: the stacked down-projection from :func:`lora_group_u`
-    (a recompute reuses the forward's)."""
+    (a recompute reuses the forward's). ``bases``: frozen bases that run their own GEMMs, one per member
+    (:class:`~splice.kernels.lora_linear.FrozenBase`, e.g. FP8 weights: ``x`` is quantized once for all of
+    them); ``weights`` are then their stored weights, which give only the output widths."""
     g = len(weights)
     if not (len(biases) == len(lora_as) == len(lora_bs) == len(scales) == g) or g == 0:
         raise ValueError(f"lora_group: {g} weights, {len(biases)} biases, {len(lora_as)} A, {len(lora_bs)} B "
                          f"and {len(scales)} scales: give one of each per member")
-    if any(w.dtype != x.dtype for w in weights):
+    if bases is not None and len(bases) != g:
+        raise ValueError(f"lora_group: {g} weights and {len(bases)} frozen bases: give one base per member")
+    if bases is None and any(w.dtype != x.dtype for w in weights):
         raise TypeError(f"lora_group: x ({x.dtype}) and every weight ({[w.dtype for w in weights]}) must share a dtype")
-    outs: tuple[Tensor, ...] = _LoraGroupFn.apply(tuple(float(s) for s in scales), bool(output), u, x, *weights,
+    outs: tuple[Tensor, ...] = _LoraGroupFn.apply(tuple(float(s) for s in scales), bool(output), u,
+                                                  None if bases is None else tuple(bases), x, *weights,
                                                   *biases, *lora_as, *lora_bs)
     return outs

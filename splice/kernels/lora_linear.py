@@ -84,9 +84,13 @@ def _dense(weight: Tensor, dtype: torch.dtype) -> Tensor:
 class FrozenBase(Protocol):
     """A frozen base layer that runs its own GEMMs (an FP8 weight's scaled GEMMs): ``matmul(x2)`` is
     ``x2 W^T`` (N, out) for ``x2`` (N, in), ``matmul_t(g2)`` is ``g2 W`` (N, in), each in its argument's
-    dtype, neither recording autograd."""
+    dtype, neither recording autograd. ``prepare(x2)``: what ``matmul`` computes of ``x2`` before its GEMM
+    (FP8: the row-quantized codes), or None; siblings that read one ``x2`` (q/k/v) pass it to each
+    ``matmul(x2, prepared)`` to compute it once (:func:`~splice.kernels.lora_group.lora_group`)."""
 
-    def matmul(self, x2: Tensor) -> Tensor: ...
+    def prepare(self, x2: Tensor) -> Any: ...
+
+    def matmul(self, x2: Tensor, prepared: Any = None) -> Tensor: ...
 
     def matmul_t(self, g2: Tensor) -> Tensor: ...
 

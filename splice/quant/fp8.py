@@ -128,9 +128,12 @@ def _scaled_mm(a: Tensor, b: Tensor, *, scale_a: Tensor, scale_b: Tensor, out_dt
     return ((a.float() * scale_a) @ (b.float() * scale_b)).to(out_dtype)
 
 
-def _fp8_forward(x2: Tensor, qweight: Tensor, scale: Tensor) -> Tensor:
-    """``x2`` (M, K) @ (q * s)^T -> (M, N) in the GEMM's output dtype (module doc)."""
-    codes, rows = fp8_rows.quantize_rows(x2)  # contiguous codes: the GEMM wants its first operand row-major
+def _fp8_forward(x2: Tensor, qweight: Tensor, scale: Tensor,
+                 quantized: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """``x2`` (M, K) @ (q * s)^T -> (M, N) in the GEMM's output dtype (module doc); ``quantized``: x2's
+    codes and row scales, if already made (siblings over one input share them)."""
+    # contiguous codes: the GEMM wants its first operand row-major
+    codes, rows = quantized if quantized is not None else fp8_rows.quantize_rows(x2)
     return _scaled_mm(codes.contiguous(), qweight.t(), scale_a=rows, scale_b=scale[None, :],
                       out_dtype=_out_dtype(x2.dtype))
 
@@ -143,12 +146,13 @@ def _fp8_input_grad(g2: Tensor, qweight: Tensor, scale: Tensor, qweight_t: Tenso
     return _scaled_mm(codes.contiguous(), q_t.t(), scale_a=rows, scale_b=ones, out_dtype=_out_dtype(g2.dtype))
 
 
-def fp8_matmul(x2: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None = None, *, fast: bool) -> Tensor:
+def fp8_matmul(x2: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None = None, *, fast: bool,
+               quantized: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """``x2`` (M, K) @ (q * s)^T (+ ``bias`` (N,), in ``x2``'s dtype) -> (M, N) in ``x2``'s dtype: the
     FP8 GEMM (``fast``), else dequantize + matmul (odd shapes; module doc)."""
     if not fast:
         return F.linear(x2, dequantize_fp8(qweight, scale, x2.dtype), bias)
-    y = _fp8_forward(x2, qweight, scale).to(x2.dtype)
+    y = _fp8_forward(x2, qweight, scale, quantized).to(x2.dtype)
     return y if bias is None else y + bias
 
 
@@ -254,10 +258,16 @@ class FP8Linear(nn.Module):
         result: Tensor = _FP8LinearFn.apply(x, self.qweight, self.scale, self.qweight_t, self.bias, self.fast)
         return result
 
-    def matmul(self, x2: Tensor) -> Tensor:
+    def prepare(self, x2: Tensor) -> tuple[Tensor, Tensor] | None:
+        """``x2``'s e4m3 codes and row scales, which :meth:`matmul` takes (None where it runs no FP8 GEMM):
+        computed once for the siblings that read one input (:func:`splice.kernels.lora_group.lora_group`)."""
+        return fp8_rows.quantize_rows(x2) if self.fast else None
+
+    def matmul(self, x2: Tensor, prepared: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """``x2 W^T`` (M, out) for ``x2`` (M, in), no bias and no autograd node: the base GEMM of a fused
-        LoRA linear over this layer (:func:`splice.kernels.lora_linear.lora_linear`'s ``base``)."""
-        return fp8_matmul(x2, self.qweight, self.scale, fast=self.fast)
+        LoRA linear over this layer (:func:`splice.kernels.lora_linear.lora_linear`'s ``base``); ``prepared``:
+        a sibling's :meth:`prepare` of the same ``x2``."""
+        return fp8_matmul(x2, self.qweight, self.scale, fast=self.fast, quantized=prepared if self.fast else None)
 
     def matmul_t(self, g2: Tensor) -> Tensor:
         """``g2 W`` (M, in) for ``g2`` (M, out): the base's input gradient in that fused node."""
