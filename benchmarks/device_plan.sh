@@ -21,7 +21,8 @@
 #   CALL=next9b bash benchmarks/device_plan.sh    # session 9 second: routing graphs, rollout kernels' GPU time, fp8
 #   CALL=fp8b bash benchmarks/device_plan.sh      # session 9 third: graph pool, FP8 kernels, decode GEMMs, C fp8
 #   CALL=final9 bash benchmarks/device_plan.sh    # session 9 last: FP8 quantize bits, rollout profile, attention
-#   CALL=next10 bash benchmarks/device_plan.sh    # session 10 first: rollout kernels by name, GRPO vs TRL, C fp8
+#   CALL=next10 bash benchmarks/device_plan.sh    # session 10 first: FP8 group tests, rollout kernels by name, C fp8
+#   CALL=next10b bash benchmarks/device_plan.sh   # session 10 second: GRPO at 512 tokens against TRL
 #   CALL=fp8 bash benchmarks/device_plan.sh       # issue 30: FP8's 200-step parity vs PEFT, a profile of C fp8
 #   CALL=routes bash benchmarks/device_plan.sh    # session 8: graphs vs adapters_disabled, rollout_profile.py
 #   CALL=nf4sweep bash benchmarks/device_plan.sh  # the NF4 kernels' tile sweep, then the multi-LoRA layers (~200 s)
@@ -208,15 +209,22 @@ final9)  # session 9, last call (~260 s): the FP8 quantize kernel's bits after t
   timeout 110 python3 benchmarks/rollout_profile.py --json "$OUT/rollout_profile.json" 2>&1 | tail -80
   timeout 60 python3 benchmarks/paged_attention.py --out "$OUT/paged_attention.json" 2>&1 | tail -16
   ;;
-next10)  # the tenth session's first call (~540 s): every kernel of a rollout decode step (names the ~15 small ones a
-  # layer), GRPO at 512-token completions against TRL (TRL's warm-up step took 28-83 s: a longer limit), C over FP8
-  # against PEFT and splice bf16 on this card
+next10)  # the tenth session's first call (~360 s): the FP8 group node's GPU tests (q/k/v and gate/up over FP8
+  # bases as one node), every kernel of a rollout decode step (names the ~15 small ones a layer), then C over FP8
+  # against PEFT on this card (ninth session, H100: 18,153 tok/s, 3.35x, before the group node)
+  timeout -s KILL 80 python3 -m pytest -q -n 8 -p no:cacheprovider -p no:warnings -rfE --tb=short \
+    tests/quant/test_fp8.py tests/kernels/test_lora_group.py tests/kernels/test_fp8_rows.py \
+    > "$OUT/tests-next10.txt" 2>&1
+  echo "tests (rc $?):"; grep -E "FAILED|ERROR" "$OUT/tests-next10.txt" | tail -12; tail -2 "$OUT/tests-next10.txt"
   timeout 100 python3 benchmarks/rollout_profile.py --profile-only --all-kernels --json "$OUT/rollout_kernels.json" \
     2>&1 | tail -120
+  timeout 170 python3 benchmarks/train_throughput.py --out "$OUT/c" --frameworks peft,splice --configs C \
+    --quantize fp8 --modes on+graphs --profile C --worker-timeout 80 2>&1 | tee "$OUT/c.txt" | grep -v "^  " | tail -8
+  ;;
+next10b)  # then (~270 s): GRPO at 512-token completions against TRL (TRL's warm-up step took 28-83 s on H100s:
+  # a longer limit)
   timeout 260 python3 benchmarks/preference.py --out "$OUT/preference512" --grpo-steps 1 --completion 512 \
     --parts grpo --limit-grpo 250 2>&1 | tee "$OUT/preference512.txt" | tail -12
-  timeout 170 python3 benchmarks/train_throughput.py --out "$OUT/c" --frameworks peft,splice --configs C \
-    --quantize fp8 --modes on+graphs --worker-timeout 80 2>&1 | tee "$OUT/c.txt" | grep -v "^  " | tail -8
   ;;
 fp8)  # issue 30 (~330 s): what the eighth session's FP8 call did not reach, the 200-step loss parity of FP8 base
   # weights against PEFT bf16 (P), then where an FP8 step of C goes (profile) next to splice bf16 in the same run
@@ -237,5 +245,5 @@ nf4sweep)  # the NF4 kernels' tiles at the 8B shapes, M = 1/8/32/64 (the default
   timeout 150 python3 benchmarks/nf4_gemv.py --json "$OUT/nf4_gemv.json" --budget 120 --jobs 16 2>&1 | tail -40
   timeout 45 python3 benchmarks/multi_lora.py --deadline-s 35 --json "$OUT/multi_lora.json" 2>&1 | tail -20
   ;;
-*) echo "CALL is 1, 2, 3, 4, quick, engine, close, one, verify, next, next9, next9b, fp8b, final9, next10, fp8, rollout, routes or nf4sweep"; exit 2 ;;
+*) echo "CALL is 1, 2, 3, 4, quick, engine, close, one, verify, next, next9, next9b, fp8b, final9, next10, next10b, fp8, rollout, routes or nf4sweep"; exit 2 ;;
 esac
