@@ -10,7 +10,9 @@ so ``torch.Generator.manual_seed`` never overflows.
 host sync: one ``argmax`` for the greedy rows, and for the sampled rows per-row temperature /
 top-k / top-p tensors, then an exponential race, ``argmax(p / E)`` with ``E ~ Exp(1)`` drawn from
 the row's own ``torch.Generator`` (``P(argmax = j) = p_j``). A row's draws come from its own
-generator only, so a seed gives the same tokens whatever else is in the batch.
+generator only, so a seed gives the same tokens whatever else is in the batch. On a GPU every row's
+noise comes from one launch keyed by its generator's seed and offset (:mod:`splice.kernels.exponential`:
+the same distribution as ``exponential_``, other numbers); on a CPU, from ``exponential_`` row by row.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from torch import Tensor
 
 from splice.core.device import to_device
 from splice.engine.constraints import Constraint
+from splice.kernels import use_triton
+from splice.kernels.exponential import exponential_noise, exponential_noise_reference, generator_keys
 
 __all__ = [
     "GREEDY_BELOW",
@@ -286,12 +290,17 @@ def sample_step(logits: Tensor, params: Sequence[SamplingParams], generators: Se
         rows = filter_rows(rows, to_device([p.top_k for p in chosen], torch.long, device),
                            to_device([float(p.top_p) for p in chosen], torch.float32, device))
     probs = rows.softmax(dim=-1)
-    noise = torch.empty_like(probs)
-    for row, i in enumerate(sampled):
-        generator = generators[i]
-        if generator is None:
+    drawing: list[torch.Generator] = []
+    for i in sampled:
+        if (generator := generators[i]) is None:
             raise ValueError(f"row {i} samples (temperature {params[i].temperature}) but has no generator")
-        noise[row].exponential_(generator=generator)
-    # Exp(1) draws can underflow to 0: floor them so a filtered token (p = 0) never gives 0/0.
-    choice = (probs / noise.clamp_min_(torch.finfo(torch.float32).tiny)).argmax(dim=-1)
-    return tokens.index_copy(0, index, choice)
+        drawing.append(generator)
+    # Exp(1) noise, floored so a filtered token (p = 0) never gives 0/0: on a GPU one launch for all rows, each
+    # row keyed by its generator's seed and offset (splice.kernels.exponential), else row by row
+    if use_triton(probs) and all(g.device.type == "cuda" for g in drawing):
+        seeds, draws = generator_keys(drawing)
+        noise = exponential_noise(len(drawing), probs.shape[1], seeds=to_device(seeds, torch.long, device),
+                                  draws=to_device(draws, torch.long, device))
+    else:
+        noise = exponential_noise_reference(len(drawing), probs.shape[1], drawing, device)
+    return tokens.index_copy(0, index, (probs / noise).argmax(dim=-1))
