@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from splice.core.context import is_causal_only
 from splice.core.rewrite import Around, share_state, weight_of
-from splice.fused.projections import GROUPS, packed
+from splice.fused.projections import GROUPS, lora_tail, packed
 from splice.fused.varlen import PACKING_KWARG, Packing, attend_packed, check_no_dropout
 from splice.kernels.dropout import new_keys
 from splice.kernels.lora_group import lora_group, lora_group_u
@@ -137,20 +137,31 @@ def packed_lora(modules: Sequence[nn.Module], x: Tensor) -> Tensor | None:
     x2 = x.reshape(-1, x.shape[-1])
     if copies is None or pair is None or uses_lora_kernels(x2):  # (_fusable: the bases share x's dtype)
         return None
-    y = F.linear(x2, *pair)  # (T, N)
-    y.addmm_(x2 @ copies[0].t(), copies[1].t())  # += [s_j (x A_j^T) B_j^T]_j
-    return y.view(*x.shape[:-1], y.shape[-1])
+    n = pair[0].shape[0]
+    extended = lora_tail(modules)
+    if extended is not None and extended[n:].data_ptr() == copies[0].data_ptr():  # A sits after the bases
+        both = F.linear(x2, extended)  # (T, N + R) = [x W^T | x A^T]: one GEMM
+        y, u = both[:, :n], both[:, n:]
+    else:
+        y, u = F.linear(x2, *pair), x2 @ copies[0].t()  # (T, N), (T, R)
+    y.addmm_(u, copies[1].t())  # += [s_j (x A_j^T) B_j^T]_j  (in place: y may be a view of the wider output)
+    return y.view(*x.shape[:-1], n)
 
 
-def packed_lora_groups(model: nn.Module) -> list[list[LoraLinear]]:
-    """The LoRA layers of every q/k/v and gate/up group of ``model`` that :func:`packed_lora` can run: fused
-    LoRA linears whose bases are packed (for :class:`~splice.lora.casts.AdapterCasts`'s ``groups``)."""
-    found: list[list[LoraLinear]] = []
+def packed_lora_groups(model: nn.Module) -> list[tuple[list[LoraLinear], Tensor | None]]:
+    """The LoRA layers of every q/k/v and gate/up group of ``model`` that :func:`packed_lora` can run (fused
+    LoRA linears whose bases are packed), each with the rows after the bases where the group's stacked ``A``
+    goes (:func:`~splice.fused.projections.lora_tail`; None: none), for
+    :class:`~splice.lora.casts.AdapterCasts`'s ``groups``."""
+    found: list[tuple[list[LoraLinear], Tensor | None]] = []
     for module in model.modules():
         for names in GROUPS:
             members = [getattr(module, name, None) for name in names]
             if all(isinstance(m, FusedLoraLinear) for m in members) and packed(members, lora=True) is not None:
-                found.append([cast(LoraLinear, m.rewriter) for m in members if isinstance(m, FusedLoraLinear)])
+                layers = [cast(LoraLinear, m.rewriter) for m in members if isinstance(m, FusedLoraLinear)]
+                extended = lora_tail(members)
+                found.append((layers, None if extended is None else extended[-sum(
+                    int(layer.lora_A.weight.shape[0]) for layer in layers):]))
     return found
 
 

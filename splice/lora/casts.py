@@ -18,7 +18,8 @@ Sibling projections of one input (q/k/v, gate/up) whose bases sit packed in one 
 three GEMMs whatever its size (:func:`~splice.fused.modules.packed_lora`): ``A = [A_1; ..; A_G]`` (R, K)
 with ``R = r_1 + .. + r_G``, and ``B`` (N_1 + .. + N_G, R) block-diagonal with block ``j`` = ``s_j B_j``
 (the layer's scale folded in), so ``x A^T B^T`` is every layer's delta side by side. :func:`group_cast`
-hands it out.
+hands it out. Where the packed bases' buffer has rows for it (``groups`` gives them), ``A`` is written there,
+so the bases' GEMM computes ``x A^T`` too.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ class AdapterCasts:
     graph may read them), keyed by layer."""
 
     def __init__(self, model: nn.Module, *, dtype: torch.dtype,
-                 groups: Callable[[nn.Module], Sequence[Sequence[LoraLinear]]] | None = None) -> None:
+                 groups: Callable[[nn.Module], Sequence[tuple[Sequence[LoraLinear], Tensor | None]]] | None = None
+                 ) -> None:
         self.model, self.dtype, self.groups = model, dtype, groups
         # keyed by the layer object, which outlives its parameters (an FSDP2 gather makes new ones)
         self.copies: dict[int, Pair] = {}
@@ -88,20 +90,25 @@ class AdapterCasts:
                     self.copies[id(layer)] = held
                 held[0].copy_(a)
                 held[1].copy_(b)
-            keys = [self._refresh_group(group) for group in groups]
+            keys = [self._refresh_group(group, home) for group, home in groups]
         # only what this refresh wrote is handed out: a layer gone (or now in the compute dtype) reads its own
         self._held = (MappingProxyType({id(layer): self.copies[id(layer)] for layer in layers}),
                       MappingProxyType({key: self.group_copies[key] for key in keys}))
 
-    def _refresh_group(self, group: Sequence[LoraLinear]) -> tuple[int, ...]:
+    def _refresh_group(self, group: Sequence[LoraLinear], home: Tensor | None) -> tuple[int, ...]:
+        """Write the group's copies; ``home``: where its stacked ``A`` lives, if somewhere is given (the rows
+        after the packed bases: :func:`~splice.fused.projections.lora_tail`)."""
         ranks = [layer.lora_A.weight.shape[0] for layer in group]
         widths = [layer.lora_B.weight.shape[0] for layer in group]
         first = group[0].lora_A.weight
         shape_a, shape_b = (sum(ranks), first.shape[1]), (sum(widths), sum(ranks))
+        if home is not None and (home.shape != shape_a or home.dtype != self.dtype or home.device != first.device):
+            home = None
         key = tuple(id(layer) for layer in group)
         held = self.group_copies.get(key)
-        if held is None or held[0].shape != shape_a or held[1].shape != shape_b or held[0].device != first.device:
-            held = (torch.empty(shape_a, dtype=self.dtype, device=first.device),
+        if (held is None or held[0].shape != shape_a or held[1].shape != shape_b or held[0].device != first.device
+                or (home is not None and held[0].data_ptr() != home.data_ptr())):
+            held = (home if home is not None else torch.empty(shape_a, dtype=self.dtype, device=first.device),
                     torch.zeros(shape_b, dtype=self.dtype, device=first.device))  # off-diagonal: 0 for good
             self.group_copies[key] = held
         row = col = 0

@@ -11,7 +11,7 @@ from torch import nn
 
 from splice.engine.runner import ModelRunner
 from splice.engine.scheduler import Chunk, Sequence, StepPlan
-from splice.fused.projections import pack_projections, packed
+from splice.fused.projections import lora_tail, pack_projections, packed
 from splice.kernels.swiglu import swiglu_packed, swiglu_reference
 from splice.lora.apply import add_lora
 from splice.lora.layers import LoraConfig
@@ -176,6 +176,12 @@ def test_lora_bases_pack_and_packed_lora_adds_each_projections_own_adapter() -> 
     assert packed(qkv, lora=True)[0].data_ptr() == attn.q_proj.base.weight.data_ptr()  # type: ignore[index]
     casts.refresh()
     assert len(casts.group_copies) == 2 * len(model.model.layers)
+    # the stacked A lives in the rows packed after the bases (4 + 2 + 4 for q/k/v, 4 + 6 for gate/up)
+    extended = lora_tail(qkv)
+    assert extended is not None and extended.shape == (packed(qkv, lora=True)[0].shape[0] + 10, 32)  # type: ignore[index]
+    a_copy = casts.group_copies[tuple(id(m.rewriter) for m in qkv)][0]
+    assert a_copy.data_ptr() == extended[-10:].data_ptr()
+    assert lora_tail(gate_up) is not None and lora_tail(gate_up).shape[0] == 2 * 64 + 10  # type: ignore[union-attr]
     x = torch.randn(5, 1, 32, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     with torch.no_grad():
         assert packed_lora(qkv, x) is None  # outside the copies' block
@@ -193,3 +199,40 @@ def test_lora_bases_pack_and_packed_lora_adds_each_projections_own_adapter() -> 
         assert packed_lora(qkv, x) is None  # autograd on: training's own path
     base = torch.cat([m.base(x) for m in qkv], dim=-1)
     assert rel_err(want_qkv, base) > 0.1  # the adapters add something the check above would miss
+    # the A rows after the bases feed the one-GEMM path: zeroing them must change the output (they are read)
+    with torch.no_grad(), casts.active():
+        extended[-10:].zero_()
+        assert rel_err(packed_lora(qkv, x), want_qkv) > 0.05  # type: ignore[arg-type]
+        casts.refresh()  # (an engine call rewrites them)
+        assert rel_err(packed_lora(qkv, x), want_qkv) < 1e-2  # type: ignore[arg-type]
+
+
+def test_bases_packed_before_the_adapters_came_have_no_tail_and_take_three_gemms() -> None:
+    """Bases packed before LoRA was added have no rows after them: lora_tail is None, the group's A gets its own
+    copy, and packed_lora still gives each projection's output (three GEMMs). A clone of one base (a load, a
+    device move) unpacks the group: then no packed path at all."""
+    from splice.fused.apply import fuse
+    from splice.fused.modules import packed_lora, packed_lora_groups
+    from splice.lora.casts import AdapterCasts
+    from splice.lora.freeze import freeze
+
+    model = tiny.llama(seed=2).to(torch.bfloat16)
+    assert pack_projections(model)  # plain linears: no adapters, no rows after them
+    add_lora(model, LoraConfig(rank=4, alpha=8, targets="all-linear"))
+    tiny.randomize_lora(model, seed=4)
+    freeze(model)
+    fuse(model)
+    attn = model.model.layers[0].self_attn
+    qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+    assert packed(qkv, lora=True) is not None and lora_tail(qkv) is None
+    casts = AdapterCasts(model, dtype=torch.bfloat16, groups=packed_lora_groups)
+    casts.refresh()
+    a_copy = casts.group_copies[tuple(id(m.rewriter) for m in qkv)][0]
+    assert a_copy.untyped_storage().data_ptr() != attn.q_proj.base.weight.untyped_storage().data_ptr()
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    with torch.no_grad():
+        want = torch.cat([m(x) for m in qkv], dim=-1)
+        with casts.active():
+            assert rel_err(packed_lora(qkv, x), want) < 1e-2  # type: ignore[arg-type]
+        attn.k_proj.base.weight.data = attn.k_proj.base.weight.data.clone()
+        assert packed(qkv, lora=True) is None and lora_tail(qkv) is None
