@@ -210,13 +210,13 @@ final9)  # session 9, last call (~260 s): the FP8 quantize kernel's bits after t
   timeout 60 python3 benchmarks/paged_attention.py --out "$OUT/paged_attention.json" 2>&1 | tail -16
   ;;
 next10)  # the tenth session's first call (~420 s): GPU tests of the FP8 group node (q/k/v and gate/up over FP8
-  # bases as one node) and of the one-launch sampling noise, the rollout rows and every kernel of a rollout decode
+  # bases as one node), of the one-launch sampling noise and of the A rows after packed LoRA bases, the rollout rows and every kernel of a rollout decode
   # step (names the small ones), then C over FP8
   # against PEFT on this card (ninth session, H100: 18,153 tok/s, 3.35x, before the group node)
   timeout -s KILL 100 python3 -m pytest -q -n 8 -p no:cacheprovider -p no:warnings -rfE --tb=short \
     tests/quant/test_fp8.py tests/kernels/test_lora_group.py tests/kernels/test_fp8_rows.py \
     tests/kernels/test_exponential.py tests/engine/test_sampling.py tests/engine/test_gpu_paths_engine.py \
-    tests/training/test_grpo.py > "$OUT/tests-next10.txt" 2>&1
+    tests/fused/test_projections.py tests/lora/test_casts.py tests/training/test_grpo.py > "$OUT/tests-next10.txt" 2>&1
   echo "tests (rc $?):"; grep -E "FAILED|ERROR" "$OUT/tests-next10.txt" | tail -12; tail -2 "$OUT/tests-next10.txt"
   # the sampled rows against greedy show the one-launch noise (ninth session: +0.48 ms a step, a launch a row)
   timeout 130 python3 benchmarks/rollout_profile.py --all-kernels --json "$OUT/rollout_profile.json" 2>&1 | tail -150
