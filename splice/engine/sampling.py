@@ -299,8 +299,8 @@ def sample_step(logits: Tensor, params: Sequence[SamplingParams], generators: Se
     # row keyed by its generator's seed and offset (splice.kernels.exponential), else row by row
     if use_triton(probs) and all(g.device.type == "cuda" for g in drawing):
         seeds, draws = generator_keys(drawing)
-        noise = exponential_noise(len(drawing), probs.shape[1], seeds=to_device(seeds, torch.long, device),
+        noise = exponential_noise(probs.shape[1], seeds=to_device(seeds, torch.long, device),
                                   draws=to_device(draws, torch.long, device))
     else:
-        noise = exponential_noise_reference(len(drawing), probs.shape[1], drawing, device)
+        noise = exponential_noise_reference(probs.shape[1], drawing, device)
     return tokens.index_copy(0, index, (probs / noise).argmax(dim=-1))

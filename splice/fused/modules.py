@@ -157,11 +157,11 @@ def packed_lora_groups(model: nn.Module) -> list[tuple[list[LoraLinear], Tensor 
     for module in model.modules():
         for names in GROUPS:
             members = [getattr(module, name, None) for name in names]
-            if all(isinstance(m, FusedLoraLinear) for m in members) and packed(members, lora=True) is not None:
+            pair = packed(members, lora=True) if all(isinstance(m, FusedLoraLinear) for m in members) else None
+            if pair is not None:
                 layers = [cast(LoraLinear, m.rewriter) for m in members if isinstance(m, FusedLoraLinear)]
                 extended = lora_tail(members)
-                found.append((layers, None if extended is None else extended[-sum(
-                    int(layer.lora_A.weight.shape[0]) for layer in layers):]))
+                found.append((layers, None if extended is None else extended[pair[0].shape[0]:]))
     return found
 
 

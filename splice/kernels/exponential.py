@@ -68,11 +68,12 @@ def generator_keys(generators: Sequence[torch.Generator]) -> tuple[list[int], li
     return seeds, draws
 
 
-def exponential_noise(rows: int, vocab: int, *, seeds: Tensor, draws: Tensor) -> Tensor:
+def exponential_noise(vocab: int, *, seeds: Tensor, draws: Tensor) -> Tensor:
     """(rows, vocab) fp32 Exp(1) noise, row ``r`` from ``(seeds[r], draws[r])`` (int64 (rows,) tensors on the
     GPU): one Triton launch (module doc)."""
-    if seeds.shape != (rows,) or draws.shape != (rows,):
-        raise ValueError(f"exponential_noise: seeds and draws of shape ({rows},), got {tuple(seeds.shape)} and "
+    rows = seeds.shape[0]
+    if seeds.dim() != 1 or draws.shape != seeds.shape:
+        raise ValueError(f"exponential_noise: seeds and draws of one shape (rows,), got {tuple(seeds.shape)} and "
                          f"{tuple(draws.shape)}")
     if not use_triton(seeds, draws):
         raise ValueError("exponential_noise runs on a GPU (or under TRITON_INTERPRET=1): draw the rows from their "
@@ -84,10 +85,10 @@ def exponential_noise(rows: int, vocab: int, *, seeds: Tensor, draws: Tensor) ->
     return out
 
 
-def exponential_noise_reference(rows: int, vocab: int, generators: Sequence[torch.Generator],
-                                device: torch.device) -> Tensor:
-    """The same distribution row by row: ``exponential_`` from each row's generator, floored at 1.2e-38."""
-    noise = torch.empty((rows, vocab), dtype=torch.float32, device=device)
+def exponential_noise_reference(vocab: int, generators: Sequence[torch.Generator], device: torch.device) -> Tensor:
+    """(len(generators), vocab): the same distribution row by row, ``exponential_`` from each row's generator,
+    floored at 1.2e-38."""
+    noise = torch.empty((len(generators), vocab), dtype=torch.float32, device=device)
     for row, generator in enumerate(generators):
         noise[row].exponential_(generator=generator)
     return noise.clamp_min_(_TINY)
