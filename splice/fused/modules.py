@@ -138,7 +138,7 @@ def packed_lora(modules: Sequence[nn.Module], x: Tensor) -> Tensor | None:
     if copies is None or pair is None or uses_lora_kernels(x2):  # (_fusable: the bases share x's dtype)
         return None
     n = pair[0].shape[0]
-    extended = lora_tail(modules)
+    extended = lora_tail(modules, pair=pair)
     if extended is not None and extended[n:].data_ptr() == copies[0].data_ptr():  # A sits after the bases
         both = F.linear(x2, extended)  # (T, N + R) = [x W^T | x A^T]: one GEMM
         y, u = both[:, :n], both[:, n:]
@@ -160,7 +160,7 @@ def packed_lora_groups(model: nn.Module) -> list[tuple[list[LoraLinear], Tensor 
             pair = packed(members, lora=True) if all(isinstance(m, FusedLoraLinear) for m in members) else None
             if pair is not None:
                 layers = [cast(LoraLinear, m.rewriter) for m in members if isinstance(m, FusedLoraLinear)]
-                extended = lora_tail(members)
+                extended = lora_tail(members, pair=pair)
                 found.append((layers, None if extended is None else extended[pair[0].shape[0]:]))
     return found
 

@@ -100,13 +100,14 @@ def _lora_rank(modules: Sequence[object]) -> int:
     return sum(int(lora.lora_A.weight.shape[0]) for lora in loras) if len(loras) == len(modules) else 0
 
 
-def lora_tail(modules: Sequence[object]) -> Tensor | None:
+def lora_tail(modules: Sequence[object], *, pair: tuple[Tensor, Tensor | None] | None = None) -> Tensor | None:
     """For LoRA linears over bases :func:`pack_projections` packed: the bases' weight extended by the ``R`` rows
     packed after it (``R``: the adapters' summed rank), ``(N + R, K)``, a view of the group's own buffer. An
     engine call writes the stacked ``A`` into those rows (:mod:`splice.lora.casts`), so one GEMM gives
     ``[x W^T | x A^T]`` (:func:`~splice.fused.modules.packed_lora`). None when the buffer has no such rows (packed
-    before the adapters came, moved since, or biased bases)."""
-    pair, rank = packed(modules, lora=True), _lora_rank(modules)
+    before the adapters came, moved since, or biased bases). ``pair``: ``packed(modules, lora=True)`` if the
+    caller has it."""
+    pair, rank = pair or packed(modules, lora=True), _lora_rank(modules)
     if pair is None or pair[1] is not None or rank == 0:
         return None
     weight = pair[0]

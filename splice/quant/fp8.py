@@ -85,10 +85,7 @@ def scaled_mm_applies(out_features: int, in_features: int) -> bool:
     return out_features % _ALIGN == 0 and in_features % _ALIGN == 0
 
 
-def quantize_rows(t: Tensor, *, dtype: torch.dtype = FP8_DTYPE) -> tuple[Tensor, Tensor]:
-    """``t`` (M, K) as FP8 codes (M, K) and fp32 row scales (M, 1): ``t ~ codes * scales``, one kernel on a
-    GPU (:func:`splice.kernels.fp8_rows.quantize_rows`, whose doc gives the rounding)."""
-    return fp8_rows.quantize_rows(t, dtype=dtype)
+quantize_rows = fp8_rows.quantize_rows  # the one row quantizer (splice.kernels.fp8_rows), named here for callers
 
 
 def dequantize_fp8(qweight: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
@@ -108,7 +105,7 @@ def fp8_linear_reference(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor
     """
     x32 = x.float()
     if quantize_input:
-        codes, rows = quantize_rows(x.reshape(-1, x.shape[-1]))
+        codes, rows = fp8_rows.quantize_rows(x.reshape(-1, x.shape[-1]))
         x32 = (codes.float() * rows).reshape(x.shape)
     y = F.linear(x32, dequantize_fp8(qweight, scale, torch.float32), None if bias is None else bias.float())
     return y.to(x.dtype)
@@ -229,7 +226,7 @@ class FP8Linear(nn.Module):
     def from_float(cls, weight: Tensor, bias: nn.Parameter | None = None, *, dtype: torch.dtype | None = None,
                    keep_transpose: bool = False) -> FP8Linear:
         """Quantize a float (out, in) ``weight`` where it is (fp32 arithmetic)."""
-        codes, rows = quantize_rows(weight.detach().float())
+        codes, rows = fp8_rows.quantize_rows(weight.detach().float())
         compute = dtype or (weight.dtype if weight.dtype.is_floating_point else torch.bfloat16)
         return cls(codes, rows[:, 0], bias, compute_dtype=compute, keep_transpose=keep_transpose)
 
@@ -342,5 +339,5 @@ def from_checkpoint(qweight: Tensor, scale: Tensor, *, block: tuple[int, int] | 
     else:
         raise ValueError(f"FP8 checkpoint: a ({n}, {k}) weight with a scale of shape {tuple(scale.shape)} "
                          "(expected one value, (out,), (out, 1) or 2-D block scales)")
-    codes, rows = quantize_rows(qweight.float() * full)
+    codes, rows = fp8_rows.quantize_rows(qweight.float() * full)
     return codes, rows[:, 0]
