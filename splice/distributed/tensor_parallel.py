@@ -55,8 +55,8 @@ from splice.core.errors import UsageError
 from splice.core.rewrite import Node, Replace, innermost, rewrite
 from splice.kernels.dora import dora_weight_norm
 from splice.lora import adapter_file
-from splice.lora.adapter_file import AdapterError, _float_weight, base_shape, dora_output, require_linear
-from splice.lora.bank import HostAdapter
+from splice.lora.adapter_file import AdapterError, _float_weight, base_shape, dora_output
+from splice.lora.bank import HostAdapter, read_bank_file
 from splice.models.loading import _check_tokenizer_files, _finish_load, _resolve
 from splice.models.streaming import (
     _check_quantize,
@@ -171,9 +171,7 @@ class Sharding:
         one holds some columns of every row, so this rank's part of the squared norms waits in ``pending``
         for :meth:`finish` (a collective). The factor then scales this rank's partial output before the
         all-reduce, which is the same as scaling the sum; the bias is added after it."""
-        file = adapter_file.read_adapter(directory)
-        require_linear(file, holder="a LoRA bank", instead="merge it into the model to serve it (splice merge)",
-                       dora=True)
+        file = read_bank_file(directory)
         if file.needs_residual_base:
             raise AdapterError(f"{file.directory}: init_lora_weights {file.init!r}: its A and B apply to the residual "
                                "base W - s B0 A0, which a rank cannot re-derive from its slice; save it converted, "

@@ -49,7 +49,7 @@ from splice.lora.layers import LoraLinear
 from splice.lora.routing import Route, current_route, routed
 
 __all__ = ["SHARED_INPUT", "BankSite", "HostAdapter", "LoraBank", "add_bank_sites", "add_packed_delta", "bank_holds",
-           "bank_site", "read_adapter", "rescales_output", "shared_input_groups", "use_adapter_bank"]
+           "bank_site", "read_adapter", "read_bank_file", "rescales_output", "shared_input_groups", "use_adapter_bank"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,6 +68,13 @@ class HostAdapter:
         return sum(a.nbytes + b.nbytes for a, b in (*self.weights.values(), *self.dora.values()))
 
 
+def read_bank_file(directory: str | Path) -> adapter_file.AdapterFile:
+    """The PEFT adapter in ``directory`` if a bank can serve it (linear LoRA / DoRA): every bank reader's check."""
+    adapter = adapter_file.read_adapter(directory)
+    require_linear(adapter, holder="a LoRA bank", instead="merge it into the model to serve it (splice merge)", dora=True)
+    return adapter
+
+
 def read_adapter(directory: str | Path, *, name: str, base: nn.Module | None = None) -> HostAdapter:
     """The linear LoRA weights of a PEFT-format adapter folder (read by
     :func:`splice.lora.adapter_file.read_adapter`: JSON + safetensors, no pickle), scale folded in.
@@ -79,8 +86,7 @@ def read_adapter(directory: str | Path, *, name: str, base: nn.Module | None = N
     (:func:`splice.lora.adapter_file.on_original_base`). Without ``base`` it is refused.
     A DoRA adapter needs ``base`` too (its factors: :func:`splice.lora.adapter_file.dora_outputs`). Embedding
     and conv adapters are refused, and with ``base`` one that does not fit it (``check_adapter_fits``)."""
-    adapter = adapter_file.read_adapter(directory)
-    require_linear(adapter, holder="a LoRA bank", instead="merge it into the model to serve it (splice merge)", dora=True)
+    adapter = read_bank_file(directory)
     if adapter.config.use_dora and base is None:
         raise AdapterError(f"{adapter.directory} is a DoRA adapter: its magnitudes divide by the row norms of the "
                            "served weights W + s B A; pass base=model to read it against them (splice serve does; split over "
