@@ -23,6 +23,7 @@
 #   CALL=final9 bash benchmarks/device_plan.sh    # session 9 last: FP8 quantize bits, rollout profile, attention
 #   CALL=next10 bash benchmarks/device_plan.sh    # session 10 first: FP8 group tests, rollout kernels by name, C fp8
 #   CALL=next10b bash benchmarks/device_plan.sh   # session 10 second: GRPO at 512 tokens against TRL
+#   CALL=final10 bash benchmarks/device_plan.sh   # session 10 last: sibling adapters with dropout as one node, C fp8 + bf16
 #   CALL=fp8 bash benchmarks/device_plan.sh       # issue 30: FP8's 200-step parity vs PEFT, a profile of C fp8
 #   CALL=routes bash benchmarks/device_plan.sh    # session 8: graphs vs adapters_disabled, rollout_profile.py
 #   CALL=nf4sweep bash benchmarks/device_plan.sh  # the NF4 kernels' tile sweep, then the multi-LoRA layers (~200 s)
@@ -228,6 +229,20 @@ next10b)  # then (~270 s): GRPO at 512-token completions against TRL (TRL's warm
   timeout 260 python3 benchmarks/preference.py --out "$OUT/preference512" --grpo-steps 1 --completion 512 \
     --parts grpo --limit-grpo 250 2>&1 | tee "$OUT/preference512.txt" | tail -12
   ;;
+final10)  # session 10, after the GRPO call (~400 s): GPU tests of sibling adapters with dropout as one node (each its
+  # own mask: q/k/v and gate/up of config C, which trains with dropout 0.05, ran member by member before), then C
+  # over FP8 against PEFT with a profile (next10: 18,177 tok/s, 3.37x) and C in bf16 (ninth session: 14,947, 2.76x)
+  timeout -s KILL 150 python3 -m pytest -q -n 8 -p no:cacheprovider -p no:warnings -rfE --tb=short \
+    tests/kernels/test_lora_group.py tests/kernels/test_lora_linear.py tests/kernels/test_dora.py \
+    tests/kernels/test_gpu_paths_training.py tests/fused/test_modules.py tests/quant/test_fp8.py \
+    tests/training/test_graphs.py tests/quant/test_gpu_paths_fp8.py tests/memory/test_checkpointing.py \
+    tests/memory/test_stash.py > "$OUT/tests-final10.txt" 2>&1
+  echo "tests (rc $?):"; grep -E "FAILED|ERROR" "$OUT/tests-final10.txt" | tail -12; tail -2 "$OUT/tests-final10.txt"
+  timeout 170 python3 benchmarks/train_throughput.py --out "$OUT/c" --frameworks peft,splice --configs C \
+    --quantize fp8 --modes on+graphs --profile C --worker-timeout 80 2>&1 | tee "$OUT/c.txt" | grep -v "^  " | tail -24
+  timeout 110 python3 benchmarks/train_throughput.py --out "$OUT/c_bf16" --frameworks splice --configs C \
+    --modes on+graphs --worker-timeout 90 2>&1 | tee "$OUT/c_bf16.txt" | grep -v "^  " | tail -5
+  ;;
 fp8)  # issue 30 (~330 s): what the eighth session's FP8 call did not reach, the 200-step loss parity of FP8 base
   # weights against PEFT bf16 (P), then where an FP8 step of C goes (profile) next to splice bf16 in the same run
   timeout 170 python3 benchmarks/train_throughput.py --out "$OUT/fp8_parity" --frameworks peft,splice --configs P \
@@ -247,5 +262,5 @@ nf4sweep)  # the NF4 kernels' tiles at the 8B shapes, M = 1/8/32/64 (the default
   timeout 150 python3 benchmarks/nf4_gemv.py --json "$OUT/nf4_gemv.json" --budget 120 --jobs 16 2>&1 | tail -40
   timeout 45 python3 benchmarks/multi_lora.py --deadline-s 35 --json "$OUT/multi_lora.json" 2>&1 | tail -20
   ;;
-*) echo "CALL is 1, 2, 3, 4, quick, engine, close, one, verify, next, next9, next9b, fp8b, final9, next10, next10b, fp8, rollout, routes or nf4sweep"; exit 2 ;;
+*) echo "CALL is 1, 2, 3, 4, quick, engine, close, one, verify, next, next9, next9b, fp8b, final9, next10, next10b, final10, fp8, rollout, routes or nf4sweep"; exit 2 ;;
 esac

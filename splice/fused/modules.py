@@ -16,8 +16,8 @@ LoRA wrappers inside are unchanged), with a ``forward`` that calls a kernel from
 * Llama attention -> :class:`FusedRopeAttention`: q/k/v/o are still called, RoPE is one Triton
   launch for q and k, attention goes through the model's configured backend (sdpa, flash, ...).
 
-Sibling projections of one input (q/k/v, gate/up) whose adapters draw no dropout mask run as one
-autograd node (:func:`project`, :mod:`splice.kernels.lora_group`): the adapters' stacked
+Sibling projections of one input (q/k/v, gate/up) run as one autograd node (:func:`project`,
+:mod:`splice.kernels.lora_group`; with dropout, each adapter keeps its own mask): the adapters' stacked
 down-projection reads the input once, and the input gradients sum in the GEMMs.
 
 On CPU the same modules run the PyTorch reference paths. ``unfuse(model)`` puts the original
@@ -96,30 +96,35 @@ def _unread_projection(module: nn.Module, x: Tensor) -> Tensor:
 
 def project(modules: Sequence[nn.Module], x: Tensor, *, output: bool = True) -> list[Tensor]:
     """``[m(x) for m in modules]`` for sibling projections of one input (q/k/v, gate/up): one
-    :func:`~splice.kernels.lora_group.lora_group` node when every one is a fused LoRA linear without
-    dropout over a plain weight, or every one over an FP8 weight (``x`` read once by the adapters'
-    down-projection, and quantized once for the FP8 GEMMs), else one call each. ``output=False``:
-    only the backward is needed (:func:`_unread_projection`)."""
-    fused = [m for m in modules if isinstance(m, FusedLoraLinear) and m._fusable(x) and m._dropout_p() == 0]
+    :func:`~splice.kernels.lora_group.lora_group` node when every one is a fused LoRA linear over a plain
+    weight, or every one over an FP8 weight, with one dropout probability (and then, with dropout, one rank:
+    each keeps its own mask) (``x`` read once by the adapters' down-projection, and quantized once for the
+    FP8 GEMMs), else one call each. ``output=False``: only the backward is needed (:func:`_unread_projection`)."""
+    fused = [m for m in modules if isinstance(m, FusedLoraLinear) and m._fusable(x)]
     frozen = [_frozen_base(m.base) for m in fused]
-    if len(fused) < 2 or len(fused) != len(modules) or len({f is None for f in frozen}) > 1:
+    loras: list[LoraLinear] = [m.fn for m in fused]  # type: ignore[misc]
+    drops = {m._dropout_p() for m in fused}
+    p = drops.pop() if len(drops) == 1 else -1.0
+    if (len(fused) < 2 or len(fused) != len(modules) or len({f is None for f in frozen}) > 1 or p < 0
+            or (p > 0 and len({lora.lora_A.weight.shape[0] for lora in loras}) > 1)):
         return [m(x) if output else _unread_projection(m, x) for m in modules]
     bases = None if frozen[0] is None else [cast(FP8Linear, f) for f in frozen]
-    loras: list[LoraLinear] = [m.fn for m in fused]  # type: ignore[misc]
     lora_as, lora_bs = (list(t) for t in zip(*(_factors(lora, x) for lora in loras), strict=True))
+    # the members' keys in call order, as they would draw them one by one (a recompute replays them)
+    keys = torch.stack([new_keys(x.device) for _ in fused]) if p > 0 else None
     with torch.autocast(x.device.type, enabled=False):  # as FusedLoraLinear.forward: fp32 adapters kept exact
         u = None  # inside a checkpointed layer: the forward keeps the stacked U, its recompute reuses it
         if (replay := stash.active(replay=True)) is not None:
             u = replay.take()
         elif (record := stash.active(replay=False)) is not None:
-            u = lora_group_u(x, lora_as)
+            u = lora_group_u(x, lora_as, dropout_p=p, keys=keys)
             record.put(u)
         biases = [m.base.bias for m in fused]
         weights = [weight_of(m.base) for m in fused] if bases is None else [f.qweight for f in bases]
         return list(lora_group(
             x, weights, [b if isinstance(b, Tensor) else None for b in biases],
             lora_as, lora_bs, scales=[lora.scale for lora in loras],
-            output=output, u=u, bases=bases))
+            output=output, u=u, bases=bases, dropout_p=p, keys=keys))
 
 
 def packed_lora(modules: Sequence[nn.Module], x: Tensor) -> Tensor | None:

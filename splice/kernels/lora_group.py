@@ -15,8 +15,11 @@ G times in the down-projection and in ``dA``, adds the LoRA part of ``dx`` in on
 sums the base input gradients in the GEMMs' accumulator instead of G - 1 separate adds (autograd's sum of
 the gradients of a tensor used G times).
 
-No dropout: each member's dropout draws its own mask of ``x``, so there is no shared ``D(x)``; a caller
-with dropout on runs the members one by one (:class:`~splice.fused.modules.FusedLoraLinear` does).
+Dropout (``p > 0``, members of one rank ``r``): each member keeps its own mask ``D_j`` of ``x`` (keys row
+``j``, the mask :func:`~splice.kernels.lora_linear.lora_linear` draws for those keys), so ``U_j = D_j(x)
+A_j^T``, ``dA_j = T_j^T D_j(x)`` and ``dx``'s LoRA part is ``sum_j D_j(T_j A_j)``: the kernels take the
+members as blocks (:mod:`splice.kernels.lora_kernels`, ``members``), still reading ``x`` once from HBM and
+writing ``dx`` once; off the kernels, one masked matmul a member.
 Frozen bases that run their own GEMMs (``bases``: FP8 weights, :mod:`splice.quant.fp8`) compute ``x W_j^T``
 from one quantization of ``x`` shared by the members (``prepare``), and ``dx``'s base part as the sum of the
 members' own input-gradient GEMMs (an FP8 GEMM does not accumulate into an existing ``dx``).
@@ -34,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .dropout import dropout, dropout_add_
 from .lora_kernels import lora_down, lora_dx_add_, tn_reduce
 from .lora_linear import FrozenBase, _dense, _mm_f32, uses_lora_kernels
 
@@ -45,16 +49,31 @@ def _stacked(lora_as: Sequence[Tensor], dtype: torch.dtype, triton: bool) -> Ten
     return torch.cat([a.float() if triton else a.to(dtype) for a in lora_as]).contiguous()
 
 
-def _down(x2: Tensor, a: Tensor, triton: bool) -> Tensor:
-    """``U = x A^T`` (N, R): fp32 from the Triton kernel, else in x's dtype."""
-    return lora_down(x2, a) if triton else x2 @ a.T
+def _down(x2: Tensor, a: Tensor, triton: bool, p: float, keys: Tensor | None, members: int) -> Tensor:
+    """``U = [D_1(x) A_1^T .. D_G(x) A_G^T]`` (N, R) (``x A^T`` without dropout): fp32 from the Triton
+    kernel, else in x's dtype."""
+    if p == 0:
+        return lora_down(x2, a) if triton else x2 @ a.T
+    assert keys is not None
+    if triton:
+        return lora_down(x2, a, p, keys, members=members)
+    return torch.cat([dropout(x2, p, keys[j]) @ aj.T for j, aj in enumerate(a.chunk(members))], dim=1)
 
 
-def lora_group_u(x: Tensor, lora_as: Sequence[Tensor]) -> Tensor:
-    """``U = x [A_1; ..; A_G]^T`` (N, R) exactly as :func:`lora_group` computes it: for passing back as its ``u``."""
+def _check_dropout(p: float, keys: Tensor | None, ranks: Sequence[int]) -> None:
+    if p > 0 and (keys is None or keys.shape != (len(ranks), 2) or len(set(ranks)) > 1):
+        raise ValueError(f"lora_group: dropout {p} takes members of one rank and ({len(ranks)}, 2) keys, one row a "
+                         f"member; got ranks {list(ranks)} and keys {None if keys is None else tuple(keys.shape)}")
+
+
+def lora_group_u(x: Tensor, lora_as: Sequence[Tensor], *, dropout_p: float = 0.0,
+                 keys: Tensor | None = None) -> Tensor:
+    """``U`` (N, R) exactly as :func:`lora_group` computes it for the same ``keys``: for passing back as its ``u``."""
+    _check_dropout(dropout_p, keys, [a.shape[0] for a in lora_as])
     x2 = x.reshape(-1, x.shape[-1])
     triton = uses_lora_kernels(x2)
-    return _down(x2.contiguous() if triton else x2, _stacked(lora_as, x2.dtype, triton), triton)
+    return _down(x2.contiguous() if triton else x2, _stacked(lora_as, x2.dtype, triton), triton, dropout_p, keys,
+                 len(lora_as))
 
 
 class _LoraGroupFn(torch.autograd.Function):
@@ -62,7 +81,8 @@ class _LoraGroupFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, scales: tuple[float, ...], output: bool, given_u: Tensor | None,
-                bases: tuple[FrozenBase, ...] | None, x: Tensor, *tensors: Tensor | None) -> tuple[Tensor, ...]:
+                bases: tuple[FrozenBase, ...] | None, p: float, keys: Tensor | None, x: Tensor,
+                *tensors: Tensor | None) -> tuple[Tensor, ...]:
         g = len(scales)
         weights, biases = tensors[:g], tensors[g:2 * g]
         lora_as, lora_bs = tensors[2 * g:3 * g], tensors[3 * g:]
@@ -71,7 +91,7 @@ class _LoraGroupFn(torch.autograd.Function):
         if ctx.triton:
             x2 = x2.contiguous()
         a = _stacked(lora_as, x2.dtype, ctx.triton)  # type: ignore[arg-type]
-        u = given_u if given_u is not None else _down(x2, a, ctx.triton)
+        u = given_u if given_u is not None else _down(x2, a, ctx.triton, p, keys, g)
         # frozen bases (FP8) share what their GEMMs make of x (its quantization): the first that makes any
         prepared = next((p for p in (base.prepare(x2) for base in bases) if p is not None), None) \
             if bases is not None and output else None
@@ -95,7 +115,7 @@ class _LoraGroupFn(torch.autograd.Function):
         # the A parameters, not their stacked copy: re-stacked in the backward (R x K, cheap), so a saved
         # layer holds no copy of its adapters (checkpointing keeps many layers' saved tensors)
         ctx.save_for_backward(x2, u, *weights, *lora_as, *lora_bs)
-        ctx.scales, ctx.bases = scales, bases
+        ctx.scales, ctx.bases, ctx.p, ctx.keys = scales, bases, p, keys
         ctx.biased = tuple(bias is not None for bias in biases)
         ctx.x_shape = x.shape
         return tuple(outs)
@@ -107,9 +127,11 @@ class _LoraGroupFn(torch.autograd.Function):
         x2, u, *rest = ctx.saved_tensors
         weights, lora_as, lora_bs = rest[:g], rest[g:2 * g], rest[2 * g:]
         need = ctx.needs_input_grad
-        need_x = need[4]  # (scales, output, given_u, bases, x, then the tensors)
-        need_w, need_bias = need[5:5 + g], need[5 + g:5 + 2 * g]
-        need_a, need_b = any(need[5 + 2 * g:5 + 3 * g]), need[5 + 3 * g:]
+        need_x = need[6]  # (scales, output, given_u, bases, p, keys, x, then the tensors)
+        need_w, need_bias = need[7:7 + g], need[7 + g:7 + 2 * g]
+        need_a, need_b = any(need[7 + 2 * g:7 + 3 * g]), need[7 + 3 * g:]
+        p, keys = ctx.p, ctx.keys
+        members = g if p > 0 else 1  # without dropout, the stacked A is one block
         gs = [gr.reshape(-1, gr.shape[-1]).to(x2.dtype) for gr in grads]  # (N, out_j) each
         if ctx.triton:
             gs = [gr.contiguous() for gr in gs]
@@ -132,13 +154,21 @@ class _LoraGroupFn(torch.autograd.Function):
         if need_x:
             assert dx is not None
             if ctx.triton:
-                lora_dx_add_(dx, t, a, 0.0, 0)
+                lora_dx_add_(dx, t, a, p, 0 if keys is None else keys, members=members)
+            elif p > 0:
+                for j, (tj, aj) in enumerate(zip(t.split(ranks, dim=1), a.split(ranks))):
+                    dropout_add_(dx, tj @ aj, p, keys[j])
             else:
                 dx.addmm_(t, a)
             dx = dx.view(ctx.x_shape)
         das: list[Tensor | None] = [None] * g
         if need_a:
-            da = tn_reduce(t, x2) if ctx.triton else _mm_f32(t.T, x2)  # (R, K) fp32
+            if ctx.triton:
+                da = tn_reduce(t, x2, p, 0 if keys is None else keys, members=members)  # (R, K) fp32
+            elif p > 0:
+                da = torch.cat([_mm_f32(tj.T, dropout(x2, p, keys[j])) for j, tj in enumerate(t.split(ranks, dim=1))])
+            else:
+                da = _mm_f32(t.T, x2)
             das = [part.to(la.dtype) for part, la in zip(da.split(ranks), lora_as)]
         dbs: list[Tensor | None] = [None] * g
         dws: list[Tensor | None] = [None] * g
@@ -154,7 +184,7 @@ class _LoraGroupFn(torch.autograd.Function):
                 dws[j] = _mm_f32(gr.T, x2).to(w.dtype)
             if need_bias[j] and ctx.biased[j]:
                 dbiases[j] = gr.float().sum(0).to(w.dtype)
-        return None, None, None, None, dx, *dws, *dbiases, *das, *dbs
+        return None, None, None, None, None, None, dx, *dws, *dbiases, *das, *dbs
 
 
 def lora_group(
@@ -168,6 +198,8 @@ def lora_group(
     output: bool = True,
     u: Tensor | None = None,
     bases: Sequence[FrozenBase] | None = None,
+    dropout_p: float = 0.0,
+    keys: Tensor | None = None,
 ) -> tuple[Tensor, ...]:
     """``(y_1, .., y_G)``, ``y_j = x W_j^T + b_j + s_j (x A_j^T) B_j^T``, as one autograd node (module doc).
 
@@ -176,7 +208,8 @@ def lora_group(
     an activation-checkpoint recompute). ``u``: the stacked down-projection from :func:`lora_group_u`
     (a recompute reuses the forward's). ``bases``: frozen bases that run their own GEMMs, one per member
     (:class:`~splice.kernels.lora_linear.FrozenBase`, e.g. FP8 weights: ``x`` is quantized once for all of
-    them); ``weights`` are then their stored weights, which give only the output widths."""
+    them); ``weights`` are then their stored weights, which give only the output widths. ``dropout_p`` /
+    ``keys`` ((G, 2) int32, member ``j``'s mask from row ``j``; members of one rank): module doc."""
     g = len(weights)
     if not (len(biases) == len(lora_as) == len(lora_bs) == len(scales) == g) or g == 0:
         raise ValueError(f"lora_group: {g} weights, {len(biases)} biases, {len(lora_as)} A, {len(lora_bs)} B "
@@ -185,7 +218,9 @@ def lora_group(
         raise ValueError(f"lora_group: {g} weights and {len(bases)} frozen bases: give one base per member")
     if bases is None and any(w.dtype != x.dtype for w in weights):
         raise TypeError(f"lora_group: x ({x.dtype}) and every weight ({[w.dtype for w in weights]}) must share a dtype")
+    _check_dropout(dropout_p, keys, [a.shape[0] for a in lora_as])
     outs: tuple[Tensor, ...] = _LoraGroupFn.apply(tuple(float(s) for s in scales), bool(output), u,
-                                                  None if bases is None else tuple(bases), x, *weights,
+                                                  None if bases is None else tuple(bases), float(dropout_p),
+                                                  keys if dropout_p > 0 else None, x, *weights,
                                                   *biases, *lora_as, *lora_bs)
     return outs

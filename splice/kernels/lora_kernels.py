@@ -9,6 +9,13 @@ index ``n * K + k`` (the same mask :func:`~splice.kernels.dropout.dropout` draws
   ``U`` and the output gradient);
 * :func:`lora_dx_add_`: ``dx += D(T A)`` in place -- the adapter's input gradient.
 
+``members > 1`` (sibling adapters over one ``x``, :mod:`splice.kernels.lora_group`, with dropout): ``A`` is
+``G`` stacked ``(r, K)`` blocks and ``T`` / ``U`` ``G`` column blocks of ``r``, member ``g`` with its own mask
+``D_g`` (keys row ``g`` of a ``(G, 2)`` tensor): ``U_g = D_g(x) A_g^T``, ``dA_g = T_g^T D_g(x)``, ``dx +=
+sum_g D_g(T_g A_g)``. The member is the fastest grid axis of the first two, so the programs of one ``x``
+tile run together and read it from HBM once (L2 serves the others); the third loops over the members
+and writes ``dx`` once.
+
 fp32 operands (``A``, ``T``) enter the bf16 tensor-core dots split in two, ``hi = bf16(v)``,
 ``lo = bf16(v - hi)``, so products carry ~16 mantissa bits while the 16-bit activations are read
 once and never upcast in memory: the adapter math is as exact as PEFT's fp32 path at the cost of
@@ -52,13 +59,16 @@ if HAS_TRITON:
     from .dropout import keep_mask, load_keys
 
     @triton.jit(do_not_specialize=["threshold"])
-    def _lora_down(x_ptr, a_ptr, u_ptr, N, K, R, k_per_split, keys_ptr, threshold, scale,
+    def _lora_down(x_ptr, a_ptr, u_ptr, N, K, R, RT, k_per_split, keys_ptr, threshold, scale,
                    BN: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, DROPOUT: tl.constexpr,
                    ATOMIC: tl.constexpr):
-        k1, k2 = load_keys(keys_ptr)  # unused (and never loaded) without DROPOUT
-        rows = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
+        # program (member, row block, K split); R: rows of A a member, RT: columns of U (R x members)
+        member = tl.program_id(0)
+        k1, k2 = load_keys(keys_ptr + 2 * member)  # unused (and never loaded) without DROPOUT
+        a_ptr += member * R * K
+        rows = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
         rr = tl.arange(0, RP)
-        k_start = tl.program_id(1) * k_per_split
+        k_start = tl.program_id(2) * k_per_split
         k_stop = tl.minimum(k_start + k_per_split, K)
         acc = tl.zeros((BN, RP), dtype=tl.float32)
         for k0 in range(0, k_per_split, BK):
@@ -74,7 +84,7 @@ if HAS_TRITON:
             acc += tl.dot(x, tl.trans(a_hi))
             acc += tl.dot(x, tl.trans(a_lo))
         acc *= scale
-        out = u_ptr + rows[:, None] * R + rr[None, :]
+        out = u_ptr + rows[:, None] * RT + member * R + rr[None, :]
         inside = (rows[:, None] < N) & (rr[None, :] < R)
         if ATOMIC:
             tl.atomic_add(out, acc, mask=inside)
@@ -82,12 +92,16 @@ if HAS_TRITON:
             tl.store(out, acc, mask=inside)
 
     @triton.jit(do_not_specialize=["threshold"])
-    def _tn_reduce(t_ptr, x_ptr, out_ptr, N, K, R, n_per_split, keys_ptr, threshold, scale,
+    def _tn_reduce(t_ptr, x_ptr, out_ptr, N, K, R, RT, n_per_split, keys_ptr, threshold, scale,
                    BN: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, DROPOUT: tl.constexpr):
-        k1, k2 = load_keys(keys_ptr)
-        cols = tl.program_id(0).to(tl.int64) * BK + tl.arange(0, BK)
+        # program (member, column block, N split): member's R rows of out from its R columns of T (RT wide)
+        member = tl.program_id(0)
+        k1, k2 = load_keys(keys_ptr + 2 * member)
+        t_ptr += member * R
+        out_ptr += member * R * K
+        cols = tl.program_id(1).to(tl.int64) * BK + tl.arange(0, BK)
         rr = tl.arange(0, RP)
-        n_start = tl.program_id(1) * n_per_split
+        n_start = tl.program_id(2) * n_per_split
         n_stop = tl.minimum(n_start + n_per_split, N)
         acc = tl.zeros((RP, BK), dtype=tl.float32)
         for n0 in range(0, n_per_split, BN):
@@ -96,7 +110,7 @@ if HAS_TRITON:
             x = tl.load(x_ptr + offs, mask=(rows[:, None] < n_stop) & (cols[None, :] < K), other=0.0)
             if DROPOUT:
                 x = tl.where(keep_mask(offs, k1, k2, threshold), x, tl.zeros_like(x))
-            t = tl.load(t_ptr + rows[:, None] * R + rr[None, :],
+            t = tl.load(t_ptr + rows[:, None] * RT + rr[None, :],
                         mask=(rows[:, None] < n_stop) & (rr[None, :] < R), other=0.0)
             t_hi = t.to(x.dtype)
             t_lo = (t - t_hi.to(tl.float32)).to(x.dtype)
@@ -108,23 +122,28 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["threshold"])
     def _lora_dx(dx_ptr, t_ptr, a_ptr, N, K, R, keys_ptr, threshold, scale,
-                 BN: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, DROPOUT: tl.constexpr):
-        k1, k2 = load_keys(keys_ptr)
+                 BN: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, DROPOUT: tl.constexpr,
+                 MEMBERS: tl.constexpr):
+        # dx tile += sum over the members of D_m(T_m A_m); T is (N, R * MEMBERS), A (R * MEMBERS, K)
         rows = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
         cols = tl.program_id(1).to(tl.int64) * BK + tl.arange(0, BK)
         rr = tl.arange(0, RP)
-        t = tl.load(t_ptr + rows[:, None] * R + rr[None, :], mask=(rows[:, None] < N) & (rr[None, :] < R),
-                    other=0.0)
-        a = tl.load(a_ptr + rr[:, None] * K + cols[None, :], mask=(rr[:, None] < R) & (cols[None, :] < K),
-                    other=0.0)
-        dt = dx_ptr.dtype.element_ty
-        prod = tl.dot(t.to(dt), a.to(dt))  # (BN, BK): bf16 operands suffice for a bf16 gradient
         offs = rows[:, None] * K + cols[None, :]
         inside = (rows[:, None] < N) & (cols[None, :] < K)
-        if DROPOUT:
-            prod = tl.where(keep_mask(offs, k1, k2, threshold), prod * scale, 0.0)
+        dt = dx_ptr.dtype.element_ty
+        total = tl.zeros((BN, BK), dtype=tl.float32)
+        for m in tl.static_range(MEMBERS):
+            t = tl.load(t_ptr + rows[:, None] * (R * MEMBERS) + m * R + rr[None, :],
+                        mask=(rows[:, None] < N) & (rr[None, :] < R), other=0.0)
+            a = tl.load(a_ptr + (m * R + rr[:, None]) * K + cols[None, :],
+                        mask=(rr[:, None] < R) & (cols[None, :] < K), other=0.0)
+            prod = tl.dot(t.to(dt), a.to(dt))  # (BN, BK): bf16 operands suffice for a bf16 gradient
+            if DROPOUT:
+                k1, k2 = load_keys(keys_ptr + 2 * m)
+                prod = tl.where(keep_mask(offs, k1, k2, threshold), prod * scale, 0.0)
+            total += prod
         dx = tl.load(dx_ptr + offs, mask=inside, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + offs, (dx + prod).to(dt), mask=inside)
+        tl.store(dx_ptr + offs, (dx + total).to(dt), mask=inside)
 
 
 _SMS: dict[int, int] = {}
@@ -143,52 +162,70 @@ def _rp(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-def _dropout_args(p: float, keys: int | Tensor, alpha: float, like: Tensor) -> tuple[Tensor, int, float]:
-    """(keys pointer, threshold, scale); without dropout the pointer is never read."""
+def _dropout_args(p: float, keys: int | Tensor, alpha: float, like: Tensor, members: int = 1
+                  ) -> tuple[Tensor, int, float]:
+    """(keys pointer, threshold, scale); without dropout the pointer is never read. ``members > 1``: one
+    key pair a member, ``keys`` (members, 2) int32."""
+    if p > 0 and members > 1:
+        if not isinstance(keys, Tensor) or keys.shape != (members, 2) or keys.dtype != torch.int32:
+            raise ValueError(f"{members} members with dropout take ({members}, 2) int32 keys, got {keys!r}")
+        return keys.to(like.device).contiguous(), threshold(p), alpha / (1.0 - p)
     return (as_keys(keys, like.device) if p > 0 else like), threshold(p), alpha / (1.0 - p)
 
 
+def _member_rows(rows: int, members: int, what: str) -> int:
+    """Rows (or columns) of one member of ``rows`` split evenly in ``members``."""
+    if members < 1 or rows % members:
+        raise ValueError(f"{what}: {rows} rows do not split into {members} equal members")
+    return rows // members
+
+
 def lora_down(x: Tensor, a: Tensor, p: float = 0.0, keys: int | Tensor = 0, *, alpha: float = 1.0,
-              tiles: Tiles | None = None) -> Tensor:
-    """``alpha * D(x) @ a^T`` in fp32: x (N, K) contiguous 16-bit, a (R, K) fp32 contiguous."""
+              tiles: Tiles | None = None, members: int = 1) -> Tensor:
+    """``alpha * D(x) @ a^T`` in fp32: x (N, K) contiguous 16-bit, a (R, K) fp32 contiguous; ``members``:
+    ``a`` is that many equal blocks of rows, each with its own mask (module doc)."""
     n, k = x.shape
-    r = a.shape[0]
+    rt = a.shape[0]
+    r = _member_rows(rt, members, "lora_down")
     t = tiles or TILES["down"]
     blocks = triton.cdiv(n, t.bn)
     split = max(1, min(triton.cdiv(k, 4 * t.bk), (t.waves * _sms(x.device)) // blocks))
     k_per_split = triton.cdiv(triton.cdiv(k, split), t.bk) * t.bk
     split = triton.cdiv(k, k_per_split)
-    u = (torch.zeros if split > 1 else torch.empty)((n, r), dtype=torch.float32, device=x.device)
-    _lora_down[(blocks, split)](x, a, u, n, k, r, k_per_split, *_dropout_args(p, keys, alpha, x),
+    u = (torch.zeros if split > 1 else torch.empty)((n, rt), dtype=torch.float32, device=x.device)
+    _lora_down[(members, blocks, split)](x, a, u, n, k, r, rt, k_per_split, *_dropout_args(p, keys, alpha, x, members),
                                 BN=t.bn, BK=t.bk, RP=_rp(r), DROPOUT=p > 0, ATOMIC=split > 1,
                                 num_warps=t.warps, num_stages=t.stages)
     return u
 
 
 def tn_reduce(t: Tensor, x: Tensor, p: float = 0.0, keys: int | Tensor = 0, *, alpha: float = 1.0,
-              tiles: Tiles | None = None) -> Tensor:
-    """``alpha * t^T @ D(x)`` in fp32: t (N, R) fp32, x (N, K) 16-bit, contiguous; result (R, K)."""
+              tiles: Tiles | None = None, members: int = 1) -> Tensor:
+    """``alpha * t^T @ D(x)`` in fp32: t (N, R) fp32, x (N, K) 16-bit, contiguous; result (R, K);
+    ``members``: ``t``'s columns are that many equal blocks, each with its own mask (module doc)."""
     n, k = x.shape
-    r = t.shape[1]
+    rt = t.shape[1]
+    r = _member_rows(rt, members, "tn_reduce")
     ts = tiles or TILES["reduce"]
     blocks = triton.cdiv(k, ts.bk)
     split = max(1, min(triton.cdiv(n, 2 * ts.bn), (ts.waves * _sms(x.device)) // blocks))
     n_per_split = triton.cdiv(triton.cdiv(n, split), ts.bn) * ts.bn
     split = triton.cdiv(n, n_per_split)
-    out = torch.zeros((r, k), dtype=torch.float32, device=x.device)
-    _tn_reduce[(blocks, split)](t, x, out, n, k, r, n_per_split, *_dropout_args(p, keys, alpha, x),
+    out = torch.zeros((rt, k), dtype=torch.float32, device=x.device)
+    _tn_reduce[(members, blocks, split)](t, x, out, n, k, r, rt, n_per_split, *_dropout_args(p, keys, alpha, x, members),
                                 BN=ts.bn, BK=ts.bk, RP=_rp(r), DROPOUT=p > 0,
                                 num_warps=ts.warps, num_stages=ts.stages)
     return out
 
 
 def lora_dx_add_(dx: Tensor, t: Tensor, a: Tensor, p: float, keys: int | Tensor, *,
-                 tiles: Tiles | None = None) -> Tensor:
-    """``dx += D(t @ a)`` in place: dx (N, K) 16-bit, t (N, R) fp32, a (R, K) fp32, contiguous."""
+                 tiles: Tiles | None = None, members: int = 1) -> Tensor:
+    """``dx += D(t @ a)`` in place: dx (N, K) 16-bit, t (N, R) fp32, a (R, K) fp32, contiguous;
+    ``members``: ``dx += sum_g D_g(t_g @ a_g)`` over that many equal blocks (module doc)."""
     n, k = dx.shape
-    r = t.shape[1]
+    r = _member_rows(t.shape[1], members, "lora_dx_add_")
     ts = tiles or TILES["dx"]
     _lora_dx[(triton.cdiv(n, ts.bn), triton.cdiv(k, ts.bk))](
-        dx, t, a, n, k, r, *_dropout_args(p, keys, 1.0, dx), BN=ts.bn, BK=ts.bk, RP=_rp(r),
-        DROPOUT=p > 0, num_warps=ts.warps, num_stages=ts.stages)
+        dx, t, a, n, k, r, *_dropout_args(p, keys, 1.0, dx, members), BN=ts.bn, BK=ts.bk, RP=_rp(r),
+        DROPOUT=p > 0, MEMBERS=members, num_warps=ts.warps, num_stages=ts.stages)
     return dx

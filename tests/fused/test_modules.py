@@ -64,19 +64,31 @@ def test_fuse_bf16_base_fp32_adapters() -> None:
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_sibling_projections_run_as_one_node_without_dropout(dropout: float) -> None:
-    """q/k/v and gate/up: one lora_group node each when no dropout mask is drawn (training with dropout:
-    a node per projection, each with its own mask); o and down alone. Same values either way."""
+def test_sibling_projections_run_as_one_node_each_adapter_with_its_own_mask(dropout: float) -> None:
+    """q/k/v and gate/up: one lora_group node each, in training with dropout too (each adapter keeps its
+    own mask: the keys drawn in the same order give each projection's values and gradients called alone);
+    in eval (no mask) equal to each projection called alone."""
     model = lora_llama(dropout=dropout)
     fuse(model)
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
-    x = torch.randn(2, 5, 64, requires_grad=True)
     model.train()
-    qkv = project([attn.q_proj, attn.k_proj, attn.v_proj], x)
-    gate_up = project([mlp.gate_proj, mlp.up_proj], x)
-    nodes = {type(t.grad_fn).__name__ for t in (*qkv, *gate_up)}
-    assert nodes == ({"_LoraGroupFnBackward"} if dropout == 0 else {"_LoraLinearFnBackward"})
+    for group in ([attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]):
+        x = torch.randn(2, 5, 64, requires_grad=True)
+        params = [p for m in group for p in m.parameters() if p.requires_grad]
+        torch.manual_seed(7)
+        outs = project(group, x)
+        assert {type(t.grad_fn).__name__ for t in outs} == {"_LoraGroupFnBackward"}
+        dys = [torch.randn_like(t) for t in outs]
+        grads = torch.autograd.grad(outs, [x, *params], dys)
+        torch.manual_seed(7)
+        singles = [module(x) for module in group]
+        assert {type(t.grad_fn).__name__ for t in singles} == {"_LoraLinearFnBackward"}
+        for out, single in zip(outs, singles):
+            torch.testing.assert_close(out, single, rtol=1e-5, atol=1e-6)
+        for got, want in zip(grads, torch.autograd.grad(singles, [x, *params], dys)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     model.eval()  # no mask in eval: grouped, and equal to each projection called alone
+    x = torch.randn(2, 5, 64, requires_grad=True)
     for group in ([attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]):
         outs = project(group, x)
         assert {type(t.grad_fn).__name__ for t in outs} == {"_LoraGroupFnBackward"}
