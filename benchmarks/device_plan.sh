@@ -23,7 +23,8 @@
 #   CALL=final9 bash benchmarks/device_plan.sh    # session 9 last: FP8 quantize bits, rollout profile, attention
 #   CALL=next10 bash benchmarks/device_plan.sh    # session 10 first: FP8 group tests, rollout kernels by name, C fp8
 #   CALL=next10b bash benchmarks/device_plan.sh   # session 10 second: GRPO at 512 tokens against TRL
-#   CALL=final10 bash benchmarks/device_plan.sh   # session 10 last: sibling adapters with dropout as one node, C fp8 + bf16
+#   CALL=final10 bash benchmarks/device_plan.sh   # session 10 third: sibling adapters with dropout as one node, C fp8 + bf16
+#   CALL=grpo2 bash benchmarks/device_plan.sh     # session 10 last: GRPO 512 against TRL, two timed steps each
 #   CALL=fp8 bash benchmarks/device_plan.sh       # issue 30: FP8's 200-step parity vs PEFT, a profile of C fp8
 #   CALL=routes bash benchmarks/device_plan.sh    # session 8: graphs vs adapters_disabled, rollout_profile.py
 #   CALL=nf4sweep bash benchmarks/device_plan.sh  # the NF4 kernels' tile sweep, then the multi-LoRA layers (~200 s)
@@ -243,6 +244,11 @@ final10)  # session 10, after the GRPO call (~400 s): GPU tests of sibling adapt
   timeout 110 python3 benchmarks/train_throughput.py --out "$OUT/c_bf16" --frameworks splice --configs C \
     --modes on+graphs --worker-timeout 90 2>&1 | tee "$OUT/c_bf16.txt" | grep -v "^  " | tail -5
   ;;
+grpo2)  # session 10 (~300 s): GRPO at 512-token completions against TRL again, two timed steps each (next10b:
+  # one each, 7.23 s against 36.87 s; TRL's host-bound rollouts have taken 22.6-31.8 s on these cards)
+  timeout 380 python3 benchmarks/preference.py --out "$OUT/grpo2" --grpo-steps 2 --completion 512 \
+    --parts grpo --limit-grpo 330 2>&1 | tee "$OUT/grpo2.txt" | tail -12
+  ;;
 fp8)  # issue 30 (~330 s): what the eighth session's FP8 call did not reach, the 200-step loss parity of FP8 base
   # weights against PEFT bf16 (P), then where an FP8 step of C goes (profile) next to splice bf16 in the same run
   timeout 170 python3 benchmarks/train_throughput.py --out "$OUT/fp8_parity" --frameworks peft,splice --configs P \
@@ -262,5 +268,5 @@ nf4sweep)  # the NF4 kernels' tiles at the 8B shapes, M = 1/8/32/64 (the default
   timeout 150 python3 benchmarks/nf4_gemv.py --json "$OUT/nf4_gemv.json" --budget 120 --jobs 16 2>&1 | tail -40
   timeout 45 python3 benchmarks/multi_lora.py --deadline-s 35 --json "$OUT/multi_lora.json" 2>&1 | tail -20
   ;;
-*) echo "CALL is 1, 2, 3, 4, quick, engine, close, one, verify, next, next9, next9b, fp8b, final9, next10, next10b, final10, fp8, rollout, routes or nf4sweep"; exit 2 ;;
+*) echo "CALL is 1, 2, 3, 4, quick, engine, close, one, verify, next, next9, next9b, fp8b, final9, next10, next10b, final10, grpo2, fp8, rollout, routes or nf4sweep"; exit 2 ;;
 esac
