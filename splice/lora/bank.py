@@ -6,11 +6,9 @@ slot per resident adapter. A call routed with ``Route(bank=bank, slots=...)`` (s
 :mod:`splice.lora.routing`) adds ``B[slot] A[slot] x`` per batch row or token through
 :mod:`splice.kernels.multi_lora`: a shrink and an expand launch per projection whatever the mix of
 adapters, ranks and targets (an adapter that does not target a module has zeros in its slot).
-Sibling projections that read one input (q/k/v, gate/up: :data:`SHARED_INPUT`) keep their A side by
-side, (S, G, R, K), and the first one called shrinks for all: its siblings, called next on the same
-input, only expand (a decode step's launches are most of its adapter cost). A caller that runs such a
-group's base linears as one GEMM adds the group's deltas with :func:`add_packed_delta` (one shrink, one
-expand into the packed output; B is stored in the same order).
+Sibling projections of one input (q/k/v, gate/up: :data:`SHARED_INPUT`) keep their A side by side, (S, G,
+R, K): the first one called shrinks for all, its siblings only expand. A caller that runs the group's bases
+as one GEMM adds their deltas with :func:`add_packed_delta` (one shrink, one expand; B in the same order).
 
 DoRA too: with frozen weights DoRA's factor ``g = m / ||W + s B A||`` (N,) (PEFT's fp32 row norms) is a
 constant, computed once from the served weights; the module gives ``g (y + delta) + (1 - g) bias`` (``y =
@@ -76,16 +74,13 @@ def read_bank_file(directory: str | Path) -> adapter_file.AdapterFile:
 
 
 def read_adapter(directory: str | Path, *, name: str, base: nn.Module | None = None) -> HostAdapter:
-    """The linear LoRA weights of a PEFT-format adapter folder (read by
-    :func:`splice.lora.adapter_file.read_adapter`: JSON + safetensors, no pickle), scale folded in.
+    """The linear LoRA weights of a PEFT-format adapter folder (JSON + safetensors, no pickle), scale folded in.
 
-    A PiSSA/OLoRA adapter (``init_lora_weights`` "pissa"/"olora") trained its A and B on the
-    residual base ``W - s B0 A0``; the bank adds deltas to the served model's own weights ``W``, so
-    with ``base`` (the served model, its original weights) it is converted as PEFT does: ``A0``,
-    ``B0`` re-derived from ``W`` and the rank-2r plain LoRA ``[A; A0]``, ``[B, -B0]`` served
-    (:func:`splice.lora.adapter_file.on_original_base`). Without ``base`` it is refused.
-    A DoRA adapter needs ``base`` too (its factors: :func:`splice.lora.adapter_file.dora_outputs`). Embedding
-    and conv adapters are refused, and with ``base`` one that does not fit it (``check_adapter_fits``)."""
+    A PiSSA/OLoRA adapter trained its A and B on the residual base ``W - s B0 A0``; the bank adds deltas to
+    the served ``W``, so with ``base`` (the served model) it is converted as PEFT does: the rank-2r LoRA
+    ``[A; A0]``, ``[B, -B0]`` (:func:`~splice.lora.adapter_file.on_original_base`); without ``base`` refused.
+    A DoRA adapter needs ``base`` too (:func:`~splice.lora.adapter_file.dora_outputs`). Embedding and conv
+    adapters are refused, and with ``base`` one that does not fit it (``check_adapter_fits``)."""
     adapter = read_bank_file(directory)
     if adapter.config.use_dora and base is None:
         raise AdapterError(f"{adapter.directory} is a DoRA adapter: its magnitudes divide by the row norms of the "
