@@ -20,8 +20,9 @@ head (a tile is ``BLOCK_Q`` query tokens x ``G`` heads, so ``tl.dot`` runs on >=
 decode), with an online softmax in fp32. When too few tiles exist to fill the GPU (small-batch
 decode at long context) the context is split into partitions whose partial results (running max,
 sum, unnormalized output) a second small kernel merges. Programs find their sequence by a binary
-search over ``qsl`` on the device; the grid depends only on host ints (``T``, ``B``,
-``max_query_len``, ``max_seq_len``), and programs past a sequence's length exit at once, so the call
+search over ``qsl`` on the device (in a decode call tile ``b`` is sequence ``b``); the grid depends
+only on host ints (``T``, ``B``, ``max_query_len``, ``max_seq_len``), and programs past a sequence's
+length exit at once, so the call
 never syncs with the host and a CUDA graph can capture it with upper bounds. Any head_dim works
 (padded to a power of two >= 16 under masks: 80 and 96 too); fp16 / bf16 / fp32 (fp32: IEEE dots).
 
@@ -196,7 +197,10 @@ class KernelConfig:
     (padded to >= 16 rows); ``block_n`` keys per inner step; the context is split into partitions
     of >= ``min_partition`` keys only while that brings the programs up to ``programs_per_sm`` per SM.
     ``unmasked_steps``: the steps below the causal edge run in a second loop without masks (prefill
-    tiles: +30% on the H200; decode: the second loop's buffers cost occupancy, -10% at batch 128)."""
+    tiles: +30% on the H200; decode: the second loop's buffers cost occupancy, -10% at batch 128).
+    ``direct_decode``: in a decode call (``max_query_len <= 1``) tile ``b`` is sequence ``b``, one query
+    token, found without the binary search over ``query_start_loc`` (a chain of dependent loads that
+    every program of a short-context decode otherwise waits on first)."""
 
     block_q: int
     block_n: int
@@ -205,6 +209,7 @@ class KernelConfig:
     min_partition: int = 128
     programs_per_sm: int = 2
     unmasked_steps: bool = False
+    direct_decode: bool = True
 
 
 def _pow2(n: int) -> int:
@@ -243,13 +248,15 @@ def paged_attention_triton(
     hkv, block_size = key_cache.shape[2], key_cache.shape[1]
     group, seqs = hq // hkv, seq_lens.shape[0]
     cfg = config or default_config(decode=max_query_len <= 1, group=group, head_dim=d)
+    direct = cfg.direct_decode and max_query_len <= 1  # tile b = sequence b (KernelConfig)
+    block_q = 1 if direct else cfg.block_q
     q = q if q.stride(-1) == 1 else q.contiguous()
     key_cache, value_cache = (c if c.stride(-1) == 1 else c.contiguous() for c in (key_cache, value_cache))
     fits = out is not None and out.stride(-1) == 1
     result = out if out is not None and fits else torch.empty_like(q, memory_format=torch.contiguous_format)
     # the grid's tile count bounds sum_b ceil(L_b / block_q) (module doc: binary search on the device)
-    tiles = tokens // cfg.block_q + seqs
-    busy = max(seqs, -(-tokens // cfg.block_q)) * hkv  # tiles with work, estimated from host ints
+    tiles = seqs if direct else tokens // block_q + seqs
+    busy = max(seqs, -(-tokens // block_q)) * hkv  # tiles with work, estimated from host ints
     part_len = _partition_len(cfg, tiles=busy, max_seq_len=max_seq_len, device=q.device)
     parts = -(-max_seq_len // part_len) if part_len else 1
     g_pad, d_pad = _pow2(group), max(16, _pow2(d))
@@ -262,10 +269,11 @@ def paged_attention_triton(
         q, key_cache, value_cache, result, *(partial or (result, result)), block_tables, seq_lens,
         query_start_loc, seqs, tokens * hq * parts, qk_scale, cap, window, part_len or (1 << 30), parts,
         q.stride(0), q.stride(1), result.stride(0), result.stride(1), *key_cache.stride()[:3],
-        *value_cache.stride()[:3], block_tables.stride(0), GROUP=group, G_PAD=g_pad, BLOCK_Q=cfg.block_q,
-        ROWS=max(16, cfg.block_q * g_pad), BLOCK_N=cfg.block_n, BS=block_size, D=d, D_PAD=d_pad,
+        *value_cache.stride()[:3], block_tables.stride(0), GROUP=group, G_PAD=g_pad, BLOCK_Q=block_q,
+        ROWS=max(16, block_q * g_pad), BLOCK_N=cfg.block_n, BS=block_size, D=d, D_PAD=d_pad,
         SPLIT=partial is not None, SOFTCAP=softcap > 0, WINDOW=window > 0,
-        IEEE=key_cache.dtype == torch.float32, UNMASKED=cfg.unmasked_steps and window == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        IEEE=key_cache.dtype == torch.float32, UNMASKED=cfg.unmasked_steps and window == 0, DIRECT=direct,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if partial is not None:
         _reduce_kernel[(tokens, hq)](
             result, *partial, seq_lens, query_start_loc, seqs, tokens * hq * parts, window, part_len, parts,
@@ -354,14 +362,20 @@ if triton is not None:
         stride_vh, stride_bt, GROUP: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
         ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
         SPLIT: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, IEEE: tl.constexpr,
-        UNMASKED: tl.constexpr,
+        UNMASKED: tl.constexpr, DIRECT: tl.constexpr,
     ):
         # program (tile, kv head h, partition): rows r = (query m = r // G_PAD, head h * GROUP + r % G_PAD)
         tile, h, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        b = _find_sequence(qsl_ptr, tile, num_seqs, BLOCK_Q, True)
-        q_start = tl.load(qsl_ptr + b)
-        q_len = tl.load(qsl_ptr + b + 1) - q_start
-        first_q = (tile - q_start // BLOCK_Q - b) * BLOCK_Q  # the tile's first query within the sequence
+        if DIRECT:  # a decode call: tile b is sequence b, its one query (or none) at qsl[b]
+            b = tile
+            q_start = tl.load(qsl_ptr + b)
+            q_len = tl.load(qsl_ptr + b + 1) - q_start
+            first_q = 0
+        else:
+            b = _find_sequence(qsl_ptr, tile, num_seqs, BLOCK_Q, True)
+            q_start = tl.load(qsl_ptr + b)
+            q_len = tl.load(qsl_ptr + b + 1) - q_start
+            first_q = (tile - q_start // BLOCK_Q - b) * BLOCK_Q  # the tile's first query within the sequence
         if first_q >= q_len:
             return
         first_pos = tl.load(seq_lens_ptr + b) - q_len  # position of the sequence's first query

@@ -31,6 +31,7 @@ TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 1e-2), torch.float16:
 MIXED = [(1, 1), (BS - 1, 1), (BS + 1, 1), (1000, 1), (BS + 1, BS + 1), (40, 7), (1000, 37), (BS, BS - 1),
          (129, 3)]
 DECODES = [(n, 1) for n in (1, 5, BS, 33, 300, 1000)]
+DECODE_GAPS = [(5, 1), (33, 0), (300, 1), (BS, 0), (1000, 1)]  # a decode call where some sequences have no query
 PREFILL = [(130, 130), (70, 23), (200, 74)]  # chunks at positions 126 + 32 i: tiles ending just below a 64-key edge
 
 
@@ -117,6 +118,7 @@ CASES = [
     (DECODES, 8, 1, 128, 100, 5.0),
     (PREFILL, 4, 1, 16, 0, 0.0),
     (PREFILL + DECODES[:2], 8, 2, 80, 0, 0.0),
+    (DECODE_GAPS, 8, 2, 64, 0, 0.0),
 ]
 
 
@@ -167,6 +169,19 @@ def test_kernel_tilings_and_partitions(config: KernelConfig, window: int, device
     case = make_case(MIXED, hq=8, hkv=2, d=32, dtype=torch.float32, device=device, seed=5)
     got = run(paged_attention_triton, case, scale=0.2, window=window, config=config)
     check(got, case, torch.float32, scale=0.2, window=window)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lens", [DECODES, DECODE_GAPS])
+def test_decode_calls_find_their_sequences_directly_as_the_search_does(lens: list[tuple[int, int]],
+                                                                        device: str) -> None:
+    """A decode call's tile b is sequence b (direct_decode, the default): the same output as the binary search."""
+    _kernel_or_skip(device, torch.float32)
+    case = make_case(lens, hq=8, hkv=2, d=32, dtype=torch.float32, device=device, seed=4)
+    searched = KernelConfig(block_q=4, block_n=64, num_warps=4, num_stages=3, direct_decode=False)
+    direct = run(paged_attention_triton, case, scale=0.2)
+    torch.testing.assert_close(direct, run(paged_attention_triton, case, scale=0.2, config=searched))
+    check(direct, case, torch.float32, scale=0.2)
 
 
 @pytest.mark.parametrize("device", DEVICES)
