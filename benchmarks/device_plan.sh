@@ -24,7 +24,8 @@
 #   CALL=next10 bash benchmarks/device_plan.sh    # session 10 first: FP8 group tests, rollout kernels by name, C fp8
 #   CALL=next10b bash benchmarks/device_plan.sh   # session 10 second: GRPO at 512 tokens against TRL
 #   CALL=final10 bash benchmarks/device_plan.sh   # session 10 third: sibling adapters with dropout as one node, C fp8 + bf16
-#   CALL=grpo2 bash benchmarks/device_plan.sh     # session 10 last: GRPO 512 against TRL, two timed steps each
+#   CALL=grpo2 bash benchmarks/device_plan.sh     # session 10 fourth: GRPO 512 against TRL, two timed steps each
+#   CALL=pa10 bash benchmarks/device_plan.sh      # session 10 last: paged attention decode without the search
 #   CALL=fp8 bash benchmarks/device_plan.sh       # issue 30: FP8's 200-step parity vs PEFT, a profile of C fp8
 #   CALL=routes bash benchmarks/device_plan.sh    # session 8: graphs vs adapters_disabled, rollout_profile.py
 #   CALL=nf4sweep bash benchmarks/device_plan.sh  # the NF4 kernels' tile sweep, then the multi-LoRA layers (~200 s)
@@ -249,6 +250,17 @@ grpo2)  # session 10 (~300 s): GRPO at 512-token completions against TRL again, 
   timeout 380 python3 benchmarks/preference.py --out "$OUT/grpo2" --grpo-steps 2 --completion 512 \
     --parts grpo --limit-grpo 330 2>&1 | tee "$OUT/grpo2.txt" | tail -12
   ;;
+pa10)  # session 10, last (~260 s): paged attention decode without the binary search (direct_decode): its GPU
+  # tests and the engine's, the kernel against the searched tiles and SDPA (B=64 x 192 is a rollout's), a rollout
+  # step (next10: 9.81 ms seeded, attention ~0.9 ms of it)
+  timeout -s KILL 100 python3 -m pytest -q -n 8 -p no:cacheprovider -p no:warnings -rfE --tb=short \
+    tests/kernels/test_paged_attention.py tests/engine/test_gpu_paths_engine.py tests/engine/test_runner.py \
+    tests/engine/test_attention.py tests/engine/test_engine.py \
+    tests/memory/test_stash.py > "$OUT/tests-pa10.txt" 2>&1
+  echo "tests (rc $?):"; grep -E "FAILED|ERROR" "$OUT/tests-pa10.txt" | tail -12; tail -2 "$OUT/tests-pa10.txt"
+  timeout 80 python3 benchmarks/paged_attention.py --out "$OUT/paged_attention.json" 2>&1 | tail -32
+  timeout 100 python3 benchmarks/rollout_profile.py --json "$OUT/rollout_profile.json" 2>&1 | tail -10
+  ;;
 fp8)  # issue 30 (~330 s): what the eighth session's FP8 call did not reach, the 200-step loss parity of FP8 base
   # weights against PEFT bf16 (P), then where an FP8 step of C goes (profile) next to splice bf16 in the same run
   timeout 170 python3 benchmarks/train_throughput.py --out "$OUT/fp8_parity" --frameworks peft,splice --configs P \
@@ -268,5 +280,5 @@ nf4sweep)  # the NF4 kernels' tiles at the 8B shapes, M = 1/8/32/64 (the default
   timeout 150 python3 benchmarks/nf4_gemv.py --json "$OUT/nf4_gemv.json" --budget 120 --jobs 16 2>&1 | tail -40
   timeout 45 python3 benchmarks/multi_lora.py --deadline-s 35 --json "$OUT/multi_lora.json" 2>&1 | tail -20
   ;;
-*) echo "CALL is 1, 2, 3, 4, quick, engine, close, one, verify, next, next9, next9b, fp8b, final9, next10, next10b, final10, grpo2, fp8, rollout, routes or nf4sweep"; exit 2 ;;
+*) echo "CALL is 1, 2, 3, 4, quick, engine, close, one, verify, next, next9, next9b, fp8b, final9, next10, next10b, final10, grpo2, pa10, fp8, rollout, routes or nf4sweep"; exit 2 ;;
 esac

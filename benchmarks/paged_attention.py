@@ -3,8 +3,9 @@
     PYTHONPATH=. python benchmarks/paged_attention.py --out DIR/paged_attention.json
 
 Llama-3-8B attention (Hq 32, Hkv 8, head_dim 128, bf16), block size 16, blocks shuffled. Decode at
-batch 1 / 32 / 128 x context 128 / 1,024 / 4,096, and a 2,048-token prefill chunk (a full prefill
-and a chunk after 2,048 cached tokens). Each call is timed inside a CUDA graph of ``REPS`` calls
+batch 1 / 32 / 128 x context 128 / 1,024 / 4,096 and batch 64 x 192 (a GRPO rollout's), each also with
+``direct_decode`` off (the sequence found by the binary search, "variant ... search"), and a 2,048-token
+prefill chunk (a full prefill and a chunk after 2,048 cached tokens). Each call is timed inside a CUDA graph of ``REPS`` calls
 (how the engine runs it: no launch overhead), median of several replays. Bandwidth = bytes of K/V
 read + q read + out written, over the time; the ceiling is the measured read bandwidth (a sum over
 2 GiB; a device-to-device copy, read + write, is reported beside it).
@@ -18,7 +19,7 @@ import argparse
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -139,7 +140,8 @@ def variants(decode: bool) -> list[KernelConfig | None]:
 def row_line(r: dict) -> str:
     cfg = r.get("config")
     brief = (f"q{cfg['block_q']} n{cfg['block_n']} w{cfg['num_warps']} s{cfg['num_stages']} "
-             f"p{cfg['min_partition']}x{cfg['programs_per_sm']}") if cfg else ""
+             f"p{cfg['min_partition']}x{cfg['programs_per_sm']}"
+             + ("" if cfg.get("direct_decode", True) else " search")) if cfg else ""
     return (f"{r['case']:30} {r['impl']:18} {r['ms'] * 1e3:8.1f} {r['bandwidth_tb_s']:5.2f} {r['of_read']:7.1%} "
             f"{r['tflops']:7.1f} {r['max_abs_err']:7.4f}  {brief}")
 
@@ -154,6 +156,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}: copy {copy / 1e12:.2f} TB/s (read + write), read {ceiling / 1e12:.2f} TB/s")
     rows: list[dict] = []
     cases = [(f"decode B={b} ctx={c}", b, c, 1) for b in (1, 32, 128) for c in (128, 1024, 4096)]
+    cases += [("decode B=64 ctx=192", 64, 192, 1)]  # a GRPO rollout's (64 sequences, 64 + 128 tokens)
     cases += [("prefill 2048 (full)", 1, 2048, 2048), ("prefill chunk 2048 @ ctx 4096", 1, 4096, 2048)]
     sweep_cases = {"decode B=1 ctx=4096", "decode B=32 ctx=1024", "decode B=128 ctx=4096", "prefill 2048 (full)"}
     out = Path(cli.out)
@@ -161,6 +164,8 @@ def main() -> None:
     print(f"{'case':30} {'impl':18} {'us':>8} {'TB/s':>5} {'of read':>7} {'TFLOP/s':>7} {'max err':>7}  config")
     for label, b, c, q_len in cases:
         configs = variants(q_len == 1) if cli.sweep and label in sweep_cases else [None]
+        if q_len == 1:  # the decode default against the same tiles finding sequences by the binary search
+            configs.insert(1, replace(default_config(decode=True, group=HQ // HKV, head_dim=D), direct_decode=False))
         for r in measure(label, b, c, q_len, ceiling, configs):
             rows.append(r)
             print(row_line(r), flush=True)
