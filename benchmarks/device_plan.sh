@@ -25,7 +25,8 @@
 #   CALL=next10b bash benchmarks/device_plan.sh   # session 10 second: GRPO at 512 tokens against TRL
 #   CALL=final10 bash benchmarks/device_plan.sh   # session 10 third: sibling adapters with dropout as one node, C fp8 + bf16
 #   CALL=grpo2 bash benchmarks/device_plan.sh     # session 10 fourth: GRPO 512 against TRL, two timed steps each
-#   CALL=pa10 bash benchmarks/device_plan.sh      # session 10 last: paged attention decode without the search
+#   CALL=pa10 bash benchmarks/device_plan.sh      # session 10 fifth: paged attention decode without the search
+#   CALL=gemv10 bash benchmarks/device_plan.sh    # session 10 last: the few-row decode GEMM against cuBLAS
 #   CALL=fp8 bash benchmarks/device_plan.sh       # issue 30: FP8's 200-step parity vs PEFT, a profile of C fp8
 #   CALL=routes bash benchmarks/device_plan.sh    # session 8: graphs vs adapters_disabled, rollout_profile.py
 #   CALL=nf4sweep bash benchmarks/device_plan.sh  # the NF4 kernels' tile sweep, then the multi-LoRA layers (~200 s)
@@ -261,6 +262,13 @@ pa10)  # session 10, last (~260 s): paged attention decode without the binary se
   timeout 110 python3 benchmarks/paged_attention.py --out "$OUT/paged_attention.json" 2>&1 | tail -34
   timeout 100 python3 benchmarks/rollout_profile.py --json "$OUT/rollout_profile.json" 2>&1 | tail -10
   ;;
+gemv10)  # session 10 (~150 s): the few-row decode GEMM (splice.kernels.gemv) against its reference, then its
+  # tile configs at the 8B shapes, M = 1, 4, 8, 16, against cuBLAS's addmm_ (the engine's o / down) and linear
+  timeout -s KILL 60 python3 -m pytest -q -p no:cacheprovider -p no:warnings -rfE --tb=short \
+    tests/kernels/test_gemv.py > "$OUT/tests-gemv10.txt" 2>&1
+  echo "tests (rc $?):"; grep -E "FAILED|ERROR" "$OUT/tests-gemv10.txt" | tail -12; tail -2 "$OUT/tests-gemv10.txt"
+  timeout 150 python3 benchmarks/decode_gemm.py --gemv --rows 1,4,8,16 --json "$OUT/gemv.json" 2>&1 | tail -30
+  ;;
 fp8)  # issue 30 (~330 s): what the eighth session's FP8 call did not reach, the 200-step loss parity of FP8 base
   # weights against PEFT bf16 (P), then where an FP8 step of C goes (profile) next to splice bf16 in the same run
   timeout 170 python3 benchmarks/train_throughput.py --out "$OUT/fp8_parity" --frameworks peft,splice --configs P \
@@ -280,5 +288,5 @@ nf4sweep)  # the NF4 kernels' tiles at the 8B shapes, M = 1/8/32/64 (the default
   timeout 150 python3 benchmarks/nf4_gemv.py --json "$OUT/nf4_gemv.json" --budget 120 --jobs 16 2>&1 | tail -40
   timeout 45 python3 benchmarks/multi_lora.py --deadline-s 35 --json "$OUT/multi_lora.json" 2>&1 | tail -20
   ;;
-*) echo "CALL is 1, 2, 3, 4, quick, engine, close, one, verify, next, next9, next9b, fp8b, final9, next10, next10b, final10, grpo2, pa10, fp8, rollout, routes or nf4sweep"; exit 2 ;;
+*) echo "CALL is 1, 2, 3, 4, quick, engine, close, one, verify, next, next9, next9b, fp8b, final9, next10, next10b, final10, grpo2, pa10, gemv10, fp8, rollout, routes or nf4sweep"; exit 2 ;;
 esac

@@ -1,0 +1,112 @@
+"""A decode GEMM for a few rows: ``y = add_to + x @ W^T`` streaming ``W`` once, in one launch.
+
+Math and shapes: ``x`` (M, K) and ``W`` (N, K) bf16 / fp16 (``M`` at most :data:`MAX_ROWS`), ``add_to``
+(M, N) or None; ``y[m, n] = add_to[m, n] + sum_k x[m, k] W[n, k]``, accumulated in fp32, rounded once to
+``x``'s dtype. With ``out`` the result is written there (it may be ``add_to`` itself: the residual stream
+updated in place, as the engine's decoder layer does).
+
+Why: a decode step reads each weight once, so each projection is bounded by its bytes over the card's
+bandwidth. For one to a few rows cuBLAS picks skinny tiles and, for the square and tall weights (o and down of
+a Llama), a split-K GEMM plus a reduction kernel: the ninth session's H100 measured o (4096 x 4096) at M = 1
+in 22.2 us against an 11.1 us floor, and the q/k/v GEMM at 78% of its floor (``benchmarks/decode_gemm.py``).
+
+The kernel: program ``j`` owns ``BLOCK_N`` output features (all ``M`` rows, padded to 16 for ``tl.dot``) and
+walks the whole K, loading ``(BLOCK_N, BLOCK_K)`` tiles of ``W`` with the next ones in flight (``num_stages``)
+and ``x^T``'s ``(BLOCK_K, 16)`` slice from L2. Small ``BLOCK_N`` makes enough programs to keep every SM
+streaming without splitting K, so there is no second kernel and no workspace; the residual add is the epilogue.
+:func:`gemv_reference` is the plain PyTorch definition (fp32 accumulation), the CPU path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import HAS_TRITON, use_triton
+
+__all__ = ["MAX_ROWS", "GemvConfig", "default_config", "gemv", "gemv_applies", "gemv_reference"]
+
+MAX_ROWS = 16  # rows of x one program serves (tl.dot's narrow side); more rows: cuBLAS's GEMM tiles pay
+
+
+@dataclass(frozen=True, kw_only=True)
+class GemvConfig:
+    """``block_n`` output features a program, ``block_k`` weight columns a step, Triton's warps and stages."""
+
+    block_n: int = 16
+    block_k: int = 256
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+def default_config(n: int, k: int) -> GemvConfig:
+    """The tiles for an ``(N, K)`` weight (placeholder until a device sweep picks them per shape)."""
+    return GemvConfig(block_n=16, block_k=256 if k >= 256 else max(16, 1 << (k - 1).bit_length()))
+
+
+def gemv_applies(x: Tensor, weight: Tensor) -> bool:
+    """Whether :func:`gemv` runs the kernel: Triton for these tensors, 16-bit, at most ``MAX_ROWS`` rows."""
+    return (use_triton(x, weight) and x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and x.dtype == weight.dtype
+            and x.dtype in (torch.bfloat16, torch.float16) and weight.dim() == 2 and x.shape[1] == weight.shape[1])
+
+
+def gemv_reference(x: Tensor, weight: Tensor, *, add_to: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+    """``add_to + x @ W^T`` in plain PyTorch, accumulated in fp32, rounded once (module doc)."""
+    y = x.float() @ weight.float().t()
+    if add_to is not None:
+        y += add_to.float()
+    if out is None:
+        return y.to(x.dtype)
+    return out.copy_(y)
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, add_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_am, stride_om,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, ADD: tl.constexpr):
+        # program j: out[:, j*BLOCK_N : (j+1)*BLOCK_N] = add + x @ W[rows]^T, acc (BLOCK_N, BLOCK_M) fp32
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ms = tl.arange(0, BLOCK_M)
+        row_ok, m_ok = rows < N, ms < M
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            col_ok = cols < K
+            # the weight streams through once; x (read by every program) should stay in L2
+            w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                        other=0.0, eviction_policy="evict_first")
+            xt = tl.load(x_ptr + ms[None, :] * stride_xm + cols[:, None], mask=m_ok[None, :] & col_ok[:, None],
+                         other=0.0, eviction_policy="evict_last")
+            acc = tl.dot(w, xt, acc)
+        inside = row_ok[:, None] & m_ok[None, :]
+        if ADD:
+            acc += tl.load(add_ptr + ms[None, :] * stride_am + rows[:, None], mask=inside, other=0.0).to(tl.float32)
+        tl.store(out_ptr + ms[None, :] * stride_om + rows[:, None], acc.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def gemv(x: Tensor, weight: Tensor, *, add_to: Tensor | None = None, out: Tensor | None = None,
+         config: GemvConfig | None = None) -> Tensor:
+    """``add_to + x @ W^T`` (module doc) for ``x`` (M, K) and ``weight`` (N, K): the kernel where
+    :func:`gemv_applies`, else :func:`gemv_reference`. ``out`` (M, N), row-major: written in place (may be
+    ``add_to``). Returns the result ((M, N) in x's dtype)."""
+    m, k = x.shape
+    n = weight.shape[0]
+    for name, t in (("add_to", add_to), ("out", out)):
+        if t is not None and (t.shape != (m, n) or t.stride(1) != 1):
+            raise ValueError(f"gemv: {name} must be a row-major ({m}, {n}) tensor, got {tuple(t.shape)} "
+                             f"with strides {t.stride()}")
+    if not gemv_applies(x, weight) or weight.stride(1) != 1 or x.stride(1) != 1:
+        return gemv_reference(x, weight, add_to=add_to, out=out)
+    cfg = config or default_config(n, k)
+    result = out if out is not None else torch.empty((m, n), dtype=x.dtype, device=x.device)
+    added = add_to if add_to is not None else result  # never read without ADD
+    _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
+        x, weight, added, result, m, n, k, x.stride(0), weight.stride(0), added.stride(0), result.stride(0),
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_M=MAX_ROWS, ADD=add_to is not None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return result
