@@ -264,10 +264,12 @@ pa10)  # session 10, last (~260 s): paged attention decode without the binary se
   ;;
 gemv10)  # session 10 (~150 s): the few-row decode GEMM (splice.kernels.gemv) against its reference, then its
   # tile configs at the 8B shapes, M = 1, 4, 8, 16, against cuBLAS's addmm_ (the engine's o / down) and linear
-  timeout -s KILL 60 python3 -m pytest -q -p no:cacheprovider -p no:warnings -rfE --tb=short \
-    tests/kernels/test_gemv.py > "$OUT/tests-gemv10.txt" 2>&1
+  # (with the paged attention and engine GPU tests that pa10's 100 s cut off)
+  timeout -s KILL 120 python3 -m pytest -q -n 8 -p no:cacheprovider -p no:warnings -rfE --tb=short \
+    tests/kernels/test_gemv.py tests/kernels/test_paged_attention.py tests/engine/test_gpu_paths_engine.py \
+    > "$OUT/tests-gemv10.txt" 2>&1
   echo "tests (rc $?):"; grep -E "FAILED|ERROR" "$OUT/tests-gemv10.txt" | tail -12; tail -2 "$OUT/tests-gemv10.txt"
-  timeout 150 python3 benchmarks/decode_gemm.py --gemv --rows 1,4,8,16 --json "$OUT/gemv.json" 2>&1 | tail -30
+  timeout 120 python3 benchmarks/decode_gemm.py --gemv --rows 1,8,16 --json "$OUT/gemv.json" 2>&1 | tail -30
   ;;
 fp8)  # issue 30 (~330 s): what the eighth session's FP8 call did not reach, the 200-step loss parity of FP8 base
   # weights against PEFT bf16 (P), then where an FP8 step of C goes (profile) next to splice bf16 in the same run
