@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from splice.core.family import PAGED_ATTENTION_CLASSES
@@ -33,6 +32,7 @@ from splice.core.rewrite import Node, Replace, innermost, rewrite, share_state
 from splice.fused.modules import FusedRopeAttention, packed_lora, project
 from splice.fused.projections import packed
 from splice.fused.varlen import VarlenAttention, window_and_softcap
+from splice.kernels.gemv import decode_linear
 from splice.kernels.paged_attention import paged_attention
 from splice.kernels.rope_cache import rope_write_kv
 from splice.lora.adapter_file import base_shape
@@ -136,7 +136,7 @@ class PagedAttention(nn.Module):
         pair = None if torch.is_grad_enabled() else packed(projections)
         flat = hidden.reshape(tokens, -1)
         if pair is not None:
-            qkv = add_packed_delta(projections, flat, F.linear(flat, *pair))  # (T, Nq+Nk+Nv)
+            qkv = add_packed_delta(projections, flat, decode_linear(flat, *pair))  # (T, Nq+Nk+Nv)
         elif (qkv := packed_lora(projections, flat)) is None:  # type: ignore[assignment]  # not a LoRA model's rollouts
             q, k, v = project(projections, hidden)
             return q.view(tokens, -1, d), k.view(tokens, -1, d), v.view(tokens, -1, d)

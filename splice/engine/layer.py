@@ -8,9 +8,10 @@ computes, on hidden states ``x`` (T, 1, H)::
 
 At decode batch sizes every kernel of a layer costs a few microseconds whatever its size, and the
 two residual adds are two of the dozen a layer launches. :func:`run_layer` computes the same sums
-with the add in the GEMM's epilogue, in place on the residual stream: ``x.addmm_(a, W^T)`` (cuBLAS's
-``beta = 1``; the out-of-place ``torch.addmm`` first copies ``x`` into its result, a copy kernel per
-call: two a layer, as the 64 copy kernels a step of the H200 decode profile of 2026-12-06), where
+with the add in the GEMM's epilogue, in place on the residual stream (:func:`~splice.kernels.gemv.decode_linear`:
+the one-launch few-row kernel up to 16 rows, else ``x.addmm_(a, W^T)``, cuBLAS's ``beta = 1``; the out-of-place
+``torch.addmm`` first copies ``x`` into its result, a copy kernel per call: two a layer, as the 64 copy kernels a
+step of the H200 decode profile of 2026-12-06), where
 ``o_proj`` / ``down_proj`` are plain linears without bias (an adapter bank's site over one included:
 its delta is added after, :func:`~splice.lora.bank.add_packed_delta`). Any other projection (LoRA,
 quantized, biased, or one a DoRA adapter in the bank rescales) runs its own forward, then the add; any
@@ -30,6 +31,7 @@ from splice.core.family import RESIDUAL_MLP_LAYERS
 from splice.engine.attention import PagedAttention
 from splice.fused.modules import FusedLoraLinear, FusedSwiGLUMLP
 from splice.fused.projections import packed
+from splice.kernels.gemv import decode_linear
 from splice.lora.bank import add_packed_delta, rescales_output
 
 __all__ = ["linear_residual", "run_layer"]
@@ -49,7 +51,7 @@ def linear_residual(module: nn.Module, x: Tensor, residual: Tensor) -> Tensor:
         return residual + module(x)
     tokens = x.shape[0]
     flat = x.reshape(tokens, -1)
-    y = residual.view(tokens, -1).addmm_(flat, pair[0].t())  # (T, N) = residual + x W^T, in place
+    y = decode_linear(flat, pair[0], accumulate=residual.view(tokens, -1))  # (T, N) = residual + x W^T, in place
     return add_packed_delta([module], flat, y).view_as(residual)
 
 

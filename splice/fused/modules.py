@@ -43,6 +43,7 @@ from splice.core.rewrite import Around, share_state, weight_of
 from splice.fused.projections import GROUPS, lora_tail, packed
 from splice.fused.varlen import PACKING_KWARG, Packing, attend_packed, check_no_dropout
 from splice.kernels.dropout import new_keys
+from splice.kernels.gemv import decode_linear
 from splice.kernels.lora_group import lora_group, lora_group_u
 from splice.kernels.lora_linear import lora_linear, lora_u, uses_lora_kernels
 from splice.kernels.rmsnorm import rms_norm
@@ -313,7 +314,7 @@ class FusedSwiGLUMLP(nn.Module):
         in inference, :mod:`splice.fused.projections`)."""
         pair = None if torch.is_grad_enabled() else packed([self.gate_proj, self.up_proj])
         if pair is not None:
-            return swiglu_packed(add_packed_delta([self.gate_proj, self.up_proj], x, F.linear(x, *pair)))
+            return swiglu_packed(add_packed_delta([self.gate_proj, self.up_proj], x, decode_linear(x, *pair)))
         if (both := packed_lora([self.gate_proj, self.up_proj], x)) is not None:  # a LoRA model's rollouts
             return swiglu_packed(both)
         gate, up = project([self.gate_proj, self.up_proj], x)

@@ -196,3 +196,32 @@ def test_graphs_captured_under_one_routing_never_replay_under_another(tiny_token
     assert base != adapted
     assert tokens(fast) == adapted == tokens(plain)
     assert fast.runner.cuda_graphs and fast.graph_failure is None, fast.graph_failure
+
+
+@GPU
+def test_decode_gemms_of_few_rows_run_the_gemv_kernel_and_give_cublas_tokens(tiny_tokenizer, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """bf16 decode (at most 16 rows): packed q/k/v, o, packed gate/up and down run splice.kernels.gemv (captured in
+    the CUDA graphs), and the greedy tokens equal those of the cuBLAS path (gemv switched off)."""
+    import splice.kernels.gemv as gemv_module
+
+    shapes: set[tuple[int, ...]] = set()
+    original = gemv_module.gemv
+
+    def spy(*args: Any, **kwargs: Any) -> torch.Tensor:
+        shapes.add(tuple(args[1].shape))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(gemv_module, "gemv", spy)
+    prompts = [list(tiny_tokenizer(p)["input_ids"]) for p in PROMPTS[:4]]
+
+    def greedy() -> list[list[int]]:
+        model = tiny.build_tiny_llama(len(tiny_tokenizer), seed=3).to(torch.bfloat16).cuda()
+        engine = Engine(model, tiny_tokenizer, max_seqs=4, max_len=64, block_size=4, kv_blocks=80, token_budget=64)
+        tokens = [list(r.generated) for r in engine.generate(prompts, SamplingParams(max_tokens=8))]
+        assert engine.graph_failure is None
+        return tokens
+
+    with_gemv = greedy()
+    assert len(shapes) == 4, shapes  # q/k/v, o, gate/up, down: one weight shape each
+    monkeypatch.setattr(gemv_module, "gemv_applies", lambda *args, **kwargs: False)
+    assert greedy() == with_gemv
