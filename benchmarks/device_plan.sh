@@ -27,6 +27,7 @@
 #   CALL=grpo2 bash benchmarks/device_plan.sh     # session 10 fourth: GRPO 512 against TRL, two timed steps each
 #   CALL=pa10 bash benchmarks/device_plan.sh      # session 10 fifth: paged attention decode without the search
 #   CALL=gemv10 bash benchmarks/device_plan.sh    # session 10 last: the few-row decode GEMM against cuBLAS
+#   CALL=next11 bash benchmarks/device_plan.sh    # session 11 first: the few-row GEMM in the engine, its decode rows
 #   CALL=fp8 bash benchmarks/device_plan.sh       # issue 30: FP8's 200-step parity vs PEFT, a profile of C fp8
 #   CALL=routes bash benchmarks/device_plan.sh    # session 8: graphs vs adapters_disabled, rollout_profile.py
 #   CALL=nf4sweep bash benchmarks/device_plan.sh  # the NF4 kernels' tile sweep, then the multi-LoRA layers (~200 s)
@@ -271,6 +272,18 @@ gemv10)  # session 10 (~150 s): the few-row decode GEMM (splice.kernels.gemv) ag
   echo "tests (rc $?):"; grep -E "FAILED|ERROR" "$OUT/tests-gemv10.txt" | tail -12; tail -2 "$OUT/tests-gemv10.txt"
   timeout 120 python3 benchmarks/decode_gemm.py --gemv --rows 1,8,16 --json "$OUT/gemv.json" 2>&1 | tail -30
   ;;
+next11)  # session 11 first (~420 s): the GPU tests of the few-row decode GEMM inside the engine (decode_linear, wired
+  # after gemv10 without a device), then decode at batch 1 / 8 / 32 with it and, in the same run, batch 1 / 8 with
+  # cuBLAS's GEMMs (gemv10: o 13.8 vs 16.2 us, q/k/v 19.3 vs 20.3, down 40.5 vs 43.0 at M = 1)
+  timeout -s KILL 150 python3 -m pytest -q -n 8 -p no:cacheprovider -p no:warnings -rfE --tb=short \
+    tests/engine/test_gpu_paths_engine.py tests/kernels/test_gemv.py tests/engine/test_layer.py \
+    tests/fused/test_gpu_paths_projections.py tests/fused/test_modules.py tests/serve/test_gpu_paths_serve.py \
+    > "$OUT/tests-next11.txt" 2>&1
+  echo "tests (rc $?):"; grep -E "FAILED|ERROR" "$OUT/tests-next11.txt" | tail -12; tail -2 "$OUT/tests-next11.txt"
+  timeout 250 python3 benchmarks/serve.py --parts bandwidth,decode --decode-batches 1,8,32 --decode-contexts 16 \
+    --decode-adapters "" --decode-cublas-batches 1,8 --limit-decode 220 --json "$OUT/serve.json" 2>&1 \
+    | grep -v "attention mask" | tee "$OUT/serve.txt" | tail -20
+  ;;
 fp8)  # issue 30 (~330 s): what the eighth session's FP8 call did not reach, the 200-step loss parity of FP8 base
   # weights against PEFT bf16 (P), then where an FP8 step of C goes (profile) next to splice bf16 in the same run
   timeout 170 python3 benchmarks/train_throughput.py --out "$OUT/fp8_parity" --frameworks peft,splice --configs P \
@@ -290,5 +303,5 @@ nf4sweep)  # the NF4 kernels' tiles at the 8B shapes, M = 1/8/32/64 (the default
   timeout 150 python3 benchmarks/nf4_gemv.py --json "$OUT/nf4_gemv.json" --budget 120 --jobs 16 2>&1 | tail -40
   timeout 45 python3 benchmarks/multi_lora.py --deadline-s 35 --json "$OUT/multi_lora.json" 2>&1 | tail -20
   ;;
-*) echo "CALL is 1, 2, 3, 4, quick, engine, close, one, verify, next, next9, next9b, fp8b, final9, next10, next10b, final10, grpo2, pa10, gemv10, fp8, rollout, routes or nf4sweep"; exit 2 ;;
+*) echo "CALL is 1, 2, 3, 4, quick, engine, close, one, verify, next, next9, next9b, fp8b, final9, next10, next10b, final10, grpo2, pa10, gemv10, next11, fp8, rollout, routes or nf4sweep"; exit 2 ;;
 esac

@@ -17,7 +17,8 @@ its own time limit (``--limit-PART`` seconds: a part that runs out keeps the row
   tok/s, ms per step, bytes read per step (weights + KV of the live contexts + the LoRA slots in use)
   and the fraction of the roofline (bytes / bandwidth over the measured step time). One engine per
   context with its KV pool sized explicitly (``kv_blocks``); a batch whose KV cannot fit is skipped
-  with a note.
+  with a note. ``--decode-cublas-batches 1,8`` repeats those batches at the first context with the
+  few-row decode GEMM (:mod:`splice.kernels.gemv`) switched off in this process: cuBLAS's rows beside.
 - ``offline``: a ShareGPT-like synthetic workload (fixed seed; prompt and output lengths uniform in
   ``--offline-prompt`` / ``--offline-output``) submitted at once, with 0 and each of
   ``--offline-adapters`` distinct r16 all-linear adapters (requests round-robin over them, all
@@ -73,6 +74,7 @@ GIB = 1 << 30
 FULL: dict[str, Any] = dict(
     layers=32, bandwidth_gb=4.0, token_budget=8192,
     decode_batches="1,32,128", decode_contexts="16,1024,4096", decode_steps=32, decode_adapters="8",
+    decode_cublas_batches="",
     offline_requests=1000, offline_prompt="50,1000", offline_output="50,500", offline_adapters="8,64",
     offline_max_seqs=256,
     http_rates="8,16,32,64,128", http_seconds=8.0, http_prompt="50,500", http_output="32,128", http_max_seqs=128,
@@ -428,6 +430,16 @@ def part_decode(bench: Bench, deadline: Deadline, record: dict[str, Any]) -> Non
         for count in ints(args.decode_adapters) if i == 0 else []:
             deadline.check(f"{count} adapters")
             adapter_decode_row(bench, deadline, record, count=count, batch=middle, context=context)
+    if args.decode_cublas_batches:  # the same rows with the few-row decode GEMM switched off: cuBLAS's
+        import splice.kernels.gemv as gemv_module
+
+        applies = gemv_module.gemv_applies
+        gemv_module.gemv_applies = lambda *a, **k: False  # this process only, restored below
+        try:
+            decode_rows(bench, deadline, record, context=contexts[0], batches=ints(args.decode_cublas_batches),
+                        label="bf16, cuBLAS decode GEMMs")
+        finally:
+            gemv_module.gemv_applies = applies
     short = {r["batch"]: r["tok_s"] for r in record["rows"]
              if r["label"] == "bf16" and r["context"] == contexts[0] and "tok_s" in r}
     for row in record["rows"]:
