@@ -9,7 +9,7 @@ L2 holds none between calls, with the cuBLAS kernel each one ran.
     python benchmarks/decode_gemm.py --json decode_gemm.json   # H100/H200, ~30 s
 
 ``--gemv`` instead times :mod:`splice.kernels.gemv` (one launch, the residual add in its epilogue) over a few
-tile configs at M <= 16 against cuBLAS's ``residual.addmm_(x, W^T)`` (the engine's o / down form) and
+tile configs at M <= 64 against cuBLAS's ``residual.addmm_(x, W^T)`` (the engine's o / down form) and
 ``F.linear``, every call inside a CUDA graph (a Triton launch from Python costs more than these kernels take),
 each result checked against the fp32 reference.
 """
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from splice.kernels.gemv import GemvConfig, gemv, gemv_reference
+from splice.kernels.gemv import MAX_ROWS, GemvConfig, gemv, gemv_reference
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096),
           "head": (4096, 128256)}  # (K, N) of the 8B's projections (q/k/v and gate/up packed, as the engine runs them)
@@ -156,7 +156,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", default="1,8,32,64,128")
     parser.add_argument("--json", type=Path, default=Path("decode_gemm.json"))
-    parser.add_argument("--gemv", action="store_true", help="time splice.kernels.gemv's configs (M <= 16)")
+    parser.add_argument("--gemv", action="store_true", help="time splice.kernels.gemv's configs (M <= 64)")
     args = parser.parse_args()
     device = torch.device("cuda")
     bandwidth = copy_bandwidth(device)
@@ -165,7 +165,7 @@ def main() -> None:
         print("| projection | M | floor us | cuBLAS addmm_ us | cuBLAS linear us | gemv us | of floor | gemv config | "
               "max abs err |")
         print("|---|---|---|---|---|---|---|---|---|")
-        ms = [int(r) for r in args.rows.split(",") if int(r) <= 16]
+        ms = [int(r) for r in args.rows.split(",") if int(r) <= MAX_ROWS]
         rows = [row for name, (k, n) in SHAPES.items() for row in measure_gemv(name, k, n, ms, bandwidth)]
         args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "bandwidth": bandwidth,
                                          "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows},

@@ -10,7 +10,7 @@ bandwidth. For one to a few rows cuBLAS picks skinny tiles and, for the square a
 a Llama), a split-K GEMM plus a reduction kernel: the ninth session's H100 measured o (4096 x 4096) at M = 1
 in 22.2 us against an 11.1 us floor, and the q/k/v GEMM at 78% of its floor (``benchmarks/decode_gemm.py``).
 
-The kernel: program ``j`` owns ``BLOCK_N`` output features (all ``M`` rows, padded to 16 for ``tl.dot``) and
+The kernel: program ``j`` owns ``BLOCK_N`` output features (all ``M`` rows, padded to 16, 32 or 64 for ``tl.dot``) and
 walks the whole K, loading ``(BLOCK_N, BLOCK_K)`` tiles of ``W`` with the next ones in flight (``num_stages``)
 and ``x^T``'s ``(BLOCK_K, 16)`` slice from L2. Small ``BLOCK_N`` makes enough programs to keep every SM
 streaming without splitting K, so there is no second kernel and no workspace; the residual add is the epilogue.
@@ -27,9 +27,11 @@ from torch import Tensor
 
 from . import HAS_TRITON, use_triton
 
-__all__ = ["MAX_ROWS", "GemvConfig", "decode_linear", "default_config", "gemv", "gemv_applies", "gemv_reference"]
+__all__ = ["DECODE_ROWS", "MAX_ROWS", "GemvConfig", "decode_linear", "default_config", "gemv", "gemv_applies",
+           "gemv_reference"]
 
-MAX_ROWS = 16  # rows of x one program serves (tl.dot's narrow side); more rows: cuBLAS's GEMM tiles pay
+MAX_ROWS = 64  # rows of x one program serves (tl.dot's narrow side, padded to a power of two >= 16)
+DECODE_ROWS = 16  # decode_linear's kernel rows: measured faster than cuBLAS up to here (module doc); above, not yet
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,7 +49,7 @@ def default_config(n: int, k: int) -> GemvConfig:
     shapes for M = 1, 8, 16 (H100, 2026-12-06): 16 rows a program, 256 columns a step over 2 warps, 4 stages
     (q/k/v 19.3 us against cuBLAS's 20.3, o 13.8 against 16.2, down 40.5 against 43.0); 64 rows, 128 columns, 4
     warps for the widest weights (gate/up's 28,672 rows: 77.3 against 77.2; the head's 128,256: 330.6 against
-    354.1)."""
+    354.1). M = 32 / 64 have not been swept."""
     block_k = 256 if n < 16384 else 128
     block_k = min(block_k, max(16, 1 << (k - 1).bit_length()))
     if n >= 16384:
@@ -116,7 +118,7 @@ def gemv(x: Tensor, weight: Tensor, *, add_to: Tensor | None = None, out: Tensor
     added = add_to if add_to is not None else result  # never read without ADD
     _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
         x, weight, added, result, m, n, k, x.stride(0), weight.stride(0), added.stride(0), result.stride(0),
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_M=MAX_ROWS, ADD=add_to is not None,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_M=max(16, 1 << (m - 1).bit_length()), ADD=add_to is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return result
 
@@ -125,11 +127,12 @@ def decode_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
                   accumulate: Tensor | None = None) -> Tensor:
     """A plain linear of the engine's decode: ``x W^T + bias`` for ``x`` (..., K), or with ``accumulate``
     (..., N), contiguous: ``accumulate += x W^T`` in place, returned (the residual stream). :func:`gemv` for at
-    most :data:`MAX_ROWS` rows of 16-bit activations and no bias (faster than cuBLAS there: module doc,
+    most :data:`DECODE_ROWS` rows of 16-bit activations and no bias (faster than cuBLAS there: module doc,
     :func:`default_config`); else cuBLAS (``F.linear``, ``addmm_``)."""
     x2 = x.reshape(-1, x.shape[-1])
     flat = None if accumulate is None else accumulate.view(x2.shape[0], -1)
-    if bias is None and gemv_applies(x2, weight) and x2.stride(1) == 1 and weight.stride(1) == 1:
+    if (bias is None and x2.shape[0] <= DECODE_ROWS and gemv_applies(x2, weight) and x2.stride(1) == 1
+            and weight.stride(1) == 1):
         y = gemv(x2, weight, add_to=flat, out=flat)
     elif flat is None:
         y = F.linear(x2, weight, bias)

@@ -8,11 +8,19 @@ import torch
 import torch.nn.functional as F
 
 from splice.kernels import use_triton
-from splice.kernels.gemv import MAX_ROWS, GemvConfig, gemv, gemv_applies, gemv_reference
+from splice.kernels.gemv import (
+    DECODE_ROWS,
+    MAX_ROWS,
+    GemvConfig,
+    decode_linear,
+    gemv,
+    gemv_applies,
+    gemv_reference,
+)
 from tests.numerics import DEVICES, GPU
 
 # (M, N, K): one row, a few, the most; output widths and inner sizes off the tiles
-SHAPES = [(1, 64, 256), (3, 37, 300), (8, 100, 40), (MAX_ROWS, 129, 520)]
+SHAPES = [(1, 64, 256), (3, 37, 300), (8, 100, 40), (16, 129, 520), (33, 50, 96), (MAX_ROWS, 70, 200)]
 CONFIGS = [None, GemvConfig(block_n=32, block_k=128, num_warps=2, num_stages=2),
            GemvConfig(block_n=64, block_k=64, num_warps=4, num_stages=3)]
 
@@ -58,6 +66,8 @@ def test_the_kernel_runs_only_where_it_applies() -> None:
     cpu = torch.randn(1, 8).half()
     assert gemv_applies(cpu, torch.randn(4, 8).half()) == use_triton(cpu)
     assert not gemv_applies(torch.randn(MAX_ROWS + 1, 8).half(), torch.randn(4, 8).half())  # cuBLAS's rows
+    x, w, stream = torch.randn(DECODE_ROWS + 1, 8).half(), torch.randn(4, 8).half(), torch.zeros(DECODE_ROWS + 1, 4).half()
+    torch.testing.assert_close(decode_linear(x, w, accumulate=stream), (x.float() @ w.float().t()).half())
     assert not gemv_applies(torch.randn(1, 8), torch.randn(4, 8))  # fp32: the reference
     x, w = torch.randn(3, 8), torch.randn(5, 8)
     torch.testing.assert_close(gemv(x, w), F.linear(x, w))
