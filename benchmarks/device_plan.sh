@@ -283,6 +283,8 @@ next11)  # session 11 first (~420 s): the GPU tests of the few-row decode GEMM i
   timeout 250 python3 benchmarks/serve.py --parts bandwidth,decode --decode-batches 1,8,32 --decode-contexts 16 \
     --decode-adapters "" --decode-cublas-batches 1,8 --limit-decode 220 --json "$OUT/serve.json" 2>&1 \
     | grep -v "attention mask" | tee "$OUT/serve.txt" | tail -20
+  # and the kernel at 32 / 64 rows (a GRPO rollout decodes 64), not yet swept: whether DECODE_ROWS may rise
+  timeout 90 python3 benchmarks/decode_gemm.py --gemv --rows 32,64 --json "$OUT/gemv64.json" 2>&1 | tail -14
   ;;
 fp8)  # issue 30 (~330 s): what the eighth session's FP8 call did not reach, the 200-step loss parity of FP8 base
   # weights against PEFT bf16 (P), then where an FP8 step of C goes (profile) next to splice bf16 in the same run
