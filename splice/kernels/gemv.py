@@ -7,13 +7,14 @@ updated in place, as the engine's decoder layer does).
 
 Why: a decode step reads each weight once, so each projection is bounded by its bytes over the card's
 bandwidth. For one to a few rows cuBLAS picks skinny tiles and, for the square and tall weights (o and down of
-a Llama), a split-K GEMM plus a reduction kernel: the ninth session's H100 measured o (4096 x 4096) at M = 1
-in 22.2 us against an 11.1 us floor, and the q/k/v GEMM at 78% of its floor (``benchmarks/decode_gemm.py``).
+a Llama), a split-K GEMM plus a reduction kernel. In CUDA graphs on an H100 (``benchmarks/decode_gemm.py
+--gemv``, 2026-12-06) cuBLAS took o (4096 x 4096) at M = 1 in 16.2 us against an 11.1 us floor; this kernel 13.8.
 
-The kernel: program ``j`` owns ``BLOCK_N`` output features (all ``M`` rows, padded to 16, 32 or 64 for ``tl.dot``) and
-walks the whole K, loading ``(BLOCK_N, BLOCK_K)`` tiles of ``W`` with the next ones in flight (``num_stages``)
-and ``x^T``'s ``(BLOCK_K, 16)`` slice from L2. Small ``BLOCK_N`` makes enough programs to keep every SM
-streaming without splitting K, so there is no second kernel and no workspace; the residual add is the epilogue.
+The kernel: program ``j`` owns ``BLOCK_N`` output features (all ``M`` rows, padded to 16, 32 or 64 for
+``tl.dot``) and walks the whole K, loading ``(BLOCK_N, BLOCK_K)`` tiles of ``W`` with the next ones in flight
+(``num_stages``) and ``x^T``'s ``(BLOCK_K, BLOCK_M)`` slice from L2. Small ``BLOCK_N`` makes enough programs
+to keep every SM streaming without splitting K, so there is no second kernel and no workspace; the residual add
+is the epilogue. (Every program reads all of ``x``: at 32-64 rows that L2 traffic may outgrow the weight's.)
 :func:`gemv_reference` is the plain PyTorch definition (fp32 accumulation), the CPU path.
 """
 
