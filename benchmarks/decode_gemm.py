@@ -93,7 +93,9 @@ def measure(name: str, k: int, n: int, ms: list[int], bandwidth: float) -> list[
 
 GEMV_CONFIGS = [GemvConfig(block_n=n, block_k=k, num_warps=w, num_stages=st) for n, k, w, st in (
     (16, 256, 4, 4), (16, 512, 4, 3), (16, 128, 2, 6), (16, 256, 2, 4), (16, 512, 8, 3), (16, 1024, 8, 2),
-    (32, 256, 4, 4), (32, 128, 4, 6), (32, 512, 8, 3), (32, 256, 2, 4), (64, 128, 4, 4), (64, 256, 8, 3))]
+    (32, 256, 4, 4), (32, 128, 4, 6), (32, 512, 8, 3), (32, 256, 2, 4), (64, 128, 4, 4), (64, 256, 8, 3))] + [
+    GemvConfig(block_n=n, block_k=k, num_warps=w, num_stages=st, split_k=sk) for n, k, w, st, sk in (
+        (32, 128, 4, 4, 2), (64, 128, 4, 4, 2), (64, 128, 4, 4, 4), (64, 256, 8, 3, 4), (128, 64, 4, 4, 4))]
 
 
 def graph_timed(fn: Callable[[int], Any], copies: int, iters: int = 40) -> float:
@@ -135,7 +137,8 @@ def measure_gemv(name: str, k: int, n: int, ms: list[int], bandwidth: float) -> 
                  "cublas linear": graph_timed(lambda i: F.linear(x, weights[i]), copies)}
         errors = {}
         for cfg in GEMV_CONFIGS:
-            label = f"gemv n{cfg.block_n} k{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}"
+            label = (f"gemv n{cfg.block_n} k{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}"
+                     + (f" split{cfg.split_k}" if cfg.split_k > 1 else ""))
             try:
                 got = gemv(x, weights[0], add_to=residual, config=cfg)
                 errors[label] = float((got.float() - want.float()).abs().max())

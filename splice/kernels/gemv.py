@@ -14,7 +14,9 @@ The kernel: program ``j`` owns ``BLOCK_N`` output features (all ``M`` rows, padd
 ``tl.dot``) and walks the whole K, loading ``(BLOCK_N, BLOCK_K)`` tiles of ``W`` with the next ones in flight
 (``num_stages``) and ``x^T``'s ``(BLOCK_K, BLOCK_M)`` slice from L2. Small ``BLOCK_N`` makes enough programs
 to keep every SM streaming without splitting K, so there is no second kernel and no workspace; the residual add
-is the epilogue. (Every program reads all of ``x``: at 32-64 rows that L2 traffic may outgrow the weight's.)
+is the epilogue. Every program reads all of ``x``: at 32-64 rows that L2 traffic would outgrow the weight's, so
+``split_k > 1`` cuts K into ranges whose fp32 partial sums (split, M, N) a second small kernel adds (with
+``add_to``) and rounds: wider tiles, the same number of programs.
 :func:`gemv_reference` is the plain PyTorch definition (fp32 accumulation), the CPU path.
 """
 
@@ -37,12 +39,14 @@ DECODE_ROWS = 16  # decode_linear's kernel rows: measured faster than cuBLAS up 
 
 @dataclass(frozen=True, kw_only=True)
 class GemvConfig:
-    """``block_n`` output features a program, ``block_k`` weight columns a step, Triton's warps and stages."""
+    """``block_n`` output features a program, ``block_k`` weight columns a step, ``split_k`` K ranges (1: none;
+    module doc), Triton's warps and stages."""
 
     block_n: int = 16
     block_k: int = 256
     num_warps: int = 4
     num_stages: int = 4
+    split_k: int = 1
 
 
 def default_config(n: int, k: int) -> GemvConfig:
@@ -79,16 +83,20 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, add_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_am, stride_om,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, ADD: tl.constexpr):
-        # program j: out[:, j*BLOCK_N : (j+1)*BLOCK_N] = add + x @ W[rows]^T, acc (BLOCK_N, BLOCK_M) fp32
+    def _gemv_kernel(x_ptr, w_ptr, add_ptr, out_ptr, part_ptr, M, N, K, K_SPLIT, stride_xm, stride_wn, stride_am,
+                     stride_om, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                     ADD: tl.constexpr, SPLIT: tl.constexpr):
+        # program (j, split): out[:, j*BLOCK_N : (j+1)*BLOCK_N] = add + x @ W[rows]^T over the split's K range,
+        # acc (BLOCK_N, BLOCK_M) fp32; with SPLIT the fp32 partial goes to part[split] (the sum kernel finishes)
         rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         ms = tl.arange(0, BLOCK_M)
         row_ok, m_ok = rows < N, ms < M
+        k_start = tl.program_id(1) * K_SPLIT
+        k_end = tl.minimum(k_start + K_SPLIT, K)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_start, k_end, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
-            col_ok = cols < K
+            col_ok = cols < k_end
             # the weight streams through once; x (read by every program) should stay in L2
             w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
                         other=0.0, eviction_policy="evict_first")
@@ -96,9 +104,27 @@ if HAS_TRITON:
                          other=0.0, eviction_policy="evict_last")
             acc = tl.dot(w, xt, acc)
         inside = row_ok[:, None] & m_ok[None, :]
+        if SPLIT:
+            at = part_ptr + tl.program_id(1).to(tl.int64) * M * N + ms[None, :] * N + rows[:, None]
+            tl.store(at, acc, mask=inside)
+        else:
+            if ADD:
+                acc += tl.load(add_ptr + ms[None, :] * stride_am + rows[:, None], mask=inside, other=0.0).to(tl.float32)
+            tl.store(out_ptr + ms[None, :] * stride_om + rows[:, None], acc.to(out_ptr.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def _sum_splits_kernel(part_ptr, add_ptr, out_ptr, M, N, stride_am, stride_om, SPLITS: tl.constexpr,
+                           ADD: tl.constexpr, BLOCK: tl.constexpr):
+        # out[m, n] = sum_s part[s, m, n] (+ add[m, n]), rounded once: the split-K epilogue
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        live = i < M * N
+        m, n = i // N, i % N
+        y = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in tl.static_range(SPLITS):
+            y += tl.load(part_ptr + s * M * N + i, mask=live, other=0.0)
         if ADD:
-            acc += tl.load(add_ptr + ms[None, :] * stride_am + rows[:, None], mask=inside, other=0.0).to(tl.float32)
-        tl.store(out_ptr + ms[None, :] * stride_om + rows[:, None], acc.to(out_ptr.dtype.element_ty), mask=inside)
+            y += tl.load(add_ptr + m * stride_am + n, mask=live, other=0.0).to(tl.float32)
+        tl.store(out_ptr + m * stride_om + n, y.to(out_ptr.dtype.element_ty), mask=live)
 
 
 def gemv(x: Tensor, weight: Tensor, *, add_to: Tensor | None = None, out: Tensor | None = None,
@@ -115,12 +141,22 @@ def gemv(x: Tensor, weight: Tensor, *, add_to: Tensor | None = None, out: Tensor
     if not gemv_applies(x, weight) or weight.stride(1) != 1 or x.stride(1) != 1:
         return gemv_reference(x, weight, add_to=add_to, out=out)
     cfg = config or default_config(n, k)
+    if cfg.split_k < 1:
+        raise ValueError(f"gemv: split_k must be at least 1, got {cfg.split_k}")
     result = out if out is not None else torch.empty((m, n), dtype=x.dtype, device=x.device)
     added = add_to if add_to is not None else result  # never read without ADD
-    _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
-        x, weight, added, result, m, n, k, x.stride(0), weight.stride(0), added.stride(0), result.stride(0),
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_M=max(16, 1 << (m - 1).bit_length()), ADD=add_to is not None,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    k_steps = -(-k // cfg.block_k)
+    k_split = -(-k_steps // cfg.split_k) * cfg.block_k  # columns a split, whole steps
+    splits = -(-k // k_split)
+    part = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if splits > 1 else result
+    _gemv_kernel[(triton.cdiv(n, cfg.block_n), splits)](
+        x, weight, added, result, part, m, n, k, k_split, x.stride(0), weight.stride(0), added.stride(0),
+        result.stride(0), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_M=max(16, 1 << (m - 1).bit_length()),
+        ADD=add_to is not None, SPLIT=splits > 1, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if splits > 1:
+        block = 1024
+        _sum_splits_kernel[(triton.cdiv(m * n, block),)](part, added, result, m, n, added.stride(0), result.stride(0),
+                                                         SPLITS=splits, ADD=add_to is not None, BLOCK=block)
     return result
 
 

@@ -22,7 +22,8 @@ from tests.numerics import DEVICES, GPU
 # (M, N, K): one row, a few, the most; output widths and inner sizes off the tiles
 SHAPES = [(1, 64, 256), (3, 37, 300), (8, 100, 40), (16, 129, 520), (33, 50, 96), (MAX_ROWS, 70, 200)]
 CONFIGS = [None, GemvConfig(block_n=32, block_k=128, num_warps=2, num_stages=2),
-           GemvConfig(block_n=64, block_k=64, num_warps=4, num_stages=3)]
+           GemvConfig(block_n=64, block_k=64, num_warps=4, num_stages=3),
+           GemvConfig(block_n=32, block_k=32, num_warps=4, num_stages=2, split_k=3)]  # K ranges summed after
 
 
 def _dtypes(device: str) -> list[torch.dtype]:
@@ -73,12 +74,26 @@ def test_the_kernel_runs_only_where_it_applies() -> None:
     torch.testing.assert_close(gemv(x, w), F.linear(x, w))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_split_k_adds_the_stream_once(device: str) -> None:
+    """With K split, the partials are summed and ``add_to`` added once, in place too."""
+    x = torch.randn(5, 300, device=device).half()
+    w = (torch.randn(40, 300, device=device) / 17).half()
+    stream = torch.randn(5, 40, device=device).half()
+    want = gemv_reference(x, w, add_to=stream)
+    gemv(x, w, add_to=stream, out=stream, config=GemvConfig(block_n=16, block_k=64, split_k=4))
+    torch.testing.assert_close(stream, want, atol=2e-3, rtol=2e-3)
+
+
 def test_bad_shapes_name_the_argument() -> None:
     x, w = torch.randn(2, 8).half(), torch.randn(4, 8).half()
     with pytest.raises(ValueError, match="add_to must be a row-major \\(2, 4\\)"):
         gemv(x, w, add_to=torch.zeros(4, 2).half())
     with pytest.raises(ValueError, match="out must be a row-major \\(2, 4\\)"):
         gemv(x, w, out=torch.zeros(4, 2).half().t())
+    if gemv_applies(x, w):  # the kernel's own option
+        with pytest.raises(ValueError, match="split_k must be at least 1"):
+            gemv(x, w, config=GemvConfig(split_k=0))
 
 
 @GPU
