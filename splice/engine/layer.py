@@ -34,7 +34,7 @@ from splice.fused.projections import packed
 from splice.kernels.gemv import decode_linear
 from splice.lora.bank import add_packed_delta, rescales_output
 
-__all__ = ["linear_residual", "run_layer"]
+__all__ = ["linear_out", "linear_residual", "run_layer"]
 
 
 def linear_residual(module: nn.Module, x: Tensor, residual: Tensor) -> Tensor:
@@ -53,6 +53,18 @@ def linear_residual(module: nn.Module, x: Tensor, residual: Tensor) -> Tensor:
     flat = x.reshape(tokens, -1)
     y = decode_linear(flat, pair[0], accumulate=residual.view(tokens, -1))  # (T, N) = residual + x W^T, in place
     return add_packed_delta([module], flat, y).view_as(residual)
+
+
+def linear_out(module: nn.Module, x: Tensor) -> Tensor:
+    """``module(x)`` for ``x`` (..., K) (the output head on the sampled rows): through
+    :func:`~splice.kernels.gemv.decode_linear` (its bank delta added after) when ``module`` is a plain linear
+    in inference that no DoRA adapter rescales, else the module's own forward."""
+    pair = None if torch.is_grad_enabled() else packed([module])
+    if pair is None or rescales_output(module):
+        return cast(Tensor, module(x))
+    flat = x.reshape(-1, x.shape[-1])
+    y = add_packed_delta([module], flat, decode_linear(flat, *pair))  # (rows, N)
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def _mlp_hidden(mlp: nn.Module) -> Callable[[Tensor], Tensor] | None:

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from splice.core.device import to_device
 from splice.engine.attention import PagedAttention, StepAttention, install_paged_attention, paged_step
 from splice.engine.inputs import Staging, StepInputs
-from splice.engine.layer import run_layer
+from splice.engine.layer import linear_out, run_layer
 from splice.engine.scheduler import Chunk, StepPlan
 from splice.fused.apply import fuse
 from splice.fused.projections import pack_projections
@@ -259,7 +259,7 @@ class ModelRunner:
                 hidden = run_layer(layer, hidden, positions=positions, position_embeddings=kinds[kind])
         last = parts.norm(hidden.index_select(0, t.sample_at))  # (S, 1, H)
         with self._route(head_adapters, t.bank_slots.index_select(0, t.sample_at), rows):
-            logits = parts.head(last)[:, 0].float()
+            logits = linear_out(parts.head, last)[:, 0].float()
         if parts.final_softcap > 0:
             logits = torch.tanh(logits / parts.final_softcap) * parts.final_softcap
         return logits

@@ -200,8 +200,8 @@ def test_graphs_captured_under_one_routing_never_replay_under_another(tiny_token
 
 @GPU
 def test_decode_gemms_of_few_rows_run_the_gemv_kernel_and_give_cublas_tokens(tiny_tokenizer, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """bf16 decode (at most 16 rows): packed q/k/v, o, packed gate/up and down run splice.kernels.gemv (captured in
-    the CUDA graphs), and the greedy tokens equal those of the cuBLAS path (gemv switched off)."""
+    """bf16 decode (at most 16 rows): packed q/k/v, o, packed gate/up, down and the head run splice.kernels.gemv
+    (captured in the CUDA graphs), and the greedy tokens equal those of the cuBLAS path (gemv switched off)."""
     import splice.kernels.gemv as gemv_module
 
     shapes: set[tuple[int, ...]] = set()
@@ -222,6 +222,6 @@ def test_decode_gemms_of_few_rows_run_the_gemv_kernel_and_give_cublas_tokens(tin
         return tokens
 
     with_gemv = greedy()
-    assert len(shapes) == 4, shapes  # q/k/v, o, gate/up, down: one weight shape each
+    assert len(shapes) == 5, shapes  # q/k/v, o, gate/up, down, the head: one weight shape each
     monkeypatch.setattr(gemv_module, "gemv_applies", lambda *args, **kwargs: False)
     assert greedy() == with_gemv
