@@ -38,8 +38,9 @@ __all__ = ["linear_out", "linear_residual", "run_layer"]
 
 
 def linear_residual(module: nn.Module, x: Tensor, residual: Tensor) -> Tensor:
-    """``residual + module(x)`` for ``x`` (T, 1, K) and ``residual`` (T, 1, N): one ``addmm_`` into
-    ``residual`` itself (the layer's input stream, read by no one after) when ``module`` is a plain
+    """``residual + module(x)`` for ``x`` (T, 1, K) and ``residual`` (T, 1, N): one GEMM accumulating into
+    ``residual`` itself (:func:`~splice.kernels.gemv.decode_linear`; the layer's input stream, read by no one
+    after) when ``module`` is a plain
     bias-free linear in the residual's dtype (its bank delta added after), two for a fused LoRA linear
     over one (:meth:`~splice.fused.modules.FusedLoraLinear.add_into`), else the module's own forward and
     an add (``residual`` left as it was)."""
