@@ -28,6 +28,7 @@
 #   CALL=pa10 bash benchmarks/device_plan.sh      # session 10 fifth: paged attention decode without the search
 #   CALL=gemv10 bash benchmarks/device_plan.sh    # session 10 last: the few-row decode GEMM against cuBLAS
 #   CALL=next11 bash benchmarks/device_plan.sh    # session 11 first: the few-row GEMM in the engine, its decode rows
+#   CALL=c11 bash benchmarks/device_plan.sh       # session 11: a profile of C in bf16 beside PEFT
 #   CALL=fp8 bash benchmarks/device_plan.sh       # issue 30: FP8's 200-step parity vs PEFT, a profile of C fp8
 #   CALL=routes bash benchmarks/device_plan.sh    # session 8: graphs vs adapters_disabled, rollout_profile.py
 #   CALL=nf4sweep bash benchmarks/device_plan.sh  # the NF4 kernels' tile sweep, then the multi-LoRA layers (~200 s)
@@ -286,6 +287,11 @@ next11)  # session 11 first (~420 s): the GPU tests of the few-row decode GEMM i
   # and the kernel at 32 / 64 rows (a GRPO rollout decodes 64), not yet swept: whether DECODE_ROWS may rise
   timeout 90 python3 benchmarks/decode_gemm.py --gemv --rows 32,64 --json "$OUT/gemv64.json" 2>&1 | tail -14
   ;;
+c11)  # session 11 (~200 s): where config C's bf16 step goes now (no bf16 C profile since the group node took dropout;
+  # final10: 15,239 tok/s, 268.8 ms, 2.81x; 3x needs 251 ms), beside PEFT in the same run
+  timeout 190 python3 benchmarks/train_throughput.py --out "$OUT/c_bf16" --frameworks peft,splice --configs C \
+    --modes on+graphs --profile C --worker-timeout 90 2>&1 | tee "$OUT/c_bf16.txt" | grep -v "^  " | tail -40
+  ;;
 fp8)  # issue 30 (~330 s): what the eighth session's FP8 call did not reach, the 200-step loss parity of FP8 base
   # weights against PEFT bf16 (P), then where an FP8 step of C goes (profile) next to splice bf16 in the same run
   timeout 170 python3 benchmarks/train_throughput.py --out "$OUT/fp8_parity" --frameworks peft,splice --configs P \
@@ -305,5 +311,5 @@ nf4sweep)  # the NF4 kernels' tiles at the 8B shapes, M = 1/8/32/64 (the default
   timeout 150 python3 benchmarks/nf4_gemv.py --json "$OUT/nf4_gemv.json" --budget 120 --jobs 16 2>&1 | tail -40
   timeout 45 python3 benchmarks/multi_lora.py --deadline-s 35 --json "$OUT/multi_lora.json" 2>&1 | tail -20
   ;;
-*) echo "CALL is 1, 2, 3, 4, quick, engine, close, one, verify, next, next9, next9b, fp8b, final9, next10, next10b, final10, grpo2, pa10, gemv10, next11, fp8, rollout, routes or nf4sweep"; exit 2 ;;
+*) echo "CALL is 1, 2, 3, 4, quick, engine, close, one, verify, next, next9, next9b, fp8b, final9, next10, next10b, final10, grpo2, pa10, gemv10, next11, c11, fp8, rollout, routes or nf4sweep"; exit 2 ;;
 esac
