@@ -13,8 +13,8 @@ index ``n * K + k`` (the same mask :func:`~splice.kernels.dropout.dropout` draws
 ``G`` stacked ``(r, K)`` blocks and ``T`` / ``U`` ``G`` column blocks of ``r``, member ``g`` with its own mask
 ``D_g`` (keys row ``g`` of a ``(G, 2)`` tensor): ``U_g = D_g(x) A_g^T``, ``dA_g = T_g^T D_g(x)``, ``dx +=
 sum_g D_g(T_g A_g)``. The member is the fastest grid axis of the first two, so the programs of one ``x``
-tile run together and read it from HBM once (L2 serves the others); the third loops over the members
-and writes ``dx`` once.
+tile are launched together and all but the first should find it in L2 (not profiled); the third loops over
+the members and writes ``dx`` once.
 
 fp32 operands (``A``, ``T``) enter the bf16 tensor-core dots split in two, ``hi = bf16(v)``,
 ``lo = bf16(v - hi)``, so products carry ~16 mantissa bits while the 16-bit activations are read
