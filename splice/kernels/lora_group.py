@@ -18,8 +18,8 @@ the gradients of a tensor used G times).
 Dropout (``p > 0``, members of one rank ``r``): each member keeps its own mask ``D_j`` of ``x`` (keys row
 ``j``, the mask :func:`~splice.kernels.lora_linear.lora_linear` draws for those keys), so ``U_j = D_j(x)
 A_j^T``, ``dA_j = T_j^T D_j(x)`` and ``dx``'s LoRA part is ``sum_j D_j(T_j A_j)``: the kernels take the
-members as blocks (:mod:`splice.kernels.lora_kernels`, ``members``), still reading ``x`` once from HBM and
-writing ``dx`` once; off the kernels, one masked matmul a member.
+members as blocks (:mod:`splice.kernels.lora_kernels`, ``members``: the members' programs of one ``x`` tile
+side by side, ``dx`` written once); off the kernels, one masked matmul a member.
 Frozen bases that run their own GEMMs (``bases``: FP8 weights, :mod:`splice.quant.fp8`) compute ``x W_j^T``
 from one quantization of ``x`` shared by the members (``prepare``), and ``dx``'s base part as the sum of the
 members' own input-gradient GEMMs (an FP8 GEMM does not accumulate into an existing ``dx``).
