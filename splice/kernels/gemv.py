@@ -63,9 +63,11 @@ def default_config(n: int, k: int) -> GemvConfig:
 
 
 def gemv_applies(x: Tensor, weight: Tensor) -> bool:
-    """Whether :func:`gemv` runs the kernel: Triton for these tensors, 16-bit, at most ``MAX_ROWS`` rows."""
+    """Whether :func:`gemv` runs the kernel: Triton for these tensors, 16-bit, at most ``MAX_ROWS`` rows, both
+    with unit stride along K."""
     return (use_triton(x, weight) and x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and x.dtype == weight.dtype
-            and x.dtype in (torch.bfloat16, torch.float16) and weight.dim() == 2 and x.shape[1] == weight.shape[1])
+            and x.dtype in (torch.bfloat16, torch.float16) and weight.dim() == 2 and x.shape[1] == weight.shape[1]
+            and x.stride(1) == 1 and weight.stride(1) == 1)
 
 
 def gemv_reference(x: Tensor, weight: Tensor, *, add_to: Tensor | None = None, out: Tensor | None = None) -> Tensor:
@@ -138,7 +140,7 @@ def gemv(x: Tensor, weight: Tensor, *, add_to: Tensor | None = None, out: Tensor
         if t is not None and (t.shape != (m, n) or t.stride(1) != 1):
             raise ValueError(f"gemv: {name} must be a row-major ({m}, {n}) tensor, got {tuple(t.shape)} "
                              f"with strides {t.stride()}")
-    if not gemv_applies(x, weight) or weight.stride(1) != 1 or x.stride(1) != 1:
+    if not gemv_applies(x, weight):
         return gemv_reference(x, weight, add_to=add_to, out=out)
     cfg = config or default_config(n, k)
     if cfg.split_k < 1:
@@ -168,8 +170,7 @@ def decode_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
     :func:`default_config`); else cuBLAS (``F.linear``, ``addmm_``)."""
     x2 = x.reshape(-1, x.shape[-1])
     flat = None if accumulate is None else accumulate.view(x2.shape[0], -1)
-    if (bias is None and x2.shape[0] <= DECODE_ROWS and gemv_applies(x2, weight) and x2.stride(1) == 1
-            and weight.stride(1) == 1):
+    if bias is None and x2.shape[0] <= DECODE_ROWS and gemv_applies(x2, weight):
         y = gemv(x2, weight, add_to=flat, out=flat)
     elif flat is None:
         y = F.linear(x2, weight, bias)
