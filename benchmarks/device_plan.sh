@@ -29,6 +29,7 @@
 #   CALL=gemv10 bash benchmarks/device_plan.sh    # session 10 last: the few-row decode GEMM against cuBLAS
 #   CALL=next11 bash benchmarks/device_plan.sh    # session 11 first: the few-row GEMM in the engine, its decode rows
 #   CALL=c11 bash benchmarks/device_plan.sh       # session 11: a profile of C in bf16 beside PEFT
+#   CALL=off11 bash benchmarks/device_plan.sh     # session 11: where the offline run's time goes, vs its floor
 #   CALL=fp8 bash benchmarks/device_plan.sh       # issue 30: FP8's 200-step parity vs PEFT, a profile of C fp8
 #   CALL=routes bash benchmarks/device_plan.sh    # session 8: graphs vs adapters_disabled, rollout_profile.py
 #   CALL=nf4sweep bash benchmarks/device_plan.sh  # the NF4 kernels' tile sweep, then the multi-LoRA layers (~200 s)
@@ -286,6 +287,16 @@ next11)  # session 11 first (~420 s): the GPU tests of the few-row decode GEMM i
     | grep -v "attention mask" | tee "$OUT/serve.txt" | tail -20
   # and the kernel at 32 / 64 rows (a GRPO rollout decodes 64), not yet swept: whether DECODE_ROWS may rise
   timeout 90 python3 benchmarks/decode_gemm.py --gemv --rows 32,64 --json "$OUT/gemv64.json" 2>&1 | tail -14
+  ;;
+off11)  # session 11 (~330 s): the offline ShareGPT-like run step by step (decode-only vs mixed steps, GPU
+  # time against the workload's floor: weights / bandwidth or FLOPs / peak, plus K/V reads), 256 and 512 sequences,
+  # a profiler window of 20 steps (7,837 tok/s in the sixth session; the 15,000 target)
+  timeout 400 python3 benchmarks/offline_profile.py --variants 256x8192,512x8192 --profile-steps 20 --seconds 70 \
+    --json "$OUT/offline_profile.json" 2>&1 | grep -v "attention mask" | tee "$OUT/offline_profile.txt" | tail -45
+  # decode at batch 32 with the few-row GEMM on the head, gate/up and down (decode_rows) and, same run, cuBLAS's
+  timeout 100 python3 benchmarks/serve.py --parts bandwidth,decode --decode-batches 32 --decode-contexts 16 \
+    --decode-adapters "" --decode-cublas-batches 32 --limit-decode 80 --json "$OUT/serve32.json" 2>&1 \
+    | grep -v "attention mask" | grep "^| bf16" 
   ;;
 c11)  # session 11 (~200 s): where config C's bf16 step goes now (no bf16 C profile since the group node took dropout;
   # final10: 15,239 tok/s, 268.8 ms, 2.81x; 3x needs 251 ms), beside PEFT in the same run

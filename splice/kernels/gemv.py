@@ -30,11 +30,12 @@ from torch import Tensor
 
 from . import HAS_TRITON, use_triton
 
-__all__ = ["DECODE_ROWS", "MAX_ROWS", "GemvConfig", "decode_linear", "default_config", "gemv", "gemv_applies",
-           "gemv_reference"]
+__all__ = ["DECODE_ROWS", "MAX_ROWS", "GemvConfig", "decode_linear", "decode_rows", "default_config", "gemv",
+           "gemv_applies", "gemv_reference"]
 
 MAX_ROWS = 64  # rows of x one program serves (tl.dot's narrow side, padded to a power of two >= 16)
-DECODE_ROWS = 16  # decode_linear's kernel rows: measured faster than cuBLAS up to here (module doc); above, not yet
+DECODE_ROWS = 16  # decode_linear's kernel rows for any weight: measured faster than cuBLAS up to here (module doc)
+WIDE_ROWS, WIDE_WEIGHT = 32, 48 << 20  # and for weights of at least WIDE_WEIGHT elements (decode_rows)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,12 +55,20 @@ def default_config(n: int, k: int) -> GemvConfig:
     shapes for M = 1, 8, 16 (H100, 2026-12-06): 16 rows a program, 256 columns a step over 2 warps, 4 stages
     (q/k/v 19.3 us against cuBLAS's 20.3, o 13.8 against 16.2, down 40.5 against 43.0); 64 rows, 128 columns, 4
     warps for the widest weights (gate/up's 28,672 rows: 77.3 against 77.2; the head's 128,256: 330.6 against
-    354.1). M = 32 / 64 have not been swept."""
+    354.1). At M = 32 the sweep's best for the head, gate/up and down were these same tiles (:func:`decode_rows`)."""
     block_k = 256 if n < 16384 else 128
     block_k = min(block_k, max(16, 1 << (k - 1).bit_length()))
     if n >= 16384:
         return GemvConfig(block_n=64, block_k=block_k, num_warps=4, num_stages=4)
     return GemvConfig(block_n=16, block_k=block_k, num_warps=2, num_stages=4)
+
+
+def decode_rows(weight: Tensor) -> int:
+    """The most rows :func:`decode_linear` gives the kernel for ``weight``: :data:`DECODE_ROWS`, or 32 for the
+    large weights. At M = 32 (H100, CUDA graphs, ``decode_gemm.py --gemv``, 2026-12-06) the kernel beat cuBLAS on
+    the head (358.9 against 379.2 us), down (43.6 / 45.8) and gate/up (83.6 / 84.1) and lost on q/k/v (21.0 /
+    20.7) and o (14.8 / 14.4); at M = 64 it won nowhere by more than 1%."""
+    return WIDE_ROWS if weight.numel() >= WIDE_WEIGHT else DECODE_ROWS
 
 
 def gemv_applies(x: Tensor, weight: Tensor) -> bool:
@@ -166,11 +175,11 @@ def decode_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
                   accumulate: Tensor | None = None) -> Tensor:
     """A plain linear of the engine's decode: ``x W^T + bias`` for ``x`` (..., K), or with ``accumulate``
     (..., N), contiguous: ``accumulate += x W^T`` in place, returned (the residual stream). :func:`gemv` for at
-    most :data:`DECODE_ROWS` rows of 16-bit activations and no bias (faster than cuBLAS there: module doc,
+    most :func:`decode_rows` rows of 16-bit activations and no bias (faster than cuBLAS there: module doc,
     :func:`default_config`); else cuBLAS (``F.linear``, ``addmm_``)."""
     x2 = x.reshape(-1, x.shape[-1])
     flat = None if accumulate is None else accumulate.view(x2.shape[0], -1)
-    if bias is None and x2.shape[0] <= DECODE_ROWS and gemv_applies(x2, weight):
+    if bias is None and x2.shape[0] <= decode_rows(weight) and gemv_applies(x2, weight):
         y = gemv(x2, weight, add_to=flat, out=flat)
     elif flat is None:
         y = F.linear(x2, weight, bias)

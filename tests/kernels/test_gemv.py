@@ -13,6 +13,7 @@ from splice.kernels.gemv import (
     MAX_ROWS,
     GemvConfig,
     decode_linear,
+    decode_rows,
     gemv,
     gemv_applies,
     gemv_reference,
@@ -74,6 +75,13 @@ def test_the_kernel_runs_only_where_it_applies() -> None:
     assert not gemv_applies(torch.randn(1, 8), torch.randn(4, 8))  # fp32: the reference
     x, w = torch.randn(3, 8), torch.randn(5, 8)
     torch.testing.assert_close(gemv(x, w), F.linear(x, w))
+
+
+def test_large_weights_take_the_kernel_for_more_rows() -> None:
+    # the head (128,256 x 4,096), gate/up and down of a Llama-3-8B: 32 rows; q/k/v and o: DECODE_ROWS
+    for shape, rows in (((128256, 4096), 32), ((28672, 4096), 32), ((4096, 14336), 32), ((6144, 4096), DECODE_ROWS),
+                        ((4096, 4096), DECODE_ROWS)):
+        assert decode_rows(torch.empty(shape, device="meta")) == rows
 
 
 def test_bad_shapes_name_the_argument() -> None:
