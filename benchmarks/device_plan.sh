@@ -30,6 +30,8 @@
 #   CALL=next11 bash benchmarks/device_plan.sh    # session 11 first: the few-row GEMM in the engine, its decode rows
 #   CALL=c11 bash benchmarks/device_plan.sh       # session 11: a profile of C in bf16 beside PEFT
 #   CALL=off11 bash benchmarks/device_plan.sh     # session 11: where the offline run's time goes, vs its floor
+#   CALL=kv11a bash benchmarks/device_plan.sh     # session 11: GPU tests of the int8 K/V cache + split decodes, decode rows
+#   CALL=kv11b bash benchmarks/device_plan.sh     # session 11: the offline run: decodes split or not, int8 K/V
 #   CALL=fp8 bash benchmarks/device_plan.sh       # issue 30: FP8's 200-step parity vs PEFT, a profile of C fp8
 #   CALL=routes bash benchmarks/device_plan.sh    # session 8: graphs vs adapters_disabled, rollout_profile.py
 #   CALL=nf4sweep bash benchmarks/device_plan.sh  # the NF4 kernels' tile sweep, then the multi-LoRA layers (~200 s)
@@ -297,6 +299,24 @@ off11)  # session 11 (~330 s): the offline ShareGPT-like run step by step (decod
   timeout 100 python3 benchmarks/serve.py --parts bandwidth,decode --decode-batches 32 --decode-contexts 16 \
     --decode-adapters "" --decode-cublas-batches 32 --limit-decode 80 --json "$OUT/serve32.json" 2>&1 \
     | grep -v "attention mask" | grep "^| bf16" 
+  ;;
+kv11a)  # session 11 (~330 s): the GPU tests of the int8 K/V cache (fused RoPE + int8 write, paged attention over
+  # codes, graphs) and of split_decodes (a mixed call's decodes in a launch of their own), then decode at 1 / 32 / 128
+  # with 16 / 1,024 / 4,096 tokens of context, bf16 K/V and int8 K/V in the same run
+  timeout -s KILL 200 python3 -m pytest -q -n 8 -p no:cacheprovider -p no:warnings -rfE --tb=short \
+    tests/kernels/test_paged_attention.py tests/kernels/test_kv_cache.py tests/kernels/test_rope_cache.py \
+    tests/engine/test_gpu_paths_engine.py tests/engine/test_runner.py tests/engine/test_engine.py \
+    tests/kernels/test_gemv.py tests/serve/test_gpu_paths_serve.py > "$OUT/tests-kv11a.txt" 2>&1
+  echo "tests (rc $?):"; grep -E "FAILED|ERROR" "$OUT/tests-kv11a.txt" | tail -12; tail -2 "$OUT/tests-kv11a.txt"
+  timeout 280 python3 benchmarks/serve.py --parts bandwidth,decode --decode-batches 1,32,128 \
+    --decode-contexts 16,1024,4096 --decode-adapters "" --decode-int8-kv-contexts 1024,4096 --limit-decode 250 \
+    --json "$OUT/serve.json" 2>&1 | grep -v "attention mask" | tee "$OUT/serve.txt" | grep "^| bf16"
+  ;;
+kv11b)  # session 11 (~300 s): the offline run, decodes of mixed steps split (profiled) and in the prefill tiles (before), then
+  # with the int8 K/V cache; a profiler window of 20 steps in the first
+  timeout 330 python3 benchmarks/offline_profile.py --variants 256x8192,256x8192:nosplit,256x8192:int8 \
+    --profile-steps 20 --seconds 60 --json "$OUT/offline_profile.json" 2>&1 | grep -v "attention mask" \
+    | tee "$OUT/offline_profile.txt" | tail -45
   ;;
 c11)  # session 11 (~200 s): where config C's bf16 step goes now (no bf16 C profile since the group node took dropout;
   # final10: 15,239 tok/s, 268.8 ms, 2.81x; 3x needs 251 ms), beside PEFT in the same run

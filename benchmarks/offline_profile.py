@@ -22,10 +22,12 @@ gives GPU time by kernel kind (GEMM, few-row GEMM, attention, norms, ...) and th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -118,17 +120,18 @@ class Recorder:
                 "kv_tokens": sum(c.start + c.count for c in chunks)}
 
 
-def run_variant(bench: Bench, *, max_seqs: int, budget: int, kv_gib: float, seconds: float,
+def run_variant(bench: Bench, *, max_seqs: int, budget: int, kv_dtype: str, kv_gib: float, seconds: float,
                 profile_steps: int) -> dict[str, Any]:
     model, device = bench.model, bench.device
     prompts, outputs = sharegpt_like(bench)
     max_len = max(map(len, prompts)) + max(outputs) + 1
-    per_block = BLOCK * kv_bytes_per_token(model)
+    per_block = BLOCK * kv_bytes_per_token(model, kv_dtype)
     blocks = max_seqs * -(-max_len // BLOCK) + 1
     if device.type == "cuda":
         blocks = min(blocks, int(kv_gib * (1 << 30)) // per_block)
     engine = Engine(model, bench.tokenizer, max_seqs=max_seqs, max_len=max_len, token_budget=max(budget, max_seqs),
-                    block_size=BLOCK, kv_blocks=blocks, cuda_graphs=True, max_waiting=len(prompts))
+                    block_size=BLOCK, kv_blocks=blocks, cuda_graphs=True, max_waiting=len(prompts), kv_dtype=kv_dtype)
+    recorder: Recorder | None = None
     try:
         warm(engine, bench.vocab, [None])
         recorder = Recorder(engine)
@@ -173,8 +176,9 @@ def run_variant(bench: Bench, *, max_seqs: int, budget: int, kv_gib: float, seco
             engine.step()
     finally:
         del engine
+        recorder = None  # (it holds the engine: its caches and graphs are freed only now)
         free_memory()
-    return {"max_seqs": max_seqs, "token_budget": budget, "kv_blocks": blocks, "requests": len(requests),
+    return {"max_seqs": max_seqs, "token_budget": budget, "kv_dtype": kv_dtype, "kv_blocks": blocks, "requests": len(requests),
             "finished": sum(r.finish_reason == "length" for r in requests), "truncated": truncated,
             "seconds": elapsed, "output_tokens": generated, "output_tok_s": generated / elapsed,
             "steps": steps, "profile": profile}
@@ -206,7 +210,7 @@ def profile_window(engine: Engine, steps: int) -> dict[str, Any]:
 def summarize(bench: Bench, run: dict[str, Any], *, peak: float | None) -> dict[str, Any]:
     """Per kind of step (decode-only / mixed): count, GPU seconds, tokens, and the floor (module doc)."""
     model = bench.model
-    weights, per_token = weight_bytes(model), kv_bytes_per_token(model)
+    weights, per_token = weight_bytes(model), kv_bytes_per_token(model, run["kv_dtype"])
     flops_token = 2 * linear_params(model)
     head = model.get_output_embeddings().weight.numel() * 2
     bandwidth = bench.bandwidth or 1.0
@@ -234,7 +238,9 @@ def summarize(bench: Bench, run: dict[str, Any], *, peak: float | None) -> dict[
 
 
 def print_variant(run: dict[str, Any], summary: dict[str, Any]) -> None:
-    print(f"\n{run['max_seqs']} sequences x {run['token_budget']} tokens a step: {run['output_tok_s']:,.0f} output tok/s, "
+    split = "" if run.get("split_decodes", True) else ", decodes in the prefill tiles"
+    print(f"\n{run['max_seqs']} sequences x {run['token_budget']} tokens a step, {run['kv_dtype']} K/V{split}: "
+          f"{run['output_tok_s']:,.0f} output tok/s, "
           f"{run['finished']}/{run['requests']} finished in {run['seconds']:.1f} s; floor {summary['floor_s']:.1f} s "
           f"({summary['floor_tok_s'] or 0:,.0f} tok/s), measured at {summary['of_floor'] or 0:.2f} of it")
     print("| steps | count | GPU s | host s | tokens/step | decodes/step | padding | GEMM floor s | attention floor s "
@@ -254,23 +260,45 @@ def print_variant(run: dict[str, Any], summary: dict[str, Any]) -> None:
             print(f"  {k['ms']:8.2f} ms {k['calls']:6d}x  {k['name']}")
 
 
+@contextlib.contextmanager
+def split_decodes(on: bool) -> Iterator[None]:
+    """With ``on`` False, paged attention's default tiles keep a mixed call's decodes in the prefill tiles (one
+    launch, as before ``KernelConfig.split_decodes``): this process only, for the A/B of one run."""
+    import splice.kernels.paged_attention as module
+
+    original = module.default_config
+    if not on:
+        module.default_config = lambda **kw: replace(original(**kw), split_decodes=False)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        module.default_config = original
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="serve.py's 2-layer toy on the CPU (a smoke test)")
-    parser.add_argument("--variants", default=None, help="SEQSxBUDGET,... (default 256x8192,512x8192)")
+    parser.add_argument("--variants", default=None,
+                        help="SEQSxBUDGET[:int8][:nosplit],... (default 256x8192,256x8192:int8; ':int8': an int8 "
+                             "K/V cache; ':nosplit': mixed steps' decodes in the prefill tiles, as before split_decodes)")
     parser.add_argument("--requests", type=int, default=None, help="requests of the workload (default 1,000)")
     parser.add_argument("--kv-gib", type=float, default=48.0, help="K/V cache cap, GiB (CUDA)")
     parser.add_argument("--seconds", type=float, default=80.0, help="time limit of each variant's run")
     parser.add_argument("--profile-steps", type=int, default=0, help="profiler window of the first variant")
     parser.add_argument("--json", type=Path, default=Path("offline_profile.json"))
     args = parser.parse_args(argv)
-    args.variants = args.variants or ("8x64,4x16" if args.tiny else "256x8192,512x8192")
+    args.variants = args.variants or ("8x64,4x16:int8" if args.tiny else "256x8192,256x8192:int8")
     try:
-        args.pairs = [tuple(int(x) for x in v.lower().split("x")) for v in args.variants.split(",")]
-        if any(len(p) != 2 or min(p) < 1 for p in args.pairs):
-            raise ValueError
+        args.pairs = []
+        for variant in args.variants.lower().split(","):
+            sizes, *flags = variant.split(":")
+            seqs, budget = (int(x) for x in sizes.split("x"))
+            if min(seqs, budget) < 1 or not set(flags) <= {"int8", "nosplit"}:
+                raise ValueError
+            args.pairs.append((seqs, budget, "int8" if "int8" in flags else "auto", "nosplit" not in flags))
     except ValueError:
-        parser.error(f"--variants {args.variants!r}: give SEQSxBUDGET pairs of positive ints, e.g. 256x8192,512x8192")
+        parser.error(f"--variants {args.variants!r}: give SEQSxBUDGET[:int8][:nosplit] with positive ints, e.g. "
+                     f"256x8192,256x8192:int8")
     return args
 
 
@@ -292,9 +320,11 @@ def main() -> None:
                                        "bandwidth_gb_s": (bench.bandwidth or 0) / 1e9,
                                        "gemm_peak_tflop_s": (peak or 0) / 1e12, "requests": sargs.offline_requests},
                               "variants": []}
-    for i, (seqs, budget) in enumerate(args.pairs):
-        run = run_variant(bench, max_seqs=seqs, budget=budget, kv_gib=args.kv_gib, seconds=args.seconds,
-                          profile_steps=args.profile_steps if i == 0 else 0)
+    for i, (seqs, budget, kv_dtype, split) in enumerate(args.pairs):
+        with split_decodes(split):
+            run = run_variant(bench, max_seqs=seqs, budget=budget, kv_dtype=kv_dtype, kv_gib=args.kv_gib,
+                              seconds=args.seconds, profile_steps=args.profile_steps if i == 0 else 0)
+        run["split_decodes"] = split
         summary = summarize(bench, run, peak=peak)
         print_variant(run, summary)
         report["variants"].append({**{k: v for k, v in run.items() if k != "steps"}, **summary})

@@ -74,7 +74,7 @@ GIB = 1 << 30
 FULL: dict[str, Any] = dict(
     layers=32, bandwidth_gb=4.0, token_budget=8192,
     decode_batches="1,32,128", decode_contexts="16,1024,4096", decode_steps=32, decode_adapters="8",
-    decode_cublas_batches="",
+    decode_cublas_batches="", decode_int8_kv_contexts="",
     offline_requests=1000, offline_prompt="50,1000", offline_output="50,500", offline_adapters="8,64",
     offline_max_seqs=256,
     http_rates="8,16,32,64,128", http_seconds=8.0, http_prompt="50,500", http_output="32,128", http_max_seqs=128,
@@ -212,12 +212,13 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
-def kv_bytes_per_token(model: nn.Module) -> int:
+def kv_bytes_per_token(model: nn.Module, kv_dtype: str = "auto") -> int:
+    """K/V bytes a token holds in the cache: the model's dtype, or int8 codes + an fp32 scale per head."""
     config: Any = model.config
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    element = model.get_input_embeddings().weight.element_size()
-    return 2 * config.num_hidden_layers * (config.num_key_value_heads or heads) * head_dim * element
+    vector = head_dim + 4 if kv_dtype == "int8" else head_dim * model.get_input_embeddings().weight.element_size()
+    return 2 * config.num_hidden_layers * (config.num_key_value_heads or heads) * vector
 
 
 def random_ids(count: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -300,9 +301,10 @@ def part_bandwidth(bench: Bench, deadline: Deadline, record: dict[str, Any]) -> 
           flush=True)
 
 
-def roofline(bench: Bench, row: dict[str, Any], *, weights: int, kv_tokens: float, lora: int = 0) -> None:
+def roofline(bench: Bench, row: dict[str, Any], *, weights: int, kv_tokens: float, lora: int = 0,
+             kv_dtype: str = "auto") -> None:
     """Adds bytes per step and the fraction of the copy roofline to ``row`` (with ``step_ms``)."""
-    kv = int(kv_tokens * kv_bytes_per_token(bench.model))
+    kv = int(kv_tokens * kv_bytes_per_token(bench.model, kv_dtype))
     row.update(weights_bytes=weights, kv_bytes=kv, lora_bytes=lora, bytes_per_step=weights + kv + lora)
     if bench.bandwidth:
         row["roofline_ms"] = row["bytes_per_step"] / bench.bandwidth * 1e3
@@ -311,14 +313,14 @@ def roofline(bench: Bench, row: dict[str, Any], *, weights: int, kv_tokens: floa
 
 # ---- engine decode --------------------------------------------------------------------------------
 def make_engine(bench: Bench, *, max_seqs: int, max_len: int, bank: Any = None, sites: Any = (),
-                adapters: Any = None, max_waiting: int = 256) -> Any:
+                adapters: Any = None, max_waiting: int = 256, kv_dtype: str = "auto") -> Any:
     from splice.engine.engine import Engine
 
     kv_blocks = max_seqs * -(-max_len // BLOCK) + 1
     return Engine(bench.model, bench.tokenizer, max_seqs=max_seqs, max_len=max_len,
                   token_budget=max(bench.args.token_budget, max_seqs), block_size=BLOCK, kv_blocks=kv_blocks,
                   cuda_graphs=True, max_waiting=max(max_waiting, max_seqs), bank=bank, sites=sites,
-                  adapters=adapters)
+                  adapters=adapters, kv_dtype=kv_dtype)
 
 
 def drain(engine: Any, requests: Sequence[Any]) -> None:
@@ -364,19 +366,20 @@ def time_decode(engine: Any, prompts: list[list[int]], adapters: Sequence[str | 
 
 
 def decode_rows(bench: Bench, deadline: Deadline, record: dict[str, Any], *, context: int,
-                batches: Sequence[int], label: str) -> None:
+                batches: Sequence[int], label: str, kv_dtype: str = "auto") -> None:
     """Rows for ``batches`` at ``context`` from one engine whose KV pool fits the largest batch that fits."""
     args = bench.args
     slack = -(-max(batches) * context // max(args.token_budget, 1)) + args.decode_steps + 16
     max_len = context + slack  # prefill steps also decode the sequences admitted first
-    fitting = [b for b in batches if bench.kv_fits(b * -(-max_len // BLOCK) * BLOCK * kv_bytes_per_token(bench.model))]
+    per_token = kv_bytes_per_token(bench.model, kv_dtype)
+    fitting = [b for b in batches if bench.kv_fits(b * -(-max_len // BLOCK) * BLOCK * per_token)]
     for b in sorted(set(batches) - set(fitting)):
         record["rows"].append({"label": label, "batch": b, "context": context,
                                "skipped": "its KV pool does not fit the free memory"})
         print(f"decode {label} b{b} ctx {context}: skipped (KV does not fit)", flush=True)
     if not fitting:
         return
-    engine = make_engine(bench, max_seqs=max(fitting), max_len=max_len)
+    engine = make_engine(bench, max_seqs=max(fitting), max_len=max_len, kv_dtype=kv_dtype)
     weights = weight_bytes(bench.model)
     prompts = random_ids(max(fitting), context, bench.vocab, seed=context)
     try:
@@ -384,7 +387,7 @@ def decode_rows(bench: Bench, deadline: Deadline, record: dict[str, Any], *, con
             deadline.check(f"{label} b{batch} ctx {context}")
             timing = time_decode(engine, prompts[:batch], [None] * batch, steps=args.decode_steps, deadline=deadline)
             row = {"label": label, "batch": batch, "context": context, **timing}
-            roofline(bench, row, weights=weights, kv_tokens=timing.pop("kv_tokens"))
+            roofline(bench, row, weights=weights, kv_tokens=timing.pop("kv_tokens"), kv_dtype=kv_dtype)
             record["rows"].append(row)
             print(f"decode {label} b{batch} ctx {context}: {row['tok_s']:.0f} tok/s, {row['step_ms']:.2f} ms/step, "
                   f"roofline {row.get('roofline_fraction', 0):.2f}", flush=True)
@@ -440,6 +443,9 @@ def part_decode(bench: Bench, deadline: Deadline, record: dict[str, Any]) -> Non
                         label="bf16, cuBLAS decode GEMMs")
         finally:
             gemv_module.gemv_applies = applies
+    for context in ints(args.decode_int8_kv_contexts):  # the K/V cache as int8 codes + scales (half the bytes)
+        deadline.check(f"int8 KV ctx {context}")
+        decode_rows(bench, deadline, record, context=context, batches=batches, label="bf16, int8 KV", kv_dtype="int8")
     short = {r["batch"]: r["tok_s"] for r in record["rows"]
              if r["label"] == "bf16" and r["context"] == contexts[0] and "tok_s" in r}
     for row in record["rows"]:

@@ -260,6 +260,9 @@ def _add_serve_parser(sub: Any) -> None:
                         "hub cache); default: loading and unloading at run time answer 403")
     p.add_argument("--quantize", choices=("nf4", "int8"), default=None,
                    help="quantize the base model's linears as it loads (a local model folder)")
+    p.add_argument("--kv-cache", choices=("auto", "int8"), default="auto",
+                   help="the K/V cache: auto (the model's dtype) or int8 (8-bit with a scale per token and head: "
+                        "about half the bytes a decode step reads, twice the tokens in the same memory)")
     p.set_defaults(run=commands.cmd_serve)
 
 

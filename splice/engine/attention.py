@@ -48,7 +48,8 @@ class StepAttention:
     ``key_caches[i]`` / ``value_caches[i]``: layer ``i``'s (NB, BS, Hkv, D) cache; ``slot_mapping``
     (T,) int64 flat cache slot of each token; ``block_tables`` (B, max_blocks) int32;
     ``seq_lens`` (B,) int32 tokens in cache incl. this step's; ``query_start_loc`` (B+1,) int32;
-    ``max_query_len`` / ``max_seq_len``: host upper bounds.
+    ``max_query_len`` / ``max_seq_len``: host upper bounds. ``key_scales[i]`` / ``value_scales[i]``: layer ``i``'s
+    fp32 (NB, BS, Hkv) scales when its caches are int8 (:mod:`splice.kernels.kv_cache`), else empty.
     """
 
     key_caches: Sequence[Tensor]
@@ -59,6 +60,8 @@ class StepAttention:
     query_start_loc: Tensor
     max_query_len: int
     max_seq_len: int
+    key_scales: Sequence[Tensor] = ()
+    value_scales: Sequence[Tensor] = ()
 
 
 _STEP: ContextVar[StepAttention | None] = ContextVar("splice_paged_step", default=None)
@@ -116,12 +119,15 @@ class PagedAttention(nn.Module):
         norms = self._modules
         if norms.get("q_norm") is not None:  # Qwen3, Gemma3: RMSNorm over each head's vector
             q, k = norms["q_norm"](q), norms["k_norm"](k)  # type: ignore[misc]
-        key_cache, value_cache = step.key_caches[self.layer_idx], step.value_caches[self.layer_idx]
-        q = rope_write_kv(q, k, v, *position_embeddings, key_cache, value_cache, step.slot_mapping)
+        layer = self.layer_idx
+        key_cache, value_cache = step.key_caches[layer], step.value_caches[layer]
+        scales = {"key_scale": step.key_scales[layer], "value_scale": step.value_scales[layer]} \
+            if step.key_scales else {}
+        q = rope_write_kv(q, k, v, *position_embeddings, key_cache, value_cache, step.slot_mapping, **scales)
         out = paged_attention(
             q, key_cache, value_cache, block_tables=step.block_tables, seq_lens=step.seq_lens,
             query_start_loc=step.query_start_loc, scale=self.scaling, max_query_len=step.max_query_len,
-            max_seq_len=step.max_seq_len, window=self.window, softcap=self.softcap,
+            max_seq_len=step.max_seq_len, window=self.window, softcap=self.softcap, **scales,
         )  # (T, Hq, D)
         return out.reshape(tokens, 1, -1)
 

@@ -84,7 +84,7 @@ class Engine:
     (default: ``kv_memory`` of the free GPU memory, or ``max_seqs x max_len`` tokens on the CPU).
     ``bank`` / ``sites`` / ``adapters``: serve's adapter bank, its sites and the adapters it may load.
     ``overlap``: launch each step before the previous one's tokens reach the host (:meth:`step`;
-    default: on CUDA).
+    default: on CUDA). ``kv_dtype="int8"``: K/V as 8-bit codes with scales, about half the bytes (ModelRunner).
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, max_seqs: int = 32, max_len: int = 1024,
@@ -92,7 +92,7 @@ class Engine:
                  kv_memory: float = 0.8, prefix_caching: bool = True, max_waiting: int = 256,
                  bank: LoraBank | None = None, sites: Sequence[BankSite] = (),
                  adapters: dict[str, HostAdapter] | None = None, cuda_graphs: bool = True,
-                 overlap: bool | None = None) -> None:
+                 overlap: bool | None = None, kv_dtype: str = "auto") -> None:
         for name, value in (("max_seqs", max_seqs), ("max_len", max_len), ("token_budget", token_budget),
                             ("block_size", block_size), ("max_waiting", max_waiting)):
             if value < 1:
@@ -104,7 +104,7 @@ class Engine:
         self.bank, self.adapters = bank, adapters if adapters is not None else {}
         self.runner = ModelRunner(model, block_size=block_size, max_seqs=max_seqs, max_len=max_len,
                                   num_blocks=kv_blocks, kv_memory=kv_memory, bank=bank, sites=sites,
-                                  cuda_graphs=cuda_graphs, max_tokens=token_budget)
+                                  cuda_graphs=cuda_graphs, max_tokens=token_budget, kv_dtype=kv_dtype)
         self._limits = dict(max_seqs=max_seqs, token_budget=token_budget, max_len=max_len)
         self.prefix_caching = prefix_caching
         self.pool, self.scheduler = self._new_scheduler()
@@ -126,7 +126,7 @@ class Engine:
         self._unforked: dict[Request, list[Request]] = {}  # n > 1: choices waiting for their prompt
         self._inflight: Inflight | None = None  # the launched step's sampled tokens, not yet on the host
         self.overlap = self.runner.device.type == "cuda" if overlap is None else overlap
-        self._casts = AdapterCasts(model, dtype=self.runner.key_caches[0].dtype, groups=packed_lora_groups)
+        self._casts = AdapterCasts(model, dtype=self.runner.dtype, groups=packed_lora_groups)
 
     def _new_scheduler(self) -> tuple[BlockPool, Scheduler]:
         pool = BlockPool(self.runner.num_blocks, self.runner.block_size)

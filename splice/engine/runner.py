@@ -11,7 +11,9 @@ the final norm and the output head on the sampled tokens only. Attention is the
 :class:`~splice.engine.attention.PagedAttention` rewrite, fed through a ContextVar.
 
 The runner owns the KV cache: per layer ``(num_blocks, block_size, kv_heads, head_dim)`` keys and
-values; block 0 is scratch (padded tokens write there). Copy-on-write block copies of the plan run
+values in the model's dtype, or with ``kv_dtype="int8"`` int8 codes and fp32 ``(num_blocks, block_size,
+kv_heads)`` scales (:mod:`splice.kernels.kv_cache`: about half the bytes a decode reads, and twice the
+tokens in the same memory); block 0 is scratch (padded tokens write there). Copy-on-write block copies of the plan run
 before the forward. Decode-only steps on CUDA replay a CUDA graph captured per batch-size bucket
 (1, 2, 4, ... up to ``max_seqs``), context bucket (128, 1,024, ``max_len``: the attention grid of a short
 context needs no split and no merge) and bank version, padded to the bucket with scratch rows.
@@ -51,6 +53,7 @@ from splice.engine.layer import linear_out, run_layer
 from splice.engine.scheduler import Chunk, StepPlan
 from splice.fused.apply import fuse
 from splice.fused.projections import pack_projections
+from splice.kernels.kv_cache import kv_cache_dtype
 from splice.lora.adapter_file import base_shape
 from splice.lora.apply import lora_modules
 from splice.lora.bank import BankSite, LoraBank, bank_holds
@@ -118,13 +121,14 @@ def _dtype(model: nn.Module) -> torch.dtype:
 
 
 def _kv_blocks(model: nn.Module, *, block_size: int, max_seqs: int, max_len: int, kv_memory: float,
-               device: torch.device) -> int:
-    """How many KV blocks to allocate: on CUDA ``kv_memory`` (a fraction) of the free memory, elsewhere
-    enough for ``max_seqs`` sequences of ``max_len`` tokens; +1 scratch block either way."""
+               device: torch.device, dtype: torch.dtype) -> int:
+    """How many KV blocks (of cache ``dtype``) to allocate: on CUDA ``kv_memory`` (a fraction) of the free
+    memory, elsewhere enough for ``max_seqs`` sequences of ``max_len`` tokens; +1 scratch block either way."""
     if device.type != "cuda":
         return max_seqs * -(-max_len // block_size) + 1
     layers, kv_heads, head_dim = _kv_shape(model)
-    per_block = 2 * layers * block_size * kv_heads * head_dim * torch.empty((), dtype=_dtype(model)).element_size()
+    per_vector = head_dim * torch.empty((), dtype=dtype).element_size() + (4 if dtype == torch.int8 else 0)
+    per_block = 2 * layers * block_size * kv_heads * per_vector
     free, _ = torch.cuda.mem_get_info(device)
     return int(free * kv_memory) // per_block
 
@@ -176,11 +180,14 @@ class ModelRunner:
     ``kv_memory`` of the free GPU memory, or ``max_seqs x max_len`` tokens on the CPU). ``bank`` / ``sites``:
     serve's adapter bank, routed per token by slot; without one, a step may route the model's own LoRA
     layers by name. ``max_tokens``: the most tokens of a step (the scheduler's token budget; the input
-    buffers grow past it if needed)."""
+    buffers grow past it if needed). ``kv_dtype``: ``"auto"`` (the model's dtype) or ``"int8"`` (module doc)."""
 
     def __init__(self, model: nn.Module, *, block_size: int, max_seqs: int, max_len: int,
                  num_blocks: int | None = None, kv_memory: float = 0.8, bank: LoraBank | None = None,
-                 sites: Sequence[BankSite] = (), cuda_graphs: bool = True, max_tokens: int = 2048) -> None:
+                 sites: Sequence[BankSite] = (), cuda_graphs: bool = True, max_tokens: int = 2048,
+                 kv_dtype: str = "auto") -> None:
+        self.dtype = _dtype(model)  # the compute dtype
+        cache_dtype = kv_cache_dtype(kv_dtype, self.dtype)  # (a bad choice fails before any work)
         install_paged_attention(model)
         self.model, self.parts = model, _parts(model)
         self.block_size, self.max_seqs, self.max_len = block_size, max_seqs, max_len
@@ -192,12 +199,15 @@ class ModelRunner:
             pack_projections(model)  # Face's modules and separate weights, the reference
         if num_blocks is None:
             num_blocks = _kv_blocks(model, block_size=block_size, max_seqs=max_seqs, max_len=max_len,
-                                    kv_memory=kv_memory, device=self.device)
+                                    kv_memory=kv_memory, device=self.device, dtype=cache_dtype)
         self.num_blocks = num_blocks
         layers, kv_heads, head_dim = _kv_shape(model)
-        shape, dtype = (num_blocks, block_size, kv_heads, head_dim), _dtype(model)
-        self.key_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(layers)]
-        self.value_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(layers)]
+        shape = (num_blocks, block_size, kv_heads, head_dim)
+        self.key_caches = [torch.zeros(shape, dtype=cache_dtype, device=self.device) for _ in range(layers)]
+        self.value_caches = [torch.zeros(shape, dtype=cache_dtype, device=self.device) for _ in range(layers)]
+        scaled = cache_dtype == torch.int8  # int8 codes: a scale per (slot, kv head) beside each cache
+        self.key_scales = [torch.zeros(shape[:3], device=self.device) for _ in range(layers if scaled else 0)]
+        self.value_scales = [torch.zeros(shape[:3], device=self.device) for _ in range(layers if scaled else 0)]
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.graph_failure: str | None = None
         self._graphs: dict[tuple[int, int, int, int], tuple[Any, Tensor]] = {}  # (*bucket, bank version)
@@ -209,7 +219,7 @@ class ModelRunner:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in (*self.key_caches, *self.value_caches))
+        return sum(t.nbytes for t in (*self.key_caches, *self.value_caches, *self.key_scales, *self.value_scales))
 
     # ---- the batch ------------------------------------------------------------------------
     def _staging(self, *, tokens: int, seqs: int) -> Staging:
@@ -250,7 +260,8 @@ class ModelRunner:
         parts = self.parts
         step = StepAttention(key_caches=self.key_caches, value_caches=self.value_caches, slot_mapping=t.slots,
                              block_tables=t.tables, seq_lens=t.seq_lens, query_start_loc=t.starts,
-                             max_query_len=t.max_query_len, max_seq_len=t.max_seq_len)
+                             max_query_len=t.max_query_len, max_seq_len=t.max_seq_len, key_scales=self.key_scales,
+                             value_scales=self.value_scales)
         positions = t.positions[:, None]  # (T, 1): one token a row
         with paged_step(step), self._route(adapters, t.bank_slots, rows):
             hidden = parts.embed(t.ids[:, None])  # (T, 1, H)
@@ -270,7 +281,7 @@ class ModelRunner:
             return
         src = to_device([s for s, _ in copies], torch.long, self.device)
         dst = to_device([d for _, d in copies], torch.long, self.device)
-        for cache in (*self.key_caches, *self.value_caches):
+        for cache in (*self.key_caches, *self.value_caches, *self.key_scales, *self.value_scales):
             cache.index_copy_(0, dst, cache.index_select(0, src))
 
     def execute(self, plan: StepPlan, *, rows: RowAdapters | None = None, previous: Tensor | None = None,

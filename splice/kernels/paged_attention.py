@@ -2,7 +2,7 @@
 
 KV layout (per decoder layer): ``key_cache`` / ``value_cache`` are ``(NB, BS, Hkv, D)``; the token
 at position ``p`` of sequence ``b`` lives in block ``block_tables[b, p // BS]`` at row ``p % BS``
-(flat slot ``block * BS + p % BS``, written by :func:`write_kv`).
+(flat slot ``block * BS + p % BS``, written by :func:`~splice.kernels.kv_cache.write_kv`).
 
 Queries are flat: ``q`` is ``(T, Hq, D)`` holding the queries of ``B`` sequences back to back;
 sequence ``b`` owns rows ``qsl[b] : qsl[b + 1]`` (``qsl = query_start_loc``, ``L_b`` rows) at
@@ -25,6 +25,8 @@ only on host ints (``T``, ``B``, ``max_query_len``, ``max_seq_len``), and progra
 length exit at once, so the call
 never syncs with the host and a CUDA graph can capture it with upper bounds. Any head_dim works
 (padded to a power of two >= 16 under masks: 80 and 96 too); fp16 / bf16 / fp32 (fp32: IEEE dots).
+int8 caches (:mod:`splice.kernels.kv_cache`, a scale per token and kv head beside them) run the dots in
+q's dtype on the codes: the keys' scales multiply the scores, the values' the probabilities.
 
 H200, Llama-3-8B heads (32 q / 8 kv x 128, bf16, block 16; benchmarks/paged_attention.py, CUDA
 graphs): decode batch 128 x 4,096 context 503 us = 4.27 TB/s (torch SDPA over dense un-paged
@@ -44,6 +46,7 @@ import torch
 from torch import Tensor
 
 from splice.kernels import use_triton
+from splice.kernels.kv_cache import check_scales, dequantize_kv
 
 try:  # Triton only ships with CUDA builds of torch; the CPU path needs none.
     import triton
@@ -51,26 +54,14 @@ try:  # Triton only ships with CUDA builds of torch; the CPU path needs none.
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-__all__ = ["KernelConfig", "default_config", "paged_attention", "paged_attention_reference", "paged_attention_triton",
-           "write_kv"]
-
-
-def write_kv(key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor, slot_mapping: Tensor) -> None:
-    """Store this step's ``key`` / ``value`` ``(T, Hkv, D)`` at flat slots ``slot_mapping`` ``(T,)``
-    of the ``(NB, BS, Hkv, D)`` caches, in place (``index_copy_``: no host sync)."""
-    if key.shape != value.shape or key.dim() != 3 or key.shape[1:] != key_cache.shape[2:]:
-        raise ValueError(f"write_kv: key/value (T, Hkv, D) matching the cache's (NB, BS, Hkv, D) expected, got "
-                         f"{tuple(key.shape)}, {tuple(value.shape)} and cache {tuple(key_cache.shape)}")
-    if slot_mapping.shape != (key.shape[0],):
-        raise ValueError(f"write_kv: slot_mapping ({key.shape[0]},) expected, got {tuple(slot_mapping.shape)}")
-    slots = slot_mapping.to(torch.int64)
-    for new, cache in ((key, key_cache), (value, value_cache)):
-        cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, new.to(cache.dtype))
+__all__ = ["KernelConfig", "default_config", "paged_attention", "paged_attention_reference", "paged_attention_triton"]
 
 
 def _check(q: Tensor, key_cache: Tensor, value_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
-           query_start_loc: Tensor) -> None:
+           query_start_loc: Tensor, key_scale: Tensor | None = None, value_scale: Tensor | None = None) -> None:
     """One clear line for inputs that do not fit the layout (module doc), before any work."""
+    check_scales("paged_attention", key_cache, key_scale)
+    check_scales("paged_attention", value_cache, value_scale)
     if q.dim() != 3 or key_cache.dim() != 4 or key_cache.shape != value_cache.shape:
         raise ValueError(f"paged_attention: q (T, Hq, D) and caches (NB, BS, Hkv, D) expected, got "
                          f"{tuple(q.shape)}, {tuple(key_cache.shape)}, {tuple(value_cache.shape)}")
@@ -112,7 +103,8 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, *, first_pos: int, key_start: int, 
 def paged_attention_reference(
     q: Tensor, key_cache: Tensor, value_cache: Tensor, *, block_tables: Tensor, seq_lens: Tensor,
     query_start_loc: Tensor, scale: float, max_query_len: int, max_seq_len: int, window: int = 0,
-    softcap: float = 0.0, out: Tensor | None = None,
+    softcap: float = 0.0, out: Tensor | None = None, key_scale: Tensor | None = None,
+    value_scale: Tensor | None = None,
 ) -> Tensor:
     """Attention of every sequence's queries over its paged K/V (module doc), in plain PyTorch.
 
@@ -120,7 +112,7 @@ def paged_attention_reference(
     one masked fp32 attention serves all its queries and heads. ``max_query_len`` / ``max_seq_len``
     are unused here (they size the Triton grid). Rows of ``q`` past ``query_start_loc[B]`` give 0.
     """
-    _check(q, key_cache, value_cache, block_tables, seq_lens, query_start_loc)
+    _check(q, key_cache, value_cache, block_tables, seq_lens, query_start_loc, key_scale, value_scale)
     result = torch.zeros_like(q) if out is None else out
     block_size = key_cache.shape[1]
     starts, lens = query_start_loc.tolist(), seq_lens.tolist()
@@ -133,16 +125,22 @@ def paged_attention_reference(
         lo_block = key_start // block_size
         ids = block_tables[b, lo_block : (n + block_size - 1) // block_size].long()
         key_start = lo_block * block_size
-        k = key_cache[ids].flatten(0, 1)[: n - key_start]
-        v = value_cache[ids].flatten(0, 1)[: n - key_start]
+        k = _gather(key_cache, key_scale, ids).flatten(0, 1)[: n - key_start]
+        v = _gather(value_cache, value_scale, ids).flatten(0, 1)[: n - key_start]
         o = _attend(q[first:last], k, v, first_pos=first_pos, key_start=key_start, scale=scale,
                     window=window, softcap=softcap)
         result[first:last] = o.to(result.dtype)
     return result
 
 
+def _gather(cache: Tensor, scale: Tensor | None, ids: Tensor) -> Tensor:
+    """The blocks ``ids`` (any shape) of ``cache``: (*ids.shape, BS, Hkv, D), int8 ones dequantized (fp32)."""
+    return cache[ids] if scale is None else dequantize_kv(cache[ids], scale[ids])
+
+
 def _decode_batched(q: Tensor, key_cache: Tensor, value_cache: Tensor, *, block_tables: Tensor, seq_lens: Tensor,
-                    scale: float, window: int, softcap: float, out: Tensor | None) -> Tensor:
+                    scale: float, window: int, softcap: float, out: Tensor | None, key_scale: Tensor | None,
+                    value_scale: Tensor | None) -> Tensor:
     """Every sequence's one query at once (a decode step off the GPU): each sequence's K/V gathered into
     a padded (B, N, Hkv, D) batch, keys past its length (or outside its window) masked; fp32 math as
     the reference, one batched attention instead of one per sequence."""
@@ -151,8 +149,8 @@ def _decode_batched(q: Tensor, key_cache: Tensor, value_cache: Tensor, *, block_
     lens = seq_lens.long()
     longest = int(lens.max())
     ids = block_tables[:, : -(-longest // block_size)].long()  # (B, nb)
-    k = key_cache[ids].flatten(1, 2)[:, :longest].float()  # (B, N, Hkv, D)
-    v = value_cache[ids].flatten(1, 2)[:, :longest].float()
+    k = _gather(key_cache, key_scale, ids).flatten(1, 2)[:, :longest].float()  # (B, N, Hkv, D)
+    v = _gather(value_cache, value_scale, ids).flatten(1, 2)[:, :longest].float()
     qg = q.float().view(batch, hkv, hq // hkv, d)
     s = torch.einsum("bhgd,bnhd->bhgn", qg, k) * scale
     if softcap > 0:
@@ -173,22 +171,25 @@ def _decode_batched(q: Tensor, key_cache: Tensor, value_cache: Tensor, *, block_
 def paged_attention(
     q: Tensor, key_cache: Tensor, value_cache: Tensor, *, block_tables: Tensor, seq_lens: Tensor,
     query_start_loc: Tensor, scale: float, max_query_len: int, max_seq_len: int, window: int = 0,
-    softcap: float = 0.0, out: Tensor | None = None,
+    softcap: float = 0.0, out: Tensor | None = None, key_scale: Tensor | None = None,
+    value_scale: Tensor | None = None,
 ) -> Tensor:
     """Paged attention (module doc): the Triton kernels for CUDA tensors, the reference elsewhere.
 
     ``max_query_len`` / ``max_seq_len`` are host upper bounds on ``L_b`` / ``n_b`` that size the
     grid (any upper bound is correct). Returns ``(T, Hq, D)`` in q's dtype (``out`` when given).
+    int8 caches take their fp32 ``key_scale`` / ``value_scale`` (NB, BS, Hkv) (module doc).
     """
     kernels = triton is not None and use_triton(q, key_cache)
+    scales = {"key_scale": key_scale, "value_scale": value_scale}
     if not kernels and max_query_len <= 1 and q.shape[0] == seq_lens.shape[0] and q.shape[0] > 1:
-        _check(q, key_cache, value_cache, block_tables, seq_lens, query_start_loc)  # one query a sequence
+        _check(q, key_cache, value_cache, block_tables, seq_lens, query_start_loc, **scales)  # one query a sequence
         return _decode_batched(q, key_cache, value_cache, block_tables=block_tables, seq_lens=seq_lens,
-                               scale=scale, window=window, softcap=softcap, out=out)
+                               scale=scale, window=window, softcap=softcap, out=out, **scales)
     fn = paged_attention_triton if kernels else paged_attention_reference
     return fn(q, key_cache, value_cache, block_tables=block_tables, seq_lens=seq_lens,
               query_start_loc=query_start_loc, scale=scale, max_query_len=max_query_len,
-              max_seq_len=max_seq_len, window=window, softcap=softcap, out=out)
+              max_seq_len=max_seq_len, window=window, softcap=softcap, out=out, **scales)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -200,7 +201,9 @@ class KernelConfig:
     tiles: +30% on the H200; decode: the second loop's buffers cost occupancy, -10% at batch 128).
     ``direct_decode``: in a decode call (``max_query_len <= 1``) tile ``b`` is sequence ``b``, one query
     token, found without the binary search over ``query_start_loc`` (a chain of dependent loads that
-    every program of a short-context decode otherwise waits on first)."""
+    every program of a short-context decode otherwise waits on first). ``split_decodes``: in a call with
+    longer chunks, the one-query sequences run in a launch of their own with the decode tiles (in a
+    ``block_q``-row prefill tile a decode fills ``G`` of its rows and computes the rest for nothing)."""
 
     block_q: int
     block_n: int
@@ -210,6 +213,7 @@ class KernelConfig:
     programs_per_sm: int = 2
     unmasked_steps: bool = False
     direct_decode: bool = True
+    split_decodes: bool = True
 
 
 def _pow2(n: int) -> int:
@@ -241,14 +245,17 @@ def paged_attention_triton(
     q: Tensor, key_cache: Tensor, value_cache: Tensor, *, block_tables: Tensor, seq_lens: Tensor,
     query_start_loc: Tensor, scale: float, max_query_len: int, max_seq_len: int, window: int = 0,
     softcap: float = 0.0, out: Tensor | None = None, config: KernelConfig | None = None,
+    key_scale: Tensor | None = None, value_scale: Tensor | None = None,
 ) -> Tensor:
     """The Triton path of :func:`paged_attention` (``config``: tile sizes, default :func:`default_config`)."""
-    _check(q, key_cache, value_cache, block_tables, seq_lens, query_start_loc)
+    _check(q, key_cache, value_cache, block_tables, seq_lens, query_start_loc, key_scale, value_scale)
+    quant = key_scale is not None  # int8 codes: dots in q's dtype, the scales applied around them
     tokens, hq, d = q.shape
     hkv, block_size = key_cache.shape[2], key_cache.shape[1]
     group, seqs = hq // hkv, seq_lens.shape[0]
     cfg = config or default_config(decode=max_query_len <= 1, group=group, head_dim=d)
     direct = cfg.direct_decode and max_query_len <= 1  # tile b = sequence b (KernelConfig)
+    split = cfg.split_decodes and max_query_len > 1  # the one-query sequences in a launch of their own
     block_q = 1 if direct else cfg.block_q
     q = q if q.stride(-1) == 1 else q.contiguous()
     key_cache, value_cache = (c if c.stride(-1) == 1 else c.contiguous() for c in (key_cache, value_cache))
@@ -265,20 +272,31 @@ def paged_attention_triton(
                torch.empty(2, tokens, hq, parts, device=q.device, dtype=torch.float32)) if parts > 1 else None
     # scores in base 2 (exp2): scale * log2(e) folded in, or applied after the softcap's tanh
     qk_scale, cap = (scale, softcap * _LOG2E) if softcap > 0 else (scale * _LOG2E, 1.0)
-    _attention_kernel[(tiles, hkv, parts)](
-        q, key_cache, value_cache, result, *(partial or (result, result)), block_tables, seq_lens,
-        query_start_loc, seqs, tokens * hq * parts, qk_scale, cap, window, part_len or (1 << 30), parts,
-        q.stride(0), q.stride(1), result.stride(0), result.stride(1), *key_cache.stride()[:3],
-        *value_cache.stride()[:3], block_tables.stride(0), GROUP=group, G_PAD=g_pad, BLOCK_Q=block_q,
-        ROWS=max(16, block_q * g_pad), BLOCK_N=cfg.block_n, BS=block_size, D=d, D_PAD=d_pad,
-        SPLIT=partial is not None, SOFTCAP=softcap > 0, WINDOW=window > 0,
-        IEEE=key_cache.dtype == torch.float32, UNMASKED=cfg.unmasked_steps and window == 0, DIRECT=direct,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    def launch(cfg: KernelConfig, grid: tuple[int, int, int], block_q: int, *, direct: bool, only: int,
+               partial: tuple[Tensor, Tensor] | None, part_len: int, parts: int) -> None:
+        # only: 0 every sequence, 1 the one-query ones, 2 the others (split_decodes)
+        _attention_kernel[grid](
+            q, key_cache, value_cache, key_scale if quant else q, value_scale if quant else q, result,
+            *(partial or (result, result)), block_tables, seq_lens,
+            query_start_loc, seqs, tokens * hq * parts, qk_scale, cap, window, part_len or (1 << 30), parts,
+            q.stride(0), q.stride(1), result.stride(0), result.stride(1), *key_cache.stride()[:3],
+            *value_cache.stride()[:3], block_tables.stride(0), GROUP=group, G_PAD=g_pad, BLOCK_Q=block_q,
+            ROWS=max(16, block_q * g_pad), BLOCK_N=cfg.block_n, BS=block_size, D=d, D_PAD=d_pad,
+            SPLIT=partial is not None, SOFTCAP=softcap > 0, WINDOW=window > 0,
+            IEEE=(q if quant else key_cache).dtype == torch.float32, UNMASKED=cfg.unmasked_steps and window == 0,
+            DIRECT=direct, QUANT=quant, ONLY=only, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    if split:  # the decodes, one pass over its context each (no partitions; the reduce skips them)
+        launch(default_config(decode=True, group=group, head_dim=d), (seqs, hkv, 1), 1, direct=True, only=1,
+               partial=None, part_len=0, parts=1)
+    launch(cfg, (tiles, hkv, parts), block_q, direct=direct, only=2 if split else 0, partial=partial,
+           part_len=part_len, parts=parts)
     if partial is not None:
         _reduce_kernel[(tokens, hq)](
             result, *partial, seq_lens, query_start_loc, seqs, tokens * hq * parts, window, part_len, parts,
             result.stride(0), result.stride(1), P_PAD=_pow2(parts), D=d, D_PAD=d_pad, WINDOW=window > 0,
-            num_warps=4)
+            SKIP_SINGLE=split, num_warps=4)
     if out is not None and result is not out:
         out.copy_(result)
         return out
@@ -312,9 +330,10 @@ if triton is not None:
         return tl.dot(a, b, out_dtype=tl.float32)
 
     @triton.jit
-    def _keys_step(acc, m_i, l_i, q, start, key_end, pos, table, k_at, v_at, dd, d_ok, window, qk_scale, cap,
-                   stride_kb, stride_kt, stride_vb, stride_vt, BLOCK_N: tl.constexpr, BS: tl.constexpr,
-                   SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, IEEE: tl.constexpr, MASK: tl.constexpr):
+    def _keys_step(acc, m_i, l_i, q, start, key_end, pos, table, k_at, v_at, ks_at, vs_at, dd, d_ok, window,
+                   qk_scale, cap, stride_kb, stride_kt, stride_vb, stride_vt, stride_sb, stride_st,
+                   BLOCK_N: tl.constexpr, BS: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
+                   IEEE: tl.constexpr, MASK: tl.constexpr, QUANT: tl.constexpr):
         # one BLOCK_N-key step of the online softmax (base 2); MASK: apply causal / window / length masks
         kpos = start + tl.arange(0, BLOCK_N)
         k_ok = kpos < key_end
@@ -323,7 +342,15 @@ if triton is not None:
                     mask=k_ok[None, :] & d_ok[:, None], other=0.0)  # (D_PAD, BLOCK_N)
         v = tl.load(v_at + block[:, None] * stride_vb + (kpos % BS)[:, None] * stride_vt + dd[None, :],
                     mask=k_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, D_PAD)
-        s = _dot(q, k, IEEE) * qk_scale
+        if QUANT:  # int8 codes (exact in q's dtype); the keys' scales after the dot, the values' on p
+            at = block * stride_sb + (kpos % BS) * stride_st
+            k_scale = tl.load(ks_at + at, mask=k_ok, other=0.0)
+            v_scale = tl.load(vs_at + at, mask=k_ok, other=0.0)
+            s = _dot(q, k.to(q.dtype), IEEE) * (k_scale * qk_scale)[None, :]
+            v = v.to(q.dtype)
+        else:
+            v_scale = k_ok  # (unused)
+            s = _dot(q, k, IEEE) * qk_scale
         if SOFTCAP:
             s = cap * _tanh_cap(s, cap)
         if MASK:
@@ -331,7 +358,7 @@ if triton is not None:
             if WINDOW:
                 allowed = allowed & (kpos[None, :] > pos[:, None] - window)
             s = tl.where(allowed, s, float("-inf"))
-        return _online_softmax(acc, m_i, l_i, s, v, IEEE, MASK)
+        return _online_softmax(acc, m_i, l_i, s, v, v_scale, IEEE, MASK, QUANT)
 
     @triton.jit
     def _tanh_cap(s, cap):
@@ -341,8 +368,9 @@ if triton is not None:
         return 1.0 - 2.0 / (tl.exp2(two_x_log2e) + 1.0)
 
     @triton.jit
-    def _online_softmax(acc, m_i, l_i, s, v, IEEE: tl.constexpr, MASK: tl.constexpr):
-        # fold base-2 scores s (rows, keys) and values v (keys, D) into the running (acc, max, sum)
+    def _online_softmax(acc, m_i, l_i, s, v, v_scale, IEEE: tl.constexpr, MASK: tl.constexpr, QUANT: tl.constexpr):
+        # fold base-2 scores s (rows, keys) and values v (keys, D) into the running (acc, max, sum); QUANT: v
+        # holds int8 codes whose scales v_scale (keys,) multiply p's columns
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         if MASK:  # rows with no visible key yet keep all weights 0
             m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -351,18 +379,20 @@ if triton is not None:
         p = tl.exp2(s - m_new_safe[:, None])
         alpha = tl.exp2(m_i - m_new_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
+        if QUANT:
+            p = p * v_scale[None, :]
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         return acc, m_new, l_i
 
     @triton.jit
     def _attention_kernel(
-        q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_ml_ptr, tables_ptr, seq_lens_ptr, qsl_ptr,
+        q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, out_ptr, part_out_ptr, part_ml_ptr, tables_ptr, seq_lens_ptr, qsl_ptr,
         num_seqs, ml_half, qk_scale, cap, window, part_len, parts,
         stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
         stride_vh, stride_bt, GROUP: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
         ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
         SPLIT: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, IEEE: tl.constexpr,
-        UNMASKED: tl.constexpr, DIRECT: tl.constexpr,
+        UNMASKED: tl.constexpr, DIRECT: tl.constexpr, QUANT: tl.constexpr, ONLY: tl.constexpr,
     ):
         # program (tile, kv head h, partition): rows r = (query m = r // G_PAD, head h * GROUP + r % G_PAD)
         tile, h, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -376,7 +406,12 @@ if triton is not None:
             q_start = tl.load(qsl_ptr + b)
             q_len = tl.load(qsl_ptr + b + 1) - q_start
             first_q = (tile - q_start // BLOCK_Q - b) * BLOCK_Q  # the tile's first query within the sequence
-        if first_q >= q_len:
+        skip = first_q >= q_len
+        if ONLY == 1:  # this launch serves the one-query sequences (split_decodes), the other one the rest
+            skip = skip | (q_len != 1)
+        if ONLY == 2:
+            skip = skip | (q_len == 1)
+        if skip:
             return
         first_pos = tl.load(seq_lens_ptr + b) - q_len  # position of the sequence's first query
         r = tl.arange(0, ROWS)
@@ -398,21 +433,28 @@ if triton is not None:
         dd = tl.arange(0, D_PAD)
         d_ok = dd < D
         q = tl.load(q_ptr + (q_start + m)[:, None] * stride_qt + head[:, None] * stride_qh + dd[None, :],
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(k_ptr.dtype.element_ty)
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        if not QUANT:  # the dots run in the cache's dtype (an int8 cache's: in q's)
+            q = q.to(k_ptr.dtype.element_ty)
         acc = tl.zeros((ROWS, D_PAD), dtype=tl.float32)
         m_i = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((ROWS,), dtype=tl.float32)
         table = tables_ptr + b.to(tl.int64) * stride_bt
         k_at, v_at = k_ptr + h * stride_kh, v_ptr + h * stride_vh
+        ks_at, vs_at = ks_ptr + h, vs_ptr + h  # scales (NB, BS, Hkv), contiguous
+        stride_st = tl.num_programs(1)
+        stride_sb = BS * stride_st
         if UNMASKED:  # (a constexpr branch: without it the kernel has one loop)
             for start in range(key_begin, full_end, BLOCK_N):
-                acc, m_i, l_i = _keys_step(acc, m_i, l_i, q, start, key_end, pos, table, k_at, v_at, dd, d_ok,
-                                           window, qk_scale, cap, stride_kb, stride_kt, stride_vb, stride_vt,
-                                           BLOCK_N, BS, SOFTCAP, WINDOW, IEEE, False)
+                acc, m_i, l_i = _keys_step(acc, m_i, l_i, q, start, key_end, pos, table, k_at, v_at, ks_at, vs_at,
+                                           dd, d_ok, window, qk_scale, cap, stride_kb, stride_kt, stride_vb,
+                                           stride_vt, stride_sb, stride_st, BLOCK_N, BS, SOFTCAP, WINDOW, IEEE,
+                                           False, QUANT)
         for start in range(full_end, key_end, BLOCK_N):
-            acc, m_i, l_i = _keys_step(acc, m_i, l_i, q, start, key_end, pos, table, k_at, v_at, dd, d_ok,
-                                       window, qk_scale, cap, stride_kb, stride_kt, stride_vb, stride_vt,
-                                       BLOCK_N, BS, SOFTCAP, WINDOW, IEEE, True)
+            acc, m_i, l_i = _keys_step(acc, m_i, l_i, q, start, key_end, pos, table, k_at, v_at, ks_at, vs_at,
+                                       dd, d_ok, window, qk_scale, cap, stride_kb, stride_kt, stride_vb,
+                                       stride_vt, stride_sb, stride_st, BLOCK_N, BS, SOFTCAP, WINDOW, IEEE,
+                                       True, QUANT)
         rows = (q_start + m).to(tl.int64)
         if SPLIT:  # unnormalized partial output + (max, sum) for the reduce; [t, head, part] of (T, Hq, P)
             at = (rows * (tl.num_programs(1) * GROUP) + head) * parts + part
@@ -428,13 +470,14 @@ if triton is not None:
     def _reduce_kernel(
         out_ptr, part_out_ptr, part_ml_ptr, seq_lens_ptr, qsl_ptr, num_seqs, ml_half, window, part_len, parts,
         stride_ot, stride_oh, P_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, WINDOW: tl.constexpr,
+        SKIP_SINGLE: tl.constexpr,
     ):
         # program (token t, query head): merge the partitions that hold at least one of its keys
         t, head = tl.program_id(0), tl.program_id(1)
         b = _find_sequence(qsl_ptr, t, num_seqs, 1, False)
         q_start = tl.load(qsl_ptr + b)
         q_len = tl.load(qsl_ptr + b + 1) - q_start
-        if t - q_start >= q_len:
+        if (t - q_start >= q_len) | (SKIP_SINGLE & (q_len == 1)):  # (a one-query sequence's own launch wrote it)
             return
         pos = tl.load(seq_lens_ptr + b) - q_len + t - q_start
         lo = 0

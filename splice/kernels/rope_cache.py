@@ -18,6 +18,9 @@ The Triton path runs one program per token: it loads the token's cos/sin once an
 head of q and k (fp32 inside, one rounding), so a decode step's layer does one launch here instead
 of four (rotate q, rotate k, copy k, copy v). :func:`rope_write_kv_reference` is the plain
 PyTorch composition (Hugging Face's formula, then ``index_copy_``); it is also the CPU path.
+
+int8 caches (:mod:`splice.kernels.kv_cache`): the rotated key (fp32, before any rounding) and the value are
+written as int8 codes with a scale per (token, kv head) into ``key_scale`` / ``value_scale`` (NB, BS, Hkv).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 from torch import Tensor
 
 from . import HAS_TRITON, use_triton
+from .kv_cache import check_scales, store_kv
 
 __all__ = ["rope_write_kv", "rope_write_kv_reference"]
 
@@ -36,21 +40,26 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _rotate_store(src, dst, heads, c1, c2, s1, s2, d, src_head_stride, dst_head_stride,
-                      HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    def _rotate(src, heads, c1, c2, s1, s2, d, src_head_stride, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+        # the two rotated halves (BLOCK_H, HALF) of every head's vector, fp32
         h = tl.arange(0, BLOCK_H)[:, None]
         inside = h < heads
         x1 = tl.load(src + h * src_head_stride + d, mask=inside, other=0.0).to(tl.float32)
         x2 = tl.load(src + h * src_head_stride + HALF + d, mask=inside, other=0.0).to(tl.float32)
-        tl.store(dst + h * dst_head_stride + d, (x1 * c1 - x2 * s1).to(dst.dtype.element_ty), mask=inside)
-        tl.store(dst + h * dst_head_stride + HALF + d, (x2 * c2 + x1 * s2).to(dst.dtype.element_ty), mask=inside)
+        return x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
+
+    @triton.jit
+    def _codes(x, scale):
+        # int8 codes of x (rows, D) with one scale a row: x / scale rounded half away from zero (kv_cache)
+        y = x / tl.where(scale > 0, scale, 1.0)[:, None]
+        return tl.where(y >= 0, y + 0.5, y - 0.5).to(tl.int8)
 
     @triton.jit
     def _rope_cache_kernel(
-        q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, kc_ptr, vc_ptr, slot_ptr,
+        q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr,
         hq, hkv, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct,
         stride_slot, stride_ch,
-        HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
+        HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, QUANT: tl.constexpr,
     ):
         t = tl.program_id(0).to(tl.int64)
         d = tl.arange(0, HALF)[None, :]
@@ -58,33 +67,52 @@ if HAS_TRITON:
         c2 = tl.load(cos_ptr + t * stride_ct + HALF + d).to(tl.float32)
         s1 = tl.load(sin_ptr + t * stride_ct + d).to(tl.float32)
         s2 = tl.load(sin_ptr + t * stride_ct + HALF + d).to(tl.float32)
-        _rotate_store(q_ptr + t * stride_qt, q_out_ptr + t * hq * (2 * HALF), hq, c1, c2, s1, s2, d,
-                      stride_qh, 2 * HALF, HALF, BLOCK_HQ)
+        hq_rows = tl.arange(0, BLOCK_HQ)[:, None]
+        q1, q2 = _rotate(q_ptr + t * stride_qt, hq, c1, c2, s1, s2, d, stride_qh, HALF, BLOCK_HQ)
+        q_dst = q_out_ptr + t * hq * (2 * HALF) + hq_rows * (2 * HALF)
+        tl.store(q_dst + d, q1.to(q_out_ptr.dtype.element_ty), mask=hq_rows < hq)
+        tl.store(q_dst + HALF + d, q2.to(q_out_ptr.dtype.element_ty), mask=hq_rows < hq)
         slot = tl.load(slot_ptr + t).to(tl.int64)
-        _rotate_store(k_ptr + t * stride_kt, kc_ptr + slot * stride_slot, hkv, c1, c2, s1, s2, d,
-                      stride_kh, stride_ch, HALF, BLOCK_HKV)
         h = tl.arange(0, BLOCK_HKV)[:, None]
-        dd = tl.arange(0, 2 * HALF)[None, :]
         inside = h < hkv
+        k1, k2 = _rotate(k_ptr + t * stride_kt, hkv, c1, c2, s1, s2, d, stride_kh, HALF, BLOCK_HKV)
+        k_dst = kc_ptr + slot * stride_slot + h * stride_ch
+        dd = tl.arange(0, 2 * HALF)[None, :]
         v = tl.load(v_ptr + t * stride_vt + h * stride_vh + dd, mask=inside, other=0.0)
-        tl.store(vc_ptr + slot * stride_slot + h * stride_ch + dd, v.to(vc_ptr.dtype.element_ty), mask=inside)
+        v_dst = vc_ptr + slot * stride_slot + h * stride_ch + dd
+        if QUANT:  # int8 codes and a scale per (token, kv head): splice.kernels.kv_cache
+            heads = tl.arange(0, BLOCK_HKV)
+            k_scale = tl.maximum(tl.max(tl.abs(k1), axis=1), tl.max(tl.abs(k2), axis=1)) / 127.0
+            tl.store(k_dst + d, _codes(k1, k_scale), mask=inside)
+            tl.store(k_dst + HALF + d, _codes(k2, k_scale), mask=inside)
+            tl.store(ks_ptr + slot * hkv + heads, k_scale, mask=heads < hkv)
+            v = v.to(tl.float32)
+            v_scale = tl.max(tl.abs(v), axis=1) / 127.0
+            tl.store(v_dst, _codes(v, v_scale), mask=inside)
+            tl.store(vs_ptr + slot * hkv + heads, v_scale, mask=heads < hkv)
+        else:
+            tl.store(k_dst + d, k1.to(kc_ptr.dtype.element_ty), mask=inside)
+            tl.store(k_dst + HALF + d, k2.to(kc_ptr.dtype.element_ty), mask=inside)
+            tl.store(v_dst, v.to(vc_ptr.dtype.element_ty), mask=inside)
 
 
 def rope_write_kv_reference(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, key_cache: Tensor,
-                            value_cache: Tensor, slot_mapping: Tensor) -> Tensor:
+                            value_cache: Tensor, slot_mapping: Tensor, *, key_scale: Tensor | None = None,
+                            value_scale: Tensor | None = None) -> Tensor:
     """The module docstring's math in plain PyTorch (also the CPU path)."""
     c, s = (t.reshape(q.shape[0], 1, -1).float() for t in (cos, sin))  # (T, 1, D), fp32 like the kernel
 
-    def rotate(x: Tensor) -> Tensor:
+    def rotate(x: Tensor) -> Tensor:  # fp32, rounded by the caller (int8 codes quantize the fp32 rotation)
         half = x.shape[-1] // 2
         wide = x.float()
         turned = torch.cat((-wide[..., half:], wide[..., :half]), dim=-1)
-        return (wide * c + turned * s).to(x.dtype)
+        return wide * c + turned * s
 
     slots = slot_mapping.to(torch.int64)
-    for new, cache in ((rotate(k), key_cache), (v, value_cache)):
-        cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, new.to(cache.dtype))
-    return rotate(q).contiguous()
+    key = rotate(k) if key_scale is not None else rotate(k).to(k.dtype)
+    store_kv(key, key_cache, key_scale, slots)
+    store_kv(v, value_cache, value_scale, slots)
+    return rotate(q).to(q.dtype).contiguous()
 
 
 def _fits(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, key_cache: Tensor,
@@ -93,7 +121,8 @@ def _fits(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, key_cache: 
     half = dim // 2
     return (
         use_triton(q, k, v, cos, sin, key_cache, value_cache, slot_mapping)
-        and q.dtype in _DTYPES and k.dtype == v.dtype == q.dtype and key_cache.dtype == value_cache.dtype == q.dtype
+        and q.dtype in _DTYPES and k.dtype == v.dtype == q.dtype
+        and key_cache.dtype == value_cache.dtype and key_cache.dtype in (q.dtype, torch.int8)
         and dim % 2 == 0 and half & (half - 1) == 0
         and all(x.stride(-1) == 1 for x in (q, k, v))
         and cos.shape == sin.shape and cos.stride() == sin.stride() and cos.shape[-1] == dim and cos.stride(-1) == 1
@@ -104,24 +133,32 @@ def _fits(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, key_cache: 
 
 
 def rope_write_kv(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, key_cache: Tensor,
-                  value_cache: Tensor, slot_mapping: Tensor) -> Tensor:
+                  value_cache: Tensor, slot_mapping: Tensor, *, key_scale: Tensor | None = None,
+                  value_scale: Tensor | None = None) -> Tensor:
     """RoPE on ``q``/``k`` and the cache write of ``k``/``v`` (module docstring); returns rope(q).
-    One Triton launch for CUDA tensors that fit; the reference otherwise."""
+    int8 caches take their fp32 scales ``key_scale`` / ``value_scale`` (NB, BS, Hkv): the codes and a scale per
+    token and head are written (:mod:`splice.kernels.kv_cache`). One Triton launch for CUDA tensors that fit; the
+    reference otherwise."""
     if q.dim() != 3 or k.shape != v.shape or k.dim() != 3 or k.shape[1:] != key_cache.shape[2:] \
             or slot_mapping.shape != (q.shape[0],) or k.shape[0] != q.shape[0]:
         raise ValueError(f"rope_write_kv: q (T, Hq, D), k/v (T, Hkv, D) matching the cache's (NB, BS, Hkv, D) and "
                          f"slot_mapping (T,) expected, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}, "
                          f"cache {tuple(key_cache.shape)}, slots {tuple(slot_mapping.shape)}")
+    check_scales("rope_write_kv", key_cache, key_scale)
+    check_scales("rope_write_kv", value_cache, value_scale)
     if not _fits(q, k, v, cos, sin, key_cache, value_cache, slot_mapping):
-        return rope_write_kv_reference(q, k, v, cos, sin, key_cache, value_cache, slot_mapping)
+        return rope_write_kv_reference(q, k, v, cos, sin, key_cache, value_cache, slot_mapping, key_scale=key_scale,
+                                       value_scale=value_scale)
     tokens, hq, dim = q.shape
     hkv = k.shape[1]
     q_out = torch.empty(tokens, hq, dim, device=q.device, dtype=q.dtype)
     flat_c, flat_s = cos.reshape(tokens, dim), sin.reshape(tokens, dim)
     _rope_cache_kernel[(tokens,)](
-        q, k, v, flat_c, flat_s, q_out, key_cache, value_cache, slot_mapping,
-        hq, hkv, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), flat_c.stride(0),
-        key_cache.stride(1), key_cache.stride(2),
-        HALF=dim // 2, BLOCK_HQ=triton.next_power_of_2(hq), BLOCK_HKV=triton.next_power_of_2(hkv), num_warps=4,
+        q, k, v, flat_c, flat_s, q_out, key_cache, value_cache,
+        key_cache if key_scale is None else key_scale, value_cache if value_scale is None else value_scale,
+        slot_mapping, hq, hkv, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        flat_c.stride(0), key_cache.stride(1), key_cache.stride(2),
+        HALF=dim // 2, BLOCK_HQ=triton.next_power_of_2(hq), BLOCK_HKV=triton.next_power_of_2(hkv),
+        QUANT=key_scale is not None, num_warps=4,
     )
     return q_out

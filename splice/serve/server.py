@@ -27,6 +27,7 @@ import uvicorn
 
 from splice.core.device import resolve_device
 from splice.core.errors import RunError, one_line
+from splice.kernels.kv_cache import kv_cache_dtype
 from splice.models.loading import load_model
 from splice.serve.adapter_source import check_adapter_name
 from splice.serve.app import MAX_REQUEST_BYTES, build_app
@@ -79,11 +80,13 @@ def serve(model: str | None, *, adapters: dict[str, Path], host: str = "127.0.0.
           max_len: int = 1024, gpu_adapters: int = 8, max_lora_rank: int = 64,
           max_request_bytes: int = MAX_REQUEST_BYTES, drain_timeout: float = DRAIN_TIMEOUT_S,
           api_keys: Collection[str] = (), allow_adapter_dir: str | Path | None = None,
-          quantize: str | None = None) -> None:
+          quantize: str | None = None, kv_cache: str = "auto") -> None:
     """``splice serve``. ``quantize`` (``"nf4"`` / ``"int8"``): the base's linears quantized as they
-    load (:func:`~splice.models.loading.load_model`); ``api_keys`` / ``allow_adapter_dir``: see
+    load (:func:`~splice.models.loading.load_model`); ``kv_cache`` (``"auto"`` / ``"int8"``): the K/V cache's
+    dtype (:class:`~splice.engine.runner.ModelRunner`); ``api_keys`` / ``allow_adapter_dir``: see
     :func:`~splice.serve.app.build_app`."""
     _check_limits(max_request_bytes=max_request_bytes, drain_timeout=drain_timeout)  # before the model loads
+    kv_cache_dtype(kv_cache, torch.float32)  # a bad choice: one line before the model loads
     _check_access(allow_adapter_dir=allow_adapter_dir, quantize=quantize)
     resolved = resolve_device(device)
     if dtype == "auto":
@@ -94,7 +97,7 @@ def serve(model: str | None, *, adapters: dict[str, Path], host: str = "127.0.0.
     name = model_name or (Path(model).name if model else "smollm2-135m-instruct")
     service = Service(base, tokenizer, model_name=name, adapters=dict(adapters), max_batch=max_batch,
                       max_len=min(max_len, int(getattr(tokenizer, "model_max_length", max_len) or max_len)),
-                      gpu_adapters=gpu_adapters, max_lora_rank=max_lora_rank)
+                      gpu_adapters=gpu_adapters, max_lora_rank=max_lora_rank, kv_dtype=kv_cache)
     started = time.monotonic()
     graphs = service.engine.runner.warmup()  # every CUDA graph before the first request (no capture mid-load)
     if graphs:

@@ -35,14 +35,15 @@ OPTIONS: list[dict[str, Any]] = [
 ]
 
 
-def _run(tokenizer: Any, *, fast: bool, kv_blocks: int) -> tuple[list[tuple[Any, ...]], list[float], Engine]:
+def _run(tokenizer: Any, *, fast: bool, kv_blocks: int,
+         kv_dtype: str = "auto") -> tuple[list[tuple[Any, ...]], list[float], Engine]:
     """Every choice's (tokens, text, finish reason, logprob tokens), every logprob; ``fast``: overlap and CUDA graphs (with a
     token budget small enough that prefill chunks replay the 16/32/64-token graphs)."""
     model = tiny.build_tiny_llama(len(tokenizer), seed=3).cuda()
     with torch.no_grad():
         model.lm_head.weight.mul_(6)  # some EOS among the greedy rows
     engine = Engine(model, tokenizer, max_seqs=4, max_len=64, block_size=4, kv_blocks=kv_blocks, token_budget=64,
-                    overlap=fast, cuda_graphs=fast)
+                    overlap=fast, cuda_graphs=fast, kv_dtype=kv_dtype)
     requests = []
     for number, (prompt, options) in enumerate(zip(PROMPTS, OPTIONS, strict=True)):
         requests.append(Request(prompt_ids=list(tokenizer(prompt)["input_ids"]), params=SamplingParams(**options)))
@@ -70,6 +71,17 @@ def test_overlapped_graph_steps_give_every_request_the_plain_engines_output(tiny
     assert fast == plain
     assert logprobs == pytest.approx(plain_logprobs, abs=1e-4)  # (matmuls of a padded M may round apart)
     assert {outcome[2] for outcome in plain} >= {"stop", "length"}
+
+
+@GPU
+def test_an_int8_kv_cache_replays_graphs_with_the_plain_engines_output(tiny_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """kv_dtype="int8" on CUDA: the fused RoPE + int8 cache write and paged attention over the codes, in
+    overlapped graph steps (decode and mixed), give the plain engine's output over the same int8 cache."""
+    plain, plain_logprobs, _ = _run(tiny_tokenizer, fast=False, kv_blocks=80, kv_dtype="int8")
+    fast, logprobs, engine = _run(tiny_tokenizer, fast=True, kv_blocks=80, kv_dtype="int8")
+    assert engine.runner.key_caches[0].dtype == torch.int8 and engine.graph_failure is None
+    assert fast == plain
+    assert logprobs == pytest.approx(plain_logprobs, abs=1e-4)
 
 
 @GPU

@@ -74,6 +74,28 @@ def test_copy_on_write_blocks_are_copied_before_the_forward() -> None:
     assert rel_err(wrong[0], _last_logits(model, child_tokens)) > 1e-3
 
 
+def test_int8_kv_cache_steps_stay_close_to_the_model_and_copy_their_scales() -> None:
+    """kv_dtype="int8": the cache holds codes and a scale per (token, head) (splice.kernels.kv_cache); a mixed
+    step's logits stay within the 8-bit rounding of the full-precision model's, copy-on-write copies the scales
+    too, and the cache takes (D + 4) / (4 D) of fp32's bytes."""
+    model = tiny.llama()
+    runner = _runner(model, kv_dtype="int8")
+    assert runner.key_caches[0].dtype == torch.int8 and runner.key_scales[0].shape == runner.key_caches[0].shape[:3]
+    assert runner.nbytes == 2 * 2 * 24 * 4 * 2 * (8 + 4)  # layers x (k, v) x blocks x bs x heads x (codes + scale)
+    a, b = (tiny.tokens(seed=s, batch=1, length=n)[0].tolist() for s, n in ((1, 11), (2, 9)))
+    sa, sb = _seq(a, [1, 2, 3], 0), _seq(b, [4, 5, 6], 1)
+    runner.execute(StepPlan(chunks=[Chunk(seq=sa, start=0, count=10, sample=False)]))
+    logits = runner.execute(StepPlan(chunks=[Chunk(seq=sa, start=10, count=1, sample=True),
+                                             Chunk(seq=sb, start=0, count=9, sample=True)]))
+    for row, tokens in enumerate((a, b)):
+        err = rel_err(logits[row], _last_logits(model, tokens))
+        assert 1e-7 < err < 2e-2, err  # rounded, and only by the 8-bit codes
+    runner.copy_blocks([(3, 7)])
+    assert torch.equal(runner.key_scales[1][7], runner.key_scales[1][3]) and runner.key_scales[1][3].any()
+    with pytest.raises(ValueError, match="kv_dtype='fp8': choose one of auto, int8"):
+        _runner(model, kv_dtype="fp8")
+
+
 def test_tokens_route_to_their_sequences_lora_adapter() -> None:
     model = tiny.llama()
     for name in ("a", "b"):

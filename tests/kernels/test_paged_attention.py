@@ -7,7 +7,7 @@ run on CPU tensors in Triton's interpreter).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -15,12 +15,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from splice.kernels import use_triton
+from splice.kernels.kv_cache import dequantize_kv, quantize_kv, write_kv
 from splice.kernels.paged_attention import (
     KernelConfig,
+    default_config,
     paged_attention,
     paged_attention_reference,
     paged_attention_triton,
-    write_kv,
 )
 from tests.numerics import DEVICES, GPU, HostSyncs
 
@@ -185,6 +186,19 @@ def test_decode_calls_find_their_sequences_directly_as_the_search_does(lens: lis
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_decodes_of_a_mixed_call_in_a_launch_of_their_own_give_the_same_output(device: str) -> None:
+    """split_decodes (the default): a call with prefill chunks runs its one-query sequences with the decode tiles
+    in a second launch (and the reduce of partitioned chunks skips them): the output of one launch for all."""
+    _kernel_or_skip(device, torch.float32)
+    case = make_case(MIXED + DECODES[:3], hq=8, hkv=2, d=32, dtype=torch.float32, device=device, seed=6)
+    for config in (default_config(decode=False, group=4, head_dim=32), CONFIGS[0]):  # (CONFIGS[0]: partitions)
+        split = run(paged_attention_triton, case, scale=0.2, config=config)
+        whole = run(paged_attention_triton, case, scale=0.2, config=replace(config, split_decodes=False))
+        torch.testing.assert_close(split, whole, atol=1e-6, rtol=1e-6)
+    check(split, case, torch.float32, scale=0.2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_kernel_with_loose_bounds_and_an_out_buffer(device: str) -> None:
     """Grid bounds far above the real lengths (a CUDA graph's) give the same result, into ``out``."""
     _kernel_or_skip(device, torch.float32)
@@ -259,3 +273,68 @@ def test_cpu_decode_steps_take_one_batched_attention_equal_to_the_reference(wind
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got, dense(case, scale=0.125, window=window, softcap=softcap).float(), atol=1e-5,
                                rtol=1e-5)
+
+
+# ---- int8 caches (splice.kernels.kv_cache): codes + a scale per (token, kv head) -------------------------------
+INT8_CASES = [(MIXED, 8, 2, 64, 0, 0.0), (MIXED, 8, 2, 64, 24, 0.0), (DECODES, 8, 1, 128, 0, 5.0),
+              (PREFILL, 4, 1, 16, 0, 0.0), (PREFILL + DECODES[:2], 8, 2, 80, 0, 0.0)]
+
+
+def int8_case(case: Case, device: str) -> tuple[Case, Tensor, Tensor]:
+    """``case``'s sequences in int8 caches (NaN scales where nothing is written): (the case with the caches and
+    its keys / values dequantized, key scales, value scales)."""
+    shape = case.key_cache.shape
+    caches = [torch.zeros(shape, dtype=torch.int8, device=device) for _ in range(2)]
+    scales = [torch.full(shape[:3], float("nan"), device=device) for _ in range(2)]
+    slots = []
+    for b, (n, _) in enumerate(case.lens):
+        table = case.block_tables[b].cpu()
+        slots.append(torch.tensor([int(table[p // BS]) * BS + p % BS for p in range(n)]))
+    write_kv(torch.cat(case.keys).to(device), torch.cat(case.values).to(device), *caches,
+             torch.cat(slots).to(device), key_scale=scales[0], value_scale=scales[1])
+    keys = [dequantize_kv(*quantize_kv(k)) for k in case.keys]
+    values = [dequantize_kv(*quantize_kv(v)) for v in case.values]
+    quant = Case(**{**case.__dict__, "key_cache": caches[0], "value_cache": caches[1], "keys": keys,
+                    "values": values})
+    return quant, scales[0], scales[1]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", ["reference", "dispatch"])
+@pytest.mark.parametrize("spec", INT8_CASES)
+def test_int8_caches_attend_over_the_dequantized_keys(spec, path: str, device: str) -> None:
+    """The reference and the dispatcher (Triton on CUDA / under the interpreter, the batched decode on a plain
+    CPU) over int8 caches equal dense attention over the dequantized K/V; within a few percent of bf16's."""
+    lens, hq, hkv, d, window, softcap = spec
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    case = make_case(lens, hq=hq, hkv=hkv, d=d, dtype=dtype, device=device, seed=7)
+    quant, key_scale, value_scale = int8_case(case, device)
+    fn = paged_attention_reference if path == "reference" else paged_attention
+    got = run(fn, quant, scale=d**-0.5, window=window, softcap=softcap, key_scale=key_scale, value_scale=value_scale)
+    want = dense(quant, scale=d**-0.5, window=window, softcap=softcap)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(got.double().cpu(), want, atol=atol, rtol=rtol)
+    exact = dense(case, scale=d**-0.5, window=window, softcap=softcap)  # what 16-bit K/V would give
+    assert (got.double().cpu() - exact).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_triton_path_over_int8_matches_the_reference(dtype: torch.dtype, device: str) -> None:
+    _kernel_or_skip(device, dtype)
+    case = make_case(MIXED + PREFILL, hq=8, hkv=2, d=64, dtype=dtype, device=device, seed=9)
+    quant, key_scale, value_scale = int8_case(case, device)
+    scales = {"key_scale": key_scale, "value_scale": value_scale}
+    got = run(paged_attention, quant, scale=0.125, **scales)
+    want = run(paged_attention_reference, quant, scale=0.125, **scales)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+
+
+def test_an_int8_cache_without_scales_gets_one_line() -> None:
+    case = make_case([(3, 1)], dtype=torch.float32, device="cpu")
+    cache = torch.zeros(case.key_cache.shape, dtype=torch.int8)
+    with pytest.raises(ValueError, match=r"write_kv: an int8 cache .* needs contiguous fp32 scales"):
+        write_kv(case.keys[0], case.values[0], cache, cache.clone(), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="paged_attention: scales go with int8 caches only"):
+        run(paged_attention, case, scale=1.0, key_scale=torch.zeros(case.key_cache.shape[:3]))

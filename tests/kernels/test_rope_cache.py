@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from splice.kernels.paged_attention import write_kv
+from splice.kernels.kv_cache import write_kv
 from splice.kernels.rope import rope_reference
 from splice.kernels.rope_cache import rope_write_kv, rope_write_kv_reference
 from tests.numerics import GPU, rel_err
