@@ -32,6 +32,7 @@
 #   CALL=off11 bash benchmarks/device_plan.sh     # session 11: where the offline run's time goes, vs its floor
 #   CALL=kv11a bash benchmarks/device_plan.sh     # session 11: GPU tests of the int8 K/V cache + split decodes, decode rows
 #   CALL=kv11b bash benchmarks/device_plan.sh     # session 11: the offline run: decodes split or not, int8 K/V
+#   CALL=kv11c bash benchmarks/device_plan.sh     # session 11: int8 values token-major, no GC mid-capture: tests, rows
 #   CALL=fp8 bash benchmarks/device_plan.sh       # issue 30: FP8's 200-step parity vs PEFT, a profile of C fp8
 #   CALL=routes bash benchmarks/device_plan.sh    # session 8: graphs vs adapters_disabled, rollout_profile.py
 #   CALL=nf4sweep bash benchmarks/device_plan.sh  # the NF4 kernels' tile sweep, then the multi-LoRA layers (~200 s)
@@ -317,6 +318,21 @@ kv11b)  # session 11 (~300 s): the offline run, decodes of mixed steps split (pr
   timeout 330 python3 benchmarks/offline_profile.py --variants 256x8192,256x8192:nosplit,256x8192:int8 \
     --profile-steps 20 --seconds 60 --json "$OUT/offline_profile.json" 2>&1 | grep -v "attention mask" \
     | tee "$OUT/offline_profile.txt" | tail -45
+  ;;
+kv11c)  # session 11 (~480 s): the int8 K/V cache with its values token-major (kv11a: int8 decode no faster than
+  # bf16; the p.v dot read its 8-bit operand a byte a load) and captures with the cyclic GC off (kv11a's failure: a
+  # dead engine's graphs destroyed mid-capture); the GPU tests, decode rows bf16 / int8 K/V, offline bf16 / int8
+  timeout -s KILL 200 python3 -m pytest -q -n 8 -p no:cacheprovider -p no:warnings -rfE --tb=short \
+    tests/kernels/test_paged_attention.py tests/kernels/test_kv_cache.py tests/kernels/test_rope_cache.py \
+    tests/engine/test_gpu_paths_engine.py tests/engine/test_runner.py tests/engine/test_engine.py \
+    tests/kernels/test_gemv.py tests/serve/test_gpu_paths_serve.py > "$OUT/tests-kv11c.txt" 2>&1
+  echo "tests (rc $?):"; grep -E "FAILED|ERROR" "$OUT/tests-kv11c.txt" | head -8; tail -2 "$OUT/tests-kv11c.txt"
+  timeout 200 python3 benchmarks/serve.py --parts bandwidth,decode --decode-batches 32,128 \
+    --decode-contexts 16,1024,4096 --decode-adapters "" --decode-int8-kv-contexts 1024,4096 --limit-decode 180 \
+    --json "$OUT/serve.json" 2>&1 | grep -v "attention mask" | tee "$OUT/serve.txt" | grep "^| bf16"
+  timeout 150 python3 benchmarks/offline_profile.py --variants 256x8192,256x8192:int8 --seconds 50 \
+    --json "$OUT/offline_profile.json" 2>&1 | grep -v "attention mask" | tee "$OUT/offline_profile.txt" \
+    | grep -E "sequences x|^\| (decode|mixed)"
   ;;
 c11)  # session 11 (~200 s): where config C's bf16 step goes now (no bf16 C profile since the group node took dropout;
   # final10: 15,239 tok/s, 268.8 ms, 2.81x; 3x needs 251 ms), beside PEFT in the same run

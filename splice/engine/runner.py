@@ -28,15 +28,16 @@ where the projections are plain linears). RoPE and the K/V cache write are one l
 inside ``PagedAttention``, and each residual add runs in the epilogue of the GEMM before it
 (:func:`splice.engine.layer.run_layer`).
 
-Steps with prefill chunks replay CUDA graphs too, captured per token-count bucket (16 ... 512, then
-multiples of 512 up to the token budget): the padding tokens form padding sequences that read and
-write only the scratch block, and the remaining padded sequences are empty (attention skips them).
+Steps with prefill chunks replay CUDA graphs too, captured per token-count bucket (16 ... 256, then
+multiples of 256 to 4,096 and of 512 up to the token budget): the padding tokens form padding
+sequences that read and write only the scratch block, and the remaining padded sequences are empty (attention skips them).
 :meth:`ModelRunner.warmup` captures every bucket up front.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import traceback
 from collections.abc import Callable, Sequence
@@ -53,7 +54,7 @@ from splice.engine.layer import linear_out, run_layer
 from splice.engine.scheduler import Chunk, StepPlan
 from splice.fused.apply import fuse
 from splice.fused.projections import pack_projections
-from splice.kernels.kv_cache import kv_cache_dtype
+from splice.kernels.kv_cache import kv_cache_dtype, kv_caches
 from splice.lora.adapter_file import base_shape
 from splice.lora.apply import lora_modules
 from splice.lora.bank import BankSite, LoraBank, bank_holds
@@ -168,11 +169,13 @@ def _context_buckets(max_len: int) -> list[int]:
 
 
 def _token_buckets(max_tokens: int) -> list[int]:
-    """Token counts of the graphs for steps with prefill chunks: powers of two from 16 to 512, then
-    multiples of 512 (at most 1/9 padding past 4,096), up to ``max_tokens``."""
-    small = [16 << i for i in range(6) if 16 << i < max_tokens]
-    large = list(range(1024, max_tokens, 512))
-    return [*small, *large, max_tokens]
+    """Token counts of the graphs for steps with prefill chunks: powers of two from 16 to 256, multiples of
+    256 to 4,096, then of 512 (at most 1/9 padding past 4,096), up to ``max_tokens``. (A step of 256 decodes
+    and a 525-token prompt pads to 1,024 with 512-token steps: 24% of its GEMM rows for nothing; the
+    offline run's mixed steps averaged 16% padding with them, 2026-12-06.)"""
+    small = [16 << i for i in range(5) if 16 << i < max_tokens]
+    large = [*range(512, min(max_tokens, 4097), 256), *range(4608, max_tokens, 512)]
+    return [*small, *(t for t in large if t < max_tokens), max_tokens]
 
 
 class ModelRunner:
@@ -203,8 +206,8 @@ class ModelRunner:
         self.num_blocks = num_blocks
         layers, kv_heads, head_dim = _kv_shape(model)
         shape = (num_blocks, block_size, kv_heads, head_dim)
-        self.key_caches = [torch.zeros(shape, dtype=cache_dtype, device=self.device) for _ in range(layers)]
-        self.value_caches = [torch.zeros(shape, dtype=cache_dtype, device=self.device) for _ in range(layers)]
+        caches = [kv_caches(shape, cache_dtype, self.device) for _ in range(layers)]
+        self.key_caches, self.value_caches = [k for k, _ in caches], [v for _, v in caches]
         scaled = cache_dtype == torch.int8  # int8 codes: a scale per (slot, kv head) beside each cache
         self.key_scales = [torch.zeros(shape[:3], device=self.device) for _ in range(layers if scaled else 0)]
         self.value_scales = [torch.zeros(shape[:3], device=self.device) for _ in range(layers if scaled else 0)]
@@ -405,9 +408,17 @@ class ModelRunner:
             self._graph_pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         # thread_local: a server's HTTP threads may touch the GPU meanwhile (reading a DoRA or PiSSA adapter
-        # computes on it); in the default global mode their allocations would invalidate this capture
-        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
-            logits = forward()
+        # computes on it); in the default global mode their allocations would invalidate this capture. The cyclic
+        # GC waits: a dead engine's graphs destroyed mid-capture (cudaGraphExecDestroy) invalidate it too (seen on
+        # an H100, 2026-12-06: a test's second engine, its first one collected during a capture)
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
+                logits = forward()
+        finally:
+            if collecting:
+                gc.enable()
         return graph, logits
 
 

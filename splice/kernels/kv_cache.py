@@ -1,7 +1,9 @@
 """The paged K/V cache's entries: :func:`write_kv`, and 8-bit entries (int8, one fp32 scale per token and head).
 
 Layout (:mod:`splice.kernels.paged_attention`): per decoder layer ``(NB, BS, Hkv, D)`` keys and values; the token
-at flat slot ``block * BS + row`` is ``cache[block, row]``.
+at flat slot ``block * BS + row`` is ``cache[block, row]``. An int8 value cache is that view of ``(NB, Hkv, D, BS)``
+storage (:func:`kv_caches`): a block's codes of one (head, dim) lie side by side, so paged attention's ``p . v`` dot
+loads 16 tokens' codes at once (8-bit operands read across the rows of a ``(BS, D)`` tile go one byte a load).
 
 int8 math: a key or value vector ``x`` (``D`` values of one token and kv head) is stored as
 ``c = round(x / s)`` (int8, round half away from zero) with ``s = max(|x|) / 127`` (fp32), and read back as
@@ -25,8 +27,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["KV_DTYPES", "QMAX", "check_scales", "dequantize_kv", "kv_cache_dtype", "quantize_kv", "store_kv",
-           "write_kv"]
+from . import HAS_TRITON
+
+__all__ = ["KV_DTYPES", "QMAX", "check_scales", "dequantize_kv", "int8_tiles", "kv_cache_dtype", "kv_caches",
+           "quantize_kv", "store_kv", "write_kv"]
 
 QMAX = 127.0  # int8 codes span -127 .. 127 (symmetric: -128 is never written)
 KV_DTYPES = ("auto", "int8")  # the engine's kv_dtype choices: the model's dtype, or 8-bit with scales
@@ -38,6 +42,16 @@ def kv_cache_dtype(kv_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
         raise ValueError(f"kv_dtype={kv_dtype!r}: choose one of {', '.join(KV_DTYPES)} ('auto': the model's "
                          f"dtype; 'int8': 8-bit K/V with a scale per token and head, about half the bytes)")
     return torch.int8 if kv_dtype == "int8" else model_dtype
+
+
+def kv_caches(shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device | str) -> tuple[Tensor, Tensor]:
+    """One layer's zeroed key and value caches, both ``(NB, BS, Hkv, D)`` = ``shape``; an int8 value cache a view of
+    ``(NB, Hkv, D, BS)`` storage (module doc)."""
+    keys = torch.zeros(shape, dtype=dtype, device=device)
+    if dtype != torch.int8:
+        return keys, torch.zeros(shape, dtype=dtype, device=device)
+    blocks, size, heads, dim = shape
+    return keys, torch.zeros(blocks, heads, dim, size, dtype=dtype, device=device).permute(0, 3, 1, 2)
 
 
 def quantize_kv(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -70,11 +84,14 @@ def store_kv(new: Tensor, cache: Tensor, scale: Tensor | None, slots: Tensor) ->
     """Write ``new`` (T, Hkv, D) at flat ``slots`` (T,) int64 of ``cache`` (NB, BS, Hkv, D), in place: cast to
     the cache's dtype, or for an int8 cache quantized with its scales written into ``scale`` (NB, BS, Hkv)."""
     if scale is None:
-        cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, new.to(cache.dtype))
-        return
-    codes, scales = quantize_kv(new)
-    cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, codes)
-    scale.view(-1, scale.shape[2]).index_copy_(0, slots, scales)
+        codes = new.to(cache.dtype)
+    else:
+        codes, scales = quantize_kv(new)
+        scale.view(-1, scale.shape[2]).index_copy_(0, slots, scales)
+    if cache.is_contiguous():
+        cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, codes)
+    else:  # an int8 value cache's (NB, BS, Hkv, D) view of (NB, Hkv, D, BS) storage
+        cache[slots // cache.shape[1], slots % cache.shape[1]] = codes
 
 
 def write_kv(key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor, slot_mapping: Tensor, *,
@@ -92,3 +109,28 @@ def write_kv(key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor,
     slots = slot_mapping.to(torch.int64)
     store_kv(key, key_cache, key_scale, slots)
     store_kv(value, value_cache, value_scale, slots)
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def int8_tiles(k_at, v_at, ks_at, vs_at, table, start, kpos, k_ok, block, key_end, dd, d_ok, stride_kb, stride_kt,
+                   stride_vb, stride_vt, stride_vd, stride_sb, stride_st, BLOCK_N: tl.constexpr, BS: tl.constexpr,
+                   V_RUN: tl.constexpr):
+        """Paged attention's int8 step (``BLOCK_N`` keys at ``kpos`` of blocks ``block``): the keys' codes
+        (BLOCK_N, D_PAD), the values' (D_PAD, BLOCK_N) and both scales (BLOCK_N,). Each tile is read along its
+        contiguous axis (keys: dims; values: tokens, the layout's reason) and turned for its dot by the caller."""
+        k = tl.load(k_at + block[:, None] * stride_kb + (kpos % BS)[:, None] * stride_kt + dd[None, :],
+                    mask=k_ok[:, None] & d_ok[None, :], other=0)
+        # values: runs of V_RUN tokens of one block, a (head, dim)'s run one load (keys past the end read their
+        # block's codes, or block 0's: finite, and their p and scale are 0)
+        runs = tl.multiple_of(start, BLOCK_N) + tl.arange(0, BLOCK_N // V_RUN) * V_RUN
+        run_block = tl.load(table + runs // BS, mask=runs < key_end, other=0).to(tl.int64)
+        rows = tl.multiple_of(runs % BS, V_RUN)[:, None, None] + tl.arange(0, V_RUN)[None, None, :]
+        v = tl.load(v_at + run_block[:, None, None] * stride_vb + rows * stride_vt + dd[None, :, None] * stride_vd,
+                    mask=d_ok[None, :, None], other=0)  # (runs, D_PAD, V_RUN)
+        v = tl.reshape(tl.permute(v, (1, 0, 2)), (dd.shape[0], BLOCK_N))
+        at = block * stride_sb + (kpos % BS) * stride_st
+        return k, v, tl.load(ks_at + at, mask=k_ok, other=0.0), tl.load(vs_at + at, mask=k_ok, other=0.0)

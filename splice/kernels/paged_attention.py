@@ -19,19 +19,17 @@ head, partition of the context) loads each K/V tile once and serves every query 
 head (a tile is ``BLOCK_Q`` query tokens x ``G`` heads, so ``tl.dot`` runs on >= 16 rows even for a
 decode), with an online softmax in fp32. When too few tiles exist to fill the GPU (small-batch
 decode at long context) the context is split into partitions whose partial results (running max,
-sum, unnormalized output) a second small kernel merges. Programs find their sequence by a binary
-search over ``qsl`` on the device (in a decode call tile ``b`` is sequence ``b``); the grid depends
-only on host ints (``T``, ``B``, ``max_query_len``, ``max_seq_len``), and programs past a sequence's
-length exit at once, so the call
-never syncs with the host and a CUDA graph can capture it with upper bounds. Any head_dim works
-(padded to a power of two >= 16 under masks: 80 and 96 too); fp16 / bf16 / fp32 (fp32: IEEE dots).
-int8 caches (:mod:`splice.kernels.kv_cache`, a scale per token and kv head beside them) run the dots in
-q's dtype on the codes: the keys' scales multiply the scores, the values' the probabilities.
+sum, unnormalized output) a second small kernel merges. Programs find their sequence by a binary search over
+``qsl`` on the device (in a decode call tile ``b`` is sequence ``b``); the grid depends only on host ints (``T``,
+``B``, ``max_query_len``, ``max_seq_len``) and programs past a sequence's length exit at once, so the call never
+syncs with the host and a CUDA graph can capture it with upper bounds. Any head_dim works (padded to a power of
+two >= 16 under masks: 80 and 96 too); fp16 / bf16 / fp32 (fp32: IEEE dots).
+int8 caches (:mod:`splice.kernels.kv_cache`: a scale per token and kv head, values token-major) run the
+dots in q's dtype on the codes: the keys' scales multiply the scores, the values' the probabilities.
 
-H200, Llama-3-8B heads (32 q / 8 kv x 128, bf16, block 16; benchmarks/paged_attention.py, CUDA
-graphs): decode batch 128 x 4,096 context 503 us = 4.27 TB/s (torch SDPA over dense un-paged
-tensors: 468 us), batch 32 x 1,024 43 us (SDPA 35), batch 1 x 4,096 13 us (SDPA 9.5); a full
-2,048-token prefill 190 TFLOP/s (SDPA/FlashAttention 417).
+H200, Llama-3-8B heads (32 q / 8 kv x 128, bf16, block 16; benchmarks/paged_attention.py, CUDA graphs):
+decode batch 128 x 4,096 context 503 us = 4.27 TB/s (torch SDPA over dense un-paged tensors: 468 us),
+batch 32 x 1,024 43 us (SDPA 35), batch 1 x 4,096 13 us (SDPA 9.5); 2,048-token prefill 190 TFLOP/s (SDPA 417).
 
 :func:`paged_attention_reference` is plain PyTorch, one sequence at a time (each sequence's K/V
 gathered once, one masked fp32 attention per sequence); it is also the CPU path, except for decode
@@ -201,9 +199,8 @@ class KernelConfig:
     tiles: +30% on the H200; decode: the second loop's buffers cost occupancy, -10% at batch 128).
     ``direct_decode``: in a decode call (``max_query_len <= 1``) tile ``b`` is sequence ``b``, one query
     token, found without the binary search over ``query_start_loc`` (a chain of dependent loads that
-    every program of a short-context decode otherwise waits on first). ``split_decodes``: in a call with
-    longer chunks, the one-query sequences run in a launch of their own with the decode tiles (in a
-    ``block_q``-row prefill tile a decode fills ``G`` of its rows and computes the rest for nothing)."""
+    every program of a short-context decode otherwise waits on first). ``split_decodes``: a call's one-query
+    sequences in a launch of their own, decode tiles (a prefill tile's rows past a decode's ``G`` compute nothing)."""
 
     block_q: int
     block_n: int
@@ -258,7 +255,9 @@ def paged_attention_triton(
     split = cfg.split_decodes and max_query_len > 1  # the one-query sequences in a launch of their own
     block_q = 1 if direct else cfg.block_q
     q = q if q.stride(-1) == 1 else q.contiguous()
-    key_cache, value_cache = (c if c.stride(-1) == 1 else c.contiguous() for c in (key_cache, value_cache))
+    if quant and value_cache.stride(1) != 1:
+        raise ValueError("paged_attention: an int8 value cache is token-major: make it with kv_cache.kv_caches")
+    key_cache, value_cache = (c if c.stride(-1) == 1 or quant else c.contiguous() for c in (key_cache, value_cache))
     fits = out is not None and out.stride(-1) == 1
     result = out if out is not None and fits else torch.empty_like(q, memory_format=torch.contiguous_format)
     # the grid's tile count bounds sum_b ceil(L_b / block_q) (module doc: binary search on the device)
@@ -281,11 +280,12 @@ def paged_attention_triton(
             *(partial or (result, result)), block_tables, seq_lens,
             query_start_loc, seqs, tokens * hq * parts, qk_scale, cap, window, part_len or (1 << 30), parts,
             q.stride(0), q.stride(1), result.stride(0), result.stride(1), *key_cache.stride()[:3],
-            *value_cache.stride()[:3], block_tables.stride(0), GROUP=group, G_PAD=g_pad, BLOCK_Q=block_q,
+            *value_cache.stride(), block_tables.stride(0), GROUP=group, G_PAD=g_pad, BLOCK_Q=block_q,
             ROWS=max(16, block_q * g_pad), BLOCK_N=cfg.block_n, BS=block_size, D=d, D_PAD=d_pad,
             SPLIT=partial is not None, SOFTCAP=softcap > 0, WINDOW=window > 0,
             IEEE=(q if quant else key_cache).dtype == torch.float32, UNMASKED=cfg.unmasked_steps and window == 0,
-            DIRECT=direct, QUANT=quant, ONLY=only, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            DIRECT=direct, QUANT=quant, ONLY=only, V_RUN=min(block_size, cfg.block_n), num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages)
 
     if split:  # the decodes, one pass over its context each (no partitions; the reduce skips them)
         launch(default_config(decode=True, group=group, head_dim=d), (seqs, hkv, 1), 1, direct=True, only=1,
@@ -306,6 +306,7 @@ def paged_attention_triton(
 _LOG2E = 1.4426950408889634
 
 if triton is not None:
+    from splice.kernels.kv_cache import int8_tiles
 
     @triton.jit
     def _find_sequence(qsl_ptr, target, num_seqs, BLOCK_Q: tl.constexpr, TILES: tl.constexpr):
@@ -331,24 +332,24 @@ if triton is not None:
 
     @triton.jit
     def _keys_step(acc, m_i, l_i, q, start, key_end, pos, table, k_at, v_at, ks_at, vs_at, dd, d_ok, window,
-                   qk_scale, cap, stride_kb, stride_kt, stride_vb, stride_vt, stride_sb, stride_st,
+                   qk_scale, cap, stride_kb, stride_kt, stride_vb, stride_vt, stride_vd, stride_sb, stride_st,
                    BLOCK_N: tl.constexpr, BS: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
-                   IEEE: tl.constexpr, MASK: tl.constexpr, QUANT: tl.constexpr):
+                   IEEE: tl.constexpr, MASK: tl.constexpr, QUANT: tl.constexpr, V_RUN: tl.constexpr):
         # one BLOCK_N-key step of the online softmax (base 2); MASK: apply causal / window / length masks
-        kpos = start + tl.arange(0, BLOCK_N)
+        kpos = tl.multiple_of(start, BLOCK_N) + tl.arange(0, BLOCK_N)  # (every step starts on a BLOCK_N edge)
         k_ok = kpos < key_end
         block = tl.load(table + kpos // BS, mask=k_ok, other=0).to(tl.int64)
-        k = tl.load(k_at + block[None, :] * stride_kb + (kpos % BS)[None, :] * stride_kt + dd[:, None],
-                    mask=k_ok[None, :] & d_ok[:, None], other=0.0)  # (D_PAD, BLOCK_N)
-        v = tl.load(v_at + block[:, None] * stride_vb + (kpos % BS)[:, None] * stride_vt + dd[None, :],
-                    mask=k_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, D_PAD)
         if QUANT:  # int8 codes (exact in q's dtype); the keys' scales after the dot, the values' on p
-            at = block * stride_sb + (kpos % BS) * stride_st
-            k_scale = tl.load(ks_at + at, mask=k_ok, other=0.0)
-            v_scale = tl.load(vs_at + at, mask=k_ok, other=0.0)
-            s = _dot(q, k.to(q.dtype), IEEE) * (k_scale * qk_scale)[None, :]
-            v = v.to(q.dtype)
+            k, v, k_scale, v_scale = int8_tiles(k_at, v_at, ks_at, vs_at, table, start, kpos, k_ok, block, key_end,
+                                                dd, d_ok, stride_kb, stride_kt, stride_vb, stride_vt, stride_vd,
+                                                stride_sb, stride_st, BLOCK_N, BS, V_RUN)
+            s = _dot(q, tl.trans(k.to(q.dtype)), IEEE) * (k_scale * qk_scale)[None, :]
+            v = tl.trans(v.to(q.dtype))
         else:
+            k = tl.load(k_at + block[None, :] * stride_kb + (kpos % BS)[None, :] * stride_kt + dd[:, None],
+                        mask=k_ok[None, :] & d_ok[:, None], other=0.0)  # (D_PAD, BLOCK_N)
+            v = tl.load(v_at + block[:, None] * stride_vb + (kpos % BS)[:, None] * stride_vt + dd[None, :],
+                        mask=k_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, D_PAD)
             v_scale = k_ok  # (unused)
             s = _dot(q, k, IEEE) * qk_scale
         if SOFTCAP:
@@ -389,10 +390,10 @@ if triton is not None:
         q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, out_ptr, part_out_ptr, part_ml_ptr, tables_ptr, seq_lens_ptr, qsl_ptr,
         num_seqs, ml_half, qk_scale, cap, window, part_len, parts,
         stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
-        stride_vh, stride_bt, GROUP: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
+        stride_vh, stride_vd, stride_bt, GROUP: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
         ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
         SPLIT: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, IEEE: tl.constexpr,
-        UNMASKED: tl.constexpr, DIRECT: tl.constexpr, QUANT: tl.constexpr, ONLY: tl.constexpr,
+        UNMASKED: tl.constexpr, DIRECT: tl.constexpr, QUANT: tl.constexpr, ONLY: tl.constexpr, V_RUN: tl.constexpr,
     ):
         # program (tile, kv head h, partition): rows r = (query m = r // G_PAD, head h * GROUP + r % G_PAD)
         tile, h, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -407,10 +408,8 @@ if triton is not None:
             q_len = tl.load(qsl_ptr + b + 1) - q_start
             first_q = (tile - q_start // BLOCK_Q - b) * BLOCK_Q  # the tile's first query within the sequence
         skip = first_q >= q_len
-        if ONLY == 1:  # this launch serves the one-query sequences (split_decodes), the other one the rest
-            skip = skip | (q_len != 1)
-        if ONLY == 2:
-            skip = skip | (q_len == 1)
+        if ONLY > 0:  # 1: this launch serves the one-query sequences (split_decodes), 2: the others
+            skip = skip | ((q_len == 1) != (ONLY == 1))
         if skip:
             return
         first_pos = tl.load(seq_lens_ptr + b) - q_len  # position of the sequence's first query
@@ -448,13 +447,13 @@ if triton is not None:
             for start in range(key_begin, full_end, BLOCK_N):
                 acc, m_i, l_i = _keys_step(acc, m_i, l_i, q, start, key_end, pos, table, k_at, v_at, ks_at, vs_at,
                                            dd, d_ok, window, qk_scale, cap, stride_kb, stride_kt, stride_vb,
-                                           stride_vt, stride_sb, stride_st, BLOCK_N, BS, SOFTCAP, WINDOW, IEEE,
-                                           False, QUANT)
+                                           stride_vt, stride_vd, stride_sb, stride_st, BLOCK_N, BS, SOFTCAP,
+                                           WINDOW, IEEE, False, QUANT, V_RUN)
         for start in range(full_end, key_end, BLOCK_N):
             acc, m_i, l_i = _keys_step(acc, m_i, l_i, q, start, key_end, pos, table, k_at, v_at, ks_at, vs_at,
                                        dd, d_ok, window, qk_scale, cap, stride_kb, stride_kt, stride_vb,
-                                       stride_vt, stride_sb, stride_st, BLOCK_N, BS, SOFTCAP, WINDOW, IEEE,
-                                       True, QUANT)
+                                       stride_vt, stride_vd, stride_sb, stride_st, BLOCK_N, BS, SOFTCAP,
+                                       WINDOW, IEEE, True, QUANT, V_RUN)
         rows = (q_start + m).to(tl.int64)
         if SPLIT:  # unnormalized partial output + (max, sum) for the reduce; [t, head, part] of (T, Hq, P)
             at = (rows * (tl.num_programs(1) * GROUP) + head) * parts + part

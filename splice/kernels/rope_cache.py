@@ -58,7 +58,7 @@ if HAS_TRITON:
     def _rope_cache_kernel(
         q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr,
         hq, hkv, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct,
-        stride_slot, stride_ch,
+        stride_slot, stride_ch, block_size, stride_cvb, stride_cvt, stride_cvh, stride_cvd,
         HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, QUANT: tl.constexpr,
     ):
         t = tl.program_id(0).to(tl.int64)
@@ -79,7 +79,9 @@ if HAS_TRITON:
         k_dst = kc_ptr + slot * stride_slot + h * stride_ch
         dd = tl.arange(0, 2 * HALF)[None, :]
         v = tl.load(v_ptr + t * stride_vt + h * stride_vh + dd, mask=inside, other=0.0)
-        v_dst = vc_ptr + slot * stride_slot + h * stride_ch + dd
+        # the value cache by its (NB, BS, Hkv, D) strides: an int8 one is token-major (splice.kernels.kv_cache)
+        v_dst = vc_ptr + (slot // block_size) * stride_cvb + (slot % block_size) * stride_cvt + h * stride_cvh \
+            + dd * stride_cvd
         if QUANT:  # int8 codes and a scale per (token, kv head): splice.kernels.kv_cache
             heads = tl.arange(0, BLOCK_HKV)
             k_scale = tl.maximum(tl.max(tl.abs(k1), axis=1), tl.max(tl.abs(k2), axis=1)) / 127.0
@@ -127,7 +129,7 @@ def _fits(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, key_cache: 
         and all(x.stride(-1) == 1 for x in (q, k, v))
         and cos.shape == sin.shape and cos.stride() == sin.stride() and cos.shape[-1] == dim and cos.stride(-1) == 1
         and cos.numel() == tokens * dim
-        and key_cache.is_contiguous() and value_cache.is_contiguous()
+        and key_cache.is_contiguous() and (value_cache.is_contiguous() or value_cache.dtype == torch.int8)
         and tokens > 0
     )
 
@@ -157,7 +159,7 @@ def rope_write_kv(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, key
         q, k, v, flat_c, flat_s, q_out, key_cache, value_cache,
         key_cache if key_scale is None else key_scale, value_cache if value_scale is None else value_scale,
         slot_mapping, hq, hkv, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        flat_c.stride(0), key_cache.stride(1), key_cache.stride(2),
+        flat_c.stride(0), key_cache.stride(1), key_cache.stride(2), key_cache.shape[1], *value_cache.stride(),
         HALF=dim // 2, BLOCK_HQ=triton.next_power_of_2(hq), BLOCK_HKV=triton.next_power_of_2(hkv),
         QUANT=key_scale is not None, num_warps=4,
     )

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from splice.engine.runner import ModelRunner, RowAdapters, _buckets, _context_buckets
+from splice.engine.runner import ModelRunner, RowAdapters, _buckets, _context_buckets, _token_buckets
 from splice.engine.scheduler import Chunk, Sequence, StepPlan
 from splice.fused.modules import FusedRMSNorm, FusedSwiGLUMLP, is_fast
 from splice.lora.apply import add_lora, use_adapters
@@ -121,6 +121,9 @@ def test_cache_size_and_buckets() -> None:
     assert runner.key_caches[0].shape == (10, 16, 2, 8)
     assert runner.nbytes == 2 * 2 * 10 * 16 * 2 * 8 * 4  # layers x (k, v) x blocks x bs x heads x dim x fp32
     assert _buckets(1) == [1] and _buckets(8) == [1, 2, 4, 8] and _buckets(20) == [1, 2, 4, 8, 16, 20]
+    # steps with prefill chunks: powers of two to 256, multiples of 256 to 4,096, then of 512, the budget last
+    assert _token_buckets(40) == [16, 32, 40] and _token_buckets(1000) == [16, 32, 64, 128, 256, 512, 768, 1000]
+    assert _token_buckets(5000)[-6:] == [3328, 3584, 3840, 4096, 4608, 5000]
 
 
 def test_decode_steps_take_the_smallest_context_bucket_of_their_longest_sequence() -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from splice.kernels.kv_cache import QMAX, dequantize_kv, kv_cache_dtype, quantize_kv
+from splice.kernels.kv_cache import QMAX, dequantize_kv, kv_cache_dtype, kv_caches, quantize_kv
 from splice.kernels.rope_cache import rope_write_kv, rope_write_kv_reference
 from tests.numerics import DEVICES
 
@@ -47,7 +47,7 @@ def test_rope_write_kv_writes_int8_codes_and_scales(dtype: torch.dtype, device: 
     slots = torch.randperm(blocks * BS, generator=g)[:tokens].to(device)
     outs = []
     for fn in (rope_write_kv, rope_write_kv_reference):
-        caches = [torch.zeros(blocks, BS, hkv, dim, dtype=torch.int8, device=device) for _ in range(2)]
+        caches = kv_caches((blocks, BS, hkv, dim), torch.int8, device)
         scales = [torch.zeros(blocks, BS, hkv, device=device) for _ in range(2)]
         q_out = fn(q, k, v, cos, sin, *caches, slots, key_scale=scales[0], value_scale=scales[1])
         outs.append((q_out, caches, scales))

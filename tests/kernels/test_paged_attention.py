@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from splice.kernels import use_triton
-from splice.kernels.kv_cache import dequantize_kv, quantize_kv, write_kv
+from splice.kernels.kv_cache import dequantize_kv, kv_caches, quantize_kv, write_kv
 from splice.kernels.paged_attention import (
     KernelConfig,
     default_config,
@@ -284,7 +284,7 @@ def int8_case(case: Case, device: str) -> tuple[Case, Tensor, Tensor]:
     """``case``'s sequences in int8 caches (NaN scales where nothing is written): (the case with the caches and
     its keys / values dequantized, key scales, value scales)."""
     shape = case.key_cache.shape
-    caches = [torch.zeros(shape, dtype=torch.int8, device=device) for _ in range(2)]
+    caches = kv_caches(shape, torch.int8, device)  # (the values token-major)
     scales = [torch.full(shape[:3], float("nan"), device=device) for _ in range(2)]
     slots = []
     for b, (n, _) in enumerate(case.lens):
@@ -320,12 +320,17 @@ def test_int8_caches_attend_over_the_dequantized_keys(spec, path: str, device: s
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_the_triton_path_over_int8_matches_the_reference(dtype: torch.dtype, device: str) -> None:
+@pytest.mark.parametrize("config", [None, CONFIGS[0], CONFIGS[3], KernelConfig(block_q=4, block_n=16, num_warps=4,
+                                                                                num_stages=2, unmasked_steps=True)])
+def test_the_triton_path_over_int8_matches_the_reference(config: KernelConfig | None, dtype: torch.dtype,
+                                                          device: str) -> None:
+    """Default tiles; 32-key steps over partitions (two runs of a 16-token block's values a step); unmasked steps;
+    16-key steps (one run)."""
     _kernel_or_skip(device, dtype)
     case = make_case(MIXED + PREFILL, hq=8, hkv=2, d=64, dtype=dtype, device=device, seed=9)
     quant, key_scale, value_scale = int8_case(case, device)
     scales = {"key_scale": key_scale, "value_scale": value_scale}
-    got = run(paged_attention, quant, scale=0.125, **scales)
+    got = run(paged_attention_triton, quant, scale=0.125, config=config, **scales)
     want = run(paged_attention_reference, quant, scale=0.125, **scales)
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
