@@ -33,6 +33,7 @@
 #   CALL=kv11a bash benchmarks/device_plan.sh     # session 11: GPU tests of the int8 K/V cache + split decodes, decode rows
 #   CALL=kv11b bash benchmarks/device_plan.sh     # session 11: the offline run: decodes split or not, int8 K/V
 #   CALL=kv11c bash benchmarks/device_plan.sh     # session 11: int8 values token-major, no GC mid-capture: tests, rows
+#   CALL=kv11d bash benchmarks/device_plan.sh     # session 11: the GPU tests again; int8 decode attention tiles
 #   CALL=fp8 bash benchmarks/device_plan.sh       # issue 30: FP8's 200-step parity vs PEFT, a profile of C fp8
 #   CALL=routes bash benchmarks/device_plan.sh    # session 8: graphs vs adapters_disabled, rollout_profile.py
 #   CALL=nf4sweep bash benchmarks/device_plan.sh  # the NF4 kernels' tile sweep, then the multi-LoRA layers (~200 s)
@@ -333,6 +334,18 @@ kv11c)  # session 11 (~480 s): the int8 K/V cache with its values token-major (k
   timeout 150 python3 benchmarks/offline_profile.py --variants 256x8192,256x8192:int8 --seconds 50 \
     --json "$OUT/offline_profile.json" 2>&1 | grep -v "attention mask" | tee "$OUT/offline_profile.txt" \
     | grep -E "sequences x|^\| (decode|mixed)"
+  ;;
+kv11d)  # session 11 (~260 s): the GPU tests again (kv11c: one serve test's engine took 80% of a GPU eight
+  # workers share: its pool is 5% now), then the int8 decode attention's tiles against its defaults and bf16's
+  timeout -s KILL 200 python3 -m pytest -q -n 8 -p no:cacheprovider -p no:warnings -rfE --tb=short \
+    tests/kernels/test_paged_attention.py tests/kernels/test_kv_cache.py tests/kernels/test_rope_cache.py \
+    tests/engine/test_gpu_paths_engine.py tests/engine/test_runner.py tests/engine/test_engine.py \
+    tests/kernels/test_gemv.py tests/serve/test_gpu_paths_serve.py > "$OUT/tests-kv11d.txt" 2>&1
+  echo "tests (rc $?):"; grep -E "FAILED|ERROR" "$OUT/tests-kv11d.txt" | head -8; tail -2 "$OUT/tests-kv11d.txt"
+  cases="decode B=32 ctx=1024,decode B=128 ctx=1024,decode B=32 ctx=4096,decode B=128 ctx=4096"
+  timeout 60 python3 benchmarks/paged_attention.py --cases "$cases" --out "$OUT/pa_bf16.json" 2>&1 | tail -14
+  timeout 120 python3 benchmarks/paged_attention.py --int8 --sweep --cases "$cases" --out "$OUT/pa_int8.json" 2>&1 \
+    | tail -36
   ;;
 c11)  # session 11 (~200 s): where config C's bf16 step goes now (no bf16 C profile since the group node took dropout;
   # final10: 15,239 tok/s, 268.8 ms, 2.81x; 3x needs 251 ms), beside PEFT in the same run

@@ -10,7 +10,9 @@ prefill chunk (a full prefill and a chunk after 2,048 cached tokens). Each call 
 read + q read + out written, over the time; the ceiling is the measured read bandwidth (a sum over
 2 GiB; a device-to-device copy, read + write, is reported beside it).
 The peer is torch SDPA over dense (un-paged) tensors, timed the same way. ``--sweep`` also times
-tile-size variants of the kernel. Each kernel result is checked against the plain reference.
+tile-size variants of the kernel. Each kernel result is checked against the plain reference. ``--int8``: the
+caches as int8 codes with a scale per token and head (splice.kernels.kv_cache; its bytes are codes + scales),
+decode cases only (``--cases`` picks some by label).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from splice.kernels.kv_cache import kv_caches, write_kv
 from splice.kernels.paged_attention import (
     KernelConfig,
     default_config,
@@ -69,17 +72,26 @@ def memory_bandwidth() -> tuple[float, float]:
     return copy, read
 
 
-def make_batch(batch: int, context: int, q_len: int) -> dict:
-    """``batch`` sequences of ``context`` tokens, the last ``q_len`` of each queried; shuffled blocks."""
+def make_batch(batch: int, context: int, q_len: int, *, int8: bool = False) -> dict:
+    """``batch`` sequences of ``context`` tokens, the last ``q_len`` of each queried; shuffled blocks; ``int8``:
+    the caches as codes + scales (kv_cache), written from the same kind of random values."""
     per = -(-context // BS)
     num_blocks = batch * per + 1
     ids = (torch.randperm(num_blocks - 1, device="cuda") + 1).to(torch.int32).view(batch, per)
     caches = [torch.randn(num_blocks, BS, HKV, D, device="cuda", dtype=DTYPE) for _ in range(2)]
+    scales = {}
+    if int8:
+        codes = kv_caches((num_blocks, BS, HKV, D), torch.int8, "cuda")
+        scales = {"key_scale": torch.zeros(num_blocks, BS, HKV, device="cuda"),
+                  "value_scale": torch.zeros(num_blocks, BS, HKV, device="cuda")}
+        slots = torch.arange(num_blocks * BS, device="cuda")
+        write_kv(caches[0].flatten(0, 1), caches[1].flatten(0, 1), *codes, slots, **scales)
+        caches = list(codes)
     return dict(q=torch.randn(batch * q_len, HQ, D, device="cuda", dtype=DTYPE), key_cache=caches[0],
                 value_cache=caches[1], block_tables=ids, seq_lens=torch.full((batch,), context, device="cuda",
                                                                             dtype=torch.int32),
                 query_start_loc=torch.arange(0, batch * q_len + 1, q_len, device="cuda", dtype=torch.int32),
-                max_query_len=q_len, max_seq_len=context)
+                max_query_len=q_len, max_seq_len=context, **scales)
 
 
 def dense_peer(args: dict, batch: int, context: int, q_len: int) -> Callable[[], Tensor]:
@@ -97,9 +109,10 @@ def dense_peer(args: dict, batch: int, context: int, q_len: int) -> Callable[[],
 
 
 def measure(label: str, batch: int, context: int, q_len: int, ceiling: float,
-            configs: list[KernelConfig | None]) -> list[dict]:
-    args = make_batch(batch, context, q_len)
-    moved = (2 * batch * context * HKV * D + 2 * args["q"].numel()) * args["q"].element_size()
+            configs: list[KernelConfig | None], *, int8: bool = False) -> list[dict]:
+    args = make_batch(batch, context, q_len, int8=int8)
+    kv_vector = D + 4 if int8 else D * args["q"].element_size()  # bytes of one token's key (or value) of a head
+    moved = 2 * batch * context * HKV * kv_vector + 2 * args["q"].numel() * args["q"].element_size()
     attended = batch * sum(context - q_len + i + 1 for i in range(q_len))  # (query, key) pairs
     flops = 4 * attended * HQ * D
     want = paged_attention_reference(**args, scale=D**-0.5)
@@ -118,6 +131,8 @@ def measure(label: str, batch: int, context: int, q_len: int, ceiling: float,
         rows.append(dict(case=label, impl="splice" if config is None else "variant", config=asdict(cfg), ms=ms,
                          bandwidth_tb_s=moved / ms * 1e-9, of_read=moved / ms * 1e3 / ceiling,
                          tflops=flops / ms * 1e-9, max_abs_err=err))
+    if int8:
+        return rows
     peer = dense_peer(args, batch, context, q_len)
     ms = graph_ms(peer)
     got = peer().transpose(1, 2).reshape(-1, HQ, D)
@@ -131,7 +146,7 @@ def variants(decode: bool) -> list[KernelConfig | None]:
     if decode:
         return [None] + [KernelConfig(block_q=4, block_n=n, num_warps=w, num_stages=st, min_partition=mp)
                          for n, w, st, mp in [(128, 4, 3, 128), (128, 4, 2, 128), (64, 4, 4, 128), (64, 4, 3, 64),
-                                              (32, 2, 4, 128)]]
+                                              (32, 2, 4, 128), (128, 8, 3, 128), (256, 8, 2, 256)]]
     return [None] + [KernelConfig(block_q=rows // 4, block_n=n, num_warps=w, num_stages=st)
                      for rows, n, w, st in [(128, 32, 8, 2), (128, 32, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3),
                                             (64, 32, 4, 2)]]
@@ -150,6 +165,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="paged_attention.json")
     parser.add_argument("--sweep", action="store_true", help="also time tile-size variants")
+    parser.add_argument("--int8", action="store_true", help="int8 caches (codes + scales), decode cases")
+    parser.add_argument("--cases", default="", help="comma-separated case labels to run (default: all)")
     cli = parser.parse_args()
     torch.manual_seed(0)
     copy, ceiling = memory_bandwidth()
@@ -162,11 +179,14 @@ def main() -> None:
     out = Path(cli.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     print(f"{'case':30} {'impl':18} {'us':>8} {'TB/s':>5} {'of read':>7} {'TFLOP/s':>7} {'max err':>7}  config")
+    chosen = {c.strip() for c in cli.cases.split(",") if c.strip()}
     for label, b, c, q_len in cases:
-        configs = variants(q_len == 1) if cli.sweep and label in sweep_cases else [None]
-        if q_len == 1:  # the decode default against the same tiles finding sequences by the binary search
+        if (chosen and label not in chosen) or (cli.int8 and q_len != 1):
+            continue
+        configs = variants(q_len == 1) if cli.sweep and (label in sweep_cases or chosen) else [None]
+        if q_len == 1 and not cli.int8:  # the decode default against the same tiles finding sequences by search
             configs.insert(1, replace(default_config(decode=True, group=HQ // HKV, head_dim=D), direct_decode=False))
-        for r in measure(label, b, c, q_len, ceiling, configs):
+        for r in measure(label, b, c, q_len, ceiling, configs, int8=cli.int8):
             rows.append(r)
             print(row_line(r), flush=True)
             out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,

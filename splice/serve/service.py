@@ -96,7 +96,7 @@ class Service:
     def __init__(self, model: nn.Module, tokenizer: Any, *, model_name: str,
                  adapters: dict[str, str | Path] | None = None, max_batch: int = 32, max_len: int = 1024,
                  max_waiting: int = 256, gpu_adapters: int = 8, max_lora_rank: int = 64,
-                 kv_dtype: str = "auto") -> None:
+                 kv_dtype: str = "auto", kv_memory: float = 0.8) -> None:
         self.model_name, self.tokenizer, self.max_len = model_name, tokenizer, max_len
         self.host: dict[str, HostAdapter] = {}  # client name -> its adapter (named by its engine key)
         self._loaded: set[str] = set()  # every name loaded so far: a reload's engine key is name#N
@@ -114,7 +114,8 @@ class Service:
             self.bank.put(adapter)  # key the CUDA graphs (LoraBank.version), so a first request recaptures none
         self.engine = self.engine_class(model, tokenizer, max_seqs=max_batch, max_len=max_len,
                                         max_waiting=max_waiting, bank=self.bank, sites=list(self.sites.values()),
-                                        adapters={a.name: a for a in self.host.values()}, kv_dtype=kv_dtype)
+                                        adapters={a.name: a for a in self.host.values()}, kv_dtype=kv_dtype,
+                                        kv_memory=kv_memory)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="splice-engine", daemon=True)
         self.failure: BaseException | None = None
