@@ -34,6 +34,7 @@
 #   CALL=kv11b bash benchmarks/device_plan.sh     # session 11: the offline run: decodes split or not, int8 K/V
 #   CALL=kv11c bash benchmarks/device_plan.sh     # session 11: int8 values token-major, no GC mid-capture: tests, rows
 #   CALL=kv11d bash benchmarks/device_plan.sh     # session 11: the GPU tests again; int8 decode attention tiles
+#   CALL=kv11e bash benchmarks/device_plan.sh     # session 11 last: int8 decode at 128 keys a step: tests, rows
 #   CALL=fp8 bash benchmarks/device_plan.sh       # issue 30: FP8's 200-step parity vs PEFT, a profile of C fp8
 #   CALL=routes bash benchmarks/device_plan.sh    # session 8: graphs vs adapters_disabled, rollout_profile.py
 #   CALL=nf4sweep bash benchmarks/device_plan.sh  # the NF4 kernels' tile sweep, then the multi-LoRA layers (~200 s)
@@ -346,6 +347,16 @@ kv11d)  # session 11 (~260 s): the GPU tests again (kv11c: one serve test's engi
   timeout 60 python3 benchmarks/paged_attention.py --cases "$cases" --out "$OUT/pa_bf16.json" 2>&1 | tail -14
   timeout 120 python3 benchmarks/paged_attention.py --int8 --sweep --cases "$cases" --out "$OUT/pa_int8.json" 2>&1 \
     | tail -36
+  ;;
+kv11e)  # session 11, last (~190 s): int8 decode attention at 128 keys a step (kv11d's sweep: 449 against 522 us
+  # at B=128 x 4,096), its GPU tests, then decode rows bf16 / int8 K/V in one run
+  timeout -s KILL 80 python3 -m pytest -q -n 8 -p no:cacheprovider -p no:warnings -rfE --tb=short \
+    tests/kernels/test_paged_attention.py tests/kernels/test_kv_cache.py tests/engine/test_gpu_paths_engine.py \
+    > "$OUT/tests-kv11e.txt" 2>&1
+  echo "tests (rc $?):"; grep -E "FAILED|ERROR" "$OUT/tests-kv11e.txt" | head -8; tail -2 "$OUT/tests-kv11e.txt"
+  timeout 110 python3 benchmarks/serve.py --parts bandwidth,decode --decode-batches 32,128 --decode-contexts 16,1024 \
+    --decode-adapters "" --decode-int8-kv-contexts 1024,4096 --limit-decode 100 --json "$OUT/serve.json" 2>&1 \
+    | grep -v "attention mask" | tee "$OUT/serve.txt" | grep "^| bf16"
   ;;
 c11)  # session 11 (~200 s): where config C's bf16 step goes now (no bf16 C profile since the group node took dropout;
   # final10: 15,239 tok/s, 268.8 ms, 2.81x; 3x needs 251 ms), beside PEFT in the same run

@@ -217,11 +217,13 @@ def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def default_config(*, decode: bool, group: int, head_dim: int) -> KernelConfig:
-    """Decode: 16-row tiles (memory-bound, one query token per sequence); prefill: 128-row tiles
-    (64 at head_dim 256) for tensor-core throughput."""
+def default_config(*, decode: bool, group: int, head_dim: int, int8: bool = False) -> KernelConfig:
+    """Decode: 16-row tiles (memory-bound, one query token per sequence), over int8 caches 128 keys a step (H100,
+    B=128 x 4,096: 449 us against 522 with 64, bf16's 718); prefill: 128-row tiles (64 at head_dim 256)."""
     g_pad, wide = _pow2(group), _pow2(head_dim) > 128
     if decode:
+        if int8 and not wide:
+            return KernelConfig(block_q=max(1, 16 // g_pad), block_n=128, num_warps=4, num_stages=2)
         return KernelConfig(block_q=max(1, 16 // g_pad), block_n=32 if wide else 64, num_warps=4, num_stages=3)
     rows = 64 if wide else 128
     return KernelConfig(block_q=max(1, rows // g_pad), block_n=32 if wide else 64, num_warps=rows // 16,
@@ -250,7 +252,7 @@ def paged_attention_triton(
     tokens, hq, d = q.shape
     hkv, block_size = key_cache.shape[2], key_cache.shape[1]
     group, seqs = hq // hkv, seq_lens.shape[0]
-    cfg = config or default_config(decode=max_query_len <= 1, group=group, head_dim=d)
+    cfg = config or default_config(decode=max_query_len <= 1, group=group, head_dim=d, int8=quant)
     direct = cfg.direct_decode and max_query_len <= 1  # tile b = sequence b (KernelConfig)
     split = cfg.split_decodes and max_query_len > 1  # the one-query sequences in a launch of their own
     block_q = 1 if direct else cfg.block_q
@@ -288,7 +290,7 @@ def paged_attention_triton(
             num_stages=cfg.num_stages)
 
     if split:  # the decodes, one pass over its context each (no partitions; the reduce skips them)
-        launch(default_config(decode=True, group=group, head_dim=d), (seqs, hkv, 1), 1, direct=True, only=1,
+        launch(default_config(decode=True, group=group, head_dim=d, int8=quant), (seqs, hkv, 1), 1, direct=True, only=1,
                partial=None, part_len=0, parts=1)
     launch(cfg, (tiles, hkv, parts), block_q, direct=direct, only=2 if split else 0, partial=partial,
            part_len=part_len, parts=parts)
