@@ -35,6 +35,7 @@
 #   CALL=kv11c bash benchmarks/device_plan.sh     # session 11: int8 values token-major, no GC mid-capture: tests, rows
 #   CALL=kv11d bash benchmarks/device_plan.sh     # session 11: the GPU tests again; int8 decode attention tiles
 #   CALL=kv11e bash benchmarks/device_plan.sh     # session 11 last: int8 decode at 128 keys a step: tests, rows
+#   CALL=next12 bash benchmarks/device_plan.sh    # session 12 first: kv11e's GPU tests in full (its 80 s cut them)
 #   CALL=fp8 bash benchmarks/device_plan.sh       # issue 30: FP8's 200-step parity vs PEFT, a profile of C fp8
 #   CALL=routes bash benchmarks/device_plan.sh    # session 8: graphs vs adapters_disabled, rollout_profile.py
 #   CALL=nf4sweep bash benchmarks/device_plan.sh  # the NF4 kernels' tile sweep, then the multi-LoRA layers (~200 s)
@@ -357,6 +358,17 @@ kv11e)  # session 11, last (~190 s): int8 decode attention at 128 keys a step (k
   timeout 110 python3 benchmarks/serve.py --parts bandwidth,decode --decode-batches 32,128 --decode-contexts 16,1024 \
     --decode-adapters "" --decode-int8-kv-contexts 1024,4096 --limit-decode 100 --json "$OUT/serve.json" 2>&1 \
     | grep -v "attention mask" | tee "$OUT/serve.txt" | grep "^| bf16"
+  ;;
+next12)  # session 12 first (~230 s): the GPU tests kv11e's 80 s limit cut at 40% (int8 decode at 128 keys a step,
+  # f64f613), in full, then the multi-adapter decode rows (8 adapters at batch 32; last measured in session 7: 0.79x)
+  timeout -s KILL 220 python3 -m pytest -q -n 8 -p no:cacheprovider -p no:warnings -rfE --tb=short \
+    tests/kernels/test_paged_attention.py tests/kernels/test_kv_cache.py tests/kernels/test_rope_cache.py \
+    tests/engine/test_gpu_paths_engine.py tests/engine/test_runner.py tests/engine/test_engine.py \
+    tests/kernels/test_gemv.py tests/serve/test_gpu_paths_serve.py > "$OUT/tests-next12.txt" 2>&1
+  echo "tests (rc $?):"; grep -E "FAILED|ERROR" "$OUT/tests-next12.txt" | head -8; tail -2 "$OUT/tests-next12.txt"
+  timeout 120 python3 benchmarks/serve.py --parts bandwidth,decode --decode-batches 32 --decode-contexts 16 \
+    --decode-adapters 8,64 --limit-decode 100 --json "$OUT/serve.json" 2>&1 | grep -v "attention mask" \
+    | tee "$OUT/serve.txt" | grep "^| bf16"
   ;;
 c11)  # session 11 (~200 s): where config C's bf16 step goes now (no bf16 C profile since the group node took dropout;
   # final10: 15,239 tok/s, 268.8 ms, 2.81x; 3x needs 251 ms), beside PEFT in the same run
