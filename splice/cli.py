@@ -299,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_gen.add_argument("--seed", type=_number(int, low=0, high=2**63 - 1, says="must be in [0, 2**63)"),
                        default=None)
     p_gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p_gen.add_argument("--kv-cache", choices=("auto", "int8"), default="auto",
+                       help="the K/V cache: auto (the model's dtype) or int8 (8-bit, a scale per token and head)")
     p_gen.set_defaults(run=commands.cmd_generate)
 
     p_eval = sub.add_parser("eval", help="score base vs adapter: validation loss, perplexity and "

@@ -135,7 +135,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_prompts(model, tokenizer, prompts, args.max_new_tokens)
     outputs = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                       seed=args.seed, stop=args.stop or ())
+                       seed=args.seed, stop=args.stop or (), kv_cache=args.kv_cache)
     for text in outputs:
         print(text)
     return 0

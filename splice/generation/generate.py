@@ -18,6 +18,7 @@ from torch import nn
 from splice.core.progress import progress
 from splice.engine.engine import Engine, Request
 from splice.engine.sampling import SamplingParams, check_sampling
+from splice.kernels.kv_cache import check_kv_dtype
 from splice.lora.apply import adapter_names
 
 __all__ = ["generate"]
@@ -84,6 +85,7 @@ def generate(
     stop: str | Sequence[str] = (),
     batch_size: int = 8,
     adapters: Sequence[str | None] | None = None,
+    kv_cache: str = "auto",
 ) -> list[str]:
     """The generated continuation of each prompt (prompt excluded), one string per prompt.
 
@@ -98,7 +100,9 @@ def generate(
     At most ``batch_size`` prompts run at once. A row stops at an EOS token (the tokenizer's and
     ``model.generation_config``'s, int or list) or when its text contains one of ``stop`` (the text
     is cut before it). A single string prompt still gives a list. Runs in eval mode without
-    autograd; the model's training flags are restored afterwards.
+    autograd; the model's training flags are restored afterwards. ``kv_cache="int8"``: the K/V cache as
+    8-bit codes with a scale per token and head (:mod:`splice.kernels.kv_cache`: half the bytes a long
+    context's decode reads, outputs within its rounding of ``"auto"``'s, the model's dtype).
     """
     texts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not all(isinstance(t, str) for t in texts):
@@ -111,6 +115,7 @@ def generate(
     check_sampling(temperature, top_k, top_p)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_kv_dtype(kv_cache)  # a bad choice: one line before any work
     encoded = _encode(tokenizer, texts)
     _check_context(model, encoded, max_new_tokens)
     _check_adapters(model, adapters, len(texts))
@@ -121,7 +126,7 @@ def generate(
                              seed=_row_seed(seed, row), stop=stops) for row in range(len(texts))]
     max_len = max(map(len, encoded)) + max_new_tokens
     engine = Engine(model, tokenizer, max_seqs=batch_size, max_len=max_len, token_budget=max(2048, batch_size),
-                    block_size=_BLOCK, kv_blocks=batch_size * -(-max_len // _BLOCK) + 1)
+                    block_size=_BLOCK, kv_blocks=batch_size * -(-max_len // _BLOCK) + 1, kv_dtype=kv_cache)
     with progress(desc="generating", total=len(texts), unit="prompt") as bar:
 
         def done(request: Request) -> None:

@@ -29,18 +29,23 @@ from torch import Tensor
 
 from . import HAS_TRITON
 
-__all__ = ["KV_DTYPES", "QMAX", "check_scales", "dequantize_kv", "int8_tiles", "kv_cache_dtype", "kv_caches",
+__all__ = ["KV_DTYPES", "QMAX", "check_kv_dtype", "check_scales", "dequantize_kv", "int8_tiles", "kv_cache_dtype", "kv_caches",
            "quantize_kv", "store_kv", "write_kv"]
 
 QMAX = 127.0  # int8 codes span -127 .. 127 (symmetric: -128 is never written)
 KV_DTYPES = ("auto", "int8")  # the engine's kv_dtype choices: the model's dtype, or 8-bit with scales
 
 
-def kv_cache_dtype(kv_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
-    """The cache tensors' dtype for the engine option ``kv_dtype`` (one line naming the choices otherwise)."""
+def check_kv_dtype(kv_dtype: str) -> None:
+    """One line naming the choices when ``kv_dtype`` is not one of :data:`KV_DTYPES`."""
     if kv_dtype not in KV_DTYPES:
         raise ValueError(f"kv_dtype={kv_dtype!r}: choose one of {', '.join(KV_DTYPES)} ('auto': the model's "
                          f"dtype; 'int8': 8-bit K/V with a scale per token and head, about half the bytes)")
+
+
+def kv_cache_dtype(kv_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The cache tensors' dtype for the engine option ``kv_dtype`` (:func:`check_kv_dtype`)."""
+    check_kv_dtype(kv_dtype)
     return torch.int8 if kv_dtype == "int8" else model_dtype
 
 

@@ -27,7 +27,7 @@ import uvicorn
 
 from splice.core.device import resolve_device
 from splice.core.errors import RunError, one_line
-from splice.kernels.kv_cache import kv_cache_dtype
+from splice.kernels.kv_cache import check_kv_dtype
 from splice.models.loading import load_model
 from splice.serve.adapter_source import check_adapter_name
 from splice.serve.app import MAX_REQUEST_BYTES, build_app
@@ -86,7 +86,7 @@ def serve(model: str | None, *, adapters: dict[str, Path], host: str = "127.0.0.
     dtype (:class:`~splice.engine.runner.ModelRunner`); ``api_keys`` / ``allow_adapter_dir``: see
     :func:`~splice.serve.app.build_app`."""
     _check_limits(max_request_bytes=max_request_bytes, drain_timeout=drain_timeout)  # before the model loads
-    kv_cache_dtype(kv_cache, torch.float32)  # a bad choice: one line before the model loads
+    check_kv_dtype(kv_cache)  # a bad choice: one line before the model loads
     _check_access(allow_adapter_dir=allow_adapter_dir, quantize=quantize)
     resolved = resolve_device(device)
     if dtype == "auto":

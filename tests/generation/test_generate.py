@@ -247,7 +247,17 @@ def test_zero_new_tokens_and_bad_inputs_fail_before_any_step() -> None:
         generate(model, TOKENIZER, ["a", "b"], adapters=["a", "c"])
     with pytest.raises(ValueError, match="one per prompt"):
         generate(model, TOKENIZER, ["a", "b"], adapters=["a"])
+    with pytest.raises(ValueError, match="kv_dtype='fp8': choose one of auto, int8"):
+        generate(model, TOKENIZER, "a", kv_cache="fp8")
     assert counter.calls == 0
+
+
+def test_an_int8_kv_cache_keeps_the_greedy_text() -> None:
+    """kv_cache="int8" (codes + a scale per token and head): the tiny model's greedy rows come out as with its
+    own dtype's cache (each K/V entry within half a step of its vector's range moves no argmax here)."""
+    model = _llama()
+    assert generate(model, TOKENIZER, PROMPTS, max_new_tokens=20, kv_cache="int8") == [
+        _text(row) for row in _reference(model, PROMPTS, 20)]
 
 
 def test_models_the_engine_cannot_run_are_refused_in_one_line() -> None:
