@@ -252,12 +252,25 @@ def test_zero_new_tokens_and_bad_inputs_fail_before_any_step() -> None:
     assert counter.calls == 0
 
 
-def test_an_int8_kv_cache_keeps_the_greedy_text() -> None:
-    """kv_cache="int8" (codes + a scale per token and head): the tiny model's greedy rows come out as with its
-    own dtype's cache (each K/V entry within half a step of its vector's range moves no argmax here)."""
+def test_an_int8_kv_cache_keeps_the_greedy_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    """kv_cache="int8" (codes + a scale per token and head): the engine's caches are int8, and the tiny model's
+    greedy rows come out as with its own dtype's cache (each K/V entry within half a step of its vector's range
+    moves no argmax here)."""
+    import splice.generation.generate as module
+
+    caches: list[torch.dtype] = []
+
+    class Recording(module.Engine):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            caches.append(self.runner.key_caches[0].dtype)
+
+    monkeypatch.setattr(module, "Engine", Recording)
     model = _llama()
     assert generate(model, TOKENIZER, PROMPTS, max_new_tokens=20, kv_cache="int8") == [
         _text(row) for row in _reference(model, PROMPTS, 20)]
+    generate(model, TOKENIZER, PROMPTS[:1], max_new_tokens=2)
+    assert caches == [torch.int8, torch.float32]
 
 
 def test_models_the_engine_cannot_run_are_refused_in_one_line() -> None:
