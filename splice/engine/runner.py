@@ -13,8 +13,8 @@ the final norm and the output head on the sampled tokens only. Attention is the
 The runner owns the KV cache: per layer ``(num_blocks, block_size, kv_heads, head_dim)`` keys and
 values in the model's dtype, or with ``kv_dtype="int8"`` int8 codes and fp32 ``(num_blocks, block_size,
 kv_heads)`` scales (:mod:`splice.kernels.kv_cache`: about half the bytes a decode reads, and twice the
-tokens in the same memory); block 0 is scratch (padded tokens write there). Copy-on-write block copies of the plan run
-before the forward. Decode-only steps on CUDA replay a CUDA graph captured per batch-size bucket
+tokens in the same memory); block 0 is scratch (padded tokens write there). Copy-on-write block copies
+of the plan run before the forward. Decode-only steps on CUDA replay a CUDA graph captured per batch-size bucket
 (1, 2, 4, ... up to ``max_seqs``), context bucket (128, 1,024, ``max_len``: the attention grid of a short
 context needs no split and no merge) and bank version, padded to the bucket with scratch rows.
 
@@ -30,7 +30,8 @@ inside ``PagedAttention``, and each residual add runs in the epilogue of the GEM
 
 Steps with prefill chunks replay CUDA graphs too, captured per token-count bucket (16 ... 256, then
 multiples of 256 to 4,096 and of 512 up to the token budget): the padding tokens form padding
-sequences that read and write only the scratch block, and the remaining padded sequences are empty (attention skips them).
+sequences that read and write only the scratch block, and the remaining padded sequences are empty
+(attention skips them).
 :meth:`ModelRunner.warmup` captures every bucket up front.
 """
 

@@ -9,7 +9,7 @@ int8 math: a key or value vector ``x`` (``D`` values of one token and kv head) i
 ``c = round(x / s)`` (int8, round half away from zero) with ``s = max(|x|) / 127`` (fp32), and read back as
 ``c * s``. Each entry's error is at most ``s / 2``: half a step of its own vector's range, so a head with small
 values keeps its precision next to one with large values. A cache of ``(NB, BS, Hkv, D)`` int8 values has
-``(NB, BS, Hkv)`` fp32 scales beside it: ``D + 4`` bytes a vector instead of ``2 D`` (53% of bf16 at
+``(NB, BS, Hkv)`` fp32 scales beside it: ``D + 4`` bytes a vector instead of ``2 D`` (52% of bf16 at
 ``D = 128``).
 
 Why: at decode every sequence's step reads its whole context's K/V, so past a few hundred tokens of context
@@ -29,8 +29,8 @@ from torch import Tensor
 
 from . import HAS_TRITON
 
-__all__ = ["KV_DTYPES", "QMAX", "check_kv_dtype", "check_scales", "dequantize_kv", "int8_tiles", "kv_cache_dtype", "kv_caches",
-           "quantize_kv", "store_kv", "write_kv"]
+__all__ = ["KV_DTYPES", "QMAX", "check_kv_dtype", "check_scales", "dequantize_kv", "int8_tiles", "kv_cache_dtype",
+           "kv_caches", "quantize_kv", "store_kv", "write_kv"]
 
 QMAX = 127.0  # int8 codes span -127 .. 127 (symmetric: -128 is never written)
 KV_DTYPES = ("auto", "int8")  # the engine's kv_dtype choices: the model's dtype, or 8-bit with scales
