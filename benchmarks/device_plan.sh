@@ -36,6 +36,9 @@
 #   CALL=kv11d bash benchmarks/device_plan.sh     # session 11: the GPU tests again; int8 decode attention tiles
 #   CALL=kv11e bash benchmarks/device_plan.sh     # session 11 last: int8 decode at 128 keys a step: tests, rows
 #   CALL=next12 bash benchmarks/device_plan.sh    # session 12 first: kv11e's GPU tests in full (its 80 s cut them)
+#   CALL=hash12 bash benchmarks/device_plan.sh    # session 12: the LoRA kernels' dropout hash, old (a copy of the
+#                                                 # previous splice/ in _old_hash/, never committed) vs new, + GPU tests
+#   CALL=c12 bash benchmarks/device_plan.sh       # session 12: config C with the new hash, PEFT in the same run
 #   CALL=fp8 bash benchmarks/device_plan.sh       # issue 30: FP8's 200-step parity vs PEFT, a profile of C fp8
 #   CALL=routes bash benchmarks/device_plan.sh    # session 8: graphs vs adapters_disabled, rollout_profile.py
 #   CALL=nf4sweep bash benchmarks/device_plan.sh  # the NF4 kernels' tile sweep, then the multi-LoRA layers (~200 s)
@@ -358,6 +361,35 @@ kv11e)  # session 11, last (~190 s): int8 decode attention at 128 keys a step (k
   timeout 110 python3 benchmarks/serve.py --parts bandwidth,decode --decode-batches 32,128 --decode-contexts 16,1024 \
     --decode-adapters "" --decode-int8-kv-contexts 1024,4096 --limit-decode 100 --json "$OUT/serve.json" 2>&1 \
     | grep -v "attention mask" | tee "$OUT/serve.txt" | grep "^| bf16"
+  ;;
+hash12)  # session 12 (~330 s): what the dropout mask costs the LoRA kernels, the previous hash (one a column, from
+  # _old_hash/splice when it was carried) against one a column pair, dropout 0 and 0.05, then the GPU tests
+  if [ -d _old_hash/splice ]; then
+    PYTHONPATH=$PWD/_old_hash:/tmp/site timeout 100 python3 benchmarks/lora_kernel_tuning.py --defaults-only \
+      --dropout 0,0.05 --out "$OUT/tiles_old.json" 2>&1 | tee "$OUT/tiles_old.txt" | tail -20
+  fi
+  timeout 100 python3 benchmarks/lora_kernel_tuning.py --defaults-only --dropout 0,0.05 --out "$OUT/tiles_new.json" \
+    2>&1 | tee "$OUT/tiles_new.txt" | tail -20
+  timeout -s KILL 300 python3 -m pytest -q -n 8 -p no:cacheprovider -p no:warnings -rfE --tb=short \
+    tests/kernels tests/fused tests/lora tests/engine/test_gpu_paths_engine.py tests/engine/test_runner.py \
+    tests/engine/test_engine.py tests/serve/test_gpu_paths_serve.py > "$OUT/tests-hash12.txt" 2>&1
+  echo "tests (rc $?):"; grep -E "FAILED|ERROR" "$OUT/tests-hash12.txt" | head -12; tail -2 "$OUT/tests-hash12.txt"
+  ;;
+c12)  # session 12 (~200 s): config C with the dropout mask hashed once a column pair (c11: 15,204 tok/s, 269.4 ms,
+  # 2.81x PEFT; 3x needs 251 ms), PEFT in the same run, and where its step goes
+  timeout 190 python3 benchmarks/train_throughput.py --out "$OUT/c_bf16" --frameworks peft,splice --configs C \
+    --modes on+graphs --profile C --worker-timeout 90 2>&1 | tee "$OUT/c_bf16.txt" | grep -v "^  " | tail -40
+  ;;
+names12)  # session 12 (~400 s): hash12's GPU tests again with their names (-v: 21 failed there, unnamed), then
+  # the first failures of each failing file once more, alone, with their tracebacks
+  timeout -s KILL 330 python3 -m pytest -v -n 8 -p no:cacheprovider -p no:warnings --tb=no \
+    tests/kernels tests/fused tests/lora tests/engine/test_gpu_paths_engine.py tests/engine/test_runner.py \
+    tests/engine/test_engine.py tests/serve/test_gpu_paths_serve.py > "$OUT/tests-names12.txt" 2>&1
+  grep -E " FAILED | ERROR " "$OUT/tests-names12.txt" | sed -E 's/.*(FAILED|ERROR) //; s/ .*//' | sort -u > "$OUT/failed.txt"
+  echo "failed: $(wc -l < "$OUT/failed.txt")"; cat "$OUT/failed.txt" | head -30
+  ids=$(for f in $(sed 's/::.*//' "$OUT/failed.txt" | sort -u); do grep -m1 "^$f::" "$OUT/failed.txt"; done)
+  [ -n "$ids" ] && timeout 120 python3 -m pytest -q -p no:cacheprovider -p no:warnings --tb=short $ids 2>&1 \
+    | tee "$OUT/tracebacks.txt" | grep -E "^E |Error|^tests/|passed|failed" | head -40
   ;;
 next12)  # session 12 first (~230 s): the GPU tests kv11e's 80 s limit cut at 40% (int8 decode at 128 keys a step,
   # f64f613), in full, then the multi-adapter decode rows (8 adapters at batch 32; last measured in session 7: 0.79x)

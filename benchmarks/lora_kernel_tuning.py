@@ -1,6 +1,6 @@
 """Launch shapes of the Triton LoRA kernels, timed on the GPU at config C's sizes.
 
-    PYTHONPATH=. python benchmarks/lora_kernel_tuning.py [--out tuning.json]
+    PYTHONPATH=. python benchmarks/lora_kernel_tuning.py [--out tuning.json] [--defaults-only] [--dropout 0,0.05]
 
 The three kernels of :mod:`splice.kernels.lora_kernels` are memory-bound (rank 16: a few FLOPs
 per byte), so each is judged by the bandwidth it reaches: bytes it must move (every input read
@@ -8,6 +8,9 @@ once, every output written once) over its median time, against a device-to-devic
 in the same run. For every kernel and Llama-3-8B shape (4,096 tokens) it times the current
 default (``TILES``) and the candidate launch shapes below, checks each candidate's result against
 the default's (fp32 atomics: equal to ~1e-6), and prints a table with the best one per row.
+``--dropout`` lists the dropout rates to time (default 0.05: config C's), ``--defaults-only`` times
+the defaults alone: with ``--dropout 0,0.05`` that is what the mask's hash costs. The ``x3`` rows are
+q/k/v's group (three members over one ``x``, each with its own mask: splice.kernels.lora_group).
 """
 
 from __future__ import annotations
@@ -57,42 +60,50 @@ def rel(a: Tensor, b: Tensor) -> float:
 Run = Callable[[Tiles], Tensor]
 
 
-def problems() -> list[tuple[str, str, int, Run, Run]]:
-    """(kernel, shape label, bytes moved, check(tiles) -> result, timed(tiles))."""
+def problems(p: float) -> list[tuple[str, str, int, Run, Run]]:
+    """(kernel, shape label, bytes moved, check(tiles) -> result, timed(tiles)) at dropout ``p``."""
     out = []
-    for k in (4096, 14336):  # LoRA down-projection and dA: the input width of q/k/v/o/gate/up, down
+    for k, g in ((4096, 1), (4096, 3), (14336, 1)):  # the input widths of q/k/v/o/gate/up (g: q/k/v's group), down
         x = torch.randn(N, k, device="cuda").to(BF16)
-        a = torch.randn(R, k, device="cuda") / k**0.5
-        t = torch.randn(N, R, device="cuda")
-        down = lambda tl, x=x, a=a: lora_down(x, a, 0.05, 7, tiles=tl)  # noqa: E731
-        out.append(("down", f"x {N}x{k}", x.numel() * 2 + a.numel() * 4 + N * R * 4, down, down))
-        da = lambda tl, x=x, t=t: tn_reduce(t, x, 0.05, 7, tiles=tl)  # noqa: E731
-        out.append(("reduce", f"dA {R}x{k}", x.numel() * 2 + t.numel() * 4 + R * k * 4, da, da))
+        a = torch.randn(g * R, k, device="cuda") / k**0.5
+        t = torch.randn(N, g * R, device="cuda")
+        keys = torch.randint(0, 2**31 - 1, (g, 2), dtype=torch.int32, device="cuda") if g > 1 else 7
+        tag = f" x{g}" if g > 1 else ""
+        down = lambda tl, x=x, a=a, keys=keys, g=g: lora_down(x, a, p, keys, tiles=tl, members=g)  # noqa: E731
+        out.append(("down", f"x {N}x{k}{tag}", x.numel() * 2 + a.numel() * 4 + N * g * R * 4, down, down))
+        da = lambda tl, x=x, t=t, keys=keys, g=g: tn_reduce(t, x, p, keys, tiles=tl, members=g)  # noqa: E731
+        out.append(("reduce", f"dA {g * R}x{k}", x.numel() * 2 + t.numel() * 4 + g * R * k * 4, da, da))
         dx = torch.randn(N, k, device="cuda").to(BF16)
         scratch = dx.clone()
         # the check adds into a fresh copy; the timed call adds into one scratch buffer
-        out.append(("dx", f"dx {N}x{k}", 2 * dx.numel() * 2 + t.numel() * 4 + a.numel() * 4,
-                    lambda tl, dx=dx, t=t, a=a: lora_dx_add_(dx.clone(), t, a, 0.05, 7, tiles=tl),
-                    lambda tl, s=scratch, t=t, a=a: lora_dx_add_(s, t, a, 0.05, 7, tiles=tl)))
-    for o in (1024, 14336):  # dB = G^T U: the output gradient of k/v, gate/up
-        g = torch.randn(N, o, device="cuda").to(BF16)
-        u = torch.randn(N, R, device="cuda")
-        db = lambda tl, g=g, u=u: tn_reduce(u, g, alpha=2.0, tiles=tl)  # noqa: E731
-        out.append(("reduce", f"dB {R}x{o}", g.numel() * 2 + u.numel() * 4 + R * o * 4, db, db))
+        out.append(("dx", f"dx {N}x{k}{tag}", 2 * dx.numel() * 2 + t.numel() * 4 + a.numel() * 4,
+                    lambda tl, dx=dx, t=t, a=a, keys=keys, g=g: lora_dx_add_(dx.clone(), t, a, p, keys, tiles=tl,
+                                                                              members=g),
+                    lambda tl, s=scratch, t=t, a=a, keys=keys, g=g: lora_dx_add_(s, t, a, p, keys, tiles=tl,
+                                                                                  members=g)))
+    if p == 0:  # dB has no dropout
+        for o in (1024, 14336):  # dB = G^T U: the output gradient of k/v, gate/up
+            g_ = torch.randn(N, o, device="cuda").to(BF16)
+            u = torch.randn(N, R, device="cuda")
+            db = lambda tl, g_=g_, u=u: tn_reduce(u, g_, alpha=2.0, tiles=tl)  # noqa: E731
+            out.append(("reduce", f"dB {R}x{o}", g_.numel() * 2 + u.numel() * 4 + R * o * 4, db, db))
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
+    ap.add_argument("--dropout", default="0.05", help="comma-separated dropout rates")
+    ap.add_argument("--defaults-only", action="store_true", help="time TILES alone, no candidates")
     args = ap.parse_args()
     torch.manual_seed(0)
     peak = copy_bandwidth()
     rows, results = [], []
-    for kind, label, nbytes, check, timed_run in problems():
+    for kind, label, nbytes, check, timed_run, p in [
+            (*prob, float(rate)) for rate in args.dropout.split(",") for prob in problems(float(rate))]:
         ref = check(TILES[kind]).clone()
         timed = []
-        for tiles in [TILES[kind]] + candidates(kind):
+        for tiles in [TILES[kind]] + ([] if args.defaults_only else candidates(kind)):
             try:
                 err = rel(check(tiles), ref)
                 ms = bench(lambda tiles=tiles, run=timed_run: run(tiles))
@@ -103,13 +114,13 @@ def main() -> None:
         ok = [t for t in timed if "ms" in t and t["rel_err"] < 1e-5]
         best = min(ok, key=lambda t: t["ms"])
         default = timed[0]
-        results.append({"kernel": kind, "shape": label, "bytes": nbytes, "default": default,
+        results.append({"kernel": kind, "shape": label, "dropout": p, "bytes": nbytes, "default": default,
                         "best": best, "all": timed})
-        rows.append(f"| {kind} | {label} | {default['ms'] * 1e3:.1f} | {nbytes / default['ms'] / 1e6:.0f} | "
+        rows.append(f"| {kind} | {label} | {p:g} | {default['ms'] * 1e3:.1f} | {nbytes / default['ms'] / 1e6:.0f} | "
                     f"{best['ms'] * 1e3:.1f} | {nbytes / best['ms'] / 1e6:.0f} | {best['tiles']} |")
     print(f"device-to-device copy: {peak:.0f} GB/s")
-    print("| kernel | shape | default us | default GB/s | best us | best GB/s | best tiles |")
-    print("|---|---|---|---|---|---|---|")
+    print("| kernel | shape | dropout | default us | default GB/s | best us | best GB/s | best tiles |")
+    print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     if args.out:
         with open(args.out, "w") as f:

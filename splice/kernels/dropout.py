@@ -1,8 +1,8 @@
 """Seeded dropout whose mask is recomputed, never stored.
 
 Math: ``out_i = x_i * m_i / (1 - p)`` with ``m_i = [u(keys, i) >= p]``, ``u`` uniform in [0, 1)
-and ``i`` the element's index in the contiguous tensor. The mask is a pure function of
-``(keys, i)``, so a backward pass (or a recompute under activation checkpointing) regenerates it
+and ``i`` the element's (row, column) in ``x`` seen as a (rows, last dim) matrix. The mask is a pure
+function of ``(keys, i)``, so a backward pass (or a recompute under activation checkpointing) regenerates it
 from the two 31-bit ``keys`` instead of saving a mask or the dropped-out copy of ``x``.
 
 The keys live in a small int32 tensor on the activations' device, drawn by :func:`new_keys` from
@@ -12,13 +12,18 @@ graph). Kernels read them through a pointer. An int seed is still accepted for c
 (:func:`as_keys` hashes it). A checkpointed layer records the keys its forward drew and hands
 them back, in order, to its recompute (:func:`recording_keys`, :func:`replaying_keys`).
 
-Triton path: ``u`` is a counter-based hash of ``i`` (murmur3's 32-bit finalizer over the index
-mixed with the two keys): about a dozen integer operations per element, far cheaper than Philox,
-so the mask can be regenerated inside memory-bound kernels (the fused LoRA kernels call
-:func:`keep_mask` too, with the same element indices). Reference path (CPU, or CUDA without
-Triton): ``torch.rand`` from a ``torch.Generator`` seeded with the keys. The two paths draw
-different masks for the same keys; each is deterministic on its own, which is all the fused LoRA
-linear needs (forward and backward take the same path).
+Triton path: the mask is a counter-based hash of the element's (row, column). Each row and each
+*pair* of adjacent columns gets a key (murmur3's 32-bit finalizer ``fmix32`` of its index mixed with
+one of the keys); the pair's hash ``fmix32(row key + pair key)`` gives 32 bits, the low 16 for the even
+column, the high 16 for the odd one, and an element is kept iff its 16 bits are at least
+``threshold(p) = round(p * 2**16)``. So a mask costs about six integer operations an element (the row
+and pair keys are computed once per tile row / column), cheap enough to regenerate inside
+memory-bound kernels: the fused LoRA kernels call :func:`keep_mask` with the same (row, column)
+indices. ``p`` is thereby rounded to a multiple of ``2**-16`` (the scale stays ``1 / (1 - p)``: a bias
+below ``2**-17 / (1 - p)``). Reference path (CPU, or CUDA without Triton):
+``torch.rand`` from a ``torch.Generator`` seeded with the keys. The two paths draw different masks for
+the same keys; each is deterministic on its own, which is all the fused LoRA linear needs (forward and
+backward take the same path).
 """
 
 from __future__ import annotations
@@ -30,14 +35,14 @@ from contextvars import ContextVar
 import torch
 from torch import Tensor
 
-from . import HAS_TRITON, grid_1d, use_triton
+from . import HAS_TRITON, use_triton
 
 __all__ = [
     "KeyTape", "as_keys", "dropout", "dropout_add_", "dropout_mask", "hash_keys", "new_keys",
     "recording_keys", "replaying_keys", "threshold",
 ]
 
-_BLOCK = 2048
+_ROWS, _COLS = 8, 256  # one program's tile of the standalone kernels
 _M32 = 0xFFFFFFFF
 
 
@@ -56,8 +61,8 @@ def hash_keys(seed: int) -> tuple[int, int]:
 
 
 def threshold(p: float) -> int:
-    """The Triton mask keeps ``i`` iff ``hash(i) >> 1 >= threshold(p)``."""
-    return min(int(p * 2**31), 2**31 - 1)
+    """The Triton mask keeps an element iff its 16 hash bits are at least ``threshold(p)``."""
+    return min(round(p * 2**16), 2**16 - 1)
 
 
 if HAS_TRITON:
@@ -65,16 +70,21 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def keep_mask(offs, k1, k2, threshold):
-        """Bool keep-mask for int64 element indices ``offs`` (murmur3 fmix32 of the mixed index)."""
-        h = (offs.to(tl.uint32) ^ k1.to(tl.uint32)) * 0x9E3779B1 + k2.to(tl.uint32)
-        h ^= (offs >> 32).to(tl.uint32) * 0x85EBCA77  # indices past 2**32 stay distinct
+    def _fmix32_tl(h):  # _fmix32 on uint32 tensors
         h ^= h >> 16
         h *= 0x85EBCA6B
         h ^= h >> 13
         h *= 0xC2B2AE35
-        h ^= h >> 16
-        return (h >> 1).to(tl.int32) >= threshold
+        return h ^ (h >> 16)
+
+    @triton.jit
+    def keep_mask(rows, col0, k1, k2, threshold, BK: tl.constexpr):
+        """Bool keep-mask (len(rows), BK) of columns ``col0 .. col0 + BK - 1`` (``col0`` even) of ``rows``."""
+        row_keys = _fmix32_tl(rows.to(tl.uint32) * 0x9E3779B1 ^ k1.to(tl.uint32))
+        pairs = (col0 // 2 + tl.arange(0, BK // 2)).to(tl.uint32)
+        pair_keys = _fmix32_tl(pairs * 0x85EBCA77 ^ k2.to(tl.uint32))
+        h = _fmix32_tl(row_keys[:, None] + pair_keys[None, :])  # (len(rows), BK / 2): one hash a column pair
+        return tl.interleave(h & 0xFFFF, h >> 16).to(tl.int32) >= threshold
 
     @triton.jit
     def load_keys(keys_ptr):
@@ -82,24 +92,28 @@ if HAS_TRITON:
         return tl.load(keys_ptr), tl.load(keys_ptr + 1)
 
     @triton.jit(do_not_specialize=["threshold"])
-    def _dropout_kernel(x_ptr, out_ptr, n, keys_ptr, threshold, scale, BLOCK: tl.constexpr):
+    def _dropout_kernel(x_ptr, acc_ptr, out_ptr, n_rows, n_cols, keys_ptr, threshold, scale,
+                        ADD: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+        # out = dropout(x), or with ADD acc += dropout(x) (the LoRA branch's input gradient added
+        # into the base one); x, acc, out (n_rows, n_cols) contiguous
         k1, k2 = load_keys(keys_ptr)
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        inside = offs < n
+        rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+        col0 = tl.program_id(1) * BC
+        cols = col0 + tl.arange(0, BC)
+        offs = rows[:, None] * n_cols + cols[None, :]
+        inside = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
         x = tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float32)
-        y = tl.where(keep_mask(offs, k1, k2, threshold), x * scale, 0.0)
+        y = tl.where(keep_mask(rows, col0, k1, k2, threshold, BC), x * scale, 0.0)
+        if ADD:
+            y += tl.load(acc_ptr + offs, mask=inside, other=0.0).to(tl.float32)
         tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=inside)
 
-    @triton.jit(do_not_specialize=["threshold"])
-    def _dropout_add_kernel(acc_ptr, x_ptr, n, keys_ptr, threshold, scale, BLOCK: tl.constexpr):
-        # acc += dropout(x): the LoRA branch's input gradient added into the base one.
-        k1, k2 = load_keys(keys_ptr)
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        inside = offs < n
-        acc = tl.load(acc_ptr + offs, mask=inside, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float32)
-        acc += tl.where(keep_mask(offs, k1, k2, threshold), x * scale, 0.0)
-        tl.store(acc_ptr + offs, acc.to(acc_ptr.dtype.element_ty), mask=inside)
+    def _launch(x: Tensor, acc: Tensor | None, out: Tensor, p: float, keys: int | Tensor) -> None:
+        n_cols = x.shape[-1] if x.dim() else 1
+        n_rows = x.numel() // max(n_cols, 1)
+        grid = (triton.cdiv(n_rows, _ROWS), triton.cdiv(n_cols, _COLS))
+        _dropout_kernel[grid](x, out if acc is None else acc, out, n_rows, n_cols, as_keys(keys, x.device),
+                              threshold(p), 1.0 / (1.0 - p), ADD=acc is not None, BR=_ROWS, BC=_COLS)
 
 
 class KeyTape:
@@ -181,9 +195,8 @@ def dropout(x: Tensor, p: float, keys: int | Tensor) -> Tensor:
     x = x.contiguous()
     if use_triton(x):
         out = torch.empty_like(x)
-        n = x.numel()
-        _dropout_kernel[grid_1d(n, _BLOCK)](x, out, n, as_keys(keys, x.device), threshold(p), scale,
-                                            BLOCK=_BLOCK)
+        if x.numel():
+            _launch(x, None, out, p, keys)
         return out
     keep = dropout_mask(x.shape, p, keys, x.device)
     return torch.where(keep, x * scale, torch.zeros((), dtype=x.dtype, device=x.device))
@@ -193,11 +206,9 @@ def dropout_add_(acc: Tensor, x: Tensor, p: float, keys: int | Tensor) -> Tensor
     """``acc += dropout(x, p, keys)`` in place (same mask as :func:`dropout` with those keys)."""
     if acc.shape != x.shape or not acc.is_contiguous():
         raise ValueError("dropout_add_ needs a contiguous acc of x's shape")
-    scale = 1.0 / (1.0 - p)
     x = x.contiguous()
     if use_triton(acc, x):
-        n = x.numel()
-        _dropout_add_kernel[grid_1d(n, _BLOCK)](acc, x, n, as_keys(keys, x.device), threshold(p), scale,
-                                                BLOCK=_BLOCK)
+        if x.numel():
+            _launch(x, acc, acc, p, keys)
         return acc
     return acc.add_(dropout(x, p, keys))

@@ -1,8 +1,8 @@
 """Triton kernels for the LoRA branch, with the dropout mask regenerated in registers.
 
 Shapes: ``x`` (N, K) bf16/fp16 row-major (N tokens, K = in_features), ``A`` (R, K) fp32,
-``T`` (N, R) fp32, ``D`` the seeded dropout of :mod:`splice.kernels.dropout` with element
-index ``n * K + k`` (the same mask :func:`~splice.kernels.dropout.dropout` draws for ``x``).
+``T`` (N, R) fp32, ``D`` the seeded dropout of :mod:`splice.kernels.dropout` of element ``(n, k)``
+(the same mask :func:`~splice.kernels.dropout.dropout` draws for ``x``).
 
 * :func:`lora_down`: ``U = D(x) A^T`` (N, R) fp32 -- the adapter's first matmul;
 * :func:`tn_reduce`: ``T^T D(x)`` (R, K) fp32 -- ``dA`` (and, without dropout, ``dB^T`` from
@@ -76,7 +76,7 @@ if HAS_TRITON:
             offs = rows[:, None] * K + cols[None, :]
             x = tl.load(x_ptr + offs, mask=(rows[:, None] < N) & (cols[None, :] < k_stop), other=0.0)
             if DROPOUT:
-                x = tl.where(keep_mask(offs, k1, k2, threshold), x, tl.zeros_like(x))
+                x = tl.where(keep_mask(rows, k_start + k0, k1, k2, threshold, BK), x, tl.zeros_like(x))
             a = tl.load(a_ptr + rr[:, None] * K + cols[None, :],
                         mask=(rr[:, None] < R) & (cols[None, :] < k_stop), other=0.0)
             a_hi = a.to(x.dtype)
@@ -99,7 +99,8 @@ if HAS_TRITON:
         k1, k2 = load_keys(keys_ptr + 2 * member)
         t_ptr += member * R
         out_ptr += member * R * K
-        cols = tl.program_id(1).to(tl.int64) * BK + tl.arange(0, BK)
+        col0 = tl.program_id(1) * BK
+        cols = col0.to(tl.int64) + tl.arange(0, BK)
         rr = tl.arange(0, RP)
         n_start = tl.program_id(2) * n_per_split
         n_stop = tl.minimum(n_start + n_per_split, N)
@@ -109,7 +110,7 @@ if HAS_TRITON:
             offs = rows[:, None] * K + cols[None, :]
             x = tl.load(x_ptr + offs, mask=(rows[:, None] < n_stop) & (cols[None, :] < K), other=0.0)
             if DROPOUT:
-                x = tl.where(keep_mask(offs, k1, k2, threshold), x, tl.zeros_like(x))
+                x = tl.where(keep_mask(rows, col0, k1, k2, threshold, BK), x, tl.zeros_like(x))
             t = tl.load(t_ptr + rows[:, None] * RT + rr[None, :],
                         mask=(rows[:, None] < n_stop) & (rr[None, :] < R), other=0.0)
             t_hi = t.to(x.dtype)
@@ -126,7 +127,8 @@ if HAS_TRITON:
                  MEMBERS: tl.constexpr):
         # dx tile += sum over the members of D_m(T_m A_m); T is (N, R * MEMBERS), A (R * MEMBERS, K)
         rows = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
-        cols = tl.program_id(1).to(tl.int64) * BK + tl.arange(0, BK)
+        col0 = tl.program_id(1) * BK
+        cols = col0.to(tl.int64) + tl.arange(0, BK)
         rr = tl.arange(0, RP)
         offs = rows[:, None] * K + cols[None, :]
         inside = (rows[:, None] < N) & (cols[None, :] < K)
@@ -140,8 +142,10 @@ if HAS_TRITON:
             prod = tl.dot(t.to(dt), a.to(dt))  # (BN, BK): bf16 operands suffice for a bf16 gradient
             if DROPOUT:
                 k1, k2 = load_keys(keys_ptr + 2 * m)
-                prod = tl.where(keep_mask(offs, k1, k2, threshold), prod * scale, 0.0)
+                prod = tl.where(keep_mask(rows, col0, k1, k2, threshold, BK), prod, 0.0)
             total += prod
+        if DROPOUT:
+            total *= scale
         dx = tl.load(dx_ptr + offs, mask=inside, other=0.0).to(tl.float32)
         tl.store(dx_ptr + offs, (dx + total).to(dt), mask=inside)
 

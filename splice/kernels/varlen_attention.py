@@ -287,7 +287,7 @@ if triton is not None:
             if WINDOW:
                 allowed = allowed & (kpos[None, :] > t[:, None] - window)
             s = tl.where(allowed, s, float("-inf"))
-        return _online_softmax(acc, m_i, l_i, s, v, IEEE, MASK)
+        return _online_softmax(acc, m_i, l_i, s, v, None, IEEE, MASK, False)  # no v scales: bf16 values
 
     @triton.jit
     def _forward_kernel(
