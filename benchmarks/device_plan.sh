@@ -391,6 +391,17 @@ names12)  # session 12 (~400 s): hash12's GPU tests again with their names (-v: 
   [ -n "$ids" ] && timeout 120 python3 -m pytest -q -p no:cacheprovider -p no:warnings --tb=short $ids 2>&1 \
     | tee "$OUT/tracebacks.txt" | grep -E "^E |Error|^tests/|passed|failed" | head -40
   ;;
+m12)  # session 12 (~300 s): the varlen attention fix's GPU tests, then config C's fast and low-memory modes and C
+  # over FP8 base weights with the new dropout hash, each beside PEFT bf16 in the same invocation
+  timeout -s KILL 100 python3 -m pytest -q -n 8 -p no:cacheprovider -p no:warnings -rfE --tb=short \
+    tests/kernels/test_varlen_attention.py tests/kernels/test_gpu_paths_training.py tests/fused/test_varlen.py \
+    > "$OUT/tests-m12.txt" 2>&1
+  echo "tests (rc $?):"; grep -E "FAILED|ERROR" "$OUT/tests-m12.txt" | head -8; tail -1 "$OUT/tests-m12.txt"
+  timeout 130 python3 benchmarks/train_throughput.py --out "$OUT/c_modes" --frameworks peft,splice --configs C \
+    --modes on+graphs,offload+graphs --worker-timeout 110 2>&1 | tee "$OUT/c_modes.txt" | grep "^| C"
+  timeout 130 python3 benchmarks/train_throughput.py --out "$OUT/c_fp8" --frameworks peft,splice --configs C \
+    --quantize fp8 --modes on+graphs --worker-timeout 110 2>&1 | tee "$OUT/c_fp8.txt" | grep "^| C"
+  ;;
 next12)  # session 12 first (~230 s): the GPU tests kv11e's 80 s limit cut at 40% (int8 decode at 128 keys a step,
   # f64f613), in full, then the multi-adapter decode rows (8 adapters at batch 32; last measured in session 7: 0.79x)
   timeout -s KILL 220 python3 -m pytest -q -n 8 -p no:cacheprovider -p no:warnings -rfE --tb=short \
