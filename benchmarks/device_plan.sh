@@ -402,6 +402,20 @@ m12)  # session 12 (~300 s): the varlen attention fix's GPU tests, then config C
   timeout 130 python3 benchmarks/train_throughput.py --out "$OUT/c_fp8" --frameworks peft,splice --configs C \
     --quantize fp8 --modes on+graphs --worker-timeout 110 2>&1 | tee "$OUT/c_fp8.txt" | grep "^| C"
   ;;
+sweep12)  # session 12 (~250 s): the LoRA kernels' launch shapes again now that the dropout hash changed: eight
+  # candidates a kernel around the defaults, timed from CUDA graphs (no Python launch overhead), dropout 0.05 and 0
+  timeout 230 python3 benchmarks/lora_kernel_tuning.py --quick --graphs --dropout 0.05,0 --out "$OUT/quick.json" \
+    2>&1 | tee "$OUT/quick.txt" | tail -24
+  ;;
+final12)  # session 12 (~200 s): the LoRA kernels' tests with sweep12's launch shapes (reduce 32x128 4 stages, dx
+  # 32x128), then config C beside PEFT once more
+  timeout -s KILL 90 python3 -m pytest -q -n 8 -p no:cacheprovider -p no:warnings -rfE --tb=short \
+    tests/kernels/test_lora_linear.py tests/kernels/test_lora_group.py tests/kernels/test_dropout.py tests/fused \
+    > "$OUT/tests-final12.txt" 2>&1
+  echo "tests (rc $?):"; grep -E "FAILED|ERROR|passed|failed" "$OUT/tests-final12.txt" | tail -6
+  timeout 120 python3 benchmarks/train_throughput.py --out "$OUT/c_bf16" --frameworks peft,splice --configs C \
+    --modes on+graphs --worker-timeout 100 2>&1 | tee "$OUT/c_bf16.txt" | grep "^| C"
+  ;;
 next12)  # session 12 first (~230 s): the GPU tests kv11e's 80 s limit cut at 40% (int8 decode at 128 keys a step,
   # f64f613), in full, then the multi-adapter decode rows (8 adapters at batch 32; last measured in session 7: 0.79x)
   timeout -s KILL 220 python3 -m pytest -q -n 8 -p no:cacheprovider -p no:warnings -rfE --tb=short \

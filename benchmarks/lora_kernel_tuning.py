@@ -29,9 +29,13 @@ N, R = 4096, 16
 BF16 = torch.bfloat16
 
 
-def bench(fn: Callable[[], object]) -> float:
+def bench(fn: Callable[[], object], graphs: bool = False) -> float:
+    """Median ms of ``fn``; ``graphs``: replayed from a CUDA graph, so a small kernel's time is the GPU's,
+    not Python's launch (training runs these kernels inside graphs)."""
     import triton
 
+    if graphs:
+        return float(triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median"))
     return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
 
 
@@ -41,6 +45,17 @@ def copy_bandwidth() -> float:
     dst = torch.empty_like(src)
     ms = bench(lambda: dst.copy_(src))
     return 2 * src.numel() * 4 / ms / 1e6
+
+
+# --quick: eight launch shapes a kernel around the defaults (more warps, other tiles, stages, waves)
+QUICK = {
+    "down": [Tiles(64, 64, 8, 3, 6), Tiles(128, 64, 8, 3, 6), Tiles(64, 128, 4, 3, 6), Tiles(64, 128, 8, 3, 6),
+             Tiles(32, 64, 4, 4, 6), Tiles(64, 64, 4, 4, 8), Tiles(128, 128, 8, 3, 6), Tiles(64, 64, 4, 3, 3)],
+    "reduce": [Tiles(64, 128, 8, 3, 4), Tiles(128, 128, 8, 3, 4), Tiles(64, 64, 4, 3, 4), Tiles(64, 256, 8, 3, 4),
+               Tiles(32, 128, 4, 4, 4), Tiles(64, 128, 4, 4, 8), Tiles(128, 64, 4, 3, 4), Tiles(64, 128, 4, 2, 4)],
+    "dx": [Tiles(32, 256, 8, 1), Tiles(64, 256, 8, 1), Tiles(64, 128, 4, 1), Tiles(32, 128, 4, 1),
+           Tiles(16, 256, 4, 1), Tiles(64, 256, 4, 1), Tiles(32, 512, 8, 1), Tiles(32, 256, 4, 2)],
+}
 
 
 def candidates(kind: str) -> list[Tiles]:
@@ -67,7 +82,7 @@ def problems(p: float) -> list[tuple[str, str, int, Run, Run]]:
         x = torch.randn(N, k, device="cuda").to(BF16)
         a = torch.randn(g * R, k, device="cuda") / k**0.5
         t = torch.randn(N, g * R, device="cuda")
-        keys = torch.randint(0, 2**31 - 1, (g, 2), dtype=torch.int32, device="cuda") if g > 1 else 7
+        keys = torch.randint(0, 2**31 - 1, (g, 2) if g > 1 else (2,), dtype=torch.int32, device="cuda")
         tag = f" x{g}" if g > 1 else ""
         down = lambda tl, x=x, a=a, keys=keys, g=g: lora_down(x, a, p, keys, tiles=tl, members=g)  # noqa: E731
         out.append(("down", f"x {N}x{k}{tag}", x.numel() * 2 + a.numel() * 4 + N * g * R * 4, down, down))
@@ -95,6 +110,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--dropout", default="0.05", help="comma-separated dropout rates")
     ap.add_argument("--defaults-only", action="store_true", help="time TILES alone, no candidates")
+    ap.add_argument("--quick", action="store_true", help="eight candidates a kernel (QUICK), not the full sweep")
+    ap.add_argument("--graphs", action="store_true", help="time replays of a CUDA graph (no launch overhead)")
     args = ap.parse_args()
     torch.manual_seed(0)
     peak = copy_bandwidth()
@@ -103,10 +120,11 @@ def main() -> None:
             (*prob, float(rate)) for rate in args.dropout.split(",") for prob in problems(float(rate))]:
         ref = check(TILES[kind]).clone()
         timed = []
-        for tiles in [TILES[kind]] + ([] if args.defaults_only else candidates(kind)):
+        pool = [] if args.defaults_only else QUICK[kind] if args.quick else candidates(kind)
+        for tiles in [TILES[kind]] + pool:
             try:
                 err = rel(check(tiles), ref)
-                ms = bench(lambda tiles=tiles, run=timed_run: run(tiles))
+                ms = bench(lambda tiles=tiles, run=timed_run: run(tiles), args.graphs)
             except Exception as exc:
                 timed.append({"tiles": tiles.__dict__, "error": repr(exc)[:120]})
                 continue

@@ -49,8 +49,10 @@ class Tiles:
 
 
 # Defaults per kernel: the fastest over Llama-8B's widths at 4,096 tokens among the launch shapes
-# benchmarks/lora_kernel_tuning.py timed on an H200 (2026-11-26; results in docs/benchmarks.md).
-TILES = {"down": Tiles(64, 64, 4, 3, 6), "reduce": Tiles(64, 128, 4, 3, 4), "dx": Tiles(32, 256, 4, 1)}
+# benchmarks/lora_kernel_tuning.py timed on an H200 (2026-11-26), then "reduce" and "dx" again with the column-pair
+# dropout hash, from CUDA graphs on an H100 (2026-12-06, --quick --graphs), weighted by config C's calls a step:
+# reduce 12.3 -> 11.1 ms a step, dx 6.3 -> 5.8 (results in docs/benchmarks.md).
+TILES = {"down": Tiles(64, 64, 4, 3, 6), "reduce": Tiles(32, 128, 4, 4, 4), "dx": Tiles(32, 128, 4, 1)}
 
 if HAS_TRITON:
     import triton
