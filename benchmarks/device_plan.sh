@@ -36,6 +36,8 @@
 #   CALL=kv11d bash benchmarks/device_plan.sh     # session 11: the GPU tests again; int8 decode attention tiles
 #   CALL=kv11e bash benchmarks/device_plan.sh     # session 11 last: int8 decode at 128 keys a step: tests, rows
 #   CALL=next12 bash benchmarks/device_plan.sh    # session 12 first: kv11e's GPU tests in full (its 80 s cut them)
+#   CALL=all13 bash benchmarks/device_plan.sh     # session 13 first (~560 s): the whole suite on the GPU (-n 8)
+#   CALL=sweep13 bash benchmarks/device_plan.sh   # session 13: tn_reduce x_major against sweep12's defaults, then C
 #   CALL=hash12 bash benchmarks/device_plan.sh    # session 12: the LoRA kernels' dropout hash, old (a copy of the
 #                                                 # previous splice/ in _old_hash/, never committed) vs new, + GPU tests
 #   CALL=c12 bash benchmarks/device_plan.sh       # session 12: config C with the new hash, PEFT in the same run
@@ -361,6 +363,20 @@ kv11e)  # session 11, last (~190 s): int8 decode attention at 128 keys a step (k
   timeout 110 python3 benchmarks/serve.py --parts bandwidth,decode --decode-batches 32,128 --decode-contexts 16,1024 \
     --decode-adapters "" --decode-int8-kv-contexts 1024,4096 --limit-decode 100 --json "$OUT/serve.json" 2>&1 \
     | grep -v "attention mask" | tee "$OUT/serve.txt" | grep "^| bf16"
+  ;;
+all13)  # session 13 first (~560 s): every test on the GPU, -n 8 (session 12 ran kernels, fused, lora, the engine's
+  # and serve's GPU files: not training, quant, memory, distributed, generation, evaluation, models); the failures'
+  # names come from the summary, so the limit leaves room for it
+  timeout -s KILL 540 python3 -m pytest -q -n 8 -p no:cacheprovider -p no:warnings -rfE --tb=line tests \
+    > "$OUT/tests-all13.txt" 2>&1
+  echo "tests (rc $?):"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests-all13.txt" | tail -30
+  ;;
+sweep13)  # session 13 (~250 s): tn_reduce with the x tile on wgmma's M side (Tiles.x_major, interpreter-tested in
+  # session 12, never timed) against sweep12's defaults, from CUDA graphs, then config C beside PEFT
+  timeout 150 python3 benchmarks/lora_kernel_tuning.py --quick --graphs --dropout 0.05,0 --out "$OUT/quick.json" \
+    2>&1 | tee "$OUT/quick.txt" | tail -24
+  timeout 120 python3 benchmarks/train_throughput.py --out "$OUT/c_bf16" --frameworks peft,splice --configs C \
+    --modes on+graphs --worker-timeout 100 2>&1 | tee "$OUT/c_bf16.txt" | grep "^| C"
   ;;
 hash12)  # session 12 (~330 s): what the dropout mask costs the LoRA kernels, the previous hash (one a column, from
   # _old_hash/splice when it was carried) against one a column pair, dropout 0 and 0.05, then the GPU tests

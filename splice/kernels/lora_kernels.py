@@ -39,13 +39,16 @@ __all__ = ["TILES", "Tiles", "lora_down", "lora_dx_add_", "tn_reduce"]
 @dataclass(frozen=True)
 class Tiles:
     """Launch shape of one kernel: a (bn, bk) tile per program, ``warps``, software-pipeline
-    ``stages``, and reductions split until about ``waves`` programs per SM are in flight."""
+    ``stages``, and reductions split until about ``waves`` programs per SM are in flight.
+    ``x_major`` (``tn_reduce`` only): accumulate ``(D(x)^T t)`` (bk, r), so the x tile is the tensor-core
+    product's M side (Hopper's wgmma needs M >= 64; with the rank there it falls back to ``mma.sync``)."""
 
     bn: int
     bk: int
     warps: int = 4
     stages: int = 3
     waves: int = 2
+    x_major: bool = False
 
 
 # Defaults per kernel: the fastest over Llama-8B's widths at 4,096 tokens among the launch shapes
@@ -95,7 +98,8 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["threshold"])
     def _tn_reduce(t_ptr, x_ptr, out_ptr, N, K, R, RT, n_per_split, keys_ptr, threshold, scale,
-                   BN: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, DROPOUT: tl.constexpr):
+                   BN: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, DROPOUT: tl.constexpr,
+                   X_MAJOR: tl.constexpr):
         # program (member, column block, N split): member's R rows of out from its R columns of T (RT wide)
         member = tl.program_id(0)
         k1, k2 = load_keys(keys_ptr + 2 * member)
@@ -106,7 +110,7 @@ if HAS_TRITON:
         rr = tl.arange(0, RP)
         n_start = tl.program_id(2) * n_per_split
         n_stop = tl.minimum(n_start + n_per_split, N)
-        acc = tl.zeros((RP, BK), dtype=tl.float32)
+        acc = tl.zeros((BK, RP) if X_MAJOR else (RP, BK), dtype=tl.float32)
         for n0 in range(0, n_per_split, BN):
             rows = (n_start + n0 + tl.arange(0, BN)).to(tl.int64)
             offs = rows[:, None] * K + cols[None, :]
@@ -117,11 +121,20 @@ if HAS_TRITON:
                         mask=(rows[:, None] < n_stop) & (rr[None, :] < R), other=0.0)
             t_hi = t.to(x.dtype)
             t_lo = (t - t_hi.to(tl.float32)).to(x.dtype)
-            acc += tl.dot(tl.trans(t_hi), x)
-            acc += tl.dot(tl.trans(t_lo), x)
+            if X_MAJOR:  # (BK, BN) @ (BN, RP)
+                xt = tl.trans(x)
+                acc += tl.dot(xt, t_hi)
+                acc += tl.dot(xt, t_lo)
+            else:  # (RP, BN) @ (BN, BK)
+                acc += tl.dot(tl.trans(t_hi), x)
+                acc += tl.dot(tl.trans(t_lo), x)
         acc *= scale
-        tl.atomic_add(out_ptr + rr[:, None] * K + cols[None, :], acc,
-                      mask=(rr[:, None] < R) & (cols[None, :] < K))
+        if X_MAJOR:
+            tl.atomic_add(out_ptr + rr[None, :] * K + cols[:, None], acc,
+                          mask=(rr[None, :] < R) & (cols[:, None] < K))
+        else:
+            tl.atomic_add(out_ptr + rr[:, None] * K + cols[None, :], acc,
+                          mask=(rr[:, None] < R) & (cols[None, :] < K))
 
     @triton.jit(do_not_specialize=["threshold"])
     def _lora_dx(dx_ptr, t_ptr, a_ptr, N, K, R, keys_ptr, threshold, scale,
@@ -219,7 +232,7 @@ def tn_reduce(t: Tensor, x: Tensor, p: float = 0.0, keys: int | Tensor = 0, *, a
     split = triton.cdiv(n, n_per_split)
     out = torch.zeros((rt, k), dtype=torch.float32, device=x.device)
     _tn_reduce[(members, blocks, split)](t, x, out, n, k, r, rt, n_per_split, *_dropout_args(p, keys, alpha, x, members),
-                                BN=ts.bn, BK=ts.bk, RP=_rp(r), DROPOUT=p > 0,
+                                BN=ts.bn, BK=ts.bk, RP=_rp(r), DROPOUT=p > 0, X_MAJOR=ts.x_major,
                                 num_warps=ts.warps, num_stages=ts.stages)
     return out
 
