@@ -56,14 +56,19 @@ def _down(x: torch.Tensor, a: torch.Tensor, t: torch.Tensor, keys: torch.Tensor,
           tiles: Tiles) -> tuple[torch.Tensor, torch.Tensor, float]:
     got = lora_down(x, a, p, _member_keys(keys, members), alpha=1.5, tiles=tiles, members=members if p > 0 else 1)
     want = torch.cat([_dropped(x, p, keys[g]) @ ag.double().T for g, ag in enumerate(a.chunk(members))], dim=1)
-    return got, 1.5 * want, 1e-5
+    return got, 1.5 * want, _split_tol(x)
+
+
+def _split_tol(x: torch.Tensor) -> float:
+    """fp32 operands enter as two 16-bit halves: ~22 bits with fp16 halves, ~16 with bf16 (2**-17 a product)."""
+    return 1e-5 if x.dtype == torch.float16 else 3e-5
 
 
 def _reduce(x: torch.Tensor, a: torch.Tensor, t: torch.Tensor, keys: torch.Tensor, p: float, members: int,
             tiles: Tiles) -> tuple[torch.Tensor, torch.Tensor, float]:
     got = tn_reduce(t, x, p, _member_keys(keys, members), alpha=0.5, tiles=tiles, members=members if p > 0 else 1)
     want = torch.cat([tg.double().T @ _dropped(x, p, keys[g]) for g, tg in enumerate(t.chunk(members, dim=1))])
-    return got, 0.5 * want, 1e-5
+    return got, 0.5 * want, _split_tol(x)
 
 
 def _dx(x: torch.Tensor, a: torch.Tensor, t: torch.Tensor, keys: torch.Tensor, p: float, members: int,
