@@ -19,7 +19,7 @@ the members and writes ``dx`` once.
 fp32 operands (``A``, ``T``) enter the bf16 tensor-core dots split in two, ``hi = bf16(v)``,
 ``lo = bf16(v - hi)``, so products carry ~16 mantissa bits while the 16-bit activations are read
 once and never upcast in memory: the adapter math is as exact as PEFT's fp32 path at the cost of
-a memory-bound read of ``x``. Dropout costs no extra pass: the mask is a hash of the index.
+a memory-bound read of ``x``. Dropout costs no extra pass: the mask is a hash of the (row, column).
 Reductions over tokens are split across programs and combined with fp32 atomics.
 """
 
