@@ -5,6 +5,11 @@ tokens (ids 0-2 as in SmolLM2), the 256 byte symbols and a few merges, with Smol
 template; eos = ``<|im_end|>``, pad = ``<|endoftext|>``. Any text encodes, nothing is downloaded.
 
 Tests marked ``@pytest.mark.slow`` (the real SmolLM2 load) run only with ``pytest --runslow``.
+
+Under Triton's interpreter (``TRITON_INTERPRET=1`` with Triton importable: ``make test-kernels-interpreted``)
+the cases that hit one of its known limits are skipped here, and only here, with the reason from
+``tests.numerics.INTERPRETER_LIMITS``: those marked ``@pytest.mark.interpreter_limit(name, ...)``, and those
+that fail after the interpreter took a tl.dot of bf16 operands (``tests.numerics.Bf16Dots``).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from tests.numerics import INTERPRETED, INTERPRETER_LIMITS, Bf16Dots
 from tests.tiny import build_tiny_llama, build_tiny_tokenizer, write_run_inputs
 
 
@@ -25,15 +31,43 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: slow test (e.g. loads the real SmolLM2); needs --runslow")
+    config.addinivalue_line(
+        "markers", "interpreter_limit(*names): skipped under Triton's interpreter, which computes this case unlike "
+        f"a GPU; names from tests.numerics.INTERPRETER_LIMITS: {', '.join(INTERPRETER_LIMITS)}")
+    if INTERPRETED:
+        Bf16Dots.watch()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        for mark in item.iter_markers("interpreter_limit"):
+            unknown = [name for name in mark.args if name not in INTERPRETER_LIMITS]
+            if unknown or not mark.args:
+                raise pytest.UsageError(f"{item.nodeid}: interpreter_limit{mark.args}: name one or more of "
+                                        f"{', '.join(INTERPRETER_LIMITS)}")
+            if INTERPRETED:
+                item.add_marker(pytest.mark.skip(reason="; ".join(INTERPRETER_LIMITS[n] for n in mark.args)))
     if config.getoption("--runslow"):
         return
     skip = pytest.mark.skip(reason="slow; run with --runslow")
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    Bf16Dots.count = 0
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> pytest.TestReport:
+    """Under Triton's interpreter, a test that fails after taking bf16 dots is reported as skipped."""
+    report: pytest.TestReport = yield
+    if INTERPRETED and report.when == "call" and report.failed and Bf16Dots.count:
+        path, line, _ = item.location
+        report.outcome = "skipped"
+        report.longrepr = (path, (line or 0) + 1, f"Skipped: {INTERPRETER_LIMITS['bf16']} (failed after bf16 dots)")
+    return report
 
 
 @pytest.fixture

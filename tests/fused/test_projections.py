@@ -12,6 +12,7 @@ from torch import nn
 from splice.engine.runner import ModelRunner
 from splice.engine.scheduler import Chunk, Sequence, StepPlan
 from splice.fused.projections import lora_tail, pack_projections, packed
+from splice.kernels import use_triton
 from splice.kernels.swiglu import swiglu_packed, swiglu_reference
 from splice.lora.apply import add_lora
 from splice.lora.layers import LoraConfig
@@ -88,7 +89,11 @@ def test_the_engine_step_over_packed_projections_equals_separate_ones() -> None:
 
 def test_swiglu_packed_reference_is_silu_of_the_first_half_times_the_second() -> None:
     gu = torch.randn(3, 1, 10)
-    assert torch.equal(swiglu_packed(gu), swiglu_reference(gu[..., :5], gu[..., 5:]))
+    want = swiglu_reference(gu[..., :5], gu[..., 5:])
+    if use_triton(gu):  # the kernel (Triton's interpreter): its sigmoid may differ from torch's in the last bit
+        assert rel_err(swiglu_packed(gu), want) < 1e-6
+    else:
+        assert torch.equal(swiglu_packed(gu), want)
 
 
 @GPU

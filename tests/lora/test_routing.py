@@ -49,6 +49,7 @@ def _run_together(jobs: list[Callable[[], Any]]) -> list[Any]:
     return results
 
 
+@pytest.mark.interpreter_limit("threads")
 def test_two_threads_generating_with_different_adapters_match_each_alone(
     tiny_tokenizer: Any, tiny_llama: torch.nn.Module
 ) -> None:

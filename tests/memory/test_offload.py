@@ -66,7 +66,7 @@ def _outlier_rows(rows: int, width: int, *, seed: int = 0) -> torch.Tensor:
     return x
 
 
-@pytest.mark.parametrize("compression", ["fp8", "int8"])
+@pytest.mark.parametrize("compression", [pytest.param("fp8", marks=pytest.mark.interpreter_limit("fp8")), "int8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(8, 256), (3, 5, 7), (1, 1), (5,), (0, 16), (2, 1, 33)])
 def test_round_trip_within_the_rounding_bound(compression: str, dtype: torch.dtype,
@@ -92,6 +92,7 @@ def test_zero_rows_come_back_zero_and_the_largest_value_exactly(compression: str
     torch.testing.assert_close(back.gather(-1, top), x.gather(-1, top), rtol=1e-6, atol=0)
 
 
+@pytest.mark.interpreter_limit("fp8")
 def test_fp8_keeps_the_ordinary_channels_of_outlier_rows_int8_the_gaussian_rows() -> None:
     """Why fp8 is the recommended format: beside 300x outlier channels int8's step rounds the
     ordinary channels away; on rows without outliers its 7 bits beat e4m3's 3-bit mantissa."""

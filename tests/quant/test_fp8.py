@@ -60,6 +60,7 @@ def _emulated_input_grad(g: torch.Tensor, q: FP8Linear) -> torch.Tensor:
     return ((codes.float() * rows) @ q.qweight.float()).reshape(*g.shape[:-1], q.in_features)
 
 
+@pytest.mark.interpreter_limit("fp8")
 def test_weight_codes_and_error_bound() -> None:
     linear, q = _layer()
     w = linear.weight.float()
@@ -73,6 +74,7 @@ def test_weight_codes_and_error_bound() -> None:
     assert torch.all(err <= torch.maximum(w.abs() * 2.0**-4, q.scale[:, None] * 2.0**-10) * (1 + 1e-6))
 
 
+@pytest.mark.interpreter_limit("fp8")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_rows_quantize_in_any_float_dtype_small_and_zero_rows_included(dtype: torch.dtype) -> None:
     torch.manual_seed(0)
@@ -85,6 +87,7 @@ def test_rows_quantize_in_any_float_dtype_small_and_zero_rows_included(dtype: to
         assert rel_err(back[row], t[row].to(dtype).float()) < 0.04
 
 
+@pytest.mark.interpreter_limit("fp8", "bf16")
 @pytest.mark.parametrize("bias", [False, True])
 def test_forward_and_input_grad_against_the_references(bias: bool) -> None:
     linear, q = _layer(bias=bias)
@@ -114,6 +117,7 @@ def test_the_reference_is_the_dequantized_weight() -> None:
     torch.testing.assert_close(q.dequantize(torch.float32), dequantize_fp8(q.qweight, q.scale, torch.float32))
 
 
+@pytest.mark.interpreter_limit("fp8")
 def test_gradient_in_e4m3_is_twice_as_close_as_e5m2() -> None:
     """Why the backward rounds dy * s to e4m3: per-row scales leave e5m2's range unused, and e4m3's
     extra mantissa bit halves the error, on normal and on heavy-tailed gradients."""
@@ -280,8 +284,10 @@ def test_activation_checkpointing_gives_the_same_gradients() -> None:
             assert torch.equal(p, grads[name]), name
 
 
-@pytest.mark.parametrize(("dropout", "bias", "dtype"), [(0.0, False, torch.bfloat16), (0.25, True, torch.bfloat16),
-                                                      (0.0, True, torch.float32)])
+@pytest.mark.parametrize(("dropout", "bias", "dtype"), [
+    pytest.param(0.0, False, torch.bfloat16, marks=pytest.mark.interpreter_limit("bf16")),
+    pytest.param(0.25, True, torch.bfloat16, marks=pytest.mark.interpreter_limit("bf16")),
+    (0.0, True, torch.float32)])
 def test_lora_linear_over_an_fp8_base_runs_its_scaled_gemms_in_one_node(dropout: float, bias: bool,
                                                                          dtype: torch.dtype) -> None:
     _check_lora_linear_over_fp8("cpu", 3 * 7, dropout=dropout, bias=bias, dtype=dtype)  # odd token count
