@@ -38,6 +38,8 @@
 #   CALL=next12 bash benchmarks/device_plan.sh    # session 12 first: kv11e's GPU tests in full (its 80 s cut them)
 #   CALL=all13 bash benchmarks/device_plan.sh     # session 13 first (~560 s): the whole suite on the GPU (-n 8)
 #   CALL=sweep13 bash benchmarks/device_plan.sh   # session 13: tn_reduce x_major against sweep12's defaults, then C
+#   CALL=epi13 bash benchmarks/device_plan.sh     # session 13: the LoRA delta before / after the base GEMM, C both ways
+#   CALL=pa13 bash benchmarks/device_plan.sh      # session 13: int8 decode attention's shapes, C as committed, tests
 #   CALL=hash12 bash benchmarks/device_plan.sh    # session 12: the LoRA kernels' dropout hash, old (a copy of the
 #                                                 # previous splice/ in _old_hash/, never committed) vs new, + GPU tests
 #   CALL=c12 bash benchmarks/device_plan.sh       # session 12: config C with the new hash, PEFT in the same run
@@ -65,6 +67,15 @@ gpu_tests() {  # gpu_tests NAME SECONDS PATHS...: pytest into $OUT/tests-NAME.tx
   timeout "$limit" python3 -m pytest -q -p no:cacheprovider -p no:warnings -rfE --tb=short "$@" \
     > "$OUT/tests-$name.txt" 2>&1
   echo "tests $name (rc $?):"; grep -E "passed|failed|error|FAILED|ERROR" "$OUT/tests-$name.txt" | tail -12
+}
+
+c_then_lora_tests() {  # c_then_lora_tests NAME SECONDS: config C beside PEFT, then the LoRA kernels' and fused GPU tests
+  timeout 130 python3 benchmarks/train_throughput.py --out "$OUT/c_bf16" --frameworks peft,splice --configs C \
+    --modes on+graphs --worker-timeout 100 2>&1 | tee "$OUT/c_bf16.txt" | grep "^| C"
+  timeout -s KILL "$2" python3 -m pytest -q -n 8 -p no:cacheprovider -p no:warnings -rfE --tb=short \
+    tests/kernels/test_lora_kernels.py tests/kernels/test_lora_linear.py tests/kernels/test_lora_group.py \
+    tests/kernels/test_dora.py tests/fused > "$OUT/tests-$1.txt" 2>&1
+  echo "tests (rc $?):"; grep -E "FAILED|ERROR" "$OUT/tests-$1.txt" | head -12; tail -2 "$OUT/tests-$1.txt"
 }
 
 case $CALL in
@@ -370,6 +381,23 @@ all13)  # session 13 first (~560 s): every test on the GPU, -n 8 (session 12 ran
   timeout -s KILL 540 python3 -m pytest -q -n 8 -p no:cacheprovider -p no:warnings -rfE --tb=line tests \
     > "$OUT/tests-all13.txt" 2>&1
   echo "tests (rc $?):"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests-all13.txt" | tail -30
+  ;;
+epi13)  # session 13 (~400 s): the LoRA delta before the base GEMM (beta = 1) against after it, per shape, then
+  # config C with the previous order (_old_epi/splice: a copy of splice/ with only the x_major default, never
+  # committed) and with the new one beside PEFT, then the GPU tests of the kernels it touches
+  timeout 60 python3 benchmarks/lora_epilogue.py --out "$OUT/epilogue.json" 2>&1 | tee "$OUT/epilogue.txt"
+  if [ -d _old_epi/splice ]; then
+    PYTHONPATH=$PWD/_old_epi:/tmp/site timeout 100 python3 benchmarks/train_throughput.py --out "$OUT/c_old" \
+      --frameworks splice --configs C --modes on+graphs --worker-timeout 90 2>&1 | tee "$OUT/c_old.txt" | grep "^| C"
+  fi
+  c_then_lora_tests epi13 150
+  ;;
+pa13)  # session 13 (~330 s): int8 decode attention's launch shapes incl. the context split (issue 26's 1,024-token
+  # row: 0.84x of short context, 0.85x wanted), then config C as committed (the LoRA delta before the base GEMM in
+  # the forward only, x_major reduce) beside PEFT, then the GPU tests of the LoRA kernels and fused modules
+  timeout 90 python3 benchmarks/paged_attention.py --int8 --sweep --out "$OUT/pa_int8.json" \
+    --cases "decode B=32 ctx=1024,decode B=128 ctx=1024,decode B=32 ctx=4096" 2>&1 | tee "$OUT/pa_int8.txt" | tail -45
+  c_then_lora_tests pa13 120
   ;;
 sweep13)  # session 13 (~250 s): tn_reduce with the x tile on wgmma's M side (Tiles.x_major, interpreter-tested in
   # session 12, never timed) against sweep12's defaults, from CUDA graphs, then config C beside PEFT

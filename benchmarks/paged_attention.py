@@ -127,7 +127,7 @@ def measure(label: str, batch: int, context: int, q_len: int, ceiling: float,
             print(f"{label}: {config} failed: {str(error).splitlines()[0][:200]}")
             continue
         err = float((out.float() - want.float()).abs().max())
-        cfg = config or default_config(decode=q_len == 1, group=HQ // HKV, head_dim=D)
+        cfg = config or default_config(decode=q_len == 1, group=HQ // HKV, head_dim=D, int8=int8)
         rows.append(dict(case=label, impl="splice" if config is None else "variant", config=asdict(cfg), ms=ms,
                          bandwidth_tb_s=moved / ms * 1e-9, of_read=moved / ms * 1e3 / ceiling,
                          tflops=flops / ms * 1e-9, max_abs_err=err))
@@ -142,7 +142,14 @@ def measure(label: str, batch: int, context: int, q_len: int, ceiling: float,
     return rows
 
 
-def variants(decode: bool) -> list[KernelConfig | None]:
+def variants(decode: bool, *, int8: bool = False) -> list[KernelConfig | None]:
+    if decode and int8:  # around the int8 default (128 keys, 4 warps, 2 stages): the split of the context too
+        return [None] + [KernelConfig(block_q=4, block_n=n, num_warps=w, num_stages=st, min_partition=mp,
+                                      programs_per_sm=pps)
+                         for n, w, st, mp, pps in [(128, 4, 2, 128, 1), (128, 4, 2, 128, 4), (128, 4, 2, 128, 8),
+                                                   (128, 4, 2, 256, 4), (128, 4, 2, 512, 2), (128, 2, 2, 128, 2),
+                                                   (128, 8, 2, 128, 2), (256, 4, 2, 256, 2), (128, 4, 1, 128, 2),
+                                                   (128, 4, 3, 128, 2), (64, 2, 2, 128, 2), (256, 8, 2, 256, 4)]]
     if decode:
         return [None] + [KernelConfig(block_q=4, block_n=n, num_warps=w, num_stages=st, min_partition=mp)
                          for n, w, st, mp in [(128, 4, 3, 128), (128, 4, 2, 128), (64, 4, 4, 128), (64, 4, 3, 64),
@@ -183,7 +190,7 @@ def main() -> None:
     for label, b, c, q_len in cases:
         if (chosen and label not in chosen) or (cli.int8 and q_len != 1):
             continue
-        configs = variants(q_len == 1) if cli.sweep and (label in sweep_cases or chosen) else [None]
+        configs = variants(q_len == 1, int8=cli.int8) if cli.sweep and (label in sweep_cases or chosen) else [None]
         if q_len == 1 and not cli.int8:  # the decode default against the same tiles finding sequences by search
             configs.insert(1, replace(default_config(decode=True, group=HQ // HKV, head_dim=D), direct_decode=False))
         for r in measure(label, b, c, q_len, ceiling, configs, int8=cli.int8):

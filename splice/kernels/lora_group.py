@@ -39,7 +39,7 @@ from torch import Tensor
 
 from .dropout import dropout, dropout_add_
 from .lora_kernels import lora_down, lora_dx_add_, tn_reduce
-from .lora_linear import FrozenBase, _dense, _mm_f32, uses_lora_kernels
+from .lora_linear import FrozenBase, _dense, _mm_f32, delta_then_base, uses_lora_kernels
 
 __all__ = ["lora_group", "lora_group_u"]
 
@@ -105,6 +105,8 @@ class _LoraGroupFn(torch.autograd.Function):
                 if bias is not None:
                     y.add_(bias.to(y.dtype))
                 y.addmm_(u[:, start:start + rank].to(x2.dtype), b.to(x2.dtype).T, alpha=scale)
+            elif output and ctx.triton:
+                y = delta_then_base(x2, w, bias, u[:, start:start + rank], b, scale)  # (N, out_j)
             elif output:
                 y = F.linear(x2, _dense(w, x2.dtype), bias)  # (N, out_j)
                 y.addmm_(u[:, start:start + rank].to(x2.dtype), b.to(x2.dtype).T, alpha=scale)

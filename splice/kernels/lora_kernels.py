@@ -54,8 +54,11 @@ class Tiles:
 # Defaults per kernel: the fastest over Llama-8B's widths at 4,096 tokens among the launch shapes
 # benchmarks/lora_kernel_tuning.py timed on an H200 (2026-11-26), then "reduce" and "dx" again with the column-pair
 # dropout hash, from CUDA graphs on an H100 (2026-12-06, --quick --graphs), weighted by config C's calls a step:
-# reduce 12.3 -> 11.1 ms a step, dx 6.3 -> 5.8 (results in docs/benchmarks.md).
-TILES = {"down": Tiles(64, 64, 4, 3, 6), "reduce": Tiles(32, 128, 4, 4, 4), "dx": Tiles(32, 128, 4, 1)}
+# reduce 12.3 -> 11.1 ms a step, dx 6.3 -> 5.8 (results in docs/benchmarks.md). "reduce" with the x tile on the
+# tensor cores' M side (x_major), same method, H100, 2026-12-06 (sweep13): over the dA shapes with dropout 0.05
+# (16x4096, 48x4096, 16x14336) 19.2 / 46.7 / 61.4 us against 22.6 / 53.5 / 70.9, without dropout (dA and dB) no
+# slower anywhere (dB 16x1024 7.5 against 10.3).
+TILES = {"down": Tiles(64, 64, 4, 3, 6), "reduce": Tiles(64, 64, 4, 4, 4, x_major=True), "dx": Tiles(32, 128, 4, 1)}
 
 if HAS_TRITON:
     import triton

@@ -218,12 +218,14 @@ def _pow2(n: int) -> int:
 
 
 def default_config(*, decode: bool, group: int, head_dim: int, int8: bool = False) -> KernelConfig:
-    """Decode: 16-row tiles (memory-bound, one query token per sequence), over int8 caches 128 keys a step (H100,
-    B=128 x 4,096: 449 us against 522 with 64, bf16's 718); prefill: 128-row tiles (64 at head_dim 256)."""
+    """Decode: 16-row tiles (memory-bound, one query token per sequence), over int8 caches 64 keys a step on 2
+    warps, 2 stages (H100, CUDA graphs, 2026-12-06, ``benchmarks/paged_attention.py --int8 --sweep``, us: B=32 x
+    1,024 36.4, B=32 x 4,096 114.4, B=128 x 1,024 115.0, against 41.2, 132.8, 121.1 with 128 keys on 4 warps,
+    the default before); prefill: 128-row tiles (64 at head_dim 256)."""
     g_pad, wide = _pow2(group), _pow2(head_dim) > 128
     if decode:
         if int8 and not wide:
-            return KernelConfig(block_q=max(1, 16 // g_pad), block_n=128, num_warps=4, num_stages=2)
+            return KernelConfig(block_q=max(1, 16 // g_pad), block_n=64, num_warps=2, num_stages=2)
         return KernelConfig(block_q=max(1, 16 // g_pad), block_n=32 if wide else 64, num_warps=4, num_stages=3)
     rows = 64 if wide else 128
     return KernelConfig(block_q=max(1, rows // g_pad), block_n=32 if wide else 64, num_warps=rows // 16,
