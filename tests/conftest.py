@@ -59,6 +59,23 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     Bf16Dots.count = 0
 
 
+# The GPU runs pytest -n 8: eight processes share one card, and PyTorch's caching allocator keeps whatever a
+# test freed reserved for its own process. A test that held tens of GiB (an engine's default KV cache takes 80%
+# of the free memory; the >2**31-element varlen test ~25 GiB) would starve the other seven for the rest of the
+# run, so such a reservation goes back to the driver after the test (dead engines can sit in reference cycles:
+# collected first).
+_HANDED_BACK_ABOVE = 4 << 30
+
+
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized() \
+            and torch.cuda.memory_reserved() > _HANDED_BACK_ABOVE:
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> pytest.TestReport:
     """Under Triton's interpreter, a test that fails after taking bf16 dots is reported as skipped."""

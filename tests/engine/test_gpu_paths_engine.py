@@ -162,7 +162,7 @@ def test_batch_one_decode_over_an_nf4_base_takes_the_fused_kernel_and_the_models
     assert all(gemv_applies(torch.ones(1, m.in_features, device="cuda"), shape=m.weight.weight_shape,
                             block_size=m.weight.block_size) for m in linears)
     prompt = list(tiny_tokenizer("once upon a time there was")["input_ids"])
-    engine = Engine(model, tiny_tokenizer, max_seqs=4, max_len=64, block_size=4)
+    engine = Engine(model, tiny_tokenizer, max_seqs=4, max_len=64, block_size=4, kv_blocks=80)
     done = engine.generate([prompt], SamplingParams(max_tokens=12))[0]
     assert engine.runner.cuda_graphs and len(done.generated) == 12 and len(set(done.generated)) > 1
     with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
