@@ -38,6 +38,7 @@
 #   CALL=next12 bash benchmarks/device_plan.sh    # session 12 first: kv11e's GPU tests in full (its 80 s cut them)
 #   CALL=all14a bash benchmarks/device_plan.sh    # session 14 first (~560 s): tests/kernels + tests/fused on the GPU
 #   CALL=all14b bash benchmarks/device_plan.sh    # then (~560 s): the rest of the suite on the GPU (-v: names kept)
+#   CALL=ml14 bash benchmarks/device_plan.sh      # then (~200 s): multi-LoRA shrink with a plan made once a step
 #   CALL=all13 bash benchmarks/device_plan.sh     # session 13 (~560 s): the whole suite on the GPU (-n 8; cut at 94%)
 #   CALL=sweep13 bash benchmarks/device_plan.sh   # session 13: tn_reduce x_major against sweep12's defaults, then C
 #   CALL=epi13 bash benchmarks/device_plan.sh     # session 13: the LoRA delta before / after the base GEMM, C both ways
@@ -377,6 +378,13 @@ kv11e)  # session 11, last (~190 s): int8 decode attention at 128 keys a step (k
   timeout 110 python3 benchmarks/serve.py --parts bandwidth,decode --decode-batches 32,128 --decode-contexts 16,1024 \
     --decode-adapters "" --decode-int8-kv-contexts 1024,4096 --limit-decode 100 --json "$OUT/serve.json" 2>&1 \
     | grep -v "attention mask" | tee "$OUT/serve.txt" | grep "^| bf16"
+  ;;
+ml14)  # session 14 (~200 s): the multi-LoRA shrink given the step's tile plan (plan_tiles, once a step) against
+  # counting it in every program, layer level (decode 32/128/256 tokens of 8/64 adapters, a mixed 2,048), then the
+  # multi-LoRA GPU tests; wire the plan into the engine's routing only if "planned" wins
+  timeout 130 python3 benchmarks/multi_lora.py --json "$OUT/multi_lora.json" --deadline-s 110 2>&1 \
+    | tee "$OUT/multi_lora.txt" | grep -A12 "^layer"
+  gpu_tests ml14 60 tests/kernels/test_multi_lora.py tests/lora/test_bank.py
   ;;
 all14a|all14b)  # session 14 first (two calls, ~560 s each): the whole suite on the GPU in two halves (all13 ran
   # it in one and was cut at 94% by its limit, with 82 failures whose names never printed: -q names them only in

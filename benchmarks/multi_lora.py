@@ -19,7 +19,9 @@ weights and adapters (more than L2 holds, as consecutive layers are) and replaye
   ``legacy`` (``benchmarks/_legacy_multi_lora.py``: the previous per-token BGMV kernels).
   ``step_ms_added`` = 32 layers x the added time; ``of_step`` divides it by the engine's measured
   decode step without adapters (batch 32: 6.45 ms, batch 128: 8.17 ms; H200, 2026-12-04).
-  ``idle`` runs the grouped launches over base rows only (every slot -1): the launch floor.
+  ``idle`` runs the grouped launches over base rows only (every slot -1): the launch floor. ``planned``: as
+  ``packed``, each shrink given the step's tile plan (``plan_tiles``, made once outside the timed calls: a step
+  makes it once for all its layers) instead of counting it in every program; ``plan_us`` times that one launch.
 * ``eager``: µs per call without a graph (decode-32x8's q), i.e. the host's cost of a launch, which
   mixed prefill steps (run eagerly by the engine) pay per projection.
 * ``sweep`` (``--sweep``): other launch shapes (:class:`Tiles`) for a few projections.
@@ -41,7 +43,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from splice.kernels.multi_lora import Tiles, multi_lora, multi_lora_expand, multi_lora_shrink, tiles_for
+from splice.kernels.multi_lora import (
+    Tiles,
+    multi_lora,
+    multi_lora_expand,
+    multi_lora_shrink,
+    plan_tiles,
+    tiles_for,
+)
 
 PROJECTIONS = {"q": (4096, 4096), "k": (4096, 1024), "v": (4096, 1024), "o": (4096, 4096),
                "gate": (4096, 14336), "up": (4096, 14336), "down": (14336, 4096)}  # name -> (K, N)
@@ -147,15 +156,19 @@ def slots_for(tokens: int, adapters: int, kind: str, device: str) -> Tensor:
 def deltas(layers: list[Layer], inputs: dict[str, Tensor], outs: dict[str, Tensor], slots: Tensor, *,
            way: str, legacy: Any, tiles: Tiles | None = None, only: str | None = None) -> list[Callable[[], Any]]:
     """Calls adding every projection's delta (or ``only``'s) into ``outs``, one list entry per layer copy;
-    ``packed``: each group's deltas into its packed output ``outs[group[0] + "+"]``."""
+    ``packed``: each group's deltas into its packed output ``outs[group[0] + "+"]``; ``planned``: the same with
+    the step's tile plan given (made here, once)."""
+    step_tiles = tiles or tiles_for(slots.numel(), 0)  # the shape depends on the token count alone
+    plan = plan_tiles(slots, capacity=layers[0].packed[0][2].shape[0], tiles=step_tiles) if way == "planned" else None
+
     def run(layer: Layer) -> None:
         for group, _, stack, b_stack, widths in layer.packed:
             names = [p for p in group if only in (None, p)]
             if not names:
                 continue
             x = inputs[names[0]]
-            if way == "packed":
-                shrunk = multi_lora_shrink(x, stack, slots, tiles=tiles)
+            if way in ("packed", "planned"):
+                shrunk = multi_lora_shrink(x, stack, slots, tiles=step_tiles if plan is not None else tiles, plan=plan)
                 multi_lora_expand(shrunk, b_stack, outs[group[0] + "+"], widths=widths)
             elif way == "grouped" and len(names) > 1:
                 shrunk = multi_lora_shrink(x, stack, slots, tiles=tiles)
@@ -225,11 +238,13 @@ def layer_row(clock: Clock, layers: list[Layer], scenario: tuple, shapes: dict, 
     base, base_packed = bases(layers, inputs, outs), bases(layers, inputs, outs, packed=True)
     row: dict[str, Any] = {"scenario": name, "tokens": tokens, "adapters": adapters, "base_us": clock.us(base),
                            "base_packed_us": clock.us(base_packed)}
+    if "planned" in ways:  # the one plan a step makes
+        row["plan_us"] = clock.us([lambda: plan_tiles(slots, capacity=adapters, tiles=tiles_for(tokens, 0))])
     for way in ways:
         # "idle": the bank's launches over a batch of base rows only (slot -1): the launch floor
         rows_slots = torch.full_like(slots, -1) if way == "idle" else slots
         added = deltas(layers, inputs, outs, rows_slots, way="grouped" if way == "idle" else way, legacy=legacy)
-        under, ref_us = (base_packed, row["base_packed_us"]) if way == "packed" else (base, row["base_us"])
+        under, ref_us = (base_packed, row["base_packed_us"]) if way in ("packed", "planned") else (base, row["base_us"])
         both = [call for pair in zip(under, added, strict=True) for call in pair]
         total = clock.us(both) * 2  # per layer: a base call and a delta call
         added_ms = (total - ref_us) * LAYERS / 1e3
@@ -284,7 +299,8 @@ def print_tables(result: dict[str, Any]) -> None:
         cells = "  ".join(f"{w}: {v['layer_us']:.0f} ({v['vs_base']:.2f}x, +{v['step_ms_added']:.2f} ms"
                           + (f", {v['of_step']:.0%})" if "of_step" in v else ")")
                           for w, v in row.items() if isinstance(v, dict))
-        print(f"{row['scenario']:>14} base {row['base_us']:7.0f} (packed {row['base_packed_us']:.0f})  {cells}")
+        plan = f"  plan {row['plan_us']:.1f}" if "plan_us" in row else ""
+        print(f"{row['scenario']:>14} base {row['base_us']:7.0f} (packed {row['base_packed_us']:.0f}){plan}  {cells}")
     for row in result.get("eager", []):
         print("eager µs per call (host launch cost):", {k: round(v, 1) for k, v in row.items() if k.endswith("_us")})
     for row in result.get("sweep", []):
@@ -304,7 +320,7 @@ def main() -> None:
     clock = Clock(device=device, deadline=time.monotonic() + args.deadline_s)
     legacy = legacy_module() if device == "cuda" else None
     ways = ["torch"] if device == "cpu" else ["ungrouped", *(["legacy"] if legacy else [])]
-    layer_ways = ["torch"] if device == "cpu" else ["packed", "grouped", "ungrouped", "idle",
+    layer_ways = ["torch"] if device == "cpu" else ["packed", "planned", "grouped", "ungrouped", "idle",
                                                     *(["legacy"] if legacy else [])]
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",

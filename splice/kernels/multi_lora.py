@@ -31,7 +31,10 @@ slot -1 are in no tile (they cost a look at their slot). Each slot's ``A`` and `
 tile whatever the token order (a decode batch's tokens arrive in sequence order, a prefill chunk's
 tokens in one run). The shrink's first programs write the plan (slot, row count, token ids per tile)
 for the expand. ``per_token`` launches one tile per token instead (no counting; the A/B of a slot
-read once per token).
+read once per token). The plan depends on the slots and the launch shape only, the same for every projection
+of a step: :func:`plan_tiles` makes it once (one small launch) and a shrink given it (``plan=``) skips the
+counting in every program (each of a decode shrink's ``tiles x splits x members`` programs counts all ``T``
+tokens otherwise).
 
 :func:`multi_lora_reference` is the plain per-token PyTorch reference; :func:`multi_lora` runs the
 kernels on CUDA (or under ``TRITON_INTERPRET=1``) and a per-slot PyTorch path elsewhere.
@@ -54,7 +57,7 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 __all__ = ["Shrunk", "Tiles", "multi_lora", "multi_lora_expand", "multi_lora_reference", "multi_lora_shrink",
-           "pad_rank", "tiles_for"]
+           "pad_rank", "plan_tiles", "tiles_for"]
 
 
 def pad_rank(rank: int) -> int:
@@ -161,12 +164,32 @@ def _plan_shape(tokens: int, capacity: int, tiles: Tiles) -> int:
     return _cdiv(tokens, tiles.block_m) + min(tokens, capacity)
 
 
-def multi_lora_shrink(x: Tensor, a: Tensor, slots: Tensor, *, tiles: Tiles | None = None) -> Shrunk:
+def _counting(capacity: int) -> dict[str, int]:
+    """The tile counter's bins (a power of two > the slots) and token chunk (constexprs of ``_tile``)."""
+    bins = max(2, 1 << (capacity - 1).bit_length())
+    return {"NB": bins, "CHUNK": max(16, min(256, 4096 // bins))}
+
+
+def plan_tiles(slots: Tensor, *, capacity: int, tiles: Tiles) -> Tensor:
+    """The tiles of ``slots`` (T,) int32 (module doc) as :func:`multi_lora_shrink` would find them: (count, 2 + BM)
+    int32, each tile's slot, row count and token ids. For a bank of ``capacity`` slots and launch shape
+    ``tiles``; one launch, no host sync (a CUDA graph can hold it)."""
+    tokens = slots.shape[0]
+    count = _plan_shape(tokens, capacity, tiles)
+    plan = torch.empty(count, 2 + tiles.block_m, device=slots.device, dtype=torch.int32)
+    _plan[(count,)](plan, slots.to(torch.int32), tokens, BM=tiles.block_m, PER_TOKEN=tiles.per_token,
+                    **_counting(capacity))
+    return plan
+
+
+def multi_lora_shrink(x: Tensor, a: Tensor, slots: Tensor, *, tiles: Tiles | None = None,
+                      plan: Tensor | None = None) -> Shrunk:
     """``u = A[slot[t]] x[t]`` per token and group member, left as partial sums for the expand.
 
     ``x`` (T, K) with unit column stride; ``a`` (S, R, K) or (S, G, R, K) (``G`` projections that read
     the same input, e.g. a view of a bank's grouped storage), unit stride along K; ``slots`` (T,) int32
-    on ``x``'s device. CUDA (or the Triton interpreter) only."""
+    on ``x``'s device. ``plan``: these slots' :func:`plan_tiles` for this bank's capacity and these ``tiles``
+    (the programs then read their tile instead of counting it). CUDA (or the Triton interpreter) only."""
     if a.dim() == 3:
         a = a[:, None]
     capacity, members, rank, k = a.shape
@@ -179,13 +202,17 @@ def multi_lora_shrink(x: Tensor, a: Tensor, slots: Tensor, *, tiles: Tiles | Non
     count = _plan_shape(tokens, capacity, tiles)
     split = _cdiv(k, tiles.k_split)
     u = torch.empty(split, count * tiles.block_m, members, rank, device=x.device, dtype=torch.float32)
-    plan = torch.empty(count, 2 + tiles.block_m, device=x.device, dtype=torch.int32)
-    bins = max(2, 1 << (capacity - 1).bit_length())
+    if plan is not None and (plan.shape != (count, 2 + tiles.block_m) or plan.dtype != torch.int32):
+        raise ValueError(f"multi_lora_shrink: a plan for {tokens} tokens, {capacity} slots and {tiles} is "
+                         f"({count}, {2 + tiles.block_m}) int32, got {tuple(plan.shape)} {plan.dtype}")
+    planned = plan is not None
+    if plan is None:
+        plan = torch.empty(count, 2 + tiles.block_m, device=x.device, dtype=torch.int32)
     ieee = a.dtype == torch.float32
     _shrink[(count, split, members)](
         x, a, u, plan, slots.to(torch.int32), tokens, k, tiles.k_split, x.stride(0), a.stride(0), a.stride(1),
-        a.stride(2), R=rank, BM=tiles.block_m, BK=tiles.block_k, NB=bins, CHUNK=max(16, min(256, 4096 // bins)),
-        PER_TOKEN=tiles.per_token, IEEE=ieee, num_warps=tiles.warps,
+        a.stride(2), R=rank, BM=tiles.block_m, BK=tiles.block_k, **_counting(capacity), PER_TOKEN=tiles.per_token,
+        PLANNED=planned, IEEE=ieee, num_warps=tiles.warps,
     )
     return Shrunk(u, plan, tiles, ieee)
 
@@ -291,19 +318,35 @@ if triton is not None:
         return slot, n, rows
 
     @triton.jit
+    def _plan(plan_ptr, slot_ptr, T, BM: tl.constexpr, NB: tl.constexpr, CHUNK: tl.constexpr,
+              PER_TOKEN: tl.constexpr):
+        # plan row p = (slot, row count, BM token ids) of tile p
+        p = tl.program_id(0)
+        slot, n, rows = _tile(slot_ptr, T, p, BM, NB, CHUNK, PER_TOKEN)
+        head = plan_ptr + p * (BM + 2)
+        tl.store(head, slot)
+        tl.store(head + 1, n)
+        tl.store(head + 2 + tl.arange(0, BM), rows)
+
+    @triton.jit
     def _shrink(x_ptr, a_ptr, u_ptr, plan_ptr, slot_ptr, T, K, KS, stride_xt, stride_as, stride_ag, stride_ar,
                 R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, NB: tl.constexpr, CHUNK: tl.constexpr,
-                PER_TOKEN: tl.constexpr, IEEE: tl.constexpr):
+                PER_TOKEN: tl.constexpr, PLANNED: tl.constexpr, IEEE: tl.constexpr):
         # u[j, p*BM + i, g, :] = x[rows[i], j-th K slice] @ A[slot, g, :, j-th K slice]^T: (BM, KS) @ (KS, R)
         p, j, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         tiles, members = tl.num_programs(0), tl.num_programs(2)
-        slot, n, rows = _tile(slot_ptr, T, p, BM, NB, CHUNK, PER_TOKEN)
         ii = tl.arange(0, BM)
-        if (j == 0) & (g == 0):  # the plan the expand reads
-            head = plan_ptr + p * (BM + 2)
-            tl.store(head, slot)
-            tl.store(head + 1, n)
-            tl.store(head + 2 + ii, rows)
+        head = plan_ptr + p * (BM + 2)
+        if PLANNED:  # plan_tiles wrote it
+            slot = tl.load(head)
+            n = tl.load(head + 1)
+            rows = tl.load(head + 2 + ii)
+        else:
+            slot, n, rows = _tile(slot_ptr, T, p, BM, NB, CHUNK, PER_TOKEN)
+            if (j == 0) & (g == 0):  # the plan the expand reads
+                tl.store(head, slot)
+                tl.store(head + 1, n)
+                tl.store(head + 2 + ii, rows)
         if n > 0:
             rr = tl.arange(0, R)
             live = ii[:, None] < n

@@ -16,6 +16,7 @@ from splice.kernels.multi_lora import (
     multi_lora_reference,
     multi_lora_shrink,
     pad_rank,
+    plan_tiles,
     tiles_for,
 )
 from tests.numerics import DEVICES, HostSyncs
@@ -84,6 +85,43 @@ def test_launch_shapes(tiles: Tiles, dtype: torch.dtype) -> None:
         per_token = slots.repeat_interleave(shape[1])
         want = multi_lora_reference(x, y, a, b, per_token)
         _close(multi_lora(x, y, a, b, per_token, kernels=True, tiles=tiles), want, y, per_token)
+
+
+@KERNELS
+@pytest.mark.parametrize("tiles", [None, *TILES], ids=lambda t: "default" if t is None else
+                         f"m{t.block_m}k{t.k_split}n{t.block_n}{'t' * t.per_token}")
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], SHAPES[5]], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_a_plan_made_once_gives_the_shrinks_own(shape, tiles: Tiles | None) -> None:
+    """plan_tiles (one launch a step) writes the plan every shrink program otherwise counts for itself: the same
+    plan, the same partial sums bit for bit, so the expand adds the same deltas; the plan serves any projection
+    (another input width, a group of members) of the same slots."""
+    rows, length, k, n, r, s = shape
+    x, y, a, b, slots = _case(rows, length, k, n, r, s, torch.float32, KERNEL_DEVICE)
+    per_token = slots.repeat_interleave(length)
+    tiles = tiles or tiles_for(per_token.numel(), k)
+    plan = plan_tiles(per_token, capacity=s, tiles=tiles)
+    counted = multi_lora_shrink(x, a, per_token, tiles=tiles)
+    planned = multi_lora_shrink(x, a, per_token, tiles=tiles, plan=plan)
+    assert planned.plan is plan and torch.equal(plan, counted.plan)
+    assert _same_rows(planned, counted)
+    got = y.clone()
+    multi_lora_expand(planned, b, got)
+    _close(got, multi_lora_reference(x, y, a, b, per_token), y, per_token)
+    wider = torch.randn(x.shape[0], 2 * k, device=x.device)  # another projection of the step, 2 members
+    stack = torch.randn(s, 2, r, 2 * k, device=x.device)
+    assert _same_rows(multi_lora_shrink(wider, stack, per_token, tiles=tiles, plan=plan),
+                      multi_lora_shrink(wider, stack, per_token, tiles=tiles))
+    with pytest.raises(ValueError, match="a plan for"):
+        multi_lora_shrink(x, a, per_token, tiles=tiles, plan=plan[1:])
+
+
+def _same_rows(one: Shrunk, other: Shrunk) -> bool:
+    """Equal partial sums on every row a tile holds (rows past a tile's count are never written)."""
+    bm = one.tiles.block_m
+    for p, (_, count, *_) in enumerate(one.plan.tolist()):
+        if not torch.equal(one.u[:, p * bm: p * bm + count], other.u[:, p * bm: p * bm + count]):
+            return False
+    return True
 
 
 @KERNELS
