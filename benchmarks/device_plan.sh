@@ -39,6 +39,8 @@
 #   CALL=all14a bash benchmarks/device_plan.sh    # session 14 first (~560 s): tests/kernels + tests/fused on the GPU
 #   CALL=all14b bash benchmarks/device_plan.sh    # then (~560 s): the rest of the suite on the GPU (-v: names kept)
 #   CALL=ml14 bash benchmarks/device_plan.sh      # then (~200 s): multi-LoRA shrink with a plan made once a step
+#   CALL=off14 bash benchmarks/device_plan.sh     # then (~230 s): offline throughput with 0 / 8 / 64 adapters
+#   CALL=next14 bash benchmarks/device_plan.sh    # ml14 then off14 in one call (~430 s: one machine start less)
 #   CALL=all13 bash benchmarks/device_plan.sh     # session 13 (~560 s): the whole suite on the GPU (-n 8; cut at 94%)
 #   CALL=sweep13 bash benchmarks/device_plan.sh   # session 13: tn_reduce x_major against sweep12's defaults, then C
 #   CALL=epi13 bash benchmarks/device_plan.sh     # session 13: the LoRA delta before / after the base GEMM, C both ways
@@ -80,6 +82,17 @@ c_then_lora_tests() {  # c_then_lora_tests NAME SECONDS: config C beside PEFT, t
     tests/kernels/test_lora_kernels.py tests/kernels/test_lora_linear.py tests/kernels/test_lora_group.py \
     tests/kernels/test_dora.py tests/fused > "$OUT/tests-$1.txt" 2>&1
   echo "tests (rc $?):"; grep -E "FAILED|ERROR" "$OUT/tests-$1.txt" | head -12; tail -2 "$OUT/tests-$1.txt"
+}
+
+planned_shrink() {  # ml14
+  timeout 130 python3 benchmarks/multi_lora.py --json "$OUT/multi_lora.json" --deadline-s 110 2>&1 \
+    | tee "$OUT/multi_lora.txt" | grep -A12 "^layer"
+  gpu_tests ml14 60 tests/kernels/test_multi_lora.py tests/lora/test_bank.py
+}
+
+offline_adapters() {  # off14
+  timeout 225 python3 benchmarks/serve.py --parts bandwidth,offline --offline-adapters 8,64 --limit-offline 210 \
+    --json "$OUT/serve.json" 2>&1 | grep -v "attention mask" | tee "$OUT/serve.txt" | grep -E "^offline|^\| [0-9]"
 }
 
 case $CALL in
@@ -382,10 +395,12 @@ kv11e)  # session 11, last (~190 s): int8 decode attention at 128 keys a step (k
 ml14)  # session 14 (~200 s): the multi-LoRA shrink given the step's tile plan (plan_tiles, once a step) against
   # counting it in every program, layer level (decode 32/128/256 tokens of 8/64 adapters, a mixed 2,048), then the
   # multi-LoRA GPU tests; wire the plan into the engine's routing only if "planned" wins
-  timeout 130 python3 benchmarks/multi_lora.py --json "$OUT/multi_lora.json" --deadline-s 110 2>&1 \
-    | tee "$OUT/multi_lora.txt" | grep -A12 "^layer"
-  gpu_tests ml14 60 tests/kernels/test_multi_lora.py tests/lora/test_bank.py
-  ;;
+  planned_shrink ;;
+off14)  # session 14 (~230 s): issue 26's adapter target where it is set, the offline ShareGPT-like run with 0, 8 and
+  # 64 adapters in one invocation (last measured in session 7: 0.81x / 0.61x, the 64 cut by its time limit)
+  offline_adapters ;;
+next14)  # ml14 then off14 in one call (~430 s: one machine start less)
+  planned_shrink; offline_adapters ;;
 all14a|all14b)  # session 14 first (two calls, ~560 s each): the whole suite on the GPU in two halves (all13 ran
   # it in one and was cut at 94% by its limit, with 82 failures whose names never printed: -q names them only in
   # the final summary). -v names every result as it lands, so a cut run still says what failed. all13's failures

@@ -7,7 +7,7 @@ import torch
 
 import splice.kernels.lora_linear as lora_module
 from splice.kernels.dropout import dropout
-from splice.kernels.lora_linear import lora_linear, lora_linear_reference, uses_lora_kernels
+from splice.kernels.lora_linear import delta_then_base, lora_linear, lora_linear_reference, uses_lora_kernels
 from tests.numerics import DEVICES, rel_err
 
 # (x shape, out features, rank)
@@ -92,3 +92,21 @@ def test_dtype_mismatch_raises() -> None:
     with pytest.raises(TypeError):
         lora_linear(torch.randn(2, 4), torch.randn(3, 4, dtype=torch.float64), None,
                     torch.randn(1, 4), torch.randn(3, 1), scale=1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_delta_first_order_computes_the_same_output(dtype: torch.dtype, bias: bool) -> None:
+    """delta_then_base (the GPU path's forward: s U B^T written first, the base GEMM adding into it) is
+    x W^T + b + s U B^T, to the rounding of the output's dtype, whatever the order."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(37, 72, generator=g).to(dtype)
+    w = (torch.randn(50, 72, generator=g) / 72**0.5).to(dtype)
+    b = torch.randn(50, generator=g).to(dtype) if bias else None
+    u, lora_b = torch.randn(37, 8, generator=g), torch.randn(50, 8, generator=g)  # fp32, as the kernels give U
+    want = x.double() @ w.double().T + 1.5 * u.double() @ lora_b.double().T
+    if b is not None:
+        want = want + b.double()
+    got = delta_then_base(x, w, b, u, lora_b, 1.5)
+    assert got.dtype == dtype and got.shape == (37, 50)
+    assert rel_err(got, want) < _tol(dtype)
