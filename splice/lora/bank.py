@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -38,65 +37,26 @@ from torch import Tensor, nn
 from splice.core.device import to_device
 from splice.core.rewrite import Around, rewrite
 from splice.kernels import use_triton
-from splice.kernels.multi_lora import Shrunk, multi_lora, multi_lora_expand, multi_lora_shrink, pad_rank
+from splice.kernels.multi_lora import (
+    Shrunk,
+    Tiles,
+    multi_lora,
+    multi_lora_expand,
+    multi_lora_shrink,
+    pad_rank,
+    plan_tiles,
+    tiles_for,
+)
 from splice.lora import adapter_file
-from splice.lora.adapter_file import AdapterError, base_shape, on_original_base, require_linear
+from splice.lora.adapter_file import base_shape
 from splice.lora.apply import lora_modules, use_adapters
 from splice.lora.dora_layers import DoraLinear
+from splice.lora.host_adapter import HostAdapter, read_adapter, read_bank_file
 from splice.lora.layers import LoraLinear
 from splice.lora.routing import Route, current_route, routed
 
 __all__ = ["SHARED_INPUT", "BankSite", "HostAdapter", "LoraBank", "add_bank_sites", "add_packed_delta", "bank_holds",
            "bank_site", "read_adapter", "read_bank_file", "rescales_output", "shared_input_groups", "use_adapter_bank"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class HostAdapter:
-    """One adapter's weights in host memory: ``path -> (A (r, K), B (N, r) * scale)``; a DoRA adapter's
-    modules also in ``dora``: ``path -> (g, (1 - g) * bias)``, (N,) fp32 each, with DoRA's factor
-    ``g = m / ||W + s B A||`` of the served weights (see module doc; :func:`~splice.lora.adapter_file.dora_output`)."""
-
-    name: str
-    weights: dict[str, tuple[Tensor, Tensor]]
-    rank: int
-    dora: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b in (*self.weights.values(), *self.dora.values()))
-
-
-def read_bank_file(directory: str | Path) -> adapter_file.AdapterFile:
-    """The PEFT adapter in ``directory`` if a bank can serve it (linear LoRA / DoRA): every bank reader's check."""
-    adapter = adapter_file.read_adapter(directory)
-    require_linear(adapter, holder="a LoRA bank", instead="merge it into the model to serve it (splice merge)", dora=True)
-    return adapter
-
-
-def read_adapter(directory: str | Path, *, name: str, base: nn.Module | None = None) -> HostAdapter:
-    """The linear LoRA weights of a PEFT-format adapter folder (JSON + safetensors, no pickle), scale folded in.
-
-    A PiSSA/OLoRA adapter trained its A and B on the residual base ``W - s B0 A0``; the bank adds deltas to
-    the served ``W``, so with ``base`` (the served model) it is converted as PEFT does: the rank-2r LoRA
-    ``[A; A0]``, ``[B, -B0]`` (:func:`~splice.lora.adapter_file.on_original_base`); without ``base`` refused.
-    A DoRA adapter needs ``base`` too (:func:`~splice.lora.adapter_file.dora_outputs`). Embedding and conv
-    adapters are refused, and with ``base`` one that does not fit it (``check_adapter_fits``)."""
-    adapter = read_bank_file(directory)
-    if adapter.config.use_dora and base is None:
-        raise AdapterError(f"{adapter.directory} is a DoRA adapter: its magnitudes divide by the row norms of the "
-                           "served weights W + s B A; pass base=model to read it against them (splice serve does; split over "
-                           "ranks, Sharding.read_adapter reads it against each rank's slices)")
-    if base is not None:  # refused now, naming the first module that does not fit, not on first use
-        adapter_file.check_adapter_fits(adapter, base)
-    if adapter.needs_residual_base:
-        if base is None:
-            raise AdapterError(
-                f"{adapter.directory}: init_lora_weights {adapter.init!r}: its A and B apply to the residual base "
-                "W - s B0 A0, not to the served weights; pass base=model to convert it (A0, B0 re-derived "
-                "from W, as PEFT does) or save it converted: splice.save_adapter(model, dir, convert_to_lora=True)")
-        adapter = on_original_base(adapter, base)
-    dora = adapter_file.dora_outputs(adapter, base) if base is not None else {}
-    return HostAdapter(name=name, weights=adapter.scaled(), rank=adapter.rank, dora=dora)
 
 
 class BankSite(nn.Module):
@@ -110,7 +70,7 @@ class BankSite(nn.Module):
         route = current_route(self)
         if route is None or route.bank is None or not route.bank.covers(self):
             return y
-        return route.bank.apply(self, x, y, route.slots)
+        return route.bank.apply(self, x, y, route.slots, memo=route.memo)
 
 
 def bank_site(module: nn.Module) -> BankSite | None:
@@ -130,8 +90,8 @@ def add_packed_delta(modules: Sequence[nn.Module], x: Tensor, y: Tensor) -> Tens
     if route is None or route.bank is None:
         return y
     appliers = [m if site is None else site for m, site in zip(modules, sites, strict=True)]
-    return route.bank.apply_packed(appliers, x, y, route.slots,
-                                   widths=[_linear_shape(m)[1] for m in modules])
+    return route.bank.apply_packed(appliers, x, y, route.slots, widths=[_linear_shape(m)[1] for m in modules],
+                                   memo=route.memo)
 
 
 def rescales_output(module: nn.Module) -> bool:
@@ -231,6 +191,8 @@ def _versions(x: Tensor, slots: Tensor) -> tuple[int, int, bool]:
 
 
 _LAST_SHRINK: ContextVar[_LastShrink | None] = ContextVar("splice_bank_last_shrink", default=None)
+
+Memo = Callable[[Hashable, Callable[[], Tensor]], Tensor]  # a call's Route.memo
 
 
 def _linear_shape(module: nn.Module) -> tuple[int, int]:
@@ -361,11 +323,14 @@ class LoraBank:
         ids = [-1 if r is None else self.resident[r] for r in rows]
         return to_device(ids, torch.int32, self.device)
 
-    def apply(self, module: nn.Module, x: Tensor, y: Tensor, slots: Tensor | None) -> Tensor:
+    def apply(self, module: nn.Module, x: Tensor, y: Tensor, slots: Tensor | None, *, memo: Memo | None = None
+              ) -> Tensor:
         """``y`` plus each row's or token's adapter delta at ``module``'s path.
 
         ``x``: (B, ..., K); ``slots``: one per token (``x.reshape(-1, K).shape[0]`` of them, e.g. a
-        flat batch of T tokens as (T, 1, K) or (1, T, K)), else one per row (B of them).
+        flat batch of T tokens as (T, 1, K) or (1, T, K)), else one per row (B of them). ``memo``: the call's
+        :meth:`~splice.lora.routing.Route.memo`, which keeps the kernels' tile plan of ``slots`` for the call's
+        other projections (:func:`~splice.kernels.multi_lora.plan_tiles`: made once, not in every shrink).
         """
         if id(module) not in self._apply or slots is None:
             return y
@@ -389,12 +354,23 @@ class LoraBank:
             out = multi_lora(flat_x, flat_y, self.a[path], self.b[path], slots, row_len=row_len, inplace=inplace,
                              kernels=False, factor=factor, shift=shift)
             return out.view(y.shape)
-        shrunk, member = self._shrink(path, x, slots, row_len)
+        shrunk, member = self._shrink(path, x, slots, row_len, memo)
         out = flat_y if inplace else flat_y.clone(memory_format=torch.contiguous_format)
         multi_lora_expand(shrunk, self.b[path], out, member=member, factor=factor, shift=shift)
         return out.view(y.shape)
 
-    def _shrink(self, path: str, x: Tensor, slots: Tensor, row_len: int) -> tuple[Shrunk, int]:
+    def _planned(self, slots: Tensor, row_len: int, tokens: int, memo: Memo | None) -> tuple[Tensor, Tiles, Tensor | None]:
+        """The per-token slots of a call's ``tokens``, the kernels' launch shape for them, and their tile plan
+        from ``memo`` (made by the call's first shrink, None without a memo)."""
+        per_token = slots if row_len == 1 else slots.repeat_interleave(row_len)
+        tiles = tiles_for(tokens, 0)  # the shape depends on the token count alone
+        if memo is None:
+            return per_token, tiles, None
+        plan = memo(("multi-LoRA tile plan", row_len, tokens, tiles, self.capacity),
+                    lambda: plan_tiles(per_token, capacity=self.capacity, tiles=tiles))
+        return per_token, tiles, plan
+
+    def _shrink(self, path: str, x: Tensor, slots: Tensor, row_len: int, memo: Memo | None) -> tuple[Shrunk, int]:
         """``path``'s shrink and its member index there: the group's shrink of this ``x`` when an earlier
         member made it, else a new one (for the whole group when ``path`` is its first member)."""
         group, member = self._groups[path]
@@ -402,16 +378,16 @@ class LoraBank:
         if member > 0 and last is not None and last.fits(group, x, slots):
             return last.shrunk, member
         flat_x = x.reshape(-1, x.shape[-1])
-        per_token = slots if row_len == 1 else slots.repeat_interleave(row_len)
+        per_token, tiles, plan = self._planned(slots, row_len, flat_x.shape[0], memo)
         if member > 0:  # called out of order or on another input: this member alone
-            return multi_lora_shrink(flat_x, self.a[path], per_token), 0
-        shrunk = multi_lora_shrink(flat_x, group.a, per_token)
+            return multi_lora_shrink(flat_x, self.a[path], per_token, tiles=tiles, plan=plan), 0
+        shrunk = multi_lora_shrink(flat_x, group.a, per_token, tiles=tiles, plan=plan)
         if len(group.paths) > 1:
             _LAST_SHRINK.set(_LastShrink(group, weakref.ref(x), weakref.ref(slots), _versions(x, slots), shrunk))
         return shrunk, member
 
     def apply_packed(self, modules: Sequence[nn.Module], x: Tensor, y: Tensor, slots: Tensor | None, *,
-                     widths: Sequence[int]) -> Tensor:
+                     widths: Sequence[int], memo: Memo | None = None) -> Tensor:
         """``y`` (..., sum(widths)), the packed output of ``modules``' one GEMM over ``x`` (their weights
         concatenated in this order, module ``i`` ``widths[i]`` columns wide), plus each module's delta on
         its own columns, added in place (no autograd; ``y`` viewable as rows). When ``modules`` are one
@@ -425,15 +401,15 @@ class LoraBank:
         kernels = use_triton(flat_y) if self.kernels is None else self.kernels
         if kernels and group is not None and tuple(paths) == group.paths and flat_y.stride(1) == 1:
             row_len = 1 if slots.numel() == flat_y.shape[0] else flat_y.shape[0] // slots.numel()
-            per_token = slots if row_len == 1 else slots.repeat_interleave(row_len)
-            shrunk = multi_lora_shrink(x.reshape(-1, x.shape[-1]), group.a, per_token)
+            per_token, tiles, plan = self._planned(slots, row_len, flat_y.shape[0], memo)
+            shrunk = multi_lora_shrink(x.reshape(-1, x.shape[-1]), group.a, per_token, tiles=tiles, plan=plan)
             factor, shift = self._affine[group] if self._rescaled.intersection(group.paths) else (None, None)
             multi_lora_expand(shrunk, group.b, flat_y, widths=group.widths, factor=factor, shift=shift)
             return y
         start = 0
         for module, width in zip(modules, widths, strict=True):
             part = y[..., start: start + width]
-            done = self.apply(module, x, part, slots)
+            done = self.apply(module, x, part, slots, memo=memo)
             if done.data_ptr() != part.data_ptr():  # added into a copy (the slice is not contiguous)
                 part.copy_(done)
             start += width

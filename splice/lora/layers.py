@@ -152,7 +152,7 @@ class LoraLayer(nn.Module):
         if route.disabled:
             return y
         if route.bank is not None and route.bank.covers(self):
-            return route.bank.apply(self, x, y, route.slots)
+            return route.bank.apply(self, x, y, route.slots, memo=route.memo)
         check_rows(route, x.shape[0], where=f"LoRA adapter {self.name!r}")
         index = route.row_index(self.name, y.device)
         if index is None:

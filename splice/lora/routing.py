@@ -14,15 +14,17 @@ row's own adapter (:mod:`splice.kernels.multi_lora`) instead of one pass per ada
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
+
+_T = TypeVar("_T")
 
 __all__ = ["Route", "current_route", "current_routes", "routed"]
 
@@ -41,8 +43,16 @@ class Route:
     disabled: bool = False
     bank: Any = None
     slots: Tensor | None = None
-    # Per-call cache of row indices per (adapter, device); lives and dies with this route.
+    # Per-call caches (row indices per (adapter, device); what memo() keeps); live and die with this route.
     _index: dict[tuple[str, torch.device], Tensor] = field(default_factory=dict, repr=False)
+    _memo: dict[Hashable, Any] = field(default_factory=dict, repr=False)
+
+    def memo(self, key: Hashable, make: Callable[[], _T]) -> _T:
+        """``make()``, computed once for ``key`` in this route's call: what every layer of the call would
+        otherwise derive again from the same routing (the bank's tile plan of ``slots``)."""
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
 
     def row_index(self, name: str, device: torch.device) -> Tensor | None:
         """(n,) int64 indices of the rows running adapter ``name``; None when that is every row."""

@@ -243,7 +243,8 @@ def test_shared_input_groups() -> None:
 @pytest.mark.parametrize("layout", ["tokens", "rows"])
 def test_kernels_match_the_torch_path_with_one_shrink_per_group(layout: str, monkeypatch) -> None:
     """The engine's flat (T, 1, H) batch with a slot per token, or rows of tokens with a slot per row:
-    the kernels add what the PyTorch path adds, with one shrink per layer for q/k/v and one for gate/up."""
+    the kernels add what the PyTorch path adds, with one shrink per layer for q/k/v and one for gate/up, all
+    of the call's shrinks reading one tile plan (made once, kept by the call's route)."""
     device = KERNEL_DEVICE
     served, sites, bank = _host_bank(device)
     if layout == "tokens":
@@ -252,11 +253,12 @@ def test_kernels_match_the_torch_path_with_one_shrink_per_group(layout: str, mon
     else:
         ids = tiny.tokens(batch=4, length=9).to(device)
         slots = torch.tensor([2, -1, 0, 1], dtype=torch.int32)
-    shrinks = []
+    shrinks, plans = [], []
     real = bank_module.multi_lora_shrink
 
     def counted(x, a, slots, **options):  # the real shrink, counted
         shrinks.append(a.dim())
+        plans.append(options.get("plan"))
         return real(x, a, slots, **options)
 
     monkeypatch.setattr(bank_module, "multi_lora_shrink", counted)
@@ -268,6 +270,7 @@ def test_kernels_match_the_torch_path_with_one_shrink_per_group(layout: str, mon
         got = served(ids).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert shrinks == [4] * 8  # per layer: q/k/v, o, gate/up, down; every A passed as (S, G, R, K)
+    assert plans[0] is not None and all(plan is plans[0] for plan in plans)
 
 
 @KERNELS
