@@ -234,8 +234,11 @@ def adapter_paths(model: nn.Module) -> list[str]:
             if path.rsplit(".", 1)[-1] in ALL_LINEAR and base_shape(module) is not None]
 
 
-def random_adapter(model: nn.Module, name: str, *, rank: int, seed: int, device: torch.device) -> Any:
-    """A random r-``rank`` all-linear adapter (A ~ N(0, 1/K), B small), its weights on ``device``."""
+def random_adapter(model: nn.Module, name: str, *, rank: int, seed: int, device: torch.device,
+                   host: bool = False) -> Any:
+    """A random r-``rank`` all-linear adapter (A ~ N(0, 1/K), B small), drawn on ``device``; with ``host`` its
+    weights then live in pinned host memory, as a server's loaded adapters do (64 8B-shaped r16 adapters are
+    5.4 GB: on the device as well as in the bank they pushed an 80 GB card out of memory)."""
     from splice.lora.adapter_file import base_shape
     from splice.lora.bank import HostAdapter
 
@@ -247,7 +250,7 @@ def random_adapter(model: nn.Module, name: str, *, rank: int, seed: int, device:
         k, n = base_shape(modules[path]) or (0, 0)
         a = torch.randn(rank, k, generator=g, device=device, dtype=dtype) / math.sqrt(k)
         b = torch.randn(n, rank, generator=g, device=device, dtype=dtype) * (0.02 / rank)
-        weights[path] = (a, b)
+        weights[path] = (a.cpu().pin_memory(), b.cpu().pin_memory()) if host and device.type == "cuda" else (a, b)
     return HostAdapter(name=name, weights=weights, rank=rank)
 
 
@@ -312,11 +315,21 @@ def roofline(bench: Bench, row: dict[str, Any], *, weights: int, kv_tokens: floa
 
 
 # ---- engine decode --------------------------------------------------------------------------------
+def fitting_blocks(bench: Bench, *, kv_dtype: str = "auto", share: float = 0.8) -> int:
+    """KV blocks in ``share`` of the device's free memory: a worst-case cache (every sequence at ``max_len``)
+    may not fit beside the weights and a bank on an 80 GB card; the scheduler preempts if it must."""
+    if bench.device.type != "cuda":
+        return 1 << 62
+    free_memory()
+    free = torch.cuda.mem_get_info(bench.device)[0]
+    return int(free * share) // (BLOCK * kv_bytes_per_token(bench.model, kv_dtype))
+
+
 def make_engine(bench: Bench, *, max_seqs: int, max_len: int, bank: Any = None, sites: Any = (),
                 adapters: Any = None, max_waiting: int = 256, kv_dtype: str = "auto") -> Any:
     from splice.engine.engine import Engine
 
-    kv_blocks = max_seqs * -(-max_len // BLOCK) + 1
+    kv_blocks = min(max_seqs * -(-max_len // BLOCK), fitting_blocks(bench, kv_dtype=kv_dtype)) + 1
     return Engine(bench.model, bench.tokenizer, max_seqs=max_seqs, max_len=max_len,
                   token_budget=max(bench.args.token_budget, max_seqs), block_size=BLOCK, kv_blocks=kv_blocks,
                   cuda_graphs=True, max_waiting=max(max_waiting, max_seqs), bank=bank, sites=sites,
@@ -498,7 +511,7 @@ def offline_run(bench: Bench, deadline: Deadline, *, count: int, seconds: float)
         dtype = model.get_input_embeddings().weight.dtype
         extra = {"bank": LoraBank.for_sites(model, sites, capacity=count, rank=16, dtype=dtype),
                  "sites": list(sites.values()),
-                 "adapters": {n: random_adapter(model, n, rank=16, seed=i, device=bench.device)
+                 "adapters": {n: random_adapter(model, n, rank=16, seed=i, device=bench.device, host=True)
                               for i, n in enumerate(names) if n is not None}}
     engine = make_engine(bench, max_seqs=args.offline_max_seqs, max_len=max_len, max_waiting=len(prompts), **extra)
     try:
@@ -520,6 +533,9 @@ def offline_run(bench: Bench, deadline: Deadline, *, count: int, seconds: float)
         truncated = engine.busy
         drain(engine, requests)
         generated = sum(len(r.generated) for r in requests)
+        errors = [r.finish_reason for r in requests if (r.finish_reason or "").startswith("error")]
+        if errors:  # a failed step ends its requests: say why rather than report a rate of nothing
+            print(f"offline {count} adapters: {len(errors)} requests failed, first: {errors[0][:300]}", flush=True)
         # linear-layer FLOPs of every computed token (2 a weight; attention's excluded): the compute bound
         linear_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
         small = [s for t, s in steps if 0 < t <= args.offline_max_seqs]  # decode-only or nearly: bandwidth-bound
@@ -529,7 +545,8 @@ def offline_run(bench: Bench, deadline: Deadline, *, count: int, seconds: float)
         return {**mix, "adapters": count, "requests": len(requests), "finished": sum(r.finish_reason == "length" for r in requests),
                 "output_tokens": generated, "seconds": elapsed, "output_tok_s": generated / elapsed,
                 "total_tok_s": (generated + sum(map(len, prompts))) / elapsed if not truncated else None,
-                "truncated": truncated, "preemptions": engine.preemptions, "max_seqs": args.offline_max_seqs}
+                "truncated": truncated, "preemptions": engine.preemptions, "max_seqs": args.offline_max_seqs,
+                "errors": len(errors), "first_error": errors[0] if errors else None}
     finally:
         del engine
         if count:

@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import MISSING, fields
+from pathlib import Path
 from typing import Any, NoReturn
 
 import splice.commands as commands
@@ -226,13 +227,20 @@ def _unknown_arguments(parser: argparse.ArgumentParser, command: str, extra: lis
 
 
 def _version() -> str:
-    """The installed distribution's version, without importing the package (torch)."""
+    """The installed distribution's version, without importing the package (torch); from a source tree that
+    is not installed (on PYTHONPATH), its pyproject.toml's version marked ``+source``."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         return version("splice")
     except PackageNotFoundError:
-        return "unknown (not installed)"
+        import tomllib
+
+        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        try:
+            return str(tomllib.loads(pyproject.read_text())["project"]["version"]) + "+source"
+        except (OSError, KeyError, tomllib.TOMLDecodeError):
+            return "unknown (not installed)"
 def _add_serve_parser(sub: Any) -> None:
     p = sub.add_parser("serve", help="serve a base model and adapters on an OpenAI-compatible API")
     p.add_argument("--model", default=None, help="base model (default: embedded SmolLM2-135M)")
@@ -263,6 +271,10 @@ def _add_serve_parser(sub: Any) -> None:
     p.add_argument("--kv-cache", choices=("auto", "int8"), default="auto",
                    help="the K/V cache: auto (the model's dtype) or int8 (8-bit with a scale per token and head: "
                         "about half the bytes a decode step reads, twice the tokens in the same memory)")
+    p.add_argument("--kv-memory", default=0.8, type=_number(float, low=0, high=1, above=True,
+                                                             says="give a fraction of the free GPU memory in (0, 1]"),
+                   help="on a GPU, the K/V cache may take at most this fraction of the memory free after the model "
+                        "loads (default 0.8); it holds up to 4x max-batch x max-len tokens (the rest caches prefixes)")
     p.set_defaults(run=commands.cmd_serve)
 
 

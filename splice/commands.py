@@ -270,5 +270,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
           dtype=args.dtype, model_name=args.name, max_batch=args.max_batch, max_len=args.max_len,
           gpu_adapters=args.gpu_adapters, max_lora_rank=args.max_lora_rank,
           max_request_bytes=args.max_request_bytes, drain_timeout=args.drain_timeout,
-          api_keys=keys, allow_adapter_dir=args.allow_adapter_dir, quantize=args.quantize, kv_cache=args.kv_cache)
+          api_keys=keys, allow_adapter_dir=args.allow_adapter_dir, quantize=args.quantize, kv_cache=args.kv_cache,
+          kv_memory=args.kv_memory)
     return 0

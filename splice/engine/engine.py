@@ -81,7 +81,7 @@ class Engine:
 
     ``max_seqs`` sequences run at once, each at most ``max_len`` tokens (prompt + output); a step computes
     at most ``token_budget`` tokens. The KV cache holds ``kv_blocks`` blocks of ``block_size`` tokens
-    (default: ``kv_memory`` of the free GPU memory, or ``max_seqs x max_len`` tokens on the CPU).
+    (default: ``max_seqs x max_len`` tokens, on CUDA up to 4x that within ``kv_memory`` of the free memory).
     ``bank`` / ``sites`` / ``adapters``: serve's adapter bank, its sites and the adapters it may load.
     ``overlap``: launch each step before the previous one's tokens reach the host (:meth:`step`;
     default: on CUDA). ``kv_dtype="int8"``: K/V as 8-bit codes with scales, about half the bytes (ModelRunner).

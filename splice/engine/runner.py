@@ -122,17 +122,23 @@ def _dtype(model: nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
+KV_ROOM = 4  # on CUDA the cache holds up to 4x the running batch's worst case: the rest caches prefixes
+
+
 def _kv_blocks(model: nn.Module, *, block_size: int, max_seqs: int, max_len: int, kv_memory: float,
                device: torch.device, dtype: torch.dtype) -> int:
-    """How many KV blocks (of cache ``dtype``) to allocate: on CUDA ``kv_memory`` (a fraction) of the free
-    memory, elsewhere enough for ``max_seqs`` sequences of ``max_len`` tokens; +1 scratch block either way."""
+    """How many KV blocks (of cache ``dtype``) to allocate: enough for ``max_seqs`` sequences of ``max_len``
+    tokens; on CUDA up to ``KV_ROOM`` times that for the prefix cache, within ``kv_memory`` (a fraction) of the
+    free memory. +1 scratch block either way. (Capped by the need, a small model's server does not take 80% of
+    a card that other processes share.)"""
+    needed = max_seqs * -(-max_len // block_size)
     if device.type != "cuda":
-        return max_seqs * -(-max_len // block_size) + 1
+        return needed + 1
     layers, kv_heads, head_dim = _kv_shape(model)
     per_vector = head_dim * torch.empty((), dtype=dtype).element_size() + (4 if dtype == torch.int8 else 0)
     per_block = 2 * layers * block_size * kv_heads * per_vector
     free, _ = torch.cuda.mem_get_info(device)
-    return int(free * kv_memory) // per_block
+    return min(int(free * kv_memory) // per_block, KV_ROOM * needed + 1)
 
 
 @dataclass(frozen=True, eq=False)

@@ -80,10 +80,11 @@ def serve(model: str | None, *, adapters: dict[str, Path], host: str = "127.0.0.
           max_len: int = 1024, gpu_adapters: int = 8, max_lora_rank: int = 64,
           max_request_bytes: int = MAX_REQUEST_BYTES, drain_timeout: float = DRAIN_TIMEOUT_S,
           api_keys: Collection[str] = (), allow_adapter_dir: str | Path | None = None,
-          quantize: str | None = None, kv_cache: str = "auto") -> None:
+          quantize: str | None = None, kv_cache: str = "auto", kv_memory: float = 0.8) -> None:
     """``splice serve``. ``quantize`` (``"nf4"`` / ``"int8"``): the base's linears quantized as they
     load (:func:`~splice.models.loading.load_model`); ``kv_cache`` (``"auto"`` / ``"int8"``): the K/V cache's
-    dtype (:class:`~splice.engine.runner.ModelRunner`); ``api_keys`` / ``allow_adapter_dir``: see
+    dtype (:class:`~splice.engine.runner.ModelRunner`), ``kv_memory`` the most of the free GPU memory it
+    takes; ``api_keys`` / ``allow_adapter_dir``: see
     :func:`~splice.serve.app.build_app`."""
     _check_limits(max_request_bytes=max_request_bytes, drain_timeout=drain_timeout)  # before the model loads
     check_kv_dtype(kv_cache)  # a bad choice: one line before the model loads
@@ -97,7 +98,8 @@ def serve(model: str | None, *, adapters: dict[str, Path], host: str = "127.0.0.
     name = model_name or (Path(model).name if model else "smollm2-135m-instruct")
     service = Service(base, tokenizer, model_name=name, adapters=dict(adapters), max_batch=max_batch,
                       max_len=min(max_len, int(getattr(tokenizer, "model_max_length", max_len) or max_len)),
-                      gpu_adapters=gpu_adapters, max_lora_rank=max_lora_rank, kv_dtype=kv_cache)
+                      gpu_adapters=gpu_adapters, max_lora_rank=max_lora_rank, kv_dtype=kv_cache,
+                      kv_memory=kv_memory)
     started = time.monotonic()
     graphs = service.engine.runner.warmup()  # every CUDA graph before the first request (no capture mid-load)
     if graphs:

@@ -102,7 +102,7 @@ def serve_sharded(model: str | None, *, adapters: dict[str, Path], host: str = "
                   max_len: int = 1024, gpu_adapters: int = 8, max_lora_rank: int = 64,
                   max_request_bytes: int = MAX_REQUEST_BYTES, drain_timeout: float = DRAIN_TIMEOUT_S,
                   api_keys: Collection[str] = (), allow_adapter_dir: str | Path | None = None,
-                  quantize: str | None = None, kv_cache: str = "auto") -> None:
+                  quantize: str | None = None, kv_cache: str = "auto", kv_memory: float = 0.8) -> None:
     """``splice serve`` on one of torchrun's ranks (the options are :func:`~splice.serve.server.serve`'s;
     see module docstring)."""
     _check_limits(max_request_bytes=max_request_bytes, drain_timeout=drain_timeout)
@@ -122,7 +122,7 @@ def serve_sharded(model: str | None, *, adapters: dict[str, Path], host: str = "
             name = model_name or (Path(model).name if model else "smollm2-135m-instruct")
             service = ShardedService(base, tokenizer, model_name=name, adapters=dict(adapters),
                                      max_batch=max_batch, gpu_adapters=gpu_adapters, max_lora_rank=max_lora_rank,
-                                     kv_dtype=kv_cache,
+                                     kv_dtype=kv_cache, kv_memory=kv_memory,
                                      max_len=min(max_len, int(getattr(tokenizer, "model_max_length", max_len)
                                                               or max_len)))
             started = time.monotonic()

@@ -49,7 +49,7 @@ def _input_and_grads(mlp: nn.Module, x: Tensor, *, chunk: int | None, seed: int 
         out = (forward or mlp)(x)
     else:
         out = tiled_mlp(mlp, x, chunk_tokens=chunk, params=params)
-    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(9))
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(9)).to(out.device)
     (out * weights).sum().backward()
     grads = {n: p.grad.clone() for n, p in mlp.named_parameters() if p.requires_grad}
     mlp.zero_grad(set_to_none=True)

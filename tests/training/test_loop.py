@@ -203,8 +203,9 @@ def test_cuda_graphs_follow_the_eager_trajectory(tiny_run_inputs, tmp_path, drop
     assert eager.cuda_graphs == 0 and graphed.cuda_graphs >= 1
     if dropout == 0:  # the same trajectory up to bf16 rounding
         assert max(abs(a - b) for a, b in zip(eager.losses, graphed.losses, strict=True)) < 0.02
-    else:  # the graph's warm-ups draw random numbers first: other masks, a similar run
-        assert abs(eager.losses[-1] - graphed.losses[-1]) < 0.3
+    else:  # the graph's warm-ups draw random numbers first: other masks, a similar run (the last 4 steps'
+        # mean: one step's loss alone moved 0.32 between two such runs on an H100)
+        assert abs(sum(eager.losses[-4:]) - sum(graphed.losses[-4:])) / 4 < 0.3
     assert graphed.losses[-1] < graphed.losses[0] - 1.0
 
 
