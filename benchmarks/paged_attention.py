@@ -9,7 +9,8 @@ prefill chunk (a full prefill and a chunk after 2,048 cached tokens). Each call 
 (how the engine runs it: no launch overhead), median of several replays. Bandwidth = bytes of K/V
 read + q read + out written, over the time; the ceiling is the measured read bandwidth (a sum over
 2 GiB; a device-to-device copy, read + write, is reported beside it).
-The peer is torch SDPA over dense (un-paged) tensors, timed the same way. ``--sweep`` also times
+The peer is torch SDPA over dense (un-paged) tensors, timed the same way; full prefills also against torch's
+FlashAttention varlen (``torch.nn.attention.varlen``, where this torch has it) over flat fresh prompts. ``--sweep`` also times
 tile-size variants of the kernel. Each kernel result is checked against the plain reference. ``--int8``: the
 caches as int8 codes with a scale per token and head (splice.kernels.kv_cache; its bytes are codes + scales),
 decode cases only (``--cases`` picks some by label).
@@ -108,6 +109,35 @@ def dense_peer(args: dict, batch: int, context: int, q_len: int) -> Callable[[],
     return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
+def varlen_peer(args: dict, batch: int, context: int) -> Callable[[], Tensor] | None:
+    """torch's FlashAttention varlen (``torch.nn.attention.varlen``) over the flat q and the K/V of fresh prompts
+    (no cached prefix, as a prompt's first chunk): the speed a step's prefills could get outside the paged kernel.
+    None where this torch lacks it; its keyword for causal masking changed between releases."""
+    import inspect
+
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        print("torch.nn.attention.varlen: not in this torch")
+        return None
+    flat = args["block_tables"].long()
+    k, v = (args[c][flat].flatten(1, 2)[:, :context].flatten(0, 1).contiguous() for c in ("key_cache", "value_cache"))
+    params = inspect.signature(varlen_attn).parameters
+    if "enable_gqa" not in params:  # (T, Hkv, D) -> (T, Hq, D): the heads a grouped query reads
+        k, v = (t.repeat_interleave(HQ // HKV, dim=1) for t in (k, v))
+    cu = torch.arange(0, batch * context + 1, context, device="cuda", dtype=torch.int32)
+    extra: dict = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    if "enable_gqa" in params:
+        extra["enable_gqa"] = True
+    q = args["q"]
+    try:
+        varlen_attn(q, k, v, cu, cu, context, context, **extra)
+    except Exception as error:  # an unsupported build or card: say so, keep the rest
+        print(f"torch varlen_attn failed: {str(error).splitlines()[0][:200]}")
+        return None
+    return lambda: varlen_attn(q, k, v, cu, cu, context, context, **extra)
+
+
 def measure(label: str, batch: int, context: int, q_len: int, ceiling: float,
             configs: list[KernelConfig | None], *, int8: bool = False) -> list[dict]:
     args = make_batch(batch, context, q_len, int8=int8)
@@ -133,6 +163,16 @@ def measure(label: str, batch: int, context: int, q_len: int, ceiling: float,
                          tflops=flops / ms * 1e-9, max_abs_err=err))
     if int8:
         return rows
+    if q_len == context and (varlen := varlen_peer(args, batch, context)) is not None:
+        try:
+            ms = graph_ms(varlen)
+        except Exception as error:  # not capturable in a CUDA graph on this build
+            print(f"torch varlen_attn in a CUDA graph failed: {str(error).splitlines()[0][:200]}")
+            ms = float("nan")
+        got = varlen()
+        rows.append(dict(case=label, impl="torch varlen_attn", ms=ms, bandwidth_tb_s=moved / ms * 1e-9,
+                         of_read=moved / ms * 1e3 / ceiling, tflops=flops / ms * 1e-9,
+                         max_abs_err=float((got.float() - want.float()).abs().max())))
     peer = dense_peer(args, batch, context, q_len)
     ms = graph_ms(peer)
     got = peer().transpose(1, 2).reshape(-1, HQ, D)
@@ -181,7 +221,8 @@ def main() -> None:
     rows: list[dict] = []
     cases = [(f"decode B={b} ctx={c}", b, c, 1) for b in (1, 32, 128) for c in (128, 1024, 4096)]
     cases += [("decode B=64 ctx=192", 64, 192, 1)]  # a GRPO rollout's (64 sequences, 64 + 128 tokens)
-    cases += [("prefill 2048 (full)", 1, 2048, 2048), ("prefill chunk 2048 @ ctx 4096", 1, 4096, 2048)]
+    cases += [("prefill 2048 (full)", 1, 2048, 2048), ("prefill chunk 2048 @ ctx 4096", 1, 4096, 2048),
+              ("prefill 8 x 512 (full)", 8, 512, 512)]  # an offline mixed step's fresh prompts
     sweep_cases = {"decode B=1 ctx=4096", "decode B=32 ctx=1024", "decode B=128 ctx=4096", "prefill 2048 (full)"}
     out = Path(cli.out)
     out.parent.mkdir(parents=True, exist_ok=True)

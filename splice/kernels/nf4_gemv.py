@@ -19,7 +19,7 @@ Both Triton kernels stream a ``(BLOCK_N, NB, WPB)`` tile of int32 words a K step
 blocks of ``WPB = block_size / 8`` words per weight row, 16-byte loads; the next step's words,
 block statistics and activations are loaded before this step's arithmetic, so two steps' loads are
 in flight). Once the bytes stream, decoding is the cost: a 16-way lookup per weight. The compiler's
-lookup (extract, mask, 64-bit address, load) is ~5 instructions a weight; :func:`_lookup_asm` does it
+lookup (extract, mask, 64-bit address, load) is ~5 instructions a weight; :func:`splice.kernels.nf4_gemv2._lookup_asm` does it
 in 2-3 (``lut="shfl"``: every lane holds one of the 16 levels and ``shfl.idx`` fetches the level a
 code names, the word only shifted; ``lut="ldg"``: one ``prmt`` writes the code into the table
 address's low byte, one L1 load), so decoding can keep pace with reading 3.6x fewer bytes than bf16.
@@ -35,6 +35,10 @@ address's low byte, one L1 load), so decoding can keep pace with reading 3.6x fe
   ``x``'s dtype, the reference rounds level x absmax: both within half an ulp of ``x``'s dtype);
   with several, the fp32 products level x absmax are rounded once, as the reference does. fp32
   ``x`` uses IEEE dots.
+
+* ``gemv2`` (:mod:`splice.kernels.nf4_gemv2`, up to 4 rows of ``x`` a program): a thread owns whole
+  blocks of a few weight rows and x arrives in the codes' own layout (no shared memory in the loop);
+  per weight one shuffle and one fp32 FMA. Selectable by config; not (yet) the default.
 
 ``split_k > 1`` cuts K into that many ranges: each writes an fp32 partial sum and one small kernel
 adds them (and the bias) and casts: more programs for weights with few rows. Nothing syncs with
@@ -54,19 +58,23 @@ from torch import Tensor
 
 from splice.kernels import HAS_TRITON, as_rows, use_triton
 from splice.kernels.nf4 import dequantize_absmax_reference, dequantize_nf4, dequantize_nf4_reference
+from splice.kernels.nf4_gemv2 import gemv2_supports, launch_gemv2
 
-__all__ = ["GemvConfig", "default_config", "gemv_applies", "k_splits", "nf4_linear", "nf4_linear_reference"]
+__all__ = ["GemvConfig", "default_config", "gemv2_config", "gemv_applies", "k_splits", "nf4_linear",
+           "nf4_linear_reference"]
 
 _MAX_BLOCK_M = 64  # rows of x one dot program covers: beyond, the weight is decoded once per 64 rows
 
 
 @dataclass(frozen=True)
 class GemvConfig:
-    """Tiles of one call. ``kernel``: ``"gemv"`` or ``"dot"`` (module doc); ``block_n`` weight rows
-    per program; ``block_k`` weight columns per K step (a multiple of the block size); ``split_k``
-    K ranges summed afterwards (1: none); ``lut``: the level lookup, ``"shfl"``, ``"ldg"`` or
-    ``"plain"`` (module doc; Triton's interpreter always runs ``"plain"``); ``num_warps`` /
-    ``num_stages``: Triton's."""
+    """Tiles of one call. ``kernel``: ``"gemv"``, ``"dot"`` (module doc) or ``"gemv2"``
+    (:mod:`splice.kernels.nf4_gemv2`: up to 4 rows of x a program; ``block_k / block size`` a power of
+    two, ideally ``>= 32 * num_warps``; ``"shfl"`` or ``"plain"`` only; block sizes other than 32 / 64
+    run ``"gemv"``); ``block_n`` weight rows per program; ``block_k`` weight columns per K step (a
+    multiple of the block size); ``split_k`` K ranges summed afterwards (1: none); ``lut``: the level
+    lookup, ``"shfl"``, ``"ldg"`` or ``"plain"`` (module doc; Triton's interpreter always runs
+    ``"plain"``); ``num_warps`` / ``num_stages``: Triton's."""
 
     kernel: str
     block_n: int
@@ -113,6 +121,21 @@ def default_config(m: int, n: int, k: int, *, block_size: int, sms: int) -> Gemv
                       num_stages=2 if large and m >= 8 else 1, split_k=k_splits(programs, k // block_size, sms=sms))
 
 
+def gemv2_config(m: int, n: int, k: int, *, block_size: int, sms: int) -> GemvConfig:
+    """Untimed tiles for the gemv2 kernel at ``(M, N, K)`` (from offline sm_90 instruction counts only;
+    ``benchmarks/nf4_gemv.py`` sweeps them against :func:`default_config`): one block a lane, K in one
+    step over 2 warps where it has at most 64 blocks, else steps of 32 blocks over 1 warp (14,336 = 7 x
+    32 x 64); 8 weight rows a program (their x loaded once), halved down to 2 until the grid has ~12 warps
+    an SM to hide the loads' latency; no K split."""
+    blocks = max(1, k // block_size)
+    lanes = 64 if blocks <= 64 else 32
+    warps = lanes // 32
+    block_n = 8
+    while block_n > 2 and -(-n // block_n) * -(-m // 4) * warps < 12 * sms:
+        block_n //= 2
+    return GemvConfig(kernel="gemv2", block_n=block_n, block_k=block_size * lanes, lut="shfl", num_warps=warps)
+
+
 def gemv_applies(x: Tensor, *, shape: tuple[int, int], block_size: int) -> bool:
     """Whether :func:`nf4_linear` runs the Triton kernels for these activations and weight layout:
     Triton for ``x``'s device, a float dtype, and power-of-two blocks of whole int32 words (>= 8
@@ -135,40 +158,11 @@ def nf4_linear_reference(x: Tensor, packed: Tensor, code: Tensor, *, shape: tupl
     return F.linear(x, w, bias)
 
 
-_SHIFTS = tuple(8 * (j // 2) + (4 if j % 2 == 0 else 0) for j in range(8))  # code j of a word: its bits
-
-
-def _lookup_asm(mode: int) -> str:
-    """PTX for :func:`_levels`: one int32 word of packed codes (``$8``: bytes 4t..4t+3 of the row,
-    byte 0 in bits 0-7) and the address of the 16-entry fp32 table (``$9``) -> the word's 8 levels
-    ``$0..$7`` in column order (byte b's high nibble, then its low one).
-
-    ``mode`` 1 (``ldg``; the table 256-byte aligned): the nibbles are scaled to byte offsets a word at
-    a time (4 ops for 8 codes), one ``prmt`` a code writes the offset into the low byte of the
-    table's address, one load from L1 (3 instructions a code, with the copy of the address's high
-    word). ``mode`` 2 (``shfl``): lane ``l`` holds level ``l % 16`` (one load, the same in every call:
-    ptxas merges them into one a loop step) and a code is one ``shfl.idx`` from the lane it names (the
-    shuffle reads the lane's low 5 bits, so the word only needs shifting, not masking: 2 a code)."""
-    if mode == 1:
-        head = [".reg .b32 lo4, hi4, o, bl, bh;", ".reg .b64 p;", "mov.b64 {bl, bh}, $9;",
-                "shr.b32 hi4, $8, 2;", "and.b32 hi4, hi4, 0x3C3C3C3C;",
-                "shl.b32 lo4, $8, 2;", "and.b32 lo4, lo4, 0x3C3C3C3C;"]
-        body = [f"prmt.b32 o, {'hi4' if j % 2 == 0 else 'lo4'}, bl, {0x7650 + j // 2:#x};"
-                f" mov.b64 p, {{o, bh}}; ld.global.nc.f32 ${j}, [p];" for j in range(8)]
-    else:
-        head = [".reg .b32 l, t, s;", ".reg .b64 p;", "mov.u32 l, %laneid;", "and.b32 l, l, 15;",
-                "mad.wide.u32 p, l, 4, $9;", "ld.global.nc.f32 t, [p];"]
-        body = [(f"shr.b32 s, $8, {sh}; shfl.sync.idx.b32 ${j}, t, s, 0x1f, -1;" if sh else
-                 f"shfl.sync.idx.b32 ${j}, t, $8, 0x1f, -1;") for j, sh in enumerate(_SHIFTS)]
-    return "{\n" + "\n".join(head + body) + "\n}"
-
-
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    _LDG_ASM = tl.constexpr(_lookup_asm(1))
-    _SHFL_ASM = tl.constexpr(_lookup_asm(2))
+    from splice.kernels.nf4_gemv2 import levels as _levels
 
     @triton.jit
     def _span(N, K, K_SPLIT, BLOCK_N: tl.constexpr, WPB: tl.constexpr):
@@ -207,24 +201,6 @@ if HAS_TRITON:
         else:
             absmax = stat
         return absmax
-
-    @triton.jit
-    def _levels(words, code_ptr, LUT: tl.constexpr):
-        # int32 words -> the fp32 NF4 levels of their 8 codes, 8 tensors shaped as ``words``, in
-        # column order (byte 0's high nibble, its low nibble, byte 1's ...). LUT: 0 plain loads, 1 / 2
-        # the inline PTX of _lookup_asm
-        if LUT == 1:
-            return tl.inline_asm_elementwise(_LDG_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,l",
-                                             [words, code_ptr.to(tl.int64)], dtype=(tl.float32,) * 8,
-                                             is_pure=True, pack=1)
-        if LUT == 2:
-            return tl.inline_asm_elementwise(_SHFL_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,l",
-                                             [words, code_ptr.to(tl.int64)], dtype=(tl.float32,) * 8,
-                                             is_pure=True, pack=1)
-        return (tl.load(code_ptr + ((words >> 4) & 0xF)), tl.load(code_ptr + (words & 0xF)),
-                tl.load(code_ptr + ((words >> 12) & 0xF)), tl.load(code_ptr + ((words >> 8) & 0xF)),
-                tl.load(code_ptr + ((words >> 20) & 0xF)), tl.load(code_ptr + ((words >> 16) & 0xF)),
-                tl.load(code_ptr + ((words >> 28) & 0xF)), tl.load(code_ptr + ((words >> 24) & 0xF)))
 
     @triton.jit
     def _columns8(x, NB: tl.constexpr, WPB: tl.constexpr):
@@ -372,6 +348,10 @@ def _launch(x2: Tensor, words: Tensor, code: Tensor, stats: tuple[Tensor, ...], 
                   HAS_BIAS=bias is not None, LUT=_lut(config.lut, code), num_warps=config.num_warps,
                   num_stages=config.num_stages)
     args = (x2, words, *stats[:4], code, stats[4], code if bias is None else bias, out)
+    if config.kernel == "gemv2":
+        launch_gemv2(x2, words, code, stats, bias, out, n=n, k=k, k_split=k_split, block_size=block_size,
+                     block_n=config.block_n, block_k=config.block_k, lut=config.lut, num_warps=config.num_warps)
+        return
     n_tiles = triton.cdiv(n, config.block_n)
     if config.kernel == "gemv":
         _nf4_gemv_kernel[(n_tiles, m, config.split_k)](*args, n, k, k_split, x2.stride(0), out.stride(0),
@@ -383,12 +363,20 @@ def _launch(x2: Tensor, words: Tensor, code: Tensor, stats: tuple[Tensor, ...], 
         BLOCK_M=block_m, PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", **common)
 
 
-def _checked(config: GemvConfig, *, block_size: int) -> GemvConfig:
-    """``config`` as the kernels can run it (tl.dot's smallest tile side is 16), or one clear error."""
-    if (config.block_k % block_size or config.kernel not in ("gemv", "dot") or config.split_k < 1
+def _checked(config: GemvConfig, *, n: int, k: int, block_size: int) -> GemvConfig:
+    """``config`` as the kernels can run it (tl.dot's smallest tile side is 16; gemv2's blocks of 32 or 64
+    values a power of two a step, else the gemv kernel), or one clear error."""
+    if (config.block_k % block_size or config.kernel not in ("gemv", "gemv2", "dot") or config.split_k < 1
             or config.lut not in ("shfl", "ldg", "plain")):
-        raise ValueError(f"nf4_linear: {config} needs kernel 'gemv' or 'dot', lut 'shfl', 'ldg' or 'plain', "
-                         f"split_k >= 1 and block_k a multiple of the block size {block_size}")
+        raise ValueError(f"nf4_linear: {config} needs kernel 'gemv', 'gemv2' or 'dot', lut 'shfl', 'ldg' or "
+                         f"'plain', split_k >= 1 and block_k a multiple of the block size {block_size}")
+    if config.kernel == "gemv2":
+        steps = config.block_k // block_size
+        if config.lut == "ldg" or steps & (steps - 1):
+            raise ValueError(f"nf4_linear: {config}: gemv2 takes lut 'shfl' or 'plain' and block_k / block size "
+                             "a power of two")
+        if not gemv2_supports(n=n, k=k, block_size=block_size):
+            config = replace(config, kernel="gemv")
     if config.kernel == "dot":
         config = replace(config, block_n=max(16, config.block_n), block_k=max(16, config.block_k))
     return config
@@ -413,7 +401,7 @@ def nf4_linear(x: Tensor, packed: Tensor, code: Tensor, *, shape: tuple[int, int
     x2, words = as_rows(x), packed.view(torch.int32)
     m = x2.shape[0]
     config = _checked(config or default_config(m, n, k, block_size=block_size, sms=_sms(x.device)),
-                      block_size=block_size)
+                      n=n, k=k, block_size=block_size)
     k_steps = -(-k // config.block_k)
     k_split = -(-k_steps // config.split_k) * config.block_k  # columns per split, whole steps
     splits = -(-k // k_split)

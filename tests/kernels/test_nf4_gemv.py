@@ -1,6 +1,6 @@
-"""splice.kernels.nf4_gemv: the fused NF4 GEMV / small-M GEMM against a float64 product of the
-dequantized weight (and the dequantize + matmul reference), exactly placed weights, its lookups and
-fallbacks, and its wiring into NF4Tensor's matmuls.
+"""splice.kernels.nf4_gemv (and its gemv2 kernel, splice.kernels.nf4_gemv2): the fused NF4 GEMV / small-M
+GEMM against a float64 product of the dequantized weight (and the dequantize + matmul reference), exactly
+placed weights, its lookups and fallbacks, and its wiring into NF4Tensor's matmuls.
 
 The kernel tests need a GPU, or ``TRITON_INTERPRET=1`` set before pytest starts (then they run on
 CPU tensors in Triton's interpreter, with the plain lookups; they skip where Triton is not installed).
@@ -14,7 +14,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from splice.kernels import use_triton
-from splice.kernels.nf4_gemv import GemvConfig, default_config, k_splits, nf4_linear, nf4_linear_reference
+from splice.kernels.nf4_gemv import (
+    GemvConfig,
+    default_config,
+    gemv2_config,
+    k_splits,
+    nf4_linear,
+    nf4_linear_reference,
+)
 from splice.quant.linear import NF4Linear
 from splice.quant.nf4 import FUSED_MAX_ROWS, NF4Tensor, to_nf4
 from tests.numerics import DEVICES, GPU, HostSyncs, rel_err
@@ -26,6 +33,9 @@ TOL = {torch.float32: 1e-5, torch.float16: 1.5e-3, torch.bfloat16: 6e-3}
 GEMV = GemvConfig(kernel="gemv", block_n=16, block_k=128)  # two blocks a step, a partial row tile
 DOT1 = GemvConfig(kernel="dot", block_n=16, block_k=64)  # one block a step: absmax after the dot
 DOT2 = GemvConfig(kernel="dot", block_n=32, block_k=128)  # two blocks a step: absmax per weight
+GEMV2 = GemvConfig(kernel="gemv2", block_n=8, block_k=128, num_warps=1)  # two blocks a step, rows of x by 4
+GEMV2_1 = GemvConfig(kernel="gemv2", block_n=16, block_k=64, num_warps=1)  # one block a step
+GEMV2_W = GemvConfig(kernel="gemv2", block_n=4, block_k=512, num_warps=1)  # K in one step, lanes past it
 # (M, N, K, dtype, double-quantized, config): odd N; K a multiple of the 64-value block but not always
 # of block_k (a tail step); M from one row to a full 64-row dot tile; each kernel path in each dtype
 CASES = [
@@ -36,6 +46,11 @@ CASES = [
     (64, 40, 192, torch.bfloat16, False, DOT1), (7, 33, 320, torch.bfloat16, True, DOT2),
     (32, 19, 448, torch.float16, True, DOT2), (64, 37, 256, torch.float32, False, DOT2),
     (2, 35, 192, torch.bfloat16, False, DOT2),
+    (1, 37, 192, torch.bfloat16, True, GEMV2), (1, 37, 192, torch.float32, False, GEMV2),
+    (2, 19, 64, torch.float16, True, GEMV2), (3, 21, 320, torch.bfloat16, False, GEMV2),
+    (7, 33, 448, torch.bfloat16, True, GEMV2), (4, 35, 256, torch.float16, False, GEMV2_1),
+    (1, 40, 320, torch.float32, True, GEMV2_1), (1, 19, 448, torch.bfloat16, True, GEMV2_W),
+    (2, 21, 512, torch.float16, False, GEMV2_W),
 ]
 
 
@@ -89,7 +104,7 @@ def test_kernel_matches_reference(case: tuple[int, int, int, torch.dtype, bool, 
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("config", [GEMV, DOT1, DOT2], ids=lambda c: f"{c.kernel}{c.block_k}")
+@pytest.mark.parametrize("config", [GEMV, DOT1, DOT2, GEMV2], ids=lambda c: f"{c.kernel}{c.block_k}")
 def test_every_weight_lands_in_its_place(config: GemvConfig, device: str) -> None:
     """x = the identity: row j of the output is column j of W, each a single product level x absmax
     (exact in fp32): a swapped nibble, word, block or absmax shows as a wrong element, not as noise."""
@@ -102,7 +117,7 @@ def test_every_weight_lands_in_its_place(config: GemvConfig, device: str) -> Non
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kernel", ["gemv", "dot"])
+@pytest.mark.parametrize("kernel", ["gemv", "dot", "gemv2"])
 @pytest.mark.parametrize("split_k", [1, 2, 3])
 def test_bias_split_k_and_leading_dims(kernel: str, split_k: int, device: str) -> None:
     _kernel_or_skip(device)
@@ -112,6 +127,33 @@ def test_bias_split_k_and_leading_dims(kernel: str, split_k: int, device: str) -
     got = nf4_linear(x, t.packed, t.code, bias=bias, config=config, **_stats(t))  # type: ignore[arg-type]
     assert got.shape == (2, 1, 21)
     assert rel_err(got, _truth(x, t, bias)) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("block_size", [32, 128])
+def test_gemv2_block_sizes(block_size: int, device: str) -> None:
+    """Blocks of 32 values (4 words a block) run gemv2; blocks it does not take (128) run the gemv kernel."""
+    _kernel_or_skip(device)
+    g = torch.Generator().manual_seed(0)
+    t = to_nf4((torch.randn(21, 256, generator=g) * 0.05).to(device), block_size=block_size)
+    x = torch.randn(3, 256, device=device).to(torch.bfloat16)
+    config = GemvConfig(kernel="gemv2", block_n=8, block_k=2 * block_size, num_warps=1)
+    got = nf4_linear(x, t.packed, t.code, config=config, **_stats(t))  # type: ignore[arg-type]
+    assert rel_err(got, _truth(x, t)) < TOL[torch.bfloat16]
+
+
+def test_gemv2_config() -> None:
+    """gemv2's untimed tiles at the Llama-3-8B shapes on 132 SMs: K of 4,096 in one step of one 64-value block
+    a lane (2 warps), 14,336 in 7 steps of 32 blocks (1 warp); 8 rows a program, halved (to 2 at least) until
+    the grid has ~12 warps an SM; no K split."""
+    def tiles(m: int, n: int, k: int) -> tuple[object, ...]:
+        c = gemv2_config(m, n, k, block_size=64, sms=132)
+        return c.kernel, c.block_n, c.block_k, c.num_warps, c.split_k, c.lut
+    assert tiles(1, 14336, 4096) == ("gemv2", 8, 4096, 2, 1, "shfl")  # gate/up: 1,792 programs x 2 warps
+    assert tiles(1, 4096, 4096) == ("gemv2", 4, 4096, 2, 1, "shfl")  # q/o: 1,024 x 2
+    assert tiles(1, 4096, 14336) == ("gemv2", 2, 2048, 1, 1, "shfl")  # down: 2,048 x 1
+    assert tiles(4, 1024, 4096) == ("gemv2", 2, 4096, 2, 1, "shfl")  # k/v: 512 x 2, as small as it goes
+    assert gemv2_config(8, 14336, 4096, block_size=64, sms=132).block_n == 8
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -154,6 +196,10 @@ def test_bad_statistics_and_configs_are_named() -> None:
             nf4_linear(torch.randn(1, 64), t.packed, t.code, config=GemvConfig(kernel="dot", block_n=16,
                                                                                block_k=64, lut="smem"),
                        **_stats(t))  # type: ignore[arg-type]
+        for bad in (GemvConfig(kernel="gemv2", block_n=8, block_k=64, lut="ldg"),
+                    GemvConfig(kernel="gemv2", block_n=8, block_k=192)):
+            with pytest.raises(ValueError, match="gemv2 takes lut 'shfl' or 'plain'"):
+                nf4_linear(torch.randn(1, 256), t.packed, t.code, config=bad, **{**_stats(t), "shape": (2, 256)})  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -186,10 +232,12 @@ def _offset_by_one(t: Tensor) -> Tensor:
 
 @GPU
 @pytest.mark.parametrize("lut", ["shfl", "ldg", "plain"])
-@pytest.mark.parametrize("kernel", ["gemv", "dot"])
+@pytest.mark.parametrize("kernel", ["gemv", "dot", "gemv2"])
 def test_lookups_agree(kernel: str, lut: str) -> None:
     """The three level lookups give the same weights (exactly, in fp32 through the identity), also
     with a table that is not 256-byte aligned (``ldg`` then runs ``shfl``)."""
+    if kernel == "gemv2" and lut == "ldg":
+        pytest.skip("gemv2 has no ldg lookup")
     t = _weight(37, 128, double_quant=True, device="cuda")
     config = GemvConfig(kernel=kernel, block_n=16, block_k=64, lut=lut)
     eye = torch.eye(128, device="cuda")
@@ -212,11 +260,13 @@ def test_unaligned_codes_take_the_dequantize_path() -> None:
 @GPU
 @pytest.mark.parametrize("shape", [(1, 1024, 4096), (1, 4096, 14336), (3, 14336, 4096), (32, 1024, 4096),
                                    (64, 4096, 4160)], ids=lambda s: "x".join(map(str, s)))
-def test_llama_shapes_on_the_gpu(shape: tuple[int, int, int]) -> None:
+@pytest.mark.parametrize("kernel", ["default", "gemv2"])
+def test_llama_shapes_on_the_gpu(shape: tuple[int, int, int], kernel: str) -> None:
     m, n, k = shape
     t = _weight(n, k, double_quant=True, device="cuda")
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    got = nf4_linear(x, t.packed, t.code, **_stats(t))  # type: ignore[arg-type]
+    config = gemv2_config(m, n, k, block_size=64, sms=132) if kernel == "gemv2" else None
+    got = nf4_linear(x, t.packed, t.code, config=config, **_stats(t))  # type: ignore[arg-type]
     assert rel_err(got, _truth(x, t)) < TOL[torch.bfloat16]
 
 
