@@ -88,9 +88,9 @@ c_then_lora_tests() {  # c_then_lora_tests NAME SECONDS: config C beside PEFT, t
 }
 
 nf4_rows() {  # fin14: the one-row NF4 kernels' GPU tests, then gemv (the default) against gemv2 (new) on 8B shapes
-  gpu_tests nf4 60 tests/kernels/test_nf4_gemv.py
-  timeout 110 python3 benchmarks/nf4_gemv.py --rows 1,4 --kernels gemv,gemv2 --json "$OUT/nf4_gemv2.json" \
-    --budget 80 2>&1 | tee "$OUT/nf4_gemv2.txt" | tail -16
+  gpu_tests nf4 45 tests/kernels/test_nf4_gemv.py
+  timeout $((${NF4_S:-80} + 30)) python3 benchmarks/nf4_gemv.py --rows ${NF4_ROWS:-1,4} --kernels gemv,gemv2 \
+    --json "$OUT/nf4_gemv2.json" --budget ${NF4_S:-80} 2>&1 | tee "$OUT/nf4_gemv2.txt" | tail -16
 }
 
 planned_shrink() {  # ml14
@@ -100,7 +100,8 @@ planned_shrink() {  # ml14
 }
 
 offline_adapters() {  # off14
-  timeout 225 python3 benchmarks/serve.py --parts bandwidth,offline --offline-adapters 8,64 --limit-offline 210 \
+  timeout $((${OFF_S:-210} + 15)) python3 benchmarks/serve.py --parts bandwidth,offline --offline-adapters 8,64 \
+    --limit-offline ${OFF_S:-210} \
     --json "$OUT/serve.json" 2>&1 | grep -v "attention mask" | tee "$OUT/serve.txt" | grep -E "^offline|^\| [0-9]"
 }
 
@@ -414,7 +415,7 @@ fin14)  # session 14 last (~520 s): all14b's failures again (gguf now carried; t
   # test's engine takes 80% of the card), with the engine and serve suites; the offline run with 0 / 8 / 64 adapters
   # (host adapters off the card: next14's 64 ran out of memory); fresh prompts' attention, the paged kernel against
   # torch's FlashAttention varlen; the NF4 one-row kernels, gemv against the new gemv2 (default unchanged)
-  timeout -s KILL 130 python3 -m pytest -o addopts= -v -n 8 -p no:cacheprovider -p no:warnings -rfE --tb=short \
+  timeout -s KILL ${TEST_S:-130} python3 -m pytest -o addopts= -v -n 8 -p no:cacheprovider -p no:warnings -rfE --tb=short \
     tests/memory/test_tiled_mlp.py tests/test_layout.py tests/serve tests/engine tests/export \
     tests/models/test_gguf_header.py tests/models/test_loading.py tests/test_commands.py \
     tests/training/test_loop.py::test_cuda_graphs_follow_the_eager_trajectory \
@@ -422,10 +423,10 @@ fin14)  # session 14 last (~520 s): all14b's failures again (gguf now carried; t
     tests/test_cli.py::test_eval_samples_0_is_loss_only_with_or_without_data > "$OUT/tests-fin14.txt" 2>&1
   echo "tests (rc $?):"; grep -cE " PASSED " "$OUT/tests-fin14.txt"; grep -E " (FAILED|ERROR) " "$OUT/tests-fin14.txt" \
     | head -20; tail -1 "$OUT/tests-fin14.txt"
-  timeout 60 python3 benchmarks/paged_attention.py --out "$OUT/paged_attention.json" \
-    --cases "prefill 2048 (full),prefill 8 x 512 (full),prefill chunk 2048 @ ctx 4096" 2>&1 | tee "$OUT/pa.txt" | tail -9
   nf4_rows
-  offline_adapters ;;
+  offline_adapters
+  timeout 60 python3 benchmarks/paged_attention.py --out "$OUT/paged_attention.json" \
+    --cases "prefill 2048 (full),prefill 8 x 512 (full),prefill chunk 2048 @ ctx 4096" 2>&1 | tee "$OUT/pa.txt" | tail -9 ;;
 all14a|all14b)  # session 14 first (two calls, ~560 s each): the whole suite on the GPU in two halves (all13 ran
   # it in one and was cut at 94% by its limit, with 82 failures whose names never printed: -q names them only in
   # the final summary). -v names every result as it lands, so a cut run still says what failed. all13's failures
