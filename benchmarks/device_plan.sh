@@ -88,7 +88,7 @@ c_then_lora_tests() {  # c_then_lora_tests NAME SECONDS: config C beside PEFT, t
 }
 
 nf4_rows() {  # fin14: the one-row NF4 kernels' GPU tests, then gemv (the default) against gemv2 (new) on 8B shapes
-  gpu_tests nf4 45 tests/kernels/test_nf4_gemv.py
+  [ "${NF4_TEST_S:-45}" = 0 ] || gpu_tests nf4 ${NF4_TEST_S:-45} tests/kernels/test_nf4_gemv.py
   timeout $((${NF4_S:-80} + 30)) python3 benchmarks/nf4_gemv.py --rows ${NF4_ROWS:-1,4} --kernels gemv,gemv2 \
     --json "$OUT/nf4_gemv2.json" --budget ${NF4_S:-80} 2>&1 | tee "$OUT/nf4_gemv2.txt" | tail -16
 }
@@ -100,7 +100,7 @@ planned_shrink() {  # ml14
 }
 
 offline_adapters() {  # off14
-  timeout $((${OFF_S:-210} + 15)) python3 benchmarks/serve.py --parts bandwidth,offline --offline-adapters 8,64 \
+  timeout $((${OFF_S:-210} + 15)) python3 benchmarks/serve.py --parts bandwidth,offline --offline-adapters ${OFF_ADAPTERS:-8,64} \
     --limit-offline ${OFF_S:-210} \
     --json "$OUT/serve.json" 2>&1 | grep -v "attention mask" | tee "$OUT/serve.txt" | grep -E "^offline|^\| [0-9]"
 }
