@@ -41,6 +41,8 @@
 #   CALL=ml14 bash benchmarks/device_plan.sh      # then (~200 s): multi-LoRA shrink with a plan made once a step
 #   CALL=off14 bash benchmarks/device_plan.sh     # then (~230 s): offline throughput with 0 / 8 / 64 adapters
 #   CALL=next14 bash benchmarks/device_plan.sh    # ml14 then off14 in one call (~430 s: one machine start less)
+#   CALL=next15 bash benchmarks/device_plan.sh    # session 15 first (~560 s): fin14's unreached GPU tests, gemv2
+#                                                 # on every NF4 shape, offline with 0/8/64 adapters
 #   CALL=fin14 bash benchmarks/device_plan.sh     # session 14 last (~560 s): all14b's failures + engine/serve tests,
 #                                                 # offline with 0/8/64 adapters, prefill attention vs torch
 #                                                 # varlen, NF4 one-row kernels old vs new
@@ -411,6 +413,19 @@ off14)  # session 14 (~230 s): issue 26's adapter target where it is set, the of
   offline_adapters ;;
 next14)  # ml14 then off14 in one call (~430 s: one machine start less)
   planned_shrink; offline_adapters ;;
+next15)  # session 15 first (~560 s): what fin14 did not reach. The GPU tests it had not started (SIGTERM drain, DoRA
+  # serve, CLI, GGUF, graphs vs eager, the tiled MLP's GPU peak) with the NF4 kernels' tests, then gemv against gemv2 on
+  # every 8B shape at M 1 and 4 (fin14 timed q/o only: 1.15x), then offline with 0 / 8 / 64 adapters
+  timeout -s KILL 170 python3 -m pytest -o addopts= -v -n 8 -p no:cacheprovider -p no:warnings -rfE --tb=short \
+    tests/serve/test_hardening.py tests/serve/test_dora_serve.py tests/export tests/models/test_gguf_header.py \
+    tests/models/test_loading.py tests/test_commands.py tests/memory/test_tiled_mlp.py tests/kernels/test_nf4_gemv.py \
+    tests/training/test_loop.py::test_cuda_graphs_follow_the_eager_trajectory \
+    tests/test_cli.py::test_export_gguf_merged_and_adapter tests/test_cli.py::test_version_and_a_torch_free_command_line \
+    tests/test_cli.py::test_eval_samples_0_is_loss_only_with_or_without_data > "$OUT/tests-next15.txt" 2>&1
+  echo "tests (rc $?):"; grep -cE " PASSED " "$OUT/tests-next15.txt"; grep -E " (FAILED|ERROR) " "$OUT/tests-next15.txt" \
+    | head -20; tail -1 "$OUT/tests-next15.txt"
+  NF4_TEST_S=0 NF4_S=${NF4_S:-130} nf4_rows
+  offline_adapters ;;
 fin14)  # session 14 last (~520 s): all14b's failures again (gguf now carried; the K/V cache capped by need, so no
   # test's engine takes 80% of the card), with the engine and serve suites; the offline run with 0 / 8 / 64 adapters
   # (host adapters off the card: next14's 64 ran out of memory); fresh prompts' attention, the paged kernel against
