@@ -43,6 +43,8 @@
 #   CALL=next14 bash benchmarks/device_plan.sh    # ml14 then off14 in one call (~430 s: one machine start less)
 #   CALL=next15 bash benchmarks/device_plan.sh    # session 15 first (~560 s): fin14's unreached GPU tests, gemv2
 #                                                 # on every NF4 shape, offline with 0/8/64 adapters
+#   CALL=pa15 bash benchmarks/device_plan.sh      # session 15 (~400 s): paged attention's key loops pipelined
+#                                                 # (loop_stages) against the defaults, prefill and decode
 #   CALL=fin14 bash benchmarks/device_plan.sh     # session 14 last (~560 s): all14b's failures + engine/serve tests,
 #                                                 # offline with 0/8/64 adapters, prefill attention vs torch
 #                                                 # varlen, NF4 one-row kernels old vs new
@@ -413,6 +415,14 @@ off14)  # session 14 (~230 s): issue 26's adapter target where it is set, the of
   offline_adapters ;;
 next14)  # ml14 then off14 in one call (~430 s: one machine start less)
   planned_shrink; offline_adapters ;;
+pa15)  # session 15 (~200 s): paged attention with its key loops software-pipelined (loop_stages, new: the launch's
+  # num_stages never pipelined them, so earlier stage sweeps changed nothing) for prefill and decode, then its GPU tests
+  timeout 170 python3 benchmarks/paged_attention.py --sweep --out "$OUT/pa15.json" \
+    --cases "prefill 2048 (full),prefill 8 x 512 (full),decode B=32 ctx=1024,decode B=128 ctx=4096" 2>&1 \
+    | tee "$OUT/pa15.txt" | tail -40
+  timeout 140 python3 benchmarks/paged_attention.py --sweep --int8 --out "$OUT/pa15_int8.json" \
+    --cases "decode B=32 ctx=1024,decode B=128 ctx=4096" 2>&1 | tee "$OUT/pa15_int8.txt" | tail -12
+  gpu_tests pa15 90 tests/kernels/test_paged_attention.py ;;
 next15)  # session 15 first (~560 s): what fin14 did not reach. The GPU tests it had not started (SIGTERM drain, DoRA
   # serve, CLI, GGUF, graphs vs eager, the tiled MLP's GPU peak) with the NF4 kernels' tests, then gemv against gemv2 on
   # every 8B shape at M 1 and 4 (fin14 timed q/o only: 1.15x), then offline with 0 / 8 / 64 adapters

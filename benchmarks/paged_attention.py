@@ -183,25 +183,32 @@ def measure(label: str, batch: int, context: int, q_len: int, ceiling: float,
 
 
 def variants(decode: bool, *, int8: bool = False) -> list[KernelConfig | None]:
-    if decode and int8:  # around the int8 default (128 keys, 4 warps, 2 stages): the split of the context too
-        return [None] + [KernelConfig(block_q=4, block_n=n, num_warps=w, num_stages=st, min_partition=mp,
-                                      programs_per_sm=pps)
-                         for n, w, st, mp, pps in [(128, 4, 2, 128, 1), (128, 4, 2, 128, 4), (128, 4, 2, 128, 8),
-                                                   (128, 4, 2, 256, 4), (128, 4, 2, 512, 2), (128, 2, 2, 128, 2),
-                                                   (128, 8, 2, 128, 2), (256, 4, 2, 256, 2), (128, 4, 1, 128, 2),
-                                                   (128, 4, 3, 128, 2), (64, 2, 2, 128, 2), (256, 8, 2, 256, 4)]]
+    default = default_config(decode=decode, group=HQ // HKV, head_dim=D, int8=int8)
+    # the key loops software-pipelined (loop_stages; the launch's num_stages alone leaves them unpipelined)
+    piped = [replace(default, loop_stages=ls) for ls in (2, 3, 4)]
+    if decode and int8:
+        return [None, *piped] + [KernelConfig(block_q=4, block_n=n, num_warps=w, num_stages=st, min_partition=mp,
+                                              programs_per_sm=pps, loop_stages=ls)
+                                 for n, w, st, mp, pps, ls in [(128, 4, 2, 128, 2, 3), (64, 4, 2, 128, 2, 3),
+                                                               (128, 4, 2, 256, 4, 2)]]
     if decode:
-        return [None] + [KernelConfig(block_q=4, block_n=n, num_warps=w, num_stages=st, min_partition=mp)
-                         for n, w, st, mp in [(128, 4, 3, 128), (128, 4, 2, 128), (64, 4, 4, 128), (64, 4, 3, 64),
-                                              (32, 2, 4, 128), (128, 8, 3, 128), (256, 8, 2, 256)]]
-    return [None] + [KernelConfig(block_q=rows // 4, block_n=n, num_warps=w, num_stages=st)
-                     for rows, n, w, st in [(128, 32, 8, 2), (128, 32, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3),
-                                            (64, 32, 4, 2)]]
+        return [None, *piped] + [KernelConfig(block_q=4, block_n=n, num_warps=w, num_stages=st, min_partition=mp,
+                                              loop_stages=ls)
+                                 for n, w, st, mp, ls in [(128, 4, 3, 128, 0), (128, 4, 3, 128, 3), (32, 2, 4, 128, 4),
+                                                          (64, 4, 3, 64, 3), (128, 8, 3, 128, 3), (256, 8, 2, 256, 2)]]
+    # prefill: every variant keeps the default's unmasked steps below the causal edge (the sweep before
+    # session 14 built them without, so none could beat the default fairly)
+    return [None, *piped] + [KernelConfig(block_q=rows // 4, block_n=n, num_warps=w, num_stages=st,
+                                          unmasked_steps=True, loop_stages=ls)
+                             for rows, n, w, st, ls in [(128, 128, 8, 2, 2), (128, 128, 8, 3, 3), (128, 64, 4, 2, 3),
+                                                        (128, 32, 8, 2, 3), (64, 64, 4, 2, 3), (256, 64, 8, 2, 2),
+                                                        (128, 64, 8, 2, 0), (128, 128, 8, 2, 0)]]
 
 
 def row_line(r: dict) -> str:
     cfg = r.get("config")
     brief = (f"q{cfg['block_q']} n{cfg['block_n']} w{cfg['num_warps']} s{cfg['num_stages']} "
+             f"l{cfg.get('loop_stages', 0)} "
              f"p{cfg['min_partition']}x{cfg['programs_per_sm']}"
              + ("" if cfg.get("direct_decode", True) else " search")) if cfg else ""
     return (f"{r['case']:30} {r['impl']:18} {r['ms'] * 1e3:8.1f} {r['bandwidth_tb_s']:5.2f} {r['of_read']:7.1%} "
@@ -223,7 +230,8 @@ def main() -> None:
     cases += [("decode B=64 ctx=192", 64, 192, 1)]  # a GRPO rollout's (64 sequences, 64 + 128 tokens)
     cases += [("prefill 2048 (full)", 1, 2048, 2048), ("prefill chunk 2048 @ ctx 4096", 1, 4096, 2048),
               ("prefill 8 x 512 (full)", 8, 512, 512)]  # an offline mixed step's fresh prompts
-    sweep_cases = {"decode B=1 ctx=4096", "decode B=32 ctx=1024", "decode B=128 ctx=4096", "prefill 2048 (full)"}
+    sweep_cases = {"decode B=1 ctx=4096", "decode B=32 ctx=1024", "decode B=128 ctx=4096", "prefill 2048 (full)",
+                   "prefill 8 x 512 (full)"}
     out = Path(cli.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     print(f"{'case':30} {'impl':18} {'us':>8} {'TB/s':>5} {'of read':>7} {'TFLOP/s':>7} {'max err':>7}  config")

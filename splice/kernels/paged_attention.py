@@ -27,9 +27,8 @@ two >= 16 under masks: 80 and 96 too); fp16 / bf16 / fp32 (fp32: IEEE dots).
 int8 caches (:mod:`splice.kernels.kv_cache`: a scale per token and kv head, values token-major) run the
 dots in q's dtype on the codes: the keys' scales multiply the scores, the values' the probabilities.
 
-H200, Llama-3-8B heads (32 q / 8 kv x 128, bf16, block 16; benchmarks/paged_attention.py, CUDA graphs):
-decode batch 128 x 4,096 context 503 us = 4.27 TB/s (torch SDPA over dense un-paged tensors: 468 us),
-batch 32 x 1,024 43 us (SDPA 35), batch 1 x 4,096 13 us (SDPA 9.5); 2,048-token prefill 190 TFLOP/s (SDPA 417).
+H200, Llama-3-8B heads (bf16, block 16; benchmarks/paged_attention.py, CUDA graphs): decode 128 x 4,096 503 us
+= 4.27 TB/s (SDPA over dense tensors: 468), 32 x 1,024 43 us (SDPA 35); 2,048-token prefill 190 TFLOP/s (SDPA 417).
 
 :func:`paged_attention_reference` is plain PyTorch, one sequence at a time (each sequence's K/V
 gathered once, one masked fp32 attention per sequence); it is also the CPU path, except for decode
@@ -174,10 +173,9 @@ def paged_attention(
 ) -> Tensor:
     """Paged attention (module doc): the Triton kernels for CUDA tensors, the reference elsewhere.
 
-    ``max_query_len`` / ``max_seq_len`` are host upper bounds on ``L_b`` / ``n_b`` that size the
-    grid (any upper bound is correct). Returns ``(T, Hq, D)`` in q's dtype (``out`` when given).
-    int8 caches take their fp32 ``key_scale`` / ``value_scale`` (NB, BS, Hkv) (module doc).
-    """
+    ``max_query_len`` / ``max_seq_len`` are host upper bounds on ``L_b`` / ``n_b`` that size the grid (any upper
+    bound is correct). Returns ``(T, Hq, D)`` in q's dtype (``out`` when given). int8 caches take their fp32
+    ``key_scale`` / ``value_scale`` (NB, BS, Hkv) (module doc)."""
     kernels = triton is not None and use_triton(q, key_cache)
     scales = {"key_scale": key_scale, "value_scale": value_scale}
     if not kernels and max_query_len <= 1 and q.shape[0] == seq_lens.shape[0] and q.shape[0] > 1:
@@ -200,7 +198,8 @@ class KernelConfig:
     ``direct_decode``: in a decode call (``max_query_len <= 1``) tile ``b`` is sequence ``b``, one query
     token, found without the binary search over ``query_start_loc`` (a chain of dependent loads that
     every program of a short-context decode otherwise waits on first). ``split_decodes``: a call's one-query
-    sequences in a launch of their own, decode tiles (a prefill tile's rows past a decode's ``G`` compute nothing)."""
+    sequences in a launch of their own, decode tiles (a prefill tile's rows past a decode's ``G`` compute nothing).
+    ``loop_stages``: the key loops pipelined that deep (cp.async; at 0 not at all, whatever ``num_stages`` says)."""
 
     block_q: int
     block_n: int
@@ -211,6 +210,7 @@ class KernelConfig:
     unmasked_steps: bool = False
     direct_decode: bool = True
     split_decodes: bool = True
+    loop_stages: int = 0
 
 
 def _pow2(n: int) -> int:
@@ -288,8 +288,8 @@ def paged_attention_triton(
             ROWS=max(16, block_q * g_pad), BLOCK_N=cfg.block_n, BS=block_size, D=d, D_PAD=d_pad,
             SPLIT=partial is not None, SOFTCAP=softcap > 0, WINDOW=window > 0,
             IEEE=(q if quant else key_cache).dtype == torch.float32, UNMASKED=cfg.unmasked_steps and window == 0,
-            DIRECT=direct, QUANT=quant, ONLY=only, V_RUN=min(block_size, cfg.block_n), num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages)
+            DIRECT=direct, QUANT=quant, ONLY=only, V_RUN=min(block_size, cfg.block_n), LOOP_STAGES=cfg.loop_stages,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     if split:  # the decodes, one pass over its context each (no partitions; the reduce skips them)
         launch(default_config(decode=True, group=group, head_dim=d, int8=quant), (seqs, hkv, 1), 1, direct=True, only=1,
@@ -398,6 +398,7 @@ if triton is not None:
         ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
         SPLIT: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, IEEE: tl.constexpr,
         UNMASKED: tl.constexpr, DIRECT: tl.constexpr, QUANT: tl.constexpr, ONLY: tl.constexpr, V_RUN: tl.constexpr,
+        LOOP_STAGES: tl.constexpr,
     ):
         # program (tile, kv head h, partition): rows r = (query m = r // G_PAD, head h * GROUP + r % G_PAD)
         tile, h, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -448,12 +449,12 @@ if triton is not None:
         stride_st = tl.num_programs(1)
         stride_sb = BS * stride_st
         if UNMASKED:  # (a constexpr branch: without it the kernel has one loop)
-            for start in range(key_begin, full_end, BLOCK_N):
+            for start in tl.range(key_begin, full_end, BLOCK_N, num_stages=LOOP_STAGES or None):  # (KernelConfig)
                 acc, m_i, l_i = _keys_step(acc, m_i, l_i, q, start, key_end, pos, table, k_at, v_at, ks_at, vs_at,
                                            dd, d_ok, window, qk_scale, cap, stride_kb, stride_kt, stride_vb,
                                            stride_vt, stride_vd, stride_sb, stride_st, BLOCK_N, BS, SOFTCAP,
                                            WINDOW, IEEE, False, QUANT, V_RUN)
-        for start in range(full_end, key_end, BLOCK_N):
+        for start in tl.range(full_end, key_end, BLOCK_N, num_stages=LOOP_STAGES or None):
             acc, m_i, l_i = _keys_step(acc, m_i, l_i, q, start, key_end, pos, table, k_at, v_at, ks_at, vs_at,
                                        dd, d_ok, window, qk_scale, cap, stride_kb, stride_kt, stride_vb,
                                        stride_vt, stride_vd, stride_sb, stride_st, BLOCK_N, BS, SOFTCAP,

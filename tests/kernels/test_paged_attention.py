@@ -159,7 +159,10 @@ CONFIGS = [KernelConfig(block_q=2, block_n=32, num_warps=4, num_stages=2, min_pa
            KernelConfig(block_q=1, block_n=128, num_warps=4, num_stages=1, min_partition=128, programs_per_sm=64),
            KernelConfig(block_q=16, block_n=16, num_warps=4, num_stages=1, unmasked_steps=True),
            KernelConfig(block_q=4, block_n=32, num_warps=4, num_stages=1, unmasked_steps=True, min_partition=64,
-                        programs_per_sm=64)]
+                        programs_per_sm=64),
+           # both key loops software-pipelined (tl.range num_stages), with partitions
+           KernelConfig(block_q=4, block_n=32, num_warps=4, num_stages=1, unmasked_steps=True, min_partition=64,
+                        programs_per_sm=64, loop_stages=3)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -320,8 +323,8 @@ def test_int8_caches_attend_over_the_dequantized_keys(spec, path: str, device: s
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("config", [None, CONFIGS[0], CONFIGS[3], KernelConfig(block_q=4, block_n=16, num_warps=4,
-                                                                                num_stages=2, unmasked_steps=True)])
+@pytest.mark.parametrize("config", [None, CONFIGS[0], CONFIGS[3], CONFIGS[4],
+                                    KernelConfig(block_q=4, block_n=16, num_warps=4, num_stages=2, unmasked_steps=True)])
 def test_the_triton_path_over_int8_matches_the_reference(config: KernelConfig | None, dtype: torch.dtype,
                                                           device: str) -> None:
     """Default tiles; 32-key steps over partitions (two runs of a 16-token block's values a step); unmasked steps;
