@@ -428,6 +428,7 @@ next15)  # session 15 first (~560 s): what fin14 did not reach. The GPU tests it
   # every 8B shape at M 1 and 4 (fin14 timed q/o only: 1.15x), then offline with 0 / 8 / 64 adapters
   timeout -s KILL 170 python3 -m pytest -o addopts= -v -n 8 -p no:cacheprovider -p no:warnings -rfE --tb=short \
     tests/serve/test_hardening.py tests/serve/test_dora_serve.py tests/export tests/models/test_gguf_header.py \
+    tests/engine/test_gpu_paths_engine.py \
     tests/models/test_loading.py tests/test_commands.py tests/memory/test_tiled_mlp.py tests/kernels/test_nf4_gemv.py \
     tests/training/test_loop.py::test_cuda_graphs_follow_the_eager_trajectory \
     tests/test_cli.py::test_export_gguf_merged_and_adapter tests/test_cli.py::test_version_and_a_torch_free_command_line \

@@ -241,6 +241,8 @@ def _version() -> str:
             return str(tomllib.loads(pyproject.read_text())["project"]["version"]) + "+source"
         except (OSError, KeyError, tomllib.TOMLDecodeError):
             return "unknown (not installed)"
+
+
 def _add_serve_parser(sub: Any) -> None:
     p = sub.add_parser("serve", help="serve a base model and adapters on an OpenAI-compatible API")
     p.add_argument("--model", default=None, help="base model (default: embedded SmolLM2-135M)")

@@ -187,7 +187,7 @@ def _token_buckets(max_tokens: int) -> list[int]:
 
 class ModelRunner:
     """Runs scheduler steps on ``model`` (see module docstring). The cache holds ``num_blocks`` blocks (default:
-    ``kv_memory`` of the free GPU memory, or ``max_seqs x max_len`` tokens on the CPU). ``bank`` / ``sites``:
+    ``max_seqs x max_len`` tokens; on CUDA up to ``KV_ROOM`` x that within ``kv_memory`` of the free memory). ``bank`` / ``sites``:
     serve's adapter bank, routed per token by slot; without one, a step may route the model's own LoRA
     layers by name. ``max_tokens``: the most tokens of a step (the scheduler's token budget; the input
     buffers grow past it if needed). ``kv_dtype``: ``"auto"`` (the model's dtype) or ``"int8"`` (module doc)."""

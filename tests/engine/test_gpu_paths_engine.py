@@ -17,7 +17,7 @@ import torch
 
 from splice.engine.constraints import regex
 from splice.engine.engine import Engine, Request
-from splice.engine.runner import _buckets
+from splice.engine.runner import KV_ROOM, _buckets
 from splice.engine.sampling import SamplingParams
 from tests import tiny
 from tests.numerics import GPU
@@ -237,3 +237,15 @@ def test_decode_gemms_of_few_rows_run_the_gemv_kernel_and_give_cublas_tokens(tin
     assert len(shapes) == 5, shapes  # q/k/v, o, gate/up, down, the head: one weight shape each
     monkeypatch.setattr(gemv_module, "gemv_applies", lambda *args, **kwargs: False)
     assert greedy() == with_gemv
+
+
+@GPU
+def test_the_default_kv_cache_is_sized_by_need_not_by_the_free_memory(tiny_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """Without kv_blocks a small model's cache holds KV_ROOM x (max_seqs x max_len) tokens (+1 scratch block), not
+    kv_memory of the card (a server beside other processes once took 80% of it); a small kv_memory caps it lower
+    (1e-6 of 2-257 GB free: 2-257 of these 1 KiB blocks)."""
+    model = tiny.build_tiny_llama(len(tiny_tokenizer), seed=3).cuda()
+    engine = Engine(model, tiny_tokenizer, max_seqs=4, max_len=64, block_size=4, cuda_graphs=False)
+    assert engine.runner.num_blocks == KV_ROOM * 4 * 16 + 1
+    tight = Engine(model, tiny_tokenizer, max_seqs=4, max_len=64, block_size=4, cuda_graphs=False, kv_memory=1e-6)
+    assert tight.runner.num_blocks < KV_ROOM * 4 * 16 + 1
