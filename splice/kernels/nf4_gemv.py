@@ -19,8 +19,8 @@ Both Triton kernels stream a ``(BLOCK_N, NB, WPB)`` tile of int32 words a K step
 blocks of ``WPB = block_size / 8`` words per weight row, 16-byte loads; the next step's words,
 block statistics and activations are loaded before this step's arithmetic, so two steps' loads are
 in flight). Once the bytes stream, decoding is the cost: a 16-way lookup per weight. The compiler's
-lookup (extract, mask, 64-bit address, load) is ~5 instructions a weight; :func:`splice.kernels.nf4_gemv2._lookup_asm` does it
-in 2-3 (``lut="shfl"``: every lane holds one of the 16 levels and ``shfl.idx`` fetches the level a
+lookup (extract, mask, 64-bit address, load) is ~5 instructions a weight; the inline PTX of
+:func:`splice.kernels.nf4_gemv2.levels` does it in 2-3 (``lut="shfl"``: every lane holds one of the 16 levels and ``shfl.idx`` fetches the level a
 code names, the word only shifted; ``lut="ldg"``: one ``prmt`` writes the code into the table
 address's low byte, one L1 load), so decoding can keep pace with reading 3.6x fewer bytes than bf16.
 
@@ -343,15 +343,15 @@ def _lut(lut: str, code: Tensor) -> int:
 def _launch(x2: Tensor, words: Tensor, code: Tensor, stats: tuple[Tensor, ...], bias: Tensor | None,
             out: Tensor, *, n: int, k: int, k_split: int, block_size: int, config: GemvConfig) -> None:
     """One kernel launch writing ``out`` (split, M, N): module doc. ``words``: the packed codes as int32."""
-    m, nb = x2.shape[0], config.block_k // block_size
-    common = dict(WPB=block_size // 8, NB=nb, BLOCK_N=config.block_n, DOUBLE=stats[0] is code,  # absmax unused
-                  HAS_BIAS=bias is not None, LUT=_lut(config.lut, code), num_warps=config.num_warps,
-                  num_stages=config.num_stages)
-    args = (x2, words, *stats[:4], code, stats[4], code if bias is None else bias, out)
+    lut = _lut(config.lut, code)
     if config.kernel == "gemv2":
         launch_gemv2(x2, words, code, stats, bias, out, n=n, k=k, k_split=k_split, block_size=block_size,
-                     block_n=config.block_n, block_k=config.block_k, lut=config.lut, num_warps=config.num_warps)
+                     block_n=config.block_n, block_k=config.block_k, lut=lut, num_warps=config.num_warps)
         return
+    m, nb = x2.shape[0], config.block_k // block_size
+    common = dict(WPB=block_size // 8, NB=nb, BLOCK_N=config.block_n, DOUBLE=stats[0] is code,  # absmax unused
+                  HAS_BIAS=bias is not None, LUT=lut, num_warps=config.num_warps, num_stages=config.num_stages)
+    args = (x2, words, *stats[:4], code, stats[4], code if bias is None else bias, out)
     n_tiles = triton.cdiv(n, config.block_n)
     if config.kernel == "gemv":
         _nf4_gemv_kernel[(n_tiles, m, config.split_k)](*args, n, k, k_split, x2.stride(0), out.stride(0),

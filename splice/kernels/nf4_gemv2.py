@@ -36,8 +36,6 @@ interpreter runs the plain lookups (a ``tl.load`` of the 16-entry table).
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
@@ -267,23 +265,23 @@ def gemv2_supports(*, n: int, k: int, block_size: int) -> bool:
 
 def launch_gemv2(x2: Tensor, words: Tensor, code: Tensor, stats: tuple[Tensor, ...], bias: Tensor | None,
                  out: Tensor, *, n: int, k: int, k_split: int, block_size: int, block_n: int, block_k: int,
-                 lut: str, num_warps: int) -> None:
+                 lut: int, num_warps: int) -> None:
     """One launch writing ``out`` ``(splits, M, N)`` (module doc) for ``x2`` ``(M, K)`` (rows contiguous) and the
     packed codes as int32 ``words``. ``stats``: the (absmax, qabsmax, scale2, offset, code2) pointers, ``code``
     standing in for the unused ones (double quantization when absmax is ``code``); ``k_split`` columns a K
     split (a multiple of ``block_k``); ``block_n`` weight rows and ``block_k`` columns (``block_k /
-    block_size`` a power of two) a program step; ``lut``: ``"shfl"`` or ``"plain"`` (the interpreter runs
-    plain). Up to 4 rows of x share a program's decoded levels."""
+    block_size`` a power of two) a program step; ``lut``: :func:`levels`' switch, 2 the shuffle or 0 plain loads
+    (nf4_gemv's ``_lut``: plain in the interpreter; 1, ``ldg``, is refused before). Up to 4 rows of x share a
+    program's decoded levels."""
     m = x2.shape[0]
     block_m = min(4, 1 << max(0, m - 1).bit_length())
     absmax, qabsmax, scale2, offset, code2 = stats
     # bf16 pairs as int32 need 4-byte aligned rows: torch's allocations and even row strides are
     bf16_pairs = x2.dtype == torch.bfloat16 and x2.data_ptr() % 4 == 0 and x2.stride(0) % 2 == 0
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), out.shape[0])
     _nf4_gemv2_kernel[grid](
         x2, words, absmax, qabsmax, scale2, offset, code, code2, code if bias is None else bias, out,
         m, n, k // 8, k_split // block_size, x2.stride(0), out.stride(0),
         BLOCK_N=block_n, BLOCK_M=block_m, KB=block_k // block_size, WPB=block_size // 8,
-        DOUBLE=absmax is code, HAS_BIAS=bias is not None, LUT=0 if interpreted or lut == "plain" else 2,
+        DOUBLE=absmax is code, HAS_BIAS=bias is not None, LUT=lut,
         XK=1 if bf16_pairs else 0, PREFETCH=k_split > block_k, num_warps=num_warps, num_stages=1)

@@ -192,7 +192,7 @@ def _versions(x: Tensor, slots: Tensor) -> tuple[int, int, bool]:
 
 _LAST_SHRINK: ContextVar[_LastShrink | None] = ContextVar("splice_bank_last_shrink", default=None)
 
-Memo = Callable[[Hashable, Callable[[], Tensor]], Tensor]  # a call's Route.memo
+Memo = Callable[[Hashable, Callable[[], tuple[Tensor, Tensor]]], tuple[Tensor, Tensor]]  # a call's Route.memo (slots, plan)
 
 
 def _linear_shape(module: nn.Module) -> tuple[int, int]:
@@ -362,12 +362,15 @@ class LoraBank:
     def _planned(self, slots: Tensor, row_len: int, tokens: int, memo: Memo | None) -> tuple[Tensor, Tiles, Tensor | None]:
         """The per-token slots of a call's ``tokens``, the kernels' launch shape for them, and their tile plan
         from ``memo`` (made by the call's first shrink, None without a memo)."""
-        per_token = slots if row_len == 1 else slots.repeat_interleave(row_len)
         tiles = tiles_for(tokens, 0)  # the shape depends on the token count alone
         if memo is None:
-            return per_token, tiles, None
-        plan = memo(("multi-LoRA tile plan", row_len, tokens, tiles, self.capacity),
-                    lambda: plan_tiles(per_token, capacity=self.capacity, tiles=tiles))
+            return (slots if row_len == 1 else slots.repeat_interleave(row_len)), tiles, None
+
+        def make() -> tuple[Tensor, Tensor]:  # once a call: every projection of every layer reads them
+            per_token = slots if row_len == 1 else slots.repeat_interleave(row_len)
+            return per_token, plan_tiles(per_token, capacity=self.capacity, tiles=tiles)
+
+        per_token, plan = memo(("multi-LoRA tile plan", row_len, tokens, tiles, self.capacity), make)
         return per_token, tiles, plan
 
     def _shrink(self, path: str, x: Tensor, slots: Tensor, row_len: int, memo: Memo | None) -> tuple[Shrunk, int]:
