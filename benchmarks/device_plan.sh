@@ -43,6 +43,8 @@
 #   CALL=next14 bash benchmarks/device_plan.sh    # ml14 then off14 in one call (~430 s: one machine start less)
 #   CALL=next15 bash benchmarks/device_plan.sh    # session 15 first (~560 s): fin14's unreached GPU tests, gemv2
 #                                                 # on every NF4 shape, offline with 0/8/64 adapters
+#   CALL=fresh15 bash benchmarks/device_plan.sh   # session 15 (~330 s): fresh prompts through cuDNN's ragged attention
+#                                                 # (tests, kernel times, a mixed step, offline paged vs dense)
 #   CALL=pa15 bash benchmarks/device_plan.sh      # session 15 (~400 s): paged attention's key loops pipelined
 #                                                 # (loop_stages) against the defaults, prefill and decode
 #   CALL=fin14 bash benchmarks/device_plan.sh     # session 14 last (~560 s): all14b's failures + engine/serve tests,
@@ -103,9 +105,9 @@ planned_shrink() {  # ml14
   gpu_tests ml14 60 tests/kernels/test_multi_lora.py tests/lora/test_bank.py
 }
 
-offline_adapters() {  # off14
-  timeout $((${OFF_S:-210} + 15)) python3 benchmarks/serve.py --parts bandwidth,offline --offline-adapters ${OFF_ADAPTERS:-8,64} \
-    --limit-offline ${OFF_S:-210} \
+offline_adapters() {  # off14; extra arguments go to serve.py
+  timeout $((${OFF_S:-210} + 15)) python3 benchmarks/serve.py --parts bandwidth,offline \
+    --offline-adapters "${OFF_ADAPTERS-8,64}" --limit-offline ${OFF_S:-210} "$@" \
     --json "$OUT/serve.json" 2>&1 | grep -v "attention mask" | tee "$OUT/serve.txt" | grep -E "^offline|^\| [0-9]"
 }
 
@@ -415,6 +417,15 @@ off14)  # session 14 (~230 s): issue 26's adapter target where it is set, the of
   offline_adapters ;;
 next14)  # ml14 then off14 in one call (~430 s: one machine start less)
   planned_shrink; offline_adapters ;;
+fresh15)  # session 15 (~330 s): fresh prompts (no cached prefix) through cuDNN's ragged attention over the step's own
+  # K/V (splice.kernels.fresh_attention, the engine's fresh_attention="dense"; new, CPU- and interpreter-tested only):
+  # its GPU tests (cuDNN here at all, GQA, CUDA-graph replay, the engine's graphs), its time against the paged kernel
+  # on fresh prompts and on an offline mixed step, then the offline run with fresh_attention paged and dense
+  gpu_tests fresh15 100 tests/kernels/test_fresh_attention.py tests/kernels/test_rope_cache.py \
+    tests/kernels/test_paged_attention.py "tests/engine/test_runner.py::test_fresh_prompts_through_cudnn_match_the_paged_kernel_in_cuda_graphs"
+  timeout 70 python3 benchmarks/paged_attention.py --out "$OUT/fresh15.json" \
+    --cases "prefill 2048 (full),prefill 8 x 512 (full),mixed step" 2>&1 | tee "$OUT/fresh15.txt" | tail -14
+  OFF_S=${OFF_S:-150} OFF_ADAPTERS=${OFF_ADAPTERS:-} offline_adapters --offline-fresh paged,dense ;;
 pa15)  # session 15 (~200 s): paged attention with its key loops software-pipelined (loop_stages, new: the launch's
   # num_stages never pipelined them, so earlier stage sweeps changed nothing) for prefill and decode, then its GPU tests
   timeout 170 python3 benchmarks/paged_attention.py --sweep --out "$OUT/pa15.json" \

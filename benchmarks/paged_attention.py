@@ -10,7 +10,10 @@ prefill chunk (a full prefill and a chunk after 2,048 cached tokens). Each call 
 read + q read + out written, over the time; the ceiling is the measured read bandwidth (a sum over
 2 GiB; a device-to-device copy, read + write, is reported beside it).
 The peer is torch SDPA over dense (un-paged) tensors, timed the same way; full prefills also against torch's
-FlashAttention varlen (``torch.nn.attention.varlen``, where this torch has it) over flat fresh prompts. ``--sweep`` also times
+FlashAttention varlen (``torch.nn.attention.varlen``, where this torch has it) over flat fresh prompts, and splice's
+own path for them, ``fresh_attention`` (cuDNN's ragged kernel over the step's dense K/V; also with the engine's loose
+``max_query_len`` bound). "mixed step" is an offline run's step with prompts (16 fresh prompts of 500 tokens and 240
+decodes at 600): the paged kernel alone against fresh_attention + the paged kernel with ``skip_fresh``. ``--sweep`` also times
 tile-size variants of the kernel. Each kernel result is checked against the plain reference. ``--int8``: the
 caches as int8 codes with a scale per token and head (splice.kernels.kv_cache; its bytes are codes + scales),
 decode cases only (``--cases`` picks some by label).
@@ -29,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from splice.kernels.fresh_attention import cudnn_unusable, fresh_attention
 from splice.kernels.kv_cache import kv_caches, write_kv
 from splice.kernels.paged_attention import (
     KernelConfig,
@@ -173,12 +177,92 @@ def measure(label: str, batch: int, context: int, q_len: int, ceiling: float,
         rows.append(dict(case=label, impl="torch varlen_attn", ms=ms, bandwidth_tb_s=moved / ms * 1e-9,
                          of_read=moved / ms * 1e3 / ceiling, tflops=flops / ms * 1e-9,
                          max_abs_err=float((got.float() - want.float()).abs().max())))
+    if q_len == context:
+        rows += fresh_rows(label, args, batch, context, want, moved, flops, ceiling)
     peer = dense_peer(args, batch, context, q_len)
     ms = graph_ms(peer)
     got = peer().transpose(1, 2).reshape(-1, HQ, D)
     rows.append(dict(case=label, impl="torch sdpa (dense)", ms=ms, bandwidth_tb_s=moved / ms * 1e-9,
                      of_read=moved / ms * 1e3 / ceiling, tflops=flops / ms * 1e-9,
                      max_abs_err=float((got.float() - want.float()).abs().max())))
+    return rows
+
+
+def fresh_rows(label: str, args: dict, batch: int, context: int, want: Tensor, moved: float, flops: float,
+               ceiling: float) -> list[dict]:
+    """splice's fresh-prompt path (splice.kernels.fresh_attention) over the prompts' dense K/V: with the exact
+    max_query_len and with the engine's graph bound (8,192: a mixed step's token bucket)."""
+    if (why := cudnn_unusable(device=torch.device("cuda"), dtype=DTYPE, heads=(HQ, HKV), head_dim=D)) is not None:
+        print(f"{label}: fresh_attention (cuDNN) not run: {why}")
+        return []
+    flat = args["block_tables"].long()
+    k, v = (args[c][flat].flatten(1, 2)[:, :context].flatten(0, 1).contiguous() for c in ("key_cache", "value_cache"))
+    rows = []
+    for bound in (context, 8192):
+        def run(bound: int = bound) -> Tensor:
+            return fresh_attention(args["q"], k, v, query_start_loc=args["query_start_loc"], max_query_len=bound,
+                                   scale=D**-0.5)
+        try:
+            ms = graph_ms(run)
+        except Exception as error:  # not capturable on this build: say so
+            print(f"{label}: fresh_attention in a CUDA graph failed: {str(error).splitlines()[0][:200]}")
+            continue
+        rows.append(dict(case=label, impl=f"fresh (cudnn) <={bound}", ms=ms, bandwidth_tb_s=moved / ms * 1e-9,
+                         of_read=moved / ms * 1e3 / ceiling, tflops=flops / ms * 1e-9,
+                         max_abs_err=float((run().float() - want.float()).abs().max())))
+    return rows
+
+
+def mixed_step_rows(ceiling: float, *, prompts: int = 16, prompt_len: int = 500, decodes: int = 240,
+                    context: int = 600) -> list[dict]:
+    """An offline step with prompts: ``prompts`` fresh prompts and ``decodes`` one-token decodes at ``context``, in one
+    call with the engine's graph bounds (max_query_len 1,024, max_seq_len 1,501): the paged kernel for all, against
+    fresh_attention for the prompts + the paged kernel for the decodes (``skip_fresh``)."""
+    lens = [(prompt_len, prompt_len)] * prompts + [(context, 1)] * decodes
+    per = [-(-n // BS) for n, _ in lens]
+    num_blocks = sum(per) + 1
+    order = (torch.randperm(num_blocks - 1, device="cuda") + 1).to(torch.int32)
+    tables = torch.zeros(len(lens), max(per), dtype=torch.int32, device="cuda")
+    at = 0
+    for b, blocks in enumerate(per):
+        tables[b, :blocks] = order[at: at + blocks]
+        at += blocks
+    caches = [torch.randn(num_blocks, BS, HKV, D, device="cuda", dtype=DTYPE) for _ in range(2)]
+    starts = torch.tensor([0] + [q for _, q in lens], device="cuda").cumsum(0).to(torch.int32)
+    tokens = int(starts[-1])
+    args = dict(q=torch.randn(tokens, HQ, D, device="cuda", dtype=DTYPE), key_cache=caches[0], value_cache=caches[1],
+                block_tables=tables, seq_lens=torch.tensor([n for n, _ in lens], device="cuda", dtype=torch.int32),
+                query_start_loc=starts, max_query_len=1024, max_seq_len=1501)
+    # the step's own K/V, dense: each sequence's last L_b keys (what rope_write_kv's kv_out holds)
+    step_kv = [torch.cat([c[tables[b, (n - q) // BS: -(-n // BS)].long()].flatten(0, 1)[(n - q) % BS: (n - q) % BS + q]
+                          for b, (n, q) in enumerate(lens)]) for c in caches]
+    want = paged_attention_reference(**args, scale=D**-0.5)
+    attended = sum(q * (n - q) + q * (q + 1) // 2 for n, q in lens)
+    moved = 2 * sum(n for n, _ in lens) * HKV * D * 2 + 2 * tokens * HQ * D * 2
+    label = f"mixed step {prompts}x{prompt_len} + {decodes} decodes"
+    out = torch.empty_like(args["q"])
+
+    def paged() -> Tensor:
+        return paged_attention_triton(**args, scale=D**-0.5, out=out)
+
+    def split() -> Tensor:
+        fresh = fresh_attention(args["q"], *step_kv, query_start_loc=starts, max_query_len=1024, scale=D**-0.5)
+        return paged_attention_triton(**args, scale=D**-0.5, out=fresh, skip_fresh=True)
+
+    rows = []
+    for impl, fn in (("splice paged", paged), ("fresh (cudnn) + paged", split)):
+        if impl != "splice paged" and (why := cudnn_unusable(device=torch.device("cuda"), dtype=DTYPE, heads=(HQ, HKV),
+                                                             head_dim=D)) is not None:
+            print(f"{label}: fresh_attention (cuDNN) not run: {why}")
+            continue
+        try:
+            ms = graph_ms(fn)
+        except Exception as error:
+            print(f"{label}: {impl} failed: {str(error).splitlines()[0][:200]}")
+            continue
+        rows.append(dict(case=label, impl=impl, ms=ms, bandwidth_tb_s=moved / ms * 1e-9,
+                         of_read=moved / ms * 1e3 / ceiling, tflops=4 * attended * HQ * D / ms * 1e-9,
+                         max_abs_err=float((fn().float() - want.float()).abs().max())))
     return rows
 
 
@@ -249,6 +333,14 @@ def main() -> None:
                                            date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                            copy_bandwidth_tb_s=copy / 1e12,
                                            read_bandwidth_tb_s=ceiling / 1e12, rows=rows), indent=1))
+    if not cli.int8 and (not chosen or "mixed step" in chosen):
+        for r in mixed_step_rows(ceiling):
+            rows.append(r)
+            print(row_line(r), flush=True)
+        out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                                       date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                       copy_bandwidth_tb_s=copy / 1e12, read_bandwidth_tb_s=ceiling / 1e12,
+                                       rows=rows), indent=1))
     print("wrote", out)
 
 

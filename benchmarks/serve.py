@@ -24,6 +24,8 @@ its own time limit (``--limit-PART`` seconds: a part that runs out keeps the row
   ``--offline-adapters`` distinct r16 all-linear adapters (requests round-robin over them, all
   resident in a :class:`~splice.lora.bank.LoraBank`): output tok/s and the ratio to 0 adapters. A run
   that reaches its share of the time limit stops there (``truncated``) and counts what it generated.
+  ``--offline-fresh paged,dense`` repeats the runs with each engine ``fresh_attention`` (prompts with no cached
+  prefix through the paged kernel, or cuDNN's dense kernel over the step's own K/V).
 - ``http``: ``splice.serve`` (Service + uvicorn, in this process) under open-loop Poisson load at
   rising ``--http-rates``, streamed over SSE by httpx in a separate client process (so the client
   does not share the server's GIL); offered vs delivered tok/s, TTFT and inter-token latency
@@ -76,7 +78,7 @@ FULL: dict[str, Any] = dict(
     decode_batches="1,32,128", decode_contexts="16,1024,4096", decode_steps=32, decode_adapters="8",
     decode_cublas_batches="", decode_int8_kv_contexts="",
     offline_requests=1000, offline_prompt="50,1000", offline_output="50,500", offline_adapters="8,64",
-    offline_max_seqs=256,
+    offline_max_seqs=256, offline_fresh="paged",
     http_rates="8,16,32,64,128", http_seconds=8.0, http_prompt="50,500", http_output="32,128", http_max_seqs=128,
     http_json_fraction=0.0, http_api_key="", http_scrape_s=0.0,
     hf_batches="1,32", hf_contexts="16,1024", hf_steps=16, hf_cache="static",
@@ -326,14 +328,15 @@ def fitting_blocks(bench: Bench, *, kv_dtype: str = "auto", share: float = 0.8) 
 
 
 def make_engine(bench: Bench, *, max_seqs: int, max_len: int, bank: Any = None, sites: Any = (),
-                adapters: Any = None, max_waiting: int = 256, kv_dtype: str = "auto") -> Any:
+                adapters: Any = None, max_waiting: int = 256, kv_dtype: str = "auto",
+                fresh_attention: str = "paged") -> Any:
     from splice.engine.engine import Engine
 
     kv_blocks = min(max_seqs * -(-max_len // BLOCK), fitting_blocks(bench, kv_dtype=kv_dtype)) + 1
     return Engine(bench.model, bench.tokenizer, max_seqs=max_seqs, max_len=max_len,
                   token_budget=max(bench.args.token_budget, max_seqs), block_size=BLOCK, kv_blocks=kv_blocks,
                   cuda_graphs=True, max_waiting=max(max_waiting, max_seqs), bank=bank, sites=sites,
-                  adapters=adapters, kv_dtype=kv_dtype)
+                  adapters=adapters, kv_dtype=kv_dtype, fresh_attention=fresh_attention)
 
 
 def drain(engine: Any, requests: Sequence[Any]) -> None:
@@ -495,8 +498,9 @@ def sharegpt_like(bench: Bench) -> tuple[list[list[int]], list[int]]:
     return prompts, outputs
 
 
-def offline_run(bench: Bench, deadline: Deadline, *, count: int, seconds: float) -> dict[str, Any]:
-    """The workload through one engine with ``count`` adapters (0: no bank); stops after ``seconds``."""
+def offline_run(bench: Bench, deadline: Deadline, *, count: int, seconds: float, fresh: str = "paged") -> dict[str, Any]:
+    """The workload through one engine with ``count`` adapters (0: no bank) and ``fresh_attention=fresh``; stops
+    after ``seconds``."""
     from splice.engine.engine import Request
     from splice.engine.sampling import SamplingParams
     from splice.lora.bank import LoraBank, add_bank_sites
@@ -513,7 +517,8 @@ def offline_run(bench: Bench, deadline: Deadline, *, count: int, seconds: float)
                  "sites": list(sites.values()),
                  "adapters": {n: random_adapter(model, n, rank=16, seed=i, device=bench.device, host=True)
                               for i, n in enumerate(names) if n is not None}}
-    engine = make_engine(bench, max_seqs=args.offline_max_seqs, max_len=max_len, max_waiting=len(prompts), **extra)
+    engine = make_engine(bench, max_seqs=args.offline_max_seqs, max_len=max_len, max_waiting=len(prompts),
+                         fresh_attention=fresh, **extra)
     try:
         warm(engine, bench.vocab, names)
         requests = [Request(prompt_ids=p, params=SamplingParams(max_tokens=o), adapter=names[i % len(names)])
@@ -542,7 +547,7 @@ def offline_run(bench: Bench, deadline: Deadline, *, count: int, seconds: float)
         mix = {"steps": len(steps), "tokens_per_step": sum(t for t, _ in steps) / max(1, len(steps)),
                "small_steps": len(small), "small_steps_s": sum(small),
                "linear_tflop_s": 2 * linear_params * sum(t for t, _ in steps) / elapsed / 1e12}
-        return {**mix, "adapters": count, "requests": len(requests), "finished": sum(r.finish_reason == "length" for r in requests),
+        return {**mix, "adapters": count, "fresh_attention": fresh, "requests": len(requests), "finished": sum(r.finish_reason == "length" for r in requests),
                 "output_tokens": generated, "seconds": elapsed, "output_tok_s": generated / elapsed,
                 "total_tok_s": (generated + sum(map(len, prompts))) / elapsed if not truncated else None,
                 "truncated": truncated, "preemptions": engine.preemptions, "max_seqs": args.offline_max_seqs,
@@ -555,15 +560,18 @@ def offline_run(bench: Bench, deadline: Deadline, *, count: int, seconds: float)
 
 
 def part_offline(bench: Bench, deadline: Deadline, record: dict[str, Any]) -> None:
-    counts = [0, *ints(bench.args.offline_adapters)]
-    for i, count in enumerate(counts):
-        deadline.check(f"{count} adapters")
-        row = offline_run(bench, deadline, count=count, seconds=max(1.0, deadline.left() / (len(counts) - i) - 8))
-        base = record["rows"][0]["output_tok_s"] if record["rows"] else row["output_tok_s"]
-        row["ratio_to_0"] = row["output_tok_s"] / base
+    runs = [(fresh, count) for fresh in bench.args.offline_fresh.split(",")
+            for count in (0, *ints(bench.args.offline_adapters))]
+    for i, (fresh, count) in enumerate(runs):
+        deadline.check(f"{count} adapters, fresh_attention={fresh}")
+        row = offline_run(bench, deadline, count=count, seconds=max(1.0, deadline.left() / (len(runs) - i) - 8),
+                          fresh=fresh)
+        base = next((r["output_tok_s"] for r in record["rows"] if r["adapters"] == 0), row["output_tok_s"])
+        row["ratio_to_0"] = row["output_tok_s"] / base  # (to the first 0-adapter run: paged, when it is listed first)
         record["rows"].append(row)
-        print(f"offline {count} adapters: {row['output_tok_s']:.0f} output tok/s ({row['ratio_to_0']:.2f}x), "
-              f"{row['finished']}/{row['requests']} finished in {row['seconds']:.1f} s", flush=True)
+        print(f"offline {count} adapters, fresh_attention={fresh}: {row['output_tok_s']:.0f} output tok/s "
+              f"({row['ratio_to_0']:.2f}x), {row['finished']}/{row['requests']} finished in {row['seconds']:.1f} s",
+              flush=True)
 
 
 # ---- HTTP ---------------------------------------------------------------------------------------
@@ -898,8 +906,8 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, str]]]] = {  # part -> (title,
         ("of roofline", "roofline_fraction", ".2f"), ("vs short ctx", "vs_short_context", ".2f"),
         ("vs no adapters", "vs_no_adapters", ".2f"), ("note", "skipped", "")]),
     "offline": ("offline, ShareGPT-like", [
-        ("adapters", "adapters", "d"), ("requests", "requests", "d"), ("finished", "finished", "d"),
-        ("output tok/s", "output_tok_s", ".0f"), ("vs 0 adapters", "ratio_to_0", ".2f"),
+        ("adapters", "adapters", "d"), ("fresh prompts", "fresh_attention", ""), ("requests", "requests", "d"),
+        ("finished", "finished", "d"), ("output tok/s", "output_tok_s", ".0f"), ("vs 0 adapters", "ratio_to_0", ".2f"),
         ("seconds", "seconds", ".1f"), ("truncated", "truncated", ""), ("steps", "steps", "d"),
         ("tokens/step", "tokens_per_step", ".0f"), ("steps <= max_seqs tokens", "small_steps", "d"),
         ("their s", "small_steps_s", ".1f"), ("linear TFLOP/s", "linear_tflop_s", ".0f")]),

@@ -14,6 +14,11 @@ The engine's runner calls the decoder layers on a flat batch of ``T`` tokens sha
 launch (:func:`~splice.kernels.rope_cache.rope_write_kv`) and attends over the sequence's cached
 keys (:func:`~splice.kernels.paged_attention.paged_attention`). With no step bound it runs the module it
 replaced, unchanged, so the rewrite is harmless to training and to ordinary forwards.
+
+A step with ``fresh`` set sends its fresh sequences (prompts with no cached prefix) to a dense attention over the
+step's own K/V (:mod:`splice.kernels.fresh_attention`: cuDNN's ragged kernel on CUDA), and the paged kernel serves
+the others into the same output. Layers with a sliding window or a logit softcap, and int8 caches, keep the paged
+kernel for every sequence.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from splice.core.rewrite import Node, Replace, innermost, rewrite, share_state
 from splice.fused.modules import FusedRopeAttention, packed_lora, project
 from splice.fused.projections import packed
 from splice.fused.varlen import VarlenAttention, window_and_softcap
+from splice.kernels.fresh_attention import fresh_attention
 from splice.kernels.gemv import decode_linear
 from splice.kernels.paged_attention import paged_attention
 from splice.kernels.rope_cache import rope_write_kv
@@ -49,7 +55,8 @@ class StepAttention:
     (T,) int64 flat cache slot of each token; ``block_tables`` (B, max_blocks) int32;
     ``seq_lens`` (B,) int32 tokens in cache incl. this step's; ``query_start_loc`` (B+1,) int32;
     ``max_query_len`` / ``max_seq_len``: host upper bounds. ``key_scales[i]`` / ``value_scales[i]``: layer ``i``'s
-    fp32 (NB, BS, Hkv) scales when its caches are int8 (:mod:`splice.kernels.kv_cache`), else empty.
+    fp32 (NB, BS, Hkv) scales when its caches are int8 (:mod:`splice.kernels.kv_cache`), else empty. ``fresh``:
+    fresh sequences attend over the step's own K/V (module doc).
     """
 
     key_caches: Sequence[Tensor]
@@ -62,6 +69,7 @@ class StepAttention:
     max_seq_len: int
     key_scales: Sequence[Tensor] = ()
     value_scales: Sequence[Tensor] = ()
+    fresh: bool = False
 
 
 _STEP: ContextVar[StepAttention | None] = ContextVar("splice_paged_step", default=None)
@@ -123,12 +131,21 @@ class PagedAttention(nn.Module):
         key_cache, value_cache = step.key_caches[layer], step.value_caches[layer]
         scales = {"key_scale": step.key_scales[layer], "value_scale": step.value_scales[layer]} \
             if step.key_scales else {}
-        q = rope_write_kv(q, k, v, *position_embeddings, key_cache, value_cache, step.slot_mapping, **scales)
+        fresh = step.fresh and not scales and self.window == 0 and self.softcap == 0
+        kv_out = (torch.empty(k.shape, dtype=q.dtype, device=q.device),
+                  torch.empty(v.shape, dtype=q.dtype, device=q.device)) if fresh else None
+        q = rope_write_kv(q, k, v, *position_embeddings, key_cache, value_cache, step.slot_mapping, kv_out=kv_out,
+                          **scales)
+        out = None  # (T, Hq, D): the fresh sequences' rows first, when they have their own path
+        if kv_out is not None:
+            out = fresh_attention(q, *kv_out, query_start_loc=step.query_start_loc,
+                                  max_query_len=step.max_query_len, scale=self.scaling)
         out = paged_attention(
             q, key_cache, value_cache, block_tables=step.block_tables, seq_lens=step.seq_lens,
             query_start_loc=step.query_start_loc, scale=self.scaling, max_query_len=step.max_query_len,
-            max_seq_len=step.max_seq_len, window=self.window, softcap=self.softcap, **scales,
-        )  # (T, Hq, D)
+            max_seq_len=step.max_seq_len, window=self.window, softcap=self.softcap, out=out,
+            skip_fresh=kv_out is not None, **scales,
+        )
         return out.reshape(tokens, 1, -1)
 
     def _project(self, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -43,13 +43,7 @@ from splice.engine.constraints import Grammars
 from splice.engine.output import TextOutput, TokenLogprob, eos_ids
 from splice.engine.request import OnEvent, Request, finisher
 from splice.engine.runner import ModelRunner, RowAdapters
-from splice.engine.sampling import (
-    SamplingParams,
-    TokenCounts,
-    row_generator,
-    sample_step,
-    token_logprobs,
-)
+from splice.engine.sampling import SamplingParams, TokenCounts, row_generator, sample_step, token_logprobs
 from splice.engine.scheduler import Scheduler
 from splice.engine.scheduler import Sequence as Seq
 from splice.engine.transfer import PENDING, Inflight, ToHost, pack, unpack
@@ -85,6 +79,7 @@ class Engine:
     ``bank`` / ``sites`` / ``adapters``: serve's adapter bank, its sites and the adapters it may load.
     ``overlap``: launch each step before the previous one's tokens reach the host (:meth:`step`;
     default: on CUDA). ``kv_dtype="int8"``: K/V as 8-bit codes with scales, about half the bytes (ModelRunner).
+    ``fresh_attention="dense"``: prompts with no cached prefix attend through a dense kernel (ModelRunner).
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, max_seqs: int = 32, max_len: int = 1024,
@@ -92,19 +87,19 @@ class Engine:
                  kv_memory: float = 0.8, prefix_caching: bool = True, max_waiting: int = 256,
                  bank: LoraBank | None = None, sites: Sequence[BankSite] = (),
                  adapters: dict[str, HostAdapter] | None = None, cuda_graphs: bool = True,
-                 overlap: bool | None = None, kv_dtype: str = "auto") -> None:
+                 overlap: bool | None = None, kv_dtype: str = "auto", fresh_attention: str = "paged") -> None:
         for name, value in (("max_seqs", max_seqs), ("max_len", max_len), ("token_budget", token_budget),
                             ("block_size", block_size), ("max_waiting", max_waiting)):
             if value < 1:
                 raise ValueError(f"Engine: {name}={value}; it must be at least 1")
         if not 0.0 < kv_memory <= 1.0:
             raise ValueError(f"Engine: kv_memory={kv_memory}; give the fraction of free GPU memory, in (0, 1]")
-        self.model, self.tokenizer = model, tokenizer
-        self.max_len, self.max_waiting = max_len, max_waiting
+        self.model, self.tokenizer, self.max_len, self.max_waiting = model, tokenizer, max_len, max_waiting
         self.bank, self.adapters = bank, adapters if adapters is not None else {}
         self.runner = ModelRunner(model, block_size=block_size, max_seqs=max_seqs, max_len=max_len,
                                   num_blocks=kv_blocks, kv_memory=kv_memory, bank=bank, sites=sites,
-                                  cuda_graphs=cuda_graphs, max_tokens=token_budget, kv_dtype=kv_dtype)
+                                  cuda_graphs=cuda_graphs, max_tokens=token_budget, kv_dtype=kv_dtype,
+                                  fresh_attention=fresh_attention)
         self._limits = dict(max_seqs=max_seqs, token_budget=token_budget, max_len=max_len)
         self.prefix_caching = prefix_caching
         self.pool, self.scheduler = self._new_scheduler()

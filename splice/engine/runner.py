@@ -33,6 +33,10 @@ multiples of 256 to 4,096 and of 512 up to the token budget): the padding tokens
 sequences that read and write only the scratch block, and the remaining padded sequences are empty
 (attention skips them).
 :meth:`ModelRunner.warmup` captures every bucket up front.
+
+``fresh_attention="dense"``: in steps with prefill chunks, prompts with no cached prefix attend over the step's own
+K/V through a dense kernel (cuDNN's ragged attention on CUDA, :mod:`splice.kernels.fresh_attention`) and the paged
+kernel serves the rest; ``"paged"`` (the default): the paged kernel serves every sequence.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ from splice.engine.layer import linear_out, run_layer
 from splice.engine.scheduler import Chunk, StepPlan
 from splice.fused.apply import fuse
 from splice.fused.projections import pack_projections
+from splice.kernels.fresh_attention import cudnn_unusable
 from splice.kernels.kv_cache import kv_cache_dtype, kv_caches
 from splice.lora.adapter_file import base_shape
 from splice.lora.apply import lora_modules
@@ -190,14 +195,20 @@ class ModelRunner:
     ``max_seqs x max_len`` tokens; on CUDA up to ``KV_ROOM`` x that within ``kv_memory`` of the free memory). ``bank`` / ``sites``:
     serve's adapter bank, routed per token by slot; without one, a step may route the model's own LoRA
     layers by name. ``max_tokens``: the most tokens of a step (the scheduler's token budget; the input
-    buffers grow past it if needed). ``kv_dtype``: ``"auto"`` (the model's dtype) or ``"int8"`` (module doc)."""
+    buffers grow past it if needed). ``kv_dtype``: ``"auto"`` (the model's dtype) or ``"int8"`` (module doc).
+    ``fresh_attention``: ``"paged"`` or ``"dense"`` (module doc)."""
 
     def __init__(self, model: nn.Module, *, block_size: int, max_seqs: int, max_len: int,
                  num_blocks: int | None = None, kv_memory: float = 0.8, bank: LoraBank | None = None,
                  sites: Sequence[BankSite] = (), cuda_graphs: bool = True, max_tokens: int = 2048,
-                 kv_dtype: str = "auto") -> None:
+                 kv_dtype: str = "auto", fresh_attention: str = "paged") -> None:
         self.dtype = _dtype(model)  # the compute dtype
         cache_dtype = kv_cache_dtype(kv_dtype, self.dtype)  # (a bad choice fails before any work)
+        if fresh_attention not in ("paged", "dense"):
+            raise ValueError(f"fresh_attention={fresh_attention!r}: choose paged or dense")
+        if fresh_attention == "dense" and cache_dtype == torch.int8:
+            raise ValueError("fresh_attention='dense' attends over K/V in the model's dtype; with kv_dtype='int8' "
+                             "keep fresh_attention='paged'")
         install_paged_attention(model)
         self.model, self.parts = model, _parts(model)
         self.block_size, self.max_seqs, self.max_len = block_size, max_seqs, max_len
@@ -212,6 +223,16 @@ class ModelRunner:
                                     kv_memory=kv_memory, device=self.device, dtype=cache_dtype)
         self.num_blocks = num_blocks
         layers, kv_heads, head_dim = _kv_shape(model)
+        self.fresh = fresh_attention == "dense"
+        if self.fresh and self.device.type == "cuda":
+            config: Any = model.config  # (Hq / Hkv: a tensor-parallel rank shares both out alike)
+            group = config.num_attention_heads // (getattr(config, "num_key_value_heads", None)
+                                                   or config.num_attention_heads)
+            why = cudnn_unusable(device=self.device, dtype=self.dtype, heads=(kv_heads * group, kv_heads),
+                                 head_dim=head_dim)
+            if why is not None:
+                raise ValueError(f"fresh_attention='dense' runs cuDNN's ragged attention on CUDA: {why}; keep "
+                                 f"fresh_attention='paged'")
         shape = (num_blocks, block_size, kv_heads, head_dim)
         caches = [kv_caches(shape, cache_dtype, self.device) for _ in range(layers)]
         self.key_caches, self.value_caches = [k for k, _ in caches], [v for _, v in caches]
@@ -271,7 +292,7 @@ class ModelRunner:
         step = StepAttention(key_caches=self.key_caches, value_caches=self.value_caches, slot_mapping=t.slots,
                              block_tables=t.tables, seq_lens=t.seq_lens, query_start_loc=t.starts,
                              max_query_len=t.max_query_len, max_seq_len=t.max_seq_len, key_scales=self.key_scales,
-                             value_scales=self.value_scales)
+                             value_scales=self.value_scales, fresh=self.fresh and t.max_query_len > 1)
         positions = t.positions[:, None]  # (T, 1): one token a row
         with paged_step(step), self._route(adapters, t.bank_slots, rows):
             hidden = parts.embed(t.ids[:, None])  # (T, 1, H)

@@ -30,20 +30,23 @@ dots in q's dtype on the codes: the keys' scales multiply the scores, the values
 H200, Llama-3-8B heads (bf16, block 16; benchmarks/paged_attention.py, CUDA graphs): decode 128 x 4,096 503 us
 = 4.27 TB/s (SDPA over dense tensors: 468), 32 x 1,024 43 us (SDPA 35); 2,048-token prefill 190 TFLOP/s (SDPA 417).
 
-:func:`paged_attention_reference` is plain PyTorch, one sequence at a time (each sequence's K/V
-gathered once, one masked fp32 attention per sequence); it is also the CPU path, except for decode
-steps (one query a sequence), which take one batched attention over the padded sequences.
+:func:`paged_attention_reference` (:mod:`splice.kernels.paged_reference`) is plain PyTorch, one sequence at a time;
+it is also the CPU path, except for decode steps (one query a sequence), which take one batched attention.
+
+``skip_fresh``: the caller has computed the fresh sequences itself (no cached prefix: ``n_b == L_b``;
+:mod:`splice.kernels.fresh_attention` over the step's own K/V) into ``out``; their rows are left as they are.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from splice.kernels import use_triton
-from splice.kernels.kv_cache import check_scales, dequantize_kv
+from splice.kernels.paged_reference import check_layout, decode_reference, paged_attention_reference
 
 try:  # Triton only ships with CUDA builds of torch; the CPU path needs none.
     import triton
@@ -54,138 +57,32 @@ except ImportError:  # pragma: no cover - depends on the install
 __all__ = ["KernelConfig", "default_config", "paged_attention", "paged_attention_reference", "paged_attention_triton"]
 
 
-def _check(q: Tensor, key_cache: Tensor, value_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
-           query_start_loc: Tensor, key_scale: Tensor | None = None, value_scale: Tensor | None = None) -> None:
-    """One clear line for inputs that do not fit the layout (module doc), before any work."""
-    check_scales("paged_attention", key_cache, key_scale)
-    check_scales("paged_attention", value_cache, value_scale)
-    if q.dim() != 3 or key_cache.dim() != 4 or key_cache.shape != value_cache.shape:
-        raise ValueError(f"paged_attention: q (T, Hq, D) and caches (NB, BS, Hkv, D) expected, got "
-                         f"{tuple(q.shape)}, {tuple(key_cache.shape)}, {tuple(value_cache.shape)}")
-    hq, d = q.shape[1:]
-    hkv = key_cache.shape[2]
-    if key_cache.shape[3] != d or hq % hkv:
-        raise ValueError(f"paged_attention: q heads {hq} must be a multiple of kv heads {hkv} and head dims "
-                         f"must agree ({d} vs {key_cache.shape[3]})")
-    b = seq_lens.shape[0]
-    if block_tables.dim() != 2 or block_tables.shape[0] != b or query_start_loc.shape != (b + 1,):
-        raise ValueError(f"paged_attention: block_tables (B, max_blocks), seq_lens (B,), query_start_loc (B+1,) "
-                         f"expected, got {tuple(block_tables.shape)}, {tuple(seq_lens.shape)}, "
-                         f"{tuple(query_start_loc.shape)}")
-
-
-def _attend(q: Tensor, k: Tensor, v: Tensor, *, first_pos: int, key_start: int, scale: float, window: int,
-            softcap: float) -> Tensor:
-    """One sequence: ``q`` (L, Hq, D) at positions ``first_pos ..``, ``k``/``v`` (N, Hkv, D) the keys at
-    positions ``key_start ..``; returns (L, Hq, D) fp32."""
-    length, hq, d = q.shape
-    hkv = k.shape[1]
-    group = hq // hkv
-    qg = q.float().view(length, hkv, group, d).permute(1, 2, 0, 3).reshape(hkv, group * length, d)
-    kt = k.float().permute(1, 2, 0)  # (Hkv, D, N)
-    s = torch.bmm(qg, kt).mul_(scale).view(hkv, group, length, -1)  # (Hkv, G, L, N)
-    if softcap > 0:
-        s = torch.tanh(s / softcap) * softcap  # out of place: the varlen reference differentiates through it
-    q_pos = torch.arange(first_pos, first_pos + length, device=q.device)[:, None]
-    k_pos = torch.arange(key_start, key_start + k.shape[0], device=q.device)[None, :]
-    masked = k_pos > q_pos
-    if window > 0:
-        masked |= k_pos <= q_pos - window
-    s.masked_fill_(masked, float("-inf"))
-    p = torch.softmax(s, dim=-1).view(hkv, group * length, -1)
-    o = torch.bmm(p, v.float().transpose(0, 1))  # (Hkv, G * L, D)
-    return o.view(hkv, group, length, d).permute(2, 0, 1, 3).reshape(length, hq, d)
-
-
-def paged_attention_reference(
-    q: Tensor, key_cache: Tensor, value_cache: Tensor, *, block_tables: Tensor, seq_lens: Tensor,
-    query_start_loc: Tensor, scale: float, max_query_len: int, max_seq_len: int, window: int = 0,
-    softcap: float = 0.0, out: Tensor | None = None, key_scale: Tensor | None = None,
-    value_scale: Tensor | None = None,
-) -> Tensor:
-    """Attention of every sequence's queries over its paged K/V (module doc), in plain PyTorch.
-
-    One sequence at a time: its blocks are gathered once (only the ones a window can reach), then
-    one masked fp32 attention serves all its queries and heads. ``max_query_len`` / ``max_seq_len``
-    are unused here (they size the Triton grid). Rows of ``q`` past ``query_start_loc[B]`` give 0.
-    """
-    _check(q, key_cache, value_cache, block_tables, seq_lens, query_start_loc, key_scale, value_scale)
-    result = torch.zeros_like(q) if out is None else out
-    block_size = key_cache.shape[1]
-    starts, lens = query_start_loc.tolist(), seq_lens.tolist()
-    for b, n in enumerate(lens):
-        first, last = starts[b], starts[b + 1]
-        if last == first:
-            continue
-        first_pos = n - (last - first)
-        key_start = max(0, first_pos - window + 1) if window > 0 else 0
-        lo_block = key_start // block_size
-        ids = block_tables[b, lo_block : (n + block_size - 1) // block_size].long()
-        key_start = lo_block * block_size
-        k = _gather(key_cache, key_scale, ids).flatten(0, 1)[: n - key_start]
-        v = _gather(value_cache, value_scale, ids).flatten(0, 1)[: n - key_start]
-        o = _attend(q[first:last], k, v, first_pos=first_pos, key_start=key_start, scale=scale,
-                    window=window, softcap=softcap)
-        result[first:last] = o.to(result.dtype)
-    return result
-
-
-def _gather(cache: Tensor, scale: Tensor | None, ids: Tensor) -> Tensor:
-    """The blocks ``ids`` (any shape) of ``cache``: (*ids.shape, BS, Hkv, D), int8 ones dequantized (fp32)."""
-    return cache[ids] if scale is None else dequantize_kv(cache[ids], scale[ids])
-
-
-def _decode_batched(q: Tensor, key_cache: Tensor, value_cache: Tensor, *, block_tables: Tensor, seq_lens: Tensor,
-                    scale: float, window: int, softcap: float, out: Tensor | None, key_scale: Tensor | None,
-                    value_scale: Tensor | None) -> Tensor:
-    """Every sequence's one query at once (a decode step off the GPU): each sequence's K/V gathered into
-    a padded (B, N, Hkv, D) batch, keys past its length (or outside its window) masked; fp32 math as
-    the reference, one batched attention instead of one per sequence."""
-    batch, hq, d = q.shape
-    block_size, hkv = key_cache.shape[1], key_cache.shape[2]
-    lens = seq_lens.long()
-    longest = int(lens.max())
-    ids = block_tables[:, : -(-longest // block_size)].long()  # (B, nb)
-    k = _gather(key_cache, key_scale, ids).flatten(1, 2)[:, :longest].float()  # (B, N, Hkv, D)
-    v = _gather(value_cache, value_scale, ids).flatten(1, 2)[:, :longest].float()
-    qg = q.float().view(batch, hkv, hq // hkv, d)
-    s = torch.einsum("bhgd,bnhd->bhgn", qg, k) * scale
-    if softcap > 0:
-        s = torch.tanh(s / softcap) * softcap
-    k_pos = torch.arange(longest, device=q.device)[None, :]
-    masked = k_pos >= lens[:, None]  # (B, N): past the sequence
-    if window > 0:
-        masked |= k_pos <= (lens[:, None] - 1) - window
-    s.masked_fill_(masked[:, None, None, :], float("-inf"))
-    v.masked_fill_(masked[:, :, None, None], 0.0)  # rows past a sequence may hold anything (NaN too)
-    o = torch.einsum("bhgn,bnhd->bhgd", torch.softmax(s, dim=-1), v).reshape(batch, hq, d)
-    if out is None:
-        return o.to(q.dtype)
-    out.copy_(o)
-    return out
-
-
 def paged_attention(
     q: Tensor, key_cache: Tensor, value_cache: Tensor, *, block_tables: Tensor, seq_lens: Tensor,
     query_start_loc: Tensor, scale: float, max_query_len: int, max_seq_len: int, window: int = 0,
     softcap: float = 0.0, out: Tensor | None = None, key_scale: Tensor | None = None,
-    value_scale: Tensor | None = None,
+    value_scale: Tensor | None = None, skip_fresh: bool = False,
 ) -> Tensor:
     """Paged attention (module doc): the Triton kernels for CUDA tensors, the reference elsewhere.
 
     ``max_query_len`` / ``max_seq_len`` are host upper bounds on ``L_b`` / ``n_b`` that size the grid (any upper
     bound is correct). Returns ``(T, Hq, D)`` in q's dtype (``out`` when given). int8 caches take their fp32
-    ``key_scale`` / ``value_scale`` (NB, BS, Hkv) (module doc)."""
+    ``key_scale`` / ``value_scale`` (NB, BS, Hkv) (module doc). ``skip_fresh`` (module doc) needs ``out``."""
+    if skip_fresh and (out is None or out.stride(-1) != 1):
+        raise ValueError("paged_attention: skip_fresh leaves the fresh sequences' rows of out as they are; give "
+                         "out (T, Hq, D) with a contiguous last dim, holding them")
     kernels = triton is not None and use_triton(q, key_cache)
-    scales = {"key_scale": key_scale, "value_scale": value_scale}
-    if not kernels and max_query_len <= 1 and q.shape[0] == seq_lens.shape[0] and q.shape[0] > 1:
-        _check(q, key_cache, value_cache, block_tables, seq_lens, query_start_loc, **scales)  # one query a sequence
-        return _decode_batched(q, key_cache, value_cache, block_tables=block_tables, seq_lens=seq_lens,
-                               scale=scale, window=window, softcap=softcap, out=out, **scales)
+    extra: dict[str, Any] = {"key_scale": key_scale, "value_scale": value_scale, "skip_fresh": skip_fresh}
+    if not kernels and max_query_len <= 1 and q.shape[0] == seq_lens.shape[0] and q.shape[0] > 1 \
+            and not skip_fresh:
+        check_layout(q, key_cache, value_cache, block_tables, seq_lens, query_start_loc, key_scale, value_scale)
+        return decode_reference(q, key_cache, value_cache, block_tables=block_tables, seq_lens=seq_lens,
+                                scale=scale, window=window, softcap=softcap, out=out, key_scale=key_scale,
+                                value_scale=value_scale)  # (one query a sequence)
     fn = paged_attention_triton if kernels else paged_attention_reference
     return fn(q, key_cache, value_cache, block_tables=block_tables, seq_lens=seq_lens,
               query_start_loc=query_start_loc, scale=scale, max_query_len=max_query_len,
-              max_seq_len=max_seq_len, window=window, softcap=softcap, out=out, **scales)
+              max_seq_len=max_seq_len, window=window, softcap=softcap, out=out, **extra)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -246,10 +143,10 @@ def paged_attention_triton(
     q: Tensor, key_cache: Tensor, value_cache: Tensor, *, block_tables: Tensor, seq_lens: Tensor,
     query_start_loc: Tensor, scale: float, max_query_len: int, max_seq_len: int, window: int = 0,
     softcap: float = 0.0, out: Tensor | None = None, config: KernelConfig | None = None,
-    key_scale: Tensor | None = None, value_scale: Tensor | None = None,
+    key_scale: Tensor | None = None, value_scale: Tensor | None = None, skip_fresh: bool = False,
 ) -> Tensor:
     """The Triton path of :func:`paged_attention` (``config``: tile sizes, default :func:`default_config`)."""
-    _check(q, key_cache, value_cache, block_tables, seq_lens, query_start_loc, key_scale, value_scale)
+    check_layout(q, key_cache, value_cache, block_tables, seq_lens, query_start_loc, key_scale, value_scale)
     quant = key_scale is not None  # int8 codes: dots in q's dtype, the scales applied around them
     tokens, hq, d = q.shape
     hkv, block_size = key_cache.shape[2], key_cache.shape[1]
@@ -289,7 +186,7 @@ def paged_attention_triton(
             SPLIT=partial is not None, SOFTCAP=softcap > 0, WINDOW=window > 0,
             IEEE=(q if quant else key_cache).dtype == torch.float32, UNMASKED=cfg.unmasked_steps and window == 0,
             DIRECT=direct, QUANT=quant, ONLY=only, V_RUN=min(block_size, cfg.block_n), LOOP_STAGES=cfg.loop_stages,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            SKIP_FRESH=skip_fresh, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     if split:  # the decodes, one pass over its context each (no partitions; the reduce skips them)
         launch(default_config(decode=True, group=group, head_dim=d, int8=quant), (seqs, hkv, 1), 1, direct=True, only=1,
@@ -300,7 +197,7 @@ def paged_attention_triton(
         _reduce_kernel[(tokens, hq)](
             result, *partial, seq_lens, query_start_loc, seqs, tokens * hq * parts, window, part_len, parts,
             result.stride(0), result.stride(1), P_PAD=_pow2(parts), D=d, D_PAD=d_pad, WINDOW=window > 0,
-            SKIP_SINGLE=split, num_warps=4)
+            SKIP_SINGLE=split, SKIP_FRESH=skip_fresh, num_warps=4)
     if out is not None and result is not out:
         out.copy_(result)
         return out
@@ -398,7 +295,7 @@ if triton is not None:
         ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
         SPLIT: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, IEEE: tl.constexpr,
         UNMASKED: tl.constexpr, DIRECT: tl.constexpr, QUANT: tl.constexpr, ONLY: tl.constexpr, V_RUN: tl.constexpr,
-        LOOP_STAGES: tl.constexpr,
+        LOOP_STAGES: tl.constexpr, SKIP_FRESH: tl.constexpr,
     ):
         # program (tile, kv head h, partition): rows r = (query m = r // G_PAD, head h * GROUP + r % G_PAD)
         tile, h, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -415,9 +312,12 @@ if triton is not None:
         skip = first_q >= q_len
         if ONLY > 0:  # 1: this launch serves the one-query sequences (split_decodes), 2: the others
             skip = skip | ((q_len == 1) != (ONLY == 1))
+        seq_len = tl.load(seq_lens_ptr + b)
+        if SKIP_FRESH:  # a fresh sequence (no cached prefix): the caller's (module doc)
+            skip = skip | (seq_len == q_len)
         if skip:
             return
-        first_pos = tl.load(seq_lens_ptr + b) - q_len  # position of the sequence's first query
+        first_pos = seq_len - q_len  # position of the sequence's first query
         r = tl.arange(0, ROWS)
         m = first_q + r // G_PAD
         head = h * GROUP + r % G_PAD
@@ -474,16 +374,17 @@ if triton is not None:
     def _reduce_kernel(
         out_ptr, part_out_ptr, part_ml_ptr, seq_lens_ptr, qsl_ptr, num_seqs, ml_half, window, part_len, parts,
         stride_ot, stride_oh, P_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, WINDOW: tl.constexpr,
-        SKIP_SINGLE: tl.constexpr,
+        SKIP_SINGLE: tl.constexpr, SKIP_FRESH: tl.constexpr,
     ):
         # program (token t, query head): merge the partitions that hold at least one of its keys
         t, head = tl.program_id(0), tl.program_id(1)
         b = _find_sequence(qsl_ptr, t, num_seqs, 1, False)
         q_start = tl.load(qsl_ptr + b)
         q_len = tl.load(qsl_ptr + b + 1) - q_start
-        if (t - q_start >= q_len) | (SKIP_SINGLE & (q_len == 1)):  # (a one-query sequence's own launch wrote it)
-            return
-        pos = tl.load(seq_lens_ptr + b) - q_len + t - q_start
+        seq_len = tl.load(seq_lens_ptr + b)
+        if (t - q_start >= q_len) | (SKIP_SINGLE & (q_len == 1)) | (SKIP_FRESH & (seq_len == q_len)):
+            return  # (a one-query sequence's own launch wrote it; a fresh one the caller)
+        pos = seq_len - q_len + t - q_start
         lo = 0
         if WINDOW:
             lo = pos - window + 1

@@ -14,6 +14,10 @@ q/k/v projection output are fine; the last dim must be contiguous); ``cos``/``si
 (NB, BS, Hkv, D) with contiguous (BS, Hkv, D) blocks; ``slot_mapping`` (T,) int64. Returns
 ``q_out`` (T, Hq, D), contiguous, in q's dtype; the cache rows are written in place.
 
+``kv_out``: two contiguous (T, Hkv, D) tensors in q's dtype that also receive ``rope(k)`` and ``v``, densely
+(the step's own keys and values, for :mod:`splice.kernels.fresh_attention`: a fresh prompt attends to them
+without a page table).
+
 The Triton path runs one program per token: it loads the token's cos/sin once and rotates every
 head of q and k (fp32 inside, one rounding), so a decode step's layer does one launch here instead
 of four (rotate q, rotate k, copy k, copy v). :func:`rope_write_kv_reference` is the plain
@@ -56,10 +60,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _rope_cache_kernel(
-        q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr,
+        q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr, ko_ptr, vo_ptr,
         hq, hkv, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct,
         stride_slot, stride_ch, block_size, stride_cvb, stride_cvt, stride_cvh, stride_cvd,
         HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, QUANT: tl.constexpr,
+        DENSE: tl.constexpr,
     ):
         t = tl.program_id(0).to(tl.int64)
         d = tl.arange(0, HALF)[None, :]
@@ -79,6 +84,11 @@ if HAS_TRITON:
         k_dst = kc_ptr + slot * stride_slot + h * stride_ch
         dd = tl.arange(0, 2 * HALF)[None, :]
         v = tl.load(v_ptr + t * stride_vt + h * stride_vh + dd, mask=inside, other=0.0)
+        if DENSE:  # rope(k) and v also at row t of the dense (T, Hkv, D) kv_out, rounded like the cache
+            dense = t * hkv * (2 * HALF) + h * (2 * HALF)
+            tl.store(ko_ptr + dense + d, k1.to(ko_ptr.dtype.element_ty), mask=inside)
+            tl.store(ko_ptr + dense + HALF + d, k2.to(ko_ptr.dtype.element_ty), mask=inside)
+            tl.store(vo_ptr + dense + dd, v.to(vo_ptr.dtype.element_ty), mask=inside)
         # the value cache by its (NB, BS, Hkv, D) strides: an int8 one is token-major (splice.kernels.kv_cache)
         v_dst = vc_ptr + (slot // block_size) * stride_cvb + (slot % block_size) * stride_cvt + h * stride_cvh \
             + dd * stride_cvd
@@ -100,7 +110,7 @@ if HAS_TRITON:
 
 def rope_write_kv_reference(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, key_cache: Tensor,
                             value_cache: Tensor, slot_mapping: Tensor, *, key_scale: Tensor | None = None,
-                            value_scale: Tensor | None = None) -> Tensor:
+                            value_scale: Tensor | None = None, kv_out: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """The module docstring's math in plain PyTorch (also the CPU path)."""
     c, s = (t.reshape(q.shape[0], 1, -1).float() for t in (cos, sin))  # (T, 1, D), fp32 like the kernel
 
@@ -114,6 +124,9 @@ def rope_write_kv_reference(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: T
     key = rotate(k) if key_scale is not None else rotate(k).to(k.dtype)
     store_kv(key, key_cache, key_scale, slots)
     store_kv(v, value_cache, value_scale, slots)
+    if kv_out is not None:
+        kv_out[0].copy_(rotate(k))
+        kv_out[1].copy_(v)
     return rotate(q).to(q.dtype).contiguous()
 
 
@@ -136,8 +149,9 @@ def _fits(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, key_cache: 
 
 def rope_write_kv(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, key_cache: Tensor,
                   value_cache: Tensor, slot_mapping: Tensor, *, key_scale: Tensor | None = None,
-                  value_scale: Tensor | None = None) -> Tensor:
+                  value_scale: Tensor | None = None, kv_out: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """RoPE on ``q``/``k`` and the cache write of ``k``/``v`` (module docstring); returns rope(q).
+    ``kv_out``: dense (T, Hkv, D) buffers in q's dtype that receive rope(k) and v as well (module docstring).
     int8 caches take their fp32 scales ``key_scale`` / ``value_scale`` (NB, BS, Hkv): the codes and a scale per
     token and head are written (:mod:`splice.kernels.kv_cache`). One Triton launch for CUDA tensors that fit; the
     reference otherwise."""
@@ -148,9 +162,12 @@ def rope_write_kv(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, key
                          f"cache {tuple(key_cache.shape)}, slots {tuple(slot_mapping.shape)}")
     check_scales("rope_write_kv", key_cache, key_scale)
     check_scales("rope_write_kv", value_cache, value_scale)
+    if kv_out is not None and any(o.shape != k.shape or o.dtype != q.dtype or not o.is_contiguous() for o in kv_out):
+        raise ValueError(f"rope_write_kv: kv_out must be two contiguous {tuple(k.shape)} tensors of q's dtype "
+                         f"{q.dtype}, got {[(tuple(o.shape), o.dtype) for o in kv_out]}")
     if not _fits(q, k, v, cos, sin, key_cache, value_cache, slot_mapping):
         return rope_write_kv_reference(q, k, v, cos, sin, key_cache, value_cache, slot_mapping, key_scale=key_scale,
-                                       value_scale=value_scale)
+                                       value_scale=value_scale, kv_out=kv_out)
     tokens, hq, dim = q.shape
     hkv = k.shape[1]
     q_out = torch.empty(tokens, hq, dim, device=q.device, dtype=q.dtype)
@@ -158,9 +175,9 @@ def rope_write_kv(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, key
     _rope_cache_kernel[(tokens,)](
         q, k, v, flat_c, flat_s, q_out, key_cache, value_cache,
         key_cache if key_scale is None else key_scale, value_cache if value_scale is None else value_scale,
-        slot_mapping, hq, hkv, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        slot_mapping, *(kv_out or (q_out, q_out)), hq, hkv, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         flat_c.stride(0), key_cache.stride(1), key_cache.stride(2), key_cache.shape[1], *value_cache.stride(),
         HALF=dim // 2, BLOCK_HQ=triton.next_power_of_2(hq), BLOCK_HKV=triton.next_power_of_2(hkv),
-        QUANT=key_scale is not None, num_warps=4,
+        QUANT=key_scale is not None, DENSE=kv_out is not None, num_warps=4,
     )
     return q_out

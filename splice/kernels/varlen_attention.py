@@ -40,7 +40,8 @@ import torch
 from torch import Tensor
 
 from splice.kernels import use_triton
-from splice.kernels.paged_attention import _attend, _pow2
+from splice.kernels.paged_attention import _pow2
+from splice.kernels.paged_reference import attend_one
 
 try:  # Triton only ships with CUDA builds of torch; the CPU path needs none.
     import triton
@@ -81,7 +82,7 @@ def varlen_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, cu_seqlens: T
     if bounds[0] != 0 or bounds[-1] != q.shape[0] or any(b < a for a, b in zip(bounds, bounds[1:])):
         raise ValueError(f"varlen_attention: cu_seqlens must rise from 0 to T={q.shape[0]}, got "
                          f"{bounds[:4]}...{bounds[-2:]}")
-    pieces = [_attend(q[a:b], k[a:b], v[a:b], first_pos=0, key_start=0, scale=scale, window=window, softcap=softcap)
+    pieces = [attend_one(q[a:b], k[a:b], v[a:b], first_pos=0, key_start=0, scale=scale, window=window, softcap=softcap)
               for a, b in zip(bounds, bounds[1:]) if b > a]
     return torch.cat(pieces).to(q.dtype)
 

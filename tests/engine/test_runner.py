@@ -260,3 +260,58 @@ def test_fused_bf16_steps_match_the_unfused_model() -> None:
         expected = reference(torch.tensor([seq.tokens], device="cuda")).logits[0, -2:].float()
     assert rel_err(prefill[0], expected[0]) < 2e-2
     assert rel_err(decode[0], expected[1]) < 2e-2
+
+
+def _mixed_steps(runner: ModelRunner, device: str = "cpu") -> torch.Tensor:
+    """Logits of two steps: three fresh prompts (one of a single token) and a first chunk, then a decode, the
+    chunk's rest (after its cached prefix) and a fresh prompt together."""
+    a, b, c, d = (tiny.tokens(seed=s, batch=1, length=n)[0].tolist() for s, n in ((1, 11), (2, 9), (3, 14), (4, 1)))
+    sa, sb, sc, sd = _seq(a, [1, 2, 3], 0), _seq(b, [4, 5, 6], 1), _seq(c, [7, 8, 9, 10], 2), _seq(d, [11], 3)
+    first = runner.execute(StepPlan(chunks=[Chunk(seq=sa, start=0, count=10, sample=True),
+                                            Chunk(seq=sc, start=0, count=5, sample=False),
+                                            Chunk(seq=sd, start=0, count=1, sample=True)])).clone()
+    second = runner.execute(StepPlan(chunks=[Chunk(seq=sa, start=10, count=1, sample=True),
+                                             Chunk(seq=sc, start=5, count=9, sample=True),
+                                             Chunk(seq=sb, start=0, count=9, sample=True)])).clone()
+    for row, tokens in enumerate((a, c, b)):
+        assert rel_err(second[row], _last_logits(runner.model, tokens).to(device)) < (1e-5 if device == "cpu" else 2e-2)
+    return torch.cat([first, second])
+
+
+def test_fresh_prompts_through_dense_attention_give_the_paged_steps_logits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fresh_attention="dense": prompts with no cached prefix attend over the step's own K/V (the PyTorch path off
+    the GPU), the paged kernel serves the rest; the same logits as fresh_attention="paged"."""
+    import splice.engine.attention as attention
+
+    calls: list[int] = []
+    real = attention.fresh_attention
+
+    def counted(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    model = tiny.llama()
+    paged = _mixed_steps(_runner(model))
+    monkeypatch.setattr(attention, "fresh_attention", counted)
+    assert not calls
+    dense = _mixed_steps(_runner(copy.deepcopy(model), fresh_attention="dense"))
+    assert len(calls) == 2 * 2  # two steps with prompts x two layers
+    assert rel_err(dense, paged) < 1e-6
+
+
+def test_a_bad_fresh_attention_choice_gets_one_line() -> None:
+    with pytest.raises(ValueError, match="fresh_attention='flash': choose paged or dense"):
+        _runner(tiny.llama(), fresh_attention="flash")
+    with pytest.raises(ValueError, match="with kv_dtype='int8' keep fresh_attention='paged'"):
+        _runner(tiny.llama(), fresh_attention="dense", kv_dtype="int8")
+
+
+@GPU
+def test_fresh_prompts_through_cudnn_match_the_paged_kernel_in_cuda_graphs() -> None:
+    """On a GPU, bf16 heads of 64: cuDNN's ragged attention for fresh prompts, eager and in the prefill graphs."""
+    model = tiny.llama(hidden=256, intermediate=512).to(device="cuda", dtype=torch.bfloat16)
+    paged = _mixed_steps(_runner(copy.deepcopy(model), cuda_graphs=True), "cuda")
+    for graphs in (False, True):
+        runner = _runner(copy.deepcopy(model), cuda_graphs=graphs, fresh_attention="dense")
+        assert runner.fresh and runner.graph_failure is None
+        assert rel_err(_mixed_steps(runner, "cuda"), paged) < 1e-2

@@ -9,7 +9,7 @@ import torch
 from splice.kernels.kv_cache import write_kv
 from splice.kernels.rope import rope_reference
 from splice.kernels.rope_cache import rope_write_kv, rope_write_kv_reference
-from tests.numerics import GPU, rel_err
+from tests.numerics import DEVICES, GPU, INTERPRETED, rel_err
 
 NB, BS = 7, 4
 
@@ -80,3 +80,28 @@ def test_the_kernel_matches_the_reference(dtype: torch.dtype, tokens: int, hq: i
     untouched = torch.ones(NB * BS, dtype=torch.bool, device="cuda")
     untouched[slots] = False
     assert not kc.flatten(0, 1)[untouched].any() and not vc.flatten(0, 1)[untouched].any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("packed", [True, False])
+def test_kv_out_receives_the_cached_keys_and_values_densely(packed: bool, dtype: torch.dtype, device: str) -> None:
+    """kv_out (the step's own K/V for fresh prompts' attention): rope(k) and v at each token's row, equal to what
+    the cache holds at its slot, with the cache written as before (kernel on a GPU or interpreted, else reference)."""
+    if device == "cpu" and dtype != torch.float32 and INTERPRETED:
+        pytest.skip("Triton's interpreter rounds bf16 by truncation; bf16 is checked on a GPU")
+    q, k, v, cos, sin, slots = _case(11, 8, 2, 32, dtype, device, packed)
+    kc, vc = _caches(2, 32, dtype, device)
+    kv_out = (torch.empty(11, 2, 32, dtype=dtype, device=device), torch.empty(11, 2, 32, dtype=dtype, device=device))
+    out = rope_write_kv(q, k, v, cos, sin, kc, vc, slots, kv_out=kv_out)
+    kc_ref, vc_ref = _caches(2, 32, dtype, device)
+    want = rope_write_kv_reference(q, k, v, cos, sin, kc_ref, vc_ref, slots)
+    assert torch.equal(kv_out[0], kc.flatten(0, 1)[slots]) and torch.equal(kv_out[1], v)
+    assert torch.equal(vc, vc_ref) and rel_err(out, want) < 1e-2 and rel_err(kc, kc_ref) < 1e-2
+
+
+def test_a_kv_out_of_the_wrong_shape_gets_one_line() -> None:
+    q, k, v, cos, sin, slots = _case(5, 4, 2, 8, torch.float32, "cpu", packed=False)
+    kc, vc = _caches(2, 8, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="kv_out must be two contiguous"):
+        rope_write_kv(q, k, v, cos, sin, kc, vc, slots, kv_out=(torch.empty(5, 4, 8), torch.empty(5, 2, 8)))
