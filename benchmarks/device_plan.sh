@@ -43,8 +43,9 @@
 #   CALL=next14 bash benchmarks/device_plan.sh    # ml14 then off14 in one call (~430 s: one machine start less)
 #   CALL=next15 bash benchmarks/device_plan.sh    # session 15 first (~560 s): fin14's unreached GPU tests, gemv2
 #                                                 # on every NF4 shape, offline with 0/8/64 adapters
-#   CALL=fresh15 bash benchmarks/device_plan.sh   # session 15 (~330 s): fresh prompts through cuDNN's ragged attention
-#                                                 # (tests, kernel times, a mixed step, offline paged vs dense)
+#   CALL=fresh15 bash benchmarks/device_plan.sh   # session 15 (~480 s): fresh prompts through cuDNN's ragged attention
+#                                                 # and the gate/up expand fused into SwiGLU (tests, kernel times,
+#                                                 # offline with 0 / 8 adapters, paged vs dense)
 #   CALL=pa15 bash benchmarks/device_plan.sh      # session 15 (~400 s): paged attention's key loops pipelined
 #                                                 # (loop_stages) against the defaults, prefill and decode
 #   CALL=fin14 bash benchmarks/device_plan.sh     # session 14 last (~560 s): all14b's failures + engine/serve tests,
@@ -421,11 +422,16 @@ fresh15)  # session 15 (~330 s): fresh prompts (no cached prefix) through cuDNN'
   # K/V (splice.kernels.fresh_attention, the engine's fresh_attention="dense"; new, CPU- and interpreter-tested only):
   # its GPU tests (cuDNN here at all, GQA, CUDA-graph replay, the engine's graphs), its time against the paged kernel
   # on fresh prompts and on an offline mixed step, then the offline run with fresh_attention paged and dense
-  gpu_tests fresh15 100 tests/kernels/test_fresh_attention.py tests/kernels/test_rope_cache.py \
-    tests/kernels/test_paged_attention.py "tests/engine/test_runner.py::test_fresh_prompts_through_cudnn_match_the_paged_kernel_in_cuda_graphs"
+  # ... and the gate/up expand fused into SwiGLU (splice.kernels.lora_swiglu, new, the engine's default where a bank
+  # routes gate/up; interpreter-tested only): its GPU tests and its time against the unfused pair, then offline runs
+  # with 0 and 8 adapters under both fresh_attention choices (the 8-adapter ratio was 0.82x before the fusion)
+  gpu_tests fresh15 110 tests/kernels/test_fresh_attention.py tests/kernels/test_rope_cache.py \
+    tests/kernels/test_paged_attention.py tests/kernels/test_lora_swiglu.py tests/kernels/test_multi_lora.py \
+    tests/lora/test_bank.py "tests/engine/test_runner.py::test_fresh_prompts_through_cudnn_match_the_paged_kernel_in_cuda_graphs"
   timeout 70 python3 benchmarks/paged_attention.py --out "$OUT/fresh15.json" \
     --cases "prefill 2048 (full),prefill 8 x 512 (full),mixed step" 2>&1 | tee "$OUT/fresh15.txt" | tail -14
-  OFF_S=${OFF_S:-150} OFF_ADAPTERS=${OFF_ADAPTERS:-} offline_adapters --offline-fresh paged,dense ;;
+  timeout 60 python3 benchmarks/lora_swiglu.py --json "$OUT/lora_swiglu.json" 2>&1 | tee "$OUT/lora_swiglu.txt"
+  OFF_S=${OFF_S:-220} OFF_ADAPTERS=${OFF_ADAPTERS-8} offline_adapters --offline-fresh paged,dense ;;
 pa15)  # session 15 (~200 s): paged attention with its key loops software-pipelined (loop_stages, new: the launch's
   # num_stages never pipelined them, so earlier stage sweeps changed nothing) for prefill and decode, then its GPU tests
   timeout 170 python3 benchmarks/paged_attention.py --sweep --out "$OUT/pa15.json" \

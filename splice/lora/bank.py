@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from splice.core.device import to_device
 from splice.core.rewrite import Around, rewrite
 from splice.kernels import use_triton
+from splice.kernels.lora_swiglu import multi_lora_expand_swiglu
 from splice.kernels.multi_lora import (
     Shrunk,
     Tiles,
@@ -47,6 +48,7 @@ from splice.kernels.multi_lora import (
     plan_tiles,
     tiles_for,
 )
+from splice.kernels.swiglu import swiglu_packed
 from splice.lora import adapter_file
 from splice.lora.adapter_file import base_shape
 from splice.lora.apply import lora_modules, use_adapters
@@ -79,19 +81,20 @@ def bank_site(module: nn.Module) -> BankSite | None:
     return rewriter if isinstance(rewriter, BankSite) else None
 
 
-def add_packed_delta(modules: Sequence[nn.Module], x: Tensor, y: Tensor) -> Tensor:
+def add_packed_delta(modules: Sequence[nn.Module], x: Tensor, y: Tensor, *, swiglu: bool = False) -> Tensor:
     """For a caller that ran the linears under ``modules`` as one GEMM over ``x`` (``y``: their outputs
     side by side, in this order): adds in place what each module's :class:`BankSite` would have added
     under the current route (one shrink and one expand for a bank group; see
-    :meth:`LoraBank.apply_packed`). Modules without a site add nothing."""
+    :meth:`LoraBank.apply_packed`). Modules without a site add nothing. ``swiglu`` (a gate/up pair): returns
+    ``silu(gate) * up`` of the sum instead, the expand fused into it where the kernels run."""
     sites = [bank_site(m) for m in modules]
     first = next((site for site in sites if site is not None), None)
     route = current_route(first) if first is not None else None
     if route is None or route.bank is None:
-        return y
+        return swiglu_packed(y) if swiglu else y
     appliers = [m if site is None else site for m, site in zip(modules, sites, strict=True)]
     return route.bank.apply_packed(appliers, x, y, route.slots, widths=[_linear_shape(m)[1] for m in modules],
-                                   memo=route.memo)
+                                   memo=route.memo, swiglu=swiglu)
 
 
 def rescales_output(module: nn.Module) -> bool:
@@ -390,33 +393,38 @@ class LoraBank:
         return shrunk, member
 
     def apply_packed(self, modules: Sequence[nn.Module], x: Tensor, y: Tensor, slots: Tensor | None, *,
-                     widths: Sequence[int], memo: Memo | None = None) -> Tensor:
+                     widths: Sequence[int], memo: Memo | None = None, swiglu: bool = False) -> Tensor:
         """``y`` (..., sum(widths)), the packed output of ``modules``' one GEMM over ``x`` (their weights
         concatenated in this order, module ``i`` ``widths[i]`` columns wide), plus each module's delta on
         its own columns, added in place (no autograd; ``y`` viewable as rows). When ``modules`` are one
         of the bank's groups, in order, and the kernels run: one shrink and one expand for all of them;
-        else one :meth:`apply` per module (modules the bank does not cover add nothing)."""
-        if slots is None or not any(self._apply.get(id(m)) in self._live for m in modules):
-            return y
+        else one :meth:`apply` per module (modules the bank does not cover add nothing). ``swiglu``: return
+        ``silu(gate) * up`` of the result instead (``modules`` a gate/up pair): for a group without DoRA the expand
+        and SwiGLU are one pass (:mod:`splice.kernels.lora_swiglu`) and ``y`` is left as it was."""
         flat_y = y.view(-1, y.shape[-1])
+        live = slots is not None and any(self._apply.get(id(m)) in self._live for m in modules)
         paths = [self._apply.get(id(m)) for m in modules]
-        group = self._groups[paths[0]][0] if paths[0] is not None else None
+        group = self._groups[paths[0]][0] if live and paths[0] is not None else None
         kernels = use_triton(flat_y) if self.kernels is None else self.kernels
-        if kernels and group is not None and tuple(paths) == group.paths and flat_y.stride(1) == 1:
+        if slots is not None and group is not None and kernels and tuple(paths) == group.paths \
+                and flat_y.stride(1) == 1:
             row_len = 1 if slots.numel() == flat_y.shape[0] else flat_y.shape[0] // slots.numel()
             per_token, tiles, plan = self._planned(slots, row_len, flat_y.shape[0], memo)
             shrunk = multi_lora_shrink(x.reshape(-1, x.shape[-1]), group.a, per_token, tiles=tiles, plan=plan)
-            factor, shift = self._affine[group] if self._rescaled.intersection(group.paths) else (None, None)
+            rescaled = bool(self._rescaled.intersection(group.paths))
+            if swiglu and not rescaled and len(group.widths) == 2 and group.widths[0] == group.widths[1]:
+                return multi_lora_expand_swiglu(shrunk, group.b, flat_y, per_token).view(*y.shape[:-1], -1)
+            factor, shift = self._affine[group] if rescaled else (None, None)
             multi_lora_expand(shrunk, group.b, flat_y, widths=group.widths, factor=factor, shift=shift)
-            return y
-        start = 0
-        for module, width in zip(modules, widths, strict=True):
-            part = y[..., start: start + width]
-            done = self.apply(module, x, part, slots, memo=memo)
-            if done.data_ptr() != part.data_ptr():  # added into a copy (the slice is not contiguous)
-                part.copy_(done)
-            start += width
-        return y
+        elif live:
+            start = 0
+            for module, width in zip(modules, widths, strict=True):
+                part = y[..., start: start + width]
+                done = self.apply(module, x, part, slots, memo=memo)
+                if done.data_ptr() != part.data_ptr():  # added into a copy (the slice is not contiguous)
+                    part.copy_(done)
+                start += width
+        return swiglu_packed(y) if swiglu else y
 
     @classmethod
     def for_sites(cls, model: nn.Module, sites: dict[str, BankSite], *, capacity: int, rank: int,

@@ -321,6 +321,18 @@ def test_a_packed_gemm_gets_each_sites_delta(kernels: bool, monkeypatch) -> None
             assert add_packed_delta(modules, x, y) is y
             torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
             assert len(shrinks) == kernels  # the kernels: one shrink each time (q's, reused by v)
+        # gate/up into SwiGLU: with the kernels the expand runs inside it (no expand launch), y left as it was
+        modules = [mlp.gate_proj, mlp.up_proj]
+        gate, up = (m(x) for m in modules)
+        y = torch.nn.functional.linear(x, torch.cat([m.base.weight for m in modules]))
+        expands = []
+        real_expand = bank_module.multi_lora_expand
+        monkeypatch.setattr(bank_module, "multi_lora_expand", lambda *a, **k: expands.append(1) or real_expand(*a, **k))
+        before = y.clone()
+        h = add_packed_delta(modules, x, y, swiglu=True)
+        torch.testing.assert_close(h, torch.nn.functional.silu(gate) * up, rtol=1e-5, atol=1e-5)
+        assert h.shape == (12, 1, gate.shape[-1]) and not expands
+        assert torch.equal(y, before) or not kernels  # (the PyTorch path adds into y, then takes SwiGLU)
 
 
 @GPU
@@ -530,6 +542,10 @@ def test_packed_projections_add_dora_with_the_concatenated_factors(tmp_path: Pat
                 weight, bias = packed(modules)
                 y = add_packed_delta(modules, x, torch.nn.functional.linear(x, weight, bias))
                 torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+                if len(modules) == 2:  # DoRA's factor on gate/up: SwiGLU after the unfused expand
+                    h = add_packed_delta(modules, x, torch.nn.functional.linear(x, weight, bias), swiglu=True)
+                    torch.testing.assert_close(h, torch.nn.functional.silu(want[..., :64]) * want[..., 64:],
+                                               rtol=1e-5, atol=1e-5)
                 base = torch.cat([m.base(x) for m in modules], dim=-1)
                 assert (base - want)[slots == 0].abs().max() > 1e-2  # slot 0: the DoRA adapter
 
