@@ -364,8 +364,8 @@ def _launch(x2: Tensor, words: Tensor, code: Tensor, stats: tuple[Tensor, ...], 
 
 
 def _checked(config: GemvConfig, *, n: int, k: int, block_size: int) -> GemvConfig:
-    """``config`` as the kernels can run it (tl.dot's smallest tile side is 16; gemv2's blocks of 32 or 64
-    values a power of two a step, else the gemv kernel), or one clear error."""
+    """``config`` as the kernels can run it (tl.dot's smallest tile side is 16), or one clear error (gemv2: blocks
+    of 32 or 64 values, a power of two of them a step)."""
     if (config.block_k % block_size or config.kernel not in ("gemv", "gemv2", "dot") or config.split_k < 1
             or config.lut not in ("shfl", "ldg", "plain")):
         raise ValueError(f"nf4_linear: {config} needs kernel 'gemv', 'gemv2' or 'dot', lut 'shfl', 'ldg' or "
@@ -376,7 +376,8 @@ def _checked(config: GemvConfig, *, n: int, k: int, block_size: int) -> GemvConf
             raise ValueError(f"nf4_linear: {config}: gemv2 takes lut 'shfl' or 'plain' and block_k / block size "
                              "a power of two")
         if not gemv2_supports(n=n, k=k, block_size=block_size):
-            config = replace(config, kernel="gemv")
+            raise ValueError(f"nf4_linear: {config}: gemv2 takes blocks of 32 or 64 values and under 2**31 packed "
+                             f"words; this {n}x{k} weight has blocks of {block_size}: use kernel 'gemv'")
     if config.kernel == "dot":
         config = replace(config, block_n=max(16, config.block_n), block_k=max(16, config.block_k))
     return config

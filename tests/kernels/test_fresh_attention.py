@@ -14,8 +14,9 @@ from splice.kernels.paged_attention import KernelConfig, paged_attention, paged_
 from tests.kernels.paged_cases import BS, TOL, Case, check, dense, make_case, run
 from tests.numerics import DEVICES, GPU
 
-# fresh prompts (seq_len == query rows; one of a single token) among decodes and chunks after a cached prefix
-FRESH_MIXED = [(BS + 1, BS + 1), (1, 1), (40, 7), (130, 130), (1000, 1), (37, 37), (BS, BS - 1), (200, 200),
+# fresh prompts (seq_len == query rows; one of a single token) among decodes, chunks after a cached prefix and a
+# sequence with no query this call
+FRESH_MIXED = [(BS + 1, BS + 1), (1, 1), (40, 7), (33, 0), (130, 130), (1000, 1), (37, 37), (BS, BS - 1), (200, 200),
                (BS - 1, 1), (3, 3)]
 ALL_FRESH = [(BS + 1, BS + 1), (64, 64), (1, 1), (200, 200), (5, 5)]
 

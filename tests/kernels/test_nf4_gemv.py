@@ -132,12 +132,16 @@ def test_bias_split_k_and_leading_dims(kernel: str, split_k: int, device: str) -
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("block_size", [32, 128])
 def test_gemv2_block_sizes(block_size: int, device: str) -> None:
-    """Blocks of 32 values (4 words a block) run gemv2; blocks it does not take (128) run the gemv kernel."""
+    """Blocks of 32 values (4 words a block) run gemv2; asked for blocks it does not take (128), one clear line."""
     _kernel_or_skip(device)
     g = torch.Generator().manual_seed(0)
     t = to_nf4((torch.randn(21, 256, generator=g) * 0.05).to(device), block_size=block_size)
     x = torch.randn(3, 256, device=device).to(torch.bfloat16)
     config = GemvConfig(kernel="gemv2", block_n=8, block_k=2 * block_size, num_warps=1)
+    if block_size == 128:
+        with pytest.raises(ValueError, match="gemv2 takes blocks of 32 or 64 values .* use kernel 'gemv'"):
+            nf4_linear(x, t.packed, t.code, config=config, **_stats(t))  # type: ignore[arg-type]
+        return
     got = nf4_linear(x, t.packed, t.code, config=config, **_stats(t))  # type: ignore[arg-type]
     assert rel_err(got, _truth(x, t)) < TOL[torch.bfloat16]
 
