@@ -110,5 +110,5 @@ if triton is not None:
         u = tl.load(y_at + W, mask=inside, other=0.0)
         g = (g.to(tl.float32) + dg).to(g.dtype).to(tl.float32)  # rounded as the expand stores y
         u = (u.to(tl.float32) + du).to(u.dtype).to(tl.float32)
-        tl.store(h_ptr + rows[:, None].to(tl.int64) * W + nn[None, :], (g * tl.sigmoid(g) * u).to(h_ptr.dtype.element_ty),
-                 mask=inside)
+        h = (g * tl.sigmoid(g) * u).to(h_ptr.dtype.element_ty)
+        tl.store(h_ptr + rows[:, None].to(tl.int64) * W + nn[None, :], h, mask=inside)

@@ -175,7 +175,8 @@ def rope_write_kv(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, key
     _rope_cache_kernel[(tokens,)](
         q, k, v, flat_c, flat_s, q_out, key_cache, value_cache,
         key_cache if key_scale is None else key_scale, value_cache if value_scale is None else value_scale,
-        slot_mapping, *(kv_out or (q_out, q_out)), hq, hkv, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        slot_mapping, *(kv_out or (q_out, q_out)), hq, hkv, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        v.stride(0), v.stride(1),
         flat_c.stride(0), key_cache.stride(1), key_cache.stride(2), key_cache.shape[1], *value_cache.stride(),
         HALF=dim // 2, BLOCK_HQ=triton.next_power_of_2(hq), BLOCK_HKV=triton.next_power_of_2(hkv),
         QUANT=key_scale is not None, DENSE=kv_out is not None, num_warps=4,

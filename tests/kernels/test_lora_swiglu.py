@@ -21,7 +21,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 # default launch shapes of a decode batch and of a step with prompts, narrow tiles with K splits, one token a tile
 TILES = [None, Tiles(block_m=32, k_split=1024, block_k=64, block_n=128),
-         Tiles(block_m=16, k_split=32, block_k=32, block_n=32), Tiles(block_m=16, k_split=64, block_k=32, per_token=True)]
+         Tiles(block_m=16, k_split=32, block_k=32, block_n=32),
+         Tiles(block_m=16, k_split=64, block_k=32, per_token=True)]
 
 
 def _case(tokens: int, k: int, width: int, slots: int, dtype: torch.dtype, *, rank: int = 16, seed: int = 0):
