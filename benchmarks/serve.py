@@ -24,8 +24,8 @@ its own time limit (``--limit-PART`` seconds: a part that runs out keeps the row
   ``--offline-adapters`` distinct r16 all-linear adapters (requests round-robin over them, all
   resident in a :class:`~splice.lora.bank.LoraBank`): output tok/s and the ratio to 0 adapters. A run
   that reaches its share of the time limit stops there (``truncated``) and counts what it generated.
-  ``--offline-fresh paged,dense`` repeats the runs with each engine ``fresh_attention`` (prompts with no cached
-  prefix through the paged kernel, or cuDNN's dense kernel over the step's own K/V).
+  ``--offline-fresh paged,dense``: the runs with the first engine ``fresh_attention`` (prompts with no cached prefix
+  through the paged kernel, or cuDNN's dense kernel over the step's own K/V), then a 0-adapter run with each other.
 - ``http``: ``splice.serve`` (Service + uvicorn, in this process) under open-loop Poisson load at
   rising ``--http-rates``, streamed over SSE by httpx in a separate client process (so the client
   does not share the server's GIL); offered vs delivered tok/s, TTFT and inter-token latency
@@ -560,14 +560,14 @@ def offline_run(bench: Bench, deadline: Deadline, *, count: int, seconds: float,
 
 
 def part_offline(bench: Bench, deadline: Deadline, record: dict[str, Any]) -> None:
-    runs = [(fresh, count) for fresh in bench.args.offline_fresh.split(",")
-            for count in (0, *ints(bench.args.offline_adapters))]
+    first, *others = bench.args.offline_fresh.split(",")
+    runs = [(first, count) for count in (0, *ints(bench.args.offline_adapters))] + [(fresh, 0) for fresh in others]
     for i, (fresh, count) in enumerate(runs):
         deadline.check(f"{count} adapters, fresh_attention={fresh}")
         row = offline_run(bench, deadline, count=count, seconds=max(1.0, deadline.left() / (len(runs) - i) - 8),
                           fresh=fresh)
         base = next((r["output_tok_s"] for r in record["rows"] if r["adapters"] == 0), row["output_tok_s"])
-        row["ratio_to_0"] = row["output_tok_s"] / base  # (to the first 0-adapter run: paged, when it is listed first)
+        row["ratio_to_0"] = row["output_tok_s"] / base  # (to the first fresh_attention's 0-adapter run)
         record["rows"].append(row)
         print(f"offline {count} adapters, fresh_attention={fresh}: {row['output_tok_s']:.0f} output tok/s "
               f"({row['ratio_to_0']:.2f}x), {row['finished']}/{row['requests']} finished in {row['seconds']:.1f} s",
