@@ -103,7 +103,7 @@ def fresh_attention(q: Tensor, k: Tensor, v: Tensor, *, query_start_loc: Tensor,
         return fresh_attention_reference(q, k, v, query_start_loc=query_start_loc, scale=scale)
     q, k, v = (t if t.is_contiguous() else t.contiguous() for t in (q, k, v))  # (offsets count whole rows)
     qsl = query_start_loc.to(torch.int32)
-    # (query, key, value, attn_bias, cum_seq_q, cum_seq_k, max_q, max_k, compute_log_sumexp, dropout_p, is_causal,
-    #  return_debug_mask): output (T, Hq, D) first
-    return torch.ops.aten._cudnn_attention_forward(q, k, v, None, qsl, qsl, max_query_len, max_query_len, False,
-                                                   0.0, True, False, scale=scale)[0]
+    # by keyword: a private op whose argument list has grown between releases; its output (T, Hq, D) comes first
+    return torch.ops.aten._cudnn_attention_forward(
+        q, k, v, attn_bias=None, cum_seq_q=qsl, cum_seq_k=qsl, max_q=max_query_len, max_k=max_query_len,
+        compute_log_sumexp=False, dropout_p=0.0, is_causal=True, return_debug_mask=False, scale=scale)[0]
