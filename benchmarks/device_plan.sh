@@ -41,11 +41,11 @@
 #   CALL=ml14 bash benchmarks/device_plan.sh      # then (~200 s): multi-LoRA shrink with a plan made once a step
 #   CALL=off14 bash benchmarks/device_plan.sh     # then (~230 s): offline throughput with 0 / 8 / 64 adapters
 #   CALL=next14 bash benchmarks/device_plan.sh    # ml14 then off14 in one call (~430 s: one machine start less)
-#   CALL=next15 bash benchmarks/device_plan.sh    # session 15 first (~560 s): fin14's unreached GPU tests, gemv2
-#                                                 # on every NF4 shape, offline with 0/8/64 adapters
-#   CALL=fresh15 bash benchmarks/device_plan.sh   # session 15 (~480 s): fresh prompts through cuDNN's ragged attention
+#   CALL=next15 bash benchmarks/device_plan.sh    # session 15 first (~350 s): fin14's unreached GPU tests, gemv2
+#                                                 # on every NF4 shape
+#   CALL=fresh15 bash benchmarks/device_plan.sh   # session 15 (~560 s): fresh prompts through cuDNN's ragged attention
 #                                                 # and the gate/up expand fused into SwiGLU (tests, kernel times,
-#                                                 # offline with 0 / 8 adapters, paged vs dense)
+#                                                 # offline with 0 / 8 / 64 adapters, then 0 with dense)
 #   CALL=pa15 bash benchmarks/device_plan.sh      # session 15 (~400 s): paged attention's key loops pipelined
 #                                                 # (loop_stages) against the defaults, prefill and decode
 #   CALL=fin14 bash benchmarks/device_plan.sh     # session 14 last (~560 s): all14b's failures + engine/serve tests,
@@ -424,14 +424,14 @@ fresh15)  # session 15 (~330 s): fresh prompts (no cached prefix) through cuDNN'
   # on fresh prompts and on an offline mixed step, then the offline run with fresh_attention paged and dense
   # ... and the gate/up expand fused into SwiGLU (splice.kernels.lora_swiglu, new, the engine's default where a bank
   # routes gate/up; interpreter-tested only): its GPU tests and its time against the unfused pair, then offline runs
-  # with 0 and 8 adapters (fresh_attention paged; the 8-adapter ratio was 0.82x before the fusion), then 0 with dense
-  gpu_tests fresh15 110 tests/kernels/test_fresh_attention.py tests/kernels/test_rope_cache.py \
+  # with 0, 8 and 64 adapters (fresh_attention paged; 8 adapters gave 0.82x before the fusion), then 0 with dense
+  gpu_tests fresh15 100 tests/kernels/test_fresh_attention.py tests/kernels/test_rope_cache.py \
     tests/kernels/test_paged_attention.py tests/kernels/test_lora_swiglu.py tests/kernels/test_multi_lora.py \
     tests/lora/test_bank.py "tests/engine/test_runner.py::test_fresh_prompts_through_cudnn_match_the_paged_kernel_in_cuda_graphs"
-  timeout 70 python3 benchmarks/paged_attention.py --out "$OUT/fresh15.json" \
+  timeout 60 python3 benchmarks/paged_attention.py --out "$OUT/fresh15.json" \
     --cases "prefill 2048 (full),prefill 8 x 512 (full),mixed step" 2>&1 | tee "$OUT/fresh15.txt" | tail -14
   timeout 60 python3 benchmarks/lora_swiglu.py --json "$OUT/lora_swiglu.json" 2>&1 | tee "$OUT/lora_swiglu.txt"
-  OFF_S=${OFF_S:-230} OFF_ADAPTERS=${OFF_ADAPTERS-8} offline_adapters --offline-fresh paged,dense ;;
+  OFF_S=${OFF_S:-260} OFF_ADAPTERS=${OFF_ADAPTERS-8,64} offline_adapters --offline-fresh paged,dense ;;
 pa15)  # session 15 (~200 s): paged attention with its key loops software-pipelined (loop_stages, new: the launch's
   # num_stages never pipelined them, so earlier stage sweeps changed nothing) for prefill and decode, then its GPU tests
   timeout 170 python3 benchmarks/paged_attention.py --sweep --out "$OUT/pa15.json" \
@@ -440,9 +440,9 @@ pa15)  # session 15 (~200 s): paged attention with its key loops software-pipeli
   timeout 140 python3 benchmarks/paged_attention.py --sweep --int8 --out "$OUT/pa15_int8.json" \
     --cases "decode B=32 ctx=1024,decode B=128 ctx=4096" 2>&1 | tee "$OUT/pa15_int8.txt" | tail -12
   gpu_tests pa15 90 tests/kernels/test_paged_attention.py ;;
-next15)  # session 15 first (~560 s): what fin14 did not reach. The GPU tests it had not started (SIGTERM drain, DoRA
+next15)  # session 15 first (~350 s): what fin14 did not reach. The GPU tests it had not started (SIGTERM drain, DoRA
   # serve, CLI, GGUF, graphs vs eager, the tiled MLP's GPU peak) with the NF4 kernels' tests, then gemv against gemv2 on
-  # every 8B shape at M 1 and 4 (fin14 timed q/o only: 1.15x), then offline with 0 / 8 / 64 adapters
+  # every 8B shape at M 1 and 4 (fin14 timed q/o only: 1.15x)
   timeout -s KILL 170 python3 -m pytest -o addopts= -v -n 8 -p no:cacheprovider -p no:warnings -rfE --tb=short \
     tests/serve/test_hardening.py tests/serve/test_dora_serve.py tests/export tests/models/test_gguf_header.py \
     tests/engine/test_gpu_paths_engine.py \
@@ -452,8 +452,7 @@ next15)  # session 15 first (~560 s): what fin14 did not reach. The GPU tests it
     tests/test_cli.py::test_eval_samples_0_is_loss_only_with_or_without_data > "$OUT/tests-next15.txt" 2>&1
   echo "tests (rc $?):"; grep -cE " PASSED " "$OUT/tests-next15.txt"; grep -E " (FAILED|ERROR) " "$OUT/tests-next15.txt" \
     | head -20; tail -1 "$OUT/tests-next15.txt"
-  NF4_TEST_S=0 NF4_S=${NF4_S:-130} nf4_rows
-  offline_adapters ;;
+  NF4_TEST_S=0 NF4_S=${NF4_S:-130} nf4_rows ;;  # (the offline runs moved to fresh15, with the new kernels)
 fin14)  # session 14 last (~520 s): all14b's failures again (gguf now carried; the K/V cache capped by need, so no
   # test's engine takes 80% of the card), with the engine and serve suites; the offline run with 0 / 8 / 64 adapters
   # (host adapters off the card: next14's 64 ran out of memory); fresh prompts' attention, the paged kernel against
