@@ -46,6 +46,8 @@
 #   CALL=fresh15 bash benchmarks/device_plan.sh   # session 15 (~560 s): fresh prompts through cuDNN's ragged attention
 #                                                 # and the gate/up expand fused into SwiGLU (tests, kernel times,
 #                                                 # offline with 0 / 8 / 64 adapters, then 0 with dense)
+#   CALL=prof15 bash benchmarks/device_plan.sh    # session 15 if time is left (~300 s): where 8 adapters' time goes in
+#                                                 # the offline run, by kernel kind (profiler windows, 0 and 8)
 #   CALL=pa15 bash benchmarks/device_plan.sh      # session 15 (~400 s): paged attention's key loops pipelined
 #                                                 # (loop_stages) against the defaults, prefill and decode
 #   CALL=fin14 bash benchmarks/device_plan.sh     # session 14 last (~560 s): all14b's failures + engine/serve tests,
@@ -432,6 +434,11 @@ fresh15)  # session 15 (~330 s): fresh prompts (no cached prefix) through cuDNN'
     --cases "prefill 2048 (full),prefill 8 x 512 (full),mixed step" 2>&1 | tee "$OUT/fresh15.txt" | tail -14
   timeout 60 python3 benchmarks/lora_swiglu.py --json "$OUT/lora_swiglu.json" 2>&1 | tee "$OUT/lora_swiglu.txt"
   OFF_S=${OFF_S:-260} OFF_ADAPTERS=${OFF_ADAPTERS-8,64} offline_adapters --offline-fresh paged,dense ;;
+prof15)  # session 15 if time is left (~300 s): the offline run without and with 8 adapters (the fused SwiGLU expand in),
+  # a 20-step profiler window in each: the multi-LoRA kernels' share of the mixed and decode steps, for what to fuse next
+  timeout 290 python3 benchmarks/offline_profile.py --variants 256x8192,256x8192:a8 --profile-steps 20 --profile-all \
+    --seconds 70 --json "$OUT/offline_profile.json" 2>&1 | grep -v "attention mask" | tee "$OUT/offline_profile.txt" \
+    | tail -60 ;;
 pa15)  # session 15 (~200 s): paged attention with its key loops software-pipelined (loop_stages, new: the launch's
   # num_stages never pipelined them, so earlier stage sweeps changed nothing) for prefill and decode, then its GPU tests
   timeout 170 python3 benchmarks/paged_attention.py --sweep --out "$OUT/pa15.json" \

@@ -13,7 +13,9 @@ GEMMs (computed tokens only, padding excluded) plus ``K/V bytes read / bandwidth
 measured time over that floor says how far from the card each kind of step runs.
 
 With ``--profile-steps N`` a ``torch.profiler`` window of N steps in the middle of the first variant's run
-gives GPU time by kernel kind (GEMM, few-row GEMM, attention, norms, ...) and the top kernels.
+gives GPU time by kernel kind (GEMM, few-row GEMM, attention, multi-LoRA, norms, ...) and the top kernels
+(``--profile-all``: of every variant). A variant's ``:aN`` serves ``N`` random r16 adapters from a bank (requests
+round-robin over them, as ``serve.py``'s offline part), ``:dense`` the engine's ``fresh_attention="dense"``.
 
     python benchmarks/offline_profile.py --json offline_profile.json          # H100/H200, ~3 min
     python benchmarks/offline_profile.py --tiny                               # CPU smoke test
@@ -39,10 +41,12 @@ from serve import (  # noqa: E402
     BLOCK,
     Bench,
     Deadline,
+    adapter_bank,
     build_model,
     free_memory,
     kv_bytes_per_token,
     part_bandwidth,
+    remove_sites,
     sharegpt_like,
     sync,
     tokenizer_for,
@@ -57,7 +61,8 @@ from splice.engine.sampling import SamplingParams  # noqa: E402
 from splice.engine.scheduler import StepPlan  # noqa: E402
 
 # kernel kinds by name (first match wins): cuBLAS / CUTLASS GEMMs, splice's few-row GEMM, paged attention, ...
-KINDS = (("gemv", ("_gemv",)), ("attention", ("_attention_kernel", "_reduce_kernel")),
+KINDS = (("gemv", ("_gemv",)), ("attention", ("_attention_kernel", "_reduce_kernel", "sdpa", "fmha", "flash")),
+         ("multi-LoRA", ("_shrink", "_expand", "_plan")),
          ("gemm", ("gemm", "nvjet", "cutlass", "sm90_", "sm80_", "cublas")), ("rmsnorm", ("rmsnorm", "_rms")),
          ("swiglu", ("swiglu",)), ("rope+cache", ("rope", "write_kv", "cache")),
          ("sampling", ("sample", "exponential", "softmax", "argmax", "topk", "sort")),
@@ -121,7 +126,7 @@ class Recorder:
 
 
 def run_variant(bench: Bench, *, max_seqs: int, budget: int, kv_dtype: str, kv_gib: float, seconds: float,
-                profile_steps: int) -> dict[str, Any]:
+                profile_steps: int, adapters: int = 0, fresh: str = "paged") -> dict[str, Any]:
     model, device = bench.model, bench.device
     prompts, outputs = sharegpt_like(bench)
     max_len = max(map(len, prompts)) + max(outputs) + 1
@@ -129,14 +134,16 @@ def run_variant(bench: Bench, *, max_seqs: int, budget: int, kv_dtype: str, kv_g
     blocks = max_seqs * -(-max_len // BLOCK) + 1
     if device.type == "cuda":
         blocks = min(blocks, int(kv_gib * (1 << 30)) // per_block)
+    names, extra = adapter_bank(bench, adapters)
     engine = Engine(model, bench.tokenizer, max_seqs=max_seqs, max_len=max_len, token_budget=max(budget, max_seqs),
-                    block_size=BLOCK, kv_blocks=blocks, cuda_graphs=True, max_waiting=len(prompts), kv_dtype=kv_dtype)
+                    block_size=BLOCK, kv_blocks=blocks, cuda_graphs=True, max_waiting=len(prompts), kv_dtype=kv_dtype,
+                    fresh_attention=fresh, **extra)
     recorder: Recorder | None = None
     try:
-        warm(engine, bench.vocab, [None])
+        warm(engine, bench.vocab, names)
         recorder = Recorder(engine)
-        requests = [Request(prompt_ids=p, params=SamplingParams(max_tokens=o)) for p, o in zip(prompts, outputs,
-                                                                                            strict=True)]
+        requests = [Request(prompt_ids=p, params=SamplingParams(max_tokens=o), adapter=names[i % len(names)])
+                    for i, (p, o) in enumerate(zip(prompts, outputs, strict=True))]
         stop = Deadline(seconds)
         cuda = device.type == "cuda"
         sync(device)
@@ -177,8 +184,11 @@ def run_variant(bench: Bench, *, max_seqs: int, budget: int, kv_dtype: str, kv_g
     finally:
         del engine
         recorder = None  # (it holds the engine: its caches and graphs are freed only now)
+        if adapters:
+            remove_sites(model)
         free_memory()
-    return {"max_seqs": max_seqs, "token_budget": budget, "kv_dtype": kv_dtype, "kv_blocks": blocks, "requests": len(requests),
+    return {"max_seqs": max_seqs, "token_budget": budget, "kv_dtype": kv_dtype, "kv_blocks": blocks,
+            "adapters": adapters, "fresh_attention": fresh, "requests": len(requests),
             "finished": sum(r.finish_reason == "length" for r in requests), "truncated": truncated,
             "seconds": elapsed, "output_tokens": generated, "output_tok_s": generated / elapsed,
             "steps": steps, "profile": profile}
@@ -239,6 +249,8 @@ def summarize(bench: Bench, run: dict[str, Any], *, peak: float | None) -> dict[
 
 def print_variant(run: dict[str, Any], summary: dict[str, Any]) -> None:
     split = "" if run.get("split_decodes", True) else ", decodes in the prefill tiles"
+    split += f", {run['adapters']} adapters" if run.get("adapters") else ""
+    split += f", fresh_attention={run['fresh_attention']}" if run.get("fresh_attention", "paged") != "paged" else ""
     print(f"\n{run['max_seqs']} sequences x {run['token_budget']} tokens a step, {run['kv_dtype']} K/V{split}: "
           f"{run['output_tok_s']:,.0f} output tok/s, "
           f"{run['finished']}/{run['requests']} finished in {run['seconds']:.1f} s; floor {summary['floor_s']:.1f} s "
@@ -279,12 +291,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="serve.py's 2-layer toy on the CPU (a smoke test)")
     parser.add_argument("--variants", default=None,
-                        help="SEQSxBUDGET[:int8][:nosplit],... (default 256x8192,256x8192:int8; ':int8': an int8 "
-                             "K/V cache; ':nosplit': mixed steps' decodes in the prefill tiles, as before split_decodes)")
+                        help="SEQSxBUDGET[:int8][:nosplit][:aN][:dense],... (default 256x8192,256x8192:int8; ':int8': "
+                             "an int8 K/V cache; ':nosplit': mixed steps' decodes in the prefill tiles, as before "
+                             "split_decodes; ':aN': N adapters; ':dense': fresh_attention='dense')")
     parser.add_argument("--requests", type=int, default=None, help="requests of the workload (default 1,000)")
     parser.add_argument("--kv-gib", type=float, default=48.0, help="K/V cache cap, GiB (CUDA)")
     parser.add_argument("--seconds", type=float, default=80.0, help="time limit of each variant's run")
     parser.add_argument("--profile-steps", type=int, default=0, help="profiler window of the first variant")
+    parser.add_argument("--profile-all", action="store_true", help="the profiler window in every variant")
     parser.add_argument("--json", type=Path, default=Path("offline_profile.json"))
     args = parser.parse_args(argv)
     args.variants = args.variants or ("8x64,4x16:int8" if args.tiny else "256x8192,256x8192:int8")
@@ -293,12 +307,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         for variant in args.variants.lower().split(","):
             sizes, *flags = variant.split(":")
             seqs, budget = (int(x) for x in sizes.split("x"))
-            if min(seqs, budget) < 1 or not set(flags) <= {"int8", "nosplit"}:
+            counts = [int(f[1:]) for f in flags if f.startswith("a")]
+            if min(seqs, budget, *counts) < 1 or len(counts) > 1 \
+                    or not {f for f in flags if not f.startswith("a")} <= {"int8", "nosplit", "dense"}:
                 raise ValueError
-            args.pairs.append((seqs, budget, "int8" if "int8" in flags else "auto", "nosplit" not in flags))
+            args.pairs.append((seqs, budget, "int8" if "int8" in flags else "auto", "nosplit" not in flags,
+                               counts[0] if counts else 0, "dense" if "dense" in flags else "paged"))
     except ValueError:
-        parser.error(f"--variants {args.variants!r}: give SEQSxBUDGET[:int8][:nosplit] with positive ints, e.g. "
-                     f"256x8192,256x8192:int8")
+        parser.error(f"--variants {args.variants!r}: give SEQSxBUDGET[:int8][:nosplit][:aN][:dense] with positive "
+                     f"ints, e.g. 256x8192,256x8192:int8,256x8192:a8")
     return args
 
 
@@ -320,10 +337,11 @@ def main() -> None:
                                        "bandwidth_gb_s": (bench.bandwidth or 0) / 1e9,
                                        "gemm_peak_tflop_s": (peak or 0) / 1e12, "requests": sargs.offline_requests},
                               "variants": []}
-    for i, (seqs, budget, kv_dtype, split) in enumerate(args.pairs):
+    for i, (seqs, budget, kv_dtype, split, adapters, fresh) in enumerate(args.pairs):
         with split_decodes(split):
             run = run_variant(bench, max_seqs=seqs, budget=budget, kv_dtype=kv_dtype, kv_gib=args.kv_gib,
-                              seconds=args.seconds, profile_steps=args.profile_steps if i == 0 else 0)
+                              seconds=args.seconds, profile_steps=args.profile_steps if i == 0 or args.profile_all
+                              else 0, adapters=adapters, fresh=fresh)
         run["split_decodes"] = split
         summary = summarize(bench, run, peak=peak)
         print_variant(run, summary)

@@ -498,25 +498,34 @@ def sharegpt_like(bench: Bench) -> tuple[list[list[int]], list[int]]:
     return prompts, outputs
 
 
+def adapter_bank(bench: Bench, count: int) -> tuple[list[str | None], dict[str, Any]]:
+    """``count`` random r16 all-linear adapters held on the host as a server holds them, and an empty bank of
+    ``count`` slots over bank sites added to the model (undo with :func:`remove_sites`): the request adapter names
+    to cycle through (``[None]`` for 0) and the Engine keywords (bank, sites, adapters; none for 0)."""
+    from splice.lora.bank import LoraBank, add_bank_sites
+
+    model = bench.model
+    names: list[str | None] = [f"a{i}" for i in range(count)] or [None]
+    if not count:
+        return names, {}
+    sites = add_bank_sites(model, adapter_paths(model))
+    dtype = model.get_input_embeddings().weight.dtype
+    return names, {"bank": LoraBank.for_sites(model, sites, capacity=count, rank=16, dtype=dtype),
+                   "sites": list(sites.values()),
+                   "adapters": {n: random_adapter(model, n, rank=16, seed=i, device=bench.device, host=True)
+                                for i, n in enumerate(names) if n is not None}}
+
+
 def offline_run(bench: Bench, deadline: Deadline, *, count: int, seconds: float, fresh: str = "paged") -> dict[str, Any]:
     """The workload through one engine with ``count`` adapters (0: no bank) and ``fresh_attention=fresh``; stops
     after ``seconds``."""
     from splice.engine.engine import Request
     from splice.engine.sampling import SamplingParams
-    from splice.lora.bank import LoraBank, add_bank_sites
 
     model, args = bench.model, bench.args
     prompts, outputs = sharegpt_like(bench)
     max_len = max(map(len, prompts)) + max(outputs) + 1
-    names: list[str | None] = [f"a{i}" for i in range(count)] or [None]
-    extra: dict[str, Any] = {}
-    if count:
-        sites = add_bank_sites(model, adapter_paths(model))
-        dtype = model.get_input_embeddings().weight.dtype
-        extra = {"bank": LoraBank.for_sites(model, sites, capacity=count, rank=16, dtype=dtype),
-                 "sites": list(sites.values()),
-                 "adapters": {n: random_adapter(model, n, rank=16, seed=i, device=bench.device, host=True)
-                              for i, n in enumerate(names) if n is not None}}
+    names, extra = adapter_bank(bench, count)
     engine = make_engine(bench, max_seqs=args.offline_max_seqs, max_len=max_len, max_waiting=len(prompts),
                          fresh_attention=fresh, **extra)
     try:
