@@ -86,3 +86,20 @@ def test_rollout_profile_runs_tiny(tmp_path: Path) -> None:
     assert [r["row"] for r in rows] == ["sampled, seeded", "sampled, unseeded", "greedy", "greedy, adapters off",
                                         "greedy, casts per call"]
     assert all(r["tok_per_s"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_offline_profile_runs_tiny_with_adapters_and_dense_fresh_attention(tmp_path: Path) -> None:
+    """benchmarks/offline_profile.py: a plain variant, one with 2 bank adapters and one with fresh_attention='dense'
+    (the PyTorch path on the CPU); every variant finishes its requests and reports its settings."""
+    out = tmp_path / "profile.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "offline_profile.py"), "--tiny", "--variants",
+         "8x64,8x64:a2,8x64:dense", "--json", str(out)],
+        capture_output=True, text=True, timeout=900, env=subprocess_env(), check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    variants = json.loads(out.read_text())["variants"]
+    assert [(v["adapters"], v["fresh_attention"]) for v in variants] == [(0, "paged"), (2, "paged"), (0, "dense")]
+    assert all(v["finished"] == v["requests"] > 0 for v in variants)
+    assert "2 adapters" in proc.stdout and "fresh_attention=dense" in proc.stdout
