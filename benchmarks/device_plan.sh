@@ -429,7 +429,8 @@ fresh15)  # session 15 (~330 s): fresh prompts (no cached prefix) through cuDNN'
   # with 0, 8 and 64 adapters (fresh_attention paged; 8 adapters gave 0.82x before the fusion), then 0 with dense
   gpu_tests fresh15 100 tests/kernels/test_fresh_attention.py tests/kernels/test_rope_cache.py \
     tests/kernels/test_paged_attention.py tests/kernels/test_lora_swiglu.py tests/kernels/test_multi_lora.py \
-    tests/lora/test_bank.py "tests/engine/test_runner.py::test_fresh_prompts_through_cudnn_match_the_paged_kernel_in_cuda_graphs"
+    tests/lora/test_bank.py "tests/engine/test_runner.py::test_fresh_prompts_through_cudnn_match_the_paged_kernel_in_cuda_graphs" \
+    "tests/engine/test_engine.py::test_bank_adapters_of_mixed_ranks_and_targets_equal_each_alone"
   timeout 60 python3 benchmarks/paged_attention.py --out "$OUT/fresh15.json" \
     --cases "prefill 2048 (full),prefill 8 x 512 (full),mixed step" 2>&1 | tee "$OUT/fresh15.txt" | tail -14
   timeout 60 python3 benchmarks/lora_swiglu.py --json "$OUT/lora_swiglu.json" 2>&1 | tee "$OUT/lora_swiglu.txt"
