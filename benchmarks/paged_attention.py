@@ -11,8 +11,8 @@ read + q read + out written, over the time; the ceiling is the measured read ban
 2 GiB; a device-to-device copy, read + write, is reported beside it).
 The peer is torch SDPA over dense (un-paged) tensors, timed the same way; full prefills also against torch's
 FlashAttention varlen (``torch.nn.attention.varlen``, where this torch has it) over flat fresh prompts, and splice's
-own path for them, ``fresh_attention`` (cuDNN's ragged kernel over the step's dense K/V; also with the engine's loose
-``max_query_len`` bound). "mixed step" is an offline run's step with prompts (16 fresh prompts of 500 tokens and 240
+own paths for them: ``fresh_attention`` (cuDNN's ragged kernel over the step's dense K/V; also with the engine's loose
+``max_query_len`` bound) and the training varlen kernel's forward (``splice.kernels.varlen_attention``, Triton). "mixed step" is an offline run's step with prompts (16 fresh prompts of 500 tokens and 240
 decodes at 600): the paged kernel alone against fresh_attention + the paged kernel with ``skip_fresh``. ``--sweep`` also times
 tile-size variants of the kernel. Each kernel result is checked against the plain reference. ``--int8``: the
 caches as int8 codes with a scale per token and head (splice.kernels.kv_cache; its bytes are codes + scales),
@@ -40,6 +40,7 @@ from splice.kernels.paged_attention import (
     paged_attention_reference,
     paged_attention_triton,
 )
+from splice.kernels.varlen_attention import varlen_attention
 
 HQ, HKV, D, BS, DTYPE = 32, 8, 128, 16, torch.bfloat16
 REPS = 20
@@ -191,23 +192,26 @@ def measure(label: str, batch: int, context: int, q_len: int, ceiling: float,
 def fresh_rows(label: str, args: dict, batch: int, context: int, want: Tensor, moved: float, flops: float,
                ceiling: float) -> list[dict]:
     """splice's fresh-prompt path (splice.kernels.fresh_attention) over the prompts' dense K/V: with the exact
-    max_query_len and with the engine's graph bound (8,192: a mixed step's token bucket)."""
-    if (why := cudnn_unusable(device=torch.device("cuda"), dtype=DTYPE, heads=(HQ, HKV), head_dim=D)) is not None:
-        print(f"{label}: fresh_attention (cuDNN) not run: {why}")
-        return []
+    max_query_len and with the engine's graph bound (8,192: a mixed step's token bucket); and splice's own dense
+    kernel for the same math, the training varlen forward (splice.kernels.varlen_attention)."""
     flat = args["block_tables"].long()
     k, v = (args[c][flat].flatten(1, 2)[:, :context].flatten(0, 1).contiguous() for c in ("key_cache", "value_cache"))
+    ways: list[tuple[str, Callable[[], Tensor]]] = [("splice varlen (triton)", lambda: varlen_attention(
+        args["q"], k, v, cu_seqlens=args["query_start_loc"], max_seqlen=context, scale=D**-0.5))]
+    if (why := cudnn_unusable(device=torch.device("cuda"), dtype=DTYPE, heads=(HQ, HKV), head_dim=D)) is not None:
+        print(f"{label}: fresh_attention (cuDNN) not run: {why}")
+    else:
+        ways += [(f"fresh (cudnn) <={bound}", lambda bound=bound: fresh_attention(
+            args["q"], k, v, query_start_loc=args["query_start_loc"], max_query_len=bound, scale=D**-0.5))
+                 for bound in (context, 8192)]
     rows = []
-    for bound in (context, 8192):
-        def run(bound: int = bound) -> Tensor:
-            return fresh_attention(args["q"], k, v, query_start_loc=args["query_start_loc"], max_query_len=bound,
-                                   scale=D**-0.5)
+    for impl, run in ways:
         try:
             ms = graph_ms(run)
         except Exception as error:  # not capturable on this build: say so
-            print(f"{label}: fresh_attention in a CUDA graph failed: {str(error).splitlines()[0][:200]}")
+            print(f"{label}: {impl} in a CUDA graph failed: {str(error).splitlines()[0][:200]}")
             continue
-        rows.append(dict(case=label, impl=f"fresh (cudnn) <={bound}", ms=ms, bandwidth_tb_s=moved / ms * 1e-9,
+        rows.append(dict(case=label, impl=impl, ms=ms, bandwidth_tb_s=moved / ms * 1e-9,
                          of_read=moved / ms * 1e3 / ceiling, tflops=flops / ms * 1e-9,
                          max_abs_err=float((run().float() - want.float()).abs().max())))
     return rows

@@ -11,25 +11,27 @@ contiguous, ``Hq`` a multiple of ``Hkv`` (GQA); sequence ``b`` owns rows ``qsl[b
     out[t, h] = sum_{j <= i} softmax_j(scale * q[s + i, h] . k[s + j, h // G]) v[s + j, h // G]
                 for t = s + i, s = qsl[b], 0 <= i < L_b              softmax in fp32, out in q's dtype
 
-Every sequence of the call is treated as fresh: the caller keeps the rows of the others (decodes, chunks after a
-cached prefix) from the paged kernel, run afterwards into the same ``out`` with ``skip_fresh=True``. Rows past
-``qsl[B]`` are left as they are.
+This is :mod:`splice.kernels.varlen_attention`'s math (causal attention within packed segments, the training
+kernel) with ``cu_seqlens = qsl``, so ``qsl[B]`` must be ``T``. Every sequence of the call is treated as fresh: the
+caller keeps the rows of the others (decodes, chunks after a cached prefix) from the paged kernel, run afterwards
+into the same output with ``skip_fresh=True``.
 
 On CUDA this is ``torch.ops.aten._cudnn_attention_forward`` with cumulative sequence lengths (cuDNN's ragged
 "THD" layout; the op torch's nested-tensor SDPA calls), a dense kernel with no page-table loads in its key loop:
 on an H100 torch's dense SDPA ran a fresh 2,048-token prompt 2.2x faster than the paged kernel (83 against 185 us,
 2026-12-06, ``benchmarks/paged_attention.py``). :func:`cudnn_unusable` names what rules it out on a machine (an
-older torch, no cuDNN, fp32, odd head dims); :func:`fresh_attention_reference` is the math above in PyTorch, one
-sequence at a time, and the path everywhere else.
+older torch, no cuDNN, fp32, odd head dims); everywhere else the varlen kernel (Triton on CUDA) or its reference
+runs.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["cudnn_unusable", "fresh_attention", "fresh_attention_reference"]
+from splice.kernels.varlen_attention import varlen_attention, varlen_attention_reference
+
+__all__ = ["cudnn_unusable", "fresh_attention"]
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, query_start_loc: Tensor) -> None:
@@ -38,24 +40,6 @@ def _check(q: Tensor, k: Tensor, v: Tensor, query_start_loc: Tensor) -> None:
         raise ValueError(f"fresh_attention: q (T, Hq, D), k/v (T, Hkv, D) with Hq a multiple of Hkv and "
                          f"query_start_loc (B+1,) expected, got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}, {tuple(query_start_loc.shape)}")
-
-
-def fresh_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, query_start_loc: Tensor, scale: float,
-                              out: Tensor | None = None) -> Tensor:
-    """The module docstring's math in PyTorch: one causal fp32 attention per sequence (rows past ``qsl[B]``: 0
-    in a new ``out``, unchanged in a given one)."""
-    _check(q, k, v, query_start_loc)
-    result = torch.zeros_like(q) if out is None else out
-    group = q.shape[1] // k.shape[1]
-    starts = query_start_loc.tolist()
-    for first, last in zip(starts[:-1], starts[1:], strict=True):
-        if last <= first:
-            continue
-        qs, ks, vs = (t[first:last].float().transpose(0, 1) for t in (q, k, v))  # (H, L, D)
-        ks, vs = ks.repeat_interleave(group, dim=0), vs.repeat_interleave(group, dim=0)
-        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
-        result[first:last] = o.transpose(0, 1).to(result.dtype)
-    return result
 
 
 def _static_reason(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
@@ -87,7 +71,7 @@ def cudnn_unusable(*, device: torch.device, dtype: torch.dtype, heads: tuple[int
         got = fresh_attention(q, k, v, query_start_loc=qsl, max_query_len=5, scale=head_dim**-0.5)
     except Exception as error:  # (any failure of the op is the answer)
         return f"cuDNN attention failed: {str(error).splitlines()[0][:200]}"
-    want = fresh_attention_reference(q, k, v, query_start_loc=qsl, scale=head_dim**-0.5)
+    want = varlen_attention_reference(q, k, v, cu_seqlens=qsl, max_seqlen=5, scale=head_dim**-0.5)
     if not torch.allclose(got.float(), want.float(), atol=2e-2, rtol=2e-2):
         return f"cuDNN attention differs from the reference by {float((got.float() - want.float()).abs().max()):.3g}"
     return None
@@ -97,10 +81,10 @@ def fresh_attention(q: Tensor, k: Tensor, v: Tensor, *, query_start_loc: Tensor,
                     scale: float) -> Tensor:
     """Causal attention of every sequence over its own rows (module doc): (T, Hq, D) in q's dtype, a new tensor.
     ``max_query_len``: a host upper bound on ``L_b`` (it sizes cuDNN's grid). cuDNN on CUDA (:func:`cudnn_unusable`
-    says when not), the reference elsewhere."""
+    says when not), the varlen kernel or its reference elsewhere."""
     _check(q, k, v, query_start_loc)
     if _static_reason(q.device, q.dtype, q.shape[2]) is not None:
-        return fresh_attention_reference(q, k, v, query_start_loc=query_start_loc, scale=scale)
+        return varlen_attention(q, k, v, cu_seqlens=query_start_loc, max_seqlen=max_query_len, scale=scale)
     q, k, v = (t if t.is_contiguous() else t.contiguous() for t in (q, k, v))  # (offsets count whole rows)
     qsl = query_start_loc.to(torch.int32)
     # by keyword: a private op whose argument list has grown between releases; its output (T, Hq, D) comes first

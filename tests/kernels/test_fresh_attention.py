@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from splice.kernels import use_triton
-from splice.kernels.fresh_attention import cudnn_unusable, fresh_attention, fresh_attention_reference
+from splice.kernels.fresh_attention import cudnn_unusable, fresh_attention
 from splice.kernels.paged_attention import KernelConfig, paged_attention, paged_attention_triton
 from tests.kernels.paged_cases import BS, TOL, Case, check, dense, make_case, run
 from tests.numerics import DEVICES, GPU
@@ -71,10 +71,11 @@ def test_skip_fresh_leaves_exactly_the_fresh_rows_as_they_were(device: str) -> N
     torch.testing.assert_close(out[~fresh], full[~fresh], atol=1e-6, rtol=1e-6)
 
 
-def test_the_reference_is_causal_sdpa_per_sequence_with_gqa() -> None:
+def test_off_cudnn_it_is_the_varlen_kernels_math_with_gqa() -> None:
+    """Where cuDNN does not run (here the CPU), fresh_attention is splice.kernels.varlen_attention over the rows."""
     case = make_case(ALL_FRESH, hq=8, hkv=2, d=32, dtype=torch.float32, device="cpu", seed=14)
     k, v = step_kv(case, "cpu")
-    got = fresh_attention_reference(case.q, k, v, query_start_loc=case.query_start_loc, scale=0.3)
+    got = fresh_attention(case.q, k, v, query_start_loc=case.query_start_loc, max_query_len=200, scale=0.3)
     torch.testing.assert_close(got.double(), dense(case, scale=0.3), atol=1e-5, rtol=1e-5)
 
 
