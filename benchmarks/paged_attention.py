@@ -10,11 +10,12 @@ prefill chunk (a full prefill and a chunk after 2,048 cached tokens). Each call 
 read + q read + out written, over the time; the ceiling is the measured read bandwidth (a sum over
 2 GiB; a device-to-device copy, read + write, is reported beside it).
 The peer is torch SDPA over dense (un-paged) tensors, timed the same way; full prefills also against torch's
-FlashAttention varlen (``torch.nn.attention.varlen``, where this torch has it) over flat fresh prompts, and splice's
-own paths for them: ``fresh_attention`` (cuDNN's ragged kernel over the step's dense K/V; also with the engine's loose
-``max_query_len`` bound) and the training varlen kernel's forward (``splice.kernels.varlen_attention``, Triton). "mixed step" is an offline run's step with prompts (16 fresh prompts of 500 tokens and 240
-decodes at 600): the paged kernel alone against fresh_attention + the paged kernel with ``skip_fresh``. ``--sweep`` also times
-tile-size variants of the kernel. Each kernel result is checked against the plain reference. ``--int8``: the
+FlashAttention varlen (``torch.nn.attention.varlen``, where this torch has it) over flat fresh prompts, and the
+engine's dense path for them (``fresh_attention="dense"``): the training varlen kernel's forward
+(``splice.kernels.varlen_attention``, Triton) over the step's own K/V. "mixed step" is an offline run's step with
+prompts (16 fresh prompts of 500 tokens and 240 decodes at 600): the paged kernel alone against the varlen kernel +
+the paged kernel with ``skip_fresh``. ``--sweep`` also times tile-size variants of the paged kernel and of the
+varlen forward. Each kernel result is checked against the plain reference. ``--int8``: the
 caches as int8 codes with a scale per token and head (splice.kernels.kv_cache; its bytes are codes + scales),
 decode cases only (``--cases`` picks some by label).
 """
@@ -32,7 +33,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from splice.kernels.fresh_attention import cudnn_unusable, fresh_attention
 from splice.kernels.kv_cache import kv_caches, write_kv
 from splice.kernels.paged_attention import (
     KernelConfig,
@@ -40,6 +40,8 @@ from splice.kernels.paged_attention import (
     paged_attention_reference,
     paged_attention_triton,
 )
+from splice.kernels.varlen_attention import KernelConfig as VarlenConfig
+from splice.kernels.varlen_attention import default_config as varlen_default
 from splice.kernels.varlen_attention import varlen_attention
 
 HQ, HKV, D, BS, DTYPE = 32, 8, 128, 16, torch.bfloat16
@@ -144,7 +146,7 @@ def varlen_peer(args: dict, batch: int, context: int) -> Callable[[], Tensor] | 
 
 
 def measure(label: str, batch: int, context: int, q_len: int, ceiling: float,
-            configs: list[KernelConfig | None], *, int8: bool = False) -> list[dict]:
+            configs: list[KernelConfig | None], *, int8: bool = False, sweep: bool = False) -> list[dict]:
     args = make_batch(batch, context, q_len, int8=int8)
     kv_vector = D + 4 if int8 else D * args["q"].element_size()  # bytes of one token's key (or value) of a head
     moved = 2 * batch * context * HKV * kv_vector + 2 * args["q"].numel() * args["q"].element_size()
@@ -179,7 +181,7 @@ def measure(label: str, batch: int, context: int, q_len: int, ceiling: float,
                          of_read=moved / ms * 1e3 / ceiling, tflops=flops / ms * 1e-9,
                          max_abs_err=float((got.float() - want.float()).abs().max())))
     if q_len == context:
-        rows += fresh_rows(label, args, batch, context, want, moved, flops, ceiling)
+        rows += fresh_rows(label, args, context, want, moved, flops, ceiling, sweep=sweep)
     peer = dense_peer(args, batch, context, q_len)
     ms = graph_ms(peer)
     got = peer().transpose(1, 2).reshape(-1, HQ, D)
@@ -189,31 +191,31 @@ def measure(label: str, batch: int, context: int, q_len: int, ceiling: float,
     return rows
 
 
-def fresh_rows(label: str, args: dict, batch: int, context: int, want: Tensor, moved: float, flops: float,
-               ceiling: float) -> list[dict]:
-    """splice's fresh-prompt path (splice.kernels.fresh_attention) over the prompts' dense K/V: with the exact
-    max_query_len and with the engine's graph bound (8,192: a mixed step's token bucket); and splice's own dense
-    kernel for the same math, the training varlen forward (splice.kernels.varlen_attention)."""
+def fresh_rows(label: str, args: dict, context: int, want: Tensor, moved: float, flops: float, ceiling: float, *,
+               sweep: bool) -> list[dict]:
+    """The engine's fresh-prompt path (``fresh_attention="dense"``) over the prompts' dense K/V: splice's varlen
+    kernel (splice.kernels.varlen_attention, the training kernel's forward), with its default tiles and, with
+    ``sweep``, other forward tiles (``block_m`` queries x ``block_n`` keys, warps, stages)."""
     flat = args["block_tables"].long()
     k, v = (args[c][flat].flatten(1, 2)[:, :context].flatten(0, 1).contiguous() for c in ("key_cache", "value_cache"))
-    ways: list[tuple[str, Callable[[], Tensor]]] = [("splice varlen (triton)", lambda: varlen_attention(
-        args["q"], k, v, cu_seqlens=args["query_start_loc"], max_seqlen=context, scale=D**-0.5))]
-    if (why := cudnn_unusable(device=torch.device("cuda"), dtype=DTYPE, heads=(HQ, HKV), head_dim=D)) is not None:
-        print(f"{label}: fresh_attention (cuDNN) not run: {why}")
-    else:
-        ways += [(f"fresh (cudnn) <={bound}", lambda bound=bound: fresh_attention(
-            args["q"], k, v, query_start_loc=args["query_start_loc"], max_query_len=bound, scale=D**-0.5))
-                 for bound in (context, 8192)]
+    base = varlen_default(head_dim=D, dtype=DTYPE, max_seqlen=context)
+    configs = [base] + ([replace(base, block_m=m, block_n=n, num_warps=w, num_stages=st) for m, n, w, st in
+                         ((128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3),
+                          (64, 128, 4, 2), (128, 64, 4, 3), (64, 64, 4, 4))] if sweep else [])
     rows = []
-    for impl, run in ways:
+    for i, cfg in enumerate(configs):
+        def run(cfg: VarlenConfig = cfg) -> Tensor:
+            return varlen_attention(args["q"], k, v, cu_seqlens=args["query_start_loc"], max_seqlen=context,
+                                    scale=D**-0.5, config=cfg)
         try:
             ms = graph_ms(run)
-        except Exception as error:  # not capturable on this build: say so
-            print(f"{label}: {impl} in a CUDA graph failed: {str(error).splitlines()[0][:200]}")
+        except Exception as error:  # (a tile that does not fit: say so, go on)
+            print(f"{label}: varlen {cfg} failed: {str(error).splitlines()[0][:200]}")
             continue
-        rows.append(dict(case=label, impl=impl, ms=ms, bandwidth_tb_s=moved / ms * 1e-9,
-                         of_read=moved / ms * 1e3 / ceiling, tflops=flops / ms * 1e-9,
-                         max_abs_err=float((run().float() - want.float()).abs().max())))
+        rows.append(dict(case=label, impl="splice varlen (triton)" if i == 0 else "varlen variant", ms=ms,
+                         bandwidth_tb_s=moved / ms * 1e-9, of_read=moved / ms * 1e3 / ceiling,
+                         tflops=flops / ms * 1e-9, max_abs_err=float((run().float() - want.float()).abs().max()),
+                         config=f"m{cfg.block_m} n{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"))
     return rows
 
 
@@ -221,7 +223,8 @@ def mixed_step_rows(ceiling: float, *, prompts: int = 16, prompt_len: int = 500,
                     context: int = 600) -> list[dict]:
     """An offline step with prompts: ``prompts`` fresh prompts and ``decodes`` one-token decodes at ``context``, in one
     call with the engine's graph bounds (max_query_len 1,024, max_seq_len 1,501): the paged kernel for all, against
-    fresh_attention for the prompts + the paged kernel for the decodes (``skip_fresh``)."""
+    the varlen kernel for every sequence + the paged kernel for the decodes (``skip_fresh``), as the engine's
+    ``fresh_attention="dense"`` runs it."""
     lens = [(prompt_len, prompt_len)] * prompts + [(context, 1)] * decodes
     per = [-(-n // BS) for n, _ in lens]
     num_blocks = sum(per) + 1
@@ -250,15 +253,11 @@ def mixed_step_rows(ceiling: float, *, prompts: int = 16, prompt_len: int = 500,
         return paged_attention_triton(**args, scale=D**-0.5, out=out)
 
     def split() -> Tensor:
-        fresh = fresh_attention(args["q"], *step_kv, query_start_loc=starts, max_query_len=1024, scale=D**-0.5)
+        fresh = varlen_attention(args["q"], *step_kv, cu_seqlens=starts, max_seqlen=1024, scale=D**-0.5)
         return paged_attention_triton(**args, scale=D**-0.5, out=fresh, skip_fresh=True)
 
     rows = []
-    for impl, fn in (("splice paged", paged), ("fresh (cudnn) + paged", split)):
-        if impl != "splice paged" and (why := cudnn_unusable(device=torch.device("cuda"), dtype=DTYPE, heads=(HQ, HKV),
-                                                             head_dim=D)) is not None:
-            print(f"{label}: fresh_attention (cuDNN) not run: {why}")
-            continue
+    for impl, fn in (("splice paged", paged), ("varlen + paged", split)):
         try:
             ms = graph_ms(fn)
         except Exception as error:
@@ -295,7 +294,7 @@ def variants(decode: bool, *, int8: bool = False) -> list[KernelConfig | None]:
 
 def row_line(r: dict) -> str:
     cfg = r.get("config")
-    brief = (f"q{cfg['block_q']} n{cfg['block_n']} w{cfg['num_warps']} s{cfg['num_stages']} "
+    brief = cfg if isinstance(cfg, str) else (f"q{cfg['block_q']} n{cfg['block_n']} w{cfg['num_warps']} s{cfg['num_stages']} "
              f"l{cfg.get('loop_stages', 0)} "
              f"p{cfg['min_partition']}x{cfg['programs_per_sm']}"
              + ("" if cfg.get("direct_decode", True) else " search")) if cfg else ""
@@ -307,6 +306,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="paged_attention.json")
     parser.add_argument("--sweep", action="store_true", help="also time tile-size variants")
+    parser.add_argument("--varlen-sweep", action="store_true", help="time the varlen forward's variants only")
     parser.add_argument("--int8", action="store_true", help="int8 caches (codes + scales), decode cases")
     parser.add_argument("--cases", default="", help="comma-separated case labels to run (default: all)")
     cli = parser.parse_args()
@@ -327,10 +327,11 @@ def main() -> None:
     for label, b, c, q_len in cases:
         if (chosen and label not in chosen) or (cli.int8 and q_len != 1):
             continue
-        configs = variants(q_len == 1, int8=cli.int8) if cli.sweep and (label in sweep_cases or chosen) else [None]
+        swept = cli.sweep and (label in sweep_cases or bool(chosen))
+        configs = variants(q_len == 1, int8=cli.int8) if swept else [None]
         if q_len == 1 and not cli.int8:  # the decode default against the same tiles finding sequences by search
             configs.insert(1, replace(default_config(decode=True, group=HQ // HKV, head_dim=D), direct_decode=False))
-        for r in measure(label, b, c, q_len, ceiling, configs, int8=cli.int8):
+        for r in measure(label, b, c, q_len, ceiling, configs, int8=cli.int8, sweep=swept or cli.varlen_sweep):
             rows.append(r)
             print(row_line(r), flush=True)
             out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,

@@ -16,8 +16,8 @@ keys (:func:`~splice.kernels.paged_attention.paged_attention`). With no step bou
 replaced, unchanged, so the rewrite is harmless to training and to ordinary forwards.
 
 A step with ``fresh`` set sends its fresh sequences (prompts with no cached prefix) to a dense attention over the
-step's own K/V (:mod:`splice.kernels.fresh_attention`: cuDNN's ragged kernel on CUDA), and the paged kernel serves
-the others into the same output. Layers with a sliding window or a logit softcap, and int8 caches, keep the paged
+step's own K/V (:mod:`splice.kernels.varlen_attention`, the training kernel: causal within each sequence, no page
+table), and the paged kernel serves the others into the same output (``skip_fresh``). Layers with a sliding window or a logit softcap, and int8 caches, keep the paged
 kernel for every sequence.
 """
 
@@ -37,10 +37,10 @@ from splice.core.rewrite import Node, Replace, innermost, rewrite, share_state
 from splice.fused.modules import FusedRopeAttention, packed_lora, project
 from splice.fused.projections import packed
 from splice.fused.varlen import VarlenAttention, window_and_softcap
-from splice.kernels.fresh_attention import fresh_attention
 from splice.kernels.gemv import decode_linear
 from splice.kernels.paged_attention import paged_attention
 from splice.kernels.rope_cache import rope_write_kv
+from splice.kernels.varlen_attention import varlen_attention
 from splice.lora.adapter_file import base_shape
 from splice.lora.bank import add_packed_delta
 
@@ -137,9 +137,10 @@ class PagedAttention(nn.Module):
         q = rope_write_kv(q, k, v, *position_embeddings, key_cache, value_cache, step.slot_mapping, kv_out=kv_out,
                           **scales)
         out = None  # (T, Hq, D): the fresh sequences' rows first, when they have their own path
-        if kv_out is not None:
-            out = fresh_attention(q, *kv_out, query_start_loc=step.query_start_loc,
-                                  max_query_len=step.max_query_len, scale=self.scaling)
+        if kv_out is not None:  # every sequence as if fresh (cheap for decodes); the paged kernel then
+            # overwrites the rows of the others
+            out = varlen_attention(q, *kv_out, cu_seqlens=step.query_start_loc, max_seqlen=step.max_query_len,
+                                   scale=self.scaling)
         out = paged_attention(
             q, key_cache, value_cache, block_tables=step.block_tables, seq_lens=step.seq_lens,
             query_start_loc=step.query_start_loc, scale=self.scaling, max_query_len=step.max_query_len,

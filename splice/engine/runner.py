@@ -35,8 +35,8 @@ sequences that read and write only the scratch block, and the remaining padded s
 :meth:`ModelRunner.warmup` captures every bucket up front.
 
 ``fresh_attention="dense"``: in steps with prefill chunks, prompts with no cached prefix attend over the step's own
-K/V through a dense kernel (cuDNN's ragged attention on CUDA, :mod:`splice.kernels.fresh_attention`) and the paged
-kernel serves the rest; ``"paged"`` (the default): the paged kernel serves every sequence.
+K/V through a dense kernel (:mod:`splice.kernels.varlen_attention`, no page-table loads in its key loop) and the
+paged kernel serves the rest; ``"paged"`` (the default): the paged kernel serves every sequence.
 """
 
 from __future__ import annotations
@@ -59,7 +59,6 @@ from splice.engine.layer import linear_out, run_layer
 from splice.engine.scheduler import Chunk, StepPlan
 from splice.fused.apply import fuse
 from splice.fused.projections import pack_projections
-from splice.kernels.fresh_attention import cudnn_unusable
 from splice.kernels.kv_cache import kv_cache_dtype, kv_caches
 from splice.lora.adapter_file import base_shape
 from splice.lora.apply import lora_modules
@@ -224,15 +223,6 @@ class ModelRunner:
         self.num_blocks = num_blocks
         layers, kv_heads, head_dim = _kv_shape(model)
         self.fresh = fresh_attention == "dense"
-        if self.fresh and self.device.type == "cuda":
-            config: Any = model.config  # (Hq / Hkv: a tensor-parallel rank shares both out alike)
-            group = config.num_attention_heads // (getattr(config, "num_key_value_heads", None)
-                                                   or config.num_attention_heads)
-            why = cudnn_unusable(device=self.device, dtype=self.dtype, heads=(kv_heads * group, kv_heads),
-                                 head_dim=head_dim)
-            if why is not None:
-                raise ValueError(f"fresh_attention='dense' runs cuDNN's ragged attention on CUDA: {why}; keep "
-                                 f"fresh_attention='paged'")
         shape = (num_blocks, block_size, kv_heads, head_dim)
         caches = [kv_caches(shape, cache_dtype, self.device) for _ in range(layers)]
         self.key_caches, self.value_caches = [k for k, _ in caches], [v for _, v in caches]

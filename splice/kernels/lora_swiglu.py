@@ -45,9 +45,12 @@ def expand_swiglu_reference(x: Tensor, y: Tensor, a: Tensor, b: Tensor, slots: T
     return swiglu_reference(gate.float(), up.float()).to(y.dtype)
 
 
-def multi_lora_expand_swiglu(shrunk: Shrunk, b: Tensor, y: Tensor, slots: Tensor, *, block_n: int = 64) -> Tensor:
+def multi_lora_expand_swiglu(shrunk: Shrunk, b: Tensor, y: Tensor, slots: Tensor, *,
+                             block_n: int | None = None) -> Tensor:
     """``h`` (T, I) of the module docstring from ``shrunk`` (a two-member gate/up shrink of these ``slots`` (T,)
-    int32), the group's ``b`` (S, 2I, R) with contiguous rows and ``y`` (T, 2I) with unit column stride."""
+    int32), the group's ``b`` (S, 2I, R) with contiguous rows and ``y`` (T, 2I) with unit column stride.
+    ``block_n``: output columns a program; by default 128 up to 512 tokens, else 64 (H200, 2026-12-06,
+    ``benchmarks/lora_swiglu.py``: 50.0 against 59.5 us at 256 tokens, 116 against 123 at 2,048)."""
     split, _, members, rank = shrunk.u.shape
     tokens, width = y.shape[0], y.shape[1] // 2
     if members != 2 or b.shape[1] != y.shape[1] or y.shape[1] % 2 or y.stride(1) != 1 or b.stride(2) != 1 \
@@ -57,6 +60,8 @@ def multi_lora_expand_swiglu(shrunk: Shrunk, b: Tensor, y: Tensor, slots: Tensor
                          f"B {tuple(b.shape)}, y {tuple(y.shape)}, slots {tuple(slots.shape)}")
     h = torch.empty(tokens, width, device=y.device, dtype=y.dtype)
     count, block_m = shrunk.plan.shape[0], shrunk.tiles.block_m
+    if block_n is None:
+        block_n = 128 if tokens <= 512 else 64
     if shrunk.ieee:  # exact fp32 dots on the FMA units: narrower blocks
         block_n = min(block_n, 32)
     grid = (count + -(-tokens // block_m), -(-width // block_n))

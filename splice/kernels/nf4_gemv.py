@@ -38,7 +38,8 @@ address's low byte, one L1 load), so decoding can keep pace with reading 3.6x fe
 
 * ``gemv2`` (:mod:`splice.kernels.nf4_gemv2`, up to 4 rows of ``x`` a program): a thread owns whole
   blocks of a few weight rows and x arrives in the codes' own layout (no shared memory in the loop);
-  per weight one shuffle and one fp32 FMA. Selectable by config; not (yet) the default.
+  per weight one shuffle and one fp32 FMA. The default for one row of x with 32- or 64-value blocks (H200: 1.2-1.5x
+  the gemv kernel on every Llama-3-8B shape); also selectable by config up to 4 rows.
 
 ``split_k > 1`` cuts K into that many ranges: each writes an fp32 partial sum and one small kernel
 adds them (and the bias) and casts: more programs for weights with few rows. Nothing syncs with
@@ -99,15 +100,19 @@ def k_splits(programs: int, k_steps: int, *, sms: int) -> int:
 
 
 def default_config(m: int, n: int, k: int, *, block_size: int, sms: int) -> GemvConfig:
-    """The tiles for ``(M, N, K)`` on a device with ``sms`` SMs, K split to fill the GPU (:func:`k_splits`),
-    as ``benchmarks/nf4_gemv.py``'s sweep found best at the Llama-3-8B shapes (H200, 2026-12-06).
+    """The tiles for ``(M, N, K)`` on a device with ``sms`` SMs, as ``benchmarks/nf4_gemv.py``'s sweeps found best
+    at the Llama-3-8B shapes (H200, 2026-12-06).
 
     The level lookup is ``shfl`` (module doc): with ordinary loads (``plain``) every shape took 1.4-2.7x as
-    long. ``M == 1``: the gemv kernel, 16 weight rows a program (4 for a weight of fewer than 2,048 rows),
-    1,024 columns a K step over 8 warps for weights of at most 4,096 rows (q/o 9.6 us, down 27.5), else 512
-    over 4 (gate/up 27.1; k/v 6.2): 0.9-1.1 of the sweep's copy bandwidth, 1.1-1.3x bf16's GEMV. ``M > 1``:
-    the dot kernel, one 64-value block a step, 128 weight rows a program for the MLP's large weights (two
-    pipeline stages from 8 rows), 64 for q/o and k/v: 0.7-0.9x bf16 at M = 8-32."""
+    long. ``M == 1``: the gemv2 kernel (:func:`gemv2_config`) where it takes the blocks (32 or 64 values):
+    q/o 8.4 us, k/v 4.1, gate/up 20.0, down 20.8 against the gemv kernel's 9.7 / 6.2 / 27.1 / 28.9 and bf16's
+    12.7 / 6.8 / 31.3 / 31.4. Other block sizes: the gemv kernel, 16 weight rows a program (4 for a weight of
+    fewer than 2,048 rows), 1,024 columns a K step over 8 warps for weights of at most 4,096 rows, else 512 over
+    4, K split to fill the GPU (:func:`k_splits`). ``M > 1``: the dot kernel, one 64-value block a step, 128
+    weight rows a program for the MLP's large weights (two pipeline stages from 8 rows), 64 for q/o and k/v:
+    0.7-0.9x bf16 at M = 4-32 (gemv2 won only q/o and k/v at M = 4, by 5-14%)."""
+    if m == 1 and gemv2_supports(n=n, k=k, block_size=block_size):
+        return gemv2_config(m, n, k, block_size=block_size, sms=sms)
     if m == 1:
         block_n = 16 if n >= 2048 else 4
         block_k, warps = (1024, 8) if 2048 <= n <= 4096 else (512, 4)
@@ -122,18 +127,13 @@ def default_config(m: int, n: int, k: int, *, block_size: int, sms: int) -> Gemv
 
 
 def gemv2_config(m: int, n: int, k: int, *, block_size: int, sms: int) -> GemvConfig:
-    """Untimed tiles for the gemv2 kernel at ``(M, N, K)`` (from offline sm_90 instruction counts only;
-    ``benchmarks/nf4_gemv.py`` sweeps them against :func:`default_config`): one block a lane, K in one
-    step over 2 warps where it has at most 64 blocks, else steps of 32 blocks over 1 warp (14,336 = 7 x
-    32 x 64); 8 weight rows a program (their x loaded once), halved down to 2 until the grid has ~12 warps
-    an SM to hide the loads' latency; no K split."""
-    blocks = max(1, k // block_size)
-    lanes = 64 if blocks <= 64 else 32
-    warps = lanes // 32
-    block_n = 8
-    while block_n > 2 and -(-n // block_n) * -(-m // 4) * warps < 12 * sms:
-        block_n //= 2
-    return GemvConfig(kernel="gemv2", block_n=block_n, block_k=block_size * lanes, lut="shfl", num_warps=warps)
+    """The gemv2 kernel's tiles for ``(M <= 4, N, K)``, as ``benchmarks/nf4_gemv.py``'s sweep found best (H200,
+    2026-12-06): one block a lane over 2 warps (64 lanes: K of 4,096 in one step of 64-value blocks, 14,336 in
+    four), 8 weight rows a program for large products (``M x N x K`` of at least 2^25: gate/up, down, q/o at
+    M = 4), else 4; no K split. ``sms`` is unused: the measured tiles needed no grid-size rule."""
+    del sms
+    return GemvConfig(kernel="gemv2", block_n=8 if m * n * k >= 2**25 else 4, block_k=block_size * 64, lut="shfl",
+                      num_warps=2)
 
 
 def gemv_applies(x: Tensor, *, shape: tuple[int, int], block_size: int) -> bool:

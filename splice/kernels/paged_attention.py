@@ -34,7 +34,7 @@ H200, Llama-3-8B heads (bf16, block 16; benchmarks/paged_attention.py, CUDA grap
 it is also the CPU path, except for decode steps (one query a sequence), which take one batched attention.
 
 ``skip_fresh``: the caller has computed the fresh sequences itself (no cached prefix: ``n_b == L_b``;
-:mod:`splice.kernels.fresh_attention` over the step's own K/V) into ``out``; their rows are left as they are.
+:mod:`splice.kernels.varlen_attention` over the step's own K/V) into ``out``; their rows are left as they are.
 """
 
 from __future__ import annotations
@@ -118,7 +118,9 @@ def default_config(*, decode: bool, group: int, head_dim: int, int8: bool = Fals
     """Decode: 16-row tiles (memory-bound, one query token per sequence), over int8 caches 64 keys a step on 2
     warps, 2 stages (H100, CUDA graphs, 2026-12-06, ``benchmarks/paged_attention.py --int8 --sweep``, us: B=32 x
     1,024 36.4, B=32 x 4,096 114.4, B=128 x 1,024 115.0, against 41.2, 132.8, 121.1 with 128 keys on 4 warps,
-    the default before); prefill: 128-row tiles (64 at head_dim 256)."""
+    the default before); prefill: 128-row tiles (64 at head_dim 256), the key loop pipelined 3 deep at head dims up
+    to 128 (H200, 2026-12-06, ``--sweep``: a fresh 2,048 prompt 172 against 183 us, 8 x 512 121 against 122).
+    Decode's loops stay unpipelined: 0 to 4 stages timed alike."""
     g_pad, wide = _pow2(group), _pow2(head_dim) > 128
     if decode:
         if int8 and not wide:
@@ -126,7 +128,7 @@ def default_config(*, decode: bool, group: int, head_dim: int, int8: bool = Fals
         return KernelConfig(block_q=max(1, 16 // g_pad), block_n=32 if wide else 64, num_warps=4, num_stages=3)
     rows = 64 if wide else 128
     return KernelConfig(block_q=max(1, rows // g_pad), block_n=32 if wide else 64, num_warps=rows // 16,
-                        num_stages=2, unmasked_steps=True)
+                        num_stages=2, unmasked_steps=True, loop_stages=0 if wide else 3)
 
 
 def _partition_len(cfg: KernelConfig, *, tiles: int, max_seq_len: int, device: torch.device) -> int:

@@ -15,7 +15,7 @@ q/k/v projection output are fine; the last dim must be contiguous); ``cos``/``si
 ``q_out`` (T, Hq, D), contiguous, in q's dtype; the cache rows are written in place.
 
 ``kv_out``: two contiguous (T, Hkv, D) tensors in q's dtype that also receive ``rope(k)`` and ``v``, densely
-(the step's own keys and values, for :mod:`splice.kernels.fresh_attention`: a fresh prompt attends to them
+(the step's own keys and values, for :mod:`splice.kernels.varlen_attention`: a fresh prompt attends to them
 without a page table).
 
 The Triton path runs one program per token: it loads the token's cos/sin once and rotates every

@@ -279,12 +279,13 @@ def _mixed_steps(runner: ModelRunner, device: str = "cpu") -> torch.Tensor:
 
 
 def test_fresh_prompts_through_dense_attention_give_the_paged_steps_logits(monkeypatch: pytest.MonkeyPatch) -> None:
-    """fresh_attention="dense": prompts with no cached prefix attend over the step's own K/V (the PyTorch path off
-    the GPU), the paged kernel serves the rest; the same logits as fresh_attention="paged"."""
+    """fresh_attention="dense": prompts with no cached prefix attend over the step's own K/V (splice's varlen
+    attention: its reference off the GPU), the paged kernel serves the rest; the same logits as
+    fresh_attention="paged"."""
     import splice.engine.attention as attention
 
     calls: list[int] = []
-    real = attention.fresh_attention
+    real = attention.varlen_attention
 
     def counted(*args: object, **kwargs: object) -> torch.Tensor:
         calls.append(1)
@@ -292,7 +293,7 @@ def test_fresh_prompts_through_dense_attention_give_the_paged_steps_logits(monke
 
     model = tiny.llama()
     paged = _mixed_steps(_runner(model))
-    monkeypatch.setattr(attention, "fresh_attention", counted)
+    monkeypatch.setattr(attention, "varlen_attention", counted)
     assert not calls
     dense = _mixed_steps(_runner(copy.deepcopy(model), fresh_attention="dense"))
     assert len(calls) == 2 * 2  # two steps with prompts x two layers
@@ -307,8 +308,8 @@ def test_a_bad_fresh_attention_choice_gets_one_line() -> None:
 
 
 @GPU
-def test_fresh_prompts_through_cudnn_match_the_paged_kernel_in_cuda_graphs() -> None:
-    """On a GPU, bf16 heads of 64: cuDNN's ragged attention for fresh prompts, eager and in the prefill graphs."""
+def test_fresh_prompts_through_varlen_match_the_paged_kernel_in_cuda_graphs() -> None:
+    """On a GPU, bf16 heads of 64: the varlen kernel for fresh prompts, eager and in the prefill graphs."""
     model = tiny.llama(hidden=256, intermediate=512).to(device="cuda", dtype=torch.bfloat16)
     paged = _mixed_steps(_runner(copy.deepcopy(model), cuda_graphs=True), "cuda")
     for graphs in (False, True):

@@ -147,17 +147,17 @@ def test_gemv2_block_sizes(block_size: int, device: str) -> None:
 
 
 def test_gemv2_config() -> None:
-    """gemv2's untimed tiles at the Llama-3-8B shapes on 132 SMs: K of 4,096 in one step of one 64-value block
-    a lane (2 warps), 14,336 in 7 steps of 32 blocks (1 warp); 8 rows a program, halved (to 2 at least) until
-    the grid has ~12 warps an SM; no K split."""
+    """gemv2's tiles at the Llama-3-8B shapes, the sweep's best (H200): one 64-value block a lane over 2 warps
+    (4,096 columns a step), 8 rows a program where M x N x K >= 2^25, else 4; no K split."""
     def tiles(m: int, n: int, k: int) -> tuple[object, ...]:
         c = gemv2_config(m, n, k, block_size=64, sms=132)
         return c.kernel, c.block_n, c.block_k, c.num_warps, c.split_k, c.lut
-    assert tiles(1, 14336, 4096) == ("gemv2", 8, 4096, 2, 1, "shfl")  # gate/up: 1,792 programs x 2 warps
-    assert tiles(1, 4096, 4096) == ("gemv2", 4, 4096, 2, 1, "shfl")  # q/o: 1,024 x 2
-    assert tiles(1, 4096, 14336) == ("gemv2", 2, 2048, 1, 1, "shfl")  # down: 2,048 x 1
-    assert tiles(4, 1024, 4096) == ("gemv2", 2, 4096, 2, 1, "shfl")  # k/v: 512 x 2, as small as it goes
-    assert gemv2_config(8, 14336, 4096, block_size=64, sms=132).block_n == 8
+    assert tiles(1, 14336, 4096) == ("gemv2", 8, 4096, 2, 1, "shfl")  # gate/up: 20.0 us
+    assert tiles(1, 4096, 14336) == ("gemv2", 8, 4096, 2, 1, "shfl")  # down: 20.8
+    assert tiles(1, 4096, 4096) == ("gemv2", 4, 4096, 2, 1, "shfl")  # q/o: 8.4
+    assert tiles(1, 1024, 4096) == ("gemv2", 4, 4096, 2, 1, "shfl")  # k/v: 4.1
+    assert tiles(4, 4096, 4096) == ("gemv2", 8, 4096, 2, 1, "shfl")  # q/o at M = 4: 13.6
+    assert gemv2_config(1, 64, 64, block_size=32, sms=132).block_k == 2048
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -171,15 +171,20 @@ def test_default_config(m: int, device: str) -> None:
 
 
 def test_default_config_fills_the_gpu() -> None:
-    """Llama-3-8B shapes on 132 SMs, the sweep's best tiles (H200, 2026-12-06). One row: the gemv kernel,
-    16-row tiles (4 for k/v's 1024 rows), 1,024 columns a step over 8 warps up to 4,096 rows, else 512 over 4,
-    K split only until the grid has ~2 programs an SM. More rows: the dot kernel, 128-row tiles for the MLP's
-    large weights, else 64, one 64-value block a step. Always the shuffle lookup."""
-    gate = default_config(1, 14336, 4096, block_size=64, sms=132)
+    """Llama-3-8B shapes on 132 SMs, the sweep's best tiles (H200, 2026-12-06). One row: the gemv2 kernel
+    (gemv2_config) for 64- and 32-value blocks; for others (128) the gemv kernel, 16-row tiles (4 for k/v's 1024
+    rows), 1,024 columns a step over 8 warps up to 4,096 rows, else 512 over 4, K split only until the grid has ~2
+    programs an SM. More rows: the dot kernel, 128-row tiles for the MLP's large weights, else 64, one 64-value
+    block a step. Always the shuffle lookup."""
+    for n, k in ((14336, 4096), (4096, 4096), (1024, 4096), (4096, 14336)):
+        for block in (32, 64):
+            assert default_config(1, n, k, block_size=block, sms=132) == gemv2_config(1, n, k, block_size=block,
+                                                                                      sms=132)
+    gate = default_config(1, 14336, 4096, block_size=128, sms=132)
     assert (gate.kernel, gate.block_n, gate.block_k, gate.split_k, gate.num_warps) == ("gemv", 16, 512, 1, 4)
-    q = default_config(1, 4096, 4096, block_size=64, sms=132)
+    q = default_config(1, 4096, 4096, block_size=128, sms=132)
     assert (q.block_n, q.block_k, q.split_k, q.num_warps) == (16, 1024, 1, 8)  # 256 tiles, 4 K steps
-    kv = default_config(1, 1024, 4096, block_size=64, sms=132)
+    kv = default_config(1, 1024, 4096, block_size=128, sms=132)
     assert (kv.block_n, kv.block_k, kv.split_k) == (4, 512, 2)  # 256 tiles x 2: K steps stay >= 4
     assert {c.lut for c in (gate, q, kv)} == {"shfl"}
     rows = default_config(32, 14336, 4096, block_size=64, sms=132)

@@ -1,6 +1,7 @@
-"""splice.kernels.fresh_attention: fresh prompts' attention over a step's own K/V, and the paged kernel's
-``skip_fresh`` that leaves their rows to it; together against dense float64 attention over the un-paged sequences
-(tests/kernels/paged_cases.py). On a GPU the fresh path is cuDNN's ragged attention (bf16/fp16)."""
+"""The paged kernel's ``skip_fresh`` (splice.kernels.paged_attention), which leaves the rows of fresh prompts (no
+cached prefix) to the engine's dense path for them: splice.kernels.varlen_attention over the step's own K/V. Together
+against dense float64 attention over the un-paged sequences (tests/kernels/paged_cases.py), eager and replayed in a
+CUDA graph with other lengths."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import torch
 from torch import Tensor
 
 from splice.kernels import use_triton
-from splice.kernels.fresh_attention import cudnn_unusable, fresh_attention
 from splice.kernels.paged_attention import KernelConfig, paged_attention, paged_attention_triton
-from tests.kernels.paged_cases import BS, TOL, Case, check, dense, make_case, run
+from splice.kernels.varlen_attention import varlen_attention
+from tests.kernels.paged_cases import BS, Case, check, make_case, run
 from tests.numerics import DEVICES, GPU
 
 # fresh prompts (seq_len == query rows; one of a single token) among decodes, chunks after a cached prefix and a
@@ -31,8 +32,8 @@ def step_kv(case: Case, device: str) -> tuple[Tensor, Tensor]:
 
 def fresh_then_paged(case: Case, device: str, *, scale: float, config: KernelConfig | None = None) -> Tensor:
     k, v = step_kv(case, device)
-    out = fresh_attention(case.q, k, v, query_start_loc=case.query_start_loc,
-                          max_query_len=max(length for _, length in case.lens), scale=scale)
+    out = varlen_attention(case.q, k, v, cu_seqlens=case.query_start_loc,
+                           max_seqlen=max(length for _, length in case.lens), scale=scale)
     if config is None:
         return run(paged_attention, case, scale=scale, out=out, skip_fresh=True)
     return run(paged_attention_triton, case, scale=scale, out=out, skip_fresh=True, config=config)
@@ -71,45 +72,16 @@ def test_skip_fresh_leaves_exactly_the_fresh_rows_as_they_were(device: str) -> N
     torch.testing.assert_close(out[~fresh], full[~fresh], atol=1e-6, rtol=1e-6)
 
 
-def test_off_cudnn_it_is_the_varlen_kernels_math_with_gqa() -> None:
-    """Where cuDNN does not run (here the CPU), fresh_attention is splice.kernels.varlen_attention over the rows."""
-    case = make_case(ALL_FRESH, hq=8, hkv=2, d=32, dtype=torch.float32, device="cpu", seed=14)
-    k, v = step_kv(case, "cpu")
-    got = fresh_attention(case.q, k, v, query_start_loc=case.query_start_loc, max_query_len=200, scale=0.3)
-    torch.testing.assert_close(got.double(), dense(case, scale=0.3), atol=1e-5, rtol=1e-5)
-
-
 def test_bad_inputs_get_one_line() -> None:
     case = make_case(ALL_FRESH[:2], hq=8, hkv=2, d=32, dtype=torch.float32, device="cpu")
-    k, v = step_kv(case, "cpu")
-    with pytest.raises(ValueError, match="fresh_attention: q"):
-        fresh_attention(case.q, k[:, :1].expand(-1, 3, -1), v, query_start_loc=case.query_start_loc,
-                        max_query_len=64, scale=1.0)
     with pytest.raises(ValueError, match="skip_fresh"):
         run(paged_attention, case, scale=1.0, skip_fresh=True)
-    heads = {"heads": (8, 2), "head_dim": 128}
-    assert "CUDA" in (cudnn_unusable(device=torch.device("cpu"), dtype=torch.bfloat16, **heads) or "")
-    assert "fp16 or bf16" in (cudnn_unusable(device=torch.device("cuda"), dtype=torch.float32, **heads) or "")
-
-
-@GPU
-@pytest.mark.parametrize("d", [64, 128])
-def test_cudnn_serves_the_engines_heads_here(d: int) -> None:
-    """On this GPU nothing rules cuDNN out for bf16 / fp16 heads of 64 and 128, GQA included (the probe's call),
-    and a call with prompts of 1 to 200 tokens matches dense attention."""
-    for dtype in (torch.bfloat16, torch.float16):
-        assert cudnn_unusable(device=torch.device("cuda"), dtype=dtype, heads=(8, 2), head_dim=d) is None
-        case = make_case(ALL_FRESH, hq=8, hkv=2, d=d, dtype=dtype, device="cuda", seed=15)
-        k, v = step_kv(case, "cuda")
-        got = fresh_attention(case.q, k, v, query_start_loc=case.query_start_loc, max_query_len=200, scale=d**-0.5)
-        atol, rtol = TOL[dtype]
-        torch.testing.assert_close(got.double().cpu(), dense(case, scale=d**-0.5), atol=atol, rtol=rtol)
 
 
 @GPU
 def test_fresh_then_paged_replays_in_a_cuda_graph_with_other_lengths() -> None:
     """Captured once with upper bounds (as the engine's step graphs are), replayed for other sequences written into
-    the same buffers: cuDNN reads the lengths from the device."""
+    the same buffers: both kernels read the lengths from the device."""
     case = make_case(FRESH_MIXED, hq=8, hkv=2, d=128, dtype=torch.bfloat16, device="cuda", seed=16)
     other = make_case([(length, length) if i % 2 else (n, length) for i, (n, length) in enumerate(FRESH_MIXED[::-1])],
                       hq=8, hkv=2, d=128, dtype=torch.bfloat16, device="cuda", seed=17)
@@ -121,13 +93,12 @@ def test_fresh_then_paged_replays_in_a_cuda_graph_with_other_lengths() -> None:
 
     def step() -> None:
         nonlocal out
-        out = fresh_attention(case.q, k, v, query_start_loc=case.query_start_loc, max_query_len=256,
-                              scale=128**-0.5)
+        out = varlen_attention(case.q, k, v, cu_seqlens=case.query_start_loc, max_seqlen=256, scale=128**-0.5)
         paged_attention(case.q, case.key_cache, case.value_cache, out=out, skip_fresh=True, **kw)
 
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
-        step()  # compile and plan outside the capture
+        step()  # compile outside the capture
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
