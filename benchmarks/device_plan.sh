@@ -41,7 +41,7 @@
 #   CALL=ml14 bash benchmarks/device_plan.sh      # then (~200 s): multi-LoRA shrink with a plan made once a step
 #   CALL=off14 bash benchmarks/device_plan.sh     # then (~230 s): offline throughput with 0 / 8 / 64 adapters
 #   CALL=next14 bash benchmarks/device_plan.sh    # ml14 then off14 in one call (~430 s: one machine start less)
-#   CALL=s16 bash benchmarks/device_plan.sh       # session 16 (~460 s): fresh prompts through the varlen kernel (cuDNN's
+#   CALL=s16 bash benchmarks/device_plan.sh       # session 16 (~370 s): fresh prompts through the varlen kernel (cuDNN's
 #                                                 # ragged op cannot be captured in torch 2.11), gemv2 the NF4 M=1
 #                                                 # default, the SwiGLU expand's block rule: tests, offline, NF4 batch 1
 #   CALL=next15 bash benchmarks/device_plan.sh    # session 15 first (~350 s): fin14's unreached GPU tests, gemv2
@@ -423,11 +423,11 @@ off14)  # session 14 (~230 s): issue 26's adapter target where it is set, the of
   offline_adapters ;;
 next14)  # ml14 then off14 in one call (~430 s: one machine start less)
   planned_shrink; offline_adapters ;;
-s16)  # session 16 (~460 s): fresh prompts through splice's varlen kernel (fresh15/pa15: torch 2.11's cuDNN ragged
-  # attention rebuilds its plan on each call and fails inside CUDA-graph capture), gemv2 the NF4 default at one row,
-  # the fused SwiGLU expand's 128-column blocks up to 512 tokens, prefill's key loop pipelined 3 deep. GPU tests
-  # first, then the offline run (0 paged, 8 paged, 0 dense), NF4 batch 1 against bf16, the varlen tiles, the expand
-  timeout -s KILL 130 python3 -m pytest -o addopts= -q -n 8 -p no:cacheprovider -p no:warnings -rfE --tb=short \
+s16)  # session 16 (~370 s): fresh prompts through splice's varlen kernel (fresh15/pa15: torch 2.11's cuDNN ragged
+  # attention fails inside CUDA-graph capture), gemv2 the NF4 default at one row, the fused SwiGLU expand's
+  # 128-column blocks up to 512 tokens, prefill's key loop pipelined 3 deep. GPU tests first, then the offline run
+  # (0 adapters, fresh prompts paged then dense), NF4 batch 1 against bf16, the varlen tiles, the expand
+  timeout -s KILL 110 python3 -m pytest -o addopts= -q -n 8 -p no:cacheprovider -p no:warnings -rfE --tb=short \
     tests/kernels/test_paged_skip_fresh.py tests/kernels/test_rope_cache.py tests/kernels/test_paged_attention.py \
     tests/kernels/test_lora_swiglu.py tests/kernels/test_multi_lora.py tests/lora/test_bank.py \
     tests/kernels/test_nf4_gemv.py \
@@ -436,12 +436,12 @@ s16)  # session 16 (~460 s): fresh prompts through splice's varlen kernel (fresh
     "tests/engine/test_gpu_paths_engine.py::test_batch_one_decode_over_an_nf4_base_takes_the_fused_kernel_and_the_models_greedy_tokens" \
     > "$OUT/tests-s16.txt" 2>&1
   echo "tests (rc $?):"; grep -E "(FAILED|ERROR) " "$OUT/tests-s16.txt" | head -20; tail -1 "$OUT/tests-s16.txt"
-  OFF_S=150 OFF_ADAPTERS=8 offline_adapters --offline-fresh paged,dense
+  OFF_S=${OFF_S:-110} OFF_ADAPTERS=${OFF_ADAPTERS-} offline_adapters --offline-fresh paged,dense
   timeout 50 python3 benchmarks/serve.py --parts bandwidth,nf4 --nf4-batches 1 --json "$OUT/serve-nf4.json" \
     --limit-nf4 35 2>&1 | grep -v "attention mask" | tee "$OUT/serve-nf4.txt" | tail -8
-  timeout 70 python3 benchmarks/paged_attention.py --varlen-sweep --out "$OUT/s16_pa.json" \
+  timeout 50 python3 benchmarks/paged_attention.py --varlen-sweep --out "$OUT/s16_pa.json" \
     --cases "prefill 2048 (full),prefill 8 x 512 (full),mixed step" 2>&1 | tee "$OUT/s16_pa.txt" | tail -30
-  timeout 40 python3 benchmarks/lora_swiglu.py --json "$OUT/lora_swiglu.json" 2>&1 | tee "$OUT/lora_swiglu.txt" ;;
+  timeout 35 python3 benchmarks/lora_swiglu.py --json "$OUT/lora_swiglu.json" 2>&1 | tee "$OUT/lora_swiglu.txt" ;;
 fresh15)  # session 15 (~330 s): fresh prompts (no cached prefix) through cuDNN's ragged attention over the step's own
   # K/V (splice.kernels.fresh_attention, the engine's fresh_attention="dense"; new, CPU- and interpreter-tested only):
   # its GPU tests (cuDNN here at all, GQA, CUDA-graph replay, the engine's graphs), its time against the paged kernel
