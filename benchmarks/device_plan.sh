@@ -44,6 +44,7 @@
 #   CALL=s16 bash benchmarks/device_plan.sh       # session 16 (~370 s): fresh prompts through the varlen kernel (cuDNN's
 #                                                 # ragged op cannot be captured in torch 2.11), gemv2 the NF4 M=1
 #                                                 # default, the SwiGLU expand's block rule: tests, offline, NF4 batch 1
+#   CALL=s16q bash benchmarks/device_plan.sh      # session 16, cut down (~230 s): key tests, offline paged/dense, NF4 b1
 #   CALL=next15 bash benchmarks/device_plan.sh    # session 15 first (~350 s): fin14's unreached GPU tests, gemv2
 #                                                 # on every NF4 shape
 #   CALL=fresh15 bash benchmarks/device_plan.sh   # session 15 (~560 s): fresh prompts through cuDNN's ragged attention
@@ -423,6 +424,17 @@ off14)  # session 14 (~230 s): issue 26's adapter target where it is set, the of
   offline_adapters ;;
 next14)  # ml14 then off14 in one call (~430 s: one machine start less)
   planned_shrink; offline_adapters ;;
+s16q)  # session 16, cut to the ~200 s a late start leaves: the new paths' key GPU tests, the offline run with fresh
+  # prompts paged then dense (0 adapters), NF4 batch 1 against bf16
+  timeout -s KILL 75 python3 -m pytest -o addopts= -q -n 8 -p no:cacheprovider -p no:warnings -rfE --tb=short \
+    tests/kernels/test_paged_skip_fresh.py tests/kernels/test_lora_swiglu.py \
+    "tests/engine/test_runner.py::test_fresh_prompts_through_varlen_match_the_paged_kernel_in_cuda_graphs" \
+    "tests/engine/test_gpu_paths_engine.py::test_batch_one_decode_over_an_nf4_base_takes_the_fused_kernel_and_the_models_greedy_tokens" \
+    > "$OUT/tests-s16q.txt" 2>&1
+  echo "tests (rc $?):"; grep -E "(FAILED|ERROR) " "$OUT/tests-s16q.txt" | head -20; tail -1 "$OUT/tests-s16q.txt"
+  OFF_S=${OFF_S:-100} OFF_ADAPTERS=${OFF_ADAPTERS-} offline_adapters --offline-fresh paged,dense
+  timeout 50 python3 benchmarks/serve.py --parts bandwidth,nf4 --nf4-batches 1 --json "$OUT/serve-nf4.json" \
+    --limit-nf4 35 2>&1 | grep -v "attention mask" | tee "$OUT/serve-nf4.txt" | tail -8 ;;
 s16)  # session 16 (~370 s): fresh prompts through splice's varlen kernel (fresh15/pa15: torch 2.11's cuDNN ragged
   # attention fails inside CUDA-graph capture), gemv2 the NF4 default at one row, the fused SwiGLU expand's
   # 128-column blocks up to 512 tokens, prefill's key loop pipelined 3 deep. GPU tests first, then the offline run
