@@ -17,8 +17,8 @@ replaced, unchanged, so the rewrite is harmless to training and to ordinary forw
 
 A step with ``fresh`` set sends its fresh sequences (prompts with no cached prefix) to a dense attention over the
 step's own K/V (:mod:`splice.kernels.varlen_attention`, the training kernel: causal within each sequence, no page
-table), and the paged kernel serves the others into the same output (``skip_fresh``). Layers with a sliding window or a logit softcap, and int8 caches, keep the paged
-kernel for every sequence.
+table), and the paged kernel serves the others into the same output (``skip_fresh``). Layers with a sliding window
+or a logit softcap, and int8 caches, keep the paged kernel for every sequence.
 """
 
 from __future__ import annotations
