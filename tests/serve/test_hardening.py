@@ -272,17 +272,17 @@ _SCRIPT = """
 import sys, time
 from splice.engine.runner import ModelRunner
 from splice.engine.scheduler import Scheduler
-forward, schedule = ModelRunner._forward, Scheduler.schedule
-def slow_forward(self, *args, **kwargs):
+execute, schedule = ModelRunner.execute, Scheduler.schedule
+def slow_execute(self, *args, **kwargs):  # (every step, eager or a CUDA graph's replay)
     time.sleep(float(sys.argv[1]))
-    logits = forward(self, *args, **kwargs)
+    logits = execute(self, *args, **kwargs)
     logits[..., :3] = float("-inf")
     return logits
 def faulty_schedule(self):
     if any(1 in seq.tokens for seq in self.waiting):
         raise RuntimeError("injected fault")
     return schedule(self)
-ModelRunner._forward, Scheduler.schedule = slow_forward, faulty_schedule
+ModelRunner.execute, Scheduler.schedule = slow_execute, faulty_schedule
 from splice.cli import main
 sys.exit(main(["serve", *sys.argv[2:]]))
 """
