@@ -44,6 +44,7 @@
 #   CALL=s16 bash benchmarks/device_plan.sh       # session 16 (~370 s): fresh prompts through the varlen kernel (cuDNN's
 #                                                 # ragged op cannot be captured in torch 2.11), gemv2 the NF4 M=1
 #                                                 # default, the SwiGLU expand's block rule: tests, offline, NF4 batch 1
+#   CALL=s16o bash benchmarks/device_plan.sh      # session 16, last (~110 s): offline paged vs dense at 500 requests
 #   CALL=s16q bash benchmarks/device_plan.sh      # session 16, cut down (~230 s): key tests, offline paged/dense, NF4 b1
 #   CALL=next15 bash benchmarks/device_plan.sh    # session 15 first (~350 s): fin14's unreached GPU tests, gemv2
 #                                                 # on every NF4 shape
@@ -424,6 +425,11 @@ off14)  # session 14 (~230 s): issue 26's adapter target where it is set, the of
   offline_adapters ;;
 next14)  # ml14 then off14 in one call (~430 s: one machine start less)
   planned_shrink; offline_adapters ;;
+s16o)  # session 16, the last ~110 s a start leaves: the offline run at 500 requests, 0 adapters, fresh prompts
+  # paged then dense (the varlen kernel), then NF4 batch 1 against bf16 if time is left
+  OFF_S=${OFF_S:-85} OFF_ADAPTERS=${OFF_ADAPTERS-} offline_adapters --offline-fresh paged,dense --offline-requests 500
+  timeout 50 python3 benchmarks/serve.py --parts bandwidth,nf4 --nf4-batches 1 --json "$OUT/serve-nf4.json" \
+    --limit-nf4 35 2>&1 | grep -v "attention mask" | tee "$OUT/serve-nf4.txt" | tail -8 ;;
 s16q)  # session 16, cut to the ~200 s a late start leaves: the new paths' key GPU tests, the offline run with fresh
   # prompts paged then dense (0 adapters), NF4 batch 1 against bf16
   timeout -s KILL 75 python3 -m pytest -o addopts= -q -n 8 -p no:cacheprovider -p no:warnings -rfE --tb=short \
