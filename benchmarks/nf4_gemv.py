@@ -95,14 +95,14 @@ def fused_call(x: Tensor, w: NF4Tensor, config: GemvConfig | None) -> Callable[[
     return call
 
 
-def gemv2_candidates(m: int, n: int, k: int, *, sms: int) -> list[GemvConfig]:
+def gemv2_candidates(m: int, n: int, k: int) -> list[GemvConfig]:
     """gemv2's tiles for ``(M <= 4, N, K)`` (64-value blocks): :func:`gemv2_config`, then 2 / 4 / 8 weight rows
     a program (16 where K is one step) with one block a lane: 64 blocks a step over 2 warps (one step for
     K = 4,096; 3.5 for 14,336, the last one half masked) or 32 over 1 warp (2 or 7 steps, the next step's
     loads in flight); K split into one-step ranges (more programs, a second kernel to sum them); the plain
     lookup once."""
     blocks = k // 64
-    configs = [gemv2_config(m, n, k, block_size=64, sms=sms)]
+    configs = [gemv2_config(m, n, k, block_size=64)]
     for bn in (2, 4, 8, 16):
         for lanes, warps in ((64, 2), (32, 1)):
             if lanes <= 2 * blocks and (bn < 16 or blocks <= lanes):  # (16 rows of two steps' codes: spills)
@@ -125,7 +125,7 @@ def candidates(m: int, n: int, k: int, *, sms: int, kernels: frozenset[str] = fr
 
 
 def _candidates(m: int, n: int, k: int, *, sms: int) -> list[GemvConfig]:
-    configs: list[GemvConfig] = gemv2_candidates(m, n, k, sms=sms) if m <= 4 else []
+    configs: list[GemvConfig] = gemv2_candidates(m, n, k) if m <= 4 else []
     if m == 1:
         configs += [GemvConfig(kernel="gemv", block_n=bn, block_k=bk, num_warps=w)
                     for bn, bk, w in ((8, 1024, 4), (16, 512, 4), (32, 256, 4), (16, 1024, 8))]

@@ -112,7 +112,7 @@ def default_config(m: int, n: int, k: int, *, block_size: int, sms: int) -> Gemv
     weight rows a program for the MLP's large weights (two pipeline stages from 8 rows), 64 for q/o and k/v:
     0.7-0.9x bf16 at M = 4-32 (gemv2 won only q/o and k/v at M = 4, by 5-14%)."""
     if m == 1 and gemv2_supports(n=n, k=k, block_size=block_size):
-        return gemv2_config(m, n, k, block_size=block_size, sms=sms)
+        return gemv2_config(m, n, k, block_size=block_size)
     if m == 1:
         block_n = 16 if n >= 2048 else 4
         block_k, warps = (1024, 8) if 2048 <= n <= 4096 else (512, 4)
@@ -126,12 +126,11 @@ def default_config(m: int, n: int, k: int, *, block_size: int, sms: int) -> Gemv
                       num_stages=2 if large and m >= 8 else 1, split_k=k_splits(programs, k // block_size, sms=sms))
 
 
-def gemv2_config(m: int, n: int, k: int, *, block_size: int, sms: int) -> GemvConfig:
+def gemv2_config(m: int, n: int, k: int, *, block_size: int) -> GemvConfig:
     """The gemv2 kernel's tiles for ``(M <= 4, N, K)``, as ``benchmarks/nf4_gemv.py``'s sweep found best (H200,
     2026-12-06): one block a lane over 2 warps (64 lanes: K of 4,096 in one step of 64-value blocks, 14,336 in
     four), 8 weight rows a program for large products (``M x N x K`` of at least 2^25: gate/up, down, q/o at
-    M = 4), else 4; no K split. ``sms`` is unused: the measured tiles needed no grid-size rule."""
-    del sms
+    M = 4), else 4; no K split (the measured tiles needed no rule for the grid's size)."""
     return GemvConfig(kernel="gemv2", block_n=8 if m * n * k >= 2**25 else 4, block_k=block_size * 64, lut="shfl",
                       num_warps=2)
 

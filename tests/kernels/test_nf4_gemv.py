@@ -150,14 +150,14 @@ def test_gemv2_config() -> None:
     """gemv2's tiles at the Llama-3-8B shapes, the sweep's best (H200): one 64-value block a lane over 2 warps
     (4,096 columns a step), 8 rows a program where M x N x K >= 2^25, else 4; no K split."""
     def tiles(m: int, n: int, k: int) -> tuple[object, ...]:
-        c = gemv2_config(m, n, k, block_size=64, sms=132)
+        c = gemv2_config(m, n, k, block_size=64)
         return c.kernel, c.block_n, c.block_k, c.num_warps, c.split_k, c.lut
     assert tiles(1, 14336, 4096) == ("gemv2", 8, 4096, 2, 1, "shfl")  # gate/up: 20.0 us
     assert tiles(1, 4096, 14336) == ("gemv2", 8, 4096, 2, 1, "shfl")  # down: 20.8
     assert tiles(1, 4096, 4096) == ("gemv2", 4, 4096, 2, 1, "shfl")  # q/o: 8.4
     assert tiles(1, 1024, 4096) == ("gemv2", 4, 4096, 2, 1, "shfl")  # k/v: 4.1
     assert tiles(4, 4096, 4096) == ("gemv2", 8, 4096, 2, 1, "shfl")  # q/o at M = 4: 13.6
-    assert gemv2_config(1, 64, 64, block_size=32, sms=132).block_k == 2048
+    assert gemv2_config(1, 64, 64, block_size=32).block_k == 2048
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -178,8 +178,7 @@ def test_default_config_fills_the_gpu() -> None:
     block a step. Always the shuffle lookup."""
     for n, k in ((14336, 4096), (4096, 4096), (1024, 4096), (4096, 14336)):
         for block in (32, 64):
-            assert default_config(1, n, k, block_size=block, sms=132) == gemv2_config(1, n, k, block_size=block,
-                                                                                      sms=132)
+            assert default_config(1, n, k, block_size=block, sms=132) == gemv2_config(1, n, k, block_size=block)
     gate = default_config(1, 14336, 4096, block_size=128, sms=132)
     assert (gate.kernel, gate.block_n, gate.block_k, gate.split_k, gate.num_warps) == ("gemv", 16, 512, 1, 4)
     q = default_config(1, 4096, 4096, block_size=128, sms=132)
@@ -274,7 +273,7 @@ def test_llama_shapes_on_the_gpu(shape: tuple[int, int, int], kernel: str) -> No
     m, n, k = shape
     t = _weight(n, k, double_quant=True, device="cuda")
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    config = gemv2_config(m, n, k, block_size=64, sms=132) if kernel == "gemv2" else None
+    config = gemv2_config(m, n, k, block_size=64) if kernel == "gemv2" else None
     got = nf4_linear(x, t.packed, t.code, config=config, **_stats(t))  # type: ignore[arg-type]
     assert rel_err(got, _truth(x, t)) < TOL[torch.bfloat16]
 
