@@ -85,9 +85,10 @@ export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
   git log -1 --format='commit %H %cd' 2>/dev/null || true
   date -u; } | tee "$OUT/device.txt"
 
-gpu_tests() {  # gpu_tests NAME SECONDS PATHS...: pytest into $OUT/tests-NAME.txt, its summary printed
+gpu_tests() {  # gpu_tests NAME SECONDS PATHS...: pytest into $OUT/tests-NAME.txt, its summary printed; 8 workers
+  # (fresh15's and pa15's one-process runs spent their 90-100 s compiling kernels)
   local name=$1 limit=$2; shift 2
-  timeout "$limit" python3 -m pytest -q -p no:cacheprovider -p no:warnings -rfE --tb=short "$@" \
+  timeout -s KILL "$limit" python3 -m pytest -o addopts= -q -n 8 -p no:cacheprovider -p no:warnings -rfE --tb=short "$@" \
     > "$OUT/tests-$name.txt" 2>&1
   echo "tests $name (rc $?):"; grep -E "passed|failed|error|FAILED|ERROR" "$OUT/tests-$name.txt" | tail -12
 }
