@@ -434,7 +434,8 @@ s16o)  # session 16, the last ~110 s a start leaves: the offline run at 500 requ
 s16q)  # session 16, cut to the ~200 s a late start leaves: the new paths' key GPU tests, the offline run with fresh
   # prompts paged then dense (0 adapters), NF4 batch 1 against bf16
   timeout -s KILL 75 python3 -m pytest -o addopts= -q -n 8 -p no:cacheprovider -p no:warnings -rfE --tb=short \
-    tests/kernels/test_paged_skip_fresh.py tests/kernels/test_lora_swiglu.py \
+    tests/kernels/test_paged_skip_fresh.py tests/kernels/test_lora_swiglu.py tests/kernels/test_nf4_gemv.py \
+    "tests/fused/test_projections.py::test_sibling_nf4_projections_run_as_one_launch_with_the_one_by_one_logits" \
     "tests/engine/test_runner.py::test_fresh_prompts_through_varlen_match_the_paged_kernel_in_cuda_graphs" \
     "tests/engine/test_gpu_paths_engine.py::test_batch_one_decode_over_an_nf4_base_takes_the_fused_kernel_and_the_models_greedy_tokens" \
     > "$OUT/tests-s16q.txt" 2>&1
@@ -449,7 +450,7 @@ s16)  # session 16 (~370 s): fresh prompts through splice's varlen kernel (fresh
   timeout -s KILL 110 python3 -m pytest -o addopts= -q -n 8 -p no:cacheprovider -p no:warnings -rfE --tb=short \
     tests/kernels/test_paged_skip_fresh.py tests/kernels/test_rope_cache.py tests/kernels/test_paged_attention.py \
     tests/kernels/test_lora_swiglu.py tests/kernels/test_multi_lora.py tests/lora/test_bank.py \
-    tests/kernels/test_nf4_gemv.py \
+    tests/kernels/test_nf4_gemv.py tests/fused/test_projections.py \
     "tests/engine/test_runner.py::test_fresh_prompts_through_varlen_match_the_paged_kernel_in_cuda_graphs" \
     "tests/engine/test_engine.py::test_bank_adapters_of_mixed_ranks_and_targets_equal_each_alone" \
     "tests/engine/test_gpu_paths_engine.py::test_batch_one_decode_over_an_nf4_base_takes_the_fused_kernel_and_the_models_greedy_tokens" \

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from splice.core.family import PAGED_ATTENTION_CLASSES
 from splice.core.rewrite import Node, Replace, innermost, rewrite, share_state
 from splice.fused.modules import FusedRopeAttention, packed_lora, project
-from splice.fused.projections import packed
+from splice.fused.projections import nf4_group_output, packed
 from splice.fused.varlen import VarlenAttention, window_and_softcap
 from splice.kernels.gemv import decode_linear
 from splice.kernels.paged_attention import paged_attention
@@ -161,6 +161,8 @@ class PagedAttention(nn.Module):
         flat = hidden.reshape(tokens, -1)
         if pair is not None:
             qkv = add_packed_delta(projections, flat, decode_linear(flat, *pair))  # (T, Nq+Nk+Nv)
+        elif (grouped := nf4_group_output(projections, flat)) is not None:  # 4-bit bases, one token
+            qkv = add_packed_delta(projections, flat, grouped)
         elif (qkv := packed_lora(projections, flat)) is None:  # type: ignore[assignment]  # not a LoRA model's rollouts
             q, k, v = project(projections, hidden)
             return q.view(tokens, -1, d), k.view(tokens, -1, d), v.view(tokens, -1, d)

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from splice.core.context import is_causal_only
 from splice.core.rewrite import Around, share_state, weight_of
-from splice.fused.projections import GROUPS, lora_tail, packed
+from splice.fused.projections import GROUPS, lora_tail, nf4_group_output, packed
 from splice.fused.varlen import PACKING_KWARG, Packing, attend_packed, check_no_dropout
 from splice.kernels.dropout import new_keys
 from splice.kernels.gemv import decode_linear
@@ -315,6 +315,8 @@ class FusedSwiGLUMLP(nn.Module):
         pair = None if torch.is_grad_enabled() else packed([self.gate_proj, self.up_proj])
         if pair is not None:
             return add_packed_delta([self.gate_proj, self.up_proj], x, decode_linear(x, *pair), swiglu=True)
+        if (grouped := nf4_group_output([self.gate_proj, self.up_proj], x)) is not None:  # 4-bit, one token
+            return add_packed_delta([self.gate_proj, self.up_proj], x, grouped, swiglu=True)
         if (both := packed_lora([self.gate_proj, self.up_proj], x)) is not None:  # a LoRA model's rollouts
             return swiglu_packed(both)
         gate, up = project([self.gate_proj, self.up_proj], x)

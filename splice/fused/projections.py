@@ -22,6 +22,10 @@ gives their weight, to which the caller adds the adapters
 adapters' summed rank; :func:`lora_tail`), where an engine call puts the stacked ``A``: one GEMM then computes
 the bases' outputs and the adapters' down-projection ``x A^T`` together (at decode sizes, one launch less and
 no split-K pass of its own for each group; the extra rows add R / N to the bytes read, 0.8% for q/k/v at r16).
+
+4-bit groups are not copied: :func:`nf4_group_output` runs sibling NF4 linears (QLoRA bases, ``quantize="nf4"``)
+over one row of activations in one launch over their separate weights
+(:func:`~splice.kernels.nf4_gemv.nf4_linear_group`).
 """
 
 from __future__ import annotations
@@ -32,10 +36,13 @@ import torch
 from torch import Tensor, nn
 
 from splice.core.rewrite import Around
+from splice.kernels.nf4_gemv import nf4_linear_group
 from splice.lora.bank import bank_site
 from splice.lora.layers import LoraLinear
+from splice.quant.linear import NF4Linear
+from splice.quant.nf4 import NF4Tensor
 
-__all__ = ["GROUPS", "lora_tail", "pack_projections", "packed"]
+__all__ = ["GROUPS", "lora_tail", "nf4_group_output", "pack_projections", "packed"]
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -61,6 +68,21 @@ def _plain(modules: Sequence[object], *, lora: bool = False) -> list[nn.Linear] 
                and m.in_features == linears[0].in_features for m in linears)
     biased = {m.bias is not None for m in linears}
     return linears if same and len(biased) == 1 else None
+
+
+def nf4_group_output(modules: Sequence[object], x: Tensor) -> Tensor | None:
+    """``[x W_0^T | x W_1^T | ...]`` (1, N_0 + N_1 + ...) in one launch when ``modules`` are unbiased NF4 linears (or
+    ones inside an adapter bank's sites: the caller adds the bank's deltas, as for :func:`packed`) and ``x`` is one
+    row outside autograd, where the grouped kernel applies; else None (then one call each)."""
+    if torch.is_grad_enabled():
+        return None
+    bases = [m.base if isinstance(m, nn.Module) and bank_site(m) is not None else m for m in modules]
+    weights: list[NF4Tensor] = []
+    for m in bases:
+        if not isinstance(m, NF4Linear) or m.bias is not None or m.nf4.flat or m.nf4.transposed:
+            return None
+        weights.append(m.nf4)
+    return nf4_linear_group(x, weights)
 
 
 def _adjacent(tensors: Sequence[Tensor]) -> Tensor | None:

@@ -51,7 +51,9 @@ the host and every size is a host int, so a CUDA graph can capture the call.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -61,8 +63,22 @@ from splice.kernels import HAS_TRITON, as_rows, use_triton
 from splice.kernels.nf4 import dequantize_absmax_reference, dequantize_nf4, dequantize_nf4_reference
 from splice.kernels.nf4_gemv2 import gemv2_supports, launch_gemv2
 
-__all__ = ["GemvConfig", "default_config", "gemv2_config", "gemv_applies", "k_splits", "nf4_linear",
-           "nf4_linear_reference"]
+__all__ = ["GemvConfig", "NF4Parts", "default_config", "gemv2_config", "gemv_applies", "k_splits", "nf4_linear",
+           "nf4_linear_group", "nf4_linear_reference"]
+
+class NF4Parts(Protocol):
+    """One NF4 weight's tensors (:class:`splice.quant.nf4.NF4Tensor` has them): ``weight_shape`` (N, K)."""
+
+    packed: Tensor
+    code: Tensor
+    absmax: Tensor | None
+    qabsmax: Tensor | None
+    scale2: Tensor | None
+    offset: Tensor | None
+    code2: Tensor | None
+    weight_shape: tuple[int, int]
+    block_size: int
+
 
 _MAX_BLOCK_M = 64  # rows of x one dot program covers: beyond, the weight is decoded once per 64 rows
 
@@ -419,3 +435,51 @@ def nf4_linear(x: Tensor, packed: Tensor, code: Tensor, *, shape: tuple[int, int
     _sum_splits_kernel[(triton.cdiv(m * n, block),)](partial, code if bias is None else bias, y, m * n, n,
                                                      SPLITS=splits, HAS_BIAS=bias is not None, BLOCK=block)
     return y.view(*x.shape[:-1], n)
+
+
+def nf4_linear_group(x: Tensor, weights: Sequence[NF4Parts]) -> Tensor | None:
+    """``[x @ W_0^T | x @ W_1^T | ...]`` (..., N_0 + N_1 + ...) for 2 or 3 sibling NF4 weights (q/k/v, gate/up) in
+    one gemv2 launch (a launch's ramp and tail paid once, as one GEMM over packed bf16 weights does), or None
+    where that launch does not apply and the caller runs :func:`nf4_linear` per weight: one row of ``x``, the
+    same K, block size (32 or 64) and quantization (double or not) for every weight, each boundary between them
+    on a tile of :func:`gemv2_config` rows. The weights stay where they are: the kernel moves the first weight's
+    pointers by each tile's element offsets to its own."""
+    if not 2 <= len(weights) <= 3 or x.shape[-1] != weights[0].weight_shape[1] or x.numel() != x.shape[-1]:
+        return None
+    first = weights[0]
+    k, block_size, double = first.weight_shape[1], first.block_size, first.absmax is None
+    n = sum(w.weight_shape[0] for w in weights)
+    if any(w.weight_shape[1] != k or w.block_size != block_size or (w.absmax is None) != double
+           or w.packed.data_ptr() % 4 for w in weights) \
+            or not gemv_applies(x, shape=(n, k), block_size=block_size) \
+            or not gemv2_supports(n=n, k=k, block_size=block_size):
+        return None
+    config = gemv2_config(1, n, k, block_size=block_size)
+    starts = [sum(w.weight_shape[0] for w in weights[:i]) for i in range(1, len(weights))]
+    if any(start % config.block_n for start in starts):
+        return None
+
+    def tensors(w: NF4Parts) -> tuple[Tensor | None, ...]:  # the kernel's order: words, absmax or qabsmax,
+        # scale2, offset, code, code2
+        words = w.packed.view(torch.int32)
+        return (words, w.qabsmax, w.scale2, w.offset, w.code, w.code2) if double else (words, w.absmax, None,
+                                                                                       None, w.code, None)
+
+    def offset(t: Tensor | None, base: Tensor | None) -> int | None:  # t's first element in base's elements
+        if t is None or base is None:
+            return 0
+        gap = t.data_ptr() - base.data_ptr()
+        return None if t.dtype != base.dtype or gap % t.element_size() else gap // t.element_size()
+
+    base = tensors(first)
+    group = [[start, *(offset(t, b) for t, b in zip(tensors(w), base, strict=True))]
+             for start, w in zip(starts, weights[1:], strict=True)]
+    if any(d is None for member in group for d in member):
+        return None
+    stats = _stats(first.absmax, first.qabsmax, first.scale2, first.offset, first.code2, first.code)
+    out = torch.empty((1, 1, n), dtype=x.dtype, device=x.device)
+    launch_gemv2(as_rows(x), first.packed.view(torch.int32), first.code, stats, None, out, n=n, k=k,
+                 k_split=-(-k // config.block_k) * config.block_k, block_size=block_size, block_n=config.block_n,
+                 block_k=config.block_k, lut=_lut(config.lut, first.code), num_warps=config.num_warps,
+                 group=group)  # type: ignore[arg-type]
+    return out.view(*x.shape[:-1], n)

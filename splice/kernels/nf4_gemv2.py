@@ -36,6 +36,8 @@ interpreter runs the plain lookups (a ``tl.load`` of the 16-entry table).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -176,17 +178,37 @@ if HAS_TRITON:
     @triton.jit
     def _nf4_gemv2_kernel(x_ptr, words_ptr, absmax_ptr, qabsmax_ptr, scale2_ptr, offset_ptr, code_ptr,
                           code2_ptr, bias_ptr, out_ptr, M, N, K_WORDS, B_SPLIT, stride_xm, stride_os,
+                          END0, END1, D_WORDS1, D_WORDS2, D_STAT1, D_STAT2, D_SCALE1, D_SCALE2, D_OFFSET1,
+                          D_OFFSET2, D_CODE1, D_CODE2, D_CODE2_1, D_CODE2_2,
                           BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, KB: tl.constexpr, WPB: tl.constexpr,
                           DOUBLE: tl.constexpr, HAS_BIAS: tl.constexpr, LUT: tl.constexpr, XK: tl.constexpr,
-                          PREFETCH: tl.constexpr):
+                          PREFETCH: tl.constexpr, GROUPED: tl.constexpr):
         # program (row tile, BLOCK_M rows of x, K split): out[split, ms, rows] over the split's blocks, KB
         # blocks a step, a thread whole blocks (WPB words) of BLOCK_N rows. PREFETCH: the next step's loads
         # go out before this step's arithmetic (for splits of several steps; x's too for one row of x: the
-        # registers of 4 rows' are too many)
+        # registers of 4 rows' are too many). GROUPED: the rows are up to three weights' back to back (rows
+        # END0 and END1 start the second and third; a tile lies within one): the tile's weight is the first's
+        # pointers moved by its D_* (element deltas to the second's / third's tensors)
         split = tl.program_id(2)
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_live = rows < N
-        rows_c = tl.minimum(rows, N - 1)  # clamped: the loads need no row mask, the store has one
+        first = tl.program_id(0) * BLOCK_N
+        rows = first + tl.arange(0, BLOCK_N)
+        if GROUPED:
+            second, third = first >= END0, first >= END1
+            start = tl.where(third, END1, tl.where(second, END0, 0))
+            stop = tl.where(third, N, tl.where(second, END1, END0))
+            words_ptr += tl.where(third, D_WORDS2, tl.where(second, D_WORDS1, 0))
+            stat_delta = tl.where(third, D_STAT2, tl.where(second, D_STAT1, 0))
+            absmax_ptr += stat_delta
+            qabsmax_ptr += stat_delta
+            scale2_ptr += tl.where(third, D_SCALE2, tl.where(second, D_SCALE1, 0))
+            offset_ptr += tl.where(third, D_OFFSET2, tl.where(second, D_OFFSET1, 0))
+            code_ptr += tl.where(third, D_CODE2, tl.where(second, D_CODE1, 0))
+            code2_ptr += tl.where(third, D_CODE2_2, tl.where(second, D_CODE2_1, 0))
+            row_live = rows < stop
+            rows_c = tl.minimum(rows - start, stop - start - 1)  # the row within its own weight
+        else:
+            row_live = rows < N
+            rows_c = tl.minimum(rows, N - 1)  # clamped: the loads need no row mask, the store has one
         m0 = tl.program_id(1) * BLOCK_M
         k_blocks = K_WORDS // WPB
         b_first = split * B_SPLIT
@@ -265,23 +287,30 @@ def gemv2_supports(*, n: int, k: int, block_size: int) -> bool:
 
 def launch_gemv2(x2: Tensor, words: Tensor, code: Tensor, stats: tuple[Tensor, ...], bias: Tensor | None,
                  out: Tensor, *, n: int, k: int, k_split: int, block_size: int, block_n: int, block_k: int,
-                 lut: int, num_warps: int) -> None:
+                 lut: int, num_warps: int, group: Sequence[Sequence[int]] = ()) -> None:
     """One launch writing ``out`` ``(splits, M, N)`` (module doc) for ``x2`` ``(M, K)`` (rows contiguous) and the
     packed codes as int32 ``words``. ``stats``: the (absmax, qabsmax, scale2, offset, code2) pointers, ``code``
     standing in for the unused ones (double quantization when absmax is ``code``); ``k_split`` columns a K
     split (a multiple of ``block_k``); ``block_n`` weight rows and ``block_k`` columns (``block_k /
     block_size`` a power of two) a program step; ``lut``: :func:`levels`' switch, 2 the shuffle or 0 plain loads
     (nf4_gemv's ``_lut``: plain in the interpreter; 1, ``ldg``, is refused before). Up to 4 rows of x share a
-    program's decoded levels."""
+    program's decoded levels. ``group``: for a launch over 2-3 sibling weights (``n`` rows in all, the first
+    weight's tensors passed), per further weight its first row (a multiple of ``block_n``) and its tensors'
+    element offsets from the first's: (row, words, absmax or qabsmax, scale2, offset, code, code2)."""
     m = x2.shape[0]
     block_m = min(4, 1 << max(0, m - 1).bit_length())
     absmax, qabsmax, scale2, offset, code2 = stats
     # bf16 pairs as int32 need 4-byte aligned rows: torch's allocations and even row strides are
     bf16_pairs = x2.dtype == torch.bfloat16 and x2.data_ptr() % 4 == 0 and x2.stride(0) % 2 == 0
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), out.shape[0])
+    padded = [*group, *[(n, 0, 0, 0, 0, 0, 0)] * (2 - len(group))]  # (an absent third weight starts at n)
+    second, third = padded
+    # END0, END1, then each tensor's deltas for the second and third weights, in the kernel's order
+    members = [second[0], third[0]] + [d for pair in zip(second[1:], third[1:], strict=True) for d in pair]
     _nf4_gemv2_kernel[grid](
         x2, words, absmax, qabsmax, scale2, offset, code, code2, code if bias is None else bias, out,
-        m, n, k // 8, k_split // block_size, x2.stride(0), out.stride(0),
+        m, n, k // 8, k_split // block_size, x2.stride(0), out.stride(0), *members,
         BLOCK_N=block_n, BLOCK_M=block_m, KB=block_k // block_size, WPB=block_size // 8,
         DOUBLE=absmax is code, HAS_BIAS=bias is not None, LUT=lut,
-        XK=1 if bf16_pairs else 0, PREFETCH=k_split > block_k, num_warps=num_warps, num_stages=1)
+        XK=1 if bf16_pairs else 0, PREFETCH=k_split > block_k, GROUPED=bool(group), num_warps=num_warps,
+        num_stages=1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 
 import safetensors.torch
+import pytest
 import torch
 from torch import nn
 
@@ -16,8 +17,9 @@ from splice.kernels import use_triton
 from splice.kernels.swiglu import swiglu_packed, swiglu_reference
 from splice.lora.apply import add_lora
 from splice.lora.layers import LoraConfig
+from splice.quant.linear import quantize_nf4
 from tests import tiny
-from tests.numerics import GPU, rel_err
+from tests.numerics import DEVICES, GPU, rel_err
 
 
 def test_packing_keeps_the_models_outputs_and_parameters() -> None:
@@ -241,3 +243,38 @@ def test_bases_packed_before_the_adapters_came_have_no_tail_and_take_three_gemms
             assert rel_err(packed_lora(qkv, x), want) < 1e-2  # type: ignore[arg-type]
         attn.k_proj.base.weight.data = attn.k_proj.base.weight.data.clone()
         assert packed(qkv, lora=True) is None and lora_tail(qkv) is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sibling_nf4_projections_run_as_one_launch_with_the_one_by_one_logits(device: str,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 4-bit model's one-token engine step: q/k/v (and, on the GPU, gate/up: the fused MLP) each in one launch
+    over their separate NF4 weights (nf4_group_output), the same logits as one launch per projection."""
+    if not use_triton(torch.empty(0, device=device)):
+        pytest.skip("the NF4 kernels need a GPU, or TRITON_INTERPRET=1 set before pytest starts")
+    import splice.engine.attention as attention
+    import splice.fused.modules as modules
+    import splice.fused.projections as projections
+
+    model = tiny.llama(hidden=128, intermediate=256).to(device)
+    quantize_nf4(model)
+    grouped: list[int] = []
+
+    def counted(modules_: list[nn.Module], x: torch.Tensor) -> torch.Tensor | None:
+        out = projections.nf4_group_output(modules_, x)
+        grouped.append(out is not None)
+        return out
+
+    def step(runner_model: nn.Module) -> torch.Tensor:
+        runner = ModelRunner(runner_model, block_size=4, max_seqs=2, max_len=32, num_blocks=10, cuda_graphs=False)
+        seq = Sequence(seq_id=0, tokens=[5], prompt_len=1, max_tokens=1, arrival=0, block_ids=[1])
+        with torch.inference_mode():
+            return runner.execute(StepPlan(chunks=[Chunk(seq=seq, start=0, count=1, sample=True)])).clone()
+
+    monkeypatch.setattr(attention, "nf4_group_output", counted)
+    monkeypatch.setattr(modules, "nf4_group_output", counted)
+    one = step(copy.deepcopy(model))
+    assert grouped and all(grouped) and len(grouped) == (4 if device == "cuda" else 2)  # 2 layers' q/k/v (+ gate/up)
+    monkeypatch.setattr(attention, "nf4_group_output", lambda *_: None)
+    monkeypatch.setattr(modules, "nf4_group_output", lambda *_: None)
+    assert rel_err(one, step(copy.deepcopy(model))) < 1e-5

@@ -20,6 +20,7 @@ from splice.kernels.nf4_gemv import (
     gemv2_config,
     k_splits,
     nf4_linear,
+    nf4_linear_group,
     nf4_linear_reference,
 )
 from splice.quant.linear import NF4Linear
@@ -346,3 +347,28 @@ def test_no_host_sync_and_cuda_graph_capture(config: GemvConfig | None) -> None:
         graph.replay()
         assert torch.equal(captured, run())
         assert not torch.equal(captured, eager)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("rows", "k", "dtype", "double"), [((16, 8, 8), 192, torch.bfloat16, True),
+                                                           ((24, 40), 320, torch.float32, False),
+                                                           ((8, 4, 12), 128, torch.float16, True)])
+def test_sibling_weights_in_one_launch_give_each_weights_product(rows: tuple[int, ...], k: int, dtype: torch.dtype,
+                                                                 double: bool, device: str) -> None:
+    """nf4_linear_group: q/k/v- or gate/up-like weights (separate tensors, each with its own statistics) in one
+    gemv2 launch equal the concatenation of each weight's own product; a boundary off the launch's row tiles,
+    more than one row of x, unlike K or a single weight: None (the caller runs them one by one)."""
+    _kernel_or_skip(device)
+    weights = [_weight(n, k, double_quant=double, device=device, seed=i) for i, n in enumerate(rows)]
+    x = torch.randn(1, k, device=device).to(dtype)
+    got = nf4_linear_group(x, weights)
+    assert got is not None and got.shape == (1, sum(rows)) and got.dtype == dtype
+    truth = torch.cat([_truth(x, w) for w in weights], dim=-1)
+    assert rel_err(got, truth) < TOL[dtype]
+    for i, w in enumerate(weights):  # each weight's columns are its own (a wrong member's pointer is ~1)
+        start = sum(rows[:i])
+        assert rel_err(got[:, start: start + rows[i]], _truth(x, w)) < TOL[dtype]
+    assert nf4_linear_group(x.expand(2, -1), weights) is None
+    assert nf4_linear_group(x, weights[:1]) is None
+    assert nf4_linear_group(x, [weights[0], _weight(6, k, double_quant=double, device=device), weights[0]]) is None
+    assert nf4_linear_group(x[:, :64], [weights[0], _weight(8, 64, double_quant=double, device=device)]) is None
