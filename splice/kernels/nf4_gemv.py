@@ -39,7 +39,8 @@ address's low byte, one L1 load), so decoding can keep pace with reading 3.6x fe
 * ``gemv2`` (:mod:`splice.kernels.nf4_gemv2`, up to 4 rows of ``x`` a program): a thread owns whole
   blocks of a few weight rows and x arrives in the codes' own layout (no shared memory in the loop);
   per weight one shuffle and one fp32 FMA. The default for one row of x with 32- or 64-value blocks (H200: 1.2-1.5x
-  the gemv kernel on every Llama-3-8B shape); also selectable by config up to 4 rows.
+  the gemv kernel on every Llama-3-8B shape); also selectable by config up to 4 rows. :func:`nf4_linear_group`
+  runs it over 2-3 sibling weights (q/k/v, gate/up) in one launch.
 
 ``split_k > 1`` cuts K into that many ranges: each writes an fp32 partial sum and one small kernel
 adds them (and the bias) and casts: more programs for weights with few rows. Nothing syncs with
