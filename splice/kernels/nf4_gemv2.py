@@ -179,7 +179,7 @@ if HAS_TRITON:
     def _nf4_gemv2_kernel(x_ptr, words_ptr, absmax_ptr, qabsmax_ptr, scale2_ptr, offset_ptr, code_ptr,
                           code2_ptr, bias_ptr, out_ptr, M, N, K_WORDS, B_SPLIT, stride_xm, stride_os,
                           END0, END1, D_WORDS1, D_WORDS2, D_STAT1, D_STAT2, D_SCALE1, D_SCALE2, D_OFFSET1,
-                          D_OFFSET2, D_CODE1, D_CODE2, D_CODE2_1, D_CODE2_2,
+                          D_OFFSET2, D_LUT1, D_LUT2, D_CODE2_1, D_CODE2_2,
                           BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, KB: tl.constexpr, WPB: tl.constexpr,
                           DOUBLE: tl.constexpr, HAS_BIAS: tl.constexpr, LUT: tl.constexpr, XK: tl.constexpr,
                           PREFETCH: tl.constexpr, GROUPED: tl.constexpr):
@@ -202,7 +202,7 @@ if HAS_TRITON:
             qabsmax_ptr += stat_delta
             scale2_ptr += tl.where(third, D_SCALE2, tl.where(second, D_SCALE1, 0))
             offset_ptr += tl.where(third, D_OFFSET2, tl.where(second, D_OFFSET1, 0))
-            code_ptr += tl.where(third, D_CODE2, tl.where(second, D_CODE1, 0))
+            code_ptr += tl.where(third, D_LUT2, tl.where(second, D_LUT1, 0))
             code2_ptr += tl.where(third, D_CODE2_2, tl.where(second, D_CODE2_1, 0))
             row_live = rows < stop
             rows_c = tl.minimum(rows - start, stop - start - 1)  # the row within its own weight

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import copy
 
-import safetensors.torch
 import pytest
+import safetensors.torch
 import torch
 from torch import nn
 
@@ -258,7 +258,7 @@ def test_sibling_nf4_projections_run_as_one_launch_with_the_one_by_one_logits(de
 
     model = tiny.llama(hidden=128, intermediate=256).to(device)
     quantize_nf4(model)
-    grouped: list[int] = []
+    grouped: list[bool] = []
 
     def counted(modules_: list[nn.Module], x: torch.Tensor) -> torch.Tensor | None:
         out = projections.nf4_group_output(modules_, x)
