@@ -463,7 +463,7 @@ s16)  # session 16 (~370 s): fresh prompts through splice's varlen kernel (fresh
     --cases "prefill 2048 (full),prefill 8 x 512 (full),mixed step" 2>&1 | tee "$OUT/s16_pa.txt" | tail -30
   timeout 35 python3 benchmarks/lora_swiglu.py --json "$OUT/lora_swiglu.json" 2>&1 | tee "$OUT/lora_swiglu.txt" ;;
 fresh15)  # session 15 (~330 s): fresh prompts (no cached prefix) through cuDNN's ragged attention over the step's own
-  # K/V (splice.kernels.fresh_attention, the engine's fresh_attention="dense"; new, CPU- and interpreter-tested only):
+  # K/V (splice.kernels.fresh_attention, removed in session 16; the engine's fresh_attention="dense"):
   # its GPU tests (cuDNN here at all, GQA, CUDA-graph replay, the engine's graphs), its time against the paged kernel
   # on fresh prompts and on an offline mixed step, then the offline run with fresh_attention paged and dense
   # ... and the gate/up expand fused into SwiGLU (splice.kernels.lora_swiglu, new, the engine's default where a bank
