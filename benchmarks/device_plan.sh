@@ -44,6 +44,8 @@
 #   CALL=s16 bash benchmarks/device_plan.sh       # session 16 (~370 s): fresh prompts through the varlen kernel (cuDNN's
 #                                                 # ragged op cannot be captured in torch 2.11), gemv2 the NF4 M=1
 #                                                 # default, the SwiGLU expand's block rule: tests, offline, NF4 batch 1
+#   CALL=t17 bash benchmarks/device_plan.sh       # session 17 (~430 s): issue 30 on the H200: C fast, low-memory
+#                                                 # and FP8 beside PEFT, then C's profile
 #   CALL=s16o bash benchmarks/device_plan.sh      # session 16, last (~110 s): offline paged vs dense at 500 requests
 #   CALL=s16q bash benchmarks/device_plan.sh      # session 16, cut down (~230 s): key tests, offline paged/dense, NF4 b1
 #   CALL=next15 bash benchmarks/device_plan.sh    # session 15 first (~350 s): fin14's unreached GPU tests, gemv2
@@ -426,6 +428,14 @@ off14)  # session 14 (~230 s): issue 26's adapter target where it is set, the of
   offline_adapters ;;
 next14)  # ml14 then off14 in one call (~430 s: one machine start less)
   planned_shrink; offline_adapters ;;
+t17)  # session 17 (~430 s): issue 30 on the H200 its targets name (sessions 13-14 measured C on an H100: 2.92x,
+  # 64.4% MFU; low memory 2.30x; FP8 3.50x): C fast and low-memory beside PEFT, C over FP8, then where C's step goes
+  timeout 140 python3 benchmarks/train_throughput.py --out "$OUT/c_modes" --frameworks peft,splice --configs C \
+    --modes on+graphs,offload+graphs --worker-timeout 120 2>&1 | tee "$OUT/c_modes.txt" | grep "^| C"
+  timeout 130 python3 benchmarks/train_throughput.py --out "$OUT/c_fp8" --frameworks peft,splice --configs C \
+    --quantize fp8 --modes on+graphs --worker-timeout 110 2>&1 | tee "$OUT/c_fp8.txt" | grep "^| C"
+  timeout 150 python3 benchmarks/train_throughput.py --out "$OUT/c_prof" --frameworks splice --configs C \
+    --modes on+graphs --profile C --worker-timeout 140 2>&1 | tee "$OUT/c_prof.txt" | grep -v "^  " | tail -40 ;;
 s16o)  # session 16, the last ~110 s a start leaves: the offline run at 500 requests, 0 adapters, fresh prompts
   # paged then dense (the varlen kernel), then NF4 batch 1 against bf16 if time is left
   OFF_S=${OFF_S:-85} OFF_ADAPTERS=${OFF_ADAPTERS-} offline_adapters --offline-fresh paged,dense --offline-requests 500
