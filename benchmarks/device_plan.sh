@@ -44,6 +44,8 @@
 #   CALL=s16 bash benchmarks/device_plan.sh       # session 16 (~370 s): fresh prompts through the varlen kernel (cuDNN's
 #                                                 # ragged op cannot be captured in torch 2.11), gemv2 the NF4 M=1
 #                                                 # default, the SwiGLU expand's block rule: tests, offline, NF4 batch 1
+#   CALL=p17 bash benchmarks/device_plan.sh       # session 17 (~220 s): the offline run against its floor on the
+#                                                 # H200, dense fresh path, 256 x 8,192 and 512 x 16,384
 #   CALL=t17 bash benchmarks/device_plan.sh       # session 17 (~430 s): issue 30 on the H200: C fast, low-memory
 #                                                 # and FP8 beside PEFT, then C's profile
 #   CALL=s16o bash benchmarks/device_plan.sh      # session 16, last (~110 s): offline paged vs dense at 500 requests
@@ -428,6 +430,11 @@ off14)  # session 14 (~230 s): issue 26's adapter target where it is set, the of
   offline_adapters ;;
 next14)  # ml14 then off14 in one call (~430 s: one machine start less)
   planned_shrink; offline_adapters ;;
+p17)  # session 17 (~220 s): the offline run step by step on the H200 against its floor (off11/kv11 were an H100's),
+  # the dense fresh path at 256 sequences x 8,192 tokens a step and at 512 x 16,384 (the H200's memory holds it)
+  timeout 210 python3 benchmarks/offline_profile.py --variants 256x8192:dense,512x16384:dense --kv-gib 90 \
+    --seconds 85 --json "$OUT/offline_profile.json" 2>&1 | grep -v "attention mask" | tee "$OUT/offline_profile.txt" \
+    | tail -30 ;;
 t17)  # session 17 (~430 s): issue 30 on the H200 its targets name (sessions 13-14 measured C on an H100: 2.92x,
   # 64.4% MFU; low memory 2.30x; FP8 3.50x): C fast and low-memory beside PEFT, C over FP8, then where C's step goes
   timeout 140 python3 benchmarks/train_throughput.py --out "$OUT/c_modes" --frameworks peft,splice --configs C \
