@@ -431,8 +431,10 @@ off14)  # session 14 (~230 s): issue 26's adapter target where it is set, the of
 next14)  # ml14 then off14 in one call (~430 s: one machine start less)
   planned_shrink; offline_adapters ;;
 p17)  # session 17 (~220 s): the offline run step by step on the H200 against its floor (off11/kv11 were an H100's),
-  # the dense fresh path at 256 sequences x 8,192 tokens a step and at 512 x 16,384 (the H200's memory holds it)
-  timeout 210 python3 benchmarks/offline_profile.py --variants 256x8192:dense,512x16384:dense --kv-gib 90 \
+  # the dense fresh path at 256 sequences x 8,192 tokens a step and at 512 x 16,384 (K/V capped at 60% of the card's memory)
+  kv=$(python3 -c "import torch; print(int(torch.cuda.get_device_properties(0).total_memory / 2**30 * 0.6))")
+  timeout 210 python3 benchmarks/offline_profile.py --variants 256x8192:dense,512x16384:dense --kv-gib "$kv" \
+    --profile-steps 20 \
     --seconds 85 --json "$OUT/offline_profile.json" 2>&1 | grep -v "attention mask" | tee "$OUT/offline_profile.txt" \
     | tail -30 ;;
 t17)  # session 17 (~430 s): issue 30 on the H200 its targets name (sessions 13-14 measured C on an H100: 2.92x,
