@@ -436,7 +436,7 @@ p17)  # session 17 (~220 s): the offline run step by step on the H200 against it
   timeout 210 python3 benchmarks/offline_profile.py --variants 256x8192:dense,512x16384:dense --kv-gib "$kv" \
     --profile-steps 20 \
     --seconds 85 --json "$OUT/offline_profile.json" 2>&1 | grep -v "attention mask" | tee "$OUT/offline_profile.txt" \
-    | tail -30 ;;
+    | tail -70 ;;
 t17)  # session 17 (~430 s): issue 30 on the H200 its targets name (sessions 13-14 measured C on an H100: 2.92x,
   # 64.4% MFU; low memory 2.30x; FP8 3.50x): C fast and low-memory beside PEFT, C over FP8, then where C's step goes
   timeout 140 python3 benchmarks/train_throughput.py --out "$OUT/c_modes" --frameworks peft,splice --configs C \
