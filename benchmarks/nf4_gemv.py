@@ -48,7 +48,10 @@ from torch import Tensor
 from splice.kernels.nf4_gemv import GemvConfig, default_config, gemv2_config, k_splits, nf4_linear
 from splice.quant.nf4 import NF4Tensor, to_nf4
 
-SHAPES = {"q/o": (4096, 4096), "k/v": (1024, 4096), "gate/up": (14336, 4096), "down": (4096, 14336)}
+SHAPES = {"q/o": (4096, 4096), "k/v": (1024, 4096), "gate/up": (14336, 4096), "down": (4096, 14336),
+          # q/k/v and gate/up as the engine launches them at one token (nf4_linear_group: one launch)
+          "qkv": (6144, 4096), "gate+up": (28672, 4096)}
+DEFAULT_SHAPES = "q/o,k/v,gate/up,down"
 ROWS = (1, 8, 32, 64)
 GIB = 1 << 30
 
@@ -111,6 +114,13 @@ def gemv2_candidates(m: int, n: int, k: int) -> list[GemvConfig]:
     if steps > 1:
         configs.append(GemvConfig(kernel="gemv2", block_n=4 if n >= 2048 else 2, block_k=2048, num_warps=1,
                                   split_k=steps))
+    # several row tiles a program, one after the other (each next tile's codes loaded before this one's
+    # arithmetic): K in one step of 64 lanes, or in one step of 256 (8 warps), or in 4 one-step splits
+    one_step = [(64, 2, 1)] if blocks <= 64 else [(256, 8, 1), (64, 2, -(-blocks // 64))]
+    for lanes, warps, split in one_step:
+        for bn, tiles in ((8, 2), (8, 3), (8, 4), (4, 4)):
+            configs.append(GemvConfig(kernel="gemv2", block_n=bn, block_k=64 * lanes, num_warps=warps,
+                                      split_k=split, row_tiles=tiles))
     configs.append(GemvConfig(kernel="gemv2", block_n=8, block_k=4096 if blocks <= 64 else 2048,
                               num_warps=2 if blocks <= 64 else 1, lut="plain"))
     return list(dict.fromkeys(configs))  # in order, without repeats
@@ -231,8 +241,9 @@ def _describe(result: dict[str, Any] | None) -> str:
     if not result:
         return "-"
     c = result["config"]
+    tiles = f" t{c['row_tiles']}" if c.get("row_tiles", 1) > 1 else ""
     return (f"{c['kernel']} n{c['block_n']} k{c['block_k']} s{c['split_k']} {c['lut']} w{c['num_warps']}"
-            f" st{c['num_stages']}: {result['us']} us")
+            f" st{c['num_stages']}{tiles}: {result['us']} us")
 
 
 def print_table(rows: list[dict[str, Any]], roofline: float) -> None:
@@ -274,7 +285,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=16, help="processes compiling kernels first (0: none)")
     parser.add_argument("--precompile-only", action="store_true", help="compile the kernels, time nothing")
     parser.add_argument("--rows", default=",".join(map(str, ROWS)), help="activation rows M, comma-separated")
-    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"a subset of {','.join(SHAPES)}")
+    parser.add_argument("--shapes", default=DEFAULT_SHAPES, help=f"a subset of {','.join(SHAPES)}")
     parser.add_argument("--kernels", default="gemv,dot,gemv2", help="the kernels the sweep tries")
     args = parser.parse_args()
     rows = tuple(int(m) for m in args.rows.split(","))
