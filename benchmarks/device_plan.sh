@@ -44,6 +44,8 @@
 #   CALL=s16 bash benchmarks/device_plan.sh       # session 16 (~370 s): fresh prompts through the varlen kernel (cuDNN's
 #                                                 # ragged op cannot be captured in torch 2.11), gemv2 the NF4 M=1
 #                                                 # default, the SwiGLU expand's block rule: tests, offline, NF4 batch 1
+#   CALL=n17 bash benchmarks/device_plan.sh       # session 17 (~300 s): NF4 one-row loads pipelined, row tiles:
+#                                                 # tests, sweep, whole model at batch 1 default vs pipelined
 #   CALL=p17 bash benchmarks/device_plan.sh       # session 17 (~220 s): the offline run against its floor on the
 #                                                 # H200, dense fresh path, 256 x 8,192 and 512 x 16,384
 #   CALL=t17 bash benchmarks/device_plan.sh       # session 17 (~430 s): issue 30 on the H200: C fast, low-memory
@@ -430,6 +432,19 @@ off14)  # session 14 (~230 s): issue 26's adapter target where it is set, the of
   offline_adapters ;;
 next14)  # ml14 then off14 in one call (~430 s: one machine start less)
   planned_shrink; offline_adapters ;;
+n17)  # session 17 (~300 s): NF4 at one row with its loads pipelined (cp.async, Triton's pipeliner: ptxas had moved
+  # the hand-written prefetch after the arithmetic) and several row tiles a program: the GPU tests, gemv2's sweep
+  # on the four shapes and the grouped q/k/v and gate+up, then the whole model at batch 1, default vs pipelined
+  timeout -s KILL 90 python3 -m pytest -o addopts= -q -n 8 -p no:cacheprovider -p no:warnings -rfE --tb=short \
+    tests/kernels/test_nf4_gemv.py \
+    "tests/fused/test_projections.py::test_sibling_nf4_projections_run_as_one_launch_with_the_one_by_one_logits" \
+    "tests/engine/test_gpu_paths_engine.py::test_batch_one_decode_over_an_nf4_base_takes_the_fused_kernel_and_the_models_greedy_tokens" \
+    > "$OUT/tests-n17.txt" 2>&1
+  echo "tests (rc $?):"; grep -E "(FAILED|ERROR) " "$OUT/tests-n17.txt" | head -20; tail -1 "$OUT/tests-n17.txt"
+  timeout 130 python3 benchmarks/nf4_gemv.py --rows 1 --kernels gemv2 --shapes q/o,k/v,gate/up,down,qkv,gate+up \
+    --budget 100 --json "$OUT/nf4_gemv2.json" 2>&1 | tee "$OUT/nf4_gemv2.txt" | tail -16
+  timeout 100 python3 benchmarks/serve.py --parts bandwidth,nf4 --nf4-batches 1 --nf4-gemv2 default,pipelined \
+    --json "$OUT/serve-nf4.json" --limit-nf4 75 2>    --json "$OUT/serve-nf4.json" --limit-nf4 60 2>&11 | grep -v "attention mask" | tee "$OUT/serve-nf4.txt" | tail -8 ;;
 p17)  # session 17 (~220 s): the offline run step by step on the H200 against its floor (off11/kv11 were an H100's),
   # the dense fresh path at 256 sequences x 8,192 tokens a step and at 512 x 16,384 (K/V capped at 60% of the card's memory)
   kv=$(python3 -c "import torch; print(int(torch.cuda.get_device_properties(0).total_memory / 2**30 * 0.6))")

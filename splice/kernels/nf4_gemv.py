@@ -92,7 +92,7 @@ class GemvConfig:
     run ``"gemv"``); ``block_n`` weight rows per program; ``block_k`` weight columns per K step (a
     multiple of the block size); ``split_k`` K ranges summed afterwards (1: none); ``lut``: the level
     lookup, ``"shfl"``, ``"ldg"`` or ``"plain"`` (module doc; Triton's interpreter always runs
-    ``"plain"``); ``num_warps`` / ``num_stages``: Triton's; ``row_tiles``: gemv2's row tiles a program, one
+    ``"plain"``); ``num_warps`` / ``num_stages``: Triton's (gemv2: its loads' pipeline depth); ``row_tiles``: gemv2's row tiles a program, one
     after the other (> 1 needs one K step a split)."""
 
     kernel: str
@@ -145,13 +145,17 @@ def default_config(m: int, n: int, k: int, *, block_size: int, sms: int) -> Gemv
                       num_stages=2 if large and m >= 8 else 1, split_k=k_splits(programs, k // block_size, sms=sms))
 
 
-def gemv2_config(m: int, n: int, k: int, *, block_size: int) -> GemvConfig:
+def gemv2_config(m: int, n: int, k: int, *, block_size: int, pipelined: bool = False) -> GemvConfig:
     """The gemv2 kernel's tiles for ``(M <= 4, N, K)``, as ``benchmarks/nf4_gemv.py``'s sweep found best (H200,
     2026-12-06): one block a lane over 2 warps (64 lanes: K of 4,096 in one step of 64-value blocks, 14,336 in
     four), 8 weight rows a program for large products (``M x N x K`` of at least 2^25: gate/up, down, q/o at
-    M = 4), else 4; no K split (the measured tiles needed no rule for the grid's size)."""
-    return GemvConfig(kernel="gemv2", block_n=8 if m * n * k >= 2**25 else 4, block_k=block_size * 64, lut="shfl",
-                      num_warps=2)
+    M = 4), else 4; no K split (the measured tiles needed no rule for the grid's size). ``pipelined`` (untimed
+    as a whole): the loads 3 stages deep; where K is one step, up to 4 row tiles a program, 2+ programs an SM."""
+    block_n, block_k = 8 if m * n * k >= 2**25 else 4, block_size * 64
+    tiles = max(1, min(4, -(-n // block_n) // 264)) if pipelined and k <= block_k else 1
+    stages = 3 if pipelined and (tiles > 1 or k > block_k) else 1
+    return GemvConfig(kernel="gemv2", block_n=block_n, block_k=block_k, lut="shfl", num_warps=2, row_tiles=tiles,
+                      num_stages=stages)
 
 
 def gemv_applies(x: Tensor, *, shape: tuple[int, int], block_size: int) -> bool:
@@ -365,7 +369,7 @@ def _launch(x2: Tensor, words: Tensor, code: Tensor, stats: tuple[Tensor, ...], 
     if config.kernel == "gemv2":
         launch_gemv2(x2, words, code, stats, bias, out, n=n, k=k, k_split=k_split, block_size=block_size,
                      block_n=config.block_n, block_k=config.block_k, lut=lut, num_warps=config.num_warps,
-                     row_tiles=config.row_tiles)
+                     row_tiles=config.row_tiles, stages=config.num_stages)
         return
     m, nb = x2.shape[0], config.block_k // block_size
     common = dict(WPB=block_size // 8, NB=nb, BLOCK_N=config.block_n, DOUBLE=stats[0] is code,  # absmax unused
@@ -489,5 +493,5 @@ def nf4_linear_group(x: Tensor, weights: Sequence[NF4Parts], *, config: GemvConf
     launch_gemv2(as_rows(x), first.packed.view(torch.int32), first.code, stats, None, out, n=n, k=k,
                  k_split=-(-k // config.block_k) * config.block_k, block_size=block_size, block_n=config.block_n,
                  block_k=config.block_k, lut=_lut(config.lut, first.code), num_warps=config.num_warps,
-                 group=group, row_tiles=config.row_tiles)  # type: ignore[arg-type]
+                 group=group, row_tiles=config.row_tiles, stages=config.num_stages)  # type: ignore[arg-type]
     return out.view(*x.shape[:-1], n)

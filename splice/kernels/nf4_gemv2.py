@@ -24,7 +24,13 @@ instructions in the loop, 1.8 of them on the shared-memory / shuffle / load pipe
 * a level is one ``shfl.idx`` from the lane that holds it (``lut="shfl"``, inline PTX; the word only
   shifted) and one fp32 FMA, the 64 of a block chained into one sum, times the absmax once;
 * several K steps (K = 14,336): the next step's codes, absmax codes (and x, for one row of x) are loaded
-  before this step's arithmetic.
+  before this step's arithmetic; but ptxas moves those loads after it (sm_90 SASS), so the codes arrive
+  only while other programs compute. ``stages > 1`` hands the loads to Triton's pipeliner instead: cp.async
+  copies into shared memory, ``stages - 1`` steps ahead, waited for at their step (SASS: the copies of the
+  next steps are in flight during this step's shuffles);
+* ``row_tiles`` > 1 (one K step a split): a program takes several row tiles one after the other, x read
+  once, the tiles' codes pipelined alike. A one-step program otherwise loads, waits, then computes, in step
+  with the rest of its wave (gate/up at one row: ~2.3 waves of 20 us, 1.5 of the card's 4.3 TB/s).
 
 sm_90 SASS (ptxas of Triton 3.6, compiled offline), instructions a weight in the loop, M = 1:
 ``BLOCK_N`` 8 / 4 / 2: 3.5 / 3.7 / 4.2-4.5, of which 1.1 are shuffles and loads (the shuffle pipe,
@@ -259,16 +265,18 @@ if HAS_TRITON:
                           D_OFFSET2, D_LUT1, D_LUT2, D_CODE2_1, D_CODE2_2,
                           BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, KB: tl.constexpr, WPB: tl.constexpr,
                           DOUBLE: tl.constexpr, HAS_BIAS: tl.constexpr, LUT: tl.constexpr, XK: tl.constexpr,
-                          PREFETCH: tl.constexpr, GROUPED: tl.constexpr, TILES: tl.constexpr):
+                          PREFETCH: tl.constexpr, GROUPED: tl.constexpr, TILES: tl.constexpr,
+                          STAGES: tl.constexpr):
         # program (TILES row tiles, BLOCK_M rows of x, K split): out[split, ms, rows] over the split's blocks, KB
-        # blocks a step, a thread whole blocks (WPB words) of BLOCK_N rows. PREFETCH: the next step's loads
-        # go out before this step's arithmetic (for splits of several steps; x's too for one row of x: the
-        # registers of 4 rows' are too many). TILES > 1 (one step a split): the program's tiles one after the
-        # other, x loaded once and each next tile's codes loaded before this one's arithmetic (a program of one
-        # step otherwise waits for its loads, then computes, and its neighbours in the wave do the same at the
-        # same time). GROUPED: the rows are up to three weights' back to back (rows END0 and END1 start the
-        # second and third; a tile lies within one): a tile's weight is the first's pointers moved by its D_*
-        # (element deltas to the second's / third's tensors)
+        # blocks a step, a thread whole blocks (WPB words) of BLOCK_N rows. STAGES > 1: the codes (and x's columns)
+        # of the next STAGES - 1 steps are in flight (cp.async into shared memory, Triton's pipeliner) during
+        # this step's arithmetic; TILES > 1 (one step a split): the program's tiles one after the other, x read
+        # once, the tiles' codes pipelined alike (without it a one-step program waits for its codes, then
+        # computes, in step with its wave). STAGES = 1: PREFETCH, the next step's loads written before this
+        # step's arithmetic (ptxas moves them after it: sm_90 SASS), x's too for one row of x. GROUPED: the rows
+        # are up to three weights' back to back (rows END0 and END1 start the second and third; a tile lies within
+        # one): a tile's weight is the first's pointers moved by its D_* (element deltas to the second's / third's
+        # tensors)
         split = tl.program_id(2)
         m0 = tl.program_id(1) * BLOCK_M
         k_blocks = K_WORDS // WPB
@@ -282,25 +290,36 @@ if HAS_TRITON:
                                              D_SCALE2, D_OFFSET1, D_OFFSET2, D_LUT1, D_LUT2, D_CODE2_1, D_CODE2_2,
                                              BLOCK_N, GROUPED)
         word, row_block = _codes_at(rows_c, lane_b, K_WORDS, k_blocks, WPB)
-        if TILES > 1:
-            words, stat, block, xs = _load_step(x_ptr, words_ptr + d[0], absmax_ptr + d[1], qabsmax_ptr + d[1],
-                                                b_first, lane_b, b_end, k_blocks, word, row_block, pair, m0, M,
-                                                stride_xm, BLOCK_M, WPB, DOUBLE, XK, False, True)
-            for t in range(TILES):
-                # the next tile's codes (the last tile's "next" is itself: loaded again, unused)
-                rows_n, live_n, rows_cn, d_n = _tile_at(tile + tl.minimum(t + 1, TILES - 1), N, END0, END1,
-                                                        D_WORDS1, D_WORDS2, D_STAT1, D_STAT2, D_SCALE1, D_SCALE2,
-                                                        D_OFFSET1, D_OFFSET2, D_LUT1, D_LUT2, D_CODE2_1, D_CODE2_2,
-                                                        BLOCK_N, GROUPED)
-                word_n, row_block_n = _codes_at(rows_cn, lane_b, K_WORDS, k_blocks, WPB)
-                words_n, stat_n, block_n, _ = _load_step(x_ptr, words_ptr + d_n[0], absmax_ptr + d_n[1],
-                                                         qabsmax_ptr + d_n[1], b_first, lane_b, b_end, k_blocks,
-                                                         word_n, row_block_n, pair, m0, M, stride_xm, BLOCK_M, WPB,
-                                                         DOUBLE, XK, False, False)
+        if TILES > 1:  # x's columns once; each tile's codes through Triton's pipeline (STAGES deep)
+            _, _, _, xs = _load_step(x_ptr, words_ptr, absmax_ptr, qabsmax_ptr, b_first, lane_b, b_end, k_blocks,
+                                     word, row_block, pair, m0, M, stride_xm, BLOCK_M, WPB, DOUBLE, XK, False, True)
+            for t in tl.range(0, TILES, num_stages=STAGES):
+                rows, row_live, rows_c, d = _tile_at(tile + t, N, END0, END1, D_WORDS1, D_WORDS2, D_STAT1, D_STAT2,
+                                                     D_SCALE1, D_SCALE2, D_OFFSET1, D_OFFSET2, D_LUT1, D_LUT2,
+                                                     D_CODE2_1, D_CODE2_2, BLOCK_N, GROUPED)
+                word, row_block = _codes_at(rows_c, lane_b, K_WORDS, k_blocks, WPB)
+                words, stat, block, _no_x = _load_step(x_ptr, words_ptr + d[0], absmax_ptr + d[1],
+                                                       qabsmax_ptr + d[1], b_first, lane_b, b_end, k_blocks, word,
+                                                       row_block, pair, m0, M, stride_xm, BLOCK_M, WPB, DOUBLE, XK,
+                                                       False, False)
                 sums = _step_sums(words, stat, block, xs, code_ptr + d[4], code2_ptr + d[5], scale2_ptr + d[2],
                                   offset_ptr + d[3], BLOCK_M, WPB, DOUBLE, LUT)
                 _store_rows(sums, out_ptr, bias_ptr, rows, row_live, split, stride_os, m0, M, N, BLOCK_M, HAS_BIAS)
-                words, stat, block, rows, row_live, d = words_n, stat_n, block_n, rows_n, live_n, d_n
+        elif STAGES > 1:  # the K steps through Triton's pipeline: cp.async copies STAGES - 1 steps ahead
+            accs = ()
+            for _i in tl.static_range(BLOCK_M):
+                accs = accs + (tl.zeros((KB, BLOCK_N), dtype=tl.float32),)  # type: ignore[assignment]
+            for b0 in tl.range(b_first, b_end, KB, num_stages=STAGES):
+                words, stat, block, xs = _load_step(x_ptr, words_ptr + d[0], absmax_ptr + d[1], qabsmax_ptr + d[1],
+                                                    b0, lane_b, b_end, k_blocks, word, row_block, pair, m0, M,
+                                                    stride_xm, BLOCK_M, WPB, DOUBLE, XK, True, True)
+                sums = _step_sums(words, stat, block, xs, code_ptr + d[4], code2_ptr + d[5], scale2_ptr + d[2],
+                                  offset_ptr + d[3], BLOCK_M, WPB, DOUBLE, LUT)
+                new = ()
+                for i in tl.static_range(BLOCK_M):
+                    new = new + (accs[i] + sums[i],)  # type: ignore[assignment]
+                accs = new
+            _store_rows(accs, out_ptr, bias_ptr, rows, row_live, split, stride_os, m0, M, N, BLOCK_M, HAS_BIAS)
         else:
             words_ptr += d[0]
             absmax_ptr += d[1]
@@ -350,7 +369,8 @@ def gemv2_supports(*, n: int, k: int, block_size: int) -> bool:
 
 def launch_gemv2(x2: Tensor, words: Tensor, code: Tensor, stats: tuple[Tensor, ...], bias: Tensor | None,
                  out: Tensor, *, n: int, k: int, k_split: int, block_size: int, block_n: int, block_k: int,
-                 lut: int, num_warps: int, group: Sequence[Sequence[int]] = (), row_tiles: int = 1) -> None:
+                 lut: int, num_warps: int, group: Sequence[Sequence[int]] = (), row_tiles: int = 1,
+                 stages: int = 1) -> None:
     """One launch writing ``out`` ``(splits, M, N)`` (module doc) for ``x2`` ``(M, K)`` (rows contiguous) and the
     packed codes as int32 ``words``. ``stats``: the (absmax, qabsmax, scale2, offset, code2) pointers, ``code``
     standing in for the unused ones (double quantization when absmax is ``code``); ``k_split`` columns a K
@@ -361,7 +381,7 @@ def launch_gemv2(x2: Tensor, words: Tensor, code: Tensor, stats: tuple[Tensor, .
     weight's tensors passed), per further weight its first row (a multiple of ``block_n``) and its tensors'
     element offsets from the first's: (row, words, absmax or qabsmax, scale2, offset, code, code2).
     ``row_tiles``: row tiles a program, one after the other (> 1 only where ``k_split <= block_k``: one step a
-    split)."""
+    split); ``stages``: the loads' pipeline depth (1: none, the old manual prefetch)."""
     if row_tiles > 1 and k_split > block_k:
         raise ValueError(f"launch_gemv2: row_tiles={row_tiles} takes one K step a split, got {k_split} columns a "
                          f"split in steps of {block_k}")
@@ -381,5 +401,5 @@ def launch_gemv2(x2: Tensor, words: Tensor, code: Tensor, stats: tuple[Tensor, .
         BLOCK_N=block_n, BLOCK_M=block_m, KB=block_k // block_size, WPB=block_size // 8,
         DOUBLE=absmax is code, HAS_BIAS=bias is not None, LUT=lut,
         XK=1 if bf16_pairs else 0, PREFETCH=k_split > block_k, GROUPED=bool(group), TILES=row_tiles,
-        num_warps=num_warps,
+        STAGES=stages, num_warps=num_warps,
         num_stages=1)

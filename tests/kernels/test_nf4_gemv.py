@@ -39,7 +39,8 @@ DOT2 = GemvConfig(kernel="dot", block_n=32, block_k=128)  # two blocks a step: a
 GEMV2 = GemvConfig(kernel="gemv2", block_n=8, block_k=128, num_warps=1)  # two blocks a step, rows of x by 4
 GEMV2_1 = GemvConfig(kernel="gemv2", block_n=16, block_k=64, num_warps=1)  # one block a step
 GEMV2_W = GemvConfig(kernel="gemv2", block_n=4, block_k=512, num_warps=1)  # K in one step, lanes past it
-GEMV2_T = replace(GEMV2_W, row_tiles=3)  # 3 row tiles a program, the last programs' partly past N
+GEMV2_T = replace(GEMV2_W, row_tiles=3, num_stages=3)  # 3 row tiles a program, pipelined; the last past N
+GEMV2_P = replace(GEMV2, num_stages=2)  # the K steps pipelined (cp.async on a GPU)
 GEMV2_TS = GemvConfig(kernel="gemv2", block_n=4, block_k=128, split_k=2, num_warps=1, row_tiles=2)  # a step a split
 # (M, N, K, dtype, double-quantized, config): odd N; K a multiple of the 64-value block but not always
 # of block_k (a tail step); M from one row to a full 64-row dot tile; each kernel path in each dtype
@@ -58,6 +59,7 @@ CASES = [
     (2, 21, 512, torch.float16, False, GEMV2_W), (1, 37, 192, torch.bfloat16, True, GEMV2_T),
     (2, 21, 320, torch.float16, False, GEMV2_T), (4, 19, 448, torch.float32, True, GEMV2_T),
     (1, 33, 256, torch.bfloat16, True, GEMV2_TS), (3, 9, 256, torch.float32, False, GEMV2_TS),
+    (1, 37, 448, torch.bfloat16, True, GEMV2_P), (4, 21, 320, torch.float16, False, GEMV2_P),
 ]
 
 
@@ -85,7 +87,7 @@ def _case_id(case: tuple[object, ...]) -> str:
     m, n, k, dtype, dq, config = case
     assert isinstance(config, GemvConfig)
     return f"{m}x{n}x{k}-{str(dtype)[6:]}-{'dq' if dq else 'fp32absmax'}-{config.kernel}{config.block_k}" + (
-        f"x{config.row_tiles}" if config.row_tiles > 1 else "")
+        f"x{config.row_tiles}" if config.row_tiles > 1 else "") + (f"s{config.num_stages}" if config.num_stages > 1 else "")
 
 
 def test_reference_is_dequantize_then_matmul() -> None:
