@@ -444,7 +444,7 @@ n17)  # session 17 (~300 s): NF4 at one row with its loads pipelined (cp.async, 
   timeout 130 python3 benchmarks/nf4_gemv.py --rows 1 --kernels gemv2 --shapes q/o,k/v,gate/up,down,qkv,gate+up \
     --budget 100 --json "$OUT/nf4_gemv2.json" 2>&1 | tee "$OUT/nf4_gemv2.txt" | tail -16
   timeout 100 python3 benchmarks/serve.py --parts bandwidth,nf4 --nf4-batches 1 --nf4-gemv2 default,pipelined \
-    --json "$OUT/serve-nf4.json" --limit-nf4 75 2>    --json "$OUT/serve-nf4.json" --limit-nf4 60 2>&11 | grep -v "attention mask" | tee "$OUT/serve-nf4.txt" | tail -8 ;;
+    --json "$OUT/serve-nf4.json" --limit-nf4 75 2>&1 | grep -v "attention mask" | tee "$OUT/serve-nf4.txt" | tail -8 ;;
 p17)  # session 17 (~220 s): the offline run step by step on the H200 against its floor (off11/kv11 were an H100's),
   # the dense fresh path at 256 sequences x 8,192 tokens a step and at 512 x 16,384 (K/V capped at 60% of the card's memory)
   kv=$(python3 -c "import torch; print(int(torch.cuda.get_device_properties(0).total_memory / 2**30 * 0.6))")
