@@ -30,7 +30,7 @@ instructions in the loop, 1.8 of them on the shared-memory / shuffle / load pipe
   next steps are in flight during this step's shuffles);
 * ``row_tiles`` > 1 (one K step a split): a program takes several row tiles one after the other, x read
   once, the tiles' codes pipelined alike. A one-step program otherwise loads, waits, then computes, in step
-  with the rest of its wave (gate/up at one row: ~2.3 waves of 20 us, 1.5 of the card's 4.3 TB/s).
+  with the rest of its wave (gate/up at one row: 1,792 programs, ~1.4 waves; 20 us, 1.5 of the card's 4.3 TB/s).
 
 sm_90 SASS (ptxas of Triton 3.6, compiled offline), instructions a weight in the loop, M = 1:
 ``BLOCK_N`` 8 / 4 / 2: 3.5 / 3.7 / 4.2-4.5, of which 1.1 are shuffles and loads (the shuffle pipe,
