@@ -305,14 +305,15 @@ if HAS_TRITON:
                 sums = _step_sums(words, stat, block, xs, code_ptr + d[4], code2_ptr + d[5], scale2_ptr + d[2],
                                   offset_ptr + d[3], BLOCK_M, WPB, DOUBLE, LUT)
                 _store_rows(sums, out_ptr, bias_ptr, rows, row_live, split, stride_os, m0, M, N, BLOCK_M, HAS_BIAS)
-        elif STAGES > 1:  # the K steps through Triton's pipeline: cp.async copies STAGES - 1 steps ahead
+        elif STAGES > 1 or not PREFETCH:  # loads inside the K loop; STAGES > 1: Triton pipelines them (cp.async
+            # copies STAGES - 1 steps ahead); 1: plain loads, clamped past the split (no mask)
             accs = ()
             for _i in tl.static_range(BLOCK_M):
                 accs = accs + (tl.zeros((KB, BLOCK_N), dtype=tl.float32),)  # type: ignore[assignment]
             for b0 in tl.range(b_first, b_end, KB, num_stages=STAGES):
                 words, stat, block, xs = _load_step(x_ptr, words_ptr + d[0], absmax_ptr + d[1], qabsmax_ptr + d[1],
                                                     b0, lane_b, b_end, k_blocks, word, row_block, pair, m0, M,
-                                                    stride_xm, BLOCK_M, WPB, DOUBLE, XK, True, True)
+                                                    stride_xm, BLOCK_M, WPB, DOUBLE, XK, STAGES > 1, True)
                 sums = _step_sums(words, stat, block, xs, code_ptr + d[4], code2_ptr + d[5], scale2_ptr + d[2],
                                   offset_ptr + d[3], BLOCK_M, WPB, DOUBLE, LUT)
                 new = ()
@@ -320,7 +321,7 @@ if HAS_TRITON:
                     new = new + (accs[i] + sums[i],)  # type: ignore[assignment]
                 accs = new
             _store_rows(accs, out_ptr, bias_ptr, rows, row_live, split, stride_os, m0, M, N, BLOCK_M, HAS_BIAS)
-        else:
+        else:  # PREFETCH by hand (the measured default for several K steps until n17's sweep)
             words_ptr += d[0]
             absmax_ptr += d[1]
             qabsmax_ptr += d[1]
@@ -331,22 +332,15 @@ if HAS_TRITON:
             accs = ()
             for _i in tl.static_range(BLOCK_M):
                 accs = accs + (tl.zeros((KB, BLOCK_N), dtype=tl.float32),)  # type: ignore[assignment]
-            X_AHEAD: tl.constexpr = PREFETCH and BLOCK_M == 1
-            if PREFETCH:
-                words, stat, block, xs = _load_step(x_ptr, words_ptr, absmax_ptr, qabsmax_ptr, b_first, lane_b,
-                                                    b_end, k_blocks, word, row_block, pair, m0, M, stride_xm,
-                                                    BLOCK_M, WPB, DOUBLE, XK, True, X_AHEAD)
+            X_AHEAD: tl.constexpr = BLOCK_M == 1
+            words, stat, block, xs = _load_step(x_ptr, words_ptr, absmax_ptr, qabsmax_ptr, b_first, lane_b, b_end,
+                                                k_blocks, word, row_block, pair, m0, M, stride_xm, BLOCK_M, WPB,
+                                                DOUBLE, XK, True, X_AHEAD)
             for b0 in range(b_first, b_end, KB):
-                if PREFETCH:
-                    words_n, stat_n, block_n, xs_n = _load_step(x_ptr, words_ptr, absmax_ptr, qabsmax_ptr, b0 + KB,
-                                                                lane_b, b_end, k_blocks, word, row_block, pair, m0,
-                                                                M, stride_xm, BLOCK_M, WPB, DOUBLE, XK, True,
-                                                                X_AHEAD)
-                else:
-                    words, stat, block, xs = _load_step(x_ptr, words_ptr, absmax_ptr, qabsmax_ptr, b0, lane_b,
-                                                        b_end, k_blocks, word, row_block, pair, m0, M, stride_xm,
-                                                        BLOCK_M, WPB, DOUBLE, XK, False, True)
-                if PREFETCH and not X_AHEAD:  # (its codes' loads unused: dropped by the compiler)
+                words_n, stat_n, block_n, xs_n = _load_step(x_ptr, words_ptr, absmax_ptr, qabsmax_ptr, b0 + KB,
+                                                            lane_b, b_end, k_blocks, word, row_block, pair, m0, M,
+                                                            stride_xm, BLOCK_M, WPB, DOUBLE, XK, True, X_AHEAD)
+                if not X_AHEAD:  # (its codes' loads unused: dropped by the compiler)
                     _, _, _, xs = _load_step(x_ptr, words_ptr, absmax_ptr, qabsmax_ptr, b0, lane_b, b_end,
                                              k_blocks, word, row_block, pair, m0, M, stride_xm, BLOCK_M, WPB,
                                              DOUBLE, XK, True, True)
@@ -356,8 +350,7 @@ if HAS_TRITON:
                 for i in tl.static_range(BLOCK_M):
                     new = new + (accs[i] + sums[i],)  # type: ignore[assignment]
                 accs = new
-                if PREFETCH:
-                    words, stat, block, xs = words_n, stat_n, block_n, xs_n
+                words, stat, block, xs = words_n, stat_n, block_n, xs_n
             _store_rows(accs, out_ptr, bias_ptr, rows, row_live, split, stride_os, m0, M, N, BLOCK_M, HAS_BIAS)
 
 
