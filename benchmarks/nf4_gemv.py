@@ -114,19 +114,6 @@ def gemv2_candidates(m: int, n: int, k: int) -> list[GemvConfig]:
     if steps > 1:
         configs.append(GemvConfig(kernel="gemv2", block_n=4 if n >= 2048 else 2, block_k=2048, num_warps=1,
                                   split_k=steps))
-    # the loads through Triton's pipeline (cp.async, num_stages deep): the K steps of several-step configs, or
-    # several row tiles a program one after the other where K is one step (64 lanes; for 14,336: one step of
-    # 256 lanes over 8 warps, or 4 one-step splits)
-    for bn, lanes, warps in ((8, 64, 2), (4, 64, 2), (4, 32, 1), (8, 32, 1)):
-        if -(-blocks // lanes) > 1:
-            for stages in (2, 3):
-                configs.append(GemvConfig(kernel="gemv2", block_n=bn, block_k=64 * lanes, num_warps=warps,
-                                          num_stages=stages))
-    one_step = [(64, 2, 1)] if blocks <= 64 else [(256, 8, 1), (64, 2, -(-blocks // 64))]
-    for lanes, warps, split in one_step:
-        for bn, tiles, stages in ((8, 2, 2), (8, 2, 3), (8, 4, 2), (8, 4, 3), (4, 4, 3), (8, 8, 3)):
-            configs.append(GemvConfig(kernel="gemv2", block_n=bn, block_k=64 * lanes, num_warps=warps,
-                                      split_k=split, row_tiles=tiles, num_stages=stages))
     configs.append(GemvConfig(kernel="gemv2", block_n=8, block_k=4096 if blocks <= 64 else 2048,
                               num_warps=2 if blocks <= 64 else 1, lut="plain"))
     return list(dict.fromkeys(configs))  # in order, without repeats
@@ -247,9 +234,8 @@ def _describe(result: dict[str, Any] | None) -> str:
     if not result:
         return "-"
     c = result["config"]
-    tiles = f" t{c['row_tiles']}" if c.get("row_tiles", 1) > 1 else ""
     return (f"{c['kernel']} n{c['block_n']} k{c['block_k']} s{c['split_k']} {c['lut']} w{c['num_warps']}"
-            f" st{c['num_stages']}{tiles}: {result['us']} us")
+            f" st{c['num_stages']}: {result['us']} us")
 
 
 def print_table(rows: list[dict[str, Any]], roofline: float) -> None:
