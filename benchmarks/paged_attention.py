@@ -198,7 +198,7 @@ def fresh_rows(label: str, args: dict, context: int, want: Tensor, moved: float,
     ``sweep``, other forward tiles (``block_m`` queries x ``block_n`` keys, warps, stages)."""
     flat = args["block_tables"].long()
     k, v = (args[c][flat].flatten(1, 2)[:, :context].flatten(0, 1).contiguous() for c in ("key_cache", "value_cache"))
-    base = varlen_default(head_dim=D, dtype=DTYPE, max_seqlen=context)
+    base = varlen_default(head_dim=D, dtype=DTYPE)
     configs = [base] + ([replace(base, block_m=m, block_n=n, num_warps=w, num_stages=st) for m, n, w, st in
                          ((128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3),
                           (64, 128, 4, 2), (128, 64, 4, 3), (64, 64, 4, 4))] if sweep else [])
