@@ -44,8 +44,8 @@
 #   CALL=s16 bash benchmarks/device_plan.sh       # session 16 (~370 s): fresh prompts through the varlen kernel (cuDNN's
 #                                                 # ragged op cannot be captured in torch 2.11), gemv2 the NF4 M=1
 #                                                 # default, the SwiGLU expand's block rule: tests, offline, NF4 batch 1
-#   CALL=n18 bash benchmarks/device_plan.sh       # session 18 (~200 s): NF4 one-row tiles from n17 (tests, the six
-#                                                 # shapes, whole model at batch 1 against bf16)
+#   CALL=n18 bash benchmarks/device_plan.sh       # session 18 (~230 s): NF4 one-row tiles from n17, row tiles with
+#                                                 # an L2 prefetch (tests, the six shapes, whole model at batch 1)
 #   CALL=p17 bash benchmarks/device_plan.sh       # session 17 (~220 s): the offline run against its floor on the
 #                                                 # H200, dense fresh path, 256 x 8,192 and 512 x 16,384
 #   CALL=t17 bash benchmarks/device_plan.sh       # session 17 (~430 s): issue 30 on the H200: C fast, low-memory
@@ -432,8 +432,9 @@ off14)  # session 14 (~230 s): issue 26's adapter target where it is set, the of
   offline_adapters ;;
 next14)  # ml14 then off14 in one call (~430 s: one machine start less)
   planned_shrink; offline_adapters ;;
-n18)  # session 18 (~200 s): NF4 at one row with 8 weight rows a program from 4,096 rows (q/o, the grouped q/k/v;
-  # n17 measured it per kernel), the GPU tests, the six shapes, then the whole model at batch 1 against bf16
+n18)  # session 18 (~230 s): NF4 at one row: 8 weight rows a program from 4,096 rows (q/o, the grouped q/k/v; n17
+  # measured it per kernel) and row tiles with the next tile's codes asked of L2 (a candidate, untimed): the GPU
+  # tests, the six shapes' sweep, then the whole model at batch 1 against bf16, default vs 2 and 4 tiles a program
   timeout -s KILL 90 python3 -m pytest -o addopts= -q -n 8 -p no:cacheprovider -p no:warnings -rfE --tb=short \
     tests/kernels/test_nf4_gemv.py \
     "tests/fused/test_projections.py::test_sibling_nf4_projections_run_as_one_launch_with_the_one_by_one_logits" \
@@ -442,8 +443,8 @@ n18)  # session 18 (~200 s): NF4 at one row with 8 weight rows a program from 4,
   echo "tests (rc $?):"; grep -E "(FAILED|ERROR) " "$OUT/tests-n18.txt" | head -20; tail -1 "$OUT/tests-n18.txt"
   timeout 60 python3 benchmarks/nf4_gemv.py --rows 1 --kernels gemv2 --shapes q/o,k/v,gate/up,down,qkv,gate+up \
     --budget 40 --json "$OUT/nf4_gemv2.json" 2>&1 | tee "$OUT/nf4_gemv2.txt" | tail -8
-  timeout 60 python3 benchmarks/serve.py --parts bandwidth,nf4 --nf4-batches 1 --json "$OUT/serve-nf4.json" \
-    --limit-nf4 40 2>&1 | grep -v "attention mask" | tee "$OUT/serve-nf4.txt" | tail -6 ;;
+  timeout 80 python3 benchmarks/serve.py --parts bandwidth,nf4 --nf4-batches 1 --nf4-gemv2 default,tiles2,tiles4 \
+    --json "$OUT/serve-nf4.json" --limit-nf4 60 2>&1 | grep -v "attention mask" | tee "$OUT/serve-nf4.txt" | tail -8 ;;
 p17)  # session 17 (~220 s): the offline run step by step on the H200 against its floor (off11/kv11 were an H100's),
   # the dense fresh path at 256 sequences x 8,192 tokens a step and at 512 x 16,384 (K/V capped at 60% of the card's memory)
   kv=$(python3 -c "import torch; print(int(torch.cuda.get_device_properties(0).total_memory / 2**30 * 0.6))")
