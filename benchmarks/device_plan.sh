@@ -44,6 +44,7 @@
 #   CALL=s16 bash benchmarks/device_plan.sh       # session 16 (~370 s): fresh prompts through the varlen kernel (cuDNN's
 #                                                 # ragged op cannot be captured in torch 2.11), gemv2 the NF4 M=1
 #                                                 # default, the SwiGLU expand's block rule: tests, offline, NF4 batch 1
+#   CALL=g18 bash benchmarks/device_plan.sh       # session 18 (~130 s): the bf16 decode GEMM's tiles on the H200
 #   CALL=n18 bash benchmarks/device_plan.sh       # session 18 (~230 s): NF4 one-row tiles from n17, row tiles with
 #                                                 # an L2 prefetch (tests, the six shapes, whole model at batch 1)
 #   CALL=p17 bash benchmarks/device_plan.sh       # session 17 (~220 s): the offline run against its floor on the
@@ -432,6 +433,11 @@ off14)  # session 14 (~230 s): issue 26's adapter target where it is set, the of
   offline_adapters ;;
 next14)  # ml14 then off14 in one call (~430 s: one machine start less)
   planned_shrink; offline_adapters ;;
+g18)  # session 18 (~130 s): the bf16 few-row decode GEMM's tiles on the H200 (batch 1 ran at 0.77 of the roofline
+  # there, 0.86 on the H100; cuBLAS's q/k/v and o at 2.7-3.0 of the 4.26 TB/s), then batch-1 decode
+  timeout 80 python3 benchmarks/decode_gemm.py --gemv --rows 1,16 --json "$OUT/gemv.json" 2>&1 | tail -24
+  timeout 45 python3 benchmarks/serve.py --parts bandwidth,decode --decode-batches 1,32 --decode-contexts 16 \
+    --json "$OUT/serve-decode.json" --limit-decode 35 2>&1 | grep -v "attention mask" | tail -8 ;;
 n18)  # session 18 (~230 s): NF4 at one row: 8 weight rows a program from 4,096 rows (q/o, the grouped q/k/v; n17
   # measured it per kernel) and row tiles with the next tile's codes asked of L2 (a candidate, untimed): the GPU
   # tests, the six shapes' sweep, then the whole model at batch 1 against bf16, default vs 2 and 4 tiles a program
