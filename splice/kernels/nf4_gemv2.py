@@ -319,9 +319,9 @@ if HAS_TRITON:
                                                      D_CODE2_1, D_CODE2_2, BLOCK_N, GROUPED)
                 word, row_block = _codes_at(rows_c, lane_b, K_WORDS, k_blocks, WPB)
                 if LUT == 2:  # on a GPU (the interpreter runs no PTX); a hint, so clamped rows past N are harmless
-                    _next_rows, _next_live, next_c, dn = _tile_at(tile + t + 1, N, END0, END1, D_WORDS1, D_WORDS2, D_STAT1, D_STAT2,
-                                                D_SCALE1, D_SCALE2, D_OFFSET1, D_OFFSET2, D_LUT1, D_LUT2,
-                                                D_CODE2_1, D_CODE2_2, BLOCK_N, GROUPED)
+                    _next_rows, _next_live, next_c, dn = _tile_at(
+                        tile + t + 1, N, END0, END1, D_WORDS1, D_WORDS2, D_STAT1, D_STAT2, D_SCALE1, D_SCALE2,
+                        D_OFFSET1, D_OFFSET2, D_LUT1, D_LUT2, D_CODE2_1, D_CODE2_2, BLOCK_N, GROUPED)
                     _prefetch_tile(next_c, lane_b, b_first, k_blocks, K_WORDS, words_ptr + dn[0],
                                    (qabsmax_ptr if DOUBLE else absmax_ptr) + dn[1], WPB, DOUBLE)
                 words, stat, block, _no_x = _load_step(x_ptr, words_ptr + d[0], absmax_ptr + d[1],
