@@ -222,7 +222,8 @@ if HAS_TRITON:
                       tl.where(third, D_OFFSET2, tl.where(second, D_OFFSET1, 0)),
                       tl.where(third, D_LUT2, tl.where(second, D_LUT1, 0)),
                       tl.where(third, D_CODE2_2, tl.where(second, D_CODE2_1, 0)))
-            return rows, rows < stop, tl.minimum(rows - start, stop - start - 1), deltas
+            # (clamped at 0 too: a last program's tiles past N, where no third weight exists, have stop == start)
+            return rows, rows < stop, tl.maximum(tl.minimum(rows - start, stop - start - 1), 0), deltas
         else:
             zero = tile * 0
             return rows, rows < N, tl.minimum(rows, N - 1), (zero, zero, zero, zero, zero, zero)
