@@ -395,9 +395,9 @@ def _checked(config: GemvConfig, *, n: int, k: int, block_size: int) -> GemvConf
                          f"'plain', split_k >= 1 and block_k a multiple of the block size {block_size}")
     if config.kernel == "gemv2":
         steps = config.block_k // block_size
-        if config.lut == "ldg" or steps & (steps - 1):
-            raise ValueError(f"nf4_linear: {config}: gemv2 takes lut 'shfl' or 'plain' and block_k / block size "
-                             "a power of two")
+        if config.lut == "ldg" or steps & (steps - 1) or config.num_stages != 1:
+            raise ValueError(f"nf4_linear: {config}: gemv2 takes lut 'shfl' or 'plain', block_k / block size "
+                             "a power of two and num_stages 1 (its loads are not pipelined)")
         if not gemv2_supports(n=n, k=k, block_size=block_size):
             raise ValueError(f"nf4_linear: {config}: gemv2 takes blocks of 32 or 64 values and under 2**31 packed "
                              f"words; this {n}x{k} weight has blocks of {block_size}: use kernel 'gemv'")

@@ -217,7 +217,8 @@ def test_bad_statistics_and_configs_are_named() -> None:
                                                                                block_k=64, lut="smem"),
                        **_stats(t))  # type: ignore[arg-type]
         for bad in (GemvConfig(kernel="gemv2", block_n=8, block_k=64, lut="ldg"),
-                    GemvConfig(kernel="gemv2", block_n=8, block_k=192)):
+                    GemvConfig(kernel="gemv2", block_n=8, block_k=192),
+                    GemvConfig(kernel="gemv2", block_n=8, block_k=64, num_stages=2)):
             with pytest.raises(ValueError, match="gemv2 takes lut 'shfl' or 'plain'"):
                 nf4_linear(torch.randn(1, 256), t.packed, t.code, config=bad, **{**_stats(t), "shape": (2, 256)})  # type: ignore[arg-type]
         for bad in (replace(GEMV2_W, block_k=128, row_tiles=2), replace(GEMV, row_tiles=2)):  # 2 steps; not gemv2
