@@ -44,6 +44,8 @@
 #   CALL=s16 bash benchmarks/device_plan.sh       # session 16 (~370 s): fresh prompts through the varlen kernel (cuDNN's
 #                                                 # ragged op cannot be captured in torch 2.11), gemv2 the NF4 M=1
 #                                                 # default, the SwiGLU expand's block rule: tests, offline, NF4 batch 1
+#   CALL=ml19 bash benchmarks/device_plan.sh      # session 19 (~330 s): the multi-LoRA expands' column loop: tests,
+#                                                 #   lora_swiglu.py with and without it, offline with 0 / 8 / 64 adapters
 #   CALL=g18 bash benchmarks/device_plan.sh       # session 18 (~130 s): the bf16 decode GEMM's tiles on the H200
 #   CALL=n18 bash benchmarks/device_plan.sh       # session 18 (~230 s): NF4 one-row tiles from n17, row tiles with
 #                                                 # an L2 prefetch (tests, the six shapes, whole model at batch 1)
@@ -433,6 +435,13 @@ off14)  # session 14 (~230 s): issue 26's adapter target where it is set, the of
   offline_adapters ;;
 next14)  # ml14 then off14 in one call (~430 s: one machine start less)
   planned_shrink; offline_adapters ;;
+ml19)  # session 19 (~330 s): the multi-LoRA expands sum a tile's partial shrink outputs once for a run of column
+  # blocks (Tiles.column_loop): their GPU tests, the fused gate/up expand + SwiGLU against one block a program, then
+  # the offline run with 0 / 8 / 64 adapters (session 19 on the H100 before it: 0.84x / 0.79x)
+  gpu_tests ml19 120 tests/kernels/test_multi_lora.py tests/kernels/test_lora_swiglu.py tests/lora/test_bank.py \
+    tests/engine/test_gpu_paths_engine.py
+  timeout 60 python3 benchmarks/lora_swiglu.py --json "$OUT/lora_swiglu.json" 2>&1 | tee "$OUT/lora_swiglu.txt" | tail -6
+  OFF_S=${OFF_S:-190} offline_adapters ;;
 g18)  # session 18 (~130 s): the bf16 few-row decode GEMM's tiles on the H200 (batch 1 ran at 0.77 of the roofline
   # there, 0.86 on the H100; cuBLAS's q/k/v and o at 2.7-3.0 of the 4.26 TB/s), then batch-1 decode
   timeout 80 python3 benchmarks/decode_gemm.py --gemv --rows 1,16 --json "$OUT/gemv.json" 2>&1 | tail -24
