@@ -438,8 +438,8 @@ next14)  # ml14 then off14 in one call (~430 s: one machine start less)
 ml19)  # session 19 (~330 s): the multi-LoRA expands sum a tile's partial shrink outputs once for a run of column
   # blocks (Tiles.column_loop): their GPU tests, the fused gate/up expand + SwiGLU against one block a program, then
   # the offline run with 0 / 8 / 64 adapters (session 19 on the H100 before it: 0.84x / 0.79x)
-  gpu_tests ml19 120 tests/kernels/test_multi_lora.py tests/kernels/test_lora_swiglu.py tests/lora/test_bank.py \
-    tests/engine/test_gpu_paths_engine.py
+  gpu_tests ml19 ${TEST_S:-150} tests/kernels/test_multi_lora.py tests/kernels/test_lora_swiglu.py tests/lora/test_bank.py \
+    tests/engine/test_gpu_paths_engine.py tests/kernels/test_nf4_gemv.py
   timeout 60 python3 benchmarks/lora_swiglu.py --json "$OUT/lora_swiglu.json" 2>&1 | tee "$OUT/lora_swiglu.txt" | tail -6
   OFF_S=${OFF_S:-190} offline_adapters ;;
 g18)  # session 18 (~130 s): the bf16 few-row decode GEMM's tiles on the H200 (batch 1 ran at 0.77 of the roofline
@@ -447,7 +447,7 @@ g18)  # session 18 (~130 s): the bf16 few-row decode GEMM's tiles on the H200 (b
   timeout 80 python3 benchmarks/decode_gemm.py --gemv --rows 1,16 --json "$OUT/gemv.json" 2>&1 | tail -24
   timeout 45 python3 benchmarks/serve.py --parts bandwidth,decode --decode-batches 1,32 --decode-contexts 16 \
     --json "$OUT/serve-decode.json" --limit-decode 35 2>&1 | grep -v "attention mask" | tail -8 ;;
-n18)  # session 18 (~230 s): NF4 at one row: 8 weight rows a program from 4,096 rows (q/o, the grouped q/k/v; n17
+n18)  # (ran in session 19 on an H100; the row tiles and serve.py's --nf4-gemv2 are gone since) session 18 (~230 s): NF4 at one row: 8 weight rows a program from 4,096 rows (q/o, the grouped q/k/v; n17
   # measured it per kernel) and row tiles with the next tile's codes asked of L2 (a candidate, untimed): the GPU
   # tests, the six shapes' sweep, then the whole model at batch 1 against bf16, default vs 2 and 4 tiles a program
   timeout -s KILL 90 python3 -m pytest -o addopts= -q -n 8 -p no:cacheprovider -p no:warnings -rfE --tb=short \

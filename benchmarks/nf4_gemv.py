@@ -114,12 +114,6 @@ def gemv2_candidates(m: int, n: int, k: int) -> list[GemvConfig]:
     if steps > 1:
         configs.append(GemvConfig(kernel="gemv2", block_n=4 if n >= 2048 else 2, block_k=2048, num_warps=1,
                                   split_k=steps))
-    # several row tiles a program where K is one step a split, the next tile's codes asked of L2 during each
-    # (64 lanes; for 14,336, one-step splits)
-    split = -(-blocks // 64)
-    for bn, tiles in ((8, 2), (8, 4), (8, 8), (4, 4), (4, 8)):
-        configs.append(GemvConfig(kernel="gemv2", block_n=bn, block_k=4096, num_warps=2, split_k=split,
-                                  row_tiles=tiles))
     configs.append(GemvConfig(kernel="gemv2", block_n=8, block_k=4096 if blocks <= 64 else 2048,
                               num_warps=2 if blocks <= 64 else 1, lut="plain"))
     return list(dict.fromkeys(configs))  # in order, without repeats
@@ -240,9 +234,8 @@ def _describe(result: dict[str, Any] | None) -> str:
     if not result:
         return "-"
     c = result["config"]
-    tiles = f" t{c['row_tiles']}" if c.get("row_tiles", 1) > 1 else ""
     return (f"{c['kernel']} n{c['block_n']} k{c['block_k']} s{c['split_k']} {c['lut']} w{c['num_warps']}"
-            f" st{c['num_stages']}{tiles}: {result['us']} us")
+            f" st{c['num_stages']}: {result['us']} us")
 
 
 def print_table(rows: list[dict[str, Any]], roofline: float) -> None:

@@ -38,9 +38,7 @@ its own time limit (``--limit-PART`` seconds: a part that runs out keeps the row
   counts as complete). ``--http-api-key KEY`` serves behind a key (the client sends it);
   ``--http-scrape-s S`` has the client scrape ``/metrics`` every S seconds under load, as Prometheus would.
 - ``nf4``: the engine at ``--nf4-batches`` (short context) in bf16, then the same after
-  :func:`splice.quant.linear.quantize_nf4` (in place: this part runs last); ``--nf4-gemv2 default,tiles4``
-  adds rows with :func:`splice.kernels.nf4_gemv.gemv2_config`'s ``row_tiles=4`` (``tilesN``: N; an A/B in one
-  run: the engine's calls take the patched rule for that row only).
+  :func:`splice.quant.linear.quantize_nf4` (in place: this part runs last).
 
 ``--tiny`` runs a 2-layer toy on the CPU with small sizes (a smoke test of the harness; its
 figures mean nothing). ``benchmarks/serve_device.sh`` is the device run.
@@ -50,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import gc
 import json
 import math
@@ -86,7 +83,7 @@ FULL: dict[str, Any] = dict(
     http_json_fraction=0.0, http_api_key="", http_scrape_s=0.0,
     hf_batches="1,32", hf_contexts="16,1024", hf_steps=16, hf_cache="static",
     peft_adapters=8, peft_batch=32, peft_context=16, peft_steps=8,
-    nf4_batches="1,32", nf4_context=16, nf4_gemv2="default",
+    nf4_batches="1,32", nf4_context=16,
     limit_bandwidth=10, limit_hf=45, limit_peft=35, limit_decode=110, limit_offline=120, limit_http=90,
     limit_nf4=45,
 )
@@ -866,7 +863,6 @@ def part_peft(bench: Bench, deadline: Deadline, record: dict[str, Any]) -> None:
 # ---- NF4 ----------------------------------------------------------------------------------------
 def part_nf4(bench: Bench, deadline: Deadline, record: dict[str, Any]) -> None:
     """bf16 rows, then the base quantized to NF4 in place (this part runs last) and the same rows."""
-    from splice.kernels import nf4_gemv
     from splice.quant.linear import quantize_nf4
 
     args = bench.args
@@ -876,18 +872,10 @@ def part_nf4(bench: Bench, deadline: Deadline, record: dict[str, Any]) -> None:
     with torch.no_grad():
         quantize_nf4(bench.model)
     free_memory()
-    for variant in args.nf4_gemv2.split(","):  # "tilesN": gemv2_config(row_tiles=N) in every engine call of that row
-        original = nf4_gemv.gemv2_config
-        if variant != "default":
-            nf4_gemv.gemv2_config = functools.partial(original, row_tiles=int(variant[5:]))  # type: ignore[assignment]
-        try:
-            decode_rows(bench, deadline, record, context=args.nf4_context, batches=batches,
-                        label="nf4" if variant == "default" else f"nf4 {variant}")
-        finally:
-            nf4_gemv.gemv2_config = original  # type: ignore[assignment]
+    decode_rows(bench, deadline, record, context=args.nf4_context, batches=batches, label="nf4")
     bf16 = {r["batch"]: r for r in record["rows"] if r["label"] == "bf16" and "tok_s" in r}
     for row in record["rows"]:
-        if row["label"].startswith("nf4") and "tok_s" in row and row["batch"] in bf16:
+        if row["label"] == "nf4" and "tok_s" in row and row["batch"] in bf16:
             row["vs_bf16"] = row["tok_s"] / bf16[row["batch"]]["tok_s"]
 
 
@@ -992,9 +980,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     unknown = set(args.parts.split(",")) - set(PARTS)
     if unknown:
         parser.error(f"--parts: unknown {sorted(unknown)}; choose from {', '.join(PARTS)}")
-    if any(v != "default" and not (v.startswith("tiles") and v[5:].isdigit() and int(v[5:]) >= 1)
-           for v in args.nf4_gemv2.split(",")):
-        parser.error(f"--nf4-gemv2 {args.nf4_gemv2!r}: give default and/or tilesN (N row tiles a program, N >= 1)")
     return args
 
 

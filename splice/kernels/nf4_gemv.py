@@ -92,8 +92,7 @@ class GemvConfig:
     run ``"gemv"``); ``block_n`` weight rows per program; ``block_k`` weight columns per K step (a
     multiple of the block size); ``split_k`` K ranges summed afterwards (1: none); ``lut``: the level
     lookup, ``"shfl"``, ``"ldg"`` or ``"plain"`` (module doc; Triton's interpreter always runs
-    ``"plain"``); ``num_warps`` / ``num_stages``: Triton's; ``row_tiles``: gemv2's row tiles a program, one after
-    the other (> 1 needs one K step a split; :mod:`splice.kernels.nf4_gemv2`)."""
+    ``"plain"``); ``num_warps`` / ``num_stages``: Triton's."""
 
     kernel: str
     block_n: int
@@ -102,7 +101,6 @@ class GemvConfig:
     lut: str = "shfl"
     num_warps: int = 4
     num_stages: int = 1
-    row_tiles: int = 1
 
 
 def _pow2(n: int) -> int:
@@ -145,17 +143,14 @@ def default_config(m: int, n: int, k: int, *, block_size: int, sms: int) -> Gemv
                       num_stages=2 if large and m >= 8 else 1, split_k=k_splits(programs, k // block_size, sms=sms))
 
 
-def gemv2_config(m: int, n: int, k: int, *, block_size: int, row_tiles: int = 1) -> GemvConfig:
+def gemv2_config(m: int, n: int, k: int, *, block_size: int) -> GemvConfig:
     """The gemv2 kernel's tiles for ``(M <= 4, N, K)``, as ``benchmarks/nf4_gemv.py``'s sweep found best (H200,
     2026-12-06 and 2026-12-07): one block a lane over 2 warps (64 lanes: K of 4,096 in one step of 64-value blocks,
     14,336 in four), 8 weight rows a program for large products (``M x N x K`` of at least 2^25: gate/up, down,
     q/o at M = 4) and for weights of 4,096 rows or more (at M = 1: q/o 8.05 against 8.37 us with 4 rows, the
-    grouped q/k/v 10.3 against 11.5), else 4; no K split (the measured tiles needed no rule for the grid's size).
-    ``row_tiles`` (a candidate for the benchmarks, not yet timed): that many row tiles a program where K is one
-    step (module doc of :mod:`splice.kernels.nf4_gemv2`)."""
+    grouped q/k/v 10.3 against 11.5), else 4; no K split (the measured tiles needed no rule for the grid's size)."""
     block_n, block_k = 8 if m * n * k >= 2**25 or n >= 4096 else 4, block_size * 64
-    return GemvConfig(kernel="gemv2", block_n=block_n, block_k=block_k, lut="shfl", num_warps=2,
-                      row_tiles=row_tiles if k <= block_k else 1)
+    return GemvConfig(kernel="gemv2", block_n=block_n, block_k=block_k, lut="shfl", num_warps=2)
 
 
 def gemv_applies(x: Tensor, *, shape: tuple[int, int], block_size: int) -> bool:
@@ -368,8 +363,7 @@ def _launch(x2: Tensor, words: Tensor, code: Tensor, stats: tuple[Tensor, ...], 
     lut = _lut(config.lut, code)
     if config.kernel == "gemv2":
         launch_gemv2(x2, words, code, stats, bias, out, n=n, k=k, k_split=k_split, block_size=block_size,
-                     block_n=config.block_n, block_k=config.block_k, lut=lut, num_warps=config.num_warps,
-                     row_tiles=config.row_tiles)
+                     block_n=config.block_n, block_k=config.block_k, lut=lut, num_warps=config.num_warps)
         return
     m, nb = x2.shape[0], config.block_k // block_size
     common = dict(WPB=block_size // 8, NB=nb, BLOCK_N=config.block_n, DOUBLE=stats[0] is code,  # absmax unused
@@ -401,10 +395,6 @@ def _checked(config: GemvConfig, *, n: int, k: int, block_size: int) -> GemvConf
         if not gemv2_supports(n=n, k=k, block_size=block_size):
             raise ValueError(f"nf4_linear: {config}: gemv2 takes blocks of 32 or 64 values and under 2**31 packed "
                              f"words; this {n}x{k} weight has blocks of {block_size}: use kernel 'gemv'")
-    if config.row_tiles != 1 and (config.kernel != "gemv2" or config.row_tiles < 1
-                                  or -(-k // config.block_k) > config.split_k):
-        raise ValueError(f"nf4_linear: {config}: row_tiles > 1 is gemv2's, with one K step a split "
-                         f"(block_k x split_k >= K = {k})")
     if config.kernel == "dot":
         config = replace(config, block_n=max(16, config.block_n), block_k=max(16, config.block_k))
     return config
@@ -493,5 +483,5 @@ def nf4_linear_group(x: Tensor, weights: Sequence[NF4Parts], *, config: GemvConf
     launch_gemv2(as_rows(x), first.packed.view(torch.int32), first.code, stats, None, out, n=n, k=k,
                  k_split=-(-k // config.block_k) * config.block_k, block_size=block_size, block_n=config.block_n,
                  block_k=config.block_k, lut=_lut(config.lut, first.code), num_warps=config.num_warps,
-                 group=group, row_tiles=config.row_tiles)  # type: ignore[arg-type]
+                 group=group)  # type: ignore[arg-type]
     return out.view(*x.shape[:-1], n)

@@ -28,11 +28,10 @@ instructions in the loop, 1.8 of them on the shared-memory / shuffle / load pipe
   codes arrive while other programs compute. Where K is one step (4,096), a program loads, waits, then
   computes, nearly in step with its wave. Handing the loads to Triton's pipeliner (cp.async into shared
   memory, 2-3 stages) ran 2-4x slower on an H200 at every Llama-3-8B shape (2026-12-07,
-  ``benchmarks/results/h200-2026-12-07-s18/n17``) and was removed;
-* ``row_tiles`` > 1 (one K step a split; a candidate, not yet timed): a program takes several row tiles one
-  after the other, x read once, and asks L2 for the next tile's codes and absmax codes (``prefetch.global.L2``:
-  no registers, no shared memory, nothing ptxas can sink into the arithmetic's registers) before this tile's
-  loads, so the next tile streams from HBM while this one computes.
+  ``benchmarks/results/h200-2026-12-07-s18/n17``) and was removed. So were row tiles a program, one after
+  the other, with the next tile's codes asked of L2 (``prefetch.global.L2``) before this tile's loads: on an
+  H100 the whole model at batch 1 ran at 1.47x / 1.33x bf16 with 2 / 4 tiles against 1.61x without
+  (2026-12-07, ``benchmarks/results/h100-2026-12-07-s19/n18g18``).
 
 sm_90 SASS (ptxas of Triton 3.6, compiled offline), instructions a weight in the loop, M = 1:
 ``BLOCK_N`` 8 / 4 / 2: 3.5 / 3.7 / 4.2-4.5, of which 1.1 are shuffles and loads (the shuffle pipe,
@@ -183,27 +182,6 @@ if HAS_TRITON:
             xs = xs + (row,)  # type: ignore[assignment]
         return words, stat, block, xs
 
-    # a 128-byte line into L2 where the flag is set: a hint with no registers to hold, and no result
-    _L2_ASM = tl.constexpr("{ .reg .pred p; setp.ne.s32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }")
-
-    @triton.jit
-    def _prefetch_tile(rows_c, lane_b, b0, k_blocks, K_WORDS, words_ptr, stat_ptr, WPB: tl.constexpr,
-                       DOUBLE: tl.constexpr):
-        # asks L2 for the step's codes from block b0 of rows rows_c: one prefetch per 128-byte line of codes
-        # (the lanes at a line's start), one per line of the blocks' stored statistics (uint8 codes of the
-        # absmax, or fp32)
-        kb = tl.minimum(b0 + lane_b, k_blocks - 1)
-        words_at = words_ptr + (rows_c[None, :] * K_WORDS + WPB * kb[:, None])  # (KB, BLOCK_N)
-        line = (lane_b * WPB * 4) % 128 == 0
-        flag = tl.broadcast_to(line[:, None], words_at.shape).to(tl.int32)
-        tl.inline_asm_elementwise(_L2_ASM, "=r,l,r", [words_at.to(tl.int64), flag], dtype=tl.int32, is_pure=False,
-                                  pack=1)
-        stat_at = stat_ptr + (rows_c[None, :] * k_blocks + kb[:, None])
-        stat_line = (lane_b * (1 if DOUBLE else 4)) % 128 == 0
-        stat_flag = tl.broadcast_to(stat_line[:, None], stat_at.shape).to(tl.int32)
-        tl.inline_asm_elementwise(_L2_ASM, "=r,l,r", [stat_at.to(tl.int64), stat_flag], dtype=tl.int32,
-                                  is_pure=False, pack=1)
-
     @triton.jit
     def _tile_at(tile, N, END0, END1, D_WORDS1, D_WORDS2, D_STAT1, D_STAT2, D_SCALE1, D_SCALE2, D_OFFSET1,
                  D_OFFSET2, D_LUT1, D_LUT2, D_CODE2_1, D_CODE2_2, BLOCK_N: tl.constexpr, GROUPED: tl.constexpr):
@@ -289,15 +267,13 @@ if HAS_TRITON:
                           D_OFFSET2, D_LUT1, D_LUT2, D_CODE2_1, D_CODE2_2,
                           BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, KB: tl.constexpr, WPB: tl.constexpr,
                           DOUBLE: tl.constexpr, HAS_BIAS: tl.constexpr, LUT: tl.constexpr, XK: tl.constexpr,
-                          PREFETCH: tl.constexpr, GROUPED: tl.constexpr, TILES: tl.constexpr):
-        # program (TILES row tiles, BLOCK_M rows of x, K split): out[split, ms, rows] over the split's blocks, KB
-        # blocks a step, a thread whole blocks (WPB words) of BLOCK_N rows. TILES > 1 (one step a split): the
-        # program's tiles one after the other, x read once, the next tile's codes asked of L2 before this tile's
-        # loads (module doc). PREFETCH (several steps a split): the next step's loads written before this step's
-        # arithmetic (ptxas moves them after it: sm_90 SASS), x's too for one row of x. GROUPED: the rows are up
-        # to three weights' back to back (rows END0 and END1 start the second and third; a tile lies within one):
-        # a tile's weight is the first's pointers moved by its D_* (element deltas to the second's / third's
-        # tensors)
+                          PREFETCH: tl.constexpr, GROUPED: tl.constexpr):
+        # program (row tile, BLOCK_M rows of x, K split): out[split, ms, rows] over the split's blocks, KB blocks
+        # a step, a thread whole blocks (WPB words) of BLOCK_N rows. PREFETCH (several steps a split): the next
+        # step's loads written before this step's arithmetic (ptxas moves them after it: sm_90 SASS), x's too for
+        # one row of x. GROUPED: the rows are up to three weights' back to back (rows END0 and END1 start the
+        # second and third; a tile lies within one): a tile's weight is the first's pointers moved by its D_*
+        # (element deltas to the second's / third's tensors)
         split = tl.program_id(2)
         m0 = tl.program_id(1) * BLOCK_M
         k_blocks = K_WORDS // WPB
@@ -306,33 +282,11 @@ if HAS_TRITON:
         lane_b = tl.arange(0, KB)
         pair = (WPB * 4 * lane_b[:, None, None, None] + 4 * tl.arange(0, WPB)[None, None, :, None]
                 + tl.arange(0, 4)[None, None, None, :])  # (KB, 1, WPB, 4)
-        tile = tl.program_id(0) * TILES
-        rows, row_live, rows_c, d = _tile_at(tile, N, END0, END1, D_WORDS1, D_WORDS2, D_STAT1, D_STAT2, D_SCALE1,
-                                             D_SCALE2, D_OFFSET1, D_OFFSET2, D_LUT1, D_LUT2, D_CODE2_1, D_CODE2_2,
-                                             BLOCK_N, GROUPED)
+        rows, row_live, rows_c, d = _tile_at(tl.program_id(0), N, END0, END1, D_WORDS1, D_WORDS2, D_STAT1, D_STAT2,
+                                             D_SCALE1, D_SCALE2, D_OFFSET1, D_OFFSET2, D_LUT1, D_LUT2, D_CODE2_1,
+                                             D_CODE2_2, BLOCK_N, GROUPED)
         word, row_block = _codes_at(rows_c, lane_b, K_WORDS, k_blocks, WPB)
-        if TILES > 1:  # x's columns once; the next tile's codes asked of L2 during this one
-            _, _, _, xs = _load_step(x_ptr, words_ptr, absmax_ptr, qabsmax_ptr, b_first, lane_b, b_end, k_blocks,
-                                     word, row_block, pair, m0, M, stride_xm, BLOCK_M, WPB, DOUBLE, XK, False, True)
-            for t in range(0, TILES):
-                rows, row_live, rows_c, d = _tile_at(tile + t, N, END0, END1, D_WORDS1, D_WORDS2, D_STAT1, D_STAT2,
-                                                     D_SCALE1, D_SCALE2, D_OFFSET1, D_OFFSET2, D_LUT1, D_LUT2,
-                                                     D_CODE2_1, D_CODE2_2, BLOCK_N, GROUPED)
-                word, row_block = _codes_at(rows_c, lane_b, K_WORDS, k_blocks, WPB)
-                if LUT == 2:  # on a GPU (the interpreter runs no PTX); a hint, so clamped rows past N are harmless
-                    _next_rows, _next_live, next_c, dn = _tile_at(
-                        tile + t + 1, N, END0, END1, D_WORDS1, D_WORDS2, D_STAT1, D_STAT2, D_SCALE1, D_SCALE2,
-                        D_OFFSET1, D_OFFSET2, D_LUT1, D_LUT2, D_CODE2_1, D_CODE2_2, BLOCK_N, GROUPED)
-                    _prefetch_tile(next_c, lane_b, b_first, k_blocks, K_WORDS, words_ptr + dn[0],
-                                   (qabsmax_ptr if DOUBLE else absmax_ptr) + dn[1], WPB, DOUBLE)
-                words, stat, block, _no_x = _load_step(x_ptr, words_ptr + d[0], absmax_ptr + d[1],
-                                                       qabsmax_ptr + d[1], b_first, lane_b, b_end, k_blocks, word,
-                                                       row_block, pair, m0, M, stride_xm, BLOCK_M, WPB, DOUBLE, XK,
-                                                       False, False)
-                sums = _step_sums(words, stat, block, xs, code_ptr + d[4], code2_ptr + d[5], scale2_ptr + d[2],
-                                  offset_ptr + d[3], BLOCK_M, WPB, DOUBLE, LUT)
-                _store_rows(sums, out_ptr, bias_ptr, rows, row_live, split, stride_os, m0, M, N, BLOCK_M, HAS_BIAS)
-        elif not PREFETCH:  # one step a split: plain loads, clamped past the split (no mask)
+        if not PREFETCH:  # one step a split: plain loads, clamped past the split (no mask)
             accs = ()
             for _i in tl.static_range(BLOCK_M):
                 accs = accs + (tl.zeros((KB, BLOCK_N), dtype=tl.float32),)  # type: ignore[assignment]
@@ -388,7 +342,7 @@ def gemv2_supports(*, n: int, k: int, block_size: int) -> bool:
 
 def launch_gemv2(x2: Tensor, words: Tensor, code: Tensor, stats: tuple[Tensor, ...], bias: Tensor | None,
                  out: Tensor, *, n: int, k: int, k_split: int, block_size: int, block_n: int, block_k: int,
-                 lut: int, num_warps: int, group: Sequence[Sequence[int]] = (), row_tiles: int = 1) -> None:
+                 lut: int, num_warps: int, group: Sequence[Sequence[int]] = ()) -> None:
     """One launch writing ``out`` ``(splits, M, N)`` (module doc) for ``x2`` ``(M, K)`` (rows contiguous) and the
     packed codes as int32 ``words``. ``stats``: the (absmax, qabsmax, scale2, offset, code2) pointers, ``code``
     standing in for the unused ones (double quantization when absmax is ``code``); ``k_split`` columns a K
@@ -397,18 +351,13 @@ def launch_gemv2(x2: Tensor, words: Tensor, code: Tensor, stats: tuple[Tensor, .
     (nf4_gemv's ``_lut``: plain in the interpreter; 1, ``ldg``, is refused before). Up to 4 rows of x share a
     program's decoded levels. ``group``: for a launch over 2-3 sibling weights (``n`` rows in all, the first
     weight's tensors passed), per further weight its first row (a multiple of ``block_n``) and its tensors'
-    element offsets from the first's: (row, words, absmax or qabsmax, scale2, offset, code, code2).
-    ``row_tiles``: row tiles a program, one after the other (> 1 only where ``k_split <= block_k``: one step a
-    split; the next tile's codes asked of L2 during each one)."""
-    if row_tiles > 1 and k_split > block_k:
-        raise ValueError(f"launch_gemv2: row_tiles={row_tiles} takes one K step a split, got {k_split} columns a "
-                         f"split in steps of {block_k}")
+    element offsets from the first's: (row, words, absmax or qabsmax, scale2, offset, code, code2)."""
     m = x2.shape[0]
     block_m = min(4, 1 << max(0, m - 1).bit_length())
     absmax, qabsmax, scale2, offset, code2 = stats
     # bf16 pairs as int32 need 4-byte aligned rows: torch's allocations and even row strides are
     bf16_pairs = x2.dtype == torch.bfloat16 and x2.data_ptr() % 4 == 0 and x2.stride(0) % 2 == 0
-    grid = (triton.cdiv(triton.cdiv(n, block_n), row_tiles), triton.cdiv(m, block_m), out.shape[0])
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), out.shape[0])
     padded = [*group, *[(n, 0, 0, 0, 0, 0, 0)] * (2 - len(group))]  # (an absent third weight starts at n)
     second, third = padded
     # END0, END1, then each tensor's deltas for the second and third weights, in the kernel's order
@@ -418,5 +367,5 @@ def launch_gemv2(x2: Tensor, words: Tensor, code: Tensor, stats: tuple[Tensor, .
         m, n, k // 8, k_split // block_size, x2.stride(0), out.stride(0), *members,
         BLOCK_N=block_n, BLOCK_M=block_m, KB=block_k // block_size, WPB=block_size // 8,
         DOUBLE=absmax is code, HAS_BIAS=bias is not None, LUT=lut,
-        XK=1 if bf16_pairs else 0, PREFETCH=k_split > block_k, GROUPED=bool(group), TILES=row_tiles,
+        XK=1 if bf16_pairs else 0, PREFETCH=k_split > block_k, GROUPED=bool(group),
         num_warps=num_warps, num_stages=1)

@@ -8,8 +8,6 @@ CPU tensors in Triton's interpreter, with the plain lookups; they skip where Tri
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -39,8 +37,6 @@ DOT2 = GemvConfig(kernel="dot", block_n=32, block_k=128)  # two blocks a step: a
 GEMV2 = GemvConfig(kernel="gemv2", block_n=8, block_k=128, num_warps=1)  # two blocks a step, rows of x by 4
 GEMV2_1 = GemvConfig(kernel="gemv2", block_n=16, block_k=64, num_warps=1)  # one block a step
 GEMV2_W = GemvConfig(kernel="gemv2", block_n=4, block_k=512, num_warps=1)  # K in one step, lanes past it
-GEMV2_T = replace(GEMV2_W, row_tiles=3)  # 3 row tiles a program, one after the other; the last past N
-GEMV2_TS = GemvConfig(kernel="gemv2", block_n=4, block_k=128, split_k=2, num_warps=1, row_tiles=2)  # a step a split
 # (M, N, K, dtype, double-quantized, config): odd N; K a multiple of the 64-value block but not always
 # of block_k (a tail step); M from one row to a full 64-row dot tile; each kernel path in each dtype
 CASES = [
@@ -55,9 +51,7 @@ CASES = [
     (2, 19, 64, torch.float16, True, GEMV2), (3, 21, 320, torch.bfloat16, False, GEMV2),
     (7, 33, 448, torch.bfloat16, True, GEMV2), (4, 35, 256, torch.float16, False, GEMV2_1),
     (1, 40, 320, torch.float32, True, GEMV2_1), (1, 19, 448, torch.bfloat16, True, GEMV2_W),
-    (2, 21, 512, torch.float16, False, GEMV2_W), (1, 37, 192, torch.bfloat16, True, GEMV2_T),
-    (2, 21, 320, torch.float16, False, GEMV2_T), (4, 19, 448, torch.float32, True, GEMV2_T),
-    (1, 33, 256, torch.bfloat16, True, GEMV2_TS), (3, 9, 256, torch.float32, False, GEMV2_TS),
+    (2, 21, 512, torch.float16, False, GEMV2_W),
 ]
 
 
@@ -84,8 +78,7 @@ def _kernel_or_skip(device: str) -> None:
 def _case_id(case: tuple[object, ...]) -> str:
     m, n, k, dtype, dq, config = case
     assert isinstance(config, GemvConfig)
-    tiles = f"x{config.row_tiles}" if config.row_tiles > 1 else ""
-    return f"{m}x{n}x{k}-{str(dtype)[6:]}-{'dq' if dq else 'fp32absmax'}-{config.kernel}{config.block_k}{tiles}"
+    return f"{m}x{n}x{k}-{str(dtype)[6:]}-{'dq' if dq else 'fp32absmax'}-{config.kernel}{config.block_k}"
 
 
 def test_reference_is_dequantize_then_matmul() -> None:
@@ -167,9 +160,6 @@ def test_gemv2_config() -> None:
     assert tiles(1, 1024, 4096) == ("gemv2", 4, 4096, 2, 1, "shfl")  # k/v: 4.1
     assert tiles(4, 4096, 4096) == ("gemv2", 8, 4096, 2, 1, "shfl")  # q/o at M = 4: 13.6
     assert gemv2_config(1, 64, 64, block_size=32).block_k == 2048
-    # row tiles a program (a candidate) only where K is one step
-    assert gemv2_config(1, 14336, 4096, block_size=64, row_tiles=4).row_tiles == 4
-    assert gemv2_config(1, 4096, 14336, block_size=64, row_tiles=4).row_tiles == 1
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -220,9 +210,6 @@ def test_bad_statistics_and_configs_are_named() -> None:
                     GemvConfig(kernel="gemv2", block_n=8, block_k=192),
                     GemvConfig(kernel="gemv2", block_n=8, block_k=64, num_stages=2)):
             with pytest.raises(ValueError, match="gemv2 takes lut 'shfl' or 'plain'"):
-                nf4_linear(torch.randn(1, 256), t.packed, t.code, config=bad, **{**_stats(t), "shape": (2, 256)})  # type: ignore[arg-type]
-        for bad in (replace(GEMV2_W, block_k=128, row_tiles=2), replace(GEMV, row_tiles=2)):  # 2 steps; not gemv2
-            with pytest.raises(ValueError, match="row_tiles > 1 is gemv2's, with one K step a split"):
                 nf4_linear(torch.randn(1, 256), t.packed, t.code, config=bad, **{**_stats(t), "shape": (2, 256)})  # type: ignore[arg-type]
 
 
@@ -378,13 +365,9 @@ def test_sibling_weights_in_one_launch_give_each_weights_product(rows: tuple[int
     x = torch.randn(1, k, device=device).to(dtype)
     got = nf4_linear_group(x, weights)
     assert got is not None and got.shape == (1, sum(rows)) and got.dtype == dtype
-    # 3 row tiles a program, one after the other: programs whose tiles lie in two weights
-    tiled = nf4_linear_group(x, weights, config=GEMV2_T)
-    assert tiled is not None
-    for out in (got, tiled):  # each weight's columns are its own (a wrong member's pointer is ~1 off)
-        starts = [sum(rows[:i]) for i in range(len(rows))]
-        for start, n, w in zip(starts, rows, weights, strict=True):
-            assert rel_err(out[:, start: start + n], _truth(x, w)) < TOL[dtype]
+    starts = [sum(rows[:i]) for i in range(len(rows))]
+    for start, n, w in zip(starts, rows, weights, strict=True):  # each weight's columns are its own (a wrong
+        assert rel_err(got[:, start: start + n], _truth(x, w)) < TOL[dtype]  # member's pointer is ~1 off)
     assert nf4_linear_group(x.expand(2, -1), weights) is None
     assert nf4_linear_group(x, weights[:1]) is None
     assert nf4_linear_group(x, [weights[0], _weight(6, k, double_quant=double, device=device), weights[0]]) is None
