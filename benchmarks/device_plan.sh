@@ -435,7 +435,8 @@ off14)  # session 14 (~230 s): issue 26's adapter target where it is set, the of
   offline_adapters ;;
 next14)  # ml14 then off14 in one call (~430 s: one machine start less)
   planned_shrink; offline_adapters ;;
-ml19)  # session 19 (~330 s): the multi-LoRA expands sum a tile's partial shrink outputs once for a run of column
+ml19)  # (ran in session 19 on an H100: the column loop lost and is gone; lora_swiglu.py's loop-1 columns with it)
+  # session 19 (~330 s): the multi-LoRA expands sum a tile's partial shrink outputs once for a run of column
   # blocks (Tiles.column_loop): their GPU tests, the fused gate/up expand + SwiGLU against one block a program, then
   # the offline run with 0 / 8 / 64 adapters (session 19 on the H100 before it: 0.84x / 0.79x)
   gpu_tests ml19 ${TEST_S:-150} tests/kernels/test_multi_lora.py tests/kernels/test_lora_swiglu.py tests/lora/test_bank.py \

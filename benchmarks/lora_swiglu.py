@@ -10,15 +10,13 @@ once, never written). Scenarios: a decode batch of 256 tokens over 64 adapters, 
 for scale. Each time is a median of CUDA-graph replays (``benchmarks/multi_lora.py``'s Clock); bytes are the
 element moves each way needs (unfused: y read twice, written once, h written; fused: y read once, h written), over
 the time, against the card's copy bandwidth measured in the same run; "fused" runs the kernel's default blocks
-(128 columns up to 512 tokens, else 64), "n64" / "n128" each block width alike; "loop 1" both ways with one column
-block a program (``Tiles.column_loop=1``: the tile's partial shrink sums re-read for every block). ``--tiny``: a smoke run at toy sizes on the
+(128 columns up to 512 tokens, else 64), "n64" / "n128" each block width alike. ``--tiny``: a smoke run at toy sizes on the
 CPU (under ``TRITON_INTERPRET=1``: the kernels run in Triton's interpreter; its times mean nothing).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import time
@@ -62,19 +60,10 @@ def scenario_row(clock: Clock, name: str, tokens: int, adapters: int, kind: str,
     moved = {"unfused": tokens * (2 * width * 3 + width) * size, "fused": tokens * (2 * width + width) * size}
     row: dict[str, Any] = {"scenario": name, "tokens": tokens, "adapters": adapters, "max_abs_diff": err,
                            "gemm_us": clock.us([lambda: torch.mm(x, w.t(), out=y)])}
-    one = dataclasses.replace(shrunk, tiles=dataclasses.replace(tiles, column_loop=1))  # a program a column block
-
-    def unfused_loop1() -> None:
-        multi_lora_expand(one, b, scratch, widths=(width, width))
-        swiglu_packed(scratch)
-
-    moved["fused_n64"] = moved["fused_n128"] = moved["fused_loop1"] = moved["fused"]
-    moved["unfused_loop1"] = moved["unfused"]
+    moved["fused_n64"] = moved["fused_n128"] = moved["fused"]
     for way, calls in (("unfused", [unfused]), ("fused", [lambda: multi_lora_expand_swiglu(shrunk, b, y, slots)]),
                        ("fused_n64", [lambda: multi_lora_expand_swiglu(shrunk, b, y, slots, block_n=64)]),
-                       ("fused_n128", [lambda: multi_lora_expand_swiglu(shrunk, b, y, slots, block_n=128)]),
-                       ("unfused_loop1", [unfused_loop1]),
-                       ("fused_loop1", [lambda: multi_lora_expand_swiglu(one, b, y, slots)])):
+                       ("fused_n128", [lambda: multi_lora_expand_swiglu(shrunk, b, y, slots, block_n=128)])):
         us = clock.us(calls)
         row[f"{way}_us"], row[f"{way}_of_bandwidth"] = us, moved[way] / (us * 1e-6) / bandwidth
     row["speedup"] = row["unfused_us"] / row["fused_us"]
@@ -98,8 +87,7 @@ def main() -> None:
                               "torch": torch.__version__, "copy_bandwidth_gb_s": bandwidth / 1e9, "rows": []}
     print(f"{result['device']}: copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write)")
     print(f"{'scenario':>14} {'gemm us':>8} {'unfused us':>10} {'fused us':>9} {'speedup':>7} {'unfused bw':>10} "
-          f"{'fused bw':>8} {'ms/32 layers':>12} {'max diff':>8} {'n64 us':>7} {'n128 us':>8} {'loop 1: unfused':>15} "
-          f"{'fused':>6}")
+          f"{'fused bw':>8} {'ms/32 layers':>12} {'max diff':>8} {'n64 us':>7} {'n128 us':>8}")
     for name, tokens, adapters, kind in SCENARIOS:
         if device == "cpu":
             tokens //= 8
@@ -108,7 +96,7 @@ def main() -> None:
         print(f"{name:>14} {row['gemm_us']:8.1f} {row['unfused_us']:10.1f} {row['fused_us']:9.1f} "
               f"{row['speedup']:6.2f}x {row['unfused_of_bandwidth']:10.0%} {row['fused_of_bandwidth']:8.0%} "
               f"{row['saved_ms_per_32_layers']:12.2f} {row['max_abs_diff']:8.4f} {row['fused_n64_us']:7.1f} "
-              f"{row['fused_n128_us']:8.1f} {row['unfused_loop1_us']:15.1f} {row['fused_loop1_us']:6.1f}", flush=True)
+              f"{row['fused_n128_us']:8.1f}", flush=True)
         if args.json:
             args.json.write_text(json.dumps(result, indent=1))
 

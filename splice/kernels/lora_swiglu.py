@@ -11,11 +11,9 @@ which is ``swiglu_packed`` of ``y`` after ``multi_lora_expand`` (the same roundi
 reading it again: a step of T tokens saves ``4 T I`` element moves (T = 8,192 at Llama-3-8B's I = 14,336: 940 MB a
 layer, ~0.3 ms at 3 TB/s), the expand's read-modify-write that dominated the adapters' cost in steps with prompts.
 
-One launch, programs ``(p, column blocks)``: ``p`` below the shrink's tile count takes tile ``p`` of its plan
+One launch, programs ``(p, column block)``: ``p`` below the shrink's tile count takes tile ``p`` of its plan
 (tokens of one slot: two ``(BM, R) @ (R, BN)`` dots for the deltas); the programs after them take ``BM`` consecutive
-tokens each and serve those of slot -1 (the plan holds adapted tokens only), so every row is written once. A program
-covers :func:`~splice.kernels.multi_lora.column_loop` blocks of ``BN`` columns and sums its tile's partial shrink
-outputs once for all of them.
+tokens each and serve those of slot -1 (the plan holds adapted tokens only), so every row is written once.
 :func:`expand_swiglu_reference` is the composition in plain PyTorch.
 """
 
@@ -24,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from splice.kernels.multi_lora import Shrunk, column_loop, multi_lora_reference
+from splice.kernels.multi_lora import Shrunk, multi_lora_reference
 from splice.kernels.swiglu import swiglu_reference
 
 try:  # Triton only ships with CUDA builds of torch; the CPU path needs none.
@@ -66,74 +64,56 @@ def multi_lora_expand_swiglu(shrunk: Shrunk, b: Tensor, y: Tensor, slots: Tensor
         block_n = 128 if tokens <= 512 else 64
     if shrunk.ieee:  # exact fp32 dots on the FMA units: narrower blocks
         block_n = min(block_n, 32)
-    programs, blocks = count + -(-tokens // block_m), -(-width // block_n)
-    loop = column_loop(shrunk.tiles, count=programs, blocks=blocks, device=y.device)
-    _expand_swiglu[(programs, -(-blocks // loop))](
-        shrunk.u, b, y, h, shrunk.plan, slots.to(torch.int32), tokens, width, split, count, b.stride(0), y.stride(0),
-        R=rank, BM=block_m, BN=block_n, LOOP=loop, IEEE=shrunk.ieee, num_warps=shrunk.tiles.warps)
+    grid = (count + -(-tokens // block_m), -(-width // block_n))
+    _expand_swiglu[grid](shrunk.u, b, y, h, shrunk.plan, slots.to(torch.int32), tokens, width, split, count,
+                         b.stride(0), y.stride(0), R=rank, BM=block_m, BN=block_n, IEEE=shrunk.ieee,
+                         num_warps=shrunk.tiles.warps)
     return h
 
 
 if triton is not None:
 
     @triton.jit
-    def _shrunk_rows(u_at, live, SPLIT, TILES, R: tl.constexpr, BM: tl.constexpr):
-        # (BM, R) fp32: the tile's shrink output for one member, its SPLIT partials summed
+    def _delta(u_at, b_at, live, nn, n_ok, tile_ok, SPLIT, TILES, R: tl.constexpr, BM: tl.constexpr,
+               IEEE: tl.constexpr):
+        # (BM, BN) fp32: the tile's shrink output (its SPLIT partials summed) @ B rows nn^T, as multi_lora's expand
         rr = tl.arange(0, R)
         v = tl.zeros((BM, R), dtype=tl.float32)
         for j in range(SPLIT):
             v += tl.load(u_at + j * TILES * BM * 2 * R + rr[None, :], mask=live[:, None], other=0.0)
-        return v
-
-    @triton.jit
-    def _delta(v, b_at, nn, n_ok, R: tl.constexpr, IEEE: tl.constexpr):
-        # (BM, BN) fp32: v (BM, R) @ B rows nn^T, as multi_lora's expand
-        rr = tl.arange(0, R)
-        bt = tl.load(b_at + nn[None, :] * R + rr[:, None], mask=n_ok[None, :], other=0.0)  # (R, BN)
+        bt = tl.load(b_at + nn[None, :] * R + rr[:, None], mask=n_ok[None, :] & tile_ok, other=0.0)  # (R, BN)
         if IEEE:
             return tl.dot(v, bt, out_dtype=tl.float32, input_precision="ieee")
         return tl.dot(v.to(bt.dtype), bt, out_dtype=tl.float32)
 
     @triton.jit
     def _expand_swiglu(u_ptr, b_ptr, y_ptr, h_ptr, plan_ptr, slot_ptr, T, W, SPLIT, COUNT, stride_bs, stride_yt,
-                       R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, LOOP: tl.constexpr, IEEE: tl.constexpr):
-        # program (p, column blocks): p < COUNT the plan's tile p (adapted tokens of one slot), else BM consecutive
-        # tokens of which those of slot -1 (module doc), for the LOOP column blocks from LOOP * nb (the tile's
-        # shrink output summed once for all of them); u: (SPLIT, COUNT * BM, 2, R) fp32 partials
+                       R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
+        # program (p, column block): p < COUNT the plan's tile p (adapted tokens of one slot), else BM consecutive
+        # tokens of which those of slot -1 (module doc); u: (SPLIT, COUNT * BM, 2, R) fp32 partials
         p, nb = tl.program_id(0), tl.program_id(1)
         ii = tl.arange(0, BM)
-        adapted = p < COUNT
-        if adapted:
+        nn = nb * BN + tl.arange(0, BN)
+        n_ok = nn < W
+        if p < COUNT:
             head = plan_ptr + p * (BM + 2)
             n = tl.load(head + 1)
             live = ii < n
             rows = tl.load(head + 2 + ii, mask=live, other=0)
             b_at = b_ptr + tl.load(head).to(tl.int64) * stride_bs  # (a tile past the last one: n = 0, no loads)
             u_at = u_ptr + (p * BM + ii[:, None]) * 2 * R
-            vg = _shrunk_rows(u_at, live, SPLIT, COUNT, R, BM)
-            vu = _shrunk_rows(u_at + R, live, SPLIT, COUNT, R, BM)
-            adapted = n > 0
+            dg = _delta(u_at, b_at, live, nn, n_ok, n > 0, SPLIT, COUNT, R, BM, IEEE)
+            du = _delta(u_at + R, b_at + W * R, live, nn, n_ok, n > 0, SPLIT, COUNT, R, BM, IEEE)
         else:
             rows = (p - COUNT) * BM + ii
             live = (rows < T) & (tl.load(slot_ptr + rows, mask=rows < T, other=0) < 0)
-            b_at = b_ptr
-            vg = tl.zeros((BM, R), dtype=tl.float32)
-            vu = tl.zeros((BM, R), dtype=tl.float32)
-        y_rows = y_ptr + rows[:, None].to(tl.int64) * stride_yt
-        h_rows = h_ptr + rows[:, None].to(tl.int64) * W
-        for c in range(LOOP):
-            nn = (nb * LOOP + c) * BN + tl.arange(0, BN)
-            n_ok = nn < W
-            if adapted:
-                dg = _delta(vg, b_at, nn, n_ok, R, IEEE)
-                du = _delta(vu, b_at + W * R, nn, n_ok, R, IEEE)
-            else:
-                dg = tl.zeros((BM, BN), dtype=tl.float32)
-                du = tl.zeros((BM, BN), dtype=tl.float32)
-            inside = live[:, None] & n_ok[None, :]
-            g = tl.load(y_rows + nn[None, :], mask=inside, other=0.0)
-            u = tl.load(y_rows + W + nn[None, :], mask=inside, other=0.0)
-            g = (g.to(tl.float32) + dg).to(g.dtype).to(tl.float32)  # rounded as the expand stores y
-            u = (u.to(tl.float32) + du).to(u.dtype).to(tl.float32)
-            h = (g * tl.sigmoid(g) * u).to(h_ptr.dtype.element_ty)
-            tl.store(h_rows + nn[None, :], h, mask=inside)
+            dg = tl.zeros((BM, BN), dtype=tl.float32)
+            du = tl.zeros((BM, BN), dtype=tl.float32)
+        inside = live[:, None] & n_ok[None, :]
+        y_at = y_ptr + rows[:, None].to(tl.int64) * stride_yt + nn[None, :]
+        g = tl.load(y_at, mask=inside, other=0.0)
+        u = tl.load(y_at + W, mask=inside, other=0.0)
+        g = (g.to(tl.float32) + dg).to(g.dtype).to(tl.float32)  # rounded as the expand stores y
+        u = (u.to(tl.float32) + du).to(u.dtype).to(tl.float32)
+        h = (g * tl.sigmoid(g) * u).to(h_ptr.dtype.element_ty)
+        tl.store(h_ptr + rows[:, None].to(tl.int64) * W + nn[None, :], h, mask=inside)

@@ -14,8 +14,8 @@ delta is per token. Two kernels, both over *tiles*: up to ``BM`` tokens that sha
   ``A`` (member ``g`` of a group of projections reading the same input, e.g. q/k/v), and writes a
   partial ``u``: (split, tiles * BM, G, R) fp32. Splitting the input width lets a decode batch of a
   few tiles fill the GPU.
-* :func:`multi_lora_expand` (``y += B u``): program ``(p, n)`` sums the tile's partials once and adds
-  ``u @ B[slot][n-block]^T`` into the tile's rows of ``y`` for a run of :func:`column_loop` column blocks, in place; for one member, or for all of a
+* :func:`multi_lora_expand` (``y += B u``): program ``(p, n)`` sums the tile's partials and adds
+  ``u @ B[slot][n-block]^T`` into the tile's rows of ``y``, in place; for one member, or for all of a
   group's members at once into their packed output ``[y_q | y_k | y_v]`` (one GEMM's), each column
   taking its member's ``u``: ``(BM, G*R) @ (G*R, BN)`` with B's rows of the other members masked off.
   Optionally it also rescales the adapted rows per slot, ``y[t] = f[slot] * (y[t] + delta) + c[slot]``
@@ -56,8 +56,8 @@ try:  # Triton only ships with CUDA builds of torch; the CPU path needs none.
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-__all__ = ["Shrunk", "Tiles", "column_loop", "multi_lora", "multi_lora_expand", "multi_lora_reference",
-           "multi_lora_shrink", "pad_rank", "plan_tiles", "tiles_for"]
+__all__ = ["Shrunk", "Tiles", "multi_lora", "multi_lora_expand", "multi_lora_reference", "multi_lora_shrink",
+           "pad_rank", "plan_tiles", "tiles_for"]
 
 
 def pad_rank(rank: int) -> int:
@@ -116,8 +116,7 @@ def _multi_lora_torch(x: Tensor, y: Tensor, a: Tensor, b: Tensor, slots: Tensor,
 class Tiles:
     """A launch shape. ``block_m``: tokens per tile; ``k_split``: input columns per shrink program (a
     multiple of ``block_k``, its loop step); ``block_n``: output columns per expand program;
-    ``warps``: per program, both kernels; ``per_token``: one tile per token, no counting; ``column_loop``: output
-    blocks of ``block_n`` columns one expand program covers, one after the other (0: :func:`column_loop` picks)."""
+    ``warps``: per program, both kernels; ``per_token``: one tile per token, no counting."""
 
     block_m: int = 16
     k_split: int = 512
@@ -125,7 +124,6 @@ class Tiles:
     block_n: int = 128
     warps: int = 4
     per_token: bool = False
-    column_loop: int = 0
 
 
 @functools.lru_cache(maxsize=256)
@@ -146,24 +144,6 @@ def tiles_for(tokens: int, k: int) -> Tiles:
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-@functools.cache
-def _sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
-def column_loop(tiles: Tiles, *, count: int, blocks: int, device: torch.device) -> int:
-    """Output blocks an expand program covers: ``tiles.column_loop``, else as many (up to 8) as keep about 4
-    programs an SM for ``count`` tiles x ``blocks`` column blocks.
-
-    Why: an expand program first sums its tile's ``split`` partial ``u`` (BM x G x R fp32 each); one program per
-    column block re-read them from L2 for every block: at 1,305 tokens of 8 adapters (a step with prompts of the
-    offline run) the gate/up pair re-read ~175 MB of partials for 112 MB of ``y`` and ``h``, the q/k/v group
-    ~150 MB for 32 MB of ``y``. Summed once for several blocks, that traffic falls by the loop's length."""
-    if tiles.column_loop:
-        return tiles.column_loop
-    return max(1, min(8, count * blocks // (4 * _sms(device))))
 
 
 @dataclass(frozen=True, eq=False)
@@ -267,13 +247,12 @@ def multi_lora_expand(shrunk: Shrunk, b: Tensor, y: Tensor, *, member: int = 0,
     if shrunk.ieee:  # exact fp32 dots run on the FMA units and take far more registers a tile
         block_n = min(block_n, 64 if len(widths) == 1 else 32)
     ends = [sum(widths[: i + 1]) for i in range(len(widths))] + [n] * 2
-    count, blocks = shrunk.plan.shape[0], _cdiv(n, block_n)
-    loop = column_loop(tiles, count=count, blocks=blocks, device=y.device)
-    _expand[(count, _cdiv(blocks, loop))](
+    count = shrunk.plan.shape[0]
+    _expand[(count, _cdiv(n, block_n))](
         shrunk.u, b, y, shrunk.plan, *affine, n, split, member, members, len(widths), count, b.stride(0),
         y.stride(0), f_stride, ends[0], ends[1], R=rank, BM=tiles.block_m, BN=block_n,
-        GP=1 << (len(widths) - 1).bit_length(), LOOP=loop, IEEE=shrunk.ieee,
-        AFFINE=factor is not None and shift is not None, num_warps=tiles.warps,
+        GP=1 << (len(widths) - 1).bit_length(), IEEE=shrunk.ieee, AFFINE=factor is not None and shift is not None,
+        num_warps=tiles.warps,
     )
 
 
@@ -388,10 +367,9 @@ if triton is not None:
     @triton.jit
     def _expand(u_ptr, b_ptr, y_ptr, plan_ptr, f_ptr, c_ptr, N, SPLIT, first, G, COUNT, TILES, stride_bs, stride_yt,
                 stride_fs, END0, END1, R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GP: tl.constexpr,
-                LOOP: tl.constexpr, IEEE: tl.constexpr, AFFINE: tl.constexpr):
+                IEEE: tl.constexpr, AFFINE: tl.constexpr):
         # y[rows, n-block] += sum_g (sum_j u[j, tile rows, first + g]) @ B[slot][n-block of member g]^T:
-        # (BM, GP*R) @ (GP*R, BN), column c belonging to member g = (c >= END0) + (c >= END1) < COUNT, for the
-        # LOOP column blocks from LOOP * nb (u summed once for all of them);
+        # (BM, GP*R) @ (GP*R, BN), column c belonging to member g = (c >= END0) + (c >= END1) < COUNT;
         # AFFINE: then y[rows, n-block] = f[slot, n-block] * y + c[slot, n-block]
         p, nb = tl.program_id(0), tl.program_id(1)
         head = plan_ptr + p * (BM + 2)
@@ -407,24 +385,20 @@ if triton is not None:
             u_at = u_ptr + ((p * BM + ii[:, None]) * G + first + gq[None, :]) * R + rq[None, :]
             for j in range(SPLIT):
                 u += tl.load(u_at + j * TILES * BM * G * R, mask=live & (gq[None, :] < COUNT), other=0.0)
-            if not IEEE:
-                u = u.to(b_ptr.dtype.element_ty)
-            b_at = b_ptr + slot.to(tl.int64) * stride_bs
-            y_rows = y_ptr + rows[:, None].to(tl.int64) * stride_yt
-            for c in range(LOOP):
-                nn = (nb * LOOP + c) * BN + tl.arange(0, BN)
-                owner = (nn >= END0).to(tl.int32) + (nn >= END1).to(tl.int32)
-                bt = tl.load(b_at + nn[None, :] * R + rq[:, None],
-                             mask=(nn[None, :] < N) & (gq[:, None] == owner[None, :]), other=0.0)
-                if IEEE:
-                    delta = tl.dot(u, bt, out_dtype=tl.float32, input_precision="ieee")
-                else:
-                    delta = tl.dot(u, bt, out_dtype=tl.float32)
-                inside = live & (nn[None, :] < N)
-                yv = tl.load(y_rows + nn[None, :], mask=inside, other=0.0)
-                out = yv.to(tl.float32) + delta
-                if AFFINE:
-                    f_at = slot.to(tl.int64) * stride_fs + nn
-                    out = out * tl.load(f_ptr + f_at, mask=nn < N, other=1.0)[None, :] \
-                        + tl.load(c_ptr + f_at, mask=nn < N, other=0.0)[None, :]
-                tl.store(y_rows + nn[None, :], out.to(yv.dtype), mask=inside)
+            nn = nb * BN + tl.arange(0, BN)
+            owner = (nn >= END0).to(tl.int32) + (nn >= END1).to(tl.int32)
+            bt = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + nn[None, :] * R + rq[:, None],
+                         mask=(nn[None, :] < N) & (gq[:, None] == owner[None, :]), other=0.0)
+            if IEEE:
+                delta = tl.dot(u, bt, out_dtype=tl.float32, input_precision="ieee")
+            else:
+                delta = tl.dot(u.to(bt.dtype), bt, out_dtype=tl.float32)
+            inside = live & (nn[None, :] < N)
+            y_at = y_ptr + rows[:, None].to(tl.int64) * stride_yt + nn[None, :]
+            yv = tl.load(y_at, mask=inside, other=0.0)
+            out = yv.to(tl.float32) + delta
+            if AFFINE:
+                f_at = slot.to(tl.int64) * stride_fs + nn
+                out = out * tl.load(f_ptr + f_at, mask=nn < N, other=1.0)[None, :] \
+                    + tl.load(c_ptr + f_at, mask=nn < N, other=0.0)[None, :]
+            tl.store(y_at, out.to(yv.dtype), mask=inside)

@@ -29,8 +29,7 @@ TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 # Launch shapes beyond the default: several K splits, tall tiles, wide/narrow N blocks, one token a tile.
 TILES = [Tiles(block_m=16, k_split=32, block_k=32, block_n=32), Tiles(block_m=64, k_split=128, block_k=64,
          block_n=64, warps=8), Tiles(block_m=32, k_split=64, block_k=16, block_n=256),
-         Tiles(block_m=16, k_split=64, block_k=32, block_n=64, per_token=True),
-         Tiles(block_m=16, k_split=32, block_k=32, block_n=32, column_loop=3)]  # a last run past N
+         Tiles(block_m=16, k_split=64, block_k=32, block_n=64, per_token=True)]
 INTERPRETED = module.triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
 KERNELS = pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRETED),
                              reason="the kernels need a GPU or the Triton interpreter (TRITON_INTERPRET=1)")
@@ -75,8 +74,7 @@ def test_matches_the_per_token_reference(shape, dtype: torch.dtype, device: str)
 
 
 @KERNELS
-@pytest.mark.parametrize("tiles", TILES, ids=lambda t: f"m{t.block_m}k{t.k_split}n{t.block_n}{'t' * t.per_token}"
-                         f"l{t.column_loop}")
+@pytest.mark.parametrize("tiles", TILES, ids=lambda t: f"m{t.block_m}k{t.k_split}n{t.block_n}{'t' * t.per_token}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_launch_shapes(tiles: Tiles, dtype: torch.dtype) -> None:
     device = KERNEL_DEVICE
@@ -91,7 +89,7 @@ def test_launch_shapes(tiles: Tiles, dtype: torch.dtype) -> None:
 
 @KERNELS
 @pytest.mark.parametrize("tiles", [None, *TILES], ids=lambda t: "default" if t is None else
-                         f"m{t.block_m}k{t.k_split}n{t.block_n}{'t' * t.per_token}l{t.column_loop}")
+                         f"m{t.block_m}k{t.k_split}n{t.block_n}{'t' * t.per_token}")
 @pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], SHAPES[5]], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_a_plan_made_once_gives_the_shrinks_own(shape, tiles: Tiles | None) -> None:
     """plan_tiles (one launch a step) writes the plan every shrink program otherwise counts for itself: the same
