@@ -44,6 +44,8 @@
 #   CALL=s16 bash benchmarks/device_plan.sh       # session 16 (~370 s): fresh prompts through the varlen kernel (cuDNN's
 #                                                 # ragged op cannot be captured in torch 2.11), gemv2 the NF4 M=1
 #                                                 # default, the SwiGLU expand's block rule: tests, offline, NF4 batch 1
+#   CALL=ncu19 bash benchmarks/device_plan.sh     # session 20 first (~90 s): Nsight Compute's stall reasons for the
+#                                                 #   NF4 one-row kernel and the fused expand, if ncu is there
 #   CALL=ml19 bash benchmarks/device_plan.sh      # session 19 (~330 s): the multi-LoRA expands' column loop: tests,
 #                                                 #   lora_swiglu.py with and without it, offline with 0 / 8 / 64 adapters
 #   CALL=g18 bash benchmarks/device_plan.sh       # session 18 (~130 s): the bf16 decode GEMM's tiles on the H200
@@ -435,6 +437,21 @@ off14)  # session 14 (~230 s): issue 26's adapter target where it is set, the of
   offline_adapters ;;
 next14)  # ml14 then off14 in one call (~430 s: one machine start less)
   planned_shrink; offline_adapters ;;
+ncu19)  # session 20 first (~90 s): is Nsight Compute on the device, and may it read the counters? If so, the stall
+  # reasons of the kernels furthest from their bytes (benchmarks/kernel_stalls.py: NF4 one-row gate/up and down, the
+  # fused gate/up expand + SwiGLU at decode and with prompts), one launch each; then their eager times
+  NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  echo "ncu: ${NCU:-none}"
+  if [ -n "$NCU" ]; then
+    for k in nf4-gate-up nf4-down expand-swiglu-decode expand-swiglu-mixed; do
+      timeout 45 "$NCU" --target-processes all --kernel-name regex:"_nf4_gemv2_kernel|_expand_swiglu" --launch-skip 2 \
+        --launch-count 1 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+        --section SchedulerStats --section MemoryWorkloadAnalysis \
+        python3 benchmarks/kernel_stalls.py --kernel $k --calls 4 > "$OUT/ncu-$k.txt" 2>&1
+      echo "$k (rc $?):"; grep -E "ERR|Duration|Memory Throughput|Registers Per|Achieved Occupancy|Issued Warp|No Eligible|Eligible Warps|Stall|Warp Cycles Per Issued" "$OUT/ncu-$k.txt" | head -24
+    done
+  fi
+  timeout 40 python3 benchmarks/kernel_stalls.py --kernel all --calls 50 2>&1 | tail -5 ;;
 ml19)  # (ran in session 19 on an H100: the column loop lost and is gone; lora_swiglu.py's loop-1 columns with it)
   # session 19 (~330 s): the multi-LoRA expands sum a tile's partial shrink outputs once for a run of column
   # blocks (Tiles.column_loop): their GPU tests, the fused gate/up expand + SwiGLU against one block a program, then
