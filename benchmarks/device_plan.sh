@@ -44,6 +44,8 @@
 #   CALL=s16 bash benchmarks/device_plan.sh       # session 16 (~370 s): fresh prompts through the varlen kernel (cuDNN's
 #                                                 # ragged op cannot be captured in torch 2.11), gemv2 the NF4 M=1
 #                                                 # default, the SwiGLU expand's block rule: tests, offline, NF4 batch 1
+#   CALL=nf20 bash benchmarks/device_plan.sh      # session 20 (~150 s): NF4 one row with / without the next step's
+#                                                 #   codes in registers (num_stages 2 / 1), then the model at batch 1
 #   CALL=ncu19 bash benchmarks/device_plan.sh     # session 20 first (~90 s): Nsight Compute's stall reasons for the
 #                                                 #   NF4 one-row kernel and the fused expand, if ncu is there
 #   CALL=ml19 bash benchmarks/device_plan.sh      # session 19 (~330 s): the multi-LoRA expands' column loop: tests,
@@ -437,6 +439,18 @@ off14)  # session 14 (~230 s): issue 26's adapter target where it is set, the of
   offline_adapters ;;
 next14)  # ml14 then off14 in one call (~430 s: one machine start less)
   planned_shrink; offline_adapters ;;
+nf20)  # session 20 (~150 s): NF4 one row, the next step's codes in registers or not (num_stages 2 / 1; ncu19: down's
+  # default holds 190 registers, 12.5% occupancy): the NF4 GPU tests, the sweep of down and gate/up with both, then
+  # the whole model at batch 1 against bf16 (the default; if stages 1 wins down, make it gemv2_config's and rerun this)
+  timeout -s KILL 90 python3 -m pytest -o addopts= -q -n 8 -p no:cacheprovider -p no:warnings -rfE --tb=short \
+    tests/kernels/test_nf4_gemv.py tests/fused/test_projections.py \
+    "tests/engine/test_gpu_paths_engine.py::test_batch_one_decode_over_an_nf4_base_takes_the_fused_kernel_and_the_models_greedy_tokens" \
+    > "$OUT/tests-nf20.txt" 2>&1
+  echo "tests (rc $?):"; grep -E "(FAILED|ERROR) " "$OUT/tests-nf20.txt" | head -20; tail -1 "$OUT/tests-nf20.txt"
+  timeout 60 python3 benchmarks/nf4_gemv.py --rows 1 --kernels gemv2 --shapes down,gate/up,qkv,gate+up \
+    --budget 40 --json "$OUT/nf4_gemv2.json" 2>&1 | tee "$OUT/nf4_gemv2.txt" | tail -12
+  timeout 60 python3 benchmarks/serve.py --parts bandwidth,nf4 --nf4-batches 1 \
+    --json "$OUT/serve-nf4.json" --limit-nf4 45 2>&1 | grep -v "attention mask" | tee "$OUT/serve-nf4.txt" | tail -6 ;;
 ncu19)  # session 20 first (~90 s): is Nsight Compute on the device, and may it read the counters? If so, the stall
   # reasons of the kernels furthest from their bytes (benchmarks/kernel_stalls.py: NF4 one-row gate/up and down, the
   # fused gate/up expand + SwiGLU at decode and with prompts), one launch each; then their eager times

@@ -92,7 +92,8 @@ class GemvConfig:
     run ``"gemv"``); ``block_n`` weight rows per program; ``block_k`` weight columns per K step (a
     multiple of the block size); ``split_k`` K ranges summed afterwards (1: none); ``lut``: the level
     lookup, ``"shfl"``, ``"ldg"`` or ``"plain"`` (module doc; Triton's interpreter always runs
-    ``"plain"``); ``num_warps`` / ``num_stages``: Triton's."""
+    ``"plain"``); ``num_warps`` / ``num_stages``: Triton's (gemv2: 1, each step loads then computes, or 2, the next
+    step's codes loaded into registers before this step's arithmetic, where a K split has several steps)."""
 
     kernel: str
     block_n: int
@@ -148,9 +149,12 @@ def gemv2_config(m: int, n: int, k: int, *, block_size: int) -> GemvConfig:
     2026-12-06 and 2026-12-07): one block a lane over 2 warps (64 lanes: K of 4,096 in one step of 64-value blocks,
     14,336 in four), 8 weight rows a program for large products (``M x N x K`` of at least 2^25: gate/up, down,
     q/o at M = 4) and for weights of 4,096 rows or more (at M = 1: q/o 8.05 against 8.37 us with 4 rows, the
-    grouped q/k/v 10.3 against 11.5), else 4; no K split (the measured tiles needed no rule for the grid's size)."""
+    grouped q/k/v 10.3 against 11.5), else 4; no K split (the measured tiles needed no rule for the grid's size);
+    the next step's codes loaded into registers during this one's arithmetic (``num_stages=2``: down's four steps;
+    it doubles the kernel's registers, 190 against 95, and halves its warps: H100 ncu, 2026-12-07)."""
     block_n, block_k = 8 if m * n * k >= 2**25 or n >= 4096 else 4, block_size * 64
-    return GemvConfig(kernel="gemv2", block_n=block_n, block_k=block_k, lut="shfl", num_warps=2)
+    return GemvConfig(kernel="gemv2", block_n=block_n, block_k=block_k, lut="shfl", num_warps=2,
+                      num_stages=2 if k > block_k else 1)
 
 
 def gemv_applies(x: Tensor, *, shape: tuple[int, int], block_size: int) -> bool:
@@ -363,7 +367,8 @@ def _launch(x2: Tensor, words: Tensor, code: Tensor, stats: tuple[Tensor, ...], 
     lut = _lut(config.lut, code)
     if config.kernel == "gemv2":
         launch_gemv2(x2, words, code, stats, bias, out, n=n, k=k, k_split=k_split, block_size=block_size,
-                     block_n=config.block_n, block_k=config.block_k, lut=lut, num_warps=config.num_warps)
+                     block_n=config.block_n, block_k=config.block_k, lut=lut, num_warps=config.num_warps,
+                     prefetch=config.num_stages == 2)
         return
     m, nb = x2.shape[0], config.block_k // block_size
     common = dict(WPB=block_size // 8, NB=nb, BLOCK_N=config.block_n, DOUBLE=stats[0] is code,  # absmax unused
@@ -389,9 +394,9 @@ def _checked(config: GemvConfig, *, n: int, k: int, block_size: int) -> GemvConf
                          f"'plain', split_k >= 1 and block_k a multiple of the block size {block_size}")
     if config.kernel == "gemv2":
         steps = config.block_k // block_size
-        if config.lut == "ldg" or steps & (steps - 1) or config.num_stages != 1:
+        if config.lut == "ldg" or steps & (steps - 1) or config.num_stages not in (1, 2):
             raise ValueError(f"nf4_linear: {config}: gemv2 takes lut 'shfl' or 'plain', block_k / block size "
-                             "a power of two and num_stages 1 (its loads are not pipelined)")
+                             "a power of two and num_stages 1 or 2 (the next step's codes in registers)")
         if not gemv2_supports(n=n, k=k, block_size=block_size):
             raise ValueError(f"nf4_linear: {config}: gemv2 takes blocks of 32 or 64 values and under 2**31 packed "
                              f"words; this {n}x{k} weight has blocks of {block_size}: use kernel 'gemv'")
@@ -483,5 +488,5 @@ def nf4_linear_group(x: Tensor, weights: Sequence[NF4Parts], *, config: GemvConf
     launch_gemv2(as_rows(x), first.packed.view(torch.int32), first.code, stats, None, out, n=n, k=k,
                  k_split=-(-k // config.block_k) * config.block_k, block_size=block_size, block_n=config.block_n,
                  block_k=config.block_k, lut=_lut(config.lut, first.code), num_warps=config.num_warps,
-                 group=group)  # type: ignore[arg-type]
+                 group=group, prefetch=config.num_stages == 2)  # type: ignore[arg-type]
     return out.view(*x.shape[:-1], n)

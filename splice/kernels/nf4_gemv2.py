@@ -23,9 +23,11 @@ instructions in the loop, 1.8 of them on the shared-memory / shuffle / load pipe
   ``BLOCK_N`` rows; ``BLOCK_M`` (<= 4) rows of x share each decoded level;
 * a level is one ``shfl.idx`` from the lane that holds it (``lut="shfl"``, inline PTX; the word only
   shifted) and one fp32 FMA, the 64 of a block chained into one sum, times the absmax once;
-* several K steps (K = 14,336): the next step's codes, absmax codes (and x, for one row of x) are loaded
-  before this step's arithmetic in the source, but ptxas moves those loads after it (sm_90 SASS), so the
-  codes arrive while other programs compute. Where K is one step (4,096), a program loads, waits, then
+* several K steps (K = 14,336): with ``prefetch`` (``num_stages=2``, the default) the next step's codes, absmax
+  codes (and x, for one row of x) are loaded before this step's arithmetic in the source, but ptxas moves those
+  loads after it (sm_90 SASS), so the codes arrive while other programs compute; the registers they hold double
+  the kernel's (190 against 95 for down's default tiles: 12.5% occupancy, H100 ncu, 2026-12-07). Without, a step
+  loads, then computes. Where K is one step (4,096), a program loads, waits, then
   computes, nearly in step with its wave. Handing the loads to Triton's pipeliner (cp.async into shared
   memory, 2-3 stages) ran 2-4x slower on an H200 at every Llama-3-8B shape (2026-12-07,
   ``benchmarks/results/h200-2026-12-07-s18/n17``) and was removed. So were row tiles a program, one after
@@ -286,7 +288,7 @@ if HAS_TRITON:
                                              D_SCALE1, D_SCALE2, D_OFFSET1, D_OFFSET2, D_LUT1, D_LUT2, D_CODE2_1,
                                              D_CODE2_2, BLOCK_N, GROUPED)
         word, row_block = _codes_at(rows_c, lane_b, K_WORDS, k_blocks, WPB)
-        if not PREFETCH:  # one step a split: plain loads, clamped past the split (no mask)
+        if not PREFETCH:  # one step at a time: plain loads, clamped past the split (no mask)
             accs = ()
             for _i in tl.static_range(BLOCK_M):
                 accs = accs + (tl.zeros((KB, BLOCK_N), dtype=tl.float32),)  # type: ignore[assignment]
@@ -342,7 +344,7 @@ def gemv2_supports(*, n: int, k: int, block_size: int) -> bool:
 
 def launch_gemv2(x2: Tensor, words: Tensor, code: Tensor, stats: tuple[Tensor, ...], bias: Tensor | None,
                  out: Tensor, *, n: int, k: int, k_split: int, block_size: int, block_n: int, block_k: int,
-                 lut: int, num_warps: int, group: Sequence[Sequence[int]] = ()) -> None:
+                 lut: int, num_warps: int, group: Sequence[Sequence[int]] = (), prefetch: bool = True) -> None:
     """One launch writing ``out`` ``(splits, M, N)`` (module doc) for ``x2`` ``(M, K)`` (rows contiguous) and the
     packed codes as int32 ``words``. ``stats``: the (absmax, qabsmax, scale2, offset, code2) pointers, ``code``
     standing in for the unused ones (double quantization when absmax is ``code``); ``k_split`` columns a K
@@ -351,7 +353,8 @@ def launch_gemv2(x2: Tensor, words: Tensor, code: Tensor, stats: tuple[Tensor, .
     (nf4_gemv's ``_lut``: plain in the interpreter; 1, ``ldg``, is refused before). Up to 4 rows of x share a
     program's decoded levels. ``group``: for a launch over 2-3 sibling weights (``n`` rows in all, the first
     weight's tensors passed), per further weight its first row (a multiple of ``block_n``) and its tensors'
-    element offsets from the first's: (row, words, absmax or qabsmax, scale2, offset, code, code2)."""
+    element offsets from the first's: (row, words, absmax or qabsmax, scale2, offset, code, code2). ``prefetch``:
+    where a split has several steps, the next step's loads go out before this step's arithmetic (in registers)."""
     m = x2.shape[0]
     block_m = min(4, 1 << max(0, m - 1).bit_length())
     absmax, qabsmax, scale2, offset, code2 = stats
@@ -367,5 +370,5 @@ def launch_gemv2(x2: Tensor, words: Tensor, code: Tensor, stats: tuple[Tensor, .
         m, n, k // 8, k_split // block_size, x2.stride(0), out.stride(0), *members,
         BLOCK_N=block_n, BLOCK_M=block_m, KB=block_k // block_size, WPB=block_size // 8,
         DOUBLE=absmax is code, HAS_BIAS=bias is not None, LUT=lut,
-        XK=1 if bf16_pairs else 0, PREFETCH=k_split > block_k, GROUPED=bool(group),
+        XK=1 if bf16_pairs else 0, PREFETCH=prefetch and k_split > block_k, GROUPED=bool(group),
         num_warps=num_warps, num_stages=1)

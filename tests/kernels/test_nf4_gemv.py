@@ -8,6 +8,8 @@ CPU tensors in Triton's interpreter, with the plain lookups; they skip where Tri
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -35,6 +37,7 @@ GEMV = GemvConfig(kernel="gemv", block_n=16, block_k=128)  # two blocks a step, 
 DOT1 = GemvConfig(kernel="dot", block_n=16, block_k=64)  # one block a step: absmax after the dot
 DOT2 = GemvConfig(kernel="dot", block_n=32, block_k=128)  # two blocks a step: absmax per weight
 GEMV2 = GemvConfig(kernel="gemv2", block_n=8, block_k=128, num_warps=1)  # two blocks a step, rows of x by 4
+GEMV2_P = replace(GEMV2, num_stages=2)  # the same, the next step's codes loaded during this one's arithmetic
 GEMV2_1 = GemvConfig(kernel="gemv2", block_n=16, block_k=64, num_warps=1)  # one block a step
 GEMV2_W = GemvConfig(kernel="gemv2", block_n=4, block_k=512, num_warps=1)  # K in one step, lanes past it
 # (M, N, K, dtype, double-quantized, config): odd N; K a multiple of the 64-value block but not always
@@ -49,7 +52,9 @@ CASES = [
     (2, 35, 192, torch.bfloat16, False, DOT2),
     (1, 37, 192, torch.bfloat16, True, GEMV2), (1, 37, 192, torch.float32, False, GEMV2),
     (2, 19, 64, torch.float16, True, GEMV2), (3, 21, 320, torch.bfloat16, False, GEMV2),
-    (7, 33, 448, torch.bfloat16, True, GEMV2), (4, 35, 256, torch.float16, False, GEMV2_1),
+    (7, 33, 448, torch.bfloat16, True, GEMV2), (1, 37, 448, torch.bfloat16, True, GEMV2_P),
+    (3, 21, 320, torch.float16, False, GEMV2_P), (1, 19, 192, torch.float32, True, GEMV2_P),
+    (4, 35, 256, torch.float16, False, GEMV2_1),
     (1, 40, 320, torch.float32, True, GEMV2_1), (1, 19, 448, torch.bfloat16, True, GEMV2_W),
     (2, 21, 512, torch.float16, False, GEMV2_W),
 ]
@@ -78,7 +83,8 @@ def _kernel_or_skip(device: str) -> None:
 def _case_id(case: tuple[object, ...]) -> str:
     m, n, k, dtype, dq, config = case
     assert isinstance(config, GemvConfig)
-    return f"{m}x{n}x{k}-{str(dtype)[6:]}-{'dq' if dq else 'fp32absmax'}-{config.kernel}{config.block_k}"
+    return (f"{m}x{n}x{k}-{str(dtype)[6:]}-{'dq' if dq else 'fp32absmax'}-{config.kernel}{config.block_k}"
+            f"s{config.num_stages}")
 
 
 def test_reference_is_dequantize_then_matmul() -> None:
@@ -152,13 +158,13 @@ def test_gemv2_config() -> None:
     (4,096 columns a step), 8 rows a program where M x N x K >= 2^25 or N >= 4,096, else 4; no K split."""
     def tiles(m: int, n: int, k: int) -> tuple[object, ...]:
         c = gemv2_config(m, n, k, block_size=64)
-        return c.kernel, c.block_n, c.block_k, c.num_warps, c.split_k, c.lut
-    assert tiles(1, 14336, 4096) == ("gemv2", 8, 4096, 2, 1, "shfl")  # gate/up: 20.0 us
-    assert tiles(1, 4096, 14336) == ("gemv2", 8, 4096, 2, 1, "shfl")  # down: 20.8
-    assert tiles(1, 4096, 4096) == ("gemv2", 8, 4096, 2, 1, "shfl")  # q/o: 8.05 (4 rows: 8.4)
-    assert tiles(1, 6144, 4096) == ("gemv2", 8, 4096, 2, 1, "shfl")  # q/k/v in one launch: 10.3 (4 rows: 11.5)
-    assert tiles(1, 1024, 4096) == ("gemv2", 4, 4096, 2, 1, "shfl")  # k/v: 4.1
-    assert tiles(4, 4096, 4096) == ("gemv2", 8, 4096, 2, 1, "shfl")  # q/o at M = 4: 13.6
+        return c.kernel, c.block_n, c.block_k, c.num_warps, c.split_k, c.lut, c.num_stages
+    assert tiles(1, 14336, 4096) == ("gemv2", 8, 4096, 2, 1, "shfl", 1)  # gate/up: 20.0 us
+    assert tiles(1, 4096, 14336) == ("gemv2", 8, 4096, 2, 1, "shfl", 2)  # down: 20.8 (4 steps, 2 in flight)
+    assert tiles(1, 4096, 4096) == ("gemv2", 8, 4096, 2, 1, "shfl", 1)  # q/o: 8.05 (4 rows: 8.4)
+    assert tiles(1, 6144, 4096) == ("gemv2", 8, 4096, 2, 1, "shfl", 1)  # q/k/v in one launch: 10.3 (4 rows: 11.5)
+    assert tiles(1, 1024, 4096) == ("gemv2", 4, 4096, 2, 1, "shfl", 1)  # k/v: 4.1
+    assert tiles(4, 4096, 4096) == ("gemv2", 8, 4096, 2, 1, "shfl", 1)  # q/o at M = 4: 13.6
     assert gemv2_config(1, 64, 64, block_size=32).block_k == 2048
 
 
@@ -208,7 +214,7 @@ def test_bad_statistics_and_configs_are_named() -> None:
                        **_stats(t))  # type: ignore[arg-type]
         for bad in (GemvConfig(kernel="gemv2", block_n=8, block_k=64, lut="ldg"),
                     GemvConfig(kernel="gemv2", block_n=8, block_k=192),
-                    GemvConfig(kernel="gemv2", block_n=8, block_k=64, num_stages=2)):
+                    GemvConfig(kernel="gemv2", block_n=8, block_k=64, num_stages=3)):
             with pytest.raises(ValueError, match="gemv2 takes lut 'shfl' or 'plain'"):
                 nf4_linear(torch.randn(1, 256), t.packed, t.code, config=bad, **{**_stats(t), "shape": (2, 256)})  # type: ignore[arg-type]
 
