@@ -71,9 +71,9 @@ def case(name: str, *, tiny: bool, device: str) -> tuple[Callable[[], object], i
     if name == "nf4-down":
         return nf4_case(4096 // d, 14336 // d, device=device)
     if name == "expand-swiglu-decode":
-        return expand_case(256 // (8 if tiny else 1), 64 // d if not tiny else 4, "decode", k=4096 // d,
-                           width=14336 // d, device=device)
-    return expand_case(2048 // (8 if tiny else 1), 8, "runs", k=4096 // d, width=14336 // d, device=device)
+        return expand_case(32 if tiny else 256, 4 if tiny else 64, "decode", k=4096 // d, width=14336 // d,
+                           device=device)
+    return expand_case(256 if tiny else 2048, 8, "runs", k=4096 // d, width=14336 // d, device=device)
 
 
 def main() -> None:
