@@ -46,6 +46,8 @@
 #                                                 # default, the SwiGLU expand's block rule: tests, offline, NF4 batch 1
 #   CALL=nf20 bash benchmarks/device_plan.sh      # session 20 (~150 s): NF4 one row with / without the next step's
 #                                                 #   codes in registers (num_stages 2 / 1), then the model at batch 1
+#   CALL=ncu20 bash benchmarks/device_plan.sh     # session 20 (~120 s): ncu's instruction mix and stall sources for
+#                                                 #   the fused expand, NF4 gate/up and config C's LoRA kernels
 #   CALL=ncu19 bash benchmarks/device_plan.sh     # session 20 first (~90 s): Nsight Compute's stall reasons for the
 #                                                 #   NF4 one-row kernel and the fused expand, if ncu is there
 #   CALL=ml19 bash benchmarks/device_plan.sh      # session 19 (~330 s): the multi-LoRA expands' column loop: tests,
@@ -451,6 +453,17 @@ nf20)  # session 20 (~150 s): NF4 one row, the next step's codes in registers or
     --budget 40 --json "$OUT/nf4_gemv2.json" 2>&1 | tee "$OUT/nf4_gemv2.txt" | tail -12
   timeout 60 python3 benchmarks/serve.py --parts bandwidth,nf4 --nf4-batches 1 \
     --json "$OUT/serve-nf4.json" --limit-nf4 45 2>&1 | grep -v "attention mask" | tee "$OUT/serve-nf4.txt" | tail -6 ;;
+ncu20)  # session 20 (~120 s): Nsight Compute's instruction mix and stall sources (InstructionStats, SourceCounters,
+  # WarpStateStats) for the fused expand with prompts, NF4 gate/up at one row, and config C's LoRA training kernels
+  # (their eager times after); KERNELS=... picks others of benchmarks/kernel_stalls.py
+  for k in ${KERNELS:-expand-swiglu-mixed nf4-gate-up lora-down-qkv tn-reduce-qkv lora-dx-qkv}; do
+    timeout 45 /usr/local/cuda/bin/ncu --kernel-name regex:"_nf4_gemv2_kernel|_expand_swiglu|_lora_down|_tn_reduce|_lora_dx" \
+      --launch-skip 2 --launch-count 1 --section SpeedOfLight --section Occupancy --section ComputeWorkloadAnalysis \
+      --section InstructionStats --section WarpStateStats --section SourceCounters \
+      python3 benchmarks/kernel_stalls.py --kernel $k --calls 4 > "$OUT/ncu2-$k.txt" 2>&1
+    echo "$k (rc $?):"; grep -E "ERR|Duration|DRAM Throughput|Compute \(SM\)|Registers Per|Achieved Occupancy|Executed Ipc|Issue Slots Busy|stalled|represents about" "$OUT/ncu2-$k.txt" | head -16
+  done
+  timeout 40 python3 benchmarks/kernel_stalls.py --kernel all --calls 30 2>&1 | tail -9 ;;
 ncu19)  # session 20 first (~90 s): is Nsight Compute on the device, and may it read the counters? If so, the stall
   # reasons of the kernels furthest from their bytes (benchmarks/kernel_stalls.py: NF4 one-row gate/up and down, the
   # fused gate/up expand + SwiGLU at decode and with prompts), one launch each; then their eager times

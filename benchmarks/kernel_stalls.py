@@ -11,7 +11,11 @@ the kernels whose time is furthest from their bytes, each at a Llama-3-8B shape:
 * ``nf4-gate-up`` / ``nf4-down``: :func:`splice.kernels.nf4_gemv.nf4_linear` at one row of x over a double-quantized
   NF4 weight (14,336 x 4,096 / 4,096 x 14,336), the default (gemv2) tiles;
 * ``expand-swiglu-decode`` / ``expand-swiglu-mixed``: :func:`splice.kernels.lora_swiglu.multi_lora_expand_swiglu`
-  for 256 tokens of 64 adapters and for 2,048 tokens in 8 runs of one adapter (rank 16, I = 14,336).
+  for 256 tokens of 64 adapters and for 2,048 tokens in 8 runs of one adapter (rank 16, I = 14,336);
+* ``lora-down-qkv`` / ``lora-down-down`` / ``tn-reduce-qkv`` / ``lora-dx-qkv``: the training LoRA kernels of
+  :mod:`splice.kernels.lora_kernels` as config C calls them (4,096 tokens, rank 16, dropout 0.05): the q/k/v
+  group's down-projection (3 members over one x, 4,096 wide), down's (14,336 wide), the group's ``dA`` reduction
+  and its input-gradient pass (26.6 ms of C's 252 ms step on an H200, session 18).
 
 Each runs ``--calls`` times eagerly (one launch each, the first compiles) and prints its mean time from CUDA events
 over the calls after the first, with its bytes over that time: a baseline for the profiler's figures. ``all`` runs
@@ -27,7 +31,8 @@ from collections.abc import Callable
 
 import torch
 
-KERNELS = ("nf4-gate-up", "nf4-down", "expand-swiglu-decode", "expand-swiglu-mixed")
+KERNELS = ("nf4-gate-up", "nf4-down", "expand-swiglu-decode", "expand-swiglu-mixed", "lora-down-qkv", "lora-down-down",
+           "tn-reduce-qkv", "lora-dx-qkv")
 
 
 def nf4_case(n: int, k: int, *, device: str) -> tuple[Callable[[], object], int]:
@@ -64,12 +69,35 @@ def expand_case(tokens: int, adapters: int, kind: str, *, k: int, width: int,
     return (lambda: multi_lora_expand_swiglu(shrunk, b, y, slots)), nbytes
 
 
+def lora_case(name: str, tokens: int, k: int, members: int, *, device: str) -> tuple[Callable[[], object], int]:
+    """One training LoRA kernel over x (tokens, k) bf16 and ``members`` rank-16 adapters with dropout 0.05, and the
+    bytes it must move (x read, or dx read and written; the fp32 rank-wide operands)."""
+    from splice.kernels.lora_kernels import lora_down, lora_dx_add_, tn_reduce
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    rank, p = 16 * members, 0.05
+    x = torch.randn(tokens, k, device=device, dtype=dtype)
+    a = torch.randn(rank, k, device=device) / k**0.5
+    t = torch.randn(tokens, rank, device=device)
+    keys = torch.arange(2 * members, device=device, dtype=torch.int32) + 7  # a key pair a member
+    keys = keys.view(members, 2) if members > 1 else keys
+    small = (rank * k + tokens * rank) * 4
+    if name.startswith("lora-down"):
+        return (lambda: lora_down(x, a, p, keys, members=members)), x.numel() * x.element_size() + small
+    if name.startswith("tn-reduce"):
+        return (lambda: tn_reduce(t, x, p, keys, members=members)), x.numel() * x.element_size() + small
+    return (lambda: lora_dx_add_(x, t, a, p, keys, members=members)), 2 * x.numel() * x.element_size() + small
+
+
 def case(name: str, *, tiny: bool, device: str) -> tuple[Callable[[], object], int]:
     d = 64 if tiny else 1  # toy sizes: every dimension / 64 (the kernels' shapes stay legal)
     if name == "nf4-gate-up":
         return nf4_case(14336 // d, 4096 // d, device=device)
     if name == "nf4-down":
         return nf4_case(4096 // d, 14336 // d, device=device)
+    if name.startswith(("lora-", "tn-")):
+        return lora_case(name, 4096 // (8 if tiny else 1), (14336 if name.endswith("-down") else 4096) // d,
+                         1 if name.endswith("-down") else 3, device=device)
     if name == "expand-swiglu-decode":
         return expand_case(32 if tiny else 256, 4 if tiny else 64, "decode", k=4096 // d, width=14336 // d,
                            device=device)
