@@ -38,21 +38,26 @@ KERNELS = ("nf4-gate-up", "nf4-down", "expand-swiglu-decode", "expand-swiglu-mix
 
 def nf4_case(n: int, k: int, *, device: str) -> tuple[Callable[[], object], int]:
     """One row of x against an (n, k) NF4 weight, and the weight's stored bytes."""
-    from splice.kernels.nf4_gemv import nf4_linear
+    # benchmarks/nf4_gemv.py's call of the fused kernel (default tiles)
+    from nf4_gemv import fused_call
+
     from splice.quant.nf4 import to_nf4
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     w = to_nf4(torch.randn(n, k, device=device, dtype=dtype) / k**0.5, double_quant=True)
-    x = torch.randn(1, k, device=device, dtype=dtype)
-    stats = {"absmax": w.absmax, "qabsmax": w.qabsmax, "scale2": w.scale2, "offset": w.offset, "code2": w.code2}
-    nbytes = sum(t.numel() * t.element_size() for t in (w.packed, *stats.values()) if t is not None)
-    return (lambda: nf4_linear(x, w.packed, w.code, shape=(n, k), block_size=w.block_size, **stats)), nbytes
+    parts = (w.packed, w.absmax, w.qabsmax, w.scale2, w.offset, w.code2)
+    nbytes = sum(t.numel() * t.element_size() for t in parts if t is not None)
+    return fused_call(torch.randn(1, k, device=device, dtype=dtype), w, None), nbytes
 
 
 def expand_case(tokens: int, adapters: int, kind: str, *, k: int, width: int,
                 device: str) -> tuple[Callable[[], object], int]:
-    """The fused gate/up expand + SwiGLU of ``tokens`` tokens over ``adapters`` adapters (``kind``: "decode", tokens
-    round-robin; "runs", one run of tokens an adapter), and the bytes of y, h and the adapters' B it moves."""
+    """The fused gate/up expand + SwiGLU of ``tokens`` tokens over ``adapters`` adapters (``kind``: "decode", each
+    token's adapter drawn at random; "runs", 8 runs of one adapter: ``slots_for``), and the bytes of y, h and the
+    adapters' B it moves."""
+    # benchmarks/multi_lora.py's draw of the tokens' adapters, as lora_swiglu.py uses it
+    from multi_lora import slots_for
+
     from splice.kernels.lora_swiglu import multi_lora_expand_swiglu
     from splice.kernels.multi_lora import multi_lora_shrink, plan_tiles, tiles_for
 
@@ -62,8 +67,7 @@ def expand_case(tokens: int, adapters: int, kind: str, *, k: int, width: int,
     y = torch.randn(tokens, 2 * width, device=device, dtype=dtype)
     a = torch.randn(adapters, 2, rank, k, device=device, dtype=dtype) / k**0.5
     b = torch.randn(adapters, 2 * width, rank, device=device, dtype=dtype) / rank**0.5
-    ids = torch.arange(tokens, device=device)
-    slots = (ids % adapters if kind == "decode" else ids * adapters // tokens).to(torch.int32)
+    slots = slots_for(tokens, adapters, kind, device)
     tiles = tiles_for(tokens, 0)
     shrunk = multi_lora_shrink(x, a, slots, tiles=tiles, plan=plan_tiles(slots, capacity=adapters, tiles=tiles))
     nbytes = (tokens * 3 * width + adapters * 2 * width * rank) * y.element_size()
