@@ -48,6 +48,8 @@
 #                                                 #   codes in registers (num_stages 2 / 1), then the model at batch 1
 #   CALL=ncu20 bash benchmarks/device_plan.sh     # session 20 (~120 s): ncu's instruction mix and stall sources for
 #                                                 #   the fused expand, NF4 gate/up and config C's LoRA kernels
+#   CALL=h20 bash benchmarks/device_plan.sh       # session 20 (~260 s, H200): decode GEMM tiles, batch 1 / 32 at 16
+#                                                 #   and 1,024 tokens (bf16, int8 K/V), HTTP at 32 req/s
 #   CALL=ncu19 bash benchmarks/device_plan.sh     # session 20 first (~90 s): Nsight Compute's stall reasons for the
 #                                                 #   NF4 one-row kernel and the fused expand, if ncu is there
 #   CALL=ml19 bash benchmarks/device_plan.sh      # session 19 (~330 s): the multi-LoRA expands' column loop: tests,
@@ -487,6 +489,14 @@ ml19)  # (ran in session 19 on an H100: the column loop lost and is gone; lora_s
     tests/engine/test_gpu_paths_engine.py tests/kernels/test_nf4_gemv.py
   timeout 60 python3 benchmarks/lora_swiglu.py --json "$OUT/lora_swiglu.json" 2>&1 | tee "$OUT/lora_swiglu.txt" | tail -6
   OFF_S=${OFF_S:-190} offline_adapters ;;
+h20)  # session 20 (~260 s, on an H200): the issue's decode rows there, last measured in session 7 (batch 32 0.69-0.70
+  # of the roofline, 1,024 tokens 0.83x) or 18 (batch 1 0.77): the bf16 decode GEMM's tiles, then batch 1 and 32 at
+  # 16 and 1,024 tokens (bf16 and int8 K/V), then HTTP at 32 req/s over 30 s (never run on an H200 since session 4)
+  timeout 80 python3 benchmarks/decode_gemm.py --gemv --rows 1,16 --json "$OUT/gemv.json" 2>&1 | tail -24
+  timeout 170 python3 benchmarks/serve.py --parts bandwidth,decode,http --decode-batches 1,32 \
+    --decode-contexts 16,1024 --decode-adapters "" --decode-int8-kv-contexts 1024 --limit-decode 90 \
+    --http-rates 32 --http-seconds 30 --limit-http 60 --json "$OUT/serve.json" 2>&1 | grep -v "attention mask" \
+    | tee "$OUT/serve.txt" | grep -E "^\| (bf16|[0-9])|^http|copy" ;;
 g18)  # session 18 (~130 s): the bf16 few-row decode GEMM's tiles on the H200 (batch 1 ran at 0.77 of the roofline
   # there, 0.86 on the H100; cuBLAS's q/k/v and o at 2.7-3.0 of the 4.26 TB/s), then batch-1 decode
   timeout 80 python3 benchmarks/decode_gemm.py --gemv --rows 1,16 --json "$OUT/gemv.json" 2>&1 | tail -24
