@@ -631,6 +631,9 @@ def part_http(bench: Bench, deadline: Deadline, record: dict[str, Any]) -> None:
         print(f"http {r['rate_per_s']:g} req/s: offered {r['offered_tok_s']:.0f} delivered {r['delivered_tok_s']:.0f} "
               f"tok/s, TTFT p50 {r['ttft_p50_ms']:.0f} p99 {r['ttft_p99_ms']:.0f} ms, ITL p50 {r['itl_p50_ms']:.1f} "
               f"p99 {r['itl_p99_ms']:.1f} ms, {r['completed']}/{r['requests']} complete", flush=True)
+        if "ttft_slowest" in r:
+            print(f"  TTFT p99 after the first quarter {r['ttft_p99_after_first_quarter_ms']:.0f} ms; slowest "
+                  f"(s into the window, prompt words, ms): {r['ttft_slowest']}", flush=True)
         if r.get("json_requests"):
             print(f"  {r['json_requests']} JSON-schema requests: TTFT p50 {r['json_ttft_p50_ms']:.0f} ms, "
                   f"ITL p50 {r['json_itl_p50_ms']:.1f} p99 {r['json_itl_p99_ms']:.1f} ms; the others: TTFT p50 "
@@ -672,7 +675,7 @@ async def _one_stream(client: Any, words: str, max_tokens: int, *, constrained: 
     except Exception as failure:  # a failed request is counted, the load goes on
         error = f"{type(failure).__name__}: {failure}"
     return {"start": start, "chunks": chunks, "max_tokens": max_tokens, "error": error, "finish": finish,
-            "json": constrained}
+            "json": constrained, "prompt_words": len(words.split())}
 
 
 async def _scrape(client: Any, url: str, every: float, counts: dict[str, int]) -> None:
@@ -741,7 +744,18 @@ def load_stats(results: list[dict[str, Any]], *, rate: float, count: int, span: 
             "first_error": errors[0] if errors else None, "arrival_span_s": span, "offered_tok_s": offered,
             "delivered_tok_s": delivered, "throughput_tok_s": tokens / max(last - start, 1e-9),
             "held": complete == count and delivered >= 0.85 * offered,
-            **latency(results), **split_latency(results)}
+            **latency(results), **split_latency(results), **ttft_tail(results, start=start, span=span)}
+
+
+def ttft_tail(results: list[dict[str, Any]], *, start: float, span: float) -> dict[str, Any]:
+    """Where the slow first tokens are: TTFT p99 of the requests sent after the first quarter of the window, and
+    the five slowest as (seconds into the window, prompt words, TTFT ms): a warm-up cost shows as early ones."""
+    firsts = [(r["start"] - start, r["prompt_words"], (r["chunks"][0][0] - r["start"]) * 1e3)
+              for r in results if r["chunks"]]
+    late = [ms for at, _, ms in firsts if at >= span / 4]
+    worst = sorted(firsts, key=lambda f: -f[2])[:5]
+    return {"ttft_p99_after_first_quarter_ms": quantile(late, 0.99),
+            "ttft_slowest": [[round(at, 2), words, round(ms, 1)] for at, words, ms in worst]}
 
 
 def latency(results: list[dict[str, Any]], prefix: str = "") -> dict[str, float]:
