@@ -48,6 +48,8 @@
 #                                                 #   codes in registers (num_stages 2 / 1), then the model at batch 1
 #   CALL=ncu20 bash benchmarks/device_plan.sh     # session 20 (~120 s): ncu's instruction mix and stall sources for
 #                                                 #   the fused expand, NF4 gate/up and config C's LoRA kernels
+#   CALL=b20 bash benchmarks/device_plan.sh       # session 20 (~520 s): T and dB from one read of G (lora_b_grads):
+#                                                 #   tiles, C old vs new beside PEFT, LoRA GPU tests, HTTP TTFT tail
 #   CALL=h20 bash benchmarks/device_plan.sh       # session 20 (~260 s, H200): decode GEMM tiles, batch 1 / 32 at 16
 #                                                 #   and 1,024 tokens (bf16, int8 K/V), HTTP at 32 req/s
 #   CALL=ncu19 bash benchmarks/device_plan.sh     # session 20 first (~90 s): Nsight Compute's stall reasons for the
@@ -489,6 +491,19 @@ ml19)  # (ran in session 19 on an H100: the column loop lost and is gone; lora_s
     tests/engine/test_gpu_paths_engine.py tests/kernels/test_nf4_gemv.py
   timeout 60 python3 benchmarks/lora_swiglu.py --json "$OUT/lora_swiglu.json" 2>&1 | tee "$OUT/lora_swiglu.txt" | tail -6
   OFF_S=${OFF_S:-190} offline_adapters ;;
+b20)  # session 20 (~520 s): the backward's T and dB from one read of G (lora_b_grads): its launch shapes beside
+  # lora_down + tn_reduce; config C with the previous splice/ (build/_old_bg/splice, carried: a copy of 8ab76ee's, never committed)
+  # and with the new one beside PEFT; the LoRA kernels' GPU tests; then HTTP at 32 req/s (h20's p99 TTFT was 419 ms
+  # against session 13's 186: where the slow first tokens fall)
+  timeout 70 python3 benchmarks/lora_kernel_tuning.py --quick --graphs --dropout 0 --kinds b_grads \
+    --out "$OUT/bgrads.json" 2>&1 | tee "$OUT/bgrads.txt" | tail -14
+  if [ -d build/_old_bg/splice ]; then
+    PYTHONPATH=$PWD/build/_old_bg:/tmp/site timeout 100 python3 benchmarks/train_throughput.py --out "$OUT/c_old" \
+      --frameworks splice --configs C --modes on+graphs --worker-timeout 90 2>&1 | tee "$OUT/c_old.txt" | grep "^| C"
+  fi
+  c_then_lora_tests b20 100
+  timeout 90 python3 benchmarks/serve.py --parts http --http-rates 32 --http-seconds 30 --limit-http 80 \
+    --json "$OUT/http.json" 2>&1 | grep -v "attention mask" | tee "$OUT/http.txt" | grep -E "http|TTFT|warm" ;;
 h20)  # session 20 (~260 s, on an H200): the issue's decode rows there, last measured in session 7 (batch 32 0.69-0.70
   # of the roofline, 1,024 tokens 0.83x) or 18 (batch 1 0.77): the bf16 decode GEMM's tiles, then batch 1 and 32 at
   # 16 and 1,024 tokens (bf16 and int8 K/V), then HTTP at 32 req/s over 30 s (never run on an H200 since session 4)

@@ -11,6 +11,8 @@ the default's (fp32 atomics: equal to ~1e-6), and prints a table with the best o
 ``--dropout`` lists the dropout rates to time (default 0.05: config C's), ``--defaults-only`` times
 the defaults alone: with ``--dropout 0,0.05`` that is what the mask's hash costs. The ``x3`` rows are
 q/k/v's group (three members over one ``x``, each with its own mask: splice.kernels.lora_group).
+``b_grads`` rows (dropout 0 runs) time the backward's ``T`` and ``dB`` from one read of the output gradient ``G``;
+a second table puts them beside the two kernels they replace (``lora_down`` on ``G``, then ``tn_reduce``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from splice.kernels.lora_kernels import TILES, Tiles, lora_down, lora_dx_add_, tn_reduce
+from splice.kernels.lora_kernels import TILES, Tiles, lora_b_grads, lora_down, lora_dx_add_, tn_reduce
 
 N, R = 4096, 16
 BF16 = torch.bfloat16
@@ -57,10 +59,15 @@ QUICK = {
                Tiles(64, 64, 4, 4, 4, x_major=True), Tiles(128, 128, 8, 3, 4, x_major=True)],
     "dx": [Tiles(32, 256, 8, 1), Tiles(64, 256, 8, 1), Tiles(64, 128, 4, 1), Tiles(32, 256, 4, 1),
            Tiles(16, 256, 4, 1), Tiles(64, 256, 4, 1), Tiles(32, 512, 8, 1), Tiles(32, 256, 4, 2)],
+    # (bn rows a loop step, bk columns a program)
+    "b_grads": [Tiles(64, 128, 4, 3, 4), Tiles(64, 256, 4, 3, 4), Tiles(32, 256, 8, 3, 4), Tiles(64, 512, 8, 3, 4),
+                Tiles(64, 256, 8, 4, 4), Tiles(128, 256, 8, 3, 4), Tiles(64, 256, 8, 3, 8), Tiles(64, 128, 4, 4, 8)],
 }
 
 
 def candidates(kind: str) -> list[Tiles]:
+    if kind == "b_grads":
+        return QUICK[kind]
     if kind == "dx":
         shapes = [(64, 128), (128, 128), (64, 256), (128, 256), (32, 256), (256, 128)]
         return [Tiles(bn, bk, w, 1) for (bn, bk), w in itertools.product(shapes, (4, 8))]
@@ -104,7 +111,32 @@ def problems(p: float) -> list[tuple[str, str, int, Run, Run]]:
             u = torch.randn(N, R, device="cuda")
             db = lambda tl, g_=g_, u=u: tn_reduce(u, g_, alpha=2.0, tiles=tl)  # noqa: E731
             out.append(("reduce", f"dB {R}x{o}", g_.numel() * 2 + u.numel() * 4 + R * o * 4, db, db))
+        for o in (1024, 4096, 14336):  # T and dB of k/v, q/o/down, gate/up from one read of G
+            out.append(("b_grads", f"T+dB G {N}x{o}", *b_grads_case(o)))
     return out
+
+
+def b_grads_case(o: int) -> tuple[int, Run, Run]:
+    """Bytes moved and the run of ``lora_b_grads`` over G (N, o) (the check returns T and dB^T side by side)."""
+    g_ = torch.randn(N, o, device="cuda").to(BF16)
+    b_t = torch.randn(R, o, device="cuda") / 4
+    u = torch.randn(N, R, device="cuda")
+    run = lambda tl, g_=g_, b_t=b_t, u=u: torch.cat(  # noqa: E731
+        [v.flatten() for v in lora_b_grads(g_, b_t, u, alpha=2.0, tiles=tl)])
+    return g_.numel() * 2 + 2 * u.numel() * 4 + 2 * b_t.numel() * 4, run, run
+
+
+def separate_b_grads(graphs: bool) -> list[str]:
+    """Rows of the second table: lora_down + tn_reduce at their defaults against lora_b_grads' default."""
+    rows = []
+    for o in (1024, 4096, 14336):
+        g_ = torch.randn(N, o, device="cuda").to(BF16)
+        b_t = torch.randn(R, o, device="cuda") / 4
+        u = torch.randn(N, R, device="cuda")
+        two = bench(lambda g_=g_, b_t=b_t, u=u: (lora_down(g_, b_t, alpha=2.0), tn_reduce(u, g_, alpha=2.0)), graphs)
+        one = bench(lambda g_=g_, b_t=b_t, u=u: lora_b_grads(g_, b_t, u, alpha=2.0), graphs)
+        rows.append(f"| G {N}x{o} | {two * 1e3:.1f} | {one * 1e3:.1f} | {two / one:.2f}x |")
+    return rows
 
 
 def main() -> None:
@@ -114,12 +146,14 @@ def main() -> None:
     ap.add_argument("--defaults-only", action="store_true", help="time TILES alone, no candidates")
     ap.add_argument("--quick", action="store_true", help="eight candidates a kernel (QUICK), not the full sweep")
     ap.add_argument("--graphs", action="store_true", help="time replays of a CUDA graph (no launch overhead)")
+    ap.add_argument("--kinds", default="down,reduce,dx,b_grads", help="comma-separated kernels to time")
     args = ap.parse_args()
     torch.manual_seed(0)
     peak = copy_bandwidth()
     rows, results = [], []
     for kind, label, nbytes, check, timed_run, p in [
-            (*prob, float(rate)) for rate in args.dropout.split(",") for prob in problems(float(rate))]:
+            (*prob, float(rate)) for rate in args.dropout.split(",") for prob in problems(float(rate))
+            if prob[0] in args.kinds.split(",")]:
         ref = check(TILES[kind]).clone()
         timed = []
         pool = [] if args.defaults_only else QUICK[kind] if args.quick else candidates(kind)
@@ -142,6 +176,9 @@ def main() -> None:
     print("| kernel | shape | dropout | default us | default GB/s | best us | best GB/s | best tiles |")
     print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
+    if 0.0 in [float(r) for r in args.dropout.split(",")] and "b_grads" in args.kinds.split(","):
+        print("\n| output gradient | lora_down + tn_reduce us | lora_b_grads us | speed-up |\n|---|---|---|---|")
+        print("\n".join(separate_b_grads(args.graphs)))
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"copy_gbps": peak, "device": torch.cuda.get_device_name(), "results": results}, f, indent=1)

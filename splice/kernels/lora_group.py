@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .dropout import dropout, dropout_add_
-from .lora_kernels import lora_down, lora_dx_add_, tn_reduce
+from .lora_kernels import lora_b_grads, lora_down, lora_dx_add_, tn_reduce
 from .lora_linear import FrozenBase, _dense, _mm_f32, delta_then_base, uses_lora_kernels
 
 __all__ = ["lora_group", "lora_group_u"]
@@ -138,8 +138,18 @@ class _LoraGroupFn(torch.autograd.Function):
         if ctx.triton:
             gs = [gr.contiguous() for gr in gs]
         ranks = [b.shape[1] for b in lora_bs]
-        if ctx.triton:  # T_j = s_j G_j B_j, fp32
-            ts = [lora_down(gr, b.float().t().contiguous(), alpha=s) for gr, b, s in zip(gs, lora_bs, scales)]
+        dbs: list[Tensor | None] = [None] * g
+        if ctx.triton:  # T_j = s_j G_j B_j, fp32; with dB_j (= s_j G_j^T U_j) from the same read of G_j
+            ts, start = [], 0
+            for j, (gr, b, s) in enumerate(zip(gs, lora_bs, scales)):
+                b_t = b.float().t().contiguous()
+                if need_b[j]:
+                    tj, db_t = lora_b_grads(gr, b_t, u[:, start:start + ranks[j]].contiguous(), alpha=s)
+                    dbs[j] = db_t.t().to(b.dtype)
+                else:
+                    tj = lora_down(gr, b_t, alpha=s)
+                ts.append(tj)
+                start += ranks[j]
         else:
             ts = [(gr @ b.to(x2.dtype)).mul_(s) for gr, b, s in zip(gs, lora_bs, scales)]
         t = torch.cat(ts, dim=1) if g > 1 else ts[0]  # (N, R)
@@ -172,16 +182,14 @@ class _LoraGroupFn(torch.autograd.Function):
             else:
                 da = _mm_f32(t.T, x2)
             das = [part.to(la.dtype) for part, la in zip(da.split(ranks), lora_as)]
-        dbs: list[Tensor | None] = [None] * g
         dws: list[Tensor | None] = [None] * g
         dbiases: list[Tensor | None] = [None] * g
         start = 0
         for j, (gr, b, w, s) in enumerate(zip(gs, lora_bs, weights, scales)):
             uj = u[:, start:start + ranks[j]]
             start += ranks[j]
-            if need_b[j]:
-                dbs[j] = (tn_reduce(uj.contiguous(), gr, alpha=s).t() if ctx.triton
-                          else _mm_f32(gr.T, uj).mul_(s)).to(b.dtype)
+            if need_b[j] and not ctx.triton:  # (the GPU's came with T above)
+                dbs[j] = _mm_f32(gr.T, uj).mul_(s).to(b.dtype)
             if need_w[j]:
                 dws[j] = _mm_f32(gr.T, x2).to(w.dtype)
             if need_bias[j] and ctx.biased[j]:

@@ -7,7 +7,12 @@ Shapes: ``x`` (N, K) bf16/fp16 row-major (N tokens, K = in_features), ``A`` (R, 
 * :func:`lora_down`: ``U = D(x) A^T`` (N, R) fp32 -- the adapter's first matmul;
 * :func:`tn_reduce`: ``T^T D(x)`` (R, K) fp32 -- ``dA`` (and, without dropout, ``dB^T`` from
   ``U`` and the output gradient);
-* :func:`lora_dx_add_`: ``dx += D(T A)`` in place -- the adapter's input gradient.
+* :func:`lora_dx_add_`: ``dx += D(T A)`` in place -- the adapter's input gradient;
+* :func:`lora_b_grads`: ``(s G B, s U^T G)`` -- the backward's ``T`` and ``dB^T`` from the output gradient ``G``
+  (N, O) 16-bit, ``B`` (O, R), ``U`` (N, R) fp32: what ``lora_down(G, B^T)`` and ``tn_reduce(U, G)`` give, from
+  one read of ``G`` instead of two (``G`` is the largest tensor the adapter's backward reads: 4,096 x 14,336 for
+  gate and up at config C's 4,096 tokens). Programs own a column block of ``G`` and a range of rows; ``T``'s
+  partial sums over column blocks and ``dB``'s over row ranges meet in fp32 atomics.
 
 ``members > 1`` (sibling adapters over one ``x``, :mod:`splice.kernels.lora_group`, with dropout): ``A`` is
 ``G`` stacked ``(r, K)`` blocks and ``T`` / ``U`` ``G`` column blocks of ``r``, member ``g`` with its own mask
@@ -33,7 +38,7 @@ from torch import Tensor
 from . import HAS_TRITON
 from .dropout import as_keys, threshold
 
-__all__ = ["TILES", "Tiles", "lora_down", "lora_dx_add_", "tn_reduce"]
+__all__ = ["TILES", "Tiles", "lora_b_grads", "lora_down", "lora_dx_add_", "tn_reduce"]
 
 
 @dataclass(frozen=True)
@@ -58,7 +63,10 @@ class Tiles:
 # tensor cores' M side (x_major), same method, H100, 2026-12-06 (sweep13): over the dA shapes with dropout 0.05
 # (16x4096, 48x4096, 16x14336) 19.2 / 46.7 / 61.4 us against 22.6 / 53.5 / 70.9, without dropout (dA and dB) no
 # slower anywhere (dB 16x1024 7.5 against 10.3).
-TILES = {"down": Tiles(64, 64, 4, 3, 6), "reduce": Tiles(64, 64, 4, 4, 4, x_major=True), "dx": Tiles(32, 128, 4, 1)}
+# "b_grads" (bn rows a loop step, bk columns a program): untimed, a first guess (256 columns keep T's atomics to
+# 56 a value at O = 14,336)
+TILES = {"down": Tiles(64, 64, 4, 3, 6), "reduce": Tiles(64, 64, 4, 4, 4, x_major=True), "dx": Tiles(32, 128, 4, 1),
+         "b_grads": Tiles(64, 256, 8, 3, 4)}
 
 if HAS_TRITON:
     import triton
@@ -167,6 +175,40 @@ if HAS_TRITON:
         dx = tl.load(dx_ptr + offs, mask=inside, other=0.0).to(tl.float32)
         tl.store(dx_ptr + offs, (dx + total).to(dt), mask=inside)
 
+    @triton.jit
+    def _b_grads(g_ptr, bt_ptr, u_ptr, t_ptr, db_ptr, N, M, R, n_per_split, scale,
+                 BN: tl.constexpr, BO: tl.constexpr, RP: tl.constexpr):
+        # program (column block, N split): T[rows] += s G[rows, cols] B[cols] for each BN rows of its range
+        # (the column blocks' partials meet in atomics), dB^T[:, cols] += s U[rows]^T G[rows, cols] summed over
+        # the range (the ranges' partials meet in atomics). G (N, M), B^T (R, M), U and T (N, R), dB^T (R, M)
+        cols = tl.program_id(0).to(tl.int64) * BO + tl.arange(0, BO)
+        rr = tl.arange(0, RP)
+        col_ok = cols < M
+        r_ok = rr < R
+        dt = g_ptr.dtype.element_ty
+        bt = tl.load(bt_ptr + rr[:, None] * M + cols[None, :], mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+        b_hi = bt.to(dt)
+        b_lo = (bt - b_hi.to(tl.float32)).to(dt)
+        n_start = tl.program_id(1) * n_per_split
+        n_stop = tl.minimum(n_start + n_per_split, N)
+        acc = tl.zeros((BO, RP), dtype=tl.float32)
+        for n0 in range(0, n_per_split, BN):
+            rows = (n_start + n0 + tl.arange(0, BN)).to(tl.int64)
+            row_ok = rows < n_stop
+            g = tl.load(g_ptr + rows[:, None] * M + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            part = tl.dot(g, tl.trans(b_hi))
+            part += tl.dot(g, tl.trans(b_lo))  # (BN, RP)
+            rank_at = rows[:, None] * R + rr[None, :]
+            tl.atomic_add(t_ptr + rank_at, part * scale, mask=row_ok[:, None] & r_ok[None, :])
+            u = tl.load(u_ptr + rank_at, mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+            u_hi = u.to(dt)
+            u_lo = (u - u_hi.to(tl.float32)).to(dt)
+            gt = tl.trans(g)  # (BO, BN): the G tile on the tensor cores' M side, as tn_reduce's x_major
+            acc += tl.dot(gt, u_hi)
+            acc += tl.dot(gt, u_lo)
+        acc *= scale
+        tl.atomic_add(db_ptr + rr[None, :] * M + cols[:, None], acc, mask=r_ok[None, :] & col_ok[:, None])
+
 
 _SMS: dict[int, int] = {}
 
@@ -193,6 +235,14 @@ def _dropout_args(p: float, keys: int | Tensor, alpha: float, like: Tensor, memb
             raise ValueError(f"{members} members with dropout take ({members}, 2) int32 keys, got {keys!r}")
         return keys.to(like.device).contiguous(), threshold(p), alpha / (1.0 - p)
     return (as_keys(keys, like.device) if p > 0 else like), threshold(p), alpha / (1.0 - p)
+
+
+def _token_splits(n: int, blocks: int, ts: Tiles, device: torch.device) -> tuple[int, int]:
+    """(ranges, tokens a range) of a reduction over ``n`` tokens split until about ``ts.waves`` programs an SM run
+    beside ``blocks`` column blocks; each range at least two ``ts.bn`` steps, a whole number of them."""
+    split = max(1, min(triton.cdiv(n, 2 * ts.bn), (ts.waves * _sms(device)) // blocks))
+    n_per_split = triton.cdiv(triton.cdiv(n, split), ts.bn) * ts.bn
+    return triton.cdiv(n, n_per_split), n_per_split
 
 
 def _member_rows(rows: int, members: int, what: str) -> int:
@@ -230,9 +280,7 @@ def tn_reduce(t: Tensor, x: Tensor, p: float = 0.0, keys: int | Tensor = 0, *, a
     r = _member_rows(rt, members, "tn_reduce")
     ts = tiles or TILES["reduce"]
     blocks = triton.cdiv(k, ts.bk)
-    split = max(1, min(triton.cdiv(n, 2 * ts.bn), (ts.waves * _sms(x.device)) // blocks))
-    n_per_split = triton.cdiv(triton.cdiv(n, split), ts.bn) * ts.bn
-    split = triton.cdiv(n, n_per_split)
+    split, n_per_split = _token_splits(n, blocks, ts, x.device)
     out = torch.zeros((rt, k), dtype=torch.float32, device=x.device)
     _tn_reduce[(members, blocks, split)](t, x, out, n, k, r, rt, n_per_split, *_dropout_args(p, keys, alpha, x, members),
                                 BN=ts.bn, BK=ts.bk, RP=_rp(r), DROPOUT=p > 0, X_MAJOR=ts.x_major,
@@ -251,3 +299,23 @@ def lora_dx_add_(dx: Tensor, t: Tensor, a: Tensor, p: float, keys: int | Tensor,
         dx, t, a, n, k, r, *_dropout_args(p, keys, 1.0, dx, members), BN=ts.bn, BK=ts.bk, RP=_rp(r),
         DROPOUT=p > 0, MEMBERS=members, num_warps=ts.warps, num_stages=ts.stages)
     return dx
+
+
+def lora_b_grads(g: Tensor, b_t: Tensor, u: Tensor, *, alpha: float = 1.0,
+                 tiles: Tiles | None = None) -> tuple[Tensor, Tensor]:
+    """``(alpha * g @ b_t^T, alpha * u^T @ g)`` in fp32 from one read of ``g``: g (N, O) 16-bit, b_t (R, O) fp32
+    (``B^T``), u (N, R) fp32, all contiguous; results (N, R) and (R, O), as ``lora_down(g, b_t, alpha=alpha)`` and
+    ``tn_reduce(u, g, alpha=alpha)`` (module doc)."""
+    n, o = g.shape
+    r = b_t.shape[0]
+    if b_t.shape != (r, o) or u.shape != (n, r):
+        raise ValueError(f"lora_b_grads: g (N, O), b_t (R, O) and u (N, R) expected, got {tuple(g.shape)}, "
+                         f"{tuple(b_t.shape)}, {tuple(u.shape)}")
+    ts = tiles or TILES["b_grads"]
+    blocks = triton.cdiv(o, ts.bk)
+    split, n_per_split = _token_splits(n, blocks, ts, g.device)
+    t = torch.zeros((n, r), dtype=torch.float32, device=g.device)
+    db_t = torch.zeros((r, o), dtype=torch.float32, device=g.device)
+    _b_grads[(blocks, split)](g, b_t, u, t, db_t, n, o, r, n_per_split, alpha, BN=ts.bn, BO=ts.bk, RP=_rp(r),
+                              num_warps=ts.warps, num_stages=ts.stages)
+    return t, db_t

@@ -22,7 +22,8 @@ Backward, with ``G = dY`` (N, out) and ``U = D(x) A^T`` (N, r, saved)::
 Saved for backward: ``x`` (which the base linear needs anyway, and which q/k/v share), ``U``
 and the dropout keys; neither the dropped-out copy of ``x`` nor its mask is stored: ``D(x)`` is
 regenerated from the keys. With ``p == 0`` the dropout passes vanish and ``dx`` is one GEMM plus
-an accumulating GEMM (``addmm_``).
+an accumulating GEMM (``addmm_``). On the GPU ``T`` and ``dB`` come from one read of ``G``
+(:func:`~splice.kernels.lora_kernels.lora_b_grads`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from torch import Tensor
 
 from . import use_triton
 from .dropout import as_keys, dropout, dropout_add_
-from .lora_kernels import lora_down, lora_dx_add_, tn_reduce
+from .lora_kernels import lora_b_grads, lora_down, lora_dx_add_, tn_reduce
 
 __all__ = ["LORA_KERNEL_MIN_TOKENS", "FrozenBase", "lora_linear", "lora_linear_reference", "lora_u", "uses_lora_kernels"]
 
@@ -213,20 +214,23 @@ def lora_u(x: Tensor, lora_a: Tensor, *, dropout_p: float = 0.0, keys: Tensor | 
 
 def _backward_triton(ctx: Any, g: Tensor, x2: Tensor, weight: Tensor, lora_a: Tensor,
                      lora_b: Tensor, u: Tensor) -> tuple[Tensor | None, ...]:
-    """The GPU backward (see the module doc): 1 cuBLAS GEMM for dx plus four Triton launches."""
+    """The GPU backward (see the module doc): 1 cuBLAS GEMM for dx plus three Triton launches."""
     scale, p, keys = ctx.scale, ctx.p, ctx.keys
     need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
     a32 = lora_a.float().contiguous()
-    t = lora_down(g, lora_b.float().t().contiguous(), alpha=scale)  # T = s * G B, (N, r) fp32
+    b_t = lora_b.float().t().contiguous()
     dx = dw = dbias = da = db = None
+    if need_b:  # T = s * G B (N, r) and s * U^T G = dB^T (r, out), fp32, from one read of G
+        t, db_t = lora_b_grads(g, b_t, u.contiguous(), alpha=scale)
+        db = db_t.t().to(lora_b.dtype)
+    else:
+        t = lora_down(g, b_t, alpha=scale)
     if need_x:
         dx = _base_dx(g, weight, ctx.base)  # (N, in)
         lora_dx_add_(dx, t, a32, p, keys)
         dx = dx.view(ctx.x_shape)
     if need_a:
         da = tn_reduce(t, x2, p, keys).to(lora_a.dtype)  # (r, in)
-    if need_b:
-        db = tn_reduce(u, g, alpha=scale).t().to(lora_b.dtype)  # (out, r)
     if need_w:
         dw = _mm_f32(g.T, x2).to(weight.dtype)
     if need_bias and ctx.has_bias:

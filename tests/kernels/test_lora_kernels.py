@@ -12,7 +12,7 @@ import torch
 
 from splice.kernels import use_triton
 from splice.kernels.dropout import dropout
-from splice.kernels.lora_kernels import TILES, Tiles, lora_down, lora_dx_add_, tn_reduce
+from splice.kernels.lora_kernels import TILES, Tiles, lora_b_grads, lora_down, lora_dx_add_, tn_reduce
 from tests.numerics import DEVICES
 
 SHAPES = {
@@ -20,6 +20,7 @@ SHAPES = {
     "reduce": [TILES["reduce"], Tiles(64, 128, 4, 3, 4), Tiles(64, 128, 4, 3, 4, x_major=True),
                Tiles(32, 64, 4, 4, 4, x_major=True)],
     "dx": [TILES["dx"], Tiles(32, 256, 4, 1), Tiles(64, 64, 8, 1)],
+    "b_grads": [TILES["b_grads"], Tiles(64, 128, 4, 3, 4), Tiles(32, 64, 4, 2, 8)],
 }
 
 
@@ -88,9 +89,33 @@ KERNELS = {"down": _down, "reduce": _reduce, "dx": _dx}
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("members", [1, 3])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-@pytest.mark.parametrize(("kernel", "tiles"), [(k, t) for k, shapes in SHAPES.items() for t in shapes])
+@pytest.mark.parametrize(("kernel", "tiles"), [(k, t) for k, shapes in SHAPES.items() if k in KERNELS for t in shapes])
 def test_kernel_matches_reference_at_every_launch_shape(device: str, members: int, p: float, kernel: str,
                                                         tiles: Tiles) -> None:
     x, a, t, keys = _inputs(device, members)
     got, want, tol = KERNELS[kernel](x, a, t, keys, p, members, tiles)
     assert _rel(got, want) < tol
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rank", [5, 16])
+@pytest.mark.parametrize("tiles", SHAPES["b_grads"])
+def test_b_grads_give_lora_downs_t_and_tn_reduces_db_from_one_read(device: str, rank: int, tiles: Tiles) -> None:
+    # G (70, 200): ragged against every tile (rows and columns); rank 5 pads to 16
+    g16, _, _, _ = _inputs(device, 1)
+    gen = torch.Generator().manual_seed(rank)
+    b_t = (torch.randn(rank, g16.shape[1], generator=gen) / 4).to(device)
+    u = torch.randn(g16.shape[0], rank, generator=gen).to(device)
+    t, db_t = lora_b_grads(g16, b_t, u, alpha=0.75, tiles=tiles)
+    assert t.shape == (g16.shape[0], rank) and db_t.shape == (rank, g16.shape[1])
+    assert _rel(t, 0.75 * g16.double() @ b_t.double().T) < _split_tol(g16)
+    assert _rel(db_t, 0.75 * u.double().T @ g16.double()) < _split_tol(g16)
+    # the two kernels it stands for, at their defaults: equal but for the order of fp32 sums
+    assert _rel(t, lora_down(g16, b_t, alpha=0.75).double()) < 1e-6
+    assert _rel(db_t, tn_reduce(u, g16, alpha=0.75).double()) < 1e-6
+
+
+def test_b_grads_refuse_mismatched_shapes_in_one_line() -> None:
+    g16, _, _, _ = _inputs("cuda" if torch.cuda.is_available() else "cpu", 1)
+    with pytest.raises(ValueError, match="lora_b_grads: g .N, O., b_t .R, O. and u .N, R. expected"):
+        lora_b_grads(g16, torch.zeros(4, 3, device=g16.device), torch.zeros(g16.shape[0], 4, device=g16.device))
