@@ -502,7 +502,7 @@ b20)  # session 20 (~520 s): the backward's T and dB from one read of G (lora_b_
       --frameworks splice --configs C --modes on+graphs --worker-timeout 90 2>&1 | tee "$OUT/c_old.txt" | grep "^| C"
   fi
   c_then_lora_tests b20 100
-  timeout 90 python3 benchmarks/serve.py --parts http --http-rates 32 --http-seconds 30 --limit-http 80 \
+  [ "${HTTP:-1}" = 0 ] || timeout 90 python3 benchmarks/serve.py --parts http --http-rates 32 --http-seconds 30 --limit-http 80 \
     --json "$OUT/http.json" 2>&1 | grep -v "attention mask" | tee "$OUT/http.txt" | grep -E "http|TTFT|warm" ;;
 h20)  # session 20 (~260 s, on an H200): the decode rows there, last measured in session 7 (batch 32 0.69-0.70
   # of the roofline, 1,024 tokens 0.83x) or 18 (batch 1 0.77): the bf16 decode GEMM's tiles, then batch 1 and 32 at

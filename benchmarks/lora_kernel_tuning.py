@@ -60,8 +60,8 @@ QUICK = {
     "dx": [Tiles(32, 256, 8, 1), Tiles(64, 256, 8, 1), Tiles(64, 128, 4, 1), Tiles(32, 256, 4, 1),
            Tiles(16, 256, 4, 1), Tiles(64, 256, 4, 1), Tiles(32, 512, 8, 1), Tiles(32, 256, 4, 2)],
     # (bn rows a loop step, bk columns a program)
-    "b_grads": [Tiles(64, 128, 4, 3, 4), Tiles(64, 256, 4, 3, 4), Tiles(32, 256, 8, 3, 4), Tiles(64, 512, 8, 3, 4),
-                Tiles(64, 256, 8, 4, 4), Tiles(128, 256, 8, 3, 4), Tiles(64, 256, 8, 3, 8), Tiles(64, 128, 4, 4, 8)],
+    "b_grads": [Tiles(64, 128, 4, 3, 4), Tiles(64, 256, 4, 3, 4), Tiles(64, 128, 8, 3, 4), Tiles(128, 128, 8, 3, 4),
+                Tiles(64, 256, 8, 4, 4), Tiles(128, 64, 4, 3, 4), Tiles(64, 256, 8, 3, 8), Tiles(64, 128, 4, 4, 8)],
 }
 
 
