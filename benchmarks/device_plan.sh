@@ -491,6 +491,12 @@ ml19)  # (ran in session 19 on an H100: the column loop lost and is gone; lora_s
     tests/engine/test_gpu_paths_engine.py tests/kernels/test_nf4_gemv.py
   timeout 60 python3 benchmarks/lora_swiglu.py --json "$OUT/lora_swiglu.json" 2>&1 | tee "$OUT/lora_swiglu.txt" | tail -6
   OFF_S=${OFF_S:-190} offline_adapters ;;
+c20)  # session 20 (~200 s): config C with the previous splice/ (build/_old_bg) and the new one (lora_b_grads at
+  # b20b's best tiles, relaxed atomics), splice only, one after the other (b20b's PEFT in the same session: 756.5 ms)
+  for tree in build/_old_bg .; do
+    PYTHONPATH=$PWD/$tree:/tmp/site timeout 100 python3 benchmarks/train_throughput.py --out "$OUT/c_$(basename $tree)" \
+      --frameworks splice --configs C --modes on+graphs --worker-timeout 90 2>&1 | grep "^| C"
+  done ;;
 b20)  # session 20 (~520 s): the backward's T and dB from one read of G (lora_b_grads): its launch shapes beside
   # lora_down + tn_reduce; config C with the previous splice/ (build/_old_bg/splice, carried: a copy of 8ab76ee's, never committed)
   # and with the new one beside PEFT; the LoRA kernels' GPU tests; then HTTP at 32 req/s (h20's p99 TTFT was 419 ms

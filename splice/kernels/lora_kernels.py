@@ -63,10 +63,11 @@ class Tiles:
 # tensor cores' M side (x_major), same method, H100, 2026-12-06 (sweep13): over the dA shapes with dropout 0.05
 # (16x4096, 48x4096, 16x14336) 19.2 / 46.7 / 61.4 us against 22.6 / 53.5 / 70.9, without dropout (dA and dB) no
 # slower anywhere (dB 16x1024 7.5 against 10.3).
-# "b_grads" (bn rows a loop step, bk columns a program): untimed, a first guess (256 columns keep T's atomics to
-# 56 a value at O = 14,336)
+# "b_grads" (bn rows a loop step, bk columns a program): the best of benchmarks/lora_kernel_tuning.py's eight over
+# the output gradients of k/v, q/o/down and gate/up weighted by their calls a layer (H100, 2026-12-07, b20b, CUDA
+# graphs): 9.7 / 24.3 / 62.8 us at 1,024 / 4,096 / 14,336 columns against lora_down + tn_reduce's 11.2 / 23.6 / 85.4
 TILES = {"down": Tiles(64, 64, 4, 3, 6), "reduce": Tiles(64, 64, 4, 4, 4, x_major=True), "dx": Tiles(32, 128, 4, 1),
-         "b_grads": Tiles(64, 256, 8, 3, 4)}
+         "b_grads": Tiles(64, 128, 4, 4, 8)}
 
 if HAS_TRITON:
     import triton
