@@ -177,17 +177,17 @@ if HAS_TRITON:
         tl.store(dx_ptr + offs, (dx + total).to(dt), mask=inside)
 
     @triton.jit
-    def _b_grads(g_ptr, bt_ptr, u_ptr, t_ptr, db_ptr, N, M, R, n_per_split, scale,
+    def _b_grads(g_ptr, bt_ptr, u_ptr, t_ptr, db_ptr, N, OUT, R, n_per_split, scale,
                  BN: tl.constexpr, BO: tl.constexpr, RP: tl.constexpr):
         # program (column block, N split): T[rows] += s G[rows, cols] B[cols] for each BN rows of its range
         # (the column blocks' partials meet in atomics), dB^T[:, cols] += s U[rows]^T G[rows, cols] summed over
-        # the range (the ranges' partials meet in atomics). G (N, M), B^T (R, M), U and T (N, R), dB^T (R, M)
+        # the range (the ranges' partials meet in atomics). G (N, OUT), B^T (R, OUT), U and T (N, R), dB^T (R, OUT)
         cols = tl.program_id(0).to(tl.int64) * BO + tl.arange(0, BO)
         rr = tl.arange(0, RP)
-        col_ok = cols < M
+        col_ok = cols < OUT
         r_ok = rr < R
         dt = g_ptr.dtype.element_ty
-        bt = tl.load(bt_ptr + rr[:, None] * M + cols[None, :], mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+        bt = tl.load(bt_ptr + rr[:, None] * OUT + cols[None, :], mask=r_ok[:, None] & col_ok[None, :], other=0.0)
         b_hi = bt.to(dt)
         b_lo = (bt - b_hi.to(tl.float32)).to(dt)
         n_start = tl.program_id(1) * n_per_split
@@ -196,7 +196,7 @@ if HAS_TRITON:
         for n0 in range(0, n_per_split, BN):
             rows = (n_start + n0 + tl.arange(0, BN)).to(tl.int64)
             row_ok = rows < n_stop
-            g = tl.load(g_ptr + rows[:, None] * M + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            g = tl.load(g_ptr + rows[:, None] * OUT + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
             part = tl.dot(g, tl.trans(b_hi))
             part += tl.dot(g, tl.trans(b_lo))  # (BN, RP)
             rank_at = rows[:, None] * R + rr[None, :]
@@ -206,11 +206,11 @@ if HAS_TRITON:
             u = tl.load(u_ptr + rank_at, mask=row_ok[:, None] & r_ok[None, :], other=0.0)
             u_hi = u.to(dt)
             u_lo = (u - u_hi.to(tl.float32)).to(dt)
-            gt = tl.trans(g)  # (BO, BN): the G tile on the tensor cores' M side, as tn_reduce's x_major
+            gt = tl.trans(g)  # (BO, BN): the G tile on the tensor cores' OUT side, as tn_reduce's x_major
             acc += tl.dot(gt, u_hi)
             acc += tl.dot(gt, u_lo)
         acc *= scale
-        tl.atomic_add(db_ptr + rr[None, :] * M + cols[:, None], acc, mask=r_ok[None, :] & col_ok[:, None],
+        tl.atomic_add(db_ptr + rr[None, :] * OUT + cols[:, None], acc, mask=r_ok[None, :] & col_ok[:, None],
                       sem="relaxed")
 
 
