@@ -48,6 +48,7 @@
 #                                                 #   codes in registers (num_stages 2 / 1), then the model at batch 1
 #   CALL=ncu20 bash benchmarks/device_plan.sh     # session 20 (~120 s): ncu's instruction mix and stall sources for
 #                                                 #   the fused expand, NF4 gate/up and config C's LoRA kernels
+#   CALL=bg21 bash benchmarks/device_plan.sh      # session 21 (~250 s): lora_b_grads' paired tiles, then C beside PEFT
 #   CALL=b20 bash benchmarks/device_plan.sh       # session 20 (~520 s): T and dB from one read of G (lora_b_grads):
 #                                                 #   tiles, C old vs new beside PEFT, LoRA GPU tests, HTTP TTFT tail
 #   CALL=h20 bash benchmarks/device_plan.sh       # session 20 (~260 s, H200): decode GEMM tiles, batch 1 / 32 at 16
@@ -491,6 +492,11 @@ ml19)  # (ran in session 19 on an H100: the column loop lost and is gone; lora_s
     tests/engine/test_gpu_paths_engine.py tests/kernels/test_nf4_gemv.py
   timeout 60 python3 benchmarks/lora_swiglu.py --json "$OUT/lora_swiglu.json" 2>&1 | tee "$OUT/lora_swiglu.txt" | tail -6
   OFF_S=${OFF_S:-190} offline_adapters ;;
+bg21)  # session 21 (~250 s): lora_b_grads' paired tiles (hi and lo halves in one product; untimed) beside the default
+  # and b20b's best, then config C beside PEFT with the default; if paired wins, make it TILES' and rerun C
+  timeout 70 python3 benchmarks/lora_kernel_tuning.py --quick --graphs --dropout 0 --kinds b_grads \
+    --out "$OUT/bgrads.json" 2>&1 | tee "$OUT/bgrads.txt" | tail -14
+  c_then_lora_tests bg21 100 ;;
 c20)  # session 20 (~200 s): config C with the previous splice/ (build/_old_bg) and the new one (lora_b_grads at
   # b20b's best tiles, relaxed atomics), splice only, one after the other (b20b's PEFT in the same session: 756.5 ms)
   for tree in build/_old_bg .; do
