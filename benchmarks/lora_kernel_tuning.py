@@ -113,16 +113,23 @@ def problems(p: float) -> list[tuple[str, str, int, Run, Run]]:
             u = torch.randn(N, R, device="cuda")
             db = lambda tl, g_=g_, u=u: tn_reduce(u, g_, alpha=2.0, tiles=tl)  # noqa: E731
             out.append(("reduce", f"dB {R}x{o}", g_.numel() * 2 + u.numel() * 4 + R * o * 4, db, db))
-        for o in (1024, 4096, 14336):  # T and dB of k/v, q/o/down, gate/up from one read of G
+        for o in B_GRADS_WIDTHS:  # T and dB from one read of G
             out.append(("b_grads", f"T+dB G {N}x{o}", *b_grads_case(o)))
     return out
 
 
+B_GRADS_WIDTHS = (1024, 4096, 14336)  # output gradients of k/v, q/o/down, gate/up
+
+
+def b_grads_inputs(o: int) -> tuple[Tensor, Tensor, Tensor]:
+    """G (N, o) bf16, B^T (R, o) and U (N, R) fp32, as the backward hands them to lora_b_grads."""
+    return (torch.randn(N, o, device="cuda").to(BF16), torch.randn(R, o, device="cuda") / 4,
+            torch.randn(N, R, device="cuda"))
+
+
 def b_grads_case(o: int) -> tuple[int, Run, Run]:
     """Bytes moved and the run of ``lora_b_grads`` over G (N, o) (the check returns T and dB^T side by side)."""
-    g_ = torch.randn(N, o, device="cuda").to(BF16)
-    b_t = torch.randn(R, o, device="cuda") / 4
-    u = torch.randn(N, R, device="cuda")
+    g_, b_t, u = b_grads_inputs(o)
     run = lambda tl, g_=g_, b_t=b_t, u=u: torch.cat(  # noqa: E731
         [v.flatten() for v in lora_b_grads(g_, b_t, u, alpha=2.0, tiles=tl)])
     return g_.numel() * 2 + 2 * u.numel() * 4 + 2 * b_t.numel() * 4, run, run
@@ -131,10 +138,8 @@ def b_grads_case(o: int) -> tuple[int, Run, Run]:
 def separate_b_grads(graphs: bool) -> list[str]:
     """Rows of the second table: lora_down + tn_reduce at their defaults against lora_b_grads' default."""
     rows = []
-    for o in (1024, 4096, 14336):
-        g_ = torch.randn(N, o, device="cuda").to(BF16)
-        b_t = torch.randn(R, o, device="cuda") / 4
-        u = torch.randn(N, R, device="cuda")
+    for o in B_GRADS_WIDTHS:
+        g_, b_t, u = b_grads_inputs(o)
         two = bench(lambda g_=g_, b_t=b_t, u=u: (lora_down(g_, b_t, alpha=2.0), tn_reduce(u, g_, alpha=2.0)), graphs)
         one = bench(lambda g_=g_, b_t=b_t, u=u: lora_b_grads(g_, b_t, u, alpha=2.0), graphs)
         rows.append(f"| G {N}x{o} | {two * 1e3:.1f} | {one * 1e3:.1f} | {two / one:.2f}x |")

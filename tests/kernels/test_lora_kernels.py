@@ -117,6 +117,9 @@ def test_b_grads_give_lora_downs_t_and_tn_reduces_db_from_one_read(device: str, 
 
 
 def test_b_grads_refuse_mismatched_shapes_in_one_line() -> None:
-    g16, _, _, _ = _inputs("cuda" if torch.cuda.is_available() else "cpu", 1)
+    # checked before any launch: runs without Triton too
+    g16 = torch.zeros(70, 200, dtype=torch.float16)
     with pytest.raises(ValueError, match="lora_b_grads: g .N, O., b_t .R, O. and u .N, R. expected"):
-        lora_b_grads(g16, torch.zeros(4, 3, device=g16.device), torch.zeros(g16.shape[0], 4, device=g16.device))
+        lora_b_grads(g16, torch.zeros(4, 3), torch.zeros(70, 4))  # b_t 3 columns, not 200
+    with pytest.raises(ValueError, match="lora_b_grads: g .N, O., b_t .R, O. and u .N, R. expected"):
+        lora_b_grads(g16, torch.zeros(4, 200), torch.zeros(69, 4))  # u 69 rows, not 70
