@@ -49,6 +49,8 @@
 #   CALL=ncu20 bash benchmarks/device_plan.sh     # session 20 (~120 s): ncu's instruction mix and stall sources for
 #                                                 #   the fused expand, NF4 gate/up and config C's LoRA kernels
 #   CALL=bg21 bash benchmarks/device_plan.sh      # session 21 (~250 s): lora_b_grads' paired tiles, then C beside PEFT
+#   CALL=gc21 bash benchmarks/device_plan.sh      # session 21 (~350 s): h20's decode then HTTP order twice, the server's
+#                                                 #   start-up heap frozen (frozen_heap) and not: TTFT tail, GC pauses
 #   CALL=b20 bash benchmarks/device_plan.sh       # session 20 (~520 s): T and dB from one read of G (lora_b_grads):
 #                                                 #   tiles, C old vs new beside PEFT, LoRA GPU tests, HTTP TTFT tail
 #   CALL=h20 bash benchmarks/device_plan.sh       # session 20 (~260 s, H200): decode GEMM tiles, batch 1 / 32 at 16
@@ -497,6 +499,15 @@ bg21)  # session 21 (~250 s): lora_b_grads' paired tiles (hi and lo halves in on
   timeout 70 python3 benchmarks/lora_kernel_tuning.py --quick --graphs --dropout 0 --kinds b_grads \
     --out "$OUT/bgrads.json" 2>&1 | tee "$OUT/bgrads.txt" | tail -14
   c_then_lora_tests bg21 100 ;;
+gc21)  # session 21 (~350 s): h20's order (decode rows, then HTTP at 32 req/s in one process: p99 TTFT 419 ms in h20,
+  # 80 ms alone in b20), with the server's start-up heap out of full collections (frozen_heap, the default) and then
+  # without (--http-gc-freeze 0); each prints the server process's GC pauses under load by generation
+  for freeze in 1 0; do
+    timeout 170 python3 benchmarks/serve.py --parts bandwidth,decode,http --decode-batches 1,32 \
+      --decode-contexts 16,1024 --decode-adapters "" --decode-int8-kv-contexts 1024 --limit-decode 90 \
+      --http-rates 32 --http-seconds 30 --limit-http 60 --http-gc-freeze $freeze --json "$OUT/serve-gc$freeze.json" \
+      2>&1 | grep -v "attention mask" | tee "$OUT/serve-gc$freeze.txt" | grep -E "^\| (bf16|[0-9])|^http|copy|gc|TTFT p99 after"
+  done ;;
 c20)  # session 20 (~200 s): config C with the previous splice/ (build/_old_bg) and the new one (lora_b_grads at
   # b20b's best tiles, relaxed atomics), splice only, one after the other (b20b's PEFT in the same session: 756.5 ms)
   for tree in build/_old_bg .; do

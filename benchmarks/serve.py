@@ -37,6 +37,9 @@ its own time limit (``--limit-PART`` seconds: a part that runs out keeps the row
   their TTFT / ITL and the others' apart (a constrained request that completes its JSON early
   counts as complete). ``--http-api-key KEY`` serves behind a key (the client sends it);
   ``--http-scrape-s S`` has the client scrape ``/metrics`` every S seconds under load, as Prometheus would.
+  The server process's garbage-collector pauses under load are listed by generation (``gc`` in the
+  part's record: count, total and longest ms); ``--http-gc-freeze 0`` undoes the server's
+  :func:`~splice.serve.server.frozen_heap` inside the block, to measure what the full collections cost without it.
 - ``nf4``: the engine at ``--nf4-batches`` (short context) in bf16, then the same after
   :func:`splice.quant.linear.quantize_nf4` (in place: this part runs last).
 
@@ -80,7 +83,7 @@ FULL: dict[str, Any] = dict(
     offline_requests=1000, offline_prompt="50,1000", offline_output="50,500", offline_adapters="8,64",
     offline_max_seqs=256, offline_fresh="paged",
     http_rates="8,16,32,64,128", http_seconds=8.0, http_prompt="50,500", http_output="32,128", http_max_seqs=128,
-    http_json_fraction=0.0, http_api_key="", http_scrape_s=0.0,
+    http_json_fraction=0.0, http_api_key="", http_scrape_s=0.0, http_gc_freeze=1,
     hf_batches="1,32", hf_contexts="16,1024", hf_steps=16, hf_cache="static",
     peft_adapters=8, peft_batch=32, peft_context=16, peft_steps=8,
     nf4_batches="1,32", nf4_context=16,
@@ -599,6 +602,32 @@ def make_service(bench: Bench, *, max_seqs: int, max_len: int, tokenizer: Any = 
                    **{k: v for k, v in wanted.items() if k in options})
 
 
+class GcPauses:
+    """The garbage collector's pauses in this process while the block runs (``gc.callbacks``), by
+    generation: a collection holds the GIL, so the engine thread waits it out."""
+
+    def __init__(self) -> None:
+        self.started = 0.0
+        self.ms: dict[int, list[float]] = {0: [], 1: [], 2: []}
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":  # collections do not nest: one start at a time
+            self.started = time.perf_counter()
+        else:
+            self.ms[info["generation"]].append((time.perf_counter() - self.started) * 1e3)
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self)
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        return {str(g): {"count": len(ms), "total_ms": sum(ms), "max_ms": max(ms, default=0.0)}
+                for g, ms in self.ms.items()}
+
+
 def part_http(bench: Bench, deadline: Deadline, record: dict[str, Any]) -> None:
     from splice.serve.server import running
 
@@ -607,9 +636,12 @@ def part_http(bench: Bench, deadline: Deadline, record: dict[str, Any]) -> None:
     share = args.http_json_fraction
     service = make_service(bench, max_seqs=args.http_max_seqs, max_len=prompt[1] + output[1] + 1,
                            tokenizer=json_tokenizer_for(bench.vocab) if share > 0 else None)
+    pauses = GcPauses()
     try:
         warm(service.engine, bench.vocab, [None])  # before the engine thread starts
-        with running(service, api_keys=[args.http_api_key] if args.http_api_key else ()) as url:
+        with running(service, api_keys=[args.http_api_key] if args.http_api_key else ()) as url, pauses:
+            if not args.http_gc_freeze:
+                gc.unfreeze()  # measured without splice.serve.server.frozen_heap (it unfreezes on leaving anyway)
             spec = {"url": url, "rates": [float(r) for r in args.http_rates.split(",")], "seconds": args.http_seconds,
                     "prompt": prompt, "output": output, "vocab": bench.vocab, "all": args.http_all,
                     "budget": deadline.left() - 15, "json_fraction": share, "api_key": args.http_api_key,
@@ -624,6 +656,10 @@ def part_http(bench: Bench, deadline: Deadline, record: dict[str, Any]) -> None:
         remove_sites(bench.model)
         free_memory()
     record["rows"].extend(rows)
+    record["gc"] = pauses.summary()
+    print(f"gc pauses in the server process under load (heap frozen: {bool(args.http_gc_freeze)}): "
+          + ", ".join(f"generation {g}: {p['count']} taking {p['total_ms']:.0f} ms, longest {p['max_ms']:.1f}"
+                      for g, p in record["gc"].items()), flush=True)
     held = [r["rate_per_s"] for r in rows if r["held"]]
     record["max_held_rate_per_s"] = max(held) if held else None
     record["saturation_rate_per_s"] = next((r["rate_per_s"] for r in rows if not r["held"]), None)

@@ -49,7 +49,7 @@ from splice.distributed.lockstep import LockstepEngine
 from splice.distributed.process import DistEnv, collective_errors, start, stop
 from splice.distributed.tensor_parallel import ShardAdapter, check_shardable, load_sharded, sharding_of
 from splice.serve.app import MAX_REQUEST_BYTES
-from splice.serve.server import DRAIN_TIMEOUT_S, _check_access, _check_limits, serve_service
+from splice.serve.server import DRAIN_TIMEOUT_S, _check_access, _check_limits, frozen_heap, serve_service
 from splice.serve.service import Service
 
 __all__ = ["ShardedService", "serve_sharded"]
@@ -147,4 +147,5 @@ def _follow(service: ShardedService) -> None:
     drains; see module docstring)."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
-    service.engine.run(threading.Event())
+    with frozen_heap():  # rank 0's pauses are its followers' too: every step waits for all ranks
+        service.engine.run(threading.Event())

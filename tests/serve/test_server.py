@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import openai
@@ -15,9 +17,10 @@ from splice.generation.generate import generate
 from splice.lora.apply import add_lora
 from splice.lora.layers import LoraConfig
 from splice.lora.peft_io import load_adapter, save_adapter
-from splice.serve.server import parse_adapters
+from splice.serve.server import frozen_heap, parse_adapters, running
+from splice.serve.service import Service
 from tests import tiny
-from tests.tiny import free_port, subprocess_env
+from tests.tiny import build_tiny_llama, build_tiny_tokenizer, free_port, subprocess_env
 
 
 def test_bad_adapter_specs_name_the_fix(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -60,3 +63,40 @@ def test_splice_serve_command_answers_like_generate(tmp_path: Path, tiny_model_d
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+class _Node:
+    def __init__(self) -> None:
+        self.me = self  # a cycle: only the collector frees it
+
+
+def test_frozen_heap_keeps_what_existed_out_of_collections_until_the_outermost_block_ends() -> None:
+    assert gc.get_freeze_count() == 0, "a server block from another test is still open"
+    before = _Node()
+    gone = weakref.ref(before)
+    with frozen_heap():
+        assert gc.get_freeze_count() > 0
+        del before
+        made = _Node()
+        made_ref = weakref.ref(made)
+        del made
+        gc.collect()
+        assert made_ref() is None  # what serving creates is still collected
+        assert gone() is not None  # what existed at start-up is not walked
+        with frozen_heap():  # nested (a server inside a server's block): the inner end unfreezes nothing
+            pass
+        assert gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() == 0
+    gc.collect()
+    assert gone() is None  # the collector has it back
+
+
+def test_a_running_server_freezes_the_start_up_heap_and_gives_it_back() -> None:
+    tokenizer = build_tiny_tokenizer()
+    service = Service(build_tiny_llama(len(tokenizer)), tokenizer, model_name="tiny", max_batch=2, max_len=32)
+    assert gc.get_freeze_count() == 0, "a server block from another test is still open"
+    with running(service) as url:
+        assert gc.get_freeze_count() > 0
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+        assert client.completions.create(model="tiny", prompt="the cat", max_tokens=2).choices[0].text
+    assert gc.get_freeze_count() == 0
