@@ -501,7 +501,11 @@ bg21)  # session 21 (~250 s): lora_b_grads' paired tiles (hi and lo halves in on
   c_then_lora_tests bg21 100 ;;
 gc21)  # session 21 (~350 s): h20's order (decode rows, then HTTP at 32 req/s in one process: p99 TTFT 419 ms in h20,
   # 80 ms alone in b20), with the server's start-up heap out of full collections (frozen_heap, the default) and then
-  # without (--http-gc-freeze 0); each prints the server process's GC pauses under load by generation
+  # without (--http-gc-freeze 0); each prints the server process's GC pauses under load by generation. On an H200
+  # the bf16 decode GEMM's tiles first (g18's sweep, never run there)
+  if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+    timeout 80 python3 benchmarks/decode_gemm.py --gemv --rows 1,16 --json "$OUT/gemv.json" 2>&1 | tail -24
+  fi
   for freeze in 1 0; do
     timeout 170 python3 benchmarks/serve.py --parts bandwidth,decode,http --decode-batches 1,32 \
       --decode-contexts 16,1024 --decode-adapters "" --decode-int8-kv-contexts 1024 --limit-decode 90 \
