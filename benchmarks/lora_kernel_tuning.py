@@ -60,10 +60,8 @@ QUICK = {
     "dx": [Tiles(32, 256, 8, 1), Tiles(64, 256, 8, 1), Tiles(64, 128, 4, 1), Tiles(32, 256, 4, 1),
            Tiles(16, 256, 4, 1), Tiles(64, 256, 4, 1), Tiles(32, 512, 8, 1), Tiles(32, 256, 4, 2)],
     # (bn rows a loop step, bk columns a program)
-    # paired: the hi / lo halves in one product of twice the rank (b20b's best tiles and two others; untimed)
-    "b_grads": [Tiles(64, 128, 4, 3, 4), Tiles(64, 256, 4, 3, 4), Tiles(128, 128, 8, 3, 4), Tiles(128, 64, 4, 3, 4),
-                Tiles(64, 128, 4, 4, 8, paired=True), Tiles(64, 128, 4, 3, 4, paired=True),
-                Tiles(128, 128, 8, 3, 4, paired=True), Tiles(64, 256, 4, 3, 4, paired=True)],
+    "b_grads": [Tiles(64, 128, 4, 3, 4), Tiles(64, 256, 4, 3, 4), Tiles(64, 128, 8, 3, 4), Tiles(128, 128, 8, 3, 4),
+                Tiles(64, 256, 8, 4, 4), Tiles(128, 64, 4, 3, 4), Tiles(64, 256, 8, 3, 8), Tiles(64, 128, 4, 4, 8)],
 }
 
 

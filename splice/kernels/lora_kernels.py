@@ -46,9 +46,7 @@ class Tiles:
     """Launch shape of one kernel: a (bn, bk) tile per program, ``warps``, software-pipeline
     ``stages``, and reductions split until about ``waves`` programs per SM are in flight.
     ``x_major`` (``tn_reduce`` only): accumulate ``(D(x)^T t)`` (bk, r), so the x tile is the tensor-core
-    product's M side (Hopper's wgmma needs M >= 64; with the rank there it falls back to ``mma.sync``).
-    ``paired`` (``lora_b_grads`` only): the fp32 operand's hi and lo halves side by side in one product of twice
-    the rank, summed after, instead of two products (one chain of MMAs a tile, not two; untimed)."""
+    product's M side (Hopper's wgmma needs M >= 64; with the rank there it falls back to ``mma.sync``)."""
 
     bn: int
     bk: int
@@ -56,7 +54,6 @@ class Tiles:
     stages: int = 3
     waves: int = 2
     x_major: bool = False
-    paired: bool = False
 
 
 # Defaults per kernel: the fastest over Llama-8B's widths at 4,096 tokens among the launch shapes
@@ -180,18 +177,8 @@ if HAS_TRITON:
         tl.store(dx_ptr + offs, (dx + total).to(dt), mask=inside)
 
     @triton.jit
-    def _side_by_side(hi, lo, ROWS: tl.constexpr, RP: tl.constexpr):
-        # (ROWS, RP) hi and lo -> (ROWS, 2 RP): [hi | lo]
-        return tl.reshape(tl.permute(tl.join(hi, lo), (0, 2, 1)), (ROWS, 2 * RP))
-
-    @triton.jit
-    def _halves_summed(v, ROWS: tl.constexpr, RP: tl.constexpr):
-        # (ROWS, 2 RP) [a | b] -> (ROWS, RP) a + b
-        return tl.sum(tl.reshape(v, (ROWS, 2, RP)), axis=1)
-
-    @triton.jit
     def _b_grads(g_ptr, bt_ptr, u_ptr, t_ptr, db_ptr, N, OUT, R, n_per_split, scale,
-                 BN: tl.constexpr, BO: tl.constexpr, RP: tl.constexpr, PAIRED: tl.constexpr):
+                 BN: tl.constexpr, BO: tl.constexpr, RP: tl.constexpr):
         # program (column block, N split): T[rows] += s G[rows, cols] B[cols] for each BN rows of its range
         # (the column blocks' partials meet in atomics), dB^T[:, cols] += s U[rows]^T G[rows, cols] summed over
         # the range (the ranges' partials meet in atomics). G (N, OUT), B^T (R, OUT), U and T (N, R), dB^T (R, OUT)
@@ -205,18 +192,13 @@ if HAS_TRITON:
         b_lo = (bt - b_hi.to(tl.float32)).to(dt)
         n_start = tl.program_id(1) * n_per_split
         n_stop = tl.minimum(n_start + n_per_split, N)
-        if PAIRED:  # [B_hi | B_lo] (BO, 2 RP): one product of twice the rank a tile
-            b_pair = _side_by_side(tl.trans(b_hi), tl.trans(b_lo), BO, RP)
-        acc = tl.zeros((BO, 2 * RP if PAIRED else RP), dtype=tl.float32)
+        acc = tl.zeros((BO, RP), dtype=tl.float32)
         for n0 in range(0, n_per_split, BN):
             rows = (n_start + n0 + tl.arange(0, BN)).to(tl.int64)
             row_ok = rows < n_stop
             g = tl.load(g_ptr + rows[:, None] * OUT + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-            if PAIRED:
-                part = _halves_summed(tl.dot(g, b_pair), BN, RP)
-            else:
-                part = tl.dot(g, tl.trans(b_hi))
-                part += tl.dot(g, tl.trans(b_lo))  # (BN, RP)
+            part = tl.dot(g, tl.trans(b_hi))
+            part += tl.dot(g, tl.trans(b_lo))  # (BN, RP)
             rank_at = rows[:, None] * R + rr[None, :]
             # relaxed: nothing here reads what another program added (the kernel's end orders them); Triton's
             # default (acq_rel) fences every step's loads behind the atomics (b20, H100: 0.57-0.96x the two kernels)
@@ -224,14 +206,11 @@ if HAS_TRITON:
             u = tl.load(u_ptr + rank_at, mask=row_ok[:, None] & r_ok[None, :], other=0.0)
             u_hi = u.to(dt)
             u_lo = (u - u_hi.to(tl.float32)).to(dt)
-            gt = tl.trans(g)  # (BO, BN): the G tile on the tensor cores' M side, as tn_reduce's x_major
-            if PAIRED:
-                acc += tl.dot(gt, _side_by_side(u_hi, u_lo, BN, RP))  # (BO, 2 RP): [G^T U_hi | G^T U_lo]
-            else:
-                acc += tl.dot(gt, u_hi)
-                acc += tl.dot(gt, u_lo)
-        db = (_halves_summed(acc, BO, RP) if PAIRED else acc) * scale
-        tl.atomic_add(db_ptr + rr[None, :] * OUT + cols[:, None], db, mask=r_ok[None, :] & col_ok[:, None],
+            gt = tl.trans(g)  # (BO, BN): the G tile on the tensor cores' OUT side, as tn_reduce's x_major
+            acc += tl.dot(gt, u_hi)
+            acc += tl.dot(gt, u_lo)
+        acc *= scale
+        tl.atomic_add(db_ptr + rr[None, :] * OUT + cols[:, None], acc, mask=r_ok[None, :] & col_ok[:, None],
                       sem="relaxed")
 
 
@@ -342,5 +321,5 @@ def lora_b_grads(g: Tensor, b_t: Tensor, u: Tensor, *, alpha: float = 1.0,
     t = torch.zeros((n, r), dtype=torch.float32, device=g.device)
     db_t = torch.zeros((r, o), dtype=torch.float32, device=g.device)
     _b_grads[(blocks, split)](g, b_t, u, t, db_t, n, o, r, n_per_split, alpha, BN=ts.bn, BO=ts.bk, RP=_rp(r),
-                              PAIRED=ts.paired, num_warps=ts.warps, num_stages=ts.stages)
+                              num_warps=ts.warps, num_stages=ts.stages)
     return t, db_t

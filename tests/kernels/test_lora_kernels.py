@@ -20,8 +20,7 @@ SHAPES = {
     "reduce": [TILES["reduce"], Tiles(64, 128, 4, 3, 4), Tiles(64, 128, 4, 3, 4, x_major=True),
                Tiles(32, 64, 4, 4, 4, x_major=True)],
     "dx": [TILES["dx"], Tiles(32, 256, 4, 1), Tiles(64, 64, 8, 1)],
-    "b_grads": [TILES["b_grads"], Tiles(64, 128, 4, 3, 4), Tiles(32, 64, 4, 2, 8),
-                Tiles(64, 128, 4, 4, 8, paired=True), Tiles(32, 64, 4, 2, 8, paired=True)],
+    "b_grads": [TILES["b_grads"], Tiles(64, 128, 4, 3, 4), Tiles(32, 64, 4, 2, 8)],
 }
 
 
