@@ -49,6 +49,7 @@
 #   CALL=ncu20 bash benchmarks/device_plan.sh     # session 20 (~120 s): ncu's instruction mix and stall sources for
 #                                                 #   the fused expand, NF4 gate/up and config C's LoRA kernels
 #   CALL=bg21 bash benchmarks/device_plan.sh      # session 21 (~250 s): lora_b_grads' paired tiles, then C beside PEFT
+#   CALL=h21 bash benchmarks/device_plan.sh       # session 21 (~190 s, on an H200): decode GEMM tiles, decode rows, HTTP
 #   CALL=gc21 bash benchmarks/device_plan.sh      # session 21 (~350 s): h20's decode then HTTP order twice, the server's
 #                                                 #   start-up heap frozen (frozen_heap) and not: TTFT tail, GC pauses
 #   CALL=b20 bash benchmarks/device_plan.sh       # session 20 (~520 s): T and dB from one read of G (lora_b_grads):
@@ -499,6 +500,13 @@ bg21)  # session 21 (~250 s): lora_b_grads' paired tiles (hi and lo halves in on
   timeout 70 python3 benchmarks/lora_kernel_tuning.py --quick --graphs --dropout 0 --kinds b_grads \
     --out "$OUT/bgrads.json" 2>&1 | tee "$OUT/bgrads.txt" | tail -14
   c_then_lora_tests bg21 100 ;;
+h21)  # session 21 (~190 s, on an H200): h20 with the server's GC figures: the bf16 decode GEMM's tiles, batch 1 and
+  # 32 at 16 and 1,024 tokens (bf16 and int8 K/V), then HTTP at 32 req/s over 30 s in the same process
+  timeout 80 python3 benchmarks/decode_gemm.py --gemv --rows 1,16 --json "$OUT/gemv.json" 2>&1 | tail -24
+  timeout 170 python3 benchmarks/serve.py --parts bandwidth,decode,http --decode-batches 1,32 \
+    --decode-contexts 16,1024 --decode-adapters "" --decode-int8-kv-contexts 1024 --limit-decode 90 \
+    --http-rates 32 --http-seconds 30 --limit-http 60 --json "$OUT/serve.json" 2>&1 | grep -v "attention mask" \
+    | tee "$OUT/serve.txt" | grep -E "^\| (bf16|[0-9])|^http|copy|gc|full|TTFT p99 after" ;;
 gc21)  # session 21 (~350 s): h20's order (decode rows, then HTTP at 32 req/s in one process: p99 TTFT 419 ms in h20,
   # 80 ms alone in b20), with the server's start-up heap out of full collections (frozen_heap, the default) and then
   # without (--http-gc-freeze 0); each prints the server process's GC pauses under load by generation. On an H200

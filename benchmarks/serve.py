@@ -602,6 +602,22 @@ def make_service(bench: Bench, *, max_seqs: int, max_len: int, tokenizer: Any = 
                    **{k: v for k, v in wanted.items() if k in options})
 
 
+def full_collection_ms(repeats: int = 3) -> dict[str, float]:
+    """What one full collection (``gc.collect()``) takes here, median ms: with the heap frozen as it is now, then
+    after ``gc.unfreeze()`` (the server's start-up objects walked too); the process is left unfrozen."""
+    def median() -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            gc.collect()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+
+    frozen = median()
+    gc.unfreeze()
+    return {"frozen": frozen, "unfrozen": median(), "tracked_objects": float(len(gc.get_objects()))}
+
+
 class GcPauses:
     """The garbage collector's pauses in this process while the block runs (``gc.callbacks``), by
     generation: a collection holds the GIL, so the engine thread waits it out."""
@@ -629,7 +645,7 @@ class GcPauses:
 
 
 def part_http(bench: Bench, deadline: Deadline, record: dict[str, Any]) -> None:
-    from splice.serve.server import running
+    from splice.serve.server import frozen_heap, running
 
     args = bench.args
     prompt, output = ints(args.http_prompt), ints(args.http_output)
@@ -639,6 +655,8 @@ def part_http(bench: Bench, deadline: Deadline, record: dict[str, Any]) -> None:
     pauses = GcPauses()
     try:
         warm(service.engine, bench.vocab, [None])  # before the engine thread starts
+        with frozen_heap():  # as the server freezes it
+            record["gc_full_collection_ms"] = full_collection_ms()
         with running(service, api_keys=[args.http_api_key] if args.http_api_key else ()) as url, pauses:
             if not args.http_gc_freeze:
                 gc.unfreeze()  # measured without splice.serve.server.frozen_heap (it unfreezes on leaving anyway)
@@ -657,6 +675,9 @@ def part_http(bench: Bench, deadline: Deadline, record: dict[str, Any]) -> None:
         free_memory()
     record["rows"].extend(rows)
     record["gc"] = pauses.summary()
+    full = record["gc_full_collection_ms"]
+    print(f"a full collection in the server process: {full['frozen']:.1f} ms with its start-up heap frozen, "
+          f"{full['unfrozen']:.1f} ms without ({full['tracked_objects']:.0f} tracked objects)", flush=True)
     print(f"gc pauses in the server process under load (heap frozen: {bool(args.http_gc_freeze)}): "
           + ", ".join(f"generation {g}: {p['count']} taking {p['total_ms']:.0f} ms, longest {p['max_ms']:.1f}"
                       for g, p in record["gc"].items()), flush=True)

@@ -40,6 +40,9 @@ def test_serve_benchmark_runs_every_part_tiny(tmp_path: Path) -> None:
     assert all(r["finished"] == r["requests"] == 12 for r in parts["offline"]["rows"])
     http = parts["http"]["rows"]
     assert http and all(r["requests"] >= 2 and r["ttft_p50_ms"] > 0 for r in http)
+    assert set(parts["http"]["gc"]) == {"0", "1", "2"}  # the server's collector pauses under load, by generation
+    full = parts["http"]["gc_full_collection_ms"]  # the start-up heap frozen, as the server runs, and not
+    assert min(full["unfrozen"], full["frozen"]) >= 0 and full["tracked_objects"] > 10_000  # (not compared: no timing)
     assert {r["label"] for r in parts["nf4"]["rows"]} == {"bf16", "nf4"}
     assert {r["batch"] for r in parts["hf"]["rows"]} == {1, 4}
     assert parts["peft"]["rows"][0]["adapters"] == 2
