@@ -175,9 +175,14 @@ def _frozen_gib(model: Any) -> float:
 
 
 def worker(args: argparse.Namespace) -> None:
+    import dataclasses
+
     import _workload
     from _workload import CONFIGS, batches, flops_per_token, free_cuda, init_lora, make_setup, train
     from torch import nn
+
+    if args.dropout is not None:  # A, C and E at another LoRA dropout (P, the loss-parity run, keeps 0)
+        CONFIGS = {k: c if k == "P" else dataclasses.replace(c, dropout=args.dropout) for k, c in CONFIGS.items()}
 
     _workload.configure(tiny=args.tiny, device="cpu" if args.tiny else "cuda")
     fw = args.worker
@@ -364,6 +369,8 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="a tiny model on the CPU: checks this harness")
     ap.add_argument("--pack", choices=("mask", "varlen"), default=None,
                     help="train on packed rows; splice attends them through the block mask or the varlen kernel")
+    ap.add_argument("--dropout", type=float, default=None,
+                    help="the LoRA dropout of A, C and E for every framework (default: 0.05, the issue's settings)")
     ap.add_argument("--quantize", choices=("fp8",), default=None,
                     help="splice's base weights in FP8 (compute capability 8.9+); PEFT and Liger stay bf16")
     args = ap.parse_args()
