@@ -206,7 +206,7 @@ if HAS_TRITON:
             u = tl.load(u_ptr + rank_at, mask=row_ok[:, None] & r_ok[None, :], other=0.0)
             u_hi = u.to(dt)
             u_lo = (u - u_hi.to(tl.float32)).to(dt)
-            gt = tl.trans(g)  # (BO, BN): the G tile on the tensor cores' OUT side, as tn_reduce's x_major
+            gt = tl.trans(g)  # (BO, BN): the G tile on the tensor cores' M side, as tn_reduce's x_major
             acc += tl.dot(gt, u_hi)
             acc += tl.dot(gt, u_lo)
         acc *= scale
