@@ -157,17 +157,17 @@ def _watch(server: _Server, service: Service, done: threading.Event) -> None:
 
 @contextlib.contextmanager
 def frozen_heap() -> Iterator[None]:
-    """Keep what exists at start-up (torch, transformers, the model, the warm-up's objects: ~380,000
-    tracked objects) out of Python's full collections while the block runs, then give it back.
+    """Keep what exists at start-up (torch, transformers, the model, the warm-up's objects: 380,000-
+    495,000 tracked objects) out of Python's full collections while the block runs, then give it back.
 
-    A full (oldest-generation) collection walks every tracked object with the GIL held (177-205 ms in
-    a server process on the 2-core CI machine; ``benchmarks/serve.py`` prints it for its card), during
-    which the engine thread cannot schedule a step, so the requests that arrive then wait that long for
-    their first token. What lives at start-up lives as long as the server, so ``gc.freeze()`` moves it
-    to the permanent generation the collector skips (vLLM does the same after its start-up); the
-    collections that still run walk only what serving created. ``gc.unfreeze()`` on leaving, so a
-    process that embeds the server (tests, notebooks, benchmarks) gets its collector back. Nested
-    blocks unfreeze when the outermost one ends.
+    A full (oldest-generation) collection walks every tracked object with the GIL held (198 ms in a
+    server process on the H100 machine's CPU, 177-205 on the 2-core CI machine; ``benchmarks/serve.py``
+    times it), during which the engine thread cannot schedule a step, so the requests that arrive then
+    wait that long for their first token. What lives at start-up lives as long as the server, so
+    ``gc.freeze()`` moves it to the permanent generation the collector skips (vLLM does the same after
+    its start-up); the collections that still run walk only what serving created. ``gc.unfreeze()`` on
+    leaving, so a process that embeds the server (tests, notebooks, benchmarks) gets its collector back.
+    Nested blocks unfreeze when the outermost one ends.
     """
     outermost = gc.get_freeze_count() == 0
     gc.collect()
