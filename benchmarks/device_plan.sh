@@ -127,6 +127,15 @@ c_then_lora_tests() {  # c_then_lora_tests NAME SECONDS: config C beside PEFT, t
   echo "tests (rc $?):"; grep -E "FAILED|ERROR" "$OUT/tests-$1.txt" | head -12; tail -2 "$OUT/tests-$1.txt"
 }
 
+decode_then_http() {  # decode_then_http NAME [serve.py options]: h20's rows (batch 1 / 32 at 16 and 1,024 tokens,
+  # bf16 and int8 K/V), then HTTP at 32 req/s over 30 s in the same process, with the server's GC figures
+  local name=$1; shift
+  timeout 170 python3 benchmarks/serve.py --parts bandwidth,decode,http --decode-batches 1,32 \
+    --decode-contexts 16,1024 --decode-adapters "" --decode-int8-kv-contexts 1024 --limit-decode 90 \
+    --http-rates 32 --http-seconds 30 --limit-http 60 "$@" --json "$OUT/$name.json" 2>&1 | grep -v "attention mask" \
+    | tee "$OUT/$name.txt" | grep -E "^\| (bf16|[0-9])|^http|copy|gc|full|TTFT p99 after"
+}
+
 nf4_rows() {  # fin14: the one-row NF4 kernels' GPU tests, then gemv (the default) against gemv2 (new) on 8B shapes
   [ "${NF4_TEST_S:-45}" = 0 ] || gpu_tests nf4 ${NF4_TEST_S:-45} tests/kernels/test_nf4_gemv.py
   timeout $((${NF4_S:-80} + 30)) python3 benchmarks/nf4_gemv.py --rows ${NF4_ROWS:-1,4} --kernels gemv,gemv2 \
@@ -512,10 +521,7 @@ dr21)  # session 21 (~200 s): config C with the issue's LoRA dropout (0.05) and 
 h21)  # session 21 (~190 s, on an H200): h20 with the server's GC figures: the bf16 decode GEMM's tiles, batch 1 and
   # 32 at 16 and 1,024 tokens (bf16 and int8 K/V), then HTTP at 32 req/s over 30 s in the same process
   timeout 80 python3 benchmarks/decode_gemm.py --gemv --rows 1,16 --json "$OUT/gemv.json" 2>&1 | tail -24
-  timeout 170 python3 benchmarks/serve.py --parts bandwidth,decode,http --decode-batches 1,32 \
-    --decode-contexts 16,1024 --decode-adapters "" --decode-int8-kv-contexts 1024 --limit-decode 90 \
-    --http-rates 32 --http-seconds 30 --limit-http 60 --json "$OUT/serve.json" 2>&1 | grep -v "attention mask" \
-    | tee "$OUT/serve.txt" | grep -E "^\| (bf16|[0-9])|^http|copy|gc|full|TTFT p99 after" ;;
+  decode_then_http serve ;;
 gc21)  # session 21 (~350 s): h20's order (decode rows, then HTTP at 32 req/s in one process: p99 TTFT 419 ms in h20,
   # 80 ms alone in b20), with the server's start-up heap out of full collections (frozen_heap, the default) and then
   # without (--http-gc-freeze 0); each prints the server process's GC pauses under load by generation. On an H200
@@ -523,12 +529,7 @@ gc21)  # session 21 (~350 s): h20's order (decode rows, then HTTP at 32 req/s in
   if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
     timeout 80 python3 benchmarks/decode_gemm.py --gemv --rows 1,16 --json "$OUT/gemv.json" 2>&1 | tail -24
   fi
-  for freeze in 1 0; do
-    timeout 170 python3 benchmarks/serve.py --parts bandwidth,decode,http --decode-batches 1,32 \
-      --decode-contexts 16,1024 --decode-adapters "" --decode-int8-kv-contexts 1024 --limit-decode 90 \
-      --http-rates 32 --http-seconds 30 --limit-http 60 --http-gc-freeze $freeze --json "$OUT/serve-gc$freeze.json" \
-      2>&1 | grep -v "attention mask" | tee "$OUT/serve-gc$freeze.txt" | grep -E "^\| (bf16|[0-9])|^http|copy|gc|TTFT p99 after"
-  done ;;
+  for freeze in 1 0; do decode_then_http "serve-gc$freeze" --http-gc-freeze $freeze; done ;;
 c20)  # session 20 (~200 s): config C with the previous splice/ (build/_old_bg) and the new one (lora_b_grads at
   # b20b's best tiles, relaxed atomics), splice only, one after the other (b20b's PEFT in the same session: 756.5 ms)
   for tree in build/_old_bg .; do
