@@ -48,6 +48,8 @@
 #                                                 #   codes in registers (num_stages 2 / 1), then the model at batch 1
 #   CALL=ncu20 bash benchmarks/device_plan.sh     # session 20 (~120 s): ncu's instruction mix and stall sources for
 #                                                 #   the fused expand, NF4 gate/up and config C's LoRA kernels
+#   CALL=sw22 bash benchmarks/device_plan.sh      # session 22 (~330 s): the fused gate/up expand + SwiGLU with its
+#                                                 #   empty programs skipped: tests, old vs new, offline 0 / 8 adapters
 #   CALL=bg21 bash benchmarks/device_plan.sh      # session 21 (~250 s): lora_b_grads' paired tiles, then C beside PEFT
 #   CALL=dr21 bash benchmarks/device_plan.sh      # session 21 (~200 s): config C at LoRA dropout 0.05 and 0, splice only:
 #                                                 #   what the dropout masks' hashing costs a step (the bound for a cheaper mask)
@@ -506,6 +508,18 @@ ml19)  # (ran in session 19 on an H100: the column loop lost and is gone; lora_s
     tests/engine/test_gpu_paths_engine.py tests/kernels/test_nf4_gemv.py
   timeout 60 python3 benchmarks/lora_swiglu.py --json "$OUT/lora_swiglu.json" 2>&1 | tee "$OUT/lora_swiglu.txt" | tail -6
   OFF_S=${OFF_S:-190} offline_adapters ;;
+sw22)  # session 22 (~330 s): the fused gate/up expand + SwiGLU's programs without a row (the base-row programs where
+  # every token is adapted, about half its grid; plan tiles past the last) now skip the body instead of issuing it
+  # masked (ncu20: the kernel is instruction-bound, 2.4x SwiGLU alone in the offline run). Its GPU tests, then
+  # lora_swiglu.py with the previous splice/ (build/_old_sw, carried: HEAD's before the change) and the new one, then
+  # the offline run with 0 and 8 adapters (session 19, H100: 0.84x; session 16, H200: 0.82x)
+  gpu_tests sw22 ${TEST_S:-120} tests/kernels/test_lora_swiglu.py tests/kernels/test_multi_lora.py tests/lora/test_bank.py \
+    tests/engine/test_gpu_paths_engine.py
+  for tree in build/_old_sw .; do
+    PYTHONPATH=$PWD/$tree:/tmp/site timeout 60 python3 benchmarks/lora_swiglu.py \
+      --json "$OUT/lora_swiglu_$(basename $tree).json" 2>&1 | tee "$OUT/lora_swiglu_$(basename $tree).txt" | tail -7
+  done
+  OFF_S=${OFF_S:-150} OFF_ADAPTERS=${OFF_ADAPTERS-8} offline_adapters ;;
 bg21)  # session 21 (~250 s): lora_b_grads' paired tiles (hi and lo halves in one product; untimed) beside the default
   # and b20b's best, then config C beside PEFT with the default; if paired wins, make it TILES' and rerun C
   timeout 70 python3 benchmarks/lora_kernel_tuning.py --quick --graphs --dropout 0 --kinds b_grads \

@@ -74,14 +74,14 @@ def multi_lora_expand_swiglu(shrunk: Shrunk, b: Tensor, y: Tensor, slots: Tensor
 if triton is not None:
 
     @triton.jit
-    def _delta(u_at, b_at, live, nn, n_ok, tile_ok, SPLIT, TILES, R: tl.constexpr, BM: tl.constexpr,
+    def _delta(u_at, b_at, live, nn, n_ok, SPLIT, TILES, R: tl.constexpr, BM: tl.constexpr,
                IEEE: tl.constexpr):
         # (BM, BN) fp32: the tile's shrink output (its SPLIT partials summed) @ B rows nn^T, as multi_lora's expand
         rr = tl.arange(0, R)
         v = tl.zeros((BM, R), dtype=tl.float32)
         for j in range(SPLIT):
             v += tl.load(u_at + j * TILES * BM * 2 * R + rr[None, :], mask=live[:, None], other=0.0)
-        bt = tl.load(b_at + nn[None, :] * R + rr[:, None], mask=n_ok[None, :] & tile_ok, other=0.0)  # (R, BN)
+        bt = tl.load(b_at + nn[None, :] * R + rr[:, None], mask=n_ok[None, :], other=0.0)  # (R, BN)
         if IEEE:
             return tl.dot(v, bt, out_dtype=tl.float32, input_precision="ieee")
         return tl.dot(v.to(bt.dtype), bt, out_dtype=tl.float32)
@@ -100,20 +100,28 @@ if triton is not None:
             n = tl.load(head + 1)
             live = ii < n
             rows = tl.load(head + 2 + ii, mask=live, other=0)
-            b_at = b_ptr + tl.load(head).to(tl.int64) * stride_bs  # (a tile past the last one: n = 0, no loads)
-            u_at = u_ptr + (p * BM + ii[:, None]) * 2 * R
-            dg = _delta(u_at, b_at, live, nn, n_ok, n > 0, SPLIT, COUNT, R, BM, IEEE)
-            du = _delta(u_at + R, b_at + W * R, live, nn, n_ok, n > 0, SPLIT, COUNT, R, BM, IEEE)
+            b_at = b_ptr + tl.load(head).to(tl.int64) * stride_bs
         else:
             rows = (p - COUNT) * BM + ii
             live = (rows < T) & (tl.load(slot_ptr + rows, mask=rows < T, other=0) < 0)
-            dg = tl.zeros((BM, BN), dtype=tl.float32)
-            du = tl.zeros((BM, BN), dtype=tl.float32)
-        inside = live[:, None] & n_ok[None, :]
-        y_at = y_ptr + rows[:, None].to(tl.int64) * stride_yt + nn[None, :]
-        g = tl.load(y_at, mask=inside, other=0.0)
-        u = tl.load(y_at + W, mask=inside, other=0.0)
-        g = (g.to(tl.float32) + dg).to(g.dtype).to(tl.float32)  # rounded as the expand stores y
-        u = (u.to(tl.float32) + du).to(u.dtype).to(tl.float32)
-        h = (g * tl.sigmoid(g) * u).to(h_ptr.dtype.element_ty)
-        tl.store(h_ptr + rows[:, None].to(tl.int64) * W + nn[None, :], h, mask=inside)
+            n = tl.sum(live.to(tl.int32), axis=0)
+            b_at = b_ptr
+        # Why the guard: every launch has both kinds of program, and where all tokens are adapted (the offline run,
+        # a bank's decode) the base-row programs, about half the grid, have no row; a plan tile past the last one
+        # has none either. Masked loads and stores still issue every instruction: such a program skips the body.
+        if n > 0:
+            if p < COUNT:
+                u_at = u_ptr + (p * BM + ii[:, None]) * 2 * R
+                dg = _delta(u_at, b_at, live, nn, n_ok, SPLIT, COUNT, R, BM, IEEE)
+                du = _delta(u_at + R, b_at + W * R, live, nn, n_ok, SPLIT, COUNT, R, BM, IEEE)
+            else:
+                dg = tl.zeros((BM, BN), dtype=tl.float32)
+                du = tl.zeros((BM, BN), dtype=tl.float32)
+            inside = live[:, None] & n_ok[None, :]
+            y_at = y_ptr + rows[:, None].to(tl.int64) * stride_yt + nn[None, :]
+            g = tl.load(y_at, mask=inside, other=0.0)
+            u = tl.load(y_at + W, mask=inside, other=0.0)
+            g = (g.to(tl.float32) + dg).to(g.dtype).to(tl.float32)  # rounded as the expand stores y
+            u = (u.to(tl.float32) + du).to(u.dtype).to(tl.float32)
+            h = (g * tl.sigmoid(g) * u).to(h_ptr.dtype.element_ty)
+            tl.store(h_ptr + rows[:, None].to(tl.int64) * W + nn[None, :], h, mask=inside)
