@@ -13,7 +13,8 @@ models) with a byte-level BPE tokenizer:
   rows do not stays in ``outtype``, as llama.cpp's quantizer falls back); 1-D tensors (norms,
   biases) in f32;
 - the tokenizer as ``tokenizer.ggml.model = "gpt2"``: tokens by id (padded to the model's vocab
-  with ``[PAD<i>]``), merges, token types (control for special tokens) and the chat template.
+  with ``[PAD<i>]``), merges, token types (control for special tokens), the special ids (a BOS id always:
+  the model config's or the EOS where the tokenizer has none) and the chat template.
 
 A GGUF LoRA (``general.type = "adapter"``, ``adapter.type = "lora"``) holds ``<name>.lora_a``
 (r, in) and ``<name>.lora_b`` (out, r) for each adapted weight, B permuted like its weight for q/k.
@@ -152,8 +153,9 @@ def _hparams(writer: gguf.GGUFWriter, config: Any) -> None:
     writer.add_vocab_size(int(config.vocab_size))
 
 
-def _tokenizer(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size: int) -> None:
-    """A byte-level BPE tokenizer as llama.cpp's "gpt2" tokenizer model."""
+def _tokenizer(writer: gguf.GGUFWriter, tokenizer: Any, config: Any) -> None:
+    """A byte-level BPE tokenizer as llama.cpp's "gpt2" tokenizer model (``config``: the model's)."""
+    vocab_size = int(config.vocab_size)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     spec = json.loads(backend.to_str()) if backend is not None else {}
     model = spec.get("model", {})
@@ -181,9 +183,18 @@ def _tokenizer(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size: int) -> None
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
+    ids = {key: getattr(tokenizer, key, None) for key in ("bos_token_id", "eos_token_id", "unk_token_id",
+                                                          "pad_token_id")}
+    if ids["bos_token_id"] is None:
+        # Tokenizers without a BOS (Qwen2, the tests' tiny one): the model config's, as llama.cpp's converter
+        # takes it, else the EOS (GPT-2's convention; add_bos_token is off, so it is never inserted). A file with
+        # no BOS id does not load in transformers <= 5.17 (its GGUF tokenizer reads one unconditionally).
+        ids["bos_token_id"] = getattr(config, "bos_token_id", None)
+        if not isinstance(ids["bos_token_id"], int):
+            ids["bos_token_id"] = ids["eos_token_id"]
     for key, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
                      ("unk_token_id", writer.add_unk_token_id), ("pad_token_id", writer.add_pad_token_id)):
-        value = getattr(tokenizer, key, None)
+        value = ids[key]
         if value is not None:
             add(int(value))
     writer.add_add_bos_token(False)
@@ -227,7 +238,7 @@ def export_gguf(model: nn.Module, tokenizer: Any, path: str | Path, *, outtype: 
     with _gguf_file(path, arch, outtype=outtype, quant=quantize) as writer:
         writer.add_name(name or str(getattr(config, "_name_or_path", "") or "splice model"))
         _hparams(writer, config)
-        _tokenizer(writer, tokenizer, int(config.vocab_size))
+        _tokenizer(writer, tokenizer, config)
         for hf_name, tensor in progress(state.items(), desc="GGUF tensors", total=len(state), unit="tensor"):
             if hf_name.endswith("rotary_emb.inv_freq") or (tied and hf_name == "lm_head.weight"):
                 continue

@@ -79,11 +79,15 @@ def default_model_path() -> Path:
     )
 
 
+_CONVERSION = 2  # the converted folder's format: a new one re-converts (2: special tokens from the file)
+
+
 def _fingerprint(path: Path) -> str:
-    """A cheap content key for a (possibly multi-GB) file: its size, first and last 4 MiB."""
+    """A cheap content key for a (possibly multi-GB) file: its size, first and last 4 MiB (and the conversion's
+    format, so a folder an older splice wrote is made again)."""
     chunk = 4 << 20
     size = path.stat().st_size
-    digest = hashlib.sha256(str(size).encode())
+    digest = hashlib.sha256(f"{_CONVERSION}:{size}".encode())
     with path.open("rb") as f:
         digest.update(f.read(chunk))
         if size > chunk:
@@ -102,6 +106,25 @@ def gguf_cache_path(gguf: str | Path, *, cache_dir: str | Path | None = None) ->
     return root / "models" / f"{path.stem}-{_fingerprint(path)}"
 
 
+_SPECIAL_IDS = {"bos_token": "tokenizer.ggml.bos_token_id", "eos_token": "tokenizer.ggml.eos_token_id",
+                "unk_token": "tokenizer.ggml.unknown_token_id", "pad_token": "tokenizer.ggml.padding_token_id"}
+
+
+def _take_special_tokens(tokenizer: PreTrainedTokenizerBase, gguf: Path) -> None:
+    """Set the tokenizer's BOS / EOS / UNK / PAD to the tokens the file names. transformers up to 5.17 swaps BOS and
+    EOS when it reads a GGUF (the embedded SmolLM2 came out with EOS ``<|im_start|>``: turns would not end at
+    ``<|im_end|>`` and training would append the wrong token); the file's ids are the truth whatever the version."""
+    import gguf as gguf_lib
+
+    fields = gguf_lib.GGUFReader(str(gguf)).fields
+    for name, key in _SPECIAL_IDS.items():
+        field = fields.get(key)
+        if field is not None:
+            token = tokenizer.convert_ids_to_tokens(int(field.contents()))
+            if isinstance(token, str):
+                setattr(tokenizer, name, token)
+
+
 def _convert_gguf(gguf: Path, target: Path) -> None:
     """Dequantize ``gguf`` into a Hugging Face folder at ``target``, written atomically."""
     # dequantize=True makes transformers drop the GGUF quantization config once the weights are
@@ -114,6 +137,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
             quantization_config=GgufConfig(dequantize=True),
         )
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        _take_special_tokens(tokenizer, gguf)
     bad = sorted({p.dtype for p in model.parameters() if not p.dtype.is_floating_point}, key=str)
     if bad or getattr(model, "hf_quantizer", None) is not None:
         raise RuntimeError(

@@ -39,6 +39,9 @@ def write_llama_gguf(path: Path, model: torch.nn.Module, tokenizer) -> None:
     writer.add_token_list([t for t, _ in sorted(spec["vocab"].items(), key=lambda kv: kv[1])])
     writer.add_token_types([3 if i < 3 else 1 for i in range(len(spec["vocab"]))])  # 3 = control
     writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in spec["merges"]])
+    # BOS and EOS apart, as in the embedded SmolLM2's file (transformers <= 5.17 swaps them on reading, and fails
+    # on a file without a BOS id)
+    writer.add_bos_token_id(tokenizer.convert_tokens_to_ids("<|im_start|>"))
     writer.add_eos_token_id(tokenizer.eos_token_id)
     writer.add_pad_token_id(tokenizer.pad_token_id)
     writer.add_add_bos_token(False)
@@ -76,6 +79,7 @@ def test_gguf_is_converted_once_then_read_from_the_cache(tmp_path, tiny_llama, t
     assert tokenizer(TEXT)["input_ids"] == ids[0].tolist()
     assert tokenizer.chat_template == tiny_tokenizer.chat_template
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
+    assert tokenizer.bos_token == "<|im_start|>"  # the file's ids, whatever the transformers version
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, tiny_llama(ids).logits, rtol=0, atol=1e-6)
     folder = gguf_cache_path(gguf_file, cache_dir=cache)
