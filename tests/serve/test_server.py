@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import gc
 import subprocess
 import sys
 import time
-import weakref
 from pathlib import Path
 
 import openai
@@ -17,10 +15,9 @@ from splice.generation.generate import generate
 from splice.lora.apply import add_lora
 from splice.lora.layers import LoraConfig
 from splice.lora.peft_io import load_adapter, save_adapter
-from splice.serve.server import frozen_heap, parse_adapters, running
-from splice.serve.service import Service
+from splice.serve.server import parse_adapters
 from tests import tiny
-from tests.tiny import build_tiny_llama, build_tiny_tokenizer, free_port, subprocess_env
+from tests.tiny import free_port, subprocess_env
 
 
 def test_bad_adapter_specs_name_the_fix(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -65,38 +62,66 @@ def test_splice_serve_command_answers_like_generate(tmp_path: Path, tiny_model_d
         process.wait(timeout=30)
 
 
-class _Node:
-    def __init__(self) -> None:
+# Both freeze tests run in a fresh interpreter: the collector's permanent generation is process-wide, and a pytest
+# worker on the device once started them with 757,095 objects frozen by something else in its process (2026-12-07,
+# H100, Python 3.12: cause not found; the CPU suite never saw it), where "the outermost block gives it back" cannot
+# be checked.
+_FROZEN_HEAP = """
+import gc, weakref
+from splice.serve.server import frozen_heap
+
+class Node:
+    def __init__(self):
         self.me = self  # a cycle: only the collector frees it
+
+assert gc.get_freeze_count() == 0, gc.get_freeze_count()
+before = Node()
+gone = weakref.ref(before)
+with frozen_heap():
+    assert gc.get_freeze_count() > 0
+    del before
+    made = Node()
+    made_ref = weakref.ref(made)
+    del made
+    gc.collect()
+    assert made_ref() is None  # what serving creates is still collected
+    assert gone() is not None  # what existed at start-up is not walked
+    with frozen_heap():  # nested (a server inside a server's block): the inner end unfreezes nothing
+        pass
+    assert gc.get_freeze_count() > 0
+assert gc.get_freeze_count() == 0
+gc.collect()
+assert gone() is None  # the collector has it back
+print("ok")
+"""
+
+_RUNNING_SERVER = """
+import gc, openai
+from splice.serve.server import running
+from splice.serve.service import Service
+from tests.tiny import build_tiny_llama, build_tiny_tokenizer
+
+tokenizer = build_tiny_tokenizer()
+service = Service(build_tiny_llama(len(tokenizer)), tokenizer, model_name="tiny", max_batch=2, max_len=32)
+assert gc.get_freeze_count() == 0, gc.get_freeze_count()
+with running(service) as url:
+    assert gc.get_freeze_count() > 0
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+    assert client.completions.create(model="tiny", prompt="the cat", max_tokens=2).choices[0].text
+assert gc.get_freeze_count() == 0
+print("ok")
+"""
+
+
+def _fresh_python(code: str) -> None:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(),
+                         timeout=300, check=False)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
 def test_frozen_heap_keeps_what_existed_out_of_collections_until_the_outermost_block_ends() -> None:
-    assert gc.get_freeze_count() == 0, "a server block from another test is still open"
-    before = _Node()
-    gone = weakref.ref(before)
-    with frozen_heap():
-        assert gc.get_freeze_count() > 0
-        del before
-        made = _Node()
-        made_ref = weakref.ref(made)
-        del made
-        gc.collect()
-        assert made_ref() is None  # what serving creates is still collected
-        assert gone() is not None  # what existed at start-up is not walked
-        with frozen_heap():  # nested (a server inside a server's block): the inner end unfreezes nothing
-            pass
-        assert gc.get_freeze_count() > 0
-    assert gc.get_freeze_count() == 0
-    gc.collect()
-    assert gone() is None  # the collector has it back
+    _fresh_python(_FROZEN_HEAP)
 
 
 def test_a_running_server_freezes_the_start_up_heap_and_gives_it_back() -> None:
-    tokenizer = build_tiny_tokenizer()
-    service = Service(build_tiny_llama(len(tokenizer)), tokenizer, model_name="tiny", max_batch=2, max_len=32)
-    assert gc.get_freeze_count() == 0, "a server block from another test is still open"
-    with running(service) as url:
-        assert gc.get_freeze_count() > 0
-        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
-        assert client.completions.create(model="tiny", prompt="the cat", max_tokens=2).choices[0].text
-    assert gc.get_freeze_count() == 0
+    _fresh_python(_RUNNING_SERVER)
