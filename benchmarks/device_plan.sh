@@ -48,6 +48,7 @@
 #                                                 #   codes in registers (num_stages 2 / 1), then the model at batch 1
 #   CALL=ncu20 bash benchmarks/device_plan.sh     # session 20 (~120 s): ncu's instruction mix and stall sources for
 #                                                 #   the fused expand, NF4 gate/up and config C's LoRA kernels
+#   CALL=fix22 bash benchmarks/device_plan.sh     # session 22 (~200 s): all14b's six failures again, then offline 0 / 64 adapters
 #   CALL=sw22 bash benchmarks/device_plan.sh      # session 22 (~330 s): the fused gate/up expand + SwiGLU with its
 #                                                 #   empty programs skipped: tests, old vs new, offline 0 / 8 adapters
 #   CALL=bg21 bash benchmarks/device_plan.sh      # session 21 (~250 s): lora_b_grads' paired tiles, then C beside PEFT
@@ -508,6 +509,11 @@ ml19)  # (ran in session 19 on an H100: the column loop lost and is gone; lora_s
     tests/engine/test_gpu_paths_engine.py tests/kernels/test_nf4_gemv.py
   timeout 60 python3 benchmarks/lora_swiglu.py --json "$OUT/lora_swiglu.json" 2>&1 | tee "$OUT/lora_swiglu.txt" | tail -6
   OFF_S=${OFF_S:-190} offline_adapters ;;
+fix22)  # session 22 (~200 s): all14b's six failures after their fixes (GGUF special tokens under transformers 5.17, the
+  # frozen-heap tests in a fresh interpreter), then the offline run with 0 and 64 adapters (sw22 ran 0 / 8)
+  gpu_tests fix22 ${TEST_S:-90} tests/export/test_gguf.py tests/models/test_loading.py tests/serve/test_server.py \
+    tests/test_cli.py
+  OFF_S=${OFF_S:-110} OFF_ADAPTERS=${OFF_ADAPTERS-64} offline_adapters ;;
 sw22)  # session 22 (~330 s): the fused gate/up expand + SwiGLU's programs without a row (the base-row programs where
   # every token is adapted, about half its grid; plan tiles past the last) now skip the body instead of issuing it
   # masked (ncu20: the kernel is instruction-bound, 2.4x SwiGLU alone in the offline run). Its GPU tests, then
