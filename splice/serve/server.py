@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Collection, Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -155,6 +156,9 @@ def _watch(server: _Server, service: Service, done: threading.Event) -> None:
             os._exit(1 if service.failure is not None else 0)
 
 
+_FREEZE_DEPTH: ContextVar[int] = ContextVar("splice_frozen_heap_depth", default=0)  # frozen_heap's nesting
+
+
 @contextlib.contextmanager
 def frozen_heap() -> Iterator[None]:
     """Keep what exists at start-up (torch, transformers, the model, the warm-up's objects: 380,000-
@@ -165,17 +169,24 @@ def frozen_heap() -> Iterator[None]:
     times it), during which the engine thread cannot schedule a step, so the requests that arrive then
     wait that long for their first token. What lives at start-up lives as long as the server, so
     ``gc.freeze()`` moves it to the permanent generation the collector skips (vLLM does the same after
-    its start-up); the collections that still run walk only what serving created. ``gc.unfreeze()`` on
-    leaving, so a process that embeds the server (tests, notebooks, benchmarks) gets its collector back.
-    Nested blocks unfreeze when the outermost one ends.
+    its start-up); the collections that still run walk only what serving created. ``gc.unfreeze()`` when
+    the outermost block of this context ends (a server inside a benchmark's block: the inner end unfreezes
+    nothing), so a process that embeds the server (tests, notebooks, benchmarks) gets its collector back.
+    The nesting is counted here, not read from ``gc.get_freeze_count()``: the device's Python starts with
+    375 objects already frozen, and a block that took that for an outer one never unfroze (a test worker
+    went on with 757,095 frozen objects). The permanent generation is the process's, so the outermost end
+    gives back everything frozen, whoever froze it; two servers on two threads of one process each count
+    their own blocks, and the first to stop unfreezes the other's heap too (its collections then walk it).
     """
-    outermost = gc.get_freeze_count() == 0
+    depth = _FREEZE_DEPTH.get()
+    _FREEZE_DEPTH.set(depth + 1)
     gc.collect()
     gc.freeze()
     try:
         yield
     finally:
-        if outermost:
+        _FREEZE_DEPTH.set(depth)  # (not reset(token): an exit from another context, an async fixture's, may not)
+        if depth == 0:
             gc.unfreeze()
 
 
