@@ -23,6 +23,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from splice.core.io import atomic_dir
 from splice.core.progress import busy
+from splice.models.gguf_header import gguf_scalars
 
 __all__ = [
     "DEFAULT_GGUF",
@@ -114,13 +115,10 @@ def _take_special_tokens(tokenizer: PreTrainedTokenizerBase, gguf: Path) -> None
     """Set the tokenizer's BOS / EOS / UNK / PAD to the tokens the file names. transformers up to 5.17 swaps BOS and
     EOS when it reads a GGUF (the embedded SmolLM2 came out with EOS ``<|im_start|>``: turns would not end at
     ``<|im_end|>`` and training would append the wrong token); the file's ids are the truth whatever the version."""
-    import gguf as gguf_lib
-
-    fields = gguf_lib.GGUFReader(str(gguf)).fields
+    ids = gguf_scalars(gguf, lambda key: key in _SPECIAL_IDS.values())
     for name, key in _SPECIAL_IDS.items():
-        field = fields.get(key)
-        if field is not None:
-            token = tokenizer.convert_ids_to_tokens(int(field.contents()))
+        if isinstance(ids.get(key), int):
+            token = tokenizer.convert_ids_to_tokens(ids[key])
             if isinstance(token, str):
                 setattr(tokenizer, name, token)
 

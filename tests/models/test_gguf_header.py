@@ -1,4 +1,5 @@
-"""splice.models.gguf_header: the context length read from GGUF headers the ``gguf`` package writes."""
+"""splice.models.gguf_header: scalars (the context length, token ids) read from GGUF headers the ``gguf`` package
+writes."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import gguf
 import numpy as np
 import pytest
 
-from splice.models.gguf_header import gguf_context_length
+from splice.models.gguf_header import gguf_context_length, gguf_scalars
 
 
 def _write(path: Path, *, context: int | None, arch: str = "llama") -> Path:
@@ -61,3 +62,11 @@ def test_none_when_absent_not_gguf_truncated_or_missing(tmp_path: Path) -> None:
     (tmp_path / "text.gguf").write_text("not a gguf file")
     assert gguf_context_length(tmp_path / "text.gguf") is None
     assert gguf_context_length(tmp_path / "absent.gguf") is None
+
+
+def test_the_scalars_asked_for_and_only_those(tmp_path: Path) -> None:
+    path = _write(tmp_path / "s.gguf", context=4096)
+    got = gguf_scalars(path, lambda name: name.startswith("test.") or name == "tokenizer.ggml.tokens")
+    assert got == {"test.u8": 7, "test.i64": -3, "test.f64": 0.5, "test.flag": True}  # the array is no scalar
+    assert gguf_scalars(path, lambda name: False) == {}
+    assert gguf_scalars(tmp_path / "absent.gguf", lambda name: True) == {}
