@@ -188,7 +188,7 @@ def _tokenizer(writer: gguf.GGUFWriter, tokenizer: Any, config: Any) -> None:
     if ids["bos_token_id"] is None:
         # Tokenizers without a BOS (Qwen2, the tests' tiny one): the model config's, as llama.cpp's converter
         # takes it, else the EOS (GPT-2's convention; add_bos_token is off, so it is never inserted). A file with
-        # no BOS id does not load in transformers <= 5.17 (its GGUF tokenizer reads one unconditionally).
+        # no BOS id does not load in transformers 5.17 (the device's: its GGUF tokenizer reads one unconditionally).
         ids["bos_token_id"] = getattr(config, "bos_token_id", None)
         if not isinstance(ids["bos_token_id"], int):
             ids["bos_token_id"] = ids["eos_token_id"]

@@ -112,9 +112,10 @@ _SPECIAL_IDS = {"bos_token": "tokenizer.ggml.bos_token_id", "eos_token": "tokeni
 
 
 def _take_special_tokens(tokenizer: PreTrainedTokenizerBase, gguf: Path) -> None:
-    """Set the tokenizer's BOS / EOS / UNK / PAD to the tokens the file names. transformers up to 5.17 swaps BOS and
-    EOS when it reads a GGUF (the embedded SmolLM2 came out with EOS ``<|im_start|>``: turns would not end at
-    ``<|im_end|>`` and training would append the wrong token); the file's ids are the truth whatever the version."""
+    """Set the tokenizer's BOS / EOS / UNK / PAD to the tokens the file names. transformers 5.17 (the device's; 5.25
+    does not, versions between are unchecked) swaps BOS and EOS when it reads a GGUF (the embedded SmolLM2 came out
+    with EOS ``<|im_start|>``: turns would not end at ``<|im_end|>`` and training would append the wrong token); the
+    file's ids are the truth whatever the version."""
     ids = gguf_scalars(gguf, lambda key: key in _SPECIAL_IDS.values())
     for name, key in _SPECIAL_IDS.items():
         if isinstance(ids.get(key), int):

@@ -151,7 +151,7 @@ def test_tied_head_is_not_written_and_reloads_tied(make_tiny_llama, tiny_tokeniz
     path = export_gguf(model, tiny_tokenizer, tmp_path / "tied.gguf", outtype="f32")
     reader = gguf.GGUFReader(str(path))
     assert "output.weight" not in {t.name for t in reader.tensors}
-    # the tiny tokenizer has no BOS (nor has the config): the EOS stands in, which transformers <= 5.17 needs
+    # the tiny tokenizer has no BOS (nor has the config): the EOS stands in, which transformers 5.17 needs
     assert tiny_tokenizer.bos_token_id is None and model.config.bos_token_id is None
     assert reader.fields["tokenizer.ggml.bos_token_id"].contents() == tiny_tokenizer.eos_token_id
     loaded, tokenizer = load_model(path)

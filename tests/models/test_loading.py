@@ -39,7 +39,7 @@ def write_llama_gguf(path: Path, model: torch.nn.Module, tokenizer) -> None:
     writer.add_token_list([t for t, _ in sorted(spec["vocab"].items(), key=lambda kv: kv[1])])
     writer.add_token_types([3 if i < 3 else 1 for i in range(len(spec["vocab"]))])  # 3 = control
     writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in spec["merges"]])
-    # BOS and EOS apart, as in the embedded SmolLM2's file (transformers <= 5.17 swaps them on reading, and fails
+    # BOS and EOS apart, as in the embedded SmolLM2's file (transformers 5.17 swaps them on reading, and fails
     # on a file without a BOS id)
     writer.add_bos_token_id(tokenizer.convert_tokens_to_ids("<|im_start|>"))
     writer.add_eos_token_id(tokenizer.eos_token_id)
