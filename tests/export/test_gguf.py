@@ -270,3 +270,14 @@ def test_quantized_lora_gguf(tmp_path) -> None:
     assert kinds["blk.0.attn_q.weight.lora_b"] == gguf.GGMLQuantizationType.F16
     with pytest.raises(ValueError, match="quantize 'nf4': GGUF export quantizes to q8_0 or q4_k"):
         export_lora_gguf(tiny.llama(), tmp_path / "adapter", tmp_path / "l2.gguf", quantize="nf4")
+
+
+def test_a_tokenizer_without_bos_takes_the_configs(tiny_llama, tiny_tokenizer, tmp_path) -> None:
+    """Qwen2-like: no BOS on the tokenizer, one in the model config (what llama.cpp's converter writes then)."""
+    start = tiny_tokenizer.convert_tokens_to_ids("<|im_start|>")
+    tiny_llama.config.bos_token_id = start
+    path = export_gguf(tiny_llama, tiny_tokenizer, tmp_path / "bos.gguf", outtype="f32")
+    fields = gguf.GGUFReader(str(path)).fields
+    assert fields["tokenizer.ggml.bos_token_id"].contents() == start != tiny_tokenizer.eos_token_id
+    assert fields["tokenizer.ggml.eos_token_id"].contents() == tiny_tokenizer.eos_token_id
+    assert not fields["tokenizer.ggml.add_bos_token"].contents()
