@@ -160,7 +160,7 @@ class PagedAttention(nn.Module):
         pair = None if torch.is_grad_enabled() else packed(projections)
         flat = hidden.reshape(tokens, -1)
         if pair is not None:
-            qkv = add_packed_delta(projections, flat, decode_linear(flat, *pair))  # (T, Nq+Nk+Nv)
+            qkv = add_packed_delta(projections, flat, lambda: decode_linear(flat, *pair))  # (T, Nq+Nk+Nv)
         elif (grouped := nf4_group_output(projections, flat)) is not None:  # 4-bit bases, one token
             qkv = add_packed_delta(projections, flat, grouped)
         elif (qkv := packed_lora(projections, flat)) is None:  # type: ignore[assignment]  # not a LoRA model's rollouts

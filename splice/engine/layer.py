@@ -52,8 +52,9 @@ def linear_residual(module: nn.Module, x: Tensor, residual: Tensor) -> Tensor:
         return residual + module(x)
     tokens = x.shape[0]
     flat = x.reshape(tokens, -1)
-    y = decode_linear(flat, pair[0], accumulate=residual.view(tokens, -1))  # (T, N) = residual + x W^T, in place
-    return add_packed_delta([module], flat, y).view_as(residual)
+    # (T, N) = residual + x W^T, in place; the bank's shrink, if any, queued first beside it
+    y = add_packed_delta([module], flat, lambda: decode_linear(flat, pair[0], accumulate=residual.view(tokens, -1)))
+    return y.view_as(residual)
 
 
 def linear_out(module: nn.Module, x: Tensor) -> Tensor:
@@ -64,7 +65,7 @@ def linear_out(module: nn.Module, x: Tensor) -> Tensor:
     if pair is None or rescales_output(module):
         return cast(Tensor, module(x))
     flat = x.reshape(-1, x.shape[-1])
-    y = add_packed_delta([module], flat, decode_linear(flat, *pair))  # (rows, N)
+    y = add_packed_delta([module], flat, lambda: decode_linear(flat, *pair))  # (rows, N)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 

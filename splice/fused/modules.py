@@ -314,7 +314,7 @@ class FusedSwiGLUMLP(nn.Module):
         in inference, :mod:`splice.fused.projections`)."""
         pair = None if torch.is_grad_enabled() else packed([self.gate_proj, self.up_proj])
         if pair is not None:
-            return add_packed_delta([self.gate_proj, self.up_proj], x, decode_linear(x, *pair), swiglu=True)
+            return add_packed_delta([self.gate_proj, self.up_proj], x, lambda: decode_linear(x, *pair), swiglu=True)
         if (grouped := nf4_group_output([self.gate_proj, self.up_proj], x)) is not None:  # 4-bit, one token
             return add_packed_delta([self.gate_proj, self.up_proj], x, grouped, swiglu=True)
         if (both := packed_lora([self.gate_proj, self.up_proj], x)) is not None:  # a LoRA model's rollouts

@@ -65,6 +65,7 @@ def multi_lora_expand_swiglu(shrunk: Shrunk, b: Tensor, y: Tensor, slots: Tensor
     if shrunk.ieee:  # exact fp32 dots on the FMA units: narrower blocks
         block_n = min(block_n, 32)
     grid = (count + -(-tokens // block_m), -(-width // block_n))
+    shrunk.wait()
     _expand_swiglu[grid](shrunk.u, b, y, h, shrunk.plan, slots.to(torch.int32), tokens, width, split, count,
                          b.stride(0), y.stride(0), R=rank, BM=block_m, BN=block_n, IEEE=shrunk.ieee,
                          num_warps=shrunk.tiles.warps)

@@ -42,6 +42,7 @@ kernels on CUDA (or under ``TRITON_INTERPRET=1``) and a per-slot PyTorch path el
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -155,6 +156,13 @@ class Shrunk:
     plan: Tensor
     tiles: Tiles
     ieee: bool  # fp32 bank: exact fp32 dots, no TF32 rounding
+    ready: torch.cuda.Event | None = None  # recorded on the side stream the shrink ran on (``side=``)
+    inputs: tuple[Tensor, ...] = ()  # what that launch reads, alive until the expand is queued behind it
+
+    def wait(self) -> None:
+        """Queue the caller's next launch (an expand) behind the shrink, where it ran on a side stream."""
+        if self.ready is not None:
+            torch.cuda.current_stream(self.u.device).wait_event(self.ready)
 
 
 def _plan_shape(tokens: int, capacity: int, tiles: Tiles) -> int:
@@ -183,13 +191,15 @@ def plan_tiles(slots: Tensor, *, capacity: int, tiles: Tiles) -> Tensor:
 
 
 def multi_lora_shrink(x: Tensor, a: Tensor, slots: Tensor, *, tiles: Tiles | None = None,
-                      plan: Tensor | None = None) -> Shrunk:
+                      plan: Tensor | None = None, side: torch.cuda.Stream | None = None) -> Shrunk:
     """``u = A[slot[t]] x[t]`` per token and group member, left as partial sums for the expand.
 
     ``x`` (T, K) with unit column stride; ``a`` (S, R, K) or (S, G, R, K) (``G`` projections that read
     the same input, e.g. a view of a bank's grouped storage), unit stride along K; ``slots`` (T,) int32
     on ``x``'s device. ``plan``: these slots' :func:`plan_tiles` for this bank's capacity and these ``tiles``
-    (the programs then read their tile instead of counting it). CUDA (or the Triton interpreter) only."""
+    (the programs then read their tile instead of counting it). ``side``: a CUDA stream to run the launch on, after
+    what the current stream has queued, so that it overlaps what the caller queues next (the base GEMM of the same
+    input); the expands then wait for it (:meth:`Shrunk.wait`). CUDA (or the Triton interpreter) only."""
     if a.dim() == 3:
         a = a[:, None]
     capacity, members, rank, k = a.shape
@@ -209,12 +219,22 @@ def multi_lora_shrink(x: Tensor, a: Tensor, slots: Tensor, *, tiles: Tiles | Non
     if plan is None:
         plan = torch.empty(count, 2 + tiles.block_m, device=x.device, dtype=torch.int32)
     ieee = a.dtype == torch.float32
-    _shrink[(count, split, members)](
-        x, a, u, plan, slots.to(torch.int32), tokens, k, tiles.k_split, x.stride(0), a.stride(0), a.stride(1),
-        a.stride(2), R=rank, BM=tiles.block_m, BK=tiles.block_k, **_counting(capacity), PER_TOKEN=tiles.per_token,
-        PLANNED=planned, IEEE=ieee, num_warps=tiles.warps,
-    )
-    return Shrunk(u, plan, tiles, ieee)
+    slots = slots.to(torch.int32)
+    # Everything is allocated on the current stream; the inputs stay referenced by the result, so no block the
+    # side launch reads is handed out again before the expand has waited for it.
+    if side is not None:
+        side.wait_stream(torch.cuda.current_stream(x.device))
+    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+        _shrink[(count, split, members)](
+            x, a, u, plan, slots, tokens, k, tiles.k_split, x.stride(0), a.stride(0), a.stride(1),
+            a.stride(2), R=rank, BM=tiles.block_m, BK=tiles.block_k, **_counting(capacity), PER_TOKEN=tiles.per_token,
+            PLANNED=planned, IEEE=ieee, num_warps=tiles.warps,
+        )
+    if side is None:
+        return Shrunk(u, plan, tiles, ieee)
+    ready = torch.cuda.Event()
+    ready.record(side)
+    return Shrunk(u, plan, tiles, ieee, ready, (x, a, slots))
 
 
 def multi_lora_expand(shrunk: Shrunk, b: Tensor, y: Tensor, *, member: int = 0,
@@ -248,6 +268,7 @@ def multi_lora_expand(shrunk: Shrunk, b: Tensor, y: Tensor, *, member: int = 0,
         block_n = min(block_n, 64 if len(widths) == 1 else 32)
     ends = [sum(widths[: i + 1]) for i in range(len(widths))] + [n] * 2
     count = shrunk.plan.shape[0]
+    shrunk.wait()
     _expand[(count, _cdiv(n, block_n))](
         shrunk.u, b, y, shrunk.plan, *affine, n, split, member, members, len(widths), count, b.stride(0),
         y.stride(0), f_stride, ends[0], ends[1], R=rank, BM=tiles.block_m, BN=block_n,

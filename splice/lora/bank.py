@@ -81,17 +81,21 @@ def bank_site(module: nn.Module) -> BankSite | None:
     return rewriter if isinstance(rewriter, BankSite) else None
 
 
-def add_packed_delta(modules: Sequence[nn.Module], x: Tensor, y: Tensor, *, swiglu: bool = False) -> Tensor:
+def add_packed_delta(modules: Sequence[nn.Module], x: Tensor, y: Tensor | Callable[[], Tensor], *,
+                     swiglu: bool = False) -> Tensor:
     """For a caller that ran the linears under ``modules`` as one GEMM over ``x`` (``y``: their outputs
     side by side, in this order): adds in place what each module's :class:`BankSite` would have added
     under the current route (one shrink and one expand for a bank group; see
     :meth:`LoraBank.apply_packed`). Modules without a site add nothing. ``swiglu`` (a gate/up pair): returns
-    ``silu(gate) * up`` of the sum instead, the expand fused into it where the kernels run."""
+    ``silu(gate) * up`` of the sum instead, the expand fused into it where the kernels run. ``y`` may be the
+    GEMM itself, not yet run (a function returning its output): the bank's shrink, which reads ``x`` alone, is
+    then queued first on a side stream and runs beside it on a GPU."""
     sites = [bank_site(m) for m in modules]
     first = next((site for site in sites if site is not None), None)
     route = current_route(first) if first is not None else None
     if route is None or route.bank is None:
-        return swiglu_packed(y) if swiglu else y
+        out = y() if callable(y) else y
+        return swiglu_packed(out) if swiglu else out
     appliers = [m if site is None else site for m, site in zip(modules, sites, strict=True)]
     return route.bank.apply_packed(appliers, x, y, route.slots, widths=[_linear_shape(m)[1] for m in modules],
                                    memo=route.memo, swiglu=swiglu)
@@ -392,31 +396,47 @@ class LoraBank:
             _LAST_SHRINK.set(_LastShrink(group, weakref.ref(x), weakref.ref(slots), _versions(x, slots), shrunk))
         return shrunk, member
 
-    def apply_packed(self, modules: Sequence[nn.Module], x: Tensor, y: Tensor, slots: Tensor | None, *,
-                     widths: Sequence[int], memo: Memo | None = None, swiglu: bool = False) -> Tensor:
+    def apply_packed(self, modules: Sequence[nn.Module], x: Tensor, y: Tensor | Callable[[], Tensor],
+                     slots: Tensor | None, *, widths: Sequence[int], memo: Memo | None = None,
+                     swiglu: bool = False) -> Tensor:
         """``y`` (..., sum(widths)), the packed output of ``modules``' one GEMM over ``x`` (their weights
         concatenated in this order, module ``i`` ``widths[i]`` columns wide), plus each module's delta on
         its own columns, added in place (no autograd; ``y`` viewable as rows). When ``modules`` are one
         of the bank's groups, in order, and the kernels run: one shrink and one expand for all of them;
         else one :meth:`apply` per module (modules the bank does not cover add nothing). ``swiglu``: return
         ``silu(gate) * up`` of the result instead (``modules`` a gate/up pair): for a group without DoRA the expand
-        and SwiGLU are one pass (:mod:`splice.kernels.lora_swiglu`) and ``y`` is left as it was."""
-        flat_y = y.view(-1, y.shape[-1])
+        and SwiGLU are one pass (:mod:`splice.kernels.lora_swiglu`) and ``y`` is left as it was. ``y`` as a
+        function (the GEMM, not yet run): on CUDA the shrink goes first, on a side stream, and overlaps it."""
+        flat_x = x.reshape(-1, x.shape[-1])
         live = slots is not None and any(self._apply.get(id(m)) in self._live for m in modules)
         paths = [self._apply.get(id(m)) for m in modules]
         group = self._groups[paths[0]][0] if live and paths[0] is not None else None
-        kernels = use_triton(flat_y) if self.kernels is None else self.kernels
-        if slots is not None and group is not None and kernels and tuple(paths) == group.paths \
-                and flat_y.stride(1) == 1:
-            row_len = 1 if slots.numel() == flat_y.shape[0] else flat_y.shape[0] // slots.numel()
-            per_token, tiles, plan = self._planned(slots, row_len, flat_y.shape[0], memo)
-            shrunk = multi_lora_shrink(x.reshape(-1, x.shape[-1]), group.a, per_token, tiles=tiles, plan=plan)
+        kernels = use_triton(flat_x) if self.kernels is None else self.kernels
+        shrunk = None
+        if slots is not None and group is not None and kernels and tuple(paths) == group.paths:
+            row_len = 1 if slots.numel() == flat_x.shape[0] else flat_x.shape[0] // slots.numel()
+            per_token, tiles, plan = self._planned(slots, row_len, flat_x.shape[0], memo)
+            # The shrink reads x alone: queued before a GEMM not yet run, it runs beside it (a side stream per
+            # call from torch's pool: nothing kept here, and the graph of a captured step gets a parallel branch).
+            side = torch.cuda.Stream(flat_x.device) if callable(y) and flat_x.is_cuda else None
+            shrunk = multi_lora_shrink(flat_x, group.a, per_token, tiles=tiles, plan=plan, side=side)
+        if callable(y):
+            try:
+                y = y()
+            except BaseException:
+                if shrunk is not None:  # its buffer is freed now: the side stream must be done writing it
+                    shrunk.wait()
+                raise
+        flat_y = y.view(-1, y.shape[-1])
+        if shrunk is not None and group is not None and flat_y.stride(1) == 1:
             rescaled = bool(self._rescaled.intersection(group.paths))
             if swiglu and not rescaled and len(group.widths) == 2 and group.widths[0] == group.widths[1]:
                 return multi_lora_expand_swiglu(shrunk, group.b, flat_y, per_token).view(*y.shape[:-1], -1)
             factor, shift = self._affine[group] if rescaled else (None, None)
             multi_lora_expand(shrunk, group.b, flat_y, widths=group.widths, factor=factor, shift=shift)
         elif live:
+            if shrunk is not None:  # a GEMM output without unit column stride: the shrink is left unread
+                shrunk.wait()
             start = 0
             for module, width in zip(modules, widths, strict=True):
                 part = y[..., start: start + width]

@@ -335,6 +335,62 @@ def test_a_packed_gemm_gets_each_sites_delta(kernels: bool, monkeypatch) -> None
         assert torch.equal(y, before) or not kernels  # (the PyTorch path adds into y, then takes SwiGLU)
 
 
+@pytest.mark.parametrize("kernels", [False, pytest.param(True, marks=KERNELS)])
+def test_a_gemm_not_yet_run_gets_the_same_sums_with_the_shrink_queued_first(kernels: bool, monkeypatch) -> None:
+    """add_packed_delta given the GEMM as a function: the group's shrink is queued before the GEMM runs (on
+    CUDA on a side stream, so the two overlap; the expand waits for it) and the sums are the same, bit for
+    bit, as with the GEMM's output given; gate/up into SwiGLU too, and the per-module passes of a list that
+    is no group (the shrink then runs after the GEMM)."""
+    device = KERNEL_DEVICE if kernels else "cpu"
+    served, sites, bank = _host_bank(device)
+    bank.kernels = kernels
+    attn, mlp = served.model.layers[0].self_attn, served.model.layers[0].mlp
+    order: list[str] = []
+    real = bank_module.multi_lora_shrink
+
+    def shrink(*args, **kwargs):  # type: ignore[no-untyped-def]
+        order.append("shrink" if kwargs.get("side") is None else "side shrink")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bank_module, "multi_lora_shrink", shrink)
+    x = torch.randn(12, 1, 32, generator=torch.Generator().manual_seed(4)).to(device)
+    slots = torch.tensor([2, 0, -1, 1, 1, 0, 2, -1, 0, 0, 1, 2], dtype=torch.int32, device=device)
+    on_gpu = kernels and device == "cuda"
+    with torch.no_grad(), routed(sites.values(), Route(bank=bank, slots=slots)):
+        for modules, swiglu in (([attn.q_proj, attn.k_proj, attn.v_proj], False), ([mlp.gate_proj, mlp.up_proj], True),
+                                ([attn.q_proj, attn.v_proj], False)):
+            weight = torch.cat([m.base.weight for m in modules])
+
+            def gemm() -> torch.Tensor:
+                order.append("gemm")
+                return torch.nn.functional.linear(x, weight)  # noqa: B023 - called before the loop moves on
+
+            want = add_packed_delta(modules, x, gemm(), swiglu=swiglu)
+            order.clear()
+            got = add_packed_delta(modules, x, gemm, swiglu=swiglu)
+            assert torch.equal(got, want)
+            grouped = len(modules) > 2 or swiglu
+            first = ("side shrink" if on_gpu else "shrink") if kernels and grouped else "gemm"
+            assert order[0] == first and order.count("gemm") == 1
+    if on_gpu:  # captured in a CUDA graph (the side stream becomes a branch of it), replayed on new inputs
+        modules = [attn.q_proj, attn.k_proj, attn.v_proj]
+        weight = torch.cat([m.base.weight for m in modules])
+
+        def packed(gemm):  # type: ignore[no-untyped-def]  # a route per call: its memo keeps the slots' tile plan
+            with torch.no_grad(), routed(sites.values(), Route(bank=bank, slots=slots)):
+                return add_packed_delta(modules, x, gemm)
+
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = packed(lambda: torch.nn.functional.linear(x, weight))
+        g = torch.Generator().manual_seed(9)
+        for _ in range(2):
+            x.copy_(torch.randn(12, 1, 32, generator=g))
+            slots.copy_(torch.randint(-1, 3, (12,), generator=g))
+            graph.replay()
+            torch.testing.assert_close(captured, packed(torch.nn.functional.linear(x, weight)), rtol=0, atol=0)
+
+
 @GPU
 @pytest.mark.parametrize("dora", [False, True])
 def test_group_reuse_inside_a_cuda_graph_replays_new_slots(dora: bool) -> None:
