@@ -7,8 +7,9 @@ slot per resident adapter. A call routed with ``Route(bank=bank, slots=...)`` (s
 :mod:`splice.kernels.multi_lora`: a shrink and an expand launch per projection whatever the mix of
 adapters, ranks and targets (an adapter that does not target a module has zeros in its slot).
 Sibling projections of one input (q/k/v, gate/up: :data:`SHARED_INPUT`) keep their A side by side, (S, G,
-R, K): the first one called shrinks for all, its siblings only expand. A caller that runs the group's bases
-as one GEMM adds their deltas with :func:`add_packed_delta` (one shrink, one expand; B in the same order).
+R, K) (:mod:`splice.lora.bank_groups`): the first one called shrinks for all, its siblings only expand. A caller
+that runs the group's bases as one GEMM adds their deltas with :func:`add_packed_delta` (one shrink, one expand;
+B in the same order); handed the GEMM not yet run, it queues the shrink first on a side stream, beside the GEMM.
 
 DoRA too: with frozen weights DoRA's factor ``g = m / ||W + s B A||`` (N,) (PEFT's fp32 row norms) is a
 constant, computed once from the served weights; the module gives ``g (y + delta) + (1 - g) bias`` (``y =
@@ -52,6 +53,7 @@ from splice.kernels.swiglu import swiglu_packed
 from splice.lora import adapter_file
 from splice.lora.adapter_file import base_shape
 from splice.lora.apply import lora_modules, use_adapters
+from splice.lora.bank_groups import SHARED_INPUT, Group, shared_input_groups
 from splice.lora.dora_layers import DoraLinear
 from splice.lora.host_adapter import HostAdapter, read_adapter, read_bank_file
 from splice.lora.layers import LoraLinear
@@ -87,9 +89,8 @@ def add_packed_delta(modules: Sequence[nn.Module], x: Tensor, y: Tensor | Callab
     side by side, in this order): adds in place what each module's :class:`BankSite` would have added
     under the current route (one shrink and one expand for a bank group; see
     :meth:`LoraBank.apply_packed`). Modules without a site add nothing. ``swiglu`` (a gate/up pair): returns
-    ``silu(gate) * up`` of the sum instead, the expand fused into it where the kernels run. ``y`` may be the
-    GEMM itself, not yet run (a function returning its output): the bank's shrink, which reads ``x`` alone, is
-    then queued first on a side stream and runs beside it on a GPU."""
+    ``silu(gate) * up`` of the sum instead, the expand fused into it where the kernels run. ``y`` may be the GEMM
+    not yet run (a function): the shrink, which reads ``x`` alone, is then queued first and runs beside it."""
     sites = [bank_site(m) for m in modules]
     first = next((site for site in sites if site is not None), None)
     route = current_route(first) if first is not None else None
@@ -126,66 +127,19 @@ def add_bank_sites(model: nn.Module, paths: Collection[str]) -> dict[str, BankSi
     return sites
 
 
-# Sibling projections that read one input: a bank stores their A side by side, and the first one called
-# shrinks for all (one launch instead of three for q/k/v, two for gate/up).
-SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-
-
-def shared_input_groups(shapes: dict[str, tuple[int, int]]) -> list[tuple[str, ...]]:
-    """The groups of ``shapes``' paths (path -> (K, N)) that are siblings named in :data:`SHARED_INPUT`
-    with one input width, in call order (two or more members each)."""
-    groups = []
-    for parent in dict.fromkeys(path.rpartition(".")[0] for path in shapes):
-        for names in SHARED_INPUT:
-            members = [f"{parent}.{n}" if parent else n for n in names]
-            present = [m for m in members if m in shapes]
-            same = tuple(m for m in present if shapes[m][0] == shapes[present[0]][0]) if present else ()
-            if len(same) > 1:
-                groups.append(same)
-    return groups
-
-
-@dataclass(frozen=True, eq=False)
-class _Group:
-    """The bank storage of projections that read one input (or of one projection): A (S, G, R, K) and
-    B (S, N_1 + .. + N_G, R), each member's B rows after the previous member's (a packed GEMM's order)."""
-
-    paths: tuple[str, ...]
-    a: Tensor
-    b: Tensor
-    widths: tuple[int, ...]
-
-    @classmethod
-    def zeros(cls, paths: tuple[str, ...], shapes: dict[str, tuple[int, int]], *, capacity: int, rank: int,
-              device: torch.device, dtype: torch.dtype) -> _Group:
-        widths = tuple(shapes[p][1] for p in paths)
-        a = torch.zeros(capacity, len(paths), rank, shapes[paths[0]][0], device=device, dtype=dtype)
-        return cls(paths, a, torch.zeros(capacity, sum(widths), rank, device=device, dtype=dtype), widths)
-
-    def a_of(self, member: int) -> Tensor:
-        return self.a[:, member]
-
-    def columns(self, member: int) -> slice:  # member's columns of the packed output (and rows of B)
-        start = sum(self.widths[:member])
-        return slice(start, start + self.widths[member])
-
-    def b_of(self, member: int) -> Tensor:
-        return self.b[:, self.columns(member)]
-
-
 @dataclass(frozen=True, eq=False)
 class _LastShrink:
     """The last group shrink of this context (thread / task), made by the group's first member (which
     always shrinks anew). A later member reuses it when it sees the same input and slots objects,
     unchanged (their version counters, outside inference mode)."""
 
-    group: _Group
+    group: Group
     x: weakref.ReferenceType[Tensor]
     slots: weakref.ReferenceType[Tensor]
     versions: tuple[int, int, bool]
     shrunk: Shrunk
 
-    def fits(self, group: _Group, x: Tensor, slots: Tensor) -> bool:
+    def fits(self, group: Group, x: Tensor, slots: Tensor) -> bool:
         return (self.group is group and self.x() is x and self.slots() is slots
                 and self.versions == _versions(x, slots))
 
@@ -223,11 +177,11 @@ class LoraBank:
             raise ValueError(f"an adapter bank needs capacity >= 1, got {capacity}")
         self.capacity, self.rank, self.device, self.dtype = capacity, pad_rank(rank), device, dtype
         # path -> (its group's storage, its index there): every path is in a group, alone or with siblings
-        self._groups: dict[str, tuple[_Group, int]] = {}
+        self._groups: dict[str, tuple[Group, int]] = {}
         grouped = shared_input_groups(shapes)
         singles = [(p,) for p in shapes if not any(p in g for g in grouped)]
         for paths in (*grouped, *singles):
-            group = _Group.zeros(paths, shapes, capacity=capacity, rank=self.rank, device=device, dtype=dtype)
+            group = Group.zeros(paths, shapes, capacity=capacity, rank=self.rank, device=device, dtype=dtype)
             self._groups.update({path: (group, i) for i, path in enumerate(paths)})
         self.a = {p: self._groups[p][0].a_of(self._groups[p][1]) for p in shapes}  # (S, R, K) views
         self.b = {p: self._groups[p][0].b_of(self._groups[p][1]) for p in shapes}  # (S, N, R) views
@@ -235,7 +189,7 @@ class LoraBank:
         self._apply = {id(m): p for m, p in appliers.items()}
         self._skip = {id(m) for m in skippers}
         # DoRA: group -> (factor, shift) (S, N_1 + .. + N_G) fp32, made when a DoRA adapter first adapts the group
-        self._affine: dict[_Group, tuple[Tensor, Tensor]] = {}
+        self._affine: dict[Group, tuple[Tensor, Tensor]] = {}
         self.resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recent first
         self._targets: dict[str, tuple[frozenset[str], frozenset[str]]] = {}  # resident -> its paths, DoRA ones
         self._live: set[str] = set()  # paths some resident adapter adapts (others are skipped)
@@ -399,14 +353,13 @@ class LoraBank:
     def apply_packed(self, modules: Sequence[nn.Module], x: Tensor, y: Tensor | Callable[[], Tensor],
                      slots: Tensor | None, *, widths: Sequence[int], memo: Memo | None = None,
                      swiglu: bool = False) -> Tensor:
-        """``y`` (..., sum(widths)), the packed output of ``modules``' one GEMM over ``x`` (their weights
-        concatenated in this order, module ``i`` ``widths[i]`` columns wide), plus each module's delta on
-        its own columns, added in place (no autograd; ``y`` viewable as rows). When ``modules`` are one
-        of the bank's groups, in order, and the kernels run: one shrink and one expand for all of them;
-        else one :meth:`apply` per module (modules the bank does not cover add nothing). ``swiglu``: return
-        ``silu(gate) * up`` of the result instead (``modules`` a gate/up pair): for a group without DoRA the expand
-        and SwiGLU are one pass (:mod:`splice.kernels.lora_swiglu`) and ``y`` is left as it was. ``y`` as a
-        function (the GEMM, not yet run): on CUDA the shrink goes first, on a side stream, and overlaps it."""
+        """``y`` (..., sum(widths)), the packed output of ``modules``' one GEMM over ``x`` (their weights concatenated
+        in this order, module ``i`` ``widths[i]`` columns wide), plus each module's delta on its own columns, added
+        in place (no autograd; ``y`` viewable as rows). When ``modules`` are one of the bank's groups, in order, and
+        the kernels run: one shrink and one expand for all of them; else one :meth:`apply` per module (modules the
+        bank does not cover add nothing). ``swiglu``: return ``silu(gate) * up`` of the result instead (a gate/up
+        pair; without DoRA the expand and SwiGLU are one pass, :mod:`splice.kernels.lora_swiglu`, ``y`` left as it
+        was). ``y`` as a function (the GEMM, not yet run): on CUDA the shrink goes first on a side stream, beside it."""
         flat_x = x.reshape(-1, x.shape[-1])
         live = slots is not None and any(self._apply.get(id(m)) in self._live for m in modules)
         paths = [self._apply.get(id(m)) for m in modules]
@@ -416,17 +369,15 @@ class LoraBank:
         if slots is not None and group is not None and kernels and tuple(paths) == group.paths:
             row_len = 1 if slots.numel() == flat_x.shape[0] else flat_x.shape[0] // slots.numel()
             per_token, tiles, plan = self._planned(slots, row_len, flat_x.shape[0], memo)
-            # The shrink reads x alone: queued before a GEMM not yet run, it runs beside it (a side stream per
-            # call from torch's pool: nothing kept here, and the graph of a captured step gets a parallel branch).
+            # Queued before a GEMM not yet run, the shrink (it reads x alone) runs beside it: a pool stream per call
+            # (nothing kept here; a captured step's graph gets a parallel branch).
             side = torch.cuda.Stream(flat_x.device) if callable(y) and flat_x.is_cuda else None
             shrunk = multi_lora_shrink(flat_x, group.a, per_token, tiles=tiles, plan=plan, side=side)
-        if callable(y):
-            try:
-                y = y()
-            except BaseException:
-                if shrunk is not None:  # its buffer is freed now: the side stream must be done writing it
-                    shrunk.wait()
-                raise
+        try:
+            y = y() if callable(y) else y
+        finally:  # what follows on this stream (or frees the shrink's buffer) waits; the GEMM is queued already
+            if shrunk is not None:
+                shrunk.wait()
         flat_y = y.view(-1, y.shape[-1])
         if shrunk is not None and group is not None and flat_y.stride(1) == 1:
             rescaled = bool(self._rescaled.intersection(group.paths))
@@ -435,8 +386,6 @@ class LoraBank:
             factor, shift = self._affine[group] if rescaled else (None, None)
             multi_lora_expand(shrunk, group.b, flat_y, widths=group.widths, factor=factor, shift=shift)
         elif live:
-            if shrunk is not None:  # a GEMM output without unit column stride: the shrink is left unread
-                shrunk.wait()
             start = 0
             for module, width in zip(modules, widths, strict=True):
                 part = y[..., start: start + width]
