@@ -48,8 +48,8 @@
 #                                                 #   codes in registers (num_stages 2 / 1), then the model at batch 1
 #   CALL=ncu20 bash benchmarks/device_plan.sh     # session 20 (~120 s): ncu's instruction mix and stall sources for
 #                                                 #   the fused expand, NF4 gate/up and config C's LoRA kernels
-#   CALL=ov23 bash benchmarks/device_plan.sh      # session 23 (~400 s): bank shrinks beside their GEMMs (side stream):
-#                                                 # tests, offline 0 / 8 / 64 adapters, previous tree and new
+#   CALL=ov23 bash benchmarks/device_plan.sh      # session 23 (~380 s): bank shrinks beside their GEMMs (side stream):
+#                                                 # tests, offline 0 / 8 / 64 adapters, shrinks aside off and on
 #   CALL=fix22 bash benchmarks/device_plan.sh     # session 22 (~200 s): all14b's six failures again, then offline 0 / 64 adapters
 #   CALL=sw22 bash benchmarks/device_plan.sh      # session 22 (~330 s): the fused gate/up expand + SwiGLU with its
 #                                                 #   empty programs skipped: tests, old vs new, offline 0 / 8 adapters
@@ -511,16 +511,13 @@ ml19)  # (ran in session 19 on an H100: the column loop lost and is gone; lora_s
     tests/engine/test_gpu_paths_engine.py tests/kernels/test_nf4_gemv.py
   timeout 60 python3 benchmarks/lora_swiglu.py --json "$OUT/lora_swiglu.json" 2>&1 | tee "$OUT/lora_swiglu.txt" | tail -6
   OFF_S=${OFF_S:-190} offline_adapters ;;
-ov23)  # session 23 (~400 s): each bank shrink queued before its base GEMM on a side stream (the two overlap; the
-  # expand waits for it). Its GPU tests, then the offline run with 0 / 8 / 64 adapters with the previous splice/
-  # (build/_old_ov, carried: HEAD's before the change) and the new one (session 22, H100: 0.85x with 8, 0.77x with 64)
+ov23)  # session 23 (~380 s): each bank shrink queued before its base GEMM, on a side stream beside it
+  # (LoraBank.overlap_shrink, off by default until this times it; the expand waits for it). Its GPU tests, then the
+  # offline run with 0, 8 and 64 adapters, the shrinks on the GEMM's stream and aside, in one process (session 22,
+  # H100: 0.85x with 8; session 23's fix23: 0.77x with 64)
   gpu_tests ov23 ${TEST_S:-120} tests/lora/test_bank.py tests/kernels/test_multi_lora.py tests/kernels/test_lora_swiglu.py \
     tests/engine/test_gpu_paths_engine.py
-  for tree in build/_old_ov .; do
-    echo "tree $tree"
-    PYTHONPATH=$PWD/$tree:/tmp/site OFF_S=${OFF_S:-150} OFF_ADAPTERS=${OFF_ADAPTERS-8,64} offline_adapters
-    cp "$OUT/serve.json" "$OUT/serve_$(basename $tree).json"; cp "$OUT/serve.txt" "$OUT/serve_$(basename $tree).txt"
-  done ;;
+  OFF_S=${OFF_S:-230} OFF_ADAPTERS=${OFF_ADAPTERS-8,64} offline_adapters --offline-overlap-shrink off,on ;;
 fix22)  # session 22 (~200 s): all14b's six failures after their fixes (GGUF special tokens under transformers 5.17, the
   # frozen-heap tests in a fresh interpreter), then the offline run with 0 and 64 adapters (sw22 ran 0 / 8)
   gpu_tests fix22 ${TEST_S:-90} tests/export/test_gguf.py tests/models/test_loading.py tests/serve/test_server.py \

@@ -26,6 +26,8 @@ its own time limit (``--limit-PART`` seconds: a part that runs out keeps the row
   that reaches its share of the time limit stops there (``truncated``) and counts what it generated.
   ``--offline-fresh paged,dense``: the runs with the first engine ``fresh_attention`` (prompts with no cached prefix
   through the paged kernel, or cuDNN's dense kernel over the step's own K/V), then a 0-adapter run with each other.
+  ``--offline-overlap-shrink off,on``: each adapter count with the bank's shrinks on the GEMM's stream, then on a
+  side stream beside the GEMM (:attr:`~splice.lora.bank.LoraBank.overlap_shrink`).
 - ``http``: ``splice.serve`` (Service + uvicorn, in this process) under open-loop Poisson load at
   rising ``--http-rates``, streamed over SSE by httpx in a separate client process (so the client
   does not share the server's GIL); offered vs delivered tok/s, TTFT and inter-token latency
@@ -81,7 +83,7 @@ FULL: dict[str, Any] = dict(
     decode_batches="1,32,128", decode_contexts="16,1024,4096", decode_steps=32, decode_adapters="8",
     decode_cublas_batches="", decode_int8_kv_contexts="",
     offline_requests=1000, offline_prompt="50,1000", offline_output="50,500", offline_adapters="8,64",
-    offline_max_seqs=256, offline_fresh="paged",
+    offline_max_seqs=256, offline_fresh="paged", offline_overlap_shrink="off",
     http_rates="8,16,32,64,128", http_seconds=8.0, http_prompt="50,500", http_output="32,128", http_max_seqs=128,
     http_json_fraction=0.0, http_api_key="", http_scrape_s=0.0, http_gc_freeze=1,
     hf_batches="1,32", hf_contexts="16,1024", hf_steps=16, hf_cache="static",
@@ -519,9 +521,10 @@ def adapter_bank(bench: Bench, count: int) -> tuple[list[str | None], dict[str, 
                                 for i, n in enumerate(names) if n is not None}}
 
 
-def offline_run(bench: Bench, deadline: Deadline, *, count: int, seconds: float, fresh: str = "paged") -> dict[str, Any]:
-    """The workload through one engine with ``count`` adapters (0: no bank) and ``fresh_attention=fresh``; stops
-    after ``seconds``."""
+def offline_run(bench: Bench, deadline: Deadline, *, count: int, seconds: float, fresh: str = "paged",
+                overlap_shrink: bool = False) -> dict[str, Any]:
+    """The workload through one engine with ``count`` adapters (0: no bank, else the bank's ``overlap_shrink``)
+    and ``fresh_attention=fresh``; stops after ``seconds``."""
     from splice.engine.engine import Request
     from splice.engine.sampling import SamplingParams
 
@@ -529,6 +532,8 @@ def offline_run(bench: Bench, deadline: Deadline, *, count: int, seconds: float,
     prompts, outputs = sharegpt_like(bench)
     max_len = max(map(len, prompts)) + max(outputs) + 1
     names, extra = adapter_bank(bench, count)
+    if count:
+        extra["bank"].overlap_shrink = overlap_shrink
     engine = make_engine(bench, max_seqs=args.offline_max_seqs, max_len=max_len, max_waiting=len(prompts),
                          fresh_attention=fresh, **extra)
     try:
@@ -559,7 +564,8 @@ def offline_run(bench: Bench, deadline: Deadline, *, count: int, seconds: float,
         mix = {"steps": len(steps), "tokens_per_step": sum(t for t, _ in steps) / max(1, len(steps)),
                "small_steps": len(small), "small_steps_s": sum(small),
                "linear_tflop_s": 2 * linear_params * sum(t for t, _ in steps) / elapsed / 1e12}
-        return {**mix, "adapters": count, "fresh_attention": fresh, "requests": len(requests), "finished": sum(r.finish_reason == "length" for r in requests),
+        return {**mix, "adapters": count, "fresh_attention": fresh, "overlap_shrink": overlap_shrink,
+                "requests": len(requests), "finished": sum(r.finish_reason == "length" for r in requests),
                 "output_tokens": generated, "seconds": elapsed, "output_tok_s": generated / elapsed,
                 "total_tok_s": (generated + sum(map(len, prompts))) / elapsed if not truncated else None,
                 "truncated": truncated, "preemptions": engine.preemptions, "max_seqs": args.offline_max_seqs,
@@ -573,15 +579,18 @@ def offline_run(bench: Bench, deadline: Deadline, *, count: int, seconds: float,
 
 def part_offline(bench: Bench, deadline: Deadline, record: dict[str, Any]) -> None:
     first, *others = bench.args.offline_fresh.split(",")
-    runs = [(first, count) for count in (0, *ints(bench.args.offline_adapters))] + [(fresh, 0) for fresh in others]
-    for i, (fresh, count) in enumerate(runs):
-        deadline.check(f"{count} adapters, fresh_attention={fresh}")
+    overlaps = [{"off": False, "on": True}[o] for o in bench.args.offline_overlap_shrink.split(",")]
+    runs = [(first, 0, False)] + [(first, count, o) for count in ints(bench.args.offline_adapters) for o in overlaps] \
+        + [(fresh, 0, False) for fresh in others]
+    for i, (fresh, count, overlap) in enumerate(runs):
+        deadline.check(f"{count} adapters, fresh_attention={fresh}, overlap_shrink={overlap}")
         row = offline_run(bench, deadline, count=count, seconds=max(1.0, deadline.left() / (len(runs) - i) - 8),
-                          fresh=fresh)
+                          fresh=fresh, overlap_shrink=overlap)
         base = next((r["output_tok_s"] for r in record["rows"] if r["adapters"] == 0), row["output_tok_s"])
         row["ratio_to_0"] = row["output_tok_s"] / base  # (to the first fresh_attention's 0-adapter run)
         record["rows"].append(row)
-        print(f"offline {count} adapters, fresh_attention={fresh}: {row['output_tok_s']:.0f} output tok/s "
+        print(f"offline {count} adapters, fresh_attention={fresh}, overlap_shrink={overlap}: "
+              f"{row['output_tok_s']:.0f} output tok/s "
               f"({row['ratio_to_0']:.2f}x), {row['finished']}/{row['requests']} finished in {row['seconds']:.1f} s",
               flush=True)
 
@@ -986,8 +995,8 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, str]]]] = {  # part -> (title,
         ("of roofline", "roofline_fraction", ".2f"), ("vs short ctx", "vs_short_context", ".2f"),
         ("vs no adapters", "vs_no_adapters", ".2f"), ("note", "skipped", "")]),
     "offline": ("offline, ShareGPT-like", [
-        ("adapters", "adapters", "d"), ("fresh prompts", "fresh_attention", ""), ("requests", "requests", "d"),
-        ("finished", "finished", "d"), ("output tok/s", "output_tok_s", ".0f"), ("vs 0 adapters", "ratio_to_0", ".2f"),
+        ("adapters", "adapters", "d"), ("fresh prompts", "fresh_attention", ""), ("shrink aside", "overlap_shrink", ""),
+        ("requests", "requests", "d"), ("finished", "finished", "d"), ("output tok/s", "output_tok_s", ".0f"), ("vs 0 adapters", "ratio_to_0", ".2f"),
         ("seconds", "seconds", ".1f"), ("truncated", "truncated", ""), ("steps", "steps", "d"),
         ("tokens/step", "tokens_per_step", ".0f"), ("steps <= max_seqs tokens", "small_steps", "d"),
         ("their s", "small_steps_s", ".1f"), ("linear TFLOP/s", "linear_tflop_s", ".0f")]),

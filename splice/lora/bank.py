@@ -9,7 +9,8 @@ adapters, ranks and targets (an adapter that does not target a module has zeros 
 Sibling projections of one input (q/k/v, gate/up: :data:`SHARED_INPUT`) keep their A side by side, (S, G,
 R, K) (:mod:`splice.lora.bank_groups`): the first one called shrinks for all, its siblings only expand. A caller
 that runs the group's bases as one GEMM adds their deltas with :func:`add_packed_delta` (one shrink, one expand;
-B in the same order); handed the GEMM not yet run, it queues the shrink first on a side stream, beside the GEMM.
+B in the same order); handed the GEMM not yet run, it queues the shrink first (with ``overlap_shrink`` on a side
+stream, beside the GEMM).
 
 DoRA too: with frozen weights DoRA's factor ``g = m / ||W + s B A||`` (N,) (PEFT's fp32 row norms) is a
 constant, computed once from the served weights; the module gives ``g (y + delta) + (1 - g) bias`` (``y =
@@ -90,7 +91,7 @@ def add_packed_delta(modules: Sequence[nn.Module], x: Tensor, y: Tensor | Callab
     under the current route (one shrink and one expand for a bank group; see
     :meth:`LoraBank.apply_packed`). Modules without a site add nothing. ``swiglu`` (a gate/up pair): returns
     ``silu(gate) * up`` of the sum instead, the expand fused into it where the kernels run. ``y`` may be the GEMM
-    not yet run (a function): the shrink, which reads ``x`` alone, is then queued first and runs beside it."""
+    not yet run (a function): the shrink, which reads ``x`` alone, is then queued first (see ``overlap_shrink``)."""
     sites = [bank_site(m) for m in modules]
     first = next((site for site in sites if site is not None), None)
     route = current_route(first) if first is not None else None
@@ -186,6 +187,9 @@ class LoraBank:
         self.a = {p: self._groups[p][0].a_of(self._groups[p][1]) for p in shapes}  # (S, R, K) views
         self.b = {p: self._groups[p][0].b_of(self._groups[p][1]) for p in shapes}  # (S, N, R) views
         self.kernels: bool | None = None  # the Triton kernels: None = on for CUDA (or the Triton interpreter)
+        # A group's shrink, queued before a GEMM handed over unrun, on a side stream beside it: off until a GPU
+        # run has timed it (benchmarks/serve.py --offline-overlap-shrink off,on)
+        self.overlap_shrink = False
         self._apply = {id(m): p for m, p in appliers.items()}
         self._skip = {id(m) for m in skippers}
         # DoRA: group -> (factor, shift) (S, N_1 + .. + N_G) fp32, made when a DoRA adapter first adapts the group
@@ -359,7 +363,8 @@ class LoraBank:
         the kernels run: one shrink and one expand for all of them; else one :meth:`apply` per module (modules the
         bank does not cover add nothing). ``swiglu``: return ``silu(gate) * up`` of the result instead (a gate/up
         pair; without DoRA the expand and SwiGLU are one pass, :mod:`splice.kernels.lora_swiglu`, ``y`` left as it
-        was). ``y`` as a function (the GEMM, not yet run): on CUDA the shrink goes first on a side stream, beside it."""
+        was). ``y`` as a function (the GEMM, not yet run): the shrink goes first, with :attr:`overlap_shrink` on CUDA
+        on a side stream, beside the GEMM."""
         flat_x = x.reshape(-1, x.shape[-1])
         live = slots is not None and any(self._apply.get(id(m)) in self._live for m in modules)
         paths = [self._apply.get(id(m)) for m in modules]
@@ -369,9 +374,10 @@ class LoraBank:
         if slots is not None and group is not None and kernels and tuple(paths) == group.paths:
             row_len = 1 if slots.numel() == flat_x.shape[0] else flat_x.shape[0] // slots.numel()
             per_token, tiles, plan = self._planned(slots, row_len, flat_x.shape[0], memo)
-            # Queued before a GEMM not yet run, the shrink (it reads x alone) runs beside it: a pool stream per call
-            # (nothing kept here; a captured step's graph gets a parallel branch).
-            side = torch.cuda.Stream(flat_x.device) if callable(y) and flat_x.is_cuda else None
+            # Queued before a GEMM not yet run, the shrink (it reads x alone) may run beside it: a pool stream per
+            # call (nothing kept here; a captured step's graph gets a parallel branch).
+            aside = self.overlap_shrink and callable(y) and flat_x.is_cuda
+            side = torch.cuda.Stream(flat_x.device) if aside else None
             shrunk = multi_lora_shrink(flat_x, group.a, per_token, tiles=tiles, plan=plan, side=side)
         try:
             y = y() if callable(y) else y

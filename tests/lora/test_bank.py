@@ -337,13 +337,13 @@ def test_a_packed_gemm_gets_each_sites_delta(kernels: bool, monkeypatch) -> None
 
 @pytest.mark.parametrize("kernels", [False, pytest.param(True, marks=KERNELS)])
 def test_a_gemm_not_yet_run_gets_the_same_sums_with_the_shrink_queued_first(kernels: bool, monkeypatch) -> None:
-    """add_packed_delta given the GEMM as a function: the group's shrink is queued before the GEMM runs (on
-    CUDA on a side stream, so the two overlap; the expand waits for it) and the sums are the same, bit for
+    """add_packed_delta given the GEMM as a function: the group's shrink is queued before the GEMM runs (with
+    overlap_shrink on CUDA on a side stream, so the two overlap; the expand waits for it) and the sums are the same, bit for
     bit, as with the GEMM's output given; gate/up into SwiGLU too, and the per-module passes of a list that
     is no group (the shrink then runs after the GEMM)."""
     device = KERNEL_DEVICE if kernels else "cpu"
     served, sites, bank = _host_bank(device)
-    bank.kernels = kernels
+    bank.kernels, bank.overlap_shrink = kernels, True
     attn, mlp = served.model.layers[0].self_attn, served.model.layers[0].mlp
     order: list[str] = []
     real = bank_module.multi_lora_shrink
