@@ -516,6 +516,7 @@ ov23)  # session 23 (~380 s): each bank shrink queued before its base GEMM, on a
   # offline run with 0, 8 and 64 adapters, the shrinks on the GEMM's stream and aside, in one process (session 22,
   # H100: 0.85x with 8; session 23's fix23: 0.77x with 64)
   gpu_tests ov23 ${TEST_S:-120} tests/lora/test_bank.py tests/kernels/test_multi_lora.py tests/kernels/test_lora_swiglu.py \
+    tests/engine/test_engine.py \
     tests/engine/test_gpu_paths_engine.py
   OFF_S=${OFF_S:-230} OFF_ADAPTERS=${OFF_ADAPTERS-8,64} offline_adapters --offline-overlap-shrink off,on ;;
 fix22)  # session 22 (~200 s): all14b's six failures after their fixes (GGUF special tokens under transformers 5.17, the

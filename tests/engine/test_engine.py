@@ -213,12 +213,17 @@ def _bank_engine(tmp_path: Path, plan: list[tuple[str, Any, int]], *, capacity: 
                   adapters=host, **options)
 
 
-@pytest.mark.parametrize("cuda", [False, pytest.param(True, marks=GPU)])
-def test_bank_adapters_of_mixed_ranks_and_targets_equal_each_alone(tmp_path: Path, tiny_tokenizer, cuda: bool) -> None:
+@pytest.mark.parametrize(("cuda", "aside"), [(False, False), pytest.param(True, False, marks=GPU),
+                                              pytest.param(True, True, marks=GPU)])
+def test_bank_adapters_of_mixed_ranks_and_targets_equal_each_alone(tmp_path: Path, tiny_tokenizer, cuda: bool,
+                                                                   aside: bool) -> None:
     """Each request's tokens are its adapter's alone (the model on the CPU); on a GPU through the engine's kernels:
-    packed GEMMs, the bank's shrink / expand and the gate/up expand fused into SwiGLU, graphs."""
+    packed GEMMs, the bank's shrink / expand and the gate/up expand fused into SwiGLU, graphs; ``aside``: the
+    shrinks on a side stream beside their GEMMs (``LoraBank.overlap_shrink``)."""
     plan = [("a", ("q_proj", "v_proj"), 4), ("b", "all-linear", 8), ("c", ("o_proj",), 4)]
     engine = _bank_engine(tmp_path, plan, capacity=2, cuda=cuda)
+    assert engine.bank is not None
+    engine.bank.overlap_shrink = aside
     order = ["a", "b", None, "c", "a"]
     requests = []
     for adapter, prompt in zip(order, PROMPTS):
