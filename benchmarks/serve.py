@@ -579,7 +579,7 @@ def offline_run(bench: Bench, deadline: Deadline, *, count: int, seconds: float,
 
 def part_offline(bench: Bench, deadline: Deadline, record: dict[str, Any]) -> None:
     first, *others = bench.args.offline_fresh.split(",")
-    overlaps = [{"off": False, "on": True}[o] for o in bench.args.offline_overlap_shrink.split(",")]
+    overlaps = [o == "on" for o in bench.args.offline_overlap_shrink.split(",")]  # checked by parse_args
     runs = [(first, 0, False)] + [(first, count, o) for count in ints(bench.args.offline_adapters) for o in overlaps] \
         + [(fresh, 0, False) for fresh in others]
     for i, (fresh, count, overlap) in enumerate(runs):
@@ -1055,6 +1055,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for key, value in (TINY if args.tiny else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if bad := set(args.offline_overlap_shrink.split(",")) - {"off", "on"}:
+        parser.error(f"--offline-overlap-shrink {args.offline_overlap_shrink}: {sorted(bad)} unknown; give off, on "
+                     "or off,on")
     if not 0.0 <= args.http_json_fraction <= 1.0:
         parser.error(f"--http-json-fraction {args.http_json_fraction}: give the share of JSON requests, in [0, 1]")
     unknown = set(args.parts.split(",")) - set(PARTS)

@@ -52,7 +52,7 @@ def linear_residual(module: nn.Module, x: Tensor, residual: Tensor) -> Tensor:
         return residual + module(x)
     tokens = x.shape[0]
     flat = x.reshape(tokens, -1)
-    # (T, N) = residual + x W^T, in place; the bank's shrink, if any, queued first beside it
+    # (T, N) = residual + x W^T, in place; the bank's shrink, if any, queued first (beside it with overlap_shrink)
     y = add_packed_delta([module], flat, lambda: decode_linear(flat, pair[0], accumulate=residual.view(tokens, -1)))
     return y.view_as(residual)
 

@@ -49,3 +49,24 @@ def test_serve_benchmark_runs_every_part_tiny(tmp_path: Path) -> None:
     for title in ("engine decode", "offline, ShareGPT-like", "HTTP, Poisson", "NF4 vs bf16", "Hugging Face generate",
                   "PEFT, mixed adapters"):
         assert title in proc.stdout
+
+
+def test_offline_overlap_shrink_runs_each_adapter_count_both_ways_and_refuses_other_values(tmp_path: Path) -> None:
+    """``--offline-overlap-shrink off,on``: every adapter count runs with the bank's shrinks on the GEMM's stream, then
+    aside (the flag in each row); a value other than off / on is refused in one line before the model is built."""
+    def run(value: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "serve.py"), "--tiny", "--parts", "offline",
+             "--offline-overlap-shrink", value, "--json", str(tmp_path / "serve.json")],
+            capture_output=True, text=True, timeout=600, env=subprocess_env(), check=False,
+        )
+
+    refused = run("off,yes")
+    assert refused.returncode == 2 and "--offline-overlap-shrink off,yes: ['yes'] unknown" in refused.stderr
+    assert not (tmp_path / "serve.json").exists()
+    proc = run("off,on")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "serve.json").read_text())["parts"]["offline"]["rows"]
+    assert [(r["adapters"], r["overlap_shrink"]) for r in rows] == [(0, False), (2, False), (2, True), (4, False),
+                                                                     (4, True)]
+    assert all(r["finished"] == r["requests"] == 12 for r in rows)
