@@ -48,6 +48,7 @@
 #                                                 #   codes in registers (num_stages 2 / 1), then the model at batch 1
 #   CALL=ncu20 bash benchmarks/device_plan.sh     # session 20 (~120 s): ncu's instruction mix and stall sources for
 #                                                 #   the fused expand, NF4 gate/up and config C's LoRA kernels
+#   CALL=ov24 bash benchmarks/device_plan.sh      # session 24 (~470 s): ov23 with the time it lacked
 #   CALL=ov23 bash benchmarks/device_plan.sh      # session 23 (~380 s): bank shrinks beside their GEMMs (side stream):
 #                                                 # tests, offline 0 / 8 / 64 adapters, shrinks aside off and on
 #   CALL=fix22 bash benchmarks/device_plan.sh     # session 22 (~200 s): all14b's six failures again, then offline 0 / 64 adapters
@@ -519,6 +520,12 @@ ov23)  # session 23 (~380 s): each bank shrink queued before its base GEMM, on a
     tests/engine/test_engine.py \
     tests/engine/test_gpu_paths_engine.py
   OFF_S=${OFF_S:-230} OFF_ADAPTERS=${OFF_ADAPTERS-8,64} offline_adapters --offline-overlap-shrink off,on ;;
+ov24)  # session 24 (~470 s): ov23 again with the time it lacked there (its tests cut at 120 s after two failures, whose
+  # names the cut lost; its adapter runs cut at 230 s): the changed files' tests first, then the offline run
+  gpu_tests ov24 ${TEST_S:-150} tests/lora/test_bank.py tests/engine/test_engine.py tests/kernels/test_multi_lora.py \
+    tests/kernels/test_lora_swiglu.py tests/engine/test_gpu_paths_engine.py
+  grep -E "^(FAILED|ERROR)|^E  |Error|error" "$OUT/tests-ov24.txt" | head -30
+  OFF_S=${OFF_S:-300} OFF_ADAPTERS=${OFF_ADAPTERS-8,64} offline_adapters --offline-overlap-shrink off,on ;;
 fix22)  # session 22 (~200 s): all14b's six failures after their fixes (GGUF special tokens under transformers 5.17, the
   # frozen-heap tests in a fresh interpreter), then the offline run with 0 and 64 adapters (sw22 ran 0 / 8)
   gpu_tests fix22 ${TEST_S:-90} tests/export/test_gguf.py tests/models/test_loading.py tests/serve/test_server.py \
