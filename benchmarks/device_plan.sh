@@ -522,9 +522,10 @@ ov23)  # session 23 (~380 s): each bank shrink queued before its base GEMM, on a
   OFF_S=${OFF_S:-230} OFF_ADAPTERS=${OFF_ADAPTERS-8,64} offline_adapters --offline-overlap-shrink off,on ;;
 ov24)  # session 24 (~470 s): ov23 again with the time it lacked there (its tests cut at 120 s after two failures, whose
   # names the cut lost; its adapter runs cut at 230 s): the changed files' tests first, then the offline run
-  gpu_tests ov24 ${TEST_S:-150} tests/lora/test_bank.py tests/engine/test_engine.py tests/kernels/test_multi_lora.py \
+  # (-v: each result's line is written as it ends, so a cut run still names its failures)
+  gpu_tests ov24 ${TEST_S:-150} -v tests/lora/test_bank.py tests/engine/test_engine.py tests/kernels/test_multi_lora.py \
     tests/kernels/test_lora_swiglu.py tests/engine/test_gpu_paths_engine.py
-  grep -E "^(FAILED|ERROR)|^E  |Error|error" "$OUT/tests-ov24.txt" | head -30
+  grep -E "FAILED|ERROR|^E  " "$OUT/tests-ov24.txt" | head -40
   OFF_S=${OFF_S:-300} OFF_ADAPTERS=${OFF_ADAPTERS-8,64} offline_adapters --offline-overlap-shrink off,on ;;
 fix22)  # session 22 (~200 s): all14b's six failures after their fixes (GGUF special tokens under transformers 5.17, the
   # frozen-heap tests in a fresh interpreter), then the offline run with 0 and 64 adapters (sw22 ran 0 / 8)
