@@ -48,7 +48,8 @@
 #                                                 #   codes in registers (num_stages 2 / 1), then the model at batch 1
 #   CALL=ncu20 bash benchmarks/device_plan.sh     # session 20 (~120 s): ncu's instruction mix and stall sources for
 #                                                 #   the fused expand, NF4 gate/up and config C's LoRA kernels
-#   CALL=ov24 bash benchmarks/device_plan.sh      # session 24 (~470 s): ov23 with the time it lacked
+#   CALL=ov24 bash benchmarks/device_plan.sh      # session 24 (~560 s): ov23 with the time it lacked, the new
+#                                                 # GPU tests named, the bank engine's tokens against each alone
 #   CALL=ov23 bash benchmarks/device_plan.sh      # session 23 (~380 s): bank shrinks beside their GEMMs (side stream):
 #                                                 # tests, offline 0 / 8 / 64 adapters, shrinks aside off and on
 #   CALL=fix22 bash benchmarks/device_plan.sh     # session 22 (~200 s): all14b's six failures again, then offline 0 / 64 adapters
@@ -520,9 +521,45 @@ ov23)  # session 23 (~380 s): each bank shrink queued before its base GEMM, on a
     tests/engine/test_engine.py \
     tests/engine/test_gpu_paths_engine.py
   OFF_S=${OFF_S:-230} OFF_ADAPTERS=${OFF_ADAPTERS-8,64} offline_adapters --offline-overlap-shrink off,on ;;
-ov24)  # session 24 (~470 s): ov23 again with the time it lacked there (its tests cut at 120 s after two failures, whose
-  # names the cut lost; its adapter runs cut at 230 s): the changed files' tests first, then the offline run
-  # (-v: each result's line is written as it ends, so a cut run still names its failures)
+ov24)  # session 24 (~560 s): ov23 again with the time it lacked there (its tests cut at 120 s after two failures, whose
+  # names the cut lost; its adapter runs cut at 230 s). First the three tests new in session 23 that run on a GPU
+  # (verbose, long tracebacks), then the bank engine test's requests on the GPU, graphs and shrinks aside on / off,
+  # each against its adapter alone on the CPU and on the GPU (which variant differs, and whether from the CPU only),
+  # then the five files, then the offline run
+  timeout -s KILL ${NEW_S:-100} python3 -m pytest -o addopts= -v -n 3 -p no:cacheprovider -p no:warnings -rfE --tb=long \
+    "tests/lora/test_bank.py::test_a_gemm_not_yet_run_gets_the_same_sums_with_the_shrink_queued_first" \
+    "tests/engine/test_engine.py::test_bank_adapters_of_mixed_ranks_and_targets_equal_each_alone" \
+    > "$OUT/tests-ov24-new.txt" 2>&1
+  echo "new tests (rc $?):"; grep -E "PASSED|FAILED|ERROR|^E  " "$OUT/tests-ov24-new.txt" | head -40
+  timeout -s KILL ${DIAG_S:-90} python3 - <<'PY' 2>&1 | grep -v Warning | tee "$OUT/bank-engine-tokens.txt"
+import tempfile
+from pathlib import Path
+from splice.lora.peft_io import load_adapter
+from tests import tiny
+from tests.engine.test_engine import PROMPTS, _bank_engine, _drain, _request, sharp_llama
+tok, refs = tiny.build_tiny_tokenizer(), None
+plan = [("a", ("q_proj", "v_proj"), 4), ("b", "all-linear", 8), ("c", ("o_proj",), 4)]
+order = ["a", "b", None, "c", "a"]
+with tempfile.TemporaryDirectory() as d:
+    for graphs in (False, True):
+        for aside in (False, True):
+            engine = _bank_engine(Path(d), plan, capacity=2, cuda=True, cuda_graphs=graphs)
+            engine.bank.overlap_shrink = aside
+            reqs = [_request(tok, p, a, max_tokens=8)[0] for a, p in zip(order, PROMPTS)]
+            for r in reqs:
+                engine.submit(r)
+            _drain(engine)
+            if refs is None:
+                refs = []
+                for a, r in zip(order, reqs):
+                    alone = sharp_llama()
+                    if a is not None:
+                        load_adapter(alone, Path(d) / a, name=a)
+                    refs.append((tiny.greedy_loop(alone, r.prompt_ids, 8), tiny.greedy_loop(alone.cuda(), r.prompt_ids, 8)))
+            for a, r, (cpu, gpu) in zip(order, reqs, refs):
+                print(f"graphs={graphs} aside={aside} adapter={a}: engine {r.generated} "
+                      f"{'==' if r.generated == cpu else '!='} CPU alone {cpu}; GPU alone {'the same' if gpu == cpu else gpu}")
+PY
   gpu_tests ov24 ${TEST_S:-150} -v tests/lora/test_bank.py tests/engine/test_engine.py tests/kernels/test_multi_lora.py \
     tests/kernels/test_lora_swiglu.py tests/engine/test_gpu_paths_engine.py
   grep -E "FAILED|ERROR|^E  " "$OUT/tests-ov24.txt" | head -40
