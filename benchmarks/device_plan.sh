@@ -118,9 +118,10 @@ export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
   date -u; } | tee "$OUT/device.txt"
 
 gpu_tests() {  # gpu_tests NAME SECONDS PATHS...: pytest into $OUT/tests-NAME.txt, its summary printed; 8 workers
-  # (fresh15's and pa15's one-process runs spent their 90-100 s compiling kernels)
+  # (fresh15's and pa15's one-process runs spent their 90-100 s compiling kernels); -v: each result's line is
+  # written as it ends, so a run the limit kills still names its failures (ov23's did not)
   local name=$1 limit=$2; shift 2
-  timeout -s KILL "$limit" python3 -m pytest -o addopts= -q -n 8 -p no:cacheprovider -p no:warnings -rfE --tb=short "$@" \
+  timeout -s KILL "$limit" python3 -m pytest -o addopts= -v -n 8 -p no:cacheprovider -p no:warnings -rfE --tb=short "$@" \
     > "$OUT/tests-$name.txt" 2>&1
   echo "tests $name (rc $?):"; grep -E "passed|failed|error|FAILED|ERROR" "$OUT/tests-$name.txt" | tail -12
 }
@@ -560,7 +561,7 @@ with tempfile.TemporaryDirectory() as d:
                 print(f"graphs={graphs} aside={aside} adapter={a}: engine {r.generated} "
                       f"{'==' if r.generated == cpu else '!='} CPU alone {cpu}; GPU alone {'the same' if gpu == cpu else gpu}")
 PY
-  gpu_tests ov24 ${TEST_S:-150} -v tests/lora/test_bank.py tests/engine/test_engine.py tests/kernels/test_multi_lora.py \
+  gpu_tests ov24 ${TEST_S:-150} tests/lora/test_bank.py tests/engine/test_engine.py tests/kernels/test_multi_lora.py \
     tests/kernels/test_lora_swiglu.py tests/engine/test_gpu_paths_engine.py
   grep -E "FAILED|ERROR|^E  " "$OUT/tests-ov24.txt" | head -40
   OFF_S=${OFF_S:-300} OFF_ADAPTERS=${OFF_ADAPTERS-8,64} offline_adapters --offline-overlap-shrink off,on ;;
